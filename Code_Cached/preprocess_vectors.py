@@ -1,0 +1,29 @@
+"""Build the hidden-state cache for cached IISAN (authors' Code_Cached/preprocess_vectors.py).
+
+Runs the frozen text and image encoders once over every item of the data set and writes
+`stored_vectors_*/text.safetensors` and `image.safetensors`: only the layers the SANs read, as one
+fp16 array per modality. `python preprocess_vectors.py --dataset Instrument`, `--help` for all flags.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from iisan.presets import METHOD_DEFAULTS  # noqa: E402
+from iisan.preprocess import DTYPES, build_cache_from_config  # noqa: E402
+from iisan.sweep import run_script  # noqa: E402
+
+
+def extra_arguments(parser):
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored precision")
+    parser.add_argument("--all-items", action="store_true", help="every row of the items file")
+
+
+def action(cfg, args):
+    return build_cache_from_config(cfg, dtype=args.dtype, all_items=args.all_items)
+
+
+if __name__ == "__main__":
+    run_script({**METHOD_DEFAULTS["iisan"], "encode_batch_size": 512}, {}, description=__doc__, action=action,
+               extra_arguments=extra_arguments)

@@ -1,0 +1,56 @@
+"""Build the image LMDBs (authors' Dataset/build_lmdb.py, without pickle).
+
+Unzip the authors' image archives here (am_image_is/, am_image_mi/, am_image_op/), then run
+`python build_lmdb.py` to build `<Dataset>/images.lmdb` for every data set whose images are present,
+or `python build_lmdb.py --images DIR --items FILE --out PATH` for any folder of <item_id>.jpg.
+Missing or unreadable images are stored as flagged blanks and listed in `<out>.report.tsv`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
+
+from iisan.cli import USER_ERRORS, setup_logging  # noqa: E402
+from iisan.data.images import build_image_lmdb  # noqa: E402
+from iisan.data.interactions import read_items  # noqa: E402
+from iisan.presets import dataset_paths  # noqa: E402
+
+IMAGE_FOLDERS = {"Scientific": "am_image_is", "Instrument": "am_image_mi", "Office": "am_image_op"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", help="folder of <item_id>.jpg")
+    parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
+    parser.add_argument("--out", help="LMDB folder to write")
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args(argv)
+    setup_logging()
+    jobs = []
+    if args.images:
+        if not args.out:
+            parser.error("--out is required with --images")
+        jobs.append((Path(args.images), args.items, Path(args.out)))
+    else:
+        for name, folder in IMAGE_FOLDERS.items():
+            paths = dataset_paths(name)
+            if (HERE / folder).is_dir():
+                jobs.append((HERE / folder, paths["items"], Path(paths["images"])))
+        if not jobs:
+            parser.error(f"no image folder found here ({', '.join(IMAGE_FOLDERS.values())}); see Dataset/README.md")
+    try:
+        for images, items, out in jobs:
+            ids = read_items(items, allow_empty_titles=True).ids if items else None
+            report = build_image_lmdb(images, out, ids, size=args.size)
+            print(f"{out}: {report['stored']:,} images, {report['blank']:,} missing or unreadable "
+                  f"(listed in {report['report']})")
+    except USER_ERRORS as err:
+        print(f"build_lmdb.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Frozen text and image encoders from transformers, and their pooled per-layer hidden states.
+
+Hidden-state index 0 is the embedding output, index i the output of layer i (``output_hidden_states``
+gives depth + 1 states). For ViT the last of them is taken *before* the final LayerNorm; IISAN's SANs
+read these states, while the baselines' heads read the final (LayerNormed) CLS (``final_cls``).
+Widths and depths always come from the loaded model's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class EncoderError(ValueError):
+    """An encoder that cannot be loaded or used as asked; one-line message."""
+
+
+def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tuple[int, ...]:
+    """Group layer-dropping: split layers 1..depth into ``groups`` runs of consecutive layers and keep
+    the last of each run (12 layers, 6 groups -> 2, 4, ..., 12: the authors' IISAN list, +1).
+    Index 0 (the embedding output) is prepended unless ``include_embedding`` is false."""
+    groups = min(groups, depth)
+    picked = [round(depth * (g + 1) / groups) for g in range(groups)]
+    return tuple(([0] if include_embedding else []) + picked)
+
+
+def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
+    if max(layers) > depth:
+        raise EncoderError(f"{what} layers {list(layers)} do not fit an encoder with {depth} layers "
+                           f"(valid hidden-state indices are 0..{depth})")
+
+
+def resolve_model_path(name: str) -> str:
+    """A folder that exists, or a hub id (``org/name``). A name that looks like a path (it starts with
+    '.', '/' or '~', has more than one '/', or its first part is a local folder) and does not exist is
+    an error naming it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+    if not name or not hub_like or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise EncoderError(f"model folder {name!r} does not exist (see pretrained_models/README.md)")
+    return name  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def _load(loader, name: str, what: str, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    previous = hf_logging.get_verbosity()
+    # Loading a classification checkpoint into the bare encoder reports its head as unused and the
+    # pooler as missing; both are expected here, so the report is silenced.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def _transformer_depth_width(config) -> tuple[int, int]:
+    config = getattr(config, "text_config", None) or config
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if depth is None or width is None:
+        raise EncoderError(f"cannot read depth and width from a {type(config).__name__}")
+    return int(depth), int(width)
+
+
+@dataclass
+class EncoderSpec:
+    """What a cache or a model needs to know about an encoder without loading its weights."""
+
+    name: str
+    model_type: str
+    depth: int
+    width: int
+
+
+def read_spec(name: str, modality: str) -> EncoderSpec:
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+    if modality == "image" and hasattr(config, "vision_config"):
+        config = config.vision_config
+    depth, width = _transformer_depth_width(config)
+    return EncoderSpec(name, config.model_type, depth, width)
+
+
+class FrozenEncoder(nn.Module):
+    """A transformers encoder, frozen by default, returning pooled states of chosen layers.
+
+    ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
+    pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token
+    (decoder LLMs); images always use the CLS token.
+    """
+
+    def __init__(self, model: nn.Module, modality: str, layers: tuple[int, ...], pooling: str = "cls",
+                 name: str = ""):
+        super().__init__()
+        self.model = model
+        self.modality = modality
+        self.name = name
+        self.depth, self.width = _transformer_depth_width(model.config)
+        check_layers(layers, self.depth, modality)
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.tokenizer = None  # text: set by load_text_encoder
+        self.norm: dict | None = None  # image: {'mean', 'std', 'size'} from the image processor
+
+    def forward_states(self, **inputs) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Run the model: ``(all hidden states, final last_hidden_state)``."""
+        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        if getattr(out, "hidden_states", None) is None:
+            raise EncoderError(f"{self.name or type(self.model).__name__} returns no hidden states")
+        return out.hidden_states, out.last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(n, T, d) -> (n, d)."""
+        if self.pooling == "cls" or attention_mask is None:
+            return hidden[:, 0]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (n, T, 1)
+        if self.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token, (n,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def layer_states(self, **inputs) -> torch.Tensor:
+        """(n, len(layers), width): pooled state of every selected hidden-state index."""
+        hidden, _ = self.forward_states(**inputs)
+        mask = inputs.get("attention_mask")
+        return torch.stack([self.pool(hidden[i], mask) for i in self.layers], dim=1)
+
+    def final_cls(self, **inputs) -> torch.Tensor:
+        """(n, width): the pooled final output (ViT: after its final LayerNorm) for the baselines' heads."""
+        out = self.model(**inputs, return_dict=True)
+        return self.pool(out.last_hidden_state, inputs.get("attention_mask"))
+
+
+def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
+                      include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None):
+    """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer")
+    model = _load(AutoModel.from_pretrained, name, "text encoder", dtype=dtype) if dtype else \
+        _load(AutoModel.from_pretrained, name, "text encoder")
+    if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
+        model = model.text_model
+    depth, _ = _transformer_depth_width(model.config)
+    layers = layers or group_layers(depth, groups, include_embedding)
+    if pooling == "auto":
+        pooling = "cls" if getattr(model.config, "is_decoder", False) is False and \
+            model.config.model_type in ENCODER_TEXT_TYPES else "mean"
+    encoder = FrozenEncoder(model, "text", layers, pooling, name)
+    freeze(encoder)
+    if tokenizer.pad_token is None:  # decoder LLMs often ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    encoder.tokenizer = tokenizer
+    return encoder
+
+
+ENCODER_TEXT_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                      "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert", "clip_text_model"}
+
+
+def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
+                       include_embedding: bool = True, dtype: torch.dtype | None = None):
+    """A ``FrozenEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = _load(AutoImageProcessor.from_pretrained, name, "image processor")
+    kwargs = {"dtype": dtype} if dtype else {}
+    model = _load(AutoModel.from_pretrained, name, "image encoder", **kwargs)
+    if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
+        model = model.vision_model
+    depth, _ = _transformer_depth_width(model.config)
+    layers = layers or group_layers(depth, groups, include_embedding)
+    encoder = FrozenEncoder(model, "image", layers, "cls", name)
+    freeze(encoder)
+    size = getattr(processor, "size", None) or {}
+    side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
+    encoder.norm = {
+        "mean": list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
+        "std": list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
+        "size": int(side),
+    }
+    return encoder
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> normalised (n, 3, size, size) float, on the pixels' device.
+
+    Equivalent to the authors' ToTensor + Normalize; resizes (bilinear) only when the store's size
+    differs from the model's."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    if x.shape[-1] != norm["size"] or x.shape[-2] != norm["size"]:
+        x = nn.functional.interpolate(x, size=(norm["size"], norm["size"]), mode="bilinear",
+                                      align_corners=False, antialias=True)
+    mean = torch.tensor(norm["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"], device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``."""
+    enc = tokenizer([t.lower() for t in titles], max_length=max_tokens, padding="max_length",
+                    truncation=True, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()

@@ -1,0 +1,183 @@
+"""From a ``Config`` to data, feeds and a model: the one place that wires the pieces together."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import group_layers, load_image_encoder, load_text_encoder, read_spec, tokenize_titles
+from .cache import cache_file, encoder_config_hash, load_cache, read_metadata
+from .config import Config, ConfigError
+from .data.images import ImageStore
+from .data.interactions import SeqRecData, load_dataset
+from .feeds import CachedStates, LiveStates, PixelSource
+from .model import IISANItemEncoder, Recommender
+from .san import SANItemTower
+
+log = logging.getLogger(__name__)
+
+
+def modalities(cfg: Config) -> tuple[str, ...]:
+    return ("text", "image") if cfg.towers == "both" else (cfg.towers,)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available")
+    return device
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    return torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+
+
+def load_data(cfg: Config) -> SeqRecData:
+    if not cfg.users or not cfg.items:
+        raise ConfigError("users and items files are required (--users FILE --items FILE)")
+    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles)
+
+
+def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
+    explicit = cfg.text_layers if modality == "text" else cfg.image_layers
+    return explicit or group_layers(depth, cfg.layer_groups, cfg.include_embedding_state)
+
+
+def model_name(cfg: Config, modality: str) -> str:
+    return cfg.text_model if modality == "text" else cfg.image_model
+
+
+# --------------------------------------------------------------------------------------------------
+# feeds
+
+
+def load_encoders(cfg: Config, dtype: torch.dtype | None = None) -> dict:
+    encoders = {}
+    for m in modalities(cfg):
+        if m == "text":
+            spec = read_spec(cfg.text_model, "text")
+            encoders[m] = load_text_encoder(cfg.text_model, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
+                                            dtype=dtype)
+        else:
+            spec = read_spec(cfg.image_model, "image")
+            encoders[m] = load_image_encoder(cfg.image_model, layers_for(cfg, m, spec.depth), dtype=dtype)
+    return encoders
+
+
+def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
+                encoders: dict | None = None, amp: torch.dtype | None = None) -> tuple[LiveStates, PixelSource | None]:
+    """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
+    encoders = encoders or load_encoders(cfg)
+    tokens = attention = None
+    if "text" in encoders:
+        tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
+    pixels = None
+    if "image" in encoders:
+        if not cfg.images:
+            raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`)")
+        store = ImageStore(cfg.images)
+        missing, flagged = store.blank_ids(item_ids)
+        if missing or flagged:
+            log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
+                        "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
+        pixels = PixelSource(store, item_ids)
+    live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
+    return live.to(device), pixels
+
+
+def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
+    if not cfg.cache_dir:
+        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
+    tables = {}
+    for m in modalities(cfg):
+        path = cache_file(cfg.cache_dir, m)
+        meta = read_metadata(path)
+        name = model_name(cfg, m)
+        expected = {"modality": m, "items_fingerprint": data.catalog.fingerprint}
+        if Path(name).expanduser().is_dir():
+            spec = read_spec(name, m)
+            expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
+                            encoder_config=encoder_config_hash(name), encoder=name)
+        else:
+            expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
+        table, _ = load_cache(path, expected, data.item_ids)
+        # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
+        tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
+    return CachedStates(tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def build_model(cfg: Config, data: SeqRecData, device: torch.device) -> tuple[Recommender, PixelSource | None]:
+    """The recommender for ``cfg.method`` and, when the item encoder reads pixels, their source."""
+    pixels = None
+    if cfg.method == "iisan":
+        if cfg.feed == "cached":
+            states = cached_states(cfg, data, device)
+        else:
+            states, pixels = live_states(cfg, data.item_ids, data.titles, device, amp=amp_dtype(cfg, device))
+        shapes = states.shapes()
+        tower = SANItemTower(
+            widths={m: d for m, (_, d) in shapes.items()},
+            steps={m: k for m, (k, _) in shapes.items()},
+            embedding_dim=cfg.embedding_dim,
+            bottleneck={"text": cfg.text_adapter_down, "image": cfg.image_adapter_down},
+            modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature,
+        )
+        item_encoder = IISANItemEncoder(states, tower)
+    else:
+        from .baselines import build_baseline_encoder
+
+        item_encoder, pixels = build_baseline_encoder(cfg, data, device)
+    model = Recommender(item_encoder, torch.from_numpy(data.popularity()), cfg.embedding_dim, cfg.max_seq_len,
+                        cfg.transformer_blocks, cfg.attention_heads, cfg.drop_rate)
+    return model.to(device), pixels
+
+
+LR_OF_GROUP = {
+    "recsys": "lr",
+    "image_net": "lr_image",
+    "text_encoder": "lr_text",
+    "adapter_image": "lr_adapter_image",
+    "adapter_text": "lr_adapter_text",
+}
+
+
+def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
+    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once."""
+    groups = []
+    seen: set[int] = set()
+    for name, params in model.param_groups().items():
+        params = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"name": name, "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if stray:
+        raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
+    return groups
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def parameter_line(model: torch.nn.Module) -> str:
+    """peft's canonical line."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def all_item_indices(data: SeqRecData) -> np.ndarray:
+    return np.arange(data.num_items + 1, dtype=np.int64)

@@ -1,0 +1,147 @@
+"""The hidden-state cache: one safetensors file per modality holding only the selected layers as one
+contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding (zeros).
+
+Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
+layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
+Training refuses a cache whose metadata does not match its config and says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .feeds import LiveStates
+
+log = logging.getLogger(__name__)
+
+FORMAT = "iisan-cache/1"
+
+
+class CacheError(ValueError):
+    """A missing or mismatching cache; one-line message naming the file and what differs."""
+
+
+def cache_file(cache_dir: str | Path, modality: str) -> Path:
+    return Path(cache_dir) / f"{modality}.safetensors"
+
+
+def encoder_config_hash(name: str) -> str | None:
+    """Hash of the encoder folder's config.json (None for a hub id or a folder without one)."""
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_caches(live: LiveStates, item_ids: list[str], chunks, out_dir: str | Path, *, items_file: str,
+                 items_fingerprint: str, dtype: torch.dtype = torch.float16, extra: dict | None = None,
+                 progress: bool = True) -> dict[str, Path]:
+    """Run the live feed once over every item and write one cache file per modality.
+
+    ``item_ids[0]`` is padding (""); ``chunks`` yields ``ItemBatch``es covering indices 1..len-1 (see
+    ``feeds.item_chunks``). The states are exactly what ``LiveStates`` gives during training."""
+    device = live.tokens.device if live.tokens is not None else next(live.parameters()).device
+    live.eval()
+    shapes = live.shapes()
+    tables = {m: torch.zeros(len(item_ids), k, d, dtype=dtype) for m, (k, d) in shapes.items()}
+    with tqdm(total=len(item_ids) - 1, desc="cache", unit="item", disable=None if progress else True) as bar:
+        for batch in chunks:
+            states = live(batch.to(device))
+            rows = batch.ids.cpu()
+            for m, table in tables.items():
+                table[rows] = states[m].cpu().to(dtype)
+            bar.update(len(rows))
+    paths = {}
+    for m, encoder in live.encoders.items():
+        metadata = {
+            "format": FORMAT,
+            "modality": m,
+            "encoder": encoder.name,
+            "encoder_config": encoder_config_hash(encoder.name) or "",
+            "model_type": encoder.model.config.model_type,
+            "layers": json.dumps(list(encoder.layers)),
+            "width": str(encoder.width),
+            "depth": str(encoder.depth),
+            "pooling": encoder.pooling,
+            "dtype": str(dtype).replace("torch.", ""),
+            "items_file": items_file,
+            "items_fingerprint": items_fingerprint,
+            "item_ids": json.dumps(item_ids[1:]),
+            **{k: str(v) for k, v in (extra or {}).items()},
+        }
+        paths[m] = cache_file(out_dir, m)
+        save_atomic({"states": tables[m].contiguous()}, paths[m], metadata)
+        log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], len(item_ids) - 1,
+                 len(encoder.layers), encoder.width, metadata["dtype"], paths[m].stat().st_size / 1e6)
+    return paths
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"cache file {path} does not exist (build it with `iisan cache` or preprocess_vectors.py)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CacheError(f"cache file {path} is unreadable: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
+    return meta
+
+
+def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
+    """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config (None = skip)."""
+    differences = []
+    if "layers" in expected and json.loads(meta["layers"]) != list(expected["layers"]):
+        differences.append(f"layers {json.loads(meta['layers'])} (config asks for {list(expected['layers'])})")
+    if "width" in expected and int(meta["width"]) != int(expected["width"]):
+        differences.append(f"width {meta['width']} (config's encoder has {expected['width']})")
+    if expected.get("items_fingerprint") and meta["items_fingerprint"] != expected["items_fingerprint"]:
+        differences.append(f"items file {meta['items_file']} with fingerprint {meta['items_fingerprint']} "
+                           f"(config's items file has {expected['items_fingerprint']})")
+    if expected.get("encoder_config") and meta.get("encoder_config") and \
+            meta["encoder_config"] != expected["encoder_config"]:
+        differences.append(f"encoder {meta['encoder']} (config's encoder {expected.get('encoder', '')} differs)")
+    if "modality" in expected and meta["modality"] != expected["modality"]:
+        differences.append(f"modality {meta['modality']} (expected {expected['modality']})")
+    if differences:
+        raise CacheError(f"cache {path} was built for " + "; ".join(differences) + " — rebuild it with `iisan cache`")
+
+
+def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
+    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata."""
+    path = Path(path)
+    meta = read_metadata(path)
+    check_metadata(path, meta, expected)
+    order = {item_id: row + 1 for row, item_id in enumerate(json.loads(meta["item_ids"]))}
+    rows = np.array([0] + [order.get(i, -1) for i in dataset_item_ids[1:]], dtype=np.int64)
+    absent = np.flatnonzero(rows < 0)
+    if len(absent):
+        example = dataset_item_ids[absent[0]]
+        raise CacheError(f"cache {path} lacks {len(absent)} of the data set's items (e.g. {example!r}); "
+                         "rebuild it for this data set")
+    with safe_open(str(path), framework="pt") as fh:
+        states = fh.get_tensor("states")
+    return states[torch.from_numpy(rows)], meta

@@ -1,0 +1,255 @@
+"""One typed, validated configuration for every method, feed and entry point.
+
+Precedence is CLI > config file (JSON) > defaults. Unknown keys and wrong types are errors, and the
+resolved config is written into every checkpoint and results file (``Config.to_dict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad value or key in a config; the message is one line and names the key."""
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
+# The paper's names, used in results files and tables.
+METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
+
+
+@dataclass
+class Config:
+    # --- data --------------------------------------------------------------------------------------
+    users: str = _opt("", "users TSV: user_id<TAB>item item ... (oldest first)")
+    items: str = _opt("", "items TSV: item_id<TAB>title")
+    images: str = _opt("", "LMDB of pre-resized item images (built by `iisan build-lmdb`)")
+    max_seq_len: int = _opt(10, "items fed to the user encoder; each user keeps the last max_seq_len + 3")
+    min_seq_len: int = _opt(5, "users with fewer interactions are skipped (counted and logged)")
+    title_tokens: int = _opt(30, "title length in tokens, [CLS] and [SEP] included")
+    allow_empty_titles: bool = _opt(False, "accept empty titles (MicroLens) instead of rejecting the file")
+    rank_repeated_targets: bool = _opt(
+        False, "keep a target that repeats a history item rankable (paper: masked, so always a miss)"
+    )
+    # --- encoders ----------------------------------------------------------------------------------
+    text_model: str = _opt("pretrained_models/bert-base-uncased", "text encoder folder or hub id")
+    image_model: str = _opt("pretrained_models/vit-base-patch16-224", "image encoder folder or hub id")
+    text_layers: tuple[int, ...] | None = _opt(
+        None, "hidden-state indices fed to the text SAN (0 = embeddings); default: group selection"
+    )
+    image_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the image SAN")
+    layer_groups: int = _opt(6, "groups for automatic layer selection: the last layer of each group")
+    include_embedding_state: bool = _opt(True, "prepend hidden state 0 (authors' remove_first=None)")
+    text_pooling: str = _opt("auto", "text pooling: cls, mean (masked) or last (real token)",
+                             ("auto", "cls", "mean", "last"))
+    text_encoder_dropout: bool = _opt(
+        False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder"
+    )
+    # --- model -------------------------------------------------------------------------------------
+    method: str = _opt("iisan", "training method", METHODS)
+    towers: str = _opt("both", "item towers used", ("both", "text", "image"))
+    modality: str = _opt("intra_inter", "SANs used by IISAN", ("intra_inter", "intra", "inter"))
+    fusion: str = _opt("gated", "how a SAN mixes backbone states into its chain", ("gated", "add"))
+    text_adapter_down: int = _opt(64, "bottleneck of the text side-adapter blocks (and text adapters)")
+    image_adapter_down: int = _opt(64, "bottleneck of the image and inter side-adapter blocks")
+    gate_temperature: float = _opt(0.1, "gate = sigmoid(theta / temperature)")
+    embedding_dim: int = _opt(64, "item and user embedding width")
+    transformer_blocks: int = _opt(2, "SASRec blocks")
+    attention_heads: int = _opt(2, "SASRec attention heads")
+    drop_rate: float = _opt(0.1, "SASRec dropout")
+    lora_rank: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(1.0, "LoRA alpha (authors: 1, so the scale is 1/8)")
+    lora_targets: str = _opt("query,value", "LoRA targets: attention projections by role")
+    # --- training ----------------------------------------------------------------------------------
+    feed: str = _opt("cached", "where IISAN's backbone states come from", ("cached", "live"))
+    cache_dir: str = _opt("", "folder with text.safetensors / image.safetensors (cached feed)")
+    batch_size: int = _opt(64, "users per batch")
+    epochs: int = _opt(100, "maximum epochs")
+    patience: int = _opt(10, "stop once valid HR@10 has not improved for more than this many epochs")
+    lr: float = _opt(2e-4, "recsys group: SASRec, heads, com_dense, text and inter gates")
+    lr_image: float = _opt(1e-4, "image group: fc_cv, image gates (FFT: ViT weights; BitFit: ViT biases)")
+    lr_text: float = _opt(5e-5, "text group: fc_bert (FFT: BERT weights; BitFit: BERT biases)")
+    lr_adapter_image: float = _opt(1e-4, "image and inter side-adapter blocks (Adapter/LoRA: 4e-4)")
+    lr_adapter_text: float = _opt(1e-4, "text side-adapter blocks (Adapter/LoRA: 4e-4)")
+    seed: int = _opt(12345, "seed for Python, NumPy and torch")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU", ("auto", "none", "bf16", "fp16"))
+    compile: str = _opt("auto", "torch.compile the training step (auto: CUDA + cached feed)",
+                        ("auto", "on", "off"))
+    dedup_items: str = _opt(
+        "auto", "run the item tower once per distinct item of a batch (auto: unless compiled)",
+        ("auto", "on", "off"),
+    )
+    num_workers: int = _opt(4, "DataLoader workers for images (live feed)")
+    eval_batch_size: int = _opt(1024, "users per evaluation chunk")
+    encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
+    max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs)")
+    out_dir: str = _opt("runs", "where run folders go")
+    run_name: str = _opt("", "run folder name (default: method, feed and time)")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
+                    "attention_heads", "batch_size", "epochs", "eval_batch_size", "encode_batch_size",
+                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("patience", "num_workers", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"drop_rate={self.drop_rate} must be in [0, 1)")
+        if self.gate_temperature <= 0:
+            raise ConfigError(f"gate_temperature={self.gate_temperature} must be positive")
+        if self.embedding_dim % self.attention_heads:
+            raise ConfigError(
+                f"embedding_dim={self.embedding_dim} is not divisible by attention_heads={self.attention_heads}"
+            )
+        if self.towers != "both" and self.modality != "intra":
+            if self.method == "iisan" and self.modality == "inter":
+                raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
+            self.modality = "intra"
+        for name in ("text_layers", "image_layers"):
+            layers = getattr(self, name)
+            if layers is not None and (len(layers) == 0 or min(layers) < 0 or list(layers) != sorted(set(layers))):
+                raise ConfigError(f"{name}={list(layers)} must be distinct, increasing, non-negative indices")
+        if self.method != "iisan" and self.feed == "cached":
+            # Baselines train through the backbones, so their states cannot be cached.
+            self.feed = "live"
+
+    # ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict:
+        """Read a JSON config file into a dict of overrides (validated when merged)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config keys")
+        cls.from_dict(values, source=str(path))  # validates keys and values
+        return values
+
+
+def _coerce(name: str, value, hint):
+    """Check ``value`` against the annotation ``hint``; parse strings from flags and JSON lists."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected a string")
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# argparse: every field becomes a flag, so scripts and the CLI share one definition.
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                         multi: set[str] | None = None) -> None:
+    """Add ``--key`` for every Config field. Keys in ``multi`` accept several values (sweeps)."""
+    defaults = defaults or {}
+    multi = multi or set()
+    parser.add_argument("--config", default=None, help="JSON file of config keys (CLI flags win)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        shown = defaults.get(f.name, f.default)
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.name in multi:
+            kwargs["nargs"] = "+"
+        elif f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        if f.metadata.get("choices") and f.name not in multi:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> Config:
+    """Defaults < ``defaults`` (script presets) < config file < flags."""
+    values = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(Config.from_file(args.config))
+    names = {f.name for f in dataclasses.fields(Config)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return Config.from_dict(values, source="command line")

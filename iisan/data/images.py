@@ -1,0 +1,192 @@
+"""Item images in an LMDB: each value is a small fixed header plus raw uint8 HWC bytes, never a pickle.
+
+Images are stored already converted to RGB and resized to ``size x size`` (the authors resize at train
+time with bilinear squashing, aspect ratio not kept; we do the same once, at build time), so training
+decodes no JPEG. Missing, unreadable or corrupt images are stored as a flagged blank (zeros), counted,
+listed in a report file, and never stop the build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+import numpy as np
+from PIL import Image
+from torch.utils.data import get_worker_info
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"IIM1"
+HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
+FLAG_BLANK = 1
+META_KEY = b"__meta__"
+IMAGE_SIZE = 224
+
+
+class ImageStoreError(ValueError):
+    """A bad or unreadable image store; the message names the path."""
+
+
+def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
+    h, w, c = pixels.shape
+    return HEADER.pack(MAGIC, FLAG_BLANK if blank else 0, h, w, c) + np.ascontiguousarray(pixels, np.uint8).tobytes()
+
+
+def decode_record(value: bytes, key: str = "?") -> tuple[np.ndarray, bool]:
+    if len(value) < HEADER.size:
+        raise ImageStoreError(f"image record {key!r} is truncated ({len(value)} bytes)")
+    magic, flags, h, w, c = HEADER.unpack_from(value)
+    if magic != MAGIC or len(value) != HEADER.size + h * w * c:
+        raise ImageStoreError(f"image record {key!r} is not an IISAN image record")
+    pixels = np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c)
+    return pixels, bool(flags & FLAG_BLANK)
+
+
+def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``)."""
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
+                     size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True) -> dict:
+    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
+
+    ``item_ids`` defaults to every ``*<extension>`` in the folder. Returns counts; the list of bad
+    items goes to ``<out_path>.report.tsv``. The LMDB is built beside the target and renamed into place.
+    """
+    image_dir, out_path = Path(image_dir), Path(out_path)
+    if not image_dir.is_dir():
+        raise ImageStoreError(f"image folder {image_dir} does not exist")
+    if item_ids is None:
+        item_ids = sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension))
+    if not item_ids:
+        raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record = HEADER.size + size * size * 3
+    map_size = int(len(item_ids) * (record + 512) * 1.2) + (64 << 20)
+    problems: list[tuple[str, str]] = []
+    env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False, readahead=False, meminit=False)
+    try:
+        txn = env.begin(write=True)
+        for n, item_id in enumerate(tqdm(item_ids, desc="images", unit="img", disable=None if progress else True), 1):
+            path = image_dir / f"{item_id}{extension}"
+            blank = True
+            pixels = np.zeros((size, size, 3), dtype=np.uint8)
+            if not path.is_file():
+                problems.append((item_id, "missing"))
+            else:
+                try:
+                    pixels = load_image(path, size)
+                    blank = False
+                except Exception as err:  # any decoder failure is a bad image, never a stop
+                    problems.append((item_id, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ")))
+            txn.put(item_id.encode("utf-8"), encode_record(pixels, blank))
+            if n % 2000 == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        meta = {"format": "iisan-images/1", "count": len(item_ids), "size": size, "blank": len(problems),
+                "source": str(image_dir)}
+        txn.put(META_KEY, json.dumps(meta).encode())
+        txn.commit()
+    finally:
+        env.close()
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    os.replace(tmp, out_path)
+    report = out_path.with_name(out_path.name + ".report.tsv")
+    with open(report, "w", encoding="utf-8") as fh:
+        fh.write("item_id\tproblem\n")
+        fh.writelines(f"{item_id}\t{why}\n" for item_id, why in problems)
+    if problems:
+        log.warning("%d of %d images missing or unreadable, stored as flagged blanks; list in %s",
+                    len(problems), len(item_ids), report)
+    return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
+
+
+class ImageStore:
+    """Read-only access by item id. Safe across DataLoader workers: each process opens its own handle."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ImageStoreError(f"image LMDB {self.path} does not exist (build it with `iisan build-lmdb`)")
+        self._env = None  # kept open only inside DataLoader workers
+        with self._txn() as txn:
+            raw = txn.get(META_KEY)
+        if raw is None:
+            raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
+        self.meta = json.loads(bytes(raw))
+        self.size = int(self.meta["size"])
+        self._blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
+
+    def _open_env(self):
+        return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=256)
+
+    @contextmanager
+    def _txn(self, buffers: bool = False):
+        """A read transaction. LMDB handles must not cross a fork, so the main process opens one per
+        call, and each DataLoader worker opens its own once and keeps it."""
+        if get_worker_info() is not None:
+            if self._env is None:
+                self._env = self._open_env()
+            with self._env.begin(buffers=buffers) as txn:
+                yield txn
+            return
+        env = self._open_env()
+        try:
+            with env.begin(buffers=buffers) as txn:
+                yield txn
+        finally:
+            env.close()
+
+    def __getstate__(self):  # spawned workers open their own handle
+        state = dict(self.__dict__)
+        state["_env"] = None
+        return state
+
+    def get(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels (n, size, size, 3) uint8, blank (n,) bool)``; ids absent from the store are blanks."""
+        out = np.empty((len(item_ids), self.size, self.size, 3), dtype=np.uint8)
+        blank = np.zeros(len(item_ids), dtype=bool)
+        with self._txn(buffers=True) as txn:
+            for i, item_id in enumerate(item_ids):
+                value = txn.get(item_id.encode("utf-8")) if item_id else None
+                if value is None:  # padding ("") or an item the store lacks: see ``blank_ids``
+                    out[i] = self._blank
+                    blank[i] = True
+                    continue
+                pixels, is_blank = decode_record(bytes(value), item_id)
+                if pixels.shape != out.shape[1:]:
+                    raise ImageStoreError(f"{self.path}: image {item_id!r} has shape {pixels.shape}, "
+                                          f"expected {out.shape[1:]}")
+                out[i] = pixels
+                blank[i] = is_blank
+        return out, blank
+
+    def blank_ids(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
+        """``(missing, flagged)``: ids (padding "" excluded) with no record, and ids stored as blanks.
+
+        Both are served as zeros. Reads only the record headers (zero-copy), so it is cheap.
+        """
+        missing, flagged = [], []
+        with self._txn(buffers=True) as txn:
+            for item_id in item_ids:
+                if not item_id:
+                    continue
+                value = txn.get(item_id.encode("utf-8"))
+                if value is None:
+                    missing.append(item_id)
+                elif HEADER.unpack_from(value)[1] & FLAG_BLANK:
+                    flagged.append(item_id)
+        return missing, flagged

@@ -1,0 +1,218 @@
+"""Users and items files, and the paper's data protocol (authors' ``read_behaviors``).
+
+Protocol: users with >= ``min_seq_len`` interactions; keep each user's last ``max_seq_len + 3``;
+drop items that occur nowhere; re-index the rest 1..N in items-file order (0 = padding). Leave one
+out: train ``s[:-2]``, valid target ``s[-2]``, test target ``s[-1]``; inputs are the last
+``max_seq_len`` items before the target. Popularity counts the train parts only.
+
+All per-user data lives in one right-aligned matrix ``padded`` of shape (users, max_seq_len + 3), so
+every split is a column slice (see ``SeqRecData``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the file and line."""
+
+
+def file_fingerprint(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ItemCatalog:
+    """The items file: ids and titles in file order."""
+
+    path: str
+    ids: list[str]
+    titles: list[str]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_items(path: str | Path, allow_empty_titles: bool = False) -> ItemCatalog:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"items file {path} does not exist")
+    ids: list[str] = []
+    titles: list[str] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DataError(f"{path}:{lineno}: expected item_id<TAB>title, found no tab")
+            item_id, title = line.split("\t", 1)
+            item_id = item_id.strip()
+            if not item_id:
+                raise DataError(f"{path}:{lineno}: empty item id")
+            if item_id in seen:
+                raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
+            if not title.strip() and not allow_empty_titles:
+                raise DataError(
+                    f"{path}:{lineno}: empty title for item {item_id!r} (pass --allow-empty-titles to accept)"
+                )
+            seen[item_id] = lineno
+            ids.append(item_id)
+            titles.append(title)
+    if not ids:
+        raise DataError(f"items file {path} holds no items")
+    return ItemCatalog(str(path), ids, titles, file_fingerprint(path))
+
+
+def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"users file {path} does not exist")
+    users = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DataError(f"{path}:{lineno}: expected user_id<TAB>item item ..., found no tab")
+            user_id, items = line.split("\t", 1)
+            users.append((user_id, items.split()))
+    if not users:
+        raise DataError(f"users file {path} holds no users")
+    return users
+
+
+@dataclass
+class SeqRecData:
+    """A data set after the protocol.
+
+    ``padded[u]`` holds user u's last ``L + 3`` items right-aligned (0 = padding), L = max_seq_len:
+    train sequence = columns ``[0, L+1)``, valid target = column ``L+1``, test target = column ``L+2``.
+    """
+
+    item_ids: list[str]  # dataset index -> item id; index 0 is padding ("")
+    titles: list[str]  # dataset index -> title; index 0 is ""
+    user_ids: list[str]
+    padded: np.ndarray  # (users, L + 3) int64
+    max_seq_len: int
+    catalog: ItemCatalog
+    skipped: dict[str, int]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return int((self.padded > 0).sum())
+
+    # ----------------------------------------------------------------------------------------------
+    def train_sequences(self) -> np.ndarray:
+        """(users, L + 1): the train part, left-padded. Inputs are [:, :-1], targets [:, 1:]."""
+        return self.padded[:, : self.max_seq_len + 1]
+
+    def eval_split(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(inputs (U, L), targets (U,), history (U, L+1 or L+2))`` for 'valid' or 'test'."""
+        L = self.max_seq_len
+        if split == "valid":
+            return self.padded[:, 1 : L + 1], self.padded[:, L + 1], self.padded[:, : L + 1]
+        if split == "test":
+            return self.padded[:, 2 : L + 2], self.padded[:, L + 2], self.padded[:, : L + 2]
+        raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+
+    def popularity(self) -> np.ndarray:
+        """(N + 1,) probabilities from the train parts; index 0 (padding) is 1.0 so log(pop) = 0."""
+        counts = np.bincount(self.train_sequences().ravel(), minlength=self.num_items + 1).astype(np.float64)
+        counts[0] = 0.0
+        prob = counts / counts.sum()
+        prob[0] = 1.0
+        return prob
+
+    def item_rows(self, ids: list[str]) -> np.ndarray:
+        """(N + 1,) position of every dataset item in ``ids`` (e.g. a cache's item order); -1 if absent."""
+        where = {item_id: row for row, item_id in enumerate(ids)}
+        return np.array([-1] + [where.get(i, -1) for i in self.item_ids[1:]], dtype=np.int64)
+
+    def stats(self) -> dict[str, int]:
+        return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions}
+
+
+def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: int = 10,
+                 min_seq_len: int = 5, allow_empty_titles: bool = False) -> SeqRecData:
+    catalog = read_items(items_path, allow_empty_titles)
+    raw_users = read_users(users_path)
+    row_of = {item_id: row for row, item_id in enumerate(catalog.ids)}
+    keep = max_seq_len + 3
+    if min_seq_len < 3:
+        raise DataError(f"min_seq_len={min_seq_len}: leave-one-out needs at least 3 interactions per user")
+
+    unknown_ids: dict[str, int] = {}
+    short_users = 0
+    users: list[str] = []
+    sequences: list[list[int]] = []
+    for user_id, items in raw_users:
+        rows = []
+        for item in items:
+            row = row_of.get(item)
+            if row is None:
+                unknown_ids[item] = unknown_ids.get(item, 0) + 1
+            else:
+                rows.append(row)
+        if len(rows) < min_seq_len:
+            short_users += 1
+            continue
+        users.append(user_id)
+        sequences.append(rows[-keep:])
+    skipped = {
+        "users_too_short": short_users,
+        "unknown_item_interactions": sum(unknown_ids.values()),
+        "unknown_item_ids": len(unknown_ids),
+    }
+    if unknown_ids:
+        shown = ", ".join(sorted(unknown_ids)[:5])
+        log.warning("%s: skipped %d interactions with %d item ids not in %s (e.g. %s)", users_path,
+                    skipped["unknown_item_interactions"], len(unknown_ids), items_path, shown)
+    if short_users:
+        log.warning("%s: skipped %d users with fewer than %d known interactions", users_path, short_users,
+                    min_seq_len)
+    if not users:
+        raise DataError(f"{users_path}: no user has {min_seq_len} or more interactions with known items")
+
+    # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
+    used = np.zeros(len(catalog), dtype=bool)
+    for seq in sequences:
+        used[seq] = True
+    new_index = np.zeros(len(catalog), dtype=np.int64)
+    new_index[used] = np.arange(1, used.sum() + 1)
+    padded = np.zeros((len(users), keep), dtype=np.int64)
+    for u, seq in enumerate(sequences):
+        padded[u, keep - len(seq) :] = new_index[seq]
+    kept_rows = np.flatnonzero(used)
+    return SeqRecData(
+        item_ids=[""] + [catalog.ids[r] for r in kept_rows],
+        titles=[""] + [catalog.titles[r] for r in kept_rows],
+        user_ids=users,
+        padded=padded,
+        max_seq_len=max_seq_len,
+        catalog=catalog,
+        skipped=skipped,
+    )

@@ -1,0 +1,177 @@
+"""The side adapter network (SAN): IISAN's trainable item tower over frozen backbone states.
+
+Reads bottom-up: the block, the intra-modal chain, the inter-modal chain, then the item tower.
+Each modality has its own width and its own list of layers, so the same code serves IISAN (equal
+towers) and IISAN-Versa (any pair: the inter SAN runs at the smaller width, with a learned linear map
+per step for the wider modality, and the longer chain runs its extra leading blocks alone). With equal
+widths and depths there are no maps and no extra blocks: Versa reduces exactly to IISAN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SideAdapterBlock(nn.Module):
+    """``x + up(relu(down(x)))`` (authors' ``AdapterBlock``), initialised near the identity.
+
+    Weights ~ N(0, 0.01^2), biases 0. The authors' block builds a dropout it never applies; we leave
+    it out (same function, same parameter count)."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down_proj = nn.Linear(width, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, width)
+        for linear in (self.down_proj, self.up_proj):
+            nn.init.normal_(linear.weight, std=0.01)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up_proj(torch.relu(self.down_proj(x)))
+
+
+class IntraSAN(nn.Module):
+    """One modality's chain: ``s = block_k(g_k * h_k + (1 - g_k) * s)``, ``g_k = sigmoid(theta_k / T)``,
+    theta = 0 and s = 0 at start (paper Eq. 2-3). ``fusion='add'``: ``s = block_k(h_k + s)``."""
+
+    def __init__(self, width: int, steps: int, bottleneck: int, fusion: str = "gated", temperature: float = 0.1):
+        super().__init__()
+        self.blocks = nn.ModuleList(SideAdapterBlock(width, bottleneck) for _ in range(steps))
+        self.gate_logits = nn.Parameter(torch.zeros(steps)) if fusion == "gated" else None
+        self.temperature = temperature
+        self.width = width
+
+    def gates(self) -> torch.Tensor | None:
+        return None if self.gate_logits is None else torch.sigmoid(self.gate_logits / self.temperature)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """states (n, steps, width) -> (n, width)."""
+        s = states.new_zeros(states.shape[0], self.width)
+        gates = self.gates()
+        for k, block in enumerate(self.blocks):
+            h = states[:, k]
+            s = block(h + s if gates is None else gates[k] * h + (1 - gates[k]) * s)
+        return s
+
+
+class InterSAN(nn.Module):
+    """The inter-modal chain: ``s = block_k(s + g_k * img_k + (1 - g_k) * txt_k)`` (paper Eq. 4).
+
+    It reads the raw backbone states of both modalities (not the intra-SAN outputs), at the smaller
+    width; a wider modality's state passes through a per-step ``Linear(wide -> narrow)`` first (Versa's
+    dimension transformation layer). Pairs of states are aligned at the end of both layer lists: when
+    one modality feeds more blocks, its extra leading states run only through its own intra SAN. The
+    intra chains never read the inter chain, so no further ordering is needed."""
+
+    def __init__(self, text_width: int, image_width: int, steps: int, bottleneck: int, fusion: str = "gated",
+                 temperature: float = 0.1):
+        super().__init__()
+        self.width = min(text_width, image_width)
+        self.blocks = nn.ModuleList(SideAdapterBlock(self.width, bottleneck) for _ in range(steps))
+        self.gate_logits = nn.Parameter(torch.zeros(steps)) if fusion == "gated" else None
+        self.temperature = temperature
+
+        def align(width):
+            if width == self.width:
+                return None
+            return nn.ModuleList(nn.Linear(width, self.width) for _ in range(steps))
+
+        self.text_align = align(text_width)
+        self.image_align = align(image_width)
+
+    def forward(self, text_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """text (n, kt, dt), image (n, ki, di) -> (n, width); uses the last ``steps`` states of each."""
+        steps = len(self.blocks)
+        text_states, image_states = text_states[:, -steps:], image_states[:, -steps:]
+        s = text_states.new_zeros(text_states.shape[0], self.width)
+        gates = None if self.gate_logits is None else torch.sigmoid(self.gate_logits / self.temperature)
+        for k in range(steps):
+            txt, img = text_states[:, k], image_states[:, k]
+            if self.text_align is not None:
+                txt = self.text_align[k](txt)
+            if self.image_align is not None:
+                img = self.image_align[k](img)
+            mixed = img + txt if gates is None else gates[k] * img + (1 - gates[k]) * txt
+            s = self.blocks[k](s + mixed)
+        return s
+
+
+class Head(nn.Sequential):
+    """width -> width -> out, no activation (IISAN's ``fc_* `` followed by the reused 768->64 layer)."""
+
+    def __init__(self, width: int, out: int):
+        super().__init__(nn.Linear(width, width), nn.Linear(width, out))
+
+
+class SANItemTower(nn.Module):
+    """Item embeddings from per-layer backbone states: ``{'text': (n, kt, dt), 'image': (n, ki, di)}``
+    -> (n, embedding_dim).
+
+    ``modality``: 'intra_inter' (both intra SANs and the inter SAN, com_dense 192->64), 'intra'
+    (intra SANs only, 128->64; crashes in the authors' code) or 'inter' (64->64). With one tower
+    ('text' or 'image') only that intra SAN is built (64->64).
+    """
+
+    def __init__(self, widths: dict[str, int], steps: dict[str, int], embedding_dim: int = 64,
+                 bottleneck: dict[str, int] | None = None, modality: str = "intra_inter", fusion: str = "gated",
+                 temperature: float = 0.1):
+        super().__init__()
+        bottleneck = bottleneck or {m: 64 for m in widths}
+        self.modalities = tuple(m for m in ("image", "text") if m in widths)  # authors' concat order
+        self.use_intra = modality in ("intra", "intra_inter") or len(self.modalities) == 1
+        self.use_inter = modality in ("inter", "intra_inter") and len(self.modalities) == 2
+        self.intra = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        if self.use_intra:
+            for m in self.modalities:
+                self.intra[m] = IntraSAN(widths[m], steps[m], bottleneck[m], fusion, temperature)
+                self.heads[m] = Head(widths[m], embedding_dim)
+        self.inter = None
+        if self.use_inter:
+            shared = min(steps["text"], steps["image"])
+            # Versa: the inter adapters take the narrower side's bottleneck setting (authors' draft).
+            narrow = "text" if widths["text"] <= widths["image"] else "image"
+            self.inter = InterSAN(widths["text"], widths["image"], shared, bottleneck[narrow], fusion, temperature)
+            self.heads["inter"] = Head(self.inter.width, embedding_dim)
+        branches = len(self.intra) + (self.inter is not None)
+        self.combine = nn.Linear(branches * embedding_dim, embedding_dim)  # the authors' com_dense
+        # The authors replace ViT's classifier with a xavier-normal Linear(768 -> 64) and reuse it here.
+        if "image" in self.heads:
+            nn.init.xavier_normal_(self.heads["image"][1].weight)
+            nn.init.zeros_(self.heads["image"][1].bias)
+
+    def forward(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for m, san in self.intra.items():
+            parts.append(self.heads[m](san(states[m])))  # (n, D)
+        if self.inter is not None:
+            parts.append(self.heads["inter"](self.inter(states["text"], states["image"])))
+        return self.combine(torch.cat(parts, dim=-1))  # (n, branches * D) -> (n, D)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The authors' learning-rate groups (their substring rules in ``run.py``, made explicit):
+
+        recsys: text/image/inter output layers, fc_mm, com_dense, text and inter gates (and Versa maps);
+        image_net: fc_cv and the image gates; text_encoder: fc_bert; adapter_image: image and inter
+        blocks; adapter_text: text blocks."""
+        groups: dict[str, list[nn.Parameter]] = {k: [] for k in
+                                                  ("recsys", "image_net", "text_encoder", "adapter_image",
+                                                   "adapter_text")}
+        groups["recsys"] += list(self.combine.parameters())
+        for m, san in self.intra.items():
+            head_in, head_out = self.heads[m]
+            groups["recsys"] += list(head_out.parameters())
+            groups["image_net" if m == "image" else "text_encoder"] += list(head_in.parameters())
+            if san.gate_logits is not None:
+                groups["image_net" if m == "image" else "recsys"].append(san.gate_logits)
+            groups["adapter_image" if m == "image" else "adapter_text"] += list(san.blocks.parameters())
+        if self.inter is not None:
+            groups["recsys"] += list(self.heads["inter"].parameters())
+            if self.inter.gate_logits is not None:
+                groups["recsys"].append(self.inter.gate_logits)
+            for align in (self.inter.text_align, self.inter.image_align):
+                if align is not None:
+                    groups["recsys"] += list(align.parameters())
+            groups["adapter_image"] += list(self.inter.blocks.parameters())
+        return groups

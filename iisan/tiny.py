@@ -1,0 +1,106 @@
+"""Tiny random-initialised encoders written with ``save_pretrained``, so tests and the demo go through
+the same loading code as real checkpoints, offline. Also the full-size *architectures* (BERT-base,
+ViT-B/16) with random weights, for parameter counts and benchmarks without a download.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:
+    """Specials plus the lower-cased word and punctuation tokens of ``texts`` (BERT's basic split)."""
+    words: dict[str, int] = {}
+    for text in texts:
+        for token in re.findall(r"\w+|[^\w\s]", text.lower()):
+            words[token] = words.get(token, 0) + 1
+    ranked = sorted(words, key=lambda w: (-words[w], w))[: limit - len(SPECIALS)]
+    return SPECIALS + ranked
+
+
+def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
+               seed: int = 0) -> Path:
+    from transformers import BertConfig, BertModel
+
+    out_dir = write_bert_tokenizer(out_dir, vocab)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 4, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
+    from transformers import BertTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, image_size: int = 224,
+              patch_size: int = 32, seed: int = 0) -> Path:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=hidden * 4, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out_dir)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_llama(out_dir: str | Path, vocab: list[str], hidden: int = 48, layers: int = 4, heads: int = 4,
+                seed: int = 0) -> Path:
+    """A tiny decoder LLM (LLaMA architecture) with a word-level tokenizer over ``vocab``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + [w for w in vocab if w not in SPECIALS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>", padding_side="right")
+    tokenizer.save_pretrained(out_dir)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=hidden * 2,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    LlamaModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def base_architectures():
+    """BERT-base-uncased and ViT-B/16 (224 px) built from their default configs with random weights."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    bert = BertModel(BertConfig())  # 12 x 768, vocab 30522: bert-base-uncased
+    vit = ViTModel(ViTConfig(image_size=224, patch_size=16), add_pooling_layer=False)  # ViT-B/16
+    return bert, vit
+
+
+def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
+    """Random-weight BERT-base and ViT-B/16 folders (with a toy tokenizer) for benchmarks offline."""
+    from transformers import ViTImageProcessor
+
+    out_dir = Path(out_dir)
+    bert, vit = base_architectures()
+    text_dir, image_dir = out_dir / "bert-base-random", out_dir / "vit-base-random"
+    write_bert_tokenizer(text_dir, vocabulary(["a"]) + [f"w{i}" for i in range(bert.config.vocab_size - 6)])
+    bert.save_pretrained(text_dir)
+    vit.save_pretrained(image_dir)
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(image_dir)
+    return text_dir, image_dir

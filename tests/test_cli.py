@@ -1,0 +1,90 @@
+"""Command line and config: unknown flags, bad values, precedence, entry scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iisan.cli import main
+from iisan.config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--learning-rate", "0.1"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+
+
+def test_invalid_choice_and_type(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--modality", "both"])
+    assert "invalid choice: 'both'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--users", "u", "--items", "i", "--batch-size", "many"])
+    assert info.value.code == 2 and "batch_size='many': expected an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"batch_size": 0}, "batch_size=0 must be positive"),
+    ({"text_layers": "2,1"}, r"text_layers=\[2, 1\] must be distinct, increasing"),
+    ({"lr": "fast"}, "lr='fast': expected a number"),
+    ({"towers": "text", "modality": "inter"}, "towers=text needs modality=intra"),
+    ({"colour": "red"}, "unknown key"),
+])
+def test_config_validation(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(values)
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    import argparse
+
+    from iisan.config import add_config_arguments, config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.5, "batch_size": 8}))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(path), "--batch-size", "4"]), {"epochs": 7})
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.seed) == (0.5, 4, 7, 12345)
+    path.write_text(json.dumps({"lr": 0.5, "bogus": 1}))
+    with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) bogus"):
+        config_from_args(parser.parse_args(["--config", str(path)]))
+
+
+def test_missing_model_folder_from_the_command_line(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path),
+              "--text-model", str(tmp_path / "missing-bert"), "--towers", "text", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"iisan: error: model folder '{tmp_path / 'missing-bert'}' does not exist " \
+                  "(see pretrained_models/README.md)"
+
+
+def test_entry_script_rejects_unknown_flags():
+    out = subprocess.run([sys.executable, "run_IISAN.py", "--no-such-flag"], cwd=ROOT / "Code_Cached" / "scripts",
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
+
+
+def test_entry_script_runs_a_sweep_in_process(tiny, tmp_path):
+    from iisan.preprocess import build_cache_from_config
+
+    base = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    build_cache_from_config(Config(**base, cache_dir=str(tmp_path / "c"), progress=False), dtype="float32")
+    args = [sys.executable, "run_IISAN.py", "--lr", "1e-3", "2e-3", "--epochs", "1", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "runs"), "--no-progress"]
+    for key, value in base.items():
+        args += ["--" + key.replace("_", "-"), value]
+    out = subprocess.run(args, cwd=ROOT / "Code_Cached" / "scripts", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted((tmp_path / "runs").glob("*/results.json"))
+    assert [json.loads(p.read_text())["config"]["lr"] for p in results] == [1e-3, 2e-3]

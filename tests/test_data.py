@@ -1,0 +1,132 @@
+"""The data protocol against hand-worked examples, bad input, and the real data statistics."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from iisan.cli import main
+from iisan.data.interactions import DataError, load_dataset, read_items, read_users
+
+from .conftest import shared_file
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def small(tmp_path):
+    # items file order: a..h; f and g fall outside u2's last 6, h is never used: all three dropped
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\t Title {x.upper()} &amp; co\n" for x in "abcdefgh"))
+    users = write(tmp_path, "users.tsv",
+                  "u1\ta b c d e\n"
+                  "u2\tg f e d c b a a\n"
+                  "u3\ta b\n")  # too short: skipped
+    return users, items
+
+
+def test_protocol_reindexes_in_items_file_order_and_splits(small):
+    users, items = small
+    data = load_dataset(users, items, max_seq_len=3, min_seq_len=5)  # keeps the last 3 + 3 = 6
+    assert data.item_ids == ["", "a", "b", "c", "d", "e"]  # items-file order kept
+    assert data.titles[1] == " Title A &amp; co"  # raw title; lower-casing happens at tokenisation
+    assert data.user_ids == ["u1", "u2"]
+    assert data.skipped["users_too_short"] == 1
+    # u2 keeps its last 6: e d c b a a -> 5 4 3 2 1 1, right-aligned in 6 columns
+    assert data.padded.tolist() == [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 1]]
+    assert data.train_sequences().tolist() == [[0, 1, 2, 3], [5, 4, 3, 2]]
+    inputs, targets, history = data.eval_split("valid")
+    assert inputs.tolist() == [[1, 2, 3], [4, 3, 2]] and targets.tolist() == [4, 1]
+    assert history.tolist() == [[0, 1, 2, 3], [5, 4, 3, 2]]
+    inputs, targets, history = data.eval_split("test")
+    assert inputs.tolist() == [[2, 3, 4], [3, 2, 1]] and targets.tolist() == [5, 1]
+    assert history.tolist() == [[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]]
+    assert data.stats() == {"users": 2, "items": 5, "interactions": 11}
+
+
+def test_popularity_counts_train_parts_only(small):
+    users, items = small
+    data = load_dataset(users, items, max_seq_len=3, min_seq_len=5)
+    # train parts: [1 2 3] and [5 4 3 2] -> counts 1:1 2:2 3:2 4:1 5:1, total 7; index 0 is 1.0
+    expected = np.array([1.0, 1, 2, 2, 1, 1]) / np.array([1.0] + [7] * 5)
+    np.testing.assert_allclose(data.popularity(), expected)
+
+
+def test_users_line_without_tab_names_file_and_line(tmp_path):
+    users = write(tmp_path, "users.tsv", "u1\ta b c d e\nu2 a b c d e\n")
+    with pytest.raises(DataError, match=r"users.tsv:2: expected user_id<TAB>item item \.\.\., found no tab"):
+        read_users(users)
+
+
+def test_unknown_item_ids_are_counted_and_logged(tmp_path, caplog):
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
+    users = write(tmp_path, "users.tsv", "u1\ta b zz c d e\nu2\ta b c d e f\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(users, items)
+    assert data.skipped["unknown_item_interactions"] == 1 and data.skipped["unknown_item_ids"] == 1
+    assert data.padded[0, -5:].tolist() == [1, 2, 3, 4, 5]
+    assert "skipped 1 interactions with 1 item ids not in" in caplog.text and "zz" in caplog.text
+
+
+def test_short_users_are_counted_and_logged(tmp_path, caplog):
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
+    users = write(tmp_path, "users.tsv", "u1\ta b c d\nu2\ta b c d e f\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(users, items)
+    assert data.user_ids == ["u2"] and data.skipped["users_too_short"] == 1
+    assert "skipped 1 users with fewer than 5" in caplog.text
+
+
+def test_duplicate_item_id_names_both_lines(tmp_path):
+    items = write(tmp_path, "items.tsv", "a\tone\nb\ttwo\na\tthree\n")
+    with pytest.raises(DataError, match=r"items.tsv:3: duplicate item id 'a' \(first on line 1\)"):
+        read_items(items)
+
+
+def test_empty_title_is_an_error_unless_allowed(tmp_path):
+    items = write(tmp_path, "items.tsv", "a\tone\nb\t  \n")
+    with pytest.raises(DataError, match=r"items.tsv:2: empty title for item 'b'"):
+        read_items(items)
+    assert read_items(items, allow_empty_titles=True).titles == ["one", "  "]
+
+
+def test_items_line_without_tab(tmp_path):
+    items = write(tmp_path, "items.tsv", "a\tone\nb two\n")
+    with pytest.raises(DataError, match=r"items.tsv:2: expected item_id<TAB>title"):
+        read_items(items)
+
+
+def test_missing_files_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="users file .*nope.tsv does not exist"):
+        read_users(tmp_path / "nope.tsv")
+    with pytest.raises(DataError, match="items file .*nope.tsv does not exist"):
+        read_items(tmp_path / "nope.tsv")
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    items = write(tmp_path, "items.tsv", "a\tone\na\ttwo\n")
+    users = write(tmp_path, "users.tsv", "u1\ta a a a a\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data-stats", "--users", str(users), "--items", str(items)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "duplicate item id 'a'" in err
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("folder,users,items,expected", [
+    ("Scientific", "am_Industrial_and_Scientific_users.tsv", "Industrial_and_Scientific_items.tsv",
+     ("12,076", "20,314", "81,711")),
+    ("Instrument", "am_Musical_Instruments_users_10K.tsv", "Musical_Instruments_items.tsv",
+     ("10,000", "19,246", "75,022")),
+])
+def test_data_stats_on_the_shared_data(folder, users, items, expected, capsys):
+    main(["data-stats", "--users", str(shared_file(folder, users)), "--items", str(shared_file(folder, items))])
+    out = capsys.readouterr().out
+    assert f"users: {expected[0]}" in out and f"items: {expected[1]}" in out
+    assert f"interactions: {expected[2]}" in out

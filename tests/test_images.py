@@ -1,0 +1,48 @@
+"""The image LMDB: raw records behind a fixed header, bad images counted and stored as flagged blanks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iisan.data.images import ImageStore, ImageStoreError, build_image_lmdb, decode_record, encode_record
+
+
+def test_record_round_trip_and_rejects_garbage():
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    out, blank = decode_record(encode_record(pixels))
+    np.testing.assert_array_equal(out, pixels)
+    assert not blank
+    with pytest.raises(ImageStoreError, match="'x' is not an IISAN image record"):
+        decode_record(b"\x80\x04pickle-ish-bytes", "x")
+
+
+def test_build_counts_missing_and_corrupt_images_and_keeps_going(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(folder / "good.jpg")
+    Image.new("L", (8, 8), 128).save(folder / "gray.jpg")  # converted to RGB
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["good", "gray", "broken", "absent"], size=16,
+                              progress=False)
+    assert report["stored"] == 4 and report["blank"] == 2
+    lines = open(report["report"]).read().splitlines()
+    assert lines[0] == "item_id\tproblem" and lines[1] == "broken\tunreadable: UnidentifiedImageError: " \
+        + lines[1].split(": ", 2)[2] and lines[2] == "absent\tmissing"
+    store = ImageStore(tmp_path / "db.lmdb")
+    pixels, blank = store.get(["good", "gray", "broken", "absent", "never-stored", ""])
+    assert pixels.shape == (6, 16, 16, 3)
+    assert blank.tolist() == [False, False, True, True, True, True]
+    assert (pixels[0, :, :, 0] > 200).all() and (pixels[0, :, :, 1] < 50).all()  # red, squashed to 16x16
+    assert (pixels[1] == 128).all()
+    assert (pixels[2:] == 0).all()
+    missing, flagged = store.blank_ids(["good", "broken", "absent", "never-stored", ""])
+    assert missing == ["never-stored"] and flagged == ["broken", "absent"]
+
+
+def test_store_errors_name_the_path(tmp_path):
+    with pytest.raises(ImageStoreError, match="image LMDB .*nope.lmdb does not exist"):
+        ImageStore(tmp_path / "nope.lmdb")
+    with pytest.raises(ImageStoreError, match="image folder .*nope does not exist"):
+        build_image_lmdb(tmp_path / "nope", tmp_path / "x.lmdb")

@@ -1,0 +1,101 @@
+"""The side adapter network: formulas by hand, initial state, parameter counts, LR groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iisan.san import InterSAN, IntraSAN, SANItemTower, SideAdapterBlock
+from iisan.sasrec import SASRec
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_block_is_residual_bottleneck_with_small_zero_mean_init():
+    torch.manual_seed(0)
+    block = SideAdapterBlock(768, 64)
+    assert n_params(block) == 99_136  # authors' count per block
+    w = torch.cat([block.down_proj.weight.flatten(), block.up_proj.weight.flatten()])
+    assert abs(w.mean().item()) < 1e-3 and w.std().item() == pytest.approx(0.01, rel=0.05)
+    assert block.down_proj.bias.abs().sum() == 0 and block.up_proj.bias.abs().sum() == 0
+    x = torch.randn(3, 768)
+    expected = x + block.up_proj(torch.relu(block.down_proj(x)))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_intra_san_recurrence_by_hand():
+    torch.manual_seed(0)
+    san = IntraSAN(width=4, steps=3, bottleneck=2, temperature=0.1)
+    with torch.no_grad():
+        san.gate_logits.copy_(torch.tensor([0.0, 0.1, -0.2]))
+    h = torch.randn(5, 3, 4)
+    s = torch.zeros(5, 4)
+    for k in range(3):
+        g = torch.sigmoid(san.gate_logits[k] / 0.1)
+        s = san.blocks[k](g * h[:, k] + (1 - g) * s)
+    torch.testing.assert_close(san(h), s)
+    assert IntraSAN(4, 3, 2).gates().tolist() == [0.5, 0.5, 0.5]  # theta = 0 at start
+
+
+def test_intra_san_add_fusion_has_no_gates():
+    torch.manual_seed(0)
+    san = IntraSAN(width=4, steps=2, bottleneck=2, fusion="add")
+    assert san.gate_logits is None
+    h = torch.randn(2, 2, 4)
+    s = san.blocks[1](h[:, 1] + san.blocks[0](h[:, 0]))
+    torch.testing.assert_close(san(h), s)
+
+
+def test_inter_san_reads_raw_states_of_both_modalities():
+    torch.manual_seed(0)
+    san = InterSAN(text_width=4, image_width=4, steps=2, bottleneck=2)
+    with torch.no_grad():
+        san.gate_logits.copy_(torch.tensor([0.3, -0.1]))
+    txt, img = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    s = torch.zeros(3, 4)
+    for k in range(2):
+        g = torch.sigmoid(san.gate_logits[k] / 0.1)
+        s = san.blocks[k](s + g * img[:, k] + (1 - g) * txt[:, k])
+    torch.testing.assert_close(san(txt, img), s)
+    assert san.text_align is None and san.image_align is None
+
+
+def test_iisan_default_parameter_counts_match_the_authors():
+    tower = SANItemTower({"text": 768, "image": 768}, {"text": 7, "image": 7})
+    sasrec = SASRec(64, 10, 2, 2, 0.1)
+    assert n_params(sasrec) == 100_224
+    # 21 blocks 2,081,856 + fc_* 1,771,776 + three 768->64 heads 147,648 + 21 gates + com_dense 12,352
+    assert n_params(tower) == 2_081_856 + 1_771_776 + 147_648 + 21 + 12_352
+    assert n_params(tower) + n_params(sasrec) == 4_113_877  # the paper's 4.11 M
+
+
+@pytest.mark.parametrize("modality,branches", [("intra_inter", 3), ("intra", 2), ("inter", 1)])
+def test_every_modality_setting_runs(modality, branches):
+    torch.manual_seed(0)
+    tower = SANItemTower({"text": 8, "image": 8}, {"text": 3, "image": 3}, embedding_dim=4, modality=modality)
+    assert tower.combine.in_features == branches * 4
+    out = tower({"text": torch.randn(5, 3, 8), "image": torch.randn(5, 3, 8)})
+    assert out.shape == (5, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_single_tower(modality):
+    tower = SANItemTower({modality: 8}, {modality: 3}, embedding_dim=4, modality="intra")
+    assert tower.combine.in_features == 4 and tower.inter is None
+    assert tower({modality: torch.randn(2, 3, 8)}).shape == (2, 4)
+
+
+def test_param_groups_cover_every_parameter_once_with_the_authors_split():
+    tower = SANItemTower({"text": 8, "image": 8}, {"text": 3, "image": 3}, embedding_dim=4)
+    groups = tower.param_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(tower.parameters()))
+    names = {id(p): n for n, p in tower.named_parameters()}
+    named = {g: {names[id(p)] for p in ps} for g, ps in groups.items()}
+    assert named["text_encoder"] == {"heads.text.0.weight", "heads.text.0.bias"}  # fc_bert
+    assert named["image_net"] == {"heads.image.0.weight", "heads.image.0.bias", "intra.image.gate_logits"}
+    assert "intra.text.gate_logits" in named["recsys"] and "inter.gate_logits" in named["recsys"]
+    assert all(n.startswith(("inter.blocks", "intra.image.blocks")) for n in named["adapter_image"])
+    assert all(n.startswith("intra.text.blocks") for n in named["adapter_text"])
