@@ -71,6 +71,18 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None) -> dict:
     return encoders
 
 
+def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
+    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+    if not cfg.images:
+        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`)")
+    store = ImageStore(cfg.images)
+    missing, flagged = store.blank_ids(item_ids)
+    if missing or flagged:
+        log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
+                    "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
+    return PixelSource(store, item_ids)
+
+
 def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
                 encoders: dict | None = None, amp: torch.dtype | None = None) -> tuple[LiveStates, PixelSource | None]:
     """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
@@ -78,16 +90,7 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     tokens = attention = None
     if "text" in encoders:
         tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
-    pixels = None
-    if "image" in encoders:
-        if not cfg.images:
-            raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`)")
-        store = ImageStore(cfg.images)
-        missing, flagged = store.blank_ids(item_ids)
-        if missing or flagged:
-            log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
-                        "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
-        pixels = PixelSource(store, item_ids)
+    pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
     live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
     return live.to(device), pixels
 

@@ -69,7 +69,9 @@ class Config:
     drop_rate: float = _opt(0.1, "SASRec dropout")
     lora_rank: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(1.0, "LoRA alpha (authors: 1, so the scale is 1/8)")
-    lora_targets: str = _opt("query,value", "LoRA targets: attention projections by role")
+    lora_targets: str = _opt("query,value", "LoRA targets: roles (query, key, value, attention_output, "
+                             "ffn_in, ffn_out) or module-name suffixes")
+    adapter_targets: str = _opt("attention_output,ffn_out", "Houlsby adapter positions (roles or suffixes)")
     # --- training ----------------------------------------------------------------------------------
     feed: str = _opt("cached", "where IISAN's backbone states come from", ("cached", "live"))
     cache_dir: str = _opt("", "folder with text.safetensors / image.safetensors (cached feed)")

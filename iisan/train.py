@@ -21,8 +21,15 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm import tqdm
 
-from .build import amp_dtype, build_model, count_parameters, load_data, optimizer_groups, parameter_line, \
-    resolve_device
+from .build import (
+    amp_dtype,
+    build_model,
+    count_parameters,
+    load_data,
+    optimizer_groups,
+    parameter_line,
+    resolve_device,
+)
 from .cache import save_atomic
 from .config import METHOD_NAMES, Config
 from .evaluate import evaluate_split
