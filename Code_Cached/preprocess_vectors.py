@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from iisan.presets import METHOD_DEFAULTS  # noqa: E402
 from iisan.preprocess import DTYPES, build_cache_from_config  # noqa: E402
+from iisan.presets import METHOD_DEFAULTS  # noqa: E402
 from iisan.sweep import run_script  # noqa: E402
 
 

@@ -86,8 +86,9 @@ class Config:
     seed: int = _opt(12345, "seed for Python, NumPy and torch")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU", ("auto", "none", "bf16", "fp16"))
-    compile: str = _opt("auto", "torch.compile the training step (auto: CUDA + cached feed)",
-                        ("auto", "on", "off"))
+    compile: str = _opt("auto", "training step: eager (off), one CUDA graph (cudagraph) or torch.compile "
+                        "(inductor); auto = cudagraph for cached IISAN on CUDA",
+                        ("auto", "off", "cudagraph", "inductor"))
     dedup_items: str = _opt(
         "auto", "run the item tower once per distinct item of a batch (auto: unless compiled)",
         ("auto", "on", "off"),

@@ -88,22 +88,26 @@ def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, 
 
 
 def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: torch.dtype | None,
-                    device: torch.device, compiled: bool = False):
+                    device: torch.device, compiled: str | bool = False):
     """``step(batch) -> loss`` (detached, on the device): forward, loss, backward, step, zero_grad.
 
     The benchmark reuses exactly this function. fp16 uses a GradScaler (authors' setting); bf16 needs none.
+    ``compiled``: False/'off' (eager), 'cudagraph' (whole step captured, see graphs.py; needs static
+    shapes and a capturable optimizer) or 'inductor' (torch.compile, mode reduce-overhead).
     """
+    compiled = {True: "inductor", False: "off"}.get(compiled, compiled)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     def loss_of(seq, ids, pixels, inverse):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
             return model.calculate_loss(TrainBatch(seq, ItemBatch(ids, pixels), inverse))
 
-    if compiled:
+    if compiled == "inductor":
         loss_of = torch.compile(loss_of, mode="reduce-overhead", dynamic=False)
 
     def step(batch: TrainBatch) -> torch.Tensor:
-        if compiled:
+        if compiled == "inductor":
             torch.compiler.cudagraph_mark_step_begin()
         loss = loss_of(batch.seq, batch.items.ids, batch.items.pixels, batch.inverse)
         if scaler is not None:
@@ -116,23 +120,36 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().clone()
 
-    step.scaler = scaler
+    if compiled == "cudagraph":
+        if scaler is not None:
+            raise ValueError("cudagraph steps need amp=bf16 or none (fp16 loss scaling syncs with the host)")
+        from .graphs import GraphedStep
+
+        return GraphedStep(model, optimizer, loss_of, step)
     return step
 
 
-def make_optimizer(model: Recommender, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    # Adam with torch defaults, no weight decay (authors). Fused on CUDA: one kernel per group.
-    return torch.optim.Adam(optimizer_groups(model, cfg), fused=device.type == "cuda")
+def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    # Adam with torch defaults, no weight decay (authors). Fused on CUDA: one kernel per group;
+    # capturable keeps its step counter on the device so the update can live in a CUDA graph.
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(optimizer_groups(model, cfg), fused=cuda, capturable=cuda and capturable)
 
 
-def use_compile(cfg: Config, device: torch.device) -> bool:
+def use_compile(cfg: Config, device: torch.device) -> str:
+    """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
     if cfg.compile == "auto":
-        return device.type == "cuda" and cfg.method == "iisan" and cfg.feed == "cached"
-    return cfg.compile == "on"
+        graphable = device.type == "cuda" and cfg.method == "iisan" and cfg.feed == "cached" and cfg.amp != "fp16"
+        return "cudagraph" if graphable else "off"
+    if cfg.compile == "cudagraph" and (device.type != "cuda" or cfg.method != "iisan" or cfg.feed != "cached"):
+        raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
+    return cfg.compile
 
 
-def use_dedup(cfg: Config, compiled: bool) -> bool:
-    return not compiled if cfg.dedup_items == "auto" else cfg.dedup_items == "on"
+def use_dedup(cfg: Config, compiled: str) -> bool:
+    """Encode each distinct item once, unless the step is compiled (static shapes)."""
+    return compiled == "off" if cfg.dedup_items == "auto" else cfg.dedup_items == "on"
 
 
 def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:
@@ -236,9 +253,9 @@ def train(cfg: Config) -> dict:
     model, pixels = build_model(cfg, data, device)
     trainable, total = count_parameters(model)
     log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(model))
-    optimizer = make_optimizer(model, cfg, device)
     amp = amp_dtype(cfg, device)
     compiled = use_compile(cfg, device)
+    optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
     dedup = use_dedup(cfg, compiled)
     step = make_train_step(model, optimizer, amp, device, compiled)
 

@@ -19,7 +19,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny ops: one thread is as fast and immune to contention
 
 
 @pytest.fixture(scope="session")

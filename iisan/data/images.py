@@ -57,20 +57,12 @@ def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
-                     size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True) -> dict:
-    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
-
-    ``item_ids`` defaults to every ``*<extension>`` in the folder. Returns counts; the list of bad
-    items goes to ``<out_path>.report.tsv``. The LMDB is built beside the target and renamed into place.
-    """
-    image_dir, out_path = Path(image_dir), Path(out_path)
-    if not image_dir.is_dir():
-        raise ImageStoreError(f"image folder {image_dir} does not exist")
-    if item_ids is None:
-        item_ids = sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension))
-    if not item_ids:
-        raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
+def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
+                     progress: bool = True, source: str = "") -> list[tuple[str, str]]:
+    """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
+    record with a problem is stored as a flagged blank. Built beside the target and renamed into place.
+    Returns the (item_id, problem) list."""
+    out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     record = HEADER.size + size * size * 3
@@ -79,24 +71,18 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False, readahead=False, meminit=False)
     try:
         txn = env.begin(write=True)
-        for n, item_id in enumerate(tqdm(item_ids, desc="images", unit="img", disable=None if progress else True), 1):
-            path = image_dir / f"{item_id}{extension}"
-            blank = True
-            pixels = np.zeros((size, size, 3), dtype=np.uint8)
-            if not path.is_file():
-                problems.append((item_id, "missing"))
-            else:
-                try:
-                    pixels = load_image(path, size)
-                    blank = False
-                except Exception as err:  # any decoder failure is a bad image, never a stop
-                    problems.append((item_id, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ")))
-            txn.put(item_id.encode("utf-8"), encode_record(pixels, blank))
+        bar = tqdm(item_ids, desc="images", unit="img", disable=None if progress else True)
+        for n, item_id in enumerate(bar, 1):
+            pixels, problem = pixels_of(item_id)
+            if problem:
+                problems.append((item_id, problem))
+                pixels = np.zeros((size, size, 3), dtype=np.uint8)
+            txn.put(item_id.encode("utf-8"), encode_record(pixels, blank=problem is not None))
             if n % 2000 == 0:
                 txn.commit()
                 txn = env.begin(write=True)
         meta = {"format": "iisan-images/1", "count": len(item_ids), "size": size, "blank": len(problems),
-                "source": str(image_dir)}
+                "source": source}
         txn.put(META_KEY, json.dumps(meta).encode())
         txn.commit()
     finally:
@@ -104,6 +90,33 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     if out_path.exists():
         shutil.rmtree(out_path)
     os.replace(tmp, out_path)
+    return problems
+
+
+def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
+                     size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True) -> dict:
+    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
+
+    ``item_ids`` defaults to every ``*<extension>`` in the folder. Returns counts; the list of bad
+    items goes to ``<out_path>.report.tsv``."""
+    image_dir, out_path = Path(image_dir), Path(out_path)
+    if not image_dir.is_dir():
+        raise ImageStoreError(f"image folder {image_dir} does not exist")
+    if item_ids is None:
+        item_ids = sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension))
+    if not item_ids:
+        raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
+
+    def pixels_of(item_id: str):
+        path = image_dir / f"{item_id}{extension}"
+        if not path.is_file():
+            return None, "missing"
+        try:
+            return load_image(path, size), None
+        except Exception as err:  # any decoder failure is a bad image, never a stop
+            return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
+
+    problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir))
     report = out_path.with_name(out_path.name + ".report.tsv")
     with open(report, "w", encoding="utf-8") as fh:
         fh.write("item_id\tproblem\n")

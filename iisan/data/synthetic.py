@@ -29,10 +29,12 @@ def _word(rng: np.random.Generator, syllables: int = 3) -> str:
 
 
 def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, num_topics: int = 20,
-             seed: int = 0, images: bool = True, image_size: int = 224, min_len: int = 5, max_len: int = 16,
+             seed: int = 0, images: str | None = "jpg", image_size: int = 224, min_len: int = 5, max_len: int = 16,
              length_profile: dict[int, int] | None = None) -> dict[str, Path]:
-    """Write ``users.tsv``, ``items.tsv`` and (optionally) ``images/<item_id>.jpg``; return their paths.
+    """Write ``users.tsv``, ``items.tsv`` and images; return their paths.
 
+    ``images``: 'jpg' (a folder of ``<item_id>.jpg``, as the real data comes), 'lmdb' (straight into
+    ``images.lmdb``, no noise and no JPEG round trip: fast, for benchmarks) or None.
     ``length_profile`` (length -> users) fixes the sequence lengths and the user count instead of
     drawing them."""
     rng = np.random.default_rng(seed)
@@ -81,16 +83,27 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
     (out / "users.tsv").write_text("\n".join(users) + "\n", encoding="utf-8")
 
     paths = {"users": out / "users.tsv", "items": out / "items.tsv"}
-    if images:
+    if images == "jpg":
         image_dir = out / "images"
         image_dir.mkdir(exist_ok=True)
         for n, item_id in enumerate(item_ids):
             draw_item(palette[topic[n]], n, image_size, rng).save(image_dir / f"{item_id}.jpg", quality=90)
         paths["images"] = image_dir
+    elif images == "lmdb":
+        from .images import write_image_lmdb
+
+        row = {item_id: n for n, item_id in enumerate(item_ids)}
+
+        def pixels_of(item_id):
+            n = row[item_id]
+            return np.asarray(draw_item(palette[topic[n]], n, image_size, None), dtype=np.uint8), None
+
+        write_image_lmdb(out / "images.lmdb", item_ids, pixels_of, image_size, progress=False, source="synthetic")
+        paths["lmdb"] = out / "images.lmdb"
     return paths
 
 
-def draw_item(colours: np.ndarray, n: int, size: int, rng: np.random.Generator) -> Image.Image:
+def draw_item(colours: np.ndarray, n: int, size: int, rng: np.random.Generator | None) -> Image.Image:
     """Topic colours as background and shape; the item's own shape, size and position."""
     background, foreground = (tuple(int(c) for c in colours[0]), tuple(int(c) for c in colours[1]))
     img = Image.new("RGB", (size, size), background)
@@ -108,6 +121,8 @@ def draw_item(colours: np.ndarray, n: int, size: int, rng: np.random.Generator) 
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=foreground)
     else:
         draw.rectangle((cx - r, cy - r / 4, cx + r, cy + r / 4), fill=foreground)
+    if rng is None:
+        return img
     noise = rng.integers(-12, 13, size=(size, size, 3))
     pixels = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)

@@ -1,0 +1,159 @@
+"""Efficiency measurement shared by the benchmark scripts: the trainer's exact step, timed after a
+warm-up with device synchronisation and extrapolated to a full epoch; peak memory; parameters; TPME.
+
+Each measurement runs in a fresh (spawned) process, so peak memory (GPU allocator peaks or, on CPU,
+the process's peak resident set) belongs to that method alone and no compiled state leaks across.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from .config import METHOD_NAMES, Config
+
+# (label, config overrides) for the six settings of the paper's efficiency table.
+SETTINGS = {
+    "FFT": {"method": "fft"},
+    "Adapter": {"method": "adapter"},
+    "LoRA": {"method": "lora"},
+    "BitFit": {"method": "bitfit"},
+    "IISAN (uncached)": {"method": "iisan", "feed": "live"},
+    "IISAN (cached)": {"method": "iisan", "feed": "cached"},
+}
+TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
+    """Seconds per training step (timed alone) and per epoch, peak memory and parameters of ``cfg``."""
+    from .build import amp_dtype, build_model, count_parameters, load_data, resolve_device
+    from .runinfo import device_name
+    from .train import make_optimizer, make_train_step, peak_memory, train_loader, use_compile, use_dedup
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, device)
+    amp = amp_dtype(cfg, device)
+    compiled = use_compile(cfg, device)
+    optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
+    step = make_train_step(model, optimizer, amp, device, compiled)
+    sequences = data.train_sequences()
+    steps_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
+
+    def batches():
+        epoch = 0
+        while True:  # full batches only: the timed steps must all have the measured shape
+            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, compiled), pixels,
+                                      cfg.num_workers):
+                if len(batch.seq) == cfg.batch_size:
+                    yield batch
+            epoch += 1
+
+    model.train()
+    stream = batches()
+    for _ in range(warmup):
+        step(next(stream).to(device))
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step(next(stream).to(device)))
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    trainable, total = count_parameters(model)
+    return {
+        "method": METHOD_NAMES[cfg.method],
+        "feed": cfg.feed if cfg.method == "iisan" else "live",
+        "batch_size": cfg.batch_size,
+        "seconds_per_step": elapsed / steps,
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_seconds": elapsed / steps * steps_per_epoch,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "compiled": compiled,
+        "amp": str(amp).replace("torch.", "") if amp else "fp32",
+        "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
+        "trainable_params": trainable,
+        "total_params": total,
+        "memory": peak_memory(device),
+        "device": device_name(device),
+        "users": data.num_users,
+        "items": data.num_items,
+    }
+
+
+def measure_cache_build(cfg: Config) -> dict:
+    """Seconds to run both encoders once over every item and write the cache."""
+    from .build import resolve_device
+    from .preprocess import build_cache_from_config
+    from .train import peak_memory
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    build_cache_from_config(cfg, dtype="float16" if device.type == "cuda" else "float32")
+    _sync(device)
+    return {"cache_build_seconds": time.perf_counter() - start, "memory": peak_memory(device)}
+
+
+def _child(fn_name: str, cfg_dict: dict, kwargs: dict, queue) -> None:
+    try:
+        from .cli import setup_logging
+
+        setup_logging()
+        result = globals()[fn_name](Config(**cfg_dict), **kwargs)
+        queue.put(("ok", result))
+    except BaseException as err:  # reported in the row, never a crash of the whole benchmark
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        queue.put(("error", f"{type(err).__name__}: {message}", traceback.format_exc()))
+
+
+def in_fresh_process(fn_name: str, cfg: Config, **kwargs) -> dict:
+    """Run ``measure_training`` or ``measure_cache_build`` in a spawned process; errors become a row field."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn_name, cfg.to_dict(), kwargs, queue))
+    proc.start()
+    try:
+        outcome = queue.get()
+    finally:
+        proc.join()
+    if outcome[0] == "ok":
+        return outcome[1]
+    return {"error": outcome[1], "traceback": outcome[2]}
+
+
+def memory_gib(row: dict) -> float | None:
+    memory = row.get("memory", {})
+    return memory.get("max_allocated_gib", memory.get("peak_rss_gib"))
+
+
+def add_tpme(rows: list[dict]) -> list[dict]:
+    """TPME = 0.45 t + 0.1 p + 0.45 m over min-max-normalised time per epoch, trainable parameters and
+    peak memory of the compared methods (lower is better). A constant column normalises to 0."""
+    ok = [r for r in rows if "error" not in r]
+    columns = {"time": [r["epoch_seconds"] for r in ok], "params": [r["trainable_params"] for r in ok],
+               "memory": [memory_gib(r) for r in ok]}
+    normalised = {}
+    for name, values in columns.items():
+        values = np.asarray(values, dtype=float)
+        span = values.max() - values.min() if len(values) else 0.0
+        normalised[name] = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    for i, row in enumerate(ok):
+        row["tpme_terms"] = {k: float(v[i]) for k, v in normalised.items()}
+        row["tpme"] = float(sum(TPME_WEIGHTS[k] * normalised[k][i] for k in TPME_WEIGHTS))
+    return rows

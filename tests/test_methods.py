@@ -1,0 +1,182 @@
+"""All six settings on tiny models: shapes, finiteness, which parameters move, identity at start,
+checkpoint round trip; cached and uncached feeds give the same loss; bad targets and OOM messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iisan.build import build_model, load_data, optimizer_groups
+from iisan.peft_methods import TargetError, apply_adapters, apply_lora
+from iisan.preprocess import build_cache_from_config
+from iisan.train import TrainingError, load_weights, make_optimizer, make_train_step, save_weights, train_loader
+
+SETTINGS = {
+    "FFT": {"method": "fft"},
+    "Adapter": {"method": "adapter"},
+    "LoRA": {"method": "lora"},
+    "BitFit": {"method": "bitfit"},
+    "IISAN uncached": {"method": "iisan", "feed": "live"},
+    "IISAN cached": {"method": "iisan", "feed": "cached"},
+}
+
+
+def declared_trainable(name: str, method: str) -> bool:
+    """What each method is documented to train, written from the method's definition."""
+    if not name.startswith("item_encoder.encoders.") and not name.startswith("item_encoder.states."):
+        return True  # SASRec, heads, com_dense, SAN
+    if method == "fft":
+        return ".pooler." not in name
+    if method == "bitfit":
+        return name.endswith("bias") and ".pooler." not in name
+    if method == "adapter":
+        return ".adapter." in name
+    if method == "lora":
+        return ".lora_A." in name or ".lora_B." in name
+    return False  # IISAN: backbones frozen
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny, tmp_path_factory):
+    from iisan.config import Config
+
+    path = tmp_path_factory.mktemp("cache")
+    cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                 cache_dir=str(path), device="cpu", num_workers=0, progress=False)
+    build_cache_from_config(cfg, dtype="float32")
+    return str(path)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_config, cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir=cache_dir, **SETTINGS[setting])
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == declared_trainable(name, cfg.method), name
+    groups = optimizer_groups(model, cfg)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
+    model.train()
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)):
+        loss = step(batch)
+        assert loss.shape == () and torch.isfinite(loss)
+        if i == 2:
+            break
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"trainable {name} did not move"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    # item embeddings: shape and finiteness
+    model.eval()
+    from iisan.feeds import ItemBatch
+
+    ids = torch.tensor([0, 1, 2, 3])
+    items = ItemBatch(ids, pixels(ids.numpy()) if pixels is not None else None)
+    with torch.no_grad():
+        emb = model.item_encoder(items)
+    assert emb.shape == (4, 64) and torch.isfinite(emb).all()
+    # checkpoint round trip into a fresh model
+    save_weights(model, tmp_path / "w.safetensors", cfg)
+    torch.manual_seed(1)
+    fresh, _ = build_model(cfg, data, torch.device("cpu"))
+    load_weights(fresh, tmp_path / "w.safetensors")
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.item_encoder(items), emb)
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora"])
+def test_adapters_and_lora_start_as_the_identity(method, tiny):
+    from iisan.backbones import load_image_encoder, load_text_encoder, tokenize_titles
+
+    text = load_text_encoder(tiny["text_model"])
+    image = load_image_encoder(tiny["image_model"])
+    ids, mask = tokenize_titles(text.tokenizer, ["blue lamp", "red chair and table"], 10)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref_text = text.final_cls(input_ids=ids, attention_mask=mask)
+        ref_image = image.final_cls(pixel_values=pixels)
+    for encoder in (text, image):
+        if method == "adapter":
+            added = apply_adapters(encoder.model, 8, ["attention_output", "ffn_out"])
+        else:
+            added = apply_lora(encoder.model, 4, 1.0, ["query", "value"])
+        assert len(added) == 2 * encoder.depth
+    with torch.no_grad():
+        torch.testing.assert_close(text.final_cls(input_ids=ids, attention_mask=mask), ref_text)
+        torch.testing.assert_close(image.final_cls(pixel_values=pixels), ref_image)
+
+
+def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
+    from iisan.backbones import load_image_encoder
+
+    image = load_image_encoder(tiny["image_model"])
+    q_name = [n for n, m in image.model.named_modules() if isinstance(m, torch.nn.Linear)][0]
+    weight = image.model.get_submodule(q_name).weight.detach().clone()
+    apply_lora(image.model, 4, 1.0, ["query", "value"])
+    wrapped = image.model.get_submodule(q_name)
+    assert torch.equal(wrapped.base_layer.weight, weight) and not wrapped.base_layer.weight.requires_grad
+    assert wrapped.scaling["default"] == pytest.approx(1.0 / 4)
+
+
+def test_target_that_matches_nothing_lists_existing_modules(tiny):
+    from iisan.backbones import load_text_encoder
+
+    text = load_text_encoder(tiny["text_model"])
+    with pytest.raises(TargetError, match=r"target 'qkv' matches no module in the text encoder \(BertModel\); "
+                                          r"roles: query, .*; Linear modules: dense, key, query, value"):
+        apply_lora(text.model, 4, 1.0, ["qkv"], "text encoder")
+    # a module-name suffix is accepted as well as a role
+    assert len(apply_adapters(text.model, 4, ["value"])) == 2
+
+
+def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, cache_dir):
+    cfg = tiny_config(cache_dir=cache_dir)
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    cached, _ = build_model(cfg, data, torch.device("cpu"))
+    live, pixels = build_model(cfg.replace(feed="live"), data, torch.device("cpu"))
+    live.load_state_dict(cached.state_dict(), strict=False)
+    cached.eval()
+    live.eval()
+    batch_cached = next(iter(train_loader(data.train_sequences(), 16, 3, 0, True)))
+    batch_live = next(iter(train_loader(data.train_sequences(), 16, 3, 0, True, pixels)))
+    with torch.no_grad():
+        a, b = cached.calculate_loss(batch_cached), live.calculate_loss(batch_live)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_config, tiny, tmp_path, caplog):
+    import logging
+
+    from iisan.data.images import build_image_lmdb
+    from iisan.data.interactions import read_items
+
+    ids = read_items(tiny["items"]).ids
+    partial = tmp_path / "partial.lmdb"
+    build_image_lmdb(tiny["image_dir"], partial, ids[5:], size=64, progress=False)  # first five absent
+    cfg = tiny_config(feed="live", images=str(partial))
+    data = load_data(cfg)
+    with caplog.at_level(logging.WARNING):
+        model, pixels = build_model(cfg, data, torch.device("cpu"))
+    absent = sum(i in ids[:5] for i in data.item_ids)
+    assert f"{absent} items have no image and 0 were stored as blanks" in caplog.text
+    row = data.item_ids.index(next(i for i in data.item_ids if i in ids[:5]))
+    assert (pixels([row]) == 0).all()
+
+
+def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache_dir, monkeypatch):
+    import iisan.train as train_module
+
+    def exploding_step(*args, **kwargs):
+        def step(batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has ...")
+        return step
+
+    monkeypatch.setattr(train_module, "make_train_step", exploding_step)
+    with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
+        train_module.train(tiny_config(cache_dir=cache_dir))
