@@ -73,6 +73,8 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
         losses.append(step(next(stream).to(device)))
     _sync(device)
     elapsed = time.perf_counter() - start
+    if getattr(step, "failed", False):
+        compiled = "off (cudagraph capture failed)"
     trainable, total = count_parameters(model)
     return {
         "method": METHOD_NAMES[cfg.method],

@@ -332,6 +332,7 @@ def train(cfg: Config) -> dict:
             "first_epoch_train_seconds": train_times[0],
             "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in epochs_log])),
         },
+        "step": {"compiled": compiled, "dedup_items": dedup, "amp": str(amp).replace("torch.", "") if amp else "fp32"},
         "parameters": {"trainable": trainable, "total": total},
         "peak_memory": peak_memory(device),
         "device": device_name(device),

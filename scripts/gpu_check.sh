@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU (the `device` tool): GPU tests, then the efficiency benchmark at the
+# paper's scale (random-weight BERT-base + ViT-B/16 at 224 px, Scientific-shaped synthetic data).
+# Writes gpu.txt, gpu_tests.log, bench.log and efficiency/*.json under $OUT.
+#   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out bash scripts/gpu_check.sh   # dry run on a CPU
+set -uo pipefail
+OUT=${OUT:-/tmp/iisan-gpu-out}
+mkdir -p "$OUT/efficiency"
+export PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks (lmdb), carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+  python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)"; } | tee "$OUT/gpu.txt"
+start=$(date +%s)
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+echo "gpu tests: $(( $(date +%s) - start )) s"
+python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" --data "${DATA:-scientific}" \
+  --device "${DEVICE:-cuda}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --workers "${WORKERS:-8}" \
+  --work /tmp/iisan-bench --out "$OUT/efficiency" --no-plots 2>&1 | tee "$OUT/bench.log" \
+  | grep -E "benchmark: (equal|paper|building|cache:|wrote)|  -> |Error|error" | cut -c1-400
+echo "total: $(( $(date +%s) - start )) s"
