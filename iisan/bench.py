@@ -54,8 +54,7 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     def batches():
         epoch = 0
         while True:  # full batches only: the timed steps must all have the measured shape
-            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, compiled), pixels,
-                                      cfg.num_workers):
+            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, compiled), pixels):
                 if len(batch.seq) == cfg.batch_size:
                     yield batch
             epoch += 1

@@ -80,7 +80,7 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
     if missing or flagged:
         log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
                     "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
-    return PixelSource(store, item_ids)
+    return PixelSource(store, item_ids, threads=cfg.num_workers)
 
 
 def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,

@@ -93,7 +93,7 @@ class Config:
         "auto", "run the item tower once per distinct item of a batch (auto: unless compiled)",
         ("auto", "on", "off"),
     )
-    num_workers: int = _opt(4, "DataLoader workers for images (live feed)")
+    num_workers: int = _opt(4, "threads reading images from the LMDB (live feed, baselines, cache builds)")
     eval_batch_size: int = _opt(1024, "users per evaluation chunk")
     encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
     max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs)")

@@ -11,12 +11,14 @@ agree by construction (a test checks it to 1e-5 in fp32).
 from __future__ import annotations
 
 import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from .backbones import FrozenEncoder, pixels_to_input
 from .data.images import ImageStore
@@ -36,40 +38,104 @@ class ItemBatch:
 
 
 class PixelSource:
-    """Pixels of items by index, from an LMDB keyed by item id (index 0 and absent ids: blank)."""
+    """Pixels of items by index, read from an LMDB keyed by item id (index 0 and absent ids: blank).
 
-    def __init__(self, store: ImageStore, item_ids: list[str]):
+    A pool of threads copies records straight from LMDB's memory map into one (pinned, when a GPU is
+    present) tensor: one copy per image, no JPEG decoding, no inter-process transfer. Reading a
+    batch of ~350 images at 224 px is ~50 MB of memcpy."""
+
+    def __init__(self, store: ImageStore, item_ids: list[str], threads: int = 4, pin: bool | None = None):
         self.store = store
         self.item_ids = item_ids
+        self.threads = max(1, min(threads, os.cpu_count() or 1))
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, ids: np.ndarray) -> torch.Tensor:
-        pixels, _ = self.store.get([self.item_ids[i] for i in ids])
-        return torch.from_numpy(pixels)
+        ids = np.asarray(ids).reshape(-1)
+        size = self.store.size
+        out = torch.empty((len(ids), size, size, 3), dtype=torch.uint8, pin_memory=self.pin)
+        view = out.numpy()
+        keys = [self.item_ids[i] for i in ids]
+        parts = np.array_split(np.arange(len(ids)), min(self.threads, max(1, len(ids) // 16)))
+        if len(parts) == 1:
+            self.store.get(keys, view)
+            return out
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iisan-pixels")
+        jobs = [self._pool.submit(self.store.get, keys[p[0]: p[-1] + 1], view[p[0]: p[-1] + 1])
+                for p in parts if len(p)]
+        for job in jobs:
+            job.result()
+        return out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
 
 
-class _Chunks(Dataset):
+class Prefetch:
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead, so that reading and
+    collating the next batches overlaps the current step (the heavy parts release the GIL)."""
+
+    def __init__(self, iterable, depth: int = 3):
+        self.iterable, self.depth = iterable, depth
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self):
+        buffer: queue.Queue = queue.Queue(self.depth)
+        done = object()
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for item in self.iterable:
+                    if stop.is_set():
+                        return
+                    buffer.put(item)
+            except BaseException as err:  # re-raised in the consumer
+                buffer.put(err)
+            buffer.put(done)
+
+        thread = threading.Thread(target=produce, daemon=True, name="iisan-prefetch")
+        thread.start()
+        try:
+            while True:
+                item = buffer.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    buffer.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+
+class _Chunks:
     def __init__(self, ids: np.ndarray, size: int, pixels: PixelSource | None):
         self.ids, self.size, self.pixels = ids, size, pixels
 
     def __len__(self) -> int:
         return (len(self.ids) + self.size - 1) // self.size
 
-    def __getitem__(self, k: int) -> ItemBatch:
-        ids = self.ids[k * self.size : (k + 1) * self.size]
-        return ItemBatch(torch.from_numpy(ids), None if self.pixels is None else self.pixels(ids))
+    def __iter__(self):
+        for start in range(0, len(self.ids), self.size):
+            ids = self.ids[start: start + self.size]
+            yield ItemBatch(torch.from_numpy(ids), None if self.pixels is None else self.pixels(ids))
 
 
-def worker_count(requested: int, pixels: PixelSource | None) -> int:
-    """Workers only pay off when they read images; never more than the machine's cores."""
-    return min(requested, os.cpu_count() or 1) if pixels is not None else 0
-
-
-def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None, workers: int = 0) -> DataLoader:
-    """Batches of the given item indices, pixels read in DataLoader workers when needed."""
-    workers = worker_count(workers, pixels)
-    return DataLoader(_Chunks(np.asarray(ids, dtype=np.int64), size, pixels), batch_size=None, shuffle=False,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None):
+    """Batches of the given item indices; with pixels, read ahead in a background thread."""
+    chunks = _Chunks(np.asarray(ids, dtype=np.int64), size, pixels)
+    return Prefetch(chunks) if pixels is not None else chunks
 
 
 class LiveStates(nn.Module):

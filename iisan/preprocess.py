@@ -41,6 +41,6 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
     live, pixels = live_states(cfg, item_ids, titles, device, amp=amp)
     log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width}" for m, e in live.encoders.items()))
-    chunks = item_chunks(np.arange(1, len(item_ids)), cfg.encode_batch_size, pixels, cfg.num_workers)
+    chunks = item_chunks(np.arange(1, len(item_ids)), cfg.encode_batch_size, pixels)
     return build_caches(live, item_ids, chunks, cfg.cache_dir, items_file=str(cfg.items),
                         items_fingerprint=catalog.fingerprint, dtype=DTYPES[dtype], progress=cfg.progress)

@@ -33,6 +33,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with local changes), or $IISAN_COMMIT where there is no .git
+    (a copied working tree, e.g. on a remote GPU)."""
+    if os.environ.get("IISAN_COMMIT"):
+        return os.environ["IISAN_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

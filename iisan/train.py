@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm import tqdm
 
 from .build import (
@@ -33,7 +32,7 @@ from .build import (
 from .cache import save_atomic
 from .config import METHOD_NAMES, Config
 from .evaluate import evaluate_split
-from .feeds import ItemBatch, PixelSource, item_chunks, worker_count
+from .feeds import ItemBatch, PixelSource, Prefetch, item_chunks
 from .model import Recommender, TrainBatch
 from .runinfo import device_name, git_commit, versions, write_json_atomic
 
@@ -61,7 +60,7 @@ class CollateTrain:
     def __init__(self, sequences: np.ndarray, dedup: bool, pixels: PixelSource | None):
         self.sequences, self.dedup, self.pixels = sequences, dedup, pixels
 
-    def __call__(self, users: list[int]) -> TrainBatch:
+    def __call__(self, users: np.ndarray) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
         if self.dedup:
             ids, inverse = np.unique(seq, return_inverse=True)
@@ -72,15 +71,28 @@ class CollateTrain:
                           torch.from_numpy(inverse.reshape(-1)))
 
 
+class TrainBatches:
+    """One epoch of shuffled users in batches; the order depends only on (seed, epoch), so a run is
+    reproducible and resumable at an epoch boundary."""
+
+    def __init__(self, sequences: np.ndarray, batch_size: int, seed: int, epoch: int, collate: CollateTrain):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        self.order = torch.randperm(len(sequences), generator=generator).numpy()
+        self.batch_size, self.collate = batch_size, collate
+
+    def __len__(self) -> int:
+        return (len(self.order) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.collate(self.order[start: start + self.batch_size])
+
+
 def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, dedup: bool,
-                 pixels: PixelSource | None = None, workers: int = 0) -> DataLoader:
-    """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    sampler = BatchSampler(RandomSampler(range(len(sequences)), generator=generator), batch_size, drop_last=False)
-    workers = worker_count(workers, pixels)
-    return DataLoader(range(len(sequences)), batch_sampler=sampler, collate_fn=CollateTrain(sequences, dedup, pixels),
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                 pixels: PixelSource | None = None):
+    """The epoch's batches; when images are read, the next batches are prepared in a background thread."""
+    batches = TrainBatches(sequences, batch_size, seed, epoch, CollateTrain(sequences, dedup, pixels))
+    return Prefetch(batches) if pixels is not None else batches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +178,12 @@ def out_of_memory_message(err: Exception, batch_size: int, device: torch.device)
 
 
 @torch.no_grad()
-def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None, workers: int,
+def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
                device: torch.device, amp: torch.dtype | None = None) -> torch.Tensor:
     """(N+1, D) embeddings of every item, computed once per evaluation (fp32 unless ``amp``)."""
     model.eval()
     rows = []
-    for batch in item_chunks(np.arange(num_items + 1), chunk, pixels, workers):
+    for batch in item_chunks(np.arange(num_items + 1), chunk, pixels):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             rows.append(model.item_encoder(batch.to(device)).float())
     return torch.cat(rows)
@@ -182,7 +194,7 @@ def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: to
                    pixels: PixelSource | None = None, table: torch.Tensor | None = None) -> dict[str, float]:
     model.eval()
     if table is None:
-        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, cfg.num_workers, device)
+        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, device)
     inputs, targets, history = data.eval_split(split)
     return evaluate_split(model.user_vectors, table, inputs, targets, history, cfg.eval_batch_size,
                           cfg.rank_repeated_targets)
@@ -272,7 +284,7 @@ def train(cfg: Config) -> dict:
     global_step = 0
     for epoch in range(cfg.epochs):
         model.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, dedup, pixels, cfg.num_workers)
+        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, dedup, pixels)
         n_steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
         losses = torch.zeros(n_steps, device=device)
         if device.type == "cuda":
@@ -298,7 +310,7 @@ def train(cfg: Config) -> dict:
         global_step += n_steps
 
         start = time.perf_counter()
-        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, cfg.num_workers, device)
+        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, device)
         valid = evaluate_model(model, data, "valid", cfg, device, table=table)
         improved = stopper.update(epoch, valid["hit@10"])
         if improved:

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(SETTINGS), help="comma list of method labels")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers reading images")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading images from the LMDB")
     parser.add_argument("--work", default=str(ROOT / "bench_data"), help="synthetic data, encoders, caches")
     parser.add_argument("--out", default=str(ROOT / "results" / "efficiency"))
     parser.add_argument("--tag", default="", help="file-name tag (default: backbones-data-device)")

@@ -79,8 +79,8 @@ def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, gpu_cache):
     cached, _ = build_model(cfg, data, CUDA)
     live, pixels = build_model(cfg.replace(feed="live"), data, CUDA)
     live.load_state_dict(cached.state_dict(), strict=False)
-    a = item_table(cached, data.num_items, 16, None, 0, CUDA)
-    b = item_table(live, data.num_items, 16, pixels, 0, CUDA)
+    a = item_table(cached, data.num_items, 16, None, CUDA)
+    b = item_table(live, data.num_items, 16, pixels, CUDA)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

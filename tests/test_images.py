@@ -46,3 +46,13 @@ def test_store_errors_name_the_path(tmp_path):
         ImageStore(tmp_path / "nope.lmdb")
     with pytest.raises(ImageStoreError, match="image folder .*nope does not exist"):
         build_image_lmdb(tmp_path / "nope", tmp_path / "x.lmdb")
+
+
+def test_rebuilding_a_store_in_the_same_process_serves_the_new_images(tmp_path):
+    from iisan.data.images import write_image_lmdb
+
+    path = tmp_path / "db.lmdb"
+    write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 7, np.uint8), None), size=4, progress=False)
+    assert (ImageStore(path).get(["a"])[0] == 7).all()
+    write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 9, np.uint8), None), size=4, progress=False)
+    assert (ImageStore(path).get(["a"])[0] == 9).all()

@@ -19,7 +19,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 from PIL import Image
-from torch.utils.data import get_worker_info
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,9 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
         txn.commit()
     finally:
         env.close()
+    stale = _OPEN.pop((str(out_path.resolve()), os.getpid()), None)
+    if stale is not None:  # a reader of the old store in this process must not keep the old files
+        stale.close()
     if out_path.exists():
         shutil.rmtree(out_path)
     os.replace(tmp, out_path)
@@ -127,64 +129,69 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
 
 
+_OPEN: dict[tuple[str, int], lmdb.Environment] = {}
+
+
+def _open_readonly(path: Path) -> lmdb.Environment:
+    """One handle per (path, process): LMDB refuses to open a path twice in one process."""
+    key = (str(path.resolve()), os.getpid())
+    if key not in _OPEN:
+        _OPEN[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    return _OPEN[key]
+
+
 class ImageStore:
-    """Read-only access by item id. Safe across DataLoader workers: each process opens its own handle."""
+    """Read-only access by item id, from any number of threads.
+
+    One LMDB handle per process (re-opened after a fork: LMDB handles must not cross one). Reads copy
+    each record once, straight from the memory map into the caller's array (which may be pinned)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ImageStoreError(f"image LMDB {self.path} does not exist (build it with `iisan build-lmdb`)")
-        self._env = None  # kept open only inside DataLoader workers
+        self._env = None
+        self._pid = None
         with self._txn() as txn:
             raw = txn.get(META_KEY)
         if raw is None:
             raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
         self.meta = json.loads(bytes(raw))
         self.size = int(self.meta["size"])
-        self._blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
-
-    def _open_env(self):
-        return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=256)
 
     @contextmanager
     def _txn(self, buffers: bool = False):
-        """A read transaction. LMDB handles must not cross a fork, so the main process opens one per
-        call, and each DataLoader worker opens its own once and keeps it."""
-        if get_worker_info() is not None:
-            if self._env is None:
-                self._env = self._open_env()
-            with self._env.begin(buffers=buffers) as txn:
-                yield txn
-            return
-        env = self._open_env()
-        try:
-            with env.begin(buffers=buffers) as txn:
-                yield txn
-        finally:
-            env.close()
+        if self._env is None or self._pid != os.getpid():
+            self._env, self._pid = _open_readonly(self.path), os.getpid()
+        with self._env.begin(buffers=buffers) as txn:
+            yield txn
 
-    def __getstate__(self):  # spawned workers open their own handle
+    def __getstate__(self):  # a spawned process opens its own handle
         state = dict(self.__dict__)
         state["_env"] = None
         return state
 
-    def get(self, item_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(pixels (n, size, size, 3) uint8, blank (n,) bool)``; ids absent from the store are blanks."""
-        out = np.empty((len(item_ids), self.size, self.size, 3), dtype=np.uint8)
+    def get(self, item_ids: list[str], out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixels (n, size, size, 3) uint8, blank (n,) bool)``; ids absent from the store are blanks.
+        ``out``, if given, is filled in place (e.g. a view of a pinned tensor)."""
+        shape = (len(item_ids), self.size, self.size, 3)
+        out = np.empty(shape, dtype=np.uint8) if out is None else out
+        if out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}, expected {shape}")
         blank = np.zeros(len(item_ids), dtype=bool)
+        record = HEADER.size + self.size * self.size * 3
         with self._txn(buffers=True) as txn:
             for i, item_id in enumerate(item_ids):
                 value = txn.get(item_id.encode("utf-8")) if item_id else None
                 if value is None:  # padding ("") or an item the store lacks: see ``blank_ids``
-                    out[i] = self._blank
+                    out[i] = 0
                     blank[i] = True
                     continue
-                pixels, is_blank = decode_record(bytes(value), item_id)
-                if pixels.shape != out.shape[1:]:
-                    raise ImageStoreError(f"{self.path}: image {item_id!r} has shape {pixels.shape}, "
-                                          f"expected {out.shape[1:]}")
-                out[i] = pixels
-                blank[i] = is_blank
+                magic, flags, h, w, c = HEADER.unpack_from(value)
+                if magic != MAGIC or len(value) != record or (h, w, c) != shape[1:]:
+                    raise ImageStoreError(f"{self.path}: image {item_id!r} is not a {shape[1:]} IISAN image record")
+                np.copyto(out[i], np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c))
+                blank[i] = bool(flags & FLAG_BLANK)
         return out, blank
 
     def blank_ids(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
