@@ -97,7 +97,8 @@ def main(argv=None) -> list[Path]:
         payload = json.loads(path.read_text())
         md = path.with_suffix(".md")
         md.write_text(f"# Efficiency: {path.stem}\n\n" + table(payload))
-        png = Path(args.figs) / f"efficiency-{path.stem}.png"
+        run = path.parent.name if path.parent.name != "efficiency" else ""
+        png = Path(args.figs) / f"efficiency-{run + '-' if run else ''}{path.stem}.png"
         figure(payload, png)
         made += [md, png]
         print(table(payload))
