@@ -65,3 +65,13 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
     except (*USER_ERRORS, TrainingError, ConfigError) as err:
         print(f"{sys.argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_method(method: str, sweep: dict[str, list], description: str = "", feed: str | None = None) -> list:
+    """An entry script for one of the paper's methods: its defaults (``presets.METHOD_DEFAULTS``) + ``sweep``."""
+    from .presets import METHOD_DEFAULTS
+
+    defaults = {**METHOD_DEFAULTS[method], "method": method}
+    if feed:
+        defaults["feed"] = feed
+    return run_script(defaults, sweep, description=description)

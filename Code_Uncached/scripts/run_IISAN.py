@@ -10,14 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
-from iisan.presets import METHOD_DEFAULTS  # noqa: E402
-from iisan.sweep import run_script  # noqa: E402
+from iisan.sweep import run_method  # noqa: E402
 
-DEFAULTS = {**METHOD_DEFAULTS["iisan"], "method": "iisan", "feed": "live"}
 SWEEP = {
     "lr": [2e-4],
     "seed": [12345],
 }
 
 if __name__ == "__main__":
-    run_script(DEFAULTS, SWEEP, description=__doc__)
+    run_method("iisan", SWEEP, __doc__, feed="live")
