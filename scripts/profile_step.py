@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
-
 from benchmark_efficiency import prepare  # noqa: E402
+
 from iisan.bench import SETTINGS  # noqa: E402
 from iisan.build import amp_dtype, build_model, load_data, resolve_device  # noqa: E402
 from iisan.config import Config  # noqa: E402
@@ -41,8 +41,9 @@ def main(argv=None) -> None:
     paths = prepare(Path(args.work), args.data, args.backbones)
     overrides = SETTINGS[args.method]
     method = overrides["method"]
+    cache_dir = str(Path(args.work) / f"cache-{args.data}-{args.backbones}")
     cfg = Config(**{**paths, **METHOD_DEFAULTS[method], **overrides, "device": args.device, "progress": False,
-                    "num_workers": args.workers, "cache_dir": str(Path(args.work) / f"cache-{args.data}-{args.backbones}"),
+                    "num_workers": args.workers, "cache_dir": cache_dir,
                     **({"batch_size": args.batch_size} if args.batch_size else {})})
     device = resolve_device(cfg.device)
     data = load_data(cfg)
