@@ -62,6 +62,7 @@ class Run:
             scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
+        self.loaded = None  # its tensors are now in the model and the optimiser
         # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
         # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
@@ -234,7 +235,7 @@ class Run:
                 raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
             if self.stop_now(i, n_steps):
                 bar.close()
-                self.check_finite(losses[: i + 1].cpu(), epoch, n_steps)
+                self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
                 path = self.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
                 raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
         if device.type == "cuda":
@@ -273,11 +274,11 @@ class Run:
             path = self.save(epoch)
             if improved and self.dist.is_main:
                 save_weights(self.model, self.run_dir / "best.safetensors", cfg, {"epoch": epoch, "valid": valid})
-            if any_rank(self.stop.requested, self.dist):
-                raise self.interrupted(f"after epoch {epoch}", path)
             if self.stopper.should_stop:
                 log.info("early stop: valid hit@10 has not improved for %d epochs", self.stopper.bad_epochs)
                 break
+            if epoch + 1 < cfg.epochs and any_rank(self.stop.requested, self.dist):
+                raise self.interrupted(f"after epoch {epoch}", path)
         return self.results()
 
     def results(self) -> dict:

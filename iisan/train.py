@@ -79,9 +79,13 @@ def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, 
     order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), Dist(rank, world_size))
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)][start_step:]
     workers = worker_count(workers, pixels)
-    return DataLoader(range(len(sequences)), batch_sampler=batches, collate_fn=CollateTrain(sequences, dedup, pixels),
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+    # The loader's own generator: without one, each new iterator draws its workers' base seed from the
+    # global RNG, which also drives dropout, so a run resumed mid-epoch would draw one number more than
+    # a run that never stopped and lose bit-exactness.
+    return DataLoader(range(len(sequences)), batch_sampler=batches,
+                      collate_fn=CollateTrain(sequences, dedup, pixels), num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
 def steps_per_epoch(users: int, batch_size: int, world_size: int = 1) -> int:
