@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,31 @@ def prune(root: Path, keep: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
     for leftover in root.glob(".epoch-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def lock_run_folder(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` while the returned file is open, so that two processes
+    never resume, and then overwrite, the same run. The OS drops the lock when its holder dies, even
+    by SIGKILL, so a crashed run never leaves a stale lock behind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"run folder {run_dir} is in use by {holder}; wait for it to finish or use "
+                              "another --run-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,10 +92,15 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: 
     hundreds of MB), identical on every rank, so re-broadcasting them before every forward is waste."""
     if not dist.enabled:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # torch 2.13 renamed the switch (and deprecated the old name); older releases know only the old one.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=find_unused)
+                                   find_unused_parameters=find_unused, **no_sync)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,20 @@ STOP_POLL_STEPS = 10  # under torchrun, ranks agree on a stop request every this
 class Run:
     def __init__(self, cfg: Config, dist: Dist, device: torch.device, stop: StopRequests):
         self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
+        self.lock = None  # rank 0 locks the run folder (``checkpoint.lock_run_folder``) until ``close``
+        try:
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def setup(self) -> None:
+        cfg, dist, device = self.cfg, self.dist, self.device
         if not dist.is_main:
             logging.getLogger("iisan").setLevel(logging.WARNING)
         self.data = load_data(cfg)
@@ -106,6 +120,10 @@ class Run:
         return runs[-1].name
 
     def choose_checkpoint(self) -> str:
+        try:
+            self.lock = checkpoint.lock_run_folder(self.run_dir)
+        except checkpoint.CheckpointError as err:
+            raise TrainingError(str(err)) from None
         self.loaded, refused = checkpoint.latest(self.root, self.cfg.to_dict())
         if self.loaded is not None:
             return str(self.loaded.path)

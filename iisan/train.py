@@ -285,7 +285,11 @@ def train(cfg: Config) -> dict:
     dist, device, created = distributed.setup(cfg.device)
     try:
         with StopRequests(escalate=not dist.enabled) as stop:
-            return Run(cfg, dist, device, stop).run()
+            run = Run(cfg, dist, device, stop)
+            try:
+                return run.run()
+            finally:
+                run.close()
     finally:
         if created:
             distributed.teardown()

@@ -266,3 +266,12 @@ def test_optimizer_state_round_trips_exactly(base):
     step(b, opt_b)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_run_folder_in_use_is_refused(base, tmp_path):
+    cfg = base.replace(out_dir=str(tmp_path), run_name="busy", epochs=1)
+    held = checkpoint.lock_run_folder(tmp_path / "busy")
+    with pytest.raises(TrainingError, match=rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "):
+        train(cfg)
+    held.close()
+    assert len(train(cfg)["epochs"]) == 1  # the lock goes with its holder
