@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 FORMAT = "iisan-checkpoint/1"
-MODEL, TRAIN_STATE, STATE, MANIFEST = "model.safetensors", "train_state.safetensors", "state.json", "MANIFEST.json"
+MODEL, TRAIN_STATE, STATE = "model.safetensors", "train_state.safetensors", "state.json"
+MANIFEST = "MANIFEST.json"
 FILES = (MODEL, TRAIN_STATE, STATE)
 NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 
@@ -84,8 +85,8 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor], train_state: dict[str, torch.Tensor],
-                     state: dict, keep: int) -> Path:
+def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
+                     train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
     """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / name, root / f".{name}.tmp"
@@ -188,7 +189,8 @@ def verify(path: Path) -> str | None:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
-    return [f"{k}={saved.get(k)!r} there, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
+    return [f"{k}={saved.get(k)!r} there, {current.get(k)!r} now" for k in keys
+            if saved.get(k) != current.get(k)]
 
 
 def read(path: Path) -> Checkpoint:

@@ -101,7 +101,7 @@ class Config:
         False, "continue from the newest intact checkpoint; automatic when --run-name names a folder with "
         "checkpoints; without --run-name, the newest run of this method and feed in --out-dir"
     )
-    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (the newest; one per epoch is written)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (newest first; one is written per epoch)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,7 +117,8 @@ class Config:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
                     "attention_heads", "batch_size", "epochs", "eval_batch_size", "encode_batch_size",
-                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank", "keep_checkpoints")
+                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
+                    "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")

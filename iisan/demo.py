@@ -40,7 +40,8 @@ def demo_config(prepared: dict[str, str], out_dir: str | Path, **overrides) -> C
                   feed="cached", epochs=20, patience=5, batch_size=64, lr=1e-3, lr_image=1e-3,
                   lr_text=1e-3, lr_adapter_image=1e-3, lr_adapter_text=1e-3, device="cpu", num_workers=0)
     values.update(overrides)
-    values.setdefault("run_name", f"demo-seed{values.get('seed', 12345)}")  # a rerun resumes its own seed's run
+    # One run folder per seed: rerunning the demo resumes (or just reports) its own run.
+    values.setdefault("run_name", f"demo-seed{values.get('seed', 12345)}")
     return Config(**values)
 
 

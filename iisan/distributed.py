@@ -43,7 +43,9 @@ class Dist:
 
     def comm_device(self) -> torch.device:
         """NCCL moves only CUDA tensors; gloo moves CPU tensors."""
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 SINGLE = Dist()
@@ -64,8 +66,8 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         return SINGLE, resolve_device(device_name), False
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device_name.startswith("cuda:"):
-        raise ConfigError(f"device={device_name} under torchrun: use --device cuda (each process takes the GPU "
-                          "of its LOCAL_RANK) or limit GPUs with CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"device={device_name} under torchrun: use --device cuda (each process takes the "
+                          "GPU of its LOCAL_RANK) or limit GPUs with CUDA_VISIBLE_DEVICES")
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local % torch.cuda.device_count())
@@ -146,7 +148,7 @@ def gather_rows(local: torch.Tensor, dist: Dist) -> torch.Tensor:
     padded[: len(local)] = local.to(comm)
     parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
     torch_dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(local.device)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).to(local.device)
 
 
 def gather_same(local: torch.Tensor, dist: Dist) -> list[torch.Tensor]:

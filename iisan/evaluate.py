@@ -56,13 +56,13 @@ def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users:
 def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
                     rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
                     ks: tuple[int, ...] = KS) -> dict[str, float]:
-    return metrics_from_ranks(score_ranks(score_fn, targets, history, batch_users, rank_repeated_targets, device),
-                              ks)
+    ranks = score_ranks(score_fn, targets, history, batch_users, rank_repeated_targets, device)
+    return metrics_from_ranks(ranks, ks)
 
 
 @torch.no_grad()
-def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray, history: np.ndarray,
-                batch_users: int = 1024, rank_repeated_targets: bool = False) -> torch.Tensor:
+def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
+                history: np.ndarray, batch_users: int = 1024, rank_repeated_targets: bool = False) -> torch.Tensor:
     """(U,) ranks of the targets. ``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D)."""
     table = table.float()
 

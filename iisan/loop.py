@@ -24,9 +24,24 @@ from .config import METHOD_NAMES, Config, ConfigError
 from .distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
 from .interrupt import RunInterrupted, StopRequests
 from .runinfo import device_name, git_commit, versions, write_json_atomic
-from .train import EarlyStopping, TrainingError, copy_weights, make_optimizer, make_train_step, \
-    out_of_memory_message, peak_memory, run_name, save_weights, shared_item_table, evaluate_model, \
-    steps_per_epoch, train_loader, trainable_state, use_compile, use_dedup
+from .train import (
+    EarlyStopping,
+    TrainingError,
+    copy_weights,
+    evaluate_model,
+    make_optimizer,
+    make_train_step,
+    out_of_memory_message,
+    peak_memory,
+    run_name,
+    save_weights,
+    shared_item_table,
+    steps_per_epoch,
+    train_loader,
+    trainable_state,
+    use_compile,
+    use_dedup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +75,9 @@ class Run:
         log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.amp = amp_dtype(cfg, device)
-        self.compiled = use_compile(cfg, device)
+        # compile=auto compiles single-process runs only: CUDA graphs (reduce-overhead) around DDP's
+        # gradient hooks are not checked here; --compile on asks for it under torchrun anyway.
+        self.compiled = use_compile(cfg, device) and not (dist.enabled and cfg.compile == "auto")
         self.dedup = use_dedup(cfg, self.compiled)
 
         self.run_dir = Path(cfg.out_dir) / self.decide(self.choose_run_name)
@@ -85,9 +102,9 @@ class Run:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
-        log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device), self.amp,
-                 self.compiled, f", {dist.world_size} processes, batch {cfg.batch_size} per process"
-                 if dist.enabled else "")
+        log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
+                 self.amp, self.compiled,
+                 f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
 
     # ----------------------------------------------------------------------------------------------
     # decisions rank 0 takes for everyone
@@ -112,8 +129,8 @@ class Run:
         if cfg.run_name or not cfg.resume:
             return run_name(cfg)
         prefix = f"{cfg.method}-{cfg.feed}-"
-        runs = sorted((p for p in Path(cfg.out_dir).glob(prefix + "*") if checkpoint.checkpoints(p / "checkpoints")),
-                      key=lambda p: p.stat().st_mtime)
+        runs = sorted((p for p in Path(cfg.out_dir).glob(prefix + "*")
+                       if checkpoint.checkpoints(p / "checkpoints")), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ConfigError(f"--resume: no run folder {cfg.out_dir}/{prefix}* with checkpoints; "
                               "name the run with --run-name")
@@ -142,11 +159,12 @@ class Run:
         runstate.optimizer_from_files(self.optimizer, state["optimizer"], found.train_state)
         exact = runstate.restore_rng(state["rng"], found.train_state, self.dist, self.device)
         if not exact or state["world_size"] != self.dist.world_size:
-            log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will not "
-                        "match an uninterrupted run bit for bit", found.path, state["world_size"], state["device"],
-                        self.dist.world_size)
+            log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
+                        "not match an uninterrupted run bit for bit", found.path, state["world_size"],
+                        state["device"], self.dist.world_size)
         self.stopper.load(state["early_stopping"])
-        self.best_valid, self.best_test, self.epochs_log = state["best_valid"], state["best_test"], state["epochs"]
+        self.best_valid, self.best_test = state["best_valid"], state["best_test"]
+        self.epochs_log = state["epochs"]
         self.global_step, self.start_epoch, self.start_step = state["global_step"], state["next_epoch"], \
             state["next_step"]
         self.partial_seconds = state["train_seconds_in_epoch"]
@@ -166,7 +184,8 @@ class Run:
         except Exception:  # absent or damaged: rewrite it
             on_disk = None
         if on_disk != self.stopper.best_epoch:
-            save_weights(self.model, path, self.cfg, {"epoch": self.stopper.best_epoch, "valid": self.best_valid})
+            save_weights(self.model, path, self.cfg,
+                         {"epoch": self.stopper.best_epoch, "valid": self.best_valid})
 
     def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
              seconds: float = 0.0) -> Path:
@@ -183,15 +202,17 @@ class Run:
                 "format": checkpoint.FORMAT, "epoch": epoch, "step": step,
                 "next_epoch": epoch + 1 if step is None else epoch, "next_step": 0 if step is None else step,
                 "global_step": self.global_step, "train_seconds_in_epoch": seconds,
-                "early_stopping": self.stopper.state(), "best_valid": self.best_valid, "best_test": self.best_test,
-                "epochs": self.epochs_log, "resumed_from": self.resumed_from, "rng": rng, "optimizer": optimizer,
+                "early_stopping": self.stopper.state(), "best_valid": self.best_valid,
+                "best_test": self.best_test, "epochs": self.epochs_log, "resumed_from": self.resumed_from,
+                "rng": rng, "optimizer": optimizer,
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
                 "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": versions(),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             try:
                 checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
-                                            {**tensors, **optimizer_tensors}, state, self.cfg.keep_checkpoints)
+                                            {**tensors, **optimizer_tensors}, state,
+                                            self.cfg.keep_checkpoints)
             except checkpoint.CheckpointError as err:
                 error = str(err)
         error = broadcast_text(error, self.dist)
@@ -204,8 +225,8 @@ class Run:
         return str(done[0]) if done else "none yet"
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
-        return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}. To resume, "
-                              f"run the same command with --run-name {self.run_dir.name}")
+        return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}. "
+                              f"To resume, run the same command with --run-name {self.run_dir.name}")
 
     # ----------------------------------------------------------------------------------------------
     # the loop
@@ -222,8 +243,8 @@ class Run:
         if len(bad):
             first = self.global_step + int(bad[0])
             raise TrainingError(f"non-finite loss at step {first} (epoch {epoch}, steps {self.global_step}.."
-                                f"{self.global_step + n_steps - 1}); last good checkpoint: {self.last_good()}; "
-                                f"best weights: {self.run_dir / 'best.safetensors'}")
+                                f"{self.global_step + n_steps - 1}); last good checkpoint: "
+                                f"{self.last_good()}; best weights: {self.run_dir / 'best.safetensors'}")
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -237,8 +258,8 @@ class Run:
             losses[:start_step] = self.partial_losses.to(device)
             seconds = self.partial_seconds
         self.ddp.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels, cfg.num_workers,
-                              dist.rank, dist.world_size, start_step)
+        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
+                              cfg.num_workers, dist.rank, dist.world_size, start_step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -271,8 +292,10 @@ class Run:
             self.global_step += n_steps
 
             start = time.perf_counter()
-            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device, self.dist)
-            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table, dist=self.dist)
+            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device,
+                                      self.dist)
+            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
+                                   dist=self.dist)
             improved = self.stopper.update(epoch, valid["hit@10"])
             if improved:
                 self.best_valid = valid
@@ -284,14 +307,16 @@ class Run:
             if improved:
                 record["test"] = self.best_test
             self.epochs_log.append(record)
-            log.info("epoch %3d | loss %.4f | train %.2f s | eval %.2f s | valid hit@10 %.4f ndcg@10 %.4f%s", epoch,
-                     record["loss"], train_seconds, eval_seconds, valid["hit@10"], valid["ndcg@10"],
-                     f" | test hit@10 {self.best_test['hit@10']:.4f} ndcg@10 {self.best_test['ndcg@10']:.4f} (best)"
+            test = self.best_test
+            log.info("epoch %3d | loss %.4f | train %.2f s | eval %.2f s | valid hit@10 %.4f ndcg@10 %.4f%s",
+                     epoch, record["loss"], train_seconds, eval_seconds, valid["hit@10"], valid["ndcg@10"],
+                     f" | test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (best)"
                      if improved else f" | {self.stopper.bad_epochs} epoch(s) without improvement")
             # The checkpoint first, then the best weights: a kill in between is repaired on resume.
             path = self.save(epoch)
             if improved and self.dist.is_main:
-                save_weights(self.model, self.run_dir / "best.safetensors", cfg, {"epoch": epoch, "valid": valid})
+                save_weights(self.model, self.run_dir / "best.safetensors", cfg,
+                             {"epoch": epoch, "valid": valid})
             if self.stopper.should_stop:
                 log.info("early stop: valid hit@10 has not improved for %d epochs", self.stopper.bad_epochs)
                 break
@@ -311,7 +336,8 @@ class Run:
             "test": best_test,
             "epochs": self.epochs_log,
             "timing": {
-                "train_seconds_per_epoch": float(np.mean(train_times[1:] if len(train_times) > 1 else train_times)),
+                "train_seconds_per_epoch": float(np.mean(train_times[1:] if len(train_times) > 1
+                                                         else train_times)),
                 "first_epoch_train_seconds": train_times[0],
                 "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in self.epochs_log])),
             },

@@ -81,7 +81,8 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str
     return {"groups": groups}, tensors
 
 
-def optimizer_from_files(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+def optimizer_from_files(optimizer: torch.optim.Optimizer, state: dict,
+                         tensors: dict[str, torch.Tensor]) -> None:
     """Through ``load_state_dict``, which puts each state tensor on its parameter's device and dtype."""
     saved = state["groups"]
     mine = optimizer.param_groups
@@ -92,11 +93,12 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, state: dict, tensors:
     per_param: dict[int, dict] = {}
     param_groups = []
     index = 0
-    for s, group in zip(saved, mine):
+    for s, group in zip(saved, mine, strict=True):
         for i in range(s["size"]):
             prefix = f"optim.{s['name']}.{i}."
             entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            entry.update({k.split(".", 1)[1]: v for k, v in s["plain"].items() if k.split(".", 1)[0] == str(i)})
+            entry.update({k.split(".", 1)[1]: v for k, v in s["plain"].items()
+                          if k.split(".", 1)[0] == str(i)})
             if entry:
                 per_param[index + i] = entry
         # JSON turned tuples (Adam's betas) into lists; give them back their type.
@@ -111,7 +113,9 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, state: dict, tensors:
 
 
 def scaler_state(scaler) -> dict:
-    return {} if scaler is None else {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
+    if scaler is None:
+        return {}
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
 
 
 def restore_scaler(scaler, state: dict) -> None:

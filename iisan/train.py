@@ -100,7 +100,8 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
                     device: torch.device, compiled: bool = False):
     """``step(batch) -> loss`` (detached, on the device): forward, loss, backward, step, zero_grad.
 
-    ``model`` is a ``Recommender`` or the DistributedDataParallel wrapping one. The benchmark reuses exactly this function. fp16 uses a GradScaler (authors' setting); bf16 needs none.
+    ``model`` is a ``Recommender`` or the DistributedDataParallel wrapping one. The benchmark reuses
+    exactly this function. fp16 uses a GradScaler (authors' setting); bf16 needs none.
     """
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
@@ -160,8 +161,10 @@ def out_of_memory_message(err: Exception, batch_size: int, device: torch.device)
 
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None, workers: int,
-               device: torch.device, amp: torch.dtype | None = None, ids: np.ndarray | None = None) -> torch.Tensor:
-    """(N+1, D) embeddings of every item (or of ``ids``), computed once per evaluation (fp32 unless ``amp``)."""
+               device: torch.device, amp: torch.dtype | None = None,
+               ids: np.ndarray | None = None) -> torch.Tensor:
+    """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation (fp32
+    unless ``amp``)."""
     model.eval()
     rows = []
     for batch in item_chunks(np.arange(num_items + 1) if ids is None else ids, chunk, pixels, workers):
@@ -260,7 +263,8 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     """Copy trained weights into ``model``; every trainable parameter must be there, nothing else."""
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
-        raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters (e.g. {missing[0]})")
+        raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters "
+                            f"(e.g. {missing[0]})")
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in state.items():

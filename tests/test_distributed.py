@@ -47,7 +47,7 @@ def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
 def test_chunk_blocks_cover_every_row_once_in_whole_chunks(rows, chunk, world):
     blocks = [chunk_block(rows, chunk, Dist(r, world, backend="gloo")) for r in range(world)]
     assert blocks[0][0] == 0 and blocks[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # contiguous, in rank order
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))  # contiguous, in rank order
     assert all(lo % chunk == 0 for lo, hi in blocks if hi > lo)
 
 
@@ -66,24 +66,25 @@ def test_iisan_uses_every_trainable_parameter_in_a_step(tiny_config, modality):
     assert not unused
 
 
-@pytest.mark.slow
-def test_two_processes_under_torchrun(tiny_config, tmp_path):
-    cfg = tiny_config(epochs=3, patience=20, lr=3e-3, lr_text=3e-3, lr_image=3e-3, lr_adapter_text=3e-3,
-                      lr_adapter_image=3e-3)
-    build_cache_from_config(cfg, dtype="float32")
+def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
+    """tests/_torchrun_worker.py under torchrun: a 3-epoch run, a 2-epoch run resumed to 3, and the
+    distributed evaluation of the first run's best weights."""
     config_file, out_file = tmp_path / "config.json", tmp_path / "out.json"
     config_file.write_text(json.dumps(cfg.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "_torchrun_worker.py"), str(config_file), str(out_file)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(ROOT / "tests" / "_torchrun_worker.py"), str(config_file),
+                           str(out_file)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(out_file.read_text())
-    full, resumed = out["full"], out["resumed"]
+    return json.loads(out_file.read_text()), proc.stderr
 
-    # training completed, data-parallel, and only rank 0 logged: 3 + 2 + 1 epoch lines, not twice that
-    assert full["world_size"] == 2 and len(full["epochs"]) == 3
-    assert len(re.findall(r"epoch +\d+ \| loss", proc.stderr)) == 6
+
+def check_launch(cfg, out: dict, log: str, nproc: int, device: torch.device) -> None:
+    full, resumed = out["full"], out["resumed"]
+    # training completed, data-parallel, and only rank 0 logged: 3 + 2 + 1 epoch lines, once each
+    assert full["world_size"] == nproc and len(full["epochs"]) == 3
+    assert len(re.findall(r"epoch +\d+ \| loss", log)) == 6
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["full", "part"]
     # resume under torchrun continues exactly where it stopped
     assert resumed["resumed_from"] == ["epoch-0001"]
@@ -92,11 +93,21 @@ def test_two_processes_under_torchrun(tiny_config, tmp_path):
 
     # evaluation: every user once, and exactly the single-process numbers for the same weights
     data = load_data(cfg)
-    assert out["users"] == data.num_users and sum(out["per_rank"]) == data.num_users and min(out["per_rank"]) > 0
-    model, _ = build_model(cfg, data, torch.device("cpu"))
+    assert out["users"] == sum(out["per_rank"]) == data.num_users and min(out["per_rank"]) > 0
+    model, _ = build_model(cfg, data, device)
     load_weights(model, Path(full["run_dir"]) / "best.safetensors")
     for split in ("valid", "test"):
-        single = evaluate_ranks(model, data, split, cfg, torch.device("cpu"))
+        single = evaluate_ranks(model, data, split, cfg, device)
         assert len(out["ranks"][split]) == data.num_users
         assert out["ranks"][split] == single.tolist()
-    assert evaluate_model(model, data, "test", cfg, torch.device("cpu")) == full["test"]
+    assert evaluate_model(model, data, "test", cfg, device) == full["test"]
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=3, patience=20, lr=3e-3, lr_text=3e-3, lr_image=3e-3, lr_adapter_text=3e-3,
+                      lr_adapter_image=3e-3)
+    build_cache_from_config(cfg, dtype="float32")
+    out, log = launch(cfg, 2, tmp_path)
+    assert out["backend"] == "gloo"
+    check_launch(cfg, out, log, 2, torch.device("cpu"))

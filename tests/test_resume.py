@@ -32,9 +32,9 @@ FAST = {k: 3e-3 for k in ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_a
 def base(tiny, tmp_path_factory) -> Config:
     root = tmp_path_factory.mktemp("resume")
     values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
-    cfg = Config(**values, cache_dir=str(root / "cache"), out_dir=str(root / "runs"), device="cpu", num_workers=0,
-                 progress=False, batch_size=16, epochs=4, patience=20, encode_batch_size=32, eval_batch_size=64,
-                 **FAST)
+    cfg = Config(**values, cache_dir=str(root / "cache"), out_dir=str(root / "runs"), device="cpu",
+                 num_workers=0, progress=False, batch_size=16, epochs=4, patience=20, encode_batch_size=32,
+                 eval_batch_size=64, **FAST)
     build_cache_from_config(cfg, dtype="float32")
     return cfg
 
@@ -49,7 +49,8 @@ def same_run(a: dict, b: dict) -> None:
     assert a["best_epoch"] == b["best_epoch"]
     assert a["valid"] == b["valid"] and a["test"] == b["test"]
     for x, y in zip(a["epochs"], b["epochs"], strict=True):
-        assert (x["epoch"], x["loss"], x["valid"], x.get("test")) == (y["epoch"], y["loss"], y["valid"], y.get("test"))
+        keys = ("epoch", "loss", "valid", "test")
+        assert [x.get(k) for k in keys] == [y.get(k) for k in keys]
 
 
 def flags(cfg: Config) -> list[str]:
@@ -82,13 +83,15 @@ def test_checkpoints_are_complete_and_only_the_last_two_are_kept(base, reference
 def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base, tmp_path):
     """Three processes: uninterrupted, killed (SIGKILL) once epoch 1 is checkpointed, and resumed."""
     cfg = base.replace(out_dir=str(tmp_path), epochs=5)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
     def command(name):
         return [sys.executable, "-m", "iisan", "train", *flags(cfg.replace(run_name=name))]
 
-    full = subprocess.Popen(command("full"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quiet = {"env": env, "stdout": subprocess.DEVNULL}
+    full = subprocess.Popen(command("full"), stderr=subprocess.PIPE, text=True, **quiet)
+    victim = subprocess.Popen(command("killed"), stderr=subprocess.DEVNULL, **quiet)
     marker = tmp_path / "killed" / "checkpoints" / "epoch-0001" / checkpoint.MANIFEST
     deadline = time.monotonic() + 240
     while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -173,7 +176,8 @@ def test_truncated_or_unfinished_checkpoints_are_refused(reference, damage, reas
     copy = tmp_path / "checkpoints"
     shutil.copytree(root, copy)
     damage(copy / "epoch-0003" / checkpoint.TRAIN_STATE)
-    found, refused = checkpoint.latest(copy, json.loads((root / "epoch-0003" / "state.json").read_text())["config"])
+    config = json.loads((root / "epoch-0003" / "state.json").read_text())["config"]
+    found, refused = checkpoint.latest(copy, config)
     assert found.path == copy / "epoch-0002" and len(refused) == 1 and reason in refused[0]
     assert str(copy / "epoch-0003") in refused[0] and "\n" not in refused[0]
 
@@ -184,8 +188,8 @@ def test_checkpoint_of_another_config_is_refused(base):
     state = Path(cfg.out_dir) / "mismatch" / "checkpoints" / "epoch-0000" / "state.json"
     with pytest.raises(TrainingError) as info:
         train(cfg.replace(epochs=2, lr=1e-2))
-    assert str(info.value) == (f"cannot resume: {state} belongs to a different config (lr=0.003 there, 0.01 now); "
-                               "use another --run-name to start a new run")
+    assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
+                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run")
     with pytest.raises(Exception, match="--resume: no checkpoint in"):
         train(cfg.replace(run_name="fresh", resume=True))
 
@@ -271,7 +275,8 @@ def test_optimizer_state_round_trips_exactly(base):
 def test_a_run_folder_in_use_is_refused(base, tmp_path):
     cfg = base.replace(out_dir=str(tmp_path), run_name="busy", epochs=1)
     held = checkpoint.lock_run_folder(tmp_path / "busy")
-    with pytest.raises(TrainingError, match=rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "):
+    busy = rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "
+    with pytest.raises(TrainingError, match=busy):
         train(cfg)
     held.close()
     assert len(train(cfg)["epochs"]) == 1  # the lock goes with its holder
