@@ -41,7 +41,8 @@ NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 # Config fields that may differ between a checkpoint and the run resuming it: they change where or how
 # fast things run, how long the run may go on, or how it reports; not what a step computes.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
-                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints"})
+                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
+                        "deterministic"})
 
 
 class CheckpointError(RuntimeError):

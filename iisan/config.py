@@ -101,7 +101,11 @@ class Config:
         False, "continue from the newest intact checkpoint; automatic when --run-name names a folder with "
         "checkpoints; without --run-name, the newest run of this method and feed in --out-dir"
     )
-    keep_checkpoints: int = _opt(2, "checkpoints kept in the run folder (newest first; one is written per epoch)")
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
+    deterministic: bool = _opt(
+        False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for bit-exact GPU "
+        "runs; CPU runs are bit-exact without it"
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -62,7 +62,8 @@ def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_us
 
 @torch.no_grad()
 def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
-                history: np.ndarray, batch_users: int = 1024, rank_repeated_targets: bool = False) -> torch.Tensor:
+                history: np.ndarray, batch_users: int = 1024,
+                rank_repeated_targets: bool = False) -> torch.Tensor:
     """(U,) ranks of the targets. ``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D)."""
     table = table.float()
 

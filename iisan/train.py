@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -39,10 +40,18 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); one-line message."""
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
+    (``train_loader``). ``deterministic`` also asks for deterministic CUDA kernels: without it, kernels
+    that accumulate with atomics (e.g. the backward of the item-embedding gather) make GPU runs differ in
+    the last bits; CPU runs are bit-exact either way."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +294,8 @@ def train(cfg: Config) -> dict:
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``)."""
     from .loop import Run
 
-    seed_everything(cfg.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    seed_everything(cfg.seed, cfg.deterministic)
     dist, device, created = distributed.setup(cfg.device)
     try:
         with StopRequests(escalate=not dist.enabled) as stop:
@@ -295,6 +305,7 @@ def train(cfg: Config) -> dict:
             finally:
                 run.close()
     finally:
+        torch.use_deterministic_algorithms(deterministic)  # the setting is global: leave it as found
         if created:
             distributed.teardown()
 

@@ -18,29 +18,23 @@ pytestmark = [pytest.mark.gpu,
 FAST = {k: 3e-3 for k in ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")}
 
 
-@pytest.fixture()
-def deterministic(monkeypatch):
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
-def test_fp16_cuda_run_resumes_exactly(tiny_config, deterministic):
-    cfg = tiny_config(device="cuda", amp="fp16", compile="off", epochs=3, patience=20, **FAST)
+def test_fp16_cuda_run_resumes_exactly(tiny_config):
+    cfg = tiny_config(device="cuda", amp="fp16", compile="off", epochs=3, patience=20, deterministic=True,
+                      **FAST)
     build_cache_from_config(cfg, dtype="float32")
     full = train(cfg.replace(run_name="full"))
     train(cfg.replace(run_name="part", epochs=2))
     resumed = train(cfg.replace(run_name="part"))
     state = json.loads((Path(resumed["run_dir"]) / "checkpoints" / "epoch-0002" / "state.json").read_text())
     assert state["grad_scaler"]["scale"] > 0 and resumed["resumed_from"] == ["epoch-0001"]
+    assert not torch.are_deterministic_algorithms_enabled()  # train() leaves the global switch as it was
     assert (resumed["valid"], resumed["test"], [e["loss"] for e in resumed["epochs"]]) == \
         (full["valid"], full["test"], [e["loss"] for e in full["epochs"]])
 
 
 @pytest.mark.parametrize("compile", ["off", "on"])
-def test_torchrun_with_nccl(tiny_config, tmp_path, compile, deterministic):
-    cfg = tiny_config(device="cuda", compile=compile, epochs=3, patience=20, **FAST)
+def test_torchrun_with_nccl(tiny_config, tmp_path, compile):
+    cfg = tiny_config(device="cuda", compile=compile, epochs=3, patience=20, deterministic=True, **FAST)
     build_cache_from_config(cfg, dtype="float32")
     out, log = launch(cfg, 1, tmp_path)
     assert out["backend"] == "nccl"
