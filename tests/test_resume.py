@@ -279,4 +279,5 @@ def test_a_run_folder_in_use_is_refused(base, tmp_path):
     with pytest.raises(TrainingError, match=busy):
         train(cfg)
     held.close()
-    assert len(train(cfg)["epochs"]) == 1  # the lock goes with its holder
+    assert len(train(cfg.replace(deterministic=True))["epochs"]) == 1  # the lock goes with its holder
+    assert not torch.are_deterministic_algorithms_enabled()  # --deterministic is undone after the run
