@@ -72,6 +72,7 @@ class Run:
                  self.data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
         self.parameters = count_parameters(self.model)
+        self.versions = versions()
         log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.amp = amp_dtype(cfg, device)
@@ -206,7 +207,7 @@ class Run:
                 "best_test": self.best_test, "epochs": self.epochs_log, "resumed_from": self.resumed_from,
                 "rng": rng, "optimizer": optimizer,
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
-                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": versions(),
+                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             try:
@@ -346,7 +347,7 @@ class Run:
             "device": device_name(self.device),
             "world_size": self.dist.world_size,
             "resumed_from": self.resumed_from,
-            "versions": versions(),
+            "versions": self.versions,
             "git_commit": git_commit(),
             "config": cfg.to_dict(),
             "run_dir": str(self.run_dir),

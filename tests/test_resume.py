@@ -153,18 +153,20 @@ def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):
-    cfg = base.replace(run_name="corrupt", epochs=3)
-    train(cfg)
-    newest = Path(cfg.out_dir) / "corrupt" / "checkpoints" / "epoch-0002" / checkpoint.MODEL
+    """The reference run's folder, its newest checkpoint damaged: epoch 3 is redone from epoch 2's."""
+    cfg = base.replace(run_name="corrupt")
+    shutil.copytree(reference["run_dir"], Path(cfg.out_dir) / "corrupt")
+    newest = Path(cfg.out_dir) / "corrupt" / "checkpoints" / "epoch-0003" / checkpoint.MODEL
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     caplog.set_level("WARNING")
-    resumed = train(cfg.replace(epochs=4))
+    resumed = train(cfg)
     refusals = [r.getMessage() for r in caplog.records if "refusing checkpoint" in r.getMessage()]
     assert refusals == [f"refusing checkpoint: {newest} does not match its sha256 in the manifest (damaged)"]
-    assert resumed["resumed_from"] == ["epoch-0001"]
+    assert resumed["resumed_from"] == ["epoch-0002"]
     same_run(reference, resumed)
+    assert checkpoint.verify(newest.parent) is None  # epoch 3 written again, intact
 
 
 @pytest.mark.parametrize("damage,reason", [
@@ -195,7 +197,7 @@ def test_checkpoint_of_another_config_is_refused(base):
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
-    cfg = base.replace(run_name="full-disk")
+    cfg = base.replace(run_name="full-disk", epochs=2)
     real_save, calls = checkpoint.save_file, []
 
     def disk_fills_up(tensors, path, metadata=None):
@@ -214,7 +216,11 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, refer
     assert [p.name for p in root.iterdir()] == ["epoch-0000"]  # no half-written folder left
     assert checkpoint.verify(root / "epoch-0000") is None
     monkeypatch.undo()
-    same_run(reference, train(cfg))
+    resumed = train(cfg)
+    assert resumed["resumed_from"] == ["epoch-0000"]
+    keys = ("epoch", "loss", "valid", "test")
+    assert [[e.get(k) for k in keys] for e in resumed["epochs"]] == \
+        [[e.get(k) for k in keys] for e in reference["epochs"][:2]]
 
 
 def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base, monkeypatch):
