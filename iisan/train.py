@@ -1,9 +1,11 @@
-"""One trainer for every method and both feeds.
+"""One trainer for every method and both feeds: ``train(cfg)`` and its parts.
 
 Per epoch: training steps (timed alone, device synchronised), then full-ranking validation; the test
 split is evaluated whenever validation HR@10 improves, and those weights are saved. Training stops once
 HR@10 has not improved for more than ``patience`` epochs (authors: ``count > 10``). Results: one JSON
 per run with the resolved config, metrics at the best-validation epoch, timings, versions and device.
+The loop itself, with its checkpoints and resume, is ``loop.Run``; data parallelism under torchrun is
+``distributed``.
 """
 
 from __future__ import annotations
