@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .backbones import EncoderError
@@ -20,7 +21,10 @@ USER_ERRORS = (ConfigError, DataError, EncoderError, CacheError, ImageStoreError
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING  # under torchrun, rank 0 speaks for all; other ranks report only trouble
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -76,12 +80,21 @@ def cmd_cache(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import TrainingError, train
+    from .train import RunInterrupted, TrainingError, train
 
     try:
         train(config_from_args(args))
     except TrainingError as err:
         raise ConfigError(str(err)) from None
+    except RunInterrupted as err:
+        exit_interrupted("iisan", err)
+
+
+def exit_interrupted(prog: str, err: Exception) -> None:
+    """Ctrl-C after the checkpoint was saved: say how to resume (once, under torchrun) and exit 130."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: {err}", file=sys.stderr)
+    sys.exit(130)
 
 
 def cmd_demo(args) -> None:

@@ -100,6 +100,15 @@ class Config:
     out_dir: str = _opt("runs", "where run folders go")
     run_name: str = _opt("", "run folder name (default: method, feed and time)")
     progress: bool = _opt(True, "show progress bars")
+    resume: bool = _opt(
+        False, "continue from the newest intact checkpoint; automatic when --run-name names a folder with "
+        "checkpoints; without --run-name, the newest run of this method and feed in --out-dir"
+    )
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
+    deterministic: bool = _opt(
+        False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for bit-exact GPU "
+        "runs; CPU runs are bit-exact without it"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,7 +124,8 @@ class Config:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
                     "attention_heads", "batch_size", "epochs", "eval_batch_size", "encode_batch_size",
-                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank")
+                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
+                    "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")

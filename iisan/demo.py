@@ -37,9 +37,11 @@ def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True,
 
 def demo_config(prepared: dict[str, str], out_dir: str | Path, **overrides) -> Config:
     values = dict(prepared, cache_dir=str(Path(out_dir) / "cache"), out_dir=str(Path(out_dir) / "runs"),
-                  run_name="demo", feed="cached", epochs=20, patience=5, batch_size=64, lr=1e-3, lr_image=1e-3,
+                  feed="cached", epochs=20, patience=5, batch_size=64, lr=1e-3, lr_image=1e-3,
                   lr_text=1e-3, lr_adapter_image=1e-3, lr_adapter_text=1e-3, device="cpu", num_workers=0)
     values.update(overrides)
+    # One run folder per seed: rerunning the demo resumes (or just reports) its own run.
+    values.setdefault("run_name", f"demo-seed{values.get('seed', 12345)}")
     return Config(**values)
 
 

@@ -42,16 +42,36 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     return torch.where(torch.isinf(target_score.squeeze(1)), torch.full_like(ranks, math.inf), ranks)
 
 
-def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
-                    rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
-                    ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """``score_fn(slice) -> (u, N+1)`` scores for those users; ranks computed chunk by chunk."""
+def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
+                rank_repeated_targets: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``score_fn(slice) -> (u, N+1)`` scores for those users -> (U,) ranks, computed chunk by chunk."""
     ranks = []
     for start in range(0, len(targets), batch_users):
         sl = slice(start, start + batch_users)
         ranks.append(rank_targets(score_fn(sl), torch.as_tensor(targets[sl], device=device),
                                   torch.as_tensor(history[sl], device=device), rank_repeated_targets).cpu())
-    return metrics_from_ranks(torch.cat(ranks), ks)
+    return torch.cat(ranks) if ranks else torch.empty(0)
+
+
+def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
+                    rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
+                    ks: tuple[int, ...] = KS) -> dict[str, float]:
+    ranks = score_ranks(score_fn, targets, history, batch_users, rank_repeated_targets, device)
+    return metrics_from_ranks(ranks, ks)
+
+
+@torch.no_grad()
+def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
+                history: np.ndarray, batch_users: int = 1024,
+                rank_repeated_targets: bool = False) -> torch.Tensor:
+    """(U,) ranks of the targets. ``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D)."""
+    table = table.float()
+
+    def scores(sl):
+        users = user_vectors(table, torch.as_tensor(inputs[sl], device=table.device))  # (u, D)
+        return users.float() @ table.T  # (u, N+1)
+
+    return score_ranks(scores, targets, history, batch_users, rank_repeated_targets, table.device)
 
 
 @torch.no_grad()
@@ -59,13 +79,8 @@ def evaluate_split(user_vectors, table: torch.Tensor, inputs: np.ndarray, target
                    history: np.ndarray, batch_users: int = 1024, rank_repeated_targets: bool = False,
                    ks: tuple[int, ...] = KS) -> dict[str, float]:
     """``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D) item embeddings."""
-    table = table.float()
-
-    def scores(sl):
-        users = user_vectors(table, torch.as_tensor(inputs[sl], device=table.device))  # (u, D)
-        return users.float() @ table.T  # (u, N+1)
-
-    return evaluate_scores(scores, targets, history, batch_users, rank_repeated_targets, table.device, ks)
+    return metrics_from_ranks(split_ranks(user_vectors, table, inputs, targets, history, batch_users,
+                                          rank_repeated_targets), ks)
 
 
 def popularity_scores(train_sequences: np.ndarray, num_items: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shapes: tuple | None = None
         self.failed = False
+        self.scaler = None  # bf16 or fp32 only: fp16 loss scaling is not graphed
 
     # ----------------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:

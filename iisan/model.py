@@ -67,6 +67,11 @@ class Recommender(nn.Module):
         users = self.user_encoder(embs[:, :-1], batch.seq[:, :-1] != 0)  # (B, L, D)
         return in_batch_softmax_loss(users, embs, batch.seq, self.log_pop)
 
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        """The training loss. A forward, so that DistributedDataParallel (which hooks ``__call__``)
+        synchronises the gradients of this step."""
+        return self.calculate_loss(batch)
+
     def user_vectors(self, table: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """table (N+1, D) item embeddings, inputs (U, L) -> (U, D): the state at the last position."""
         return self.user_encoder(table[inputs], inputs != 0)[:, -1]

@@ -40,9 +40,11 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
     configs = []
     for point in grid(swept):
         cfg = config_from_args(args, {**base, **point})
-        if not cfg.run_name:
-            varying = "-".join(f"{k}{v}" for k, v in point.items() if len(swept[k]) > 1)
-            cfg = cfg.replace(run_name="-".join(filter(None, [cfg.method, cfg.feed, stamp, varying])))
+        varying = "-".join(f"{k}{v}" for k, v in point.items() if len(swept[k]) > 1)
+        # One folder per grid point, also under an explicit --run-name: a folder holds one run's
+        # checkpoints, and rerunning the same command resumes each point from its own.
+        cfg = cfg.replace(run_name="-".join(filter(None, [cfg.run_name or f"{cfg.method}-{cfg.feed}-{stamp}",
+                                                          varying])))
         configs.append(cfg)
     return configs, args
 
@@ -51,8 +53,8 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
                action=None, extra_arguments=None) -> list:
     """Parse, then run ``action(cfg, args)`` (default: train) for every grid point, one after another.
     ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``."""
-    from .cli import USER_ERRORS, setup_logging
-    from .train import TrainingError, train
+    from .cli import USER_ERRORS, exit_interrupted, setup_logging
+    from .train import RunInterrupted, TrainingError, train
 
     setup_logging()
     try:
@@ -65,6 +67,8 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
     except (*USER_ERRORS, TrainingError, ConfigError) as err:
         print(f"{sys.argv[0]}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as err:
+        exit_interrupted(sys.argv[0], err)
 
 
 def run_method(method: str, sweep: dict[str, list], description: str = "", feed: str | None = None) -> list:

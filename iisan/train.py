@@ -1,15 +1,19 @@
-"""One trainer for every method and both feeds.
+"""One trainer for every method and both feeds: ``train(cfg)`` and its parts.
 
 Per epoch: training steps (timed alone, device synchronised), then full-ranking validation; the test
 split is evaluated whenever validation HR@10 improves, and those weights are saved. Training stops once
 HR@10 has not improved for more than ``patience`` epochs (authors: ``count > 10``). Results: one JSON
 per run with the resolved config, metrics at the best-validation epoch, timings, versions and device.
+The loop itself, with its checkpoints and resume, is ``loop.Run``; data parallelism under torchrun is
+``distributed``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -18,23 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .build import (
-    amp_dtype,
-    build_model,
-    count_parameters,
-    load_data,
-    optimizer_groups,
-    parameter_line,
-    resolve_device,
-)
+from . import distributed
+from .build import optimizer_groups
 from .cache import save_atomic
-from .config import METHOD_NAMES, Config
-from .evaluate import evaluate_split
+from .config import Config
+from .distributed import SINGLE, Dist, chunk_block, gather_rows, shard_users
+from .evaluate import metrics_from_ranks, split_ranks
 from .feeds import ItemBatch, PixelSource, Prefetch, item_chunks
+from .interrupt import RunInterrupted, StopRequests  # noqa: F401  (RunInterrupted: raised by train)
 from .model import Recommender, TrainBatch
-from .runinfo import device_name, git_commit, versions, write_json_atomic
+from .runinfo import device_name
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +41,18 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory); one-line message."""
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
+    (``train_loader``). ``deterministic`` also asks for deterministic CUDA kernels: without it, kernels
+    that accumulate with atomics (e.g. the backward of the item-embedding gather) make GPU runs differ in
+    the last bits; CPU runs are bit-exact either way."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +66,7 @@ class CollateTrain:
     def __init__(self, sequences: np.ndarray, dedup: bool, pixels: PixelSource | None):
         self.sequences, self.dedup, self.pixels = sequences, dedup, pixels
 
-    def __call__(self, users: np.ndarray) -> TrainBatch:
+    def __call__(self, users: list[int]) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
         if self.dedup:
             ids, inverse = np.unique(seq, return_inverse=True)
@@ -72,27 +78,41 @@ class CollateTrain:
 
 
 class TrainBatches:
-    """One epoch of shuffled users in batches; the order depends only on (seed, epoch), so a run is
-    reproducible and resumable at an epoch boundary."""
+    """An epoch's batches of users, from a fixed order."""
 
-    def __init__(self, sequences: np.ndarray, batch_size: int, seed: int, epoch: int, collate: CollateTrain):
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        self.order = torch.randperm(len(sequences), generator=generator).numpy()
-        self.batch_size, self.collate = batch_size, collate
+    def __init__(self, order: np.ndarray, batch_size: int, collate: CollateTrain, start_step: int = 0):
+        self.order, self.batch_size, self.collate, self.start_step = order, batch_size, collate, start_step
+
+    def user_batches(self) -> list[np.ndarray]:
+        """The user indices of each remaining batch."""
+        starts = range(self.start_step * self.batch_size, len(self.order), self.batch_size)
+        return [self.order[start: start + self.batch_size] for start in starts]
 
     def __len__(self) -> int:
-        return (len(self.order) + self.batch_size - 1) // self.batch_size
+        return max(0, -(-len(self.order) // self.batch_size) - self.start_step)
 
     def __iter__(self):
-        for start in range(0, len(self.order), self.batch_size):
-            yield self.collate(self.order[start: start + self.batch_size])
+        for users in self.user_batches():
+            yield self.collate(users)
 
 
 def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, dedup: bool,
-                 pixels: PixelSource | None = None):
-    """The epoch's batches; when images are read, the next batches are prepared in a background thread."""
-    batches = TrainBatches(sequences, batch_size, seed, epoch, CollateTrain(sequences, dedup, pixels))
+                 pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0):
+    """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible.
+
+    Under torchrun each rank takes its shard of the same permutation (``distributed.shard_users``), and
+    a resumed epoch skips the ``start_step`` batches it had done. With the defaults the batches are
+    exactly those of ``BatchSampler(RandomSampler(..., generator), batch_size)`` (a test checks it).
+    No global random state is drawn, so dropout streams do not depend on how batches were made. When
+    images are read, the next batches are prepared in a background thread."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), Dist(rank, world_size))
+    batches = TrainBatches(order, batch_size, CollateTrain(sequences, dedup, pixels), start_step)
     return Prefetch(batches) if pixels is not None else batches
+
+
+def steps_per_epoch(users: int, batch_size: int, world_size: int = 1) -> int:
+    return -(-(users // world_size) // batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +123,8 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
                     device: torch.device, compiled: str | bool = False):
     """``step(batch) -> loss`` (detached, on the device): forward, loss, backward, step, zero_grad.
 
-    The benchmark reuses exactly this function. fp16 uses a GradScaler (authors' setting); bf16 needs none.
+    ``model`` is a ``Recommender`` or the DistributedDataParallel wrapping one. The benchmark reuses
+    exactly this function. fp16 uses a GradScaler (authors' setting); bf16 needs none.
     ``compiled``: False/'off' (eager), 'cudagraph' (whole step captured, see graphs.py; needs static
     shapes and a capturable optimizer) or 'inductor' (torch.compile, mode reduce-overhead).
     """
@@ -113,7 +134,8 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
     def loss_of(seq, ids, pixels, inverse):
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
-            return model.calculate_loss(TrainBatch(seq, ItemBatch(ids, pixels), inverse))
+            # Through ``forward`` (= calculate_loss), so a DistributedDataParallel model syncs gradients.
+            return model(TrainBatch(seq, ItemBatch(ids, pixels), inverse))
 
     if compiled == "inductor":
         loss_of = torch.compile(loss_of, mode="reduce-overhead", dynamic=False)
@@ -132,6 +154,7 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().clone()
 
+    step.scaler = scaler  # checkpoints save and restore its state
     if compiled == "cudagraph":
         if scaler is not None:
             raise ValueError("cudagraph steps need amp=bf16 or none (fp16 loss scaling syncs with the host)")
@@ -179,29 +202,58 @@ def out_of_memory_message(err: Exception, batch_size: int, device: torch.device)
 
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
-               device: torch.device, amp: torch.dtype | None = None) -> torch.Tensor:
-    """(N+1, D) embeddings of every item, computed once per evaluation (fp32 unless ``amp``)."""
+               device: torch.device, amp: torch.dtype | None = None,
+               ids: np.ndarray | None = None) -> torch.Tensor:
+    """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation (fp32
+    unless ``amp``)."""
     model.eval()
     rows = []
-    for batch in item_chunks(np.arange(num_items + 1), chunk, pixels):
+    for batch in item_chunks(np.arange(num_items + 1) if ids is None else ids, chunk, pixels):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             rows.append(model.item_encoder(batch.to(device)).float())
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,
-                   pixels: PixelSource | None = None, table: torch.Tensor | None = None) -> dict[str, float]:
+def shared_item_table(model: Recommender, num_items: int, cfg: Config, pixels: PixelSource | None,
+                      device: torch.device, dist: Dist = SINGLE) -> torch.Tensor:
+    """``item_table`` with the work split across ranks in whole chunks; every rank gets the whole table."""
+    if not dist.enabled:
+        return item_table(model, num_items, cfg.encode_batch_size, pixels, device)
+    lo, hi = chunk_block(num_items + 1, cfg.encode_batch_size, dist)
+    part = item_table(model, num_items, cfg.encode_batch_size, pixels, device,
+                      ids=np.arange(lo, hi)) if hi > lo else torch.zeros(0, cfg.embedding_dim, device=device)
+    return gather_rows(part, dist)
+
+
+@torch.no_grad()
+def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: torch.device,
+                   pixels: PixelSource | None = None, table: torch.Tensor | None = None,
+                   dist: Dist = SINGLE) -> torch.Tensor:
+    """(users,) 1-based target ranks in user order. Under torchrun each rank ranks a block of whole
+    evaluation chunks and the blocks are gathered in order: every user exactly once, and the same
+    numbers as one process computes."""
     model.eval()
     if table is None:
-        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, device)
+        table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)
-    return evaluate_split(model.user_vectors, table, inputs, targets, history, cfg.eval_batch_size,
-                          cfg.rank_repeated_targets)
+    lo, hi = chunk_block(len(targets), cfg.eval_batch_size, dist)
+    ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
+                        cfg.eval_batch_size, cfg.rank_repeated_targets)
+    ranks = gather_rows(ranks.to(table.device), dist).cpu()
+    if len(ranks) != len(targets):
+        raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")
+    return ranks
+
+
+def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,
+                   pixels: PixelSource | None = None, table: torch.Tensor | None = None,
+                   dist: Dist = SINGLE) -> dict[str, float]:
+    return metrics_from_ranks(evaluate_ranks(model, data, split, cfg, device, pixels, table, dist))
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# pieces of the loop (the loop itself: ``loop.py``)
 
 
 @dataclass
@@ -224,14 +276,20 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.bad_epochs > self.patience
 
+    def state(self) -> dict:
+        return {"best": None if self.best == -math.inf else self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load(self, state: dict) -> None:
+        self.best = -math.inf if state["best"] is None else state["best"]
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_weights(model: torch.nn.Module, path: Path, cfg: Config, extra: dict | None = None) -> None:
-    import json
-
     meta = {"config": json.dumps(cfg.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     save_atomic(trainable_state(model), path, meta)
 
@@ -239,15 +297,20 @@ def save_weights(model: torch.nn.Module, path: Path, cfg: Config, extra: dict | 
 def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    return copy_weights(model, load_file(str(path)), path)
+
+
+def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
+    """Copy trained weights into ``model``; every trainable parameter must be there, nothing else."""
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
-        raise TrainingError(f"{path} lacks trained weights for {len(missing)} parameters (e.g. {missing[0]})")
+        raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters "
+                            f"(e.g. {missing[0]})")
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in state.items():
             if name not in params:
-                raise TrainingError(f"{path} holds {name!r}, which this model does not have")
+                raise TrainingError(f"{source} holds {name!r}, which this model does not have")
             params[name].copy_(value)
     return state
 
@@ -257,107 +320,26 @@ def run_name(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> dict:
-    """Train, validate every epoch, test at the best-validation epoch. Returns the results dict."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
-    model, pixels = build_model(cfg, data, device)
-    trainable, total = count_parameters(model)
-    log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(model))
-    amp = amp_dtype(cfg, device)
-    compiled = use_compile(cfg, device)
-    optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
-    dedup = use_dedup(cfg, compiled)
-    step = make_train_step(model, optimizer, amp, device, compiled)
+    """Train, validate every epoch, test at the best-validation epoch. Returns the results dict.
 
-    run_dir = Path(cfg.out_dir) / run_name(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    log.info("run folder %s (device %s, amp %s, compiled %s)", run_dir, device_name(device), amp, compiled)
+    Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
+    Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``)."""
+    from .loop import Run
 
-    sequences = data.train_sequences()
-    stopper = EarlyStopping(cfg.patience)
-    best_valid: dict = {}
-    best_test: dict = {}
-    epochs_log = []
-    global_step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, dedup, pixels)
-        n_steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
-        losses = torch.zeros(n_steps, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for i, batch in enumerate(tqdm(loader, total=n_steps, desc=f"epoch {epoch}", leave=False,
-                                       disable=None if cfg.progress else True)):
-            if i >= n_steps:
-                break
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    seed_everything(cfg.seed, cfg.deterministic)
+    dist, device, created = distributed.setup(cfg.device)
+    try:
+        with StopRequests(escalate=not dist.enabled) as stop:
+            run = Run(cfg, dist, device, stop)
             try:
-                losses[i] = step(batch.to(device))
-            except torch.OutOfMemoryError as err:
-                raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - start
-        losses = losses.cpu()
-        bad = torch.nonzero(~torch.isfinite(losses)).flatten()
-        if len(bad):
-            first = global_step + int(bad[0])
-            raise TrainingError(f"non-finite loss at step {first} (epoch {epoch}, steps {global_step}.."
-                                f"{global_step + n_steps - 1}); last good weights: {run_dir / 'best.safetensors'}")
-        global_step += n_steps
-
-        start = time.perf_counter()
-        table = item_table(model, data.num_items, cfg.encode_batch_size, pixels, device)
-        valid = evaluate_model(model, data, "valid", cfg, device, table=table)
-        improved = stopper.update(epoch, valid["hit@10"])
-        if improved:
-            best_valid = valid
-            best_test = evaluate_model(model, data, "test", cfg, device, table=table)
-            save_weights(model, run_dir / "best.safetensors", cfg, {"epoch": epoch, "valid": valid})
-        eval_seconds = time.perf_counter() - start
-        record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
-                  "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid}
-        if improved:
-            record["test"] = best_test
-        epochs_log.append(record)
-        log.info("epoch %3d | loss %.4f | train %.2f s | eval %.2f s | valid hit@10 %.4f ndcg@10 %.4f%s", epoch,
-                 record["loss"], train_seconds, eval_seconds, valid["hit@10"], valid["ndcg@10"],
-                 f" | test hit@10 {best_test['hit@10']:.4f} ndcg@10 {best_test['ndcg@10']:.4f} (best)"
-                 if improved else f" | {stopper.bad_epochs} epoch(s) without improvement")
-        if stopper.should_stop:
-            log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
-            break
-
-    train_times = [e["train_seconds"] for e in epochs_log]
-    results = {
-        "method": METHOD_NAMES[cfg.method],
-        "feed": cfg.feed if cfg.method == "iisan" else "live",
-        "best_epoch": stopper.best_epoch,
-        "valid": best_valid,
-        "test": best_test,
-        "epochs": epochs_log,
-        "timing": {
-            "train_seconds_per_epoch": float(np.mean(train_times[1:] if len(train_times) > 1 else train_times)),
-            "first_epoch_train_seconds": train_times[0],
-            "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in epochs_log])),
-        },
-        "step": {"compiled": compiled, "dedup_items": dedup, "amp": str(amp).replace("torch.", "") if amp else "fp32"},
-        "parameters": {"trainable": trainable, "total": total},
-        "peak_memory": peak_memory(device),
-        "device": device_name(device),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "config": cfg.to_dict(),
-        "run_dir": str(run_dir),
-    }
-    write_json_atomic(run_dir / "results.json", results)
-    log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
-             stopper.best_epoch, best_valid.get("hit@10", 0), best_valid.get("ndcg@10", 0),
-             best_test.get("hit@10", 0), best_test.get("ndcg@10", 0), run_dir / "results.json")
-    return results
+                return run.run()
+            finally:
+                run.close()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # the setting is global: leave it as found
+        if created:
+            distributed.teardown()
 
 
 def peak_memory(device: torch.device) -> dict:

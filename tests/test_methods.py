@@ -170,6 +170,7 @@ def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_
 
 
 def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache_dir, monkeypatch):
+    import iisan.loop as loop_module
     import iisan.train as train_module
 
     def exploding_step(*args, **kwargs):
@@ -177,6 +178,6 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has ...")
         return step
 
-    monkeypatch.setattr(train_module, "make_train_step", exploding_step)
+    monkeypatch.setattr(loop_module, "make_train_step", exploding_step)
     with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
         train_module.train(tiny_config(cache_dir=cache_dir))

@@ -1,0 +1,194 @@
+"""Data-parallel training under ``torchrun``: process group, DDP wrapping, sharding and gathering.
+
+Without torchrun's environment (``RANK``, ``WORLD_SIZE``) everything here is a no-op and a run is the
+plain single-process run. Under torchrun every process holds the whole data set and the whole model;
+it trains on its own shard of users (``shard_users``) and DistributedDataParallel averages gradients.
+Evaluation splits whole evaluation chunks across ranks (``chunk_block``) and gathers the per-user ranks
+in order, so it computes exactly what a single process computes for the same weights.
+
+Collectives use tensors only (never ``*_object`` collectives, which pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands; the default is a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # None: not distributed
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def comm_device(self) -> torch.device:
+        """NCCL moves only CUDA tensors; gloo moves CPU tensors."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+SINGLE = Dist()
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets the env:// variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
+    """The process group (joined, or created: the third value says so) and this rank's device.
+
+    On CUDA each process takes the GPU of its ``LOCAL_RANK`` and talks NCCL; on CPU, gloo."""
+    from .build import resolve_device
+
+    if not launched():
+        return SINGLE, resolve_device(device_name), False
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device_name.startswith("cuda:"):
+        raise ConfigError(f"device={device_name} under torchrun: use --device cuda (each process takes the "
+                          "GPU of its LOCAL_RANK) or limit GPUs with CUDA_VISIBLE_DEVICES")
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    created = not torch_dist.is_initialized()
+    if created:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    dist = Dist(rank, world, local, torch_dist.get_backend())
+    if dist.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("the process group talks NCCL but device=cpu; use --device cuda")
+    return dist, device, created
+
+
+def teardown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: bool) -> torch.nn.Module:
+    """DDP around the model (the model itself when not distributed).
+
+    ``broadcast_buffers=False``: the only buffers are constants (log-popularity, cached state tables of
+    hundreds of MB), identical on every rank, so re-broadcasting them before every forward is waste."""
+    if not dist.enabled:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed the switch (and deprecated the old name); older releases know only the old one.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused, **no_sync)
+
+
+# --------------------------------------------------------------------------------------------------
+# splitting work
+
+
+def shard_users(order: np.ndarray, dist: Dist) -> np.ndarray:
+    """This rank's users of one epoch's global permutation: every ``world_size``-th from ``rank``.
+
+    Every rank gets the same count, because DDP needs the same number of steps on every rank: the last
+    ``len(order) % world_size`` users of the permutation (a different few each epoch) sit this epoch out."""
+    usable = len(order) - len(order) % dist.world_size
+    return order[dist.rank:usable:dist.world_size]
+
+
+def chunk_block(rows: int, chunk: int, dist: Dist) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of this rank: a contiguous block of whole ``chunk``-sized chunks.
+
+    Whole chunks mean each rank computes exactly the batches a single process would (same shapes, so
+    the same kernels and the same bits); contiguous blocks in rank order mean gathering restores order."""
+    chunks = -(-rows // chunk)
+    first, last = dist.rank * chunks // dist.world_size, (dist.rank + 1) * chunks // dist.world_size
+    return min(first * chunk, rows), min(last * chunk, rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# collectives (tensors only)
+
+
+def gather_rows(local: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Concatenate every rank's ``local`` (rows may differ in number) in rank order, on every rank.
+
+    Ranks are padded to the longest block for the transfer and the padding is cut off again, so no row
+    is ever counted twice."""
+    if not dist.enabled:
+        return local
+    comm = dist.comm_device()
+    size = torch.tensor([len(local)], device=comm)
+    sizes = [torch.zeros_like(size) for _ in range(dist.world_size)]
+    torch_dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=comm)
+    padded[: len(local)] = local.to(comm)
+    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).to(local.device)
+
+
+def gather_same(local: torch.Tensor, dist: Dist) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor (e.g. RNG states), as CPU tensors in rank order."""
+    if not dist.enabled:
+        return [local.cpu()]
+    comm = dist.comm_device()
+    parts = [torch.empty_like(local, device=comm) for _ in range(dist.world_size)]
+    torch_dist.all_gather(parts, local.to(comm))
+    return [p.cpu() for p in parts]
+
+
+def mean_over_ranks(values: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Average over ranks (SUM then divide: gloo has no AVG); NaN on any rank makes NaN everywhere."""
+    if not dist.enabled:
+        return values
+    total = values.to(dist.comm_device())
+    torch_dist.all_reduce(total)
+    return (total / dist.world_size).to(values.device)
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank when ``flag`` is true on some rank: ranks must take the same branch."""
+    if not dist.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device=dist.comm_device())
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_text(text: str, dist: Dist) -> str:
+    """Rank 0's string on every rank (run folder names, decisions about which checkpoint to load)."""
+    if not dist.enabled:
+        return text
+    comm = dist.comm_device()
+    data = torch.tensor(list(text.encode()) if dist.is_main else [], dtype=torch.uint8)
+    size = torch.tensor([len(data)], device=comm)
+    torch_dist.broadcast(size, 0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=comm)
+    if dist.is_main:
+        buffer.copy_(data.to(comm))
+    torch_dist.broadcast(buffer, 0)
+    return bytes(buffer.cpu().tolist()).decode()

@@ -1,0 +1,51 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on CUDA).
+
+In one launch: an uninterrupted 3-epoch run; a 2-epoch run resumed to 3 epochs; and the distributed
+evaluation of fixed weights. Rank 0 writes what it saw to ``argv[2]`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from iisan import distributed
+from iisan.build import build_model, load_data
+from iisan.cli import setup_logging
+from iisan.config import Config
+from iisan.train import evaluate_ranks, load_weights, train
+
+
+def main(config_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    setup_logging()
+    cfg = Config(**json.loads(Path(config_file).read_text()))
+    # The group is ours, so the three train() calls below join it and leave it up.
+    dist, device, created = distributed.setup(cfg.device)
+    assert created and torch_dist.get_backend() == ("nccl" if device.type == "cuda" else "gloo")
+    full = train(cfg.replace(run_name="full", epochs=3))
+    train(cfg.replace(run_name="part", epochs=2))
+    resumed = train(cfg.replace(run_name="part", epochs=3))
+
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data, device)
+    load_weights(model, Path(full["run_dir"]) / "best.safetensors")
+    lo, hi = distributed.chunk_block(data.num_users, cfg.eval_batch_size, dist)
+    ranks = {split: evaluate_ranks(model, data, split, cfg, device, dist=dist) for split in ("valid", "test")}
+    counts = torch.zeros(dist.world_size, dtype=torch.int64, device=dist.comm_device())
+    counts[dist.rank] = hi - lo
+    torch_dist.all_reduce(counts)
+    if dist.is_main:
+        Path(out_file).write_text(json.dumps({
+            "full": full, "resumed": resumed, "users": data.num_users, "per_rank": counts.tolist(),
+            "ranks": {k: v.tolist() for k, v in ranks.items()}, "backend": dist.backend,
+        }, default=str))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

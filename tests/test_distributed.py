@@ -1,0 +1,114 @@
+"""Data parallelism: sharding, chunk blocks, and two CPU processes under torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+
+from iisan.build import build_model, load_data
+from iisan.distributed import Dist, chunk_block, shard_users
+from iisan.preprocess import build_cache_from_config
+from iisan.train import evaluate_model, evaluate_ranks, load_weights, make_optimizer, train_loader
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_single_process_batches_are_those_of_random_and_batch_samplers():
+    sequences = np.zeros((103, 3), dtype=np.int64)
+    for epoch in range(3):
+        generator = torch.Generator().manual_seed(7 * 1000 + epoch)
+        expected = list(BatchSampler(RandomSampler(range(103), generator=generator), 16, drop_last=False))
+        assert [b.tolist() for b in train_loader(sequences, 16, 7, epoch, True).user_batches()] == expected
+        resumed = train_loader(sequences, 16, 7, epoch, True, start_step=4)
+        assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
+
+
+def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
+    order = np.random.default_rng(0).permutation(103)
+    shards = [shard_users(order, Dist(r, 4, backend="gloo")) for r in range(4)]
+    assert {len(s) for s in shards} == {25}
+    together = np.concatenate(shards)
+    assert len(set(together)) == 100 and set(together) <= set(order[:100])
+    sequences = np.zeros((103, 3), dtype=np.int64)
+    steps = {len(train_loader(sequences, 8, 1, 0, True, rank=r, world_size=4)) for r in range(4)}
+    assert steps == {math.ceil(25 / 8)}  # DDP needs the same number of steps on every rank
+
+
+@pytest.mark.parametrize("rows,chunk,world", [(160, 64, 2), (12076, 1024, 8), (5, 64, 3), (100, 10, 3)])
+def test_chunk_blocks_cover_every_row_once_in_whole_chunks(rows, chunk, world):
+    blocks = [chunk_block(rows, chunk, Dist(r, world, backend="gloo")) for r in range(world)]
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))  # contiguous, in rank order
+    assert all(lo % chunk == 0 for lo, hi in blocks if hi > lo)
+
+
+@pytest.mark.parametrize("modality", ["intra_inter", "intra", "inter"])
+def test_iisan_uses_every_trainable_parameter_in_a_step(tiny_config, modality):
+    """Why DDP can run IISAN with find_unused_parameters=False."""
+    cfg = tiny_config(modality=modality)
+    build_cache_from_config(cfg, dtype="float32")
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    make_optimizer(model, cfg, torch.device("cpu"))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True)))
+    model.train()
+    model(batch).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
+    """tests/_torchrun_worker.py under torchrun: a 3-epoch run, a 2-epoch run resumed to 3, and the
+    distributed evaluation of the first run's best weights."""
+    config_file, out_file = tmp_path / "config.json", tmp_path / "out.json"
+    config_file.write_text(json.dumps(cfg.to_dict()))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(ROOT / "tests" / "_torchrun_worker.py"), str(config_file),
+                           str(out_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out_file.read_text()), proc.stderr
+
+
+def check_launch(cfg, out: dict, log: str, nproc: int, device: torch.device) -> None:
+    full, resumed = out["full"], out["resumed"]
+    # training completed, data-parallel, and only rank 0 logged: 3 + 2 + 1 epoch lines, once each
+    assert full["world_size"] == nproc and len(full["epochs"]) == 3
+    assert len(re.findall(r"epoch +\d+ \| loss", log)) == 6
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["full", "part"]
+    # resume under torchrun continues exactly where it stopped
+    assert resumed["resumed_from"] == ["epoch-0001"]
+    assert (resumed["valid"], resumed["test"], [e["loss"] for e in resumed["epochs"]]) == \
+        (full["valid"], full["test"], [e["loss"] for e in full["epochs"]])
+
+    # evaluation: every user once, and exactly the single-process numbers for the same weights
+    data = load_data(cfg)
+    assert out["users"] == sum(out["per_rank"]) == data.num_users and min(out["per_rank"]) > 0
+    model, _ = build_model(cfg, data, device)
+    load_weights(model, Path(full["run_dir"]) / "best.safetensors")
+    for split in ("valid", "test"):
+        single = evaluate_ranks(model, data, split, cfg, device)
+        assert len(out["ranks"][split]) == data.num_users
+        assert out["ranks"][split] == single.tolist()
+    assert evaluate_model(model, data, "test", cfg, device) == full["test"]
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=3, patience=20, lr=3e-3, lr_text=3e-3, lr_image=3e-3, lr_adapter_text=3e-3,
+                      lr_adapter_image=3e-3)
+    build_cache_from_config(cfg, dtype="float32")
+    out, log = launch(cfg, 2, tmp_path)
+    assert out["backend"] == "gloo"
+    check_launch(cfg, out, log, 2, torch.device("cpu"))

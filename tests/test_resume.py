@@ -1,0 +1,289 @@
+"""Runs that survive: checkpoints, exact resume (after SIGKILL and after Ctrl-C), refused checkpoints,
+a full disk and a non-finite loss."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import iisan.checkpoint as checkpoint
+import iisan.model
+from iisan.cli import main
+from iisan.config import Config
+from iisan.preprocess import build_cache_from_config
+from iisan.train import RunInterrupted, TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A learning rate at which validation moves from epoch to epoch, so "the same metrics" means something.
+FAST = {k: 3e-3 for k in ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")}
+
+
+@pytest.fixture(scope="module")
+def base(tiny, tmp_path_factory) -> Config:
+    root = tmp_path_factory.mktemp("resume")
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    cfg = Config(**values, cache_dir=str(root / "cache"), out_dir=str(root / "runs"), device="cpu",
+                 num_workers=0, progress=False, batch_size=16, epochs=4, patience=20, encode_batch_size=32,
+                 eval_batch_size=64, **FAST)
+    build_cache_from_config(cfg, dtype="float32")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(base) -> dict:
+    """An uninterrupted 4-epoch run (10 steps per epoch)."""
+    return train(base.replace(run_name="reference"))
+
+
+def same_run(a: dict, b: dict) -> None:
+    assert a["best_epoch"] == b["best_epoch"]
+    assert a["valid"] == b["valid"] and a["test"] == b["test"]
+    for x, y in zip(a["epochs"], b["epochs"], strict=True):
+        keys = ("epoch", "loss", "valid", "test")
+        assert [x.get(k) for k in keys] == [y.get(k) for k in keys]
+
+
+def flags(cfg: Config) -> list[str]:
+    """Command-line flags that rebuild ``cfg``."""
+    out = []
+    for key, value in cfg.to_dict().items():
+        if value is None or value == getattr(Config, key, None):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return out
+
+
+def test_checkpoints_are_complete_and_only_the_last_two_are_kept(base, reference):
+    root = Path(reference["run_dir"]) / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0003", "epoch-0002"]
+    for path in checkpoint.checkpoints(root):
+        assert checkpoint.verify(path) is None
+        state = json.loads((path / "state.json").read_text())
+        assert state["config"] == base.replace(run_name="reference").to_dict()
+        assert state["rng"]["python"] and state["rng"]["numpy"]
+    tensors = checkpoint.read(root / "epoch-0003").train_state
+    assert "rng.torch.0" in tensors and any(k.startswith("optim.recsys.0.exp_avg") for k in tensors)
+    assert not list(root.glob(".*"))  # no temporary folders left
+
+
+def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base, tmp_path):
+    """Three processes: uninterrupted, killed (SIGKILL) once epoch 1 is checkpointed, and resumed."""
+    cfg = base.replace(out_dir=str(tmp_path), epochs=5)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+    def command(name):
+        return [sys.executable, "-m", "iisan", "train", *flags(cfg.replace(run_name=name))]
+
+    quiet = {"env": env, "stdout": subprocess.DEVNULL}
+    full = subprocess.Popen(command("full"), stderr=subprocess.PIPE, text=True, **quiet)
+    victim = subprocess.Popen(command("killed"), stderr=subprocess.DEVNULL, **quiet)
+    marker = tmp_path / "killed" / "checkpoints" / "epoch-0001" / checkpoint.MANIFEST
+    deadline = time.monotonic() + 240
+    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    killed_at = [p.name for p in checkpoint.checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert killed_at and killed_at[0] < "epoch-0004"
+
+    resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / killed_at[0]}" in resumed.stderr
+    _, err = full.communicate()
+    assert full.returncode == 0, err[-2000:]
+    a = json.loads((tmp_path / "full" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert b["resumed_from"] == [killed_at[0]] and a["resumed_from"] == []
+    same_run(a, b)
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Send ourselves SIGINT (as Ctrl-C does) during the ``call``-th training loss."""
+    loss, calls = iisan.model.in_batch_softmax_loss, []
+
+    def counting(*args):
+        calls.append(1)
+        if len(calls) == call:
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(iisan.model, "in_batch_softmax_loss", counting)
+
+
+def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, monkeypatch, capsys):
+    cfg = base.replace(run_name="ctrl-c")
+    handler = signal.getsignal(signal.SIGINT)
+    interrupt_at(monkeypatch, 14)  # epoch 1, step 4 of 10
+    with pytest.raises(SystemExit) as info:
+        main(["train", *flags(cfg)])
+    assert info.value.code == 130
+    saved = Path(cfg.out_dir) / "ctrl-c" / "checkpoints" / "epoch-0001-step-00004"
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (f"iisan: SIGINT during epoch 1 after step 4 of 10; checkpoint saved in {saved}. "
+                       "To resume, run the same command with --run-name ctrl-c")
+    assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGINT) is handler
+    monkeypatch.undo()
+    same_run(reference, train(cfg))
+
+
+def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
+    cfg = base.replace(run_name="ctrl-c-end", epochs=3)
+    interrupt_at(monkeypatch, 10)
+    with pytest.raises(RunInterrupted, match="after epoch 0; checkpoint saved in .*epoch-0000"):
+        train(cfg)
+    assert [p.name for p in checkpoint.checkpoints(Path(cfg.out_dir) / "ctrl-c-end" / "checkpoints")] == \
+        ["epoch-0000"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):
+    """The reference run's folder, its newest checkpoint damaged: epoch 3 is redone from epoch 2's."""
+    cfg = base.replace(run_name="corrupt")
+    shutil.copytree(reference["run_dir"], Path(cfg.out_dir) / "corrupt")
+    newest = Path(cfg.out_dir) / "corrupt" / "checkpoints" / "epoch-0003" / checkpoint.MODEL
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    caplog.set_level("WARNING")
+    resumed = train(cfg)
+    refusals = [r.getMessage() for r in caplog.records if "refusing checkpoint" in r.getMessage()]
+    assert refusals == [f"refusing checkpoint: {newest} does not match its sha256 in the manifest (damaged)"]
+    assert resumed["resumed_from"] == ["epoch-0002"]
+    same_run(reference, resumed)
+    assert checkpoint.verify(newest.parent) is None  # epoch 3 written again, intact
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "is truncated or damaged"),
+    (lambda p: (p.parent / checkpoint.MANIFEST).unlink(), "MANIFEST.json is missing"),
+], ids=["truncated", "never-completed"])
+def test_truncated_or_unfinished_checkpoints_are_refused(reference, damage, reason, tmp_path):
+    root = Path(reference["run_dir"]) / "checkpoints"
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root, copy)
+    damage(copy / "epoch-0003" / checkpoint.TRAIN_STATE)
+    config = json.loads((root / "epoch-0003" / "state.json").read_text())["config"]
+    found, refused = checkpoint.latest(copy, config)
+    assert found.path == copy / "epoch-0002" and len(refused) == 1 and reason in refused[0]
+    assert str(copy / "epoch-0003") in refused[0] and "\n" not in refused[0]
+
+
+def test_checkpoint_of_another_config_is_refused(base):
+    cfg = base.replace(run_name="mismatch", epochs=1)
+    train(cfg)
+    state = Path(cfg.out_dir) / "mismatch" / "checkpoints" / "epoch-0000" / "state.json"
+    with pytest.raises(TrainingError) as info:
+        train(cfg.replace(epochs=2, lr=1e-2))
+    assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
+                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run")
+    with pytest.raises(Exception, match="--resume: no checkpoint in"):
+        train(cfg.replace(run_name="fresh", resume=True))
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
+    cfg = base.replace(run_name="full-disk", epochs=2)
+    real_save, calls = checkpoint.save_file, []
+
+    def disk_fills_up(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 4:  # the second checkpoint's train_state.safetensors: half written, then ENOSPC
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_up)
+    root = Path(cfg.out_dir) / "full-disk" / "checkpoints"
+    with pytest.raises(TrainingError) as info:
+        train(cfg)
+    assert str(info.value) == (f"could not write checkpoint {root / 'epoch-0001'}: No space left on device; "
+                               f"the previous checkpoint {root / 'epoch-0000'} is intact")
+    assert [p.name for p in root.iterdir()] == ["epoch-0000"]  # no half-written folder left
+    assert checkpoint.verify(root / "epoch-0000") is None
+    monkeypatch.undo()
+    resumed = train(cfg)
+    assert resumed["resumed_from"] == ["epoch-0000"]
+    keys = ("epoch", "loss", "valid", "test")
+    assert [[e.get(k) for k in keys] for e in resumed["epochs"]] == \
+        [[e.get(k) for k in keys] for e in reference["epochs"][:2]]
+
+
+def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base, monkeypatch):
+    cfg = base.replace(run_name="nan")
+    loss, calls = iisan.model.in_batch_softmax_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        return loss(*args) * (float("nan") if len(calls) == 15 else 1.0)
+
+    monkeypatch.setattr(iisan.model, "in_batch_softmax_loss", poisoned)
+    root = Path(cfg.out_dir) / "nan" / "checkpoints"
+    with pytest.raises(TrainingError, match=rf"non-finite loss at step 14 \(epoch 1, steps 10..19\); "
+                                            rf"last good checkpoint: {root / 'epoch-0000'};"):
+        train(cfg)
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0000"]
+    assert checkpoint.verify(root / "epoch-0000") is None
+
+
+def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path):
+    cfg = base.replace(out_dir=str(tmp_path), epochs=1)
+    first = train(cfg)
+    again = train(cfg.replace(epochs=2, resume=True))
+    assert again["run_dir"] == first["run_dir"] and again["resumed_from"] == ["epoch-0000"]
+    assert [e["epoch"] for e in again["epochs"]] == [0, 1]
+
+
+def test_optimizer_state_round_trips_exactly(base):
+    from safetensors.torch import load, save
+
+    from iisan.runstate import optimizer_from_files, optimizer_to_files
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        groups = [{"name": "a", "params": list(model[0].parameters()), "lr": 0.1},
+                  {"name": "b", "params": list(model[1].parameters()), "lr": 0.01}]
+        return model, torch.optim.Adam(groups)
+
+    def step(model, optimizer):
+        model(torch.ones(2, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    a, opt_a = model_and_optimizer()
+    step(a, opt_a)
+    state, tensors = optimizer_to_files(opt_a)
+    b, opt_b = model_and_optimizer()
+    b.load_state_dict(a.state_dict())
+    optimizer_from_files(opt_b, json.loads(json.dumps(state)), load(save(tensors)))
+    assert opt_b.param_groups[0]["betas"] == (0.9, 0.999)
+    step(a, opt_a)
+    step(b, opt_b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_run_folder_in_use_is_refused(base, tmp_path):
+    cfg = base.replace(out_dir=str(tmp_path), run_name="busy", epochs=1)
+    held = checkpoint.lock_run_folder(tmp_path / "busy")
+    busy = rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "
+    with pytest.raises(TrainingError, match=busy):
+        train(cfg)
+    held.close()
+    assert len(train(cfg.replace(deterministic=True))["epochs"]) == 1  # the lock goes with its holder
+    assert not torch.are_deterministic_algorithms_enabled()  # --deterministic is undone after the run
