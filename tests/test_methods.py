@@ -176,6 +176,7 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache
     def exploding_step(*args, **kwargs):
         def step(batch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has ...")
+        step.scaler = None
         return step
 
     monkeypatch.setattr(loop_module, "make_train_step", exploding_step)
