@@ -48,13 +48,15 @@ class PixelSource:
 
 
 class _Chunks(Dataset):
-    def __init__(self, ids: np.ndarray, size: int, pixels: PixelSource | None):
+    def __init__(self, ids: np.ndarray, size: int, pixels: PixelSource | None, only: list[int] | None = None):
         self.ids, self.size, self.pixels = ids, size, pixels
+        self.order = list(range((len(ids) + size - 1) // size)) if only is None else list(only)
 
     def __len__(self) -> int:
-        return (len(self.ids) + self.size - 1) // self.size
+        return len(self.order)
 
-    def __getitem__(self, k: int) -> ItemBatch:
+    def __getitem__(self, n: int) -> ItemBatch:
+        k = self.order[n]
         ids = self.ids[k * self.size : (k + 1) * self.size]
         return ItemBatch(torch.from_numpy(ids), None if self.pixels is None else self.pixels(ids))
 
@@ -64,10 +66,13 @@ def worker_count(requested: int, pixels: PixelSource | None) -> int:
     return min(requested, os.cpu_count() or 1) if pixels is not None else 0
 
 
-def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None, workers: int = 0) -> DataLoader:
-    """Batches of the given item indices, pixels read in DataLoader workers when needed."""
+def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None, workers: int = 0,
+                only: list[int] | None = None) -> DataLoader:
+    """Batches of the given item indices, pixels read in DataLoader workers when needed. ``only``: the
+    numbers of the chunks to yield (a resumed cache build skips the finished ones)."""
     workers = worker_count(workers, pixels)
-    return DataLoader(_Chunks(np.asarray(ids, dtype=np.int64), size, pixels), batch_size=None, shuffle=False,
+    chunks = _Chunks(np.asarray(ids, dtype=np.int64), size, pixels, only)
+    return DataLoader(chunks, batch_size=None, shuffle=False,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -111,7 +116,8 @@ class LiveStates(nn.Module):
                     if name == "text":
                         inputs = {"input_ids": self.tokens[ids[real]], "attention_mask": self.attention[ids[real]]}
                     else:
-                        inputs = {"pixel_values": pixels_to_input(items.pixels[real], encoder.norm)}
+                        pixels = pixels_to_input(items.pixels[real], encoder.norm, encoder.dtype)
+                        inputs = {"pixel_values": pixels}
                     states[real] = encoder.layer_states(**inputs).float()
             out[name] = states
         return out
