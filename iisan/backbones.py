@@ -94,7 +94,7 @@ def read_spec(name: str, modality: str) -> EncoderSpec:
     from transformers import AutoConfig
 
     config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
     depth, width = _transformer_depth_width(config)

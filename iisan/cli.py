@@ -88,7 +88,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     result = run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.no_progress,
-                      versa=args.versa)
+                      versa=args.versa, num_users=args.users, num_items=args.items)
     if not result["beats_popularity"]:
         sys.exit(1)
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--users", type=int, default=1200, help="synthetic users")
+    p.add_argument("--items", type=int, default=400, help="synthetic items")
     p.add_argument("--versa", action="store_true",
                    help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
     p.set_defaults(func=cmd_demo)

@@ -59,9 +59,10 @@ def demo_config(prepared: dict[str, str], out_dir: str | Path, **overrides) -> C
 
 
 def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20, progress: bool = True,
-             versa: bool = False) -> dict:
+             versa: bool = False, **sizes) -> dict:
+    """``sizes``: ``num_users`` / ``num_items`` of the synthetic data (``data.synthetic.generate``)."""
     start = time.perf_counter()
-    prepared = prepare_demo_data(out_dir, seed=seed, progress=progress)
+    prepared = prepare_demo_data(out_dir, seed=seed, progress=progress, **sizes)
     method, extra = "IISAN", {}
     if versa:
         prepared.update(prepare_versa_models(out_dir, seed))
