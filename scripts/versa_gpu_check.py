@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/versa-gpu")
     parser.add_argument("--work", default="/tmp/versa-gpu-work")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
-    parser.add_argument("--quick", action="store_true", help="one eager training epoch only (little device time)")
+    parser.add_argument("--quick", action="store_true", help="one eager training epoch (little device time)")
     args = parser.parse_args()
     import torch
     from safetensors import safe_open
