@@ -3,7 +3,12 @@
 Hidden-state index 0 is the embedding output, index i the output of layer i (``output_hidden_states``
 gives depth + 1 states). For ViT the last of them is taken *before* the final LayerNorm; IISAN's SANs
 read these states, while the baselines' heads read the final (LayerNormed) CLS (``final_cls``).
-Widths and depths always come from the loaded model's config.
+Decoder LLMs in transformers 5 (LLaMA, Qwen2) report their last state *after* the final norm.
+Widths and depths always come from the loaded model's config (GPT-2's ``n_layer``/``n_embd`` too).
+
+IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
+real tokens or the last real token (right padding, so padding never changes a title's state); image
+towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 """
 
 from __future__ import annotations
