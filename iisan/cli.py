@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
     p.set_defaults(func=cmd_make_tiny_models)
 
-    p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache (resumable)")
+    p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
+                                     "(resumable: run it again after an interruption)")
     add_config_arguments(p)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
