@@ -3,7 +3,12 @@
 Hidden-state index 0 is the embedding output, index i the output of layer i (``output_hidden_states``
 gives depth + 1 states). For ViT the last of them is taken *before* the final LayerNorm; IISAN's SANs
 read these states, while the baselines' heads read the final (LayerNormed) CLS (``final_cls``).
-Widths and depths always come from the loaded model's config.
+Decoder LLMs in transformers 5 (LLaMA, Qwen2) report their last state *after* the final norm.
+Widths and depths always come from the loaded model's config (GPT-2's ``n_layer``/``n_embd`` too).
+
+IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
+real tokens or the last real token (right padding, so padding never changes a title's state); image
+towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 """
 
 from __future__ import annotations
@@ -87,16 +92,32 @@ class EncoderSpec:
     model_type: str
     depth: int
     width: int
+    dtype: str = "float32"  # the checkpoint's stored precision (LLMs usually ship in bfloat16)
 
 
 def read_spec(name: str, modality: str) -> EncoderSpec:
     from transformers import AutoConfig
 
     config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
     depth, width = _transformer_depth_width(config)
-    return EncoderSpec(name, config.model_type, depth, width)
+    return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""))
+
+
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device) -> torch.dtype:
+    """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is
+    emulated there); on a GPU, the checkpoint's own precision when it is half (a 70B LLM in fp32 would not
+    fit), else fp32, so BERT/ViT checkpoints run as before."""
+    if choice != "auto":
+        return {"float32": torch.float32, **HALF}[choice]
+    if device.type != "cuda":
+        return torch.float32
+    return HALF.get(read_spec(name, modality).dtype, torch.float32)
 
 
 class FrozenEncoder(nn.Module):
@@ -120,22 +141,43 @@ class FrozenEncoder(nn.Module):
         self.tokenizer = None  # text: set by load_text_encoder
         self.norm: dict | None = None  # image: {'mean', 'std', 'size'} from the image processor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def forward_states(self, **inputs) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Run the model: ``(all hidden states, final last_hidden_state)``."""
-        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
-        if getattr(out, "hidden_states", None) is None:
-            raise EncoderError(f"{self.name or type(self.model).__name__} returns no hidden states")
-        return out.hidden_states, out.last_hidden_state
+        """Run the model: ``(all hidden states, final last_hidden_state)``.
+
+        The whole stack of depth + 1 states lives only for one chunk of items; callers keep the
+        selected, pooled ones (``layer_states``)."""
+        who = self.name or type(self.model).__name__
+        try:
+            out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        except TypeError as err:  # a forward without the standard keyword arguments
+            raise EncoderError(f"{who} cannot return per-layer hidden states ({err})") from None
+        hidden = getattr(out, "hidden_states", None)
+        if hidden is None:
+            raise EncoderError(f"{who} returns no hidden states (output_hidden_states is not supported); "
+                               "IISAN needs one state per layer")
+        if len(hidden) != self.depth + 1:
+            raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = "
+                               f"{self.depth + 1}")
+        return hidden, out.last_hidden_state
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(n, T, d) -> (n, d)."""
+        """(n, T, d) -> (n, d). Only real tokens count, so appending padding never changes the result;
+        a row without any real token (an empty title with no special tokens) pools to zeros."""
         if self.pooling == "cls" or attention_mask is None:
             return hidden[:, 0]
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (n, T, 1)
+        real = attention_mask.bool().unsqueeze(-1)  # (n, T, 1)
+        # where, not a product: whatever a model leaves at padded positions (even NaN) never leaks in
+        hidden = torch.where(real, hidden, hidden.new_zeros(()))
         if self.pooling == "mean":
-            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        last = attention_mask.long().cumsum(1).argmax(1)  # index of the last real token, (n,)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return hidden.sum(1) / real.sum(1).clamp_min(1).to(hidden.dtype)
+        T = attention_mask.shape[1]
+        positions = torch.arange(T, device=hidden.device).expand_as(attention_mask)
+        last = torch.where(attention_mask.bool(), positions, -1).amax(1).clamp_min(0)  # last real token, (n,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # zeros when none is real
 
     def layer_states(self, **inputs) -> torch.Tensor:
         """(n, len(layers), width): pooled state of every selected hidden-state index."""
@@ -151,23 +193,34 @@ class FrozenEncoder(nn.Module):
 
 def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
                       include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None):
-    """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode."""
+    """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode, fp32 unless ``dtype``.
+
+    BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
+    ``AutoModel``) the mean over real tokens ('auto') or the last real token ('last')."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer")
-    model = _load(AutoModel.from_pretrained, name, "text encoder", dtype=dtype) if dtype else \
-        _load(AutoModel.from_pretrained, name, "text encoder")
+    # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
+    model = _load(AutoModel.from_pretrained, name, "text encoder", dtype=dtype or torch.float32)
     if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
         model = model.text_model
     depth, _ = _transformer_depth_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
+    decoder = model.config.model_type not in ENCODER_TEXT_TYPES
     if pooling == "auto":
-        pooling = "cls" if getattr(model.config, "is_decoder", False) is False and \
-            model.config.model_type in ENCODER_TEXT_TYPES else "mean"
+        pooling = "mean" if decoder else "cls"
+    elif pooling == "cls" and decoder:
+        log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
+                    "carries almost no title information; use --text-pooling mean or last", name)
     encoder = FrozenEncoder(model, "text", layers, pooling, name)
     freeze(encoder)
-    if tokenizer.pad_token is None:  # decoder LLMs often ship without one
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # decoder LLMs often ship without one; masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise EncoderError(f"tokenizer of {name!r} has no pad, eos or unk token to pad titles with")
+    # Right padding: real tokens keep positions 0..n-1 and (causal attention) never see the padding,
+    # so a title's states do not depend on how much padding follows it.
+    tokenizer.padding_side = "right"
     encoder.tokenizer = tokenizer
     return encoder
 
@@ -182,15 +235,18 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
     from transformers import AutoImageProcessor, AutoModel
 
     processor = _load(AutoImageProcessor.from_pretrained, name, "image processor")
-    kwargs = {"dtype": dtype} if dtype else {}
-    model = _load(AutoModel.from_pretrained, name, "image encoder", **kwargs)
+    model = _load(AutoModel.from_pretrained, name, "image encoder", dtype=dtype or torch.float32)
     if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
         model = model.vision_model
     depth, _ = _transformer_depth_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
     encoder = FrozenEncoder(model, "image", layers, "cls", name)
     freeze(encoder)
+    # The model's input side: the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize.
+    # Stored images are squashed to that side (the authors' Resize((224, 224)), no crop).
     size = getattr(processor, "size", None) or {}
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        size = processor.crop_size
     side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
     encoder.norm = {
         "mean": list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
@@ -222,7 +278,12 @@ def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``."""
+    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``; ``titles[0]`` is the
+    padding item."""
     enc = tokenizer([t.lower() for t in titles], max_length=max_tokens, padding="max_length",
                     truncation=True, return_tensors="pt")
+    empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
+    if empty:
+        log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
+                    "tokens); their pooled text states are zeros", empty)
     return enc["input_ids"].long(), enc["attention_mask"].long()

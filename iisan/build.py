@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import group_layers, load_image_encoder, load_text_encoder, read_spec, tokenize_titles
+from .backbones import (
+    check_layers,
+    group_layers,
+    load_image_encoder,
+    load_text_encoder,
+    read_spec,
+    resolve_encoder_dtype,
+    tokenize_titles,
+)
 from .cache import cache_file, encoder_config_hash, load_cache, read_metadata
 from .config import Config, ConfigError
 from .data.images import ImageStore
@@ -46,8 +54,13 @@ def load_data(cfg: Config) -> SeqRecData:
 
 
 def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
+    """Explicit ``--text-layers`` / ``--image-layers`` (checked against the encoder's depth), else group
+    layer-dropping: the last layer of each of ``layer_groups`` runs of consecutive layers."""
     explicit = cfg.text_layers if modality == "text" else cfg.image_layers
-    return explicit or group_layers(depth, cfg.layer_groups, cfg.include_embedding_state)
+    if explicit:
+        check_layers(explicit, depth, f"{modality} ({model_name(cfg, modality)})")
+        return explicit
+    return group_layers(depth, cfg.layer_groups, cfg.include_embedding_state)
 
 
 def model_name(cfg: Config, modality: str) -> str:
@@ -58,16 +71,19 @@ def model_name(cfg: Config, modality: str) -> str:
 # feeds
 
 
-def load_encoders(cfg: Config, dtype: torch.dtype | None = None) -> dict:
+def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
+    """Frozen encoders in ``dtype``; without one, fp32, or with ``device`` the precision that
+    ``cfg.encoder_dtype`` resolves to there (half for an LLM checkpoint on a GPU)."""
     encoders = {}
     for m in modalities(cfg):
+        name = model_name(cfg, m)
+        spec = read_spec(name, m)
+        precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device) if device else None)
         if m == "text":
-            spec = read_spec(cfg.text_model, "text")
-            encoders[m] = load_text_encoder(cfg.text_model, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
-                                            dtype=dtype)
+            encoders[m] = load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
+                                            dtype=precision)
         else:
-            spec = read_spec(cfg.image_model, "image")
-            encoders[m] = load_image_encoder(cfg.image_model, layers_for(cfg, m, spec.depth), dtype=dtype)
+            encoders[m] = load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision)
     return encoders
 
 
@@ -127,14 +143,16 @@ def build_model(cfg: Config, data: SeqRecData, device: torch.device) -> tuple[Re
         if cfg.feed == "cached":
             states = cached_states(cfg, data, device)
         else:
-            states, pixels = live_states(cfg, data.item_ids, data.titles, device, amp=amp_dtype(cfg, device))
+            encoders = load_encoders(cfg, device=device)
+            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders,
+                                         amp_dtype(cfg, device))
         shapes = states.shapes()
         tower = SANItemTower(
             widths={m: d for m, (_, d) in shapes.items()},
             steps={m: k for m, (k, _) in shapes.items()},
             embedding_dim=cfg.embedding_dim,
             bottleneck={"text": cfg.text_adapter_down, "image": cfg.image_adapter_down},
-            modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature,
+            modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature, heads=cfg.san_heads,
         )
         item_encoder = IISANItemEncoder(states, tower)
     else:

@@ -1,5 +1,6 @@
 """The hidden-state cache: one safetensors file per modality holding only the selected layers as one
-contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding (zeros).
+contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding (zeros). Built by
+``cache_build`` (resumable); read and checked here.
 
 Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
 layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
@@ -18,9 +19,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
-
-from .feeds import LiveStates
 
 log = logging.getLogger(__name__)
 
@@ -51,50 +49,6 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-
-
-@torch.no_grad()
-def build_caches(live: LiveStates, item_ids: list[str], chunks, out_dir: str | Path, *, items_file: str,
-                 items_fingerprint: str, dtype: torch.dtype = torch.float16, extra: dict | None = None,
-                 progress: bool = True) -> dict[str, Path]:
-    """Run the live feed once over every item and write one cache file per modality.
-
-    ``item_ids[0]`` is padding (""); ``chunks`` yields ``ItemBatch``es covering indices 1..len-1 (see
-    ``feeds.item_chunks``). The states are exactly what ``LiveStates`` gives during training."""
-    device = live.tokens.device if live.tokens is not None else next(live.parameters()).device
-    live.eval()
-    shapes = live.shapes()
-    tables = {m: torch.zeros(len(item_ids), k, d, dtype=dtype) for m, (k, d) in shapes.items()}
-    with tqdm(total=len(item_ids) - 1, desc="cache", unit="item", disable=None if progress else True) as bar:
-        for batch in chunks:
-            states = live(batch.to(device))
-            rows = batch.ids.cpu()
-            for m, table in tables.items():
-                table[rows] = states[m].cpu().to(dtype)
-            bar.update(len(rows))
-    paths = {}
-    for m, encoder in live.encoders.items():
-        metadata = {
-            "format": FORMAT,
-            "modality": m,
-            "encoder": encoder.name,
-            "encoder_config": encoder_config_hash(encoder.name) or "",
-            "model_type": encoder.model.config.model_type,
-            "layers": json.dumps(list(encoder.layers)),
-            "width": str(encoder.width),
-            "depth": str(encoder.depth),
-            "pooling": encoder.pooling,
-            "dtype": str(dtype).replace("torch.", ""),
-            "items_file": items_file,
-            "items_fingerprint": items_fingerprint,
-            "item_ids": json.dumps(item_ids[1:]),
-            **{k: str(v) for k, v in (extra or {}).items()},
-        }
-        paths[m] = cache_file(out_dir, m)
-        save_atomic({"states": tables[m].contiguous()}, paths[m], metadata)
-        log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], len(item_ids) - 1,
-                 len(encoder.layers), encoder.width, metadata["dtype"], paths[m].stat().st_size / 1e6)
-    return paths
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -144,4 +98,8 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
                          "rebuild it for this data set")
     with safe_open(str(path), framework="pt") as fh:
         states = fh.get_tensor("states")
+    layers = json.loads(meta["layers"])
+    if tuple(states.shape[1:]) != (len(layers), int(meta["width"])):
+        raise CacheError(f"cache {path} holds states of shape {tuple(states.shape)}, but its metadata says "
+                         f"{len(layers)} layers x width {meta['width']}; rebuild it with `iisan cache`")
     return states[torch.from_numpy(rows)], meta

@@ -100,7 +100,8 @@ def exit_interrupted(prog: str, err: Exception) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    result = run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.no_progress)
+    result = run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.no_progress,
+                      versa=args.versa, num_users=args.users, num_items=args.items)
     if not result["beats_popularity"]:
         sys.exit(1)
 
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
     p.set_defaults(func=cmd_make_tiny_models)
 
-    p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache")
+    p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
+                                     "(resumable: run it again after an interruption)")
     add_config_arguments(p)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
@@ -149,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--users", type=int, default=1200, help="synthetic users")
+    p.add_argument("--items", type=int, default=400, help="synthetic items")
+    p.add_argument("--versa", action="store_true",
+                   help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
     p.set_defaults(func=cmd_demo)
 
     from .params import add_params_parser

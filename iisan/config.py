@@ -55,6 +55,9 @@ class Config:
     text_encoder_dropout: bool = _opt(
         False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder"
     )
+    encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
+                              "the checkpoint's own half precision if it has one (LLMs), else fp32",
+                              ("auto", "float32", "float16", "bfloat16"))
     # --- model -------------------------------------------------------------------------------------
     method: str = _opt("iisan", "training method", METHODS)
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))
@@ -63,6 +66,8 @@ class Config:
     text_adapter_down: int = _opt(64, "bottleneck of the text side-adapter blocks (and text adapters)")
     image_adapter_down: int = _opt(64, "bottleneck of the image and inter side-adapter blocks")
     gate_temperature: float = _opt(0.1, "gate = sigmoid(theta / temperature)")
+    san_heads: str = _opt("auto", "SAN output heads: iisan (width->width->D), versa (width->D->D); auto: "
+                          "iisan when both towers have the same width", ("auto", "iisan", "versa"))
     embedding_dim: int = _opt(64, "item and user embedding width")
     transformer_blocks: int = _opt(2, "SASRec blocks")
     attention_heads: int = _opt(2, "SASRec attention heads")

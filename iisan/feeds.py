@@ -120,21 +120,23 @@ class Prefetch:
 
 
 class _Chunks:
-    def __init__(self, ids: np.ndarray, size: int, pixels: PixelSource | None):
+    def __init__(self, ids: np.ndarray, size: int, pixels: PixelSource | None, only: list[int] | None = None):
         self.ids, self.size, self.pixels = ids, size, pixels
+        self.order = list(range((len(ids) + size - 1) // size)) if only is None else list(only)
 
     def __len__(self) -> int:
-        return (len(self.ids) + self.size - 1) // self.size
+        return len(self.order)
 
     def __iter__(self):
-        for start in range(0, len(self.ids), self.size):
-            ids = self.ids[start: start + self.size]
+        for k in self.order:
+            ids = self.ids[k * self.size : (k + 1) * self.size]
             yield ItemBatch(torch.from_numpy(ids), None if self.pixels is None else self.pixels(ids))
 
 
-def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None):
-    """Batches of the given item indices; with pixels, read ahead in a background thread."""
-    chunks = _Chunks(np.asarray(ids, dtype=np.int64), size, pixels)
+def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None, only: list[int] | None = None):
+    """Batches of the given item indices; with pixels, read ahead in a background thread. ``only``: the
+    numbers of the chunks to yield (a resumed cache build skips the finished ones)."""
+    chunks = _Chunks(np.asarray(ids, dtype=np.int64), size, pixels, only)
     return Prefetch(chunks) if pixels is not None else chunks
 
 
@@ -177,7 +179,8 @@ class LiveStates(nn.Module):
                     if name == "text":
                         inputs = {"input_ids": self.tokens[ids[real]], "attention_mask": self.attention[ids[real]]}
                     else:
-                        inputs = {"pixel_values": pixels_to_input(items.pixels[real], encoder.norm)}
+                        pixels = pixels_to_input(items.pixels[real], encoder.norm, encoder.dtype)
+                        inputs = {"pixel_values": pixels}
                     states[real] = encoder.layer_states(**inputs).float()
             out[name] = states
         return out

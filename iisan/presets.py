@@ -13,6 +13,9 @@ DATASETS = {
     "Instrument": ("Instrument", "am_Musical_Instruments_users_10K.tsv", "Musical_Instruments_items.tsv",
                    "stored_vectors_ins"),
     "Office": ("Office", "am_Office_Products_users_10K.tsv", "Office_Products_items.tsv", "stored_vectors_off"),
+    # IISAN-Versa's MicroLens-100k (numeric ids, some empty titles; data.microlens): --allow-empty-titles
+    "MicroLens": ("MicroLens", "MicroLens-100k_pairs.tsv", "MicroLens-100k_title_en.tsv",
+                  "stored_vectors_micro"),
 }
 
 

@@ -98,10 +98,26 @@ class InterSAN(nn.Module):
 
 
 class Head(nn.Sequential):
-    """width -> width -> out, no activation (IISAN's ``fc_* `` followed by the reused 768->64 layer)."""
+    """width -> hidden -> out, no activation. IISAN: hidden = width (``fc_*`` 768->768, then the reused
+    768->64 layer). Versa draft: hidden = out (``fc_*`` width->64, then ``*_pre_fc`` 64->64), which keeps
+    an 8192-wide LLM's head at 0.5 M parameters instead of 67 M."""
 
-    def __init__(self, width: int, out: int):
-        super().__init__(nn.Linear(width, width), nn.Linear(width, out))
+    def __init__(self, width: int, out: int, hidden: int | None = None):
+        hidden = width if hidden is None else hidden
+        super().__init__(nn.Linear(width, hidden), nn.Linear(hidden, out))
+
+
+HEADS = ("auto", "iisan", "versa")
+
+
+def head_style(widths: dict[str, int], heads: str = "auto") -> str:
+    """'auto': IISAN's heads when both towers have the same width (so an equal pair is exactly IISAN),
+    the Versa draft's narrow heads otherwise."""
+    if heads not in HEADS:
+        raise ValueError(f"heads must be one of {', '.join(HEADS)}, not {heads!r}")
+    if heads != "auto":
+        return heads
+    return "iisan" if len(set(widths.values())) == 1 else "versa"
 
 
 class SANItemTower(nn.Module):
@@ -110,13 +126,16 @@ class SANItemTower(nn.Module):
 
     ``modality``: 'intra_inter' (both intra SANs and the inter SAN, com_dense 192->64), 'intra'
     (intra SANs only, 128->64; crashes in the authors' code) or 'inter' (64->64). With one tower
-    ('text' or 'image') only that intra SAN is built (64->64).
+    ('text' or 'image') only that intra SAN is built (64->64). ``heads``: see ``head_style``; the inter
+    head is width->width->64 in both designs.
     """
 
     def __init__(self, widths: dict[str, int], steps: dict[str, int], embedding_dim: int = 64,
                  bottleneck: dict[str, int] | None = None, modality: str = "intra_inter", fusion: str = "gated",
-                 temperature: float = 0.1):
+                 temperature: float = 0.1, heads: str = "auto"):
         super().__init__()
+        self.head_style = head_style(widths, heads)
+        head_hidden = embedding_dim if self.head_style == "versa" else None
         bottleneck = bottleneck or {m: 64 for m in widths}
         self.modalities = tuple(m for m in ("image", "text") if m in widths)  # authors' concat order
         self.use_intra = modality in ("intra", "intra_inter") or len(self.modalities) == 1
@@ -126,7 +145,7 @@ class SANItemTower(nn.Module):
         if self.use_intra:
             for m in self.modalities:
                 self.intra[m] = IntraSAN(widths[m], steps[m], bottleneck[m], fusion, temperature)
-                self.heads[m] = Head(widths[m], embedding_dim)
+                self.heads[m] = Head(widths[m], embedding_dim, head_hidden)
         self.inter = None
         if self.use_inter:
             shared = min(steps["text"], steps["image"])

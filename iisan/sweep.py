@@ -71,11 +71,13 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
         exit_interrupted(sys.argv[0], err)
 
 
-def run_method(method: str, sweep: dict[str, list], description: str = "", feed: str | None = None) -> list:
-    """An entry script for one of the paper's methods: its defaults (``presets.METHOD_DEFAULTS``) + ``sweep``."""
+def method_defaults(method: str, feed: str | None = None) -> dict:
+    """The defaults of one of the paper's methods (``presets.METHOD_DEFAULTS``) as script defaults."""
     from .presets import METHOD_DEFAULTS
 
-    defaults = {**METHOD_DEFAULTS[method], "method": method}
-    if feed:
-        defaults["feed"] = feed
-    return run_script(defaults, sweep, description=description)
+    return {**METHOD_DEFAULTS[method], "method": method, **({"feed": feed} if feed else {})}
+
+
+def run_method(method: str, sweep: dict[str, list], description: str = "", feed: str | None = None) -> list:
+    """An entry script for one of the paper's methods: its defaults + ``sweep``."""
+    return run_script(method_defaults(method, feed), sweep, description=description)

@@ -57,3 +57,25 @@ def shared_file(*parts: str) -> Path:
     if not path.is_file():
         pytest.skip(f"shared data {path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def towers(tiny, tmp_path_factory) -> dict:
+    """IISAN-Versa: tiny random encoders of several families, widths and depths (name -> folder).
+    Text: BERT, and decoder LLMs with BPE tokenizers (GPT-2 without a pad token, as shipped)."""
+    from iisan.tiny import write_decoder, write_image_tower
+
+    root = tmp_path_factory.mktemp("towers")
+    titles = read_items(tiny["items"]).titles
+    out = {"bert32x2": tiny["text_model"], "vit24x3": tiny["image_model"]}
+    out["bert16x2"] = str(write_bert(root / "bert16x2", vocabulary(titles), hidden=16, layers=2, heads=2,
+                                     seed=2))
+    for name, family, hidden, layers in [("llama48x6", "llama", 48, 6), ("qwen2_40x3", "qwen2", 40, 3),
+                                         ("gpt2_24x4", "gpt2", 24, 4)]:
+        out[name] = str(write_decoder(root / name, family, titles, hidden=hidden, layers=layers, heads=2,
+                                      seed=3))
+    for name, family, hidden, layers in [("deit40x4", "deit", 40, 4), ("dinov2_32x5", "dinov2", 32, 5),
+                                         ("clip24x3", "clip", 24, 3)]:
+        out[name] = str(write_image_tower(root / name, family, hidden=hidden, layers=layers, image_size=32,
+                                          patch_size=8, seed=4))
+    return out

@@ -53,6 +53,32 @@ def read_items(path: str | Path, allow_empty_titles: bool = False) -> ItemCatalo
     ids: list[str] = []
     titles: list[str] = []
     seen: dict[str, int] = {}
+    for lineno, item_id, title in _item_rows(path):
+        item_id = item_id.strip()
+        if not item_id:
+            raise DataError(f"{path}:{lineno}: empty item id")
+        if item_id in seen:
+            raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
+        if not title.strip() and not allow_empty_titles:
+            raise DataError(
+                f"{path}:{lineno}: empty title for item {item_id!r} (pass --allow-empty-titles to accept)"
+            )
+        seen[item_id] = lineno
+        ids.append(item_id)
+        titles.append(title)
+    if not ids:
+        raise DataError(f"items file {path} holds no items")
+    return ItemCatalog(str(path), ids, titles, file_fingerprint(path))
+
+
+def _item_rows(path: Path):
+    """``(line, item_id, title)`` of an items file: ``item_id<TAB>title``, or MicroLens' ``item,title``
+    CSV (``.csv``, see ``data.microlens``)."""
+    if path.suffix.lower() == ".csv":
+        from .microlens import read_titles_csv
+
+        yield from read_titles_csv(path)
+        return
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
@@ -61,27 +87,18 @@ def read_items(path: str | Path, allow_empty_titles: bool = False) -> ItemCatalo
             if "\t" not in line:
                 raise DataError(f"{path}:{lineno}: expected item_id<TAB>title, found no tab")
             item_id, title = line.split("\t", 1)
-            item_id = item_id.strip()
-            if not item_id:
-                raise DataError(f"{path}:{lineno}: empty item id")
-            if item_id in seen:
-                raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
-            if not title.strip() and not allow_empty_titles:
-                raise DataError(
-                    f"{path}:{lineno}: empty title for item {item_id!r} (pass --allow-empty-titles to accept)"
-                )
-            seen[item_id] = lineno
-            ids.append(item_id)
-            titles.append(title)
-    if not ids:
-        raise DataError(f"items file {path} holds no items")
-    return ItemCatalog(str(path), ids, titles, file_fingerprint(path))
+            yield lineno, item_id, title
 
 
 def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
+    """``user_id<TAB>item item ...`` lines, or MicroLens' ``user,item,timestamp`` pairs (``.csv``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"users file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        from .microlens import read_pairs_csv
+
+        return read_pairs_csv(path)
     users = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -1,0 +1,81 @@
+"""Cached IISAN-Versa: any text encoder with any image encoder (authors' Code_Cached_Asym/script/).
+
+Pick an encoder pair with --preset (PRESETS below, as data); every Config key is also a flag and wins
+over the preset (`--text-model pretrained_models/Qwen2.5-7B --text-pooling last`). With --build-cache
+the frozen encoders first run once over the items when the cache is missing (resumable after an
+interruption; half precision on a GPU); each pair caches into its own folder
+(`Code_Cached/stored_vectors_sci_<preset>`), and the symmetric pair reads IISAN's cache.
+
+  python run_IISAN_Versa.py --preset llama3-8b+vit-base --build-cache
+  python run_IISAN_Versa.py --preset bert-base+vit-base          # symmetric: exactly cached IISAN
+  python run_IISAN_Versa.py --preset microlens --dataset MicroLens --build-cache
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
+
+from iisan.presets import DATASETS, METHOD_DEFAULTS, ROOT, dataset_paths  # noqa: E402
+from iisan.sweep import run_script  # noqa: E402
+
+MODELS = ROOT / "pretrained_models"
+PRESETS = {
+    # The paper's LLM pairing (authors' run_IISAN_ins.py / run_IISAN_off.py): LLaMA-3-70B, 80 layers x 8192,
+    # their layer list 4,19,...,79 (+1, with the embedding output), mean over real tokens.
+    "llama3-70b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-70B"),
+                            "text_layers": (0, 5, 20, 35, 50, 65, 80), "text_pooling": "mean"},
+    # The same design on one GPU: 32 layers x 4096, group layer-dropping picks 6 of them.
+    "llama3-8b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-8B"), "text_pooling": "mean"},
+    # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts.
+    "bert-large+vit-base": {"text_model": str(MODELS / "bert-large-uncased")},
+    # BERT-base with ViT-B: equal towers, so Versa is IISAN exactly (same parameters, same outputs).
+    "bert-base+vit-base": {},
+    # Authors' run_IISAN_micro.py: BERT-base + ViT-B on MicroLens-100k, batch 512, image bottleneck 512.
+    "microlens": {"batch_size": 512, "image_adapter_down": 512, "text_adapter_down": 64, "epochs": 200,
+                  "allow_empty_titles": True},
+}
+SWEEP = {
+    "seed": [12345],
+}
+
+
+def defaults_for(argv: list[str] | None) -> dict:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(PRESETS))
+    pre.add_argument("--dataset", default="Scientific")
+    known, _ = pre.parse_known_args(argv)
+    cache_dir = dataset_paths(known.dataset)["cache_dir"] if known.dataset in DATASETS else ""
+    preset = PRESETS[known.preset]
+    if preset.get("text_model") and cache_dir:  # another encoder pair: its own cache folder
+        cache_dir += "_" + known.preset
+    return {**METHOD_DEFAULTS["iisan"], "method": "iisan", "feed": "cached",
+            **({"cache_dir": cache_dir} if cache_dir else {}), **preset}
+
+
+def extra_arguments(parser):
+    parser.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(PRESETS),
+                        help="encoder pair and settings (PRESETS in this script)")
+    parser.add_argument("--build-cache", action="store_true", help="build the cache first when it is missing")
+    parser.add_argument("--cache-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+
+
+def action(cfg, args):
+    from iisan.cache import cache_file
+    from iisan.preprocess import build_cache_from_config
+    from iisan.train import train
+
+    needed = ("text", "image") if cfg.towers == "both" else (cfg.towers,)
+    if args.build_cache and not all(cache_file(cfg.cache_dir, m).is_file() for m in needed):
+        build_cache_from_config(cfg, dtype=args.cache_dtype)
+    return train(cfg)
+
+
+def main(argv: list[str] | None = None) -> list:
+    return run_script(defaults_for(argv), SWEEP, argv, description=__doc__, action=action,
+                      extra_arguments=extra_arguments)
+
+
+if __name__ == "__main__":
+    main()

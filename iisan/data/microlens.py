@@ -1,0 +1,85 @@
+"""The MicroLens data format (Ni et al., "A Content-Driven Micro-Video Recommendation Dataset at Scale").
+
+MicroLens ships two interaction files and a titles file, all with numeric ids:
+
+- ``MicroLens-100k_pairs.tsv``: ``user_id<TAB>item item ...``, oldest first: the same format as the
+  Amazon users files, read by ``interactions.read_users`` as it is (the IISAN-Versa authors use it).
+- ``MicroLens-100k_pairs.csv``: one interaction a line, ``user,item,timestamp`` with a header row.
+- ``MicroLens-100k_title_en.csv``: ``item,title`` with a header row, CSV-quoted (titles hold commas);
+  the authors' ``MicroLens-100k_title_en.tsv`` is ``item<TAB>title``, the Amazon items format. Titles
+  may be empty (pass ``--allow-empty-titles``).
+
+``interactions.read_users`` / ``read_items`` hand ``.csv`` files to the readers here, so a MicroLens
+data set goes through the same protocol and ``SeqRecData`` as the Amazon ones.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .interactions import DataError
+
+USER_COLUMNS = ("user", "userid", "user_id")
+ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
+TIME_COLUMNS = ("timestamp", "time", "ts")
+
+
+def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
+    lowered = [h.strip().lower() for h in header]
+    for name in names:
+        if name in lowered:
+            return lowered.index(name)
+    raise DataError(f"{path}:1: no {what} column in the header {header} (expected one of {', '.join(names)})")
+
+
+def read_pairs_csv(path: str | Path) -> list[tuple[str, list[str]]]:
+    """``user,item,timestamp`` rows -> ``[(user_id, items oldest first)]`` in order of first appearance.
+
+    Each user's items are sorted by timestamp; ties keep file order (a stable sort)."""
+    path = Path(path)
+    events: dict[str, list[tuple[float, int, str]]] = {}
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"pairs file {path} is empty")
+        u = _column(header, USER_COLUMNS, path, "user")
+        i = _column(header, ITEM_COLUMNS, path, "item")
+        t = _column(header, TIME_COLUMNS, path, "timestamp")
+        for lineno, row in enumerate(reader, 2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) <= max(u, i, t):
+                raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
+            try:
+                stamp = float(row[t])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number") from None
+            user, item = row[u].strip(), row[i].strip()
+            if not user or not item:
+                raise DataError(f"{path}:{lineno}: empty user or item id")
+            events.setdefault(user, []).append((stamp, lineno, item))
+    if not events:
+        raise DataError(f"pairs file {path} holds no interactions")
+    return [(user, [item for _, _, item in sorted(rows)]) for user, rows in events.items()]
+
+
+def read_titles_csv(path: str | Path) -> list[tuple[int, str, str]]:
+    """``item,title`` rows (header, CSV quoting) -> ``[(line, item_id, title)]`` in file order."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"titles file {path} is empty")
+        i = _column(header, ITEM_COLUMNS, path, "item")
+        t = _column(header, ("title", "title_en", "name"), path, "title")
+        for lineno, row in enumerate(reader, 2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) <= i:
+                raise DataError(f"{path}:{lineno}: expected item,title, found {row!r}")
+            rows.append((lineno, row[i].strip(), row[t] if len(row) > t else ""))
+    return rows

@@ -1,0 +1,143 @@
+"""The cache build: interrupted and resumed it gives the same bytes as an uninterrupted build; shards of
+other settings or torn shards are redone; refused states; a cache whose width disagrees is one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from iisan.build import build_model, load_data
+from iisan.cache import CacheError, cache_file
+from iisan.cache_build import SIDECAR, write_safetensors
+from iisan.cli import main
+from iisan.feeds import LiveStates
+from iisan.preprocess import build_cache_from_config
+
+CHUNK = 16
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Count the live feed's chunk passes; ``crash_at`` = n makes the n-th pass raise (a killed build)."""
+    original = LiveStates.forward
+    state = {"calls": 0, "crash_at": None}
+
+    def forward(self, items):
+        state["calls"] += 1
+        if state["calls"] == state["crash_at"]:
+            raise Crash("simulated interruption")
+        return original(self, items)
+
+    monkeypatch.setattr(LiveStates, "forward", forward)
+    return state
+
+
+def _bytes(cache_dir):
+    return {m: cache_file(cache_dir, m).read_bytes() for m in ("text", "image")}
+
+
+def test_interrupted_build_resumes_to_the_same_bytes(tiny_config, tmp_path, counted):
+    whole = tiny_config(cache_dir=str(tmp_path / "whole"), encode_batch_size=CHUNK)
+    build_cache_from_config(whole, dtype="float16")
+    chunks = counted["calls"]
+    assert chunks == math.ceil(load_data(whole).num_items / CHUNK) >= 4
+    assert not (tmp_path / "whole" / SIDECAR).exists()  # the sidecar goes once the files are written
+
+    cfg = whole.replace(cache_dir=str(tmp_path / "resumed"))
+    counted.update(calls=0, crash_at=3)  # killed while encoding the third chunk
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    sidecar = tmp_path / "resumed" / SIDECAR
+    shards = sorted(p.name for p in sidecar.glob("chunk-*"))
+    assert shards == ["chunk-000000.safetensors", "chunk-000001.safetensors"]
+    assert not cache_file(cfg.cache_dir, "text").exists()
+
+    counted.update(calls=0, crash_at=None)
+    build_cache_from_config(cfg, dtype="float16")
+    assert counted["calls"] == chunks - 2  # only the missing chunks were encoded
+    assert _bytes(tmp_path / "resumed") == _bytes(tmp_path / "whole")
+    assert not sidecar.exists()
+    build_model(cfg, load_data(cfg), torch.device("cpu"))  # and it loads as a cache
+
+
+def test_partial_build_for_other_settings_or_torn_shards_is_redone(tiny_config, tmp_path, counted):
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    counted["crash_at"] = 4
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float32")
+    counted.update(calls=0, crash_at=None)
+    chunks = math.ceil(load_data(cfg).num_items / CHUNK)
+    build_cache_from_config(cfg, dtype="float16")  # another precision: the fp32 shards are discarded
+    assert counted["calls"] == chunks
+
+    whole = _bytes(tmp_path / "c")
+    counted.update(calls=0, crash_at=3)
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    shard = tmp_path / "c" / SIDECAR / "chunk-000000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # a torn write (e.g. a full disk)
+    counted.update(calls=0, crash_at=None)
+    build_cache_from_config(cfg, dtype="float16")
+    assert counted["calls"] == chunks - 1  # chunk 0 again, and chunks 2.. ; chunk 1 kept
+    assert _bytes(tmp_path / "c") == whole
+
+
+def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):
+    def huge(self, items):
+        return {m: torch.full((len(items.ids), k, d), 1e6) for m, (k, d) in self.shapes().items()}
+
+    monkeypatch.setattr(LiveStates, "forward", huge)
+    with pytest.raises(CacheError, match=r"text states of item .* hold values beyond torch.float16 range; "
+                                         r"store as --dtype bfloat16 or float32"):
+        build_cache_from_config(tiny_config(), dtype="float16")
+    build_cache_from_config(tiny_config(), dtype="bfloat16")
+
+
+def test_canonical_writer_is_safetensors_and_deterministic(tmp_path):
+    table = torch.randn(5, 3, 4).to(torch.bfloat16)
+    ids = torch.arange(5)
+    specs = {"states": (torch.bfloat16, (5, 3, 4)), "ids": (torch.int64, (5,))}
+    parts = [("ids", ids), ("states", table[:2]), ("states", table[2:])]  # rows streamed in blocks
+    write_safetensors(tmp_path / "a.safetensors", specs, parts, {"z": "1", "a": "2"})
+    write_safetensors(tmp_path / "b.safetensors", specs, parts, {"a": "2", "z": "1"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"a": "2", "z": "1"}
+        assert torch.equal(fh.get_tensor("states"), table) and torch.equal(fh.get_tensor("ids"), ids)
+    with pytest.raises(ValueError, match="header declares"):
+        write_safetensors(tmp_path / "c.safetensors", specs, parts[:2], {})
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_cache_whose_width_disagrees_with_the_config_is_one_line(tiny, towers, tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    build_cache_from_config(cfg, dtype="float32")  # image tower: ViT 24 wide
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
+              "--text-model", tiny["text_model"], "--image-model", towers["deit40x4"],
+              "--image-layers", "0,1,2,3", "--cache-dir", cfg.cache_dir, "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0
+    assert err.startswith(f"iisan: error: cache {cfg.cache_dir}/image.safetensors was built for width 24 "
+                          "(config's encoder has 40)")
+
+
+def test_cache_whose_array_disagrees_with_its_metadata_is_refused(tiny_config):
+    cfg = tiny_config()
+    build_cache_from_config(cfg, dtype="float32")
+    path = cache_file(cfg.cache_dir, "text")
+    with safe_open(str(path), "pt") as fh:
+        meta, states = fh.metadata(), fh.get_tensor("states")
+    write_safetensors(path, {"states": (torch.float32, tuple(states[:, :2].shape))},
+                      [("states", states[:, :2].contiguous())], meta)  # one layer short of its metadata
+    with pytest.raises(CacheError, match=r"holds states of shape \(\d+, 2, 32\), but its metadata says 3"):
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
+    assert json.loads(meta["layers"]) == [0, 1, 2]

@@ -1,0 +1,76 @@
+"""The MicroLens format: numeric ids, ``user,item,timestamp`` pairs or ``user<TAB>items`` sequences, an
+``item,title`` CSV with quoted and empty titles; both forms give the same SeqRecData."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iisan.data.interactions import DataError, load_dataset
+
+# user 7: items 10, 11, 12, 13, 14 in time order (file order shuffled, one tie kept in file order)
+PAIRS_CSV = """user,item,timestamp
+7,12,300
+8,20,5
+7,10,100
+8,21,6
+7,11,200
+8,10,7
+7,14,500
+8,22,8
+7,13,400
+8,23,8
+9,10,1
+"""
+PAIRS_TSV = "7\t10 11 12 13 14\n8\t20 21 10 22 23\n9\t10\n"
+TITLES_CSV = '''item,title
+10,"Cats, dogs and a ""quoted"" word"
+11,
+12,Mountain bike tricks
+13,Cooking pasta
+14,Guitar solo
+20,Dance
+21,Rain sounds
+22,Chess opening
+23,Street food
+30,Never watched
+'''
+TITLES = [("10", 'Cats, dogs and a "quoted" word'), ("11", ""), ("12", "Mountain bike tricks"),
+          ("13", "Cooking pasta"), ("14", "Guitar solo"), ("20", "Dance"), ("21", "Rain sounds"),
+          ("22", "Chess opening"), ("23", "Street food"), ("30", "Never watched")]
+TITLES_TSV = "".join(f"{i}\t{t}\n" for i, t in TITLES)
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_and_tsv_forms_give_the_same_data(tmp_path):
+    csv_data = load_dataset(_write(tmp_path, "MicroLens_pairs.csv", PAIRS_CSV),
+                            _write(tmp_path, "MicroLens_title_en.csv", TITLES_CSV), allow_empty_titles=True)
+    tsv_data = load_dataset(_write(tmp_path, "MicroLens_pairs.tsv", PAIRS_TSV),
+                            _write(tmp_path, "MicroLens_title_en.tsv", TITLES_TSV), allow_empty_titles=True)
+    # user 9 has one interaction (< 5) and item 30 occurs nowhere: both dropped by the protocol
+    assert csv_data.user_ids == tsv_data.user_ids == ["7", "8"]
+    assert csv_data.item_ids == tsv_data.item_ids == [""] + [i for i, _ in TITLES[:-1]]
+    assert csv_data.titles[1] == 'Cats, dogs and a "quoted" word' and csv_data.titles[2] == ""
+    assert csv_data.titles == tsv_data.titles
+    expected = np.zeros((2, 13), dtype=np.int64)
+    expected[0, 8:] = [1, 2, 3, 4, 5]  # 10, 11, 12, 13, 14 by timestamp
+    expected[1, 8:] = [6, 7, 1, 8, 9]  # 20, 21, 10, 22, 23; the tie at t=8 keeps file order
+    assert np.array_equal(csv_data.padded, expected) and np.array_equal(tsv_data.padded, expected)
+
+
+def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
+    titles = _write(tmp_path, "t.csv", TITLES_CSV)
+    pairs = _write(tmp_path, "p.csv", PAIRS_CSV)
+    with pytest.raises(DataError, match=r"t.csv:3: empty title for item '11' \(pass --allow-empty-titles"):
+        load_dataset(pairs, titles)
+    bad = _write(tmp_path, "bad.csv", "user,item\n7,10\n")
+    with pytest.raises(DataError, match=r"bad.csv:1: no timestamp column in the header \['user', 'item'\]"):
+        load_dataset(bad, titles, allow_empty_titles=True)
+    bad = _write(tmp_path, "bad2.csv", "user,item,timestamp\n7,10,soon\n")
+    with pytest.raises(DataError, match=r"bad2.csv:2: timestamp 'soon' is not a number"):
+        load_dataset(bad, titles, allow_empty_titles=True)

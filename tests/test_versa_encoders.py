@@ -1,0 +1,174 @@
+"""IISAN-Versa encoders: decoder LLMs and other vision transformers through AutoModel, pooling by hand,
+padding invariance, precision, and one-line errors for encoders that cannot feed a SAN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from iisan.backbones import (
+    EncoderError,
+    FrozenEncoder,
+    group_layers,
+    load_image_encoder,
+    load_text_encoder,
+    pixels_to_input,
+    resolve_encoder_dtype,
+    tokenize_titles,
+)
+from iisan.cli import main
+
+TITLES = ["", "Red lamp with a big shade", "blue chair", "Green table, small and round", "x"]
+
+
+def _hidden(enc, ids, mask):
+    with torch.no_grad():
+        return enc.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("name,depth,width", [("llama48x6", 6, 48), ("qwen2_40x3", 3, 40),
+                                              ("gpt2_24x4", 4, 24)])
+def test_decoder_llm_pools_the_masked_mean_by_default(towers, name, depth, width):
+    enc = load_text_encoder(towers[name])
+    assert (enc.depth, enc.width, enc.pooling) == (depth, width, "mean")
+    assert enc.tokenizer.pad_token is not None and enc.tokenizer.padding_side == "right"  # GPT-2 ships no pad
+    assert enc.layers == group_layers(depth, 6) and enc.dtype == torch.float32
+    ids, mask = tokenize_titles(enc.tokenizer, TITLES, 16)
+    assert mask[0].sum() == 0 and mask[1:].sum(1).min() > 0  # row 0 is the padding item
+    with torch.no_grad():
+        states = enc.layer_states(input_ids=ids, attention_mask=mask)  # (5, depth + 1, width)
+    hidden = _hidden(enc, ids, mask)
+    for row in range(1, len(TITLES)):
+        n = int(mask[row].sum())  # right padding: real tokens are the first n
+        for j, layer in enumerate(enc.layers):
+            torch.testing.assert_close(states[row, j], hidden[layer][row, :n].mean(0))
+    assert states[0].abs().sum() == 0  # no real token: zeros, not the padding's states
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("name", ["llama48x6", "qwen2_40x3", "gpt2_24x4"])
+def test_decoder_pooled_state_ignores_appended_padding(towers, name, pooling):
+    enc = load_text_encoder(towers[name], pooling=pooling)
+    short = tokenize_titles(enc.tokenizer, TITLES, 32)
+    long = tokenize_titles(enc.tokenizer, TITLES, 64)  # the same titles with 32 more padding tokens
+    assert short[1].sum(1).max() < 32  # nothing truncated
+    assert torch.equal(short[0], long[0][:, :32]) and long[1][:, 32:].sum() == 0
+    with torch.no_grad():
+        a = enc.layer_states(input_ids=short[0], attention_mask=short[1])
+        b = enc.layer_states(input_ids=long[0], attention_mask=long[1])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if pooling == "last":
+        hidden = _hidden(enc, *short)
+        n = int(short[1][2].sum())
+        torch.testing.assert_close(a[2, -1], hidden[enc.layers[-1]][2, n - 1])
+    # the authors' draft averaged over every position, padding included: that does move
+    hidden_a, hidden_b = _hidden(enc, *short)[-1], _hidden(enc, *long)[-1]
+    assert (hidden_a[1:].mean(1) - hidden_b[1:].mean(1)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,family,depth,width", [("vit24x3", "vit", 3, 24), ("deit40x4", "deit", 4, 40),
+                                                     ("dinov2_32x5", "dinov2", 5, 32),
+                                                     ("clip24x3", "clip_vision_model", 3, 24)])
+def test_image_towers_give_the_cls_of_each_selected_layer(towers, name, family, depth, width):
+    enc = load_image_encoder(towers[name])
+    assert (enc.model.config.model_type, enc.depth, enc.width) == (family, depth, width)
+    assert enc.norm["size"] == 32  # the crop side for DeiT/DINOv2/CLIP processors, not their resize side
+    pixels = pixels_to_input(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8), enc.norm)
+    with torch.no_grad():
+        states = enc.layer_states(pixel_values=pixels)
+        hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert states.shape == (2, len(enc.layers), width) and len(hidden) == depth + 1
+    for j, layer in enumerate(enc.layers):
+        torch.testing.assert_close(states[:, j], hidden[layer][:, 0])
+
+
+def test_group_layer_dropping_feeds_seven_blocks_from_any_depth():
+    assert group_layers(32, 6) == (0, 5, 11, 16, 21, 27, 32)  # LLaMA-7B/8B
+    assert group_layers(80, 6) == (0, 13, 27, 40, 53, 67, 80)  # LLaMA-3-70B
+    assert group_layers(12, 6) == (0, 2, 4, 6, 8, 10, 12)  # ViT-B: IISAN's list
+
+
+def test_half_checkpoints_load_in_fp32_on_cpu_and_in_their_own_precision_on_gpu(towers, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    half = tmp_path / "llama-bf16"
+    AutoModel.from_pretrained(towers["llama48x6"]).to(torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(towers["llama48x6"]).save_pretrained(half)
+    assert load_text_encoder(str(half)).dtype == torch.float32  # transformers 5 alone would keep bf16
+    assert resolve_encoder_dtype("auto", str(half), "text", torch.device("cpu")) == torch.float32
+    assert resolve_encoder_dtype("auto", str(half), "text", torch.device("cuda")) == torch.bfloat16
+    assert resolve_encoder_dtype("auto", towers["vit24x3"], "image", torch.device("cuda")) == torch.float32
+    assert resolve_encoder_dtype("float16", towers["vit24x3"], "image", torch.device("cpu")) == torch.float16
+
+
+class _NoHiddenStates(torch.nn.Module):
+    """An encoder that ignores ``output_hidden_states`` (returns only its last state)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=self.embed(input_ids))
+
+
+def test_encoder_without_hidden_states_is_one_line():
+    from transformers import BertConfig
+
+    model = _NoHiddenStates(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
+    enc = FrozenEncoder(model, "text", (0, 2), "mean", name="no-states")
+    with pytest.raises(EncoderError, match=r"^no-states returns no hidden states") as info:
+        enc.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    assert "\n" not in str(info.value)
+
+
+def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys):
+    """Through AutoModel and ``iisan cache``, as a user would meet it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel, BertConfig, PreTrainedModel
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class NoStatesConfig(BertConfig):
+        model_type = "iisan_test_nostates"
+
+    class NoStatesModel(PreTrainedModel):
+        config_class = NoStatesConfig
+        base_model_prefix = "nostates"
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):  # ignores output_hidden_states
+            return BaseModelOutput(last_hidden_state=self.embed(input_ids))
+
+    try:
+        AutoConfig.register("iisan_test_nostates", NoStatesConfig)
+        AutoModel.register(NoStatesConfig, NoStatesModel)
+    except ValueError:
+        pass  # already registered by an earlier run in this process
+    folder = tmp_path / "nostates"
+    shutil.copytree(tiny["text_model"], folder)
+    NoStatesModel(NoStatesConfig(vocab_size=500, hidden_size=8, num_hidden_layers=2)).save_pretrained(folder)
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / "c"),
+              "--text-model", str(folder), "--towers", "text", "--modality", "intra", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any library warnings
+    assert info.value.code == 2
+    assert err.startswith(f"iisan: error: {folder} returns no hidden states")
+
+
+def test_layer_list_beyond_an_encoders_depth_from_the_command_line(tiny, towers, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
+              "--cache-dir", str(tmp_path / "c"), "--text-model", towers["llama48x6"], "--image-model",
+              towers["vit24x3"], "--image-layers", "0,2,4", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0
+    assert err == f"iisan: error: image ({towers['vit24x3']}) layers [0, 2, 4] do not fit an encoder with " \
+                  "3 layers (valid hidden-state indices are 0..3)"
