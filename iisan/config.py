@@ -99,7 +99,8 @@ class Config:
         ("auto", "on", "off"),
     )
     num_workers: int = _opt(4, "threads reading images from the LMDB (live feed, baselines, cache builds)")
-    eval_batch_size: int = _opt(1024, "users per evaluation chunk")
+    eval_batch_size: int = _opt(0, "users per evaluation chunk (0: 128 on CPU, where a chunk's score matrix "
+                                "should fit the cache, 2048 on GPU)")
     encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
     max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs)")
     out_dir: str = _opt("runs", "where run folders go")
@@ -128,13 +129,13 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
-                    "attention_heads", "batch_size", "epochs", "eval_batch_size", "encode_batch_size",
+                    "attention_heads", "batch_size", "epochs", "encode_batch_size",
                     "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
                     "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("patience", "num_workers", "max_steps_per_epoch"):
+        for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.drop_rate < 1.0:

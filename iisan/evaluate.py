@@ -29,10 +29,11 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
 def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor,
                  rank_repeated_targets: bool = False) -> torch.Tensor:
     """scores (U, N+1) over item indices (column 0 = padding), targets (U,), history (U, H) with 0 =
-    padding -> 1-based ranks (U,) as float; a masked target gets rank inf (a miss at every K)."""
+    padding -> 1-based ranks (U,) as float; a masked target gets rank inf (a miss at every K).
+    ``scores`` is overwritten (masked in place: one pass less over the largest array of evaluation)."""
     scores = scores.float()
     target_score = scores.gather(1, targets[:, None])  # (U, 1)
-    scores = scores.scatter(1, history, -math.inf)
+    scores.scatter_(1, history, -math.inf)
     if rank_repeated_targets:
         scores.scatter_(1, targets[:, None], target_score)  # the target keeps its own score
     else:
@@ -95,5 +96,5 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
     """The most-popular baseline under the same protocol (history masked, same ranks and metrics)."""
     _, targets, history = data.eval_split(split)
     pop = popularity_scores(data.train_sequences(), data.num_items)
-    return evaluate_scores(lambda sl: pop[None, :].expand(len(targets[sl]), -1), targets, history, batch_users,
+    return evaluate_scores(lambda sl: pop[None, :].repeat(len(targets[sl]), 1), targets, history, batch_users,
                            rank_repeated_targets)

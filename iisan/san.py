@@ -51,7 +51,8 @@ class IntraSAN(nn.Module):
         gates = self.gates()
         for k, block in enumerate(self.blocks):
             h = states[:, k]
-            s = block(h + s if gates is None else gates[k] * h + (1 - gates[k]) * s)
+            # lerp(s, h, g) = g * h + (1 - g) * s, in one kernel forward and backward
+            s = block(h + s if gates is None else torch.lerp(s, h, gates[k]))
         return s
 
 
@@ -92,7 +93,7 @@ class InterSAN(nn.Module):
                 txt = self.text_align[k](txt)
             if self.image_align is not None:
                 img = self.image_align[k](img)
-            mixed = img + txt if gates is None else gates[k] * img + (1 - gates[k]) * txt
+            mixed = img + txt if gates is None else torch.lerp(txt, img, gates[k])  # g * img + (1 - g) * txt
             s = self.blocks[k](s + mixed)
         return s
 

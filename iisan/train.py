@@ -166,10 +166,11 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
 
 def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
                    capturable: bool = False) -> torch.optim.Optimizer:
-    # Adam with torch defaults, no weight decay (authors). Fused on CUDA: one kernel per group;
+    # Adam with torch defaults, no weight decay (authors). Fused (one kernel per group) on CUDA and on
+    # the CPU, where it is ~3x faster than the per-parameter loop for IISAN's ~130 small tensors;
     # capturable keeps its step counter on the device so the update can live in a CUDA graph.
     cuda = device.type == "cuda"
-    return torch.optim.Adam(optimizer_groups(model, cfg), fused=cuda, capturable=cuda and capturable)
+    return torch.optim.Adam(optimizer_groups(model, cfg), fused=True, capturable=cuda and capturable)
 
 
 def use_compile(cfg: Config, device: torch.device) -> str:
@@ -237,9 +238,10 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     if table is None:
         table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)
-    lo, hi = chunk_block(len(targets), cfg.eval_batch_size, dist)
+    chunk = cfg.eval_batch_size or (2048 if device.type == "cuda" else 128)
+    lo, hi = chunk_block(len(targets), chunk, dist)
     ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
-                        cfg.eval_batch_size, cfg.rank_repeated_targets)
+                        chunk, cfg.rank_repeated_targets)
     ranks = gather_rows(ranks.to(table.device), dist).cpu()
     if len(ranks) != len(targets):
         raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")

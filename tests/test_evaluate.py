@@ -31,7 +31,7 @@ def test_ranks_mask_history_and_padding():
 def test_repeated_target_is_a_miss_unless_flag():
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
     targets, history = torch.tensor([1]), torch.tensor([[0, 1, 3]])  # target 1 repeats the history
-    assert rank_targets(scores, targets, history).tolist() == [math.inf]
+    assert rank_targets(scores.clone(), targets, history).tolist() == [math.inf]
     # with the flag the target keeps its score; item 3 is masked, so nothing beats it
     assert rank_targets(scores, targets, history, rank_repeated_targets=True).tolist() == [1.0]
 
