@@ -24,7 +24,8 @@ def random_encoders(size: str) -> dict[str, FrozenEncoder]:
 
     if size != "base":
         raise ValueError(f"unknown backbone size {size!r}")
-    bert, vit = base_architectures()
+    with torch.device("meta"):  # shapes only: counting needs no memory and no random initialisation
+        bert, vit = base_architectures()
     return {"text": FrozenEncoder(bert, "text", group_layers(12, 6)),
             "image": FrozenEncoder(vit, "image", group_layers(12, 6))}
 
@@ -54,7 +55,8 @@ def count(cfg: Config, random_backbones: str | None = None) -> dict:
         from .build import load_encoders
 
         encoders = load_encoders(cfg)
-    model = model_for_counting(cfg, encoders)
+    with torch.device("meta" if random_backbones else "cpu"):  # adapters on meta backbones stay on meta
+        model = model_for_counting(cfg, encoders)
     trainable, total = count_parameters(model)
     return {"method": METHOD_NAMES[cfg.method], "trainable": trainable, "total": total,
             "line": parameter_line(model)}
