@@ -37,6 +37,18 @@ def tiny(tmp_path_factory) -> dict:
             "image_model": str(image)}
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tiny, tmp_path_factory) -> str:
+    """An fp32 cache of the tiny data set (both towers), built once per session; read it, never write."""
+    from iisan.preprocess import build_cache_from_config
+
+    path = tmp_path_factory.mktemp("tiny-cache")
+    cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                 cache_dir=str(path), device="cpu", num_workers=0, progress=False)
+    build_cache_from_config(cfg, dtype="float32")
+    return str(path)
+
+
 @pytest.fixture()
 def tiny_config(tiny, tmp_path):
     """A Config on the tiny data; callers override fields with ``.replace``."""

@@ -9,15 +9,12 @@ import torch
 
 from iisan.build import build_model, load_data
 from iisan.cache import CacheError, read_metadata
-from iisan.preprocess import build_cache_from_config
 from iisan.train import item_table
 
 
 @pytest.fixture()
-def cached_cfg(tiny_config):
-    cfg = tiny_config()
-    build_cache_from_config(cfg, dtype="float32")
-    return cfg
+def cached_cfg(tiny_config, tiny_cache):
+    return tiny_config(cache_dir=tiny_cache)
 
 
 def test_cache_holds_selected_layers_as_one_contiguous_array(cached_cfg, tiny):

@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from iisan.build import build_model, load_data
-from iisan.preprocess import build_cache_from_config
 from iisan.train import make_optimizer, make_train_step, train, train_loader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def gpu_cache(tiny, tmp_path_factory):
-    from iisan.config import Config
-
-    path = tmp_path_factory.mktemp("gpu-cache")
-    cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
-                 cache_dir=str(path), device="cpu", num_workers=0, progress=False)
-    build_cache_from_config(cfg, dtype="float32")
-    return str(path)
 
 
 def run_steps(cfg, compiled, steps=6):
@@ -42,9 +30,9 @@ def run_steps(cfg, compiled, steps=6):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_cudagraph_step_trains_like_the_eager_step(tiny_config, gpu_cache):
+def test_cudagraph_step_trains_like_the_eager_step(tiny_config, tiny_cache):
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = tiny_config(cache_dir=gpu_cache, device="cuda", drop_rate=0.0, amp="none")
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", drop_rate=0.0, amp="none")
     eager_losses, eager_params = run_steps(cfg, "off")
     graph_losses, graph_params = run_steps(cfg, "cudagraph")
     assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
@@ -55,8 +43,8 @@ def test_cudagraph_step_trains_like_the_eager_step(tiny_config, gpu_cache):
 
 @pytest.mark.parametrize("overrides", [{"method": m} for m in ("fft", "adapter", "lora", "bitfit")] +
                          [{"method": "iisan", "feed": f} for f in ("live", "cached")])
-def test_every_setting_trains_in_bf16(tiny_config, gpu_cache, overrides):
-    cfg = tiny_config(cache_dir=gpu_cache, device="cuda", amp="bf16", **overrides)
+def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **overrides)
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, CUDA)
     step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
@@ -67,12 +55,12 @@ def test_every_setting_trains_in_bf16(tiny_config, gpu_cache, overrides):
             break
 
 
-def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, gpu_cache):
+def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, tiny_cache):
     from iisan.train import item_table
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = tiny_config(cache_dir=gpu_cache, device="cuda", amp="none")
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="none")
     data = load_data(cfg)
     torch.manual_seed(0)
     cached, _ = build_model(cfg, data, CUDA)
@@ -83,8 +71,8 @@ def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, gpu_cache):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_trainer_end_to_end_with_cuda_graphs(tiny_config, gpu_cache):
-    results = train(tiny_config(cache_dir=gpu_cache, device="cuda", epochs=2))
+def test_trainer_end_to_end_with_cuda_graphs(tiny_config, tiny_cache):
+    results = train(tiny_config(cache_dir=tiny_cache, device="cuda", epochs=2))
     assert results["step"]["compiled"] == "cudagraph" and results["step"]["amp"] == "bfloat16"
     assert all(math.isfinite(e["loss"]) for e in results["epochs"])
     assert results["peak_memory"]["max_allocated_gib"] > 0

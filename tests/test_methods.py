@@ -6,19 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iisan.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.build import build_model, load_data, optimizer_groups
 from iisan.peft_methods import TargetError, apply_adapters, apply_lora
-from iisan.preprocess import build_cache_from_config
 from iisan.train import TrainingError, load_weights, make_optimizer, make_train_step, save_weights, train_loader
-
-SETTINGS = {
-    "FFT": {"method": "fft"},
-    "Adapter": {"method": "adapter"},
-    "LoRA": {"method": "lora"},
-    "BitFit": {"method": "bitfit"},
-    "IISAN uncached": {"method": "iisan", "feed": "live"},
-    "IISAN cached": {"method": "iisan", "feed": "cached"},
-}
 
 
 def declared_trainable(name: str, method: str) -> bool:
@@ -36,20 +27,9 @@ def declared_trainable(name: str, method: str) -> bool:
     return False  # IISAN: backbones frozen
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny, tmp_path_factory):
-    from iisan.config import Config
-
-    path = tmp_path_factory.mktemp("cache")
-    cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
-                 cache_dir=str(path), device="cpu", num_workers=0, progress=False)
-    build_cache_from_config(cfg, dtype="float32")
-    return str(path)
-
-
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_config, cache_dir, tmp_path):
-    cfg = tiny_config(cache_dir=cache_dir, **SETTINGS[setting])
+def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_config, tiny_cache, tmp_path):
+    cfg = tiny_config(cache_dir=tiny_cache, **SETTINGS[setting])
     data = load_data(cfg)
     torch.manual_seed(0)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
@@ -134,8 +114,8 @@ def test_target_that_matches_nothing_lists_existing_modules(tiny):
     assert len(apply_adapters(text.model, 4, ["value"])) == 2
 
 
-def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, cache_dir):
-    cfg = tiny_config(cache_dir=cache_dir)
+def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, tiny_cache):
+    cfg = tiny_config(cache_dir=tiny_cache)
     data = load_data(cfg)
     torch.manual_seed(0)
     cached, _ = build_model(cfg, data, torch.device("cpu"))
@@ -169,7 +149,7 @@ def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_
     assert (pixels([row]) == 0).all()
 
 
-def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache_dir, monkeypatch):
+def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_cache, monkeypatch):
     import iisan.loop as loop_module
     import iisan.train as train_module
 
@@ -181,4 +161,4 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, cache
 
     monkeypatch.setattr(loop_module, "make_train_step", exploding_step)
     with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
-        train_module.train(tiny_config(cache_dir=cache_dir))
+        train_module.train(tiny_config(cache_dir=tiny_cache))

@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from iisan.build import build_model, load_data, optimizer_groups
-from iisan.preprocess import build_cache_from_config
 from iisan.train import load_weights, make_optimizer, make_train_step, train, train_loader
 
 
 @pytest.fixture()
-def cached_cfg(tiny_config):
-    cfg = tiny_config()
-    build_cache_from_config(cfg, dtype="float32")
-    return cfg
+def cached_cfg(tiny_config, tiny_cache):
+    return tiny_config(cache_dir=tiny_cache)
 
 
 def test_cached_training_writes_results_and_best_weights(cached_cfg):
