@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .backbones import (
@@ -198,7 +197,3 @@ def parameter_line(model: torch.nn.Module) -> str:
     """peft's canonical line."""
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-
-
-def all_item_indices(data: SeqRecData) -> np.ndarray:
-    return np.arange(data.num_items + 1, dtype=np.int64)

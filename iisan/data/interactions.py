@@ -164,11 +164,6 @@ class SeqRecData:
         prob[0] = 1.0
         return prob
 
-    def item_rows(self, ids: list[str]) -> np.ndarray:
-        """(N + 1,) position of every dataset item in ``ids`` (e.g. a cache's item order); -1 if absent."""
-        where = {item_id: row for row, item_id in enumerate(ids)}
-        return np.array([-1] + [where.get(i, -1) for i in self.item_ids[1:]], dtype=np.int64)
-
     def stats(self) -> dict[str, int]:
         return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions}
 
