@@ -16,4 +16,5 @@ def test_no_pickle_and_no_unsafe_torch_load():
         assert not re.search(r"^\s*(import pickle|from pickle|import cPickle)|pickle\.loads?\(", text, re.M), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
-        assert "os.system(" not in text and "shell=True" not in text, path
+        shell_calls = ("os." + "system(", "shell" + "=True")  # spelt apart so this file does not match itself
+        assert not any(call in text for call in shell_calls), path
