@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)"; } | tee "$OUT/gpu.txt"
 start=$(date +%s)
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 echo "gpu tests: $(( $(date +%s) - start )) s"
 python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" --data "${DATA:-scientific}" \
   --device "${DEVICE:-cuda}" --settings "${SETTINGS:-equal,paper}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --workers "${WORKERS:-8}" \
