@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import time
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,11 +35,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
-    """Seconds per training step (timed alone) and per epoch, peak memory and parameters of ``cfg``."""
-    from .build import amp_dtype, build_model, count_parameters, load_data, resolve_device
-    from .runinfo import device_name
-    from .train import make_optimizer, make_train_step, peak_memory, train_loader, use_compile, use_dedup
+@dataclass
+class TrainingSetup:
+    """What measuring (or profiling) a method's training step needs, built exactly as the trainer does."""
+
+    cfg: Config
+    data: object  # SeqRecData
+    model: torch.nn.Module
+    pixels: object  # PixelSource or None
+    step: object  # train.make_train_step's step: batch -> loss
+    device: torch.device
+    amp: torch.dtype | None
+    compiled: str
+
+    def full_batches(self):
+        """Endless full-size batches on the device (the timed steps must all have the measured shape)."""
+        from .train import train_loader, use_dedup
+
+        cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
+        while True:
+            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, self.compiled),
+                                      self.pixels):
+                if len(batch.seq) == cfg.batch_size:
+                    yield batch.to(self.device)
+            epoch += 1
+
+
+def training_setup(cfg: Config) -> TrainingSetup:
+    """The model, optimizer and step of ``cfg``, in training mode."""
+    from .build import amp_dtype, build_model, load_data, resolve_device
+    from .train import make_optimizer, make_train_step, use_compile
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -48,28 +74,30 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     compiled = use_compile(cfg, device)
     optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
     step = make_train_step(model, optimizer, amp, device, compiled)
-    sequences = data.train_sequences()
-    steps_per_epoch = math.ceil(len(sequences) / cfg.batch_size)
-
-    def batches():
-        epoch = 0
-        while True:  # full batches only: the timed steps must all have the measured shape
-            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, compiled), pixels):
-                if len(batch.seq) == cfg.batch_size:
-                    yield batch
-            epoch += 1
-
     model.train()
-    stream = batches()
+    return TrainingSetup(cfg, data, model, pixels, step, device, amp, compiled)
+
+
+def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
+    """Seconds per training step (timed alone) and per epoch, peak memory and parameters of ``cfg``."""
+    from .build import count_parameters
+    from .runinfo import device_name
+    from .train import peak_memory
+
+    setup = training_setup(cfg)
+    data, model, step, device, amp, compiled = (setup.data, setup.model, setup.step, setup.device, setup.amp,
+                                                 setup.compiled)
+    steps_per_epoch = math.ceil(data.num_users / cfg.batch_size)
+    stream = setup.full_batches()
     for _ in range(warmup):
-        step(next(stream).to(device))
+        step(next(stream))
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
-        losses.append(step(next(stream).to(device)))
+        losses.append(step(next(stream)))
     _sync(device)
     elapsed = time.perf_counter() - start
     if getattr(step, "failed", False):

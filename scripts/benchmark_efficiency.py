@@ -64,6 +64,20 @@ def batch_size(setting: str, method: str, equal_batch: int) -> int:
     return equal_batch if setting == "equal" else METHOD_DEFAULTS[method]["batch_size"]
 
 
+def method_config(base: dict, label: str, batch: int | None = None) -> Config:
+    """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
+    setting (``SETTINGS[label]``) and, if given, a batch size."""
+    overrides = SETTINGS[label]
+    return Config(**{**base, **METHOD_DEFAULTS[overrides["method"]], **overrides,
+                     **({"batch_size": batch} if batch else {})})
+
+
+def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) -> dict:
+    """What every row shares: data and encoder paths, the cache folder, device and precision settings."""
+    return dict(paths, cache_dir=str(work / f"cache-{data}-{backbones}"), progress=False, encode_batch_size=512,
+                **settings)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", choices=("tiny", "base"), default="tiny")
@@ -93,9 +107,8 @@ def main(argv=None) -> None:
 
     work = Path(args.work)
     paths = prepare(work, args.data, args.backbones)
-    cache_dir = work / f"cache-{args.data}-{args.backbones}"
-    base = dict(paths, cache_dir=str(cache_dir), device=args.device, amp=args.amp, num_workers=args.workers,
-                progress=False, encode_batch_size=512)
+    base = base_config(paths, work, args.data, args.backbones, device=args.device, amp=args.amp,
+                       num_workers=args.workers)
     cache_row = None
     if "IISAN (cached)" in labels:
         log.info("building the cache (timed)")
@@ -107,10 +120,7 @@ def main(argv=None) -> None:
     for setting in settings:
         rows, configs = [], {}
         for label in labels:
-            overrides = SETTINGS[label]
-            method = overrides["method"]
-            cfg = Config(**{**base, **METHOD_DEFAULTS[method], **overrides,
-                            "batch_size": batch_size(setting, method, args.equal_batch)})
+            cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], args.equal_batch))
             key = (label, cfg.batch_size)
             if key not in measured:
                 log.info("%s | %s | batch %d", setting, label, cfg.batch_size)
