@@ -91,3 +91,18 @@ def towers(tiny, tmp_path_factory) -> dict:
         out[name] = str(write_image_tower(root / name, family, hidden=hidden, layers=layers, image_size=32,
                                           patch_size=8, seed=4))
     return out
+
+
+def cached_and_live_tables(cfg: Config, device: torch.device):
+    """Item tables of the same model fed from the cache and from the live encoders, and the cached
+    model: both built from one seed, the live one given the cached one's trainable weights."""
+    from iisan.build import build_model, load_data
+    from iisan.train import item_table
+
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    cached, _ = build_model(cfg, data, device)
+    live, pixels = build_model(cfg.replace(feed="live"), data, device)
+    live.load_state_dict(cached.state_dict(), strict=False)
+    return (item_table(cached, data.num_items, 16, None, device), item_table(live, data.num_items, 16, pixels, device),
+            cached)

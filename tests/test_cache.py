@@ -9,7 +9,8 @@ import torch
 
 from iisan.build import build_model, load_data
 from iisan.cache import CacheError, read_metadata
-from iisan.train import item_table
+
+from .conftest import cached_and_live_tables
 
 
 @pytest.fixture()
@@ -33,16 +34,8 @@ def test_cache_holds_selected_layers_as_one_contiguous_array(cached_cfg, tiny):
 
 
 def test_cached_and_live_feeds_give_the_same_item_embeddings(cached_cfg):
-    data = load_data(cached_cfg)
-    torch.manual_seed(0)
-    cached, _ = build_model(cached_cfg, data, torch.device("cpu"))
-    torch.manual_seed(0)
-    live_cfg = cached_cfg.replace(feed="live")
-    live, pixels = build_model(live_cfg, data, torch.device("cpu"))
-    live.load_state_dict(cached.state_dict(), strict=False)
-    a = item_table(cached, data.num_items, 16, None, torch.device("cpu"))
-    b = item_table(live, data.num_items, 16, pixels, torch.device("cpu"))
-    assert a.shape == (data.num_items + 1, 64)
+    a, b, _ = cached_and_live_tables(cached_cfg, torch.device("cpu"))
+    assert a.shape == (load_data(cached_cfg).num_items + 1, 64)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # and the SAN tower really depends on the states (not a constant)
     assert a[1:].std(0).mean() > 1e-3

@@ -11,6 +11,8 @@ import torch
 from iisan.build import build_model, load_data
 from iisan.train import make_optimizer, make_train_step, train, train_loader
 
+from .conftest import cached_and_live_tables
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
 
@@ -56,18 +58,9 @@ def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
 
 
 def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, tiny_cache):
-    from iisan.train import item_table
-
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="none")
-    data = load_data(cfg)
-    torch.manual_seed(0)
-    cached, _ = build_model(cfg, data, CUDA)
-    live, pixels = build_model(cfg.replace(feed="live"), data, CUDA)
-    live.load_state_dict(cached.state_dict(), strict=False)
-    a = item_table(cached, data.num_items, 16, None, CUDA)
-    b = item_table(live, data.num_items, 16, pixels, CUDA)
+    a, b, _ = cached_and_live_tables(tiny_config(cache_dir=tiny_cache, device="cuda", amp="none"), CUDA)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

@@ -138,18 +138,12 @@ def test_asymmetric_pair_trains_with_finite_loss(pair, towers, tiny_config, caps
 
 
 def test_decoder_pair_cached_and_live_feeds_give_the_same_item_embeddings(towers, tiny_config):
-    from iisan.build import build_model, load_data
     from iisan.preprocess import build_cache_from_config
-    from iisan.train import item_table
+
+    from .conftest import cached_and_live_tables
 
     cfg = tiny_config(text_model=towers["llama48x6"], image_model=towers["deit40x4"])
     build_cache_from_config(cfg, dtype="float32")
-    data, cpu = load_data(cfg), torch.device("cpu")
-    torch.manual_seed(0)
-    cached, _ = build_model(cfg, data, cpu)
-    live, pixels = build_model(cfg.replace(feed="live"), data, cpu)
-    live.load_state_dict(cached.state_dict(), strict=False)
-    a = item_table(cached, data.num_items, 16, None, cpu)
-    b = item_table(live, data.num_items, 16, pixels, cpu)
+    a, b, cached = cached_and_live_tables(cfg, torch.device("cpu"))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert cached.item_encoder.tower.inter.text_align is not None  # 48 -> 40: the text side is mapped

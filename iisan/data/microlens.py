@@ -33,33 +33,36 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
     raise DataError(f"{path}:1: no {what} column in the header {header} (expected one of {', '.join(names)})")
 
 
+def _read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """``(header, [(line number, row)])`` of a CSV file with a header; blank rows skipped."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise DataError(f"{what} file {path} is empty")
+    return rows[0], [(n, row) for n, row in enumerate(rows[1:], 2) if row and "".join(row).strip()]
+
+
 def read_pairs_csv(path: str | Path) -> list[tuple[str, list[str]]]:
     """``user,item,timestamp`` rows -> ``[(user_id, items oldest first)]`` in order of first appearance.
 
     Each user's items are sorted by timestamp; ties keep file order (a stable sort)."""
     path = Path(path)
     events: dict[str, list[tuple[float, int, str]]] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"pairs file {path} is empty")
-        u = _column(header, USER_COLUMNS, path, "user")
-        i = _column(header, ITEM_COLUMNS, path, "item")
-        t = _column(header, TIME_COLUMNS, path, "timestamp")
-        for lineno, row in enumerate(reader, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) <= max(u, i, t):
-                raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
-            try:
-                stamp = float(row[t])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number") from None
-            user, item = row[u].strip(), row[i].strip()
-            if not user or not item:
-                raise DataError(f"{path}:{lineno}: empty user or item id")
-            events.setdefault(user, []).append((stamp, lineno, item))
+    header, rows = _read_csv(path, "pairs")
+    u = _column(header, USER_COLUMNS, path, "user")
+    i = _column(header, ITEM_COLUMNS, path, "item")
+    t = _column(header, TIME_COLUMNS, path, "timestamp")
+    for lineno, row in rows:
+        if len(row) <= max(u, i, t):
+            raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
+        try:
+            stamp = float(row[t])
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number") from None
+        user, item = row[u].strip(), row[i].strip()
+        if not user or not item:
+            raise DataError(f"{path}:{lineno}: empty user or item id")
+        events.setdefault(user, []).append((stamp, lineno, item))
     if not events:
         raise DataError(f"pairs file {path} holds no interactions")
     return [(user, [item for _, _, item in sorted(rows)]) for user, rows in events.items()]
@@ -68,18 +71,12 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, list[str]]]:
 def read_titles_csv(path: str | Path) -> list[tuple[int, str, str]]:
     """``item,title`` rows (header, CSV quoting) -> ``[(line, item_id, title)]`` in file order."""
     path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"titles file {path} is empty")
-        i = _column(header, ITEM_COLUMNS, path, "item")
-        t = _column(header, ("title", "title_en", "name"), path, "title")
-        for lineno, row in enumerate(reader, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) <= i:
-                raise DataError(f"{path}:{lineno}: expected item,title, found {row!r}")
-            rows.append((lineno, row[i].strip(), row[t] if len(row) > t else ""))
-    return rows
+    header, rows = _read_csv(path, "titles")
+    i = _column(header, ITEM_COLUMNS, path, "item")
+    t = _column(header, ("title", "title_en", "name"), path, "title")
+    titles = []
+    for lineno, row in rows:
+        if len(row) <= i:
+            raise DataError(f"{path}:{lineno}: expected item,title, found {row!r}")
+        titles.append((lineno, row[i].strip(), row[t] if len(row) > t else ""))
+    return titles
