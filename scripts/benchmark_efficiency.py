@@ -93,6 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=str(ROOT / "bench_data"), help="synthetic data, encoders, caches")
     parser.add_argument("--out", default=str(ROOT / "results" / "efficiency"))
     parser.add_argument("--tag", default="", help="file-name tag (default: backbones-data-device)")
+    parser.add_argument("--figs", default=str(ROOT / "figs"), help="where the figures go")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
     if not args.no_plots:
         from plot_figures import main as plot
 
-        plot(["--results", *map(str, written), "--figs", str(ROOT / "figs")])
+        plot(["--results", *map(str, written), "--figs", args.figs])
 
 
 def device_tag(device: str) -> str:

@@ -1,0 +1,100 @@
+"""The efficiency benchmark: TPME against hand-computed values, one measured row, the script's files,
+and the GPU diagnosis script's dry run (the script a lent GPU runs first must not fail there)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from iisan.bench import add_tpme, in_fresh_process, measure_training
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def row(label: str, seconds: float, params: int, gib: float) -> dict:
+    return {"label": label, "epoch_seconds": seconds, "trainable_params": params,
+            "memory": {"max_allocated_gib": gib, "max_reserved_gib": gib}}
+
+
+def test_tpme_by_hand():
+    rows = add_tpme([row("a", 10, 100, 2.0), row("b", 20, 300, 6.0), row("c", 30, 200, 3.0)])
+    # time (0, .5, 1), params (0, 1, .5), memory (0, 1, .25) -> .45 t + .1 p + .45 m
+    assert [r["tpme"] for r in rows] == pytest.approx([0.0, 0.45 * 0.5 + 0.1 + 0.45, 0.45 + 0.05 + 0.45 * 0.25])
+    assert rows[2]["tpme_terms"] == pytest.approx({"time": 1.0, "params": 0.5, "memory": 0.25})
+
+
+def test_tpme_constant_column_and_failed_rows():
+    failed = {"label": "oom", "error": "TrainingError: batch_size=32 does not fit"}
+    rows = add_tpme([row("a", 10, 5, 1.0), failed, row("b", 30, 5, 1.0)])
+    assert rows[0]["tpme_terms"] == {"time": 0.0, "params": 0.0, "memory": 0.0}
+    assert rows[2]["tpme"] == pytest.approx(0.45)  # only time varies
+    assert "tpme" not in rows[1]
+    cpu = [{"label": "x", "epoch_seconds": 1.0, "trainable_params": 1, "memory": {"peak_rss_gib": 3.0}},
+           {"label": "y", "epoch_seconds": 1.0, "trainable_params": 1, "memory": {"peak_rss_gib": 5.0}}]
+    assert [r["tpme"] for r in add_tpme(cpu)] == pytest.approx([0.0, 0.45])  # CPU: resident memory
+
+
+def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
+    cfg = tiny_config(cache_dir=tiny_cache, method="iisan", feed="cached", batch_size=16)
+    out = measure_training(cfg, warmup=1, steps=2)
+    assert out["loss_finite"] and out["timed_steps"] == 2 and out["compiled"] == "off"
+    assert out["steps_per_epoch"] == math.ceil(out["users"] / 16) == 10
+    assert out["epoch_seconds"] == pytest.approx(out["seconds_per_step"] * 10)
+    assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
+    assert out["memory"]["peak_rss_gib"] > 0
+
+
+def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
+    out = in_fresh_process("measure_training", tiny_config(users="/nonexistent/users.tsv"), warmup=1, steps=1)
+    assert out["error"].startswith("DataError") and "/nonexistent/users.tsv" in out["error"]
+
+
+def test_benchmark_script_writes_json_table_and_figure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import benchmark_efficiency
+
+    benchmark_efficiency.main(["--methods", "BitFit", "--settings", "paper", "--warmup", "1", "--steps", "1",
+                               "--workers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                               "--figs", str(tmp_path / "figs"), "--tag", "t"])
+    payload = json.loads((tmp_path / "out" / "t-paper.json").read_text())
+    (bitfit,) = payload["rows"]
+    assert "error" not in bitfit, bitfit.get("traceback")
+    assert bitfit["method"] == "BitFit" and bitfit["batch_size"] == 32 and bitfit["tpme"] == 0.0
+    assert payload["configs"]["BitFit"]["method"] == "bitfit" and payload["versions"]["torch"]
+    assert "| BitFit | 32 |" in (tmp_path / "out" / "t-paper.md").read_text()
+    # figures are named after the results folder (here "out") and the JSON
+    assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
+
+
+def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.setattr(sys, "argv", ["gpu_diagnose.py"])
+    import gpu_diagnose
+
+    out = tmp_path / "diagnose.json"
+    gpu_diagnose.main(["--size", "tiny", "--device", "cpu", "--fft-items", "4", "--frozen-items", "6",
+                       "--cache-batch", "5", "--iisan", "IISAN (uncached)", "--data", "demo", "--workers", "1",
+                       "--warmup", "0", "--reps", "1", "--work", str(tmp_path / "work"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    plain = report["plain"]
+    assert report["device"]["device"].startswith("CPU")
+    assert [r["items"] for r in plain["fft_step"]] == [4] and plain["cache_build_forward"][0]["items"] == 5
+    variants = plain["frozen_variants"]
+    assert [(v["weights"], v["attn"], v["hidden_states"]) for v in variants] == [
+        ("bfloat16", "sdpa", False), ("float32", "eager", False), ("float32", "sdpa", True),
+        ("float32", "sdpa", False)]
+    for r in plain["fft_step"] + plain["frozen_forward"] + variants:
+        assert "error" not in r and r["seconds_per_step"] > 0
+        assert r["epoch_seconds"] == pytest.approx(r["seconds_per_step"] * (378 if r in plain["fft_step"] else 189))
+    assert plain["patch_embedding"][0]["conv_seconds"] > 0
+    (live,) = report["iisan"]
+    assert "error" not in live, live["error"] if "error" in live else ""
+    assert live["batch_size"] == 64 and live["steps_per_epoch"] == 19 and live["items_per_batch"] > 64
+    assert live["linear_output_dtypes"] == {"float32": live["linear_output_dtypes"]["float32"]}  # CPU: no autocast
+    for key in ("pipeline_seconds_per_batch", "encoder_forward_seconds", "step_on_device_seconds",
+                "step_with_pipeline_seconds"):
+        assert live[key] > 0
