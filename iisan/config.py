@@ -24,6 +24,7 @@ def _opt(default, help: str, choices: tuple | None = None):
 
 
 METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
+SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # The paper's names, used in results files and tables.
 METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
 
@@ -103,6 +104,8 @@ class Config:
                                 "should fit the cache, 2048 on GPU)")
     encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
     max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs)")
+    smoke: bool = _opt(False, f"smoke run of the same config: at most {SMOKE_EPOCHS} epochs of at most "
+                       f"{SMOKE_STEPS} steps, full evaluation (checks the wiring before a long run)")
     out_dir: str = _opt("runs", "where run folders go")
     run_name: str = _opt("", "run folder name (default: method, feed and time)")
     progress: bool = _opt(True, "show progress bars")
@@ -154,6 +157,9 @@ class Config:
             layers = getattr(self, name)
             if layers is not None and (len(layers) == 0 or min(layers) < 0 or list(layers) != sorted(set(layers))):
                 raise ConfigError(f"{name}={list(layers)} must be distinct, increasing, non-negative indices")
+        if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift
+            self.epochs = min(self.epochs, SMOKE_EPOCHS)
+            self.max_steps_per_epoch = min(self.max_steps_per_epoch or SMOKE_STEPS, SMOKE_STEPS)
         if self.method != "iisan" and self.feed == "cached":
             # Baselines train through the backbones, so their states cannot be cached.
             self.feed = "live"

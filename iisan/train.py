@@ -318,7 +318,8 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.run_name or f"{cfg.method}-{cfg.feed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    smoke = "-smoke" if cfg.smoke else ""
+    return cfg.run_name or f"{cfg.method}-{cfg.feed}{smoke}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def train(cfg: Config) -> dict:

@@ -90,3 +90,15 @@ def test_learning_rate_groups_follow_the_authors(cached_cfg):
     assert {k: g["lr"] for k, g in groups.items()} == {"recsys": 2e-4, "image_net": 1e-4, "text_encoder": 5e-5,
                                                      "adapter_image": 1e-4, "adapter_text": 1e-4}
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_smoke_switch_shrinks_the_same_config(cached_cfg):
+    from iisan.config import Config
+
+    assert (Config(smoke=True).epochs, Config(smoke=True).max_steps_per_epoch) == (2, 5)
+    assert Config(smoke=True, epochs=1, max_steps_per_epoch=3).to_dict() == {
+        **Config(epochs=1, max_steps_per_epoch=3).to_dict(), "smoke": True}  # only ever shrinks
+    results = train(cached_cfg.replace(smoke=True, run_name="", batch_size=4))
+    assert [e["steps"] for e in results["epochs"]] == [5, 5]  # 160 users / 4 would be 40 steps
+    assert Path(results["run_dir"]).name.startswith("iisan-cached-smoke-")
+    assert set(results["test"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
