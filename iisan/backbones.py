@@ -264,11 +264,13 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (n, H, W, 3) -> normalised (n, 3, size, size) float, on the pixels' device.
+    """uint8 (n, H, W, 3) -> normalised (n, 3, size, size) float, contiguous, on the pixels' device.
 
     Equivalent to the authors' ToTensor + Normalize; resizes (bilinear) only when the store's size
-    differs from the model's."""
-    x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    differs from the model's. Contiguous on purpose: a plain permute of HWC pixels is channels-last,
+    which sends the patch embedding (a conv with 3 input channels) to cuDNN's NHWC kernels, a poor fit
+    for 3 channels, forward and, when the backbone trains, backward."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     if x.shape[-1] != norm["size"] or x.shape[-2] != norm["size"]:
         x = nn.functional.interpolate(x, size=(norm["size"], norm["size"]), mode="bilinear",
                                       align_corners=False, antialias=True)

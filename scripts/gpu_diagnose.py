@@ -107,8 +107,9 @@ def plain_models(size: str, device: torch.device, attn: str = "sdpa", dtype=torc
         small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      attn_implementation=attn)
         text_cfg, image_cfg = BertConfig(**small), ViTConfig(**small, image_size=224, patch_size=32)
-    text = BertModel(text_cfg, add_pooling_layer=False).to(device, dtype)
-    image = ViTModel(image_cfg, add_pooling_layer=False).to(device, dtype)
+    with device:  # initialised where they run: random init of 200 M parameters on a CPU takes seconds
+        text = BertModel(text_cfg, add_pooling_layer=False).to(dtype)
+        image = ViTModel(image_cfg, add_pooling_layer=False).to(dtype)
     return text, image
 
 
@@ -175,27 +176,40 @@ def plain_frozen_forward(size: str, n: int, device: torch.device, amp, warmup: i
 
 
 def plain_patch_embedding(size: str, n: int, device: torch.device, amp, warmup: int, reps: int) -> dict:
-    """The ViT patch embedding alone (a stride-16 conv with 3 input channels) against the same map as
-    unfold + matmul: a slow cuDNN choice for this conv would show here."""
+    """The ViT patch embedding alone (a stride-16 conv with 3 input channels): forward, and forward plus
+    the weight gradient (FFT), on contiguous (NCHW) pixels and on channels-last ones (what a permute of
+    HWC pixels gives); and the same map as unfold + matmul. A poor cuDNN choice for this conv shows here."""
     _, image = plain_models(size, device)
-    conv = image.embeddings.patch_embeddings.projection.eval()
-    pixels = plain_inputs(n, device, 2000)[0]
+    conv = image.embeddings.patch_embeddings.projection
+    nchw = plain_inputs(n, device, 2000)[0]
+    layouts = {"nchw": nchw, "channels_last": nchw.contiguous(memory_format=torch.channels_last)}
     p = conv.kernel_size[0]
-    weight = conv.weight.reshape(conv.out_channels, -1)
+    out = {"items": n}
 
-    @torch.no_grad()
-    def as_conv():
+    def forward(pixels):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             return conv(pixels)
+
+    for name, pixels in layouts.items():
+        with torch.no_grad():
+            out[f"conv_{name}_seconds"] = timed(lambda x=pixels: forward(x), device, warmup, reps)
+
+        def train_step(x=pixels):
+            forward(x).float().sum().backward()
+            conv.weight.grad = conv.bias.grad = None
+
+        out[f"conv_{name}_fwd_bwd_seconds"] = timed(train_step, device, warmup, reps)
+
+    weight = conv.weight.reshape(conv.out_channels, -1)
 
     @torch.no_grad()
     def as_matmul():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            patches = nn.functional.unfold(pixels, p, stride=p).transpose(1, 2)  # (n, patches, 3*p*p)
+            patches = nn.functional.unfold(nchw, p, stride=p).transpose(1, 2)  # (n, patches, 3*p*p)
             return patches @ weight.T + conv.bias
 
-    return {"items": n, "conv_seconds": timed(as_conv, device, warmup, reps),
-            "unfold_matmul_seconds": timed(as_matmul, device, warmup, reps)}
+    out["unfold_matmul_seconds"] = timed(as_matmul, device, warmup, reps)
+    return out
 
 
 def plain_section(args, device, amp, report) -> None:

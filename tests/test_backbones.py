@@ -48,3 +48,19 @@ def test_vit_final_cls_is_after_the_final_layernorm(tiny):
         last_state = enc.layer_states(pixel_values=x)[:, -1]
         final = enc.final_cls(pixel_values=x)
         torch.testing.assert_close(final, enc.model.layernorm(last_state))
+
+
+def test_pixels_become_contiguous_normalised_nchw():
+    from iisan.backbones import pixels_to_input
+
+    pixels = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.5, 0.25, 0.2], "size": 8}
+    x = pixels_to_input(pixels, norm)
+    assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32
+    # channels-last strides (what a plain permute gives) would send the patch conv to NHWC kernels
+    assert x.is_contiguous()
+    r, g, b = 200, 100, 0
+    pixels[1, 2, 5] = torch.tensor([r, g, b], dtype=torch.uint8)
+    x = pixels_to_input(pixels, norm)
+    assert x[1, :, 2, 5].tolist() == pytest.approx([(r / 255 - 0.5) / 0.5, (g / 255 - 0.4) / 0.25, (0 - 0.3) / 0.2])
+    assert pixels_to_input(pixels, {**norm, "size": 16}).shape == (3, 3, 16, 16)  # resized to the model's side

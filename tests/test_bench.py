@@ -90,7 +90,8 @@ def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
     for r in plain["fft_step"] + plain["frozen_forward"] + variants:
         assert "error" not in r and r["seconds_per_step"] > 0
         assert r["epoch_seconds"] == pytest.approx(r["seconds_per_step"] * (378 if r in plain["fft_step"] else 189))
-    assert plain["patch_embedding"][0]["conv_seconds"] > 0
+    patch = plain["patch_embedding"][0]
+    assert all(patch[f"conv_{m}{p}_seconds"] > 0 for m in ("nchw", "channels_last") for p in ("", "_fwd_bwd"))
     (live,) = report["iisan"]
     assert "error" not in live, live["error"] if "error" in live else ""
     assert live["batch_size"] == 64 and live["steps_per_epoch"] == 19 and live["items_per_batch"] > 64
