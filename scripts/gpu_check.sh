@@ -9,7 +9,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/iisan-gpu-out}
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the device image lacks (lmdb), carried as wheels
+# Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
+#   pip download lmdb==1.7.5 --python-version 3.12 --only-binary=:all: --no-deps -d .whl
+if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
