@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU (the `device` tool): the speed diagnosis (scripts/gpu_diagnose.py), GPU
 # tests, then the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
-# Scientific-shaped synthetic data). About 8 minutes on an H200; SETTINGS=paper shortens the benchmark.
+# Scientific-shaped synthetic data). SETTINGS=paper (one setting, not two) shortens the benchmark.
 # Writes gpu.txt, diagnose.json/.log, gpu_tests.log, bench.log and efficiency/*.json under $OUT.
 #   ONLY_DIAGNOSE=1 bash scripts/gpu_check.sh                                   # the diagnosis alone
 #   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out \
