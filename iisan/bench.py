@@ -11,7 +11,7 @@ import math
 import multiprocessing
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class TrainingSetup:
     device: torch.device
     amp: torch.dtype | None
     compiled: str
+    encoded: list[int] = field(default_factory=list)  # non-padding items per batch yielded, counted on the host
 
     def full_batches(self):
         """Endless full-size batches on the device (the timed steps must all have the measured shape)."""
@@ -57,6 +58,7 @@ class TrainingSetup:
             for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, self.compiled),
                                       self.pixels):
                 if len(batch.seq) == cfg.batch_size:
+                    self.encoded.append(int(np.count_nonzero(batch.items.ids.numpy())))
                     yield batch.to(self.device)
             epoch += 1
 
@@ -94,6 +96,7 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    setup.encoded.clear()
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -111,6 +114,8 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "epoch_seconds": elapsed / steps * steps_per_epoch,
         "timed_steps": steps,
+        # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
+        "items_per_step": float(np.mean(setup.encoded)),
         "warmup_steps": warmup,
         "compiled": compiled,
         "amp": str(amp).replace("torch.", "") if amp else "fp32",

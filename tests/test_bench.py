@@ -46,6 +46,13 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["epoch_seconds"] == pytest.approx(out["seconds_per_step"] * 10)
     assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
     assert out["memory"]["peak_rss_gib"] > 0
+    # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
+    from iisan.build import load_data
+    from iisan.train import train_loader
+
+    batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
+    distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
+    assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
 
 
 def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
@@ -65,7 +72,8 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path, monkeypatch):
     assert "error" not in bitfit, bitfit.get("traceback")
     assert bitfit["method"] == "BitFit" and bitfit["batch_size"] == 32 and bitfit["tpme"] == 0.0
     assert payload["configs"]["BitFit"]["method"] == "bitfit" and payload["versions"]["torch"]
-    assert "| BitFit | 32 |" in (tmp_path / "out" / "t-paper.md").read_text()
+    assert f"| BitFit | 32 | {bitfit['items_per_step']:.0f} | {bitfit['epoch_seconds']:.2f} |" in \
+        (tmp_path / "out" / "t-paper.md").read_text()
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
 
