@@ -61,6 +61,32 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def gpu_profile(run, device: torch.device, steps: int = 3, top: int = 8) -> dict:
+    """Over ``steps`` calls of ``run``: the share of wall time the GPU spends in kernels (near 1: the
+    kernels themselves are slow; well below: the host or the input pipeline keeps the GPU waiting) and
+    the costliest kernels. Empty on a CPU."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            sync(device)
+            wall = time.perf_counter() - start
+        kernels = sorted(((e.key, e.self_device_time_total) for e in prof.key_averages()
+                          if e.self_device_time_total > 0), key=lambda k: -k[1])
+    except Exception as err:  # the profiler is a help here, never a reason to lose the row
+        return {"profile_error": f"{type(err).__name__}: {err}"[:300]}
+    busy = sum(t for _, t in kernels) / 1e6  # microseconds -> seconds
+    return {"profiled_steps": steps, "wall_seconds_per_step": wall / steps, "kernel_seconds_per_step": busy / steps,
+            "gpu_busy": busy / wall if wall else None,
+            "top_kernels": [{"name": name[:140], "ms_per_step": t / 1e3 / steps} for name, t in kernels[:top]]}
+
+
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -144,7 +170,8 @@ def plain_fft_step(size: str, n: int, device: torch.device, amp, warmup: int, re
 
     reset(device)
     seconds = timed(step, device, warmup, reps)
-    return {"items": n, "seconds_per_step": seconds, "peak_allocated_gib": peak_gib(device)}
+    return {"items": n, "seconds_per_step": seconds, "peak_allocated_gib": peak_gib(device),
+            "profile": gpu_profile(step, device)}
 
 
 def plain_frozen_forward(size: str, n: int, device: torch.device, amp, warmup: int, reps: int,
@@ -279,6 +306,8 @@ def iisan_rows(args, label: str) -> dict:
     row["step_on_device_seconds"] = timed(lambda: setup.step(batches[next(turn) % len(batches)]), device,
                                           args.warmup, args.reps)
     row["step_with_pipeline_seconds"] = timed(lambda: setup.step(next(stream)), device, args.warmup, args.reps)
+    row["profile_step_with_pipeline"] = gpu_profile(lambda: setup.step(next(stream)), device)
+    row["profile_encoder_forward"] = gpu_profile(encode, device)
     row["peak_allocated_gib"] = peak_gib(device)
     row["steps_per_epoch"] = math.ceil(setup.data.num_users / setup.cfg.batch_size)
     row["epoch_seconds"] = row["step_with_pipeline_seconds"] * row["steps_per_epoch"]
