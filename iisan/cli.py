@@ -1,4 +1,4 @@
-"""``iisan`` command line: data-stats, build-lmdb, make-tiny-models, cache, train, demo, params.
+"""``iisan`` command line: data-stats, build-lmdb, make-tiny-models, cache, train, demo, params, results.
 
 Every training/caching flag is a ``Config`` field (``iisan train --help`` lists them). Bad input ends
 with one line on stderr (``iisan: error: ...``) and exit status 2.
@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .params import add_params_parser
+    from .report import add_results_parser
 
     add_params_parser(sub)
+    add_results_parser(sub)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""Tables of finished runs: one row per ``results.json`` found under the given folders.
+
+    iisan results runs/                          # markdown table of every run
+    iisan results runs/ --keys lr,seed --csv runs.csv
+    iisan results runs/ --average-seeds          # mean and standard deviation over seeds
+
+A sweep writes one run folder per grid point; this turns the folders into the table a paper reports.
+A results file that cannot be read is skipped, counted and named in the log, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
+
+
+def find_results(folders: list[str]) -> list[Path]:
+    """Every results.json under ``folders`` (a results.json itself is accepted too), sorted."""
+    found: list[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_file() and folder.name == "results.json":
+            found.append(folder)
+        elif folder.is_dir():
+            found += sorted(folder.rglob("results.json"))
+        else:
+            raise ConfigError(f"{folder} is neither a run folder nor a results.json")
+    if not found:
+        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they finish)")
+    return found
+
+
+def read_row(path: Path, keys: list[str]) -> dict:
+    """One table row from a results file; ``keys``: config keys shown as extra columns."""
+    results = json.loads(path.read_text())
+    cfg, test, valid = results["config"], results["test"], results["valid"]
+    memory = results.get("peak_memory", {})
+    row = {
+        "run": path.parent.name,
+        "method": results["method"],
+        "feed": results["feed"],
+        "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
+        **{k: str(cfg[k]) for k in keys},  # as configured (0.001, not 0.0010)
+        "best_epoch": results["best_epoch"],
+        "epochs": len(results["epochs"]),
+        "valid_hit@10": valid["hit@10"],
+        **{f"test_{m}": test[m] for m in METRICS},
+        "train_s_per_epoch": results["timing"]["train_seconds_per_epoch"],
+        "trainable_params": results["parameters"]["trainable"],
+        "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
+        "device": results["device"],
+    }
+    return row
+
+
+def collect(folders: list[str], keys: list[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Rows of every readable results file, and the (path, reason) of every skipped one."""
+    known = {f for f in Config.__dataclass_fields__}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help`")
+    rows, skipped = [], []
+    for path in find_results(folders):
+        try:
+            rows.append(read_row(path, keys))
+        except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            skipped.append((path, reason))
+            log.warning("skipping %s: %s", path, reason)
+    if skipped:
+        log.warning("%d of %d results files skipped", len(skipped), len(rows) + len(skipped))
+    return rows, skipped
+
+
+def average_seeds(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Rows that differ only in their seed (and run name) become one: metrics and times as mean and
+    sample standard deviation (none for a single seed), with the number of seeds."""
+    group_by = ["method", "feed", "data"] + [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row[k]) for k in group_by), []).append(row)
+    out = []
+    for members in groups.values():
+        merged = {k: members[0][k] for k in group_by}
+        merged["seeds"] = len(members)
+        for name in ["valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch"]:
+            values = np.array([m[name] for m in members], dtype=float)
+            merged[name] = float(values.mean())
+            merged[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None  # no spread from one
+        merged["trainable_params"] = members[0]["trainable_params"]
+        out.append(merged)
+    return out
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no readable results)\n"
+    columns = [c for c in rows[0] if not c.endswith("_std")]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            std = row.get(f"{c}_std")
+            cells.append(_cell(row[c]) + (f" ± {std:.4f}" if std is not None and c != "train_s_per_epoch" else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """All columns (standard deviations included), written atomically."""
+    path = Path(path)
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def add_results_parser(sub) -> None:
+    p = sub.add_parser("results", help="a table of finished runs (every results.json under the folders)")
+    p.add_argument("folders", nargs="+", help="run folders, folders of runs, or results.json files")
+    p.add_argument("--keys", default="", help="config keys shown as extra columns, e.g. lr,seed,batch_size")
+    p.add_argument("--average-seeds", action="store_true",
+                   help="one row per configuration: mean ± std over seeds (runs differing only in seed)")
+    p.add_argument("--sort", default="", help="column to sort by, descending (e.g. test_hit@10)")
+    p.add_argument("--csv", default="", help="also write the table (with standard deviations) to this CSV")
+    p.set_defaults(func=cmd_results)
+
+
+def cmd_results(args) -> None:
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    rows, _ = collect(args.folders, keys)
+    if args.average_seeds:
+        rows = average_seeds(rows, keys)
+    if args.sort:
+        if rows and args.sort not in rows[0]:
+            raise ConfigError(f"--sort {args.sort}: not a column; columns are {', '.join(rows[0])}")
+        rows.sort(key=lambda r: r[args.sort], reverse=True)
+    print(markdown(rows), end="")
+    if args.csv:
+        print(f"wrote {write_csv(rows, args.csv)}")

@@ -1,0 +1,92 @@
+"""``iisan results``: finished runs as one table, averaged over seeds, with unreadable files skipped."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iisan.cli import main
+from iisan.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tiny_cache, tmp_path_factory):
+    """Three finished tiny runs: two seeds at one learning rate, one seed at another."""
+    from iisan.config import Config
+
+    out = tmp_path_factory.mktemp("runs")
+    base = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                  cache_dir=tiny_cache, out_dir=str(out), device="cpu", num_workers=0, progress=False,
+                  batch_size=16, epochs=2, eval_batch_size=64)
+    results = [train(base.replace(run_name=f"lr{lr}-s{seed}", lr=lr, seed=seed))
+               for lr, seed in ((2e-4, 1), (2e-4, 2), (1e-3, 1))]
+    return out, results
+
+
+def table_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
+
+
+def test_one_row_per_run_with_its_own_numbers(runs, capsys, tmp_path):
+    out, results = runs
+    main(["results", str(out), "--keys", "lr,seed", "--csv", str(tmp_path / "t.csv")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert header[:6] == ["run", "method", "feed", "data", "lr", "seed"]
+    data = Path(results[2]["config"]["users"]).parent.name  # the data set's folder
+    assert rows[2][3:6] == [data, "0.001", "1"]  # keys as configured, not reformatted
+    assert [r[0] for r in rows] == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+    with open(tmp_path / "t.csv") as fh:
+        saved = list(csv.DictReader(fh))
+    for row, result in zip(saved, results):
+        assert float(row["test_hit@10"]) == pytest.approx(result["test"]["hit@10"])
+        assert float(row["test_ndcg@20"]) == pytest.approx(result["test"]["ndcg@20"])
+        assert int(row["best_epoch"]) == result["best_epoch"] and row["method"] == "IISAN"
+        assert int(row["epochs"]) == 2 and float(row["seed"]) == result["config"]["seed"]
+
+
+def test_average_over_seeds_by_hand(runs, capsys, tmp_path):
+    out, results = runs
+    main(["results", str(out), "--keys", "lr,seed", "--average-seeds", "--csv", str(tmp_path / "m.csv")])
+    capsys.readouterr()
+    with open(tmp_path / "m.csv") as fh:
+        saved = {row["lr"]: row for row in csv.DictReader(fh)}
+    assert set(saved) == {"0.0002", "0.001"}
+    pair = np.array([r["test"]["hit@10"] for r in results[:2]])
+    assert int(saved["0.0002"]["seeds"]) == 2 and int(saved["0.001"]["seeds"]) == 1
+    assert float(saved["0.0002"]["test_hit@10"]) == pytest.approx(pair.mean())
+    assert float(saved["0.0002"]["test_hit@10_std"]) == pytest.approx(pair.std(ddof=1))
+    assert saved["0.001"]["test_hit@10_std"] == ""  # one seed: no spread to report
+
+
+def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, caplog):
+    out, _ = runs
+    broken = tmp_path / "broken-run" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text('{"method": "IISAN", ')
+    partial = tmp_path / "partial-run" / "results.json"
+    partial.parent.mkdir()
+    partial.write_text(json.dumps({"method": "IISAN"}))
+    main(["results", str(out), str(tmp_path)])
+    rows = table_rows(capsys.readouterr().out)[1:]
+    assert len(rows) == 3
+    assert "2 of 5 results files skipped" in caplog.text
+    assert "broken-run/results.json: JSONDecodeError" in caplog.text and "partial-run" in caplog.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["results", "/nonexistent/runs"], "/nonexistent/runs is neither a run folder nor a results.json"),
+    (["results", "{empty}"], "no results.json under"),
+    (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),
+    (["results", "{runs}", "--sort", "speed"], "--sort speed: not a column"),
+])
+def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
+    argv = [a.format(empty=tmp_path, runs=runs[0]) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
