@@ -3,6 +3,7 @@
     iisan results runs/                          # markdown table of every run
     iisan results runs/ --keys lr,seed --csv runs.csv
     iisan results runs/ --average-seeds          # mean and standard deviation over seeds
+    iisan results runs/ --curves curves.png      # validation HR@10 and loss per epoch of every run
 
 A sweep writes one run folder per grid point; this turns the folders into the table a paper reports.
 A results file that cannot be read is skipped, counted and named in the log, never a crash.
@@ -140,6 +141,46 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, list]]:
+    """Validation HR@10 and training loss per epoch of every readable run, one line each, the
+    best-validation epoch marked; written atomically to ``path`` (PNG). Returns the plotted series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list]] = {}
+    for file in find_results(folders):
+        try:
+            results = json.loads(file.read_text())
+            epochs = results["epochs"]
+            series[file.parent.name] = {"epoch": [e["epoch"] for e in epochs],
+                                        "valid_hit@10": [e["valid"]["hit@10"] for e in epochs],
+                                        "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("no curve for %s: %s", file, f"{type(err).__name__}: {err}".splitlines()[0])
+    fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, s in series.items():
+        (line,) = hit_ax.plot(s["epoch"], s["valid_hit@10"], marker=".", label=name)
+        if s["best_epoch"] in s["epoch"]:
+            best = s["epoch"].index(s["best_epoch"])
+            hit_ax.plot(s["best_epoch"], s["valid_hit@10"][best], "*", markersize=12, color=line.get_color())
+        loss_ax.plot(s["epoch"], s["loss"], marker=".", label=name, color=line.get_color())
+    hit_ax.set(title="validation HR@10 (star: best epoch, where test is reported)", xlabel="epoch")
+    loss_ax.set(title="training loss", xlabel="epoch")
+    hit_ax.legend(fontsize=7)
+    for ax in (hit_ax, loss_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return series
+
+
 def add_results_parser(sub) -> None:
     p = sub.add_parser("results", help="a table of finished runs (every results.json under the folders)")
     p.add_argument("folders", nargs="+", help="run folders, folders of runs, or results.json files")
@@ -148,6 +189,7 @@ def add_results_parser(sub) -> None:
                    help="one row per configuration: mean ± std over seeds (runs differing only in seed)")
     p.add_argument("--sort", default="", help="column to sort by, descending (e.g. test_hit@10)")
     p.add_argument("--csv", default="", help="also write the table (with standard deviations) to this CSV")
+    p.add_argument("--curves", default="", help="also draw validation HR@10 and loss per epoch of every run (PNG)")
     p.set_defaults(func=cmd_results)
 
 
@@ -163,3 +205,6 @@ def cmd_results(args) -> None:
     print(markdown(rows), end="")
     if args.csv:
         print(f"wrote {write_csv(rows, args.csv)}")
+    if args.curves:
+        plot_curves(args.folders, args.curves)
+        print(f"wrote {args.curves}")

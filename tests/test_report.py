@@ -90,3 +90,16 @@ def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
+    from iisan.report import plot_curves
+
+    out, results = runs
+    main(["results", str(out), "--curves", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
+    series = plot_curves([str(out)], tmp_path / "again.png")
+    assert list(series) == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+    for s, result in zip(series.values(), results):
+        assert s["valid_hit@10"] == [e["valid"]["hit@10"] for e in result["epochs"]]
+        assert s["loss"] == [e["loss"] for e in result["epochs"]] and s["best_epoch"] == result["best_epoch"]
