@@ -85,6 +85,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     parser.add_argument("--settings", default="equal,paper", help="comma list of: equal, paper")
+    parser.add_argument("--dedup-items", default="auto", choices=("auto", "on", "off"),
+                        help="off: every non-padding slot runs through the backbones, repeats included "
+                             "(closer to the authors' code, which also encodes the padding)")
     parser.add_argument("--equal-batch", type=int, default=32, help="batch size of every method in 'equal'")
     parser.add_argument("--methods", default=",".join(SETTINGS), help="comma list of method labels")
     parser.add_argument("--warmup", type=int, default=3)
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     paths = prepare(work, args.data, args.backbones)
     base = base_config(paths, work, args.data, args.backbones, device=args.device, amp=args.amp,
-                       num_workers=args.workers)
+                       num_workers=args.workers, dedup_items=args.dedup_items)
     cache_row = None
     if "IISAN (cached)" in labels:
         log.info("building the cache (timed)")

@@ -53,6 +53,8 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
     assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
+    every = measure_training(cfg.replace(dedup_items="off"), warmup=1, steps=2)  # repeats encoded too
+    assert every["items_per_step"] == pytest.approx(sum(int((b.seq != 0).sum()) for b in batches[1:3]) / 2)
 
 
 def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
