@@ -4,6 +4,7 @@
 # Scientific-shaped synthetic data). SETTINGS=paper (one setting, not two) shortens the benchmark.
 # Writes gpu.txt, diagnose.json/.log, gpu_tests.log, bench.log and efficiency/*.json under $OUT.
 #   ONLY_DIAGNOSE=1 bash scripts/gpu_check.sh                                   # the diagnosis alone
+#   BENCH_ARGS="--dedup-items off" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh  # extra flags per part
 #   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out \
 #     DIAGNOSE_ARGS="--fft-items 8 --frozen-items 16 --cache-batch 16" bash scripts/gpu_check.sh   # dry run on a CPU
 set -uo pipefail
@@ -33,6 +34,6 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_test
 echo "gpu tests: $(( $(date +%s) - start )) s"
 python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" --data "${DATA:-scientific}" \
   --device "${DEVICE:-cuda}" --settings "${SETTINGS:-equal,paper}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --workers "${WORKERS:-8}" \
-  --work /tmp/iisan-bench --out "$OUT/efficiency" --no-plots 2>&1 | tee "$OUT/bench.log" \
+  --work /tmp/iisan-bench --out "$OUT/efficiency" --no-plots ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
   | grep -E "benchmark: (equal|paper|building|cache:|wrote)|  -> |Error|error" | cut -c1-400
 echo "total: $(( $(date +%s) - start )) s"
