@@ -58,7 +58,7 @@ class BaselineItemEncoder(nn.Module):
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         ids = items.ids
-        real = torch.nonzero(ids != 0).squeeze(1)
+        real = items.real_positions()
         parts = []
         for m in self.modalities:
             encoder = self.encoders[m]

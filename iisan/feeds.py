@@ -27,14 +27,26 @@ from .data.images import ImageStore
 @dataclass
 class ItemBatch:
     """Distinct items of a batch: ``ids`` (U,) indices into the feed's item list; ``pixels`` (U, S, S, 3)
-    uint8 when an image encoder runs live."""
+    uint8 when an image encoder runs live; ``real`` (R,) the positions in ``ids`` of the non-padding
+    items, found on the host when the batch is made (finding them on a GPU would stall the host until
+    the device catches up, every step)."""
 
     ids: torch.Tensor
     pixels: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+
+    @classmethod
+    def from_numpy(cls, ids: np.ndarray, pixels: torch.Tensor | None = None) -> ItemBatch:
+        return cls(torch.from_numpy(ids), pixels, torch.from_numpy(np.flatnonzero(ids)))
+
+    def real_positions(self) -> torch.Tensor:
+        return self.real if self.real is not None else torch.nonzero(self.ids != 0).squeeze(1)
 
     def to(self, device: torch.device) -> ItemBatch:
-        pixels = None if self.pixels is None else self.pixels.to(device, non_blocking=True)
-        return ItemBatch(self.ids.to(device, non_blocking=True), pixels)
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=True)
+
+        return ItemBatch(move(self.ids), move(self.pixels), move(self.real))
 
 
 class PixelSource:
@@ -130,7 +142,7 @@ class _Chunks:
     def __iter__(self):
         for k in self.order:
             ids = self.ids[k * self.size : (k + 1) * self.size]
-            yield ItemBatch(torch.from_numpy(ids), None if self.pixels is None else self.pixels(ids))
+            yield ItemBatch.from_numpy(ids, None if self.pixels is None else self.pixels(ids))
 
 
 def item_chunks(ids: np.ndarray, size: int, pixels: PixelSource | None = None, only: list[int] | None = None):
@@ -168,7 +180,7 @@ class LiveStates(nn.Module):
     @torch.no_grad()
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
         ids = items.ids
-        real = torch.nonzero(ids != 0).squeeze(1)  # padding (index 0) gets zeros, never an encoder pass
+        real = items.real_positions()  # padding (index 0) gets zeros, never an encoder pass
         device = ids.device
         enabled = self.amp_dtype is not None and device.type == "cuda"
         out = {}

@@ -73,7 +73,7 @@ class CollateTrain:
         else:
             ids, inverse = seq.reshape(-1), np.arange(seq.size)
         pixels = None if self.pixels is None else self.pixels(ids)
-        return TrainBatch(torch.from_numpy(seq), ItemBatch(torch.from_numpy(ids), pixels),
+        return TrainBatch(torch.from_numpy(seq), ItemBatch.from_numpy(ids, pixels),
                           torch.from_numpy(inverse.reshape(-1)))
 
 
@@ -131,11 +131,11 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
     compiled = {True: "inductor", False: "off"}.get(compiled, compiled)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
-    def loss_of(seq, ids, pixels, inverse):
+    def loss_of(seq, ids, pixels, inverse, real=None):
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False):
             # Through ``forward`` (= calculate_loss), so a DistributedDataParallel model syncs gradients.
-            return model(TrainBatch(seq, ItemBatch(ids, pixels), inverse))
+            return model(TrainBatch(seq, ItemBatch(ids, pixels, real), inverse))
 
     if compiled == "inductor":
         loss_of = torch.compile(loss_of, mode="reduce-overhead", dynamic=False)
@@ -143,7 +143,9 @@ def make_train_step(model: Recommender, optimizer: torch.optim.Optimizer, amp: t
     def step(batch: TrainBatch) -> torch.Tensor:
         if compiled == "inductor":
             torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_of(batch.seq, batch.items.ids, batch.items.pixels, batch.inverse)
+        # Compiled steps need static shapes, which the (variable) number of real items is not.
+        real = batch.items.real if compiled == "off" else None
+        loss = loss_of(batch.seq, batch.items.ids, batch.items.pixels, batch.inverse, real)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

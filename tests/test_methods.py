@@ -162,3 +162,28 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_
     monkeypatch.setattr(loop_module, "make_train_step", exploding_step)
     with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
         train_module.train(tiny_config(cache_dir=tiny_cache))
+
+
+@pytest.mark.parametrize("setting", ["FFT", "IISAN (uncached)"])
+def test_live_step_finds_real_items_on_the_host(setting, tiny_config, monkeypatch):
+    """Batches carry the positions of their non-padding items, so a step never asks the device for
+    them (``torch.nonzero`` on a GPU waits for the device, every step); the result is the same."""
+    from iisan.feeds import ItemBatch
+
+    cfg = tiny_config(**SETTINGS[setting])
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    model.eval()  # no dropout: the two forwards below must match exactly
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    ids = batch.items.ids
+    assert batch.items.real.tolist() == [i for i, item in enumerate(ids.tolist()) if item != 0]
+    with torch.no_grad():
+        looked_up = model.item_encoder(ItemBatch(ids, batch.items.pixels))  # real found by torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: pytest.fail("torch.nonzero called in the step"))
+    with torch.no_grad():
+        given = model.item_encoder(batch.items)
+    assert torch.equal(given, looked_up)
+    model.train()
+    step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
+    assert torch.isfinite(step(batch))
