@@ -29,7 +29,7 @@ from .cache import save_atomic
 from .config import Config
 from .distributed import SINGLE, Dist, chunk_block, gather_rows, shard_users
 from .evaluate import metrics_from_ranks, split_ranks
-from .feeds import ItemBatch, PixelSource, Prefetch, item_chunks
+from .feeds import ItemBatch, PixelSource, Prefetch, host_tensor, item_chunks
 from .interrupt import RunInterrupted, StopRequests  # noqa: F401  (RunInterrupted: raised by train)
 from .model import Recommender, TrainBatch
 from .runinfo import device_name
@@ -73,8 +73,7 @@ class CollateTrain:
         else:
             ids, inverse = seq.reshape(-1), np.arange(seq.size)
         pixels = None if self.pixels is None else self.pixels(ids)
-        return TrainBatch(torch.from_numpy(seq), ItemBatch.from_numpy(ids, pixels),
-                          torch.from_numpy(inverse.reshape(-1)))
+        return TrainBatch(host_tensor(seq), ItemBatch.from_numpy(ids, pixels), host_tensor(inverse.reshape(-1)))
 
 
 class TrainBatches:

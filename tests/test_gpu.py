@@ -70,3 +70,14 @@ def test_trainer_end_to_end_with_cuda_graphs(tiny_config, tiny_cache):
     assert all(math.isfinite(e["loss"]) for e in results["epochs"])
     assert results["peak_memory"]["max_allocated_gib"] > 0
     assert 0 <= results["test"]["hit@10"] <= 1
+
+
+def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_config):
+    cfg = tiny_config(method="iisan", feed="live", device="cuda")
+    data = load_data(cfg)
+    _, pixels = build_model(cfg, data, CUDA)
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    host = [batch.seq, batch.inverse, batch.items.ids, batch.items.real, batch.items.pixels]
+    assert all(t.is_pinned() for t in host)
+    moved = batch.to(CUDA)
+    assert moved.items.real.device.type == "cuda" and torch.equal(moved.items.real.cpu(), batch.items.real)
