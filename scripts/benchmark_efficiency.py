@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     if any(s not in ("equal", "paper") for s in settings):
         parser.error(f"--settings must list equal and/or paper, not {args.settings!r}")
 
+    commit = git_commit()  # before this run writes its own results into the checkout
     work = Path(args.work)
     paths = prepare(work, args.data, args.backbones)
     base = base_config(paths, work, args.data, args.backbones, device=args.device, amp=args.amp,
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
             "timed_steps": args.steps,
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
             "versions": versions(),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         path = write_json_atomic(Path(args.out) / f"{tag}-{setting}.json", payload)
