@@ -51,7 +51,8 @@ class TrainingSetup:
 
     def full_batches(self):
         """Endless full-size batches on the device (the timed steps must all have the measured shape)."""
-        from .train import train_loader, use_dedup
+        from .batches import train_loader
+        from .train import use_dedup
 
         cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
         while True:

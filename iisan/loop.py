@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import checkpoint, distributed, runstate
+from .batches import steps_per_epoch, train_loader
 from .build import amp_dtype, build_model, count_parameters, load_data, parameter_line
 from .config import METHOD_NAMES, Config, ConfigError
 from .distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
@@ -36,8 +37,6 @@ from .train import (
     run_name,
     save_weights,
     shared_item_table,
-    steps_per_epoch,
-    train_loader,
     trainable_state,
     use_compile,
     use_dedup,

@@ -47,8 +47,8 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
     assert out["memory"]["peak_rss_gib"] > 0
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
+    from iisan.batches import train_loader
     from iisan.build import load_data
-    from iisan.train import train_loader
 
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]

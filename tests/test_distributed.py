@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from iisan.batches import train_loader
 from iisan.build import build_model, load_data
 from iisan.distributed import Dist, chunk_block, shard_users
 from iisan.preprocess import build_cache_from_config
-from iisan.train import evaluate_model, evaluate_ranks, load_weights, make_optimizer, train_loader
+from iisan.train import evaluate_model, evaluate_ranks, load_weights, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

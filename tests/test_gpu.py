@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from iisan.batches import train_loader
 from iisan.build import build_model, load_data
-from iisan.train import make_optimizer, make_train_step, train, train_loader
+from iisan.train import make_optimizer, make_train_step, train
 
 from .conftest import cached_and_live_tables
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iisan.batches import train_loader
 from iisan.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.build import build_model, load_data, optimizer_groups
 from iisan.peft_methods import TargetError, apply_adapters, apply_lora
-from iisan.train import TrainingError, load_weights, make_optimizer, make_train_step, save_weights, train_loader
+from iisan.train import TrainingError, load_weights, make_optimizer, make_train_step, save_weights
 
 
 def declared_trainable(name: str, method: str) -> bool:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from iisan.batches import train_loader
 from iisan.build import build_model, load_data, optimizer_groups
-from iisan.train import load_weights, make_optimizer, make_train_step, train, train_loader
+from iisan.train import load_weights, make_optimizer, make_train_step, train
 
 
 @pytest.fixture()
