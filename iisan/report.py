@@ -12,15 +12,14 @@ A results file that cannot be read is skipped, counted and named in the log, nev
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config, ConfigError
+from .runinfo import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,11 @@ def find_results(folders: list[str]) -> list[Path]:
     return found
 
 
-def read_row(path: Path, keys: list[str]) -> dict:
-    """One table row from a results file; ``keys``: config keys shown as extra columns."""
-    results = json.loads(path.read_text())
+def read_row(path: Path, results: dict, keys: list[str]) -> dict:
+    """One table row from the results of a run; ``keys``: config keys shown as extra columns."""
     cfg, test, valid = results["config"], results["test"], results["valid"]
     memory = results.get("peak_memory", {})
-    row = {
+    return {
         "run": path.parent.name,
         "method": results["method"],
         "feed": results["feed"],
@@ -62,26 +60,34 @@ def read_row(path: Path, keys: list[str]) -> dict:
         "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
         "device": results["device"],
     }
-    return row
 
 
-def collect(folders: list[str], keys: list[str]) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Rows of every readable results file, and the (path, reason) of every skipped one."""
-    known = {f for f in Config.__dataclass_fields__}
-    unknown = [k for k in keys if k not in known]
+def read_curve(results: dict) -> dict[str, list]:
+    """Validation HR@10 and training loss per epoch of a run, and its best-validation epoch."""
+    epochs = results["epochs"]
+    return {"epoch": [e["epoch"] for e in epochs], "valid_hit@10": [e["valid"]["hit@10"] for e in epochs],
+            "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
+
+
+def collect(folders: list[str], keys: list[str]) -> tuple[list[dict], dict[str, dict[str, list]]]:
+    """The table row and the curve (by run name) of every readable results file, each file read once."""
+    unknown = [k for k in keys if k not in Config.__dataclass_fields__]
     if unknown:
         raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help`")
-    rows, skipped = [], []
-    for path in find_results(folders):
+    files = find_results(folders)
+    rows, curves = [], {}
+    for path in files:
         try:
-            rows.append(read_row(path, keys))
+            results = json.loads(path.read_text())
+            row, curve = read_row(path, results, keys), read_curve(results)
         except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            skipped.append((path, reason))
-            log.warning("skipping %s: %s", path, reason)
-    if skipped:
-        log.warning("%d of %d results files skipped", len(skipped), len(rows) + len(skipped))
-    return rows, skipped
+            log.warning("skipping %s: %s", path, f"{type(err).__name__}: {err}".splitlines()[0])
+            continue
+        rows.append(row)
+        curves[path.parent.name] = curve
+    if len(rows) < len(files):
+        log.warning("%d of %d results files skipped", len(files) - len(rows), len(files))
+    return rows, curves
 
 
 def average_seeds(rows: list[dict], keys: list[str]) -> list[dict]:
@@ -128,39 +134,31 @@ def markdown(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """All columns (standard deviations included), written atomically."""
-    path = Path(path)
-    buffer = io.StringIO()
     columns = list(dict.fromkeys(c for row in rows for c in row))
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
 
 
 def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, list]]:
-    """Validation HR@10 and training loss per epoch of every readable run, one line each, the
-    best-validation epoch marked; written atomically to ``path`` (PNG). Returns the plotted series."""
+    """``draw_curves`` of every readable run under ``folders``; returns the plotted series."""
+    _, curves = collect(folders, [])
+    draw_curves(curves, path)
+    return curves
+
+
+def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
+    """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
+    marked; written atomically to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[str, list]] = {}
-    for file in find_results(folders):
-        try:
-            results = json.loads(file.read_text())
-            epochs = results["epochs"]
-            series[file.parent.name] = {"epoch": [e["epoch"] for e in epochs],
-                                        "valid_hit@10": [e["valid"]["hit@10"] for e in epochs],
-                                        "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("no curve for %s: %s", file, f"{type(err).__name__}: {err}".splitlines()[0])
     fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, s in series.items():
+    for name, s in curves.items():
         (line,) = hit_ax.plot(s["epoch"], s["valid_hit@10"], marker=".", label=name)
         if s["best_epoch"] in s["epoch"]:
             best = s["epoch"].index(s["best_epoch"])
@@ -172,13 +170,9 @@ def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, lis
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return series
 
 
 def add_results_parser(sub) -> None:
@@ -195,7 +189,7 @@ def add_results_parser(sub) -> None:
 
 def cmd_results(args) -> None:
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
-    rows, _ = collect(args.folders, keys)
+    rows, curves = collect(args.folders, keys)
     if args.average_seeds:
         rows = average_seeds(rows, keys)
     if args.sort:
@@ -206,5 +200,5 @@ def cmd_results(args) -> None:
     if args.csv:
         print(f"wrote {write_csv(rows, args.csv)}")
     if args.curves:
-        plot_curves(args.folders, args.curves)
+        draw_curves(curves, args.curves)
         print(f"wrote {args.curves}")

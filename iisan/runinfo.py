@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -49,10 +50,18 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> Path:
+@contextmanager
+def atomic_path(path: str | Path):
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds, so
+    readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    yield tmp
     os.replace(tmp, path)
-    return path
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return Path(path)
