@@ -59,7 +59,7 @@ class TrainingSetup:
             for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, self.compiled),
                                       self.pixels):
                 if len(batch.seq) == cfg.batch_size:
-                    self.encoded.append(int(np.count_nonzero(batch.items.ids.numpy())))
+                    self.encoded.append(len(batch.items.real))
                     yield batch.to(self.device)
             epoch += 1
 

@@ -70,18 +70,16 @@ class PixelSource:
     on a GPU) tensor: one copy per image, no JPEG decoding, no inter-process transfer. Reading a
     batch of ~350 images at 224 px is ~50 MB of memcpy."""
 
-    def __init__(self, store: ImageStore, item_ids: list[str], threads: int = 4, pin: bool | None = None):
+    def __init__(self, store: ImageStore, item_ids: list[str], threads: int = 4):
         self.store = store
         self.item_ids = item_ids
         self.threads = max(1, min(threads, os.cpu_count() or 1))
-        self.pin = pin  # None: decided per call (``pinning``)
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(ids).reshape(-1)
         size = self.store.size
-        pin = pinning() if self.pin is None else self.pin
-        out = torch.empty((len(ids), size, size, 3), dtype=torch.uint8, pin_memory=pin)
+        out = torch.empty((len(ids), size, size, 3), dtype=torch.uint8, pin_memory=pinning())
         view = out.numpy()
         keys = [self.item_ids[i] for i in ids]
         parts = np.array_split(np.arange(len(ids)), min(self.threads, max(1, len(ids) // 16)))
