@@ -30,7 +30,13 @@ SETTINGS = {
 TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
 
 
-def _sync(device: torch.device) -> None:
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: how a failed measurement is recorded in a row."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{type(err).__name__}: {message}"
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -94,7 +100,7 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     stream = setup.full_batches()
     for _ in range(warmup):
         step(next(stream))
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     setup.encoded.clear()
@@ -102,7 +108,7 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     start = time.perf_counter()
     for _ in range(steps):
         losses.append(step(next(stream)))
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     if getattr(step, "failed", False):
         compiled = "off (cudagraph capture failed)"
@@ -141,7 +147,7 @@ def measure_cache_build(cfg: Config) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     build_cache_from_config(cfg, dtype="float16" if device.type == "cuda" else "float32")
-    _sync(device)
+    sync(device)
     return {"cache_build_seconds": time.perf_counter() - start, "memory": peak_memory(device)}
 
 
@@ -153,8 +159,7 @@ def _child(fn_name: str, cfg_dict: dict, kwargs: dict, queue) -> None:
         result = globals()[fn_name](Config(**cfg_dict), **kwargs)
         queue.put(("ok", result))
     except BaseException as err:  # reported in the row, never a crash of the whole benchmark
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        queue.put(("error", f"{type(err).__name__}: {message}", traceback.format_exc()))
+        queue.put(("error", error_line(err), traceback.format_exc()))
 
 
 def in_fresh_process(fn_name: str, cfg: Config, **kwargs) -> dict:

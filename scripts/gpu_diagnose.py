@@ -37,16 +37,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from iisan.bench import error_line, sync  # noqa: E402
 from iisan.runinfo import device_name, git_commit, versions, write_json_atomic  # noqa: E402
+from iisan.train import peak_memory  # noqa: E402
 
 log = logging.getLogger("diagnose")
 
 SCIENTIFIC_USERS, SCIENTIFIC_ITEMS, TITLE_TOKENS = 12076, 20314, 30
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
@@ -80,7 +77,7 @@ def gpu_profile(run, device: torch.device, steps: int = 3, top: int = 8) -> dict
         kernels = sorted(((e.key, e.self_device_time_total) for e in prof.key_averages()
                           if e.self_device_time_total > 0), key=lambda k: -k[1])
     except Exception as err:  # the profiler is a help here, never a reason to lose the row
-        return {"profile_error": f"{type(err).__name__}: {err}"[:300]}
+        return {"profile_error": error_line(err)}
     busy = sum(t for _, t in kernels) / 1e6  # microseconds -> seconds
     return {"profiled_steps": steps, "wall_seconds_per_step": wall / steps, "kernel_seconds_per_step": busy / steps,
             "gpu_busy": busy / wall if wall else None,
@@ -88,7 +85,7 @@ def gpu_profile(run, device: torch.device, steps: int = 3, top: int = 8) -> dict
 
 
 def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return peak_memory(device).get("max_allocated_gib")  # GPU only: a CPU process's peak is not this run's
 
 
 def reset(device: torch.device) -> None:
@@ -251,7 +248,7 @@ def plain_section(args, device, amp, report) -> None:
             if "seconds_per_step" in row:
                 row["epoch_seconds"] = row["seconds_per_step"] * scale
         except Exception as err:  # an OOM or a missing kernel is a finding, not a crash of the whole run
-            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            row = {"error": error_line(err)}
         section.setdefault(name, []).append(row)
         log.info("plain %s: %s", name, row)
         write_json_atomic(args.out, report)
@@ -338,7 +335,7 @@ def iisan_section(args, device, report) -> None:
         try:
             row = iisan_rows(args, label)
         except Exception as err:
-            row = {"label": label, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            row = {"label": label, "error": error_line(err)}
         section.append(row)
         log.info("iisan %s: %s", label, row)
         write_json_atomic(args.out, report)
