@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import math
 import sys
@@ -290,18 +291,17 @@ def iisan_rows(args, label: str) -> dict:
     row["items_per_batch"] = sum(len(b.items.ids) for b in batches) / len(batches)
     encoder = model.item_encoder
     forward_of = encoder.states if hasattr(encoder, "states") else encoder  # IISAN: the frozen feed alone
-    turn = iter(range(10**9))
+    on_device = itertools.cycle(batches)
 
     @torch.no_grad()
     def encode():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            forward_of(batches[next(turn) % len(batches)].items)
+            forward_of(next(on_device).items)
 
     row["encoder_forward_seconds"] = timed(encode, device, args.warmup, args.reps)
     row["linear_output_dtypes"] = linear_output_dtypes(model, lambda: setup.step(batches[0]))
     reset(device)
-    row["step_on_device_seconds"] = timed(lambda: setup.step(batches[next(turn) % len(batches)]), device,
-                                          args.warmup, args.reps)
+    row["step_on_device_seconds"] = timed(lambda: setup.step(next(on_device)), device, args.warmup, args.reps)
     row["step_with_pipeline_seconds"] = timed(lambda: setup.step(next(stream)), device, args.warmup, args.reps)
     row["profile_step_with_pipeline"] = gpu_profile(lambda: setup.step(next(stream)), device)
     row["profile_encoder_forward"] = gpu_profile(encode, device)
