@@ -79,15 +79,21 @@ def _item_rows(path: Path):
 
         yield from read_titles_csv(path)
         return
+    yield from tab_lines(path, "item_id<TAB>title")
+
+
+def tab_lines(path: Path, expected: str):
+    """``(line, first field, rest)`` of every non-blank line, split at its first tab; a line without a
+    tab is an error naming the file, the line and ``expected``."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             if "\t" not in line:
-                raise DataError(f"{path}:{lineno}: expected item_id<TAB>title, found no tab")
-            item_id, title = line.split("\t", 1)
-            yield lineno, item_id, title
+                raise DataError(f"{path}:{lineno}: expected {expected}, found no tab")
+            key, rest = line.split("\t", 1)
+            yield lineno, key, rest
 
 
 def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -99,16 +105,7 @@ def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
         from .microlens import read_pairs_csv
 
         return read_pairs_csv(path)
-    users = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise DataError(f"{path}:{lineno}: expected user_id<TAB>item item ..., found no tab")
-            user_id, items = line.split("\t", 1)
-            users.append((user_id, items.split()))
+    users = [(user_id, items.split()) for _, user_id, items in tab_lines(path, "user_id<TAB>item item ...")]
     if not users:
         raise DataError(f"users file {path} holds no users")
     return users
