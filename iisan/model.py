@@ -63,7 +63,9 @@ class Recommender(nn.Module):
     def calculate_loss(self, batch: TrainBatch) -> torch.Tensor:
         B, S = batch.seq.shape
         item_vecs = self.item_encoder(batch.items)  # (U, D)
-        embs = item_vecs[batch.inverse].view(B, S, -1)  # (B, L+1, D)
+        # index_select, not item_vecs[inverse]: on a CPU the indexing's backward adds rows with parallel
+        # atomics (last bits vary run to run with several threads); index_select's adds them in order.
+        embs = item_vecs.index_select(0, batch.inverse).view(B, S, -1)  # (B, L+1, D)
         users = self.user_encoder(embs[:, :-1], batch.seq[:, :-1] != 0)  # (B, L, D)
         return in_batch_softmax_loss(users, embs, batch.seq, self.log_pop)
 

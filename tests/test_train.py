@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,35 @@ def test_same_seed_gives_identical_metrics(cached_cfg):
     a = train(cached_cfg.replace(epochs=2, run_name="a"))
     b = train(cached_cfg.replace(epochs=2, run_name="b"))
     assert a["test"] == b["test"] and [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+
+
+ONE_STEP_GRADIENTS = """
+import hashlib, json, sys
+import torch
+from iisan.batches import train_loader
+from iisan.build import build_model, load_data
+from iisan.config import Config
+torch.set_num_threads(2)
+cfg = Config(**json.loads(sys.argv[1]))
+torch.manual_seed(0)
+data = load_data(cfg)
+model, _ = build_model(cfg, data, torch.device("cpu"))
+model.train()
+model(next(iter(train_loader(data.train_sequences(), 64, 0, 0, True)))).backward()
+digest = hashlib.sha256()
+for p in model.parameters():
+    if p.grad is not None:
+        digest.update(p.grad.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_gradients_are_bit_identical_across_processes_with_two_threads(cached_cfg):
+    """The item embeddings' gather is the one backward where CPU threads could race (parallel atomic
+    adds of repeated rows); separate processes must still agree to the bit."""
+    runs = {subprocess.run([sys.executable, "-c", ONE_STEP_GRADIENTS, json.dumps(cached_cfg.to_dict())],
+                           capture_output=True, text=True, check=True).stdout for _ in range(3)}
+    assert len(runs) == 1
 
 
 def test_live_feed_trains_only_the_san_and_user_encoder(tiny_config):
