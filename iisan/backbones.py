@@ -13,6 +13,7 @@ towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -274,9 +275,16 @@ def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch
     if x.shape[-1] != norm["size"] or x.shape[-2] != norm["size"]:
         x = nn.functional.interpolate(x, size=(norm["size"], norm["size"]), mode="bilinear",
                                       align_corners=False, antialias=True)
-    mean = torch.tensor(norm["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(norm["std"], device=x.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(tuple(norm["mean"]), tuple(norm["std"]), x.device)
     return ((x - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std on ``device``, made once: making them per batch would copy from pageable
+    host memory, which on a GPU waits for all queued work to finish, every step."""
+    return (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu_attention_formulas() -> dict:
+    """torch's FLOP counter knows the GPU attention kernels; count the CPU ones with the same formulas
+    (the math fallback is counted through its matmuls), so a CPU count equals a GPU one."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    mapping = {}
+    for cpu, gpu in (("_scaled_dot_product_flash_attention_for_cpu", aten._scaled_dot_product_flash_attention),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                      aten._scaled_dot_product_flash_attention_backward)):
+        if hasattr(aten, cpu) and gpu in flop_registry:
+            formula = flop_registry[gpu]  # takes the op's arguments as they are ("raw")
+
+            def raw(*args, formula=formula, **kwargs):
+                return formula(*args, **kwargs)
+
+            raw._get_raw = True
+            mapping[getattr(aten, cpu)] = raw
+    return mapping
+
+
+def count_flops(run) -> int:
+    """Floating-point operations of ``run()``: matmuls, convolutions and attention, forward and backward
+    (``torch.utils.flop_counter``); elementwise work and optimizer updates are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def step_flops(setup: TrainingSetup, batch) -> int:
+    """FLOPs of one training step on ``batch``: the loss's forward and its gradients for the trainable
+    parameters, as the step computes them (under the same autocast). No parameter, gradient or optimizer
+    state is touched, so it is safe after the timed steps, also for a graphed step."""
+    trainable = [p for p in setup.model.parameters() if p.requires_grad]
+
+    def run():
+        with torch.autocast(setup.device.type, dtype=setup.amp or torch.float32, enabled=setup.amp is not None):
+            loss = setup.model(batch)
+        torch.autograd.grad(loss, trainable)
+
+    return count_flops(run)
+
+
 @dataclass
 class TrainingSetup:
     """What measuring (or profiling) a method's training step needs, built exactly as the trainer does."""
@@ -112,6 +157,13 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
     elapsed = time.perf_counter() - start
     if getattr(step, "failed", False):
         compiled = "off (cudagraph capture failed)"
+    memory = peak_memory(device)  # before counting FLOPs, which runs more passes
+    items = float(np.mean(setup.encoded))
+    # The timed batches again (the stream is deterministic), each counted: the exact mean work per step.
+    replay = setup.full_batches()
+    for _ in range(warmup):
+        next(replay)
+    flops = float(np.mean([step_flops(setup, next(replay)) for _ in range(steps)]))
     trainable, total = count_parameters(model)
     return {
         "method": METHOD_NAMES[cfg.method],
@@ -122,14 +174,18 @@ def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
         "epoch_seconds": elapsed / steps * steps_per_epoch,
         "timed_steps": steps,
         # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
-        "items_per_step": float(np.mean(setup.encoded)),
+        "items_per_step": items,
+        # model FLOPs (matmul, conv, attention; forward and backward) per timed step, and the rate the
+        # device sustained on them: a direct measure of how well the step uses the hardware
+        "flops_per_step": flops,
+        "model_tflops_per_second": flops / (elapsed / steps) / 1e12,
         "warmup_steps": warmup,
         "compiled": compiled,
         "amp": str(amp).replace("torch.", "") if amp else "fp32",
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
         "trainable_params": trainable,
         "total_params": total,
-        "memory": peak_memory(device),
+        "memory": memory,
         "device": device_name(device),
         "users": data.num_users,
         "items": data.num_items,

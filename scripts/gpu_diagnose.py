@@ -7,6 +7,8 @@
 Sections, each timed after warm-up with device synchronisation, each written to --out as it finishes:
 
 - ``device``: versions, attention back ends and a bf16 GEMM's throughput (calibrates the card).
+- Each timed row also records its model FLOPs (matmuls, convolutions, attention; ``count_flops``) and
+  the TFLOP/s it sustained: set beside the GEMM's throughput, it says how well a step uses the card.
 - ``plain``: a deliberately plain implementation of DESIGN.md's reference settings on this card, from
   transformers models built from their default configs and inputs already on the device (no data
   pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from iisan.bench import error_line, sync  # noqa: E402
+from iisan.bench import count_flops, error_line, step_flops, sync  # noqa: E402
 from iisan.runinfo import device_name, git_commit, versions, write_json_atomic  # noqa: E402
 from iisan.train import peak_memory  # noqa: E402
 
@@ -167,8 +169,10 @@ def plain_fft_step(size: str, n: int, device: torch.device, amp, warmup: int, re
         optimizer.zero_grad(set_to_none=True)
 
     reset(device)
+    flops = count_flops(step)  # also a warm-up step
     seconds = timed(step, device, warmup, reps)
     return {"items": n, "seconds_per_step": seconds, "peak_allocated_gib": peak_gib(device),
+            "flops_per_step": flops, "tflops_per_second": flops / seconds / 1e12,
             "profile": gpu_profile(step, device)}
 
 
@@ -192,11 +196,13 @@ def plain_frozen_forward(size: str, n: int, device: torch.device, amp, warmup: i
     torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         reset(device)
+        flops = count_flops(forward)
         seconds = timed(forward, device, warmup, reps)
     finally:
         torch.backends.cudnn.benchmark = previous
     return {"items": n, "attn": attn, "weights": str(weights).replace("torch.", ""), "autocast": use_amp,
             "hidden_states": hidden_states, "cudnn_benchmark": cudnn_benchmark, "seconds_per_step": seconds,
+            "flops_per_step": flops, "tflops_per_second": flops / seconds / 1e12,
             "peak_allocated_gib": peak_gib(device)}
 
 
@@ -300,8 +306,11 @@ def iisan_rows(args, label: str) -> dict:
 
     row["encoder_forward_seconds"] = timed(encode, device, args.warmup, args.reps)
     row["linear_output_dtypes"] = linear_output_dtypes(model, lambda: setup.step(batches[0]))
+    # the mean over the batches the on-device step cycles through: its exact work per step
+    row["flops_per_step"] = sum(step_flops(setup, b) for b in batches) / len(batches)
     reset(device)
     row["step_on_device_seconds"] = timed(lambda: setup.step(next(on_device)), device, args.warmup, args.reps)
+    row["step_on_device_tflops_per_second"] = row["flops_per_step"] / row["step_on_device_seconds"] / 1e12
     row["step_with_pipeline_seconds"] = timed(lambda: setup.step(next(stream)), device, args.warmup, args.reps)
     row["profile_step_with_pipeline"] = gpu_profile(lambda: setup.step(next(stream)), device)
     row["profile_encoder_forward"] = gpu_profile(encode, device)

@@ -33,25 +33,28 @@ def memory_label(payload: dict) -> str:
 
 def table(payload: dict) -> str:
     gpu = any("max_allocated_gib" in r.get("memory", {}) for r in payload["rows"])
-    head = "| method | batch | items / step | s / epoch | " + \
+    head = "| method | batch | items / step | s / epoch | model TFLOP/s | " + \
         ("allocated GiB | reserved GiB" if gpu else "peak RSS GiB") + " | trainable params | trainable % | TPME |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in payload["rows"]:
         if "error" in r:
-            lines.append(f"| {r['label']} | | | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['label']} | | | failed: {r['error']} | | | | | |")
             continue
         mem = r["memory"]
         memory = f"{mem['max_allocated_gib']:.2f} | {mem['max_reserved_gib']:.2f}" if gpu else \
             f"{mem['peak_rss_gib']:.2f}"
         share = 100 * r["trainable_params"] / r["total_params"]
-        items = f"{r['items_per_step']:.0f}" if "items_per_step" in r else ""  # older results lack it
-        lines.append(f"| {r['label']} | {r['batch_size']} | {items} | {r['epoch_seconds']:.2f} | {memory} | "
+        items = f"{r['items_per_step']:.0f}" if "items_per_step" in r else ""  # older results lack them
+        rate = f"{r['model_tflops_per_second']:.3g}" if "model_tflops_per_second" in r else ""
+        lines.append(f"| {r['label']} | {r['batch_size']} | {items} | {r['epoch_seconds']:.2f} | {rate} | {memory} | "
                      f"{r['trainable_params'] / 1e6:.2f} M | {share:.2f} | {r['tpme']:.3f} |")
     cache = payload.get("cache_build") or {}
     notes = [f"Device: {payload['device']}. Setting: {payload['description']}. "
              f"{payload['timed_steps']} timed steps after {payload['warmup_steps']} warm-up steps, extrapolated "
              "to a full epoch (ceil(users / batch) steps); training only, no evaluation. Items / step: the "
-             "non-padding items the item encoder runs on per timed step (distinct ones when deduplicated).",
+             "non-padding items the item encoder runs on per timed step (distinct ones when deduplicated). Model "
+             "TFLOP/s: the step's matmul, convolution and attention FLOPs (forward and backward, counted with "
+             "torch.utils.flop_counter on the timed batches) per second of the timed steps.",
              f"Command: `{payload['command']}` (commit {payload['git_commit']})."]
     if "cache_build_seconds" in cache:
         notes.append(f"Building the cache once took {cache['cache_build_seconds']:.1f} s.")

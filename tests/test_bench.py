@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from iisan.bench import add_tpme, in_fresh_process, measure_training
 
@@ -53,6 +54,16 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
     assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
+    # model FLOPs: the mean over the two timed batches, each counted by hand-independent replay here
+    from iisan.bench import step_flops, training_setup
+
+    setup = training_setup(cfg)
+    timed = [b for b, _ in zip(setup.full_batches(), range(3))][1:]
+    before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
+    assert out["flops_per_step"] == pytest.approx(sum(step_flops(setup, b) for b in timed) / 2)
+    for name, p in setup.model.named_parameters():  # counting trains nothing and leaves no gradient
+        assert p.grad is None and torch.equal(p, before[name]), name
+    assert out["model_tflops_per_second"] == pytest.approx(out["flops_per_step"] / out["seconds_per_step"] / 1e12)
     every = measure_training(cfg.replace(dedup_items="off"), warmup=1, steps=2)  # repeats encoded too
     assert every["items_per_step"] == pytest.approx(sum(int((b.seq != 0).sum()) for b in batches[1:3]) / 2)
 
@@ -99,6 +110,7 @@ def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
         ("float32", "sdpa", False)]
     for r in plain["fft_step"] + plain["frozen_forward"] + variants:
         assert "error" not in r and r["seconds_per_step"] > 0
+        assert r["tflops_per_second"] == pytest.approx(r["flops_per_step"] / r["seconds_per_step"] / 1e12)
         assert r["epoch_seconds"] == pytest.approx(r["seconds_per_step"] * (378 if r in plain["fft_step"] else 189))
     patch = plain["patch_embedding"][0]
     assert all(patch[f"conv_{m}{p}_seconds"] > 0 for m in ("nchw", "channels_last") for p in ("", "_fwd_bwd"))
@@ -106,6 +118,48 @@ def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
     assert "error" not in live, live["error"] if "error" in live else ""
     assert live["batch_size"] == 64 and live["steps_per_epoch"] == 19 and live["items_per_batch"] > 64
     assert live["linear_output_dtypes"] == {"float32": live["linear_output_dtypes"]["float32"]}  # CPU: no autocast
+    assert live["flops_per_step"] > 0 and live["step_on_device_tflops_per_second"] > 0
     for key in ("pipeline_seconds_per_batch", "encoder_forward_seconds", "step_on_device_seconds",
                 "step_with_pipeline_seconds"):
         assert live[key] > 0
+
+
+def test_count_flops_by_hand():
+    from iisan.bench import count_flops
+
+    linear, x = torch.nn.Linear(8, 4), torch.randn(5, 8)
+    # forward 2*5*8*4, and the weight's gradient as much again (the input needs none; a bias grad is a sum)
+    assert count_flops(lambda: torch.autograd.grad(linear(x).sum(), [linear.weight])) == 640
+    q = torch.randn(1, 2, 3, 4)  # (batch, heads, tokens, head dim): Q K^T and P V, 2*1*2*3*3*4 each
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 288  # CPU kernel
+    mask = torch.tensor([True, True, False]).expand(1, 2, 3, 3)
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)) == 288
+
+
+def encoder_flops(config, tokens: int) -> int:
+    """One transformer encoder's forward per item, by hand: Q, K, V, O and the two MLP matmuls per token,
+    Q K^T and P V per token pair, and the pooler's dense layer on the first token."""
+    h, i = config.hidden_size, config.intermediate_size
+    layer = 2 * tokens * (4 * h * h + 2 * h * i) + 2 * 2 * tokens * tokens * h
+    return config.num_hidden_layers * layer + 2 * h * h
+
+
+def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_config):
+    """The uncached feed runs each tower once per distinct non-padding item (no second pass, padding
+    never encoded), and ``count_flops`` agrees with the hand count of BERT and ViT."""
+    from iisan.batches import train_loader
+    from iisan.bench import count_flops
+    from iisan.build import build_model, load_data
+
+    cfg = tiny_config(method="iisan", feed="live")
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    encoders = model.item_encoder.states.encoders
+    text, image = encoders["text"].model.config, encoders["image"].model.config
+    patches = (image.image_size // image.patch_size) ** 2
+    per_item = (encoder_flops(text, cfg.title_tokens) + encoder_flops(image, patches + 1)
+                + 2 * patches * (3 * image.patch_size ** 2) * image.hidden_size)  # the patch embedding conv
+    real = len(batch.items.real)
+    assert 0 < real < len(batch.items.ids)  # the batch has padding, which must not be encoded
+    assert count_flops(lambda: model.item_encoder.states(batch.items)) == real * per_item

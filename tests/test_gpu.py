@@ -1,14 +1,17 @@
 """GPU checks (skipped without CUDA): the CUDA-graph step trains exactly like the eager one, every
-setting trains in bf16, cached and live feeds agree on the device, and the trainer runs end to end."""
+setting trains in bf16, cached and live feeds agree on the device, the trainer runs end to end, and
+steps never make the host wait for the device."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from iisan.batches import train_loader
+from iisan.bench import SETTINGS
 from iisan.build import build_model, load_data
 from iisan.train import make_optimizer, make_train_step, train
 
@@ -82,3 +85,28 @@ def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_conf
     assert all(t.is_pinned() for t in host)
     moved = batch.to(CUDA)
     assert moved.items.real.device.type == "cuda" and torch.equal(moved.items.real.cpu(), batch.items.real)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cache):
+    """The GPU side of test_methods' host-stall test: after a first step, CUDA's sync debug mode sees no
+    call that makes the host wait, except transformers' one read-back of the text padding mask."""
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **SETTINGS[setting])
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, CUDA)
+    model.train()
+    step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
+    loader = train_loader(data.train_sequences(), 16, 0, 0, True, pixels)
+    first, *batches = [batch.to(CUDA) for batch, _ in zip(loader, range(3))]
+    step(first)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches:
+                step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    assert [s for s in syncs if "transformers/masking_utils.py" not in s] == []

@@ -3,8 +3,11 @@ checkpoint round trip; cached and uncached feeds give the same loss; bad targets
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from iisan.batches import train_loader
 from iisan.bench import SETTINGS  # the six settings of the paper's efficiency table
@@ -188,3 +191,54 @@ def test_live_step_finds_real_items_on_the_host(setting, tiny_config, monkeypatc
     model.train()
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     assert torch.isfinite(step(batch))
+
+
+class HostStalls(TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: reading a value back
+    (``.item()``, ``bool()``), data-dependent output sizes (``nonzero``, boolean masks, ``unique``) and
+    tensors made from Python data (copied to the device from pageable memory, which waits for all
+    queued work). On a CPU nothing waits, but the same ops run, so they can be caught here.
+
+    One is known and allowed: transformers' SDPA mask builder reads back whether a text batch has any
+    padding (``padding_mask.all()`` in ``masking_utils``), once per text-encoder forward, so that an
+    unpadded batch can use the flash kernel. It is outside this code base; ``allowed`` counts it."""
+
+    NAMES = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+             "lift_fresh", "lift_fresh_copy", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+        self.allowed = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if name in self.NAMES or boolean_index:
+            callers = [frame.filename for frame in traceback.extract_stack()[-6:]]
+            if name == "_local_scalar_dense" and any(f.endswith("transformers/masking_utils.py") for f in callers):
+                self.allowed += 1
+            else:
+                self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_steps_never_make_the_host_wait_for_the_device(setting, tiny_config, tiny_cache):
+    """After a first step (which may set things up), a training step of every setting runs none of the
+    ops that stall the host on a GPU, so the host queues the next work while the device computes."""
+    cfg = tiny_config(cache_dir=tiny_cache, **SETTINGS[setting])
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    model.train()
+    step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
+    loader = train_loader(data.train_sequences(), 16, 0, 0, cfg.feed != "cached" or cfg.method != "iisan", pixels)
+    first, *batches = [batch for batch, _ in zip(loader, range(3))]
+    step(first)
+    with HostStalls() as stalls:
+        for batch in batches:
+            step(batch)
+    assert stalls.seen == []
+    live_text = not (cfg.method == "iisan" and cfg.feed == "cached")  # every setting here has both towers
+    assert stalls.allowed == (2 if live_text else 0)  # one per text-encoder forward
