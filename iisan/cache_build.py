@@ -23,7 +23,9 @@ import math
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +159,9 @@ class ShardDir:
 
 
 def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_ids: list[str], m: str):
-    """Cast to the stored precision; refuse NaN states and values that overflow it (fp16 tops at 65504,
-    and LLM hidden states can exceed that)."""
+    """Cast to the stored precision where the states are (on a GPU: half the bytes to copy back, no
+    CPU cast); refuse NaN states and values that overflow it (fp16 tops at 65504, and LLM hidden states
+    can exceed that). Returns the stored states on the host."""
     stored = states.to(dtype)
     bad = ~torch.isfinite(stored).flatten(1).all(1)
     if bad.any():
@@ -166,7 +169,7 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
         why = "NaN" if torch.isnan(states[row]).any() else f"values beyond {dtype} range"
         hint = "; store as --dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
         raise CacheError(f"{m} states of item {item_ids[int(ids[row])]!r} hold {why}{hint}")
-    return stored
+    return stored.cpu()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,11 +180,14 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
 def build_caches(live: LiveStates, item_ids: list[str], out_dir: str | Path, *, chunk_size: int,
                  items_file: str, items_fingerprint: str, pixels: PixelSource | None = None,
                  dtype: torch.dtype = torch.float16, extra: dict | None = None,
-                 progress: bool = True) -> dict[str, Path]:
+                 progress: bool = True, timings: dict | None = None) -> dict[str, Path]:
     """Run the live feed once over items 1..len(item_ids)-1 and write one cache file per modality.
 
     ``item_ids[0]`` is padding (""), stored as a zero row. The states are exactly what ``LiveStates``
-    gives during training. Resumable: see the module docstring."""
+    gives during training. Resumable: see the module docstring. Chunk k's shard is written in a
+    background thread while the device encodes chunk k + 1 (one write in flight; its errors surface
+    at the next chunk). ``timings``, if given, receives ``encode_seconds`` (reading, encoding and
+    writing the shards) and ``assemble_seconds`` (streaming the shards into the final files)."""
     out_dir = Path(out_dir)
     device = live.tokens.device if live.tokens is not None else next(live.parameters()).device
     live.eval()
@@ -200,12 +206,20 @@ def build_caches(live: LiveStates, item_ids: list[str], out_dir: str | Path, *, 
     total = len(indices)
     already = total - sum(len(chunk_ids[k]) for k in todo)
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
-    with bar:
+    start = time.perf_counter()
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="iisan-cache-writer") as writer:
+        pending = None
         for k, batch in zip(todo, item_chunks(indices, chunk_size, pixels, only=todo), strict=True):
             states = live(batch.to(device))
             ids = batch.ids.cpu()
-            shards.write(k, ids, {m: _checked(states[m].cpu(), dtype, ids, item_ids, m) for m in shapes})
+            stored = {m: _checked(states[m], dtype, ids, item_ids, m) for m in shapes}
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(shards.write, k, ids, stored)
             bar.update(len(ids))
+        if pending is not None:
+            pending.result()
+    encoded = time.perf_counter()
 
     paths = {}
     for m, (layers, width) in shapes.items():
@@ -216,4 +230,6 @@ def build_caches(live: LiveStates, item_ids: list[str], out_dir: str | Path, *, 
         log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
                  metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
     shutil.rmtree(shards.path)
+    if timings is not None:
+        timings.update(encode_seconds=encoded - start, assemble_seconds=time.perf_counter() - encoded)
     return paths

@@ -57,7 +57,10 @@ def table(payload: dict) -> str:
              "torch.utils.flop_counter on the timed batches) per second of the timed steps.",
              f"Command: `{payload['command']}` (commit {payload['git_commit']})."]
     if "cache_build_seconds" in cache:
-        notes.append(f"Building the cache once took {cache['cache_build_seconds']:.1f} s.")
+        parts = [f"{name} {cache[key]:.1f} s" for name, key in (("loading data and encoders", "load_seconds"),
+                 ("encoding", "encode_seconds"), ("assembling the files", "assemble_seconds")) if key in cache]
+        notes.append(f"Building the cache once took {cache['cache_build_seconds']:.1f} s"
+                     + (f" ({', '.join(parts)})." if parts else "."))
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 

@@ -163,3 +163,20 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     real = len(batch.items.real)
     assert 0 < real < len(batch.items.ids)  # the batch has padding, which must not be encoded
     assert count_flops(lambda: model.item_encoder.states(batch.items)) == real * per_item
+
+
+def test_measure_cache_build_reports_its_parts(tiny_config, monkeypatch):
+    from iisan.bench import measure_cache_build
+    from iisan.cache import cache_file
+
+    cfg = tiny_config(encode_batch_size=16)  # several chunks: shards written while the next is encoded
+    row = measure_cache_build(cfg)
+    parts = row["load_seconds"] + row["encode_seconds"] + row["assemble_seconds"]
+    assert 0 < parts <= row["cache_build_seconds"]
+    assert all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image"))
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import plot_figures
+
+    note = plot_figures.table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
+                               "timed_steps": 1, "warmup_steps": 1, "command": "c", "git_commit": "x"})
+    assert f"Building the cache once took {row['cache_build_seconds']:.1f} s (loading data and encoders " in note
