@@ -81,7 +81,7 @@ def step_flops(setup: TrainingSetup, batch) -> int:
     def run():
         with torch.autocast(setup.device.type, dtype=setup.amp or torch.float32, enabled=setup.amp is not None):
             loss = setup.model(batch)
-        torch.autograd.grad(loss, trainable)
+        torch.autograd.grad(loss, trainable, allow_unused=True)  # e.g. an ablation leaves a part unused
 
     return count_flops(run)
 
