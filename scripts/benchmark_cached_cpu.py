@@ -8,6 +8,9 @@ and 12 layers (7 of its 13 states cached). The image branch therefore carries no
 the numbers measure speed, and accuracy from titles alone.
 
     python scripts/benchmark_cached_cpu.py --data-dir ../shared/data/amazon/Scientific --epochs 30
+
+Each invocation trains a new run (its folder named by the time); the cache in the work folder is
+reused unless --rebuild-cache asks to build and time it again.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from iisan.cli import USER_ERRORS  # noqa: E402
 from iisan.config import Config  # noqa: E402
 from iisan.runinfo import device_name, git_commit, versions, write_json_atomic  # noqa: E402
+from iisan.train import TrainingError  # noqa: E402
 
 log = logging.getLogger("benchmark_cached_cpu")
 
@@ -68,7 +73,16 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--work", default=str(ROOT / "bench_data" / "cpu-scientific"))
     parser.add_argument("--out", default=str(ROOT / "results" / "cpu-cached-scientific.json"))
+    parser.add_argument("--rebuild-cache", action="store_true",
+                        help="build (and time) the cache again even if the work folder holds one")
     args = parser.parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS + (TrainingError,) as err:
+        sys.exit(f"benchmark_cached_cpu: error: {err}")
+
+
+def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.threads:
@@ -80,7 +94,9 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     images, vit = blank_image_setup(work)
     cfg = Config(users=str(users), items=str(items), images=images, text_model=minilm_path(), image_model=vit,
-                 cache_dir=str(work / "cache"), out_dir=str(work / "runs"), run_name="cached-minilm-blank",
+                 cache_dir=str(work / "cache"), out_dir=str(work / "runs"),
+                 # a new run each time: a benchmark measures its own epochs, never resumes an older run's
+                 run_name=time.strftime("cached-minilm-blank-%Y%m%d-%H%M%S"),
                  device="cpu", epochs=args.epochs, encode_batch_size=512, num_workers=2)
 
     from iisan.build import build_model, load_data
@@ -88,7 +104,7 @@ def main(argv=None) -> None:
     from iisan.train import evaluate_model, load_weights, train
 
     cache_seconds = None
-    if not (work / "cache" / "image.safetensors").is_file():
+    if args.rebuild_cache or not (work / "cache" / "image.safetensors").is_file():
         start = time.perf_counter()
         build_cache_from_config(cfg, dtype="float32")
         cache_seconds = time.perf_counter() - start

@@ -287,3 +287,14 @@ def test_a_run_folder_in_use_is_refused(base, tmp_path):
     held.close()
     assert len(train(cfg.replace(deterministic=True))["epochs"]) == 1  # the lock goes with its holder
     assert not torch.are_deterministic_algorithms_enabled()  # --deterministic is undone after the run
+
+
+def test_a_field_added_after_the_checkpoint_counts_as_its_default(base):
+    """A checkpoint written before a config field existed resumes when the field is at its default now
+    (that older version behaved as the default does) and is refused when it is not."""
+    current = base.to_dict()
+    older = {k: v for k, v in current.items() if k not in ("smoke", "text_layers", "dedup_items")}
+    assert checkpoint.config_differences(older, current) == []
+    changed = base.replace(dedup_items="off").to_dict()
+    assert checkpoint.config_differences(older, changed) == ["dedup_items='auto' there, 'off' now"]
+    assert checkpoint.config_differences(current, changed) == ["dedup_items='auto' there, 'off' now"]
