@@ -82,7 +82,8 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.d
             encoders[m] = load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
                                             dtype=precision)
         else:
-            encoders[m] = load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision)
+            encoders[m] = load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision,
+                                             patch_embedding=cfg.patch_embedding)
     return encoders
 
 

@@ -40,10 +40,11 @@ FILES = (MODEL, TRAIN_STATE, STATE)
 NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where or how
-# fast things run, how long the run may go on, or how it reports; not what a step computes.
+# fast things run (patch_embedding: the same map, computed another way), how long the run may go on, or
+# how it reports; not what a step computes.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
                         "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic"})
+                        "deterministic", "patch_embedding"})
 
 
 class CheckpointError(RuntimeError):

@@ -59,6 +59,9 @@ class Config:
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
                               "the checkpoint's own half precision if it has one (LLMs), else fp32",
                               ("auto", "float32", "float16", "bfloat16"))
+    patch_embedding: str = _opt("matmul", "image towers' patch-embedding convolution (kernel = stride) run as "
+                                "one matmul over patches (the same map, never at the mercy of cuDNN's kernel "
+                                "choice) or as the model's own conv", ("matmul", "conv"))
     # --- model -------------------------------------------------------------------------------------
     method: str = _opt("iisan", "training method", METHODS)
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))

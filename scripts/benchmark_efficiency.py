@@ -90,6 +90,9 @@ def main(argv=None) -> None:
                              "(closer to the authors' code, which also encodes the padding)")
     parser.add_argument("--encoder-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="precision of the frozen encoders' weights (uncached IISAN and the cache build)")
+    parser.add_argument("--patch-embedding", default="matmul", choices=("matmul", "conv"),
+                        help="image towers' patch-embedding conv as one matmul over patches (default) or as the "
+                             "model's own conv")
     parser.add_argument("--equal-batch", type=int, default=32, help="batch size of every method in 'equal'")
     parser.add_argument("--methods", default=",".join(SETTINGS), help="comma list of method labels")
     parser.add_argument("--warmup", type=int, default=3)
@@ -115,7 +118,8 @@ def main(argv=None) -> None:
     work = Path(args.work)
     paths = prepare(work, args.data, args.backbones)
     base = base_config(paths, work, args.data, args.backbones, device=args.device, amp=args.amp,
-                       num_workers=args.workers, dedup_items=args.dedup_items, encoder_dtype=args.encoder_dtype)
+                       num_workers=args.workers, dedup_items=args.dedup_items, encoder_dtype=args.encoder_dtype,
+                       patch_embedding=args.patch_embedding)
     cache_row = None
     if "IISAN (cached)" in labels:
         log.info("building the cache (timed)")

@@ -209,27 +209,32 @@ def plain_frozen_forward(size: str, n: int, device: torch.device, amp, warmup: i
 def plain_patch_embedding(size: str, n: int, device: torch.device, amp, warmup: int, reps: int) -> dict:
     """The ViT patch embedding alone (a stride-16 conv with 3 input channels): forward, and forward plus
     the weight gradient (FFT), on contiguous (NCHW) pixels and on channels-last ones (what a permute of
-    HWC pixels gives); and the same map as unfold + matmul. A poor cuDNN choice for this conv shows here."""
+    HWC pixels gives); the same map as iisan's ``PatchProjection`` (one matmul over patches, the
+    default) and as unfold + matmul. A poor cuDNN choice for this conv shows here."""
+    from iisan.backbones import PatchProjection
+
     _, image = plain_models(size, device)
     conv = image.embeddings.patch_embeddings.projection
+    projection = PatchProjection(conv)
     nchw = plain_inputs(n, device, 2000)[0]
     layouts = {"nchw": nchw, "channels_last": nchw.contiguous(memory_format=torch.channels_last)}
     p = conv.kernel_size[0]
     out = {"items": n}
 
-    def forward(pixels):
+    def forward(pixels, module=conv):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return conv(pixels)
+            return module(pixels)
 
-    for name, pixels in layouts.items():
+    runs = [(f"conv_{name}", pixels, conv) for name, pixels in layouts.items()] + [("matmul_nchw", nchw, projection)]
+    for name, pixels, module in runs:
         with torch.no_grad():
-            out[f"conv_{name}_seconds"] = timed(lambda x=pixels: forward(x), device, warmup, reps)
+            out[f"{name}_seconds"] = timed(lambda x=pixels, m=module: forward(x, m), device, warmup, reps)
 
-        def train_step(x=pixels):
-            forward(x).float().sum().backward()
+        def train_step(x=pixels, m=module):
+            forward(x, m).float().sum().backward()
             conv.weight.grad = conv.bias.grad = None
 
-        out[f"conv_{name}_fwd_bwd_seconds"] = timed(train_step, device, warmup, reps)
+        out[f"{name}_fwd_bwd_seconds"] = timed(train_step, device, warmup, reps)
 
     weight = conv.weight.reshape(conv.out_channels, -1)
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iisan.backbones import EncoderError, group_layers, load_image_encoder, load_text_encoder, tokenize_titles
+from iisan.backbones import (
+    EncoderError,
+    PatchProjection,
+    group_layers,
+    load_image_encoder,
+    load_text_encoder,
+    patches_as_matmul,
+    tokenize_titles,
+)
 
 
 def test_group_layers_reproduce_the_authors_lists():
@@ -64,3 +72,50 @@ def test_pixels_become_contiguous_normalised_nchw():
     x = pixels_to_input(pixels, norm)
     assert x[1, :, 2, 5].tolist() == pytest.approx([(r / 255 - 0.5) / 0.5, (g / 255 - 0.4) / 0.25, (0 - 0.3) / 0.2])
     assert pixels_to_input(pixels, {**norm, "size": 16}).shape == (3, 3, 16, 16)  # resized to the model's side
+
+
+@pytest.mark.parametrize("name", ["vit24x3", "deit40x4", "dinov2_32x5", "clip24x3"])
+def test_patch_embedding_as_a_matmul_is_the_convolution(towers, name):
+    """Every image family's patch-embedding conv becomes one ``PatchProjection`` over the very same
+    parameters (names unchanged), and the encoder gives the conv's states and gradients."""
+    torch.manual_seed(0)  # weights a checkpoint lacks (ViT's unused pooler) are initialised at random
+    conv = load_image_encoder(towers[name], patch_embedding="conv")
+    torch.manual_seed(0)
+    matmul = load_image_encoder(towers[name])
+    swapped = [m for m in matmul.model.modules() if isinstance(m, PatchProjection)]
+    assert len(swapped) == 1 and not any(isinstance(m, PatchProjection) for m in conv.model.modules())
+    assert list(conv.model.state_dict()) == list(matmul.model.state_dict())
+    for (n, a), b in zip(conv.model.state_dict().items(), matmul.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    size = conv.norm["size"]
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(matmul.layer_states(pixel_values=pixels), conv.layer_states(pixel_values=pixels),
+                               rtol=1e-5, atol=1e-5)
+    grads = []
+    for encoder in (conv, matmul):  # as FFT trains it: the projection weight's gradient, in fp64 (in fp32
+        encoder.model.double()      # this tiny random model's gradient is of the order of its rounding)
+        weight = next(p for n, p in encoder.model.named_parameters() if "patch" in n and n.endswith("weight"))
+        weight.requires_grad_(True)
+        encoder.final_cls(pixel_values=pixels.double()).square().sum().backward()
+        grads.append(weight.grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+def test_patch_projection_by_hand_and_what_it_leaves_alone():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+    projection = PatchProjection(conv)
+    assert projection.weight is conv.weight and projection.bias is conv.bias
+    x = torch.randn(2, 3, 10, 13)  # not whole patches: like the conv, the last 2 rows and 1 column drop out
+    out = projection(x)
+    assert out.shape == (2, 5, 2, 3)
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
+    # output (0, :, 1, 2) by hand: the patch at rows 4..7, columns 8..11, dotted with each filter
+    by_hand = (conv.weight * x[0, :, 4:8, 8:12]).sum((1, 2, 3)) + conv.bias
+    torch.testing.assert_close(out[0, :, 1, 2], by_hand, rtol=1e-5, atol=1e-6)
+    no_bias = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4, bias=False)
+    torch.testing.assert_close(PatchProjection(no_bias)(x), no_bias(x), rtol=1e-5, atol=1e-6)
+    others = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 4, stride=2), torch.nn.Conv2d(3, 5, 4, stride=4, padding=1),
+                                 torch.nn.Conv2d(4, 4, 4, stride=4, groups=2), torch.nn.Conv2d(3, 5, 3))
+    assert patches_as_matmul(others) == 0 and all(type(m) is torch.nn.Conv2d for m in others)

@@ -113,7 +113,8 @@ def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
         assert r["tflops_per_second"] == pytest.approx(r["flops_per_step"] / r["seconds_per_step"] / 1e12)
         assert r["epoch_seconds"] == pytest.approx(r["seconds_per_step"] * (378 if r in plain["fft_step"] else 189))
     patch = plain["patch_embedding"][0]
-    assert all(patch[f"conv_{m}{p}_seconds"] > 0 for m in ("nchw", "channels_last") for p in ("", "_fwd_bwd"))
+    assert all(patch[f"{m}{p}_seconds"] > 0 for m in ("conv_nchw", "conv_channels_last", "matmul_nchw")
+               for p in ("", "_fwd_bwd"))
     (live,) = report["iisan"]
     assert "error" not in live, live["error"] if "error" in live else ""
     assert live["batch_size"] == 64 and live["steps_per_epoch"] == 19 and live["items_per_batch"] > 64

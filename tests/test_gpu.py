@@ -110,3 +110,15 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
     assert [s for s in syncs if "transformers/masking_utils.py" not in s] == []
+
+
+def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
+    from iisan.backbones import load_image_encoder
+
+    conv = load_image_encoder(tiny["image_model"], patch_embedding="conv").model.to(CUDA)
+    matmul = load_image_encoder(tiny["image_model"]).model.to(CUDA)
+    size = conv.config.image_size
+    pixels = torch.randn(8, 3, size, size, device=CUDA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = conv(pixel_values=pixels).last_hidden_state, matmul(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
