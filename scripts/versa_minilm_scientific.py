@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     from iisan.config import Config
     from iisan.data.interactions import read_items
     from iisan.preprocess import build_cache_from_config
-    from iisan.runinfo import write_json_atomic
+    from iisan.runinfo import git_commit, write_json_atomic
     from iisan.tiny import write_vit
     from iisan.train import train
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds_per_epoch": results["timing"]["train_seconds_per_epoch"],
         "total_seconds": time.perf_counter() - start,
         "device": results["device"],
+        "git_commit": git_commit(),
         "results_file": str(Path(results["run_dir"]) / "results.json"),
     }
     write_json_atomic(work / f"versa_minilm_scientific_{args.images}.json", summary)
