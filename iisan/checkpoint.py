@@ -17,7 +17,6 @@ that fails either is refused with a one-line message and the one before it is tr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -190,27 +189,13 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def config_defaults() -> dict:
-    """Every Config field's default, as ``Config.to_dict`` writes values (tuples as lists)."""
-    from .config import Config
-
-    out = {}
-    for f in dataclasses.fields(Config):
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            continue
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     the saved config lacks was added by a later version of this library; the version that wrote the
     checkpoint behaved as the field's default does, so the default stands in for it."""
-    defaults = config_defaults()
+    from .config import Config
+
+    defaults = Config().to_dict()
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
     old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
     return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]

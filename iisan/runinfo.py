@@ -53,11 +53,15 @@ def git_commit() -> str:
 @contextmanager
 def atomic_path(path: str | Path):
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds, so
-    readers never see a half-written file."""
+    readers never see a half-written file; removed when the block fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

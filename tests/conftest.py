@@ -17,9 +17,12 @@ from iisan.tiny import vocabulary, write_bert, write_vit
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(1)  # tiny ops: one thread is as fast and immune to contention
+    # Tiny ops: one thread is as fast and immune to contention. Session scope, so that it is set before
+    # any module-scoped fixture trains: a reference run made with another thread count differs from
+    # later runs in the last bits (test_resume compares them exactly).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
