@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from iisan.preprocess import DTYPES, build_cache_from_config  # noqa: E402
-from iisan.presets import METHOD_DEFAULTS  # noqa: E402
-from iisan.sweep import run_script  # noqa: E402
+from iisan.experiments.presets import METHOD_DEFAULTS  # noqa: E402
+from iisan.experiments.sweep import run_script  # noqa: E402
+from iisan.model.caching import DTYPES, build_cache_from_config  # noqa: E402
 
 
 def extra_arguments(parser):

@@ -13,10 +13,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
-from iisan.cli import USER_ERRORS, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.data.images import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
-from iisan.presets import dataset_paths  # noqa: E402
+from iisan.experiments.presets import dataset_paths  # noqa: E402
 
 IMAGE_FOLDERS = {"Scientific": "am_image_is", "Instrument": "am_image_mi", "Office": "am_image_op"}
 
@@ -41,15 +41,15 @@ def main(argv=None):
                 jobs.append((HERE / folder, paths["items"], Path(paths["images"])))
         if not jobs:
             parser.error(f"no image folder found here ({', '.join(IMAGE_FOLDERS.values())}); see Dataset/README.md")
-    try:
+
+    def build() -> None:
         for images, items, out in jobs:
             ids = read_items(items, allow_empty_titles=True).ids if items else None
             report = build_image_lmdb(images, out, ids, size=args.size)
             print(f"{out}: {report['stored']:,} images, {report['blank']:,} missing or unreadable "
                   f"(listed in {report['report']})")
-    except USER_ERRORS as err:
-        print(f"build_lmdb.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    entry_point("build_lmdb.py", build)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
 """IISAN: decoupled parameter-efficient adaptation of multimodal foundation models for sequential
-recommendation (SIGIR 2024), and IISAN-Versa (TKDE)."""
+recommendation (SIGIR 2024), and IISAN-Versa (TKDE).
+
+The package follows the pipeline, each layer importing only from those before it: a base of small
+modules (``errors``, ``config``, ``files``, ``devices``, ``provenance``, ``console``, ``distributed``),
+then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` -> ``cli``.
+"""
 
 __version__ = "0.1.0"

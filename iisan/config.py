@@ -14,9 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A bad value or key in a config; the message is one line and names the key."""
+from .errors import ConfigError
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -254,12 +252,17 @@ def _coerce(name: str, value, hint):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
-                         multi: set[str] | None = None) -> None:
-    """Add ``--key`` for every Config field. Keys in ``multi`` accept several values (sweeps)."""
+                         multi: set[str] | None = None, only: tuple[str, ...] | None = None) -> None:
+    """Add ``--key`` for every Config field (or the fields in ``only``, without ``--config``). Keys in
+    ``multi`` accept several values (sweeps). Flags left out keep no value, so a flag never given
+    never overrides anything."""
     defaults = defaults or {}
     multi = multi or set()
-    parser.add_argument("--config", default=None, help="JSON file of config keys (CLI flags win)")
+    if only is None:
+        parser.add_argument("--config", default=None, help="JSON file of config keys (CLI flags win)")
     for f in dataclasses.fields(Config):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         shown = defaults.get(f.name, f.default)
         help_text = f"{f.metadata['help']} (default: {shown})"

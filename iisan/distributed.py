@@ -2,7 +2,7 @@
 
 Without torchrun's environment (``RANK``, ``WORLD_SIZE``) everything here is a no-op and a run is the
 plain single-process run. Under torchrun every process holds the whole data set and the whole model;
-it trains on its own shard of users (``shard_users``) and DistributedDataParallel averages gradients.
+it trains on its own shard of users (``data.batches.shard_users``) and DistributedDataParallel averages gradients.
 Evaluation splits whole evaluation chunks across ranks (``chunk_block``) and gathers the per-user ranks
 in order, so it computes exactly what a single process computes for the same weights.
 
@@ -11,15 +11,17 @@ Collectives use tensors only (never ``*_object`` collectives, which pickle).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
+from .devices import resolve_device
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,6 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     """The process group (joined, or created: the third value says so) and this rank's device.
 
     On CUDA each process takes the GPU of its ``LOCAL_RANK`` and talks NCCL; on CPU, gloo."""
-    from .build import resolve_device
-
     if not launched():
         return SINGLE, resolve_device(device_name), False
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -94,10 +94,6 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: 
     hundreds of MB), identical on every rank, so re-broadcasting them before every forward is waste."""
     if not dist.enabled:
         return model
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
     # torch 2.13 renamed the switch (and deprecated the old name); older releases know only the old one.
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
@@ -107,15 +103,6 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: 
 
 # --------------------------------------------------------------------------------------------------
 # splitting work
-
-
-def shard_users(order: np.ndarray, dist: Dist) -> np.ndarray:
-    """This rank's users of one epoch's global permutation: every ``world_size``-th from ``rank``.
-
-    Every rank gets the same count, because DDP needs the same number of steps on every rank: the last
-    ``len(order) % world_size`` users of the permutation (a different few each epoch) sit this epoch out."""
-    usable = len(order) - len(order) % dist.world_size
-    return order[dist.rank:usable:dist.world_size]
 
 
 def chunk_block(rows: int, chunk: int, dist: Dist) -> tuple[int, int]:

@@ -1,6 +1,10 @@
 """Full-ranking evaluation (authors' ``metrics.py``, vectorised): every item is a candidate, the
 user's history is masked, the target's rank is ``1 + #(score > target score)``.
 
+``evaluate_model`` runs it for a recommender: the item table once (``item_table``, every item through
+the item encoder in chunks), then every user's vector against it. Under torchrun each rank ranks a
+block of whole chunks and the blocks are gathered in order, so the numbers equal a single process's.
+
 A target that repeats a history item is masked with the history, so it always counts as a miss (the
 paper's protocol, 4-6 % of users); ``rank_repeated_targets=True`` keeps such targets rankable.
 """
@@ -11,6 +15,11 @@ import math
 
 import numpy as np
 import torch
+
+from .config import Config
+from .data.batches import PixelSource, item_chunks
+from .distributed import SINGLE, Dist, chunk_block, gather_rows
+from .model.recommender import Recommender
 
 KS = (5, 10, 20)
 
@@ -98,3 +107,60 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
     pop = popularity_scores(data.train_sequences(), data.num_items)
     return evaluate_scores(lambda sl: pop[None, :].repeat(len(targets[sl]), 1), targets, history, batch_users,
                            rank_repeated_targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# a recommender's item table and ranks
+
+
+@torch.no_grad()
+def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
+               device: torch.device, amp: torch.dtype | None = None,
+               ids: np.ndarray | None = None) -> torch.Tensor:
+    """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation (fp32
+    unless ``amp``)."""
+    model.eval()
+    rows = []
+    for batch in item_chunks(np.arange(num_items + 1) if ids is None else ids, chunk, pixels):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            rows.append(model.item_encoder(batch.to(device)).float())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def shared_item_table(model: Recommender, num_items: int, cfg: Config, pixels: PixelSource | None,
+                      device: torch.device, dist: Dist = SINGLE) -> torch.Tensor:
+    """``item_table`` with the work split across ranks in whole chunks; every rank gets the whole table."""
+    if not dist.enabled:
+        return item_table(model, num_items, cfg.encode_batch_size, pixels, device)
+    lo, hi = chunk_block(num_items + 1, cfg.encode_batch_size, dist)
+    part = item_table(model, num_items, cfg.encode_batch_size, pixels, device,
+                      ids=np.arange(lo, hi)) if hi > lo else torch.zeros(0, cfg.embedding_dim, device=device)
+    return gather_rows(part, dist)
+
+
+@torch.no_grad()
+def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: torch.device,
+                   pixels: PixelSource | None = None, table: torch.Tensor | None = None,
+                   dist: Dist = SINGLE) -> torch.Tensor:
+    """(users,) 1-based target ranks in user order. Under torchrun each rank ranks a block of whole
+    evaluation chunks and the blocks are gathered in order: every user exactly once, and the same
+    numbers as one process computes."""
+    model.eval()
+    if table is None:
+        table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
+    inputs, targets, history = data.eval_split(split)
+    chunk = cfg.eval_batch_size or (2048 if device.type == "cuda" else 128)
+    lo, hi = chunk_block(len(targets), chunk, dist)
+    ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
+                        chunk, cfg.rank_repeated_targets)
+    ranks = gather_rows(ranks.to(table.device), dist).cpu()
+    if len(ranks) != len(targets):
+        raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")
+    return ranks
+
+
+def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,
+                   pixels: PixelSource | None = None, table: torch.Tensor | None = None,
+                   dist: Dist = SINGLE) -> dict[str, float]:
+    return metrics_from_ranks(evaluate_ranks(model, data, split, cfg, device, pixels, table, dist))

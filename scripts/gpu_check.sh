@@ -33,7 +33,7 @@ echo "diagnosis: $(( $(date +%s) - start )) s"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
 echo "gpu tests: $(( $(date +%s) - start )) s"
 python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" --data "${DATA:-scientific}" \
-  --device "${DEVICE:-cuda}" --settings "${SETTINGS:-equal,paper}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --workers "${WORKERS:-8}" \
+  --device "${DEVICE:-cuda}" --settings "${SETTINGS:-equal,paper}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --num-workers "${WORKERS:-8}" \
   --work /tmp/iisan-bench --out "$OUT/efficiency" --no-plots ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
   | grep -E "benchmark: (equal|paper|building|cache:|wrote)|  -> |Error|error" | cut -c1-400
 echo "total: $(( $(date +%s) - start )) s"

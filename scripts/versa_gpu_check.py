@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
+
+from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
 
 
 def main() -> None:
@@ -28,90 +30,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
     parser.add_argument("--quick", action="store_true", help="one eager training epoch (little device time)")
     args = parser.parse_args()
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoModel, AutoTokenizer
-
-    from iisan.cache import cache_file
-    from iisan.cli import setup_logging
-    from iisan.config import Config
-    from iisan.data.images import build_image_lmdb
-    from iisan.data.interactions import read_items
-    from iisan.data.synthetic import generate
-    from iisan.feeds import LiveStates
-    from iisan.preprocess import build_cache_from_config
-    from iisan.tiny import write_decoder, write_vit
-    from iisan.train import train
-
     setup_logging()
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = args.device
-    report: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
-                    "torch": torch.__version__}
-    paths = generate(work / "data", num_users=600, num_items=300, num_topics=12, seed=0, image_size=64)
-    items = read_items(paths["items"])
-    text = write_decoder(work / "llama-fp32", "llama", items.titles, hidden=128, layers=8, heads=4)
-    half = work / "llama-bf16"  # LLM checkpoints ship in bf16
-    AutoModel.from_pretrained(text).to(torch.bfloat16).save_pretrained(half)
-    AutoTokenizer.from_pretrained(text).save_pretrained(half)
-    image = write_vit(work / "vit", hidden=96, layers=4, heads=4, image_size=64, patch_size=16)
-    lmdb = work / "images.lmdb"
-    build_image_lmdb(paths["images"], lmdb, items.ids, size=64, progress=False)
-    base = Config(users=str(paths["users"]), items=str(paths["items"]), images=str(lmdb),
-                  text_model=str(half), image_model=str(image), encode_batch_size=64, num_workers=2,
-                  progress=False,
-                  out_dir=str(work / "runs"), epochs=2, lr=1e-3, lr_adapter_text=1e-3, lr_adapter_image=1e-3)
-
-    def tables(cache_dir):
-        result = {}
-        for m in ("text", "image"):
-            with safe_open(str(cache_file(cache_dir, m)), "pt") as fh:
-                result[m] = fh.get_tensor("states").float()
-        return result
-
-    # 1. GPU (bf16 LLM, fp16 store) vs CPU fp32
-    start = time.perf_counter()
-    build_cache_from_config(base.replace(device="cpu", cache_dir=str(work / "cpu")), dtype="float32")
-    report["cpu_cache_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    build_cache_from_config(base.replace(device=dev, cache_dir=str(work / "gpu")), dtype="float16")
-    report["gpu_cache_seconds"] = time.perf_counter() - start
-    cpu, gpu = tables(work / "cpu"), tables(work / "gpu")
-    for m in ("text", "image"):
-        err = (gpu[m] - cpu[m]).norm(dim=-1) / cpu[m].norm(dim=-1).clamp_min(1e-6)
-        report[f"{m}_relative_error_max"] = float(err[1:].max())
-        report[f"{m}_relative_error_mean"] = float(err[1:].mean())
-
-    # 2. interrupted + resumed == uninterrupted, on the GPU
-    original, calls = LiveStates.forward, {"n": 0}
-
-    def crashing(self, items):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated interruption")
-        return original(self, items)
-
-    LiveStates.forward = crashing
-    resumed = base.replace(device=dev, cache_dir=str(work / "resumed"))
-    try:
-        build_cache_from_config(resumed, dtype="float16")
-    except RuntimeError as err:
-        report["interrupted"] = str(err)
-    LiveStates.forward = original
-    build_cache_from_config(resumed, dtype="float16")
-    report["resumed_bytes_equal"] = all(cache_file(work / "resumed", m).read_bytes() ==
-                                        cache_file(work / "gpu", m).read_bytes() for m in ("text", "image"))
-
-    # 3. cached Versa training on the GPU (default: CUDA-graph step), and eager for comparison
-    for compile_mode in ("off",) if args.quick else ("auto", "off"):
-        results = train(base.replace(device=dev, cache_dir=str(work / "gpu"), compile=compile_mode,
-                                     run_name=f"versa-{compile_mode}", epochs=1 if args.quick else 2))
-        report[f"train_{compile_mode}"] = {
-            "losses": [e["loss"] for e in results["epochs"]], "test": results["test"],
-            "train_seconds_per_epoch": results["timing"]["train_seconds_per_epoch"],
-            "trainable": results["parameters"]["trainable"], "peak_memory": results["peak_memory"]}
-    (out / "versa_gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))
 
 

@@ -14,10 +14,12 @@ import torch
 import torch.distributed as torch_dist
 
 from iisan import distributed
-from iisan.build import build_model, load_data
-from iisan.cli import setup_logging
 from iisan.config import Config
-from iisan.train import evaluate_ranks, load_weights, train
+from iisan.console import setup_logging
+from iisan.evaluate import evaluate_ranks
+from iisan.model.build import build_model, load_data
+from iisan.train.trainer import train
+from iisan.train.weights import load_weights
 
 
 def main(config_file: str, out_file: str) -> None:

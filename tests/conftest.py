@@ -12,7 +12,7 @@ from iisan.config import Config
 from iisan.data.images import build_image_lmdb
 from iisan.data.interactions import read_items
 from iisan.data.synthetic import generate
-from iisan.tiny import vocabulary, write_bert, write_vit
+from iisan.model.tiny import vocabulary, write_bert, write_vit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
 
@@ -43,7 +43,7 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_cache(tiny, tmp_path_factory) -> str:
     """An fp32 cache of the tiny data set (both towers), built once per session; read it, never write."""
-    from iisan.preprocess import build_cache_from_config
+    from iisan.model.caching import build_cache_from_config
 
     path = tmp_path_factory.mktemp("tiny-cache")
     cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
@@ -78,7 +78,7 @@ def shared_file(*parts: str) -> Path:
 def towers(tiny, tmp_path_factory) -> dict:
     """IISAN-Versa: tiny random encoders of several families, widths and depths (name -> folder).
     Text: BERT, and decoder LLMs with BPE tokenizers (GPT-2 without a pad token, as shipped)."""
-    from iisan.tiny import write_decoder, write_image_tower
+    from iisan.model.tiny import write_decoder, write_image_tower
 
     root = tmp_path_factory.mktemp("towers")
     titles = read_items(tiny["items"]).titles
@@ -99,8 +99,8 @@ def towers(tiny, tmp_path_factory) -> dict:
 def cached_and_live_tables(cfg: Config, device: torch.device):
     """Item tables of the same model fed from the cache and from the live encoders, and the cached
     model: both built from one seed, the live one given the cached one's trainable weights."""
-    from iisan.build import build_model, load_data
-    from iisan.train import item_table
+    from iisan.evaluate import item_table
+    from iisan.model.build import build_model, load_data
 
     data = load_data(cfg)
     torch.manual_seed(0)

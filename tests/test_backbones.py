@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iisan.backbones import (
-    EncoderError,
-    PatchProjection,
-    group_layers,
-    load_image_encoder,
-    load_text_encoder,
-    patches_as_matmul,
-    tokenize_titles,
-)
+from iisan.errors import EncoderError
+from iisan.model.backbones import group_layers, load_image_encoder, load_text_encoder
+from iisan.model.inputs import tokenize_titles
+from iisan.model.patches import PatchProjection, patches_as_matmul
 
 
 def test_group_layers_reproduce_the_authors_lists():
@@ -59,7 +54,7 @@ def test_vit_final_cls_is_after_the_final_layernorm(tiny):
 
 
 def test_pixels_become_contiguous_normalised_nchw():
-    from iisan.backbones import pixels_to_input
+    from iisan.model.inputs import pixels_to_input
 
     pixels = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
     norm = {"mean": [0.5, 0.4, 0.3], "std": [0.5, 0.25, 0.2], "size": 8}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from iisan.bench import add_tpme, in_fresh_process, measure_training
+from iisan.experiments.bench import add_tpme, in_fresh_process, measure_training
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -48,14 +49,15 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
     assert out["memory"]["peak_rss_gib"] > 0
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
-    from iisan.batches import train_loader
-    from iisan.build import load_data
+    from iisan.data.batches import train_loader
+    from iisan.model.build import load_data
 
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
     assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
     # model FLOPs: the mean over the two timed batches, each counted by hand-independent replay here
-    from iisan.bench import step_flops, training_setup
+    from iisan.experiments.bench import training_setup
+    from iisan.experiments.flops import step_flops
 
     setup = training_setup(cfg)
     timed = [b for b, _ in zip(setup.full_batches(), range(3))][1:]
@@ -73,13 +75,15 @@ def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
     assert out["error"].startswith("DataError") and "/nonexistent/users.tsv" in out["error"]
 
 
-def test_benchmark_script_writes_json_table_and_figure(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    import benchmark_efficiency
+def run_script(name: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
-    benchmark_efficiency.main(["--methods", "BitFit", "--settings", "paper", "--warmup", "1", "--steps", "1",
-                               "--workers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-                               "--figs", str(tmp_path / "figs"), "--tag", "t"])
+
+def test_benchmark_script_writes_json_table_and_figure(tmp_path):
+    run_script("benchmark_efficiency.py", "--methods", "BitFit", "--settings", "paper", "--warmup", "1", "--steps",
+               "1", "--num-workers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+               "--figs", str(tmp_path / "figs"), "--tag", "t")
     payload = json.loads((tmp_path / "out" / "t-paper.json").read_text())
     (bitfit,) = payload["rows"]
     assert "error" not in bitfit, bitfit.get("traceback")
@@ -91,15 +95,11 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path, monkeypatch):
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
 
 
-def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    monkeypatch.setattr(sys, "argv", ["gpu_diagnose.py"])
-    import gpu_diagnose
-
+def test_gpu_diagnosis_dry_run(tmp_path):
     out = tmp_path / "diagnose.json"
-    gpu_diagnose.main(["--size", "tiny", "--device", "cpu", "--fft-items", "4", "--frozen-items", "6",
-                       "--cache-batch", "5", "--iisan", "IISAN (uncached)", "--data", "demo", "--workers", "1",
-                       "--warmup", "0", "--reps", "1", "--work", str(tmp_path / "work"), "--out", str(out)])
+    run_script("gpu_diagnose.py", "--size", "tiny", "--device", "cpu", "--fft-items", "4", "--frozen-items", "6",
+               "--cache-batch", "5", "--iisan", "IISAN (uncached)", "--data", "demo", "--workers", "1",
+               "--warmup", "0", "--reps", "1", "--work", str(tmp_path / "work"), "--out", str(out))
     report = json.loads(out.read_text())
     plain = report["plain"]
     assert report["device"]["device"].startswith("CPU")
@@ -126,7 +126,7 @@ def test_gpu_diagnosis_dry_run(tmp_path, monkeypatch):
 
 
 def test_count_flops_by_hand():
-    from iisan.bench import count_flops
+    from iisan.experiments.flops import count_flops
 
     linear, x = torch.nn.Linear(8, 4), torch.randn(5, 8)
     # forward 2*5*8*4, and the weight's gradient as much again (the input needs none; a bias grad is a sum)
@@ -148,9 +148,9 @@ def encoder_flops(config, tokens: int) -> int:
 def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_config):
     """The uncached feed runs each tower once per distinct non-padding item (no second pass, padding
     never encoded), and ``count_flops`` agrees with the hand count of BERT and ViT."""
-    from iisan.batches import train_loader
-    from iisan.bench import count_flops
-    from iisan.build import build_model, load_data
+    from iisan.data.batches import train_loader
+    from iisan.experiments.flops import count_flops
+    from iisan.model.build import build_model, load_data
 
     cfg = tiny_config(method="iisan", feed="live")
     data = load_data(cfg)
@@ -166,18 +166,16 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     assert count_flops(lambda: model.item_encoder.states(batch.items)) == real * per_item
 
 
-def test_measure_cache_build_reports_its_parts(tiny_config, monkeypatch):
-    from iisan.bench import measure_cache_build
-    from iisan.cache import cache_file
+def test_measure_cache_build_reports_its_parts(tiny_config):
+    from iisan.data.cache import cache_file
+    from iisan.experiments.bench import measure_cache_build
+    from iisan.experiments.figures import table
 
     cfg = tiny_config(encode_batch_size=16)  # several chunks: shards written while the next is encoded
     row = measure_cache_build(cfg)
     parts = row["load_seconds"] + row["encode_seconds"] + row["assemble_seconds"]
     assert 0 < parts <= row["cache_build_seconds"]
     assert all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image"))
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    import plot_figures
-
-    note = plot_figures.table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
+    note = table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
                                "timed_steps": 1, "warmup_steps": 1, "command": "c", "git_commit": "x"})
     assert f"Building the cache once took {row['cache_build_seconds']:.1f} s (loading data and encoders " in note

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from iisan.build import build_model, load_data
-from iisan.cache import CacheError, read_metadata
+from iisan.data.cache import read_metadata
+from iisan.errors import CacheError
+from iisan.model.build import build_model, load_data
 
 from .conftest import cached_and_live_tables
 
@@ -56,7 +57,7 @@ def test_cache_built_for_another_items_file_is_refused(cached_cfg, tmp_path, tin
 
 
 def test_cache_for_another_encoder_is_refused(cached_cfg, tmp_path, tiny):
-    from iisan.tiny import vocabulary, write_bert
+    from iisan.model.tiny import vocabulary, write_bert
 
     other = write_bert(tmp_path / "bert64", vocabulary(["x"]), hidden=16, layers=2)
     cfg = cached_cfg.replace(text_model=str(other))

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from iisan.build import build_model, load_data
-from iisan.cache import CacheError, cache_file
-from iisan.cache_build import SIDECAR, write_safetensors
-from iisan.cli import main
-from iisan.feeds import LiveStates
-from iisan.preprocess import build_cache_from_config
+from iisan.cli.main import main
+from iisan.data.cache import cache_file
+from iisan.data.cache_build import SIDECAR, write_safetensors
+from iisan.errors import CacheError
+from iisan.model.build import build_model, load_data
+from iisan.model.caching import build_cache_from_config
+from iisan.model.feeds import LiveStates
 
 CHUNK = 16
 

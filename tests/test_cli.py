@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from iisan.cli import main
-from iisan.config import Config, ConfigError
+from iisan.cli.main import main
+from iisan.config import Config
+from iisan.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_entry_script_rejects_unknown_flags():
 
 
 def test_entry_script_runs_a_sweep_in_process(tiny, tmp_path):
-    from iisan.preprocess import build_cache_from_config
+    from iisan.model.caching import build_cache_from_config
 
     base = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
     build_cache_from_config(Config(**base, cache_dir=str(tmp_path / "c"), progress=False), dtype="float32")

@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from iisan.cli import main
-from iisan.data.interactions import DataError, load_dataset, read_items, read_users
+from iisan.cli.main import main
+from iisan.data.interactions import load_dataset, read_items, read_users
+from iisan.errors import DataError
 
 from .conftest import shared_file
 

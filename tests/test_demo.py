@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iisan.cli import main
+from iisan.cli.main import main
 
 
 @pytest.mark.slow

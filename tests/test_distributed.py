@@ -15,11 +15,13 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from iisan.batches import train_loader
-from iisan.build import build_model, load_data
-from iisan.distributed import Dist, chunk_block, shard_users
-from iisan.preprocess import build_cache_from_config
-from iisan.train import evaluate_model, evaluate_ranks, load_weights, make_optimizer
+from iisan.data.batches import shard_users, train_loader
+from iisan.distributed import Dist, chunk_block
+from iisan.evaluate import evaluate_model, evaluate_ranks
+from iisan.model.build import build_model, load_data
+from iisan.model.caching import build_cache_from_config
+from iisan.train.step import make_optimizer
+from iisan.train.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
 
 def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
     order = np.random.default_rng(0).permutation(103)
-    shards = [shard_users(order, Dist(r, 4, backend="gloo")) for r in range(4)]
+    shards = [shard_users(order, r, 4) for r in range(4)]
     assert {len(s) for s in shards} == {25}
     together = np.concatenate(shards)
     assert len(set(together)) == 100 and set(together) <= set(order[:100])

@@ -10,10 +10,11 @@ import warnings
 import pytest
 import torch
 
-from iisan.batches import train_loader
-from iisan.bench import SETTINGS
-from iisan.build import build_model, load_data
-from iisan.train import make_optimizer, make_train_step, train
+from iisan.data.batches import train_loader
+from iisan.experiments.bench import SETTINGS
+from iisan.model.build import build_model, load_data
+from iisan.train.step import make_optimizer, make_train_step
+from iisan.train.trainer import train
 
 from .conftest import cached_and_live_tables
 
@@ -113,7 +114,7 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
 
 
 def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
-    from iisan.backbones import load_image_encoder
+    from iisan.model.backbones import load_image_encoder
 
     conv = load_image_encoder(tiny["image_model"], patch_embedding="conv").model.to(CUDA)
     matmul = load_image_encoder(tiny["image_model"]).model.to(CUDA)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iisan.preprocess import build_cache_from_config
-from iisan.train import train
+from iisan.model.caching import build_cache_from_config
+from iisan.train.trainer import train
 from tests.test_distributed import check_launch, launch
 
 pytestmark = [pytest.mark.gpu,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iisan.data.images import ImageStore, ImageStoreError, build_image_lmdb, decode_record, encode_record
+from iisan.data.images import ImageStore, build_image_lmdb, decode_record, encode_record
+from iisan.errors import ImageStoreError
 
 
 def test_record_round_trip_and_rejects_garbage():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from iisan.loss import in_batch_softmax_loss
+from iisan.model.loss import in_batch_softmax_loss
 
 
 def loop_reference(users, items, ids, log_pop):

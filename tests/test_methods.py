@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iisan.batches import train_loader
-from iisan.bench import SETTINGS  # the six settings of the paper's efficiency table
-from iisan.build import build_model, load_data, optimizer_groups
-from iisan.peft_methods import TargetError, apply_adapters, apply_lora
-from iisan.train import TrainingError, load_weights, make_optimizer, make_train_step, save_weights
+from iisan.data.batches import train_loader
+from iisan.errors import TargetError, TrainingError
+from iisan.experiments.bench import SETTINGS  # the six settings of the paper's efficiency table
+from iisan.model.build import build_model, load_data
+from iisan.model.peft_methods import apply_adapters, apply_lora
+from iisan.train.step import make_optimizer, make_train_step, optimizer_groups
+from iisan.train.weights import load_weights, save_weights
 
 
 def declared_trainable(name: str, method: str) -> bool:
@@ -56,7 +58,7 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
             assert torch.equal(p, before[name]), f"frozen {name} changed"
     # item embeddings: shape and finiteness
     model.eval()
-    from iisan.feeds import ItemBatch
+    from iisan.data.batches import ItemBatch
 
     ids = torch.tensor([0, 1, 2, 3])
     items = ItemBatch(ids, pixels(ids.numpy()) if pixels is not None else None)
@@ -75,7 +77,8 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
 
 @pytest.mark.parametrize("method", ["adapter", "lora"])
 def test_adapters_and_lora_start_as_the_identity(method, tiny):
-    from iisan.backbones import load_image_encoder, load_text_encoder, tokenize_titles
+    from iisan.model.backbones import load_image_encoder, load_text_encoder
+    from iisan.model.inputs import tokenize_titles
 
     text = load_text_encoder(tiny["text_model"])
     image = load_image_encoder(tiny["image_model"])
@@ -96,7 +99,7 @@ def test_adapters_and_lora_start_as_the_identity(method, tiny):
 
 
 def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
-    from iisan.backbones import load_image_encoder
+    from iisan.model.backbones import load_image_encoder
 
     image = load_image_encoder(tiny["image_model"])
     q_name = [n for n, m in image.model.named_modules() if isinstance(m, torch.nn.Linear)][0]
@@ -108,7 +111,7 @@ def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
 
 
 def test_target_that_matches_nothing_lists_existing_modules(tiny):
-    from iisan.backbones import load_text_encoder
+    from iisan.model.backbones import load_text_encoder
 
     text = load_text_encoder(tiny["text_model"])
     with pytest.raises(TargetError, match=r"target 'qkv' matches no module in the text encoder \(BertModel\); "
@@ -154,8 +157,7 @@ def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_
 
 
 def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_cache, monkeypatch):
-    import iisan.loop as loop_module
-    import iisan.train as train_module
+    import iisan.train.trainer as trainer
 
     def exploding_step(*args, **kwargs):
         def step(batch):
@@ -163,16 +165,16 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_
         step.scaler = None
         return step
 
-    monkeypatch.setattr(loop_module, "make_train_step", exploding_step)
+    monkeypatch.setattr(trainer, "make_train_step", exploding_step)
     with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
-        train_module.train(tiny_config(cache_dir=tiny_cache))
+        trainer.train(tiny_config(cache_dir=tiny_cache))
 
 
 @pytest.mark.parametrize("setting", ["FFT", "IISAN (uncached)"])
 def test_live_step_finds_real_items_on_the_host(setting, tiny_config, monkeypatch):
     """Batches carry the positions of their non-padding items, so a step never asks the device for
     them (``torch.nonzero`` on a GPU waits for the device, every step); the result is the same."""
-    from iisan.feeds import ItemBatch
+    from iisan.data.batches import ItemBatch
 
     cfg = tiny_config(**SETTINGS[setting])
     data = load_data(cfg)

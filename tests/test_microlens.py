@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iisan.data.interactions import DataError, load_dataset
+from iisan.data.interactions import load_dataset
+from iisan.errors import DataError
 
 # user 7: items 10, 11, 12, 13, 14 in time order (file order shuffled, one tie kept in file order)
 PAIRS_CSV = """user,item,timestamp

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iisan.cli import main
-from iisan.train import train
+from iisan.cli.main import main
+from iisan.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
 
 
 def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
-    from iisan.report import plot_curves
+    from iisan.experiments.report import plot_curves
 
     out, results = runs
     main(["results", str(out), "--curves", str(tmp_path / "curves.png")])

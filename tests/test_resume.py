@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import iisan.checkpoint as checkpoint
-import iisan.model
-from iisan.cli import main
+import iisan.model.recommender as recommender_module
+import iisan.train.checkpoint as checkpoint
+from iisan.cli.main import main
 from iisan.config import Config
-from iisan.preprocess import build_cache_from_config
-from iisan.train import RunInterrupted, TrainingError, train
+from iisan.errors import RunInterrupted, TrainingError
+from iisan.model.caching import build_cache_from_config
+from iisan.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A learning rate at which validation moves from epoch to epoch, so "the same metrics" means something.
@@ -116,7 +117,7 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
 
 def interrupt_at(monkeypatch, call: int) -> None:
     """Send ourselves SIGINT (as Ctrl-C does) during the ``call``-th training loss."""
-    loss, calls = iisan.model.in_batch_softmax_loss, []
+    loss, calls = recommender_module.in_batch_softmax_loss, []
 
     def counting(*args):
         calls.append(1)
@@ -124,7 +125,7 @@ def interrupt_at(monkeypatch, call: int) -> None:
             signal.raise_signal(signal.SIGINT)
         return loss(*args)
 
-    monkeypatch.setattr(iisan.model, "in_batch_softmax_loss", counting)
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", counting)
 
 
 def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, monkeypatch, capsys):
@@ -225,13 +226,13 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, refer
 
 def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base, monkeypatch):
     cfg = base.replace(run_name="nan")
-    loss, calls = iisan.model.in_batch_softmax_loss, []
+    loss, calls = recommender_module.in_batch_softmax_loss, []
 
     def poisoned(*args):
         calls.append(1)
         return loss(*args) * (float("nan") if len(calls) == 15 else 1.0)
 
-    monkeypatch.setattr(iisan.model, "in_batch_softmax_loss", poisoned)
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
     root = Path(cfg.out_dir) / "nan" / "checkpoints"
     with pytest.raises(TrainingError, match=rf"non-finite loss at step 14 \(epoch 1, steps 10..19\); "
                                             rf"last good checkpoint: {root / 'epoch-0000'};"):
@@ -251,7 +252,7 @@ def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path)
 def test_optimizer_state_round_trips_exactly(base):
     from safetensors.torch import load, save
 
-    from iisan.runstate import optimizer_from_files, optimizer_to_files
+    from iisan.train.runstate import optimizer_from_files, optimizer_to_files
 
     def model_and_optimizer():
         torch.manual_seed(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iisan.san import InterSAN, IntraSAN, SANItemTower, SideAdapterBlock
-from iisan.sasrec import SASRec
+from iisan.model.san import InterSAN, IntraSAN, SANItemTower, SideAdapterBlock
+from iisan.model.sasrec import SASRec
 
 
 def n_params(module):

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from iisan.batches import train_loader
-from iisan.build import build_model, load_data, optimizer_groups
-from iisan.train import load_weights, make_optimizer, make_train_step, train
+from iisan.data.batches import train_loader
+from iisan.model.build import build_model, load_data
+from iisan.train.step import make_optimizer, make_train_step, optimizer_groups
+from iisan.train.trainer import train
+from iisan.train.weights import load_weights
 
 
 @pytest.fixture()
@@ -34,7 +36,7 @@ def test_cached_training_writes_results_and_best_weights(cached_cfg):
     data = load_data(cached_cfg)
     model, _ = build_model(cached_cfg, data, torch.device("cpu"))
     load_weights(model, run / "best.safetensors")
-    from iisan.train import evaluate_model
+    from iisan.evaluate import evaluate_model
 
     again = evaluate_model(model, data, "test", cached_cfg, torch.device("cpu"))
     assert again == pytest.approx(saved["test"], abs=1e-9)
@@ -49,8 +51,8 @@ def test_same_seed_gives_identical_metrics(cached_cfg):
 ONE_STEP_GRADIENTS = """
 import hashlib, json, sys
 import torch
-from iisan.batches import train_loader
-from iisan.build import build_model, load_data
+from iisan.data.batches import train_loader
+from iisan.model.build import build_model, load_data
 from iisan.config import Config
 torch.set_num_threads(2)
 cfg = Config(**json.loads(sys.argv[1]))

@@ -6,17 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iisan.backbones import (
-    EncoderError,
+from iisan.cli.main import main
+from iisan.errors import EncoderError
+from iisan.model.backbones import (
     FrozenEncoder,
     group_layers,
     load_image_encoder,
     load_text_encoder,
-    pixels_to_input,
     resolve_encoder_dtype,
-    tokenize_titles,
 )
-from iisan.cli import main
+from iisan.model.inputs import pixels_to_input, tokenize_titles
 
 TITLES = ["", "Red lamp with a big shade", "blue chair", "Green table, small and round", "x"]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from iisan.san import InterSAN, SANItemTower
+from iisan.model.san import InterSAN, SANItemTower
 
 D = 64  # item embedding width
 SASREC = 100_224  # SASRec, 2 blocks of 64, 10 positions (test_san)
@@ -119,8 +119,8 @@ PAIRS = {
 
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_asymmetric_pair_trains_with_finite_loss(pair, towers, tiny_config, capsys):
-    from iisan.preprocess import build_cache_from_config
-    from iisan.train import train
+    from iisan.model.caching import build_cache_from_config
+    from iisan.train.trainer import train
 
     text, pooling, image, (wt, kt), (wi, ki) = PAIRS[pair]
     cfg = tiny_config(text_model=towers[text], image_model=towers[image], text_pooling=pooling, epochs=1,
@@ -138,7 +138,7 @@ def test_asymmetric_pair_trains_with_finite_loss(pair, towers, tiny_config, caps
 
 
 def test_decoder_pair_cached_and_live_feeds_give_the_same_item_embeddings(towers, tiny_config):
-    from iisan.preprocess import build_cache_from_config
+    from iisan.model.caching import build_cache_from_config
 
     from .conftest import cached_and_live_tables
 

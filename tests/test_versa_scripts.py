@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from iisan.cli import main
-from iisan.sweep import parse_script_args
+from iisan.cli.main import main
+from iisan.experiments.sweep import parse_script_args
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts"
 
@@ -31,7 +31,7 @@ def test_symmetric_preset_is_cached_iisans_config():
     versa, iisan = _script("run_IISAN_Versa"), _script("run_IISAN")
     argv = ["--preset", "bert-base+vit-base"]
     (a,), _ = _parse(versa, argv)
-    from iisan.sweep import method_defaults
+    from iisan.experiments.sweep import method_defaults
 
     (b,), _ = parse_script_args(method_defaults("iisan", "cached"), iisan.SWEEP, [])  # what run_IISAN.py runs
     assert a.replace(run_name="") == b.replace(run_name="")

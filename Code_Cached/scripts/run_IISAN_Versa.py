@@ -17,8 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
-from iisan.presets import DATASETS, METHOD_DEFAULTS, ROOT, dataset_paths  # noqa: E402
-from iisan.sweep import run_script  # noqa: E402
+from iisan.data.cache import cache_file  # noqa: E402
+from iisan.experiments.presets import DATASETS, METHOD_DEFAULTS, ROOT, dataset_paths  # noqa: E402
+from iisan.experiments.sweep import run_script  # noqa: E402
+from iisan.model.caching import build_cache_from_config  # noqa: E402
+from iisan.train.trainer import train  # noqa: E402
 
 MODELS = ROOT / "pretrained_models"
 PRESETS = {
@@ -62,10 +65,6 @@ def extra_arguments(parser):
 
 
 def action(cfg, args):
-    from iisan.cache import cache_file
-    from iisan.preprocess import build_cache_from_config
-    from iisan.train import train
-
     needed = ("text", "image") if cfg.towers == "both" else (cfg.towers,)
     if args.build_cache and not all(cache_file(cfg.cache_dir, m).is_file() for m in needed):
         build_cache_from_config(cfg, dtype=args.cache_dtype)

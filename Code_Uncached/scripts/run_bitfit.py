@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
-from iisan.sweep import run_method  # noqa: E402
+from iisan.experiments.sweep import run_method  # noqa: E402
 
 SWEEP = {
     "lr": [2e-4],

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import ImageStoreError
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"IIM1"
@@ -28,10 +30,6 @@ HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
 FLAG_BLANK = 1
 META_KEY = b"__meta__"
 IMAGE_SIZE = 224
-
-
-class ImageStoreError(ValueError):
-    """A bad or unreadable image store; the message names the path."""
 
 
 def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:

@@ -11,26 +11,17 @@ every split is a column slice (see ``SeqRecData``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
+from ..files import file_fingerprint
+from .microlens import read_pairs_csv, read_titles_csv
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line naming the file and line."""
-
-
-def file_fingerprint(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -75,8 +66,6 @@ def _item_rows(path: Path):
     """``(line, item_id, title)`` of an items file: ``item_id<TAB>title``, or MicroLens' ``item,title``
     CSV (``.csv``, see ``data.microlens``)."""
     if path.suffix.lower() == ".csv":
-        from .microlens import read_titles_csv
-
         yield from read_titles_csv(path)
         return
     yield from tab_lines(path, "item_id<TAB>title")
@@ -102,8 +91,6 @@ def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
     if not path.is_file():
         raise DataError(f"users file {path} does not exist")
     if path.suffix.lower() == ".csv":
-        from .microlens import read_pairs_csv
-
         return read_pairs_csv(path)
     users = [(user_id, items.split()) for _, user_id, items in tab_lines(path, "user_id<TAB>item item ...")]
     if not users:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .interactions import DataError
+from ..errors import DataError
 
 USER_COLUMNS = ("user", "userid", "user_id")
 ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .images import write_image_lmdb
+
 # Scientific after the protocol: users with 5, 6, ..., 13 kept interactions (counts sum to 12,076).
 SCIENTIFIC_LENGTHS = {5: 4892, 6: 2652, 7: 1465, 8: 895, 9: 609, 10: 356, 11: 300, 12: 208, 13: 699}
 
@@ -90,8 +92,6 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
             draw_item(palette[topic[n]], n, image_size, rng).save(image_dir / f"{item_id}.jpg", quality=90)
         paths["images"] = image_dir
     elif images == "lmdb":
-        from .images import write_image_lmdb
-
         row = {item_id: n for n, item_id in enumerate(item_ids)}
 
         def pixels_of(item_id):

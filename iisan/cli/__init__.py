@@ -1,0 +1,2 @@
+"""The ``iisan`` command: ``main.py`` assembles the subcommands that ``data.py`` (data sets, images,
+caches, tiny models) and ``runs.py`` (training, parameter counts, result tables, the demo) define."""

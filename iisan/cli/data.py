@@ -1,0 +1,80 @@
+"""Subcommands that prepare inputs: data-stats, build-lmdb, make-tiny-models, cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import add_config_arguments, config_from_args
+from ..data.images import build_image_lmdb
+from ..data.interactions import load_dataset, read_items
+from ..model.caching import DTYPES, build_cache_from_config
+from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
+
+
+def cmd_data_stats(args) -> None:
+    data = load_dataset(args.users, args.items, args.max_seq_len, args.min_seq_len, args.allow_empty_titles)
+    stats = data.stats()
+    print(f"users: {stats['users']:,}")
+    print(f"items: {stats['items']:,}")
+    print(f"interactions: {stats['interactions']:,}")
+    skipped = ", ".join(f"{k} {v:,}" for k, v in data.skipped.items())
+    print(f"skipped: {skipped}")
+
+
+def cmd_build_lmdb(args) -> None:
+    ids = read_items(args.items, allow_empty_titles=True).ids if args.items else None
+    report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension)
+    print(f"stored {report['stored']:,} images in {report['path']} "
+          f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
+
+
+def cmd_make_tiny_models(args) -> None:
+    out = Path(args.out)
+    if args.base:
+        text_dir, image_dir = write_base_architectures(out)
+        print(f"random-weight BERT-base: {text_dir}\nrandom-weight ViT-B/16: {image_dir}")
+        return
+    titles = read_items(args.items).titles if args.items else ["a tiny vocabulary of words"]
+    vocab = vocabulary(titles)
+    print(write_bert(out / "tiny-bert", vocab, hidden=args.hidden, layers=args.layers))
+    print(write_vit(out / "tiny-vit", hidden=args.hidden, layers=args.layers))
+    print(write_llama(out / "tiny-llama", vocab, hidden=args.hidden + 16, layers=args.layers + 2))
+
+
+def cmd_cache(args) -> None:
+    paths = build_cache_from_config(config_from_args(args), dtype=args.dtype, all_items=args.all_items)
+    for modality, path in paths.items():
+        print(f"{modality}: {path}")
+
+
+def add_data_commands(sub) -> None:
+    p = sub.add_parser("data-stats", help="users, items and interactions after the paper's protocol")
+    p.add_argument("--users", required=True, help="users TSV")
+    p.add_argument("--items", required=True, help="items TSV")
+    p.add_argument("--max-seq-len", type=int, default=10)
+    p.add_argument("--min-seq-len", type=int, default=5)
+    p.add_argument("--allow-empty-titles", action="store_true")
+    p.set_defaults(func=cmd_data_stats)
+
+    p = sub.add_parser("build-lmdb", help="store a folder of <item_id>.jpg as a pre-resized image LMDB")
+    p.add_argument("--images", required=True, help="folder of <item_id>.jpg")
+    p.add_argument("--out", required=True, help="LMDB folder to write")
+    p.add_argument("--items", default=None, help="items TSV: store exactly these ids (missing ones as blanks)")
+    p.add_argument("--size", type=int, default=224, help="side of the stored square images")
+    p.add_argument("--extension", default=".jpg")
+    p.set_defaults(func=cmd_build_lmdb)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
+    p.add_argument("--out", default="pretrained_models", help="parent folder")
+    p.add_argument("--items", default=None, help="items TSV whose titles make the tokenizer vocabulary")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
+    p.set_defaults(func=cmd_make_tiny_models)
+
+    p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
+                                     "(resumable: run it again after an interruption)")
+    add_config_arguments(p)
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
+    p.set_defaults(func=cmd_cache)

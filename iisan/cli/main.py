@@ -1,0 +1,33 @@
+"""``iisan`` command line: data-stats, build-lmdb, make-tiny-models, cache, train, params, results, demo.
+
+Every training and caching flag is a ``Config`` field (``iisan train --help`` lists them). Bad input
+ends with one line on stderr (``iisan: error: ...``) and exit status 2; Ctrl-C during training saves a
+checkpoint, says how to resume and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..console import entry_point, setup_logging
+from .data import add_data_commands
+from .runs import add_run_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iisan", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_data_commands(sub)
+    add_run_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    entry_point("iisan", lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Subcommands about runs: train, params, results, demo."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import add_config_arguments, config_from_args
+from ..errors import ConfigError
+from ..experiments.demo import run_demo
+from ..experiments.params import RANDOM_BACKBONES, count
+from ..experiments.report import average_seeds, collect, draw_curves, markdown, write_csv
+from ..train.trainer import train
+
+
+def cmd_train(args) -> None:
+    train(config_from_args(args))
+
+
+def cmd_params(args) -> None:
+    result = count(config_from_args(args), args.random_backbones)
+    print(f"{result['method']}: {result['line']}")
+
+
+def cmd_results(args) -> None:
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    rows, curves = collect(args.folders, keys)
+    if args.average_seeds:
+        rows = average_seeds(rows, keys)
+    if args.sort:
+        if rows and args.sort not in rows[0]:
+            raise ConfigError(f"--sort {args.sort}: not a column; columns are {', '.join(rows[0])}")
+        rows.sort(key=lambda r: r[args.sort], reverse=True)
+    print(markdown(rows), end="")
+    if args.csv:
+        print(f"wrote {write_csv(rows, args.csv)}")
+    if args.curves:
+        draw_curves(curves, args.curves)
+        print(f"wrote {args.curves}")
+
+
+def cmd_demo(args) -> None:
+    result = run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.no_progress,
+                      versa=args.versa, num_users=args.users, num_items=args.items)
+    if not result["beats_popularity"]:
+        sys.exit(1)
+
+
+def add_run_commands(sub) -> None:
+    p = sub.add_parser("train", help="train and evaluate one configuration")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("params", help="the trainable-parameter line of the model `iisan train` would build "
+                                      "(every training flag applies)")
+    add_config_arguments(p)
+    p.add_argument("--random-backbones", choices=RANDOM_BACKBONES, default=None,
+                   help="BERT-base + ViT-B/16 built from default configs with random weights (no download), "
+                        "instead of --text-model / --image-model")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("results", help="a table of finished runs (every results.json under the folders)")
+    p.add_argument("folders", nargs="+", help="run folders, folders of runs, or results.json files")
+    p.add_argument("--keys", default="", help="config keys shown as extra columns, e.g. lr,seed,batch_size")
+    p.add_argument("--average-seeds", action="store_true",
+                   help="one row per configuration: mean ± std over seeds (runs differing only in seed)")
+    p.add_argument("--sort", default="", help="column to sort by, descending (e.g. test_hit@10)")
+    p.add_argument("--csv", default="", help="also write the table (with standard deviations) to this CSV")
+    p.add_argument("--curves", default="", help="also draw validation HR@10 and loss per epoch of every run (PNG)")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")
+    p.add_argument("--out", default="demo_data", help="working folder")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--users", type=int, default=1200, help="synthetic users")
+    p.add_argument("--items", type=int, default=400, help="synthetic items")
+    p.add_argument("--versa", action="store_true",
+                   help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,50 @@
+"""What every entry point shares: logging set-up and how a run ends for the user (one line on stderr
+and exit status 2 for bad input, 130 with the resume command after Ctrl-C). The ``iisan`` command,
+the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go through ``entry_point``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import USER_ERRORS, RunInterrupted
+
+T = TypeVar("T")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING  # under torchrun, rank 0 speaks for all; other ranks report only trouble
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_interrupted(prog: str, err: BaseException) -> None:
+    """Ctrl-C after the checkpoint was saved: say how to resume (once, under torchrun) and exit 130."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: {err}", file=sys.stderr)
+    sys.exit(130)
+
+
+def fail(prog: str, err: BaseException) -> None:
+    """A user error: ``prog: error: <one line>`` on stderr, exit status 2."""
+    message = " ".join(str(err).split("\n")) or type(err).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry_point(prog: str, run: Callable[[], T]) -> T:
+    """``run()``, with user errors and interruptions turned into the one-line endings above."""
+    try:
+        return run()
+    except USER_ERRORS as err:
+        fail(prog, err)
+    except RunInterrupted as err:
+        exit_interrupted(prog, err)

@@ -1,0 +1,94 @@
+"""The hidden-state cache: one safetensors file per modality holding only the selected layers as one
+contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding (zeros). Built by
+``cache_build`` (resumable); read and checked here.
+
+Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
+layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
+Training refuses a cache whose metadata does not match its config and says what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..errors import CacheError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "iisan-cache/1"
+
+
+def cache_file(cache_dir: str | Path, modality: str) -> Path:
+    return Path(cache_dir) / f"{modality}.safetensors"
+
+
+def encoder_config_hash(name: str) -> str | None:
+    """Hash of the encoder folder's config.json (None for a hub id or a folder without one)."""
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"cache file {path} does not exist (build it with `iisan cache` or preprocess_vectors.py)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CacheError(f"cache file {path} is unreadable: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
+    return meta
+
+
+def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
+    """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config (None = skip)."""
+    differences = []
+    if "layers" in expected and json.loads(meta["layers"]) != list(expected["layers"]):
+        differences.append(f"layers {json.loads(meta['layers'])} (config asks for {list(expected['layers'])})")
+    if "width" in expected and int(meta["width"]) != int(expected["width"]):
+        differences.append(f"width {meta['width']} (config's encoder has {expected['width']})")
+    if expected.get("items_fingerprint") and meta["items_fingerprint"] != expected["items_fingerprint"]:
+        differences.append(f"items file {meta['items_file']} with fingerprint {meta['items_fingerprint']} "
+                           f"(config's items file has {expected['items_fingerprint']})")
+    if expected.get("encoder_config") and meta.get("encoder_config") and \
+            meta["encoder_config"] != expected["encoder_config"]:
+        differences.append(f"encoder {meta['encoder']} (config's encoder {expected.get('encoder', '')} differs)")
+    if "modality" in expected and meta["modality"] != expected["modality"]:
+        differences.append(f"modality {meta['modality']} (expected {expected['modality']})")
+    if differences:
+        raise CacheError(f"cache {path} was built for " + "; ".join(differences) + " — rebuild it with `iisan cache`")
+
+
+def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
+    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata."""
+    path = Path(path)
+    meta = read_metadata(path)
+    check_metadata(path, meta, expected)
+    order = {item_id: row + 1 for row, item_id in enumerate(json.loads(meta["item_ids"]))}
+    rows = np.array([0] + [order.get(i, -1) for i in dataset_item_ids[1:]], dtype=np.int64)
+    absent = np.flatnonzero(rows < 0)
+    if len(absent):
+        example = dataset_item_ids[absent[0]]
+        raise CacheError(f"cache {path} lacks {len(absent)} of the data set's items (e.g. {example!r}); "
+                         "rebuild it for this data set")
+    with safe_open(str(path), framework="pt") as fh:
+        states = fh.get_tensor("states")
+    layers = json.loads(meta["layers"])
+    if tuple(states.shape[1:]) != (len(layers), int(meta["width"])):
+        raise CacheError(f"cache {path} holds states of shape {tuple(states.shape)}, but its metadata says "
+                         f"{len(layers)} layers x width {meta['width']}; rebuild it with `iisan cache`")
+    return states[torch.from_numpy(rows)], meta

@@ -1,0 +1,211 @@
+"""Building the hidden-state cache: batched, memory-bounded, resumable and byte-reproducible.
+
+The frozen encoders run over the items chunk by chunk (``chunk_size`` items). Each finished chunk is
+written at once, atomically, as a shard ``<cache_dir>/.building/chunk-000012.safetensors`` holding the
+pooled states of the selected layers only, beside a ``manifest.json`` that names the build (encoders,
+layers, items, precision, chunk size). A build started again with the same settings keeps the shards
+it finds and encodes only the missing chunks; a build with other settings discards them. At the end
+each modality's file is streamed from the shards into ``<modality>.safetensors`` (tmp, then rename)
+and the sidecar folder is removed.
+
+Memory: one chunk's hidden states on the device and one chunk's pooled states in RAM; the final file
+is written shard by shard, never held whole. Files are written with a canonical header (sorted JSON,
+see ``write_safetensors``): safetensors' own writer orders metadata keys at random, so two builds of
+the same cache would otherwise differ in their bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from ..errors import CacheError
+from .batches import ItemBatch, PixelSource, item_chunks
+from .cache import cache_file
+
+log = logging.getLogger(__name__)
+
+BUILD_FORMAT = "iisan-cache-build/1"
+SIDECAR = ".building"
+CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+# --------------------------------------------------------------------------------------------------
+# a deterministic safetensors writer (the format: u64 header length, JSON header, raw little-endian data)
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write ``path`` atomically. ``specs`` name -> (dtype, shape); ``parts`` yields (name, block) pieces
+    of each tensor in order (row blocks of a row-major array), so a table is never held whole. Tensors
+    are laid out in sorted name order and the header is sorted JSON: same inputs, same bytes."""
+    header: dict = {"__metadata__": dict(metadata)}
+    sizes, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' writer pads it
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = dict.fromkeys(specs, 0)
+    order = iter(sorted(specs))
+    current = next(order, None)
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for name, block in parts:
+            while current is not None and written[current] == sizes[current]:
+                current = next(order, None)
+            if name != current or block.dtype != specs[name][0]:
+                raise ValueError(f"{path}: got a {block.dtype} block of {name!r} while writing {current!r}")
+            written[name] += fh.write(_raw(block))
+    if written != sizes:
+        tmp.unlink()
+        raise ValueError(f"{path}: wrote {written} bytes, the header declares {sizes}")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# shards of a build in progress
+
+
+class ShardDir:
+    """``<out_dir>/.building``: the manifest and one shard per finished chunk."""
+
+    def __init__(self, out_dir: Path, key: str, chunks: int, chunk_size: int):
+        self.path = Path(out_dir) / SIDECAR
+        self.manifest = {"format": BUILD_FORMAT, "key": key, "chunks": chunks, "chunk_size": chunk_size}
+
+    def shard(self, k: int) -> Path:
+        return self.path / f"chunk-{k:06d}.safetensors"
+
+    def open(self) -> None:
+        """Keep the shards of an interrupted build with the same settings; discard any others."""
+        manifest = self.path / "manifest.json"
+        if manifest.is_file():
+            try:
+                same = json.loads(manifest.read_text()) == self.manifest
+            except json.JSONDecodeError:
+                same = False
+            if same:
+                return
+            log.info("%s holds a partial build for other settings; discarding it", self.path)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        tmp = manifest.with_name("manifest.json.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=1) + "\n")
+        os.replace(tmp, manifest)
+
+    def done(self, k: int, ids: np.ndarray) -> bool:
+        """Shard k exists, is readable and covers exactly ``ids`` (a torn or stray file is redone)."""
+        try:
+            with safe_open(str(self.shard(k)), framework="pt") as fh:
+                return torch.equal(fh.get_tensor("ids"), torch.from_numpy(ids))
+        except Exception:  # missing or damaged: safetensors raises its own error types
+            return False
+
+    def write(self, k: int, ids: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
+        tensors = {"ids": ids, **states}
+        specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+        write_safetensors(self.shard(k), specs, ((n, tensors[n]) for n in sorted(tensors)), {})
+
+    def read(self, k: int, modality: str) -> torch.Tensor:
+        with safe_open(str(self.shard(k)), framework="pt") as fh:
+            return fh.get_tensor(modality)
+
+
+def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_ids: list[str], m: str):
+    """Cast to the stored precision where the states are (on a GPU: half the bytes to copy back, no
+    CPU cast); refuse NaN states and values that overflow it (fp16 tops at 65504, and LLM hidden states
+    can exceed that). Returns the stored states on the host."""
+    stored = states.to(dtype)
+    bad = ~torch.isfinite(stored).flatten(1).all(1)
+    if bad.any():
+        row = int(torch.nonzero(bad)[0])
+        why = "NaN" if torch.isnan(states[row]).any() else f"values beyond {dtype} range"
+        hint = "; store as --dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
+        raise CacheError(f"{m} states of item {item_ids[int(ids[row])]!r} hold {why}{hint}")
+    return stored.cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# the build
+
+
+@torch.no_grad()
+def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int]],
+                 metadata: dict[str, dict[str, str]], item_ids: list[str], out_dir: str | Path, *,
+                 chunk_size: int, device: torch.device, pixels: PixelSource | None = None,
+                 dtype: torch.dtype = torch.float16, progress: bool = True,
+                 timings: dict | None = None) -> dict[str, Path]:
+    """Run ``encode`` once over items 1..len(item_ids)-1 and write one cache file per modality.
+
+    ``encode(batch)`` gives ``{modality: (n, layers, width)}`` for an ``ItemBatch`` on ``device`` (the
+    live feed: the states are exactly what training reads live); ``shapes`` names each modality's
+    (layers, width) and ``metadata`` its final file's metadata. ``item_ids[0]`` is padding (""),
+    stored as a zero row. Resumable: see the module docstring. Chunk k's shard is written in a
+    background thread while the device encodes chunk k + 1 (one write in flight; its errors surface
+    at the next chunk). ``timings``, if given, receives ``encode_seconds`` (reading, encoding and
+    writing the shards) and ``assemble_seconds`` (streaming the shards into the final files)."""
+    out_dir = Path(out_dir)
+    indices = np.arange(1, len(item_ids), dtype=np.int64)
+    n_chunks = math.ceil(len(indices) / chunk_size)
+    chunk_ids = [indices[k * chunk_size : (k + 1) * chunk_size] for k in range(n_chunks)]
+    key = hashlib.sha256(json.dumps([metadata, chunk_size], sort_keys=True).encode()).hexdigest()
+    shards = ShardDir(out_dir, key, n_chunks, chunk_size)
+    shards.open()
+    todo = [k for k in range(n_chunks) if not shards.done(k, chunk_ids[k])]
+    if len(todo) < n_chunks:
+        log.info("resuming the cache build in %s: %d of %d chunks already done", shards.path,
+                 n_chunks - len(todo), n_chunks)
+    total = len(indices)
+    already = total - sum(len(chunk_ids[k]) for k in todo)
+    bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
+    start = time.perf_counter()
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="iisan-cache-writer") as writer:
+        pending = None
+        for k, batch in zip(todo, item_chunks(indices, chunk_size, pixels, only=todo), strict=True):
+            states = encode(batch.to(device))
+            ids = batch.ids.cpu()
+            stored = {m: _checked(states[m], dtype, ids, item_ids, m) for m in shapes}
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(shards.write, k, ids, stored)
+            bar.update(len(ids))
+        if pending is not None:
+            pending.result()
+    encoded = time.perf_counter()
+
+    paths = {}
+    for m, (layers, width) in shapes.items():
+        paths[m] = cache_file(out_dir, m)
+        zero_row = torch.zeros(1, layers, width, dtype=dtype)  # index 0: padding
+        parts = (("states", block) for block in [zero_row, *(shards.read(k, m) for k in range(n_chunks))])
+        write_safetensors(paths[m], {"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m])
+        log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
+                 metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
+    shutil.rmtree(shards.path)
+    if timings is not None:
+        timings.update(encode_seconds=encoded - start, assemble_seconds=time.perf_counter() - encoded)
+    return paths

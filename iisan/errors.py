@@ -1,0 +1,53 @@
+"""Every error a user can cause, in one place. Each carries a one-line message that names the file,
+line, flag or value at fault and what is expected; the command line prints it as
+``iisan: error: <message>`` and exits with status 2 (``console.py``).
+
+The types subclass ``UserError`` (so one ``except`` catches them all) and the built-in type their
+callers would expect (``ValueError`` for bad values, ``RuntimeError`` for runs that cannot go on).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base of the errors below: bad input or a run that cannot go on, never a bug in this library."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad value or key in a config or on the command line; names the key."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; names the file and line."""
+
+
+class ImageStoreError(UserError, ValueError):
+    """A bad or unreadable image store; names the path."""
+
+
+class CacheError(UserError, ValueError):
+    """A missing or mismatching hidden-state cache; names the file and what differs."""
+
+
+class EncoderError(UserError, ValueError):
+    """An encoder that cannot be loaded or used as asked."""
+
+
+class TargetError(UserError, ValueError):
+    """A PEFT target that matches no module; lists the modules that exist."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on (non-finite loss, out of memory, a refused checkpoint)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be written or used; names the file."""
+
+
+class RunInterrupted(RuntimeError):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to
+    resume. Not a ``UserError``: the command line exits 130 with it, not 2."""
+
+
+USER_ERRORS = (UserError,)

@@ -1,0 +1,122 @@
+"""The efficiency benchmark: FFT, Adapter, LoRA, BitFit, IISAN uncached and IISAN cached on the same
+data, each measured in a fresh process with the trainer's exact step (``bench.measure_training``).
+
+Two settings: every method at one batch size ("equal") and the paper's (baselines 32, IISAN 64). One
+JSON per setting (rows, configs, provenance), then a markdown table and a figure per JSON
+(``figures.write_reports``). Data and encoders are synthetic and random (offline): timings depend on
+shapes, not on weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import Config
+from ..data.interactions import read_items
+from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
+from ..files import write_json_atomic
+from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
+from ..provenance import git_commit, provenance
+from .bench import SETTINGS, add_tpme, in_fresh_process
+from .figures import write_reports
+from .presets import METHOD_DEFAULTS
+
+log = logging.getLogger(__name__)
+
+# Config keys a benchmark run may set from the command line (through ``add_config_arguments(only=...)``).
+BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "patch_embedding", "num_workers")
+BACKBONES = ("tiny", "base")
+DATA = ("demo", "scientific")
+SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
+
+
+def prepare(work: Path, data: str, backbones: str) -> dict[str, str]:
+    """Synthetic data with an image LMDB, and random-weight encoders; reused when already there."""
+    data_dir = work / f"data-{data}"
+    if not (data_dir / "images.lmdb").is_dir():
+        log.info("generating %s-shaped synthetic data in %s", data, data_dir)
+        if data == "scientific":  # Scientific's users and sequence lengths; ~20k items
+            generate(data_dir, num_items=20314, num_topics=500, length_profile=SCIENTIFIC_LENGTHS, images="lmdb")
+        else:
+            generate(data_dir, num_users=1200, num_items=400, images="lmdb")
+    paths = {"users": str(data_dir / "users.tsv"), "items": str(data_dir / "items.tsv"),
+             "images": str(data_dir / "images.lmdb")}
+    models = work / f"models-{backbones}"
+    if backbones == "base":
+        text, image = models / "bert-base-random", models / "vit-base-random"
+        if not (image / "config.json").is_file():
+            write_base_architectures(models)
+    else:
+        text, image = models / "tiny-bert", models / "tiny-vit"
+        if not (image / "config.json").is_file():
+            write_bert(text, vocabulary(read_items(paths["items"]).titles), hidden=64, layers=4, heads=2)
+            write_vit(image, hidden=64, layers=4, heads=2, image_size=224, patch_size=32)
+    paths.update(text_model=str(text), image_model=str(image))
+    return paths
+
+
+def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) -> dict:
+    """What every row shares: data and encoder paths, the cache folder, device and precision settings."""
+    return dict(paths, cache_dir=str(work / f"cache-{data}-{backbones}"), progress=False, encode_batch_size=512,
+                **settings)
+
+
+def method_config(base: dict, label: str, batch: int | None = None) -> Config:
+    """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
+    setting (``SETTINGS[label]``) and, if given, a batch size."""
+    overrides = SETTINGS[label]
+    return Config(**{**base, **METHOD_DEFAULTS[overrides["method"]], **overrides,
+                     **({"batch_size": batch} if batch else {})})
+
+
+def batch_size(setting: str, method: str, equal_batch: int) -> int:
+    return equal_batch if setting == "equal" else METHOD_DEFAULTS[method]["batch_size"]
+
+
+def device_tag(device: str) -> str:
+    if device.startswith("CPU"):
+        return "cpu"
+    return device.replace("NVIDIA ", "").split()[0].lower()
+
+
+def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
+                  setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
+                  labels: tuple[str, ...] = tuple(SETTINGS), warmup: int = 3, steps: int = 10,
+                  work: Path, out: Path, tag: str = "", figs: Path | None = None) -> list[Path]:
+    """Measure every label in every setting; ``settings``: Config values shared by all rows (``BENCH_KEYS``).
+    Writes ``out/<tag>-<setting>.json`` (and, with ``figs``, tables and figures); returns the JSONs."""
+    commit = git_commit()  # before this run writes its own results into the checkout
+    paths = prepare(work, data, backbones)
+    base = base_config(paths, work, data, backbones, **settings)
+    cache_row = None
+    if "IISAN (cached)" in labels:
+        log.info("building the cache (timed)")
+        cache_row = in_fresh_process("measure_cache_build", Config(**base))
+        log.info("cache: %s", {k: v for k, v in cache_row.items() if k != "traceback"})
+    written = []
+    measured: dict[tuple[str, int], dict] = {}  # baselines run at 32 in both settings: measure once
+    for setting in setting_names:
+        rows, configs = [], {}
+        for label in labels:
+            cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch))
+            key = (label, cfg.batch_size)
+            if key not in measured:
+                log.info("%s | %s | batch %d", setting, label, cfg.batch_size)
+                measured[key] = in_fresh_process("measure_training", cfg, warmup=warmup, steps=steps)
+            row = dict(measured[key], label=label)
+            rows.append(row)
+            configs[label] = cfg.to_dict()
+            log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
+        add_tpme(rows)
+        device = next((r["device"] for r in rows if "device" in r), settings.get("device", "auto"))
+        payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones,
+                   "data": data, "rows": rows, "cache_build": cache_row, "configs": configs,
+                   "warmup_steps": warmup, "timed_steps": steps, **provenance(commit=commit), "device": device}
+        path = write_json_atomic(Path(out) / f"{tag or f'{backbones}-{data}-{device_tag(device)}'}-{setting}.json",
+                                 payload)
+        written.append(path)
+        log.info("wrote %s", path)
+    if figs is not None:
+        write_reports(written, Path(figs))
+    return written

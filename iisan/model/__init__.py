@@ -1,0 +1,5 @@
+"""The model: frozen backbones and their per-layer states (``backbones``, ``inputs``, ``patches``), the
+two feeds of those states (``feeds``: live or cached), the side adapter network (``san``), the SASRec
+user encoder (``sasrec``), the in-batch loss (``loss``), the recommender around them (``recommender``),
+the baselines' PEFT methods (``peft_methods``, ``baselines``), and the one place that builds all of it
+from a config (``build``; caches: ``caching``). Tiny random checkpoints for tests: ``tiny``."""

@@ -1,0 +1,261 @@
+"""Frozen text and image encoders from transformers, and their pooled per-layer hidden states.
+
+Hidden-state index 0 is the embedding output, index i the output of layer i (``output_hidden_states``
+gives depth + 1 states). For ViT the last of them is taken *before* the final LayerNorm; IISAN's SANs
+read these states, while the baselines' heads read the final (LayerNormed) CLS (``final_cls``).
+Decoder LLMs in transformers 5 (LLaMA, Qwen2) report their last state *after* the final norm.
+Widths and depths always come from the loaded model's config (GPT-2's ``n_layer``/``n_embd`` too).
+
+IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
+real tokens or the last real token (right padding, so padding never changes a title's state); image
+towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from ..errors import EncoderError
+from .patches import patches_as_matmul
+
+log = logging.getLogger(__name__)
+
+
+def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tuple[int, ...]:
+    """Group layer-dropping: split layers 1..depth into ``groups`` runs of consecutive layers and keep
+    the last of each run (12 layers, 6 groups -> 2, 4, ..., 12: the authors' IISAN list, +1).
+    Index 0 (the embedding output) is prepended unless ``include_embedding`` is false."""
+    groups = min(groups, depth)
+    picked = [round(depth * (g + 1) / groups) for g in range(groups)]
+    return tuple(([0] if include_embedding else []) + picked)
+
+
+def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
+    if max(layers) > depth:
+        raise EncoderError(f"{what} layers {list(layers)} do not fit an encoder with {depth} layers "
+                           f"(valid hidden-state indices are 0..{depth})")
+
+
+def resolve_model_path(name: str) -> str:
+    """A folder that exists, or a hub id (``org/name``). A name that looks like a path (it starts with
+    '.', '/' or '~', has more than one '/', or its first part is a local folder) and does not exist is
+    an error naming it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+    if not name or not hub_like or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise EncoderError(f"model folder {name!r} does not exist (see pretrained_models/README.md)")
+    return name  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def _load(loader, name: str, what: str, **kwargs):
+    path = resolve_model_path(name)
+    previous = hf_logging.get_verbosity()
+    # Loading a classification checkpoint into the bare encoder reports its head as unused and the
+    # pooler as missing; both are expected here, so the report is silenced.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def _transformer_depth_width(config) -> tuple[int, int]:
+    config = getattr(config, "text_config", None) or config
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if depth is None or width is None:
+        raise EncoderError(f"cannot read depth and width from a {type(config).__name__}")
+    return int(depth), int(width)
+
+
+@dataclass
+class EncoderSpec:
+    """What a cache or a model needs to know about an encoder without loading its weights."""
+
+    name: str
+    model_type: str
+    depth: int
+    width: int
+    dtype: str = "float32"  # the checkpoint's stored precision (LLMs usually ship in bfloat16)
+
+
+def read_spec(name: str, modality: str) -> EncoderSpec:
+    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
+    if modality == "image" and hasattr(config, "vision_config"):
+        config = config.vision_config
+    depth, width = _transformer_depth_width(config)
+    return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""))
+
+
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device) -> torch.dtype:
+    """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is
+    emulated there); on a GPU, the checkpoint's own precision when it is half (a 70B LLM in fp32 would not
+    fit), else fp32, so BERT/ViT checkpoints run as before."""
+    if choice != "auto":
+        return {"float32": torch.float32, **HALF}[choice]
+    if device.type != "cuda":
+        return torch.float32
+    return HALF.get(read_spec(name, modality).dtype, torch.float32)
+
+
+class FrozenEncoder(nn.Module):
+    """A transformers encoder, frozen by default, returning pooled states of chosen layers.
+
+    ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
+    pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token
+    (decoder LLMs); images always use the CLS token.
+    """
+
+    def __init__(self, model: nn.Module, modality: str, layers: tuple[int, ...], pooling: str = "cls",
+                 name: str = ""):
+        super().__init__()
+        self.model = model
+        self.modality = modality
+        self.name = name
+        self.depth, self.width = _transformer_depth_width(model.config)
+        check_layers(layers, self.depth, modality)
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.tokenizer = None  # text: set by load_text_encoder
+        self.norm: dict | None = None  # image: {'mean', 'std', 'size'} from the image processor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def forward_states(self, **inputs) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Run the model: ``(all hidden states, final last_hidden_state)``.
+
+        The whole stack of depth + 1 states lives only for one chunk of items; callers keep the
+        selected, pooled ones (``layer_states``)."""
+        who = self.name or type(self.model).__name__
+        try:
+            out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        except TypeError as err:  # a forward without the standard keyword arguments
+            raise EncoderError(f"{who} cannot return per-layer hidden states ({err})") from None
+        hidden = getattr(out, "hidden_states", None)
+        if hidden is None:
+            raise EncoderError(f"{who} returns no hidden states (output_hidden_states is not supported); "
+                               "IISAN needs one state per layer")
+        if len(hidden) != self.depth + 1:
+            raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = "
+                               f"{self.depth + 1}")
+        return hidden, out.last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(n, T, d) -> (n, d). Only real tokens count, so appending padding never changes the result;
+        a row without any real token (an empty title with no special tokens) pools to zeros."""
+        if self.pooling == "cls" or attention_mask is None:
+            return hidden[:, 0]
+        real = attention_mask.bool().unsqueeze(-1)  # (n, T, 1)
+        # where, not a product: whatever a model leaves at padded positions (even NaN) never leaks in
+        hidden = torch.where(real, hidden, hidden.new_zeros(()))
+        if self.pooling == "mean":
+            return hidden.sum(1) / real.sum(1).clamp_min(1).to(hidden.dtype)
+        T = attention_mask.shape[1]
+        positions = torch.arange(T, device=hidden.device).expand_as(attention_mask)
+        last = torch.where(attention_mask.bool(), positions, -1).amax(1).clamp_min(0)  # last real token, (n,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # zeros when none is real
+
+    def layer_states(self, **inputs) -> torch.Tensor:
+        """(n, len(layers), width): pooled state of every selected hidden-state index."""
+        hidden, _ = self.forward_states(**inputs)
+        mask = inputs.get("attention_mask")
+        return torch.stack([self.pool(hidden[i], mask) for i in self.layers], dim=1)
+
+    def final_cls(self, **inputs) -> torch.Tensor:
+        """(n, width): the pooled final output (ViT: after its final LayerNorm) for the baselines' heads."""
+        out = self.model(**inputs, return_dict=True)
+        return self.pool(out.last_hidden_state, inputs.get("attention_mask"))
+
+
+def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
+                      include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None):
+    """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode, fp32 unless ``dtype``.
+
+    BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
+    ``AutoModel``) the mean over real tokens ('auto') or the last real token ('last')."""
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer")
+    # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
+    model = _load(AutoModel.from_pretrained, name, "text encoder", dtype=dtype or torch.float32)
+    if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
+        model = model.text_model
+    depth, _ = _transformer_depth_width(model.config)
+    layers = layers or group_layers(depth, groups, include_embedding)
+    decoder = model.config.model_type not in ENCODER_TEXT_TYPES
+    if pooling == "auto":
+        pooling = "mean" if decoder else "cls"
+    elif pooling == "cls" and decoder:
+        log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
+                    "carries almost no title information; use --text-pooling mean or last", name)
+    encoder = FrozenEncoder(model, "text", layers, pooling, name)
+    freeze(encoder)
+    if tokenizer.pad_token is None:  # decoder LLMs often ship without one; masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise EncoderError(f"tokenizer of {name!r} has no pad, eos or unk token to pad titles with")
+    # Right padding: real tokens keep positions 0..n-1 and (causal attention) never see the padding,
+    # so a title's states do not depend on how much padding follows it.
+    tokenizer.padding_side = "right"
+    encoder.tokenizer = tokenizer
+    return encoder
+
+
+ENCODER_TEXT_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                      "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert", "clip_text_model"}
+
+
+def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
+                       include_embedding: bool = True, dtype: torch.dtype | None = None,
+                       patch_embedding: str = "matmul"):
+    """A ``FrozenEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor.
+    ``patch_embedding``: 'matmul' computes the patch-embedding convolution as a matmul over patches
+    (``PatchProjection``; the same map), 'conv' keeps the model's own convolution."""
+    processor = _load(AutoImageProcessor.from_pretrained, name, "image processor")
+    model = _load(AutoModel.from_pretrained, name, "image encoder", dtype=dtype or torch.float32)
+    if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
+        model = model.vision_model
+    if patch_embedding == "matmul":
+        patches_as_matmul(model)
+    depth, _ = _transformer_depth_width(model.config)
+    layers = layers or group_layers(depth, groups, include_embedding)
+    encoder = FrozenEncoder(model, "image", layers, "cls", name)
+    freeze(encoder)
+    # The model's input side: the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize.
+    # Stored images are squashed to that side (the authors' Resize((224, 224)), no crop).
+    size = getattr(processor, "size", None) or {}
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        size = processor.crop_size
+    side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
+    encoder.norm = {
+        "mean": list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
+        "std": list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
+        "size": int(side),
+    }
+    return encoder
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    return module

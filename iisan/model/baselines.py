@@ -1,0 +1,98 @@
+"""The paper's baselines (FFT, Adapter, LoRA, BitFit): backbones trained end to end through a PEFT
+method, their final CLS feeding the heads of the authors' "intra" setting:
+``item = com_dense([gelu(W_img cls_img); gelu(W_txt cls_txt)])`` with com_dense 128 -> 64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data.batches import ItemBatch
+from .backbones import FrozenEncoder
+from .inputs import pixels_to_input, tokenize_titles
+from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora
+
+
+def split(targets: str) -> list[str]:
+    return [t for t in targets.replace(" ", "").split(",") if t]
+
+
+def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.Parameter]:
+    """Make ``encoder`` trainable per ``cfg.method``; returns the parameters that now train."""
+    model = encoder.model
+    what = f"{modality} encoder"
+    if cfg.method == "fft":
+        apply_fft(model)
+    elif cfg.method == "bitfit":
+        apply_bitfit(model)
+    elif cfg.method == "adapter":
+        down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
+        apply_adapters(model, down, split(cfg.adapter_targets), what)
+    elif cfg.method == "lora":
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what)
+    else:
+        raise ValueError(f"{cfg.method} is not a baseline")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class BaselineItemEncoder(nn.Module):
+    """Trainable backbones -> final CLS -> GELU heads -> com_dense. Padding (index 0) never enters a
+    backbone: its CLS is zeros, as its states are in IISAN's feeds."""
+
+    needs_pixels = True
+
+    def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None,
+                 attention: torch.Tensor | None, embedding_dim: int = 64):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.modalities = tuple(m for m in ("image", "text") if m in encoders)  # authors' concat order
+        self.heads = nn.ModuleDict({m: nn.Linear(encoders[m].width, embedding_dim) for m in self.modalities})
+        self.combine = nn.Linear(len(self.modalities) * embedding_dim, embedding_dim)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("attention", attention, persistent=False)
+        self.needs_pixels = "image" in encoders
+        if "image" in self.heads:  # authors: the ViT classifier replaced by a xavier-normal Linear
+            nn.init.xavier_normal_(self.heads["image"].weight)
+            nn.init.zeros_(self.heads["image"].bias)
+
+    def forward(self, items: ItemBatch) -> torch.Tensor:
+        ids = items.ids
+        real = items.real_positions()
+        parts = []
+        for m in self.modalities:
+            encoder = self.encoders[m]
+            if m == "text":
+                inputs = {"input_ids": self.tokens[ids[real]], "attention_mask": self.attention[ids[real]]}
+            else:
+                inputs = {"pixel_values": pixels_to_input(items.pixels[real], encoder.norm)}
+            cls = encoder.final_cls(**inputs)  # (R, d)
+            full = cls.new_zeros(len(ids), cls.shape[-1]).index_copy(0, real, cls)  # (U, d)
+            parts.append(nn.functional.gelu(self.heads[m](full)))
+        return self.combine(torch.cat(parts, dim=-1))  # (U, 64)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Authors' groups: heads and com_dense in recsys; backbone weights/biases of FFT and BitFit in
+        the image/text groups; adapter and LoRA weights in the adapter groups."""
+        groups = {"recsys": list(self.heads.parameters()) + list(self.combine.parameters())}
+        for m, encoder in self.encoders.items():
+            trainable = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+            injected = [p for n, p in trainable if ".adapter." in n or "lora_" in n]
+            rest = [p for n, p in trainable if not (".adapter." in n or "lora_" in n)]
+            groups[f"adapter_{m}"] = injected
+            groups["image_net" if m == "image" else "text_encoder"] = rest
+        return groups
+
+
+def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
+                          titles: list[str] | None) -> BaselineItemEncoder:
+    """The method applied to ``encoders``; ``titles`` (None: shapes only) are tokenised for the text tower."""
+    for m, encoder in encoders.items():
+        apply_method(encoder, cfg, m)
+        encoder.train()  # trained backbones run with their own dropout, as in the authors' code
+    tokens = attention = None
+    if "text" in encoders and titles is not None:
+        tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
+    return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim)
+

@@ -1,0 +1,183 @@
+"""From a ``Config`` to data, encoders, feeds and a model: the one place that wires the pieces
+together. Training, parameter counts, benchmarks and using a trained run all build their model here
+(``build_model``), so what is counted or evaluated is what was trained."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.batches import PixelSource
+from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata
+from ..data.images import ImageStore
+from ..data.interactions import SeqRecData, load_dataset
+from ..devices import amp_dtype
+from ..errors import ConfigError
+from .backbones import (
+    FrozenEncoder,
+    check_layers,
+    freeze,
+    group_layers,
+    load_image_encoder,
+    load_text_encoder,
+    read_spec,
+    resolve_encoder_dtype,
+)
+from .baselines import baseline_item_encoder
+from .feeds import CachedStates, LiveStates
+from .inputs import tokenize_titles
+from .recommender import IISANItemEncoder, Recommender
+from .san import SANItemTower
+
+log = logging.getLogger(__name__)
+
+
+def modalities(cfg: Config) -> tuple[str, ...]:
+    return ("text", "image") if cfg.towers == "both" else (cfg.towers,)
+
+
+def load_data(cfg: Config) -> SeqRecData:
+    if not cfg.users or not cfg.items:
+        raise ConfigError("users and items files are required (--users FILE --items FILE)")
+    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles)
+
+
+def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
+    """Explicit ``--text-layers`` / ``--image-layers`` (checked against the encoder's depth), else group
+    layer-dropping: the last layer of each of ``layer_groups`` runs of consecutive layers."""
+    explicit = cfg.text_layers if modality == "text" else cfg.image_layers
+    if explicit:
+        check_layers(explicit, depth, f"{modality} ({model_name(cfg, modality)})")
+        return explicit
+    return group_layers(depth, cfg.layer_groups, cfg.include_embedding_state)
+
+
+def model_name(cfg: Config, modality: str) -> str:
+    return cfg.text_model if modality == "text" else cfg.image_model
+
+
+# --------------------------------------------------------------------------------------------------
+# feeds
+
+
+def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
+    """Frozen encoders in ``dtype``; without one, fp32, or with ``device`` the precision that
+    ``cfg.encoder_dtype`` resolves to there (half for an LLM checkpoint on a GPU)."""
+    encoders = {}
+    for m in modalities(cfg):
+        name = model_name(cfg, m)
+        spec = read_spec(name, m)
+        precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device) if device else None)
+        if m == "text":
+            encoders[m] = load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
+                                            dtype=precision)
+        else:
+            encoders[m] = load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision,
+                                             patch_embedding=cfg.patch_embedding)
+    return encoders
+
+
+def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
+    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+    if not cfg.images:
+        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`)")
+    store = ImageStore(cfg.images)
+    missing, flagged = store.blank_ids(item_ids)
+    if missing or flagged:
+        log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
+                    "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
+    return PixelSource(store, item_ids, threads=cfg.num_workers)
+
+
+def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
+                encoders: dict | None = None, amp: torch.dtype | None = None) -> tuple[LiveStates, PixelSource | None]:
+    """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
+    encoders = encoders or load_encoders(cfg)
+    tokens = attention = None
+    if "text" in encoders:
+        tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
+    pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
+    live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
+    return live.to(device), pixels
+
+
+def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
+    if not cfg.cache_dir:
+        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
+    tables = {}
+    for m in modalities(cfg):
+        path = cache_file(cfg.cache_dir, m)
+        meta = read_metadata(path)
+        name = model_name(cfg, m)
+        expected = {"modality": m, "items_fingerprint": data.catalog.fingerprint}
+        if Path(name).expanduser().is_dir():
+            spec = read_spec(name, m)
+            expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
+                            encoder_config=encoder_config_hash(name), encoder=name)
+        else:
+            expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
+        table, _ = load_cache(path, expected, data.item_ids)
+        # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
+        tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
+    return CachedStates(tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
+    """IISAN's item tower over states of ``shapes`` (modality -> (layers, width))."""
+    return SANItemTower(
+        widths={m: d for m, (_, d) in shapes.items()},
+        steps={m: k for m, (k, _) in shapes.items()},
+        embedding_dim=cfg.embedding_dim,
+        bottleneck={"text": cfg.text_adapter_down, "image": cfg.image_adapter_down},
+        modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature, heads=cfg.san_heads,
+    )
+
+
+def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
+                encoders: dict[str, FrozenEncoder] | None = None) -> tuple[Recommender, PixelSource | None]:
+    """The recommender for ``cfg.method`` and, when its item encoder reads pixels, their source.
+
+    ``encoders``: already loaded encoders to use instead of ``cfg``'s model folders (e.g. random-weight
+    architectures on the meta device for parameter counts). ``data=None`` builds the model for its shape
+    only: no popularity, titles or pixels (``iisan params``); a cached IISAN model then takes its state
+    shapes from ``encoders``, exactly what a cache built from them would hold."""
+    pixels = None
+    if cfg.method == "iisan" and cfg.feed == "cached" and data is not None:
+        states = cached_states(cfg, data, device)
+    elif cfg.method == "iisan":
+        encoders = encoders or load_encoders(cfg, device=device)
+        if data is None:
+            states = LiveStates({m: freeze(e) for m, e in encoders.items()})
+        else:
+            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders,
+                                         amp_dtype(cfg.amp, device))
+    else:
+        encoders = encoders or load_encoders(cfg)
+        if data is not None and "image" in encoders:
+            pixels = pixel_source(cfg, data.item_ids)
+        item_encoder = baseline_item_encoder(cfg, encoders, None if data is None else data.titles)
+    if cfg.method == "iisan":
+        item_encoder = IISANItemEncoder(states, san_tower(cfg, states.shapes()))
+    popularity = torch.ones(2) if data is None else torch.from_numpy(data.popularity())
+    model = Recommender(item_encoder, popularity, cfg.embedding_dim, cfg.max_seq_len,
+                        cfg.transformer_blocks, cfg.attention_heads, cfg.drop_rate)
+    return model.to(device), pixels
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def parameter_line(model: torch.nn.Module) -> str:
+    """peft's canonical line."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

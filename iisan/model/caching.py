@@ -1,0 +1,88 @@
+"""Building the hidden-state cache from a config: the frozen encoders run once over every item
+(``data.cache_build`` does the batching, resuming and writing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.cache import FORMAT, encoder_config_hash
+from ..data.cache_build import build_caches
+from ..data.interactions import read_items
+from ..devices import resolve_device
+from ..errors import ConfigError
+from .build import live_states, load_data, load_encoders, modalities
+from .feeds import LiveStates
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
+                   dtype: torch.dtype) -> dict[str, dict[str, str]]:
+    """The final files' metadata per modality (what ``cache.check_metadata`` compares with a config)."""
+    out = {}
+    for m, encoder in live.encoders.items():
+        out[m] = {
+            "format": FORMAT,
+            "modality": m,
+            "encoder": encoder.name,
+            "encoder_config": encoder_config_hash(encoder.name) or "",
+            "model_type": encoder.model.config.model_type,
+            "layers": json.dumps(list(encoder.layers)),
+            "width": str(encoder.width),
+            "depth": str(encoder.depth),
+            "pooling": encoder.pooling,
+            "dtype": str(dtype).replace("torch.", ""),
+            "items_file": items_file,
+            "items_fingerprint": items_fingerprint,
+            "item_ids": json.dumps(item_ids[1:]),
+        }
+    return out
+
+
+def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool = False,
+                            timings: dict | None = None) -> dict[str, Path]:
+    """Cache the items of the data set (after the protocol), or every row of the items file with
+    ``all_items`` or when no users file is given. Runs in half precision on GPU, fp32 on CPU.
+    Resumable: run it again after an interruption and it encodes only the chunks not yet written.
+    ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
+    ``build_caches``' own."""
+    start = time.perf_counter()
+    if not cfg.cache_dir:
+        raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if not cfg.items:
+        raise ConfigError("--items FILE is required")
+    if cfg.users and not all_items:
+        data = load_data(cfg)
+        item_ids, titles, catalog = data.item_ids, data.titles, data.catalog
+    else:
+        catalog = read_items(cfg.items, cfg.allow_empty_titles)
+        item_ids, titles = [""] + catalog.ids, [""] + catalog.titles
+    device = resolve_device(cfg.device)
+    encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
+    half = {e.dtype for e in encoders.values()} - {torch.float32}
+    # Half precision on the GPU: autocast in the encoders' own half type when they were loaded in one
+    # (bf16 LLM states can overflow fp16), else fp16 unless amp says bf16. Exact fp32 on the CPU.
+    amp = None
+    if device.type == "cuda":
+        amp = half.pop() if len(half) == 1 else \
+            {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[cfg.amp]
+    live, pixels = live_states(cfg, item_ids, titles, device, encoders, amp=amp)
+    live.eval()
+    if timings is not None:
+        timings["load_seconds"] = time.perf_counter() - start
+    log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
+             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
+                       for m, e in live.encoders.items()))
+    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, DTYPES[dtype])
+    return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
+                        device=device, pixels=pixels, dtype=DTYPES[dtype], progress=cfg.progress, timings=timings)

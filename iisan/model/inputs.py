@@ -1,0 +1,46 @@
+"""Encoder inputs: stored uint8 pixels to a vision model's normalised input, titles to token ids."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> normalised (n, 3, size, size) float, contiguous, on the pixels' device.
+
+    Equivalent to the authors' ToTensor + Normalize; resizes (bilinear) only when the store's size
+    differs from the model's. Contiguous on purpose: a plain permute of HWC pixels is channels-last,
+    which sends the patch embedding (a conv with 3 input channels) to cuDNN's NHWC kernels, a poor fit
+    for 3 channels, forward and, when the backbone trains, backward."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    if x.shape[-1] != norm["size"] or x.shape[-2] != norm["size"]:
+        x = nn.functional.interpolate(x, size=(norm["size"], norm["size"]), mode="bilinear",
+                                      align_corners=False, antialias=True)
+    mean, std = _channel_stats(tuple(norm["mean"]), tuple(norm["std"]), x.device)
+    return ((x - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std on ``device``, made once: making them per batch would copy from pageable
+    host memory, which on a GPU waits for all queued work to finish, every step."""
+    return (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
+
+
+def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``; ``titles[0]`` is the
+    padding item."""
+    enc = tokenizer([t.lower() for t in titles], max_length=max_tokens, padding="max_length",
+                    truncation=True, return_tensors="pt")
+    empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
+    if empty:
+        log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
+                    "tokens); their pooled text states are zeros", empty)
+    return enc["input_ids"].long(), enc["attention_mask"].long()

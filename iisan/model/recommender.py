@@ -1,0 +1,68 @@
+"""The sequential recommender: an item encoder (any method) + the SASRec user encoder + the loss.
+
+Contract (RecBole's): ``calculate_loss(batch)`` for training; ``item_table`` + ``user_vectors`` for
+full-ranking evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.batches import ItemBatch, TrainBatch
+from .loss import in_batch_softmax_loss
+from .san import SANItemTower
+from .sasrec import SASRec
+
+
+class IISANItemEncoder(nn.Module):
+    """Per-layer states from a feed (live or cached) through the SAN tower."""
+
+    def __init__(self, states: nn.Module, tower: SANItemTower):
+        super().__init__()
+        self.states = states
+        self.tower = tower
+
+    @property
+    def needs_pixels(self) -> bool:
+        return self.states.needs_pixels
+
+    def forward(self, items: ItemBatch) -> torch.Tensor:
+        return self.tower(self.states(items))  # (U, D)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return self.tower.param_groups()
+
+
+class Recommender(nn.Module):
+    def __init__(self, item_encoder: nn.Module, popularity: torch.Tensor, dim: int = 64, max_len: int = 10,
+                 blocks: int = 2, heads: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.item_encoder = item_encoder
+        self.user_encoder = SASRec(dim, max_len, blocks, heads, dropout)
+        # Items seen only as valid/test targets have popularity 0; they never enter a training batch,
+        # and the clamp keeps their log finite.
+        self.register_buffer("log_pop", popularity.double().clamp_min(1e-12).log().float(), persistent=False)
+
+    def calculate_loss(self, batch: TrainBatch) -> torch.Tensor:
+        B, S = batch.seq.shape
+        item_vecs = self.item_encoder(batch.items)  # (U, D)
+        # index_select, not item_vecs[inverse]: on a CPU the indexing's backward adds rows with parallel
+        # atomics (last bits vary run to run with several threads); index_select's adds them in order.
+        embs = item_vecs.index_select(0, batch.inverse).view(B, S, -1)  # (B, L+1, D)
+        users = self.user_encoder(embs[:, :-1], batch.seq[:, :-1] != 0)  # (B, L, D)
+        return in_batch_softmax_loss(users, embs, batch.seq, self.log_pop)
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        """The training loss. A forward, so that DistributedDataParallel (which hooks ``__call__``)
+        synchronises the gradients of this step."""
+        return self.calculate_loss(batch)
+
+    def user_vectors(self, table: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """table (N+1, D) item embeddings, inputs (U, L) -> (U, D): the state at the last position."""
+        return self.user_encoder(table[inputs], inputs != 0)[:, -1]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = self.item_encoder.param_groups()
+        groups["recsys"] = list(self.user_encoder.parameters()) + groups.get("recsys", [])
+        return groups

@@ -1,0 +1,59 @@
+"""Where a number came from: package versions, the device, the commit and the command. Every results
+file, benchmark and script records ``provenance(device)``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .devices import device_name
+
+PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "lmdb", "iisan")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with local changes), or $IISAN_COMMIT where there is no .git
+    (a copied working tree, e.g. on a remote GPU)."""
+    if os.environ.get("IISAN_COMMIT"):
+        return os.environ["IISAN_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def command_line() -> str:
+    """The command that is running, as typed (program relative to the working directory)."""
+    return shlex.join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def provenance(device: torch.device | str | None = None, commit: str | None = None) -> dict:
+    """``device``, ``versions``, ``git_commit``, ``command`` and ``date``. Pass ``commit`` when it was read
+    before the run wrote into the checkout (a benchmark's own results would make it ``+dirty``)."""
+    return {"device": device_name(device) if device is not None else None, "versions": versions(),
+            "git_commit": commit or git_commit(), "command": command_line(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,0 +1,219 @@
+"""Checkpoints on disk: one folder per checkpoint, written atomically, checked before use.
+
+Layout of ``<run>/checkpoints/``::
+
+    epoch-0006/               epoch 6 finished (with its validation, early stopping and history)
+    epoch-0007-step-00040/    interrupted (Ctrl-C) after 40 steps of epoch 7
+        model.safetensors     trainable weights
+        train_state.safetensors   optimiser tensors, RNG states, partial-epoch losses
+        state.json            everything else, including the resolved config
+        MANIFEST.json         sha256 and size of the three files above; written last
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a crash, a kill or a
+full disk never leaves a half-written checkpoint under a real name, and the previous checkpoints are only
+pruned after the new one is complete. Loading verifies the manifest and compares configs; a checkpoint
+that fails either is refused with a one-line message and the one before it is tried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..files import sha256
+
+log = logging.getLogger(__name__)
+
+FORMAT = "iisan-checkpoint/1"
+MODEL, TRAIN_STATE, STATE = "model.safetensors", "train_state.safetensors", "state.json"
+MANIFEST = "MANIFEST.json"
+FILES = (MODEL, TRAIN_STATE, STATE)
+NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
+
+# Config fields that may differ between a checkpoint and the run resuming it: they change where or how
+# fast things run (patch_embedding: the same map, computed another way), how long the run may go on, or
+# how it reports; not what a step computes.
+MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
+                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
+                        "deterministic", "patch_embedding"})
+
+
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """``epoch-0006``: epoch 6 finished; ``epoch-0007-step-00040``: 40 steps of epoch 7 done."""
+    return f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:05d}")
+
+
+def _order(path: Path) -> tuple[int, float]:
+    epoch, step = NAME.match(path.name).groups()
+    return int(epoch), float("inf") if step is None else int(step)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under ``root``, newest first (complete or not; temporary folders excluded)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=_order, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
+                     train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
+    """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / name, root / f".{name}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
+        save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
+        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+        manifest = {"format": FORMAT, "files": {}}
+        for file in FILES:
+            _fsync(tmp / file)
+            manifest["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": sha256(tmp / file)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        if final.exists():  # a refused checkpoint of the same name, now being redone
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err}; {kept}") from None
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete checkpoints older than the newest ``keep`` complete ones, and leftover temporary folders."""
+    complete = [p for p in checkpoints(root) if (p / MANIFEST).is_file()]
+    if len(complete) > keep:
+        oldest_kept = _order(complete[keep - 1])
+        for path in checkpoints(root):
+            if _order(path) < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
+    for leftover in root.glob(".epoch-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def lock_run_folder(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` while the returned file is open, so that two processes
+    never resume, and then overwrite, the same run. The OS drops the lock when its holder dies, even
+    by SIGKILL, so a crashed run never leaves a stale lock behind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        import fcntl  # POSIX only; elsewhere a run folder goes unlocked
+    except ImportError:  # not POSIX: no lock
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"run folder {run_dir} is in use by {holder}; wait for it to finish or use "
+                              "another --run-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+    model: dict[str, torch.Tensor]
+    train_state: dict[str, torch.Tensor]
+
+
+def verify(path: Path) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint (None when it is)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{path / MANIFEST} is missing (the checkpoint was never completed)"
+    except (OSError, ValueError):
+        return f"{path / MANIFEST} is unreadable"
+    if manifest.get("format") != FORMAT:
+        return f"{path / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}"
+    for file, expected in manifest["files"].items():
+        target = path / file
+        if not target.is_file():
+            return f"{target} is missing"
+        size = target.stat().st_size
+        if size != expected["bytes"]:
+            return f"{target} is truncated or damaged ({size} bytes, the manifest says {expected['bytes']})"
+        if sha256(target) != expected["sha256"]:
+            return f"{target} does not match its sha256 in the manifest (damaged)"
+    return None
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key=old there, new now`` for each field that decides what a step computes and differs. A field
+    the saved config lacks was added by a later version of this library; the version that wrote the
+    checkpoint behaved as the field's default does, so the default stands in for it."""
+    defaults = Config().to_dict()
+    keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
+    old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
+    return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]
+
+
+def read(path: Path) -> Checkpoint:
+    return Checkpoint(path, json.loads((path / STATE).read_text()), load_file(str(path / MODEL)),
+                      load_file(str(path / TRAIN_STATE)))
+
+
+def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint under ``root`` that is intact and belongs to ``config``, and one line per
+    newer checkpoint that was refused (each also logged as a warning)."""
+    refused = []
+    for path in checkpoints(root):
+        reason = verify(path)
+        if reason is None:
+            try:
+                found = read(path)
+            except Exception as err:  # safetensors and json raise their own types for damaged files
+                reason = f"{path} is unreadable ({type(err).__name__}: {err})"
+            else:
+                if found.state.get("format") != FORMAT:
+                    reason = f"{path / STATE} has format {found.state.get('format')!r}, expected {FORMAT}"
+                elif differences := config_differences(found.state["config"], config):
+                    reason = (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
+                              "use another --run-name to start a new run")
+                else:
+                    return found, refused
+        log.warning("refusing checkpoint: %s", reason)
+        refused.append(reason)
+    return None, refused

@@ -1,0 +1,51 @@
+"""Ctrl-C (SIGINT) and SIGTERM (a preempted job) become a request the training loop honours at a clean
+point: after the current step it saves a checkpoint and stops with ``RunInterrupted``.
+
+Single process: a second Ctrl-C stops at once (KeyboardInterrupt) for when saving itself hangs. Under
+torchrun the launcher forwards the signal it received to every worker, so a worker may see two
+signals for one Ctrl-C; there the second is ignored (torchrun kills the workers after its shutdown
+timeout anyway). DataLoader workers forked while the handler is installed inherit it, so they do not
+die from the terminal's Ctrl-C either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+
+class StopRequests:
+    """Context manager installing the handlers; ``signal`` holds the name of the first signal received."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, escalate: bool = True):
+        self.escalate = escalate
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            if self.escalate and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal = signal.Signals(signum).name
+        # os.write, not logging: a handler may run while the logging lock is held.
+        os.write(2, f"\n{self.signal} received: finishing the current step, then saving a checkpoint"
+                    f"{' (Ctrl-C again stops at once, without saving)' if self.escalate else ''}\n".encode())
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,82 @@
+"""Where a run stands between steps: early stopping, the best metrics, the per-epoch history and the
+position in the epoch. All of it is plain JSON in every checkpoint's ``state.json``, so a resumed run
+carries on exactly where the interrupted one was."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class EarlyStopping:
+    """Stop once the score has not improved for more than ``patience`` epochs (authors: ``count > 10``)."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, score: float) -> bool:
+        """True if ``score`` is a new best."""
+        if score > self.best:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs > self.patience
+
+    def state(self) -> dict:
+        return {"best": None if self.best == -math.inf else self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load(self, state: dict) -> None:
+        self.best = -math.inf if state["best"] is None else state["best"]
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
+
+
+@dataclass
+class Progress:
+    """``epochs`` holds one record per finished epoch (loss, seconds, validation, test on improvement);
+    ``start_epoch`` / ``start_step`` say where training goes on, ``partial_seconds`` how long the steps
+    already done in that epoch took."""
+
+    stopper: EarlyStopping
+    best_valid: dict = field(default_factory=dict)
+    best_test: dict = field(default_factory=dict)
+    epochs: list = field(default_factory=list)
+    resumed_from: list = field(default_factory=list)
+    global_step: int = 0
+    start_epoch: int = 0
+    start_step: int = 0
+    partial_seconds: float = 0.0
+
+    def state(self, epoch: int, step: int | None, seconds: float) -> dict:
+        """The checkpoint's record after ``step`` steps of ``epoch`` (``step`` None: the epoch is done)
+        that took ``seconds`` of training."""
+        return {"epoch": epoch, "step": step,
+                "next_epoch": epoch + 1 if step is None else epoch, "next_step": 0 if step is None else step,
+                "global_step": self.global_step, "train_seconds_in_epoch": seconds,
+                "early_stopping": self.stopper.state(), "best_valid": self.best_valid, "best_test": self.best_test,
+                "epochs": self.epochs, "resumed_from": self.resumed_from}
+
+    def load(self, state: dict, checkpoint_name: str) -> None:
+        self.stopper.load(state["early_stopping"])
+        self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
+        self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],
+                                                               state["next_step"])
+        self.partial_seconds = state["train_seconds_in_epoch"]
+        self.resumed_from = state["resumed_from"] + [checkpoint_name]
+
+    def timing(self) -> dict:
+        """Seconds per training epoch (the first excluded when there are more: it pays warm-up costs),
+        the first epoch's, and evaluation seconds per epoch."""
+        train = [e["train_seconds"] for e in self.epochs]
+        return {"train_seconds_per_epoch": float(np.mean(train[1:] if len(train) > 1 else train)),
+                "first_epoch_train_seconds": train[0],
+                "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in self.epochs]))}

@@ -1,0 +1,149 @@
+"""The training step, the same for every method and both feeds: forward, loss, backward, optimizer
+step, zero_grad (``make_train_step``), the optimizer with the authors' learning-rate groups, and the
+choices of how a step runs (eager, one CUDA graph, torch.compile; each distinct item once or every
+slot). The trainer (``trainer.py``) and the benchmark both run exactly this step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data.batches import ItemBatch, TrainBatch
+from ..devices import device_name
+from ..errors import TrainingError
+from ..model.recommender import Recommender
+from .graphs import GraphedStep
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
+    (``batches.train_loader``). ``deterministic`` also asks for deterministic CUDA kernels: without it, kernels
+    that accumulate with atomics (e.g. the backward of the item-embedding gather) make GPU runs differ in
+    the last bits; CPU runs are bit-exact either way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class TrainStep:
+    """``step(batch) -> loss`` (detached, on the device): forward, loss, backward, optimizer step,
+    zero_grad, in that order.
+
+    ``model`` is a ``Recommender`` or the DistributedDataParallel wrapping one. fp16 uses a GradScaler
+    (authors' setting; ``scaler``, which checkpoints save and restore); bf16 needs none. ``mode``: 'off'
+    (eager) or 'inductor' (torch.compile, mode reduce-overhead; static shapes). A whole-step CUDA graph
+    is ``graphs.GraphedStep`` around this step (``make_train_step``).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: torch.dtype | None,
+                 device: torch.device, mode: str = "off"):
+        self.model, self.optimizer, self.amp, self.device, self.mode = model, optimizer, amp, device, mode
+        self.scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        self.loss_of = self.loss
+        if mode == "inductor":
+            self.loss_of = torch.compile(self.loss, mode="reduce-overhead", dynamic=False)
+
+    def loss(self, seq, ids, pixels, inverse, real=None) -> torch.Tensor:
+        """The loss of one batch given as tensors (what a compiled or graphed step captures)."""
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=False):
+            # Through ``forward`` (= calculate_loss), so a DistributedDataParallel model syncs gradients.
+            return self.model(TrainBatch(seq, ItemBatch(ids, pixels, real), inverse))
+
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+        if self.mode == "inductor":
+            torch.compiler.cudagraph_mark_step_begin()
+        # Compiled steps need static shapes, which the (variable) number of real items is not.
+        real = batch.items.real if self.mode == "off" else None
+        loss = self.loss_of(batch.seq, batch.items.ids, batch.items.pixels, batch.inverse, real)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().clone()
+
+
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, amp: torch.dtype | None,
+                    device: torch.device, compiled: str = "off") -> TrainStep | GraphedStep:
+    """The step for ``compiled``: 'off' (eager), 'inductor' (torch.compile) or 'cudagraph' (the whole
+    step captured once and replayed, see graphs.py; needs static shapes and a capturable optimizer).
+    Either way the result has ``scaler`` and ``mode`` ('off (cudagraph capture failed)' when a graphed
+    step fell back to eager)."""
+    if compiled == "cudagraph":
+        if amp == torch.float16:
+            raise ValueError("cudagraph steps need amp=bf16 or none (fp16 loss scaling syncs with the host)")
+        eager = TrainStep(model, optimizer, amp, device)
+        return GraphedStep(model, optimizer, eager.loss, eager)
+    return TrainStep(model, optimizer, amp, device, compiled)
+
+
+def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    # Adam with torch defaults, no weight decay (authors). Fused (one kernel per group) on CUDA and on
+    # the CPU, where it is ~3x faster than the per-parameter loop for IISAN's ~130 small tensors;
+    # capturable keeps its step counter on the device so the update can live in a CUDA graph.
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(optimizer_groups(model, cfg), fused=True, capturable=cuda and capturable)
+
+
+LR_OF_GROUP = {
+    "recsys": "lr",
+    "image_net": "lr_image",
+    "text_encoder": "lr_text",
+    "adapter_image": "lr_adapter_image",
+    "adapter_text": "lr_adapter_text",
+}
+
+
+def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
+    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once."""
+    groups = []
+    seen: set[int] = set()
+    for name, params in model.param_groups().items():
+        params = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"name": name, "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if stray:
+        raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
+    return groups
+
+
+def use_compile(cfg: Config, device: torch.device) -> str:
+    """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
+    if cfg.compile == "auto":
+        graphable = device.type == "cuda" and cfg.method == "iisan" and cfg.feed == "cached" and cfg.amp != "fp16"
+        return "cudagraph" if graphable else "off"
+    if cfg.compile == "cudagraph" and (device.type != "cuda" or cfg.method != "iisan" or cfg.feed != "cached"):
+        raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
+    return cfg.compile
+
+
+def use_dedup(cfg: Config, compiled: str) -> bool:
+    """Encode each distinct item once, unless the step is compiled (static shapes)."""
+    return compiled == "off" if cfg.dedup_items == "auto" else cfg.dedup_items == "on"
+
+
+def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:
+    wanted = re.search(r"Tried to allocate ([\d.]+ [KMG]i?B)", str(err))
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+    return (f"batch_size={batch_size} does not fit on {device_name(device)}: the step needed "
+            f"{wanted.group(1) if wanted else 'more'} on top of {held:.2f} GiB already allocated "
+            f"(device has {total:.1f} GiB); lower --batch-size")

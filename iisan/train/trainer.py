@@ -1,0 +1,350 @@
+"""One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run`` from scratch or from
+its newest checkpoint to its results file.
+
+Per epoch: training steps (timed alone, device synchronised), validation over every user, and when
+validation HR@10 improves, the test split and the best weights (``best.safetensors``); then a
+checkpoint. Training stops once HR@10 has not improved for more than ``patience`` epochs (authors:
+``count > 10``). Everything an uninterrupted run carries from epoch to epoch is in the checkpoint
+(weights, optimiser, scaler, RNG streams, early stopping, best metrics, the epoch history), so a
+resumed run computes the same numbers as one that was never stopped. Under torchrun every rank runs
+the loop on its shard of users; only rank 0 logs, writes checkpoints, best weights and results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .. import distributed
+from ..config import METHOD_NAMES, Config
+from ..data.batches import steps_per_epoch, train_loader
+from ..devices import amp_dtype, device_name, sync
+from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
+from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from ..evaluate import evaluate_model, shared_item_table
+from ..files import write_json_atomic
+from ..model.build import build_model, count_parameters, load_data, parameter_line
+from ..provenance import versions
+from . import checkpoint, runstate
+from .interrupt import StopRequests
+from .progress import EarlyStopping, Progress
+from .records import results_summary
+from .step import make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile, use_dedup
+from .weights import copy_weights, save_weights, trainable_state
+
+log = logging.getLogger(__name__)
+
+STOP_POLL_STEPS = 10  # under torchrun, ranks agree on a stop request every this many steps (one all-reduce)
+
+
+class Run:
+    def __init__(self, cfg: Config, dist: Dist, device: torch.device, stop: StopRequests):
+        self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
+        self.lock = None  # rank 0 locks the run folder (``checkpoint.lock_run_folder``) until ``close``
+        try:
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def setup(self) -> None:
+        cfg, dist, device = self.cfg, self.dist, self.device
+        if not dist.is_main:
+            logging.getLogger("iisan").setLevel(logging.WARNING)
+        self.data = load_data(cfg)
+        log.info("data: %d users, %d items, %d interactions", self.data.num_users, self.data.num_items,
+                 self.data.num_interactions)
+        self.model, self.pixels = build_model(cfg, self.data, device)
+        self.parameters = count_parameters(self.model)
+        self.versions = versions()
+        log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
+        self.amp = amp_dtype(cfg.amp, device)
+        # compile=auto compiles single-process runs only: CUDA graphs around DDP's gradient hooks are
+        # not checked here; --compile cudagraph|inductor asks for it under torchrun anyway.
+        self.compiled = "off" if dist.enabled and cfg.compile == "auto" else use_compile(cfg, device)
+        self.dedup = use_dedup(cfg, self.compiled)
+        self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
+
+        self.run_dir = Path(cfg.out_dir) / self.decide(self.choose_run_name)
+        self.root = self.run_dir / "checkpoints"
+        self.progress = Progress(EarlyStopping(cfg.patience))
+        self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
+        # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
+        chosen = self.decide(self.choose_checkpoint)
+        scaler_state = None
+        if chosen:
+            scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
+        elif dist.rank > 0:
+            torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
+        self.loaded = None  # its tensors are now in the model and the optimiser
+        # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
+        # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
+        self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
+        self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
+        runstate.restore_scaler(self.step.scaler, scaler_state)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
+                 self.amp, self.compiled,
+                 f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
+
+    # ----------------------------------------------------------------------------------------------
+    # decisions rank 0 takes for everyone
+
+    def decide(self, choose) -> str:
+        """``choose()`` on rank 0, its answer on every rank; rank 0's error is raised on every rank."""
+        answer, error = "", None
+        if self.dist.is_main:
+            try:
+                answer = "ok:" + choose()
+            except (ConfigError, TrainingError) as err:
+                answer, error = "error:" + str(err), err
+        answer = broadcast_text(answer, self.dist)
+        if error is not None:
+            raise error
+        if answer.startswith("error:"):
+            raise TrainingError(answer[len("error:"):])
+        return answer[len("ok:"):]
+
+    def choose_run_name(self) -> str:
+        cfg = self.cfg
+        if cfg.run_name or not cfg.resume:
+            return run_name(cfg)
+        prefix = f"{cfg.method}-{cfg.feed}-"
+        runs = sorted((p for p in Path(cfg.out_dir).glob(prefix + "*")
+                       if checkpoint.checkpoints(p / "checkpoints")), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ConfigError(f"--resume: no run folder {cfg.out_dir}/{prefix}* with checkpoints; "
+                              "name the run with --run-name")
+        return runs[-1].name
+
+    def choose_checkpoint(self) -> str:
+        try:
+            self.lock = checkpoint.lock_run_folder(self.run_dir)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        self.loaded, refused = checkpoint.latest(self.root, self.cfg.to_dict())
+        if self.loaded is not None:
+            return str(self.loaded.path)
+        if refused:
+            raise TrainingError(f"cannot resume: {refused[0]}")
+        if self.cfg.resume:
+            raise ConfigError(f"--resume: no checkpoint in {self.root}")
+        return ""
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def restore(self, found: checkpoint.Checkpoint) -> dict:
+        state = found.state
+        copy_weights(self.model, found.model, found.path / checkpoint.MODEL)
+        runstate.optimizer_from_files(self.optimizer, state["optimizer"], found.train_state)
+        exact = runstate.restore_rng(state["rng"], found.train_state, self.dist, self.device)
+        if not exact or state["world_size"] != self.dist.world_size:
+            log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
+                        "not match an uninterrupted run bit for bit", found.path, state["world_size"],
+                        state["device"], self.dist.world_size)
+        self.progress.load(state, found.path.name)
+        self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}")
+        log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
+                 self.progress.start_step)
+        if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
+            self.ensure_best_weights()
+        return state["grad_scaler"]
+
+    def ensure_best_weights(self) -> None:
+        """A kill between this checkpoint and the best-weights file leaves the file one best behind."""
+        path = self.run_dir / "best.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                on_disk = int((fh.metadata() or {}).get("epoch", -1))
+        except Exception:  # absent or damaged: rewrite it
+            on_disk = None
+        best_epoch = self.progress.stopper.best_epoch
+        if on_disk != best_epoch:
+            save_weights(self.model, path, self.cfg, {"epoch": best_epoch, "valid": self.progress.best_valid})
+
+    def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
+             seconds: float = 0.0) -> Path:
+        """Collective: every rank adds its RNG streams (and partial-epoch losses); rank 0 writes."""
+        rng, tensors = runstate.capture_rng(self.dist, self.device)
+        if losses is not None:
+            for rank, part in enumerate(gather_same(losses, self.dist)):
+                tensors[f"partial_losses.{rank}"] = part
+        name = checkpoint.checkpoint_name(epoch, step)
+        error = ""
+        if self.dist.is_main:
+            optimizer, optimizer_tensors = runstate.optimizer_to_files(self.optimizer)
+            state = {
+                "format": checkpoint.FORMAT, **self.progress.state(epoch, step, seconds),
+                "rng": rng, "optimizer": optimizer,
+                "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
+                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.versions,
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            try:
+                checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
+                                            {**tensors, **optimizer_tensors}, state,
+                                            self.cfg.keep_checkpoints)
+            except CheckpointError as err:
+                error = str(err)
+        error = broadcast_text(error, self.dist)
+        if error:
+            raise TrainingError(error)
+        return self.root / name
+
+    def last_good(self) -> str:
+        done = [p for p in checkpoint.checkpoints(self.root) if (p / checkpoint.MANIFEST).is_file()]
+        return str(done[0]) if done else "none yet"
+
+    def interrupted(self, where: str, path: Path) -> RunInterrupted:
+        return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}. "
+                              f"To resume, run the same command with --run-name {self.run_dir.name}")
+
+    # ----------------------------------------------------------------------------------------------
+    # the loop
+
+    def stop_now(self, step: int, n_steps: int) -> bool:
+        if step + 1 >= n_steps:
+            return False  # the epoch is done; the end-of-epoch checkpoint follows
+        if not self.dist.enabled:
+            return self.stop.requested
+        return (step + 1) % STOP_POLL_STEPS == 0 and any_rank(self.stop.requested, self.dist)
+
+    def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> None:
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+        if len(bad):
+            done = self.progress.global_step
+            raise TrainingError(f"non-finite loss at step {done + int(bad[0])} (epoch {epoch}, steps {done}.."
+                                f"{done + n_steps - 1}); last good checkpoint: "
+                                f"{self.last_good()}; best weights: {self.run_dir / 'best.safetensors'}")
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
+        cfg, dist, device = self.cfg, self.dist, self.device
+        progress = self.progress
+        start_step, progress.start_step = (progress.start_step, 0) if epoch == progress.start_epoch else (0, 0)
+        sequences = self.data.train_sequences()
+        n_steps = steps_per_epoch(len(sequences), cfg.batch_size, dist.world_size)
+        n_steps = min(n_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n_steps
+        losses = torch.zeros(n_steps, device=device)
+        seconds = 0.0
+        if start_step:
+            losses[:start_step] = self.partial_losses.to(device)
+            seconds = progress.partial_seconds
+        self.ddp.train()
+        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
+                              dist.rank, dist.world_size, start_step)
+        sync(device)
+        start = time.perf_counter()
+        bar = tqdm(loader, total=n_steps, initial=start_step, desc=f"epoch {epoch}", leave=False,
+                   disable=None if cfg.progress and dist.is_main else True)
+        for i, batch in enumerate(bar, start=start_step):
+            if i >= n_steps:
+                break
+            try:
+                losses[i] = self.step(batch.to(device))
+            except torch.OutOfMemoryError as err:
+                raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
+            if self.stop_now(i, n_steps):
+                bar.close()
+                self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
+                path = self.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
+                raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
+        sync(device)
+        seconds += time.perf_counter() - start
+        return mean_over_ranks(losses, dist).cpu(), seconds, n_steps
+
+    def run(self) -> dict:
+        cfg, progress, stopper = self.cfg, self.progress, self.progress.stopper
+        for epoch in range(progress.start_epoch, cfg.epochs):
+            if stopper.should_stop:  # a resumed run that had already stopped early
+                break
+            losses, train_seconds, n_steps = self.train_epoch(epoch)
+            self.check_finite(losses, epoch, n_steps)
+            progress.global_step += n_steps
+
+            start = time.perf_counter()
+            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device,
+                                      self.dist)
+            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
+                                   dist=self.dist)
+            improved = stopper.update(epoch, valid["hit@10"])
+            if improved:
+                progress.best_valid = valid
+                progress.best_test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
+                                                dist=self.dist)
+            eval_seconds = time.perf_counter() - start
+            record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
+                      "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid}
+            if improved:
+                record["test"] = progress.best_test
+            progress.epochs.append(record)
+            test = progress.best_test
+            log.info("epoch %3d | loss %.4f | train %.2f s | eval %.2f s | valid hit@10 %.4f ndcg@10 %.4f%s",
+                     epoch, record["loss"], train_seconds, eval_seconds, valid["hit@10"], valid["ndcg@10"],
+                     f" | test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (best)"
+                     if improved else f" | {stopper.bad_epochs} epoch(s) without improvement")
+            # The checkpoint first, then the best weights: a kill in between is repaired on resume.
+            path = self.save(epoch)
+            if improved and self.dist.is_main:
+                save_weights(self.model, self.run_dir / "best.safetensors", cfg,
+                             {"epoch": epoch, "valid": valid})
+            if stopper.should_stop:
+                log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
+                break
+            if epoch + 1 < cfg.epochs and any_rank(self.stop.requested, self.dist):
+                raise self.interrupted(f"after epoch {epoch}", path)
+        return self.results()
+
+    def results(self) -> dict:
+        progress = self.progress
+        results = results_summary(self.cfg, progress, self.parameters, self.step_info(), self.device,
+                                  self.dist.world_size, self.versions, self.run_dir)
+        if self.dist.is_main:
+            write_json_atomic(self.run_dir / "results.json", results)
+        best_valid, best_test = progress.best_valid, progress.best_test
+        log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
+                 progress.stopper.best_epoch, best_valid.get("hit@10", 0), best_valid.get("ndcg@10", 0),
+                 best_test.get("hit@10", 0), best_test.get("ndcg@10", 0), self.run_dir / "results.json")
+        return results
+
+    def step_info(self) -> dict:
+        return {"compiled": self.compiled, "dedup_items": self.dedup,
+                "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32"}
+
+
+def run_name(cfg: Config) -> str:
+    smoke = "-smoke" if cfg.smoke else ""
+    return cfg.run_name or f"{cfg.method}-{cfg.feed}{smoke}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: Config) -> dict:
+    """Train, validate every epoch, test at the best-validation epoch. Returns the results dict.
+
+    Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
+    Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    seed_everything(cfg.seed, cfg.deterministic)
+    dist, device, created = distributed.setup(cfg.device)
+    try:
+        with StopRequests(escalate=not dist.enabled) as stop:
+            run = Run(cfg, dist, device, stop)
+            try:
+                return run.run()
+            finally:
+                run.close()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # the setting is global: leave it as found
+        if created:
+            distributed.teardown()

@@ -1,0 +1,155 @@
+"""The package's shape: imports point only downwards (data -> model -> evaluate -> train -> experiments
+-> cli, over a base of small modules), with no cycle anywhere, every module stays short, every import
+inside a function says why it is there, and no script imports another script."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "iisan"
+MAX_LINES = 350
+
+# Layers, lowest first: a module may import from its own layer (no cycles) or from lower ones only.
+LAYERS = {
+    "errors": 0, "config": 1, "files": 1, "devices": 1, "provenance": 2, "console": 2, "distributed": 2,
+    "data": 3, "model": 4, "evaluate": 5, "train": 6, "experiments": 7, "cli": 8, "__main__": 9, "__init__": 0,
+}
+SCRIPT_DIRS = ("scripts", "Code_Cached", "Code_Uncached", "Dataset")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path) -> list[tuple[str, ast.stmt, bool]]:
+    """``(imported iisan module, node, inside a function)`` for every import of an iisan module."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    known = modules()
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                for alias in child.names:  # ``from . import distributed`` imports a module
+                    candidate = f"{target}.{alias.name}"
+                    found.append((candidate if candidate in known else target, child, in_function))
+            elif isinstance(child, ast.Import):
+                found.extend((alias.name, child, in_function) for alias in child.names)
+            visit(child, nested)
+
+    visit(tree, False)
+    return [(name, node, inner) for name, node, inner in found if name.split(".")[0] == "iisan"]
+
+
+def layer(module: str) -> int:
+    return LAYERS[module.split(".")[1] if "." in module else "__init__"]
+
+
+def test_the_package_is_read_as_expected():
+    found = modules()
+    assert {"iisan.train.trainer", "iisan.model.build", "iisan.data.batches", "iisan.cli.main"} <= set(found)
+    edges = {(m, t) for m, p in found.items() for t, _, _ in imports(p)}
+    assert ("iisan.train.trainer", "iisan.model.build") in edges
+    assert ("iisan.train.trainer", "iisan.distributed") in edges  # ``from .. import distributed``
+
+
+def test_imports_point_only_downwards():
+    upward = []
+    for name, path in modules().items():
+        for target, node, _ in imports(path):
+            if target in modules() and layer(target) > layer(name):
+                upward.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}")
+    assert not upward, upward
+
+
+def test_no_import_cycles_between_modules():
+    found = modules()
+    graph = {name: sorted({t for t, _, _ in imports(path) if t in found and t != name})
+             for name, path in found.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                walk(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            walk(name, [name])
+    assert not cycles, cycles
+
+
+def test_the_checks_find_a_planted_cycle_and_an_upward_import(tmp_path, monkeypatch):
+    """The checks above would pass vacuously if they read nothing: planted faults must be seen."""
+    fake = tmp_path / "iisan"
+    for package in ("data", "train"):
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "data" / "a.py").write_text("def f():\n    from .b import g  # planted\n")
+    (fake / "data" / "b.py").write_text("from .a import f\n")
+    (fake / "data" / "c.py").write_text("from ..train.loop import run\n")
+    (fake / "train" / "loop.py").write_text("def run():\n    pass\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    with pytest.raises(AssertionError, match=r"iisan\.data\.a"):
+        test_no_import_cycles_between_modules()
+    with pytest.raises(AssertionError, match=r"iisan/data/c\.py:1 imports iisan\.train\.loop"):
+        test_imports_point_only_downwards()
+
+
+def test_modules_stay_short():
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_every_import_inside_a_function_says_why():
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        line, before = lines[inner.lineno - 1], lines[inner.lineno - 2].strip()
+                        if "#" not in line and not before.startswith("#"):
+                            silent.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {line.strip()}")
+    assert not silent, silent
+
+
+def test_no_script_imports_another_script():
+    scripts = [p for d in SCRIPT_DIRS for p in (ROOT / d).rglob("*.py")]
+    stems = {p.stem for p in scripts}
+    assert {"benchmark_efficiency", "run_IISAN", "build_lmdb", "preprocess_vectors"} <= stems
+    offenders = []
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] in stems]
+        text = path.read_text()
+        assert "sys.path.insert(0, str(ROOT / " not in text, f"{path} puts another script folder on sys.path"
+    assert not offenders, offenders
