@@ -45,6 +45,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used; names the file."""
 
 
+class FetchError(UserError, RuntimeError):
+    """A download that cannot be made (offline, blocked, refused) or a fetched file that no longer
+    matches its manifest; says what to get from where and where to put it."""
+
+
 class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to
     resume. Not a ``UserError``: the command line exits 130 with it, not 2."""

@@ -1,4 +1,4 @@
-"""``iisan`` command line: data-stats, build-lmdb, make-tiny-models, cache, train, params, results, demo.
+"""``iisan``: data-stats, build-lmdb, make-tiny-models, cache, fetch, import-cache, train, params, results, demo.
 
 Every training and caching flag is a ``Config`` field (``iisan train --help`` lists them). Bad input
 ends with one line on stderr (``iisan: error: ...``) and exit status 2; Ctrl-C during training saves a
@@ -11,6 +11,7 @@ import argparse
 
 from ..console import entry_point, setup_logging
 from .data import add_data_commands
+from .fetch import add_fetch_commands
 from .runs import add_run_commands
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
+    add_fetch_commands(sub)
     add_run_commands(sub)
     return parser
 

@@ -5,6 +5,10 @@ contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding
 Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
 layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
 Training refuses a cache whose metadata does not match its config and says what differs.
+
+A cache imported from the authors' released states (``cache_import``; metadata ``source=imported``,
+``imported_from``) records no encoder config hash of a local folder: its layers, width, items file
+and item order are checked like any cache's, its encoder's identity is not (it is logged as imported).
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
     path = Path(path)
     meta = read_metadata(path)
     check_metadata(path, meta, expected)
+    if meta.get("source") == "imported":
+        log.info("%s was imported from %s (%s states): its layers, width and items were checked, its encoder's "
+                 "identity cannot be", path, meta.get("imported_from"), meta.get("encoder"))
     order = {item_id: row + 1 for row, item_id in enumerate(json.loads(meta["item_ids"]))}
     rows = np.array([0] + [order.get(i, -1) for i in dataset_item_ids[1:]], dtype=np.int64)
     absent = np.flatnonzero(rows < 0)

@@ -13,15 +13,20 @@ import torch
 from ..config import Config
 from ..data.cache import FORMAT, encoder_config_hash
 from ..data.cache_build import build_caches
+from ..data.cache_import import import_caches
 from ..data.interactions import read_items
 from ..devices import resolve_device
 from ..errors import ConfigError
-from .build import live_states, load_data, load_encoders, modalities
+from .backbones import read_spec
+from .build import layers_for, live_states, load_data, load_encoders, modalities, model_name
 from .feeds import LiveStates
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# What the authors' released states were computed with (their Code_Cached/preprocess_vectors.py): CLS of
+# every hidden state, (depth + 1, width) per item.
+AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("vit-base-patch16-224", "vit", 12, 768)}
 
 
 def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
@@ -86,3 +91,47 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
     metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, DTYPES[dtype])
     return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
                         device=device, pixels=pixels, dtype=DTYPES[dtype], progress=cfg.progress, timings=timings)
+
+
+def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:
+    """Item ids (index 0 = padding) of the data set after the protocol, or every row of the items file."""
+    if cfg.users and not all_items:
+        data = load_data(cfg)
+        return data.item_ids, data.catalog.fingerprint
+    catalog = read_items(cfg.items, cfg.allow_empty_titles)
+    return [""] + catalog.ids, catalog.fingerprint
+
+
+def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str = "float16",
+                             all_items: bool = False, allow_missing: bool = False) -> dict[str, Path]:
+    """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads.
+
+    Each file must hold (depth + 1, width) states: the config's encoder folder's when it is here, else
+    the authors' BERT-base / ViT-B (13, 768). ``layers``: "run" keeps the indices ``cfg`` selects, "all"
+    keeps every one. The metadata records ``source=imported``, the folder and the authors' encoder;
+    there is no encoder config or weights digest of a local folder to record, so the loader checks
+    such a cache's layers, width and items, not its encoder's identity (``data.cache``)."""
+    if not cfg.cache_dir:
+        raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if layers not in ("run", "all"):
+        raise ConfigError(f"--layers {layers!r}: expected run (the layers a run reads) or all")
+    if not cfg.items:
+        raise ConfigError("--items FILE is required")
+    item_ids, fingerprint = _item_list(cfg, all_items)
+    keep, shapes, metadata = {}, {}, {}
+    for m in modalities(cfg):
+        authors_name, model_type, depth, width = AUTHORS_ENCODERS[m]
+        if Path(model_name(cfg, m)).expanduser().is_dir():
+            spec = read_spec(model_name(cfg, m), m)
+            model_type, depth, width = spec.model_type, spec.depth, spec.width
+        keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
+        shapes[m] = (depth + 1, width)
+        metadata[m] = {
+            "format": FORMAT, "modality": m, "encoder": authors_name, "encoder_config": "",
+            "model_type": model_type, "layers": json.dumps(keep[m]), "width": str(width), "depth": str(depth),
+            "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": fingerprint,
+            "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
+        }
+    return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing)

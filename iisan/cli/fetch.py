@@ -1,0 +1,62 @@
+"""Subcommands that bring inputs from outside: fetch (data sets, encoders; the only ones that need the
+network) and import-cache (the authors' released hidden states)."""
+
+from __future__ import annotations
+
+from ..config import add_config_arguments, config_from_args
+from ..data.fetch import fetch_dataset
+from ..data.sources import SOURCES
+from ..experiments.encoders import ENCODER_PRESETS, fetch_encoders
+from ..experiments.presets import BACKBONES, DATASETS, ROOT, dataset_paths
+from ..model.caching import DTYPES, import_cache_from_config
+
+IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
+               "layer_groups", "include_embedding_state", "max_seq_len", "min_seq_len", "allow_empty_titles")
+
+
+def cmd_fetch_data(args) -> None:
+    names = list(SOURCES) if args.dataset == "all" else [args.dataset]
+    for name in names:
+        stats = fetch_dataset(name, args.root)
+        print(f"{name}: {stats['users']:,} users / {stats['items']:,} items / {stats['interactions']:,} "
+              f"interactions, as in the paper; manifest {args.root}/Dataset/{SOURCES[name].folder}/fetch-manifest.json")
+
+
+def cmd_fetch_encoders(args) -> None:
+    for path in fetch_encoders(args.preset, args.root):
+        print(path)
+
+
+def cmd_import_cache(args) -> None:
+    cfg = config_from_args(args, {**BACKBONES, **dataset_paths(args.dataset)})
+    paths = import_cache_from_config(cfg, args.source, layers=args.layers, dtype=args.dtype,
+                                     all_items=args.all_items, allow_missing=args.allow_missing)
+    for modality, path in paths.items():
+        print(f"{modality}: {path}")
+
+
+def add_fetch_commands(sub) -> None:
+    p = sub.add_parser("fetch", help="download a data set or encoders (needs the network; resumable, verified)")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    d = what.add_parser("data", help="TSVs (authors' repository), images (Google Drive), LMDB, statistics")
+    d.add_argument("--dataset", required=True, choices=[*SOURCES, "all"])
+    d.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ (default: this checkout)")
+    d.set_defaults(func=cmd_fetch_data)
+    e = what.add_parser("encoders", help="the preset's encoders from the Hugging Face Hub, at pinned commits")
+    e.add_argument("--preset", default="iisan", choices=sorted(ENCODER_PRESETS))
+    e.add_argument("--root", default=str(ROOT / "pretrained_models"), help="where the model folders go")
+    e.set_defaults(func=cmd_fetch_encoders)
+
+    p = sub.add_parser("import-cache", help="the authors' released per-item hidden states as this project's cache")
+    p.add_argument("--from", dest="source", required=True,
+                   help="folder holding bert_outputs/ and vit_outputs/ (the authors' stored_vectors_*/)")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                   help="sets users, items and cache-dir (Code_Cached/stored_vectors_*); flags below win")
+    p.add_argument("--layers", default="run", choices=("run", "all"),
+                   help="keep the hidden states a run reads (run) or all of them (all)")
+    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="store items without a file as zero states (counted and listed) instead of stopping")
+    add_config_arguments(p, only=IMPORT_KEYS)
+    p.set_defaults(func=cmd_import_cache)

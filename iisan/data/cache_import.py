@@ -1,0 +1,139 @@
+"""Importing the authors' released hidden states as this project's cache.
+
+The authors' ``Code_Cached/preprocess_vectors.py`` wrote one ``torch.save`` file per item and modality:
+``<DIR>/bert_outputs/bert_<item_id>.pt`` and ``<DIR>/vit_outputs/vit_<item_id>.pt``, each a plain
+(13, 768) fp32 tensor, the CLS state of every hidden layer of BERT-base and ViT-B/16 (index 0 = the
+embedding output). Here each file is read with ``torch.load(weights_only=True)`` only, so a file that
+would need any object unpickled is refused, never loaded. The selected layers are stacked in the data
+set's item order and written with ``cache_build.write_safetensors``, with metadata that records the
+import and its source.
+
+Every file is checked before anything is written: missing files, files that are not a plain tensor
+(or would need unpickling), of another shape, or holding NaN or infinite values are counted by kind,
+named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is written.
+``allow_missing`` stores absent items as zero rows instead (counted, logged, and recorded in the
+metadata as ``imported_missing``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..errors import CacheError
+from ..files import atomic_path
+from .cache import cache_file
+from .cache_build import write_safetensors
+
+log = logging.getLogger(__name__)
+
+# modality -> (folder, file-name prefix) in the authors' layout
+AUTHORS_LAYOUT = {"text": ("bert_outputs", "bert_"), "image": ("vit_outputs", "vit_")}
+REPORT = "import-report.tsv"
+
+
+def state_file(src: Path, modality: str, item_id: str) -> Path:
+    folder, prefix = AUTHORS_LAYOUT[modality]
+    return src / folder / f"{prefix}{item_id}.pt"
+
+
+def read_state(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor | None, str | None]:
+    """The tensor in ``path`` and None, or None and why it cannot be used."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return None, f"refused: needs unpickling of objects ({first})"
+    except Exception as err:  # truncated or foreign files raise zip, EOF or runtime errors
+        return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")[:200]
+    if not isinstance(value, torch.Tensor):
+        return None, f"not a plain tensor ({type(value).__name__})"
+    if tuple(value.shape) != tuple(shape):
+        return None, f"shape {tuple(value.shape)}, expected {tuple(shape)}"
+    value = value.detach().float()
+    if not torch.isfinite(value).all():
+        return None, "NaN or infinite values"
+    return value, None
+
+
+def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int], shape: tuple[int, int],
+                 dtype: torch.dtype, threads: int = 8) -> tuple[torch.Tensor, list[tuple[str, Path, str]]]:
+    """``(len(item_ids), len(layers), width)`` states of ``layers`` for items ``item_ids[1:]`` (row 0 is
+    padding, zeros) and the problems found, as (item id, file, problem)."""
+    table = torch.zeros(len(item_ids), len(layers), shape[1], dtype=dtype)
+    problems = []
+    index = torch.tensor(layers)
+    paths = [state_file(src, modality, item_id) for item_id in item_ids[1:]]
+    with ThreadPoolExecutor(threads, thread_name_prefix="iisan-import") as pool:
+        for row, (path, (states, problem)) in enumerate(zip(paths, pool.map(lambda p: read_state(p, shape), paths)),
+                                                        1):
+            if problem:
+                problems.append((item_ids[row], path, problem))
+            else:
+                table[row] = states[index].to(dtype)  # (layers, width)
+    return table, problems
+
+
+def write_report(path: Path, problems: list[tuple[str, str, Path, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("modality\titem_id\tfile\tproblem\n")
+        fh.writelines(f"{m}\t{item_id}\t{file}\t{why}\n" for m, item_id, file, why in problems)
+
+
+def kind(problem: str) -> str:
+    """A problem's kind, for counting: missing, refused, unreadable, not a plain tensor, wrong shape, NaN..."""
+    return "wrong shape" if problem.startswith("shape") else problem.split(":")[0].split(" (")[0]
+
+
+def summary(problems: list[tuple[str, str, Path, str]]) -> str:
+    kinds = Counter(kind(why) for *_, why in problems)
+    first: dict[str, str] = {}
+    for _, _, path, why in problems:
+        first.setdefault(kind(why), path.name)
+    return ", ".join(f"{n} {k} (e.g. {first[k]})" for k, n in kinds.most_common())
+
+
+def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[int]],
+                  shapes: dict[str, tuple[int, int]], metadata: dict[str, dict[str, str]], out_dir: str | Path,
+                  dtype: torch.dtype = torch.float16, allow_missing: bool = False) -> dict[str, Path]:
+    """Import every modality of ``layers`` (modality -> hidden-state indices to keep) from the authors'
+    files under ``src``; ``shapes`` gives each file's expected (states, width); ``metadata`` each cache's.
+    Nothing is written unless every modality imports cleanly."""
+    src, out_dir = Path(src), Path(out_dir)
+    for m in layers:
+        folder = src / AUTHORS_LAYOUT[m][0]
+        if not folder.is_dir():
+            raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
+                             f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
+    tables, problems = {}, []
+    for m in layers:
+        log.info("importing %s states of %d items from %s", m, len(item_ids) - 1, src / AUTHORS_LAYOUT[m][0])
+        tables[m], found = import_table(src, m, item_ids, layers[m], shapes[m], dtype)
+        problems += [(m, *p) for p in found]
+    missing = [p for p in problems if p[3] == "missing"]
+    fatal = [p for p in problems if p[3] != "missing" or not allow_missing]
+    if problems:
+        write_report(out_dir / REPORT, problems)
+    if fatal:
+        raise CacheError(f"{len(fatal)} of {(len(item_ids) - 1) * len(layers)} files under {src} cannot be "
+                         f"imported: {summary(fatal)}; no cache was written; every file is listed in "
+                         f"{out_dir / REPORT}")
+    if missing:
+        log.warning("%d items have no file under %s and are stored as zero states (--allow-missing); list in %s",
+                    len(missing), src, out_dir / REPORT)
+    paths = {}
+    for m, table in tables.items():
+        meta = dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing)))
+        paths[m] = cache_file(out_dir, m)
+        write_safetensors(paths[m], {"states": (dtype, tuple(table.shape))}, [("states", table)], meta)
+        log.info("wrote %s: %d items x %d layers x %d (%s), imported from %s", paths[m], len(item_ids) - 1,
+                 table.shape[1], table.shape[2], json.loads(meta["layers"]), src)
+    return paths

@@ -1,0 +1,116 @@
+"""One file over HTTP(S), resumably and checked: the bytes go to ``<dest>.part`` and the file is renamed
+onto ``dest`` only when it is complete and matches what is known of it (size, sha256, git blob id).
+
+Resuming: a ``.part`` left by an interrupted download is continued with an HTTP ``Range`` request; a
+server that answers with the whole file instead (status 200) or cannot satisfy the range (416) makes
+the download restart from the first byte. A finished file that fails its check is removed (it is our
+own ``.part``) and the error says so; the next run downloads it again. A network failure keeps the
+``.part`` for the next run and ends with one line naming the address and where the file goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FetchError
+from ..files import sha256
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What is known of a file before downloading it (None: unknown, not checked)."""
+
+    size: int | None = None
+    sha256: str | None = None
+    git_blob: str | None = None  # git's object id: sha1 of b"blob <size>\0" + content
+
+
+def git_blob_id(path: str | Path) -> str:
+    """The id git gives a file's content, so a download can be checked against a repository's tree."""
+    path = Path(path)
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mismatch(path: Path, expected: Expected) -> str | None:
+    """How ``path`` differs from ``expected``, or None."""
+    size = path.stat().st_size
+    if expected.size is not None and size != expected.size:
+        return f"has {size:,} bytes, expected {expected.size:,}"
+    if expected.sha256 is not None and (found := sha256(path)) != expected.sha256:
+        return f"has sha256 {found[:16]}…, expected {expected.sha256[:16]}…"
+    if expected.git_blob is not None and (found := git_blob_id(path)) != expected.git_blob:
+        return f"has git blob id {found[:12]}…, expected {expected.git_blob[:12]}…"
+    return None
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "reason", None) or err
+    return " ".join(f"{type(err).__name__}: {reason}".split())
+
+
+def _open(url: str, start: int, timeout: float):
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
+def _transfer(url: str, part: Path, timeout: float) -> None:
+    """Append to ``part`` from where it ends, or rewrite it when the server will not resume."""
+    start = part.stat().st_size if part.exists() else 0
+    try:
+        response = _open(url, start, timeout)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not start:
+            raise
+        log.info("%s: the partial download %s is not a prefix the server can continue; restarting", url, part)
+        start = 0
+        response = _open(url, 0, timeout)
+    with response:
+        resumed = start and response.status == 206 and \
+            (response.headers.get("Content-Range") or "").startswith(f"bytes {start}-")
+        if start and not resumed:
+            log.info("%s: the server does not resume downloads; restarting from the first byte", url)
+        elif resumed:
+            log.info("%s: resuming at byte %s", url, f"{start:,}")
+        with open(part, "ab" if resumed else "wb") as fh:
+            shutil.copyfileobj(response, fh, BLOCK)
+
+
+def http_download(url: str, dest: str | Path, expected: Expected = Expected(), timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (see the module docstring); returns ``dest``."""
+    dest = Path(dest)
+    part = partial_path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if expected.size is not None and part.exists() and part.stat().st_size > expected.size:
+        part.unlink()  # longer than the file can be: not a prefix of it
+    try:
+        _transfer(url, part, timeout)
+    except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
+        raise FetchError(f"cannot download {url} ({_reason(err)}); the partial file {part} is kept for the "
+                         f"next run, or download it by hand from {url} to {dest}") from None
+    problem = mismatch(part, expected)
+    if problem:
+        part.unlink()
+        raise FetchError(f"the file downloaded from {url} {problem}; it was removed, run the command again "
+                         f"to retry, or download it by hand to {dest}")
+    os.replace(part, dest)
+    return dest

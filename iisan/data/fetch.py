@@ -1,0 +1,181 @@
+"""``iisan fetch data``: one of the paper's data sets from where its authors published it, in five
+resumable steps, each recorded in ``Dataset/<name>/fetch-manifest.json`` with every file's size and
+sha256:
+
+1. ``tsv``: the users and items TSVs from the authors' repository at a pinned commit (``sources``),
+   checked against the size, sha256 and git blob id known for them;
+2. ``archive``: the image archive from Google Drive (through a ``DriveClient``: gdown by default, a
+   stand-in in tests), saved as ``Dataset/<archive>.zip``;
+3. ``images``: the archive unpacked into ``Dataset/<am_image_xx>/`` (members checked, unpacked beside
+   the target and renamed into place);
+4. ``lmdb``: the image LMDB (``images.build_image_lmdb``), ``Dataset/<name>/images.lmdb``;
+5. ``stats``: users, items and interactions after the paper's protocol, against the paper's.
+
+A recorded step is skipped after its files are checked against the manifest (a changed file ends the
+run with one line naming it). Files put in place by hand (the TSVs, the zip, the unpacked folder, the
+LMDB) are used and recorded as found, never overwritten; the TSVs must still match the authors'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from ..errors import DataError, FetchError
+from .download import Expected, http_download, mismatch
+from .images import build_image_lmdb
+from .interactions import load_dataset, read_items
+from .manifest import Manifest, folder_files
+from .sources import AUTHORS_COMMIT, AUTHORS_REPO, SOURCES, DataSource
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "fetch-manifest.json"
+Downloader = Callable[[str, Path, Expected], Path]
+
+
+class DriveClient(Protocol):
+    def download(self, file_id: str, dest: Path) -> None:
+        """Write the whole file to ``dest`` (continuing a partial download where it can) or raise."""
+
+
+class GdownDrive:
+    """Google Drive through gdown (it handles Drive's confirmation page for large files and resumes)."""
+
+    def download(self, file_id: str, dest: Path) -> None:
+        import gdown  # deferred: only `iisan fetch` needs it, and it pulls in requests and bs4
+
+        gdown.download(id=file_id, output=str(dest), quiet=False, resume=True)
+
+
+def fetch_tsvs(src: DataSource, root: Path, manifest: Manifest, download: Downloader) -> None:
+    files = []
+    for repo_file in (src.users, src.items):
+        dest = root / repo_file.path
+        if dest.is_file():
+            problem = mismatch(dest, repo_file.expected)
+            if problem:
+                raise FetchError(f"{dest} is not the authors' file ({problem}; {AUTHORS_REPO} at "
+                                 f"{AUTHORS_COMMIT[:12]}); move it away and run the fetch again")
+            log.info("%s is in place and matches the authors' file", dest)
+        else:
+            log.info("downloading %s", repo_file.url())
+            download(repo_file.url(), dest, repo_file.expected)
+        files.append(dest)
+    manifest.record("tsv", files, repository=AUTHORS_REPO, commit=AUTHORS_COMMIT)
+
+
+def unpack_images(archive: Path, target: Path) -> None:
+    """Unzip ``archive`` so that ``target`` holds the images. The archive may hold them at its top level
+    or in one folder; a member that would land outside the folder is refused."""
+    tmp = target.with_name(f".{target.name}.unpacking")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted unpack
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                name = PurePosixPath(member)
+                if name.is_absolute() or ".." in name.parts:
+                    raise FetchError(f"{archive}: member {member!r} would be written outside {target}; "
+                                     "refusing to unpack it")
+            zf.extractall(tmp)  # checks every member's CRC as it reads it
+    except (zipfile.BadZipFile, EOFError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
+                         "again") from None
+    entries = [p for p in tmp.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+    inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+    os.replace(inner, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveClient) -> None:
+    target, archive = base / src.images.folder, base / src.images.name
+    if target.is_dir():
+        log.info("%s is in place (unpacked before); using it as it is", target)
+        manifest.record("images", folder_files(target), source="found in place")
+        return
+    if manifest.done("archive"):
+        manifest.verify("archive")
+    else:
+        if archive.is_file():
+            log.info("%s is in place; using it", archive)
+        else:
+            log.info("downloading %s from Google Drive (%s)", archive.name, src.images.url())
+            try:
+                drive.download(src.images.drive_id, archive)
+            except FetchError:
+                raise
+            except Exception as err:  # the client's own errors (gdown, requests, OS): one line each
+                reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                raise FetchError(f"cannot download {archive.name} from Google Drive ({src.images.url()}): "
+                                 f"{reason}; download it by hand and put it at {archive} (or unzip it into "
+                                 f"{target}/), then run the fetch again") from None
+            if not archive.is_file():
+                raise FetchError(f"the Drive client reported success but {archive} does not exist")
+        manifest.record("archive", [archive], drive_id=src.images.drive_id, url=src.images.url())
+    log.info("unpacking %s into %s", archive, target)
+    unpack_images(archive, target)
+    manifest.record("images", folder_files(target), source=str(archive.name))
+
+
+def build_lmdb(src: DataSource, base: Path, manifest: Manifest) -> None:
+    folder = base / src.folder
+    lmdb_path, items = folder / "images.lmdb", folder / PurePosixPath(src.items.path).name
+    report = lmdb_path.with_name(lmdb_path.name + ".report.tsv")
+    if lmdb_path.is_dir():
+        log.info("%s is in place; using it as it is (delete it to rebuild it)", lmdb_path)
+        found = "found in place"
+    else:
+        ids = read_items(items, allow_empty_titles=True).ids
+        result = build_image_lmdb(base / src.images.folder, lmdb_path, ids)
+        found = f"built: {result['stored']:,} images, {result['blank']:,} missing or unreadable"
+    manifest.record("lmdb", folder_files(lmdb_path) + ([report] if report.is_file() else []), source=found)
+
+
+def check_stats(name: str, src: DataSource, root: Path, manifest: Manifest) -> dict:
+    data = load_dataset(root / src.users.path, root / src.items.path)
+    found = data.stats()
+    want = dict(zip(("users", "items", "interactions"), src.stats))
+    if found != want:
+        raise DataError(f"{name}: {found['users']:,} users / {found['items']:,} items / "
+                        f"{found['interactions']:,} interactions after the paper's protocol; the paper's "
+                        f"data set has {want['users']:,} / {want['items']:,} / {want['interactions']:,}")
+    manifest.record("stats", [], **found)
+    return found
+
+
+def fetch_dataset(name: str, root: str | Path, drive: DriveClient | None = None,
+                  download: Downloader = http_download) -> dict:
+    """Fetch (or check) one data set under ``root/Dataset``; returns its statistics."""
+    if name not in SOURCES:
+        raise FetchError(f"--dataset {name}: not one of {', '.join(SOURCES)} (or all)")
+    root, src = Path(root), SOURCES[name]
+    base = root / "Dataset"
+    manifest = Manifest(base / src.folder / MANIFEST, root, f"`iisan fetch data --dataset {name}`")
+    drive = drive or GdownDrive()
+    archive = base / src.images.name
+    runners = {"tsv": lambda: fetch_tsvs(src, root, manifest, download),
+               "archive": lambda: fetch_images(src, base, manifest, drive),
+               "images": lambda: fetch_images(src, base, manifest, drive),
+               "lmdb": lambda: build_lmdb(src, base, manifest),
+               "stats": lambda: check_stats(name, src, root, manifest)}
+    made: set[str] = set()  # steps done by this run (not checked again)
+    for step, run in runners.items():
+        if step in made:
+            continue
+        if step == "archive" and manifest.done("images") and not (manifest.done(step) and archive.is_file()):
+            log.info("%s: %s is not needed (the images are unpacked)", name, archive.name)
+        elif manifest.done(step):
+            checked = manifest.verify(step)
+            log.info("%s: step %s was done before; its %d files are unchanged", name, step, checked)
+        else:
+            before = set(manifest.data["steps"])
+            run()
+            made |= set(manifest.data["steps"]) - before
+    log.info("%s: complete; manifest %s", name, manifest.path)
+    return {k: manifest.info("stats")[k] for k in ("users", "items", "interactions")}

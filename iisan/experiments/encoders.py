@@ -1,0 +1,151 @@
+"""``iisan fetch encoders``: the encoders a preset needs, from the Hugging Face Hub at a pinned commit,
+into ``pretrained_models/<folder>/``, with only the files a run loads (config, tokenizer or image
+processor files, safetensors weights; no other framework's weights, no pickled ``.bin``).
+
+The download goes to ``pretrained_models/.<folder>.partial/`` (huggingface_hub resumes there after an
+interruption); once complete and checked it gets ``iisan-fetch.json`` (repository, commit, every file's
+size and sha256) and is renamed into place, so a folder under its real name is always whole. A second
+run verifies that manifest; a folder put there by hand (no manifest) is left as it is. The Hub is
+reached through a ``HubClient`` (huggingface_hub by default, a stand-in in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import huggingface_hub
+
+from ..data.manifest import Manifest, folder_files
+from ..errors import FetchError
+from .presets import ROOT
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "iisan-fetch.json"
+# What a run loads (``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor``), as huggingface_hub's
+# allow_patterns: exact names, and the shards of a sharded safetensors checkpoint with their index.
+RUN_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+             "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json", "model.safetensors",
+             "model.safetensors.index.json", "model-*-of-*.safetensors"]
+
+
+@dataclass(frozen=True)
+class HubModel:
+    repo_id: str
+    revision: str | None  # a commit hash; None: the head of main, resolved to a commit and recorded
+    modality: str  # text or image: which preprocessing files it must have
+
+
+ENCODERS = {  # folder under pretrained_models/ -> where it comes from
+    "bert-base-uncased": HubModel("google-bert/bert-base-uncased", "86b5e0934494bd15c9632b12f734a8a67f723594",
+                                  "text"),
+    "vit-base-patch16-224": HubModel("google/vit-base-patch16-224", "3f49326eb077187dfe1c2a2bb15fbd74e6ab91e3",
+                                     "image"),
+    "bert-large-uncased": HubModel("google-bert/bert-large-uncased", "6da4b6a26a1877e173fca3225479512db81a5e5b",
+                                   "text"),
+    # Gated repositories (accept Meta's licence and log in first); their head commit is recorded.
+    "Meta-Llama-3-8B": HubModel("meta-llama/Meta-Llama-3-8B", None, "text"),
+    "Meta-Llama-3-70B": HubModel("meta-llama/Meta-Llama-3-70B", None, "text"),
+}
+ENCODER_PRESETS = {  # the paper's IISAN, and the pairs of Code_Cached/scripts/run_IISAN_Versa.py's presets
+    "iisan": ("bert-base-uncased", "vit-base-patch16-224"),
+    "bert-base+vit-base": ("bert-base-uncased", "vit-base-patch16-224"),
+    "bert-large+vit-base": ("bert-large-uncased", "vit-base-patch16-224"),
+    "llama3-8b+vit-base": ("Meta-Llama-3-8B", "vit-base-patch16-224"),
+    "llama3-70b+vit-base": ("Meta-Llama-3-70B", "vit-base-patch16-224"),
+}
+
+
+class HubClient(Protocol):
+    def resolve(self, repo_id: str, revision: str) -> str:
+        """The commit hash that ``revision`` (a branch or tag) names now."""
+
+    def download(self, repo_id: str, revision: str, allow_patterns: list[str], local_dir: Path) -> None:
+        """The repository's files matching ``allow_patterns`` at ``revision``, into ``local_dir``."""
+
+
+class HuggingFaceHub:
+    def resolve(self, repo_id: str, revision: str) -> str:
+        return huggingface_hub.HfApi().model_info(repo_id, revision=revision).sha
+
+    def download(self, repo_id: str, revision: str, allow_patterns: list[str], local_dir: Path) -> None:
+        huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns,
+                                          local_dir=str(local_dir))
+
+
+def by_hand(model: HubModel, revision: str, target: Path) -> str:
+    return (f"download {', '.join(RUN_FILES[:3])}, the tokenizer or preprocessor files and the safetensors "
+            f"weights from https://huggingface.co/{model.repo_id}/tree/{revision} into {target}/")
+
+
+def missing_files(folder: Path, model: HubModel) -> list[str]:
+    """What a run would need and ``folder`` lacks."""
+    names = {p.name for p in folder.iterdir()}
+    missing = [] if "config.json" in names else ["config.json"]
+    if "model.safetensors.index.json" in names:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+        missing += sorted(shards - names)
+    elif "model.safetensors" not in names:
+        missing.append("safetensors weights")
+    preprocessing = {"text": {"tokenizer.json", "tokenizer_config.json", "vocab.txt"},
+                     "image": {"preprocessor_config.json"}}[model.modality]
+    if not preprocessing & names:
+        missing.append(" or ".join(sorted(preprocessing)))
+    return missing
+
+
+def verify_fetched(target: Path, model: HubModel) -> None:
+    manifest = Manifest(target / MANIFEST, target, "`iisan fetch encoders`")
+    info = manifest.info("download")
+    if model.revision and info["revision"] != model.revision:
+        raise FetchError(f"{target} holds {info['repo_id']} at {info['revision'][:12]}, this version of iisan pins "
+                         f"{model.revision[:12]}; move the folder away and run `iisan fetch encoders` again")
+    checked = manifest.verify("download")
+    log.info("%s: %s at %s, %d files unchanged", target, info["repo_id"], info["revision"][:12], checked)
+
+
+def fetch_encoder(name: str, root: Path, client: HubClient) -> Path:
+    """``root/name`` complete and checked; returns it."""
+    model, target = ENCODERS[name], root / name
+    if (target / MANIFEST).is_file():
+        verify_fetched(target, model)
+        return target
+    if target.exists():
+        log.warning("%s exists and was not fetched by iisan (no %s); left as it is", target, MANIFEST)
+        return target
+    partial = root / f".{name}.partial"
+    revision = model.revision or "main"
+    try:
+        revision = model.revision or client.resolve(model.repo_id, "main")
+        log.info("downloading %s at %s into %s", model.repo_id, revision[:12], target)
+        client.download(model.repo_id, revision, RUN_FILES, partial)
+    except Exception as err:  # huggingface_hub's, httpx's and OS errors alike: one line, never a traceback
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise FetchError(f"cannot download {model.repo_id}@{revision[:12]} from the Hugging Face Hub ({reason}); "
+                         f"{by_hand(model, revision, target)}") from None
+    shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping, in our folder
+    missing = missing_files(partial, model) if partial.is_dir() else ["every file"]
+    if missing:
+        raise FetchError(f"{model.repo_id}@{revision[:12]} lacks {', '.join(missing)} among the files a run "
+                         f"loads; the partial download stays in {partial}; {by_hand(model, revision, target)}")
+    Manifest(partial / MANIFEST, partial).record(
+        "download", folder_files(partial), repo_id=model.repo_id, revision=revision,
+        requested=model.revision or "main", allow_patterns=RUN_FILES, huggingface_hub=huggingface_hub.__version__)
+    os.replace(partial, target)
+    return target
+
+
+def fetch_encoders(preset: str = "iisan", root: str | Path = ROOT / "pretrained_models",
+                   client: HubClient | None = None) -> list[Path]:
+    if preset not in ENCODER_PRESETS:
+        raise FetchError(f"--preset {preset}: not one of {', '.join(ENCODER_PRESETS)}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    client = client or HuggingFaceHub()
+    return [fetch_encoder(name, root, client) for name in ENCODER_PRESETS[preset]]
