@@ -93,6 +93,10 @@ def _transfer(url: str, part: Path, timeout: float) -> None:
             log.info("%s: resuming at byte %s", url, f"{start:,}")
         with open(part, "ab" if resumed else "wb") as fh:
             shutil.copyfileobj(response, fh, BLOCK)
+            received = fh.tell() - (start if resumed else 0)
+        announced = response.headers.get("Content-Length")
+        if announced is not None and received < int(announced):  # http.client returns short reads at EOF
+            raise http.client.IncompleteRead(b"", int(announced) - received)
 
 
 def http_download(url: str, dest: str | Path, expected: Expected = Expected(), timeout: float = 60.0) -> Path:
@@ -105,8 +109,9 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
     try:
         _transfer(url, part, timeout)
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
-        raise FetchError(f"cannot download {url} ({_reason(err)}); the partial file {part} is kept for the "
-                         f"next run, or download it by hand from {url} to {dest}") from None
+        kept = f"the partial file {part} is kept for the next run, or " if part.is_file() else ""
+        raise FetchError(f"cannot download {url} ({_reason(err)}); {kept}download it by hand from {url} to "
+                         f"{dest}") from None
     problem = mismatch(part, expected)
     if problem:
         part.unlink()

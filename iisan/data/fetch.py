@@ -150,11 +150,12 @@ def check_stats(name: str, src: DataSource, root: Path, manifest: Manifest) -> d
 
 
 def fetch_dataset(name: str, root: str | Path, drive: DriveClient | None = None,
-                  download: Downloader = http_download) -> dict:
-    """Fetch (or check) one data set under ``root/Dataset``; returns its statistics."""
-    if name not in SOURCES:
-        raise FetchError(f"--dataset {name}: not one of {', '.join(SOURCES)} (or all)")
-    root, src = Path(root), SOURCES[name]
+                  download: Downloader = http_download, sources: dict[str, DataSource] = SOURCES) -> dict:
+    """Fetch (or check) one data set under ``root/Dataset``; returns its statistics. ``sources``: where
+    data sets come from (``sources.SOURCES``; tests serve small ones)."""
+    if name not in sources:
+        raise FetchError(f"--dataset {name}: not one of {', '.join(sources)} (or all)")
+    root, src = Path(root), sources[name]
     base = root / "Dataset"
     manifest = Manifest(base / src.folder / MANIFEST, root, f"`iisan fetch data --dataset {name}`")
     drive = drive or GdownDrive()

@@ -22,9 +22,10 @@ DRIVE_VIEW = "https://drive.google.com/file/d/{id}/view"
 class RepoFile:
     path: str  # in the authors' repository and in ours
     expected: Expected
+    url_template: str = RAW_URL  # another server (a mirror, a test's) may serve the same paths
 
     def url(self) -> str:
-        return RAW_URL.format(repo=AUTHORS_REPO, commit=AUTHORS_COMMIT, path=self.path)
+        return self.url_template.format(repo=AUTHORS_REPO, commit=AUTHORS_COMMIT, path=self.path)
 
 
 @dataclass(frozen=True)

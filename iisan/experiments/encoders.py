@@ -80,8 +80,9 @@ class HuggingFaceHub:
 
 
 def by_hand(model: HubModel, revision: str, target: Path) -> str:
-    return (f"download {', '.join(RUN_FILES[:3])}, the tokenizer or preprocessor files and the safetensors "
-            f"weights from https://huggingface.co/{model.repo_id}/tree/{revision} into {target}/")
+    what = "tokenizer" if model.modality == "text" else "image-processor"
+    return (f"download config.json, the {what} files and the safetensors weights (model*.safetensors) from "
+            f"https://huggingface.co/{model.repo_id}/tree/{revision} into {target}/")
 
 
 def missing_files(folder: Path, model: HubModel) -> list[str]:

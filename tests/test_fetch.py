@@ -1,0 +1,336 @@
+"""Downloads, resuming and manifests against a local HTTP server started here; Google Drive and the
+Hugging Face Hub through stand-ins of their client interfaces; offline runs end in one line. No test
+reaches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from iisan.data.download import Expected, git_blob_id, http_download, partial_path
+from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
+from iisan.data.interactions import load_dataset
+from iisan.data.manifest import Manifest
+from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
+from iisan.errors import DataError, FetchError
+from iisan.experiments.presets import DATASETS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTENT = bytes(range(256)) * 64  # 16 KiB
+
+
+class FileHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        server = self.server
+        server.seen.append((self.path, self.headers.get("Range")))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start, wanted = 0, self.headers.get("Range")
+        if wanted and server.ranges:
+            start = int(wanted.split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        payload = body[start:]
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if server.drop_after is not None:  # the connection breaks part-way
+            self.wfile.write(payload[: server.drop_after])
+            self.close_connection = True
+            return
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FileHandler)
+    httpd.files, httpd.seen, httpd.ranges, httpd.drop_after = {"/f.bin": CONTENT}, [], True, None
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def full(data: bytes = CONTENT) -> Expected:
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return Expected(len(data), hashlib.sha256(data).hexdigest(), blob)
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# one file
+
+
+def test_a_download_is_checked_and_renamed_into_place(server, tmp_path):
+    dest = http_download(server.url + "/f.bin", tmp_path / "f.bin", full())
+    assert dest.read_bytes() == CONTENT and not partial_path(dest).exists()
+    assert git_blob_id(dest) == full().git_blob  # what `git hash-object` gives
+    assert server.seen == [("/f.bin", None)]
+
+
+def test_a_truncated_download_resumes_where_it_stopped(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    partial_path(dest).write_bytes(CONTENT[:5000])
+    http_download(server.url + "/f.bin", dest, full())
+    assert dest.read_bytes() == CONTENT
+    assert server.seen == [("/f.bin", "bytes=5000-")]
+
+
+def test_a_server_that_cannot_resume_makes_the_download_restart(server, tmp_path):
+    server.ranges = False
+    dest = tmp_path / "f.bin"
+    partial_path(dest).write_bytes(CONTENT[:5000])
+    http_download(server.url + "/f.bin", dest, full())
+    assert dest.read_bytes() == CONTENT  # not the first 5000 bytes twice
+
+
+def test_a_part_as_long_as_the_file_restarts_when_the_range_cannot_be_served(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    partial_path(dest).write_bytes(b"x" * len(CONTENT))  # no size known: only the server can tell
+    http_download(server.url + "/f.bin", dest, Expected(sha256=full().sha256))
+    assert dest.read_bytes() == CONTENT
+    assert server.seen == [("/f.bin", f"bytes={len(CONTENT)}-"), ("/f.bin", None)]
+
+
+def test_a_broken_connection_keeps_the_part_and_the_next_run_resumes(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    server.drop_after = 6000
+    with pytest.raises(FetchError) as err:
+        http_download(server.url + "/f.bin", dest, full())
+    assert "kept for the next run" in one_line(err) and str(dest) in one_line(err)
+    assert partial_path(dest).read_bytes() == CONTENT[:6000] and not dest.exists()
+    server.drop_after = None
+    http_download(server.url + "/f.bin", dest, full())
+    assert dest.read_bytes() == CONTENT and server.seen[-1] == ("/f.bin", "bytes=6000-")
+
+
+def test_a_download_that_fails_its_check_is_removed_and_named(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    partial_path(dest).write_bytes(b"not the start of the file")  # resumed: a wrong prefix
+    with pytest.raises(FetchError, match="has sha256") as err:
+        http_download(server.url + "/f.bin", dest, full())
+    assert server.url in one_line(err)
+    assert not partial_path(dest).exists() and not dest.exists()
+    http_download(server.url + "/f.bin", dest, full())  # the next run starts clean
+    assert dest.read_bytes() == CONTENT
+    with pytest.raises(FetchError, match="git blob id"):
+        http_download(server.url + "/f.bin", tmp_path / "g.bin", Expected(git_blob="0" * 40))
+
+
+def test_an_unreachable_server_is_one_line_naming_the_address_and_the_destination(server, tmp_path):
+    url = server.url + "/f.bin"
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(FetchError, match="cannot download") as err:
+        http_download(url, tmp_path / "f.bin", full(), timeout=5)
+    assert url in one_line(err) and str(tmp_path / "f.bin") in one_line(err)
+    assert not (tmp_path / "f.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# a data set: TSVs over HTTP, images from a Drive stand-in, LMDB, statistics, manifest
+
+
+class FakeDrive:
+    """Serves one zip by id; ``fail`` makes the next call raise like a blocked Drive would."""
+
+    def __init__(self, archives: dict[str, Path]):
+        self.archives, self.calls, self.fail = archives, [], False
+
+    def download(self, file_id: str, dest: Path) -> None:
+        self.calls.append(file_id)
+        if self.fail:
+            raise ConnectionError("Too many users have viewed or downloaded this file recently")
+        shutil.copyfile(self.archives[file_id], dest)
+
+
+@pytest.fixture()
+def served_data(tiny, server, tmp_path):
+    """The tiny data set as the authors publish theirs: TSVs on a server, images as a zip on 'Drive'."""
+    users, items = Path(tiny["users"]).read_bytes(), Path(tiny["items"]).read_bytes()
+    source = DataSource(
+        folder="Tiny",
+        users=RepoFile("Dataset/Tiny/users.tsv", full(users), server.url + "/{path}"),
+        items=RepoFile("Dataset/Tiny/items.tsv", full(items), server.url + "/{path}"),
+        images=DriveArchive("am_image_tn.zip", "drive-id-1", "am_image_tn"),
+        stats=tuple(load_dataset(tiny["users"], tiny["items"]).stats().values()),
+    )
+    server.files.update({"/Dataset/Tiny/users.tsv": users, "/Dataset/Tiny/items.tsv": items})
+    archive = tmp_path / "drive" / "am_image_tn.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for image in sorted(Path(tiny["image_dir"]).iterdir()):
+            zf.write(image, f"am_image_tn/{image.name}")
+    return {"sources": {"Tiny": source}, "drive": FakeDrive({"drive-id-1": archive}), "root": tmp_path / "repo"}
+
+
+def fetch(served, **kw):
+    return fetch_dataset("Tiny", served["root"], served["drive"], sources=served["sources"], **kw)
+
+
+@pytest.mark.slow
+def test_a_data_set_is_fetched_recorded_and_verified_by_a_second_run(served_data, server, tiny):
+    root = served_data["root"]
+    stats = fetch(served_data)
+    assert tuple(stats.values()) == served_data["sources"]["Tiny"].stats
+    base = root / "Dataset"
+    assert (base / "Tiny" / "users.tsv").read_bytes() == Path(tiny["users"]).read_bytes()
+    assert sorted(p.name for p in (base / "am_image_tn").iterdir()) == \
+        sorted(p.name for p in Path(tiny["image_dir"]).iterdir())
+    assert (base / "Tiny" / "images.lmdb" / "data.mdb").is_file()
+    manifest = Manifest(base / "Tiny" / MANIFEST, root)
+    assert list(manifest.data["steps"]) == ["tsv", "archive", "images", "lmdb", "stats"]
+    recorded = manifest.info("tsv")["files"]["Dataset/Tiny/items.tsv"]
+    assert recorded == {"size": len(Path(tiny["items"]).read_bytes()),
+                        "sha256": hashlib.sha256(Path(tiny["items"]).read_bytes()).hexdigest()}
+    assert len(manifest.info("images")["files"]) == len(list(Path(tiny["image_dir"]).iterdir()))
+
+    requests, drive_calls = len(server.seen), len(served_data["drive"].calls)
+    fetch(served_data)  # everything done: verified, nothing downloaded again
+    assert len(server.seen) == requests and len(served_data["drive"].calls) == drive_calls
+
+    (base / "am_image_tn.zip").unlink()  # the archive is not needed once unpacked
+    fetch(served_data)
+    first_image = sorted((base / "am_image_tn").iterdir())[0]
+    first_image.write_bytes(first_image.read_bytes()[:-1] + b"\0")
+    with pytest.raises(FetchError, match="changed since it was fetched") as err:
+        fetch(served_data)
+    assert str(first_image) in one_line(err) and "--dataset Tiny" in one_line(err)
+
+
+def test_a_changed_tsv_fails_the_second_run_with_one_line(served_data):
+    fetch(served_data)
+    users = served_data["root"] / "Dataset" / "Tiny" / "users.tsv"
+    users.write_text(users.read_text().replace("\t", "\t ", 1))
+    with pytest.raises(FetchError) as err:
+        fetch(served_data)
+    assert f"{users} has " in one_line(err) and "manifest says" in one_line(err)
+
+
+def test_a_blocked_drive_is_one_line_and_the_next_run_goes_on_from_there(served_data, server):
+    served_data["drive"].fail = True
+    with pytest.raises(FetchError) as err:
+        fetch(served_data)
+    message = one_line(err)
+    assert "https://drive.google.com/file/d/drive-id-1/view" in message and "am_image_tn.zip" in message
+    manifest = Manifest(served_data["root"] / "Dataset" / "Tiny" / MANIFEST, served_data["root"])
+    assert list(manifest.data["steps"]) == ["tsv"]  # the finished step stays finished
+    assert not (served_data["root"] / "Dataset" / "am_image_tn").exists()
+    requests = len(server.seen)
+    served_data["drive"].fail = False
+    fetch(served_data)
+    assert len(server.seen) == requests  # the TSVs were not downloaded again
+
+
+def test_files_put_in_place_by_hand_are_used_and_a_foreign_tsv_is_refused(served_data, tiny):
+    base = served_data["root"] / "Dataset"
+    shutil.copytree(tiny["image_dir"], base / "am_image_tn")  # unzipped by hand: Drive is not needed
+    (base / "Tiny").mkdir(parents=True)
+    shutil.copyfile(tiny["items"], base / "Tiny" / "items.tsv")
+    fetch(served_data)
+    assert served_data["drive"].calls == []
+    other = served_data["root"] / "other"
+    (other / "Dataset" / "Tiny").mkdir(parents=True)
+    (other / "Dataset" / "Tiny" / "users.tsv").write_text("u1\tA B C D E\n")
+    with pytest.raises(FetchError, match="is not the authors' file") as err:
+        fetch({**served_data, "root": other})
+    assert "move it away" in one_line(err)
+
+
+def test_statistics_unlike_the_papers_fail_with_the_numbers(served_data):
+    source = served_data["sources"]["Tiny"]
+    served_data["sources"]["Tiny"] = replace(source, stats=(source.stats[0] + 1, *source.stats[1:]))
+    with pytest.raises(DataError, match="the paper's data set has") as err:
+        fetch(served_data)
+    assert f"{source.stats[0]:,} users" in one_line(err)
+
+
+def test_an_archive_member_outside_the_folder_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escaped.jpg", b"x")
+    with pytest.raises(FetchError, match="outside"):
+        unpack_images(archive, tmp_path / "Dataset" / "am_image_xx")
+    assert not (tmp_path / "escaped.jpg").exists() and not (tmp_path / "Dataset" / "am_image_xx").exists()
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(FetchError, match="not a complete zip archive"):
+        unpack_images(tmp_path / "bad.zip", tmp_path / "Dataset" / "am_image_yy")
+
+
+def test_the_sources_table_matches_the_presets_and_the_shared_copies():
+    for name, source in SOURCES.items():
+        folder, users, items, _ = DATASETS[name]
+        assert source.users.path == f"Dataset/{folder}/{users}" and source.items.path == f"Dataset/{folder}/{items}"
+    shared = ROOT.parent.parent / "shared" / "data" / "amazon"
+    for name in ("Scientific", "Instrument"):
+        for repo_file in (SOURCES[name].users, SOURCES[name].items):
+            copy = shared / name / Path(repo_file.path).name
+            if not copy.is_file():
+                pytest.skip(f"{copy} is absent")
+            assert git_blob_id(copy) == repo_file.expected.git_blob
+            assert Expected(repo_file.expected.size, repo_file.expected.sha256).size == copy.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line without the network
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iisan", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command (its progress log lines may come before it)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("iisan: error:")]
+    assert len(errors) == 1 and done.stderr.strip().endswith(errors[0])
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_offline_fetches_end_in_one_line_and_leave_nothing_presented_as_complete(tmp_path):
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port: every connection is refused
+    proxies = {"https_proxy": dead, "HTTPS_PROXY": dead, "http_proxy": dead, "HTTP_PROXY": dead, "no_proxy": ""}
+    line = error_line(run_cli("fetch", "data", "--dataset", "Scientific", "--root", str(tmp_path), env=proxies))
+    assert line.startswith("iisan: error: cannot download https://raw.githubusercontent.com/GAIR-Lab/IISAN/")
+    assert "am_Industrial_and_Scientific_users.tsv" in line
+    assert not (tmp_path / "Dataset" / "Scientific" / "am_Industrial_and_Scientific_users.tsv").exists()
+
+    line = error_line(run_cli("fetch", "encoders", "--root", str(tmp_path / "models"), env={"HF_HUB_OFFLINE": "1"}))
+    assert "google-bert/bert-base-uncased@86b5e0934494" in line
+    assert "https://huggingface.co/google-bert/bert-base-uncased/tree/86b5e0934494" in line
+    assert str(tmp_path / "models" / "bert-base-uncased") in line
+    assert not (tmp_path / "models" / "bert-base-uncased").exists()
