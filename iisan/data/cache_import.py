@@ -50,8 +50,10 @@ def read_state(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor | None,
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        return None, f"refused: needs unpickling of objects ({first})"
+        detail = " ".join(str(err.__context__ or err).split())[:160]
+        if detail.startswith("Unsupported operand") or "load key" in detail:  # bytes that are no pickle at all
+            return None, f"unreadable: not a torch.save file ({detail})"
+        return None, f"refused: needs unpickling of objects ({detail})"
     except Exception as err:  # truncated or foreign files raise zip, EOF or runtime errors
         return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")[:200]
     if not isinstance(value, torch.Tensor):

@@ -1,0 +1,158 @@
+"""`iisan import-cache`: per-item hidden-state files in the authors' layout (plain tensors written with
+torch.save) become this project's cache; a run trained on it equals one trained on a cache built
+directly from the same states; bad files are counted and named, pickled objects refused unread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from iisan.cli.main import main
+from iisan.config import Config
+from iisan.data.cache import cache_file, load_cache, read_metadata
+from iisan.data.cache_import import REPORT, state_file
+from iisan.errors import CacheError
+from iisan.evaluate import item_table
+from iisan.model.build import build_model, load_data
+from iisan.model.caching import build_cache_from_config, import_cache_from_config
+from iisan.train.trainer import train
+from iisan.train.weights import load_weights
+
+LAYERS = {"text_layers": (0, 2), "image_layers": (1, 3)}  # a run reads some of the tiny encoders' states
+
+
+def cache_config(tiny, cache_dir, **overrides) -> Config:
+    return Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                  cache_dir=str(cache_dir), device="cpu", num_workers=0, progress=False, **overrides)
+
+
+@pytest.fixture(scope="module")
+def authors_files(tiny, tmp_path_factory):
+    """The tiny encoders' CLS states at every hidden layer, one torch.save file per item and modality in
+    the authors' layout, and the item ids they cover."""
+    root = tmp_path_factory.mktemp("authors")
+    every = cache_config(tiny, root / "every-layer", text_layers=(0, 1, 2), image_layers=(0, 1, 2, 3))
+    build_cache_from_config(every, dtype="float32")
+    item_ids = load_data(every).item_ids
+    src = root / "stored_vectors_tiny"
+    for m in ("text", "image"):
+        with safe_open(str(cache_file(every.cache_dir, m)), framework="pt") as fh:
+            states = fh.get_tensor("states")  # (items + 1, depth + 1, width)
+        for row, item_id in enumerate(item_ids[1:], 1):
+            path = state_file(src, m, item_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(states[row].clone(), path)  # a plain (depth + 1, width) fp32 tensor, as theirs
+    return {"src": src, "item_ids": item_ids, "every": every}
+
+
+def trained_item_table(cfg: Config) -> tuple[torch.Tensor, dict]:
+    results = train(cfg)
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    load_weights(model, Path(results["run_dir"]) / "best.safetensors")
+    return item_table(model, data.num_items, 64, None, torch.device("cpu")), results
+
+
+@pytest.mark.slow
+def test_an_imported_cache_trains_exactly_like_one_built_from_the_same_states(tiny, tiny_config, authors_files,
+                                                                              tmp_path):
+    direct = cache_config(tiny, tmp_path / "direct", **LAYERS)
+    build_cache_from_config(direct, dtype="float32")
+    imported_dir = tmp_path / "imported"
+    main(["import-cache", "--from", str(authors_files["src"]), "--dataset", "Scientific", "--dtype", "float32",
+          "--users", tiny["users"], "--items", tiny["items"], "--text-model", tiny["text_model"],
+          "--image-model", tiny["image_model"], "--text-layers", "0,2", "--image-layers", "1,3",
+          "--cache-dir", str(imported_dir)])
+    data = load_data(direct)
+    for m, layers in (("text", [0, 2]), ("image", [1, 3])):
+        meta = read_metadata(cache_file(imported_dir, m))
+        assert meta["source"] == "imported" and meta["imported_from"] == str(authors_files["src"].resolve())
+        assert json.loads(meta["layers"]) == layers and meta["imported_missing"] == "0"
+        ours, _ = load_cache(cache_file(direct.cache_dir, m), {"layers": layers}, data.item_ids)
+        theirs, _ = load_cache(cache_file(imported_dir, m), {"layers": layers}, data.item_ids)
+        assert torch.equal(ours, theirs)
+
+    run = {"epochs": 2, "seed": 7, **LAYERS}
+    table_direct, results_direct = trained_item_table(tiny_config(cache_dir=direct.cache_dir, run_name="d", **run))
+    table_imported, results_imported = trained_item_table(tiny_config(cache_dir=str(imported_dir), run_name="i",
+                                                                      **run))
+    assert torch.equal(table_direct, table_imported)
+    assert results_direct["test"] == results_imported["test"]
+    assert results_direct["epochs"][-1]["loss"] == results_imported["epochs"][-1]["loss"]
+
+
+def test_all_layers_can_be_kept(tiny, authors_files, tmp_path):
+    cfg = cache_config(tiny, tmp_path / "all")
+    import_cache_from_config(cfg, authors_files["src"], layers="all", dtype="float32")
+    with safe_open(str(cache_file(cfg.cache_dir, "image")), framework="pt") as fh:
+        table = fh.get_tensor("states")
+    with safe_open(str(cache_file(authors_files["every"].cache_dir, "image")), framework="pt") as fh:
+        every = fh.get_tensor("states")
+    assert torch.equal(table, every)  # all 4 states of the 3-layer ViT, rows in the data set's order
+    assert json.loads(read_metadata(cache_file(cfg.cache_dir, "image"))["layers"]) == [0, 1, 2, 3]
+
+
+class Touches:
+    """Unpickling this object would create a file: the import must never run it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def copy_files(src: Path, dst: Path) -> Path:
+    for path in src.rglob("*.pt"):
+        (dst / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        (dst / path.relative_to(src)).write_bytes(path.read_bytes())
+    return dst
+
+
+def test_bad_files_are_counted_and_named_and_a_pickled_object_is_refused_unread(tiny, authors_files, tmp_path):
+    src = copy_files(authors_files["src"], tmp_path / "stored")
+    ids = authors_files["item_ids"][1:]
+    marker = tmp_path / "unpickled"
+    torch.save(Touches(marker), state_file(src, "text", ids[0]))
+    state_file(src, "text", ids[1]).unlink()
+    torch.save(torch.zeros(5, 32), state_file(src, "text", ids[2]))
+    torch.save({"states": torch.zeros(3, 32)}, state_file(src, "image", ids[3]))
+    state_file(src, "image", ids[4]).write_bytes(b"not a torch file")
+    torch.save(torch.full((4, 24), float("nan")), state_file(src, "image", ids[5]))
+    cfg = cache_config(tiny, tmp_path / "cache")
+    with pytest.raises(CacheError) as err:
+        import_cache_from_config(cfg, src, dtype="float32")
+    message = str(err.value)
+    assert "\n" not in message and f"6 of {2 * len(ids)} files" in message and "no cache was written" in message
+    for part in ("1 refused", f"bert_{ids[0]}.pt", "1 missing", "1 wrong shape", "1 not a plain tensor",
+                 "1 unreadable", "1 NaN or infinite values"):
+        assert part in message
+    assert not marker.exists()  # the pickled call never ran
+    assert not cache_file(cfg.cache_dir, "text").exists() and not cache_file(cfg.cache_dir, "image").exists()
+    report = (Path(cfg.cache_dir) / REPORT).read_text().splitlines()
+    assert len(report) == 7 and report[1].startswith(f"text\t{ids[0]}\t") and "refused" in report[1]
+    assert "shape (5, 32), expected (3, 32)" in report[3]
+
+
+def test_missing_files_can_be_stored_as_zero_states_when_asked(tiny, authors_files, tmp_path):
+    src = copy_files(authors_files["src"], tmp_path / "stored")
+    ids = authors_files["item_ids"]
+    state_file(src, "image", ids[2]).unlink()
+    cfg = cache_config(tiny, tmp_path / "cache")
+    with pytest.raises(CacheError, match="1 missing"):
+        import_cache_from_config(cfg, src)
+    import_cache_from_config(cfg, src, allow_missing=True)
+    with safe_open(str(cache_file(cfg.cache_dir, "image")), framework="pt") as fh:
+        table = fh.get_tensor("states")
+    assert table.dtype == torch.float16 and not table[2].any() and table[3].any()
+    assert read_metadata(cache_file(cfg.cache_dir, "image"))["imported_missing"] == "1"
+    assert read_metadata(cache_file(cfg.cache_dir, "text"))["imported_missing"] == "0"
+
+
+def test_a_folder_without_the_authors_layout_is_one_line(tiny, tmp_path):
+    with pytest.raises(CacheError, match="bert_outputs/"):
+        import_cache_from_config(cache_config(tiny, tmp_path / "cache"), tmp_path)
