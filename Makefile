@@ -5,7 +5,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+# `make reproduce DATASET=Scientific` (Instrument, Office, or demo: synthetic data, no network);
+# IMPORT=DIR uses the authors' released hidden states; REPRODUCE_FLAGS passes more (e.g. --no-fetch).
+DATASET ?= Scientific
+IMPORT ?=
+REPRODUCE_FLAGS ?=
+
+.PHONY: install demo test lint clean reproduce
 
 $(BIN)/iisan: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +24,9 @@ install: $(BIN)/iisan
 
 demo: install
 	$(BIN)/iisan demo --out demo_data
+
+reproduce: install
+	$(BIN)/python scripts/reproduce.py --dataset $(DATASET) $(if $(IMPORT),--import-from $(IMPORT)) $(REPRODUCE_FLAGS)
 
 test: install
 	$(BIN)/python -m pytest -q

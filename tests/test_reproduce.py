@@ -1,0 +1,74 @@
+"""`make reproduce`: on the demo data (fetch skipped) it trains three seeds and writes the table of
+mean ± std beside the paper's numbers; without data or encoders it names the missing step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path):
+    run = Reproduction("demo", tmp_path, seeds=(1, 2, 3), fetch=False,
+                       overrides={"epochs": 1, "device": "cpu", "progress": False, "num_workers": 0},
+                       demo_sizes={"num_users": 120, "num_items": 40})
+    path = reproduce(run)
+    assert path == tmp_path / "reproduce-demo.md"
+    results = [json.loads((tmp_path / "runs" / f"reproduce-demo-seed{s}" / "results.json").read_text())
+               for s in (1, 2, 3)]
+    assert [r["config"]["seed"] for r in results] == [1, 2, 3]
+    hits = np.array([r["test"]["hit@10"] for r in results])
+    ndcgs = np.array([r["test"]["ndcg@10"] for r in results])
+    lines = path.read_text().splitlines()
+    ours = next(line for line in lines if line.startswith("| this reproduction | 3 |"))
+    cells = [c.strip() for c in ours.strip("|").split("|")]
+    assert cells[2] == f"{hits.mean():.4f} ± {hits.std(ddof=1):.4f}"
+    assert cells[3] == f"{ndcgs.mean():.4f} ± {ndcgs.std(ddof=1):.4f}"
+    paper = next(line for line in lines if line.startswith("| paper (IISAN) |"))
+    assert f"| {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} |" in paper and "3 GB" in paper
+    assert "not comparable with the paper" in path.read_text() and "commit:" in path.read_text()
+    reproduce(run)  # a rerun reuses the finished runs
+    assert json.loads((tmp_path / "runs" / "reproduce-demo-seed1" / "results.json").read_text())["test"] == \
+        results[0]["test"]
+
+
+def test_without_the_data_it_names_the_missing_step_and_how_to_do_it(tmp_path):
+    with pytest.raises(StepMissing) as err:
+        reproduce(Reproduction("Scientific", tmp_path / "out", fetch=False), root=tmp_path)
+    message = str(err.value)
+    assert message.startswith("step 1 of 4 (data): ") and "am_Industrial_and_Scientific_users.tsv is missing" in message
+    assert "`iisan fetch data --dataset Scientific`" in message
+
+
+def test_without_a_cache_or_encoders_it_names_the_cache_step(tmp_path, tiny):
+    folder = tmp_path / "Dataset" / "Instrument"
+    (folder / "images.lmdb").mkdir(parents=True)
+    (folder / "am_Musical_Instruments_users_10K.tsv").write_text(Path(tiny["users"]).read_text())
+    (folder / "Musical_Instruments_items.tsv").write_text(Path(tiny["items"]).read_text())
+    with pytest.raises(StepMissing) as err:
+        reproduce(Reproduction("Instrument", tmp_path / "out", fetch=False), root=tmp_path)
+    message = str(err.value)
+    assert message.startswith("step 2 of 4 (cache): ") and "stored_vectors_ins/text.safetensors is missing" in message
+    assert str(tmp_path / "pretrained_models" / "bert-base-uncased") in message
+    assert "`iisan fetch encoders`" in message and "IMPORT=DIR" in message
+
+
+@pytest.mark.slow
+def test_the_script_and_the_make_target(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/reproduce.py", "--dataset", "Office", "--no-fetch", "--root",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "reproduce.py: error: step 1 of 4 (data): ") and "--dataset Office" in done.stderr
+    plan = subprocess.run(["make", "-n", "reproduce", "DATASET=demo", "IMPORT=states", "REPRODUCE_FLAGS=--epochs 1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "scripts/reproduce.py --dataset demo --import-from states --epochs 1" in plan.stdout
