@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.data.download import Expected, git_blob_id, http_download, partial_path
+from iisan.data.download import Expected, git_blob_id, http_download, mismatch, partial_path
 from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
 from iisan.data.interactions import load_dataset
 from iisan.data.manifest import Manifest
@@ -289,6 +289,7 @@ def test_an_archive_member_outside_the_folder_is_refused(tmp_path):
         unpack_images(tmp_path / "bad.zip", tmp_path / "Dataset" / "am_image_yy")
 
 
+@pytest.mark.realdata
 def test_the_sources_table_matches_the_presets_and_the_shared_copies():
     for name, source in SOURCES.items():
         folder, users, items, _ = DATASETS[name]
@@ -299,8 +300,11 @@ def test_the_sources_table_matches_the_presets_and_the_shared_copies():
             copy = shared / name / Path(repo_file.path).name
             if not copy.is_file():
                 pytest.skip(f"{copy} is absent")
+            assert mismatch(copy, repo_file.expected) is None  # size, sha256 and git blob id
             assert git_blob_id(copy) == repo_file.expected.git_blob
-            assert Expected(repo_file.expected.size, repo_file.expected.sha256).size == copy.stat().st_size
+        stats = load_dataset(shared / name / Path(SOURCES[name].users.path).name,
+                             shared / name / Path(SOURCES[name].items.path).name).stats()
+        assert tuple(stats.values()) == SOURCES[name].stats
 
 
 # --------------------------------------------------------------------------------------------------

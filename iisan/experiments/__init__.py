@@ -1,4 +1,5 @@
 """Experiments on top of training: the paper's settings (``presets``), grids of runs (``sweep``), tables
 of finished runs (``report``), parameter counts (``params``), the efficiency benchmark (``bench``,
 ``efficiency``, ``figures``, ``flops``), the GPU diagnosis (``diagnose``, ``plain_reference``,
-``timing``), real-data runs (``realdata``, ``offline``), the demo and the Versa GPU check."""
+``timing``), real-data runs (``realdata``, ``offline``), the demo and the Versa GPU check, fetching encoders
+(``encoders``) and one-command reproductions (``reproduce``)."""
