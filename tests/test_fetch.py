@@ -338,3 +338,15 @@ def test_offline_fetches_end_in_one_line_and_leave_nothing_presented_as_complete
     assert "https://huggingface.co/google-bert/bert-base-uncased/tree/86b5e0934494" in line
     assert str(tmp_path / "models" / "bert-base-uncased") in line
     assert not (tmp_path / "models" / "bert-base-uncased").exists()
+
+
+def test_a_broken_archive_is_not_recorded_so_deleting_it_fetches_it_again(served_data):
+    base = served_data["root"] / "Dataset"
+    base.mkdir(parents=True)
+    (base / "am_image_tn.zip").write_bytes(b"PK\x03\x04 cut short")  # put there by hand, incomplete
+    with pytest.raises(FetchError, match="not a complete zip archive"):
+        fetch(served_data)
+    assert served_data["drive"].calls == []
+    (base / "am_image_tn.zip").unlink()
+    fetch(served_data)
+    assert served_data["drive"].calls == ["drive-id-1"] and (base / "am_image_tn").is_dir()

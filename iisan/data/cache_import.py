@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,13 +48,13 @@ def read_state(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor | None,
         return None, "missing"
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+    except Exception as err:  # weights_only: UnpicklingError; truncated or foreign files: zip, EOF, runtime errors
         detail = " ".join(str(err.__context__ or err).split())[:160]
+        if type(err).__name__ != "UnpicklingError":  # named, not imported: this project imports no pickle
+            return None, f"unreadable: {type(err).__name__}: {detail}"
         if detail.startswith("Unsupported operand") or "load key" in detail:  # bytes that are no pickle at all
             return None, f"unreadable: not a torch.save file ({detail})"
         return None, f"refused: needs unpickling of objects ({detail})"
-    except Exception as err:  # truncated or foreign files raise zip, EOF or runtime errors
-        return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")[:200]
     if not isinstance(value, torch.Tensor):
         return None, f"not a plain tensor ({type(value).__name__})"
     if tuple(value.shape) != tuple(shape):

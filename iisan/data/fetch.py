@@ -117,9 +117,10 @@ def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveCl
                                  f"{target}/), then run the fetch again") from None
             if not archive.is_file():
                 raise FetchError(f"the Drive client reported success but {archive} does not exist")
-        manifest.record("archive", [archive], drive_id=src.images.drive_id, url=src.images.url())
     log.info("unpacking %s into %s", archive, target)
     unpack_images(archive, target)
+    if not manifest.done("archive"):  # recorded once it unpacks: a broken archive is fetched again
+        manifest.record("archive", [archive], drive_id=src.images.drive_id, url=src.images.url())
     manifest.record("images", folder_files(target), source=str(archive.name))
 
 

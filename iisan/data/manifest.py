@@ -70,6 +70,8 @@ class Manifest:
                 problems.append(f"{path} has sha256 {found[:16]}…, the manifest says {want['sha256'][:16]}…")
         if problems:
             more = f" (and {len(problems) - 1} more files of step {step!r})" if len(problems) > 1 else ""
-            raise FetchError(f"{problems[0]}{more}: it changed since it was fetched (manifest {self.path}); "
-                             f"restore it, or delete it and run {self.rerun or 'the fetch'} again")
+            rerun = self.rerun or "the fetch"
+            advice = f"restore it, or delete the manifest and run {rerun} again" if "is missing" in problems[0] \
+                else f"restore it, or delete it and run {rerun} again"
+            raise FetchError(f"{problems[0]}{more}: it changed since it was fetched (manifest {self.path}); {advice}")
         return len(files)
