@@ -1,7 +1,9 @@
 """One typed, validated configuration for every method, feed and entry point.
 
-Precedence is CLI > config file (JSON) > defaults. Unknown keys and wrong types are errors, and the
-resolved config is written into every checkpoint and results file (``Config.to_dict``).
+One precedence rule everywhere (``resolve``): command-line flags > a ``--config`` JSON file > an entry
+script's SWEEP lists and own defaults > the method's paper defaults (``METHOD_DEFAULTS``) > the field
+defaults below. Unknown keys and wrong types are errors, and the resolved config is written into every
+checkpoint and results file (``Config.to_dict``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # The paper's names, used in results files and tables.
 METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
+# Each method's paper settings, from the authors' run scripts (run_IISAN.py: batch 64, lr 2e-4 recsys, 1e-4
+# image, 5e-5 text, 1e-4 adapters; run_fft.py / run_adapter.py / run_lora.py / run_bitfit.py: batch 32).
+# A key a method leaves out keeps its field default.
+METHOD_DEFAULTS = {
+    "iisan": {"batch_size": 64, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5, "lr_adapter_image": 1e-4,
+              "lr_adapter_text": 1e-4},
+    "fft": {"batch_size": 32, "lr": 1e-4, "lr_image": 1e-4, "lr_text": 5e-5},
+    "adapter": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
+    "lora": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
+    "bitfit": {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5},
+}
 
 
 @dataclass
@@ -108,12 +121,15 @@ class Config:
     smoke: bool = _opt(False, f"smoke run of the same config: at most {SMOKE_EPOCHS} epochs of at most "
                        f"{SMOKE_STEPS} steps, full evaluation (checks the wiring before a long run)")
     out_dir: str = _opt("runs", "where run folders go")
-    run_name: str = _opt("", "run folder name (default: method, feed and time)")
+    run_name: str = _opt("", "run folder name (default: method, feed, data set and a hash of the config, so "
+                         "that running the same command again resumes or skips its run)")
     progress: bool = _opt(True, "show progress bars")
     resume: bool = _opt(
-        False, "continue from the newest intact checkpoint; automatic when --run-name names a folder with "
-        "checkpoints; without --run-name, the newest run of this method and feed in --out-dir"
+        False, "insist on continuing from the run folder's newest intact checkpoint (an error when there is "
+        "none); without it a run folder with checkpoints is resumed anyway"
     )
+    report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
+                          "tensorboard package)", ("none", "tensorboard"))
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
     deterministic: bool = _opt(
         False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for bit-exact GPU "
@@ -254,8 +270,9 @@ def _coerce(name: str, value, hint):
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
                          multi: set[str] | None = None, only: tuple[str, ...] | None = None) -> None:
     """Add ``--key`` for every Config field (or the fields in ``only``, without ``--config``). Keys in
-    ``multi`` accept several values (sweeps). Flags left out keep no value, so a flag never given
-    never overrides anything."""
+    ``multi`` accept several values (sweeps). ``defaults``: what the help shows as a key's default (a
+    script's SWEEP list or own default); without one, a key the methods set shows each method's value.
+    Flags left out keep no value, so a flag never given never overrides anything."""
     defaults = defaults or {}
     multi = multi or set()
     if only is None:
@@ -264,7 +281,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
-        shown = defaults.get(f.name, f.default)
+        shown = defaults[f.name] if f.name in defaults else _default_by_method(f.name, f.default)
         help_text = f"{f.metadata['help']} (default: {shown})"
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.name in multi:
@@ -276,11 +293,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> Config:
-    """Defaults < ``defaults`` (script presets) < config file < flags."""
-    values = dict(defaults or {})
-    if getattr(args, "config", None):
-        values.update(Config.from_file(args.config))
+def _default_by_method(key: str, default) -> str:
+    """``64`` for a key no method sets, else e.g. ``iisan 64; fft, adapter, lora, bitfit 32``."""
+    if not any(key in values for values in METHOD_DEFAULTS.values()):
+        return str(default)
+    by_value: dict[str, list[str]] = {}
+    for method, values in METHOD_DEFAULTS.items():
+        by_value.setdefault(str(values.get(key, default)), []).append(method)
+    return "; ".join(f"{', '.join(methods)} {value}" for value, methods in by_value.items())
+
+
+def args_layers(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The ``--config`` file's values and the flags given on the command line, as two dicts."""
+    file_values = Config.from_file(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(Config)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return Config.from_dict(values, source="command line")
+    return file_values, {k: v for k, v in vars(args).items() if k in names}
+
+
+def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
+            source: str = "command line") -> Config:
+    """The one precedence rule: ``flags`` > ``file_values`` (a --config file) > ``defaults`` (an entry
+    script's grid point over its own defaults) > the paper defaults of the method these layers name >
+    the field defaults. A method's defaults sit below everything a user or script says."""
+    upper = {**(defaults or {}), **(file_values or {}), **(flags or {})}
+    method = upper.get("method", Config.method)
+    return Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> Config:
+    """``resolve`` of the flags in ``args``, its ``--config`` file and ``defaults``."""
+    file_values, flags = args_layers(args)
+    return resolve(defaults, file_values, flags)

@@ -50,6 +50,10 @@ class FetchError(UserError, RuntimeError):
     matches its manifest; says what to get from where and where to put it."""
 
 
+class GridError(UserError, RuntimeError):
+    """Some points of a grid of runs failed (each was reported as it failed; the others ran)."""
+
+
 class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to
     resume. Not a ``UserError``: the command line exits 130 with it, not 2."""

@@ -10,6 +10,7 @@ import torch
 from iisan.data.cache import read_metadata
 from iisan.errors import CacheError
 from iisan.model.build import build_model, load_data
+from iisan.model.caching import build_cache_from_config
 
 from .conftest import cached_and_live_tables
 
@@ -42,10 +43,31 @@ def test_cached_and_live_feeds_give_the_same_item_embeddings(cached_cfg):
     assert a[1:].std(0).mean() > 1e-3
 
 
-def test_cache_built_for_other_layers_is_refused(cached_cfg):
-    data = load_data(cached_cfg)
-    with pytest.raises(CacheError, match=r"built for layers \[0, 1, 2\] \(config asks for \[1, 2\]\)"):
-        build_model(cached_cfg.replace(text_layers=(1, 2)), data, torch.device("cpu"))
+def test_cache_lacking_a_requested_layer_names_the_missing_ones(tiny_config):
+    cfg = tiny_config(towers="text", text_layers=(0, 2))
+    build_cache_from_config(cfg, dtype="float32")
+    with pytest.raises(CacheError, match=r"text.safetensors was built for layers \[0, 2\], without \[1\] "
+                                         r"\(config asks for \[1, 2\];"):
+        build_model(cfg.replace(text_layers=(1, 2)), load_data(cfg), torch.device("cpu"))
+
+
+def test_one_all_layer_cache_serves_runs_with_different_layers(tiny_config, tmp_path):
+    """Runs reading layers (0, 1) and (1, 2) from one cache of every layer equal runs on caches built
+    for exactly their layers: same item states, same losses, same metrics."""
+    from iisan.train.trainer import train
+
+    everything = tiny_config(cache_dir=str(tmp_path / "all"), epochs=1, max_steps_per_epoch=3)
+    build_cache_from_config(everything, dtype="float32", all_layers=True)
+    assert json.loads(read_metadata(tmp_path / "all" / "text.safetensors")["layers"]) == [0, 1, 2]
+    assert json.loads(read_metadata(tmp_path / "all" / "image.safetensors")["layers"]) == [0, 1, 2, 3]
+    for layers in ((0, 1), (1, 2)):
+        exact = everything.replace(cache_dir=str(tmp_path / f"exact{layers}"), text_layers=layers,
+                                   image_layers=(1, 3), run_name=f"exact{layers}")
+        build_cache_from_config(exact, dtype="float32")
+        shared = exact.replace(cache_dir=everything.cache_dir, run_name=f"shared{layers}")
+        a, b = train(exact), train(shared)
+        assert a["config"]["text_layers"] == list(layers)
+        assert (a["valid"], a["test"], a["epochs"][0]["loss"]) == (b["valid"], b["test"], b["epochs"][0]["loss"])
 
 
 def test_cache_built_for_another_items_file_is_refused(cached_cfg, tmp_path, tiny):

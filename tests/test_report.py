@@ -1,4 +1,6 @@
-"""``iisan results``: finished runs as one table, averaged over seeds, with unreadable files skipped."""
+"""``iisan results``: runs as one table, told apart by every config key that differs, averaged over
+seeds, smoke and unfinished runs left out unless asked, non-finite metrics marked, unreadable files
+skipped."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def test_one_row_per_run_with_its_own_numbers(runs, capsys, tmp_path):
         assert float(row["test_hit@10"]) == pytest.approx(result["test"]["hit@10"])
         assert float(row["test_ndcg@20"]) == pytest.approx(result["test"]["ndcg@20"])
         assert int(row["best_epoch"]) == result["best_epoch"] and row["method"] == "IISAN"
-        assert int(row["epochs"]) == 2 and float(row["seed"]) == result["config"]["seed"]
+        assert int(row["epochs_run"]) == 2 and float(row["seed"]) == result["config"]["seed"]
 
 
 def test_average_over_seeds_by_hand(runs, capsys, tmp_path):
@@ -61,6 +63,73 @@ def test_average_over_seeds_by_hand(runs, capsys, tmp_path):
     assert float(saved["0.0002"]["test_hit@10"]) == pytest.approx(pair.mean())
     assert float(saved["0.0002"]["test_hit@10_std"]) == pytest.approx(pair.std(ddof=1))
     assert saved["0.001"]["test_hit@10_std"] == ""  # one seed: no spread to report
+
+
+def test_runs_with_different_lr_stay_apart_without_keys(runs, capsys):
+    """No --keys: the learning rate differs between the runs, so it is a column and a group of its own;
+    only the two seeds at one lr are averaged."""
+    out, results = runs
+    main(["results", str(out), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert header[:6] == ["method", "feed", "data", "lr", "seeds", "valid_hit@10"]
+    assert [(r[3], r[4]) for r in rows] == [("0.0002", "2"), ("0.001", "1")]
+    pair = np.array([r["test"]["hit@10"] for r in results[:2]])
+    assert rows[0][header.index("test_hit@10")] == f"{pair.mean():.4f} ± {pair.std(ddof=1):.4f}"
+    main(["results", str(out)])  # one row per run: lr and seed differ, so both are columns
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert header[:6] == ["run", "method", "feed", "data", "lr", "seed"] and len(rows) == 3
+
+
+def copy_run(source: Path, target: Path, change) -> None:
+    """A copy of a finished run's results.json, edited by ``change(results)``."""
+    results = json.loads((source / "results.json").read_text())
+    change(results)
+    target.mkdir(parents=True)
+    (target / "results.json").write_text(json.dumps(results))
+
+
+def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
+    import shutil
+
+    caplog.set_level("INFO")
+    out, _ = runs
+    shutil.copytree(out, tmp_path / "runs")
+    first = tmp_path / "runs" / "lr0.0002-s1"
+    copy_run(first, tmp_path / "runs" / "smoke", lambda r: r["config"].update(smoke=True, epochs=2))
+    copy_run(first, tmp_path / "runs" / "going", lambda r: r.update(status="running"))
+    copy_run(first, tmp_path / "runs" / "broke", lambda r: r.update(status="failed", error="non-finite loss"))
+    main(["results", str(tmp_path / "runs"), "--keys", "seed"])
+    names = [r[0] for r in table_rows(capsys.readouterr().out)[1:]]
+    assert names == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+    assert "left out 1 smoke run(s) (--include-smoke) and 2 unfinished run(s) (--include-running)" in caplog.text
+    main(["results", str(tmp_path / "runs"), "--include-smoke", "--include-running"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert header[:6] == ["run", "method", "feed", "data", "status", "lr"] and "smoke" in header
+    assert {r[0]: r[4] for r in rows} == {"broke": "failed", "going": "running", "lr0.0002-s1": "finished",
+                                          "lr0.0002-s2": "finished", "lr0.001-s1": "finished", "smoke": "finished"}
+
+
+def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, capsys, caplog):
+    import shutil
+
+    out, _ = runs
+    shutil.copytree(out, tmp_path / "runs")
+    bad = tmp_path / "runs" / "lr0.001-s1" / "results.json"
+    results = json.loads(bad.read_text())
+    results["test"]["hit@10"] = float("nan")
+    bad.write_text(json.dumps(results))  # json writes NaN, as a run's results would
+    copy_run(tmp_path / "runs" / "lr0.001-s1", tmp_path / "runs" / "lr0.001-s2",
+             lambda r: r["config"].update(seed=2))
+    main(["results", str(tmp_path / "runs"), "--average-seeds", "--csv", str(tmp_path / "t.csv")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    by_lr = {r[header.index("lr")]: r for r in rows}
+    assert by_lr["0.001"][header.index("test_hit@10")] == "non-finite"
+    assert by_lr["0.001"][header.index("test_ndcg@10")] != "non-finite"
+    assert "non-finite" not in by_lr["0.0002"]
+    assert "lr0.001-s1: non-finite test_hit@10" in caplog.text
+    with open(tmp_path / "t.csv") as fh:
+        saved = {row["lr"]: row for row in csv.DictReader(fh)}
+    assert saved["0.001"]["non_finite"] == "test_hit@10" and saved["0.0002"]["non_finite"] == ""
 
 
 def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, caplog):

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
 from iisan.data.cache import cache_file  # noqa: E402
-from iisan.experiments.presets import DATASETS, METHOD_DEFAULTS, ROOT, dataset_paths  # noqa: E402
+from iisan.experiments.presets import DATASETS, ROOT, dataset_paths  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
 from iisan.model.caching import build_cache_from_config  # noqa: E402
 from iisan.train.trainer import train  # noqa: E402
@@ -53,7 +53,7 @@ def defaults_for(argv: list[str] | None) -> dict:
     preset = PRESETS[known.preset]
     if preset.get("text_model") and cache_dir:  # another encoder pair: its own cache folder
         cache_dir += "_" + known.preset
-    return {**METHOD_DEFAULTS["iisan"], "method": "iisan", "feed": "cached",
+    return {"method": "iisan", "feed": "cached",
             **({"cache_dir": cache_dir} if cache_dir else {}), **preset}
 
 

@@ -42,7 +42,8 @@ def cmd_make_tiny_models(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    paths = build_cache_from_config(config_from_args(args), dtype=args.dtype, all_items=args.all_items)
+    paths = build_cache_from_config(config_from_args(args), dtype=args.dtype, all_items=args.all_items,
+                                    all_layers=args.all_layers)
     for modality, path in paths.items():
         print(f"{modality}: {path}")
 
@@ -77,4 +78,7 @@ def add_data_commands(sub) -> None:
     add_config_arguments(p)
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
+    p.add_argument("--all-layers", action="store_true",
+                   help="every hidden state of each encoder, so that one cache serves any --text-layers / "
+                        "--image-layers choice (runs read only their own layers from it)")
     p.set_defaults(func=cmd_cache)

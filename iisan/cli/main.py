@@ -1,4 +1,5 @@
-"""``iisan``: data-stats, build-lmdb, make-tiny-models, cache, fetch, import-cache, train, params, results, demo.
+"""``iisan``: data-stats, build-lmdb, make-tiny-models, cache, fetch, import-cache, train, params, results, demo,
+evaluate, recommend, export.
 
 Every training and caching flag is a ``Config`` field (``iisan train --help`` lists them). Bad input
 ends with one line on stderr (``iisan: error: ...``) and exit status 2; Ctrl-C during training saves a
@@ -13,6 +14,7 @@ from ..console import entry_point, setup_logging
 from .data import add_data_commands
 from .fetch import add_fetch_commands
 from .runs import add_run_commands
+from .use import add_use_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_fetch_commands(sub)
     add_run_commands(sub)
+    add_use_commands(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ from ..config import add_config_arguments, config_from_args
 from ..errors import ConfigError
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
-from ..experiments.report import average_seeds, collect, draw_curves, markdown, write_csv
+from ..experiments.report import collect, draw_curves, markdown, table, write_csv
 from ..train.trainer import train
 
 
@@ -23,13 +23,12 @@ def cmd_params(args) -> None:
 
 def cmd_results(args) -> None:
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
-    rows, curves = collect(args.folders, keys)
-    if args.average_seeds:
-        rows = average_seeds(rows, keys)
+    frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
+    rows = table(frame, keys, args.average_seeds)
     if args.sort:
-        if rows and args.sort not in rows[0]:
-            raise ConfigError(f"--sort {args.sort}: not a column; columns are {', '.join(rows[0])}")
-        rows.sort(key=lambda r: r[args.sort], reverse=True)
+        if args.sort not in rows.columns:
+            raise ConfigError(f"--sort {args.sort}: not a column; columns are {', '.join(rows.columns)}")
+        rows = rows.sort_values(args.sort, ascending=False, kind="stable", na_position="last")
     print(markdown(rows), end="")
     if args.csv:
         print(f"wrote {write_csv(rows, args.csv)}")
@@ -58,11 +57,16 @@ def add_run_commands(sub) -> None:
                         "instead of --text-model / --image-model")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("results", help="a table of finished runs (every results.json under the folders)")
+    p = sub.add_parser("results", help="a table of runs (every results.json under the folders), one column per "
+                                       "config key that differs between them")
     p.add_argument("folders", nargs="+", help="run folders, folders of runs, or results.json files")
-    p.add_argument("--keys", default="", help="config keys shown as extra columns, e.g. lr,seed,batch_size")
+    p.add_argument("--keys", default="", help="config keys shown as columns besides those that differ, e.g. seed")
     p.add_argument("--average-seeds", action="store_true",
-                   help="one row per configuration: mean ± std over seeds (runs differing only in seed)")
+                   help="one row per configuration: mean ± std over runs that differ only in seed (and in keys "
+                        "that never make two experiments: names, paths, device, workers)")
+    p.add_argument("--include-smoke", action="store_true", help="also smoke runs (left out by default)")
+    p.add_argument("--include-running", action="store_true",
+                   help="also runs that have not finished: running, failed or interrupted (left out by default)")
     p.add_argument("--sort", default="", help="column to sort by, descending (e.g. test_hit@10)")
     p.add_argument("--csv", default="", help="also write the table (with standard deviations) to this CSV")
     p.add_argument("--curves", default="", help="also draw validation HR@10 and loss per epoch of every run (PNG)")

@@ -1,6 +1,7 @@
-"""The hidden-state cache: one safetensors file per modality holding only the selected layers as one
+"""The hidden-state cache: one safetensors file per modality holding the selected layers as one
 contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding (zeros). Built by
-``cache_build`` (resumable); read and checked here.
+``cache_build`` (resumable); read and checked here. A cache may hold more layers than a run reads (one
+built with ``--all-layers`` holds every hidden state): the run reads only its own layers from it.
 
 Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
 layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
@@ -61,8 +62,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
     """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config (None = skip)."""
     differences = []
-    if "layers" in expected and json.loads(meta["layers"]) != list(expected["layers"]):
-        differences.append(f"layers {json.loads(meta['layers'])} (config asks for {list(expected['layers'])})")
+    if "layers" in expected:
+        stored = json.loads(meta["layers"])
+        if missing := [layer for layer in expected["layers"] if layer not in stored]:
+            differences.append(f"layers {stored}, without {missing} (config asks for {list(expected['layers'])}; "
+                               "a cache built with --all-layers serves every layer choice)")
     if "width" in expected and int(meta["width"]) != int(expected["width"]):
         differences.append(f"width {meta['width']} (config's encoder has {expected['width']})")
     if expected.get("items_fingerprint") and meta["items_fingerprint"] != expected["items_fingerprint"]:
@@ -78,7 +82,8 @@ def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
 
 
 def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
-    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata."""
+    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata.
+    ``expected["layers"]``, when given, picks those layers (in that order) out of the cache's."""
     path = Path(path)
     meta = read_metadata(path)
     check_metadata(path, meta, expected)
@@ -92,10 +97,16 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
         example = dataset_item_ids[absent[0]]
         raise CacheError(f"cache {path} lacks {len(absent)} of the data set's items (e.g. {example!r}); "
                          "rebuild it for this data set")
-    with safe_open(str(path), framework="pt") as fh:
-        states = fh.get_tensor("states")
     layers = json.loads(meta["layers"])
-    if tuple(states.shape[1:]) != (len(layers), int(meta["width"])):
-        raise CacheError(f"cache {path} holds states of shape {tuple(states.shape)}, but its metadata says "
-                         f"{len(layers)} layers x width {meta['width']}; rebuild it with `iisan cache`")
+    positions = [layers.index(layer) for layer in expected.get("layers", layers)]
+    with safe_open(str(path), framework="pt") as fh:
+        stored = fh.get_slice("states")
+        shape = tuple(stored.get_shape())
+        if shape[1:] != (len(layers), int(meta["width"])):
+            raise CacheError(f"cache {path} holds states of shape {shape}, but its metadata says "
+                             f"{len(layers)} layers x width {meta['width']}; rebuild it with `iisan cache`")
+        if positions == list(range(len(layers))):
+            states = stored[:]
+        else:  # read only the layers asked for, one (items, 1, width) slice each
+            states = torch.cat([stored[:, p : p + 1] for p in positions], dim=1)
     return states[torch.from_numpy(rows)], meta

@@ -2,4 +2,5 @@
 of finished runs (``report``), parameter counts (``params``), the efficiency benchmark (``bench``,
 ``efficiency``, ``figures``, ``flops``), the GPU diagnosis (``diagnose``, ``plain_reference``,
 ``timing``), real-data runs (``realdata``, ``offline``), the demo and the Versa GPU check, fetching encoders
-(``encoders``) and one-command reproductions (``reproduce``)."""
+(``encoders``), one-command reproductions (``reproduce``), and using a trained run (``trained``:
+evaluate, recommend, export)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import Config
+from ..config import METHOD_DEFAULTS, Config, resolve
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..files import write_json_atomic
@@ -20,7 +20,6 @@ from ..model.tiny import vocabulary, write_base_architectures, write_bert, write
 from ..provenance import git_commit, provenance
 from .bench import SETTINGS, add_tpme, in_fresh_process
 from .figures import write_reports
-from .presets import METHOD_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,7 @@ def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) 
 def method_config(base: dict, label: str, batch: int | None = None) -> Config:
     """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
     setting (``SETTINGS[label]``) and, if given, a batch size."""
-    overrides = SETTINGS[label]
-    return Config(**{**base, **METHOD_DEFAULTS[overrides["method"]], **overrides,
-                     **({"batch_size": batch} if batch else {})})
+    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch else {})})
 
 
 def batch_size(setting: str, method: str, equal_batch: int) -> int:

@@ -1,30 +1,47 @@
-"""Tables of finished runs: one row per ``results.json`` found under the given folders.
+"""Tables of runs: one row per ``results.json`` found under the given folders (pandas does the
+grouping and the CSV).
 
-    iisan results runs/                          # markdown table of every run
+    iisan results runs/                          # markdown table of every finished run
     iisan results runs/ --keys lr,seed --csv runs.csv
     iisan results runs/ --average-seeds          # mean and standard deviation over seeds
     iisan results runs/ --curves curves.png      # validation HR@10 and loss per epoch of every run
 
-A sweep writes one run folder per grid point; this turns the folders into the table a paper reports.
+Runs are told apart by every config key whose value differs between them, except those that never
+make two experiments: the seed, names and paths of outputs (run name, folders), and how a run was
+executed (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are
+compared by name (the users file's folder) and encoders by their folder's name, so the same data or
+encoder at two paths is one experiment. Those differing keys are columns of the table, and
+``--average-seeds`` averages only runs that agree on all of them.
+
+Smoke runs and runs that have not finished (running, failed, interrupted) are left out, counted in the
+log, unless asked for (``--include-smoke``, ``--include-running``). A metric that is NaN or infinite is
+marked ``non-finite`` (a mean over seeds that includes one is non-finite too, never silently dropped).
 A results file that cannot be read is skipped, counted and named in the log, never a crash.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path
+from ..train.checkpoint import MAY_CHANGE
 
 log = logging.getLogger(__name__)
 
 METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
+NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
+CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
+# Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
+NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
+BY_FOLDER_NAME = ("text_model", "image_model")
 
 
 def find_results(folders: list[str]) -> list[Path]:
@@ -38,29 +55,44 @@ def find_results(folders: list[str]) -> list[Path]:
         else:
             raise ConfigError(f"{folder} is neither a run folder nor a results.json")
     if not found:
-        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they finish)")
+        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they start)")
     return found
 
 
-def read_row(path: Path, results: dict, keys: list[str]) -> dict:
-    """One table row from the results of a run; ``keys``: config keys shown as extra columns."""
-    cfg, test, valid = results["config"], results["test"], results["valid"]
-    memory = results.get("peak_memory", {})
-    return {
+def config_text(key: str, value) -> str:
+    """A config value as the table shows and compares it: as configured (0.001, not 0.0010), lists as
+    ``0,2,4``, encoders by folder name."""
+    if key in BY_FOLDER_NAME and value:
+        return Path(str(value)).name
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def read_row(path: Path, results: dict) -> dict:
+    """One row: the run, its status, every config key (as text; a key the file predates at its
+    default), the metrics at the best-validation epoch, timings, parameters and memory."""
+    cfg = {**Config().to_dict(), **results["config"]}
+    test, valid = results.get("test") or {}, results.get("valid") or {}
+    memory = results.get("peak_memory") or {}
+    row = {
         "run": path.parent.name,
         "method": results["method"],
         "feed": results["feed"],
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
-        **{k: str(cfg[k]) for k in keys},  # as configured (0.001, not 0.0010)
+        "status": results.get("status", "finished"),  # files from before statuses were written only at the end
+        **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "best_epoch": results["best_epoch"],
-        "epochs": len(results["epochs"]),
-        "valid_hit@10": valid["hit@10"],
-        **{f"test_{m}": test[m] for m in METRICS},
-        "train_s_per_epoch": results["timing"]["train_seconds_per_epoch"],
+        "epochs_run": len(results["epochs"]),
+        "valid_hit@10": valid.get("hit@10"),
+        **{f"test_{m}": test.get(m) for m in METRICS},
+        "train_s_per_epoch": (results.get("timing") or {}).get("train_seconds_per_epoch"),
         "trainable_params": results["parameters"]["trainable"],
         "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
         "device": results["device"],
     }
+    row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
+    return row
 
 
 def read_curve(results: dict) -> dict[str, list]:
@@ -70,76 +102,107 @@ def read_curve(results: dict) -> dict[str, list]:
             "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
 
 
-def collect(folders: list[str], keys: list[str]) -> tuple[list[dict], dict[str, dict[str, list]]]:
-    """The table row and the curve (by run name) of every readable results file, each file read once."""
+def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
+            include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
+    """A frame of one row per readable, included run, and the curve of each (by run name)."""
     unknown = [k for k in keys if k not in Config.__dataclass_fields__]
     if unknown:
         raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help`")
     files = find_results(folders)
-    rows, curves = [], {}
+    rows, curves, unreadable, smoke, unfinished = [], {}, 0, 0, 0
     for path in files:
         try:
             results = json.loads(path.read_text())
-            row, curve = read_row(path, results, keys), read_curve(results)
+            row, curve = read_row(path, results), read_curve(results)
         except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON
             log.warning("skipping %s: %s", path, f"{type(err).__name__}: {err}".splitlines()[0])
+            unreadable += 1
             continue
-        rows.append(row)
-        curves[path.parent.name] = curve
-    if len(rows) < len(files):
-        log.warning("%d of %d results files skipped", len(files) - len(rows), len(files))
-    return rows, curves
-
-
-def average_seeds(rows: list[dict], keys: list[str]) -> list[dict]:
-    """Rows that differ only in their seed (and run name) become one: metrics and times as mean and
-    sample standard deviation (none for a single seed), with the number of seeds."""
-    group_by = ["method", "feed", "data"] + [k for k in keys if k != "seed"]
-    groups: dict[tuple, list[dict]] = {}
+        if row["smoke"] == "True" and not include_smoke:
+            smoke += 1
+        elif row["status"] != "finished" and not include_running:
+            unfinished += 1
+        else:
+            rows.append(row)
+            curves[path.parent.name] = curve
+    if unreadable:
+        log.warning("%d of %d results files skipped", unreadable, len(files))
+    if smoke or unfinished:
+        log.info("left out %d smoke run(s) (--include-smoke) and %d unfinished run(s) (--include-running)",
+                 smoke, unfinished)
     for row in rows:
-        groups.setdefault(tuple(str(row[k]) for k in group_by), []).append(row)
-    out = []
-    for members in groups.values():
-        merged = {k: members[0][k] for k in group_by}
-        merged["seeds"] = len(members)
-        for name in ["valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch"]:
-            values = np.array([m[name] for m in members], dtype=float)
-            merged[name] = float(values.mean())
-            merged[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None  # no spread from one
-        merged["trainable_params"] = members[0]["trainable_params"]
-        out.append(merged)
-    return out
+        if row["non_finite"]:
+            log.warning("%s: non-finite %s", row["run"], row["non_finite"].replace(",", ", "))
+    return pd.DataFrame(rows, columns=list(read_row_columns())), curves
 
 
-def _cell(value) -> str:
+def read_row_columns() -> dict:
+    """The columns of ``read_row``, in order (for an empty frame)."""
+    return dict.fromkeys(["run", "method", "feed", "data", "status", *CONFIG_KEYS, "best_epoch", "epochs_run",
+                          "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
+                          "trainable_params", "peak_gib", "device", "non_finite"])
+
+
+def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
+    """Config keys whose values differ between the runs, except the ``ignored`` ones."""
+    return [k for k in CONFIG_KEYS if k not in ignored and frame[k].nunique(dropna=False) > 1]
+
+
+def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False) -> pd.DataFrame:
+    """The runs (or, with ``average_seeds``, one row per configuration), with the ``keys`` asked for and
+    every differing key as columns."""
+    # One row per run shows the seed too when it differs; averaging groups by the rest.
+    ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
+    shown = list(dict.fromkeys([*keys, *differing_keys(frame, ignored)]))
+    status = ["status"] if (frame["status"] != "finished").any() else []
+    if not average_seeds:
+        return frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
+                      "trainable_params", "peak_gib", "device", "non_finite"]].reset_index(drop=True)
+    group = ["method", "feed", "data", *status, *(k for k in shown if k != "seed")]
+    grouped = frame.groupby(group, sort=False, dropna=False)
+    numbers = grouped[list(NUMBERS)]
+    out = grouped.size().rename("seeds").to_frame()
+    out = out.join(numbers.agg(lambda s: s.mean(skipna=False)))  # one non-finite member: a non-finite mean
+    spread = numbers.agg(lambda s: s.std(ddof=1) if len(s) > 1 else np.nan)  # no spread from one seed
+    out = out.join(spread.add_suffix("_std"))
+    out["trainable_params"] = grouped["trainable_params"].first()
+    out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
+    return out.reset_index()
+
+
+def _cell(value, non_finite: bool) -> str:
+    if non_finite:
+        return "non-finite"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 10_000:
         return f"{value:,}"
     return str(value)
 
 
-def markdown(rows: list[dict]) -> str:
-    if not rows:
-        return "(no readable results)\n"
-    columns = [c for c in rows[0] if not c.endswith("_std")]
+def markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no runs to show)\n"
+    columns = [c for c in frame.columns if not c.endswith("_std") and c != "non_finite"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
+    for row in frame.to_dict("records"):
+        bad = set(filter(None, row["non_finite"].split(",")))
         cells = []
         for c in columns:
             std = row.get(f"{c}_std")
-            cells.append(_cell(row[c]) + (f" ± {std:.4f}" if std is not None and c != "train_s_per_epoch" else ""))
+            spread = f" ± {std:.4f}" if c in NUMBERS and c != "train_s_per_epoch" and std is not None and \
+                math.isfinite(std) and c not in bad else ""
+            cells.append(_cell(row[c], c in bad) + spread)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """All columns (standard deviations included), written atomically."""
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """All columns (standard deviations and the non-finite marks included), written atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return Path(path)
 
 

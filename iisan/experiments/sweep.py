@@ -1,8 +1,18 @@
 """Entry scripts as data: defaults plus editable sweep lists, run as a grid in-process (never shell strings).
 
-A script calls ``run_script(method_defaults, SWEEP)``. Every Config key is a flag; a swept key accepts
-several values (``--lr 1e-4 2e-4``) and replaces the script's list. ``--dataset`` picks one of the
-paper's data sets under ``Dataset/`` (explicit path flags win).
+A script calls ``run_script(defaults, SWEEP)``. Every Config key is a flag; a swept key accepts several
+values (``--lr 1e-4 2e-4``). ``--dataset`` picks one of the paper's data sets under ``Dataset/``.
+
+Precedence (``config.resolve``): flags > ``--config`` file > the SWEEP lists > the script's own defaults
+(data-set paths, presets) > the method's paper defaults > Config defaults. A swept key given as a flag
+replaces the script's list with the flag's values; given in the config file, with the file's one value.
+Folder names and ``config.json`` come from the resolved values.
+
+A grid point that fails (a bad value, a non-finite loss) is logged with its one-line reason and the
+grid goes on; a summary lists every point at the end, and the exit status is 2 when any point failed.
+Without ``--run-name`` a point's folder is named from its resolved config (``train.runfolder``), so
+running the same command again resumes unfinished points and skips finished ones. ``--list-grid``
+prints the points; ``--grid-index I`` runs point I alone (a Slurm array task, one process per GPU).
 """
 
 from __future__ import annotations
@@ -11,14 +21,38 @@ import argparse
 import itertools
 import logging
 import sys
-import time
+from dataclasses import dataclass
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config import METHOD_DEFAULTS, Config, add_config_arguments, args_layers, resolve
 from ..console import entry_point, setup_logging
+from ..errors import ConfigError, GridError, RunInterrupted, UserError
+from ..train.runfolder import default_run_name, finished_results
 from ..train.trainer import train
-from .presets import BACKBONES, DATASETS, METHOD_DEFAULTS, dataset_paths
+from .presets import BACKBONES, DATASETS, dataset_paths
 
 log = logging.getLogger(__name__)
+
+PATH_KEYS = ("users", "items", "images", "cache_dir")  # set by --dataset
+
+
+@dataclass
+class GridPoint:
+    index: int
+    values: dict  # the swept keys' values at this point
+    config: Config | None  # None when the values make no valid config
+    error: str = ""  # why not
+
+    @property
+    def name(self) -> str:
+        return self.config.run_name if self.config else "-"
+
+
+@dataclass
+class Outcome:
+    point: GridPoint
+    status: str  # finished | finished before | failed | not run
+    result: object = None
+    reason: str = ""
 
 
 def grid(sweep: dict[str, list]) -> list[dict]:
@@ -26,31 +60,125 @@ def grid(sweep: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
 
 
-def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None,
-                      description: str = "", extra_arguments=None) -> tuple[list[Config], argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=description)
+def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
+                  extra_arguments=None) -> argparse.ArgumentParser:
+    """The flags of an entry script; its ``--help`` shows the SWEEP lists, the script's own defaults
+    and the method's paper defaults as the defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("--dataset", default="Scientific", choices=sorted(DATASETS),
                         help="one of the paper's data sets under Dataset/ (sets users, items, images, cache-dir)")
-    add_config_arguments(parser, defaults, multi=set(sweep))
-    args = parser.parse_args(argv)
+    parser.add_argument("--list-grid", action="store_true",
+                        help="print the grid's points (index, run folder, values) and exit")
+    parser.add_argument("--grid-index", type=int, default=None, metavar="I",
+                        help="run only point I of the grid (0-based, see --list-grid), e.g. a Slurm array task id")
+    shown = {**METHOD_DEFAULTS.get(defaults.get("method", Config.method), {}), **defaults,
+             **dict.fromkeys([k for k in PATH_KEYS if k not in defaults], "set by --dataset"),
+             **{k: " ".join(map(str, values)) + " (SWEEP)" for k, values in sweep.items()}}
+    add_config_arguments(parser, shown, multi=set(sweep))
+    return parser
+
+
+def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None,
+                      description: str = "", extra_arguments=None) -> tuple[list[GridPoint], argparse.Namespace]:
+    """Parse the command line into the grid's points, each with its resolved config (or its error)."""
+    args = script_parser(defaults, sweep, description, extra_arguments).parse_args(argv)
+    file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
-    swept = {k: getattr(args, k) if hasattr(args, k) else list(values) for k, values in sweep.items()}
-    for k in swept:
-        if hasattr(args, k):
-            delattr(args, k)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    configs = []
-    for point in grid(swept):
-        cfg = config_from_args(args, {**base, **point})
-        varying = "-".join(f"{k}{v}" for k, v in point.items() if len(swept[k]) > 1)
-        # One folder per grid point, also under an explicit --run-name: a folder holds one run's
-        # checkpoints, and rerunning the same command resumes each point from its own.
-        cfg = cfg.replace(run_name="-".join(filter(None, [cfg.run_name or f"{cfg.method}-{cfg.feed}-{stamp}",
-                                                          varying])))
-        configs.append(cfg)
-    return configs, args
+    swept, from_flags = {}, set()
+    for key, values in sweep.items():
+        if key in flags:
+            swept[key] = list(flags.pop(key))
+            from_flags.add(key)
+        else:
+            swept[key] = [file_values[key]] if key in file_values else list(values)
+    points = []
+    for index, values in enumerate(grid(swept)):
+        try:
+            cfg = resolve({**base, **values}, file_values, {**flags, **{k: values[k] for k in from_flags}})
+        except ConfigError as err:
+            points.append(GridPoint(index, values, None, str(err)))
+            continue
+        values = {k: getattr(cfg, k) for k in values}  # as resolved: 0.001, whether typed 1e-3 or 0.001
+        varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
+        # One folder per grid point, also under an explicit --run-name: a folder holds one run.
+        name = "-".join(filter(None, [cfg.run_name, varying])) if cfg.run_name else default_run_name(cfg, varying)
+        points.append(GridPoint(index, values, cfg.replace(run_name=name)))
+    return points, args
+
+
+def run_point(point: GridPoint, total: int, action, args) -> Outcome:
+    """One grid point; any failure but an interruption becomes the outcome, logged in one line."""
+    log.info("grid point %d of %d: %s", point.index, total, point.name)
+    if point.error:
+        log.error("grid point %d (%s) failed: %s", point.index, values_text(point.values), point.error)
+        return Outcome(point, "failed", reason=point.error)
+    try:
+        if action is None:
+            done = finished_results(point.config)
+            if done is not None:
+                log.info("%s finished before with this config; not training it again", done["run_dir"])
+                return Outcome(point, "finished before", done)
+            return Outcome(point, "finished", train(point.config))
+        return Outcome(point, "finished", action(point.config, args))
+    except RunInterrupted:
+        raise
+    except UserError as err:
+        reason = " ".join(str(err).split())
+        log.error("grid point %d (%s) failed: %s", point.index, point.name, reason)
+    except Exception as err:  # a bug: its traceback goes to the log, the grid goes on
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        log.error("grid point %d (%s) failed: %s", point.index, point.name, reason, exc_info=True)
+    return Outcome(point, "failed", reason=reason)
+
+
+def values_text(values: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def listing(points: list[GridPoint]) -> str:
+    lines = [f"{len(points)} grid point(s); run one alone with --grid-index I:"]
+    for p in points:
+        lines.append(f"{p.index:4d}  {p.name}  {values_text(p.values)}" + (f"  (invalid: {p.error})" if p.error
+                                                                           else ""))
+    return "\n".join(lines) + "\n"
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """A markdown table of every point: status and, for runs, test HR@10 and NDCG@10."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+             "| # | run | status | test HR@10 | test NDCG@10 |", "|---|---|---|---|---|"]
+    for o in outcomes:
+        test = o.result.get("test") if isinstance(o.result, dict) else None
+        metrics = [f"{test['hit@10']:.4f}", f"{test['ndcg@10']:.4f}"] if test else ["", ""]
+        status = f"{o.status}: {o.reason}" if o.reason else o.status
+        lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(metrics)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(points: list[GridPoint], args, action=None) -> list:
+    """Run the points one after another; print the summary (also when interrupted); a GridError when
+    any point failed. Returns each point's result (None for a failed one)."""
+    if args.grid_index is not None:
+        if not 0 <= args.grid_index < len(points):
+            raise ConfigError(f"--grid-index {args.grid_index}: the grid has {len(points)} point(s), "
+                              f"0..{len(points) - 1} (see --list-grid)")
+        points = [points[args.grid_index]]
+    outcomes = [Outcome(p, "not run") for p in points]
+    try:
+        for n, point in enumerate(points):
+            outcomes[n] = run_point(point, len(points), action, args)
+    finally:
+        print(summary(outcomes), end="")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: "
+                        + "; ".join(f"{o.point.index} ({o.point.name})" for o in failed))
+    return [o.result for o in outcomes]
 
 
 def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
@@ -60,21 +188,15 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
     setup_logging()
 
     def run() -> list:
-        configs, args = parse_script_args(defaults, sweep, argv, description, extra_arguments)
-        results = []
-        for n, cfg in enumerate(configs, 1):
-            log.info("run %d of %d: %s", n, len(configs), cfg.run_name)
-            results.append(action(cfg, args) if action else train(cfg))
-        return results
+        points, args = parse_script_args(defaults, sweep, argv, description, extra_arguments)
+        if args.list_grid:
+            print(listing(points), end="")
+            return []
+        return run_grid(points, args, action)
 
     return entry_point(sys.argv[0], run)
 
 
-def method_defaults(method: str, feed: str | None = None) -> dict:
-    """The defaults of one of the paper's methods (``presets.METHOD_DEFAULTS``) as script defaults."""
-    return {**METHOD_DEFAULTS[method], "method": method, **({"feed": feed} if feed else {})}
-
-
 def run_method(method: str, sweep: dict[str, list], description: str = "", feed: str | None = None) -> list:
-    """An entry script for one of the paper's methods: its defaults + ``sweep``."""
-    return run_script(method_defaults(method, feed), sweep, description=description)
+    """An entry script for one of the paper's methods: its SWEEP over its paper defaults."""
+    return run_script({"method": method, **({"feed": feed} if feed else {})}, sweep, description=description)

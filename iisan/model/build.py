@@ -15,7 +15,7 @@ from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metad
 from ..data.images import ImageStore
 from ..data.interactions import SeqRecData, load_dataset
 from ..devices import amp_dtype
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .backbones import (
     FrozenEncoder,
     check_layers,
@@ -39,9 +39,17 @@ def modalities(cfg: Config) -> tuple[str, ...]:
     return ("text", "image") if cfg.towers == "both" else (cfg.towers,)
 
 
-def load_data(cfg: Config) -> SeqRecData:
+def check_data_files(cfg: Config) -> None:
+    """The users and items files are given and exist (checked before a run claims its folder)."""
     if not cfg.users or not cfg.items:
         raise ConfigError("users and items files are required (--users FILE --items FILE)")
+    for what, path in (("users", cfg.users), ("items", cfg.items)):
+        if not Path(path).is_file():
+            raise DataError(f"{what} file {path} does not exist")
+
+
+def load_data(cfg: Config) -> SeqRecData:
+    check_data_files(cfg)
     return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles)
 
 

@@ -52,10 +52,18 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
     return out
 
 
+def every_layer(cfg: Config) -> Config:
+    """``cfg`` reading every hidden state of its encoders (0..depth): a cache built from it serves any
+    ``--text-layers`` / ``--image-layers`` choice (and the group default) of the same encoders."""
+    return cfg.replace(**{f"{m}_layers": tuple(range(read_spec(model_name(cfg, m), m).depth + 1))
+                          for m in modalities(cfg)})
+
+
 def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool = False,
-                            timings: dict | None = None) -> dict[str, Path]:
+                            timings: dict | None = None, all_layers: bool = False) -> dict[str, Path]:
     """Cache the items of the data set (after the protocol), or every row of the items file with
-    ``all_items`` or when no users file is given. Runs in half precision on GPU, fp32 on CPU.
+    ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``.
+    Runs in half precision on GPU, fp32 on CPU.
     Resumable: run it again after an interruption and it encodes only the chunks not yet written.
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own."""
@@ -66,6 +74,8 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if not cfg.items:
         raise ConfigError("--items FILE is required")
+    if all_layers:
+        cfg = every_layer(cfg)
     if cfg.users and not all_items:
         data = load_data(cfg)
         item_ids, titles, catalog = data.item_ids, data.titles, data.catalog

@@ -46,7 +46,7 @@ NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 # how it reports; not what a step computes.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
                         "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic", "patch_embedding"})
+                        "deterministic", "patch_embedding", "report_to"})
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:

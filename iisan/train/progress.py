@@ -75,8 +75,11 @@ class Progress:
 
     def timing(self) -> dict:
         """Seconds per training epoch (the first excluded when there are more: it pays warm-up costs),
-        the first epoch's, and evaluation seconds per epoch."""
+        the first epoch's, and evaluation seconds per epoch (None before the first epoch ends)."""
         train = [e["train_seconds"] for e in self.epochs]
+        if not train:
+            return {"train_seconds_per_epoch": None, "first_epoch_train_seconds": None,
+                    "eval_seconds_per_epoch": None}
         return {"train_seconds_per_epoch": float(np.mean(train[1:] if len(train) > 1 else train)),
                 "first_epoch_train_seconds": train[0],
                 "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in self.epochs]))}

@@ -1,38 +1,195 @@
-"""What a run leaves for people to read: the results file of a run (its config, the metrics at the
-best-validation epoch, the per-epoch history, timings, parameters, memory and provenance)."""
+"""What a run leaves for people to read, written while it runs (rank 0 only), in its run folder:
+
+    train.log        the resolved config and environment at the top of each start (a resume appends
+                     another), then exactly the console's log lines (a handler on the ``iisan`` logger)
+    metrics.jsonl    one JSON line per finished epoch (loss, train and eval seconds, steps, every
+                     validation metric, test metrics when computed), flushed to disk before the epoch's
+                     log line, so a killed run keeps every epoch it reported; after a resume it holds
+                     the resumed checkpoint's history, then the new epochs
+    results.json     rewritten every epoch: status running | finished | failed | interrupted, the config,
+                     the metrics at the best-validation epoch so far, the history, timings, parameters,
+                     memory and provenance
+    tensorboard/     with ``--report-to tensorboard``: the same per-epoch numbers as scalars
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import torch
 
 from ..config import METHOD_NAMES, Config
+from ..console import LOG_DATEFMT, LOG_FORMAT
 from ..devices import device_name, peak_memory
-from ..provenance import git_commit
+from ..errors import RunInterrupted, UserError
+from ..files import atomic_path, write_json_atomic
+from ..provenance import command_line, git_commit, versions
 from .progress import Progress
+from .runfolder import RESULTS
+
+log = logging.getLogger(__name__)
+
+LOG, METRICS, TENSORBOARD = "train.log", "metrics.jsonl", "tensorboard"
+STATUSES = ("running", "finished", "failed", "interrupted")
 
 
-def results_summary(cfg: Config, progress: Progress, parameters: tuple[int, int], step: dict,
-                    device: torch.device, world_size: int, versions: dict, run_dir: Path) -> dict:
-    """The contents of ``results.json``. ``step``: how the step ran (compiled, dedup, amp)."""
-    trainable, total = parameters
-    return {
-        "method": METHOD_NAMES[cfg.method],
-        "feed": cfg.feed if cfg.method == "iisan" else "live",
-        "best_epoch": progress.stopper.best_epoch,
-        "valid": progress.best_valid,
-        "test": progress.best_test,
-        "epochs": progress.epochs,
-        "timing": progress.timing(),
-        "step": step,
-        "parameters": {"trainable": trainable, "total": total},
-        "peak_memory": peak_memory(device),
-        "device": device_name(device),
-        "world_size": world_size,
-        "resumed_from": progress.resumed_from,
-        "versions": versions,
-        "git_commit": git_commit(),
-        "config": cfg.to_dict(),
-        "run_dir": str(run_dir),
-    }
+def error_status(err: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) of a run that ended with ``err``."""
+    status = "interrupted" if isinstance(err, (KeyboardInterrupt, RunInterrupted)) else "failed"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return status, text if isinstance(err, UserError) or status == "interrupted" else f"{type(err).__name__}: {text}"
+
+
+class RunRecord:
+    """The files above for one run. ``main``: this process writes them (rank 0 under torchrun); on the
+    other ranks every method only computes what it returns."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device, world_size: int = 1, main: bool = True):
+        self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
+        self.versions, self.commit = versions(), git_commit()  # once: git runs a process
+        self.parameters, self.step = (0, 0), {}  # set once the model is built
+        self.handler: logging.Handler | None = None
+        self.metrics = None
+        self.writer = None
+        self.logger_level = logging.NOTSET
+
+    # ----------------------------------------------------------------------------------------------
+    # train.log
+
+    def start_log(self) -> None:
+        """Append the header, then copy every ``iisan`` log line into train.log until ``close``."""
+        if not self.main:
+            return
+        path = self.run_dir / LOG
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(self.header())
+        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+        logger = logging.getLogger("iisan")
+        logger.addHandler(self.handler)
+        # The file gets the run's INFO lines even when no one set logging up (a library call).
+        self.logger_level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+    def header(self) -> str:
+        listed = ", ".join(f"{k} {v}" for k, v in self.versions.items())
+        return "\n".join([
+            f"=== {self.run_dir.name}: started {time.strftime('%Y-%m-%d %H:%M:%S')} ===",
+            f"command: {command_line()}",
+            f"commit: {self.commit}",
+            f"device: {device_name(self.device)}; processes: {self.world_size}",
+            f"versions: {listed}",
+            "config: " + json.dumps(self.cfg.to_dict(), indent=1),
+            "",
+        ])
+
+    def note(self, level: int, message: str) -> None:
+        """A line for train.log only (the console says it its own way, e.g. ``iisan: error: ...``)."""
+        if self.handler is not None:
+            self.handler.handle(logging.LogRecord(log.name, level, __file__, 0, message, None, None))
+
+    # ----------------------------------------------------------------------------------------------
+    # metrics.jsonl and TensorBoard
+
+    def start_metrics(self, history: list[dict]) -> None:
+        """metrics.jsonl holds ``history`` (the resumed checkpoint's epochs; none for a fresh run), then
+        grows by one line per epoch."""
+        if not self.main:
+            return
+        path = self.run_dir / METRICS
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+        self.metrics = open(path, "a", encoding="utf-8")
+        if self.cfg.report_to == "tensorboard":
+            self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
+
+    def epoch(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())  # on disk before the epoch is reported
+        if self.writer is not None:
+            for name, value in scalars(record).items():
+                self.writer.add_scalar(name, value, record["epoch"])
+            self.writer.flush()
+
+    # ----------------------------------------------------------------------------------------------
+    # results.json
+
+    def results(self, progress: Progress, status: str, error: str = "") -> dict:
+        """The contents of ``results.json``."""
+        trainable, total = self.parameters
+        cfg = self.cfg
+        return {
+            "status": status,
+            **({"error": error} if error else {}),
+            "method": METHOD_NAMES[cfg.method],
+            "feed": cfg.feed if cfg.method == "iisan" else "live",
+            "best_epoch": progress.stopper.best_epoch,
+            "valid": progress.best_valid,
+            "test": progress.best_test,
+            "epochs": progress.epochs,
+            "timing": progress.timing(),
+            "step": self.step,
+            "parameters": {"trainable": trainable, "total": total},
+            "peak_memory": peak_memory(self.device),
+            "device": device_name(self.device),
+            "world_size": self.world_size,
+            "resumed_from": progress.resumed_from,
+            "versions": self.versions,
+            "git_commit": self.commit,
+            "config": cfg.to_dict(),
+            "run_dir": str(self.run_dir),
+        }
+
+    def write(self, results: dict) -> dict:
+        if self.main:
+            write_json_atomic(self.run_dir / RESULTS, results)
+        return results
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logger = logging.getLogger("iisan")
+            logger.removeHandler(self.handler)
+            logger.setLevel(self.logger_level)
+            self.handler.close()
+            self.handler = None
+        for stream in (self.metrics, self.writer):
+            if stream is not None:
+                stream.close()
+        self.metrics = self.writer = None
+
+
+def epoch_line(record: dict, bad_epochs: int) -> str:
+    """The console's (and train.log's) line for a finished epoch."""
+    valid, test = record["valid"], record.get("test")
+    line = (f"epoch {record['epoch']:3d} | loss {record['loss']:.4f} | train {record['train_seconds']:.2f} s | "
+            f"eval {record['eval_seconds']:.2f} s | valid hit@10 {valid['hit@10']:.4f} ndcg@10 {valid['ndcg@10']:.4f}")
+    if test:
+        return line + f" | test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (best)"
+    return line + f" | {bad_epochs} epoch(s) without improvement"
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """An epoch record's numbers as TensorBoard tags: loss, seconds/train, valid/hit@10, test/ndcg@10, ..."""
+    out = {"loss": record["loss"], "seconds/train": record["train_seconds"], "seconds/eval": record["eval_seconds"]}
+    for split in ("valid", "test"):
+        out.update({f"{split}/{k}": v for k, v in record.get(split, {}).items()})
+    return out
+
+
+def tensorboard_writer(path: Path):
+    """A SummaryWriter, or None with one logged line when the tensorboard package is absent."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+    except ImportError:
+        log.warning("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                    "train.log and metrics.jsonl are written, TensorBoard scalars are not")
+        return None
+    return SummaryWriter(str(path))

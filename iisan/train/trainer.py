@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .. import distributed
@@ -28,14 +27,14 @@ from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over
 from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
-from ..model.build import build_model, count_parameters, load_data, parameter_line
-from ..provenance import versions
+from ..model.build import build_model, check_data_files, count_parameters, load_data, parameter_line
 from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .progress import EarlyStopping, Progress
-from .records import results_summary
+from .records import RunRecord, epoch_line, error_status
+from .runfolder import finished_results, run_dir
 from .step import make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile, use_dedup
-from .weights import copy_weights, save_weights, trainable_state
+from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,25 @@ class Run:
     def __init__(self, cfg: Config, dist: Dist, device: torch.device, stop: StopRequests):
         self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
         self.lock = None  # rank 0 locks the run folder (``checkpoint.lock_run_folder``) until ``close``
+        self.record: RunRecord | None = None  # train.log, metrics.jsonl, results.json (``records``)
         try:
             self.setup()
-        except BaseException:
+        except BaseException as err:
+            self.fail(err)
             self.close()
             raise
 
+    def fail(self, err: BaseException) -> None:
+        """results.json says how the run ended (failed or interrupted) and why; so does train.log."""
+        if self.record is None:  # the folder was never ours (e.g. in use by another process)
+            return
+        status, reason = error_status(err)
+        self.record.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
+        self.record.write(self.record.results(self.progress, status, reason))
+
     def close(self) -> None:
+        if self.record is not None:
+            self.record.close()
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -61,12 +72,19 @@ class Run:
         cfg, dist, device = self.cfg, self.dist, self.device
         if not dist.is_main:
             logging.getLogger("iisan").setLevel(logging.WARNING)
+        self.progress = Progress(EarlyStopping(cfg.patience))
+        self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
+        self.run_dir = run_dir(cfg)
+        self.root = self.run_dir / "checkpoints"
+        check_data_files(cfg)  # a missing file is an error before a run folder is made for it
+        self.decide(self.lock_folder)
+        self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
+        self.record.start_log()
         self.data = load_data(cfg)
         log.info("data: %d users, %d items, %d interactions", self.data.num_users, self.data.num_items,
                  self.data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
-        self.parameters = count_parameters(self.model)
-        self.versions = versions()
+        self.record.parameters = count_parameters(self.model)
         log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
         self.amp = amp_dtype(cfg.amp, device)
         # compile=auto compiles single-process runs only: CUDA graphs around DDP's gradient hooks are
@@ -74,11 +92,7 @@ class Run:
         self.compiled = "off" if dist.enabled and cfg.compile == "auto" else use_compile(cfg, device)
         self.dedup = use_dedup(cfg, self.compiled)
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
-
-        self.run_dir = Path(cfg.out_dir) / self.decide(self.choose_run_name)
-        self.root = self.run_dir / "checkpoints"
-        self.progress = Progress(EarlyStopping(cfg.patience))
-        self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
+        self.record.step = self.step_info()
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
         chosen = self.decide(self.choose_checkpoint)
         scaler_state = None
@@ -95,6 +109,7 @@ class Run:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        self.record.start_metrics(self.progress.epochs)
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
                  self.amp, self.compiled,
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
@@ -117,23 +132,14 @@ class Run:
             raise TrainingError(answer[len("error:"):])
         return answer[len("ok:"):]
 
-    def choose_run_name(self) -> str:
-        cfg = self.cfg
-        if cfg.run_name or not cfg.resume:
-            return run_name(cfg)
-        prefix = f"{cfg.method}-{cfg.feed}-"
-        runs = sorted((p for p in Path(cfg.out_dir).glob(prefix + "*")
-                       if checkpoint.checkpoints(p / "checkpoints")), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise ConfigError(f"--resume: no run folder {cfg.out_dir}/{prefix}* with checkpoints; "
-                              "name the run with --run-name")
-        return runs[-1].name
-
-    def choose_checkpoint(self) -> str:
+    def lock_folder(self) -> str:
         try:
             self.lock = checkpoint.lock_run_folder(self.run_dir)
         except CheckpointError as err:
             raise TrainingError(str(err)) from None
+        return ""
+
+    def choose_checkpoint(self) -> str:
         self.loaded, refused = checkpoint.latest(self.root, self.cfg.to_dict())
         if self.loaded is not None:
             return str(self.loaded.path)
@@ -160,20 +166,9 @@ class Run:
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
                  self.progress.start_step)
         if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
-            self.ensure_best_weights()
+            ensure_best_weights(self.model, self.run_dir / "best.safetensors", self.cfg,
+                                self.progress.stopper.best_epoch, self.progress.best_valid)
         return state["grad_scaler"]
-
-    def ensure_best_weights(self) -> None:
-        """A kill between this checkpoint and the best-weights file leaves the file one best behind."""
-        path = self.run_dir / "best.safetensors"
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                on_disk = int((fh.metadata() or {}).get("epoch", -1))
-        except Exception:  # absent or damaged: rewrite it
-            on_disk = None
-        best_epoch = self.progress.stopper.best_epoch
-        if on_disk != best_epoch:
-            save_weights(self.model, path, self.cfg, {"epoch": best_epoch, "valid": self.progress.best_valid})
 
     def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
              seconds: float = 0.0) -> Path:
@@ -190,7 +185,7 @@ class Run:
                 "format": checkpoint.FORMAT, **self.progress.state(epoch, step, seconds),
                 "rng": rng, "optimizer": optimizer,
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
-                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.versions,
+                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
             try:
@@ -267,6 +262,7 @@ class Run:
 
     def run(self) -> dict:
         cfg, progress, stopper = self.cfg, self.progress, self.progress.stopper
+        self.record.write(self.record.results(progress, "running"))
         for epoch in range(progress.start_epoch, cfg.epochs):
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
@@ -290,16 +286,14 @@ class Run:
             if improved:
                 record["test"] = progress.best_test
             progress.epochs.append(record)
-            test = progress.best_test
-            log.info("epoch %3d | loss %.4f | train %.2f s | eval %.2f s | valid hit@10 %.4f ndcg@10 %.4f%s",
-                     epoch, record["loss"], train_seconds, eval_seconds, valid["hit@10"], valid["ndcg@10"],
-                     f" | test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (best)"
-                     if improved else f" | {stopper.bad_epochs} epoch(s) without improvement")
+            self.record.epoch(record)  # on disk before the epoch is reported
+            log.info("%s", epoch_line(record, stopper.bad_epochs))
             # The checkpoint first, then the best weights: a kill in between is repaired on resume.
             path = self.save(epoch)
             if improved and self.dist.is_main:
                 save_weights(self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})
+            self.record.write(self.record.results(progress, "running"))
             if stopper.should_stop:
                 log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
                 break
@@ -309,10 +303,7 @@ class Run:
 
     def results(self) -> dict:
         progress = self.progress
-        results = results_summary(self.cfg, progress, self.parameters, self.step_info(), self.device,
-                                  self.dist.world_size, self.versions, self.run_dir)
-        if self.dist.is_main:
-            write_json_atomic(self.run_dir / "results.json", results)
+        results = self.record.write(self.record.results(progress, "finished"))
         best_valid, best_test = progress.best_valid, progress.best_test
         log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
                  progress.stopper.best_epoch, best_valid.get("hit@10", 0), best_valid.get("ndcg@10", 0),
@@ -324,16 +315,16 @@ class Run:
                 "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32"}
 
 
-def run_name(cfg: Config) -> str:
-    smoke = "-smoke" if cfg.smoke else ""
-    return cfg.run_name or f"{cfg.method}-{cfg.feed}{smoke}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def train(cfg: Config) -> dict:
     """Train, validate every epoch, test at the best-validation epoch. Returns the results dict.
 
     Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
-    Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``)."""
+    Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
+    folder whose run finished with this very config is not trained again: its results are returned."""
+    done = finished_results(cfg)
+    if done is not None:
+        log.info("%s finished before with this config; not training it again", done["run_dir"])
+        return done
     deterministic = torch.are_deterministic_algorithms_enabled()
     seed_everything(cfg.seed, cfg.deterministic)
     dist, device, created = distributed.setup(cfg.device)
@@ -342,6 +333,9 @@ def train(cfg: Config) -> dict:
             run = Run(cfg, dist, device, stop)
             try:
                 return run.run()
+            except BaseException as err:
+                run.fail(err)
+                raise
             finally:
                 run.close()
     finally:

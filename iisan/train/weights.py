@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..config import Config
@@ -40,3 +41,15 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                 raise TrainingError(f"{source} holds {name!r}, which this model does not have")
             params[name].copy_(value)
     return state
+
+
+def ensure_best_weights(model: torch.nn.Module, path: Path, cfg: Config, best_epoch: int, best_valid: dict) -> None:
+    """After a resume whose checkpoint is the best epoch: a kill between that checkpoint and the
+    best-weights file leaves the file one best behind, so it is rewritten from ``model``."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            on_disk = int((fh.metadata() or {}).get("epoch", -1))
+    except Exception:  # absent or damaged (safetensors raises its own types): rewrite it
+        on_disk = None
+    if on_disk != best_epoch:
+        save_weights(model, path, cfg, {"epoch": best_epoch, "valid": best_valid})

@@ -1,0 +1,128 @@
+"""Subcommands that use a trained run (``experiments.trained``): evaluate, recommend, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import METHOD_NAMES
+from ..devices import device_name
+from ..errors import DataError
+from ..evaluate import KS
+from ..experiments.trained import TrainedRun, evaluate, export, load_run, recommend
+
+SPLITS = ("valid", "test")
+METRIC_NAMES = [f"{m}@{k}" for k in KS for m in ("hit", "ndcg")]
+
+
+def describe(run: TrainedRun) -> str:
+    return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}, {run.cfg.feed} feed, best epoch {run.best_epoch}, "
+            f"{device_name(run.device)}")
+
+
+def recorded_metrics(run_dir: Path) -> dict:
+    """The valid and test metrics results.json holds for the best epoch ({} when it holds none)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):  # absent or unreadable: nothing to compare with
+        return {}
+    return {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
+
+
+def cmd_evaluate(args) -> None:
+    run = load_run(args.run_dir, args.device)
+    splits = [args.split] if args.split else list(SPLITS)
+    metrics = {split: evaluate(run, split) for split in splits}
+    if args.json:
+        print(json.dumps(metrics))
+        return
+    print(describe(run))
+    print(f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES))
+    for split, values in metrics.items():
+        print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
+    recorded = recorded_metrics(run.run_dir)
+    compared = [s for s in splits if s in recorded]
+    if not compared:
+        print("results.json holds no metrics to compare with")
+    elif all(metrics[s] == recorded[s] for s in compared):
+        print(f"results.json: the same numbers ({', '.join(compared)})")
+    else:
+        worst = max(abs(metrics[s][m] - recorded[s][m]) for s in compared for m in metrics[s])
+        print(f"results.json differs: largest difference {worst:.2e} (another device or library version?)")
+
+
+def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
+    """``(label, history)`` for ``--user``, every line of ``--users-file`` or ``--history``."""
+    if args.user is not None:
+        return [(f"user {args.user}", run.user_history(args.user))]
+    if args.history is not None:
+        ids = [i.strip() for i in args.history.split(",") if i.strip()]
+        return [("history " + ",".join(ids), run.item_index(ids))]
+    path = Path(args.users_file)
+    if not path.is_file():
+        raise DataError(f"--users-file {path} does not exist")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        user = line.split("\t")[0].strip()  # one user id per line; a users TSV works too
+        if user:
+            out.append((f"user {user}", run.user_history(user, where=f"{path}:{lineno}")))
+    if not out:
+        raise DataError(f"--users-file {path} holds no user ids (one per line)")
+    return out
+
+
+def cmd_recommend(args) -> None:
+    run = load_run(args.run_dir, args.device)
+    asked = queries(run, args)
+    results = recommend(run, [history for _, history in asked], args.k)
+    ids, titles = run.data.item_ids, run.data.titles
+    for (label, history), top in zip(asked, results, strict=True):
+        if args.json:
+            print(json.dumps({"query": label, "history": [ids[i] for i in history],
+                              "items": [{"item_id": ids[i], "title": titles[i], "score": s} for i, s in top]}))
+            continue
+        last = history[-1]
+        print(f"{label}: {len(history)} items in the history (masked), the last {ids[last]} ({titles[last]})")
+        print(f"{'rank':>4}  {'item':<14}{'score':>10}  title")
+        for rank, (i, score) in enumerate(top, 1):
+            print(f"{rank:>4}  {ids[i]:<14}{score:>10.4f}  {titles[i]}")
+
+
+def cmd_export(args) -> None:
+    run = load_run(args.run_dir, args.device)
+    paths = export(run, args.out, args.split)
+    print(describe(run))
+    print(f"items: {paths['items']} ({run.data.num_items} x {run.cfg.embedding_dim}, rows in the order of the "
+          "metadata's item_ids)")
+    print(f"users: {paths['users']} ({run.data.num_users} x {run.cfg.embedding_dim}, before each user's "
+          f"{args.split} target; rows in the order of the metadata's user_ids)")
+
+
+def add_use_commands(sub) -> None:
+    def common(p):
+        p.add_argument("run_dir", help="a run folder (config.json and best.safetensors)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+    p = sub.add_parser("evaluate", help="rebuild a trained run's model, load its best weights and evaluate "
+                                        "(the numbers of its results.json)")
+    common(p)
+    p.add_argument("--split", choices=SPLITS, default=None, help="one split (default: both)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-K items of a trained run for users of the data set or a history")
+    common(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--user", default=None, help="a user id of the data set: after their whole history")
+    source.add_argument("--users-file", default=None, help="a file of user ids, one per line")
+    source.add_argument("--history", default=None, help="item ids, oldest first, comma-separated (any history)")
+    p.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per user or history")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("export", help="item embeddings and users' embeddings of a trained run (safetensors)")
+    common(p)
+    p.add_argument("--out", required=True, help="folder for items.safetensors and users-<split>.safetensors")
+    p.add_argument("--split", choices=SPLITS, default="test", help="whose user vectors: before the valid or the "
+                                                                    "test target (default: test)")
+    p.set_defaults(func=cmd_export)

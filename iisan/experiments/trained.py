@@ -1,0 +1,164 @@
+"""Using a trained run, whatever its method and feed: ``load_run(folder)`` rebuilds the model from the
+run's ``config.json`` (``model.build.build_model``, the one construction path) and loads its best
+weights (``best.safetensors``); then
+
+- ``evaluate(run, split)``: the full-ranking metrics, computed as training computed them (so they equal
+  the ``results.json`` numbers of the best epoch);
+- ``recommend(run, histories, k)``: the top-K items after each history (item indices), the history
+  and padding masked;
+- ``export(run, out_dir, split)``: item embeddings and the users' embeddings for a split, as
+  safetensors whose metadata names the row order (item ids, user ids).
+
+Score = user vector · item embedding, as in evaluation. The user vector is SASRec's state after the
+last ``max_seq_len`` items of a history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..config import METHOD_NAMES, Config
+from ..data.batches import PixelSource
+from ..data.interactions import SeqRecData
+from ..devices import resolve_device
+from ..errors import ConfigError, DataError, TrainingError
+from ..evaluate import evaluate_model, item_table
+from ..files import save_safetensors_atomic
+from ..model.build import build_model, load_data
+from ..model.recommender import Recommender
+from ..train.weights import load_weights
+
+EXPORT_FORMAT = "iisan-embeddings/1"
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    cfg: Config
+    data: SeqRecData
+    model: Recommender  # in eval mode, best weights loaded
+    pixels: PixelSource | None
+    device: torch.device
+    best_epoch: int
+    table: torch.Tensor | None = field(default=None, repr=False)  # (N+1, D) item embeddings, made once
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(N+1, D): every item through the item encoder (row 0: padding), as evaluation computes it."""
+        if self.table is None:
+            self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
+                                    self.device)
+        return self.table
+
+    def item_index(self, item_ids: list[str], where: str = "--history") -> np.ndarray:
+        """Item ids -> dataset indices; an id the data set does not hold is an error naming it."""
+        index = {item_id: i for i, item_id in enumerate(self.data.item_ids) if i}
+        unknown = [i for i in item_ids if i not in index]
+        if unknown:
+            raise DataError(f"{where}: item id(s) {', '.join(map(repr, unknown[:5]))} are not among the "
+                            f"{self.data.num_items} items of {self.cfg.users} (items that occur in no kept "
+                            "user's history are dropped by the protocol)")
+        if not item_ids:
+            raise DataError(f"{where}: an empty history (give at least one item id)")
+        return np.array([index[i] for i in item_ids], dtype=np.int64)
+
+    def user_history(self, user_id: str, where: str = "--user") -> np.ndarray:
+        """The user's kept interactions (oldest first): what a recommendation for them follows."""
+        try:
+            row = self.data.user_ids.index(user_id)
+        except ValueError:
+            raise DataError(f"{where}: user {user_id!r} is not among the {self.data.num_users} users of "
+                            f"{self.cfg.users} (users with fewer than {self.cfg.min_seq_len} interactions "
+                            "are skipped by the protocol)") from None
+        sequence = self.data.padded[row]
+        return sequence[sequence > 0]
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
+    """A run folder -> its config, data and model with the best weights, on ``device``."""
+    run_dir = Path(run_dir)
+    config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: it has no config.json")
+    try:
+        values = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    cfg = Config.from_dict(values, source=str(config_path))
+    if not weights.is_file():
+        raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
+    torch_device = resolve_device(device)
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
+    model, pixels = build_model(cfg, data, torch_device)
+    load_weights(model, weights)
+    model.eval()
+    with safe_open(str(weights), framework="pt") as fh:
+        best_epoch = int((fh.metadata() or {}).get("epoch", -1))
+    return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch)
+
+
+def evaluate(run: TrainedRun, split: str) -> dict[str, float]:
+    """HR@K and NDCG@K (K = 5, 10, 20) on ``split``, exactly as training evaluated the best epoch."""
+    return evaluate_model(run.model, run.data, split, run.cfg, run.device, run.pixels,
+                          table=run.item_embeddings())
+
+
+def padded_inputs(histories: list[np.ndarray], length: int) -> torch.Tensor:
+    """(U, length): the last ``length`` items of each history, left-padded with 0 (the training layout)."""
+    inputs = np.zeros((len(histories), length), dtype=np.int64)
+    for row, history in enumerate(histories):
+        tail = history[-length:]
+        inputs[row, length - len(tail):] = tail
+    return torch.from_numpy(inputs)
+
+
+@torch.no_grad()
+def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list[list[tuple[int, float]]]:
+    """For each history (dataset item indices, oldest first): the top-``k`` ``(item index, score)``,
+    best first. Items of the history and padding are never returned; fewer than ``k`` when fewer items
+    remain."""
+    if k <= 0:
+        raise ConfigError(f"-k {k}: must be positive")
+    table = run.item_embeddings()  # (N+1, D)
+    inputs = padded_inputs(histories, run.cfg.max_seq_len).to(run.device)
+    users = run.model.user_vectors(table, inputs).float()  # (U, D)
+    scores = users @ table.T  # (U, N+1)
+    scores[:, 0] = -torch.inf
+    for row, history in enumerate(histories):
+        scores[row, torch.from_numpy(history).to(run.device)] = -torch.inf
+    top = scores.topk(min(k, run.data.num_items), dim=1)
+    return [[(int(i), float(s)) for s, i in zip(values.tolist(), indices.tolist()) if s != -np.inf]
+            for values, indices in zip(top.values.cpu(), top.indices.cpu())]
+
+
+@torch.no_grad()
+def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
+    """(U, D): each user's vector before the ``split`` target (the vectors evaluation ranks with)."""
+    inputs, _, _ = run.data.eval_split(split)
+    table = run.item_embeddings()
+    chunk = run.cfg.eval_batch_size or (2048 if run.device.type == "cuda" else 128)
+    return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
+                      for s in range(0, len(inputs), chunk)]).cpu()
+
+
+def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[str, Path]:
+    """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
+    ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
+    ``users @ items.T``; each file is written atomically."""
+    out_dir = Path(out_dir)
+    common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir), "method": METHOD_NAMES[run.cfg.method],
+              "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
+    items = run.item_embeddings()[1:].float().cpu().contiguous()
+    paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
+    save_safetensors_atomic({"items": items}, paths["items"], {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
+    users = user_embeddings(run, split).contiguous()
+    save_safetensors_atomic({"users": users}, paths["users"],
+                            {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
+                             "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
+    return paths

@@ -1,0 +1,70 @@
+"""Where a run lives. A run folder's default name comes from what the run computes (method, feed, data
+set and a short hash of the config), never from the clock, so running the same command again finds the
+same folder: a run with checkpoints resumes, a finished one is skipped.
+
+The hash leaves out the keys that may change between a checkpoint and the run resuming it
+(``checkpoint.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
+longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
+so that a field added to ``Config`` later leaves the names of earlier runs as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+from ..config import Config
+from .checkpoint import MAY_CHANGE, config_differences
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+def config_hash(cfg: Config) -> str:
+    """Eight hex digits naming what ``cfg`` computes (see the module docstring)."""
+    defaults = Config().to_dict()
+    values = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE and v != defaults[k]}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def path_component(text: str) -> str:
+    """``text`` made safe as (part of) one folder name: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("._") or "_"
+
+
+def data_name(cfg: Config) -> str:
+    """The data set's name: the users file's folder (``Dataset/Scientific/...tsv`` -> ``Scientific``)."""
+    users = Path(cfg.users)
+    return path_component(users.parent.name or users.stem or "nodata")
+
+
+def default_run_name(cfg: Config, tag: str = "") -> str:
+    """``iisan-cached-Scientific-3fa2c1d0``; ``tag`` (a sweep's varying values, e.g. ``lr0.0001``) and
+    ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart."""
+    parts = [cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else "", path_component(tag) if tag else "",
+             config_hash(cfg)]
+    return "-".join(p for p in parts if p)
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / (cfg.run_name or default_run_name(cfg))
+
+
+def finished_results(cfg: Config) -> dict | None:
+    """The results of ``cfg``'s run folder when that run has finished with exactly this config's
+    computation, epochs and patience (nothing left to do), else None."""
+    path = run_dir(cfg) / RESULTS
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or unreadable: the run is not known to have finished
+        return None
+    if not isinstance(results, dict) or results.get("status", "finished") != "finished":
+        return None
+    saved, current = results.get("config") or {}, cfg.to_dict()
+    if config_differences(saved, current) or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
+        return None
+    return results
