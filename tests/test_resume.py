@@ -1,5 +1,6 @@
 """Runs that survive: checkpoints, exact resume (after SIGKILL and after Ctrl-C), refused checkpoints,
-a full disk and a non-finite loss."""
+a full disk and a non-finite loss; and what they leave to read (train.log, metrics.jsonl, results.json's
+status) when killed, interrupted or failed."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     quiet = {"env": env, "stdout": subprocess.DEVNULL}
     full = subprocess.Popen(command("full"), stderr=subprocess.PIPE, text=True, **quiet)
     victim = subprocess.Popen(command("killed"), stderr=subprocess.DEVNULL, **quiet)
+    killed = tmp_path / "killed"
     marker = tmp_path / "killed" / "checkpoints" / "epoch-0001" / checkpoint.MANIFEST
     deadline = time.monotonic() + 240
     while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -100,9 +102,16 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not (tmp_path / "killed" / "results.json").exists()
     killed_at = [p.name for p in checkpoint.checkpoints(tmp_path / "killed" / "checkpoints")]
     assert killed_at and killed_at[0] < "epoch-0004"
+    # What the killed run left to read: every epoch it reported is in metrics.jsonl (flushed before the
+    # epoch's log line), results.json still says running.
+    history = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    reported = [int(line.split(" epoch ")[1].split("|")[0]) for line in (killed / "train.log").read_text().splitlines()
+                if " iisan.train.trainer: epoch " in line]
+    assert [e["epoch"] for e in history] == list(range(len(history))) and len(history) >= 2
+    assert set(reported) <= {e["epoch"] for e in history} and len(reported) >= 2
+    assert json.loads((killed / "results.json").read_text())["status"] == "running"
 
     resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -113,6 +122,18 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     b = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert b["resumed_from"] == [killed_at[0]] and a["resumed_from"] == []
     same_run(a, b)
+    assert a["status"] == b["status"] == "finished"
+    for run in (a, b):  # metrics.jsonl: the whole history, the resumed run's rewritten from its checkpoint
+        lines = (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == run["epochs"]
+    # train.log: the config and environment, then exactly the console's log lines
+    log_text = (tmp_path / "full" / "train.log").read_text()
+    header, body = log_text.split("\n}\n", 1)
+    assert header.startswith("=== full: started ") and "iisan/__main__.py train --users" in header
+    assert json.loads(header[header.index("config: ") + 8:] + "}") == a["config"]
+    console = [line for line in err.splitlines() if " iisan." in line]
+    assert body.splitlines() == console and any(" epoch   4 | " in line for line in console)
+    assert (tmp_path / "killed" / "train.log").read_text().count("=== killed: started ") == 2
 
 
 def interrupt_at(monkeypatch, call: int) -> None:
@@ -140,6 +161,8 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
     assert message == (f"iisan: SIGINT during epoch 1 after step 4 of 10; checkpoint saved in {saved}. "
                        "To resume, run the same command with --run-name ctrl-c")
     assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGINT) is handler
+    results = json.loads((saved.parents[1] / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["error"] == message.removeprefix("iisan: ")
     monkeypatch.undo()
     same_run(reference, train(cfg))
 
@@ -157,6 +180,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, referenc
     """The reference run's folder, its newest checkpoint damaged: epoch 3 is redone from epoch 2's."""
     cfg = base.replace(run_name="corrupt")
     shutil.copytree(reference["run_dir"], Path(cfg.out_dir) / "corrupt")
+    results = Path(cfg.out_dir) / "corrupt" / "results.json"  # as a run killed in epoch 3 leaves it
+    results.write_text(json.dumps({**json.loads(results.read_text()), "status": "running"}))
     newest = Path(cfg.out_dir) / "corrupt" / "checkpoints" / "epoch-0003" / checkpoint.MODEL
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -239,6 +264,11 @@ def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base
         train(cfg)
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0000"]
     assert checkpoint.verify(root / "epoch-0000") is None
+    results = json.loads((root.parent / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"].startswith("non-finite loss at step 14")
+    assert [e["epoch"] for e in results["epochs"]] == [0]  # the history up to the failure
+    assert "ERROR iisan.train.records: run failed: non-finite loss at step 14" in \
+        (root.parent / "train.log").read_text()
 
 
 def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path):

@@ -1,0 +1,77 @@
+"""What a run leaves while it runs: train.log, metrics.jsonl and results.json current after every epoch,
+TensorBoard scalars when asked for (one line when the package is absent). Killed, failed and
+interrupted runs: tests/test_resume.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import iisan.train.trainer as trainer
+from iisan.train.trainer import train
+
+
+@pytest.fixture()
+def cached_cfg(tiny_config, tiny_cache):
+    return tiny_config(cache_dir=tiny_cache, epochs=3, max_steps_per_epoch=3)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_epoch_leaves_its_record_on_disk(cached_cfg, monkeypatch):
+    run_dir = Path(cached_cfg.out_dir) / cached_cfg.run_name
+    seen = []
+    epoch_of = trainer.Run.train_epoch
+
+    def checked(self, epoch):
+        """At the start of epoch e, the files hold epochs 0..e-1 and say the run is running."""
+        metrics = read_lines(run_dir / "metrics.jsonl")
+        results = json.loads((run_dir / "results.json").read_text())
+        log_text = (run_dir / "train.log").read_text()
+        assert [m["epoch"] for m in metrics] == list(range(epoch))
+        assert results["status"] == "running" and results["epochs"] == metrics
+        assert (f" epoch {epoch - 1:3d} | loss " in log_text) == (epoch > 0)
+        assert f" epoch {epoch:3d} | loss " not in log_text
+        seen.append(epoch)
+        return epoch_of(self, epoch)
+
+    monkeypatch.setattr(trainer.Run, "train_epoch", checked)
+    results = train(cached_cfg)
+    assert seen == [0, 1, 2]
+    assert results["status"] == "finished" and json.loads((run_dir / "results.json").read_text()) == results
+    metrics = read_lines(run_dir / "metrics.jsonl")
+    assert metrics == results["epochs"]
+    assert set(metrics[0]) >= {"epoch", "loss", "train_seconds", "eval_seconds", "steps", "valid", "test"}
+    assert set(metrics[0]["valid"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.startswith(f"=== {cached_cfg.run_name}: started ") and '"lr": 0.0002' in log_text
+    assert "versions: python " in log_text and " | best epoch " not in log_text
+    assert log_text.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("best epoch ")
+    assert not (run_dir / "tensorboard").exists()
+
+
+def test_tensorboard_absent_is_one_line_and_the_run_goes_on(cached_cfg, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # importing it now fails
+    results = train(cached_cfg.replace(epochs=1, report_to="tensorboard"))
+    lines = [r.getMessage() for r in caplog.records if "package" in r.getMessage()]
+    assert lines == ["--report-to tensorboard: the tensorboard package is not installed (pip install "
+                     "tensorboard); train.log and metrics.jsonl are written, TensorBoard scalars are not"]
+    assert results["status"] == "finished" and not (Path(results["run_dir"]) / "tensorboard").exists()
+
+
+def test_tensorboard_scalars_are_the_epoch_records(cached_cfg):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = train(cached_cfg.replace(report_to="tensorboard"))
+    events = EventAccumulator(str(Path(results["run_dir"]) / "tensorboard"))
+    events.Reload()
+    hits = [(e.step, e.value) for e in events.Scalars("valid/hit@10")]
+    assert hits == [(r["epoch"], pytest.approx(r["valid"]["hit@10"])) for r in results["epochs"]]
+    assert [e.step for e in events.Scalars("test/ndcg@10")] == [r["epoch"] for r in results["epochs"] if "test" in r]
+    assert {"loss", "seconds/train", "seconds/eval"} <= set(events.Tags()["scalars"])

@@ -1,0 +1,100 @@
+"""Grids from the entry scripts: a failing point never stops the others, a summary closes every grid,
+running the same command again resumes or skips its points, and one point can run alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from iisan.experiments.sweep import run_script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN.py"
+DEFAULTS = {"method": "iisan", "feed": "cached"}  # what run_IISAN.py passes
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("run_IISAN_cached", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SWEEP
+
+
+@pytest.fixture()
+def argv(tiny, tiny_cache, tmp_path):
+    def make(*flags: str) -> list[str]:
+        out = ["--cache-dir", tiny_cache, "--out-dir", str(tmp_path / "runs"), "--device", "cpu", "--num-workers",
+               "0", "--no-progress", "--batch-size", "16", "--max-steps-per-epoch", "3", "--eval-batch-size", "64"]
+        for key in ("users", "items", "images", "text_model", "image_model"):
+            out += ["--" + key.replace("_", "-"), tiny[key]]
+        return out + list(flags)
+
+    return make
+
+
+def summary_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text[text.index("grid summary"):].splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def folders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, caplog):
+    """Point 1 is a bad value (no config), point 2 fails while running (lr 1e30: a non-finite loss at its
+    second step); points 0 and 3 run; the summary lists all four and the exit status is 2."""
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "fast", "1e30", "2e-3"))
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    rows = summary_rows(out)
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    assert [r[2].split(":")[0] for r in rows] == ["finished", "failed", "failed", "finished"]
+    assert rows[1][2] == "failed: lr='fast': expected a number"
+    assert rows[2][2].startswith("failed: non-finite loss at step 1 (epoch 0, steps 0..2)")
+    assert "grid summary: 4 point(s): 2 finished, 2 failed" in out
+    assert err.strip().endswith(f"error: 2 of 4 grid point(s) failed: 1 (-); 2 ({rows[2][1]})")
+    assert "grid point 1 (lr=fast seed=12345) failed: lr='fast': expected a number" in caplog.text
+    for row in (rows[0], rows[3]):  # names and config.json come from the resolved values
+        config = json.loads((tmp_path / "runs" / row[1] / "config.json").read_text())
+        assert row[1].split("-")[-2] == f"lr{config['lr']}"
+        results = json.loads((tmp_path / "runs" / row[1] / "results.json").read_text())
+        assert results["status"] == "finished" and row[3] == f"{results['test']['hit@10']:.4f}"
+    failed = json.loads((tmp_path / "runs" / rows[2][1] / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == rows[2][2].removeprefix("failed: ")
+
+
+def test_rerunning_a_sweep_resumes_its_folders_then_skips_them(sweep, argv, tmp_path, capsys):
+    first = run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
+    names = folders(tmp_path / "runs")
+    assert len(names) == 2 and [len(r["epochs"]) for r in first] == [1, 1]
+    longer = run_script(DEFAULTS, sweep, argv("--epochs", "2", "--lr", "1e-3", "2e-3"))  # the same command, longer
+    assert folders(tmp_path / "runs") == names
+    assert [r["resumed_from"] for r in longer] == [["epoch-0000"], ["epoch-0000"]]
+    assert [[e["epoch"] for e in r["epochs"]] for r in longer] == [[0, 1], [0, 1]]
+    capsys.readouterr()
+    again = run_script(DEFAULTS, sweep, argv("--epochs", "2", "--lr", "1e-3", "2e-3"))
+    assert again == longer  # nothing trained: the finished runs' results
+    assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished before"]
+
+
+def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys):
+    flags = ("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3", "--seed", "1", "2")
+    assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid")) == []
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0] == "6 grid point(s); run one alone with --grid-index I:"
+    names = [line.split()[1] for line in listing[1:]]
+    assert [line.split()[0] for line in listing[1:]] == ["0", "1", "2", "3", "4", "5"]
+    assert listing[3].split()[2:] == ["lr=0.002", "seed=1"] and not (tmp_path / "runs").exists()
+    (result,) = run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "2"))
+    assert folders(tmp_path / "runs") == [names[2]]
+    assert (result["config"]["lr"], result["config"]["seed"]) == (2e-3, 1)
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "6"))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.endswith("error: --grid-index 6: the grid has 6 point(s), 0..5 "
+                                                 "(see --list-grid)")
