@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def cmd_export(args) -> None:
           f"{args.split} target; rows in the order of the metadata's user_ids)")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def add_use_commands(sub) -> None:
     def common(p):
         p.add_argument("run_dir", help="a run folder (config.json and best.safetensors)")
@@ -116,7 +123,7 @@ def add_use_commands(sub) -> None:
     source.add_argument("--user", default=None, help="a user id of the data set: after their whole history")
     source.add_argument("--users-file", default=None, help="a file of user ids, one per line")
     source.add_argument("--history", default=None, help="item ids, oldest first, comma-separated (any history)")
-    p.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="how many items (default: 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per user or history")
     p.set_defaults(func=cmd_recommend)
 

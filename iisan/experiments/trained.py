@@ -61,8 +61,8 @@ class TrainedRun:
         unknown = [i for i in item_ids if i not in index]
         if unknown:
             raise DataError(f"{where}: item id(s) {', '.join(map(repr, unknown[:5]))} are not among the "
-                            f"{self.data.num_items} items of {self.cfg.users} (items that occur in no kept "
-                            "user's history are dropped by the protocol)")
+                            f"{self.data.num_items} items of the data set ({self.cfg.items}; items that occur "
+                            "in no kept user's history are dropped by the protocol)")
         if not item_ids:
             raise DataError(f"{where}: an empty history (give at least one item id)")
         return np.array([index[i] for i in item_ids], dtype=np.int64)

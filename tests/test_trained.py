@@ -1,0 +1,143 @@
+"""Using a trained run: ``iisan evaluate`` reproduces results.json exactly (cached IISAN, live IISAN, a
+baseline), ``iisan recommend`` never returns the history or padding and ranks by score, exported
+embeddings rank as evaluation does, and unknown users and items are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from iisan.cli.main import main
+from iisan.evaluate import metrics_from_ranks, rank_targets
+from iisan.experiments.trained import load_run, recommend
+from iisan.train.trainer import train
+
+SETTINGS = {"cached": {"method": "iisan", "feed": "cached"}, "live": {"method": "iisan", "feed": "live"},
+            "bitfit": {"method": "bitfit", "batch_size": 16}}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tiny_cache, tmp_path_factory) -> dict[str, dict]:
+    """One finished tiny run per setting (2 epochs of 3 steps)."""
+    from iisan.config import Config
+
+    out = tmp_path_factory.mktemp("trained")
+    base = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                  cache_dir=tiny_cache, out_dir=str(out), device="cpu", num_workers=0, progress=False,
+                  batch_size=16, epochs=2, max_steps_per_epoch=3, eval_batch_size=64, encode_batch_size=32,
+                  lr=1e-3)
+    return {name: train(base.replace(run_name=name, **values)) for name, values in SETTINGS.items()}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_evaluate_reproduces_the_results_file_exactly(runs, name, capsys):
+    results = runs[name]
+    main(["evaluate", results["run_dir"], "--device", "cpu", "--json"])
+    assert json.loads(capsys.readouterr().out) == {"valid": results["valid"], "test": results["test"]}
+    main(["evaluate", results["run_dir"], "--device", "cpu", "--split", "test"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"best epoch {results['best_epoch']}, CPU" + out[0].split(", CPU")[1])
+    assert out[2].split() == ["test", *(f"{results['test'][m]:.4f}" for m in
+                                        ("hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"))]
+    assert out[3] == "results.json: the same numbers (test)"
+
+
+def test_recommend_never_returns_the_history_or_padding_and_ranks_by_score(runs):
+    run = load_run(runs["cached"]["run_dir"], "cpu")
+    n = run.data.num_items
+    ids = run.data.item_ids
+    histories = [run.user_history(u) for u in run.data.user_ids[:20]] + [run.item_index([ids[7], ids[7], ids[3]])]
+    everything = recommend(run, histories, k=n)
+    top5 = recommend(run, histories, k=5)
+    table = run.item_embeddings()
+    for history, ranked, short in zip(histories, everything, top5, strict=True):
+        items = [i for i, _ in ranked]
+        assert 0 not in items and not set(items) & set(history.tolist())
+        assert sorted(items + list(set(history.tolist()))) == list(range(1, n + 1))  # every other item, once
+        scores = [s for _, s in ranked]
+        assert scores == sorted(scores, reverse=True) and short == ranked[:5]
+        inputs = torch.zeros(1, run.cfg.max_seq_len, dtype=torch.long)
+        tail = torch.from_numpy(history[-run.cfg.max_seq_len:])
+        inputs[0, run.cfg.max_seq_len - len(tail):] = tail
+        by_hand = (run.model.user_vectors(table, inputs) @ table.T)[0].detach().numpy()  # (N+1,)
+        by_hand[0] = -np.inf
+        by_hand[history] = -np.inf
+        assert items[0] == int(np.argmax(by_hand)) and scores[0] == pytest.approx(float(by_hand.max()), abs=1e-5)
+
+
+def test_recommend_from_the_command_line(runs, tmp_path, capsys):
+    run_dir = runs["live"]["run_dir"]
+    run = load_run(run_dir, "cpu")
+    user = run.data.user_ids[3]
+    main(["recommend", run_dir, "--user", user, "-k", "4", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    history = run.user_history(user)
+    assert out[0].startswith(f"user {user}: {len(history)} items in the history (masked), the last "
+                             f"{run.data.item_ids[history[-1]]} ")
+    expected = recommend(run, [history], 4)[0]
+    assert [line.split()[:3] for line in out[2:]] == [[str(r), run.data.item_ids[i], f"{s:.4f}"]
+                                                      for r, (i, s) in enumerate(expected, 1)]
+    users_file = tmp_path / "users.txt"
+    users_file.write_text(f"{user}\n\n{run.data.user_ids[5]}\tignored\n")
+    main(["recommend", run_dir, "--users-file", str(users_file), "-k", "3", "--json", "--device", "cpu"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["query"] for line in lines] == [f"user {user}", f"user {run.data.user_ids[5]}"]
+    assert [i["item_id"] for i in lines[0]["items"]] == [run.data.item_ids[i] for i, _ in expected[:3]]
+    asked = [run.data.item_ids[3], run.data.item_ids[7]]
+    main(["recommend", run_dir, "--history", ",".join(asked), "--json", "--device", "cpu"])
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["history"] == asked and len(line["items"]) == 10
+    assert not set(asked) & {i["item_id"] for i in line["items"]}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recommend", "{run}", "--user", "nobody"], "--user: user 'nobody' is not among the 160 users of"),
+    (["recommend", "{run}", "--history", "{item},no-such-item"], "--history: item id(s) 'no-such-item' are not "
+                                                                   "among the 56 items of the data set"),
+    (["recommend", "{run}", "--users-file", "{users}"], "{users}:2: user 'ghost' is not among"),
+    (["recommend", "{run}", "--user", "{user}", "-k", "0"], "argument -k: '0' is not a positive integer"),
+    (["evaluate", "{missing}"], "{missing} is not a run folder: it has no config.json"),
+])
+def test_unknown_users_items_and_folders_are_one_line(runs, argv, message, tmp_path, capsys):
+    from iisan.data.interactions import load_dataset
+
+    data = load_dataset(runs["cached"]["config"]["users"], runs["cached"]["config"]["items"])
+    users = tmp_path / "users.txt"
+    users.write_text(f"{data.user_ids[0]}\nghost\n")
+    names = {"run": runs["cached"]["run_dir"], "users": str(users), "missing": str(tmp_path / "nothing"),
+             "user": data.user_ids[0], "item": data.item_ids[1]}
+    with pytest.raises(SystemExit) as info:
+        main([a.format(**names) for a in argv] + ["--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and message.format(**names) in err[-1]
+    assert len(err) == 1 or message.startswith("argument")  # argparse's own errors come after the usage
+
+
+@pytest.mark.parametrize("name", ["cached", "bitfit"])
+def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsys):
+    results = runs[name]
+    main(["export", results["run_dir"], "--out", str(tmp_path / "emb"), "--device", "cpu"])
+    assert "items.safetensors" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "emb" / "items.safetensors"), "pt") as fh:
+        items, item_meta = fh.get_tensor("items"), fh.metadata()
+    with safe_open(str(tmp_path / "emb" / "users-test.safetensors"), "pt") as fh:
+        users, user_meta = fh.get_tensor("users"), fh.metadata()
+    run = load_run(results["run_dir"], "cpu")
+    assert json.loads(item_meta["item_ids"]) == run.data.item_ids[1:] and items.shape == (run.data.num_items, 64)
+    assert json.loads(user_meta["user_ids"]) == run.data.user_ids and user_meta["split"] == "test"
+    # Rank with nothing but the files (and each user's history): the test metrics of results.json.
+    index = {item_id: i + 1 for i, item_id in enumerate(json.loads(item_meta["item_ids"]))}
+    _, targets, history = run.data.eval_split("test")
+    scores = torch.cat([torch.full((len(users), 1), -math.inf), users @ items.T], dim=1)  # column 0: padding
+    assert index[run.data.item_ids[5]] == 5  # the files' order is the data set's, so indices carry over
+    ranks = rank_targets(scores, torch.from_numpy(targets), torch.from_numpy(history))
+    metrics = metrics_from_ranks(ranks)
+    assert metrics == pytest.approx(results["test"], abs=1e-12)
+    assert Path(item_meta["run_dir"]) == Path(results["run_dir"]) and item_meta["best_epoch"] == str(
+        results["best_epoch"])
