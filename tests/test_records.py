@@ -53,6 +53,9 @@ def test_every_epoch_leaves_its_record_on_disk(cached_cfg, monkeypatch):
     assert "versions: python " in log_text and " | best epoch " not in log_text
     assert log_text.rstrip().splitlines()[-1].split(": ", 1)[1].startswith("best epoch ")
     assert not (run_dir / "tensorboard").exists()
+    stamp = (run_dir / "results.json").stat().st_mtime_ns
+    monkeypatch.setattr(trainer, "Run", None)  # the same command again trains nothing
+    assert train(cached_cfg) == results and (run_dir / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_tensorboard_absent_is_one_line_and_the_run_goes_on(cached_cfg, monkeypatch, caplog):

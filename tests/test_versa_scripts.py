@@ -23,18 +23,17 @@ def _script(name):
 
 
 def _parse(versa, argv):
-    return parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
-                             extra_arguments=versa.extra_arguments)
+    points, args = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
+                                     extra_arguments=versa.extra_arguments)
+    return [p.config for p in points], args
 
 
 def test_symmetric_preset_is_cached_iisans_config():
     versa, iisan = _script("run_IISAN_Versa"), _script("run_IISAN")
     argv = ["--preset", "bert-base+vit-base"]
     (a,), _ = _parse(versa, argv)
-    from iisan.experiments.sweep import method_defaults
-
-    (b,), _ = parse_script_args(method_defaults("iisan", "cached"), iisan.SWEEP, [])  # what run_IISAN.py runs
-    assert a.replace(run_name="") == b.replace(run_name="")
+    (point,), _ = parse_script_args({"method": "iisan", "feed": "cached"}, iisan.SWEEP, [])  # what run_IISAN.py runs
+    assert a.replace(run_name="") == point.config.replace(run_name="") and a.run_name == point.config.run_name
     argv = ["--preset", "llama3-70b+vit-base", "--dataset", "Instrument"]
     (c,), _ = _parse(versa, argv)
     assert c.text_layers == (0, 5, 20, 35, 50, 65, 80) and c.text_pooling == "mean"

