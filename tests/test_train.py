@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,5 +135,6 @@ def test_smoke_switch_shrinks_the_same_config(cached_cfg):
         **Config(epochs=1, max_steps_per_epoch=3).to_dict(), "smoke": True}  # only ever shrinks
     results = train(cached_cfg.replace(smoke=True, run_name="", batch_size=4))
     assert [e["steps"] for e in results["epochs"]] == [5, 5]  # 160 users / 4 would be 40 steps
-    assert Path(results["run_dir"]).name.startswith("iisan-cached-smoke-")
+    data = Path(cached_cfg.users).parent.name
+    assert re.fullmatch(rf"iisan-cached-{data}-smoke-[0-9a-f]{{8}}", Path(results["run_dir"]).name)
     assert set(results["test"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}

@@ -4,11 +4,12 @@ its newest checkpoint to its results file.
 Per epoch: training steps (timed alone, device synchronised), validation over every user, and when
 validation HR@10 improves, the test split and the best weights (``best.safetensors``); then a
 checkpoint. The run's folder (``runfolder``) also holds what people read while it runs: train.log,
-metrics.jsonl and results.json with its status (``records``). Training stops once HR@10 has not improved for more than ``patience`` epochs (authors:
-``count > 10``). Everything an uninterrupted run carries from epoch to epoch is in the checkpoint
-(weights, optimiser, scaler, RNG streams, early stopping, best metrics, the epoch history), so a
-resumed run computes the same numbers as one that was never stopped. Under torchrun every rank runs
-the loop on its shard of users; only rank 0 logs, writes checkpoints, best weights and results.
+metrics.jsonl and results.json with its status (``records``). Training stops once HR@10 has not improved
+for more than ``patience`` epochs (authors: ``count > 10``). Everything an uninterrupted run carries
+from epoch to epoch is in the checkpoint (weights, optimiser, scaler, RNG streams, early stopping, best
+metrics, the epoch history), so a resumed run computes the same numbers as one that was never stopped.
+Under torchrun every rank runs the loop on its shard of users; only rank 0 logs, writes checkpoints,
+best weights and results.
 """
 
 from __future__ import annotations
