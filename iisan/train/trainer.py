@@ -222,10 +222,10 @@ class Run:
     def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> None:
         bad = torch.nonzero(~torch.isfinite(losses)).flatten()
         if len(bad):
-            done = self.progress.global_step
+            done, best = self.progress.global_step, self.run_dir / "best.safetensors"
             raise TrainingError(f"non-finite loss at step {done + int(bad[0])} (epoch {epoch}, steps {done}.."
                                 f"{done + n_steps - 1}); last good checkpoint: "
-                                f"{self.last_good()}; best weights: {self.run_dir / 'best.safetensors'}")
+                                f"{self.last_good()}; best weights: {best if best.is_file() else 'none yet'}")
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
         cfg, dist, device = self.cfg, self.dist, self.device
