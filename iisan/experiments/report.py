@@ -170,6 +170,14 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     return out.reset_index()
 
 
+def average_rows(rows: list[dict]) -> list[dict]:
+    """``table(..., average_seeds=True)`` of ``read_row`` rows, as dicts; a spread that cannot be
+    computed (one seed) is None."""
+    frame = table(pd.DataFrame(rows, columns=list(read_row_columns())), [], average_seeds=True)
+    return [{k: None if k.endswith("_std") and not (isinstance(v, float) and math.isfinite(v)) else v
+             for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 def _cell(value, non_finite: bool) -> str:
     if non_finite:
         return "non-finite"

@@ -3,7 +3,7 @@
 1. data: the data set under ``Dataset/``, fetched when it is missing (``iisan fetch data``);
 2. cache: the hidden-state cache, imported from the authors' released states (``--import-from``) or
    built with the encoders, which are fetched when missing (``iisan fetch encoders``);
-3. runs: cached IISAN with the paper's defaults (``presets.METHOD_DEFAULTS``), one run per seed (a
+3. runs: cached IISAN with the paper's defaults (``config.METHOD_DEFAULTS``), one run per seed (a
    rerun resumes or reuses each);
 4. table: the test metrics as mean ± sample std over the seeds, beside the paper's headline numbers,
    with the command, device and commit, in ``<out>/reproduce-<dataset>.md``.
@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, resolve
 from ..data.cache import cache_file
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, UserError
@@ -29,8 +29,8 @@ from ..provenance import provenance
 from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
 from .encoders import HubClient, fetch_encoders
-from .presets import BACKBONES, METHOD_DEFAULTS, ROOT, dataset_paths
-from .report import METRICS, average_seeds, read_row
+from .presets import BACKBONES, ROOT, dataset_paths
+from .report import METRICS, average_rows, read_row
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,13 @@ def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Con
         return cfg.replace(out_dir=str(run.out_dir / "runs"))
     paths = ensure_data(run.dataset, root, run.fetch, drive)
     models = {k: str(root / "pretrained_models" / Path(v).name) for k, v in BACKBONES.items()}
-    values = {**models, **paths, **METHOD_DEFAULTS["iisan"], "method": "iisan", "feed": "cached",
-              "out_dir": str(run.out_dir / "runs"), **(run.overrides or {})}
-    return Config(**values)
+    return resolve({**models, **paths, "method": "iisan", "feed": "cached", "out_dir": str(run.out_dir / "runs"),
+                    **(run.overrides or {})})  # the paper's IISAN defaults below these (config.resolve)
 
 
 def table(dataset: str, rows: list[dict]) -> str:
     """Markdown: one row of mean ± std over the seeds and one of the paper's numbers."""
-    merged = average_seeds(rows, [])[0]
+    merged = average_rows(rows)[0]
 
     def cell(name: str) -> str:
         std = merged.get(f"{name}_std")
@@ -137,7 +136,7 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     for seed in run.seeds:
         log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)
         results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
-        rows.append(read_row(Path(results["run_dir"]) / "results.json", results, []))
+        rows.append(read_row(Path(results["run_dir"]) / "results.json", results))
     about = provenance()
     note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"
             if run.dataset == "demo" else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
