@@ -36,7 +36,8 @@ def main(argv=None) -> dict:
                         help="items per plain FFT step (352: every slot of 32 users; 139: the distinct ones)")
     parser.add_argument("--frozen-items", type=ints, default=defaults.frozen_items,
                         help="items per plain frozen forward (704: every slot of 64 users; 276: the distinct "
-                             "non-padding ones; 352: DESIGN.md's 'about half'); the first also runs the variants")
+                             "non-padding ones; 352: the reference figures' 'about half'); the first also runs "
+                             "the variants")
     parser.add_argument("--cache-batch", type=int, default=defaults.cache_batch)
     parser.add_argument("--iisan", default=",".join(defaults.iisan), help="comma list of benchmark labels ('' skips)")
     parser.add_argument("--skip-plain", action="store_true")

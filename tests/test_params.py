@@ -8,7 +8,7 @@ import pytest
 
 from iisan.cli.main import main
 
-# Authors' counts (authors_code_spec.md §2.7, §7): FFT 194.90 M, Adapter 4.97 M, BitFit 0.41 M, IISAN 4.11 M.
+# The authors' code (their parameter log, `trainable_num`): FFT 194.90 M, Adapter 4.97 M, BitFit 0.41 M, IISAN 4.11 M.
 AUTHORS = {"fft": 194.90e6, "adapter": 4.97e6, "bitfit": 0.41e6, "iisan": 4.11e6}
 
 

@@ -5,7 +5,7 @@ Sections, each timed after warm-up with device synchronisation, each written to 
 - ``device``: versions, attention back ends and a bf16 GEMM's throughput (calibrates the card).
 - Each timed row also records its model FLOPs (matmuls, convolutions, attention; ``count_flops``) and
   the TFLOP/s it sustained: set beside the GEMM's throughput, it says how well a step uses the card.
-- ``plain``: a deliberately plain implementation of DESIGN.md's reference settings on this card, from
+- ``plain``: a deliberately plain implementation of the reference settings (docs/performance.md) on this card, from
   transformers models built from their default configs and inputs already on the device (no data
   pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache
   build's forward, each at several item counts; then variants of the frozen forward (bf16 weights,
@@ -45,7 +45,7 @@ SCIENTIFIC_USERS, SCIENTIFIC_ITEMS = 12076, 20314
 class DiagnosisOptions:
     """What to run. Item counts: distinct non-padding items per batch on the benchmark's Scientific-shaped
     data are 139 of the 352 slots of 32 users and 276 of the 704 slots of 64 users (mean over epoch 0,
-    docs/performance.md); 352 is DESIGN.md's 'about half'. The first frozen count also runs the variants."""
+    docs/performance.md); 352 is the reference figures' 'about half'. The first frozen count also runs the variants."""
 
     out: Path
     size: str = "base"

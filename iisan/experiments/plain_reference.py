@@ -1,4 +1,4 @@
-"""A deliberately plain implementation of DESIGN.md's reference settings, with no iisan code: HF
+"""A deliberately plain implementation of the reference settings (docs/performance.md), no iisan code: HF
 ``BertModel`` + ``ViTModel`` built from their default configs (BERT-base, ViT-B/16 at 224 px; or tiny
 ones), inputs already on the device, fixed shapes. The diagnosis times it beside iisan's own steps on
 the same card, so a gap can be told apart from the card and library versions."""
