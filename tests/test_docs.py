@@ -1,0 +1,175 @@
+"""The documentation stays true to the repository: the README's sections come in the order a newcomer
+needs them, its layout names the real files, relative links in README.md and docs/*.md resolve, no
+file cites notes kept outside the repository, and the README's Python example runs."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from iisan.model.build import load_data
+from iisan.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+# The README's top-level sections, in order (a heading matches when it starts with the name).
+SECTIONS = ["Two commands", "The pipeline", "Running the paper's experiments", "Using a trained run",
+            "Command line", "The protocol", "Where this differs from the authors' code", "Layout", "Development"]
+AFTER_SECTIONS = ["Citation"]  # allowed after the last one
+INTRO_MAX_LINES = 7  # "what it is": about five lines
+# Notes the project keeps outside the repository; spelled in pieces so that this file does not cite them.
+OUTSIDE = ("design" + ".md", "style" + ".md", "authors_code" + "_spec")
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "demo_data", "build", "dist"}
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^\s*```")
+PATH_IN_CODE = re.compile(r"`((?:iisan|scripts|docs|tests|results|figs|Code_Cached|Code_Uncached|Dataset)/"
+                          r"[\w./-]+\.(?:py|md|sh|json|png))`")
+
+
+def prose_lines(path: Path) -> list[str]:
+    """The lines of a markdown file outside fenced code blocks."""
+    lines, inside = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            lines.append(line)
+    return lines
+
+
+def section(path: Path, title: str) -> str:
+    """The text of the ``## title...`` section (up to the next ``## ``)."""
+    text = path.read_text(encoding="utf-8")
+    found = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert found, f"{path.name} has no section '## {title}'"
+    return found.group(1)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def repository_files() -> list[Path]:
+    """Tracked files (git), or every file outside build and environment folders when not a checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        files = [ROOT / name for name in out.decode().split("\0") if name]
+        if files:
+            return [f for f in files if f.is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return [p for p in ROOT.rglob("*") if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+
+
+# --------------------------------------------------------------------------------------------------
+# structure of the README
+
+
+def test_readme_sections_come_in_the_newcomers_order():
+    headings = [line[3:].strip() for line in prose_lines(README) if line.startswith("## ")]
+    names = [next((s for s in SECTIONS + AFTER_SECTIONS if h.startswith(s)), h) for h in headings]
+    assert names[: len(SECTIONS)] == SECTIONS, f"README sections {names}, expected {SECTIONS} first"
+    assert all(n in AFTER_SECTIONS for n in names[len(SECTIONS):]), f"unexpected trailing sections {names}"
+
+
+def test_readme_opens_with_a_short_statement_of_what_it_is():
+    lines = prose_lines(README)
+    assert lines[0] == "# IISAN"
+    intro = [line for line in lines[1: next(i for i, line in enumerate(lines) if line.startswith("## "))]
+             if line.strip()]
+    assert 3 <= len(intro) <= INTRO_MAX_LINES, f"the opening paragraph has {len(intro)} lines"
+
+
+def test_readme_layout_names_every_module_and_only_real_files():
+    block = re.search(r"```\n(.*?)```", section(README, "Layout"), re.S).group(1)
+    named = set(re.findall(r"[\w-]+\.(?:py|sh)", block))
+    modules = {p.name for p in (ROOT / "iisan").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    scripts = {p.name for d in ("scripts", "Code_Cached", "Code_Uncached", "Dataset") for p in (ROOT / d).rglob("*")
+               if p.suffix in (".py", ".sh")}
+    assert not modules - named, f"README layout misses modules {sorted(modules - named)}"
+    assert not (scripts - named), f"README layout misses scripts {sorted(scripts - named)}"
+    unknown = named - modules - scripts - {"__init__.py", "__main__.py"}
+    assert not unknown, f"README layout names files that do not exist: {sorted(unknown)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# links and references
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    broken = []
+    for line in prose_lines(doc):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                anchors = {slug(h.lstrip("#")) for h in prose_lines(file) if h.startswith("#")}
+                if anchor not in anchors:
+                    broken.append(f"{target} (no heading '{anchor}')")
+        for path in PATH_IN_CODE.findall(line):
+            if not (ROOT / path).exists():
+                broken.append(f"`{path}` (no such file)")
+    assert not broken, f"{doc.relative_to(ROOT)}: broken links: {', '.join(broken)}"
+
+
+def test_no_file_cites_notes_outside_the_repository():
+    cited = []
+    for path in repository_files():
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:  # binary (figures)
+            continue
+        text = data.decode("utf-8", errors="replace").lower()
+        for number, line in enumerate(text.splitlines(), 1):
+            cited += [f"{path.relative_to(ROOT)}:{number}: {name}" for name in OUTSIDE if name in line]
+    assert not cited, "files cite notes outside the repository:\n" + "\n".join(cited)
+
+
+def test_link_checks_catch_a_broken_link_and_a_missing_anchor(tmp_path):
+    doc = tmp_path / "a.md"
+    doc.write_text("# Title\n\n## Some section\n\n[ok](#some-section) [bad](#nowhere) [gone](b.md)\n"
+                   "```\n[inside a code block](c.md)\n```\n")
+    links = [t for line in prose_lines(doc) for t in LINK.findall(line)]
+    assert links == ["#some-section", "#nowhere", "b.md"]
+    assert slug("Some section") == "some-section" and slug("Where this differs from the authors' code") == \
+        "where-this-differs-from-the-authors-code"
+
+
+# --------------------------------------------------------------------------------------------------
+# the README's example
+
+
+def test_readme_example_rebuilds_a_run_and_reproduces_its_test_metrics(tiny_config, tiny_cache, tmp_path,
+                                                                      monkeypatch):
+    code = re.search(r"```python\n(.*?)```", section(README, "Using a trained run"), re.S).group(1)
+    run_line = re.search(r'^run = "(.*)"$', code, re.M)
+    assert run_line, "the example names its run folder in a line `run = \"...\"`"
+    cfg = tiny_config(cache_dir=tiny_cache, epochs=1, out_dir=str(tmp_path / Path(run_line.group(1)).parent),
+                      run_name=Path(run_line.group(1)).name)
+    results = train(cfg)
+    history = load_data(cfg).item_ids[1:4]  # three ids the tiny data set holds
+    code = re.sub(r"^history = \[.*?\]", f"history = {history!r}", code, count=1, flags=re.M)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    metrics, top = [ast.literal_eval(line) for line in out.getvalue().splitlines()]
+    saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    assert metrics == pytest.approx(saved["test"], abs=1e-9)
+    assert len(top) == 10 and not set(top) & set(history) and set(top) <= set(load_data(cfg).item_ids[1:])
