@@ -32,8 +32,8 @@ SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "ru
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^\s*```")
-PATH_IN_CODE = re.compile(r"`((?:iisan|scripts|docs|tests|results|figs|Code_Cached|Code_Uncached|Dataset)/"
-                          r"[\w./-]+\.(?:py|md|sh|json|png))`")
+# Source files named in backticks must exist (outputs, e.g. under results/, may not exist yet).
+PATH_IN_CODE = re.compile(r"`((?:iisan|scripts|docs|tests|Code_Cached|Code_Uncached|Dataset)/[\w./-]+\.(?:py|md|sh))`")
 
 
 def prose_lines(path: Path) -> list[str]:
