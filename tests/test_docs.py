@@ -158,13 +158,14 @@ def test_link_checks_catch_a_broken_link_and_a_missing_anchor(tmp_path):
 def test_readme_example_rebuilds_a_run_and_reproduces_its_test_metrics(tiny_config, tiny_cache, tmp_path,
                                                                       monkeypatch):
     code = re.search(r"```python\n(.*?)```", section(README, "Using a trained run"), re.S).group(1)
-    run_line = re.search(r'^run = "(.*)"$', code, re.M)
-    assert run_line, "the example names its run folder in a line `run = \"...\"`"
-    cfg = tiny_config(cache_dir=tiny_cache, epochs=1, out_dir=str(tmp_path / Path(run_line.group(1)).parent),
-                      run_name=Path(run_line.group(1)).name)
+    run_dir = re.search(r'"(demo_data/runs/[^"]+)"', code)
+    assert run_dir, "the example names a run folder under demo_data/runs/"
+    cfg = tiny_config(cache_dir=tiny_cache, epochs=1, out_dir=str(tmp_path / Path(run_dir.group(1)).parent),
+                      run_name=Path(run_dir.group(1)).name)
     results = train(cfg)
     history = load_data(cfg).item_ids[1:4]  # three ids the tiny data set holds
-    code = re.sub(r"^history = \[.*?\]", f"history = {history!r}", code, count=1, flags=re.M)
+    code, replaced = re.subn(r'\["I\d+"(?:, "I\d+")*\]', repr(history), code)
+    assert replaced == 1, "the example's history is one list of item ids"
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
