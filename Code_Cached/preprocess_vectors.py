@@ -20,10 +20,12 @@ def extra_arguments(parser):
     parser.add_argument("--all-items", action="store_true", help="every row of the items file")
     parser.add_argument("--all-layers", action="store_true",
                         help="every hidden state of each encoder: one cache for any --text-layers / --image-layers")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
 
 
 def action(cfg, args):
-    return build_cache_from_config(cfg, dtype=args.dtype, all_items=args.all_items, all_layers=args.all_layers)
+    return build_cache_from_config(cfg, dtype=args.dtype, all_items=args.all_items, all_layers=args.all_layers,
+                                   overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

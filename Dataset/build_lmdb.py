@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
 from iisan.console import entry_point, setup_logging  # noqa: E402
-from iisan.data.images import build_image_lmdb  # noqa: E402
+from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
 from iisan.experiments.presets import dataset_paths  # noqa: E402
 

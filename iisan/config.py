@@ -9,8 +9,11 @@ checkpoint and results file (``Config.to_dict``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +27,13 @@ def _opt(default, help: str, choices: tuple | None = None):
 
 
 METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
+# Default encoder folders, relative to the repository (not to the working directory: see
+# ``model.encoder_files.resolve_model_path``).
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
+LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # The paper's names, used in results files and tables.
 METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
@@ -50,12 +60,20 @@ class Config:
     min_seq_len: int = _opt(5, "users with fewer interactions are skipped (counted and logged)")
     title_tokens: int = _opt(30, "title length in tokens, [CLS] and [SEP] included")
     allow_empty_titles: bool = _opt(False, "accept empty titles (MicroLens) instead of rejecting the file")
+    encoding: str = _opt("utf-8", "text encoding of the users and items files (e.g. latin-1)")
+    merge_duplicate_users: bool = _opt(
+        False, "join the lines of a user id that appears on several lines of the users file (in file order) "
+        "instead of rejecting the file"
+    )
     rank_repeated_targets: bool = _opt(
         False, "keep a target that repeats a history item rankable (paper: masked, so always a miss)"
     )
     # --- encoders ----------------------------------------------------------------------------------
-    text_model: str = _opt("pretrained_models/bert-base-uncased", "text encoder folder or hub id")
-    image_model: str = _opt("pretrained_models/vit-base-patch16-224", "image encoder folder or hub id")
+    text_model: str = _opt(DEFAULT_MODELS["text"], "text encoder folder (a Hub id with --allow-download); "
+                           "the default is under the repository")
+    image_model: str = _opt(DEFAULT_MODELS["image"], "image encoder folder (a Hub id with --allow-download)")
+    allow_download: bool = _opt(False, "let a --text-model / --image-model that is not a folder be fetched "
+                                "from the Hugging Face Hub (never runs code from it)")
     text_layers: tuple[int, ...] | None = _opt(
         None, "hidden-state indices fed to the text SAN (0 = embeddings); default: group selection"
     )
@@ -158,6 +176,7 @@ class Config:
         for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        self.validate_boundaries()
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"drop_rate={self.drop_rate} must be in [0, 1)")
         if self.gate_temperature <= 0:
@@ -180,6 +199,26 @@ class Config:
         if self.method != "iisan" and self.feed == "cached":
             # Baselines train through the backbones, so their states cannot be cached.
             self.feed = "live"
+
+    def validate_boundaries(self) -> None:
+        """Values that would otherwise fail deep inside a run, or quietly do harm there."""
+        for name in LEARNING_RATES:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value} must be a finite, positive learning rate")
+        for name in ("gate_temperature", "lora_alpha", "drop_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number")
+        if self.run_name and (self.run_name in (".", "..") or Path(self.run_name).name != self.run_name
+                              or "\\" in self.run_name or "\0" in self.run_name):
+            raise ConfigError(f"run_name={self.run_name!r} must be a single folder name (no '/', '\\', '.' or "
+                              "'..'); run folders go under --out-dir")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.title_tokens < MIN_TITLE_TOKENS:
+            raise ConfigError(f"title_tokens={self.title_tokens} must be at least {MIN_TITLE_TOKENS} "
+                              "(the tokenizer's [CLS] and [SEP] are counted)")
+        check_encoding(self.encoding)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -214,6 +253,16 @@ class Config:
             raise ConfigError(f"{path}: expected a JSON object of config keys")
         cls.from_dict(values, source=str(path))  # validates keys and values
         return values
+
+
+def check_encoding(encoding: str) -> None:
+    """``--encoding``: a text encoding Python knows."""
+    try:
+        known = codecs.lookup(encoding)._is_text_encoding
+    except LookupError:
+        known = False
+    if not known:
+        raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
 
 
 def _coerce(name: str, value, hint):

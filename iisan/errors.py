@@ -54,6 +54,12 @@ class GridError(UserError, RuntimeError):
     """Some points of a grid of runs failed (each was reported as it failed; the others ran)."""
 
 
+class OutputError(UserError, OSError):
+    """An output that cannot be written: a path this project did not create (never replaced), one of the
+    command's inputs, a path another process is writing, or a failed write (disk full, read-only,
+    permission); names the path. Temporary files are removed and earlier outputs left as they were."""
+
+
 class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to
     resume. Not a ``UserError``: the command line exits 130 with it, not 2."""

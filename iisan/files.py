@@ -1,43 +1,217 @@
-"""Writing files so that readers never see half of one: a temporary name beside the target, renamed
-into place when complete (``os.replace`` is atomic on one filesystem) and removed when the write fails.
-Also the digests that name what a file holds."""
+"""Writing outputs so that nothing is lost: what the project may replace, how it writes, and one writer
+at a time.
+
+- Atomic writes (``atomic_path``): a fresh hidden name beside the target (never an existing file),
+  renamed into place (``os.replace`` is atomic on one filesystem) when complete and removed when the
+  write fails. A failed write (disk full, read-only, permission) is one ``OutputError`` naming the
+  target; whatever was there before is untouched.
+- Claims (``claim_output``): an output path that exists is replaced only when it is this project's own
+  artifact and the user asked for it (``--overwrite``), and never when it is, or contains, an input.
+- Locks (``OutputLock``): one process at a time writes an output; the OS drops the lock when its holder
+  dies, even by SIGKILL, so a crash never leaves a stale lock behind.
+- Digests that name what a file holds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import secrets
+import shutil
+import socket
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from .errors import OutputError, UserError
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its writes' I/O errors as its own type
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp$")
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """``.<name>.<pid>-<random>.tmp`` beside ``path``: hidden, and a name nothing else uses, so removing
+    it after a failure never removes anything this process did not create."""
+    path = Path(path)
+    while True:
+        candidate = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        if not os.path.lexists(candidate):
+            return candidate
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporary siblings of ``path`` left by writers that died (call it while holding the lock of
+    ``path``: then no live writer owns one)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return [p for p in path.parent.iterdir()
+            if (m := TEMPORARY.match(p.name)) and m.group("name") == path.name]
+
+
+def remove(path: Path) -> None:
+    """Remove a file or folder this process created (a temporary), quietly."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def failure_reason(err: BaseException) -> str:
+    """The operating system's words for a failed write: 'No space left on device', 'Permission denied'."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    found = re.search(r'message: "([^"]+)"', text) or re.search(r"error: ([^:()]+?) \(os error \d+\)", text)
+    return found.group(1) if found else text.splitlines()[0] if text else type(err).__name__
+
+
+def write_failure(path: str | Path, err: BaseException) -> OutputError:
+    return OutputError(f"could not write {path}: {failure_reason(err)}")
 
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds,
-    removed when it fails."""
+    """A fresh temporary path beside ``path`` to write to (a file or a folder); renamed onto ``path``
+    when the block succeeds, removed when it fails. A failed write becomes one ``OutputError`` naming
+    ``path``, which keeps whatever it held before."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
         yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            remove(tmp)
+        if isinstance(err, WRITE_ERRORS) and not isinstance(err, UserError):
+            raise write_failure(path, err) from None
         raise
-    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    return Path(path)
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------------
+# what may be replaced
+
+
+def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag: str) -> None:
+    """An ``OutputError`` when ``output`` is, or contains, one of ``inputs`` (empty ones are skipped)."""
+    out = Path(output).expanduser().resolve()
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == out or out in source.parents:
+            relation = "is" if source == out else "contains"
+            raise OutputError(f"{flag} {output} {relation} the input {given}; write the output somewhere else")
+
+
+def claim_output(path: str | Path, owned: Callable[[Path], bool], what: str, flag: str, overwrite: bool) -> bool:
+    """Whether ``path`` exists and may be replaced. It may when it is this project's own ``what``
+    (``owned(path)``) and ``overwrite`` is set; anything else that exists is refused with one line."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink():
+        raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
+    if not owned(path):
+        raise OutputError(f"{flag} {path} exists and is not {what}; IISAN replaces only what it wrote itself, "
+                          "so choose another path or move that one away")
+    if not overwrite:
+        raise OutputError(f"{flag} {path} already holds {what}; pass --overwrite to replace it")
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# one writer at a time
+
+
+class OutputLock:
+    """An exclusive lock on the file ``path`` (beside or inside the output it guards), taken with
+    ``acquire`` and given back with ``release`` (or as a context manager).
+
+    The holder writes its pid and host into the file, for the message another process gets. Released,
+    the file is removed; a process that opened it just before checks, once it holds the lock, that the
+    file it locked is still the one at ``path`` and otherwise tries again."""
+
+    def __init__(self, path: str | Path, what: str, hint: str = "wait for it to finish"):
+        self.path, self.what, self.hint = Path(path), what, hint
+        self.handle = None
+
+    def acquire(self) -> OutputLock:
+        try:
+            import fcntl  # POSIX only; elsewhere outputs go unlocked
+        except ImportError:  # not POSIX: no lock
+            return self
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+")
+            except OSError as err:
+                raise write_failure(self.path, err) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise OutputError(f"{self.what} is in use by {holder}; {self.hint}") from None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(handle.fileno()), current):
+                break
+            handle.close()  # the previous holder removed the file between our open and our lock
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: see the class docstring
+            self.handle.close()
+            self.handle = None
+
+    close = release
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# digests
 
 
 def sha256(path: str | Path) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iisan.config import Config
-from iisan.data.images import build_image_lmdb
+from iisan.data.image_build import build_image_lmdb
 from iisan.data.interactions import read_items
 from iisan.data.synthetic import generate
 from iisan.model.tiny import vocabulary, write_bert, write_vit

@@ -66,8 +66,8 @@ def test_missing_model_folder_from_the_command_line(tiny, tmp_path, capsys):
               "--text-model", str(tmp_path / "missing-bert"), "--towers", "text", "--no-progress"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"iisan: error: model folder '{tmp_path / 'missing-bert'}' does not exist " \
-                  "(see pretrained_models/README.md)"
+    assert err == f"iisan: error: model folder '{tmp_path / 'missing-bert'}' does not exist; put the model " \
+                  "there (see pretrained_models/README.md), or pass --allow-download to fetch a Hugging Face Hub id"
 
 
 def test_entry_script_rejects_unknown_flags():

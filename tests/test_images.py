@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iisan.data.images import ImageStore, build_image_lmdb, decode_record, encode_record
-from iisan.errors import ImageStoreError
+from iisan.data.image_build import build_image_lmdb
+from iisan.data.images import ImageStore, decode_record, encode_record
+from iisan.errors import ImageStoreError, OutputError
 
 
 def test_record_round_trip_and_rejects_garbage():
@@ -50,10 +51,15 @@ def test_store_errors_name_the_path(tmp_path):
 
 
 def test_rebuilding_a_store_in_the_same_process_serves_the_new_images(tmp_path):
-    from iisan.data.images import write_image_lmdb
+    from iisan.data.image_build import write_image_lmdb
 
     path = tmp_path / "db.lmdb"
     write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 7, np.uint8), None), size=4, progress=False)
     assert (ImageStore(path).get(["a"])[0] == 7).all()
-    write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 9, np.uint8), None), size=4, progress=False)
+    with pytest.raises(OutputError, match="already holds an IISAN image LMDB; pass --overwrite to replace it"):
+        write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 9, np.uint8), None), size=4, progress=False)
+    assert (ImageStore(path).get(["a"])[0] == 7).all()
+    write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 9, np.uint8), None), size=4, progress=False,
+                     overwrite=True)
     assert (ImageStore(path).get(["a"])[0] == 9).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.lmdb"]  # no temporary, no lock file left

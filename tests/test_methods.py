@@ -140,7 +140,7 @@ def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, tiny_cache):
 def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_config, tiny, tmp_path, caplog):
     import logging
 
-    from iisan.data.images import build_image_lmdb
+    from iisan.data.image_build import build_image_lmdb
     from iisan.data.interactions import read_items
 
     ids = read_items(tiny["items"]).ids

@@ -125,7 +125,8 @@ def test_encoder_without_hidden_states_is_one_line():
 
 
 def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys):
-    """Through AutoModel and ``iisan cache``, as a user would meet it."""
+    """Through AutoModel and ``iisan cache``, as a user would meet it: an architecture IISAN does not list
+    is refused before its weights are read; built directly, its missing states are one line too."""
     import shutil
 
     from transformers import AutoConfig, AutoModel, BertConfig, PreTrainedModel
@@ -159,7 +160,12 @@ def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, cap
               "--text-model", str(folder), "--towers", "text", "--modality", "intra", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any library warnings
     assert info.value.code == 2
-    assert err.startswith(f"iisan: error: {folder} returns no hidden states")
+    assert err.startswith(f"iisan: error: text encoder '{folder}' is a 'iisan_test_nostates' model, which IISAN "
+                          "cannot use as the text tower; supported: albert, bert, ")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=False)
+    encoder = FrozenEncoder(model, "text", (0, 1), name=str(folder))
+    with pytest.raises(EncoderError, match=f"^{folder} returns no hidden states"):
+        encoder.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long))
 
 
 def test_layer_list_beyond_an_encoders_depth_from_the_command_line(tiny, towers, tmp_path, capsys):

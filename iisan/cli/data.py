@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_config_arguments, config_from_args
-from ..data.images import build_image_lmdb
+from ..config import add_config_arguments, check_encoding, config_from_args
+from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
 from ..model.caching import DTYPES, build_cache_from_config
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 
 
 def cmd_data_stats(args) -> None:
-    data = load_dataset(args.users, args.items, args.max_seq_len, args.min_seq_len, args.allow_empty_titles)
+    check_encoding(args.encoding)
+    data = load_dataset(args.users, args.items, args.max_seq_len, args.min_seq_len, args.allow_empty_titles,
+                        args.encoding, args.merge_duplicate_users)
     stats = data.stats()
     print(f"users: {stats['users']:,}")
     print(f"items: {stats['items']:,}")
@@ -22,8 +24,10 @@ def cmd_data_stats(args) -> None:
 
 
 def cmd_build_lmdb(args) -> None:
-    ids = read_items(args.items, allow_empty_titles=True).ids if args.items else None
-    report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension)
+    check_encoding(args.encoding)
+    ids = read_items(args.items, allow_empty_titles=True, encoding=args.encoding).ids if args.items else None
+    report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
+                              overwrite=args.overwrite, inputs=[args.items])
     print(f"stored {report['stored']:,} images in {report['path']} "
           f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
 
@@ -43,7 +47,7 @@ def cmd_make_tiny_models(args) -> None:
 
 def cmd_cache(args) -> None:
     paths = build_cache_from_config(config_from_args(args), dtype=args.dtype, all_items=args.all_items,
-                                    all_layers=args.all_layers)
+                                    all_layers=args.all_layers, overwrite=args.overwrite)
     for modality, path in paths.items():
         print(f"{modality}: {path}")
 
@@ -55,6 +59,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=10)
     p.add_argument("--min-seq-len", type=int, default=5)
     p.add_argument("--allow-empty-titles", action="store_true")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of both files (default: utf-8)")
+    p.add_argument("--merge-duplicate-users", action="store_true",
+                   help="join the lines of a user id that appears on several lines, in file order")
     p.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("build-lmdb", help="store a folder of <item_id>.jpg as a pre-resized image LMDB")
@@ -63,6 +70,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--items", default=None, help="items TSV: store exactly these ids (missing ones as blanks)")
     p.add_argument("--size", type=int, default=224, help="side of the stored square images")
     p.add_argument("--extension", default=".jpg")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
     p.set_defaults(func=cmd_build_lmdb)
 
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
@@ -81,4 +91,6 @@ def add_data_commands(sub) -> None:
     p.add_argument("--all-layers", action="store_true",
                    help="every hidden state of each encoder, so that one cache serves any --text-layers / "
                         "--image-layers choice (runs read only their own layers from it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir built with other "
+                   "settings (a cache built with the same settings is rebuilt in place)")
     p.set_defaults(func=cmd_cache)

@@ -30,7 +30,8 @@ def cmd_fetch_encoders(args) -> None:
 def cmd_import_cache(args) -> None:
     cfg = config_from_args(args, {**BACKBONES, **dataset_paths(args.dataset)})
     paths = import_cache_from_config(cfg, args.source, layers=args.layers, dtype=args.dtype,
-                                     all_items=args.all_items, allow_missing=args.allow_missing)
+                                     all_items=args.all_items, allow_missing=args.allow_missing,
+                                     overwrite=args.overwrite)
     for modality, path in paths.items():
         print(f"{modality}: {path}")
 
@@ -58,5 +59,6 @@ def add_fetch_commands(sub) -> None:
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--allow-missing", action="store_true",
                    help="store items without a file as zero states (counted and listed) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir made with other settings")
     add_config_arguments(p, only=IMPORT_KEYS)
     p.set_defaults(func=cmd_import_cache)

@@ -3,13 +3,17 @@ contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding
 ``cache_build`` (resumable); read and checked here. A cache may hold more layers than a run reads (one
 built with ``--all-layers`` holds every hidden state): the run reads only its own layers from it.
 
-Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash,
-layer indices, width, pooling, dtype, the item-id order of the rows and a fingerprint of the items file.
-Training refuses a cache whose metadata does not match its config and says what differs.
+Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash, the
+digest of the encoder's weight and tokenizer/processor files (with their sizes and times, so checking
+it later reads no weights unless they changed), layer indices, width, pooling, dtype, the item-id order
+of the rows and a fingerprint of the items file. Training refuses a cache whose metadata does not match
+its config and says what differs; the row order must follow the data set's (items-file) order, and
+every row must be finite.
 
 A cache imported from the authors' released states (``cache_import``; metadata ``source=imported``,
-``imported_from``) records no encoder config hash of a local folder: its layers, width, items file
-and item order are checked like any cache's, its encoder's identity is not (it is logged as imported).
+``imported_from``) records no encoder config hash or weights digest of a local folder: its layers,
+width, items file, item order and finite rows are checked like any cache's, its encoder's identity is
+not (it is logged as imported).
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ def cache_file(cache_dir: str | Path, modality: str) -> Path:
     return Path(cache_dir) / f"{modality}.safetensors"
 
 
-def encoder_config_hash(name: str) -> str | None:
-    """Hash of the encoder folder's config.json (None for a hub id or a folder without one)."""
-    path = Path(name).expanduser() / "config.json"
-    if not path.is_file():
+REQUIRED = ("modality", "encoder", "encoder_config", "encoder_weights", "layers", "width", "depth", "dtype",
+            "items_file", "items_fingerprint", "item_ids")
+
+
+def encoder_config_hash(folder: str | Path | None) -> str | None:
+    """Hash of an encoder folder's config.json (None without a folder or a config)."""
+    path = Path(folder) / "config.json" if folder else None
+    if path is None or not path.is_file():
         return None
     config = json.loads(path.read_text())
     for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
@@ -56,7 +64,41 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
+    # an imported cache has no local encoder folder whose weights it could record (module docstring)
+    exempt = {"encoder_weights"} if meta.get("source") == "imported" else set()
+    missing = [key for key in REQUIRED if key not in meta and key not in exempt]
+    if missing:
+        raise CacheError(f"cache {path} lacks the metadata {', '.join(missing)} (damaged, or built by an earlier "
+                         "version of IISAN); rebuild it with `iisan cache --overwrite`")
+    for key, kind in (("layers", int), ("item_ids", str)):
+        try:
+            values = json.loads(meta[key])
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            raise CacheError(f"cache {path}: its metadata {key!r} is not a JSON list of {kind.__name__}s (damaged); "
+                             "rebuild it with `iisan cache --overwrite`")
+    try:
+        files = json.loads(meta.get("encoder_files", "{}"))
+    except json.JSONDecodeError:
+        files = None
+    if not isinstance(files, dict):
+        raise CacheError(f"cache {path}: its metadata 'encoder_files' is not a JSON object (damaged); rebuild it "
+                         "with `iisan cache --overwrite`")
+    if not meta["width"].isdigit() or not meta["depth"].isdigit():
+        raise CacheError(f"cache {path}: its metadata width {meta['width']!r} / depth {meta['depth']!r} are not "
+                         "integers (damaged); rebuild it with `iisan cache --overwrite`")
     return meta
+
+
+def is_cache_file(path: Path) -> bool:
+    """Whether ``path`` is a cache file this project wrote (its format record; its other metadata may be
+    damaged or old)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file: safetensors raises its own error types
+        return False
 
 
 def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
@@ -75,10 +117,15 @@ def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
     if expected.get("encoder_config") and meta.get("encoder_config") and \
             meta["encoder_config"] != expected["encoder_config"]:
         differences.append(f"encoder {meta['encoder']} (config's encoder {expected.get('encoder', '')} differs)")
+    elif expected.get("encoder_weights") and meta.get("source") != "imported" and \
+            meta["encoder_weights"] != expected["encoder_weights"]:
+        differences.append(f"encoder {meta['encoder']} with weights digest {meta['encoder_weights'][:16]} (the "
+                           f"weights of {expected.get('encoder', '')} now have {expected['encoder_weights'][:16]})")
     if "modality" in expected and meta["modality"] != expected["modality"]:
         differences.append(f"modality {meta['modality']} (expected {expected['modality']})")
     if differences:
-        raise CacheError(f"cache {path} was built for " + "; ".join(differences) + " — rebuild it with `iisan cache`")
+        raise CacheError(f"cache {path} was built for " + "; ".join(differences)
+                         + " — rebuild it with `iisan cache --overwrite`")
 
 
 def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
@@ -97,16 +144,33 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
         example = dataset_item_ids[absent[0]]
         raise CacheError(f"cache {path} lacks {len(absent)} of the data set's items (e.g. {example!r}); "
                          "rebuild it for this data set")
+    positions = rows[1:]
+    if len(positions) > 1 and (np.diff(positions) <= 0).any():
+        raise CacheError(f"cache {path} lists its item ids in another order than the data set's items file "
+                         f"({meta['items_file']}); its rows cannot be trusted: rebuild it with "
+                         "`iisan cache --overwrite`")
     layers = json.loads(meta["layers"])
-    positions = [layers.index(layer) for layer in expected.get("layers", layers)]
-    with safe_open(str(path), framework="pt") as fh:
-        stored = fh.get_slice("states")
-        shape = tuple(stored.get_shape())
-        if shape[1:] != (len(layers), int(meta["width"])):
-            raise CacheError(f"cache {path} holds states of shape {shape}, but its metadata says "
-                             f"{len(layers)} layers x width {meta['width']}; rebuild it with `iisan cache`")
-        if positions == list(range(len(layers))):
-            states = stored[:]
-        else:  # read only the layers asked for, one (items, 1, width) slice each
-            states = torch.cat([stored[:, p : p + 1] for p in positions], dim=1)
-    return states[torch.from_numpy(rows)], meta
+    picked = [layers.index(layer) for layer in expected.get("layers", layers)]
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            stored = fh.get_slice("states")
+            shape = tuple(stored.get_shape())
+            if shape[1:] != (len(layers), int(meta["width"])) or shape[0] != len(order) + 1:
+                raise CacheError(f"cache {path} holds states of shape {shape}, but its metadata says "
+                                 f"{len(order) + 1} rows x {len(layers)} layers x width {meta['width']}; rebuild "
+                                 "it with `iisan cache --overwrite`")
+            if picked == list(range(len(layers))):
+                states = stored[:]
+            else:  # read only the layers asked for, one (items, 1, width) slice each
+                states = torch.cat([stored[:, p : p + 1] for p in picked], dim=1)
+    except CacheError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CacheError(f"cache file {path} is unreadable: {err}") from None
+    table = states[torch.from_numpy(rows)]
+    finite = torch.isfinite(table.flatten(1)).all(1)
+    if not finite.all():
+        row = int(torch.nonzero(~finite)[0])
+        raise CacheError(f"cache {path}: the states of item {dataset_item_ids[row]!r} are not finite (NaN or inf; "
+                         f"{int((~finite).sum())} item(s) in all); rebuild it with `iisan cache --overwrite`")
+    return table, meta

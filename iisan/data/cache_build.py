@@ -33,7 +33,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..errors import CacheError
+from ..errors import CacheError, OutputError
+from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import cache_file
 
@@ -67,12 +68,10 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
         offset += sizes[name]
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' writer pads it
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     written = dict.fromkeys(specs, 0)
     order = iter(sorted(specs))
     current = next(order, None)
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name, block in parts:
             while current is not None and written[current] == sizes[current]:
@@ -80,10 +79,8 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
             if name != current or block.dtype != specs[name][0]:
                 raise ValueError(f"{path}: got a {block.dtype} block of {name!r} while writing {current!r}")
             written[name] += fh.write(_raw(block))
-    if written != sizes:
-        tmp.unlink()
-        raise ValueError(f"{path}: wrote {written} bytes, the header declares {sizes}")
-    os.replace(tmp, path)
+        if written != sizes:
+            raise ValueError(f"{path}: wrote {written} bytes, the header declares {sizes}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,21 +98,31 @@ class ShardDir:
         return self.path / f"chunk-{k:06d}.safetensors"
 
     def open(self) -> None:
-        """Keep the shards of an interrupted build with the same settings; discard any others."""
-        manifest = self.path / "manifest.json"
-        if manifest.is_file():
-            try:
-                same = json.loads(manifest.read_text()) == self.manifest
-            except json.JSONDecodeError:
-                same = False
-            if same:
+        """Keep the shards of an interrupted build with the same settings; discard those of a build with
+        other settings. Anything else found at the sidecar's path is not ours, and is refused."""
+        if os.path.lexists(self.path):
+            found = self.found_manifest()
+            if found == self.manifest:
                 return
+            if found is None and not (self.path.is_dir() and not self.path.is_symlink() and
+                                      not any(self.path.iterdir())):
+                raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
+                                  "manifest); IISAN replaces only what it wrote itself: move it away")
             log.info("%s holds a partial build for other settings; discarding it", self.path)
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        tmp = manifest.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1) + "\n")
-        os.replace(tmp, manifest)
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as err:
+            raise write_failure(self.path, err) from None
+        write_json_atomic(self.path / "manifest.json", self.manifest)
+
+    def found_manifest(self) -> dict | None:
+        """The manifest of the build in progress at ``path`` (None when there is none of ours)."""
+        try:
+            found = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 
     def done(self, k: int, ids: np.ndarray) -> bool:
         """Shard k exists, is readable and covers exactly ``ids`` (a torn or stray file is redone)."""
@@ -175,6 +182,9 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     key = hashlib.sha256(json.dumps([metadata, chunk_size], sort_keys=True).encode()).hexdigest()
     shards = ShardDir(out_dir, key, n_chunks, chunk_size)
     shards.open()
+    for m in shapes:  # left by a build that was killed while writing (the caller holds the folder's lock)
+        for stale in stale_temporaries(cache_file(out_dir, m)):
+            remove(stale)
     todo = [k for k in range(n_chunks) if not shards.done(k, chunk_ids[k])]
     if len(todo) < n_chunks:
         log.info("resuming the cache build in %s: %d of %d chunks already done", shards.path,

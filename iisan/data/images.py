@@ -2,28 +2,22 @@
 
 Images are stored already converted to RGB and resized to ``size x size`` (the authors resize at train
 time with bilinear squashing, aspect ratio not kept; we do the same once, at build time), so training
-decodes no JPEG. Missing, unreadable or corrupt images are stored as a flagged blank (zeros), counted,
-listed in a report file, and never stop the build.
+decodes no JPEG. The record format and reading are here; building is in ``image_build``. A store that
+is not one, a damaged metadata record or a record shorter than its header is one line naming the path.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from ..errors import ImageStoreError
-
-log = logging.getLogger(__name__)
 
 MAGIC = b"IIM1"
 HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
@@ -47,86 +41,6 @@ def decode_record(value: bytes, key: str = "?") -> tuple[np.ndarray, bool]:
     return pixels, bool(flags & FLAG_BLANK)
 
 
-def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``)."""
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
-
-
-def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
-                     progress: bool = True, source: str = "") -> list[tuple[str, str]]:
-    """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
-    record with a problem is stored as a flagged blank. Built beside the target and renamed into place.
-    Returns the (item_id, problem) list."""
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    record = HEADER.size + size * size * 3
-    map_size = int(len(item_ids) * (record + 512) * 1.2) + (64 << 20)
-    problems: list[tuple[str, str]] = []
-    env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False, readahead=False, meminit=False)
-    try:
-        txn = env.begin(write=True)
-        bar = tqdm(item_ids, desc="images", unit="img", disable=None if progress else True)
-        for n, item_id in enumerate(bar, 1):
-            pixels, problem = pixels_of(item_id)
-            if problem:
-                problems.append((item_id, problem))
-                pixels = np.zeros((size, size, 3), dtype=np.uint8)
-            txn.put(item_id.encode("utf-8"), encode_record(pixels, blank=problem is not None))
-            if n % 2000 == 0:
-                txn.commit()
-                txn = env.begin(write=True)
-        meta = {"format": "iisan-images/1", "count": len(item_ids), "size": size, "blank": len(problems),
-                "source": source}
-        txn.put(META_KEY, json.dumps(meta).encode())
-        txn.commit()
-    finally:
-        env.close()
-    stale = _OPEN.pop((str(out_path.resolve()), os.getpid()), None)
-    if stale is not None:  # a reader of the old store in this process must not keep the old files
-        stale.close()
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    os.replace(tmp, out_path)
-    return problems
-
-
-def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
-                     size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True) -> dict:
-    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
-
-    ``item_ids`` defaults to every ``*<extension>`` in the folder. Returns counts; the list of bad
-    items goes to ``<out_path>.report.tsv``."""
-    image_dir, out_path = Path(image_dir), Path(out_path)
-    if not image_dir.is_dir():
-        raise ImageStoreError(f"image folder {image_dir} does not exist")
-    if item_ids is None:
-        item_ids = sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension))
-    if not item_ids:
-        raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
-
-    def pixels_of(item_id: str):
-        path = image_dir / f"{item_id}{extension}"
-        if not path.is_file():
-            return None, "missing"
-        try:
-            return load_image(path, size), None
-        except Exception as err:  # any decoder failure is a bad image, never a stop
-            return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
-
-    problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir))
-    report = out_path.with_name(out_path.name + ".report.tsv")
-    with open(report, "w", encoding="utf-8") as fh:
-        fh.write("item_id\tproblem\n")
-        fh.writelines(f"{item_id}\t{why}\n" for item_id, why in problems)
-    if problems:
-        log.warning("%d of %d images missing or unreadable, stored as flagged blanks; list in %s",
-                    len(problems), len(item_ids), report)
-    return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
-
-
 _OPEN: dict[tuple[str, int], lmdb.Environment] = {}
 
 
@@ -134,8 +48,42 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     """One handle per (path, process): LMDB refuses to open a path twice in one process."""
     key = (str(path.resolve()), os.getpid())
     if key not in _OPEN:
-        _OPEN[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+        try:
+            _OPEN[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False,
+                                   max_readers=512)
+        except lmdb.Error as err:
+            raise ImageStoreError(f"{path} is not a readable LMDB ({err}); build it with `iisan build-lmdb`") from None
     return _OPEN[key]
+
+
+def close_reader(path: Path) -> None:
+    """Drop this process's handle on ``path`` (before the store there is replaced)."""
+    stale = _OPEN.pop((str(Path(path).resolve()), os.getpid()), None)
+    if stale is not None:
+        stale.close()
+
+
+def read_meta(path: Path) -> dict | None:
+    """The metadata record of the image LMDB at ``path``: None when there is none (not one of ours)."""
+    opened = _open_readonly(path)
+    with opened.begin() as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(bytes(raw))
+        meta["size"] = int(meta["size"])
+    except (ValueError, KeyError, TypeError):
+        raise ImageStoreError(f"{path}: the metadata record {META_KEY.decode()!r} is damaged; rebuild the store with "
+                              "`iisan build-lmdb --overwrite`") from None
+    return meta
+
+
+def _header(value, path: Path, item_id: str) -> tuple:
+    if len(value) < HEADER.size:
+        raise ImageStoreError(f"{path}: image {item_id!r} is truncated ({len(value)} bytes, shorter than its "
+                              f"{HEADER.size}-byte header); rebuild the store with `iisan build-lmdb --overwrite`")
+    return HEADER.unpack_from(value)
 
 
 class ImageStore:
@@ -146,16 +94,17 @@ class ImageStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ImageStoreError(f"image LMDB {self.path} is a file; expected the folder `iisan build-lmdb` writes")
         if not self.path.is_dir():
             raise ImageStoreError(f"image LMDB {self.path} does not exist (build it with `iisan build-lmdb`)")
         self._env = None
         self._pid = None
-        with self._txn() as txn:
-            raw = txn.get(META_KEY)
-        if raw is None:
+        meta = read_meta(self.path)
+        if meta is None:
             raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
-        self.meta = json.loads(bytes(raw))
-        self.size = int(self.meta["size"])
+        self.meta = meta
+        self.size = meta["size"]
 
     @contextmanager
     def _txn(self, buffers: bool = False):
@@ -185,7 +134,7 @@ class ImageStore:
                     out[i] = 0
                     blank[i] = True
                     continue
-                magic, flags, h, w, c = HEADER.unpack_from(value)
+                magic, flags, h, w, c = _header(value, self.path, item_id)
                 if magic != MAGIC or len(value) != record or (h, w, c) != shape[1:]:
                     raise ImageStoreError(f"{self.path}: image {item_id!r} is not a {shape[1:]} IISAN image record")
                 np.copyto(out[i], np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c))
@@ -205,6 +154,6 @@ class ImageStore:
                 value = txn.get(item_id.encode("utf-8"))
                 if value is None:
                     missing.append(item_id)
-                elif HEADER.unpack_from(value)[1] & FLAG_BLANK:
+                elif _header(value, self.path, item_id)[1] & FLAG_BLANK:
                     flagged.append(item_id)
         return missing, flagged

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import file_fingerprint
 from .microlens import read_pairs_csv, read_titles_csv
+from .textfile import check_item_id, decoded_lines
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,19 @@ class ItemCatalog:
         return len(self.ids)
 
 
-def read_items(path: str | Path, allow_empty_titles: bool = False) -> ItemCatalog:
+def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str = "utf-8") -> ItemCatalog:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"items file {path} does not exist")
+    _check_file(path, "items")
     ids: list[str] = []
     titles: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, item_id, title in _item_rows(path):
+    for lineno, item_id, title in _item_rows(path, encoding):
         item_id = item_id.strip()
         if not item_id:
             raise DataError(f"{path}:{lineno}: empty item id")
         if item_id in seen:
             raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
+        check_item_id(item_id, f"{path}:{lineno}")
         if not title.strip() and not allow_empty_titles:
             raise DataError(
                 f"{path}:{lineno}: empty title for item {item_id!r} (pass --allow-empty-titles to accept)"
@@ -62,40 +63,59 @@ def read_items(path: str | Path, allow_empty_titles: bool = False) -> ItemCatalo
     return ItemCatalog(str(path), ids, titles, file_fingerprint(path))
 
 
-def _item_rows(path: Path):
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise DataError(f"{what} file {path} is a folder, expected a file")
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist")
+
+
+def _item_rows(path: Path, encoding: str):
     """``(line, item_id, title)`` of an items file: ``item_id<TAB>title``, or MicroLens' ``item,title``
     CSV (``.csv``, see ``data.microlens``)."""
     if path.suffix.lower() == ".csv":
-        yield from read_titles_csv(path)
+        yield from read_titles_csv(path, encoding)
         return
-    yield from tab_lines(path, "item_id<TAB>title")
+    yield from tab_lines(path, "item_id<TAB>title", encoding)
 
 
-def tab_lines(path: Path, expected: str):
+def tab_lines(path: Path, expected: str, encoding: str = "utf-8"):
     """``(line, first field, rest)`` of every non-blank line, split at its first tab; a line without a
     tab is an error naming the file, the line and ``expected``."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise DataError(f"{path}:{lineno}: expected {expected}, found no tab")
-            key, rest = line.split("\t", 1)
-            yield lineno, key, rest
+    for lineno, line in decoded_lines(path, encoding):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataError(f"{path}:{lineno}: expected {expected}, found no tab")
+        key, rest = line.split("\t", 1)
+        yield lineno, key, rest
 
 
-def read_users(path: str | Path) -> list[tuple[str, list[str]]]:
-    """``user_id<TAB>item item ...`` lines, or MicroLens' ``user,item,timestamp`` pairs (``.csv``)."""
+def read_users(path: str | Path, encoding: str = "utf-8",
+               merge_duplicates: bool = False) -> list[tuple[str, list[str]]]:
+    """``user_id<TAB>item item ...`` lines, or MicroLens' ``user,item,timestamp`` pairs (``.csv``).
+
+    A user id on two lines is an error naming both, unless ``merge_duplicates``: then the user's items
+    are those of all its lines, in file order."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"users file {path} does not exist")
+    _check_file(path, "users")
     if path.suffix.lower() == ".csv":
-        return read_pairs_csv(path)
-    users = [(user_id, items.split()) for _, user_id, items in tab_lines(path, "user_id<TAB>item item ...")]
+        return read_pairs_csv(path, encoding)
+    users: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding):
+        user_id = user_id.strip()
+        if user_id in users:
+            if not merge_duplicates:
+                raise DataError(f"{path}:{lineno}: user {user_id!r} already has a line ({first_line[user_id]}); "
+                                "pass --merge-duplicate-users to join a user's lines in file order")
+            users[user_id] += items.split()
+            continue
+        users[user_id], first_line[user_id] = items.split(), lineno
     if not users:
         raise DataError(f"users file {path} holds no users")
-    return users
+    return list(users.items())
 
 
 @dataclass
@@ -153,9 +173,10 @@ class SeqRecData:
 
 
 def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: int = 10,
-                 min_seq_len: int = 5, allow_empty_titles: bool = False) -> SeqRecData:
-    catalog = read_items(items_path, allow_empty_titles)
-    raw_users = read_users(users_path)
+                 min_seq_len: int = 5, allow_empty_titles: bool = False, encoding: str = "utf-8",
+                 merge_duplicate_users: bool = False) -> SeqRecData:
+    catalog = read_items(items_path, allow_empty_titles, encoding)
+    raw_users = read_users(users_path, encoding, merge_duplicate_users)
     row_of = {item_id: row for row, item_id in enumerate(catalog.ids)}
     keep = max_seq_len + 3
     if min_seq_len < 3:

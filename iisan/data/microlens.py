@@ -19,6 +19,7 @@ import csv
 from pathlib import Path
 
 from ..errors import DataError
+from .textfile import decoded_lines
 
 USER_COLUMNS = ("user", "userid", "user_id")
 ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
@@ -33,22 +34,21 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
     raise DataError(f"{path}:1: no {what} column in the header {header} (expected one of {', '.join(names)})")
 
 
-def _read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """``(header, [(line number, row)])`` of a CSV file with a header; blank rows skipped."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh))
+    rows = list(csv.reader(line for _, line in decoded_lines(path, encoding, newline="")))
     if not rows:
         raise DataError(f"{what} file {path} is empty")
     return rows[0], [(n, row) for n, row in enumerate(rows[1:], 2) if row and "".join(row).strip()]
 
 
-def read_pairs_csv(path: str | Path) -> list[tuple[str, list[str]]]:
+def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str, list[str]]]:
     """``user,item,timestamp`` rows -> ``[(user_id, items oldest first)]`` in order of first appearance.
 
     Each user's items are sorted by timestamp; ties keep file order (a stable sort)."""
     path = Path(path)
     events: dict[str, list[tuple[float, int, str]]] = {}
-    header, rows = _read_csv(path, "pairs")
+    header, rows = _read_csv(path, "pairs", encoding)
     u = _column(header, USER_COLUMNS, path, "user")
     i = _column(header, ITEM_COLUMNS, path, "item")
     t = _column(header, TIME_COLUMNS, path, "timestamp")
@@ -68,10 +68,10 @@ def read_pairs_csv(path: str | Path) -> list[tuple[str, list[str]]]:
     return [(user, [item for _, _, item in sorted(rows)]) for user, rows in events.items()]
 
 
-def read_titles_csv(path: str | Path) -> list[tuple[int, str, str]]:
+def read_titles_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[int, str, str]]:
     """``item,title`` rows (header, CSV quoting) -> ``[(line, item_id, title)]`` in file order."""
     path = Path(path)
-    header, rows = _read_csv(path, "titles")
+    header, rows = _read_csv(path, "titles", encoding)
     i = _column(header, ITEM_COLUMNS, path, "item")
     t = _column(header, ("title", "title_en", "name"), path, "title")
     titles = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .images import write_image_lmdb
+from .image_build import write_image_lmdb
 
 # Scientific after the protocol: users with 5, 6, ..., 13 kept interactions (counts sum to 12,076).
 SCIENTIFIC_LENGTHS = {5: 4892, 6: 2652, 7: 1465, 8: 895, 9: 609, 10: 356, 11: 300, 12: 208, 13: 699}
@@ -98,7 +98,8 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
             n = row[item_id]
             return np.asarray(draw_item(palette[topic[n]], n, image_size, None), dtype=np.uint8), None
 
-        write_image_lmdb(out / "images.lmdb", item_ids, pixels_of, image_size, progress=False, source="synthetic")
+        write_image_lmdb(out / "images.lmdb", item_ids, pixels_of, image_size, progress=False, source="synthetic",
+                         overwrite=True)  # this folder's own store, regenerated
         paths["lmdb"] = out / "images.lmdb"
     return paths
 

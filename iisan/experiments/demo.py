@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..data.images import build_image_lmdb
+from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
 from ..evaluate import popularity_metrics
@@ -35,7 +35,8 @@ def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True,
     image_model = write_vit(models / "tiny-vit", hidden=64, layers=4, heads=2, image_size=224, patch_size=32,
                             seed=seed)
     lmdb_path = out / "images.lmdb"
-    build_image_lmdb(paths["images"], lmdb_path, read_items(paths["items"]).ids, progress=progress)
+    build_image_lmdb(paths["images"], lmdb_path, read_items(paths["items"]).ids, progress=progress,
+                     overwrite=True)  # the demo folder's own store, rebuilt from the regenerated images
     return {"users": str(paths["users"]), "items": str(paths["items"]), "images": str(lmdb_path),
             "text_model": str(text_model), "image_model": str(image_model)}
 
@@ -73,7 +74,7 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
         method = "IISAN-Versa"
         extra = {"cache_dir": str(Path(out_dir) / "cache-versa"), "run_name": "demo-versa"}
     cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, **extra)
-    build_cache_from_config(cfg, dtype="float32")
+    build_cache_from_config(cfg, dtype="float32", overwrite=True)  # the tiny models change with --seed
     results = train(cfg)
     data = load_data(cfg)
     popular = {split: popularity_metrics(data, split) for split in ("valid", "test")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.images import build_image_lmdb, write_image_lmdb
+from ..data.image_build import build_image_lmdb, write_image_lmdb
 from ..errors import ConfigError
 from ..model.tiny import write_vit
 

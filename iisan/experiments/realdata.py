@@ -53,7 +53,7 @@ def cached_cpu_benchmark(data_dir: Path, epochs: int, work: Path, out: Path, reb
     cache_seconds = None
     if rebuild_cache or not cache_file(cfg.cache_dir, "image").is_file():
         start = time.perf_counter()
-        build_cache_from_config(cfg, dtype="float32")
+        build_cache_from_config(cfg, dtype="float32", overwrite=rebuild_cache)
         cache_seconds = time.perf_counter() - start
     results = train(cfg)
 

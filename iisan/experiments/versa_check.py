@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from ..config import Config
 from ..data.cache import cache_file
-from ..data.images import build_image_lmdb
+from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
 from ..files import write_json_atomic
@@ -42,11 +42,11 @@ def versa_gpu_check(out: Path, work: Path, device: str = "cuda", quick: bool = F
     items = read_items(paths["items"])
     text = write_decoder(work / "llama-fp32", "llama", items.titles, hidden=128, layers=8, heads=4)
     half = work / "llama-bf16"  # LLM checkpoints ship in bf16
-    AutoModel.from_pretrained(text).to(torch.bfloat16).save_pretrained(half)
-    AutoTokenizer.from_pretrained(text).save_pretrained(half)
+    AutoModel.from_pretrained(text, trust_remote_code=False).to(torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(text, trust_remote_code=False).save_pretrained(half)
     image = write_vit(work / "vit", hidden=96, layers=4, heads=4, image_size=64, patch_size=16)
     lmdb = work / "images.lmdb"
-    build_image_lmdb(paths["images"], lmdb, items.ids, size=64, progress=False)
+    build_image_lmdb(paths["images"], lmdb, items.ids, size=64, progress=False, overwrite=True)  # its own work folder
     base = Config(users=str(paths["users"]), items=str(paths["items"]), images=str(lmdb),
                   text_model=str(half), image_model=str(image), encode_batch_size=64, num_workers=2,
                   progress=False,

@@ -14,7 +14,6 @@ towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenize
 from transformers.utils import logging as hf_logging
 
 from ..errors import EncoderError
+from .encoder_files import TEXT_ENCODERS, check_architecture, local_folder, resolve_model_path
 from .patches import patches_as_matmul
 
 log = logging.getLogger(__name__)
@@ -44,29 +44,18 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
                            f"(valid hidden-state indices are 0..{depth})")
 
 
-def resolve_model_path(name: str) -> str:
-    """A folder that exists, or a hub id (``org/name``). A name that looks like a path (it starts with
-    '.', '/' or '~', has more than one '/', or its first part is a local folder) and does not exist is
-    an error naming it."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
-    if not name or not hub_like or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
-        raise EncoderError(f"model folder {name!r} does not exist (see pretrained_models/README.md)")
-    return name  # a hub id; from_pretrained reports if it cannot be fetched
-
-
-def _load(loader, name: str, what: str, **kwargs):
-    path = resolve_model_path(name)
+def _load(loader, name: str, what: str, allow_download: bool = False, **kwargs):
+    """``loader(folder)`` (a transformers ``from_pretrained``) with the folder checked first
+    (``encoder_files``), never running code from it and never fetching anything unless allowed."""
+    path = resolve_model_path(name, allow_download)
     previous = hf_logging.get_verbosity()
     # Loading a classification checkpoint into the bare encoder reports its head as unused and the
     # pooler as missing; both are expected here, so the report is silenced.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return loader(path, **kwargs)
-    except (OSError, ValueError) as err:
+        return loader(path, trust_remote_code=False, local_files_only=not allow_download, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
     finally:
@@ -94,8 +83,11 @@ class EncoderSpec:
     dtype: str = "float32"  # the checkpoint's stored precision (LLMs usually ship in bfloat16)
 
 
-def read_spec(name: str, modality: str) -> EncoderSpec:
-    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+def read_spec(name: str, modality: str, allow_download: bool = False) -> EncoderSpec:
+    """The encoder's architecture, depth, width and stored precision, from its config alone; an
+    architecture IISAN cannot use as this tower is refused here, before any weight is read."""
+    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config", allow_download)
+    check_architecture(config.model_type, modality, name)
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
@@ -106,7 +98,8 @@ def read_spec(name: str, modality: str) -> EncoderSpec:
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device) -> torch.dtype:
+def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device,
+                          allow_download: bool = False) -> torch.dtype:
     """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is
     emulated there); on a GPU, the checkpoint's own precision when it is half (a 70B LLM in fp32 would not
     fit), else fp32, so BERT/ViT checkpoints run as before."""
@@ -114,7 +107,7 @@ def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.d
         return {"float32": torch.float32, **HALF}[choice]
     if device.type != "cuda":
         return torch.float32
-    return HALF.get(read_spec(name, modality).dtype, torch.float32)
+    return HALF.get(read_spec(name, modality, allow_download).dtype, torch.float32)
 
 
 class FrozenEncoder(nn.Module):
@@ -135,6 +128,7 @@ class FrozenEncoder(nn.Module):
         check_layers(layers, self.depth, modality)
         self.layers = tuple(layers)
         self.pooling = pooling
+        self.folder: Path | None = None  # where its files are (the cache records their digest)
         self.tokenizer = None  # text: set by load_text_encoder
         self.norm: dict | None = None  # image: {'mean', 'std', 'size'} from the image processor
 
@@ -189,25 +183,29 @@ class FrozenEncoder(nn.Module):
 
 
 def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
-                      include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None):
+                      include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None,
+                      allow_download: bool = False):
     """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode, fp32 unless ``dtype``.
 
     BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
     ``AutoModel``) the mean over real tokens ('auto') or the last real token ('last')."""
-    tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer")
+    read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer", allow_download)
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
-    model = _load(AutoModel.from_pretrained, name, "text encoder", dtype=dtype or torch.float32)
+    model = _load(AutoModel.from_pretrained, name, "text encoder", allow_download, dtype=dtype or torch.float32,
+                  use_safetensors=True)
     if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
         model = model.text_model
     depth, _ = _transformer_depth_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
-    decoder = model.config.model_type not in ENCODER_TEXT_TYPES
+    decoder = model.config.model_type not in TEXT_ENCODERS
     if pooling == "auto":
         pooling = "mean" if decoder else "cls"
     elif pooling == "cls" and decoder:
         log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
                     "carries almost no title information; use --text-pooling mean or last", name)
     encoder = FrozenEncoder(model, "text", layers, pooling, name)
+    encoder.folder = local_folder(name, allow_download)
     freeze(encoder)
     if tokenizer.pad_token is None:  # decoder LLMs often ship without one; masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -220,18 +218,16 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     return encoder
 
 
-ENCODER_TEXT_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-                      "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert", "clip_text_model"}
-
-
 def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
                        include_embedding: bool = True, dtype: torch.dtype | None = None,
-                       patch_embedding: str = "matmul"):
+                       patch_embedding: str = "matmul", allow_download: bool = False):
     """A ``FrozenEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor.
     ``patch_embedding``: 'matmul' computes the patch-embedding convolution as a matmul over patches
     (``PatchProjection``; the same map), 'conv' keeps the model's own convolution."""
-    processor = _load(AutoImageProcessor.from_pretrained, name, "image processor")
-    model = _load(AutoModel.from_pretrained, name, "image encoder", dtype=dtype or torch.float32)
+    read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
+    processor = _load(AutoImageProcessor.from_pretrained, name, "image processor", allow_download)
+    model = _load(AutoModel.from_pretrained, name, "image encoder", allow_download, dtype=dtype or torch.float32,
+                  use_safetensors=True)
     if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
         model = model.vision_model
     if patch_embedding == "matmul":
@@ -239,6 +235,7 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
     depth, _ = _transformer_depth_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
     encoder = FrozenEncoder(model, "image", layers, "cls", name)
+    encoder.folder = local_folder(name, allow_download)
     freeze(encoder)
     # The model's input side: the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize.
     # Stored images are squashed to that side (the authors' Resize((224, 224)), no crop).

@@ -4,6 +4,7 @@ together. Training, parameter counts, benchmarks and using a trained run all bui
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .backbones import (
     resolve_encoder_dtype,
 )
 from .baselines import baseline_item_encoder
+from .encoder_files import local_folder, weights_digest
 from .feeds import CachedStates, LiveStates
 from .inputs import tokenize_titles
 from .recommender import IISANItemEncoder, Recommender
@@ -44,13 +46,16 @@ def check_data_files(cfg: Config) -> None:
     if not cfg.users or not cfg.items:
         raise ConfigError("users and items files are required (--users FILE --items FILE)")
     for what, path in (("users", cfg.users), ("items", cfg.items)):
+        if Path(path).is_dir():
+            raise DataError(f"{what} file {path} is a folder, expected a file")
         if not Path(path).is_file():
             raise DataError(f"{what} file {path} does not exist")
 
 
 def load_data(cfg: Config) -> SeqRecData:
     check_data_files(cfg)
-    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles)
+    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
+                        cfg.encoding, cfg.merge_duplicate_users)
 
 
 def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
@@ -76,15 +81,15 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.d
     ``cfg.encoder_dtype`` resolves to there (half for an LLM checkpoint on a GPU)."""
     encoders = {}
     for m in modalities(cfg):
-        name = model_name(cfg, m)
-        spec = read_spec(name, m)
-        precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device) if device else None)
+        name, fetch = model_name(cfg, m), cfg.allow_download
+        spec = read_spec(name, m, fetch)
+        precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device, fetch) if device else None)
         if m == "text":
             encoders[m] = load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling,
-                                            dtype=precision)
+                                            dtype=precision, allow_download=fetch)
         else:
             encoders[m] = load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision,
-                                             patch_embedding=cfg.patch_embedding)
+                                             patch_embedding=cfg.patch_embedding, allow_download=fetch)
     return encoders
 
 
@@ -121,11 +126,15 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
         meta = read_metadata(path)
         name = model_name(cfg, m)
         expected = {"modality": m, "items_fingerprint": data.catalog.fingerprint}
-        if Path(name).expanduser().is_dir():
-            spec = read_spec(name, m)
+        folder = local_folder(name, cfg.allow_download)
+        if folder is not None:  # the cache must come from these weights (digest read only if files changed)
+            spec = read_spec(name, m, cfg.allow_download)
+            recorded = {"digest": meta.get("encoder_weights", ""), "files": json.loads(meta.get("encoder_files", "{}"))}
             expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
-                            encoder_config=encoder_config_hash(name), encoder=name)
-        else:
+                            encoder_config=encoder_config_hash(folder), encoder=name,
+                            encoder_weights=weights_digest(folder, recorded)["digest"])
+        else:  # the encoder is not on this machine: the cache's own record stands for it
+            log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
             expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.

@@ -1,5 +1,9 @@
 """Building the hidden-state cache from a config: the frozen encoders run once over every item
-(``data.cache_build`` does the batching, resuming and writing)."""
+(``data.cache_build`` does the batching, resuming and writing).
+
+The cache folder is claimed first: one build at a time writes it (a lock), a file there that is not an
+IISAN cache is never replaced, an IISAN cache built with other settings only with ``overwrite``
+(``--overwrite``), and no output may be one of the build's inputs."""
 
 from __future__ import annotations
 
@@ -11,14 +15,16 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.cache import FORMAT, encoder_config_hash
-from ..data.cache_build import build_caches
+from ..data.cache import FORMAT, cache_file, encoder_config_hash, is_cache_file, read_metadata
+from ..data.cache_build import SIDECAR, build_caches
 from ..data.cache_import import import_caches
 from ..data.interactions import read_items
 from ..devices import resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
+from ..files import OutputLock, claim_output, refuse_inputs
 from .backbones import read_spec
 from .build import layers_for, live_states, load_data, load_encoders, modalities, model_name
+from .encoder_files import local_folder, weights_digest
 from .feeds import LiveStates
 
 log = logging.getLogger(__name__)
@@ -34,11 +40,14 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
     """The final files' metadata per modality (what ``cache.check_metadata`` compares with a config)."""
     out = {}
     for m, encoder in live.encoders.items():
+        weights = weights_digest(encoder.folder) if encoder.folder else {"digest": "", "files": {}}
         out[m] = {
             "format": FORMAT,
             "modality": m,
             "encoder": encoder.name,
-            "encoder_config": encoder_config_hash(encoder.name) or "",
+            "encoder_config": encoder_config_hash(encoder.folder) or "",
+            "encoder_weights": weights["digest"],
+            "encoder_files": json.dumps(weights["files"], sort_keys=True),
             "model_type": encoder.model.config.model_type,
             "layers": json.dumps(list(encoder.layers)),
             "width": str(encoder.width),
@@ -55,18 +64,54 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
 def every_layer(cfg: Config) -> Config:
     """``cfg`` reading every hidden state of its encoders (0..depth): a cache built from it serves any
     ``--text-layers`` / ``--image-layers`` choice (and the group default) of the same encoders."""
-    return cfg.replace(**{f"{m}_layers": tuple(range(read_spec(model_name(cfg, m), m).depth + 1))
+    return cfg.replace(**{f"{m}_layers": tuple(range(read_spec(model_name(cfg, m), m, cfg.allow_download).depth + 1))
                           for m in modalities(cfg)})
 
 
+LOCK = ".iisan-lock"
+VOLATILE = {"encoder_files"}  # the weight files' sizes and times: a copy of the same weights differs only there
+
+
+def claim_cache_folder(cfg: Config) -> Path:
+    """Refuse, before any encoder is loaded, a cache folder that is a file, outputs that are inputs and
+    files there that are not IISAN caches."""
+    folder = Path(cfg.cache_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--cache-dir {folder} is a file, expected a folder")
+    inputs = [cfg.users, cfg.items, cfg.images] + [model_name(cfg, m) for m in modalities(cfg)]
+    for m in modalities(cfg):
+        refuse_inputs(cache_file(folder, m), inputs, "--cache-dir")
+        if cache_file(folder, m).exists() and not is_cache_file(cache_file(folder, m)):
+            claim_output(cache_file(folder, m), is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
+    refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
+    return folder
+
+
+def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwrite: bool) -> None:
+    """An existing cache is rebuilt in place when it was built with the same settings (the same bytes
+    result); one built with other settings is replaced only with ``overwrite``."""
+    for m, new in metadata.items():
+        path = cache_file(cache_dir, m)
+        if not path.exists() or overwrite:
+            continue
+        old = read_metadata(path)
+        differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k))
+        if differ:
+            raise OutputError(f"--cache-dir {cache_dir}: {path.name} holds a cache built with other settings "
+                              f"({', '.join(differ)} differ); pass --overwrite to replace it, or choose another "
+                              "--cache-dir")
+
+
 def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool = False,
-                            timings: dict | None = None, all_layers: bool = False) -> dict[str, Path]:
+                            timings: dict | None = None, all_layers: bool = False,
+                            overwrite: bool = False) -> dict[str, Path]:
     """Cache the items of the data set (after the protocol), or every row of the items file with
     ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``.
     Runs in half precision on GPU, fp32 on CPU.
     Resumable: run it again after an interruption and it encodes only the chunks not yet written.
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
-    ``build_caches``' own."""
+    ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
+    docstring)."""
     start = time.perf_counter()
     if not cfg.cache_dir:
         raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
@@ -76,6 +121,14 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
         raise ConfigError("--items FILE is required")
     if all_layers:
         cfg = every_layer(cfg)
+    folder = claim_cache_folder(cfg)
+    with OutputLock(folder / LOCK, f"cache folder {folder}", "another cache build is writing it; wait for it "
+                    "to finish or choose another --cache-dir"):
+        return _build(cfg, dtype, all_items, timings, overwrite, start)
+
+
+def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overwrite: bool,
+           start: float) -> dict[str, Path]:
     if cfg.users and not all_items:
         data = load_data(cfg)
         item_ids, titles, catalog = data.item_ids, data.titles, data.catalog
@@ -99,6 +152,7 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
                        for m, e in live.encoders.items()))
     metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, DTYPES[dtype])
+    check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
                         device=device, pixels=pixels, dtype=DTYPES[dtype], progress=cfg.progress, timings=timings)
 
@@ -113,14 +167,16 @@ def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:
 
 
 def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str = "float16",
-                             all_items: bool = False, allow_missing: bool = False) -> dict[str, Path]:
+                             all_items: bool = False, allow_missing: bool = False,
+                             overwrite: bool = False) -> dict[str, Path]:
     """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads.
 
     Each file must hold (depth + 1, width) states: the config's encoder folder's when it is here, else
     the authors' BERT-base / ViT-B (13, 768). ``layers``: "run" keeps the indices ``cfg`` selects, "all"
     keeps every one. The metadata records ``source=imported``, the folder and the authors' encoder;
     there is no encoder config or weights digest of a local folder to record, so the loader checks
-    such a cache's layers, width and items, not its encoder's identity (``data.cache``)."""
+    such a cache's layers, width and items, not its encoder's identity (``data.cache``). The cache
+    folder is claimed as for a build (module docstring; ``overwrite``)."""
     if not cfg.cache_dir:
         raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
     if dtype not in DTYPES:
@@ -129,11 +185,19 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
         raise ConfigError(f"--layers {layers!r}: expected run (the layers a run reads) or all")
     if not cfg.items:
         raise ConfigError("--items FILE is required")
+    folder = claim_cache_folder(cfg)
+    with OutputLock(folder / LOCK, f"cache folder {folder}", "another cache build is writing it; wait for it "
+                    "to finish or choose another --cache-dir"):
+        return _import(cfg, src, layers, dtype, all_items, allow_missing, overwrite)
+
+
+def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bool, allow_missing: bool,
+            overwrite: bool) -> dict[str, Path]:
     item_ids, fingerprint = _item_list(cfg, all_items)
     keep, shapes, metadata = {}, {}, {}
     for m in modalities(cfg):
         authors_name, model_type, depth, width = AUTHORS_ENCODERS[m]
-        if Path(model_name(cfg, m)).expanduser().is_dir():
+        if local_folder(model_name(cfg, m)) is not None:
             spec = read_spec(model_name(cfg, m), m)
             model_type, depth, width = spec.model_type, spec.depth, spec.width
         keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
@@ -144,4 +208,5 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
             "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": fingerprint,
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
         }
+    check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing)

@@ -140,7 +140,7 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
     """A tiny random decoder LLM of ``family`` (llama, qwen2, gpt2) loadable with ``AutoModel``, and a
     BPE tokenizer over ``texts``. GPT-2 gets no pad token, as the real checkpoints ship."""
     out_dir = write_bpe_tokenizer(out_dir, texts, pad=family != "gpt2")
-    vocab = len(AutoTokenizer.from_pretrained(out_dir))
+    vocab = len(AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False))
     if family == "gpt2":  # GPT-2 names its sizes n_layer / n_embd / n_head
         config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
                             bos_token_id=0, eos_token_id=0)

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..errors import CheckpointError
-from ..files import sha256
+from ..errors import CheckpointError, OutputError
+from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,7 @@ MODEL, TRAIN_STATE, STATE = "model.safetensors", "train_state.safetensors", "sta
 MANIFEST = "MANIFEST.json"
 FILES = (MODEL, TRAIN_STATE, STATE)
 NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
+LOCK = ".lock"
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where or how
 # fast things run (patch_embedding: the same map, computed another way), how long the run may go on, or
@@ -81,10 +81,10 @@ def _fsync(path: Path) -> None:
 def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                      train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
     """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / name, root / f".{name}.tmp"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (the run folder is locked and ours)
         tmp.mkdir()
         save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
         save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
@@ -100,11 +100,11 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err}; {kept}") from None
+        raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
     prune(root, keep)
     return final
 
@@ -121,29 +121,47 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def lock_run_folder(run_dir: Path):
-    """Hold an exclusive lock on ``run_dir`` while the returned file is open, so that two processes
-    never resume, and then overwrite, the same run. The OS drops the lock when its holder dies, even
-    by SIGKILL, so a crashed run never leaves a stale lock behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".lock", "a+")
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a run folder this project wrote: its ``config.json`` is a run's config, or its
+    ``results.json`` records one (a run that failed before writing its config)."""
+    for name, key in (("config.json", None), ("results.json", "config")):
+        try:
+            found = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        config = found.get(key) if key and isinstance(found, dict) else found
+        if isinstance(config, dict) and {"method", "feed", "lr"} <= set(config):
+            return True
+    return False
+
+
+# What a run writes before its config (``records``): a folder holding only these was started by a run.
+EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """A run writes into an absent or empty folder, or into its own run folder (to resume it); a folder
+    holding anything else is refused, so a run never writes among files it did not create."""
+    if not os.path.lexists(run_dir):
+        return
+    if not run_dir.is_dir():
+        raise OutputError(f"run folder {run_dir} is a file; choose another --run-name")
+    if any(p.name not in EARLY for p in run_dir.iterdir()) and not is_run_folder(run_dir):
+        raise OutputError(f"run folder {run_dir} exists and is not an IISAN run folder (no run config.json); "
+                          "IISAN writes only into its own run folders: choose another --run-name or --out-dir")
+
+
+def lock_run_folder(run_dir: Path) -> OutputLock:
+    """Claim ``run_dir`` (``claim_run_folder``) and hold an exclusive lock on it until the returned lock
+    is closed, so that two processes never resume, and then overwrite, the same run. The OS drops the
+    lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock behind."""
+    claim_run_folder(run_dir)
     try:
-        import fcntl  # POSIX only; elsewhere a run folder goes unlocked
-    except ImportError:  # not POSIX: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise CheckpointError(f"run folder {run_dir} is in use by {holder}; wait for it to finish or use "
-                              "another --run-name") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(run_dir, err) from None
+    return OutputLock(run_dir / LOCK, f"run folder {run_dir}", "wait for it to finish or use another --run-name",
+                      ).acquire()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,12 +26,13 @@ from ..config import METHOD_NAMES, Config
 from ..data.batches import steps_per_epoch, train_loader
 from ..devices import amp_dtype, device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
-from ..errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..model.build import build_model, check_data_files, count_parameters, load_data, parameter_line
 from . import checkpoint, runstate
 from .interrupt import StopRequests
+from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line, error_status
 from .runfolder import finished_results, run_dir
@@ -60,8 +61,11 @@ class Run:
         if self.record is None:  # the folder was never ours (e.g. in use by another process)
             return
         status, reason = error_status(err)
-        self.record.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
-        self.record.write(self.record.results(self.progress, status, reason))
+        try:
+            self.record.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
+            self.record.write(self.record.results(self.progress, status, reason))
+        except (UserError, OSError) as also:  # e.g. the full disk that stopped the run: its error goes first
+            log.warning("could not record how the run ended: %s", also)
 
     def close(self) -> None:
         if self.record is not None:
@@ -125,7 +129,7 @@ class Run:
         if self.dist.is_main:
             try:
                 answer = "ok:" + choose()
-            except (ConfigError, TrainingError) as err:
+            except UserError as err:
                 answer, error = "error:" + str(err), err
         answer = broadcast_text(answer, self.dist)
         if error is not None:
@@ -137,7 +141,7 @@ class Run:
     def lock_folder(self) -> str:
         try:
             self.lock = checkpoint.lock_run_folder(self.run_dir)
-        except CheckpointError as err:
+        except UserError as err:  # in use, not a run folder, or not writable
             raise TrainingError(str(err)) from None
         return ""
 
@@ -194,7 +198,7 @@ class Run:
                 checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
                                             {**tensors, **optimizer_tensors}, state,
                                             self.cfg.keep_checkpoints)
-            except CheckpointError as err:
+            except UserError as err:
                 error = str(err)
         error = broadcast_text(error, self.dist)
         if error:
@@ -220,12 +224,9 @@ class Run:
         return (step + 1) % STOP_POLL_STEPS == 0 and any_rank(self.stop.requested, self.dist)
 
     def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> None:
-        bad = torch.nonzero(~torch.isfinite(losses)).flatten()
-        if len(bad):
-            done, best = self.progress.global_step, self.run_dir / "best.safetensors"
-            raise TrainingError(f"non-finite loss at step {done + int(bad[0])} (epoch {epoch}, steps {done}.."
-                                f"{done + n_steps - 1}); last good checkpoint: "
-                                f"{self.last_good()}; best weights: {best if best.is_file() else 'none yet'}")
+        problem = nonfinite_loss(self, losses, epoch, n_steps)
+        if problem:
+            raise TrainingError(problem)
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
         cfg, dist, device = self.cfg, self.dist, self.device

@@ -1,0 +1,193 @@
+"""Building the image LMDB (``images`` holds the record format and the reader).
+
+A store is built beside its target under a fresh hidden name and renamed into place when complete, by
+one process at a time (a lock beside the target). The target is replaced only when it is an image LMDB
+this project wrote and ``overwrite`` is set, never when it is, or contains, an input; anything else at
+that path is refused, so a mistyped ``--out`` never deletes a folder. Missing, unreadable or corrupt
+images are stored as a flagged blank (zeros), counted, listed in a report file, and never stop the build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lmdb
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import ConfigError, DataError, ImageStoreError, OutputError, UserError
+from ..files import (
+    OutputLock,
+    claim_output,
+    failure_reason,
+    refuse_inputs,
+    remove,
+    stale_temporaries,
+    temporary_sibling,
+    write_text_atomic,
+)
+from .images import HEADER, IMAGE_SIZE, META_KEY, close_reader, encode_record, read_meta
+from .textfile import check_item_id
+
+log = logging.getLogger(__name__)
+
+MAX_SIZE = 4096
+REPORT_HEADER = "item_id\tproblem\n"
+
+
+def check_size(size: int) -> None:
+    if not 1 <= size <= MAX_SIZE:
+        raise ConfigError(f"--size {size}: stored images are size x size pixels, with size from 1 to {MAX_SIZE}")
+
+
+def is_image_lmdb(path: Path) -> bool:
+    """Whether ``path`` is an image LMDB this project wrote (an LMDB with its metadata record)."""
+    if not path.is_dir() or not (path / "data.mdb").is_file():
+        return False
+    try:
+        return read_meta(path) is not None
+    except ImageStoreError:
+        return False
+
+
+def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``)."""
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool, source: str) -> list:
+    record = HEADER.size + size * size * 3
+    map_size = int(len(item_ids) * (record + 512) * 1.2) + (64 << 20)
+    problems: list[tuple[str, str]] = []
+    env = lmdb.open(str(path), map_size=map_size, subdir=True, lock=False, readahead=False, meminit=False)
+    try:
+        txn = env.begin(write=True)
+        bar = tqdm(item_ids, desc="images", unit="img", disable=None if progress else True)
+        for n, item_id in enumerate(bar, 1):
+            pixels, problem = pixels_of(item_id)
+            if problem:
+                problems.append((item_id, problem))
+                pixels = np.zeros((size, size, 3), dtype=np.uint8)
+            txn.put(item_id.encode("utf-8"), encode_record(pixels, blank=problem is not None))
+            if n % 2000 == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+        meta = {"format": "iisan-images/1", "count": len(item_ids), "size": size, "blank": len(problems),
+                "source": source}
+        txn.put(META_KEY, json.dumps(meta).encode())
+        txn.commit()
+    finally:
+        env.close()
+    return problems
+
+
+def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
+                     progress: bool = True, source: str = "", overwrite: bool = False,
+                     inputs: tuple = ()) -> list[tuple[str, str]]:
+    """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
+    record with a problem is stored as a flagged blank. Built beside the target and renamed into place;
+    an existing target must be an image LMDB and ``overwrite`` set (module docstring). Returns the
+    (item_id, problem) list."""
+    out_path = Path(out_path)
+    check_size(size)
+    refuse_inputs(out_path, inputs, "--out")
+    lock = out_path.with_name(f".{out_path.name}.iisan-lock")
+    with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):
+        replacing = claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite)
+        for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
+            remove(stale)
+        tmp = temporary_sibling(out_path)
+        try:
+            problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
+            close_reader(out_path)  # a reader of the old store in this process must not keep the old files
+            old = temporary_sibling(out_path) if replacing else None
+            if old is not None:
+                os.replace(out_path, old)
+            try:
+                os.replace(tmp, out_path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, out_path)  # the old store back where it was
+                raise
+        except BaseException as err:
+            remove(tmp)
+            if isinstance(err, (OSError, lmdb.Error)) and not isinstance(err, UserError):
+                raise OutputError(f"could not write {out_path}: {failure_reason(err)}") from None
+            raise
+        if old is not None:
+            remove(old)
+    return problems
+
+
+def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
+                     size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True,
+                     overwrite: bool = False, inputs: tuple | list = ()) -> dict:
+    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
+
+    ``item_ids`` defaults to every ``*<extension>`` in the folder (files whose names are not valid
+    item ids are skipped, counted and logged). Returns counts; the list of bad items goes to
+    ``<out_path>.report.tsv``. ``inputs``: other input paths (the items file) the output must not be."""
+    image_dir, out_path = Path(image_dir), Path(out_path)
+    check_size(size)
+    if not extension.startswith(".") or "/" in extension or "\\" in extension:
+        raise ConfigError(f"--extension {extension!r} must be a file extension such as .jpg")
+    if image_dir.exists() and not image_dir.is_dir():
+        raise ImageStoreError(f"--images {image_dir} is a file; expected a folder of <item_id>{extension} images")
+    if not image_dir.is_dir():
+        raise ImageStoreError(f"image folder {image_dir} does not exist")
+    report = out_path.with_name(out_path.name + ".report.tsv")
+    refuse_inputs(report, [image_dir, *inputs], "--out")
+    claim_output(report, _is_report, "a build report of IISAN", "--out", overwrite=True)
+    if item_ids is None:
+        item_ids = _listed_ids(image_dir, extension)
+    for item_id in item_ids:
+        check_item_id(item_id, f"item list for {image_dir}")
+    if not item_ids:
+        raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
+
+    def pixels_of(item_id: str):
+        path = image_dir / f"{item_id}{extension}"
+        if not path.is_file():
+            return None, "missing"
+        try:
+            return load_image(path, size), None
+        except Exception as err:  # any decoder failure is a bad image, never a stop
+            return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
+
+    problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
+                                (image_dir, *inputs))
+    write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
+    if problems:
+        log.warning("%d of %d images missing or unreadable, stored as flagged blanks; list in %s",
+                    len(problems), len(item_ids), report)
+    return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
+
+
+def _listed_ids(image_dir: Path, extension: str) -> list[str]:
+    """Item ids of the folder's ``*<extension>`` files; names that are not valid ids are skipped, counted."""
+    ids, skipped = [], []
+    for name in sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension)):
+        try:
+            check_item_id(name, str(image_dir))
+        except DataError:
+            skipped.append(name)
+            continue
+        ids.append(name)
+    if skipped:
+        log.warning("%s: skipped %d files whose names are not valid item ids (e.g. %r%s)", image_dir, len(skipped),
+                    skipped[0] + extension, "; item ids hold no whitespace, '/', '\\' or control characters")
+    return ids
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline() == REPORT_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False

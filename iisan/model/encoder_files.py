@@ -1,0 +1,154 @@
+"""Encoder folders on disk, checked before transformers reads them: where a name points, what a folder
+may hold, which architectures IISAN can use, and the digest that names a folder's weights.
+
+- Names: an existing folder; the defaults (``pretrained_models/...``) resolve against the repository,
+  not the working directory; anything else is a Hugging Face Hub id only with ``--allow-download``.
+  Nothing is fetched unless asked for.
+- Folders never run code: ``trust_remote_code=False`` on every load (``backbones._load``), and a
+  config whose ``auto_map`` asks for custom code of a model type transformers does not know is refused
+  before transformers could prompt for it. Pickled weights (``pytorch_model.bin``) are refused: loading
+  a pickle can run code; safetensors cannot.
+- The digest of a folder's weight and tokenizer/processor files goes into every cache built from it, so
+  a cache is refused when the weights behind it changed, even with an identical ``config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from transformers import CONFIG_MAPPING
+
+from ..config import DEFAULT_MODELS, REPOSITORY
+from ..errors import EncoderError
+from ..files import sha256
+
+log = logging.getLogger(__name__)
+
+# Architectures whose per-layer states IISAN knows how to pool (``backbones``), by ``config.model_type``.
+TEXT_ENCODERS = frozenset({"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                           "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert", "clip", "clip_text_model"})
+TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2"})
+IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "clip", "clip_vision_model"})
+SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS, "image": IMAGE_ENCODERS}
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+DIGESTED = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                      "tokenizer.model", "preprocessor_config.json"})
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_location(name: str) -> Path:
+    """Where the folder ``name`` would be: the defaults under the repository, anything else as given."""
+    return REPOSITORY / name if name in DEFAULT_MODELS.values() else Path(name).expanduser()
+
+
+def resolve_model_path(name: str, allow_download: bool = False) -> str:
+    """The folder ``name`` names (checked: ``check_folder``), or, with ``allow_download``, a Hub id."""
+    if not name:
+        raise EncoderError("no encoder folder given (--text-model / --image-model)")
+    default = name in DEFAULT_MODELS.values()
+    path = model_location(name)
+    if path.is_dir():
+        check_folder(path)
+        return str(path)
+    if path.exists():
+        raise EncoderError(f"model folder {str(path)!r} is a file, expected a folder with config.json")
+    if not allow_download:
+        where = f"{str(path)!r} (the default, under the repository)" if default else repr(name)
+        raise EncoderError(f"model folder {where} does not exist; put the model there (see "
+                           "pretrained_models/README.md), or pass --allow-download to fetch a Hugging Face Hub id")
+    if not HUB_ID.fullmatch(name) or name.startswith(("./", "../", "~")):
+        raise EncoderError(f"model folder {name!r} does not exist, and it is not a Hub id (organisation/name) "
+                           "that --allow-download could fetch")
+    return name
+
+
+def check_folder(folder: Path) -> None:
+    """A folder transformers may read: a JSON ``config.json``, no custom code it would need, and
+    weights that are not pickles."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise EncoderError(f"{folder} has no config.json; it is not a transformers model folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EncoderError(f"{config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise EncoderError(f"{config_path} is not a JSON object")
+    if config.get("auto_map"):
+        check_custom_code(config_path, config)
+    names = [p.name for p in folder.iterdir()]
+    pickles = sorted(n for n in names if n.endswith(PICKLED))
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise EncoderError(f"{folder} holds pickled weights ({', '.join(pickles)}) and no .safetensors; IISAN "
+                           "never unpickles (a pickle can run code): convert them once, where you trust the "
+                           "file, to model.safetensors (e.g. transformers' save_pretrained)")
+
+
+def check_custom_code(config_path: Path, config: dict) -> None:
+    """An ``auto_map`` names Python files of the folder to run. A model type transformers knows is
+    loaded with its own classes and the map ignored; any other is refused (nothing is ever run)."""
+    model_type = config.get("model_type", "")
+    if model_type in CONFIG_MAPPING:
+        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %r classes and "
+                    "never runs code from a model folder", config_path, model_type)
+        return
+    raise EncoderError(f"{config_path} needs custom code from its folder (auto_map, model type {model_type!r}); "
+                       "IISAN never runs code from a model folder: use a model transformers supports natively")
+
+
+def check_architecture(model_type: str, modality: str, name: str) -> None:
+    if model_type not in SUPPORTED[modality]:
+        raise EncoderError(f"{modality} encoder {name!r} is a {model_type!r} model, which IISAN cannot use as the "
+                           f"{modality} tower; supported: {', '.join(sorted(SUPPORTED[modality]))}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the weights digest
+
+
+def local_folder(name: str, allow_download: bool = False) -> Path | None:
+    """The folder holding ``name``'s files: the folder itself, or with ``allow_download`` a Hub id's
+    snapshot in the local Hub cache; None when there is none (nothing is fetched)."""
+    if model_location(name).is_dir():
+        return model_location(name)
+    if not allow_download or not HUB_ID.fullmatch(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache  # Hub ids only (--allow-download)
+
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _stat(path: Path) -> list[int]:
+    # ctime and inode change whenever a file is replaced, even by a copy that keeps size and mtime
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+_MEMO: dict[str, str] = {}
+
+
+def weights_digest(folder: Path, known: dict | None = None) -> dict:
+    """``{"digest": sha256 over the folder's weight and tokenizer/processor files, "files": name ->
+    [size, mtime, ctime, inode]}``. Hashing reads every byte once; when ``known`` (a record made
+    earlier) lists the same files with the same sizes and times, its digest stands and nothing is read."""
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.name.endswith((".safetensors", ".safetensors.index.json"))
+                                       or p.name in DIGESTED))
+    stats = {p.name: _stat(p) for p in files}
+    if known and known.get("files") == stats and known.get("digest"):
+        return {"digest": known["digest"], "files": stats}
+    key = json.dumps([str(folder.resolve()), stats])
+    if key not in _MEMO:
+        combined = hashlib.sha256()
+        for path in files:
+            combined.update(f"{path.name}\t{sha256(path)}\n".encode())
+        _MEMO[key] = combined.hexdigest()
+    return {"digest": _MEMO[key], "files": stats}

@@ -1,0 +1,72 @@
+"""A non-finite loss, explained before the run stops (big_vision's fail-fast, with the step range): the
+message says which step went first, looks at what it can see from here (the learning rates, the item
+states the failing batch fed to the model, the trained weights) and names only files that exist."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.batches import CollateTrain, train_loader
+from ..data.cache import cache_file
+
+SHOWN = 3  # examples named per finding
+
+
+def nonfinite_loss(run, losses: torch.Tensor, epoch: int, n_steps: int) -> str | None:
+    """The one-line report of the first non-finite entry of ``losses`` (this epoch's per-step losses so
+    far), or None when they are all finite. ``run``: the trainer's ``Run``."""
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+    if not len(bad):
+        return None
+    done, step = run.progress.global_step, int(bad[0])
+    findings = learning_rates(run.optimizer) + batch_states(run, epoch, step) + weights(run.model)
+    if not findings:
+        findings = ["the learning rates, the batch's item states and the weights are finite: the loss itself "
+                    "overflowed (lower the learning rates, or try --amp none)"]
+    best = run.run_dir / "best.safetensors"
+    return "; ".join([f"non-finite loss at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
+                      *findings, f"last good checkpoint: {run.last_good()}",
+                      f"best weights: {best if best.is_file() else 'none yet'}"])
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> list[str]:
+    found = []
+    for g, group in enumerate(optimizer.param_groups):
+        lr = float(group["lr"])
+        if not math.isfinite(lr) or lr <= 0:
+            found.append(f"the learning rate of group {group.get('name', g)!r} is {lr}")
+    return found
+
+
+def batch_states(run, epoch: int, step: int) -> list[str]:
+    """Rebuild the step's batch (its order is a pure function of seed and epoch) and check the states
+    the feed gives its items: cache rows, or what the live encoders compute."""
+    feed = getattr(run.model.item_encoder, "states", None)
+    if feed is None:  # the baselines encode end to end: no separate states to check
+        return []
+    cfg, dist = run.cfg, run.dist
+    order = train_loader(run.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, run.dedup, None,
+                         dist.rank, dist.world_size, step)
+    users = order.user_batches()[0]
+    batch = CollateTrain(run.data.train_sequences(), run.dedup, run.pixels)(users)
+    with torch.no_grad():
+        states = feed(batch.items.to(run.device))
+    found = []
+    for m, table in states.items():
+        rows = ~torch.isfinite(table.flatten(1)).all(1)  # (U,)
+        if rows.any():
+            ids = batch.items.ids[rows.cpu()].tolist()
+            names = ", ".join(repr(run.data.item_ids[i]) for i in ids[:SHOWN])
+            source = cache_file(cfg.cache_dir, m) if cfg.feed == "cached" else f"the live {m} encoder"
+            found.append(f"{len(ids)} item(s) of that batch have non-finite {m} states (e.g. {names}; from {source})")
+    return found
+
+
+def weights(model: torch.nn.Module) -> list[str]:
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if not bad:
+        return []
+    return [f"{len(bad)} trained weight tensor(s) now hold non-finite values (e.g. {', '.join(bad[:SHOWN])}): "
+            "the run diverged; lower the learning rates"]
