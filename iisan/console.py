@@ -42,10 +42,17 @@ def fail(prog: str, err: BaseException) -> None:
 
 
 def entry_point(prog: str, run: Callable[[], T]) -> T:
-    """``run()``, with user errors and interruptions turned into the one-line endings above."""
+    """``run()``, with user errors and interruptions turned into the one-line endings above. An
+    ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
+    user's error too: one line naming the file, the traceback only with ``--verbose``."""
     try:
         return run()
     except USER_ERRORS as err:
         fail(prog, err)
     except RunInterrupted as err:
         exit_interrupted(prog, err)
+    except OSError as err:
+        if err.filename is None:
+            raise
+        logging.getLogger(__name__).debug("the error in full", exc_info=True)
+        fail(prog, f"{err.filename}: {err.strerror or err}")

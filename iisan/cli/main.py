@@ -9,6 +9,7 @@ checkpoint, says how to resume and exits 130.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..console import entry_point, setup_logging
 from .data import add_data_commands
@@ -17,10 +18,18 @@ from .runs import add_run_commands
 from .use import add_use_commands
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, ending a bad flag like every other bad input: usage, then ``iisan: error: ...``."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"iisan: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iisan", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = Parser(prog="iisan", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_data_commands(sub)
     add_fetch_commands(sub)
     add_run_commands(sub)

@@ -48,6 +48,8 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     """One handle per (path, process): LMDB refuses to open a path twice in one process."""
     key = (str(path.resolve()), os.getpid())
     if key not in _OPEN:
+        if not (path / "data.mdb").is_file():
+            raise ImageStoreError(f"{path} is not an LMDB (no data.mdb); build it with `iisan build-lmdb`")
         try:
             _OPEN[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False,
                                    max_readers=512)

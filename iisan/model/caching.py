@@ -69,7 +69,9 @@ def every_layer(cfg: Config) -> Config:
 
 
 LOCK = ".iisan-lock"
-VOLATILE = {"encoder_files"}  # the weight files' sizes and times: a copy of the same weights differs only there
+# Where the encoder and the items file were, and their files' sizes and times: the same contents (the
+# weights digest, the items fingerprint) moved or copied differ only there.
+VOLATILE = {"encoder", "items_file", "encoder_files"}
 
 
 def claim_cache_folder(cfg: Config) -> Path:

@@ -1,0 +1,536 @@
+"""Bad input and faults, met through the command line as a user meets them.
+
+Each case runs ``iisan`` as a separate process (``_cli_driver.run_forked``: a forked child of this
+interpreter, so torch is imported once) over one bad input or fault, and checks what the user sees:
+exit status 2 (or, where skipping is documented, 0 with the count), the last line of stderr a single
+``iisan: error: ...`` naming the path, line or value at fault, no traceback anywhere, every file that
+existed before (data, LMDB, caches, checkpoints, results) byte-for-byte unchanged, and no temporary
+file or lock left behind. A few run the real ``python -m iisan`` to show the entry point behaves alike.
+
+Faults: a full disk is the kernel's file-size limit (``RLIMIT_FSIZE``: writes past it fail with
+EFBIG, in Python and in the Rust of safetensors alike) or, where the exact words matter, an ENOSPC
+raised by a patched writer; a read-only folder is one the child cannot write as another user (when
+the tests run as root, for whom permissions do not apply, the child drops to ``nobody``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from iisan.config import Config
+from iisan.data.cache_build import write_safetensors
+from iisan.files import OutputLock
+from iisan.train.trainer import train
+
+from ._cli_driver import changed, leftovers, run_forked, run_subprocess, snapshot
+
+# --------------------------------------------------------------------------------------------------
+# the workspace: a data set, its LMDB and images, tiny encoders, a cache and a finished run
+
+
+@pytest.fixture(scope="module")
+def arena(tiny, tiny_cache):
+    """A world-readable folder (a child that drops to another user must read the inputs) holding the
+    workspace ``ws`` and one scratch folder per case; removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="iisan-bad-inputs-"))
+    ws = root / "ws"
+    shutil.copytree(tiny["root"], ws)
+    shutil.copytree(tiny_cache, ws / "cache")
+    paths = {"ws": ws, "users": ws / "users.tsv", "items": ws / "items.tsv", "images": ws / "images.lmdb",
+             "image_dir": ws / "images", "bert": ws / "bert", "vit": ws / "vit", "cache": ws / "cache",
+             "runs": ws / "runs"}
+    train(Config(users=str(paths["users"]), items=str(paths["items"]), images=str(paths["images"]),
+                 text_model=str(paths["bert"]), image_model=str(paths["vit"]), cache_dir=str(paths["cache"]),
+                 out_dir=str(paths["runs"]), run_name="done", device="cpu", num_workers=0, progress=False,
+                 batch_size=16, epochs=1, max_steps_per_epoch=2, eval_batch_size=64))
+    paths["done"] = paths["runs"] / "done"
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0))
+    yield {k: str(v) for k, v in paths.items()} | {"root": root}
+    for path in root.rglob("*"):  # folders a case made read-only
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    shutil.rmtree(root)
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[dict, Path], list[str]]
+    expect: tuple[str, ...]  # substrings of the last stderr line (formatted with the paths and s=scratch)
+    setup: Callable[[dict, Path], Callable | None] | None = None  # may return a cleanup
+    fault: Callable[[dict, Path], None] | None = None  # runs in the child, before main
+    code: int = 2
+    stdin: bytes = b""
+    check: Callable[[dict, Path], None] | None = None
+
+
+def T(P, s, *extra) -> list[str]:
+    """``iisan train`` on the workspace (cached feed, one short epoch), then ``extra`` flags (last wins)."""
+    return ["train", "--users", P["users"], "--items", P["items"], "--images", P["images"], "--text-model", P["bert"],
+            "--image-model", P["vit"], "--cache-dir", P["cache"], "--device", "cpu", "--no-progress",
+            "--num-workers", "0", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16",
+            "--eval-batch-size", "64", "--out-dir", f"{s}/runs", "--run-name", "r", *extra]
+
+
+def C(P, s, *extra) -> list[str]:
+    """``iisan cache`` of the workspace into ``s/c``, then ``extra`` flags."""
+    return ["cache", "--users", P["users"], "--items", P["items"], "--images", P["images"], "--text-model", P["bert"],
+            "--image-model", P["vit"], "--cache-dir", f"{s}/c", "--device", "cpu", "--no-progress",
+            "--num-workers", "0", "--encode-batch-size", "32", *extra]
+
+
+def L(P, s, *extra) -> list[str]:
+    """``iisan build-lmdb`` of the workspace's image folder into ``s/new.lmdb``, then ``extra`` flags."""
+    return ["build-lmdb", "--images", P["image_dir"], "--out", f"{s}/new.lmdb", "--size", "64", *extra]
+
+
+# ---- setups ------------------------------------------------------------------------------------
+
+
+def write(name: str, content: str | bytes, encoding: str = "utf-8"):
+    def setup(P, s):
+        path = s / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode(encoding))
+    return setup
+
+
+def items_with(line: str, at: int = 2, encoding: str = "utf-8"):
+    """A copy of the items file as ``s/items.tsv`` with ``line`` as line ``at``."""
+    def setup(P, s):
+        lines = Path(P["items"]).read_text().splitlines(True)
+        lines.insert(at - 1, line)
+        (s / "items.tsv").write_bytes("".join(lines).encode(encoding))
+    return setup
+
+
+def users_with(line: str):
+    def setup(P, s):
+        (s / "users.tsv").write_text(Path(P["users"]).read_text() + line)
+    return setup
+
+
+def copy(key: str, name: str):
+    def setup(P, s):
+        (shutil.copytree if Path(P[key]).is_dir() else shutil.copy)(P[key], s / name)
+    return setup
+
+
+def hold_lock(path: str):
+    """The lock of an output, held by this (the parent) process while the child runs."""
+    def setup(P, s):
+        lock = OutputLock(Path(path.format(s=s, **P)), "held by the test").acquire()
+        return lock.release
+    return setup
+
+
+def both(*setups):
+    def setup(P, s):
+        cleanups = [f(P, s) for f in setups]
+        return lambda: [c() for c in cleanups if c]
+    return setup
+
+
+def edited_cache(edit: Callable[[dict, torch.Tensor], None]):
+    """A copy of the workspace's cache as ``s/c`` whose text file's metadata or states ``edit`` changed."""
+    def setup(P, s):
+        from safetensors import safe_open
+
+        shutil.copytree(P["cache"], s / "c")
+        path = s / "c" / "text.safetensors"
+        with safe_open(str(path), "pt") as fh:
+            meta, states = dict(fh.metadata()), fh.get_tensor("states")
+        edit(meta, states)
+        write_safetensors(path, {"states": (states.dtype, tuple(states.shape))}, [("states", states)], meta)
+    return setup
+
+
+def model_folder(name: str, make: Callable[[Path, dict], None]):
+    def setup(P, s):
+        make(s / name, P)
+    return setup
+
+
+def custom_code(folder: Path, P) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "iisan_evil", "auto_map": {
+        "AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    (folder / "evil.py").write_text(f"open({str(folder.parent / 'code-ran')!r}, 'w').write('ran')\n")
+
+
+def pickled(folder: Path, P) -> None:
+    from safetensors.torch import load_file
+
+    shutil.copytree(P["bert"], folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def config_only(config) -> Callable[[Path, dict], None]:
+    def make(folder: Path, P) -> None:
+        config.save_pretrained(folder)
+    return make
+
+
+def other_weights(folder: Path, P) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(P["bert"], folder)
+    tensors = {k: v + 0.01 for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def short_record(P, s):
+    import lmdb
+
+    shutil.copytree(P["images"], s / "short.lmdb")
+    with lmdb.open(str(s / "short.lmdb"), lock=False) as env, env.begin(write=True) as txn:
+        for key, _ in txn.cursor():
+            if key != b"__meta__":
+                txn.put(key, b"abc")
+
+
+def foreign_lmdb(P, s):
+    import lmdb
+
+    with lmdb.open(str(s / "foreign.lmdb"), lock=False) as env, env.begin(write=True) as txn:
+        txn.put(b"key", b"value")
+
+
+def read_only(name: str):
+    def setup(P, s):
+        (s / name).mkdir(parents=True, exist_ok=True)
+        (s / name).chmod(0o555)
+    return setup
+
+
+# ---- faults (in the child) ---------------------------------------------------------------------
+
+
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ ignored, as a shell would
+    not: so the process sees the error instead of dying)."""
+    def fault(P, s):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return fault
+
+
+def another_user(P, s):
+    if os.geteuid() == 0:  # permissions do not bind root: become nobody
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+def disk_full_at(name: str):
+    """``iisan.files``' safetensors writer fills the disk while writing ``name`` (under its temporary
+    name): part of it written, then ENOSPC as safetensors reports it."""
+    def fault(P, s):
+        from safetensors import SafetensorError
+
+        import iisan.files as files
+
+        real = files.save_file
+
+        def save_file(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            if Path(path).name.startswith(f".{name}."):
+                Path(path).write_bytes(Path(path).read_bytes()[:100])
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        files.save_file = save_file
+    return fault
+
+
+# ---- checks after the run ----------------------------------------------------------------------
+
+
+def nothing_at(name: str):
+    def check(P, s):
+        assert not (s / name).exists(), f"{s / name} exists"
+    return check
+
+
+def checkpoint_intact(run: str):
+    def check(P, s):
+        from iisan.train import checkpoint
+
+        root = s / run / "checkpoints"
+        found = checkpoint.checkpoints(root)
+        assert [p.name for p in found] == ["epoch-0000"] and checkpoint.verify(found[0]) is None
+    return check
+
+
+# --------------------------------------------------------------------------------------------------
+# the cases
+
+LATIN1 = "I0000001\tCaf\xe9 au lait No.x\n"
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+
+CASES = [
+    # data files: missing, undecodable, malformed, unsafe ids, duplicate users
+    Case("users-missing", lambda P, s: T(P, s, "--users", f"{s}/nope.tsv"),
+         ("users file {s}/nope.tsv does not exist",)),
+    Case("items-missing", lambda P, s: T(P, s, "--items", f"{s}/nope.tsv"),
+         ("items file {s}/nope.tsv does not exist",)),
+    Case("items-is-a-folder", lambda P, s: T(P, s, "--items", str(s)), ("items file {s} is a folder",)),
+    Case("items-latin1", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: byte 0xe9 at column 13 is not utf-8 text", "--encoding"),
+         setup=items_with(LATIN1, encoding="latin-1")),
+    Case("users-binary", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+         ("{s}/users.tsv:1: byte 0x89 at column 1 is not utf-8 text",), setup=write("users.tsv", BINARY)),
+    Case("encoding-unknown", lambda P, s: T(P, s, "--encoding", "klingon"),
+         ("encoding='klingon' is not a text encoding",)),
+    Case("encoding-not-text", lambda P, s: T(P, s, "--encoding", "rot13"), ("encoding='rot13' is not a text",)),
+    Case("items-line-without-tab", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:3: expected item_id<TAB>title, found no tab",), setup=items_with("just words\n", at=3)),
+    Case("items-duplicate-id", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:5: duplicate item id 'I0000003' (first on line 2)",),
+         setup=items_with("I0000003\tanother title\n")),
+    Case("items-empty-title", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: empty title for item 'X1'",), setup=items_with("X1\t \n")),
+    Case("item-id-with-space", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id 'a b' contains whitespace",), setup=items_with("a b\ttitle\n")),
+    Case("item-id-traversal", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id '../../x' contains a path separator",), setup=items_with("../../x\ttitle\n")),
+    Case("item-id-absolute", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id '/etc/passwd' contains a path separator",),
+         setup=items_with("/etc/passwd\ttitle\n")),
+    Case("item-id-reserved", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id '__meta__' is reserved",), setup=items_with("__meta__\ttitle\n")),
+    Case("item-id-control-char", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id 'a\\x07b' contains the control character U+0007",),
+         setup=items_with("a\x07b\ttitle\n")),
+    Case("users-duplicate-id", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+         ("{s}/users.tsv:161: user 'U0000000' already has a line (1)", "--merge-duplicate-users"),
+         setup=users_with("U0000000\tI0000001 I0000002 I0000003 I0000004 I0000005\n")),
+    Case("no-user-long-enough", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+         ("{s}/users.tsv: no user has 5 or more interactions",), setup=write("users.tsv", "U1\tI0000001\n")),
+    Case("items-empty", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"), ("items file {s}/items.tsv holds no items",),
+         setup=write("items.tsv", "\n")),
+    Case("data-stats-duplicate-users", lambda P, s: ["data-stats", "--users", f"{s}/users.tsv", "--items", P["items"]],
+         ("{s}/users.tsv:161: user 'U0000000' already has a line",),
+         setup=users_with("U0000000\tI0000001\n")),
+    # config and flags
+    Case("config-file-missing", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("config file {s}/c.json does not exist",)),
+    Case("config-file-not-json", lambda P, s: T(P, s, "--config", f"{s}/c.json"), ("{s}/c.json: not valid JSON",),
+         setup=write("c.json", "{lr: 1")),
+    Case("config-file-unknown-key", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: unknown key(s) colour",), setup=write("c.json", '{"colour": "red"}')),
+    Case("unknown-flag", lambda P, s: ["train", "--learning-rate", "1"], ("unrecognized arguments: --learning-rate",)),
+    Case("bad-choice", lambda P, s: C(P, s, "--dtype", "float8"), ("argument --dtype: invalid choice: 'float8'",)),
+    Case("lr-negative", lambda P, s: T(P, s, "--lr", "-1"), ("lr=-1.0 must be a finite, positive learning rate",)),
+    Case("lr-nan", lambda P, s: T(P, s, "--lr", "nan"), ("lr=nan must be a finite, positive learning rate",)),
+    Case("lr-image-inf", lambda P, s: T(P, s, "--lr-image", "inf"), ("lr_image=inf must be a finite, positive",)),
+    Case("lr-zero", lambda P, s: T(P, s, "--lr-adapter-text", "0"), ("lr_adapter_text=0.0 must be a finite, posi",)),
+    Case("run-name-traversal", lambda P, s: T(P, s, "--run-name", "../../x"),
+         ("run_name='../../x' must be a single folder name",), check=nothing_at("x")),
+    Case("run-name-absolute", lambda P, s: T(P, s, "--run-name", f"{s}/abs"),
+         ("run_name='{s}/abs' must be a single folder name",), check=nothing_at("abs")),
+    Case("title-tokens-1", lambda P, s: T(P, s, "--title-tokens", "1"), ("title_tokens=1 must be at least 3",)),
+    Case("device-tpu", lambda P, s: T(P, s, "--device", "tpu"), ("device='tpu' is not one of auto, cpu, cuda",)),
+    Case("device-cuda-9", lambda P, s: T(P, s, "--device", "cuda:9"), ("device=cuda:9 but",)),
+    Case("batch-size-0", lambda P, s: T(P, s, "--batch-size", "0"), ("batch_size=0 must be positive",)),
+    Case("layers-unsorted", lambda P, s: T(P, s, "--text-layers", "2,1"), ("text_layers=[2, 1] must be distinct",)),
+    Case("layers-beyond-depth", lambda P, s: C(P, s, "--text-layers", "0,9"),
+         ("text ({bert}) layers [0, 9] do not fit an encoder with 2 layers",)),
+    # build-lmdb: nothing it did not write is ever replaced
+    Case("lmdb-out-foreign-folder", lambda P, s: L(P, s, "--out", f"{s}/mine", "--overwrite"),
+         ("--out {s}/mine exists and is not an IISAN image LMDB",), setup=write("mine/notes.txt", "my notes")),
+    Case("lmdb-out-is-the-images", lambda P, s: L(P, s, "--out", P["image_dir"], "--overwrite"),
+         ("--out {image_dir} is the input {image_dir}",)),
+    Case("lmdb-out-contains-the-images", lambda P, s: L(P, s, "--out", P["ws"], "--overwrite"),
+         ("--out {ws} contains the input {image_dir}",)),
+    Case("lmdb-out-is-the-items", lambda P, s: L(P, s, "--items", P["items"], "--out", P["items"], "--overwrite"),
+         ("--out {items} is the input {items}",)),
+    Case("lmdb-out-is-a-file", lambda P, s: L(P, s, "--out", f"{s}/file.txt", "--overwrite"),
+         ("--out {s}/file.txt exists and is not an IISAN image LMDB",), setup=write("file.txt", "mine")),
+    Case("lmdb-out-exists", lambda P, s: L(P, s, "--out", P["images"]),
+         ("--out {images} already holds an IISAN image LMDB; pass --overwrite",)),
+    Case("lmdb-size-0", lambda P, s: L(P, s, "--size", "0"), ("--size 0: stored images are size x size",)),
+    Case("lmdb-size-negative", lambda P, s: L(P, s, "--size", "-5"), ("--size -5: stored images",)),
+    Case("lmdb-size-huge", lambda P, s: L(P, s, "--size", "70000"), ("--size 70000: stored images",)),
+    Case("lmdb-images-is-a-file", lambda P, s: L(P, s, "--images", P["users"]),
+         ("--images {users} is a file; expected a folder",)),
+    Case("lmdb-images-missing", lambda P, s: L(P, s, "--images", f"{s}/nope"),
+         ("image folder {s}/nope does not exist",)),
+    Case("lmdb-items-unsafe-id", lambda P, s: L(P, s, "--items", f"{s}/items.tsv"),
+         ("{s}/items.tsv:2: item id '../x' contains a path separator",), setup=items_with("../x\ttitle\n")),
+    Case("lmdb-concurrent-build", L, ("image LMDB {s}/new.lmdb is in use by pid",),
+         setup=hold_lock("{s}/.new.lmdb.iisan-lock")),
+    Case("lmdb-disk-full", lambda P, s: L(P, s, "--out", f"{s}/old.lmdb", "--overwrite"),
+         ("could not write {s}/old.lmdb: ",), setup=copy("images", "old.lmdb"),
+         fault=file_size_limit(64 << 10)),
+    # encoders: nothing fetched, no code run, no pickle read, supported architectures only
+    Case("model-missing", lambda P, s: C(P, s, "--text-model", f"{s}/nope"),
+         ("model folder '{s}/nope' does not exist", "--allow-download")),
+    Case("model-hub-id-without-flag", lambda P, s: C(P, s, "--text-model", "someone/model"),
+         ("model folder 'someone/model' does not exist", "--allow-download")),
+    Case("model-is-a-file", lambda P, s: C(P, s, "--image-model", P["users"]),
+         ("model folder '{users}' is a file",)),
+    Case("model-custom-code", lambda P, s: C(P, s, "--text-model", f"{s}/evil"),
+         ("{s}/evil/config.json needs custom code from its folder (auto_map, model type 'iisan_evil')",),
+         setup=model_folder("evil", custom_code), stdin=b"y\ny\ny\n", check=nothing_at("code-ran")),
+    Case("model-pickled-weights", lambda P, s: C(P, s, "--text-model", f"{s}/pickled"),
+         ("{s}/pickled holds pickled weights (pytorch_model.bin) and no .safetensors", "safetensors"),
+         setup=model_folder("pickled", pickled)),
+    Case("model-config-not-json", lambda P, s: C(P, s, "--text-model", f"{s}/broken"),
+         ("{s}/broken/config.json is not valid JSON",), setup=write("broken/config.json", "{")),
+    Case("text-tower-t5", lambda P, s: C(P, s, "--text-model", f"{s}/t5"),
+         ("text encoder '{s}/t5' is a 't5' model", "supported: albert, bert"),
+         setup=lambda P, s: model_folder("t5", config_only(__import__("transformers").T5Config(
+             d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=50)))(P, s)),
+    Case("image-tower-swin", lambda P, s: C(P, s, "--image-model", f"{s}/swin"),
+         ("image encoder '{s}/swin' is a 'swin' model", "supported: clip, clip_vision_model, deit, dinov2, vit"),
+         setup=lambda P, s: model_folder("swin", config_only(__import__("transformers").SwinConfig(
+             embed_dim=8, depths=[1], num_heads=[1], image_size=32, patch_size=4)))(P, s)),
+    Case("vit-as-text-tower", lambda P, s: C(P, s, "--text-model", P["vit"]),
+         ("text encoder '{vit}' is a 'vit' model, which IISAN cannot use as the text tower; supported:",)),
+    # caches: read
+    Case("cache-missing", lambda P, s: T(P, s, "--cache-dir", f"{s}/none"),
+         ("cache file {s}/none/text.safetensors does not exist",)),
+    Case("cache-not-safetensors", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache file {s}/c/text.safetensors is unreadable",), setup=write("c/text.safetensors", b"not a cache")),
+    Case("cache-metadata-not-json", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
+         setup=edited_cache(lambda meta, states: meta.update(layers="[0, 1"))),
+    Case("cache-metadata-lacks-a-key", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors lacks the metadata width",),
+         setup=edited_cache(lambda meta, states: meta.pop("width"))),
+    Case("cache-other-weights", lambda P, s: T(P, s, "--text-model", f"{s}/bert2"),
+         ("cache {cache}/text.safetensors was built for encoder ", " with weights digest ",
+          "(the weights of {s}/bert2 now have "),
+         setup=model_folder("bert2", other_weights)),
+    Case("cache-item-order-changed", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors lists its item ids in another order",),
+         setup=edited_cache(lambda meta, states: meta.update(
+             item_ids=json.dumps((lambda ids: [ids[1], ids[0], *ids[2:]])(json.loads(meta["item_ids"])))))),
+    Case("cache-non-finite-rows", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors: the states of item", "are not finite"),
+         setup=edited_cache(lambda meta, states: states[7].fill_(float("nan")))),
+    Case("cache-other-layers", lambda P, s: T(P, s, "--text-layers", "1,2"),
+         ("cache {cache}/text.safetensors was built for layers [0, 1, 2] (config asks for [1, 2])",)),
+    # caches: written
+    Case("cache-build-over-a-foreign-file", C, ("--cache-dir {s}/c/text.safetensors exists and is not an IISAN cache",),
+         setup=write("c/text.safetensors", "my own file")),
+    Case("cache-build-other-settings", lambda P, s: C(P, s, "--cache-dir", P["cache"], "--dtype", "float16"),
+         ("--cache-dir {cache}: text.safetensors holds a cache built with other settings (dtype differ)",
+          "--overwrite")),
+    Case("cache-build-dir-is-a-file", lambda P, s: C(P, s, "--cache-dir", f"{s}/file"),
+         ("--cache-dir {s}/file is a file",), setup=write("file", "x")),
+    Case("cache-build-foreign-sidecar", C, ("{s}/c/.building exists and is not a cache build in progress",),
+         setup=write("c/.building/notes.txt", "mine")),
+    Case("cache-concurrent-build", C, ("cache folder {s}/c is in use by pid",), setup=hold_lock("{s}/c/.iisan-lock")),
+    Case("cache-build-disk-full", C, ("could not write {s}/c/.building/chunk-000000.safetensors: File too large",),
+         fault=file_size_limit(8 << 10)),
+    # image LMDB: read
+    Case("images-is-a-file", lambda P, s: T(P, s, "--feed", "live", "--images", P["users"]),
+         ("image LMDB {users} is a file",)),
+    Case("images-not-an-lmdb", lambda P, s: T(P, s, "--feed", "live", "--images", P["image_dir"]),
+         ("{image_dir} is not an LMDB (no data.mdb); build it with `iisan build-lmdb`",)),
+    Case("images-foreign-lmdb", lambda P, s: T(P, s, "--feed", "live", "--images", f"{s}/foreign.lmdb"),
+         ("{s}/foreign.lmdb is not an IISAN image LMDB (no __meta__ record)",), setup=foreign_lmdb),
+    Case("images-record-shorter-than-header", lambda P, s: T(P, s, "--feed", "live", "--images", f"{s}/short.lmdb"),
+         ("{s}/short.lmdb: image", "is truncated (3 bytes"), setup=short_record),
+    Case("images-absent-for-live-feed", lambda P, s: T(P, s, "--feed", "live", "--images", ""),
+         ("the image tower needs an image LMDB",)),
+    # runs
+    Case("run-folder-foreign", T, ("run folder {s}/runs/r exists and is not an IISAN run folder",),
+         setup=write("runs/r/notes.txt", "mine")),
+    Case("run-folder-is-a-file", T, ("run folder {s}/runs/r is a file",), setup=write("runs/r", "mine")),
+    Case("run-folder-in-use", T, ("run folder {s}/runs/r is in use by pid",), setup=hold_lock("{s}/runs/r/.lock")),
+    Case("out-dir-read-only", lambda P, s: T(P, s, "--out-dir", f"{s}/ro"),
+         ("could not write {s}/ro/r: Permission denied",),
+         setup=read_only("ro"), fault=another_user),
+    Case("checkpoint-disk-full", T, ("could not write checkpoint {s}/runs/r/checkpoints/epoch-0000: File too large",
+                                     "no earlier checkpoint exists"), fault=file_size_limit(64 << 10)),
+    Case("best-weights-disk-full", T, ("could not write {s}/runs/r/best.safetensors: No space left on device",),
+         fault=disk_full_at("best.safetensors"), check=checkpoint_intact("runs/r")),
+    Case("non-finite-loss", lambda P, s: T(P, s, "--lr", "1e30"),
+         ("non-finite loss at step", "(epoch 0, steps 0..1)", "the run diverged",
+          "last good checkpoint: none yet"), check=nothing_at("runs/r/best.safetensors")),
+    Case("resume-with-another-config", lambda P, s: T(P, s, "--run-name", "done", "--lr", "0.001"),
+         ("cannot resume: {s}/runs/done/checkpoints/epoch-0000/state.json belongs to a different config",
+          "lr=0.0002 there, 0.001 now"), setup=copy("done", "runs/done")),
+    Case("resume-nothing", lambda P, s: T(P, s, "--resume"), ("--resume: no checkpoint in {s}/runs/r/checkpoints",)),
+    # results
+    Case("results-sort-unknown", lambda P, s: ["results", P["done"], "--sort", "bogus"],
+         ("--sort bogus: not a column",)),
+    Case("results-keys-unknown", lambda P, s: ["results", P["runs"], "--keys", "colour"],
+         ("--keys: unknown config key(s) colour",)),
+    Case("results-damaged-file-is-a-counted-skip", lambda P, s: ["results", f"{s}/runs"],
+         ("1 of 1 results files skipped",), setup=write("runs/x/results.json", "{"), code=0),
+]
+
+
+def _format(text: str, P: dict, s: Path) -> str:
+    return text.format(s=s, **{k: v for k, v in P.items() if k != "root"})
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_ends_in_one_line_and_loses_nothing(case: Case, arena):
+    if case.name == "device-cuda-9" and torch.cuda.device_count() > 9:
+        pytest.skip("this machine has a cuda:9")
+    P = arena
+    s = P["root"] / "cases" / case.name
+    s.mkdir(parents=True)
+    cleanup = case.setup(P, s) if case.setup else None
+    before = snapshot(Path(P["ws"]), s)
+    try:
+        outcome = run_forked(case.argv(P, s), s, (lambda: case.fault(P, s)) if case.fault else None, case.stdin)
+    finally:
+        if cleanup:
+            cleanup()
+    where = outcome.describe()
+    assert outcome.code == case.code, where
+    assert "Traceback" not in outcome.out + outcome.err, where
+    if case.code == 2:
+        assert outcome.last_line.startswith("iisan: error: "), where
+        assert outcome.err.count("iisan: error:") == 1, where
+    for expected in case.expect:
+        assert _format(expected, P, s) in (outcome.last_line if case.code == 2 else outcome.err), where
+    assert not changed(before, snapshot(Path(P["ws"]), s)), where
+    assert not leftovers(Path(P["ws"]), s), where
+    if case.check:
+        case.check(P, s)
+
+
+def test_the_suite_covers_enough_distinct_cases():
+    assert len({c.name for c in CASES}) == len(CASES) >= 40
+
+
+# --------------------------------------------------------------------------------------------------
+# the real entry point behaves the same
+
+
+@pytest.mark.parametrize("name", ["lr-negative", "lmdb-out-foreign-folder", "model-custom-code"])
+def test_python_m_iisan_ends_the_same_way(name, arena):
+    case = next(c for c in CASES if c.name == name)
+    P = arena
+    s = P["root"] / "subprocess" / name
+    s.mkdir(parents=True)
+    if case.setup:
+        case.setup(P, s)
+    before = snapshot(Path(P["ws"]), s)
+    outcome = run_subprocess(case.argv(P, s), s, stdin=case.stdin)
+    where = outcome.describe()
+    assert outcome.code == 2 and "Traceback" not in outcome.err, where
+    assert outcome.last_line.startswith("iisan: error: ") and outcome.err.count("iisan: error:") == 1, where
+    assert all(_format(e, P, s) in outcome.last_line for e in case.expect), where
+    assert not changed(before, snapshot(Path(P["ws"]), s)), where
+    if case.check:
+        case.check(P, s)
