@@ -517,7 +517,7 @@ def test_the_suite_covers_enough_distinct_cases():
 # the real entry point behaves the same
 
 
-@pytest.mark.parametrize("name", ["lr-negative", "lmdb-out-foreign-folder", "model-custom-code"])
+@pytest.mark.parametrize("name", ["lr-negative", "lmdb-out-foreign-folder"])
 def test_python_m_iisan_ends_the_same_way(name, arena):
     case = next(c for c in CASES if c.name == name)
     P = arena

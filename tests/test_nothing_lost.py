@@ -1,0 +1,199 @@
+"""The promises that bad input cannot break: nothing this project did not write is deleted or
+overwritten, no code from a model folder ever runs, and nothing is downloaded unless asked for.
+
+Each test here failed on the code before these guarantees (``build-lmdb --out`` deleted whatever was
+there; an ``auto_map`` config prompted and, answered "y", ran the folder's Python; the default text
+model was fetched from the Hub when run outside the repository; and so on). They run the real command
+line in a separate process (``_cli_driver``) and compare every file's bytes before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ._cli_driver import changed, run_forked, run_subprocess, snapshot
+
+
+def mine(folder: Path) -> dict[str, str]:
+    """A folder of the user's own files; returns their digests."""
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "data").mkdir()
+    (folder / "data" / "results.csv").write_text("a,b\n1,2\n")
+    return snapshot(folder)
+
+
+def lmdb_args(tiny, out, *extra) -> list[str]:
+    return ["build-lmdb", "--images", tiny["image_dir"], "--items", tiny["items"], "--out", str(out), "--size",
+            "16", *extra]
+
+
+def test_build_lmdb_never_replaces_a_folder_it_did_not_write(tiny, tmp_path):
+    before = mine(tmp_path / "mine")
+    for extra in ([], ["--overwrite"]):
+        outcome = run_forked(lmdb_args(tiny, tmp_path / "mine", *extra), tmp_path / "s")
+        assert outcome.code == 2, outcome.describe()
+        assert f"--out {tmp_path / 'mine'} exists and is not an IISAN image LMDB" in outcome.last_line
+        assert not changed(before, snapshot(tmp_path / "mine"))
+
+
+def test_build_lmdb_never_replaces_its_own_images(tiny, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny["image_dir"], images)
+    before = snapshot(images)
+    for out, extra in ((images, []), (images, ["--overwrite"]), (tmp_path, ["--overwrite"])):
+        # the image folder itself, and a folder that holds it: not even --overwrite replaces an input
+        outcome = run_forked(["build-lmdb", "--images", str(images), "--out", str(out), "--size", "16", *extra],
+                             tmp_path / "s")
+        assert outcome.code == 2, outcome.describe()
+        assert f"--out {out} {'is' if out == images else 'contains'} the input {images}" in outcome.last_line
+        assert not changed(before, snapshot(images))
+
+
+def test_a_stray_temporary_name_beside_an_output_is_not_deleted(tiny, tmp_path):
+    """The old writer built ``<out>.tmp`` after deleting whatever had that name."""
+    before = mine(tmp_path / "images.lmdb.tmp")
+    outcome = run_forked(lmdb_args(tiny, tmp_path / "images.lmdb"), tmp_path / "s")
+    assert outcome.code == 0, outcome.describe()
+    assert not changed(before, snapshot(tmp_path / "images.lmdb.tmp"))
+    assert (tmp_path / "images.lmdb" / "data.mdb").is_file()
+
+
+def test_a_cache_build_keeps_a_folder_named_like_its_sidecar(tiny, tmp_path):
+    before = mine(tmp_path / "c" / ".building")
+    outcome = run_forked(["cache", "--users", tiny["users"], "--items", tiny["items"], "--text-model",
+                          tiny["text_model"], "--towers", "text", "--modality", "intra", "--cache-dir",
+                          str(tmp_path / "c"), "--device", "cpu", "--no-progress"], tmp_path / "s")
+    assert outcome.code == 2, outcome.describe()
+    assert f"{tmp_path / 'c' / '.building'} exists and is not a cache build in progress" in outcome.last_line
+    assert not changed(before, snapshot(tmp_path / "c"))
+
+
+def train_args(tiny, cache, out_dir, run_name) -> list[str]:
+    return ["train", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"], "--text-model",
+            tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir", cache, "--device", "cpu",
+            "--no-progress", "--num-workers", "0", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size",
+            "16", "--eval-batch-size", "64", "--out-dir", str(out_dir), "--run-name", run_name]
+
+
+def test_a_run_never_writes_into_a_folder_that_is_not_a_run(tiny, tiny_cache, tmp_path):
+    """A model folder's config.json is not a run's: the old trainer wrote its own over it."""
+    folder = tmp_path / "models" / "bert"
+    shutil.copytree(tiny["text_model"], folder)
+    before = snapshot(folder)
+    outcome = run_forked(train_args(tiny, tiny_cache, tmp_path / "models", "bert"), tmp_path / "s")
+    assert outcome.code == 2, outcome.describe()
+    assert f"run folder {folder} exists and is not an IISAN run folder" in outcome.last_line
+    assert snapshot(folder) == before
+
+
+def test_a_run_name_never_leaves_the_out_dir(tiny, tiny_cache, tmp_path):
+    outcome = run_forked(train_args(tiny, tiny_cache, tmp_path / "runs" / "deep", "../../escaped"), tmp_path / "s")
+    assert outcome.code == 2, outcome.describe()
+    assert "run_name='../../escaped' must be a single folder name" in outcome.last_line
+    assert not (tmp_path / "escaped").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# foreign code
+
+
+def evil_folder(folder: Path, marker: Path, config: dict) -> None:
+    """A model folder whose config asks transformers to run its ``evil.py``, which leaves ``marker``."""
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+
+
+def cache_text_args(tiny, model, cache) -> list[str]:
+    return ["cache", "--users", tiny["users"], "--items", tiny["items"], "--text-model", str(model), "--towers",
+            "text", "--modality", "intra", "--cache-dir", str(cache), "--device", "cpu", "--no-progress"]
+
+
+def test_custom_code_in_a_model_folder_never_runs_even_when_the_user_says_yes(tiny, tmp_path):
+    folder, marker = tmp_path / "evil", tmp_path / "code-ran"
+    folder.mkdir()
+    evil_folder(folder, marker, {"model_type": "iisan_evil"})
+    outcome = run_subprocess(cache_text_args(tiny, folder, tmp_path / "c"), tmp_path, stdin=b"y\ny\ny\n",
+                             env={"HF_HOME": str(tmp_path / "hf")})
+    assert not marker.exists(), outcome.describe()
+    assert outcome.code == 2 and "Traceback" not in outcome.err, outcome.describe()
+    assert outcome.last_line.startswith(f"iisan: error: {folder / 'config.json'} needs custom code")
+    assert "Do you wish to run the custom code" not in outcome.out + outcome.err
+
+
+def test_custom_code_on_a_known_architecture_is_ignored(tiny, tmp_path):
+    folder, marker = tmp_path / "bert", tmp_path / "code-ran"
+    shutil.copytree(tiny["text_model"], folder)
+    evil_folder(folder, marker, json.loads((folder / "config.json").read_text()))
+    outcome = run_forked(cache_text_args(tiny, folder, tmp_path / "c"), tmp_path / "s", stdin=b"y\ny\ny\n")
+    assert outcome.code == 0 and not marker.exists(), outcome.describe()
+    assert "asks for custom code (auto_map); ignored" in outcome.err
+
+
+# --------------------------------------------------------------------------------------------------
+# downloads
+
+
+@pytest.fixture()
+def fake_hub():
+    """A stand-in for the Hugging Face Hub on localhost that answers 404 and records every request."""
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self):
+            requests.append(f"{self.command} {self.path}")
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b'{"error": "Repository not found"}')
+
+        do_GET = do_HEAD = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    server.shutdown()
+
+
+def hub_env(endpoint: str, tmp_path: Path) -> dict:
+    return {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_the_default_model_is_never_fetched_outside_the_repository(tiny, tmp_path, fake_hub):
+    """Run from a folder without ./pretrained_models: the default resolves against the repository."""
+    endpoint, requests = fake_hub
+    args = ["cache", "--users", tiny["users"], "--items", tiny["items"], "--towers", "text", "--modality", "intra",
+            "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--no-progress"]
+    outcome = run_subprocess(args, tmp_path, env=hub_env(endpoint, tmp_path))
+    assert requests == [], outcome.describe()
+    default = Path(__file__).resolve().parents[1] / "pretrained_models" / "bert-base-uncased"
+    if not default.is_dir():
+        assert outcome.code == 2, outcome.describe()
+        assert outcome.last_line == (f"iisan: error: model folder '{default}' (the default, under the repository) "
+                                     "does not exist; put the model there (see pretrained_models/README.md), or pass "
+                                     "--allow-download to fetch a Hugging Face Hub id")
+
+
+def test_a_hub_id_is_fetched_with_allow_download(tiny, tmp_path, fake_hub):
+    """The fake Hub does see requests (so the test above is not vacuous); without the flag the same id is
+    refused as a missing folder (``test_bad_inputs``: model-hub-id-without-flag)."""
+    endpoint, requests = fake_hub
+    args = cache_text_args(tiny, "someone/some-model", tmp_path / "c")
+    asked = run_subprocess([*args, "--allow-download"], tmp_path, env=hub_env(endpoint, tmp_path))
+    assert requests, asked.describe()  # it did go to the (fake) Hub
+    assert asked.code == 2 and "Traceback" not in asked.err, asked.describe()
+    assert asked.last_line.startswith("iisan: error: cannot load text encoder config from 'someone/some-model'")
