@@ -91,3 +91,46 @@ def test_missing_cache_names_the_file(tiny_config):
     cfg = tiny_config(cache_dir="/nonexistent/cache")
     with pytest.raises(CacheError, match=r"cache file /nonexistent/cache/text.safetensors does not exist"):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
+
+
+def test_the_weights_digest_reads_no_weights_while_the_files_are_unchanged(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import iisan.model.encoder_files as encoder_files
+
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny["text_model"], folder)
+    first = encoder_files.weights_digest(folder)
+    assert set(first["files"]) >= {"model.safetensors", "vocab.txt", "tokenizer.json"}
+    assert "config.json" not in first["files"]  # hashed separately, without its volatile keys
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert encoder_files.weights_digest(copy)["digest"] == first["digest"]  # same bytes, same digest
+
+    def no_reading(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(encoder_files, "sha256", no_reading)
+    encoder_files._MEMO.clear()
+    assert encoder_files.weights_digest(folder, known=first) == first  # sizes and times match the record
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())  # same bytes, new file
+    with pytest.raises(AssertionError, match="read .*model.safetensors"):
+        encoder_files.weights_digest(folder, known=first)
+
+
+def test_a_cache_is_rebuilt_in_place_for_the_same_settings_and_replaced_only_when_asked(tiny_config, tmp_path):
+    from iisan.errors import OutputError
+    from iisan.model.caching import build_cache_from_config
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), towers="text", modality="intra")
+    path = build_cache_from_config(cfg, dtype="float32")["text"]
+    first = path.read_bytes()
+    build_cache_from_config(cfg, dtype="float32")  # the same build again: allowed, the same bytes
+    assert path.read_bytes() == first
+    with pytest.raises(OutputError, match=r"text.safetensors holds a cache built with other settings \(dtype "
+                                          r"differ\); pass --overwrite"):
+        build_cache_from_config(cfg, dtype="float16")
+    assert path.read_bytes() == first
+    build_cache_from_config(cfg, dtype="float16", overwrite=True)
+    assert read_metadata(path)["dtype"] == "float16"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["text.safetensors"]  # no sidecar, lock or temporary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,39 @@ def test_data_stats_on_the_shared_data(folder, users, items, expected, capsys):
     out = capsys.readouterr().out
     assert f"users: {expected[0]}" in out and f"items: {expected[1]}" in out
     assert f"interactions: {expected[2]}" in out
+
+
+def test_another_encoding_reads_the_same_data_and_a_byte_order_mark_is_dropped(small, tmp_path):
+    users, items = small
+    reference = load_dataset(users, items, max_seq_len=3, min_seq_len=5)
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes(items.read_text().replace("Title A", "Titlé A").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.tsv:1: byte 0xe9 at column 8 is not utf-8 text; pass --encoding"):
+        read_items(latin)
+    data = load_dataset(users, latin, max_seq_len=3, min_seq_len=5, encoding="latin-1")
+    assert data.titles[1] == " Titlé A &amp; co" and data.item_ids == reference.item_ids
+    assert np.array_equal(data.padded, reference.padded)
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + items.read_bytes())  # as some editors save UTF-8
+    assert read_items(bom).ids == read_items(items).ids
+
+
+def test_duplicate_users_are_an_error_or_merged_in_file_order(tmp_path):
+    users = write(tmp_path, "users.tsv", "u1\ta b\nu2\tc d e f g\nu1\tc d e\n")
+    with pytest.raises(DataError, match=r"users.tsv:3: user 'u1' already has a line \(1\); pass "
+                                        "--merge-duplicate-users"):
+        read_users(users)
+    assert read_users(users, merge_duplicates=True) == [("u1", ["a", "b", "c", "d", "e"]),
+                                                         ("u2", ["c", "d", "e", "f", "g"])]
+
+
+@pytest.mark.parametrize("item_id,problem", [
+    ("a b", "contains whitespace"), ("../x", "contains a path separator"), ("C:\\x", "contains a path separator"),
+    ("..", "is reserved"), ("__meta__", "is reserved"), ("a\u200bb", "contains the control character U+200B"),
+    ("x" * 201, "is longer than 200 bytes"),
+])
+def test_item_ids_that_cannot_name_an_image_file_are_refused(tmp_path, item_id, problem):
+    items = write(tmp_path, "items.tsv", f"ok\tfine\n{item_id}\ttitle\n")
+    with pytest.raises(DataError, match=rf"items.tsv:2: item id .* {re.escape(problem)}.*; item ids must be usable"):
+        read_items(items)
+    assert read_items(write(tmp_path, "good.tsv", "B00X-1_a.b\tfine\n")).ids == ["B00X-1_a.b"]

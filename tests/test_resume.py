@@ -335,3 +335,40 @@ def test_a_field_added_after_the_checkpoint_counts_as_its_default(base):
     changed = base.replace(dedup_items="off").to_dict()
     assert checkpoint.config_differences(older, changed) == ["dedup_items='auto' there, 'off' now"]
     assert checkpoint.config_differences(current, changed) == ["dedup_items='auto' there, 'off' now"]
+
+
+def test_a_non_finite_loss_names_the_batch_items_whose_states_are_not_finite(base, monkeypatch):
+    """The cache refuses non-finite rows when it is loaded; were one to reach training anyway (here: let
+    through on purpose), the report names the items of the failing batch and where their states came from."""
+    import re
+
+    import iisan.model.build as build
+
+    real = build.load_cache
+
+    def poisoned(path, expected, item_ids):
+        table, meta = real(path, expected, item_ids)
+        if path.name == "text.safetensors":
+            table[1::2] = float("nan")  # every other item
+        return table, meta
+
+    monkeypatch.setattr(build, "load_cache", poisoned)
+    with pytest.raises(TrainingError) as info:
+        train(base.replace(run_name="nan-states", epochs=1))
+    message = str(info.value)
+    assert message.startswith("non-finite loss at step 0 (epoch 0, steps 0..9); ")
+    assert re.search(r"; \d+ item\(s\) of that batch have non-finite text states \(e\.g\. 'I\d+', 'I\d+', 'I\d+'; "
+                     rf"from {re.escape(str(Path(base.cache_dir) / 'text.safetensors'))}\); ", message), message
+    assert "image states" not in message
+    assert message.endswith("; last good checkpoint: none yet")  # and no best weights: none were written
+
+
+def test_a_non_finite_learning_rate_is_named():
+    from iisan.train.nonfinite import learning_rates
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([{"params": [weight], "lr": 1e-3, "name": "recsys"},
+                                  {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "image"}])
+    assert learning_rates(optimizer) == []
+    optimizer.param_groups[1]["lr"] = float("nan")  # e.g. from a hand-edited checkpoint
+    assert learning_rates(optimizer) == ["the learning rate of group 'image' is nan"]

@@ -177,3 +177,28 @@ def test_layer_list_beyond_an_encoders_depth_from_the_command_line(tiny, towers,
     assert info.value.code == 2 and err.count("\n") == 0
     assert err == f"iisan: error: image ({towers['vit24x3']}) layers [0, 2, 4] do not fit an encoder with " \
                   "3 layers (valid hidden-state indices are 0..3)"
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma", "gemma2", "phi3"])
+def test_every_listed_decoder_family_gives_per_layer_states(towers, tmp_path, family):
+    """The supported list is a claim: each decoder family it names (beyond the llama, qwen2 and gpt2 used
+    above) loads through AutoModel and gives finite pooled states, tiny and random."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    from iisan.model.encoder_files import TEXT_DECODERS
+
+    assert family in TEXT_DECODERS
+    folder = tmp_path / family
+    shutil.copytree(towers["llama48x6"], folder)  # its BPE tokenizer
+    (folder / "model.safetensors").unlink()
+    config = AutoConfig.for_model(family, vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=64,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    encoder = load_text_encoder(str(folder))
+    tokens, mask = tokenize_titles(encoder.tokenizer, ["a red lamp", "blue"], 8)
+    states = encoder.layer_states(input_ids=tokens, attention_mask=mask)
+    assert states.shape == (2, 3, 32) and torch.isfinite(states).all() and encoder.pooling == "mean"

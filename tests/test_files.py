@@ -1,0 +1,148 @@
+"""Writing outputs: atomic writes that leave nothing behind and name the path when they fail, claims
+that replace only the project's own artifacts and never an input, and locks that keep a second writer
+out and go with their holder."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from iisan.errors import OutputError
+from iisan.files import (
+    OutputLock,
+    atomic_path,
+    claim_output,
+    failure_reason,
+    refuse_inputs,
+    stale_temporaries,
+    temporary_sibling,
+    write_json_atomic,
+)
+
+
+def test_a_failed_write_keeps_the_old_file_removes_its_temporary_and_names_the_target(tmp_path):
+    target = tmp_path / "results.json"
+    write_json_atomic(target, {"old": 1})
+    with pytest.raises(OutputError, match=rf"^could not write {target}: No space left on device$"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    assert target.read_text() == '{\n  "old": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_errors_that_are_not_writes_pass_through_and_still_clean_up(tmp_path):
+    with pytest.raises(KeyError):
+        with atomic_path(tmp_path / "x") as tmp:
+            tmp.write_text("partial")
+            raise KeyError("a bug, not a full disk")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_names_are_hidden_fresh_and_recognised_as_stale(tmp_path):
+    target = tmp_path / "images.lmdb"
+    taken = temporary_sibling(target)
+    taken.mkdir()
+    other = temporary_sibling(target)
+    assert other != taken and other.name.startswith(".images.lmdb.") and not other.exists()
+    (tmp_path / "images.lmdb.tmp").mkdir()  # a user's folder with the old fixed name: not ours
+    (tmp_path / ".other.lmdb.1-0123abcd.tmp").mkdir()  # another output's temporary
+    assert stale_temporaries(target) == [taken]
+
+
+def test_the_reason_of_a_safetensors_write_failure_is_the_os_words():
+    from safetensors import SafetensorError
+
+    err = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert failure_reason(err) == "No space left on device"
+    assert failure_reason(OSError(errno.EACCES, "Permission denied")) == "Permission denied"
+
+
+def test_claims_replace_only_own_artifacts_and_only_when_asked(tmp_path):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    owned = lambda path: path == ours  # noqa: E731
+    assert claim_output(tmp_path / "absent", owned, "a store", "--out", overwrite=False) is False
+    assert claim_output(ours, owned, "a store", "--out", overwrite=True) is True
+    with pytest.raises(OutputError, match="already holds a store; pass --overwrite"):
+        claim_output(ours, owned, "a store", "--out", overwrite=False)
+    with pytest.raises(OutputError, match="exists and is not a store"):
+        claim_output(theirs, owned, "a store", "--out", overwrite=True)
+    (tmp_path / "link").symlink_to(ours)
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        claim_output(tmp_path / "link", owned, "a store", "--out", overwrite=True)
+
+
+def test_an_output_may_not_be_or_contain_an_input(tmp_path):
+    data = tmp_path / "data" / "images"
+    refuse_inputs(tmp_path / "out", [data, None, ""], "--out")  # beside: fine
+    refuse_inputs(data / "sub", [data], "--out")  # inside an input folder: writes there, replaces nothing of it
+    with pytest.raises(OutputError, match=r"--out .*data/images is the input"):
+        refuse_inputs(data, [data], "--out")
+    with pytest.raises(OutputError, match=r"--out .*data contains the input .*images"):
+        refuse_inputs(tmp_path / "data", [data], "--out")
+
+
+def in_child(action) -> int:
+    """``action()`` in a forked child (another process, for locks); its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(action())
+        except BaseException:
+            os._exit(99)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_lock_keeps_other_processes_out_and_is_removed_when_released(tmp_path):
+    path = tmp_path / ".out.iisan-lock"
+
+    def try_lock() -> int:
+        try:
+            OutputLock(path, "store X", "wait").acquire()
+        except OutputError as err:
+            return 3 if f"store X is in use by pid {os.getppid()} on " in str(err) else 4
+        return 0
+
+    with OutputLock(path, "store X", "wait"):
+        assert path.read_text().startswith(f"pid {os.getpid()} on ")
+        assert in_child(try_lock) == 3
+    assert not path.exists()
+    assert in_child(try_lock) == 0
+
+
+def test_a_lock_goes_with_a_holder_that_dies(tmp_path):
+    path = tmp_path / ".lock"
+
+    def die_holding() -> int:
+        OutputLock(path, "run folder").acquire()
+        os.kill(os.getpid(), 9)  # SIGKILL: no release, no cleanup
+        return 0
+
+    assert in_child(die_holding) == -9
+    assert path.exists()  # left behind, but no longer locked
+    with OutputLock(path, "run folder"):
+        assert path.read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_a_lock_taken_on_a_file_that_was_just_removed_is_retaken_on_the_new_one(tmp_path, monkeypatch):
+    """A holder releasing (unlink, then close) while another process opens the file: the latecomer
+    ends up holding a lock on the unlinked file, sees that, and locks the file that is there now."""
+    path = tmp_path / ".lock"
+    real_open, opened = open, []
+
+    def open_then_lose_the_race(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if Path(file) == path and not opened:
+            opened.append(1)
+            os.unlink(path)  # the previous holder's release, between our open and our lock
+        return handle
+
+    monkeypatch.setattr("builtins.open", open_then_lose_the_race)
+    lock = OutputLock(path, "x").acquire()
+    assert os.path.samestat(os.fstat(lock.handle.fileno()), os.stat(path))
+    lock.release()
