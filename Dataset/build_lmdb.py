@@ -27,6 +27,9 @@ def main(argv=None):
     parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
     parser.add_argument("--out", help="LMDB folder to write")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
     args = parser.parse_args(argv)
     setup_logging()
     jobs = []
@@ -44,8 +47,8 @@ def main(argv=None):
 
     def build() -> None:
         for images, items, out in jobs:
-            ids = read_items(items, allow_empty_titles=True).ids if items else None
-            report = build_image_lmdb(images, out, ids, size=args.size)
+            ids = read_items(items, allow_empty_titles=True, encoding=args.encoding).ids if items else None
+            report = build_image_lmdb(images, out, ids, size=args.size, overwrite=args.overwrite, inputs=[items])
             print(f"{out}: {report['stored']:,} images, {report['blank']:,} missing or unreadable "
                   f"(listed in {report['report']})")
 
