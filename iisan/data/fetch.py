@@ -8,7 +8,7 @@ sha256:
    stand-in in tests), saved as ``Dataset/<archive>.zip``;
 3. ``images``: the archive unpacked into ``Dataset/<am_image_xx>/`` (members checked, unpacked beside
    the target and renamed into place);
-4. ``lmdb``: the image LMDB (``images.build_image_lmdb``), ``Dataset/<name>/images.lmdb``;
+4. ``lmdb``: the image LMDB (``image_build.build_image_lmdb``), ``Dataset/<name>/images.lmdb``;
 5. ``stats``: users, items and interactions after the paper's protocol, against the paper's.
 
 A recorded step is skipped after its files are checked against the manifest (a changed file ends the
@@ -28,7 +28,7 @@ from typing import Protocol
 
 from ..errors import DataError, FetchError
 from .download import Expected, http_download, mismatch
-from .images import build_image_lmdb
+from .image_build import build_image_lmdb
 from .interactions import load_dataset, read_items
 from .manifest import Manifest, folder_files
 from .sources import AUTHORS_COMMIT, AUTHORS_REPO, SOURCES, DataSource

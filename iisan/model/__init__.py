@@ -1,4 +1,5 @@
-"""The model: frozen backbones and their per-layer states (``backbones``, ``inputs``, ``patches``), the
+"""The model: frozen backbones and their per-layer states (``backbones``, ``inputs``, ``patches``; their
+folders checked, and the digest of their weights: ``encoder_files``), the
 two feeds of those states (``feeds``: live or cached), the side adapter network (``san``), the SASRec
 user encoder (``sasrec``), the in-batch loss (``loss``), the recommender around them (``recommender``),
 the baselines' PEFT methods (``peft_methods``, ``baselines``), and the one place that builds all of it

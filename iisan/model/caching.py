@@ -71,7 +71,8 @@ def every_layer(cfg: Config) -> Config:
 LOCK = ".iisan-lock"
 # Where the encoder and the items file were, and their files' sizes and times: the same contents (the
 # weights digest, the items fingerprint) moved or copied differ only there.
-VOLATILE = {"encoder", "items_file", "encoder_files"}
+# An import's count of items without a file is its result, not a setting.
+VOLATILE = {"encoder", "items_file", "encoder_files", "imported_missing"}
 
 
 def claim_cache_folder(cfg: Config) -> Path:
