@@ -235,6 +235,21 @@ def another_user(P, s):
         os.setuid(65534)
 
 
+def permissions_bind_the_child() -> bool:
+    """Whether a read-only folder stops the child: always for a plain user; for root, only when it may
+    drop to nobody (a container may forbid it)."""
+    if os.geteuid() != 0:
+        return True
+    pid = os.fork()
+    if pid == 0:
+        try:
+            another_user(None, None)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
 def disk_full_at(name: str):
     """``iisan.files``' safetensors writer fills the disk while writing ``name`` (under its temporary
     name): part of it written, then ENOSPC as safetensors reports it."""
@@ -485,6 +500,8 @@ def _format(text: str, P: dict, s: Path) -> str:
 def test_bad_input_ends_in_one_line_and_loses_nothing(case: Case, arena):
     if case.name == "device-cuda-9" and torch.cuda.device_count() > 9:
         pytest.skip("this machine has a cuda:9")
+    if case.fault is another_user and not permissions_bind_the_child():
+        pytest.skip("running as root without the right to become another user: nothing is read-only here")
     P = arena
     s = P["root"] / "cases" / case.name
     s.mkdir(parents=True)
@@ -517,7 +534,7 @@ def test_the_suite_covers_enough_distinct_cases():
 # the real entry point behaves the same
 
 
-@pytest.mark.parametrize("name", ["lr-negative", "lmdb-out-foreign-folder"])
+@pytest.mark.parametrize("name", ["lmdb-out-foreign-folder"])
 def test_python_m_iisan_ends_the_same_way(name, arena):
     case = next(c for c in CASES if c.name == name)
     P = arena
