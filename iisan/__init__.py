@@ -2,8 +2,8 @@
 recommendation (SIGIR 2024), and IISAN-Versa (TKDE).
 
 The package follows the pipeline, each layer importing only from those before it: a base of small
-modules (``errors``, ``config``, ``files``, ``devices``, ``provenance``, ``console``, ``distributed``),
-then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` -> ``cli``.
+modules (``errors``, ``bounds``, ``config``, ``files``, ``devices``, ``provenance``, ``console``,
+``distributed``), then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` -> ``cli``.
 """
 
 __version__ = "0.1.0"

@@ -9,16 +9,14 @@ checkpoint and results file (``Config.to_dict``).
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import json
-import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bounds import check_bounds
 from .errors import ConfigError
 
 
@@ -31,9 +29,6 @@ METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
 # ``model.encoder_files.resolve_model_path``).
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
-LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # The paper's names, used in results files and tables.
 METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
@@ -176,7 +171,7 @@ class Config:
         for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        self.validate_boundaries()
+        check_bounds(self)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"drop_rate={self.drop_rate} must be in [0, 1)")
         if self.gate_temperature <= 0:
@@ -199,26 +194,6 @@ class Config:
         if self.method != "iisan" and self.feed == "cached":
             # Baselines train through the backbones, so their states cannot be cached.
             self.feed = "live"
-
-    def validate_boundaries(self) -> None:
-        """Values that would otherwise fail deep inside a run, or quietly do harm there."""
-        for name in LEARNING_RATES:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name}={value} must be a finite, positive learning rate")
-        for name in ("gate_temperature", "lora_alpha", "drop_rate"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name}={getattr(self, name)} must be a finite number")
-        if self.run_name and (self.run_name in (".", "..") or Path(self.run_name).name != self.run_name
-                              or "\\" in self.run_name or "\0" in self.run_name):
-            raise ConfigError(f"run_name={self.run_name!r} must be a single folder name (no '/', '\\', '.' or "
-                              "'..'); run folders go under --out-dir")
-        if not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-        if self.title_tokens < MIN_TITLE_TOKENS:
-            raise ConfigError(f"title_tokens={self.title_tokens} must be at least {MIN_TITLE_TOKENS} "
-                              "(the tokenizer's [CLS] and [SEP] are counted)")
-        check_encoding(self.encoding)
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -253,16 +228,6 @@ class Config:
             raise ConfigError(f"{path}: expected a JSON object of config keys")
         cls.from_dict(values, source=str(path))  # validates keys and values
         return values
-
-
-def check_encoding(encoding: str) -> None:
-    """``--encoding``: a text encoding Python knows."""
-    try:
-        known = codecs.lookup(encoding)._is_text_encoding
-    except LookupError:
-        known = False
-    if not known:
-        raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
 
 
 def _coerce(name: str, value, hint):

@@ -477,7 +477,7 @@ CASES = [
          fault=disk_full_at("best.safetensors"), check=checkpoint_intact("runs/r")),
     Case("non-finite-loss", lambda P, s: T(P, s, "--lr", "1e30"),
          ("non-finite loss at step", "(epoch 0, steps 0..1)", "the run diverged",
-          "last good checkpoint: none yet"), check=nothing_at("runs/r/best.safetensors")),
+          "last good checkpoint: none yet; best weights: none yet"), check=nothing_at("runs/r/best.safetensors")),
     Case("resume-with-another-config", lambda P, s: T(P, s, "--run-name", "done", "--lr", "0.001"),
          ("cannot resume: {s}/runs/done/checkpoints/epoch-0000/state.json belongs to a different config",
           "lr=0.0002 there, 0.001 now"), setup=copy("done", "runs/done")),

@@ -360,7 +360,7 @@ def test_a_non_finite_loss_names_the_batch_items_whose_states_are_not_finite(bas
     assert re.search(r"; \d+ item\(s\) of that batch have non-finite text states \(e\.g\. 'I\d+', 'I\d+', 'I\d+'; "
                      rf"from {re.escape(str(Path(base.cache_dir) / 'text.safetensors'))}\); ", message), message
     assert "image states" not in message
-    assert message.endswith("; last good checkpoint: none yet")  # and no best weights: none were written
+    assert message.endswith("; last good checkpoint: none yet; best weights: none yet")  # none were written
 
 
 def test_a_non_finite_learning_rate_is_named():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_config_arguments, check_encoding, config_from_args
+from ..bounds import check_encoding
+from ..config import add_config_arguments, config_from_args
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
 from ..model.caching import DTYPES, build_cache_from_config

@@ -136,7 +136,7 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
         data = load_data(cfg)
         item_ids, titles, catalog = data.item_ids, data.titles, data.catalog
     else:
-        catalog = read_items(cfg.items, cfg.allow_empty_titles)
+        catalog = read_items(cfg.items, cfg.allow_empty_titles, cfg.encoding)
         item_ids, titles = [""] + catalog.ids, [""] + catalog.titles
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
@@ -165,7 +165,7 @@ def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:
     if cfg.users and not all_items:
         data = load_data(cfg)
         return data.item_ids, data.catalog.fingerprint
-    catalog = read_items(cfg.items, cfg.allow_empty_titles)
+    catalog = read_items(cfg.items, cfg.allow_empty_titles, cfg.encoding)
     return [""] + catalog.ids, catalog.fingerprint
 
 

@@ -46,7 +46,7 @@ LOCK = ".lock"
 # how it reports; not what a step computes.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
                         "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic", "patch_embedding", "report_to"})
+                        "deterministic", "patch_embedding", "report_to", "allow_download"})
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:

@@ -1,0 +1,52 @@
+"""Bounds of config values that would otherwise fail deep inside a run, or quietly do harm there: learning
+rates that are not finite and positive, run names that are not one folder name (a run folder must stay
+under ``--out-dir``), device names torch does not know, titles too short for their special tokens, text
+encodings Python does not know. ``config.Config`` checks them whenever a config is made."""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+from pathlib import PurePath
+
+from .errors import ConfigError
+
+LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
+
+
+def check_bounds(cfg) -> None:
+    """``cfg``: a ``config.Config`` (its fields already of their declared types)."""
+    for name in LEARNING_RATES:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name}={value} must be a finite, positive learning rate")
+    for name in ("gate_temperature", "lora_alpha", "drop_rate"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number")
+    check_run_name(cfg.run_name)
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if cfg.title_tokens < MIN_TITLE_TOKENS:
+        raise ConfigError(f"title_tokens={cfg.title_tokens} must be at least {MIN_TITLE_TOKENS} "
+                          "(the tokenizer's [CLS] and [SEP] are counted)")
+    check_encoding(cfg.encoding)
+
+
+def check_run_name(name: str) -> None:
+    """A run folder's name: one path component, so that the run stays under ``--out-dir`` ("" = default)."""
+    if name and (name in (".", "..") or PurePath(name).name != name or "\\" in name or "\0" in name):
+        raise ConfigError(f"run_name={name!r} must be a single folder name (no '/', '\\', '.' or '..'); run "
+                          "folders go under --out-dir")
+
+
+def check_encoding(encoding: str) -> None:
+    """``--encoding``: a text encoding Python knows."""
+    try:
+        known = codecs.lookup(encoding)._is_text_encoding
+    except LookupError:
+        known = False
+    if not known:
+        raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
