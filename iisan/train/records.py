@@ -153,6 +153,19 @@ class RunRecord:
             write_json_atomic(self.run_dir / RESULTS, results)
         return results
 
+    def ended(self, progress: Progress, err: BaseException, started: bool) -> None:
+        """train.log and results.json say how the run ended (failed or interrupted) and why. An attempt
+        that ended before it ``started`` (refused: another config, a bad file) leaves the results of the
+        run already in the folder as they were. A record that cannot be written (the full disk that
+        stopped the run) is only a warning, so the error that ended the run stays the one reported."""
+        status, reason = error_status(err)
+        try:
+            self.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
+            if started or not (self.run_dir / RESULTS).is_file():
+                self.write(self.results(progress, status, reason))
+        except (UserError, OSError) as also:
+            log.warning("could not record how the run ended: %s", also)
+
     def close(self) -> None:
         if self.handler is not None:
             logger = logging.getLogger("iisan")

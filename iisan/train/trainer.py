@@ -34,7 +34,7 @@ from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
-from .records import RunRecord, epoch_line, error_status
+from .records import RunRecord, epoch_line
 from .runfolder import finished_results, run_dir
 from .step import make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile, use_dedup
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
@@ -49,6 +49,7 @@ class Run:
         self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
         self.lock = None  # rank 0 locks the run folder (``checkpoint.lock_run_folder``) until ``close``
         self.record: RunRecord | None = None  # train.log, metrics.jsonl, results.json (``records``)
+        self.started = False  # set up: data, model, the checkpoint it resumes from
         try:
             self.setup()
         except BaseException as err:
@@ -58,14 +59,8 @@ class Run:
 
     def fail(self, err: BaseException) -> None:
         """results.json says how the run ended (failed or interrupted) and why; so does train.log."""
-        if self.record is None:  # the folder was never ours (e.g. in use by another process)
-            return
-        status, reason = error_status(err)
-        try:
-            self.record.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
-            self.record.write(self.record.results(self.progress, status, reason))
-        except (UserError, OSError) as also:  # e.g. the full disk that stopped the run: its error goes first
-            log.warning("could not record how the run ended: %s", also)
+        if self.record is not None:  # None: the folder was never ours (e.g. in use by another process)
+            self.record.ended(self.progress, err, started=self.started)
 
     def close(self) -> None:
         if self.record is not None:
@@ -116,6 +111,7 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
         self.record.start_metrics(self.progress.epochs)
+        self.started = True
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
                  self.amp, self.compiled,
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
