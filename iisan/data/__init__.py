@@ -1,6 +1,6 @@
 """Data: the users and items files and the paper's protocol (``interactions``, ``microlens``; decoding
 and item-id checks: ``textfile``), images in an LMDB (``images``; building it: ``image_build``),
-training and encoding batches (``batches``), the hidden-state cache, its building and the import of
-the authors' released states (``cache``, ``cache_build``, ``cache_import``), fetching the paper's data
-sets (``sources``, ``download``, ``manifest``, ``fetch``), and synthetic data for tests and benchmarks
-(``synthetic``)."""
+training and encoding batches (``batches``) and the static shapes of live steps (``shapes``), the
+hidden-state cache, its building and the import of the authors' released states (``cache``,
+``cache_build``, ``cache_import``), fetching the paper's data sets (``sources``, ``download``,
+``manifest``, ``fetch``), and synthetic data for tests and benchmarks (``synthetic``)."""

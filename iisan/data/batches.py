@@ -8,6 +8,8 @@
   rebuilds exactly the same batches without any stored state. Under torchrun each rank takes its
   shard of the same permutation.
 - ``item_chunks``: every item in fixed-size chunks (item tables for evaluation, cache builds).
+Static shapes for live steps (``CollateTrain`` with ``shapes.ShapeBuckets``): a batch's distinct items
+padded up to a bucket size and its titles cut to the batch's longest, so that steps meet a few shapes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .images import ImageStore
+from .shapes import ShapeBuckets
 
 
 def pinning() -> bool:
@@ -43,24 +46,35 @@ class ItemBatch:
     """Distinct items of a batch: ``ids`` (U,) indices into the feed's item list; ``pixels`` (U, S, S, 3)
     uint8 when an image encoder runs live; ``real`` (R,) the positions in ``ids`` of the non-padding
     items, found on the host when the batch is made (finding them on a GPU would stall the host until
-    the device catches up, every step)."""
+    the device catches up, every step).
+
+    Static shapes (``ShapeBuckets``): ``encode_all`` runs every row through the encoders, padding rows
+    (index 0) too, and zeroes their states after, so the encoders see U rows, a bucket size, instead of
+    the R real ones; ``title_columns`` (T) cuts the title table to its first T columns."""
 
     ids: torch.Tensor
     pixels: torch.Tensor | None = None
     real: torch.Tensor | None = None
+    title_columns: int | None = None
+    encode_all: bool = False
 
     @classmethod
-    def from_numpy(cls, ids: np.ndarray, pixels: torch.Tensor | None = None) -> ItemBatch:
-        return cls(host_tensor(ids), pixels, host_tensor(np.flatnonzero(ids)))
+    def from_numpy(cls, ids: np.ndarray, pixels: torch.Tensor | None = None, title_columns: int | None = None,
+                   encode_all: bool = False) -> ItemBatch:
+        return cls(host_tensor(ids), pixels, host_tensor(np.flatnonzero(ids)), title_columns, encode_all)
 
     def real_positions(self) -> torch.Tensor:
         return self.real if self.real is not None else torch.nonzero(self.ids != 0).squeeze(1)
+
+    def encoded_rows(self) -> int:
+        """How many rows the encoders run on: every row with static shapes, else the real ones."""
+        return len(self.ids) if self.encode_all else len(self.real_positions())
 
     def to(self, device: torch.device) -> ItemBatch:
         def move(x):
             return None if x is None else x.to(device, non_blocking=True)
 
-        return ItemBatch(move(self.ids), move(self.pixels), move(self.real))
+        return ItemBatch(move(self.ids), move(self.pixels), move(self.real), self.title_columns, self.encode_all)
 
 
 class PixelSource:
@@ -190,10 +204,14 @@ def shard_users(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 class CollateTrain:
     """Rows of user indices -> ``TrainBatch``. With ``dedup`` each distinct item (padding included) is
-    encoded once; without it every slot is (static shapes for compiled steps)."""
+    encoded once; without it every slot is (static shapes for compiled steps). With ``buckets`` the
+    distinct items are padded to a bucket size (every slot already has a fixed count: not padded) and
+    the titles cut, and every row runs through the encoders (``ItemBatch.encode_all``): without dedup
+    that is the authors' way, every slot encoded, padding included."""
 
-    def __init__(self, sequences: np.ndarray, dedup: bool, pixels: PixelSource | None):
-        self.sequences, self.dedup, self.pixels = sequences, dedup, pixels
+    def __init__(self, sequences: np.ndarray, dedup: bool, pixels: PixelSource | None,
+                 buckets: ShapeBuckets | None = None):
+        self.sequences, self.dedup, self.pixels, self.buckets = sequences, dedup, pixels, buckets
 
     def __call__(self, users: list[int]) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
@@ -201,8 +219,22 @@ class CollateTrain:
             ids, inverse = np.unique(seq, return_inverse=True)
         else:
             ids, inverse = seq.reshape(-1), np.arange(seq.size)
+        columns = None
+        if self.buckets is not None:
+            ids = self.buckets.pad(ids) if self.dedup else ids  # appended rows: no slot points at them
+            columns = self.buckets.columns(ids)
         pixels = None if self.pixels is None else self.pixels(ids)
-        return TrainBatch(host_tensor(seq), ItemBatch.from_numpy(ids, pixels), host_tensor(inverse.reshape(-1)))
+        items = ItemBatch.from_numpy(ids, pixels, columns, encode_all=self.buckets is not None)
+        return TrainBatch(host_tensor(seq), items, host_tensor(inverse.reshape(-1)))
+
+
+def without_padding_rows(batch: TrainBatch) -> TrainBatch:
+    """A host batch as it would be without static shapes, titles cut the same: the items up to the last
+    one a slot points at, only the real ones encoded. What padding adds is measured against it."""
+    used = int(batch.inverse.max()) + 1
+    items = batch.items
+    pixels = None if items.pixels is None else items.pixels[:used]
+    return TrainBatch(batch.seq, ItemBatch(items.ids[:used], pixels, items.real, items.title_columns), batch.inverse)
 
 
 class TrainBatches:
@@ -225,17 +257,19 @@ class TrainBatches:
 
 
 def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, dedup: bool,
-                 pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0):
+                 pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 buckets: ShapeBuckets | None = None):
     """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible.
 
     Under torchrun each rank takes its shard of the same permutation (``shard_users``), and
     a resumed epoch skips the ``start_step`` batches it had done. With the defaults the batches are
     exactly those of ``BatchSampler(RandomSampler(..., generator), batch_size)`` (a test checks it).
     No global random state is drawn, so dropout streams do not depend on how batches were made. When
-    images are read, the next batches are prepared in a background thread."""
+    images are read, the next batches are prepared in a background thread. ``buckets``: static shapes
+    (``CollateTrain``)."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), rank, world_size)
-    batches = TrainBatches(order, batch_size, CollateTrain(sequences, dedup, pixels), start_step)
+    batches = TrainBatches(order, batch_size, CollateTrain(sequences, dedup, pixels, buckets), start_step)
     return Prefetch(batches) if pixels is not None else batches
 
 

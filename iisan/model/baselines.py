@@ -11,7 +11,7 @@ from torch import nn
 from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import pixels_to_input, tokenize_titles
+from .inputs import pixels_to_input, title_inputs, title_lengths, tokenize_titles
 from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
@@ -57,18 +57,29 @@ class BaselineItemEncoder(nn.Module):
             nn.init.xavier_normal_(self.heads["image"].weight)
             nn.init.zeros_(self.heads["image"].bias)
 
+    def title_lengths(self):
+        """(N+1,) real tokens per title on the host, or None without a text tower."""
+        return None if self.attention is None else title_lengths(self.attention)
+
     def forward(self, items: ItemBatch) -> torch.Tensor:
         ids = items.ids
-        real = items.real_positions()
+        # Static shapes: every row runs, padding rows too, and their CLS is masked to zeros (no
+        # gradient reaches a backbone through them); otherwise only the real rows run.
+        rows = None if items.encode_all else items.real_positions()
+        run = ids if rows is None else ids[rows]
         parts = []
         for m in self.modalities:
             encoder = self.encoders[m]
             if m == "text":
-                inputs = {"input_ids": self.tokens[ids[real]], "attention_mask": self.attention[ids[real]]}
+                inputs = title_inputs(self.tokens, self.attention, run, items.title_columns)
             else:
-                inputs = {"pixel_values": pixels_to_input(items.pixels[real], encoder.norm)}
-            cls = encoder.final_cls(**inputs)  # (R, d)
-            full = cls.new_zeros(len(ids), cls.shape[-1]).index_copy(0, real, cls)  # (U, d)
+                pixels = items.pixels if rows is None else items.pixels[rows]
+                inputs = {"pixel_values": pixels_to_input(pixels, encoder.norm)}
+            cls = encoder.final_cls(**inputs)  # (rows, d)
+            if rows is None:
+                full = torch.where((ids != 0)[:, None], cls, 0.0)  # (U, d)
+            else:
+                full = cls.new_zeros(len(ids), cls.shape[-1]).index_copy(0, rows, cls)  # (U, d)
             parts.append(nn.functional.gelu(self.heads[m](full)))
         return self.combine(torch.cat(parts, dim=-1))  # (U, 64)
 

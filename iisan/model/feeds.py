@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import pixels_to_input
+from .inputs import pixels_to_input, title_inputs, title_lengths
 
 
 class LiveStates(nn.Module):
@@ -43,24 +43,37 @@ class LiveStates(nn.Module):
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: (len(e.layers), e.width) for m, e in self.encoders.items()}
 
+    def title_lengths(self):
+        """(N+1,) real tokens per title on the host, or None without a text tower."""
+        return None if self.attention is None else title_lengths(self.attention)
+
+    def inputs(self, name: str, encoder: FrozenEncoder, items: ItemBatch, rows: torch.Tensor | None) -> dict:
+        """The encoder's inputs for the rows of ``items`` it runs on (``rows``; None: every row)."""
+        ids = items.ids if rows is None else items.ids[rows]
+        if name == "text":
+            return title_inputs(self.tokens, self.attention, ids, items.title_columns)
+        pixels = items.pixels if rows is None else items.pixels[rows]
+        return {"pixel_values": pixels_to_input(pixels, encoder.norm, encoder.dtype)}
+
     @torch.no_grad()
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
         ids = items.ids
-        real = items.real_positions()  # padding (index 0) gets zeros, never an encoder pass
+        # Padding (index 0) gets zeros: never an encoder pass, or, with static shapes (every row runs,
+        # the row count is a bucket size), a pass whose states are masked out.
+        rows = None if items.encode_all else items.real_positions()
         device = ids.device
         enabled = self.amp_dtype is not None and device.type == "cuda"
         out = {}
         for name, encoder in self.encoders.items():
-            states = torch.zeros(len(ids), len(encoder.layers), encoder.width, device=device)
-            if len(real):
-                with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
-                    if name == "text":
-                        inputs = {"input_ids": self.tokens[ids[real]], "attention_mask": self.attention[ids[real]]}
-                    else:
-                        pixels = pixels_to_input(items.pixels[real], encoder.norm, encoder.dtype)
-                        inputs = {"pixel_values": pixels}
-                    states[real] = encoder.layer_states(**inputs).float()
-            out[name] = states
+            if rows is not None and not len(rows):
+                out[name] = torch.zeros(len(ids), len(encoder.layers), encoder.width, device=device)
+                continue
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
+                states = encoder.layer_states(**self.inputs(name, encoder, items, rows)).float()  # (rows, k, d)
+            if rows is None:
+                out[name] = torch.where((ids != 0)[:, None, None], states, 0.0)  # (U, k, d)
+            else:
+                out[name] = states.new_zeros(len(ids), *states.shape[1:]).index_copy(0, rows, states)
         return out
 
 
@@ -77,6 +90,9 @@ class CachedStates(nn.Module):
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: tuple(getattr(self, f"table_{m}").shape[1:]) for m in self.names}
+
+    def title_lengths(self) -> None:
+        return None  # no titles here: the cache holds their states
 
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
         return {m: getattr(self, f"table_{m}")[items.ids].float() for m in self.names}

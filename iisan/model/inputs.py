@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,3 +45,21 @@ def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torc
         log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
                     "tokens); their pooled text states are zeros", empty)
     return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def title_inputs(tokens: torch.Tensor, attention: torch.Tensor, ids: torch.Tensor,
+                 columns: int | None = None) -> dict[str, torch.Tensor]:
+    """The text tower's inputs for items ``ids`` (n,) from the title table (N+1, T): ``input_ids`` and
+    ``attention_mask`` (n, T), or (n, columns) with ``columns``. Titles are right-padded, so columns past
+    every title's end hold padding only: cutting them changes no real token's state (attention never
+    reads a masked key), only the work."""
+    if columns is not None:
+        tokens, attention = tokens[:, :columns], attention[:, :columns]
+    return {"input_ids": tokens[ids], "attention_mask": attention[ids]}
+
+
+def title_lengths(attention: torch.Tensor) -> np.ndarray:
+    """(N+1, T) attention mask -> (N+1,) on the host: each title's last real column + 1 (its length when
+    right-padded; a left-padded title counts as full, so it is never cut)."""
+    positions = torch.arange(1, attention.shape[1] + 1, device=attention.device)
+    return (attention.bool() * positions).amax(1).cpu().numpy()

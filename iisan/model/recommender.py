@@ -27,6 +27,9 @@ class IISANItemEncoder(nn.Module):
     def needs_pixels(self) -> bool:
         return self.states.needs_pixels
 
+    def title_lengths(self):
+        return self.states.title_lengths()
+
     def forward(self, items: ItemBatch) -> torch.Tensor:
         return self.tower(self.states(items))  # (U, D)
 

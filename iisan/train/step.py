@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config
 from ..data.batches import ItemBatch, TrainBatch
+from ..data.shapes import ShapeBuckets
 from ..devices import device_name
 from ..errors import TrainingError
 from ..model.recommender import Recommender
@@ -53,20 +54,22 @@ class TrainStep:
         if mode == "inductor":
             self.loss_of = torch.compile(self.loss, mode="reduce-overhead", dynamic=False)
 
-    def loss(self, seq, ids, pixels, inverse, real=None) -> torch.Tensor:
+    def loss(self, seq, ids, pixels, inverse, real=None, title_columns=None, encode_all=False) -> torch.Tensor:
         """The loss of one batch given as tensors (what a compiled or graphed step captures)."""
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                             cache_enabled=False):
             # Through ``forward`` (= calculate_loss), so a DistributedDataParallel model syncs gradients.
-            return self.model(TrainBatch(seq, ItemBatch(ids, pixels, real), inverse))
+            return self.model(TrainBatch(seq, ItemBatch(ids, pixels, real, title_columns, encode_all), inverse))
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
         if self.mode == "inductor":
             torch.compiler.cudagraph_mark_step_begin()
+        items = batch.items
         # Compiled steps need static shapes, which the (variable) number of real items is not.
-        real = batch.items.real if self.mode == "off" else None
-        loss = self.loss_of(batch.seq, batch.items.ids, batch.items.pixels, batch.inverse, real)
+        real = items.real if self.mode == "off" else None
+        loss = self.loss_of(batch.seq, items.ids, items.pixels, batch.inverse, real, items.title_columns,
+                            items.encode_all)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -138,6 +141,21 @@ def use_compile(cfg: Config, device: torch.device) -> str:
 def use_dedup(cfg: Config, compiled: str) -> bool:
     """Encode each distinct item once, unless the step is compiled (static shapes)."""
     return compiled == "off" if cfg.dedup_items == "auto" else cfg.dedup_items == "on"
+
+
+def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
+    """Static shapes of a live step (``cfg.static_shapes``: uncached IISAN and the baselines), or None.
+    Cached IISAN takes none: on a GPU its step is already static (every slot, one CUDA graph), and on a
+    CPU padding would only add work."""
+    if not cfg.static_shapes or (cfg.method == "iisan" and cfg.feed == "cached"):
+        return None
+    return ShapeBuckets(cfg.item_bucket_growth, cfg.title_multiple, model.item_encoder.title_lengths(),
+                        cfg.title_tokens)
+
+
+def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[bool, ShapeBuckets | None]:
+    """How a step's batches are made: each distinct item once or every slot, and static shapes or not."""
+    return use_dedup(cfg, compiled), shape_buckets(cfg, model)
 
 
 def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:

@@ -36,7 +36,7 @@ from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
 from .runfolder import finished_results, run_dir
-from .step import make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile, use_dedup
+from .step import batch_layout, make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Run:
         # compile=auto compiles single-process runs only: CUDA graphs around DDP's gradient hooks are
         # not checked here; --compile cudagraph|inductor asks for it under torchrun anyway.
         self.compiled = "off" if dist.enabled and cfg.compile == "auto" else use_compile(cfg, device)
-        self.dedup = use_dedup(cfg, self.compiled)
+        self.dedup, self.buckets = batch_layout(cfg, self.compiled, self.model)
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
         self.record.step = self.step_info()
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
@@ -238,7 +238,7 @@ class Run:
             seconds = progress.partial_seconds
         self.ddp.train()
         loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
-                              dist.rank, dist.world_size, start_step)
+                              dist.rank, dist.world_size, start_step, self.buckets)
         sync(device)
         start = time.perf_counter()
         bar = tqdm(loader, total=n_steps, initial=start_step, desc=f"epoch {epoch}", leave=False,
@@ -310,7 +310,7 @@ class Run:
         return results
 
     def step_info(self) -> dict:
-        return {"compiled": self.compiled, "dedup_items": self.dedup,
+        return {"compiled": self.compiled, "dedup_items": self.dedup, "static_shapes": self.buckets is not None,
                 "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32"}
 
 
