@@ -1,14 +1,19 @@
 """Efficiency of FFT, Adapter, LoRA, BitFit, IISAN uncached and IISAN cached on the same data.
 
-Reuses the trainer's exact step: warm-up steps, then timed steps with device synchronisation,
-extrapolated to a full epoch (training only, no evaluation). Records seconds per epoch, peak memory
-(GPU: max_memory_allocated and max_memory_reserved; CPU: the process's peak resident set), trainable
-and total parameters and TPME, for two settings: every method at one batch size ("equal"), and the
+Reuses the trainer's exact step: at least 10 warm-up steps, then at least 50 steps each timed on the
+device (median and p90; an epoch is the median times its steps; training only, no evaluation; fewer
+steps only with --few-steps, for a quick check). Each method is measured the default way (each distinct
+item once, live steps with static shapes) and beside it the authors' way (every slot encoded, padding
+included, full-length titles). Records seconds per step and epoch, items, rows and padding per step,
+model FLOPs, peak memory (GPU: max_memory_allocated and max_memory_reserved; CPU: the process's peak
+resident set), trainable and total parameters and TPME; also the cache build (both towers) and the
+full-ranking evaluation of every user. Two settings: every method at one batch size ("equal") and the
 paper's (baselines 32, IISAN 64). One JSON per setting under --out, then figures and a table
 (``iisan.experiments.efficiency``).
 
     python scripts/benchmark_efficiency.py                       # tiny encoders, small data, this CPU
     python scripts/benchmark_efficiency.py --backbones base --data scientific --device cuda   # the paper's scale
+    python scripts/benchmark_efficiency.py --full-epoch "IISAN (uncached),IISAN (cached)"   # also real epochs
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
 
+MIN_WARMUP, MIN_STEPS = 10, 50
+
+
+def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known) -> tuple[str, ...]:
+    """A comma list of method labels ('all': every known one, 'none' or empty: none)."""
+    if text.strip() == "all":
+        return tuple(known)
+    labels = tuple(m.strip() for m in text.split(",") if m.strip() and m.strip() != "none")
+    if unknown := [m for m in labels if m not in known]:
+        parser.error(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
+    return labels
+
 
 def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,8 +50,16 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--settings", default="equal,paper", help=f"comma list of: {', '.join(SETTING_NAMES)}")
     parser.add_argument("--equal-batch", type=int, default=32, help="batch size of every method in 'equal'")
     parser.add_argument("--methods", default=",".join(SETTINGS), help="comma list of method labels")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--authors-way", default="all",
+                        help="comma list of method labels also measured the authors' way (every slot encoded, "
+                             "padding included, full-length titles); 'all' (default) or 'none'")
+    parser.add_argument("--full-epoch", nargs="?", const="all", default="",
+                        help="also time a real epoch end to end, image pipeline included, for these labels "
+                             "(comma list; no value: all)")
+    parser.add_argument("--warmup", type=int, default=MIN_WARMUP, help=f"warm-up steps (at least {MIN_WARMUP})")
+    parser.add_argument("--steps", type=int, default=MIN_STEPS, help=f"timed steps (at least {MIN_STEPS})")
+    parser.add_argument("--few-steps", action="store_true",
+                        help="allow fewer warm-up or timed steps (a quick check, not the benchmark's timing)")
     parser.add_argument("--work", default=str(ROOT / "bench_data"), help="synthetic data, encoders, caches")
     parser.add_argument("--out", default=str(ROOT / "results" / "efficiency"))
     parser.add_argument("--tag", default="", help="file-name tag (default: backbones-data-device)")
@@ -42,9 +67,14 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--no-plots", action="store_true")
     add_config_arguments(parser, only=BENCH_KEYS)
     args = parser.parse_args(argv)
-    labels = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if unknown := [m for m in labels if m not in SETTINGS]:
-        parser.error(f"unknown method label(s) {unknown}; choose from {list(SETTINGS)}")
+    labels = label_list(parser, "--methods", args.methods, SETTINGS)
+    authors_way = label_list(parser, "--authors-way", args.authors_way, labels)
+    full_epoch = label_list(parser, "--full-epoch", args.full_epoch, labels)
+    if not args.few_steps and (args.warmup < MIN_WARMUP or args.steps < MIN_STEPS):
+        parser.error(f"--warmup {args.warmup} --steps {args.steps}: the benchmark times at least {MIN_STEPS} steps "
+                     f"after {MIN_WARMUP} warm-up steps; pass --few-steps for a quick check")
+    if args.warmup < 0 or args.steps < 1:
+        parser.error(f"--warmup must be >= 0 and --steps >= 1, not {args.warmup} and {args.steps}")
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
     if any(s not in SETTING_NAMES for s in settings):
         parser.error(f"--settings must list equal and/or paper, not {args.settings!r}")
@@ -52,7 +82,8 @@ def main(argv=None) -> list[Path]:
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}
     return entry_point(sys.argv[0], lambda: run_benchmark(
         values, backbones=args.backbones, data=args.data, setting_names=settings, equal_batch=args.equal_batch,
-        labels=labels, warmup=args.warmup, steps=args.steps, work=Path(args.work), out=Path(args.out),
+        labels=labels, authors_way=authors_way, full_epoch=full_epoch, warmup=args.warmup, steps=args.steps,
+        work=Path(args.work), out=Path(args.out),
         tag=args.tag, figs=None if args.no_plots else Path(args.figs)))
 
 

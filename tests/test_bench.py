@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,16 +47,21 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     out = measure_training(cfg, warmup=1, steps=2)
     assert out["loss_finite"] and out["timed_steps"] == 2 and out["compiled"] == "off"
     assert out["steps_per_epoch"] == math.ceil(out["users"] / 16) == 10
-    assert out["epoch_seconds"] == pytest.approx(out["seconds_per_step"] * 10)
+    times = out["step_seconds"]
+    assert times["count"] == 2 and times["min"] <= times["median"] <= times["p90"] <= times["max"]
+    assert out["seconds_per_step"] == times["median"] and out["p90_seconds_per_step"] == times["p90"]
+    assert out["epoch_seconds"] == pytest.approx(times["median"] * 10)
     assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
     assert out["memory"]["peak_rss_gib"] > 0
+    assert not out["static_shapes"] and out["buckets"] is None and out["encodes"] == "distinct items"
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
     from iisan.data.batches import train_loader
     from iisan.model.build import load_data
 
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
-    assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
+    assert out["items_per_step"] == pytest.approx(sum(distinct) / 2) == out["encoded_rows_per_step"]
+    assert out["padding_rows_per_step"] == 0 and out["padding_overhead_items"] == 0
     # model FLOPs: the mean over the two timed batches, each counted by hand-independent replay here
     from iisan.experiments.bench import training_setup
     from iisan.experiments.flops import step_flops
@@ -63,36 +70,107 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     timed = [b for b, _ in zip(setup.full_batches(), range(3))][1:]
     before = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
     assert out["flops_per_step"] == pytest.approx(sum(step_flops(setup, b) for b in timed) / 2)
+    assert out["useful_flops_per_step"] == out["flops_per_step"] and out["padding_overhead_flops"] == 0
     for name, p in setup.model.named_parameters():  # counting trains nothing and leaves no gradient
         assert p.grad is None and torch.equal(p, before[name]), name
     assert out["model_tflops_per_second"] == pytest.approx(out["flops_per_step"] / out["seconds_per_step"] / 1e12)
     every = measure_training(cfg.replace(dedup_items="off"), warmup=1, steps=2)  # repeats encoded too
     assert every["items_per_step"] == pytest.approx(sum(int((b.seq != 0).sum()) for b in batches[1:3]) / 2)
+    assert every["encodes"] == "every slot"
+
+
+def test_live_rows_report_padding_and_the_authors_way(tiny_config):
+    """Uncached IISAN with static shapes: rows and padding per step against the bucket ladder, FLOPs of
+    the padded batches and of the same batches without padding rows, a real epoch; the authors' way
+    encodes every slot with full titles."""
+    from iisan.data.batches import train_loader, without_padding_rows
+    from iisan.experiments.bench import AUTHORS_WAY, training_setup
+    from iisan.experiments.flops import step_flops
+
+    cfg = tiny_config(method="iisan", feed="live", batch_size=16)
+    out = measure_training(cfg, warmup=1, steps=3, full_epoch=True)
+    setup = training_setup(cfg)
+    hosts = [b for b, _ in zip(setup.host_batches(), range(4))][1:]  # the three timed batches
+    real = [len(b.items.real) for b in hosts]
+    rows = [setup.buckets.bucket(len(np.unique(b.seq.numpy()))) for b in hosts]
+    assert out["static_shapes"] and out["buckets"]["item_bucket_growth"] == 0.125
+    assert out["items_per_step"] == pytest.approx(np.mean(real))
+    assert out["encoded_rows_per_step"] == pytest.approx(np.mean(rows))
+    assert out["padding_overhead_items"] == pytest.approx(sum(rows) / sum(real) - 1) and sum(rows) > sum(real)
+    assert out["title_columns_per_step"] == 16 and 1 <= out["distinct_shapes"] <= 3
+    padded = [step_flops(setup, b.to(setup.device)) for b in hosts]
+    useful = [step_flops(setup, without_padding_rows(b).to(setup.device)) for b in hosts]
+    assert out["flops_per_step"] == pytest.approx(np.mean(padded))
+    assert out["useful_flops_per_step"] == pytest.approx(np.mean(useful)) and np.mean(useful) < np.mean(padded)
+    assert out["padding_overhead_flops"] == pytest.approx(np.mean(padded) / np.mean(useful) - 1)
+    assert out["full_epoch_steps"] == 10 and out["full_epoch_seconds"] > 0  # 160 users: 9 of 16 and one last
+    authors = measure_training(cfg.replace(**AUTHORS_WAY), warmup=1, steps=3)
+    sequences = [b.seq for b in train_loader(setup.data.train_sequences(), 16, cfg.seed, 0, True)][1:4]
+    assert authors["encodes"] == "every slot" and authors["title_columns_per_step"] is None
+    assert authors["encoded_rows_per_step"] == 16 * 11  # every slot, padding included
+    assert authors["items_per_step"] == pytest.approx(np.mean([int((s != 0).sum()) for s in sequences]))
+    assert authors["padding_overhead_items"] == pytest.approx(16 * 11 * 3 / sum(int((s != 0).sum()) for s in sequences)
+                                                              - 1)
+
+
+def test_measure_evaluation_ranks_every_user(tiny_config, tiny_cache):
+    from iisan.experiments.bench import measure_evaluation
+
+    cfg = tiny_config(cache_dir=tiny_cache)
+    row = measure_evaluation(cfg, warmup=0, reps=2)
+    assert row["users"] == 160 and row["items"] == 56 and row["evaluation_times"]["count"] == 2
+    assert 0 < row["evaluation_seconds"] <= row["p90_evaluation_seconds"]
+    assert row["label"] == "evaluation, IISAN (cached)" and row["eval_batch_size"] == 64
 
 
 def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
-    out = in_fresh_process("measure_training", tiny_config(users="/nonexistent/users.tsv"), warmup=1, steps=1)
+    out = in_fresh_process(measure_training, tiny_config(users="/nonexistent/users.tsv"), warmup=1, steps=1)
     assert out["error"].startswith("DataError") and "/nonexistent/users.tsv" in out["error"]
 
 
-def run_script(name: str, *args: str) -> None:
-    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+def run_script(name: str, *args: str, status: int = 0) -> subprocess.CompletedProcess:
+    # one thread per process: tiny models gain nothing from more, and a loaded machine makes them crawl
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == status, done.stderr[-3000:]
+    return done
 
 
 def test_benchmark_script_writes_json_table_and_figure(tmp_path):
-    run_script("benchmark_efficiency.py", "--methods", "BitFit", "--settings", "paper", "--warmup", "1", "--steps",
+    run_script("benchmark_efficiency.py", "--methods", "BitFit,IISAN (cached)", "--authors-way", "BitFit",
+               "--full-epoch", "IISAN (cached)", "--settings", "paper", "--few-steps", "--warmup", "1", "--steps",
                "1", "--num-workers", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
                "--figs", str(tmp_path / "figs"), "--tag", "t")
     payload = json.loads((tmp_path / "out" / "t-paper.json").read_text())
-    (bitfit,) = payload["rows"]
-    assert "error" not in bitfit, bitfit.get("traceback")
-    assert bitfit["method"] == "BitFit" and bitfit["batch_size"] == 32 and bitfit["tpme"] == 0.0
+    bitfit, authors, cached = payload["rows"]
+    for r in payload["rows"]:
+        assert "error" not in r, r.get("traceback")
+    assert payload["complete"] and payload["timed_steps"] == 1 and payload["warmup_steps"] == 1
+    assert (bitfit["label"], authors["label"], cached["label"]) == ("BitFit", "BitFit (every slot)", "IISAN (cached)")
+    assert [r["measured"] for r in payload["rows"]] == ["default", "authors", "default"]
+    assert bitfit["method"] == "BitFit" and bitfit["batch_size"] == 32 and bitfit["static_shapes"]
+    assert authors["encodes"] == "every slot" and authors["encoded_rows_per_step"] == 32 * 11
+    # TPME compares the default rows only: with two rows each normalised column is 0 for one, 1 for the other
+    assert "tpme" not in authors and bitfit["tpme"] + cached["tpme"] == pytest.approx(1.0)
+    assert cached["full_epoch_steps"] == 19 and "full_epoch_seconds" not in bitfit  # 1,200 users of 64
+    assert payload["evaluation"]["users"] == 1200 and payload["cache_build"]["cache_build_seconds"] > 0
     assert payload["configs"]["BitFit"]["method"] == "bitfit" and payload["versions"]["torch"]
-    assert f"| BitFit | 32 | {bitfit['items_per_step']:.0f} | {bitfit['epoch_seconds']:.2f} |" in \
-        (tmp_path / "out" / "t-paper.md").read_text()
+    assert payload["configs"]["BitFit (every slot)"]["dedup_items"] == "off"
+    md = (tmp_path / "out" / "t-paper.md").read_text()
+    assert f"| BitFit | distinct items | 32 | {bitfit['items_per_step']:.0f} | {bitfit['encoded_rows_per_step']:.0f} |" \
+        in md
+    assert f"| BitFit (every slot) | every slot | 32 | {authors['items_per_step']:.0f} | 352 |" in md
+    assert "| evaluation, IISAN (cached): every one of 1,200 users ranked over all" in md
+    assert "| cache build, both towers, once (loading data and encoders" in md
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
+
+
+def test_benchmark_script_refuses_short_timing_without_the_flag(tmp_path):
+    done = run_script("benchmark_efficiency.py", "--steps", "5", "--work", str(tmp_path), status=2)
+    assert "the benchmark times at least 50 steps after 10 warm-up steps; pass --few-steps" in done.stderr
+    done = run_script("benchmark_efficiency.py", "--methods", "FFT", "--authors-way", "LoRA", status=2)
+    assert "--authors-way: unknown method label(s) ['LoRA']" in done.stderr
 
 
 def test_gpu_diagnosis_dry_run(tmp_path):

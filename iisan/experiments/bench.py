@@ -1,5 +1,7 @@
-"""Efficiency measurement shared by the benchmark scripts: the trainer's exact step, timed after a
-warm-up with device synchronisation and extrapolated to a full epoch; peak memory; parameters; TPME.
+"""Efficiency measurement shared by the benchmark scripts: the trainer's exact step, timed step by step
+after a warm-up (median and p90; an epoch is the median times its steps), or a real epoch end to end;
+the padding static shapes add (rows and FLOPs); peak memory; parameters; TPME; the cache build and the
+full-ranking evaluation of every user.
 
 Each measurement runs in a fresh (spawned) process, so peak memory (GPU allocator peaks or, on CPU,
 the process's peak resident set) belongs to that method alone and no compiled state leaks across.
@@ -18,13 +20,16 @@ import torch
 
 from ..config import METHOD_NAMES, Config
 from ..console import setup_logging
-from ..data.batches import train_loader
+from ..data.batches import TrainBatch, train_loader, without_padding_rows
 from ..data.interactions import SeqRecData
+from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
 from ..devices import amp_dtype, device_name, peak_memory, resolve_device, sync
+from ..evaluate import evaluate_model
 from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
-from ..train.step import make_optimizer, make_train_step, use_compile, use_dedup
-from .flops import step_flops
+from ..train.step import batch_layout, make_optimizer, make_train_step, use_compile
+from .flops import StepFlops, shape_key
+from .timing import StepClock, error_line, summary
 
 # (label, config overrides) for the six settings of the paper's efficiency table.
 SETTINGS = {
@@ -35,13 +40,15 @@ SETTINGS = {
     "IISAN (uncached)": {"method": "iisan", "feed": "live"},
     "IISAN (cached)": {"method": "iisan", "feed": "cached"},
 }
+# The authors' way of running a step (their code): every slot of the batch through the item encoder,
+# padding included, titles at full length. Rows measured this way stand beside the default ones.
+AUTHORS_WAY = {"dedup_items": "off", "static_shapes": True, "title_multiple": 0}
 TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
 
 
-def error_line(err: BaseException) -> str:
-    """``Type: first line of the message``: how a failed measurement is recorded in a row."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{type(err).__name__}: {message}"
+def authors_label(label: str) -> str:
+    """'FFT' -> 'FFT (every slot)'; 'IISAN (uncached)' -> 'IISAN (uncached, every slot)'."""
+    return label[:-1] + ", every slot)" if label.endswith(")") else label + " (every slot)"
 
 
 @dataclass
@@ -56,18 +63,34 @@ class TrainingSetup:
     device: torch.device
     amp: torch.dtype | None
     compiled: str
-    encoded: list[int] = field(default_factory=list)  # non-padding items per batch yielded, counted on the host
+    dedup: bool = True
+    buckets: ShapeBuckets | None = None
+    # per batch yielded by ``full_batches``, counted on the host: (items, encoded rows, title columns, shape key)
+    layouts: list[tuple] = field(default_factory=list)
 
-    def full_batches(self):
-        """Endless full-size batches on the device (the timed steps must all have the measured shape)."""
+    def host_batches(self, buckets: ShapeBuckets | None | str = "setup"):
+        """Endless full-size host batches, epoch after epoch (every timed step has the measured batch size).
+        ``buckets``: another static-shape policy than the setup's (the diagnosis compares them)."""
         cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
+        buckets = self.buckets if buckets == "setup" else buckets
         while True:
-            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, use_dedup(cfg, self.compiled),
-                                      self.pixels):
+            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
+                                      buckets=buckets):
                 if len(batch.seq) == cfg.batch_size:
-                    self.encoded.append(len(batch.items.real))
-                    yield batch.to(self.device)
+                    yield batch
             epoch += 1
+
+    def full_batches(self, buckets: ShapeBuckets | None | str = "setup"):
+        """``host_batches`` on the device, each one's layout logged."""
+        for batch in self.host_batches(buckets):
+            self.layouts.append(layout(batch))
+            yield batch.to(self.device)
+
+
+def layout(batch: TrainBatch) -> tuple:
+    """(real items, rows through the encoders, title columns, shape key) of a host batch."""
+    items = batch.items
+    return len(items.real), items.encoded_rows(), items.title_columns, shape_key(batch)
 
 
 def training_setup(cfg: Config) -> TrainingSetup:
@@ -81,62 +104,124 @@ def training_setup(cfg: Config) -> TrainingSetup:
     optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
     step = make_train_step(model, optimizer, amp, device, compiled)
     model.train()
-    return TrainingSetup(cfg, data, model, pixels, step, device, amp, compiled)
+    dedup, buckets = batch_layout(cfg, compiled, model)
+    return TrainingSetup(cfg, data, model, pixels, step, device, amp, compiled, dedup, buckets)
 
 
-def measure_training(cfg: Config, warmup: int = 3, steps: int = 10) -> dict:
-    """Seconds per training step (timed alone) and per epoch, peak memory and parameters of ``cfg``."""
+def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
+    """Model FLOPs of the timed steps as run, and of the same batches without padding rows (titles cut
+    the same): the replayed stream is deterministic, so these are the timed batches. Counted once per
+    batch shape (``StepFlops``)."""
+    as_run, useful = StepFlops(setup), StepFlops(setup)
+    replay = setup.host_batches()
+    for _ in range(warmup):
+        next(replay)
+    counts = []
+    for _ in range(steps):
+        batch = next(replay)
+        flops = as_run(batch)
+        counts.append((flops, useful(without_padding_rows(batch)) if batch.items.encode_all else flops))
+    flops, needed = np.mean(counts, axis=0)
+    return {"flops_per_step": float(flops), "useful_flops_per_step": float(needed),
+            "padding_overhead_flops": float(flops / needed - 1) if needed else 0.0,
+            "flop_counts": len(as_run.known) + len(useful.known)}
+
+
+def layout_summary(setup: TrainingSetup) -> dict:
+    """Items, rows and title columns per step over the logged batches, and the static-shape settings."""
+    items, rows, columns, keys = zip(*setup.layouts)
+    cfg, buckets = setup.cfg, setup.buckets
+    cut = [c for c in columns if c is not None]
+    return {
+        "encodes": "distinct items" if setup.dedup else "every slot",
+        "static_shapes": buckets is not None,
+        "buckets": None if buckets is None else {"item_bucket_growth": buckets.growth, "row_multiple": ROW_MULTIPLE,
+                                                 "title_multiple": buckets.title_multiple,
+                                                 "title_tokens": cfg.title_tokens},
+        # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
+        "items_per_step": float(np.mean(items)),
+        "encoded_rows_per_step": float(np.mean(rows)),  # padding rows of static shapes included
+        "padding_rows_per_step": float(np.mean(rows) - np.mean(items)),
+        "padding_overhead_items": float(np.sum(rows) / np.sum(items) - 1),
+        "title_columns_per_step": float(np.mean(cut)) if cut else None,
+        "distinct_shapes": len(set(keys)),
+    }
+
+
+def timed_window(setup: TrainingSetup, stream, steps: int) -> tuple[list[float], float, list[torch.Tensor]]:
+    """``steps`` steps on the stream's batches: per-step seconds (``StepClock``), wall seconds, losses."""
+    clock, losses = StepClock(setup.device), []
+    start = time.perf_counter()
+    clock.mark()
+    for _ in range(steps):
+        losses.append(setup.step(next(stream)))
+        clock.mark()
+    durations = clock.durations()  # waits for the device
+    return durations, time.perf_counter() - start, losses
+
+
+def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch: bool = False) -> dict:
+    """A method's step timed one by one over ``steps`` full batches after ``warmup`` ones: median and p90
+    seconds, an epoch as median x steps per epoch; with ``full_epoch`` also a real epoch end to end. Peak
+    memory, items, padding and FLOPs per step, parameters."""
     setup = training_setup(cfg)
-    data, model, step, device, amp, compiled = (setup.data, setup.model, setup.step, setup.device, setup.amp,
-                                                 setup.compiled)
+    data, model, device, amp = setup.data, setup.model, setup.device, setup.amp
     steps_per_epoch = math.ceil(data.num_users / cfg.batch_size)
     stream = setup.full_batches()
     for _ in range(warmup):
-        step(next(stream))
+        setup.step(next(stream))
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    setup.encoded.clear()
-    losses = []
-    start = time.perf_counter()
-    for _ in range(steps):
-        losses.append(step(next(stream)))
-    sync(device)
-    elapsed = time.perf_counter() - start
-    compiled = step.mode  # 'off (cudagraph capture failed)' when a graph could not be captured
+    setup.layouts.clear()
+    durations, wall, losses = timed_window(setup, stream, steps)
     memory = peak_memory(device)  # before counting FLOPs, which runs more passes
-    items = float(np.mean(setup.encoded))
-    # The timed batches again (the stream is deterministic), each counted: the exact mean work per step.
-    replay = setup.full_batches()
-    for _ in range(warmup):
-        next(replay)
-    flops = float(np.mean([step_flops(setup, next(replay)) for _ in range(steps)]))
-    trainable, total = count_parameters(model)
-    return {
+    times = summary(durations)
+    row = {
         "method": METHOD_NAMES[cfg.method],
         "feed": cfg.feed if cfg.method == "iisan" else "live",
         "batch_size": cfg.batch_size,
-        "seconds_per_step": elapsed / steps,
+        "seconds_per_step": times["median"],
+        "p90_seconds_per_step": times["p90"],
+        "step_seconds": times,
+        "wall_seconds_per_step": wall / steps,  # the timed window's wall time per step (mean)
         "steps_per_epoch": steps_per_epoch,
-        "epoch_seconds": elapsed / steps * steps_per_epoch,
+        "epoch_seconds": times["median"] * steps_per_epoch,
         "timed_steps": steps,
-        # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
-        "items_per_step": items,
-        # model FLOPs (matmul, conv, attention; forward and backward) per timed step, and the rate the
-        # device sustained on them: a direct measure of how well the step uses the hardware
-        "flops_per_step": flops,
-        "model_tflops_per_second": flops / (elapsed / steps) / 1e12,
         "warmup_steps": warmup,
-        "compiled": compiled,
+        **layout_summary(setup),
+        # model FLOPs (matmul, conv, attention; forward and backward) per timed step, as run and without
+        # padding rows, and the rate the device sustained on them (at the median step time)
+        **padding_flops(setup, warmup, steps),
+        "compiled": setup.step.mode,  # 'off (cudagraph capture failed)' when a graph could not be captured
         "amp": str(amp).replace("torch.", "") if amp else "fp32",
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
-        "trainable_params": trainable,
-        "total_params": total,
         "memory": memory,
         "device": device_name(device),
         "users": data.num_users,
         "items": data.num_items,
     }
+    row["model_tflops_per_second"] = row["flops_per_step"] / times["median"] / 1e12
+    row["trainable_params"], row["total_params"] = count_parameters(model)
+    if full_epoch:
+        row.update(measure_full_epoch(setup, epoch=1))
+    return row
+
+
+def measure_full_epoch(setup: TrainingSetup, epoch: int) -> dict:
+    """One real epoch end to end, as the trainer runs it: its own loader (image pipeline started cold,
+    batches read in the background), every batch including the last, smaller one."""
+    cfg, device = setup.cfg, setup.device
+    sync(device)
+    start = time.perf_counter()
+    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, setup.dedup, setup.pixels,
+                          buckets=setup.buckets)
+    done = 0
+    for batch in loader:
+        setup.step(batch.to(device))
+        done += 1
+    sync(device)
+    return {"full_epoch_seconds": time.perf_counter() - start, "full_epoch_steps": done}
 
 
 def measure_cache_build(cfg: Config) -> dict:
@@ -153,20 +238,46 @@ def measure_cache_build(cfg: Config) -> dict:
     return {"cache_build_seconds": time.perf_counter() - start, **timings, "memory": peak_memory(device)}
 
 
-def _child(fn_name: str, cfg_dict: dict, kwargs: dict, queue) -> None:
+def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
+    """The full-ranking evaluation of every user (test split) as the trainer runs it after an epoch: the
+    item table through the item encoder, then every user's scores over all items, history masked. Each
+    repetition timed alone (the metrics are read back, so each ends synchronised)."""
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model, pixels = build_model(cfg, data, device)
+    for _ in range(warmup):
+        evaluate_model(model, data, "test", cfg, device, pixels)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        evaluate_model(model, data, "test", cfg, device, pixels)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    times = summary(seconds)
+    return {"label": f"evaluation, {METHOD_NAMES[cfg.method]} ({cfg.feed})", "evaluation_seconds": times["median"],
+            "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
+            "items": data.num_items, "eval_batch_size": cfg.eval_batch_size or (2048 if device.type == "cuda" else 128),
+            "memory": peak_memory(device), "device": device_name(device)}
+
+
+def _child(fn, args: tuple, kwargs: dict, queue) -> None:
     try:
         setup_logging()
-        result = globals()[fn_name](Config(**cfg_dict), **kwargs)
-        queue.put(("ok", result))
+        queue.put(("ok", fn(*args, **kwargs)))
     except BaseException as err:  # reported in the row, never a crash of the whole benchmark
         queue.put(("error", error_line(err), traceback.format_exc()))
 
 
-def in_fresh_process(fn_name: str, cfg: Config, **kwargs) -> dict:
-    """Run ``measure_training`` or ``measure_cache_build`` in a spawned process; errors become a row field."""
+def in_fresh_process(fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)`` (a module-level function returning a dict, e.g. ``measure_training``) in a
+    spawned process; an error becomes the row's ``error`` and ``traceback`` fields."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn_name, cfg.to_dict(), kwargs, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
     proc.start()
     try:
         outcome = queue.get()

@@ -1,8 +1,11 @@
 """The efficiency benchmark: FFT, Adapter, LoRA, BitFit, IISAN uncached and IISAN cached on the same
-data, each measured in a fresh process with the trainer's exact step (``bench.measure_training``).
+data, each measured in a fresh process with the trainer's exact step (``bench.measure_training``), each
+beside a row measured the authors' way (every slot encoded, padding included, full-length titles);
+then the cache build (both towers) and the full-ranking evaluation of every user (cached IISAN).
 
 Two settings: every method at one batch size ("equal") and the paper's (baselines 32, IISAN 64). One
-JSON per setting (rows, configs, provenance), then a markdown table and a figure per JSON
+JSON per setting (rows, configs, provenance), rewritten after every row (a run cut short keeps what it
+measured; ``complete`` says whether it finished), then a markdown table and a figure per JSON
 (``figures.write_reports``). Data and encoders are synthetic and random (offline): timings depend on
 shapes, not on weights.
 """
@@ -18,13 +21,24 @@ from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..files import write_json_atomic
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..provenance import git_commit, provenance
-from .bench import SETTINGS, add_tpme, in_fresh_process
+from .bench import (
+    AUTHORS_WAY,
+    SETTINGS,
+    add_tpme,
+    authors_label,
+    in_fresh_process,
+    measure_cache_build,
+    measure_evaluation,
+    measure_training,
+)
 from .figures import write_reports
 
 log = logging.getLogger(__name__)
 
 # Config keys a benchmark run may set from the command line (through ``add_config_arguments(only=...)``).
-BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "patch_embedding", "num_workers")
+BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "patch_embedding", "num_workers", "static_shapes",
+              "item_bucket_growth", "title_multiple")
+WAYS = ("default", "authors")
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
@@ -61,10 +75,11 @@ def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) 
                 **settings)
 
 
-def method_config(base: dict, label: str, batch: int | None = None) -> Config:
+def method_config(base: dict, label: str, batch: int | None = None, way: str = "default") -> Config:
     """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
-    setting (``SETTINGS[label]``) and, if given, a batch size."""
-    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch else {})})
+    setting (``SETTINGS[label]``), if given a batch size, and measured the authors' way or not."""
+    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch else {}),
+                    **(AUTHORS_WAY if way == "authors" else {})})
 
 
 def batch_size(setting: str, method: str, equal_batch: int) -> int:
@@ -77,43 +92,64 @@ def device_tag(device: str) -> str:
     return device.replace("NVIDIA ", "").split()[0].lower()
 
 
+def measured_device(payload: dict, rows: list[dict]) -> str | None:
+    """The device as the measuring processes named it (the benchmark's own process never touches a GPU)."""
+    return next((r["device"] for r in [*rows, payload.get("evaluation") or {}] if "device" in r), None)
+
+
+def result_path(out: Path, tag: str, payload: dict, rows: list[dict], settings: dict) -> Path:
+    """``out/<tag>-<setting>.json``, the tag by default ``<backbones>-<data>-<device>``."""
+    payload["device"] = measured_device(payload, rows) or settings.get("device", "auto")
+    name = tag or f"{payload['backbones']}-{payload['data']}-{device_tag(payload['device'])}"
+    return Path(out) / f"{name}-{payload['setting']}.json"
+
+
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
                   setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
-                  labels: tuple[str, ...] = tuple(SETTINGS), warmup: int = 3, steps: int = 10,
+                  labels: tuple[str, ...] = tuple(SETTINGS), authors_way: tuple[str, ...] | None = None,
+                  full_epoch: tuple[str, ...] = (), warmup: int = 10, steps: int = 50,
                   work: Path, out: Path, tag: str = "", figs: Path | None = None) -> list[Path]:
-    """Measure every label in every setting; ``settings``: Config values shared by all rows (``BENCH_KEYS``).
-    Writes ``out/<tag>-<setting>.json`` (and, with ``figs``, tables and figures); returns the JSONs."""
+    """Measure every label in every setting, and the labels in ``authors_way`` (default: all) also the
+    authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end.
+    ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
+    ``out/<tag>-<setting>.json`` (and, with ``figs``, tables and figures); returns the JSONs."""
     commit = git_commit()  # before this run writes its own results into the checkout
+    authors_way = labels if authors_way is None else authors_way
     paths = prepare(work, data, backbones)
     base = base_config(paths, work, data, backbones, **settings)
-    cache_row = None
+    tasks = {"cache_build": None, "evaluation": None}
     if "IISAN (cached)" in labels:
         log.info("building the cache (timed)")
-        cache_row = in_fresh_process("measure_cache_build", Config(**base))
-        log.info("cache: %s", {k: v for k, v in cache_row.items() if k != "traceback"})
+        tasks["cache_build"] = in_fresh_process(measure_cache_build, Config(**base))
+        log.info("cache: %s", {k: v for k, v in tasks["cache_build"].items() if k != "traceback"})
+        log.info("evaluating every user (timed)")
+        tasks["evaluation"] = in_fresh_process(measure_evaluation, method_config(base, "IISAN (cached)"))
+        log.info("evaluation: %s", {k: v for k, v in tasks["evaluation"].items() if k != "traceback"})
     written = []
-    measured: dict[tuple[str, int], dict] = {}  # baselines run at 32 in both settings: measure once
+    measured: dict[tuple, dict] = {}  # baselines run at 32 in both settings: measure once
     for setting in setting_names:
         rows, configs = [], {}
+        payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones, "data": data,
+                   "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
+                   "complete": False, **provenance(commit=commit)}
         for label in labels:
-            cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch))
-            key = (label, cfg.batch_size)
-            if key not in measured:
-                log.info("%s | %s | batch %d", setting, label, cfg.batch_size)
-                measured[key] = in_fresh_process("measure_training", cfg, warmup=warmup, steps=steps)
-            row = dict(measured[key], label=label)
-            rows.append(row)
-            configs[label] = cfg.to_dict()
-            log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
-        add_tpme(rows)
-        device = next((r["device"] for r in rows if "device" in r), settings.get("device", "auto"))
-        payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones,
-                   "data": data, "rows": rows, "cache_build": cache_row, "configs": configs,
-                   "warmup_steps": warmup, "timed_steps": steps, **provenance(commit=commit), "device": device}
-        path = write_json_atomic(Path(out) / f"{tag or f'{backbones}-{data}-{device_tag(device)}'}-{setting}.json",
-                                 payload)
-        written.append(path)
-        log.info("wrote %s", path)
+            for way in WAYS if label in authors_way else WAYS[:1]:
+                cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch), way)
+                key = (label, cfg.batch_size, way)
+                if key not in measured:
+                    log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
+                    measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
+                                                     full_epoch=way == "default" and label in full_epoch)
+                row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
+                rows.append(row)
+                configs[row["label"]] = cfg.to_dict()
+                log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
+                if tag or measured_device(payload, rows):  # (the file's name needs the device)
+                    write_json_atomic(result_path(out, tag, payload, rows, settings), payload)  # if cut short
+        add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
+        payload["complete"] = True
+        written.append(write_json_atomic(result_path(out, tag, payload, rows, settings), payload))
+        log.info("wrote %s", written[-1])
     if figs is not None:
         write_reports(written, Path(figs))
     return written
