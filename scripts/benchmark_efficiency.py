@@ -58,6 +58,8 @@ def main(argv=None) -> list[Path]:
                              "(comma list; no value: all)")
     parser.add_argument("--warmup", type=int, default=MIN_WARMUP, help=f"warm-up steps (at least {MIN_WARMUP})")
     parser.add_argument("--steps", type=int, default=MIN_STEPS, help=f"timed steps (at least {MIN_STEPS})")
+    parser.add_argument("--flop-batches", type=int, default=0,
+                        help="count model FLOPs over the first N timed batches (0: all; a sample saves device time)")
     parser.add_argument("--few-steps", action="store_true",
                         help="allow fewer warm-up or timed steps (a quick check, not the benchmark's timing)")
     parser.add_argument("--work", default=str(ROOT / "bench_data"), help="synthetic data, encoders, caches")
@@ -73,8 +75,9 @@ def main(argv=None) -> list[Path]:
     if not args.few_steps and (args.warmup < MIN_WARMUP or args.steps < MIN_STEPS):
         parser.error(f"--warmup {args.warmup} --steps {args.steps}: the benchmark times at least {MIN_STEPS} steps "
                      f"after {MIN_WARMUP} warm-up steps; pass --few-steps for a quick check")
-    if args.warmup < 0 or args.steps < 1:
-        parser.error(f"--warmup must be >= 0 and --steps >= 1, not {args.warmup} and {args.steps}")
+    if args.warmup < 0 or args.steps < 1 or args.flop_batches < 0:
+        parser.error(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {args.warmup}, "
+                     f"{args.flop_batches} and {args.steps}")
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
     if any(s not in SETTING_NAMES for s in settings):
         parser.error(f"--settings must list equal and/or paper, not {args.settings!r}")
@@ -83,7 +86,7 @@ def main(argv=None) -> list[Path]:
     return entry_point(sys.argv[0], lambda: run_benchmark(
         values, backbones=args.backbones, data=args.data, setting_names=settings, equal_batch=args.equal_batch,
         labels=labels, authors_way=authors_way, full_epoch=full_epoch, warmup=args.warmup, steps=args.steps,
-        work=Path(args.work), out=Path(args.out),
+        flop_batches=args.flop_batches, work=Path(args.work), out=Path(args.out),
         tag=args.tag, figs=None if args.no_plots else Path(args.figs)))
 
 

@@ -1,9 +1,9 @@
 """Where a live-backbone training step spends its time on this device: plain measurements beside iisan's
-(``iisan.experiments.diagnose``: what each section measures).
+(``iisan.experiments.diagnose``: what each section measures). Under 5 minutes on one H100/H200.
 
     python scripts/gpu_diagnose.py --out $OUT/diagnose.json                     # a GPU, BERT-base + ViT-B/16
-    python scripts/gpu_diagnose.py --size tiny --data demo --device cpu \\
-        --fft-items 16 --frozen-items 32 --cache-batch 32 --out /tmp/diagnose.json   # a dry run on a CPU
+    python scripts/gpu_diagnose.py --size tiny --data demo --device cpu --fft-items 16 --frozen-items 32 \
+        --cache-batch 32 --shape-reps 2 --out /tmp/diagnose.json                   # a dry run on a CPU
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 
 
@@ -33,21 +34,28 @@ def main(argv=None) -> dict:
                         help="synthetic data for the iisan section")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--fft-items", type=ints, default=defaults.fft_items,
-                        help="items per plain FFT step (352: every slot of 32 users; 139: the distinct ones)")
+                        help="items per plain FFT step besides the bucket size iisan's FFT step ran most (352: "
+                             "every slot of 32 users)")
     parser.add_argument("--frozen-items", type=ints, default=defaults.frozen_items,
-                        help="items per plain frozen forward (704: every slot of 64 users; 276: the distinct "
-                             "non-padding ones; 352: the reference figures' 'about half'); the first also runs "
-                             "the variants")
+                        help="items per plain frozen forward besides the bucket size iisan's uncached step ran "
+                             "most (704: every slot of 64 users); the first count also runs the variants")
     parser.add_argument("--cache-batch", type=int, default=defaults.cache_batch)
     parser.add_argument("--iisan", default=",".join(defaults.iisan), help="comma list of benchmark labels ('' skips)")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--reps", type=int, default=defaults.reps)
+    parser.add_argument("--shape-reps", type=int, default=defaults.shape_reps,
+                        help="steps per phase of fresh, seen, fixed and bucketed shapes")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="threads reading images")
     parser.add_argument("--work", type=Path, default=defaults.work)
     parser.add_argument("--out", type=Path, default=defaults.out)
     args = parser.parse_args(argv)
-    options = DiagnosisOptions(**{**vars(args), "iisan": [x.strip() for x in args.iisan.split(",") if x.strip()]})
+    labels = [x.strip() for x in args.iisan.split(",") if x.strip()]
+    if unknown := [x for x in labels if x not in SETTINGS]:
+        parser.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
+    if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or args.warmup < 0:
+        parser.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup >= 0")
+    options = DiagnosisOptions(**{**vars(args), "iisan": labels})
     setup_logging()
     return entry_point(sys.argv[0], lambda: run_diagnosis(options))
 

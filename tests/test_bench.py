@@ -157,8 +157,8 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path):
     assert payload["configs"]["BitFit"]["method"] == "bitfit" and payload["versions"]["torch"]
     assert payload["configs"]["BitFit (every slot)"]["dedup_items"] == "off"
     md = (tmp_path / "out" / "t-paper.md").read_text()
-    assert f"| BitFit | distinct items | 32 | {bitfit['items_per_step']:.0f} | {bitfit['encoded_rows_per_step']:.0f} |" \
-        in md
+    items, rows = bitfit["items_per_step"], bitfit["encoded_rows_per_step"]
+    assert f"| BitFit | distinct items | 32 | {items:.0f} | {rows:.0f} |" in md
     assert f"| BitFit (every slot) | every slot | 32 | {authors['items_per_step']:.0f} | 352 |" in md
     assert "| evaluation, IISAN (cached): every one of 1,200 users ranked over all" in md
     assert "| cache build, both towers, once (loading data and encoders" in md
@@ -176,16 +176,20 @@ def test_benchmark_script_refuses_short_timing_without_the_flag(tmp_path):
 def test_gpu_diagnosis_dry_run(tmp_path):
     out = tmp_path / "diagnose.json"
     run_script("gpu_diagnose.py", "--size", "tiny", "--device", "cpu", "--fft-items", "4", "--frozen-items", "6",
-               "--cache-batch", "5", "--iisan", "IISAN (uncached)", "--data", "demo", "--workers", "1",
-               "--warmup", "0", "--reps", "1", "--work", str(tmp_path / "work"), "--out", str(out))
+               "--cache-batch", "5", "--iisan", "FFT", "--data", "demo", "--workers", "1", "--warmup", "0",
+               "--reps", "1", "--shape-reps", "2", "--work", str(tmp_path / "work"), "--out", str(out))
     report = json.loads(out.read_text())
     plain = report["plain"]
-    assert report["device"]["device"].startswith("CPU")
-    assert [r["items"] for r in plain["fft_step"]] == [4] and plain["cache_build_forward"][0]["items"] == 5
+    assert report["device"]["device"].startswith("CPU") and report["shape_reps"] == 2
+    (fft,) = report["iisan"]
+    assert "error" not in fft, fft.get("traceback", "")
+    # the plain rows run at the item count iisan's step ran most, then at the options' counts
+    assert [r["items"] for r in plain["fft_step"]] == [fft["most_common_rows"], 4]
+    assert [r["items"] for r in plain["frozen_forward"]] == [6] and plain["cache_build_forward"][0]["items"] == 5
     variants = plain["frozen_variants"]
-    assert [(v["weights"], v["attn"], v["hidden_states"]) for v in variants] == [
-        ("bfloat16", "sdpa", False), ("float32", "eager", False), ("float32", "sdpa", True),
-        ("float32", "sdpa", False)]
+    assert [(v["items"], v["weights"], v["attn"], v["hidden_states"]) for v in variants] == [
+        (6, "bfloat16", "sdpa", False), (6, "float32", "eager", False), (6, "float32", "sdpa", True),
+        (6, "float32", "sdpa", False)]
     for r in plain["fft_step"] + plain["frozen_forward"] + variants:
         assert "error" not in r and r["seconds_per_step"] > 0
         assert r["tflops_per_second"] == pytest.approx(r["flops_per_step"] / r["seconds_per_step"] / 1e12)
@@ -193,14 +197,28 @@ def test_gpu_diagnosis_dry_run(tmp_path):
     patch = plain["patch_embedding"][0]
     assert all(patch[f"{m}{p}_seconds"] > 0 for m in ("conv_nchw", "conv_channels_last", "matmul_nchw")
                for p in ("", "_fwd_bwd"))
-    (live,) = report["iisan"]
-    assert "error" not in live, live["error"] if "error" in live else ""
-    assert live["batch_size"] == 64 and live["steps_per_epoch"] == 19 and live["items_per_batch"] > 64
-    assert live["linear_output_dtypes"] == {"float32": live["linear_output_dtypes"]["float32"]}  # CPU: no autocast
-    assert live["flops_per_step"] > 0 and live["step_on_device_tflops_per_second"] > 0
+    assert fft["batch_size"] == 32 and fft["steps_per_epoch"] == 38 and fft["items_per_batch"] > 32
+    assert fft["static_shapes"] and fft["rows_per_batch"] >= fft["items_per_batch"]
+    assert fft["most_common_rows"] % 16 == 0 and fft["title_columns"] == [16]
+    shapes = fft["shapes"]
+    assert list(shapes) == ["warmup_fixed", "fresh", "seen", "fixed", "bucketed_first", "bucketed_seen"]
+    fresh, bucketed = shapes["fresh"]["rows"], shapes["bucketed_first"]["rows"]
+    assert len(set(fresh)) == 2 and shapes["seen"]["rows"] == fresh  # two new item counts, then the same again
+    assert all(n % 16 == 0 for n in bucketed) and all(b >= f for b, f in zip(bucketed, fresh))
+    for name, phase in shapes.items():
+        assert phase["step_seconds"]["count"] == len(phase["rows"]) and phase["allocator"] == {}, name  # CPU
+        assert phase["host_seconds"]["median"] <= phase["step_seconds"]["median"], name
+    assert fft["enqueue"]["host_seconds"]["count"] == fft["enqueue"]["device_step_seconds"]["count"] == 2
+    assert fft["linear_output_dtypes"] == {"float32": fft["linear_output_dtypes"]["float32"]}  # CPU: no autocast
+    assert fft["flops_per_step"] > 0 and fft["step_on_device_tflops_per_second"] > 0
     for key in ("pipeline_seconds_per_batch", "encoder_forward_seconds", "step_on_device_seconds",
-                "step_with_pipeline_seconds"):
-        assert live[key] > 0
+                "step_on_device_with_background_pipeline_seconds", "step_with_pipeline_seconds"):
+        assert fft[key] > 0
+
+
+def test_gpu_diagnosis_refuses_unknown_labels(tmp_path):
+    done = run_script("gpu_diagnose.py", "--iisan", "FFT,SASRec", "--out", str(tmp_path / "d.json"), status=2)
+    assert "--iisan: unknown label(s) ['SASRec']" in done.stderr
 
 
 def test_count_flops_by_hand():

@@ -128,7 +128,8 @@ def test_static_shapes_change_no_loss_and_no_gradient(tiny_config, method):
         assert padded_loss == pytest.approx(loss, rel=1e-6), step
         assert padded_grads.keys() == grads.keys() and len(grads) > 0
         for name, grad in grads.items():
-            torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(padded_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
     assert padded >= 2  # most batches got padding rows
 
 

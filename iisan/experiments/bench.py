@@ -111,7 +111,7 @@ def training_setup(cfg: Config) -> TrainingSetup:
 def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
     """Model FLOPs of the timed steps as run, and of the same batches without padding rows (titles cut
     the same): the replayed stream is deterministic, so these are the timed batches. Counted once per
-    batch shape (``StepFlops``)."""
+    batch shape (``StepFlops``); ``steps`` may be the first few timed batches only (a sample)."""
     as_run, useful = StepFlops(setup), StepFlops(setup)
     replay = setup.host_batches()
     for _ in range(warmup):
@@ -123,8 +123,7 @@ def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
         counts.append((flops, useful(without_padding_rows(batch)) if batch.items.encode_all else flops))
     flops, needed = np.mean(counts, axis=0)
     return {"flops_per_step": float(flops), "useful_flops_per_step": float(needed),
-            "padding_overhead_flops": float(flops / needed - 1) if needed else 0.0,
-            "flop_counts": len(as_run.known) + len(useful.known)}
+            "padding_overhead_flops": float(flops / needed - 1) if needed else 0.0, "flop_batches": steps}
 
 
 def layout_summary(setup: TrainingSetup) -> dict:
@@ -160,10 +159,12 @@ def timed_window(setup: TrainingSetup, stream, steps: int) -> tuple[list[float],
     return durations, time.perf_counter() - start, losses
 
 
-def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch: bool = False) -> dict:
+def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch: bool = False,
+                     flop_batches: int = 0) -> dict:
     """A method's step timed one by one over ``steps`` full batches after ``warmup`` ones: median and p90
     seconds, an epoch as median x steps per epoch; with ``full_epoch`` also a real epoch end to end. Peak
-    memory, items, padding and FLOPs per step, parameters."""
+    memory, items, padding and FLOPs per step (FLOPs over the first ``flop_batches`` timed batches, or
+    all of them: 0), parameters."""
     setup = training_setup(cfg)
     data, model, device, amp = setup.data, setup.model, setup.device, setup.amp
     steps_per_epoch = math.ceil(data.num_users / cfg.batch_size)
@@ -192,7 +193,7 @@ def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch:
         **layout_summary(setup),
         # model FLOPs (matmul, conv, attention; forward and backward) per timed step, as run and without
         # padding rows, and the rate the device sustained on them (at the median step time)
-        **padding_flops(setup, warmup, steps),
+        **padding_flops(setup, warmup, min(steps, flop_batches) if flop_batches > 0 else steps),
         "compiled": setup.step.mode,  # 'off (cudagraph capture failed)' when a graph could not be captured
         "amp": str(amp).replace("torch.", "") if amp else "fp32",
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),

@@ -3,16 +3,21 @@
 Sections, each timed after warm-up with device synchronisation, each written to --out as it finishes:
 
 - ``device``: versions, attention back ends and a bf16 GEMM's throughput (calibrates the card).
+- ``iisan``: the benchmark's own setups (FFT and uncached IISAN by default), each in a fresh process
+  (``diagnose_steps.iisan_rows``): fresh vs already-seen vs fixed vs bucketed shapes with the
+  allocator's activity in each; the host's time to queue a step beside the device's step period; the
+  batch pipeline alone and running in the background; the encoders' forward alone; the step on
+  device-resident batches and fed by the pipeline (what the benchmark times); GPU busy fraction and top
+  kernels.
+- ``plain``: a deliberately plain implementation of the reference settings (docs/performance.md) on this
+  card, from
+  transformers models built from their default configs and inputs already on the device (no data
+  pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache build's
+  forward, at the item counts iisan's steps ran (their most common bucket size) and at the reference's
+  (every slot); then variants of the frozen forward (bf16 weights, eager attention, hidden states
+  returned, cuDNN autotuning) and the ViT patch embedding alone.
 - Each timed row also records its model FLOPs (matmuls, convolutions, attention; ``count_flops``) and
   the TFLOP/s it sustained: set beside the GEMM's throughput, it says how well a step uses the card.
-- ``plain``: a deliberately plain implementation of the reference settings (docs/performance.md) on this card, from
-  transformers models built from their default configs and inputs already on the device (no data
-  pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache
-  build's forward, each at several item counts; then variants of the frozen forward (bf16 weights,
-  eager attention, hidden states returned, cuDNN autotuning) and the ViT patch embedding alone.
-- ``iisan``: the benchmark's own FFT and uncached IISAN setups (``bench.training_setup``), split
-  into the batch pipeline alone, the item encoder's forward alone, the step on batches already on the
-  device, and the step fed by the pipeline (what the benchmark times).
 
 Comparing ``plain`` with ``iisan`` at the same item count says whether a gap to the reference comes
 from the card and library versions, from iisan's encoder wrappers, or from its input pipeline.
@@ -20,7 +25,6 @@ from the card and library versions, from iisan's encoder wrappers, or from its i
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,11 +34,10 @@ import torch
 
 from ..files import write_json_atomic
 from ..provenance import provenance
-from .bench import error_line, training_setup
-from .efficiency import base_config, method_config, prepare
-from .flops import step_flops
+from .bench import in_fresh_process
+from .diagnose_steps import iisan_rows
 from .plain_reference import plain_fft_step, plain_frozen_forward, plain_patch_embedding
-from .timing import gpu_profile, linear_output_dtypes, peak_gib, reset, timed
+from .timing import error_line, reset, timed
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +46,22 @@ SCIENTIFIC_USERS, SCIENTIFIC_ITEMS = 12076, 20314
 
 @dataclass
 class DiagnosisOptions:
-    """What to run. Item counts: distinct non-padding items per batch on the benchmark's Scientific-shaped
-    data are 139 of the 352 slots of 32 users and 276 of the 704 slots of 64 users (mean over epoch 0,
-    docs/performance.md); 352 is the reference figures' 'about half'. The first frozen count also runs the variants."""
+    """What to run. Item counts of the plain rows, besides those iisan's steps ran: every slot of 32 users
+    (352, FFT) and of 64 users (704, the frozen forward), the reference's settings. The first frozen
+    count also runs the variants."""
 
     out: Path
     size: str = "base"
     data: str = "scientific"
     device: str = "auto"
-    fft_items: list[int] = field(default_factory=lambda: [352, 139])
-    frozen_items: list[int] = field(default_factory=lambda: [352, 704, 276])
+    fft_items: list[int] = field(default_factory=lambda: [352])
+    frozen_items: list[int] = field(default_factory=lambda: [704])
     cache_batch: int = 512
     iisan: list[str] = field(default_factory=lambda: ["FFT", "IISAN (uncached)"])
     skip_plain: bool = False
     warmup: int = 3
     reps: int = 10
+    shape_reps: int = 6
     workers: int = 8
     work: Path = Path("/tmp/iisan-bench")
 
@@ -105,12 +109,13 @@ def plain_section(args: DiagnosisOptions, device: torch.device, amp, report: dic
         write_json_atomic(args.out, report)
         reset(device)
 
-    for n in args.fft_items:
+    fft_items, frozen_items = same_counts(args, report)
+    for n in fft_items:
         record("fft_step", plain_fft_step, epoch["fft"], n)
-    for n in args.frozen_items:
+    for n in frozen_items:
         record("frozen_forward", plain_frozen_forward, epoch["frozen"], n)
     record("cache_build_forward", plain_frozen_forward, epoch["cache"], args.cache_batch, hidden_states=True)
-    n = args.frozen_items[0]
+    n = frozen_items[0]
     record("frozen_variants", plain_frozen_forward, epoch["frozen"], n, weights=torch.bfloat16)
     record("frozen_variants", plain_frozen_forward, epoch["frozen"], n, attn="eager")
     record("frozen_variants", plain_frozen_forward, epoch["frozen"], n, hidden_states=True)
@@ -118,71 +123,43 @@ def plain_section(args: DiagnosisOptions, device: torch.device, amp, report: dic
     record("patch_embedding", plain_patch_embedding, 1, n)
 
 
+def same_counts(args: DiagnosisOptions, report: dict) -> tuple[list[int], list[int]]:
+    """Item counts of the plain FFT steps and frozen forwards: the most common row count of iisan's FFT
+    and uncached IISAN steps (where measured), then the options' own."""
+    measured = {r["label"]: r["most_common_rows"] for r in report.get("iisan", []) if "most_common_rows" in r}
+
+    def counts(label: str, extra: list[int]) -> list[int]:
+        return list(dict.fromkeys(([measured[label]] if label in measured else []) + list(extra)))
+
+    return counts("FFT", args.fft_items), counts("IISAN (uncached)", args.frozen_items)
+
+
 # --------------------------------------------------------------------------------------------------
 # iisan's own setups
 
 
-def iisan_rows(args: DiagnosisOptions, label: str) -> dict:
-    """The benchmark's setup of ``label``, timed piece by piece."""
-    work = Path(args.work)
-    base = base_config(prepare(work, args.data, args.size), work, args.data, args.size, device=args.device,
-                       num_workers=args.workers)
-    setup = training_setup(method_config(base, label))
-    device, model, amp = setup.device, setup.model, setup.amp
-    stream = setup.full_batches()
-    row = {"label": label, "batch_size": setup.cfg.batch_size, "amp": str(amp), "compiled": setup.compiled}
-
-    row["pipeline_seconds_per_batch"] = timed(lambda: next(stream), device, args.warmup, args.reps)
-    batches = [next(stream) for _ in range(max(args.reps, args.warmup))]
-    row["items_per_batch"] = sum(len(b.items.ids) for b in batches) / len(batches)
-    encoder = model.item_encoder
-    forward_of = encoder.states if hasattr(encoder, "states") else encoder  # IISAN: the frozen feed alone
-    on_device = itertools.cycle(batches)
-
-    @torch.no_grad()
-    def encode():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            forward_of(next(on_device).items)
-
-    row["encoder_forward_seconds"] = timed(encode, device, args.warmup, args.reps)
-    row["linear_output_dtypes"] = linear_output_dtypes(model, lambda: setup.step(batches[0]))
-    # the mean over the batches the on-device step cycles through: its exact work per step
-    row["flops_per_step"] = sum(step_flops(setup, b) for b in batches) / len(batches)
-    reset(device)
-    row["step_on_device_seconds"] = timed(lambda: setup.step(next(on_device)), device, args.warmup, args.reps)
-    row["step_on_device_tflops_per_second"] = row["flops_per_step"] / row["step_on_device_seconds"] / 1e12
-    row["step_with_pipeline_seconds"] = timed(lambda: setup.step(next(stream)), device, args.warmup, args.reps)
-    row["profile_step_with_pipeline"] = gpu_profile(lambda: setup.step(next(stream)), device)
-    row["profile_encoder_forward"] = gpu_profile(encode, device)
-    row["peak_allocated_gib"] = peak_gib(device)
-    row["steps_per_epoch"] = math.ceil(setup.data.num_users / setup.cfg.batch_size)
-    row["epoch_seconds"] = row["step_with_pipeline_seconds"] * row["steps_per_epoch"]
-    return row
-
-
-def iisan_section(args: DiagnosisOptions, device: torch.device, report: dict) -> None:
+def iisan_section(args: DiagnosisOptions, report: dict) -> None:
     section = report.setdefault("iisan", [])
     for label in args.iisan:
-        try:
-            row = iisan_rows(args, label)
-        except Exception as err:
-            row = {"label": label, "error": error_line(err)}
+        row = in_fresh_process(iisan_rows, args, label)  # a fresh process: no shape met before
+        row.setdefault("label", label)
         section.append(row)
-        log.info("iisan %s: %s", label, row)
+        log.info("iisan %s: %s", label, {k: v for k, v in row.items() if k not in ("traceback", "shapes")})
         write_json_atomic(args.out, report)
-        reset(device)
 
 
 def run_diagnosis(args: DiagnosisOptions) -> dict:
-    """Every section, each written to ``args.out`` as it finishes (a crash keeps what was measured)."""
+    """Every section, each written to ``args.out`` as it finishes (a crash keeps what was measured).
+    iisan's steps run first, each in its own process, so that their fresh shapes are fresh."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    report = {"warmup": args.warmup, "reps": args.reps, "device": device_facts(device)}
+    report = {"warmup": args.warmup, "reps": args.reps, "shape_reps": args.shape_reps,
+              "device": device_facts(device)}
     log.info("device: %s", report["device"])
     write_json_atomic(args.out, report)
+    iisan_section(args, report)
     if not args.skip_plain:
         plain_section(args, device, amp, report)
-    iisan_section(args, device, report)
     log.info("wrote %s", args.out)
     return report

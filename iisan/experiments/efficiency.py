@@ -107,10 +107,11 @@ def result_path(out: Path, tag: str, payload: dict, rows: list[dict], settings: 
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
                   setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
                   labels: tuple[str, ...] = tuple(SETTINGS), authors_way: tuple[str, ...] | None = None,
-                  full_epoch: tuple[str, ...] = (), warmup: int = 10, steps: int = 50,
+                  full_epoch: tuple[str, ...] = (), warmup: int = 10, steps: int = 50, flop_batches: int = 0,
                   work: Path, out: Path, tag: str = "", figs: Path | None = None) -> list[Path]:
     """Measure every label in every setting, and the labels in ``authors_way`` (default: all) also the
-    authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end.
+    authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end;
+    ``flop_batches``: FLOPs counted over the first that many timed batches (0: all).
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
     ``out/<tag>-<setting>.json`` (and, with ``figs``, tables and figures); returns the JSONs."""
     commit = git_commit()  # before this run writes its own results into the checkout
@@ -139,7 +140,8 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
                 if key not in measured:
                     log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
                     measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
-                                                     full_epoch=way == "default" and label in full_epoch)
+                                                     full_epoch=way == "default" and label in full_epoch,
+                                                     flop_batches=flop_batches)
                 row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
                 rows.append(row)
                 configs[row["label"]] = cfg.to_dict()

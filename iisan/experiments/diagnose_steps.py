@@ -1,0 +1,161 @@
+"""The diagnosis of iisan's own live training step (``diagnose`` runs ``iisan_rows`` once per benchmark
+label, each in a fresh process, so that no shape has been met before it starts):
+
+- ``shapes``: per-step host and device seconds and allocator activity of the same model on batches
+  whose shapes are fresh (an item count not met before), already seen, fixed (one batch repeated) and
+  bucketed (static shapes; first pass, then seen): what first-use costs add and what buckets remove.
+- ``enqueue``: on batches already on the device and already seen, the host's time to queue a step
+  (no wait between steps) beside the device's step period: host-bound or device-bound.
+- the batch pipeline alone (reading pixels, collating, copying), the encoders' forward alone, the step
+  on device-resident batches, with the pipeline running in a background thread, and fed by the pipeline
+  (what the benchmark times); the GPU's busy fraction and top kernels; the allocator inside a timed
+  window; the dtypes of the Linear outputs; FLOPs per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..devices import sync
+from ..train.step import shape_buckets
+from .bench import TrainingSetup, training_setup
+from .efficiency import base_config, method_config, prepare
+from .flops import StepFlops
+from .timing import (
+    StepClock,
+    allocator_activity,
+    allocator_counts,
+    gpu_profile,
+    linear_output_dtypes,
+    peak_gib,
+    reset,
+    summary,
+    timed,
+    timed_each,
+)
+
+
+def phase(setup: TrainingSetup, batches: list) -> dict:
+    """Each batch's step timed alone (``timed_each``), with the allocator's activity over the phase."""
+    before = allocator_counts(setup.device)
+    queue = iter(batches)
+    row = timed_each(lambda: setup.step(next(queue)), setup.device, len(batches))
+    row["allocator"] = allocator_activity(before, allocator_counts(setup.device))
+    row["rows"] = [len(b.items.ids) for b in batches]
+    return row
+
+
+def shape_phases(setup: TrainingSetup, reps: int) -> dict:
+    """Fresh, seen, fixed and bucketed shapes, in that order, on the same users' batches: the i-th
+    plain and the i-th bucketed batch of one epoch hold the same users."""
+    buckets = setup.buckets or shape_buckets(setup.cfg.replace(static_shapes=True), setup.model)
+    pairs = zip(setup.host_batches(buckets=None), setup.host_batches(buckets=buckets))
+    fixed, _ = next(pairs)
+    seen_sizes, fresh, bucketed = {len(fixed.items.ids)}, [], []
+    for plain, padded in pairs:  # batches whose item counts differ from each other and from the fixed one
+        if len(plain.items.ids) not in seen_sizes:
+            seen_sizes.add(len(plain.items.ids))
+            fresh.append(plain.to(setup.device))
+            bucketed.append(padded.to(setup.device))
+        if len(fresh) == reps:
+            break
+    fixed = fixed.to(setup.device)
+    out = {"warmup_fixed": phase(setup, [fixed, fixed])}  # one-time costs: handles, first kernels
+    out["fresh"] = phase(setup, fresh)
+    out["seen"] = phase(setup, fresh)
+    out["fixed"] = phase(setup, [fixed] * reps)
+    out["bucketed_first"] = phase(setup, bucketed)
+    out["bucketed_seen"] = phase(setup, bucketed)
+    return out
+
+
+def enqueue(setup: TrainingSetup, batches: list) -> dict:
+    """The host's seconds to queue each step (the call returning, no wait in between) beside the device's
+    step periods (``StepClock``), over batches already on the device and already seen."""
+    clock, host = StepClock(setup.device), []
+    sync(setup.device)
+    clock.mark()
+    for batch in batches:
+        start = time.perf_counter()
+        setup.step(batch)
+        host.append(time.perf_counter() - start)
+        clock.mark()
+    return {"host_seconds": summary(host), "device_step_seconds": summary(clock.durations())}
+
+
+def with_background_pipeline(setup: TrainingSetup, run, device: torch.device, warmup: int, reps: int) -> float:
+    """``timed(run)`` while another thread keeps drawing batches from the pipeline (reading pixels,
+    collating, copying): what the pipeline's host work costs a step that overlaps it."""
+    stop = threading.Event()
+
+    def consume():
+        for _ in setup.full_batches():
+            if stop.is_set():
+                return
+
+    thread = threading.Thread(target=consume, daemon=True, name="iisan-diagnose-pipeline")
+    thread.start()
+    try:
+        return timed(run, device, warmup, reps)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def iisan_rows(args, label: str) -> dict:
+    """The benchmark's setup of ``label`` (``args``: ``diagnose.DiagnosisOptions``), timed piece by piece."""
+    work = Path(args.work)
+    base = base_config(prepare(work, args.data, args.size), work, args.data, args.size, device=args.device,
+                       num_workers=args.workers)
+    setup = training_setup(method_config(base, label))
+    device, model, amp = setup.device, setup.model, setup.amp
+    row = {"label": label, "batch_size": setup.cfg.batch_size, "amp": str(amp), "compiled": setup.compiled,
+           "static_shapes": setup.buckets is not None, "shapes": shape_phases(setup, args.shape_reps)}
+    stream = setup.full_batches()
+    row["pipeline_seconds_per_batch"] = timed(lambda: next(stream), device, args.warmup, args.reps)
+    batches = [next(stream) for _ in range(max(args.reps, args.warmup))]
+    row["items_per_batch"] = float(np.mean([len(b.items.real) for b in batches]))
+    rows = Counter(len(b.items.ids) for b in batches)
+    row["rows_per_batch"] = float(np.mean([len(b.items.ids) for b in batches]))
+    row["most_common_rows"] = rows.most_common(1)[0][0]
+    row["title_columns"] = sorted({b.items.title_columns or setup.cfg.title_tokens for b in batches})
+    on_device = itertools.cycle(batches)
+    row["enqueue"] = enqueue(setup, batches * 2)
+    encoder = model.item_encoder
+    forward_of = encoder.states if hasattr(encoder, "states") else encoder  # IISAN: the frozen feed alone
+
+    @torch.no_grad()
+    def encode():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            forward_of(next(on_device).items)
+
+    row["encoder_forward_seconds"] = timed(encode, device, args.warmup, args.reps)
+    row["linear_output_dtypes"] = linear_output_dtypes(model, lambda: setup.step(batches[0]))
+    flops = StepFlops(setup)  # once per batch shape (device batches: ``to`` leaves them where they are)
+    row["flops_per_step"] = float(np.mean([flops(b) for b in batches]))
+    reset(device)
+    before = allocator_counts(device)
+    row["step_on_device_seconds"] = timed(lambda: setup.step(next(on_device)), device, args.warmup, args.reps)
+    row["allocator_step_on_device"] = allocator_activity(before, allocator_counts(device))
+    row["step_on_device_tflops_per_second"] = row["flops_per_step"] / row["step_on_device_seconds"] / 1e12
+    row["step_on_device_with_background_pipeline_seconds"] = with_background_pipeline(
+        setup, lambda: setup.step(next(on_device)), device, args.warmup, args.reps)
+    before = allocator_counts(device)
+    row["step_with_pipeline_seconds"] = timed(lambda: setup.step(next(stream)), device, args.warmup, args.reps)
+    row["allocator_step_with_pipeline"] = allocator_activity(before, allocator_counts(device))
+    row["profile_step_with_pipeline"] = gpu_profile(lambda: setup.step(next(stream)), device)
+    row["profile_step_on_device"] = gpu_profile(lambda: setup.step(next(on_device)), device)
+    row["profile_encoder_forward"] = gpu_profile(encode, device)
+    row["peak_allocated_gib"] = peak_gib(device)
+    row["steps_per_epoch"] = math.ceil(setup.data.num_users / setup.cfg.batch_size)
+    row["epoch_seconds"] = row["step_with_pipeline_seconds"] * row["steps_per_epoch"]
+    return row
+
