@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU (the `device` tool): the speed diagnosis (scripts/gpu_diagnose.py), GPU
-# tests, then the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
-# Scientific-shaped synthetic data). SETTINGS=paper (one setting, not two) shortens the benchmark.
-# Writes gpu.txt, diagnose.json/.log, gpu_tests.log, bench.log and efficiency/*.json under $OUT.
-#   ONLY_DIAGNOSE=1 bash scripts/gpu_check.sh                                   # the diagnosis alone
-#   BENCH_ARGS="--dedup-items off" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh  # extra flags per part
-#   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out \
-#     DIAGNOSE_ARGS="--fft-items 8 --frozen-items 16 --cache-batch 16" bash scripts/gpu_check.sh   # dry run on a CPU
+# One prepared run on a lent GPU (the `device` tool), in this order (docs/performance.md says what to read):
+#   1. diagnose: where a live step's time goes (scripts/gpu_diagnose.py: fresh vs seen vs fixed vs bucketed
+#      shapes, host enqueue vs device step, allocator, GPU busy and top kernels, the image pipeline alone
+#      and in the background, a plain reference at the same item counts); cut at 270 s
+#   2. bench: the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
+#      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the six methods with 10
+#      warm-up and 50 timed steps each, FFT and uncached IISAN also the authors' way (every slot), a real
+#      epoch of both IISAN settings, the cache build and the full-ranking evaluation of every user;
+#      FLOPs counted over the first 10 timed batches; cut at 360 s
+#   3. tests: the GPU-marked tests; cut at 90 s
+# Each part writes as it goes (diagnose.json after each section, the benchmark JSON after each row), so a
+# part that is cut keeps what it measured. PART=diagnose|bench|tests runs one part (one device call each
+# leaves room to rerun a part); PART=all (default) runs the three.
+# Writes gpu.txt, times.txt, diagnose.json/.log, efficiency/*.json/.md, bench.log, gpu_tests.log under $OUT.
+#   PART=diagnose bash scripts/gpu_check.sh                                       # the diagnosis alone
+#   BENCH_ARGS="--no-static-shapes" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh   # extra flags per part
+#   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
+#     --frozen-items 16 --cache-batch 16 --shape-reps 2 --reps 2" BENCH_ARGS="--few-steps --warmup 1 --steps 2" \
+#     bash scripts/gpu_check.sh                                                     # a dry run on a CPU
 set -uo pipefail
 OUT=${OUT:-/tmp/iisan-gpu-out}
+WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
+PART=${PART:-all}
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
@@ -19,21 +32,32 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
-  python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)"; } | tee "$OUT/gpu.txt"
+  python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
+  git log -1 --format="commit %h %s" 2>/dev/null; } | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,memory.used,compute_mode \
   --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 start=$(date +%s)
-# where a live-backbone step spends its time, beside a plain implementation on this card
-python3 scripts/gpu_diagnose.py --size "${BACKBONES:-base}" --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" \
-  --workers "${WORKERS:-8}" --work /tmp/iisan-bench --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
-  | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)" | cut -c1-600
-echo "diagnosis: $(( $(date +%s) - start )) s"
-[ "${ONLY_DIAGNOSE:-0}" = 1 ] && exit 0
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
-echo "gpu tests: $(( $(date +%s) - start )) s"
-python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" --data "${DATA:-scientific}" \
-  --device "${DEVICE:-cuda}" --settings "${SETTINGS:-equal,paper}" --warmup "${WARMUP:-5}" --steps "${STEPS:-20}" --num-workers "${WORKERS:-8}" \
-  --work /tmp/iisan-bench --out "$OUT/efficiency" --no-plots ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
-  | grep -E "benchmark: (equal|paper|building|cache:|wrote)|  -> |Error|error" | cut -c1-400
-echo "total: $(( $(date +%s) - start )) s"
+stamp() { echo "$1: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"; }
+
+if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
+  timeout -k 10 "${DIAGNOSE_LIMIT:-270}" python3 scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
+    --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --workers "${WORKERS:-8}" --work "$WORK" \
+    --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
+    | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
+  stamp "diagnosis (exit ${PIPESTATUS[0]})"
+fi
+if [ "$PART" = all ] || [ "$PART" = bench ]; then
+  timeout -k 10 "${BENCH_LIMIT:-360}" python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
+    --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
+    --authors-way "${AUTHORS_WAY:-FFT,IISAN (uncached)}" --full-epoch "IISAN (uncached),IISAN (cached)" \
+    --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
+    --no-plots ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+    | grep -E "efficiency: (equal|paper|building|evaluating|cache:|evaluation:|wrote)|  -> |rror" | cut -c1-400
+  stamp "benchmark (exit ${PIPESTATUS[0]})"
+fi
+if [ "$PART" = all ] || [ "$PART" = tests ]; then
+  timeout -k 10 "${TESTS_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -n 25
+  stamp "gpu tests (exit ${PIPESTATUS[0]})"
+fi

@@ -104,7 +104,12 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     assert out["useful_flops_per_step"] == pytest.approx(np.mean(useful)) and np.mean(useful) < np.mean(padded)
     assert out["padding_overhead_flops"] == pytest.approx(np.mean(padded) / np.mean(useful) - 1)
     assert out["full_epoch_steps"] == 10 and out["full_epoch_seconds"] > 0  # 160 users: 9 of 16 and one last
-    authors = measure_training(cfg.replace(**AUTHORS_WAY), warmup=1, steps=3)
+    authors = measure_training(cfg.replace(**AUTHORS_WAY), warmup=1, steps=3, flop_batches=1)
+    stream = training_setup(cfg.replace(**AUTHORS_WAY)).host_batches()
+    next(stream)  # the warm-up batch
+    first = next(stream)
+    assert authors["flop_batches"] == 1 and out["flop_batches"] == 3  # a sample: the first timed batch only
+    assert authors["flops_per_step"] == step_flops(setup, first.to(setup.device))  # same model shapes as setup
     sequences = [b.seq for b in train_loader(setup.data.train_sequences(), 16, cfg.seed, 0, True)][1:4]
     assert authors["encodes"] == "every slot" and authors["title_columns_per_step"] is None
     assert authors["encoded_rows_per_step"] == 16 * 11  # every slot, padding included
@@ -208,7 +213,7 @@ def test_gpu_diagnosis_dry_run(tmp_path):
     for name, phase in shapes.items():
         assert phase["step_seconds"]["count"] == len(phase["rows"]) and phase["allocator"] == {}, name  # CPU
         assert phase["host_seconds"]["median"] <= phase["step_seconds"]["median"], name
-    assert fft["enqueue"]["host_seconds"]["count"] == fft["enqueue"]["device_step_seconds"]["count"] == 2
+    assert fft["enqueue"]["host_seconds"]["count"] == fft["enqueue"]["device_step_seconds"]["count"] == 1
     assert fft["linear_output_dtypes"] == {"float32": fft["linear_output_dtypes"]["float32"]}  # CPU: no autocast
     assert fft["flops_per_step"] > 0 and fft["step_on_device_tflops_per_second"] > 0
     for key in ("pipeline_seconds_per_batch", "encoder_forward_seconds", "step_on_device_seconds",

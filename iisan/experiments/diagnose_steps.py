@@ -128,7 +128,7 @@ def iisan_rows(args, label: str) -> dict:
     row["most_common_rows"] = rows.most_common(1)[0][0]
     row["title_columns"] = sorted({b.items.title_columns or setup.cfg.title_tokens for b in batches})
     on_device = itertools.cycle(batches)
-    row["enqueue"] = enqueue(setup, batches * 2)
+    row["enqueue"] = enqueue(setup, batches)
     encoder = model.item_encoder
     forward_of = encoder.states if hasattr(encoder, "states") else encoder  # IISAN: the frozen feed alone
 
