@@ -22,6 +22,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/iisan-gpu-out}
 WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
 PART=${PART:-all}
+[ "${ONLY_DIAGNOSE:-0}" = 1 ] && PART=diagnose  # the older switch
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):

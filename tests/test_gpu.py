@@ -13,7 +13,7 @@ import torch
 from iisan.data.batches import train_loader
 from iisan.experiments.bench import SETTINGS
 from iisan.model.build import build_model, load_data
-from iisan.train.step import make_optimizer, make_train_step
+from iisan.train.step import batch_layout, make_optimizer, make_train_step
 from iisan.train.trainer import train
 
 from .conftest import cached_and_live_tables
@@ -97,7 +97,8 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
     model, pixels = build_model(cfg, data, CUDA)
     model.train()
     step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
-    loader = train_loader(data.train_sequences(), 16, 0, 0, True, pixels)
+    dedup, buckets = batch_layout(cfg, "off", model)  # the trainer's batches: static shapes for live steps
+    loader = train_loader(data.train_sequences(), 16, 0, 0, dedup, pixels, buckets=buckets)
     first, *batches = [batch.to(CUDA) for batch, _ in zip(loader, range(3))]
     step(first)
     torch.cuda.synchronize()
@@ -123,3 +124,22 @@ def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = conv(pixel_values=pixels).last_hidden_state, matmul(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["iisan", "fft"])
+def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method):
+    """The CPU test's GPU twin (fp32, no TF32): padded, masked rows and cut titles leave the loss as it was."""
+    from iisan.train.step import shape_buckets
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = tiny_config(method=method, feed="live", device="cuda", amp="none")
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, CUDA)
+    model.eval()
+    sequences, buckets = data.train_sequences(), shape_buckets(cfg, model)
+    pairs = zip(train_loader(sequences, 16, 0, 0, True, pixels), train_loader(sequences, 16, 0, 0, True, pixels,
+                                                                              buckets=buckets))
+    with torch.no_grad():
+        for (plain, static), _ in zip(pairs, range(3)):
+            assert len(static.items.ids) >= len(plain.items.ids) and static.items.encode_all
+            assert model(static.to(CUDA)).item() == pytest.approx(model(plain.to(CUDA)).item(), rel=1e-5)

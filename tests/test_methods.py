@@ -226,16 +226,22 @@ class HostStalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("static_shapes", [True, False])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_steps_never_make_the_host_wait_for_the_device(setting, tiny_config, tiny_cache):
-    """After a first step (which may set things up), a training step of every setting runs none of the
-    ops that stall the host on a GPU, so the host queues the next work while the device computes."""
-    cfg = tiny_config(cache_dir=tiny_cache, **SETTINGS[setting])
+def test_steps_never_make_the_host_wait_for_the_device(setting, static_shapes, tiny_config, tiny_cache):
+    """After a first step (which may set things up), a training step of every setting, with static shapes
+    and without, runs none of the ops that stall the host on a GPU, so the host queues the next work while
+    the device computes. The batches are the trainer's (``batch_layout``)."""
+    from iisan.train.step import batch_layout
+
+    cfg = tiny_config(cache_dir=tiny_cache, static_shapes=static_shapes, **SETTINGS[setting])
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
     model.train()
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
-    loader = train_loader(data.train_sequences(), 16, 0, 0, cfg.feed != "cached" or cfg.method != "iisan", pixels)
+    dedup, buckets = batch_layout(cfg, "off", model)
+    assert (buckets is not None) == (static_shapes and SETTINGS[setting].get("feed") != "cached")
+    loader = train_loader(data.train_sequences(), 16, 0, 0, dedup, pixels, buckets=buckets)
     first, *batches = [batch for batch, _ in zip(loader, range(3))]
     step(first)
     with HostStalls() as stalls:
