@@ -44,6 +44,7 @@ SETTINGS = {
 # padding included, titles at full length. Rows measured this way stand beside the default ones.
 AUTHORS_WAY = {"dedup_items": "off", "static_shapes": True, "title_multiple": 0}
 TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
+OWN = object()  # ``TrainingSetup.host_batches``' default: the setup's own static-shape policy
 
 
 def authors_label(label: str) -> str:
@@ -68,11 +69,11 @@ class TrainingSetup:
     # per batch yielded by ``full_batches``, counted on the host: (items, encoded rows, title columns, shape key)
     layouts: list[tuple] = field(default_factory=list)
 
-    def host_batches(self, buckets: ShapeBuckets | None | str = "setup"):
+    def host_batches(self, buckets=OWN):
         """Endless full-size host batches, epoch after epoch (every timed step has the measured batch size).
-        ``buckets``: another static-shape policy than the setup's (the diagnosis compares them)."""
+        ``buckets``: another static-shape policy than the setup's (None: none; the diagnosis compares)."""
         cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
-        buckets = self.buckets if buckets == "setup" else buckets
+        buckets = self.buckets if buckets is OWN else buckets
         while True:
             for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
                                       buckets=buckets):
@@ -80,7 +81,7 @@ class TrainingSetup:
                     yield batch
             epoch += 1
 
-    def full_batches(self, buckets: ShapeBuckets | None | str = "setup"):
+    def full_batches(self, buckets=OWN):
         """``host_batches`` on the device, each one's layout logged."""
         for batch in self.host_batches(buckets):
             self.layouts.append(layout(batch))
