@@ -66,8 +66,12 @@ class TrainingSetup:
     compiled: str
     dedup: bool = True
     buckets: ShapeBuckets | None = None
-    # per batch yielded by ``full_batches``, counted on the host: (items, encoded rows, title columns, shape key)
+    # per batch yielded by ``full_batches``, counted on the host: (items, rows, title columns, shape key)
     layouts: list[tuple] = field(default_factory=list)
+
+    @property
+    def cached(self) -> bool:
+        return self.cfg.method == "iisan" and self.cfg.feed == "cached"
 
     def host_batches(self, buckets=OWN):
         """Endless full-size host batches, epoch after epoch (every timed step has the measured batch size).
@@ -84,14 +88,16 @@ class TrainingSetup:
     def full_batches(self, buckets=OWN):
         """``host_batches`` on the device, each one's layout logged."""
         for batch in self.host_batches(buckets):
-            self.layouts.append(layout(batch))
+            self.layouts.append(layout(batch, self.cached))
             yield batch.to(self.device)
 
 
-def layout(batch: TrainBatch) -> tuple:
-    """(real items, rows through the encoders, title columns, shape key) of a host batch."""
+def layout(batch: TrainBatch, cached: bool) -> tuple:
+    """(real items, rows, title columns, shape key) of a host batch. Rows: those the item encoders run on,
+    padding rows included; for cached IISAN, which runs no encoder, the rows gathered for the SAN."""
     items = batch.items
-    return len(items.real), items.encoded_rows(), items.title_columns, shape_key(batch)
+    rows = len(items.ids) if cached else items.encoded_rows()
+    return len(items.real), rows, items.title_columns, shape_key(batch)
 
 
 def training_setup(cfg: Config) -> TrainingSetup:
@@ -112,7 +118,8 @@ def training_setup(cfg: Config) -> TrainingSetup:
 def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
     """Model FLOPs of the timed steps as run, and of the same batches without padding rows (titles cut
     the same): the replayed stream is deterministic, so these are the timed batches. Counted once per
-    batch shape (``StepFlops``); ``steps`` may be the first few timed batches only (a sample)."""
+    batch shape (``StepFlops``); ``steps`` may be the first few timed batches only (a sample). Cached
+    IISAN adds no padding rows of its own (on a GPU it gathers every slot): its FLOPs are as run only."""
     as_run, useful = StepFlops(setup), StepFlops(setup)
     replay = setup.host_batches()
     for _ in range(warmup):
@@ -123,6 +130,9 @@ def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
         flops = as_run(batch)
         counts.append((flops, useful(without_padding_rows(batch)) if batch.items.encode_all else flops))
     flops, needed = np.mean(counts, axis=0)
+    if setup.cached:
+        return {"flops_per_step": float(flops), "useful_flops_per_step": None, "padding_overhead_flops": None,
+                "flop_batches": steps}
     return {"flops_per_step": float(flops), "useful_flops_per_step": float(needed),
             "padding_overhead_flops": float(flops / needed - 1) if needed else 0.0, "flop_batches": steps}
 
@@ -140,7 +150,7 @@ def layout_summary(setup: TrainingSetup) -> dict:
                                                  "title_tokens": cfg.title_tokens},
         # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
         "items_per_step": float(np.mean(items)),
-        "encoded_rows_per_step": float(np.mean(rows)),  # padding rows of static shapes included
+        "encoded_rows_per_step": float(np.mean(rows)),  # padding rows included (``layout``)
         "padding_rows_per_step": float(np.mean(rows) - np.mean(items)),
         "padding_overhead_items": float(np.sum(rows) / np.sum(items) - 1),
         "title_columns_per_step": float(np.mean(cut)) if cut else None,

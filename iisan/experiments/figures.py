@@ -36,8 +36,8 @@ def training_line(r: dict, gpu: bool, columns: int) -> str:
     memory = f"{mem['max_allocated_gib']:.2f} | {mem['max_reserved_gib']:.2f}" if gpu else f"{mem['peak_rss_gib']:.2f}"
     items = f"{r['items_per_step']:.0f}" if "items_per_step" in r else ""
     rows = f"{r['encoded_rows_per_step']:.0f}" if "encoded_rows_per_step" in r else items
-    padding = f"{percent(r.get('padding_overhead_items'))} / {percent(r.get('padding_overhead_flops'))}" \
-        if "padding_overhead_items" in r else ""
+    padding = " / ".join(percent(r[k]) for k in ("padding_overhead_items", "padding_overhead_flops")
+                         if r.get(k) is not None)
     p90 = f"{r['p90_seconds_per_step']:.4g}" if "p90_seconds_per_step" in r else ""
     full = f"{r['full_epoch_seconds']:.2f}" if "full_epoch_seconds" in r else ""
     rate = f"{r['model_tflops_per_second']:.3g}" if "model_tflops_per_second" in r else ""
@@ -85,8 +85,9 @@ def notes(payload: dict) -> list[str]:
            "batches without padding rows. 'every slot' (the authors' way, as their code runs it): every slot "
            "of the batch through the item encoder, padding slots included, titles at their full 30 tokens; "
            "the loss is the same, the work and memory are those of the authors' code. Cached IISAN gathers "
-           "states instead of encoding: on a GPU its step takes every slot (one CUDA graph), on a CPU each "
-           "distinct item. TPME compares the default rows only.",
+           "states instead of encoding (its rows are those its SAN runs on, no FLOPs padding is counted): on a "
+           "GPU its step takes every slot (one CUDA graph), on a CPU each distinct item. TPME compares the "
+           "default rows only.",
            "Items / step: the non-padding items a step encodes (distinct ones, or every non-padding slot). "
            "Model TFLOP/s: the step's matmul, convolution and attention FLOPs (forward and backward, counted "
            "with torch.utils.flop_counter on the timed batches) per second of the median step."]
