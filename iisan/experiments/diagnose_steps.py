@@ -79,7 +79,9 @@ def shape_phases(setup: TrainingSetup, reps: int) -> dict:
 
 def enqueue(setup: TrainingSetup, batches: list) -> dict:
     """The host's seconds to queue each step (the call returning, no wait in between) beside the device's
-    step periods (``StepClock``), over batches already on the device and already seen."""
+    step periods (``StepClock``), over batches already on the device, run once before (shapes seen)."""
+    for batch in batches:
+        setup.step(batch)
     clock, host = StepClock(setup.device), []
     sync(setup.device)
     clock.mark()
