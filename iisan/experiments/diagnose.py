@@ -10,9 +10,8 @@ Sections, each timed after warm-up with device synchronisation, each written to 
   device-resident batches and fed by the pipeline (what the benchmark times); GPU busy fraction and top
   kernels.
 - ``plain``: a deliberately plain implementation of the reference settings (docs/performance.md) on this
-  card, from
-  transformers models built from their default configs and inputs already on the device (no data
-  pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache build's
+  card, from transformers models built from their default configs and inputs already on the device (no
+  data pipeline, no iisan code): the FFT step, the frozen forward of the uncached step and the cache build's
   forward, at the item counts iisan's steps ran (their most common bucket size) and at the reference's
   (every slot); then variants of the frozen forward (bf16 weights, eager attention, hidden states
   returned, cuDNN autotuning) and the ViT patch embedding alone.
