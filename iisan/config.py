@@ -126,15 +126,11 @@ class Config:
         "auto", "run the item tower once per distinct item of a batch (auto: unless compiled)",
         ("auto", "on", "off"),
     )
-    static_shapes: bool = _opt(
-        True, "live steps (uncached IISAN, baselines): pad a batch's distinct items up to a bucket size and "
-        "trim titles to the batch's longest, so that steps meet a few shapes only (padding is masked: losses "
-        "and gradients do not change); --no-static-shapes: every step its own item count, full-length titles"
-    )
-    item_bucket_growth: float = _opt(
-        0.125, "static shapes: each item-count bucket is at least this fraction above the previous one (a "
-        "geometric ladder on multiples of 16); 0: no padding rows"
-    )
+    static_shapes: bool = _opt(True, "live steps (uncached IISAN, baselines): pad a batch's distinct items up to a "
+                               "bucket size and cut titles to the batch's longest, so that steps meet a few shapes "
+                               "(padding is masked: losses and gradients do not change); off: as before")
+    item_bucket_growth: float = _opt(0.125, "static shapes: each item-count bucket is at least this fraction above "
+                                     "the previous one (a geometric ladder on multiples of 16); 0: no padding rows")
     title_multiple: int = _opt(8, "static shapes: titles are cut to the batch's longest title rounded up to a "
                                "multiple of this many tokens; 0: every title keeps title_tokens tokens")
     num_workers: int = _opt(4, "threads reading images from the LMDB (live feed, baselines, cache builds)")
