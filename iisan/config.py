@@ -24,14 +24,15 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-METHODS = ("iisan", "fft", "adapter", "lora", "bitfit")
+METHODS = ("iisan", "fft", "adapter", "lora", "bitfit", "id")
 # Default encoder folders, relative to the repository (not to the working directory: see
 # ``model.encoder_files.resolve_model_path``).
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # The paper's names, used in results files and tables.
-METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
+METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit",
+                "id": "SASRec-ID"}
 # Each method's paper settings, from the authors' run scripts (run_IISAN.py: batch 64, lr 2e-4 recsys, 1e-4
 # image, 5e-5 text, 1e-4 adapters; run_fft.py / run_adapter.py / run_lora.py / run_bitfit.py: batch 32).
 # A key a method leaves out keeps its field default.
@@ -42,6 +43,8 @@ METHOD_DEFAULTS = {
     "adapter": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
     "lora": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
     "bitfit": {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5},
+    # SASRec over item IDs (no encoder): IISAN's batch and recsys learning rate, which the table trains with.
+    "id": {"batch_size": 64, "lr": 2e-4},
 }
 
 
@@ -87,7 +90,8 @@ class Config:
                                 "one matmul over patches (the same map, never at the mercy of cuDNN's kernel "
                                 "choice) or as the model's own conv", ("matmul", "conv"))
     # --- model -------------------------------------------------------------------------------------
-    method: str = _opt("iisan", "training method", METHODS)
+    method: str = _opt("iisan", "training method (id: SASRec over learned item-ID embeddings, no encoder)",
+                       METHODS)
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))
     modality: str = _opt("intra_inter", "SANs used by IISAN", ("intra_inter", "intra", "inter"))
     fusion: str = _opt("gated", "how a SAN mixes backbone states into its chain", ("gated", "add"))

@@ -1,5 +1,13 @@
 """Full-ranking evaluation (authors' ``metrics.py``, vectorised): every item is a candidate, the
-user's history is masked, the target's rank is ``1 + #(score > target score)``.
+user's history is masked, and the target's place follows from ``#(score > target score)`` and the
+number of other items whose score equals the target's.
+
+Ties: the authors sort the scores (``torch.argsort``), which puts a tied target at an arbitrary place
+among its ties. Here every place is taken as equally likely: the target ranks uniformly in
+``best .. best + ties`` (``best = 1 + #higher``), its expected rank is ``best + ties / 2``, and HR@K
+and NDCG@K are the averages of the hit and the discount over those places, which is what sorting gives
+on average. (Counting only strictly higher scores would give every tie to the target: a model that
+scores every item the same would hit at every K.)
 
 ``evaluate_model`` runs it for a recommender: the item table once (``item_table``, every item through
 the item encoder in chunks), then every user's vector against it. Under torchrun each rank ranks a
@@ -24,22 +32,40 @@ from .model.recommender import Recommender
 KS = (5, 10, 20)
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """ranks (U,) 1-based (inf = never ranked) -> ``hit@K`` and ``ndcg@K`` averaged over users."""
+def expected_rank(ranks: torch.Tensor) -> torch.Tensor:
+    """(U, 2) ``[best, ties]`` (``rank_targets``) -> (U,) the expected 1-based rank ``best + ties / 2``."""
     ranks = ranks.double()
+    return ranks if ranks.dim() == 1 else ranks[:, 0] + ranks[:, 1] / 2
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """ranks (U,) exact 1-based ranks, or (U, 2) ``[best, ties]`` from ``rank_targets`` (inf = never
+    ranked) -> ``hit@K`` and ``ndcg@K`` averaged over users, each the expectation over the
+    ``ties + 1`` equally likely places ``best .. best + ties``."""
+    ranks = ranks.double()
+    best, ties = (ranks, torch.zeros_like(ranks)) if ranks.dim() == 1 else (ranks[:, 0], ranks[:, 1])
+    best = best.clamp(max=1e12)  # inf (a masked target) -> a place beyond every K
+    last = best + ties  # (U,) the worst place the target can take
     out = {}
     for k in ks:
-        hit = ranks <= k
-        out[f"hit@{k}"] = hit.double().mean().item()
-        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks.clamp(max=1e9) + 1), 0.0).mean().item()
+        # discount_sum[r] = sum of 1 / log2(j + 1) for j = 1..r (r = 0..k)
+        discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=ranks.device))
+        discount_sum = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])
+        inside = (last.clamp(max=k) - best + 1).clamp(min=0)  # (U,) places within the top k
+        lo = (best - 1).clamp(max=k).long()
+        hi = last.clamp(max=k).long().clamp(min=lo)
+        out[f"hit@{k}"] = (inside / (ties + 1)).mean().item()
+        out[f"ndcg@{k}"] = ((discount_sum[hi] - discount_sum[lo]) / (ties + 1)).mean().item()
     return out
 
 
 def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor,
                  rank_repeated_targets: bool = False) -> torch.Tensor:
     """scores (U, N+1) over item indices (column 0 = padding), targets (U,), history (U, H) with 0 =
-    padding -> 1-based ranks (U,) as float; a masked target gets rank inf (a miss at every K).
-    ``scores`` is overwritten (masked in place: one pass less over the largest array of evaluation)."""
+    padding -> (U, 2) float ``[best, ties]``: ``best = 1 + #(items scored higher)``, ``ties`` the other
+    items scored the same, so the target's place is uniform in ``best .. best + ties``; a masked target
+    gets ``[inf, 0]`` (a miss at every K). ``scores`` is overwritten (masked in place: one pass less
+    over the largest array of evaluation)."""
     scores = scores.float()
     target_score = scores.gather(1, targets[:, None])  # (U, 1)
     scores.scatter_(1, history, -math.inf)
@@ -48,19 +74,23 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     else:
         target_score = scores.gather(1, targets[:, None])  # -inf when the target repeats the history
     scores[:, 0] = -math.inf
-    ranks = 1.0 + (scores > target_score).sum(1).float()
-    return torch.where(torch.isinf(target_score.squeeze(1)), torch.full_like(ranks, math.inf), ranks)
+    higher = (scores > target_score).sum(1).float()  # (U,)
+    ties = (scores >= target_score).sum(1).float() - higher - 1  # (U,) the target's own column excluded
+    masked = torch.isinf(target_score.squeeze(1))
+    best = torch.where(masked, torch.full_like(higher, math.inf), 1.0 + higher)
+    return torch.stack([best, torch.where(masked, 0.0, ties)], dim=1)
 
 
 def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
                 rank_repeated_targets: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``score_fn(slice) -> (u, N+1)`` scores for those users -> (U,) ranks, computed chunk by chunk."""
+    """``score_fn(slice) -> (u, N+1)`` scores for those users -> (U, 2) ranks (``rank_targets``),
+    computed chunk by chunk."""
     ranks = []
     for start in range(0, len(targets), batch_users):
         sl = slice(start, start + batch_users)
         ranks.append(rank_targets(score_fn(sl), torch.as_tensor(targets[sl], device=device),
                                   torch.as_tensor(history[sl], device=device), rank_repeated_targets).cpu())
-    return torch.cat(ranks) if ranks else torch.empty(0)
+    return torch.cat(ranks) if ranks else torch.empty(0, 2)
 
 
 def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
@@ -74,7 +104,8 @@ def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_us
 def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
                 history: np.ndarray, batch_users: int = 1024,
                 rank_repeated_targets: bool = False) -> torch.Tensor:
-    """(U,) ranks of the targets. ``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D)."""
+    """(U, 2) ranks of the targets (``rank_targets``). ``user_vectors(table, inputs (u, L)) -> (u, D)``;
+    ``table`` (N+1, D)."""
     table = table.float()
 
     def scores(sl):
@@ -143,7 +174,7 @@ def shared_item_table(model: Recommender, num_items: int, cfg: Config, pixels: P
 def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: torch.device,
                    pixels: PixelSource | None = None, table: torch.Tensor | None = None,
                    dist: Dist = SINGLE) -> torch.Tensor:
-    """(users,) 1-based target ranks in user order. Under torchrun each rank ranks a block of whole
+    """(users, 2) target ranks (``rank_targets``) in user order. Under torchrun each rank ranks a block of whole
     evaluation chunks and the blocks are gathered in order: every user exactly once, and the same
     numbers as one process computes."""
     model.eval()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.evaluate import evaluate_split, metrics_from_ranks, popularity_metrics, rank_targets
+from iisan.evaluate import evaluate_split, expected_rank, metrics_from_ranks, popularity_metrics, rank_targets
 
 
 def test_metrics_from_ranks_by_hand():
@@ -25,15 +25,59 @@ def test_ranks_mask_history_and_padding():
     scores = torch.tensor([[9.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
     # target 4 (score 2); history holds items 1 and 2 (scores 5, 4), so only item 3 is above it
     ranks = rank_targets(scores, torch.tensor([4]), torch.tensor([[0, 1, 2]]))
-    assert ranks.tolist() == [2.0]
+    assert ranks.tolist() == [[2.0, 0.0]]  # [best place, items tied with the target]
 
 
 def test_repeated_target_is_a_miss_unless_flag():
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
     targets, history = torch.tensor([1]), torch.tensor([[0, 1, 3]])  # target 1 repeats the history
-    assert rank_targets(scores.clone(), targets, history).tolist() == [math.inf]
+    assert rank_targets(scores.clone(), targets, history).tolist() == [[math.inf, 0.0]]
     # with the flag the target keeps its score; item 3 is masked, so nothing beats it
-    assert rank_targets(scores, targets, history, rank_repeated_targets=True).tolist() == [1.0]
+    assert rank_targets(scores, targets, history, rank_repeated_targets=True).tolist() == [[1.0, 0.0]]
+
+
+def test_ties_take_every_place_among_them_equally_often():
+    # target 2 (score 3) ties with items 1 and 4; item 3 (score 5) is above: places 2, 3, 4 equally likely
+    scores = torch.tensor([[0.0, 3.0, 3.0, 5.0, 3.0, 1.0]])
+    ranks = rank_targets(scores, torch.tensor([2]), torch.tensor([[0]]))
+    assert ranks.tolist() == [[2.0, 2.0]]
+    assert expected_rank(ranks).tolist() == [3.0]  # 1 + higher + ties / 2
+    m = metrics_from_ranks(ranks, ks=(2, 3, 10))
+    # by hand: hit@2 = 1/3 (only place 2), hit@3 = 2/3, hit@10 = 1
+    assert m["hit@2"] == pytest.approx(1 / 3)
+    assert m["hit@3"] == pytest.approx(2 / 3)
+    assert m["hit@10"] == pytest.approx(1.0)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 3)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
+
+
+def test_a_model_that_scores_every_item_the_same_hits_about_k_in_items():
+    # 500 items, 200 users, histories of 3 items: the target is one of 497 tied candidates for everyone
+    items, users = 500, 200
+    rng = np.random.default_rng(0)
+    history = np.stack([rng.choice(np.arange(1, items + 1), 4, replace=False) for _ in range(users)])
+    targets, history = history[:, 0], history[:, 1:]
+    m = evaluate_split(lambda table, x: torch.ones(len(x), 4), torch.ones(items + 1, 4), history, targets,
+                       history, ks=(10,))
+    assert m["hit@10"] == pytest.approx(10 / 497)  # not 1: ties no longer count in the target's favour
+    assert m["ndcg@10"] == pytest.approx(sum(1 / math.log2(r + 1) for r in range(1, 11)) / 497)
+
+
+def test_a_sorted_ranking_averages_to_the_expected_metrics():
+    # The authors sort: a tied target lands at an arbitrary place among its ties. Averaged over random
+    # tie-breaks (a random permutation before a stable sort), the hit rate is what metrics_from_ranks says.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (1, 40), generator=g).float()  # many ties
+    scores[0, 0] = -math.inf
+    target = 7
+    hits = []
+    for _ in range(4000):
+        perm = torch.randperm(40, generator=g)
+        order = perm[torch.argsort(scores[0, perm], descending=True, stable=True)]
+        hits.append(float(int((order == target).nonzero()) + 1 <= 5))
+    ranks = rank_targets(scores.clone(), torch.tensor([target]), torch.tensor([[0]]))
+    assert sum(hits) / len(hits) == pytest.approx(metrics_from_ranks(ranks, ks=(5,))["hit@5"], abs=0.03)
 
 
 def test_evaluate_split_chunks_give_same_metrics():
@@ -68,10 +112,10 @@ def test_popularity_baseline_by_hand(tmp_path):
     data = load_dataset(tmp_path / "users.tsv", tmp_path / "items.tsv", max_seq_len=3)
     # popularity: a 2, b 2, c 1, f 1, d 0, e 0, g 0
     m = popularity_metrics(data, "valid")
-    # u1 valid target d: history a b c masked; above d (0): f (1) -> rank 2 (ties do not count)
-    # u2 valid target g: history a b f masked; above g (0): c (1) -> rank 2
+    # u1 valid target d: history a b c masked; above d (0): f (1); tied with d: e and g (0) -> places 2..4
+    # u2 valid target g: history a b f masked; above g (0): c (1); tied with g: d and e (0) -> places 2..4
     assert m["hit@5"] == 1.0
-    assert m["ndcg@5"] == pytest.approx(1 / math.log2(3))
+    assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
     # test: u2's target a repeats its history: a miss under the paper's protocol
     test = popularity_metrics(data, "test")
     assert test["hit@20"] == pytest.approx(0.5)

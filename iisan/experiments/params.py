@@ -13,7 +13,7 @@ import torch
 from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
 from ..model.backbones import FrozenEncoder
-from ..model.build import build_model, count_parameters, layers_for, parameter_line
+from ..model.build import build_model, count_parameters, layers_for, load_data, parameter_line
 from ..model.tiny import base_architectures
 
 RANDOM_BACKBONES = ("base",)
@@ -32,11 +32,19 @@ def random_encoders(cfg: Config, size: str) -> dict[str, FrozenEncoder]:
 
 
 def count(cfg: Config, random_backbones: str | None = None) -> dict:
-    """``trainable``, ``total`` and peft's canonical ``line`` for ``cfg``'s model."""
+    """``trainable``, ``total`` and peft's canonical ``line`` for ``cfg``'s model. Method ``id`` reads
+    the data set (its table has a row per item) and no encoder."""
+    if cfg.method == "id":
+        model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+        return _line(cfg, model)
     device = torch.device("meta" if random_backbones else "cpu")
     encoders = random_encoders(cfg, random_backbones) if random_backbones else None
     with device:  # adapters added to meta backbones stay on meta
         model, _ = build_model(cfg, None, device, encoders)
+    return _line(cfg, model)
+
+
+def _line(cfg: Config, model: torch.nn.Module) -> dict:
     trainable, total = count_parameters(model)
     return {"method": METHOD_NAMES[cfg.method], "trainable": trainable, "total": total,
             "line": parameter_line(model)}

@@ -30,6 +30,7 @@ from .backbones import (
 from .baselines import baseline_item_encoder
 from .encoder_files import local_folder, weights_digest
 from .feeds import CachedStates, LiveStates
+from .id_embedding import ItemIDEncoder
 from .inputs import tokenize_titles
 from .recommender import IISANItemEncoder, Recommender
 from .san import SANItemTower
@@ -164,9 +165,15 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
     ``encoders``: already loaded encoders to use instead of ``cfg``'s model folders (e.g. random-weight
     architectures on the meta device for parameter counts). ``data=None`` builds the model for its shape
     only: no popularity, titles or pixels (``iisan params``); a cached IISAN model then takes its state
-    shapes from ``encoders``, exactly what a cache built from them would hold."""
+    shapes from ``encoders``, exactly what a cache built from them would hold. Method ``id`` reads no
+    encoder and needs ``data`` (its table has a row per item)."""
     pixels = None
-    if cfg.method == "iisan" and cfg.feed == "cached" and data is not None:
+    if cfg.method == "id":
+        if data is None:
+            raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "
+                              "has one row per item")
+        item_encoder = ItemIDEncoder(data.num_items, cfg.embedding_dim)
+    elif cfg.method == "iisan" and cfg.feed == "cached" and data is not None:
         states = cached_states(cfg, data, device)
     elif cfg.method == "iisan":
         encoders = encoders or load_encoders(cfg, device=device)

@@ -1,0 +1,114 @@
+"""A table of test metrics over seeds on the real Amazon interactions and titles, on this CPU: SASRec
+over item IDs (``id``) and text-only cached IISAN with the real pretrained MiniLM text tower (no images
+are available offline, so the image tower is left out rather than fed blanks).
+
+Every (setting, data set, seed) point is one run folder under ``work``, named by the point, so running
+the same command again resumes an interrupted run from its newest checkpoint and skips finished ones.
+``write_table`` collects whatever has finished into one JSON: per point the test metrics at the best
+validation epoch, and per setting and data set their mean and sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from ..config import METHOD_DEFAULTS, Config
+from ..data.cache import cache_file
+from ..errors import DataError
+from ..files import write_json_atomic
+from ..model.caching import build_cache_from_config
+from ..provenance import provenance
+from ..train.trainer import train
+from .offline import minilm_path
+from .presets import DATASETS
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("id", "iisan-text")
+SEEDS = (12345, 12346, 12347)
+METRICS = ("hit@10", "ndcg@10")
+DESCRIPTION = {
+    "id": "SASRec over learned 64-d item-ID embeddings (method id): no encoder, cache or images",
+    "iisan-text": "cached IISAN, text tower only (--towers text): the real pretrained all-MiniLM-L6-v2 "
+                  "(6 layers x 384), all 7 hidden states (0..6) cached in fp32; no image tower",
+}
+
+
+def data_files(data_root: Path, dataset: str) -> tuple[Path, Path]:
+    folder, users, items, _ = DATASETS[dataset]
+    users, items = Path(data_root) / folder / users, Path(data_root) / folder / items
+    if not users.is_file() or not items.is_file():
+        raise DataError(f"data not found: {users} / {items}")
+    return users, items
+
+
+def point_name(setting: str, dataset: str, seed: int) -> str:
+    return f"{dataset}-{setting}-seed{seed}"
+
+
+def point_config(setting: str, dataset: str, seed: int, data_root: Path, work: Path) -> Config:
+    """The paper's defaults (``presets.METHOD_DEFAULTS``) for the point, on the CPU, in ``work``."""
+    users, items = data_files(data_root, dataset)
+    method = "id" if setting == "id" else "iisan"
+    values = {**METHOD_DEFAULTS[method], "method": method, "users": str(users), "items": str(items),
+              "seed": seed, "device": "cpu", "num_workers": 0, "progress": False,
+              "out_dir": str(Path(work) / "runs"), "run_name": point_name(setting, dataset, seed)}
+    if setting == "iisan-text":
+        values.update(towers="text", feed="cached", text_model=minilm_path(),
+                      cache_dir=str(Path(work) / f"cache-{dataset}-minilm"))
+    return Config(**values)
+
+
+def run_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path) -> Path:
+    """Train one point (resuming it if interrupted; nothing to do if it finished); its results file."""
+    cfg = point_config(setting, dataset, seed, data_root, work)
+    results = Path(cfg.out_dir) / cfg.run_name / "results.json"
+    if results.is_file():
+        log.info("%s: finished already (%s)", cfg.run_name, results)
+        return results
+    if cfg.feed == "cached" and cfg.method == "iisan" and not cache_file(cfg.cache_dir, "text").is_file():
+        build_cache_from_config(cfg, dtype="float32")  # resumable; one cache per data set, shared by seeds
+    train(cfg)
+    return results
+
+
+def _summary(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    timing = result.get("timing", {})
+    return {"best_epoch": result["best_epoch"], "epochs_run": len(result["epochs"]), "test": result["test"],
+            "valid": result["valid"], "train_seconds_per_epoch": timing.get("train_seconds_per_epoch"),
+            "parameters": result["parameters"], "git_commit": result["git_commit"], "device": result["device"],
+            "results_file": str(path)}
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; None for a single value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def write_table(work: Path, out: Path, settings=SETTINGS, datasets=("Scientific", "Instrument"),
+                seeds=SEEDS) -> dict:
+    """Collect every finished point under ``work`` into ``out`` (atomic); unfinished points are listed."""
+    points, missing, table = {}, [], {}
+    for setting in settings:
+        for dataset in datasets:
+            found = {}
+            for seed in seeds:
+                path = Path(work) / "runs" / point_name(setting, dataset, seed) / "results.json"
+                if path.is_file():
+                    found[seed] = points[point_name(setting, dataset, seed)] = _summary(path)
+                else:
+                    missing.append(point_name(setting, dataset, seed))
+            if found:
+                table[f"{dataset}/{setting}"] = {
+                    m: mean_std([p["test"][m] for p in found.values()]) for m in METRICS
+                } | {"seeds": sorted(found)}
+    payload = {"what": "test HR@10 / NDCG@10 at the best validation epoch, mean and sample std over seeds",
+               "settings": {s: DESCRIPTION[s] for s in settings}, "table": table, "points": points,
+               "missing": missing, **provenance("cpu")}
+    write_json_atomic(out, payload)
+    return payload

@@ -1,0 +1,36 @@
+"""The ID baseline's item encoder: one learned vector per item index, no content at all (method ``id``).
+
+With it the recommender is plain SASRec over item IDs, trained with the same in-batch loss, negatives,
+evaluation and early stopping as every other method, so the multimodal methods can be compared with it
+on the same split. (The authors' code references an ID-based dataset, ``Build_Id_Dataset``, that it
+never defines, so there is no ID run of theirs to follow.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.batches import ItemBatch
+
+
+class ItemIDEncoder(nn.Module):
+    """``items.ids`` (U,) -> (U, D): a row of a learned (N+1, D) table. Row 0 (padding) is zeros and
+    never trains (``padding_idx``); the other rows start xavier-normal, as the authors initialise
+    every embedding of their user encoder."""
+
+    needs_pixels = False
+
+    def __init__(self, num_items: int, dim: int = 64):
+        super().__init__()
+        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.xavier_normal_(self.embedding.weight)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, items: ItemBatch) -> torch.Tensor:
+        return self.embedding(items.ids)  # (U, D)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The table trains with the recsys group (``lr``), like the rest of SASRec."""
+        return {"recsys": [self.embedding.weight]}
