@@ -1,8 +1,9 @@
 """Build the hidden-state cache for cached IISAN (authors' Code_Cached/preprocess_vectors.py).
 
 Runs the frozen text and image encoders once over every item of the data set and writes
-`stored_vectors_*/text.safetensors` and `image.safetensors`: the layers the SANs read, as one fp16
-array per modality; with `--all-layers`, every layer, so that one cache serves every layer ablation.
+`stored_vectors_*/text.safetensors` and `image.safetensors`: the layers the SANs read, as one array per
+modality, in fp32 as the authors' (`--cache-dtype float16` halves it); with `--all-layers`, every layer,
+so that one cache serves every layer ablation.
 `python preprocess_vectors.py --dataset Instrument`, `--help` for all flags.
 """
 
@@ -12,11 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from iisan.experiments.sweep import run_script  # noqa: E402
-from iisan.model.caching import DTYPES, build_cache_from_config  # noqa: E402
+from iisan.model.caching import build_cache_from_config  # noqa: E402
 
 
 def extra_arguments(parser):
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="stored precision")
     parser.add_argument("--all-items", action="store_true", help="every row of the items file")
     parser.add_argument("--all-layers", action="store_true",
                         help="every hidden state of each encoder: one cache for any --text-layers / --image-layers")
@@ -24,7 +24,7 @@ def extra_arguments(parser):
 
 
 def action(cfg, args):
-    return build_cache_from_config(cfg, dtype=args.dtype, all_items=args.all_items, all_layers=args.all_layers,
+    return build_cache_from_config(cfg, all_items=args.all_items, all_layers=args.all_layers,
                                    overwrite=args.overwrite)
 
 

@@ -77,9 +77,15 @@ class Config:
     )
     image_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the image SAN")
     layer_groups: int = _opt(6, "groups for automatic layer selection: the last layer of each group")
-    include_embedding_state: bool = _opt(True, "prepend hidden state 0 (authors' remove_first=None)")
-    text_pooling: str = _opt("auto", "text pooling: cls, mean (masked) or last (real token)",
-                             ("auto", "cls", "mean", "last"))
+    include_embedding_state: bool = _opt(True, "prepend hidden state 0, read by the SANs' first block (authors' "
+                                         "remove_first=None); without it, see intra_start")
+    intra_start: str = _opt("embedding", "with --no-include-embedding-state: each intra chain starts from the "
+                            "first state read, hidden state 0, which feeds no block (the authors' remove_first="
+                            "TRUE), or from zeros with state 0 not read at all", ("embedding", "zeros"))
+    text_pooling: str = _opt("auto", "text pooling: cls, mean (over real tokens), last (real token), or "
+                             "authors (their LLM caches: mean over all title_tokens positions, padding "
+                             "included, pad id 0, no attention mask, titles not lower-cased); auto: cls for "
+                             "BERT-family encoders, mean for decoder LLMs", ("auto", "cls", "mean", "last", "authors"))
     text_encoder_dropout: bool = _opt(
         False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder"
     )
@@ -109,9 +115,17 @@ class Config:
     lora_targets: str = _opt("query,value", "LoRA targets: roles (query, key, value, attention_output, "
                              "ffn_in, ffn_out) or module-name suffixes")
     adapter_targets: str = _opt("attention_output,ffn_out", "Houlsby adapter positions (roles or suffixes)")
+    adapter_init: str = _opt("authors", "Houlsby adapters' start: authors (both projections N(0, 0.01^2)) or "
+                             "identity (up projection zero: each adapter starts as the identity)",
+                             ("authors", "identity"))
     # --- training ----------------------------------------------------------------------------------
     feed: str = _opt("cached", "where IISAN's backbone states come from", ("cached", "live"))
     cache_dir: str = _opt("", "folder with text.safetensors / image.safetensors (cached feed)")
+    cache_dtype: str = _opt("auto", "precision the cache is computed and stored in; auto: float32 (the authors': "
+                            "fp32 encoders, no autocast) unless the encoders run in half precision (an LLM "
+                            "on a GPU: its own type); float16/bfloat16 compute under autocast on a GPU. "
+                            "Training refuses a cache of another precision unless this is auto",
+                            ("auto", "float32", "float16", "bfloat16"))
     batch_size: int = _opt(64, "users per batch")
     epochs: int = _opt(100, "maximum epochs")
     patience: int = _opt(10, "stop once valid HR@10 has not improved for more than this many epochs")

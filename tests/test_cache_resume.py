@@ -97,7 +97,7 @@ def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):
 
     monkeypatch.setattr(LiveStates, "forward", huge)
     with pytest.raises(CacheError, match=r"text states of item .* hold values beyond torch.float16 range; "
-                                         r"store as --dtype bfloat16 or float32"):
+                                         r"store as --cache-dtype bfloat16 or float32"):
         build_cache_from_config(tiny_config(), dtype="float16")
     build_cache_from_config(tiny_config(), dtype="bfloat16")
 

@@ -89,7 +89,7 @@ def test_adapters_and_lora_start_as_the_identity(method, tiny):
         ref_image = image.final_cls(pixel_values=pixels)
     for encoder in (text, image):
         if method == "adapter":
-            added = apply_adapters(encoder.model, 8, ["attention_output", "ffn_out"])
+            added = apply_adapters(encoder.model, 8, ["attention_output", "ffn_out"], init="identity")
         else:
             added = apply_lora(encoder.model, 4, 1.0, ["query", "value"])
         assert len(added) == 2 * encoder.depth

@@ -36,20 +36,20 @@ def test_symmetric_preset_is_cached_iisans_config():
     assert a.replace(run_name="") == point.config.replace(run_name="") and a.run_name == point.config.run_name
     argv = ["--preset", "llama3-70b+vit-base", "--dataset", "Instrument"]
     (c,), _ = _parse(versa, argv)
-    assert c.text_layers == (0, 5, 20, 35, 50, 65, 80) and c.text_pooling == "mean"
+    assert c.text_layers == (0, 5, 20, 35, 50, 65, 80) and c.text_pooling == "authors"
     assert c.cache_dir.endswith("stored_vectors_ins_llama3-70b+vit-base") and "Instrument" in c.users
 
 
 def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers, tmp_path):
     argv = ["--preset", "llama3-8b+vit-base", "--build-cache", "--cache-dtype", "float32",
             "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
-            "--text-model", towers["qwen2_40x3"], "--image-model", towers["dinov2_32x5"],
+            "--text-model", towers["qwen2_40x3"], "--image-model", towers["dinov2_32x5"], "--text-layers", "0,1,3",
             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs"), "--epochs", "1",
             "--max-steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu", "--num-workers", "0",
             "--no-progress"]
     (results,) = _script("run_IISAN_Versa").main(argv)
     assert (tmp_path / "cache" / "text.safetensors").is_file()
-    assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "mean"
+    assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "authors"
 
 
 @pytest.mark.slow

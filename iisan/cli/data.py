@@ -8,7 +8,7 @@ from ..bounds import check_encoding
 from ..config import add_config_arguments, config_from_args
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
-from ..model.caching import DTYPES, build_cache_from_config
+from ..model.caching import build_cache_from_config
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 
 
@@ -47,8 +47,8 @@ def cmd_make_tiny_models(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    paths = build_cache_from_config(config_from_args(args), dtype=args.dtype, all_items=args.all_items,
-                                    all_layers=args.all_layers, overwrite=args.overwrite)
+    paths = build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
+                                    overwrite=args.overwrite)
     for modality, path in paths.items():
         print(f"{modality}: {path}")
 
@@ -87,7 +87,6 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
                                      "(resumable: run it again after an interruption)")
     add_config_arguments(p)
-    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--all-layers", action="store_true",
                    help="every hidden state of each encoder, so that one cache serves any --text-layers / "

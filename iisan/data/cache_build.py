@@ -151,7 +151,7 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
     if bad.any():
         row = int(torch.nonzero(bad)[0])
         why = "NaN" if torch.isnan(states[row]).any() else f"values beyond {dtype} range"
-        hint = "; store as --dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
+        hint = "; store as --cache-dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
         raise CacheError(f"{m} states of item {item_ids[int(ids[row])]!r} hold {why}{hint}")
     return stored.cpu()
 

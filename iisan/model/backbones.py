@@ -7,8 +7,9 @@ Decoder LLMs in transformers 5 (LLaMA, Qwen2) report their last state *after* th
 Widths and depths always come from the loaded model's config (GPT-2's ``n_layer``/``n_embd`` too).
 
 IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
-real tokens or the last real token (right padding, so padding never changes a title's state); image
-towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
+real tokens or the last real token (right padding, so padding never changes a title's state), or, as
+the authors' LLM preprocessing does (``authors``), the mean over every position, padding included;
+image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class FrozenEncoder(nn.Module):
 
     ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
     pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token
-    (decoder LLMs); images always use the CLS token.
+    (decoder LLMs), or 'authors': the mean over all positions, padding included (their LLaMA caches;
+    titles then come from ``inputs.tokenize_titles_as_authors_llm``); images always use the CLS token.
     """
 
     def __init__(self, model: nn.Module, modality: str, layers: tuple[int, ...], pooling: str = "cls",
@@ -157,7 +159,10 @@ class FrozenEncoder(nn.Module):
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(n, T, d) -> (n, d). Only real tokens count, so appending padding never changes the result;
-        a row without any real token (an empty title with no special tokens) pools to zeros."""
+        a row without any real token (an empty title with no special tokens) pools to zeros. Except
+        'authors': every position counts, padding too, as in the authors' LLM caches."""
+        if self.pooling == "authors":  # authors' LLM preprocessing: torch.mean(layer[i], dim=0)
+            return hidden.mean(1)
         if self.pooling == "cls" or attention_mask is None:
             return hidden[:, 0]
         real = attention_mask.bool().unsqueeze(-1)  # (n, T, 1)
@@ -188,7 +193,8 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode, fp32 unless ``dtype``.
 
     BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
-    ``AutoModel``) the mean over real tokens ('auto') or the last real token ('last')."""
+    ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
+    LLM caches, the mean over every position, padding included ('authors')."""
     read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
     tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer", allow_download)
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
@@ -199,9 +205,8 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     depth, _ = _transformer_depth_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
     decoder = model.config.model_type not in TEXT_ENCODERS
-    if pooling == "auto":
-        pooling = "mean" if decoder else "cls"
-    elif pooling == "cls" and decoder:
+    pooling = resolve_pooling(pooling, model.config.model_type)
+    if pooling == "cls" and decoder:
         log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
                     "carries almost no title information; use --text-pooling mean or last", name)
     encoder = FrozenEncoder(model, "text", layers, pooling, name)
@@ -216,6 +221,13 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     tokenizer.padding_side = "right"
     encoder.tokenizer = tokenizer
     return encoder
+
+
+def resolve_pooling(pooling: str, model_type: str) -> str:
+    """A text tower's pooling: 'auto' is 'cls' for BERT-family encoders, 'mean' for decoder LLMs."""
+    if pooling != "auto":
+        return pooling
+    return "cls" if model_type in TEXT_ENCODERS else "mean"
 
 
 def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,

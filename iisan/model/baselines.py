@@ -11,7 +11,7 @@ from torch import nn
 from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import pixels_to_input, title_inputs, title_lengths, tokenize_titles
+from .inputs import pixels_to_input, title_inputs, title_lengths, tokenize_for_pooling
 from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
@@ -29,7 +29,7 @@ def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.
         apply_bitfit(model)
     elif cfg.method == "adapter":
         down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
-        apply_adapters(model, down, split(cfg.adapter_targets), what)
+        apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init)
     elif cfg.method == "lora":
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what)
     else:
@@ -104,6 +104,7 @@ def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
         encoder.train()  # trained backbones run with their own dropout, as in the authors' code
     tokens = attention = None
     if "text" in encoders and titles is not None:
-        tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
+        text = encoders["text"]
+        tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
     return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim)
 

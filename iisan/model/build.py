@@ -26,12 +26,13 @@ from .backbones import (
     load_text_encoder,
     read_spec,
     resolve_encoder_dtype,
+    resolve_pooling,
 )
 from .baselines import baseline_item_encoder
 from .encoder_files import local_folder, weights_digest
 from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
-from .inputs import tokenize_titles
+from .inputs import tokenize_for_pooling
 from .recommender import IISANItemEncoder, Recommender
 from .san import SANItemTower
 
@@ -66,7 +67,13 @@ def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
     if explicit:
         check_layers(explicit, depth, f"{modality} ({model_name(cfg, modality)})")
         return explicit
-    return group_layers(depth, cfg.layer_groups, cfg.include_embedding_state)
+    # Without the embedding state in a block, the authors' remove_first still reads it: it seeds the chain.
+    return group_layers(depth, cfg.layer_groups, cfg.include_embedding_state or seeded_chains(cfg))
+
+
+def seeded_chains(cfg: Config) -> bool:
+    """Whether the first state read starts each intra chain instead of feeding a block (``intra_start``)."""
+    return not cfg.include_embedding_state and cfg.intra_start == "embedding"
 
 
 def model_name(cfg: Config, modality: str) -> str:
@@ -112,7 +119,8 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     encoders = encoders or load_encoders(cfg)
     tokens = attention = None
     if "text" in encoders:
-        tokens, attention = tokenize_titles(encoders["text"].tokenizer, titles, cfg.title_tokens)
+        text = encoders["text"]
+        tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
     pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
     live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
     return live.to(device), pixels
@@ -133,10 +141,13 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
             recorded = {"digest": meta.get("encoder_weights", ""), "files": json.loads(meta.get("encoder_files", "{}"))}
             expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
                             encoder_config=encoder_config_hash(folder), encoder=name,
-                            encoder_weights=weights_digest(folder, recorded)["digest"])
+                            encoder_weights=weights_digest(folder, recorded)["digest"],
+                            pooling=resolve_pooling(cfg.text_pooling, spec.model_type) if m == "text" else "cls")
         else:  # the encoder is not on this machine: the cache's own record stands for it
             log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
             expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
+        if cfg.cache_dtype != "auto":  # auto accepts the precision the cache was built in
+            expected["dtype"] = cfg.cache_dtype
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
@@ -149,12 +160,17 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
 
 def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
     """IISAN's item tower over states of ``shapes`` (modality -> (layers, width))."""
+    seeded = seeded_chains(cfg)
+    if seeded and min(k for k, _ in shapes.values()) < 2:
+        raise ConfigError("--no-include-embedding-state with --intra-start embedding needs at least two states "
+                          "per tower (one starts the chain, the others feed its blocks)")
     return SANItemTower(
         widths={m: d for m, (_, d) in shapes.items()},
         steps={m: k for m, (k, _) in shapes.items()},
         embedding_dim=cfg.embedding_dim,
         bottleneck={"text": cfg.text_adapter_down, "image": cfg.image_adapter_down},
         modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature, heads=cfg.san_heads,
+        seeded=seeded,
     )
 
 

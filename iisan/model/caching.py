@@ -105,12 +105,12 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
                               "--cache-dir")
 
 
-def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool = False,
+def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bool = False,
                             timings: dict | None = None, all_layers: bool = False,
                             overwrite: bool = False) -> dict[str, Path]:
     """Cache the items of the data set (after the protocol), or every row of the items file with
-    ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``.
-    Runs in half precision on GPU, fp32 on CPU.
+    ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``;
+    in ``dtype`` (default: ``cfg.cache_dtype``, see ``cache_precision``).
     Resumable: run it again after an interruption and it encodes only the chunks not yet written.
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
@@ -118,7 +118,7 @@ def build_cache_from_config(cfg: Config, dtype: str = "float16", all_items: bool
     start = time.perf_counter()
     if not cfg.cache_dir:
         raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if not cfg.items:
         raise ConfigError("--items FILE is required")
@@ -140,13 +140,7 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
         item_ids, titles = [""] + catalog.ids, [""] + catalog.titles
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
-    half = {e.dtype for e in encoders.values()} - {torch.float32}
-    # Half precision on the GPU: autocast in the encoders' own half type when they were loaded in one
-    # (bf16 LLM states can overflow fp16), else fp16 unless amp says bf16. Exact fp32 on the CPU.
-    amp = None
-    if device.type == "cuda":
-        amp = half.pop() if len(half) == 1 else \
-            {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[cfg.amp]
+    stored, amp = cache_precision(dtype or cfg.cache_dtype, {e.dtype for e in encoders.values()}, device)
     live, pixels = live_states(cfg, item_ids, titles, device, encoders, amp=amp)
     live.eval()
     if timings is not None:
@@ -154,10 +148,26 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
                        for m, e in live.encoders.items()))
-    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, DTYPES[dtype])
+    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored)
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
-                        device=device, pixels=pixels, dtype=DTYPES[dtype], progress=cfg.progress, timings=timings)
+                        device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
+
+
+def cache_precision(choice: str, encoder_dtypes: set[torch.dtype],
+                    device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(stored dtype, autocast dtype or None) of a cache build. 'auto': the encoders' half type when they
+    run in one (an LLM on a GPU: bf16 states can overflow fp16), else fp32 with no autocast, as the
+    authors' preprocess_vectors.py. A half choice over fp32 encoders computes under autocast in that type
+    on a GPU (fast; the states are rounded to it anyway) and exactly in fp32 on the CPU."""
+    halves = encoder_dtypes - {torch.float32}
+    own = next(iter(halves)) if len(halves) == 1 else None  # the encoders' own half type, if any
+    stored = (own or torch.float32) if choice == "auto" else DTYPES[choice]
+    if device.type != "cuda":
+        return stored, None
+    if own is not None:
+        return stored, own  # half encoders compute in their own type
+    return stored, None if stored == torch.float32 else stored
 
 
 def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:

@@ -2,8 +2,9 @@
 
 With it the recommender is plain SASRec over item IDs, trained with the same in-batch loss, negatives,
 evaluation and early stopping as every other method, so the multimodal methods can be compared with it
-on the same split. (The authors' code references an ID-based dataset, ``Build_Id_Dataset``, that it
-never defines, so there is no ID run of theirs to follow.)
+on the same split. The authors' ``Model``/``ModelMM`` build the same table for a non-modal run
+(``nn.Embedding(item_num + 1, 64, padding_idx=0)``, xavier-normal), but their forward passes never read
+it and their ID dataset (``Build_Id_Dataset``) is not defined, so they never ran it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from ..data.batches import ItemBatch
 
 
 class ItemIDEncoder(nn.Module):
-    """``items.ids`` (U,) -> (U, D): a row of a learned (N+1, D) table. Row 0 (padding) is zeros and
-    never trains (``padding_idx``); the other rows start xavier-normal, as the authors initialise
-    every embedding of their user encoder."""
+    """``items.ids`` (U,) -> (U, D): a row of a learned (N+1, D) table, xavier-normal at start (the
+    authors' init). Row 0 (padding) never trains (``padding_idx``) and, unlike theirs, starts at zero;
+    its column is masked in the loss and its key in SASRec, so the difference never reaches a number."""
 
     needs_pixels = False
 

@@ -63,3 +63,23 @@ def title_lengths(attention: torch.Tensor) -> np.ndarray:
     right-padded; a left-padded title counts as full, so it is never cut)."""
     positions = torch.arange(1, attention.shape[1] + 1, device=attention.device)
     return (attention.bool() * positions).amax(1).cpu().numpy()
+def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` as the authors' LLM preprocessing
+    (``preprocess_llama-3-70b_*.py``) makes them: titles as written (not lower-cased; their line
+    ``strip`` drops trailing blanks), the tokenizer's special tokens (LLaMA: BOS) added, cut to
+    ``max_tokens`` and right-padded with id 0, whatever the tokenizer's pad token. They pass no
+    attention mask, so every position attends as a real token: the mask returned is all ones.
+    ``titles[0]`` is the padding item."""
+    rows = []
+    for title in titles:
+        ids = tokenizer(title.rstrip(), add_special_tokens=True)["input_ids"][:max_tokens]
+        rows.append(ids + [0] * (max_tokens - len(ids)))
+    ids = torch.tensor(rows, dtype=torch.long)
+    return ids, torch.ones_like(ids)
+
+
+def tokenize_for_pooling(tokenizer, titles: list[str], max_tokens: int, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text tower's inputs for its pooling: the authors' LLM inputs for 'authors', else ours."""
+    if pooling == "authors":
+        return tokenize_titles_as_authors_llm(tokenizer, titles, max_tokens)
+    return tokenize_titles(tokenizer, titles, max_tokens)

@@ -8,8 +8,9 @@ A target that is not a role is matched as a module-name suffix; no match is an e
 Linear modules that exist.
 
 - FFT: every weight trains (poolers excluded: their output is never read).
-- Adapter: Houlsby bottleneck adapters (64, ReLU, zero-initialised up projection, so identity at
-  start) on the attention-output and FFN-output projections of every block.
+- Adapter: Houlsby bottleneck adapters (64, ReLU) on the attention-output and FFN-output projections
+  of every block; both projections N(0, 0.01^2) as the authors' ``AdapterBlock`` (``init='authors'``),
+  or an up projection of zeros, so each adapter starts as the identity (``init='identity'``).
 - LoRA: peft's LoRA on query and value of every block, wrapping the pretrained weights (the authors'
   loralib code replaced them with random ones; we do not).
 - BitFit: every bias trains.
@@ -90,16 +91,26 @@ def apply_bitfit(model: nn.Module) -> None:
     freeze_poolers(model)
 
 
-class HoulsbyAdapter(nn.Module):
-    """``y + up(relu(down(y)))`` on a projection's output; up starts at zero, so the block is the identity."""
+ADAPTER_INITS = ("authors", "identity")
 
-    def __init__(self, width: int, bottleneck: int):
+
+class HoulsbyAdapter(nn.Module):
+    """``y + up(relu(down(y)))`` on a projection's output (authors' ``AdapterBlock``). Biases start at 0,
+    weights N(0, 0.01^2): both (``init='authors'``, near the identity), or down only with up at zero
+    (``init='identity'``: exactly the identity at start, peft's habit)."""
+
+    def __init__(self, width: int, bottleneck: int, init: str = "authors"):
         super().__init__()
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"init must be one of {', '.join(ADAPTER_INITS)}, not {init!r}")
         self.down_proj = nn.Linear(width, bottleneck)
         self.up_proj = nn.Linear(bottleneck, width)
         nn.init.normal_(self.down_proj.weight, std=0.01)
         nn.init.zeros_(self.down_proj.bias)
-        nn.init.zeros_(self.up_proj.weight)
+        if init == "authors":
+            nn.init.normal_(self.up_proj.weight, std=0.01)
+        else:
+            nn.init.zeros_(self.up_proj.weight)
         nn.init.zeros_(self.up_proj.bias)
 
     def forward(self, y):
@@ -110,23 +121,24 @@ class WithAdapter(nn.Module):
     """A frozen projection followed by an adapter. The authors put the adapter after the projection's
     dropout; here it sits before that dropout (identical in eval mode and for ViT, whose dropout is 0)."""
 
-    def __init__(self, base_layer: nn.Linear, bottleneck: int):
+    def __init__(self, base_layer: nn.Linear, bottleneck: int, init: str = "authors"):
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = HoulsbyAdapter(base_layer.out_features, bottleneck)
+        self.adapter = HoulsbyAdapter(base_layer.out_features, bottleneck, init)
 
     def forward(self, x):
         return self.adapter(self.base_layer(x))
 
 
-def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: str = "encoder") -> list[nn.Module]:
+def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: str = "encoder",
+                   init: str = "authors") -> list[nn.Module]:
     names = resolve_targets(model, targets, what)
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = []
     for name in names:
         parent, child = _get(model, name)
-        wrapped = WithAdapter(getattr(parent, child), bottleneck)
+        wrapped = WithAdapter(getattr(parent, child), bottleneck, init)
         setattr(parent, child, wrapped)
         adapters.append(wrapped.adapter)
     return adapters

@@ -33,12 +33,19 @@ class SideAdapterBlock(nn.Module):
 
 class IntraSAN(nn.Module):
     """One modality's chain: ``s = block_k(g_k * h_k + (1 - g_k) * s)``, ``g_k = sigmoid(theta_k / T)``,
-    theta = 0 and s = 0 at start (paper Eq. 2-3). ``fusion='add'``: ``s = block_k(h_k + s)``."""
+    theta = 0 and s = 0 at start (paper Eq. 2-3). ``fusion='add'``: ``s = block_k(h_k + s)``.
 
-    def __init__(self, width: int, steps: int, bottleneck: int, fusion: str = "gated", temperature: float = 0.1):
+    ``seeded``: the first state is not read through a block but starts the chain (``s = h_0``), as the
+    authors' ``remove_first == "TRUE"`` branch does with the embedding output; ``steps`` states then
+    feed ``steps - 1`` blocks."""
+
+    def __init__(self, width: int, steps: int, bottleneck: int, fusion: str = "gated", temperature: float = 0.1,
+                 seeded: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(SideAdapterBlock(width, bottleneck) for _ in range(steps))
-        self.gate_logits = nn.Parameter(torch.zeros(steps)) if fusion == "gated" else None
+        self.seeded = seeded
+        blocks = steps - seeded
+        self.blocks = nn.ModuleList(SideAdapterBlock(width, bottleneck) for _ in range(blocks))
+        self.gate_logits = nn.Parameter(torch.zeros(blocks)) if fusion == "gated" else None
         self.temperature = temperature
         self.width = width
 
@@ -47,10 +54,10 @@ class IntraSAN(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states (n, steps, width) -> (n, width)."""
-        s = states.new_zeros(states.shape[0], self.width)
+        s = states[:, 0] if self.seeded else states.new_zeros(states.shape[0], self.width)
         gates = self.gates()
         for k, block in enumerate(self.blocks):
-            h = states[:, k]
+            h = states[:, k + self.seeded]
             # lerp(s, h, g) = g * h + (1 - g) * s, in one kernel forward and backward
             s = block(h + s if gates is None else torch.lerp(s, h, gates[k]))
         return s
@@ -128,12 +135,14 @@ class SANItemTower(nn.Module):
     ``modality``: 'intra_inter' (both intra SANs and the inter SAN, com_dense 192->64), 'intra'
     (intra SANs only, 128->64; crashes in the authors' code) or 'inter' (64->64). With one tower
     ('text' or 'image') only that intra SAN is built (64->64). ``heads``: see ``head_style``; the inter
-    head is width->width->64 in both designs.
+    head is width->width->64 in both designs. ``seeded``: each modality's first state starts its intra
+    chain instead of feeding a block (authors' ``remove_first``); the inter chain, which starts from
+    zeros either way, then reads one state fewer.
     """
 
     def __init__(self, widths: dict[str, int], steps: dict[str, int], embedding_dim: int = 64,
                  bottleneck: dict[str, int] | None = None, modality: str = "intra_inter", fusion: str = "gated",
-                 temperature: float = 0.1, heads: str = "auto"):
+                 temperature: float = 0.1, heads: str = "auto", seeded: bool = False):
         super().__init__()
         self.head_style = head_style(widths, heads)
         head_hidden = embedding_dim if self.head_style == "versa" else None
@@ -145,11 +154,11 @@ class SANItemTower(nn.Module):
         self.heads = nn.ModuleDict()
         if self.use_intra:
             for m in self.modalities:
-                self.intra[m] = IntraSAN(widths[m], steps[m], bottleneck[m], fusion, temperature)
+                self.intra[m] = IntraSAN(widths[m], steps[m], bottleneck[m], fusion, temperature, seeded)
                 self.heads[m] = Head(widths[m], embedding_dim, head_hidden)
         self.inter = None
         if self.use_inter:
-            shared = min(steps["text"], steps["image"])
+            shared = min(steps["text"], steps["image"]) - seeded
             # Versa: the inter adapters take the narrower side's bottleneck setting (authors' draft).
             narrow = "text" if widths["text"] <= widths["image"] else "image"
             self.inter = InterSAN(widths["text"], widths["image"], shared, bottleneck[narrow], fusion, temperature)

@@ -1,0 +1,197 @@
+"""Every place this repository differs from the authors' code is a flag: each test switches one and
+shows the behaviour change (the table in the README lists them with their defaults)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from iisan.data.cache import cache_file, read_metadata
+from iisan.devices import amp_dtype
+from iisan.errors import CacheError, ConfigError
+from iisan.model.backbones import group_layers, load_text_encoder
+from iisan.model.build import build_model, layers_for, load_data
+from iisan.model.caching import build_cache_from_config, cache_precision
+from iisan.model.inputs import tokenize_for_pooling
+from iisan.model.peft_methods import HoulsbyAdapter
+from iisan.model.san import IntraSAN
+from iisan.train.step import make_optimizer, make_train_step, use_compile
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLES = ["", "Red Lamp with a big shade", "blue chair", "Green table, small and round  "]
+
+
+def _versa_script():
+    path = ROOT / "Code_Cached" / "scripts" / "run_IISAN_Versa.py"
+    spec = importlib.util.spec_from_file_location("run_IISAN_Versa_faithful", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- 1. Versa LLM pooling ---------------------------------------------------------------------------
+
+
+def test_authors_llm_inputs_keep_case_pad_with_zero_and_mask_nothing(towers):
+    enc = load_text_encoder(towers["llama48x6"], pooling="authors")
+    ids, mask = tokenize_for_pooling(enc.tokenizer, TITLES, 40, "authors")
+    ours, our_mask = tokenize_for_pooling(enc.tokenizer, TITLES, 40, "mean")
+    assert mask.min() == 1  # no attention mask: every position is attended and averaged
+    expected = enc.tokenizer("Red Lamp with a big shade", add_special_tokens=True)["input_ids"]  # as written
+    assert ids[1, : len(expected)].tolist() == expected and ids[1, len(expected):].eq(0).all()  # pad id 0
+    lower = enc.tokenizer("red lamp with a big shade", add_special_tokens=True)["input_ids"]
+    assert expected != lower and ours[1, : int(our_mask[1].sum())].tolist() == lower  # ours: lower-cased
+    trailing = enc.tokenizer("Green table, small and round", add_special_tokens=True)["input_ids"]
+    assert ids[3, : len(trailing)].tolist() == trailing  # the authors' line strip drops trailing blanks
+
+
+def test_authors_pooling_changes_when_padding_is_appended_and_ours_does_not(towers):
+    for pooling, changes in (("authors", True), ("mean", False)):
+        enc = load_text_encoder(towers["llama48x6"], pooling=pooling)
+        short = tokenize_for_pooling(enc.tokenizer, TITLES, 40, pooling)  # every title fits (the tokenizer is per letter)
+        long = tokenize_for_pooling(enc.tokenizer, TITLES, 48, pooling)  # the same titles, 8 more padding tokens
+        with torch.no_grad():
+            a = enc.layer_states(input_ids=short[0], attention_mask=short[1])[1:]
+            b = enc.layer_states(input_ids=long[0], attention_mask=long[1])[1:]
+        assert (not torch.allclose(a, b, atol=1e-4)) == changes, pooling
+        if pooling == "authors":  # the mean over all 40 positions of each selected hidden state
+            with torch.no_grad():
+                hidden = enc.model(input_ids=short[0], output_hidden_states=True).hidden_states
+            torch.testing.assert_close(a[:, -1], hidden[enc.layers[-1]][1:].mean(1))
+
+
+def test_a_cache_of_another_pooling_is_refused(tiny_config, towers, tmp_path):
+    cfg = tiny_config(towers="text", text_model=towers["llama48x6"], cache_dir=str(tmp_path / "c"))
+    build_cache_from_config(cfg)  # auto: masked mean for a decoder
+    assert read_metadata(cache_file(cfg.cache_dir, "text"))["pooling"] == "mean"
+    with pytest.raises(CacheError, match=r"pooling mean \(config asks for authors\)"):
+        build_model(cfg.replace(text_pooling="authors"), load_data(cfg), torch.device("cpu"))
+
+
+# --- 2. precision -------------------------------------------------------------------------------------
+
+
+def test_cache_precision_defaults_to_the_authors_fp32_and_half_is_a_flag():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert cache_precision("auto", {fp32}, cuda) == (fp32, None)  # authors: fp32 encoders, no autocast
+    assert cache_precision("float16", {fp32}, cuda) == (fp16, fp16)  # --cache-dtype float16: autocast
+    assert cache_precision("auto", {bf16}, cuda) == (bf16, bf16)  # an LLM loaded in bf16 keeps its type
+    assert cache_precision("float16", {fp32}, cpu) == (fp16, None)  # exact fp32 math on a CPU, then rounded
+
+
+def test_cache_dtype_flag_sets_the_stored_precision_and_a_mismatch_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config(towers="text", cache_dir=str(tmp_path / "c"), cache_dtype="float16")
+    build_cache_from_config(cfg)
+    assert read_metadata(cache_file(cfg.cache_dir, "text"))["dtype"] == "float16"
+    data = load_data(cfg)
+    build_model(cfg, data, torch.device("cpu"))  # same precision: accepted
+    build_model(cfg.replace(cache_dtype="auto"), data, torch.device("cpu"))  # auto takes what is stored
+    with pytest.raises(CacheError, match=r"dtype float16 \(config asks for float32\)"):
+        build_model(cfg.replace(cache_dtype="float32"), data, torch.device("cpu"))
+
+
+def test_amp_fp16_trains_with_a_grad_scaler_and_bf16_without(tiny_config, tiny_cache):
+    cfg = tiny_config(cache_dir=tiny_cache)
+    model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+    cuda = torch.device("cuda")
+    assert amp_dtype("fp16", cuda) == torch.float16 and amp_dtype("auto", cuda) == torch.bfloat16
+    assert amp_dtype("fp16", torch.device("cpu")) is None  # CPU runs stay fp32
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    with warnings.catch_warnings():  # without CUDA, GradScaler warns that it disables itself
+        warnings.simplefilter("ignore", UserWarning)
+        fp16 = make_train_step(model, optimizer, torch.float16, cuda)
+    assert isinstance(fp16.scaler, torch.amp.GradScaler)
+    assert make_train_step(model, optimizer, torch.bfloat16, cuda).scaler is None
+    # fp16 loss scaling syncs with the host, so the authors' precision runs eager, never as a CUDA graph
+    assert use_compile(cfg.replace(amp="fp16"), cuda) == "off"
+    assert use_compile(cfg, cuda) == "cudagraph"
+
+
+# --- 3. Houlsby adapters ------------------------------------------------------------------------------
+
+
+def test_adapter_init_flag_switches_between_the_authors_and_the_identity(tiny_config):
+    cfg = tiny_config(method="adapter")
+    data = load_data(cfg)
+    for init in ("authors", "identity"):
+        torch.manual_seed(0)
+        model, _ = build_model(cfg.replace(adapter_init=init), data, torch.device("cpu"))
+        adapters = [m for m in model.modules() if isinstance(m, HoulsbyAdapter)]
+        assert adapters
+        up = torch.cat([a.up_proj.weight.flatten() for a in adapters])
+        down = torch.cat([a.down_proj.weight.flatten() for a in adapters])
+        assert down.std().item() == pytest.approx(0.01, rel=0.1)
+        if init == "authors":
+            assert up.std().item() == pytest.approx(0.01, rel=0.1)  # the authors' N(0, 0.01^2)
+        else:
+            assert up.abs().max() == 0  # the identity at start
+    assert HoulsbyAdapter(768, 64).up_proj.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+# --- 4. Versa presets ----------------------------------------------------------------------------------
+
+
+def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
+    from iisan.experiments.sweep import parse_script_args
+
+    versa = _versa_script()
+
+    def parse(argv):
+        (cfg,), _ = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
+                                      extra_arguments=versa.extra_arguments)
+        return cfg
+
+    cfg = parse(["--preset", "llama3-8b+vit-base"])
+    assert cfg.text_layers == (0, 2, 8, 14, 20, 26, 32)  # authors' blocks 1,7,...,31, +1, with state 0
+    assert cfg.text_pooling == "authors"
+    assert group_layers(32, 6) == (0, 5, 11, 16, 21, 27, 32)  # what group layer-dropping would read
+    assert parse(["--preset", "llama3-8b+vit-base", "--text-layers", "0,5,11,16,21,27,32"]).text_layers == \
+        group_layers(32, 6)
+    assert parse(["--preset", "llama3-70b+vit-base", "--text-pooling", "mean"]).text_pooling == "mean"
+    assert parse(["--preset", "microlens", "--dataset", "MicroLens"]).san_heads == "versa"  # width -> 64 -> 64
+    assert parse(["--preset", "microlens", "--dataset", "MicroLens", "--san-heads", "iisan"]).san_heads == "iisan"
+
+
+# --- 5. the ablation without the embedding state ------------------------------------------------------
+
+
+def test_without_the_embedding_state_the_chain_starts_from_it_or_from_zeros(tiny_config):
+    cfg = tiny_config(include_embedding_state=False)
+    assert layers_for(cfg, "text", 12) == (0, 2, 4, 6, 8, 10, 12)  # state 0 read: it starts the chain
+    assert layers_for(cfg.replace(intra_start="zeros"), "text", 12) == (2, 4, 6, 8, 10, 12)
+    assert layers_for(tiny_config(), "text", 12) == (0, 2, 4, 6, 8, 10, 12)  # default: state 0 feeds a block
+
+    torch.manual_seed(0)
+    states = torch.randn(5, 7, 16)  # (items, states, width); state 0 = the embedding output
+    seeded = IntraSAN(16, 7, 4, seeded=True)
+    assert len(seeded.blocks) == 6 and seeded.gate_logits.shape == (6,)  # authors: 6 blocks, 6 gates
+    with torch.no_grad():
+        for block in seeded.blocks:
+            block.up_proj.weight.normal_()  # far from the identity, so the start state matters
+        s = states[:, 0]  # the authors' remove_first branch: hidden_states_last = hidden_states[0]
+        for k, block in enumerate(seeded.blocks):
+            s = block(0.5 * states[:, k + 1] + 0.5 * s)  # gates start at sigmoid(0) = 0.5
+        torch.testing.assert_close(seeded(states), s)
+        zeros = IntraSAN(16, 6, 4)
+        zeros.load_state_dict(seeded.state_dict())
+        assert not torch.allclose(zeros(states[:, 1:]), s)  # from zeros: another function of the same states
+
+
+def test_seeded_chains_keep_the_authors_block_counts(tiny_config, tiny_cache):
+    data = load_data(tiny_config())
+    seeded = tiny_config(include_embedding_state=False, cache_dir=tiny_cache)
+    model, _ = build_model(seeded, data, torch.device("cpu"))
+    tower = model.item_encoder.tower
+    depth = len(layers_for(seeded, "text", 2))  # the tiny BERT: states 0, 1, 2 all read
+    assert depth == 3
+    assert [len(tower.intra[m].blocks) for m in ("text", "image")] == [2, len(layers_for(seeded, "image", 3)) - 1]
+    assert len(tower.inter.blocks) == min(len(tower.intra["text"].blocks), len(tower.intra["image"].blocks))
+    with pytest.raises(ConfigError, match="at least two states"):
+        build_model(seeded.replace(feed="live", text_layers=(2,), image_layers=(3,)), data, torch.device("cpu"))
