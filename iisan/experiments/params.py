@@ -1,5 +1,6 @@
 """Parameter counts of a method: the model ``iisan train`` would build (``model.build.build_model``),
-around random-weight backbones (no download, no memory: built on the meta device) or model folders.
+around the backbones' architectures built on the meta device (no weights read, no memory): those of the
+``--text-model`` / ``--image-model`` folders' configs, or BERT-base + ViT-B/16 (``--random-backbones base``).
 
 Expected with ``--random-backbones base`` (BERT-base + ViT-B/16): FFT 194.90 M, Adapter 4.97 M,
 LoRA 0.80 M (authors 0.83 M: their loralib layers left the Q/V biases trainable, 36,864 more),
@@ -12,23 +13,31 @@ import torch
 
 from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
-from ..model.backbones import FrozenEncoder
-from ..model.build import build_model, count_parameters, layers_for, load_data, parameter_line
+from ..model.backbones import FrozenEncoder, architecture, depth_and_width, resolve_pooling
+from ..model.build import build_model, count_parameters, layers_for, load_data, modalities, model_name, parameter_line
 from ..model.tiny import base_architectures
 
 RANDOM_BACKBONES = ("base",)
 
 
-def random_encoders(cfg: Config, size: str) -> dict[str, FrozenEncoder]:
-    """BERT-base and ViT-B/16 with random weights on the meta device, reading ``cfg``'s layers."""
-    if size not in RANDOM_BACKBONES:
+def random_encoders(cfg: Config, size: str | None = None) -> dict[str, FrozenEncoder]:
+    """``cfg``'s towers with random weights on the meta device, reading ``cfg``'s layers: BERT-base and
+    ViT-B/16 (``size='base'``), or the architectures of ``cfg``'s model folders (``size=None``)."""
+    if size is not None and size not in RANDOM_BACKBONES:
         raise ConfigError(f"--random-backbones {size!r}: expected one of {', '.join(RANDOM_BACKBONES)}")
+    towers = modalities(cfg)
     with torch.device("meta"):  # shapes only: counting needs no memory and no random initialisation
-        bert, vit = base_architectures()
-    models = {"text": bert, "image": vit}
-    towers = ("text", "image") if cfg.towers == "both" else (cfg.towers,)
-    return {m: FrozenEncoder(models[m], m, layers_for(cfg, m, models[m].config.num_hidden_layers))
-            for m in towers}
+        if size == "base":
+            bert, vit = base_architectures()
+            models = {"text": bert, "image": vit}
+        else:
+            models = {m: architecture(model_name(cfg, m), m) for m in towers}
+    encoders = {}
+    for m in towers:
+        depth, _ = depth_and_width(models[m].config)
+        pooling = resolve_pooling(cfg.text_pooling, models[m].config.model_type) if m == "text" else "cls"
+        encoders[m] = FrozenEncoder(models[m], m, layers_for(cfg, m, depth), pooling)
+    return encoders
 
 
 def count(cfg: Config, random_backbones: str | None = None) -> dict:
@@ -37,8 +46,8 @@ def count(cfg: Config, random_backbones: str | None = None) -> dict:
     if cfg.method == "id":
         model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
         return _line(cfg, model)
-    device = torch.device("meta" if random_backbones else "cpu")
-    encoders = random_encoders(cfg, random_backbones) if random_backbones else None
+    device = torch.device("meta")
+    encoders = random_encoders(cfg, random_backbones)
     with device:  # adapters added to meta backbones stay on meta
         model, _ = build_model(cfg, None, device, encoders)
     return _line(cfg, model)

@@ -64,7 +64,7 @@ def _load(loader, name: str, what: str, allow_download: bool = False, **kwargs):
         hf_logging.enable_progress_bar()
 
 
-def _transformer_depth_width(config) -> tuple[int, int]:
+def depth_and_width(config) -> tuple[int, int]:
     config = getattr(config, "text_config", None) or config
     depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
@@ -92,7 +92,7 @@ def read_spec(name: str, modality: str, allow_download: bool = False) -> Encoder
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
-    depth, width = _transformer_depth_width(config)
+    depth, width = depth_and_width(config)
     return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""))
 
 
@@ -126,7 +126,7 @@ class FrozenEncoder(nn.Module):
         self.model = model
         self.modality = modality
         self.name = name
-        self.depth, self.width = _transformer_depth_width(model.config)
+        self.depth, self.width = depth_and_width(model.config)
         check_layers(layers, self.depth, modality)
         self.layers = tuple(layers)
         self.pooling = pooling
@@ -202,7 +202,7 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
                   use_safetensors=True)
     if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
         model = model.text_model
-    depth, _ = _transformer_depth_width(model.config)
+    depth, _ = depth_and_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
     decoder = model.config.model_type not in TEXT_ENCODERS
     pooling = resolve_pooling(pooling, model.config.model_type)
@@ -244,7 +244,7 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
         model = model.vision_model
     if patch_embedding == "matmul":
         patches_as_matmul(model)
-    depth, _ = _transformer_depth_width(model.config)
+    depth, _ = depth_and_width(model.config)
     layers = layers or group_layers(depth, groups, include_embedding)
     encoder = FrozenEncoder(model, "image", layers, "cls", name)
     encoder.folder = local_folder(name, allow_download)
@@ -261,6 +261,16 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
         "size": int(side),
     }
     return encoder
+
+
+def architecture(name: str, modality: str) -> nn.Module:
+    """The model ``load_text_encoder`` / ``load_image_encoder`` would load from ``name``, built from its
+    config alone with random weights (call it under ``torch.device("meta")`` to allocate nothing): what
+    parameter counts need, without reading a 70B checkpoint."""
+    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+    model = AutoModel.from_config(config)
+    tower = "text_model" if modality == "text" else "vision_model"
+    return getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower
 
 
 def freeze(module: nn.Module) -> nn.Module:
