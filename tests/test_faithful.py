@@ -195,3 +195,31 @@ def test_seeded_chains_keep_the_authors_block_counts(tiny_config, tiny_cache):
     assert len(tower.inter.blocks) == min(len(tower.intra["text"].blocks), len(tower.intra["image"].blocks))
     with pytest.raises(ConfigError, match="at least two states"):
         build_model(seeded.replace(feed="live", text_layers=(2,), image_layers=(3,)), data, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_config, tiny_cache, tmp_path):
+    from iisan.data.batches import train_loader
+    from iisan.data.cache import load_cache
+
+    cuda = torch.device("cuda")
+    cfg = tiny_config(cache_dir=tiny_cache, amp="fp16")
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data, cuda)
+    step = make_train_step(model, make_optimizer(model, cfg, cuda), amp_dtype(cfg.amp, cuda), cuda)
+    assert step.scaler is not None and step.scaler.is_enabled()
+    model.train()
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, None)):
+        assert torch.isfinite(step(batch.to(cuda)))
+        if i == 3:
+            break
+    assert step.scaler.get_scale() > 1  # the loss was scaled (65536 at start, halved on overflow)
+    # the default cache on a GPU: fp32 encoders, no autocast, fp32 storage: the CPU's fp32 cache to 1e-5
+    gpu = cfg.replace(device="cuda", cache_dir=str(tmp_path / "gpu"))
+    build_cache_from_config(gpu)
+    for m in ("text", "image"):
+        a, meta = load_cache(cache_file(gpu.cache_dir, m), {}, data.item_ids)
+        b, _ = load_cache(cache_file(tiny_cache, m), {}, data.item_ids)
+        assert meta["dtype"] == "float32"
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
