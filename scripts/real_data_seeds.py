@@ -47,12 +47,12 @@ def main(argv=None) -> None:
                 for dataset in args.datasets:
                     for seed in args.seeds:
                         run_point(setting, dataset, seed, Path(args.data_root), Path(args.work))
-        return write_table(Path(args.work), Path(args.out), seeds=tuple(SEEDS))
+        return write_table(Path(args.work), Path(args.out), Path(args.data_root), seeds=tuple(SEEDS))
 
     payload = entry_point(sys.argv[0], run)
     for key, row in payload["table"].items():
         print(f"{key}: " + " | ".join(f"{m} {row[m]['mean']:.4f} ± {row[m]['std'] or 0:.4f}"
-                                      for m in ("hit@10", "ndcg@10")) + f" (seeds {row['seeds']})")
+                                      for m in ("hit@10", "ndcg@10")) + f" (seeds {row.get('seeds', '-')})")
     if payload["missing"]:
         print(f"not finished: {', '.join(payload['missing'])}")
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from ..config import METHOD_DEFAULTS, Config
 from ..data.cache import cache_file
+from ..data.interactions import load_dataset
 from ..errors import DataError
+from ..evaluate import popularity_metrics
 from ..files import write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
@@ -34,6 +36,7 @@ DESCRIPTION = {
     "id": "SASRec over learned 64-d item-ID embeddings (method id): no encoder, cache or images",
     "iisan-text": "cached IISAN, text tower only (--towers text): the real pretrained all-MiniLM-L6-v2 "
                   "(6 layers x 384), all 7 hidden states (0..6) cached in fp32; no image tower",
+    "most-popular": "train-part counts as scores, history masked, ties averaged (no training, no seed)",
 }
 
 
@@ -90,10 +93,17 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def write_table(work: Path, out: Path, settings=SETTINGS, datasets=("Scientific", "Instrument"),
+def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datasets=("Scientific", "Instrument"),
                 seeds=SEEDS) -> dict:
-    """Collect every finished point under ``work`` into ``out`` (atomic); unfinished points are listed."""
+    """Collect every finished point under ``work`` into ``out`` (atomic); unfinished points are listed.
+    With them, the most-popular baseline's test metrics on each data set (same protocol, no training)."""
     points, missing, table = {}, [], {}
+    for dataset in datasets:
+        users, items = data_files(data_root, dataset)
+        defaults = Config()  # the protocol: last max_seq_len + 3 items of users with >= min_seq_len
+        data = load_dataset(users, items, defaults.max_seq_len, defaults.min_seq_len)
+        table[f"{dataset}/most-popular"] = {m: {"mean": v, "std": None, "n": 1}
+                                            for m, v in popularity_metrics(data, "test").items() if m in METRICS}
     for setting in settings:
         for dataset in datasets:
             found = {}
@@ -108,7 +118,7 @@ def write_table(work: Path, out: Path, settings=SETTINGS, datasets=("Scientific"
                     m: mean_std([p["test"][m] for p in found.values()]) for m in METRICS
                 } | {"seeds": sorted(found)}
     payload = {"what": "test HR@10 / NDCG@10 at the best validation epoch, mean and sample std over seeds",
-               "settings": {s: DESCRIPTION[s] for s in settings}, "table": table, "points": points,
+               "settings": {s: DESCRIPTION[s] for s in (*settings, "most-popular")}, "table": table, "points": points,
                "missing": missing, **provenance("cpu")}
     write_json_atomic(out, payload)
     return payload
