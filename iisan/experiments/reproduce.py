@@ -91,7 +91,7 @@ def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
             fetch_encoders("iisan", models[0].parent, hub)
         except FetchError as err:
             raise StepMissing(f"step 2 of 4 (cache, encoders): {err}") from None
-    build_cache_from_config(cfg, dtype="float16")
+    build_cache_from_config(cfg)  # cfg.cache_dtype: auto = fp32, as the authors' cache
 
 
 def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Config:

@@ -179,10 +179,11 @@ def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:
     return [""] + catalog.ids, catalog.fingerprint
 
 
-def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str = "float16",
+def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str | None = None,
                              all_items: bool = False, allow_missing: bool = False,
                              overwrite: bool = False) -> dict[str, Path]:
-    """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads.
+    """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads, in
+    ``dtype`` (default: ``cfg.cache_dtype``; auto keeps their files' fp32).
 
     Each file must hold (depth + 1, width) states: the config's encoder folder's when it is here, else
     the authors' BERT-base / ViT-B (13, 768). ``layers``: "run" keeps the indices ``cfg`` selects, "all"
@@ -192,6 +193,7 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
     folder is claimed as for a build (module docstring; ``overwrite``)."""
     if not cfg.cache_dir:
         raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
+    dtype = dtype or ("float32" if cfg.cache_dtype == "auto" else cfg.cache_dtype)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if layers not in ("run", "all"):
