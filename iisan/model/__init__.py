@@ -2,5 +2,6 @@
 folders checked, and the digest of their weights: ``encoder_files``), the
 two feeds of those states (``feeds``: live or cached), the side adapter network (``san``), the SASRec
 user encoder (``sasrec``), the in-batch loss (``loss``), the recommender around them (``recommender``),
-the baselines' PEFT methods (``peft_methods``, ``baselines``), and the one place that builds all of it
+the baselines' PEFT methods (``peft_methods``, ``baselines``), the ID baseline's item table
+(``id_embedding``), and the one place that builds all of it
 from a config (``build``; caches: ``caching``). Tiny random checkpoints for tests: ``tiny``."""
