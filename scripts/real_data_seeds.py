@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.console import entry_point, setup_logging  # noqa: E402
-from iisan.experiments.seed_table import SEEDS, SETTINGS, run_point, write_table  # noqa: E402
+from iisan.experiments.seed_table import SEEDS, SETTINGS, markdown, run_point, write_table  # noqa: E402
 
 DATASETS = ("Scientific", "Instrument")
 
@@ -50,9 +50,7 @@ def main(argv=None) -> None:
         return write_table(Path(args.work), Path(args.out), Path(args.data_root), seeds=tuple(SEEDS))
 
     payload = entry_point(sys.argv[0], run)
-    for key, row in payload["table"].items():
-        print(f"{key}: " + " | ".join(f"{m} {row[m]['mean']:.4f} ± {row[m]['std'] or 0:.4f}"
-                                      for m in ("hit@10", "ndcg@10")) + f" (seeds {row.get('seeds', '-')})")
+    print(markdown(payload), end="")
     if payload["missing"]:
         print(f"not finished: {', '.join(payload['missing'])}")
 

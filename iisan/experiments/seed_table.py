@@ -122,3 +122,20 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
                "missing": missing, **provenance("cpu")}
     write_json_atomic(out, payload)
     return payload
+
+
+def markdown(payload: dict) -> str:
+    """The table of ``write_table``'s payload: one row per data set and setting, mean ± sample std."""
+    lines = ["| data set | setting | seeds | test HR@10 | test NDCG@10 | best epochs |", "|---|---|---|---|---|---|"]
+    for key, row in payload["table"].items():
+        dataset, setting = key.split("/")
+        seeds = row.get("seeds", [])
+        best = [str(payload["points"][point_name(setting, dataset, s)]["best_epoch"]) for s in seeds]
+
+        hit, ndcg = (_mean_std_cell(row[m]) for m in METRICS)
+        lines.append(f"| {dataset} | {setting} | {len(seeds) or '-'} | {hit} | {ndcg} | {', '.join(best) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std_cell(stat: dict) -> str:
+    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")

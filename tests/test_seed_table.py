@@ -1,0 +1,47 @@
+"""The real-data seed table: finished points are collected, averaged with the sample standard deviation,
+unfinished ones listed; the most-popular row comes from the same protocol."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from iisan.evaluate import popularity_metrics
+from iisan.experiments.presets import DATASETS
+from iisan.experiments.seed_table import markdown, mean_std, point_name, write_table
+from iisan.model.build import load_data
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert mean_std([0.1, 0.2, 0.6]) == {"mean": pytest.approx(0.3), "std": pytest.approx(0.26457513), "n": 3}
+    assert mean_std([0.5])["std"] is None  # one seed: no spread to state
+
+
+def test_write_table_collects_finished_points_and_lists_the_rest(tiny, tiny_config, tmp_path):
+    folder, users, items, _ = DATASETS["Scientific"]
+    root = tmp_path / "data"
+    (root / folder).mkdir(parents=True)
+    shutil.copy(tiny["users"], root / folder / users)
+    shutil.copy(tiny["items"], root / folder / items)
+    work = tmp_path / "work"
+    hits = {12345: 0.10, 12346: 0.14}
+    for seed, hit in hits.items():
+        run = work / "runs" / point_name("id", "Scientific", seed)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "best_epoch": seed - 12340, "epochs": [{}] * 3, "test": {"hit@10": hit, "ndcg@10": hit / 2},
+            "valid": {}, "timing": {"train_seconds_per_epoch": 1.0}, "parameters": {}, "git_commit": "abc",
+            "device": "CPU"}))
+    out = tmp_path / "table.json"
+    payload = write_table(work, out, root, settings=("id",), datasets=("Scientific",))
+    row = payload["table"]["Scientific/id"]
+    assert row["seeds"] == [12345, 12346] and row["hit@10"]["mean"] == pytest.approx(0.12)
+    assert row["hit@10"]["std"] == pytest.approx(statistics.stdev([0.10, 0.14]))
+    assert payload["missing"] == [point_name("id", "Scientific", 12347)]
+    data = load_data(tiny_config())
+    assert payload["table"]["Scientific/most-popular"]["hit@10"]["mean"] == popularity_metrics(data, "test")["hit@10"]
+    assert json.loads(out.read_text())["git_commit"]  # provenance travels with the table
+    assert "| Scientific | id | 2 | 0.1200 ± 0.0283 | 0.0600 ± 0.0141 | 5, 6 |" in markdown(payload)
