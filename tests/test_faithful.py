@@ -144,9 +144,9 @@ def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
     versa = _versa_script()
 
     def parse(argv):
-        (cfg,), _ = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
-                                      extra_arguments=versa.extra_arguments)
-        return cfg
+        (point,), _ = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
+                                        extra_arguments=versa.extra_arguments)
+        return point.config
 
     cfg = parse(["--preset", "llama3-8b+vit-base"])
     assert cfg.text_layers == (0, 2, 8, 14, 20, 26, 32)  # authors' blocks 1,7,...,31, +1, with state 0

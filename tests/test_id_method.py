@@ -58,11 +58,11 @@ def test_run_sasrec_id_script_trains_on_the_demo_data(tiny, tmp_path):
     spec = importlib.util.spec_from_file_location("run_SASRec_ID", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    from iisan.experiments.sweep import method_defaults, run_script
+    from iisan.experiments.sweep import run_script
 
     argv = ["--users", tiny["users"], "--items", tiny["items"], "--epochs", "2", "--batch-size", "16",
             "--device", "cpu", "--out-dir", str(tmp_path / "runs"), "--no-progress", "--num-workers", "0"]
-    (results,) = run_script(method_defaults("id"), script.SWEEP, argv, script.__doc__)  # = run_method("id", ...)
+    (results,) = run_script({"method": "id"}, script.SWEEP, argv, script.__doc__)  # = run_method("id", ...)
     assert results["method"] == "SASRec-ID" and len(results["epochs"]) == 2
     assert results["config"]["method"] == "id" and results["config"]["lr"] == 2e-4  # the paper's recsys lr
     assert all(math.isfinite(e["loss"]) for e in results["epochs"])

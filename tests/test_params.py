@@ -140,8 +140,9 @@ def test_params_counts_every_versa_preset_as_training_builds_it(tiny, tmp_path):
                     "--text-model", folders[text], "--image-model", folders["vit-base"],
                     "--cache-dir", str(tmp_path / f"cache-{preset}"), "--device", "cpu"]
             argv += ["--san-heads", heads] if heads else []
-            (cfg,), _ = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
-                                          extra_arguments=versa.extra_arguments)
+            (point,), _ = parse_script_args(versa.defaults_for(argv), versa.SWEEP, argv,
+                                            extra_arguments=versa.extra_arguments)
+            cfg = point.config
             assert isinstance(cfg, Config)
             assert cfg.san_heads == (heads or versa.PRESETS[preset].get("san_heads", "auto"))
             data = load_data(cfg)

@@ -112,7 +112,7 @@ def test_help_shows_the_sweep_and_the_methods_defaults():
     assert "users per batch (default: 32)" in text and "(default: 5e-05)" in text
     assert "--grid-index I" in text and "--list-grid" in text
     train_help = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
-    assert "users per batch (default: iisan 64; fft, adapter, lora, bitfit 32)" in train_help
+    assert "users per batch (default: iisan, id 64; fft, adapter, lora, bitfit 32)" in train_help
 
 
 def test_the_benchmark_rows_get_their_methods_defaults_below_its_flags():
