@@ -1,7 +1,8 @@
-"""Bounds of config values that would otherwise fail deep inside a run, or quietly do harm there: learning
-rates that are not finite and positive, run names that are not one folder name (a run folder must stay
-under ``--out-dir``), device names torch does not know, titles too short for their special tokens, text
-encodings Python does not know. ``config.Config`` checks them whenever a config is made."""
+"""Bounds of config values that would otherwise fail deep inside a run, or quietly do harm there: sizes and
+counts that are not positive, learning rates that are not finite and positive, run names that are not one
+folder name (a run folder must stay under ``--out-dir``), device names torch does not know, titles too
+short for their special tokens, text encodings Python does not know. ``config.Config`` checks them
+whenever a config is made."""
 
 from __future__ import annotations
 
@@ -18,7 +19,19 @@ MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 
 
 def check_bounds(cfg) -> None:
-    """``cfg``: a ``config.Config`` (its fields already of their declared types)."""
+    """``cfg``: a ``config.Config`` (its fields already of their declared types): sizes and counts,
+    learning rates and other numbers, run name, device, title length, encoding."""
+    positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
+                "attention_heads", "batch_size", "epochs", "encode_batch_size",
+                "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
+                "keep_checkpoints")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size", "title_multiple",
+                 "item_bucket_growth"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
     for name in LEARNING_RATES:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
@@ -26,6 +39,14 @@ def check_bounds(cfg) -> None:
     for name in ("gate_temperature", "lora_alpha", "drop_rate"):
         if not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number")
+    if not 0.0 <= cfg.drop_rate < 1.0:
+        raise ConfigError(f"drop_rate={cfg.drop_rate} must be in [0, 1)")
+    if cfg.gate_temperature <= 0:
+        raise ConfigError(f"gate_temperature={cfg.gate_temperature} must be positive")
+    if cfg.embedding_dim % cfg.attention_heads:
+        raise ConfigError(
+            f"embedding_dim={cfg.embedding_dim} is not divisible by attention_heads={cfg.attention_heads}"
+        )
     check_run_name(cfg.run_name)
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N, mps")

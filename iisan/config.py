@@ -187,26 +187,7 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
-                    "attention_heads", "batch_size", "epochs", "encode_batch_size",
-                    "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
-                    "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size", "title_multiple",
-                     "item_bucket_growth"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         check_bounds(self)
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate={self.drop_rate} must be in [0, 1)")
-        if self.gate_temperature <= 0:
-            raise ConfigError(f"gate_temperature={self.gate_temperature} must be positive")
-        if self.embedding_dim % self.attention_heads:
-            raise ConfigError(
-                f"embedding_dim={self.embedding_dim} is not divisible by attention_heads={self.attention_heads}"
-            )
         if self.towers != "both" and self.modality != "intra":
             if self.method == "iisan" and self.modality == "inter":
                 raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")

@@ -350,7 +350,8 @@ CASES = [
     Case("config-file-unknown-key", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("{s}/c.json: unknown key(s) colour",), setup=write("c.json", '{"colour": "red"}')),
     Case("unknown-flag", lambda P, s: ["train", "--learning-rate", "1"], ("unrecognized arguments: --learning-rate",)),
-    Case("bad-choice", lambda P, s: C(P, s, "--dtype", "float8"), ("argument --dtype: invalid choice: 'float8'",)),
+    Case("bad-choice", lambda P, s: C(P, s, "--cache-dtype", "float8"),
+         ("argument --cache-dtype: invalid choice: 'float8'",)),
     Case("lr-negative", lambda P, s: T(P, s, "--lr", "-1"), ("lr=-1.0 must be a finite, positive learning rate",)),
     Case("lr-nan", lambda P, s: T(P, s, "--lr", "nan"), ("lr=nan must be a finite, positive learning rate",)),
     Case("lr-image-inf", lambda P, s: T(P, s, "--lr-image", "inf"), ("lr_image=inf must be a finite, positive",)),
@@ -446,7 +447,7 @@ CASES = [
     # caches: written
     Case("cache-build-over-a-foreign-file", C, ("--cache-dir {s}/c/text.safetensors exists and is not an IISAN cache",),
          setup=write("c/text.safetensors", "my own file")),
-    Case("cache-build-other-settings", lambda P, s: C(P, s, "--cache-dir", P["cache"], "--dtype", "float16"),
+    Case("cache-build-other-settings", lambda P, s: C(P, s, "--cache-dir", P["cache"], "--cache-dtype", "float16"),
          ("--cache-dir {cache}: text.safetensors holds a cache built with other settings (dtype differ)",
           "--overwrite")),
     Case("cache-build-dir-is-a-file", lambda P, s: C(P, s, "--cache-dir", f"{s}/file"),

@@ -54,8 +54,9 @@ def test_authors_llm_inputs_keep_case_pad_with_zero_and_mask_nothing(towers):
 def test_authors_pooling_changes_when_padding_is_appended_and_ours_does_not(towers):
     for pooling, changes in (("authors", True), ("mean", False)):
         enc = load_text_encoder(towers["llama48x6"], pooling=pooling)
-        short = tokenize_for_pooling(enc.tokenizer, TITLES, 40, pooling)  # every title fits (the tokenizer is per letter)
-        long = tokenize_for_pooling(enc.tokenizer, TITLES, 48, pooling)  # the same titles, 8 more padding tokens
+        # every title fits in 40 (the tokenizer is per letter); 48 adds 8 more padding tokens
+        short = tokenize_for_pooling(enc.tokenizer, TITLES, 40, pooling)
+        long = tokenize_for_pooling(enc.tokenizer, TITLES, 48, pooling)
         with torch.no_grad():
             a = enc.layer_states(input_ids=short[0], attention_mask=short[1])[1:]
             b = enc.layer_states(input_ids=long[0], attention_mask=long[1])[1:]

@@ -103,6 +103,7 @@ def _fake_cache(cfg, data, folder: Path) -> None:
     from iisan.data.cache_build import write_safetensors
     from iisan.model.backbones import read_spec, resolve_pooling
     from iisan.model.build import layers_for, model_name
+    from iisan.model.encoder_files import weights_digest
 
     for m in ("text", "image"):
         name = model_name(cfg, m)
@@ -110,7 +111,9 @@ def _fake_cache(cfg, data, folder: Path) -> None:
         layers = layers_for(cfg, m, spec.depth)
         states = torch.zeros(data.num_items + 1, len(layers), spec.width, dtype=torch.float16)
         pooling = resolve_pooling(cfg.text_pooling, spec.model_type) if m == "text" else "cls"
+        weights = weights_digest(Path(name))
         meta = {"format": FORMAT, "modality": m, "encoder": name, "encoder_config": encoder_config_hash(name),
+                "encoder_weights": weights["digest"], "encoder_files": json.dumps(weights["files"]),
                 "model_type": spec.model_type, "layers": json.dumps(list(layers)), "width": str(spec.width),
                 "depth": str(spec.depth), "pooling": pooling, "dtype": "float16", "items_file": cfg.items,
                 "items_fingerprint": data.catalog.fingerprint, "item_ids": json.dumps(data.item_ids[1:])}

@@ -78,7 +78,8 @@ def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int
     return ids, torch.ones_like(ids)
 
 
-def tokenize_for_pooling(tokenizer, titles: list[str], max_tokens: int, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_for_pooling(tokenizer, titles: list[str], max_tokens: int,
+                         pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The text tower's inputs for its pooling: the authors' LLM inputs for 'authors', else ours."""
     if pooling == "authors":
         return tokenize_titles_as_authors_llm(tokenizer, titles, max_tokens)

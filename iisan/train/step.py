@@ -146,8 +146,8 @@ def use_dedup(cfg: Config, compiled: str) -> bool:
 def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
     """Static shapes of a live step (``cfg.static_shapes``: uncached IISAN and the baselines), or None.
     Cached IISAN takes none: on a GPU its step is already static (every slot, one CUDA graph), and on a
-    CPU padding would only add work."""
-    if not cfg.static_shapes or (cfg.method == "iisan" and cfg.feed == "cached"):
+    CPU padding would only add work. The ID baseline reads no content: its rows cost nothing to pad away."""
+    if not cfg.static_shapes or cfg.method == "id" or (cfg.method == "iisan" and cfg.feed == "cached"):
         return None
     return ShapeBuckets(cfg.item_bucket_growth, cfg.title_multiple, model.item_encoder.title_lengths(),
                         cfg.title_tokens)
