@@ -147,6 +147,24 @@ def claim_output(path: str | Path, owned: Callable[[Path], bool], what: str, fla
     return True
 
 
+def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
+    """A folder this project fills with files of fixed names (the demo's, a tiny model's). It is made with
+    the ``marker`` file in it, or reused when it holds that marker or is empty; a link, a file or a folder
+    of other things is refused with one line, so that nothing of someone else's is overwritten."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, expected a folder")
+    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+        raise OutputError(f"{flag} {path} exists and is not {what} (no {marker} in it); IISAN writes only into "
+                          "empty folders or folders it made, so choose another path or move that one away")
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / marker).is_file():
+        write_text_atomic(path / marker, f"{what}, written by IISAN; it may replace the files it wrote here\n")
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # one writer at a time
 

@@ -56,6 +56,27 @@ def test_build_lmdb_never_replaces_its_own_images(tiny, tmp_path):
         assert not changed(before, snapshot(images))
 
 
+def test_the_demo_and_tiny_models_never_write_into_a_folder_they_did_not_make(tmp_path):
+    """``iisan demo --out`` rewrote users.tsv, items.tsv and models/ of whatever folder it was given, and
+    ``make-tiny-models`` the files of any model folder of the same name."""
+    mine(tmp_path / "mine")
+    (tmp_path / "mine" / "users.tsv").write_text("U1\tmy own interactions\n")
+    (tmp_path / "mine" / "tiny-bert").mkdir()
+    (tmp_path / "mine" / "tiny-bert" / "config.json").write_text("{}")
+    before = snapshot(tmp_path / "mine")
+    for argv, refused in ((["demo", "--out", str(tmp_path / "mine"), "--epochs", "1"], tmp_path / "mine"),
+                          (["make-tiny-models", "--out", str(tmp_path / "mine")], tmp_path / "mine" / "tiny-bert")):
+        outcome = run_forked(argv, tmp_path / "s")
+        assert outcome.code == 2, outcome.describe()
+        assert f"--out {refused} exists and is not" in outcome.last_line
+        assert not changed(before, snapshot(tmp_path / "mine"))
+    # a folder the command made is its own: the second run reuses it
+    for _ in range(2):
+        outcome = run_forked(["make-tiny-models", "--out", str(tmp_path / "models")], tmp_path / "s")
+        assert outcome.code == 0, outcome.describe()
+    assert (tmp_path / "models" / "tiny-llama" / ".iisan-random-model").is_file()
+
+
 def test_a_stray_temporary_name_beside_an_output_is_not_deleted(tiny, tmp_path):
     """The old writer built ``<out>.tmp`` after deleting whatever had that name."""
     before = mine(tmp_path / "images.lmdb.tmp")

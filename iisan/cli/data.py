@@ -8,8 +8,9 @@ from ..bounds import check_encoding
 from ..config import add_config_arguments, config_from_args
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
+from ..files import claim_folder
 from ..model.caching import build_cache_from_config
-from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
+from ..model.tiny import TINY_MARKER, vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 
 
 def cmd_data_stats(args) -> None:
@@ -35,6 +36,9 @@ def cmd_build_lmdb(args) -> None:
 
 def cmd_make_tiny_models(args) -> None:
     out = Path(args.out)
+    names = ("bert-base-random", "vit-base-random") if args.base else ("tiny-bert", "tiny-vit", "tiny-llama")
+    for name in names:  # save_pretrained replaces files by name: only in folders this command made
+        claim_folder(out / name, TINY_MARKER, "a random model folder IISAN wrote", "--out")
     if args.base:
         text_dir, image_dir = write_base_architectures(out)
         print(f"random-weight BERT-base: {text_dir}\nrandom-weight ViT-B/16: {image_dir}")

@@ -16,6 +16,7 @@ from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
 from ..evaluate import popularity_metrics
+from ..files import claim_folder
 from ..model.backbones import read_spec
 from ..model.build import layers_for, load_data
 from ..model.caching import build_cache_from_config
@@ -23,11 +24,13 @@ from ..model.tiny import vocabulary, write_bert, write_decoder, write_vit
 from ..train.trainer import train
 
 log = logging.getLogger(__name__)
+DEMO_MARKER = ".iisan-demo"  # in every folder a demo made (``files.claim_folder``)
 
 
 def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True, **sizes) -> dict[str, str]:
-    """Data set, tiny models and image LMDB under ``out_dir`` (reused when already there)."""
-    out = Path(out_dir)
+    """Data set, tiny models and image LMDB under ``out_dir`` (reused when already there). The folder must
+    be new, empty or one a demo made (``DEMO_MARKER``): the demo rewrites its files by name."""
+    out = claim_folder(out_dir, DEMO_MARKER, "a demo folder", "--out")
     paths = generate(out, seed=seed, **sizes)
     titles = read_items(paths["items"]).titles
     models = out / "models"

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_MARKER = ".iisan-random-model"  # in each folder `iisan make-tiny-models` made (``files.claim_folder``)
 
 
 def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:
