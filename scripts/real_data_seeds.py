@@ -7,6 +7,10 @@ interruption. Points can be split across processes (--settings / --datasets / --
 rewrites --out from all finished points at the end (and with --table-only, without training).
 
     nice -n 10 python scripts/real_data_seeds.py --settings id --datasets Scientific
+
+With --verify-epochs N it trains nothing new: each chosen finished point's first N epochs are rerun at
+this commit in a scratch folder (a cached point's cache rebuilt first) and compared with the recorded
+ones, into --verify-out: whether points made at an older commit stand for this one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.console import entry_point, setup_logging  # noqa: E402
-from iisan.experiments.seed_table import SEEDS, SETTINGS, markdown, run_point, write_table  # noqa: E402
+from iisan.experiments.seed_table import (  # noqa: E402
+    SEEDS,
+    SETTINGS,
+    markdown,
+    run_point,
+    verify_point,
+    write_table,
+)
+from iisan.files import write_json_atomic  # noqa: E402
+from iisan.provenance import provenance  # noqa: E402
 
 DATASETS = ("Scientific", "Instrument")
 
@@ -37,9 +50,22 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--table-only", action="store_true", help="only collect finished points into --out")
+    parser.add_argument("--verify-epochs", type=int, default=0,
+                        help="rerun the first N epochs of each chosen finished point here and compare")
+    parser.add_argument("--verify-out", default=str(ROOT / "results" / "real-data-verify.json"))
     args = parser.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
+
+    if args.verify_epochs > 0:
+        def verify():
+            reports = [verify_point(setting, dataset, seed, Path(args.data_root), Path(args.work),
+                                    Path(args.work) / "verify", args.verify_epochs)
+                       for setting in args.settings for dataset in args.datasets for seed in args.seeds]
+            return write_json_atomic(Path(args.verify_out), {"points": reports, **provenance("cpu")})
+
+        print(f"wrote {entry_point(sys.argv[0], verify)}")
+        return
 
     def run():
         if not args.table_only:

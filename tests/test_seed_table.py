@@ -45,3 +45,28 @@ def test_write_table_collects_finished_points_and_lists_the_rest(tiny, tiny_conf
     assert payload["table"]["Scientific/most-popular"]["hit@10"]["mean"] == popularity_metrics(data, "test")["hit@10"]
     assert json.loads(out.read_text())["git_commit"]  # provenance travels with the table
     assert "| Scientific | id | 2 | 0.1200 ± 0.0283 | 0.0600 ± 0.0141 | 5, 6 |" in markdown(payload)
+
+
+def test_verify_point_reruns_the_first_epochs_and_compares_them(tiny, tmp_path):
+    """A point trained here reruns identically (same machine, same threads); a recorded history that
+    differs in one loss is reported as differing."""
+    from iisan.experiments.seed_table import point_config, verify_point
+    from iisan.train.trainer import train
+
+    folder, users, items, _ = DATASETS["Scientific"]
+    root = tmp_path / "data"
+    (root / folder).mkdir(parents=True)
+    shutil.copy(tiny["users"], root / folder / users)
+    shutil.copy(tiny["items"], root / folder / items)
+    work = tmp_path / "work"
+    train(point_config("id", "Scientific", 12345, root, work).replace(epochs=3))
+    report = verify_point("id", "Scientific", 12345, root, work, tmp_path / "a", epochs=2)
+    assert report["identical"] and report["recorded_commit"], report
+    assert [c["epoch"] for c in report["compared"]] == [0, 1]
+    assert all(c["loss"][0] == c["loss"][1] for c in report["compared"])
+
+    results = work / "runs" / point_name("id", "Scientific", 12345) / "results.json"
+    recorded = json.loads(results.read_text())
+    recorded["epochs"][1]["loss"] += 1e-6
+    results.write_text(json.dumps(recorded))
+    assert not verify_point("id", "Scientific", 12345, root, work, tmp_path / "b", epochs=2)["identical"]

@@ -15,6 +15,8 @@ import logging
 import statistics
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..config import METHOD_DEFAULTS, Config
 from ..data.cache import cache_file
 from ..data.interactions import load_dataset
@@ -76,6 +78,33 @@ def run_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path
         build_cache_from_config(cfg, dtype="float32")  # resumable; one cache per data set, shared by seeds
     train(cfg)
     return results
+
+
+def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path, scratch: Path,
+                 epochs: int = 3) -> dict:
+    """Whether a finished point made at another commit stands for this one: its first ``epochs`` epochs
+    rerun here in ``scratch`` (a cached point's cache rebuilt there first), compared with the recorded
+    ones: per epoch the loss and every validation metric, and the largest difference between the
+    recorded cache's states and the rebuilt ones."""
+    name = point_name(setting, dataset, seed)
+    recorded = json.loads((Path(work) / "runs" / name / "results.json").read_text())
+    cfg = point_config(setting, dataset, seed, data_root, scratch).replace(epochs=epochs)
+    report = {"point": name, "recorded_commit": recorded.get("git_commit"), "epochs": epochs}
+    if cfg.feed == "cached":
+        build_cache_from_config(cfg)
+        old_file = cache_file(point_config(setting, dataset, seed, data_root, work).cache_dir, "text")
+        with safe_open(str(old_file), framework="pt") as old, \
+                safe_open(str(cache_file(cfg.cache_dir, "text")), framework="pt") as new:
+            difference = (old.get_tensor("states").float() - new.get_tensor("states").float()).abs().max()
+        report["cache_max_abs_difference"] = float(difference)
+    rerun = train(cfg)
+    pairs = list(zip(recorded["epochs"][:epochs], rerun["epochs"]))
+    report["compared"] = [{"epoch": old["epoch"], "loss": [old["loss"], new["loss"]],
+                           "valid": {m: [old["valid"][m], new["valid"][m]] for m in old["valid"]}}
+                          for old, new in pairs]
+    report["identical"] = len(pairs) == epochs and report.get("cache_max_abs_difference", 0.0) == 0.0 and all(
+        old["loss"] == new["loss"] and old["valid"] == new["valid"] for old, new in pairs)
+    return report
 
 
 def _summary(path: Path) -> dict:
