@@ -15,17 +15,22 @@ from iisan.experiments.seed_table import markdown, mean_std, point_name, write_t
 from iisan.model.build import load_data
 
 
+def as_real_data(tiny, root):
+    """The tiny data set laid out as the real Scientific files under ``root``."""
+    folder, users, items, _ = DATASETS["Scientific"]
+    (root / folder).mkdir(parents=True)
+    shutil.copy(tiny["users"], root / folder / users)
+    shutil.copy(tiny["items"], root / folder / items)
+    return root
+
+
 def test_mean_std_is_the_sample_standard_deviation():
     assert mean_std([0.1, 0.2, 0.6]) == {"mean": pytest.approx(0.3), "std": pytest.approx(0.26457513), "n": 3}
     assert mean_std([0.5])["std"] is None  # one seed: no spread to state
 
 
 def test_write_table_collects_finished_points_and_lists_the_rest(tiny, tiny_config, tmp_path):
-    folder, users, items, _ = DATASETS["Scientific"]
-    root = tmp_path / "data"
-    (root / folder).mkdir(parents=True)
-    shutil.copy(tiny["users"], root / folder / users)
-    shutil.copy(tiny["items"], root / folder / items)
+    root = as_real_data(tiny, tmp_path / "data")
     work = tmp_path / "work"
     hits = {12345: 0.10, 12346: 0.14}
     for seed, hit in hits.items():
@@ -53,11 +58,7 @@ def test_verify_point_reruns_the_first_epochs_and_compares_them(tiny, tmp_path):
     from iisan.experiments.seed_table import point_config, verify_point
     from iisan.train.trainer import train
 
-    folder, users, items, _ = DATASETS["Scientific"]
-    root = tmp_path / "data"
-    (root / folder).mkdir(parents=True)
-    shutil.copy(tiny["users"], root / folder / users)
-    shutil.copy(tiny["items"], root / folder / items)
+    root = as_real_data(tiny, tmp_path / "data")
     work = tmp_path / "work"
     train(point_config("id", "Scientific", 12345, root, work).replace(epochs=3))
     report = verify_point("id", "Scientific", 12345, root, work, tmp_path / "a", epochs=2)
