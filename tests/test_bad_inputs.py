@@ -86,6 +86,16 @@ def T(P, s, *extra) -> list[str]:
             "--eval-batch-size", "64", "--out-dir", f"{s}/runs", "--run-name", "r", *extra]
 
 
+def T_items(P, s) -> list[str]:
+    """``iisan train`` with the case's own ``s/items.tsv``."""
+    return T(P, s, "--items", f"{s}/items.tsv")
+
+
+def T_users(P, s) -> list[str]:
+    """``iisan train`` with the case's own ``s/users.tsv``."""
+    return T(P, s, "--users", f"{s}/users.tsv")
+
+
 def C(P, s, *extra) -> list[str]:
     """``iisan cache`` of the workspace into ``s/c``, then ``extra`` flags."""
     return ["cache", "--users", P["users"], "--items", P["items"], "--images", P["images"], "--text-model", P["bert"],
@@ -305,39 +315,39 @@ CASES = [
     Case("items-missing", lambda P, s: T(P, s, "--items", f"{s}/nope.tsv"),
          ("items file {s}/nope.tsv does not exist",)),
     Case("items-is-a-folder", lambda P, s: T(P, s, "--items", str(s)), ("items file {s} is a folder",)),
-    Case("items-latin1", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("items-latin1", T_items,
          ("{s}/items.tsv:2: byte 0xe9 at column 13 is not utf-8 text", "--encoding"),
          setup=items_with(LATIN1, encoding="latin-1")),
-    Case("users-binary", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+    Case("users-binary", T_users,
          ("{s}/users.tsv:1: byte 0x89 at column 1 is not utf-8 text",), setup=write("users.tsv", BINARY)),
     Case("encoding-unknown", lambda P, s: T(P, s, "--encoding", "klingon"),
          ("encoding='klingon' is not a text encoding",)),
     Case("encoding-not-text", lambda P, s: T(P, s, "--encoding", "rot13"), ("encoding='rot13' is not a text",)),
-    Case("items-line-without-tab", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("items-line-without-tab", T_items,
          ("{s}/items.tsv:3: expected item_id<TAB>title, found no tab",), setup=items_with("just words\n", at=3)),
-    Case("items-duplicate-id", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("items-duplicate-id", T_items,
          ("{s}/items.tsv:5: duplicate item id 'I0000003' (first on line 2)",),
          setup=items_with("I0000003\tanother title\n")),
-    Case("items-empty-title", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("items-empty-title", T_items,
          ("{s}/items.tsv:2: empty title for item 'X1'",), setup=items_with("X1\t \n")),
-    Case("item-id-with-space", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("item-id-with-space", T_items,
          ("{s}/items.tsv:2: item id 'a b' contains whitespace",), setup=items_with("a b\ttitle\n")),
-    Case("item-id-traversal", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("item-id-traversal", T_items,
          ("{s}/items.tsv:2: item id '../../x' contains a path separator",), setup=items_with("../../x\ttitle\n")),
-    Case("item-id-absolute", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("item-id-absolute", T_items,
          ("{s}/items.tsv:2: item id '/etc/passwd' contains a path separator",),
          setup=items_with("/etc/passwd\ttitle\n")),
-    Case("item-id-reserved", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("item-id-reserved", T_items,
          ("{s}/items.tsv:2: item id '__meta__' is reserved",), setup=items_with("__meta__\ttitle\n")),
-    Case("item-id-control-char", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"),
+    Case("item-id-control-char", T_items,
          ("{s}/items.tsv:2: item id 'a\\x07b' contains the control character U+0007",),
          setup=items_with("a\x07b\ttitle\n")),
-    Case("users-duplicate-id", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+    Case("users-duplicate-id", T_users,
          ("{s}/users.tsv:161: user 'U0000000' already has a line (1)", "--merge-duplicate-users"),
          setup=users_with("U0000000\tI0000001 I0000002 I0000003 I0000004 I0000005\n")),
-    Case("no-user-long-enough", lambda P, s: T(P, s, "--users", f"{s}/users.tsv"),
+    Case("no-user-long-enough", T_users,
          ("{s}/users.tsv: no user has 5 or more interactions",), setup=write("users.tsv", "U1\tI0000001\n")),
-    Case("items-empty", lambda P, s: T(P, s, "--items", f"{s}/items.tsv"), ("items file {s}/items.tsv holds no items",),
+    Case("items-empty", T_items, ("items file {s}/items.tsv holds no items",),
          setup=write("items.tsv", "\n")),
     Case("data-stats-duplicate-users", lambda P, s: ["data-stats", "--users", f"{s}/users.tsv", "--items", P["items"]],
          ("{s}/users.tsv:161: user 'U0000000' already has a line",),

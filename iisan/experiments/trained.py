@@ -85,11 +85,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder: it has no config.json")
-    try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    cfg = Config.from_dict(values, source=str(config_path))
+    cfg = Config.from_dict(Config.from_file(config_path), source=str(config_path))
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)
