@@ -40,6 +40,9 @@ def test_write_table_collects_finished_points_and_lists_the_rest(tiny, tiny_conf
             "best_epoch": seed - 12340, "epochs": [{}] * 3, "test": {"hit@10": hit, "ndcg@10": hit / 2},
             "valid": {}, "timing": {"train_seconds_per_epoch": 1.0}, "parameters": {}, "git_commit": "abc",
             "device": "CPU"}))
+    interrupted = work / "runs" / point_name("id", "Scientific", 12347)  # a run writes results.json from its start
+    interrupted.mkdir(parents=True)
+    (interrupted / "results.json").write_text(json.dumps({"status": "interrupted", "test": {}, "epochs": []}))
     out = tmp_path / "table.json"
     payload = write_table(work, out, root, settings=("id",), datasets=("Scientific",))
     row = payload["table"]["Scientific/id"]
