@@ -181,7 +181,7 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     if table is None:
         table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)
-    chunk = cfg.eval_batch_size or (2048 if device.type == "cuda" else 128)
+    chunk = eval_chunk(cfg, device)
     lo, hi = chunk_block(len(targets), chunk, dist)
     ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
                         chunk, cfg.rank_repeated_targets)
@@ -189,6 +189,11 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     if len(ranks) != len(targets):
         raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")
     return ranks
+
+
+def eval_chunk(cfg: Config, device: torch.device) -> int:
+    """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on a GPU and 128 on a CPU."""
+    return cfg.eval_batch_size or (2048 if device.type == "cuda" else 128)
 
 
 def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,

@@ -24,12 +24,12 @@ from ..data.batches import TrainBatch, train_loader, without_padding_rows
 from ..data.interactions import SeqRecData
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
 from ..devices import amp_dtype, device_name, peak_memory, resolve_device, sync
-from ..evaluate import evaluate_model
+from ..evaluate import eval_chunk, evaluate_model
 from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
 from ..train.step import batch_layout, make_optimizer, make_train_step, use_compile
 from .flops import StepFlops, shape_key
-from .timing import StepClock, error_line, summary
+from .timing import StepClock, error_line, summary, timed_each
 
 # (label, config overrides) for the six settings of the paper's efficiency table.
 SETTINGS = {
@@ -237,13 +237,13 @@ def measure_full_epoch(setup: TrainingSetup, epoch: int) -> dict:
 
 
 def measure_cache_build(cfg: Config) -> dict:
-    """Seconds to run both encoders once over every item and write the cache."""
+    """Seconds to run both encoders once over every item and write the cache (in ``cfg.cache_dtype``)."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, timings = time.perf_counter(), {}
-    build_cache_from_config(cfg, dtype="float16" if device.type == "cuda" else "float32", timings=timings,
-                            overwrite=True)  # the benchmark's own work folder, rebuilt to be timed
+    # the benchmark's own work folder, rebuilt to be timed
+    build_cache_from_config(cfg, timings=timings, overwrite=True)
     sync(device)
     # the whole build, and its parts: loading data and encoders, encoding (reading pixels, both
     # towers, writing shards, overlapped), assembling the final files
@@ -263,16 +263,10 @@ def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        evaluate_model(model, data, "test", cfg, device, pixels)
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    times = summary(seconds)
+    times = timed_each(lambda: evaluate_model(model, data, "test", cfg, device, pixels), device, reps)["step_seconds"]
     return {"label": f"evaluation, {METHOD_NAMES[cfg.method]} ({cfg.feed})", "evaluation_seconds": times["median"],
             "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
-            "items": data.num_items, "eval_batch_size": cfg.eval_batch_size or (2048 if device.type == "cuda" else 128),
+            "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device),
             "memory": peak_memory(device), "device": device_name(device)}
 
 

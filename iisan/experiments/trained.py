@@ -28,7 +28,7 @@ from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, TrainingError
-from ..evaluate import evaluate_model, item_table
+from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import save_safetensors_atomic
 from ..model.build import build_model, load_data
 from ..model.recommender import Recommender
@@ -138,7 +138,7 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
     """(U, D): each user's vector before the ``split`` target (the vectors evaluation ranks with)."""
     inputs, _, _ = run.data.eval_split(split)
     table = run.item_embeddings()
-    chunk = run.cfg.eval_batch_size or (2048 if run.device.type == "cuda" else 128)
+    chunk = eval_chunk(run.cfg, run.device)
     return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
                       for s in range(0, len(inputs), chunk)]).cpu()
 
