@@ -91,6 +91,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def weights_record(meta: dict[str, str]) -> dict:
+    """The encoder-weights record in a cache's metadata (``model.encoder_files.weights_digest``'s ``known``):
+    its digest stands while the encoder folder's files keep their sizes and times."""
+    return {"digest": meta.get("encoder_weights", ""), "files": json.loads(meta.get("encoder_files", "{}"))}
+
+
+def recorded_weights(path: Path) -> dict | None:
+    """``weights_record`` of the cache file at ``path``, or None when there is none (or it cannot be read)."""
+    try:
+        return weights_record(read_metadata(path)) if path.exists() else None
+    except (CacheError, ValueError):
+        return None
+
+
 def is_cache_file(path: Path) -> bool:
     """Whether ``path`` is a cache file this project wrote (its format record; its other metadata may be
     damaged or old)."""

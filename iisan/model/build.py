@@ -4,7 +4,6 @@ together. Training, parameter counts, benchmarks and using a trained run all bui
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..data.batches import PixelSource
-from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata
+from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.images import ImageStore
 from ..data.interactions import SeqRecData, load_dataset
 from ..devices import amp_dtype
@@ -138,11 +137,11 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
         folder = local_folder(name, cfg.allow_download)
         if folder is not None:  # the cache must come from these weights (digest read only if files changed)
             spec = read_spec(name, m, cfg.allow_download)
-            recorded = {"digest": meta.get("encoder_weights", ""), "files": json.loads(meta.get("encoder_files", "{}"))}
             expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
                             encoder_config=encoder_config_hash(folder), encoder=name,
-                            encoder_weights=weights_digest(folder, recorded)["digest"],
                             pooling=resolve_pooling(cfg.text_pooling, spec.model_type) if m == "text" else "cls")
+            if meta.get("source") != "imported":  # an import records no weights to compare (cache_import)
+                expected["encoder_weights"] = weights_digest(folder, weights_record(meta))["digest"]
         else:  # the encoder is not on this machine: the cache's own record stands for it
             log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
             expected["layers"] = layers_for(cfg, m, int(meta["depth"]))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.cache import FORMAT, cache_file, encoder_config_hash, is_cache_file, read_metadata
+from ..data.cache import FORMAT, cache_file, encoder_config_hash, is_cache_file, read_metadata, recorded_weights
 from ..data.cache_build import SIDECAR, build_caches
 from ..data.cache_import import import_caches
 from ..data.interactions import read_items
@@ -36,11 +36,14 @@ AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("v
 
 
 def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
-                   dtype: torch.dtype) -> dict[str, dict[str, str]]:
-    """The final files' metadata per modality (what ``cache.check_metadata`` compares with a config)."""
+                   dtype: torch.dtype, known: dict[str, dict | None] | None = None) -> dict[str, dict[str, str]]:
+    """The final files' metadata per modality (what ``cache.check_metadata`` compares with a config).
+    ``known``: per modality the weights record of a cache already there, whose digest stands while the
+    encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
     for m, encoder in live.encoders.items():
-        weights = weights_digest(encoder.folder) if encoder.folder else {"digest": "", "files": {}}
+        weights = (weights_digest(encoder.folder, (known or {}).get(m)) if encoder.folder
+                   else {"digest": "", "files": {}})
         out[m] = {
             "format": FORMAT,
             "modality": m,
@@ -148,7 +151,8 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
                        for m, e in live.encoders.items()))
-    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored)
+    known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
+    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored, known)
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
                         device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
