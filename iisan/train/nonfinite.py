@@ -47,10 +47,11 @@ def batch_states(run, epoch: int, step: int) -> list[str]:
     if feed is None:  # the baselines encode end to end: no separate states to check
         return []
     cfg, dist = run.cfg, run.dist
-    order = train_loader(run.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, run.dedup, None,
-                         dist.rank, dist.world_size, step)
+    sequences = run.data.train_sequences()
+    order = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, run.dedup, None, dist.rank, dist.world_size,
+                         step)
     users = order.user_batches()[0]
-    batch = CollateTrain(run.data.train_sequences(), run.dedup, run.pixels)(users)
+    batch = CollateTrain(sequences, run.dedup, run.pixels, run.buckets)(users)  # as the step collated it
     with torch.no_grad():
         states = feed(batch.items.to(run.device))
     found = []
