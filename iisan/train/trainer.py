@@ -261,8 +261,9 @@ class Run:
 
     def run(self) -> dict:
         cfg, progress, stopper = self.cfg, self.progress, self.progress.stopper
-        self.record.write(self.record.results(progress, "running"))
         for epoch in range(progress.start_epoch, cfg.epochs):
+            # every finished epoch on disk while the next one trains (the end writes "finished")
+            self.record.write(self.record.results(progress, "running"))
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
@@ -292,7 +293,6 @@ class Run:
             if improved and self.dist.is_main:
                 save_weights(self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})
-            self.record.write(self.record.results(progress, "running"))
             if stopper.should_stop:
                 log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
                 break
