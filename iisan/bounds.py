@@ -36,7 +36,7 @@ def check_bounds(cfg) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{name}={value} must be a finite, positive learning rate")
-    for name in ("gate_temperature", "lora_alpha", "drop_rate"):
+    for name in ("gate_temperature", "lora_alpha", "drop_rate", "item_bucket_growth"):
         if not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number")
     if not 0.0 <= cfg.drop_rate < 1.0:

@@ -364,6 +364,8 @@ CASES = [
          ("argument --cache-dtype: invalid choice: 'float8'",)),
     Case("lr-negative", lambda P, s: T(P, s, "--lr", "-1"), ("lr=-1.0 must be a finite, positive learning rate",)),
     Case("lr-nan", lambda P, s: T(P, s, "--lr", "nan"), ("lr=nan must be a finite, positive learning rate",)),
+    Case("bucket-growth-nan", lambda P, s: T(P, s, "--item-bucket-growth", "nan"),
+         ("item_bucket_growth=nan must be a finite number",)),
     Case("lr-image-inf", lambda P, s: T(P, s, "--lr-image", "inf"), ("lr_image=inf must be a finite, positive",)),
     Case("lr-zero", lambda P, s: T(P, s, "--lr-adapter-text", "0"), ("lr_adapter_text=0.0 must be a finite, posi",)),
     Case("run-name-traversal", lambda P, s: T(P, s, "--run-name", "../../x"),
