@@ -19,15 +19,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError, ImageStoreError, OutputError, UserError
+from ..errors import ConfigError, DataError, ImageStoreError, UserError
 from ..files import (
     OutputLock,
     claim_output,
-    failure_reason,
     refuse_inputs,
     remove,
     stale_temporaries,
     temporary_sibling,
+    write_failure,
     write_text_atomic,
 )
 from .images import HEADER, IMAGE_SIZE, META_KEY, close_reader, encode_record, read_meta
@@ -118,7 +118,7 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
         except BaseException as err:
             remove(tmp)
             if isinstance(err, (OSError, lmdb.Error)) and not isinstance(err, UserError):
-                raise OutputError(f"could not write {out_path}: {failure_reason(err)}") from None
+                raise write_failure(out_path, err) from None
             raise
         if old is not None:
             remove(old)

@@ -40,7 +40,7 @@ class ItemCatalog:
 
 def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str = "utf-8") -> ItemCatalog:
     path = Path(path)
-    _check_file(path, "items")
+    check_data_file(path, "items")
     ids: list[str] = []
     titles: list[str] = []
     seen: dict[str, int] = {}
@@ -63,7 +63,8 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
     return ItemCatalog(str(path), ids, titles, file_fingerprint(path))
 
 
-def _check_file(path: Path, what: str) -> None:
+def check_data_file(path: Path, what: str) -> None:
+    """``path`` is an existing file (``what``: users or items, for the message)."""
     if path.is_dir():
         raise DataError(f"{what} file {path} is a folder, expected a file")
     if not path.is_file():
@@ -99,7 +100,7 @@ def read_users(path: str | Path, encoding: str = "utf-8",
     A user id on two lines is an error naming both, unless ``merge_duplicates``: then the user's items
     are those of all its lines, in file order."""
     path = Path(path)
-    _check_file(path, "users")
+    check_data_file(path, "users")
     if path.suffix.lower() == ".csv":
         return read_pairs_csv(path, encoding)
     users: dict[str, list[str]] = {}

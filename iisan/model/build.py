@@ -13,9 +13,9 @@ from ..config import Config
 from ..data.batches import PixelSource
 from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.images import ImageStore
-from ..data.interactions import SeqRecData, load_dataset
+from ..data.interactions import SeqRecData, check_data_file, load_dataset
 from ..devices import amp_dtype
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from .backbones import (
     FrozenEncoder,
     check_layers,
@@ -47,10 +47,7 @@ def check_data_files(cfg: Config) -> None:
     if not cfg.users or not cfg.items:
         raise ConfigError("users and items files are required (--users FILE --items FILE)")
     for what, path in (("users", cfg.users), ("items", cfg.items)):
-        if Path(path).is_dir():
-            raise DataError(f"{what} file {path} is a folder, expected a file")
-        if not Path(path).is_file():
-            raise DataError(f"{what} file {path} does not exist")
+        check_data_file(Path(path), what)
 
 
 def load_data(cfg: Config) -> SeqRecData:

@@ -34,7 +34,6 @@ from .runfolder import RESULTS
 log = logging.getLogger(__name__)
 
 LOG, METRICS, TENSORBOARD = "train.log", "metrics.jsonl", "tensorboard"
-STATUSES = ("running", "finished", "failed", "interrupted")
 
 
 def error_status(err: BaseException) -> tuple[str, str]:
