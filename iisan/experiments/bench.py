@@ -85,9 +85,9 @@ class TrainingSetup:
                     yield batch
             epoch += 1
 
-    def full_batches(self, buckets=OWN):
+    def full_batches(self):
         """``host_batches`` on the device, each one's layout logged."""
-        for batch in self.host_batches(buckets):
+        for batch in self.host_batches():
             self.layouts.append(layout(batch, self.cached))
             yield batch.to(self.device)
 

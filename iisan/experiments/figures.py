@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..files import atomic_path  # noqa: E402
-from .bench import memory_gib  # noqa: E402
+from .bench import authors_label, memory_gib  # noqa: E402
 
 
 def memory_label(payload: dict) -> str:
@@ -99,7 +99,7 @@ def notes(payload: dict) -> list[str]:
 def memory_note(payload: dict) -> list[str]:
     """Why FFT's memory here is far below the paper's 47 GB, with this run's FFT rows."""
     rows = {r["label"]: r for r in payload["rows"] if "error" not in r}
-    default, authors = rows.get("FFT"), rows.get("FFT (every slot)")
+    default, authors = rows.get("FFT"), rows.get(authors_label("FFT"))
     if not default or not authors or "items_per_step" not in default:
         return []
     return [f"Memory: a trained backbone keeps activations for every item it encodes, so FFT's memory grows with "
