@@ -46,15 +46,15 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
     best, ties = (ranks, torch.zeros_like(ranks)) if ranks.dim() == 1 else (ranks[:, 0], ranks[:, 1])
     best = best.clamp(max=1e12)  # inf (a masked target) -> a place beyond every K
     last = best + ties  # (U,) the worst place the target can take
+    # discount_sum[r] = sum of 1 / log2(j + 1) for j = 1..r (r = 0..max K)
+    discounts = 1.0 / torch.log2(torch.arange(2, max(ks) + 2, dtype=torch.float64, device=ranks.device))
+    discount_sum = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])
     out = {}
     for k in ks:
-        # discount_sum[r] = sum of 1 / log2(j + 1) for j = 1..r (r = 0..k)
-        discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=ranks.device))
-        discount_sum = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])
-        inside = (last.clamp(max=k) - best + 1).clamp(min=0)  # (U,) places within the top k
+        # the places best..last that fall within the top k are lo+1..hi (none when hi == lo)
         lo = (best - 1).clamp(max=k).long()
         hi = last.clamp(max=k).long().clamp(min=lo)
-        out[f"hit@{k}"] = (inside / (ties + 1)).mean().item()
+        out[f"hit@{k}"] = ((hi - lo) / (ties + 1)).mean().item()
         out[f"ndcg@{k}"] = ((discount_sum[hi] - discount_sum[lo]) / (ties + 1)).mean().item()
     return out
 
