@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..config import METHOD_DEFAULTS, Config, add_config_arguments, args_layers, resolve
 from ..console import entry_point, setup_logging
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
-from ..train.runfolder import default_run_name, finished_results
+from ..train.runfolder import default_run_name, reusable_results
 from ..train.trainer import train
 from .presets import BACKBONES, DATASETS, dataset_paths
 
@@ -116,9 +116,8 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
         return Outcome(point, "failed", reason=point.error)
     try:
         if action is None:
-            done = finished_results(point.config)
+            done = reusable_results(point.config)
             if done is not None:
-                log.info("%s finished before with this config; not training it again", done["run_dir"])
                 return Outcome(point, "finished before", done)
             return Outcome(point, "finished", train(point.config))
         return Outcome(point, "finished", action(point.config, args))

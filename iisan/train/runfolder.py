@@ -54,6 +54,14 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir) / (cfg.run_name or default_run_name(cfg))
 
 
+def reusable_results(cfg: Config) -> dict | None:
+    """``finished_results``, logged when found: what a run or a sweep returns instead of training again."""
+    done = finished_results(cfg)
+    if done is not None:
+        log.info("%s finished before with this config; not training it again", done["run_dir"])
+    return done
+
+
 def finished_results(cfg: Config) -> dict | None:
     """The results of ``cfg``'s run folder when that run has finished with exactly this config's
     computation, epochs and patience (nothing left to do), else None."""

@@ -35,7 +35,7 @@ from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
-from .runfolder import finished_results, run_dir
+from .runfolder import reusable_results, run_dir
 from .step import batch_layout, make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
@@ -320,9 +320,8 @@ def train(cfg: Config) -> dict:
     Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
     folder whose run finished with this very config is not trained again: its results are returned."""
-    done = finished_results(cfg)
+    done = reusable_results(cfg)
     if done is not None:
-        log.info("%s finished before with this config; not training it again", done["run_dir"])
         return done
     deterministic = torch.are_deterministic_algorithms_enabled()
     seed_everything(cfg.seed, cfg.deterministic)
