@@ -128,10 +128,7 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     """Steps 1-4 of the module docstring; returns the table's path."""
     run.out_dir = Path(run.out_dir)
     cfg = base_config(run, root, drive)
-    if run.dataset == "demo" and not all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image")):
-        build_cache_from_config(cfg, dtype="float32")
-    elif run.dataset != "demo":
-        ensure_cache(cfg, run, hub)
+    ensure_cache(cfg, run, hub)
     rows = []
     for seed in run.seeds:
         log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)

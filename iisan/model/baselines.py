@@ -11,7 +11,7 @@ from torch import nn
 from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import pixels_to_input, title_inputs, title_lengths, tokenize_for_pooling
+from .inputs import EncodedItems, tokenize_for_pooling
 from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
@@ -37,50 +37,27 @@ def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.
     return [p for p in model.parameters() if p.requires_grad]
 
 
-class BaselineItemEncoder(nn.Module):
+class BaselineItemEncoder(EncodedItems):
     """Trainable backbones -> final CLS -> GELU heads -> com_dense. Padding (index 0) never enters a
-    backbone: its CLS is zeros, as its states are in IISAN's feeds."""
-
-    needs_pixels = True
+    backbone, or with static shapes runs and is masked: its CLS is zeros, as its states are in IISAN's
+    feeds, and no gradient reaches a backbone through it."""
 
     def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None,
                  attention: torch.Tensor | None, embedding_dim: int = 64):
-        super().__init__()
-        self.encoders = nn.ModuleDict(encoders)
+        super().__init__(encoders, tokens, attention)
         self.modalities = tuple(m for m in ("image", "text") if m in encoders)  # authors' concat order
         self.heads = nn.ModuleDict({m: nn.Linear(encoders[m].width, embedding_dim) for m in self.modalities})
         self.combine = nn.Linear(len(self.modalities) * embedding_dim, embedding_dim)
-        self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("attention", attention, persistent=False)
-        self.needs_pixels = "image" in encoders
         if "image" in self.heads:  # authors: the ViT classifier replaced by a xavier-normal Linear
             nn.init.xavier_normal_(self.heads["image"].weight)
             nn.init.zeros_(self.heads["image"].bias)
 
-    def title_lengths(self):
-        """(N+1,) real tokens per title on the host, or None without a text tower."""
-        return None if self.attention is None else title_lengths(self.attention)
-
     def forward(self, items: ItemBatch) -> torch.Tensor:
-        ids = items.ids
-        # Static shapes: every row runs, padding rows too, and their CLS is masked to zeros (no
-        # gradient reaches a backbone through them); otherwise only the real rows run.
-        rows = None if items.encode_all else items.real_positions()
-        run = ids if rows is None else ids[rows]
+        rows = self.rows(items)
         parts = []
         for m in self.modalities:
-            encoder = self.encoders[m]
-            if m == "text":
-                inputs = title_inputs(self.tokens, self.attention, run, items.title_columns)
-            else:
-                pixels = items.pixels if rows is None else items.pixels[rows]
-                inputs = {"pixel_values": pixels_to_input(pixels, encoder.norm)}
-            cls = encoder.final_cls(**inputs)  # (rows, d)
-            if rows is None:
-                full = torch.where((ids != 0)[:, None], cls, 0.0)  # (U, d)
-            else:
-                full = cls.new_zeros(len(ids), cls.shape[-1]).index_copy(0, rows, cls)  # (U, d)
-            parts.append(nn.functional.gelu(self.heads[m](full)))
+            cls = self.encoders[m].final_cls(**self.inputs(m, items, rows))  # (rows, d)
+            parts.append(nn.functional.gelu(self.heads[m](self.spread(cls, items, rows))))  # (U, 64)
         return self.combine(torch.cat(parts, dim=-1))  # (U, 64)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

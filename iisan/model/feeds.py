@@ -15,22 +15,18 @@ from torch import nn
 
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import pixels_to_input, title_inputs, title_lengths
+from .inputs import EncodedItems
 
 
-class LiveStates(nn.Module):
+class LiveStates(EncodedItems):
     """Frozen encoders over items' inputs. ``tokens``/``attention`` (N+1, T) index the item list."""
 
     def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None = None,
                  attention: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
                  text_dropout: bool = False):
-        super().__init__()
-        self.encoders = nn.ModuleDict(encoders)
-        self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("attention", attention, persistent=False)
+        super().__init__(encoders, tokens, attention)
         self.amp_dtype = amp_dtype
         self.text_dropout = text_dropout
-        self.needs_pixels = "image" in encoders
 
     def train(self, mode: bool = True) -> LiveStates:
         super().train(mode)
@@ -43,37 +39,19 @@ class LiveStates(nn.Module):
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: (len(e.layers), e.width) for m, e in self.encoders.items()}
 
-    def title_lengths(self):
-        """(N+1,) real tokens per title on the host, or None without a text tower."""
-        return None if self.attention is None else title_lengths(self.attention)
-
-    def inputs(self, name: str, encoder: FrozenEncoder, items: ItemBatch, rows: torch.Tensor | None) -> dict:
-        """The encoder's inputs for the rows of ``items`` it runs on (``rows``; None: every row)."""
-        ids = items.ids if rows is None else items.ids[rows]
-        if name == "text":
-            return title_inputs(self.tokens, self.attention, ids, items.title_columns)
-        pixels = items.pixels if rows is None else items.pixels[rows]
-        return {"pixel_values": pixels_to_input(pixels, encoder.norm, encoder.dtype)}
-
     @torch.no_grad()
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
-        ids = items.ids
-        # Padding (index 0) gets zeros: never an encoder pass, or, with static shapes (every row runs,
-        # the row count is a bucket size), a pass whose states are masked out.
-        rows = None if items.encode_all else items.real_positions()
-        device = ids.device
+        rows = self.rows(items)
+        device = items.ids.device
         enabled = self.amp_dtype is not None and device.type == "cuda"
         out = {}
         for name, encoder in self.encoders.items():
             if rows is not None and not len(rows):
-                out[name] = torch.zeros(len(ids), len(encoder.layers), encoder.width, device=device)
+                out[name] = torch.zeros(len(items.ids), len(encoder.layers), encoder.width, device=device)
                 continue
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
-                states = encoder.layer_states(**self.inputs(name, encoder, items, rows)).float()  # (rows, k, d)
-            if rows is None:
-                out[name] = torch.where((ids != 0)[:, None, None], states, 0.0)  # (U, k, d)
-            else:
-                out[name] = states.new_zeros(len(ids), *states.shape[1:]).index_copy(0, rows, states)
+                states = encoder.layer_states(**self.inputs(name, items, rows)).float()  # (rows, k, d)
+            out[name] = self.spread(states, items, rows)  # (U, k, d)
         return out
 
 

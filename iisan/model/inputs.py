@@ -1,4 +1,6 @@
-"""Encoder inputs: stored uint8 pixels to a vision model's normalised input, titles to token ids."""
+"""Encoder inputs: stored uint8 pixels to a vision model's normalised input, titles to token ids, and
+``EncodedItems``, the base of the two modules that run encoders on a batch's items (the live feed and
+the baselines' trained backbones)."""
 
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ def title_lengths(attention: torch.Tensor) -> np.ndarray:
     right-padded; a left-padded title counts as full, so it is never cut)."""
     positions = torch.arange(1, attention.shape[1] + 1, device=attention.device)
     return (attention.bool() * positions).amax(1).cpu().numpy()
+
+
 def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` as the authors' LLM preprocessing
     (``preprocess_llama-3-70b_*.py``) makes them: titles as written (not lower-cased; their line
@@ -84,3 +88,46 @@ def tokenize_for_pooling(tokenizer, titles: list[str], max_tokens: int,
     if pooling == "authors":
         return tokenize_titles_as_authors_llm(tokenizer, titles, max_tokens)
     return tokenize_titles(tokenizer, titles, max_tokens)
+
+
+class EncodedItems(nn.Module):
+    """Encoders by modality and the title table (``tokens``/``attention`` (N+1, T), indexed by item),
+    with what running them on an ``ItemBatch`` takes: the rows they run on, each encoder's inputs for
+    those rows, and their outputs spread back to every row of the batch, padding (index 0) as zeros.
+
+    Padding never reaches the loss: without static shapes it never runs (only the real rows do); with
+    them (``encode_all``, the row count a bucket size) every row runs and the padding rows' outputs are
+    masked to zeros after, so no gradient flows through them."""
+
+    def __init__(self, encoders: dict, tokens: torch.Tensor | None, attention: torch.Tensor | None):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("attention", attention, persistent=False)
+        self.needs_pixels = "image" in encoders
+
+    def title_lengths(self) -> np.ndarray | None:
+        """(N+1,) real tokens per title on the host, or None without a text tower."""
+        return None if self.attention is None else title_lengths(self.attention)
+
+    @staticmethod
+    def rows(items) -> torch.Tensor | None:
+        """The positions in ``items.ids`` the encoders run on; None: every row (static shapes)."""
+        return None if items.encode_all else items.real_positions()
+
+    def inputs(self, name: str, items, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Encoder ``name``'s keyword inputs for the rows ``rows`` of ``items``."""
+        ids = items.ids if rows is None else items.ids[rows]
+        if name == "text":
+            return title_inputs(self.tokens, self.attention, ids, items.title_columns)
+        encoder = self.encoders[name]
+        pixels = items.pixels if rows is None else items.pixels[rows]
+        return {"pixel_values": pixels_to_input(pixels, encoder.norm, encoder.dtype)}
+
+    @staticmethod
+    def spread(values: torch.Tensor, items, rows: torch.Tensor | None) -> torch.Tensor:
+        """(rows, ...) outputs of the encoded rows -> (U, ...) for every row of ``items``, padding zeros."""
+        if rows is None:
+            real = (items.ids != 0).view(-1, *[1] * (values.dim() - 1))
+            return torch.where(real, values, 0.0)
+        return values.new_zeros(len(items.ids), *values.shape[1:]).index_copy(0, rows, values)
