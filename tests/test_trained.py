@@ -119,6 +119,47 @@ def test_unknown_users_items_and_folders_are_one_line(runs, argv, message, tmp_p
     assert len(err) == 1 or message.startswith("argument")  # argparse's own errors come after the usage
 
 
+def _damage_cut(weights: Path) -> str:
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return "is not a readable safetensors file"
+
+
+def _damage_shape(weights: Path) -> str:
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), framework="pt") as fh:
+        state, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name] = state[name][:, :-1].contiguous()
+    save_file(state, str(weights), meta)
+    return f"{name!r} has shape"
+
+
+@pytest.mark.parametrize("damage", [_damage_cut, _damage_shape])
+def test_a_damaged_weights_file_is_one_line(runs, damage, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["cached"]["run_dir"], run_dir)
+    message = damage(run_dir / "best.safetensors")
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(run_dir), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"iisan: error: {run_dir / 'best.safetensors'}") and message in err[0]
+
+
+def test_export_to_a_file_is_one_line_and_leaves_the_file(runs, tmp_path, capsys):
+    target = tmp_path / "embeddings"
+    target.write_text("someone's file\n")
+    with pytest.raises(SystemExit) as info:
+        main(["export", runs["cached"]["run_dir"], "--out", str(target), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [f"iisan: error: --out {target} is a file, expected a folder (made "
+                                            "if absent) for the embeddings"]
+    assert target.read_text() == "someone's file\n"
+
+
 @pytest.mark.parametrize("name", ["cached", "bitfit"])
 def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsys):
     results = runs[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import METHOD_NAMES
 from ..devices import device_name
-from ..errors import DataError
+from ..errors import DataError, OutputError
 from ..evaluate import KS
 from ..experiments.trained import TrainedRun, evaluate, export, load_run, recommend
 
@@ -90,6 +90,8 @@ def cmd_recommend(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OutputError(f"--out {args.out} is a file, expected a folder (made if absent) for the embeddings")
     run = load_run(args.run_dir, args.device)
     paths = export(run, args.out, args.split)
     print(describe(run))

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..config import METHOD_NAMES, Config
 from ..data.batches import PixelSource
@@ -92,10 +91,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
-    load_weights(model, weights)
+    best_epoch = int(load_weights(model, weights).get("epoch", -1))
     model.eval()
-    with safe_open(str(weights), framework="pt") as fh:
-        best_epoch = int((fh.metadata() or {}).get("epoch", -1))
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch)
 
 

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from ..config import Config
 from ..errors import TrainingError
@@ -24,8 +23,21 @@ def save_weights(model: torch.nn.Module, path: Path, cfg: Config, extra: dict | 
     save_safetensors_atomic(trainable_state(model), path, meta)
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
-    return copy_weights(model, load_file(str(path)), path)
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a weights file; a damaged or foreign file is one error naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise TrainingError(f"{path} is not a readable safetensors file ({err}); it may have been cut short "
+                            "or replaced: retrain, or restore it from a copy") from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Copy the weights file ``path`` into ``model``; returns the file's metadata."""
+    state, metadata = read_weights(path)
+    copy_weights(model, state, path)
+    return metadata
 
 
 def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
@@ -39,6 +51,9 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         for name, value in state.items():
             if name not in params:
                 raise TrainingError(f"{source} holds {name!r}, which this model does not have")
+            if value.shape != params[name].shape:
+                raise TrainingError(f"{source}: {name!r} has shape {tuple(value.shape)}, the model built from "
+                                    f"the config has {tuple(params[name].shape)}")
             params[name].copy_(value)
     return state
 
