@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def versions() -> dict[str, str]:
+    """Installed versions; torch's with its build tag (``2.11.0+cu130``, ``2.13.0+cpu``), which a wheel's
+    metadata may leave out."""
     out = {"python": platform.python_version()}
     for name in PACKAGES:
+        if name == "torch":
+            out[name] = torch.__version__
+            continue
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -21,8 +21,8 @@ def test_no_pickle_and_no_unsafe_torch_load():
 
 
 def test_every_from_pretrained_call_refuses_remote_code():
-    """Direct calls spell ``trust_remote_code=False``; loaders passed around by reference go through
-    ``backbones._load``, which adds it (next test)."""
+    """Direct calls spell ``trust_remote_code=False``; Auto classes passed to ``backbones._load`` are
+    loaded by its one call, which spells it too (next test)."""
     import ast
 
     calls, passed_on = [], []
@@ -43,7 +43,13 @@ def test_the_loader_wrapper_never_trusts_remote_code_nor_fetches_unasked(tiny):
     from iisan.model.backbones import _load
 
     seen = []
-    _load(lambda path, **kwargs: seen.append((path, kwargs)), tiny["text_model"], "text encoder")
-    _load(lambda path, **kwargs: seen.append((path, kwargs)), "org/model", "text encoder", allow_download=True)
+
+    class Recorder:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            seen.append((path, kwargs))
+
+    _load(Recorder, tiny["text_model"], "text encoder")
+    _load(Recorder, "org/model", "text encoder", allow_download=True)
     assert seen == [(tiny["text_model"], {"trust_remote_code": False, "local_files_only": True}),
                     ("org/model", {"trust_remote_code": False, "local_files_only": False})]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -45,8 +46,8 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
                            f"(valid hidden-state indices are 0..{depth})")
 
 
-def _load(loader, name: str, what: str, allow_download: bool = False, **kwargs):
-    """``loader(folder)`` (a transformers ``from_pretrained``) with the folder checked first
+def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
+    """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
     (``encoder_files``), never running code from it and never fetching anything unless allowed."""
     path = resolve_model_path(name, allow_download)
     previous = hf_logging.get_verbosity()
@@ -55,10 +56,14 @@ def _load(loader, name: str, what: str, allow_download: bool = False, **kwargs):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return loader(path, trust_remote_code=False, local_files_only=not allow_download, **kwargs)
+        return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
+    except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
+        first = " ".join(str(err).split()).split(". ")[0]
+        raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
+                           f"package that is not installed ({first})") from None
     finally:
         hf_logging.set_verbosity(previous)
         hf_logging.enable_progress_bar()
@@ -87,7 +92,7 @@ class EncoderSpec:
 def read_spec(name: str, modality: str, allow_download: bool = False) -> EncoderSpec:
     """The encoder's architecture, depth, width and stored precision, from its config alone; an
     architecture IISAN cannot use as this tower is refused here, before any weight is read."""
-    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config", allow_download)
+    config = _load(AutoConfig, name, f"{modality} encoder config", allow_download)
     check_architecture(config.model_type, modality, name)
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
@@ -196,9 +201,9 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
     LLM caches, the mean over every position, padding included ('authors')."""
     read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
-    tokenizer = _load(AutoTokenizer.from_pretrained, name, "text tokenizer", allow_download)
+    tokenizer = _load(AutoTokenizer, name, "text tokenizer", allow_download)
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
-    model = _load(AutoModel.from_pretrained, name, "text encoder", allow_download, dtype=dtype or torch.float32,
+    model = _load(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)
     if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
         model = model.text_model
@@ -237,8 +242,8 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
     ``patch_embedding``: 'matmul' computes the patch-embedding convolution as a matmul over patches
     (``PatchProjection``; the same map), 'conv' keeps the model's own convolution."""
     read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
-    processor = _load(AutoImageProcessor.from_pretrained, name, "image processor", allow_download)
-    model = _load(AutoModel.from_pretrained, name, "image encoder", allow_download, dtype=dtype or torch.float32,
+    processor = _load(AutoImageProcessor, name, "image processor", allow_download)
+    model = _load(AutoModel, name, "image encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)
     if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
         model = model.vision_model
@@ -267,7 +272,7 @@ def architecture(name: str, modality: str) -> nn.Module:
     """The model ``load_text_encoder`` / ``load_image_encoder`` would load from ``name``, built from its
     config alone with random weights (call it under ``torch.device("meta")`` to allocate nothing): what
     parameter counts need, without reading a 70B checkpoint."""
-    config = _load(AutoConfig.from_pretrained, name, f"{modality} encoder config")
+    config = _load(AutoConfig, name, f"{modality} encoder config")
     model = AutoModel.from_config(config)
     tower = "text_model" if modality == "text" else "vision_model"
     return getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower
