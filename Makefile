@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build keeps installs small; on a GPU machine use e.g. TORCH_SPEC="torch>=2.4".
+# The CPU build keeps installs small; on a GPU machine use e.g. TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
