@@ -20,8 +20,13 @@ SETTINGS=${SETTINGS:-floors gpu}
 COMMON="safetensors lmdb pandas numpy pillow tqdm matplotlib psutil huggingface_hub>=1.0,<3 gdown>=5.2,<7 tokenizers pytest tensorboard"
 mkdir -p "$WORK"
 
-python_for() {  # a Python of that minor version: pythonX.Y on the PATH, else pyenv's
-  command -v "python$1" 2>/dev/null || ls -d "$HOME"/.pyenv/versions/"$1".*/bin/python 2>/dev/null | tail -n 1
+python_for() {  # a Python of that minor version that runs: pythonX.Y on the PATH, else pyenv's
+  local candidate
+  for candidate in "python$1" "$HOME"/.pyenv/versions/"$1".*/bin/python; do
+    if "$candidate" -c "import sys; assert sys.version_info[:2] == tuple(map(int, '$1'.split('.')))" 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
 }
 
 run_setting() {
