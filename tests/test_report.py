@@ -152,6 +152,7 @@ def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, capl
     (["results", "{empty}"], "no results.json under"),
     (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),
     (["results", "{runs}", "--sort", "speed"], "--sort speed: not a column"),
+    (["results", "{runs}", "--curves", "{empty}/curves.txt"], "curves.txt: 'txt' is not an image format"),
 ])
 def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
     argv = [a.format(empty=tmp_path, runs=runs[0]) for a in argv]

@@ -8,7 +8,7 @@ from ..config import add_config_arguments, config_from_args
 from ..errors import ConfigError
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
-from ..experiments.report import collect, draw_curves, markdown, table, write_csv
+from ..experiments.report import collect, draw_curves, figure_format, markdown, table, write_csv
 from ..train.trainer import train
 
 
@@ -23,6 +23,8 @@ def cmd_params(args) -> None:
 
 def cmd_results(args) -> None:
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    if args.curves:
+        figure_format(args.curves)  # a bad suffix ends here, before any reading
     frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
     rows = table(frame, keys, args.average_seeds)
     if args.sort:

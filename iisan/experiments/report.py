@@ -221,6 +221,18 @@ def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, lis
     return curves
 
 
+def figure_format(path: str | Path, flag: str = "--curves") -> str:
+    """The image format ``path``'s suffix names (none: png); one that matplotlib cannot write is one line."""
+    from matplotlib.backend_bases import FigureCanvasBase  # deferred: heavy
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise ConfigError(f"{flag} {path}: {fmt!r} is not an image format matplotlib writes; use a suffix such "
+                          f"as .png, .pdf or .svg ({', '.join(sorted(known))})")
+    return fmt
+
+
 def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
     marked; written atomically to ``path`` (PNG)."""
@@ -243,5 +255,5 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=110, format=figure_format(path))
     plt.close(fig)
