@@ -43,6 +43,13 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
         assert p.requires_grad == declared_trainable(name, cfg.method), name
     groups = optimizer_groups(model, cfg)
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    group_of = {id(p): g["name"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():  # the authors' learning-rate groups of a trained backbone
+        if p.requires_grad and name.startswith("item_encoder.encoders."):
+            modality = name.split(".")[2]
+            backbone = "image_net" if modality == "image" else "text_encoder"
+            added = ".adapter." in name or ".lora_" in name
+            assert group_of[id(p)] == (f"adapter_{modality}" if added else backbone), name
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()

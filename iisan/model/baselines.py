@@ -12,7 +12,7 @@ from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
 from .inputs import EncodedItems, tokenize_for_pooling
-from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora
+from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora, injected_parameters
 
 
 def split(targets: str) -> list[str]:
@@ -65,11 +65,9 @@ class BaselineItemEncoder(EncodedItems):
         the image/text groups; adapter and LoRA weights in the adapter groups."""
         groups = {"recsys": list(self.heads.parameters()) + list(self.combine.parameters())}
         for m, encoder in self.encoders.items():
-            trainable = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
-            injected = [p for n, p in trainable if ".adapter." in n or "lora_" in n]
-            rest = [p for n, p in trainable if not (".adapter." in n or "lora_" in n)]
-            groups[f"adapter_{m}"] = injected
-            groups["image_net" if m == "image" else "text_encoder"] = rest
+            trainable, injected = [p for p in encoder.parameters() if p.requires_grad], injected_parameters(encoder)
+            groups[f"adapter_{m}"] = [p for p in trainable if id(p) in injected]
+            groups["image_net" if m == "image" else "text_encoder"] = [p for p in trainable if id(p) not in injected]
         return groups
 
 

@@ -86,8 +86,11 @@ def apply_fft(model: nn.Module) -> None:
 
 
 def apply_bitfit(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("bias"))
+    """Every bias trains: the ``bias`` parameter of each module (Linear, LayerNorm, ...), found on the
+    modules, not by parameter name."""
+    biases = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in biases)
     freeze_poolers(model)
 
 
@@ -152,10 +155,14 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], wh
         p.requires_grad_(False)
     peft.inject_adapter_in_model(config, model)
     lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
-    for layer in lora_layers:
-        for p in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
-            p.requires_grad_(True)
-    for name, p in model.named_parameters():  # base weights stay frozen whatever peft defaults to
-        if "lora_" not in name:
-            p.requires_grad_(False)
+    factors = {id(p) for layer in lora_layers for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]}
+    for p in model.parameters():  # A and B train; the base weights stay frozen whatever peft defaults to
+        p.requires_grad_(id(p) in factors)
     return lora_layers
+
+
+def injected_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters a method added to ``model`` (Houlsby adapters, LoRA layers and their
+    frozen base layers), found by module type: the optimizer's adapter groups."""
+    return {id(p) for m in model.modules() if isinstance(m, (HoulsbyAdapter, peft.tuners.lora.LoraLayer))
+            for p in m.parameters()}
