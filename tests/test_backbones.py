@@ -114,3 +114,59 @@ def test_patch_projection_by_hand_and_what_it_leaves_alone():
     others = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 4, stride=2), torch.nn.Conv2d(3, 5, 4, stride=4, padding=1),
                                  torch.nn.Conv2d(4, 4, 4, stride=4, groups=2), torch.nn.Conv2d(3, 5, 3))
     assert patches_as_matmul(others) == 0 and all(type(m) is torch.nn.Conv2d for m in others)
+
+
+def _tiny_text_model(family: str, attention: str):
+    import transformers as tf
+
+    sizes = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                 max_position_embeddings=40)
+    config = {"bert": lambda: tf.BertConfig(**sizes), "roberta": lambda: tf.RobertaConfig(**sizes, pad_token_id=1),
+              "electra": lambda: tf.ElectraConfig(**sizes, embedding_size=16)}[family]()
+    torch.manual_seed(0)
+    return tf.AutoModel.from_config(config, attn_implementation=attention).eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+def test_a_ready_made_attention_mask_gives_the_states_of_the_2d_one(family, attention):
+    """BERT-family text towers get their attention mask in transformers' own 4D form (so that building
+    it reads nothing back from the device); every hidden state, padded positions included, is the one the
+    2D mask gives, for padded batches and for a batch without padding (where transformers drops the mask)."""
+    from iisan.model.backbones import FrozenEncoder
+
+    model = _tiny_text_model(family, attention)
+    encoder = FrozenEncoder(model, "text", (0, 1, 2), "mean")
+    ids = torch.randint(3, 60, (4, 8))
+    padded = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6, [1] * 7 + [0]])
+    for mask in (padded, torch.ones_like(padded)):
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        given = encoder.model_inputs(inputs)
+        assert given["attention_mask"].shape == (4, 1, 8, 8) and given["input_ids"] is ids
+        assert given["attention_mask"].dtype == (torch.bool if attention == "sdpa" else torch.float32)
+        with torch.no_grad():
+            ours = model(**given, output_hidden_states=True).hidden_states
+            theirs = model(**inputs, output_hidden_states=True).hidden_states
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            pooled = encoder.layer_states(**inputs)  # (4, 3, 32): pooling reads the 2D mask
+            real = mask.bool()[:, :, None]
+            expected = torch.stack([(h * real).sum(1) / real.sum(1) for h in theirs], dim=1)
+            torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_other_towers_get_their_inputs_unchanged(tiny):
+    import transformers as tf
+
+    llama = tf.AutoModel.from_config(tf.LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=48))
+    inputs = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    from iisan.model.backbones import FrozenEncoder
+
+    assert FrozenEncoder(llama, "text", (0, 2), "mean").model_inputs(inputs) is inputs  # a causal LLM
+    bert = _tiny_text_model("bert", "sdpa")
+    bert.config._attn_implementation = "flash_attention_2"  # wants the 2D mask itself
+    assert FrozenEncoder(bert, "text", (0, 2), "cls").model_inputs(inputs) is inputs
+    vit = load_image_encoder(tiny["image_model"])
+    pixels = {"pixel_values": torch.zeros(1, 3, 8, 8)}
+    assert vit.model_inputs(pixels) is pixels

@@ -91,7 +91,8 @@ def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_conf
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cache):
     """The GPU side of test_methods' host-stall test: after a first step, CUDA's sync debug mode sees no
-    call that makes the host wait, except transformers' one read-back of the text padding mask."""
+    call that makes the host wait (transformers' read-back of the text padding mask included: BERT-family
+    towers get their mask ready-made)."""
     cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **SETTINGS[setting])
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, CUDA)
@@ -111,7 +112,7 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
-    assert [s for s in syncs if "transformers/masking_utils.py" not in s] == []
+    assert syncs == []
 
 
 def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):

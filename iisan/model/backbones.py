@@ -102,6 +102,9 @@ def read_spec(name: str, modality: str, allow_download: bool = False) -> Encoder
 
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Encoders whose transformers code builds the attention mask with ``create_bidirectional_mask``, which
+# passes a mask that is already 4D through unchanged (``masking_utils._preprocess_mask_arguments``).
+PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "camembert", "xlm-roberta", "electra", "ernie"})
 
 
 def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device,
@@ -143,6 +146,24 @@ class FrozenEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def model_inputs(self, inputs: dict) -> dict:
+        """``inputs`` as the model gets them. A BERT-family text tower gets its attention mask ready-made,
+        in the 4D form and with the values transformers would build from the 2D mask. Built there, the mask
+        costs a read-back from the device (are all titles unpadded? then no mask, and flash attention),
+        which makes the host wait for the device once per text forward instead of queueing ahead. Pooling
+        keeps the 2D mask."""
+        mask = inputs.get("attention_mask")
+        config = self.model.config
+        implementation = getattr(config, "_attn_implementation", None)
+        if (mask is None or mask.dim() != 2 or getattr(config, "model_type", "") not in PREPARED_MASK_MODELS
+                or getattr(config, "is_decoder", False) or implementation not in ("sdpa", "eager")):
+            return inputs
+        n, T = mask.shape
+        keep = mask.bool()[:, None, None, :].expand(n, 1, T, T)  # (n, 1, T, T): query i may read key j
+        if implementation == "eager":  # added to the attention scores: 0 or the dtype's lowest value
+            keep = torch.where(keep, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        return {**inputs, "attention_mask": keep}
+
     def forward_states(self, **inputs) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Run the model: ``(all hidden states, final last_hidden_state)``.
 
@@ -150,7 +171,7 @@ class FrozenEncoder(nn.Module):
         selected, pooled ones (``layer_states``)."""
         who = self.name or type(self.model).__name__
         try:
-            out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+            out = self.model(**self.model_inputs(inputs), output_hidden_states=True, return_dict=True)
         except TypeError as err:  # a forward without the standard keyword arguments
             raise EncoderError(f"{who} cannot return per-layer hidden states ({err})") from None
         hidden = getattr(out, "hidden_states", None)
@@ -188,7 +209,7 @@ class FrozenEncoder(nn.Module):
 
     def final_cls(self, **inputs) -> torch.Tensor:
         """(n, width): the pooled final output (ViT: after its final LayerNorm) for the baselines' heads."""
-        out = self.model(**inputs, return_dict=True)
+        out = self.model(**self.model_inputs(inputs), return_dict=True)
         return self.pool(out.last_hidden_state, inputs.get("attention_mask"))
 
 
