@@ -63,3 +63,17 @@ def test_rebuilding_a_store_in_the_same_process_serves_the_new_images(tmp_path):
                      overwrite=True)
     assert (ImageStore(path).get(["a"])[0] == 9).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.lmdb"]  # no temporary, no lock file left
+
+
+def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplog):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.jpg")
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b", "c"], size=8, progress=False)
+    lines = open(report["report"]).read().splitlines()[1:]
+    assert lines == ["b\tmissing (but b.png is there: --extension .png)", "c\tmissing"]
+    assert "2 of 3 images missing or unreadable, stored as flagged blanks (1 of them are there with another " \
+           "extension: see --extension)" in caplog.text
+    again = build_image_lmdb(folder, tmp_path / "png.lmdb", ["b"], size=8, extension=".png", progress=False)
+    assert again["blank"] == 0

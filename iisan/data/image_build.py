@@ -151,10 +151,13 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     if not item_ids:
         raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
 
+    others = _other_extensions(image_dir, extension)
+
     def pixels_of(item_id: str):
         path = image_dir / f"{item_id}{extension}"
         if not path.is_file():
-            return None, "missing"
+            found = others.get(item_id)
+            return None, f"missing (but {item_id}{found} is there: --extension {found})" if found else "missing"
         try:
             return load_image(path, size), None
         except Exception as err:  # any decoder failure is a bad image, never a stop
@@ -164,9 +167,22 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
                                 (image_dir, *inputs))
     write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
     if problems:
-        log.warning("%d of %d images missing or unreadable, stored as flagged blanks; list in %s",
-                    len(problems), len(item_ids), report)
+        elsewhere = sum(item_id in others for item_id, _ in problems)
+        hint = f" ({elsewhere} of them are there with another extension: see --extension)" if elsewhere else ""
+        log.warning("%d of %d images missing or unreadable, stored as flagged blanks%s; list in %s",
+                    len(problems), len(item_ids), hint, report)
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
+
+
+def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
+    """Item id -> the extension of a file ``<id>.<other>`` in the folder, for ids without ``<id><extension>``:
+    what a report of missing images can point at (one listing of the folder)."""
+    found = {}
+    for p in image_dir.iterdir():
+        stem, dot, suffix = p.name.rpartition(".")
+        if dot and stem and f".{suffix}" != extension:
+            found.setdefault(stem, f".{suffix}")
+    return found
 
 
 def _listed_ids(image_dir: Path, extension: str) -> list[str]:
