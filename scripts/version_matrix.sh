@@ -49,7 +49,7 @@ run_setting() {
 echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo +dirty)" | tee -a "$WORK/summary.txt"
 for setting in $SETTINGS; do
   case $setting in
-    floors) run_setting floors 3.10 "torch==2.6.0 transformers==5.18.0 peft==0.15.0" ;;
+    floors) run_setting floors 3.10 "torch==2.6.0 transformers==5.18.0 peft==0.15.0 tomli" ;;
     gpu) run_setting gpu 3.12 "torch==2.11.0 torchvision==0.26.0 transformers==5.17.0 peft==0.21.0" ;;
     *) echo "unknown setting $setting (floors, gpu)"; exit 2 ;;
   esac

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # 3.10: the same parser as a package (the dev extra installs it)
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_NAMES = {"pillow": "PIL"}  # distribution -> import name, where it is not the name with "_" for "-"
