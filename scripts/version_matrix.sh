@@ -17,6 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/iisan-matrix}
 SETTINGS=${SETTINGS:-floors gpu}
+# The other dependencies, named here rather than taken from pyproject.toml: the gpu setting's transformers
+# is below the floor there, so the checkout goes in with --no-deps.
 COMMON="safetensors lmdb pandas numpy pillow tqdm matplotlib psutil huggingface_hub>=1.0,<3 gdown>=5.2,<7 tokenizers pytest tensorboard"
 mkdir -p "$WORK"
 

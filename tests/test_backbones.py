@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iisan.errors import EncoderError
-from iisan.model.backbones import group_layers, load_image_encoder, load_text_encoder
+from iisan.model.backbones import FrozenEncoder, group_layers, load_image_encoder, load_text_encoder
 from iisan.model.inputs import tokenize_titles
 from iisan.model.patches import PatchProjection, patches_as_matmul
 
@@ -133,8 +133,6 @@ def test_a_ready_made_attention_mask_gives_the_states_of_the_2d_one(family, atte
     """BERT-family text towers get their attention mask in transformers' own 4D form (so that building
     it reads nothing back from the device); every hidden state, padded positions included, is the one the
     2D mask gives, for padded batches and for a batch without padding (where transformers drops the mask)."""
-    from iisan.model.backbones import FrozenEncoder
-
     model = _tiny_text_model(family, attention)
     encoder = FrozenEncoder(model, "text", (0, 1, 2), "mean")
     ids = torch.randint(3, 60, (4, 8))
@@ -161,8 +159,6 @@ def test_other_towers_get_their_inputs_unchanged(tiny):
     llama = tf.AutoModel.from_config(tf.LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
                                                    num_attention_heads=2, intermediate_size=48))
     inputs = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
-    from iisan.model.backbones import FrozenEncoder
-
     assert FrozenEncoder(llama, "text", (0, 2), "mean").model_inputs(inputs) is inputs  # a causal LLM
     bert = _tiny_text_model("bert", "sdpa")
     bert.config._attn_implementation = "flash_attention_2"  # wants the 2D mask itself

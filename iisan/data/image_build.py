@@ -9,6 +9,7 @@ images are stored as a flagged blank (zeros), counted, listed in a report file, 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -151,12 +152,13 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     if not item_ids:
         raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
 
-    others = _other_extensions(image_dir, extension)
+    # files under other extensions, listed once and only when an image is missing or unreadable
+    others = functools.cache(lambda: _other_extensions(image_dir, extension))
 
     def pixels_of(item_id: str):
         path = image_dir / f"{item_id}{extension}"
         if not path.is_file():
-            found = others.get(item_id)
+            found = others().get(item_id)
             return None, f"missing (but {item_id}{found} is there: --extension {found})" if found else "missing"
         try:
             return load_image(path, size), None
@@ -167,7 +169,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
                                 (image_dir, *inputs))
     write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
     if problems:
-        elsewhere = sum(item_id in others for item_id, _ in problems)
+        elsewhere = sum(item_id in others() for item_id, _ in problems)
         hint = f" ({elsewhere} of them are there with another extension: see --extension)" if elsewhere else ""
         log.warning("%d of %d images missing or unreadable, stored as flagged blanks%s; list in %s",
                     len(problems), len(item_ids), hint, report)

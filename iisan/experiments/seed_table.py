@@ -25,6 +25,7 @@ from ..evaluate import popularity_metrics
 from ..files import write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
+from ..train.runfolder import finished_file
 from ..train.trainer import train
 from .offline import minilm_path
 from .presets import DATASETS
@@ -67,21 +68,11 @@ def point_config(setting: str, dataset: str, seed: int, data_root: Path, work: P
     return Config(**values)
 
 
-def finished(results: Path) -> bool:
-    """Whether a point's ``results.json`` is that of a finished run: a run writes it from its start on,
-    with its status (``running``, ``failed``, ``interrupted``; files of older runs have none and were
-    written only at the end)."""
-    try:
-        return json.loads(results.read_text()).get("status", "finished") == "finished"
-    except (OSError, ValueError):
-        return False
-
-
 def run_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path) -> Path:
     """Train one point (resuming it if interrupted; nothing to do if it finished); its results file."""
     cfg = point_config(setting, dataset, seed, data_root, work)
     results = Path(cfg.out_dir) / cfg.run_name / "results.json"
-    if finished(results):
+    if finished_file(results) is not None:
         log.info("%s: finished already (%s)", cfg.run_name, results)
         return results
     if cfg.feed == "cached" and cfg.method == "iisan" and not cache_file(cfg.cache_dir, "text").is_file():
@@ -148,7 +139,7 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
             found = {}
             for seed in seeds:
                 path = Path(work) / "runs" / point_name(setting, dataset, seed) / "results.json"
-                if finished(path):
+                if finished_file(path) is not None:
                     found[seed] = points[point_name(setting, dataset, seed)] = _summary(path)
                 else:
                     missing.append(point_name(setting, dataset, seed))

@@ -62,15 +62,24 @@ def reusable_results(cfg: Config) -> dict | None:
     return done
 
 
-def finished_results(cfg: Config) -> dict | None:
-    """The results of ``cfg``'s run folder when that run has finished with exactly this config's
-    computation, epochs and patience (nothing left to do), else None."""
-    path = run_dir(cfg) / RESULTS
+def finished_file(path: Path) -> dict | None:
+    """The results file at ``path`` when it is that of a finished run, else None. A run writes it from its
+    start on, with its status (``running``, ``failed``, ``interrupted``); files of older runs have none and
+    were written only at the end."""
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(Path(path).read_text())
     except (OSError, ValueError):  # absent or unreadable: the run is not known to have finished
         return None
     if not isinstance(results, dict) or results.get("status", "finished") != "finished":
+        return None
+    return results
+
+
+def finished_results(cfg: Config) -> dict | None:
+    """The results of ``cfg``'s run folder when that run has finished with exactly this config's
+    computation, epochs and patience (nothing left to do), else None."""
+    results = finished_file(run_dir(cfg) / RESULTS)
+    if results is None:
         return None
     saved, current = results.get("config") or {}, cfg.to_dict()
     if config_differences(saved, current) or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
