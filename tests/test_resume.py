@@ -167,6 +167,32 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
     same_run(reference, train(cfg))
 
 
+def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base, monkeypatch, caplog):
+    """Saved after 4 of 10 steps by (as its state says) 2 processes, resumed by 1: the steps done were of
+    another sharding, so epoch 1 is trained again from its first step, not from step 4."""
+    cfg = base.replace(run_name="other-world", epochs=3)
+    interrupt_at(monkeypatch, 14)  # epoch 1, step 4 of 10
+    with pytest.raises(RunInterrupted):
+        train(cfg)
+    monkeypatch.undo()
+    saved = Path(cfg.out_dir) / "other-world" / "checkpoints" / "epoch-0001-step-00004"
+    state = json.loads((saved / checkpoint.STATE).read_text())
+    state["world_size"] = 2
+    (saved / checkpoint.STATE).write_text(json.dumps(state, indent=1) + "\n")
+    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
+    manifest["files"][checkpoint.STATE] = {"bytes": (saved / checkpoint.STATE).stat().st_size,
+                                           "sha256": checkpoint.sha256(saved / checkpoint.STATE)}
+    (saved / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    losses = []
+    loss = recommender_module.in_batch_softmax_loss
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", lambda *a: losses.append(1) or loss(*a))
+    with caplog.at_level("WARNING", logger="iisan.train.trainer"):
+        results = train(cfg)
+    assert len(losses) == 20  # epochs 1 and 2, ten steps each (resuming at step 4 would make 16)
+    assert f"{saved} stopped after step 4 of epoch 1 with 2 process(es): epoch 1 starts again" in caplog.text
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
+
+
 def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
     cfg = base.replace(run_name="ctrl-c-end", epochs=3)
     interrupt_at(monkeypatch, 10)

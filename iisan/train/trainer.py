@@ -165,6 +165,14 @@ class Run:
                         state["device"], self.dist.world_size)
         self.progress.load(state, found.path.name)
         self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}")
+        if state["step"] is not None and state["world_size"] != self.dist.world_size:
+            # The steps done were of another sharding (and another steps-per-epoch): no rank can tell
+            # which of its own batches they covered, so the epoch starts again; its steps so far stay
+            # in the weights.
+            log.warning("%s stopped after step %d of epoch %d with %d process(es): epoch %d starts again "
+                        "from its first step", found.path, state["step"], state["epoch"], state["world_size"],
+                        state["epoch"])
+            self.progress.start_step, self.progress.partial_seconds, self.partial_losses = 0, 0.0, None
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
                  self.progress.start_step)
         if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
