@@ -138,3 +138,16 @@ def test_smoke_switch_shrinks_the_same_config(cached_cfg):
     data = Path(cached_cfg.users).parent.name
     assert re.fullmatch(rf"iisan-cached-{data}-smoke-[0-9a-f]{{8}}", Path(results["run_dir"]).name)
     assert set(results["test"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
+
+
+def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cached_cfg, monkeypatch, caplog):
+    """A graphed step whose capture fails trains eagerly; results.json says so, not what was asked for.
+    (On a CPU the capture fails at its first CUDA call, which is the failure path a GPU takes too.)"""
+    import iisan.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "use_compile", lambda cfg, device: "cudagraph")
+    with caplog.at_level("WARNING", logger="iisan.train.graphs"):
+        results = train(cached_cfg.replace(epochs=1, run_name="graph-failed"))
+    assert "CUDA graph capture failed" in caplog.text
+    saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    assert saved["step"]["compiled"] == "off (cudagraph capture failed)" == results["step"]["compiled"]

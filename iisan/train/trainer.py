@@ -93,7 +93,6 @@ class Run:
         self.compiled = "off" if dist.enabled and cfg.compile == "auto" else use_compile(cfg, device)
         self.dedup, self.buckets = batch_layout(cfg, self.compiled, self.model)
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
-        self.record.step = self.step_info()
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
         chosen = self.decide(self.choose_checkpoint)
         scaler_state = None
@@ -107,6 +106,7 @@ class Run:
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
         self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
+        self.record.step = self.step_info()
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
@@ -275,6 +275,7 @@ class Run:
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
+            self.record.step = self.step_info()  # a CUDA graph that failed to capture trained eagerly
             self.check_finite(losses, epoch, n_steps)
             progress.global_step += n_steps
 
@@ -318,7 +319,7 @@ class Run:
         return results
 
     def step_info(self) -> dict:
-        return {"compiled": self.compiled, "dedup_items": self.dedup, "static_shapes": self.buckets is not None,
+        return {"compiled": self.step.mode, "dedup_items": self.dedup, "static_shapes": self.buckets is not None,
                 "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32"}
 
 
