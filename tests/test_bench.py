@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.experiments.bench import add_tpme, in_fresh_process, measure_training
+from iisan.experiments.bench import add_tpme, died, in_fresh_process, measure_training
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -133,6 +134,13 @@ def test_measure_evaluation_ranks_every_user(tiny_config, tiny_cache):
 def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
     out = in_fresh_process(measure_training, tiny_config(users="/nonexistent/users.tsv"), warmup=1, steps=1)
     assert out["error"].startswith("DataError") and "/nonexistent/users.tsv" in out["error"]
+
+
+def test_a_measuring_process_killed_without_a_result_becomes_a_row_not_a_hang():
+    """The OOM killer sends SIGKILL: nothing is posted, and waiting on the queue alone would never end."""
+    out = in_fresh_process(signal.raise_signal, signal.SIGKILL)
+    assert out["error"] == "the measuring process died without a result: killed by SIGKILL (out of memory?)"
+    assert died(3) == "exit status 3" and died(-signal.SIGSEGV) == "killed by SIGSEGV"
 
 
 def run_script(name: str, *args: str, status: int = 0) -> subprocess.CompletedProcess:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import queue as queue_module
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -285,13 +287,32 @@ def in_fresh_process(fn, *args, **kwargs) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
     proc.start()
+    outcome = None
     try:
-        outcome = queue.get()
+        while outcome is None:
+            try:
+                outcome = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not proc.is_alive():  # killed (the OOM killer, a signal) or crashed in native code
+                    proc.join()
+                    try:
+                        outcome = queue.get(timeout=1.0)  # a result posted just before it exited
+                    except queue_module.Empty:
+                        return {"error": f"the measuring process died without a result: {died(proc.exitcode)}",
+                                "traceback": ""}
     finally:
         proc.join()
     if outcome[0] == "ok":
         return outcome[1]
     return {"error": outcome[1], "traceback": outcome[2]}
+
+
+def died(exitcode: int | None) -> str:
+    """How a child process ended, in words: 'exit status 3', 'killed by SIGKILL (out of memory?)'."""
+    if exitcode is None or exitcode >= 0:
+        return f"exit status {exitcode}"
+    name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+    return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 def memory_gib(row: dict) -> float | None:
