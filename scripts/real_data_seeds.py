@@ -4,7 +4,8 @@ SASRec over item IDs (``--method id``) and text-only cached IISAN with the real 
 
 Resumable: each (setting, data set, seed) is a run folder under --work; rerun the same command after an
 interruption. Points can be split across processes (--settings / --datasets / --seeds); every process
-rewrites --out from all finished points at the end (and with --table-only, without training).
+rewrites --out at the end (and with --table-only, without training) from all finished points of the
+whole grid: every setting and data set, the default seeds and any --seeds given.
 
     nice -n 10 python scripts/real_data_seeds.py --settings id --datasets Scientific
 
@@ -73,7 +74,10 @@ def main(argv=None) -> None:
                 for dataset in args.datasets:
                     for seed in args.seeds:
                         run_point(setting, dataset, seed, Path(args.data_root), Path(args.work))
-        return write_table(Path(args.work), Path(args.out), Path(args.data_root), seeds=tuple(SEEDS))
+        # the whole grid, so that processes splitting it each write the full table; seeds beyond the
+        # default three join it
+        seeds = tuple(sorted(set(SEEDS) | set(args.seeds)))
+        return write_table(Path(args.work), Path(args.out), Path(args.data_root), seeds=seeds)
 
     payload = entry_point(sys.argv[0], run)
     print(markdown(payload), end="")
