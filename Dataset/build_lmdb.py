@@ -13,12 +13,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
+from iisan.bounds import check_encoding  # noqa: E402
 from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
+from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.presets import dataset_paths  # noqa: E402
 
-IMAGE_FOLDERS = {"Scientific": "am_image_is", "Instrument": "am_image_mi", "Office": "am_image_op"}
+IMAGE_FOLDERS = {name: source.images.folder for name, source in SOURCES.items()}  # where the archives unpack
 
 
 def main(argv=None):
@@ -26,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--images", help="folder of <item_id>.jpg")
     parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
     parser.add_argument("--out", help="LMDB folder to write")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=224, help="side of the stored square images")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
@@ -46,6 +48,7 @@ def main(argv=None):
             parser.error(f"no image folder found here ({', '.join(IMAGE_FOLDERS.values())}); see Dataset/README.md")
 
     def build() -> None:
+        check_encoding(args.encoding)
         for images, items, out in jobs:
             ids = read_items(items, allow_empty_titles=True, encoding=args.encoding).ids if items else None
             report = build_image_lmdb(images, out, ids, size=args.size, overwrite=args.overwrite, inputs=[items])

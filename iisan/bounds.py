@@ -6,6 +6,7 @@ whenever a config is made."""
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import math
 import re
@@ -15,6 +16,7 @@ from .errors import ConfigError
 
 LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 
 
@@ -49,7 +51,7 @@ def check_bounds(cfg) -> None:
         )
     check_run_name(cfg.run_name)
     if not DEVICE.fullmatch(cfg.device):
-        raise ConfigError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"device={cfg.device!r} is not one of {DEVICES}")
     if cfg.title_tokens < MIN_TITLE_TOKENS:
         raise ConfigError(f"title_tokens={cfg.title_tokens} must be at least {MIN_TITLE_TOKENS} "
                           "(the tokenizer's [CLS] and [SEP] are counted)")
@@ -71,3 +73,17 @@ def check_encoding(encoding: str) -> None:
         known = False
     if not known:
         raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes given on a command line (``-k``, ``--size``)."""
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def device_choice(text: str) -> str:
+    """An argparse ``type`` for ``--device`` where no config checks it."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {DEVICES}")
+    return text

@@ -135,7 +135,7 @@ class Config:
     lr_adapter_image: float = _opt(1e-4, "image and inter side-adapter blocks (Adapter/LoRA: 4e-4)")
     lr_adapter_text: float = _opt(1e-4, "text side-adapter blocks (Adapter/LoRA: 4e-4)")
     seed: int = _opt(12345, "seed for Python, NumPy and torch")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 = the authors' (with a "
                     "GradScaler; the step then runs eager)", ("auto", "none", "bf16", "fp16"))
     compile: str = _opt("auto", "training step: eager (off), one CUDA graph (cudagraph) or torch.compile "

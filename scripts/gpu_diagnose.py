@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
@@ -32,7 +33,7 @@ def main(argv=None) -> dict:
                         help="encoders: BERT-base + ViT-B/16, or tiny ones")
     parser.add_argument("--data", choices=("scientific", "demo"), default=defaults.data,
                         help="synthetic data for the iisan section")
-    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--device", default=defaults.device, type=device_choice, help=DEVICES)
     parser.add_argument("--fft-items", type=ints, default=defaults.fft_items,
                         help="items per plain FFT step besides the bucket size iisan's FFT step ran most (352: "
                              "every slot of 32 users)")

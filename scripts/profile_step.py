@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.experiments.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
@@ -25,7 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS))
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
     parser.add_argument("--data", choices=DATA, default="demo")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", type=device_choice, help=DEVICES)
     parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workers", type=int, default=8)

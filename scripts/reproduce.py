@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-fetch", action="store_true", help="never download: say which step is missing")
     parser.add_argument("--import-from", default="", help="the authors' released states (bert_outputs/, vit_outputs/)")
     parser.add_argument("--epochs", type=int, default=None, help="cap on epochs (default: the paper's 100)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--demo-users", type=int, default=1200, help="demo only: synthetic users")
     parser.add_argument("--demo-items", type=int, default=400, help="demo only: synthetic items")
     args = parser.parse_args(argv)

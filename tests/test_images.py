@@ -77,3 +77,20 @@ def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplo
            "extension: see --extension)" in caplog.text
     again = build_image_lmdb(folder, tmp_path / "png.lmdb", ["b"], size=8, extension=".png", progress=False)
     assert again["blank"] == 0
+
+
+def test_dataset_build_lmdb_script_refuses_an_unknown_encoding_in_one_line(tiny, tmp_path, capsys):
+    """``Dataset/build_lmdb.py`` (the authors' command) checks --encoding as ``iisan build-lmdb`` does."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "Dataset" / "build_lmdb.py"
+    spec = importlib.util.spec_from_file_location("build_lmdb_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--images", tiny["image_dir"], "--items", tiny["items"], "--out", str(tmp_path / "x.lmdb"),
+                     "--encoding", "klingon"])
+    assert stopped.value.code == 2 and not (tmp_path / "x.lmdb").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "build_lmdb.py: error: encoding='klingon' is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from ..bounds import check_encoding
+from ..bounds import check_encoding, positive_int
 from ..config import add_config_arguments, config_from_args
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
@@ -50,6 +51,13 @@ def cmd_make_tiny_models(args) -> None:
     print(write_llama(out / "tiny-llama", vocab, hidden=args.hidden + 16, layers=args.layers + 2))
 
 
+def tiny_width(text: str) -> int:
+    width = positive_int(text)
+    if width % 8:  # LLaMA's rotary embedding wants an even width per head: (width + 16) / 4
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 8")
+    return width
+
+
 def cmd_cache(args) -> None:
     paths = build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
                                     overwrite=args.overwrite)
@@ -61,8 +69,9 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("data-stats", help="users, items and interactions after the paper's protocol")
     p.add_argument("--users", required=True, help="users TSV")
     p.add_argument("--items", required=True, help="items TSV")
-    p.add_argument("--max-seq-len", type=int, default=10)
-    p.add_argument("--min-seq-len", type=int, default=5)
+    p.add_argument("--max-seq-len", type=positive_int, default=10, help="items before a target (default: 10)")
+    p.add_argument("--min-seq-len", type=positive_int, default=5, help="fewest interactions a user needs "
+                   "(default: 5)")
     p.add_argument("--allow-empty-titles", action="store_true")
     p.add_argument("--encoding", default="utf-8", help="text encoding of both files (default: utf-8)")
     p.add_argument("--merge-duplicate-users", action="store_true",
@@ -83,8 +92,9 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
     p.add_argument("--out", default="pretrained_models", help="parent folder")
     p.add_argument("--items", default=None, help="items TSV whose titles make the tokenizer vocabulary")
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=tiny_width, default=32,
+                   help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8")
+    p.add_argument("--layers", type=positive_int, default=2)
     p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
     p.set_defaults(func=cmd_make_tiny_models)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from ..bounds import DEVICES, device_choice, positive_int
 from ..config import METHOD_NAMES
 from ..devices import device_name
 from ..errors import DataError, OutputError
@@ -101,16 +101,10 @@ def cmd_export(args) -> None:
           f"{args.split} target; rows in the order of the metadata's user_ids)")
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def add_use_commands(sub) -> None:
     def common(p):
         p.add_argument("run_dir", help="a run folder (config.json and best.safetensors)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--device", type=device_choice, default="auto", help=DEVICES)
 
     p = sub.add_parser("evaluate", help="rebuild a trained run's model, load its best weights and evaluate "
                                         "(the numbers of its results.json)")
