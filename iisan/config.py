@@ -229,9 +229,12 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not a JSON config "
+                              "file") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of config keys")
         cls.from_dict(values, source=str(path))  # validates keys and values
