@@ -75,3 +75,14 @@ def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
     bad = _write(tmp_path, "bad2.csv", "user,item,timestamp\n7,10,soon\n")
     with pytest.raises(DataError, match=r"bad2.csv:2: timestamp 'soon' is not a number"):
         load_dataset(bad, titles, allow_empty_titles=True)
+
+
+def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp_path):
+    """A quoted title may hold a newline; the rows after it are still named by their own line."""
+    titles = _write(tmp_path, "t.csv", 'item,title\n10,"two\nlines"\n\n11,\n')  # item 11 starts on line 5
+    pairs = _write(tmp_path, "p.csv", PAIRS_CSV)
+    with pytest.raises(DataError, match=r"t.csv:5: empty title for item '11'"):
+        load_dataset(pairs, titles)
+    bad = _write(tmp_path, "p2.csv", 'user,item,timestamp\n7,"1\n0",1\n7,11,soon\n')
+    with pytest.raises(DataError, match=r"p2.csv:4: timestamp 'soon' is not a number"):
+        load_dataset(bad, titles, allow_empty_titles=True)

@@ -35,11 +35,16 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
 
 
 def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """``(header, [(line number, row)])`` of a CSV file with a header; blank rows skipped."""
-    rows = list(csv.reader(line for _, line in decoded_lines(path, encoding, newline="")))
+    """``(header, [(line number, row)])`` of a CSV file with a header; blank rows skipped. A row's line
+    number is the line it starts on: a quoted field may span lines."""
+    reader = csv.reader(line for _, line in decoded_lines(path, encoding, newline=""))
+    rows, done = [], 0  # done: lines the reader has consumed before the row
+    for row in reader:
+        rows.append((done + 1, row))
+        done = reader.line_num
     if not rows:
         raise DataError(f"{what} file {path} is empty")
-    return rows[0], [(n, row) for n, row in enumerate(rows[1:], 2) if row and "".join(row).strip()]
+    return rows[0][1], [(n, row) for n, row in rows[1:] if row and "".join(row).strip()]
 
 
 def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str, list[str]]]:
