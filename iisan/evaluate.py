@@ -146,14 +146,13 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
 
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
-               device: torch.device, amp: torch.dtype | None = None,
-               ids: np.ndarray | None = None) -> torch.Tensor:
-    """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation (fp32
-    unless ``amp``)."""
+               device: torch.device, ids: np.ndarray | None = None) -> torch.Tensor:
+    """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation, in fp32
+    whatever precision training ran in."""
     model.eval()
     rows = []
     for batch in item_chunks(np.arange(num_items + 1) if ids is None else ids, chunk, pixels):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
             rows.append(model.item_encoder(batch.to(device)).float())
     return torch.cat(rows)
 

@@ -163,8 +163,8 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
 @torch.no_grad()
 def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int]],
                  metadata: dict[str, dict[str, str]], item_ids: list[str], out_dir: str | Path, *,
-                 chunk_size: int, device: torch.device, pixels: PixelSource | None = None,
-                 dtype: torch.dtype = torch.float16, progress: bool = True,
+                 chunk_size: int, device: torch.device, dtype: torch.dtype, pixels: PixelSource | None = None,
+                 progress: bool = True,
                  timings: dict | None = None) -> dict[str, Path]:
     """Run ``encode`` once over items 1..len(item_ids)-1 and write one cache file per modality.
 

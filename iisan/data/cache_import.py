@@ -104,7 +104,7 @@ def summary(problems: list[tuple[str, str, Path, str]]) -> str:
 
 def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[int]],
                   shapes: dict[str, tuple[int, int]], metadata: dict[str, dict[str, str]], out_dir: str | Path,
-                  dtype: torch.dtype = torch.float16, allow_missing: bool = False) -> dict[str, Path]:
+                  dtype: torch.dtype, allow_missing: bool = False) -> dict[str, Path]:
     """Import every modality of ``layers`` (modality -> hidden-state indices to keep) from the authors'
     files under ``src``; ``shapes`` gives each file's expected (states, width); ``metadata`` each cache's.
     Nothing is written unless every modality imports cleanly."""

@@ -164,8 +164,8 @@ class FrozenEncoder(nn.Module):
             keep = torch.where(keep, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
         return {**inputs, "attention_mask": keep}
 
-    def forward_states(self, **inputs) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """Run the model: ``(all hidden states, final last_hidden_state)``.
+    def forward_states(self, **inputs) -> tuple[torch.Tensor, ...]:
+        """Run the model: all depth + 1 hidden states (index 0: the embeddings).
 
         The whole stack of depth + 1 states lives only for one chunk of items; callers keep the
         selected, pooled ones (``layer_states``)."""
@@ -181,7 +181,7 @@ class FrozenEncoder(nn.Module):
         if len(hidden) != self.depth + 1:
             raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = "
                                f"{self.depth + 1}")
-        return hidden, out.last_hidden_state
+        return hidden
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(n, T, d) -> (n, d). Only real tokens count, so appending padding never changes the result;
@@ -203,7 +203,7 @@ class FrozenEncoder(nn.Module):
 
     def layer_states(self, **inputs) -> torch.Tensor:
         """(n, len(layers), width): pooled state of every selected hidden-state index."""
-        hidden, _ = self.forward_states(**inputs)
+        hidden = self.forward_states(**inputs)
         mask = inputs.get("attention_mask")
         return torch.stack([self.pool(hidden[i], mask) for i in self.layers], dim=1)
 

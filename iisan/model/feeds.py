@@ -56,9 +56,7 @@ class LiveStates(EncodedItems):
 
 
 class CachedStates(nn.Module):
-    """Tables (N+1, k, d) per modality, kept on the device in their stored dtype (fp16 by default)."""
-
-    needs_pixels = False
+    """Tables (N+1, k, d) per modality, kept on the device in their stored dtype (``cache_dtype``)."""
 
     def __init__(self, tables: dict[str, torch.Tensor]):
         super().__init__()

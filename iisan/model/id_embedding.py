@@ -20,8 +20,6 @@ class ItemIDEncoder(nn.Module):
     authors' init). Row 0 (padding) never trains (``padding_idx``) and, unlike theirs, starts at zero;
     its column is masked in the loss and its key in SASRec, so the difference never reaches a number."""
 
-    needs_pixels = False
-
     def __init__(self, num_items: int, dim: int = 64):
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)

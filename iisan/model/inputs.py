@@ -104,7 +104,6 @@ class EncodedItems(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("attention", attention, persistent=False)
-        self.needs_pixels = "image" in encoders
 
     def title_lengths(self) -> np.ndarray | None:
         """(N+1,) real tokens per title on the host, or None without a text tower."""

@@ -23,10 +23,6 @@ class IISANItemEncoder(nn.Module):
         self.states = states
         self.tower = tower
 
-    @property
-    def needs_pixels(self) -> bool:
-        return self.states.needs_pixels
-
     def title_lengths(self):
         return self.states.title_lengths()
 
