@@ -75,7 +75,7 @@ def notes(payload: dict) -> list[str]:
               "steps); s / step is their median, p90 their 90th percentile, s / epoch the median x ceil(users / "
               "batch). Full epoch: a real epoch end to end, its image pipeline started cold, the last smaller "
               "batch included (where measured)." if any("step_seconds" in r for r in payload["rows"]) else
-              "s / step is their mean (results from before per-step timing), s / epoch that x ceil(users / batch).")
+              "s / step is their mean (a results file without per-step times), s / epoch that x ceil(users / batch).")
     out = [f"Device: {payload['device']}. Setting: {payload['description']}. Training only, no evaluation: "
            f"{steps} timed steps after {warmup} warm-up steps, {timing}",
            "Encodes 'distinct items' (the default): each distinct item of a batch runs through the item encoder "

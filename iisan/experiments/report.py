@@ -80,7 +80,7 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": results["feed"],
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
-        "status": results.get("status", "finished"),  # files from before statuses were written only at the end
+        "status": results.get("status", "finished"),  # a file without a status was written only at the end
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "best_epoch": results["best_epoch"],
         "epochs_run": len(results["epochs"]),

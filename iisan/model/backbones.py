@@ -111,7 +111,7 @@ def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.d
                           allow_download: bool = False) -> torch.dtype:
     """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is
     emulated there); on a GPU, the checkpoint's own precision when it is half (a 70B LLM in fp32 would not
-    fit), else fp32, so BERT/ViT checkpoints run as before."""
+    fit), else fp32 (BERT and ViT checkpoints are stored in fp32)."""
     if choice != "auto":
         return {"float32": torch.float32, **HALF}[choice]
     if device.type != "cuda":
