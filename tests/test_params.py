@@ -128,13 +128,14 @@ PRESET_TEXT = {"llama3-70b+vit-base": "llama3-70b", "llama3-8b+vit-base": "llama
 @pytest.mark.slow
 def test_params_counts_every_versa_preset_as_training_builds_it(tiny, tmp_path):
     from iisan.config import Config
+    from iisan.experiments.presets import VERSA_PRESETS
     from iisan.experiments.sweep import parse_script_args
 
     path = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN_Versa.py"
     spec = importlib.util.spec_from_file_location("run_IISAN_Versa_params", path)
     versa = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(versa)
-    assert set(PRESET_TEXT) == set(versa.PRESETS)  # every preset is counted
+    assert set(PRESET_TEXT) == set(VERSA_PRESETS)  # every preset is counted
     folders = _architecture_folders(tmp_path / "models")
     counts = {}
     for preset, text in PRESET_TEXT.items():
@@ -147,7 +148,7 @@ def test_params_counts_every_versa_preset_as_training_builds_it(tiny, tmp_path):
                                             extra_arguments=versa.extra_arguments)
             cfg = point.config
             assert isinstance(cfg, Config)
-            assert cfg.san_heads == (heads or versa.PRESETS[preset].get("san_heads", "auto"))
+            assert cfg.san_heads == (heads or VERSA_PRESETS[preset].get("san_heads", "auto"))
             data = load_data(cfg)
             if heads is None:
                 (tmp_path / f"cache-{preset}").mkdir()

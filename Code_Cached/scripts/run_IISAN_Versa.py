@@ -1,11 +1,11 @@
 """Cached IISAN-Versa: any text encoder with any image encoder (authors' Code_Cached_Asym/script/).
 
-Pick an encoder pair with --preset (PRESETS below, as data); every Config key is also a flag and wins
-over the preset (`--text-model pretrained_models/Qwen2.5-7B --text-pooling last`). With --build-cache
-the frozen encoders first run once over the items when the cache is missing (resumable after an
-interruption; `--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own half type on a
-GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`), and the
-symmetric pair reads IISAN's cache. The presets follow the authors' Code_Cached_Asym scripts (their
+Pick an encoder pair with --preset (VERSA_PRESETS in iisan/experiments/presets.py, as data); every Config
+key is also a flag and wins over the preset (`--text-model pretrained_models/Qwen2.5-7B --text-pooling
+last`). With --build-cache the frozen encoders first run once over the items when the cache is missing
+(resumable after an interruption; `--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own
+half type on a GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`), and
+the symmetric pair reads IISAN's cache. The presets follow the authors' Code_Cached_Asym scripts (their
 layer lists, their LLM pooling, their MicroLens heads); every difference is a flag.
 
   python run_IISAN_Versa.py --preset llama3-8b+vit-base --build-cache
@@ -20,33 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
 from iisan.data.cache import cache_file  # noqa: E402
-from iisan.experiments.presets import DATASETS, ROOT, dataset_paths  # noqa: E402
+from iisan.experiments.presets import DATASETS, VERSA_PRESETS, dataset_paths  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
 from iisan.model.caching import build_cache_from_config  # noqa: E402
 from iisan.train.trainer import train  # noqa: E402
 
-MODELS = ROOT / "pretrained_models"
-PRESETS = {
-    # The paper's LLM pairing (authors' run_IISAN_ins.py / run_IISAN_off.py): LLaMA-3-70B, 80 layers x 8192,
-    # their layer list 4,19,...,79 (+1, with the embedding output). Their LLM features (preprocess_llama-
-    # 3-70b_*.py) average all 30 positions, padding included (pad id 0, no attention mask), over titles
-    # that are not lower-cased: text_pooling "authors" (--text-pooling mean: over real tokens only).
-    "llama3-70b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-70B"),
-                            "text_layers": (0, 5, 20, 35, 50, 65, 80), "text_pooling": "authors"},
-    # The same design on one GPU: 32 layers x 4096, the authors' list for 32-layer towers, blocks
-    # 1,7,13,19,25,31 (+1, with the embedding output); group layer-dropping would pick 0,5,11,16,21,27,32
-    # (--text-layers 0,5,11,16,21,27,32).
-    "llama3-8b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-8B"),
-                           "text_layers": (0, 2, 8, 14, 20, 26, 32), "text_pooling": "authors"},
-    # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts.
-    "bert-large+vit-base": {"text_model": str(MODELS / "bert-large-uncased")},
-    # BERT-base with ViT-B: equal towers, so Versa is IISAN exactly (same parameters, same outputs).
-    "bert-base+vit-base": {},
-    # Authors' run_IISAN_micro.py: BERT-base + ViT-B on MicroLens-100k, batch 512, image bottleneck 512,
-    # and their Versa draft's narrow heads width -> 64 -> 64 (--san-heads iisan: width -> width -> 64).
-    "microlens": {"batch_size": 512, "image_adapter_down": 512, "text_adapter_down": 64, "epochs": 200,
-                  "allow_empty_titles": True, "san_heads": "versa"},
-}
 SWEEP = {
     "seed": [12345],
 }
@@ -54,11 +32,11 @@ SWEEP = {
 
 def defaults_for(argv: list[str] | None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(PRESETS))
+    pre.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
     known, _ = pre.parse_known_args(argv)
     cache_dir = dataset_paths(known.dataset)["cache_dir"] if known.dataset in DATASETS else ""
-    preset = PRESETS[known.preset]
+    preset = VERSA_PRESETS[known.preset]
     if preset.get("text_model") and cache_dir:  # another encoder pair: its own cache folder
         cache_dir += "_" + known.preset
     return {"method": "iisan", "feed": "cached",
@@ -66,8 +44,8 @@ def defaults_for(argv: list[str] | None) -> dict:
 
 
 def extra_arguments(parser):
-    parser.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(PRESETS),
-                        help="encoder pair and settings (PRESETS in this script)")
+    parser.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(VERSA_PRESETS),
+                        help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py)")
     parser.add_argument("--build-cache", action="store_true", help="build the cache first when it is missing")
 
 

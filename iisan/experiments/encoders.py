@@ -23,7 +23,7 @@ import huggingface_hub
 
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError
-from .presets import ROOT
+from .presets import BACKBONES, ROOT, VERSA_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ ENCODERS = {  # folder under pretrained_models/ -> where it comes from
     "Meta-Llama-3-8B": HubModel("meta-llama/Meta-Llama-3-8B", None, "text"),
     "Meta-Llama-3-70B": HubModel("meta-llama/Meta-Llama-3-70B", None, "text"),
 }
-ENCODER_PRESETS = {  # the paper's IISAN, and the pairs of Code_Cached/scripts/run_IISAN_Versa.py's presets
-    "iisan": ("bert-base-uncased", "vit-base-patch16-224"),
-    "bert-base+vit-base": ("bert-base-uncased", "vit-base-patch16-224"),
-    "bert-large+vit-base": ("bert-large-uncased", "vit-base-patch16-224"),
-    "llama3-8b+vit-base": ("Meta-Llama-3-8B", "vit-base-patch16-224"),
-    "llama3-70b+vit-base": ("Meta-Llama-3-70B", "vit-base-patch16-224"),
-}
+
+
+def _pair(settings: dict) -> tuple[str, str]:
+    """The folders under pretrained_models/ of an encoder pair's settings (BERT-base and ViT-B/16 unless set)."""
+    return tuple(Path(settings.get(key, BACKBONES[key])).name for key in ("text_model", "image_model"))
+
+
+# the paper's IISAN, and the pairs of the Versa presets (Code_Cached/scripts/run_IISAN_Versa.py --preset)
+ENCODER_PRESETS = {"iisan": _pair({})} | {name: _pair(settings) for name, settings in VERSA_PRESETS.items()}
 
 
 class HubClient(Protocol):

@@ -1,5 +1,6 @@
-"""The paper's data sets and backbones as data: paths relative to the repository. (Each method's paper
-defaults are ``config.METHOD_DEFAULTS``: they sit below every flag and file in the one precedence rule.)"""
+"""The paper's data sets, backbones and IISAN-Versa encoder pairs as data: paths relative to the repository.
+(Each method's paper defaults are ``config.METHOD_DEFAULTS``: they sit below every flag and file in the one
+precedence rule.)"""
 
 from __future__ import annotations
 
@@ -27,7 +28,31 @@ def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:
             "cache_dir": str(root / "Code_Cached" / cache)}
 
 
+MODELS = ROOT / "pretrained_models"
 BACKBONES = {
-    "text_model": str(ROOT / "pretrained_models" / "bert-base-uncased"),
-    "image_model": str(ROOT / "pretrained_models" / "vit-base-patch16-224"),
+    "text_model": str(MODELS / "bert-base-uncased"),
+    "image_model": str(MODELS / "vit-base-patch16-224"),
 }
+
+VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every key is a Config field
+    # The paper's LLM pairing (authors' run_IISAN_ins.py / run_IISAN_off.py): LLaMA-3-70B, 80 layers x 8192,
+    # their layer list 4,19,...,79 (+1, with the embedding output). Their LLM features (preprocess_llama-
+    # 3-70b_*.py) average all 30 positions, padding included (pad id 0, no attention mask), over titles
+    # that are not lower-cased: text_pooling "authors" (--text-pooling mean: over real tokens only).
+    "llama3-70b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-70B"),
+                            "text_layers": (0, 5, 20, 35, 50, 65, 80), "text_pooling": "authors"},
+    # The same design on one GPU: 32 layers x 4096, the authors' list for 32-layer towers, blocks
+    # 1,7,13,19,25,31 (+1, with the embedding output); group layer-dropping would pick 0,5,11,16,21,27,32
+    # (--text-layers 0,5,11,16,21,27,32).
+    "llama3-8b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-8B"),
+                           "text_layers": (0, 2, 8, 14, 20, 26, 32), "text_pooling": "authors"},
+    # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts.
+    "bert-large+vit-base": {"text_model": str(MODELS / "bert-large-uncased")},
+    # BERT-base with ViT-B: equal towers, so Versa is IISAN exactly (same parameters, same outputs).
+    "bert-base+vit-base": {},
+    # Authors' run_IISAN_micro.py: BERT-base + ViT-B on MicroLens-100k, batch 512, image bottleneck 512,
+    # and their Versa draft's narrow heads width -> 64 -> 64 (--san-heads iisan: width -> width -> 64).
+    "microlens": {"batch_size": 512, "image_adapter_down": 512, "text_adapter_down": 64, "epochs": 200,
+                  "allow_empty_titles": True, "san_heads": "versa"},
+}
+
