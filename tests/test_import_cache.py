@@ -136,6 +136,8 @@ def test_bad_files_are_counted_and_named_and_a_pickled_object_is_refused_unread(
     report = (Path(cfg.cache_dir) / REPORT).read_text().splitlines()
     assert len(report) == 7 and report[1].startswith(f"text\t{ids[0]}\t") and "refused" in report[1]
     assert "shape (5, 32), expected (3, 32)" in report[3]
+    import_cache_from_config(cfg, authors_files["src"], dtype="float32")  # the intact files, same folder
+    assert (Path(cfg.cache_dir) / REPORT).read_text() == "modality\titem_id\tfile\tproblem\n"
 
 
 def test_missing_files_can_be_stored_as_zero_states_when_asked(tiny, authors_files, tmp_path):

@@ -121,8 +121,7 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
         problems += [(m, *p) for p in found]
     missing = [p for p in problems if p[3] == "missing"]
     fatal = [p for p in problems if p[3] != "missing" or not allow_missing]
-    if problems:
-        write_report(out_dir / REPORT, problems)
+    write_report(out_dir / REPORT, problems)  # also when clean: no earlier import's problems stay listed
     if fatal:
         raise CacheError(f"{len(fatal)} of {(len(item_ids) - 1) * len(layers)} files under {src} cannot be "
                          f"imported: {summary(fatal)}; no cache was written; every file is listed in "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import atomic_path, write_text_atomic
 from .image_build import write_image_lmdb
 
 # Scientific after the protocol: users with 5, 6, ..., 13 kept interactions (counts sum to 12,076).
@@ -57,7 +58,7 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
         filler = " ".join(_word(rng, 2) for _ in range(rng.integers(1, 4)))
         lines.append(f"{item_id}\t{topic_words[t][0].title()} {topic_words[t][1]} {_word(rng)} {filler} "
                      f"No.{n % 97}")
-    (out / "items.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(out / "items.tsv", "\n".join(lines) + "\n")
 
     if length_profile:
         lengths = np.repeat(list(length_profile), list(length_profile.values()))
@@ -82,14 +83,15 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
                 item = int(rng.choice(members[topic[item]], p=weights if topic[item] == t else None))
             seq.append(item)
         users.append(f"U{u:07d}\t" + " ".join(item_ids[i] for i in seq))
-    (out / "users.tsv").write_text("\n".join(users) + "\n", encoding="utf-8")
+    write_text_atomic(out / "users.tsv", "\n".join(users) + "\n")
 
     paths = {"users": out / "users.tsv", "items": out / "items.tsv"}
     if images == "jpg":
         image_dir = out / "images"
         image_dir.mkdir(exist_ok=True)
         for n, item_id in enumerate(item_ids):
-            draw_item(palette[topic[n]], n, image_size, rng).save(image_dir / f"{item_id}.jpg", quality=90)
+            with atomic_path(image_dir / f"{item_id}.jpg") as tmp:
+                draw_item(palette[topic[n]], n, image_size, rng).save(tmp, format="JPEG", quality=90)
         paths["images"] = image_dir
     elif images == "lmdb":
         row = {item_id: n for n, item_id in enumerate(item_ids)}

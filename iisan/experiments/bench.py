@@ -27,6 +27,7 @@ from ..data.interactions import SeqRecData
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
 from ..devices import amp_dtype, device_name, peak_memory, resolve_device, sync
 from ..evaluate import eval_chunk, evaluate_model
+from ..files import atomic_path
 from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
 from ..train.step import batch_layout, make_optimizer, make_train_step, use_compile
@@ -352,6 +353,7 @@ def profile_steps(cfg: Config, steps: int = 5, trace: str = "") -> str:
             step(next(batches))
         sync(device)
     if trace:
-        prof.export_chrome_trace(trace)
+        with atomic_path(trace) as tmp:
+            prof.export_chrome_trace(str(tmp))
     return prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
                                      row_limit=30)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..data.image_build import build_image_lmdb, write_image_lmdb
 from ..errors import ConfigError
+from ..files import atomic_path
 from ..model.tiny import write_vit
 
 BLANK = "BLANK images (every item the same all-zero image; no product images were used)"
@@ -43,7 +44,8 @@ def random_image_store(work: Path, item_ids: list[str], size: int = 32) -> Path:
         image = folder / f"{item_id}.png"
         if not image.exists():
             noise = np.random.default_rng(row).integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(noise).save(image)
+            with atomic_path(image) as tmp:  # a killed run leaves no cut-short image to be reused
+                Image.fromarray(noise).save(tmp, format="PNG")
     path = Path(work) / "random.lmdb"
     if not path.is_dir():
         build_image_lmdb(folder, path, item_ids, size=size, extension=".png", progress=False)

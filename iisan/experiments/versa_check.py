@@ -87,7 +87,8 @@ def versa_gpu_check(out: Path, work: Path, device: str = "cuda", quick: bool = F
         build_cache_from_config(resumed, dtype="float16")
     except RuntimeError as err:
         report["interrupted"] = str(err)
-    LiveStates.forward = original
+    finally:  # whatever else failed, later builds in this process run the real forward
+        LiveStates.forward = original
     build_cache_from_config(resumed, dtype="float16")
     report["resumed_bytes_equal"] = all(cache_file(work / "resumed", m).read_bytes() ==
                                         cache_file(work / "gpu", m).read_bytes() for m in ("text", "image"))
