@@ -341,15 +341,19 @@ def test_optimizer_state_round_trips_exactly(base):
         assert torch.equal(p, q)
 
 
-def test_a_run_folder_in_use_is_refused(base, tmp_path):
+def test_a_run_folder_in_use_is_refused(base, tmp_path, monkeypatch):
     cfg = base.replace(out_dir=str(tmp_path), run_name="busy", epochs=1)
     held = checkpoint.lock_run_folder(tmp_path / "busy")
     busy = rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "
     with pytest.raises(TrainingError, match=busy):
         train(cfg)
     held.close()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as a caller may have set it
     assert len(train(cfg.replace(deterministic=True))["epochs"]) == 1  # the lock goes with its holder
-    assert not torch.are_deterministic_algorithms_enabled()  # --deterministic is undone after the run
+    # --deterministic is undone after the run: every global switch it turned
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.backends.cudnn.benchmark
 
 
 def test_a_field_added_after_the_checkpoint_counts_as_its_default(base):

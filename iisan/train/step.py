@@ -6,6 +6,7 @@ slot). The trainer (``trainer.py``) and the benchmark both run exactly this step
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -22,18 +23,37 @@ from ..model.recommender import Recommender
 from .graphs import GraphedStep
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
-    (``batches.train_loader``). ``deterministic`` also asks for deterministic CUDA kernels: without it, kernels
-    that accumulate with atomics (e.g. the backward of the item-embedding gather) make GPU runs differ in
-    the last bits; CPU runs are bit-exact either way."""
+    (``batches.train_loader``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """With ``enabled``, deterministic CUDA kernels inside the block: without them, kernels that accumulate
+    with atomics (e.g. the backward of the item-embedding gather) make GPU runs differ in the last bits;
+    CPU runs are bit-exact either way. The switches are global, so all of them are put back afterwards
+    (a sweep's later points, a benchmark in the same process)."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses determinism without it
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
 class TrainStep:

@@ -36,7 +36,15 @@ from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
 from .runfolder import reusable_results, run_dir
-from .step import batch_layout, make_optimizer, make_train_step, out_of_memory_message, seed_everything, use_compile
+from .step import (
+    batch_layout,
+    deterministic_kernels,
+    make_optimizer,
+    make_train_step,
+    out_of_memory_message,
+    seed_everything,
+    use_compile,
+)
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
 log = logging.getLogger(__name__)
@@ -332,11 +340,10 @@ def train(cfg: Config) -> dict:
     done = reusable_results(cfg)
     if done is not None:
         return done
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    seed_everything(cfg.seed, cfg.deterministic)
+    seed_everything(cfg.seed)
     dist, device, created = distributed.setup(cfg.device)
     try:
-        with StopRequests(escalate=not dist.enabled) as stop:
+        with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled) as stop:
             run = Run(cfg, dist, device, stop)
             try:
                 return run.run()
@@ -346,6 +353,5 @@ def train(cfg: Config) -> dict:
             finally:
                 run.close()
     finally:
-        torch.use_deterministic_algorithms(deterministic)  # the setting is global: leave it as found
         if created:
             distributed.teardown()
