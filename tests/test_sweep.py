@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.experiments.sweep import run_script
+from iisan.experiments.sweep import parse_script_args, run_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN.py"
 DEFAULTS = {"method": "iisan", "feed": "cached"}  # what run_IISAN.py passes
@@ -98,3 +98,16 @@ def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.endswith("error: --grid-index 6: the grid has 6 point(s), 0..5 "
                                                  "(see --list-grid)")
+
+
+def test_a_swept_path_under_an_explicit_run_name_gives_one_safe_folder_per_point(argv, tiny, tmp_path):
+    """A SWEEP over encoder folders: their '/' cannot go into a run name, and two paths that differ only in
+    characters a folder name cannot hold still get folders of their own."""
+    other = str(Path(tiny["text_model"]).parent / "bert_")
+    sweep = {"text_model": [tiny["text_model"], other, other.replace("bert_", "bert/")]}
+    flags = argv("--run-name", "mine")
+    at = flags.index("--text-model")  # the flag would win over the SWEEP list
+    points, _ = parse_script_args(DEFAULTS, sweep, flags[:at] + flags[at + 2:])
+    names = [p.config.run_name for p in points]
+    assert not any(p.error for p in points) and len(set(names)) == 3
+    assert all(n.startswith("mine-text_model") and "/" not in n for n in names)

@@ -18,6 +18,7 @@ prints the points; ``--grid-index I`` runs point I alone (a Slurm array task, on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import logging
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from ..config import METHOD_DEFAULTS, Config, add_config_arguments, args_layers, resolve
 from ..console import entry_point, setup_logging
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
-from ..train.runfolder import default_run_name, reusable_results
+from ..train.runfolder import default_run_name, path_component, reusable_results
 from ..train.trainer import train
 from .presets import BACKBONES, DATASETS, dataset_paths
 
@@ -103,9 +104,17 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
         values = {k: getattr(cfg, k) for k in values}  # as resolved: 0.001, whether typed 1e-3 or 0.001
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
-        name = "-".join(filter(None, [cfg.run_name, varying])) if cfg.run_name else default_run_name(cfg, varying)
+        name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
+            default_run_name(cfg, varying)
         points.append(GridPoint(index, values, cfg.replace(run_name=name)))
     return points, args
+
+
+def folder_tag(varying: str) -> str:
+    """A grid point's varying values as part of a folder name: a swept path (``text_model``) has '/' in it,
+    so such a value is made safe, with a digest of the raw text to keep two paths that read alike apart."""
+    safe = path_component(varying) if varying else ""
+    return safe if safe == varying else f"{safe}-{hashlib.sha256(varying.encode()).hexdigest()[:8]}"
 
 
 def run_point(point: GridPoint, total: int, action, args) -> Outcome:
