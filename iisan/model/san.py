@@ -31,6 +31,11 @@ class SideAdapterBlock(nn.Module):
         return x + self.up_proj(torch.relu(self.down_proj(x)))
 
 
+def gate_values(logits: torch.Tensor | None, temperature: float) -> torch.Tensor | None:
+    """``g_k = sigmoid(theta_k / T)`` per block (None: fusion 'add', no gates)."""
+    return None if logits is None else torch.sigmoid(logits / temperature)
+
+
 class IntraSAN(nn.Module):
     """One modality's chain: ``s = block_k(g_k * h_k + (1 - g_k) * s)``, ``g_k = sigmoid(theta_k / T)``,
     theta = 0 and s = 0 at start (paper Eq. 2-3). ``fusion='add'``: ``s = block_k(h_k + s)``.
@@ -50,7 +55,7 @@ class IntraSAN(nn.Module):
         self.width = width
 
     def gates(self) -> torch.Tensor | None:
-        return None if self.gate_logits is None else torch.sigmoid(self.gate_logits / self.temperature)
+        return gate_values(self.gate_logits, self.temperature)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states (n, steps, width) -> (n, width)."""
@@ -93,7 +98,7 @@ class InterSAN(nn.Module):
         steps = len(self.blocks)
         text_states, image_states = text_states[:, -steps:], image_states[:, -steps:]
         s = text_states.new_zeros(text_states.shape[0], self.width)
-        gates = None if self.gate_logits is None else torch.sigmoid(self.gate_logits / self.temperature)
+        gates = gate_values(self.gate_logits, self.temperature)
         for k in range(steps):
             txt, img = text_states[:, k], image_states[:, k]
             if self.text_align is not None:

@@ -26,7 +26,7 @@ class SelfAttention(nn.Module):
                    for proj in (self.query, self.key, self.value))  # (B, H, L, D/H) each
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, D))  # (B, H, L, D/H) -> (B, L, D)
 
 
 class Block(nn.Module):
