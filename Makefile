@@ -1,8 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build keeps installs small; on a GPU machine use e.g. TORCH_SPEC="torch>=2.6".
+# torch comes from pip's index: PyPI serves Linux the CUDA build (several GB). For the small CPU build
+# set TORCH_INDEX=https://download.pytorch.org/whl/cpu; for another version, e.g. TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 # `make reproduce DATASET=Scientific` (Instrument, Office, or demo: synthetic data, no network);
@@ -16,7 +18,7 @@ REPRODUCE_FLAGS ?=
 $(BIN)/iisan: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(BIN)/iisan
 

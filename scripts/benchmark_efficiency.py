@@ -66,7 +66,7 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--out", default=str(ROOT / "results" / "efficiency"))
     parser.add_argument("--tag", default="", help="file-name tag (default: backbones-data-device)")
     parser.add_argument("--figs", default=str(ROOT / "figs"), help="where the figures go")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="no figures (the .md tables are still written)")
     add_config_arguments(parser, only=BENCH_KEYS)
     args = parser.parse_args(argv)
     labels = label_list(parser, "--methods", args.methods, SETTINGS)

@@ -12,7 +12,8 @@
 # Each part writes as it goes (diagnose.json after each section, the benchmark JSON after each row), so a
 # part that is cut keeps what it measured. PART=diagnose|bench|tests runs one part (one device call each
 # leaves room to rerun a part); PART=all (default) runs the three.
-# Writes gpu.txt, times.txt, diagnose.json/.log, efficiency/*.json/.md, bench.log, gpu_tests.log under $OUT.
+# Writes gpu.txt, times.txt, diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log
+# under $OUT.
 #   PART=diagnose bash scripts/gpu_check.sh                                       # the diagnosis alone
 #   BENCH_ARGS="--no-static-shapes" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh   # extra flags per part
 #   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
@@ -53,7 +54,7 @@ if [ "$PART" = all ] || [ "$PART" = bench ]; then
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
     --authors-way "${AUTHORS_WAY:-FFT,IISAN (uncached)}" --full-epoch "IISAN (uncached),IISAN (cached)" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
-    --no-plots ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+    --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -E "efficiency: (equal|paper|building|evaluating|cache:|evaluation:|wrote)|  -> |rror" | cut -c1-400
   stamp "benchmark (exit ${PIPESTATUS[0]})"
 fi

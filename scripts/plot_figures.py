@@ -2,8 +2,9 @@
 
     python scripts/plot_figures.py --results results/efficiency --figs figs
 
-For each JSON: ``figs/<name>.png`` (time per epoch, peak memory, trainable parameters, TPME per
-method) and ``<name>.md`` beside the JSON (the table, with the command and device that produced it).
+For each JSON: ``figs/efficiency-<name>.png``, or ``figs/efficiency-<folder>-<name>.png`` for a JSON in a
+folder other than ``efficiency/`` (time per epoch, peak memory, trainable parameters, TPME per method),
+and ``<name>.md`` beside the JSON (the table, with the command and device that produced it).
 """
 
 from __future__ import annotations

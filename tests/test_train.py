@@ -32,6 +32,7 @@ def test_cached_training_writes_results_and_best_weights(cached_cfg):
     assert set(saved["test"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
     assert len(saved["epochs"]) == 3 and all(e["train_seconds"] > 0 for e in saved["epochs"])
     assert saved["versions"]["torch"] == torch.__version__ and "CPU" in saved["device"]
+    assert saved["step"]["cache_dtypes"] == {"text": "float32", "image": "float32"}  # what cache_dtype auto became
     assert json.loads((run / "config.json").read_text())["batch_size"] == 16
     # best weights round-trip and reproduce the reported test metrics
     data = load_data(cached_cfg)

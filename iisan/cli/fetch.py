@@ -56,7 +56,7 @@ def add_fetch_commands(sub) -> None:
     p.add_argument("--layers", default="run", choices=("run", "all"),
                    help="keep the hidden states a run reads (run) or all of them (all)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="stored precision (default: --cache-dtype's; auto keeps the authors' fp32)")
+                   help="stored precision (default: float32, as the authors stored them)")
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--allow-missing", action="store_true",
                    help="store items without a file as zero states (counted and listed) instead of stopping")

@@ -113,7 +113,8 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end;
     ``flop_batches``: FLOPs counted over the first that many timed batches (0: all).
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
-    ``out/<tag>-<setting>.json`` (and, with ``figs``, tables and figures); returns the JSONs."""
+    ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
+    the JSONs."""
     commit = git_commit()  # before this run writes its own results into the checkout
     authors_way = labels if authors_way is None else authors_way
     paths = prepare(work, data, backbones)
@@ -152,6 +153,5 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
         payload["complete"] = True
         written.append(write_json_atomic(result_path(out, tag, payload, rows, settings), payload))
         log.info("wrote %s", written[-1])
-    if figs is not None:
-        write_reports(written, Path(figs))
+    write_reports(written, figs)
     return written

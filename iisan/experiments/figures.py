@@ -150,9 +150,10 @@ def figure(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(results: list[Path], figs: Path) -> list[Path]:
+def write_reports(results: list[Path], figs: Path | None) -> list[Path]:
     """For each JSON in ``results`` (files, or folders of them): ``<name>.md`` beside it (the table, with
-    the command and device that produced it) and ``figs/efficiency-<name>.png``. Returns what it wrote."""
+    the command and device that produced it) and, unless ``figs`` is None, ``figs/efficiency-<name>.png``.
+    Returns what it wrote."""
     files: list[Path] = []
     for entry in map(Path, results):
         files += sorted(entry.glob("*.json")) if entry.is_dir() else [entry]
@@ -162,8 +163,10 @@ def write_reports(results: list[Path], figs: Path) -> list[Path]:
         md = path.with_suffix(".md")
         with atomic_path(md) as tmp:
             tmp.write_text(f"# Efficiency: {path.stem}\n\n" + table(payload))
-        run = path.parent.name if path.parent.name != "efficiency" else ""
-        png = Path(figs) / f"efficiency-{run + '-' if run else ''}{path.stem}.png"
-        figure(payload, png)
-        made += [md, png]
+        made.append(md)
+        if figs is not None:
+            run = path.parent.name if path.parent.name != "efficiency" else ""
+            png = Path(figs) / f"efficiency-{run + '-' if run else ''}{path.stem}.png"
+            figure(payload, png)
+            made.append(png)
     return made

@@ -67,6 +67,10 @@ class CachedStates(nn.Module):
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: tuple(getattr(self, f"table_{m}").shape[1:]) for m in self.names}
 
+    def dtypes(self) -> dict[str, str]:
+        """The precision each table is stored in (what ``cache_dtype`` 'auto' came to): 'float32', ..."""
+        return {m: str(getattr(self, f"table_{m}").dtype).removeprefix("torch.") for m in self.names}
+
     def title_lengths(self) -> None:
         return None  # no titles here: the cache holds their states
 

@@ -30,6 +30,8 @@ from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..model.build import build_model, check_data_files, count_parameters, load_data, parameter_line
+from ..model.feeds import CachedStates
+from ..model.recommender import IISANItemEncoder
 from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
@@ -327,8 +329,12 @@ class Run:
         return results
 
     def step_info(self) -> dict:
+        """How steps ran (results.json's ``step``); a cached run also says what its cache is stored in."""
+        encoder = self.model.item_encoder
+        cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
+        stored = {"cache_dtypes": encoder.states.dtypes()} if cached else {}
         return {"compiled": self.step.mode, "dedup_items": self.dedup, "static_shapes": self.buckets is not None,
-                "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32"}
+                "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32", **stored}
 
 
 def train(cfg: Config) -> dict:
