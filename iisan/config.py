@@ -233,8 +233,7 @@ class Config:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not a JSON config "
-                              "file") from None
+            raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of config keys")
         cls.from_dict(values, source=str(path))  # validates keys and values

@@ -358,7 +358,7 @@ CASES = [
     Case("config-file-not-json", lambda P, s: T(P, s, "--config", f"{s}/c.json"), ("{s}/c.json: not valid JSON",),
          setup=write("c.json", "{lr: 1")),
     Case("config-file-not-utf8", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
-         ("{s}/c.json: not UTF-8 text (at byte offset 8), so not a JSON config file",),
+         ("{s}/c.json: not UTF-8 text (at byte offset 8), so not JSON",),
          setup=write("c.json", b'{"lr": "\xe9"}')),
     Case("config-file-unknown-key", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("{s}/c.json: unknown key(s) colour",), setup=write("c.json", '{"colour": "red"}')),

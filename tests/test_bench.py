@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.experiments.bench import add_tpme, died, in_fresh_process, measure_training
+from iisan.experiments.bench import add_tpme, measure_training
+from iisan.experiments.isolate import died, in_fresh_process
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

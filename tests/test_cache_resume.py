@@ -3,7 +3,6 @@ other settings or torn shards are redone; refused states; a cache whose width di
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -99,7 +98,11 @@ def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):
     with pytest.raises(CacheError, match=r"text states of item .* hold values beyond torch.float16 range; "
                                          r"store as --cache-dtype bfloat16 or float32"):
         build_cache_from_config(tiny_config(), dtype="float16")
-    build_cache_from_config(tiny_config(), dtype="bfloat16")
+    paths = build_cache_from_config(tiny_config(), dtype="bfloat16")  # bf16 holds them
+    with safe_open(str(paths["text"]), "pt") as fh:
+        states = fh.get_tensor("states")
+        assert fh.metadata()["dtype"] == "bfloat16" and states.dtype == torch.bfloat16
+    assert (states[0] == 0).all() and (states[1:] == torch.tensor(1e6, dtype=torch.bfloat16)).all()  # 0: padding
 
 
 def test_canonical_writer_is_safetensors_and_deterministic(tmp_path):
@@ -141,4 +144,3 @@ def test_cache_whose_array_disagrees_with_its_metadata_is_refused(tiny_config):
                       [("states", states[:, :2].contiguous())], meta)  # one layer short of its metadata
     with pytest.raises(CacheError, match=r"holds states of shape \(\d+, 2, 32\), but its metadata says \d+ rows x 3"):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
-    assert json.loads(meta["layers"]) == [0, 1, 2]

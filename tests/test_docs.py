@@ -108,8 +108,9 @@ def test_readme_layout_names_every_module_and_only_real_files():
 # links and references
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_relative_links_resolve(doc):
+def broken_links(doc: Path) -> list[str]:
+    """The relative links of ``doc`` to files that do not exist or to headings they lack, and the paths
+    quoted in its prose that do not exist in the repository."""
     broken = []
     for line in prose_lines(doc):
         for target in LINK.findall(line):
@@ -126,6 +127,12 @@ def test_relative_links_resolve(doc):
         for path in PATH_IN_CODE.findall(line):
             if not (ROOT / path).exists():
                 broken.append(f"`{path}` (no such file)")
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    broken = broken_links(doc)
     assert not broken, f"{doc.relative_to(ROOT)}: broken links: {', '.join(broken)}"
 
 
@@ -147,6 +154,7 @@ def test_link_checks_catch_a_broken_link_and_a_missing_anchor(tmp_path):
                    "```\n[inside a code block](c.md)\n```\n")
     links = [t for line in prose_lines(doc) for t in LINK.findall(line)]
     assert links == ["#some-section", "#nowhere", "b.md"]
+    assert broken_links(doc) == ["#nowhere (no heading 'nowhere')", "b.md (no such file)"]
     assert slug("Some section") == "some-section" and slug("Where this differs from the authors' code") == \
         "where-this-differs-from-the-authors-code"
 

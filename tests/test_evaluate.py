@@ -93,14 +93,20 @@ def test_evaluate_split_chunks_give_same_metrics():
     a = evaluate_split(users, table, inputs, targets, history, batch_users=7)
     b = evaluate_split(users, table, inputs, targets, history, batch_users=1000)
     assert a == b
-    # hand check one user
-    s = users(table, torch.as_tensor(inputs[:1])) @ table.T
-    s[0, torch.as_tensor(history[0])] = -math.inf
-    s[0, 0] = -math.inf
-    t = targets[0]
-    rank = 1 + int((s[0] > s[0, t]).sum()) if not math.isinf(s[0, t]) else math.inf
-    single = evaluate_split(users, table, inputs[:1], targets[:1], history[:1])
-    assert single["hit@20"] == (1.0 if rank <= 20 else 0.0)
+    # by hand, user by user: rank among unmasked items (random scores: no ties), a target in the
+    # history is masked with it (a miss)
+    ranks = []
+    for u in range(len(targets)):
+        s = users(table, torch.as_tensor(inputs[u:u + 1]))[0] @ table.T  # (30,)
+        s[torch.as_tensor(history[u])] = -math.inf
+        s[0] = -math.inf
+        t = targets[u]
+        ranks.append(math.inf if math.isinf(s[t]) else 1 + int((s > s[t]).sum()))
+    assert any(5 < r <= 20 for r in ranks) and any(math.isinf(r) for r in ranks)  # the cases that matter
+    for k in (5, 10, 20):
+        assert a[f"hit@{k}"] == pytest.approx(np.mean([r <= k for r in ranks]), abs=1e-12)
+        assert a[f"ndcg@{k}"] == pytest.approx(np.mean([1 / math.log2(r + 1) if r <= k else 0.0 for r in ranks]),
+                                               abs=1e-12)
 
 
 def test_popularity_baseline_by_hand(tmp_path):

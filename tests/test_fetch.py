@@ -25,6 +25,8 @@ from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
 from iisan.errors import DataError, FetchError
 from iisan.experiments.presets import DATASETS
 
+from .conftest import shared_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTENT = bytes(range(256)) * 64  # 16 KiB
 
@@ -294,17 +296,12 @@ def test_the_sources_table_matches_the_presets_and_the_shared_copies():
     for name, source in SOURCES.items():
         folder, users, items, _ = DATASETS[name]
         assert source.users.path == f"Dataset/{folder}/{users}" and source.items.path == f"Dataset/{folder}/{items}"
-    shared = ROOT.parent.parent / "shared" / "data" / "amazon"
     for name in ("Scientific", "Instrument"):
-        for repo_file in (SOURCES[name].users, SOURCES[name].items):
-            copy = shared / name / Path(repo_file.path).name
-            if not copy.is_file():
-                pytest.skip(f"{copy} is absent")
+        copies = [shared_file(name, Path(f.path).name) for f in (SOURCES[name].users, SOURCES[name].items)]
+        for copy, repo_file in zip(copies, (SOURCES[name].users, SOURCES[name].items)):
             assert mismatch(copy, repo_file.expected) is None  # size, sha256 and git blob id
             assert git_blob_id(copy) == repo_file.expected.git_blob
-        stats = load_dataset(shared / name / Path(SOURCES[name].users.path).name,
-                             shared / name / Path(SOURCES[name].items.path).name).stats()
-        assert tuple(stats.values()) == SOURCES[name].stats
+        assert tuple(load_dataset(*copies).stats().values()) == SOURCES[name].stats
 
 
 # --------------------------------------------------------------------------------------------------

@@ -144,5 +144,6 @@ def test_a_lock_taken_on_a_file_that_was_just_removed_is_retaken_on_the_new_one(
 
     monkeypatch.setattr("builtins.open", open_then_lose_the_race)
     lock = OutputLock(path, "x").acquire()
+    assert opened == [1]  # the race did happen
     assert os.path.samestat(os.fstat(lock.handle.fileno()), os.stat(path))
     lock.release()

@@ -22,6 +22,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda")
 
 
+
+@pytest.fixture()
+def no_tf32():
+    """fp32 matmuls and convolutions for exact comparisons, put back afterwards (the switches are global;
+    pytest's monkeypatch cannot undo torch's computed attributes)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 def run_steps(cfg, compiled, steps=6):
     data = load_data(cfg)
     torch.manual_seed(0)
@@ -37,8 +47,7 @@ def run_steps(cfg, compiled, steps=6):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_cudagraph_step_trains_like_the_eager_step(tiny_config, tiny_cache):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cudagraph_step_trains_like_the_eager_step(tiny_config, tiny_cache, no_tf32):
     cfg = tiny_config(cache_dir=tiny_cache, device="cuda", drop_rate=0.0, amp="none")
     eager_losses, eager_params = run_steps(cfg, "off")
     graph_losses, graph_params = run_steps(cfg, "cudagraph")
@@ -62,9 +71,7 @@ def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
             break
 
 
-def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, tiny_cache):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, tiny_cache, no_tf32):
     a, b, _ = cached_and_live_tables(tiny_config(cache_dir=tiny_cache, device="cuda", amp="none"), CUDA)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -128,11 +135,10 @@ def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
 
 
 @pytest.mark.parametrize("method", ["iisan", "fft"])
-def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method):
+def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method, no_tf32):
     """The CPU test's GPU twin (fp32, no TF32): padded, masked rows and cut titles leave the loss as it was."""
     from iisan.train.step import shape_buckets
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = tiny_config(method=method, feed="live", device="cuda", amp="none")
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, CUDA)

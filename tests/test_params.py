@@ -73,7 +73,7 @@ def test_versa_heads_are_counted_not_iisans(capsys):
     main(["params", "--method", "iisan", "--random-backbones", "base", "--san-heads", "versa"])
     line = capsys.readouterr().out
     # two towers lose 768 -> 768 (590,592) and gain 64 -> 64 (4,160): 1,172,864 fewer than IISAN's 4,113,877
-    assert "trainable params: 2,941,013 ||" in line and 4_113_877 - 1_172_864 == 2_941_013
+    assert "trainable params: 2,941,013 ||" in line
 
 
 def _architecture_folders(root: Path) -> dict[str, str]:
@@ -156,9 +156,8 @@ def test_params_counts_every_versa_preset_as_training_builds_it(tiny, tmp_path):
             trained, _ = build_model(cfg, data, torch.device("cpu"))  # what the script's train() builds
             counts[preset, heads] = count(cfg)["trainable"]
             assert counts[preset, heads] == _trainable(trained), (preset, heads)
-    # by hand: the 70B pair's seven dimension-transformation layers, Linear(8192 -> 768) each
-    dtl = 7 * (8192 * 768 + 768)
-    assert dtl == 44_045_568 and counts["llama3-70b+vit-base", "versa"] > dtl
+    # by hand: the 70B pair's seven dimension-transformation layers, Linear(8192 -> 768) each: 44,045,568
+    assert counts["llama3-70b+vit-base", "versa"] > 7 * (8192 * 768 + 768)
     # an equal pair is IISAN exactly: auto heads = IISAN's 4,113,877 (authors' 4.11 M)
     assert counts["bert-base+vit-base", "auto"] == counts["bert-base+vit-base", "iisan"] == 4_113_877
     assert counts["microlens", None] == counts["microlens", "versa"] < counts["microlens", "iisan"]  # narrow heads

@@ -136,14 +136,14 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     assert (tmp_path / "killed" / "train.log").read_text().count("=== killed: started ") == 2
 
 
-def interrupt_at(monkeypatch, call: int) -> None:
-    """Send ourselves SIGINT (as Ctrl-C does) during the ``call``-th training loss."""
+def interrupt_at(monkeypatch, call: int, sig: signal.Signals = signal.SIGINT) -> None:
+    """Send ourselves ``sig`` (SIGINT: as Ctrl-C does) during the ``call``-th training loss."""
     loss, calls = recommender_module.in_batch_softmax_loss, []
 
     def counting(*args):
         calls.append(1)
         if len(calls) == call:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
         return loss(*args)
 
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", counting)
@@ -186,11 +186,36 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     losses = []
     loss = recommender_module.in_batch_softmax_loss
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", lambda *a: losses.append(1) or loss(*a))
-    with caplog.at_level("WARNING", logger="iisan.train.trainer"):
+    with caplog.at_level("WARNING", logger="iisan.train.progress"):
         results = train(cfg)
     assert len(losses) == 20  # epochs 1 and 2, ten steps each (resuming at step 4 would make 16)
     assert f"{saved} stopped after step 4 of epoch 1 with 2 process(es): epoch 1 starts again" in caplog.text
     assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
+
+
+def test_sigterm_saves_mid_epoch_like_ctrl_c(base, monkeypatch):
+    """A preempted job gets SIGTERM: the same clean stop, named after its signal."""
+    cfg = base.replace(run_name="sigterm", epochs=2)
+    handler = signal.getsignal(signal.SIGTERM)
+    interrupt_at(monkeypatch, 3, signal.SIGTERM)  # epoch 0, step 3 of 10
+    saved = Path(cfg.out_dir) / "sigterm" / "checkpoints" / "epoch-0000-step-00003"
+    with pytest.raises(RunInterrupted, match=f"SIGTERM during epoch 0 after step 3 of 10; checkpoint saved in {saved}"):
+        train(cfg)
+    assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
+    from iisan.train.interrupt import StopRequests
+
+    single = StopRequests(escalate=True)
+    single._handle(signal.SIGINT, None)
+    assert single.signal == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        single._handle(signal.SIGINT, None)
+    torchrun = StopRequests(escalate=False)  # the launcher forwards one Ctrl-C to every worker: seen twice
+    torchrun._handle(signal.SIGTERM, None)
+    torchrun._handle(signal.SIGINT, None)
+    assert torchrun.signal == "SIGTERM"
 
 
 def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
@@ -391,6 +416,20 @@ def test_a_non_finite_loss_names_the_batch_items_whose_states_are_not_finite(bas
                      rf"from {re.escape(str(Path(base.cache_dir) / 'text.safetensors'))}\); ", message), message
     assert "image states" not in message
     assert message.endswith("; last good checkpoint: none yet; best weights: none yet")  # none were written
+
+
+@pytest.mark.parametrize("method,feed", [("fft", "live"), ("id", "cached"), ("iisan", "live")])
+def test_a_non_finite_loss_is_explained_for_every_method(base, monkeypatch, method, feed):
+    """The baselines and the ID model have no separate item states to check; the live feed's are checked
+    by running the frozen encoders over the failing batch again (finite here: the loss is at fault)."""
+    loss = recommender_module.in_batch_softmax_loss
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", lambda *a: loss(*a) * float("nan"))
+    with pytest.raises(TrainingError) as info:
+        train(base.replace(run_name=f"nan-{method}-{feed}", method=method, feed=feed, epochs=1,
+                           max_steps_per_epoch=2))
+    message = str(info.value)
+    assert message.startswith("non-finite loss at step 0 (epoch 0, steps 0..1); ")
+    assert "states" not in message and "trained weight tensor(s) now hold non-finite values" in message
 
 
 def test_a_non_finite_learning_rate_is_named():

@@ -152,3 +152,39 @@ def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cac
     assert "CUDA graph capture failed" in caplog.text
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     assert saved["step"]["compiled"] == "off (cudagraph capture failed)" == results["step"]["compiled"]
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_score():
+    from iisan.train.progress import EarlyStopping
+
+    stopper = EarlyStopping(patience=2)
+    improved = [stopper.update(e, s) for e, s in enumerate([0.1, 0.2, 0.2, 0.15])]
+    assert improved == [True, True, False, False]  # a tie is not an improvement
+    assert (stopper.best, stopper.best_epoch, stopper.bad_epochs, stopper.should_stop) == (0.2, 1, 2, False)
+    assert not stopper.update(4, 0.19) and stopper.should_stop  # the third epoch without a better score
+    again = EarlyStopping(patience=2)
+    again.load(stopper.state())
+    assert again == stopper and EarlyStopping(2).state() == {"best": None, "best_epoch": -1, "bad_epochs": 0}
+
+
+def test_a_run_stops_early_and_a_rerun_trains_no_further(cached_cfg, monkeypatch):
+    """patience 0: the first epoch without a better valid HR@10 ends the run, here epoch 1 of up to 6."""
+    import iisan.train.trainer as trainer
+
+    real, calls = trainer.evaluate_model, []
+
+    def worse_each_epoch(model, data, split, *args, **kwargs):
+        metrics = real(model, data, split, *args, **kwargs)
+        if split == "valid":
+            calls.append(1)
+            metrics["hit@10"] = 1.0 / len(calls)
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate_model", worse_each_epoch)
+    cfg = cached_cfg.replace(epochs=6, patience=0, run_name="early")
+    results = train(cfg)
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1] and results["best_epoch"] == 0
+    assert "early stop: valid hit@10 has not improved for 1 epochs" in \
+        (Path(results["run_dir"]) / "train.log").read_text()
+    again = train(cfg.replace(epochs=8))  # a longer budget: the run had stopped, so nothing trains
+    assert len(calls) == 2 and [e["epoch"] for e in again["epochs"]] == [0, 1]

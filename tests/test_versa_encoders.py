@@ -124,7 +124,7 @@ def test_encoder_without_hidden_states_is_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys):
+def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys, request):
     """Through AutoModel and ``iisan cache``, as a user would meet it: an architecture IISAN does not list
     is refused before its weights are read; built directly, its missing states are one line too."""
     import shutil
@@ -147,11 +147,14 @@ def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, cap
         def forward(self, input_ids=None, attention_mask=None, **kwargs):  # ignores output_hidden_states
             return BaseModelOutput(last_hidden_state=self.embed(input_ids))
 
-    try:
-        AutoConfig.register("iisan_test_nostates", NoStatesConfig)
-        AutoModel.register(NoStatesConfig, NoStatesModel)
-    except ValueError:
-        pass  # already registered by an earlier run in this process
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    # transformers' registry is global: registered here, removed again at the end of the test
+    AutoConfig.register("iisan_test_nostates", NoStatesConfig)
+    AutoModel.register(NoStatesConfig, NoStatesModel)
+    request.addfinalizer(lambda: (CONFIG_MAPPING._extra_content.pop("iisan_test_nostates", None),
+                                  MODEL_MAPPING._extra_content.pop(NoStatesConfig, None)))
     folder = tmp_path / "nostates"
     shutil.copytree(tiny["text_model"], folder)
     NoStatesModel(NoStatesConfig(vocab_size=500, hidden_size=8, num_hidden_layers=2)).save_pretrained(folder)

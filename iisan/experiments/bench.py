@@ -10,18 +10,13 @@ the process's peak resident set) belongs to that method alone and no compiled st
 from __future__ import annotations
 
 import math
-import multiprocessing
-import queue as queue_module
-import signal
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import METHOD_NAMES, Config
-from ..console import setup_logging
 from ..data.batches import TrainBatch, train_loader, without_padding_rows
 from ..data.interactions import SeqRecData
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
@@ -32,7 +27,7 @@ from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
 from ..train.step import batch_layout, make_optimizer, make_train_step, use_compile
 from .flops import StepFlops, shape_key
-from .timing import StepClock, error_line, summary, timed_each
+from .timing import StepClock, summary, timed_each
 
 # (label, config overrides) for the six settings of the paper's efficiency table.
 SETTINGS = {
@@ -271,49 +266,6 @@ def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
             "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
             "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device),
             "memory": peak_memory(device), "device": device_name(device)}
-
-
-def _child(fn, args: tuple, kwargs: dict, queue) -> None:
-    try:
-        setup_logging()
-        queue.put(("ok", fn(*args, **kwargs)))
-    except BaseException as err:  # reported in the row, never a crash of the whole benchmark
-        queue.put(("error", error_line(err), traceback.format_exc()))
-
-
-def in_fresh_process(fn, *args, **kwargs) -> dict:
-    """``fn(*args, **kwargs)`` (a module-level function returning a dict, e.g. ``measure_training``) in a
-    spawned process; an error becomes the row's ``error`` and ``traceback`` fields."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
-    proc.start()
-    outcome = None
-    try:
-        while outcome is None:
-            try:
-                outcome = queue.get(timeout=1.0)
-            except queue_module.Empty:
-                if not proc.is_alive():  # killed (the OOM killer, a signal) or crashed in native code
-                    proc.join()
-                    try:
-                        outcome = queue.get(timeout=1.0)  # a result posted just before it exited
-                    except queue_module.Empty:
-                        return {"error": f"the measuring process died without a result: {died(proc.exitcode)}",
-                                "traceback": ""}
-    finally:
-        proc.join()
-    if outcome[0] == "ok":
-        return outcome[1]
-    return {"error": outcome[1], "traceback": outcome[2]}
-
-
-def died(exitcode: int | None) -> str:
-    """How a child process ended, in words: 'exit status 3', 'killed by SIGKILL (out of memory?)'."""
-    if exitcode is None or exitcode >= 0:
-        return f"exit status {exitcode}"
-    name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
-    return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
 
 
 def memory_gib(row: dict) -> float | None:

@@ -33,10 +33,10 @@ import torch
 
 from ..files import write_json_atomic
 from ..provenance import provenance
-from .bench import in_fresh_process
 from .diagnose_steps import iisan_rows
+from .isolate import error_line, in_fresh_process
 from .plain_reference import plain_fft_step, plain_frozen_forward, plain_patch_embedding
-from .timing import error_line, reset, timed
+from .timing import reset, timed
 
 log = logging.getLogger(__name__)
 

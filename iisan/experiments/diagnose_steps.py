@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..devices import sync
+from ..model.recommender import IISANItemEncoder
 from ..train.step import shape_buckets
 from .bench import TrainingSetup, training_setup
 from .efficiency import base_config, method_config, prepare
@@ -132,7 +133,7 @@ def iisan_rows(args, label: str) -> dict:
     on_device = itertools.cycle(batches)
     row["enqueue"] = enqueue(setup, batches)
     encoder = model.item_encoder
-    forward_of = encoder.states if hasattr(encoder, "states") else encoder  # IISAN: the frozen feed alone
+    forward_of = encoder.states if isinstance(encoder, IISANItemEncoder) else encoder  # IISAN: the frozen feed
 
     @torch.no_grad()
     def encode():

@@ -26,12 +26,12 @@ from .bench import (
     SETTINGS,
     add_tpme,
     authors_label,
-    in_fresh_process,
     measure_cache_build,
     measure_evaluation,
     measure_training,
 )
 from .figures import write_reports
+from .isolate import in_fresh_process
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from ..devices import peak_memory, sync
-
-
-def error_line(err: BaseException) -> str:
-    """``Type: first line of the message``: how a failed measurement is recorded in a row."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{type(err).__name__}: {message}"
+from .isolate import error_line
 
 
 class StepClock:

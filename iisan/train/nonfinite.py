@@ -10,6 +10,7 @@ import torch
 
 from ..data.batches import CollateTrain, train_loader
 from ..data.cache import cache_file
+from ..model.recommender import IISANItemEncoder
 
 SHOWN = 3  # examples named per finding
 
@@ -43,9 +44,10 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> list[str]:
 def batch_states(run, epoch: int, step: int) -> list[str]:
     """Rebuild the step's batch (its order is a pure function of seed and epoch) and check the states
     the feed gives its items: cache rows, or what the live encoders compute."""
-    feed = getattr(run.model.item_encoder, "states", None)
-    if feed is None:  # the baselines encode end to end: no separate states to check
+    encoder = run.model.item_encoder
+    if not isinstance(encoder, IISANItemEncoder):  # the baselines encode end to end: no states to check apart
         return []
+    feed = encoder.states
     cfg, dist = run.cfg, run.dist
     sequences = run.data.train_sequences()
     order = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, run.dedup, None, dist.rank, dist.world_size,

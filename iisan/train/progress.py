@@ -4,10 +4,14 @@ carries on exactly where the interrupted one was."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,13 +69,22 @@ class Progress:
                 "early_stopping": self.stopper.state(), "best_valid": self.best_valid, "best_test": self.best_test,
                 "epochs": self.epochs, "resumed_from": self.resumed_from}
 
-    def load(self, state: dict, checkpoint_name: str) -> None:
+    def load(self, state: dict, checkpoint: Path, restart_epoch: bool = False) -> None:
+        """Go on from ``checkpoint``'s record. ``restart_epoch``: it was saved by another number of
+        processes, so steps done mid-epoch were of another sharding (and another steps-per-epoch); no rank
+        can tell which of its own batches they covered, so that epoch starts again from its first step
+        (its steps so far stay in the weights)."""
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
         self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],
                                                                state["next_step"])
         self.partial_seconds = state["train_seconds_in_epoch"]
-        self.resumed_from = state["resumed_from"] + [checkpoint_name]
+        self.resumed_from = state["resumed_from"] + [checkpoint.name]
+        if restart_epoch and state["step"] is not None:
+            log.warning("%s stopped after step %d of epoch %d with %d process(es): epoch %d starts again from "
+                        "its first step", checkpoint, state["step"], state["epoch"], state["world_size"],
+                        state["epoch"])
+            self.start_step, self.partial_seconds = 0, 0.0
 
     def timing(self) -> dict:
         """Seconds per training epoch (the first excluded when there are more: it pays warm-up costs),

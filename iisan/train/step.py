@@ -19,7 +19,8 @@ from ..data.batches import ItemBatch, TrainBatch
 from ..data.shapes import ShapeBuckets
 from ..devices import device_name
 from ..errors import TrainingError
-from ..model.recommender import Recommender
+from ..model.feeds import CachedStates
+from ..model.recommender import IISANItemEncoder, Recommender
 from .graphs import GraphedStep
 
 
@@ -156,6 +157,17 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     if cfg.compile == "cudagraph" and (device.type != "cuda" or cfg.method != "iisan" or cfg.feed != "cached"):
         raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
     return cfg.compile
+
+
+def describe_step(step, model: Recommender, dedup: bool, buckets: ShapeBuckets | None,
+                  amp: torch.dtype | None) -> dict:
+    """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
+    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
+    encoder = model.item_encoder
+    cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
+    return {"compiled": step.mode, "dedup_items": dedup, "static_shapes": buckets is not None,
+            "amp": str(amp).replace("torch.", "") if amp else "fp32",
+            **({"cache_dtypes": encoder.states.dtypes()} if cached else {})}
 
 
 def use_dedup(cfg: Config, compiled: str) -> bool:

@@ -30,8 +30,6 @@ from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..model.build import build_model, check_data_files, count_parameters, load_data, parameter_line
-from ..model.feeds import CachedStates
-from ..model.recommender import IISANItemEncoder
 from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
@@ -40,6 +38,7 @@ from .records import RunRecord, epoch_line
 from .runfolder import reusable_results, run_dir
 from .step import (
     batch_layout,
+    describe_step,
     deterministic_kernels,
     make_optimizer,
     make_train_step,
@@ -116,7 +115,7 @@ class Run:
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
         self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
-        self.record.step = self.step_info()
+        self.record.step = describe_step(self.step, self.model, self.dedup, self.buckets, self.amp)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
@@ -173,16 +172,9 @@ class Run:
             log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
                         "not match an uninterrupted run bit for bit", found.path, state["world_size"],
                         state["device"], self.dist.world_size)
-        self.progress.load(state, found.path.name)
-        self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}")
-        if state["step"] is not None and state["world_size"] != self.dist.world_size:
-            # The steps done were of another sharding (and another steps-per-epoch): no rank can tell
-            # which of its own batches they covered, so the epoch starts again; its steps so far stay
-            # in the weights.
-            log.warning("%s stopped after step %d of epoch %d with %d process(es): epoch %d starts again "
-                        "from its first step", found.path, state["step"], state["epoch"], state["world_size"],
-                        state["epoch"])
-            self.progress.start_step, self.progress.partial_seconds, self.partial_losses = 0, 0.0, None
+        self.progress.load(state, found.path, restart_epoch=state["world_size"] != self.dist.world_size)
+        self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
+            else None
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
                  self.progress.start_step)
         if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
@@ -285,7 +277,7 @@ class Run:
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
-            self.record.step = self.step_info()  # a CUDA graph that failed to capture trained eagerly
+            self.record.step = describe_step(self.step, self.model, self.dedup, self.buckets, self.amp)
             self.check_finite(losses, epoch, n_steps)
             progress.global_step += n_steps
 
@@ -327,14 +319,6 @@ class Run:
                  progress.stopper.best_epoch, best_valid.get("hit@10", 0), best_valid.get("ndcg@10", 0),
                  best_test.get("hit@10", 0), best_test.get("ndcg@10", 0), self.run_dir / "results.json")
         return results
-
-    def step_info(self) -> dict:
-        """How steps ran (results.json's ``step``); a cached run also says what its cache is stored in."""
-        encoder = self.model.item_encoder
-        cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
-        stored = {"cache_dtypes": encoder.states.dtypes()} if cached else {}
-        return {"compiled": self.step.mode, "dedup_items": self.dedup, "static_shapes": self.buckets is not None,
-                "amp": str(self.amp).replace("torch.", "") if self.amp else "fp32", **stored}
 
 
 def train(cfg: Config) -> dict:

@@ -1,0 +1,60 @@
+"""A measurement in a fresh process: no shape met, no kernel loaded, no memory allocated before it, and a
+crash (out of memory, a native fault) that ends the process ends one row, not the whole benchmark."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import signal
+import traceback
+
+from ..console import setup_logging
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: how a failed measurement is recorded in a row."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{type(err).__name__}: {message}"
+
+
+def _child(fn, args: tuple, kwargs: dict, queue) -> None:
+    try:
+        setup_logging()
+        queue.put(("ok", fn(*args, **kwargs)))
+    except BaseException as err:  # reported in the row, never a crash of the whole benchmark
+        queue.put(("error", error_line(err), traceback.format_exc()))
+
+
+def in_fresh_process(fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)`` (a module-level function returning a dict, e.g. ``measure_training``) in a
+    spawned process; an error becomes the row's ``error`` and ``traceback`` fields."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
+    proc.start()
+    outcome = None
+    try:
+        while outcome is None:
+            try:
+                outcome = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not proc.is_alive():  # killed (the OOM killer, a signal) or crashed in native code
+                    proc.join()
+                    try:
+                        outcome = queue.get(timeout=1.0)  # a result posted just before it exited
+                    except queue_module.Empty:
+                        return {"error": f"the measuring process died without a result: {died(proc.exitcode)}",
+                                "traceback": ""}
+    finally:
+        proc.join()
+    if outcome[0] == "ok":
+        return outcome[1]
+    return {"error": outcome[1], "traceback": outcome[2]}
+
+
+def died(exitcode: int | None) -> str:
+    """How a child process ended, in words: 'exit status 3', 'killed by SIGKILL (out of memory?)'."""
+    if exitcode is None or exitcode >= 0:
+        return f"exit status {exitcode}"
+    name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+    return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
