@@ -173,3 +173,31 @@ def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
     for s, result in zip(series.values(), results):
         assert s["valid_hit@10"] == [e["valid"]["hit@10"] for e in result["epochs"]]
         assert s["loss"] == [e["loss"] for e in result["epochs"]] and s["best_epoch"] == result["best_epoch"]
+
+
+def test_keys_that_are_columns_already_are_not_added_twice(runs, capsys, tmp_path):
+    out, _ = runs
+    for flags in ([], ["--average-seeds"]):
+        main(["results", str(out), "--keys", "method,feed,seed", *flags, "--csv", str(tmp_path / "k.csv")])
+        header, *rows = table_rows(capsys.readouterr().out)
+        assert header.count("method") == header.count("feed") == 1 and len(rows) == (3 if not flags else 2)
+
+
+def test_csv_and_curves_replace_only_what_results_wrote(runs, capsys, tmp_path):
+    """Rerunning with the same --csv / --curves replaces the earlier table and figure; a results.json, a
+    data file or someone's figure at that path is refused and left as it was."""
+    out, results = runs
+    table, figure = tmp_path / "t.csv", tmp_path / "c.png"
+    for _ in range(2):
+        main(["results", str(out), "--csv", str(table), "--curves", str(figure)])
+    capsys.readouterr()
+    own = Path(results[0]["run_dir"]) / "results.json"
+    theirs = tmp_path / "theirs.png"
+    theirs.write_bytes(figure.read_bytes().replace(b"IISAN results", b"someone else!"))
+    for flag, target, what in (("--csv", own, "a results table IISAN wrote"), ("--curves", theirs, "a figure")):
+        before = target.read_bytes()
+        with pytest.raises(SystemExit) as info:
+            main(["results", str(out), flag, str(target)])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and f"{flag} {target} exists and is not {what}" in err
+        assert target.read_bytes() == before

@@ -160,6 +160,21 @@ def test_export_to_a_file_is_one_line_and_leaves_the_file(runs, tmp_path, capsys
     assert target.read_text() == "someone's file\n"
 
 
+def test_export_replaces_an_earlier_export_but_no_one_elses_file(runs, tmp_path, capsys):
+    folder = tmp_path / "emb"
+    for _ in range(2):  # the same command again: the earlier export is replaced
+        main(["export", runs["cached"]["run_dir"], "--out", str(folder), "--device", "cpu"])
+    theirs = folder / "users-valid.safetensors"
+    theirs.write_text("my precious\n")
+    with pytest.raises(SystemExit) as info:
+        main(["export", runs["cached"]["run_dir"], "--out", str(folder), "--split", "valid", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err == (f"iisan: error: --out {theirs} exists and is not embeddings IISAN "
+                                            "exported; IISAN replaces only what it wrote itself, so choose another "
+                                            "path or move that one away")
+    assert theirs.read_text() == "my precious\n"
+
+
 @pytest.mark.parametrize("name", ["cached", "bitfit"])
 def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsys):
     results = runs[name]

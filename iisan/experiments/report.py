@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..config import Config
 from ..errors import ConfigError
-from ..files import atomic_path
+from ..files import atomic_path, claim_output
 from ..train.checkpoint import MAY_CHANGE
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     every differing key as columns."""
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
-    shown = list(dict.fromkeys([*keys, *differing_keys(frame, ignored)]))
+    fixed = ("method", "feed", "data")  # columns of every table already
+    shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in fixed]
     status = ["status"] if (frame["status"] != "finished").any() else []
     if not average_seeds:
         return frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
@@ -207,8 +208,21 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_HEADS = ("run,", "method,")  # the first column of a table of runs, or of one averaged over seeds
+CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
+SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")
+
+
+def _starts_with(path: Path, heads: tuple[bytes, ...]) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(16).startswith(heads)
+
+
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
-    """All columns (standard deviations and the non-finite marks included), written atomically."""
+    """All columns (standard deviations and the non-finite marks included), written atomically. A file
+    already there is replaced only when it is such a table (a results.json or a data file never is)."""
+    claim_output(path, lambda p: p.is_file() and _starts_with(p, tuple(h.encode() for h in CSV_HEADS)),
+                 "a results table IISAN wrote", "--csv", overwrite=True)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
@@ -254,6 +268,10 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
+    claim_output(path, lambda p: p.is_file() and CREATOR.encode() in p.read_bytes(), "a figure IISAN drew",
+                 "--curves", overwrite=True)
+    fmt = figure_format(path)
+    signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=figure_format(path))
+        fig.savefig(tmp, dpi=110, format=fmt, **signed)
     plt.close(fig)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..config import METHOD_NAMES, Config
 from ..data.batches import PixelSource
@@ -28,7 +29,7 @@ from ..data.interactions import SeqRecData
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
-from ..files import save_safetensors_atomic
+from ..files import claim_output, save_safetensors_atomic
 from ..model.build import build_model, load_data
 from ..model.recommender import Recommender
 from ..train.weights import load_weights
@@ -140,6 +141,14 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
                       for s in range(0, len(inputs), chunk)]).cpu()
 
 
+def is_export(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception:  # not a safetensors file at all (safetensors raises its own error types)
+        return False
+
+
 def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[str, Path]:
     """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
     ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
@@ -147,8 +156,10 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
     out_dir = Path(out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir), "method": METHOD_NAMES[run.cfg.method],
               "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
-    items = run.item_embeddings()[1:].float().cpu().contiguous()
     paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
+    for path in paths.values():  # an earlier export is replaced; any other file there never is
+        claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
+    items = run.item_embeddings()[1:].float().cpu().contiguous()
     save_safetensors_atomic({"items": items}, paths["items"], {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
     users = user_embeddings(run, split).contiguous()
     save_safetensors_atomic({"users": users}, paths["users"],
