@@ -57,7 +57,8 @@ def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, c
     assert rows[1][2] == "failed: lr='fast': expected a number"
     assert rows[2][2].startswith("failed: non-finite loss at step 1 (epoch 0, steps 0..2)")
     assert "grid summary: 4 point(s): 2 finished, 2 failed" in out
-    assert err.strip().endswith(f"error: 2 of 4 grid point(s) failed: 1 (-); 2 ({rows[2][1]})")
+    assert err.strip().endswith(f"error: 2 of 4 grid point(s) failed: 1 (lr='fast': expected a number); "
+                                f"2 ({rows[2][1]})")
     assert "grid point 1 (lr=fast seed=12345) failed: lr='fast': expected a number" in caplog.text
     for row in (rows[0], rows[3]):  # names and config.json come from the resolved values
         config = json.loads((tmp_path / "runs" / row[1] / "config.json").read_text())
@@ -111,3 +112,42 @@ def test_a_swept_path_under_an_explicit_run_name_gives_one_safe_folder_per_point
     names = [p.config.run_name for p in points]
     assert not any(p.error for p in points) and len(set(names)) == 3
     assert all(n.startswith("mine-text_model") and "/" not in n for n in names)
+
+
+def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(sweep, argv, tmp_path, capsys,
+                                                                              monkeypatch):
+    import signal
+
+    import iisan.model.recommender as recommender_module
+
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 5:  # point 1, its second step
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
+    flags = argv("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3")
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, flags)
+    out, err = capsys.readouterr()
+    assert info.value.code == 130
+    assert [r[2] for r in summary_rows(out)] == ["finished", "interrupted", "not run"]
+    assert err.strip().splitlines()[-1].endswith("To resume, run the same command again: finished points are "
+                                                 "skipped, this one goes on from its checkpoint")
+    assert "grid point 1: SIGINT during epoch 0 after step 2 of 3; checkpoint saved in" in err
+    monkeypatch.undo()
+    again = run_script(DEFAULTS, sweep, flags)  # as told: the same command
+    assert [r["resumed_from"] for r in again] == [[], ["epoch-0000-step-00002"], []]
+    assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished", "finished"]
+
+
+def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, argv, capsys):
+    points, _ = parse_script_args(DEFAULTS, sweep, argv("--lr", "1e-3", "1e-3", "2e-3"))
+    assert [p.values["lr"] for p in points] == [1e-3, 2e-3]
+    with pytest.raises(SystemExit):
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "abc"))
+    assert capsys.readouterr().err.strip().endswith("error: 1 of 1 grid point(s) failed: 0 (lr='abc': expected a "
+                                                    "number)")

@@ -90,7 +90,7 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
     swept, from_flags = {}, set()
     for key, values in sweep.items():
         if key in flags:
-            swept[key] = list(flags.pop(key))
+            swept[key] = list(dict.fromkeys(flags.pop(key)))  # a value given twice is one point, not two
             from_flags.add(key)
         else:
             swept[key] = [file_values[key]] if key in file_values else list(values)
@@ -179,13 +179,21 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
     outcomes = [Outcome(p, "not run") for p in points]
     try:
         for n, point in enumerate(points):
-            outcomes[n] = run_point(point, len(points), action, args)
+            try:
+                outcomes[n] = run_point(point, len(points), action, args)
+            except RunInterrupted as err:
+                outcomes[n] = Outcome(point, "interrupted")
+                # the point's run name comes from the grid: rerunning the command finds it again
+                raise RunInterrupted(f"grid point {point.index}: {err.what}", "To resume, run the same command "
+                                     "again: finished points are skipped, this one goes on from its checkpoint"
+                                     ) from None
     finally:
         print(summary(outcomes), end="")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: "
-                        + "; ".join(f"{o.point.index} ({o.point.name})" for o in failed))
+        raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: " + "; ".join(
+            f"{o.point.index} ({o.point.name})" if o.point.config else f"{o.point.index} ({o.reason})"
+            for o in failed))
     return [o.result for o in outcomes]
 
 

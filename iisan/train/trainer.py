@@ -216,7 +216,7 @@ class Run:
         return str(done[0]) if done else "none yet"
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
-        return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}. "
+        return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
                               f"To resume, run the same command with --run-name {self.run_dir.name}")
 
     # ----------------------------------------------------------------------------------------------
