@@ -27,8 +27,8 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def exit_interrupted(prog: str, err: BaseException) -> None:
-    """Ctrl-C after the checkpoint was saved: say how to resume (once, under torchrun) and exit 130."""
+def exit_interrupted(prog: str, err: BaseException | str) -> None:
+    """Ctrl-C: say how to resume (once, under torchrun) and exit 130."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: {err}", file=sys.stderr)
     sys.exit(130)
@@ -51,6 +51,10 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         fail(prog, err)
     except RunInterrupted as err:
         exit_interrupted(prog, err)
+    except KeyboardInterrupt:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
+        logging.getLogger(__name__).debug("interrupted at", exc_info=True)
+        exit_interrupted(prog, "interrupted; what was finished is kept: a run resumes from its last checkpoint "
+                               "and a cache build from its finished chunks when the same command runs again")
     except OSError as err:
         if err.filename is None:
             raise

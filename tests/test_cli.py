@@ -89,3 +89,23 @@ def test_entry_script_runs_a_sweep_in_process(tiny, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     results = sorted((tmp_path / "runs").glob("*/results.json"))
     assert [json.loads(p.read_text())["config"]["lr"] for p in results] == [1e-3, 2e-3]
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tiny_config, tiny, monkeypatch, capsys):
+    """Ctrl-C while a cache builds (or a model loads) ends like every other stop: one line, no traceback."""
+    import iisan.model.caching as caching
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(caching, "build_caches", interrupted)
+    cfg = tiny_config()
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
+              "--text-model", tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir",
+              cfg.cache_dir, "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("iisan: interrupted; what was finished is kept: a run resumes from its "
+                                            "last checkpoint and a cache build from its finished chunks when the "
+                                            "same command runs again")
