@@ -109,3 +109,11 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tiny_config, ti
     assert err.strip().splitlines()[-1] == ("iisan: interrupted; what was finished is kept: a run resumes from its "
                                             "last checkpoint and a cache build from its finished chunks when the "
                                             "same command runs again")
+
+
+def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
+    """No "Writing model shards" bar and no notice about ViT's processor backend: three paths, nothing else."""
+    main(["make-tiny-models", "--out", str(tmp_path)])
+    out, err = capfd.readouterr()
+    assert out.split() == [str(tmp_path / name) for name in ("tiny-bert", "tiny-vit", "tiny-llama")]
+    assert "Writing model shards" not in err and "torchvision" not in err

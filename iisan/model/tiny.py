@@ -5,6 +5,7 @@ ViT-B/16) with random weights, for parameter counts and benchmarks without a dow
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -25,8 +26,30 @@ from transformers import (
     ViTConfig,
     ViTModel,
 )
+from transformers.utils import logging as hf_logging
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def quietly(write):
+    """A writer without transformers' chatter: no "Writing model shards" bar (``--no-progress`` or not:
+    writing a tiny model is instant) and no notice that ViT's processor falls back to PIL without
+    torchvision (it is saved as a ViTImageProcessor all the same)."""
+
+    @functools.wraps(write)
+    def quiet(*args, **kwargs):
+        previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            return write(*args, **kwargs)
+        finally:  # as found (writers call writers)
+            hf_logging.set_verbosity(previous)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    return quiet
+
 TINY_MARKER = ".iisan-random-model"  # in each folder `iisan make-tiny-models` made (``files.claim_folder``)
 
 
@@ -40,6 +63,7 @@ def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:
     return SPECIALS + ranked
 
 
+@quietly
 def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
                seed: int = 0) -> Path:
     out_dir = write_bert_tokenizer(out_dir, vocab)
@@ -50,6 +74,7 @@ def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: 
     return out_dir
 
 
+@quietly
 def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +83,7 @@ def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
     return out_dir
 
 
+@quietly
 def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, image_size: int = 224,
               patch_size: int = 32, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
@@ -71,6 +97,7 @@ def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     return out_dir
 
 
+@quietly
 def write_llama(out_dir: str | Path, vocab: list[str], hidden: int = 48, layers: int = 4, heads: int = 4,
                 seed: int = 0) -> Path:
     """A tiny decoder LLM (LLaMA architecture) with a word-level tokenizer over ``vocab``."""
@@ -97,6 +124,7 @@ def base_architectures():
     return bert, vit
 
 
+@quietly
 def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
     """Random-weight BERT-base and ViT-B/16 folders (with a toy tokenizer) for benchmarks offline."""
     out_dir = Path(out_dir)
@@ -114,6 +142,7 @@ def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
 # IISAN-Versa: tiny towers of other families (decoder LLMs, other vision transformers)
 
 
+@quietly
 def write_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 400,
                         pad: bool = True) -> Path:
     """A byte-level BPE trained on ``texts`` (the LLM tokenizers' kind), saved with ``save_pretrained``.
@@ -136,6 +165,7 @@ def write_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int =
 DECODERS = ("llama", "qwen2", "gpt2")
 
 
+@quietly
 def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: int = 48, layers: int = 4,
                   heads: int = 4, seed: int = 0) -> Path:
     """A tiny random decoder LLM of ``family`` (llama, qwen2, gpt2) loadable with ``AutoModel``, and a
@@ -160,6 +190,7 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
 IMAGE_FAMILIES = ("vit", "deit", "dinov2", "clip")
 
 
+@quietly
 def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers: int = 2, heads: int = 2,
                       image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Path:
     """A tiny random vision transformer of ``family`` (vit, deit, dinov2, clip: a CLIP vision tower) with
