@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.config import add_config_arguments  # noqa: E402
 from iisan.console import entry_point, setup_logging  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
+from iisan.flags import add_config_arguments  # noqa: E402
 
 MIN_WARMUP, MIN_STEPS = 10, 50
 

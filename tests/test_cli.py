@@ -47,7 +47,7 @@ def test_config_validation(values, message):
 def test_precedence_cli_over_file_over_defaults(tmp_path):
     import argparse
 
-    from iisan.config import add_config_arguments, config_from_args
+    from iisan.flags import add_config_arguments, config_from_args
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 0.5, "batch_size": 8}))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from iisan.cli.main import build_parser
-from iisan.config import METHOD_DEFAULTS, config_from_args
+from iisan.config import METHOD_DEFAULTS
 from iisan.experiments.sweep import parse_script_args, script_parser
+from iisan.flags import config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"iisan": ROOT / "Code_Cached" / "scripts" / "run_IISAN.py",

@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 from ..bounds import check_encoding, positive_int
-from ..config import add_config_arguments, config_from_args
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
 from ..files import claim_folder
+from ..flags import add_config_arguments, config_from_args
 from ..model.caching import build_cache_from_config
 from ..model.tiny import TINY_MARKER, vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 

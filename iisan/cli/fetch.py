@@ -3,11 +3,11 @@ network) and import-cache (the authors' released hidden states)."""
 
 from __future__ import annotations
 
-from ..config import add_config_arguments, config_from_args
 from ..data.fetch import fetch_dataset
 from ..data.sources import SOURCES
 from ..experiments.encoders import ENCODER_PRESETS, fetch_encoders
 from ..experiments.presets import BACKBONES, DATASETS, ROOT, dataset_paths
+from ..flags import add_config_arguments, config_from_args
 from ..model.caching import DTYPES, import_cache_from_config
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from ..config import add_config_arguments, config_from_args
 from ..errors import ConfigError
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
 from ..experiments.report import collect, draw_curves, figure_format, markdown, table, write_csv
+from ..flags import add_config_arguments, config_from_args
 from ..train.trainer import train
 
 

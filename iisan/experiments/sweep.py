@@ -24,9 +24,10 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from ..config import METHOD_DEFAULTS, Config, add_config_arguments, args_layers, resolve
+from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
+from ..flags import add_config_arguments, args_layers
 from ..train.runfolder import default_run_name, path_component, reusable_results
 from ..train.trainer import train
 from .presets import BACKBONES, DATASETS, dataset_paths
