@@ -226,7 +226,7 @@ class Config:
         """Read a JSON config file into a dict of overrides (validated when merged)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -293,4 +293,12 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     the field defaults. A method's defaults sit below everything a user or script says."""
     upper = {**(defaults or {}), **(file_values or {}), **(flags or {})}
     method = upper.get("method", Config.method)
-    return Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
+    cfg = Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
+    said = {**(file_values or {}), **(flags or {})}  # what the user gave: it wins, or it is an error
+    if said.get("feed") == "cached" and cfg.feed != "cached":
+        raise ConfigError(f"feed=cached: method={cfg.method} trains through the backbones, so it runs live "
+                          "(only IISAN's states can be cached); leave --feed out")
+    if said.get("modality") not in (None, cfg.modality):
+        raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra "
+                          "applies")
+    return cfg

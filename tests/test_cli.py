@@ -117,3 +117,24 @@ def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out.split() == [str(tmp_path / name) for name in ("tiny-bert", "tiny-vit", "tiny-llama")]
     assert "Writing model shards" not in err and "torchvision" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "fft", "--feed", "cached"], "feed=cached: method=fft trains through the backbones, so it runs live"),
+    (["--towers", "text", "--modality", "intra_inter"], "modality=intra_inter: towers=text is one modality"),
+    (["--config", "."], "config file . is a folder"),
+])
+def test_a_value_given_that_cannot_apply_is_refused_not_replaced(flags, message, capsys):
+    """A flag given wins or is an error: it is never quietly changed to what the method or towers allow."""
+    with pytest.raises(SystemExit) as info:
+        main(["params", *flags])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_the_defaults_a_method_changes_are_not_errors():
+    from iisan.config import resolve
+
+    assert resolve(flags={"method": "fft"}).feed == "live"  # the field default, cached, gives way
+    assert resolve(flags={"towers": "image"}).modality == "intra"
+    assert resolve(flags={"method": "iisan", "feed": "cached"}).feed == "cached"
