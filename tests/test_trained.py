@@ -197,3 +197,27 @@ def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsy
     assert metrics == pytest.approx(results["test"], abs=1e-12)
     assert Path(item_meta["run_dir"]) == Path(results["run_dir"]) and item_meta["best_epoch"] == str(
         results["best_epoch"])
+
+
+def test_a_run_trained_with_relative_paths_is_usable_from_another_folder(tiny, tiny_cache, tmp_path,
+                                                                            monkeypatch, capsys):
+    """config.json keeps paths as given; results.json says where they were relative to."""
+    import os
+    import shutil
+
+    from iisan.config import Config
+
+    work = tmp_path / "project"
+    shutil.copytree(Path(tiny["users"]).parent, work / "data")
+    shutil.copytree(tiny_cache, work / "cache")
+    monkeypatch.chdir(work)
+    rel = {k: os.path.relpath(work / "data" / Path(tiny[k]).relative_to(Path(tiny["users"]).parent))
+           for k in ("users", "items", "images", "text_model", "image_model")}
+    assert not Path(rel["users"]).is_absolute()
+    results = train(Config(**rel, cache_dir="cache", out_dir="runs", run_name="rel", device="cpu", num_workers=0,
+                           progress=False, batch_size=16, epochs=1, eval_batch_size=64))
+    assert json.loads(Path("runs/rel/config.json").read_text())["users"] == rel["users"]
+    monkeypatch.chdir(tmp_path)  # elsewhere: "data/users.tsv" means nothing here
+    main(["evaluate", "project/runs/rel", "--json", "--device", "cpu"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["test"] == pytest.approx(results["test"], abs=1e-9)

@@ -79,13 +79,31 @@ class TrainedRun:
         return sequence[sequence > 0]
 
 
+PATH_KEYS = ("users", "items", "images", "text_model", "image_model", "cache_dir")
+
+
+def rebased(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` with each relative path that is not found from here taken relative to the folder the run
+    was trained from (``working_dir`` in its results.json), where it is found there."""
+    try:
+        base = json.loads((run_dir / "results.json").read_text()).get("working_dir")
+    except (OSError, ValueError, AttributeError):  # no results (yet), or not a JSON object
+        return cfg
+    changes = {}
+    for key in PATH_KEYS if isinstance(base, str) else ():
+        value = getattr(cfg, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (Path(base) / value).exists():
+            changes[key] = str(Path(base) / value)
+    return cfg.replace(**changes) if changes else cfg
+
+
 def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """A run folder -> its config, data and model with the best weights, on ``device``."""
     run_dir = Path(run_dir)
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run folder: it has no config.json")
-    cfg = Config.from_dict(Config.from_file(config_path), source=str(config_path))
+    cfg = rebased(Config.from_dict(Config.from_file(config_path), source=str(config_path)), run_dir)
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)

@@ -145,6 +145,7 @@ class RunRecord:
             "git_commit": self.commit,
             "config": cfg.to_dict(),
             "run_dir": str(self.run_dir),
+            "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }
 
     def write(self, results: dict) -> dict:
