@@ -221,3 +221,17 @@ def test_a_run_trained_with_relative_paths_is_usable_from_another_folder(tiny, t
     main(["evaluate", "project/runs/rel", "--json", "--device", "cpu"])
     shown = json.loads(capsys.readouterr().out)
     assert shown["test"] == pytest.approx(results["test"], abs=1e-9)
+
+
+def test_evaluate_names_a_cache_rebuilt_in_another_precision(tiny, tiny_config, tmp_path, capsys):
+    from iisan.model.caching import build_cache_from_config
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"), run_name="fp32", epochs=1)
+    build_cache_from_config(cfg, dtype="float32")
+    train(cfg)
+    build_cache_from_config(cfg, dtype="float16", overwrite=True)  # the same folder, another precision
+    main(["evaluate", str(tmp_path / "runs" / "fp32"), "--device", "cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("results.json differs: largest difference ")
+    assert last.endswith("(the cache was rebuilt in another precision (text float32 then, float16 now; "
+                         "image float32 then, float16 now))")

@@ -21,13 +21,25 @@ def describe(run: TrainedRun) -> str:
             f"{device_name(run.device)}")
 
 
-def recorded_metrics(run_dir: Path) -> dict:
-    """The valid and test metrics results.json holds for the best epoch ({} when it holds none)."""
+def recorded(run_dir: Path) -> tuple[dict, dict]:
+    """The valid and test metrics results.json holds for the best epoch, and the cache precision the run
+    trained on (``{}`` each when it holds none)."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):  # absent or unreadable: nothing to compare with
-        return {}
-    return {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
+        step = results.get("step") or {}
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: nothing to compare with
+        return {}, {}
+    metrics = {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
+    return metrics, step.get("cache_dtypes") or {} if isinstance(step, dict) else {}
+
+
+def why_different(run: TrainedRun, trained_on: dict) -> str:
+    """The likeliest reason the numbers moved: a cache rebuilt in another precision, else the software."""
+    now = run.cache_dtypes()
+    changed = [f"{m} {trained_on[m]} then, {now[m]} now" for m in now if m in trained_on and trained_on[m] != now[m]]
+    if changed:
+        return f"the cache was rebuilt in another precision ({'; '.join(changed)})"
+    return "another device or library version?"
 
 
 def cmd_evaluate(args) -> None:
@@ -41,15 +53,15 @@ def cmd_evaluate(args) -> None:
     print(f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES))
     for split, values in metrics.items():
         print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
-    recorded = recorded_metrics(run.run_dir)
-    compared = [s for s in splits if s in recorded]
+    saved, trained_on = recorded(run.run_dir)
+    compared = [s for s in splits if s in saved]
     if not compared:
         print("results.json holds no metrics to compare with")
-    elif all(metrics[s] == recorded[s] for s in compared):
+    elif all(metrics[s] == saved[s] for s in compared):
         print(f"results.json: the same numbers ({', '.join(compared)})")
     else:
-        worst = max(abs(metrics[s][m] - recorded[s][m]) for s in compared for m in metrics[s])
-        print(f"results.json differs: largest difference {worst:.2e} (another device or library version?)")
+        worst = max(abs(metrics[s][m] - saved[s][m]) for s in compared for m in metrics[s])
+        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run, trained_on)})")
 
 
 def queries(run: TrainedRun, args) -> list[tuple[str, object]]:

@@ -31,7 +31,8 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, save_safetensors_atomic
 from ..model.build import build_model, load_data
-from ..model.recommender import Recommender
+from ..model.feeds import CachedStates
+from ..model.recommender import IISANItemEncoder, Recommender
 from ..train.weights import load_weights
 
 EXPORT_FORMAT = "iisan-embeddings/1"
@@ -54,6 +55,12 @@ class TrainedRun:
             self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
                                     self.device)
         return self.table
+
+    def cache_dtypes(self) -> dict[str, str]:
+        """The precision of each cached table the model reads ({} for a live run)."""
+        encoder = self.model.item_encoder
+        cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
+        return encoder.states.dtypes() if cached else {}
 
     def item_index(self, item_ids: list[str], where: str = "--history") -> np.ndarray:
         """Item ids -> dataset indices; an id the data set does not hold is an error naming it."""

@@ -125,7 +125,7 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
 def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
     if not cfg.cache_dir:
         raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
-    tables = {}
+    tables, stored = {}, {}
     for m in modalities(cfg):
         path = cache_file(cfg.cache_dir, m)
         meta = read_metadata(path)
@@ -147,7 +147,8 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
-    return CachedStates(tables)
+        stored[m] = str(table.dtype).removeprefix("torch.")
+    return CachedStates(tables, stored)
 
 
 # --------------------------------------------------------------------------------------------------

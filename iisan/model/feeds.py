@@ -56,11 +56,13 @@ class LiveStates(EncodedItems):
 
 
 class CachedStates(nn.Module):
-    """Tables (N+1, k, d) per modality, kept on the device in their stored dtype (``cache_dtype``)."""
+    """Tables (N+1, k, d) per modality, on the device in their stored dtype (fp32 on a CPU); ``stored``: the
+    precision each was stored in (default: as held)."""
 
-    def __init__(self, tables: dict[str, torch.Tensor]):
+    def __init__(self, tables: dict[str, torch.Tensor], stored: dict[str, str] | None = None):
         super().__init__()
         self.names = tuple(tables)
+        self.stored = stored or {m: str(t.dtype).removeprefix("torch.") for m, t in tables.items()}
         for name, table in tables.items():
             self.register_buffer(f"table_{name}", table, persistent=False)
 
@@ -69,7 +71,7 @@ class CachedStates(nn.Module):
 
     def dtypes(self) -> dict[str, str]:
         """The precision each table is stored in (what ``cache_dtype`` 'auto' came to): 'float32', ..."""
-        return {m: str(getattr(self, f"table_{m}").dtype).removeprefix("torch.") for m in self.names}
+        return dict(self.stored)
 
     def title_lengths(self) -> None:
         return None  # no titles here: the cache holds their states
