@@ -17,8 +17,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_params(args) -> None:
-    result = count(config_from_args(args), args.random_backbones)
+    cfg = config_from_args(args)
+    result = count(cfg, args.random_backbones)
     print(f"{result['method']}: {result['line']}")
+    if cfg.method == "iisan" and cfg.feed == "cached":
+        print("(all params include the frozen backbones the cache was computed with, as the paper counts IISAN; "
+              "a cached run's train.log counts only the modules it holds, the trainable ones)")
 
 
 def cmd_results(args) -> None:
