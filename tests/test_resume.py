@@ -21,7 +21,7 @@ import iisan.model.recommender as recommender_module
 import iisan.train.checkpoint as checkpoint
 from iisan.cli.main import main
 from iisan.config import Config
-from iisan.errors import RunInterrupted, TrainingError
+from iisan.errors import ConfigError, RunInterrupted, TrainingError
 from iisan.model.caching import build_cache_from_config
 from iisan.train.trainer import train
 
@@ -441,3 +441,10 @@ def test_a_non_finite_learning_rate_is_named():
     assert learning_rates(optimizer) == []
     optimizer.param_groups[1]["lr"] = float("nan")  # e.g. from a hand-edited checkpoint
     assert learning_rates(optimizer) == ["the learning rate of group 'image' is nan"]
+
+
+def test_resume_of_a_run_that_does_not_exist_makes_no_folder(base, tmp_path):
+    cfg = base.replace(out_dir=str(tmp_path), run_name="never-ran", resume=True)
+    with pytest.raises(ConfigError, match=f"--resume: no checkpoint in {tmp_path / 'never-ran' / 'checkpoints'}"):
+        train(cfg)
+    assert not (tmp_path / "never-ran").exists()  # no failed results.json to show up in `iisan results`

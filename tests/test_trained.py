@@ -235,3 +235,17 @@ def test_evaluate_names_a_cache_rebuilt_in_another_precision(tiny, tiny_config, 
     assert last.startswith("results.json differs: largest difference ")
     assert last.endswith("(the cache was rebuilt in another precision (text float32 then, float16 now; "
                          "image float32 then, float16 now))")
+
+
+def test_using_a_run_that_failed_before_it_was_set_up_says_so(tiny_config, tmp_path, capsys):
+    from iisan.errors import CacheError
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "no-cache"), out_dir=str(tmp_path / "runs"), run_name="broken")
+    with pytest.raises(CacheError):
+        train(cfg)  # the run folder exists, with a failed results.json, but no config.json or weights
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(tmp_path / "runs" / "broken"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2
+    assert err.startswith(f"iisan: error: {tmp_path / 'runs' / 'broken'} holds a run that failed (")
+    assert err.endswith(") before it was set up: nothing to use")

@@ -89,6 +89,18 @@ class TrainedRun:
 PATH_KEYS = ("users", "items", "images", "text_model", "image_model", "cache_dir")
 
 
+def run_ending(run_dir: Path) -> str:
+    """'failed (why)' or 'was interrupted (why)' from a run folder's results.json; '' without one."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        status, error = results["status"], results.get("error", "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if status not in ("failed", "interrupted"):
+        return ""
+    return f"{status if status == 'failed' else 'was interrupted'} ({error})" if error else status
+
+
 def rebased(cfg: Config, run_dir: Path) -> Config:
     """``cfg`` with each relative path that is not found from here taken relative to the folder the run
     was trained from (``working_dir`` in its results.json), where it is found there."""
@@ -109,7 +121,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     run_dir = Path(run_dir)
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: it has no config.json")
+        ended = run_ending(run_dir)
+        raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
+                          else f"{run_dir} is not a run folder: it has no config.json")
     cfg = rebased(Config.from_dict(Config.from_file(config_path), source=str(config_path)), run_dir)
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")

@@ -87,6 +87,8 @@ class Run:
         self.run_dir = run_dir(cfg)
         self.root = self.run_dir / "checkpoints"
         check_data_files(cfg)  # a missing file is an error before a run folder is made for it
+        if cfg.resume and not checkpoint.checkpoints(self.root):  # nor is a folder made to resume nothing
+            raise ConfigError(f"--resume: no checkpoint in {self.root}")
         self.decide(self.lock_folder)
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
