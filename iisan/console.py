@@ -44,7 +44,9 @@ def fail(prog: str, err: BaseException) -> None:
 def entry_point(prog: str, run: Callable[[], T]) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
-    user's error too: one line naming the file, the traceback only with ``--verbose``."""
+    user's error too: one line naming the file, the traceback only with ``--verbose``. ``prog`` is named as
+    argparse names it (``run_IISAN.py``, not the path it was started by)."""
+    prog = os.path.basename(prog)
     try:
         return run()
     except USER_ERRORS as err:
