@@ -448,3 +448,15 @@ def test_resume_of_a_run_that_does_not_exist_makes_no_folder(base, tmp_path):
     with pytest.raises(ConfigError, match=f"--resume: no checkpoint in {tmp_path / 'never-ran' / 'checkpoints'}"):
         train(cfg)
     assert not (tmp_path / "never-ran").exists()  # no failed results.json to show up in `iisan results`
+
+
+def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base, tmp_path):
+    cfg = base.replace(out_dir=str(tmp_path), run_name="two", epochs=2)
+    train(cfg)
+    config_before = (tmp_path / "two" / "config.json").read_bytes()
+    results_before = (tmp_path / "two" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match=f"--epochs 1: {tmp_path / 'two'} has trained 2 epochs already"):
+        train(cfg.replace(epochs=1))
+    assert (tmp_path / "two" / "config.json").read_bytes() == config_before
+    assert (tmp_path / "two" / "results.json").read_bytes() == results_before
+    assert len(train(cfg.replace(epochs=3))["epochs"]) == 3  # more goes on

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -69,11 +71,15 @@ class Progress:
                 "early_stopping": self.stopper.state(), "best_valid": self.best_valid, "best_test": self.best_test,
                 "epochs": self.epochs, "resumed_from": self.resumed_from}
 
-    def load(self, state: dict, checkpoint: Path, restart_epoch: bool = False) -> None:
-        """Go on from ``checkpoint``'s record. ``restart_epoch``: it was saved by another number of
-        processes, so steps done mid-epoch were of another sharding (and another steps-per-epoch); no rank
-        can tell which of its own batches they covered, so that epoch starts again from its first step
-        (its steps so far stay in the weights)."""
+    def load(self, state: dict, checkpoint: Path, epochs: int, restart_epoch: bool = False) -> None:
+        """Go on from ``checkpoint``'s record, for a run of ``epochs`` epochs in all (fewer than it has
+        trained already is an error: its results hold them all). ``restart_epoch``: it was saved by another
+        number of processes, so steps done mid-epoch were of another sharding (and another steps-per-epoch);
+        no rank can tell which of its own batches they covered, so that epoch starts again from its first
+        step (its steps so far stay in the weights)."""
+        if len(state["epochs"]) > epochs:
+            raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
+                              "epochs already; give at least that many to go on with it, or another --run-name")
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
         self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],

@@ -174,7 +174,7 @@ class Run:
             log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
                         "not match an uninterrupted run bit for bit", found.path, state["world_size"],
                         state["device"], self.dist.world_size)
-        self.progress.load(state, found.path, restart_epoch=state["world_size"] != self.dist.world_size)
+        self.progress.load(state, found.path, self.cfg.epochs, state["world_size"] != self.dist.world_size)
         self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
             else None
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
