@@ -62,12 +62,12 @@ class OutputError(UserError, OSError):
 
 class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint: ``what`` happened and
-    where the checkpoint is, then ``how`` to resume (a sweep says it its own way). Not a ``UserError``:
-    the command line exits 130 with it, not 2."""
+    where the checkpoint is, then ``how`` to resume (kept apart so that a sweep can say that its own way).
+    Not a ``UserError``: the command line exits 130 with it, not 2."""
 
     def __init__(self, what: str, how: str = ""):
         super().__init__(f"{what}. {how}" if how else what)
-        self.what, self.how = what, how
+        self.what = what
 
 
 USER_ERRORS = (UserError,)

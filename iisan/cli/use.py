@@ -21,21 +21,16 @@ def describe(run: TrainedRun) -> str:
             f"{device_name(run.device)}")
 
 
-def recorded(run_dir: Path) -> tuple[dict, dict]:
-    """The valid and test metrics results.json holds for the best epoch, and the cache precision the run
-    trained on (``{}`` each when it holds none)."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-        step = results.get("step") or {}
-    except (OSError, ValueError, AttributeError):  # absent or unreadable: nothing to compare with
-        return {}, {}
-    metrics = {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
-    return metrics, step.get("cache_dtypes") or {} if isinstance(step, dict) else {}
+def recorded_metrics(results: dict) -> dict:
+    """The valid and test metrics a run's results hold for the best epoch ({} when they hold none)."""
+    return {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
 
 
-def why_different(run: TrainedRun, trained_on: dict) -> str:
+def why_different(run: TrainedRun) -> str:
     """The likeliest reason the numbers moved: a cache rebuilt in another precision, else the software."""
-    now = run.cache_dtypes()
+    step = run.results.get("step")
+    trained_on = (step.get("cache_dtypes") if isinstance(step, dict) else None) or {}
+    now = run.model.cache_dtypes()
     changed = [f"{m} {trained_on[m]} then, {now[m]} now" for m in now if m in trained_on and trained_on[m] != now[m]]
     if changed:
         return f"the cache was rebuilt in another precision ({'; '.join(changed)})"
@@ -53,7 +48,7 @@ def cmd_evaluate(args) -> None:
     print(f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES))
     for split, values in metrics.items():
         print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
-    saved, trained_on = recorded(run.run_dir)
+    saved = recorded_metrics(run.results)
     compared = [s for s in splits if s in saved]
     if not compared:
         print("results.json holds no metrics to compare with")
@@ -61,7 +56,7 @@ def cmd_evaluate(args) -> None:
         print(f"results.json: the same numbers ({', '.join(compared)})")
     else:
         worst = max(abs(metrics[s][m] - saved[s][m]) for s in compared for m in metrics[s])
-        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run, trained_on)})")
+        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run)})")
 
 
 def queries(run: TrainedRun, args) -> list[tuple[str, object]]:

@@ -32,24 +32,29 @@ def in_fresh_process(fn, *args, **kwargs) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
     proc.start()
-    outcome = None
     try:
-        while outcome is None:
-            try:
-                outcome = queue.get(timeout=1.0)
-            except queue_module.Empty:
-                if not proc.is_alive():  # killed (the OOM killer, a signal) or crashed in native code
-                    proc.join()
-                    try:
-                        outcome = queue.get(timeout=1.0)  # a result posted just before it exited
-                    except queue_module.Empty:
-                        return {"error": f"the measuring process died without a result: {died(proc.exitcode)}",
-                                "traceback": ""}
+        outcome = _wait(proc, queue)
     finally:
         proc.join()
+    if outcome is None:  # killed (the OOM killer, a signal) or crashed in native code
+        return {"error": f"the measuring process died without a result: {died(proc.exitcode)}", "traceback": ""}
     if outcome[0] == "ok":
         return outcome[1]
     return {"error": outcome[1], "traceback": outcome[2]}
+
+
+def _wait(proc, queue) -> tuple | None:
+    """What the child posted, or None once it has ended without posting anything (waiting on the queue
+    alone would never end then)."""
+    while proc.is_alive():
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            pass
+    try:
+        return queue.get(timeout=1.0)  # posted just before it exited
+    except queue_module.Empty:
+        return None
 
 
 def died(exitcode: int | None) -> str:

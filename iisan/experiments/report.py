@@ -208,21 +208,20 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_HEADS = ("run,", "method,")  # the first column of a table of runs, or of one averaged over seeds
+CSV_HEADS = (b"run,", b"method,")  # the first column of a table of runs, or of one averaged over seeds
 CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
 SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")
 
 
-def _starts_with(path: Path, heads: tuple[bytes, ...]) -> bool:
+def _is_table(path: Path) -> bool:
     with open(path, "rb") as fh:
-        return fh.read(16).startswith(heads)
+        return fh.read(16).startswith(CSV_HEADS)
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     """All columns (standard deviations and the non-finite marks included), written atomically. A file
     already there is replaced only when it is such a table (a results.json or a data file never is)."""
-    claim_output(path, lambda p: p.is_file() and _starts_with(p, tuple(h.encode() for h in CSV_HEADS)),
-                 "a results table IISAN wrote", "--csv", overwrite=True)
+    claim_output(path, lambda p: p.is_file() and _is_table(p), "a results table IISAN wrote", "--csv", overwrite=True)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)

@@ -31,8 +31,8 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, save_safetensors_atomic
 from ..model.build import build_model, load_data
-from ..model.feeds import CachedStates
-from ..model.recommender import IISANItemEncoder, Recommender
+from ..model.recommender import Recommender
+from ..train.runfolder import RESULTS, read_results
 from ..train.weights import load_weights
 
 EXPORT_FORMAT = "iisan-embeddings/1"
@@ -47,6 +47,7 @@ class TrainedRun:
     pixels: PixelSource | None
     device: torch.device
     best_epoch: int
+    results: dict = field(default_factory=dict, repr=False)  # its results.json ({} when unreadable)
     table: torch.Tensor | None = field(default=None, repr=False)  # (N+1, D) item embeddings, made once
 
     def item_embeddings(self) -> torch.Tensor:
@@ -55,12 +56,6 @@ class TrainedRun:
             self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
                                     self.device)
         return self.table
-
-    def cache_dtypes(self) -> dict[str, str]:
-        """The precision of each cached table the model reads ({} for a live run)."""
-        encoder = self.model.item_encoder
-        cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
-        return encoder.states.dtypes() if cached else {}
 
     def item_index(self, item_ids: list[str], where: str = "--history") -> np.ndarray:
         """Item ids -> dataset indices; an id the data set does not hold is an error naming it."""
@@ -89,30 +84,25 @@ class TrainedRun:
 PATH_KEYS = ("users", "items", "images", "text_model", "image_model", "cache_dir")
 
 
-def run_ending(run_dir: Path) -> str:
-    """'failed (why)' or 'was interrupted (why)' from a run folder's results.json; '' without one."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-        status, error = results["status"], results.get("error", "")
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+def run_ending(results: dict) -> str:
+    """'failed (why)' or 'was interrupted (why)' from a run's results; '' for any other status."""
+    status, error = results.get("status"), results.get("error", "")
     if status not in ("failed", "interrupted"):
         return ""
     return f"{status if status == 'failed' else 'was interrupted'} ({error})" if error else status
 
 
-def rebased(cfg: Config, run_dir: Path) -> Config:
-    """``cfg`` with each relative path that is not found from here taken relative to the folder the run
-    was trained from (``working_dir`` in its results.json), where it is found there."""
-    try:
-        base = json.loads((run_dir / "results.json").read_text()).get("working_dir")
-    except (OSError, ValueError, AttributeError):  # no results (yet), or not a JSON object
+def rebased(cfg: Config, working_dir: str | None) -> Config:
+    """``cfg`` with each relative path that is not found from here taken relative to ``working_dir`` (the
+    folder the run was trained from, as its results.json says), where it is found there."""
+    if not isinstance(working_dir, str):
         return cfg
     changes = {}
-    for key in PATH_KEYS if isinstance(base, str) else ():
+    for key in PATH_KEYS:
         value = getattr(cfg, key)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (Path(base) / value).exists():
-            changes[key] = str(Path(base) / value)
+        there = Path(working_dir) / value if value else None
+        if there is not None and not Path(value).is_absolute() and not Path(value).exists() and there.exists():
+            changes[key] = str(there)
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -120,11 +110,12 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """A run folder -> its config, data and model with the best weights, on ``device``."""
     run_dir = Path(run_dir)
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
+    results = read_results(run_dir / RESULTS)
     if not config_path.is_file():
-        ended = run_ending(run_dir)
+        ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
-    cfg = rebased(Config.from_dict(Config.from_file(config_path), source=str(config_path)), run_dir)
+    cfg = rebased(Config.from_dict(Config.from_file(config_path), source=str(config_path)), results.get("working_dir"))
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)
@@ -133,7 +124,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     model, pixels = build_model(cfg, data, torch_device)
     best_epoch = int(load_weights(model, weights).get("epoch", -1))
     model.eval()
-    return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch)
+    return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
 
 
 def evaluate(run: TrainedRun, split: str) -> dict[str, float]:

@@ -14,6 +14,7 @@ image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +47,31 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
                            f"(valid hidden-state indices are 0..{depth})")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings below errors and its progress bars off inside the block; both as found after
+    (blocks may nest)."""
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
     """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
     (``encoder_files``), never running code from it and never fetching anything unless allowed."""
     path = resolve_model_path(name, allow_download)
-    previous = hf_logging.get_verbosity()
     # Loading a classification checkpoint into the bare encoder reports its head as unused and the
     # pooler as missing; both are expected here, so the report is silenced.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download, **kwargs)
+        with quiet_transformers():
+            return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
+                                              **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
@@ -64,9 +79,6 @@ def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwar
         first = " ".join(str(err).split()).split(". ")[0]
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
                            f"package that is not installed ({first})") from None
-    finally:
-        hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
 
 
 def depth_and_width(config) -> tuple[int, int]:

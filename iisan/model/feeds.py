@@ -57,12 +57,12 @@ class LiveStates(EncodedItems):
 
 class CachedStates(nn.Module):
     """Tables (N+1, k, d) per modality, on the device in their stored dtype (fp32 on a CPU); ``stored``: the
-    precision each was stored in (default: as held)."""
+    precision each was stored in."""
 
-    def __init__(self, tables: dict[str, torch.Tensor], stored: dict[str, str] | None = None):
+    def __init__(self, tables: dict[str, torch.Tensor], stored: dict[str, str]):
         super().__init__()
         self.names = tuple(tables)
-        self.stored = stored or {m: str(t.dtype).removeprefix("torch.") for m, t in tables.items()}
+        self.stored = stored
         for name, table in tables.items():
             self.register_buffer(f"table_{name}", table, persistent=False)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data.batches import ItemBatch, TrainBatch
+from .feeds import CachedStates
 from .loss import in_batch_softmax_loss
 from .san import SANItemTower
 from .sasrec import SASRec
@@ -25,6 +26,10 @@ class IISANItemEncoder(nn.Module):
 
     def title_lengths(self):
         return self.states.title_lengths()
+
+    def cache_dtypes(self) -> dict[str, str]:
+        """The precision each cached table was stored in ({} for the live feed)."""
+        return self.states.dtypes() if isinstance(self.states, CachedStates) else {}
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         return self.tower(self.states(items))  # (U, D)
@@ -42,6 +47,12 @@ class Recommender(nn.Module):
         # Items seen only as valid/test targets have popularity 0; they never enter a training batch,
         # and the clamp keeps their log finite.
         self.register_buffer("log_pop", popularity.double().clamp_min(1e-12).log().float(), persistent=False)
+
+
+    def cache_dtypes(self) -> dict[str, str]:
+        """The precision each table of the item encoder's cache was stored in ({} without a cache)."""
+        encoder = self.item_encoder
+        return encoder.cache_dtypes() if isinstance(encoder, IISANItemEncoder) else {}
 
     def calculate_loss(self, batch: TrainBatch) -> torch.Tensor:
         B, S = batch.seq.shape

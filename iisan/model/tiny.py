@@ -26,7 +26,8 @@ from transformers import (
     ViTConfig,
     ViTModel,
 )
-from transformers.utils import logging as hf_logging
+
+from .backbones import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -38,15 +39,8 @@ def quietly(write):
 
     @functools.wraps(write)
     def quiet(*args, **kwargs):
-        previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
+        with quiet_transformers():
             return write(*args, **kwargs)
-        finally:  # as found (writers call writers)
-            hf_logging.set_verbosity(previous)
-            if bars:
-                hf_logging.enable_progress_bar()
 
     return quiet
 

@@ -62,15 +62,21 @@ def reusable_results(cfg: Config) -> dict | None:
     return done
 
 
+def read_results(path: Path) -> dict:
+    """The results file at ``path`` as a dict; {} when it is absent, unreadable or not a JSON object."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
 def finished_file(path: Path) -> dict | None:
     """The results file at ``path`` when it is that of a finished run, else None. A run writes it from its
     start on, with its status (``running``, ``failed``, ``interrupted``); files of older runs have none and
     were written only at the end."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):  # absent or unreadable: the run is not known to have finished
-        return None
-    if not isinstance(results, dict) or results.get("status", "finished") != "finished":
+    results = read_results(path)
+    if not results or results.get("status", "finished") != "finished":
         return None
     return results
 

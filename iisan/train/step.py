@@ -19,8 +19,7 @@ from ..data.batches import ItemBatch, TrainBatch
 from ..data.shapes import ShapeBuckets
 from ..devices import device_name
 from ..errors import TrainingError
-from ..model.feeds import CachedStates
-from ..model.recommender import IISANItemEncoder, Recommender
+from ..model.recommender import Recommender
 from .graphs import GraphedStep
 
 
@@ -163,11 +162,9 @@ def describe_step(step, model: Recommender, dedup: bool, buckets: ShapeBuckets |
                   amp: torch.dtype | None) -> dict:
     """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
     run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
-    encoder = model.item_encoder
-    cached = isinstance(encoder, IISANItemEncoder) and isinstance(encoder.states, CachedStates)
+    stored = model.cache_dtypes()
     return {"compiled": step.mode, "dedup_items": dedup, "static_shapes": buckets is not None,
-            "amp": str(amp).replace("torch.", "") if amp else "fp32",
-            **({"cache_dtypes": encoder.states.dtypes()} if cached else {})}
+            "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {})}
 
 
 def use_dedup(cfg: Config, compiled: str) -> bool:
