@@ -97,8 +97,16 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: 
     # torch 2.13 renamed the switch (and deprecated the old name); older releases know only the old one.
     renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused, **no_sync)
+    if device.type != "cuda":
+        return DistributedDataParallel(model, find_unused_parameters=find_unused, **no_sync)
+    # Built on a side stream, as PyTorch's CUDA-graph notes ask of a DDP model whose whole step may be
+    # captured (compile=cudagraph); harmless otherwise.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        ddp = DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=find_unused, **no_sync)
+    torch.cuda.current_stream(device).wait_stream(side)
+    return ddp
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,20 +2,22 @@
 # One prepared run on a lent GPU (the `device` tool), in this order (docs/performance.md says what to read):
 #   1. diagnose: where a live step's time goes (scripts/gpu_diagnose.py: fresh vs seen vs fixed vs bucketed
 #      shapes, host enqueue vs device step, allocator, GPU busy and top kernels, the image pipeline alone
-#      and in the background, a plain reference at the same item counts); cut at 270 s
+#      and in the background, a plain reference at the same item counts); cut at 220 s
 #   2. bench: the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
-#      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the six methods with 10
-#      warm-up and 50 timed steps each, FFT and uncached IISAN also the authors' way (every slot), a real
-#      epoch of both IISAN settings, the cache build and the full-ranking evaluation of every user;
-#      FLOPs counted over the first 10 timed batches; cut at 360 s
+#      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the cache build and the
+#      full-ranking evaluation of every user, then the six methods with 10 warm-up and 50 timed steps each
+#      (IISAN first, a real epoch of both IISAN settings), then uncached IISAN and FFT the authors' way
+#      (every slot); FLOPs counted over the first 10 timed batches; cut at 330 s
 #   3. tests: the GPU-marked tests; cut at 90 s
-# Each part writes as it goes (diagnose.json after each section, the benchmark JSON after each row), so a
-# part that is cut keeps what it measured. PART=diagnose|bench|tests runs one part (one device call each
-# leaves room to rerun a part); PART=all (default) runs the three.
-# Writes gpu.txt, times.txt, diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log
-# under $OUT.
-#   PART=diagnose bash scripts/gpu_check.sh                                       # the diagnosis alone
+# Each part writes as it goes (diagnose.json after each section, the benchmark's JSON and table after each
+# row), so a part that is cut keeps what it measured. PART=all (default) runs diagnose and bench, under
+# 600 s, one device call (a call's limit) that brings back 7 files (a call brings back at most 8);
+# PART=diagnose|bench|tests runs one part. Writes gpu.txt (versions, clocks, each part's time and exit),
+# diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log under $OUT.
+#   PART=all bash scripts/gpu_check.sh; then PART=tests bash scripts/gpu_check.sh   # the two device calls
 #   BENCH_ARGS="--no-static-shapes" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh   # extra flags per part
+#   METHODS="IISAN (cached),FFT" AUTHORS_WAY=none FULL_EPOCH="IISAN (cached)" PART=bench ...   # fewer rows
+#   TESTS_ARGS="-k 'not torchrun'" PART=tests bash scripts/gpu_check.sh                      # fewer tests
 #   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
 #     --frozen-items 16 --cache-batch 16 --shape-reps 2 --reps 2" BENCH_ARGS="--few-steps --warmup 1 --steps 2" \
 #     bash scripts/gpu_check.sh                                                     # a dry run on a CPU
@@ -24,6 +26,7 @@ OUT=${OUT:-/tmp/iisan-gpu-out}
 WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
 PART=${PART:-all}
 [ "${ONLY_DIAGNOSE:-0}" = 1 ] && PART=diagnose  # the older switch
+case "$PART" in all|diagnose|bench|tests) ;; *) echo "gpu_check: PART=$PART; expected all, diagnose, bench or tests"; exit 2;; esac
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
@@ -32,6 +35,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
+python3 -c "import lmdb" 2>/dev/null || { echo "gpu_check: lmdb does not import; carry its wheel (.whl/, above)"; exit 1; }
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
@@ -40,26 +44,28 @@ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,utilizatio
   --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 start=$(date +%s)
-stamp() { echo "$1: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"; }
+stamp() { echo "$1: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"; }
 
 if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
-  timeout -k 10 "${DIAGNOSE_LIMIT:-270}" python3 scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
+  timeout -k 10 "${DIAGNOSE_LIMIT:-220}" python3 scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --workers "${WORKERS:-8}" --work "$WORK" \
     --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
     | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
   stamp "diagnosis (exit ${PIPESTATUS[0]})"
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
-  timeout -k 10 "${BENCH_LIMIT:-360}" python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
+  timeout -k 10 "${BENCH_LIMIT:-330}" python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
-    --authors-way "${AUTHORS_WAY:-FFT,IISAN (uncached)}" --full-epoch "IISAN (uncached),IISAN (cached)" \
+    --methods "${METHODS:-IISAN (cached),IISAN (uncached),FFT,Adapter,LoRA,BitFit}" \
+    --authors-way "${AUTHORS_WAY:-IISAN (uncached),FFT}" --full-epoch "${FULL_EPOCH:-IISAN (uncached),IISAN (cached)}" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
     --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -E "efficiency: (equal|paper|building|evaluating|cache:|evaluation:|wrote)|  -> |rror" | cut -c1-400
   stamp "benchmark (exit ${PIPESTATUS[0]})"
 fi
-if [ "$PART" = all ] || [ "$PART" = tests ]; then
-  timeout -k 10 "${TESTS_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 \
+if [ "$PART" = tests ]; then
+  eval "set -- ${TESTS_ARGS:-}"  # pytest's own quoting, e.g. -k 'not torchrun'
+  timeout -k 10 "${TESTS_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25
   stamp "gpu tests (exit ${PIPESTATUS[0]})"
 fi

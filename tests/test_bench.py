@@ -309,3 +309,35 @@ def test_measure_cache_build_reports_its_parts(tiny_config):
     assert (f"| cache build, both towers, once (loading data and encoders {row['load_seconds']:.1f} s, encoding "
             f"{row['encode_seconds']:.1f} s, assembling the files {row['assemble_seconds']:.1f} s) | "
             f"{row['cache_build_seconds']:.1f} | | {row['memory']['peak_rss_gib']:.2f} |") in note
+
+
+def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_table(tmp_path, monkeypatch):
+    """A lent GPU's time limit cuts the benchmark: the default rows come first (the authors' way, the
+    costliest, last, in the order given), and after every row the JSON and its table hold, in table
+    order, what was measured, marked incomplete."""
+    from iisan.experiments import efficiency
+
+    calls = []
+
+    def fake_measure(fn, cfg, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the cut, during the fifth row
+        calls.append((cfg.method, cfg.dedup_items, cfg.batch_size))
+        return {"device": "NVIDIA H200", "method": cfg.method, "batch_size": cfg.batch_size, "seconds_per_step": 0.5,
+                "epoch_seconds": 9.5, "trainable_params": 10**6, "memory": {"max_allocated_gib": 1.0,
+                                                                           "max_reserved_gib": 2.0}}
+
+    monkeypatch.setattr(efficiency, "in_fresh_process", fake_measure)
+    monkeypatch.setattr(efficiency, "prepare", lambda work, data, backbones: {})
+    with pytest.raises(KeyboardInterrupt):
+        efficiency.run_benchmark({}, setting_names=("paper",), labels=("IISAN (uncached)", "FFT", "LoRA"),
+                                 authors_way=("IISAN (uncached)", "FFT"), work=tmp_path, out=tmp_path / "out")
+    assert calls == [("iisan", "auto", 64), ("fft", "auto", 32), ("lora", "auto", 32),
+                                                   ("iisan", "off", 64)]  # FFT's every-slot row was cut
+    payload = json.loads((tmp_path / "out" / "tiny-demo-h200-paper.json").read_text())
+    assert [r["label"] for r in payload["rows"]] == ["FFT", "LoRA", "IISAN (uncached)", "IISAN (uncached, every slot)"]
+    assert payload["complete"] is False and not any("tpme" in r for r in payload["rows"])
+    md = (tmp_path / "out" / "tiny-demo-h200-paper.md").read_text()
+    assert md.index("| FFT |") < md.index("| LoRA |") < md.index("| IISAN (uncached) |") < md.index("every slot) |")
+    assert "**Incomplete:** the run stopped before it measured every row" in md
+    assert efficiency.measuring_order(("FFT",), ("FFT", "LoRA")) == [("FFT", "default"), ("FFT", "authors")]

@@ -104,6 +104,21 @@ def result_path(out: Path, tag: str, payload: dict, rows: list[dict], settings: 
     return Path(out) / f"{name}-{payload['setting']}.json"
 
 
+def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Every label the default way, in the given order, then the authors' way ones: the rows a run cut
+    short (a lent GPU's time limit) keeps are the ones the comparison needs; the authors' way costs most."""
+    return [(label, "default") for label in labels] + [(label, "authors") for label in authors_way
+                                                        if label in labels]
+
+
+def table_position(label: str) -> tuple[int, int]:
+    """Rows are listed in ``SETTINGS`` order, each label's authors'-way row under its default one."""
+    for i, known in enumerate(SETTINGS):
+        if label in (known, authors_label(known)):
+            return i, int(label != known)
+    raise ValueError(f"not a benchmark row label: {label!r}")
+
+
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
                   setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
                   labels: tuple[str, ...] = tuple(SETTINGS), authors_way: tuple[str, ...] | None = None,
@@ -134,21 +149,22 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
         payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones, "data": data,
                    "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
                    "complete": False, **provenance(commit=commit)}
-        for label in labels:
-            for way in WAYS if label in authors_way else WAYS[:1]:
-                cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch), way)
-                key = (label, cfg.batch_size, way)
-                if key not in measured:
-                    log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
-                    measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
-                                                     full_epoch=way == "default" and label in full_epoch,
-                                                     flop_batches=flop_batches)
-                row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
-                rows.append(row)
-                configs[row["label"]] = cfg.to_dict()
-                log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
-                if tag or measured_device(payload, rows):  # (the file's name needs the device)
-                    write_json_atomic(result_path(out, tag, payload, rows, settings), payload)  # if cut short
+        for label, way in measuring_order(labels, authors_way):
+            cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch), way)
+            key = (label, cfg.batch_size, way)
+            if key not in measured:
+                log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
+                measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
+                                                 full_epoch=way == "default" and label in full_epoch,
+                                                 flop_batches=flop_batches)
+            row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
+            rows.append(row)
+            rows.sort(key=lambda r: table_position(r["label"]))
+            configs[row["label"]] = cfg.to_dict()
+            log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
+            if tag or measured_device(payload, rows):  # (the file's name needs the device)
+                path = write_json_atomic(result_path(out, tag, payload, rows, settings), payload)
+                write_reports([path], None)  # if cut short, the JSON and its table keep what was measured
         add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
         payload["complete"] = True
         written.append(write_json_atomic(result_path(out, tag, payload, rows, settings), payload))

@@ -91,6 +91,9 @@ def notes(payload: dict) -> list[str]:
            "Items / step: the non-padding items a step encodes (distinct ones, or every non-padding slot). "
            "Model TFLOP/s: the step's matmul, convolution and attention FLOPs (forward and backward, counted "
            "with torch.utils.flop_counter on the timed batches) per second of the median step."]
+    if payload.get("complete") is False:  # rewritten after every row: a run cut short says so
+        out.insert(0, "**Incomplete:** the run stopped before it measured every row (cut short or still "
+                      "running); the rows above are all it measured, and TPME is computed only at the end.")
     out += memory_note(payload)
     out.append(f"Command: `{payload['command']}` (commit {payload['git_commit']}).")
     return out

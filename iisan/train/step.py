@@ -111,7 +111,10 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, am
         if amp == torch.float16:
             raise ValueError("cudagraph steps need amp=bf16 or none (fp16 loss scaling syncs with the host)")
         eager = TrainStep(model, optimizer, amp, device)
-        return GraphedStep(model, optimizer, eager.loss, eager)
+        # DDP does bookkeeping in its first 10 iterations that a capture cannot hold (PyTorch's notes on
+        # CUDA graphs with DDP: at least 11 eager iterations before capturing)
+        warmup = 11 if isinstance(model, torch.nn.parallel.DistributedDataParallel) else 3
+        return GraphedStep(model, optimizer, eager.loss, eager, warmup=warmup)
     return TrainStep(model, optimizer, amp, device, compiled)
 
 
