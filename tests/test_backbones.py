@@ -25,6 +25,19 @@ def test_missing_model_folder_is_one_line(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_tiny_bert_tokenizer_knows_every_title_word(tiny):
+    """The written tokenizer holds the whole vocabulary: no title word becomes [UNK], and distinct
+    titles stay distinct (transformers 5 drops a vocab_file, which made every word [UNK])."""
+    from iisan.data.interactions import read_items
+
+    enc = load_text_encoder(tiny["text_model"])
+    titles = read_items(tiny["items"]).titles
+    ids, mask = tokenize_titles(enc.tokenizer, titles, 30)
+    assert enc.tokenizer.unk_token_id not in ids[mask.bool()].tolist()
+    assert len(enc.tokenizer) == enc.model.config.vocab_size > 5
+    assert len({tuple(row.tolist()) for row in ids}) == len(set(titles))
+
+
 def test_layer_list_beyond_depth_is_refused(tiny):
     with pytest.raises(EncoderError, match=r"text layers \[0, 3\] do not fit an encoder with 2 layers"):
         load_text_encoder(tiny["text_model"], layers=(0, 3))

@@ -73,7 +73,10 @@ def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True).save_pretrained(out_dir)
+    # the vocabulary itself, not vocab_file: transformers 5 ignores vocab_file and keeps the 5 special
+    # tokens only, which makes every word [UNK] (tests/test_tiny_models.py checks a title's tokens)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
