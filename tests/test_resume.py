@@ -273,6 +273,31 @@ def test_checkpoint_of_another_config_is_refused(base):
         train(cfg.replace(run_name="fresh", resume=True))
 
 
+def test_a_run_whose_checkpoints_were_removed_is_not_overwritten(base):
+    """Checkpoints removed to save space leave nothing to check a new config against: the folder's
+    results.json stands in. Another config, or more epochs of a finished run, is refused and leaves the
+    run's files as they were; a same-config run that stopped before its first checkpoint starts again."""
+    cfg = base.replace(run_name="pruned", epochs=1)
+    train(cfg)
+    run = Path(cfg.out_dir) / "pruned"
+    shutil.rmtree(run / "checkpoints")
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != "train.log"}
+    with pytest.raises(ConfigError) as info:
+        train(cfg.replace(lr=1e-2))
+    assert str(info.value) == (f"{run / 'results.json'} belongs to a run of another config (lr=0.003 there, "
+                               "0.01 now) and no checkpoint is left to resume; use another --run-name to start a "
+                               "new run")
+    with pytest.raises(ConfigError, match=r"results.json is a finished run with no checkpoint left to continue it; "
+                                          r"starting again would overwrite it: use another --run-name$"):
+        train(cfg.replace(epochs=2))
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != "train.log"} == before
+    assert train(cfg)["run_dir"] == str(run)  # the same config and epochs: finished before, not trained again
+    results = json.loads((run / "results.json").read_text())
+    results["status"] = "interrupted"  # stopped before its first checkpoint
+    (run / "results.json").write_text(json.dumps(results))
+    assert train(cfg.replace(epochs=2))["status"] == "finished"
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
     cfg = base.replace(run_name="full-disk", epochs=2)
     real_save, calls = checkpoint.save_file, []

@@ -35,7 +35,7 @@ from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
-from .runfolder import reusable_results, run_dir
+from .runfolder import RESULTS, read_results, reusable_results, run_dir
 from .step import (
     batch_layout,
     describe_step,
@@ -160,7 +160,25 @@ class Run:
             raise TrainingError(f"cannot resume: {refused[0]}")
         if self.cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
+        self.refuse_to_overwrite()
         return ""
+
+    def refuse_to_overwrite(self) -> None:
+        """A fresh start in a folder whose run left results but no checkpoint (removed to save space) would
+        overwrite that run: refused when the run had another config or had finished (a same-config run that
+        stopped before its first checkpoint starts again)."""
+        earlier = read_results(self.run_dir / RESULTS)
+        if not earlier:
+            return
+        saved = earlier.get("config")
+        differences = checkpoint.config_differences(saved if isinstance(saved, dict) else {}, self.cfg.to_dict())
+        if differences:
+            raise ConfigError(f"{self.run_dir / RESULTS} belongs to a run of another config "
+                              f"({'; '.join(differences)}) and no checkpoint is left to resume; use another "
+                              "--run-name to start a new run")
+        if earlier.get("status", "finished") == "finished":
+            raise ConfigError(f"{self.run_dir / RESULTS} is a finished run with no checkpoint left to continue "
+                              "it; starting again would overwrite it: use another --run-name")
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
