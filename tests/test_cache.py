@@ -51,6 +51,15 @@ def test_cache_lacking_a_requested_layer_names_the_missing_ones(tiny_config):
         build_model(cfg.replace(text_layers=(1, 2)), load_data(cfg), torch.device("cpu"))
 
 
+def test_cache_of_titles_cut_to_another_length_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config(towers="text", cache_dir=str(tmp_path / "c8"), title_tokens=8)
+    build_cache_from_config(cfg, dtype="float32")
+    assert read_metadata(tmp_path / "c8" / "text.safetensors")["title_tokens"] == "8"
+    with pytest.raises(CacheError, match=r"text.safetensors was built for title_tokens 8 \(config asks for 30\)"):
+        build_model(cfg.replace(title_tokens=30), load_data(cfg), torch.device("cpu"))
+    build_model(cfg, load_data(cfg), torch.device("cpu"))  # the length it was built for
+
+
 def test_one_all_layer_cache_serves_runs_with_different_layers(tiny_config, tmp_path):
     """Runs reading layers (0, 1) and (1, 2) from one cache of every layer equal runs on caches built
     for exactly their layers: same item states, same losses, same metrics."""

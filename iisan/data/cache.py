@@ -116,8 +116,8 @@ def is_cache_file(path: Path) -> bool:
 
 
 def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
-    """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config, pooling and
-    dtype (None = skip)."""
+    """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config, pooling, dtype
+    and title_tokens (None = skip)."""
     differences = []
     if "layers" in expected:
         stored = json.loads(meta["layers"])
@@ -136,7 +136,7 @@ def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
             meta["encoder_weights"] != expected["encoder_weights"]:
         differences.append(f"encoder {meta['encoder']} with weights digest {meta['encoder_weights'][:16]} (the "
                            f"weights of {expected.get('encoder', '')} now have {expected['encoder_weights'][:16]})")
-    for key in ("pooling", "dtype"):  # older caches may not record them
+    for key in ("pooling", "dtype", "title_tokens"):  # older caches (and imported ones) may not record them
         if expected.get(key) and meta.get(key) and meta[key] != expected[key]:
             differences.append(f"{key} {meta[key]} (config asks for {expected[key]})")
     if "modality" in expected and meta["modality"] != expected["modality"]:

@@ -144,6 +144,8 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
             expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
         if cfg.cache_dtype != "auto":  # auto accepts the precision the cache was built in
             expected["dtype"] = cfg.cache_dtype
+        if m == "text":  # titles cut to another length give other states
+            expected["title_tokens"] = str(cfg.title_tokens)
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)

@@ -57,6 +57,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "depth": str(encoder.depth),
             "pooling": encoder.pooling,
             "dtype": str(dtype).replace("torch.", ""),
+            **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
             "items_file": items_file,
             "items_fingerprint": items_fingerprint,
             "item_ids": json.dumps(item_ids[1:]),
