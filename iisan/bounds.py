@@ -1,7 +1,8 @@
 """Bounds of config values that would otherwise fail deep inside a run, or quietly do harm there: sizes and
-counts that are not positive, learning rates that are not finite and positive, run names that are not one
-folder name (a run folder must stay under ``--out-dir``), device names torch does not know, titles too
-short for their special tokens, text encodings Python does not know. ``config.Config`` checks them
+counts that are not positive or too large to allocate, seeds outside what NumPy takes, learning rates
+that are not finite and positive, run names that are not one folder name (a run folder must stay under
+``--out-dir``), device names torch does not know, titles too short for their special tokens, text
+encodings Python does not know. ``config.Config`` checks them
 whenever a config is made."""
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_t
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
+# Upper bounds of values whose size is allocated (histories, positions) or compounded (bucket ladders):
+# far above any use, far below what fails inside numpy or torch with a traceback.
+AT_MOST = {"max_seq_len": 4096, "min_seq_len": 4096, "title_tokens": 8192, "item_bucket_growth": 4.0}
+SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 
 
 def check_bounds(cfg) -> None:
@@ -34,6 +39,11 @@ def check_bounds(cfg) -> None:
                  "item_bucket_growth"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+    for name, most in AT_MOST.items():
+        if getattr(cfg, name) > most:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be at most {most}")
+    if not 0 <= cfg.seed < SEEDS:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
     for name in LEARNING_RATES:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value > 0):

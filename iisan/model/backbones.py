@@ -158,6 +158,13 @@ class FrozenEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def check_title_length(self, tokens: int) -> None:
+        """Titles of ``tokens`` tokens fit the text encoder's learned positions."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and tokens > limit:
+            raise EncoderError(f"title_tokens={tokens} is more than the text encoder {self.name} takes "
+                               f"(max_position_embeddings {limit}); use --title-tokens {limit} or fewer")
+
     def model_inputs(self, inputs: dict) -> dict:
         """``inputs`` as the model gets them. A BERT-family text tower gets its attention mask ready-made,
         in the 4D form and with the values transformers would build from the 2D mask. Built there, the mask

@@ -80,6 +80,7 @@ def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
     tokens = attention = None
     if "text" in encoders and titles is not None:
         text = encoders["text"]
+        text.check_title_length(cfg.title_tokens)
         tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
     return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim)
 

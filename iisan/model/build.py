@@ -116,6 +116,7 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     tokens = attention = None
     if "text" in encoders:
         text = encoders["text"]
+        text.check_title_length(cfg.title_tokens)
         tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
     pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
     live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
