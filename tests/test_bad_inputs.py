@@ -192,6 +192,26 @@ def pickled(folder: Path, P) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def damaged_bert(damage: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """A copy of the workspace's BERT that ``damage`` changed."""
+    def make(folder: Path, P) -> None:
+        shutil.copytree(P["bert"], folder)
+        damage(folder)
+    return make
+
+
+def config_edit(**values) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **values}))
+    return damage
+
+
+def truncated_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
 def config_only(config) -> Callable[[Path, dict], None]:
     def make(folder: Path, P) -> None:
         config.save_pretrained(folder)
@@ -448,6 +468,15 @@ CASES = [
     Case("model-pickled-weights", lambda P, s: C(P, s, "--text-model", f"{s}/pickled"),
          ("{s}/pickled holds pickled weights (pytorch_model.bin) and no .safetensors", "safetensors"),
          setup=model_folder("pickled", pickled)),
+    Case("model-weights-truncated", lambda P, s: C(P, s, "--text-model", f"{s}/cut"),
+         ("cannot load text encoder from '{s}/cut': a weights file is damaged or truncated",),
+         setup=model_folder("cut", damaged_bert(truncated_weights))),
+    Case("model-config-wrong-type", lambda P, s: C(P, s, "--text-model", f"{s}/typed"),
+         ("cannot load text encoder config from '{s}/typed': TypeError: Field 'num_hidden_layers' expected int, "
+          "got str (value: 'two')",), setup=model_folder("typed", damaged_bert(config_edit(num_hidden_layers="two")))),
+    Case("model-config-other-sizes", lambda P, s: C(P, s, "--text-model", f"{s}/wide"),
+         ("cannot load text encoder from '{s}/wide': its weights do not have the sizes its config.json gives",),
+         setup=model_folder("wide", damaged_bert(config_edit(hidden_size=64)))),
     Case("model-config-not-json", lambda P, s: C(P, s, "--text-model", f"{s}/broken"),
          ("{s}/broken/config.json is not valid JSON",), setup=write("broken/config.json", "{")),
     Case("text-tower-t5", lambda P, s: C(P, s, "--text-model", f"{s}/t5"),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -62,6 +64,11 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+# What from_pretrained raises for a folder whose files are damaged or do not fit together (weights of
+# other sizes than the config says are a RuntimeError).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
+
+
 def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
     """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
     (``encoder_files``), never running code from it and never fetching anything unless allowed."""
@@ -72,13 +79,24 @@ def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwar
         with quiet_transformers():
             return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
                                               **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EncoderError(f"cannot load {what} from {name!r}: {first}") from None
+    except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
+        raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
     except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
         first = " ".join(str(err).split()).split(". ")[0]
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
                            f"package that is not installed ({first})") from None
+
+
+def load_error_line(err: Exception) -> str:
+    """What went wrong loading a model folder, in one line."""
+    text = str(err).strip()
+    if isinstance(err, SafetensorError):
+        return f"a weights file is damaged or truncated ({text})"
+    if "ignore_mismatched_sizes" in text:  # its report of which tensors differ is silenced (quiet_transformers)
+        return "its weights do not have the sizes its config.json gives"
+    if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
+        return " ".join(line.strip() for line in text.splitlines()[1:]) or text
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def depth_and_width(config) -> tuple[int, int]:
