@@ -249,3 +249,26 @@ def test_using_a_run_that_failed_before_it_was_set_up_says_so(tiny_config, tmp_p
     assert info.value.code == 2
     assert err.startswith(f"iisan: error: {tmp_path / 'runs' / 'broken'} holds a run that failed (")
     assert err.endswith(") before it was set up: nothing to use")
+
+
+def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_path, capsys):
+    """An ID-embedding run's rows follow the items file's order: reordered, evaluation would be silently
+    wrong. The run records the file's fingerprint, and using it with another file is one line."""
+    from iisan.data.interactions import read_items
+    from iisan.files import file_fingerprint
+
+    items = tmp_path / "items.tsv"
+    items.write_bytes(Path(tiny["items"]).read_bytes())
+    cfg = tiny_config(method="id", items=str(items), out_dir=str(tmp_path / "runs"), run_name="id", epochs=1)
+    results = train(cfg)
+    assert results["items_fingerprint"] == file_fingerprint(items)
+    lines = items.read_text().splitlines(keepends=True)
+    items.write_text("".join(lines[1:] + lines[:1]))  # the same items, another order
+    assert sorted(read_items(str(items)).ids) == sorted(read_items(tiny["items"]).ids)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", results["run_dir"], "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2
+    assert err == (f"iisan: error: {items} has changed since {results['run_dir']} was trained (items fingerprint "
+                   f"{results['items_fingerprint']} then, {file_fingerprint(items)} now): the run's item rows would "
+                   "not match it; restore the file or train again")

@@ -120,6 +120,11 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)
     data = load_data(cfg)
+    trained_on = results.get("items_fingerprint")  # runs before it was recorded have none
+    if trained_on and trained_on != data.catalog.fingerprint:
+        raise DataError(f"{cfg.items} has changed since {run_dir} was trained (items fingerprint {trained_on} "
+                        f"then, {data.catalog.fingerprint} now): the run's item rows would not match it; "
+                        "restore the file or train again")
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
     best_epoch = int(load_weights(model, weights).get("epoch", -1))

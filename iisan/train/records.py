@@ -51,6 +51,7 @@ class RunRecord:
         self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.parameters, self.step = (0, 0), {}  # set once the model is built
+        self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.handler: logging.Handler | None = None
         self.metrics = None
         self.writer = None
@@ -144,6 +145,7 @@ class RunRecord:
             "versions": self.versions,
             "git_commit": self.commit,
             "config": cfg.to_dict(),
+            "items_fingerprint": self.items_fingerprint,
             "run_dir": str(self.run_dir),
             "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }

@@ -93,6 +93,7 @@ class Run:
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
         self.data = load_data(cfg)
+        self.record.items_fingerprint = self.data.catalog.fingerprint
         log.info("data: %d users, %d items, %d interactions", self.data.num_users, self.data.num_items,
                  self.data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
