@@ -80,6 +80,15 @@ def write_failure(path: str | Path, err: BaseException) -> OutputError:
     return OutputError(f"could not write {path}: {failure_reason(err)}")
 
 
+def usual_permissions(*files: Path) -> None:
+    """Give ``files`` the permissions a new file gets here (the umask's). safetensors creates its files
+    readable by their owner alone, which keeps weights from the people a run folder is shared with."""
+    mask = os.umask(0o022)  # reading the mask means setting it: set back at once
+    os.umask(mask)
+    for file in files:
+        os.chmod(file, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """A fresh temporary path beside ``path`` to write to (a file or a folder); renamed onto ``path``
@@ -91,6 +100,8 @@ def atomic_path(path: str | Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(path)
         yield tmp
+        if tmp.is_file():
+            usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:

@@ -27,6 +27,7 @@ from transformers import (
     ViTModel,
 )
 
+from ..files import usual_permissions
 from .backbones import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -65,6 +66,7 @@ def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: 
                         num_attention_heads=heads, intermediate_size=hidden * 4, max_position_embeddings=64)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(out_dir)
+    usual_permissions(*out_dir.glob("*.safetensors"))
     return out_dir
 
 
@@ -91,6 +93,7 @@ def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     ViTModel(config, add_pooling_layer=False).save_pretrained(out_dir)
     tf.ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(out_dir)
+    usual_permissions(*out_dir.glob("*.safetensors"))
     return out_dir
 
 
@@ -111,6 +114,7 @@ def write_llama(out_dir: str | Path, vocab: list[str], hidden: int = 48, layers:
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     torch.manual_seed(seed)
     LlamaModel(config).save_pretrained(out_dir)
+    usual_permissions(*out_dir.glob("*.safetensors"))
     return out_dir
 
 
@@ -132,6 +136,7 @@ def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
     vit.save_pretrained(image_dir)
     tf.ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(image_dir)
+    usual_permissions(*text_dir.glob("*.safetensors"), *image_dir.glob("*.safetensors"))
     return text_dir, image_dir
 
 
