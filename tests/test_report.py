@@ -144,7 +144,91 @@ def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, capl
     rows = table_rows(capsys.readouterr().out)[1:]
     assert len(rows) == 3
     assert "2 of 5 results files skipped" in caplog.text
-    assert "broken-run/results.json: JSONDecodeError" in caplog.text and "partial-run" in caplog.text
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"skipping {broken}: not valid JSON (Expecting property name enclosed in double quotes at line 1)" \
+        in messages
+    assert f"skipping {partial}: feed is missing, expected a string" in messages
+
+
+MISSING = object()  # a field left out of the file
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("timing",), 5, "timing is 5, expected an object or null"),
+    (("peak_memory",), "x", 'peak_memory is "x", expected an object or null'),
+    (("test",), [1], "test is a list, expected an object or null"),
+    (("test", "ndcg@20"), "0.3", 'test.ndcg@20 is "0.3", expected a number or null'),
+    (("valid", "hit@10"), [0.3], "valid.hit@10 is a list, expected a number or null"),
+    (("timing", "train_seconds_per_epoch"), {}, "timing.train_seconds_per_epoch is an object, expected a number "
+                                                "or null"),
+    (("peak_memory", "peak_rss_gib"), True, "peak_memory.peak_rss_gib is true, expected a number or null"),
+    (("parameters",), 262351, "parameters is 262351, expected an object"),
+    (("parameters", "trainable"), None, "parameters.trainable is null, expected an integer"),
+    (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
+    (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
+    (("method",), True, "method is true, expected a string"),
+    (("status",), None, "status is null, expected a string"),
+    (("epochs",), {}, "epochs is an object, expected a list"),
+    (("epochs", 1), 1, "epochs[1] is 1, expected an object"),
+    (("epochs", 0, "valid"), [], "epochs[0].valid is a list, expected an object"),
+    (("epochs", 1, "loss"), "nan", 'epochs[1].loss is "nan", expected a number'),
+    (("config",), "lr=0.001", 'config is "lr=0.001", expected an object'),
+    (("config", "lr"), "fast", "config: lr='fast': expected a number"),
+    (("config", "users"), 3, "config: users=3: expected a string"),
+    ((), [1], "the file holds a list, expected an object"),
+])
+def test_results_with_a_field_of_the_wrong_type_are_skipped_and_counted(field, value, message, runs, tmp_path,
+                                                                        capsys, caplog):
+    """Any field a row or a curve reads, of the wrong type or missing: the file is skipped and counted,
+    with one line naming it, the field and what the field should hold; the other runs are shown."""
+    out, _ = runs
+    results = json.loads((out / "lr0.001-s1" / "results.json").read_text())
+    if not field:
+        results = value
+    else:
+        *parents, last = field
+        parent = results
+        for key in parents:
+            parent = parent[key]
+        if value is MISSING:
+            del parent[last]
+        else:
+            parent[last] = value
+    damaged = tmp_path / "damaged" / "results.json"
+    damaged.parent.mkdir()
+    damaged.write_text(json.dumps(results))
+    main(["results", str(out), str(damaged.parent), "--include-running"])
+    assert [r[0] for r in table_rows(capsys.readouterr().out)[1:]] == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == \
+        [f"skipping {damaged}: {message}", "1 of 4 results files skipped"]
+
+
+def test_a_run_that_has_not_finished_an_epoch_is_not_damaged(runs, tmp_path, capsys, caplog):
+    """What a run writes when it starts (no metrics, timing or best epoch yet) is read, not skipped."""
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "starting", lambda r: r.update(
+        status="running", valid={}, test={}, epochs=[], best_epoch=-1, peak_memory={"peak_rss_gib": None},
+        timing={"train_seconds_per_epoch": None, "first_epoch_train_seconds": None, "eval_seconds_per_epoch": None}))
+    main(["results", str(tmp_path), "--include-running"])
+    header, row = table_rows(capsys.readouterr().out)
+    assert row[0] == "starting" and row[header.index("status")] == "running"
+    assert row[header.index("epochs_run")] == "0" and row[header.index("test_hit@10")] == "-"
+    assert "skipped" not in caplog.text
+
+
+def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatch):
+    """Its folder, a folder above it, its results.json, a relative path and a link to it are one run."""
+    out, results = runs
+    run = out / "lr0.001-s1"
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(out)
+    given = [str(out), str(run), str(run / "results.json"), "lr0.001-s1", str(tmp_path / "link")]
+    main(["results", *given])
+    assert [r[0] for r in table_rows(capsys.readouterr().out)[1:]] == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+    main(["results", *given, "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [(r[header.index("lr")], r[header.index("seeds")]) for r in rows] == [("0.0002", "2"), ("0.001", "1")]
+    assert rows[1][header.index("test_hit@10")] == f"{results[2]['test']['hit@10']:.4f}"  # one seed: no ± 0.0000
 
 
 @pytest.mark.parametrize("argv, message", [

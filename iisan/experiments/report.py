@@ -16,12 +16,13 @@ encoder at two paths is one experiment. Those differing keys are columns of the 
 Smoke runs and runs that have not finished (running, failed, interrupted) are left out, counted in the
 log, unless asked for (``--include-smoke``, ``--include-running``). A metric that is NaN or infinite is
 marked ``non-finite`` (a mean over seeds that includes one is non-finite too, never silently dropped).
-A results file that cannot be read is skipped, counted and named in the log, never a crash.
+A results file that cannot be read, or whose fields are missing or of the wrong type
+(``results_file.check_results``), is skipped, counted and named in the log with the field at fault,
+never a crash. A run given several ways (its folder, a folder above it, its results.json) counts once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -33,30 +34,15 @@ from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..train.checkpoint import MAY_CHANGE
+from .results_file import METRICS, DamagedResults, find_results, load_results
 
 log = logging.getLogger(__name__)
 
-METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
 NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
 CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
 # Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 BY_FOLDER_NAME = ("text_model", "image_model")
-
-
-def find_results(folders: list[str]) -> list[Path]:
-    """Every results.json under ``folders`` (a results.json itself is accepted too), sorted."""
-    found: list[Path] = []
-    for folder in map(Path, folders):
-        if folder.is_file() and folder.name == "results.json":
-            found.append(folder)
-        elif folder.is_dir():
-            found += sorted(folder.rglob("results.json"))
-        else:
-            raise ConfigError(f"{folder} is neither a run folder nor a results.json")
-    if not found:
-        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they start)")
-    return found
 
 
 def config_text(key: str, value) -> str:
@@ -71,7 +57,8 @@ def config_text(key: str, value) -> str:
 
 def read_row(path: Path, results: dict) -> dict:
     """One row: the run, its status, every config key (as text; a key the file predates at its
-    default), the metrics at the best-validation epoch, timings, parameters and memory."""
+    default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
+    has passed ``check_results``."""
     cfg = {**Config().to_dict(), **results["config"]}
     test, valid = results.get("test") or {}, results.get("valid") or {}
     memory = results.get("peak_memory") or {}
@@ -112,12 +99,12 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
     rows, curves, unreadable, smoke, unfinished = [], {}, 0, 0, 0
     for path in files:
         try:
-            results = json.loads(path.read_text())
-            row, curve = read_row(path, results), read_curve(results)
-        except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON
-            log.warning("skipping %s: %s", path, f"{type(err).__name__}: {err}".splitlines()[0])
+            results = load_results(path)
+        except DamagedResults as err:
+            log.warning("skipping %s: %s", path, err)
             unreadable += 1
             continue
+        row, curve = read_row(path, results), read_curve(results)
         if row["smoke"] == "True" and not include_smoke:
             smoke += 1
         elif row["status"] != "finished" and not include_running:

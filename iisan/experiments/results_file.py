@@ -1,0 +1,119 @@
+"""Reading the results.json files of runs for a table: finding them under the folders given (each
+file once, however it was named), and checking that every field a row or a curve reads is there and of
+its type (``check_results``); a file that fails says which field and what it should be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config
+from ..errors import ConfigError
+
+METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
+
+
+def find_results(folders: list[str]) -> list[Path]:
+    """Every results.json under ``folders`` (a results.json itself is accepted too), sorted, each once:
+    overlapping arguments (``runs/ runs/demo-seed0``) name the same file twice."""
+    found: list[Path] = []
+    for folder in map(Path, folders):
+        if folder.is_file() and folder.name == "results.json":
+            found.append(folder)
+        elif folder.is_dir():
+            found += sorted(folder.rglob("results.json"))
+        else:
+            raise ConfigError(f"{folder} is neither a run folder nor a results.json")
+    if not found:
+        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they start)")
+    first: dict[Path, Path] = {}
+    for path in found:
+        first.setdefault(path.resolve(), path)  # resolved: links and relative paths are the same run too
+    return list(first.values())
+
+
+class DamagedResults(ValueError):
+    """A results.json this table cannot use; the message says which field is wrong and what it should be."""
+
+
+def _shown(value) -> str:
+    """A JSON value as a message shows it: a container by its kind, anything else as JSON writes it."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# What a field can be asked to hold: a test, and how a message says it.
+EXPECTED = {
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "string": (lambda v: isinstance(v, str), "a string"),
+    "integer": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),  # NaN too
+}
+
+
+def _field(parent: dict, key: str, expected: str, where: str = "", optional: bool = False):
+    """``parent[key]`` if it holds the ``expected`` kind; an ``optional`` field may be absent or null
+    (None then). ``where`` names the parent in the message (``"test."``)."""
+    test, what = EXPECTED[expected]
+    value = parent.get(key)
+    if optional and value is None:
+        return None
+    if key not in parent:
+        raise DamagedResults(f"{where}{key} is missing, expected {what}")
+    if not test(value):
+        raise DamagedResults(f"{where}{key} is {_shown(value)}, expected {what}{' or null' if optional else ''}")
+    return value
+
+
+def check_results(results) -> None:
+    """Raise ``DamagedResults`` at the first field that a row or a curve reads and that is missing or of
+    the wrong type (``train.records`` writes them: metrics, timing and memory are empty or null until an
+    epoch ends). The config is checked as ``Config`` checks one, keys the file predates at their defaults
+    and keys since dropped ignored."""
+    if not isinstance(results, dict):
+        raise DamagedResults(f"the file holds {_shown(results)}, expected an object")
+    for key in ("method", "feed", "device"):
+        _field(results, key, "string")
+    if "status" in results:  # a file without one was written only at the end: finished
+        _field(results, "status", "string")
+    _field(results, "best_epoch", "integer")
+    _field(_field(results, "parameters", "object"), "trainable", "integer", "parameters.")
+    for split, metrics in (("valid", ["hit@10"]), ("test", METRICS)):
+        scores = _field(results, split, "object", optional=True) or {}
+        for metric in metrics:
+            _field(scores, metric, "number", f"{split}.", optional=True)
+    timing = _field(results, "timing", "object", optional=True) or {}
+    _field(timing, "train_seconds_per_epoch", "number", "timing.", optional=True)
+    memory = _field(results, "peak_memory", "object", optional=True) or {}
+    for key in ("max_allocated_gib", "peak_rss_gib"):
+        _field(memory, key, "number", "peak_memory.", optional=True)
+    for i, epoch in enumerate(_field(results, "epochs", "list")):
+        if not isinstance(epoch, dict):
+            raise DamagedResults(f"epochs[{i}] is {_shown(epoch)}, expected an object")
+        _field(epoch, "epoch", "integer", f"epochs[{i}].")
+        _field(epoch, "loss", "number", f"epochs[{i}].")
+        _field(_field(epoch, "valid", "object", f"epochs[{i}]."), "hit@10", "number", f"epochs[{i}].valid.")
+    config = _field(results, "config", "object")
+    try:
+        Config.from_dict({k: v for k, v in config.items() if k in Config.__dataclass_fields__})
+    except ConfigError as err:
+        raise DamagedResults(f"config: {err}") from None
+
+
+def load_results(path: Path) -> dict:
+    """The contents of a results.json, checked by ``check_results``; ``DamagedResults`` says why not."""
+    try:
+        results = json.loads(path.read_bytes())
+    except OSError as err:
+        raise DamagedResults(f"cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise DamagedResults(f"not UTF-8 text (at byte offset {err.start}), so not JSON") from None
+    except json.JSONDecodeError as err:
+        raise DamagedResults(f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (ValueError, RecursionError):  # a number of over 4300 digits, arrays nested thousands deep
+        raise DamagedResults("not JSON this table can read (a number too long or nesting too deep)") from None
+    check_results(results)
+    return results
