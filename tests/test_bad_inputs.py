@@ -396,6 +396,10 @@ CASES = [
     Case("run-name-absolute", lambda P, s: T(P, s, "--run-name", f"{s}/abs"),
          ("run_name='{s}/abs' must be a single folder name",), check=nothing_at("abs")),
     Case("title-tokens-1", lambda P, s: T(P, s, "--title-tokens", "1"), ("title_tokens=1 must be at least 3",)),
+    Case("cache-dir-is-the-encoder", lambda P, s: C(P, s, "--cache-dir", P["bert"]),
+         ("--cache-dir {bert} is the input {bert}; writing there would change that input",)),
+    Case("cache-dir-inside-the-lmdb", lambda P, s: C(P, s, "--cache-dir", f"{P['images']}/c"),
+         ("--cache-dir {images}/c is inside the input {images}; writing there would change that input",)),
     Case("title-tokens-beyond-positions", lambda P, s: C(P, s, "--title-tokens", "100"),
          ("title_tokens=100 is more than the text encoder {bert} takes (max_position_embeddings 64); use "
           "--title-tokens 64 or fewer",)),

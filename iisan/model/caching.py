@@ -91,6 +91,13 @@ def claim_cache_folder(cfg: Config) -> Path:
         if cache_file(folder, m).exists() and not is_cache_file(cache_file(folder, m)):
             claim_output(cache_file(folder, m), is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
     refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
+    here = folder.expanduser().resolve()
+    for given in inputs:  # an encoder's folder (its weights digest would change) or the images LMDB
+        source = Path(given).expanduser().resolve() if given else None
+        if source is not None and source.is_dir() and (here == source or source in here.parents):
+            where = "the" if here == source else "inside the"
+            raise OutputError(f"--cache-dir {folder} is {where} input {given}; writing there would change "
+                              "that input: choose a folder of its own")
     return folder
 
 
