@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from iisan.cli.main import main
 from iisan.data.cache import cache_file
@@ -68,7 +69,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_config, tmp_path, coun
     build_model(cfg, load_data(cfg), torch.device("cpu"))  # and it loads as a cache
 
 
-def test_partial_build_for_other_settings_or_torn_shards_is_redone(tiny_config, tmp_path, counted):
+def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(tiny_config, tmp_path, counted):
     cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
     counted["crash_at"] = 4
     with pytest.raises(Crash):
@@ -87,6 +88,18 @@ def test_partial_build_for_other_settings_or_torn_shards_is_redone(tiny_config, 
     counted.update(calls=0, crash_at=None)
     build_cache_from_config(cfg, dtype="float16")
     assert counted["calls"] == chunks - 1  # chunk 0 again, and chunks 2.. ; chunk 1 kept
+    assert _bytes(tmp_path / "c") == whole
+
+    counted.update(calls=0, crash_at=3)
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    shard = tmp_path / "c" / SIDECAR / "chunk-000001.safetensors"
+    tensors = load_file(shard)
+    tensors["text"][0, 0, 0] = float("nan")  # altered after it was checked and written
+    save_file(tensors, shard)
+    counted.update(calls=0, crash_at=None)
+    build_cache_from_config(cfg, dtype="float16")
+    assert counted["calls"] == chunks - 1  # chunk 1 again, and chunks 2.. ; chunk 0 kept
     assert _bytes(tmp_path / "c") == whole
 
 

@@ -124,11 +124,13 @@ class ShardDir:
             return None
         return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 
-    def done(self, k: int, ids: np.ndarray) -> bool:
-        """Shard k exists, is readable and covers exactly ``ids`` (a torn or stray file is redone)."""
+    def done(self, k: int, ids: np.ndarray, modalities: Iterable[str]) -> bool:
+        """Shard k exists, is readable, covers exactly ``ids`` and holds finite states of ``modalities``
+        (a torn, stray or altered file is redone: every state was checked finite when written)."""
         try:
             with safe_open(str(self.shard(k)), framework="pt") as fh:
-                return torch.equal(fh.get_tensor("ids"), torch.from_numpy(ids))
+                return torch.equal(fh.get_tensor("ids"), torch.from_numpy(ids)) and all(
+                    bool(torch.isfinite(fh.get_tensor(m)).all()) for m in modalities)
         except Exception:  # missing or damaged: safetensors raises its own error types
             return False
 
@@ -185,7 +187,7 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     for m in shapes:  # left by a build that was killed while writing (the caller holds the folder's lock)
         for stale in stale_temporaries(cache_file(out_dir, m)):
             remove(stale)
-    todo = [k for k in range(n_chunks) if not shards.done(k, chunk_ids[k])]
+    todo = [k for k in range(n_chunks) if not shards.done(k, chunk_ids[k], shapes)]
     if len(todo) < n_chunks:
         log.info("resuming the cache build in %s: %d of %d chunks already done", shards.path,
                  n_chunks - len(todo), n_chunks)
