@@ -272,3 +272,25 @@ def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_
     assert err == (f"iisan: error: {items} has changed since {results['run_dir']} was trained (items fingerprint "
                    f"{results['items_fingerprint']} then, {file_fingerprint(items)} now): the run's item rows would "
                    "not match it; restore the file or train again")
+
+
+def test_a_run_whose_best_weights_hold_nan_is_refused(runs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "nan-run"
+    shutil.copytree(runs["cached"]["run_dir"], run_dir)
+    weights = run_dir / "best.safetensors"
+    with safe_open(str(weights), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata=metadata)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(run_dir), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2
+    assert err == (f"iisan: error: {weights} holds non-finite values in 1 weight tensor(s) (e.g. {name}); its "
+                   "metrics and scores would be NaN: restore the file or train again")

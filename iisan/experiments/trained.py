@@ -128,6 +128,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
     best_epoch = int(load_weights(model, weights).get("epoch", -1))
+    if bad := [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
+        raise TrainingError(f"{weights} holds non-finite values in {len(bad)} weight tensor(s) (e.g. {bad[0]}); "
+                            "its metrics and scores would be NaN: restore the file or train again")
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
 
