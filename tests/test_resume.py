@@ -298,6 +298,37 @@ def test_a_run_whose_checkpoints_were_removed_is_not_overwritten(base):
     assert train(cfg.replace(epochs=2))["status"] == "finished"
 
 
+def restate(path: Path, edit) -> None:
+    """Edit a checkpoint's state.json and record the edit in its manifest (intact, but not what we wrote)."""
+    from iisan.files import sha256
+
+    state = json.loads((path / checkpoint.STATE).read_text())
+    edit(state)
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"][checkpoint.STATE] = {"bytes": (path / checkpoint.STATE).stat().st_size,
+                                           "sha256": sha256(path / checkpoint.STATE)}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_an_intact_checkpoint_of_unusable_content_is_one_line(base):
+    """A state.json whose checksums hold but whose content this version cannot use (another version
+    wrote it, or a hand edit): refused, or named, in one line, never a traceback."""
+    cfg = base.replace(run_name="odd", epochs=1)
+    train(cfg)
+    path = Path(cfg.out_dir) / "odd" / "checkpoints" / "epoch-0000"
+    restate(path, lambda state: state.update(rng={**state["rng"], "python": "z"}))
+    with pytest.raises(TrainingError) as info:
+        train(cfg.replace(epochs=2))
+    assert str(info.value).startswith(f"cannot resume: {path} holds a state this version cannot restore (")
+    assert str(info.value).endswith("); use another --run-name to start a new run")
+    restate(path, lambda state: state.update(config=5))
+    with pytest.raises(TrainingError) as info:
+        train(cfg.replace(epochs=2))
+    assert str(info.value) == (f"cannot resume: {path / 'state.json'} holds no config (an object), so cannot be "
+                               "checked against this run's")
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
     cfg = base.replace(run_name="full-disk", epochs=2)
     real_save, calls = checkpoint.save_file, []

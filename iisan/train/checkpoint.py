@@ -225,8 +225,11 @@ def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
             except Exception as err:  # safetensors and json raise their own types for damaged files
                 reason = f"{path} is unreadable ({type(err).__name__}: {err})"
             else:
-                if found.state.get("format") != FORMAT:
-                    reason = f"{path / STATE} has format {found.state.get('format')!r}, expected {FORMAT}"
+                if not isinstance(found.state, dict) or found.state.get("format") != FORMAT:
+                    shown = found.state.get("format") if isinstance(found.state, dict) else found.state
+                    reason = f"{path / STATE} has format {shown!r}, expected {FORMAT}"
+                elif not isinstance(found.state.get("config"), dict):
+                    reason = f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
                 elif differences := config_differences(found.state["config"], config):
                     reason = (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
                               "use another --run-name to start a new run")

@@ -109,7 +109,12 @@ class Run:
         chosen = self.decide(self.choose_checkpoint)
         scaler_state = None
         if chosen:
-            scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
+            try:
+                scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # intact, but not restorable
+                what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                raise TrainingError(f"cannot resume: {chosen} holds a state this version cannot restore "
+                                    f"({what}); use another --run-name to start a new run") from None
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
         self.loaded = None  # its tensors are now in the model and the optimiser
