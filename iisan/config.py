@@ -227,8 +227,10 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+        try:  # a byte-order mark (some Windows editors write one) is dropped
+            values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+        except DuplicateKey as err:
+            raise ConfigError(f"{path}: key {err} appears twice; which value was meant?") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         except UnicodeDecodeError as err:
@@ -237,6 +239,20 @@ class Config:
             raise ConfigError(f"{path}: expected a JSON object of config keys")
         cls.from_dict(values, source=str(path))  # validates keys and values
         return values
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (``json`` keeps the last of two silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(repr(key))
+        out[key] = value
+    return out
 
 
 def _coerce(name: str, value, hint):

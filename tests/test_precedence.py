@@ -124,3 +124,12 @@ def test_the_benchmark_rows_get_their_methods_defaults_below_its_flags():
     fft, cached = method_config(base, "FFT"), method_config(base, "IISAN (cached)", 8)
     assert (fft.batch_size, fft.lr, fft.device, fft.amp) == (32, 1e-4, "cpu", "none")
     assert (cached.batch_size, cached.lr, cached.feed) == (8, 2e-4, "cached")
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    from iisan.config import Config
+
+    plain, marked = tmp_path / "plain.json", tmp_path / "marked.json"
+    plain.write_text('{"lr": 0.002, "epochs": 3}', encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save JSON
+    assert Config.from_file(marked) == Config.from_file(plain) == {"lr": 0.002, "epochs": 3}

@@ -84,7 +84,7 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     assert [line.split()[:3] for line in out[2:]] == [[str(r), run.data.item_ids[i], f"{s:.4f}"]
                                                       for r, (i, s) in enumerate(expected, 1)]
     users_file = tmp_path / "users.txt"
-    users_file.write_text(f"{user}\n\n{run.data.user_ids[5]}\tignored\n")
+    users_file.write_text(f"\ufeff{user}\n\n{run.data.user_ids[5]}\tignored\n")  # a byte-order mark is dropped
     main(["recommend", run_dir, "--users-file", str(users_file), "-k", "3", "--json", "--device", "cpu"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["query"] for line in lines] == [f"user {user}", f"user {run.data.user_ids[5]}"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..bounds import DEVICES, device_choice, positive_int
 from ..config import METHOD_NAMES
+from ..data.textfile import decoded_lines
 from ..devices import device_name
 from ..errors import DataError, OutputError
 from ..evaluate import KS
@@ -70,7 +71,7 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
     if not path.is_file():
         raise DataError(f"--users-file {path} does not exist")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in decoded_lines(path):  # UTF-8, a byte-order mark dropped, as the data files
         user = line.split("\t")[0].strip()  # one user id per line; a users TSV works too
         if user:
             out.append((f"user {user}", run.user_history(user, where=f"{path}:{lineno}")))

@@ -48,6 +48,9 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
         item_id = item_id.strip()
         if not item_id:
             raise DataError(f"{path}:{lineno}: empty item id")
+        if "\t" in title:  # a third column would be read into the title, and through the text encoder
+            raise DataError(f"{path}:{lineno}: {title.count(chr(9)) + 2} tab-separated fields, expected 2 "
+                            "(item_id<TAB>title)")
         if item_id in seen:
             raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
         check_item_id(item_id, f"{path}:{lineno}")
@@ -107,6 +110,8 @@ def read_users(path: str | Path, encoding: str = "utf-8",
     first_line: dict[str, int] = {}
     for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding):
         user_id = user_id.strip()
+        if not user_id:
+            raise DataError(f"{path}:{lineno}: empty user id")
         if user_id in users:
             if not merge_duplicates:
                 raise DataError(f"{path}:{lineno}: user {user_id!r} already has a line ({first_line[user_id]}); "
