@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
 from iisan.bounds import check_encoding  # noqa: E402
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
@@ -24,7 +24,7 @@ IMAGE_FOLDERS = {name: source.images.folder for name, source in SOURCES.items()}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--images", help="folder of <item_id>.jpg")
     parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
     parser.add_argument("--out", help="LMDB folder to write")

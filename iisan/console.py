@@ -41,6 +41,11 @@ def fail(prog: str, err: BaseException) -> None:
     sys.exit(2)
 
 
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph on one line: a script's ``--help`` description."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def entry_point(prog: str, run: Callable[[], T]) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a

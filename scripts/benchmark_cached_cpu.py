@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--data-dir", default=str(SCIENTIFIC))
     parser.add_argument("--epochs", type=int, default=30, help="cap on epochs (early stopping may end sooner)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
 from iisan.flags import add_config_arguments  # noqa: E402
@@ -44,7 +44,7 @@ def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known) -> 
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
     parser.add_argument("--data", choices=DATA, default="demo")
     parser.add_argument("--settings", default="equal,paper", help=f"comma list of: {', '.join(SETTING_NAMES)}")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice  # noqa: E402
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 
@@ -27,7 +27,7 @@ def ints(text: str) -> list[int]:
 
 def main(argv=None) -> dict:
     defaults = DiagnosisOptions(out=ROOT / "results" / "diagnose.json")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("base", "tiny"), default=defaults.size,
                         help="encoders: BERT-base + ViT-B/16, or tiny ones")

@@ -16,11 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.console import summary  # noqa: E402
 from iisan.experiments.figures import write_reports  # noqa: E402
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--results", nargs="+", default=[str(ROOT / "results" / "efficiency")],
                         help="JSON files or folders of them")
     parser.add_argument("--figs", default=str(ROOT / "figs"))

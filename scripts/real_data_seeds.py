@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.seed_table import (  # noqa: E402
     SEEDS,
     SETTINGS,
@@ -41,7 +41,7 @@ DATASETS = ("Scientific", "Instrument")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "amazon"),
                         help="folder holding Scientific/ and Instrument/ with the authors' TSVs")
     parser.add_argument("--work", default=str(ROOT / "bench_data" / "real-seeds"), help="caches and run folders")

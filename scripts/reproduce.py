@@ -15,13 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.reproduce import SEEDS, Reproduction, reproduce  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--dataset", default="Scientific", choices=[*SOURCES, "demo"])
     parser.add_argument("--out", default=str(ROOT / "results" / "reproduce"), help="runs and the table go here")
     parser.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ and pretrained_models/")

@@ -23,12 +23,12 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--data-dir", default=str(SCIENTIFIC))
     parser.add_argument("--work-dir", default="/tmp/iisan_versa_minilm")
     parser.add_argument("--images", default="blank", choices=("blank", "random"))
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
-    summary = entry_point(sys.argv[0], lambda: versa_minilm(Path(args.data_dir), Path(args.work_dir), args.images,
+    report = entry_point(sys.argv[0], lambda: versa_minilm(Path(args.data_dir), Path(args.work_dir), args.images,
                                                             args.epochs, args.patience, args.seed))
-    print(f"\nIISAN-Versa on Scientific, MiniLM-L6 text + random ViT image tower, {summary['images']}; "
-          f"{summary['device']}; {summary['epochs_run']} epochs (cap {args.epochs}), "
-          f"best epoch {summary['best_epoch']}")
-    print(f"test HR@10 {summary['test']['hit@10']:.4f}  NDCG@10 {summary['test']['ndcg@10']:.4f}  "
-          f"(valid HR@10 {summary['valid']['hit@10']:.4f}  NDCG@10 {summary['valid']['ndcg@10']:.4f})")
-    return summary
+    print(f"\nIISAN-Versa on Scientific, MiniLM-L6 text + random ViT image tower, {report['images']}; "
+          f"{report['device']}; {report['epochs_run']} epochs (cap {args.epochs}), "
+          f"best epoch {report['best_epoch']}")
+    print(f"test HR@10 {report['test']['hit@10']:.4f}  NDCG@10 {report['test']['ndcg@10']:.4f}  "
+          f"(valid HR@10 {report['valid']['hit@10']:.4f}  NDCG@10 {report['valid']['ndcg@10']:.4f})")
+    return report
 
 
 if __name__ == "__main__":

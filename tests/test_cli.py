@@ -138,3 +138,20 @@ def test_the_defaults_a_method_changes_are_not_errors():
     assert resolve(flags={"method": "fft"}).feed == "live"  # the field default, cached, gives way
     assert resolve(flags={"towers": "image"}).modality == "intra"
     assert resolve(flags={"method": "iisan", "feed": "cached"}).feed == "cached"
+
+
+def test_script_help_describes_each_script_in_its_whole_first_paragraph():
+    """--help shows a script's first docstring paragraph on one line (``console.summary``), never a line
+    cut mid-sentence."""
+    import ast
+
+    from iisan.console import summary
+
+    assert summary("Reproduce cached IISAN: fetch,\nbuild, train.\n\n    python x.py\n") == \
+        "Reproduce cached IISAN: fetch, build, train."
+    root = Path(__file__).resolve().parents[1]
+    for script in sorted(root.glob("scripts/*.py")) + [root / "Dataset" / "build_lmdb.py"]:
+        source = script.read_text()
+        assert "__doc__.splitlines()" not in source, script
+        if "description=" in source:
+            assert summary(ast.get_docstring(ast.parse(source))).endswith((".", ")")), script

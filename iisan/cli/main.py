@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import entry_point, setup_logging
+from ..console import entry_point, setup_logging, summary
 from .data import add_data_commands
 from .fetch import add_fetch_commands
 from .runs import add_run_commands
@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="iisan", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = Parser(prog="iisan", description=summary(__doc__))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_data_commands(sub)
