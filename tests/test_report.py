@@ -282,6 +282,20 @@ def test_csv_and_curves_replace_only_what_results_wrote(runs, capsys, tmp_path):
         before = target.read_bytes()
         with pytest.raises(SystemExit) as info:
             main(["results", str(out), flag, str(target)])
-        err = capsys.readouterr().err.strip()
-        assert info.value.code == 2 and f"{flag} {target} exists and is not {what}" in err
-        assert target.read_bytes() == before
+        printed = capsys.readouterr()
+        assert info.value.code == 2 and f"{flag} {target} exists and is not {what}" in printed.err.strip()
+        assert target.read_bytes() == before and printed.out == ""  # refused before the table is printed
+
+
+def test_curves_of_runs_without_a_finished_epoch_are_refused_not_drawn_empty(tmp_path, capsys):
+    run = tmp_path / "runs" / "starting"
+    run.mkdir(parents=True)
+    results = {"status": "running", "method": "IISAN", "feed": "cached", "device": "cpu", "best_epoch": -1,
+               "parameters": {"trainable": 1}, "epochs": [], "config": {}, "valid": {}, "test": {}}
+    (run / "results.json").write_text(json.dumps(results))
+    figure = tmp_path / "c.png"
+    with pytest.raises(SystemExit) as info:
+        main(["results", str(tmp_path / "runs"), "--include-running", "--curves", str(figure)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and not figure.exists()
+    assert err == f"iisan: error: --curves {figure}: none of the runs has a finished epoch to plot"

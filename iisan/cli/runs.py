@@ -7,7 +7,16 @@ import sys
 from ..errors import ConfigError
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
-from ..experiments.report import collect, draw_curves, figure_format, markdown, table, write_csv
+from ..experiments.report import (
+    claim_csv,
+    claim_figure,
+    collect,
+    draw_curves,
+    figure_format,
+    markdown,
+    table,
+    write_csv,
+)
 from ..flags import add_config_arguments, config_from_args
 from ..train.trainer import train
 
@@ -27,8 +36,11 @@ def cmd_params(args) -> None:
 
 def cmd_results(args) -> None:
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
-    if args.curves:
-        figure_format(args.curves)  # a bad suffix ends here, before any reading
+    if args.curves:  # a bad suffix or a file that is not ours ends here, before any reading or printing
+        figure_format(args.curves)
+        claim_figure(args.curves)
+    if args.csv:
+        claim_csv(args.csv)
     frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
     rows = table(frame, keys, args.average_seeds)
     if args.sort:

@@ -205,10 +205,22 @@ def _is_table(path: Path) -> bool:
         return fh.read(16).startswith(CSV_HEADS)
 
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
-    """All columns (standard deviations and the non-finite marks included), written atomically. A file
-    already there is replaced only when it is such a table (a results.json or a data file never is)."""
+def claim_csv(path: str | Path) -> None:
+    """A file already at ``path`` may be replaced only when it is a table this command wrote (a
+    results.json or a data file never is); checked before any reading."""
     claim_output(path, lambda p: p.is_file() and _is_table(p), "a results table IISAN wrote", "--csv", overwrite=True)
+
+
+def claim_figure(path: str | Path) -> None:
+    """Likewise for a figure: only one IISAN drew (its Creator metadata) is replaced."""
+    claim_output(path, lambda p: p.is_file() and CREATOR.encode() in p.read_bytes(), "a figure IISAN drew",
+                 "--curves", overwrite=True)
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """All columns (standard deviations and the non-finite marks included), written atomically
+    (``claim_csv`` first)."""
+    claim_csv(path)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
@@ -236,6 +248,8 @@ def figure_format(path: str | Path, flag: str = "--curves") -> str:
 def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
     marked; written atomically to ``path`` (PNG)."""
+    if not any(s["epoch"] for s in curves.values()):
+        raise ConfigError(f"--curves {path}: none of the runs has a finished epoch to plot")
     import matplotlib  # deferred: heavy, and only drawing needs it
 
     matplotlib.use("Agg")
@@ -254,8 +268,7 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    claim_output(path, lambda p: p.is_file() and CREATOR.encode() in p.read_bytes(), "a figure IISAN drew",
-                 "--curves", overwrite=True)
+    claim_figure(path)
     fmt = figure_format(path)
     signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
     with atomic_path(path) as tmp:
