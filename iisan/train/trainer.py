@@ -111,6 +111,8 @@ class Run:
         if chosen:
             try:
                 scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
+            except UserError:  # said already, in one line (e.g. fewer --epochs than trained)
+                raise
             except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # intact, but not restorable
                 what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 raise TrainingError(f"cannot resume: {chosen} holds a state this version cannot restore "
