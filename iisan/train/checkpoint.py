@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, OutputError, TrainingError, UserError
 from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, write_failure
 
 log = logging.getLogger(__name__)
@@ -238,3 +239,17 @@ def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
         log.warning("refusing checkpoint: %s", reason)
         refused.append(reason)
     return None, refused
+
+
+@contextmanager
+def restoring(path: str | Path):
+    """Restoring the checkpoint at ``path``: what its content makes fail (another version wrote it, or a
+    hand edit that its manifest was made to match) is one line naming it."""
+    try:
+        yield
+    except UserError:  # said already, in one line (e.g. fewer --epochs than trained)
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise TrainingError(f"cannot resume: {path} holds a state this version cannot restore ({what}); use "
+                            "another --run-name to start a new run") from None

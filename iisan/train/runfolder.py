@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from ..config import Config
+from ..errors import ConfigError
 from .checkpoint import MAY_CHANGE, config_differences
 
 log = logging.getLogger(__name__)
@@ -91,3 +92,20 @@ def finished_results(cfg: Config) -> dict | None:
     if config_differences(saved, current) or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
         return None
     return results
+
+
+def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
+    """Before a fresh start in ``folder`` with no checkpoint to resume: a run there that left results
+    (its checkpoints removed to save space) would be overwritten. Refused when that run had another
+    config or had finished; a same-config run that stopped before its first checkpoint starts again."""
+    earlier = read_results(folder / RESULTS)
+    if not earlier:
+        return
+    saved = earlier.get("config")
+    differences = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
+    if differences:
+        raise ConfigError(f"{folder / RESULTS} belongs to a run of another config ({'; '.join(differences)}) and "
+                          "no checkpoint is left to resume; use another --run-name to start a new run")
+    if earlier.get("status", "finished") == "finished":
+        raise ConfigError(f"{folder / RESULTS} is a finished run with no checkpoint left to continue it; starting "
+                          "again would overwrite it: use another --run-name")

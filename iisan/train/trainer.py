@@ -35,7 +35,7 @@ from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
-from .runfolder import RESULTS, read_results, reusable_results, run_dir
+from .runfolder import refuse_to_overwrite, reusable_results, run_dir
 from .step import (
     batch_layout,
     describe_step,
@@ -92,10 +92,9 @@ class Run:
         self.decide(self.lock_folder)
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
-        self.data = load_data(cfg)
-        self.record.items_fingerprint = self.data.catalog.fingerprint
-        log.info("data: %d users, %d items, %d interactions", self.data.num_users, self.data.num_items,
-                 self.data.num_interactions)
+        data = self.data = load_data(cfg)
+        self.record.items_fingerprint = data.catalog.fingerprint
+        log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
         self.record.parameters = count_parameters(self.model)
         log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
@@ -109,14 +108,8 @@ class Run:
         chosen = self.decide(self.choose_checkpoint)
         scaler_state = None
         if chosen:
-            try:
+            with checkpoint.restoring(chosen):  # intact, but maybe not what this version can restore
                 scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
-            except UserError:  # said already, in one line (e.g. fewer --epochs than trained)
-                raise
-            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:  # intact, but not restorable
-                what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                raise TrainingError(f"cannot resume: {chosen} holds a state this version cannot restore "
-                                    f"({what}); use another --run-name to start a new run") from None
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
         self.loaded = None  # its tensors are now in the model and the optimiser
@@ -168,25 +161,8 @@ class Run:
             raise TrainingError(f"cannot resume: {refused[0]}")
         if self.cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
-        self.refuse_to_overwrite()
+        refuse_to_overwrite(self.run_dir, self.cfg)
         return ""
-
-    def refuse_to_overwrite(self) -> None:
-        """A fresh start in a folder whose run left results but no checkpoint (removed to save space) would
-        overwrite that run: refused when the run had another config or had finished (a same-config run that
-        stopped before its first checkpoint starts again)."""
-        earlier = read_results(self.run_dir / RESULTS)
-        if not earlier:
-            return
-        saved = earlier.get("config")
-        differences = checkpoint.config_differences(saved if isinstance(saved, dict) else {}, self.cfg.to_dict())
-        if differences:
-            raise ConfigError(f"{self.run_dir / RESULTS} belongs to a run of another config "
-                              f"({'; '.join(differences)}) and no checkpoint is left to resume; use another "
-                              "--run-name to start a new run")
-        if earlier.get("status", "finished") == "finished":
-            raise ConfigError(f"{self.run_dir / RESULTS} is a finished run with no checkpoint left to continue "
-                              "it; starting again would overwrite it: use another --run-name")
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -203,8 +179,7 @@ class Run:
         self.progress.load(state, found.path, self.cfg.epochs, state["world_size"] != self.dist.world_size)
         self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
             else None
-        log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch,
-                 self.progress.start_step)
+        log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch, self.progress.start_step)
         if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
             ensure_best_weights(self.model, self.run_dir / "best.safetensors", self.cfg,
                                 self.progress.stopper.best_epoch, self.progress.best_valid)
