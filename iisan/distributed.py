@@ -82,8 +82,13 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     return dist, device, created
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
+    """Leave the process group. After a ``finished`` run every rank first waits for the others: a rank that
+    closes its connections while a peer's are still busy can abort that peer at exit (seen, rarely,
+    with gloo). After a failure no one waits (a peer may be gone)."""
     if torch_dist.is_initialized():
+        if finished:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -46,7 +46,7 @@ def main(config_file: str, out_file: str) -> None:
             "full": full, "resumed": resumed, "users": data.num_users, "per_rank": counts.tolist(),
             "ranks": {k: v.tolist() for k, v in ranks.items()}, "backend": dist.backend,
         }, default=str))
-    distributed.teardown()
+    distributed.teardown(finished=True)  # every rank waits for the others, then leaves
 
 
 if __name__ == "__main__":

@@ -115,3 +115,17 @@ def test_two_processes_under_torchrun(tiny_config, tmp_path):
     out, log = launch(cfg, 2, tmp_path)
     assert out["backend"] == "gloo"
     check_launch(cfg, out, log, 2, torch.device("cpu"))
+
+
+def test_teardown_waits_for_every_rank_only_after_a_finished_run(monkeypatch):
+    """A finished run meets the other ranks before closing its connections; after a failure a peer may
+    be gone, and waiting for it would hang."""
+    from iisan import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.torch_dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.torch_dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.teardown(finished=True)
+    distributed.teardown(finished=False)
+    assert calls == ["barrier", "destroy", "destroy"]

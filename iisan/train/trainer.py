@@ -8,13 +8,13 @@ metrics.jsonl and results.json with its status (``records``). Training stops onc
 for more than ``patience`` epochs (authors: ``count > 10``). Everything an uninterrupted run carries
 from epoch to epoch is in the checkpoint (weights, optimiser, scaler, RNG streams, early stopping, best
 metrics, the epoch history), so a resumed run computes the same numbers as one that was never stopped.
-Under torchrun every rank runs the loop on its shard of users; only rank 0 logs, writes checkpoints,
-best weights and results.
+Under torchrun every rank runs the loop on its shard of users; only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -347,4 +347,4 @@ def train(cfg: Config) -> dict:
                 run.close()
     finally:
         if created:
-            distributed.teardown()
+            distributed.teardown(finished=sys.exc_info()[1] is None)
