@@ -71,3 +71,9 @@ class RunInterrupted(RuntimeError):
 
 
 USER_ERRORS = (UserError,)
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: an error that is not a ``UserError``, named in one line."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{type(err).__name__}: {message}"

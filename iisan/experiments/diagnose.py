@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import error_line
 from ..files import write_json_atomic
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
-from .isolate import error_line, in_fresh_process
+from .isolate import in_fresh_process
 from .plain_reference import plain_fft_step, plain_frozen_forward, plain_patch_embedding
 from .timing import reset, timed
 

@@ -9,12 +9,7 @@ import signal
 import traceback
 
 from ..console import setup_logging
-
-
-def error_line(err: BaseException) -> str:
-    """``Type: first line of the message``: how a failed measurement is recorded in a row."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{type(err).__name__}: {message}"
+from ..errors import error_line
 
 
 def _child(fn, args: tuple, kwargs: dict, queue) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from ..devices import peak_memory, sync
-from .isolate import error_line
+from ..errors import error_line
 
 
 class StepClock:

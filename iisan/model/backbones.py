@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import EncoderError
 from .encoder_files import TEXT_ENCODERS, check_architecture, local_folder, resolve_model_path
+from .inputs import tokenize_for_pooling
 from .patches import patches_as_matmul
 
 log = logging.getLogger(__name__)
@@ -176,12 +177,14 @@ class FrozenEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def check_title_length(self, tokens: int) -> None:
-        """Titles of ``tokens`` tokens fit the text encoder's learned positions."""
+    def title_inputs(self, titles: list[str], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's (ids, attention) for ``titles`` at ``tokens`` tokens, for its pooling; titles
+        longer than the encoder's learned positions are refused."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and tokens > limit:
             raise EncoderError(f"title_tokens={tokens} is more than the text encoder {self.name} takes "
                                f"(max_position_embeddings {limit}); use --title-tokens {limit} or fewer")
+        return tokenize_for_pooling(self.tokenizer, titles, tokens, self.pooling)
 
     def model_inputs(self, inputs: dict) -> dict:
         """``inputs`` as the model gets them. A BERT-family text tower gets its attention mask ready-made,

@@ -11,7 +11,7 @@ from torch import nn
 from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
-from .inputs import EncodedItems, tokenize_for_pooling
+from .inputs import EncodedItems
 from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora, injected_parameters
 
 
@@ -79,8 +79,6 @@ def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
         encoder.train()  # trained backbones run with their own dropout, as in the authors' code
     tokens = attention = None
     if "text" in encoders and titles is not None:
-        text = encoders["text"]
-        text.check_title_length(cfg.title_tokens)
-        tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
+        tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
     return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim)
 

@@ -31,7 +31,6 @@ from .baselines import baseline_item_encoder
 from .encoder_files import local_folder, weights_digest
 from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
-from .inputs import tokenize_for_pooling
 from .recommender import IISANItemEncoder, Recommender
 from .san import SANItemTower
 
@@ -115,9 +114,7 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     encoders = encoders or load_encoders(cfg)
     tokens = attention = None
     if "text" in encoders:
-        text = encoders["text"]
-        text.check_title_length(cfg.title_tokens)
-        tokens, attention = tokenize_for_pooling(text.tokenizer, titles, cfg.title_tokens, text.pooling)
+        tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
     pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
     live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
     return live.to(device), pixels

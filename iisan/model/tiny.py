@@ -58,6 +58,12 @@ def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:
     return SPECIALS + ranked
 
 
+def save_model(model, out_dir: Path) -> None:
+    """``save_pretrained``, its weights then as readable as any new file (safetensors makes them owner-only)."""
+    model.save_pretrained(out_dir)
+    usual_permissions(*Path(out_dir).glob("*.safetensors"))
+
+
 @quietly
 def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
                seed: int = 0) -> Path:
@@ -65,8 +71,7 @@ def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: 
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 4, max_position_embeddings=64)
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(out_dir)
-    usual_permissions(*out_dir.glob("*.safetensors"))
+    save_model(BertModel(config), out_dir)
     return out_dir
 
 
@@ -90,10 +95,9 @@ def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int
     config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        intermediate_size=hidden * 4, image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(out_dir)
+    save_model(ViTModel(config, add_pooling_layer=False), out_dir)
     tf.ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(out_dir)
-    usual_permissions(*out_dir.glob("*.safetensors"))
     return out_dir
 
 
@@ -113,8 +117,7 @@ def write_llama(out_dir: str | Path, vocab: list[str], hidden: int = 48, layers:
                          num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=hidden * 2,
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     torch.manual_seed(seed)
-    LlamaModel(config).save_pretrained(out_dir)
-    usual_permissions(*out_dir.glob("*.safetensors"))
+    save_model(LlamaModel(config), out_dir)
     return out_dir
 
 
@@ -132,11 +135,10 @@ def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
     bert, vit = base_architectures()
     text_dir, image_dir = out_dir / "bert-base-random", out_dir / "vit-base-random"
     write_bert_tokenizer(text_dir, vocabulary(["a"]) + [f"w{i}" for i in range(bert.config.vocab_size - 6)])
-    bert.save_pretrained(text_dir)
-    vit.save_pretrained(image_dir)
+    save_model(bert, text_dir)
+    save_model(vit, image_dir)
     tf.ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(image_dir)
-    usual_permissions(*text_dir.glob("*.safetensors"), *image_dir.glob("*.safetensors"))
     return text_dir, image_dir
 
 
@@ -185,7 +187,7 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
     else:
         raise ValueError(f"family must be one of {', '.join(DECODERS)}, not {family!r}")
     torch.manual_seed(seed)
-    AutoModel.from_config(config).save_pretrained(out_dir)
+    save_model(AutoModel.from_config(config), out_dir)
     return out_dir
 
 
@@ -218,6 +220,6 @@ def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers
         config = tf.CLIPVisionConfig(intermediate_size=hidden * 2, **sizes)
         processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
     torch.manual_seed(seed)
-    tf.AutoModel.from_config(config).save_pretrained(out_dir)
+    save_model(tf.AutoModel.from_config(config), out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..errors import CheckpointError, OutputError, TrainingError, UserError
+from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, write_failure
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,5 @@ def restoring(path: str | Path):
     except UserError:  # said already, in one line (e.g. fewer --epochs than trained)
         raise
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
-        what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        raise TrainingError(f"cannot resume: {path} holds a state this version cannot restore ({what}); use "
-                            "another --run-name to start a new run") from None
+        raise TrainingError(f"cannot resume: {path} holds a state this version cannot restore "
+                            f"({error_line(err)}); use another --run-name to start a new run") from None
