@@ -43,6 +43,28 @@ def test_build_counts_missing_and_corrupt_images_and_keeps_going(tmp_path):
     assert missing == ["never-stored"] and flagged == ["broken", "absent"]
 
 
+def test_an_image_over_the_pixel_limit_is_a_flagged_blank_without_a_raw_warning(tmp_path, monkeypatch):
+    import warnings
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "small.jpg")  # 64 pixels
+    Image.new("RGB", (12, 10)).save(folder / "big.jpg")  # 120: over the limit, under twice it
+    Image.new("RGB", (30, 20)).save(folder / "huge.png")  # 600: PIL itself refuses it at open
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail the test
+        build_image_lmdb(folder, tmp_path / "jpg.lmdb", ["small", "big"], size=4, progress=False)
+        report = build_image_lmdb(folder, tmp_path / "png.lmdb", ["huge"], size=4, extension=".png",
+                                  progress=False)
+    jpg = open(tmp_path / "jpg.lmdb.report.tsv").read().splitlines()[1:]
+    assert jpg == ["big\ttoo large: 12 x 10 pixels, over PIL's decompression-bomb limit of 100"]
+    png = open(report["report"]).read().splitlines()[1:]
+    assert png == ["huge\ttoo large: Image size (600 pixels) exceeds limit of 200 pixels"]
+    pixels, blank = ImageStore(tmp_path / "jpg.lmdb").get(["small", "big"])
+    assert blank.tolist() == [False, True] and (pixels[0] == 9).all() and (pixels[1] == 0).all()
+
+
 def test_store_errors_name_the_path(tmp_path):
     with pytest.raises(ImageStoreError, match="image LMDB .*nope.lmdb does not exist"):
         ImageStore(tmp_path / "nope.lmdb")

@@ -5,6 +5,8 @@ one process at a time (a lock beside the target). The target is replaced only wh
 this project wrote and ``overwrite`` is set, never when it is, or contains, an input; anything else at
 that path is refused, so a mistyped ``--out`` never deletes a folder. Missing, unreadable or corrupt
 images are stored as a flagged blank (zeros), counted, listed in a report file, and never stop the build.
+So is an image with more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): decoding
+it could take gigabytes, and a product photo that large is a damaged or hostile file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import lmdb
@@ -55,9 +58,24 @@ def is_image_lmdb(path: Path) -> bool:
         return False
 
 
+class TooLarge(Exception):
+    """An image over PIL's pixel limit, refused before it is decoded."""
+
+
 def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``)."""
-    with Image.open(path) as img:
+    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``); an image over
+    PIL's pixel limit raises ``TooLarge`` (PIL would warn and decode it, or fail at twice the limit)."""
+    with warnings.catch_warnings():  # PIL warns over the limit (checked below) and raises over twice it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as err:
+            raise TooLarge(" ".join(str(err).split(",")[0].split())) from None
+    with img:
+        width, height = img.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise TooLarge(f"{width} x {height} pixels, over PIL's decompression-bomb limit of "
+                           f"{Image.MAX_IMAGE_PIXELS:,}")
         img = img.convert("RGB").resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
 
@@ -162,6 +180,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
             return None, f"missing (but {item_id}{found} is there: --extension {found})" if found else "missing"
         try:
             return load_image(path, size), None
+        except TooLarge as err:
+            return None, f"too large: {err}"
         except Exception as err:  # any decoder failure is a bad image, never a stop
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
 
