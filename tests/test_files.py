@@ -35,21 +35,28 @@ def test_a_failed_write_keeps_the_old_file_removes_its_temporary_and_names_the_t
 
 
 def test_written_weights_are_as_readable_as_any_new_file(tmp_path):
-    """safetensors makes its files owner-only (0600); written through atomic_path, or as a tiny model,
-    they get the umask's permissions, as results.json does."""
+    """safetensors makes its files owner-only (0600); written through atomic_path, as a tiny model or in a
+    checkpoint, they get the umask's permissions, as results.json does."""
     import torch
 
     from iisan.files import save_safetensors_atomic
     from iisan.model.tiny import write_vit
+    from iisan.train.checkpoint import write_checkpoint
 
     old = os.umask(0o027)
     try:
         save_safetensors_atomic({"w": torch.zeros(2)}, tmp_path / "best.safetensors", {})
         write_json_atomic(tmp_path / "results.json", {})
         write_vit(tmp_path / "vit", hidden=8, layers=1, heads=1, image_size=16, patch_size=8)
+        saved = write_checkpoint(tmp_path / "checkpoints", "epoch-0000", {"w": torch.zeros(2)},
+                                 {"step": torch.zeros(1)}, {"epoch": 0}, keep=2)
     finally:
         os.umask(old)
-    for path in (tmp_path / "best.safetensors", tmp_path / "results.json", tmp_path / "vit" / "model.safetensors"):
+    checkpoint = sorted(saved.iterdir())
+    assert [p.name for p in checkpoint] == ["MANIFEST.json", "model.safetensors", "state.json",
+                                            "train_state.safetensors"]
+    for path in (tmp_path / "best.safetensors", tmp_path / "results.json", tmp_path / "vit" / "model.safetensors",
+                 *checkpoint):
         assert path.stat().st_mode & 0o777 == 0o640, path
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
-from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, write_failure
+from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, usual_permissions, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         tmp.mkdir()
         save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
         save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
+        usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
         manifest = {"format": FORMAT, "files": {}}
         for file in FILES:
