@@ -243,6 +243,26 @@ def foreign_lmdb(P, s):
         txn.put(b"key", b"value")
 
 
+def best_weights_edited(edit: Callable[[dict], None]):
+    """A copy of the finished run as ``s/done`` whose best.safetensors ``edit`` changed (a dict of tensors)."""
+    def setup(P, s):
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(P["done"], s / "done")
+        tensors = load_file(s / "done" / "best.safetensors")
+        edit(tensors)
+        save_file(tensors, s / "done" / "best.safetensors")
+    return setup
+
+
+def damaged_image_meta(P, s):
+    import lmdb
+
+    shutil.copytree(P["images"], s / "meta.lmdb")
+    with lmdb.open(str(s / "meta.lmdb"), lock=False) as env, env.begin(write=True) as txn:
+        txn.put(b"__meta__", b'{"format": "iisan-images/1", "size": "big"}')
+
+
 def read_only(name: str):
     def setup(P, s):
         (s / name).mkdir(parents=True, exist_ok=True)
@@ -376,6 +396,44 @@ CASES = [
     Case("data-stats-duplicate-users", lambda P, s: ["data-stats", "--users", f"{s}/users.tsv", "--items", P["items"]],
          ("{s}/users.tsv:161: user 'U0000000' already has a line",),
          setup=users_with("U0000000\tI0000001\n")),
+    # what a first command without its inputs meets
+    Case("train-without-data", lambda P, s: ["train", "--out-dir", f"{s}/runs", "--device", "cpu"],
+         ("users and items files are required (--users FILE --items FILE)",)),
+    Case("train-cached-without-cache-dir", lambda P, s: T(P, s, "--cache-dir", ""),
+         ("feed=cached needs --cache-dir (build the cache with `iisan cache`)",), check=nothing_at("runs/r")),
+    Case("cache-without-cache-dir", lambda P, s: C(P, s, "--cache-dir", ""),
+         ("--cache-dir is required: where text.safetensors / image.safetensors go",)),
+    Case("cache-without-items", lambda P, s: C(P, s, "--items", ""), ("--items FILE is required",)),
+    Case("import-cache-without-cache-dir",
+         lambda P, s: ["import-cache", "--from", str(s), "--dataset", "Scientific", "--items", P["items"],
+                       "--users", P["users"], "--cache-dir", ""],
+         ("--cache-dir is required: where text.safetensors / image.safetensors go",),
+         setup=lambda P, s: [(s / f"{m}_outputs").mkdir() for m in ("bert", "vit")] and None),
+    Case("config-file-a-list", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: expected a JSON object of config keys",), setup=write("c.json", "[1, 2]")),
+    Case("layers-not-integers", lambda P, s: T(P, s, "--text-layers", "a,b"),
+         ("text_layers=['a', 'b']: expected a list of integers such as 0,2,4",)),
+    Case("device-mps-absent", lambda P, s: T(P, s, "--device", "mps"),
+         ("device=mps but no Apple MPS device is available",)),
+    Case("cudagraph-on-cpu", lambda P, s: T(P, s, "--compile", "cudagraph"),
+         ("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)",)),
+    Case("items-empty-id", T_items, ("{s}/items.tsv:2: empty item id",), setup=items_with("\ta title\n")),
+    Case("lmdb-images-empty-folder", lambda P, s: L(P, s, "--images", f"{s}/empty"),
+         ("no images to store: {s}/empty has no *.jpg files and no item list",),
+         setup=lambda P, s: (s / "empty").mkdir()),
+    Case("images-meta-damaged", lambda P, s: T(P, s, "--feed", "live", "--images", f"{s}/meta.lmdb"),
+         ("{s}/meta.lmdb: the metadata record '__meta__' is damaged; rebuild the store with "
+          "`iisan build-lmdb --overwrite`",), setup=damaged_image_meta),
+    Case("cache-metadata-encoder-files-damaged", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors: its metadata 'encoder_files' is not a JSON object (damaged)",),
+         setup=edited_cache(lambda meta, states: meta.update(encoder_files="[1]"))),
+    Case("cache-metadata-width-damaged", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors: its metadata width 'wide' / depth",),
+         setup=edited_cache(lambda meta, states: meta.update(width="wide"))),
+    Case("cache-lacks-an-item", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors lacks 1 of the data set's items (e.g. 'I0000001')",),
+         setup=edited_cache(lambda meta, states: meta.update(item_ids=meta["item_ids"].replace('"I0000001"',
+                                                                                                 '"Z0000001"')))),
     # config and flags
     Case("config-file-missing", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("config file {s}/c.json does not exist",)),
@@ -501,7 +559,7 @@ CASES = [
          ("text encoder '{vit}' is a 'vit' model, which IISAN cannot use as the text tower; supported:",)),
     # caches: read
     Case("cache-missing", lambda P, s: T(P, s, "--cache-dir", f"{s}/none"),
-         ("cache file {s}/none/text.safetensors does not exist",)),
+         ("cache file {s}/none/text.safetensors does not exist",), check=nothing_at("runs/r")),
     Case("cache-not-safetensors", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache file {s}/c/text.safetensors is unreadable",), setup=write("c/text.safetensors", b"not a cache")),
     Case("cache-metadata-not-json", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
@@ -567,6 +625,17 @@ CASES = [
          ("cannot resume: {s}/runs/done/checkpoints/epoch-0000/state.json belongs to a different config",
           "lr=0.0002 there, 0.001 now"), setup=copy("done", "runs/done"), may_change=("/train.log",)),
     Case("resume-nothing", lambda P, s: T(P, s, "--resume"), ("--resume: no checkpoint in {s}/runs/r/checkpoints",)),
+    Case("evaluate-without-best-weights", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
+         ("{s}/done has no best.safetensors yet (written when an epoch's validation improves)",),
+         setup=both(copy("done", "done"), lambda P, s: (s / "done" / "best.safetensors").unlink())),
+    Case("evaluate-weights-lacking-a-parameter", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
+         ("{s}/done/best.safetensors lacks trained weights for 1 parameters",),
+         setup=best_weights_edited(lambda t: t.pop(sorted(t)[0]))),
+    Case("evaluate-weights-of-another-model", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
+         ("{s}/done/best.safetensors holds 'lora.extra', which this model does not have",),
+         setup=best_weights_edited(lambda t: t.update({"lora.extra": torch.zeros(2)}))),
+    Case("recommend-empty-history", lambda P, s: ["recommend", P["done"], "--history", "", "--device", "cpu"],
+         ("an empty history (give at least one item id)",)),
     # results
     Case("results-sort-unknown", lambda P, s: ["results", P["done"], "--sort", "bogus"],
          ("--sort bogus: not a column",)),

@@ -207,6 +207,8 @@ def test_the_default_model_is_never_fetched_outside_the_repository(tiny, tmp_pat
         assert outcome.last_line == (f"iisan: error: model folder '{default}' (the default, under the repository) "
                                      "does not exist; put the model there (see pretrained_models/README.md), or pass "
                                      "--allow-download to fetch a Hugging Face Hub id")
+    else:  # a real BERT-base was put there: the cache is built from it, still without a request
+        assert outcome.code == 0 and (tmp_path / "c" / "text.safetensors").is_file(), outcome.describe()
 
 
 def test_a_hub_id_is_fetched_with_allow_download(tiny, tmp_path, fake_hub):

@@ -44,7 +44,8 @@ def test_one_row_per_run_with_its_own_numbers(runs, capsys, tmp_path):
     assert [r[0] for r in rows] == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
     with open(tmp_path / "t.csv") as fh:
         saved = list(csv.DictReader(fh))
-    for row, result in zip(saved, results):
+    assert len(saved) == len(results) == 3
+    for row, result in zip(saved, results, strict=True):
         assert float(row["test_hit@10"]) == pytest.approx(result["test"]["hit@10"])
         assert float(row["test_ndcg@20"]) == pytest.approx(result["test"]["ndcg@20"])
         assert int(row["best_epoch"]) == result["best_epoch"] and row["method"] == "IISAN"

@@ -269,7 +269,7 @@ def test_checkpoint_of_another_config_is_refused(base):
         train(cfg.replace(epochs=2, lr=1e-2))
     assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
                                "(lr=0.003 there, 0.01 now); use another --run-name to start a new run")
-    with pytest.raises(Exception, match="--resume: no checkpoint in"):
+    with pytest.raises(ConfigError, match="--resume: no checkpoint in"):
         train(cfg.replace(run_name="fresh", resume=True))
 
 

@@ -42,11 +42,26 @@ def modalities(cfg: Config) -> tuple[str, ...]:
 
 
 def check_data_files(cfg: Config) -> None:
-    """The users and items files are given and exist (checked before a run claims its folder)."""
+    """The users and items files are given and exist."""
     if not cfg.users or not cfg.items:
         raise ConfigError("users and items files are required (--users FILE --items FILE)")
     for what, path in (("users", cfg.users), ("items", cfg.items)):
         check_data_file(Path(path), what)
+
+
+def check_run_inputs(cfg: Config) -> None:
+    """The data files exist, and so do the cache files of a cached run: checked before a run claims its
+    folder, so that a missing input leaves no run folder behind."""
+    check_data_files(cfg)
+    if cfg.method == "iisan" and cfg.feed == "cached":
+        for m in modalities(cfg):
+            read_metadata(cache_file(cache_dir(cfg), m))
+
+
+def cache_dir(cfg: Config) -> str:
+    if not cfg.cache_dir:
+        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
+    return cfg.cache_dir
 
 
 def load_data(cfg: Config) -> SeqRecData:
@@ -121,11 +136,9 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
 
 
 def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
-    if not cfg.cache_dir:
-        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
     tables, stored = {}, {}
     for m in modalities(cfg):
-        path = cache_file(cfg.cache_dir, m)
+        path = cache_file(cache_dir(cfg), m)
         meta = read_metadata(path)
         name = model_name(cfg, m)
         expected = {"modality": m, "items_fingerprint": data.catalog.fingerprint}

@@ -29,7 +29,7 @@ from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over
 from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
-from ..model.build import build_model, check_data_files, count_parameters, load_data, parameter_line
+from ..model.build import build_model, check_run_inputs, count_parameters, load_data, parameter_line
 from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
@@ -86,7 +86,7 @@ class Run:
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
         self.run_dir = run_dir(cfg)
         self.root = self.run_dir / "checkpoints"
-        check_data_files(cfg)  # a missing file is an error before a run folder is made for it
+        check_run_inputs(cfg)  # a missing file is an error before a run folder is made for it
         if cfg.resume and not checkpoint.checkpoints(self.root):  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
         self.decide(self.lock_folder)
