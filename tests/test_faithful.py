@@ -92,8 +92,9 @@ def test_cache_dtype_flag_sets_the_stored_precision_and_a_mismatch_is_refused(ti
     build_cache_from_config(cfg)
     assert read_metadata(cache_file(cfg.cache_dir, "text"))["dtype"] == "float16"
     data = load_data(cfg)
-    build_model(cfg, data, torch.device("cpu"))  # same precision: accepted
-    build_model(cfg.replace(cache_dtype="auto"), data, torch.device("cpu"))  # auto takes what is stored
+    for asked in ("float16", "auto"):  # the same precision is accepted; auto takes what is stored
+        model, _ = build_model(cfg.replace(cache_dtype=asked), data, torch.device("cpu"))
+        assert model.item_encoder.states.dtypes() == {"text": "float16"}
     with pytest.raises(CacheError, match=r"dtype float16 \(config asks for float32\)"):
         build_model(cfg.replace(cache_dtype="float32"), data, torch.device("cpu"))
 

@@ -76,15 +76,28 @@ def test_every_modality_setting_runs(modality, branches):
     torch.manual_seed(0)
     tower = SANItemTower({"text": 8, "image": 8}, {"text": 3, "image": 3}, embedding_dim=4, modality=modality)
     assert tower.combine.in_features == branches * 4
-    out = tower({"text": torch.randn(5, 3, 8), "image": torch.randn(5, 3, 8)})
-    assert out.shape == (5, 4) and torch.isfinite(out).all()
+    states = {"text": torch.randn(5, 3, 8), "image": torch.randn(5, 3, 8)}
+    out = tower(states)
+    # the branches (each checked by hand above) wired as the authors do: image, text, then inter, into com_dense
+    parts = []
+    if modality != "inter":
+        parts += [tower.heads[m](tower.intra[m](states[m])) for m in ("image", "text")]
+    if modality != "intra":
+        parts.append(tower.heads["inter"](tower.inter(states["text"], states["image"])))
+    assert len(parts) == branches and (tower.inter is None) == (modality == "intra")
+    assert len(tower.intra) == (0 if modality == "inter" else 2)
+    torch.testing.assert_close(out, tower.combine(torch.cat(parts, dim=-1)))
+    assert out.shape == (5, 4)
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
 def test_single_tower(modality):
+    torch.manual_seed(0)
     tower = SANItemTower({modality: 8}, {modality: 3}, embedding_dim=4, modality="intra")
-    assert tower.combine.in_features == 4 and tower.inter is None
-    assert tower({modality: torch.randn(2, 3, 8)}).shape == (2, 4)
+    assert tower.combine.in_features == 4 and tower.inter is None and list(tower.intra) == [modality]
+    states = torch.randn(2, 3, 8)
+    expected = tower.combine(tower.heads[modality](tower.intra[modality](states)))
+    torch.testing.assert_close(tower({modality: states}), expected)
 
 
 def test_param_groups_cover_every_parameter_once_with_the_authors_split():

@@ -203,5 +203,11 @@ def test_every_listed_decoder_family_gives_per_layer_states(towers, tmp_path, fa
     AutoModel.from_config(config).save_pretrained(folder)
     encoder = load_text_encoder(str(folder))
     tokens, mask = tokenize_titles(encoder.tokenizer, ["a red lamp", "blue"], 8)
-    states = encoder.layer_states(input_ids=tokens, attention_mask=mask)
+    with torch.no_grad():
+        states = encoder.layer_states(input_ids=tokens, attention_mask=mask)
     assert states.shape == (2, 3, 32) and torch.isfinite(states).all() and encoder.pooling == "mean"
+    hidden = _hidden(encoder, tokens, mask)
+    for row in range(2):  # the masked mean of each layer's real tokens, as for llama, qwen2 and gpt2
+        n = int(mask[row].sum())
+        for j, layer in enumerate(encoder.layers):
+            torch.testing.assert_close(states[row, j], hidden[layer][row, :n].mean(0))
