@@ -179,3 +179,30 @@ def test_other_towers_get_their_inputs_unchanged(tiny):
     vit = load_image_encoder(tiny["image_model"])
     pixels = {"pixel_values": torch.zeros(1, 3, 8, 8)}
     assert vit.model_inputs(pixels) is pixels
+
+
+def test_models_whose_blocks_or_sizes_cannot_be_found_are_one_line():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from iisan.errors import TargetError
+    from iisan.model.backbones import depth_and_width
+    from iisan.model.peft_methods import block_roles, transformer_blocks
+
+    class NoBlocks(nn.Module):
+        config = SimpleNamespace(num_hidden_layers=3)
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])  # 2 blocks, the config says 3
+
+    with pytest.raises(TargetError, match=r"^NoBlocks: no list of 3 transformer blocks found$"):
+        transformer_blocks(NoBlocks())
+    block = nn.ModuleDict({"q": nn.Linear(4, 4), "k": nn.Linear(4, 4), "up": nn.Linear(4, 8)})
+    with pytest.raises(TargetError, match=r"^cannot tell attention and FFN projections apart in enc.0 "
+                                          r"\(enc.0.q, enc.0.k, enc.0.up\)$"):
+        block_roles("enc.0", block, 4)
+    with pytest.raises(EncoderError, match=r"^cannot read depth and width from a SimpleNamespace$"):
+        depth_and_width(SimpleNamespace(num_hidden_layers=2))
+    assert depth_and_width(SimpleNamespace(n_layer=2, n_embd=16)) == (2, 16)  # GPT-2's names

@@ -86,3 +86,21 @@ def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp
     bad = _write(tmp_path, "p2.csv", 'user,item,timestamp\n7,"1\n0",1\n7,11,soon\n')
     with pytest.raises(DataError, match=r"p2.csv:4: timestamp 'soon' is not a number"):
         load_dataset(bad, titles, allow_empty_titles=True)
+
+
+@pytest.mark.parametrize("pairs,message", [
+    ("", r"pairs file .*p.csv is empty"),
+    ("user,item,timestamp\n7,10\n", r".*/p.csv:2: expected 3 columns, found 2"),
+    ("user,item,timestamp\n7, ,3\n", r".*/p.csv:2: empty user or item id"),
+    ("user,item,timestamp\n\n", r"pairs file .*p.csv holds no interactions"),
+])
+def test_every_bad_pairs_file_is_one_line_naming_it(tmp_path, pairs, message):
+    titles = _write(tmp_path, "t.csv", TITLES_CSV)
+    with pytest.raises(DataError, match=f"^{message}$"):
+        load_dataset(_write(tmp_path, "p.csv", pairs), titles, allow_empty_titles=True)
+
+
+def test_a_titles_row_without_the_item_column_is_one_line(tmp_path):
+    titles = _write(tmp_path, "t.csv", "title,item\nlamp\n")
+    with pytest.raises(DataError, match=r"^.*/t.csv:2: expected item,title, found \[.lamp.\]$"):
+        load_dataset(_write(tmp_path, "p.csv", PAIRS_CSV), titles)
