@@ -71,6 +71,17 @@ def test_recommend_never_returns_the_history_or_padding_and_ranks_by_score(runs)
         assert items[0] == int(np.argmax(by_hand)) and scores[0] == pytest.approx(float(by_hand.max()), abs=1e-5)
 
 
+def test_equal_scores_rank_in_item_order_so_a_shorter_list_is_a_prefix():
+    from iisan.experiments.trained import top_items
+
+    scores = torch.tensor([-torch.inf, 0.5, 2.0, 0.5, 2.0, 0.5, -torch.inf, 1.0])
+    ranked = top_items(scores, 7)
+    assert ranked == [(2, 2.0), (4, 2.0), (7, 1.0), (1, 0.5), (3, 0.5), (5, 0.5)]  # no -inf, ties by index
+    assert all(top_items(scores, k) == ranked[:k] for k in range(1, 8))
+    many = torch.zeros(5000)  # all tied: topk's own order would be arbitrary
+    assert [i for i, _ in top_items(many, 4)] == [0, 1, 2, 3]
+
+
 def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     run_dir = runs["live"]["run_dir"]
     run = load_run(run_dir, "cpu")
@@ -78,7 +89,7 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     main(["recommend", run_dir, "--user", user, "-k", "4", "--device", "cpu"])
     out = capsys.readouterr().out.splitlines()
     history = run.user_history(user)
-    assert out[0].startswith(f"user {user}: {len(history)} items in the history (masked), the last "
+    assert out[0].startswith(f"user {user}: {len(history)} interactions in the history (its items masked), the last "
                              f"{run.data.item_ids[history[-1]]} ")
     expected = recommend(run, [history], 4)[0]
     assert [line.split()[:3] for line in out[2:]] == [[str(r), run.data.item_ids[i], f"{s:.4f}"]
@@ -238,10 +249,10 @@ def test_evaluate_names_a_cache_rebuilt_in_another_precision(tiny, tiny_config, 
 
 
 def test_using_a_run_that_failed_before_it_was_set_up_says_so(tiny_config, tmp_path, capsys):
-    from iisan.errors import CacheError
+    from iisan.errors import EncoderError
 
-    cfg = tiny_config(cache_dir=str(tmp_path / "no-cache"), out_dir=str(tmp_path / "runs"), run_name="broken")
-    with pytest.raises(CacheError):
+    cfg = tiny_config(feed="live", text_layers=(0, 9), out_dir=str(tmp_path / "runs"), run_name="broken")
+    with pytest.raises(EncoderError, match="do not fit"):
         train(cfg)  # the run folder exists, with a failed results.json, but no config.json or weights
     with pytest.raises(SystemExit) as info:
         main(["evaluate", str(tmp_path / "runs" / "broken"), "--device", "cpu"])

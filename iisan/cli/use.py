@@ -91,7 +91,9 @@ def cmd_recommend(args) -> None:
                               "items": [{"item_id": ids[i], "title": titles[i], "score": s} for i, s in top]}))
             continue
         last = history[-1]
-        print(f"{label}: {len(history)} items in the history (masked), the last {ids[last]} ({titles[last]})")
+        n = len(history)
+        print(f"{label}: {n} interaction{'s' * (n != 1)} in the history (its items masked), the last {ids[last]} "
+              f"({titles[last]})")
         print(f"{'rank':>4}  {'item':<14}{'score':>10}  title")
         for rank, (i, score) in enumerate(top, 1):
             print(f"{rank:>4}  {ids[i]:<14}{score:>10.4f}  {titles[i]}")

@@ -164,9 +164,17 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
     scores[:, 0] = -torch.inf
     for row, history in enumerate(histories):
         scores[row, torch.from_numpy(history).to(run.device)] = -torch.inf
-    top = scores.topk(min(k, run.data.num_items), dim=1)
-    return [[(int(i), float(s)) for s, i in zip(values.tolist(), indices.tolist()) if s != -np.inf]
-            for values, indices in zip(top.values.cpu(), top.indices.cpu())]
+    return [top_items(row, k) for row in scores.cpu()]
+
+
+def top_items(scores: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` best ``(index, score)`` of one row, best first, equal scores in index order (so the top
+    ``k`` is always a prefix of the top ``k + 1``: items with the same title score the same), without
+    the -inf ones."""
+    kth = scores.topk(min(k, len(scores))).values[-1]
+    candidates = torch.nonzero(scores >= kth).flatten()  # in index order
+    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
+    return [(int(i), float(scores[i])) for i in candidates[order] if scores[i] != -torch.inf]
 
 
 @torch.no_grad()
