@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,26 @@ def test_cache_for_another_encoder_is_refused(cached_cfg, tmp_path, tiny):
     cfg = cached_cfg.replace(text_model=str(other))
     with pytest.raises(CacheError, match=r"width 32 \(config's encoder has 16\)"):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
+
+
+def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_is_warned(cached_cfg, tmp_path,
+                                                                                         caplog):
+    """Without the encoder on this machine the cache's own record stands for it (as for the authors'
+    released caches); a name that is not the cache's encoder, such as a typo, is a warning, not silence."""
+    recorded = read_metadata(f"{cached_cfg.cache_dir}/text.safetensors")["encoder"]
+    cfg = cached_cfg.replace(text_model=str(tmp_path / "typo"))
+    with caplog.at_level("INFO", logger="iisan"):
+        reference, _ = build_model(cached_cfg, load_data(cached_cfg), torch.device("cpu"))
+        model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].getMessage() == (
+        f"--text-model {tmp_path / 'typo'} does not exist here and is not the encoder {cached_cfg.cache_dir}/"
+        f"text.safetensors was built from ({recorded}): training on the cache as recorded; check the name")
+    assert torch.equal(model.item_encoder.states.table_text, reference.item_encoder.states.table_text)
+    moved = cached_cfg.replace(text_model=str(tmp_path / "elsewhere" / Path(recorded).name))  # same name
+    caplog.clear()
+    build_model(moved, load_data(moved), torch.device("cpu"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_missing_cache_names_the_file(tiny_config):

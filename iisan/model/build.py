@@ -151,7 +151,12 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
             if meta.get("source") != "imported":  # an import records no weights to compare (cache_import)
                 expected["encoder_weights"] = weights_digest(folder, weights_record(meta))["digest"]
         else:  # the encoder is not on this machine: the cache's own record stands for it
-            log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
+            recorded = meta.get("encoder", "")
+            if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' released caches
+                log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
+            else:  # a mistyped folder would otherwise pass unnoticed
+                log.warning("--%s-model %s does not exist here and is not the encoder %s was built from (%s): "
+                            "training on the cache as recorded; check the name", m, name, path, recorded)
             expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
         if cfg.cache_dtype != "auto":  # auto accepts the precision the cache was built in
             expected["dtype"] = cfg.cache_dtype
