@@ -83,7 +83,7 @@ def test_rerunning_a_sweep_resumes_its_folders_then_skips_them(sweep, argv, tmp_
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished before"]
 
 
-def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys):
+def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog):
     flags = ("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3", "--seed", "1", "2")
     assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid")) == []
     listing = capsys.readouterr().out.splitlines()
@@ -91,8 +91,10 @@ def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys):
     names = [line.split()[1] for line in listing[1:]]
     assert [line.split()[0] for line in listing[1:]] == ["0", "1", "2", "3", "4", "5"]
     assert listing[3].split()[2:] == ["lr=0.002", "seed=1"] and not (tmp_path / "runs").exists()
-    (result,) = run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "2"))
+    with caplog.at_level("INFO", logger="iisan"):
+        (result,) = run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "2"))
     assert folders(tmp_path / "runs") == [names[2]]
+    assert f"grid point 2 of 6: {names[2]}" in caplog.text  # its place in the whole grid
     assert (result["config"]["lr"], result["config"]["seed"]) == (2e-3, 1)
     with pytest.raises(SystemExit) as info:
         run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "6"))

@@ -262,6 +262,15 @@ def test_using_a_run_that_failed_before_it_was_set_up_says_so(tiny_config, tmp_p
     assert err.endswith(") before it was set up: nothing to use")
 
 
+def test_using_a_run_folder_that_is_not_there_says_so(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for path, expected in ((tmp_path / "nope", f"run folder {tmp_path / 'nope'} does not exist"),
+                           (tmp_path / "file", f"{tmp_path / 'file'} is a file; expected a run folder (runs/<name>)")):
+        with pytest.raises(SystemExit) as info:
+            main(["evaluate", str(path), "--device", "cpu"])
+        assert info.value.code == 2 and capsys.readouterr().err.strip() == f"iisan: error: {expected}"
+
+
 def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_path, capsys):
     """An ID-embedding run's rows follow the items file's order: reordered, evaluation would be silently
     wrong. The run records the file's fingerprint, and using it with another file is one line."""

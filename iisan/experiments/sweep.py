@@ -172,6 +172,7 @@ def summary(outcomes: list[Outcome]) -> str:
 def run_grid(points: list[GridPoint], args, action=None) -> list:
     """Run the points one after another; print the summary (also when interrupted); a GridError when
     any point failed. Returns each point's result (None for a failed one)."""
+    total = len(points)  # "grid point 1 of 4" also when --grid-index runs one of them
     if args.grid_index is not None:
         if not 0 <= args.grid_index < len(points):
             raise ConfigError(f"--grid-index {args.grid_index}: the grid has {len(points)} point(s), "
@@ -181,7 +182,7 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
     try:
         for n, point in enumerate(points):
             try:
-                outcomes[n] = run_point(point, len(points), action, args)
+                outcomes[n] = run_point(point, total, action, args)
             except RunInterrupted as err:
                 outcomes[n] = Outcome(point, "interrupted")
                 # the point's run name comes from the grid: rerunning the command finds it again

@@ -110,6 +110,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """A run folder -> its config, data and model with the best weights, on ``device``."""
     run_dir = Path(run_dir)
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
+                          else f"{run_dir} is a file; expected a run folder (runs/<name>)")
     results = read_results(run_dir / RESULTS)
     if not config_path.is_file():
         ended = run_ending(results)

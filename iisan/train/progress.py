@@ -79,7 +79,8 @@ class Progress:
         step (its steps so far stay in the weights)."""
         if len(state["epochs"]) > epochs:
             raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
-                              "epochs already; give at least that many to go on with it, or another --run-name")
+                              "epochs already; give at least that many (--epochs, or epochs in the config file) to "
+                              "go on with it, or another --run-name")
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
         self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],
