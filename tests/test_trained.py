@@ -113,7 +113,9 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
                                                                    "among the 56 items of the data set"),
     (["recommend", "{run}", "--users-file", "{users}"], "{users}:2: user 'ghost' is not among"),
     (["recommend", "{run}", "--user", "{user}", "-k", "0"], "argument -k: '0' is not a positive integer"),
-    (["evaluate", "{missing}"], "{missing} is not a run folder: it has no config.json"),
+    (["evaluate", "{missing}"], "run folder {missing} does not exist"),
+    (["evaluate", "{users}"], "{users} is a file; expected a run folder (runs/<name>)"),
+    (["export", "{folder}", "--out", "{folder}/x"], "{folder} is not a run folder: it has no config.json"),
 ])
 def test_unknown_users_items_and_folders_are_one_line(runs, argv, message, tmp_path, capsys):
     from iisan.data.interactions import load_dataset
@@ -122,6 +124,7 @@ def test_unknown_users_items_and_folders_are_one_line(runs, argv, message, tmp_p
     users = tmp_path / "users.txt"
     users.write_text(f"{data.user_ids[0]}\nghost\n")
     names = {"run": runs["cached"]["run_dir"], "users": str(users), "missing": str(tmp_path / "nothing"),
+             "folder": str(tmp_path),
              "user": data.user_ids[0], "item": data.item_ids[1]}
     with pytest.raises(SystemExit) as info:
         main([a.format(**names) for a in argv] + ["--device", "cpu"])
@@ -262,15 +265,6 @@ def test_using_a_run_that_failed_before_it_was_set_up_says_so(tiny_config, tmp_p
     assert err.endswith(") before it was set up: nothing to use")
 
 
-def test_using_a_run_folder_that_is_not_there_says_so(tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
-    for path, expected in ((tmp_path / "nope", f"run folder {tmp_path / 'nope'} does not exist"),
-                           (tmp_path / "file", f"{tmp_path / 'file'} is a file; expected a run folder (runs/<name>)")):
-        with pytest.raises(SystemExit) as info:
-            main(["evaluate", str(path), "--device", "cpu"])
-        assert info.value.code == 2 and capsys.readouterr().err.strip() == f"iisan: error: {expected}"
-
-
 def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_path, capsys):
     """An ID-embedding run's rows follow the items file's order: reordered, evaluation would be silently
     wrong. The run records the file's fingerprint, and using it with another file is one line."""
@@ -314,3 +308,23 @@ def test_a_run_whose_best_weights_hold_nan_is_refused(runs, tmp_path, capsys):
     assert info.value.code == 2
     assert err == (f"iisan: error: {weights} holds non-finite values in 1 weight tensor(s) (e.g. {name}); its "
                    "metrics and scores would be NaN: restore the file or train again")
+
+
+def test_relative_paths_of_a_run_resolve_from_where_it_was_trained(tmp_path, monkeypatch):
+    from iisan.config import Config
+    from iisan.experiments.trained import rebased
+
+    trained, here = tmp_path / "trained", tmp_path / "here"
+    for folder in (trained / "data", trained / "models" / "bert", here / "data"):
+        folder.mkdir(parents=True)
+    (trained / "data" / "items.tsv").write_text("x")
+    (here / "data" / "users.tsv").write_text("x")
+    monkeypatch.chdir(here)
+    cfg = Config(users="data/users.tsv", items="data/items.tsv", cache_dir="cache", text_model="models/bert",
+                 image_model="google/vit-base-patch16-224", images=str(tmp_path / "abs.lmdb"))
+    moved = rebased(cfg, str(trained))
+    assert moved.users == "data/users.tsv"  # found from here: kept
+    assert moved.items == str(trained / "data" / "items.tsv") and moved.text_model == str(trained / "models/bert")
+    assert moved.cache_dir == str(trained / "cache")  # found nowhere: named where the run had it
+    assert moved.image_model == "google/vit-base-patch16-224" and moved.images == str(tmp_path / "abs.lmdb")
+    assert rebased(cfg, None) == cfg

@@ -94,14 +94,18 @@ def run_ending(results: dict) -> str:
 
 def rebased(cfg: Config, working_dir: str | None) -> Config:
     """``cfg`` with each relative path that is not found from here taken relative to ``working_dir`` (the
-    folder the run was trained from, as its results.json says), where it is found there."""
+    folder the run was trained from, as its results.json says), where it is found there. A data or cache
+    path found in neither place is also taken from there, so that the error names where the run had it;
+    an encoder name found nowhere stays as it is (it may be a Hub id)."""
     if not isinstance(working_dir, str):
         return cfg
     changes = {}
     for key in PATH_KEYS:
         value = getattr(cfg, key)
-        there = Path(working_dir) / value if value else None
-        if there is not None and not Path(value).is_absolute() and not Path(value).exists() and there.exists():
+        if not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        there = Path(working_dir) / value
+        if there.exists() or key not in ("text_model", "image_model"):
             changes[key] = str(there)
     return cfg.replace(**changes) if changes else cfg
 
