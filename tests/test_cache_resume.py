@@ -1,9 +1,14 @@
 """The cache build: interrupted and resumed it gives the same bytes as an uninterrupted build; shards of
-other settings or torn shards are redone; refused states; a cache whose width disagrees is one line."""
+other settings or torn shards are redone; SIGTERM stops it as Ctrl-C does; without a bar it logs where it
+stands; refused states; a cache whose width disagrees is one line."""
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from iisan.cli.main import main
 from iisan.data.cache import cache_file
-from iisan.data.cache_build import SIDECAR, write_safetensors
+from iisan.data.cache_build import SIDECAR, ProgressLog, write_safetensors
 from iisan.errors import CacheError
 from iisan.model.build import build_model, load_data
 from iisan.model.caching import build_cache_from_config
@@ -101,6 +106,71 @@ def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(ti
     build_cache_from_config(cfg, dtype="float16")
     assert counted["calls"] == chunks - 1  # chunk 1 again, and chunks 2.. ; chunk 0 kept
     assert _bytes(tmp_path / "c") == whole
+
+
+def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny, tiny_config, monkeypatch,
+                                                                             capsys):
+    """A preempted job gets SIGTERM: one line saying what is kept, exit 130, then the build resumes."""
+    original, state = LiveStates.forward, {"calls": 0, "sigterm_at": 2}
+
+    def forward(self, items):
+        state["calls"] += 1
+        if state["calls"] == state["sigterm_at"]:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, items)
+
+    monkeypatch.setattr(LiveStates, "forward", forward)
+    handler = signal.getsignal(signal.SIGTERM)
+    cfg = tiny_config(encode_batch_size=CHUNK)
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
+              "--text-model", tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir",
+              cfg.cache_dir, "--encode-batch-size", str(CHUNK), "--no-progress"])
+    assert info.value.code == 130 and signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; what was finished is kept")
+    shards = sorted(p.name for p in (Path(cfg.cache_dir) / SIDECAR).glob("chunk-*"))
+    assert shards == ["chunk-000000.safetensors"]  # the first chunk's; the second was being encoded
+    state.update(calls=0, sigterm_at=None)
+    build_cache_from_config(cfg)
+    assert state["calls"] == math.ceil(load_data(cfg).num_items / CHUNK) - 1
+
+
+def test_progress_log_speaks_at_most_every_30_seconds_and_once_at_the_end(caplog):
+    """Speed and time left count only the chunks this process encoded (2 of 10 were done before)."""
+    now = [1000.0]
+    lines = ProgressLog("text, image", chunks=10, items=1000, done_chunks=2, done_items=200, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="iisan.data.cache_build")
+    said = {}
+    for chunk, seconds in enumerate((10, 29.9, 30, 45, 59.9, 60, 70, 80), start=3):
+        now[0] = 1000.0 + seconds
+        lines.advance(100)
+        said[chunk] = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+    lines.finish()
+    assert {k: v for k, v in said.items() if v} == {
+        5: ["text, image: 5 of 10 chunks (50 %), 10 items/s, about 50 s left"],  # 300 items in 30 s
+        8: ["text, image: 8 of 10 chunks (80 %), 10 items/s, about 20 s left"],  # 30 s after the last line
+    }
+    assert [r.getMessage() for r in caplog.records] == [
+        "text, image: 10 of 10 chunks (100 %), 10 items/s, 800 items encoded in 80 s"]
+
+    big = ProgressLog("text", chunks=80, items=80 * 4096, clock=lambda: 0.0)
+    for _ in range(12):
+        big.advance(4096)
+    assert big.line(32.0) == "text: 12 of 80 chunks (15 %), 1,536 items/s, about 3 min left"
+    assert big.line(3200.0) == "text: 12 of 80 chunks (15 %), 15 items/s, about 5.0 h left"
+
+
+def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, caplog):
+    cfg = tiny_config(encode_batch_size=CHUNK)  # progress=False, as --no-progress
+    chunks = math.ceil(load_data(cfg).num_items / CHUNK)
+    caplog.set_level(logging.INFO, logger="iisan.data.cache_build")
+    build_cache_from_config(cfg, dtype="float32")
+    said = [r.getMessage() for r in caplog.records if r.name == "iisan.data.cache_build"]
+    assert len(said) == 3, said
+    assert re.fullmatch(rf"text, image: {chunks} of {chunks} chunks \(100 %\), [\d,]+ items/s, "
+                        rf"{load_data(cfg).num_items:,} items encoded in \d+ s", said[0]), said[0]
+    assert [m.split(":")[0] for m in said[1:]] == [f"wrote {cache_file(cfg.cache_dir, m)}" for m in ("text", "image")]
 
 
 def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):

@@ -8,6 +8,10 @@ it finds and encodes only the missing chunks; a build with other settings discar
 each modality's file is streamed from the shards into ``<modality>.safetensors`` (tmp, then rename)
 and the sidecar folder is removed.
 
+Progress: a tqdm bar on a terminal, or where none can be shown (stderr is a batch job's log) a log line
+at most every 30 seconds (``ProgressLog``); either way a last line with the speed once every chunk is
+encoded (only that line with ``--no-progress``). SIGTERM (a preempted job) stops the build as Ctrl-C does.
+
 Memory: one chunk's hidden states on the device and one chunk's pooled states in RAM; the final file
 is written shard by shard, never held whole. Files are written with a canonical header (sorted JSON,
 see ``write_safetensors``): safetensors' own writer orders metadata keys at random, so two builds of
@@ -22,10 +26,13 @@ import logging
 import math
 import os
 import shutil
+import signal
 import struct
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +166,75 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
 
 
 # --------------------------------------------------------------------------------------------------
+# progress without a bar, and SIGTERM
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+class ProgressLog:
+    """Where the build stands, as log lines: at most one every ``every`` seconds of ``clock`` (``advance``)
+    and one at the end (``finish``). ``done_chunks`` / ``done_items``: those a resumed build found done;
+    they count in the position, not in the speed and time left, which are measured over what this
+    process encodes."""
+
+    def __init__(self, what: str, chunks: int, items: int, done_chunks: int = 0, done_items: int = 0, *,
+                 every: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.what, self.chunks, self.items, self.every, self.clock = what, chunks, items, every, clock
+        self.done_chunks, self.done_items, self.encoded = done_chunks, done_items, 0
+        self.start = self.last = clock()
+
+    def advance(self, items: int) -> None:
+        """One more chunk of ``items`` items is encoded."""
+        self.done_chunks, self.done_items, self.encoded = (self.done_chunks + 1, self.done_items + items,
+                                                           self.encoded + items)
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def finish(self) -> None:
+        if self.encoded:  # nothing encoded: the resume line said that every chunk was done
+            log.info("%s", self.line(self.clock()))
+
+    def line(self, now: float) -> str:
+        seconds = now - self.start
+        head = (f"{self.what}: {self.done_chunks} of {self.chunks} chunks "
+                f"({100 * self.done_chunks // max(self.chunks, 1)} %)")
+        if seconds <= 0:
+            return head
+        rate = self.encoded / seconds
+        if self.done_chunks == self.chunks:
+            return f"{head}, {rate:,.0f} items/s, {self.encoded:,} items encoded in {_duration(seconds)}"
+        return f"{head}, {rate:,.0f} items/s, about {_duration((self.items - self.done_items) / rate)} left"
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a preempted job) raises KeyboardInterrupt, as Ctrl-C does, so that the command says what
+    is kept and exits 130 instead of dying without a word. As safe as Ctrl-C: every file is written to a
+    temporary and renamed, and a resumed build keeps only whole, checked shards. Training has its own
+    handler (``train.interrupt``): it stops at a clean point to save a checkpoint, which a build does not
+    need."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------------
 # the build
 
 
 @torch.no_grad()
+@sigterm_as_ctrl_c()  # while encoding and while writing the final files
 def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int]],
                  metadata: dict[str, dict[str, str]], item_ids: list[str], out_dir: str | Path, *,
                  chunk_size: int, device: torch.device, dtype: torch.dtype, pixels: PixelSource | None = None,
@@ -194,6 +266,9 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     total = len(indices)
     already = total - sum(len(chunk_ids[k]) for k in todo)
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
+    # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
+    lines = ProgressLog(", ".join(shapes), n_chunks, total, n_chunks - len(todo), already,
+                        every=30.0 if progress and bar.disable else math.inf)
     start = time.perf_counter()
     with bar, ThreadPoolExecutor(1, thread_name_prefix="iisan-cache-writer") as writer:
         pending = None
@@ -205,8 +280,10 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
                 pending.result()
             pending = writer.submit(shards.write, k, ids, stored)
             bar.update(len(ids))
+            lines.advance(len(ids))
         if pending is not None:
             pending.result()
+    lines.finish()
     encoded = time.perf_counter()
 
     paths = {}
