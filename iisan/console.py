@@ -42,8 +42,9 @@ def fail(prog: str, err: BaseException) -> None:
 
 
 def summary(doc: str) -> str:
-    """A module docstring's first paragraph on one line: a script's ``--help`` description."""
-    return " ".join(doc.split("\n\n")[0].split())
+    """A module docstring's first paragraph on one line, without reST's double backticks: a script's
+    ``--help`` description."""
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
 
 
 def entry_point(prog: str, run: Callable[[], T]) -> T:

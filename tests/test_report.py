@@ -300,3 +300,110 @@ def test_curves_of_runs_without_a_finished_epoch_are_refused_not_drawn_empty(tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert info.value.code == 2 and not figure.exists()
     assert err == f"iisan: error: --curves {figure}: none of the runs has a finished epoch to plot"
+
+
+def copy_runs(out: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(out, target)
+    return target
+
+
+def test_a_seed_run_twice_counts_once_the_newest_kept(runs, tmp_path, capsys, caplog):
+    """The same config and seed in two folders (a copy, a rerun under another name) is one experiment:
+    averaging keeps the run whose results.json was written last, and says which folders it left out."""
+    import os
+
+    out, results = runs
+    copy_runs(out, tmp_path / "runs")
+    first = tmp_path / "runs" / "lr0.001-s1"
+    written = (first / "results.json").stat().st_mtime
+    again = tmp_path / "runs" / "rerun-lr0.001" / "results.json"
+    old = tmp_path / "backup" / "lr0.0002-s1" / "results.json"
+    copy_run(first, again.parent, lambda r: r["test"].update({"hit@10": 0.5}))
+    copy_run(tmp_path / "runs" / "lr0.0002-s1", old.parent, lambda r: r["test"].update({"hit@10": 0.9}))
+    os.utime(again, (written + 100, written + 100))  # finished after the original: kept
+    os.utime(old, (written - 100, written - 100))  # an older copy of lr0.0002-s1: left out
+    main(["results", str(tmp_path / "runs"), str(tmp_path / "backup"), "--average-seeds",
+          "--csv", str(tmp_path / "m.csv")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    by_lr = {r[header.index("lr")]: r for r in rows}
+    assert by_lr["0.001"][header.index("seeds")] == "1" and by_lr["0.001"][header.index("test_hit@10")] == "0.5000"
+    pair = np.array([r["test"]["hit@10"] for r in results[:2]])
+    assert by_lr["0.0002"][header.index("seeds")] == "2"
+    assert by_lr["0.0002"][header.index("test_hit@10")] == f"{pair.mean():.4f} ± {pair.std(ddof=1):.4f}"
+    with open(tmp_path / "m.csv") as fh:
+        saved = {row["lr"]: row for row in csv.DictReader(fh)}
+    assert saved["0.001"]["test_hit@10_std"] == "" and float(saved["0.001"]["test_hit@10"]) == 0.5
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("--average-seeds: left out 2 run(s) that repeat a seed")
+    assert f"{old.parent} (seed 1; kept {tmp_path / 'runs' / 'lr0.0002-s1'})" in warnings[0]
+    assert f"{first} (seed 1; kept {again.parent})" in warnings[0]
+    main(["results", str(tmp_path / "runs"), str(tmp_path / "backup")])  # one row per run: all five shown
+    assert len(table_rows(capsys.readouterr().out)) == 1 + 5
+
+
+def test_rows_in_order_of_the_differing_keys_then_the_run(runs, tmp_path, capsys):
+    """Numbers in numeric order (1e-05 before 0.0002, which a text sort would not give), then the run
+    name; not the order of the folders. --sort still orders by the column asked for."""
+    out, _ = runs
+    first = out / "lr0.001-s1"
+    for folder, name, lr in (("y", "a", 0.001), ("y", "b2", 0.0002), ("y", "c", 1e-5), ("x", "b1", 0.0002)):
+        copy_run(first, tmp_path / folder / name, lambda r, lr=lr: r["config"].update(lr=lr))
+    main(["results", str(tmp_path / "y"), str(tmp_path / "x")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [(r[0], r[header.index("lr")]) for r in rows] == [("c", "1e-05"), ("b1", "0.0002"), ("b2", "0.0002"),
+                                                             ("a", "0.001")]
+    main(["results", str(tmp_path / "y"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [r[header.index("lr")] for r in rows] == ["1e-05", "0.0002", "0.001"]
+    main(["results", str(out), "--sort", "test_hit@10"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    hits = [float(r[header.index("test_hit@10")]) for r in rows]
+    assert hits == sorted(hits, reverse=True)
+
+
+def test_a_column_of_numbers_has_one_format(runs, tmp_path, capsys):
+    """Seconds per epoch with one decimal, whatever their size (not 65.4 beside 7.3691); memory with two."""
+    out, _ = runs
+    first = out / "lr0.001-s1"
+    for seed, seconds, gib in ((1, 65.4, 12.345), (2, 22, 0.5), (3, 7.3691, 3.14159)):
+        copy_run(first, tmp_path / "runs" / f"s{seed}", lambda r, seed=seed, s=seconds, g=gib: (
+            r.update(timing={"train_seconds_per_epoch": s}, peak_memory={"max_allocated_gib": g}),
+            r["config"].update(seed=seed)))
+    main(["results", str(tmp_path / "runs"), "--keys", "lr"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [r[header.index("train_s_per_epoch")] for r in rows] == ["65.4", "22.0", "7.4"]
+    assert [r[header.index("peak_gib")] for r in rows] == ["12.35", "0.50", "3.14"]
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, row = table_rows(capsys.readouterr().out)
+    assert row[header.index("train_s_per_epoch")] == "31.6" and row[header.index("seeds")] == "3"
+
+
+def test_encoders_in_folders_of_one_name_are_told_apart(runs, tmp_path, capsys):
+    """Two encoders in folders named ``model`` show their parent folder too (and are two experiments);
+    one encoder at two roots (same folder and parent names) is one; distinct names show the name alone."""
+    from iisan.experiments.report import encoder_labels
+
+    out, _ = runs
+    first = out / "lr0.001-s1"
+    for name, text in (("bert", "/w/bert/model"), ("vit", "/w/vit/model"), ("here", "/a/pm/enc"),
+                       ("there", "/b/pm/enc")):
+        copy_run(first, tmp_path / "runs" / name, lambda r, t=text: r["config"].update(text_model=t))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [(r[header.index("text_model")], r[header.index("seeds")]) for r in rows] == [
+        ("bert/model", "1"), ("enc", "1"), ("vit/model", "1")]  # here and there: one seed, run twice
+    assert encoder_labels(["/m/bert-base", "/m/roberta", "", "bert-base"]) == {
+        "/m/bert-base": "m/bert-base", "/m/roberta": "roberta", "": "", "bert-base": "bert-base"}
+
+
+def test_layers_chosen_by_groups_show_as_auto(runs, tmp_path, capsys):
+    out, _ = runs
+    copy_runs(out, tmp_path / "runs")
+    copy_run(out / "lr0.001-s1", tmp_path / "runs" / "picked", lambda r: r["config"].update(text_layers=[0, 2]))
+    main(["results", str(tmp_path / "runs")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert {r[0]: r[header.index("text_layers")] for r in rows} == {
+        "picked": "0,2", "lr0.0002-s1": "auto", "lr0.0002-s2": "auto", "lr0.001-s1": "auto"}
+    assert "None" not in {cell for r in rows for cell in r}

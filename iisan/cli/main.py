@@ -19,7 +19,13 @@ from .use import add_use_commands
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, ending a bad flag like every other bad input: usage, then ``iisan: error: ...``."""
+    """argparse, ending a bad flag like every other bad input: usage, then ``iisan: error: ...``. Flags are
+    taken only when spelled out (``--user`` is not ``--users``): an abbreviation that works today could
+    mean another flag once one is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)

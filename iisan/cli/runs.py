@@ -5,14 +5,12 @@ from __future__ import annotations
 import sys
 
 from ..errors import ConfigError
+from ..experiments.curves import claim_figure, draw_curves, figure_format
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
 from ..experiments.report import (
     claim_csv,
-    claim_figure,
     collect,
-    draw_curves,
-    figure_format,
     markdown,
     table,
     write_csv,

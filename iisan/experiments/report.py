@@ -9,9 +9,12 @@ grouping and the CSV).
 Runs are told apart by every config key whose value differs between them, except those that never
 make two experiments: the seed, names and paths of outputs (run name, folders), and how a run was
 executed (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are
-compared by name (the users file's folder) and encoders by their folder's name, so the same data or
-encoder at two paths is one experiment. Those differing keys are columns of the table, and
-``--average-seeds`` averages only runs that agree on all of them.
+compared by name (the users file's folder) and encoders by their folder's name, with its parent's where
+two encoders share a name (``encoder_labels``), so the same data or encoder under two roots is one
+experiment. Layers left to group selection show as ``auto``. Those differing keys are columns of the
+table, in the rows' order (numbers by value, then the run's name; ``--sort`` orders by another column),
+and ``--average-seeds`` averages only runs that agree on all of them, each seed once: the same seed run
+twice (a copy, a rerun under another name) counts once, the others named in the log (``one_per_seed``).
 
 Smoke runs and runs that have not finished (running, failed, interrupted) are left out, counted in the
 log, unless asked for (``--include-smoke``, ``--include-running``). A metric that is NaN or infinite is
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePath
 
 import numpy as np
 import pandas as pd
@@ -34,6 +38,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..train.checkpoint import MAY_CHANGE
+from .curves import draw_curves
 from .results_file import METRICS, DamagedResults, find_results, load_results
 
 log = logging.getLogger(__name__)
@@ -42,17 +47,46 @@ NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
 CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
 # Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
-BY_FOLDER_NAME = ("text_model", "image_model")
+ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
+LAYER_KEYS = ("text_layers", "image_layers")  # None: the last layer of each of layer_groups groups
 
 
 def config_text(key: str, value) -> str:
     """A config value as the table shows and compares it: as configured (0.001, not 0.0010), lists as
-    ``0,2,4``, encoders by folder name."""
-    if key in BY_FOLDER_NAME and value:
-        return Path(str(value)).name
+    ``0,2,4``, layers left to group selection (None) as ``auto``. Encoder paths stay whole here: how
+    much of one the table shows depends on the others (``encoder_labels``)."""
+    if key in LAYER_KEYS and value is None:
+        return "auto"
     if isinstance(value, list):
         return ",".join(map(str, value))
     return str(value)
+
+
+def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
+    """The label of each encoder path, by which the table shows and compares encoders: the folder's
+    name, or ``parent/name`` where encoders in differently named parent folders share that name
+    (``.../bert/model`` and ``.../vit/model``). Paths that end in the same two folder names are one
+    encoder, so a copy under another root (another machine, a relative path) is one experiment: a guess
+    from names, not a proof (a Hub id, ``org/name``, has just those two parts)."""
+    paths = set(paths)
+    parents: dict[str, set[str]] = {}
+    for path in map(PurePath, paths):
+        parents.setdefault(path.name, set()).add(path.parent.name)
+
+    def label(path: PurePath) -> str:
+        if len(parents[path.name]) == 1 or not path.parent.name:
+            return path.name
+        return f"{path.parent.name}/{path.name}"
+
+    return {path: label(PurePath(path)) for path in paths}
+
+
+def _written(path: Path) -> float | None:
+    """When a results file was last written (a run rewrites it as it ends; the file records no time)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def read_row(path: Path, results: dict) -> dict:
@@ -77,6 +111,8 @@ def read_row(path: Path, results: dict) -> dict:
         "trainable_params": results["parameters"]["trainable"],
         "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
         "device": results["device"],
+        "folder": str(path.parent),
+        "written": _written(path),
     }
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
@@ -127,7 +163,7 @@ def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
     return dict.fromkeys(["run", "method", "feed", "data", "status", *CONFIG_KEYS, "best_epoch", "epochs_run",
                           "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
-                          "trainable_params", "peak_gib", "device", "non_finite"])
+                          "trainable_params", "peak_gib", "device", "folder", "written", "non_finite"])
 
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
@@ -135,19 +171,58 @@ def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> 
     return [k for k in CONFIG_KEYS if k not in ignored and frame[k].nunique(dropna=False) > 1]
 
 
+def _order(value) -> tuple:
+    """How ``in_order`` sorts a cell: numbers by value (``1e-05`` before ``0.0002``), before any text."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    return (0, number, text) if not math.isnan(number) else (1, 0.0, text)
+
+
+def in_order(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The rows ordered by ``columns`` (by the first, ties by the next, ...), each cell by ``_order``."""
+    order = sorted(range(len(frame)), key=lambda i: tuple(_order(frame[c].iat[i]) for c in columns))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def one_per_seed(frame: pd.DataFrame, group: list[str]) -> pd.DataFrame:
+    """The runs, one per seed of each configuration (the ``group`` columns): the same configuration and
+    seed in two folders (a copy; a stopped run rerun under another name) is one experiment, not two
+    seeds. The run kept is the one whose results.json was written last; each left out is named in a
+    warning with the run kept in its place."""
+    frame = frame.reset_index(drop=True)
+    kept, left_out = [], []
+    for _, runs in frame.groupby([*group, "seed"], sort=False, dropna=False):
+        newest = runs.sort_values("written", kind="stable", na_position="first").index[-1]
+        kept.append(newest)
+        left_out += [f"{frame.at[i, 'folder']} (seed {frame.at[i, 'seed']}; kept {frame.at[newest, 'folder']})"
+                     for i in runs.index if i != newest]
+    if not left_out:
+        return frame
+    log.warning("--average-seeds: left out %d run(s) that repeat a seed of their configuration, keeping the one "
+                "whose results.json was written last: %s", len(left_out), ", ".join(left_out))
+    return frame.loc[sorted(kept)]
+
+
 def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False) -> pd.DataFrame:
-    """The runs (or, with ``average_seeds``, one row per configuration), with the ``keys`` asked for and
-    every differing key as columns."""
+    """The runs (or, with ``average_seeds``, one row per configuration over one run per seed:
+    ``one_per_seed``), with the ``keys`` asked for and every differing key as columns, the rows in
+    order of those columns (``in_order``; the seed last), then of the run's name."""
+    frame = frame.assign(**{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
     fixed = ("method", "feed", "data")  # columns of every table already
     shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in fixed]
     status = ["status"] if (frame["status"] != "finished").any() else []
     if not average_seeds:
-        return frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
-                      "trainable_params", "peak_gib", "device", "non_finite"]].reset_index(drop=True)
+        runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
+                      "trainable_params", "peak_gib", "device", "non_finite"]]
+        # The seeds of one configuration side by side: the seed orders after every other key.
+        return in_order(runs, [*fixed, *sorted(shown, key=lambda k: k == "seed"), "run"])
     group = ["method", "feed", "data", *status, *(k for k in shown if k != "seed")]
-    grouped = frame.groupby(group, sort=False, dropna=False)
+    grouped = one_per_seed(frame, group).groupby(group, sort=False, dropna=False)
     numbers = grouped[list(NUMBERS)]
     out = grouped.size().rename("seeds").to_frame()
     out = out.join(numbers.agg(lambda s: s.mean(skipna=False)))  # one non-finite member: a non-finite mean
@@ -155,7 +230,7 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     out = out.join(spread.add_suffix("_std"))
     out["trainable_params"] = grouped["trainable_params"].first()
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
-    return out.reset_index()
+    return in_order(out.reset_index(), [c for c in group if c != "status"])
 
 
 def average_rows(rows: list[dict]) -> list[dict]:
@@ -166,11 +241,17 @@ def average_rows(rows: list[dict]) -> list[dict]:
              for k, v in row.items()} for row in frame.to_dict("records")]
 
 
-def _cell(value, non_finite: bool) -> str:
+# One format for every number of a column, whatever its size (not 65.4 beside 7.3691).
+FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": ".1f", "peak_gib": ".2f"}
+
+
+def _cell(value, column: str, non_finite: bool) -> str:
     if non_finite:
         return "non-finite"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if column in FORMATS and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return format(value, FORMATS[column])
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 10_000:
@@ -190,14 +271,12 @@ def markdown(frame: pd.DataFrame) -> str:
             std = row.get(f"{c}_std")
             spread = f" ± {std:.4f}" if c in NUMBERS and c != "train_s_per_epoch" and std is not None and \
                 math.isfinite(std) and c not in bad else ""
-            cells.append(_cell(row[c], c in bad) + spread)
+            cells.append(_cell(row[c], c, c in bad) + spread)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 CSV_HEADS = (b"run,", b"method,")  # the first column of a table of runs, or of one averaged over seeds
-CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
-SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")
 
 
 def _is_table(path: Path) -> bool:
@@ -209,12 +288,6 @@ def claim_csv(path: str | Path) -> None:
     """A file already at ``path`` may be replaced only when it is a table this command wrote (a
     results.json or a data file never is); checked before any reading."""
     claim_output(path, lambda p: p.is_file() and _is_table(p), "a results table IISAN wrote", "--csv", overwrite=True)
-
-
-def claim_figure(path: str | Path) -> None:
-    """Likewise for a figure: only one IISAN drew (its Creator metadata) is replaced."""
-    claim_output(path, lambda p: p.is_file() and CREATOR.encode() in p.read_bytes(), "a figure IISAN drew",
-                 "--curves", overwrite=True)
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -231,46 +304,3 @@ def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, lis
     _, curves = collect(folders, [])
     draw_curves(curves, path)
     return curves
-
-
-def figure_format(path: str | Path, flag: str = "--curves") -> str:
-    """The image format ``path``'s suffix names (none: png); one that matplotlib cannot write is one line."""
-    from matplotlib.backend_bases import FigureCanvasBase  # deferred: heavy
-
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    known = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in known:
-        raise ConfigError(f"{flag} {path}: {fmt!r} is not an image format matplotlib writes; use a suffix such "
-                          f"as .png, .pdf or .svg ({', '.join(sorted(known))})")
-    return fmt
-
-
-def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
-    """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
-    marked; written atomically to ``path`` (PNG)."""
-    if not any(s["epoch"] for s in curves.values()):
-        raise ConfigError(f"--curves {path}: none of the runs has a finished epoch to plot")
-    import matplotlib  # deferred: heavy, and only drawing needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after choosing the Agg back end (no display here)
-
-    fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, s in curves.items():
-        (line,) = hit_ax.plot(s["epoch"], s["valid_hit@10"], marker=".", label=name)
-        if s["best_epoch"] in s["epoch"]:
-            best = s["epoch"].index(s["best_epoch"])
-            hit_ax.plot(s["best_epoch"], s["valid_hit@10"][best], "*", markersize=12, color=line.get_color())
-        loss_ax.plot(s["epoch"], s["loss"], marker=".", label=name, color=line.get_color())
-    hit_ax.set(title="validation HR@10 (star: best epoch, where test is reported)", xlabel="epoch")
-    loss_ax.set(title="training loss", xlabel="epoch")
-    hit_ax.legend(fontsize=7)
-    for ax in (hit_ax, loss_ax):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
-    claim_figure(path)
-    fmt = figure_format(path)
-    signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=fmt, **signed)
-    plt.close(fig)
