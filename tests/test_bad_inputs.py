@@ -447,6 +447,8 @@ CASES = [
     Case("config-file-unknown-key", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("{s}/c.json: unknown key(s) colour",), setup=write("c.json", '{"colour": "red"}')),
     Case("unknown-flag", lambda P, s: ["train", "--learning-rate", "1"], ("unrecognized arguments: --learning-rate",)),
+    Case("abbreviated-flag", lambda P, s: ["data-stats", "--user", P["users"], "--items", P["items"]],
+         ("the following arguments are required: --users",)),  # flags are taken only when spelled out
     Case("bad-choice", lambda P, s: C(P, s, "--cache-dtype", "float8"),
          ("argument --cache-dtype: invalid choice: 'float8'",)),
     Case("lr-negative", lambda P, s: T(P, s, "--lr", "-1"), ("lr=-1.0 must be a finite, positive learning rate",)),
