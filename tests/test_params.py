@@ -161,3 +161,18 @@ def test_params_counts_every_versa_preset_as_training_builds_it(tiny, tmp_path):
     # an equal pair is IISAN exactly: auto heads = IISAN's 4,113,877 (authors' 4.11 M)
     assert counts["bert-base+vit-base", "auto"] == counts["bert-base+vit-base", "iisan"] == 4_113_877
     assert counts["microlens", None] == counts["microlens", "versa"] < counts["microlens", "iisan"]  # narrow heads
+
+
+def test_a_cached_runs_line_says_why_its_total_lacks_the_encoders(tiny_config, tiny_cache):
+    from iisan.model.build import count_parameters, parameter_line, run_parameter_line
+
+    cached = tiny_config(cache_dir=tiny_cache)
+    model, _ = build_model(cached, load_data(cached), torch.device("cpu"))
+    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert run_parameter_line(cached, model) == (
+        f"trainable params: {trainable_count:,} || all params: {trainable_count:,} || trainable%: 100.0000 "
+        "(cached: the frozen encoders are not in the model; `iisan params` counts them in all params)")
+    live = cached.replace(feed="live")
+    model, _ = build_model(live, load_data(live), torch.device("cpu"))
+    assert run_parameter_line(live, model) == parameter_line(model)  # the encoders are in a live model
+    assert count_parameters(model)[1] > count_parameters(model)[0]

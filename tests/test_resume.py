@@ -261,14 +261,16 @@ def test_truncated_or_unfinished_checkpoints_are_refused(reference, damage, reas
     assert str(copy / "epoch-0003") in refused[0] and "\n" not in refused[0]
 
 
-def test_checkpoint_of_another_config_is_refused(base):
-    cfg = base.replace(run_name="mismatch", epochs=1)
+def test_checkpoint_of_another_config_is_refused(base, caplog):
+    cfg = base.replace(run_name="mismatch", epochs=2)
     train(cfg)
-    state = Path(cfg.out_dir) / "mismatch" / "checkpoints" / "epoch-0000" / "state.json"
-    with pytest.raises(TrainingError) as info:
-        train(cfg.replace(epochs=2, lr=1e-2))
+    state = Path(cfg.out_dir) / "mismatch" / "checkpoints" / "epoch-0001" / "state.json"
+    with pytest.raises(TrainingError) as info, caplog.at_level("WARNING", logger="iisan"):
+        train(cfg.replace(epochs=3, lr=1e-2))
     assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
-                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run")
+                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run "
+                               "(1 older checkpoint(s) refused too)")
+    assert "refusing checkpoint" not in caplog.text  # said once, as the error, newest first
     with pytest.raises(ConfigError, match="--resume: no checkpoint in"):
         train(cfg.replace(run_name="fresh", resume=True))
 

@@ -114,7 +114,8 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.d
 def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
     """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
     if not cfg.images:
-        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`)")
+        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`); without "
+                          "images, --towers text trains a text-only item tower")
     store = ImageStore(cfg.images)
     missing, flagged = store.blank_ids(item_ids)
     if missing or flagged:
@@ -236,3 +237,11 @@ def parameter_line(model: torch.nn.Module) -> str:
     """peft's canonical line."""
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def run_parameter_line(cfg: Config, model: torch.nn.Module) -> str:
+    """peft's line for a run's model; a cached IISAN model holds no encoder, which the line then says
+    (``iisan params`` counts the frozen encoders in its total)."""
+    cached = cfg.method == "iisan" and cfg.feed == "cached"
+    return parameter_line(model) + (" (cached: the frozen encoders are not in the model; `iisan params` counts "
+                                    "them in all params)" if cached else "")

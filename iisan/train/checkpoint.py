@@ -217,7 +217,8 @@ def read(path: Path) -> Checkpoint:
 
 def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
     """The newest checkpoint under ``root`` that is intact and belongs to ``config``, and one line per
-    newer checkpoint that was refused (each also logged as a warning)."""
+    newer checkpoint that was refused, newest first: logged as warnings when an older one is found, the
+    caller's error (``cannot_resume``) when none is."""
     refused = []
     for path in checkpoints(root):
         reason = verify(path)
@@ -236,10 +237,17 @@ def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
                     reason = (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
                               "use another --run-name to start a new run")
                 else:
+                    for passed in refused:
+                        log.warning("refusing checkpoint: %s", passed)
                     return found, refused
-        log.warning("refusing checkpoint: %s", reason)
         refused.append(reason)
     return None, refused
+
+
+def cannot_resume(refused: list[str]) -> str:
+    """One line for checkpoints that were all refused: the newest's reason (the others' are alike)."""
+    older = f" ({len(refused) - 1} older checkpoint(s) refused too)" if len(refused) > 1 else ""
+    return f"cannot resume: {refused[0]}{older}"
 
 
 @contextmanager

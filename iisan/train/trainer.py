@@ -29,7 +29,7 @@ from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over
 from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
-from ..model.build import build_model, check_run_inputs, count_parameters, load_data, parameter_line
+from ..model.build import build_model, check_run_inputs, count_parameters, load_data, run_parameter_line
 from . import checkpoint, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
@@ -97,7 +97,7 @@ class Run:
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
         self.record.parameters = count_parameters(self.model)
-        log.info("%s: %s", METHOD_NAMES[cfg.method], parameter_line(self.model))
+        log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
         self.amp = amp_dtype(cfg.amp, device)
         # compile=auto compiles single-process runs only: CUDA graphs around DDP's gradient hooks are
         # not checked here; --compile cudagraph|inductor asks for it under torchrun anyway.
@@ -158,7 +158,7 @@ class Run:
         if self.loaded is not None:
             return str(self.loaded.path)
         if refused:
-            raise TrainingError(f"cannot resume: {refused[0]}")
+            raise TrainingError(checkpoint.cannot_resume(refused))
         if self.cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
         refuse_to_overwrite(self.run_dir, self.cfg)
