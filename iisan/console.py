@@ -1,5 +1,6 @@
-"""What every entry point shares: logging set-up and how a run ends for the user (one line on stderr
-and exit status 2 for bad input, 130 with the resume command after Ctrl-C). The ``iisan`` command,
+"""What every entry point shares: logging set-up, progress that reaches the log where no bar can be
+shown, and how a run ends for the user (one line on stderr and exit status 2 for bad input, 130 with
+the resume command after Ctrl-C). The ``iisan`` command,
 the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go through ``entry_point``.
 """
 
@@ -8,12 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+from tqdm import tqdm
 
 from .errors import USER_ERRORS, RunInterrupted
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The console's line format; a run's train.log uses the same, so its lines are the console's.
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
 
@@ -25,6 +30,64 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+class ProgressLog:
+    """Where long work stands, as log lines: at most one every ``every`` seconds of ``clock``
+    (``advance``) and one at the end (``finish``). ``done``: units a resumed job found done; they count
+    in the position, not in the speed and time left, which are measured over what this process does."""
+
+    def __init__(self, what: str, total: int, done: int = 0, *, unit: str = "items", every: float = 30.0,
+                 clock: Callable[[], float] | None = None):
+        self.what, self.total, self.done, self.unit, self.every = what, total, done, unit, every
+        self.clock = clock or time.monotonic
+        self.counted = 0
+        self.start = self.last = self.clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done, self.counted = self.done + n, self.counted + n
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def finish(self) -> None:
+        if self.counted:  # nothing done here: a resumed job that found everything done says so itself
+            log.info("%s", self.line(self.clock()))
+
+    def line(self, now: float) -> str:
+        seconds = now - self.start
+        head = f"{self.what}: {self.done:,} of {self.total:,} {self.unit} ({100 * self.done // max(self.total, 1)} %)"
+        if seconds <= 0:
+            return head
+        rate = self.counted / seconds
+        speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+        if self.done >= self.total:
+            return f"{head}, {speed} {self.unit}/s, {self.counted:,} {self.unit} in {duration(seconds)}"
+        return f"{head}, {speed} {self.unit}/s, about {duration((self.total - self.done) / rate)} left"
+
+
+def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
+                 enabled: bool = True) -> Iterator[T]:
+    """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
+    ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``."""
+    bar = tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=False,
+               disable=None if enabled else True)
+    if not (enabled and bar.disable):
+        return bar
+    return _logged(bar, ProgressLog(desc, total, initial, unit=unit))
+
+
+def _logged(bar: Iterable[T], lines: ProgressLog) -> Iterator[T]:
+    for item in bar:
+        yield item
+        lines.advance()
 
 
 def exit_interrupted(prog: str, err: BaseException | str) -> None:

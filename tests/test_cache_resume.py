@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from iisan.cli.main import main
+from iisan.console import ProgressLog
 from iisan.data.cache import cache_file
-from iisan.data.cache_build import SIDECAR, ProgressLog, write_safetensors
+from iisan.data.cache_build import SIDECAR, write_safetensors
 from iisan.errors import CacheError
 from iisan.model.build import build_model, load_data
 from iisan.model.caching import build_cache_from_config
@@ -136,10 +137,10 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny
 
 
 def test_progress_log_speaks_at_most_every_30_seconds_and_once_at_the_end(caplog):
-    """Speed and time left count only the chunks this process encoded (2 of 10 were done before)."""
+    """Speed and time left count only what this process did (200 of 1,000 items were done before)."""
     now = [1000.0]
-    lines = ProgressLog("text, image", chunks=10, items=1000, done_chunks=2, done_items=200, clock=lambda: now[0])
-    caplog.set_level(logging.INFO, logger="iisan.data.cache_build")
+    lines = ProgressLog("text, image", 1000, 200, unit="items", clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="iisan.console")
     said = {}
     for chunk, seconds in enumerate((10, 29.9, 30, 45, 59.9, 60, 70, 80), start=3):
         now[0] = 1000.0 + seconds
@@ -148,29 +149,46 @@ def test_progress_log_speaks_at_most_every_30_seconds_and_once_at_the_end(caplog
         caplog.clear()
     lines.finish()
     assert {k: v for k, v in said.items() if v} == {
-        5: ["text, image: 5 of 10 chunks (50 %), 10 items/s, about 50 s left"],  # 300 items in 30 s
-        8: ["text, image: 8 of 10 chunks (80 %), 10 items/s, about 20 s left"],  # 30 s after the last line
+        5: ["text, image: 500 of 1,000 items (50 %), 10 items/s, about 50 s left"],  # 300 items in 30 s
+        8: ["text, image: 800 of 1,000 items (80 %), 10 items/s, about 20 s left"],  # 30 s after the last line
     }
     assert [r.getMessage() for r in caplog.records] == [
-        "text, image: 10 of 10 chunks (100 %), 10 items/s, 800 items encoded in 80 s"]
+        "text, image: 1,000 of 1,000 items (100 %), 10 items/s, 800 items in 80 s"]
 
-    big = ProgressLog("text", chunks=80, items=80 * 4096, clock=lambda: 0.0)
-    for _ in range(12):
-        big.advance(4096)
-    assert big.line(32.0) == "text: 12 of 80 chunks (15 %), 1,536 items/s, about 3 min left"
-    assert big.line(3200.0) == "text: 12 of 80 chunks (15 %), 15 items/s, about 5.0 h left"
+    big = ProgressLog("text", 80 * 4096, clock=lambda: 0.0)
+    big.advance(12 * 4096)
+    assert big.line(32.0) == "text: 49,152 of 327,680 items (15 %), 1,536 items/s, about 3 min left"
+    assert big.line(3200.0) == "text: 49,152 of 327,680 items (15 %), 15 items/s, about 5.0 h left"
+    slow = ProgressLog("epoch 3", 400, 100, unit="steps", clock=lambda: 0.0)
+    slow.advance(3)
+    assert slow.line(4.0) == "epoch 3: 103 of 400 steps (25 %), 0.75 steps/s, about 7 min left"
 
 
 def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, caplog):
     cfg = tiny_config(encode_batch_size=CHUNK)  # progress=False, as --no-progress
-    chunks = math.ceil(load_data(cfg).num_items / CHUNK)
-    caplog.set_level(logging.INFO, logger="iisan.data.cache_build")
+    items = load_data(cfg).num_items
+    caplog.set_level(logging.INFO, logger="iisan")
     build_cache_from_config(cfg, dtype="float32")
-    said = [r.getMessage() for r in caplog.records if r.name == "iisan.data.cache_build"]
+    said = [r.getMessage() for r in caplog.records if r.name in ("iisan.console", "iisan.data.cache_build")]
     assert len(said) == 3, said
-    assert re.fullmatch(rf"text, image: {chunks} of {chunks} chunks \(100 %\), [\d,]+ items/s, "
-                        rf"{load_data(cfg).num_items:,} items encoded in \d+ s", said[0]), said[0]
+    assert re.fullmatch(rf"text, image: {items:,} of {items:,} items \(100 %\), [\d,.]+ items/s, "
+                        rf"{items:,} items in \d+ s", said[0]), said[0]
     assert [m.split(":")[0] for m in said[1:]] == [f"wrote {cache_file(cfg.cache_dir, m)}" for m in ("text", "image")]
+
+
+def test_a_training_epoch_logs_where_it_stands_where_no_bar_can_be_shown(monkeypatch, caplog):
+    from iisan import console
+
+    clock = iter(range(0, 1000, 20))  # 20 s per step
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    steps = list(console.progress_bar(range(5), total=8, initial=3, desc="epoch 2", unit="steps"))  # not a tty
+    assert steps == [0, 1, 2, 3, 4]
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 2: 5 of 8 steps (62 %), 0.05 steps/s, about 60 s left",
+        "epoch 2: 7 of 8 steps (87 %), 0.05 steps/s, about 20 s left"]
+    caplog.clear()
+    assert list(console.progress_bar(range(3), total=3, enabled=False)) == [0, 1, 2] and not caplog.records
 
 
 def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ..console import ProgressLog
 from ..errors import CacheError, OutputError
 from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
@@ -166,50 +167,7 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
 
 
 # --------------------------------------------------------------------------------------------------
-# progress without a bar, and SIGTERM
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
-class ProgressLog:
-    """Where the build stands, as log lines: at most one every ``every`` seconds of ``clock`` (``advance``)
-    and one at the end (``finish``). ``done_chunks`` / ``done_items``: those a resumed build found done;
-    they count in the position, not in the speed and time left, which are measured over what this
-    process encodes."""
-
-    def __init__(self, what: str, chunks: int, items: int, done_chunks: int = 0, done_items: int = 0, *,
-                 every: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self.what, self.chunks, self.items, self.every, self.clock = what, chunks, items, every, clock
-        self.done_chunks, self.done_items, self.encoded = done_chunks, done_items, 0
-        self.start = self.last = clock()
-
-    def advance(self, items: int) -> None:
-        """One more chunk of ``items`` items is encoded."""
-        self.done_chunks, self.done_items, self.encoded = (self.done_chunks + 1, self.done_items + items,
-                                                           self.encoded + items)
-        now = self.clock()
-        if now - self.last >= self.every:
-            self.last = now
-            log.info("%s", self.line(now))
-
-    def finish(self) -> None:
-        if self.encoded:  # nothing encoded: the resume line said that every chunk was done
-            log.info("%s", self.line(self.clock()))
-
-    def line(self, now: float) -> str:
-        seconds = now - self.start
-        head = (f"{self.what}: {self.done_chunks} of {self.chunks} chunks "
-                f"({100 * self.done_chunks // max(self.chunks, 1)} %)")
-        if seconds <= 0:
-            return head
-        rate = self.encoded / seconds
-        if self.done_chunks == self.chunks:
-            return f"{head}, {rate:,.0f} items/s, {self.encoded:,} items encoded in {_duration(seconds)}"
-        return f"{head}, {rate:,.0f} items/s, about {_duration((self.items - self.done_items) / rate)} left"
+# SIGTERM
 
 
 @contextmanager
@@ -267,7 +225,7 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     already = total - sum(len(chunk_ids[k]) for k in todo)
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
     # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
-    lines = ProgressLog(", ".join(shapes), n_chunks, total, n_chunks - len(todo), already,
+    lines = ProgressLog(", ".join(shapes), total, already, unit="items",
                         every=30.0 if progress and bar.disable else math.inf)
     start = time.perf_counter()
     with bar, ThreadPoolExecutor(1, thread_name_prefix="iisan-cache-writer") as writer:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .. import distributed
 from ..config import METHOD_NAMES, Config
+from ..console import progress_bar
 from ..data.batches import steps_per_epoch, train_loader
 from ..devices import amp_dtype, device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
@@ -254,8 +254,7 @@ class Run:
                               dist.rank, dist.world_size, start_step, self.buckets)
         sync(device)
         start = time.perf_counter()
-        bar = tqdm(loader, total=n_steps, initial=start_step, desc=f"epoch {epoch}", leave=False,
-                   disable=None if cfg.progress and dist.is_main else True)
+        bar = progress_bar(loader, n_steps, start_step, f"epoch {epoch}", "steps", cfg.progress and dist.is_main)
         for i, batch in enumerate(bar, start=start_step):
             if i >= n_steps:
                 break
