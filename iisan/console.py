@@ -67,6 +67,8 @@ class ProgressLog:
         if seconds <= 0:
             return head
         rate = self.counted / seconds
+        if rate <= 0:
+            return head
         speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
         if self.done >= self.total:
             return f"{head}, {speed} {self.unit}/s, {self.counted:,} {self.unit} in {duration(seconds)}"
@@ -74,14 +76,14 @@ class ProgressLog:
 
 
 def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
-                 enabled: bool = True) -> Iterator[T]:
+                 enabled: bool = True, clock: Callable[[], float] | None = None) -> Iterator[T]:
     """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
     ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``."""
     bar = tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=False,
                disable=None if enabled else True)
     if not (enabled and bar.disable):
         return bar
-    return _logged(bar, ProgressLog(desc, total, initial, unit=unit))
+    return _logged(bar, ProgressLog(desc, total, initial, unit=unit, clock=clock))
 
 
 def _logged(bar: Iterable[T], lines: ProgressLog) -> Iterator[T]:

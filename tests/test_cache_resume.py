@@ -162,6 +162,7 @@ def test_progress_log_speaks_at_most_every_30_seconds_and_once_at_the_end(caplog
     slow = ProgressLog("epoch 3", 400, 100, unit="steps", clock=lambda: 0.0)
     slow.advance(3)
     assert slow.line(4.0) == "epoch 3: 103 of 400 steps (25 %), 0.75 steps/s, about 7 min left"
+    assert ProgressLog("x", 10, 4, clock=lambda: 0.0).line(31.0) == "x: 4 of 10 items (40 %)"  # nothing done here
 
 
 def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, caplog):
@@ -176,13 +177,13 @@ def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, 
     assert [m.split(":")[0] for m in said[1:]] == [f"wrote {cache_file(cfg.cache_dir, m)}" for m in ("text", "image")]
 
 
-def test_a_training_epoch_logs_where_it_stands_where_no_bar_can_be_shown(monkeypatch, caplog):
+def test_a_training_epoch_logs_where_it_stands_where_no_bar_can_be_shown(caplog):
     from iisan import console
 
     clock = iter(range(0, 1000, 20))  # 20 s per step
-    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="iisan.console")
-    steps = list(console.progress_bar(range(5), total=8, initial=3, desc="epoch 2", unit="steps"))  # not a tty
+    steps = list(console.progress_bar(range(5), total=8, initial=3, desc="epoch 2", unit="steps",
+                                      clock=lambda: next(clock)))  # stderr is not a terminal here
     assert steps == [0, 1, 2, 3, 4]
     assert [r.getMessage() for r in caplog.records] == [
         "epoch 2: 5 of 8 steps (62 %), 0.05 steps/s, about 60 s left",

@@ -261,6 +261,16 @@ def test_truncated_or_unfinished_checkpoints_are_refused(reference, damage, reas
     assert str(copy / "epoch-0003") in refused[0] and "\n" not in refused[0]
 
 
+def test_checkpoints_refused_for_different_reasons_are_each_named():
+    from iisan.train.checkpoint import cannot_resume
+
+    assert cannot_resume(["/r/e3 is damaged", "/r/e2 belongs to another config", "/r/e1 belongs to another config",
+                          "/r/e0 is damaged"]) == ("cannot resume: /r/e3 is damaged; 1 older checkpoint(s) refused "
+                                                   "for the same reason; /r/e2 belongs to another config; 1 older "
+                                                   "checkpoint(s) refused for the same reason")
+    assert cannot_resume(["/r/e0 is damaged"]) == "cannot resume: /r/e0 is damaged"
+
+
 def test_checkpoint_of_another_config_is_refused(base, caplog):
     cfg = base.replace(run_name="mismatch", epochs=2)
     train(cfg)
@@ -268,8 +278,8 @@ def test_checkpoint_of_another_config_is_refused(base, caplog):
     with pytest.raises(TrainingError) as info, caplog.at_level("WARNING", logger="iisan"):
         train(cfg.replace(epochs=3, lr=1e-2))
     assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
-                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run "
-                               "(1 older checkpoint(s) refused too)")
+                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run; "
+                               "1 older checkpoint(s) refused for the same reason")
     assert "refusing checkpoint" not in caplog.text  # said once, as the error, newest first
     with pytest.raises(ConfigError, match="--resume: no checkpoint in"):
         train(cfg.replace(run_name="fresh", resume=True))

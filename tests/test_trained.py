@@ -72,14 +72,24 @@ def test_recommend_never_returns_the_history_or_padding_and_ranks_by_score(runs)
 
 
 def test_equal_scores_rank_in_item_order_so_a_shorter_list_is_a_prefix():
-    from iisan.experiments.trained import top_items
+    from iisan.experiments.trained import ranked, top_items
 
     scores = torch.tensor([-torch.inf, 0.5, 2.0, 0.5, 2.0, 0.5, -torch.inf, 1.0])
-    ranked = top_items(scores, 7)
-    assert ranked == [(2, 2.0), (4, 2.0), (7, 1.0), (1, 0.5), (3, 0.5), (5, 0.5)]  # no -inf, ties by index
-    assert all(top_items(scores, k) == ranked[:k] for k in range(1, 8))
+    top7 = top_items(scores, 7)
+    assert top7 == [(2, 2.0), (4, 2.0), (7, 1.0), (1, 0.5), (3, 0.5), (5, 0.5)]  # no -inf, ties by index
+    assert all(top_items(scores, k) == ranked(scores[None], k)[0] == top7[:k] for k in range(1, 8))
     many = torch.zeros(5000)  # all tied: topk's own order would be arbitrary
     assert [i for i, _ in top_items(many, 4)] == [0, 1, 2, 3]
+    nan = torch.tensor([0.1, float("nan"), 0.3, 0.2])
+    assert top_items(nan, 3) == ranked(nan[None], 3)[0] == [(2, pytest.approx(0.3)), (3, pytest.approx(0.2)),
+                                                            (0, pytest.approx(0.1))]
+    rows = torch.randint(0, 4, (50, 30)).float()  # many ties, some crossing the cut, some not
+    rows[rows == 0] = -torch.inf
+    for k in (1, 3, 10, 40):
+        assert ranked(rows, k) == [top_items(row, k) for row in rows]
+        full = [sorted(((i, s) for i, s in enumerate(row.tolist()) if s != -np.inf), key=lambda t: (-t[1], t[0]))
+                for row in rows]
+        assert ranked(rows, k) == [f[:k] for f in full]
 
 
 def test_recommend_from_the_command_line(runs, tmp_path, capsys):

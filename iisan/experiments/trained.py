@@ -171,17 +171,34 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
     scores[:, 0] = -torch.inf
     for row, history in enumerate(histories):
         scores[row, torch.from_numpy(history).to(run.device)] = -torch.inf
-    return [top_items(row, k) for row in scores.cpu()]
+    return ranked(scores, k)
+
+
+def ranked(scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's ``k`` best ``(index, score)``, best first, equal scores in index order (so the top ``k``
+    is always a prefix of the top ``k + 1``: items with the same title score the same); -inf entries
+    (history, padding) and NaN ones are never listed. topk runs where the scores are; only a row whose
+    ties cross the cut is ranked again in full (``top_items``)."""
+    scores = scores.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    k = min(k, scores.shape[1])
+    indices = scores.topk(k, dim=1).indices.sort(dim=1).values  # the top k, in index order
+    values = scores.gather(1, indices)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    indices, values = indices.gather(1, order), values.gather(1, order)
+    crossing = ((scores >= values[:, -1:]).sum(1) > k).tolist()
+    return [top_items(scores[row].cpu(), k) if crossing[row] else
+            [(i, s) for i, s in zip(index, value, strict=True) if s != -np.inf]
+            for row, (index, value) in enumerate(zip(indices.tolist(), values.tolist(), strict=True))]
 
 
 def top_items(scores: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    """The ``k`` best ``(index, score)`` of one row, best first, equal scores in index order (so the top
-    ``k`` is always a prefix of the top ``k + 1``: items with the same title score the same), without
-    the -inf ones."""
+    """``ranked`` for one row, by a full look at the scores tied with the ``k``-th."""
+    scores = scores.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     kth = scores.topk(min(k, len(scores))).values[-1]
     candidates = torch.nonzero(scores >= kth).flatten()  # in index order
-    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
-    return [(int(i), float(scores[i])) for i in candidates[order] if scores[i] != -torch.inf]
+    top = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices[:k]].tolist()
+    values = scores[top].tolist()
+    return [(i, s) for i, s in zip(top, values, strict=True) if s != -np.inf]
 
 
 @torch.no_grad()

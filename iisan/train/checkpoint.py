@@ -245,9 +245,17 @@ def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
 
 
 def cannot_resume(refused: list[str]) -> str:
-    """One line for checkpoints that were all refused: the newest's reason (the others' are alike)."""
-    older = f" ({len(refused) - 1} older checkpoint(s) refused too)" if len(refused) > 1 else ""
-    return f"cannot resume: {refused[0]}{older}"
+    """One line for checkpoints that were all refused, newest first: the newest's reason, then the first
+    reason of each other kind, with how many more there are of each (a reason starts with its path)."""
+    kinds: dict[str, list[str]] = {}
+    for reason in refused:
+        kinds.setdefault(reason.split(" ", 1)[-1], []).append(reason)
+    parts = []
+    for n, (first, *more) in enumerate(kinds.values()):
+        parts.append(first if n else f"cannot resume: {first}")
+        if more:
+            parts.append(f"{len(more)} older checkpoint(s) refused for the same reason")
+    return "; ".join(parts)
 
 
 @contextmanager
