@@ -394,8 +394,9 @@ def test_encoders_in_folders_of_one_name_are_told_apart(runs, tmp_path, capsys):
     header, *rows = table_rows(capsys.readouterr().out)
     assert [(r[header.index("text_model")], r[header.index("seeds")]) for r in rows] == [
         ("bert/model", "1"), ("enc", "1"), ("vit/model", "1")]  # here and there: one seed, run twice
-    assert encoder_labels(["/m/bert-base", "/m/roberta", "", "bert-base"]) == {
-        "/m/bert-base": "m/bert-base", "/m/roberta": "roberta", "": "", "bert-base": "bert-base"}
+    assert encoder_labels(["/m/bert-base", "/m/roberta", "", "bert-base"]) == {  # a bare name: any parent's
+        "/m/bert-base": "bert-base", "/m/roberta": "roberta", "": "", "bert-base": "bert-base"}
+    assert encoder_labels(["/a/x/enc", "/b/y/enc", "enc"]) == {"/a/x/enc": "x/enc", "/b/y/enc": "y/enc", "enc": "enc"}
 
 
 def test_layers_chosen_by_groups_show_as_auto(runs, tmp_path, capsys):

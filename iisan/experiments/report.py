@@ -65,16 +65,17 @@ def config_text(key: str, value) -> str:
 def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
     """The label of each encoder path, by which the table shows and compares encoders: the folder's
     name, or ``parent/name`` where encoders in differently named parent folders share that name
-    (``.../bert/model`` and ``.../vit/model``). Paths that end in the same two folder names are one
+    (``.../bert/model`` and ``.../vit/model``); a bare name (``bert-base-uncased``) is the same encoder as
+    any ``.../bert-base-uncased``. Paths that end in the same two folder names are one
     encoder, so a copy under another root (another machine, a relative path) is one experiment: a guess
     from names, not a proof (a Hub id, ``org/name``, has just those two parts)."""
     paths = set(paths)
     parents: dict[str, set[str]] = {}
     for path in map(PurePath, paths):
-        parents.setdefault(path.name, set()).add(path.parent.name)
+        parents.setdefault(path.name, set()).update({path.parent.name} - {""})  # a bare name matches any parent
 
     def label(path: PurePath) -> str:
-        if len(parents[path.name]) == 1 or not path.parent.name:
+        if len(parents[path.name]) <= 1 or not path.parent.name:
             return path.name
         return f"{path.parent.name}/{path.name}"
 
