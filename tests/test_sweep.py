@@ -153,3 +153,9 @@ def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, arg
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "abc"))
     assert capsys.readouterr().err.strip().endswith("error: 1 of 1 grid point(s) failed: 0 (lr='abc': expected a "
                                                     "number)")
+
+
+def test_an_abbreviated_flag_is_refused_not_taken_for_a_config_key(sweep, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_script_args(DEFAULTS, sweep, ["--patien", "3"])  # --patience, spelled short
+    assert info.value.code == 2 and "unrecognized arguments: --patien 3" in capsys.readouterr().err

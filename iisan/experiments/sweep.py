@@ -66,7 +66,8 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
                   extra_arguments=None) -> argparse.ArgumentParser:
     """The flags of an entry script; its ``--help`` shows the SWEEP lists, the script's own defaults
     and the method's paper defaults as the defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # every config key is a flag: prefixes would be ambiguous
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("--dataset", default="Scientific", choices=sorted(DATASETS),
