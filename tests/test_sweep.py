@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,11 @@ def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, arg
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "abc"))
     assert capsys.readouterr().err.strip().endswith("error: 1 of 1 grid point(s) failed: 0 (lr='abc': expected a "
                                                     "number)")
+    with pytest.raises(SystemExit):  # one point failing as it runs: its reason is on the last line too
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e30"))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r".*error: 1 of 1 grid point\(s\) failed: 0 \(iisan-cached-\S+: non-finite loss at step 1 .*"
+                        r"the run diverged.*\)", last), last
 
 
 def test_an_abbreviated_flag_is_refused_not_taken_for_a_config_key(sweep, capsys):

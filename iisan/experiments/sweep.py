@@ -193,8 +193,9 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
     finally:
         print(summary(outcomes), end="")
     failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
+    if failed:  # one failure: its reason here too (a single run's user sees no other line); several: the table
         raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: " + "; ".join(
+            f"{o.point.index} ({o.point.name}: {o.reason})" if o.point.config and len(failed) == 1 else
             f"{o.point.index} ({o.point.name})" if o.point.config else f"{o.point.index} ({o.reason})"
             for o in failed))
     return [o.result for o in outcomes]
