@@ -39,13 +39,16 @@ def main(argv=None):
         if not args.out:
             parser.error("--out is required with --images")
         jobs.append((Path(args.images), args.items, Path(args.out)))
+    elif args.items or args.out:
+        parser.error("--items and --out go with --images (without it, every data set found in Dataset/ is built)")
     else:
         for name, folder in IMAGE_FOLDERS.items():
             paths = dataset_paths(name)
             if (HERE / folder).is_dir():
                 jobs.append((HERE / folder, paths["items"], Path(paths["images"])))
         if not jobs:
-            parser.error(f"no image folder found here ({', '.join(IMAGE_FOLDERS.values())}); see Dataset/README.md")
+            parser.error(f"no image folder in {HERE} ({', '.join(IMAGE_FOLDERS.values())}); unzip the authors' "
+                         "archives there (Dataset/README.md), or pass --images DIR --out PATH")
 
     def build() -> None:
         check_encoding(args.encoding)

@@ -117,3 +117,25 @@ def test_dataset_build_lmdb_script_refuses_an_unknown_encoding_in_one_line(tiny,
     assert stopped.value.code == 2 and not (tmp_path / "x.lmdb").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "build_lmdb.py: error: encoding='klingon' is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
+
+
+def test_dataset_build_lmdb_script_without_images_names_its_folder_and_refuses_stray_flags(tmp_path, capsys,
+                                                                                            monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "Dataset" / "build_lmdb.py"
+    spec = importlib.util.spec_from_file_location("build_lmdb_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "HERE", tmp_path)  # a Dataset folder without the authors' archives
+    for argv, expected in (
+            ([], f"no image folder in {tmp_path} (am_image_is, am_image_mi, am_image_op); unzip the authors' "
+                 "archives there (Dataset/README.md), or pass --images DIR --out PATH"),
+            (["--out", str(tmp_path / "x.lmdb")], "--items and --out go with --images (without it, every data set "
+                                                  "found in Dataset/ is built)")):
+        with pytest.raises(SystemExit) as stopped:
+            script.main(argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {expected}")
+    assert list(tmp_path.iterdir()) == []
