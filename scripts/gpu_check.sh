@@ -18,10 +18,13 @@
 #   BENCH_ARGS="--no-static-shapes" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh   # extra flags per part
 #   METHODS="IISAN (cached),FFT" AUTHORS_WAY=none FULL_EPOCH="IISAN (cached)" PART=bench ...   # fewer rows
 #   TESTS_ARGS="-k 'not torchrun'" PART=tests bash scripts/gpu_check.sh                      # fewer tests
-#   BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
+#   PYTHON=.venv/bin/python BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
 #     --frozen-items 16 --cache-batch 16 --shape-reps 2 --reps 2" BENCH_ARGS="--few-steps --warmup 1 --steps 2" \
 #     bash scripts/gpu_check.sh                                                     # a dry run on a CPU
+# Exit status: 2 for a bad PART or a missing lmdb, else the first part's non-zero exit (124: cut), else 0.
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2  # the repository root, wherever it is started from
+PY=${PYTHON:-python3}  # the device image's python; here, e.g. PYTHON=.venv/bin/python
 OUT=${OUT:-/tmp/iisan-gpu-out}
 WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
 PART=${PART:-all}
@@ -32,40 +35,46 @@ export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
 #   pip download lmdb==1.7.5 --python-version 3.12 --only-binary=:all: --no-deps -d .whl
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
-python3 -c "import lmdb" 2>/dev/null || { echo "gpu_check: lmdb does not import; carry its wheel (.whl/, above)"; exit 1; }
+"$PY" -c "import lmdb" 2>/dev/null || { echo "gpu_check: lmdb does not import in $PY; on a lent GPU carry its wheel \
+(.whl/, above), elsewhere use the project's environment (PYTHON=.venv/bin/python)"; exit 2; }
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
-  python3 -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
+  "$PY" -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
   git log -1 --format="commit %h %s" 2>/dev/null; } | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,memory.used,compute_mode \
   --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 start=$(date +%s)
-stamp() { echo "$1: $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"; }
+status=0
+stamp() {  # stamp PART EXIT: the part's time and exit in gpu.txt; the first failure is the script's exit
+  echo "$1 (exit $2): $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu.txt"
+  [ "$status" = 0 ] && status=$2
+}
 
 if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
-  timeout -k 10 "${DIAGNOSE_LIMIT:-220}" python3 scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
+  timeout -k 10 "${DIAGNOSE_LIMIT:-220}" "$PY" scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --workers "${WORKERS:-8}" --work "$WORK" \
     --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
     | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
-  stamp "diagnosis (exit ${PIPESTATUS[0]})"
+  stamp diagnosis "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
-  timeout -k 10 "${BENCH_LIMIT:-330}" python3 scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
+  timeout -k 10 "${BENCH_LIMIT:-330}" "$PY" scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
     --methods "${METHODS:-IISAN (cached),IISAN (uncached),FFT,Adapter,LoRA,BitFit}" \
     --authors-way "${AUTHORS_WAY:-IISAN (uncached),FFT}" --full-epoch "${FULL_EPOCH:-IISAN (uncached),IISAN (cached)}" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
     --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -E "efficiency: (equal|paper|building|evaluating|cache:|evaluation:|wrote)|  -> |rror" | cut -c1-400
-  stamp "benchmark (exit ${PIPESTATUS[0]})"
+  stamp benchmark "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = tests ]; then
   eval "set -- ${TESTS_ARGS:-}"  # pytest's own quoting, e.g. -k 'not torchrun'
-  timeout -k 10 "${TESTS_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
+  timeout -k 10 "${TESTS_LIMIT:-90}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25
-  stamp "gpu tests (exit ${PIPESTATUS[0]})"
+  stamp "gpu tests" "${PIPESTATUS[0]}"
 fi
+exit "$status"
