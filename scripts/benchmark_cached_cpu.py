@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
+from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 
@@ -32,14 +33,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--data-dir", default=str(SCIENTIFIC))
     parser.add_argument("--epochs", type=int, default=30, help="cap on epochs (early stopping may end sooner)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--work", default=str(ROOT / "bench_data" / "cpu-scientific"))
     parser.add_argument("--out", default=str(ROOT / "results" / "cpu-cached-scientific.json"))
     parser.add_argument("--rebuild-cache", action="store_true",
                         help="build (and time) the cache again even if the work folder holds one")
     args = parser.parse_args(argv)
     setup_logging()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     payload = entry_point(sys.argv[0], lambda: cached_cpu_benchmark(Path(args.data_dir), args.epochs, Path(args.work),
                                                                      Path(args.out), args.rebuild_cache))

@@ -25,10 +25,13 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
+from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.seed_table import (  # noqa: E402
     SEEDS,
     SETTINGS,
+    claim_table,
+    claim_verify_report,
     markdown,
     run_point,
     verify_point,
@@ -49,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     parser.add_argument("--table-only", action="store_true", help="only collect finished points into --out")
     parser.add_argument("--verify-epochs", type=int, default=0,
                         help="rerun the first N epochs of each chosen finished point here and compare")
@@ -60,6 +63,7 @@ def main(argv=None) -> None:
 
     if args.verify_epochs > 0:
         def verify():
+            claim_verify_report(Path(args.verify_out))
             reports = [verify_point(setting, dataset, seed, Path(args.data_root), Path(args.work),
                                     Path(args.work) / "verify", args.verify_epochs)
                        for setting in args.settings for dataset in args.datasets for seed in args.seeds]
@@ -69,6 +73,7 @@ def main(argv=None) -> None:
         return
 
     def run():
+        claim_table(Path(args.out))  # before hours of training, not after them
         if not args.table_only:
             for setting in args.settings:
                 for dataset in args.datasets:

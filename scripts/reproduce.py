@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.bounds import device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.reproduce import SEEDS, Reproduction, reproduce  # noqa: E402
@@ -28,10 +29,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--no-fetch", action="store_true", help="never download: say which step is missing")
     parser.add_argument("--import-from", default="", help="the authors' released states (bert_outputs/, vit_outputs/)")
-    parser.add_argument("--epochs", type=int, default=None, help="cap on epochs (default: the paper's 100)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--demo-users", type=int, default=1200, help="demo only: synthetic users")
-    parser.add_argument("--demo-items", type=int, default=400, help="demo only: synthetic items")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="cap on epochs (default: the paper's 100)")
+    parser.add_argument("--device", type=device_choice, default=None, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--demo-users", type=positive_int, default=1200, help="demo only: synthetic users")
+    parser.add_argument("--demo-items", type=positive_int, default=400, help="demo only: synthetic items")
     args = parser.parse_args(argv)
     setup_logging()
     overrides = {k: v for k, v in (("epochs", args.epochs), ("device", args.device)) if v is not None}

@@ -5,7 +5,8 @@ interactions and titles. No product images are available offline, so every item'
 per-item random noise with --images random); any number this prints is labelled so.
 
 Everything it writes goes under --work-dir (default /tmp/iisan_versa_minilm, outside the repository):
-the image LMDB, the random ViT, the cache, the run folder and a summary JSON.
+the image LMDB, the random ViT, the cache, the run folder and a summary JSON. The run folder is named
+by the settings, so running the same command again resumes an interrupted run.
 
     python scripts/versa_minilm_scientific.py --epochs 5
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
+from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=5, help="cap on epochs (the paper: up to 100)")
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--seed", type=int, default=12345)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads; 1 because on a shared 2-core machine more threads spin against "
                              "other processes (a step measured 0.7 s with 1 thread, 2-18 s with 2)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ mean ± std beside the paper's numbers; without data or encoders it names the mi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iisan.errors import ConfigError, RunInterrupted
 from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +76,37 @@ def test_the_script_and_the_make_target(tmp_path):
     plan = subprocess.run(["make", "-n", "reproduce", "DATASET=demo", "IMPORT=states", "REPRODUCE_FLAGS=--epochs 1"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "scripts/reproduce.py --dataset demo --import-from states --epochs 1" in plan.stdout
+
+
+@pytest.mark.parametrize("argv, flag", [(["--epochs", "0"], "--epochs"), (["--device", "gpu"], "--device"),
+                                        (["--demo-users", "0"], "--demo-users"),
+                                        (["--demo-items", "-1"], "--demo-items")])
+def test_bad_arguments_fail_at_parse_time_before_the_demo_data(argv, flag, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--dataset", "demo", "--out", str(tmp_path / "repro"), *argv])
+    assert stopped.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "repro").exists()
+
+
+def test_bad_overrides_fail_before_the_demo_data(tmp_path):
+    with pytest.raises(ConfigError, match="epochs=0 must be positive"):
+        reproduce(Reproduction("demo", tmp_path / "repro", overrides={"epochs": 0}))
+    assert not (tmp_path / "repro").exists()
+
+
+def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_path, monkeypatch):
+    from iisan.experiments import reproduce as module
+
+    def interrupted(cfg):
+        raise RunInterrupted("SIGINT at step 3; checkpoint saved in x", f"To resume, run the same command with "
+                                                                        f"--run-name {cfg.run_name}")
+
+    monkeypatch.setattr(module, "base_config", lambda run, root, drive: tiny_config())
+    monkeypatch.setattr(module, "ensure_cache", lambda cfg, run, hub: None)
+    monkeypatch.setattr(module, "train", interrupted)
+    with pytest.raises(RunInterrupted) as stopped:
+        reproduce(Reproduction("demo", tmp_path))
+    assert "--run-name" not in str(stopped.value) and "run the same command again" in str(stopped.value)

@@ -11,6 +11,7 @@ carries no item information. Every summary says so.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,12 +19,13 @@ import torch
 from ..config import Config
 from ..data.cache import cache_file
 from ..data.interactions import read_items
-from ..errors import DataError
+from ..errors import CacheError, DataError, RunInterrupted
 from ..evaluate import evaluate_model
-from ..files import write_json_atomic
+from ..files import claim_output, write_json_atomic
 from ..model.build import build_model, load_data
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
+from ..train.runfolder import default_run_name, read_results
 from ..train.trainer import train
 from ..train.weights import load_weights
 from .offline import BLANK, RANDOM, blank_image_store, minilm_path, random_image_store, random_vit
@@ -40,9 +42,27 @@ def _data_files(data_dir: Path) -> tuple[Path, Path]:
     return users, items
 
 
+@contextmanager
+def script_hints(resume: str, rebuild: str):
+    """The trainer's resume hint (``--run-name``) and the cache's rebuild hint (``iisan cache
+    --overwrite``) name flags of ``iisan``; a script that calls ``train`` itself says its own way."""
+    try:
+        yield
+    except RunInterrupted as err:
+        raise RunInterrupted(err.what, resume) from None
+    except CacheError as err:
+        raise CacheError(str(err).replace("`iisan cache --overwrite`", rebuild)) from None
+
+
+def _is_benchmark(path: Path) -> bool:
+    return {"train_seconds_per_epoch", "full_evaluation_seconds"} <= set(read_results(path))
+
+
 def cached_cpu_benchmark(data_dir: Path, epochs: int, work: Path, out: Path, rebuild_cache: bool = False) -> dict:
     """Cached IISAN on this CPU; each call trains a new run (a benchmark never resumes an older run's
-    epochs). The cache in ``work`` is reused unless ``rebuild_cache``; its build is timed when made."""
+    epochs). The cache in ``work`` is reused unless ``rebuild_cache``; its build is timed when made.
+    ``out`` is checked first: it may only replace an earlier benchmark's summary."""
+    claim_output(out, _is_benchmark, "a benchmark summary", "--out", overwrite=True)
     users, items = _data_files(data_dir)
     work.mkdir(parents=True, exist_ok=True)
     cfg = Config(users=str(users), items=str(items), images=str(blank_image_store(work)), text_model=minilm_path(),
@@ -51,11 +71,13 @@ def cached_cpu_benchmark(data_dir: Path, epochs: int, work: Path, out: Path, reb
                  run_name=time.strftime("cached-minilm-blank-%Y%m%d-%H%M%S"),
                  device="cpu", epochs=epochs, encode_batch_size=512, num_workers=2)
     cache_seconds = None
-    if rebuild_cache or not cache_file(cfg.cache_dir, "image").is_file():
-        start = time.perf_counter()
-        build_cache_from_config(cfg, dtype="float32", overwrite=rebuild_cache)
-        cache_seconds = time.perf_counter() - start
-    results = train(cfg)
+    with script_hints("A benchmark never resumes: run the same command again to train a new run (the cache is "
+                      "kept)", "the --rebuild-cache flag of this script"):
+        if rebuild_cache or not cache_file(cfg.cache_dir, "image").is_file():
+            start = time.perf_counter()
+            build_cache_from_config(cfg, dtype="float32", overwrite=rebuild_cache)
+            cache_seconds = time.perf_counter() - start
+        results = train(cfg)
 
     # one full evaluation of every user with the best weights: item table + ranking, timed alone
     data = load_data(cfg)
@@ -93,13 +115,16 @@ def versa_minilm(data_dir: Path, work: Path, images: str = "blank", epochs: int 
     cfg = Config(users=str(users), items=str(items), images=str(store), text_model=minilm_path(),
                  image_model=str(random_vit(work, hidden=192, layers=4, heads=3, image_size=64)),
                  feed="cached", cache_dir=str(work / f"cache-{images}"), epochs=epochs, patience=patience,
-                 seed=seed, device="cpu", num_workers=0, out_dir=str(work / "runs"), progress=False,
-                 run_name=f"versa-minilm-{images}-{time.strftime('%Y%m%d-%H%M%S')}")
+                 seed=seed, device="cpu", num_workers=0, out_dir=str(work / "runs"), progress=False)
+    # named by what it computes, not by the clock: the same command finds its run again and resumes it
+    cfg = cfg.replace(run_name=default_run_name(cfg, tag=f"versa-minilm-{images}"))
     start = time.perf_counter()
-    if not all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image")):
-        build_cache_from_config(cfg, dtype="float16")  # resumable: an interrupted build keeps its chunks
-    cache_seconds = time.perf_counter() - start  # 0 when an earlier run's cache is reused (checked on load)
-    results = train(cfg)
+    with script_hints("To resume, run the same command again",
+                      f"a new --work-dir (or after moving {cfg.cache_dir} away)"):
+        if not all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image")):
+            build_cache_from_config(cfg, dtype="float16")  # resumable: an interrupted build keeps its chunks
+        cache_seconds = time.perf_counter() - start  # 0 when an earlier run's cache is reused (checked on load)
+        results = train(cfg)
     summary = {
         "what": "IISAN-Versa, cached: pretrained MiniLM-L6 text tower (6 x 384) + random-weight ViT image "
                 "tower (4 x 192, 64 px, patch 16)",

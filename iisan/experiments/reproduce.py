@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import Config, resolve
 from ..data.cache import cache_file
 from ..data.fetch import DriveClient, fetch_dataset
-from ..errors import FetchError, UserError
+from ..errors import FetchError, RunInterrupted, UserError
 from ..files import atomic_path
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..provenance import provenance
@@ -127,12 +127,17 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
               hub: HubClient | None = None) -> Path:
     """Steps 1-4 of the module docstring; returns the table's path."""
     run.out_dir = Path(run.out_dir)
+    Config(**(run.overrides or {}))  # bad overrides (epochs=0, device="gpu") fail before the demo data is made
     cfg = base_config(run, root, drive)
     ensure_cache(cfg, run, hub)
     rows = []
     for seed in run.seeds:
         log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)
-        results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
+        try:
+            results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
+        except RunInterrupted as err:  # the trainer's hint names --run-name, which this command does not take
+            raise RunInterrupted(err.what, "To resume, run the same command again: finished seeds are reused, "
+                                 "this one goes on from its checkpoint") from None
         rows.append(read_row(Path(results["run_dir"]) / "results.json", results))
     about = provenance()
     note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"

@@ -20,12 +20,12 @@ from safetensors import safe_open
 from ..config import METHOD_DEFAULTS, Config
 from ..data.cache import cache_file
 from ..data.interactions import load_dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..evaluate import popularity_metrics
-from ..files import write_json_atomic
+from ..files import claim_output, file_fingerprint, write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
-from ..train.runfolder import finished_file
+from ..train.runfolder import finished_file, read_results
 from ..train.trainer import train
 from .offline import minilm_path
 from .presets import DATASETS
@@ -68,11 +68,38 @@ def point_config(setting: str, dataset: str, seed: int, data_root: Path, work: P
     return Config(**values)
 
 
+def data_differences(results: dict, users: Path, items: Path) -> list[str]:
+    """How the data a run's ``results`` record differs from ``users`` / ``items``: the files (a relative
+    path is taken from the run's working folder) and, when recorded, the items file's fingerprint."""
+    saved, base = results.get("config") or {}, Path(results.get("working_dir") or ".")
+    differences = [f"{key} file {saved.get(key)} there, {now} now" for key, now in (("users", users), ("items", items))
+                   if not saved.get(key) or (base / saved[key]).resolve() != Path(now).resolve()]
+    recorded = results.get("items_fingerprint")
+    if not differences and recorded and recorded != file_fingerprint(items):
+        differences.append(f"items file fingerprint {recorded} there, {file_fingerprint(items)} now")
+    return differences
+
+
+def finished_point(path: Path, users: Path, items: Path) -> dict | None:
+    """The results at ``path`` when that run finished on this very data, None when it has not finished; a
+    finished run on other data (a subset, another data root with the same --work) is refused, never
+    reused or tabled as this data's result, and left where it is."""
+    if finished_file(path) is None:
+        return None
+    results = read_results(path)
+    differences = data_differences(results, users, items)
+    if differences:
+        raise ConfigError(f"{path.parent} finished on other data ({'; '.join(differences)}); give another --work, "
+                          "or move that run folder away to train this point here")
+    return results
+
+
 def run_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path) -> Path:
-    """Train one point (resuming it if interrupted; nothing to do if it finished); its results file."""
+    """Train one point (resuming it if interrupted; nothing to do if it finished on this data); its results
+    file."""
     cfg = point_config(setting, dataset, seed, data_root, work)
     results = Path(cfg.out_dir) / cfg.run_name / "results.json"
-    if finished_file(results) is not None:
+    if finished_point(results, Path(cfg.users), Path(cfg.items)) is not None:
         log.info("%s: finished already (%s)", cfg.run_name, results)
         return results
     if cfg.feed == "cached" and cfg.method == "iisan" and not cache_file(cfg.cache_dir, "text").is_file():
@@ -123,23 +150,37 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def _is_table(path: Path) -> bool:
+    return {"table", "points", "missing"} <= set(read_results(path))
+
+
+def claim_table(out: Path) -> None:
+    """``out`` is rewritten on every call, so it may already hold a table; anything else there is refused."""
+    claim_output(out, _is_table, "a seed table", "--out", overwrite=True)
+
+
+def claim_verify_report(out: Path) -> None:
+    """Like ``claim_table``, for ``verify_point``'s reports (a list of points)."""
+    claim_output(out, lambda path: isinstance(read_results(path).get("points"), list), "a verify report",
+                 "--verify-out", overwrite=True)
+
+
 def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datasets=("Scientific", "Instrument"),
                 seeds=SEEDS) -> dict:
     """Collect every finished point under ``work`` into ``out`` (atomic); unfinished points are listed.
-    With them, the most-popular baseline's test metrics on each data set (same protocol, no training)."""
+    With them, the most-popular baseline's test metrics on each data set (same protocol, no training).
+    No finished point at all is an error: an empty table never replaces a full one."""
+    if not (Path(work) / "runs").is_dir():
+        raise ConfigError(f"--work {work} holds no run folders (no {Path(work) / 'runs'}); nothing to table")
+    claim_table(out)
     points, missing, table = {}, [], {}
-    for dataset in datasets:
-        users, items = data_files(data_root, dataset)
-        defaults = Config()  # the protocol: last max_seq_len + 3 items of users with >= min_seq_len
-        data = load_dataset(users, items, defaults.max_seq_len, defaults.min_seq_len)
-        table[f"{dataset}/most-popular"] = {m: {"mean": v, "std": None, "n": 1}
-                                            for m, v in popularity_metrics(data, "test").items() if m in METRICS}
     for setting in settings:
         for dataset in datasets:
+            users, items = data_files(data_root, dataset)
             found = {}
             for seed in seeds:
                 path = Path(work) / "runs" / point_name(setting, dataset, seed) / "results.json"
-                if finished_file(path) is not None:
+                if finished_point(path, users, items) is not None:
                     found[seed] = points[point_name(setting, dataset, seed)] = _summary(path)
                 else:
                     missing.append(point_name(setting, dataset, seed))
@@ -147,6 +188,17 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
                 table[f"{dataset}/{setting}"] = {
                     m: mean_std([p["test"][m] for p in found.values()]) for m in METRICS
                 } | {"seeds": sorted(found)}
+    if not points:
+        raise ConfigError(f"none of the {len(missing)} points has finished under {Path(work) / 'runs'}; "
+                          f"{out} is left as it was")
+    popular = {}
+    for dataset in datasets:
+        users, items = data_files(data_root, dataset)
+        defaults = Config()  # the protocol: last max_seq_len + 3 items of users with >= min_seq_len
+        data = load_dataset(users, items, defaults.max_seq_len, defaults.min_seq_len)
+        popular[f"{dataset}/most-popular"] = {m: {"mean": v, "std": None, "n": 1}
+                                              for m, v in popularity_metrics(data, "test").items() if m in METRICS}
+    table = popular | table
     payload = {"what": "test HR@10 / NDCG@10 at the best validation epoch, mean and sample std over seeds",
                "settings": {s: DESCRIPTION[s] for s in (*settings, "most-popular")}, "table": table, "points": points,
                "missing": missing, **provenance("cpu")}
