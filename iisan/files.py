@@ -255,3 +255,17 @@ def sha256(path: str | Path) -> str:
 def file_fingerprint(path: str | Path) -> str:
     """A short name for a file's content: the first 16 hex digits of its sha256."""
     return sha256(path)[:16]
+
+
+def expect_folders(**folders: Path | None) -> None:
+    """An ``OutputError`` naming the flag (``--<key>``) when a folder to write into, or the nearest part of
+    its path that exists, is a file: said before any work, not as a failed write after it."""
+    for key, path in folders.items():
+        if path is None:
+            continue
+        for part in (Path(path), *Path(path).parents):
+            if os.path.lexists(part):
+                if not part.is_dir():
+                    what = "is a file" if part == Path(path) else f"is inside the file {part}"
+                    raise OutputError(f"--{key.replace('_', '-')} {path} {what}; expected a folder")
+                break

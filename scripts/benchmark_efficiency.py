@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.bench import SETTINGS  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
@@ -33,13 +34,16 @@ from iisan.flags import add_config_arguments  # noqa: E402
 MIN_WARMUP, MIN_STEPS = 10, 50
 
 
-def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known) -> tuple[str, ...]:
-    """A comma list of method labels ('all': every known one, 'none' or empty: none)."""
+def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known, may_be_empty: bool = True
+               ) -> tuple[str, ...]:
+    """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none)."""
     if text.strip() == "all":
         return tuple(known)
-    labels = tuple(m.strip() for m in text.split(",") if m.strip() and m.strip() != "none")
+    labels = tuple(m.strip() for m in text.split(",") if m.strip() and not (may_be_empty and m.strip() == "none"))
     if unknown := [m for m in labels if m not in known]:
         parser.error(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
+    if not labels and not may_be_empty:
+        parser.error(f"{flag} {text!r} names no method; choose from {list(known)} or 'all'")
     return labels
 
 
@@ -48,7 +52,7 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
     parser.add_argument("--data", choices=DATA, default="demo")
     parser.add_argument("--settings", default="equal,paper", help=f"comma list of: {', '.join(SETTING_NAMES)}")
-    parser.add_argument("--equal-batch", type=int, default=32, help="batch size of every method in 'equal'")
+    parser.add_argument("--equal-batch", type=positive_int, default=32, help="batch size of every method in 'equal'")
     parser.add_argument("--methods", default=",".join(SETTINGS), help="comma list of method labels")
     parser.add_argument("--authors-way", default="all",
                         help="comma list of method labels also measured the authors' way (every slot encoded, "
@@ -69,7 +73,7 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--no-plots", action="store_true", help="no figures (the .md tables are still written)")
     add_config_arguments(parser, only=BENCH_KEYS)
     args = parser.parse_args(argv)
-    labels = label_list(parser, "--methods", args.methods, SETTINGS)
+    labels = label_list(parser, "--methods", args.methods, SETTINGS, may_be_empty=False)
     authors_way = label_list(parser, "--authors-way", args.authors_way, labels)
     full_epoch = label_list(parser, "--full-epoch", args.full_epoch, labels)
     if not args.few_steps and (args.warmup < MIN_WARMUP or args.steps < MIN_STEPS):
@@ -79,7 +83,7 @@ def main(argv=None) -> list[Path]:
         parser.error(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {args.warmup}, "
                      f"{args.flop_batches} and {args.steps}")
     settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-    if any(s not in SETTING_NAMES for s in settings):
+    if not settings or any(s not in SETTING_NAMES for s in settings):
         parser.error(f"--settings must list equal and/or paper, not {args.settings!r}")
     setup_logging()
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}

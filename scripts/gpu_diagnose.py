@@ -1,5 +1,6 @@
-"""Where a live-backbone training step spends its time on this device: plain measurements beside iisan's
-(``iisan.experiments.diagnose``: what each section measures). Under 5 minutes on one H100/H200.
+"""Where a live-backbone training step spends its time on this device, beside plain measurements.
+
+What each section measures: ``iisan.experiments.diagnose``. Under 5 minutes on one H100/H200.
 
     python scripts/gpu_diagnose.py --out $OUT/diagnose.json                     # a GPU, BERT-base + ViT-B/16
     python scripts/gpu_diagnose.py --size tiny --data demo --device cpu --fft-items 16 --frozen-items 32 \
@@ -27,8 +28,7 @@ def ints(text: str) -> list[int]:
 
 def main(argv=None) -> dict:
     defaults = DiagnosisOptions(out=ROOT / "results" / "diagnose.json")
-    parser = argparse.ArgumentParser(description=summary(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--size", choices=("base", "tiny"), default=defaults.size,
                         help="encoders: BERT-base + ViT-B/16, or tiny ones")
     parser.add_argument("--data", choices=("scientific", "demo"), default=defaults.data,

@@ -16,8 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.console import summary  # noqa: E402
+from iisan.console import entry_point, summary  # noqa: E402
 from iisan.experiments.figures import write_reports  # noqa: E402
+from iisan.files import expect_folders  # noqa: E402
 
 
 def main(argv=None) -> list[Path]:
@@ -26,10 +27,15 @@ def main(argv=None) -> list[Path]:
                         help="JSON files or folders of them")
     parser.add_argument("--figs", default=str(ROOT / "figs"))
     args = parser.parse_args(argv)
-    made = write_reports([Path(r) for r in args.results], Path(args.figs))
-    for path in made:
-        print(f"wrote {path}")
-    return made
+
+    def run() -> list[Path]:
+        expect_folders(figs=Path(args.figs))
+        made = write_reports([Path(r) for r in args.results], Path(args.figs))
+        for path in made:
+            print(f"wrote {path}")
+        return made
+
+    return entry_point(sys.argv[0], run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python scripts/profile_step.py --method FFT --backbones base --data scientific --device cuda --steps 5
 
 Uses the benchmark's synthetic data and encoders (``iisan.experiments.efficiency.prepare``, under
---work). Writes a Chrome trace to --trace when given.
+--work). Writes a Chrome trace to --trace when given; an existing file there is replaced only when it is
+such a trace (torch.profiler's).
 """
 
 from __future__ import annotations
@@ -15,10 +16,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.bounds import DEVICES, device_choice  # noqa: E402
+from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.experiments.efficiency import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
+from iisan.files import claim_output  # noqa: E402
+
+
+def is_profiler_trace(path: Path) -> bool:
+    """A Chrome trace torch.profiler wrote: a JSON whose head holds both of its top-level keys."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    return head.lstrip().startswith(b"{") and b'"schemaVersion"' in head and b'"traceEvents"' in head
 
 
 def main(argv=None) -> None:
@@ -28,7 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", choices=DATA, default="demo")
     parser.add_argument("--device", default="auto", type=device_choice, help=DEVICES)
     parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--work", default=str(ROOT / "bench_data"))
     parser.add_argument("--trace", default="", help="write a Chrome trace here")
@@ -36,6 +47,8 @@ def main(argv=None) -> None:
     setup_logging()
 
     def run() -> str:
+        if args.trace:  # before the work: its own earlier traces are replaced, nothing else
+            claim_output(args.trace, is_profiler_trace, "a Chrome trace of torch.profiler", "--trace", overwrite=True)
         work = Path(args.work)
         base = base_config(prepare(work, args.data, args.backbones), work, args.data, args.backbones,
                            device=args.device, num_workers=args.workers)

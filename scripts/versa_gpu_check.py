@@ -19,17 +19,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.console import entry_point, setup_logging  # noqa: E402
+from iisan.bounds import DEVICES, device_choice  # noqa: E402
+from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--out", default="/tmp/versa-gpu")
     parser.add_argument("--work", default="/tmp/versa-gpu-work")
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself")
+    parser.add_argument("--device", default="cuda", type=device_choice,
+                        help=f"{DEVICES}; cpu: a dry run of the script itself")
     parser.add_argument("--quick", action="store_true", help="one eager training epoch (little device time)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logging()
     report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))

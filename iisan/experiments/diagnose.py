@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import error_line
 from ..files import write_json_atomic
 from ..provenance import provenance
@@ -151,8 +152,7 @@ def iisan_section(args: DiagnosisOptions, report: dict) -> None:
 def run_diagnosis(args: DiagnosisOptions) -> dict:
     """Every section, each written to ``args.out`` as it finishes (a crash keeps what was measured).
     iisan's steps run first, each in its own process, so that their fresh shapes are fresh."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)  # a device this machine lacks: one line, before any work
     amp = torch.bfloat16 if device.type == "cuda" else None
     report = {"warmup": args.warmup, "reps": args.reps, "shape_reps": args.shape_reps,
               "device": device_facts(device)}

@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..bounds import DEVICE, DEVICES
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
-from ..files import write_json_atomic
+from ..devices import resolve_device
+from ..errors import ConfigError, TrainingError
+from ..files import expect_folders, write_json_atomic
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..provenance import git_commit, provenance
 from .bench import (
@@ -78,8 +81,16 @@ def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) 
 def method_config(base: dict, label: str, batch: int | None = None, way: str = "default") -> Config:
     """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
     setting (``SETTINGS[label]``), if given a batch size, and measured the authors' way or not."""
-    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch else {}),
+    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch is not None else {}),
                     **(AUTHORS_WAY if way == "authors" else {})})
+
+
+def check_device(settings: dict) -> None:
+    """The device every row will ask for exists here: a ``ConfigError`` now, not one failed row each."""
+    name = settings.get("device", "auto")
+    if not DEVICE.fullmatch(name):
+        raise ConfigError(f"device={name!r} is not one of {DEVICES}")
+    resolve_device(name)  # never touches the GPU itself: the measuring processes do
 
 
 def batch_size(setting: str, method: str, equal_batch: int) -> int:
@@ -129,7 +140,9 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     ``flop_batches``: FLOPs counted over the first that many timed batches (0: all).
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
-    the JSONs."""
+    the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
+    check_device(settings)
+    expect_folders(work=work, out=out, figs=figs)
     commit = git_commit()  # before this run writes its own results into the checkout
     authors_way = labels if authors_way is None else authors_way
     paths = prepare(work, data, backbones)
@@ -169,5 +182,10 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
         payload["complete"] = True
         written.append(write_json_atomic(result_path(out, tag, payload, rows, settings), payload))
         log.info("wrote %s", written[-1])
-    write_reports(written, figs)
+    failed = bool(measured) and all("error" in row for row in measured.values())
+    write_reports(written, None if failed else figs)  # no figure of nothing
+    if failed:
+        first = next(iter(measured.values()))["error"]
+        raise TrainingError(f"every measured row failed (the first: {first}); their errors are in "
+                            f"{', '.join(map(str, written))}")
     return written

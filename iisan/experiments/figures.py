@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import DataError  # noqa: E402
 from ..files import atomic_path  # noqa: E402
 from .bench import authors_label, memory_gib  # noqa: E402
 
@@ -153,16 +154,49 @@ def figure(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# What the table and the figure read from a benchmark JSON, besides its rows.
+BENCHMARK_KEYS = ("rows", "device", "description", "timed_steps", "warmup_steps", "command", "git_commit",
+                  "backbones", "data")
+EXPECTED = "expected a benchmark JSON written by scripts/benchmark_efficiency.py"
+
+
+def read_benchmark(path: Path) -> dict:
+    """A benchmark JSON, or a ``DataError`` naming the file and what it is not."""
+    try:
+        payload = json.loads(path.read_bytes())
+    except ValueError as err:  # not JSON (cut short, another format), or not text at all
+        raise DataError(f"{path} is not JSON ({err}); {EXPECTED}") from None
+    missing = [k for k in BENCHMARK_KEYS if k not in payload] if isinstance(payload, dict) else list(BENCHMARK_KEYS)
+    if missing or not isinstance(payload["rows"], list) or not all(isinstance(r, dict) for r in payload["rows"]):
+        raise DataError(f"{path} is not a benchmark JSON (it lacks {', '.join(missing) or 'a list of rows'}); "
+                        f"{EXPECTED}")
+    return payload
+
+
+def benchmark_files(results: list[Path]) -> list[Path]:
+    """The JSONs of ``results`` (files, or folders of them); a ``DataError`` for a path that does not exist
+    or a folder without any."""
+    files: list[Path] = []
+    for entry in map(Path, results):
+        if entry.is_dir():
+            found = sorted(entry.glob("*.json"))
+            if not found:
+                raise DataError(f"no benchmark JSON found under {entry}; {EXPECTED}")
+            files += found
+        elif entry.exists():
+            files.append(entry)
+        else:
+            raise DataError(f"{entry} does not exist; {EXPECTED}, or a folder of them")
+    return files
+
+
 def write_reports(results: list[Path], figs: Path | None) -> list[Path]:
     """For each JSON in ``results`` (files, or folders of them): ``<name>.md`` beside it (the table, with
     the command and device that produced it) and, unless ``figs`` is None, ``figs/efficiency-<name>.png``.
-    Returns what it wrote."""
-    files: list[Path] = []
-    for entry in map(Path, results):
-        files += sorted(entry.glob("*.json")) if entry.is_dir() else [entry]
+    Every JSON is read before anything is written. Returns what it wrote."""
+    payloads = {path: read_benchmark(path) for path in benchmark_files(results)}
     made = []
-    for path in files:
-        payload = json.loads(path.read_text())
+    for path, payload in payloads.items():
         md = path.with_suffix(".md")
         with atomic_path(md) as tmp:
             tmp.write_text(f"# Efficiency: {path.stem}\n\n" + table(payload))

@@ -23,7 +23,8 @@ from ..data.cache import cache_file
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
-from ..files import write_json_atomic
+from ..devices import resolve_device
+from ..files import expect_folders, write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..model.feeds import LiveStates
 from ..model.tiny import write_decoder, write_vit
@@ -34,9 +35,11 @@ def versa_gpu_check(out: Path, work: Path, device: str = "cuda", quick: bool = F
     """The three checks above; ``device='cpu'`` is a dry run of the check itself, ``quick`` one eager
     training epoch (little device time)."""
     out, work = Path(out), Path(work)
+    expect_folders(out=out, work=work)
+    resolved = resolve_device(device)  # a device this machine lacks: one line, before any work
     out.mkdir(parents=True, exist_ok=True)
     dev = device
-    report: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+    report: dict = {"device": torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else "cpu",
                     "torch": torch.__version__}
     paths = generate(work / "data", num_users=600, num_items=300, num_topics=12, seed=0, image_size=64)
     items = read_items(paths["items"])
