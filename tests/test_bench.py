@@ -3,7 +3,6 @@ and the GPU diagnosis script's dry run (the script a lent GPU runs first must no
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,8 @@ import torch
 
 from iisan.experiments.bench import add_tpme, measure_training
 from iisan.experiments.isolate import died, in_fresh_process
+
+from ._scripts import script_error
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -183,17 +184,6 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path):
     assert "| cache build, both towers, once (loading data and encoders" in md
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
-
-
-def script_error(name: str, argv: list[str], capsys) -> str:
-    """Run a script's ``main(argv)`` in this process (its parser fails before any work) -> its error."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(SystemExit) as stopped:
-        module.main(argv)
-    assert stopped.value.code == 2
-    return capsys.readouterr().err
 
 
 def test_benchmark_script_refuses_short_timing_without_the_flag(tmp_path, capsys):

@@ -3,7 +3,6 @@ scripts' ``main(argv)`` run in this process, with the work itself replaced by a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import torch
 from iisan.errors import TrainingError
 from iisan.experiments import efficiency
 
+from ._scripts import load_script
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 EXPECTED = "expected a benchmark JSON written by scripts/benchmark_efficiency.py"
 NO_GPU = "device=cuda but no CUDA device is available"
@@ -22,10 +23,7 @@ NO_GPU = "device=cuda but no CUDA device is available"
 def script(name: str, monkeypatch):
     """The script's module, loaded afresh, named as it is on a command line."""
     monkeypatch.setattr(sys, "argv", [f"{name}.py"])
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"{name}.py")
 
 
 def ending(module, argv: list[str], capsys, status: int = 2) -> str:

@@ -10,6 +10,8 @@ from iisan.data.image_build import build_image_lmdb
 from iisan.data.images import ImageStore, decode_record, encode_record
 from iisan.errors import ImageStoreError, OutputError
 
+from ._scripts import ROOT, load_script
+
 
 def test_record_round_trip_and_rejects_garbage():
     pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
@@ -104,13 +106,8 @@ def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplo
 
 def test_dataset_build_lmdb_script_refuses_an_unknown_encoding_in_one_line(tiny, tmp_path, capsys):
     """``Dataset/build_lmdb.py`` (the authors' command) checks --encoding as ``iisan build-lmdb`` does."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "Dataset" / "build_lmdb.py"
-    spec = importlib.util.spec_from_file_location("build_lmdb_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "Dataset" / "build_lmdb.py", "build_lmdb_script")
     with pytest.raises(SystemExit) as stopped:
         script.main(["--images", tiny["image_dir"], "--items", tiny["items"], "--out", str(tmp_path / "x.lmdb"),
                      "--encoding", "klingon"])
@@ -121,13 +118,8 @@ def test_dataset_build_lmdb_script_refuses_an_unknown_encoding_in_one_line(tiny,
 
 def test_dataset_build_lmdb_script_without_images_names_its_folder_and_refuses_stray_flags(tmp_path, capsys,
                                                                                             monkeypatch):
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "Dataset" / "build_lmdb.py"
-    spec = importlib.util.spec_from_file_location("build_lmdb_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "Dataset" / "build_lmdb.py", "build_lmdb_script")
     monkeypatch.setattr(script, "HERE", tmp_path)  # a Dataset folder without the authors' archives
     for argv, expected in (
             ([], f"no image folder in {tmp_path} (am_image_is, am_image_mi, am_image_op); unzip the authors' "

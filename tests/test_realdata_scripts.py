@@ -4,7 +4,6 @@ No real data is read: the checks come first, and the work is replaced by stand-i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,18 +12,9 @@ import pytest
 from iisan.errors import CacheError, RunInterrupted
 from iisan.experiments import realdata
 
+from ._scripts import script_error
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def script_error(name: str, argv: list[str], capsys) -> str:
-    """Run a script's ``main(argv)`` in this process, expecting exit status 2 -> its stderr."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(SystemExit) as stopped:
-        module.main(argv)
-    assert stopped.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["real_data_seeds", "benchmark_cached_cpu", "versa_minilm_scientific"])
