@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..bounds import DEVICE, DEVICES
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
-from ..errors import ConfigError, TrainingError
+from ..errors import TrainingError
 from ..files import expect_folders, write_json_atomic
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..provenance import git_commit, provenance
@@ -86,11 +85,9 @@ def method_config(base: dict, label: str, batch: int | None = None, way: str = "
 
 
 def check_device(settings: dict) -> None:
-    """The device every row will ask for exists here: a ``ConfigError`` now, not one failed row each."""
-    name = settings.get("device", "auto")
-    if not DEVICE.fullmatch(name):
-        raise ConfigError(f"device={name!r} is not one of {DEVICES}")
-    resolve_device(name)  # never touches the GPU itself: the measuring processes do
+    """The shared settings are valid and the device every row will ask for exists here: a ``ConfigError``
+    now, not one failed row each. Never touches the GPU itself: the measuring processes do."""
+    resolve_device(Config(**settings).device)
 
 
 def batch_size(setting: str, method: str, equal_batch: int) -> int:

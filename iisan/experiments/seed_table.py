@@ -75,8 +75,9 @@ def data_differences(results: dict, users: Path, items: Path) -> list[str]:
     differences = [f"{key} file {saved.get(key)} there, {now} now" for key, now in (("users", users), ("items", items))
                    if not saved.get(key) or (base / saved[key]).resolve() != Path(now).resolve()]
     recorded = results.get("items_fingerprint")
-    if not differences and recorded and recorded != file_fingerprint(items):
-        differences.append(f"items file fingerprint {recorded} there, {file_fingerprint(items)} now")
+    now = file_fingerprint(items) if recorded and not differences else recorded
+    if now != recorded:
+        differences.append(f"items file fingerprint {recorded} there, {now} now")
     return differences
 
 
