@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,26 @@ def test_cached_and_live_feeds_give_the_same_item_embeddings(cached_cfg):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # and the SAN tower really depends on the states (not a constant)
     assert a[1:].std(0).mean() > 1e-3
+
+
+def test_live_states_take_the_callers_precision_and_evaluation_is_fp32(cached_cfg):
+    """The live encoders run in the precision around them: the training step's autocast, and fp32 in
+    ``item_table`` (the authors evaluate without autocast) even when its caller has one on."""
+    from iisan.evaluate import item_chunks, item_table
+
+    cpu = torch.device("cpu")
+    fp32, _, cached = cached_and_live_tables(cached_cfg, cpu)
+    data = load_data(cached_cfg)
+    live, pixels = build_model(cached_cfg.replace(feed="live"), data, cpu)
+    live.load_state_dict(cached.state_dict(), strict=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = item_table(live, data.num_items, 16, pixels, cpu)
+        items = next(iter(item_chunks(np.arange(1, 9), 8, pixels)))
+        states = live.item_encoder.states(items)
+    torch.testing.assert_close(inside, fp32, atol=1e-5, rtol=1e-5)
+    exact = live.item_encoder.states(items)
+    assert all(not torch.equal(states[m], exact[m]) for m in exact)  # bf16 under the caller's autocast
+    torch.testing.assert_close(states["text"], exact["text"], atol=0.1, rtol=0.05)
 
 
 def test_cache_lacking_a_requested_layer_names_the_missing_ones(tiny_config):

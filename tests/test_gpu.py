@@ -76,6 +76,12 @@ def test_cached_and_live_feeds_agree_on_the_gpu(tiny_config, tiny_cache, no_tf32
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_live_evaluation_runs_the_encoders_in_fp32_whatever_the_training_precision(tiny_config, tiny_cache, no_tf32):
+    """bf16 training leaves evaluation exact: item_table's live encoders run without autocast (authors)."""
+    a, b, _ = cached_and_live_tables(tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16"), CUDA)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_trainer_end_to_end_with_cuda_graphs(tiny_config, tiny_cache):
     results = train(tiny_config(cache_dir=tiny_cache, device="cuda", epochs=2))
     assert results["step"]["compiled"] == "cudagraph" and results["step"]["amp"] == "bfloat16"

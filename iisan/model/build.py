@@ -14,7 +14,6 @@ from ..data.batches import PixelSource
 from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.images import ImageStore
 from ..data.interactions import SeqRecData, check_data_file, load_dataset
-from ..devices import amp_dtype
 from ..errors import ConfigError
 from .backbones import (
     FrozenEncoder,
@@ -125,14 +124,14 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
 
 
 def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
-                encoders: dict | None = None, amp: torch.dtype | None = None) -> tuple[LiveStates, PixelSource | None]:
+                encoders: dict | None = None) -> tuple[LiveStates, PixelSource | None]:
     """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
     encoders = encoders or load_encoders(cfg)
     tokens = attention = None
     if "text" in encoders:
         tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
     pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
-    live = LiveStates(encoders, tokens, attention, amp, cfg.text_encoder_dropout)
+    live = LiveStates(encoders, tokens, attention, cfg.text_encoder_dropout)
     return live.to(device), pixels
 
 
@@ -212,8 +211,7 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
         if data is None:
             states = LiveStates({m: freeze(e) for m, e in encoders.items()})
         else:
-            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders,
-                                         amp_dtype(cfg.amp, device))
+            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders)
     else:
         encoders = encoders or load_encoders(cfg)
         if data is not None and "image" in encoders:

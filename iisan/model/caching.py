@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..config import Config
+from ..data.batches import ItemBatch
 from ..data.cache import FORMAT, cache_file, encoder_config_hash, is_cache_file, read_metadata, recorded_weights
 from ..data.cache_build import SIDECAR, build_caches
 from ..data.cache_import import import_caches
@@ -152,7 +154,7 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
     stored, amp = cache_precision(dtype or cfg.cache_dtype, {e.dtype for e in encoders.values()}, device)
-    live, pixels = live_states(cfg, item_ids, titles, device, encoders, amp=amp)
+    live, pixels = live_states(cfg, item_ids, titles, device, encoders)
     live.eval()
     if timings is not None:
         timings["load_seconds"] = time.perf_counter() - start
@@ -162,8 +164,17 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
     metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored, known)
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    return build_caches(live, live.shapes(), metadata, item_ids, cfg.cache_dir, chunk_size=cfg.encode_batch_size,
+    return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
+                        chunk_size=cfg.encode_batch_size,
                         device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
+
+
+def autocast_states(live: LiveStates, amp: torch.dtype | None) -> Callable[[ItemBatch], dict[str, torch.Tensor]]:
+    """``live`` run under autocast in ``amp`` (None: as it is)."""
+    def encode(items: ItemBatch) -> dict[str, torch.Tensor]:
+        with torch.autocast(items.ids.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return live(items)
+    return encode
 
 
 def cache_precision(choice: str, encoder_dtypes: set[torch.dtype],

@@ -19,13 +19,14 @@ from .inputs import EncodedItems
 
 
 class LiveStates(EncodedItems):
-    """Frozen encoders over items' inputs. ``tokens``/``attention`` (N+1, T) index the item list."""
+    """Frozen encoders over items' inputs. ``tokens``/``attention`` (N+1, T) index the item list.
+
+    Precision is the caller's: the training step's autocast (bf16/fp16 on a GPU), and fp32 in
+    ``evaluate.item_table``, which turns autocast off as the authors' evaluation runs without it."""
 
     def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None = None,
-                 attention: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
-                 text_dropout: bool = False):
+                 attention: torch.Tensor | None = None, text_dropout: bool = False):
         super().__init__(encoders, tokens, attention)
-        self.amp_dtype = amp_dtype
         self.text_dropout = text_dropout
 
     def train(self, mode: bool = True) -> LiveStates:
@@ -43,14 +44,12 @@ class LiveStates(EncodedItems):
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
         rows = self.rows(items)
         device = items.ids.device
-        enabled = self.amp_dtype is not None and device.type == "cuda"
         out = {}
         for name, encoder in self.encoders.items():
             if rows is not None and not len(rows):
                 out[name] = torch.zeros(len(items.ids), len(encoder.layers), encoder.width, device=device)
                 continue
-            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
-                states = encoder.layer_states(**self.inputs(name, items, rows)).float()  # (rows, k, d)
+            states = encoder.layer_states(**self.inputs(name, items, rows)).float()  # (rows, k, d)
             out[name] = self.spread(states, items, rows)  # (U, k, d)
         return out
 
