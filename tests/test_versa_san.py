@@ -75,6 +75,26 @@ def test_symmetric_pair_is_exactly_iisan():
     assert n_params(full) + SASREC == 4_113_877 == tower_params(768, 7, 768, 7, "iisan") + SASREC
 
 
+@pytest.mark.parametrize("heads", ["iisan", "versa"])
+def test_image_head_init_follows_each_design(heads):
+    """IISAN's image head ends in the authors' xavier-normal classifier (zero bias); the Versa draft's
+    cv_pre_fc is a fresh Linear, torch's default init, as is the text head in both."""
+    torch.manual_seed(0)
+    tower = SANItemTower({"text": 256, "image": 256}, {"text": 3, "image": 3}, embedding_dim=D, heads=heads)
+    image, text = tower.heads["image"][1], tower.heads["text"][1]
+    fan_in, fan_out = image.weight.shape[1], image.weight.shape[0]
+    default_std = 1 / math.sqrt(3 * fan_in)  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert abs(text.weight.std().item() - 1 / math.sqrt(3 * text.weight.shape[1])) < 0.2 * default_std
+    assert text.bias.abs().sum() > 0
+    if heads == "iisan":
+        assert image.bias.abs().sum() == 0
+        xavier_std = math.sqrt(2 / (fan_in + fan_out))
+        assert abs(image.weight.std().item() - xavier_std) < 0.1 * xavier_std
+    else:
+        assert image.bias.abs().sum() > 0
+        assert abs(image.weight.std().item() - default_std) < 0.2 * default_std
+
+
 def test_llm_pair_parameter_count_matches_the_authors_computation():
     """LLaMA-3-70B (8192) + ViT-B (768), bottleneck 64: ~54 M trainable, 44 M of them the 7 maps."""
     tower = SANItemTower({"text": 8192, "image": 768}, {"text": 7, "image": 7})

@@ -170,8 +170,9 @@ class SANItemTower(nn.Module):
             self.heads["inter"] = Head(self.inter.width, embedding_dim)
         branches = len(self.intra) + (self.inter is not None)
         self.combine = nn.Linear(branches * embedding_dim, embedding_dim)  # the authors' com_dense
-        # The authors replace ViT's classifier with a xavier-normal Linear(768 -> 64) and reuse it here.
-        if "image" in self.heads:
+        # IISAN: the authors replace ViT's classifier with a xavier-normal Linear(768 -> 64) and reuse it
+        # here. The Versa draft's image head ends in a fresh Linear (cv_pre_fc) with torch's default init.
+        if "image" in self.heads and self.head_style == "iisan":
             nn.init.xavier_normal_(self.heads["image"][1].weight)
             nn.init.zeros_(self.heads["image"][1].bias)
 
