@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iisan.errors import EncoderError
-from iisan.model.backbones import FrozenEncoder, group_layers, load_image_encoder, load_text_encoder
+from iisan.model.backbones import FrozenEncoder, architecture, group_layers, load_image_encoder, load_text_encoder
 from iisan.model.inputs import tokenize_titles
 from iisan.model.patches import PatchProjection, patches_as_matmul
 
@@ -64,6 +64,20 @@ def test_vit_final_cls_is_after_the_final_layernorm(tiny):
         last_state = enc.layer_states(pixel_values=x)[:, -1]
         final = enc.final_cls(pixel_values=x)
         torch.testing.assert_close(final, enc.model.layernorm(last_state))
+
+
+def test_vit_loads_without_the_pooler_nothing_reads(tiny):
+    """AutoModel gives ViT a random pooler the authors' classifier checkpoint lacks; it is dropped, so
+    "all params" counts the authors' ViT (and the folder's own weights)."""
+    from transformers import ViTConfig, ViTModel
+
+    bare = sum(p.numel() for p in ViTModel(ViTConfig.from_pretrained(tiny["image_model"]),
+                                           add_pooling_layer=False).parameters())
+    loaded = load_image_encoder(tiny["image_model"]).model
+    built = architecture(tiny["image_model"], "image")
+    assert loaded.pooler is None and built.pooler is None
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in built.parameters()) == bare
+    assert architecture(tiny["text_model"], "text").pooler is not None  # BERT keeps its pooler (authors')
 
 
 def test_pixels_become_contiguous_normalised_nchw():

@@ -52,7 +52,7 @@ def test_no_pickle_and_no_unsafe_torch_load():
 
 
 def test_every_from_pretrained_call_refuses_remote_code():
-    """Direct calls spell ``trust_remote_code=False``; Auto classes passed to ``backbones._load`` are
+    """Direct calls spell ``trust_remote_code=False``; Auto classes passed to ``encoder_files.load_from_folder`` are
     loaded by its one call, which spells it too (next test)."""
     calls, passed_on = [], []
     for path in FILES:
@@ -65,11 +65,11 @@ def test_every_from_pretrained_call_refuses_remote_code():
             elif isinstance(node, ast.Attribute) and node.attr == "from_pretrained":
                 passed_on.append(str(path.relative_to(ROOT)))
     assert calls and all(safe for *_, safe in calls), [c for c in calls if not c[2]]
-    assert set(passed_on) - {c[0] for c in calls} <= {"iisan/model/backbones.py"}
+    assert set(passed_on) - {c[0] for c in calls} <= {"iisan/model/backbones.py", "iisan/model/encoder_files.py"}
 
 
 def test_the_loader_wrapper_never_trusts_remote_code_nor_fetches_unasked(tiny):
-    from iisan.model.backbones import _load
+    from iisan.model.encoder_files import load_from_folder
 
     seen = []
 
@@ -78,7 +78,7 @@ def test_the_loader_wrapper_never_trusts_remote_code_nor_fetches_unasked(tiny):
         def from_pretrained(path, **kwargs):
             seen.append((path, kwargs))
 
-    _load(Recorder, tiny["text_model"], "text encoder")
-    _load(Recorder, "org/model", "text encoder", allow_download=True)
+    load_from_folder(Recorder, tiny["text_model"], "text encoder")
+    load_from_folder(Recorder, "org/model", "text encoder", allow_download=True)
     assert seen == [(tiny["text_model"], {"trust_remote_code": False, "local_files_only": True}),
                     ("org/model", {"trust_remote_code": False, "local_files_only": False})]

@@ -14,21 +14,16 @@ image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from ..errors import EncoderError
-from .encoder_files import TEXT_ENCODERS, check_architecture, local_folder, resolve_model_path
+from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, local_folder
 from .inputs import tokenize_for_pooling
 from .patches import patches_as_matmul
 
@@ -48,56 +43,6 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
     if max(layers) > depth:
         raise EncoderError(f"{what} layers {list(layers)} do not fit an encoder with {depth} layers "
                            f"(valid hidden-state indices are 0..{depth})")
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings below errors and its progress bars off inside the block; both as found after
-    (blocks may nest)."""
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# What from_pretrained raises for a folder whose files are damaged or do not fit together (weights of
-# other sizes than the config says are a RuntimeError).
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
-
-
-def _load(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
-    """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
-    (``encoder_files``), never running code from it and never fetching anything unless allowed."""
-    path = resolve_model_path(name, allow_download)
-    # Loading a classification checkpoint into the bare encoder reports its head as unused and the
-    # pooler as missing; both are expected here, so the report is silenced.
-    try:
-        with quiet_transformers():
-            return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
-                                              **kwargs)
-    except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
-        raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
-    except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
-        first = " ".join(str(err).split()).split(". ")[0]
-        raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
-                           f"package that is not installed ({first})") from None
-
-
-def load_error_line(err: Exception) -> str:
-    """What went wrong loading a model folder, in one line."""
-    text = str(err).strip()
-    if isinstance(err, SafetensorError):
-        return f"a weights file is damaged or truncated ({text})"
-    if "ignore_mismatched_sizes" in text:  # its report of which tensors differ is silenced (quiet_transformers)
-        return "its weights do not have the sizes its config.json gives"
-    if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
-        return " ".join(line.strip() for line in text.splitlines()[1:]) or text
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def depth_and_width(config) -> tuple[int, int]:
@@ -123,7 +68,7 @@ class EncoderSpec:
 def read_spec(name: str, modality: str, allow_download: bool = False) -> EncoderSpec:
     """The encoder's architecture, depth, width and stored precision, from its config alone; an
     architecture IISAN cannot use as this tower is refused here, before any weight is read."""
-    config = _load(AutoConfig, name, f"{modality} encoder config", allow_download)
+    config = load_from_folder(AutoConfig, name, f"{modality} encoder config", allow_download)
     check_architecture(config.model_type, modality, name)
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     if modality == "image" and hasattr(config, "vision_config"):
@@ -262,9 +207,9 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
     LLM caches, the mean over every position, padding included ('authors')."""
     read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
-    tokenizer = _load(AutoTokenizer, name, "text tokenizer", allow_download)
+    tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
-    model = _load(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
+    model = load_from_folder(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)
     if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
         model = model.text_model
@@ -303,11 +248,12 @@ def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups:
     ``patch_embedding``: 'matmul' computes the patch-embedding convolution as a matmul over patches
     (``PatchProjection``; the same map), 'conv' keeps the model's own convolution."""
     read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
-    processor = _load(AutoImageProcessor, name, "image processor", allow_download)
-    model = _load(AutoModel, name, "image encoder", allow_download, dtype=dtype or torch.float32,
+    processor = load_from_folder(AutoImageProcessor, name, "image processor", allow_download)
+    model = load_from_folder(AutoModel, name, "image encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)
     if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
         model = model.vision_model
+    drop_pooler(model)
     if patch_embedding == "matmul":
         patches_as_matmul(model)
     depth, _ = depth_and_width(model.config)
@@ -333,10 +279,19 @@ def architecture(name: str, modality: str) -> nn.Module:
     """The model ``load_text_encoder`` / ``load_image_encoder`` would load from ``name``, built from its
     config alone with random weights (call it under ``torch.device("meta")`` to allocate nothing): what
     parameter counts need, without reading a 70B checkpoint."""
-    config = _load(AutoConfig, name, f"{modality} encoder config")
+    config = load_from_folder(AutoConfig, name, f"{modality} encoder config")
     model = AutoModel.from_config(config)
     tower = "text_model" if modality == "text" else "vision_model"
-    return getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower
+    model = getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower
+    return drop_pooler(model) if modality == "image" else model
+
+
+def drop_pooler(model: nn.Module) -> nn.Module:
+    """ViT and DeiT without their pooler, which nothing reads and the authors' ViTForImageClassification
+    lacks (AutoModel adds a random one; it would count in "all params")."""
+    if model.config.model_type in ("vit", "deit"):
+        model.pooler = None
+    return model
 
 
 def freeze(module: nn.Module) -> nn.Module:

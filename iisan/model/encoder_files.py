@@ -1,10 +1,11 @@
 """Encoder folders on disk, checked before transformers reads them: where a name points, what a folder
-may hold, which architectures IISAN can use, and the digest that names a folder's weights.
+may hold, which architectures IISAN can use, the digest that names a folder's weights, and the one
+``from_pretrained`` call that loads from a folder (``load_from_folder``; one-line errors).
 
 - Names: an existing folder; the defaults (``pretrained_models/...``) resolve against the repository,
   not the working directory; anything else is a Hugging Face Hub id only with ``--allow-download``.
   Nothing is fetched unless asked for.
-- Folders never run code: ``trust_remote_code=False`` on every load (``backbones._load``), and a
+- Folders never run code: ``trust_remote_code=False`` on every load (``load_from_folder``), and a
   config whose ``auto_map`` asks for custom code of a model type transformers does not know is refused
   before transformers could prompt for it. Pickled weights (``pytorch_model.bin``) are refused: loading
   a pickle can run code; safetensors cannot.
@@ -14,6 +15,7 @@ may hold, which architectures IISAN can use, and the digest that names a folder'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +23,11 @@ import os
 import re
 from pathlib import Path
 
+import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING
+from transformers.utils import logging as hf_logging
 
 from ..config import DEFAULT_MODELS, REPOSITORY
 from ..errors import EncoderError
@@ -152,3 +158,53 @@ def weights_digest(folder: Path, known: dict | None = None) -> dict:
             combined.update(f"{path.name}\t{sha256(path)}\n".encode())
         _MEMO[key] = combined.hexdigest()
     return {"digest": _MEMO[key], "files": stats}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings below errors and its progress bars off inside the block; both as found after
+    (blocks may nest)."""
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# What from_pretrained raises for a folder whose files are damaged or do not fit together (weights of
+# other sizes than the config says are a RuntimeError).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
+
+
+def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
+    """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
+    (``encoder_files``), never running code from it and never fetching anything unless allowed."""
+    path = resolve_model_path(name, allow_download)
+    # Loading a classification checkpoint into the bare encoder reports its head as unused and the
+    # pooler as missing; both are expected here, so the report is silenced.
+    try:
+        with quiet_transformers():
+            return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
+                                              **kwargs)
+    except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
+        raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
+    except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
+        first = " ".join(str(err).split()).split(". ")[0]
+        raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
+                           f"package that is not installed ({first})") from None
+
+
+def load_error_line(err: Exception) -> str:
+    """What went wrong loading a model folder, in one line."""
+    text = str(err).strip()
+    if isinstance(err, SafetensorError):
+        return f"a weights file is damaged or truncated ({text})"
+    if "ignore_mismatched_sizes" in text:  # its report of which tensors differ is silenced (quiet_transformers)
+        return "its weights do not have the sizes its config.json gives"
+    if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
+        return " ".join(line.strip() for line in text.splitlines()[1:]) or text
+    return text.splitlines()[0] if text else type(err).__name__

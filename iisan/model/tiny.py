@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ..files import usual_permissions
-from .backbones import quiet_transformers
+from .encoder_files import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
