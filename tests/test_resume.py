@@ -218,6 +218,23 @@ def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
     assert torchrun.signal == "SIGTERM"
 
 
+def test_a_handler_python_cannot_put_back_gives_way_to_the_default(monkeypatch):
+    """signal.signal returns None for a handler installed outside Python; leaving the stop handler in its
+    place would make later signals set a flag nothing reads."""
+    from iisan.train import interrupt
+
+    saved = {sig: signal.getsignal(sig) for sig in interrupt.StopRequests.SIGNALS}
+    real = signal.signal
+    monkeypatch.setattr(interrupt.signal, "signal", lambda sig, handler: real(sig, handler) and None)
+    try:
+        with interrupt.StopRequests():
+            assert signal.getsignal(signal.SIGTERM) != saved[signal.SIGTERM]
+        assert all(signal.getsignal(sig) == signal.SIG_DFL for sig in saved)
+    finally:
+        for sig, handler in saved.items():
+            real(sig, handler)
+
+
 def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
     cfg = base.replace(run_name="ctrl-c-end", epochs=3)
     interrupt_at(monkeypatch, 10)

@@ -47,5 +47,7 @@ class StopRequests:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back; the default action
+            # (stop the process) is closer to it than leaving this one, which nothing reads any more.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
