@@ -32,12 +32,6 @@ from .model.recommender import Recommender
 KS = (5, 10, 20)
 
 
-def expected_rank(ranks: torch.Tensor) -> torch.Tensor:
-    """(U, 2) ``[best, ties]`` (``rank_targets``) -> (U,) the expected 1-based rank ``best + ties / 2``."""
-    ranks = ranks.double()
-    return ranks if ranks.dim() == 1 else ranks[:, 0] + ranks[:, 1] / 2
-
-
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """ranks (U,) exact 1-based ranks, or (U, 2) ``[best, ties]`` from ``rank_targets`` (inf = never
     ranked) -> ``hit@K`` and ``ndcg@K`` averaged over users, each the expectation over the
@@ -113,15 +107,6 @@ def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: 
         return users.float() @ table.T  # (u, N+1)
 
     return score_ranks(scores, targets, history, batch_users, rank_repeated_targets, table.device)
-
-
-@torch.no_grad()
-def evaluate_split(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
-                   history: np.ndarray, batch_users: int = 1024, rank_repeated_targets: bool = False,
-                   ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """``user_vectors(table, inputs (u, L)) -> (u, D)``; ``table`` (N+1, D) item embeddings."""
-    return metrics_from_ranks(split_ranks(user_vectors, table, inputs, targets, history, batch_users,
-                                          rank_repeated_targets), ks)
 
 
 def popularity_scores(train_sequences: np.ndarray, num_items: int) -> torch.Tensor:

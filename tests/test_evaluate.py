@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.evaluate import evaluate_split, expected_rank, metrics_from_ranks, popularity_metrics, rank_targets
+from iisan.evaluate import metrics_from_ranks, popularity_metrics, rank_targets, split_ranks
 
 
 def test_metrics_from_ranks_by_hand():
@@ -41,7 +41,6 @@ def test_ties_take_every_place_among_them_equally_often():
     scores = torch.tensor([[0.0, 3.0, 3.0, 5.0, 3.0, 1.0]])
     ranks = rank_targets(scores, torch.tensor([2]), torch.tensor([[0]]))
     assert ranks.tolist() == [[2.0, 2.0]]
-    assert expected_rank(ranks).tolist() == [3.0]  # 1 + higher + ties / 2
     m = metrics_from_ranks(ranks, ks=(2, 3, 10))
     # by hand: hit@2 = 1/3 (only place 2), hit@3 = 2/3, hit@10 = 1
     assert m["hit@2"] == pytest.approx(1 / 3)
@@ -50,6 +49,10 @@ def test_ties_take_every_place_among_them_equally_often():
     assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 3)
     assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
+
+
+def evaluate_split(user_vectors, table, inputs, targets, history, batch_users=1024, ks=(5, 10, 20)):
+    return metrics_from_ranks(split_ranks(user_vectors, table, inputs, targets, history, batch_users), ks)
 
 
 def test_a_model_that_scores_every_item_the_same_hits_about_k_in_items():
@@ -126,3 +129,22 @@ def test_popularity_baseline_by_hand(tmp_path):
     test = popularity_metrics(data, "test")
     assert test["hit@20"] == pytest.approx(0.5)
     assert popularity_metrics(data, "test", rank_repeated_targets=True)["hit@20"] == 1.0
+
+
+def test_rank_repeated_targets_reaches_the_evaluation_of_a_model(tiny_config):
+    """The config key, not only ``rank_targets``: with it a target the user had before is ranked (the
+    authors'), without it that user is a miss."""
+    from iisan.evaluate import evaluate_ranks
+    from iisan.model.build import build_model, load_data
+
+    cfg = tiny_config(method="id")
+    data = load_data(cfg)
+    _, targets, history = data.eval_split("test")
+    repeats = (history == targets[:, None]).any(1)
+    assert 0 < repeats.sum() < len(targets)  # the tiny data has users whose target repeats their history
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    ours = evaluate_ranks(model, data, "test", cfg, torch.device("cpu"))
+    authors = evaluate_ranks(model, data, "test", cfg.replace(rank_repeated_targets=True), torch.device("cpu"))
+    assert torch.isinf(ours[repeats, 0]).all() and torch.isfinite(authors[:, 0]).all()
+    assert torch.equal(ours[~repeats], authors[~repeats])

@@ -15,11 +15,13 @@ from ._scripts import ROOT, load_script
 
 def test_record_round_trip_and_rejects_garbage():
     pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    out, blank = decode_record(encode_record(pixels))
+    out, blank = decode_record(encode_record(pixels), "store", "a")
     np.testing.assert_array_equal(out, pixels)
-    assert not blank
-    with pytest.raises(ImageStoreError, match="'x' is not an IISAN image record"):
-        decode_record(b"\x80\x04pickle-ish-bytes", "x")
+    assert not blank and decode_record(encode_record(pixels, blank=True), "store", "a")[1]
+    with pytest.raises(ImageStoreError, match="^store: image 'x' is not an IISAN image record$"):
+        decode_record(b"\x80\x04pickle-ish-bytes", "store", "x")
+    with pytest.raises(ImageStoreError, match=r"^store: image 'a' is not a \(5, 4, 3\) IISAN image record$"):
+        decode_record(encode_record(pixels), "store", "a", (5, 4, 3))
 
 
 def test_build_counts_missing_and_corrupt_images_and_keeps_going(tmp_path):

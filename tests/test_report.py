@@ -248,12 +248,15 @@ def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
 
 
 def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
-    from iisan.experiments.report import plot_curves
+    from iisan.experiments.curves import draw_curves
+    from iisan.experiments.report import collect
 
     out, results = runs
     main(["results", str(out), "--curves", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
-    series = plot_curves([str(out)], tmp_path / "again.png")
+    _, series = collect([str(out)], [])
+    draw_curves(series, tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 10_000
     assert list(series) == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
     for s, result in zip(series.values(), results):
         assert s["valid_hit@10"] == [e["valid"]["hit@10"] for e in result["epochs"]]

@@ -31,16 +31,6 @@ def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
     return HEADER.pack(MAGIC, FLAG_BLANK if blank else 0, h, w, c) + np.ascontiguousarray(pixels, np.uint8).tobytes()
 
 
-def decode_record(value: bytes, key: str = "?") -> tuple[np.ndarray, bool]:
-    if len(value) < HEADER.size:
-        raise ImageStoreError(f"image record {key!r} is truncated ({len(value)} bytes)")
-    magic, flags, h, w, c = HEADER.unpack_from(value)
-    if magic != MAGIC or len(value) != HEADER.size + h * w * c:
-        raise ImageStoreError(f"image record {key!r} is not an IISAN image record")
-    pixels = np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c)
-    return pixels, bool(flags & FLAG_BLANK)
-
-
 _OPEN: dict[tuple[str, int], lmdb.Environment] = {}
 
 
@@ -81,11 +71,18 @@ def read_meta(path: Path) -> dict | None:
     return meta
 
 
-def _header(value, path: Path, item_id: str) -> tuple:
+def decode_record(value, where: str | Path, item_id: str,
+                  shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, bool]:
+    """One stored record -> ``(pixels (h, w, c) uint8, a view of value; blank flag)``. ``shape``: the
+    only shape accepted (the store's). Reads nothing beyond the header when only the flag is wanted."""
     if len(value) < HEADER.size:
-        raise ImageStoreError(f"{path}: image {item_id!r} is truncated ({len(value)} bytes, shorter than its "
+        raise ImageStoreError(f"{where}: image {item_id!r} is truncated ({len(value)} bytes, shorter than its "
                               f"{HEADER.size}-byte header); rebuild the store with `iisan build-lmdb --overwrite`")
-    return HEADER.unpack_from(value)
+    magic, flags, h, w, c = HEADER.unpack_from(value)
+    if magic != MAGIC or len(value) != HEADER.size + h * w * c or (shape is not None and (h, w, c) != shape):
+        raise ImageStoreError(f"{where}: image {item_id!r} is not a{f' {shape}' if shape else 'n'} IISAN image "
+                              "record")
+    return np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c), bool(flags & FLAG_BLANK)
 
 
 class ImageStore:
@@ -128,7 +125,6 @@ class ImageStore:
         if out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
         blank = np.zeros(len(item_ids), dtype=bool)
-        record = HEADER.size + self.size * self.size * 3
         with self._txn(buffers=True) as txn:
             for i, item_id in enumerate(item_ids):
                 value = txn.get(item_id.encode("utf-8")) if item_id else None
@@ -136,11 +132,8 @@ class ImageStore:
                     out[i] = 0
                     blank[i] = True
                     continue
-                magic, flags, h, w, c = _header(value, self.path, item_id)
-                if magic != MAGIC or len(value) != record or (h, w, c) != shape[1:]:
-                    raise ImageStoreError(f"{self.path}: image {item_id!r} is not a {shape[1:]} IISAN image record")
-                np.copyto(out[i], np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c))
-                blank[i] = bool(flags & FLAG_BLANK)
+                pixels, blank[i] = decode_record(value, self.path, item_id, shape[1:])
+                np.copyto(out[i], pixels)
         return out, blank
 
     def blank_ids(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
@@ -156,6 +149,6 @@ class ImageStore:
                 value = txn.get(item_id.encode("utf-8"))
                 if value is None:
                     missing.append(item_id)
-                elif _header(value, self.path, item_id)[1] & FLAG_BLANK:
+                elif decode_record(value, self.path, item_id)[1]:
                     flagged.append(item_id)
         return missing, flagged

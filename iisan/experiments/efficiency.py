@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 # Config keys a benchmark run may set from the command line (through ``add_config_arguments(only=...)``).
 BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "patch_embedding", "num_workers",
               "static_shapes", "item_bucket_growth", "title_multiple")
-WAYS = ("default", "authors")
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}

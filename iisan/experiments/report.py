@@ -38,7 +38,6 @@ from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..train.checkpoint import MAY_CHANGE
-from .curves import draw_curves
 from .results_file import METRICS, DamagedResults, find_results, load_results
 
 log = logging.getLogger(__name__)
@@ -298,10 +297,3 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
-
-
-def plot_curves(folders: list[str], path: str | Path) -> dict[str, dict[str, list]]:
-    """``draw_curves`` of every readable run under ``folders``; returns the plotted series."""
-    _, curves = collect(folders, [])
-    draw_curves(curves, path)
-    return curves
