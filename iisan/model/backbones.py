@@ -96,7 +96,8 @@ def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.d
 
 
 class FrozenEncoder(nn.Module):
-    """A transformers encoder, frozen by default, returning pooled states of chosen layers.
+    """A transformers encoder returning pooled states of chosen layers; ``freeze`` makes it frozen (IISAN,
+    the cache), the baselines train it.
 
     ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
     pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token

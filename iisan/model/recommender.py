@@ -1,7 +1,7 @@
 """The sequential recommender: an item encoder (any method) + the SASRec user encoder + the loss.
 
-Contract (RecBole's): ``calculate_loss(batch)`` for training; ``item_table`` + ``user_vectors`` for
-full-ranking evaluation.
+Contract (RecBole's): ``calculate_loss(batch)`` for training; ``item_encoder`` (every item's embedding,
+``evaluate.item_table``) + ``user_vectors`` for full-ranking evaluation.
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ class SASRec(nn.Module):
         """items (B, L, D) left-padded item embeddings, valid (B, L) bool -> (B, L, D) user states.
 
         Query q attends to key k iff k <= q and k is not padding. Padded queries then attend to nothing
-        real; with an additive mask their softmax is uniform (as the authors'), and their outputs are
-        never used."""
+        real; their outputs are never used (the authors' -1e9 mask makes their softmax uniform, this
+        mask's ``MASK_VALUE`` does not; no real query sees the difference)."""
         B, L, _ = items.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
         allowed = causal[None] & valid[:, None, :]  # (B, L, L)
