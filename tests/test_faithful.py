@@ -20,7 +20,7 @@ from iisan.model.caching import build_cache_from_config, cache_precision
 from iisan.model.inputs import tokenize_for_pooling
 from iisan.model.peft_methods import HoulsbyAdapter
 from iisan.model.san import IntraSAN
-from iisan.train.step import make_optimizer, make_train_step, use_compile
+from iisan.train.step import StepPlan, make_optimizer, make_train_step, plan_step, use_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = ["", "Red Lamp with a big shade", "blue chair", "Green table, small and round  "]
@@ -114,6 +114,11 @@ def test_amp_fp16_trains_with_a_grad_scaler_and_bf16_without(tiny_config, tiny_c
     # fp16 loss scaling syncs with the host, so the authors' precision runs eager, never as a CUDA graph
     assert use_compile(cfg.replace(amp="fp16"), cuda) == "off"
     assert use_compile(cfg, cuda) == "cudagraph"
+    # the trainer and the benchmark plan steps alike; compile=auto stays eager under torchrun
+    assert plan_step(cfg, cuda, model) == StepPlan(torch.bfloat16, "cudagraph", False, None)
+    assert plan_step(cfg, cuda, model, processes=2) == StepPlan(torch.bfloat16, "off", True, None)
+    assert plan_step(cfg.replace(compile="cudagraph"), cuda, model, processes=2).compiled == "cudagraph"
+    assert plan_step(cfg, torch.device("cpu"), model) == StepPlan(None, "off", True, None)
 
 
 # --- 3. Houlsby adapters ------------------------------------------------------------------------------

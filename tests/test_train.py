@@ -144,9 +144,9 @@ def test_smoke_switch_shrinks_the_same_config(cached_cfg):
 def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cached_cfg, monkeypatch, caplog):
     """A graphed step whose capture fails trains eagerly; results.json says so, not what was asked for.
     (On a CPU the capture fails at its first CUDA call, which is the failure path a GPU takes too.)"""
-    import iisan.train.trainer as trainer
+    import iisan.train.step as step
 
-    monkeypatch.setattr(trainer, "use_compile", lambda cfg, device: "cudagraph")
+    monkeypatch.setattr(step, "use_compile", lambda cfg, device: "cudagraph")
     with caplog.at_level("WARNING", logger="iisan.train.graphs"):
         results = train(cached_cfg.replace(epochs=1, run_name="graph-failed"))
     assert "CUDA graph capture failed" in caplog.text

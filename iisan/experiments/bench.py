@@ -20,12 +20,12 @@ from ..config import METHOD_NAMES, Config
 from ..data.batches import TrainBatch, train_loader, without_padding_rows
 from ..data.interactions import SeqRecData
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
-from ..devices import amp_dtype, device_name, peak_memory, resolve_device, sync
+from ..devices import device_name, peak_memory, resolve_device, sync
 from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
 from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
-from ..train.step import batch_layout, make_optimizer, make_train_step, use_compile
+from ..train.step import make_optimizer, make_train_step, plan_step
 from .flops import StepFlops, shape_key
 from .timing import StepClock, summary, timed_each
 
@@ -99,18 +99,17 @@ def layout(batch: TrainBatch, cached: bool) -> tuple:
 
 
 def training_setup(cfg: Config) -> TrainingSetup:
-    """The model, optimizer and step of ``cfg``, in training mode."""
+    """The model, optimizer and step of ``cfg``, in training mode: the trainer's ``plan_step`` (a single
+    process)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, device)
-    amp = amp_dtype(cfg.amp, device)
-    compiled = use_compile(cfg, device)
-    optimizer = make_optimizer(model, cfg, device, capturable=compiled == "cudagraph")
-    step = make_train_step(model, optimizer, amp, device, compiled)
+    plan = plan_step(cfg, device, model)
+    optimizer = make_optimizer(model, cfg, device, capturable=plan.compiled == "cudagraph")
+    step = make_train_step(model, optimizer, plan.amp, device, plan.compiled)
     model.train()
-    dedup, buckets = batch_layout(cfg, compiled, model)
-    return TrainingSetup(cfg, data, model, pixels, step, device, amp, compiled, dedup, buckets)
+    return TrainingSetup(cfg, data, model, pixels, step, device, plan.amp, plan.compiled, plan.dedup, plan.buckets)
 
 
 def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import random
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch
 from ..config import Config
 from ..data.batches import ItemBatch, TrainBatch
 from ..data.shapes import ShapeBuckets
-from ..devices import device_name
+from ..devices import amp_dtype, device_name
 from ..errors import TrainingError
 from ..model.recommender import Recommender
 from .graphs import GraphedStep
@@ -188,6 +189,23 @@ def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
 def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[bool, ShapeBuckets | None]:
     """How a step's batches are made: each distinct item once or every slot, and static shapes or not."""
     return use_dedup(cfg, compiled), shape_buckets(cfg, model)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a run's steps run, decided once for the trainer and the benchmark alike (``plan_step``)."""
+
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+    compiled: str  # 'off', 'cudagraph' or 'inductor' (``use_compile``)
+    dedup: bool  # each distinct item encoded once (``use_dedup``)
+    buckets: ShapeBuckets | None  # static shapes of live steps (``shape_buckets``)
+
+
+def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: int = 1) -> StepPlan:
+    """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
+    checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
+    compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
+    return StepPlan(amp_dtype(cfg.amp, device), compiled, *batch_layout(cfg, compiled, model))
 
 
 def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:

@@ -24,7 +24,7 @@ from .. import distributed
 from ..config import METHOD_NAMES, Config
 from ..console import progress_bar
 from ..data.batches import steps_per_epoch, train_loader
-from ..devices import amp_dtype, device_name, sync
+from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
 from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
@@ -37,14 +37,13 @@ from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
 from .runfolder import refuse_to_overwrite, reusable_results, run_dir
 from .step import (
-    batch_layout,
     describe_step,
     deterministic_kernels,
     make_optimizer,
     make_train_step,
     out_of_memory_message,
+    plan_step,
     seed_everything,
-    use_compile,
 )
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
@@ -98,11 +97,8 @@ class Run:
         self.model, self.pixels = build_model(cfg, self.data, device)
         self.record.parameters = count_parameters(self.model)
         log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
-        self.amp = amp_dtype(cfg.amp, device)
-        # compile=auto compiles single-process runs only: CUDA graphs around DDP's gradient hooks are
-        # not checked here; --compile cudagraph|inductor asks for it under torchrun anyway.
-        self.compiled = "off" if dist.enabled and cfg.compile == "auto" else use_compile(cfg, device)
-        self.dedup, self.buckets = batch_layout(cfg, self.compiled, self.model)
+        plan = plan_step(cfg, device, self.model, dist.world_size)
+        self.amp, self.compiled, self.dedup, self.buckets = plan.amp, plan.compiled, plan.dedup, plan.buckets
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
         chosen = self.decide(self.choose_checkpoint)
