@@ -40,7 +40,9 @@ METHOD_DEFAULTS = {
               "lr_adapter_text": 1e-4},
     "fft": {"batch_size": 32, "lr": 1e-4, "lr_image": 1e-4, "lr_text": 5e-5},
     "adapter": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
-    "lora": {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4},
+    # LoRA's image/text rates train only the Q/V biases of --lora-random-base (the authors' loralib layers).
+    "lora": {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5, "lr_adapter_image": 4e-4,
+             "lr_adapter_text": 4e-4},
     "bitfit": {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5},
     # SASRec over item IDs (no encoder): IISAN's batch and recsys learning rate, which the table trains with.
     "id": {"batch_size": 64, "lr": 2e-4},
@@ -86,7 +88,8 @@ class Config:
                              "included, pad id 0, no attention mask, titles not lower-cased); auto: cls for "
                              "BERT-family encoders, mean for decoder LLMs", ("auto", "cls", "mean", "last", "authors"))
     text_encoder_dropout: bool = _opt(
-        False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder"
+        False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder; turns --dedup-items "
+        "auto into off, so that each slot of a batch gets its own dropout mask, as theirs did"
     )
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
                               "the checkpoint's own half precision if it has one (LLMs), else fp32",
@@ -100,8 +103,12 @@ class Config:
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))
     modality: str = _opt("intra_inter", "SANs used by IISAN", ("intra_inter", "intra", "inter"))
     fusion: str = _opt("gated", "how a SAN mixes backbone states into its chain", ("gated", "add"))
-    text_adapter_down: int = _opt(64, "bottleneck of the text side-adapter blocks (and text adapters)")
-    image_adapter_down: int = _opt(64, "bottleneck of the image and inter side-adapter blocks")
+    text_adapter_down: int = _opt(64, "bottleneck of the text side-adapter blocks and the text tower's Houlsby "
+                                  "adapters; also of the inter blocks unless the image tower is narrower")
+    image_adapter_down: int = _opt(64, "bottleneck of the image side-adapter blocks and the image tower's Houlsby "
+                                   "adapters; the inter blocks take the narrower tower's bottleneck (the text one "
+                                   "for equal widths, as the authors'), so this one only when the image tower is "
+                                   "narrower than the text tower")
     gate_temperature: float = _opt(0.1, "gate = sigmoid(theta / temperature)")
     san_heads: str = _opt("auto", "SAN output heads: iisan (width->width->D), versa (width->D->D); auto: "
                           "iisan when both towers have the same width", ("auto", "iisan", "versa"))
@@ -111,26 +118,39 @@ class Config:
     drop_rate: float = _opt(0.1, "SASRec dropout")
     lora_rank: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(1.0, "LoRA alpha (authors: 1, so the scale is 1/8)")
+    lora_random_base: bool = _opt(
+        False, "authors' bug: LoRA over a fresh Linear of default init (seeded by --seed) in place of each "
+        "pretrained target, its weight frozen and its bias trained in the image/text groups (--lr-image, "
+        "--lr-text), as their loralib layers (BERT-base + ViT-B/16: 833,600 trainable, not 796,736)"
+    )
     lora_targets: str = _opt("query,value", "LoRA targets: roles (query, key, value, attention_output, "
                              "ffn_in, ffn_out) or module-name suffixes")
     adapter_targets: str = _opt("attention_output,ffn_out", "Houlsby adapter positions (roles or suffixes)")
     adapter_init: str = _opt("authors", "Houlsby adapters' start: authors (both projections N(0, 0.01^2)) or "
                              "identity (up projection zero: each adapter starts as the identity)",
                              ("authors", "identity"))
+    adapter_position: str = _opt("after_dropout", "Houlsby adapters in their residual branch: after_dropout "
+                                 "(the authors': LN(x + adapter(dropout(dense h)))) or before_dropout "
+                                 "(LN(x + dropout(adapter(dense h)))); the same in eval mode and where the "
+                                 "dropout is 0 (ViT-B/16)", ("after_dropout", "before_dropout"))
     # --- training ----------------------------------------------------------------------------------
     feed: str = _opt("cached", "where IISAN's backbone states come from", ("cached", "live"))
     cache_dir: str = _opt("", "folder with text.safetensors / image.safetensors (cached feed)")
     cache_dtype: str = _opt("auto", "precision the cache is computed and stored in; auto: float32 (the authors': "
                             "fp32 encoders, no autocast) unless the encoders run in half precision (an LLM "
-                            "on a GPU: its own type); float16/bfloat16 compute under autocast on a GPU. "
+                            "on a GPU: its own type); float16/bfloat16 over fp32 encoders compute under "
+                            "autocast on a GPU, over half encoders in the encoders' own type (stored as asked), "
+                            "so the authors' fp16 LLM features need --encoder-dtype float16 too. "
                             "Training refuses a cache of another precision unless this is auto",
                             ("auto", "float32", "float16", "bfloat16"))
     batch_size: int = _opt(64, "users per batch")
     epochs: int = _opt(100, "maximum epochs")
     patience: int = _opt(10, "stop once valid HR@10 has not improved for more than this many epochs")
     lr: float = _opt(2e-4, "recsys group: SASRec, heads, com_dense, text and inter gates")
-    lr_image: float = _opt(1e-4, "image group: fc_cv, image gates (FFT: ViT weights; BitFit: ViT biases)")
-    lr_text: float = _opt(5e-5, "text group: fc_bert (FFT: BERT weights; BitFit: BERT biases)")
+    lr_image: float = _opt(1e-4, "image group: fc_cv, image gates (FFT: ViT weights; BitFit: ViT biases; LoRA "
+                           "with --lora-random-base: ViT Q/V biases)")
+    lr_text: float = _opt(5e-5, "text group: fc_bert (FFT: BERT weights; BitFit: BERT biases; LoRA with "
+                          "--lora-random-base: BERT Q/V biases)")
     lr_adapter_image: float = _opt(1e-4, "image and inter side-adapter blocks (Adapter/LoRA: 4e-4)")
     lr_adapter_text: float = _opt(1e-4, "text side-adapter blocks (Adapter/LoRA: 4e-4)")
     seed: int = _opt(12345, "seed for Python, NumPy and torch")
@@ -201,6 +221,8 @@ class Config:
         if self.method != "iisan" and self.feed == "cached":
             # Baselines train through the backbones, so their states cannot be cached.
             self.feed = "live"
+        if self.text_encoder_dropout and self.dedup_items == "auto" and self.method == "iisan" and self.feed == "live":
+            self.dedup_items = "off"  # one encoding per distinct item would share its dropout mask across slots
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

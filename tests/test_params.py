@@ -18,8 +18,8 @@ from iisan.model.build import build_model, load_data
 AUTHORS = {"fft": 194.90e6, "adapter": 4.97e6, "bitfit": 0.41e6, "iisan": 4.11e6}
 
 
-def trainable(method: str, capsys) -> tuple[int, int]:
-    main(["params", "--method", method, "--random-backbones", "base"])
+def trainable(method: str, capsys, *flags: str) -> tuple[int, int]:
+    main(["params", "--method", method, "--random-backbones", "base", *flags])
     line = capsys.readouterr().out
     found = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ", line)
     assert found, line
@@ -38,6 +38,18 @@ def test_lora_differs_from_the_authors_by_the_qv_biases_they_left_trainable(caps
     # r (768 + 768) per wrapped Q or V, 2 per layer, 12 layers, 2 towers, + heads, com_dense and SASRec
     assert count == 8 * 1536 * 48 + 2 * (768 * 64 + 64) + (128 * 64 + 64) + 100_224 == 796_736
     assert count + 48 * 768 == 833_600  # the authors' 0.83 M: their loralib layers trained the Q/V biases
+
+
+def test_lora_random_base_counts_the_authors_qv_biases(capsys):
+    count, total = trainable("lora", capsys, "--lora-random-base")
+    assert count == 796_736 + 48 * 768 == 833_600  # the authors' 0.83 M, exactly
+    assert total == trainable("lora", capsys)[1]  # fresh layers of the same shapes replace Q and V
+
+
+@pytest.mark.parametrize("position", ["after_dropout", "before_dropout"])
+def test_adapter_position_does_not_change_the_count(position, capsys):
+    # 2 adapters x 12 layers x 2 towers x (768 * 64 + 64 + 64 * 768 + 768), + heads, com_dense and SASRec
+    assert trainable("adapter", capsys, "--adapter-position", position)[0] == 4_965_440
 
 
 # --- `iisan params` counts what `iisan train` builds --------------------------------------------------

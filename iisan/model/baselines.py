@@ -29,9 +29,10 @@ def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.
         apply_bitfit(model)
     elif cfg.method == "adapter":
         down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
-        apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init)
+        apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init, cfg.adapter_position)
     elif cfg.method == "lora":
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what)
+        seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what, cfg.lora_random_base, seed)
     else:
         raise ValueError(f"{cfg.method} is not a baseline")
     return [p for p in model.parameters() if p.requires_grad]

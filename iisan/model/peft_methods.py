@@ -10,15 +10,18 @@ Linear modules that exist.
 - FFT: every weight trains (poolers excluded: their output is never read).
 - Adapter: Houlsby bottleneck adapters (64, ReLU) on the attention-output and FFN-output projections
   of every block; both projections N(0, 0.01^2) as the authors' ``AdapterBlock`` (``init='authors'``),
-  or an up projection of zeros, so each adapter starts as the identity (``init='identity'``).
-- LoRA: peft's LoRA on query and value of every block, wrapping the pretrained weights (the authors'
-  loralib code replaced them with random ones; we do not).
+  or an up projection of zeros, so each adapter starts as the identity (``init='identity'``). Each sits
+  after the dropout of its residual branch, as the authors' (``position='after_dropout'``), or before it.
+- LoRA: peft's LoRA on query and value of every block, wrapping the pretrained weights. The authors'
+  loralib layers replaced them with fresh random ones whose biases trained (a bug); ``random_base``
+  reproduces that.
 - BitFit: every bias trains.
 """
 
 from __future__ import annotations
 
 import peft
+import torch
 from torch import nn
 
 from ..errors import TargetError
@@ -120,49 +123,138 @@ class HoulsbyAdapter(nn.Module):
         return y + self.up_proj(self.down_proj(y).relu())
 
 
-class WithAdapter(nn.Module):
-    """A frozen projection followed by an adapter. The authors put the adapter after the projection's
-    dropout; here it sits before that dropout (identical in eval mode and for ViT, whose dropout is 0)."""
+ADAPTER_POSITIONS = ("after_dropout", "before_dropout")
+OUTPUT_ROLES = ("attention_output", "ffn_out")  # the projections that end a residual branch
 
-    def __init__(self, base_layer: nn.Linear, bottleneck: int, init: str = "authors"):
+
+class WithAdapter(nn.Module):
+    """A frozen projection followed by an adapter. ``dropout``: the residual branch's dropout, moved in
+    here so that the adapter reads its output, as the authors' ``BertAdaptedSelfOutput`` and
+    ``VITAdapted*``: ``LN(x + adapter(dropout(dense h)))``. Without it the block's dropout stays in place
+    and follows the adapter: ``LN(x + dropout(adapter(dense h)))``. The two agree in eval mode and
+    wherever the dropout is 0 (ViT-B/16)."""
+
+    def __init__(self, base_layer: nn.Linear, bottleneck: int, init: str = "authors",
+                 dropout: nn.Dropout | None = None):
         super().__init__()
         self.base_layer = base_layer
+        self.dropout = dropout
         self.adapter = HoulsbyAdapter(base_layer.out_features, bottleneck, init)
 
     def forward(self, x):
-        return self.adapter(self.base_layer(x))
+        y = self.base_layer(x)
+        if self.dropout is not None:
+            y = self.dropout(y)
+        return self.adapter(y)
+
+
+def branch_dropout(model: nn.Module, block_name: str, name: str) -> str | None:
+    """The name of the Dropout the block applies to projection ``name``'s output before the residual
+    add: a Dropout child of the projection's parent, else of the nearest ancestor up to the block. BERT
+    and transformers 4 ViT: ``output.dropout`` beside ``output.dense``; transformers 5 ViT: the layer's
+    one ``dropout``, which serves both branches. None where a block has none (CLIP, LLaMA)."""
+    parent_name = name.rpartition(".")[0]
+    while True:
+        parent = model.get_submodule(parent_name)
+        found = [n for n, m in parent.named_children() if isinstance(m, nn.Dropout)]
+        if len(found) > 1:
+            raise TargetError(f"cannot tell which dropout follows {name}: {parent_name} has "
+                              f"{', '.join(found)}; use adapter_position=before_dropout")
+        if found:
+            return f"{parent_name}.{found[0]}"
+        if parent_name == block_name:
+            return None
+        parent_name = parent_name.rpartition(".")[0]
+
+
+def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """{target: the dropout to move into its wrapper} for the targets that end a residual branch (other
+    targets have no dropout between them and the adapter). A dropout that also serves a branch without
+    an adapter cannot move (that branch would lose it): an error."""
+    width = model.config.hidden_size
+    served: dict[str, list[str]] = {}
+    for block_name, block in transformer_blocks(model):
+        roles = block_roles(block_name, block, width)
+        for role in OUTPUT_ROLES:
+            dropout = branch_dropout(model, block_name, roles[role])
+            if dropout is not None:
+                served.setdefault(dropout, []).append(roles[role])
+    moved = {}
+    for dropout, branches in served.items():
+        if any(b in names for b in branches):
+            if not all(b in names for b in branches):
+                raise TargetError(f"{dropout} follows {' and '.join(branches)}: adapter_position=after_dropout "
+                                  "needs adapters on all of them (or use before_dropout)")
+            moved.update(dict.fromkeys(branches, dropout))
+    return moved
 
 
 def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: str = "encoder",
-                   init: str = "authors") -> list[nn.Module]:
+                   init: str = "authors", position: str = "after_dropout") -> list[nn.Module]:
+    if position not in ADAPTER_POSITIONS:
+        raise ValueError(f"position must be one of {', '.join(ADAPTER_POSITIONS)}, not {position!r}")
     names = resolve_targets(model, targets, what)
     for p in model.parameters():
         p.requires_grad_(False)
+    moved = moved_dropouts(model, names) if position == "after_dropout" else {}
+    dropouts = {name: model.get_submodule(name) for name in set(moved.values())}
     adapters = []
     for name in names:
         parent, child = _get(model, name)
-        wrapped = WithAdapter(getattr(parent, child), bottleneck, init)
+        dropout = dropouts[moved[name]] if name in moved else None
+        wrapped = WithAdapter(getattr(parent, child), bottleneck, init, dropout)
         setattr(parent, child, wrapped)
         adapters.append(wrapped.adapter)
+    for name in dropouts:  # now inside the wrappers, before the adapters
+        parent, child = _get(model, name)
+        setattr(parent, child, nn.Identity())
     return adapters
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], what: str = "encoder") -> list[nn.Module]:
-    """peft LoRA (B = 0 at start, so the identity) on the resolved targets; only A and B train."""
+def fresh_linears(model: nn.Module, names: list[str], seed: int) -> None:
+    """Replace each of ``names`` by a new Linear of its shape with nn.Linear's default initialisation,
+    drawn from ``seed`` (a rebuilt model gets the same weights; its checkpoint holds only what trains)
+    without touching the global random stream (the rest of the model starts as without them). This is
+    what the authors' ``lora.Linear(768, 768, r)`` did to the pretrained query and value layers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for name in names:
+            parent, child = _get(model, name)
+            old = getattr(parent, child)
+            new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                            device="meta" if old.weight.is_meta else "cpu")
+            setattr(parent, child, new.to(old.weight.device, old.weight.dtype))
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], what: str = "encoder",
+               random_base: bool = False, seed: int = 0) -> list[nn.Module]:
+    """peft LoRA (B = 0 at start, so the identity) on the resolved targets; only A and B train.
+    ``random_base``: the authors' loralib layers instead. Each target is first replaced by a fresh random
+    Linear (``fresh_linears``), whose weight stays frozen and whose bias trains."""
     names = resolve_targets(model, targets, what)
+    if random_base:
+        fresh_linears(model, names, seed)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=names)
     for p in model.parameters():
         p.requires_grad_(False)
     peft.inject_adapter_in_model(config, model)
     lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
-    factors = {id(p) for layer in lora_layers for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]}
+    trains = {id(p) for layer in lora_layers for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]}
+    if random_base:  # loralib froze only the weight
+        trains |= {id(layer.get_base_layer().bias) for layer in lora_layers if layer.get_base_layer().bias is not None}
     for p in model.parameters():  # A and B train; the base weights stay frozen whatever peft defaults to
-        p.requires_grad_(id(p) in factors)
+        p.requires_grad_(id(p) in trains)
     return lora_layers
 
 
 def injected_parameters(model: nn.Module) -> set[int]:
-    """The ids of the parameters a method added to ``model`` (Houlsby adapters, LoRA layers and their
-    frozen base layers), found by module type: the optimizer's adapter groups."""
-    return {id(p) for m in model.modules() if isinstance(m, (HoulsbyAdapter, peft.tuners.lora.LoraLayer))
-            for p in m.parameters()}
+    """The ids of the parameters a method added to ``model`` (Houlsby adapters, LoRA's A and B), found by
+    module type: the optimizer's adapter groups. The layers LoRA wraps are the backbone's: under
+    ``random_base`` their biases train in the image/text groups, as the authors'."""
+    added = set()
+    for m in model.modules():
+        if isinstance(m, HoulsbyAdapter):
+            added |= {id(p) for p in m.parameters()}
+        elif isinstance(m, peft.tuners.lora.LoraLayer):
+            added |= {id(p) for p in m.parameters()} - {id(p) for p in m.get_base_layer().parameters()}
+    return added
