@@ -528,6 +528,10 @@ CASES = [
     # encoders: nothing fetched, no code run, no pickle read, supported architectures only
     Case("model-missing", lambda P, s: C(P, s, "--text-model", f"{s}/nope"),
          ("model folder '{s}/nope' does not exist", "--allow-download")),
+    Case("live-run-model-missing", lambda P, s: T(P, s, "--feed", "live", "--text-model", f"{s}/nope"),
+         ("model folder '{s}/nope' does not exist", "--allow-download"), check=nothing_at("runs/r")),
+    Case("live-run-lmdb-missing", lambda P, s: T(P, s, "--method", "fft", "--images", f"{s}/none.lmdb"),
+         ("image LMDB {s}/none.lmdb does not exist",), check=nothing_at("runs/r")),
     Case("model-hub-id-without-flag", lambda P, s: C(P, s, "--text-model", "someone/model"),
          ("model folder 'someone/model' does not exist", "--allow-download")),
     Case("model-is-a-file", lambda P, s: C(P, s, "--image-model", P["users"]),

@@ -49,12 +49,18 @@ def check_data_files(cfg: Config) -> None:
 
 
 def check_run_inputs(cfg: Config) -> None:
-    """The data files exist, and so do the cache files of a cached run: checked before a run claims its
-    folder, so that a missing input leaves no run folder behind."""
+    """The data files exist, and so do the cache files of a cached run, or the encoder folders and the
+    image LMDB of a live one: checked before a run claims its folder, so that a missing or mistyped input
+    leaves no run folder behind."""
     check_data_files(cfg)
     if cfg.method == "iisan" and cfg.feed == "cached":
         for m in modalities(cfg):
             read_metadata(cache_file(cache_dir(cfg), m))
+    elif cfg.method != "id":  # the encoders run: their folders' configs, and the image LMDB
+        for m in modalities(cfg):
+            read_spec(model_name(cfg, m), m, cfg.allow_download)
+        if "image" in modalities(cfg):
+            image_store(cfg)
 
 
 def cache_dir(cfg: Config) -> str:
@@ -110,12 +116,16 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.d
     return encoders
 
 
-def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
-    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+def image_store(cfg: Config) -> ImageStore:
     if not cfg.images:
         raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`); without "
                           "images, --towers text trains a text-only item tower")
-    store = ImageStore(cfg.images)
+    return ImageStore(cfg.images)
+
+
+def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
+    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+    store = image_store(cfg)
     missing, flagged = store.blank_ids(item_ids)
     if missing or flagged:
         log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
