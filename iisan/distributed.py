@@ -58,6 +58,16 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def main_process() -> bool:
+    """Whether this process is rank 0 of a launch, or not launched at all: the one that prints."""
+    return not launched() or os.environ["RANK"] == "0"
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without one)."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     """The process group (joined, or created: the third value says so) and this rank's device.
 

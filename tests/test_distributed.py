@@ -84,6 +84,19 @@ def test_a_numbered_gpu_under_torchrun_is_one_line_before_any_process_group(monk
     assert not torch.distributed.is_initialized()
 
 
+def test_run_names_under_torchrun_carry_the_process_count(tiny_config, monkeypatch):
+    """Each process has its own batch of users: 2 processes compute another run than 1 (not "finished
+    before with this config"); a run name given by hand resumes across counts."""
+    from iisan.train.runfolder import default_run_name, run_dir
+
+    cfg = tiny_config(run_name="")
+    single = default_run_name(cfg)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert default_run_name(cfg) == single.rsplit("-", 1)[0] + "-2proc-" + single.rsplit("-", 1)[1]
+    assert run_dir(cfg.replace(run_name="mine")).name == "mine"
+
+
 def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
     """tests/_torchrun_worker.py under torchrun: a 3-epoch run, a 2-epoch run resumed to 3, and the
     distributed evaluation of the first run's best weights."""

@@ -346,6 +346,22 @@ def test_a_seed_run_twice_counts_once_the_newest_kept(runs, tmp_path, capsys, ca
     assert len(table_rows(capsys.readouterr().out)) == 1 + 5
 
 
+def test_runs_of_other_process_counts_are_other_experiments(runs, tmp_path, capsys):
+    """torchrun's processes each take a batch of users: a 2-process run of a config and seed is not a
+    repeat of the 1-process one, and the table shows the count where it differs."""
+    out, _ = runs
+    copy_runs(out, tmp_path / "runs")
+    copy_run(tmp_path / "runs" / "lr0.001-s1", tmp_path / "runs" / "lr0.001-s1-2proc",
+             lambda r: r.update(world_size=2) or r["test"].update({"hit@10": 0.5}))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    by_key = {(r[header.index("lr")], r[header.index("processes")]): r for r in rows}
+    assert set(by_key) == {("0.001", "1"), ("0.001", "2"), ("0.0002", "1")}
+    assert by_key["0.001", "2"][header.index("test_hit@10")] == "0.5000"
+    main(["results", str(out)])  # one process everywhere: no column
+    assert "processes" not in table_rows(capsys.readouterr().out)[0]
+
+
 def test_rows_in_order_of_the_differing_keys_then_the_run(runs, tmp_path, capsys):
     """Numbers in numeric order (1e-05 before 0.0002, which a text sort would not give), then the run
     name; not the order of the folders. --sort still orders by the column asked for."""

@@ -165,3 +165,19 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_a_config_key(sweep, capsys
     with pytest.raises(SystemExit) as info:
         parse_script_args(DEFAULTS, sweep, ["--patien", "3"])  # --patience, spelled short
     assert info.value.code == 2 and "unrecognized arguments: --patien 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_grid_summary(rank, printed, monkeypatch, capsys):
+    """Every rank runs the grid; the table is printed once (a point that fails still fails on each)."""
+    import argparse
+
+    from iisan.errors import GridError
+    from iisan.experiments.sweep import GridPoint, run_grid
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = GridPoint(0, {"lr": "fast"}, None, "lr='fast': expected a number")
+    with pytest.raises(GridError, match="1 of 1 grid point"):
+        run_grid([bad], argparse.Namespace(grid_index=None))
+    assert ("grid summary: 1 point(s): 1 failed" in capsys.readouterr().out) is printed

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
 CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
+# ...and how many processes trained the run (torchrun): each process has its own batch of users.
+RUN_KEYS = (*CONFIG_KEYS, "processes")
 # Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
@@ -103,6 +105,7 @@ def read_row(path: Path, results: dict) -> dict:
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
         "status": results.get("status", "finished"),  # a file without a status was written only at the end
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
+        "processes": results.get("world_size", 1),
         "best_epoch": results["best_epoch"],
         "epochs_run": len(results["epochs"]),
         "valid_hit@10": valid.get("hit@10"),
@@ -128,9 +131,10 @@ def read_curve(results: dict) -> dict[str, list]:
 def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
             include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
     """A frame of one row per readable, included run, and the curve of each (by run name)."""
-    unknown = [k for k in keys if k not in Config.__dataclass_fields__]
+    unknown = [k for k in keys if k not in Config.__dataclass_fields__ and k != "processes"]
     if unknown:
-        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help`")
+        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help` (or "
+                          "processes)")
     files = find_results(folders)
     rows, curves, unreadable, smoke, unfinished = [], {}, 0, 0, 0
     for path in files:
@@ -161,14 +165,14 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
 
 def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
-    return dict.fromkeys(["run", "method", "feed", "data", "status", *CONFIG_KEYS, "best_epoch", "epochs_run",
+    return dict.fromkeys(["run", "method", "feed", "data", "status", *RUN_KEYS, "best_epoch", "epochs_run",
                           "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
                           "trainable_params", "peak_gib", "device", "folder", "written", "non_finite"])
 
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
-    """Config keys whose values differ between the runs, except the ``ignored`` ones."""
-    return [k for k in CONFIG_KEYS if k not in ignored and frame[k].nunique(dropna=False) > 1]
+    """Config keys (and ``processes``) whose values differ between the runs, except the ``ignored`` ones."""
+    return [k for k in RUN_KEYS if k not in ignored and frame[k].nunique(dropna=False) > 1]
 
 
 def _order(value) -> tuple:

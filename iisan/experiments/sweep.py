@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
+from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
 from ..flags import add_config_arguments, args_layers
 from ..train.runfolder import default_run_name, path_component, reusable_results
@@ -191,7 +192,8 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
                                      "again: finished points are skipped, this one goes on from its checkpoint"
                                      ) from None
     finally:
-        print(summary(outcomes), end="")
+        if main_process():  # under torchrun every rank runs the grid; one table is enough
+            print(summary(outcomes), end="")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:  # one failure: its reason here too (a single run's user sees no other line); several: the table
         raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: " + "; ".join(

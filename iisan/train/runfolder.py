@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from ..config import Config
+from ..distributed import launched_processes
 from ..errors import ConfigError
 from .checkpoint import MAY_CHANGE, config_differences
 
@@ -45,9 +46,12 @@ def data_name(cfg: Config) -> str:
 
 def default_run_name(cfg: Config, tag: str = "") -> str:
     """``iisan-cached-Scientific-3fa2c1d0``; ``tag`` (a sweep's varying values, e.g. ``lr0.0001``) and
-    ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart."""
+    ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart, with the
+    number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
+    of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
+    processes = launched_processes()
     parts = [cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else "", path_component(tag) if tag else "",
-             config_hash(cfg)]
+             f"{processes}proc" if processes > 1 else "", config_hash(cfg)]
     return "-".join(p for p in parts if p)
 
 
