@@ -76,4 +76,4 @@ class CachedStates(nn.Module):
         return None  # no titles here: the cache holds their states
 
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
-        return {m: getattr(self, f"table_{m}")[items.ids].float() for m in self.names}
+        return {m: getattr(self, f"table_{m}")[items.ids].float() for m in self.names}  # (U, k, d) each

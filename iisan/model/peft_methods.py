@@ -76,6 +76,7 @@ def _get(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def freeze_poolers(model: nn.Module) -> None:
+    """Poolers (BERT's; nothing reads their output) stay frozen; transformers names every one ``pooler``."""
     for name, module in model.named_modules():
         if name.split(".")[-1] == "pooler":
             for p in module.parameters():

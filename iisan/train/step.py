@@ -91,6 +91,7 @@ class TrainStep:
         real = items.real if self.mode == "off" else None
         loss = self.loss_of(batch.seq, items.ids, items.pixels, batch.inverse, real, items.title_columns,
                             items.encode_all)
+        # No gradient clipping, no scheduler: the authors' step has neither.
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
