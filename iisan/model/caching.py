@@ -7,10 +7,11 @@ IISAN cache is never replaced, an IISAN cache built with other settings only wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -129,18 +130,24 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
     docstring)."""
     start = time.perf_counter()
+    with writing_cache(cfg, dtype):
+        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start)
+
+
+@contextlib.contextmanager
+def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
+    """A build's or an import's arguments checked, then the cache folder claimed (module docstring) and
+    locked against another writer for the block."""
     if not cfg.cache_dir:
         raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if not cfg.items:
         raise ConfigError("--items FILE is required")
-    if all_layers:
-        cfg = every_layer(cfg)
     folder = claim_cache_folder(cfg)
     with OutputLock(folder / LOCK, f"cache folder {folder}", "another cache build is writing it; wait for it "
                     "to finish or choose another --cache-dir"):
-        return _build(cfg, dtype, all_items, timings, overwrite, start)
+        yield
 
 
 def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overwrite: bool,
@@ -214,18 +221,10 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
     there is no encoder config or weights digest of a local folder to record, so the loader checks
     such a cache's layers, width and items, not its encoder's identity (``data.cache``). The cache
     folder is claimed as for a build (module docstring; ``overwrite``)."""
-    if not cfg.cache_dir:
-        raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
     dtype = dtype or ("float32" if cfg.cache_dtype == "auto" else cfg.cache_dtype)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if layers not in ("run", "all"):
         raise ConfigError(f"--layers {layers!r}: expected run (the layers a run reads) or all")
-    if not cfg.items:
-        raise ConfigError("--items FILE is required")
-    folder = claim_cache_folder(cfg)
-    with OutputLock(folder / LOCK, f"cache folder {folder}", "another cache build is writing it; wait for it "
-                    "to finish or choose another --cache-dir"):
+    with writing_cache(cfg, dtype):
         return _import(cfg, src, layers, dtype, all_items, allow_missing, overwrite)
 
 
