@@ -320,6 +320,12 @@ def test_a_run_whose_checkpoints_were_removed_is_not_overwritten(base):
                                           r"starting again would overwrite it: use another --run-name$"):
         train(cfg.replace(epochs=2))
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != "train.log"} == before
+    (run / "results.json").rename(run / "kept.json")  # without results either, config.json still speaks
+    with pytest.raises(ConfigError, match=r"config.json belongs to a run of another config \(lr=0.003 there, 0.01 "
+                                          r"now\) and no checkpoint or results are left; use another --run-name"):
+        train(cfg.replace(lr=1e-2))
+    (run / "kept.json").rename(run / "results.json")
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != "train.log"} == before
     assert train(cfg)["run_dir"] == str(run)  # the same config and epochs: finished before, not trained again
     results = json.loads((run / "results.json").read_text())
     results["status"] = "interrupted"  # stopped before its first checkpoint

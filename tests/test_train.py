@@ -188,3 +188,32 @@ def test_a_run_stops_early_and_a_rerun_trains_no_further(cached_cfg, monkeypatch
         (Path(results["run_dir"]) / "train.log").read_text()
     again = train(cfg.replace(epochs=8))  # a longer budget: the run had stopped, so nothing trains
     assert len(calls) == 2 and [e["epoch"] for e in again["epochs"]] == [0, 1]
+
+
+def test_a_full_disk_while_writing_metrics_is_one_error_and_no_half_line(cached_cfg, monkeypatch):
+    """metrics.jsonl is rewritten whole through a temporary file: the disk filling up in epoch 1 keeps
+    epoch 0's whole line, the run fails with one error naming the file, and the folder lock is released."""
+    import errno
+    import os
+
+    from iisan.errors import OutputError
+    from iisan.train import records
+
+    calls, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        if "metrics.jsonl" in os.readlink(f"/proc/self/fd/{fd}"):
+            calls.append(fd)
+            if len(calls) == 3:  # the fresh run's empty file, epoch 0, then epoch 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    cfg = cached_cfg.replace(epochs=3, run_name="full-disk")
+    with pytest.raises(OutputError, match=r"^could not write .*full-disk/metrics.jsonl: .*No space left on device"):
+        train(cfg)
+    run = Path(cfg.out_dir) / "full-disk"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
+    assert json.loads((run / "results.json").read_text())["status"] == "failed"
+    assert not (run / ".lock").exists() and not list(run.glob(".*tmp"))

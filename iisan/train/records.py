@@ -98,22 +98,26 @@ class RunRecord:
 
     def start_metrics(self, history: list[dict]) -> None:
         """metrics.jsonl holds ``history`` (the resumed checkpoint's epochs; none for a fresh run), then
-        grows by one line per epoch."""
+        one line more per epoch. Rewritten whole each time (a temporary file, synced, then renamed): a
+        full disk leaves the previous file, never half a line."""
         if not self.main:
             return
-        path = self.run_dir / METRICS
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-        self.metrics = open(path, "a", encoding="utf-8")
+        self.metrics = list(history)
+        self.write_metrics()
         if self.cfg.report_to == "tensorboard":
             self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
+
+    def write_metrics(self) -> None:
+        with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(record) + "\n" for record in self.metrics))
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the epoch is reported
 
     def epoch(self, record: dict) -> None:
         if not self.main:
             return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        os.fsync(self.metrics.fileno())  # on disk before the epoch is reported
+        self.metrics.append(record)
+        self.write_metrics()
         if self.writer is not None:
             for name, value in scalars(record).items():
                 self.writer.add_scalar(name, value, record["epoch"])
@@ -175,9 +179,8 @@ class RunRecord:
             logger.setLevel(self.logger_level)
             self.handler.close()
             self.handler = None
-        for stream in (self.metrics, self.writer):
-            if stream is not None:
-                stream.close()
+        if self.writer is not None:
+            self.writer.close()
         self.metrics = self.writer = None
 
 

@@ -103,7 +103,12 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     (its checkpoints removed to save space) would be overwritten. Refused when that run had another
     config or had finished; a same-config run that stopped before its first checkpoint starts again."""
     earlier = read_results(folder / RESULTS)
-    if not earlier:
+    if not earlier:  # its config.json alone still says what its best.safetensors is
+        written = read_results(folder / "config.json")
+        differences = config_differences(written, cfg.to_dict()) if written else []
+        if differences:
+            raise ConfigError(f"{folder / 'config.json'} belongs to a run of another config ({'; '.join(differences)}) "
+                              "and no checkpoint or results are left; use another --run-name to start a new run")
         return
     saved = earlier.get("config")
     differences = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
