@@ -22,7 +22,7 @@ import secrets
 import shutil
 import socket
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -60,11 +60,13 @@ def stale_temporaries(path: str | Path) -> list[Path]:
 
 
 def remove(path: Path) -> None:
-    """Remove a file or folder this process created (a temporary), quietly."""
+    """Remove a file or folder this process created (a temporary), quietly: a failure to remove (a
+    read-only file system, where nothing was written) must not hide the error that led here."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def failure_reason(err: BaseException) -> str:

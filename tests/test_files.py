@@ -173,3 +173,21 @@ def test_a_lock_taken_on_a_file_that_was_just_removed_is_retaken_on_the_new_one(
     assert opened == [1]  # the race did happen
     assert os.path.samestat(os.fstat(lock.handle.fileno()), os.stat(path))
     lock.release()
+
+
+def test_a_temporary_that_cannot_be_removed_does_not_hide_the_write_error(tmp_path, monkeypatch):
+    """On a read-only file system the temporary was never made and removing it fails too: the error
+    names the target and the first failure, not the hidden temporary."""
+    import errno
+    from pathlib import Path
+
+    from iisan.errors import OutputError
+    from iisan.files import atomic_path
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(OutputError, match=r"^could not write .*table.csv: Read-only file system$"):
+        with atomic_path(tmp_path / "table.csv") as tmp:
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp))
