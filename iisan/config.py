@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bounds import check_bounds
-from .errors import ConfigError
+from .errors import ConfigError, error_line
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -257,9 +257,16 @@ class Config:
             raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
+        except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+            raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of config keys")
-        cls.from_dict(values, source=str(path))  # validates keys and values
+        try:  # validates keys and values; no path (nor any other string here) may hold a NUL
+            if nul := [k for k, v in values.items() if isinstance(v, str) and "\0" in v]:
+                raise ConfigError(f"{nul[0]}={values[nul[0]]!r}: a NUL character, which no path can hold")
+            cls.from_dict(values, source=str(path))
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(f"{path}: ") else f"{path}: {err}") from None
         return values
 
 
@@ -289,7 +296,7 @@ def _coerce(name: str, value, hint):
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value):
             raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
         try:
             return tuple(int(v) for v in value)

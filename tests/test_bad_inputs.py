@@ -342,6 +342,19 @@ def checkpoint_intact(run: str):
     return check
 
 
+def damaged_manifest(edit: Callable[[dict], object]):
+    """A copy of the finished run as ``s/runs/done`` whose checkpoint's MANIFEST.json is valid JSON of the
+    wrong shape: ``edit`` returns the new content (a str is written as it is)."""
+    def setup(P, s):
+        from iisan.train import checkpoint
+
+        shutil.copytree(P["done"], s / "runs" / "done")
+        path = s / "runs" / "done" / "checkpoints" / "epoch-0000" / checkpoint.MANIFEST
+        new = edit(json.loads(path.read_text()))
+        path.write_text(new if isinstance(new, str) else json.dumps(new))
+    return setup
+
+
 # --------------------------------------------------------------------------------------------------
 # the cases
 
@@ -446,6 +459,27 @@ CASES = [
          ("{s}/c.json: key 'lr' appears twice; which value was meant?",), setup=write("c.json", '{"lr": 1, "lr": 2}')),
     Case("config-file-unknown-key", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("{s}/c.json: unknown key(s) colour",), setup=write("c.json", '{"colour": "red"}')),
+    Case("config-file-nested-too-deep", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: not valid JSON (RecursionError",), setup=write("c.json", "[" * 100000 + "]" * 100000)),
+    Case("config-file-integer-too-long", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: not valid JSON (ValueError", "4300"), setup=write("c.json", '{"epochs": 1' + "0" * 5000 + "}")),
+    Case("config-file-nul-in-path", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: out_dir='a\\x00b': a NUL character",), setup=write("c.json", '{"out_dir": "a\\u0000b"}')),
+    Case("config-file-bad-value", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: lr='abc': expected a number",), setup=write("c.json", '{"lr": "abc"}')),
+    Case("config-file-layers-float", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: text_layers=[0, 1.7, 2]: expected a list of integers",),
+         setup=write("c.json", '{"text_layers": [0, 1.7, 2]}')),
+    Case("config-file-layers-bool", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
+         ("{s}/c.json: text_layers=[True, 2]: expected a list of integers",),
+         setup=write("c.json", '{"text_layers": [true, 2]}')),
+    *(Case(f"checkpoint-manifest-{name}", lambda P, s: T(P, s, "--run-name", "done", "--epochs", "2"),
+           ("cannot resume: {s}/runs/done/checkpoints/epoch-0000/MANIFEST.json is damaged",),
+           setup=damaged_manifest(edit), may_change=("/train.log",))
+      for name, edit in [("a-list", lambda m: [m]), ("files-a-list", lambda m: {**m, "files": list(m["files"])}),
+                         ("entry-an-int", lambda m: {**m, "files": dict.fromkeys(m["files"], 5)}),
+                         ("no-files", lambda m: {"format": m["format"]}),
+                         ("nested-too-deep", lambda m: "[" * 100000 + "]" * 100000)]),
     Case("unknown-flag", lambda P, s: ["train", "--learning-rate", "1"], ("unrecognized arguments: --learning-rate",)),
     Case("abbreviated-flag", lambda P, s: ["data-stats", "--user", P["users"], "--items", P["items"]],
          ("the following arguments are required: --users",)),  # flags are taken only when spelled out

@@ -246,3 +246,33 @@ def test_cache_whose_array_disagrees_with_its_metadata_is_refused(tiny_config):
                       [("states", states[:, :2].contiguous())], meta)  # one layer short of its metadata
     with pytest.raises(CacheError, match=r"holds states of shape \(\d+, 2, 32\), but its metadata says \d+ rows x 3"):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
+
+
+def test_a_shard_altered_in_place_but_still_finite_is_redone(tiny_config, tmp_path, counted, caplog):
+    """Finite bytes written over a finished shard's states (a valid safetensors of the same shape, ids
+    intact): the sha256 recorded when the shard was written no longer matches, so the chunk is encoded
+    again and the final cache is an uninterrupted build's."""
+    import json
+    import struct
+
+    whole = tiny_config(cache_dir=str(tmp_path / "whole"), encode_batch_size=CHUNK)
+    build_cache_from_config(whole, dtype="float16")
+    chunks = counted["calls"]
+    cfg = whole.replace(cache_dir=str(tmp_path / "c"))
+    counted.update(calls=0, crash_at=3)
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    shard = tmp_path / "c" / SIDECAR / "chunk-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    start = 8 + length + json.loads(data[8 : 8 + length])["text"]["data_offsets"][0]
+    data[start : start + 8] = struct.pack("<4e", 1e4, -1e4, 1e4, -1e4)  # finite fp16 values
+    shard.write_bytes(bytes(data))
+    with safe_open(str(shard), "pt") as fh:  # still a valid shard of finite states
+        assert bool(torch.isfinite(fh.get_tensor("text")).all()) and fh.get_tensor("text")[0, 0, 0] == 1e4
+    counted.update(calls=0, crash_at=None)
+    with caplog.at_level(logging.WARNING):
+        build_cache_from_config(cfg, dtype="float16")
+    assert f"{shard} does not match the sha256 it was written with" in caplog.text
+    assert counted["calls"] == chunks - 1  # chunk 1 again, and chunks 2.. ; chunk 0 kept
+    assert _bytes(tmp_path / "c") == _bytes(tmp_path / "whole")

@@ -551,3 +551,24 @@ def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base
     assert (tmp_path / "two" / "config.json").read_bytes() == config_before
     assert (tmp_path / "two" / "results.json").read_bytes() == results_before
     assert len(train(cfg.replace(epochs=3))["epochs"]) == 3  # more goes on
+
+
+@pytest.mark.parametrize("manifest", [
+    "[]", '{"format": "iisan-checkpoint/1"}', '{"format": "iisan-checkpoint/1", "files": []}',
+    '{"format": "iisan-checkpoint/1", "files": {"model.safetensors": 5}}', "[" * 100000 + "]" * 100000,
+    '{"format": "iisan-checkpoint/1", "files": {}}', '{"n": 1' + "0" * 5000 + "}",
+], ids=["list", "no-files", "files-list", "entry-int", "too-deep", "files-empty", "integer-too-long"])
+def test_a_manifest_of_the_wrong_shape_is_refused_for_the_previous_checkpoint(reference, manifest, tmp_path):
+    root = Path(reference["run_dir"]) / "checkpoints"
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root, copy)
+    (copy / "epoch-0003" / checkpoint.MANIFEST).write_text(manifest)
+    config = json.loads((root / "epoch-0003" / "state.json").read_text())["config"]
+    found, refused = checkpoint.latest(copy, config)
+    assert found.path == copy / "epoch-0002" and len(refused) == 1
+    assert refused[0].startswith(f"{copy / 'epoch-0003' / checkpoint.MANIFEST} is damaged"), refused
+
+
+def test_a_run_folder_whose_config_is_nested_too_deep_is_not_a_run_folder(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
+    assert not checkpoint.is_run_folder(tmp_path)

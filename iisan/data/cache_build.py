@@ -133,23 +133,45 @@ class ShardDir:
         return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 
     def done(self, k: int, ids: np.ndarray, modalities: Iterable[str]) -> bool:
-        """Shard k exists, is readable, covers exactly ``ids`` and holds finite states of ``modalities``
-        (a torn, stray or altered file is redone: every state was checked finite when written)."""
+        """Shard k exists, is readable, its data bytes match the sha256 recorded in its metadata when it
+        was written, and it covers exactly ``ids`` and holds finite states of ``modalities`` (a torn,
+        stray or altered file is redone: every state was checked finite when written)."""
         try:
             with safe_open(str(self.shard(k)), framework="pt") as fh:
+                if (fh.metadata() or {}).get("sha256") != _data_sha256(self.shard(k)):
+                    log.warning("%s does not match the sha256 it was written with (altered); redoing it",
+                                self.shard(k))
+                    return False
                 return torch.equal(fh.get_tensor("ids"), torch.from_numpy(ids)) and all(
                     bool(torch.isfinite(fh.get_tensor(m)).all()) for m in modalities)
         except Exception:  # missing or damaged: safetensors raises its own error types
             return False
 
     def write(self, k: int, ids: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
+        """Write shard k atomically, with the sha256 of its data bytes (the tensors in sorted name order,
+        as ``write_safetensors`` lays them out) in its metadata, for ``done`` to check."""
         tensors = {"ids": ids, **states}
         specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
-        write_safetensors(self.shard(k), specs, ((n, tensors[n]) for n in sorted(tensors)), {})
+        digest = hashlib.sha256()
+        for n in sorted(tensors):
+            digest.update(_raw(tensors[n]))
+        write_safetensors(self.shard(k), specs, ((n, tensors[n]) for n in sorted(tensors)),
+                          {"sha256": digest.hexdigest()})
 
     def read(self, k: int, modality: str) -> torch.Tensor:
         with safe_open(str(self.shard(k)), framework="pt") as fh:
             return fh.get_tensor(modality)
+
+
+def _data_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's data bytes (all that follows its header)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + length)
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_ids: list[str], m: str):

@@ -129,7 +129,7 @@ def is_run_folder(path: Path) -> bool:
     for name, key in (("config.json", None), ("results.json", "config")):
         try:
             found = json.loads((path / name).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep
             continue
         config = found.get(key) if key and isinstance(found, dict) else found
         if isinstance(config, dict) and {"method", "feed", "lr"} <= set(config):
@@ -184,11 +184,20 @@ def verify(path: Path) -> str | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         return f"{path / MANIFEST} is missing (the checkpoint was never completed)"
-    except (OSError, ValueError):
+    except OSError:
         return f"{path / MANIFEST} is unreadable"
+    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
+        return f"{path / MANIFEST} is damaged (not valid JSON)"
+    if not isinstance(manifest, dict):
+        return f"{path / MANIFEST} is damaged (not a JSON object)"
     if manifest.get("format") != FORMAT:
         return f"{path / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}"
-    for file, expected in manifest["files"].items():
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and set(files) == set(FILES) and all(
+            isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)
+            for e in files.values())):
+        return f"{path / MANIFEST} is damaged (no {{bytes, sha256}} entry for each of {', '.join(FILES)})"
+    for file, expected in files.items():
         target = path / file
         if not target.is_file():
             return f"{target} is missing"

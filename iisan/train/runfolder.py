@@ -71,7 +71,7 @@ def read_results(path: Path) -> dict:
     """The results file at ``path`` as a dict; {} when it is absent, unreadable or not a JSON object."""
     try:
         results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be ours
         return {}
     return results if isinstance(results, dict) else {}
 
