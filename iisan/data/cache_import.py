@@ -10,7 +10,8 @@ import and its source.
 
 Every file is checked before anything is written: missing files, files that are not a plain tensor
 (or would need unpickling), of another shape, or holding NaN or infinite values are counted by kind,
-named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is written.
+named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is written. A
+file of that name that is not such a report is refused before any file is read.
 ``allow_missing`` stores absent items as zero rows instead (counted, logged, and recorded in the
 metadata as ``imported_missing``).
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheError
-from ..files import atomic_path
+from ..files import atomic_path, claim_output
 from .cache import cache_file
 from .cache_build import write_safetensors
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # modality -> (folder, file-name prefix) in the authors' layout
 AUTHORS_LAYOUT = {"text": ("bert_outputs", "bert_"), "image": ("vit_outputs", "vit_")}
 REPORT = "import-report.tsv"
+REPORT_HEAD = "modality\titem_id\tfile\tproblem\n"  # the first line of every report ``write_report`` writes
 
 
 def state_file(src: Path, modality: str, item_id: str) -> Path:
@@ -83,9 +85,23 @@ def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int
     return table, problems
 
 
+def is_report(path: Path) -> bool:
+    """An import report ``write_report`` wrote: its header line."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(REPORT_HEAD)) == REPORT_HEAD.encode()
+
+
+def claim_report(path: Path) -> None:
+    """A file at ``path`` may be replaced only when it is an import report (one line otherwise)."""
+    claim_output(path, is_report, "an import report IISAN wrote", "--cache-dir", overwrite=True)
+
+
 def write_report(path: Path, problems: list[tuple[str, str, Path, str]]) -> None:
+    claim_report(path)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("modality\titem_id\tfile\tproblem\n")
+        fh.write(REPORT_HEAD)
         fh.writelines(f"{m}\t{item_id}\t{file}\t{why}\n" for m, item_id, file, why in problems)
 
 
@@ -114,6 +130,7 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
         if not folder.is_dir():
             raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
                              f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
+    claim_report(out_dir / REPORT)  # before any file is read
     tables, problems = {}, []
     for m in layers:
         log.info("importing %s states of %d items from %s", m, len(item_ids) - 1, src / AUTHORS_LAYOUT[m][0])

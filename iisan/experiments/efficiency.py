@@ -32,7 +32,7 @@ from .bench import (
     measure_evaluation,
     measure_training,
 )
-from .figures import write_reports
+from .figures import claim_benchmark, claim_reports, write_reports
 from .isolate import in_fresh_process
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,21 @@ def result_path(out: Path, tag: str, payload: dict, rows: list[dict], settings: 
     return Path(out) / f"{name}-{payload['setting']}.json"
 
 
+def claim_results(out: Path, tag: str, payload: dict, rows: list[dict], settings: dict,
+                  figs: Path | None) -> Path:
+    """The JSON path of ``payload``, after refusing (one line) a JSON, table or figure there that this
+    benchmark did not write."""
+    path = result_path(out, tag, payload, rows, settings)
+    claim_benchmark(path, "--out")
+    claim_reports(path, figs, "--out")
+    return path
+
+
+def predicted_device(settings: dict) -> str | None:
+    """The device the rows will name, where known without touching a GPU (the CPU), else None."""
+    return "CPU" if resolve_device(Config(**settings).device).type == "cpu" else None
+
+
 def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> list[tuple[str, str]]:
     """Every label the default way, in the given order, then the authors' way ones: the rows a run cut
     short (a lent GPU's time limit) keeps are the ones the comparison needs; the authors' way costs most."""
@@ -139,6 +154,11 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
     check_device(settings)
     expect_folders(work=work, out=out, figs=figs)
+    device = predicted_device(settings)
+    if tag or device:  # the files' names are known before any measuring: refuse what is not ours now
+        for setting in setting_names:
+            claim_results(out, tag, {"setting": setting, "backbones": backbones, "data": data, "device": device},
+                          [{"device": device}] if device else [], settings, figs)
     commit = git_commit()  # before this run writes its own results into the checkout
     authors_way = labels if authors_way is None else authors_way
     paths = prepare(work, data, backbones)
@@ -172,14 +192,14 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
             configs[row["label"]] = cfg.to_dict()
             log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
             if tag or measured_device(payload, rows):  # (the file's name needs the device)
-                path = write_json_atomic(result_path(out, tag, payload, rows, settings), payload)
-                write_reports([path], None)  # if cut short, the JSON and its table keep what was measured
+                path = write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload)
+                write_reports([path], None, "--out")  # if cut short, the JSON and its table keep what was measured
         add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
         payload["complete"] = True
-        written.append(write_json_atomic(result_path(out, tag, payload, rows, settings), payload))
+        written.append(write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload))
         log.info("wrote %s", written[-1])
     failed = bool(measured) and all("error" in row for row in measured.values())
-    write_reports(written, None if failed else figs)  # no figure of nothing
+    write_reports(written, None if failed else figs, "--out")  # no figure of nothing
     if failed:
         first = next(iter(measured.values()))["error"]
         raise TrainingError(f"every measured row failed (the first: {first}); their errors are in "

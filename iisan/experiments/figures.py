@@ -1,7 +1,9 @@
 """Figures and markdown tables of efficiency benchmark results (``efficiency.run_benchmark``'s JSON):
 time per step and epoch, items and padding per step, peak memory, trainable parameters and TPME per
 method, the authors'-way rows beside the default ones, the cache build and the evaluation, and a text
-that says what each row measures."""
+that says what each row measures. A table or figure already at its path is replaced only when this
+module wrote it (the table's first line, the figure's Creator metadata); anything else there is refused
+before anything is written."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
-from ..files import atomic_path  # noqa: E402
+from ..files import atomic_path, claim_output  # noqa: E402
 from .bench import authors_label, memory_gib  # noqa: E402
 
 
@@ -127,6 +129,73 @@ def table(payload: dict) -> str:
     return "\n".join(lines) + "\n\n" + ("\n".join(tasks) + "\n\n" if tasks else "") + "\n".join(notes(payload)) + "\n"
 
 
+TABLE_HEAD = "# Efficiency: "  # the first line of every table ``write_reports`` writes
+CREATOR = "IISAN efficiency figures"  # in the PNG metadata of every figure ``figure`` draws
+SIZE = (1980, 462)  # pixels of ``figure``'s PNG (18 x 4.2 in at 110 dpi)
+
+
+def is_table(path: Path) -> bool:
+    """A markdown table ``write_reports`` wrote: its first line names the benchmark."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(TABLE_HEAD)) == TABLE_HEAD.encode()
+
+
+def is_figure(path: Path) -> bool:
+    """A PNG ``figure`` drew: its Creator metadata, or (drawn before the figures carried one) a matplotlib
+    PNG of exactly this figure's size."""
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24:
+        return False
+    if b"Creator\x00" + CREATOR.encode() in data:
+        return True
+    size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+    return size == SIZE and b"Software\x00Matplotlib" in data
+
+
+def is_benchmark(path: Path) -> bool:
+    """A benchmark JSON ``efficiency.run_benchmark`` wrote (``read_benchmark`` takes it)."""
+    try:
+        read_benchmark(path)
+    except (DataError, OSError):
+        return False
+    return True
+
+
+def claim_table(path: Path, flag: str) -> None:
+    """A file at ``path`` may be replaced only when it is a table this module wrote (``flag``: the option
+    that chose the path)."""
+    claim_output(path, is_table, "a benchmark table IISAN wrote", flag, overwrite=True)
+
+
+def claim_figure(path: Path) -> None:
+    claim_output(path, is_figure, "a benchmark figure IISAN drew", "--figs", overwrite=True)
+
+
+def claim_benchmark(path: Path, flag: str = "--out") -> None:
+    claim_output(path, is_benchmark, "a benchmark JSON IISAN wrote", flag, overwrite=True)
+
+
+def report_paths(path: Path, figs: Path | None) -> tuple[Path, Path | None]:
+    """Where ``write_reports`` puts the table and the figure of the benchmark JSON ``path``."""
+    path = Path(path)
+    if figs is None:
+        return path.with_suffix(".md"), None
+    run = path.parent.name if path.parent.name != "efficiency" else ""
+    return path.with_suffix(".md"), Path(figs) / f"efficiency-{run + '-' if run else ''}{path.stem}.png"
+
+
+def claim_reports(path: Path, figs: Path | None, flag: str = "--results") -> None:
+    """Refuse, in one line, a table or figure ``write_reports`` would replace that IISAN did not write."""
+    md, png = report_paths(path, figs)
+    claim_table(md, flag)
+    if png is not None:
+        claim_figure(png)
+
+
 def figure(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if "tpme" in r]  # the default rows (TPME compares them)
     labels = [r["label"].replace(" (", "\n(") for r in rows]
@@ -150,7 +219,7 @@ def figure(payload: dict, path: Path) -> None:
                  f"{payload['data']} data", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Creator": CREATOR})
     plt.close(fig)
 
 
@@ -190,20 +259,21 @@ def benchmark_files(results: list[Path]) -> list[Path]:
     return files
 
 
-def write_reports(results: list[Path], figs: Path | None) -> list[Path]:
+def write_reports(results: list[Path], figs: Path | None, flag: str = "--results") -> list[Path]:
     """For each JSON in ``results`` (files, or folders of them): ``<name>.md`` beside it (the table, with
     the command and device that produced it) and, unless ``figs`` is None, ``figs/efficiency-<name>.png``.
-    Every JSON is read before anything is written. Returns what it wrote."""
+    Every JSON is read, and every path to write claimed (``claim_reports``; ``flag``: the option that
+    chose the tables' folder), before anything is written. Returns what it wrote."""
     payloads = {path: read_benchmark(path) for path in benchmark_files(results)}
+    for path in payloads:
+        claim_reports(path, figs, flag)
     made = []
     for path, payload in payloads.items():
-        md = path.with_suffix(".md")
+        md, png = report_paths(path, figs)
         with atomic_path(md) as tmp:
-            tmp.write_text(f"# Efficiency: {path.stem}\n\n" + table(payload))
+            tmp.write_text(f"{TABLE_HEAD}{path.stem}\n\n" + table(payload))
         made.append(md)
-        if figs is not None:
-            run = path.parent.name if path.parent.name != "efficiency" else ""
-            png = Path(figs) / f"efficiency-{run + '-' if run else ''}{path.stem}.png"
+        if png is not None:
             figure(payload, png)
             made.append(png)
     return made

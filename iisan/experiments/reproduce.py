@@ -6,7 +6,8 @@
 3. runs: cached IISAN with the paper's defaults (``config.METHOD_DEFAULTS``), one run per seed (a
    rerun resumes or reuses each);
 4. table: the test metrics as mean ± sample std over the seeds, beside the paper's headline numbers,
-   with the command, device and commit, in ``<out>/reproduce-<dataset>.md``.
+   with the command, device and commit, in ``<out>/reproduce-<dataset>.md`` (a file there that is not
+   such a table is refused before step 1).
 
 ``--no-fetch`` (or no network) turns a missing input into one line naming the step and how to do it.
 ``DATASET=demo`` runs the same steps on the synthetic demo data with tiny encoders (no network, fetch
@@ -23,7 +24,7 @@ from ..config import Config, resolve
 from ..data.cache import cache_file
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, RunInterrupted, UserError
-from ..files import atomic_path
+from ..files import atomic_path, claim_output
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..provenance import provenance
 from ..train.trainer import train
@@ -123,10 +124,29 @@ def table(dataset: str, rows: list[dict]) -> str:
     return "\n".join([header, "|" + "---|" * 8, ours, theirs]) + "\n"
 
 
+TABLE_HEAD = "# Reproduction: "  # the first line of every table ``reproduce`` writes
+
+
+def is_table(path: Path) -> bool:
+    """A table ``reproduce`` wrote: its first line names the reproduction."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(TABLE_HEAD)) == TABLE_HEAD.encode()
+
+
+def table_path(run: Reproduction) -> Path:
+    """``<out>/reproduce-<dataset>.md``, after refusing (one line) a file there that is not such a table."""
+    path = Path(run.out_dir) / f"reproduce-{run.dataset}.md"
+    claim_output(path, is_table, "a reproduction table IISAN wrote", "--out", overwrite=True)
+    return path
+
+
 def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = None,
               hub: HubClient | None = None) -> Path:
     """Steps 1-4 of the module docstring; returns the table's path."""
     run.out_dir = Path(run.out_dir)
+    path = table_path(run)  # before any work
     Config(**(run.overrides or {}))  # bad overrides (epochs=0, device="gpu") fail before the demo data is made
     cfg = base_config(run, root, drive)
     ensure_cache(cfg, run, hub)
@@ -142,11 +162,11 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     about = provenance()
     note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"
             if run.dataset == "demo" else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
-    text = (f"# Reproduction: {run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
+    text = (f"{TABLE_HEAD}{run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
             f"standard deviation over seeds {', '.join(map(str, run.seeds))}.\n\n{table(run.dataset, rows)}\n"
             f"Command: `{about['command']}`; device: {rows[0]['device']}; commit: {about['git_commit']}; "
             f"{about['date']}. Runs: {cfg.out_dir}.\n")
-    path = run.out_dir / f"reproduce-{run.dataset}.md"
+    table_path(run)  # again: a file put there while the runs trained is not replaced either
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     print(text)
