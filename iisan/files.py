@@ -69,6 +69,14 @@ def remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def starts_with(path: Path, head: str) -> bool:
+    """Whether ``path`` is a file whose first bytes are ``head`` (how a writer recognises its own text files)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(head.encode())) == head.encode()
+
+
 def failure_reason(err: BaseException) -> str:
     """The operating system's words for a failed write: 'No space left on device', 'Permission denied'."""
     if isinstance(err, OSError) and err.strerror:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheError
-from ..files import atomic_path, claim_output
+from ..files import atomic_path, claim_output, starts_with
 from .cache import cache_file
 from .cache_build import write_safetensors
 
@@ -87,10 +87,7 @@ def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int
 
 def is_report(path: Path) -> bool:
     """An import report ``write_report`` wrote: its header line."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(len(REPORT_HEAD)) == REPORT_HEAD.encode()
+    return starts_with(path, REPORT_HEAD)
 
 
 def claim_report(path: Path) -> None:

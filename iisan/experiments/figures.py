@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
-from ..files import atomic_path, claim_output  # noqa: E402
+from ..files import atomic_path, claim_output, starts_with  # noqa: E402
 from .bench import authors_label, memory_gib  # noqa: E402
 
 
@@ -136,10 +136,7 @@ SIZE = (1980, 462)  # pixels of ``figure``'s PNG (18 x 4.2 in at 110 dpi)
 
 def is_table(path: Path) -> bool:
     """A markdown table ``write_reports`` wrote: its first line names the benchmark."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(len(TABLE_HEAD)) == TABLE_HEAD.encode()
+    return starts_with(path, TABLE_HEAD)
 
 
 def is_figure(path: Path) -> bool:

@@ -24,7 +24,7 @@ from ..config import Config, resolve
 from ..data.cache import cache_file
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, RunInterrupted, UserError
-from ..files import atomic_path, claim_output
+from ..files import atomic_path, claim_output, starts_with
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..provenance import provenance
 from ..train.trainer import train
@@ -129,10 +129,7 @@ TABLE_HEAD = "# Reproduction: "  # the first line of every table ``reproduce`` w
 
 def is_table(path: Path) -> bool:
     """A table ``reproduce`` wrote: its first line names the reproduction."""
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(len(TABLE_HEAD)) == TABLE_HEAD.encode()
+    return starts_with(path, TABLE_HEAD)
 
 
 def table_path(run: Reproduction) -> Path:
