@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
@@ -83,10 +85,10 @@ def method_config(base: dict, label: str, batch: int | None = None, way: str = "
                     **(AUTHORS_WAY if way == "authors" else {})})
 
 
-def check_device(settings: dict) -> None:
+def check_device(settings: dict) -> torch.device:
     """The shared settings are valid and the device every row will ask for exists here: a ``ConfigError``
     now, not one failed row each. Never touches the GPU itself: the measuring processes do."""
-    resolve_device(Config(**settings).device)
+    return resolve_device(Config(**settings).device)
 
 
 def batch_size(setting: str, method: str, equal_batch: int) -> int:
@@ -121,11 +123,6 @@ def claim_results(out: Path, tag: str, payload: dict, rows: list[dict], settings
     return path
 
 
-def predicted_device(settings: dict) -> str | None:
-    """The device the rows will name, where known without touching a GPU (the CPU), else None."""
-    return "CPU" if resolve_device(Config(**settings).device).type == "cpu" else None
-
-
 def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> list[tuple[str, str]]:
     """Every label the default way, in the given order, then the authors' way ones: the rows a run cut
     short (a lent GPU's time limit) keeps are the ones the comparison needs; the authors' way costs most."""
@@ -152,9 +149,9 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
-    check_device(settings)
+    # The device the rows will name, where known without touching a GPU (the CPU), else None.
+    device = "CPU" if check_device(settings).type == "cpu" else None
     expect_folders(work=work, out=out, figs=figs)
-    device = predicted_device(settings)
     if tag or device:  # the files' names are known before any measuring: refuse what is not ours now
         for setting in setting_names:
             claim_results(out, tag, {"setting": setting, "backbones": backbones, "data": data, "device": device},
