@@ -9,7 +9,7 @@ model FLOPs, peak memory (GPU: max_memory_allocated and max_memory_reserved; CPU
 resident set), trainable and total parameters and TPME; also the cache build (both towers) and the
 full-ranking evaluation of every user. Two settings: every method at one batch size ("equal") and the
 paper's (baselines 32, IISAN 64). One JSON per setting under --out, then figures and a table
-(``iisan.experiments.efficiency``).
+(``iisan.efficiency.benchmark``).
 
     python scripts/benchmark_efficiency.py                       # tiny encoders, small data, this CPU
     python scripts/benchmark_efficiency.py --backbones base --data scientific --device cuda   # the paper's scale
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
-from iisan.experiments.bench import SETTINGS  # noqa: E402
-from iisan.experiments.efficiency import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
+from iisan.efficiency.bench import SETTINGS  # noqa: E402
+from iisan.efficiency.benchmark import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
 from iisan.flags import add_config_arguments  # noqa: E402
 
 MIN_WARMUP, MIN_STEPS = 10, 50

@@ -1,6 +1,6 @@
 """Where a live-backbone training step spends its time on this device, beside plain measurements.
 
-What each section measures: ``iisan.experiments.diagnose``. Under 5 minutes on one H100/H200.
+What each section measures: ``iisan.efficiency.diagnose``. Under 5 minutes on one H100/H200.
 
     python scripts/gpu_diagnose.py --out $OUT/diagnose.json                     # a GPU, BERT-base + ViT-B/16
     python scripts/gpu_diagnose.py --size tiny --data demo --device cpu --fft-items 16 --frozen-items 32 \
@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
-from iisan.experiments.bench import SETTINGS  # noqa: E402
-from iisan.experiments.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
+from iisan.efficiency.bench import SETTINGS  # noqa: E402
+from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 
 
 def ints(text: str) -> list[int]:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.console import entry_point, summary  # noqa: E402
-from iisan.experiments.figures import write_reports  # noqa: E402
+from iisan.efficiency.figures import write_reports  # noqa: E402
 from iisan.files import expect_folders  # noqa: E402
 
 

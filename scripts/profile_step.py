@@ -2,7 +2,7 @@
 
     python scripts/profile_step.py --method FFT --backbones base --data scientific --device cuda --steps 5
 
-Uses the benchmark's synthetic data and encoders (``iisan.experiments.efficiency.prepare``, under
+Uses the benchmark's synthetic data and encoders (``iisan.efficiency.benchmark.prepare``, under
 --work). Writes a Chrome trace to --trace when given; an existing file there is replaced only when it is
 such a trace (torch.profiler's).
 """
@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
-from iisan.experiments.bench import SETTINGS, profile_steps  # noqa: E402
-from iisan.experiments.efficiency import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
+from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
+from iisan.efficiency.benchmark import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
 from iisan.files import claim_output  # noqa: E402
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.experiments.bench import add_tpme, measure_training
-from iisan.experiments.isolate import died, in_fresh_process
+from iisan.efficiency.bench import add_tpme, measure_training
+from iisan.efficiency.isolate import died, in_fresh_process
 
 from ._scripts import script_error
 
@@ -69,8 +69,8 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["encoded_rows_per_step"] == pytest.approx(sum(distinct) / 2 + 1) and out["padding_rows_per_step"] == 1
     # model FLOPs: the mean over the two timed batches, each replayed here through the same counter (checked
     # against hand-counted FLOPs in test_count_flops_by_hand): the row averages the timed batches, no others
-    from iisan.experiments.bench import training_setup
-    from iisan.experiments.flops import step_flops
+    from iisan.efficiency.bench import training_setup
+    from iisan.efficiency.flops import step_flops
 
     setup = training_setup(cfg)
     timed = [b for b, _ in zip(setup.full_batches(), range(3))][1:]
@@ -90,8 +90,8 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     the padded batches and of the same batches without padding rows, a real epoch; the authors' way
     encodes every slot with full titles."""
     from iisan.data.batches import train_loader, without_padding_rows
-    from iisan.experiments.bench import AUTHORS_WAY, training_setup
-    from iisan.experiments.flops import step_flops
+    from iisan.efficiency.bench import AUTHORS_WAY, training_setup
+    from iisan.efficiency.flops import step_flops
 
     cfg = tiny_config(method="iisan", feed="live", batch_size=16)
     out = measure_training(cfg, warmup=1, steps=3, full_epoch=True)
@@ -125,7 +125,7 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
 
 
 def test_measure_evaluation_ranks_every_user(tiny_config, tiny_cache):
-    from iisan.experiments.bench import measure_evaluation
+    from iisan.efficiency.bench import measure_evaluation
 
     cfg = tiny_config(cache_dir=tiny_cache)
     row = measure_evaluation(cfg, warmup=0, reps=2)
@@ -247,7 +247,7 @@ def test_gpu_diagnosis_refuses_unknown_labels(tmp_path, capsys):
 
 
 def test_count_flops_by_hand():
-    from iisan.experiments.flops import count_flops
+    from iisan.efficiency.flops import count_flops
 
     linear, x = torch.nn.Linear(8, 4), torch.randn(5, 8)
     # forward 2*5*8*4, and the weight's gradient as much again (the input needs none; a bias grad is a sum)
@@ -271,7 +271,7 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     """The uncached feed runs each tower once per distinct non-padding item (no second pass, padding
     never encoded), and ``count_flops`` agrees with the hand count of BERT and ViT."""
     from iisan.data.batches import train_loader
-    from iisan.experiments.flops import count_flops
+    from iisan.efficiency.flops import count_flops
     from iisan.model.build import build_model, load_data
 
     cfg = tiny_config(method="iisan", feed="live")
@@ -290,8 +290,8 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
 
 def test_measure_cache_build_reports_its_parts(tiny_config):
     from iisan.data.cache import cache_file
-    from iisan.experiments.bench import measure_cache_build
-    from iisan.experiments.figures import table
+    from iisan.efficiency.bench import measure_cache_build
+    from iisan.efficiency.figures import table
 
     cfg = tiny_config(encode_batch_size=16)  # several chunks: shards written while the next is encoded
     row = measure_cache_build(cfg)
@@ -309,7 +309,7 @@ def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_tabl
     """A lent GPU's time limit cuts the benchmark: the default rows come first (the authors' way, the
     costliest, last, in the order given), and after every row the JSON and its table hold, in table
     order, what was measured, marked incomplete."""
-    from iisan.experiments import efficiency
+    from iisan.efficiency import benchmark
 
     calls = []
 
@@ -321,10 +321,10 @@ def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_tabl
                 "epoch_seconds": 9.5, "trainable_params": 10**6, "memory": {"max_allocated_gib": 1.0,
                                                                            "max_reserved_gib": 2.0}}
 
-    monkeypatch.setattr(efficiency, "in_fresh_process", fake_measure)
-    monkeypatch.setattr(efficiency, "prepare", lambda work, data, backbones: {})
+    monkeypatch.setattr(benchmark, "in_fresh_process", fake_measure)
+    monkeypatch.setattr(benchmark, "prepare", lambda work, data, backbones: {})
     with pytest.raises(KeyboardInterrupt):
-        efficiency.run_benchmark({}, setting_names=("paper",), labels=("IISAN (uncached)", "FFT", "LoRA"),
+        benchmark.run_benchmark({}, setting_names=("paper",), labels=("IISAN (uncached)", "FFT", "LoRA"),
                                  authors_way=("IISAN (uncached)", "FFT"), work=tmp_path, out=tmp_path / "out")
     assert calls == [("iisan", "auto", 64), ("fft", "auto", 32), ("lora", "auto", 32),
                                                    ("iisan", "off", 64)]  # FFT's every-slot row was cut
@@ -334,4 +334,4 @@ def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_tabl
     md = (tmp_path / "out" / "tiny-demo-h200-paper.md").read_text()
     assert md.index("| FFT |") < md.index("| LoRA |") < md.index("| IISAN (uncached) |") < md.index("every slot) |")
     assert "**Incomplete:** the run stopped before it measured every row" in md
-    assert efficiency.measuring_order(("FFT",), ("FFT", "LoRA")) == [("FFT", "default"), ("FFT", "authors")]
+    assert benchmark.measuring_order(("FFT",), ("FFT", "LoRA")) == [("FFT", "default"), ("FFT", "authors")]

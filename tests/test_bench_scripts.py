@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from iisan.efficiency import benchmark
 from iisan.errors import TrainingError
-from iisan.experiments import efficiency
 
 from ._scripts import load_script
 
@@ -94,13 +94,13 @@ def test_plot_figures_interrupted_exits_130(tmp_path, monkeypatch, capsys):
 ])
 def test_benchmark_refuses_bad_flags_at_parse_time(argv, error, monkeypatch, capsys):
     bench = script("benchmark_efficiency", monkeypatch)
-    monkeypatch.setattr(efficiency, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "prepare", no_work)
     assert ending(bench, argv, capsys) == f"benchmark_efficiency.py: error: {error}"
 
 
 def test_benchmark_checks_device_and_outputs_before_any_work(tmp_path, monkeypatch, capsys, no_gpu):
     bench = script("benchmark_efficiency", monkeypatch)
-    monkeypatch.setattr(efficiency, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "prepare", no_work)
     (tmp_path / "notacache.txt").write_text("mine")
     folders = ["--work", str(tmp_path / "work"), "--figs", str(tmp_path / "figs")]
     assert ending(bench, ["--device", "cuda", *folders, "--out", str(tmp_path / "out")], capsys) == (
@@ -114,10 +114,10 @@ def test_benchmark_checks_device_and_outputs_before_any_work(tmp_path, monkeypat
 
 
 def test_benchmark_fails_when_every_row_failed_after_writing_its_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(efficiency, "prepare", lambda work, data, backbones: {})
-    monkeypatch.setattr(efficiency, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
+    monkeypatch.setattr(benchmark, "prepare", lambda work, data, backbones: {})
+    monkeypatch.setattr(benchmark, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
     with pytest.raises(TrainingError) as failed:
-        efficiency.run_benchmark({}, setting_names=("paper",), labels=("FFT", "LoRA"), authors_way=(),
+        benchmark.run_benchmark({}, setting_names=("paper",), labels=("FFT", "LoRA"), authors_way=(),
                                  work=tmp_path, out=tmp_path / "out", tag="t", figs=tmp_path / "figs")
     path = tmp_path / "out" / "t-paper.json"
     assert str(failed.value) == f"every measured row failed (the first: ConfigError: no); their errors are in {path}"
@@ -127,8 +127,8 @@ def test_benchmark_fails_when_every_row_failed_after_writing_its_json(tmp_path, 
 
 def test_method_config_refuses_batch_zero():
     with pytest.raises(ValueError, match="batch_size=0 must be positive"):
-        efficiency.method_config({}, "FFT", 0)
-    assert efficiency.method_config({}, "FFT").batch_size == 32
+        benchmark.method_config({}, "FFT", 0)
+    assert benchmark.method_config({}, "FFT").batch_size == 32
 
 
 # --------------------------------------------------------------------------------------------------

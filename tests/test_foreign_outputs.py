@@ -14,9 +14,10 @@ import pytest
 
 from iisan.cli.main import main as iisan_main
 from iisan.data.cache_import import REPORT
+from iisan.efficiency import benchmark
+from iisan.efficiency.figures import CREATOR
 from iisan.errors import OutputError, TrainingError
-from iisan.experiments import efficiency, reproduce
-from iisan.experiments.figures import CREATOR
+from iisan.experiments import reproduce
 
 from ._scripts import load_script
 
@@ -97,7 +98,7 @@ def test_plot_figures_replaces_a_figure_drawn_before_figures_carried_a_creator(t
 
 def test_benchmark_refuses_a_json_or_table_it_did_not_write_before_any_work(tmp_path, monkeypatch, capsys):
     bench = script("benchmark_efficiency", monkeypatch)
-    monkeypatch.setattr(efficiency, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "prepare", no_work)
     out = tmp_path / "out"
     out.mkdir()
     argv = ["--settings", "equal", "--methods", "IISAN (cached)", "--authors-way", "none", "--device", "cpu",
@@ -115,26 +116,26 @@ def test_benchmark_refuses_a_json_or_table_it_did_not_write_before_any_work(tmp_
 
 
 def test_benchmark_refuses_a_figure_it_did_not_draw_and_replaces_its_own_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(efficiency, "prepare", lambda work, data, backbones: {})
-    monkeypatch.setattr(efficiency, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
+    monkeypatch.setattr(benchmark, "prepare", lambda work, data, backbones: {})
+    monkeypatch.setattr(benchmark, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
     figs, out = tmp_path / "figs", tmp_path / "out"
     figs.mkdir()
     png = figs / "efficiency-out-t-paper.png"
     png.write_bytes(b"pic")
 
     def run():
-        efficiency.run_benchmark({}, setting_names=("paper",), labels=("FFT",), authors_way=(),
+        benchmark.run_benchmark({}, setting_names=("paper",), labels=("FFT",), authors_way=(),
                                  work=tmp_path, out=out, tag="t", figs=figs)
 
-    monkeypatch.setattr(efficiency, "base_config", no_work)
+    monkeypatch.setattr(benchmark, "base_config", no_work)
     with pytest.raises(OutputError) as refused:
         run()
     assert str(refused.value) == refusal("--figs", png, "a benchmark figure IISAN drew")
     assert png.read_bytes() == b"pic" and not out.exists()
     png.unlink()
     monkeypatch.undo()
-    monkeypatch.setattr(efficiency, "prepare", lambda work, data, backbones: {})
-    monkeypatch.setattr(efficiency, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
+    monkeypatch.setattr(benchmark, "prepare", lambda work, data, backbones: {})
+    monkeypatch.setattr(benchmark, "in_fresh_process", lambda fn, cfg, **kw: {"error": "ConfigError: no"})
     for _ in range(2):  # the second run replaces the first one's JSON and table
         with pytest.raises(TrainingError):
             run()

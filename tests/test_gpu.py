@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iisan.data.batches import train_loader
-from iisan.experiments.bench import SETTINGS
+from iisan.efficiency.bench import SETTINGS
 from iisan.model.build import build_model, load_data
 from iisan.train.step import batch_layout, make_optimizer, make_train_step
 from iisan.train.trainer import train

@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from iisan.data.batches import train_loader
+from iisan.efficiency.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.errors import TargetError, TrainingError
-from iisan.experiments.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.model.build import build_model, load_data
 from iisan.model.peft_methods import apply_adapters, apply_lora
 from iisan.train.step import make_optimizer, make_train_step, optimizer_groups

@@ -28,7 +28,7 @@ from ..devices import sync
 from ..model.recommender import IISANItemEncoder
 from ..train.step import shape_buckets
 from .bench import TrainingSetup, training_setup
-from .efficiency import base_config, method_config, prepare
+from .benchmark import base_config, method_config, prepare
 from .flops import StepFlops
 from .timing import (
     StepClock,

@@ -1,4 +1,4 @@
-"""Figures and markdown tables of efficiency benchmark results (``efficiency.run_benchmark``'s JSON):
+"""Figures and markdown tables of efficiency benchmark results (``benchmark.run_benchmark``'s JSON):
 time per step and epoch, items and padding per step, peak memory, trainable parameters and TPME per
 method, the authors'-way rows beside the default ones, the cache build and the evaluation, and a text
 that says what each row measures. A table or figure already at its path is replaced only when this
@@ -154,7 +154,7 @@ def is_figure(path: Path) -> bool:
 
 
 def is_benchmark(path: Path) -> bool:
-    """A benchmark JSON ``efficiency.run_benchmark`` wrote (``read_benchmark`` takes it)."""
+    """A benchmark JSON ``benchmark.run_benchmark`` wrote (``read_benchmark`` takes it)."""
     try:
         read_benchmark(path)
     except (DataError, OSError):
