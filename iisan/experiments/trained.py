@@ -16,6 +16,7 @@ last ``max_seq_len`` items of a history.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,10 @@ from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, save_safetensors_atomic
 from ..model.build import build_model, load_data
 from ..model.recommender import Recommender
-from ..train.runfolder import RESULTS, read_results
+from ..train.runfolder import RESULTS, results_or_reason
 from ..train.weights import load_weights
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "iisan-embeddings/1"
 
@@ -117,7 +120,10 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
                           else f"{run_dir} is a file; expected a run folder (runs/<name>)")
-    results = read_results(run_dir / RESULTS)
+    results, damage = results_or_reason(run_dir / RESULTS)
+    if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
+        log.warning("%s: %s; used without it (no working folder for relative paths, no check that the items "
+                    "file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)
     if not config_path.is_file():
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended

@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
-from ..files import WRITE_ERRORS, OutputLock, failure_reason, sha256, usual_permissions, write_failure
+from ..files import WRITE_ERRORS, OutputLock, failure_reason, is_lock_file, sha256, usual_permissions, write_failure
+from . import runstate
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +138,59 @@ def is_run_folder(path: Path) -> bool:
     return False
 
 
-# What a run writes before its config (``records``): a folder holding only these was started by a run.
+# What a run writes before its config (``records``): a folder holding only these was started by a run,
+# when each is as a run writes it (``early_file_problem``).
 EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
+# The first line of each start's header in train.log (``records.RunRecord.header``).
+LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ===\n")
+
+
+def early_file_problem(path: Path) -> str | None:
+    """Why ``path``, one of the ``EARLY`` files, is not as a run writes it (None when it is): train.log is
+    empty or starts with a header, metrics.jsonl is empty or one epoch record per line, .lock is empty
+    or says ``pid N on HOST``."""
+    if path.is_symlink() or not path.is_file():
+        return "is not a plain file"
+    try:
+        if path.name == LOCK:
+            return None if is_lock_file(path) else "is not a lock file IISAN wrote (empty or 'pid N on HOST')"
+        with open(path, "rb") as fh:
+            if path.name == "train.log":
+                head = fh.readline(4096)
+                return None if not head or LOG_HEAD.fullmatch(head.decode("utf-8", "replace")) else \
+                    "does not start with the header an IISAN run writes ('=== <name>: started <time> ===')"
+            for number, line in enumerate(fh, 1):
+                try:
+                    problem = runstate.epoch_problem(json.loads(line))
+                except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+                    problem = "is not JSON"
+                if problem:
+                    return f"line {number} is not an epoch record of an IISAN run ({problem})"
+    except OSError as err:
+        return f"cannot be read ({failure_reason(err)})"
+    return None
 
 
 def claim_run_folder(run_dir: Path) -> None:
     """A run writes into an absent or empty folder, or into its own run folder (to resume it); a folder
-    holding anything else is refused, so a run never writes among files it did not create."""
+    holding anything else is refused, so a run never writes among files it did not create. A folder
+    holding only ``EARLY`` files is a run's that stopped before writing its config when each of them is
+    as a run writes it (``early_file_problem``). A link to a folder is taken as that folder; a link to
+    anything else is refused."""
     if not os.path.lexists(run_dir):
         return
+    if run_dir.is_symlink() and not run_dir.is_dir():  # a link to a folder is that folder
+        raise OutputError(f"run folder {run_dir} is a symbolic link to no folder; give the path of a folder "
+                          "(--out-dir, --run-name) or choose another --run-name")
     if not run_dir.is_dir():
         raise OutputError(f"run folder {run_dir} is a file; choose another --run-name")
-    if any(p.name not in EARLY for p in run_dir.iterdir()) and not is_run_folder(run_dir):
-        raise OutputError(f"run folder {run_dir} exists and is not an IISAN run folder (no run config.json); "
+    if is_run_folder(run_dir):
+        return
+    entries = sorted(run_dir.iterdir())
+    why = "no run config.json" if any(p.name not in EARLY for p in entries) else next(
+        (f"no run config.json, and {p} {problem}" for p in entries if (problem := early_file_problem(p))), None)
+    if why:
+        raise OutputError(f"run folder {run_dir} exists and is not an IISAN run folder ({why}); "
                           "IISAN writes only into its own run folders: choose another --run-name or --out-dir")
 
 
@@ -224,32 +265,45 @@ def read(path: Path) -> Checkpoint:
                       load_file(str(path / TRAIN_STATE)))
 
 
+def examine(path: Path, config: dict) -> Checkpoint | str:
+    """The checkpoint at ``path`` when it is intact, of fields of the types this version writes and of
+    ``config``; else why not, in one line starting with the path."""
+    if reason := verify(path):
+        return reason
+    try:
+        state = json.loads((path / STATE).read_text())
+    except OSError as err:
+        return f"{path / STATE} is unreadable ({failure_reason(err)})"
+    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
+        return f"{path / STATE} is damaged (not valid JSON)"
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        shown = state.get("format") if isinstance(state, dict) else state
+        return f"{path / STATE} has format {shown!r}, expected {FORMAT}"
+    if not isinstance(state.get("config"), dict):
+        return f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
+    if problem := runstate.state_problem(state):
+        return f"{path / STATE} is damaged ({problem})"
+    if differences := config_differences(state["config"], config):
+        return (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
+                "use another --run-name to start a new run")
+    try:
+        return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
+    except Exception as err:  # safetensors raises its own types for damaged files
+        return f"{path} is unreadable ({type(err).__name__}: {err})"
+
+
 def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:
-    """The newest checkpoint under ``root`` that is intact and belongs to ``config``, and one line per
-    newer checkpoint that was refused, newest first: logged as warnings when an older one is found, the
-    caller's error (``cannot_resume``) when none is."""
+    """The newest checkpoint under ``root`` that ``examine`` accepts, and one line per newer checkpoint
+    that was refused, newest first: logged as warnings when an older one is found, the caller's error
+    (``cannot_resume``) when none is."""
     refused = []
     for path in checkpoints(root):
-        reason = verify(path)
-        if reason is None:
-            try:
-                found = read(path)
-            except Exception as err:  # safetensors and json raise their own types for damaged files
-                reason = f"{path} is unreadable ({type(err).__name__}: {err})"
-            else:
-                if not isinstance(found.state, dict) or found.state.get("format") != FORMAT:
-                    shown = found.state.get("format") if isinstance(found.state, dict) else found.state
-                    reason = f"{path / STATE} has format {shown!r}, expected {FORMAT}"
-                elif not isinstance(found.state.get("config"), dict):
-                    reason = f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
-                elif differences := config_differences(found.state["config"], config):
-                    reason = (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
-                              "use another --run-name to start a new run")
-                else:
-                    for passed in refused:
-                        log.warning("refusing checkpoint: %s", passed)
-                    return found, refused
-        refused.append(reason)
+        found = examine(path, config)
+        if isinstance(found, Checkpoint):
+            for passed in refused:
+                log.warning("refusing checkpoint: %s", passed)
+            return found, refused
+        refused.append(found)
     return None, refused
 
 

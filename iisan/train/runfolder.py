@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..config import Config
 from ..distributed import launched_processes
-from ..errors import ConfigError
+from ..errors import ConfigError, error_line
+from ..files import failure_reason
 from .checkpoint import MAY_CHANGE, config_differences
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,24 @@ def reusable_results(cfg: Config) -> dict | None:
     return done
 
 
+def results_or_reason(path: Path) -> tuple[dict, str]:
+    """The results file at ``path`` as a dict and ''; or {} and why it cannot be used ('' when absent)."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as err:
+        return {}, f"cannot be read ({failure_reason(err)})"
+    except json.JSONDecodeError as err:
+        return {}, f"not valid JSON ({err.msg} at line {err.lineno})"
+    except (ValueError, RecursionError) as err:  # not UTF-8, an integer of over 4300 digits, nesting too deep
+        return {}, f"not valid JSON ({error_line(err)})"
+    return (results, "") if isinstance(results, dict) else ({}, "not a JSON object")
+
+
 def read_results(path: Path) -> dict:
     """The results file at ``path`` as a dict; {} when it is absent, unreadable or not a JSON object."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be ours
-        return {}
-    return results if isinstance(results, dict) else {}
+    return results_or_reason(path)[0]
 
 
 def finished_file(path: Path) -> dict | None:
@@ -102,7 +114,9 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     """Before a fresh start in ``folder`` with no checkpoint to resume: a run there that left results
     (its checkpoints removed to save space) would be overwritten. Refused when that run had another
     config or had finished; a same-config run that stopped before its first checkpoint starts again."""
-    earlier = read_results(folder / RESULTS)
+    earlier, damage = results_or_reason(folder / RESULTS)
+    if damage:
+        log.warning("%s: %s; the run there is judged by its config.json alone", folder / RESULTS, damage)
     if not earlier:  # its config.json alone still says what its best.safetensors is
         written = read_results(folder / "config.json")
         differences = config_differences(written, cfg.to_dict()) if written else []

@@ -6,10 +6,13 @@
 - The optimiser: per-parameter tensors named ``optim.<group>.<index in group>.<key>``, the rest
   (hyper-parameters of each group, non-tensor state) as JSON.
 - The gradient scaler (fp16): its state is a handful of numbers.
+- The types of what ``state.json`` holds (``state_problem``), checked before a checkpoint is chosen, so
+  that a hand-edited one is refused like a damaged one (and the one before it tried).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -121,3 +124,69 @@ def scaler_state(scaler) -> dict:
 def restore_scaler(scaler, state: dict) -> None:
     if scaler is not None and state:
         scaler.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------
+# what state.json holds
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _metrics(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
+
+
+# The fields of every epoch record (``trainer.Run`` makes them; metrics.jsonl and state.json hold them).
+EPOCH = {"epoch": ("a count", _count), "loss": ("a number", _number),
+         "train_seconds": ("a number", _number), "eval_seconds": ("a number", _number),
+         "steps": ("a count", _count), "valid": ("an object of numbers", _metrics)}
+# The fields of state.json that a resume reads, the checkpoint's ``format`` and ``config`` aside (checked
+# first); what ``rng``, ``optimizer`` and ``grad_scaler`` hold is checked when restored (``restoring``).
+STATE = {"epoch": ("a count", _count), "step": ("a count or null", lambda v: v is None or _count(v)),
+         "next_epoch": ("a count", _count), "next_step": ("a count", _count), "global_step": ("a count", _count),
+         "train_seconds_in_epoch": ("a finite number", lambda v: _number(v) and math.isfinite(v)),
+         "world_size": ("a count of at least 1", lambda v: _count(v) and v >= 1),
+         "device": ("text", lambda v: isinstance(v, str)),
+         "best_valid": ("an object of numbers", _metrics), "best_test": ("an object of numbers", _metrics),
+         "resumed_from": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+         "epochs": ("a list", lambda v: isinstance(v, list)),
+         "rng": ("an object", lambda v: isinstance(v, dict)), "optimizer": ("an object", lambda v: isinstance(v, dict)),
+         "grad_scaler": ("an object", lambda v: isinstance(v, dict)),
+         "early_stopping": ("an object", lambda v: isinstance(v, dict))}
+STOPPING = {"best": ("a number or null", lambda v: v is None or _number(v)),
+            "best_epoch": ("a whole number", lambda v: type(v) is int), "bad_epochs": ("a count", _count)}
+
+
+def _fields(values: dict, expected: dict, prefix: str = "") -> str | None:
+    for key, (what, fits) in expected.items():
+        if key not in values:
+            return f"no {prefix}{key}"
+        if not fits(values[key]):
+            shown = repr(values[key])
+            return f"{prefix}{key}={shown if len(shown) <= 40 else shown[:37] + '...'}: expected {what}"
+    return None
+
+
+def epoch_problem(record) -> str | None:
+    """Why ``record`` is not an epoch record as a run writes it (None when it is)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    problem = _fields(record, EPOCH)
+    if problem is None and "test" in record and not _metrics(record["test"]):
+        problem = "test: expected an object of numbers"
+    return problem
+
+
+def state_problem(state: dict) -> str | None:
+    """Why a checkpoint's ``state`` (its state.json) does not hold the fields a resume reads, of the types
+    this version writes (None when it does): a hand edit, or another version's file."""
+    if problem := _fields(state, STATE) or _fields(state["early_stopping"], STOPPING, "early_stopping."):
+        return problem
+    return next((f"epochs[{i}]: {wrong}" for i, record in enumerate(state["epochs"])
+                 if (wrong := epoch_problem(record))), None)
