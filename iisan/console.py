@@ -30,6 +30,12 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub gives its logger a handler of its own and also passes each record on to ours: its
+    # warnings (each retry of a request) came out twice. Once, in this format. (Imported for its handler.)
+    from huggingface_hub.utils import logging as hub_logging
+    hub = hub_logging.get_logger()
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
 
 
 def duration(seconds: float) -> str:

@@ -70,6 +70,33 @@ def remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def fsync(path: str | Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to disk (before the rename that publishes them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``path`` (the caller has claimed ``path``). A folder
+    already there is moved aside first and removed once the new one is in place, or put back when the
+    rename fails."""
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = temporary_sibling(path)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        remove(old)
+
+
 def starts_with(path: Path, head: str) -> bool:
     """Whether ``path`` is a file whose first bytes are ``head`` (how a writer recognises its own text files)."""
     if not path.is_file():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ..files import (
     claim_output,
     refuse_inputs,
     remove,
+    replace_folder,
     stale_temporaries,
     temporary_sibling,
     write_failure,
@@ -118,29 +118,19 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
     refuse_inputs(out_path, inputs, "--out")
     lock = out_path.with_name(f".{out_path.name}.iisan-lock")
     with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):
-        replacing = claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite)
+        claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite)
         for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
             remove(stale)
         tmp = temporary_sibling(out_path)
         try:
             problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
             close_reader(out_path)  # a reader of the old store in this process must not keep the old files
-            old = temporary_sibling(out_path) if replacing else None
-            if old is not None:
-                os.replace(out_path, old)
-            try:
-                os.replace(tmp, out_path)
-            except OSError:
-                if old is not None:
-                    os.replace(old, out_path)  # the old store back where it was
-                raise
+            replace_folder(tmp, out_path)  # an old store is put back if this fails
         except BaseException as err:
             remove(tmp)
             if isinstance(err, (OSError, lmdb.Error)) and not isinstance(err, UserError):
                 raise write_failure(out_path, err) from None
             raise
-        if old is not None:
-            remove(old)
     return problems
 
 

@@ -7,6 +7,11 @@ interruption); once complete and checked it gets ``iisan-fetch.json`` (repositor
 size and sha256) and is renamed into place, so a folder under its real name is always whole. A second
 run verifies that manifest; a folder put there by hand (no manifest) is left as it is. The Hub is
 reached through a ``HubClient`` (huggingface_hub by default, a stand-in in tests).
+
+A Hub that cannot be reached (no network, a blocked host, ``HF_HUB_OFFLINE=1``) is said in one line
+naming the model and how to bring its folder from a machine that reaches the Hub. The download starts
+with one request that huggingface_hub does not retry, so that an offline machine is told at once
+instead of after the retries of its file listing (5, 23 s of waiting with huggingface_hub's defaults).
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError
@@ -74,11 +82,33 @@ class HubClient(Protocol):
 
 class HuggingFaceHub:
     def resolve(self, repo_id: str, revision: str) -> str:
-        return huggingface_hub.HfApi().model_info(repo_id, revision=revision).sha
+        # one request, never retried, and as long as huggingface_hub waits for a file's metadata (its
+        # default here would be no time limit at all)
+        return huggingface_hub.HfApi().model_info(repo_id, revision=revision,
+                                                  timeout=hub_constants.HF_HUB_ETAG_TIMEOUT).sha
 
     def download(self, repo_id: str, revision: str, allow_patterns: list[str], local_dir: Path) -> None:
+        self.resolve(repo_id, revision)  # the Hub reached, or an error at once (module docstring)
+        log.info("downloading %s at %s into %s", repo_id, revision[:12], local_dir)
         huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns,
                                           local_dir=str(local_dir))
+
+
+def unreachable(err: BaseException) -> str | None:
+    """Why the Hub could not be reached, when ``err`` or an error it came from says so (huggingface_hub
+    wraps them: ``LocalEntryNotFoundError`` from ``ConnectError``): offline mode, or a connection that
+    failed or timed out. None for any other error (a gated or missing repository, a full disk)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE is set, huggingface_hub's offline mode: unset it where the Hub is reachable"
+        transport = any(c.__name__ == "TransportError" and c.__module__.split(".")[0] in ("httpx", "httpx2")
+                        for c in type(err).__mro__)  # httpx2's (huggingface_hub 2) or httpx's (1.x)
+        if transport or isinstance(err, (ConnectionError, TimeoutError, socket.gaierror)):
+            return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 def by_hand(model: HubModel, revision: str, target: Path) -> str:
@@ -126,9 +156,13 @@ def fetch_encoder(name: str, root: Path, client: HubClient) -> Path:
     revision = model.revision or "main"
     try:
         revision = model.revision or client.resolve(model.repo_id, "main")
-        log.info("downloading %s at %s into %s", model.repo_id, revision[:12], target)
         client.download(model.repo_id, revision, RUN_FILES, partial)
     except Exception as err:  # huggingface_hub's, httpx's and OS errors alike: one line, never a traceback
+        if why := unreachable(err):
+            raise FetchError(f"cannot reach the Hugging Face Hub for {model.repo_id}@{revision[:12]} ({why}); run "
+                             f"`iisan fetch encoders` where the Hub is reachable and copy the folder it writes to "
+                             f"{target}/ (its {MANIFEST} is checked here), or {by_hand(model, revision, target)} "
+                             "(pretrained_models/README.md)") from None
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         raise FetchError(f"cannot download {model.repo_id}@{revision[:12]} from the Hugging Face Hub ({reason}); "
                          f"{by_hand(model, revision, target)}") from None
@@ -141,6 +175,7 @@ def fetch_encoder(name: str, root: Path, client: HubClient) -> Path:
         "download", folder_files(partial), repo_id=model.repo_id, revision=revision,
         requested=model.revision or "main", allow_patterns=RUN_FILES, huggingface_hub=huggingface_hub.__version__)
     os.replace(partial, target)
+    log.info("%s: %s at %s", target, model.repo_id, revision[:12])
     return target
 
 

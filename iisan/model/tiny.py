@@ -1,12 +1,21 @@
 """Tiny random-initialised encoders written with ``save_pretrained``, so tests and the demo go through
 the same loading code as real checkpoints, offline. Also the full-size *architectures* (BERT-base,
 ViT-B/16) with random weights, for parameter counts and benchmarks without a download.
+
+Each model folder appears whole or not at all (``model_folder``): it is written into a hidden temporary
+sibling, flushed to disk and renamed into place, so a kill mid-write never leaves a partial folder under
+the model's name (where ``files.claim_folder``'s marker would let a rerun take it for finished). A
+temporary folder left by a killed writer is removed by the next one. An existing folder is replaced only
+when it is one of ours: empty, marked with ``TINY_MARKER`` (which every folder written here gets), or
+holding nothing but files of the names written here (a folder written before the marker was).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,7 +36,18 @@ from transformers import (
     ViTModel,
 )
 
-from ..files import usual_permissions
+from ..errors import OutputError, UserError
+from ..files import (
+    WRITE_ERRORS,
+    OutputLock,
+    fsync,
+    remove,
+    replace_folder,
+    stale_temporaries,
+    temporary_sibling,
+    usual_permissions,
+    write_failure,
+)
 from .encoder_files import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -45,7 +65,53 @@ def quietly(write):
 
     return quiet
 
-TINY_MARKER = ".iisan-random-model"  # in each folder `iisan make-tiny-models` made (``files.claim_folder``)
+TINY_MARKER = ".iisan-random-model"  # in each folder written here (``model_folder``, ``files.claim_folder``)
+MARKER_TEXT = "a random model folder, written by IISAN; it may replace this folder\n"
+
+
+def _ours(folder: Path, written: Path) -> bool:
+    """Whether the existing ``folder`` may be replaced by the freshly ``written`` one: it is empty, holds
+    the marker, or holds only names the new folder has (a folder written here before the marker was)."""
+    names = {p.name for p in folder.iterdir()}
+    return TINY_MARKER in names or names <= {p.name for p in written.iterdir()}
+
+
+@contextmanager
+def model_folder(out_dir: str | Path):
+    """A fresh hidden folder beside ``out_dir`` to write a model into; when the block succeeds it gets
+    ``TINY_MARKER``, is flushed to disk and renamed onto ``out_dir`` (module docstring), and when it
+    fails it is removed and ``out_dir`` keeps what it held. One writer at a time (a lock beside it); a
+    temporary folder of a writer that was killed is removed first. A write the OS refuses is one
+    ``OutputError`` naming ``out_dir``; a link, a file or a folder of someone else's is refused the same way."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise OutputError(f"model folder {out_dir} is a symbolic link; give the path it points to")
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise OutputError(f"model folder {out_dir} is a file, expected a folder")
+    lock = out_dir.with_name(f".{out_dir.name}.iisan-lock")
+    with OutputLock(lock, f"model folder {out_dir}", "another process is writing it; wait for it to finish"):
+        for stale in stale_temporaries(out_dir):  # of writers that were killed (we hold the lock)
+            remove(stale)
+        tmp = temporary_sibling(out_dir)
+        try:
+            tmp.mkdir()
+            yield tmp
+            (tmp / TINY_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            if out_dir.is_dir() and not _ours(out_dir, tmp):
+                raise OutputError(f"model folder {out_dir} exists and is not a random model folder IISAN "
+                                  f"wrote (no {TINY_MARKER} in it, and files IISAN does not write there); "
+                                  "choose another path or move that one away")
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    fsync(path)
+            fsync(tmp)
+            replace_folder(tmp, out_dir)
+            fsync(out_dir.parent)
+        except BaseException as err:
+            remove(tmp)
+            if isinstance(err, WRITE_ERRORS) and not isinstance(err, UserError):
+                raise write_failure(out_dir, err) from None
+            raise
 
 
 def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:
@@ -67,58 +133,60 @@ def save_model(model, out_dir: Path) -> None:
 @quietly
 def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
                seed: int = 0) -> Path:
-    out_dir = write_bert_tokenizer(out_dir, vocab)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 4, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    save_model(BertModel(config), out_dir)
-    return out_dir
+    with model_folder(out_dir) as folder:
+        _bert_tokenizer(folder, vocab)
+        torch.manual_seed(seed)
+        save_model(BertModel(config), folder)
+    return Path(out_dir)
 
 
 @quietly
 def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    with model_folder(out_dir) as folder:
+        _bert_tokenizer(folder, vocab)
+    return Path(out_dir)
+
+
+def _bert_tokenizer(folder: Path, vocab: list[str]) -> None:
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # the vocabulary itself, not vocab_file: transformers 5 ignores vocab_file and keeps the 5 special
     # tokens only, which makes every word [UNK] (tests/test_tiny_models.py checks a title's tokens)
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    tokenizer.save_pretrained(folder)
 
 
 @quietly
 def write_vit(out_dir: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, image_size: int = 224,
               patch_size: int = 32, seed: int = 0) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        intermediate_size=hidden * 4, image_size=image_size, patch_size=patch_size)
-    torch.manual_seed(seed)
-    save_model(ViTModel(config, add_pooling_layer=False), out_dir)
-    tf.ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(out_dir)
-    return out_dir
+    with model_folder(out_dir) as folder:
+        torch.manual_seed(seed)
+        save_model(ViTModel(config, add_pooling_layer=False), folder)
+        tf.ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3).save_pretrained(folder)
+    return Path(out_dir)
 
 
 @quietly
 def write_llama(out_dir: str | Path, vocab: list[str], hidden: int = 48, layers: int = 4, heads: int = 4,
                 seed: int = 0) -> Path:
     """A tiny decoder LLM (LLaMA architecture) with a word-level tokenizer over ``vocab``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     words = ["<pad>", "<unk>", "<s>", "</s>"] + [w for w in vocab if w not in SPECIALS]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
                                         bos_token="<s>", eos_token="</s>", padding_side="right")
-    tokenizer.save_pretrained(out_dir)
     config = LlamaConfig(vocab_size=len(words), hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=hidden * 2,
                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    torch.manual_seed(seed)
-    save_model(LlamaModel(config), out_dir)
-    return out_dir
+    with model_folder(out_dir) as folder:
+        tokenizer.save_pretrained(folder)
+        torch.manual_seed(seed)
+        save_model(LlamaModel(config), folder)
+    return Path(out_dir)
 
 
 def base_architectures():
@@ -134,11 +202,13 @@ def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     bert, vit = base_architectures()
     text_dir, image_dir = out_dir / "bert-base-random", out_dir / "vit-base-random"
-    write_bert_tokenizer(text_dir, vocabulary(["a"]) + [f"w{i}" for i in range(bert.config.vocab_size - 6)])
-    save_model(bert, text_dir)
-    save_model(vit, image_dir)
-    tf.ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(image_dir)
+    with model_folder(text_dir) as folder:
+        _bert_tokenizer(folder, vocabulary(["a"]) + [f"w{i}" for i in range(bert.config.vocab_size - 6)])
+        save_model(bert, folder)
+    with model_folder(image_dir) as folder:
+        save_model(vit, folder)
+        tf.ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3).save_pretrained(folder)
     return text_dir, image_dir
 
 
@@ -152,8 +222,12 @@ def write_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int =
     """A byte-level BPE trained on ``texts`` (the LLM tokenizers' kind), saved with ``save_pretrained``.
 
     ``pad=False`` leaves it without a pad token, like GPT-2 and LLaMA checkpoints."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with model_folder(out_dir) as folder:
+        _bpe_tokenizer(folder, texts, vocab_size, pad)
+    return Path(out_dir)
+
+
+def _bpe_tokenizer(folder: Path, texts: list[str], vocab_size: int = 400, pad: bool = True) -> None:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -162,8 +236,7 @@ def write_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int =
     backend.train_from_iterator([t.lower() for t in texts], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
                                         pad_token="<pad>" if pad else None)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    tokenizer.save_pretrained(folder)
 
 
 DECODERS = ("llama", "qwen2", "gpt2")
@@ -174,21 +247,22 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
                   heads: int = 4, seed: int = 0) -> Path:
     """A tiny random decoder LLM of ``family`` (llama, qwen2, gpt2) loadable with ``AutoModel``, and a
     BPE tokenizer over ``texts``. GPT-2 gets no pad token, as the real checkpoints ship."""
-    out_dir = write_bpe_tokenizer(out_dir, texts, pad=family != "gpt2")
-    vocab = len(AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False))
-    if family == "gpt2":  # GPT-2 names its sizes n_layer / n_embd / n_head
-        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
-                            bos_token_id=0, eos_token_id=0)
-    elif family in ("llama", "qwen2"):
-        cls = LlamaConfig if family == "llama" else Qwen2Config
-        config = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=hidden * 2,
-                     max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    else:
+    if family not in DECODERS:
         raise ValueError(f"family must be one of {', '.join(DECODERS)}, not {family!r}")
-    torch.manual_seed(seed)
-    save_model(AutoModel.from_config(config), out_dir)
-    return out_dir
+    with model_folder(out_dir) as folder:
+        _bpe_tokenizer(folder, texts, pad=family != "gpt2")
+        vocab = len(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+        if family == "gpt2":  # GPT-2 names its sizes n_layer / n_embd / n_head
+            config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
+                                bos_token_id=0, eos_token_id=0)
+        else:
+            cls = LlamaConfig if family == "llama" else Qwen2Config
+            config = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=hidden * 2,
+                         max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+        torch.manual_seed(seed)
+        save_model(AutoModel.from_config(config), folder)
+    return Path(out_dir)
 
 
 IMAGE_FAMILIES = ("vit", "deit", "dinov2", "clip")
@@ -203,8 +277,6 @@ def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers
         raise ValueError(f"family must be one of {', '.join(IMAGE_FAMILIES)}, not {family!r}")
     if family == "vit":
         return write_vit(out_dir, hidden, layers, heads, image_size, patch_size, seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                  image_size=image_size, patch_size=patch_size)
     crop = {"height": image_size, "width": image_size}
@@ -219,7 +291,8 @@ def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers
     else:
         config = tf.CLIPVisionConfig(intermediate_size=hidden * 2, **sizes)
         processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
-    torch.manual_seed(seed)
-    save_model(tf.AutoModel.from_config(config), out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    with model_folder(out_dir) as folder:
+        torch.manual_seed(seed)
+        save_model(tf.AutoModel.from_config(config), folder)
+        processor.save_pretrained(folder)
+    return Path(out_dir)

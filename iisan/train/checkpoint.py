@@ -31,7 +31,16 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
-from ..files import WRITE_ERRORS, OutputLock, failure_reason, is_lock_file, sha256, usual_permissions, write_failure
+from ..files import (
+    WRITE_ERRORS,
+    OutputLock,
+    failure_reason,
+    fsync,
+    is_lock_file,
+    sha256,
+    usual_permissions,
+    write_failure,
+)
 from . import runstate
 
 log = logging.getLogger(__name__)
@@ -72,14 +81,6 @@ def checkpoints(root: Path) -> list[Path]:
 # writing
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                      train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
     """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
@@ -94,15 +95,15 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
         manifest = {"format": FORMAT, "files": {}}
         for file in FILES:
-            _fsync(tmp / file)
+            fsync(tmp / file)
             manifest["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": sha256(tmp / file)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
+        fsync(tmp / MANIFEST)
+        fsync(tmp)
         if final.exists():  # a refused checkpoint of the same name, now being redone
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync(root)
     except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
