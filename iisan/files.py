@@ -97,6 +97,13 @@ def replace_folder(tmp: Path, path: Path) -> None:
         remove(old)
 
 
+def shown(path: str | Path) -> str:
+    """``path`` for a message that it is missing: a relative one says the working folder it was looked
+    for in (flags and config files alike give paths relative to it)."""
+    path = Path(path)
+    return str(path) if path.is_absolute() else f"{path} (in the working folder {Path.cwd()})"
+
+
 def starts_with(path: Path, head: str) -> bool:
     """Whether ``path`` is a file whose first bytes are ``head`` (how a writer recognises its own text files)."""
     if not path.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,23 @@ def test_missing_files_name_the_path(tmp_path):
         read_users(tmp_path / "nope.tsv")
     with pytest.raises(DataError, match="items file .*nope.tsv does not exist"):
         read_items(tmp_path / "nope.tsv")
+
+
+def test_a_missing_relative_path_names_the_working_folder(tmp_path, monkeypatch):
+    """Relative paths (flags and config files alike) are taken from the working folder: the message says
+    which, so a config file used from another folder shows why its paths are not found."""
+    from iisan.data.cache import read_metadata
+    from iisan.data.images import ImageStore
+    from iisan.errors import CacheError, ImageStoreError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:
+        read_users(Path("data") / "users.tsv")
+    assert str(info.value) == f"users file data/users.tsv (in the working folder {tmp_path}) does not exist"
+    with pytest.raises(ImageStoreError, match=rf"^image LMDB x.lmdb \(in the working folder {tmp_path}\) does not"):
+        ImageStore("x.lmdb")
+    with pytest.raises(CacheError, match=rf"^cache file c/text.safetensors \(in the working folder {tmp_path}\) "):
+        read_metadata("c/text.safetensors")
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CacheError
+from ..files import shown
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def encoder_config_hash(folder: str | Path | None) -> str | None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"cache file {path} does not exist (build it with `iisan cache` or preprocess_vectors.py)")
+        raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache` or "
+                         "preprocess_vectors.py)")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

@@ -18,6 +18,7 @@ import lmdb
 import numpy as np
 
 from ..errors import ImageStoreError
+from ..files import shown
 
 MAGIC = b"IIM1"
 HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
@@ -96,7 +97,7 @@ class ImageStore:
         if self.path.exists() and not self.path.is_dir():
             raise ImageStoreError(f"image LMDB {self.path} is a file; expected the folder `iisan build-lmdb` writes")
         if not self.path.is_dir():
-            raise ImageStoreError(f"image LMDB {self.path} does not exist (build it with `iisan build-lmdb`)")
+            raise ImageStoreError(f"image LMDB {shown(self.path)} does not exist (build it with `iisan build-lmdb`)")
         self._env = None
         self._pid = None
         meta = read_meta(self.path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..files import file_fingerprint
+from ..files import file_fingerprint, shown
 from .microlens import read_pairs_csv, read_titles_csv
 from .textfile import check_item_id, decoded_lines
 
@@ -71,7 +71,7 @@ def check_data_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise DataError(f"{what} file {path} is a folder, expected a file")
     if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist")
+        raise DataError(f"{what} file {shown(path)} does not exist")
 
 
 def _item_rows(path: Path, encoding: str):
