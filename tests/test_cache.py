@@ -138,6 +138,23 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+def test_the_default_encoder_absent_is_no_warning(cached_cfg, caplog):
+    """A cached run that names no encoder gets the default pair's names; when that folder is not here (a
+    cache built from another encoder, the README's MiniLM runs), no name was mistyped: an info line."""
+    from iisan.config import DEFAULT_MODELS, REPOSITORY
+
+    if (REPOSITORY / DEFAULT_MODELS["text"]).exists():
+        pytest.skip("the default BERT is on this machine: the cache would be checked against it")
+    recorded = read_metadata(f"{cached_cfg.cache_dir}/text.safetensors")["encoder"]
+    cfg = cached_cfg.replace(text_model=DEFAULT_MODELS["text"])
+    with caplog.at_level("INFO", logger="iisan"):
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{cached_cfg.cache_dir}/text.safetensors was built from {recorded}; the text encoder named, the " \
+           f"default {DEFAULT_MODELS['text']}, is not on this machine: training on the cache as recorded" in \
+           [r.getMessage() for r in caplog.records]
+
+
 def test_missing_cache_names_the_file(tiny_config):
     cfg = tiny_config(cache_dir="/nonexistent/cache")
     with pytest.raises(CacheError, match=r"cache file /nonexistent/cache/text.safetensors does not exist"):

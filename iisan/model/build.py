@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import DEFAULT_MODELS, Config
 from ..data.batches import PixelSource
 from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.images import ImageStore
@@ -164,6 +164,9 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
             recorded = meta.get("encoder", "")
             if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' released caches
                 log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
+            elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
+                log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
+                         "training on the cache as recorded", path, recorded, m, name)
             else:  # a mistyped folder would otherwise pass unnoticed
                 log.warning("--%s-model %s does not exist here and is not the encoder %s was built from (%s): "
                             "training on the cache as recorded; check the name", m, name, path, recorded)
