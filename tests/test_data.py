@@ -186,3 +186,12 @@ def test_item_ids_that_cannot_name_an_image_file_are_refused(tmp_path, item_id, 
     with pytest.raises(DataError, match=rf"items.tsv:2: item id .* {re.escape(problem)}.*; item ids must be usable"):
         read_items(items)
     assert read_items(write(tmp_path, "good.tsv", "B00X-1_a.b\tfine\n")).ids == ["B00X-1_a.b"]
+
+
+def test_item_ids_joined_by_commas_get_a_hint(tmp_path):
+    items = write(tmp_path, "items.tsv", "".join(f"I{i}\ttitle {i}\n" for i in range(6)))
+    users = write(tmp_path, "users.tsv", "u1\tI0,I1,I2,I3,I4,I5\nu2\tI5,I4,I3,I2,I1\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(users, items)
+    assert str(info.value) == (f"{users}: no user has 5 or more interactions with known items (item ids are "
+                               "separated by spaces; the unknown ids here contain ',')")

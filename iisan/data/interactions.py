@@ -211,14 +211,16 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
         "unknown_item_ids": len(unknown_ids),
     }
     if unknown_ids:
-        shown = ", ".join(sorted(unknown_ids)[:5])
+        examples = ", ".join(sorted(unknown_ids)[:5])
         log.warning("%s: skipped %d interactions with %d item ids not in %s (e.g. %s)", users_path,
-                    skipped["unknown_item_interactions"], len(unknown_ids), items_path, shown)
+                    skipped["unknown_item_interactions"], len(unknown_ids), items_path, examples)
     if short_users:
         log.warning("%s: skipped %d users with fewer than %d known interactions", users_path, short_users,
                     min_seq_len)
-    if not users:
-        raise DataError(f"{users_path}: no user has {min_seq_len} or more interactions with known items")
+    if not users:  # ids joined by another separator are one unknown id each: say so
+        glued = next((sep for sep in ",;|" if any(sep in item for item in unknown_ids)), None)
+        hint = f" (item ids are separated by spaces; the unknown ids here contain {glued!r})" if glued else ""
+        raise DataError(f"{users_path}: no user has {min_seq_len} or more interactions with known items{hint}")
 
     # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
     used = np.zeros(len(catalog), dtype=bool)
