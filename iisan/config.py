@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -286,8 +287,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 def _coerce(name: str, value, hint):
     """Check ``value`` against the annotation ``hint``; parse strings from flags and JSON lists."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -343,7 +343,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     if said.get("feed") == "cached" and cfg.feed != "cached":
         raise ConfigError(f"feed=cached: method={cfg.method} trains through the backbones, so it runs live "
                           "(only IISAN's states can be cached); leave --feed out")
+    if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
+        logging.getLogger(__name__).info("feed=%s is ignored: method=id has no item encoder", said["feed"])
     if said.get("modality") not in (None, cfg.modality):
-        raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra "
-                          "applies")
+        raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     return cfg

@@ -1,5 +1,5 @@
-"""Writing outputs so that nothing is lost: what the project may replace, how it writes, and one writer
-at a time.
+"""Writing outputs so that nothing is lost: what the project may replace and how it writes (one writer
+at a time: ``locks``).
 
 - Atomic writes (``atomic_path``): a fresh hidden name beside the target (never an existing file),
   renamed into place (``os.replace`` is atomic on one filesystem) when complete and removed when the
@@ -7,9 +7,6 @@ at a time.
   target; whatever was there before is untouched.
 - Claims (``claim_output``): an output path that exists is replaced only when it is this project's own
   artifact and the user asked for it (``--overwrite``), and never when it is, or contains, an input.
-- Locks (``OutputLock``): one process at a time writes an output; the OS drops the lock when its holder
-  dies, even by SIGKILL, so a crash never leaves a stale lock behind. A file at a lock's path that is
-  not one of ours (``lock_text``) is refused, never truncated nor removed.
 - Digests that name what a file holds.
 """
 
@@ -21,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -187,6 +183,18 @@ def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag:
             raise OutputError(f"{flag} {output} {relation} the input {given}; write the output somewhere else")
 
 
+def refuse_inside_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag: str) -> None:
+    """An ``OutputError`` when the folder ``output`` is, or is inside, one of ``inputs`` (an encoder's
+    folder, whose weights digest covers every file in it; the images LMDB; a data file)."""
+    here = Path(output).expanduser().resolve()
+    for given in filter(None, inputs):
+        source = Path(given).expanduser().resolve()
+        if here.is_relative_to(source):
+            where = "the" if here == source else "inside the"
+            raise OutputError(f"{flag} {output} is {where} input {given}; writing there would change that input: "
+                              "choose a folder of its own")
+
+
 def claim_output(path: str | Path, owned: Callable[[Path], bool], what: str, flag: str, overwrite: bool) -> bool:
     """Whether ``path`` exists and may be replaced. It may when it is this project's own ``what``
     (``owned(path)``) and ``overwrite`` is set; anything else that exists is refused with one line."""
@@ -219,107 +227,6 @@ def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
     if not (path / marker).is_file():
         write_text_atomic(path / marker, f"{what}, written by IISAN; it may replace the files it wrote here\n")
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# one writer at a time
-
-
-LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
-LOCK_READ = 4096  # bytes of a lock file read to tell whose it is (ours hold one short line)
-
-
-def lock_text(data: bytes) -> str | None:
-    """The text of a lock file's ``data`` when it is what ``OutputLock`` leaves: empty (just created, by
-    this process or a racing one) or ``pid N on HOST`` (held, or left by a holder that was killed); None
-    for anything else, which is someone else's file."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text if not text or LOCK_TEXT.fullmatch(text) else None
-
-
-def is_lock_file(path: str | Path) -> bool:
-    """Whether ``path`` is a plain file that ``lock_text`` takes for one of ours."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return lock_text(fh.read(LOCK_READ + 1)) is not None
-
-
-class OutputLock:
-    """An exclusive lock on the file ``path`` (beside or inside the output it guards), taken with
-    ``acquire`` and given back with ``release`` (or as a context manager).
-
-    The holder writes its pid and host into the file, for the message another process gets. Released,
-    the file is removed; a process that opened it just before checks, once it holds the lock, that the
-    file it locked is still the one at ``path`` and otherwise tries again. A file already at ``path``
-    is taken over only when it is one of ours (``lock_text``: empty, or the line a holder killed before
-    its release left); anything else is refused in one line and left as it is."""
-
-    def __init__(self, path: str | Path, what: str, hint: str = "wait for it to finish"):
-        self.path, self.what, self.hint = Path(path), what, hint
-        self.handle = None
-
-    def acquire(self) -> OutputLock:
-        try:
-            import fcntl  # POSIX only; elsewhere outputs go unlocked
-        except ImportError:  # not POSIX: no lock
-            return self
-        while True:
-            if self.path.is_symlink():  # opening it would create, or lock, whatever it points to
-                raise self.foreign("is a symbolic link")
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(self.path, "a+b")  # never truncates: whose the file is is not known yet
-            except OSError as err:
-                raise write_failure(self.path, err) from None
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = (lock_text(handle.read(LOCK_READ + 1)) or "").strip() or "another process"
-                handle.close()
-                raise OutputError(f"{self.what} is in use by {holder}; {self.hint}") from None
-            try:
-                current = os.stat(self.path)
-            except FileNotFoundError:
-                current = None
-            if current is not None and os.path.samestat(os.fstat(handle.fileno()), current):
-                break
-            handle.close()  # the previous holder removed the file between our open and our lock
-        handle.seek(0)
-        if lock_text(handle.read(LOCK_READ + 1)) is None:
-            handle.close()
-            raise self.foreign("was not written by IISAN (a lock file of IISAN is empty or says 'pid N on HOST')")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def foreign(self, why: str) -> OutputError:
-        return OutputError(f"{self.path}, the lock file of {self.what}, exists and {why}; IISAN never replaces "
-                           "or removes a file it did not write: move that one away")
-
-    def release(self) -> None:
-        if self.handle is not None:
-            with suppress(FileNotFoundError):  # while still holding it (see the class docstring), and only ours
-                if os.path.samestat(os.fstat(self.handle.fileno()), os.stat(self.path)):
-                    self.path.unlink()
-            self.handle.close()
-            self.handle = None
-
-    close = release
-
-    def __enter__(self) -> OutputLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------------

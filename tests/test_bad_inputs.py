@@ -31,7 +31,7 @@ import torch
 
 from iisan.config import Config
 from iisan.data.cache_build import write_safetensors
-from iisan.files import OutputLock
+from iisan.locks import OutputLock
 from iisan.train.trainer import train
 
 from ._cli_driver import changed, leftovers, run_forked, run_subprocess, snapshot

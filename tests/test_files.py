@@ -12,7 +12,6 @@ import pytest
 
 from iisan.errors import OutputError
 from iisan.files import (
-    OutputLock,
     atomic_path,
     claim_output,
     failure_reason,
@@ -21,6 +20,7 @@ from iisan.files import (
     temporary_sibling,
     write_json_atomic,
 )
+from iisan.locks import OutputLock
 
 
 def test_a_failed_write_keeps_the_old_file_removes_its_temporary_and_names_the_target(tmp_path):

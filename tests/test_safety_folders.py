@@ -26,7 +26,8 @@ from iisan.cli.main import main
 from iisan.config import Config
 from iisan.errors import ConfigError, OutputError, TrainingError
 from iisan.experiments.trained import load_run
-from iisan.files import OutputLock, lock_text, sha256
+from iisan.files import sha256
+from iisan.locks import OutputLock, lock_text
 from iisan.train import runstate
 from iisan.train.records import RunRecord
 from iisan.train.runfolder import read_results, refuse_to_overwrite, results_or_reason

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError, ImageStoreError, UserError
 from ..files import (
-    OutputLock,
     claim_output,
     refuse_inputs,
     remove,
@@ -34,6 +33,7 @@ from ..files import (
     write_failure,
     write_text_atomic,
 )
+from ..locks import OutputLock
 from .images import HEADER, IMAGE_SIZE, META_KEY, close_reader, encode_record, read_meta
 from .textfile import check_item_id
 

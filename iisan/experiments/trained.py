@@ -7,7 +7,8 @@ weights (``best.safetensors``); then
 - ``recommend(run, histories, k)``: the top-K items after each history (item indices), the history
   and padding masked;
 - ``export(run, out_dir, split)``: item embeddings and the users' embeddings for a split, as
-  safetensors whose metadata names the row order (item ids, user ids).
+  safetensors whose metadata names the row order (item ids, user ids); never into an input of the run
+  (``refuse_inputs_as_out``).
 
 Score = user vector · item embedding, as in evaluation. The user vector is SASRec's state after the
 last ``max_seq_len`` items of a history.
@@ -28,12 +29,13 @@ from ..config import METHOD_NAMES, Config
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..devices import resolve_device
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, OutputError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
-from ..files import claim_output, save_safetensors_atomic
+from ..files import claim_output, refuse_inside_inputs, save_safetensors_atomic
 from ..model.build import build_model, load_data
+from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
-from ..train.runfolder import RESULTS, results_or_reason
+from ..train.runfolder import CHECKPOINTS, RESULTS, results_or_reason
 from ..train.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -225,11 +227,31 @@ def is_export(path: Path) -> bool:
         return False
 
 
+def refuse_inputs_as_out(run: TrainedRun, out_dir: Path) -> None:
+    """An ``OutputError`` when ``out_dir`` is, or is inside, something the run reads: a data file, the
+    images LMDB, the cache folder or an encoder's folder (whose weights digest covers every .safetensors
+    in it, so an export there would break the run and its cache), or the run's checkpoints, which training
+    replaces and prunes (a folder ``epoch-N`` there would be taken for one). The run folder itself may
+    hold exports: no file of a run has their names, and nothing reads a run folder's .safetensors but
+    ``best.safetensors``. A folder that holds an input (``data/`` around ``data/users.tsv``) is fine too:
+    only the two exports are written there, and a file of those names that is not an export is refused
+    (``claim_output``)."""
+    cfg = run.cfg
+    refuse_inside_inputs(out_dir, [cfg.users, cfg.items, cfg.images, cfg.cache_dir, *(
+        str(model_location(name)) for name in (cfg.text_model, cfg.image_model) if name)], "--out")
+    here, checkpoints = out_dir.expanduser().resolve(), run.run_dir / CHECKPOINTS
+    if here.is_relative_to(checkpoints.resolve()):
+        raise OutputError(f"--out {out_dir} is {'' if here == checkpoints.resolve() else 'inside '}the run's "
+                          f"checkpoint folder {checkpoints}, whose folders its training replaces and prunes: "
+                          "choose a folder of its own")
+
+
 def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[str, Path]:
     """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
     ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
     ``users @ items.T``; each file is written atomically."""
     out_dir = Path(out_dir)
+    refuse_inputs_as_out(run, out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir), "method": METHOD_NAMES[run.cfg.method],
               "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
     paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}

@@ -24,7 +24,8 @@ from ..data.cache_import import import_caches
 from ..data.interactions import read_items
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
-from ..files import OutputLock, claim_output, refuse_inputs
+from ..files import claim_output, refuse_inputs, refuse_inside_inputs
+from ..locks import OutputLock
 from .backbones import read_spec
 from .build import layers_for, live_states, load_data, load_encoders, modalities, model_name
 from .encoder_files import local_folder, weights_digest
@@ -94,13 +95,7 @@ def claim_cache_folder(cfg: Config) -> Path:
         if cache_file(folder, m).exists() and not is_cache_file(cache_file(folder, m)):
             claim_output(cache_file(folder, m), is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
     refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
-    here = folder.expanduser().resolve()
-    for given in inputs:  # an encoder's folder (its weights digest would change) or the images LMDB
-        source = Path(given).expanduser().resolve() if given else None
-        if source is not None and source.is_dir() and (here == source or source in here.parents):
-            where = "the" if here == source else "inside the"
-            raise OutputError(f"--cache-dir {folder} is {where} input {given}; writing there would change "
-                              "that input: choose a folder of its own")
+    refuse_inside_inputs(folder, inputs, "--cache-dir")
     return folder
 
 

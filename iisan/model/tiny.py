@@ -39,7 +39,6 @@ from transformers import (
 from ..errors import OutputError, UserError
 from ..files import (
     WRITE_ERRORS,
-    OutputLock,
     fsync,
     remove,
     replace_folder,
@@ -48,6 +47,7 @@ from ..files import (
     usual_permissions,
     write_failure,
 )
+from ..locks import OutputLock
 from .encoder_files import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -33,14 +33,13 @@ from ..config import Config
 from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
 from ..files import (
     WRITE_ERRORS,
-    OutputLock,
     failure_reason,
     fsync,
-    is_lock_file,
     sha256,
     usual_permissions,
     write_failure,
 )
+from ..locks import OutputLock, is_lock_file
 from . import runstate
 
 log = logging.getLogger(__name__)

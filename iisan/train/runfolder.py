@@ -25,6 +25,7 @@ from .checkpoint import MAY_CHANGE, config_differences
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+CHECKPOINTS = "checkpoints"  # the run folder's folder of checkpoints (``checkpoint.py``)
 
 
 def config_hash(cfg: Config) -> str:
@@ -61,11 +62,25 @@ def run_dir(cfg: Config) -> Path:
 
 
 def reusable_results(cfg: Config) -> dict | None:
-    """``finished_results``, logged when found: what a run or a sweep returns instead of training again."""
+    """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
+    sweep returns instead of training again."""
     done = finished_results(cfg)
     if done is not None:
         log.info("%s finished before with this config; not training it again", done["run_dir"])
+        log_summary(done, run_dir(cfg) / RESULTS)
     return done
+
+
+def log_summary(results: dict, path: Path) -> None:
+    """The last line of a finished run (and of a rerun that finds it finished): the best epoch, its valid
+    and test HR@10 / NDCG@10, and the results file. A results file whose numbers are not numbers (written
+    by hand) gets no summary rather than a logging error."""
+    valid, test = results.get("valid") or {}, results.get("test") or {}
+    numbers = [results.get("best_epoch")] + [m.get(k, 0) if isinstance(m, dict) else None
+                                             for m in (valid, test) for k in ("hit@10", "ndcg@10")]
+    if all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
+                 *numbers, path)
 
 
 def results_or_reason(path: Path) -> tuple[dict, str]:

@@ -35,7 +35,7 @@ from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
-from .runfolder import refuse_to_overwrite, reusable_results, run_dir
+from .runfolder import CHECKPOINTS, RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
 from .step import (
     describe_step,
     deterministic_kernels,
@@ -84,7 +84,7 @@ class Run:
         self.progress = Progress(EarlyStopping(cfg.patience))
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
         self.run_dir = run_dir(cfg)
-        self.root = self.run_dir / "checkpoints"
+        self.root = self.run_dir / CHECKPOINTS
         check_run_inputs(cfg)  # a missing file is an error before a run folder is made for it
         if cfg.resume and not checkpoint.checkpoints(self.root):  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
@@ -310,12 +310,8 @@ class Run:
         return self.results()
 
     def results(self) -> dict:
-        progress = self.progress
-        results = self.record.write(self.record.results(progress, "finished"))
-        best_valid, best_test = progress.best_valid, progress.best_test
-        log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
-                 progress.stopper.best_epoch, best_valid.get("hit@10", 0), best_valid.get("ndcg@10", 0),
-                 best_test.get("hit@10", 0), best_test.get("ndcg@10", 0), self.run_dir / "results.json")
+        results = self.record.write(self.record.results(self.progress, "finished"))
+        log_summary(results, self.run_dir / RESULTS)
         return results
 
 

@@ -1,0 +1,112 @@
+"""One writer at a time (``OutputLock``): an exclusive lock on a file beside or inside the output it
+guards. The OS drops the lock when its holder dies, even by SIGKILL, so a crash never leaves a stale
+lock behind. A file at a lock's path that is not one of ours (``lock_text``) is refused, never truncated
+nor removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from contextlib import suppress
+from pathlib import Path
+
+from .errors import OutputError
+from .files import write_failure
+
+LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
+LOCK_READ = 4096  # bytes of a lock file read to tell whose it is (ours hold one short line)
+
+
+def lock_text(data: bytes) -> str | None:
+    """The text of a lock file's ``data`` when it is what ``OutputLock`` leaves: empty (just created, by
+    this process or a racing one) or ``pid N on HOST`` (held, or left by a holder that was killed); None
+    for anything else, which is someone else's file."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if not text or LOCK_TEXT.fullmatch(text) else None
+
+
+def is_lock_file(path: str | Path) -> bool:
+    """Whether ``path`` is a plain file that ``lock_text`` takes for one of ours."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return lock_text(fh.read(LOCK_READ + 1)) is not None
+
+
+class OutputLock:
+    """An exclusive lock on the file ``path`` (beside or inside the output it guards), taken with
+    ``acquire`` and given back with ``release`` (or as a context manager).
+
+    The holder writes its pid and host into the file, for the message another process gets. Released,
+    the file is removed; a process that opened it just before checks, once it holds the lock, that the
+    file it locked is still the one at ``path`` and otherwise tries again. A file already at ``path``
+    is taken over only when it is one of ours (``lock_text``: empty, or the line a holder killed before
+    its release left); anything else is refused in one line and left as it is."""
+
+    def __init__(self, path: str | Path, what: str, hint: str = "wait for it to finish"):
+        self.path, self.what, self.hint = Path(path), what, hint
+        self.handle = None
+
+    def acquire(self) -> OutputLock:
+        try:
+            import fcntl  # POSIX only; elsewhere outputs go unlocked
+        except ImportError:  # not POSIX: no lock
+            return self
+        while True:
+            if self.path.is_symlink():  # opening it would create, or lock, whatever it points to
+                raise self.foreign("is a symbolic link")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+b")  # never truncates: whose the file is is not known yet
+            except OSError as err:
+                raise write_failure(self.path, err) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = (lock_text(handle.read(LOCK_READ + 1)) or "").strip() or "another process"
+                handle.close()
+                raise OutputError(f"{self.what} is in use by {holder}; {self.hint}") from None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(handle.fileno()), current):
+                break
+            handle.close()  # the previous holder removed the file between our open and our lock
+        handle.seek(0)
+        if lock_text(handle.read(LOCK_READ + 1)) is None:
+            handle.close()
+            raise self.foreign("was not written by IISAN (a lock file of IISAN is empty or says 'pid N on HOST')")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def foreign(self, why: str) -> OutputError:
+        return OutputError(f"{self.path}, the lock file of {self.what}, exists and {why}; IISAN never replaces "
+                           "or removes a file it did not write: move that one away")
+
+    def release(self) -> None:
+        if self.handle is not None:
+            with suppress(FileNotFoundError):  # while still holding it (see the class docstring), and only ours
+                if os.path.samestat(os.fstat(self.handle.fileno()), os.stat(self.path)):
+                    self.path.unlink()
+            self.handle.close()
+            self.handle = None
+
+    close = release
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,78 @@
+"""Running a finished run again trains nothing and logs the summary line the run ended with (best
+epoch, valid and test HR@10 / NDCG@10, results.json), read from its results.json. A ``--feed``
+given for the ID baseline (it has no item encoder; its feed is always ``live``) is one INFO line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from iisan.cli.main import main
+from iisan.config import resolve
+from iisan.train.runfolder import default_run_name, reusable_results
+
+SUMMARY = "best epoch "
+
+
+def console_lines(records: list[logging.LogRecord]) -> list[str]:
+    """The console's lines (``console.LOG_FORMAT``) without their time."""
+    return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in records]
+
+
+def train_argv(tiny, tiny_cache, out_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--users", tiny["users"], "--items", tiny["items"], "--text-model", tiny["text_model"],
+            "--image-model", tiny["image_model"], "--cache-dir", tiny_cache, "--out-dir", str(out_dir),
+            "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "16", "--epochs", "2",
+            "--max-steps-per-epoch", "2", "--eval-batch-size", "64", *extra]
+
+
+def test_a_rerun_of_a_finished_run_logs_the_summary_it_ended_with(tiny, tiny_cache, tmp_path, caplog):
+    argv = train_argv(tiny, tiny_cache, tmp_path / "runs", "--run-name", "dup")
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(argv)
+    first = console_lines(caplog.records)
+    ended = [line for line in first if SUMMARY in line]
+    run_dir = tmp_path / "runs" / "dup"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert ended == [f"INFO iisan.train.runfolder: best epoch {results['best_epoch']} | valid hit@10 "
+                     f"{results['valid']['hit@10']:.4f} ndcg@10 {results['valid']['ndcg@10']:.4f} | test hit@10 "
+                     f"{results['test']['hit@10']:.4f} ndcg@10 {results['test']['ndcg@10']:.4f} | "
+                     f"{run_dir / 'results.json'}"]
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(argv)
+    assert console_lines(caplog.records) == [
+        f"INFO iisan.train.runfolder: {run_dir} finished before with this config; not training it again", *ended]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # nothing trained or written
+
+
+@pytest.mark.parametrize("damage", [{"valid": "n/a"}, {"best_epoch": None}, {"test": {"hit@10": "0.5"}}])
+def test_a_finished_results_file_without_numbers_is_reused_without_a_summary(tiny_config, damage, caplog):
+    """A results.json edited by hand still says the run finished; its summary is left out, never an error."""
+    cfg = tiny_config(run_name="edited")
+    folder = Path(cfg.out_dir) / "edited"
+    folder.mkdir(parents=True)
+    results = {"status": "finished", "best_epoch": 1, "valid": {"hit@10": 0.5, "ndcg@10": 0.25},
+               "test": {"hit@10": 0.5, "ndcg@10": 0.25}, "config": cfg.to_dict(), "run_dir": str(folder)}
+    (folder / "results.json").write_text(json.dumps({**results, **damage}))
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        assert reusable_results(cfg) == {**results, **damage}
+    assert console_lines(caplog.records) == [
+        f"INFO iisan.train.runfolder: {folder} finished before with this config; not training it again"]
+
+
+def test_a_feed_given_for_the_id_method_is_one_info_line(tiny, tmp_path, caplog):
+    values = {"users": tiny["users"], "items": tiny["items"], "out_dir": str(tmp_path)}
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        said = resolve(flags={**values, "method": "id", "feed": "live"})
+    assert console_lines(caplog.records) == ["INFO iisan.config: feed=live is ignored: method=id has no item encoder"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        unsaid = resolve(flags={**values, "method": "id"})
+    assert caplog.records == []
+    assert said == unsaid and said.feed == "live"  # the same run, under the same name
+    assert default_run_name(said) == default_run_name(unsaid)
