@@ -77,7 +77,7 @@ class Config:
     text_layers: tuple[int, ...] | None = _opt(
         None, "hidden-state indices fed to the text SAN (0 = embeddings); default: group selection"
     )
-    image_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the image SAN")
+    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices; default: group selection")
     layer_groups: int = _opt(6, "groups for automatic layer selection: the last layer of each group")
     include_embedding_state: bool = _opt(True, "prepend hidden state 0, read by the SANs' first block (authors' "
                                          "remove_first=None); without it, see intra_start")

@@ -72,7 +72,8 @@ def add_data_commands(sub) -> None:
     p.add_argument("--max-seq-len", type=positive_int, default=10, help="items before a target (default: 10)")
     p.add_argument("--min-seq-len", type=positive_int, default=5, help="fewest interactions a user needs "
                    "(default: 5)")
-    p.add_argument("--allow-empty-titles", action="store_true")
+    p.add_argument("--allow-empty-titles", action="store_true",
+                   help="accept empty titles (MicroLens) instead of rejecting the file")
     p.add_argument("--encoding", default="utf-8", help="text encoding of both files (default: utf-8)")
     p.add_argument("--merge-duplicate-users", action="store_true",
                    help="join the lines of a user id that appears on several lines, in file order")
@@ -82,19 +83,24 @@ def add_data_commands(sub) -> None:
     p.add_argument("--images", required=True, help="folder of <item_id>.jpg")
     p.add_argument("--out", required=True, help="LMDB folder to write")
     p.add_argument("--items", default=None, help="items TSV: store exactly these ids (missing ones as blanks)")
-    p.add_argument("--size", type=int, default=224, help="side of the stored square images")
-    p.add_argument("--extension", default=".jpg")
+    p.add_argument("--size", type=int, default=224, help="side of the stored square images, in pixels "
+                   "(default: 224)")
+    p.add_argument("--extension", default=".jpg", help="file extension of the images in --images, "
+                   "<item_id><extension> (default: .jpg)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
     p.set_defaults(func=cmd_build_lmdb)
 
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
-    p.add_argument("--out", default="pretrained_models", help="parent folder")
+    p.add_argument("--out", default="pretrained_models", help="parent folder of the model folders "
+                   "(default: pretrained_models)")
     p.add_argument("--items", default=None, help="items TSV whose titles make the tokenizer vocabulary")
     p.add_argument("--hidden", type=tiny_width, default=32,
-                   help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8")
-    p.add_argument("--layers", type=positive_int, default=2)
+                   help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8 "
+                        "(default: 32)")
+    p.add_argument("--layers", type=positive_int, default=2,
+                   help="layers of BERT and ViT (LLaMA gets 2 more) (default: 2)")
     p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
     p.set_defaults(func=cmd_make_tiny_models)
 

@@ -40,11 +40,14 @@ def add_fetch_commands(sub) -> None:
     p = sub.add_parser("fetch", help="download a data set or encoders (needs the network; resumable, verified)")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     d = what.add_parser("data", help="TSVs (authors' repository), images (Google Drive), LMDB, statistics")
-    d.add_argument("--dataset", required=True, choices=[*SOURCES, "all"])
+    d.add_argument("--dataset", required=True, choices=[*SOURCES, "all"],
+                   help="one of the paper's data sets, or all of them")
     d.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ (default: this checkout)")
     d.set_defaults(func=cmd_fetch_data)
     e = what.add_parser("encoders", help="the preset's encoders from the Hugging Face Hub, at pinned commits")
-    e.add_argument("--preset", default="iisan", choices=sorted(ENCODER_PRESETS))
+    e.add_argument("--preset", default="iisan", choices=sorted(ENCODER_PRESETS),
+                   help="iisan (BERT-base + ViT-B/16) or the encoder pair of a run_IISAN_Versa.py --preset "
+                        "(default: iisan)")
     e.add_argument("--root", default=str(ROOT / "pretrained_models"), help="where the model folders go")
     e.set_defaults(func=cmd_fetch_encoders)
 

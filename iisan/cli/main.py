@@ -12,20 +12,16 @@ import argparse
 import sys
 
 from ..console import entry_point, setup_logging, summary
+from ..flags import FlagParser
 from .data import add_data_commands
 from .fetch import add_fetch_commands
 from .runs import add_run_commands
 from .use import add_use_commands
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, ending a bad flag like every other bad input: usage, then ``iisan: error: ...``. Flags are
-    taken only when spelled out (``--user`` is not ``--users``): an abbreviation that works today could
-    mean another flag once one is added."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+class Parser(FlagParser):
+    """``FlagParser``, ending a bad flag like every other bad input: the (sub)command's usage, then
+    ``iisan: error: ...``."""
 
     def error(self, message: str):
         self.print_usage(sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import ConfigError
 from ..experiments.curves import claim_figure, draw_curves, figure_format
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
@@ -12,6 +11,7 @@ from ..experiments.report import (
     claim_csv,
     collect,
     markdown,
+    sorted_by,
     table,
     write_csv,
 )
@@ -42,9 +42,7 @@ def cmd_results(args) -> None:
     frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
     rows = table(frame, keys, args.average_seeds)
     if args.sort:
-        if args.sort not in rows.columns:
-            raise ConfigError(f"--sort {args.sort}: not a column; columns are {', '.join(rows.columns)}")
-        rows = rows.sort_values(args.sort, ascending=False, kind="stable", na_position="last")
+        rows = sorted_by(rows, args.sort)
     print(markdown(rows), end="")
     if args.csv:
         print(f"wrote {write_csv(rows, args.csv)}")
@@ -60,8 +58,13 @@ def cmd_demo(args) -> None:
         sys.exit(1)
 
 
+# What ``iisan train --lr 1e-3 2e-3`` is told (``flags.FlagParser``): one run per command.
+SWEEPS_ELSEWHERE = ("several values are a sweep, which the entry scripts run, not iisan train (e.g. python "
+                    "Code_Cached/scripts/run_IISAN.py {flag} {values}; README \"Running the paper's experiments\")")
+
+
 def add_run_commands(sub) -> None:
-    p = sub.add_parser("train", help="train and evaluate one configuration")
+    p = sub.add_parser("train", help="train and evaluate one configuration", several_values=SWEEPS_ELSEWHERE)
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -89,12 +92,14 @@ def add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")
-    p.add_argument("--out", default="demo_data", help="working folder")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--users", type=int, default=1200, help="synthetic users")
-    p.add_argument("--items", type=int, default=400, help="synthetic items")
+    p.add_argument("--out", default="demo_data", help="working folder: data, tiny models, cache and runs "
+                   "(default: demo_data)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum training epochs (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data, the tiny models and training "
+                   "(default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--users", type=int, default=1200, help="synthetic users (default: 1200)")
+    p.add_argument("--items", type=int, default=400, help="synthetic items (default: 400)")
     p.add_argument("--versa", action="store_true",
                    help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
     p.set_defaults(func=cmd_demo)

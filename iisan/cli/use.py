@@ -114,7 +114,7 @@ def cmd_export(args) -> None:
 def add_use_commands(sub) -> None:
     def common(p):
         p.add_argument("run_dir", help="a run folder (config.json and best.safetensors)")
-        p.add_argument("--device", type=device_choice, default="auto", help=DEVICES)
+        p.add_argument("--device", type=device_choice, default="auto", help=f"{DEVICES} (default: auto)")
 
     p = sub.add_parser("evaluate", help="rebuild a trained run's model, load its best weights and evaluate "
                                         "(the numbers of its results.json)")

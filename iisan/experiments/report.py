@@ -37,6 +37,7 @@ import pandas as pd
 from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
+from ..flags import close_match
 from ..train.checkpoint import MAY_CHANGE
 from .results_file import METRICS, DamagedResults, find_results, load_results
 
@@ -46,6 +47,7 @@ NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
 CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
 # ...and how many processes trained the run (torchrun): each process has its own batch of users.
 RUN_KEYS = (*CONFIG_KEYS, "processes")
+KEYS = (*Config.__dataclass_fields__, "processes")  # what --keys takes (method and feed: columns of every table)
 # Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
@@ -131,10 +133,13 @@ def read_curve(results: dict) -> dict[str, list]:
 def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
             include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
     """A frame of one row per readable, included run, and the curve of each (by run name)."""
-    unknown = [k for k in keys if k not in Config.__dataclass_fields__ and k != "processes"]
+    unknown = [k for k in keys if k not in KEYS]
     if unknown:
-        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}; see `iisan train --help` (or "
-                          "processes)")
+        meant = {k: m for k in unknown if (m := close_match(k, KEYS))}
+        hint = f" (did you mean {', '.join(meant.values())}?)" if meant else ""
+        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}{hint}; a key is a config key "
+                          f"({', '.join(Config.__dataclass_fields__)}) or processes (how many processes trained "
+                          "the run)")
     files = find_results(folders)
     rows, curves, unreadable, smoke, unfinished = [], {}, 0, 0, 0
     for path in files:
@@ -235,6 +240,15 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     out["trainable_params"] = grouped["trainable_params"].first()
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
     return in_order(out.reset_index(), [c for c in group if c != "status"])
+
+
+def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``table``'s rows by ``column``, descending (missing values last); any column but the non-finite
+    marks, which the table shows in the cells they mark."""
+    columns = [c for c in frame.columns if c != "non_finite"]
+    if column not in columns:
+        raise ConfigError(f"--sort {column}: not a column; columns are {', '.join(columns)}")
+    return frame.sort_values(column, ascending=False, kind="stable", na_position="last")
 
 
 def average_rows(rows: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
 from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
-from ..flags import add_config_arguments, args_layers
+from ..flags import FlagParser, add_config_arguments, args_layers
 from ..train.runfolder import default_run_name, path_component, reusable_results
 from ..train.trainer import train
 from .presets import BACKBONES, DATASETS, dataset_paths
@@ -67,8 +67,8 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
                   extra_arguments=None) -> argparse.ArgumentParser:
     """The flags of an entry script; its ``--help`` shows the SWEEP lists, the script's own defaults
     and the method's paper defaults as the defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # every config key is a flag: prefixes would be ambiguous
+    parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        several_values="add its key to this script's SWEEP list to run several")
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("--dataset", default="Scientific", choices=sorted(DATASETS),

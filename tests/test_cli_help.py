@@ -1,0 +1,172 @@
+"""What a user reads before anything runs: ``--help`` of every command and entry script (each flag says
+what it does and, where it has one, its default, once), and the one line that ends a flag argparse
+refuses (the subcommand's usage, the flag meant, a sweep's values given to ``iisan train``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from iisan.cli.main import build_parser, main
+from iisan.config import Config
+from iisan.errors import ConfigError
+from iisan.experiments.report import collect, sorted_by
+from iisan.experiments.sweep import script_parser
+from iisan.flags import add_config_arguments
+
+from ._scripts import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def refused(argv: list[str], capsys) -> list[str]:
+    """``iisan argv``, expected to end as argparse refusing it: exit status 2 -> the lines of stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+# --------------------------------------------------------------------------------------------------
+# an unknown flag: the subcommand's usage and parser, and the flag meant
+
+
+def test_an_unknown_flag_after_a_subcommand_is_that_subcommands_error(capsys):
+    err = refused(["train", "--config", "c.json", "--learning-rate", "1e-3"], capsys)
+    assert err[0].startswith("usage: iisan train [-h] [--config CONFIG]")
+    assert err[-1] == "iisan: error: unrecognized arguments: --learning-rate 1e-3"  # no flag is that close
+    assert sum("error" in line for line in err) == 1
+
+
+@pytest.mark.parametrize("argv, usage, last", [
+    (["train", "--text_layers", "0,2"], "usage: iisan train ",  # the config key's spelling
+     "unrecognized arguments: --text_layers 0,2; did you mean --text-layers?"),
+    (["train", "--learning_rate", "1e-3"], "usage: iisan train ", "unrecognized arguments: --learning_rate 1e-3"),
+    (["train", "--epoch=2", "--patiance", "3"], "usage: iisan train ",
+     "unrecognized arguments: --epoch=2 --patiance 3; did you mean --epochs for --epoch, --patience for --patiance?"),
+    (["evaluate", "runs/r", "--devic", "cpu"], "usage: iisan evaluate ",
+     "unrecognized arguments: --devic cpu; did you mean --device?"),
+    (["fetch", "encoders", "--presets", "iisan"], "usage: iisan fetch encoders ",
+     "unrecognized arguments: --presets iisan; did you mean --preset?"),
+    (["train", "--smoke", "3"], "usage: iisan train ", "unrecognized arguments: 3; --smoke takes no value"),
+    (["params", "--lr", "1e-3", "2e-3"], "usage: iisan params ", "unrecognized arguments: 2e-3; --lr takes one value"),
+    (["-x", "train"], "usage: iisan [-h] [-v] COMMAND ...", "unrecognized arguments: -x"),  # before the command
+])
+def test_the_parser_given_the_flag_names_it_and_the_flag_meant(argv, usage, last, capsys):
+    err = refused(argv, capsys)
+    assert err[0].startswith(usage) and err[-1] == f"iisan: error: {last}"
+
+
+@pytest.mark.parametrize("lr", [["--lr", "1e-3", "2e-3"], ["--lr=1e-3", "2e-3"]])
+def test_several_values_for_train_say_that_a_sweep_is_the_entry_scripts(lr, capsys):
+    err = refused(["train", *lr, "--epochs", "1"], capsys)
+    assert err[-1] == (
+        "iisan: error: unrecognized arguments: 2e-3; --lr takes one value: several values are a sweep, which the "
+        "entry scripts run, not iisan train (e.g. python Code_Cached/scripts/run_IISAN.py --lr 1e-3 2e-3; README "
+        "\"Running the paper's experiments\")")
+
+
+def test_reproduce_names_the_flag_meant_and_passes_no_progress_on(capsys):
+    reproduce = load_script("reproduce.py")
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.parser().parse_args(["--seed", "1"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: unrecognized arguments: --seed 1; did you mean --seeds?")
+    overrides = {argv: reproduce.reproduction(reproduce.parser().parse_args(argv.split())).overrides
+                 for argv in ("--dataset Office", "--dataset Office --no-progress", "--dataset demo --epochs 2")}
+    assert overrides == {"--dataset Office": {}, "--dataset Office --no-progress": {"progress": False},
+                         "--dataset demo --epochs 2": {"epochs": 2, "progress": False}}
+
+
+# --------------------------------------------------------------------------------------------------
+# --help: every flag explained, a default stated once and never empty
+
+
+def parsers(parser: argparse.ArgumentParser):
+    """``parser`` and every subcommand's parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from parsers(child)
+
+
+def every_parser() -> list[argparse.ArgumentParser]:
+    versa = load_script(ROOT / "Code_Cached" / "scripts" / "run_IISAN_Versa.py", "run_IISAN_Versa")
+    iisan = load_script(ROOT / "Code_Cached" / "scripts" / "run_IISAN.py", "run_IISAN")
+    return [*parsers(build_parser()), load_script("reproduce.py").parser(),
+            script_parser({"method": "iisan", "feed": "cached"}, iisan.SWEEP),
+            script_parser(versa.defaults_for([]), versa.SWEEP, extra_arguments=versa.extra_arguments)]
+
+
+def test_help_states_no_empty_and_no_doubled_default():
+    for parser in every_parser():
+        text = " ".join(parser.format_help().split())
+        assert "(default: )" not in text and "(default: None)" not in text, parser.prog
+        for action in parser._actions:
+            if action.option_strings:
+                assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
+                assert action.help.count("default:") <= 1, f"{parser.prog} {action.option_strings[0]}: {action.help}"
+
+
+def flag_of(argv: list[str], flag: str) -> argparse.Action:
+    """The action of ``flag`` in the parser of the subcommand ``iisan argv``."""
+    parser = build_parser()
+    for name in argv:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser._option_string_actions[flag]
+
+
+def help_of(argv: list[str], flag: str) -> str:
+    return " ".join(flag_of(argv, flag).help.split())
+
+
+@pytest.mark.parametrize("argv, flag, default", [
+    (["demo"], "--out", "(default: demo_data)"), (["demo"], "--epochs", "(default: 20)"),
+    (["demo"], "--seed", "(default: 0)"), (["make-tiny-models"], "--out", "(default: pretrained_models)"),
+    (["make-tiny-models"], "--hidden", "(default: 32)"), (["make-tiny-models"], "--layers", "(default: 2)"),
+    (["build-lmdb"], "--size", "(default: 224)"), (["build-lmdb"], "--extension", "(default: .jpg)"),
+    (["fetch", "encoders"], "--preset", "(default: iisan)"),
+])
+def test_a_flags_default_is_the_one_the_code_uses(argv, flag, default):
+    assert help_of(argv, flag).endswith(default) and default == f"(default: {flag_of(argv, flag).default})"
+
+
+def test_a_config_key_without_a_value_shows_none_and_a_given_default_replaces_the_words():
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}
+    assert help_of(["train"], "--users") == help_text["users"]
+    assert help_of(["train"], "--text-layers") == help_text["text_layers"]  # "...; default: group selection"
+    assert help_of(["train"], "--batch-size") == f"{help_text['batch_size']} (default: iisan, id 64; fft, adapter, " \
+                                                 "lora, bitfit 32)"
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, {"text_layers": (0, 2), "run_name": "mine"}, only=("text_layers", "run_name"))
+    assert parser._option_string_actions["--text-layers"].help == \
+        "hidden-state indices fed to the text SAN (0 = embeddings) (default: (0, 2))"
+    assert parser._option_string_actions["--run-name"].help == "run folder name (default: mine)"
+
+
+# --------------------------------------------------------------------------------------------------
+# iisan results: --keys and --sort name what they take
+
+
+def test_results_keys_names_every_accepted_key_and_the_one_meant():
+    with pytest.raises(ConfigError) as err:
+        collect(["nowhere"], ["seed", "sed"])
+    assert str(err.value) == (
+        f"--keys: unknown config key(s) sed (did you mean seed?); a key is a config key "
+        f"({', '.join(f.name for f in dataclasses.fields(Config))}) or processes (how many processes trained the run)")
+
+
+def test_results_sort_names_the_columns_the_table_has():
+    rows = pd.DataFrame({"run": ["a", "b"], "test_hit@10": [0.1, 0.3], "test_hit@10_std": [0.0, 0.1],
+                         "non_finite": ["", ""]})
+    assert list(sorted_by(rows, "test_hit@10")["run"]) == ["b", "a"]
+    for column in ("speed", "non_finite"):
+        with pytest.raises(ConfigError) as err:
+            sorted_by(rows, column)
+        assert str(err.value) == f"--sort {column}: not a column; columns are run, test_hit@10, test_hit@10_std"
