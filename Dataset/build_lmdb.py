@@ -6,7 +6,6 @@ or `python build_lmdb.py --images DIR --items FILE --out PATH` for any folder of
 Missing or unreadable images are stored as flagged blanks and listed in `<out>.report.tsv`.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,12 +18,13 @@ from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.presets import dataset_paths  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 IMAGE_FOLDERS = {name: source.images.folder for name, source in SOURCES.items()}  # where the archives unpack
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--images", help="folder of <item_id>.jpg")
     parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
     parser.add_argument("--out", help="LMDB folder to write")

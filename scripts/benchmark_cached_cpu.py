@@ -15,7 +15,6 @@ reused unless --rebuild-cache asks to build and time it again.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,10 +26,11 @@ import torch  # noqa: E402
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--data-dir", default=str(SCIENTIFIC))
     parser.add_argument("--epochs", type=int, default=30, help="cap on epochs (early stopping may end sooner)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")

@@ -29,7 +29,7 @@ from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.benchmark import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
-from iisan.flags import add_config_arguments  # noqa: E402
+from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
 
 MIN_WARMUP, MIN_STEPS = 10, 50
 
@@ -48,7 +48,7 @@ def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known, may
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
     parser.add_argument("--data", choices=DATA, default="demo")
     parser.add_argument("--settings", default="equal,paper", help=f"comma list of: {', '.join(SETTING_NAMES)}")

@@ -9,7 +9,6 @@ What each section measures: ``iisan.efficiency.diagnose``. Under 5 minutes on on
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
@@ -28,7 +28,7 @@ def ints(text: str) -> list[int]:
 
 def main(argv=None) -> dict:
     defaults = DiagnosisOptions(out=ROOT / "results" / "diagnose.json")
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--size", choices=("base", "tiny"), default=defaults.size,
                         help="encoders: BERT-base + ViT-B/16, or tiny ones")
     parser.add_argument("--data", choices=("scientific", "demo"), default=defaults.data,

@@ -9,7 +9,6 @@ and ``<name>.md`` beside the JSON (the table, with the command and device that p
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,10 +18,11 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.console import entry_point, summary  # noqa: E402
 from iisan.efficiency.figures import write_reports  # noqa: E402
 from iisan.files import expect_folders  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--results", nargs="+", default=[str(ROOT / "results" / "efficiency")],
                         help="JSON files or folders of them")
     parser.add_argument("--figs", default=str(ROOT / "figs"))

@@ -9,7 +9,6 @@ such a trace (torch.profiler's).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
 from iisan.files import claim_output  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def is_profiler_trace(path: Path) -> bool:
@@ -33,7 +33,7 @@ def is_profiler_trace(path: Path) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS))
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
     parser.add_argument("--data", choices=DATA, default="demo")

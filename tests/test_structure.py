@@ -155,3 +155,21 @@ def test_no_script_imports_another_script():
         text = path.read_text()
         assert "sys.path.insert(0, str(ROOT / " not in text, f"{path} puts another script folder on sys.path"
     assert not offenders, offenders
+
+
+def test_every_parser_takes_flags_only_spelled_out():
+    """A plain ``argparse.ArgumentParser`` takes ``--fig`` for ``--figs``: an abbreviation that works today
+    could mean another flag once one is added. Scripts and commands use ``flags.FlagParser`` (whole flags,
+    a hint for a misspelt one); a parser that only peeks at a few flags before the real one
+    (``add_help=False``, ``parse_known_args``) is the one exception."""
+    sources = [p for d in SCRIPT_DIRS for p in (ROOT / d).rglob("*.py")] + sorted(PACKAGE.rglob("*.py"))
+    offenders = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "ArgumentParser":
+                keywords = {k.arg: k.value for k in node.keywords}
+                peek = isinstance(keywords.get("add_help"), ast.Constant) and keywords["add_help"].value is False
+                if not peek:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == [], offenders
