@@ -19,6 +19,7 @@ import torch
 
 import iisan.model.recommender as recommender_module
 import iisan.train.checkpoint as checkpoint
+import iisan.train.runfolder as runfolder
 from iisan.cli.main import main
 from iisan.config import Config
 from iisan.errors import ConfigError, RunInterrupted, TrainingError
@@ -459,7 +460,7 @@ def test_optimizer_state_round_trips_exactly(base):
 
 def test_a_run_folder_in_use_is_refused(base, tmp_path, monkeypatch):
     cfg = base.replace(out_dir=str(tmp_path), run_name="busy", epochs=1)
-    held = checkpoint.lock_run_folder(tmp_path / "busy")
+    held = runfolder.lock_run_folder(tmp_path / "busy")
     busy = rf"run folder {tmp_path / 'busy'} is in use by pid {os.getpid()} on "
     with pytest.raises(TrainingError, match=busy):
         train(cfg)
@@ -571,4 +572,4 @@ def test_a_manifest_of_the_wrong_shape_is_refused_for_the_previous_checkpoint(re
 
 def test_a_run_folder_whose_config_is_nested_too_deep_is_not_a_run_folder(tmp_path):
     (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
-    assert not checkpoint.is_run_folder(tmp_path)
+    assert not runfolder.is_run_folder(tmp_path)

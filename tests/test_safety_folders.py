@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import iisan.train.checkpoint as checkpoint
+import iisan.train.runfolder as runfolder
 from iisan.cli.main import main
 from iisan.config import Config
 from iisan.errors import ConfigError, OutputError, TrainingError
@@ -65,7 +66,7 @@ def header(tmp_path: Path, name: str = "r") -> str:
 def test_the_log_header_a_run_writes_is_the_one_recognised(tmp_path):
     first = header(tmp_path, "some-run.name").splitlines(keepends=True)[0]
     assert first.startswith("=== some-run.name: started ")
-    assert checkpoint.LOG_HEAD.fullmatch(first)
+    assert runfolder.LOG_HEAD.fullmatch(first)
 
 
 @pytest.mark.parametrize("name,content", [
@@ -88,7 +89,7 @@ def test_a_folder_of_someone_elses_early_files_is_not_a_run_folder(tmp_path, nam
     (folder / "train.log").touch()  # an empty log beside it: fine on its own
     before = files_of(folder)
     with pytest.raises(OutputError) as info:
-        checkpoint.lock_run_folder(folder)
+        runfolder.lock_run_folder(folder)
     message = str(info.value)
     assert message.startswith(f"run folder {folder} exists and is not an IISAN run folder (no run config.json, "
                               f"and {folder / name} ")
@@ -107,7 +108,7 @@ def test_an_early_name_that_is_not_a_plain_file_is_refused(tmp_path, kind):
     else:  # train.log would be appended to: the file it points to
         (folder / "train.log").symlink_to(tmp_path / "elsewhere.log")
     with pytest.raises(OutputError, match=r"train.log is not a plain file\); IISAN writes only"):
-        checkpoint.claim_run_folder(folder)
+        runfolder.claim_run_folder(folder)
     assert (tmp_path / "elsewhere.log").read_text() == "theirs\n"
 
 
@@ -126,8 +127,8 @@ def test_a_folder_of_early_files_as_a_run_writes_them_is_taken(tmp_path):
         folder.mkdir()
         for file, text in contents.items():
             (folder / file).write_text(text)
-        checkpoint.claim_run_folder(folder)
-        lock = checkpoint.lock_run_folder(folder)
+        runfolder.claim_run_folder(folder)
+        lock = runfolder.lock_run_folder(folder)
         assert (folder / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
         lock.release()
         assert not (folder / ".lock").exists()
@@ -164,7 +165,7 @@ def test_a_symbolic_link_to_no_folder_is_refused(tmp_path, target):
     link.parent.mkdir()
     link.symlink_to(elsewhere)
     with pytest.raises(OutputError) as info:
-        checkpoint.lock_run_folder(link)
+        runfolder.lock_run_folder(link)
     assert str(info.value) == (f"run folder {link} is a symbolic link to no folder; give the path of a folder "
                                "(--out-dir, --run-name) or choose another --run-name")
     assert link.is_symlink() and os.path.lexists(elsewhere) == (target == "file")
@@ -177,12 +178,12 @@ def test_a_symbolic_link_to_a_folder_is_that_folder(tmp_path):
     link = tmp_path / "runs" / "link"
     link.parent.mkdir()
     link.symlink_to(elsewhere)
-    lock = checkpoint.lock_run_folder(link)  # an empty folder: a new run writes into it, through the link
-    assert (elsewhere / checkpoint.LOCK).is_file()
+    lock = runfolder.lock_run_folder(link)  # an empty folder: a new run writes into it, through the link
+    assert (elsewhere / runfolder.LOCK).is_file()
     lock.release()
     (elsewhere / "notes.txt").write_text("theirs")  # a foreign folder stays refused through a link too
     with pytest.raises(OutputError, match="exists and is not an IISAN run folder"):
-        checkpoint.lock_run_folder(link)
+        runfolder.lock_run_folder(link)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,10 +231,10 @@ def test_a_run_folder_of_ours_with_a_foreign_lock_file_is_refused_and_the_file_k
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(Config().to_dict()))
     (folder / ".lock").write_text("precious\n")
-    assert checkpoint.is_run_folder(folder)
+    assert runfolder.is_run_folder(folder)
     with pytest.raises(OutputError, match=rf"^{folder / '.lock'}, the lock file of run folder {folder}, exists and "
                                           "was not written by IISAN"):
-        checkpoint.lock_run_folder(folder)
+        runfolder.lock_run_folder(folder)
     assert (folder / ".lock").read_text() == "precious\n"
 
 
@@ -434,3 +435,19 @@ def test_every_checkpoint_refused_for_wrong_types_is_one_line(trained, tmp_path)
     assert str(info.value) == (f"cannot resume: {folder / 'checkpoints' / 'epoch-0001' / 'state.json'} is damaged "
                                "(world_size='1': expected a count of at least 1); 1 older checkpoint(s) refused "
                                "for the same reason")
+
+
+def test_the_temporary_file_of_a_write_a_kill_cut_short_is_a_runs_and_removed(tmp_path):
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    killed = folder / ".config.json.4242-0123abcd.tmp"  # a run killed while writing its config
+    killed.write_text('{"method": "iis')
+    (folder / "train.log").write_text("")
+    lock = runfolder.lock_run_folder(folder)
+    lock.release()
+    assert not killed.exists() and (folder / "train.log").exists()
+    theirs = folder / ".notes.txt.4242-0123abcd.tmp"  # the pattern, but not a file a run writes
+    theirs.write_text("theirs")
+    with pytest.raises(OutputError, match="exists and is not an IISAN run folder"):
+        runfolder.lock_run_folder(folder)
+    assert theirs.read_text() == "theirs"

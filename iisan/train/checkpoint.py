@@ -30,16 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..errors import CheckpointError, OutputError, TrainingError, UserError, error_line
+from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import (
     WRITE_ERRORS,
     failure_reason,
     fsync,
     sha256,
     usual_permissions,
-    write_failure,
 )
-from ..locks import OutputLock, is_lock_file
 from . import runstate
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,6 @@ MODEL, TRAIN_STATE, STATE = "model.safetensors", "train_state.safetensors", "sta
 MANIFEST = "MANIFEST.json"
 FILES = (MODEL, TRAIN_STATE, STATE)
 NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
-LOCK = ".lock"
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where or how
 # fast things run (patch_embedding: the same map, computed another way), how long the run may go on, or
@@ -122,89 +119,6 @@ def prune(root: Path, keep: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
     for leftover in root.glob(".epoch-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` is a run folder this project wrote: its ``config.json`` is a run's config, or its
-    ``results.json`` records one (a run that failed before writing its config)."""
-    for name, key in (("config.json", None), ("results.json", "config")):
-        try:
-            found = json.loads((path / name).read_text())
-        except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep
-            continue
-        config = found.get(key) if key and isinstance(found, dict) else found
-        if isinstance(config, dict) and {"method", "feed", "lr"} <= set(config):
-            return True
-    return False
-
-
-# What a run writes before its config (``records``): a folder holding only these was started by a run,
-# when each is as a run writes it (``early_file_problem``).
-EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
-# The first line of each start's header in train.log (``records.RunRecord.header``).
-LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ===\n")
-
-
-def early_file_problem(path: Path) -> str | None:
-    """Why ``path``, one of the ``EARLY`` files, is not as a run writes it (None when it is): train.log is
-    empty or starts with a header, metrics.jsonl is empty or one epoch record per line, .lock is empty
-    or says ``pid N on HOST``."""
-    if path.is_symlink() or not path.is_file():
-        return "is not a plain file"
-    try:
-        if path.name == LOCK:
-            return None if is_lock_file(path) else "is not a lock file IISAN wrote (empty or 'pid N on HOST')"
-        with open(path, "rb") as fh:
-            if path.name == "train.log":
-                head = fh.readline(4096)
-                return None if not head or LOG_HEAD.fullmatch(head.decode("utf-8", "replace")) else \
-                    "does not start with the header an IISAN run writes ('=== <name>: started <time> ===')"
-            for number, line in enumerate(fh, 1):
-                try:
-                    problem = runstate.epoch_problem(json.loads(line))
-                except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
-                    problem = "is not JSON"
-                if problem:
-                    return f"line {number} is not an epoch record of an IISAN run ({problem})"
-    except OSError as err:
-        return f"cannot be read ({failure_reason(err)})"
-    return None
-
-
-def claim_run_folder(run_dir: Path) -> None:
-    """A run writes into an absent or empty folder, or into its own run folder (to resume it); a folder
-    holding anything else is refused, so a run never writes among files it did not create. A folder
-    holding only ``EARLY`` files is a run's that stopped before writing its config when each of them is
-    as a run writes it (``early_file_problem``). A link to a folder is taken as that folder; a link to
-    anything else is refused."""
-    if not os.path.lexists(run_dir):
-        return
-    if run_dir.is_symlink() and not run_dir.is_dir():  # a link to a folder is that folder
-        raise OutputError(f"run folder {run_dir} is a symbolic link to no folder; give the path of a folder "
-                          "(--out-dir, --run-name) or choose another --run-name")
-    if not run_dir.is_dir():
-        raise OutputError(f"run folder {run_dir} is a file; choose another --run-name")
-    if is_run_folder(run_dir):
-        return
-    entries = sorted(run_dir.iterdir())
-    why = "no run config.json" if any(p.name not in EARLY for p in entries) else next(
-        (f"no run config.json, and {p} {problem}" for p in entries if (problem := early_file_problem(p))), None)
-    if why:
-        raise OutputError(f"run folder {run_dir} exists and is not an IISAN run folder ({why}); "
-                          "IISAN writes only into its own run folders: choose another --run-name or --out-dir")
-
-
-def lock_run_folder(run_dir: Path) -> OutputLock:
-    """Claim ``run_dir`` (``claim_run_folder``) and hold an exclusive lock on it until the returned lock
-    is closed, so that two processes never resume, and then overwrite, the same run. The OS drops the
-    lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock behind."""
-    claim_run_folder(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise write_failure(run_dir, err) from None
-    return OutputLock(run_dir / LOCK, f"run folder {run_dir}", "wait for it to finish or use another --run-name",
-                      ).acquire()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class RunRecord:
             logger.setLevel(logging.INFO)
 
     def header(self) -> str:
-        """Its first line is how a folder holding only train.log is known for a run's (``checkpoint.LOG_HEAD``)."""
+        """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""
         listed = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         return "\n".join([
             f"=== {self.run_dir.name}: started {time.strftime('%Y-%m-%d %H:%M:%S')} ===",

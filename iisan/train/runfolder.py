@@ -6,6 +6,10 @@ The hash leaves out the keys that may change between a checkpoint and the run re
 (``checkpoint.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
 longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
 so that a field added to ``Config`` later leaves the names of earlier runs as they were.
+
+A run writes only into its own folder (``claim_run_folder``): absent, empty, one a run made (its config
+or results say so, or it holds only what a run writes first, as a run writes it), and one process at a
+time (``lock_run_folder``).
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 from ..config import Config
 from ..distributed import launched_processes
-from ..errors import ConfigError, error_line
-from ..files import failure_reason
+from ..errors import ConfigError, OutputError, error_line
+from ..files import TEMPORARY, failure_reason, remove, stale_temporaries, write_failure
+from ..locks import OutputLock, is_lock_file
+from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences
 
 log = logging.getLogger(__name__)
@@ -147,3 +154,105 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     if earlier.get("status", "finished") == "finished":
         raise ConfigError(f"{folder / RESULTS} is a finished run with no checkpoint left to continue it; starting "
                           "again would overwrite it: use another --run-name")
+
+
+# --------------------------------------------------------------------------------------------------
+# claiming the folder: a run writes only into its own
+
+
+LOCK = ".lock"
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a run folder this project wrote: its ``config.json`` is a run's config, or its
+    ``results.json`` records one (a run that failed before writing its config)."""
+    for name, key in (("config.json", None), ("results.json", "config")):
+        try:
+            found = json.loads((path / name).read_text())
+        except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep
+            continue
+        config = found.get(key) if key and isinstance(found, dict) else found
+        if isinstance(config, dict) and {"method", "feed", "lr"} <= set(config):
+            return True
+    return False
+
+
+# What a run writes before its config (``records``): a folder holding only these was started by a run,
+# when each is as a run writes it (``early_file_problem``).
+EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
+ATOMIC = frozenset({"config.json", "results.json", "metrics.jsonl"})  # written through a temporary sibling
+# The first line of each start's header in train.log (``records.RunRecord.header``).
+LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ===\n")
+
+
+def early_file_problem(path: Path) -> str | None:
+    """Why ``path``, one of the ``EARLY`` files, is not as a run writes it (None when it is): train.log is
+    empty or starts with a header, metrics.jsonl is empty or one epoch record per line, .lock is empty
+    or says ``pid N on HOST``."""
+    if path.is_symlink() or not path.is_file():
+        return "is not a plain file"
+    try:
+        if path.name == LOCK:
+            return None if is_lock_file(path) else "is not a lock file IISAN wrote (empty or 'pid N on HOST')"
+        with open(path, "rb") as fh:
+            if path.name == "train.log":
+                head = fh.readline(4096)
+                return None if not head or LOG_HEAD.fullmatch(head.decode("utf-8", "replace")) else \
+                    "does not start with the header an IISAN run writes ('=== <name>: started <time> ===')"
+            for number, line in enumerate(fh, 1):
+                try:
+                    problem = runstate.epoch_problem(json.loads(line))
+                except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+                    problem = "is not JSON"
+                if problem:
+                    return f"line {number} is not an epoch record of an IISAN run ({problem})"
+    except OSError as err:
+        return f"cannot be read ({failure_reason(err)})"
+    return None
+
+
+def killed_write(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of one of a run's atomic writes, left by a kill."""
+    found = TEMPORARY.match(path.name)
+    return found is not None and found.group("name") in ATOMIC and path.is_file() and not path.is_symlink()
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """A run writes into an absent or empty folder, or into its own run folder (to resume it); a folder
+    holding anything else is refused, so a run never writes among files it did not create. A folder
+    holding only ``EARLY`` files is a run's that stopped before writing its config when each of them is
+    as a run writes it (``early_file_problem``); the temporary file of a write a kill cut short is a
+    run's too (``killed_write``). A link to a folder is taken as that folder; a link to
+    anything else is refused."""
+    if not os.path.lexists(run_dir):
+        return
+    if run_dir.is_symlink() and not run_dir.is_dir():  # a link to a folder is that folder
+        raise OutputError(f"run folder {run_dir} is a symbolic link to no folder; give the path of a folder "
+                          "(--out-dir, --run-name) or choose another --run-name")
+    if not run_dir.is_dir():
+        raise OutputError(f"run folder {run_dir} is a file; choose another --run-name")
+    if is_run_folder(run_dir):
+        return
+    entries = [p for p in sorted(run_dir.iterdir()) if not killed_write(p)]
+    why = "no run config.json" if any(p.name not in EARLY for p in entries) else next(
+        (f"no run config.json, and {p} {problem}" for p in entries if (problem := early_file_problem(p))), None)
+    if why:
+        raise OutputError(f"run folder {run_dir} exists and is not an IISAN run folder ({why}); "
+                          "IISAN writes only into its own run folders: choose another --run-name or --out-dir")
+
+
+def lock_run_folder(run_dir: Path) -> OutputLock:
+    """Claim ``run_dir`` (``claim_run_folder``) and hold an exclusive lock on it until the returned lock
+    is closed, so that two processes never resume, and then overwrite, the same run. The OS drops the
+    lock when its holder dies, even by SIGKILL, so a crashed run never leaves a stale lock behind."""
+    claim_run_folder(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(run_dir, err) from None
+    lock = OutputLock(run_dir / LOCK, f"run folder {run_dir}", "wait for it to finish or use another --run-name",
+                      ).acquire()
+    for name in ATOMIC:  # what killed runs left (no live writer: the lock is ours)
+        for stale in stale_temporaries(run_dir / name):
+            if killed_write(stale):
+                remove(stale)
+    return lock

@@ -30,7 +30,7 @@ from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..model.build import build_model, check_run_inputs, count_parameters, load_data, run_parameter_line
-from . import checkpoint, runstate
+from . import checkpoint, runfolder, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
 from .progress import EarlyStopping, Progress
@@ -55,7 +55,7 @@ STOP_POLL_STEPS = 10  # under torchrun, ranks agree on a stop request every this
 class Run:
     def __init__(self, cfg: Config, dist: Dist, device: torch.device, stop: StopRequests):
         self.cfg, self.dist, self.device, self.stop = cfg, dist, device, stop
-        self.lock = None  # rank 0 locks the run folder (``checkpoint.lock_run_folder``) until ``close``
+        self.lock = None  # rank 0 locks the run folder (``runfolder.lock_run_folder``) until ``close``
         self.record: RunRecord | None = None  # train.log, metrics.jsonl, results.json (``records``)
         self.started = False  # set up: data, model, the checkpoint it resumes from
         try:
@@ -144,7 +144,7 @@ class Run:
 
     def lock_folder(self) -> str:
         try:
-            self.lock = checkpoint.lock_run_folder(self.run_dir)
+            self.lock = runfolder.lock_run_folder(self.run_dir)
         except UserError as err:  # in use, not a run folder, or not writable
             raise TrainingError(str(err)) from None
         return ""
