@@ -1,9 +1,9 @@
-"""Bounds of config values that would otherwise fail deep inside a run, or quietly do harm there: sizes and
-counts that are not positive or too large to allocate, seeds outside what NumPy takes, learning rates
-that are not finite and positive, run names that are not one folder name (a run folder must stay under
-``--out-dir``), device names torch does not know, titles too short for their special tokens, text
-encodings Python does not know. ``config.Config`` checks them
-whenever a config is made."""
+"""What a config value may be: of its field's type (``coerce``: strings from flags parsed, a bool never
+taken for a number), and within bounds that would otherwise fail deep inside a run, or quietly do harm
+there: sizes and counts that are not positive or too large to allocate, seeds outside what NumPy takes,
+learning rates that are not finite and positive, run names that are not one folder name (a run folder
+must stay under ``--out-dir``), device names torch does not know, titles too short for their special
+tokens, text encodings Python does not know. ``config.Config`` checks both whenever a config is made."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import argparse
 import codecs
 import math
 import re
+import types
+import typing
 from pathlib import PurePath
 
 from .errors import ConfigError
@@ -97,3 +99,49 @@ def device_choice(text: str) -> str:
     if not DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {DEVICES}")
     return text
+
+
+def coerce(name: str, value, hint):
+    """Check ``value`` against the annotation ``hint``; parse strings from flags and JSON lists."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return coerce(name, value, hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value):
+            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected a string")
+        return value
+    return value

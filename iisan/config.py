@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bounds import check_bounds
+from .bounds import check_bounds, coerce
 from .errors import ConfigError, error_line
 
 
@@ -203,7 +202,7 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(f.name, value, hints[f.name]))
+            setattr(self, f.name, coerce(f.name, value, hints[f.name]))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
@@ -283,52 +282,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise DuplicateKey(repr(key))
         out[key] = value
     return out
-
-
-def _coerce(name: str, value, hint):
-    """Check ``value`` against the annotation ``hint``; parse strings from flags and JSON lists."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        return _coerce(name, value, hint)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
-        if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value):
-            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
-        try:
-            return tuple(int(v) for v in value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4") from None
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name}={value!r}: expected true or false")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected an integer")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ConfigError(f"{name}={value!r}: expected an integer") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r}: expected a number") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r}: expected a string")
-        return value
-    return value
 
 
 def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
