@@ -175,7 +175,8 @@ class Config:
     eval_batch_size: int = _opt(0, "users per evaluation chunk (0: 128 on CPU, where a chunk's score matrix "
                                 "should fit the cache, 2048 on GPU)")
     encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
-    max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs)")
+    max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs): steps, not users, "
+                                       "so batch 64 (IISAN) sees twice the users of batch 32 (baselines)")
     smoke: bool = _opt(False, f"smoke run of the same config: at most {SMOKE_EPOCHS} epochs of at most "
                        f"{SMOKE_STEPS} steps, full evaluation (checks the wiring before a long run)")
     out_dir: str = _opt("runs", "where run folders go")

@@ -236,7 +236,8 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
 
 
 def resolve_pooling(pooling: str, model_type: str) -> str:
-    """A text tower's pooling: 'auto' is 'cls' for BERT-family encoders, 'mean' for decoder LLMs."""
+    """A text tower's pooling: 'auto' is 'cls' for BERT-family encoders, 'mean' for causal towers (decoder
+    LLMs, CLIP's text model)."""
     if pooling != "auto":
         return pooling
     return "cls" if model_type in TEXT_ENCODERS else "mean"
@@ -281,6 +282,7 @@ def architecture(name: str, modality: str) -> nn.Module:
     config alone with random weights (call it under ``torch.device("meta")`` to allocate nothing): what
     parameter counts need, without reading a 70B checkpoint."""
     config = load_from_folder(AutoConfig, name, f"{modality} encoder config")
+    check_architecture(config.model_type, modality, name)  # as loading does (``read_spec``)
     model = AutoModel.from_config(config)
     tower = "text_model" if modality == "text" else "vision_model"
     model = getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower

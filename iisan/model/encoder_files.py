@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 
 # Architectures whose per-layer states IISAN knows how to pool (``backbones``), by ``config.model_type``.
 TEXT_ENCODERS = frozenset({"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-                           "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert", "clip", "clip_text_model"})
-TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2"})
+                           "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert"})
+# Causal text towers, whose first token sees only itself (mean pooling by default): decoder LLMs, and
+# CLIP's text model, whose attention is causal too.
+TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "clip",
+                           "clip_text_model"})
 IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "clip", "clip_vision_model"})
 SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS, "image": IMAGE_ENCODERS}
 

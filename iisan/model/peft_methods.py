@@ -149,15 +149,17 @@ class WithAdapter(nn.Module):
         return self.adapter(y)
 
 
-def branch_dropout(model: nn.Module, block_name: str, name: str) -> str | None:
+def branch_dropout(model: nn.Module, block_name: str, name: str, query: str) -> str | None:
     """The name of the Dropout the block applies to projection ``name``'s output before the residual
     add: a Dropout child of the projection's parent, else of the nearest ancestor up to the block. BERT
     and transformers 4 ViT: ``output.dropout`` beside ``output.dense``; transformers 5 ViT: the layer's
-    one ``dropout``, which serves both branches. None where a block has none (CLIP, LLaMA)."""
-    parent_name = name.rpartition(".")[0]
+    one ``dropout``, which serves both branches. None where a block has none (CLIP, LLaMA; DistilBERT's
+    attention). A Dropout beside the ``query`` projection drops attention probabilities, not a branch's
+    output (DistilBERT's ``attention.dropout`` beside ``q_lin`` and ``out_lin``): passed over."""
+    parent_name, probabilities = name.rpartition(".")[0], query.rpartition(".")[0]
     while True:
         parent = model.get_submodule(parent_name)
-        found = [n for n, m in parent.named_children() if isinstance(m, nn.Dropout)]
+        found = [n for n, m in parent.named_children() if isinstance(m, nn.Dropout) and parent_name != probabilities]
         if len(found) > 1:
             raise TargetError(f"cannot tell which dropout follows {name}: {parent_name} has "
                               f"{', '.join(found)}; use adapter_position=before_dropout")
@@ -177,7 +179,7 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     for block_name, block in transformer_blocks(model):
         roles = block_roles(block_name, block, width)
         for role in OUTPUT_ROLES:
-            dropout = branch_dropout(model, block_name, roles[role])
+            dropout = branch_dropout(model, block_name, roles[role], roles["query"])
             if dropout is not None:
                 served.setdefault(dropout, []).append(roles[role])
     moved = {}

@@ -1,0 +1,82 @@
+"""Encoders beyond BERT and ViT, as a researcher plugs them in: DistilBERT under the Adapter baseline (its
+attention-probability dropout is not a branch's output dropout), CLIP's causal text tower (mean pooling,
+not its first token), the architecture check of ``iisan params``, and one seed giving cached and live
+IISAN the same starting weights (loading encoders leaves the random stream as it was)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+from iisan.errors import EncoderError
+from iisan.model.backbones import architecture, load_text_encoder
+from iisan.model.build import build_model, load_data, load_encoders
+from iisan.model.peft_methods import apply_adapters, moved_dropouts, resolve_targets
+
+
+def saved(model, folder, tokenizer_from=None):
+    if tokenizer_from is not None:
+        shutil.copytree(tokenizer_from, folder)
+        for weights in folder.glob("*.safetensors"):
+            weights.unlink()
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_distilbert_adapters_keep_its_attention_dropout_and_train(tiny):
+    torch.manual_seed(0)
+    model = DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                             max_position_embeddings=32))
+    outputs = resolve_targets(model, ["attention_output", "ffn_out"])
+    # out_lin has no dropout after it (its sibling drops attention probabilities); lin2's FFN dropout moves
+    assert moved_dropouts(model, outputs) == {f"transformer.layer.{i}.ffn.lin2": f"transformer.layer.{i}.ffn.dropout"
+                                              for i in range(2)}
+    apply_adapters(model, 8, ["attention_output", "ffn_out"])
+    assert isinstance(model.transformer.layer[0].attention.dropout, torch.nn.Dropout)
+    model.train()
+    hidden = model(input_ids=torch.randint(0, 100, (3, 7))).last_hidden_state  # failed: Identity has no .p
+    hidden.sum().backward()
+    assert hidden.shape == (3, 7, 32)
+
+
+def test_clip_text_tower_pools_the_mean_and_its_first_token_is_warned(towers, tmp_path, caplog):
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
+                            pad_token_id=1)
+    folder = saved(CLIPTextModel(config), tmp_path / "cliptext", tokenizer_from=towers["llama48x6"])
+    assert load_text_encoder(folder).pooling == "mean"  # causal: the first token sees only itself
+    with caplog.at_level(logging.WARNING, logger="iisan"):
+        assert load_text_encoder(folder, pooling="cls").pooling == "cls"
+    assert any("looks like a causal decoder" in r.getMessage() for r in caplog.records)
+
+
+def test_params_refuses_an_architecture_loading_refuses(tmp_path):
+    roberta = saved(RobertaModel(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=32)), tmp_path / "roberta")
+    with pytest.raises(EncoderError, match=r"image encoder '.*roberta' is a 'roberta' model, which IISAN cannot "
+                                           r"use as the image tower; supported: clip, clip_vision_model, deit"):
+        architecture(roberta, "image")
+    assert architecture(roberta, "text").config.model_type == "roberta"
+
+
+def test_loading_encoders_leaves_the_random_stream_as_it_was(tiny_config, tiny_cache):
+    cfg = tiny_config(cache_dir=tiny_cache)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_encoders(cfg)
+    assert torch.equal(torch.rand(3), expected)
+    data = load_data(cfg)
+    weights = {}
+    for feed in ("cached", "live"):
+        torch.manual_seed(7)
+        model, _ = build_model(cfg.replace(feed=feed), data, torch.device("cpu"))
+        weights[feed] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert weights["cached"].keys() == weights["live"].keys()
+    for name, value in weights["cached"].items():  # the same trained weights at the start, for one seed
+        assert torch.equal(value, weights["live"][name]), name
