@@ -80,3 +80,27 @@ def test_loading_encoders_leaves_the_random_stream_as_it_was(tiny_config, tiny_c
     assert weights["cached"].keys() == weights["live"].keys()
     for name, value in weights["cached"].items():  # the same trained weights at the start, for one seed
         assert torch.equal(value, weights["live"][name]), name
+
+
+def test_module_name_targets_reach_a_grouped_query_llm_block(towers):
+    """Qwen2's blocks have no BERT/ViT shape (k/v narrower than q under grouped-query attention, a gated
+    MLP): roles cannot be found there, but the module names the help offers as targets still work."""
+    from transformers import AutoModel
+
+    from iisan.errors import TargetError
+    from iisan.model.peft_methods import apply_lora
+
+    def qwen():
+        return AutoModel.from_pretrained(towers["qwen2_40x3"])
+
+    with pytest.raises(TargetError, match="cannot tell attention and FFN projections apart"):
+        resolve_targets(qwen(), ["query"])
+    lora = qwen()
+    apply_lora(lora, 4, 8, ["q_proj", "v_proj"])
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert len(trained) == 2 * 2 * 3 and all(".q_proj.lora_" in n or ".v_proj.lora_" in n for n in trained)
+    adapted = qwen()
+    adapters = apply_adapters(adapted, 8, ["o_proj", "down_proj"])
+    assert len(adapters) == 2 * 3
+    adapted(input_ids=torch.randint(3, 300, (2, 5))).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for a in adapters for p in a.parameters())

@@ -51,13 +51,16 @@ def block_roles(block_name: str, block: nn.Module, width: int) -> dict[str, str]
 
 
 def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder") -> list[str]:
-    """Full module names for ``targets`` (roles or name suffixes) across all blocks."""
+    """Full module names for ``targets`` (roles or name suffixes) across all blocks. Roles are found only
+    when one is asked for: name suffixes reach towers whose blocks have no BERT/ViT shape (``q_proj`` in a
+    grouped-query LLaMA block)."""
     width = model.config.hidden_size
-    roles = [block_roles(name, block, width) for name, block in transformer_blocks(model)]
+    roles = None
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     found = []
     for target in targets:
         if target in ROLES:
+            roles = roles or [block_roles(name, block, width) for name, block in transformer_blocks(model)]
             found += [r[target] for r in roles]
             continue
         matches = [n for n in linear_names if n == target or n.endswith("." + target)]
@@ -177,6 +180,8 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     width = model.config.hidden_size
     served: dict[str, list[str]] = {}
     for block_name, block in transformer_blocks(model):
+        if not any(isinstance(m, nn.Dropout) for m in block.modules()):
+            continue  # nothing to move (CLIP, LLaMA), whatever the block's shape
         roles = block_roles(block_name, block, width)
         for role in OUTPUT_ROLES:
             dropout = branch_dropout(model, block_name, roles[role], roles["query"])
