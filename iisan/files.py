@@ -133,8 +133,8 @@ def usual_permissions(*files: Path) -> None:
 @contextmanager
 def atomic_path(path: str | Path):
     """A fresh temporary path beside ``path`` to write to (a file or a folder); renamed onto ``path``
-    when the block succeeds, removed when it fails. A failed write becomes one ``OutputError`` naming
-    ``path``, which keeps whatever it held before."""
+    when the block succeeds (a folder by ``replace_folder``), removed when it fails. A failed write
+    becomes one ``OutputError`` naming ``path``, which keeps whatever it held before."""
     path = Path(path)
     tmp = None
     try:
@@ -143,7 +143,7 @@ def atomic_path(path: str | Path):
         yield tmp
         if tmp.is_file():
             usual_permissions(tmp)
-        os.replace(tmp, path)
+        replace_folder(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
             remove(tmp)

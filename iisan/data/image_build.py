@@ -22,14 +22,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError, ImageStoreError, UserError
+from ..errors import ConfigError, DataError, ImageStoreError
 from ..files import (
+    atomic_path,
     claim_output,
     refuse_inputs,
     remove,
-    replace_folder,
     stale_temporaries,
-    temporary_sibling,
     write_failure,
     write_text_atomic,
 )
@@ -121,16 +120,12 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
         claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite)
         for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
             remove(stale)
-        tmp = temporary_sibling(out_path)
         try:
-            problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
-            close_reader(out_path)  # a reader of the old store in this process must not keep the old files
-            replace_folder(tmp, out_path)  # an old store is put back if this fails
-        except BaseException as err:
-            remove(tmp)
-            if isinstance(err, (OSError, lmdb.Error)) and not isinstance(err, UserError):
-                raise write_failure(out_path, err) from None
-            raise
+            with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
+                problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
+                close_reader(out_path)  # a reader of the old store in this process must not keep the old files
+        except lmdb.Error as err:  # OSError: atomic_path's one line already
+            raise write_failure(out_path, err) from None
     return problems
 
 

@@ -36,17 +36,8 @@ from transformers import (
     ViTModel,
 )
 
-from ..errors import OutputError, UserError
-from ..files import (
-    WRITE_ERRORS,
-    fsync,
-    remove,
-    replace_folder,
-    stale_temporaries,
-    temporary_sibling,
-    usual_permissions,
-    write_failure,
-)
+from ..errors import OutputError
+from ..files import atomic_path, fsync, remove, stale_temporaries, usual_permissions
 from ..locks import OutputLock
 from .encoder_files import quiet_transformers
 
@@ -92,8 +83,7 @@ def model_folder(out_dir: str | Path):
     with OutputLock(lock, f"model folder {out_dir}", "another process is writing it; wait for it to finish"):
         for stale in stale_temporaries(out_dir):  # of writers that were killed (we hold the lock)
             remove(stale)
-        tmp = temporary_sibling(out_dir)
-        try:
+        with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             yield tmp
             (tmp / TINY_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
@@ -101,17 +91,8 @@ def model_folder(out_dir: str | Path):
                 raise OutputError(f"model folder {out_dir} exists and is not a random model folder IISAN "
                                   f"wrote (no {TINY_MARKER} in it, and files IISAN does not write there); "
                                   "choose another path or move that one away")
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    fsync(path)
-            fsync(tmp)
-            replace_folder(tmp, out_dir)
-            fsync(out_dir.parent)
-        except BaseException as err:
-            remove(tmp)
-            if isinstance(err, WRITE_ERRORS) and not isinstance(err, UserError):
-                raise write_failure(out_dir, err) from None
-            raise
+            for path in [*tmp.rglob("*"), tmp]:  # on disk before the rename that publishes them
+                fsync(path)
 
 
 def vocabulary(texts: list[str], limit: int = 30000) -> list[str]:

@@ -31,13 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import CheckpointError, TrainingError, UserError, error_line
-from ..files import (
-    WRITE_ERRORS,
-    failure_reason,
-    fsync,
-    sha256,
-    usual_permissions,
-)
+from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
 from . import runstate
 
 log = logging.getLogger(__name__)
@@ -174,9 +168,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]
 
 
-def read(path: Path) -> Checkpoint:
-    return Checkpoint(path, json.loads((path / STATE).read_text()), load_file(str(path / MODEL)),
-                      load_file(str(path / TRAIN_STATE)))
+def read(path: Path, state: dict | None = None) -> Checkpoint:
+    """The checkpoint at ``path``; ``state``: its state.json, already read."""
+    state = json.loads((path / STATE).read_text()) if state is None else state
+    return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
 
 
 def examine(path: Path, config: dict) -> Checkpoint | str:
@@ -201,7 +196,7 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
         return (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
                 "use another --run-name to start a new run")
     try:
-        return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
+        return read(path, state)
     except Exception as err:  # safetensors raises its own types for damaged files
         return f"{path} is unreadable ({type(err).__name__}: {err})"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import Config
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, error_line
-from ..files import TEMPORARY, failure_reason, remove, stale_temporaries, write_failure
+from ..files import TEMPORARY, failure_reason, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences
@@ -162,6 +162,7 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
 
 LOCK = ".lock"
 
+
 def is_run_folder(path: Path) -> bool:
     """Whether ``path`` is a run folder this project wrote: its ``config.json`` is a run's config, or its
     ``results.json`` records one (a run that failed before writing its config)."""
@@ -251,8 +252,7 @@ def lock_run_folder(run_dir: Path) -> OutputLock:
         raise write_failure(run_dir, err) from None
     lock = OutputLock(run_dir / LOCK, f"run folder {run_dir}", "wait for it to finish or use another --run-name",
                       ).acquire()
-    for name in ATOMIC:  # what killed runs left (no live writer: the lock is ours)
-        for stale in stale_temporaries(run_dir / name):
-            if killed_write(stale):
-                remove(stale)
+    for path in run_dir.iterdir():  # what killed runs left (no live writer: the lock is ours)
+        if killed_write(path):
+            remove(path)
     return lock
