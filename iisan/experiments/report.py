@@ -11,7 +11,8 @@ make two experiments: the seed, names and paths of outputs (run name, folders), 
 executed (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are
 compared by name (the users file's folder) and encoders by their folder's name, with its parent's where
 two encoders share a name (``encoder_labels``), so the same data or encoder under two roots is one
-experiment. Layers left to group selection show as ``auto``. Those differing keys are columns of the
+experiment. Layers left to group selection show as ``auto``, and a learning rate the run trains nothing
+with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing keys are columns of the
 table, in the rows' order (numbers by value, then the run's name; ``--sort`` orders by another column),
 and ``--average-seeds`` averages only runs that agree on all of them, each seed once: the same seed run
 twice (a copy, a rerun under another name) counts once, the others named in the log (``one_per_seed``).
@@ -34,6 +35,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import pandas as pd
 
+from ..bounds import LEARNING_RATES
 from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
@@ -52,6 +54,7 @@ KEYS = (*Config.__dataclass_fields__, "processes")  # what --keys takes (method 
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
 LAYER_KEYS = ("text_layers", "image_layers")  # None: the last layer of each of layer_groups groups
+UNUSED = "-"  # a learning rate the run trains nothing with (results.json's parameters.by_rate)
 
 
 def config_text(key: str, value) -> str:
@@ -65,24 +68,41 @@ def config_text(key: str, value) -> str:
     return str(value)
 
 
+# Folder names that say where a model's files are, not which model they are: the folder above names it.
+PLACE_NAMES = frozenset({"model", "models", "weights", "checkpoint", "checkpoints", "pretrained", "hf", "final",
+                         "best", "main"})
+
+
+def encoder_name(path: PurePath) -> tuple[str, PurePath]:
+    """What names the encoder at ``path``, and the folder above that name: the folder's name; for a folder
+    named for a place (``PLACE_NAMES``: ``.../all-MiniLM-L6-v2/model``) its parent's name too; for a
+    Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``) the Hub id ``org/name``."""
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/"), path.parents[2]
+    if path.name.lower() in PLACE_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}", path.parent.parent
+    return path.name, path.parent
+
+
 def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
-    """The label of each encoder path, by which the table shows and compares encoders: the folder's
-    name, or ``parent/name`` where encoders in differently named parent folders share that name
-    (``.../bert/model`` and ``.../vit/model``); a bare name (``bert-base-uncased``) is the same encoder as
-    any ``.../bert-base-uncased``. Paths that end in the same two folder names are one
-    encoder, so a copy under another root (another machine, a relative path) is one experiment: a guess
-    from names, not a proof (a Hub id, ``org/name``, has just those two parts)."""
-    paths = set(paths)
+    """The label of each encoder path, by which the table shows and compares encoders: its name
+    (``encoder_name``), or ``parent/name`` where encoders in differently named parent folders share that
+    one-folder name (``.../bert/enc`` and ``.../vit/enc``); a bare name (``bert-base-uncased``) is the same
+    encoder as any ``.../bert-base-uncased``. Paths that end in the same two folder names are one encoder, so a
+    copy under another root (another machine, a relative path) is one experiment: a guess from names, not
+    a proof (a Hub id, ``org/name``, has just those two parts)."""
+    named = {path: encoder_name(PurePath(path)) for path in set(paths)}
     parents: dict[str, set[str]] = {}
-    for path in map(PurePath, paths):
-        parents.setdefault(path.name, set()).update({path.parent.name} - {""})  # a bare name matches any parent
+    for name, above in named.values():
+        parents.setdefault(name, set()).update({above.name} - {""})  # a bare name matches any parent
 
-    def label(path: PurePath) -> str:
-        if len(parents[path.name]) <= 1 or not path.parent.name:
-            return path.name
-        return f"{path.parent.name}/{path.name}"
+    def label(name: str, above: PurePath) -> str:
+        if "/" in name or len(parents[name]) <= 1 or not above.name:  # two names already: one encoder
+            return name
+        return f"{above.name}/{name}"
 
-    return {path: label(PurePath(path)) for path in paths}
+    return {path: label(*named[path]) for path in named}
 
 
 def _written(path: Path) -> float | None:
@@ -119,6 +139,8 @@ def read_row(path: Path, results: dict) -> dict:
         "folder": str(path.parent),
         "written": _written(path),
     }
+    by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
+    row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
 
@@ -176,8 +198,9 @@ def read_row_columns() -> dict:
 
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
-    """Config keys (and ``processes``) whose values differ between the runs, except the ``ignored`` ones."""
-    return [k for k in RUN_KEYS if k not in ignored and frame[k].nunique(dropna=False) > 1]
+    """Config keys (and ``processes``) whose values differ between the runs that use them, except the
+    ``ignored`` ones: IISAN's adapter rate beside FFT, which has no adapters, is not a difference."""
+    return [k for k in RUN_KEYS if k not in ignored and frame[k][frame[k] != UNUSED].nunique(dropna=False) > 1]
 
 
 def _order(value) -> tuple:

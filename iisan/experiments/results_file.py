@@ -80,7 +80,10 @@ def check_results(results) -> None:
     if "status" in results:  # a file without one was written only at the end: finished
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
-    _field(_field(results, "parameters", "object"), "trainable", "integer", "parameters.")
+    parameters = _field(results, "parameters", "object")
+    _field(parameters, "trainable", "integer", "parameters.")
+    for key in _field(parameters, "by_rate", "object", "parameters.", optional=True) or {}:  # files since 2026-12
+        _field(parameters["by_rate"], key, "integer", "parameters.by_rate.")
     for split, metrics in (("valid", ["hit@10"]), ("test", METRICS)):
         scores = _field(results, split, "object", optional=True) or {}
         for metric in metrics:

@@ -50,7 +50,7 @@ class RunRecord:
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, world_size: int = 1, main: bool = True):
         self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
-        self.parameters, self.step = (0, 0), {}  # set once the model is built
+        self.parameters, self.step = (0, 0, {}), {}  # trainable, total, by rate: set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.handler: logging.Handler | None = None
         self.metrics = None
@@ -129,7 +129,7 @@ class RunRecord:
 
     def results(self, progress: Progress, status: str, error: str = "") -> dict:
         """The contents of ``results.json``."""
-        trainable, total = self.parameters
+        trainable, total, by_rate = self.parameters
         cfg = self.cfg
         return {
             "status": status,
@@ -142,7 +142,7 @@ class RunRecord:
             "epochs": progress.epochs,
             "timing": progress.timing(),
             "step": self.step,
-            "parameters": {"trainable": trainable, "total": total},
+            "parameters": {"trainable": trainable, "total": total, "by_rate": by_rate},
             "peak_memory": peak_memory(self.device),
             "device": device_name(self.device),
             "world_size": self.world_size,

@@ -153,6 +153,12 @@ def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
     return groups
 
 
+def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """How many trainable parameters each learning-rate key (``lr``, ``lr_text``, ...) sets the rate of: the
+    keys a run trains with (results.json's ``parameters.by_rate``; the results table shows no other)."""
+    return {LR_OF_GROUP[group["name"]]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
+
+
 def use_compile(cfg: Config, device: torch.device) -> str:
     """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
     if cfg.compile == "auto":

@@ -44,6 +44,7 @@ from .step import (
     out_of_memory_message,
     plan_step,
     seed_everything,
+    trained_by_rate,
 )
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
@@ -95,11 +96,11 @@ class Run:
         self.record.items_fingerprint = data.catalog.fingerprint
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
-        self.record.parameters = count_parameters(self.model)
         log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
         plan = plan_step(cfg, device, self.model, dist.world_size)
         self.amp, self.compiled, self.dedup, self.buckets = plan.amp, plan.compiled, plan.dedup, plan.buckets
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
+        self.record.parameters = (*count_parameters(self.model), trained_by_rate(self.optimizer))
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
         chosen = self.decide(self.choose_checkpoint)
         scaler_state = None
