@@ -295,8 +295,9 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     cfg = Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
     said = {**(file_values or {}), **(flags or {})}  # what the user gave: it wins, or it is an error
     if said.get("feed") == "cached" and cfg.feed != "cached":
-        raise ConfigError(f"feed=cached: method={cfg.method} trains through the backbones, so it runs live "
-                          "(only IISAN's states can be cached); leave --feed out")
+        why = "has no item encoder" if cfg.method == "id" else "trains through the backbones, so it runs live"
+        raise ConfigError(f"feed=cached: method={cfg.method} {why} (only IISAN's states can be cached); "
+                          "leave --feed out")
     if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
         logging.getLogger(__name__).info("feed=%s is ignored: method=id has no item encoder", said["feed"])
     if said.get("modality") not in (None, cfg.modality):

@@ -121,6 +121,7 @@ def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "fft", "--feed", "cached"], "feed=cached: method=fft trains through the backbones, so it runs live"),
+    (["--method", "id", "--feed", "cached"], "feed=cached: method=id has no item encoder (only IISAN's states"),
     (["--towers", "text", "--modality", "intra_inter"], "modality=intra_inter: towers=text is one modality"),
     (["--config", "."], "config file . is a folder"),
 ])
