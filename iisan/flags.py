@@ -20,11 +20,13 @@ DEFAULT_IN_WORDS = re.compile(r"(?:;\s*|\s*\()default: [^()]*\)?$")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
-                         multi: set[str] | None = None, only: tuple[str, ...] | None = None) -> None:
+                         multi: set[str] | None = None, only: tuple[str, ...] | None = None,
+                         shown: tuple[str, ...] | None = None) -> None:
     """Add ``--key`` for every Config field (or the fields in ``only``, without ``--config``). Keys in
     ``multi`` accept several values (sweeps). ``defaults``: what the help shows as a key's default (a
     script's SWEEP list or own default); without one, a key the methods set shows each method's value.
-    Flags left out keep no value, so a flag never given never overrides anything."""
+    ``shown``: the keys the help lists (the others are taken as well, unlisted). Flags left out keep no
+    value, so a flag never given never overrides anything."""
     defaults = defaults or {}
     multi = multi or set()
     if only is None:
@@ -33,7 +35,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f, defaults)}
+        listed = shown is None or f.name in shown
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS,
+                        "help": _help(f, defaults) if listed else argparse.SUPPRESS}
         if f.name in multi:
             kwargs["nargs"] = "+"
         elif f.type in ("bool", bool):

@@ -70,6 +70,25 @@ def test_missing_model_folder_from_the_command_line(tiny, tmp_path, capsys):
                   "there (see pretrained_models/README.md), or pass --allow-download to fetch a Hugging Face Hub id"
 
 
+def test_cache_help_lists_what_a_cache_depends_on_and_takes_training_flags(tiny, tmp_path, capsys):
+    """``iisan cache --help`` lists the flags of the data, the encoders and the cache, not the training ones;
+    a training command line is still taken whole (here it gets as far as the missing encoder)."""
+    from iisan.cli.data import CACHE_KEYS
+    from iisan.config import Config
+
+    assert set(CACHE_KEYS) <= set(Config.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"--{k.replace('_', '-')} " in shown for k in CACHE_KEYS) and "--cache-dir CACHE_DIR" in shown
+    assert "--lr " not in shown and "--epochs" not in shown and "--lora-rank" not in shown
+    assert "Every other `iisan train` flag is taken too" in shown
+    with pytest.raises(SystemExit):
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path),
+              "--text-model", str(tmp_path / "absent"), "--towers", "text", "--lr", "1e-3", "--epochs", "3"])
+    assert "model folder" in capsys.readouterr().err
+
+
 def test_entry_script_rejects_unknown_flags():
     out = subprocess.run([sys.executable, "run_IISAN.py", "--no-such-flag"], cwd=ROOT / "Code_Cached" / "scripts",
                          capture_output=True, text=True)

@@ -58,6 +58,14 @@ def tiny_width(text: str) -> int:
     return width
 
 
+# What a cache depends on, and how it is built: the flags `iisan cache --help` lists.
+CACHE_KEYS = ("users", "items", "images", "max_seq_len", "min_seq_len", "title_tokens", "allow_empty_titles",
+              "encoding", "merge_duplicate_users", "text_model", "image_model", "allow_download", "towers",
+              "text_layers", "image_layers", "layer_groups", "include_embedding_state", "text_pooling",
+              "encoder_dtype", "patch_embedding", "cache_dir", "cache_dtype", "device", "num_workers",
+              "encode_batch_size", "progress")
+
+
 def cmd_cache(args) -> None:
     paths = build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
                                     overwrite=args.overwrite)
@@ -105,8 +113,12 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_make_tiny_models)
 
     p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
-                                     "(resumable: run it again after an interruption)")
-    add_config_arguments(p)
+                                     "(resumable: run it again after an interruption)",
+                       description="Run the frozen encoders once over the items and write the hidden-state cache "
+                                   "that cached runs read. Resumable: run it again after an interruption.",
+                       epilog="Every other `iisan train` flag is taken too and changes nothing here, so a "
+                              "training command line (or --config file) builds the cache its run reads.")
+    add_config_arguments(p, shown=CACHE_KEYS)
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--all-layers", action="store_true",
                    help="every hidden state of each encoder, so that one cache serves any --text-layers / "
