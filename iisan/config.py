@@ -233,6 +233,11 @@ class Config:
                 out[key] = list(value)
         return out
 
+    @property
+    def cached(self) -> bool:
+        """IISAN reading its backbones' hidden states from the cache (no other method can: ``validate``)."""
+        return self.method == "iisan" and self.feed == "cached"
+
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 

@@ -27,7 +27,7 @@ def cmd_params(args) -> None:
     cfg = config_from_args(args)
     result = count(cfg, args.random_backbones)
     print(f"{result['method']}: {result['line']}")
-    if cfg.method == "iisan" and cfg.feed == "cached":
+    if cfg.cached:
         print("(all params include the frozen backbones the cache was computed with, as the paper counts IISAN; "
               "a cached run's train.log counts only the modules it holds, the trainable ones)")
 

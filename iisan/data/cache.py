@@ -118,8 +118,8 @@ def is_cache_file(path: Path) -> bool:
 
 
 def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
-    """``expected`` may hold modality, layers, width, items_fingerprint, encoder_config, pooling, dtype
-    and title_tokens (None = skip)."""
+    """``expected`` may hold modality, layers, width, items_fingerprint, encoder (its name, for messages),
+    encoder_config, encoder_weights, pooling, dtype and title_tokens (None = skip)."""
     differences = []
     if "layers" in expected:
         stored = json.loads(meta["layers"])

@@ -69,7 +69,7 @@ class TrainingSetup:
 
     @property
     def cached(self) -> bool:
-        return self.cfg.method == "iisan" and self.cfg.feed == "cached"
+        return self.cfg.cached
 
     def host_batches(self, buckets=OWN):
         """Endless full-size host batches, epoch after epoch (every timed step has the measured batch size).
@@ -188,7 +188,7 @@ def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch:
     times = summary(durations)
     row = {
         "method": METHOD_NAMES[cfg.method],
-        "feed": cfg.feed if cfg.method == "iisan" else "live",
+        "feed": cfg.feed,
         "batch_size": cfg.batch_size,
         "seconds_per_step": times["median"],
         "p90_seconds_per_step": times["p90"],

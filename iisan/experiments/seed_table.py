@@ -103,7 +103,7 @@ def run_point(setting: str, dataset: str, seed: int, data_root: Path, work: Path
     if finished_point(results, Path(cfg.users), Path(cfg.items)) is not None:
         log.info("%s: finished already (%s)", cfg.run_name, results)
         return results
-    if cfg.feed == "cached" and cfg.method == "iisan" and not cache_file(cfg.cache_dir, "text").is_file():
+    if cfg.cached and not cache_file(cfg.cache_dir, "text").is_file():
         build_cache_from_config(cfg, dtype="float32")  # resumable; one cache per data set, shared by seeds
     train(cfg)
     return results

@@ -53,7 +53,7 @@ class GridPoint:
 @dataclass
 class Outcome:
     point: GridPoint
-    status: str  # finished | finished before | failed | not run
+    status: str  # finished | finished before | failed | interrupted | not run
     result: object = None
     reason: str = ""
 

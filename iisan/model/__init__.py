@@ -4,4 +4,5 @@ two feeds of those states (``feeds``: live or cached), the side adapter network 
 user encoder (``sasrec``), the in-batch loss (``loss``), the recommender around them (``recommender``),
 the baselines' PEFT methods (``peft_methods``, ``baselines``), the ID baseline's item table
 (``id_embedding``), and the one place that builds all of it
-from a config (``build``; caches: ``caching``). Tiny random checkpoints for tests: ``tiny``."""
+from a config (``build``; caches: ``caching``). Tiny random checkpoints (tests, the demo, ``iisan
+make-tiny-models``, ``iisan params``' base architectures): ``tiny``."""

@@ -53,7 +53,7 @@ def check_run_inputs(cfg: Config) -> None:
     image LMDB of a live one: checked before a run claims its folder, so that a missing or mistyped input
     leaves no run folder behind."""
     check_data_files(cfg)
-    if cfg.method == "iisan" and cfg.feed == "cached":
+    if cfg.cached:
         for m in modalities(cfg):
             read_metadata(cache_file(cache_dir(cfg), m))
     elif cfg.method != "id":  # the encoders run: their folders' configs, and the image LMDB
@@ -224,7 +224,7 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
             raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "
                               "has one row per item")
         item_encoder = ItemIDEncoder(data.num_items, cfg.embedding_dim)
-    elif cfg.method == "iisan" and cfg.feed == "cached" and data is not None:
+    elif cfg.cached and data is not None:
         states = cached_states(cfg, data, device)
     elif cfg.method == "iisan":
         encoders = encoders or load_encoders(cfg, device=device)
@@ -260,6 +260,5 @@ def parameter_line(model: torch.nn.Module) -> str:
 def run_parameter_line(cfg: Config, model: torch.nn.Module) -> str:
     """peft's line for a run's model; a cached IISAN model holds no encoder, which the line then says
     (``iisan params`` counts the frozen encoders in its total)."""
-    cached = cfg.method == "iisan" and cfg.feed == "cached"
     return parameter_line(model) + (" (cached: the frozen encoders are not in the model; `iisan params` counts "
-                                    "them in all params)" if cached else "")
+                                    "them in all params)" if cfg.cached else "")

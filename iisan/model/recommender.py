@@ -1,7 +1,8 @@
 """The sequential recommender: an item encoder (any method) + the SASRec user encoder + the loss.
 
-Contract (RecBole's): ``calculate_loss(batch)`` for training; ``item_encoder`` (every item's embedding,
-``evaluate.item_table``) + ``user_vectors`` for full-ranking evaluation.
+Contract: ``calculate_loss(batch)`` for training, as RecBole's; for full-ranking evaluation, where RecBole
+has ``full_sort_predict``, ``item_encoder`` (every item's embedding once, ``evaluate.item_table``) and
+``user_vectors``, so that the item table is shared by every batch of users.
 """
 
 from __future__ import annotations

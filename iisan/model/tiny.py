@@ -124,12 +124,6 @@ def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: 
 
 
 @quietly
-def write_bert_tokenizer(out_dir: str | Path, vocab: list[str]) -> Path:
-    with model_folder(out_dir) as folder:
-        _bert_tokenizer(folder, vocab)
-    return Path(out_dir)
-
-
 def _bert_tokenizer(folder: Path, vocab: list[str]) -> None:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # the vocabulary itself, not vocab_file: transformers 5 ignores vocab_file and keeps the 5 special
@@ -198,16 +192,6 @@ def write_base_architectures(out_dir: str | Path) -> tuple[Path, Path]:
 
 
 @quietly
-def write_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 400,
-                        pad: bool = True) -> Path:
-    """A byte-level BPE trained on ``texts`` (the LLM tokenizers' kind), saved with ``save_pretrained``.
-
-    ``pad=False`` leaves it without a pad token, like GPT-2 and LLaMA checkpoints."""
-    with model_folder(out_dir) as folder:
-        _bpe_tokenizer(folder, texts, vocab_size, pad)
-    return Path(out_dir)
-
-
 def _bpe_tokenizer(folder: Path, texts: list[str], vocab_size: int = 400, pad: bool = True) -> None:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -62,7 +62,7 @@ def batch_states(run, epoch: int, step: int) -> list[str]:
         if rows.any():
             ids = batch.items.ids[rows.cpu()].tolist()
             names = ", ".join(repr(run.data.item_ids[i]) for i in ids[:SHOWN])
-            source = cache_file(cfg.cache_dir, m) if cfg.feed == "cached" else f"the live {m} encoder"
+            source = cache_file(cfg.cache_dir, m) if cfg.cached else f"the live {m} encoder"
             found.append(f"{len(ids)} item(s) of that batch have non-finite {m} states (e.g. {names}; from {source})")
     return found
 

@@ -135,7 +135,7 @@ class RunRecord:
             "status": status,
             **({"error": error} if error else {}),
             "method": METHOD_NAMES[cfg.method],
-            "feed": cfg.feed if cfg.method == "iisan" else "live",
+            "feed": cfg.feed,  # live for every method but IISAN (Config.validate)
             "best_epoch": progress.stopper.best_epoch,
             "valid": progress.best_valid,
             "test": progress.best_test,

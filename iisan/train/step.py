@@ -162,9 +162,9 @@ def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 def use_compile(cfg: Config, device: torch.device) -> str:
     """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
     if cfg.compile == "auto":
-        graphable = device.type == "cuda" and cfg.method == "iisan" and cfg.feed == "cached" and cfg.amp != "fp16"
+        graphable = device.type == "cuda" and cfg.cached and cfg.amp != "fp16"
         return "cudagraph" if graphable else "off"
-    if cfg.compile == "cudagraph" and (device.type != "cuda" or cfg.method != "iisan" or cfg.feed != "cached"):
+    if cfg.compile == "cudagraph" and (device.type != "cuda" or not cfg.cached):
         raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
     return cfg.compile
 
@@ -187,7 +187,7 @@ def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
     """Static shapes of a live step (``cfg.static_shapes``: uncached IISAN and the baselines), or None.
     Cached IISAN takes none: on a GPU its step is already static (every slot, one CUDA graph), and on a
     CPU padding would only add work. The ID baseline reads no content: its rows cost nothing to pad away."""
-    if not cfg.static_shapes or cfg.method == "id" or (cfg.method == "iisan" and cfg.feed == "cached"):
+    if not cfg.static_shapes or cfg.method == "id" or cfg.cached:
         return None
     return ShapeBuckets(cfg.item_bucket_growth, cfg.title_multiple, model.item_encoder.title_lengths(),
                         cfg.title_tokens)
