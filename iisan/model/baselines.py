@@ -12,15 +12,17 @@ from ..config import Config
 from ..data.batches import ItemBatch
 from .backbones import FrozenEncoder
 from .inputs import EncodedItems
-from .peft_methods import apply_adapters, apply_bitfit, apply_fft, apply_lora, injected_parameters
+from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
 def split(targets: str) -> list[str]:
     return [t for t in targets.replace(" ", "").split(",") if t]
 
 
-def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.Parameter]:
-    """Make ``encoder`` trainable per ``cfg.method``; returns the parameters that now train."""
+def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.Module]:
+    """Make ``encoder`` trainable per ``cfg.method``; returns the modules the method added to it (none for
+    FFT and BitFit), whose parameters train at the adapter rates (``BaselineItemEncoder.param_groups``):
+    a new method returns its own here, or they train at the backbone's rate."""
     model = encoder.model
     what = f"{modality} encoder"
     if cfg.method == "fft":
@@ -29,13 +31,14 @@ def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.
         apply_bitfit(model)
     elif cfg.method == "adapter":
         down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
-        apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init, cfg.adapter_position)
+        return apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init, cfg.adapter_position)
     elif cfg.method == "lora":
         seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what, cfg.lora_random_base, seed)
+        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what, cfg.lora_random_base,
+                          seed)
     else:
         raise ValueError(f"{cfg.method} is not a baseline")
-    return [p for p in model.parameters() if p.requires_grad]
+    return []
 
 
 class BaselineItemEncoder(EncodedItems):
@@ -44,8 +47,10 @@ class BaselineItemEncoder(EncodedItems):
     feeds, and no gradient reaches a backbone through it."""
 
     def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None,
-                 attention: torch.Tensor | None, embedding_dim: int = 64):
+                 attention: torch.Tensor | None, embedding_dim: int = 64,
+                 added: dict[str, list[nn.Module]] | None = None):
         super().__init__(encoders, tokens, attention)
+        self.added = added or {}  # per tower, the modules its method added (``apply_method``)
         self.modalities = tuple(m for m in ("image", "text") if m in encoders)  # authors' concat order
         self.heads = nn.ModuleDict({m: nn.Linear(encoders[m].width, embedding_dim) for m in self.modalities})
         self.combine = nn.Linear(len(self.modalities) * embedding_dim, embedding_dim)
@@ -66,7 +71,8 @@ class BaselineItemEncoder(EncodedItems):
         the image/text groups; adapter and LoRA weights in the adapter groups."""
         groups = {"recsys": list(self.heads.parameters()) + list(self.combine.parameters())}
         for m, encoder in self.encoders.items():
-            trainable, injected = [p for p in encoder.parameters() if p.requires_grad], injected_parameters(encoder)
+            trainable = [p for p in encoder.parameters() if p.requires_grad]
+            injected = {id(p) for p in added_parameters(self.added.get(m, []))}
             groups[f"adapter_{m}"] = [p for p in trainable if id(p) in injected]
             groups["image_net" if m == "image" else "text_encoder"] = [p for p in trainable if id(p) not in injected]
         return groups
@@ -75,11 +81,12 @@ class BaselineItemEncoder(EncodedItems):
 def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
                           titles: list[str] | None) -> BaselineItemEncoder:
     """The method applied to ``encoders``; ``titles`` (None: shapes only) are tokenised for the text tower."""
+    added = {}
     for m, encoder in encoders.items():
-        apply_method(encoder, cfg, m)
+        added[m] = apply_method(encoder, cfg, m)
         encoder.train()  # trained backbones run with their own dropout, as in the authors' code
     tokens = attention = None
     if "text" in encoders and titles is not None:
         tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
-    return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim)
+    return BaselineItemEncoder(encoders, tokens, attention, cfg.embedding_dim, added)
 

@@ -255,14 +255,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], wh
     return lora_layers
 
 
-def injected_parameters(model: nn.Module) -> set[int]:
-    """The ids of the parameters a method added to ``model`` (Houlsby adapters, LoRA's A and B), found by
-    module type: the optimizer's adapter groups. The layers LoRA wraps are the backbone's: under
-    ``random_base`` their biases train in the image/text groups, as the authors'."""
-    added = set()
-    for m in model.modules():
-        if isinstance(m, HoulsbyAdapter):
-            added |= {id(p) for p in m.parameters()}
-        elif isinstance(m, peft.tuners.lora.LoraLayer):
-            added |= {id(p) for p in m.parameters()} - {id(p) for p in m.get_base_layer().parameters()}
+def added_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of ``modules`` that a method added (what ``apply_adapters`` / ``apply_lora`` return):
+    a Houlsby adapter's all, a LoRA layer's less the backbone layer it wraps (``get_base_layer``), whose
+    bias under ``random_base`` trains in the image/text group, as the authors'."""
+    added = []
+    for module in modules:
+        base = {id(p) for p in module.get_base_layer().parameters()} if hasattr(module, "get_base_layer") else set()
+        added += [p for p in module.parameters() if id(p) not in base]
     return added
