@@ -124,8 +124,10 @@ class Config:
         "--lr-text), as their loralib layers (BERT-base + ViT-B/16: 833,600 trainable, not 796,736)"
     )
     lora_targets: str = _opt("query,value", "LoRA targets: roles (query, key, value, attention_output, "
-                             "ffn_in, ffn_out) or module-name suffixes")
-    adapter_targets: str = _opt("attention_output,ffn_out", "Houlsby adapter positions (roles or suffixes)")
+                             "ffn_in, ffn_out) or module-name suffixes (Linear or GPT-2's Conv1D), each for "
+                             "both towers or after text: / image: for one (text:c_attn,image:query)")
+    adapter_targets: str = _opt("attention_output,ffn_out", "Houlsby adapter positions: roles or module-name "
+                                "suffixes, each for both towers or after text: / image: for one")
     adapter_init: str = _opt("authors", "Houlsby adapters' start: authors (both projections N(0, 0.01^2)) or "
                              "identity (up projection zero: each adapter starts as the identity)",
                              ("authors", "identity"))

@@ -104,3 +104,62 @@ def test_module_name_targets_reach_a_grouped_query_llm_block(towers):
     assert len(adapters) == 2 * 3
     adapted(input_ids=torch.randint(3, 300, (2, 5))).last_hidden_state.sum().backward()
     assert all(p.grad is not None for a in adapters for p in a.parameters())
+
+
+def test_gpt2_conv1d_projections_take_lora_and_adapters_by_name(towers):
+    """GPT-2 writes its projections as Conv1D (a Linear's weight transposed) and fuses query, key and value
+    into c_attn: its modules are targets by name; LoRA starts as the identity and trains only A and B; roles,
+    adapters after a dropout found by role, and the authors' random LoRA base are one-line errors."""
+    from transformers import AutoModel
+
+    from iisan.errors import TargetError
+    from iisan.model.peft_methods import added_parameters, apply_lora
+
+    def gpt2():
+        torch.manual_seed(0)
+        return AutoModel.from_pretrained(towers["gpt2_24x4"]).eval()
+
+    tokens = torch.randint(3, 200, (2, 6))
+    plain = gpt2()(input_ids=tokens).last_hidden_state
+    lora = gpt2()
+    layers = apply_lora(lora, 4, 8, ["c_attn"])
+    assert len(layers) == 4 and {n for n, p in lora.named_parameters() if p.requires_grad} == {
+        n for n, _ in lora.named_parameters() if ".c_attn.lora_" in n}
+    assert len(added_parameters(layers)) == 2 * 4  # A and B of each block, not the Conv1D's weight or bias
+    torch.testing.assert_close(lora(input_ids=tokens).last_hidden_state, plain)  # B = 0: the identity
+    for layer in layers:  # with B moved, the update has the shape of the transposed Conv1D weight
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+    lora(input_ids=tokens).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for p in added_parameters(layers))
+    adapted = gpt2()
+    adapters = apply_adapters(adapted, 8, ["attn.c_proj", "mlp.c_proj"], position="before_dropout")
+    assert len(adapters) == 2 * 4 and adapters[0].up_proj.out_features == 24
+    adapted(input_ids=tokens).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for a in adapters for p in a.parameters())
+    with pytest.raises(TargetError, match=r"apart in h\.0 \(h\.0\.attn\.c_attn, .*modules by name instead of by role"):
+        resolve_targets(gpt2(), ["query"])
+    with pytest.raises(TargetError, match="use adapter_position=before_dropout"):
+        apply_adapters(gpt2(), 8, ["attn.c_proj", "mlp.c_proj"])
+    with pytest.raises(TargetError, match="replaces Linear layers.* h.0.attn.c_attn is a Conv1D"):
+        apply_lora(gpt2(), 4, 8, ["c_attn"], random_base=True)
+
+
+def test_targets_after_a_tower_prefix_reach_that_tower_only(towers, tiny_config):
+    """``text:c_attn,image:query,image:value``: GPT-2's fused projection in the text tower, the ViT's
+    query and value by role in the image tower; a prefix that is not a tower, or a list that leaves a
+    tower without targets, is an error naming the entry."""
+    from iisan.errors import TargetError
+    from iisan.model.baselines import tower_targets
+
+    assert tower_targets("query, text:c_attn,image:fc2", "text", "lora_targets") == ["query", "c_attn"]
+    assert tower_targets("query, text:c_attn,image:fc2", "image", "lora_targets") == ["query", "fc2"]
+    with pytest.raises(TargetError, match="entry 'txt:c_attn': expected a role or module name"):
+        tower_targets("txt:c_attn", "text", "lora_targets")
+    with pytest.raises(TargetError, match="'text:c_attn' names nothing for the image tower"):
+        tower_targets("text:c_attn", "image", "lora_targets")
+    cfg = tiny_config(method="lora", feed="live", text_model=towers["gpt2_24x4"],
+                      lora_targets="text:c_attn,image:query,image:value")
+    model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+    trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.item_encoder.encoders.named_parameters()
+               if p.requires_grad}
+    assert trained == {"c_attn", "q_proj", "v_proj"}  # transformers 5's ViT names its query q_proj

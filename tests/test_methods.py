@@ -122,7 +122,7 @@ def test_target_that_matches_nothing_lists_existing_modules(tiny):
 
     text = load_text_encoder(tiny["text_model"])
     with pytest.raises(TargetError, match=r"target 'qkv' matches no module in the text encoder \(BertModel\); "
-                                          r"roles: query, .*; Linear modules: dense, key, query, value"):
+                                          r"roles: query, .*; Linear/Conv1D modules: dense, key, query, value"):
         apply_lora(text.model, 4, 1.0, ["qkv"], "text encoder")
     # a module-name suffix is accepted as well as a role
     assert len(apply_adapters(text.model, 4, ["value"])) == 2

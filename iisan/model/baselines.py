@@ -10,13 +10,26 @@ from torch import nn
 
 from ..config import Config
 from ..data.batches import ItemBatch
+from ..errors import TargetError
 from .backbones import FrozenEncoder
 from .inputs import EncodedItems
 from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
-def split(targets: str) -> list[str]:
-    return [t for t in targets.replace(" ", "").split(",") if t]
+def tower_targets(targets: str, modality: str, flag: str) -> list[str]:
+    """The entries of a comma-separated target list for one tower: ``text:c_attn`` the text tower's only,
+    an entry without a prefix both towers' (``query``: a role; ``q_proj``: a module-name suffix)."""
+    chosen = []
+    for entry in filter(None, targets.replace(" ", "").split(",")):
+        tower, _, name = entry.rpartition(":")
+        if tower not in ("", "text", "image") or not name:
+            raise TargetError(f"{flag} entry {entry!r}: expected a role or module name, optionally after text: "
+                              "or image: (that tower only)")
+        if tower in ("", modality):
+            chosen.append(name)
+    if not chosen:
+        raise TargetError(f"{flag} {targets!r} names nothing for the {modality} tower")
+    return chosen
 
 
 def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.Module]:
@@ -31,11 +44,12 @@ def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.
         apply_bitfit(model)
     elif cfg.method == "adapter":
         down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
-        return apply_adapters(model, down, split(cfg.adapter_targets), what, cfg.adapter_init, cfg.adapter_position)
+        targets = tower_targets(cfg.adapter_targets, modality, "adapter_targets")
+        return apply_adapters(model, down, targets, what, cfg.adapter_init, cfg.adapter_position)
     elif cfg.method == "lora":
         seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
-        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, split(cfg.lora_targets), what, cfg.lora_random_base,
-                          seed)
+        targets = tower_targets(cfg.lora_targets, modality, "lora_targets")
+        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, what, cfg.lora_random_base, seed)
     else:
         raise ValueError(f"{cfg.method} is not a baseline")
     return []

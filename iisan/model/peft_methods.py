@@ -23,10 +23,20 @@ from __future__ import annotations
 import peft
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import TargetError
 
 ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+# What a target can be: a Linear, or GPT-2's Conv1D (a Linear whose weight is stored transposed).
+PROJECTIONS = (nn.Linear, Conv1D)
+
+
+def features(projection: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear or a Conv1D."""
+    if isinstance(projection, Conv1D):
+        return projection.weight.shape[0], projection.nf
+    return projection.in_features, projection.out_features
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -39,12 +49,14 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def block_roles(block_name: str, block: nn.Module, width: int) -> dict[str, str]:
-    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    square = [n for n, m in linears if m.in_features == width and m.out_features == width]
-    ffn_in = [n for n, m in linears if m.in_features == width and m.out_features != width]
-    ffn_out = [n for n, m in linears if m.in_features != width and m.out_features == width]
+    """{role: module name} of a block of four width x width projections and one FFN pair. Other shapes
+    (grouped-query attention, GPT-2's fused query-key-value) are an error naming the block's projections."""
+    shapes = [(n, features(m)) for n, m in block.named_modules() if isinstance(m, PROJECTIONS)]
+    square = [n for n, (i, o) in shapes if i == width and o == width]
+    ffn_in = [n for n, (i, o) in shapes if i == width and o != width]
+    ffn_out = [n for n, (i, o) in shapes if i != width and o == width]
     if len(square) != 4 or len(ffn_in) != 1 or len(ffn_out) != 1:
-        names = ", ".join(f"{block_name}.{n}" for n, _ in linears)
+        names = ", ".join(f"{block_name}.{n}" for n, _ in shapes)
         raise TargetError(f"cannot tell attention and FFN projections apart in {block_name} ({names})")
     names = square + ffn_in + ffn_out
     return {role: f"{block_name}.{name}" for role, name in zip(ROLES, names)}
@@ -56,18 +68,21 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder")
     grouped-query LLaMA block)."""
     width = model.config.hidden_size
     roles = None
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    projections = [n for n, m in model.named_modules() if isinstance(m, PROJECTIONS)]
     found = []
     for target in targets:
         if target in ROLES:
-            roles = roles or [block_roles(name, block, width) for name, block in transformer_blocks(model)]
+            try:
+                roles = roles or [block_roles(name, block, width) for name, block in transformer_blocks(model)]
+            except TargetError as err:
+                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role") from None
             found += [r[target] for r in roles]
             continue
-        matches = [n for n in linear_names if n == target or n.endswith("." + target)]
+        matches = [n for n in projections if n == target or n.endswith("." + target)]
         if not matches:
-            suffixes = sorted({n.split(".")[-1] for n in linear_names})
+            suffixes = sorted({n.split(".")[-1] for n in projections})
             raise TargetError(f"target {target!r} matches no module in the {what} "
-                              f"({type(model).__name__}); roles: {', '.join(ROLES)}; Linear modules: "
+                              f"({type(model).__name__}); roles: {', '.join(ROLES)}; Linear/Conv1D modules: "
                               f"{', '.join(suffixes)}")
         found += matches
     return found
@@ -138,12 +153,12 @@ class WithAdapter(nn.Module):
     and follows the adapter: ``LN(x + dropout(adapter(dense h)))``. The two agree in eval mode and
     wherever the dropout is 0 (ViT-B/16)."""
 
-    def __init__(self, base_layer: nn.Linear, bottleneck: int, init: str = "authors",
+    def __init__(self, base_layer: nn.Module, bottleneck: int, init: str = "authors",
                  dropout: nn.Dropout | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.dropout = dropout
-        self.adapter = HoulsbyAdapter(base_layer.out_features, bottleneck, init)
+        self.adapter = HoulsbyAdapter(features(base_layer)[1], bottleneck, init)
 
     def forward(self, x):
         y = self.base_layer(x)
@@ -182,7 +197,11 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     for block_name, block in transformer_blocks(model):
         if not any(isinstance(m, nn.Dropout) for m in block.modules()):
             continue  # nothing to move (CLIP, LLaMA), whatever the block's shape
-        roles = block_roles(block_name, block, width)
+        try:
+            roles = block_roles(block_name, block, width)
+        except TargetError as err:
+            raise TargetError(f"{err}; adapter_position=after_dropout needs them to find each branch's dropout: use "
+                              "adapter_position=before_dropout") from None
         for role in OUTPUT_ROLES:
             dropout = branch_dropout(model, block_name, roles[role], roles["query"])
             if dropout is not None:
@@ -229,6 +248,9 @@ def fresh_linears(model: nn.Module, names: list[str], seed: int) -> None:
         for name in names:
             parent, child = _get(model, name)
             old = getattr(parent, child)
+            if not isinstance(old, nn.Linear):
+                raise TargetError(f"lora_random_base replaces Linear layers, as the authors' loralib did; {name} "
+                                  f"is a {type(old).__name__}")
             new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None,
                             device="meta" if old.weight.is_meta else "cpu")
             setattr(parent, child, new.to(old.weight.device, old.weight.dtype))
@@ -242,7 +264,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], wh
     names = resolve_targets(model, targets, what)
     if random_base:
         fresh_linears(model, names, seed)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=names)
+    conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)  # GPT-2: weights transposed
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=names,
+                             fan_in_fan_out=conv1d)
     for p in model.parameters():
         p.requires_grad_(False)
     peft.inject_adapter_in_model(config, model)
