@@ -163,8 +163,11 @@ class Config:
                         "(inductor); auto = cudagraph for cached IISAN on CUDA",
                         ("auto", "off", "cudagraph", "inductor"))
     dedup_items: str = _opt(
-        "auto", "run the item tower once per distinct item of a batch (auto: unless compiled)",
-        ("auto", "on", "off"),
+        "auto", "how a step runs the item tower over a batch: on = once per distinct item; slots = once per "
+        "slot that holds an item (padding once); off = once per slot, padding included (the authors' way); "
+        "auto = off for a compiled step, slots where training runs dropout inside an encoder (a mask per "
+        "slot, as the authors': the baselines' BERT, --text-encoder-dropout), else on",
+        ("auto", "on", "slots", "off"),
     )
     static_shapes: bool = _opt(True, "live steps (uncached IISAN, baselines): pad a batch's distinct items up to a "
                                "bucket size and cut titles to the batch's longest, so that steps meet a few shapes "
@@ -224,8 +227,6 @@ class Config:
         if self.method != "iisan" and self.feed == "cached":
             # Baselines train through the backbones, so their states cannot be cached.
             self.feed = "live"
-        if self.text_encoder_dropout and self.dedup_items == "auto" and self.method == "iisan" and self.feed == "live":
-            self.dedup_items = "off"  # one encoding per distinct item would share its dropout mask across slots
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -62,7 +62,7 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     from iisan.data.batches import train_loader
     from iisan.model.build import load_data
 
-    batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, True) if len(b.seq) == 16]
+    batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, "items") if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
     assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
     # the SAN's rows: each distinct item and the padding item, which the batches here all hold
@@ -116,7 +116,7 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     first = next(stream)
     assert authors["flop_batches"] == 1 and out["flop_batches"] == 3  # a sample: the first timed batch only
     assert authors["flops_per_step"] == step_flops(setup, first.to(setup.device))  # same model shapes as setup
-    sequences = [b.seq for b in train_loader(setup.data.train_sequences(), 16, cfg.seed, 0, True)][1:4]
+    sequences = [b.seq for b in train_loader(setup.data.train_sequences(), 16, cfg.seed, 0, "items")][1:4]
     assert authors["encodes"] == "every slot" and authors["title_columns_per_step"] is None
     assert authors["encoded_rows_per_step"] == 16 * 11  # every slot, padding included
     assert authors["items_per_step"] == pytest.approx(np.mean([int((s != 0).sum()) for s in sequences]))
@@ -277,7 +277,7 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     cfg = tiny_config(method="iisan", feed="live")
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
     encoders = model.item_encoder.states.encoders
     text, image = encoders["text"].model.config, encoders["image"].model.config
     patches = (image.image_size // image.patch_size) ** 2

@@ -31,8 +31,8 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
     for epoch in range(3):
         generator = torch.Generator().manual_seed(7 * 1000 + epoch)
         expected = list(BatchSampler(RandomSampler(range(103), generator=generator), 16, drop_last=False))
-        assert [b.tolist() for b in train_loader(sequences, 16, 7, epoch, True).user_batches()] == expected
-        resumed = train_loader(sequences, 16, 7, epoch, True, start_step=4)
+        assert [b.tolist() for b in train_loader(sequences, 16, 7, epoch, "items").user_batches()] == expected
+        resumed = train_loader(sequences, 16, 7, epoch, "items", start_step=4)
         assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
 
 
@@ -43,7 +43,7 @@ def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
     together = np.concatenate(shards)
     assert len(set(together)) == 100 and set(together) <= set(order[:100])
     sequences = np.zeros((103, 3), dtype=np.int64)
-    steps = {len(train_loader(sequences, 8, 1, 0, True, rank=r, world_size=4)) for r in range(4)}
+    steps = {len(train_loader(sequences, 8, 1, 0, "items", rank=r, world_size=4)) for r in range(4)}
     assert steps == {math.ceil(25 / 8)}  # DDP needs the same number of steps on every rank
 
 
@@ -63,7 +63,7 @@ def test_iisan_uses_every_trainable_parameter_in_a_step(tiny_config, modality):
     data = load_data(cfg)
     model, _ = build_model(cfg, data, torch.device("cpu"))
     make_optimizer(model, cfg, torch.device("cpu"))
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True)))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items")))
     model.train()
     model(batch).backward()
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -115,10 +115,10 @@ def test_amp_fp16_trains_with_a_grad_scaler_and_bf16_without(tiny_config, tiny_c
     assert use_compile(cfg.replace(amp="fp16"), cuda) == "off"
     assert use_compile(cfg, cuda) == "cudagraph"
     # the trainer and the benchmark plan steps alike; compile=auto stays eager under torchrun
-    assert plan_step(cfg, cuda, model) == StepPlan(torch.bfloat16, "cudagraph", False, None)
-    assert plan_step(cfg, cuda, model, processes=2) == StepPlan(torch.bfloat16, "off", True, None)
+    assert plan_step(cfg, cuda, model) == StepPlan(torch.bfloat16, "cudagraph", "all", None)
+    assert plan_step(cfg, cuda, model, processes=2) == StepPlan(torch.bfloat16, "off", "items", None)
     assert plan_step(cfg.replace(compile="cudagraph"), cuda, model, processes=2).compiled == "cudagraph"
-    assert plan_step(cfg, torch.device("cpu"), model) == StepPlan(None, "off", True, None)
+    assert plan_step(cfg, torch.device("cpu"), model) == StepPlan(None, "off", "items", None)
 
 
 # --- 3. Houlsby adapters ------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_
     step = make_train_step(model, make_optimizer(model, cfg, cuda), amp_dtype(cfg.amp, cuda), cuda)
     assert step.scaler is not None and step.scaler.is_enabled()
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, None)):
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", None)):
         assert torch.isfinite(step(batch.to(cuda)))
         if i == 3:
             break

@@ -40,7 +40,7 @@ def run_steps(cfg, compiled, steps=6):
     step = make_train_step(model, optimizer, None, CUDA, compiled)
     model.train()
     losses = []
-    for batch in train_loader(data.train_sequences(), 16, 0, 0, False, pixels):  # same slots both ways
+    for batch in train_loader(data.train_sequences(), 16, 0, 0, "all", pixels):  # same slots both ways
         losses.append(step(batch.to(CUDA)).item())
         if len(losses) == steps:
             break
@@ -65,7 +65,7 @@ def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
     model, pixels = build_model(cfg, data, CUDA)
     step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)):
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
         assert torch.isfinite(step(batch.to(CUDA)))
         if i == 2:
             break
@@ -97,7 +97,7 @@ def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_conf
     cfg = tiny_config(method="iisan", feed="live", device="cuda")
     data = load_data(cfg)
     _, pixels = build_model(cfg, data, CUDA)
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
     host = [batch.seq, batch.inverse, batch.items.ids, batch.items.real, batch.items.pixels]
     assert all(t.is_pinned() for t in host)
     moved = batch.to(CUDA)
@@ -153,7 +153,7 @@ def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method, no_tf32):
     model, pixels = build_model(cfg, data, CUDA)
     model.eval()
     sequences, buckets = data.train_sequences(), shape_buckets(cfg, model)
-    pairs = zip(train_loader(sequences, 16, 0, 0, True, pixels), train_loader(sequences, 16, 0, 0, True, pixels,
+    pairs = zip(train_loader(sequences, 16, 0, 0, "items", pixels), train_loader(sequences, 16, 0, 0, "items", pixels,
                                                                               buckets=buckets))
     with torch.no_grad():
         for (plain, static), _ in zip(pairs, range(3)):

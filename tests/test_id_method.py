@@ -43,7 +43,7 @@ def test_id_model_is_a_table_and_sasrec_and_only_they_train(tiny, tmp_path):
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
     seen = set()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, None)):
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", None)):
         assert torch.isfinite(step(batch))
         seen.update(batch.items.ids.tolist())
         if i == 3:

@@ -53,7 +53,7 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)):
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
         loss = step(batch)
         assert loss.shape == () and torch.isfinite(loss)
         if i == 2:
@@ -137,8 +137,8 @@ def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, tiny_cache):
     live.load_state_dict(cached.state_dict(), strict=False)
     cached.eval()
     live.eval()
-    batch_cached = next(iter(train_loader(data.train_sequences(), 16, 3, 0, True)))
-    batch_live = next(iter(train_loader(data.train_sequences(), 16, 3, 0, True, pixels)))
+    batch_cached = next(iter(train_loader(data.train_sequences(), 16, 3, 0, "items")))
+    batch_live = next(iter(train_loader(data.train_sequences(), 16, 3, 0, "items", pixels)))
     with torch.no_grad():
         a, b = cached.calculate_loss(batch_cached), live.calculate_loss(batch_live)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -188,7 +188,7 @@ def test_live_step_finds_real_items_on_the_host(setting, tiny_config, monkeypatc
     torch.manual_seed(0)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
     model.eval()  # no dropout: the two forwards below must match exactly
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)))
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
     ids = batch.items.ids
     assert batch.items.real.tolist() == [i for i, item in enumerate(ids.tolist()) if item != 0]
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_lora_random_base_replaces_query_and_value_and_trains_their_biases(rando
     before = {(m, n): (b.weight.detach().clone(), b.bias.detach().clone()) for m in bases for n, b in bases[m].items()}
     step = make_train_step(model, make_optimizer(model, cfg, CPU), None, CPU)
     model.train()
-    step(next(iter(train_loader(data.train_sequences(), 16, 0, 0, True, pixels))))
+    step(next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels))))
     for (m, n), (weight, bias) in before.items():
         assert torch.equal(bases[m][n].weight, weight)
         assert torch.equal(bases[m][n].bias, bias) is not random_base, (m, n)
@@ -232,11 +232,24 @@ def test_adapter_position_reaches_the_built_model(position, tiny_config):
 # --- --text-encoder-dropout: per-slot masks -------------------------------------------------------------
 
 
-def test_text_encoder_dropout_encodes_every_slot(tiny_config):
+def test_dropout_in_an_encoder_gives_each_slot_its_own_row(tiny_config, tiny_cache):
+    """--dedup-items auto encodes each slot that holds an item once where a training step runs dropout
+    inside an encoder (IISAN's frozen BERT under --text-encoder-dropout, a baseline's trained BERT): a
+    repeated item gets a mask per slot, as in the authors' code; elsewhere each distinct item once; a
+    compiled step every slot; a value given is taken as given."""
     cfg = tiny_config(feed="live", text_encoder_dropout=True)
-    assert cfg.dedup_items == "off"
     model, _ = build_model(cfg, load_data(cfg), CPU)
-    assert batch_layout(cfg, "off", model)[0] is False  # a repeated item gets a dropout mask per slot
-    assert batch_layout(cfg.replace(text_encoder_dropout=False, dedup_items="auto"), "off", model)[0] is True
-    assert tiny_config(feed="live", text_encoder_dropout=True, dedup_items="on").dedup_items == "on"  # as given
-    assert tiny_config(method="fft", text_encoder_dropout=True).dedup_items == "auto"  # IISAN's frozen BERT only
+    model.eval()
+    assert batch_layout(cfg, "off", model)[0] == "slots"
+    assert not model.training and not model.item_encoder.states.encoders["text"].training  # left as it was
+    frozen = tiny_config(feed="live")
+    assert batch_layout(frozen, "off", build_model(frozen, load_data(frozen), CPU)[0])[0] == "items"
+    assert batch_layout(cfg.replace(dedup_items="on"), "off", model)[0] == "items"  # as given
+    assert batch_layout(cfg.replace(dedup_items="off"), "off", model)[0] == "all"
+    assert batch_layout(cfg, "inductor", model)[0] == "all"
+    fft = tiny_config(method="fft")
+    assert batch_layout(fft, "off", build_model(fft, load_data(fft), CPU)[0])[0] == "slots"  # BERT's dropout 0.1
+    image_only = tiny_config(method="fft", towers="image")  # the tiny ViT has no dropout
+    assert batch_layout(image_only, "off", build_model(image_only, load_data(image_only), CPU)[0])[0] == "items"
+    cached = tiny_config(cache_dir=tiny_cache)
+    assert batch_layout(cached, "off", build_model(cached, load_data(cached), CPU)[0])[0] == "items"

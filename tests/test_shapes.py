@@ -66,8 +66,8 @@ def test_collation_pads_items_and_cuts_titles():
     sequences = np.array([[0, 0, 3, 4, 3], [0, 5, 6, 7, 4], [0, 0, 0, 1, 2]])
     lengths = np.array([2, 5, 9, 3, 12, 4, 4, 20])
     buckets = ShapeBuckets(title_lengths=lengths)
-    plain = CollateTrain(sequences, True, None)([0, 1, 2])
-    static = CollateTrain(sequences, True, None, buckets)([0, 1, 2])
+    plain = CollateTrain(sequences, "items", None)([0, 1, 2])
+    static = CollateTrain(sequences, "items", None, buckets)([0, 1, 2])
     assert plain.items.ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and not plain.items.encode_all
     assert static.items.ids.tolist() == list(range(8)) + [0] * 8 and static.items.encode_all
     assert static.items.title_columns == 24  # longest title of the batch: 20 tokens (item 7)
@@ -77,7 +77,7 @@ def test_collation_pads_items_and_cuts_titles():
     back = without_padding_rows(static)
     assert back.items.ids.tolist() == plain.items.ids.tolist() and not back.items.encode_all
     assert back.items.title_columns == 24 and back.items.encoded_rows() == 7
-    every = CollateTrain(sequences, False, None, buckets)([0, 1, 2])  # the authors' way: every slot, no pad rows
+    every = CollateTrain(sequences, "all", None, buckets)([0, 1, 2])  # the authors' way: every slot, no pad rows
     assert every.items.ids.tolist() == sequences.reshape(-1).tolist() and every.items.encode_all
     assert every.items.encoded_rows() == 15 and len(every.items.real) == 9
 
@@ -113,7 +113,7 @@ def test_static_shapes_change_no_loss_and_no_gradient(tiny_config, method):
     model.eval()
     buckets = shape_buckets(cfg, model)
     sequences = data.train_sequences()
-    pairs = zip(train_loader(sequences, 16, 0, 0, True, pixels), train_loader(sequences, 16, 0, 0, True, pixels,
+    pairs = zip(train_loader(sequences, 16, 0, 0, "items", pixels), train_loader(sequences, 16, 0, 0, "items", pixels,
                                                                               buckets=buckets))
     padded = 0
     for step, (plain, static) in zip(range(4), pairs):
@@ -185,7 +185,7 @@ def test_a_scientific_epoch_meets_few_shapes(scientific, tiny_config, batch_size
             model(batch)
         return frozenset(recorder.seen)
 
-    static = list(train_loader(sequences, batch_size, cfg.seed, 0, True, buckets=buckets))
+    static = list(train_loader(sequences, batch_size, cfg.seed, 0, "items", buckets=buckets))
     assert len(static) == -(-data.num_users // batch_size)
     by_shape: dict[tuple, list[TrainBatch]] = {}
     for batch in static:
@@ -198,5 +198,5 @@ def test_a_scientific_epoch_meets_few_shapes(scientific, tiny_config, batch_size
     recorded = {key: {matmul_shapes(b) for b in batches[:2]} for key, batches in by_shape.items()}
     assert all(len(shapes) == 1 for shapes in recorded.values())  # one shape key, one set of matmul shapes
     assert len(set.union(*recorded.values())) == len(by_shape)
-    plain = [matmul_shapes(b) for b, _ in zip(train_loader(sequences, batch_size, cfg.seed, 0, True), range(24))]
+    plain = [matmul_shapes(b) for b, _ in zip(train_loader(sequences, batch_size, cfg.seed, 0, "items"), range(24))]
     assert len(set(plain)) > 12

@@ -62,7 +62,7 @@ torch.manual_seed(0)
 data = load_data(cfg)
 model, _ = build_model(cfg, data, torch.device("cpu"))
 model.train()
-model(next(iter(train_loader(data.train_sequences(), 64, 0, 0, True)))).backward()
+model(next(iter(train_loader(data.train_sequences(), 64, 0, 0, "items")))).backward()
 digest = hashlib.sha256()
 for p in model.parameters():
     if p.grad is not None:
@@ -90,7 +90,7 @@ def test_live_feed_trains_only_the_san_and_user_encoder(tiny_config):
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
     assert not model.item_encoder.states.encoders["text"].training  # frozen encoders stay in eval mode
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, True, pixels)):
+    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
         loss = step(batch)
         assert torch.isfinite(loss)
         if i == 2:
@@ -110,14 +110,30 @@ def test_authors_text_dropout_flag_puts_only_bert_in_train_mode(tiny_config):
     assert not model.item_encoder.states.encoders["image"].training
 
 
-def test_dedup_and_all_slots_give_the_same_loss(cached_cfg):
+def test_distinct_items_slots_and_all_slots_give_the_same_loss(cached_cfg):
     data = load_data(cached_cfg)
     model, _ = build_model(cached_cfg, data, torch.device("cpu"))
-    model.eval()  # no dropout: the two batchings must agree exactly
-    a = next(iter(train_loader(data.train_sequences(), 16, 0, 0, dedup=True)))
-    b = next(iter(train_loader(data.train_sequences(), 16, 0, 0, dedup=False)))
-    assert torch.equal(a.seq, b.seq) and len(a.items.ids) < len(b.items.ids)
-    torch.testing.assert_close(model.calculate_loss(a), model.calculate_loss(b))
+    model.eval()  # no dropout: the three batchings must agree exactly
+    a, b, c = (next(iter(train_loader(data.train_sequences(), 16, 0, 0, encoding)))
+               for encoding in ("items", "slots", "all"))
+    assert torch.equal(a.seq, b.seq) and torch.equal(a.seq, c.seq)
+    assert len(a.items.ids) < len(b.items.ids) < len(c.items.ids)
+    for batch in (b, c):
+        torch.testing.assert_close(model.calculate_loss(a), model.calculate_loss(batch))
+
+
+def test_slots_give_each_slot_with_an_item_its_own_row_and_padding_one():
+    import numpy as np
+
+    from iisan.data.batches import CollateTrain
+
+    sequences = np.array([[0, 0, 5, 7, 5], [0, 7, 7, 3, 9]])
+    batch = CollateTrain(sequences, "slots", None)([0, 1])
+    assert batch.items.ids.tolist() == [0, 5, 7, 5, 7, 7, 3, 9]  # row 0: padding; one row per real slot
+    assert batch.inverse.tolist() == [0, 0, 1, 2, 3, 0, 4, 5, 6, 7]
+    assert (batch.items.ids[batch.inverse].view(2, 5) == torch.as_tensor(sequences)).all()
+    with pytest.raises(ValueError, match="encoding must be one of items, slots, all, not 'some'"):
+        CollateTrain(sequences, "some", None)
 
 
 def test_learning_rate_groups_follow_the_authors(cached_cfg):

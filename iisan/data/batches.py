@@ -202,26 +202,38 @@ def shard_users(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return order[rank:usable:world_size]
 
 
-class CollateTrain:
-    """Rows of user indices -> ``TrainBatch``. With ``dedup`` each distinct item (padding included) is
-    encoded once; without it every slot is (static shapes for compiled steps). With ``buckets`` the
-    distinct items are padded to a bucket size (every slot already has a fixed count: not padded) and
-    the titles cut, and every row runs through the encoders (``ItemBatch.encode_all``): without dedup
-    that is the authors' way, every slot encoded, padding included."""
+ENCODINGS = ("items", "slots", "all")
 
-    def __init__(self, sequences: np.ndarray, dedup: bool, pixels: PixelSource | None,
+
+class CollateTrain:
+    """Rows of user indices -> ``TrainBatch``, the item rows the tower runs on by ``encoding``: 'items',
+    each distinct item once (padding included); 'slots', each slot that holds an item once and padding
+    once (a repeated item gets a row, so a dropout mask, per slot); 'all', every slot, padding included
+    (static shapes for compiled steps). With ``buckets`` the rows of 'items' and 'slots' are padded to a
+    bucket size ('all' already has a fixed count: not padded) and the titles cut, and every row runs
+    through the encoders (``ItemBatch.encode_all``): with 'all' that is the authors' way."""
+
+    def __init__(self, sequences: np.ndarray, encoding: str, pixels: PixelSource | None,
                  buckets: ShapeBuckets | None = None):
-        self.sequences, self.dedup, self.pixels, self.buckets = sequences, dedup, pixels, buckets
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
+        self.sequences, self.encoding, self.pixels, self.buckets = sequences, encoding, pixels, buckets
 
     def __call__(self, users: list[int]) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
-        if self.dedup:
+        if self.encoding == "items":
             ids, inverse = np.unique(seq, return_inverse=True)
+        elif self.encoding == "slots":
+            flat = seq.reshape(-1)
+            real = flat != 0
+            ids = np.concatenate([[0], flat[real]]).astype(seq.dtype)
+            inverse = np.zeros(flat.size, dtype=np.int64)
+            inverse[real] = np.arange(1, int(real.sum()) + 1)  # padding slots: row 0
         else:
             ids, inverse = seq.reshape(-1), np.arange(seq.size)
         columns = None
         if self.buckets is not None:
-            ids = self.buckets.pad(ids) if self.dedup else ids  # appended rows: no slot points at them
+            ids = self.buckets.pad(ids) if self.encoding != "all" else ids  # appended rows: no slot points at them
             columns = self.buckets.columns(ids)
         pixels = None if self.pixels is None else self.pixels(ids)
         items = ItemBatch.from_numpy(ids, pixels, columns, encode_all=self.buckets is not None)
@@ -256,7 +268,7 @@ class TrainBatches:
             yield self.collate(users)
 
 
-def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, dedup: bool,
+def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, encoding: str,
                  pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  buckets: ShapeBuckets | None = None):
     """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible.
@@ -265,11 +277,11 @@ def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, 
     a resumed epoch skips the ``start_step`` batches it had done. With the defaults the batches are
     exactly those of ``BatchSampler(RandomSampler(..., generator), batch_size)`` (a test checks it).
     No global random state is drawn, so dropout streams do not depend on how batches were made. When
-    images are read, the next batches are prepared in a background thread. ``buckets``: static shapes
-    (``CollateTrain``)."""
+    images are read, the next batches are prepared in a background thread. ``encoding`` and ``buckets``:
+    which item rows a batch holds, and static shapes (``CollateTrain``)."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), rank, world_size)
-    batches = TrainBatches(order, batch_size, CollateTrain(sequences, dedup, pixels, buckets), start_step)
+    batches = TrainBatches(order, batch_size, CollateTrain(sequences, encoding, pixels, buckets), start_step)
     return Prefetch(batches) if pixels is not None else batches
 
 

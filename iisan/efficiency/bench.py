@@ -41,6 +41,7 @@ SETTINGS = {
 # The authors' way of running a step (their code): every slot of the batch through the item encoder,
 # padding included, titles at full length. Rows measured this way stand beside the default ones.
 AUTHORS_WAY = {"dedup_items": "off", "static_shapes": True, "title_multiple": 0}
+ENCODES = {"items": "distinct items", "slots": "every slot with an item", "all": "every slot"}  # layout_summary
 TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
 OWN = object()  # ``TrainingSetup.host_batches``' default: the setup's own static-shape policy
 
@@ -62,7 +63,7 @@ class TrainingSetup:
     device: torch.device
     amp: torch.dtype | None
     compiled: str
-    dedup: bool = True
+    encoding: str = "items"
     buckets: ShapeBuckets | None = None
     # per batch yielded by ``full_batches``, counted on the host: (items, rows, title columns, shape key)
     layouts: list[tuple] = field(default_factory=list)
@@ -77,7 +78,7 @@ class TrainingSetup:
         cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
         buckets = self.buckets if buckets is OWN else buckets
         while True:
-            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
+            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.encoding, self.pixels,
                                       buckets=buckets):
                 if len(batch.seq) == cfg.batch_size:
                     yield batch
@@ -109,7 +110,7 @@ def training_setup(cfg: Config) -> TrainingSetup:
     optimizer = make_optimizer(model, cfg, device, capturable=plan.compiled == "cudagraph")
     step = make_train_step(model, optimizer, plan.amp, device, plan.compiled)
     model.train()
-    return TrainingSetup(cfg, data, model, pixels, step, device, plan.amp, plan.compiled, plan.dedup, plan.buckets)
+    return TrainingSetup(cfg, data, model, pixels, step, device, plan.amp, plan.compiled, plan.encoding, plan.buckets)
 
 
 def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
@@ -140,12 +141,12 @@ def layout_summary(setup: TrainingSetup) -> dict:
     cfg, buckets = setup.cfg, setup.buckets
     cut = [c for c in columns if c is not None]
     return {
-        "encodes": "distinct items" if setup.dedup else "every slot",
+        "encodes": ENCODES[setup.encoding],
         "static_shapes": buckets is not None,
         "buckets": None if buckets is None else {"item_bucket_growth": buckets.growth, "row_multiple": ROW_MULTIPLE,
                                                  "title_multiple": buckets.title_multiple,
                                                  "title_tokens": cfg.title_tokens},
-        # non-padding items a step encodes: distinct ones when deduplicated, else every non-padding slot
+        # non-padding items a step encodes: distinct ones, or every slot that holds one
         "items_per_step": float(np.mean(items)),
         "encoded_rows_per_step": float(np.mean(rows)),  # padding rows included (``layout``)
         "padding_rows_per_step": float(np.mean(rows) - np.mean(items)),
@@ -223,7 +224,7 @@ def measure_full_epoch(setup: TrainingSetup, epoch: int) -> dict:
     cfg, device = setup.cfg, setup.device
     sync(device)
     start = time.perf_counter()
-    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, setup.dedup, setup.pixels,
+    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, setup.encoding, setup.pixels,
                           buckets=setup.buckets)
     done = 0
     for batch in loader:

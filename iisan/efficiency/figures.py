@@ -109,13 +109,13 @@ def memory_note(payload: dict) -> list[str]:
     if not default or not authors or "items_per_step" not in default:
         return []
     return [f"Memory: a trained backbone keeps activations for every item it encodes, so FFT's memory grows with "
-            f"the items per step: {default['items_per_step']:.0f} distinct items here ({memory_gib(default):.2f} "
-            f"GiB), {authors['encoded_rows_per_step']:.0f} slots with full titles the authors' way "
-            f"({memory_gib(authors):.2f} GiB). The two rows show how much of the gap between the default FFT row "
-            "and the paper's 47 GB comes from encoding each distinct item once. The authors' code logs no memory "
-            "figure, so how 47 GB was read is not known (a reading from nvidia-smi would include the CUDA "
-            "context and the allocator's cache; compare the reserved column), and their fp16 training with a "
-            "GradScaler is not what runs here."]
+            f"the items per step: {default['items_per_step']:.0f} here ({default.get('encodes', 'distinct items')}; "
+            f"{memory_gib(default):.2f} GiB), {authors['encoded_rows_per_step']:.0f} slots with full titles the "
+            f"authors' way ({memory_gib(authors):.2f} GiB). The two rows show how much of the gap between the "
+            "default FFT row and the paper's 47 GB comes from leaving padding out of the encoders. The authors' "
+            "code logs no memory figure, so how 47 GB was read is not known (a reading from nvidia-smi would "
+            "include the CUDA context and the allocator's cache; compare the reserved column), and their fp16 "
+            "training with a GradScaler is not what runs here."]
 
 
 def table(payload: dict) -> str:

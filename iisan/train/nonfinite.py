@@ -50,10 +50,10 @@ def batch_states(run, epoch: int, step: int) -> list[str]:
     feed = encoder.states
     cfg, dist = run.cfg, run.dist
     sequences = run.data.train_sequences()
-    order = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, run.dedup, None, dist.rank, dist.world_size,
+    order = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, run.encoding, None, dist.rank, dist.world_size,
                          step)
     users = order.user_batches()[0]
-    batch = CollateTrain(sequences, run.dedup, run.pixels, run.buckets)(users)  # as the step collated it
+    batch = CollateTrain(sequences, run.encoding, run.pixels, run.buckets)(users)  # as the step collated it
     with torch.no_grad():
         states = feed(batch.items.to(run.device))
     found = []

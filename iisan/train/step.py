@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..config import Config
 from ..data.batches import ItemBatch, TrainBatch
 from ..data.shapes import ShapeBuckets
 from ..devices import amp_dtype, device_name
 from ..errors import TrainingError
+from ..model.inputs import EncodedItems
 from ..model.recommender import Recommender
 from .graphs import GraphedStep
 
@@ -169,18 +171,39 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     return cfg.compile
 
 
-def describe_step(step, model: Recommender, dedup: bool, buckets: ShapeBuckets | None,
+def describe_step(step, model: Recommender, encoding: str, buckets: ShapeBuckets | None,
                   amp: torch.dtype | None) -> dict:
     """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
     run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
     stored = model.cache_dtypes()
-    return {"compiled": step.mode, "dedup_items": dedup, "static_shapes": buckets is not None,
+    return {"compiled": step.mode, "item_encoding": encoding, "static_shapes": buckets is not None,
             "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {})}
 
 
-def use_dedup(cfg: Config, compiled: str) -> bool:
-    """Encode each distinct item once, unless the step is compiled (static shapes)."""
-    return compiled == "off" if cfg.dedup_items == "auto" else cfg.dedup_items == "on"
+ENCODING_OF = {"on": "items", "slots": "slots", "off": "all"}  # --dedup-items -> ``CollateTrain``'s encoding
+
+
+def item_encoding(cfg: Config, compiled: str, model: Recommender) -> str:
+    """How a step runs the item tower over a batch (``CollateTrain``): 'items', 'slots' or 'all'. auto: all
+    slots for a compiled step (static shapes); each slot that holds an item where training runs dropout
+    inside an encoder, so that each slot gets its own mask, as in the authors' code (the baselines' trained
+    BERT, IISAN's frozen one under ``text_encoder_dropout``); else each distinct item once."""
+    if cfg.dedup_items != "auto":
+        return ENCODING_OF[cfg.dedup_items]
+    if compiled != "off":
+        return "all"
+    return "slots" if encoders_drop_out(model) else "items"
+
+
+def encoders_drop_out(model: Recommender) -> bool:
+    """Whether a training step runs a Dropout of p > 0 inside one of the item tower's encoders."""
+    was = model.training
+    model.train()
+    try:
+        return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for inputs in model.item_encoder.modules()
+                   if isinstance(inputs, EncodedItems) for m in inputs.encoders.modules())
+    finally:
+        model.train(was)
 
 
 def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
@@ -193,9 +216,10 @@ def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
                         cfg.title_tokens)
 
 
-def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[bool, ShapeBuckets | None]:
-    """How a step's batches are made: each distinct item once or every slot, and static shapes or not."""
-    return use_dedup(cfg, compiled), shape_buckets(cfg, model)
+def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[str, ShapeBuckets | None]:
+    """How a step's batches are made: which items the tower runs on (``item_encoding``), and static shapes
+    or not."""
+    return item_encoding(cfg, compiled, model), shape_buckets(cfg, model)
 
 
 @dataclass(frozen=True)
@@ -204,7 +228,7 @@ class StepPlan:
 
     amp: torch.dtype | None  # autocast dtype, None for fp32
     compiled: str  # 'off', 'cudagraph' or 'inductor' (``use_compile``)
-    dedup: bool  # each distinct item encoded once (``use_dedup``)
+    encoding: str  # 'items', 'slots' or 'all' (``item_encoding``)
     buckets: ShapeBuckets | None  # static shapes of live steps (``shape_buckets``)
 
 

@@ -98,7 +98,7 @@ class Run:
         self.model, self.pixels = build_model(cfg, self.data, device)
         log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
         plan = plan_step(cfg, device, self.model, dist.world_size)
-        self.amp, self.compiled, self.dedup, self.buckets = plan.amp, plan.compiled, plan.dedup, plan.buckets
+        self.amp, self.compiled, self.encoding, self.buckets = plan.amp, plan.compiled, plan.encoding, plan.buckets
         self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
         self.record.parameters = (*count_parameters(self.model), trained_by_rate(self.optimizer))
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
@@ -115,7 +115,7 @@ class Run:
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
         self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
-        self.record.step = describe_step(self.step, self.model, self.dedup, self.buckets, self.amp)
+        self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
@@ -247,7 +247,7 @@ class Run:
             losses[:start_step] = self.partial_losses.to(device)
             seconds = progress.partial_seconds
         self.ddp.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.dedup, self.pixels,
+        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.encoding, self.pixels,
                               dist.rank, dist.world_size, start_step, self.buckets)
         sync(device)
         start = time.perf_counter()
@@ -276,7 +276,7 @@ class Run:
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
-            self.record.step = describe_step(self.step, self.model, self.dedup, self.buckets, self.amp)
+            self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
             self.check_finite(losses, epoch, n_steps)
             progress.global_step += n_steps
 
