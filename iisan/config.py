@@ -35,6 +35,10 @@ METHOD_NAMES = {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "L
 # Each method's paper settings, from the authors' run scripts (run_IISAN.py: batch 64, lr 2e-4 recsys, 1e-4
 # image, 5e-5 text, 1e-4 adapters; run_fft.py / run_adapter.py / run_lora.py / run_bitfit.py: batch 32).
 # A key a method leaves out keeps its field default.
+# Fields added after runs were saved whose default is not what those runs did: a saved config (a
+# checkpoint's, a run folder's, a results file's) without the field did this (``Config.from_saved``).
+BEFORE_THE_FIELD = {"layer_rule": "groups"}
+
 METHOD_DEFAULTS = {
     "iisan": {"batch_size": 64, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5, "lr_adapter_image": 1e-4,
               "lr_adapter_text": 1e-4},
@@ -74,10 +78,16 @@ class Config:
     allow_download: bool = _opt(False, "let a --text-model / --image-model that is not a folder be fetched "
                                 "from the Hugging Face Hub (never runs code from it)")
     text_layers: tuple[int, ...] | None = _opt(
-        None, "hidden-state indices fed to the text SAN (0 = embeddings); default: group selection"
+        None, "hidden-state indices fed to the text SAN (0 = embeddings); default: --layer-rule's choice"
     )
-    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices; default: group selection")
-    layer_groups: int = _opt(6, "groups for automatic layer selection: the last layer of each group")
+    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices; default: --layer-rule's "
+                                                "choice")
+    layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks")
+    layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "
+                           "k as large as keeps --layer-groups layers (the authors' lists: 32 layers -> "
+                           "2,8,14,20,26,32; 80 -> 5,20,...,80); groups = the last layer of each of --layer-groups "
+                           "equal runs (32 -> 5,11,16,21,27,32); both pick 2,4,...,12 of 12 and 4,8,...,24 of 24",
+                           ("stride", "groups"))
     include_embedding_state: bool = _opt(True, "prepend hidden state 0, read by the SANs' first block (authors' "
                                          "remove_first=None); without it, see intra_start")
     intra_start: str = _opt("embedding", "with --no-include-embedding-state: each intra chain starts from the "
@@ -251,6 +261,12 @@ class Config:
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict, source: str = "config") -> Config:
+        """A config this library saved, a field it predates at what it did then (``BEFORE_THE_FIELD``), else
+        at its default."""
+        return cls.from_dict({**{k: v for k, v in BEFORE_THE_FIELD.items() if k not in values}, **values}, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> dict:

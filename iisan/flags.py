@@ -14,7 +14,7 @@ import sys
 
 from .config import METHOD_DEFAULTS, Config, resolve
 
-# A field's help may say its default in words, as its last clause: "...; default: group selection",
+# A field's help may say its default in words, as its last clause: "...; default: --layer-rule's choice",
 # "... (default: method, feed, ...)". A default the caller gives replaces that clause, never follows it.
 DEFAULT_IN_WORDS = re.compile(r"(?:;\s*|\s*\()default: [^()]*\)?$")
 

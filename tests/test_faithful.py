@@ -166,6 +166,25 @@ def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
     assert parse(["--preset", "microlens", "--dataset", "MicroLens", "--san-heads", "iisan"]).san_heads == "iisan"
 
 
+def test_automatic_layers_follow_the_authors_lists_at_every_depth(tiny_config):
+    """--layer-rule stride (the default) picks the authors' hidden states for each depth their scripts
+    list (the comments of Code_Cached_Asym/script/run_IISAN_*.py); --layer-rule groups picks group
+    layer-dropping's, which agrees on 12 and 24 layers only."""
+    from iisan.model.backbones import stride_layers
+    from iisan.model.build import layers_for
+
+    authors = {12: (0, 2, 4, 6, 8, 10, 12), 24: (0, 4, 8, 12, 16, 20, 24), 28: (0, 3, 8, 13, 18, 23, 28),
+               32: (0, 2, 8, 14, 20, 26, 32), 48: (0, 3, 12, 21, 30, 39, 48), 80: (0, 5, 20, 35, 50, 65, 80)}
+    cfg = tiny_config()
+    assert cfg.layer_rule == "stride"
+    for depth, layers in authors.items():
+        assert stride_layers(depth, 6) == layers_for(cfg, "text", depth) == layers, depth
+        assert (layers_for(cfg.replace(layer_rule="groups"), "image", depth) == layers) is (depth in (12, 24))
+    assert layers_for(cfg.replace(layer_groups=3), "text", 32) == (0, 2, 17, 32)
+    assert stride_layers(4, 6) == (0, 1, 2, 3, 4) and stride_layers(5, 1) == (0, 5)
+    assert stride_layers(12, 6, include_embedding=False) == (2, 4, 6, 8, 10, 12)
+
+
 # --- 5. the ablation without the embedding state ------------------------------------------------------
 
 

@@ -338,3 +338,18 @@ def test_relative_paths_of_a_run_resolve_from_where_it_was_trained(tmp_path, mon
     assert moved.cache_dir == str(trained / "cache")  # found nowhere: named where the run had it
     assert moved.image_model == "google/vit-base-patch16-224" and moved.images == str(tmp_path / "abs.lmdb")
     assert rebased(cfg, None) == cfg
+
+
+def test_a_run_saved_before_a_field_is_rebuilt_as_it_ran(runs, tmp_path):
+    """config.json from before --layer-rule: automatic layers were group layer-dropping then, so the run is
+    rebuilt with it (the default now differs for deep towers), and evaluates to its own numbers."""
+    import shutil
+
+    from iisan.experiments.trained import load_run
+
+    folder = tmp_path / "old"
+    shutil.copytree(runs["cached"]["run_dir"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("layer_rule") == "stride"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_run(folder, device="cpu").cfg.layer_rule == "groups"

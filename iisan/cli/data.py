@@ -61,7 +61,7 @@ def tiny_width(text: str) -> int:
 # What a cache depends on, and how it is built: the flags `iisan cache --help` lists.
 CACHE_KEYS = ("users", "items", "images", "max_seq_len", "min_seq_len", "title_tokens", "allow_empty_titles",
               "encoding", "merge_duplicate_users", "text_model", "image_model", "allow_download", "towers",
-              "text_layers", "image_layers", "layer_groups", "include_embedding_state", "text_pooling",
+              "text_layers", "image_layers", "layer_groups", "layer_rule", "include_embedding_state", "text_pooling",
               "encoder_dtype", "patch_embedding", "cache_dir", "cache_dtype", "device", "num_workers",
               "encode_batch_size", "progress")
 

@@ -11,7 +11,8 @@ from ..flags import add_config_arguments, config_from_args
 from ..model.caching import DTYPES, import_cache_from_config
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
-               "layer_groups", "include_embedding_state", "max_seq_len", "min_seq_len", "allow_empty_titles")
+               "layer_groups", "layer_rule", "include_embedding_state", "max_seq_len", "min_seq_len",
+               "allow_empty_titles")
 
 
 def cmd_fetch_data(args) -> None:

@@ -42,8 +42,8 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
     "llama3-70b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-70B"),
                             "text_layers": (0, 5, 20, 35, 50, 65, 80), "text_pooling": "authors"},
     # The same design on one GPU: 32 layers x 4096, the authors' list for 32-layer towers, blocks
-    # 1,7,13,19,25,31 (+1, with the embedding output); group layer-dropping would pick 0,5,11,16,21,27,32
-    # (--text-layers 0,5,11,16,21,27,32).
+    # 1,7,13,19,25,31 (+1, with the embedding output): what --layer-rule stride picks too (groups would
+    # pick 0,5,11,16,21,27,32).
     "llama3-8b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-8B"),
                            "text_layers": (0, 2, 8, 14, 20, 26, 32), "text_pooling": "authors"},
     # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts.

@@ -6,16 +6,17 @@ grouping and the CSV).
     iisan results runs/ --average-seeds          # mean and standard deviation over seeds
     iisan results runs/ --curves curves.png      # validation HR@10 and loss per epoch of every run
 
-Runs are told apart by every config key whose value differs between them, except those that never
-make two experiments: the seed, names and paths of outputs (run name, folders), and how a run was
-executed (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are
-compared by name (the users file's folder) and encoders by their folder's name, with its parent's where
-two encoders share a name (``encoder_labels``), so the same data or encoder under two roots is one
-experiment. Layers left to group selection show as ``auto``, and a learning rate the run trains nothing
-with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing keys are columns of the
-table, in the rows' order (numbers by value, then the run's name; ``--sort`` orders by another column),
-and ``--average-seeds`` averages only runs that agree on all of them, each seed once: the same seed run
-twice (a copy, a rerun under another name) counts once, the others named in the log (``one_per_seed``).
+Runs are told apart by every config key whose value differs between them, except those that never make
+two experiments: the seed, names and paths of outputs (run name, folders), and how a run was executed
+(device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are compared by name
+(the users file's folder) and encoders by their folder's name, with its parent's where two encoders
+share a name (``encoder_labels``), so the same data or encoder under two roots is one experiment. Layers
+left to automatic selection (``layer_rule``) show as ``auto``, and a learning rate the run trains
+nothing with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing
+keys are columns of the table, in the rows' order (numbers by value, then the run's name; ``--sort``
+orders by another column), and ``--average-seeds`` averages only runs that agree on all of them, each
+seed once: the same seed run twice (a copy, a rerun under another name) counts once, the others named in
+the log (``one_per_seed``).
 
 Smoke runs and runs that have not finished (running, failed, interrupted) are left out, counted in the
 log, unless asked for (``--include-smoke``, ``--include-running``). A metric that is NaN or infinite is
@@ -53,13 +54,13 @@ KEYS = (*Config.__dataclass_fields__, "processes")  # what --keys takes (method 
 # Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
-LAYER_KEYS = ("text_layers", "image_layers")  # None: the last layer of each of layer_groups groups
+LAYER_KEYS = ("text_layers", "image_layers")  # None: layer_groups layers by layer_rule
 UNUSED = "-"  # a learning rate the run trains nothing with (results.json's parameters.by_rate)
 
 
 def config_text(key: str, value) -> str:
     """A config value as the table shows and compares it: as configured (0.001, not 0.0010), lists as
-    ``0,2,4``, layers left to group selection (None) as ``auto``. Encoder paths stay whole here: how
+    ``0,2,4``, layers left to automatic selection (None) as ``auto``. Encoder paths stay whole here: how
     much of one the table shows depends on the others (``encoder_labels``)."""
     if key in LAYER_KEYS and value is None:
         return "auto"

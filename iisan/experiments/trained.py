@@ -130,7 +130,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
-    cfg = rebased(Config.from_dict(Config.from_file(config_path), source=str(config_path)), results.get("working_dir"))
+    cfg = rebased(Config.from_saved(Config.from_file(config_path), source=str(config_path)), results.get("working_dir"))
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)

@@ -25,6 +25,7 @@ from .backbones import (
     read_spec,
     resolve_encoder_dtype,
     resolve_pooling,
+    stride_layers,
 )
 from .baselines import baseline_item_encoder
 from .encoder_files import local_folder, weights_digest
@@ -76,14 +77,15 @@ def load_data(cfg: Config) -> SeqRecData:
 
 
 def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
-    """Explicit ``--text-layers`` / ``--image-layers`` (checked against the encoder's depth), else group
-    layer-dropping: the last layer of each of ``layer_groups`` runs of consecutive layers."""
+    """Explicit ``--text-layers`` / ``--image-layers`` (checked against the encoder's depth), else
+    ``layer_groups`` layers by ``layer_rule``: ``stride_layers`` (the authors' lists) or ``group_layers``."""
     explicit = cfg.text_layers if modality == "text" else cfg.image_layers
     if explicit:
         check_layers(explicit, depth, f"{modality} ({model_name(cfg, modality)})")
         return explicit
     # Without the embedding state in a block, the authors' remove_first still reads it: it seeds the chain.
-    return group_layers(depth, cfg.layer_groups, cfg.include_embedding_state or seeded_chains(cfg))
+    rule = stride_layers if cfg.layer_rule == "stride" else group_layers
+    return rule(depth, cfg.layer_groups, cfg.include_embedding_state or seeded_chains(cfg))
 
 
 def seeded_chains(cfg: Config) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import Config
+from ..config import BEFORE_THE_FIELD, Config
 from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
 from . import runstate
@@ -161,8 +161,8 @@ def verify(path: Path) -> str | None:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     the saved config lacks was added by a later version of this library; the version that wrote the
-    checkpoint behaved as the field's default does, so the default stands in for it."""
-    defaults = Config().to_dict()
+    checkpoint behaved as the field's default does (or as ``BEFORE_THE_FIELD`` says), which stands in for it."""
+    defaults = {**Config().to_dict(), **BEFORE_THE_FIELD}
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
     old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
     return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]
