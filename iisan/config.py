@@ -166,6 +166,9 @@ class Config:
     lr_adapter_image: float = _opt(1e-4, "image and inter side-adapter blocks (Adapter/LoRA: 4e-4)")
     lr_adapter_text: float = _opt(1e-4, "text side-adapter blocks (Adapter/LoRA: 4e-4)")
     seed: int = _opt(12345, "seed for Python, NumPy and torch")
+    user_order: str = _opt("seeded", "each epoch's order of the training users: seeded = drawn from --seed and the "
+                           "epoch; authors = the authors' DistributedSampler order, the same for every seed "
+                           "(a permutation seeded with the epoch + 1)", ("seeded", "authors"))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 = the authors' (with a "
                     "GradScaler; the step then runs eager)", ("auto", "none", "bf16", "fp16"))
@@ -250,6 +253,11 @@ class Config:
     def cached(self) -> bool:
         """IISAN reading its backbones' hidden states from the cache (no other method can: ``validate``)."""
         return self.method == "iisan" and self.feed == "cached"
+
+    @property
+    def order_seed(self) -> int | None:
+        """What ``train_loader`` draws each epoch's user order from: the seed, or None for the authors' order."""
+        return self.seed if self.user_order == "seeded" else None
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -36,6 +36,25 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
         assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
 
 
+def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed():
+    """--user-order authors: one process's users in the order of the authors' DistributedSampler (seed 0,
+    set_epoch(epoch + 1)), the same for every run seed; seeded orders differ between seeds."""
+    from torch.utils.data import DistributedSampler
+
+    from iisan.config import Config
+
+    sequences = np.zeros((103, 3), dtype=np.int64)
+    authors = [Config(seed=seed, user_order="authors").order_seed for seed in (1, 2)]
+    assert authors == [None, None] and Config(seed=3).order_seed == 3
+    for epoch in range(3):
+        sampler = DistributedSampler(range(103), num_replicas=1, rank=0, shuffle=True)
+        sampler.set_epoch(epoch + 1)
+        expected = [list(b) for b in BatchSampler(list(sampler), 16, drop_last=False)]
+        assert [b.tolist() for b in train_loader(sequences, 16, None, epoch, "items").user_batches()] == expected
+        assert train_loader(sequences, 16, 1, epoch, "items").order.tolist() != \
+            train_loader(sequences, 16, 2, epoch, "items").order.tolist()
+
+
 def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
     order = np.random.default_rng(0).permutation(103)
     shards = [shard_users(order, r, 4) for r in range(4)]

@@ -268,10 +268,12 @@ class TrainBatches:
             yield self.collate(users)
 
 
-def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, encoding: str,
+def train_loader(sequences: np.ndarray, batch_size: int, seed: int | None, epoch: int, encoding: str,
                  pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  buckets: ShapeBuckets | None = None):
-    """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible.
+    """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible. A seed
+    of None: the authors' order, ``DistributedSampler``'s (its seed 0, ``set_epoch(epoch + 1)``), the same
+    for every run seed.
 
     Under torchrun each rank takes its shard of the same permutation (``shard_users``), and
     a resumed epoch skips the ``start_step`` batches it had done. With the defaults the batches are
@@ -279,7 +281,7 @@ def train_loader(sequences: np.ndarray, batch_size: int, seed: int, epoch: int, 
     No global random state is drawn, so dropout streams do not depend on how batches were made. When
     images are read, the next batches are prepared in a background thread. ``encoding`` and ``buckets``:
     which item rows a batch holds, and static shapes (``CollateTrain``)."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else seed * 1000 + epoch)
     order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), rank, world_size)
     batches = TrainBatches(order, batch_size, CollateTrain(sequences, encoding, pixels, buckets), start_step)
     return Prefetch(batches) if pixels is not None else batches

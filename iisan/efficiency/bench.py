@@ -78,7 +78,7 @@ class TrainingSetup:
         cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
         buckets = self.buckets if buckets is OWN else buckets
         while True:
-            for batch in train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.encoding, self.pixels,
+            for batch in train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, self.encoding, self.pixels,
                                       buckets=buckets):
                 if len(batch.seq) == cfg.batch_size:
                     yield batch
@@ -224,8 +224,8 @@ def measure_full_epoch(setup: TrainingSetup, epoch: int) -> dict:
     cfg, device = setup.cfg, setup.device
     sync(device)
     start = time.perf_counter()
-    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.seed, epoch, setup.encoding, setup.pixels,
-                          buckets=setup.buckets)
+    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.order_seed, epoch, setup.encoding,
+                          setup.pixels, buckets=setup.buckets)
     done = 0
     for batch in loader:
         setup.step(batch.to(device))

@@ -50,8 +50,8 @@ def batch_states(run, epoch: int, step: int) -> list[str]:
     feed = encoder.states
     cfg, dist = run.cfg, run.dist
     sequences = run.data.train_sequences()
-    order = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, run.encoding, None, dist.rank, dist.world_size,
-                         step)
+    order = train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, run.encoding, None, dist.rank,
+                         dist.world_size, step)
     users = order.user_batches()[0]
     batch = CollateTrain(sequences, run.encoding, run.pixels, run.buckets)(users)  # as the step collated it
     with torch.no_grad():

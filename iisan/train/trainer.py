@@ -247,7 +247,7 @@ class Run:
             losses[:start_step] = self.partial_losses.to(device)
             seconds = progress.partial_seconds
         self.ddp.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.seed, epoch, self.encoding, self.pixels,
+        loader = train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, self.encoding, self.pixels,
                               dist.rank, dist.world_size, start_step, self.buckets)
         sync(device)
         start = time.perf_counter()
