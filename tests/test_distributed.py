@@ -20,7 +20,7 @@ from iisan.distributed import Dist, chunk_block
 from iisan.evaluate import evaluate_model, evaluate_ranks
 from iisan.model.build import build_model, load_data
 from iisan.model.caching import build_cache_from_config
-from iisan.train.step import make_optimizer
+from iisan.train.optim import make_optimizer
 from iisan.train.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,9 @@ from iisan.model.caching import build_cache_from_config, cache_precision
 from iisan.model.inputs import tokenize_for_pooling
 from iisan.model.peft_methods import HoulsbyAdapter
 from iisan.model.san import IntraSAN
-from iisan.train.step import StepPlan, make_optimizer, make_train_step, plan_step, use_compile
+from iisan.train.optim import make_optimizer
+from iisan.train.plan import StepPlan, plan_step, use_compile
+from iisan.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = ["", "Red Lamp with a big shade", "blue chair", "Green table, small and round  "]

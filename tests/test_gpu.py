@@ -13,7 +13,9 @@ import torch
 from iisan.data.batches import train_loader
 from iisan.efficiency.bench import SETTINGS
 from iisan.model.build import build_model, load_data
-from iisan.train.step import batch_layout, make_optimizer, make_train_step
+from iisan.train.optim import make_optimizer
+from iisan.train.plan import batch_layout
+from iisan.train.step import make_train_step
 from iisan.train.trainer import train
 
 from .conftest import cached_and_live_tables
@@ -146,7 +148,7 @@ def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
 @pytest.mark.parametrize("method", ["iisan", "fft"])
 def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method, no_tf32):
     """The CPU test's GPU twin (fp32, no TF32): padded, masked rows and cut titles leave the loss as it was."""
-    from iisan.train.step import shape_buckets
+    from iisan.train.plan import shape_buckets
 
     cfg = tiny_config(method=method, feed="live", device="cuda", amp="none")
     data = load_data(cfg)

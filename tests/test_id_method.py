@@ -16,7 +16,8 @@ from iisan.data.batches import train_loader
 from iisan.errors import ConfigError
 from iisan.model.build import build_model, load_data
 from iisan.model.id_embedding import ItemIDEncoder
-from iisan.train.step import make_optimizer, make_train_step, optimizer_groups
+from iisan.train.optim import make_optimizer, optimizer_groups
+from iisan.train.step import make_train_step
 
 SASREC = 100_224  # the authors' SASRec at 64-d, 2 blocks (authors_code: User_Encoder)
 

@@ -14,7 +14,8 @@ from iisan.efficiency.bench import SETTINGS  # the six settings of the paper's e
 from iisan.errors import TargetError, TrainingError
 from iisan.model.build import build_model, load_data
 from iisan.model.peft_methods import apply_adapters, apply_lora
-from iisan.train.step import make_optimizer, make_train_step, optimizer_groups
+from iisan.train.optim import make_optimizer, optimizer_groups
+from iisan.train.step import make_train_step
 from iisan.train.weights import load_weights, save_weights
 
 
@@ -235,7 +236,7 @@ def test_steps_never_make_the_host_wait_for_the_device(setting, static_shapes, t
     """After a first step (which may set things up), a training step of every setting, with static shapes
     and without, runs none of the ops that stall the host on a GPU, so the host queues the next work while
     the device computes. The batches are the trainer's (``batch_layout``)."""
-    from iisan.train.step import batch_layout
+    from iisan.train.plan import batch_layout
 
     cfg = tiny_config(cache_dir=tiny_cache, static_shapes=static_shapes, **SETTINGS[setting])
     data = load_data(cfg)

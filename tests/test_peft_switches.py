@@ -17,7 +17,9 @@ from iisan.errors import TargetError
 from iisan.model.backbones import load_image_encoder, load_text_encoder
 from iisan.model.build import build_model, load_data
 from iisan.model.peft_methods import WithAdapter, apply_adapters, transformer_blocks
-from iisan.train.step import batch_layout, make_optimizer, make_train_step, optimizer_groups
+from iisan.train.optim import make_optimizer, optimizer_groups
+from iisan.train.plan import batch_layout
+from iisan.train.step import make_train_step
 from iisan.train.weights import load_weights, save_weights
 
 RATES = ("batch_size", "lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")

@@ -15,7 +15,7 @@ from iisan.data.synthetic import SCIENTIFIC_LENGTHS, generate
 from iisan.errors import ConfigError
 from iisan.model.build import build_model, load_data
 from iisan.model.tiny import vocabulary, write_bert
-from iisan.train.step import shape_buckets
+from iisan.train.plan import shape_buckets
 from iisan.train.trainer import train
 
 CPU = torch.device("cpu")

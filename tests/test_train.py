@@ -13,7 +13,8 @@ import torch
 
 from iisan.data.batches import train_loader
 from iisan.model.build import build_model, load_data
-from iisan.train.step import make_optimizer, make_train_step, optimizer_groups
+from iisan.train.optim import make_optimizer, optimizer_groups
+from iisan.train.step import make_train_step
 from iisan.train.trainer import train
 from iisan.train.weights import load_weights
 
@@ -160,9 +161,9 @@ def test_smoke_switch_shrinks_the_same_config(cached_cfg):
 def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cached_cfg, monkeypatch, caplog):
     """A graphed step whose capture fails trains eagerly; results.json says so, not what was asked for.
     (On a CPU the capture fails at its first CUDA call, which is the failure path a GPU takes too.)"""
-    import iisan.train.step as step
+    import iisan.train.plan as plan
 
-    monkeypatch.setattr(step, "use_compile", lambda cfg, device: "cudagraph")
+    monkeypatch.setattr(plan, "use_compile", lambda cfg, device: "cudagraph")
     with caplog.at_level("WARNING", logger="iisan.train.graphs"):
         results = train(cached_cfg.replace(epochs=1, run_name="graph-failed"))
     assert "CUDA graph capture failed" in caplog.text

@@ -25,7 +25,9 @@ from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
 from ..model.build import build_model, count_parameters, load_data
 from ..model.caching import build_cache_from_config
-from ..train.step import make_optimizer, make_train_step, plan_step
+from ..train.optim import make_optimizer
+from ..train.plan import plan_step
+from ..train.step import make_train_step
 from .flops import StepFlops, shape_key
 from .timing import StepClock, summary, timed_each
 

@@ -26,7 +26,7 @@ import torch
 
 from ..devices import sync
 from ..model.recommender import IISANItemEncoder
-from ..train.step import shape_buckets
+from ..train.plan import shape_buckets
 from .bench import TrainingSetup, training_setup
 from .benchmark import base_config, method_config, prepare
 from .flops import StepFlops

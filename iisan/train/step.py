@@ -1,8 +1,7 @@
 """The training step, the same for every method and both feeds: forward, loss, backward, optimizer
-step, zero_grad (``make_train_step``), the optimizer with the authors' learning-rate groups, and the
-choices of how a step runs (eager, one CUDA graph, torch.compile; each distinct item once or every
-slot). The trainer (``trainer.py``) and the benchmark both run exactly this step.
-"""
+step, zero_grad (``make_train_step``: eager, or one CUDA graph), seeding and deterministic kernels. The
+trainer (``trainer.py``) and the benchmark both run exactly this step; the optimizer is ``optim``'s and
+how steps run is decided by ``plan``."""
 
 from __future__ import annotations
 
@@ -10,19 +9,12 @@ import contextlib
 import os
 import random
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..config import Config
 from ..data.batches import ItemBatch, TrainBatch
-from ..data.shapes import ShapeBuckets
-from ..devices import amp_dtype, device_name
-from ..errors import TrainingError
-from ..model.inputs import EncodedItems
-from ..model.recommender import Recommender
+from ..devices import device_name
 from .graphs import GraphedStep
 
 
@@ -120,123 +112,6 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, am
         warmup = 11 if isinstance(model, torch.nn.parallel.DistributedDataParallel) else 3
         return GraphedStep(model, optimizer, eager.loss, eager, warmup=warmup)
     return TrainStep(model, optimizer, amp, device, compiled)
-
-
-def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
-                   capturable: bool = False) -> torch.optim.Optimizer:
-    # Adam with torch defaults, no weight decay (authors). Fused (one kernel per group) on CUDA and on
-    # the CPU, where it is ~3x faster than the per-parameter loop for IISAN's ~130 small tensors;
-    # capturable keeps its step counter on the device so the update can live in a CUDA graph.
-    cuda = device.type == "cuda"
-    return torch.optim.Adam(optimizer_groups(model, cfg), fused=True, capturable=cuda and capturable)
-
-
-LR_OF_GROUP = {
-    "recsys": "lr",
-    "image_net": "lr_image",
-    "text_encoder": "lr_text",
-    "adapter_image": "lr_adapter_image",
-    "adapter_text": "lr_adapter_text",
-}
-
-
-def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
-    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once."""
-    groups = []
-    seen: set[int] = set()
-    for name, params in model.param_groups().items():
-        params = [p for p in params if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in params)
-        if params:
-            groups.append({"name": name, "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
-    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
-    if stray:
-        raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
-    return groups
-
-
-def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """How many trainable parameters each learning-rate key (``lr``, ``lr_text``, ...) sets the rate of: the
-    keys a run trains with (results.json's ``parameters.by_rate``; the results table shows no other)."""
-    return {LR_OF_GROUP[group["name"]]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
-
-
-def use_compile(cfg: Config, device: torch.device) -> str:
-    """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
-    if cfg.compile == "auto":
-        graphable = device.type == "cuda" and cfg.cached and cfg.amp != "fp16"
-        return "cudagraph" if graphable else "off"
-    if cfg.compile == "cudagraph" and (device.type != "cuda" or not cfg.cached):
-        raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
-    return cfg.compile
-
-
-def describe_step(step, model: Recommender, encoding: str, buckets: ShapeBuckets | None,
-                  amp: torch.dtype | None) -> dict:
-    """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
-    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
-    stored = model.cache_dtypes()
-    return {"compiled": step.mode, "item_encoding": encoding, "static_shapes": buckets is not None,
-            "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {})}
-
-
-ENCODING_OF = {"on": "items", "slots": "slots", "off": "all"}  # --dedup-items -> ``CollateTrain``'s encoding
-
-
-def item_encoding(cfg: Config, compiled: str, model: Recommender) -> str:
-    """How a step runs the item tower over a batch (``CollateTrain``): 'items', 'slots' or 'all'. auto: all
-    slots for a compiled step (static shapes); each slot that holds an item where training runs dropout
-    inside an encoder, so that each slot gets its own mask, as in the authors' code (the baselines' trained
-    BERT, IISAN's frozen one under ``text_encoder_dropout``); else each distinct item once."""
-    if cfg.dedup_items != "auto":
-        return ENCODING_OF[cfg.dedup_items]
-    if compiled != "off":
-        return "all"
-    return "slots" if encoders_drop_out(model) else "items"
-
-
-def encoders_drop_out(model: Recommender) -> bool:
-    """Whether a training step runs a Dropout of p > 0 inside one of the item tower's encoders."""
-    was = model.training
-    model.train()
-    try:
-        return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for inputs in model.item_encoder.modules()
-                   if isinstance(inputs, EncodedItems) for m in inputs.encoders.modules())
-    finally:
-        model.train(was)
-
-
-def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
-    """Static shapes of a live step (``cfg.static_shapes``: uncached IISAN and the baselines), or None.
-    Cached IISAN takes none: on a GPU its step is already static (every slot, one CUDA graph), and on a
-    CPU padding would only add work. The ID baseline reads no content: its rows cost nothing to pad away."""
-    if not cfg.static_shapes or cfg.method == "id" or cfg.cached:
-        return None
-    return ShapeBuckets(cfg.item_bucket_growth, cfg.title_multiple, model.item_encoder.title_lengths(),
-                        cfg.title_tokens)
-
-
-def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[str, ShapeBuckets | None]:
-    """How a step's batches are made: which items the tower runs on (``item_encoding``), and static shapes
-    or not."""
-    return item_encoding(cfg, compiled, model), shape_buckets(cfg, model)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How a run's steps run, decided once for the trainer and the benchmark alike (``plan_step``)."""
-
-    amp: torch.dtype | None  # autocast dtype, None for fp32
-    compiled: str  # 'off', 'cudagraph' or 'inductor' (``use_compile``)
-    encoding: str  # 'items', 'slots' or 'all' (``item_encoding``)
-    buckets: ShapeBuckets | None  # static shapes of live steps (``shape_buckets``)
-
-
-def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: int = 1) -> StepPlan:
-    """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
-    checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
-    compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
-    return StepPlan(amp_dtype(cfg.amp, device), compiled, *batch_layout(cfg, compiled, model))
 
 
 def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:

@@ -33,19 +33,12 @@ from ..model.build import build_model, check_run_inputs, count_parameters, load_
 from . import checkpoint, runfolder, runstate
 from .interrupt import StopRequests
 from .nonfinite import nonfinite_loss
+from .optim import make_optimizer, trained_by_rate
+from .plan import describe_step, plan_step
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
 from .runfolder import CHECKPOINTS, RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
-from .step import (
-    describe_step,
-    deterministic_kernels,
-    make_optimizer,
-    make_train_step,
-    out_of_memory_message,
-    plan_step,
-    seed_everything,
-    trained_by_rate,
-)
+from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
 log = logging.getLogger(__name__)

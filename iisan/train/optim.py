@@ -1,0 +1,48 @@
+"""The optimizer: Adam with the authors' learning-rate groups (``LR_OF_GROUP``: which config key sets the
+rate of which part of the model), every trainable parameter in exactly one group."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..model.recommender import Recommender
+
+
+def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    # Adam with torch defaults, no weight decay (authors). Fused (one kernel per group) on CUDA and on
+    # the CPU, where it is ~3x faster than the per-parameter loop for IISAN's ~130 small tensors;
+    # capturable keeps its step counter on the device so the update can live in a CUDA graph.
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(optimizer_groups(model, cfg), fused=True, capturable=cuda and capturable)
+
+
+LR_OF_GROUP = {
+    "recsys": "lr",
+    "image_net": "lr_image",
+    "text_encoder": "lr_text",
+    "adapter_image": "lr_adapter_image",
+    "adapter_text": "lr_adapter_text",
+}
+
+
+def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
+    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once."""
+    groups = []
+    seen: set[int] = set()
+    for name, params in model.param_groups().items():
+        params = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"name": name, "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if stray:
+        raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
+    return groups
+
+
+def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """How many trainable parameters each learning-rate key (``lr``, ``lr_text``, ...) sets the rate of: the
+    keys a run trains with (results.json's ``parameters.by_rate``; the results table shows no other)."""
+    return {LR_OF_GROUP[group["name"]]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}

@@ -1,0 +1,95 @@
+"""How a run's steps run, decided once for the trainer and the benchmark alike (``plan_step``): precision,
+eager or compiled (one CUDA graph, torch.compile), which item rows a batch encodes (each distinct item,
+each slot that holds one, every slot) and static shapes or not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data.shapes import ShapeBuckets
+from ..devices import amp_dtype
+from ..errors import TrainingError
+from ..model.inputs import EncodedItems
+from ..model.recommender import Recommender
+
+
+def use_compile(cfg: Config, device: torch.device) -> str:
+    """'off', 'cudagraph' or 'inductor'. auto: CUDA graphs for cached IISAN on a GPU, else eager."""
+    if cfg.compile == "auto":
+        graphable = device.type == "cuda" and cfg.cached and cfg.amp != "fp16"
+        return "cudagraph" if graphable else "off"
+    if cfg.compile == "cudagraph" and (device.type != "cuda" or not cfg.cached):
+        raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
+    return cfg.compile
+
+
+def describe_step(step, model: Recommender, encoding: str, buckets: ShapeBuckets | None,
+                  amp: torch.dtype | None) -> dict:
+    """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
+    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
+    stored = model.cache_dtypes()
+    return {"compiled": step.mode, "item_encoding": encoding, "static_shapes": buckets is not None,
+            "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {})}
+
+
+ENCODING_OF = {"on": "items", "slots": "slots", "off": "all"}  # --dedup-items -> ``CollateTrain``'s encoding
+
+
+def item_encoding(cfg: Config, compiled: str, model: Recommender) -> str:
+    """How a step runs the item tower over a batch (``CollateTrain``): 'items', 'slots' or 'all'. auto: all
+    slots for a compiled step (static shapes); each slot that holds an item where training runs dropout
+    inside an encoder, so that each slot gets its own mask, as in the authors' code (the baselines' trained
+    BERT, IISAN's frozen one under ``text_encoder_dropout``); else each distinct item once."""
+    if cfg.dedup_items != "auto":
+        return ENCODING_OF[cfg.dedup_items]
+    if compiled != "off":
+        return "all"
+    return "slots" if encoders_drop_out(model) else "items"
+
+
+def encoders_drop_out(model: Recommender) -> bool:
+    """Whether a training step runs a Dropout of p > 0 inside one of the item tower's encoders."""
+    was = model.training
+    model.train()
+    try:
+        return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for inputs in model.item_encoder.modules()
+                   if isinstance(inputs, EncodedItems) for m in inputs.encoders.modules())
+    finally:
+        model.train(was)
+
+
+def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
+    """Static shapes of a live step (``cfg.static_shapes``: uncached IISAN and the baselines), or None.
+    Cached IISAN takes none: on a GPU its step is already static (every slot, one CUDA graph), and on a
+    CPU padding would only add work. The ID baseline reads no content: its rows cost nothing to pad away."""
+    if not cfg.static_shapes or cfg.method == "id" or cfg.cached:
+        return None
+    return ShapeBuckets(cfg.item_bucket_growth, cfg.title_multiple, model.item_encoder.title_lengths(),
+                        cfg.title_tokens)
+
+
+def batch_layout(cfg: Config, compiled: str, model: Recommender) -> tuple[str, ShapeBuckets | None]:
+    """How a step's batches are made: which items the tower runs on (``item_encoding``), and static shapes
+    or not."""
+    return item_encoding(cfg, compiled, model), shape_buckets(cfg, model)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a run's steps run, decided once for the trainer and the benchmark alike (``plan_step``)."""
+
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+    compiled: str  # 'off', 'cudagraph' or 'inductor' (``use_compile``)
+    encoding: str  # 'items', 'slots' or 'all' (``item_encoding``)
+    buckets: ShapeBuckets | None  # static shapes of live steps (``shape_buckets``)
+
+
+def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: int = 1) -> StepPlan:
+    """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
+    checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
+    compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
+    return StepPlan(amp_dtype(cfg.amp, device), compiled, *batch_layout(cfg, compiled, model))
