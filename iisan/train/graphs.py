@@ -26,8 +26,14 @@ class GraphedStep:
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shapes: tuple | None = None
-        self.mode = "cudagraph"  # 'off (cudagraph capture failed)' once a capture has failed
+        self.capture_failed = False  # then every step runs eagerly
         self.scaler = None  # bf16 or fp32 only: fp16 loss scaling is not graphed
+
+    @property
+    def mode(self) -> str:
+        """How steps run, as results.json records it (``TrainStep.mode``'s values, and what a failed capture
+        left)."""
+        return "off (cudagraph capture failed)" if self.capture_failed else "cudagraph"
 
     # ----------------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
@@ -73,7 +79,7 @@ class GraphedStep:
     def __call__(self, batch) -> torch.Tensor:
         inputs = (batch.seq, batch.items.ids, batch.items.pixels, batch.inverse)
         shapes = tuple(None if x is None else tuple(x.shape) for x in inputs)
-        if self.graph is None and self.mode == "cudagraph":
+        if self.graph is None and not self.capture_failed:
             self.shapes = shapes
             snapshot = self._snapshot()
             try:
@@ -81,7 +87,7 @@ class GraphedStep:
             except Exception as err:  # a model that cannot be captured still trains, eagerly
                 self._restore(snapshot)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.mode = "off (cudagraph capture failed)"
+                self.capture_failed = True
                 self.graph = None
                 log.warning("CUDA graph capture failed (%s: %s); training eagerly", type(err).__name__,
                             str(err).splitlines()[0] if str(err) else "")
