@@ -18,7 +18,7 @@ from ..data.synthetic import generate
 from ..evaluate import popularity_metrics
 from ..files import claim_folder
 from ..model.backbones import read_spec
-from ..model.build import layers_for, load_data
+from ..model.build import layers_for, load_data, model_name
 from ..model.caching import build_cache_from_config
 from ..model.tiny import vocabulary, write_bert, write_decoder, write_vit
 from ..train.trainer import train
@@ -102,7 +102,7 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
 def describe_pair(cfg: Config) -> str:
     parts = []
     for m in ("text", "image"):
-        spec = read_spec(cfg.text_model if m == "text" else cfg.image_model, m)
+        spec = read_spec(model_name(cfg, m), m)
         parts.append(f"{m}: {spec.model_type} {spec.depth} layers x {spec.width}, "
                      f"SAN reads states {list(layers_for(cfg, m, spec.depth))}")
     return "; ".join(parts)

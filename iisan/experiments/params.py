@@ -13,8 +13,17 @@ import torch
 
 from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
-from ..model.backbones import FrozenEncoder, architecture, depth_and_width, resolve_pooling
-from ..model.build import build_model, count_parameters, layers_for, load_data, modalities, model_name, parameter_line
+from ..model.backbones import FrozenEncoder, architecture, depth_and_width
+from ..model.build import (
+    build_model,
+    count_parameters,
+    layers_for,
+    load_data,
+    modalities,
+    model_name,
+    parameter_line,
+    pooling_for,
+)
 from ..model.tiny import base_architectures
 
 RANDOM_BACKBONES = ("base",)
@@ -35,7 +44,7 @@ def random_encoders(cfg: Config, size: str | None = None) -> dict[str, FrozenEnc
     encoders = {}
     for m in towers:
         depth, _ = depth_and_width(models[m].config)
-        pooling = resolve_pooling(cfg.text_pooling, models[m].config.model_type) if m == "text" else "cls"
+        pooling = pooling_for(cfg, m, models[m].config.model_type)
         encoders[m] = FrozenEncoder(models[m], m, layers_for(cfg, m, depth), pooling)
     return encoders
 

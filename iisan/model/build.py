@@ -97,6 +97,12 @@ def model_name(cfg: Config, modality: str) -> str:
     return cfg.text_model if modality == "text" else cfg.image_model
 
 
+def pooling_for(cfg: Config, modality: str, model_type: str) -> str:
+    """How a tower's states are pooled per layer: ``text_pooling`` resolved for the text tower's family;
+    the image tower's first (CLS) token."""
+    return resolve_pooling(cfg.text_pooling, model_type) if modality == "text" else "cls"
+
+
 # --------------------------------------------------------------------------------------------------
 # feeds
 
@@ -166,7 +172,7 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
             spec = read_spec(name, m, cfg.allow_download)
             expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
                             encoder_config=encoder_config_hash(folder), encoder=name,
-                            pooling=resolve_pooling(cfg.text_pooling, spec.model_type) if m == "text" else "cls")
+                            pooling=pooling_for(cfg, m, spec.model_type))
             if meta.get("source") != "imported":  # an import records no weights to compare (cache_import)
                 expected["encoder_weights"] = weights_digest(folder, weights_record(meta))["digest"]
         else:  # the encoder is not on this machine: the cache's own record stands for it
