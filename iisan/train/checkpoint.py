@@ -161,9 +161,11 @@ def verify(path: Path) -> str | None:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     the saved config lacks was added by a later version of this library; the version that wrote the
-    checkpoint behaved as the field's default does (or as ``BEFORE_THE_FIELD`` says), which stands in for it."""
-    defaults = {**Config().to_dict(), **BEFORE_THE_FIELD}
-    keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
+    checkpoint behaved as the field's default does, which stands in for it. A ``BEFORE_THE_FIELD`` field
+    it lacks is not compared: the setting it stands for (``layer_rule``) picks the same layers either way
+    for the towers runs used (12 and 24 layers), and a cached run's layers are checked against its cache."""
+    defaults = Config().to_dict()
+    keys = sorted((set(saved) | set(current)) - MAY_CHANGE - (set(BEFORE_THE_FIELD) - set(saved)))
     old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
     return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]
 
