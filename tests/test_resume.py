@@ -580,3 +580,29 @@ def test_a_manifest_of_the_wrong_shape_is_refused_for_the_previous_checkpoint(re
 def test_a_run_folder_whose_config_is_nested_too_deep_is_not_a_run_folder(tmp_path):
     (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
     assert not runfolder.is_run_folder(tmp_path)
+
+
+def test_a_users_file_edited_in_place_is_neither_finished_before_nor_resumed(base, tmp_path, caplog):
+    """A run folder records the fingerprints of the users and items files it read: after the users file
+    is edited in place, a rerun is refused in one line naming the file (it returned the old numbers as
+    "finished before"; with more epochs it resumed on the new users), and using the run warns."""
+    import re
+
+    from iisan.errors import ConfigError
+    from iisan.experiments.trained import load_run
+    from iisan.files import file_fingerprint
+
+    users = tmp_path / "users.tsv"
+    shutil.copy(base.users, users)
+    cfg = base.replace(users=str(users), run_name="edited", epochs=1)
+    first = train(cfg)
+    assert first["users_fingerprint"] == file_fingerprint(users) and first["items_fingerprint"]
+    lines = users.read_text().splitlines(keepends=True)
+    users.write_text("".join(lines[: len(lines) // 2]))
+    for again in (cfg, cfg.replace(epochs=2)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(users))} has changed since .*edited read it \(users "
+                                              rf"file fingerprint {first['users_fingerprint']} then, "):
+            train(again)
+    with caplog.at_level("WARNING"):
+        load_run(first["run_dir"], device="cpu")
+    assert f"{users} has changed since" in caplog.text and "use the users in it now" in caplog.text

@@ -31,7 +31,7 @@ from ..data.interactions import SeqRecData
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, OutputError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
-from ..files import claim_output, refuse_inside_inputs, save_safetensors_atomic
+from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_safetensors_atomic
 from ..model.build import build_model, load_data
 from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
@@ -140,6 +140,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise DataError(f"{cfg.items} has changed since {run_dir} was trained (items fingerprint {trained_on} "
                         f"then, {data.catalog.fingerprint} now): the run's item rows would not match it; "
                         "restore the file or train again")
+    if (users_then := results.get("users_fingerprint")) and users_then != (users_now := file_fingerprint(cfg.users)):
+        log.warning("%s has changed since %s was trained (users fingerprint %s then, %s now): evaluation and "
+                    "recommendations use the users in it now", cfg.users, run_dir, users_then, users_now)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
     best_epoch = int(load_weights(model, weights).get("epoch", -1))

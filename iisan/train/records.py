@@ -52,6 +52,7 @@ class RunRecord:
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.parameters, self.step = (0, 0, {}), {}  # trainable, total, by rate: set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
+        self.users_fingerprint = ""  # and another users file (``runfolder.refuse_changed_data``)
         self.handler: logging.Handler | None = None
         self.metrics = None
         self.writer = None
@@ -151,6 +152,7 @@ class RunRecord:
             "git_commit": self.commit,
             "config": cfg.to_dict(),
             "items_fingerprint": self.items_fingerprint,
+            "users_fingerprint": self.users_fingerprint,
             "run_dir": str(self.run_dir),
             "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import Config
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, error_line
-from ..files import TEMPORARY, failure_reason, remove, write_failure
+from ..files import TEMPORARY, failure_reason, file_fingerprint, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences
@@ -70,12 +70,32 @@ def run_dir(cfg: Config) -> Path:
 
 def reusable_results(cfg: Config) -> dict | None:
     """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
-    sweep returns instead of training again."""
+    sweep returns instead of training again. A run folder whose run read another content of the users or
+    items file is refused first (``refuse_changed_data``), whatever its status."""
+    earlier, _ = results_or_reason(run_dir(cfg) / RESULTS)
+    refuse_changed_data(cfg, earlier, run_dir(cfg))
     done = finished_results(cfg)
     if done is not None:
         log.info("%s finished before with this config; not training it again", done["run_dir"])
         log_summary(done, run_dir(cfg) / RESULTS)
     return done
+
+
+FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
+
+
+def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
+    """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
+    ``folder`` recorded its fingerprint: that run's results, best weights and checkpoints are of the old
+    content, so it is neither returned as finished nor resumed on the new one."""
+    for key, field in FINGERPRINTED.items():
+        recorded, path = results.get(field), getattr(cfg, key)
+        if not (isinstance(recorded, str) and recorded and path and Path(path).is_file()):
+            continue  # runs before the field was recorded; a missing file is reported where it is read
+        if (now := file_fingerprint(path)) != recorded:
+            raise ConfigError(f"{path} has changed since {folder} read it ({key} file fingerprint {recorded} then, "
+                              f"{now} now): the run's results, weights and checkpoints are of the old file; use "
+                              "another --run-name to train on this one, or restore the file")
 
 
 def log_summary(results: dict, path: Path) -> None:

@@ -28,7 +28,7 @@ from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
 from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
-from ..files import write_json_atomic
+from ..files import file_fingerprint, write_json_atomic
 from ..model.build import build_model, check_run_inputs, count_parameters, load_data, run_parameter_line
 from . import checkpoint, runfolder, runstate
 from .interrupt import StopRequests
@@ -87,6 +87,7 @@ class Run:
         self.record.start_log()
         data = self.data = load_data(cfg)
         self.record.items_fingerprint = data.catalog.fingerprint
+        self.record.users_fingerprint = file_fingerprint(cfg.users)
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
         log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
