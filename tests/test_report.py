@@ -114,6 +114,20 @@ def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_pa
     assert sorted(r[header.index("lr_adapter_text")] for r in rows) == ["-", "0.0001", "0.0004"]
 
 
+def test_runs_on_caches_of_two_precisions_are_two_experiments(runs, tmp_path, capsys):
+    """cache_dtype auto shows what it came to (results.json's step.cache_dtypes): a float16-cache run and a
+    float32 one differ in that column and are not averaged as one configuration's seeds."""
+    out, _ = runs
+    first = out / "lr0.0002-s1"
+    copy_run(first, tmp_path / "runs" / "fp32", lambda r: None)
+    copy_run(first, tmp_path / "runs" / "fp16", lambda r: r["step"].update(cache_dtypes={"text": "float16",
+                                                                                          "image": "float16"}))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert sorted((r[header.index("cache_dtype")], r[header.index("seeds")]) for r in rows) == [
+        ("float16", "1"), ("float32", "1")]
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 
@@ -192,6 +206,7 @@ MISSING = object()  # a field left out of the file
     (("parameters", "trainable"), None, "parameters.trainable is null, expected an integer"),
     (("parameters", "by_rate"), ["lr"], "parameters.by_rate is a list, expected an object or null"),
     (("parameters", "by_rate", "lr"), 1.5, "parameters.by_rate.lr is 1.5, expected an integer"),
+    (("step", "cache_dtypes"), "float16", 'step.cache_dtypes is "float16", expected an object or null'),
     (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
     (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
     (("method",), True, "method is true, expected a string"),

@@ -606,3 +606,22 @@ def test_a_users_file_edited_in_place_is_neither_finished_before_nor_resumed(bas
     with caplog.at_level("WARNING"):
         load_run(first["run_dir"], device="cpu")
     assert f"{users} has changed since" in caplog.text and "use the users in it now" in caplog.text
+
+
+def test_a_cache_of_another_content_is_not_the_run_s_cache(base, tmp_path):
+    """--cache-dir may change between attempts of a run (a moved cache), its content may not: a finished
+    run rerun on a float16 cache of the same encoders is refused, naming what differs, not answered with
+    the float32 run's numbers; results.json records what identifies the cache it read."""
+    import re
+
+    from iisan.errors import ConfigError
+
+    cfg = base.replace(run_name="cache-content", epochs=1)
+    first = train(cfg)
+    assert first["cache"]["text"]["dtype"] == "float32" and first["cache"]["image"]["layers"] == "[0, 1, 2, 3]"
+    half = base.replace(cache_dir=str(tmp_path / "cache16"))
+    build_cache_from_config(half, dtype="float16")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'cache16' / 'text.safetensors'))} is not "
+                                          r"the cache .*cache-content trained on \(dtype float32 then, float16 now\)"):
+        train(cfg.replace(cache_dir=half.cache_dir))
+    assert train(cfg)["status"] == "finished"  # its own cache: finished before

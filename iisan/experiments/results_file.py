@@ -80,6 +80,9 @@ def check_results(results) -> None:
     if "status" in results:  # a file without one was written only at the end: finished
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
+    step = _field(results, "step", "object", optional=True) or {}
+    for key in _field(step, "cache_dtypes", "object", "step.", optional=True) or {}:
+        _field(step["cache_dtypes"], key, "string", "step.cache_dtypes.")
     parameters = _field(results, "parameters", "object")
     _field(parameters, "trainable", "integer", "parameters.")
     for key in _field(parameters, "by_rate", "object", "parameters.", optional=True) or {}:  # files since 2026-12

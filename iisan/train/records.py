@@ -53,6 +53,7 @@ class RunRecord:
         self.parameters, self.step = (0, 0, {}), {}  # trainable, total, by rate: set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``runfolder.refuse_changed_data``)
+        self.cache: dict = {}  # what identifies the cache a cached run reads (``runfolder.cache_record``)
         self.handler: logging.Handler | None = None
         self.metrics = None
         self.writer = None
@@ -153,6 +154,7 @@ class RunRecord:
             "config": cfg.to_dict(),
             "items_fingerprint": self.items_fingerprint,
             "users_fingerprint": self.users_fingerprint,
+            "cache": self.cache,
             "run_dir": str(self.run_dir),
             "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }

@@ -22,10 +22,12 @@ import re
 from pathlib import Path
 
 from ..config import Config
+from ..data.cache import cache_file, read_metadata
 from ..distributed import launched_processes
-from ..errors import ConfigError, OutputError, error_line
+from ..errors import CacheError, ConfigError, OutputError, error_line
 from ..files import TEMPORARY, failure_reason, file_fingerprint, remove, write_failure
 from ..locks import OutputLock, is_lock_file
+from ..model.build import modalities
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences
 
@@ -84,10 +86,41 @@ def reusable_results(cfg: Config) -> dict | None:
 FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
 
 
+# What names a cache's content in results.json's ``cache`` (its metadata less the item order).
+CACHE_RECORD = ("encoder", "encoder_weights", "layers", "width", "pooling", "dtype", "title_tokens",
+                "items_fingerprint", "source")
+
+
+def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
+    """Per modality, what identifies the cache a cached run reads; {} for a live run, or for a cache that
+    cannot be read here (the run reports that where it loads it)."""
+    if not cfg.cached or not cfg.cache_dir:
+        return {}
+    record = {}
+    for m in modalities(cfg):
+        try:
+            meta = read_metadata(cache_file(cfg.cache_dir, m))
+        except CacheError:
+            return {}
+        record[m] = {k: meta[k] for k in CACHE_RECORD if k in meta}
+    return record
+
+
 def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
-    ``folder`` recorded its fingerprint: that run's results, best weights and checkpoints are of the old
-    content, so it is neither returned as finished nor resumed on the new one."""
+    ``folder`` recorded its fingerprint, or the cache it reads is not the one it trained on (another
+    precision, encoder, layers; ``--cache-dir`` may change between attempts, the cache's content may not):
+    that run's results, best weights and checkpoints are of the old inputs, so it is neither returned as
+    finished nor resumed on the new ones."""
+    recorded = results.get("cache")
+    now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
+    for m, then in now.items():
+        before = recorded.get(m)
+        if isinstance(before, dict) and before != then:
+            changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD
+                       if before.get(k) != then.get(k)]
+            raise ConfigError(f"{cache_file(cfg.cache_dir, m)} is not the cache {folder} trained on "
+                              f"({'; '.join(changes)}); use another --run-name to train on it")
     for key, field in FINGERPRINTED.items():
         recorded, path = results.get(field), getattr(cfg, key)
         if not (isinstance(recorded, str) and recorded and path and Path(path).is_file()):

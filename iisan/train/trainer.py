@@ -37,7 +37,7 @@ from .optim import make_optimizer, trained_by_rate
 from .plan import describe_step, plan_step
 from .progress import EarlyStopping, Progress
 from .records import RunRecord, epoch_line
-from .runfolder import CHECKPOINTS, RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
+from .runfolder import CHECKPOINTS, RESULTS, cache_record, log_summary, refuse_to_overwrite, reusable_results, run_dir
 from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
@@ -87,7 +87,7 @@ class Run:
         self.record.start_log()
         data = self.data = load_data(cfg)
         self.record.items_fingerprint = data.catalog.fingerprint
-        self.record.users_fingerprint = file_fingerprint(cfg.users)
+        self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         self.model, self.pixels = build_model(cfg, self.data, device)
         log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
