@@ -84,6 +84,29 @@ def test_rerunning_a_sweep_resumes_its_folders_then_skips_them(sweep, argv, tmp_
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished before"]
 
 
+def test_a_sweep_extended_along_one_axis_finds_the_points_it_has(sweep, argv, tmp_path, capsys):
+    """Folder names carry only the values a sweep varies, so the same point gets another name in a sweep
+    that varies other keys; it is found by its config's hash and not trained again: a wider grid, one point
+    alone (``iisan train``'s default name too), and a 4-process run of the point is another run."""
+    from iisan.train.runfolder import default_run_name, known_run_name, run_dir
+
+    run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
+    names = folders(tmp_path / "runs")
+    capsys.readouterr()
+    run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "--seed", "12345", "7"))
+    rows = summary_rows(capsys.readouterr().out)
+    assert [r[2] for r in rows] == ["finished before", "finished"]  # seed 12345 is the lr sweep's seed
+    assert [n for n in folders(tmp_path / "runs") if n not in names] == [rows[1][1]]
+    run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "2e-3"))
+    assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before"]
+    assert len(folders(tmp_path / "runs")) == 3
+    (point,), _ = parse_script_args(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "2e-3"))
+    lr = next(n for n in names if "lr0.002" in n)
+    assert point.config.run_name == lr and run_dir(point.config.replace(run_name="")).name == lr  # iisan train
+    other = point.config.replace(run_name="", lr=3e-3)
+    assert known_run_name(other, "lr0.003") == default_run_name(other, "lr0.003")  # no such run: its own name
+
+
 def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog):
     flags = ("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3", "--seed", "1", "2")
     assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid")) == []

@@ -29,7 +29,7 @@ from ..console import entry_point, setup_logging
 from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, UserError
 from ..flags import FlagParser, add_config_arguments, args_layers
-from ..train.runfolder import default_run_name, path_component, reusable_results
+from ..train.runfolder import known_run_name, path_component, reusable_results
 from ..train.trainer import train
 from .presets import BACKBONES, DATASETS, dataset_paths
 
@@ -108,7 +108,7 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
         name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
-            default_run_name(cfg, varying)
+            known_run_name(cfg, varying)
         points.append(GridPoint(index, values, cfg.replace(run_name=name)))
     return points, args
 

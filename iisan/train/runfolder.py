@@ -66,8 +66,27 @@ def default_run_name(cfg: Config, tag: str = "") -> str:
     return "-".join(p for p in parts if p)
 
 
+def known_run_name(cfg: Config, tag: str = "") -> str:
+    """``default_run_name``, or the one folder under ``out_dir`` where an earlier sweep put the same
+    computation under other varying values (the hash names what a run computes; the tag only what that
+    sweep varied): a sweep extended along one axis, or a point rerun alone, finds its finished and
+    interrupted runs instead of training them again in a new folder."""
+    name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
+    if os.path.lexists(out / name) or not out.is_dir():
+        return name
+    processes = launched_processes()
+    head = "-".join(p for p in (cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else "") if p) + "-"
+    tail = "-" + "-".join(p for p in (f"{processes}proc" if processes > 1 else "", config_hash(cfg)) if p)
+    found = [folder.name for folder in out.iterdir() if folder.name.startswith(head) and folder.name.endswith(tail)
+             and not re.search(r"(^|-)\d+proc$", folder.name[len(head):-len(tail)]) and folder.is_dir()]
+    if len(found) != 1:
+        return name
+    log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
+    return found[0]
+
+
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / (cfg.run_name or default_run_name(cfg))
+    return Path(cfg.out_dir) / (cfg.run_name or known_run_name(cfg))
 
 
 def reusable_results(cfg: Config) -> dict | None:
