@@ -41,6 +41,10 @@ class TrainingError(UserError, RuntimeError):
     """A run that cannot go on (non-finite loss, out of memory, a refused checkpoint)."""
 
 
+class RunInUse(TrainingError):
+    """A run folder another process is training in (its lock names it): a sweep skips that point."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used; names the file."""
 
@@ -77,3 +81,7 @@ def error_line(err: BaseException) -> str:
     """``Type: first line of the message``: an error that is not a ``UserError``, named in one line."""
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
     return f"{type(err).__name__}: {message}"
+
+
+class InUse(OutputError):
+    """An output another process holds the lock of (named by its pid and host): wait for it."""

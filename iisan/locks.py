@@ -12,7 +12,7 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import InUse, OutputError
 from .files import write_failure
 
 LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
@@ -72,7 +72,7 @@ class OutputLock:
                 handle.seek(0)
                 holder = (lock_text(handle.read(LOCK_READ + 1)) or "").strip() or "another process"
                 handle.close()
-                raise OutputError(f"{self.what} is in use by {holder}; {self.hint}") from None
+                raise InUse(f"{self.what} is in use by {holder}; {self.hint}") from None
             try:
                 current = os.stat(self.path)
             except FileNotFoundError:

@@ -204,3 +204,38 @@ def test_under_torchrun_only_rank_0_prints_the_grid_summary(rank, printed, monke
     with pytest.raises(GridError, match="1 of 1 grid point"):
         run_grid([bad], argparse.Namespace(grid_index=None))
     assert ("grid summary: 1 point(s): 1 failed" in capsys.readouterr().out) is printed
+
+
+def test_a_point_another_process_is_training_is_skipped_not_failed(sweep, argv, tmp_path, capsys, caplog):
+    """Two copies of one sweep share its points: a point whose folder another process holds is "in use"
+    in the summary (with who holds it), the others run, and the grid does not fail for it."""
+    import os
+
+    from iisan.train.runfolder import lock_run_folder
+
+    flags = argv("--epochs", "1", "--lr", "1e-3", "2e-3")
+    points, _ = parse_script_args(DEFAULTS, sweep, flags)
+    held = lock_run_folder(Path(points[1].config.out_dir) / points[1].name)
+    try:
+        with caplog.at_level("INFO"):
+            results = run_script(DEFAULTS, sweep, flags)
+    finally:
+        held.close()
+    rows = summary_rows(capsys.readouterr().out)
+    assert rows[0][2] == "finished" and results[1] is None
+    assert rows[1][2].startswith(f"in use: run folder {tmp_path / 'runs' / points[1].name} is in use by pid "
+                                 f"{os.getpid()} on ")
+    assert "1 point(s) were being trained by another process: run this command again" in caplog.text
+
+
+def test_a_second_ctrl_c_leaves_the_point_interrupted_in_the_summary(sweep, argv, monkeypatch, capsys):
+    import iisan.experiments.sweep as module
+
+    def second_ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run_point", second_ctrl_c)
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
+    assert info.value.code == 130
+    assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["interrupted", "not run"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
 from ..distributed import main_process
-from ..errors import ConfigError, GridError, RunInterrupted, UserError
+from ..errors import ConfigError, GridError, RunInterrupted, RunInUse, UserError
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..train.runfolder import known_run_name, path_component, reusable_results
 from ..train.trainer import train
@@ -53,7 +53,7 @@ class GridPoint:
 @dataclass
 class Outcome:
     point: GridPoint
-    status: str  # finished | finished before | failed | interrupted | not run
+    status: str  # finished | finished before | in use (by another process) | failed | interrupted | not run
     result: object = None
     reason: str = ""
 
@@ -135,6 +135,10 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
         return Outcome(point, "finished", action(point.config, args))
     except RunInterrupted:
         raise
+    except RunInUse as err:  # another process (a second copy of this sweep) is training it: not a failure
+        reason = " ".join(str(err).split())
+        log.warning("grid point %d (%s) skipped: %s", point.index, point.name, reason)
+        return Outcome(point, "in use", reason=reason)
     except UserError as err:
         reason = " ".join(str(err).split())
         log.error("grid point %d (%s) failed: %s", point.index, point.name, reason)
@@ -191,9 +195,15 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
                 raise RunInterrupted(f"grid point {point.index}: {err.what}", "To resume, run the same command "
                                      "again: finished points are skipped, this one goes on from its checkpoint"
                                      ) from None
+            except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
+                outcomes[n] = Outcome(point, "interrupted")
+                raise
     finally:
         if main_process():  # under torchrun every rank runs the grid; one table is enough
             print(summary(outcomes), end="")
+    if busy := sum(o.status == "in use" for o in outcomes):
+        log.info("%d point(s) were being trained by another process: run this command again once it has "
+                 "finished to collect their results", busy)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:  # one failure: its reason here too (a single run's user sees no other line); several: the table
         raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: " + "; ".join(

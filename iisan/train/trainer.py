@@ -26,7 +26,7 @@ from ..console import progress_bar
 from ..data.batches import steps_per_epoch, train_loader
 from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
-from ..errors import ConfigError, RunInterrupted, TrainingError, UserError
+from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import file_fingerprint, write_json_atomic
 from ..model.build import build_model, check_run_inputs, count_parameters, load_data, run_parameter_line
@@ -140,7 +140,9 @@ class Run:
     def lock_folder(self) -> str:
         try:
             self.lock = runfolder.lock_run_folder(self.run_dir)
-        except UserError as err:  # in use, not a run folder, or not writable
+        except InUse as err:
+            raise RunInUse(str(err)) from None
+        except UserError as err:  # not a run folder, or not writable
             raise TrainingError(str(err)) from None
         return ""
 
