@@ -39,6 +39,32 @@ def is_lock_file(path: str | Path) -> bool:
         return lock_text(fh.read(LOCK_READ + 1)) is not None
 
 
+def held(path: str | Path) -> bool | None:
+    """Whether a live process holds the lock file at ``path`` (False when there is none); None where that
+    cannot be told from here: no POSIX locks, or a holder on another host (locks need not reach across a
+    network file system)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fh = open(path, "rb")  # never creates one
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    with fh:
+        text = lock_text(fh.read(LOCK_READ + 1)) or ""
+        if " on " in text and text.split(" on ", 1)[1].strip() != socket.gethostname():
+            return None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
 class OutputLock:
     """An exclusive lock on the file ``path`` (beside or inside the output it guards), taken with
     ``acquire`` and given back with ``release`` (or as a context manager).

@@ -136,17 +136,28 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
     shutil.copytree(out, tmp_path / "runs")
     first = tmp_path / "runs" / "lr0.0002-s1"
     copy_run(first, tmp_path / "runs" / "smoke", lambda r: r["config"].update(smoke=True, epochs=2))
+    import socket
+
+    from iisan.train.runfolder import lock_run_folder
+
     copy_run(first, tmp_path / "runs" / "going", lambda r: r.update(status="running"))
+    copy_run(first, tmp_path / "runs" / "killed", lambda r: r.update(status="running"))  # SIGKILL: no holder
+    (tmp_path / "runs" / "killed" / ".lock").write_text(f"pid 1 on {socket.gethostname()}\n")
     copy_run(first, tmp_path / "runs" / "broke", lambda r: r.update(status="failed", error="non-finite loss"))
-    main(["results", str(tmp_path / "runs"), "--keys", "seed"])
-    names = [r[0] for r in table_rows(capsys.readouterr().out)[1:]]
-    assert names == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
-    assert "left out 1 smoke run(s) (--include-smoke) and 2 unfinished run(s) (--include-running)" in caplog.text
-    main(["results", str(tmp_path / "runs"), "--include-smoke", "--include-running"])
+    holder = lock_run_folder(tmp_path / "runs" / "going")  # a live run holds its folder
+    try:
+        main(["results", str(tmp_path / "runs"), "--keys", "seed"])
+        names = [r[0] for r in table_rows(capsys.readouterr().out)[1:]]
+        assert names == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
+        assert "left out 1 smoke run(s) (--include-smoke) and 3 unfinished run(s) (--include-running)" in caplog.text
+        main(["results", str(tmp_path / "runs"), "--include-smoke", "--include-running"])
+    finally:
+        holder.close()
     header, *rows = table_rows(capsys.readouterr().out)
     assert header[:6] == ["run", "method", "feed", "data", "status", "lr"] and "smoke" in header
-    assert {r[0]: r[4] for r in rows} == {"broke": "failed", "going": "running", "lr0.0002-s1": "finished",
-                                          "lr0.0002-s2": "finished", "lr0.001-s1": "finished", "smoke": "finished"}
+    assert {r[0]: r[4] for r in rows} == {"broke": "failed", "going": "running", "killed": "stopped",
+                                          "lr0.0002-s1": "finished", "lr0.0002-s2": "finished",
+                                          "lr0.001-s1": "finished", "smoke": "finished"}
 
 
 def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, capsys, caplog):
@@ -252,7 +263,13 @@ def test_a_run_that_has_not_finished_an_epoch_is_not_damaged(runs, tmp_path, cap
     copy_run(out / "lr0.001-s1", tmp_path / "starting", lambda r: r.update(
         status="running", valid={}, test={}, epochs=[], best_epoch=-1, peak_memory={"peak_rss_gib": None},
         timing={"train_seconds_per_epoch": None, "first_epoch_train_seconds": None, "eval_seconds_per_epoch": None}))
-    main(["results", str(tmp_path), "--include-running"])
+    from iisan.train.runfolder import lock_run_folder
+
+    holder = lock_run_folder(tmp_path / "starting")
+    try:
+        main(["results", str(tmp_path), "--include-running"])
+    finally:
+        holder.close()
     header, row = table_rows(capsys.readouterr().out)
     assert row[0] == "starting" and row[header.index("status")] == "running"
     assert row[header.index("epochs_run")] == "0" and row[header.index("test_hit@10")] == "-"

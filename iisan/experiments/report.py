@@ -18,13 +18,13 @@ orders by another column), and ``--average-seeds`` averages only runs that agree
 seed once: the same seed run twice (a copy, a rerun under another name) counts once, the others named in
 the log (``one_per_seed``).
 
-Smoke runs and runs that have not finished (running, failed, interrupted) are left out, counted in the
-log, unless asked for (``--include-smoke``, ``--include-running``). A metric that is NaN or infinite is
-marked ``non-finite`` (a mean over seeds that includes one is non-finite too, never silently dropped).
-A results file that cannot be read, or whose fields are missing or of the wrong type
-(``results_file.check_results``), is skipped, counted and named in the log with the field at fault,
-never a crash. A run given several ways (its folder, a folder above it, its results.json) counts once.
-"""
+Smoke runs and runs that have not finished (running, stopped: said running but held by no process,
+failed, interrupted) are left out, counted in the log, unless asked for (``--include-smoke``,
+``--include-running``). A metric that is NaN or infinite is marked ``non-finite`` (a mean over seeds
+that includes one is non-finite too, never silently dropped). A results file that cannot be read, or
+whose fields are missing or of the wrong type (``results_file.check_results``), is skipped, counted and
+named in the log with the field at fault, never a crash. A run given several ways (its folder, a folder
+above it, its results.json) counts once. """
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ from ..config import Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
+from ..locks import held
 from ..train.checkpoint import MAY_CHANGE
+from ..train.runfolder import LOCK
 from .results_file import METRICS, DamagedResults, find_results, load_results
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,13 @@ def _written(path: Path) -> float | None:
         return None
 
 
+def status(path: Path, results: dict) -> str:
+    """How the run ended, as its results file says (a file without a status was written only at the end);
+    ``stopped`` for one that says ``running`` whose folder no process holds (killed: SIGKILL, a lost node)."""
+    said = results.get("status", "finished")
+    return "stopped" if said == "running" and held(path.parent / LOCK) is False else said
+
+
 def read_row(path: Path, results: dict) -> dict:
     """One row: the run, its status, every config key (as text; a key the file predates at its
     default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
@@ -126,7 +135,7 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": results["feed"],
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
-        "status": results.get("status", "finished"),  # a file without a status was written only at the end
+        "status": status(path, results),
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "processes": results.get("world_size", 1),
         "best_epoch": results["best_epoch"],
