@@ -173,6 +173,9 @@ def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(swee
 def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, argv, capsys):
     points, _ = parse_script_args(DEFAULTS, sweep, argv("--lr", "1e-3", "1e-3", "2e-3"))
     assert [p.values["lr"] for p in points] == [1e-3, 2e-3]
+    points, _ = parse_script_args(DEFAULTS, sweep, argv("--lr", "1e-3", "0.001", "2e-3", "--seed", "1", "2"))
+    assert [(p.index, p.values["lr"], p.values["seed"]) for p in points] == [  # one value written two ways
+        (0, 1e-3, 1), (1, 1e-3, 2), (2, 2e-3, 1), (3, 2e-3, 2)]
     with pytest.raises(SystemExit):
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "abc"))
     assert capsys.readouterr().err.strip().endswith("error: 1 of 1 grid point(s) failed: 0 (lr='abc': expected a "

@@ -97,14 +97,18 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
             from_flags.add(key)
         else:
             swept[key] = [file_values[key]] if key in file_values else list(values)
-    points = []
-    for index, values in enumerate(grid(swept)):
+    points, seen = [], set()
+    for values in grid(swept):
         try:
             cfg = resolve({**base, **values}, file_values, {**flags, **{k: values[k] for k in from_flags}})
         except ConfigError as err:
-            points.append(GridPoint(index, values, None, str(err)))
+            points.append(GridPoint(len(points), values, None, str(err)))
             continue
         values = {k: getattr(cfg, k) for k in values}  # as resolved: 0.001, whether typed 1e-3 or 0.001
+        if (key := repr(sorted(values.items()))) in seen:  # --lr 1e-3 0.001: one point
+            continue
+        seen.add(key)
+        index = len(points)
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
         name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
