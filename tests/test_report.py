@@ -108,6 +108,12 @@ def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_pa
     header, *rows = table_rows(capsys.readouterr().out)
     cells = {r[header.index("method")]: (r[header.index("lr_adapter_text")], r[header.index("lr_text")]) for r in rows}
     assert cells == {"FFT": ("-", "5e-05"), "IISAN": ("0.0001", "5e-05")}
+    copy_run(first, tmp_path / "runs" / "id", lambda r: (r.update(method="SASRec-ID", feed="live"),
+                                                          r["config"].update(method="id")))
+    main(["results", str(tmp_path / "runs")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert {r[header.index("method")]: r[header.index("feed")] for r in rows}["SASRec-ID"] == "-"  # no encoder
+    (tmp_path / "runs" / "id" / "results.json").unlink()
     copy_run(first, tmp_path / "runs" / "adapter", lambda r: r["config"].update(lr_adapter_text=4e-4))
     main(["results", str(tmp_path / "runs")])
     header, *rows = table_rows(capsys.readouterr().out)
@@ -273,6 +279,7 @@ def test_a_run_that_has_not_finished_an_epoch_is_not_damaged(runs, tmp_path, cap
     header, row = table_rows(capsys.readouterr().out)
     assert row[0] == "starting" and row[header.index("status")] == "running"
     assert row[header.index("epochs_run")] == "0" and row[header.index("test_hit@10")] == "-"
+    assert row[header.index("best_epoch")] == "-"  # -1 in the file: no epoch has ended
     assert "skipped" not in caplog.text
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..bounds import LEARNING_RATES
-from ..config import Config
+from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
@@ -133,12 +133,12 @@ def read_row(path: Path, results: dict) -> dict:
     row = {
         "run": path.parent.name,
         "method": results["method"],
-        "feed": results["feed"],
+        "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
         "status": status(path, results),
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "processes": results.get("world_size", 1),
-        "best_epoch": results["best_epoch"],
+        "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet
         "epochs_run": len(results["epochs"]),
         "valid_hit@10": valid.get("hit@10"),
         **{f"test_{m}": test.get(m) for m in METRICS},
