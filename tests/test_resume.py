@@ -625,3 +625,19 @@ def test_a_cache_of_another_content_is_not_the_run_s_cache(base, tmp_path):
                                           r"the cache .*cache-content trained on \(dtype float32 then, float16 now\)"):
         train(cfg.replace(cache_dir=half.cache_dir))
     assert train(cfg)["status"] == "finished"  # its own cache: finished before
+
+
+def test_a_run_resumed_under_another_commit_lists_both(base, monkeypatch, caplog):
+    """results.json's git_commits: the commit of every attempt that trained the run, the later one with a
+    warning when it differs (git_commit alone named only the last)."""
+    import iisan.train.records as records
+
+    cfg = base.replace(run_name="two-commits", epochs=1)
+    monkeypatch.setattr(records, "git_commit", lambda: "aaaa111")
+    assert train(cfg)["git_commits"] == ["aaaa111"]
+    monkeypatch.setattr(records, "git_commit", lambda: "bbbb222")
+    with caplog.at_level("WARNING"):
+        longer = train(cfg.replace(epochs=2))
+    assert longer["git_commits"] == ["aaaa111", "bbbb222"] and longer["git_commit"] == "bbbb222"
+    assert "was trained so far at commit aaaa111 and goes on at bbbb222" in caplog.text
+    assert train(cfg.replace(epochs=3))["git_commits"] == ["aaaa111", "bbbb222"]  # the same commit again: once

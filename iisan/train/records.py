@@ -50,6 +50,7 @@ class RunRecord:
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, world_size: int = 1, main: bool = True):
         self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
+        self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.parameters, self.step = (0, 0, {}), {}  # trainable, total, by rate: set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``runfolder.refuse_changed_data``)
@@ -110,6 +111,15 @@ class RunRecord:
         if self.cfg.report_to == "tensorboard":
             self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
 
+    def resumed_under(self, earlier) -> None:
+        """The commits of the attempts before this one (a checkpoint's ``git_commits``); a resume under
+        another commit than the last is a warning, and results.json lists every commit."""
+        earlier = [c for c in earlier if isinstance(c, str)] if isinstance(earlier, list) else []
+        if earlier and earlier[-1] != self.commit:
+            log.warning("%s was trained so far at commit %s and goes on at %s (results.json's git_commits lists "
+                        "both)", self.run_dir, earlier[-1], self.commit)
+        self.commits = earlier + [self.commit] if not earlier or earlier[-1] != self.commit else earlier
+
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(record) + "\n" for record in self.metrics))
@@ -151,6 +161,7 @@ class RunRecord:
             "resumed_from": progress.resumed_from,
             "versions": self.versions,
             "git_commit": self.commit,
+            "git_commits": self.commits,
             "config": cfg.to_dict(),
             "items_fingerprint": self.items_fingerprint,
             "users_fingerprint": self.users_fingerprint,

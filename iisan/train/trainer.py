@@ -170,6 +170,7 @@ class Run:
                         "not match an uninterrupted run bit for bit", found.path, state["world_size"],
                         state["device"], self.dist.world_size)
         self.progress.load(state, found.path, self.cfg.epochs, state["world_size"] != self.dist.world_size)
+        self.record.resumed_under(state.get("git_commits"))
         self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
             else None
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch, self.progress.start_step)
@@ -194,7 +195,7 @@ class Run:
                 "rng": rng, "optimizer": optimizer,
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
                 "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
-                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": self.record.commits,
             }
             try:
                 checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
