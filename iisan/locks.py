@@ -44,7 +44,7 @@ def held(path: str | Path) -> bool | None:
     cannot be told from here: no POSIX locks, or a holder on another host (locks need not reach across a
     network file system)."""
     try:
-        import fcntl
+        import fcntl  # POSIX only; elsewhere no lock can be told held
     except ImportError:
         return None
     try:

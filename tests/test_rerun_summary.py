@@ -76,3 +76,13 @@ def test_a_feed_given_for_the_id_method_is_one_info_line(tiny, tmp_path, caplog)
     assert caplog.records == []
     assert said == unsaid and said.feed == "live"  # the same run, under the same name
     assert default_run_name(said) == default_run_name(unsaid)
+
+
+def test_how_a_step_is_run_does_not_name_another_run():
+    """--compile (like --device or --patch-embedding) changes how a step runs, not what it computes: the run
+    folder's name is the same, so --compile off on a CPU finds the run of the default auto."""
+    from iisan.config import Config
+
+    cfg = Config(users="d/Scientific/u.tsv", items="d/Scientific/i.tsv")
+    assert default_run_name(cfg) == default_run_name(cfg.replace(compile="off"))
+    assert default_run_name(cfg) != default_run_name(cfg.replace(lr=1e-3))

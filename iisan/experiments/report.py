@@ -41,10 +41,8 @@ from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
-from ..locks import held
 from ..train.checkpoint import MAY_CHANGE
-from ..train.runfolder import LOCK
-from .results_file import METRICS, DamagedResults, find_results, load_results
+from .results_file import METRICS, DamagedResults, find_results, load_results, status
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +112,6 @@ def _written(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
-
-
-def status(path: Path, results: dict) -> str:
-    """How the run ended, as its results file says (a file without a status was written only at the end);
-    ``stopped`` for one that says ``running`` whose folder no process holds (killed: SIGKILL, a lost node)."""
-    said = results.get("status", "finished")
-    return "stopped" if said == "running" and held(path.parent / LOCK) is False else said
 
 
 def read_row(path: Path, results: dict) -> dict:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
+from ..locks import held
+from ..train.runfolder import LOCK
 
 METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
 
@@ -123,3 +125,10 @@ def load_results(path: Path) -> dict:
         raise DamagedResults("not JSON this table can read (a number too long or nesting too deep)") from None
     check_results(results)
     return results
+
+
+def status(path: Path, results: dict) -> str:
+    """How the run ended, as its results file says (a file without a status was written only at the end);
+    ``stopped`` for one that says ``running`` whose folder no process holds (killed: SIGKILL, a lost node)."""
+    said = results.get("status", "finished")
+    return "stopped" if said == "running" and held(path.parent / LOCK) is False else said
