@@ -281,7 +281,8 @@ class Config:
         """Read a JSON config file into a dict of overrides (validated when merged)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+            why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {path} {why}")
         try:  # a byte-order mark (some Windows editors write one) is dropped
             values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
         except DuplicateKey as err:

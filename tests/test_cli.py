@@ -175,3 +175,39 @@ def test_script_help_describes_each_script_in_its_whole_first_paragraph():
         assert "__doc__.splitlines()" not in source, script
         if "description=" in source:
             assert summary(ast.get_docstring(ast.parse(source))).endswith((".", ")")), script
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--users", "-5"], "argument --users: -5 is not from 100 to 1,000,000"),
+    (["--seed", "-1"], "argument --seed: -1 is not from 0 to 4,294,967,295"),
+    (["--items", "many"], "argument --items: 'many' is not a whole number"),
+    (["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
+])
+def test_demo_sizes_and_seed_are_bounded(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(tmp_path / "d"), *flags])
+    assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_device_or_pipe_where_a_file_is_expected_is_not_called_missing(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for argv, message in ((["params", "--config", "/dev/null"], "config file /dev/null is not a regular file"),
+                          (["data-stats", "--users", str(fifo), "--items", str(fifo)],
+                           f"file {fifo} is not a regular file (a pipe or a device), expected a file")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_a_run_name_that_is_not_utf8_is_written_escaped(tiny_config, tiny_cache, tmp_path):
+    """A byte like 0x80 in --run-name (a surrogate in Python) trains; train.log shows it escaped."""
+    from iisan.train.trainer import train
+
+    results = train(tiny_config(cache_dir=tiny_cache, out_dir=str(tmp_path), run_name="b\udc80c", epochs=1,
+                                max_steps_per_epoch=2))
+    assert results["status"] == "finished"
+    assert "b\\udc80c" in (tmp_path / "b\udc80c" / "train.log").read_text(encoding="utf-8")

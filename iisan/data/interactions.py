@@ -70,6 +70,8 @@ def check_data_file(path: Path, what: str) -> None:
     """``path`` is an existing file (``what``: users or items, for the message)."""
     if path.is_dir():
         raise DataError(f"{what} file {path} is a folder, expected a file")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{what} file {shown(path)} is not a regular file (a pipe or a device), expected a file")
     if not path.is_file():
         raise DataError(f"{what} file {shown(path)} does not exist")
 

@@ -68,9 +68,10 @@ class RunRecord:
         if not self.main:
             return
         path = self.run_dir / LOG
-        with open(path, "a", encoding="utf-8") as fh:
+        # A name or path that is not UTF-8 (a byte like 0x80 in --run-name) is written escaped, not a crash.
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(self.header())
-        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger = logging.getLogger("iisan")
         logger.addHandler(self.handler)
