@@ -104,3 +104,14 @@ def test_a_titles_row_without_the_item_column_is_one_line(tmp_path):
     titles = _write(tmp_path, "t.csv", "title,item\nlamp\n")
     with pytest.raises(DataError, match=r"^.*/t.csv:2: expected item,title, found \[.lamp.\]$"):
         load_dataset(_write(tmp_path, "p.csv", PAIRS_CSV), titles)
+
+
+def test_a_csv_field_over_the_reader_s_limit_is_one_line_naming_the_row(tmp_path):
+    from iisan.data.microlens import read_titles_csv
+    from iisan.errors import DataError
+
+    path = tmp_path / "titles.csv"
+    path.write_text("item,title\nI1,short\nI2,\"" + "a" * 200_000 + "\"\n")
+    with pytest.raises(DataError, match=r"titles\.csv:3: not a CSV row this reader takes \(field larger than field "
+                                        r"limit \(131072\)\)"):
+        read_titles_csv(path)

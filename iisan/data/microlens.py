@@ -39,9 +39,12 @@ def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tup
     number is the line it starts on: a quoted field may span lines."""
     reader = csv.reader(line for _, line in decoded_lines(path, encoding, newline=""))
     rows, done = [], 0  # done: lines the reader has consumed before the row
-    for row in reader:
-        rows.append((done + 1, row))
-        done = reader.line_num
+    try:
+        for row in reader:
+            rows.append((done + 1, row))
+            done = reader.line_num
+    except csv.Error as err:  # a field over the csv module's limit (131,072 characters), a stray NUL
+        raise DataError(f"{path}:{done + 1}: not a CSV row this reader takes ({err})") from None
     if not rows:
         raise DataError(f"{what} file {path} is empty")
     return rows[0][1], [(n, row) for n, row in rows[1:] if row and "".join(row).strip()]
