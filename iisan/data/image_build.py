@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError, ImageStoreError
+from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
     claim_output,
@@ -33,13 +33,13 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
-from .images import HEADER, IMAGE_SIZE, META_KEY, close_reader, encode_record, read_meta
+from .images import HEADER, IMAGE_SIZE, MAX_SIZE, META_KEY, close_reader, encode_record, read_meta
 from .textfile import check_item_id
 
 log = logging.getLogger(__name__)
 
-MAX_SIZE = 4096
 REPORT_HEADER = "item_id\tproblem\n"
+LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})  # all an image LMDB folder holds (the report is beside it)
 
 
 def check_size(size: int) -> None:
@@ -55,6 +55,17 @@ def is_image_lmdb(path: Path) -> bool:
         return read_meta(path) is not None
     except ImageStoreError:
         return False
+
+
+def refuse_foreign_files(path: Path) -> None:
+    """Replacing an image LMDB swaps its whole folder: refuse when it holds anything a build did not write
+    there (a user's notes), which the swap would delete."""
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in LMDB_FILES or not p.is_file()
+                     or p.is_symlink())
+    if foreign:
+        shown_names = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"--out {path} holds files IISAN did not write ({shown_names}); move them away to "
+                          "replace it")
 
 
 class TooLarge(Exception):
@@ -117,7 +128,8 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
     refuse_inputs(out_path, inputs, "--out")
     lock = out_path.with_name(f".{out_path.name}.iisan-lock")
     with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):
-        claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite)
+        if claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite):
+            refuse_foreign_files(out_path)
         for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
             remove(stale)
         try:

@@ -25,6 +25,7 @@ HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
 FLAG_BLANK = 1
 META_KEY = b"__meta__"
 IMAGE_SIZE = 224
+MAX_SIZE = 4096  # the largest ``size`` a store may hold (``iisan build-lmdb --size``)
 
 
 def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
@@ -42,11 +43,29 @@ def _open_readonly(path: Path) -> lmdb.Environment:
         if not (path / "data.mdb").is_file():
             raise ImageStoreError(f"{path} is not an LMDB (no data.mdb); build it with `iisan build-lmdb`")
         try:
-            _OPEN[key] = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False,
-                                   max_readers=512)
+            opened = lmdb.open(key[0], readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
         except lmdb.Error as err:
             raise ImageStoreError(f"{path} is not a readable LMDB ({err}); build it with `iisan build-lmdb`") from None
+        _check_whole(path, opened)
+        _OPEN[key] = opened
     return _OPEN[key]
+
+
+def _check_whole(path: Path, opened: lmdb.Environment) -> None:
+    """Refuse a ``data.mdb`` shorter than the pages its metadata names (an interrupted copy): reading a page
+    past the end of the file through the memory map kills the process with SIGBUS, with no message. A
+    build writes into a temporary folder renamed into place when complete, so a reader never sees one
+    half-written."""
+    try:
+        have = os.path.getsize(path / "data.mdb")
+        need = (opened.info()["last_pgno"] + 1) * opened.stat()["psize"]
+    except (OSError, lmdb.Error, KeyError) as err:
+        opened.close()
+        raise ImageStoreError(f"{path} is not a readable LMDB ({err}); build it with `iisan build-lmdb`") from None
+    if have < need:
+        opened.close()
+        raise ImageStoreError(f"{path} is not a whole LMDB (data.mdb is {have} bytes, its pages need {need}): "
+                              "copy it again, or move it away and rebuild it with `iisan build-lmdb`")
 
 
 def close_reader(path: Path) -> None:
@@ -66,7 +85,9 @@ def read_meta(path: Path) -> dict | None:
     try:
         meta = json.loads(bytes(raw))
         meta["size"] = int(meta["size"])
-    except (ValueError, KeyError, TypeError):
+        if not 1 <= meta["size"] <= MAX_SIZE:
+            raise ValueError(meta["size"])
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise ImageStoreError(f"{path}: the metadata record {META_KEY.decode()!r} is damaged; rebuild the store with "
                               "`iisan build-lmdb --overwrite`") from None
     return meta
