@@ -78,13 +78,19 @@ def check_run_name(name: str) -> None:
 
 
 def check_encoding(encoding: str) -> None:
-    """``--encoding``: a text encoding Python knows."""
+    """``--encoding``: a text encoding Python knows, whose decoder can keep undecodable bytes
+    (``errors="surrogateescape"``, how the data files are read; idna and punycode cannot)."""
     try:
         known = codecs.lookup(encoding)._is_text_encoding
     except LookupError:
         known = False
     if not known:
         raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
+    try:
+        codecs.getincrementaldecoder(encoding)(errors="surrogateescape").decode(b"", final=True)
+    except (UnicodeError, LookupError, TypeError, ValueError):
+        raise ConfigError(f"encoding={encoding!r} is not an encoding of text files (its decoder cannot read them, "
+                          "as idna and punycode cannot); use one such as utf-8, latin-1 or cp1252") from None
 
 
 def positive_int(text: str) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ def cache_file(cache_dir: str | Path, modality: str) -> Path:
     return Path(cache_dir) / f"{modality}.safetensors"
 
 
+STATE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # metadata dtype -> safetensors code
 REQUIRED = ("modality", "encoder", "encoder_config", "encoder_weights", "layers", "width", "depth", "dtype",
             "items_file", "items_fingerprint", "item_ids")
 
@@ -90,7 +92,29 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if not meta["width"].isdigit() or not meta["depth"].isdigit():
         raise CacheError(f"cache {path}: its metadata width {meta['width']!r} / depth {meta['depth']!r} are not "
                          "integers (damaged); rebuild it with `iisan cache --overwrite`")
+    if meta["dtype"] not in STATE_DTYPES:
+        raise CacheError(f"cache {path}: its metadata dtype {meta['dtype']!r} is not one of "
+                         f"{', '.join(STATE_DTYPES)} (damaged); rebuild it with `iisan cache --overwrite`")
     return meta
+
+
+def dtype_name(code: str) -> str:
+    """A safetensors dtype code as torch names it: F16 -> float16, I32 -> int32, BOOL -> bool."""
+    parts = re.fullmatch(r"(BF|F|I|U)(\d+)(.*)", code)
+    if parts is None:
+        return code.lower()
+    return {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}[parts[1]] + parts[2] + parts[3].lower()
+
+
+def check_stored_dtype(path: Path, code: str, meta: dict[str, str]) -> None:
+    """The states' stored dtype (safetensors ``code``) is the floating type the metadata names: an integer
+    table would be read as truncated features, another float type means the file was rewritten."""
+    if code not in STATE_DTYPES.values():
+        raise CacheError(f"cache {path} holds states of dtype {dtype_name(code)}, expected a floating type "
+                         f"({meta['dtype']}, as its metadata says); rebuild it with `iisan cache --overwrite`")
+    if code != STATE_DTYPES[meta["dtype"]]:
+        raise CacheError(f"cache {path} holds {dtype_name(code)} states, but its metadata says {meta['dtype']}; "
+                         "rebuild it with `iisan cache --overwrite`")
 
 
 def weights_record(meta: dict[str, str]) -> dict:
@@ -179,6 +203,7 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
                 raise CacheError(f"cache {path} holds states of shape {shape}, but its metadata says "
                                  f"{len(order) + 1} rows x {len(layers)} layers x width {meta['width']}; rebuild "
                                  "it with `iisan cache --overwrite`")
+            check_stored_dtype(path, stored.get_dtype(), meta)
             if picked == list(range(len(layers))):
                 states = stored[:]
             else:  # read only the layers asked for, one (items, 1, width) slice each

@@ -17,20 +17,43 @@ RESERVED_IDS = frozenset({".", "..", "__meta__"})  # path components, and the im
 MAX_ID_BYTES = 200  # an image file is <id>.<extension>, and file names stop at 255 bytes
 
 
-def decoded_lines(path: Path, encoding: str = "utf-8", newline: str | None = None) -> Iterator[tuple[int, str]]:
+def decoded_lines(path: Path, encoding: str | None = None, newline: str | None = None,
+                  hint: str | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of every line of ``path`` in ``encoding`` (a UTF-8 byte-order mark is
-    dropped). A byte that is not valid in the encoding is a ``DataError`` naming file, line and column."""
+    dropped). A byte that is not valid in the encoding, or a stream its decoder refuses (UTF-16 without a
+    byte-order mark), is a ``DataError`` naming the file (and line where known) and the encoding, then
+    ``hint``: by default, to pass ``--encoding``; with no ``encoding`` (UTF-8, for an input that has no
+    ``--encoding`` flag), to save the file as UTF-8."""
+    if hint is None:
+        hint = ("save it as UTF-8 (e.g. with iconv -f latin-1 -t utf-8)" if encoding is None
+                else "pass --encoding with the file's encoding (e.g. latin-1)")
+    name = encoding = encoding or "utf-8"
     if codecs.lookup(encoding).name == "utf-8":
-        encoding = "utf-8-sig"  # reads plain UTF-8 alike and drops a leading byte-order mark
+        name, encoding = "utf-8", "utf-8-sig"  # reads plain UTF-8 alike and drops a leading byte-order mark
+    lineno = 0
     with open(path, encoding=encoding, errors="surrogateescape", newline=newline) as fh:
-        for lineno, line in enumerate(fh, 1):
+        lines = enumerate(fh, 1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeError as err:  # the decoder's own refusal: no BOM, truncated data, bytes < 0x80
+                where = f" after line {lineno}" if lineno else ""
+                raise DataError(f"{path}: not {name} text{where} ({error_text(err)}); {hint}") from None
             bad = _ESCAPED.search(line)
             if bad:
                 byte = ord(bad.group()) - 0xDC00
-                name = encoding.removesuffix("-sig")
-                raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not {name} text; "
-                                "pass --encoding with the file's encoding (e.g. latin-1)")
+                raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not {name} "
+                                f"text; {hint}")
             yield lineno, line
+
+
+def error_text(err: UnicodeError) -> str:
+    """A decoder's message in one line, without the positions in a read buffer (they are not the file's)."""
+    if isinstance(err, UnicodeDecodeError):
+        return err.reason
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def check_item_id(item_id: str, where: str) -> None:

@@ -54,8 +54,16 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             if value.shape != params[name].shape:
                 raise TrainingError(f"{source}: {name!r} has shape {tuple(value.shape)}, the model built from "
                                     f"the config has {tuple(params[name].shape)}")
+            if params[name].is_floating_point() and not value.is_floating_point():  # copy_ would cast it
+                raise TrainingError(f"{source}: {name!r} is {dtype_name(value)}, the model's parameter is "
+                                    f"{dtype_name(params[name])}; expected a floating type (damaged or foreign "
+                                    "file): retrain, or restore it from a copy")
             params[name].copy_(value)
     return state
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def ensure_best_weights(model: torch.nn.Module, path: Path, cfg: Config, best_epoch: int, best_valid: dict) -> None:
