@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from ..errors import EncoderError
-from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, local_folder
+from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, load_tokenizer, local_folder
 from .inputs import tokenize_for_pooling
 from .patches import patches_as_matmul
 
@@ -219,7 +219,7 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
     LLM caches, the mean over every position, padding included ('authors')."""
     read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
-    tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
+    tokenizer = load_tokenizer(name, allow_download)  # refuses a folder without one, or another model's
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
     model = load_from_folder(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)

@@ -11,6 +11,9 @@ may hold, which architectures IISAN can use, the digest that names a folder's we
   a pickle can run code; safetensors cannot.
 - The digest of a folder's weight and tokenizer/processor files goes into every cache built from it, so
   a cache is refused when the weights behind it changed, even with an identical ``config.json``.
+- What is loaded is what the folder holds: weights of the model that its safetensors lack (which
+  transformers would fill with random numbers) are refused (``check_loaded``), and so is a text folder
+  without tokenizer files or with a tokenizer that does not fit the model (``load_tokenizer``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from ..config import DEFAULT_MODELS, REPOSITORY
@@ -185,20 +188,94 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, Str
 
 def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
     """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
-    (``encoder_files``), never running code from it and never fetching anything unless allowed."""
+    (``encoder_files``), never running code from it and never fetching anything unless allowed. A model
+    (``AutoModel``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
     path = resolve_model_path(name, allow_download)
-    # Loading a classification checkpoint into the bare encoder reports its head as unused and the
-    # pooler as missing; both are expected here, so the report is silenced.
+    weights = auto_class.__name__.startswith("AutoModel") or (isinstance(auto_class, type)
+                                                              and issubclass(auto_class, PreTrainedModel))
+    if weights:
+        kwargs["output_loading_info"] = True
+    # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
         with quiet_transformers():
-            return auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
-                                              **kwargs)
+            loaded = auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
+                                                **kwargs)
     except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
         raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
     except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
         first = " ".join(str(err).split()).split(". ")[0]
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
                            f"package that is not installed ({first})") from None
+    if not weights:
+        return loaded
+    model, info = loaded
+    check_loaded(model, info, path, what)
+    return model
+
+
+# Weights a checkpoint may lack: the pooler (BERT's and ViT's ``pooler.dense``), which IISAN never reads
+# (``backbones`` pools hidden states itself and drops ViT's pooler) and which the authors' classification
+# checkpoints (ViTForImageClassification) do not hold.
+UNUSED_WEIGHTS = re.compile(r"(^|\.)pooler\.")
+
+
+def check_loaded(model, info: dict, folder: str, what: str) -> None:
+    """Refuse a model some of whose weights the folder's safetensors lack: transformers would leave them
+    randomly initialised, without a word. That is what weights saved under other names give (a wrapper's
+    prefix such as ``model.`` or ``module.``) or a tensor dropped from the file. The pooler may be absent
+    (``UNUSED_WEIGHTS``). Weights in the file that the model does not use (a classification or language-
+    modelling head: ``classifier.*``, ``lm_head.weight``) are usual and only logged."""
+    missing = sorted(k for k in info.get("missing_keys") or () if not UNUSED_WEIGHTS.search(k))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    model_name = type(model).__name__
+    if missing or mismatched:
+        total = sum(1 for k in model.state_dict() if not UNUSED_WEIGHTS.search(k))
+        bad = (f"{len(missing)} of {total} weights of {model_name} are missing from its safetensors (e.g. "
+               f"{missing[0]!r}), which transformers would fill with random numbers" if missing else
+               f"{len(mismatched)} weights do not have the sizes its config.json gives (e.g. {mismatched[0]!r})")
+        hint = (f"; it holds {len(unexpected)} weights {model_name} does not use (e.g. {unexpected[0]!r}): saved "
+                "under other names or another prefix?" if unexpected else "")
+        raise EncoderError(f"{what} folder {folder} does not hold the whole model: {bad}{hint}")
+    if unexpected:
+        log.info("%s %s: %d weights in its safetensors are not used by %s (e.g. %r: a task head?); ignored",
+                 what, folder, len(unexpected), model_name, unexpected[0])
+
+
+# Files that hold a tokenizer's vocabulary; a text folder needs one (``load_tokenizer``).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model", "tekken.json")
+
+
+def load_tokenizer(name: str, allow_download: bool = False):
+    """The text tokenizer of ``name``, refused when it cannot be the model's own.
+
+    - A local folder needs a vocabulary file (``VOCABULARY_FILES``): without one transformers 5 builds a
+      tokenizer of special tokens only, and every title becomes [UNK].
+    - Its ids must fit the model's embedding: none at or above the config's ``vocab_size``.
+    - It must know at least half as many tokens as the model's ``vocab_size``: models pad their
+      embedding by a little (Qwen2: 151,646 tokens, 151,936 rows), never by half; a far smaller
+      tokenizer is another model's, or one with only its special tokens."""
+    folder = model_location(name)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        names = {p.name for p in folder.iterdir()}
+        if not names.intersection(VOCABULARY_FILES) and not any(n.endswith(".tiktoken") for n in names):
+            raise EncoderError(f"text encoder folder {folder} has no tokenizer files ({', '.join(VOCABULARY_FILES[:4])}"
+                               ", ...): copy them from the model's source")
+    tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
+    config = load_from_folder(AutoConfig, name, "text encoder config", allow_download)
+    size = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+    if not isinstance(size, int) or size <= 0:
+        return tokenizer
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= size:
+        raise EncoderError(f"the tokenizer of {name!r} has ids up to {top} but the model's vocab_size is {size} "
+                           "(a tokenizer of another model?): use the tokenizer files the model came with")
+    if len(tokenizer) < size / 2:
+        raise EncoderError(f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is "
+                           f"{size} (a tokenizer of another model, or one of special tokens only?): use the "
+                           "tokenizer files the model came with")
+    return tokenizer
 
 
 def load_error_line(err: Exception) -> str:

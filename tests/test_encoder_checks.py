@@ -1,0 +1,121 @@
+"""Encoder folders whose files do not fit together: a text folder without its tokenizer or with another
+model's, and weights that do not match the model's parameter names. Each is refused in one line, before
+titles become [UNK] or weights random; intact folders still load."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from iisan.cli.main import main
+from iisan.data.interactions import read_items
+from iisan.errors import EncoderError
+from iisan.model.backbones import load_image_encoder, load_text_encoder
+from iisan.model.tiny import vocabulary, write_bert
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def copy(folder: str, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def with_tokenizer_of(folder: Path, other: Path) -> Path:
+    """``folder`` with its tokenizer files replaced by ``other``'s."""
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+        if (other / name).is_file():
+            shutil.copy(other / name, folder / name)
+    return folder
+
+
+def rewrite_weights(folder: Path, change) -> Path:
+    """``folder``'s model.safetensors with its tensors (name -> tensor) passed through ``change``."""
+    path = folder / "model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+    return folder
+
+
+def refused(load, name: str, pattern: str) -> str:
+    with pytest.raises(EncoderError, match=pattern) as info:
+        load(str(name))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_text_folder_without_tokenizer_files_is_refused(tiny, tmp_path):
+    """transformers 5 would build a tokenizer of the 5 special tokens: every title word [UNK]."""
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), tmp_path / "nothing")
+    refused(load_text_encoder, folder, rf"^text encoder folder {folder} has no tokenizer files \(tokenizer.json, "
+                                       r"vocab.txt, .*\): copy them from the model's source$")
+
+
+def test_text_folder_without_tokenizer_from_the_command_line(tiny, tmp_path, capsys):
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), tmp_path / "nothing")
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / "cache"),
+              "--text-model", str(folder), "--towers", "text", "--modality", "intra", "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"iisan: error: text encoder folder {folder} has no tokenizer files") and "\n" not in err
+
+
+def test_tokenizer_with_ids_beyond_the_model_vocabulary_is_refused(tiny, tmp_path):
+    """A bigger tokenizer of another model: its ids would index past the embedding (an IndexError)."""
+    words = vocabulary(read_items(tiny["items"]).titles) + [f"extra{i}" for i in range(300)]
+    other = write_bert(tmp_path / "other", words, hidden=16, layers=1, heads=1)
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), other)
+    size = load_text_encoder(tiny["text_model"]).model.config.vocab_size
+    refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' has ids up to {len(words) - 1} but the "
+                                       rf"model's vocab_size is {size} \(a tokenizer of another model\?\)")
+
+
+def test_tokenizer_far_smaller_than_the_model_vocabulary_is_refused(tiny, tmp_path):
+    """Fewer than half as many tokens as the model's vocab_size: another model's tokenizer, whose few ids
+    would all fit, and most title words would become [UNK]."""
+    other = write_bert(tmp_path / "other", vocabulary(["a tiny vocabulary"]), hidden=16, layers=1, heads=1)
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), other)
+    refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' knows 8 tokens but the model's vocab_size "
+                                       r"is \d+ \(a tokenizer of another model, or one of special tokens only\?\)")
+
+
+def test_weights_under_another_prefix_are_refused_not_random(tiny, tmp_path):
+    """Every tensor renamed (a wrapper's prefix): transformers would initialise the whole encoder at random."""
+    for load, model, what in [(load_text_encoder, tiny["text_model"], "text"),
+                              (load_image_encoder, tiny["image_model"], "image")]:
+        folder = rewrite_weights(copy(model, tmp_path / what), lambda ts: {f"foo.{k}": v for k, v in ts.items()})
+        message = refused(load, folder, rf"^{what} encoder folder {folder} does not hold the whole model: (\d+) of "
+                                        r"\1 weights of \w+ are missing from its safetensors \(e.g. '[\w.]+'\), "
+                                        r"which transformers would fill with random numbers; it holds \d+ weights "
+                                        r"\w+ does not use \(e.g. 'foo\.[\w.]+'\): saved under other names")
+        assert "pooler" not in message  # the pooler may be absent, and is not counted
+
+
+def test_one_missing_weight_is_refused(tiny, tmp_path):
+    key = "encoder.layer.0.attention.self.query.weight"
+    folder = rewrite_weights(copy(tiny["text_model"], tmp_path / "bert"),
+                             lambda ts: {k: v for k, v in ts.items() if k != key})
+    refused(load_text_encoder, folder, rf"^text encoder folder {folder} does not hold the whole model: 1 of \d+ "
+                                       rf"weights of BertModel are missing from its safetensors \(e.g. '{key}'\), "
+                                       r"which transformers would fill with random numbers$")
+
+
+def test_intact_encoders_load_and_an_unused_head_is_only_logged(tiny, towers, tmp_path, caplog):
+    """The tiny BERT, ViT (saved without its pooler) and decoder LLMs (BPE tokenizers) load as they are;
+    a checkpoint with a task head the bare encoder does not use loads too, with a line in the log."""
+    assert load_text_encoder(tiny["text_model"]).width == 32
+    assert load_image_encoder(tiny["image_model"]).width == 24
+    for name in ("llama48x6", "qwen2_40x3", "gpt2_24x4"):
+        enc = load_text_encoder(towers[name])
+        assert len(enc.tokenizer) <= enc.model.config.vocab_size
+    folder = rewrite_weights(copy(tiny["image_model"], tmp_path / "vit"),
+                             lambda ts: {**ts, "classifier.weight": torch.zeros(2, 24)})
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        assert load_image_encoder(str(folder)).width == 24
+    assert any("not used by ViTModel (e.g. 'classifier.weight'" in r.getMessage() for r in caplog.records)
