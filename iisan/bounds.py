@@ -23,7 +23,10 @@ DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 # Upper bounds of values whose size is allocated (histories, positions) or compounded (bucket ladders):
 # far above any use, far below what fails inside numpy or torch with a traceback.
-AT_MOST = {"max_seq_len": 4096, "min_seq_len": 4096, "title_tokens": 8192, "item_bucket_growth": 4.0}
+AT_MOST = {"max_seq_len": 4096, "min_seq_len": 4096, "title_tokens": 8192, "item_bucket_growth": 4.0,
+           "embedding_dim": 65536, "transformer_blocks": 1024, "attention_heads": 1024, "text_adapter_down": 65536,
+           "image_adapter_down": 65536, "lora_rank": 65536, "layer_groups": 1024, "batch_size": 2**20,
+           "eval_batch_size": 2**20, "encode_batch_size": 2**20}
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 
 

@@ -211,3 +211,11 @@ def test_a_run_name_that_is_not_utf8_is_written_escaped(tiny_config, tiny_cache,
                                 max_steps_per_epoch=2))
     assert results["status"] == "finished"
     assert "b\\udc80c" in (tmp_path / "b\udc80c" / "train.log").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("flags, message", [(["--hidden", "100000"], "argument --hidden: 100000 is more than 4096"),
+                                            (["--layers", "100000"], "argument --layers: 100000 is more than 64")])
+def test_tiny_model_sizes_are_bounded(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["make-tiny-models", "--out", str(tmp_path / "m"), *flags])
+    assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(message)

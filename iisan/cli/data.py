@@ -55,7 +55,16 @@ def tiny_width(text: str) -> int:
     width = positive_int(text)
     if width % 8:  # LLaMA's rotary embedding wants an even width per head: (width + 16) / 4
         raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 8")
+    if width > 4096:  # tiny models: a test's, a demo's
+        raise argparse.ArgumentTypeError(f"{width} is more than 4096")
     return width
+
+
+def tiny_depth(text: str) -> int:
+    depth = positive_int(text)
+    if depth > 64:
+        raise argparse.ArgumentTypeError(f"{depth} is more than 64")
+    return depth
 
 
 # What a cache depends on, and how it is built: the flags `iisan cache --help` lists.
@@ -105,10 +114,10 @@ def add_data_commands(sub) -> None:
                    "(default: pretrained_models)")
     p.add_argument("--items", default=None, help="items TSV whose titles make the tokenizer vocabulary")
     p.add_argument("--hidden", type=tiny_width, default=32,
-                   help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8 "
-                        "(default: 32)")
-    p.add_argument("--layers", type=positive_int, default=2,
-                   help="layers of BERT and ViT (LLaMA gets 2 more) (default: 2)")
+                   help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8, at "
+                        "most 4096 (default: 32)")
+    p.add_argument("--layers", type=tiny_depth, default=2,
+                   help="layers of BERT and ViT (LLaMA gets 2 more), at most 64 (default: 2)")
     p.add_argument("--base", action="store_true", help="full-size BERT-base and ViT-B/16 with random weights")
     p.set_defaults(func=cmd_make_tiny_models)
 
