@@ -74,6 +74,7 @@ class EncoderSpec:
     depth: int
     width: int
     dtype: str = "float32"  # the checkpoint's stored precision (LLMs usually ship in bfloat16)
+    vocab_size: int | None = None  # rows of a text tower's token embedding (``load_tokenizer`` checks against it)
 
 
 def read_spec(name: str, modality: str, allow_download: bool = False) -> EncoderSpec:
@@ -82,10 +83,12 @@ def read_spec(name: str, modality: str, allow_download: bool = False) -> Encoder
     config = load_from_folder(AutoConfig, name, f"{modality} encoder config", allow_download)
     check_architecture(config.model_type, modality, name)
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
+    vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
     depth, width = depth_and_width(config)
-    return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""))
+    return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""),
+                       vocab if modality == "text" and isinstance(vocab, int) and vocab > 0 else None)
 
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -218,8 +221,8 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
     ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
     LLM caches, the mean over every position, padding included ('authors')."""
-    read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
-    tokenizer = load_tokenizer(name, allow_download)  # refuses a folder without one, or another model's
+    spec = read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
+    tokenizer = load_tokenizer(name, spec.vocab_size, allow_download)  # none, or another model's: refused
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
     model = load_from_folder(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
                   use_safetensors=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import DEFAULT_MODELS, REPOSITORY
@@ -191,8 +191,7 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     (``encoder_files``), never running code from it and never fetching anything unless allowed. A model
     (``AutoModel``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
     path = resolve_model_path(name, allow_download)
-    weights = auto_class.__name__.startswith("AutoModel") or (isinstance(auto_class, type)
-                                                              and issubclass(auto_class, PreTrainedModel))
+    weights = auto_class is AutoModel
     if weights:
         kwargs["output_loading_info"] = True
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
@@ -247,12 +246,12 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                     "tokenizer.model", "tekken.json")
 
 
-def load_tokenizer(name: str, allow_download: bool = False):
+def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = False):
     """The text tokenizer of ``name``, refused when it cannot be the model's own.
 
     - A local folder needs a vocabulary file (``VOCABULARY_FILES``): without one transformers 5 builds a
       tokenizer of special tokens only, and every title becomes [UNK].
-    - Its ids must fit the model's embedding: none at or above the config's ``vocab_size``.
+    - Its ids must fit the model's embedding: none at or above ``vocab_size``, the config's.
     - It must know at least half as many tokens as the model's ``vocab_size``: models pad their
       embedding by a little (Qwen2: 151,646 tokens, 151,936 rows), never by half; a far smaller
       tokenizer is another model's, or one with only its special tokens."""
@@ -263,17 +262,15 @@ def load_tokenizer(name: str, allow_download: bool = False):
             raise EncoderError(f"text encoder folder {folder} has no tokenizer files ({', '.join(VOCABULARY_FILES[:4])}"
                                ", ...): copy them from the model's source")
     tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
-    config = load_from_folder(AutoConfig, name, "text encoder config", allow_download)
-    size = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
-    if not isinstance(size, int) or size <= 0:
+    if vocab_size is None:  # the config's (``backbones.read_spec``) gives none
         return tokenizer
     top = max(tokenizer.get_vocab().values(), default=-1)
-    if top >= size:
-        raise EncoderError(f"the tokenizer of {name!r} has ids up to {top} but the model's vocab_size is {size} "
+    if top >= vocab_size:
+        raise EncoderError(f"the tokenizer of {name!r} has ids up to {top} but the model's vocab_size is {vocab_size} "
                            "(a tokenizer of another model?): use the tokenizer files the model came with")
-    if len(tokenizer) < size / 2:
+    if len(tokenizer) < vocab_size / 2:
         raise EncoderError(f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is "
-                           f"{size} (a tokenizer of another model, or one of special tokens only?): use the "
+                           f"{vocab_size} (a tokenizer of another model, or one of special tokens only?): use the "
                            "tokenizer files the model came with")
     return tokenizer
 
