@@ -60,10 +60,17 @@ def default_run_name(cfg: Config, tag: str = "") -> str:
     ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart, with the
     number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
     of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
+    head, tail = name_ends(cfg)
+    return f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
+
+
+def name_ends(cfg: Config) -> tuple[str, str]:
+    """The two ends of ``cfg``'s default run name, around a tag: ``iisan-cached-Scientific[-smoke]`` and
+    ``[4proc-]3fa2c1d0``."""
     processes = launched_processes()
-    parts = [cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else "", path_component(tag) if tag else "",
-             f"{processes}proc" if processes > 1 else "", config_hash(cfg)]
-    return "-".join(p for p in parts if p)
+    head = [cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else ""]
+    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg)]
+    return "-".join(p for p in head if p), "-".join(p for p in tail if p)
 
 
 def known_run_name(cfg: Config, tag: str = "") -> str:
@@ -74,11 +81,9 @@ def known_run_name(cfg: Config, tag: str = "") -> str:
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
-    processes = launched_processes()
-    head = "-".join(p for p in (cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else "") if p) + "-"
-    tail = "-" + "-".join(p for p in (f"{processes}proc" if processes > 1 else "", config_hash(cfg)) if p)
-    found = [folder.name for folder in out.iterdir() if folder.name.startswith(head) and folder.name.endswith(tail)
-             and not re.search(r"(^|-)\d+proc$", folder.name[len(head):-len(tail)]) and folder.is_dir()]
+    head, tail = name_ends(cfg)
+    found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
+             and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
     if len(found) != 1:
         return name
     log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
