@@ -98,12 +98,13 @@ def reusable_results(cfg: Config) -> dict | None:
     """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
     sweep returns instead of training again. A run folder whose run read another content of the users or
     items file is refused first (``refuse_changed_data``), whatever its status."""
-    earlier, _ = results_or_reason(run_dir(cfg) / RESULTS)
-    refuse_changed_data(cfg, earlier, run_dir(cfg))
-    done = finished_results(cfg)
+    path = run_dir(cfg) / RESULTS
+    earlier = read_results(path)
+    refuse_changed_data(cfg, earlier, path.parent)
+    done = finished_results(cfg, earlier)
     if done is not None:
         log.info("%s finished before with this config; not training it again", done["run_dir"])
-        log_summary(done, run_dir(cfg) / RESULTS)
+        log_summary(done, path)
     return done
 
 
@@ -192,16 +193,17 @@ def finished_file(path: Path) -> dict | None:
     start on, with its status (``running``, ``failed``, ``interrupted``); files of older runs have none and
     were written only at the end."""
     results = read_results(path)
-    if not results or results.get("status", "finished") != "finished":
-        return None
-    return results
+    return results if is_finished(results) else None
 
 
-def finished_results(cfg: Config) -> dict | None:
-    """The results of ``cfg``'s run folder when that run has finished with exactly this config's
+def is_finished(results: dict) -> bool:
+    return bool(results) and results.get("status", "finished") == "finished"
+
+
+def finished_results(cfg: Config, results: dict) -> dict | None:
+    """``results`` (what ``cfg``'s run folder holds) when that run has finished with exactly this config's
     computation, epochs and patience (nothing left to do), else None."""
-    results = finished_file(run_dir(cfg) / RESULTS)
-    if results is None:
+    if not is_finished(results):
         return None
     saved, current = results.get("config") or {}, cfg.to_dict()
     if config_differences(saved, current) or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
