@@ -32,21 +32,17 @@ def decoded_lines(path: Path, encoding: str | None = None, newline: str | None =
         name, encoding = "utf-8", "utf-8-sig"  # reads plain UTF-8 alike and drops a leading byte-order mark
     lineno = 0
     with open(path, encoding=encoding, errors="surrogateescape", newline=newline) as fh:
-        lines = enumerate(fh, 1)
-        while True:
-            try:
-                lineno, line = next(lines)
-            except StopIteration:
-                return
-            except UnicodeError as err:  # the decoder's own refusal: no BOM, truncated data, bytes < 0x80
-                where = f" after line {lineno}" if lineno else ""
-                raise DataError(f"{path}: not {name} text{where} ({error_text(err)}); {hint}") from None
-            bad = _ESCAPED.search(line)
-            if bad:
-                byte = ord(bad.group()) - 0xDC00
-                raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not {name} "
-                                f"text; {hint}")
-            yield lineno, line
+        try:
+            for lineno, line in enumerate(fh, 1):
+                bad = _ESCAPED.search(line)
+                if bad:
+                    byte = ord(bad.group()) - 0xDC00
+                    raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not {name} "
+                                    f"text; {hint}")
+                yield lineno, line
+        except UnicodeError as err:  # the decoder's own refusal: no BOM, truncated data, bytes < 0x80
+            where = f" after line {lineno}" if lineno else ""
+            raise DataError(f"{path}: not {name} text{where} ({error_text(err)}); {hint}") from None
 
 
 def error_text(err: UnicodeError) -> str:
