@@ -103,6 +103,14 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def path_arg(text: str) -> str:
+    """An argparse ``type`` for a file or folder named on a command line. An empty string is refused: as a
+    path it is the working folder (``Path("")`` is ``.``), never what was meant (an unset variable)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected a path")
+    return text
+
+
 def device_choice(text: str) -> str:
     """An argparse ``type`` for ``--device`` where no config checks it."""
     if not DEVICE.fullmatch(text):

@@ -219,3 +219,12 @@ def test_tiny_model_sizes_are_bounded(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["make-tiny-models", "--out", str(tmp_path / "m"), *flags])
     assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+
+
+def test_tiny_model_vocabulary_from_items_in_another_encoding(tmp_path):
+    """``make-tiny-models --items`` reads the titles in ``--encoding``, as every other reader of an items file."""
+    items = tmp_path / "items.tsv"
+    items.write_bytes("I1\tcaf\u00e9 noir\n".encode("latin-1"))
+    main(["make-tiny-models", "--out", str(tmp_path / "m"), "--items", str(items), "--encoding", "latin-1"])
+    vocab = (tmp_path / "m" / "tiny-bert" / "vocab.txt").read_text(encoding="utf-8").split()
+    assert {"caf\u00e9", "noir"} <= set(vocab)

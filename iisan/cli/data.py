@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bounds import check_encoding, positive_int
+from ..bounds import check_encoding, path_arg, positive_int
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import load_dataset, read_items
 from ..files import claim_folder
@@ -44,7 +44,8 @@ def cmd_make_tiny_models(args) -> None:
         text_dir, image_dir = write_base_architectures(out)
         print(f"random-weight BERT-base: {text_dir}\nrandom-weight ViT-B/16: {image_dir}")
         return
-    titles = read_items(args.items).titles if args.items else ["a tiny vocabulary of words"]
+    check_encoding(args.encoding)
+    titles = read_items(args.items, encoding=args.encoding).titles if args.items else ["a tiny vocabulary of words"]
     vocab = vocabulary(titles)
     print(write_bert(out / "tiny-bert", vocab, hidden=args.hidden, layers=args.layers))
     print(write_vit(out / "tiny-vit", hidden=args.hidden, layers=args.layers))
@@ -84,8 +85,8 @@ def cmd_cache(args) -> None:
 
 def add_data_commands(sub) -> None:
     p = sub.add_parser("data-stats", help="users, items and interactions after the paper's protocol")
-    p.add_argument("--users", required=True, help="users TSV")
-    p.add_argument("--items", required=True, help="items TSV")
+    p.add_argument("--users", type=path_arg, required=True, help="users TSV")
+    p.add_argument("--items", type=path_arg, required=True, help="items TSV")
     p.add_argument("--max-seq-len", type=positive_int, default=10, help="items before a target (default: 10)")
     p.add_argument("--min-seq-len", type=positive_int, default=5, help="fewest interactions a user needs "
                    "(default: 5)")
@@ -97,9 +98,10 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("build-lmdb", help="store a folder of <item_id>.jpg as a pre-resized image LMDB")
-    p.add_argument("--images", required=True, help="folder of <item_id>.jpg")
-    p.add_argument("--out", required=True, help="LMDB folder to write")
-    p.add_argument("--items", default=None, help="items TSV: store exactly these ids (missing ones as blanks)")
+    p.add_argument("--images", type=path_arg, required=True, help="folder of <item_id>.jpg")
+    p.add_argument("--out", type=path_arg, required=True, help="LMDB folder to write")
+    p.add_argument("--items", type=path_arg, default=None,
+                   help="items TSV: store exactly these ids (missing ones as blanks)")
     p.add_argument("--size", type=int, default=224, help="side of the stored square images, in pixels "
                    "(default: 224)")
     p.add_argument("--extension", default=".jpg", help="file extension of the images in --images, "
@@ -110,9 +112,10 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_build_lmdb)
 
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
-    p.add_argument("--out", default="pretrained_models", help="parent folder of the model folders "
+    p.add_argument("--out", type=path_arg, default="pretrained_models", help="parent folder of the model folders "
                    "(default: pretrained_models)")
-    p.add_argument("--items", default=None, help="items TSV whose titles make the tokenizer vocabulary")
+    p.add_argument("--items", type=path_arg, default=None, help="items TSV whose titles make the tokenizer vocabulary")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     p.add_argument("--hidden", type=tiny_width, default=32,
                    help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8, at "
                         "most 4096 (default: 32)")

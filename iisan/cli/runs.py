@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bounds import path_arg
 from ..experiments.curves import claim_figure, draw_curves, figure_format
 from ..experiments.demo import run_demo
 from ..experiments.params import RANDOM_BACKBONES, count
@@ -92,7 +93,7 @@ def add_run_commands(sub) -> None:
 
     p = sub.add_parser("results", help="a table of runs (every results.json under the folders), one column per "
                                        "config key that differs between them")
-    p.add_argument("folders", nargs="+", help="run folders, folders of runs, or results.json files")
+    p.add_argument("folders", nargs="+", type=path_arg, help="run folders, folders of runs, or results.json files")
     p.add_argument("--keys", default="", help="config keys shown as columns besides those that differ, e.g. seed")
     p.add_argument("--average-seeds", action="store_true",
                    help="one row per configuration: mean ± std over runs that differ only in seed (and in keys "
@@ -106,8 +107,8 @@ def add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")
-    p.add_argument("--out", default="demo_data", help="working folder: data, tiny models, cache and runs "
-                   "(default: demo_data)")
+    p.add_argument("--out", type=path_arg, default="demo_data",
+                   help="working folder: data, tiny models, cache and runs (default: demo_data)")
     p.add_argument("--epochs", type=int_in(1, 10_000), default=20, help="maximum training epochs (default: 20)")
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the synthetic data, the tiny "
                    "models and training (default: 0)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..bounds import DEVICES, device_choice, positive_int
+from ..bounds import DEVICES, device_choice, path_arg, positive_int
 from ..config import METHOD_NAMES
 from ..data.textfile import decoded_lines
 from ..devices import device_name
@@ -113,7 +113,7 @@ def cmd_export(args) -> None:
 
 def add_use_commands(sub) -> None:
     def common(p):
-        p.add_argument("run_dir", help="a run folder (config.json and best.safetensors)")
+        p.add_argument("run_dir", type=path_arg, help="a run folder (config.json and best.safetensors)")
         p.add_argument("--device", type=device_choice, default="auto", help=f"{DEVICES} (default: auto)")
 
     p = sub.add_parser("evaluate", help="rebuild a trained run's model, load its best weights and evaluate "
@@ -127,7 +127,7 @@ def add_use_commands(sub) -> None:
     common(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--user", default=None, help="a user id of the data set: after their whole history")
-    source.add_argument("--users-file", default=None, help="a file of user ids, one per line")
+    source.add_argument("--users-file", type=path_arg, default=None, help="a file of user ids, one per line")
     source.add_argument("--history", default=None, help="item ids, oldest first, comma-separated (any history)")
     p.add_argument("-k", type=positive_int, default=10, help="how many items (default: 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per user or history")
@@ -135,7 +135,8 @@ def add_use_commands(sub) -> None:
 
     p = sub.add_parser("export", help="item embeddings and users' embeddings of a trained run (safetensors)")
     common(p)
-    p.add_argument("--out", required=True, help="folder for items.safetensors and users-<split>.safetensors")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="folder for items.safetensors and users-<split>.safetensors")
     p.add_argument("--split", choices=SPLITS, default="test", help="whose user vectors: before the valid or the "
                                                                     "test target (default: test)")
     p.set_defaults(func=cmd_export)
