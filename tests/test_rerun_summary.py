@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from iisan.cli.main import main
 from iisan.config import resolve
-from iisan.train.runfolder import default_run_name, reusable_results
+from iisan.train.runfolder import default_run_name, known_run_name, reusable_results
 
 SUMMARY = "best epoch "
 
@@ -86,3 +87,33 @@ def test_how_a_step_is_run_does_not_name_another_run():
     cfg = Config(users="d/Scientific/u.tsv", items="d/Scientific/i.tsv")
     assert default_run_name(cfg) == default_run_name(cfg.replace(compile="off"))
     assert default_run_name(cfg) != default_run_name(cfg.replace(lr=1e-3))
+
+
+def test_a_data_path_spelt_relative_or_absolute_finds_the_same_finished_run(tiny, tiny_cache, tmp_path,
+                                                                            monkeypatch, caplog):
+    """The run folder's hash takes each data file by where it is: a rerun from the data's folder with
+    ``users.tsv`` finds the run that was given ``/abs/users.tsv``, and trains nothing."""
+    out = tmp_path / "runs"
+    main(train_argv(tiny, tiny_cache, out))
+    (first,) = [p.name for p in out.iterdir()]
+    data = Path(tiny["users"]).parent
+    monkeypatch.chdir(data)
+    relative = [Path(tiny["users"]).name if a == tiny["users"] else a for a in train_argv(tiny, tiny_cache, out)]
+    relative = [Path(tiny["items"]).name if a == tiny["items"] else a for a in relative]
+    assert Path(tiny["users"]).name in relative and tiny["users"] not in relative
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(relative)
+    assert f"INFO iisan.train.runfolder: {out / first} finished before with this config; not training it again" \
+        in console_lines(caplog.records)
+    assert [p.name for p in out.iterdir()] == [first]
+
+
+def test_a_run_named_by_the_hash_of_paths_as_spelt_is_still_found(tiny_config, tmp_path, monkeypatch):
+    """Earlier versions hashed each path as spelt: their run folder is found rather than a new one made."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(users=os.path.relpath(tiny_config().users, tmp_path), out_dir=str(tmp_path / "runs"))
+    assert default_run_name(cfg) != default_run_name(cfg, canonical=False)
+    assert known_run_name(cfg) == default_run_name(cfg)
+    (tmp_path / "runs" / default_run_name(cfg, canonical=False)).mkdir(parents=True)
+    assert known_run_name(cfg) == default_run_name(cfg, canonical=False)

@@ -51,6 +51,15 @@ MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_bat
                         "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
 
 
+DATA_PATHS = ("users", "items", "images")  # relative paths are taken from the working folder
+
+
+def same_paths(values: dict) -> dict:
+    """``values`` with each data path absolute (from the working folder), so that two spellings of one file
+    are one setting; the files' contents are compared by fingerprint (``runfolder.refuse_changed_data``)."""
+    return {k: os.path.abspath(v) if k in DATA_PATHS and isinstance(v, str) and v else v for k, v in values.items()}
+
+
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
     """``epoch-0006``: epoch 6 finished; ``epoch-0007-step-00040``: 40 steps of epoch 7 done."""
     return f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:05d}")
@@ -168,7 +177,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     defaults = Config().to_dict()
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE - (set(BEFORE_THE_FIELD) - set(saved)))
     old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
-    return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if old[k] != current.get(k)]
+    same_old, same_now = same_paths(old), same_paths({k: current.get(k) for k in keys})
+    return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if same_old[k] != same_now[k]]
 
 
 def read(path: Path, state: dict | None = None) -> Checkpoint:

@@ -29,7 +29,7 @@ from ..files import TEMPORARY, failure_reason, file_fingerprint, remove, write_f
 from ..locks import OutputLock, is_lock_file
 from ..model.build import modalities
 from . import runstate
-from .checkpoint import MAY_CHANGE, config_differences
+from .checkpoint import MAY_CHANGE, config_differences, same_paths
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,14 @@ RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"  # the run folder's folder of checkpoints (``checkpoint.py``)
 
 
-def config_hash(cfg: Config) -> str:
-    """Eight hex digits naming what ``cfg`` computes (see the module docstring)."""
+def config_hash(cfg: Config, canonical: bool = True) -> str:
+    """Eight hex digits naming what ``cfg`` computes (see the module docstring). The data files count by
+    where they are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run.
+    ``canonical=False``: the hash of earlier versions, which took each path as spelt (``known_run_name``)."""
     defaults = Config().to_dict()
     values = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE and v != defaults[k]}
+    if canonical:
+        values = same_paths(values)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -49,27 +53,28 @@ def path_component(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("._") or "_"
 
 
-def data_name(cfg: Config) -> str:
-    """The data set's name: the users file's folder (``Dataset/Scientific/...tsv`` -> ``Scientific``)."""
-    users = Path(cfg.users)
+def data_name(cfg: Config, canonical: bool = True) -> str:
+    """The data set's name: the users file's folder (``Dataset/Scientific/...tsv`` -> ``Scientific``), also
+    when the path is relative (``users.tsv`` from that folder; ``canonical=False``: as spelt, as before)."""
+    users = Path(os.path.abspath(cfg.users) if canonical and cfg.users else cfg.users)
     return path_component(users.parent.name or users.stem or "nodata")
 
 
-def default_run_name(cfg: Config, tag: str = "") -> str:
+def default_run_name(cfg: Config, tag: str = "", canonical: bool = True) -> str:
     """``iisan-cached-Scientific-3fa2c1d0``; ``tag`` (a sweep's varying values, e.g. ``lr0.0001``) and
     ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart, with the
     number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
     of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
-    head, tail = name_ends(cfg)
+    head, tail = name_ends(cfg, canonical)
     return f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
 
 
-def name_ends(cfg: Config) -> tuple[str, str]:
+def name_ends(cfg: Config, canonical: bool = True) -> tuple[str, str]:
     """The two ends of ``cfg``'s default run name, around a tag: ``iisan-cached-Scientific[-smoke]`` and
     ``[4proc-]3fa2c1d0``."""
     processes = launched_processes()
-    head = [cfg.method, cfg.feed, data_name(cfg), "smoke" if cfg.smoke else ""]
-    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg)]
+    head = [cfg.method, cfg.feed, data_name(cfg, canonical), "smoke" if cfg.smoke else ""]
+    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg, canonical)]
     return "-".join(p for p in head if p), "-".join(p for p in tail if p)
 
 
@@ -81,6 +86,9 @@ def known_run_name(cfg: Config, tag: str = "") -> str:
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
+    spelt = default_run_name(cfg, tag, canonical=False)  # a run of a version that hashed paths as spelt
+    if os.path.lexists(out / spelt):
+        return spelt
     head, tail = name_ends(cfg)
     found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
              and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
