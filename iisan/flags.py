@@ -72,7 +72,7 @@ def _default_by_method(key: str, default) -> str:
 
 def args_layers(args: argparse.Namespace) -> tuple[dict, dict]:
     """The ``--config`` file's values and the flags given on the command line, as two dicts."""
-    file_values = Config.from_file(args.config) if getattr(args, "config", None) else {}
+    file_values = Config.overrides_from_file(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(Config)}
     return file_values, {k: v for k, v in vars(args).items() if k in names}
 

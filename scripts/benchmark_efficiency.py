@@ -18,7 +18,6 @@ paper's (baselines 32, IISAN 64). One JSON per setting under --out, then figures
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,23 +27,18 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
-from iisan.efficiency.benchmark import BACKBONES, BENCH_KEYS, DATA, SETTING_NAMES, run_benchmark  # noqa: E402
+from iisan.efficiency.benchmark import (  # noqa: E402
+    BACKBONES,
+    BENCH_KEYS,
+    DATA,
+    MIN_STEPS,
+    MIN_WARMUP,
+    SETTING_NAMES,
+    run_benchmark,
+    selection,
+)
+from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
-
-MIN_WARMUP, MIN_STEPS = 10, 50
-
-
-def label_list(parser: argparse.ArgumentParser, flag: str, text: str, known, may_be_empty: bool = True
-               ) -> tuple[str, ...]:
-    """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none)."""
-    if text.strip() == "all":
-        return tuple(known)
-    labels = tuple(m.strip() for m in text.split(",") if m.strip() and not (may_be_empty and m.strip() == "none"))
-    if unknown := [m for m in labels if m not in known]:
-        parser.error(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
-    if not labels and not may_be_empty:
-        parser.error(f"{flag} {text!r} names no method; choose from {list(known)} or 'all'")
-    return labels
 
 
 def main(argv=None) -> list[Path]:
@@ -73,25 +67,17 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--no-plots", action="store_true", help="no figures (the .md tables are still written)")
     add_config_arguments(parser, only=BENCH_KEYS)
     args = parser.parse_args(argv)
-    labels = label_list(parser, "--methods", args.methods, SETTINGS, may_be_empty=False)
-    authors_way = label_list(parser, "--authors-way", args.authors_way, labels)
-    full_epoch = label_list(parser, "--full-epoch", args.full_epoch, labels)
-    if not args.few_steps and (args.warmup < MIN_WARMUP or args.steps < MIN_STEPS):
-        parser.error(f"--warmup {args.warmup} --steps {args.steps}: the benchmark times at least {MIN_STEPS} steps "
-                     f"after {MIN_WARMUP} warm-up steps; pass --few-steps for a quick check")
-    if args.warmup < 0 or args.steps < 1 or args.flop_batches < 0:
-        parser.error(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {args.warmup}, "
-                     f"{args.flop_batches} and {args.steps}")
-    settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-    if not settings or any(s not in SETTING_NAMES for s in settings):
-        parser.error(f"--settings must list equal and/or paper, not {args.settings!r}")
+    try:
+        chosen = selection(args.methods, args.authors_way, args.full_epoch, args.settings, warmup=args.warmup,
+                           steps=args.steps, flop_batches=args.flop_batches, few_steps=args.few_steps)
+    except ConfigError as err:
+        parser.error(str(err))
     setup_logging()
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}
     return entry_point(sys.argv[0], lambda: run_benchmark(
-        values, backbones=args.backbones, data=args.data, setting_names=settings, equal_batch=args.equal_batch,
-        labels=labels, authors_way=authors_way, full_epoch=full_epoch, warmup=args.warmup, steps=args.steps,
-        flop_batches=args.flop_batches, work=Path(args.work), out=Path(args.out),
-        tag=args.tag, figs=None if args.no_plots else Path(args.figs)))
+        values, backbones=args.backbones, data=args.data, equal_batch=args.equal_batch, **chosen,
+        warmup=args.warmup, steps=args.steps, flop_batches=args.flop_batches, work=Path(args.work),
+        out=Path(args.out), tag=args.tag, figs=None if args.no_plots else Path(args.figs)))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import torch.distributed as torch_dist
 from iisan import distributed
 from iisan.config import Config
 from iisan.console import setup_logging
+from iisan.data.run_data import load_data
 from iisan.evaluate import evaluate_ranks
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.train.trainer import train
 from iisan.train.weights import load_weights
 

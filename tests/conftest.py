@@ -12,6 +12,7 @@ from iisan.config import Config
 from iisan.data.image_build import build_image_lmdb
 from iisan.data.interactions import read_items
 from iisan.data.synthetic import generate
+from iisan.model.backbones import group_layers, read_spec
 from iisan.model.tiny import vocabulary, write_bert, write_vit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
@@ -67,6 +68,12 @@ def tiny_config(tiny, tmp_path):
     return make
 
 
+def six_groups(name: str, modality: str) -> tuple[int, ...]:
+    """Layers to load ``name``'s tower with: hidden state 0 and the last layer of each of six groups
+    (``group_layers(depth, 6)``; every state of a tower up to six layers deep)."""
+    return group_layers(read_spec(name, modality).depth, 6)
+
+
 def shared_file(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.is_file():
@@ -99,8 +106,9 @@ def towers(tiny, tmp_path_factory) -> dict:
 def cached_and_live_tables(cfg: Config, device: torch.device):
     """Item tables of the same model fed from the cache and from the live encoders, and the cached
     model: both built from one seed, the live one given the cached one's trainable weights."""
+    from iisan.data.run_data import load_data
     from iisan.evaluate import item_table
-    from iisan.model.build import build_model, load_data
+    from iisan.model.build import build_model
 
     data = load_data(cfg)
     torch.manual_seed(0)

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from iisan.errors import EncoderError
-from iisan.model.backbones import FrozenEncoder, architecture, group_layers, load_image_encoder, load_text_encoder
+from iisan.model.backbones import BackboneEncoder, architecture, group_layers, load_image_encoder, load_text_encoder
 from iisan.model.inputs import tokenize_titles
 from iisan.model.patches import PatchProjection, patches_as_matmul
+
+from .conftest import six_groups
 
 
 def test_group_layers_reproduce_the_authors_lists():
@@ -21,7 +23,7 @@ def test_group_layers_reproduce_the_authors_lists():
 def test_missing_model_folder_is_one_line(tmp_path):
     for name in (str(tmp_path / "no-such-model"), "./pretrained_models/none", "a/b/c"):
         with pytest.raises(EncoderError, match="model folder .* does not exist") as info:
-            load_text_encoder(name)
+            load_text_encoder(name, (0, 1))
         assert "\n" not in str(info.value)
 
 
@@ -30,7 +32,7 @@ def test_tiny_bert_tokenizer_knows_every_title_word(tiny):
     titles stay distinct (transformers 5 drops a vocab_file, which made every word [UNK])."""
     from iisan.data.interactions import read_items
 
-    enc = load_text_encoder(tiny["text_model"])
+    enc = load_text_encoder(tiny["text_model"], six_groups(tiny["text_model"], "text"))
     titles = read_items(tiny["items"]).titles
     ids, mask = tokenize_titles(enc.tokenizer, titles, 30)
     assert enc.tokenizer.unk_token_id not in ids[mask.bool()].tolist()
@@ -57,7 +59,7 @@ def test_pooled_states_are_the_cls_of_the_selected_hidden_states(tiny):
 
 
 def test_vit_final_cls_is_after_the_final_layernorm(tiny):
-    enc = load_image_encoder(tiny["image_model"])
+    enc = load_image_encoder(tiny["image_model"], six_groups(tiny["image_model"], "image"))
     assert enc.norm == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -73,7 +75,7 @@ def test_vit_loads_without_the_pooler_nothing_reads(tiny):
 
     bare = sum(p.numel() for p in ViTModel(ViTConfig.from_pretrained(tiny["image_model"]),
                                            add_pooling_layer=False).parameters())
-    loaded = load_image_encoder(tiny["image_model"]).model
+    loaded = load_image_encoder(tiny["image_model"], six_groups(tiny["image_model"], "image")).model
     built = architecture(tiny["image_model"], "image")
     assert loaded.pooler is None and built.pooler is None
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in built.parameters()) == bare
@@ -101,9 +103,9 @@ def test_patch_embedding_as_a_matmul_is_the_convolution(towers, name):
     """Every image family's patch-embedding conv becomes one ``PatchProjection`` over the very same
     parameters (names unchanged), and the encoder gives the conv's states and gradients."""
     torch.manual_seed(0)  # weights a checkpoint lacks (ViT's unused pooler) are initialised at random
-    conv = load_image_encoder(towers[name], patch_embedding="conv")
+    conv = load_image_encoder(towers[name], six_groups(towers[name], "image"), patch_embedding="conv")
     torch.manual_seed(0)
-    matmul = load_image_encoder(towers[name])
+    matmul = load_image_encoder(towers[name], six_groups(towers[name], "image"))
     swapped = [m for m in matmul.model.modules() if isinstance(m, PatchProjection)]
     assert len(swapped) == 1 and not any(isinstance(m, PatchProjection) for m in conv.model.modules())
     assert list(conv.model.state_dict()) == list(matmul.model.state_dict())
@@ -161,7 +163,7 @@ def test_a_ready_made_attention_mask_gives_the_states_of_the_2d_one(family, atte
     it reads nothing back from the device); every hidden state, padded positions included, is the one the
     2D mask gives, for padded batches and for a batch without padding (where transformers drops the mask)."""
     model = _tiny_text_model(family, attention)
-    encoder = FrozenEncoder(model, "text", (0, 1, 2), "mean")
+    encoder = BackboneEncoder(model, "text", (0, 1, 2), "mean")
     ids = torch.randint(3, 60, (4, 8))
     padded = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6, [1] * 7 + [0]])
     for mask in (padded, torch.ones_like(padded)):
@@ -186,11 +188,11 @@ def test_other_towers_get_their_inputs_unchanged(tiny):
     llama = tf.AutoModel.from_config(tf.LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
                                                    num_attention_heads=2, intermediate_size=48))
     inputs = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
-    assert FrozenEncoder(llama, "text", (0, 2), "mean").model_inputs(inputs) is inputs  # a causal LLM
+    assert BackboneEncoder(llama, "text", (0, 2), "mean").model_inputs(inputs) is inputs  # a causal LLM
     bert = _tiny_text_model("bert", "sdpa")
     bert.config._attn_implementation = "flash_attention_2"  # wants the 2D mask itself
-    assert FrozenEncoder(bert, "text", (0, 2), "cls").model_inputs(inputs) is inputs
-    vit = load_image_encoder(tiny["image_model"])
+    assert BackboneEncoder(bert, "text", (0, 2), "cls").model_inputs(inputs) is inputs
+    vit = load_image_encoder(tiny["image_model"], six_groups(tiny["image_model"], "image"))
     pixels = {"pixel_values": torch.zeros(1, 3, 8, 8)}
     assert vit.model_inputs(pixels) is pixels
 

@@ -60,7 +60,7 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert not out["static_shapes"] and out["buckets"] is None and out["encodes"] == "distinct items"
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
     from iisan.data.batches import train_loader
-    from iisan.model.build import load_data
+    from iisan.data.run_data import load_data
 
     batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, "items") if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
@@ -271,8 +271,9 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     """The uncached feed runs each tower once per distinct non-padding item (no second pass, padding
     never encoded), and ``count_flops`` agrees with the hand count of BERT and ViT."""
     from iisan.data.batches import train_loader
+    from iisan.data.run_data import load_data
     from iisan.efficiency.flops import count_flops
-    from iisan.model.build import build_model, load_data
+    from iisan.model.build import build_model
 
     cfg = tiny_config(method="iisan", feed="live")
     data = load_data(cfg)

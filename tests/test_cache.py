@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.data.cache import read_metadata
+from iisan.data.cache import (
+    METADATA_KEYS,
+    REQUIRED,
+    CacheExpectation,
+    check_metadata,
+    declared_metadata,
+    read_metadata,
+)
+from iisan.data.run_data import load_data
 from iisan.errors import CacheError
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 
 from .conftest import cached_and_live_tables
@@ -202,3 +210,52 @@ def test_a_cache_is_rebuilt_in_place_for_the_same_settings_and_replaced_only_whe
     build_cache_from_config(cfg, dtype="float16", overwrite=True)
     assert read_metadata(path)["dtype"] == "float16"
     assert sorted(p.name for p in path.parent.iterdir()) == ["text.safetensors"]  # no sidecar, lock or temporary
+
+
+def test_the_cache_writer_and_its_readers_share_one_list_of_metadata_keys(cached_cfg):
+    """A built cache records exactly ``METADATA_KEYS``; what ``read_metadata`` requires and what
+    ``CacheExpectation`` compares are among them, and a writer's undeclared key is refused."""
+    import dataclasses
+
+    assert set(read_metadata(f"{cached_cfg.cache_dir}/text.safetensors")) == set(METADATA_KEYS)
+    assert set(read_metadata(f"{cached_cfg.cache_dir}/image.safetensors")) == set(METADATA_KEYS) - {"title_tokens"}
+    assert set(REQUIRED) < set(METADATA_KEYS)
+    assert {f.name for f in dataclasses.fields(CacheExpectation)} < set(METADATA_KEYS)
+    with pytest.raises(ValueError, match=r"\['dtpye'\] is not declared"):
+        declared_metadata({"format": "x", "dtpye": "float32"})
+
+
+def test_an_expectation_skips_what_it_or_an_older_or_imported_cache_leaves_out(tmp_path):
+    """The acceptance rules of ``check_metadata``: an empty expectation accepts anything; pooling, dtype
+    and title_tokens are compared only when the cache records them; an imported cache's weights digest
+    never; an encoder config hash that differs is reported instead of the weights."""
+    path = tmp_path / "text.safetensors"
+    meta = {"modality": "text", "layers": "[0, 1, 2]", "width": "32", "items_file": "items.tsv",
+            "items_fingerprint": "f1", "encoder": "bert", "encoder_config": "c1", "encoder_weights": "w1" * 10,
+            "pooling": "cls", "dtype": "float16", "title_tokens": "30"}
+    check_metadata(path, meta, CacheExpectation())
+    same = CacheExpectation(modality="text", items_fingerprint="f1", layers=(2, 0), width=32, encoder="bert",
+                            encoder_config="c1", encoder_weights="w1" * 10, pooling="cls", dtype="float16",
+                            title_tokens="30")
+    check_metadata(path, meta, same)
+    older = {k: v for k, v in meta.items() if k not in ("pooling", "dtype", "title_tokens")}
+    check_metadata(path, older, dataclasses_replace(same, pooling="mean", dtype="float32", title_tokens="8"))
+    with pytest.raises(CacheError, match=r"built for pooling cls \(config asks for mean\); dtype float16 "):
+        check_metadata(path, meta, dataclasses_replace(same, pooling="mean", dtype="float32"))
+    other_weights = dataclasses_replace(same, encoder_weights="w2" * 10)
+    check_metadata(path, dict(meta, source="imported"), other_weights)
+    with pytest.raises(CacheError, match=r"encoder bert with weights digest w1w1w1w1w1w1w1w1 \(the weights of "
+                                         r"bert now have w2w2w2w2w2w2w2w2\)"):
+        check_metadata(path, meta, other_weights)
+    with pytest.raises(CacheError, match=r"built for encoder bert \(config's encoder bert differs\) — rebuild"):
+        check_metadata(path, meta, dataclasses_replace(other_weights, encoder_config="c2"))
+    with pytest.raises(CacheError, match=r"built for layers \[0, 1, 2\], without \[3\] .*; width 32 \(config's "
+                                         r"encoder has 16\); items file items.tsv with fingerprint f1 \(config's "
+                                         r"items file has f2\); modality text \(expected image\)"):
+        check_metadata(path, meta, CacheExpectation(modality="image", items_fingerprint="f2", layers=(3,), width=16))
+
+
+def dataclasses_replace(expected: CacheExpectation, **changes) -> CacheExpectation:
+    import dataclasses
+
+    return dataclasses.replace(expected, **changes)

@@ -19,8 +19,9 @@ from iisan.cli.main import main
 from iisan.console import ProgressLog
 from iisan.data.cache import cache_file
 from iisan.data.cache_build import SIDECAR, write_safetensors
+from iisan.data.run_data import load_data
 from iisan.errors import CacheError
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 from iisan.model.feeds import LiveStates
 

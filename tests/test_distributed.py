@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from iisan.data.batches import shard_users, train_loader
+from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users, train_loader
+from iisan.data.run_data import load_data
 from iisan.distributed import Dist, chunk_block
 from iisan.evaluate import evaluate_model, evaluate_ranks
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 from iisan.train.optim import make_optimizer
 from iisan.train.weights import load_weights
@@ -27,13 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_single_process_batches_are_those_of_random_and_batch_samplers():
-    sequences = np.zeros((103, 3), dtype=np.int64)
+    collate = CollateTrain(np.zeros((103, 3), dtype=np.int64), "items")
     for epoch in range(3):
         generator = torch.Generator().manual_seed(7 * 1000 + epoch)
         expected = list(BatchSampler(RandomSampler(range(103), generator=generator), 16, drop_last=False))
-        assert [b.tolist() for b in train_loader(sequences, 16, 7, epoch, "items").user_batches()] == expected
-        resumed = train_loader(sequences, 16, 7, epoch, "items", start_step=4)
+        order = epoch_order(103, 7, epoch)
+        assert [b.tolist() for b in epoch_batches(order, 16, collate).user_batches()] == expected
+        resumed = epoch_batches(order, 16, collate, start_step=4)
         assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
+        # the one-call form (tests, scripts) is the same order collated the same way
+        assert [b.tolist() for b in train_loader(collate.sequences, 16, 7, epoch, "items").user_batches()] == expected
 
 
 def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed():
@@ -43,16 +47,14 @@ def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed(
 
     from iisan.config import Config
 
-    sequences = np.zeros((103, 3), dtype=np.int64)
     authors = [Config(seed=seed, user_order="authors").order_seed for seed in (1, 2)]
     assert authors == [None, None] and Config(seed=3).order_seed == 3
     for epoch in range(3):
         sampler = DistributedSampler(range(103), num_replicas=1, rank=0, shuffle=True)
         sampler.set_epoch(epoch + 1)
         expected = [list(b) for b in BatchSampler(list(sampler), 16, drop_last=False)]
-        assert [b.tolist() for b in train_loader(sequences, 16, None, epoch, "items").user_batches()] == expected
-        assert train_loader(sequences, 16, 1, epoch, "items").order.tolist() != \
-            train_loader(sequences, 16, 2, epoch, "items").order.tolist()
+        assert [b.tolist() for b in np.array_split(epoch_order(103, None, epoch), range(16, 103, 16))] == expected
+        assert epoch_order(103, 1, epoch).tolist() != epoch_order(103, 2, epoch).tolist()
 
 
 def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
@@ -61,8 +63,8 @@ def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
     assert {len(s) for s in shards} == {25}
     together = np.concatenate(shards)
     assert len(set(together)) == 100 and set(together) <= set(order[:100])
-    sequences = np.zeros((103, 3), dtype=np.int64)
-    steps = {len(train_loader(sequences, 8, 1, 0, "items", rank=r, world_size=4)) for r in range(4)}
+    collate = CollateTrain(np.zeros((103, 3), dtype=np.int64), "items")
+    steps = {len(epoch_batches(epoch_order(103, 1, 0, rank=r, world_size=4), 8, collate)) for r in range(4)}
     assert steps == {math.ceil(25 / 8)}  # DDP needs the same number of steps on every rank
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.model.build import load_data
+from iisan.data.run_data import load_data
 from iisan.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from iisan.bounds import check_encoding
 from iisan.cli.main import main
-from iisan.data.cache import load_cache, read_metadata
+from iisan.data.cache import CacheExpectation, load_cache, read_metadata
 from iisan.data.textfile import decoded_lines
 from iisan.errors import CacheError, ConfigError, DataError, TrainingError
 from iisan.train.weights import load_weights, save_weights
@@ -88,7 +88,7 @@ def cache_copy(tiny_cache, tmp_path) -> Path:
 
 def load(path: Path):
     ids = json.loads(read_metadata(path)["item_ids"])
-    return load_cache(path, {}, ["<pad>", *ids])
+    return load_cache(path, CacheExpectation(), ["<pad>", *ids])
 
 
 def test_the_undamaged_cache_copy_loads(cache_copy):

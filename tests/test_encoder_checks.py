@@ -18,6 +18,8 @@ from iisan.errors import EncoderError
 from iisan.model.backbones import load_image_encoder, load_text_encoder
 from iisan.model.tiny import vocabulary, write_bert
 
+from .conftest import six_groups
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -44,7 +46,7 @@ def rewrite_weights(folder: Path, change) -> Path:
 
 def refused(load, name: str, pattern: str) -> str:
     with pytest.raises(EncoderError, match=pattern) as info:
-        load(str(name))
+        load(str(name), (0, 1))  # refused before the layers matter
     assert "\n" not in str(info.value)
     return str(info.value)
 
@@ -71,7 +73,7 @@ def test_tokenizer_with_ids_beyond_the_model_vocabulary_is_refused(tiny, tmp_pat
     words = vocabulary(read_items(tiny["items"]).titles) + [f"extra{i}" for i in range(300)]
     other = write_bert(tmp_path / "other", words, hidden=16, layers=1, heads=1)
     folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), other)
-    size = load_text_encoder(tiny["text_model"]).model.config.vocab_size
+    size = load_text_encoder(tiny["text_model"], six_groups(tiny["text_model"], "text")).model.config.vocab_size
     refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' has ids up to {len(words) - 1} but the "
                                        rf"model's vocab_size is {size} \(a tokenizer of another model\?\)")
 
@@ -109,13 +111,13 @@ def test_one_missing_weight_is_refused(tiny, tmp_path):
 def test_intact_encoders_load_and_an_unused_head_is_only_logged(tiny, towers, tmp_path, caplog):
     """The tiny BERT, ViT (saved without its pooler) and decoder LLMs (BPE tokenizers) load as they are;
     a checkpoint with a task head the bare encoder does not use loads too, with a line in the log."""
-    assert load_text_encoder(tiny["text_model"]).width == 32
-    assert load_image_encoder(tiny["image_model"]).width == 24
+    assert load_text_encoder(tiny["text_model"], six_groups(tiny["text_model"], "text")).width == 32
+    assert load_image_encoder(tiny["image_model"], six_groups(tiny["image_model"], "image")).width == 24
     for name in ("llama48x6", "qwen2_40x3", "gpt2_24x4"):
-        enc = load_text_encoder(towers[name])
+        enc = load_text_encoder(towers[name], six_groups(towers[name], "text"))
         assert len(enc.tokenizer) <= enc.model.config.vocab_size
     folder = rewrite_weights(copy(tiny["image_model"], tmp_path / "vit"),
                              lambda ts: {**ts, "classifier.weight": torch.zeros(2, 24)})
     with caplog.at_level(logging.INFO, logger="iisan"):
-        assert load_image_encoder(str(folder)).width == 24
+        assert load_image_encoder(str(folder), six_groups(str(folder), "image")).width == 24
     assert any("not used by ViTModel (e.g. 'classifier.weight'" in r.getMessage() for r in caplog.records)

@@ -12,10 +12,13 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
+from iisan.data.run_data import load_data
 from iisan.errors import EncoderError
 from iisan.model.backbones import architecture, load_text_encoder
-from iisan.model.build import build_model, load_data, load_encoders
+from iisan.model.build import build_model, load_encoders
 from iisan.model.peft_methods import apply_adapters, moved_dropouts, resolve_targets
+
+from .conftest import six_groups
 
 
 def saved(model, folder, tokenizer_from=None):
@@ -49,9 +52,10 @@ def test_clip_text_tower_pools_the_mean_and_its_first_token_is_warned(towers, tm
                             num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
                             pad_token_id=1)
     folder = saved(CLIPTextModel(config), tmp_path / "cliptext", tokenizer_from=towers["llama48x6"])
-    assert load_text_encoder(folder).pooling == "mean"  # causal: the first token sees only itself
+    layers = six_groups(folder, "text")
+    assert load_text_encoder(folder, layers).pooling == "mean"  # causal: the first token sees only itself
     with caplog.at_level(logging.WARNING, logger="iisan"):
-        assert load_text_encoder(folder, pooling="cls").pooling == "cls"
+        assert load_text_encoder(folder, layers, pooling="cls").pooling == "cls"
     assert any("looks like a causal decoder" in r.getMessage() for r in caplog.records)
 
 

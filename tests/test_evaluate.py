@@ -134,8 +134,9 @@ def test_popularity_baseline_by_hand(tmp_path):
 def test_rank_repeated_targets_reaches_the_evaluation_of_a_model(tiny_config):
     """The config key, not only ``rank_targets``: with it a target the user had before is ranked (the
     authors'), without it that user is a miss."""
+    from iisan.data.run_data import load_data
     from iisan.evaluate import evaluate_ranks
-    from iisan.model.build import build_model, load_data
+    from iisan.model.build import build_model
 
     cfg = tiny_config(method="id")
     data = load_data(cfg)

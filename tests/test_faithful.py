@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from iisan.data.cache import cache_file, read_metadata
+from iisan.data.run_data import load_data
 from iisan.devices import amp_dtype
 from iisan.errors import CacheError, ConfigError
 from iisan.model.backbones import group_layers, load_text_encoder
-from iisan.model.build import build_model, layers_for, load_data
+from iisan.model.build import build_model, layers_for
 from iisan.model.caching import build_cache_from_config, cache_precision
 from iisan.model.inputs import tokenize_for_pooling
 from iisan.model.peft_methods import HoulsbyAdapter
@@ -41,7 +42,7 @@ def _versa_script():
 
 
 def test_authors_llm_inputs_keep_case_pad_with_zero_and_mask_nothing(towers):
-    enc = load_text_encoder(towers["llama48x6"], pooling="authors")
+    enc = load_text_encoder(towers["llama48x6"], group_layers(6, 6), pooling="authors")
     ids, mask = tokenize_for_pooling(enc.tokenizer, TITLES, 40, "authors")
     ours, our_mask = tokenize_for_pooling(enc.tokenizer, TITLES, 40, "mean")
     assert mask.min() == 1  # no attention mask: every position is attended and averaged
@@ -55,7 +56,7 @@ def test_authors_llm_inputs_keep_case_pad_with_zero_and_mask_nothing(towers):
 
 def test_authors_pooling_changes_when_padding_is_appended_and_ours_does_not(towers):
     for pooling, changes in (("authors", True), ("mean", False)):
-        enc = load_text_encoder(towers["llama48x6"], pooling=pooling)
+        enc = load_text_encoder(towers["llama48x6"], group_layers(6, 6), pooling=pooling)
         # every title fits in 40 (the tokenizer is per letter); 48 adds 8 more padding tokens
         short = tokenize_for_pooling(enc.tokenizer, TITLES, 40, pooling)
         long = tokenize_for_pooling(enc.tokenizer, TITLES, 48, pooling)
@@ -229,7 +230,7 @@ def test_seeded_chains_keep_the_authors_block_counts(tiny_config, tiny_cache):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_config, tiny_cache, tmp_path):
     from iisan.data.batches import train_loader
-    from iisan.data.cache import load_cache
+    from iisan.data.cache import CacheExpectation, load_cache
 
     cuda = torch.device("cuda")
     cfg = tiny_config(cache_dir=tiny_cache, amp="fp16")
@@ -247,7 +248,7 @@ def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_
     gpu = cfg.replace(device="cuda", cache_dir=str(tmp_path / "gpu"))
     build_cache_from_config(gpu)
     for m in ("text", "image"):
-        a, meta = load_cache(cache_file(gpu.cache_dir, m), {}, data.item_ids)
-        b, _ = load_cache(cache_file(tiny_cache, m), {}, data.item_ids)
+        a, meta = load_cache(cache_file(gpu.cache_dir, m), CacheExpectation(), data.item_ids)
+        b, _ = load_cache(cache_file(tiny_cache, m), CacheExpectation(), data.item_ids)
         assert meta["dtype"] == "float32"
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

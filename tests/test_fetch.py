@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from iisan.data.datasets import DATASETS, FETCHABLE
 from iisan.data.download import Expected, git_blob_id, http_download, mismatch, partial_path
 from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
 from iisan.data.interactions import load_dataset
 from iisan.data.manifest import Manifest
 from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
 from iisan.errors import DataError, FetchError
-from iisan.experiments.presets import DATASETS
+from iisan.experiments.presets import dataset_paths
 
 from .conftest import shared_file
 
@@ -291,11 +292,16 @@ def test_an_archive_member_outside_the_folder_is_refused(tmp_path):
         unpack_images(tmp_path / "bad.zip", tmp_path / "Dataset" / "am_image_yy")
 
 
-def test_the_sources_table_matches_the_presets():
-    assert set(SOURCES) <= set(DATASETS) and {"Scientific", "Instrument"} <= set(SOURCES)
+def test_every_source_is_a_data_set_of_the_registry_at_its_paths():
+    """The registry's fetched rows are the download table's, in its order (``fetch data --dataset`` lists
+    them so), read from where the download puts them; each source's statistics fit the protocol."""
+    assert FETCHABLE == tuple(SOURCES) and {"Scientific", "Instrument"} <= set(FETCHABLE)
     for name, source in SOURCES.items():
-        folder, users, items, _ = DATASETS[name]
-        assert source.users.path == f"Dataset/{folder}/{users}" and source.items.path == f"Dataset/{folder}/{items}"
+        spec, paths = DATASETS[name], dataset_paths(name, Path("/repo"))
+        assert spec.source is source and spec.name == name and spec.folder == source.folder
+        assert (paths["users"], paths["items"]) == (f"/repo/{source.users.path}", f"/repo/{source.items.path}")
+        users, items, interactions = source.stats  # >= 5 and <= 13 (max_seq_len + 3) interactions a user
+        assert 5 * users <= interactions <= 13 * users and items <= interactions
 
 
 @pytest.mark.realdata

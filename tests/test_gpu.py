@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from iisan.data.batches import train_loader
+from iisan.data.run_data import load_data
 from iisan.efficiency.bench import SETTINGS
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.train.optim import make_optimizer
 from iisan.train.plan import batch_layout
 from iisan.train.step import make_train_step
@@ -136,8 +137,8 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
 def test_patch_embedding_matmul_matches_the_conv_in_bf16(tiny):
     from iisan.model.backbones import load_image_encoder
 
-    conv = load_image_encoder(tiny["image_model"], patch_embedding="conv").model.to(CUDA)
-    matmul = load_image_encoder(tiny["image_model"]).model.to(CUDA)
+    conv = load_image_encoder(tiny["image_model"], (0, 1, 2, 3), patch_embedding="conv").model.to(CUDA)
+    matmul = load_image_encoder(tiny["image_model"], (0, 1, 2, 3)).model.to(CUDA)
     size = conv.config.image_size
     pixels = torch.randn(8, 3, size, size, device=CUDA)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

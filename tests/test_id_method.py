@@ -13,9 +13,11 @@ import torch
 from iisan.cli.main import main
 from iisan.config import Config
 from iisan.data.batches import train_loader
+from iisan.data.run_data import load_data
 from iisan.errors import ConfigError
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.id_embedding import ItemIDEncoder
+from iisan.model.item_encoder import ItemEncoder
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
 
@@ -36,6 +38,8 @@ def test_id_model_is_a_table_and_sasrec_and_only_they_train(tiny, tmp_path):
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
     assert pixels is None and isinstance(model.item_encoder, ItemIDEncoder)
+    assert isinstance(model.item_encoder, ItemEncoder)  # nothing to cut, no cache
+    assert model.item_encoder.title_lengths() is None and model.cache_dtypes() == {}
     table = model.item_encoder.embedding.weight
     assert table.shape == (data.num_items + 1, 64) and table[0].abs().sum() == 0
     assert sum(p.numel() for p in model.parameters()) == (data.num_items + 1) * 64 + SASREC

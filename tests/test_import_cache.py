@@ -13,11 +13,12 @@ from safetensors import safe_open
 
 from iisan.cli.main import main
 from iisan.config import Config
-from iisan.data.cache import cache_file, load_cache, read_metadata
+from iisan.data.cache import CacheExpectation, cache_file, load_cache, read_metadata
 from iisan.data.cache_import import REPORT, state_file
+from iisan.data.run_data import load_data
 from iisan.errors import CacheError
 from iisan.evaluate import item_table
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config, import_cache_from_config
 from iisan.train.trainer import train
 from iisan.train.weights import load_weights
@@ -72,8 +73,8 @@ def test_an_imported_cache_trains_exactly_like_one_built_from_the_same_states(ti
         meta = read_metadata(cache_file(imported_dir, m))
         assert meta["source"] == "imported" and meta["imported_from"] == str(authors_files["src"].resolve())
         assert json.loads(meta["layers"]) == layers and meta["imported_missing"] == "0"
-        ours, _ = load_cache(cache_file(direct.cache_dir, m), {"layers": layers}, data.item_ids)
-        theirs, _ = load_cache(cache_file(imported_dir, m), {"layers": layers}, data.item_ids)
+        ours, _ = load_cache(cache_file(direct.cache_dir, m), CacheExpectation(layers=tuple(layers)), data.item_ids)
+        theirs, _ = load_cache(cache_file(imported_dir, m), CacheExpectation(layers=tuple(layers)), data.item_ids)
         assert torch.equal(ours, theirs)
 
     run = {"epochs": 2, "seed": 7, **LAYERS}

@@ -9,12 +9,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from iisan.config import METHOD_DEFAULTS, METHOD_NAMES, METHOD_TABLE, METHODS, Config
 from iisan.data.batches import train_loader
+from iisan.data.run_data import load_data
 from iisan.efficiency.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.errors import TargetError, TrainingError
-from iisan.model.build import build_model, load_data
+from iisan.model.baselines import APPLY, apply_method
+from iisan.model.build import build_model
+from iisan.model.item_encoder import ItemEncoder, LrGroup
 from iisan.model.peft_methods import apply_adapters, apply_lora
-from iisan.train.optim import make_optimizer, optimizer_groups
+from iisan.train.optim import LR_OF_GROUP, make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
 from iisan.train.weights import load_weights, save_weights
 
@@ -42,7 +46,11 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
     model, pixels = build_model(cfg, data, torch.device("cpu"))
     for name, p in model.named_parameters():
         assert p.requires_grad == declared_trainable(name, cfg.method), name
+    assert isinstance(model.item_encoder, ItemEncoder)
+    assert model.cache_dtypes() == ({"text": "float32", "image": "float32"} if cfg.cached else {})
     groups = optimizer_groups(model, cfg)
+    assert all(type(g["name"]) is str for g in groups)  # plain strings in checkpoints, as before LrGroup
+    assert [g["name"] for g in groups] == [k for k in model.param_groups() if k in {g["name"] for g in groups}]
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
     group_of = {id(p): g["name"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():  # the authors' learning-rate groups of a trained backbone
@@ -83,13 +91,42 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
         torch.testing.assert_close(fresh.item_encoder(items), emb)
 
 
+def test_the_method_table_gives_the_names_and_defaults_every_module_reads():
+    assert METHODS == ("iisan", "fft", "adapter", "lora", "bitfit", "id")
+    assert METHOD_NAMES == {"iisan": "IISAN", "fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit",
+                            "id": "SASRec-ID"}
+    assert list(METHOD_DEFAULTS) == list(METHODS)
+    assert METHOD_DEFAULTS["iisan"] == {"batch_size": 64, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5,
+                                        "lr_adapter_image": 1e-4, "lr_adapter_text": 1e-4}
+    assert {m: d["batch_size"] for m, d in METHOD_DEFAULTS.items()} == {
+        "iisan": 64, "fft": 32, "adapter": 32, "lora": 32, "bitfit": 32, "id": 64}
+    assert all(m.kind in ("san", "baseline", "id") and name == m.name for name, m in METHOD_TABLE.items())
+    assert Config.__dataclass_fields__["method"].metadata["choices"] == METHODS
+
+
+def test_every_baseline_and_nothing_else_has_an_apply_function():
+    assert set(APPLY) == {name for name, m in METHOD_TABLE.items() if m.kind == "baseline"}
+    for name, m in METHOD_TABLE.items():
+        if m.kind != "baseline":
+            with pytest.raises(ValueError, match=f"^{name} is not a baseline$"):
+                apply_method(None, Config(method=name), "text")
+
+
+def test_lr_groups_are_the_authors_names_each_set_by_one_config_key():
+    assert [str(g) for g in LrGroup] == ["recsys", "image_net", "text_encoder", "adapter_image", "adapter_text"]
+    assert LrGroup.RECSYS == "recsys" and f"{LrGroup.IMAGE}" == "image_net" and {"text_encoder": 1}[LrGroup.TEXT]
+    assert LR_OF_GROUP == {"recsys": "lr", "image_net": "lr_image", "text_encoder": "lr_text",
+                           "adapter_image": "lr_adapter_image", "adapter_text": "lr_adapter_text"}
+    assert all(key in Config.__dataclass_fields__ for key in LR_OF_GROUP.values())
+
+
 @pytest.mark.parametrize("method", ["adapter", "lora"])
 def test_adapters_and_lora_start_as_the_identity(method, tiny):
     from iisan.model.backbones import load_image_encoder, load_text_encoder
     from iisan.model.inputs import tokenize_titles
 
-    text = load_text_encoder(tiny["text_model"])
-    image = load_image_encoder(tiny["image_model"])
+    text = load_text_encoder(tiny["text_model"], (0, 1, 2))
+    image = load_image_encoder(tiny["image_model"], (0, 1, 2, 3))
     ids, mask = tokenize_titles(text.tokenizer, ["blue lamp", "red chair and table"], 10)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -109,7 +146,7 @@ def test_adapters_and_lora_start_as_the_identity(method, tiny):
 def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
     from iisan.model.backbones import load_image_encoder
 
-    image = load_image_encoder(tiny["image_model"])
+    image = load_image_encoder(tiny["image_model"], (0, 1, 2, 3))
     q_name = [n for n, m in image.model.named_modules() if isinstance(m, torch.nn.Linear)][0]
     weight = image.model.get_submodule(q_name).weight.detach().clone()
     apply_lora(image.model, 4, 1.0, ["query", "value"])
@@ -121,7 +158,7 @@ def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
 def test_target_that_matches_nothing_lists_existing_modules(tiny):
     from iisan.model.backbones import load_text_encoder
 
-    text = load_text_encoder(tiny["text_model"])
+    text = load_text_encoder(tiny["text_model"], (0, 1, 2))
     with pytest.raises(TargetError, match=r"target 'qkv' matches no module in the text encoder \(BertModel\); "
                                           r"roles: query, .*; Linear/Conv1D modules: dense, key, query, value"):
         apply_lora(text.model, 4, 1.0, ["qkv"], "text encoder")
@@ -211,7 +248,7 @@ class HostStalls(TorchDispatchMode):
 
     transformers' own read-back, whether a text batch has any padding (``padding_mask.all()`` in
     ``masking_utils``, to drop the mask for flash attention), is gone too: BERT-family towers get their
-    mask ready-made (``FrozenEncoder.model_inputs``)."""
+    mask ready-made (``BackboneEncoder.model_inputs``)."""
 
     NAMES = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
              "lift_fresh", "lift_fresh_copy", "repeat_interleave"}

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from iisan.data.interactions import load_dataset
+from iisan.data.interactions import file_format, load_dataset
 from iisan.errors import DataError
 
 # user 7: items 10, 11, 12, 13, 14 in time order (file order shuffled, one tie kept in file order)
@@ -64,6 +66,14 @@ def test_csv_and_tsv_forms_give_the_same_data(tmp_path):
     assert np.array_equal(csv_data.padded, expected) and np.array_equal(tsv_data.padded, expected)
 
 
+def test_the_suffix_names_the_format_in_any_case(tmp_path):
+    """``.csv``, ``.CSV``: the CSV readers; any other name (``.tsv``, ``.txt``, none): tab-separated."""
+    assert [file_format(Path(n)) for n in ("a.csv", "a.CSV", "a.tsv", "a.txt", "a")] == ["csv", "csv"] + ["tsv"] * 3
+    upper = load_dataset(_write(tmp_path, "P.CSV", PAIRS_CSV), _write(tmp_path, "T.Csv", TITLES_CSV),
+                         allow_empty_titles=True)
+    assert upper.user_ids == ["7", "8"] and upper.titles[1] == 'Cats, dogs and a "quoted" word'
+
+
 def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
     titles = _write(tmp_path, "t.csv", TITLES_CSV)
     pairs = _write(tmp_path, "p.csv", PAIRS_CSV)
@@ -107,7 +117,7 @@ def test_a_titles_row_without_the_item_column_is_one_line(tmp_path):
 
 
 def test_a_csv_field_over_the_reader_s_limit_is_one_line_naming_the_row(tmp_path):
-    from iisan.data.microlens import read_titles_csv
+    from iisan.data.csv_files import read_titles_csv
     from iisan.errors import DataError
 
     path = tmp_path / "titles.csv"

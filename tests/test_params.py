@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from iisan.cli.main import main
+from iisan.data.run_data import load_data
 from iisan.experiments.params import count
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 
 # The authors' code (their parameter log, `trainable_num`): FFT 194.90 M, Adapter 4.97 M, BitFit 0.41 M, IISAN 4.11 M.
 AUTHORS = {"fft": 194.90e6, "adapter": 4.97e6, "bitfit": 0.41e6, "iisan": 4.11e6}

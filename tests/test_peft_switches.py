@@ -13,9 +13,10 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from iisan.config import Config, resolve
 from iisan.data.batches import ItemBatch, train_loader
+from iisan.data.run_data import load_data
 from iisan.errors import TargetError
 from iisan.model.backbones import load_image_encoder, load_text_encoder
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.peft_methods import WithAdapter, apply_adapters, transformer_blocks
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.plan import batch_layout
@@ -55,8 +56,8 @@ def test_lora_random_base_replaces_query_and_value_and_trains_their_biases(rando
     torch.manual_seed(0)
     model, pixels = build_model(cfg, data, CPU)
     pretrained = {
-        "text": dict(load_text_encoder(tiny["text_model"]).model.named_modules()),
-        "image": dict(load_image_encoder(tiny["image_model"]).model.named_modules()),
+        "text": dict(load_text_encoder(tiny["text_model"], (0, 1, 2)).model.named_modules()),
+        "image": dict(load_image_encoder(tiny["image_model"], (0, 1, 2, 3)).model.named_modules()),
     }
     groups = optimizer_groups(model, cfg)
     group_of = {id(p): g for g in groups for p in g["params"]}

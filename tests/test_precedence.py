@@ -132,4 +132,4 @@ def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     plain, marked = tmp_path / "plain.json", tmp_path / "marked.json"
     plain.write_text('{"lr": 0.002, "epochs": 3}', encoding="utf-8")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save JSON
-    assert Config.from_file(marked) == Config.from_file(plain) == {"lr": 0.002, "epochs": 3}
+    assert Config.overrides_from_file(marked) == Config.overrides_from_file(plain) == {"lr": 0.002, "epochs": 3}

@@ -44,6 +44,7 @@ def test_every_epoch_leaves_its_record_on_disk(cached_cfg, monkeypatch):
     results = train(cached_cfg)
     assert seen == [0, 1, 2]
     assert results["status"] == "finished" and json.loads((run_dir / "results.json").read_text()) == results
+    assert list(results["parameters"]) == ["trainable", "total", "by_rate"]  # ParameterCount's fields, in order
     metrics = read_lines(run_dir / "metrics.jsonl")
     assert metrics == results["epochs"]
     assert set(metrics[0]) >= {"epoch", "loss", "train_seconds", "eval_seconds", "steps", "valid", "test"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iisan.model.item_encoder import LrGroup
 from iisan.model.san import InterSAN, IntraSAN, SANItemTower, SideAdapterBlock
 from iisan.model.sasrec import SASRec
 
@@ -103,6 +104,8 @@ def test_single_tower(modality):
 def test_param_groups_cover_every_parameter_once_with_the_authors_split():
     tower = SANItemTower({"text": 8, "image": 8}, {"text": 3, "image": 3}, embedding_dim=4)
     groups = tower.param_groups()
+    # the order optimizer groups (and so checkpoints) take: LrGroup's, as the bare names were before it
+    assert list(groups) == list(LrGroup) == ["recsys", "image_net", "text_encoder", "adapter_image", "adapter_text"]
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len(list(tower.parameters()))
     names = {id(p): n for n, p in tower.named_parameters()}

@@ -10,17 +10,19 @@ import statistics
 
 import pytest
 
+from iisan.data.datasets import DATASETS
+from iisan.data.run_data import load_data
 from iisan.errors import ConfigError, OutputError
 from iisan.evaluate import popularity_metrics
 from iisan.experiments import seed_table
-from iisan.experiments.presets import DATASETS
 from iisan.experiments.seed_table import markdown, mean_std, point_name, run_point, write_table
-from iisan.model.build import load_data
+
+SCIENTIFIC = DATASETS["Scientific"]
 
 
 def as_real_data(tiny, root):
     """The tiny data set laid out as the real Scientific files under ``root``."""
-    folder, users, items, _ = DATASETS["Scientific"]
+    folder, users, items = SCIENTIFIC.folder, SCIENTIFIC.users_file, SCIENTIFIC.items_file
     (root / folder).mkdir(parents=True)
     shutil.copy(tiny["users"], root / folder / users)
     shutil.copy(tiny["items"], root / folder / items)
@@ -29,7 +31,7 @@ def as_real_data(tiny, root):
 
 def finished_run(work, root, seed, hit=0.1, **results):
     """A finished ``id`` point on Scientific at ``root``'s data, as the trainer records it."""
-    folder, users, items, _ = DATASETS["Scientific"]
+    folder, users, items = SCIENTIFIC.folder, SCIENTIFIC.users_file, SCIENTIFIC.items_file
     run = work / "runs" / point_name("id", "Scientific", seed)
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps({
@@ -91,7 +93,7 @@ def test_a_point_finished_on_other_data_is_refused_never_reused_or_tabled(tiny, 
     """A run trained on a subset, then --data-root pointed at the full data with the same --work: one line
     naming the run folder and what differs; the folder stays. On its own data it is reused untrained."""
     full, subset = as_real_data(tiny, tmp_path / "full"), as_real_data(tiny, tmp_path / "subset")
-    folder, users, items, _ = DATASETS["Scientific"]
+    folder, users = SCIENTIFIC.folder, SCIENTIFIC.users_file
     (subset / folder / users).write_text("".join((full / folder / users).read_text().splitlines(True)[:50]))
     work = tmp_path / "work"
     results = finished_run(work, subset, 12345)
@@ -107,7 +109,6 @@ def test_a_point_finished_on_other_data_is_refused_never_reused_or_tabled(tiny, 
 
 def test_a_point_whose_items_file_changed_since_is_refused(tiny, tmp_path):
     root = as_real_data(tiny, tmp_path / "data")
-    folder, _, items, _ = DATASETS["Scientific"]
     work = tmp_path / "work"
     finished_run(work, root, 12345, items_fingerprint="0123456789abcdef")
     with pytest.raises(ConfigError, match="items file fingerprint 0123456789abcdef there"):

@@ -10,10 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from iisan.data.batches import CollateTrain, TrainBatch, train_loader, without_padding_rows
 from iisan.data.interactions import read_items
+from iisan.data.run_data import load_data
 from iisan.data.shapes import ShapeBuckets
 from iisan.data.synthetic import SCIENTIFIC_LENGTHS, generate
 from iisan.errors import ConfigError
-from iisan.model.build import build_model, load_data
+from iisan.model.build import build_model
 from iisan.model.tiny import vocabulary, write_bert
 from iisan.train.plan import shape_buckets
 from iisan.train.trainer import train

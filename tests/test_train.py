@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from iisan.data.batches import train_loader
-from iisan.model.build import build_model, load_data
+from iisan.data.run_data import load_data
+from iisan.model.build import build_model
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
 from iisan.train.trainer import train
@@ -55,7 +56,8 @@ ONE_STEP_GRADIENTS = """
 import hashlib, json, sys
 import torch
 from iisan.data.batches import train_loader
-from iisan.model.build import build_model, load_data
+from iisan.data.run_data import load_data
+from iisan.model.build import build_model
 from iisan.config import Config
 torch.set_num_threads(2)
 cfg = Config(**json.loads(sys.argv[1]))
@@ -234,3 +236,40 @@ def test_a_full_disk_while_writing_metrics_is_one_error_and_no_half_line(cached_
     assert [json.loads(line)["epoch"] for line in lines] == [0]
     assert json.loads((run / "results.json").read_text())["status"] == "failed"
     assert not (run / ".lock").exists() and not list(run.glob(".*tmp"))
+
+
+def test_a_batch_as_tensors_is_what_the_eager_and_graphed_steps_both_take(cached_cfg):
+    """``TrainBatch.tensors`` / ``from_tensors``: the one order of a step's inputs (TrainStep.loss, GraphedStep)."""
+    from iisan.data.batches import TrainBatch
+    from iisan.train.step import TrainStep
+
+    data = load_data(cached_cfg)
+    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items")))
+    again = TrainBatch.from_tensors(*batch.tensors())
+    assert again.seq is batch.seq and again.inverse is batch.inverse and again.items == batch.items
+    assert TrainBatch.from_tensors(*batch.tensors(real=False)).items.real is None
+    torch.manual_seed(0)
+    model, _ = build_model(cached_cfg, data, torch.device("cpu"))
+    model.eval()
+    step = TrainStep(model, make_optimizer(model, cached_cfg, torch.device("cpu")), None, torch.device("cpu"))
+    torch.testing.assert_close(step.loss(*batch.tensors(real=False)), model.calculate_loss(batch), rtol=0, atol=0)
+
+
+def test_a_non_finite_loss_report_is_built_from_what_it_is_given(tmp_path):
+    from iisan.train.nonfinite import nonfinite_loss
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{"params": model.parameters(), "name": "recsys"}], lr=0.0)
+    asked = []
+
+    def states(step):
+        asked.append(step)
+        return ["2 item(s) of that batch have non-finite text states"]
+
+    assert nonfinite_loss(torch.ones(3), 0, 10, 3, optimizer, model, states, tmp_path, lambda: "x") is None
+    report = nonfinite_loss(torch.tensor([1.0, float("nan"), 1.0]), 2, 10, 3, optimizer, model, states, tmp_path,
+                            lambda: "some/epoch-0001")
+    assert asked == [1]
+    assert report == ("non-finite loss at step 11 (epoch 2, steps 10..12); the learning rate of group 'recsys' is "
+                      "0.0; 2 item(s) of that batch have non-finite text states; last good checkpoint: "
+                      "some/epoch-0001; best weights: none yet")

@@ -159,7 +159,23 @@ def _damage_shape(weights: Path) -> str:
     return f"{name!r} has shape"
 
 
-@pytest.mark.parametrize("damage", [_damage_cut, _damage_shape])
+def _rewrite_config(weights: Path, config: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(load_file(weights), str(weights), {**meta, "config": config})
+
+
+def _damage_config(weights: Path) -> str:
+    """Weights of another run (another learning rate, same shapes) beside this run's config.json."""
+    with safe_open(str(weights), framework="pt") as fh:
+        config = json.loads(fh.metadata()["config"])
+    _rewrite_config(weights, json.dumps({**config, "lr": 0.5}))
+    return f"was saved by a run of another config than {weights.parent / 'config.json'} (lr=0.5 there, 0.001 now)"
+
+
+@pytest.mark.parametrize("damage", [_damage_cut, _damage_shape, _damage_config])
 def test_a_damaged_weights_file_is_one_line(runs, damage, tmp_path, capsys):
     import shutil
 
@@ -352,4 +368,16 @@ def test_a_run_saved_before_a_field_is_rebuilt_as_it_ran(runs, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config.pop("layer_rule") == "stride"
     (folder / "config.json").write_text(json.dumps(config))
+    _rewrite_config(folder / "best.safetensors", json.dumps(config))  # its weights were saved without it too
     assert load_run(folder, device="cpu").cfg.layer_rule == "groups"
+
+
+def test_weights_without_a_readable_config_are_used_with_a_warning(runs, tmp_path, capsys, caplog):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["cached"]["run_dir"], run_dir)
+    _rewrite_config(run_dir / "best.safetensors", "{not json")
+    main(["evaluate", str(run_dir), "--device", "cpu", "--json"])
+    assert json.loads(capsys.readouterr().out) == {s: runs["cached"][s] for s in ("valid", "test")}
+    assert f"{run_dir / 'best.safetensors'} holds no readable config in its metadata" in caplog.text

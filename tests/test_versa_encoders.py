@@ -9,13 +9,15 @@ import torch
 from iisan.cli.main import main
 from iisan.errors import EncoderError
 from iisan.model.backbones import (
-    FrozenEncoder,
+    BackboneEncoder,
     group_layers,
     load_image_encoder,
     load_text_encoder,
     resolve_encoder_dtype,
 )
 from iisan.model.inputs import pixels_to_input, tokenize_titles
+
+from .conftest import six_groups
 
 TITLES = ["", "Red lamp with a big shade", "blue chair", "Green table, small and round", "x"]
 
@@ -28,7 +30,7 @@ def _hidden(enc, ids, mask):
 @pytest.mark.parametrize("name,depth,width", [("llama48x6", 6, 48), ("qwen2_40x3", 3, 40),
                                               ("gpt2_24x4", 4, 24)])
 def test_decoder_llm_pools_the_masked_mean_by_default(towers, name, depth, width):
-    enc = load_text_encoder(towers[name])
+    enc = load_text_encoder(towers[name], group_layers(depth, 6))
     assert (enc.depth, enc.width, enc.pooling) == (depth, width, "mean")
     assert enc.tokenizer.pad_token is not None and enc.tokenizer.padding_side == "right"  # GPT-2 ships no pad
     assert enc.layers == group_layers(depth, 6) and enc.dtype == torch.float32
@@ -47,7 +49,7 @@ def test_decoder_llm_pools_the_masked_mean_by_default(towers, name, depth, width
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 @pytest.mark.parametrize("name", ["llama48x6", "qwen2_40x3", "gpt2_24x4"])
 def test_decoder_pooled_state_ignores_appended_padding(towers, name, pooling):
-    enc = load_text_encoder(towers[name], pooling=pooling)
+    enc = load_text_encoder(towers[name], six_groups(towers[name], "text"), pooling=pooling)
     short = tokenize_titles(enc.tokenizer, TITLES, 32)
     long = tokenize_titles(enc.tokenizer, TITLES, 64)  # the same titles with 32 more padding tokens
     assert short[1].sum(1).max() < 32  # nothing truncated
@@ -69,7 +71,7 @@ def test_decoder_pooled_state_ignores_appended_padding(towers, name, pooling):
                                                      ("dinov2_32x5", "dinov2", 5, 32),
                                                      ("clip24x3", "clip_vision_model", 3, 24)])
 def test_image_towers_give_the_cls_of_each_selected_layer(towers, name, family, depth, width):
-    enc = load_image_encoder(towers[name])
+    enc = load_image_encoder(towers[name], group_layers(depth, 6))
     assert (enc.model.config.model_type, enc.depth, enc.width) == (family, depth, width)
     assert enc.norm["size"] == 32  # the crop side for DeiT/DINOv2/CLIP processors, not their resize side
     pixels = pixels_to_input(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8), enc.norm)
@@ -93,7 +95,8 @@ def test_half_checkpoints_load_in_fp32_on_cpu_and_in_their_own_precision_on_gpu(
     half = tmp_path / "llama-bf16"
     AutoModel.from_pretrained(towers["llama48x6"]).to(torch.bfloat16).save_pretrained(half)
     AutoTokenizer.from_pretrained(towers["llama48x6"]).save_pretrained(half)
-    assert load_text_encoder(str(half)).dtype == torch.float32  # transformers 5 alone would keep bf16
+    layers = six_groups(str(half), "text")
+    assert load_text_encoder(str(half), layers).dtype == torch.float32  # transformers 5 alone would keep bf16
     assert resolve_encoder_dtype("auto", str(half), "text", torch.device("cpu")) == torch.float32
     assert resolve_encoder_dtype("auto", str(half), "text", torch.device("cuda")) == torch.bfloat16
     assert resolve_encoder_dtype("auto", towers["vit24x3"], "image", torch.device("cuda")) == torch.float32
@@ -118,7 +121,7 @@ def test_encoder_without_hidden_states_is_one_line():
     from transformers import BertConfig
 
     model = _NoHiddenStates(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
-    enc = FrozenEncoder(model, "text", (0, 2), "mean", name="no-states")
+    enc = BackboneEncoder(model, "text", (0, 2), "mean", name="no-states")
     with pytest.raises(EncoderError, match=r"^no-states returns no hidden states") as info:
         enc.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3))
     assert "\n" not in str(info.value)
@@ -166,7 +169,7 @@ def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, cap
     assert err.startswith(f"iisan: error: text encoder '{folder}' is a 'iisan_test_nostates' model, which IISAN "
                           "cannot use as the text tower; supported: albert, bert, ")
     model = AutoModel.from_pretrained(folder, trust_remote_code=False)
-    encoder = FrozenEncoder(model, "text", (0, 1), name=str(folder))
+    encoder = BackboneEncoder(model, "text", (0, 1), name=str(folder))
     with pytest.raises(EncoderError, match=f"^{folder} returns no hidden states"):
         encoder.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long))
 
@@ -201,7 +204,7 @@ def test_every_listed_decoder_family_gives_per_layer_states(towers, tmp_path, fa
                                   pad_token_id=1, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
-    encoder = load_text_encoder(str(folder))
+    encoder = load_text_encoder(str(folder), six_groups(str(folder), "text"))
     tokens, mask = tokenize_titles(encoder.tokenizer, ["a red lamp", "blue"], 8)
     with torch.no_grad():
         states = encoder.layer_states(input_ids=tokens, attention_mask=mask)

@@ -19,11 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
-from iisan.data.cache import cache_file  # noqa: E402
-from iisan.experiments.presets import DATASETS, VERSA_PRESETS, dataset_paths  # noqa: E402
+from iisan.experiments.presets import VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
-from iisan.model.caching import build_cache_from_config  # noqa: E402
-from iisan.train.trainer import train  # noqa: E402
+from iisan.experiments.versa_run import train_cached  # noqa: E402
 
 SWEEP = {
     "seed": [12345],
@@ -31,29 +29,21 @@ SWEEP = {
 
 
 def defaults_for(argv: list[str] | None) -> dict:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(VERSA_PRESETS))
+    pre = argparse.ArgumentParser(add_help=False)  # the preset and data set pick the defaults of the rest
+    pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
     known, _ = pre.parse_known_args(argv)
-    cache_dir = dataset_paths(known.dataset)["cache_dir"] if known.dataset in DATASETS else ""
-    preset = VERSA_PRESETS[known.preset]
-    if preset.get("text_model") and cache_dir:  # another encoder pair: its own cache folder
-        cache_dir += "_" + known.preset
-    return {"method": "iisan", "feed": "cached",
-            **({"cache_dir": cache_dir} if cache_dir else {}), **preset}
+    return versa_defaults(known.preset, known.dataset)
 
 
 def extra_arguments(parser):
-    parser.add_argument("--preset", default="llama3-8b+vit-base", choices=sorted(VERSA_PRESETS),
+    parser.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS),
                         help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py)")
     parser.add_argument("--build-cache", action="store_true", help="build the cache first when it is missing")
 
 
 def action(cfg, args):
-    needed = ("text", "image") if cfg.towers == "both" else (cfg.towers,)
-    if args.build_cache and not all(cache_file(cfg.cache_dir, m).is_file() for m in needed):
-        build_cache_from_config(cfg)
-    return train(cfg)
+    return train_cached(cfg, build_cache=args.build_cache)
 
 
 def main(argv: list[str] | None = None) -> list:

@@ -3,10 +3,10 @@ network) and import-cache (the authors' released hidden states)."""
 
 from __future__ import annotations
 
+from ..data.datasets import DATASETS, FETCHABLE
 from ..data.fetch import fetch_dataset
-from ..data.sources import SOURCES
 from ..experiments.encoders import ENCODER_PRESETS, fetch_encoders
-from ..experiments.presets import BACKBONES, DATASETS, ROOT, dataset_paths
+from ..experiments.presets import BACKBONES, ROOT, dataset_paths
 from ..flags import add_config_arguments, config_from_args
 from ..model.caching import DTYPES, import_cache_from_config
 
@@ -16,11 +16,12 @@ IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towe
 
 
 def cmd_fetch_data(args) -> None:
-    names = list(SOURCES) if args.dataset == "all" else [args.dataset]
+    names = list(FETCHABLE) if args.dataset == "all" else [args.dataset]
     for name in names:
         stats = fetch_dataset(name, args.root)
+        manifest = f"{args.root}/Dataset/{DATASETS[name].folder}/fetch-manifest.json"
         print(f"{name}: {stats['users']:,} users / {stats['items']:,} items / {stats['interactions']:,} "
-              f"interactions, as in the paper; manifest {args.root}/Dataset/{SOURCES[name].folder}/fetch-manifest.json")
+              f"interactions, as in the paper; manifest {manifest}")
 
 
 def cmd_fetch_encoders(args) -> None:
@@ -41,7 +42,7 @@ def add_fetch_commands(sub) -> None:
     p = sub.add_parser("fetch", help="download a data set or encoders (needs the network; resumable, verified)")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     d = what.add_parser("data", help="TSVs (authors' repository), images (Google Drive), LMDB, statistics")
-    d.add_argument("--dataset", required=True, choices=[*SOURCES, "all"],
+    d.add_argument("--dataset", required=True, choices=[*FETCHABLE, "all"],
                    help="one of the paper's data sets, or all of them")
     d.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ (default: this checkout)")
     d.set_defaults(func=cmd_fetch_data)

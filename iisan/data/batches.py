@@ -3,10 +3,11 @@
 - ``ItemBatch``: the items a step encodes (indices, pixels when an image tower runs live, and the
   positions of the non-padding ones); ``TrainBatch``: users' sequences plus their items.
 - ``PixelSource``: pixels by item index from the image LMDB, read by a pool of threads.
-- ``train_loader``: an epoch's users in a reproducible order, collated into ``TrainBatch``es. The order
-  of users is a pure function of (seed, epoch), so a resumed epoch, another process or another rank
-  rebuilds exactly the same batches without any stored state. Under torchrun each rank takes its
-  shard of the same permutation.
+- ``epoch_order``: an epoch's users in a reproducible order, a pure function of (seed, epoch), so a
+  resumed epoch, another process or another rank rebuilds exactly the same batches without any stored
+  state. Under torchrun each rank takes its shard of the same permutation.
+- ``CollateTrain``: the batch layout (which item rows, pixels, static shapes), built once per run;
+  ``epoch_batches``: an epoch's order collated by it into ``TrainBatch``es (``train_loader``: both at once).
 - ``item_chunks``: every item in fixed-size chunks (item tables for evaluation, cache builds).
 Static shapes for live steps (``CollateTrain`` with ``shapes.ShapeBuckets``): a batch's distinct items
 padded up to a bucket size and its titles cut to the batch's longest, so that steps meet a few shapes.
@@ -192,6 +193,18 @@ class TrainBatch:
         return TrainBatch(self.seq.to(device, non_blocking=True), self.items.to(device),
                           self.inverse.to(device, non_blocking=True))
 
+    def tensors(self, real: bool = True) -> tuple:
+        """The batch as the flat tuple a compiled or graphed step takes (``from_tensors`` rebuilds it):
+        (seq, ids, pixels, inverse, real, title_columns, encode_all). ``real=False`` leaves the real
+        positions out (None): their count varies, and compiled steps need static shapes."""
+        items = self.items
+        return (self.seq, items.ids, items.pixels, self.inverse, items.real if real else None, items.title_columns,
+                items.encode_all)
+
+    @classmethod
+    def from_tensors(cls, seq, ids, pixels, inverse, real=None, title_columns=None, encode_all=False) -> TrainBatch:
+        return cls(seq, ItemBatch(ids, pixels, real, title_columns, encode_all), inverse)
+
 
 def shard_users(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's users of one epoch's global permutation: every ``world_size``-th from ``rank``.
@@ -205,19 +218,25 @@ def shard_users(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 ENCODINGS = ("items", "slots", "all")
 
 
+@dataclass(eq=False)
 class CollateTrain:
-    """Rows of user indices -> ``TrainBatch``, the item rows the tower runs on by ``encoding``: 'items',
+    """Rows of user indices -> ``TrainBatch``: the batch layout of a run, built once and shared by
+    everything that makes its batches. The item rows the tower runs on, by ``encoding``: 'items',
     each distinct item once (padding included); 'slots', each slot that holds an item once and padding
     once (a repeated item gets a row, so a dropout mask, per slot); 'all', every slot, padding included
     (static shapes for compiled steps). With ``buckets`` the rows of 'items' and 'slots' are padded to a
     bucket size ('all' already has a fixed count: not padded) and the titles cut, and every row runs
-    through the encoders (``ItemBatch.encode_all``): with 'all' that is the authors' way."""
+    through the encoders (``ItemBatch.encode_all``): with 'all' that is the authors' way. ``pixels``: read
+    for the batch's items when an image tower runs live."""
 
-    def __init__(self, sequences: np.ndarray, encoding: str, pixels: PixelSource | None,
-                 buckets: ShapeBuckets | None = None):
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
-        self.sequences, self.encoding, self.pixels, self.buckets = sequences, encoding, pixels, buckets
+    sequences: np.ndarray  # (users, L+1), ``SeqRecData.train_sequences``
+    encoding: str
+    pixels: PixelSource | None = None
+    buckets: ShapeBuckets | None = None
+
+    def __post_init__(self):
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {self.encoding!r}")
 
     def __call__(self, users: list[int]) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
@@ -268,23 +287,31 @@ class TrainBatches:
             yield self.collate(users)
 
 
+def epoch_order(n: int, seed: int | None, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's users of one epoch, shuffled; the order depends only on (seed, epoch), so it is
+    reproducible. A seed of None: the authors' order, ``DistributedSampler``'s (its seed 0,
+    ``set_epoch(epoch + 1)``), the same for every run seed. Under torchrun each rank takes its shard of
+    the same permutation (``shard_users``). Batched, a single process's order is exactly that of
+    ``BatchSampler(RandomSampler(..., generator), batch_size)`` (a test checks it). No global random
+    state is drawn, so dropout streams do not depend on how batches were made."""
+    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else seed * 1000 + epoch)
+    return shard_users(torch.randperm(n, generator=generator).numpy(), rank, world_size)
+
+
+def epoch_batches(order: np.ndarray, batch_size: int, collate: CollateTrain, start_step: int = 0):
+    """The batches of ``order`` collated by ``collate``, skipping the ``start_step`` batches a resumed
+    epoch had done. When images are read, the next batches are prepared in a background thread."""
+    batches = TrainBatches(order, batch_size, collate, start_step)
+    return Prefetch(batches) if collate.pixels is not None else batches
+
+
 def train_loader(sequences: np.ndarray, batch_size: int, seed: int | None, epoch: int, encoding: str,
                  pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  buckets: ShapeBuckets | None = None):
-    """One epoch of shuffled users; the order depends only on (seed, epoch), so it is reproducible. A seed
-    of None: the authors' order, ``DistributedSampler``'s (its seed 0, ``set_epoch(epoch + 1)``), the same
-    for every run seed.
-
-    Under torchrun each rank takes its shard of the same permutation (``shard_users``), and
-    a resumed epoch skips the ``start_step`` batches it had done. With the defaults the batches are
-    exactly those of ``BatchSampler(RandomSampler(..., generator), batch_size)`` (a test checks it).
-    No global random state is drawn, so dropout streams do not depend on how batches were made. When
-    images are read, the next batches are prepared in a background thread. ``encoding`` and ``buckets``:
-    which item rows a batch holds, and static shapes (``CollateTrain``)."""
-    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else seed * 1000 + epoch)
-    order = shard_users(torch.randperm(len(sequences), generator=generator).numpy(), rank, world_size)
-    batches = TrainBatches(order, batch_size, CollateTrain(sequences, encoding, pixels, buckets), start_step)
-    return Prefetch(batches) if pixels is not None else batches
+    """One epoch's batches in one call (tests, one-off scripts): ``epoch_order`` collated by a new
+    ``CollateTrain``. A run builds its ``CollateTrain`` once and calls ``epoch_batches`` per epoch."""
+    order = epoch_order(len(sequences), seed, epoch, rank, world_size)
+    return epoch_batches(order, batch_size, CollateTrain(sequences, encoding, pixels, buckets), start_step)
 
 
 def steps_per_epoch(users: int, batch_size: int, world_size: int = 1) -> int:

@@ -3,12 +3,14 @@ contiguous array ``states`` of shape (items + 1, layers, width), row 0 = padding
 ``cache_build`` (resumable); read and checked here. A cache may hold more layers than a run reads (one
 built with ``--all-layers`` holds every hidden state): the run reads only its own layers from it.
 
-Metadata (all strings, as safetensors requires): format, modality, encoder, encoder config hash, the
-digest of the encoder's weight and tokenizer/processor files (with their sizes and times, so checking
-it later reads no weights unless they changed), layer indices, width, pooling, dtype, the item-id order
-of the rows and a fingerprint of the items file. Training refuses a cache whose metadata does not match
-its config and says what differs; the row order must follow the data set's (items-file) order, and
-every row must be finite.
+Metadata (all strings, as safetensors requires; the keys are ``METADATA_KEYS``, which the writer,
+``model.caching.cache_metadata``, and the readers here share): format, modality, encoder, encoder config
+hash, the digest of the encoder's weight and tokenizer/processor files (with their sizes and times, so
+checking it later reads no weights unless they changed), model type, layer indices, width, depth,
+pooling, dtype, a text cache's title length, the items file, a fingerprint of it and the item-id order
+of the rows. Training refuses a cache whose metadata does not match what its config expects
+(``CacheExpectation``, built by ``model.build.cache_expectation``) and says what differs; the row order
+must follow the data set's (items-file) order, and every row must be finite.
 
 A cache imported from the authors' released states (``cache_import``; metadata ``source=imported``,
 ``imported_from``) records no encoder config hash or weights digest of a local folder: its layers,
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,24 @@ def cache_file(cache_dir: str | Path, modality: str) -> Path:
 
 
 STATE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # metadata dtype -> safetensors code
-REQUIRED = ("modality", "encoder", "encoder_config", "encoder_weights", "layers", "width", "depth", "dtype",
-            "items_file", "items_fingerprint", "item_ids")
+# A cache's metadata keys, as a build writes them (``model.caching.cache_metadata``); ``title_tokens`` is a
+# text cache's only.
+METADATA_KEYS = ("format", "modality", "encoder", "encoder_config", "encoder_weights", "encoder_files", "model_type",
+                 "layers", "width", "depth", "pooling", "dtype", "title_tokens", "items_file", "items_fingerprint",
+                 "item_ids")
+# What an import adds (``cache_import``, which records no encoder_weights, encoder_files or title_tokens).
+IMPORT_KEYS = ("source", "imported_from", "imported_missing")
+# Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
+OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens")
+REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
+
+
+def declared_metadata(record: dict[str, str]) -> dict[str, str]:
+    """A writer's ``record``, refused if it holds a key in neither ``METADATA_KEYS`` nor ``IMPORT_KEYS``
+    (no reader would ever check it)."""
+    if unknown := sorted(set(record) - set(METADATA_KEYS + IMPORT_KEYS)):
+        raise ValueError(f"cache metadata {unknown} is not declared in data.cache.METADATA_KEYS or IMPORT_KEYS")
+    return record
 
 
 def encoder_config_hash(folder: str | Path | None) -> str | None:
@@ -141,40 +160,61 @@ def is_cache_file(path: Path) -> bool:
         return False
 
 
-def check_metadata(path: Path, meta: dict[str, str], expected: dict) -> None:
-    """``expected`` may hold modality, layers, width, items_fingerprint, encoder (its name, for messages),
-    encoder_config, encoder_weights, pooling, dtype and title_tokens (None = skip)."""
+@dataclass(frozen=True)
+class CacheExpectation:
+    """What a run accepts of a cache's metadata (``check_metadata``); None skips a check. ``encoder`` is
+    the run's encoder name, for messages only; ``layers`` may be a subset of the cache's."""
+
+    modality: str | None = None
+    items_fingerprint: str | None = None
+    layers: tuple[int, ...] | None = None
+    width: int | None = None
+    encoder: str = ""
+    encoder_config: str | None = None
+    encoder_weights: str | None = None
+    pooling: str | None = None
+    dtype: str | None = None
+    title_tokens: str | None = None
+
+
+def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation) -> None:
+    """The cache's modality, layers (it may hold more), width, items fingerprint, encoder config hash or
+    else weights digest (an imported cache's digest is never compared), pooling, dtype and title_tokens
+    match what is expected; a check is skipped when ``expected`` leaves it out, and pooling, dtype and
+    title_tokens also when the cache does not record them. All differences are named in one error."""
     differences = []
-    if "layers" in expected:
+    if expected.layers is not None:
         stored = json.loads(meta["layers"])
-        if missing := [layer for layer in expected["layers"] if layer not in stored]:
-            differences.append(f"layers {stored}, without {missing} (config asks for {list(expected['layers'])}; "
+        if missing := [layer for layer in expected.layers if layer not in stored]:
+            differences.append(f"layers {stored}, without {missing} (config asks for {list(expected.layers)}; "
                                "a cache built with --all-layers serves every layer choice)")
-    if "width" in expected and int(meta["width"]) != int(expected["width"]):
-        differences.append(f"width {meta['width']} (config's encoder has {expected['width']})")
-    if expected.get("items_fingerprint") and meta["items_fingerprint"] != expected["items_fingerprint"]:
+    if expected.width is not None and int(meta["width"]) != int(expected.width):
+        differences.append(f"width {meta['width']} (config's encoder has {expected.width})")
+    if expected.items_fingerprint and meta["items_fingerprint"] != expected.items_fingerprint:
         differences.append(f"items file {meta['items_file']} with fingerprint {meta['items_fingerprint']} "
-                           f"(config's items file has {expected['items_fingerprint']})")
-    if expected.get("encoder_config") and meta.get("encoder_config") and \
-            meta["encoder_config"] != expected["encoder_config"]:
-        differences.append(f"encoder {meta['encoder']} (config's encoder {expected.get('encoder', '')} differs)")
-    elif expected.get("encoder_weights") and meta.get("source") != "imported" and \
-            meta["encoder_weights"] != expected["encoder_weights"]:
+                           f"(config's items file has {expected.items_fingerprint})")
+    if expected.encoder_config and meta.get("encoder_config") and meta["encoder_config"] != expected.encoder_config:
+        differences.append(f"encoder {meta['encoder']} (config's encoder {expected.encoder} differs)")
+    elif expected.encoder_weights and meta.get("source") != "imported" and \
+            meta["encoder_weights"] != expected.encoder_weights:
         differences.append(f"encoder {meta['encoder']} with weights digest {meta['encoder_weights'][:16]} (the "
-                           f"weights of {expected.get('encoder', '')} now have {expected['encoder_weights'][:16]})")
+                           f"weights of {expected.encoder} now have {expected.encoder_weights[:16]})")
     for key in ("pooling", "dtype", "title_tokens"):  # older caches (and imported ones) may not record them
-        if expected.get(key) and meta.get(key) and meta[key] != expected[key]:
-            differences.append(f"{key} {meta[key]} (config asks for {expected[key]})")
-    if "modality" in expected and meta["modality"] != expected["modality"]:
-        differences.append(f"modality {meta['modality']} (expected {expected['modality']})")
+        wanted = getattr(expected, key)
+        if wanted and meta.get(key) and meta[key] != wanted:
+            differences.append(f"{key} {meta[key]} (config asks for {wanted})")
+    if expected.modality is not None and meta["modality"] != expected.modality:
+        differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:
         raise CacheError(f"cache {path} was built for " + "; ".join(differences)
                          + " — rebuild it with `iisan cache --overwrite`")
 
 
-def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
-    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata.
-    ``expected["layers"]``, when given, picks those layers (in that order) out of the cache's."""
+def load_cache(path: str | Path, expected: CacheExpectation,
+               dataset_item_ids: list[str]) -> tuple[torch.Tensor, dict]:
+    """The cache as a table in dataset order, ``(N + 1, layers, width)`` (row 0 zeros), and its metadata,
+    checked against ``expected``; ``expected.layers``, when given, picks those layers (in that order) out of
+    the cache's."""
     path = Path(path)
     meta = read_metadata(path)
     check_metadata(path, meta, expected)
@@ -194,7 +234,7 @@ def load_cache(path: str | Path, expected: dict, dataset_item_ids: list[str]) ->
                          f"({meta['items_file']}); its rows cannot be trusted: rebuild it with "
                          "`iisan cache --overwrite`")
     layers = json.loads(meta["layers"])
-    picked = [layers.index(layer) for layer in expected.get("layers", layers)]
+    picked = [layers.index(layer) for layer in (layers if expected.layers is None else expected.layers)]
     try:
         with safe_open(str(path), framework="pt") as fh:
             stored = fh.get_slice("states")

@@ -12,6 +12,7 @@ every split is a column slice (see ``SeqRecData``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..files import file_fingerprint, shown
-from .microlens import read_pairs_csv, read_titles_csv
+from .csv_files import read_pairs_csv, read_titles_csv
 from .textfile import check_item_id, decoded_lines
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
     ids: list[str] = []
     titles: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, item_id, title in _item_rows(path, encoding):
+    for lineno, item_id, title in FORMATS[file_format(path)].item_rows(path, encoding):
         item_id = item_id.strip()
         if not item_id:
             raise DataError(f"{path}:{lineno}: empty item id")
@@ -76,15 +77,6 @@ def check_data_file(path: Path, what: str) -> None:
         raise DataError(f"{what} file {shown(path)} does not exist")
 
 
-def _item_rows(path: Path, encoding: str):
-    """``(line, item_id, title)`` of an items file: ``item_id<TAB>title``, or MicroLens' ``item,title``
-    CSV (``.csv``, see ``data.microlens``)."""
-    if path.suffix.lower() == ".csv":
-        yield from read_titles_csv(path, encoding)
-        return
-    yield from tab_lines(path, "item_id<TAB>title", encoding)
-
-
 def tab_lines(path: Path, expected: str, encoding: str = "utf-8"):
     """``(line, first field, rest)`` of every non-blank line, split at its first tab; a line without a
     tab is an error naming the file, the line and ``expected``."""
@@ -100,14 +92,16 @@ def tab_lines(path: Path, expected: str, encoding: str = "utf-8"):
 
 def read_users(path: str | Path, encoding: str = "utf-8",
                merge_duplicates: bool = False) -> list[tuple[str, list[str]]]:
-    """``user_id<TAB>item item ...`` lines, or MicroLens' ``user,item,timestamp`` pairs (``.csv``).
+    """``user_id<TAB>item item ...`` lines, or ``user,item,timestamp`` pairs (``.csv``, as MicroLens').
 
     A user id on two lines is an error naming both, unless ``merge_duplicates``: then the user's items
     are those of all its lines, in file order."""
     path = Path(path)
     check_data_file(path, "users")
-    if path.suffix.lower() == ".csv":
-        return read_pairs_csv(path, encoding)
+    return FORMATS[file_format(path)].users(path, encoding, merge_duplicates)
+
+
+def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[str, list[str]]]:
     users: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
     for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding):
@@ -124,6 +118,30 @@ def read_users(path: str | Path, encoding: str = "utf-8",
     if not users:
         raise DataError(f"users file {path} holds no users")
     return list(users.items())
+
+
+def _tab_item_rows(path: Path, encoding: str):
+    return tab_lines(path, "item_id<TAB>title", encoding)
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """How one format's users and items files are read."""
+
+    users: Callable[[Path, str, bool], list[tuple[str, list[str]]]]  # (path, encoding, merge_duplicates)
+    item_rows: Callable[[Path, str], Iterable[tuple[int, str, str]]]  # (line, item_id, title), file order
+
+
+FORMATS = {
+    "tsv": FileFormat(_tab_users, _tab_item_rows),
+    # One interaction a line: a user's lines always join, ordered by timestamp (data.csv_files).
+    "csv": FileFormat(lambda path, encoding, _merge: read_pairs_csv(path, encoding), read_titles_csv),
+}
+
+
+def file_format(path: Path) -> str:
+    """The format of a users or items file, by its name: ``.csv`` is CSV, any other tab-separated."""
+    return "csv" if path.suffix.lower() == ".csv" else "tsv"
 
 
 @dataclass

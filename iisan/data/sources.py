@@ -3,12 +3,14 @@ commit (with the size, sha256 and git blob id of each file, read from that commi
 archives on Google Drive (the links in the authors' README), and the statistics each data set must
 have after the paper's protocol (the authors' code, ``data_utils/preprocess.py::read_behaviors``).
 
-Paths are relative to the repository root and match ``experiments.presets.DATASETS`` (a test checks).
+Paths are relative to the repository root; the registry of data sets (``datasets.DATASETS``) takes each
+fetched data set's folder and file names from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .download import Expected
 
@@ -38,13 +40,21 @@ class DriveArchive:
         return DRIVE_VIEW.format(id=self.drive_id)
 
 
+class Stats(NamedTuple):
+    """A data set's size after the paper's protocol."""
+
+    users: int
+    items: int
+    interactions: int
+
+
 @dataclass(frozen=True)
 class DataSource:
     folder: str  # Dataset/<folder>
     users: RepoFile
     items: RepoFile
     images: DriveArchive
-    stats: tuple[int, int, int]  # users, items, interactions after the paper's protocol
+    stats: Stats  # after the paper's protocol (a plain (users, items, interactions) tuple also does)
 
 
 SOURCES = {
@@ -57,7 +67,7 @@ SOURCES = {
             2199888, "96cecc1b60b3f8a858b3b07c98dc577a32ff4d1fa32e7bc4b466a9e95b84f8aa",
             "46e1a659ae64ca97211edd4bba8b2b9c13336435")),
         images=DriveArchive("am_image_is.zip", "1vXLls-2DvvkMfgiCv3nB8C29nu0NDdt3", "am_image_is"),
-        stats=(12_076, 20_314, 81_711),
+        stats=Stats(12_076, 20_314, 81_711),
     ),
     "Instrument": DataSource(
         folder="Instrument",
@@ -68,7 +78,7 @@ SOURCES = {
             2849271, "bd91547b58df5434de782336c54ffa80f8a83ce59f2811287dcfba555016645f",
             "c4b0b63e706fba4c5b9d4719b7e32e2b3d00a348")),
         images=DriveArchive("am_image_mi.zip", "1icKbl3ltN28WDESSKOdhOA0pNWIiNxe0", "am_image_mi"),
-        stats=(10_000, 19_246, 75_022),
+        stats=Stats(10_000, 19_246, 75_022),
     ),
     "Office": DataSource(
         folder="Office",
@@ -80,6 +90,6 @@ SOURCES = {
         items=RepoFile("Dataset/Office/Office_Products_items.tsv", Expected(
             git_blob="08dbc46f1de7c9cd82d52deefbbfc965ab29879d")),
         images=DriveArchive("am_image_op.zip", "1zl-RbSNwUmQicCB3w1xY9RQWN8vGg5pC", "am_image_op"),
-        stats=(10_000, 22_785, 71_276),
+        stats=Stats(10_000, 22_785, 71_276),
     ),
 }

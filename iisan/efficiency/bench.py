@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from ..config import METHOD_NAMES, Config
-from ..data.batches import TrainBatch, train_loader, without_padding_rows
+from ..data.batches import CollateTrain, TrainBatch, epoch_batches, epoch_order, without_padding_rows
 from ..data.interactions import SeqRecData
+from ..data.run_data import load_data
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
 from ..devices import device_name, peak_memory, resolve_device, sync
 from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
-from ..model.build import build_model, count_parameters, load_data
+from ..model.build import build_model, count_parameters
 from ..model.caching import build_cache_from_config
-from ..train.optim import make_optimizer
-from ..train.plan import plan_step
+from ..train.parts import build_training
 from ..train.step import make_train_step
 from .flops import StepFlops, shape_key
 from .timing import StepClock, summary, timed_each
@@ -65,8 +65,7 @@ class TrainingSetup:
     device: torch.device
     amp: torch.dtype | None
     compiled: str
-    encoding: str = "items"
-    buckets: ShapeBuckets | None = None
+    collate: CollateTrain  # the batch layout, the trainer's (``train.parts.build_training``)
     # per batch yielded by ``full_batches``, counted on the host: (items, rows, title columns, shape key)
     layouts: list[tuple] = field(default_factory=list)
 
@@ -74,14 +73,22 @@ class TrainingSetup:
     def cached(self) -> bool:
         return self.cfg.cached
 
+    @property
+    def encoding(self) -> str:
+        return self.collate.encoding
+
+    @property
+    def buckets(self) -> ShapeBuckets | None:
+        return self.collate.buckets
+
     def host_batches(self, buckets=OWN):
         """Endless full-size host batches, epoch after epoch (every timed step has the measured batch size).
         ``buckets``: another static-shape policy than the setup's (None: none; the diagnosis compares)."""
-        cfg, sequences, epoch = self.cfg, self.data.train_sequences(), 0
-        buckets = self.buckets if buckets is OWN else buckets
+        cfg, epoch = self.cfg, 0
+        collate = self.collate if buckets is OWN else replace(self.collate, buckets=buckets)
         while True:
-            for batch in train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, self.encoding, self.pixels,
-                                      buckets=buckets):
+            order = epoch_order(len(collate.sequences), cfg.order_seed, epoch)
+            for batch in epoch_batches(order, cfg.batch_size, collate):
                 if len(batch.seq) == cfg.batch_size:
                     yield batch
             epoch += 1
@@ -102,17 +109,16 @@ def layout(batch: TrainBatch, cached: bool) -> tuple:
 
 
 def training_setup(cfg: Config) -> TrainingSetup:
-    """The model, optimizer and step of ``cfg``, in training mode: the trainer's ``plan_step`` (a single
-    process)."""
+    """The model, optimizer, batch layout and step of ``cfg``, in training mode, built as the trainer builds
+    them (``train.parts.build_training``, a single process)."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     data = load_data(cfg)
-    model, pixels = build_model(cfg, data, device)
-    plan = plan_step(cfg, device, model)
-    optimizer = make_optimizer(model, cfg, device, capturable=plan.compiled == "cudagraph")
-    step = make_train_step(model, optimizer, plan.amp, device, plan.compiled)
+    parts = build_training(cfg, data, device)
+    model, plan = parts.model, parts.plan
+    step = make_train_step(model, parts.optimizer, plan.amp, device, plan.compiled)
     model.train()
-    return TrainingSetup(cfg, data, model, pixels, step, device, plan.amp, plan.compiled, plan.encoding, plan.buckets)
+    return TrainingSetup(cfg, data, model, parts.pixels, step, device, plan.amp, plan.compiled, parts.collate)
 
 
 def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
@@ -226,8 +232,8 @@ def measure_full_epoch(setup: TrainingSetup, epoch: int) -> dict:
     cfg, device = setup.cfg, setup.device
     sync(device)
     start = time.perf_counter()
-    loader = train_loader(setup.data.train_sequences(), cfg.batch_size, cfg.order_seed, epoch, setup.encoding,
-                          setup.pixels, buckets=setup.buckets)
+    loader = epoch_batches(epoch_order(len(setup.collate.sequences), cfg.order_seed, epoch), cfg.batch_size,
+                           setup.collate)
     done = 0
     for batch in loader:
         setup.step(batch.to(device))

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ..config import METHOD_DEFAULTS, Config, resolve
+from ..data.datasets import DATASETS
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..files import expect_folders, write_json_atomic
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..provenance import git_commit, provenance
@@ -45,6 +46,39 @@ BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "p
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
+MIN_WARMUP, MIN_STEPS = 10, 50  # the benchmark's timing; fewer only for a quick check (few_steps)
+
+
+def label_list(flag: str, text: str, known, may_be_empty: bool = True) -> tuple[str, ...]:
+    """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none).
+    A ``ConfigError`` naming ``flag`` for an unknown label, or for none where one is needed."""
+    if text.strip() == "all":
+        return tuple(known)
+    labels = tuple(m.strip() for m in text.split(",") if m.strip() and not (may_be_empty and m.strip() == "none"))
+    if unknown := [m for m in labels if m not in known]:
+        raise ConfigError(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
+    if not labels and not may_be_empty:
+        raise ConfigError(f"{flag} {text!r} names no method; choose from {list(known)} or 'all'")
+    return labels
+
+
+def selection(methods: str, authors_way: str, full_epoch: str, settings: str, *, warmup: int, steps: int,
+              flop_batches: int, few_steps: bool = False) -> dict:
+    """``run_benchmark``'s labels, authors_way, full_epoch and setting_names from the command line's comma
+    lists, after checking the step counts: a ``ConfigError`` naming the flag at fault."""
+    labels = label_list("--methods", methods, SETTINGS, may_be_empty=False)
+    chosen = {"labels": labels, "authors_way": label_list("--authors-way", authors_way, labels),
+              "full_epoch": label_list("--full-epoch", full_epoch, labels)}
+    if not few_steps and (warmup < MIN_WARMUP or steps < MIN_STEPS):
+        raise ConfigError(f"--warmup {warmup} --steps {steps}: the benchmark times at least {MIN_STEPS} steps "
+                          f"after {MIN_WARMUP} warm-up steps; pass --few-steps for a quick check")
+    if warmup < 0 or steps < 1 or flop_batches < 0:
+        raise ConfigError(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {warmup}, "
+                          f"{flop_batches} and {steps}")
+    chosen["setting_names"] = tuple(s.strip() for s in settings.split(",") if s.strip())
+    if not chosen["setting_names"] or any(s not in SETTING_NAMES for s in chosen["setting_names"]):
+        raise ConfigError(f"--settings must list equal and/or paper, not {settings!r}")
+    return chosen
 
 
 def prepare(work: Path, data: str, backbones: str) -> dict[str, str]:
@@ -52,8 +86,9 @@ def prepare(work: Path, data: str, backbones: str) -> dict[str, str]:
     data_dir = work / f"data-{data}"
     if not (data_dir / "images.lmdb").is_dir():
         log.info("generating %s-shaped synthetic data in %s", data, data_dir)
-        if data == "scientific":  # Scientific's users and sequence lengths; ~20k items
-            generate(data_dir, num_items=20314, num_topics=500, length_profile=SCIENTIFIC_LENGTHS, images="lmdb")
+        if data == "scientific":  # Scientific's users and sequence lengths, and its items
+            generate(data_dir, num_items=DATASETS["Scientific"].source.stats.items, num_topics=500,
+                     length_profile=SCIENTIFIC_LENGTHS, images="lmdb")
         else:
             generate(data_dir, num_users=1200, num_items=400, images="lmdb")
     paths = {"users": str(data_dir / "users.tsv"), "items": str(data_dir / "items.tsv"),

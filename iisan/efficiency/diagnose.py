@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.datasets import DATASETS
 from ..devices import resolve_device
 from ..errors import error_line
 from ..files import write_json_atomic
@@ -42,7 +43,8 @@ from .timing import reset, timed
 
 log = logging.getLogger(__name__)
 
-SCIENTIFIC_USERS, SCIENTIFIC_ITEMS = 12076, 20314
+SCIENTIFIC = DATASETS["Scientific"].source.stats  # its users and items size the epochs below
+SCIENTIFIC_USERS, SCIENTIFIC_ITEMS = SCIENTIFIC.users, SCIENTIFIC.items
 
 
 @dataclass

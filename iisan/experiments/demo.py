@@ -14,11 +14,12 @@ from pathlib import Path
 from ..config import Config
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
+from ..data.run_data import load_data
 from ..data.synthetic import generate
 from ..evaluate import popularity_metrics
 from ..files import claim_folder
 from ..model.backbones import read_spec
-from ..model.build import layers_for, load_data, model_name
+from ..model.build import layers_for, model_name
 from ..model.caching import build_cache_from_config
 from ..model.tiny import vocabulary, write_bert, write_decoder, write_vit
 from ..train.trainer import train

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..config import METHOD_NAMES, Config
+from ..data.run_data import load_data
 from ..errors import ConfigError
-from ..model.backbones import FrozenEncoder, architecture, depth_and_width
+from ..model.backbones import BackboneEncoder, architecture, depth_and_width
 from ..model.build import (
     build_model,
     count_parameters,
     layers_for,
-    load_data,
     modalities,
     model_name,
     parameter_line,
@@ -29,7 +29,7 @@ from ..model.tiny import base_architectures
 RANDOM_BACKBONES = ("base",)
 
 
-def random_encoders(cfg: Config, size: str | None = None) -> dict[str, FrozenEncoder]:
+def random_encoders(cfg: Config, size: str | None = None) -> dict[str, BackboneEncoder]:
     """``cfg``'s towers with random weights on the meta device, reading ``cfg``'s layers: BERT-base and
     ViT-B/16 (``size='base'``), or the architectures of ``cfg``'s model folders (``size=None``)."""
     if size is not None and size not in RANDOM_BACKBONES:
@@ -45,7 +45,7 @@ def random_encoders(cfg: Config, size: str | None = None) -> dict[str, FrozenEnc
     for m in towers:
         depth, _ = depth_and_width(models[m].config)
         pooling = pooling_for(cfg, m, models[m].config.model_type)
-        encoders[m] = FrozenEncoder(models[m], m, layers_for(cfg, m, depth), pooling)
+        encoders[m] = BackboneEncoder(models[m], m, layers_for(cfg, m, depth), pooling)
     return encoders
 
 

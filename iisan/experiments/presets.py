@@ -1,4 +1,5 @@
-"""The paper's data sets, backbones and IISAN-Versa encoder pairs as data: paths relative to the repository.
+"""The paper's backbones and IISAN-Versa encoder pairs as data, and the paths of its data sets (their table is
+``data.datasets.DATASETS``): paths relative to the repository.
 (Each method's paper defaults are ``config.METHOD_DEFAULTS``: they sit below every flag and file in the one
 precedence rule.)"""
 
@@ -6,26 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
+from ..data.datasets import DATASETS
 
-DATASETS = {
-    "Scientific": ("Scientific", "am_Industrial_and_Scientific_users.tsv", "Industrial_and_Scientific_items.tsv",
-                   "stored_vectors_sci"),
-    "Instrument": ("Instrument", "am_Musical_Instruments_users_10K.tsv", "Musical_Instruments_items.tsv",
-                   "stored_vectors_ins"),
-    "Office": ("Office", "am_Office_Products_users_10K.tsv", "Office_Products_items.tsv", "stored_vectors_off"),
-    # IISAN-Versa's MicroLens-100k (numeric ids, some empty titles; data.microlens): --allow-empty-titles
-    "MicroLens": ("MicroLens", "MicroLens-100k_pairs.tsv", "MicroLens-100k_title_en.tsv",
-                  "stored_vectors_micro"),
-}
+ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
 
 
 def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:
-    """users, items, images (LMDB) and cache_dir for one of the paper's data sets."""
-    folder, users, items, cache = DATASETS[name]
-    base = root / "Dataset" / folder
-    return {"users": str(base / users), "items": str(base / items), "images": str(base / "images.lmdb"),
-            "cache_dir": str(root / "Code_Cached" / cache)}
+    """users, items, images (LMDB) and cache_dir for one of the paper's data sets (``data.datasets``)."""
+    spec = DATASETS[name]
+    base = root / "Dataset" / spec.folder
+    return {"users": str(base / spec.users_file), "items": str(base / spec.items_file),
+            "images": str(base / "images.lmdb"), "cache_dir": str(root / "Code_Cached" / spec.cache_folder)}
 
 
 MODELS = ROOT / "pretrained_models"
@@ -34,6 +26,7 @@ BACKBONES = {
     "image_model": str(MODELS / "vit-base-patch16-224"),
 }
 
+VERSA_DEFAULT_PRESET = "llama3-8b+vit-base"  # run_IISAN_Versa.py's default --preset
 VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every key is a Config field
     # The paper's LLM pairing (authors' run_IISAN_ins.py / run_IISAN_off.py): LLaMA-3-70B, 80 layers x 8192,
     # their layer list 4,19,...,79 (+1, with the embedding output). Their LLM features (preprocess_llama-
@@ -56,3 +49,13 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
                   "allow_empty_titles": True, "san_heads": "versa"},
 }
 
+
+def versa_defaults(preset: str, dataset: str) -> dict:
+    """run_IISAN_Versa.py's defaults for a preset on a data set: cached IISAN with the preset's settings.
+    A preset with another text encoder caches into its own folder (``<the data set's>_<preset>``); one that
+    keeps BERT-base reads IISAN's cache. An unknown data set sets no cache folder (the parser refuses it)."""
+    cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
+    settings = VERSA_PRESETS[preset]
+    if settings.get("text_model") and cache_dir:
+        cache_dir += "_" + preset
+    return {"method": "iisan", "feed": "cached", **({"cache_dir": cache_dir} if cache_dir else {}), **settings}

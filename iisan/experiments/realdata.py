@@ -19,10 +19,11 @@ import torch
 from ..config import Config
 from ..data.cache import cache_file
 from ..data.interactions import read_items
+from ..data.run_data import load_data
 from ..errors import CacheError, DataError, RunInterrupted
 from ..evaluate import evaluate_model
 from ..files import claim_output, write_json_atomic
-from ..model.build import build_model, load_data
+from ..model.build import build_model
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
 from ..train.runfolder import default_run_name, read_results

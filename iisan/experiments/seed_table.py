@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ..config import METHOD_DEFAULTS, Config
 from ..data.cache import cache_file
+from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
 from ..errors import ConfigError, DataError
 from ..evaluate import popularity_metrics
@@ -28,7 +29,6 @@ from ..provenance import provenance
 from ..train.runfolder import finished_file, read_results
 from ..train.trainer import train
 from .offline import minilm_path
-from .presets import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ DESCRIPTION = {
 
 
 def data_files(data_root: Path, dataset: str) -> tuple[Path, Path]:
-    folder, users, items, _ = DATASETS[dataset]
-    users, items = Path(data_root) / folder / users, Path(data_root) / folder / items
+    spec = DATASETS[dataset]
+    users, items = Path(data_root) / spec.folder / spec.users_file, Path(data_root) / spec.folder / spec.items_file
     if not users.is_file() or not items.is_file():
         raise DataError(f"data not found: {users} / {items}")
     return users, items

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
+from ..data.datasets import DATASETS
 from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, RunInUse, UserError
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..train.runfolder import known_run_name, path_component, reusable_results
 from ..train.trainer import train
-from .presets import BACKBONES, DATASETS, dataset_paths
+from .presets import BACKBONES, dataset_paths
 
 log = logging.getLogger(__name__)
 

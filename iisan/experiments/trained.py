@@ -28,13 +28,15 @@ from safetensors import safe_open
 from ..config import METHOD_NAMES, Config
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
+from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, OutputError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_safetensors_atomic
-from ..model.build import build_model, load_data
+from ..model.build import build_model
 from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
+from ..train.checkpoint import config_differences
 from ..train.runfolder import CHECKPOINTS, RESULTS, results_or_reason
 from ..train.weights import load_weights
 
@@ -130,7 +132,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
-    cfg = rebased(Config.from_saved(Config.from_file(config_path), source=str(config_path)), results.get("working_dir"))
+    saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
+    cfg = rebased(saved, results.get("working_dir"))
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)
@@ -145,12 +148,31 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
                     "recommendations use the users in it now", cfg.users, run_dir, users_then, users_now)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
-    best_epoch = int(load_weights(model, weights).get("epoch", -1))
+    metadata = load_weights(model, weights)
+    check_weights_config(weights, metadata, saved.to_dict(), config_path)
+    best_epoch = int(metadata.get("epoch", -1))
     if bad := [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
         raise TrainingError(f"{weights} holds non-finite values in {len(bad)} weight tensor(s) (e.g. {bad[0]}); "
                             "its metrics and scores would be NaN: restore the file or train again")
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
+
+
+def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, config_path: Path) -> None:
+    """The config a weights file was saved with (its metadata) against the run folder's config.json: a
+    ``ConfigError`` when they differ in what a step computes (the weights are of another run, and the model
+    built from config.json would give other numbers with them); a warning when the metadata holds no
+    readable config (nothing to check against)."""
+    try:
+        saved = json.loads(metadata.get("config", ""))
+    except (ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        log.warning("%s holds no readable config in its metadata; taken to be of %s", weights, config_path)
+        return
+    if differences := config_differences(saved, config):
+        raise ConfigError(f"{weights} was saved by a run of another config than {config_path} "
+                          f"({'; '.join(differences[:3])}): restore the run folder's files or train again")
 
 
 def evaluate(run: TrainedRun, split: str) -> dict[str, float]:

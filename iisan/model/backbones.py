@@ -1,4 +1,4 @@
-"""Frozen text and image encoders from transformers, and their pooled per-layer hidden states.
+"""Text and image backbone towers from transformers, and their pooled per-layer hidden states.
 
 Hidden-state index 0 is the embedding output, index i the output of layer i (``output_hidden_states``
 gives depth + 1 states). For ViT the last of them is taken *before* the final LayerNorm; IISAN's SANs
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedTokenizerBase
 
 from ..errors import EncoderError
 from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, load_tokenizer, local_folder
@@ -109,9 +109,9 @@ def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.d
     return HALF.get(read_spec(name, modality, allow_download).dtype, torch.float32)
 
 
-class FrozenEncoder(nn.Module):
-    """A transformers encoder returning pooled states of chosen layers; ``freeze`` makes it frozen (IISAN,
-    the cache), the baselines train it.
+class BackboneEncoder(nn.Module):
+    """A backbone tower (a transformers encoder) returning pooled states of chosen layers: frozen for IISAN
+    and the cache (the loaders ``freeze`` it), trained by the baselines (FFT, Adapter, LoRA, BitFit).
 
     ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
     pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token
@@ -120,7 +120,8 @@ class FrozenEncoder(nn.Module):
     """
 
     def __init__(self, model: nn.Module, modality: str, layers: tuple[int, ...], pooling: str = "cls",
-                 name: str = ""):
+                 name: str = "", *, folder: Path | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 norm: dict | None = None):
         super().__init__()
         self.model = model
         self.modality = modality
@@ -129,9 +130,9 @@ class FrozenEncoder(nn.Module):
         check_layers(layers, self.depth, modality)
         self.layers = tuple(layers)
         self.pooling = pooling
-        self.folder: Path | None = None  # where its files are (the cache records their digest)
-        self.tokenizer = None  # text: set by load_text_encoder
-        self.norm: dict | None = None  # image: {'mean', 'std', 'size'} from the image processor
+        self.folder = folder  # where its files are (the cache records their digest)
+        self.tokenizer = tokenizer  # text: what ``title_inputs`` tokenizes with
+        self.norm = norm  # image: {'mean', 'std', 'size'} from the image processor
 
     @property
     def dtype(self) -> torch.dtype:
@@ -213,31 +214,32 @@ class FrozenEncoder(nn.Module):
         return self.pool(out.last_hidden_state, inputs.get("attention_mask"))
 
 
-def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
-                      include_embedding: bool = True, pooling: str = "auto", dtype: torch.dtype | None = None,
-                      allow_download: bool = False):
-    """A ``FrozenEncoder`` (with ``.tokenizer``); weights frozen, model in eval mode, fp32 unless ``dtype``.
+def _load_tower(name: str, modality: str, dtype: torch.dtype | None, allow_download: bool) -> nn.Module:
+    """``name``'s weights in ``dtype`` (fp32 unless given); of a CLIP-style dual model, the ``modality`` tower."""
+    # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
+    model = load_from_folder(AutoModel, name, f"{modality} encoder", allow_download, dtype=dtype or torch.float32,
+                             use_safetensors=True)
+    tower = "text_model" if modality == "text" else "vision_model"
+    return getattr(model, tower) if hasattr(model, tower) else model
+
+
+def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto", dtype: torch.dtype | None = None,
+                      allow_download: bool = False) -> BackboneEncoder:
+    """A ``BackboneEncoder`` with its tokenizer; weights frozen, model in eval mode, fp32 unless ``dtype``.
 
     BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
     ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
     LLM caches, the mean over every position, padding included ('authors')."""
     spec = read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
     tokenizer = load_tokenizer(name, spec.vocab_size, allow_download)  # none, or another model's: refused
-    # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
-    model = load_from_folder(AutoModel, name, "text encoder", allow_download, dtype=dtype or torch.float32,
-                  use_safetensors=True)
-    if hasattr(model, "text_model"):  # CLIP-style dual models: keep the text tower
-        model = model.text_model
-    depth, _ = depth_and_width(model.config)
-    layers = layers or group_layers(depth, groups, include_embedding)
+    model = _load_tower(name, "text", dtype, allow_download)
     decoder = model.config.model_type not in TEXT_ENCODERS
     pooling = resolve_pooling(pooling, model.config.model_type)
     if pooling == "cls" and decoder:
         log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
                     "carries almost no title information; use --text-pooling mean or last", name)
-    encoder = FrozenEncoder(model, "text", layers, pooling, name)
-    encoder.folder = local_folder(name, allow_download)
-    freeze(encoder)
+    encoder = freeze(BackboneEncoder(model, "text", layers, pooling, name, folder=local_folder(name, allow_download),
+                                     tokenizer=tokenizer))
     if tokenizer.pad_token is None:  # decoder LLMs often ship without one; masked out anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -245,7 +247,6 @@ def load_text_encoder(name: str, layers: tuple[int, ...] | None = None, groups: 
     # Right padding: real tokens keep positions 0..n-1 and (causal attention) never see the padding,
     # so a title's states do not depend on how much padding follows it.
     tokenizer.padding_side = "right"
-    encoder.tokenizer = tokenizer
     return encoder
 
 
@@ -257,38 +258,31 @@ def resolve_pooling(pooling: str, model_type: str) -> str:
     return "cls" if model_type in TEXT_ENCODERS else "mean"
 
 
-def load_image_encoder(name: str, layers: tuple[int, ...] | None = None, groups: int = 6,
-                       include_embedding: bool = True, dtype: torch.dtype | None = None,
-                       patch_embedding: str = "matmul", allow_download: bool = False):
-    """A ``FrozenEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor.
-    ``patch_embedding``: 'matmul' computes the patch-embedding convolution as a matmul over patches
-    (``PatchProjection``; the same map), 'conv' keeps the model's own convolution."""
+def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | None = None,
+                       patch_embedding: str = "matmul", allow_download: bool = False) -> BackboneEncoder:
+    """A ``BackboneEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor; weights
+    frozen, model in eval mode, fp32 unless ``dtype``. ``patch_embedding``: 'matmul' computes the
+    patch-embedding convolution as a matmul over patches (``PatchProjection``; the same map), 'conv' keeps
+    the model's own convolution."""
     read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
     processor = load_from_folder(AutoImageProcessor, name, "image processor", allow_download)
-    model = load_from_folder(AutoModel, name, "image encoder", allow_download, dtype=dtype or torch.float32,
-                  use_safetensors=True)
-    if hasattr(model, "vision_model"):  # CLIP-style dual models: keep the vision tower
-        model = model.vision_model
+    model = _load_tower(name, "image", dtype, allow_download)
     drop_pooler(model)
     if patch_embedding == "matmul":
         patches_as_matmul(model)
-    depth, _ = depth_and_width(model.config)
-    layers = layers or group_layers(depth, groups, include_embedding)
-    encoder = FrozenEncoder(model, "image", layers, "cls", name)
-    encoder.folder = local_folder(name, allow_download)
-    freeze(encoder)
     # The model's input side: the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize.
     # Stored images are squashed to that side (the authors' Resize((224, 224)), no crop).
     size = getattr(processor, "size", None) or {}
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         size = processor.crop_size
     side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
-    encoder.norm = {
+    norm = {
         "mean": list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
         "std": list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
         "size": int(side),
     }
-    return encoder
+    return freeze(BackboneEncoder(model, "image", layers, "cls", name, folder=local_folder(name, allow_download),
+                                  norm=norm))
 
 
 def architecture(name: str, modality: str) -> nn.Module:

@@ -11,8 +11,9 @@ from torch import nn
 from ..config import Config
 from ..data.batches import ItemBatch
 from ..errors import TargetError
-from .backbones import FrozenEncoder
+from .backbones import BackboneEncoder
 from .inputs import EncodedItems
+from .item_encoder import LrGroup
 from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
 
 
@@ -32,27 +33,40 @@ def tower_targets(targets: str, modality: str, flag: str) -> list[str]:
     return chosen
 
 
-def apply_method(encoder: FrozenEncoder, cfg: Config, modality: str) -> list[nn.Module]:
-    """Make ``encoder`` trainable per ``cfg.method``; returns the modules the method added to it (none for
-    FFT and BitFit), whose parameters train at the adapter rates (``BaselineItemEncoder.param_groups``):
-    a new method returns its own here, or they train at the backbone's rate."""
-    model = encoder.model
-    what = f"{modality} encoder"
-    if cfg.method == "fft":
-        apply_fft(model)
-    elif cfg.method == "bitfit":
-        apply_bitfit(model)
-    elif cfg.method == "adapter":
-        down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
-        targets = tower_targets(cfg.adapter_targets, modality, "adapter_targets")
-        return apply_adapters(model, down, targets, what, cfg.adapter_init, cfg.adapter_position)
-    elif cfg.method == "lora":
-        seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
-        targets = tower_targets(cfg.lora_targets, modality, "lora_targets")
-        return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, what, cfg.lora_random_base, seed)
-    else:
-        raise ValueError(f"{cfg.method} is not a baseline")
+def _apply_fft(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
+    apply_fft(model)
     return []
+
+
+def _apply_bitfit(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
+    apply_bitfit(model)
+    return []
+
+
+def _apply_adapter(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
+    down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
+    targets = tower_targets(cfg.adapter_targets, modality, "adapter_targets")
+    return apply_adapters(model, down, targets, f"{modality} encoder", cfg.adapter_init, cfg.adapter_position)
+
+
+def _apply_lora(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
+    seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
+    targets = tower_targets(cfg.lora_targets, modality, "lora_targets")
+    what = f"{modality} encoder"
+    return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, what, cfg.lora_random_base, seed)
+
+
+# Each baseline (``config.METHOD_TABLE``'s kind "baseline") -> what makes a backbone trainable its way.
+APPLY = {"fft": _apply_fft, "adapter": _apply_adapter, "lora": _apply_lora, "bitfit": _apply_bitfit}
+
+
+def apply_method(encoder: BackboneEncoder, cfg: Config, modality: str) -> list[nn.Module]:
+    """Make ``encoder`` trainable per ``cfg.method`` (``APPLY``); returns the modules the method added to it
+    (none for FFT and BitFit), whose parameters train at the adapter rates (``BaselineItemEncoder.
+    param_groups``): a new method returns its own here, or they train at the backbone's rate."""
+    if cfg.method not in APPLY:
+        raise ValueError(f"{cfg.method} is not a baseline")
+    return APPLY[cfg.method](encoder.model, cfg, modality)
 
 
 class BaselineItemEncoder(EncodedItems):
@@ -60,7 +74,7 @@ class BaselineItemEncoder(EncodedItems):
     backbone, or with static shapes runs and is masked: its CLS is zeros, as its states are in IISAN's
     feeds, and no gradient reaches a backbone through it."""
 
-    def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None,
+    def __init__(self, encoders: dict[str, BackboneEncoder], tokens: torch.Tensor | None,
                  attention: torch.Tensor | None, embedding_dim: int = 64,
                  added: dict[str, list[nn.Module]] | None = None):
         super().__init__(encoders, tokens, attention)
@@ -80,19 +94,22 @@ class BaselineItemEncoder(EncodedItems):
             parts.append(nn.functional.gelu(self.heads[m](self.spread(cls, items, rows))))  # (U, 64)
         return self.combine(torch.cat(parts, dim=-1))  # (U, 64)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:
         """Authors' groups: heads and com_dense in recsys; backbone weights/biases of FFT and BitFit in
         the image/text groups; adapter and LoRA weights in the adapter groups."""
-        groups = {"recsys": list(self.heads.parameters()) + list(self.combine.parameters())}
+        groups = {LrGroup.RECSYS: list(self.heads.parameters()) + list(self.combine.parameters())}
         for m, encoder in self.encoders.items():
             trainable = [p for p in encoder.parameters() if p.requires_grad]
             injected = {id(p) for p in added_parameters(self.added.get(m, []))}
-            groups[f"adapter_{m}"] = [p for p in trainable if id(p) in injected]
-            groups["image_net" if m == "image" else "text_encoder"] = [p for p in trainable if id(p) not in injected]
+            groups[LrGroup.adapter(m)] = [p for p in trainable if id(p) in injected]
+            groups[LrGroup.backbone(m)] = [p for p in trainable if id(p) not in injected]
         return groups
 
+    def cache_dtypes(self) -> dict[str, str]:
+        return {}  # the backbones run live: no cache
 
-def baseline_item_encoder(cfg: Config, encoders: dict[str, FrozenEncoder],
+
+def baseline_item_encoder(cfg: Config, encoders: dict[str, BackboneEncoder],
                           titles: list[str] | None) -> BaselineItemEncoder:
     """The method applied to ``encoders``; ``titles`` (None: shapes only) are tokenised for the text tower."""
     added = {}

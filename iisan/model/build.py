@@ -1,6 +1,8 @@
-"""From a ``Config`` to data, encoders, feeds and a model: the one place that wires the pieces
-together. Training, parameter counts, benchmarks and using a trained run all build their model here
-(``build_model``), so what is counted or evaluated is what was trained."""
+"""From a ``Config`` to encoders, feeds and a model: the one place that wires the pieces together.
+Training, parameter counts, benchmarks and using a trained run all build their model here
+(``build_model``), so what is counted or evaluated is what was trained. The data a config names is read
+by ``data.run_data``; what a cached run accepts of a cache is decided here (``cache_expectation``), as it
+depends on the encoder folders, and checked by ``data.cache``."""
 
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ import torch
 
 from ..config import DEFAULT_MODELS, Config
 from ..data.batches import PixelSource
-from ..data.cache import cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
-from ..data.images import ImageStore
-from ..data.interactions import SeqRecData, check_data_file, load_dataset
+from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
+from ..data.interactions import SeqRecData
+from ..data.run_data import cache_dir, check_data_files, image_store, pixel_source
 from ..errors import ConfigError
 from .backbones import (
-    FrozenEncoder,
+    BackboneEncoder,
     check_layers,
     freeze,
     group_layers,
@@ -41,14 +43,6 @@ def modalities(cfg: Config) -> tuple[str, ...]:
     return ("text", "image") if cfg.towers == "both" else (cfg.towers,)
 
 
-def check_data_files(cfg: Config) -> None:
-    """The users and items files are given and exist."""
-    if not cfg.users or not cfg.items:
-        raise ConfigError("users and items files are required (--users FILE --items FILE)")
-    for what, path in (("users", cfg.users), ("items", cfg.items)):
-        check_data_file(Path(path), what)
-
-
 def check_run_inputs(cfg: Config) -> None:
     """The data files exist, and so do the cache files of a cached run, or the encoder folders and the
     image LMDB of a live one: checked before a run claims its folder, so that a missing or mistyped input
@@ -62,18 +56,6 @@ def check_run_inputs(cfg: Config) -> None:
             read_spec(model_name(cfg, m), m, cfg.allow_download)
         if "image" in modalities(cfg):
             image_store(cfg)
-
-
-def cache_dir(cfg: Config) -> str:
-    if not cfg.cache_dir:
-        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
-    return cfg.cache_dir
-
-
-def load_data(cfg: Config) -> SeqRecData:
-    check_data_files(cfg)
-    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
-                        cfg.encoding, cfg.merge_duplicate_users)
 
 
 def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
@@ -120,7 +102,7 @@ def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.d
     return encoders
 
 
-def _load_encoder(cfg: Config, m: str, dtype: torch.dtype | None, device: torch.device | None) -> FrozenEncoder:
+def _load_encoder(cfg: Config, m: str, dtype: torch.dtype | None, device: torch.device | None) -> BackboneEncoder:
     name, fetch = model_name(cfg, m), cfg.allow_download
     spec = read_spec(name, m, fetch)
     precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device, fetch) if device else None)
@@ -129,23 +111,6 @@ def _load_encoder(cfg: Config, m: str, dtype: torch.dtype | None, device: torch.
                                  allow_download=fetch)
     return load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision,
                               patch_embedding=cfg.patch_embedding, allow_download=fetch)
-
-
-def image_store(cfg: Config) -> ImageStore:
-    if not cfg.images:
-        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`); without "
-                          "images, --towers text trains a text-only item tower")
-    return ImageStore(cfg.images)
-
-
-def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
-    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
-    store = image_store(cfg)
-    missing, flagged = store.blank_ids(item_ids)
-    if missing or flagged:
-        log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
-                    "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
-    return PixelSource(store, item_ids, threads=cfg.num_workers)
 
 
 def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
@@ -164,37 +129,51 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
     tables, stored = {}, {}
     for m in modalities(cfg):
         path = cache_file(cache_dir(cfg), m)
-        meta = read_metadata(path)
-        name = model_name(cfg, m)
-        expected = {"modality": m, "items_fingerprint": data.catalog.fingerprint}
-        folder = local_folder(name, cfg.allow_download)
-        if folder is not None:  # the cache must come from these weights (digest read only if files changed)
-            spec = read_spec(name, m, cfg.allow_download)
-            expected.update(layers=layers_for(cfg, m, spec.depth), width=spec.width,
-                            encoder_config=encoder_config_hash(folder), encoder=name,
-                            pooling=pooling_for(cfg, m, spec.model_type))
-            if meta.get("source") != "imported":  # an import records no weights to compare (cache_import)
-                expected["encoder_weights"] = weights_digest(folder, weights_record(meta))["digest"]
-        else:  # the encoder is not on this machine: the cache's own record stands for it
-            recorded = meta.get("encoder", "")
-            if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' released caches
-                log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
-            elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
-                log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
-                         "training on the cache as recorded", path, recorded, m, name)
-            else:  # a mistyped folder would otherwise pass unnoticed
-                log.warning("--%s-model %s does not exist here and is not the encoder %s was built from (%s): "
-                            "training on the cache as recorded; check the name", m, name, path, recorded)
-            expected["layers"] = layers_for(cfg, m, int(meta["depth"]))
-        if cfg.cache_dtype != "auto":  # auto accepts the precision the cache was built in
-            expected["dtype"] = cfg.cache_dtype
-        if m == "text":  # titles cut to another length give other states
-            expected["title_tokens"] = str(cfg.title_tokens)
+        expected = cache_expectation(cfg, m, path, read_metadata(path), data.catalog.fingerprint)
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
         stored[m] = str(table.dtype).removeprefix("torch.")
     return CachedStates(tables, stored)
+
+
+def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
+                      items_fingerprint: str) -> CacheExpectation:
+    """What ``cfg`` accepts of the ``m`` cache at ``path`` (metadata ``meta``): its modality and items
+    always; with the encoder folder here, its layers, width, config, weights and pooling; without it, only
+    its layers (the cache's record stands for the encoder). ``cache_dtype`` auto accepts any precision; a
+    text cache's titles must be cut to ``title_tokens``."""
+    dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
+    title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
+    name = model_name(cfg, m)
+    folder = local_folder(name, cfg.allow_download)
+    if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
+        log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
+        return CacheExpectation(modality=m, items_fingerprint=items_fingerprint,
+                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype, title_tokens=title_tokens)
+    # the cache must come from these weights (digest read only if files changed)
+    spec = read_spec(name, m, cfg.allow_download)
+    layers = layers_for(cfg, m, spec.depth)
+    config_hash = encoder_config_hash(folder)
+    pooling = pooling_for(cfg, m, spec.model_type)
+    weights = None  # an import records no weights to compare (cache_import)
+    if meta.get("source") != "imported":
+        weights = weights_digest(folder, weights_record(meta))["digest"]
+    return CacheExpectation(modality=m, items_fingerprint=items_fingerprint, layers=layers, width=spec.width,
+                            encoder=name, encoder_config=config_hash, encoder_weights=weights, pooling=pooling,
+                            dtype=dtype, title_tokens=title_tokens)
+
+
+def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
+    """Say why a cache whose encoder folder ``name`` is not here is used as recorded."""
+    if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' released caches
+        log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
+    elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
+        log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
+                 "training on the cache as recorded", path, recorded, m, name)
+    else:  # a mistyped folder would otherwise pass unnoticed
+        log.warning("--%s-model %s does not exist here and is not the encoder %s was built from (%s): "
+                    "training on the cache as recorded; check the name", m, name, path, recorded)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +197,7 @@ def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
 
 
 def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
-                encoders: dict[str, FrozenEncoder] | None = None) -> tuple[Recommender, PixelSource | None]:
+                encoders: dict[str, BackboneEncoder] | None = None) -> tuple[Recommender, PixelSource | None]:
     """The recommender for ``cfg.method`` and, when its item encoder reads pixels, their source.
 
     ``encoders``: already loaded encoders to use instead of ``cfg``'s model folders (e.g. random-weight

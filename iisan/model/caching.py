@@ -18,16 +18,25 @@ import torch
 
 from ..config import Config
 from ..data.batches import ItemBatch
-from ..data.cache import FORMAT, cache_file, encoder_config_hash, is_cache_file, read_metadata, recorded_weights
+from ..data.cache import (
+    FORMAT,
+    cache_file,
+    declared_metadata,
+    encoder_config_hash,
+    is_cache_file,
+    read_metadata,
+    recorded_weights,
+)
 from ..data.cache_build import SIDECAR, build_caches
 from ..data.cache_import import import_caches
 from ..data.interactions import read_items
+from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
 from ..files import claim_output, refuse_inputs, refuse_inside_inputs
 from ..locks import OutputLock
 from .backbones import read_spec
-from .build import layers_for, live_states, load_data, load_encoders, modalities, model_name
+from .build import layers_for, live_states, load_encoders, modalities, model_name
 from .encoder_files import local_folder, weights_digest
 from .feeds import LiveStates
 
@@ -41,14 +50,15 @@ AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("v
 
 def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
                    dtype: torch.dtype, known: dict[str, dict | None] | None = None) -> dict[str, dict[str, str]]:
-    """The final files' metadata per modality (what ``cache.check_metadata`` compares with a config).
+    """The final files' metadata per modality, keys from ``cache.METADATA_KEYS`` (what
+    ``cache.check_metadata`` compares with a config).
     ``known``: per modality the weights record of a cache already there, whose digest stands while the
     encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
     for m, encoder in live.encoders.items():
         weights = (weights_digest(encoder.folder, (known or {}).get(m)) if encoder.folder
                    else {"digest": "", "files": {}})
-        out[m] = {
+        out[m] = declared_metadata({
             "format": FORMAT,
             "modality": m,
             "encoder": encoder.name,
@@ -65,7 +75,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "items_file": items_file,
             "items_fingerprint": items_fingerprint,
             "item_ids": json.dumps(item_ids[1:]),
-        }
+        })
     return out
 
 
@@ -234,11 +244,11 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             model_type, depth, width = spec.model_type, spec.depth, spec.width
         keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
         shapes[m] = (depth + 1, width)
-        metadata[m] = {
+        metadata[m] = declared_metadata({
             "format": FORMAT, "modality": m, "encoder": authors_name, "encoder_config": "",
             "model_type": model_type, "layers": json.dumps(keep[m]), "width": str(width), "depth": str(depth),
             "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": fingerprint,
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
-        }
+        })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing)

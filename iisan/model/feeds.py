@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..data.batches import ItemBatch
-from .backbones import FrozenEncoder
+from .backbones import BackboneEncoder
 from .inputs import EncodedItems
 
 
@@ -24,7 +24,7 @@ class LiveStates(EncodedItems):
     Precision is the caller's: the training step's autocast (bf16/fp16 on a GPU), and fp32 in
     ``evaluate.item_table``, which turns autocast off as the authors' evaluation runs without it."""
 
-    def __init__(self, encoders: dict[str, FrozenEncoder], tokens: torch.Tensor | None = None,
+    def __init__(self, encoders: dict[str, BackboneEncoder], tokens: torch.Tensor | None = None,
                  attention: torch.Tensor | None = None, text_dropout: bool = False):
         super().__init__(encoders, tokens, attention)
         self.text_dropout = text_dropout

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.batches import ItemBatch
+from .item_encoder import LrGroup
 
 
 class ItemIDEncoder(nn.Module):
@@ -30,6 +31,12 @@ class ItemIDEncoder(nn.Module):
     def forward(self, items: ItemBatch) -> torch.Tensor:
         return self.embedding(items.ids)  # (U, D)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:
         """The table trains with the recsys group (``lr``), like the rest of SASRec."""
-        return {"recsys": [self.embedding.weight]}
+        return {LrGroup.RECSYS: [self.embedding.weight]}
+
+    def title_lengths(self) -> None:
+        return None  # no titles: nothing for static shapes to cut
+
+    def cache_dtypes(self) -> dict[str, str]:
+        return {}  # no cache

@@ -1,4 +1,4 @@
-"""The sequential recommender: an item encoder (any method) + the SASRec user encoder + the loss.
+"""The sequential recommender: an item encoder (any method's ``ItemEncoder``) + the SASRec user encoder + the loss.
 
 Contract: ``calculate_loss(batch)`` for training, as RecBole's; for full-ranking evaluation, where RecBole
 has ``full_sort_predict``, ``item_encoder`` (every item's embedding once, ``evaluate.item_table``) and
@@ -7,25 +7,27 @@ has ``full_sort_predict``, ``item_encoder`` (every item's embedding once, ``eval
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..data.batches import ItemBatch, TrainBatch
 from .feeds import CachedStates
+from .item_encoder import ItemEncoder, LrGroup
 from .loss import in_batch_softmax_loss
 from .san import SANItemTower
 from .sasrec import SASRec
 
 
 class IISANItemEncoder(nn.Module):
-    """Per-layer states from a feed (live or cached) through the SAN tower."""
+    """Per-layer states from a feed (live or cached) through the SAN tower (an ``ItemEncoder``)."""
 
     def __init__(self, states: nn.Module, tower: SANItemTower):
         super().__init__()
         self.states = states
         self.tower = tower
 
-    def title_lengths(self):
+    def title_lengths(self) -> np.ndarray | None:
         return self.states.title_lengths()
 
     def cache_dtypes(self) -> dict[str, str]:
@@ -35,12 +37,12 @@ class IISANItemEncoder(nn.Module):
     def forward(self, items: ItemBatch) -> torch.Tensor:
         return self.tower(self.states(items))  # (U, D)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:
         return self.tower.param_groups()
 
 
 class Recommender(nn.Module):
-    def __init__(self, item_encoder: nn.Module, popularity: torch.Tensor, dim: int = 64, max_len: int = 10,
+    def __init__(self, item_encoder: ItemEncoder, popularity: torch.Tensor, dim: int = 64, max_len: int = 10,
                  blocks: int = 2, heads: int = 2, dropout: float = 0.1):
         super().__init__()
         self.item_encoder = item_encoder
@@ -52,8 +54,7 @@ class Recommender(nn.Module):
 
     def cache_dtypes(self) -> dict[str, str]:
         """The precision each table of the item encoder's cache was stored in ({} without a cache)."""
-        encoder = self.item_encoder
-        return encoder.cache_dtypes() if isinstance(encoder, IISANItemEncoder) else {}
+        return self.item_encoder.cache_dtypes()
 
     def calculate_loss(self, batch: TrainBatch) -> torch.Tensor:
         B, S = batch.seq.shape
@@ -73,7 +74,7 @@ class Recommender(nn.Module):
         """table (N+1, D) item embeddings, inputs (U, L) -> (U, D): the state at the last position."""
         return self.user_encoder(table[inputs], inputs != 0)[:, -1]
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:
         groups = self.item_encoder.param_groups()
-        groups["recsys"] = list(self.user_encoder.parameters()) + groups.get("recsys", [])
+        groups[LrGroup.RECSYS] = list(self.user_encoder.parameters()) + groups.get(LrGroup.RECSYS, [])
         return groups

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .item_encoder import LrGroup
+
 
 class SideAdapterBlock(nn.Module):
     """``x + up(relu(down(x)))`` (authors' ``AdapterBlock``), initialised near the identity.
@@ -190,23 +192,21 @@ class SANItemTower(nn.Module):
         recsys: text/image/inter output layers, fc_mm, com_dense, text and inter gates (and Versa maps);
         image_net: fc_cv and the image gates; text_encoder: fc_bert; adapter_image: image and inter
         blocks; adapter_text: text blocks."""
-        groups: dict[str, list[nn.Parameter]] = {k: [] for k in
-                                                  ("recsys", "image_net", "text_encoder", "adapter_image",
-                                                   "adapter_text")}
-        groups["recsys"] += list(self.combine.parameters())
+        groups: dict[LrGroup, list[nn.Parameter]] = {k: [] for k in LrGroup}
+        groups[LrGroup.RECSYS] += list(self.combine.parameters())
         for m, san in self.intra.items():
             head_in, head_out = self.heads[m]
-            groups["recsys"] += list(head_out.parameters())
-            groups["image_net" if m == "image" else "text_encoder"] += list(head_in.parameters())
+            groups[LrGroup.RECSYS] += list(head_out.parameters())
+            groups[LrGroup.backbone(m)] += list(head_in.parameters())
             if san.gate_logits is not None:
-                groups["image_net" if m == "image" else "recsys"].append(san.gate_logits)
-            groups["adapter_image" if m == "image" else "adapter_text"] += list(san.blocks.parameters())
+                groups[LrGroup.IMAGE if m == "image" else LrGroup.RECSYS].append(san.gate_logits)
+            groups[LrGroup.adapter(m)] += list(san.blocks.parameters())
         if self.inter is not None:
-            groups["recsys"] += list(self.heads["inter"].parameters())
+            groups[LrGroup.RECSYS] += list(self.heads["inter"].parameters())
             if self.inter.gate_logits is not None:
-                groups["recsys"].append(self.inter.gate_logits)
+                groups[LrGroup.RECSYS].append(self.inter.gate_logits)
             for align in (self.inter.text_align, self.inter.image_align):
                 if align is not None:
-                    groups["recsys"] += list(align.parameters())
-            groups["adapter_image"] += list(self.inter.blocks.parameters())
+                    groups[LrGroup.RECSYS] += list(align.parameters())
+            groups[LrGroup.ADAPTER_IMAGE] += list(self.inter.blocks.parameters())
         return groups

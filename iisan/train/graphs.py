@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class GraphedStep:
+    """``step(batch) -> loss`` as one CUDA graph: ``loss_of(*batch.tensors(real=False))`` (the eager
+    ``TrainStep.loss``), backward and the optimizer step captured at the first batch and replayed for
+    every batch of the same shapes; ``eager_step`` runs the others."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of, eager_step,
                  warmup: int = 3):
         self.model, self.optimizer, self.loss_of, self.eager_step = model, optimizer, loss_of, eager_step
@@ -74,11 +78,14 @@ class GraphedStep:
         with torch.cuda.graph(graph):
             self.static_loss = self._run(self.static_inputs)
         self.graph = graph
-        log.info("captured the training step as a CUDA graph (shapes %s)", self.shapes)
+        # the shapes of (seq, ids, pixels, inverse), the tensors that vary in size
+        log.info("captured the training step as a CUDA graph (shapes %s)", self.shapes[:4])
 
     def __call__(self, batch) -> torch.Tensor:
-        inputs = (batch.seq, batch.items.ids, batch.items.pixels, batch.inverse)
-        shapes = tuple(None if x is None else tuple(x.shape) for x in inputs)
+        # The eager step's loss takes the same values in the same order (``TrainBatch.tensors``); no real
+        # positions (their count varies). The other values (title columns, encode_all) are part of the key.
+        inputs = batch.tensors(real=False)
+        shapes = tuple(tuple(x.shape) if torch.is_tensor(x) else x for x in inputs)
         if self.graph is None and not self.capture_failed:
             self.shapes = shapes
             snapshot = self._snapshot()

@@ -5,30 +5,36 @@ states the failing batch fed to the model, the trained weights) and names only f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from ..data.batches import CollateTrain, train_loader
+from ..data.batches import TrainBatch
 from ..data.cache import cache_file
 from ..model.recommender import IISANItemEncoder
 
 SHOWN = 3  # examples named per finding
 
 
-def nonfinite_loss(run, losses: torch.Tensor, epoch: int, n_steps: int) -> str | None:
+def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: int, optimizer: torch.optim.Optimizer,
+                   model: torch.nn.Module, batch_states: Callable[[int], list[str]], run_dir: Path,
+                   last_good: Callable[[], str]) -> str | None:
     """The one-line report of the first non-finite entry of ``losses`` (this epoch's per-step losses so
-    far), or None when they are all finite. ``run``: the trainer's ``Run``."""
+    far), or None when they are all finite. ``first_step``: the run's step count before this epoch;
+    ``batch_states(step)``: what ``batch_states`` finds in the epoch's step ``step``; ``last_good()``: the
+    newest complete checkpoint, or 'none yet'."""
     bad = torch.nonzero(~torch.isfinite(losses)).flatten()
     if not len(bad):
         return None
-    done, step = run.progress.global_step, int(bad[0])
-    findings = learning_rates(run.optimizer) + batch_states(run, epoch, step) + weights(run.model)
+    done, step = first_step, int(bad[0])
+    findings = learning_rates(optimizer) + batch_states(step) + weights(model)
     if not findings:
         findings = ["the learning rates, the batch's item states and the weights are finite: the loss itself "
                     "overflowed (lower the learning rates, or try --amp none)"]
-    best = run.run_dir / "best.safetensors"
+    best = run_dir / "best.safetensors"
     return "; ".join([f"non-finite loss at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
-                      *findings, f"last good checkpoint: {run.last_good()}",
+                      *findings, f"last good checkpoint: {last_good()}",
                       f"best weights: {best if best.is_file() else 'none yet'}"])
 
 
@@ -41,28 +47,24 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> list[str]:
     return found
 
 
-def batch_states(run, epoch: int, step: int) -> list[str]:
-    """Rebuild the step's batch (its order is a pure function of seed and epoch) and check the states
-    the feed gives its items: cache rows, or what the live encoders compute."""
-    encoder = run.model.item_encoder
+def batch_states(model: torch.nn.Module, batch: Callable[[], TrainBatch], device: torch.device,
+                 item_ids: list[str], cache_dir: str | Path | None) -> list[str]:
+    """Check the states the feed gives the items of ``batch()`` (the failing step's host batch, rebuilt):
+    cache rows read from ``cache_dir``, or (None) what the live encoders compute."""
+    encoder = model.item_encoder
     if not isinstance(encoder, IISANItemEncoder):  # the baselines encode end to end: no states to check apart
         return []
     feed = encoder.states
-    cfg, dist = run.cfg, run.dist
-    sequences = run.data.train_sequences()
-    order = train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, run.encoding, None, dist.rank,
-                         dist.world_size, step)
-    users = order.user_batches()[0]
-    batch = CollateTrain(sequences, run.encoding, run.pixels, run.buckets)(users)  # as the step collated it
+    batch = batch()
     with torch.no_grad():
-        states = feed(batch.items.to(run.device))
+        states = feed(batch.items.to(device))
     found = []
     for m, table in states.items():
         rows = ~torch.isfinite(table.flatten(1)).all(1)  # (U,)
         if rows.any():
             ids = batch.items.ids[rows.cpu()].tolist()
-            names = ", ".join(repr(run.data.item_ids[i]) for i in ids[:SHOWN])
-            source = cache_file(cfg.cache_dir, m) if cfg.cached else f"the live {m} encoder"
+            names = ", ".join(repr(item_ids[i]) for i in ids[:SHOWN])
+            source = cache_file(cache_dir, m) if cache_dir is not None else f"the live {m} encoder"
             found.append(f"{len(ids)} item(s) of that batch have non-finite {m} states (e.g. {names}; from {source})")
     return found
 

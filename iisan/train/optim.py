@@ -1,11 +1,12 @@
 """The optimizer: Adam with the authors' learning-rate groups (``LR_OF_GROUP``: which config key sets the
-rate of which part of the model), every trainable parameter in exactly one group."""
+rate of each ``LrGroup``), every trainable parameter in exactly one group."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import Config
+from ..model.item_encoder import LrGroup
 from ..model.recommender import Recommender
 
 
@@ -19,23 +20,24 @@ def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
 
 
 LR_OF_GROUP = {
-    "recsys": "lr",
-    "image_net": "lr_image",
-    "text_encoder": "lr_text",
-    "adapter_image": "lr_adapter_image",
-    "adapter_text": "lr_adapter_text",
+    LrGroup.RECSYS: "lr",
+    LrGroup.IMAGE: "lr_image",
+    LrGroup.TEXT: "lr_text",
+    LrGroup.ADAPTER_IMAGE: "lr_adapter_image",
+    LrGroup.ADAPTER_TEXT: "lr_adapter_text",
 }
 
 
 def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
-    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once."""
+    """Adam parameter groups with the authors' learning rates; every trainable parameter exactly once. A
+    group's name is its ``LrGroup`` as a plain string, as checkpoints hold it."""
     groups = []
     seen: set[int] = set()
     for name, params in model.param_groups().items():
         params = [p for p in params if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         if params:
-            groups.append({"name": name, "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
+            groups.append({"name": str(name), "params": params, "lr": getattr(cfg, LR_OF_GROUP[name])})
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if stray:
         raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,16 @@ def error_status(err: BaseException) -> tuple[str, str]:
     return status, text if isinstance(err, UserError) or status == "interrupted" else f"{type(err).__name__}: {text}"
 
 
+@dataclass(frozen=True)
+class ParameterCount:
+    """The model's ``trainable`` and ``total`` parameters, and the trainable ones under each learning-rate
+    key (``by_rate``: ``optim.trained_by_rate``); results.json's ``parameters``."""
+
+    trainable: int
+    total: int
+    by_rate: dict[str, int]
+
+
 class RunRecord:
     """The files above for one run. ``main``: this process writes them (rank 0 under torchrun); on the
     other ranks every method only computes what it returns."""
@@ -51,7 +62,7 @@ class RunRecord:
         self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
-        self.parameters, self.step = (0, 0, {}), {}  # trainable, total, by rate: set once the model is built
+        self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``runfolder.refuse_changed_data``)
         self.cache: dict = {}  # what identifies the cache a cached run reads (``runfolder.cache_record``)
@@ -142,7 +153,6 @@ class RunRecord:
 
     def results(self, progress: Progress, status: str, error: str = "") -> dict:
         """The contents of ``results.json``."""
-        trainable, total, by_rate = self.parameters
         cfg = self.cfg
         return {
             "status": status,
@@ -155,7 +165,7 @@ class RunRecord:
             "epochs": progress.epochs,
             "timing": progress.timing(),
             "step": self.step,
-            "parameters": {"trainable": trainable, "total": total, "by_rate": by_rate},
+            "parameters": asdict(self.parameters),
             "peak_memory": peak_memory(self.device),
             "device": device_name(self.device),
             "world_size": self.world_size,

@@ -13,14 +13,14 @@ import re
 import numpy as np
 import torch
 
-from ..data.batches import ItemBatch, TrainBatch
+from ..data.batches import TrainBatch
 from ..devices import device_name
 from .graphs import GraphedStep
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
-    (``batches.train_loader``)."""
+    (``batches.epoch_order``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -69,22 +69,19 @@ class TrainStep:
         if mode == "inductor":
             self.loss_of = torch.compile(self.loss, mode="reduce-overhead", dynamic=False)
 
-    def loss(self, seq, ids, pixels, inverse, real=None, title_columns=None, encode_all=False) -> torch.Tensor:
-        """The loss of one batch given as tensors (what a compiled or graphed step captures)."""
+    def loss(self, *tensors) -> torch.Tensor:
+        """The loss of one batch given as ``TrainBatch.tensors()`` (what a compiled or graphed step captures)."""
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                             cache_enabled=False):
             # Through ``forward`` (= calculate_loss), so a DistributedDataParallel model syncs gradients.
-            return self.model(TrainBatch(seq, ItemBatch(ids, pixels, real, title_columns, encode_all), inverse))
+            return self.model(TrainBatch.from_tensors(*tensors))
 
     def __call__(self, batch: TrainBatch) -> torch.Tensor:
         if self.mode == "inductor":
             torch.compiler.cudagraph_mark_step_begin()
-        items = batch.items
         # Compiled steps need static shapes, which the (variable) number of real items is not.
-        real = items.real if self.mode == "off" else None
-        loss = self.loss_of(batch.seq, items.ids, items.pixels, batch.inverse, real, items.title_columns,
-                            items.encode_all)
+        loss = self.loss_of(*batch.tensors(real=self.mode == "off"))
         # No gradient clipping, no scheduler: the authors' step has neither.
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

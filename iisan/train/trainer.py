@@ -18,25 +18,29 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import distributed
 from ..config import METHOD_NAMES, Config
 from ..console import progress_bar
-from ..data.batches import steps_per_epoch, train_loader
+from ..data.batches import TrainBatch, TrainBatches, epoch_batches, epoch_order, steps_per_epoch
+from ..data.run_data import load_data
 from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import file_fingerprint, write_json_atomic
-from ..model.build import build_model, check_run_inputs, count_parameters, load_data, run_parameter_line
+from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
+from .decisions import decide
 from .interrupt import StopRequests
-from .nonfinite import nonfinite_loss
-from .optim import make_optimizer, trained_by_rate
-from .plan import describe_step, plan_step
+from .nonfinite import batch_states, nonfinite_loss
+from .optim import trained_by_rate
+from .parts import build_training
+from .plan import describe_step
 from .progress import EarlyStopping, Progress
-from .records import RunRecord, epoch_line
+from .records import ParameterCount, RunRecord, epoch_line
 from .runfolder import CHECKPOINTS, RESULTS, cache_record, log_summary, refuse_to_overwrite, reusable_results, run_dir
 from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
@@ -82,28 +86,29 @@ class Run:
         check_run_inputs(cfg)  # a missing file is an error before a run folder is made for it
         if cfg.resume and not checkpoint.checkpoints(self.root):  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
-        self.decide(self.lock_folder)
+        decide(self.lock_folder, dist)
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
         data = self.data = load_data(cfg)
         self.record.items_fingerprint = data.catalog.fingerprint
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
-        self.model, self.pixels = build_model(cfg, self.data, device)
-        log.info("%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, self.model))
-        plan = plan_step(cfg, device, self.model, dist.world_size)
+        parts = build_training(cfg, data, device, dist.world_size, built=lambda model: log.info(
+            "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)))
+        self.model, self.pixels, self.optimizer = parts.model, parts.pixels, parts.optimizer
+        self.collate = parts.collate  # the batch layout of every epoch
+        plan = parts.plan
         self.amp, self.compiled, self.encoding, self.buckets = plan.amp, plan.compiled, plan.encoding, plan.buckets
-        self.optimizer = make_optimizer(self.model, cfg, device, capturable=self.compiled == "cudagraph")
-        self.record.parameters = (*count_parameters(self.model), trained_by_rate(self.optimizer))
+        self.record.parameters = ParameterCount(*count_parameters(self.model), trained_by_rate(self.optimizer))
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
-        chosen = self.decide(self.choose_checkpoint)
+        found, chosen = decide(self.choose_checkpoint, dist, lambda found: "" if found is None else str(found.path))
         scaler_state = None
         if chosen:
             with checkpoint.restoring(chosen):  # intact, but maybe not what this version can restore
-                scaler_state = self.restore(self.loaded if dist.is_main else checkpoint.read(Path(chosen)))
+                scaler_state = self.restore(found if dist.is_main else checkpoint.read(Path(chosen)))
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
-        self.loaded = None  # its tensors are now in the model and the optimiser
+        del found  # its tensors are now in the model and the optimiser
         # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
         # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
@@ -122,40 +127,25 @@ class Run:
     # ----------------------------------------------------------------------------------------------
     # decisions rank 0 takes for everyone
 
-    def decide(self, choose) -> str:
-        """``choose()`` on rank 0, its answer on every rank; rank 0's error is raised on every rank."""
-        answer, error = "", None
-        if self.dist.is_main:
-            try:
-                answer = "ok:" + choose()
-            except UserError as err:
-                answer, error = "error:" + str(err), err
-        answer = broadcast_text(answer, self.dist)
-        if error is not None:
-            raise error
-        if answer.startswith("error:"):
-            raise TrainingError(answer[len("error:"):])
-        return answer[len("ok:"):]
-
-    def lock_folder(self) -> str:
+    def lock_folder(self) -> None:
         try:
             self.lock = runfolder.lock_run_folder(self.run_dir)
         except InUse as err:
             raise RunInUse(str(err)) from None
         except UserError as err:  # not a run folder, or not writable
             raise TrainingError(str(err)) from None
-        return ""
 
-    def choose_checkpoint(self) -> str:
-        self.loaded, refused = checkpoint.latest(self.root, self.cfg.to_dict())
-        if self.loaded is not None:
-            return str(self.loaded.path)
+    def choose_checkpoint(self) -> checkpoint.Checkpoint | None:
+        """The newest checkpoint this run can resume from, or None for a fresh run (one that may start)."""
+        found, refused = checkpoint.latest(self.root, self.cfg.to_dict())
+        if found is not None:
+            return found
         if refused:
             raise TrainingError(checkpoint.cannot_resume(refused))
         if self.cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
         refuse_to_overwrite(self.run_dir, self.cfg)
-        return ""
+        return None
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -226,8 +216,22 @@ class Run:
             return self.stop.requested
         return (step + 1) % STOP_POLL_STEPS == 0 and any_rank(self.stop.requested, self.dist)
 
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's users of ``epoch``, in the order its steps take them."""
+        dist = self.dist
+        return epoch_order(len(self.collate.sequences), self.cfg.order_seed, epoch, dist.rank, dist.world_size)
+
     def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> None:
-        problem = nonfinite_loss(self, losses, epoch, n_steps)
+        def host_batch(step: int) -> TrainBatch:  # the step's batch, rebuilt as the loop collated it
+            users = TrainBatches(self.order(epoch), self.cfg.batch_size, self.collate, step).user_batches()[0]
+            return self.collate(users)
+
+        def states(step: int) -> list[str]:
+            cache_dir = self.cfg.cache_dir if self.cfg.cached else None
+            return batch_states(self.model, lambda: host_batch(step), self.device, self.data.item_ids, cache_dir)
+
+        problem = nonfinite_loss(losses, epoch, self.progress.global_step, n_steps, self.optimizer, self.model,
+                                 states, self.run_dir, self.last_good)
         if problem:
             raise TrainingError(problem)
 
@@ -235,8 +239,7 @@ class Run:
         cfg, dist, device = self.cfg, self.dist, self.device
         progress = self.progress
         start_step, progress.start_step = (progress.start_step, 0) if epoch == progress.start_epoch else (0, 0)
-        sequences = self.data.train_sequences()
-        n_steps = steps_per_epoch(len(sequences), cfg.batch_size, dist.world_size)
+        n_steps = steps_per_epoch(len(self.collate.sequences), cfg.batch_size, dist.world_size)
         n_steps = min(n_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n_steps
         losses = torch.zeros(n_steps, device=device)
         seconds = 0.0
@@ -244,8 +247,7 @@ class Run:
             losses[:start_step] = self.partial_losses.to(device)
             seconds = progress.partial_seconds
         self.ddp.train()
-        loader = train_loader(sequences, cfg.batch_size, cfg.order_seed, epoch, self.encoding, self.pixels,
-                              dist.rank, dist.world_size, start_step, self.buckets)
+        loader = epoch_batches(self.order(epoch), cfg.batch_size, self.collate, start_step)
         sync(device)
         start = time.perf_counter()
         bar = progress_bar(loader, n_steps, start_step, f"epoch {epoch}", "steps", cfg.progress and dist.is_main)

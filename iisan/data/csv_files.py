@@ -1,4 +1,6 @@
-"""The MicroLens data format (Ni et al., "A Content-Driven Micro-Video Recommendation Dataset at Scale").
+"""CSV users and items files (header row, CSV quoting), the generic readers behind ``interactions``:
+any ``.csv`` users or items file is read here. Written for MicroLens (Ni et al., "A Content-Driven
+Micro-Video Recommendation Dataset at Scale"), whose column names the headers may use.
 
 MicroLens ships two interaction files and a titles file, all with numeric ids:
 
@@ -9,8 +11,8 @@ MicroLens ships two interaction files and a titles file, all with numeric ids:
   the authors' ``MicroLens-100k_title_en.tsv`` is ``item<TAB>title``, the Amazon items format. Titles
   may be empty (pass ``--allow-empty-titles``).
 
-``interactions.read_users`` / ``read_items`` hand ``.csv`` files to the readers here, so a MicroLens
-data set goes through the same protocol and ``SeqRecData`` as the Amazon ones.
+``interactions.read_users`` / ``read_items`` hand ``.csv`` files to the readers here (``interactions.FORMATS``),
+so a CSV data set goes through the same protocol and ``SeqRecData`` as the Amazon ones.
 """
 
 from __future__ import annotations

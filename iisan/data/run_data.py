@@ -1,0 +1,53 @@
+"""A run's data from its config: the users and items files after the protocol (``load_data``), the image
+LMDB and its pixels, and the cache folder a cached run reads. Each names the flag to give when its input
+is missing. What needs the encoders (their folders, layers and caches' acceptance) is ``model.build``'s."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import Config
+from ..errors import ConfigError
+from .batches import PixelSource
+from .images import ImageStore
+from .interactions import SeqRecData, check_data_file, load_dataset
+
+log = logging.getLogger(__name__)
+
+
+def check_data_files(cfg: Config) -> None:
+    """The users and items files are given and exist."""
+    if not cfg.users or not cfg.items:
+        raise ConfigError("users and items files are required (--users FILE --items FILE)")
+    for what, path in (("users", cfg.users), ("items", cfg.items)):
+        check_data_file(Path(path), what)
+
+
+def load_data(cfg: Config) -> SeqRecData:
+    check_data_files(cfg)
+    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
+                        cfg.encoding, cfg.merge_duplicate_users)
+
+
+def cache_dir(cfg: Config) -> str:
+    if not cfg.cache_dir:
+        raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")
+    return cfg.cache_dir
+
+
+def image_store(cfg: Config) -> ImageStore:
+    if not cfg.images:
+        raise ConfigError("the image tower needs an image LMDB (--images PATH, built by `iisan build-lmdb`); without "
+                          "images, --towers text trains a text-only item tower")
+    return ImageStore(cfg.images)
+
+
+def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
+    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+    store = image_store(cfg)
+    missing, flagged = store.blank_ids(item_ids)
+    if missing or flagged:
+        log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
+                    "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
+    return PixelSource(store, item_ids, threads=cfg.num_workers)
