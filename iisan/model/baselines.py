@@ -56,7 +56,7 @@ def _apply_lora(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, what, cfg.lora_random_base, seed)
 
 
-# Each baseline (``config.METHOD_TABLE``'s kind "baseline") -> what makes a backbone trainable its way.
+# Each baseline (``methods.METHOD_TABLE``'s kind "baseline") -> what makes a backbone trainable its way.
 APPLY = {"fft": _apply_fft, "adapter": _apply_adapter, "lora": _apply_lora, "bitfit": _apply_bitfit}
 
 
