@@ -76,6 +76,15 @@ def test_unknown_item_ids_are_counted_and_logged(tmp_path, caplog):
     assert "skipped 1 interactions with 1 item ids not in" in caplog.text and "zz" in caplog.text
 
 
+def test_an_unknown_id_with_an_invisible_character_is_shown_escaped(tmp_path, caplog):
+    """``c\\x00`` is not the item ``c``: the warning shows it quoted, its NUL escaped."""
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
+    users = write(tmp_path, "users.tsv", "u1\ta b c\x00 c d e f\nu2\ta b c d e f\n")
+    with caplog.at_level(logging.WARNING):
+        load_dataset(users, items)
+    assert "with 1 item ids not in" in caplog.text and "(e.g. 'c\\x00')" in caplog.text
+
+
 def test_short_users_are_counted_and_logged(tmp_path, caplog):
     items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
     users = write(tmp_path, "users.tsv", "u1\ta b c d\nu2\ta b c d e f\n")

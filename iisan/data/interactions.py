@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import file_fingerprint, shown
 from .csv_files import read_pairs_csv, read_titles_csv
-from .textfile import check_item_id, decoded_lines
+from .textfile import check_item_id, decoded_lines, visible
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
         "unknown_item_ids": len(unknown_ids),
     }
     if unknown_ids:
-        examples = ", ".join(sorted(unknown_ids)[:5])
+        examples = ", ".join(visible(item) for item in sorted(unknown_ids)[:5])
         log.warning("%s: skipped %d interactions with %d item ids not in %s (e.g. %s)", users_path,
                     skipped["unknown_item_interactions"], len(unknown_ids), items_path, examples)
     if short_users:

@@ -45,6 +45,12 @@ def decoded_lines(path: Path, encoding: str | None = None, newline: str | None =
             raise DataError(f"{path}: not {name} text{where} ({error_text(err)}); {hint}") from None
 
 
+def visible(text: str) -> str:
+    """``text`` for a message: as it is when every character shows, else quoted with escapes (a NUL or
+    another control character would be invisible, and ``I1\x00`` would read as the valid id ``I1``)."""
+    return text if text.isprintable() else repr(text)
+
+
 def error_text(err: UnicodeError) -> str:
     """A decoder's message in one line, without the positions in a read buffer (they are not the file's)."""
     if isinstance(err, UnicodeDecodeError):
