@@ -88,6 +88,9 @@ class Config:
     patch_embedding: str = _opt("matmul", "image towers' patch-embedding convolution (kernel = stride) run as "
                                 "one matmul over patches (the same map, never at the mercy of cuDNN's kernel "
                                 "choice) or as the model's own conv", ("matmul", "conv"))
+    image_norm: str = _opt("processor", "image towers' pixel normalisation: processor = each model's image processor "
+                           "mean and std (ImageNet's for DeiT, CLIP's for CLIP; 0.5 for ViT-B/16); authors = mean = "
+                           "std = 0.5 for every tower, as the authors' Versa code", ("processor", "authors"))
     # --- model -------------------------------------------------------------------------------------
     method: str = _opt("iisan", "training method (id: SASRec over learned item-ID embeddings, no encoder)",
                        METHODS)
@@ -199,22 +202,32 @@ class Config:
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """``_check`` refuses what is wrong, then ``_normalise`` makes the changes other values imply: in that
+        order, the checks read the values as given (towers=text, modality=inter is refused, not made intra)."""
+        self._check()
+        self._normalise()
+
+    def _check(self) -> None:
+        """The refusals, the first found raised; each field is coerced to its type first ("5" -> 5), as they need."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, coerce(f.name, value, hints[f.name]))
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed)}")
         check_bounds(self)
-        if self.towers != "both" and self.modality != "intra":
-            if self.method == "iisan" and self.modality == "inter":
-                raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
-            self.modality = "intra"
+        if self.towers != "both" and self.method == "iisan" and self.modality == "inter":
+            raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
         for name in ("text_layers", "image_layers"):
             layers = getattr(self, name)
             if layers is not None and (len(layers) == 0 or min(layers) < 0 or list(layers) != sorted(set(layers))):
                 raise ConfigError(f"{name}={list(layers)} must be distinct, increasing, non-negative indices")
+
+    def _normalise(self) -> None:
+        """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live."""
+        if self.towers != "both":
+            self.modality = "intra"
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift
             self.epochs = min(self.epochs, SMOKE_EPOCHS)
             self.max_steps_per_epoch = min(self.max_steps_per_epoch or SMOKE_STEPS, SMOKE_STEPS)
@@ -237,7 +250,7 @@ class Config:
 
     @property
     def order_seed(self) -> int | None:
-        """What ``train_loader`` draws each epoch's user order from: the seed, or None for the authors' order."""
+        """What ``epoch_order`` draws each epoch's user order from: the seed, or None for the authors' order."""
         return self.seed if self.user_order == "seeded" else None
 
     def replace(self, **changes) -> Config:
@@ -283,6 +296,11 @@ class Config:
         except ConfigError as err:
             raise ConfigError(str(err) if str(err).startswith(f"{path}: ") else f"{path}: {err}") from None
         return values
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The values Config field ``name`` takes, declared once on the field, for lower modules to check against."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}[name]
 
 
 class DuplicateKey(ValueError):

@@ -60,7 +60,7 @@ def test_pooled_states_are_the_cls_of_the_selected_hidden_states(tiny):
 
 def test_vit_final_cls_is_after_the_final_layernorm(tiny):
     enc = load_image_encoder(tiny["image_model"], six_groups(tiny["image_model"], "image"))
-    assert enc.norm == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32}
+    assert enc.norm == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "rule": "processor"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         last_state = enc.layer_states(pixel_values=x)[:, -1]
@@ -222,3 +222,7 @@ def test_models_whose_blocks_or_sizes_cannot_be_found_are_one_line():
     with pytest.raises(EncoderError, match=r"^cannot read depth and width from a SimpleNamespace$"):
         depth_and_width(SimpleNamespace(num_hidden_layers=2))
     assert depth_and_width(SimpleNamespace(n_layer=2, n_embd=16)) == (2, 16)  # GPT-2's names
+    for depth in (-1, 0, 2.5, True):
+        with pytest.raises(EncoderError, match=rf"^models/x: its config.json gives {depth!r} layers of width 8; "
+                                               r"expected positive integers \(num_hidden_layers, hidden_size\)$"):
+            depth_and_width(SimpleNamespace(num_hidden_layers=depth, hidden_size=8), "models/x")

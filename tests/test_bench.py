@@ -18,6 +18,7 @@ import torch
 from iisan.efficiency.bench import add_tpme, measure_training
 from iisan.efficiency.isolate import died, in_fresh_process
 
+from ._batches import first_epoch
 from ._scripts import script_error
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -59,10 +60,9 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["memory"]["peak_rss_gib"] > 0
     assert not out["static_shapes"] and out["buckets"] is None and out["encodes"] == "distinct items"
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
-    from iisan.data.batches import train_loader
     from iisan.data.run_data import load_data
 
-    batches = [b for b in train_loader(load_data(cfg).train_sequences(), 16, cfg.seed, 0, "items") if len(b.seq) == 16]
+    batches = [b for b in first_epoch(load_data(cfg).train_sequences(), cfg.seed) if len(b.seq) == 16]
     distinct = [len(set(b.seq.flatten().tolist()) - {0}) for b in batches[1:3]]
     assert out["items_per_step"] == pytest.approx(sum(distinct) / 2)
     # the SAN's rows: each distinct item and the padding item, which the batches here all hold
@@ -89,7 +89,7 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     """Uncached IISAN with static shapes: rows and padding per step against the bucket ladder, FLOPs of
     the padded batches and of the same batches without padding rows, a real epoch; the authors' way
     encodes every slot with full titles."""
-    from iisan.data.batches import train_loader, without_padding_rows
+    from iisan.data.batches import without_padding_rows
     from iisan.efficiency.bench import AUTHORS_WAY, training_setup
     from iisan.efficiency.flops import step_flops
 
@@ -116,7 +116,7 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     first = next(stream)
     assert authors["flop_batches"] == 1 and out["flop_batches"] == 3  # a sample: the first timed batch only
     assert authors["flops_per_step"] == step_flops(setup, first.to(setup.device))  # same model shapes as setup
-    sequences = [b.seq for b in train_loader(setup.data.train_sequences(), 16, cfg.seed, 0, "items")][1:4]
+    sequences = [b.seq for b in first_epoch(setup.data.train_sequences(), cfg.seed)][1:4]
     assert authors["encodes"] == "every slot" and authors["title_columns_per_step"] is None
     assert authors["encoded_rows_per_step"] == 16 * 11  # every slot, padding included
     assert authors["items_per_step"] == pytest.approx(np.mean([int((s != 0).sum()) for s in sequences]))
@@ -270,7 +270,6 @@ def encoder_flops(config, tokens: int, pooler: bool = True) -> int:
 def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_config):
     """The uncached feed runs each tower once per distinct non-padding item (no second pass, padding
     never encoded), and ``count_flops`` agrees with the hand count of BERT and ViT."""
-    from iisan.data.batches import train_loader
     from iisan.data.run_data import load_data
     from iisan.efficiency.flops import count_flops
     from iisan.model.build import build_model
@@ -278,7 +277,7 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
     cfg = tiny_config(method="iisan", feed="live")
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
+    batch = next(iter(first_epoch(data.train_sequences(), 0, pixels=pixels)))
     encoders = model.item_encoder.states.encoders
     text, image = encoders["text"].model.config, encoders["image"].model.config
     patches = (image.image_size // image.patch_size) ** 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
-from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users, train_loader
+from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users
 from iisan.data.run_data import load_data
 from iisan.distributed import Dist, chunk_block
 from iisan.evaluate import evaluate_model, evaluate_ranks
@@ -23,6 +23,8 @@ from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 from iisan.train.optim import make_optimizer
 from iisan.train.weights import load_weights
+
+from ._batches import first_epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +38,6 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
         assert [b.tolist() for b in epoch_batches(order, 16, collate).user_batches()] == expected
         resumed = epoch_batches(order, 16, collate, start_step=4)
         assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
-        # the one-call form (tests, scripts) is the same order collated the same way
-        assert [b.tolist() for b in train_loader(collate.sequences, 16, 7, epoch, "items").user_batches()] == expected
 
 
 def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed():
@@ -84,7 +84,7 @@ def test_iisan_uses_every_trainable_parameter_in_a_step(tiny_config, modality):
     data = load_data(cfg)
     model, _ = build_model(cfg, data, torch.device("cpu"))
     make_optimizer(model, cfg, torch.device("cpu"))
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items")))
+    batch = next(iter(first_epoch(data.train_sequences(), 0)))
     model.train()
     model(batch).backward()
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

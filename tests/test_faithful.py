@@ -25,6 +25,8 @@ from iisan.train.optim import make_optimizer
 from iisan.train.plan import StepPlan, plan_step, use_compile
 from iisan.train.step import make_train_step
 
+from ._batches import first_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
 TITLES = ["", "Red Lamp with a big shade", "blue chair", "Green table, small and round  "]
 
@@ -229,7 +231,6 @@ def test_seeded_chains_keep_the_authors_block_counts(tiny_config, tiny_cache):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_config, tiny_cache, tmp_path):
-    from iisan.data.batches import train_loader
     from iisan.data.cache import CacheExpectation, load_cache
 
     cuda = torch.device("cuda")
@@ -239,7 +240,7 @@ def test_on_a_gpu_fp16_scales_the_loss_and_the_default_cache_is_exact_fp32(tiny_
     step = make_train_step(model, make_optimizer(model, cfg, cuda), amp_dtype(cfg.amp, cuda), cuda)
     assert step.scaler is not None and step.scaler.is_enabled()
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", None)):
+    for i, batch in enumerate(first_epoch(data.train_sequences(), 0)):
         assert torch.isfinite(step(batch.to(cuda)))
         if i == 3:
             break

@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 
-from iisan.data.batches import train_loader
 from iisan.data.run_data import load_data
 from iisan.efficiency.bench import SETTINGS
 from iisan.model.build import build_model
@@ -19,6 +18,7 @@ from iisan.train.plan import batch_layout
 from iisan.train.step import make_train_step
 from iisan.train.trainer import train
 
+from ._batches import first_epoch
 from .conftest import cached_and_live_tables
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -43,7 +43,7 @@ def run_steps(cfg, compiled, steps=6):
     step = make_train_step(model, optimizer, None, CUDA, compiled)
     model.train()
     losses = []
-    for batch in train_loader(data.train_sequences(), 16, 0, 0, "all", pixels):  # same slots both ways
+    for batch in first_epoch(data.train_sequences(), 0, "all", pixels):  # same slots both ways
         losses.append(step(batch.to(CUDA)).item())
         if len(losses) == steps:
             break
@@ -68,7 +68,7 @@ def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
     model, pixels = build_model(cfg, data, CUDA)
     step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
+    for i, batch in enumerate(first_epoch(data.train_sequences(), 0, pixels=pixels)):
         assert torch.isfinite(step(batch.to(CUDA)))
         if i == 2:
             break
@@ -100,7 +100,7 @@ def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_conf
     cfg = tiny_config(method="iisan", feed="live", device="cuda")
     data = load_data(cfg)
     _, pixels = build_model(cfg, data, CUDA)
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
+    batch = next(iter(first_epoch(data.train_sequences(), 0, pixels=pixels)))
     host = [batch.seq, batch.inverse, batch.items.ids, batch.items.real, batch.items.pixels]
     assert all(t.is_pinned() for t in host)
     moved = batch.to(CUDA)
@@ -118,7 +118,7 @@ def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cach
     model.train()
     step = make_train_step(model, make_optimizer(model, cfg, CUDA), torch.bfloat16, CUDA, "off")
     dedup, buckets = batch_layout(cfg, "off", model)  # the trainer's batches: static shapes for live steps
-    loader = train_loader(data.train_sequences(), 16, 0, 0, dedup, pixels, buckets=buckets)
+    loader = first_epoch(data.train_sequences(), 0, dedup, pixels, buckets=buckets)
     first, *batches = [batch.to(CUDA) for batch, _ in zip(loader, range(3))]
     step(first)
     torch.cuda.synchronize()
@@ -156,8 +156,7 @@ def test_static_shapes_change_no_loss_on_the_gpu(tiny_config, method, no_tf32):
     model, pixels = build_model(cfg, data, CUDA)
     model.eval()
     sequences, buckets = data.train_sequences(), shape_buckets(cfg, model)
-    pairs = zip(train_loader(sequences, 16, 0, 0, "items", pixels), train_loader(sequences, 16, 0, 0, "items", pixels,
-                                                                              buckets=buckets))
+    pairs = zip(first_epoch(sequences, 0, pixels=pixels), first_epoch(sequences, 0, pixels=pixels, buckets=buckets))
     with torch.no_grad():
         for (plain, static), _ in zip(pairs, range(3)):
             assert len(static.items.ids) >= len(plain.items.ids) and static.items.encode_all

@@ -12,7 +12,6 @@ import torch
 
 from iisan.cli.main import main
 from iisan.config import Config
-from iisan.data.batches import train_loader
 from iisan.data.run_data import load_data
 from iisan.errors import ConfigError
 from iisan.model.build import build_model
@@ -20,6 +19,8 @@ from iisan.model.id_embedding import ItemIDEncoder
 from iisan.model.item_encoder import ItemEncoder
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
+
+from ._batches import first_epoch
 
 SASREC = 100_224  # the authors' SASRec at 64-d, 2 blocks (authors_code: User_Encoder)
 
@@ -48,7 +49,7 @@ def test_id_model_is_a_table_and_sasrec_and_only_they_train(tiny, tmp_path):
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
     seen = set()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", None)):
+    for i, batch in enumerate(first_epoch(data.train_sequences(), 0)):
         assert torch.isfinite(step(batch))
         seen.update(batch.items.ids.tolist())
         if i == 3:

@@ -10,7 +10,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from iisan.config import METHOD_DEFAULTS, METHOD_NAMES, METHODS, Config
-from iisan.data.batches import train_loader
 from iisan.data.run_data import load_data
 from iisan.efficiency.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.errors import TargetError, TrainingError
@@ -22,6 +21,8 @@ from iisan.model.peft_methods import apply_adapters, apply_lora
 from iisan.train.optim import LR_OF_GROUP, make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
 from iisan.train.weights import load_weights, save_weights
+
+from ._batches import first_epoch
 
 
 def declared_trainable(name: str, method: str) -> bool:
@@ -63,7 +64,7 @@ def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_c
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
+    for i, batch in enumerate(first_epoch(data.train_sequences(), 0, pixels=pixels)):
         loss = step(batch)
         assert loss.shape == () and torch.isfinite(loss)
         if i == 2:
@@ -176,8 +177,8 @@ def test_cached_and_uncached_feeds_give_the_same_loss(tiny_config, tiny_cache):
     live.load_state_dict(cached.state_dict(), strict=False)
     cached.eval()
     live.eval()
-    batch_cached = next(iter(train_loader(data.train_sequences(), 16, 3, 0, "items")))
-    batch_live = next(iter(train_loader(data.train_sequences(), 16, 3, 0, "items", pixels)))
+    batch_cached = next(iter(first_epoch(data.train_sequences(), 3)))
+    batch_live = next(iter(first_epoch(data.train_sequences(), 3, pixels=pixels)))
     with torch.no_grad():
         a, b = cached.calculate_loss(batch_cached), live.calculate_loss(batch_live)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -227,7 +228,7 @@ def test_live_step_finds_real_items_on_the_host(setting, tiny_config, monkeypatc
     torch.manual_seed(0)
     model, pixels = build_model(cfg, data, torch.device("cpu"))
     model.eval()  # no dropout: the two forwards below must match exactly
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)))
+    batch = next(iter(first_epoch(data.train_sequences(), 0, pixels=pixels)))
     ids = batch.items.ids
     assert batch.items.real.tolist() == [i for i, item in enumerate(ids.tolist()) if item != 0]
     with torch.no_grad():
@@ -283,7 +284,7 @@ def test_steps_never_make_the_host_wait_for_the_device(setting, static_shapes, t
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     dedup, buckets = batch_layout(cfg, "off", model)
     assert (buckets is not None) == (static_shapes and SETTINGS[setting].get("feed") != "cached")
-    loader = train_loader(data.train_sequences(), 16, 0, 0, dedup, pixels, buckets=buckets)
+    loader = first_epoch(data.train_sequences(), 0, dedup, pixels, buckets)
     first, *batches = [batch for batch, _ in zip(loader, range(3))]
     step(first)
     with HostStalls() as stalls:

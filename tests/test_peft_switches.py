@@ -11,17 +11,19 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from iisan.config import Config, resolve
-from iisan.data.batches import ItemBatch, train_loader
+from iisan.config import Config, choices, resolve
+from iisan.data.batches import ItemBatch
 from iisan.data.run_data import load_data
 from iisan.errors import TargetError
 from iisan.model.backbones import load_image_encoder, load_text_encoder
 from iisan.model.build import build_model
-from iisan.model.peft_methods import WithAdapter, apply_adapters, transformer_blocks
+from iisan.model.peft_methods import ADAPTER_INITS, ADAPTER_POSITIONS, WithAdapter, apply_adapters, transformer_blocks
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.plan import batch_layout
 from iisan.train.step import make_train_step
 from iisan.train.weights import load_weights, save_weights
+
+from ._batches import first_epoch
 
 RATES = ("batch_size", "lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
 CPU = torch.device("cpu")
@@ -80,7 +82,7 @@ def test_lora_random_base_replaces_query_and_value_and_trains_their_biases(rando
     before = {(m, n): (b.weight.detach().clone(), b.bias.detach().clone()) for m in bases for n, b in bases[m].items()}
     step = make_train_step(model, make_optimizer(model, cfg, CPU), None, CPU)
     model.train()
-    step(next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels))))
+    step(next(iter(first_epoch(data.train_sequences(), 0, pixels=pixels))))
     for (m, n), (weight, bias) in before.items():
         assert torch.equal(bases[m][n].weight, weight)
         assert torch.equal(bases[m][n].bias, bias) is not random_base, (m, n)
@@ -256,3 +258,14 @@ def test_dropout_in_an_encoder_gives_each_slot_its_own_row(tiny_config, tiny_cac
     assert batch_layout(image_only, "off", build_model(image_only, load_data(image_only), CPU)[0])[0] == "items"
     cached = tiny_config(cache_dir=tiny_cache)
     assert batch_layout(cached, "off", build_model(cached, load_data(cached), CPU)[0])[0] == "items"
+
+
+def test_adapter_switches_take_their_config_fields_choices_and_refuse_another():
+    assert ADAPTER_INITS == choices("adapter_init") == ("authors", "identity")
+    assert ADAPTER_POSITIONS == choices("adapter_position") == ("after_dropout", "before_dropout")
+    with pytest.raises(ValueError) as info:
+        WithAdapter(nn.Linear(8, 8), 4, init="zeros")
+    assert str(info.value) == "init must be one of authors, identity, not 'zeros'"
+    with pytest.raises(ValueError) as info:
+        apply_adapters(nn.Linear(8, 8), 4, ["ffn_out"], position="inside")
+    assert str(info.value) == "position must be one of after_dropout, before_dropout, not 'inside'"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iisan.data.batches import CollateTrain, TrainBatch, train_loader, without_padding_rows
+from iisan.data.batches import CollateTrain, TrainBatch, without_padding_rows
 from iisan.data.interactions import read_items
 from iisan.data.run_data import load_data
 from iisan.data.shapes import ShapeBuckets
@@ -18,6 +18,8 @@ from iisan.model.build import build_model
 from iisan.model.tiny import vocabulary, write_bert
 from iisan.train.plan import shape_buckets
 from iisan.train.trainer import train
+
+from ._batches import first_epoch
 
 CPU = torch.device("cpu")
 
@@ -114,8 +116,7 @@ def test_static_shapes_change_no_loss_and_no_gradient(tiny_config, method):
     model.eval()
     buckets = shape_buckets(cfg, model)
     sequences = data.train_sequences()
-    pairs = zip(train_loader(sequences, 16, 0, 0, "items", pixels), train_loader(sequences, 16, 0, 0, "items", pixels,
-                                                                              buckets=buckets))
+    pairs = zip(first_epoch(sequences, 0, pixels=pixels), first_epoch(sequences, 0, pixels=pixels, buckets=buckets))
     padded = 0
     for step, (plain, static) in zip(range(4), pairs):
         assert len(static.items.ids) == buckets.bucket(len(plain.items.ids)) >= len(plain.items.ids)
@@ -186,7 +187,7 @@ def test_a_scientific_epoch_meets_few_shapes(scientific, tiny_config, batch_size
             model(batch)
         return frozenset(recorder.seen)
 
-    static = list(train_loader(sequences, batch_size, cfg.seed, 0, "items", buckets=buckets))
+    static = list(first_epoch(sequences, cfg.seed, buckets=buckets, batch_size=batch_size))
     assert len(static) == -(-data.num_users // batch_size)
     by_shape: dict[tuple, list[TrainBatch]] = {}
     for batch in static:
@@ -199,5 +200,5 @@ def test_a_scientific_epoch_meets_few_shapes(scientific, tiny_config, batch_size
     recorded = {key: {matmul_shapes(b) for b in batches[:2]} for key, batches in by_shape.items()}
     assert all(len(shapes) == 1 for shapes in recorded.values())  # one shape key, one set of matmul shapes
     assert len(set.union(*recorded.values())) == len(by_shape)
-    plain = [matmul_shapes(b) for b, _ in zip(train_loader(sequences, batch_size, cfg.seed, 0, "items"), range(24))]
+    plain = [matmul_shapes(b) for b, _ in zip(first_epoch(sequences, cfg.seed, batch_size=batch_size), range(24))]
     assert len(set(plain)) > 12

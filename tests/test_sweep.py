@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.experiments.sweep import parse_script_args, run_script
+from iisan.experiments.sweep import GridPoint, Outcome, Status, parse_script_args, run_script, summary
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN.py"
 DEFAULTS = {"method": "iisan", "feed": "cached"}  # what run_IISAN.py passes
@@ -242,3 +242,13 @@ def test_a_second_ctrl_c_leaves_the_point_interrupted_in_the_summary(sweep, argv
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
     assert info.value.code == 130
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["interrupted", "not run"]
+
+
+def test_the_summary_prints_each_status_as_its_value():
+    outcomes = [Outcome(GridPoint(n, {}, None), status, reason="why" if status is Status.FAILED else "")
+                for n, status in enumerate(Status)]
+    text = summary(outcomes)
+    assert "grid summary: 6 point(s): 1 finished, 1 finished before, 1 in use, 1 failed, 1 interrupted, 1 not run" \
+        in text
+    assert [r[2] for r in summary_rows(text)] == ["finished", "finished before", "in use", "failed: why",
+                                                  "interrupted", "not run"]

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from iisan.data.batches import train_loader
 from iisan.data.run_data import load_data
 from iisan.model.build import build_model
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.step import make_train_step
 from iisan.train.trainer import train
 from iisan.train.weights import load_weights
+
+from ._batches import first_epoch
 
 
 @pytest.fixture()
@@ -55,7 +56,7 @@ def test_same_seed_gives_identical_metrics(cached_cfg):
 ONE_STEP_GRADIENTS = """
 import hashlib, json, sys
 import torch
-from iisan.data.batches import train_loader
+from iisan.data.batches import CollateTrain, epoch_batches, epoch_order
 from iisan.data.run_data import load_data
 from iisan.model.build import build_model
 from iisan.config import Config
@@ -65,7 +66,8 @@ torch.manual_seed(0)
 data = load_data(cfg)
 model, _ = build_model(cfg, data, torch.device("cpu"))
 model.train()
-model(next(iter(train_loader(data.train_sequences(), 64, 0, 0, "items")))).backward()
+sequences = data.train_sequences()
+model(next(iter(epoch_batches(epoch_order(len(sequences), 0, 0), 64, CollateTrain(sequences, "items"))))).backward()
 digest = hashlib.sha256()
 for p in model.parameters():
     if p.grad is not None:
@@ -93,7 +95,7 @@ def test_live_feed_trains_only_the_san_and_user_encoder(tiny_config):
     step = make_train_step(model, make_optimizer(model, cfg, torch.device("cpu")), None, torch.device("cpu"))
     model.train()
     assert not model.item_encoder.states.encoders["text"].training  # frozen encoders stay in eval mode
-    for i, batch in enumerate(train_loader(data.train_sequences(), 16, 0, 0, "items", pixels)):
+    for i, batch in enumerate(first_epoch(data.train_sequences(), 0, pixels=pixels)):
         loss = step(batch)
         assert torch.isfinite(loss)
         if i == 2:
@@ -117,7 +119,7 @@ def test_distinct_items_slots_and_all_slots_give_the_same_loss(cached_cfg):
     data = load_data(cached_cfg)
     model, _ = build_model(cached_cfg, data, torch.device("cpu"))
     model.eval()  # no dropout: the three batchings must agree exactly
-    a, b, c = (next(iter(train_loader(data.train_sequences(), 16, 0, 0, encoding)))
+    a, b, c = (next(iter(first_epoch(data.train_sequences(), 0, encoding)))
                for encoding in ("items", "slots", "all"))
     assert torch.equal(a.seq, b.seq) and torch.equal(a.seq, c.seq)
     assert len(a.items.ids) < len(b.items.ids) < len(c.items.ids)
@@ -244,7 +246,7 @@ def test_a_batch_as_tensors_is_what_the_eager_and_graphed_steps_both_take(cached
     from iisan.train.step import TrainStep
 
     data = load_data(cached_cfg)
-    batch = next(iter(train_loader(data.train_sequences(), 16, 0, 0, "items")))
+    batch = next(iter(first_epoch(data.train_sequences(), 0)))
     again = TrainBatch.from_tensors(*batch.tensors())
     assert again.seq is batch.seq and again.inverse is batch.inverse and again.items == batch.items
     assert TrainBatch.from_tensors(*batch.tensors(real=False)).items.real is None

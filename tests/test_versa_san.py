@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from iisan.model.san import InterSAN, SANItemTower
+from iisan.config import choices
+from iisan.model.san import HEADS, InterSAN, SANItemTower, head_style
 
 D = 64  # item embedding width
 SASREC = 100_224  # SASRec, 2 blocks of 64, 10 positions (test_san)
@@ -170,3 +171,10 @@ def test_decoder_pair_cached_and_live_feeds_give_the_same_item_embeddings(towers
     a, b, cached = cached_and_live_tables(cfg, torch.device("cpu"))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert cached.item_encoder.tower.inter.text_align is not None  # 48 -> 40: the text side is mapped
+
+
+def test_head_styles_are_the_san_heads_fields_choices_and_another_is_refused():
+    assert HEADS == choices("san_heads") == ("auto", "iisan", "versa")
+    with pytest.raises(ValueError) as info:
+        head_style({"text": 8, "image": 8}, "wide")
+    assert str(info.value) == "heads must be one of auto, iisan, versa, not 'wide'"

@@ -7,7 +7,7 @@
   resumed epoch, another process or another rank rebuilds exactly the same batches without any stored
   state. Under torchrun each rank takes its shard of the same permutation.
 - ``CollateTrain``: the batch layout (which item rows, pixels, static shapes), built once per run;
-  ``epoch_batches``: an epoch's order collated by it into ``TrainBatch``es (``train_loader``: both at once).
+  ``epoch_batches``: an epoch's order collated by it into ``TrainBatch``es.
 - ``item_chunks``: every item in fixed-size chunks (item tables for evaluation, cache builds).
 Static shapes for live steps (``CollateTrain`` with ``shapes.ShapeBuckets``): a batch's distinct items
 padded up to a bucket size and its titles cut to the batch's longest, so that steps meet a few shapes.
@@ -303,15 +303,6 @@ def epoch_batches(order: np.ndarray, batch_size: int, collate: CollateTrain, sta
     epoch had done. When images are read, the next batches are prepared in a background thread."""
     batches = TrainBatches(order, batch_size, collate, start_step)
     return Prefetch(batches) if collate.pixels is not None else batches
-
-
-def train_loader(sequences: np.ndarray, batch_size: int, seed: int | None, epoch: int, encoding: str,
-                 pixels: PixelSource | None = None, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 buckets: ShapeBuckets | None = None):
-    """One epoch's batches in one call (tests, one-off scripts): ``epoch_order`` collated by a new
-    ``CollateTrain``. A run builds its ``CollateTrain`` once and calls ``epoch_batches`` per epoch."""
-    order = epoch_order(len(sequences), seed, epoch, rank, world_size)
-    return epoch_batches(order, batch_size, CollateTrain(sequences, encoding, pixels, buckets), start_step)
 
 
 def steps_per_epoch(users: int, batch_size: int, world_size: int = 1) -> int:

@@ -7,10 +7,10 @@ Metadata (all strings, as safetensors requires; the keys are ``METADATA_KEYS``, 
 ``model.caching.cache_metadata``, and the readers here share): format, modality, encoder, encoder config
 hash, the digest of the encoder's weight and tokenizer/processor files (with their sizes and times, so
 checking it later reads no weights unless they changed), model type, layer indices, width, depth,
-pooling, dtype, a text cache's title length, the items file, a fingerprint of it and the item-id order
-of the rows. Training refuses a cache whose metadata does not match what its config expects
-(``CacheExpectation``, built by ``model.build.cache_expectation``) and says what differs; the row order
-must follow the data set's (items-file) order, and every row must be finite.
+pooling, dtype, a text cache's title length, an image cache's pixel normalisation, the items file, a
+fingerprint of it and the item-id order of the rows. Training refuses a cache whose metadata does not
+match what its config expects (``CacheExpectation``, built by ``model.build.cache_expectation``) and says
+what differs; the row order must follow the data set's (items-file) order, and every row must be finite.
 
 A cache imported from the authors' released states (``cache_import``; metadata ``source=imported``,
 ``imported_from``) records no encoder config hash or weights digest of a local folder: its layers,
@@ -45,14 +45,16 @@ def cache_file(cache_dir: str | Path, modality: str) -> Path:
 
 STATE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # metadata dtype -> safetensors code
 # A cache's metadata keys, as a build writes them (``model.caching.cache_metadata``); ``title_tokens`` is a
-# text cache's only.
+# text cache's only, ``image_norm`` (--image-norm) an image cache's.
 METADATA_KEYS = ("format", "modality", "encoder", "encoder_config", "encoder_weights", "encoder_files", "model_type",
-                 "layers", "width", "depth", "pooling", "dtype", "title_tokens", "items_file", "items_fingerprint",
-                 "item_ids")
+                 "layers", "width", "depth", "pooling", "dtype", "title_tokens", "image_norm", "items_file",
+                 "items_fingerprint", "item_ids")
 # What an import adds (``cache_import``, which records no encoder_weights, encoder_files or title_tokens).
 IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
-OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens")
+OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm")
+# What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
+UNRECORDED = {"image_norm": "processor"}
 REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
 
 
@@ -175,13 +177,15 @@ class CacheExpectation:
     pooling: str | None = None
     dtype: str | None = None
     title_tokens: str | None = None
+    image_norm: str | None = None
 
 
 def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation) -> None:
     """The cache's modality, layers (it may hold more), width, items fingerprint, encoder config hash or
-    else weights digest (an imported cache's digest is never compared), pooling, dtype and title_tokens
-    match what is expected; a check is skipped when ``expected`` leaves it out, and pooling, dtype and
-    title_tokens also when the cache does not record them. All differences are named in one error."""
+    else weights digest (an imported cache's digest is never compared), pooling, dtype, title_tokens and
+    image_norm match what is expected; a check is skipped when ``expected`` leaves it out, and pooling, dtype
+    and title_tokens also when the cache does not record them (a cache without image_norm was normalised
+    with the processor's statistics). All differences are named in one error."""
     differences = []
     if expected.layers is not None:
         stored = json.loads(meta["layers"])
@@ -203,6 +207,10 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
         wanted = getattr(expected, key)
         if wanted and meta.get(key) and meta[key] != wanted:
             differences.append(f"{key} {meta[key]} (config asks for {wanted})")
+    # the authors' released states (an import) were normalised as theirs; their ViT-B/16 has 0.5 either way
+    if expected.image_norm and meta.get("source") != "imported" and \
+            (built := meta.get("image_norm", UNRECORDED["image_norm"])) != expected.image_norm:
+        differences.append(f"image_norm {built} (config asks for {expected.image_norm})")
     if expected.modality is not None and meta["modality"] != expected.modality:
         differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:

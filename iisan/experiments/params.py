@@ -43,7 +43,7 @@ def random_encoders(cfg: Config, size: str | None = None) -> dict[str, BackboneE
             models = {m: architecture(model_name(cfg, m), m) for m in towers}
     encoders = {}
     for m in towers:
-        depth, _ = depth_and_width(models[m].config)
+        depth, _ = depth_and_width(models[m].config, "" if size == "base" else model_name(cfg, m))
         pooling = pooling_for(cfg, m, models[m].config.model_type)
         encoders[m] = BackboneEncoder(models[m], m, layers_for(cfg, m, depth), pooling)
     return encoders

@@ -23,6 +23,7 @@ import itertools
 import logging
 import sys
 from dataclasses import dataclass
+from enum import Enum
 
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import entry_point, setup_logging
@@ -51,10 +52,26 @@ class GridPoint:
         return self.config.run_name if self.config else "-"
 
 
+class Status(str, Enum):
+    """What became of a grid point: finished (trained now), finished before (its run folder already held
+    its results), in use (another process is training it), failed, interrupted, or not run (the grid
+    stopped before it). Printed as its value."""
+
+    FINISHED = "finished"
+    FINISHED_BEFORE = "finished before"
+    IN_USE = "in use"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    NOT_RUN = "not run"
+
+    def __str__(self) -> str:  # "finished", not "Status.FINISHED", in str() and f-strings alike
+        return self.value
+
+
 @dataclass
 class Outcome:
     point: GridPoint
-    status: str  # finished | finished before | in use (by another process) | failed | interrupted | not run
+    status: Status
     result: object = None
     reason: str = ""
 
@@ -130,27 +147,27 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
     log.info("grid point %d of %d: %s", point.index, total, point.name)
     if point.error:
         log.error("grid point %d (%s) failed: %s", point.index, values_text(point.values), point.error)
-        return Outcome(point, "failed", reason=point.error)
+        return Outcome(point, Status.FAILED, reason=point.error)
     try:
         if action is None:
             done = reusable_results(point.config)
             if done is not None:
-                return Outcome(point, "finished before", done)
-            return Outcome(point, "finished", train(point.config))
-        return Outcome(point, "finished", action(point.config, args))
+                return Outcome(point, Status.FINISHED_BEFORE, done)
+            return Outcome(point, Status.FINISHED, train(point.config))
+        return Outcome(point, Status.FINISHED, action(point.config, args))
     except RunInterrupted:
         raise
     except RunInUse as err:  # another process (a second copy of this sweep) is training it: not a failure
         reason = " ".join(str(err).split())
         log.warning("grid point %d (%s) skipped: %s", point.index, point.name, reason)
-        return Outcome(point, "in use", reason=reason)
+        return Outcome(point, Status.IN_USE, reason=reason)
     except UserError as err:
         reason = " ".join(str(err).split())
         log.error("grid point %d (%s) failed: %s", point.index, point.name, reason)
     except Exception as err:  # a bug: its traceback goes to the log, the grid goes on
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
         log.error("grid point %d (%s) failed: %s", point.index, point.name, reason, exc_info=True)
-    return Outcome(point, "failed", reason=reason)
+    return Outcome(point, Status.FAILED, reason=reason)
 
 
 def values_text(values: dict) -> str:
@@ -167,7 +184,7 @@ def listing(points: list[GridPoint]) -> str:
 
 def summary(outcomes: list[Outcome]) -> str:
     """A markdown table of every point: status and, for runs, test HR@10 and NDCG@10."""
-    counts: dict[str, int] = {}
+    counts: dict[Status, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
@@ -189,27 +206,27 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
             raise ConfigError(f"--grid-index {args.grid_index}: the grid has {len(points)} point(s), "
                               f"0..{len(points) - 1} (see --list-grid)")
         points = [points[args.grid_index]]
-    outcomes = [Outcome(p, "not run") for p in points]
+    outcomes = [Outcome(p, Status.NOT_RUN) for p in points]
     try:
         for n, point in enumerate(points):
             try:
                 outcomes[n] = run_point(point, total, action, args)
             except RunInterrupted as err:
-                outcomes[n] = Outcome(point, "interrupted")
+                outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 # the point's run name comes from the grid: rerunning the command finds it again
                 raise RunInterrupted(f"grid point {point.index}: {err.what}", "To resume, run the same command "
                                      "again: finished points are skipped, this one goes on from its checkpoint"
                                      ) from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
-                outcomes[n] = Outcome(point, "interrupted")
+                outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 raise
     finally:
         if main_process():  # under torchrun every rank runs the grid; one table is enough
             print(summary(outcomes), end="")
-    if busy := sum(o.status == "in use" for o in outcomes):
+    if busy := sum(o.status == Status.IN_USE for o in outcomes):
         log.info("%d point(s) were being trained by another process: run this command again once it has "
                  "finished to collect their results", busy)
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status == Status.FAILED]
     if failed:  # one failure: its reason here too (a single run's user sees no other line); several: the table
         raise GridError(f"{len(failed)} of {len(outcomes)} grid point(s) failed: " + "; ".join(
             f"{o.point.index} ({o.point.name}: {o.reason})" if o.point.config and len(failed) == 1 else

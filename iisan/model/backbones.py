@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedTokenizerBase
 
+from ..config import choices
 from ..errors import EncoderError
 from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, load_tokenizer, local_folder
 from .inputs import tokenize_for_pooling
@@ -56,13 +57,19 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
                            f"(valid hidden-state indices are 0..{depth})")
 
 
-def depth_and_width(config) -> tuple[int, int]:
+def depth_and_width(config, name: str = "") -> tuple[int, int]:
+    """Layers and width of a transformers config (BERT's names or GPT-2's); ``name``, the encoder's folder
+    or id, names the config.json in the error when they are missing or not positive integers."""
     config = getattr(config, "text_config", None) or config
-    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    depth = getattr(config, "num_hidden_layers", getattr(config, "n_layer", None))
+    width = getattr(config, "hidden_size", getattr(config, "n_embd", None))
+    where = f"{name}: " if name else ""
     if depth is None or width is None:
-        raise EncoderError(f"cannot read depth and width from a {type(config).__name__}")
-    return int(depth), int(width)
+        raise EncoderError(f"{where}cannot read depth and width from a {type(config).__name__}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (depth, width)):
+        raise EncoderError(f"{where}its config.json gives {depth!r} layers of width {width!r}; expected positive "
+                           "integers (num_hidden_layers, hidden_size)")
+    return depth, width
 
 
 @dataclass
@@ -86,12 +93,13 @@ def read_spec(name: str, modality: str, allow_download: bool = False) -> Encoder
     vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
     if modality == "image" and hasattr(config, "vision_config"):
         config = config.vision_config
-    depth, width = depth_and_width(config)
+    depth, width = depth_and_width(config, name)
     return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""),
                        vocab if modality == "text" and isinstance(vocab, int) and vocab > 0 else None)
 
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+IMAGE_NORMS = choices("image_norm")  # --image-norm
 # Encoders whose transformers code builds the attention mask with ``create_bidirectional_mask``, which
 # passes a mask that is already 4D through unchanged (``masking_utils._preprocess_mask_arguments``).
 PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "camembert", "xlm-roberta", "electra", "ernie"})
@@ -259,11 +267,15 @@ def resolve_pooling(pooling: str, model_type: str) -> str:
 
 
 def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | None = None,
-                       patch_embedding: str = "matmul", allow_download: bool = False) -> BackboneEncoder:
-    """A ``BackboneEncoder`` with ``.norm`` = dict(mean, std, size) from the model's image processor; weights
-    frozen, model in eval mode, fp32 unless ``dtype``. ``patch_embedding``: 'matmul' computes the
+                       patch_embedding: str = "matmul", allow_download: bool = False,
+                       image_norm: str = "processor") -> BackboneEncoder:
+    """A ``BackboneEncoder`` with ``.norm`` = dict(mean, std, size, rule) from the model's image processor;
+    weights frozen, model in eval mode, fp32 unless ``dtype``. ``patch_embedding``: 'matmul' computes the
     patch-embedding convolution as a matmul over patches (``PatchProjection``; the same map), 'conv' keeps
-    the model's own convolution."""
+    the model's own convolution. ``image_norm``: 'processor' normalises pixels with the processor's mean
+    and std, 'authors' with 0.5 and 0.5 whatever the tower (the authors' Versa code)."""
+    if image_norm not in IMAGE_NORMS:
+        raise ValueError(f"image_norm {image_norm!r} is not one of {', '.join(IMAGE_NORMS)}")
     read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
     processor = load_from_folder(AutoImageProcessor, name, "image processor", allow_download)
     model = _load_tower(name, "image", dtype, allow_download)
@@ -276,10 +288,12 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         size = processor.crop_size
     side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
+    authors = image_norm == "authors"
     norm = {
-        "mean": list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
-        "std": list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
+        "mean": [0.5] * 3 if authors else list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
+        "std": [0.5] * 3 if authors else list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
         "size": int(side),
+        "rule": image_norm,  # what the cache records (``model.caching.cache_metadata``)
     }
     return freeze(BackboneEncoder(model, "image", layers, "cls", name, folder=local_folder(name, allow_download),
                                   norm=norm))

@@ -15,6 +15,7 @@ from .backbones import BackboneEncoder
 from .inputs import EncodedItems
 from .item_encoder import LrGroup
 from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
+from .tower_settings import tower_settings
 
 
 def tower_targets(targets: str, modality: str, flag: str) -> list[str]:
@@ -44,7 +45,7 @@ def _apply_bitfit(model: nn.Module, cfg: Config, modality: str) -> list[nn.Modul
 
 
 def _apply_adapter(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
-    down = cfg.text_adapter_down if modality == "text" else cfg.image_adapter_down
+    down = tower_settings(cfg, modality).adapter_down
     targets = tower_targets(cfg.adapter_targets, modality, "adapter_targets")
     return apply_adapters(model, down, targets, f"{modality} encoder", cfg.adapter_init, cfg.adapter_position)
 

@@ -35,6 +35,7 @@ from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
 from .recommender import IISANItemEncoder, Recommender
 from .san import SANItemTower
+from .tower_settings import tower_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,10 @@ def check_run_inputs(cfg: Config) -> None:
 def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
     """Explicit ``--text-layers`` / ``--image-layers`` (checked against the encoder's depth), else
     ``layer_groups`` layers by ``layer_rule``: ``stride_layers`` (the authors' lists) or ``group_layers``."""
-    explicit = cfg.text_layers if modality == "text" else cfg.image_layers
-    if explicit:
-        check_layers(explicit, depth, f"{modality} ({model_name(cfg, modality)})")
-        return explicit
+    tower = tower_settings(cfg, modality)
+    if tower.layers:
+        check_layers(tower.layers, depth, f"{modality} ({tower.model})")
+        return tower.layers
     # Without the embedding state in a block, the authors' remove_first still reads it: it seeds the chain.
     rule = stride_layers if cfg.layer_rule == "stride" else group_layers
     return rule(depth, cfg.layer_groups, cfg.include_embedding_state or seeded_chains(cfg))
@@ -76,13 +77,13 @@ def seeded_chains(cfg: Config) -> bool:
 
 
 def model_name(cfg: Config, modality: str) -> str:
-    return cfg.text_model if modality == "text" else cfg.image_model
+    return tower_settings(cfg, modality).model
 
 
 def pooling_for(cfg: Config, modality: str, model_type: str) -> str:
-    """How a tower's states are pooled per layer: ``text_pooling`` resolved for the text tower's family;
-    the image tower's first (CLS) token."""
-    return resolve_pooling(cfg.text_pooling, model_type) if modality == "text" else "cls"
+    """How a tower's states are pooled per layer: its ``TowerSettings.pooling`` resolved for its family
+    (``text_pooling`` for the text tower; the image tower's first (CLS) token)."""
+    return resolve_pooling(tower_settings(cfg, modality).pooling, model_type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def _load_encoder(cfg: Config, m: str, dtype: torch.dtype | None, device: torch.
         return load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling, dtype=precision,
                                  allow_download=fetch)
     return load_image_encoder(name, layers_for(cfg, m, spec.depth), dtype=precision,
-                              patch_embedding=cfg.patch_embedding, allow_download=fetch)
+                              patch_embedding=cfg.patch_embedding, allow_download=fetch, image_norm=cfg.image_norm)
 
 
 def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: torch.device,
@@ -145,12 +146,14 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     text cache's titles must be cut to ``title_tokens``."""
     dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
     title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
+    image_norm = cfg.image_norm if m == "image" else None  # pixels normalised otherwise give other states
     name = model_name(cfg, m)
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
         log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
         return CacheExpectation(modality=m, items_fingerprint=items_fingerprint,
-                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype, title_tokens=title_tokens)
+                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype, title_tokens=title_tokens,
+                                image_norm=image_norm)
     # the cache must come from these weights (digest read only if files changed)
     spec = read_spec(name, m, cfg.allow_download)
     layers = layers_for(cfg, m, spec.depth)
@@ -161,7 +164,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
         weights = weights_digest(folder, weights_record(meta))["digest"]
     return CacheExpectation(modality=m, items_fingerprint=items_fingerprint, layers=layers, width=spec.width,
                             encoder=name, encoder_config=config_hash, encoder_weights=weights, pooling=pooling,
-                            dtype=dtype, title_tokens=title_tokens)
+                            dtype=dtype, title_tokens=title_tokens, image_norm=image_norm)
 
 
 def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
@@ -190,7 +193,7 @@ def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
         widths={m: d for m, (_, d) in shapes.items()},
         steps={m: k for m, (k, _) in shapes.items()},
         embedding_dim=cfg.embedding_dim,
-        bottleneck={"text": cfg.text_adapter_down, "image": cfg.image_adapter_down},
+        bottleneck={m: tower_settings(cfg, m).adapter_down for m in ("text", "image")},
         modality=cfg.modality, fusion=cfg.fusion, temperature=cfg.gate_temperature, heads=cfg.san_heads,
         seeded=seeded,
     )

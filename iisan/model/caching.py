@@ -72,6 +72,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "pooling": encoder.pooling,
             "dtype": str(dtype).replace("torch.", ""),
             **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
+            **({"image_norm": encoder.norm["rule"]} if m == "image" else {}),
             "items_file": items_file,
             "items_fingerprint": items_fingerprint,
             "item_ids": json.dumps(item_ids[1:]),

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..config import choices
 from ..errors import TargetError
 
 ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
@@ -116,7 +117,7 @@ def apply_bitfit(model: nn.Module) -> None:
     freeze_poolers(model)
 
 
-ADAPTER_INITS = ("authors", "identity")
+ADAPTER_INITS = choices("adapter_init")
 
 
 class HoulsbyAdapter(nn.Module):
@@ -142,7 +143,7 @@ class HoulsbyAdapter(nn.Module):
         return y + self.up_proj(self.down_proj(y).relu())
 
 
-ADAPTER_POSITIONS = ("after_dropout", "before_dropout")
+ADAPTER_POSITIONS = choices("adapter_position")
 OUTPUT_ROLES = ("attention_output", "ffn_out")  # the projections that end a residual branch
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import choices
 from .item_encoder import LrGroup
 
 
@@ -122,7 +123,7 @@ class Head(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), nn.Linear(hidden, out))
 
 
-HEADS = ("auto", "iisan", "versa")
+HEADS = choices("san_heads")
 
 
 def head_style(widths: dict[str, int], heads: str = "auto") -> str:

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from ..config import Config
-from ..data.cache import cache_file, read_metadata
+from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, read_metadata
 from ..distributed import launched_processes
 from ..errors import CacheError, ConfigError, OutputError, error_line
 from ..files import TEMPORARY, failure_reason, file_fingerprint, remove, write_failure
@@ -119,9 +119,11 @@ def reusable_results(cfg: Config) -> dict | None:
 FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
 
 
-# What names a cache's content in results.json's ``cache`` (its metadata less the item order).
-CACHE_RECORD = ("encoder", "encoder_weights", "layers", "width", "pooling", "dtype", "title_tokens",
-                "items_fingerprint", "source")
+# What names a cache's content in results.json's ``cache``: its metadata (``METADATA_KEYS``) less what
+# only locates or describes it (the item order is the items fingerprint's), and whether it was imported.
+NOT_RECORDED = ("format", "modality", "encoder_config", "encoder_files", "model_type", "depth", "items_file",
+                "item_ids")
+CACHE_RECORD = (*(k for k in METADATA_KEYS if k not in NOT_RECORDED), "source")
 
 
 def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
@@ -149,6 +151,8 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
     for m, then in now.items():
         before = recorded.get(m)
+        before = {**UNRECORDED, **before} if isinstance(before, dict) else before  # a key added since: as it was
+        then = {**UNRECORDED, **then}
         if isinstance(before, dict) and before != then:
             changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD
                        if before.get(k) != then.get(k)]
