@@ -103,13 +103,18 @@ def check_folder(folder: Path) -> None:
                            "file, to model.safetensors (e.g. transformers' save_pretrained)")
 
 
+_WARNED: set[Path] = set()  # the folders whose ignored auto_map was reported in this process
+
+
 def check_custom_code(config_path: Path, config: dict) -> None:
     """An ``auto_map`` names Python files of the folder to run. A model type transformers knows is
     loaded with its own classes and the map ignored; any other is refused (nothing is ever run)."""
     model_type = config.get("model_type", "")
     if model_type in CONFIG_MAPPING:
-        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %r classes and "
-                    "never runs code from a model folder", config_path, model_type)
+        if config_path not in _WARNED:  # a folder is checked at each load (config, tokenizer, weights): say it once
+            _WARNED.add(config_path)
+            log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %r classes "
+                        "and never runs code from a model folder", config_path, model_type)
         return
     raise EncoderError(f"{config_path} needs custom code from its folder (auto_map, model type {model_type!r}); "
                        "IISAN never runs code from a model folder: use a model transformers supports natively")
