@@ -108,6 +108,29 @@ def test_one_missing_weight_is_refused(tiny, tmp_path):
                                        r"which transformers would fill with random numbers$")
 
 
+def sharded(folder: Path, index: dict | None = None) -> Path:
+    """``folder`` with its weights as one shard and an index (``index`` replaces the one save_pretrained writes)."""
+    import json
+
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    names = load_file(folder / "model-00001-of-00001.safetensors")
+    written = {"metadata": {"total_size": 0}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(written if index is None else index))
+    return folder
+
+
+def test_sharded_weights_load_and_a_broken_index_is_one_line(tiny, tmp_path):
+    enc = load_text_encoder(str(sharded(copy(tiny["text_model"], tmp_path / "ok"))), (0, 1))
+    assert enc.width == 32
+    index = r"model.safetensors.index.json is not a sharded-weights index: expected a JSON object with 'metadata'"
+    for n, broken in enumerate(({"weight_map": {"x": "model-00001-of-00001.safetensors"}}, [], {"metadata": {}})):
+        folder = sharded(copy(tiny["text_model"], tmp_path / f"bad{n}"), broken)
+        refused(load_text_encoder, folder, rf"^{folder}/{index}")
+    lost = {"metadata": {}, "weight_map": {"x": "gone.safetensors"}}
+    folder = sharded(copy(tiny["text_model"], tmp_path / "lost"), lost)
+    refused(load_text_encoder, folder, r"index.json names weights files the folder lacks: gone.safetensors$")
+
+
 def test_intact_encoders_load_and_an_unused_head_is_only_logged(tiny, towers, tmp_path, caplog):
     """The tiny BERT, ViT (saved without its pooler) and decoder LLMs (BPE tokenizers) load as they are;
     a checkpoint with a task head the bare encoder does not use loads too, with a line in the log."""

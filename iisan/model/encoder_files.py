@@ -96,11 +96,29 @@ def check_folder(folder: Path) -> None:
     if config.get("auto_map"):
         check_custom_code(config_path, config)
     names = [p.name for p in folder.iterdir()]
+    if "model.safetensors" not in names and "model.safetensors.index.json" in names:  # sharded weights
+        check_index(folder / "model.safetensors.index.json", set(names))
     pickles = sorted(n for n in names if n.endswith(PICKLED))
     if pickles and not any(n.endswith(".safetensors") for n in names):
         raise EncoderError(f"{folder} holds pickled weights ({', '.join(pickles)}) and no .safetensors; IISAN "
                            "never unpickles (a pickle can run code): convert them once, where you trust the "
                            "file, to model.safetensors (e.g. transformers' save_pretrained)")
+
+
+def check_index(path: Path, names: set[str]) -> None:
+    """A sharded checkpoint's index: the JSON object transformers reads (``metadata`` and ``weight_map``,
+    tensor name -> file), naming only files the folder holds."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EncoderError(f"{path} is not valid JSON ({err})") from None
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict) or not isinstance(shards, dict) \
+            or not all(isinstance(f, str) for f in shards.values()):
+        raise EncoderError(f"{path} is not a sharded-weights index: expected a JSON object with 'metadata' and "
+                           "'weight_map' (tensor name -> weights file), as save_pretrained writes it")
+    if missing := sorted(set(shards.values()) - names):
+        raise EncoderError(f"{path} names weights files the folder lacks: {', '.join(missing[:3])}")
 
 
 _WARNED: set[Path] = set()  # the folders whose ignored auto_map was reported in this process
