@@ -169,6 +169,14 @@ def test_missing_cache_names_the_file(tiny_config):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
 
 
+def test_a_folder_where_a_cache_file_belongs_is_named_as_one(tiny_config, tmp_path):
+    (tmp_path / "c" / "text.safetensors").mkdir(parents=True)
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"))
+    with pytest.raises(CacheError, match=r"^cache file .*/c/text.safetensors is a folder; expected the safetensors "
+                                         r"file `iisan cache` writes$"):
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
+
+
 def test_the_weights_digest_reads_no_weights_while_the_files_are_unchanged(tiny, tmp_path, monkeypatch):
     import shutil
 

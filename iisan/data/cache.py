@@ -79,6 +79,9 @@ def encoder_config_hash(folder: str | Path | None) -> str | None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CacheError(f"cache file {path} is {'a folder' if path.is_dir() else 'not a regular file'}; expected "
+                         "the safetensors file `iisan cache` writes")
     if not path.is_file():
         raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache` or "
                          "preprocess_vectors.py)")
