@@ -12,6 +12,7 @@ import difflib
 import re
 import sys
 
+from .bounds import path_arg
 from .config import METHOD_DEFAULTS, Config, resolve
 
 # A field's help may say its default in words, as its last clause: "...; default: --layer-rule's choice",
@@ -30,7 +31,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
     defaults = defaults or {}
     multi = multi or set()
     if only is None:
-        parser.add_argument("--config", default=None, help="JSON file of config keys (CLI flags win)")
+        parser.add_argument("--config", type=path_arg, default=None, help="JSON file of config keys (CLI flags win)")
     for f in dataclasses.fields(Config):
         if only is not None and f.name not in only:
             continue

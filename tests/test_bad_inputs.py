@@ -550,6 +550,8 @@ CASES = [
     # an empty path would be the working folder: refused where a command line names a file or folder
     Case("export-out-empty", lambda P, s: ["export", P["done"], "--out", ""],
          ("argument --out: '' is empty; expected a path",)),
+    Case("train-empty-config", lambda P, s: ["train", "--config", ""],
+         ("argument --config: '' is empty; expected a path",)),
     Case("evaluate-empty-run-folder", lambda P, s: ["evaluate", " "],
          ("argument run_dir: ' ' is empty; expected a path",)),
     Case("tiny-models-odd-width", lambda P, s: ["make-tiny-models", "--out", f"{s}/m", "--hidden", "33"],
