@@ -9,6 +9,7 @@ checkpoint and results file (``Config.to_dict``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import typing
@@ -260,8 +261,11 @@ class Config:
     def from_dict(cls, values: dict, source: str = "config") -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        if unknown:  # each shown quoted where a character would not show; a near miss with its likely key
+            named = [(k if k.isprintable() else repr(k)) + "".join(f" (did you mean {m}?)" for m in
+                                                               difflib.get_close_matches(k, known, n=1, cutoff=0.8))
+                     for k in unknown]
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(named)}")
         return cls(**values)
 
     @classmethod

@@ -56,7 +56,11 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
     cfg = config_from_args(parser.parse_args(["--config", str(path), "--batch-size", "4"]), {"epochs": 7})
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.seed) == (0.5, 4, 7, 12345)
     path.write_text(json.dumps({"lr": 0.5, "bogus": 1}))
-    with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) bogus"):
+    with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) bogus$"):
+        config_from_args(parser.parse_args(["--config", str(path)]))
+    path.write_text(json.dumps({"batch_sise": 8, "l\u0000r": 0.5}))  # a typo, and a key with a NUL in it
+    with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) batch_sise \(did you mean batch_size\?\), "
+                                          r"'l\\x00r'$"):
         config_from_args(parser.parse_args(["--config", str(path)]))
 
 
