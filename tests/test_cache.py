@@ -169,6 +169,21 @@ def test_missing_cache_names_the_file(tiny_config):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
 
 
+def test_a_cache_from_before_image_norm_is_rebuilt_in_place(tiny_config, tmp_path):
+    """A cache without the image_norm key was built with the processor's statistics: the same settings."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"))
+    build_cache_from_config(cfg, dtype="float32")
+    path = tmp_path / "c" / "image.safetensors"
+    with safe_open(str(path), framework="pt") as fh:
+        meta, states = {k: v for k, v in fh.metadata().items() if k != "image_norm"}, fh.get_tensor("states")
+    save_file({"states": states}, str(path), metadata=meta)
+    build_cache_from_config(cfg, dtype="float32")  # no --overwrite needed
+    assert read_metadata(path)["image_norm"] == "processor"
+
+
 def test_a_folder_where_a_cache_file_belongs_is_named_as_one(tiny_config, tmp_path):
     (tmp_path / "c" / "text.safetensors").mkdir(parents=True)
     cfg = tiny_config(cache_dir=str(tmp_path / "c"))

@@ -381,3 +381,26 @@ def test_weights_without_a_readable_config_are_used_with_a_warning(runs, tmp_pat
     main(["evaluate", str(run_dir), "--device", "cpu", "--json"])
     assert json.loads(capsys.readouterr().out) == {s: runs["cached"][s] for s in ("valid", "test")}
     assert f"{run_dir / 'best.safetensors'} holds no readable config in its metadata" in caplog.text
+
+
+def test_a_run_resumed_with_another_spelling_of_its_data_is_usable_from_anywhere(tiny_config, tmp_path, monkeypatch):
+    """Trained with ``d/users.tsv``, resumed with its absolute path (one run: the same file) without a better
+    epoch: config.json spells the path one way, best.safetensors the other; both are this run's."""
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    base = tiny_config()
+    for key in ("users", "items"):
+        shutil.copy(getattr(base, key), work / "d" / Path(getattr(base, key)).name)
+    monkeypatch.chdir(work)
+    relative = {key: f"d/{Path(getattr(base, key)).name}" for key in ("users", "items")}
+    cfg = tiny_config(towers="text", feed="live", out_dir=str(tmp_path / "runs"), epochs=1, **relative)
+    train(cfg)
+    run = tmp_path / "runs" / "t"
+    resumed = cfg.replace(users=os.path.abspath(cfg.users), items=os.path.abspath(cfg.items), epochs=2)
+    (run / "config.json").write_text(json.dumps(resumed.to_dict()))  # what the resumed start writes
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_run(run, "cpu").cfg.users == str(work / "d" / Path(base.users).name)

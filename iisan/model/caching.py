@@ -20,6 +20,7 @@ from ..config import Config
 from ..data.batches import ItemBatch
 from ..data.cache import (
     FORMAT,
+    UNRECORDED,
     cache_file,
     declared_metadata,
     encoder_config_hash,
@@ -117,7 +118,7 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
         path = cache_file(cache_dir, m)
         if not path.exists() or overwrite:
             continue
-        old = read_metadata(path)
+        old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
         differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k))
         if differ:
             raise OutputError(f"--cache-dir {cache_dir}: {path.name} holds a cache built with other settings "
