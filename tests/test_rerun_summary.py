@@ -117,3 +117,33 @@ def test_a_run_named_by_the_hash_of_paths_as_spelt_is_still_found(tiny_config, t
     assert known_run_name(cfg) == default_run_name(cfg)
     (tmp_path / "runs" / default_run_name(cfg, canonical=False)).mkdir(parents=True)
     assert known_run_name(cfg) == default_run_name(cfg, canonical=False)
+
+
+def test_a_run_with_relative_data_paths_resumes_and_is_found_from_another_folder(tiny, tiny_cache, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """Trained from the data's folder with ``users.tsv``, then run from elsewhere with the absolute paths:
+    the saved relative paths are taken from the folder the run was started in (its checkpoint and
+    results.json record it), so the run resumes, and once finished is found finished."""
+    out = tmp_path / "runs"
+    absolute = train_argv(tiny, tiny_cache, out, "--epochs", "1")
+    relative = [Path(a).name if a in (tiny["users"], tiny["items"]) else a for a in absolute]
+    monkeypatch.chdir(Path(tiny["users"]).parent)
+    main(relative)
+    (first,) = [p.name for p in out.iterdir()]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(train_argv(tiny, tiny_cache, out))  # --epochs 2: one more epoch, resumed
+    results = json.loads((out / first / "results.json").read_text())
+    assert [p.name for p in out.iterdir()] == [first] and len(results["epochs"]) == 2 and results["resumed_from"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(train_argv(tiny, tiny_cache, out))
+    assert f"{out / first} finished before with this config; not training it again" in caplog.text
+
+
+def test_an_earlier_versions_sweep_folder_is_found_under_another_tag(tiny_config, tmp_path, monkeypatch):
+    """A sweep point run by a version that hashed paths as spelt, then the sweep extended along one axis."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(users=os.path.relpath(tiny_config().users, tmp_path), out_dir=str(tmp_path / "runs"))
+    (tmp_path / "runs" / default_run_name(cfg, "lr0.002", canonical=False)).mkdir(parents=True)
+    assert known_run_name(cfg, "lr0.002-drop0.1") == default_run_name(cfg, "lr0.002", canonical=False)

@@ -54,10 +54,13 @@ MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_bat
 DATA_PATHS = ("users", "items", "images")  # relative paths are taken from the working folder
 
 
-def same_paths(values: dict) -> dict:
-    """``values`` with each data path absolute (from the working folder), so that two spellings of one file
-    are one setting; the files' contents are compared by fingerprint (``runfolder.refuse_changed_data``)."""
-    return {k: os.path.abspath(v) if k in DATA_PATHS and isinstance(v, str) and v else v for k, v in values.items()}
+def same_paths(values: dict, working_dir: object = None) -> dict:
+    """``values`` with each data path absolute, a relative one taken from ``working_dir`` (the folder the
+    run that saved ``values`` ran in; here when not known), so that two spellings of one file are one
+    setting; the files' contents are compared by fingerprint (``runfolder.refuse_changed_data``)."""
+    base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()
+    return {k: os.path.abspath(os.path.join(base, v)) if k in DATA_PATHS and isinstance(v, str) and v else v
+            for k, v in values.items()}
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
@@ -168,16 +171,17 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, saved_in: object = None) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     the saved config lacks was added by a later version of this library; the version that wrote the
     checkpoint behaved as the field's default does, which stands in for it. A ``BEFORE_THE_FIELD`` field
     it lacks is not compared: the setting it stands for (``layer_rule``) picks the same layers either way
-    for the towers runs used (12 and 24 layers), and a cached run's layers are checked against its cache."""
+    for the towers runs used (12 and 24 layers), and a cached run's layers are checked against its cache.
+    ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there)."""
     defaults = Config().to_dict()
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE - (set(BEFORE_THE_FIELD) - set(saved)))
     old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
-    same_old, same_now = same_paths(old), same_paths({k: current.get(k) for k in keys})
+    same_old, same_now = same_paths(old, saved_in), same_paths({k: current.get(k) for k in keys})
     return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if same_old[k] != same_now[k]]
 
 
@@ -205,7 +209,7 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
         return f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
     if problem := runstate.state_problem(state):
         return f"{path / STATE} is damaged ({problem})"
-    if differences := config_differences(state["config"], config):
+    if differences := config_differences(state["config"], config, state.get("working_dir")):
         return (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
                 "use another --run-name to start a new run")
     try:

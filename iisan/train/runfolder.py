@@ -86,16 +86,17 @@ def known_run_name(cfg: Config, tag: str = "") -> str:
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
-    spelt = default_run_name(cfg, tag, canonical=False)  # a run of a version that hashed paths as spelt
-    if os.path.lexists(out / spelt):
-        return spelt
-    head, tail = name_ends(cfg)
-    found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
-             and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
-    if len(found) != 1:
-        return name
-    log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
-    return found[0]
+    for canonical in (True, False):  # False: a run of a version that hashed paths as spelt
+        if not canonical and os.path.lexists(out / (spelt := default_run_name(cfg, tag, canonical=False))):
+            return spelt
+        head, tail = name_ends(cfg, canonical)
+        found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
+                 and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
+        if len(found) == 1:
+            log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
+        if found:  # several: none is this config's for sure
+            return found[0] if len(found) == 1 else name
+    return name
 
 
 def run_dir(cfg: Config) -> Path:
@@ -121,9 +122,8 @@ FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # 
 
 # What names a cache's content in results.json's ``cache``: its metadata (``METADATA_KEYS``) less what
 # only locates or describes it (the item order is the items fingerprint's), and whether it was imported.
-NOT_RECORDED = ("format", "modality", "encoder_config", "encoder_files", "model_type", "depth", "items_file",
-                "item_ids")
-CACHE_RECORD = (*(k for k in METADATA_KEYS if k not in NOT_RECORDED), "source")
+CACHE_RECORD = (*(k for k in METADATA_KEYS if k not in ("format", "modality", "encoder_config", "encoder_files",
+                                                          "model_type", "depth", "items_file", "item_ids")), "source")
 
 
 def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
@@ -218,7 +218,8 @@ def finished_results(cfg: Config, results: dict) -> dict | None:
     if not is_finished(results):
         return None
     saved, current = results.get("config") or {}, cfg.to_dict()
-    if config_differences(saved, current) or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
+    differences = config_differences(saved, current, results.get("working_dir"))
+    if differences or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
         return None
     return results
 
@@ -237,8 +238,8 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
             raise ConfigError(f"{folder / 'config.json'} belongs to a run of another config ({'; '.join(differences)}) "
                               "and no checkpoint or results are left; use another --run-name to start a new run")
         return
-    saved = earlier.get("config")
-    differences = config_differences(saved if isinstance(saved, dict) else {}, cfg.to_dict())
+    saved = earlier.get("config") if isinstance(earlier.get("config"), dict) else {}
+    differences = config_differences(saved, cfg.to_dict(), earlier.get("working_dir"))
     if differences:
         raise ConfigError(f"{folder / RESULTS} belongs to a run of another config ({'; '.join(differences)}) and "
                           "no checkpoint is left to resume; use another --run-name to start a new run")

@@ -14,6 +14,7 @@ Under torchrun every rank runs the loop on its shard of users; only rank 0 logs 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,7 @@ class Run:
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
                 "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": self.record.commits,
+                "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
             }
             try:
                 checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
