@@ -65,6 +65,8 @@ def check_bounds(cfg) -> None:
             f"embedding_dim={cfg.embedding_dim} is not divisible by attention_heads={cfg.attention_heads}"
         )
     check_run_name(cfg.run_name)
+    if not cfg.out_dir.strip():  # as a path, the working folder: run folders would litter it
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is empty; expected the folder run folders go in (default: runs)")
     if not DEVICE.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device!r} is not one of {DEVICES}")
     if cfg.title_tokens < MIN_TITLE_TOKENS:

@@ -642,7 +642,8 @@ CASES = [
     Case("cache-build-over-a-foreign-file", C, ("--cache-dir {s}/c/text.safetensors exists and is not an IISAN cache",),
          setup=write("c/text.safetensors", "my own file")),
     Case("cache-build-other-settings", lambda P, s: C(P, s, "--cache-dir", P["cache"], "--cache-dtype", "float16"),
-         ("--cache-dir {cache}: text.safetensors holds a cache built with other settings (dtype differ)",
+         ("--cache-dir {cache}: text.safetensors holds a cache built with other settings (dtype float32 there, "
+          "float16 now)",
           "--overwrite")),
     Case("cache-build-dir-is-a-file", lambda P, s: C(P, s, "--cache-dir", f"{s}/file"),
          ("--cache-dir {s}/file is a file",), setup=write("file", "x")),

@@ -227,7 +227,7 @@ def test_a_cache_is_rebuilt_in_place_for_the_same_settings_and_replaced_only_whe
     build_cache_from_config(cfg, dtype="float32")  # the same build again: allowed, the same bytes
     assert path.read_bytes() == first
     with pytest.raises(OutputError, match=r"text.safetensors holds a cache built with other settings \(dtype "
-                                          r"differ\); pass --overwrite"):
+                                          r"float32 there, float16 now\); pass --overwrite"):
         build_cache_from_config(cfg, dtype="float16")
     assert path.read_bytes() == first
     build_cache_from_config(cfg, dtype="float16", overwrite=True)

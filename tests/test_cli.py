@@ -60,7 +60,7 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
         config_from_args(parser.parse_args(["--config", str(path)]))
     path.write_text(json.dumps({"batch_sise": 8, "l\u0000r": 0.5}))  # a typo, and a key with a NUL in it
     with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) batch_sise \(did you mean batch_size\?\), "
-                                          r"'l\\x00r'$"):
+                                          r"'l\\x00r' \(did you mean lr\?\)$"):
         config_from_args(parser.parse_args(["--config", str(path)]))
 
 
@@ -232,3 +232,25 @@ def test_tiny_model_vocabulary_from_items_in_another_encoding(tmp_path):
     main(["make-tiny-models", "--out", str(tmp_path / "m"), "--items", str(items), "--encoding", "latin-1"])
     vocab = (tmp_path / "m" / "tiny-bert" / "vocab.txt").read_text(encoding="utf-8").split()
     assert {"caf\u00e9", "noir"} <= set(vocab)
+
+
+def test_an_empty_out_dir_and_a_tower_of_width_0_are_one_line(tiny, tmp_path, capsys):
+    """--out-dir '' would put run folders in the working folder; a width of 0 reached transformers' arithmetic
+    in `iisan params` (a ZeroDivisionError traceback)."""
+    import shutil
+
+    data = ["--users", tiny["users"], "--items", tiny["items"]]
+    with pytest.raises(SystemExit) as info:
+        main(["train", *data, "--out-dir", ""])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("out_dir='' is empty; expected the folder run folders go in "
+                                                    "(default: runs)")
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny["text_model"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 0}))
+    with pytest.raises(SystemExit) as info:
+        main(["params", *data, "--text-model", str(folder), "--image-model", tiny["image_model"]])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"iisan: error: {folder}: its config.json gives 2 layers of width 0; "
+                                               "expected positive integers (num_hidden_layers, hidden_size)")

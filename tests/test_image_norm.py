@@ -16,7 +16,7 @@ from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 from iisan.model.inputs import pixels_to_input
 from iisan.model.tiny import write_image_tower
-from iisan.train.runfolder import cache_record, refuse_changed_data
+from iisan.train.same_inputs import cache_record, refuse_changed_data
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 
@@ -78,6 +78,7 @@ def test_a_run_recorded_before_the_flag_still_matches_its_cache(tiny_config, tin
     """results.json written before caches recorded image_norm: the same cache is not "another cache"; a
     cache normalised otherwise is."""
     cfg = tiny_config(cache_dir=tiny_cache)
+    (tmp_path / "best.safetensors").write_bytes(b"")  # the run kept weights of its inputs
     now = cache_record(cfg)
     assert now["image"]["image_norm"] == "processor" and "image_norm" not in now["text"]
     before = {m: {k: v for k, v in record.items() if k != "image_norm"} for m, record in now.items()}
@@ -87,3 +88,15 @@ def test_a_run_recorded_before_the_flag_still_matches_its_cache(tiny_config, tin
     with pytest.raises(ConfigError, match=r"image.safetensors is not the cache .* \(image_norm authors then, "
                                           r"processor now\)"):
         refuse_changed_data(cfg, {"cache": other}, tmp_path)
+
+
+def test_a_run_refused_for_its_cache_trains_once_the_cache_is_right(tiny_config, tmp_path):
+    """The run stopped before training (nothing kept): the corrected cache is not "another cache"."""
+    from iisan.train.trainer import train
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), image_norm="authors", epochs=1, max_steps_per_epoch=2)
+    build_cache_from_config(cfg, dtype="float32")
+    with pytest.raises(CacheError, match="image_norm authors"):
+        train(cfg.replace(image_norm="processor"))
+    build_cache_from_config(cfg.replace(image_norm="processor"), dtype="float32", overwrite=True)
+    assert train(cfg.replace(image_norm="processor"))["status"] == "finished"

@@ -149,7 +149,8 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
     copy_run(first, tmp_path / "runs" / "going", lambda r: r.update(status="running"))
     copy_run(first, tmp_path / "runs" / "killed", lambda r: r.update(status="running"))  # SIGKILL: no holder
     (tmp_path / "runs" / "killed" / ".lock").write_text(f"pid 1 on {socket.gethostname()}\n")
-    copy_run(first, tmp_path / "runs" / "broke", lambda r: r.update(status="failed", error="non-finite loss"))
+    copy_run(first, tmp_path / "runs" / "broke", lambda r: r.update(status="failed", error="non-finite loss",
+                                                                    best_epoch=-1))  # before an epoch ended
     holder = lock_run_folder(tmp_path / "runs" / "going")  # a live run holds its folder
     try:
         main(["results", str(tmp_path / "runs"), "--keys", "seed"])
@@ -164,6 +165,8 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
     assert {r[0]: r[4] for r in rows} == {"broke": "failed", "going": "running", "killed": "stopped",
                                           "lr0.0002-s1": "finished", "lr0.0002-s2": "finished",
                                           "lr0.001-s1": "finished", "smoke": "finished"}
+    best = {r[0]: r[header.index("best_epoch")] for r in rows}  # counts stay counts beside a run without one
+    assert best["broke"] == "-" and all(v.isdigit() for name, v in best.items() if name != "broke"), best
 
 
 def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, capsys, caplog):

@@ -124,10 +124,11 @@ def test_a_run_with_relative_data_paths_resumes_and_is_found_from_another_folder
     """Trained from the data's folder with ``users.tsv``, then run from elsewhere with the absolute paths:
     the saved relative paths are taken from the folder the run was started in (its checkpoint and
     results.json record it), so the run resumes, and once finished is found finished."""
-    out = tmp_path / "runs"
+    out, here = tmp_path / "runs", Path(tiny["users"]).parent
     absolute = train_argv(tiny, tiny_cache, out, "--epochs", "1")
-    relative = [Path(a).name if a in (tiny["users"], tiny["items"]) else a for a in absolute]
-    monkeypatch.chdir(Path(tiny["users"]).parent)
+    paths = [tiny[k] for k in ("users", "items", "text_model", "image_model")]  # encoder folders too
+    relative = [os.path.relpath(a, here) if a in paths else a for a in absolute]
+    monkeypatch.chdir(here)
     main(relative)
     (first,) = [p.name for p in out.iterdir()]
     (tmp_path / "elsewhere").mkdir()

@@ -1,6 +1,6 @@
 """The paper's backbones and IISAN-Versa encoder pairs as data, and the paths of its data sets (their table is
 ``data.datasets.DATASETS``): paths relative to the repository.
-(Each method's paper defaults are ``config.METHOD_DEFAULTS``: they sit below every flag and file in the one
+(Each method's paper defaults are ``methods.METHOD_DEFAULTS``: they sit below every flag and file in the one
 precedence rule.)"""
 
 from __future__ import annotations

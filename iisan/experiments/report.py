@@ -287,7 +287,8 @@ def average_rows(rows: list[dict]) -> list[dict]:
 
 
 # One format for every number of a column, whatever its size (not 65.4 beside 7.3691).
-FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": ".1f", "peak_gib": ".2f"}
+FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": ".1f", "peak_gib": ".2f",
+           "best_epoch": ".0f", "epochs_run": ".0f"}  # counts: a column of None and ints is float in pandas
 
 
 def _cell(value, column: str, non_finite: bool) -> str:

@@ -3,7 +3,7 @@
 1. data: the data set under ``Dataset/``, fetched when it is missing (``iisan fetch data``);
 2. cache: the hidden-state cache, imported from the authors' released states (``--import-from``) or
    built with the encoders, which are fetched when missing (``iisan fetch encoders``);
-3. runs: cached IISAN with the paper's defaults (``config.METHOD_DEFAULTS``), one run per seed (a
+3. runs: cached IISAN with the paper's defaults (``methods.METHOD_DEFAULTS``), one run per seed (a
    rerun resumes or reuses each);
 4. table: the test metrics as mean ± sample std over the seeds, beside the paper's headline numbers,
    with the command, device and commit, in ``<out>/reproduce-<dataset>.md`` (a file there that is not

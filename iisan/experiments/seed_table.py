@@ -56,7 +56,7 @@ def point_name(setting: str, dataset: str, seed: int) -> str:
 
 
 def point_config(setting: str, dataset: str, seed: int, data_root: Path, work: Path) -> Config:
-    """The paper's defaults (``presets.METHOD_DEFAULTS``) for the point, on the CPU, in ``work``."""
+    """The paper's defaults (``methods.METHOD_DEFAULTS``) for the point, on the CPU, in ``work``."""
     users, items = data_files(data_root, dataset)
     method = "id" if setting == "id" else "iisan"
     values = {**METHOD_DEFAULTS[method], "method": method, "users": str(users), "items": str(items),

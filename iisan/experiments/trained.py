@@ -36,8 +36,8 @@ from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_s
 from ..model.build import build_model
 from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
-from ..train.checkpoint import DATA_PATHS, config_differences
-from ..train.runfolder import CHECKPOINTS, RESULTS, results_or_reason
+from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
+from ..train.runfolder import RESULTS, results_or_reason
 from ..train.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,8 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
     """The config a weights file was saved with (its metadata) against the run folder's config.json: a
     ``ConfigError`` when they differ in what a step computes (the weights are of another run, and the model
     built from config.json would give other numbers with them); a warning when the metadata holds no
-    readable config (nothing to check against). The data paths are not compared: a resumed run may spell
-    them otherwise (``users.tsv``, then its absolute path), and the files' contents are checked by
-    fingerprint."""
+    readable config (nothing to check against). Data and encoder paths are not compared: a resumed run may
+    spell them otherwise (``users.tsv``, then its absolute path)."""
     try:
         saved = json.loads(metadata.get("config", ""))
     except (ValueError, RecursionError):
@@ -172,7 +171,7 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
     if not isinstance(saved, dict):
         log.warning("%s holds no readable config in its metadata; taken to be of %s", weights, config_path)
         return
-    paths = set(DATA_PATHS)
+    paths = {*DATA_PATHS, *MODEL_PATHS}
     if differences := config_differences({k: v for k, v in saved.items() if k not in paths},
                                          {k: v for k, v in config.items() if k not in paths}):
         raise ConfigError(f"{weights} was saved by a run of another config than {config_path} "

@@ -305,6 +305,8 @@ def architecture(name: str, modality: str) -> nn.Module:
     parameter counts need, without reading a 70B checkpoint."""
     config = load_from_folder(AutoConfig, name, f"{modality} encoder config")
     check_architecture(config.model_type, modality, name)  # as loading does (``read_spec``)
+    tower_config = config.vision_config if modality == "image" and hasattr(config, "vision_config") else config
+    depth_and_width(tower_config, name)  # a size of 0 is one line here, not transformers' arithmetic error
     model = AutoModel.from_config(config)
     tower = "text_model" if modality == "text" else "vision_model"
     model = getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower

@@ -120,10 +120,11 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
             continue
         old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
         differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k))
-        if differ:
+        if differ:  # short values named as they are (item ids and file records are long)
+            named = [f"{k} {old.get(k)} there, {new.get(k)} now" if len(f"{old.get(k)}{new.get(k)}") <= 60 else k
+                     for k in differ]
             raise OutputError(f"--cache-dir {cache_dir}: {path.name} holds a cache built with other settings "
-                              f"({', '.join(differ)} differ); pass --overwrite to replace it, or choose another "
-                              "--cache-dir")
+                              f"({'; '.join(named)}); pass --overwrite to replace it, or choose another --cache-dir")
 
 
 def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bool = False,

@@ -52,15 +52,26 @@ MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_bat
 
 
 DATA_PATHS = ("users", "items", "images")  # relative paths are taken from the working folder
+MODEL_PATHS = ("text_model", "image_model")  # so are encoder folders found from there
 
 
 def same_paths(values: dict, working_dir: object = None) -> dict:
-    """``values`` with each data path absolute, a relative one taken from ``working_dir`` (the folder the
-    run that saved ``values`` ran in; here when not known), so that two spellings of one file are one
-    setting; the files' contents are compared by fingerprint (``runfolder.refuse_changed_data``)."""
+    """``values`` with each data path, and each encoder folder found there, absolute: a relative one taken
+    from ``working_dir`` (the folder the run that saved ``values`` ran in; here when not known), so that
+    two spellings of one file are one setting (the data files' contents are compared by fingerprint:
+    ``same_inputs.refuse_changed_data``)."""
     base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()
-    return {k: os.path.abspath(os.path.join(base, v)) if k in DATA_PATHS and isinstance(v, str) and v else v
-            for k, v in values.items()}
+
+    def same(key: str, value: object) -> object:
+        if not isinstance(value, str) or not value or key not in (*DATA_PATHS, *MODEL_PATHS):
+            return value
+        there = os.path.abspath(os.path.join(base, value))
+        return there if key in DATA_PATHS or os.path.isdir(there) else value  # a model not here: a Hub id
+
+    return {k: same(k, v) for k, v in values.items()}
+
+
+CHECKPOINTS = "checkpoints"  # a run folder's folder of checkpoints
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:

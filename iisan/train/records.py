@@ -64,8 +64,8 @@ class RunRecord:
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
-        self.users_fingerprint = ""  # and another users file (``runfolder.refuse_changed_data``)
-        self.cache: dict = {}  # what identifies the cache a cached run reads (``runfolder.cache_record``)
+        self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
+        self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
         self.handler: logging.Handler | None = None
         self.metrics = None
         self.writer = None

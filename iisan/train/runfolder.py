@@ -22,19 +22,17 @@ import re
 from pathlib import Path
 
 from ..config import Config
-from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, read_metadata
 from ..distributed import launched_processes
-from ..errors import CacheError, ConfigError, OutputError, error_line
-from ..files import TEMPORARY, failure_reason, file_fingerprint, remove, write_failure
+from ..errors import ConfigError, OutputError, error_line
+from ..files import TEMPORARY, failure_reason, remove, write_failure
 from ..locks import OutputLock, is_lock_file
-from ..model.build import modalities
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences, same_paths
+from .same_inputs import refuse_changed_data
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
-CHECKPOINTS = "checkpoints"  # the run folder's folder of checkpoints (``checkpoint.py``)
 
 
 def config_hash(cfg: Config, canonical: bool = True) -> str:
@@ -115,57 +113,6 @@ def reusable_results(cfg: Config) -> dict | None:
         log.info("%s finished before with this config; not training it again", done["run_dir"])
         log_summary(done, path)
     return done
-
-
-FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
-
-
-# What names a cache's content in results.json's ``cache``: its metadata (``METADATA_KEYS``) less what
-# only locates or describes it (the item order is the items fingerprint's), and whether it was imported.
-CACHE_RECORD = (*(k for k in METADATA_KEYS if k not in ("format", "modality", "encoder_config", "encoder_files",
-                                                          "model_type", "depth", "items_file", "item_ids")), "source")
-
-
-def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
-    """Per modality, what identifies the cache a cached run reads; {} for a live run, or for a cache that
-    cannot be read here (the run reports that where it loads it)."""
-    if not cfg.cached or not cfg.cache_dir:
-        return {}
-    record = {}
-    for m in modalities(cfg):
-        try:
-            meta = read_metadata(cache_file(cfg.cache_dir, m))
-        except CacheError:
-            return {}
-        record[m] = {k: meta[k] for k in CACHE_RECORD if k in meta}
-    return record
-
-
-def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
-    """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
-    ``folder`` recorded its fingerprint, or the cache it reads is not the one it trained on (another
-    precision, encoder, layers; ``--cache-dir`` may change between attempts, the cache's content may not):
-    that run's results, best weights and checkpoints are of the old inputs, so it is neither returned as
-    finished nor resumed on the new ones."""
-    recorded = results.get("cache")
-    now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
-    for m, then in now.items():
-        before = recorded.get(m)
-        before = {**UNRECORDED, **before} if isinstance(before, dict) else before  # a key added since: as it was
-        then = {**UNRECORDED, **then}
-        if isinstance(before, dict) and before != then:
-            changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD
-                       if before.get(k) != then.get(k)]
-            raise ConfigError(f"{cache_file(cfg.cache_dir, m)} is not the cache {folder} trained on "
-                              f"({'; '.join(changes)}); use another --run-name to train on it")
-    for key, field in FINGERPRINTED.items():
-        recorded, path = results.get(field), getattr(cfg, key)
-        if not (isinstance(recorded, str) and recorded and path and Path(path).is_file()):
-            continue  # runs before the field was recorded; a missing file is reported where it is read
-        if (now := file_fingerprint(path)) != recorded:
-            raise ConfigError(f"{path} has changed since {folder} read it ({key} file fingerprint {recorded} then, "
-                              f"{now} now): the run's results, weights and checkpoints are of the old file; use "
-                              "another --run-name to train on this one, or restore the file")
 
 
 def log_summary(results: dict, path: Path) -> None:

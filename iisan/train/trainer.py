@@ -34,6 +34,7 @@ from ..evaluate import evaluate_model, shared_item_table
 from ..files import file_fingerprint, write_json_atomic
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
+from .checkpoint import CHECKPOINTS
 from .decisions import decide
 from .interrupt import StopRequests
 from .nonfinite import batch_states, nonfinite_loss
@@ -42,7 +43,8 @@ from .parts import build_training
 from .plan import describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
-from .runfolder import CHECKPOINTS, RESULTS, cache_record, log_summary, refuse_to_overwrite, reusable_results, run_dir
+from .runfolder import RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
+from .same_inputs import cache_record
 from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
