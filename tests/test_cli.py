@@ -134,6 +134,24 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tiny_config, ti
                                             "same command runs again")
 
 
+def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(monkeypatch, capsys):
+    """The installed command's first seconds go to importing torch and transformers; Ctrl-C there is no
+    traceback either."""
+    import iisan.cli
+
+    class Interrupting:
+        def find_spec(self, name, path=None, target=None):
+            if name == "iisan.cli.main":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "iisan.cli.main")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as info:
+        iisan.cli.launch()
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "iisan: interrupted while starting; nothing was done\n"
+
+
 def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
     """No "Writing model shards" bar and no notice about ViT's processor backend: three paths, nothing else."""
     main(["make-tiny-models", "--out", str(tmp_path)])

@@ -61,7 +61,8 @@ def test_a_cache_records_its_normalisation_and_a_run_of_the_other_is_refused(tin
     data = load_data(cfg)
     build_model(cfg, data, torch.device("cpu"))
     with pytest.raises(CacheError, match=r"image.safetensors was built for image_norm authors \(config asks for "
-                                         r"processor\) — rebuild it"):
+                                         r"processor\) — rebuild it with `iisan cache --overwrite` "
+                                         r"\(or use it as built: --image-norm authors\)$"):
         build_model(cfg.replace(image_norm="processor"), data, torch.device("cpu"))
 
 

@@ -51,7 +51,7 @@ def test_requirements_are_pyprojects_dependencies_and_this_checkout():
     project = pyproject()["project"]
     lines = requirement_lines(ROOT / "requirements.txt")
     assert lines[-1] == "-e ." and lines[:-1] == project["dependencies"]
-    assert project["scripts"]["iisan"] == "iisan.cli.main:main"
+    assert project["scripts"]["iisan"] == "iisan.cli:launch"
 
 
 def test_declared_dependencies_are_exactly_the_imported_ones():

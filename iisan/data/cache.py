@@ -217,8 +217,10 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
     if expected.modality is not None and meta["modality"] != expected.modality:
         differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:
+        other_norm = f" (or use it as built: --image-norm {built})" if any(
+            d.startswith("image_norm ") for d in differences) else ""
         raise CacheError(f"cache {path} was built for " + "; ".join(differences)
-                         + " — rebuild it with `iisan cache --overwrite`")
+                         + f" — rebuild it with `iisan cache --overwrite`{other_norm}")
 
 
 def load_cache(path: str | Path, expected: CacheExpectation,
