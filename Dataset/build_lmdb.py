@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
 from iisan.bounds import check_encoding  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
@@ -32,8 +32,9 @@ def main(argv=None):
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     jobs = []
     if args.images:
         if not args.out:

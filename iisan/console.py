@@ -21,6 +21,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 # The console's line format; a run's train.log uses the same, so its lines are the console's.
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+VERBOSE_HELP = "debug logging, and the traceback of an unexpected operating-system error"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -28,6 +29,8 @@ def setup_logging(verbose: bool = False) -> None:
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING  # under torchrun, rank 0 speaks for all; other ranks report only trouble
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    if verbose:  # also when logging was set up before the flags were read (the entry scripts)
+        logging.getLogger().setLevel(level)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # huggingface_hub gives its logger a handler of its own and also passes each record on to ours: its

@@ -37,7 +37,7 @@ def refused(argv: list[str], capsys) -> list[str]:
 
 def test_an_unknown_flag_after_a_subcommand_is_that_subcommands_error(capsys):
     err = refused(["train", "--config", "c.json", "--learning-rate", "1e-3"], capsys)
-    assert err[0].startswith("usage: iisan train [-h] [--config CONFIG]")
+    assert err[0].startswith("usage: iisan train [-h] [-v] [--config CONFIG]")
     assert err[-1] == "iisan: error: unrecognized arguments: --learning-rate 1e-3"  # no flag is that close
     assert sum("error" in line for line in err) == 1
 
@@ -170,3 +170,11 @@ def test_results_sort_names_the_columns_the_table_has():
         with pytest.raises(ConfigError) as err:
             sorted_by(rows, column)
         assert str(err.value) == f"--sort {column}: not a column; columns are run, test_hit@10, test_hit@10_std"
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["params"], False), (["-v", "params"], True), (["params", "-v"], True), (["params", "--verbose"], True),
+    (["fetch", "data", "-v", "--dataset", "Scientific"], True),
+    (["-v", "fetch", "data", "--dataset", "Scientific"], True), (["fetch", "data", "--dataset", "Scientific"], False)])
+def test_verbose_goes_before_or_after_the_command(argv, verbose):
+    assert build_parser().parse_args(argv).verbose is verbose

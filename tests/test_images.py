@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,6 +106,18 @@ def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplo
            "extension: see --extension)" in caplog.text
     again = build_image_lmdb(folder, tmp_path / "png.lmdb", ["b"], size=8, extension=".png", progress=False)
     assert again["blank"] == 0
+
+
+def test_dataset_build_lmdb_script_takes_v_for_debug_logging(tiny, tmp_path):
+    script = load_script(ROOT / "Dataset" / "build_lmdb.py", "build_lmdb_script")
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        script.main(["--images", tiny["image_dir"], "--items", tiny["items"], "--out", str(tmp_path / "x.lmdb"), "-v"])
+        assert root.level == logging.DEBUG and (tmp_path / "x.lmdb").is_dir()
+    finally:
+        root.setLevel(before)
 
 
 def test_dataset_build_lmdb_script_refuses_an_unknown_encoding_in_one_line(tiny, tmp_path, capsys):

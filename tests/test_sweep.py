@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -252,3 +253,17 @@ def test_the_summary_prints_each_status_as_its_value():
         in text
     assert [r[2] for r in summary_rows(text)] == ["finished", "finished before", "in use", "failed: why",
                                                   "interrupted", "not run"]
+
+
+def test_an_entry_script_takes_v_for_debug_logging(sweep, argv, capsys):
+    """Logging is set up before an entry script reads its flags (so that a bad one is logged); ``-v`` still
+    turns on debug logging, and with it the traceback of an unexpected operating-system error."""
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert run_script(DEFAULTS, sweep, argv("--list-grid")) == [] and root.level == logging.INFO
+        assert run_script(DEFAULTS, sweep, argv("-v", "--list-grid")) == [] and root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)
+    assert capsys.readouterr().out.startswith("1 grid point(s)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import entry_point, setup_logging, summary
+from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
 from ..flags import FlagParser
 from .data import add_data_commands
 from .fetch import add_fetch_commands
@@ -21,7 +21,12 @@ from .use import add_use_commands
 
 class Parser(FlagParser):
     """``FlagParser``, ending a bad flag like every other bad input: the (sub)command's usage, then
-    ``iisan: error: ...``."""
+    ``iisan: error: ...``. Every (sub)command takes ``-v``: ``iisan -v train ...`` and ``iisan train ... -v``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's parser, not given -v, leaves the value the command line's start set
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -30,7 +35,7 @@ class Parser(FlagParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="iisan", description=summary(__doc__))
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_data_commands(sub)
     add_fetch_commands(sub)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..config import METHOD_DEFAULTS, Config, resolve
-from ..console import entry_point, setup_logging
+from ..console import VERBOSE_HELP, entry_point, setup_logging
 from ..data.datasets import DATASETS
 from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, RunInUse, UserError
@@ -95,6 +95,7 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
                         help="print the grid's points (index, run folder, values) and exit")
     parser.add_argument("--grid-index", type=int, default=None, metavar="I",
                         help="run only point I of the grid (0-based, see --list-grid), e.g. a Slurm array task id")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     shown = {**METHOD_DEFAULTS.get(defaults.get("method", Config.method), {}), **defaults,
              **dict.fromkeys([k for k in PATH_KEYS if k not in defaults], "set by --dataset"),
              **{k: " ".join(map(str, values)) + " (SWEEP)" for k, values in sweep.items()}}
@@ -243,6 +244,7 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
 
     def run() -> list:
         points, args = parse_script_args(defaults, sweep, argv, description, extra_arguments)
+        setup_logging(args.verbose)
         if args.list_grid:
             print(listing(points), end="")
             return []
