@@ -4,14 +4,16 @@
 #      shapes, host enqueue vs device step, allocator, GPU busy and top kernels, the image pipeline alone
 #      and in the background, a plain reference at the same item counts); cut at 220 s
 #   2. bench: the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
-#      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the cache build and the
-#      full-ranking evaluation of every user, then the six methods with 10 warm-up and 50 timed steps each
-#      (IISAN first, a real epoch of both IISAN settings), then uncached IISAN and FFT the authors' way
-#      (every slot); FLOPs counted over the first 10 timed batches; cut at 330 s
+#      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the cache build (in bf16, as
+#      the plain reference's; CACHE_DTYPE=auto for the authors' fp32) and the full-ranking evaluation of
+#      every user, then the six methods with 10 warm-up and 50 timed steps each (IISAN first, a real epoch
+#      of both IISAN settings), then uncached IISAN and FFT the authors' way (every slot); FLOPs counted
+#      over the first 10 timed batches; cut at 320 s
 #   3. tests: the GPU-marked tests; cut at 90 s
 # Each part writes as it goes (diagnose.json after each section, the benchmark's JSON and table after each
 # row), so a part that is cut keeps what it measured. PART=all (default) runs diagnose and bench, under
 # 600 s, one device call (a call's limit) that brings back 7 files (a call brings back at most 8);
+# the device's copy of the checkout has no .git: IISAN_COMMIT=<hash> names the commit measured;
 # PART=diagnose|bench|tests runs one part. Writes gpu.txt (versions, clocks, each part's time and exit),
 # diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log under $OUT.
 #   PART=all bash scripts/gpu_check.sh; then PART=tests bash scripts/gpu_check.sh   # the two device calls
@@ -20,7 +22,7 @@
 #   TESTS_ARGS="-k 'not torchrun'" PART=tests bash scripts/gpu_check.sh                      # fewer tests
 #   PYTHON=.venv/bin/python BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
 #     --frozen-items 16 --cache-batch 16 --shape-reps 2 --reps 2" BENCH_ARGS="--few-steps --warmup 1 --steps 2" \
-#     bash scripts/gpu_check.sh                                                     # a dry run on a CPU
+#     DIAGNOSE_LIMIT=600 BENCH_LIMIT=600 bash scripts/gpu_check.sh       # a dry run on a CPU (2 cores: ~8 min)
 # Exit status: 2 for a bad PART or a missing lmdb, else the first part's non-zero exit (124: cut), else 0.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2  # the repository root, wherever it is started from
@@ -43,7 +45,8 @@ fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   "$PY" -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
-  git log -1 --format="commit %h %s" 2>/dev/null; } | tee -a "$OUT/gpu.txt"
+  git log -1 --format="commit %h %s" 2>/dev/null || echo "commit ${IISAN_COMMIT:-unknown (no .git here; pass IISAN_COMMIT)}"
+} | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,memory.used,compute_mode \
   --format=csv >> "$OUT/gpu.txt" 2>/dev/null
 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv >> "$OUT/gpu.txt" 2>/dev/null
@@ -62,8 +65,9 @@ if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
   stamp diagnosis "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
-  timeout -k 10 "${BENCH_LIMIT:-330}" "$PY" scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
+  timeout -k 10 "${BENCH_LIMIT:-320}" "$PY" scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
+    --cache-dtype "${CACHE_DTYPE:-bfloat16}" \
     --methods "${METHODS:-IISAN (cached),IISAN (uncached),FFT,Adapter,LoRA,BitFit}" \
     --authors-way "${AUTHORS_WAY:-IISAN (uncached),FFT}" --full-epoch "${FULL_EPOCH:-IISAN (uncached),IISAN (cached)}" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \

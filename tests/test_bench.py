@@ -181,7 +181,7 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path):
     assert f"| IISAN (cached) | distinct items | 64 | {items:.0f} | {rows:.0f} | +1 % |" in md  # rows only
     assert f"| IISAN (cached, every slot) | every slot | 64 | {authors['items_per_step']:.0f} | 704 |" in md
     assert "| evaluation, IISAN (cached): every one of 1,200 users ranked over all" in md
-    assert "| cache build, both towers, once (loading data and encoders" in md
+    assert "| cache build, both towers, once, stored in float32 (loading data and encoders" in md
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
 
@@ -246,6 +246,45 @@ def test_gpu_diagnosis_refuses_unknown_labels(tmp_path, capsys):
     assert "must be >= 1" in error
 
 
+def test_gpu_profile_sums_kernel_time_and_says_when_it_saw_none(monkeypatch):
+    """The profile's arithmetic, which only a GPU runs: kernel time over wall time, the costliest kernels
+    first; a profile with no kernels is reported as such, not as a GPU that was idle."""
+    from types import SimpleNamespace
+
+    from iisan.efficiency import timing
+
+    events = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    clock = iter([10.0, 10.5])  # 0.5 s of wall time over the profiled steps
+    monkeypatch.setattr(timing, "profile", FakeProfile)
+    monkeypatch.setattr(timing, "sync", lambda device: None)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    events += [SimpleNamespace(key="gemm", self_device_time_total=300_000.0),  # microseconds
+               SimpleNamespace(key="aten::mm", self_device_time_total=0.0),
+               SimpleNamespace(key="softmax", self_device_time_total=100_000.0)]
+    out = timing.gpu_profile(lambda: None, torch.device("cuda"), steps=2, top=1)
+    assert out["gpu_busy"] == pytest.approx(0.8) and out["kernel_seconds_per_step"] == pytest.approx(0.2)
+    assert out["wall_seconds_per_step"] == pytest.approx(0.25)
+    assert out["top_kernels"] == [{"name": "gemm", "ms_per_step": pytest.approx(150.0)}]
+    events.clear()
+    clock = iter([10.0, 10.5])
+    assert timing.gpu_profile(lambda: None, torch.device("cuda"), steps=2) == {
+        "profile_error": "the profiler recorded no GPU kernels over 2 steps"}
+
+
 def test_count_flops_by_hand():
     from iisan.efficiency.flops import count_flops
 
@@ -300,9 +339,32 @@ def test_measure_cache_build_reports_its_parts(tiny_config):
     assert all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image"))
     note = table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
                   "timed_steps": 1, "warmup_steps": 1, "command": "c", "git_commit": "x"})
-    assert (f"| cache build, both towers, once (loading data and encoders {row['load_seconds']:.1f} s, encoding "
+    assert row["cache_dtype"] == "float32"  # auto, over fp32 encoders: the authors' precision
+    assert (f"| cache build, both towers, once, stored in float32 (loading data and encoders "
+            f"{row['load_seconds']:.1f} s, encoding "
             f"{row['encode_seconds']:.1f} s, assembling the files {row['assemble_seconds']:.1f} s) | "
             f"{row['cache_build_seconds']:.1f} | | {row['memory']['peak_rss_gib']:.2f} |") in note
+
+
+def test_the_timed_cache_build_starts_from_nothing(tiny_config, tmp_path, caplog):
+    """A build cut on a lent GPU leaves its shards; timing the next one from them would be too fast. Only
+    a build in progress (our manifest) is discarded, never a folder of someone else's."""
+    from iisan.data.cache_build import BUILD_FORMAT, SIDECAR, discard_partial_build
+    from iisan.efficiency.bench import measure_cache_build
+
+    cfg = tiny_config(encode_batch_size=16)
+    sidecar = Path(cfg.cache_dir) / SIDECAR
+    sidecar.mkdir(parents=True)
+    (sidecar / "manifest.json").write_text(json.dumps({"format": BUILD_FORMAT, "key": "k", "chunks": 25}))
+    (sidecar / "chunk-000000.safetensors").write_bytes(b"x")
+    with caplog.at_level("INFO", logger="iisan"):
+        measure_cache_build(cfg)
+    assert f"discarded the shards of an earlier, unfinished build in {cfg.cache_dir}" in caplog.text
+    assert not sidecar.exists()
+    foreign = tmp_path / "other" / SIDECAR
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("x")
+    assert not discard_partial_build(tmp_path / "other") and (foreign / "mine.txt").read_text() == "x"
 
 
 def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_table(tmp_path, monkeypatch):

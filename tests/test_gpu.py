@@ -60,6 +60,16 @@ def test_cudagraph_step_trains_like_the_eager_step(tiny_config, tiny_cache, no_t
         torch.testing.assert_close(graph_params[name], p, rtol=1e-3, atol=1e-4)
 
 
+def test_cudagraph_step_draws_the_eager_steps_dropout_masks(tiny_config, tiny_cache, no_tf32):
+    """Dropout on: the capture's warm-up draws are put back, and each replay draws from the device's stream
+    what the eager step would, so a run that captures again after resuming matches one that never stopped."""
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", drop_rate=0.1, amp="none")
+    eager_losses, _ = run_steps(cfg, "off")
+    graph_losses, _ = run_steps(cfg, "cudagraph")
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    assert run_steps(cfg.replace(drop_rate=0.0), "off")[0] != pytest.approx(eager_losses, rel=1e-4)  # masks matter
+
+
 @pytest.mark.parametrize("overrides", [{"method": m} for m in ("fft", "adapter", "lora", "bitfit")] +
                          [{"method": "iisan", "feed": f} for f in ("live", "cached")])
 def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):

@@ -95,6 +95,16 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
 # shards of a build in progress
 
 
+def discard_partial_build(out_dir: Path) -> bool:
+    """Remove the build in progress in ``out_dir`` (ours: it has our manifest), whatever its settings, so
+    that the next build starts from nothing; True if there was one."""
+    shards = ShardDir(out_dir, key="", chunks=0, chunk_size=0)
+    if shards.found_manifest() is None:
+        return False
+    shutil.rmtree(shards.path)
+    return True
+
+
 class ShardDir:
     """``<out_dir>/.building``: the manifest and one shard per finished chunk."""
 

@@ -9,15 +9,19 @@ the process's peak resident set) belongs to that method alone and no compiled st
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import METHOD_NAMES, Config
 from ..data.batches import CollateTrain, TrainBatch, epoch_batches, epoch_order, without_padding_rows
+from ..data.cache import cache_file, read_metadata
+from ..data.cache_build import discard_partial_build
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
@@ -30,6 +34,8 @@ from ..train.parts import build_training
 from ..train.step import make_train_step
 from .flops import StepFlops, shape_key
 from .timing import StepClock, summary, timed_each
+
+log = logging.getLogger(__name__)
 
 # (label, config overrides) for the six settings of the paper's efficiency table.
 SETTINGS = {
@@ -247,13 +253,18 @@ def measure_cache_build(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # the benchmark's own work folder, rebuilt to be timed whole: not resumed from a build that was cut
+    if discard_partial_build(Path(cfg.cache_dir)):
+        log.info("discarded the shards of an earlier, unfinished build in %s", cfg.cache_dir)
     start, timings = time.perf_counter(), {}
-    # the benchmark's own work folder, rebuilt to be timed
     build_cache_from_config(cfg, timings=timings, overwrite=True)
     sync(device)
+    seconds = time.perf_counter() - start
     # the whole build, and its parts: loading data and encoders, encoding (reading pixels, both
-    # towers, writing shards, overlapped), assembling the final files
-    return {"cache_build_seconds": time.perf_counter() - start, **timings, "memory": peak_memory(device)}
+    # towers, writing shards, overlapped), assembling the final files; the precision it was stored in (a
+    # half type computes under autocast in that type on a GPU)
+    return {"cache_build_seconds": seconds, **timings, "memory": peak_memory(device),
+            "cache_dtype": read_metadata(cache_file(cfg.cache_dir, "text"))["dtype"]}
 
 
 def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:

@@ -64,7 +64,8 @@ def tasks_table(payload: dict) -> list[str]:
         parts = [f"{name} {cache[key]:.1f} s" for name, key in (("loading data and encoders", "load_seconds"),
                  ("encoding", "encode_seconds"), ("assembling the files", "assemble_seconds")) if key in cache]
         parts = f" ({', '.join(parts)})" if parts else ""
-        lines.append(f"| cache build, both towers, once{parts} | {cache['cache_build_seconds']:.1f} | "
+        stored = f", stored in {cache['cache_dtype']}" if "cache_dtype" in cache else ""  # older JSONs: unrecorded
+        lines.append(f"| cache build, both towers, once{stored}{parts} | {cache['cache_build_seconds']:.1f} | "
                      f"| {memory_gib(cache):.2f} |")
     elif cache:
         lines.append(f"| cache build | failed: {cache.get('error')} | | |")

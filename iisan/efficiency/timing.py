@@ -119,6 +119,8 @@ def gpu_profile(run, device: torch.device, steps: int = 3, top: int = 8) -> dict
                           if e.self_device_time_total > 0), key=lambda k: -k[1])
     except Exception as err:  # the profiler is a help here, never a reason to lose the row
         return {"profile_error": error_line(err)}
+    if not kernels:  # not "GPU idle": a profiler that saw nothing (some builds drop kernels without CPU activity)
+        return {"profile_error": f"the profiler recorded no GPU kernels over {steps} steps"}
     busy = sum(t for _, t in kernels) / 1e6  # microseconds -> seconds
     return {"profiled_steps": steps, "wall_seconds_per_step": wall / steps, "kernel_seconds_per_step": busy / steps,
             "gpu_busy": busy / wall if wall else None,

@@ -6,8 +6,11 @@ batch) the forward, loss, backward and a capturable fused Adam step are captured
 batches of another shape (the last, smaller one of an epoch) run eagerly on the same parameters and
 optimizer state.
 
-Capture needs a few warm-up iterations, which update the weights; they are snapshotted before and
-restored after, so training is exactly as if the graph had been there from the first step.
+Capture needs a few warm-up iterations, which update the weights and draw dropout masks; the weights,
+the optimiser's state and the device's random-number stream are snapshotted before and restored after,
+so training is exactly as if the graph had been there from the first step. A replay draws the numbers
+the eager step would have drawn from the same stream, so a run resumed mid-way (which captures again)
+computes what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -40,14 +43,15 @@ class GraphedStep:
         return "off (cudagraph capture failed)" if self.capture_failed else "cudagraph"
 
     # ----------------------------------------------------------------------------------------------
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
         params = [p.detach().clone() for p in self.model.parameters()]
         state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
                  for p, s in self.optimizer.state.items()}
-        return params, state
+        return params, state, torch.cuda.get_rng_state(params[0].device)
 
     def _restore(self, snapshot) -> None:
-        params, state = snapshot
+        params, state, rng = snapshot
+        torch.cuda.set_rng_state(rng, params[0].device)  # the warm-up's dropout draws never happened
         with torch.no_grad():
             for p, saved in zip(self.model.parameters(), params):
                 p.copy_(saved)
