@@ -252,6 +252,7 @@ def measure_cache_build(cfg: Config) -> dict:
     """Seconds to run both encoders once over every item and write the cache (in ``cfg.cache_dtype``)."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
+        torch.cuda.init()  # a first CUDA call naming an index (cuda:0) needs the context up
         torch.cuda.reset_peak_memory_stats(device)
     # the benchmark's own work folder, rebuilt to be timed whole: not resumed from a build that was cut
     if discard_partial_build(Path(cfg.cache_dir)):
