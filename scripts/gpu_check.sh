@@ -22,7 +22,7 @@
 #   TESTS_ARGS="-k 'not torchrun'" PART=tests bash scripts/gpu_check.sh                      # fewer tests
 #   PYTHON=.venv/bin/python BACKBONES=tiny DATA=demo DEVICE=cpu OUT=/tmp/out WORK=/tmp/iisan-dry DIAGNOSE_ARGS="--fft-items 8 \
 #     --frozen-items 16 --cache-batch 16 --shape-reps 2 --reps 2" BENCH_ARGS="--few-steps --warmup 1 --steps 2" \
-#     DIAGNOSE_LIMIT=900 BENCH_LIMIT=900 bash scripts/gpu_check.sh       # a dry run on a CPU (2 cores: ~8 min)
+#     DIAGNOSE_LIMIT=900 BENCH_LIMIT=900 bash scripts/gpu_check.sh       # a dry run on a CPU (2 idle cores: ~2.5 min)
 # Exit status: 2 for a bad PART or a missing lmdb, else the first part's non-zero exit (124: cut), else 0.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2  # the repository root, wherever it is started from
