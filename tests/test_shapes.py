@@ -137,13 +137,16 @@ def test_static_shapes_change_no_loss_and_no_gradient(tiny_config, method):
 
 def test_static_shapes_change_no_metric(tiny_config):
     """A whole epoch of uncached IISAN with and without static shapes: the same losses and test metrics
-    (frozen encoders run without dropout, SASRec's dropout draws masks of the same shapes)."""
+    (frozen encoders run without dropout, SASRec's dropout draws masks of the same shapes). Matmuls of
+    other row counts may round differently (torch 2.11's CPU kernels do, 2.13's do not here), and a
+    near-tie between two items can then rank the other way for a user: the metrics agree to within a
+    rank or two of the test's few users, far below what a padded row reaching the scores would move."""
     cfg = tiny_config(method="iisan", feed="live", epochs=1)
     a = train(cfg.replace(run_name="plain", static_shapes=False))
     b = train(cfg.replace(run_name="static"))
     assert not a["step"]["static_shapes"] and b["step"]["static_shapes"]
     assert b["epochs"][0]["loss"] == pytest.approx(a["epochs"][0]["loss"], rel=1e-5)
-    assert b["test"] == pytest.approx(a["test"], abs=1e-9)
+    assert b["test"] == pytest.approx(a["test"], abs=0.005)
 
 
 class MatmulShapes(TorchDispatchMode):

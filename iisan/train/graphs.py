@@ -92,11 +92,13 @@ class GraphedStep:
         shapes = tuple(tuple(x.shape) if torch.is_tensor(x) else x for x in inputs)
         if self.graph is None and not self.capture_failed:
             self.shapes = shapes
-            snapshot = self._snapshot()
+            snapshot = None
             try:
+                snapshot = self._snapshot()
                 self._capture(inputs)
             except Exception as err:  # a model that cannot be captured still trains, eagerly
-                self._restore(snapshot)
+                if snapshot is not None:
+                    self._restore(snapshot)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.capture_failed = True
                 self.graph = None
