@@ -314,6 +314,47 @@ def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_
                    "not match it; restore the file or train again")
 
 
+@pytest.mark.parametrize("change", ["weights", "config"])
+def test_a_live_run_whose_encoder_folder_changed_is_refused(tiny, tiny_config, tmp_path, capsys, change):
+    """A live run reads its encoders from their folders: another model put at the same path (or the same
+    one with other weights, or another config.json) is not what the run trained with, for a rerun, a
+    resume and evaluate alike; a run recorded before encoders were recorded is not held to them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from iisan.errors import ConfigError
+
+    text = tmp_path / "bert"
+    shutil.copytree(tiny["text_model"], text)
+    cfg = tiny_config(method="iisan", feed="live", text_model=str(text), out_dir=str(tmp_path / "runs"),
+                      run_name="live", epochs=1)
+    results = train(cfg)
+    assert set(results["encoders"]) == {"text", "image"} and len(results["encoders"]["text"]["digest"]) == 64
+    assert train(cfg)["run_dir"] == results["run_dir"]  # unchanged: finished before, not trained again
+    if change == "weights":
+        weights = load_file(str(text / "model.safetensors"))
+        name = next(iter(weights))
+        save_file({**weights, name: weights[name] + 0.01}, str(text / "model.safetensors"))
+        what = "weights digest"
+    else:
+        config = json.loads((text / "config.json").read_text())
+        (text / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
+        what = "config.json hash"
+    for attempt in (cfg, cfg.replace(epochs=2)):  # rerun, and a resume
+        with pytest.raises(ConfigError, match=rf"^{text} is not the text encoder {results['run_dir']} trained with "
+                                              rf"\({what} \w+ then, \w+ now\); use another --run-name"):
+            train(attempt)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", results["run_dir"], "--device", "cpu"])
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"iisan: error: {text} is not the text encoder {results['run_dir']} trained with ({what} ")
+    recorded = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    del recorded["encoders"]  # as written before the field existed
+    (Path(results["run_dir"]) / "results.json").write_text(json.dumps(recorded))
+    assert train(cfg)["run_dir"] == results["run_dir"]
+
+
 def test_a_run_whose_best_weights_hold_nan_is_refused(runs, tmp_path, capsys):
     import shutil
 

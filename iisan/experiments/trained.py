@@ -38,6 +38,7 @@ from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
 from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
 from ..train.runfolder import RESULTS, results_or_reason
+from ..train.same_inputs import changed_encoder
 from ..train.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if (users_then := results.get("users_fingerprint")) and users_then != (users_now := file_fingerprint(cfg.users)):
         log.warning("%s has changed since %s was trained (users fingerprint %s then, %s now): evaluation and "
                     "recommendations use the users in it now", cfg.users, run_dir, users_then, users_now)
+    if why := changed_encoder(cfg, results.get("encoders"), run_dir):
+        raise ConfigError(f"{why}: the run's weights were trained with the other one; restore the folder or "
+                          "train again")
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
     metadata = load_weights(model, weights)

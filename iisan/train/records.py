@@ -66,6 +66,7 @@ class RunRecord:
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
         self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
+        self.encoders: dict = {}  # and the encoder folders a live run reads (``same_inputs.encoder_record``)
         self.handler: logging.Handler | None = None
         self.metrics = None
         self.writer = None
@@ -177,6 +178,7 @@ class RunRecord:
             "items_fingerprint": self.items_fingerprint,
             "users_fingerprint": self.users_fingerprint,
             "cache": self.cache,
+            "encoders": self.encoders,
             "run_dir": str(self.run_dir),
             "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }

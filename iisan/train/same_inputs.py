@@ -1,17 +1,19 @@
 """Whether a run folder's run read the same inputs as a config would now: the users and items files by
-fingerprint (edited in place, a file keeps its name) and a cached run's cache by what identifies its content
-(``CACHE_RECORD``: encoder, weights, layers, precision, ...), all recorded in its results.json. A run's
-results, weights and checkpoints are of its inputs: a rerun or a resume on other ones is refused."""
+fingerprint (edited in place, a file keeps its name), a cached run's cache by what identifies its content
+(``CACHE_RECORD``: encoder, weights, layers, precision, ...) and a live run's encoder folders by their
+weights digest and config (``encoder_record``), all recorded in its results.json. A run's results,
+weights and checkpoints are of its inputs: a rerun or a resume on other ones is refused."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import Config
-from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, read_metadata
+from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, encoder_config_hash, read_metadata
 from ..errors import CacheError, ConfigError
 from ..files import file_fingerprint
-from ..model.build import modalities
+from ..model.build import modalities, model_name
+from ..model.encoder_files import local_folder, weights_digest
 from .checkpoint import CHECKPOINTS, checkpoints
 
 FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
@@ -38,10 +40,46 @@ def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
     return record
 
 
+def encoder_record(cfg: Config) -> dict[str, dict]:
+    """Per modality, what identifies the encoder folder a live run reads: its weights digest (over the
+    weight and tokenizer/processor files, with their sizes and times, so a later check reads no weights
+    unless they changed) and its config.json's hash. {} for a cached run (its cache records its encoder)
+    and the ID method; an encoder that is not a folder here is left out."""
+    if cfg.cached or cfg.method == "id":
+        return {}
+    record = {}
+    for m in modalities(cfg):
+        if (folder := local_folder(model_name(cfg, m), cfg.allow_download)) is not None:
+            record[m] = {"folder": str(folder), "config": encoder_config_hash(folder), **weights_digest(folder)}
+    return record
+
+
+def changed_encoder(cfg: Config, recorded, run: Path) -> str:
+    """Why an encoder folder ``cfg`` names now is not the one the run in ``run`` recorded (``encoder_record``:
+    other weights, or another config.json), or '' (also for runs that recorded none)."""
+    if not isinstance(recorded, dict):
+        return ""
+    for m, before in recorded.items():
+        if not isinstance(before, dict) or m not in modalities(cfg):
+            continue
+        folder = local_folder(model_name(cfg, m), cfg.allow_download)
+        if folder is None:  # a missing encoder is reported where it is loaded
+            continue
+        changes = []
+        if before.get("digest") and (now := weights_digest(folder, before)["digest"]) != before["digest"]:
+            changes.append(f"weights digest {before['digest'][:16]} then, {now[:16]} now")
+        if before.get("config") and (config := encoder_config_hash(folder)) != before["config"]:
+            changes.append(f"config.json hash {before['config']} then, {config} now")
+        if changes:
+            return f"{folder} is not the {m} encoder {run} trained with ({'; '.join(changes)})"
+    return ""
+
+
 def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
     ``folder`` recorded its fingerprint, or the cache it reads is not the one it trained on (another
-    precision, encoder, layers; ``--cache-dir`` may change between attempts, the cache's content may not):
+    precision, encoder, layers; ``--cache-dir`` may change between attempts, the cache's content may not),
+    or an encoder folder of a live run holds other weights or another config than it trained with:
     that run's results, best weights and checkpoints are of the old inputs, so it is neither returned as
     finished nor resumed on the new ones. A run that kept nothing (no checkpoint, no best weights: it failed
     before training, on a wrong cache or a bad file) is not held to its inputs: the corrected rerun starts."""
@@ -58,6 +96,8 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
                        if before.get(k) != then.get(k)]
             raise ConfigError(f"{cache_file(cfg.cache_dir, m)} is not the cache {folder} trained on "
                               f"({'; '.join(changes)}); use another --run-name to train on it")
+    if why := changed_encoder(cfg, results.get("encoders"), folder):
+        raise ConfigError(f"{why}; use another --run-name to train with it, or restore the folder")
     for key, field in FINGERPRINTED.items():
         recorded, path = results.get(field), getattr(cfg, key)
         if not (isinstance(recorded, str) and recorded and path and Path(path).is_file()):

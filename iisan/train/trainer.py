@@ -44,7 +44,7 @@ from .plan import describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
 from .runfolder import RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
-from .same_inputs import cache_record
+from .same_inputs import cache_record, encoder_record
 from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
 from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
 
@@ -95,6 +95,7 @@ class Run:
         data = self.data = load_data(cfg)
         self.record.items_fingerprint = data.catalog.fingerprint
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
+        self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
         log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
         parts = build_training(cfg, data, device, dist.world_size, built=lambda model: log.info(
             "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)))
