@@ -142,6 +142,11 @@ def test_gpt2_conv1d_projections_take_lora_and_adapters_by_name(towers):
     assert all(p.grad is not None for a in adapters for p in a.parameters())
     with pytest.raises(TargetError, match=r"apart in h\.0 \(h\.0\.attn\.c_attn, .*modules by name instead of by role"):
         resolve_targets(gpt2(), ["query"])
+    with pytest.raises(TargetError, match=r"by name instead of by role \(--lora-targets, e\.g\. q_proj,v_proj; "
+                                          r"text:/image: prefixes for one tower\)$"):
+        apply_lora(gpt2(), 4, 8, ["query"])
+    with pytest.raises(TargetError, match=r"by role \(--adapter-targets, e\.g\."):
+        apply_adapters(gpt2(), 8, ["query"], position="before_dropout")
     with pytest.raises(TargetError, match="use adapter_position=before_dropout"):
         apply_adapters(gpt2(), 8, ["attn.c_proj", "mlp.c_proj"])
     with pytest.raises(TargetError, match="replaces Linear layers.* h.0.attn.c_attn is a Conv1D"):

@@ -63,10 +63,11 @@ def block_roles(block_name: str, block: nn.Module, width: int) -> dict[str, str]
     return {role: f"{block_name}.{name}" for role, name in zip(ROLES, names)}
 
 
-def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder") -> list[str]:
+def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
+                    flag: str = "--lora-targets / --adapter-targets") -> list[str]:
     """Full module names for ``targets`` (roles or name suffixes) across all blocks. Roles are found only
     when one is asked for: name suffixes reach towers whose blocks have no BERT/ViT shape (``q_proj`` in a
-    grouped-query LLaMA block)."""
+    grouped-query LLaMA block). ``flag``: the option a refusal names."""
     width = model.config.hidden_size
     roles = None
     projections = [n for n, m in model.named_modules() if isinstance(m, PROJECTIONS)]
@@ -76,7 +77,8 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder")
             try:
                 roles = roles or [block_roles(name, block, width) for name, block in transformer_blocks(model)]
             except TargetError as err:
-                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role") from None
+                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({flag}, "
+                                  "e.g. q_proj,v_proj; text:/image: prefixes for one tower)") from None
             found += [r[target] for r in roles]
             continue
         matches = [n for n in projections if n == target or n.endswith("." + target)]
@@ -221,7 +223,7 @@ def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: 
                    init: str = "authors", position: str = "after_dropout") -> list[nn.Module]:
     if position not in ADAPTER_POSITIONS:
         raise ValueError(f"position must be one of {', '.join(ADAPTER_POSITIONS)}, not {position!r}")
-    names = resolve_targets(model, targets, what)
+    names = resolve_targets(model, targets, what, "--adapter-targets")
     for p in model.parameters():
         p.requires_grad_(False)
     moved = moved_dropouts(model, names) if position == "after_dropout" else {}
@@ -262,7 +264,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], wh
     """peft LoRA (B = 0 at start, so the identity) on the resolved targets; only A and B train.
     ``random_base``: the authors' loralib layers instead. Each target is first replaced by a fresh random
     Linear (``fresh_linears``), whose weight stays frozen and whose bias trains."""
-    names = resolve_targets(model, targets, what)
+    names = resolve_targets(model, targets, what, "--lora-targets")
     if random_base:
         fresh_linears(model, names, seed)
     conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)  # GPT-2: weights transposed
