@@ -66,6 +66,26 @@ def remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+@contextmanager
+def folders_kept_on_success(path: str | Path):
+    """A block that may create ``path`` (and missing parents): when it fails, the folders it created and
+    left empty are removed again, so a refused command leaves no trace. Folders that existed before, or
+    that hold anything, stay."""
+    path = Path(path).absolute()
+    created = []  # from the leaf up: the folders missing now
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            break
+        created.append(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with suppress(OSError):
+                folder.rmdir()  # only an empty folder goes (a parent still holding one stays)
+        raise
+
+
 def fsync(path: str | Path) -> None:
     """Flush a file's bytes, or a folder's entries, to disk (before the rename that publishes them)."""
     fd = os.open(path, os.O_RDONLY)

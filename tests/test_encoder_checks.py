@@ -58,14 +58,20 @@ def test_text_folder_without_tokenizer_files_is_refused(tiny, tmp_path):
                                        r"vocab.txt, .*\): copy them from the model's source$")
 
 
-def test_text_folder_without_tokenizer_from_the_command_line(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("cache_dir", ["cache", "new/deeper/cache", "existing"])
+def test_text_folder_without_tokenizer_from_the_command_line(tiny, tmp_path, capsys, cache_dir):
+    """Refused in one line, and the cache folder (with any parents) the refused command would have made is
+    not left behind empty; one that existed stays."""
     folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), tmp_path / "nothing")
+    (tmp_path / "existing").mkdir()
     with pytest.raises(SystemExit) as info:
-        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / "cache"),
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / cache_dir),
               "--text-model", str(folder), "--towers", "text", "--modality", "intra", "--no-progress"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"iisan: error: text encoder folder {folder} has no tokenizer files") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "existing"]
+    assert not any((tmp_path / "existing").iterdir())
 
 
 def test_tokenizer_with_ids_beyond_the_model_vocabulary_is_refused(tiny, tmp_path):

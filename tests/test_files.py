@@ -191,3 +191,20 @@ def test_a_temporary_that_cannot_be_removed_does_not_hide_the_write_error(tmp_pa
     with pytest.raises(OutputError, match=r"^could not write .*table.csv: Read-only file system$"):
         with atomic_path(tmp_path / "table.csv") as tmp:
             raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+
+
+def test_folders_a_failed_block_made_are_removed_only_when_empty(tmp_path):
+    from iisan.files import folders_kept_on_success
+
+    with pytest.raises(RuntimeError), folders_kept_on_success(tmp_path / "a" / "b"):
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        raise RuntimeError
+    assert not (tmp_path / "a").exists()  # the parent it made too
+    with pytest.raises(RuntimeError), folders_kept_on_success(tmp_path / "c" / "d"):
+        (tmp_path / "c" / "d").mkdir(parents=True)
+        (tmp_path / "c" / "d" / "chunk").write_text("x")  # e.g. a cut build's shard, kept for the resume
+        raise RuntimeError
+    assert (tmp_path / "c" / "d" / "chunk").read_text() == "x"
+    with folders_kept_on_success(tmp_path / "e"):
+        (tmp_path / "e").mkdir()
+    assert (tmp_path / "e").is_dir()  # success: kept, empty or not

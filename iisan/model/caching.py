@@ -34,7 +34,7 @@ from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
-from ..files import claim_output, refuse_inputs, refuse_inside_inputs
+from ..files import claim_output, folders_kept_on_success, refuse_inputs, refuse_inside_inputs
 from ..locks import OutputLock
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name
@@ -153,8 +153,9 @@ def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
     if not cfg.items:
         raise ConfigError("--items FILE is required")
     folder = claim_cache_folder(cfg)
-    with OutputLock(folder / LOCK, f"cache folder {folder}", "another cache build is writing it; wait for it "
-                    "to finish or choose another --cache-dir"):
+    with folders_kept_on_success(folder), OutputLock(folder / LOCK, f"cache folder {folder}", "another cache "
+                                                     "build is writing it; wait for it to finish or choose "
+                                                     "another --cache-dir"):
         yield
 
 
