@@ -49,7 +49,24 @@ def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers,
             "--no-progress"]
     (results,) = _script("run_IISAN_Versa").main(argv)
     assert (tmp_path / "cache" / "text.safetensors").is_file()
-    assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "authors"
+    assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "auto"
+
+
+def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
+    """The llama3-8b preset's layer list (0..32) fits LLaMA-3-8B only: with another text encoder (a
+    28-layer Qwen2.5-7B) the layer rule picks its layers and the family its pooling; flags still win."""
+    versa = _script("run_IISAN_Versa")
+    own = versa.defaults_for(["--preset", "llama3-8b+vit-base"])
+    assert own["text_layers"] == (0, 2, 8, 14, 20, 26, 32) and own["cache_dir"].endswith("_llama3-8b+vit-base")
+    other = versa.defaults_for(["--preset", "llama3-8b+vit-base", "--text-model", "models/Qwen2.5-7B"])
+    assert "text_layers" not in other and "text_pooling" not in other
+    assert other["cache_dir"].endswith("stored_vectors_sci_Qwen2.5-7B")
+    argv = ["--preset", "llama3-8b+vit-base", "--text-model", "models/Qwen2.5-7B", "--text-pooling", "last",
+            "--text-layers", "0,14,28"]
+    (cfg,), _ = _parse(versa, argv)
+    assert (cfg.text_model, cfg.text_layers, cfg.text_pooling) == ("models/Qwen2.5-7B", (0, 14, 28), "last")
+    (same,), _ = _parse(versa, ["--preset", "llama3-8b+vit-base", "--text-model", own["text_model"]])
+    assert same.text_layers == own["text_layers"] and same.text_pooling == "authors"  # the preset's own model
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 Pick an encoder pair with --preset (VERSA_PRESETS in iisan/experiments/presets.py, as data); every Config
 key is also a flag and wins over the preset (`--text-model pretrained_models/Qwen2.5-7B --text-pooling
-last`). With --build-cache the frozen encoders first run once over the items when the cache is missing
+last`; another text model than the preset's drops its layer list and pooling for the layer rule's and the
+family's). With --build-cache the frozen encoders first run once over the items when the cache is missing
 (resumable after an interruption; `--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own
-half type on a GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`), and
-the symmetric pair reads IISAN's cache. The presets follow the authors' Code_Cached_Asym scripts (their
-layer lists, their LLM pooling, their MicroLens heads); every difference is a flag.
+half type on a GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`, or
+`..._<text model folder>` for another text model), and the symmetric pair reads IISAN's cache. The
+presets follow the authors' Code_Cached_Asym scripts (their layer lists, their LLM pooling, their
+MicroLens heads); every difference is a flag.
 
   python run_IISAN_Versa.py --preset llama3-8b+vit-base --build-cache
   python run_IISAN_Versa.py --preset bert-base+vit-base          # symmetric: exactly cached IISAN
@@ -32,8 +34,9 @@ def defaults_for(argv: list[str] | None) -> dict:
     pre = argparse.ArgumentParser(add_help=False)  # the preset and data set pick the defaults of the rest
     pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
+    pre.add_argument("--text-model")  # another text encoder than the preset's: not the preset's layers
     known, _ = pre.parse_known_args(argv)
-    return versa_defaults(known.preset, known.dataset)
+    return versa_defaults(known.preset, known.dataset, known.text_model)
 
 
 def extra_arguments(parser):

@@ -5,6 +5,7 @@ precedence rule.)"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..data.datasets import DATASETS
@@ -50,12 +51,19 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
 }
 
 
-def versa_defaults(preset: str, dataset: str) -> dict:
+def versa_defaults(preset: str, dataset: str, text_model: str | None = None) -> dict:
     """run_IISAN_Versa.py's defaults for a preset on a data set: cached IISAN with the preset's settings.
     A preset with another text encoder caches into its own folder (``<the data set's>_<preset>``); one that
-    keeps BERT-base reads IISAN's cache. An unknown data set sets no cache folder (the parser refuses it)."""
+    keeps BERT-base reads IISAN's cache. An unknown data set sets no cache folder (the parser refuses it).
+    ``text_model`` (the command line's ``--text-model``), when not the preset's own: the preset's layer
+    list and pooling are its encoder's, so the other one gets the layer rule's and its family's
+    (``--text-layers`` / ``--text-pooling`` set them), and a cache folder named after it."""
     cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
-    settings = VERSA_PRESETS[preset]
-    if settings.get("text_model") and cache_dir:
+    settings = dict(VERSA_PRESETS[preset])
+    if text_model and text_model != settings.get("text_model", BACKBONES["text_model"]):
+        settings = {k: v for k, v in settings.items() if k not in ("text_layers", "text_pooling")}
+        if cache_dir and text_model != BACKBONES["text_model"]:
+            cache_dir += "_" + re.sub(r"[^\w.+-]", "_", Path(text_model).name or "text")
+    elif settings.get("text_model") and cache_dir:
         cache_dir += "_" + preset
     return {"method": "iisan", "feed": "cached", **({"cache_dir": cache_dir} if cache_dir else {}), **settings}
