@@ -129,7 +129,8 @@ def check_custom_code(config_path: Path, config: dict) -> None:
     loaded with its own classes and the map ignored; any other is refused (nothing is ever run)."""
     model_type = config.get("model_type", "")
     if model_type in CONFIG_MAPPING:
-        if config_path not in _WARNED:  # a folder is checked at each load (config, tokenizer, weights): say it once
+        usable = model_type in SUPPORTED["text"] | SUPPORTED["image"]  # else refused next, no warning first
+        if usable and config_path not in _WARNED:  # a folder is checked at each load (config, tokenizer, weights)
             _WARNED.add(config_path)
             log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %r classes "
                         "and never runs code from a model folder", config_path, model_type)
