@@ -189,7 +189,7 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
     image_norm match what is expected; a check is skipped when ``expected`` leaves it out, and pooling, dtype
     and title_tokens also when the cache does not record them (a cache without image_norm was normalised
     with the processor's statistics). All differences are named in one error."""
-    differences = []
+    differences, other_way = [], ""
     if expected.layers is not None:
         stored = json.loads(meta["layers"])
         if missing := [layer for layer in expected.layers if layer not in stored]:
@@ -214,13 +214,12 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
     if expected.image_norm and meta.get("source") != "imported" and \
             (built := meta.get("image_norm", UNRECORDED["image_norm"])) != expected.image_norm:
         differences.append(f"image_norm {built} (config asks for {expected.image_norm})")
+        other_way = f" (or use it as built: --image-norm {built})"
     if expected.modality is not None and meta["modality"] != expected.modality:
         differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:
-        other_norm = f" (or use it as built: --image-norm {built})" if any(
-            d.startswith("image_norm ") for d in differences) else ""
         raise CacheError(f"cache {path} was built for " + "; ".join(differences)
-                         + f" — rebuild it with `iisan cache --overwrite`{other_norm}")
+                         + f" — rebuild it with `iisan cache --overwrite`{other_way}")
 
 
 def load_cache(path: str | Path, expected: CacheExpectation,

@@ -95,13 +95,22 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
 # shards of a build in progress
 
 
-def discard_partial_build(out_dir: Path) -> bool:
+def manifest_in(sidecar: Path) -> dict | None:
+    """The manifest of the build in progress at ``sidecar`` (None when there is none of ours)."""
+    try:
+        found = json.loads((sidecar / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
+
+
+def discard_partial_build(out_dir: str | Path) -> bool:
     """Remove the build in progress in ``out_dir`` (ours: it has our manifest), whatever its settings, so
     that the next build starts from nothing; True if there was one."""
-    shards = ShardDir(out_dir, key="", chunks=0, chunk_size=0)
-    if shards.found_manifest() is None:
+    sidecar = Path(out_dir) / SIDECAR
+    if manifest_in(sidecar) is None:
         return False
-    shutil.rmtree(shards.path)
+    shutil.rmtree(sidecar)
     return True
 
 
@@ -119,7 +128,7 @@ class ShardDir:
         """Keep the shards of an interrupted build with the same settings; discard those of a build with
         other settings. Anything else found at the sidecar's path is not ours, and is refused."""
         if os.path.lexists(self.path):
-            found = self.found_manifest()
+            found = manifest_in(self.path)
             if found == self.manifest:
                 return
             if found is None and not (self.path.is_dir() and not self.path.is_symlink() and
@@ -133,14 +142,6 @@ class ShardDir:
         except OSError as err:
             raise write_failure(self.path, err) from None
         write_json_atomic(self.path / "manifest.json", self.manifest)
-
-    def found_manifest(self) -> dict | None:
-        """The manifest of the build in progress at ``path`` (None when there is none of ours)."""
-        try:
-            found = json.loads((self.path / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 
     def done(self, k: int, ids: np.ndarray, modalities: Iterable[str]) -> bool:
         """Shard k exists, is readable, its data bytes match the sha256 recorded in its metadata when it

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -255,7 +254,7 @@ def measure_cache_build(cfg: Config) -> dict:
         torch.cuda.init()  # a first CUDA call naming an index (cuda:0) needs the context up
         torch.cuda.reset_peak_memory_stats(device)
     # the benchmark's own work folder, rebuilt to be timed whole: not resumed from a build that was cut
-    if discard_partial_build(Path(cfg.cache_dir)):
+    if discard_partial_build(cfg.cache_dir):
         log.info("discarded the shards of an earlier, unfinished build in %s", cfg.cache_dir)
     start, timings = time.perf_counter(), {}
     build_cache_from_config(cfg, timings=timings, overwrite=True)

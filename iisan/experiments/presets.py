@@ -5,10 +5,10 @@ precedence rule.)"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..data.datasets import DATASETS
+from ..train.runfolder import path_component
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
 
@@ -59,11 +59,11 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None) -> 
     list and pooling are its encoder's, so the other one gets the layer rule's and its family's
     (``--text-layers`` / ``--text-pooling`` set them), and a cache folder named after it."""
     cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
-    settings = dict(VERSA_PRESETS[preset])
+    settings = VERSA_PRESETS[preset]
     if text_model and text_model != settings.get("text_model", BACKBONES["text_model"]):
         settings = {k: v for k, v in settings.items() if k not in ("text_layers", "text_pooling")}
         if cache_dir and text_model != BACKBONES["text_model"]:
-            cache_dir += "_" + re.sub(r"[^\w.+-]", "_", Path(text_model).name or "text")
+            cache_dir += "_" + path_component(Path(text_model).name)
     elif settings.get("text_model") and cache_dir:
         cache_dir += "_" + preset
     return {"method": "iisan", "feed": "cached", **({"cache_dir": cache_dir} if cache_dir else {}), **settings}

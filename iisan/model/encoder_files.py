@@ -179,9 +179,9 @@ def weights_digest(folder: Path, known: dict | None = None) -> dict:
                    if p.is_file() and (p.name.endswith((".safetensors", ".safetensors.index.json"))
                                        or p.name in DIGESTED))
     stats = {p.name: _stat(p) for p in files}
-    if known and known.get("files") == stats and known.get("digest"):
-        return {"digest": known["digest"], "files": stats}
     key = json.dumps([str(folder.resolve()), stats])
+    if known and known.get("files") == stats and known.get("digest"):
+        _MEMO[key] = known["digest"]  # later calls in this process (a run's own record) read nothing either
     if key not in _MEMO:
         combined = hashlib.sha256()
         for path in files:
