@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from iisan.experiments.sweep import run_script  # noqa: E402
-from iisan.model.caching import build_cache_from_config  # noqa: E402
 
 
 def extra_arguments(parser):
@@ -24,6 +23,8 @@ def extra_arguments(parser):
 
 
 def action(cfg, args):
+    from iisan.model.caching import build_cache_from_config  # here: --help need not import torch
+
     return build_cache_from_config(cfg, all_items=args.all_items, all_layers=args.all_layers,
                                    overwrite=args.overwrite)
 

@@ -33,6 +33,7 @@ SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # Fields added after runs were saved whose default is not what those runs did: a saved config (a
 # checkpoint's, a run folder's, a results file's) without the field did this (``Config.from_saved``).
 BEFORE_THE_FIELD = {"layer_rule": "groups"}
+PRECISIONS = ("float32", "float16", "bfloat16")  # what encoders may run in and caches be stored in
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Config:
     )
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
                               "the checkpoint's own half precision if it has one (LLMs), else fp32",
-                              ("auto", "float32", "float16", "bfloat16"))
+                              ("auto", *PRECISIONS))
     patch_embedding: str = _opt("matmul", "image towers' patch-embedding convolution (kernel = stride) run as "
                                 "one matmul over patches (the same map, never at the mercy of cuDNN's kernel "
                                 "choice) or as the model's own conv", ("matmul", "conv"))
@@ -139,7 +140,7 @@ class Config:
                             "autocast on a GPU, over half encoders in the encoders' own type (stored as asked), "
                             "so the authors' fp16 LLM features need --encoder-dtype float16 too. "
                             "Training refuses a cache of another precision unless this is auto",
-                            ("auto", "float32", "float16", "bfloat16"))
+                            ("auto", *PRECISIONS))
     batch_size: int = _opt(64, "users per batch")
     epochs: int = _opt(100, "maximum epochs")
     patience: int = _opt(10, "stop once valid HR@10 has not improved for more than this many epochs")

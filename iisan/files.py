@@ -21,12 +21,14 @@ import shutil
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .errors import OutputError, UserError
+
+if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` imports this module, not torch
+    import torch
 
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its writes' I/O errors as its own type
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp$")
@@ -183,8 +185,15 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file  # imports torch, which the caller has already
+
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def path_component(text: str) -> str:
+    """``text`` made safe as (part of) one file or folder name: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("._") or "_"
 
 
 # --------------------------------------------------------------------------------------------------

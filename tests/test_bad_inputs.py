@@ -304,12 +304,11 @@ def permissions_bind_the_child() -> bool:
 
 
 def disk_full_at(name: str):
-    """``iisan.files``' safetensors writer fills the disk while writing ``name`` (under its temporary
-    name): part of it written, then ENOSPC as safetensors reports it."""
+    """safetensors' writer (which ``iisan.files`` calls) fills the disk while writing ``name`` (under its
+    temporary name): part of it written, then ENOSPC as safetensors reports it."""
     def fault(P, s):
+        import safetensors.torch as files
         from safetensors import SafetensorError
-
-        import iisan.files as files
 
         real = files.save_file
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -178,3 +180,40 @@ def test_results_sort_names_the_columns_the_table_has():
     (["-v", "fetch", "data", "--dataset", "Scientific"], True), (["fetch", "data", "--dataset", "Scientific"], False)])
 def test_verbose_goes_before_or_after_the_command(argv, verbose):
     assert build_parser().parse_args(argv).verbose is verbose
+
+
+# --------------------------------------------------------------------------------------------------
+# --help answers at once: torch and transformers are imported by what runs, not by defining the flags
+
+HELP_IMPORTS = """
+import runpy, sys
+from contextlib import redirect_stdout
+from io import StringIO
+from iisan.cli.main import main
+helps = [[*command, "--help"] for command in {commands!r}]
+for argv in helps:
+    try:
+        with redirect_stdout(StringIO()):
+            main(argv)
+    except SystemExit as stop:
+        assert stop.code == 0, argv
+for script in {scripts!r}:
+    sys.argv = [script, "--help"]
+    try:
+        with redirect_stdout(StringIO()):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        assert stop.code == 0, script
+print(sorted(m for m in ("torch", "transformers", "pandas", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_help_of_every_command_and_entry_script_imports_no_torch():
+    commands = [p.prog.split()[1:] for p in parsers(build_parser())]  # [], [data-stats], ..., [fetch, data]
+    assert len(commands) == 16 and ["fetch", "encoders"] in commands
+    scripts = sorted(str(p) for d in ("Code_Cached", "Code_Uncached") for p in (ROOT / d).rglob("*.py"))
+    assert len(scripts) >= 9
+    code = HELP_IMPORTS.format(commands=commands, scripts=scripts)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -129,6 +129,7 @@ def test_modules_stay_short():
 
 
 def test_every_import_inside_a_function_says_why():
+    """On its line or in a comment just above; a run of imports shares the comment above its first."""
     silent = []
     for path in sorted(PACKAGE.rglob("*.py")):
         lines = path.read_text().splitlines()
@@ -136,7 +137,10 @@ def test_every_import_inside_a_function_says_why():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for inner in ast.walk(node):
                     if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                        line, before = lines[inner.lineno - 1], lines[inner.lineno - 2].strip()
+                        first = inner.lineno - 1
+                        while lines[first - 1].strip().startswith(("from ", "import ")) and "#" not in lines[first]:
+                            first -= 1
+                        line, before = lines[first], lines[first - 1].strip()
                         if "#" not in line and not before.startswith("#"):
                             silent.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {line.strip()}")
     assert not silent, silent

@@ -1,14 +1,18 @@
 """The ``iisan`` command: ``main.py`` assembles the subcommands that ``data.py`` (data sets, images,
 caches, tiny models), ``fetch.py`` (downloads, imported caches), ``runs.py`` (training, parameter
 counts, result tables, the demo) and ``use.py`` (evaluating, recommending from and exporting a trained
-run) define. ``launch`` is the installed command's entry point."""
+run) define. ``launch`` is the installed command's entry point.
+
+Each command imports what it runs when it runs (torch and transformers take seconds): defining the
+commands imports neither, so ``--help`` and a bad flag answer at once."""
 
 import sys
 
 
 def launch() -> None:
-    """``iisan``: import the command (torch and transformers, some seconds) and run it; a Ctrl-C during
-    the imports ends in one line and exit status 130, like one anywhere else."""
+    """``iisan``: import the command and run it; a Ctrl-C even during that import ends in one line and exit
+    status 130, like one anywhere else (each command imports torch and transformers when it runs, inside
+    ``console.entry_point``, which ends a Ctrl-C there)."""
     try:
         from .main import main  # here, so that a Ctrl-C during the imports is caught
     except KeyboardInterrupt:

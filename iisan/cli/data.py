@@ -6,15 +6,13 @@ import argparse
 from pathlib import Path
 
 from ..bounds import check_encoding, path_arg, positive_int
-from ..data.image_build import build_image_lmdb
-from ..data.interactions import load_dataset, read_items
-from ..files import claim_folder
 from ..flags import add_config_arguments, config_from_args
-from ..model.caching import build_cache_from_config
-from ..model.tiny import TINY_MARKER, vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 
 
 def cmd_data_stats(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..data.interactions import load_dataset
+
     check_encoding(args.encoding)
     data = load_dataset(args.users, args.items, args.max_seq_len, args.min_seq_len, args.allow_empty_titles,
                         args.encoding, args.merge_duplicate_users)
@@ -27,6 +25,10 @@ def cmd_data_stats(args) -> None:
 
 
 def cmd_build_lmdb(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..data.image_build import build_image_lmdb
+    from ..data.interactions import read_items
+
     check_encoding(args.encoding)
     ids = read_items(args.items, allow_empty_titles=True, encoding=args.encoding).ids if args.items else None
     report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
@@ -36,6 +38,11 @@ def cmd_build_lmdb(args) -> None:
 
 
 def cmd_make_tiny_models(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..data.interactions import read_items
+    from ..files import claim_folder
+    from ..model.tiny import TINY_MARKER, vocabulary, write_base_architectures, write_bert, write_llama, write_vit
+
     out = Path(args.out)
     names = ("bert-base-random", "vit-base-random") if args.base else ("tiny-bert", "tiny-vit", "tiny-llama")
     for name in names:  # save_pretrained replaces files by name: only in folders this command made
@@ -77,6 +84,9 @@ CACHE_KEYS = ("users", "items", "images", "max_seq_len", "min_seq_len", "title_t
 
 
 def cmd_cache(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..model.caching import build_cache_from_config
+
     paths = build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
                                     overwrite=args.overwrite)
     for modality, path in paths.items():

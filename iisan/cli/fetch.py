@@ -3,12 +3,11 @@ network) and import-cache (the authors' released hidden states)."""
 
 from __future__ import annotations
 
+from ..config import PRECISIONS
 from ..data.datasets import DATASETS, FETCHABLE
-from ..data.fetch import fetch_dataset
-from ..experiments.encoders import ENCODER_PRESETS, fetch_encoders
-from ..experiments.presets import BACKBONES, ROOT, dataset_paths
+from ..experiments.encoders import ENCODER_PRESETS
+from ..experiments.presets import ROOT
 from ..flags import add_config_arguments, config_from_args
-from ..model.caching import DTYPES, import_cache_from_config
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
                "layer_groups", "layer_rule", "include_embedding_state", "max_seq_len", "min_seq_len",
@@ -16,6 +15,9 @@ IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towe
 
 
 def cmd_fetch_data(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..data.fetch import fetch_dataset
+
     names = list(FETCHABLE) if args.dataset == "all" else [args.dataset]
     for name in names:
         stats = fetch_dataset(name, args.root)
@@ -25,11 +27,18 @@ def cmd_fetch_data(args) -> None:
 
 
 def cmd_fetch_encoders(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.encoders import fetch_encoders
+
     for path in fetch_encoders(args.preset, args.root):
         print(path)
 
 
 def cmd_import_cache(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.presets import BACKBONES, dataset_paths
+    from ..model.caching import import_cache_from_config
+
     cfg = config_from_args(args, {**BACKBONES, **dataset_paths(args.dataset)})
     paths = import_cache_from_config(cfg, args.source, layers=args.layers, dtype=args.dtype,
                                      all_items=args.all_items, allow_missing=args.allow_missing,
@@ -60,7 +69,7 @@ def add_fetch_commands(sub) -> None:
                    help="sets users, items and cache-dir (Code_Cached/stored_vectors_*); flags below win")
     p.add_argument("--layers", default="run", choices=("run", "all"),
                    help="keep the hidden states a run reads (run) or all of them (all)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+    p.add_argument("--dtype", default=None, choices=sorted(PRECISIONS),
                    help="stored precision (default: float32, as the authors stored them)")
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--allow-missing", action="store_true",

@@ -5,27 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bounds import path_arg
-from ..experiments.curves import claim_figure, draw_curves, figure_format
-from ..experiments.demo import run_demo
-from ..experiments.params import RANDOM_BACKBONES, count
-from ..experiments.report import (
-    claim_csv,
-    collect,
-    markdown,
-    sorted_by,
-    table,
-    write_csv,
-)
+from ..bounds import RANDOM_BACKBONES, path_arg
 from ..flags import add_config_arguments, config_from_args
-from ..train.trainer import train
 
 
 def cmd_train(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..train.trainer import train
+
     train(config_from_args(args))
 
 
 def cmd_params(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.params import count
+
     cfg = config_from_args(args)
     result = count(cfg, args.random_backbones)
     print(f"{result['method']}: {result['line']}")
@@ -35,6 +29,10 @@ def cmd_params(args) -> None:
 
 
 def cmd_results(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.curves import claim_figure, draw_curves, figure_format
+    from ..experiments.report import claim_csv, collect, markdown, sorted_by, table, write_csv
+
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     if args.curves:  # a bad suffix or a file that is not ours ends here, before any reading or printing
         figure_format(args.curves)
@@ -54,6 +52,9 @@ def cmd_results(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.demo import run_demo
+
     result = run_demo(args.out, seed=args.seed, epochs=args.epochs, progress=not args.no_progress,
                       versa=args.versa, num_users=args.users, num_items=args.items)
     if not result["beats_popularity"]:

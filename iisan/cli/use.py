@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..bounds import DEVICES, device_choice, path_arg, positive_int
 from ..config import METHOD_NAMES
 from ..data.textfile import decoded_lines
-from ..devices import device_name
 from ..errors import DataError, OutputError
-from ..evaluate import KS
-from ..experiments.trained import TrainedRun, evaluate, export, load_run, recommend
+
+if TYPE_CHECKING:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.trained import TrainedRun
 
 SPLITS = ("valid", "test")
-METRIC_NAMES = [f"{m}@{k}" for k in KS for m in ("hit", "ndcg")]
 
 
 def describe(run: TrainedRun) -> str:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..devices import device_name
+
     return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}, {run.cfg.feed} feed, best epoch {run.best_epoch}, "
             f"{device_name(run.device)}")
 
@@ -39,6 +43,9 @@ def why_different(run: TrainedRun) -> str:
 
 
 def cmd_evaluate(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.trained import evaluate, load_run
+
     run = load_run(args.run_dir, args.device)
     splits = [args.split] if args.split else list(SPLITS)
     metrics = {split: evaluate(run, split) for split in splits}
@@ -46,9 +53,10 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(metrics))
         return
     print(describe(run))
-    print(f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES))
+    metric_names = list(metrics[splits[0]])  # hit@5, ndcg@5, hit@10, ...
+    print(f"{'split':<6}" + "".join(f"{m:>10}" for m in metric_names))
     for split, values in metrics.items():
-        print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
+        print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in metric_names))
     saved = recorded_metrics(run.results)
     compared = [s for s in splits if s in saved]
     if not compared:
@@ -81,6 +89,9 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
 
 
 def cmd_recommend(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.trained import load_run, recommend
+
     run = load_run(args.run_dir, args.device)
     asked = queries(run, args)
     results = recommend(run, [history for _, history in asked], args.k)
@@ -100,6 +111,9 @@ def cmd_recommend(args) -> None:
 
 
 def cmd_export(args) -> None:
+    # imported when run, not for --help (cli/__init__.py)
+    from ..experiments.trained import export, load_run
+
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise OutputError(f"--out {args.out} is a file, expected a folder (made if absent) for the embeddings")
     run = load_run(args.run_dir, args.device)

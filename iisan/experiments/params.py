@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bounds import RANDOM_BACKBONES
 from ..config import METHOD_NAMES, Config
 from ..data.run_data import load_data
 from ..errors import ConfigError
@@ -25,8 +26,6 @@ from ..model.build import (
     pooling_for,
 )
 from ..model.tiny import base_architectures
-
-RANDOM_BACKBONES = ("base",)
 
 
 def random_encoders(cfg: Config, size: str | None = None) -> dict[str, BackboneEncoder]:

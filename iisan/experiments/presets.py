@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.datasets import DATASETS
-from ..train.runfolder import path_component
+from ..files import path_component
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
 

@@ -13,6 +13,9 @@ grid goes on; a summary lists every point at the end, and the exit status is 2 w
 Without ``--run-name`` a point's folder is named from its resolved config (``train.runfolder``), so
 running the same command again resumes unfinished points and skips finished ones. ``--list-grid``
 prints the points; ``--grid-index I`` runs point I alone (a Slurm array task, one process per GPU).
+
+Training and run folders (torch, transformers: seconds to import) are imported where a grid is listed
+or run, so that a script's ``--help`` and a bad flag answer at once.
 """
 
 from __future__ import annotations
@@ -28,11 +31,9 @@ from enum import Enum
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import VERBOSE_HELP, entry_point, setup_logging
 from ..data.datasets import DATASETS
-from ..distributed import main_process
 from ..errors import ConfigError, GridError, RunInterrupted, RunInUse, UserError
+from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
-from ..train.runfolder import known_run_name, path_component, reusable_results
-from ..train.trainer import train
 from .presets import BACKBONES, dataset_paths
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
         seen.add(key)
         index = len(points)
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
+        from ..train.runfolder import known_run_name  # imported when run, not for --help (module docstring)
+
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
         name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
             known_run_name(cfg, varying)
@@ -151,6 +154,10 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
         return Outcome(point, Status.FAILED, reason=point.error)
     try:
         if action is None:
+            # imported when run, not for --help (module docstring)
+            from ..train.runfolder import reusable_results
+            from ..train.trainer import train
+
             done = reusable_results(point.config)
             if done is not None:
                 return Outcome(point, Status.FINISHED_BEFORE, done)
@@ -207,6 +214,9 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
             raise ConfigError(f"--grid-index {args.grid_index}: the grid has {len(points)} point(s), "
                               f"0..{len(points) - 1} (see --list-grid)")
         points = [points[args.grid_index]]
+    # imported when run, not for --help (module docstring)
+    from ..distributed import main_process
+
     outcomes = [Outcome(p, Status.NOT_RUN) for p in points]
     try:
         for n, point in enumerate(points):

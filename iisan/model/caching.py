@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import PRECISIONS, Config
 from ..data.batches import ItemBatch
 from ..data.cache import (
     FORMAT,
@@ -43,7 +43,7 @@ from .feeds import LiveStates
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
 # What the authors' released states were computed with (their Code_Cached/preprocess_vectors.py): CLS of
 # every hidden state, (depth + 1, width) per item.
 AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("vit-base-patch16-224", "vit", 12, 768)}

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import Config
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, error_line
-from ..files import TEMPORARY, failure_reason, remove, write_failure
+from ..files import TEMPORARY, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences, same_paths
@@ -44,11 +44,6 @@ def config_hash(cfg: Config, canonical: bool = True) -> str:
     if canonical:
         values = same_paths(values)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def path_component(text: str) -> str:
-    """``text`` made safe as (part of) one folder name: runs of other characters become ``_``."""
-    return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("._") or "_"
 
 
 def data_name(cfg: Config, canonical: bool = True) -> str:
