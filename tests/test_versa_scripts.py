@@ -69,6 +69,26 @@ def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
     assert same.text_layers == own["text_layers"] and same.text_pooling == "authors"  # the preset's own model
 
 
+def test_a_text_model_in_the_config_file_drops_the_presets_layers_too(tmp_path, capsys):
+    versa = _script("run_IISAN_Versa")
+    config = tmp_path / "qwen.json"
+    config.write_text('{"text_model": "models/Qwen2.5-7B", "epochs": 3}')
+    argv = ["--preset", "llama3-8b+vit-base", "--config", str(config)]
+    assert "text_layers" not in versa.defaults_for(argv)
+    (cfg,), _ = _parse(versa, argv)
+    assert cfg.text_model == "models/Qwen2.5-7B" and cfg.text_pooling == "auto" and cfg.epochs == 3
+    assert cfg.cache_dir.endswith("stored_vectors_sci_Qwen2.5-7B")
+    (flag,), _ = _parse(versa, [*argv, "--text-model", "models/Other-LLM"])  # the flag wins over the file
+    assert flag.text_model == "models/Other-LLM" and flag.cache_dir.endswith("stored_vectors_sci_Other-LLM")
+    config.write_text('{"text_model": 7')  # not JSON: refused by the parse proper, in one line
+    with pytest.raises(SystemExit) as stopped:
+        versa.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()  # prog: error: ... (prog: sys.argv[0], pytest's under pytest)
+    assert err.split(": error: ", 1)[1] == f"{config}: not valid JSON (Expecting ',' delimiter at line 1)"
+    assert "\n" not in err
+
+
 @pytest.mark.slow
 def test_demo_versa_runs_an_asymmetric_pair_end_to_end(tmp_path, capsys):
     main(["demo", "--versa", "--out", str(tmp_path / "demo"), "--epochs", "1", "--users", "200",

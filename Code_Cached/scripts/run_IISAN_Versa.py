@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
+from iisan.config import Config  # noqa: E402
+from iisan.errors import ConfigError  # noqa: E402
 from iisan.experiments.presets import VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
-from iisan.experiments.versa_run import train_cached  # noqa: E402
 
 SWEEP = {
     "seed": [12345],
@@ -35,8 +36,15 @@ def defaults_for(argv: list[str] | None) -> dict:
     pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
     pre.add_argument("--text-model")  # another text encoder than the preset's: not the preset's layers
+    pre.add_argument("--config")  # ... or one named in the --config file (a flag wins, as in every run)
     known, _ = pre.parse_known_args(argv)
-    return versa_defaults(known.preset, known.dataset, known.text_model)
+    text_model = known.text_model
+    if text_model is None and known.config:
+        try:
+            text_model = Config.overrides_from_file(known.config).get("text_model")
+        except ConfigError:
+            pass  # a bad file is refused in one line by the parse proper, inside the entry point
+    return versa_defaults(known.preset, known.dataset, text_model)
 
 
 def extra_arguments(parser):
@@ -46,6 +54,8 @@ def extra_arguments(parser):
 
 
 def action(cfg, args):
+    from iisan.experiments.versa_run import train_cached  # here: --help need not import torch
+
     return train_cached(cfg, build_cache=args.build_cache)
 
 
