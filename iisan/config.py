@@ -194,6 +194,10 @@ class Config:
     report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
                           "tensorboard package)", ("none", "tensorboard"))
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
+    nonfinite: str = _opt("fail", "a non-finite training loss: fail = the run stops, marked failed, naming what went "
+                          "non-finite (its last good checkpoint and best weights kept); authors = as the authors' "
+                          "code: a NaN ends training with the best epoch so far as the result, an infinite loss "
+                          "alone goes on", ("fail", "authors"))
     deterministic: bool = _opt(
         False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for bit-exact GPU "
         "runs; CPU runs are bit-exact without it"
@@ -337,6 +341,10 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                           "leave --feed out")
     if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
         logging.getLogger(__name__).info("feed=%s is ignored: method=id has no item encoder", said["feed"])
+    if said.get("text_encoder_dropout") and ((cfg.method, cfg.feed) != ("iisan", "live") or cfg.towers == "image"):
+        raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
+                          f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
+                          f"towers={cfg.towers}); leave --text-encoder-dropout out")
     if said.get("modality") not in (None, cfg.modality):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     return cfg

@@ -165,6 +165,10 @@ def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
     (["--method", "id", "--feed", "cached"], "feed=cached: method=id has no item encoder (only IISAN's states"),
     (["--towers", "text", "--modality", "intra_inter"], "modality=intra_inter: towers=text is one modality"),
     (["--config", "."], "config file . is a folder"),
+    (["--text-encoder-dropout"], "text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which "
+                                 "only a live IISAN run with a text tower has (this one: method=iisan, feed=cached,"),
+    (["--method", "lora", "--text-encoder-dropout"], "(this one: method=lora, feed=live, towers=both)"),
+    (["--feed", "live", "--towers", "image", "--text-encoder-dropout"], "feed=live, towers=image); leave --text-"),
 ])
 def test_a_value_given_that_cannot_apply_is_refused_not_replaced(flags, message, capsys):
     """A flag given wins or is an error: it is never quietly changed to what the method or towers allow."""
@@ -180,6 +184,7 @@ def test_the_defaults_a_method_changes_are_not_errors():
     assert resolve(flags={"method": "fft"}).feed == "live"  # the field default, cached, gives way
     assert resolve(flags={"towers": "image"}).modality == "intra"
     assert resolve(flags={"method": "iisan", "feed": "cached"}).feed == "cached"
+    assert resolve(flags={"feed": "live", "text_encoder_dropout": True}).text_encoder_dropout
 
 
 def test_script_help_describes_each_script_in_its_whole_first_paragraph():

@@ -420,6 +420,56 @@ def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base
         (root.parent / "train.log").read_text()
 
 
+def poison_step(monkeypatch, step: int, how: str) -> None:
+    """The loss of the run's step ``step`` (0-based, 10 steps an epoch) made NaN (``nan``: its gradients too)
+    or infinite (``inf``: a constant added, so the gradients and weights stay finite)."""
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        value = loss(*args)
+        if len(calls) != step + 1:
+            return value
+        return value * float("nan") if how == "nan" else value + float("inf")
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+
+
+def test_nonfinite_authors_ends_at_a_nan_with_the_best_epoch_so_far(base, reference, monkeypatch):
+    """As the authors' code: a NaN ends training, and the run's result is the best epoch before it."""
+    cfg = base.replace(run_name="nan-authors", nonfinite="authors")
+    poison_step(monkeypatch, 24, "nan")
+    results = train(cfg)
+    assert results["status"] == "finished" and results["best_epoch"] == 1
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1]  # epoch 2, which held the NaN, is not reported
+    assert results["test"] == reference["epochs"][1]["test"]  # the same training up to the NaN
+    assert results["stopped"].startswith("non-finite loss at step 24 (epoch 2, steps 20..29); ")
+    assert results["stopped"].endswith("; --nonfinite authors: training ends here and the best epoch so far (1) "
+                                       "is the result")
+    on_disk = json.loads((Path(cfg.out_dir) / "nan-authors" / "results.json").read_text())
+    assert on_disk["status"] == "finished" and on_disk["stopped"] == results["stopped"]
+    monkeypatch.undo()
+    assert train(cfg) == on_disk  # finished: not trained again
+
+
+def test_nonfinite_authors_goes_on_past_an_infinite_loss_and_fails_at_a_nan_before_any_epoch(base, reference,
+                                                                                           monkeypatch, caplog):
+    poison_step(monkeypatch, 14, "inf")
+    overflowed = r"the learning rates, the batch's item states and the weights are finite: the loss itself overflowed"
+    with pytest.raises(TrainingError, match=r"^non-finite loss at step 14 \(epoch 1, steps 10..19\); " + overflowed):
+        train(base.replace(run_name="inf-fail", epochs=2))  # the default: any non-finite loss fails the run
+    poison_step(monkeypatch, 14, "inf")
+    results = train(base.replace(run_name="inf-authors", epochs=2, nonfinite="authors"))
+    assert results["status"] == "finished" and "stopped" not in results and len(results["epochs"]) == 2
+    assert results["epochs"][1]["loss"] == float("inf")
+    assert [e["valid"] for e in results["epochs"]] == [e["valid"] for e in reference["epochs"][:2]]
+    assert "--nonfinite authors: an infinite loss does not stop the run" in caplog.text
+    poison_step(monkeypatch, 3, "nan")
+    with pytest.raises(TrainingError, match=r"; --nonfinite authors: no epoch had finished before it, so there is "
+                                            r"no result$"):
+        train(base.replace(run_name="nan-first", nonfinite="authors"))
+
+
 def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path):
     cfg = base.replace(out_dir=str(tmp_path), epochs=1)
     first = train(cfg)

@@ -107,12 +107,23 @@ def test_live_feed_trains_only_the_san_and_user_encoder(tiny_config):
     assert len(changed) == len(trainable)
 
 
-def test_authors_text_dropout_flag_puts_only_bert_in_train_mode(tiny_config):
-    cfg = tiny_config(feed="live", text_encoder_dropout=True)
-    model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+@pytest.mark.parametrize("authors", [False, True])
+def test_authors_text_dropout_makes_only_the_text_states_random_in_training(tiny_config, authors):
+    """The tiny BERT has dropout 0.1: with the flag two training passes over the same items give other
+    text states (as the authors' uncached runs did), the image states and evaluation stay fixed."""
+    cfg = tiny_config(feed="live", text_encoder_dropout=authors)
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    states = model.item_encoder.states
+    items = next(iter(first_epoch(data.train_sequences(), 0, "slots", pixels))).items
     model.train()
-    assert model.item_encoder.states.encoders["text"].training
-    assert not model.item_encoder.states.encoders["image"].training
+    assert states.encoders["text"].training is authors and not states.encoders["image"].training
+    torch.manual_seed(0)
+    first, second = states(items), states(items)
+    assert torch.equal(first["image"], second["image"])
+    assert torch.equal(first["text"], second["text"]) is not authors
+    model.eval()
+    assert torch.equal(states(items)["text"], states(items)["text"])
 
 
 def test_distinct_items_slots_and_all_slots_give_the_same_loss(cached_cfg):

@@ -4,6 +4,7 @@ states the failing batch fed to the model, the trained weights) and names only f
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +13,11 @@ import torch
 
 from ..data.batches import TrainBatch
 from ..data.cache import cache_file
+from ..errors import TrainingError
 from ..model.recommender import IISANItemEncoder
 
 SHOWN = 3  # examples named per finding
+log = logging.getLogger(__name__)
 
 
 def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: int, optimizer: torch.optim.Optimizer,
@@ -36,6 +39,24 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
     return "; ".join([f"non-finite loss at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
                       *findings, f"last good checkpoint: {last_good()}",
                       f"best weights: {best if best.is_file() else 'none yet'}"])
+
+
+def after_nonfinite(problem: str, losses: torch.Tensor, mode: str, best_epoch: int) -> str:
+    """What a run does once ``problem`` (``nonfinite_loss``'s report of ``losses``) is found: '' to go on,
+    else why training ends. ``fail`` raises it. ``authors``, as the authors' code, which checks its running
+    loss sum each step: a NaN ends training with the best epoch so far as the result (none yet: the run
+    fails), an infinite loss alone does not stop it."""
+    if mode != "authors":
+        raise TrainingError(problem)
+    if not torch.isnan(losses).any():
+        log.warning("%s; --nonfinite authors: an infinite loss does not stop the run", problem)
+        return ""
+    if best_epoch < 0:
+        raise TrainingError(f"{problem}; --nonfinite authors: no epoch had finished before it, so there is no result")
+    reason = f"{problem}; --nonfinite authors: training ends here and the best epoch so far ({best_epoch}) is the " \
+             "result"
+    log.warning("%s", reason)
+    return reason
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> list[str]:

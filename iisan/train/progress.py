@@ -61,6 +61,7 @@ class Progress:
     start_epoch: int = 0
     start_step: int = 0
     partial_seconds: float = 0.0
+    stopped: str = ""  # why training ended before early stopping or the last epoch (``--nonfinite authors``)
 
     def state(self, epoch: int, step: int | None, seconds: float) -> dict:
         """The checkpoint's record after ``step`` steps of ``epoch`` (``step`` None: the epoch is done)

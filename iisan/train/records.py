@@ -161,6 +161,7 @@ class RunRecord:
             "method": METHOD_NAMES[cfg.method],
             "feed": cfg.feed,  # live for every method but IISAN (Config.validate)
             "best_epoch": progress.stopper.best_epoch,
+            **({"stopped": progress.stopped} if progress.stopped else {}),
             "valid": progress.best_valid,
             "test": progress.best_test,
             "epochs": progress.epochs,

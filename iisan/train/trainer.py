@@ -37,7 +37,7 @@ from . import checkpoint, runfolder, runstate
 from .checkpoint import CHECKPOINTS
 from .decisions import decide
 from .interrupt import StopRequests
-from .nonfinite import batch_states, nonfinite_loss
+from .nonfinite import after_nonfinite, batch_states, nonfinite_loss
 from .optim import trained_by_rate
 from .parts import build_training
 from .plan import describe_step
@@ -226,7 +226,8 @@ class Run:
         dist = self.dist
         return epoch_order(len(self.collate.sequences), self.cfg.order_seed, epoch, dist.rank, dist.world_size)
 
-    def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> None:
+    def check_finite(self, losses: torch.Tensor, epoch: int, n_steps: int) -> str:
+        """'' when training goes on after these losses, else why it ends (``nonfinite.after_nonfinite``)."""
         def host_batch(step: int) -> TrainBatch:  # the step's batch, rebuilt as the loop collated it
             users = TrainBatches(self.order(epoch), self.cfg.batch_size, self.collate, step).user_batches()[0]
             return self.collate(users)
@@ -237,8 +238,7 @@ class Run:
 
         problem = nonfinite_loss(losses, epoch, self.progress.global_step, n_steps, self.optimizer, self.model,
                                  states, self.run_dir, self.last_good)
-        if problem:
-            raise TrainingError(problem)
+        return after_nonfinite(problem, losses, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -281,7 +281,9 @@ class Run:
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
             self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
-            self.check_finite(losses, epoch, n_steps)
+            progress.stopped = self.check_finite(losses, epoch, n_steps)
+            if progress.stopped:
+                break
             progress.global_step += n_steps
 
             start = time.perf_counter()
