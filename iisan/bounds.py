@@ -20,6 +20,7 @@ from .errors import ConfigError
 LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
+MAX_DEVICE_INDEX = 127  # torch keeps a device index in 8 bits: cuda:128 would silently become cuda:-128
 MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
 # Upper bounds of values whose size is allocated (histories, positions) or compounded (bucket ladders):
 # far above any use, far below what fails inside numpy or torch with a traceback.
@@ -68,8 +69,8 @@ def check_bounds(cfg) -> None:
     check_run_name(cfg.run_name)
     if not cfg.out_dir.strip():  # as a path, the working folder: run folders would litter it
         raise ConfigError(f"out_dir={cfg.out_dir!r} is empty; expected the folder run folders go in (default: runs)")
-    if not DEVICE.fullmatch(cfg.device):
-        raise ConfigError(f"device={cfg.device!r} is not one of {DEVICES}")
+    if problem := device_problem(cfg.device):
+        raise ConfigError(f"device={problem}")
     if cfg.title_tokens < MIN_TITLE_TOKENS:
         raise ConfigError(f"title_tokens={cfg.title_tokens} must be at least {MIN_TITLE_TOKENS} "
                           "(the tokenizer's [CLS] and [SEP] are counted)")
@@ -114,10 +115,19 @@ def path_arg(text: str) -> str:
     return text
 
 
+def device_problem(text: str) -> str:
+    """What is wrong with a device name, or ''."""
+    if not DEVICE.fullmatch(text):
+        return f"{text!r} is not one of {DEVICES}"
+    if text.startswith("cuda:") and int(text[5:]) > MAX_DEVICE_INDEX:
+        return f"{text!r}: a device index above {MAX_DEVICE_INDEX}, the largest torch takes"
+    return ""
+
+
 def device_choice(text: str) -> str:
     """An argparse ``type`` for ``--device`` where no config checks it."""
-    if not DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {DEVICES}")
+    if problem := device_problem(text):
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -160,8 +170,15 @@ def coerce(name: str, value, hint):
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}={value!r}: expected a number") from None
+        except OverflowError:  # a JSON integer of 400 digits is an int too large for a float
+            raise ConfigError(f"{name}={str(value)[:12]}... ({len(str(value))} digits): expected a number a float "
+                              "can hold") from None
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}={value!r}: expected a string")
+        try:  # a JSON "\ud800" (a lone surrogate) is a str no file name or log line can hold
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name}={value!r}: holds a lone surrogate, which no text can") from None
         return value
     return value

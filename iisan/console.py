@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -137,8 +138,25 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
         exit_interrupted(prog, "interrupted; what was finished is kept: a run resumes from its last checkpoint "
                                "and a cache build from its finished chunks when the same command runs again")
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        # The reader of the output went away (`iisan recommend ... | head`): stop quietly, as Unix tools do,
+        # with their status (128 + SIGPIPE); stdout is pointed at /dev/null, or Python's exit would try again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except OSError as err:
         if err.filename is None:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)
         fail(prog, f"{err.filename}: {err.strerror or err}")
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file descriptor: take it as so
+        return True

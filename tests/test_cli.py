@@ -36,6 +36,9 @@ def test_invalid_choice_and_type(capsys):
     ({"batch_size": 0}, "batch_size=0 must be positive"),
     ({"text_layers": "2,1"}, r"text_layers=\[2, 1\] must be distinct, increasing"),
     ({"lr": "fast"}, "lr='fast': expected a number"),
+    ({"device": "cuda:128"}, r"device='cuda:128': a device index above 127, the largest torch takes$"),
+    ({"run_name": "\ud800"}, r"run_name='\\ud800': holds a lone surrogate, which no text can$"),
+    ({"drop_rate": 10**400}, r"drop_rate=100000000000\.\.\. \(401 digits\): expected a number a float can hold$"),
     ({"towers": "text", "modality": "inter"}, "towers=text needs modality=intra"),
     ({"colour": "red"}, "unknown key"),
 ])
@@ -277,3 +280,15 @@ def test_an_empty_out_dir_and_a_tower_of_width_0_are_one_line(tiny, tmp_path, ca
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (f"iisan: error: {folder}: its config.json gives 2 layers of width 0; "
                                                "expected positive integers (num_hidden_layers, hidden_size)")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    """``iisan recommend ... | head -1``: once head has its line, the rest ends without a traceback, with
+    the status a Unix tool killed by SIGPIPE reports (141)."""
+    code = ("from iisan.console import entry_point\n"
+            "entry_point('x', lambda: [print('item ' * 20) for _ in range(10**6)])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"item item")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == b""

@@ -85,6 +85,10 @@ def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
     bad = _write(tmp_path, "bad2.csv", "user,item,timestamp\n7,10,soon\n")
     with pytest.raises(DataError, match=r"bad2.csv:2: timestamp 'soon' is not a number"):
         load_dataset(bad, titles, allow_empty_titles=True)
+    for stamp in ("nan", "inf", "-Infinity"):  # float() takes them; a NaN would sort an item anywhere
+        bad = _write(tmp_path, "bad3.csv", f"user,item,timestamp\n7,10,1\n7,11,{stamp}\n")
+        with pytest.raises(DataError, match=rf"bad3.csv:3: timestamp '{stamp}' is not a finite number$"):
+            load_dataset(bad, titles, allow_empty_titles=True)
 
 
 def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp_path):

@@ -238,6 +238,7 @@ MISSING = object()  # a field left out of the file
     (("config",), "lr=0.001", 'config is "lr=0.001", expected an object'),
     (("config", "lr"), "fast", "config: lr='fast': expected a number"),
     (("config", "users"), 3, "config: users=3: expected a string"),
+    (("config", "lr"), 10**400, "config: lr=100000000000... (401 digits): expected a number a float can hold"),
     ((), [1], "the file holds a list, expected an object"),
 ])
 def test_results_with_a_field_of_the_wrong_type_are_skipped_and_counted(field, value, message, runs, tmp_path,

@@ -48,6 +48,43 @@ def test_evaluate_reproduces_the_results_file_exactly(runs, name, capsys):
     assert out[3] == "results.json: the same numbers (test)"
 
 
+@pytest.mark.parametrize("test, said", [
+    ({"hit@10": "abc", "ndcg@10": None}, "results.json: the same numbers (valid, test) (10 of its 12 numbers "
+                                         "readable)"),
+    ({"hit@5": float("nan")}, "results.json: the same numbers (valid, test) (11 of its 12 numbers readable)"),
+    ({"hit@5": {"a": 1}, "ndcg@5": 2.0}, "results.json differs: largest difference"),
+    ("none", "results.json: the same numbers (valid) (6 of its 12 numbers readable)"),
+])
+def test_evaluate_compares_the_numbers_a_damaged_results_file_still_holds(runs, tmp_path, capsys, test, said):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    results["test"] = test if isinstance(test, str) else {**results["test"], **test}
+    (copy / "results.json").write_text(json.dumps(results))
+    main(["evaluate", str(copy), "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith(said)
+
+
+@pytest.mark.parametrize("epoch", ["abc", "1.5", "9" * 40])
+def test_a_best_epoch_in_the_weights_that_is_no_whole_number_is_shown_as_minus_one(runs, tmp_path, epoch, capsys,
+                                                                                   caplog):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    with safe_open(copy / "best.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, copy / "best.safetensors", {**metadata, "epoch": epoch})
+    main(["evaluate", str(copy), "--device", "cpu"])
+    assert ", best epoch -1, CPU (" in capsys.readouterr().out
+    assert f"its metadata's epoch {epoch!r} is not a whole number" in caplog.text
+
+
 def test_recommend_never_returns_the_history_or_padding_and_ranks_by_score(runs):
     run = load_run(runs["cached"]["run_dir"], "cpu")
     n = run.data.num_items

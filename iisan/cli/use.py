@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,16 @@ def describe(run: TrainedRun) -> str:
 
 
 def recorded_metrics(results: dict) -> dict:
-    """The valid and test metrics a run's results hold for the best epoch ({} when they hold none)."""
-    return {s: results[s] for s in SPLITS if isinstance(results.get(s), dict) and results[s]}
+    """The valid and test metrics a run's results hold for the best epoch, finite numbers only (a file
+    edited by hand, or damaged, may hold others); {} when they hold none."""
+    out = {}
+    for split in SPLITS:
+        values = results.get(split) if isinstance(results.get(split), dict) else {}
+        numbers = {m: v for m, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if numbers:
+            out[split] = numbers
+    return out
 
 
 def why_different(run: TrainedRun) -> str:
@@ -58,14 +67,16 @@ def cmd_evaluate(args) -> None:
     for split, values in metrics.items():
         print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in metric_names))
     saved = recorded_metrics(run.results)
-    compared = [s for s in splits if s in saved]
-    if not compared:
+    pairs = [(s, m) for s in splits for m in metrics[s] if m in saved.get(s, {})]
+    total = sum(len(metrics[s]) for s in splits)
+    some = f" ({len(pairs)} of its {total} numbers readable)" if len(pairs) < total else ""
+    if not pairs:
         print("results.json holds no metrics to compare with")
-    elif all(metrics[s] == saved[s] for s in compared):
-        print(f"results.json: the same numbers ({', '.join(compared)})")
+    elif all(metrics[s][m] == saved[s][m] for s, m in pairs):
+        print(f"results.json: the same numbers ({', '.join(dict.fromkeys(s for s, _ in pairs))}){some}")
     else:
-        worst = max(abs(metrics[s][m] - saved[s][m]) for s in compared for m in metrics[s])
-        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run)})")
+        worst = max(abs(metrics[s][m] - saved[s][m]) for s, m in pairs)
+        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run)}){some}")
 
 
 def queries(run: TrainedRun, args) -> list[tuple[str, object]]:

@@ -18,6 +18,7 @@ so a CSV data set goes through the same protocol and ``SeqRecData`` as the Amazo
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from ..errors import DataError
@@ -69,6 +70,8 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
             stamp = float(row[t])
         except ValueError:
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number") from None
+        if not math.isfinite(stamp):  # nan sorts anywhere: it would move an item, even into the test target
+            raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a finite number")
         user, item = row[u].strip(), row[i].strip()
         if not user or not item:
             raise DataError(f"{path}:{lineno}: empty user or item id")
