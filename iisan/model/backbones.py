@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedTo
 from ..config import choices
 from ..errors import EncoderError
 from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, load_tokenizer, local_folder
-from .inputs import tokenize_for_pooling
+from .inputs import processor_norm, tokenize_for_pooling
 from .patches import patches_as_matmul
 
 log = logging.getLogger(__name__)
@@ -282,19 +282,7 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     drop_pooler(model)
     if patch_embedding == "matmul":
         patches_as_matmul(model)
-    # The model's input side: the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize.
-    # Stored images are squashed to that side (the authors' Resize((224, 224)), no crop).
-    size = getattr(processor, "size", None) or {}
-    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
-        size = processor.crop_size
-    side = size.get("height") or size.get("shortest_edge") or getattr(model.config, "image_size", 224)
-    authors = image_norm == "authors"
-    norm = {
-        "mean": [0.5] * 3 if authors else list(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]),
-        "std": [0.5] * 3 if authors else list(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]),
-        "size": int(side),
-        "rule": image_norm,  # what the cache records (``model.caching.cache_metadata``)
-    }
+    norm = processor_norm(processor, name, getattr(model.config, "image_size", 224), image_norm)
     return freeze(BackboneEncoder(model, "image", layers, "cls", name, folder=local_folder(name, allow_download),
                                   norm=norm))
 

@@ -14,6 +14,7 @@ may hold, which architectures IISAN can use, the digest that names a folder's we
 - What is loaded is what the folder holds: weights of the model that its safetensors lack (which
   transformers would fill with random numbers) are refused (``check_loaded``), and so is a text folder
   without tokenizer files or with a tokenizer that does not fit the model (``load_tokenizer``).
+- Damaged files are refused in one line naming the folder (``damaged_file``, ``LOAD_ERRORS``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import DEFAULT_MODELS, REPOSITORY
@@ -206,8 +208,33 @@ def quiet_transformers():
 
 
 # What from_pretrained raises for a folder whose files are damaged or do not fit together (weights of
-# other sizes than the config says are a RuntimeError).
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError)
+# other sizes than the config says are a RuntimeError). Building the model, torch asserts on config.json
+# values that cannot be (a pad_token_id past the vocabulary) and transformers divides by them (zero heads).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError,
+               AssertionError, ZeroDivisionError)
+# JSON files an Auto class reads besides config.json. Each must hold an object: transformers takes any
+# other JSON value for one and fails on it far away ('list' object has no attribute 'get').
+JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                                "tokenizer.json", "vocab.json"),
+                AutoImageProcessor: ("preprocessor_config.json", "processor_config.json")}
+
+
+def damaged_file(folder: Path, auto_class) -> str | None:
+    """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
+    would meet with an AttributeError or TypeError deep inside; None when none is seen. A JSON file
+    that does not parse is left to transformers, which says so itself."""
+    for name in JSON_OBJECTS.get(auto_class, ()):
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as f:
+                if not f.read(4096).lstrip().startswith(b"{"):  # an object's first character, after blanks
+                    return f"{name} does not hold a JSON object"
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
+    for part in [config, *(v for v in config.values() if isinstance(v, dict))]:  # with sub-configs
+        for key in ("dtype", "torch_dtype"):
+            value = part.get(key)
+            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                return f"config.json gives {key} {value!r}, which is not a torch dtype (e.g. 'float32', 'bfloat16')"
+    return None
 
 
 def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
@@ -218,6 +245,8 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class is AutoModel
     if weights:
         kwargs["output_loading_info"] = True
+    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):
+        raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
         with quiet_transformers():
@@ -229,6 +258,11 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
         first = " ".join(str(err).split()).split(". ")[0]
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
                            f"package that is not installed ({first})") from None
+    except Exception as err:  # tokenizers (Rust) reports a vocabulary it cannot read as a bare Exception
+        if type(err) is not Exception or auto_class is not AutoTokenizer:  # not that: it goes on as it is
+            raise
+        raise EncoderError(f"cannot load {what} from {name!r}: its tokenizer files are damaged "
+                           f"({load_error_line(err)})") from None
     if not weights:
         return loaded
     model, info = loaded
@@ -306,6 +340,8 @@ def load_error_line(err: Exception) -> str:
         return f"a weights file is damaged or truncated ({text})"
     if "ignore_mismatched_sizes" in text:  # its report of which tensors differ is silenced (quiet_transformers)
         return "its weights do not have the sizes its config.json gives"
+    if isinstance(err, (AssertionError, ZeroDivisionError)):  # raised building the model (``LOAD_ERRORS``)
+        return f"its config.json gives values the model cannot be built with ({text or type(err).__name__})"
     if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
         return " ".join(line.strip() for line in text.splitlines()[1:]) or text
     return text.splitlines()[0] if text else type(err).__name__

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import EncoderError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,38 @@ def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch
                                       align_corners=False, antialias=True)
     mean, std = _channel_stats(tuple(norm["mean"]), tuple(norm["std"]), x.device)
     return ((x - mean) / std).to(dtype)
+
+
+def processor_norm(processor, name: str, default_side: int, rule: str) -> dict:
+    """``pixels_to_input``'s ``norm`` from an image processor: {'mean', 'std', 'size', 'rule'}. Mean and std
+    are the processor's, or 0.5 and 0.5 under the authors' rule whatever the tower (their Versa code). The
+    side is the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize, else ``default_side``
+    (the config's image_size); stored images are squashed to it (the authors' Resize((224, 224)), no crop).
+    Values of a damaged preprocessor_config.json are refused here, not at the first batch."""
+    where = f"cannot load image processor from {name!r}: its preprocessor_config.json gives"
+    crops = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
+    key = "crop_size" if crops else "size"
+    size = getattr(processor, key, None) or {}
+    given = dict(size) if hasattr(size, "get") else size  # a transformers SizeDict lists its values set
+    if not isinstance(given, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in given.values() if v is not None):
+        raise EncoderError(f"{where} {key} {given!r}; expected positive whole numbers of pixels (height and "
+                           "width, or shortest_edge)")
+    stats = {}
+    for stat in ("mean", "std"):
+        value = 0.5 if rule == "authors" else getattr(processor, f"image_{stat}", None)
+        values = [0.5] * 3 if value is None else [value] * 3 if _number(value) else value
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(_number, values))
+                and (stat == "mean" or min(values) > 0)):
+            raise EncoderError(f"{where} image_{stat} {value!r}; expected three numbers, one per channel"
+                               + (", each above 0" if stat == "std" else ""))
+        stats[stat] = list(values)
+    side = given.get("height") or given.get("shortest_edge") or default_side
+    return {**stats, "size": int(side), "rule": rule}  # the rule is what the cache records
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,0 +1,67 @@
+"""Encoder folders with one damaged file, as a fuzzer made them: a config value torch or transformers
+cannot use, a tokenizer file of the wrong JSON shape or not UTF-8, an image processor of negative sizes.
+Each is refused in one line naming the folder when it is loaded, never a traceback or a failure at the
+first batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from iisan.cli.main import main
+
+
+def set_values(file: str, **values):
+    """A damage: ``values`` written into the JSON object in ``file``."""
+
+    def damage(folder: Path) -> None:
+        data = json.loads((folder / file).read_text(encoding="utf-8"))
+        (folder / file).write_text(json.dumps({**data, **values}), encoding="utf-8")
+
+    return damage
+
+
+def replace(file: str, content: bytes, remove: tuple[str, ...] = ()):
+    """A damage: ``file`` holding ``content``, and the files ``remove`` gone."""
+
+    def damage(folder: Path) -> None:
+        for name in remove:
+            (folder / name).unlink()
+        (folder / file).write_bytes(content)
+
+    return damage
+
+
+CASES = [
+    pytest.param("text", set_values("config.json", dtype="banana"), "text encoder config",
+                 "config.json gives dtype 'banana', which is not a torch dtype (e.g. 'float32', 'bfloat16')",
+                 id="dtype-not-a-torch-dtype"),
+    pytest.param("text", set_values("config.json", pad_token_id=100000), "text encoder",
+                 "its config.json gives values the model cannot be built with (Padding_idx must be within "
+                 "num_embeddings)", id="pad-token-past-vocabulary"),
+    pytest.param("text", replace("tokenizer_config.json", b"[1]"), "text tokenizer",
+                 "tokenizer_config.json does not hold a JSON object", id="tokenizer-config-a-list"),
+    pytest.param("text", replace("vocab.txt", b"\xff\xfe\x00" * 8, remove=("tokenizer.json",)), "text tokenizer",
+                 "its tokenizer files are damaged (Error while initializing WordPiece: stream did not contain "
+                 "valid UTF-8)", id="vocabulary-not-utf8"),
+    pytest.param("image", set_values("preprocessor_config.json", size={"height": -1, "width": 0}), "image processor",
+                 "its preprocessor_config.json gives size {'height': -1, 'width': 0}; expected positive whole "
+                 "numbers of pixels (height and width, or shortest_edge)", id="image-size-negative"),
+]
+
+
+@pytest.mark.parametrize(("tower", "damage", "what", "reason"), CASES)
+def test_damaged_encoder_folder_is_refused_in_one_line(tiny, tmp_path, capsys, tower, damage, what, reason):
+    folder = tmp_path / tower
+    shutil.copytree(tiny[f"{tower}_model"], folder)
+    damage(folder)
+    encoder = (["--text-model", str(folder)] if tower == "text" else
+               ["--images", tiny["images"], "--image-model", str(folder)])
+    with pytest.raises(SystemExit) as info:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / "cache"),
+              "--towers", tower, *encoder, "--no-progress"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"iisan: error: cannot load {what} from '{folder}': {reason}"
