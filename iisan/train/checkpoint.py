@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import BEFORE_THE_FIELD, Config
+from ..distributed import launched_processes
 from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
 from . import runstate
@@ -203,8 +204,8 @@ def read(path: Path, state: dict | None = None) -> Checkpoint:
 
 
 def examine(path: Path, config: dict) -> Checkpoint | str:
-    """The checkpoint at ``path`` when it is intact, of fields of the types this version writes and of
-    ``config``; else why not, in one line starting with the path."""
+    """The checkpoint at ``path`` when it is intact, of fields of the types this version writes that agree
+    with each other and with its tensors, and of ``config``; else why not, in one line starting with the path."""
     if reason := verify(path):
         return reason
     try:
@@ -224,9 +225,29 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
         return (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
                 "use another --run-name to start a new run")
     try:
-        return read(path, state)
+        found = read(path, state)
     except Exception as err:  # safetensors raises its own types for damaged files
         return f"{path} is unreadable ({type(err).__name__}: {err})"
+    if problem := partial_losses_problem(state, found.train_state, launched_processes()):
+        return f"{path / STATE} is damaged ({problem})"
+    return found
+
+
+def partial_losses_problem(state: dict, tensors: dict[str, torch.Tensor], processes: int) -> str | None:
+    """Why a checkpoint saved within an epoch lacks the losses of its steps so far that a resume by
+    ``processes`` processes reads, one tensor per rank (None when it has them, or was saved at an epoch's
+    end). Every such checkpoint holds rank 0's; a resume by another number of processes reads none (its
+    epoch starts again), so only then may the other ranks' be missing."""
+    step = state["step"]
+    if step is None:
+        return None
+    for rank in range(state["world_size"] if state["world_size"] == processes else 1):
+        losses = tensors.get(f"partial_losses.{rank}")
+        if losses is None or tuple(losses.shape) != (step,):
+            held = "none" if losses is None else f"shape {tuple(losses.shape)}"
+            shown = runstate.short_repr(step)
+            return f"step={shown}: expected partial_losses.{rank} of shape ({shown},) in {TRAIN_STATE}, found {held}"
+    return None
 
 
 def latest(root: Path, config: dict) -> tuple[Checkpoint | None, list[str]]:

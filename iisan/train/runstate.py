@@ -6,8 +6,9 @@
 - The optimiser: per-parameter tensors named ``optim.<group>.<index in group>.<key>``, the rest
   (hyper-parameters of each group, non-tensor state) as JSON.
 - The gradient scaler (fp16): its state is a handful of numbers.
-- The types of what ``state.json`` holds (``state_problem``), checked before a checkpoint is chosen, so
-  that a hand-edited one is refused like a damaged one (and the one before it tried).
+- The types of what ``state.json`` holds, and whether its position in the run agrees with itself
+  (``state_problem``), checked before a checkpoint is chosen, so that a hand-edited one is refused like a
+  damaged one (and the one before it tried).
 """
 
 from __future__ import annotations
@@ -168,9 +169,14 @@ def _fields(values: dict, expected: dict, prefix: str = "") -> str | None:
         if key not in values:
             return f"no {prefix}{key}"
         if not fits(values[key]):
-            shown = repr(values[key])
-            return f"{prefix}{key}={shown if len(shown) <= 40 else shown[:37] + '...'}: expected {what}"
+            return f"{prefix}{key}={short_repr(values[key])}: expected {what}"
     return None
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut to 40 characters, for one-line messages about a hand-edited file."""
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def epoch_problem(record) -> str | None:
@@ -189,4 +195,35 @@ def state_problem(state: dict) -> str | None:
     if problem := _fields(state, STATE) or _fields(state["early_stopping"], STOPPING, "early_stopping."):
         return problem
     return next((f"epochs[{i}]: {wrong}" for i, record in enumerate(state["epochs"])
-                 if (wrong := epoch_problem(record))), None)
+                 if (wrong := epoch_problem(record))), None) or position_problem(state)
+
+
+def position_problem(state: dict) -> str | None:
+    """Why the position fields of ``state`` (its fields of the right types) disagree with each other or
+    with its epoch records (None when they agree). A run saves after ``step`` steps of ``epoch`` (null: at
+    its end), with one record per finished epoch, and goes on from (``next_epoch``, ``next_step``)."""
+    epoch, step, records = state["epoch"], state["step"], state["epochs"]
+    finished, shown_step = step is None, "null" if step is None else short_repr(step)
+    if step == 0:
+        return "step=0: expected null (the epoch finished) or at least 1"
+    if state["next_step"] != (0 if finished else step):
+        return (f"next_step={short_repr(state['next_step'])}: expected "
+                + ("0 (step=null: the epoch finished)" if finished else f"{shown_step}, as step={shown_step}"))
+    if finished and epoch != len(records) - 1:
+        return f"epoch={short_repr(epoch)}: expected {len(records) - 1}, the last of the {len(records)} epochs recorded"
+    if not finished and epoch != len(records):
+        return (f"epoch={short_repr(epoch)}: expected {len(records)}, the one after the {len(records)} epochs "
+                f"recorded (step={shown_step})")
+    if state["next_epoch"] != len(records):
+        return (f"next_epoch={short_repr(state['next_epoch'])}: expected {len(records)} "
+                f"(epoch={epoch}, step={shown_step})")
+    if (wrong := next((i for i, record in enumerate(records) if record["epoch"] != i), None)) is not None:
+        return f"epochs[{wrong}]: epoch={short_repr(records[wrong]['epoch'])}: expected {wrong}"
+    if state["global_step"] != (done := sum(record["steps"] for record in records)):
+        return f"global_step={short_repr(state['global_step'])}: expected {done}, the steps of the epochs recorded"
+    cap = state["config"].get("max_steps_per_epoch")
+    if not finished and type(cap) is int and 0 < cap <= step:
+        return f"step={shown_step}: expected fewer than max_steps_per_epoch={cap} (an epoch's last step ends it)"
+    if not -1 <= (best := state["early_stopping"]["best_epoch"]) < len(records):
+        return f"early_stopping.best_epoch={short_repr(best)}: expected -1 or one of the {len(records)} epochs recorded"
+    return None

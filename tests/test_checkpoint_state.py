@@ -1,0 +1,158 @@
+"""A checkpoint whose ``state.json`` passes its checksum but claims a position in the run that it does not
+hold (a mid-epoch step without that step's losses, a step on an end-of-epoch checkpoint, an epoch the
+records do not reach) is refused like a damaged one: one line naming the file and the bad value, then the
+checkpoint before it, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import iisan.model.recommender as recommender_module
+import iisan.train.checkpoint as checkpoint
+from iisan.config import Config
+from iisan.errors import RunInterrupted, TrainingError
+from iisan.files import sha256
+from iisan.train import runstate
+from iisan.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tiny_cache, tmp_path_factory) -> Path:
+    """A run of 2-step epochs stopped by Ctrl-C after step 1 of epoch 2: checkpoints epoch-0000, epoch-0001
+    and epoch-0002-step-00001. Copy it, never change it."""
+    out = tmp_path_factory.mktemp("state-runs")
+    cfg = Config(**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                 cache_dir=tiny_cache, out_dir=str(out), run_name="base", device="cpu", num_workers=0,
+                 progress=False, batch_size=16, epochs=3, max_steps_per_epoch=2, keep_checkpoints=3,
+                 eval_batch_size=64, encode_batch_size=32)
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def interrupting(*args):  # as Ctrl-C during the fifth training loss (epoch 2, step 1 of 2)
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
+        with pytest.raises(RunInterrupted):
+            train(cfg)
+    assert [p.name for p in checkpoint.checkpoints(out / "base" / "checkpoints")] == \
+        ["epoch-0002-step-00001", "epoch-0001", "epoch-0000"]
+    return out / "base"
+
+
+def copied(trained: Path, tmp_path: Path) -> tuple[Config, Path]:
+    """A copy of the trained run under ``tmp_path`` and the config that resumes it for 4 epochs."""
+    folder = tmp_path / "runs" / "copy"
+    shutil.copytree(trained, folder)
+    saved = json.loads((folder / "config.json").read_text())
+    return Config.from_dict({**saved, "out_dir": str(tmp_path / "runs"), "run_name": "copy", "epochs": 4}), folder
+
+
+def rehash(path: Path, name: str) -> None:
+    """Record the file ``name`` of the checkpoint at ``path`` in its manifest as it now is."""
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"][name] = {"bytes": (path / name).stat().st_size, "sha256": sha256(path / name)}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def restate(path: Path, change: dict) -> Path:
+    """Update the checkpoint's state.json with ``change``, its manifest to match (intact, but not ours)."""
+    state = json.loads((path / checkpoint.STATE).read_text())
+    state.update(change)
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    rehash(path, checkpoint.STATE)
+    return path / checkpoint.STATE
+
+
+def resumed_after_refusing(cfg: Config, caplog) -> tuple[dict, list[str]]:
+    with caplog.at_level(logging.WARNING, logger="iisan"):
+        results = train(cfg)
+    assert "Traceback" not in caplog.text
+    return results, [r.getMessage() for r in caplog.records if "refusing checkpoint" in r.getMessage()]
+
+
+def test_a_mid_epoch_checkpoint_without_its_step_losses_is_refused_for_the_previous_one(trained, tmp_path, caplog):
+    """The fuzzed case: the losses of the steps done are gone from train_state.safetensors (and the
+    manifest made to match); the resume crashed on ``None.to`` in the middle of the epoch."""
+    cfg, folder = copied(trained, tmp_path)
+    newest = folder / "checkpoints" / "epoch-0002-step-00001"
+    tensors = load_file(str(newest / checkpoint.TRAIN_STATE))
+    del tensors["partial_losses.0"]
+    save_file(tensors, str(newest / checkpoint.TRAIN_STATE), metadata={"format": checkpoint.FORMAT})
+    rehash(newest, checkpoint.TRAIN_STATE)
+    results, refusals = resumed_after_refusing(cfg, caplog)
+    assert refusals == [f"refusing checkpoint: {newest / checkpoint.STATE} is damaged (step=1: expected "
+                        "partial_losses.0 of shape (1,) in train_state.safetensors, found none)"]
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0001"]
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"next_step": 10**9}, "next_step=1000000000: expected 0 (step=null: the epoch finished)"),
+    ({"step": 5, "next_step": 3}, "next_step=3: expected 5, as step=5"),
+    ({"step": 1, "next_step": 1, "epoch": 2, "next_epoch": 2},
+     "step=1: expected partial_losses.0 of shape (1,) in train_state.safetensors, found none"),
+    ({"epoch": 1000000}, "epoch=1000000: expected 1, the last of the 2 epochs recorded"),
+], ids=["next-step-huge", "step-on-finished-epoch", "mid-epoch-without-losses", "epoch-absurd"])
+def test_an_end_of_epoch_checkpoint_claiming_another_position_is_refused(trained, tmp_path, caplog, change, reason):
+    """The reported edits of epoch-0001's state.json (the mid-epoch checkpoint after it removed), resumed
+    for 4 epochs: epoch-0001 is refused and the run goes on from epoch-0000."""
+    cfg, folder = copied(trained, tmp_path)
+    shutil.rmtree(folder / "checkpoints" / "epoch-0002-step-00001")
+    state = restate(folder / "checkpoints" / "epoch-0001", change)
+    results, refusals = resumed_after_refusing(cfg, caplog)
+    assert refusals == [f"refusing checkpoint: {state} is damaged ({reason})"]
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0000"]
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2, 3]
+
+
+def test_every_checkpoint_claiming_a_position_it_does_not_hold_is_one_line(trained, tmp_path):
+    cfg, folder = copied(trained, tmp_path)
+    mid = restate(folder / "checkpoints" / "epoch-0002-step-00001", {"step": 3, "next_step": 3})
+    one = restate(folder / "checkpoints" / "epoch-0001", {"epoch": 1000000})
+    restate(folder / "checkpoints" / "epoch-0000", {"epoch": 1000000})
+    with pytest.raises(TrainingError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        f"cannot resume: {mid} is damaged (step=3: expected fewer than max_steps_per_epoch=2 (an epoch's last "
+        f"step ends it)); {one} is damaged (epoch=1000000: expected 1, the last of the 2 epochs recorded); "
+        f"{folder / 'checkpoints' / 'epoch-0000' / 'state.json'} is damaged (epoch=1000000: expected 0, the "
+        "last of the 1 epochs recorded)")
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda s: s.update(step=0, next_step=0, next_epoch=1), "step=0: expected null (the epoch finished) or at least 1"),
+    (lambda s: s.update(next_epoch=7), "next_epoch=7: expected 2 (epoch=1, step=null)"),
+    (lambda s: s["epochs"][0].update(epoch=1), "epochs[0]: epoch=1: expected 0"),
+    (lambda s: s.update(global_step=5), "global_step=5: expected 4, the steps of the epochs recorded"),
+    (lambda s: s["early_stopping"].update(best_epoch=2),
+     "early_stopping.best_epoch=2: expected -1 or one of the 2 epochs recorded"),
+    (lambda s: s.update(epochs=s["epochs"][:1]), "epoch=1: expected 0, the last of the 1 epochs recorded"),
+], ids=["step-zero", "next-epoch", "records-numbered", "global-step", "best-epoch", "record-missing"])
+def test_position_fields_that_disagree_are_a_damaged_state(trained, change, reason):
+    state = json.loads((trained / "checkpoints" / "epoch-0001" / checkpoint.STATE).read_text())
+    assert runstate.state_problem(state) is None  # as a run writes it
+    change(state)
+    assert runstate.state_problem(state) == reason
+
+
+def test_the_losses_of_every_rank_are_needed_only_by_a_resume_of_as_many_processes():
+    """A resume by another number of processes starts the epoch again and reads none but rank 0's."""
+    state = {"step": 3, "world_size": 2}
+    losses = {"partial_losses.0": torch.zeros(3)}
+    assert checkpoint.partial_losses_problem(state, losses, 1) is None
+    assert checkpoint.partial_losses_problem(state, losses, 2) == (
+        "step=3: expected partial_losses.1 of shape (3,) in train_state.safetensors, found none")
+    assert checkpoint.partial_losses_problem(state, {"partial_losses.0": torch.zeros(2)}, 1) == (
+        "step=3: expected partial_losses.0 of shape (3,) in train_state.safetensors, found shape (2,)")
+    assert checkpoint.partial_losses_problem({"step": None, "world_size": 2}, {}, 2) is None
