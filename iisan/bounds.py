@@ -49,6 +49,8 @@ def check_bounds(cfg) -> None:
     for name, most in AT_MOST.items():
         if getattr(cfg, name) > most:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be at most {most}")
+    if cfg.min_seq_len < 3:
+        raise ConfigError(f"min_seq_len={cfg.min_seq_len}: leave-one-out needs at least 3 interactions per user")
     if not 0 <= cfg.seed < SEEDS:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
     for name in LEARNING_RATES:
@@ -82,6 +84,8 @@ def check_run_name(name: str) -> None:
     if name and (name in (".", "..") or PurePath(name).name != name or "\\" in name or "\0" in name):
         raise ConfigError(f"run_name={name!r} must be a single folder name (no '/', '\\', '.' or '..'); run "
                           "folders go under --out-dir")
+    if name and (name != name.strip() or name.startswith("-")):  # a folder a shell command would misread
+        raise ConfigError(f"run_name={name!r} must not start or end with a blank or start with '-'")
 
 
 def check_encoding(encoding: str) -> None:

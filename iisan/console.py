@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import sys
 import time
@@ -138,6 +139,10 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
         exit_interrupted(prog, "interrupted; what was finished is kept: a run resumes from its last checkpoint "
                                "and a cache build from its finished chunks when the same command runs again")
+    except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
+        if not (line := host_memory_error(err)):
+            raise
+        fail(prog, line)
     except BrokenPipeError:
         if not stdout_closed():
             raise
@@ -160,3 +165,14 @@ def stdout_closed() -> bool:
         return any(events & select.POLLERR for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file descriptor: take it as so
         return True
+
+
+def host_memory_error(err: RuntimeError) -> str:
+    """The one line for torch's CPU allocator out of memory ('' for any other error)."""
+    text = str(err)
+    if "DefaultCPUAllocator: can't allocate memory" not in text:
+        return ""
+    asked = re.search(r"allocate (\d+) bytes", text)
+    size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
+    return (f"out of memory on the CPU{size}: what this command asks for does not fit in this machine's memory; "
+            "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank)")

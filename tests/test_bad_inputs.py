@@ -615,6 +615,9 @@ CASES = [
     # caches: read
     Case("cache-missing", lambda P, s: T(P, s, "--cache-dir", f"{s}/none"),
          ("cache file {s}/none/text.safetensors does not exist",), check=nothing_at("runs/r")),
+    Case("cache-dir-a-file", lambda P, s: T(P, s, "--cache-dir", f"{s}/afile"),
+         ("cache folder {s}/afile is a file; expected the folder `iisan cache` writes (--cache-dir)",),
+         setup=write("afile", "mine"), check=nothing_at("runs/r")),
     Case("cache-not-safetensors", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache file {s}/c/text.safetensors is unreadable",), setup=write("c/text.safetensors", b"not a cache")),
     Case("cache-metadata-not-json", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
@@ -692,6 +695,13 @@ CASES = [
          setup=best_weights_edited(lambda t: t.update({"lora.extra": torch.zeros(2)}))),
     Case("recommend-empty-history", lambda P, s: ["recommend", P["done"], "--history", "", "--device", "cpu"],
          ("an empty history (give at least one item id)",)),
+    Case("recommend-users-file-a-folder", lambda P, s: ["recommend", P["done"], "--users-file", str(s),
+                                                        "--device", "cpu"],
+         ("--users-file {s} is a folder; expected a file of user ids, one per line",)),
+    Case("evaluate-best-weights-a-folder", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
+         ("{s}/done/best.safetensors is a folder; expected the weights file a run writes",),
+         setup=both(copy("done", "done"), lambda P, s: (s / "done" / "best.safetensors").unlink(),
+                    lambda P, s: (s / "done" / "best.safetensors").mkdir())),
     # results
     Case("results-sort-unknown", lambda P, s: ["results", P["done"], "--sort", "bogus"],
          ("--sort bogus: not a column",)),

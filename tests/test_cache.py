@@ -90,6 +90,20 @@ def test_cache_of_titles_cut_to_another_length_is_refused(tiny_config, tmp_path)
     build_model(cfg, load_data(cfg), torch.device("cpu"))  # the length it was built for
 
 
+def test_an_items_path_that_is_not_utf8_is_kept_readable_in_the_cache(tiny_config, tiny, tmp_path):
+    """A file name with a latin-1 byte (as a command line gives it): the cache's header says it as \\xe9,
+    which safetensors' reader takes, and the run reads the cache."""
+    import os
+    import shutil
+
+    items = tmp_path / os.fsdecode(b"it\xe9ms.tsv")
+    shutil.copy(tiny["items"], items)
+    cfg = tiny_config(towers="text", cache_dir=str(tmp_path / "c"), items=str(items))
+    build_cache_from_config(cfg, dtype="float32")
+    assert read_metadata(tmp_path / "c" / "text.safetensors")["items_file"] == str(tmp_path / "it\\xe9ms.tsv")
+    build_model(cfg, load_data(cfg), torch.device("cpu"))
+
+
 def test_one_all_layer_cache_serves_runs_with_different_layers(tiny_config, tmp_path):
     """Runs reading layers (0, 1) and (1, 2) from one cache of every layer equal runs on caches built
     for exactly their layers: same item states, same losses, same metrics."""

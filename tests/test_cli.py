@@ -36,6 +36,9 @@ def test_invalid_choice_and_type(capsys):
     ({"batch_size": 0}, "batch_size=0 must be positive"),
     ({"text_layers": "2,1"}, r"text_layers=\[2, 1\] must be distinct, increasing"),
     ({"lr": "fast"}, "lr='fast': expected a number"),
+    ({"run_name": " r"}, r"run_name=' r' must not start or end with a blank or start with '-'$"),
+    ({"run_name": "-x"}, r"run_name='-x' must not start or end with a blank or start with '-'$"),
+    ({"min_seq_len": 2}, r"min_seq_len=2: leave-one-out needs at least 3 interactions per user$"),
     ({"device": "cuda:128"}, r"device='cuda:128': a device index above 127, the largest torch takes$"),
     ({"run_name": "\ud800"}, r"run_name='\\ud800': holds a lone surrogate, which no text can$"),
     ({"drop_rate": 10**400}, r"drop_rate=100000000000\.\.\. \(401 digits\): expected a number a float can hold$"),
@@ -292,3 +295,19 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == b""
+
+
+def test_the_cpu_allocator_out_of_memory_is_one_line(capsys):
+    """torch says so as a plain RuntimeError (a GPU's is torch.OutOfMemoryError, answered in the step)."""
+    import torch
+
+    from iisan.console import entry_point
+
+    with pytest.raises(SystemExit) as info:
+        entry_point("iisan", lambda: torch.empty(2**45, dtype=torch.uint8))  # 32 TiB
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("iisan: error: out of memory on the CPU (32,768.0 GiB at once): what this "
+                                       "command asks for does not fit in this machine's memory; lower --batch-size "
+                                       "or the model's sizes (e.g. --embedding-dim, --lora-rank)\n")
+    with pytest.raises(RuntimeError, match="^another$"):  # any other RuntimeError is a bug: its traceback
+        entry_point("iisan", lambda: (_ for _ in ()).throw(RuntimeError("another")))

@@ -92,6 +92,15 @@ def test_absurd_meta_size_is_refused_in_one_line(tiny, tmp_path, size):
     assert str(caught.value) == expected
 
 
+def test_a_store_of_another_format_is_refused_in_one_line(tiny, tmp_path):
+    store = _copy(tiny, tmp_path, "other.lmdb")
+    _set_meta(store, format="x")
+    with pytest.raises(ImageStoreError) as caught:
+        ImageStore(store)
+    assert str(caught.value) == (f"{store}: the metadata record says format 'x', not 'iisan-images/1' (a store of "
+                                 "another version or tool); rebuild it with `iisan build-lmdb --overwrite`")
+
+
 def test_overwrite_refuses_a_folder_holding_a_user_file(tiny, tmp_path):
     store = _copy(tiny, tmp_path, "ok.lmdb")
     notes = store / "notes.txt"

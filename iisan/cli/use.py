@@ -88,7 +88,8 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
         return [("history " + ",".join(ids), run.item_index(ids))]
     path = Path(args.users_file)
     if not path.is_file():
-        raise DataError(f"--users-file {path} does not exist")
+        raise DataError(f"--users-file {path} {'is a folder' if path.is_dir() else 'does not exist'}; expected a "
+                        "file of user ids, one per line")
     out = []
     for lineno, line in decoded_lines(path):  # UTF-8, a byte-order mark dropped, as the data files
         user = line.split("\t")[0].strip()  # one user id per line; a users TSV works too

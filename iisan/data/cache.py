@@ -82,6 +82,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if path.exists() and not path.is_file():
         raise CacheError(f"cache file {path} is {'a folder' if path.is_dir() else 'not a regular file'}; expected "
                          "the safetensors file `iisan cache` writes")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CacheError(f"cache folder {path.parent} is a file; expected the folder `iisan cache` writes "
+                         "(--cache-dir)")
     if not path.is_file():
         raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache` or "
                          "preprocess_vectors.py)")

@@ -33,7 +33,7 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
-from .images import HEADER, IMAGE_SIZE, MAX_SIZE, META_KEY, close_reader, encode_record, read_meta
+from .images import FORMAT, HEADER, IMAGE_SIZE, MAX_SIZE, META_KEY, close_reader, encode_record, read_meta
 from .textfile import check_item_id
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
             if n % 2000 == 0:
                 txn.commit()
                 txn = env.begin(write=True)
-        meta = {"format": "iisan-images/1", "count": len(item_ids), "size": size, "blank": len(problems),
+        meta = {"format": FORMAT, "count": len(item_ids), "size": size, "blank": len(problems),
                 "source": source}
         txn.put(META_KEY, json.dumps(meta).encode())
         txn.commit()

@@ -24,6 +24,7 @@ MAGIC = b"IIM1"
 HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
 FLAG_BLANK = 1
 META_KEY = b"__meta__"
+FORMAT = "iisan-images/1"  # what the metadata record's "format" says (``image_build``)
 IMAGE_SIZE = 224
 MAX_SIZE = 4096  # the largest ``size`` a store may hold (``iisan build-lmdb --size``)
 
@@ -90,6 +91,9 @@ def read_meta(path: Path) -> dict | None:
     except (ValueError, KeyError, TypeError, OverflowError):
         raise ImageStoreError(f"{path}: the metadata record {META_KEY.decode()!r} is damaged; rebuild the store with "
                               "`iisan build-lmdb --overwrite`") from None
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ImageStoreError(f"{path}: the metadata record says format {meta['format']!r}, not {FORMAT!r} (a store "
+                              "of another version or tool); rebuild it with `iisan build-lmdb --overwrite`")
     return meta
 
 

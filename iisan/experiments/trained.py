@@ -136,6 +136,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
                           else f"{run_dir} is not a run folder: it has no config.json")
     saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
     cfg = rebased(saved, results.get("working_dir"))
+    if weights.exists() and not weights.is_file():
+        raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
+                            "weights file a run writes")
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     torch_device = resolve_device(device)

@@ -169,7 +169,8 @@ def finished_results(cfg: Config, results: dict) -> dict | None:
 def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     """Before a fresh start in ``folder`` with no checkpoint to resume: a run there that left results
     (its checkpoints removed to save space) would be overwritten. Refused when that run had another
-    config or had finished; a same-config run that stopped before its first checkpoint starts again."""
+    config or had finished; a same-config run that stopped before its first checkpoint starts again, and so
+    does one of any config that ended before its first epoch (a refused value, a missing file)."""
     earlier, damage = results_or_reason(folder / RESULTS)
     if damage:
         log.warning("%s: %s; the run there is judged by its config.json alone", folder / RESULTS, damage)
@@ -179,6 +180,11 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
         if differences:
             raise ConfigError(f"{folder / 'config.json'} belongs to a run of another config ({'; '.join(differences)}) "
                               "and no checkpoint or results are left; use another --run-name to start a new run")
+        return
+    if earlier.get("status") in ("failed", "interrupted") and earlier.get("epochs") == [] and \
+            not (folder / "best.safetensors").exists():  # no epoch, no weights: nothing to lose but a record
+        log.info("%s: the run there ended before its first epoch (%s); it starts again with this config (train.log "
+                 "keeps the record)", folder, earlier.get("error") or earlier["status"])
         return
     saved = earlier.get("config") if isinstance(earlier.get("config"), dict) else {}
     differences = config_differences(saved, cfg.to_dict(), earlier.get("working_dir"))
