@@ -173,8 +173,9 @@ def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
 
 def test_automatic_layers_follow_the_authors_lists_at_every_depth(tiny_config):
     """--layer-rule stride (the default) picks the authors' hidden states for each depth their scripts
-    list (the comments of Code_Cached_Asym/script/run_IISAN_*.py); --layer-rule groups picks group
-    layer-dropping's, which agrees on 12 and 24 layers only."""
+    list (the comments of Code_Cached_Asym/script/run_IISAN_*.py; for 24 layers, the last of the three
+    lists their BERT-large script offers); --layer-rule groups picks group layer-dropping's, which agrees
+    on 12 and 24 layers only."""
     from iisan.model.backbones import stride_layers
     from iisan.model.build import layers_for
 

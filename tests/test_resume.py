@@ -22,7 +22,7 @@ import iisan.train.checkpoint as checkpoint
 import iisan.train.runfolder as runfolder
 from iisan.cli.main import main
 from iisan.config import Config
-from iisan.errors import ConfigError, RunInterrupted, TrainingError
+from iisan.errors import CacheError, ConfigError, RunInterrupted, TrainingError
 from iisan.model.caching import build_cache_from_config
 from iisan.train.trainer import train
 
@@ -328,6 +328,22 @@ def test_a_run_whose_checkpoints_were_removed_is_not_overwritten(base):
     (run / "kept.json").rename(run / "results.json")
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file() and f.name != "train.log"} == before
     assert train(cfg)["run_dir"] == str(run)  # the same config and epochs: finished before, not trained again
+
+
+def test_a_run_that_failed_before_its_first_epoch_gives_its_name_to_the_corrected_config(base, tmp_path, caplog):
+    """A refused value or a missing file ends a run before it trains: its folder holds only the record of
+    that (results.json failed, no epoch, no weights), which the corrected command replaces; train.log keeps it."""
+    cfg = base.replace(run_name="typo", epochs=1)
+    with pytest.raises(CacheError, match="float32"):
+        train(cfg.replace(cache_dtype="float16"))  # the cache was built in float32
+    run = Path(cfg.out_dir) / "typo"
+    failed = json.loads((run / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["epochs"] == [] and not (run / "best.safetensors").exists()
+    results = train(cfg)
+    assert results["status"] == "finished" and results["run_dir"] == str(run)
+    assert "the run there ended before its first epoch (" in caplog.text
+    log = (run / "train.log").read_text()
+    assert "run failed: " in log and log.count("best epoch 0 |") == 1  # both attempts, in order
     results = json.loads((run / "results.json").read_text())
     results["status"] = "interrupted"  # stopped before its first checkpoint
     (run / "results.json").write_text(json.dumps(results))
@@ -517,7 +533,16 @@ def test_a_run_folder_in_use_is_refused(base, tmp_path, monkeypatch):
     held.close()
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as a caller may have set it
+    loss, seen = recommender_module.in_batch_softmax_loss, []
+
+    def watched(*args):  # the global switches as each training step finds them
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", watched)
     assert len(train(cfg.replace(deterministic=True))["epochs"]) == 1  # the lock goes with its holder
+    assert seen and set(seen) == {(True, False, ":4096:8")}  # --deterministic: on for every step
     # --deterministic is undone after the run: every global switch it turned
     assert not torch.are_deterministic_algorithms_enabled()
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.backends.cudnn.benchmark

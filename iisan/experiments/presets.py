@@ -40,7 +40,9 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
     # pick 0,5,11,16,21,27,32).
     "llama3-8b+vit-base": {"text_model": str(MODELS / "Meta-Llama-3-8B"),
                            "text_layers": (0, 2, 8, 14, 20, 26, 32), "text_pooling": "authors"},
-    # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts.
+    # BERT-large (24 layers x 1024) with ViT-B (12 x 768): unequal widths, equal block counts. The stride
+    # rule reads hidden states 0,4,...,24: the last of three lists the authors' script offers in comments
+    # (every other layer, or 13..23, are --text-layers away).
     "bert-large+vit-base": {"text_model": str(MODELS / "bert-large-uncased")},
     # BERT-base with ViT-B: equal towers, so Versa is IISAN exactly (same parameters, same outputs).
     "bert-base+vit-base": {},
