@@ -60,6 +60,27 @@ def test_popularity_counts_train_parts_only(small):
     np.testing.assert_allclose(data.popularity(), expected)
 
 
+def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_path, caplog):
+    """u1's test target c repeats its history (no other target does): the evaluation masks it, so the
+    run's data line says how many test targets can only be misses; most of them, a warning too."""
+    from iisan.config import Config
+    from iisan.data.run_data import describe_data
+
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
+    users = write(tmp_path, "users.tsv", "u1\ta b c d e c\nu2\tb c d a e f\nu3\ta b c d e f\n")
+    data = load_dataset(users, items)
+    assert (data.repeated_targets("test"), data.repeated_targets("valid")) == (1, 0)
+    cfg = Config(users=str(users), items=str(items))
+    assert describe_data(data, cfg) == ("data: 3 users, 6 items, 18 interactions; 1 test targets (33.3%) repeat an "
+                                        "item of their history and count as misses (--rank-repeated-targets ranks "
+                                        "them)")
+    assert describe_data(data, cfg.replace(rank_repeated_targets=True)) == "data: 3 users, 6 items, 18 interactions"
+    assert not caplog.records
+    users.write_text("u1\ta b c d e c\nu2\ta b c d e e\nu3\ta b c d e f\n")
+    describe_data(load_dataset(users, items), cfg)
+    assert "2 test targets (66.7%) repeat an item of their history" in caplog.records[-1].getMessage()
+
+
 def test_users_line_without_tab_names_file_and_line(tmp_path):
     users = write(tmp_path, "users.tsv", "u1\ta b c d e\nu2 a b c d e\n")
     with pytest.raises(DataError, match=r"users.tsv:2: expected user_id<TAB>item item \.\.\., found no tab"):

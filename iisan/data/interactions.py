@@ -49,7 +49,7 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
         item_id = item_id.strip()
         if not item_id:
             raise DataError(f"{path}:{lineno}: empty item id")
-        if "\t" in title:  # a third column would be read into the title, and through the text encoder
+        if "\t" in title and file_format(path) == "tsv":  # a third column would be read into the title
             raise DataError(f"{path}:{lineno}: {title.count(chr(9)) + 2} tab-separated fields, expected 2 "
                             "(item_id<TAB>title)")
         if item_id in seen:
@@ -196,6 +196,11 @@ class SeqRecData:
 
     def stats(self) -> dict[str, int]:
         return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions}
+
+    def repeated_targets(self, split: str) -> int:
+        """How many users' ``split`` target repeats an item of their history (the evaluation masks it)."""
+        _, targets, history = self.eval_split(split)
+        return int((history == targets[:, None]).any(axis=1).sum())
 
 
 def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: int = 10,

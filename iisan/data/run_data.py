@@ -30,6 +30,22 @@ def load_data(cfg: Config) -> SeqRecData:
                         cfg.encoding, cfg.merge_duplicate_users)
 
 
+def describe_data(data: SeqRecData, cfg: Config) -> str:
+    """The log line of a run's data: its size and, unless ranked, the test targets that repeat an item of
+    their history (masked with it: misses whatever the model, as the authors counted them; a warning when
+    they are most of them, as in data built otherwise than the paper's)."""
+    line = f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+    repeated = 0 if cfg.rank_repeated_targets else data.repeated_targets("test")
+    if not repeated:
+        return line
+    share = repeated / data.num_users
+    note = (f"{repeated} test targets ({share:.1%}) repeat an item of their history and count as misses "
+            "(--rank-repeated-targets ranks them)")
+    if share >= 0.5:
+        log.warning("%s", note)
+    return f"{line}; {note}"
+
+
 def cache_dir(cfg: Config) -> str:
     if not cfg.cache_dir:
         raise ConfigError("feed=cached needs --cache-dir (build the cache with `iisan cache`)")

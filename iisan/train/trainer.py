@@ -26,7 +26,7 @@ from .. import distributed
 from ..config import METHOD_NAMES, Config
 from ..console import progress_bar
 from ..data.batches import TrainBatch, TrainBatches, epoch_batches, epoch_order, steps_per_epoch
-from ..data.run_data import load_data
+from ..data.run_data import describe_data, load_data
 from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
@@ -96,7 +96,7 @@ class Run:
         self.record.items_fingerprint = data.catalog.fingerprint
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
-        log.info("data: %d users, %d items, %d interactions", data.num_users, data.num_items, data.num_interactions)
+        log.info("%s", describe_data(data, cfg))
         parts = build_training(cfg, data, device, dist.world_size, built=lambda model: log.info(
             "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)))
         self.model, self.pixels, self.optimizer = parts.model, parts.pixels, parts.optimizer
