@@ -39,6 +39,8 @@ CASES = [
     pytest.param("text", set_values("config.json", dtype="banana"), "text encoder config",
                  "config.json gives dtype 'banana', which is not a torch dtype (e.g. 'float32', 'bfloat16')",
                  id="dtype-not-a-torch-dtype"),
+    pytest.param("text", set_values("config.json", vocab_size=0), "text encoder config",
+                 "config.json gives vocab_size 0; expected a positive whole number", id="vocab-size-zero"),
     pytest.param("text", set_values("config.json", pad_token_id=100000), "text encoder",
                  "its config.json gives values the model cannot be built with (Padding_idx must be within "
                  "num_embeddings)", id="pad-token-past-vocabulary"),

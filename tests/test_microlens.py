@@ -85,6 +85,10 @@ def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
     bad = _write(tmp_path, "bad2.csv", "user,item,timestamp\n7,10,soon\n")
     with pytest.raises(DataError, match=r"bad2.csv:2: timestamp 'soon' is not a number"):
         load_dataset(bad, titles, allow_empty_titles=True)
+    bad = _write(tmp_path, "bad4.csv", "user,item,timestamp\n7,10,1\n7,11,2,3\n")
+    with pytest.raises(DataError, match=r"bad4.csv:3: 4 fields, the header has 3 \(a field holding a comma must "
+                                        r"be quoted\)$"):
+        load_dataset(bad, titles, allow_empty_titles=True)
     for stamp in ("nan", "inf", "-Infinity"):  # float() takes them; a NaN would sort an item anywhere
         bad = _write(tmp_path, "bad3.csv", f"user,item,timestamp\n7,10,1\n7,11,{stamp}\n")
         with pytest.raises(DataError, match=rf"bad3.csv:3: timestamp '{stamp}' is not a finite number$"):
@@ -118,6 +122,19 @@ def test_a_titles_row_without_the_item_column_is_one_line(tmp_path):
     titles = _write(tmp_path, "t.csv", "title,item\nlamp\n")
     with pytest.raises(DataError, match=r"^.*/t.csv:2: expected item,title, found \[.lamp.\]$"):
         load_dataset(_write(tmp_path, "p.csv", PAIRS_CSV), titles)
+
+
+def test_a_titles_row_of_more_fields_than_the_header_is_refused_and_a_quoted_tab_is_text(tmp_path):
+    """An unquoted comma would cut a title short (the rest a field no column reads); a tab inside a quoted
+    CSV title is part of the title (only a TSV line's tab is a column)."""
+    pairs = _write(tmp_path, "p.csv", PAIRS_CSV)
+    titles = _write(tmp_path, "t.csv", TITLES_CSV.replace('"Cats, dogs and a ""quoted"" word"', "Cats, dogs"))
+    with pytest.raises(DataError, match=r"t.csv:2: 3 fields, the header has 2 \(a field holding a comma must be "
+                                        r"quoted\)$"):
+        load_dataset(pairs, titles, allow_empty_titles=True)
+    titles = _write(tmp_path, "t.csv", TITLES_CSV.replace("Mountain bike tricks", '"Mountain\tbike tricks"'))
+    data = load_dataset(pairs, titles, allow_empty_titles=True)
+    assert "Mountain\tbike tricks" in data.titles
 
 
 def test_a_csv_field_over_the_reader_s_limit_is_one_line_naming_the_row(tmp_path):

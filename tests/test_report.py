@@ -229,6 +229,7 @@ MISSING = object()  # a field left out of the file
     (("step", "cache_dtypes"), "float16", 'step.cache_dtypes is "float16", expected an object or null'),
     (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
     (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
+    (("world_size",), "x", 'world_size is "x", expected an integer or null'),
     (("method",), True, "method is true, expected a string"),
     (("status",), None, "status is null, expected a string"),
     (("epochs",), {}, "epochs is an object, expected a list"),

@@ -50,7 +50,12 @@ def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tup
         raise DataError(f"{path}:{done + 1}: not a CSV row this reader takes ({err})") from None
     if not rows:
         raise DataError(f"{what} file {path} is empty")
-    return rows[0][1], [(n, row) for n, row in rows[1:] if row and "".join(row).strip()]
+    header, rows = rows[0][1], [(n, row) for n, row in rows[1:] if row and "".join(row).strip()]
+    for lineno, row in rows:  # a title's unquoted comma makes a field more, and would cut the title short
+        if len(row) > len(header):
+            raise DataError(f"{path}:{lineno}: {len(row)} fields, the header has {len(header)} (a field holding a "
+                            "comma must be quoted)")
+    return header, rows
 
 
 def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str, list[str]]]:

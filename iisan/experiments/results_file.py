@@ -82,6 +82,7 @@ def check_results(results) -> None:
     if "status" in results:  # a file without one was written only at the end: finished
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
+    _field(results, "world_size", "integer", optional=True)  # the table's processes column
     step = _field(results, "step", "object", optional=True) or {}
     for key in _field(step, "cache_dtypes", "object", "step.", optional=True) or {}:
         _field(step["cache_dtypes"], key, "string", "step.cache_dtypes.")

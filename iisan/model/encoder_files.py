@@ -234,6 +234,8 @@ def damaged_file(folder: Path, auto_class) -> str | None:
             value = part.get(key)
             if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
                 return f"config.json gives {key} {value!r}, which is not a torch dtype (e.g. 'float32', 'bfloat16')"
+        if type(size := part.get("vocab_size")) is int and size <= 0:  # transformers fails on it with an IndexError
+            return f"config.json gives vocab_size {size}; expected a positive whole number"
     return None
 
 
