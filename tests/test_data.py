@@ -60,7 +60,7 @@ def test_popularity_counts_train_parts_only(small):
     np.testing.assert_allclose(data.popularity(), expected)
 
 
-def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_path, caplog):
+def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_path, caplog, capsys):
     """u1's test target c repeats its history (no other target does): the evaluation masks it, so the
     run's data line says how many test targets can only be misses; most of them, a warning too."""
     from iisan.config import Config
@@ -76,6 +76,9 @@ def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_
                                         "them)")
     assert describe_data(data, cfg.replace(rank_repeated_targets=True)) == "data: 3 users, 6 items, 18 interactions"
     assert not caplog.records
+    main(["data-stats", "--users", str(users), "--items", str(items)])
+    assert capsys.readouterr().out.splitlines()[-1] == ("targets that repeat an item of their history (misses under "
+                                                        "the protocol): valid 0 (0.0%), test 1 (33.3%)")
     users.write_text("u1\ta b c d e c\nu2\ta b c d e e\nu3\ta b c d e f\n")
     describe_data(load_dataset(users, items), cfg)
     assert "2 test targets (66.7%) repeat an item of their history" in caplog.records[-1].getMessage()

@@ -22,6 +22,9 @@ def cmd_data_stats(args) -> None:
     print(f"interactions: {stats['interactions']:,}")
     skipped = ", ".join(f"{k} {v:,}" for k, v in data.skipped.items())
     print(f"skipped: {skipped}")
+    repeated = {split: data.repeated_targets(split) for split in ("valid", "test")}
+    print("targets that repeat an item of their history (misses under the protocol): " +
+          ", ".join(f"{split} {n:,} ({n / stats['users']:.1%})" for split, n in repeated.items()))
 
 
 def cmd_build_lmdb(args) -> None:
