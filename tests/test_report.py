@@ -89,6 +89,23 @@ def copy_run(source: Path, target: Path, change) -> None:
     (target / "results.json").write_text(json.dumps(results))
 
 
+def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
+    """--nonfinite authors finishes a run at a NaN with the best epoch before it: the table keeps it (it is
+    a result, as the authors counted it) and says so."""
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "plain", lambda r: None)
+    copy_run(out / "lr0.001-s1", tmp_path / "nan", lambda r: r.update(stopped="non-finite loss at step 3 (...)",
+                                                                      run_dir=str(tmp_path / "nan")))
+    main(["results", str(tmp_path)])
+    header, *rows = table_rows(capsys.readouterr().out)
+    status = {row[0]: row[header.index("status")] for row in rows}
+    assert status["nan"] == "finished (NaN)" and set(status.values()) == {"finished", "finished (NaN)"}
+    damaged = tmp_path / "damaged"
+    copy_run(out / "lr0.001-s1", damaged, lambda r: r.update(stopped=3))
+    main(["results", str(tmp_path)])
+    assert f"skipping {damaged / 'results.json'}: stopped is 3, expected a string or null" in caplog.text
+
+
 def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_path, capsys):
     """results.json counts the trainable parameters under each learning-rate key; the table shows ``-``
     for a rate a run does not use, and a column only where the runs that use it differ."""

@@ -126,7 +126,9 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
-        "status": status(path, results),
+        # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
+        "status": "finished (NaN)" if results.get("stopped") and status(path, results) == "finished" else
+        status(path, results),
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "processes": results.get("world_size", 1),
         "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet
@@ -178,7 +180,7 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
         row, curve = read_row(path, results), read_curve(results)
         if row["smoke"] == "True" and not include_smoke:
             smoke += 1
-        elif row["status"] != "finished" and not include_running:
+        elif not row["status"].startswith("finished") and not include_running:
             unfinished += 1
         else:
             rows.append(row)

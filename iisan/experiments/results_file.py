@@ -83,6 +83,7 @@ def check_results(results) -> None:
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
     _field(results, "world_size", "integer", optional=True)  # the table's processes column
+    _field(results, "stopped", "string", optional=True)  # why --nonfinite authors ended training
     step = _field(results, "step", "object", optional=True) or {}
     for key in _field(step, "cache_dtypes", "object", "step.", optional=True) or {}:
         _field(step["cache_dtypes"], key, "string", "step.cache_dtypes.")
