@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
-from iisan.experiments.reproduce import SEEDS, Reproduction, reproduce  # noqa: E402
+from iisan.experiments.presets import SEEDS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -46,7 +46,9 @@ def parser() -> FlagParser:
     return parser
 
 
-def reproduction(args) -> Reproduction:
+def reproduction(args):
+    from iisan.experiments.reproduce import Reproduction  # here: --help need not import torch
+
     overrides = {k: v for k, v in (("epochs", args.epochs), ("device", args.device)) if v is not None}
     if args.no_progress or args.dataset == "demo":
         overrides["progress"] = False
@@ -57,6 +59,8 @@ def reproduction(args) -> Reproduction:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     setup_logging()
+    from iisan.experiments.reproduce import reproduce  # here: --help need not import torch
+
     run = reproduction(args)
     entry_point("reproduce.py", lambda: reproduce(run, Path(args.root)))
 

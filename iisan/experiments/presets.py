@@ -11,6 +11,7 @@ from ..data.datasets import DATASETS
 from ..files import path_component
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
+SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
 
 
 def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:

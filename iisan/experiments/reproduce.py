@@ -30,12 +30,11 @@ from ..provenance import provenance
 from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
 from .encoders import HubClient, fetch_encoders
-from .presets import BACKBONES, ROOT, dataset_paths
+from .presets import BACKBONES, ROOT, SEEDS, dataset_paths
 from .report import METRICS, average_rows, read_row
 
 log = logging.getLogger(__name__)
 
-SEEDS = (12345, 12346, 12347)  # the authors' seed, then the next two
 # The paper's headline numbers for IISAN, as its authors state them (README: "from 47GB to just 3GB",
 # "from 443s to 22s" per epoch, on their GPU). Its per-data-set HR@10 / NDCG@10 are not copied into this
 # repository; add them here as {"Scientific": {"hit@10": ..., "ndcg@10": ...}} to show them in the table.

@@ -29,11 +29,11 @@ from ..provenance import provenance
 from ..train.runfolder import finished_file, read_results
 from ..train.trainer import train
 from .offline import minilm_path
+from .presets import SEEDS
 
 log = logging.getLogger(__name__)
 
 SETTINGS = ("id", "iisan-text")
-SEEDS = (12345, 12346, 12347)
 METRICS = ("hit@10", "ndcg@10")
 DESCRIPTION = {
     "id": "SASRec over learned 64-d item-ID embeddings (method id): no encoder, cache or images",
