@@ -106,6 +106,28 @@ def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
     assert f"skipping {damaged / 'results.json'}: stopped is 3, expected a string or null" in caplog.text
 
 
+def test_csv_and_curves_at_one_path_are_refused_before_anything_is_written(runs, tmp_path, capsys):
+    out, _ = runs
+    with pytest.raises(SystemExit) as info:
+        main(["results", str(out), "--csv", str(tmp_path / "same.png"), "--curves", str(tmp_path / "same.png")])
+    assert info.value.code == 2 and not (tmp_path / "same.png").exists()
+    assert capsys.readouterr().err == f"iisan: error: --csv and --curves both name {tmp_path / 'same.png'}; give " \
+                                      "each its own file\n"
+
+
+def test_a_run_folder_linked_into_a_folder_of_runs_is_one_of_them(runs, tmp_path):
+    """os.walk follows the link (Path.rglob did not: the run was left out without a word); a link back up
+    is walked once."""
+    from iisan.experiments.results_file import find_results
+
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "mixed" / "real", lambda r: None)
+    (tmp_path / "mixed" / "linked").symlink_to(out / "lr0.0002-s1", target_is_directory=True)
+    (tmp_path / "mixed" / "real" / "up").symlink_to(tmp_path / "mixed", target_is_directory=True)
+    found = find_results([str(tmp_path / "mixed")])
+    assert sorted(p.parent.name for p in found) == ["linked", "real"]
+
+
 def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_path, capsys):
     """results.json counts the trainable parameters under each learning-rate key; the table shows ``-``
     for a rate a run does not use, and a column only where the runs that use it differ."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,11 @@ def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
     assert (cfg.text_model, cfg.text_layers, cfg.text_pooling) == ("models/Qwen2.5-7B", (0, 14, 28), "last")
     (same,), _ = _parse(versa, ["--preset", "llama3-8b+vit-base", "--text-model", own["text_model"]])
     assert same.text_layers == own["text_layers"] and same.text_pooling == "authors"  # the preset's own model
+    for spelt in (own["text_model"] + "/", os.path.relpath(own["text_model"])):  # the same folder, spelt otherwise
+        assert {**versa.defaults_for(["--preset", "llama3-8b+vit-base", "--text-model", spelt]),
+                "text_model": own["text_model"]} == own
+        (again,), _ = _parse(versa, ["--preset", "llama3-8b+vit-base", "--text-model", spelt])
+        assert (again.text_layers, again.text_pooling, again.cache_dir) == (same.text_layers, "authors", same.cache_dir)
 
 
 def test_a_text_model_in_the_config_file_drops_the_presets_layers_too(tmp_path, capsys):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..bounds import RANDOM_BACKBONES, path_arg
+from ..errors import ConfigError
 from ..flags import add_config_arguments, config_from_args
 
 
@@ -34,6 +36,8 @@ def cmd_results(args) -> None:
     from ..experiments.report import claim_csv, collect, markdown, sorted_by, table, write_csv
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    if args.csv and args.curves and os.path.abspath(args.csv) == os.path.abspath(args.curves):
+        raise ConfigError(f"--csv and --curves both name {args.csv}; give each its own file")
     if args.curves:  # a bad suffix or a file that is not ours ends here, before any reading or printing
         figure_format(args.curves)
         claim_figure(args.curves)

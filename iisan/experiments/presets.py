@@ -63,10 +63,15 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None) -> 
     (``--text-layers`` / ``--text-pooling`` set them), and a cache folder named after it."""
     cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
     settings = VERSA_PRESETS[preset]
-    if text_model and text_model != settings.get("text_model", BACKBONES["text_model"]):
+    if text_model and not same_folder(text_model, settings.get("text_model", BACKBONES["text_model"])):
         settings = {k: v for k, v in settings.items() if k not in ("text_layers", "text_pooling")}
-        if cache_dir and text_model != BACKBONES["text_model"]:
-            cache_dir += "_" + path_component(Path(text_model).name)
+        if cache_dir and not same_folder(text_model, BACKBONES["text_model"]):
+            cache_dir += "_" + path_component(Path(text_model).resolve().name)
     elif settings.get("text_model") and cache_dir:
         cache_dir += "_" + preset
     return {"method": "iisan", "feed": "cached", **({"cache_dir": cache_dir} if cache_dir else {}), **settings}
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Whether two spellings name one folder (``models/x/``, ``./models/x`` and its absolute path do)."""
+    return a == b or Path(a).resolve() == Path(b).resolve()

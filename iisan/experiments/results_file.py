@@ -5,6 +5,7 @@ its type (``check_results``); a file that fails says which field and what it sho
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..config import Config
@@ -23,7 +24,7 @@ def find_results(folders: list[str]) -> list[Path]:
         if folder.is_file() and folder.name == "results.json":
             found.append(folder)
         elif folder.is_dir():
-            found += sorted(folder.rglob("results.json"))
+            found += sorted(results_under(folder))
         else:
             raise ConfigError(f"{folder} is neither a run folder nor a results.json")
     if not found:
@@ -32,6 +33,19 @@ def find_results(folders: list[str]) -> list[Path]:
     for path in found:
         first.setdefault(path.resolve(), path)  # resolved: links and relative paths are the same run too
     return list(first.values())
+
+
+def results_under(folder: Path) -> list[Path]:
+    """Every results.json below ``folder``, through linked folders too (a run folder linked into a folder
+    of runs is one of them), each real folder walked once (a link back up is no loop)."""
+    found, walked = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(root)) in walked:
+            dirs.clear()
+            continue
+        walked.add(real)
+        found += [Path(root) / "results.json"] if "results.json" in files else []
+    return found
 
 
 class DamagedResults(ValueError):
