@@ -187,10 +187,8 @@ class Config:
     run_name: str = _opt("", "run folder name (default: method, feed, data set and a hash of the config, so "
                          "that running the same command again resumes or skips its run)")
     progress: bool = _opt(True, "show progress bars")
-    resume: bool = _opt(
-        False, "insist on continuing from the run folder's newest intact checkpoint (an error when there is "
-        "none); without it a run folder with checkpoints is resumed anyway"
-    )
+    resume: bool = _opt(False, "insist on continuing from the run folder's newest intact checkpoint (an error when "
+                        "there is none); without it a run folder with checkpoints is resumed anyway")
     report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
                           "tensorboard package)", ("none", "tensorboard"))
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
@@ -201,10 +199,8 @@ class Config:
                           "non-finite (its last good checkpoint and best weights kept); authors = as the authors' "
                           "code: a NaN ends training with the best epoch so far as the result, an infinite loss "
                           "alone goes on", ("fail", "authors"))
-    deterministic: bool = _opt(
-        False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for bit-exact GPU "
-        "runs; CPU runs are bit-exact without it"
-    )
+    deterministic: bool = _opt(False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for "
+                               "bit-exact GPU runs; CPU runs are bit-exact without it")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -106,6 +106,24 @@ def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
     assert f"skipping {damaged / 'results.json'}: stopped is 3, expected a string or null" in caplog.text
 
 
+def test_runs_of_other_data_under_one_name_are_never_averaged_together(runs, tmp_path, capsys, caplog):
+    """Two folders both named ``data``, or a users file edited between seeds: the table's data name is the
+    same, the files' contents (their fingerprints in results.json) are not; the rows stay apart."""
+    out, _ = runs
+    copy_run(out / "lr0.0002-s1", tmp_path / "a", lambda r: None)
+    copy_run(out / "lr0.0002-s2", tmp_path / "b", lambda r: r.update(users_fingerprint="0123456789abcdef"))
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    data = [row[header.index("data")] for row in rows]
+    assert len(rows) == 2 and len(set(data)) == 2 and all(d.startswith(f"{d.split('@')[0]}@") for d in data)
+    assert [row[header.index("seeds")] for row in rows] == ["1", "1"]
+    assert "names files of other contents in these runs: shown apart as" in caplog.text
+    copy_run(out / "lr0.0002-s2", tmp_path / "c", lambda r: None)  # the same files as a: one data set, no @
+    main(["results", str(tmp_path / "a"), str(tmp_path / "c"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and "@" not in rows[0][header.index("data")] and rows[0][header.index("seeds")] == "2"
+
+
 def test_csv_and_curves_at_one_path_are_refused_before_anything_is_written(runs, tmp_path, capsys):
     out, _ = runs
     with pytest.raises(SystemExit) as info:
@@ -512,7 +530,7 @@ def test_a_column_of_numbers_has_one_format(runs, tmp_path, capsys):
 def test_encoders_in_folders_of_one_name_are_told_apart(runs, tmp_path, capsys):
     """Two encoders in folders named ``model`` show their parent folder too (and are two experiments);
     one encoder at two roots (same folder and parent names) is one; distinct names show the name alone."""
-    from iisan.experiments.report import encoder_labels
+    from iisan.experiments.labels import encoder_labels
 
     out, _ = runs
     first = out / "lr0.001-s1"

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +41,7 @@ from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
 from ..train.checkpoint import MAY_CHANGE
+from .labels import data_labels, encoder_labels
 from .results_file import METRICS, DamagedResults, find_results, load_results, status
 
 log = logging.getLogger(__name__)
@@ -69,43 +69,6 @@ def config_text(key: str, value) -> str:
     return str(value)
 
 
-# Folder names that say where a model's files are, not which model they are: the folder above names it.
-PLACE_NAMES = frozenset({"model", "models", "weights", "checkpoint", "checkpoints", "pretrained", "hf", "final",
-                         "best", "main"})
-
-
-def encoder_name(path: PurePath) -> tuple[str, PurePath]:
-    """What names the encoder at ``path``, and the folder above that name: the folder's name; for a folder
-    named for a place (``PLACE_NAMES``: ``.../all-MiniLM-L6-v2/model``) its parent's name too; for a
-    Hugging Face cache snapshot (``models--org--name/snapshots/<commit>``) the Hub id ``org/name``."""
-    parts = path.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/"), path.parents[2]
-    if path.name.lower() in PLACE_NAMES and path.parent.name:
-        return f"{path.parent.name}/{path.name}", path.parent.parent
-    return path.name, path.parent
-
-
-def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
-    """The label of each encoder path, by which the table shows and compares encoders: its name
-    (``encoder_name``), or ``parent/name`` where encoders in differently named parent folders share that
-    one-folder name (``.../bert/enc`` and ``.../vit/enc``); a bare name (``bert-base-uncased``) is the same
-    encoder as any ``.../bert-base-uncased``. Paths that end in the same two folder names are one encoder, so a
-    copy under another root (another machine, a relative path) is one experiment: a guess from names, not
-    a proof (a Hub id, ``org/name``, has just those two parts)."""
-    named = {path: encoder_name(PurePath(path)) for path in set(paths)}
-    parents: dict[str, set[str]] = {}
-    for name, above in named.values():
-        parents.setdefault(name, set()).update({above.name} - {""})  # a bare name matches any parent
-
-    def label(name: str, above: PurePath) -> str:
-        if "/" in name or len(parents[name]) <= 1 or not above.name:  # two names already: one encoder
-            return name
-        return f"{above.name}/{name}"
-
-    return {path: label(*named[path]) for path in named}
-
-
 def _written(path: Path) -> float | None:
     """When a results file was last written (a run rewrites it as it ends; the file records no time)."""
     try:
@@ -126,6 +89,8 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
         "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
+        # what the data files held (older results: their paths), to tell apart data sets that share a name
+        "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and status(path, results) == "finished" else
         status(path, results),
@@ -198,8 +163,8 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
 
 def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
-    return dict.fromkeys(["run", "method", "feed", "data", "status", *RUN_KEYS, "best_epoch", "epochs_run",
-                          "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
+    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "status", *RUN_KEYS, "best_epoch",
+                          "epochs_run", "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
                           "trainable_params", "peak_gib", "device", "folder", "written", "non_finite"])
 
 
@@ -248,7 +213,7 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     """The runs (or, with ``average_seeds``, one row per configuration over one run per seed:
     ``one_per_seed``), with the ``keys`` asked for and every differing key as columns, the rows in
     order of those columns (``in_order``; the seed last), then of the run's name."""
-    frame = frame.assign(**{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
+    frame = frame.assign(data=data_labels(frame), **{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
     fixed = ("method", "feed", "data")  # columns of every table already
