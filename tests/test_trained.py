@@ -252,6 +252,27 @@ def test_export_replaces_an_earlier_export_but_no_one_elses_file(runs, tmp_path,
     assert theirs.read_text() == "my precious\n"
 
 
+def test_export_into_a_folder_of_another_runs_embeddings_is_refused(runs, tmp_path, capsys):
+    """users-test of one run beside items of another would be a folder whose products mean nothing."""
+    from safetensors import safe_open
+
+    folder, first, second = tmp_path / "emb", runs["cached"], runs["bitfit"]
+    main(["export", first["run_dir"], "--out", str(folder), "--device", "cpu"])
+    main(["export", first["run_dir"], "--out", str(folder), "--split", "valid", "--device", "cpu"])  # the same run
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        main(["export", second["run_dir"], "--out", str(folder), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err == (
+        f"iisan: error: --out {folder} holds items.safetensors exported from {first['run_dir']} (best epoch "
+        f"{first['best_epoch']}), not {second['run_dir']} (best epoch {second['best_epoch']}): export into another "
+        "folder (a folder holds one model's embeddings)")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with safe_open(str(folder / "users-valid.safetensors"), "pt") as fh:
+        assert fh.metadata()["run_dir"] == first["run_dir"]
+
+
 @pytest.mark.parametrize("name", ["cached", "bitfit"])
 def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsys):
     results = runs[name]

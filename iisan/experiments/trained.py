@@ -258,12 +258,31 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
                       for s in range(0, len(inputs), chunk)]).cpu()
 
 
-def is_export(path: Path) -> bool:
+def export_metadata(path: Path) -> dict | None:
+    """The metadata of an export IISAN wrote, or None for any other file."""
     try:
         with safe_open(str(path), "pt") as fh:
-            return (fh.metadata() or {}).get("format") == EXPORT_FORMAT
+            metadata = fh.metadata() or {}
     except Exception:  # not a safetensors file at all (safetensors raises its own error types)
-        return False
+        return None
+    return metadata if metadata.get("format") == EXPORT_FORMAT else None
+
+
+def is_export(path: Path) -> bool:
+    return export_metadata(path) is not None
+
+
+def refuse_other_exports(out_dir: Path, common: dict[str, str]) -> None:
+    """An ``OutputError`` when ``out_dir`` holds embeddings exported from another run, or from this run at
+    another best epoch: a new export would leave a folder of files from two models (``users-valid`` of one,
+    ``items`` of the other), whose products mean nothing."""
+    for path in sorted(out_dir.glob("*.safetensors")) if out_dir.is_dir() else []:
+        if (meta := export_metadata(path)) and any(meta.get(k) != common[k] for k in ("run_dir", "best_epoch",
+                                                                                       "config")):
+            raise OutputError(f"--out {out_dir} holds {path.name} exported from {meta.get('run_dir')} (best epoch "
+                              f"{meta.get('best_epoch')}), not {common['run_dir']} (best epoch "
+                              f"{common['best_epoch']}): export into another folder (a folder holds one model's "
+                              "embeddings)")
 
 
 def refuse_inputs_as_out(run: TrainedRun, out_dir: Path) -> None:
@@ -293,6 +312,7 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
     refuse_inputs_as_out(run, out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir), "method": METHOD_NAMES[run.cfg.method],
               "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
+    refuse_other_exports(out_dir, common)
     paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
     for path in paths.values():  # an earlier export is replaced; any other file there never is
         claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
