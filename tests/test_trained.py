@@ -252,6 +252,30 @@ def test_export_replaces_an_earlier_export_but_no_one_elses_file(runs, tmp_path,
     assert theirs.read_text() == "my precious\n"
 
 
+def test_evaluate_while_the_run_trains_says_so_and_blames_the_epoch_not_the_software(runs, tmp_path, capsys,
+                                                                                     caplog):
+    """A run that improves between the reading of results.json and of best.safetensors: the weights'
+    epoch is not the file's, which the comparison names instead of another library version."""
+    import shutil
+
+    from iisan.train.runfolder import lock_run_folder
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    results.update(best_epoch=results["best_epoch"] + 7, test={k: v + 0.125 for k, v in results["test"].items()})
+    (copy / "results.json").write_text(json.dumps(results))
+    held = lock_run_folder(copy)  # as a training process holds it
+    try:
+        main(["evaluate", str(copy), "--device", "cpu", "--split", "test"])
+    finally:
+        held.close()
+    assert f"{copy} is still training: its best weights and results.json change" in caplog.text
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"results.json differs: largest difference 1.25e-01 (results.json is of best epoch "
+        f"{results['best_epoch']}, the weights of {results['best_epoch'] - 7})")
+
+
 def test_export_into_a_folder_of_another_runs_embeddings_is_refused(runs, tmp_path, capsys):
     """users-test of one run beside items of another would be a folder whose products mean nothing."""
     from safetensors import safe_open

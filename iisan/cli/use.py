@@ -41,7 +41,10 @@ def recorded_metrics(results: dict) -> dict:
 
 
 def why_different(run: TrainedRun) -> str:
-    """The likeliest reason the numbers moved: a cache rebuilt in another precision, else the software."""
+    """The likeliest reason the numbers moved: weights of another epoch than the results file's (a run
+    still training), a cache rebuilt in another precision, else the software."""
+    if run.results.get("best_epoch") != run.best_epoch:
+        return f"results.json is of best epoch {run.results.get('best_epoch')}, the weights of {run.best_epoch}"
     step = run.results.get("step")
     trained_on = (step.get("cache_dtypes") if isinstance(step, dict) else None) or {}
     now = run.model.cache_dtypes()

@@ -34,11 +34,12 @@ from ..devices import resolve_device
 from ..errors import ConfigError, DataError, OutputError, TrainingError
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_safetensors_atomic
+from ..locks import held
 from ..model.build import build_model
 from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
 from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
-from ..train.runfolder import RESULTS, results_or_reason
+from ..train.runfolder import LOCK, RESULTS, results_or_reason
 from ..train.same_inputs import changed_encoder
 from ..train.weights import load_weights
 
@@ -126,6 +127,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
                           else f"{run_dir} is a file; expected a run folder (runs/<name>)")
+    if held(run_dir / LOCK):
+        log.warning("%s is still training: its best weights and results.json change whenever an epoch improves, "
+                    "so what is read now may be of two epochs", run_dir)
     results, damage = results_or_reason(run_dir / RESULTS)
     if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
         log.warning("%s: %s; used without it (no working folder for relative paths, no check that the items "
