@@ -636,6 +636,25 @@ def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base
     assert len(train(cfg.replace(epochs=3))["epochs"]) == 3  # more goes on
 
 
+def test_a_lower_patience_under_which_the_run_would_have_stopped_earlier_is_refused(base, tmp_path):
+    """Learning rates too small to move a score: epoch 0 is the best and epochs 1-3 are 3 without
+    improvement. Patience 1 would have stopped the run after epoch 2, so its record cannot be patience 1's;
+    patience 2 stops it exactly where it is, the same run."""
+    rates = dict.fromkeys(("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text"), 1e-12)
+    cfg = base.replace(out_dir=str(tmp_path), run_name="flat", epochs=4, **rates)
+    results = train(cfg)
+    assert results["best_epoch"] == 0 and len(results["epochs"]) == 4
+    before = (tmp_path / "flat" / "results.json").read_bytes()
+    with pytest.raises(ConfigError) as info:
+        train(cfg.replace(patience=1))
+    assert str(info.value) == (f"--patience 1: {tmp_path / 'flat'} has trained 3 epochs without improvement under "
+                               "patience 20, so with 1 it would have stopped 1 epoch(s) earlier than it did; give at "
+                               "least 2 to go on with it, or another --run-name")
+    assert (tmp_path / "flat" / "results.json").read_bytes() == before
+    again = train(cfg.replace(patience=2))
+    assert again["config"]["patience"] == 2 and len(again["epochs"]) == 4
+
+
 @pytest.mark.parametrize("manifest", [
     "[]", '{"format": "iisan-checkpoint/1"}', '{"format": "iisan-checkpoint/1", "files": []}',
     '{"format": "iisan-checkpoint/1", "files": {"model.safetensors": 5}}', "[" * 100000 + "]" * 100000,

@@ -82,6 +82,14 @@ class Progress:
             raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
                               "epochs already; give at least that many (--epochs, or epochs in the config file) to "
                               "go on with it, or another --run-name")
+        # A lower patience than the run had, under which it would have stopped before it did: its epochs and
+        # results are not that patience's (a higher one goes on training; one that stops here is the same run).
+        bad, before, now = state["early_stopping"]["bad_epochs"], state["config"].get("patience"), self.stopper.patience
+        if isinstance(before, int) and now < before and bad > now + 1:
+            raise ConfigError(f"--patience {now}: {checkpoint.parent.parent} has trained {bad} epochs without "
+                              f"improvement under patience {before}, so with {now} it would have stopped "
+                              f"{bad - now - 1} epoch(s) earlier than it did; give at least {bad - 1} to go on with "
+                              "it, or another --run-name")
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
         self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],
