@@ -9,8 +9,9 @@ grouping and the CSV).
 Runs are told apart by every config key whose value differs between them, except those that never make
 two experiments: the seed, names and paths of outputs (run name, folders), and how a run was executed
 (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are compared by name
-(the users file's folder) and encoders by their folder's name, with its parent's where two encoders
-share a name (``encoder_labels``), so the same data or encoder under two roots is one experiment. Layers
+(the users file's folder; with a digest of the files' contents where one name covers other files) and
+encoders by their folder's name, with its parent's where two encoders share a name (``labels``), so the
+same data or encoder under two roots is one experiment. Layers
 left to automatic selection (``layer_rule``) show as ``auto``, and a learning rate the run trains
 nothing with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing
 keys are columns of the table, in the rows' order (numbers by value, then the run's name; ``--sort``
