@@ -124,6 +124,16 @@ def test_runs_of_other_data_under_one_name_are_never_averaged_together(runs, tmp
     assert len(rows) == 1 and "@" not in rows[0][header.index("data")] and rows[0][header.index("seeds")] == "2"
 
 
+def test_a_live_run_shows_no_cache_precision(runs, tmp_path, capsys):
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "cached", lambda r: None)
+    copy_run(out / "lr0.001-s1", tmp_path / "live", lambda r: r.update(feed="live", config={**r["config"],
+                                                                                         "feed": "live"}))
+    main(["results", str(tmp_path), "--keys", "cache_dtype"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert {row[0]: row[header.index("cache_dtype")] for row in rows} == {"cached": "float32", "live": "-"}
+
+
 def test_csv_and_curves_at_one_path_are_refused_before_anything_is_written(runs, tmp_path, capsys):
     out, _ = runs
     with pytest.raises(SystemExit) as info:

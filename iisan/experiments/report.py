@@ -111,6 +111,8 @@ def read_row(path: Path, results: dict) -> dict:
     stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
     if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
         row["cache_dtype"] = ",".join(sorted(stored))
+    if results["feed"] != "cached":  # a live run (every baseline, the ID method) reads no cache
+        row["cache_dtype"] = UNUSED
     by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
