@@ -85,6 +85,7 @@ def read_row(path: Path, results: dict) -> dict:
     cfg = {**Config().to_dict(), **results["config"]}
     test, valid = results.get("test") or {}, results.get("valid") or {}
     memory = results.get("peak_memory") or {}
+    ended = status(path, results)
     row = {
         "run": path.parent.name,
         "method": results["method"],
@@ -93,8 +94,7 @@ def read_row(path: Path, results: dict) -> dict:
         # what the data files held (older results: their paths), to tell apart data sets that share a name
         "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
-        "status": "finished (NaN)" if results.get("stopped") and status(path, results) == "finished" else
-        status(path, results),
+        "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
         "processes": results.get("world_size", 1),
         "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet

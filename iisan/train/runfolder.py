@@ -28,7 +28,7 @@ from ..files import TEMPORARY, failure_reason, path_component, remove, write_fai
 from ..locks import OutputLock, is_lock_file
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences, same_paths
-from .same_inputs import refuse_changed_data
+from .same_inputs import kept_nothing, refuse_changed_data
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,7 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
             raise ConfigError(f"{folder / 'config.json'} belongs to a run of another config ({'; '.join(differences)}) "
                               "and no checkpoint or results are left; use another --run-name to start a new run")
         return
-    if earlier.get("status") in ("failed", "interrupted") and earlier.get("epochs") == [] and \
-            not (folder / "best.safetensors").exists():  # no epoch, no weights: nothing to lose but a record
+    if earlier.get("epochs") == [] and kept_nothing(folder):  # no epoch, no weights: nothing lost but a record
         log.info("%s: the run there ended before its first epoch (%s); it starts again with this config (train.log "
                  "keeps the record)", folder, earlier.get("error") or earlier["status"])
         return

@@ -75,6 +75,12 @@ def changed_encoder(cfg: Config, recorded, run: Path) -> str:
     return ""
 
 
+def kept_nothing(folder: Path) -> bool:
+    """Whether the run in ``folder`` left neither best weights nor a checkpoint: nothing of it is lost when
+    another config starts there, and nothing of it was trained on inputs that could have changed."""
+    return not (folder / "best.safetensors").is_file() and not checkpoints(folder / CHECKPOINTS)
+
+
 def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
     ``folder`` recorded its fingerprint, or the cache it reads is not the one it trained on (another
@@ -83,7 +89,7 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     that run's results, best weights and checkpoints are of the old inputs, so it is neither returned as
     finished nor resumed on the new ones. A run that kept nothing (no checkpoint, no best weights: it failed
     before training, on a wrong cache or a bad file) is not held to its inputs: the corrected rerun starts."""
-    if not (folder / "best.safetensors").is_file() and not checkpoints(folder / CHECKPOINTS):
+    if kept_nothing(folder):
         return
     recorded = results.get("cache")
     now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
