@@ -484,6 +484,28 @@ def test_a_seed_run_twice_counts_once_the_newest_kept(runs, tmp_path, capsys, ca
     assert len(table_rows(capsys.readouterr().out)) == 1 + 5
 
 
+def test_copies_of_a_run_under_one_name_are_told_apart_in_the_table_and_the_figure(runs, tmp_path, capsys):
+    """A run and its copy in another folder of runs share a name: each row and each line of the figure
+    shows as many folders above the run as tell them apart, and neither curve replaces the other."""
+    from iisan.experiments.labels import run_labels
+    from iisan.experiments.report import collect
+
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "a" / "runs" / "lr0.001-s1", lambda r: None)
+    copy_run(out / "lr0.001-s1", tmp_path / "b" / "runs" / "lr0.001-s1", lambda r: r["test"].update({"hit@10": 0.5}))
+    main(["results", str(out), str(tmp_path / "a"), str(tmp_path / "b")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    shown = {r[0]: r[header.index("test_hit@10")] for r in rows}
+    assert sorted(shown) == ["a/runs/lr0.001-s1", "b/runs/lr0.001-s1", "lr0.0002-s1", "lr0.0002-s2",
+                             f"{out.name}/lr0.001-s1"]
+    assert shown["b/runs/lr0.001-s1"] == "0.5000" != shown["a/runs/lr0.001-s1"]
+    _, curves = collect([str(out), str(tmp_path / "a"), str(tmp_path / "b")])
+    assert len(curves) == 5 and curves["b/runs/lr0.001-s1"] == curves["a/runs/lr0.001-s1"]
+    assert run_labels(["/x/r", "/y/r", "/x/s", "r"]) == ["x/r", "y/r", "s", "r"]  # a bare name stays bare
+    assert run_labels(["/p/x/r", "/q/x/r", "/q/y/r"]) == ["p/x/r", "q/x/r", "y/r"]  # only as deep as needed
+    assert run_labels([]) == []
+
+
 def test_runs_of_other_process_counts_are_other_experiments(runs, tmp_path, capsys):
     """torchrun's processes each take a batch of users: a 2-process run of a config and seed is not a
     repeat of the 1-process one, and the table shows the count where it differs."""

@@ -1,11 +1,13 @@
-"""How a table of runs names what it compares: encoders by their folder's name, with its parent's where
-two encoders share one (``encoder_labels``), and data sets by the users file's folder, with a digest of
-the files' contents where runs of one name read other files (``data_labels``)."""
+"""How a table of runs names what it compares: runs by their folder's name, with the folders above it
+where two runs share one (``run_labels``), encoders by their folder's name, with its parent's where two
+encoders share one (``encoder_labels``), and data sets by the users file's folder, with a digest of the
+files' contents where runs of one name read other files (``data_labels``)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import PurePath
 
@@ -16,6 +18,21 @@ log = logging.getLogger(__name__)
 # Folder names that say where a model's files are, not which model they are: the folder above names it.
 PLACE_NAMES = frozenset({"model", "models", "weights", "checkpoint", "checkpoints", "pretrained", "hf", "final",
                          "best", "main"})
+
+
+def run_labels(folders: list[str]) -> list[str]:
+    """The label of each run folder in a table and a figure of runs: its name, or where runs share that
+    name (a copy of a run, ``a/seed1`` beside ``b/seed1``) as many folders above it as tell them apart."""
+    paths = [PurePath(f) for f in folders]
+    labels = [p.name for p in paths]
+    for depth in range(2, max((len(p.parts) for p in paths), default=0) + 1):
+        shared = Counter(labels)
+        repeated = [i for i, label in enumerate(labels) if shared[label] > 1]
+        if not repeated:
+            break
+        for i in repeated:
+            labels[i] = str(PurePath(*paths[i].parts[-depth:]))
+    return labels
 
 
 def encoder_name(path: PurePath) -> tuple[str, PurePath]:

@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
 from ..train.checkpoint import MAY_CHANGE
-from .labels import data_labels, encoder_labels
+from .labels import data_labels, encoder_labels, run_labels
 from .results_file import METRICS, DamagedResults, find_results, load_results, status
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def read_curve(results: dict) -> dict[str, list]:
 
 def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
             include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
-    """A frame of one row per readable, included run, and the curve of each (by run name)."""
+    """A frame of one row per readable, included run, and the curve of each (by its label, ``run_labels``)."""
     unknown = [k for k in keys if k not in KEYS]
     if unknown:
         meant = {k: m for k in unknown if (m := close_match(k, KEYS))}
@@ -137,7 +137,7 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
                           f"({', '.join(Config.__dataclass_fields__)}) or processes (how many processes trained "
                           "the run)")
     files = find_results(folders)
-    rows, curves, unreadable, smoke, unfinished = [], {}, 0, 0, 0
+    rows, curves, unreadable, smoke, unfinished = [], [], 0, 0, 0
     for path in files:
         try:
             results = load_results(path)
@@ -152,16 +152,18 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
             unfinished += 1
         else:
             rows.append(row)
-            curves[path.parent.name] = curve
+            curves.append(curve)
     if unreadable:
         log.warning("%d of %d results files skipped", unreadable, len(files))
     if smoke or unfinished:
         log.info("left out %d smoke run(s) (--include-smoke) and %d unfinished run(s) (--include-running)",
                  smoke, unfinished)
+    for row, label in zip(rows, run_labels([row["folder"] for row in rows]), strict=True):
+        row["run"] = label  # two runs of one name (a copy) are told apart by the folders above them
     for row in rows:
         if row["non_finite"]:
             log.warning("%s: non-finite %s", row["run"], row["non_finite"].replace(",", ", "))
-    return pd.DataFrame(rows, columns=list(read_row_columns())), curves
+    return pd.DataFrame(rows, columns=list(read_row_columns())), dict(zip([r["run"] for r in rows], curves))
 
 
 def read_row_columns() -> dict:
