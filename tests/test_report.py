@@ -297,6 +297,8 @@ MISSING = object()  # a field left out of the file
     (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
     (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
     (("world_size",), "x", 'world_size is "x", expected an integer or null'),
+    (("world_sizes",), 2, "world_sizes is 2, expected a list or null"),
+    (("world_sizes",), [2, True], "world_sizes is [2, true], expected a list of integers"),
     (("method",), True, "method is true, expected a string"),
     (("status",), None, "status is null, expected a string"),
     (("epochs",), {}, "epochs is an object, expected a list"),
@@ -512,7 +514,7 @@ def test_runs_of_other_process_counts_are_other_experiments(runs, tmp_path, caps
     out, _ = runs
     copy_runs(out, tmp_path / "runs")
     copy_run(tmp_path / "runs" / "lr0.001-s1", tmp_path / "runs" / "lr0.001-s1-2proc",
-             lambda r: r.update(world_size=2) or r["test"].update({"hit@10": 0.5}))
+             lambda r: r.update(world_size=2, world_sizes=[2]) or r["test"].update({"hit@10": 0.5}))
     main(["results", str(tmp_path / "runs"), "--average-seeds"])
     header, *rows = table_rows(capsys.readouterr().out)
     by_key = {(r[header.index("lr")], r[header.index("processes")]): r for r in rows}

@@ -178,7 +178,7 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     monkeypatch.undo()
     saved = Path(cfg.out_dir) / "other-world" / "checkpoints" / "epoch-0001-step-00004"
     state = json.loads((saved / checkpoint.STATE).read_text())
-    state["world_size"] = 2
+    state["world_size"], state["world_sizes"] = 2, [2]
     (saved / checkpoint.STATE).write_text(json.dumps(state, indent=1) + "\n")
     manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
     manifest["files"][checkpoint.STATE] = {"bytes": (saved / checkpoint.STATE).stat().st_size,
@@ -192,6 +192,10 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     assert len(losses) == 20  # epochs 1 and 2, ten steps each (resuming at step 4 would make 16)
     assert f"{saved} stopped after step 4 of epoch 1 with 2 process(es): epoch 1 starts again" in caplog.text
     assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
+    assert results["world_sizes"] == [2, 1] and results["world_size"] == 1  # every count, not only the last
+    from iisan.experiments.report import collect
+
+    assert collect([str(saved.parents[1])], include_running=True)[0]["processes"].tolist() == ["2+1"]
 
 
 def test_sigterm_saves_mid_epoch_like_ctrl_c(base, monkeypatch):

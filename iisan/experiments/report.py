@@ -96,7 +96,8 @@ def read_row(path: Path, results: dict) -> dict:
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
-        "processes": results.get("world_size", 1),
+        # a run resumed under other counts of processes (torchrun) is shown as such: "2+1"
+        "processes": "+".join(map(str, results.get("world_sizes") or [results.get("world_size", 1)])),
         "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet
         "epochs_run": len(results["epochs"]),
         "valid_hit@10": valid.get("hit@10"),

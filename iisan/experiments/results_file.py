@@ -97,6 +97,9 @@ def check_results(results) -> None:
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
     _field(results, "world_size", "integer", optional=True)  # the table's processes column
+    sizes = _field(results, "world_sizes", "list", optional=True) or []  # files since 2026-12-05
+    if not all(EXPECTED["integer"][0](n) for n in sizes):
+        raise DamagedResults(f"world_sizes is {json.dumps(sizes)[:40]}, expected a list of integers")
     _field(results, "stopped", "string", optional=True)  # why --nonfinite authors ended training
     step = _field(results, "step", "object", optional=True) or {}
     for key in _field(step, "cache_dtypes", "object", "step.", optional=True) or {}:

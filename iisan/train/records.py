@@ -62,6 +62,7 @@ class RunRecord:
         self.cfg, self.run_dir, self.device, self.world_size, self.main = cfg, run_dir, device, world_size, main
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
+        self.world_sizes = [world_size]  # and their process counts
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
@@ -124,14 +125,17 @@ class RunRecord:
         if self.cfg.report_to == "tensorboard":
             self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
 
-    def resumed_under(self, earlier) -> None:
-        """The commits of the attempts before this one (a checkpoint's ``git_commits``); a resume under
-        another commit than the last is a warning, and results.json lists every commit."""
-        earlier = [c for c in earlier if isinstance(c, str)] if isinstance(earlier, list) else []
-        if earlier and earlier[-1] != self.commit:
+    def resumed_under(self, state: dict) -> None:
+        """The commits and process counts of the attempts before this one (a checkpoint's ``git_commits``,
+        and its ``world_sizes`` then the ``world_size`` of the attempt that saved it): a
+        resume under another commit than the last is a warning, and results.json lists every commit and
+        every count, each change once."""
+        commits = [c for c in state.get("git_commits") or () if isinstance(c, str)]
+        if commits and commits[-1] != self.commit:
             log.warning("%s was trained so far at commit %s and goes on at %s (results.json's git_commits lists "
-                        "both)", self.run_dir, earlier[-1], self.commit)
-        self.commits = earlier + [self.commit] if not earlier or earlier[-1] != self.commit else earlier
+                        "both)", self.run_dir, commits[-1], self.commit)
+        sizes = _then([n for n in state.get("world_sizes") or () if type(n) is int and n >= 1], state["world_size"])
+        self.commits, self.world_sizes = _then(commits, self.commit), _then(sizes, self.world_size)
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -171,6 +175,7 @@ class RunRecord:
             "peak_memory": peak_memory(self.device),
             "device": device_name(self.device),
             "world_size": self.world_size,
+            "world_sizes": self.world_sizes,  # of every attempt: a run resumed under another count differs
             "resumed_from": progress.resumed_from,
             "versions": self.versions,
             "git_commit": self.commit,
@@ -241,3 +246,8 @@ def tensorboard_writer(path: Path):
                     "train.log and metrics.jsonl are written, TensorBoard scalars are not")
         return None
     return SummaryWriter(str(path))
+
+
+def _then(earlier: list, now) -> list:
+    """``earlier`` values of the attempts before this one and ``now``, this attempt's, each change once."""
+    return earlier if earlier and earlier[-1] == now else [*earlier, now]

@@ -164,7 +164,7 @@ class Run:
                         "not match an uninterrupted run bit for bit", found.path, state["world_size"],
                         state["device"], self.dist.world_size)
         self.progress.load(state, found.path, self.cfg.epochs, state["world_size"] != self.dist.world_size)
-        self.record.resumed_under(state.get("git_commits"))
+        self.record.resumed_under(state)
         self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
             else None
         log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch, self.progress.start_step)
@@ -190,6 +190,7 @@ class Run:
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
                 "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": self.record.commits,
+                "world_sizes": self.record.world_sizes,
                 "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
             }
             try:
