@@ -143,6 +143,27 @@ def write_failure(path: str | Path, err: BaseException) -> OutputError:
     return OutputError(f"could not write {path}: {failure_reason(err)}")
 
 
+def require_space(path: str | Path, needed: int, what: str) -> None:
+    """Refuse, before writing, an output the disk cannot hold: ``what`` (``"400 images of 224x224
+    pixels"``) needs about ``needed`` bytes at ``path``. Some writers (LMDB) report a full disk as an
+    'Input/output error' midway; this says what is short, and where, at the start."""
+    place = Path(path).absolute()
+    while not place.exists() and place != place.parent:  # not created yet: the disk of the nearest folder above
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if needed > free:
+        raise OutputError(f"could not write {path}: {what} need about {_bytes(needed)}; the disk holding {place} "
+                          f"has {_bytes(free)} free")
+
+
+def _bytes(n: int) -> str:
+    """A size as a message says it: ``512 bytes``, ``8.6 MiB``, ``1.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
 def usual_permissions(*files: Path) -> None:
     """Give ``files`` the permissions a new file gets here (the umask's). safetensors creates its files
     readable by their owner alone, which keeps weights from the people a run folder is shared with."""

@@ -208,3 +208,33 @@ def test_folders_a_failed_block_made_are_removed_only_when_empty(tmp_path):
     with folders_kept_on_success(tmp_path / "e"):
         (tmp_path / "e").mkdir()
     assert (tmp_path / "e").is_dir()  # success: kept, empty or not
+
+
+def test_an_output_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, tiny_config, tmp_path, monkeypatch):
+    """LMDB reports a full disk midway as an 'Input/output error': the image store and the cache check
+    the free space first and say what is short, and where; nothing is written."""
+    import shutil
+    from collections import namedtuple
+
+    from iisan.data.image_build import build_image_lmdb
+    from iisan.data.interactions import read_items
+    from iisan.model.caching import build_cache_from_config
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    ids = read_items(tiny["items"]).ids
+    out = tmp_path / "new" / "images.lmdb"
+    needed = len(ids) * (10 + 224 * 224 * 3) / 2**20  # a record: its 10-byte header, then the pixels
+    with pytest.raises(OutputError, match=rf"^could not write {out}: {len(ids)} images of 224x224 pixels need "
+                                          rf"about {needed:.1f} MiB; the disk holding {out.parent} has 1.0 MiB free$"):
+        build_image_lmdb(tiny["image_dir"], out, ids, size=224, progress=False)
+    assert not out.exists() and not stale_temporaries(out)
+    cfg = tiny_config(cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 512, 512))  # the tiny cache is small
+    with pytest.raises(OutputError, match=r"^could not write .*cache: the text, image states of \d+ items \(float32\) "
+                                          r"need about [\d.]+ KiB; the disk holding .*cache has 512 bytes free$"):
+        build_cache_from_config(cfg, dtype="float32")
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    build_image_lmdb(tiny["image_dir"], out, ids, size=16, progress=False)  # what fits is written
+    assert out.is_dir()

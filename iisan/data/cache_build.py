@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ..console import ProgressLog
 from ..errors import CacheError, OutputError
-from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
+from ..files import atomic_path, remove, require_space, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import cache_file
 
@@ -259,6 +259,9 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
                  n_chunks - len(todo), n_chunks)
     total = len(indices)
     already = total - sum(len(chunk_ids[k]) for k in todo)
+    final = sum(len(item_ids) * layers * width for layers, width in shapes.values()) * dtype.itemsize
+    require_space(out_dir, final + final * (total - already) // max(total, 1),  # the shards to write, then the files
+                  f"the {', '.join(shapes)} states of {total:,} items ({str(dtype).removeprefix('torch.')})")
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
     # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
     lines = ProgressLog(", ".join(shapes), total, already, unit="items",

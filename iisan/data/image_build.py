@@ -28,6 +28,7 @@ from ..files import (
     claim_output,
     refuse_inputs,
     remove,
+    require_space,
     stale_temporaries,
     write_failure,
     write_text_atomic,
@@ -132,6 +133,8 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
             refuse_foreign_files(out_path)
         for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
             remove(stale)
+        require_space(out_path, len(item_ids) * (HEADER.size + size * size * 3),
+                      f"{len(item_ids):,} images of {size}x{size} pixels")
         try:
             with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
                 problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
