@@ -25,8 +25,6 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-# Default encoder folders, relative to the repository (not to the working directory: see
-# ``model.encoder_files.resolve_model_path``).
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
@@ -236,17 +234,12 @@ class Config:
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift
             self.epochs = min(self.epochs, SMOKE_EPOCHS)
             self.max_steps_per_epoch = min(self.max_steps_per_epoch or SMOKE_STEPS, SMOKE_STEPS)
-        if self.method != "iisan" and self.feed == "cached":
-            # Baselines train through the backbones, so their states cannot be cached.
+        if self.method != "iisan" and self.feed == "cached":  # baselines train through the backbones: no cache
             self.feed = "live"
 
     # ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @property
     def cached(self) -> bool:
@@ -309,6 +302,12 @@ class Config:
 def choices(name: str) -> tuple[str, ...]:
     """The values Config field ``name`` takes, declared once on the field, for lower modules to check against."""
     return {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}[name]
+
+
+def model_location(name: str) -> Path:
+    """Where the encoder folder ``name`` is: a default (``DEFAULT_MODELS``) under the repository, wherever the
+    command runs; any other name as given."""
+    return REPOSITORY / name if name in DEFAULT_MODELS.values() else Path(name).expanduser()
 
 
 class DuplicateKey(ValueError):

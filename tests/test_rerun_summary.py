@@ -113,10 +113,31 @@ def test_a_run_named_by_the_hash_of_paths_as_spelt_is_still_found(tiny_config, t
     """Earlier versions hashed each path as spelt: their run folder is found rather than a new one made."""
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(users=os.path.relpath(tiny_config().users, tmp_path), out_dir=str(tmp_path / "runs"))
-    assert default_run_name(cfg) != default_run_name(cfg, canonical=False)
+    assert default_run_name(cfg) != default_run_name(cfg, scheme="as-spelt")
     assert known_run_name(cfg) == default_run_name(cfg)
-    (tmp_path / "runs" / default_run_name(cfg, canonical=False)).mkdir(parents=True)
-    assert known_run_name(cfg) == default_run_name(cfg, canonical=False)
+    (tmp_path / "runs" / default_run_name(cfg, scheme="as-spelt")).mkdir(parents=True)
+    assert known_run_name(cfg) == default_run_name(cfg, scheme="as-spelt")
+
+
+def test_the_default_encoders_and_a_script_s_path_to_them_name_one_run(tiny_config, tmp_path, monkeypatch):
+    """``iisan train`` leaves the encoders at their defaults (found under the repository from any folder);
+    an entry script gives their absolute paths (``presets.BACKBONES``): one computation, one run folder,
+    and a run folder of the earlier hash, which counted the script's spelling, is still found."""
+    from iisan.config import DEFAULT_MODELS
+    from iisan.experiments.presets import BACKBONES
+    from iisan.train.checkpoint import config_differences
+
+    monkeypatch.chdir(tmp_path)  # neither the repository nor the folder above the encoders
+    plain = tiny_config(out_dir=str(tmp_path / "runs"), text_model=DEFAULT_MODELS["text"],
+                        image_model=DEFAULT_MODELS["image"])
+    scripted = plain.replace(**BACKBONES)
+    assert scripted.text_model != plain.text_model and default_run_name(scripted) == default_run_name(plain)
+    assert config_differences(plain.to_dict(), scripted.to_dict()) == []  # one resumes the other's checkpoints
+    assert default_run_name(scripted.replace(text_model=str(tmp_path / "bert"))) != default_run_name(plain)
+    earlier = default_run_name(scripted, scheme="defaults-as-spelt")
+    assert earlier != default_run_name(scripted) and known_run_name(scripted) == default_run_name(plain)
+    (tmp_path / "runs" / earlier).mkdir(parents=True)
+    assert known_run_name(scripted) == earlier
 
 
 def test_a_run_with_relative_data_paths_resumes_and_is_found_from_another_folder(tiny, tiny_cache, tmp_path,
@@ -146,5 +167,5 @@ def test_an_earlier_versions_sweep_folder_is_found_under_another_tag(tiny_config
     """A sweep point run by a version that hashed paths as spelt, then the sweep extended along one axis."""
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(users=os.path.relpath(tiny_config().users, tmp_path), out_dir=str(tmp_path / "runs"))
-    (tmp_path / "runs" / default_run_name(cfg, "lr0.002", canonical=False)).mkdir(parents=True)
-    assert known_run_name(cfg, "lr0.002-drop0.1") == default_run_name(cfg, "lr0.002", canonical=False)
+    (tmp_path / "runs" / default_run_name(cfg, "lr0.002", scheme="as-spelt")).mkdir(parents=True)
+    assert known_run_name(cfg, "lr0.002-drop0.1") == default_run_name(cfg, "lr0.002", scheme="as-spelt")

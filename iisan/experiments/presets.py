@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import DEFAULT_MODELS, REPOSITORY, model_location
 from ..data.datasets import DATASETS
 from ..files import path_component
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: iisan/experiments/presets.py -> ../..
+ROOT = REPOSITORY  # where the data sets and encoders of the paper live
 SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
 
 
@@ -22,11 +23,8 @@ def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:
             "images": str(base / "images.lmdb"), "cache_dir": str(root / "Code_Cached" / spec.cache_folder)}
 
 
-MODELS = ROOT / "pretrained_models"
-BACKBONES = {
-    "text_model": str(MODELS / "bert-base-uncased"),
-    "image_model": str(MODELS / "vit-base-patch16-224"),
-}
+BACKBONES = {f"{m}_model": str(model_location(DEFAULT_MODELS[m])) for m in ("text", "image")}  # Config's defaults
+MODELS = model_location(DEFAULT_MODELS["text"]).parent
 
 VERSA_DEFAULT_PRESET = "llama3-8b+vit-base"  # run_IISAN_Versa.py's default --preset
 VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every key is a Config field

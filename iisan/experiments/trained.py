@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..config import METHOD_NAMES, Config
+from ..config import METHOD_NAMES, Config, model_location
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
@@ -36,7 +36,6 @@ from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_safetensors_atomic
 from ..locks import held
 from ..model.build import build_model
-from ..model.encoder_files import model_location
 from ..model.recommender import Recommender
 from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
 from ..train.runfolder import LOCK, RESULTS, results_or_reason

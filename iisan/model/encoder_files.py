@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from ..config import DEFAULT_MODELS, REPOSITORY
+from ..config import DEFAULT_MODELS, model_location
 from ..errors import EncoderError
 from ..files import sha256
 
@@ -55,11 +55,6 @@ DIGESTED = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens
                       "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
                       "tokenizer.model", "preprocessor_config.json"})
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def model_location(name: str) -> Path:
-    """Where the folder ``name`` would be: the defaults under the repository, anything else as given."""
-    return REPOSITORY / name if name in DEFAULT_MODELS.values() else Path(name).expanduser()
 
 
 def resolve_model_path(name: str, allow_download: bool = False) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import BEFORE_THE_FIELD, Config
+from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
 from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
@@ -66,6 +66,8 @@ def same_paths(values: dict, working_dir: object = None) -> dict:
     def same(key: str, value: object) -> object:
         if not isinstance(value, str) or not value or key not in (*DATA_PATHS, *MODEL_PATHS):
             return value
+        if key in MODEL_PATHS and value in DEFAULT_MODELS.values():  # under the repository, from any folder
+            return str(model_location(value))
         there = os.path.abspath(os.path.join(base, value))
         return there if key in DATA_PATHS or os.path.isdir(there) else value  # a model not here: a Hub id
 

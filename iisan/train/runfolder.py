@@ -35,39 +35,47 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
-def config_hash(cfg: Config, canonical: bool = True) -> str:
-    """Eight hex digits naming what ``cfg`` computes (see the module docstring). The data files count by
-    where they are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run.
-    ``canonical=False``: the hash of earlier versions, which took each path as spelt (``known_run_name``)."""
-    defaults = Config().to_dict()
-    values = {k: v for k, v in cfg.to_dict().items() if k not in MAY_CHANGE and v != defaults[k]}
-    if canonical:
+# How versions of this library hashed a config, newest first: paths by where they are, a value at its
+# default's place left out (since 2026-12-05); the same, but a default left out only as spelt (a script's
+# absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
+HASHES = ("canonical", "defaults-as-spelt", "as-spelt")
+
+
+def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
+    """Eight hex digits naming what ``cfg`` computes (see the module docstring). Paths count by where they
+    are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run, and so do
+    ``iisan train``'s default encoders and a script's absolute path to them. ``scheme``: one of ``HASHES``."""
+    defaults, values = Config().to_dict(), cfg.to_dict()
+    if scheme == "canonical":
+        defaults, values = same_paths(defaults), same_paths(values)
+    values = {k: v for k, v in values.items() if k not in MAY_CHANGE and v != defaults[k]}
+    if scheme == "defaults-as-spelt":
         values = same_paths(values)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def data_name(cfg: Config, canonical: bool = True) -> str:
+def data_name(cfg: Config, scheme: str = HASHES[0]) -> str:
     """The data set's name: the users file's folder (``Dataset/Scientific/...tsv`` -> ``Scientific``), also
-    when the path is relative (``users.tsv`` from that folder; ``canonical=False``: as spelt, as before)."""
-    users = Path(os.path.abspath(cfg.users) if canonical and cfg.users else cfg.users)
+    when the path is relative (``users.tsv`` from that folder; the ``as-spelt`` scheme: as spelt)."""
+    users = Path(os.path.abspath(cfg.users) if scheme != "as-spelt" and cfg.users else cfg.users)
     return path_component(users.parent.name or users.stem or "nodata")
 
 
-def default_run_name(cfg: Config, tag: str = "", canonical: bool = True) -> str:
+def default_run_name(cfg: Config, tag: str = "", scheme: str = HASHES[0]) -> str:
     """``iisan-cached-Scientific-3fa2c1d0``; ``tag`` (a sweep's varying values, e.g. ``lr0.0001``) and
     ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart, with the
     number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
     of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
-    head, tail = name_ends(cfg, canonical)
+    head, tail = name_ends(cfg, scheme)
     return f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
 
 
-def name_ends(cfg: Config, canonical: bool = True) -> tuple[str, str]:
+def name_ends(cfg: Config, scheme: str = HASHES[0]) -> tuple[str, str]:
     """The two ends of ``cfg``'s default run name, around a tag: ``iisan-cached-Scientific[-smoke]`` and
     ``[4proc-]3fa2c1d0``."""
     processes = launched_processes()
-    head = [cfg.method, cfg.feed, data_name(cfg, canonical), "smoke" if cfg.smoke else ""]
-    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg, canonical)]
+    head = [cfg.method, cfg.feed, data_name(cfg, scheme), "smoke" if cfg.smoke else ""]
+    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg, scheme)]
     return "-".join(p for p in head if p), "-".join(p for p in tail if p)
 
 
@@ -79,10 +87,10 @@ def known_run_name(cfg: Config, tag: str = "") -> str:
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
-    for canonical in (True, False):  # False: a run of a version that hashed paths as spelt
-        if not canonical and os.path.lexists(out / (spelt := default_run_name(cfg, tag, canonical=False))):
-            return spelt
-        head, tail = name_ends(cfg, canonical)
+    for scheme in HASHES:  # the newest first, then the names of runs of earlier versions
+        if scheme != HASHES[0] and os.path.lexists(out / (earlier := default_run_name(cfg, tag, scheme))):
+            return earlier
+        head, tail = name_ends(cfg, scheme)
         found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
                  and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
         if len(found) == 1:
