@@ -80,7 +80,7 @@ class Config:
                              "BERT-family encoders, mean for decoder LLMs", ("auto", "cls", "mean", "last", "authors"))
     text_encoder_dropout: bool = _opt(
         False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder; turns --dedup-items "
-        "auto into off, so that each slot of a batch gets its own dropout mask, as theirs did"
+        "auto into slots, so that each slot of a batch that holds an item gets its own dropout mask, as theirs did"
     )
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
                               "the checkpoint's own half precision if it has one (LLMs), else fp32",
@@ -157,7 +157,8 @@ class Config:
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 = the authors' (with a "
                     "GradScaler; the step then runs eager)", ("auto", "none", "bf16", "fp16"))
     compile: str = _opt("auto", "training step: eager (off), one CUDA graph (cudagraph) or torch.compile "
-                        "(inductor); auto = cudagraph for cached IISAN on CUDA",
+                        "(inductor); auto = cudagraph for cached IISAN on CUDA in one process without fp16, "
+                        "else off",
                         ("auto", "off", "cudagraph", "inductor"))
     dedup_items: str = _opt(
         "auto", "how a step runs the item tower over a batch: on = once per distinct item; slots = once per "

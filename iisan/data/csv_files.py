@@ -83,7 +83,7 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
         events.setdefault(user, []).append((stamp, lineno, item))
     if not events:
         raise DataError(f"pairs file {path} holds no interactions")
-    return [(user, [item for _, _, item in sorted(rows)]) for user, rows in events.items()]
+    return [(user, [item for _, _, item in sorted(seen)]) for user, seen in events.items()]
 
 
 def read_titles_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[int, str, str]]:

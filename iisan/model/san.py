@@ -187,7 +187,7 @@ class SANItemTower(nn.Module):
             parts.append(self.heads["inter"](self.inter(states["text"], states["image"])))
         return self.combine(torch.cat(parts, dim=-1))  # (n, branches * D) -> (n, D)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:
         """The authors' learning-rate groups (their substring rules in ``run.py``, made explicit):
 
         recsys: text/image/inter output layers, fc_mm, com_dense, text and inter gates (and Versa maps);

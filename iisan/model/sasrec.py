@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASK_VALUE = -1e4  # exp(-1e4) underflows to 0 in every float type, and -1e4 is fp16-safe
+from .loss import MASK_VALUE
 
 
 class SelfAttention(nn.Module):
