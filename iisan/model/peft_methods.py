@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import choices
 from ..errors import TargetError
+from .backbones import depth_and_width
 
 ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
 # What a target can be: a Linear, or GPT-2's Conv1D (a Linear whose weight is stored transposed).
@@ -41,8 +42,8 @@ def features(projection: nn.Module) -> tuple[int, int]:
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's block list: the ModuleList whose length is the config's depth."""
-    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    """The model's block list: the ModuleList whose length is the config's depth (``depth_and_width``)."""
+    depth, _ = depth_and_width(model.config)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == depth:
             return [(f"{name}.{i}", block) for i, block in enumerate(module)]
