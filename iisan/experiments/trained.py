@@ -90,7 +90,7 @@ class TrainedRun:
         return sequence[sequence > 0]
 
 
-PATH_KEYS = ("users", "items", "images", "text_model", "image_model", "cache_dir")
+PATH_KEYS = (*DATA_PATHS, *MODEL_PATHS, "cache_dir")  # what a config names by path
 
 
 def run_ending(results: dict) -> str:
