@@ -13,7 +13,7 @@ from ..data.batches import ItemBatch
 from ..errors import TargetError
 from .backbones import BackboneEncoder
 from .inputs import EncodedItems
-from .item_encoder import LrGroup
+from .item_encoder import MODALITIES, LrGroup, init_image_head
 from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
 from .tower_settings import tower_settings
 
@@ -80,12 +80,11 @@ class BaselineItemEncoder(EncodedItems):
                  added: dict[str, list[nn.Module]] | None = None):
         super().__init__(encoders, tokens, attention)
         self.added = added or {}  # per tower, the modules its method added (``apply_method``)
-        self.modalities = tuple(m for m in ("image", "text") if m in encoders)  # authors' concat order
+        self.modalities = tuple(m for m in MODALITIES if m in encoders)
         self.heads = nn.ModuleDict({m: nn.Linear(encoders[m].width, embedding_dim) for m in self.modalities})
         self.combine = nn.Linear(len(self.modalities) * embedding_dim, embedding_dim)
-        if "image" in self.heads:  # authors: the ViT classifier replaced by a xavier-normal Linear
-            nn.init.xavier_normal_(self.heads["image"].weight)
-            nn.init.zeros_(self.heads["image"].bias)
+        if "image" in self.heads:
+            init_image_head(self.heads["image"])
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         rows = self.rows(items)

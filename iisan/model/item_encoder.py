@@ -17,6 +17,15 @@ from torch import nn
 
 from ..data.batches import ItemBatch
 
+MODALITIES = ("image", "text")  # the authors' order of the towers' outputs before the combining layer
+
+
+def init_image_head(head: nn.Linear) -> None:
+    """The authors replace ViT's classifier with a xavier-normal Linear (zero bias) and use it as the image
+    tower's head, in IISAN and in every baseline alike."""
+    nn.init.xavier_normal_(head.weight)
+    nn.init.zeros_(head.bias)
+
 
 class LrGroup(str, enum.Enum):
     """The authors' learning-rate groups. Members are their names as plain strings ("recsys" == RECSYS, and

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import choices
-from .item_encoder import LrGroup
+from .item_encoder import MODALITIES, LrGroup, init_image_head
 
 
 class SideAdapterBlock(nn.Module):
@@ -155,7 +155,7 @@ class SANItemTower(nn.Module):
         self.head_style = head_style(widths, heads)
         head_hidden = embedding_dim if self.head_style == "versa" else None
         bottleneck = bottleneck or {m: 64 for m in widths}
-        self.modalities = tuple(m for m in ("image", "text") if m in widths)  # authors' concat order
+        self.modalities = tuple(m for m in MODALITIES if m in widths)
         self.use_intra = modality in ("intra", "intra_inter") or len(self.modalities) == 1
         self.use_inter = modality in ("inter", "intra_inter") and len(self.modalities) == 2
         self.intra = nn.ModuleDict()
@@ -173,11 +173,9 @@ class SANItemTower(nn.Module):
             self.heads["inter"] = Head(self.inter.width, embedding_dim)
         branches = len(self.intra) + (self.inter is not None)
         self.combine = nn.Linear(branches * embedding_dim, embedding_dim)  # the authors' com_dense
-        # IISAN: the authors replace ViT's classifier with a xavier-normal Linear(768 -> 64) and reuse it
-        # here. The Versa draft's image head ends in a fresh Linear (cv_pre_fc) with torch's default init.
+        # The Versa draft's image head ends in a fresh Linear (cv_pre_fc) with torch's default init.
         if "image" in self.heads and self.head_style == "iisan":
-            nn.init.xavier_normal_(self.heads["image"][1].weight)
-            nn.init.zeros_(self.heads["image"][1].bias)
+            init_image_head(self.heads["image"][1])
 
     def forward(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
