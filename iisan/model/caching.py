@@ -30,7 +30,7 @@ from ..data.cache import (
 )
 from ..data.cache_build import SIDECAR, build_caches
 from ..data.cache_import import import_caches
-from ..data.interactions import read_items
+from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
@@ -161,12 +161,7 @@ def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
 
 def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overwrite: bool,
            start: float) -> dict[str, Path]:
-    if cfg.users and not all_items:
-        data = load_data(cfg)
-        item_ids, titles, catalog = data.item_ids, data.titles, data.catalog
-    else:
-        catalog = read_items(cfg.items, cfg.allow_empty_titles, cfg.encoding)
-        item_ids, titles = [""] + catalog.ids, [""] + catalog.titles
+    item_ids, titles, catalog = _items(cfg, all_items)
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
     stored, amp = cache_precision(dtype or cfg.cache_dtype, {e.dtype for e in encoders.values()}, device)
@@ -209,13 +204,14 @@ def cache_precision(choice: str, encoder_dtypes: set[torch.dtype],
     return stored, None if stored == torch.float32 else stored
 
 
-def _item_list(cfg: Config, all_items: bool) -> tuple[list[str], str]:
-    """Item ids (index 0 = padding) of the data set after the protocol, or every row of the items file."""
+def _items(cfg: Config, all_items: bool) -> tuple[list[str], list[str], ItemCatalog]:
+    """Item ids and titles (index 0 = padding) of the data set after the protocol, or of every row of the
+    items file, and the file read."""
     if cfg.users and not all_items:
         data = load_data(cfg)
-        return data.item_ids, data.catalog.fingerprint
+        return data.item_ids, data.titles, data.catalog
     catalog = read_items(cfg.items, cfg.allow_empty_titles, cfg.encoding)
-    return [""] + catalog.ids, catalog.fingerprint
+    return [""] + catalog.ids, [""] + catalog.titles, catalog
 
 
 def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str | None = None,
@@ -239,7 +235,7 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
 
 def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bool, allow_missing: bool,
             overwrite: bool) -> dict[str, Path]:
-    item_ids, fingerprint = _item_list(cfg, all_items)
+    item_ids, _, catalog = _items(cfg, all_items)
     keep, shapes, metadata = {}, {}, {}
     for m in modalities(cfg):
         authors_name, model_type, depth, width = AUTHORS_ENCODERS[m]
@@ -251,7 +247,7 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
         metadata[m] = declared_metadata({
             "format": FORMAT, "modality": m, "encoder": authors_name, "encoder_config": "",
             "model_type": model_type, "layers": json.dumps(keep[m]), "width": str(width), "depth": str(depth),
-            "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": fingerprint,
+            "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": catalog.fingerprint,
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
