@@ -207,7 +207,7 @@ def test_models_whose_blocks_or_sizes_cannot_be_found_are_one_line():
     from iisan.model.peft_methods import block_roles, transformer_blocks
 
     class NoBlocks(nn.Module):
-        config = SimpleNamespace(num_hidden_layers=3)
+        config = SimpleNamespace(num_hidden_layers=3, hidden_size=4)
 
         def __init__(self):
             super().__init__()

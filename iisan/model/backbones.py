@@ -92,8 +92,7 @@ def read_spec(name: str, modality: str, allow_download: bool = False) -> Encoder
     check_architecture(config.model_type, modality, name)
     stored = getattr(config, "dtype", None)  # transformers 5 reads a legacy torch_dtype into it
     vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
-    if modality == "image" and hasattr(config, "vision_config"):
-        config = config.vision_config
+    config = tower_config(config, modality)
     depth, width = depth_and_width(config, name)
     return EncoderSpec(name, config.model_type, depth, width, str(stored or "float32").replace("torch.", ""),
                        vocab if modality == "text" and isinstance(vocab, int) and vocab > 0 else None)
@@ -228,6 +227,16 @@ def _load_tower(name: str, modality: str, dtype: torch.dtype | None, allow_downl
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
     model = load_from_folder(AutoModel, name, f"{modality} encoder", allow_download, dtype=dtype or torch.float32,
                              use_safetensors=True)
+    return one_tower(model, modality)
+
+
+def tower_config(config, modality: str):
+    """The config of the ``modality`` tower: of a CLIP-style dual model's image tower, its vision config."""
+    return config.vision_config if modality == "image" and hasattr(config, "vision_config") else config
+
+
+def one_tower(model: nn.Module, modality: str) -> nn.Module:
+    """Of a CLIP-style dual model, the ``modality`` tower (``text_model`` or ``vision_model``); else ``model``."""
     tower = "text_model" if modality == "text" else "vision_model"
     return getattr(model, tower) if hasattr(model, tower) else model
 
@@ -294,11 +303,8 @@ def architecture(name: str, modality: str) -> nn.Module:
     parameter counts need, without reading a 70B checkpoint."""
     config = load_from_folder(AutoConfig, name, f"{modality} encoder config")
     check_architecture(config.model_type, modality, name)  # as loading does (``read_spec``)
-    tower_config = config.vision_config if modality == "image" and hasattr(config, "vision_config") else config
-    depth_and_width(tower_config, name)  # a size of 0 is one line here, not transformers' arithmetic error
-    model = AutoModel.from_config(config)
-    tower = "text_model" if modality == "text" else "vision_model"
-    model = getattr(model, tower) if hasattr(model, tower) else model  # CLIP-style dual models: one tower
+    depth_and_width(tower_config(config, modality), name)  # a size of 0: one line, not transformers' error
+    model = one_tower(AutoModel.from_config(config), modality)
     return drop_pooler(model) if modality == "image" else model
 
 
