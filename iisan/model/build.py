@@ -199,6 +199,22 @@ def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
     )
 
 
+def iisan_item_encoder(cfg: Config, data: SeqRecData | None, device: torch.device,
+                       encoders: dict[str, BackboneEncoder] | None) -> tuple[IISANItemEncoder, PixelSource | None]:
+    """IISAN's SAN tower over its feed: the cache (a cached run on data), else the frozen encoders, live
+    (on data: with its titles and pixels; without: for the states' shapes alone)."""
+    pixels = None
+    if cfg.cached and data is not None:
+        states = cached_states(cfg, data, device)
+    else:
+        encoders = encoders or load_encoders(cfg, device=device)
+        if data is None:
+            states = LiveStates({m: freeze(e) for m, e in encoders.items()})
+        else:
+            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders)
+    return IISANItemEncoder(states, san_tower(cfg, states.shapes())), pixels
+
+
 def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
                 encoders: dict[str, BackboneEncoder] | None = None) -> tuple[Recommender, PixelSource | None]:
     """The recommender for ``cfg.method`` and, when its item encoder reads pixels, their source.
@@ -208,27 +224,17 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
     only: no popularity, titles or pixels (``iisan params``); a cached IISAN model then takes its state
     shapes from ``encoders``, exactly what a cache built from them would hold. Method ``id`` reads no
     encoder and needs ``data`` (its table has a row per item)."""
-    pixels = None
     if cfg.method == "id":
         if data is None:
             raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "
                               "has one row per item")
-        item_encoder = ItemIDEncoder(data.num_items, cfg.embedding_dim)
-    elif cfg.cached and data is not None:
-        states = cached_states(cfg, data, device)
+        item_encoder, pixels = ItemIDEncoder(data.num_items, cfg.embedding_dim), None
     elif cfg.method == "iisan":
-        encoders = encoders or load_encoders(cfg, device=device)
-        if data is None:
-            states = LiveStates({m: freeze(e) for m, e in encoders.items()})
-        else:
-            states, pixels = live_states(cfg, data.item_ids, data.titles, device, encoders)
+        item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders)
     else:
         encoders = encoders or load_encoders(cfg)
-        if data is not None and "image" in encoders:
-            pixels = pixel_source(cfg, data.item_ids)
+        pixels = pixel_source(cfg, data.item_ids) if data is not None and "image" in encoders else None
         item_encoder = baseline_item_encoder(cfg, encoders, None if data is None else data.titles)
-    if cfg.method == "iisan":
-        item_encoder = IISANItemEncoder(states, san_tower(cfg, states.shapes()))
     popularity = torch.ones(2) if data is None else torch.from_numpy(data.popularity())
     model = Recommender(item_encoder, popularity, cfg.embedding_dim, cfg.max_seq_len,
                         cfg.transformer_blocks, cfg.attention_heads, cfg.drop_rate)
