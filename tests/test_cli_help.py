@@ -218,3 +218,16 @@ def test_help_of_every_command_and_entry_script_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_build_lmdb_takes_no_progress_as_every_long_command_does(monkeypatch, tmp_path):
+    """docs/runs.md: a progress bar on long work (build-lmdb's too), and --no-progress turns it off."""
+    import iisan.data.image_build as image_build
+    from iisan.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(image_build, "build_image_lmdb", lambda *a, **k: seen.append(k["progress"]) or
+                        {"stored": 0, "path": "x", "blank": 0, "report": "y"})
+    for extra, progress in (([], True), (["--no-progress"], False)):
+        main(["build-lmdb", "--images", str(tmp_path), "--out", str(tmp_path / "x.lmdb"), *extra])
+        assert seen.pop() is progress

@@ -41,16 +41,24 @@ def test_symmetric_preset_is_cached_iisans_config():
     assert c.cache_dir.endswith("stored_vectors_ins_llama3-70b+vit-base") and "Instrument" in c.users
 
 
-def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers, tmp_path):
+def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers, tmp_path, capsys):
     argv = ["--preset", "llama3-8b+vit-base", "--build-cache", "--cache-dtype", "float32",
             "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
             "--text-model", towers["qwen2_40x3"], "--image-model", towers["dinov2_32x5"], "--text-layers", "0,1,3",
             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs"), "--epochs", "1",
             "--max-steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu", "--num-workers", "0",
             "--no-progress"]
-    (results,) = _script("run_IISAN_Versa").main(argv)
+    versa = _script("run_IISAN_Versa")
+    without = [a for a in argv if a != "--build-cache"]
+    with pytest.raises(SystemExit) as failed:  # no cache, not asked to build one: the flag that would is named
+        versa.main(without)
+    assert failed.value.code == 2 and not (tmp_path / "cache" / "text.safetensors").exists()
+    assert f"{tmp_path / 'cache' / 'text.safetensors'} does not exist (build it with `iisan cache` or " \
+           "preprocess_vectors.py); --build-cache builds it first" in capsys.readouterr().err
+    (results,) = versa.main(argv)
     assert (tmp_path / "cache" / "text.safetensors").is_file()
     assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "auto"
+    assert versa.main(without)[0]["test"] == results["test"]  # the cache is there now: no flag needed
 
 
 def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():

@@ -35,7 +35,7 @@ def cmd_build_lmdb(args) -> None:
     check_encoding(args.encoding)
     ids = read_items(args.items, allow_empty_titles=True, encoding=args.encoding).ids if args.items else None
     report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
-                              overwrite=args.overwrite, inputs=[args.items])
+                              progress=args.progress, overwrite=args.overwrite, inputs=[args.items])
     print(f"stored {report['stored']:,} images in {report['path']} "
           f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
 
@@ -122,6 +122,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_build_lmdb)
 
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")

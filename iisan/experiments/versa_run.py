@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import Config
 from ..data.cache import cache_file
+from ..errors import CacheError
 from ..model.build import modalities
 from ..model.caching import build_cache_from_config
 from ..train.trainer import train
@@ -12,6 +13,10 @@ from ..train.trainer import train
 def train_cached(cfg: Config, build_cache: bool = False) -> dict:
     """Train ``cfg``; with ``build_cache``, first build its cache when a tower's file is missing (the
     build resumes an interrupted one)."""
-    if build_cache and not all(cache_file(cfg.cache_dir, m).is_file() for m in modalities(cfg)):
+    missing = not all(cache_file(cfg.cache_dir, m).is_file() for m in modalities(cfg))
+    if missing and build_cache:
         build_cache_from_config(cfg)
-    return train(cfg)
+    try:
+        return train(cfg)  # a run that finished before needs no cache
+    except CacheError as err:
+        raise CacheError(f"{err}; --build-cache builds it first") if missing and not build_cache else err from None
