@@ -267,3 +267,21 @@ def test_an_entry_script_takes_v_for_debug_logging(sweep, argv, capsys):
     finally:
         root.setLevel(before)
     assert capsys.readouterr().out.startswith("1 grid point(s)")
+
+
+def test_a_paper_data_set_not_yet_here_names_the_command_that_fetches_it(sweep, tmp_path, monkeypatch, capsys):
+    """An entry script run on --dataset's files before they are downloaded: one line with the fetch
+    command, not a failed grid point; --list-grid needs no data; data given by flag is not checked here."""
+    import iisan.experiments.sweep as sweep_module
+    from iisan.experiments.presets import dataset_paths
+
+    monkeypatch.setattr(sweep_module, "dataset_paths", lambda name: dataset_paths(name, tmp_path))
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, ["--dataset", "Office", "--out-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+    assert f"error: users file {tmp_path / 'Dataset' / 'Office'}" in err  # (a long name is shown shortened)
+    assert err.endswith(" does not exist: `iisan fetch data --dataset Office` downloads the data set "
+                        "(Dataset/README.md: by hand)")
+    run_script(DEFAULTS, sweep, ["--dataset", "Office", "--list-grid"])
+    assert "grid point(s)" in capsys.readouterr().out

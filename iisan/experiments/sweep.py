@@ -27,11 +27,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import VERBOSE_HELP, entry_point, setup_logging
 from ..data.datasets import DATASETS
-from ..errors import ConfigError, GridError, RunInterrupted, RunInUse, UserError
+from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from .presets import BACKBONES, dataset_paths
@@ -258,6 +259,11 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
         if args.list_grid:
             print(listing(points), end="")
             return []
+        paper = dataset_paths(args.dataset)
+        for key in ("users", "items"):  # the data set --dataset names, not yet here: where to get it
+            if not Path(paper[key]).exists() and any(p.config and getattr(p.config, key) == paper[key] for p in points):
+                raise DataError(f"{key} file {paper[key]} does not exist: `iisan fetch data --dataset {args.dataset}` "
+                                "downloads the data set (Dataset/README.md: by hand)")
         return run_grid(points, args, action)
 
     return entry_point(sys.argv[0], run)
