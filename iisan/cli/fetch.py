@@ -1,5 +1,5 @@
 """Subcommands that bring inputs from outside: fetch (data sets, encoders; the only ones that need the
-network) and import-cache (the authors' released hidden states)."""
+network) and import-cache (the authors' stored hidden states)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def add_fetch_commands(sub) -> None:
                    "pretrained_models)")
     e.set_defaults(func=cmd_fetch_encoders)
 
-    p = sub.add_parser("import-cache", help="the authors' released per-item hidden states as this project's cache")
+    p = sub.add_parser("import-cache", help="the authors' stored per-item hidden states as this project's cache")
     p.add_argument("--from", dest="source", required=True,
                    help="folder holding bert_outputs/ and vit_outputs/ (the authors' stored_vectors_*/)")
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
