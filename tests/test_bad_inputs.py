@@ -421,6 +421,9 @@ CASES = [
                        "--users", P["users"], "--cache-dir", ""],
          ("--cache-dir is required: where text.safetensors / image.safetensors go",),
          setup=lambda P, s: [(s / f"{m}_outputs").mkdir() for m in ("bert", "vit")] and None),
+    Case("import-cache-of-no-data-set", lambda P, s: ["import-cache", "--from", str(s), "--users", P["users"]],
+         ("import-cache: give --dataset (one of the paper's), or --items and --cache-dir (with --users for the items "
+          "a run uses, or --all-items)",)),
     Case("config-file-a-list", lambda P, s: T(P, s, "--config", f"{s}/c.json"),
          ("{s}/c.json: expected a JSON object of config keys",), setup=write("c.json", "[1, 2]")),
     Case("layers-not-integers", lambda P, s: T(P, s, "--text-layers", "a,b"),

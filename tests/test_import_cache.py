@@ -64,7 +64,7 @@ def test_an_imported_cache_trains_exactly_like_one_built_from_the_same_states(ti
     direct = cache_config(tiny, tmp_path / "direct", **LAYERS)
     build_cache_from_config(direct, dtype="float32")
     imported_dir = tmp_path / "imported"
-    main(["import-cache", "--from", str(authors_files["src"]), "--dataset", "Scientific", "--dtype", "float32",
+    main(["import-cache", "--from", str(authors_files["src"]), "--dtype", "float32",  # no --dataset: files by flag
           "--users", tiny["users"], "--items", tiny["items"], "--text-model", tiny["text_model"],
           "--image-model", tiny["image_model"], "--text-layers", "0,2", "--image-layers", "1,3",
           "--cache-dir", str(imported_dir)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..config import PRECISIONS
 from ..data.datasets import DATASETS, FETCHABLE
+from ..errors import ConfigError
 from ..experiments.encoders import ENCODER_PRESETS
 from ..experiments.presets import ROOT
 from ..flags import add_config_arguments, config_from_args
@@ -39,7 +40,11 @@ def cmd_import_cache(args) -> None:
     from ..experiments.presets import BACKBONES, dataset_paths
     from ..model.caching import import_cache_from_config
 
-    cfg = config_from_args(args, {**BACKBONES, **dataset_paths(args.dataset)})
+    paper = dataset_paths(args.dataset) if args.dataset else {}
+    if not args.dataset and not (getattr(args, "items", "") and getattr(args, "cache_dir", "")):  # files by flag
+        raise ConfigError("import-cache: give --dataset (one of the paper's), or --items and --cache-dir "
+                          "(with --users for the items a run uses, or --all-items)")
+    cfg = config_from_args(args, {**BACKBONES, **paper})
     paths = import_cache_from_config(cfg, args.source, layers=args.layers, dtype=args.dtype,
                                      all_items=args.all_items, allow_missing=args.allow_missing,
                                      overwrite=args.overwrite)
@@ -68,8 +73,9 @@ def add_fetch_commands(sub) -> None:
     p = sub.add_parser("import-cache", help="the authors' stored per-item hidden states as this project's cache")
     p.add_argument("--from", dest="source", required=True,
                    help="folder holding bert_outputs/ and vit_outputs/ (the authors' stored_vectors_*/)")
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
-                   help="sets users, items and cache-dir (Code_Cached/stored_vectors_*); flags below win")
+    p.add_argument("--dataset", choices=sorted(DATASETS),
+                   help="sets users, items and cache-dir (Code_Cached/stored_vectors_*); flags below win; "
+                        "another data set: --items and --cache-dir (and --users) instead")
     p.add_argument("--layers", default="run", choices=("run", "all"),
                    help="keep the hidden states a run reads (run) or all of them (all)")
     p.add_argument("--dtype", default=None, choices=sorted(PRECISIONS),
