@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 # `make reproduce DATASET=Scientific` (Instrument, Office, or demo: synthetic data, no network);
-# IMPORT=DIR uses the authors' released hidden states; REPRODUCE_FLAGS passes more (e.g. --no-fetch).
+# IMPORT=DIR uses the authors' stored hidden states; REPRODUCE_FLAGS passes more (e.g. --no-fetch).
 DATASET ?= Scientific
 IMPORT ?=
 REPRODUCE_FLAGS ?=

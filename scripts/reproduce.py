@@ -33,7 +33,7 @@ def parser() -> FlagParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                         help=f"one run per seed (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--no-fetch", action="store_true", help="never download: say which step is missing")
-    parser.add_argument("--import-from", default="", help="the authors' released states (bert_outputs/, vit_outputs/)")
+    parser.add_argument("--import-from", default="", help="the authors' stored states (bert_outputs/, vit_outputs/)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="cap on epochs (default: the paper's 100)")
     parser.add_argument("--device", type=device_choice, default=None,
                         help="auto, cpu, cuda, cuda:N or mps (default: auto)")

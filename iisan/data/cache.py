@@ -12,7 +12,7 @@ fingerprint of it and the item-id order of the rows. Training refuses a cache wh
 match what its config expects (``CacheExpectation``, built by ``model.build.cache_expectation``) and says
 what differs; the row order must follow the data set's (items-file) order, and every row must be finite.
 
-A cache imported from the authors' released states (``cache_import``; metadata ``source=imported``,
+A cache imported from the authors' stored states (``cache_import``; metadata ``source=imported``,
 ``imported_from``) records no encoder config hash or weights digest of a local folder: its layers,
 width, items file, item order and finite rows are checked like any cache's, its encoder's identity is
 not (it is logged as imported).
@@ -213,7 +213,7 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
         wanted = getattr(expected, key)
         if wanted and meta.get(key) and meta[key] != wanted:
             differences.append(f"{key} {meta[key]} (config asks for {wanted})")
-    # the authors' released states (an import) were normalised as theirs; their ViT-B/16 has 0.5 either way
+    # the authors' stored states (an import) were normalised as theirs; their ViT-B/16 has 0.5 either way
     if expected.image_norm and meta.get("source") != "imported" and \
             (built := meta.get("image_norm", UNRECORDED["image_norm"])) != expected.image_norm:
         differences.append(f"image_norm {built} (config asks for {expected.image_norm})")

@@ -1,4 +1,4 @@
-"""Importing the authors' released hidden states as this project's cache.
+"""Importing the authors' stored hidden states as this project's cache.
 
 The authors' ``Code_Cached/preprocess_vectors.py`` wrote one ``torch.save`` file per item and modality:
 ``<DIR>/bert_outputs/bert_<item_id>.pt`` and ``<DIR>/vit_outputs/vit_<item_id>.pt``, each a plain

@@ -1,7 +1,7 @@
 """One command per reproduction (``make reproduce DATASET=Scientific``, ``scripts/reproduce.py``):
 
 1. data: the data set under ``Dataset/``, fetched when it is missing (``iisan fetch data``);
-2. cache: the hidden-state cache, imported from the authors' released states (``--import-from``) or
+2. cache: the hidden-state cache, imported from the authors' stored states (``--import-from``) or
    built with the encoders, which are fetched when missing (``iisan fetch encoders``);
 3. runs: cached IISAN with the paper's defaults (``methods.METHOD_DEFAULTS``), one run per seed (a
    rerun resumes or reuses each);
@@ -82,7 +82,7 @@ def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
     models = [Path(cfg.text_model), Path(cfg.image_model)]
     if not all((m / "config.json").is_file() for m in models):
         absent = next(m for m in models if not (m / "config.json").is_file())
-        how = ("`iisan fetch encoders` (needs the network), or import the authors' released states with "
+        how = ("`iisan fetch encoders` (needs the network), or import the authors' stored states with "
                "`make reproduce IMPORT=DIR` (DIR holds bert_outputs/ and vit_outputs/)")
         if not run.fetch:
             raise StepMissing(f"step 2 of 4 (cache): {needed[0]} is missing and so is the encoder {absent}; "

@@ -169,7 +169,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
 
 def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
     """Say why a cache whose encoder folder ``name`` is not here is used as recorded."""
-    if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' released caches
+    if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
     elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
         log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "

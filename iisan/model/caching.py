@@ -44,7 +44,7 @@ from .feeds import LiveStates
 log = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
-# What the authors' released states were computed with (their Code_Cached/preprocess_vectors.py): CLS of
+# What the authors' stored states were computed with (their Code_Cached/preprocess_vectors.py): CLS of
 # every hidden state, (depth + 1, width) per item.
 AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("vit-base-patch16-224", "vit", 12, 768)}
 
