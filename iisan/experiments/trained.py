@@ -122,6 +122,21 @@ def rebased(cfg: Config, working_dir: str | None) -> Config:
 def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """A run folder -> its config, data and model with the best weights, on ``device``."""
     run_dir = Path(run_dir)
+    saved, cfg, results = run_files(run_dir)
+    torch_device = resolve_device(device)
+    data = load_data(cfg)
+    refuse_other_inputs(run_dir, cfg, results, data)
+    torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
+    model, pixels = build_model(cfg, data, torch_device)
+    best_epoch = best_weights(model, run_dir / "best.safetensors", saved)
+    model.eval()
+    return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
+
+
+def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
+    """The config a run saved, that config with its relative paths taken from where the run ran, and its
+    results (empty when damaged, with a warning); one line when the folder is not a run's, or has no
+    weights yet."""
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
@@ -138,14 +153,17 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
     saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
-    cfg = rebased(saved, results.get("working_dir"))
     if weights.exists() and not weights.is_file():
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
-    torch_device = resolve_device(device)
-    data = load_data(cfg)
+    return saved, rebased(saved, results.get("working_dir")), results
+
+
+def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None:
+    """An items file or an encoder folder other than the run trained on is refused (its rows or states
+    would not match the weights); another users file is a warning (evaluation uses the users in it now)."""
     trained_on = results.get("items_fingerprint")  # runs before it was recorded have none
     if trained_on and trained_on != data.catalog.fingerprint:
         raise DataError(f"{cfg.items} has changed since {run_dir} was trained (items fingerprint {trained_on} "
@@ -157,10 +175,13 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if why := changed_encoder(cfg, results.get("encoders"), run_dir):
         raise ConfigError(f"{why}: the run's weights were trained with the other one; restore the folder or "
                           "train again")
-    torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
-    model, pixels = build_model(cfg, data, torch_device)
+
+
+def best_weights(model, weights: Path, saved: Config) -> int:
+    """Load ``weights`` into ``model``, checked against the run's saved config and for non-finite values;
+    the epoch they are of (-1 when their metadata does not say)."""
     metadata = load_weights(model, weights)
-    check_weights_config(weights, metadata, saved.to_dict(), config_path)
+    check_weights_config(weights, metadata, saved.to_dict(), weights.parent / "config.json")
     best_epoch = int(epoch) if re.fullmatch(r"-?\d{1,9}", epoch := str(metadata.get("epoch", -1))) else -1
     if best_epoch == -1 and "epoch" in metadata:
         log.warning("%s: its metadata's epoch %r is not a whole number (the file was edited?); the best epoch is "
@@ -168,8 +189,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if bad := [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
         raise TrainingError(f"{weights} holds non-finite values in {len(bad)} weight tensor(s) (e.g. {bad[0]}); "
                             "its metrics and scores would be NaN: restore the file or train again")
-    model.eval()
-    return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
+    return best_epoch
 
 
 def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, config_path: Path) -> None:
