@@ -173,6 +173,18 @@ def table_position(label: str) -> tuple[int, int]:
     raise ValueError(f"not a benchmark row label: {label!r}")
 
 
+def shared_tasks(base: dict) -> dict:
+    """The cache build (both towers) and the full-ranking evaluation of every user with cached IISAN, each
+    timed in a fresh process: the same two entries in every setting's JSON."""
+    log.info("building the cache (timed)")
+    tasks = {"cache_build": in_fresh_process(measure_cache_build, Config(**base))}
+    log.info("cache: %s", {k: v for k, v in tasks["cache_build"].items() if k != "traceback"})
+    log.info("evaluating every user (timed)")
+    tasks["evaluation"] = in_fresh_process(measure_evaluation, method_config(base, "IISAN (cached)"))
+    log.info("evaluation: %s", {k: v for k, v in tasks["evaluation"].items() if k != "traceback"})
+    return tasks
+
+
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
                   setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
                   labels: tuple[str, ...] = tuple(SETTINGS), authors_way: tuple[str, ...] | None = None,
@@ -195,14 +207,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     authors_way = labels if authors_way is None else authors_way
     paths = prepare(work, data, backbones)
     base = base_config(paths, work, data, backbones, **settings)
-    tasks = {"cache_build": None, "evaluation": None}
-    if "IISAN (cached)" in labels:
-        log.info("building the cache (timed)")
-        tasks["cache_build"] = in_fresh_process(measure_cache_build, Config(**base))
-        log.info("cache: %s", {k: v for k, v in tasks["cache_build"].items() if k != "traceback"})
-        log.info("evaluating every user (timed)")
-        tasks["evaluation"] = in_fresh_process(measure_evaluation, method_config(base, "IISAN (cached)"))
-        log.info("evaluation: %s", {k: v for k, v in tasks["evaluation"].items() if k != "traceback"})
+    tasks = shared_tasks(base) if "IISAN (cached)" in labels else {"cache_build": None, "evaluation": None}
     written = []
     measured: dict[tuple, dict] = {}  # baselines run at 32 in both settings: measure once
     for setting in setting_names:
