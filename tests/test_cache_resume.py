@@ -277,3 +277,67 @@ def test_a_shard_altered_in_place_but_still_finite_is_redone(tiny_config, tmp_pa
     assert f"{shard} does not match the sha256 it was written with" in caplog.text
     assert counted["calls"] == chunks - 1  # chunk 1 again, and chunks 2.. ; chunk 0 kept
     assert _bytes(tmp_path / "c") == _bytes(tmp_path / "whole")
+
+
+def test_a_build_resumes_over_encoders_copied_elsewhere_or_touched(tiny, tiny_config, tmp_path, counted, caplog):
+    """A job that copies its models to a node's scratch disk (or touches, rsyncs them) after a preemption
+    reads the same weights: the interrupted build keeps its finished chunks."""
+    import os
+    import shutil
+
+    first = {m: shutil.copytree(tiny[f"{m}_model"], tmp_path / "models" / m) for m in ("text", "image")}
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK, text_model=str(first["text"]),
+                      image_model=str(first["image"]))
+    chunks = math.ceil(load_data(cfg).num_items / CHUNK)
+    counted["crash_at"] = 3
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    scratch = {m: shutil.copytree(first[m], tmp_path / "scratch" / m) for m in first}  # new inodes and times
+    for file in scratch["text"].iterdir():
+        os.utime(file, (1e9, 1e9))
+    counted.update(calls=0, crash_at=None)
+    with caplog.at_level("INFO"):
+        build_cache_from_config(cfg.replace(text_model=str(scratch["text"]), image_model=str(scratch["image"])),
+                                dtype="float16")
+    assert counted["calls"] == chunks - 2 and "2 of" in caplog.text and "discarding" not in caplog.text
+
+
+def test_cache_files_of_two_builds_are_named_in_a_warning(tiny_config, tiny_cache, tmp_path, caplog):
+    """Every build stores its towers in one precision; a float16 text file beside a float32 image file is
+    what a rebuild stopped between its two files would leave: training goes on, and says so."""
+    import shutil
+
+    half = tiny_config(cache_dir=str(tmp_path / "half"))
+    build_cache_from_config(half, dtype="float16")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_cache, mixed)
+    shutil.copy(cache_file(half.cache_dir, "text"), cache_file(mixed, "text"))
+    cfg = tiny_config(cache_dir=str(mixed))
+    with caplog.at_level("WARNING"):
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
+    assert f"{mixed}: text.safetensors is float16, image.safetensors is float32: the files of two cache builds" \
+        in caplog.text
+    caplog.clear()
+    build_model(half, load_data(half), torch.device("cpu"))
+    assert "two cache builds" not in caplog.text
+
+
+def test_a_rebuild_stopped_while_writing_its_files_leaves_the_old_cache_whole(tiny_config, tmp_path, monkeypatch):
+    """The new files are all written before any is renamed into place: Ctrl-C while the image file is
+    written keeps the old text file too, not a new text file beside an old image file."""
+    import iisan.data.cache_build as cache_build
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"))
+    build_cache_from_config(cfg, dtype="float32")
+    old = _bytes(cfg.cache_dir)
+    write = cache_build.write_safetensors
+
+    def stopped_at_the_image(path, specs, parts, metadata, atomic=True):
+        if metadata.get("modality") == "image":
+            raise KeyboardInterrupt
+        return write(path, specs, parts, metadata, atomic)
+
+    monkeypatch.setattr(cache_build, "write_safetensors", stopped_at_the_image)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache_from_config(cfg, dtype="float16", overwrite=True)
+    assert _bytes(cfg.cache_dir) == old and not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".tmp"]

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from ..console import ProgressLog
 from ..errors import CacheError, OutputError
 from ..files import atomic_path, remove, require_space, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
-from .cache import cache_file
+from .cache import VOLATILE, cache_file
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,11 @@ def _raw(tensor: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
-    """Write ``path`` atomically. ``specs`` name -> (dtype, shape); ``parts`` yields (name, block) pieces
-    of each tensor in order (row blocks of a row-major array), so a table is never held whole. Tensors
-    are laid out in sorted name order and the header is sorted JSON: same inputs, same bytes."""
+                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True) -> None:
+    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames). ``specs``
+    name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
+    row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
+    header is sorted JSON: same inputs, same bytes."""
     # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
     # which safetensors' reader refuses in a header: they are written as \xNN escapes instead.
     header: dict = {"__metadata__": {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -82,7 +83,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     written = dict.fromkeys(specs, 0)
     order = iter(sorted(specs))
     current = next(order, None)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path) if atomic else nullcontext(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name, block in parts:
             while current is not None and written[current] == sizes[current]:
@@ -247,7 +248,10 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     indices = np.arange(1, len(item_ids), dtype=np.int64)
     n_chunks = math.ceil(len(indices) / chunk_size)
     chunk_ids = [indices[k * chunk_size : (k + 1) * chunk_size] for k in range(n_chunks)]
-    key = hashlib.sha256(json.dumps([metadata, chunk_size], sort_keys=True).encode()).hexdigest()
+    # What the shards hold: the settings, not where the encoder's files are or their times (a model copied to
+    # a node's scratch disk, touched or rsynced is the same model: its weights digest says so).
+    settings = {m: {k: v for k, v in meta.items() if k not in VOLATILE} for m, meta in metadata.items()}
+    key = hashlib.sha256(json.dumps([settings, chunk_size], sort_keys=True).encode()).hexdigest()
     shards = ShardDir(out_dir, key, n_chunks, chunk_size)
     shards.open()
     for m in shapes:  # left by a build that was killed while writing (the caller holds the folder's lock)
@@ -283,12 +287,14 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     lines.finish()
     encoded = time.perf_counter()
 
-    paths = {}
+    paths = {m: cache_file(out_dir, m) for m in shapes}
+    with ExitStack() as files:  # every file written first, then all renamed at once: never one new, one old
+        for m, (layers, width) in shapes.items():
+            zero_row = torch.zeros(1, layers, width, dtype=dtype)  # index 0: padding
+            parts = (("states", block) for block in [zero_row, *(shards.read(k, m) for k in range(n_chunks))])
+            write_safetensors(files.enter_context(atomic_path(paths[m])),
+                              {"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m], atomic=False)
     for m, (layers, width) in shapes.items():
-        paths[m] = cache_file(out_dir, m)
-        zero_row = torch.zeros(1, layers, width, dtype=dtype)  # index 0: padding
-        parts = (("states", block) for block in [zero_row, *(shards.read(k, m) for k in range(n_chunks))])
-        write_safetensors(paths[m], {"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m])
         log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
                  metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
     shutil.rmtree(shards.path)

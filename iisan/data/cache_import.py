@@ -22,6 +22,7 @@ import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -143,11 +144,13 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
     if missing:
         log.warning("%d items have no file under %s and are stored as zero states (--allow-missing); list in %s",
                     len(missing), src, out_dir / REPORT)
-    paths = {}
+    paths = {m: cache_file(out_dir, m) for m in tables}
+    with ExitStack() as files:  # every file written first, then all renamed at once: never one new, one old
+        for m, table in tables.items():
+            meta = dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing)))
+            write_safetensors(files.enter_context(atomic_path(paths[m])), {"states": (dtype, tuple(table.shape))},
+                              [("states", table)], meta, atomic=False)
     for m, table in tables.items():
-        meta = dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing)))
-        paths[m] = cache_file(out_dir, m)
-        write_safetensors(paths[m], {"states": (dtype, tuple(table.shape))}, [("states", table)], meta)
         log.info("wrote %s: %d items x %d layers x %d (%s), imported from %s", paths[m], len(item_ids) - 1,
-                 table.shape[1], table.shape[2], json.loads(meta["layers"]), src)
+                 table.shape[1], table.shape[2], json.loads(metadata[m]["layers"]), src)
     return paths

@@ -135,6 +135,10 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
         stored[m] = str(table.dtype).removeprefix("torch.")
+    if len(set(stored.values())) > 1:  # one build stores every tower in one precision
+        log.warning("%s: %s: the files of two cache builds (an `iisan cache --overwrite` stopped between them?); "
+                    "run that command again to make them one", cache_dir(cfg),
+                    ", ".join(f"{m}.safetensors is {d}" for m, d in stored.items()))
     return CachedStates(tables, stored)
 
 

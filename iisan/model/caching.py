@@ -21,6 +21,7 @@ from ..data.batches import ItemBatch
 from ..data.cache import (
     FORMAT,
     UNRECORDED,
+    VOLATILE,
     cache_file,
     declared_metadata,
     encoder_config_hash,
@@ -89,10 +90,6 @@ def every_layer(cfg: Config) -> Config:
 
 
 LOCK = ".iisan-lock"
-# Where the encoder and the items file were, and their files' sizes and times: the same contents (the
-# weights digest, the items fingerprint) moved or copied differ only there.
-# An import's count of items without a file is its result, not a setting.
-VOLATILE = {"encoder", "items_file", "encoder_files", "imported_missing"}
 
 
 def claim_cache_folder(cfg: Config) -> Path:
