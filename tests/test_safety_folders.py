@@ -447,6 +447,12 @@ def test_the_temporary_file_of_a_write_a_kill_cut_short_is_a_runs_and_removed(tm
     lock = runfolder.lock_run_folder(folder)
     lock.release()
     assert not killed.exists() and (folder / "train.log").exists()
+    weights = folder / ".best.safetensors.4242-0123abcd.tmp"  # killed while saving its best weights
+    weights.write_bytes(b"\0" * 64)
+    (folder / "config.json").write_text(json.dumps({"method": "iisan", "feed": "cached", "lr": 1e-3}))  # a run's
+    runfolder.lock_run_folder(folder).release()
+    assert not weights.exists()
+    (folder / "config.json").unlink()
     theirs = folder / ".notes.txt.4242-0123abcd.tmp"  # the pattern, but not a file a run writes
     theirs.write_text("theirs")
     with pytest.raises(OutputError, match="exists and is not an IISAN run folder"):

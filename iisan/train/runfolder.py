@@ -227,7 +227,7 @@ def is_run_folder(path: Path) -> bool:
 # What a run writes before its config (``records``): a folder holding only these was started by a run,
 # when each is as a run writes it (``early_file_problem``).
 EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
-ATOMIC = frozenset({"config.json", "results.json", "metrics.jsonl"})  # written through a temporary sibling
+ATOMIC = frozenset({"config.json", "results.json", "metrics.jsonl", "best.safetensors"})  # through a temporary sibling
 # The first line of each start's header in train.log (``records.RunRecord.header``).
 LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ===\n")
 
