@@ -527,3 +527,25 @@ def test_a_run_resumed_with_another_spelling_of_its_data_is_usable_from_anywhere
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert load_run(run, "cpu").cfg.users == str(work / "d" / Path(base.users).name)
+
+
+@pytest.mark.parametrize("said, shown", [("running", "was stopped"), ("interrupted", "was interrupted"),
+                                         ("failed", "failed")])
+def test_a_run_that_did_not_finish_is_named_so_by_what_uses_its_weights(said, shown, runs, tmp_path, caplog):
+    """evaluate, recommend and export of a run killed, interrupted or failed after some epochs: its best
+    weights so far are what they use, and a warning says so and how to finish it; a finished run, nothing."""
+    import shutil
+
+    from iisan.experiments.trained import load_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "status": said, "epochs": results["epochs"][:1]}))
+    with caplog.at_level("WARNING"):
+        load_run(copy, device="cpu")
+    assert f"{copy} {shown} after 1 of its {results['config']['epochs']} epochs: its best weights so far are " \
+           "used; its command, run again, resumes it" in caplog.text
+    caplog.clear()
+    load_run(runs["cached"]["run_dir"], device="cpu")
+    assert "best weights so far" not in caplog.text

@@ -151,3 +151,13 @@ def status(path: Path, results: dict) -> str:
     ``stopped`` for one that says ``running`` whose folder no process holds (killed: SIGKILL, a lost node)."""
     said = results.get("status", "finished")
     return "stopped" if said == "running" and held(path.parent / LOCK) is False else said
+
+
+def unfinished(path: Path, results: dict, epochs: int) -> str:
+    """What a command that uses a run's best weights says of a run that stopped, was interrupted or failed
+    after some epochs of its ``epochs`` ('' for any other): a rerun of its command finishes it."""
+    ended, done = status(path, results), len(results.get("epochs") or [])
+    if ended not in ("stopped", "interrupted", "failed") or not done:
+        return ""
+    return (f"{path.parent} {'failed' if ended == 'failed' else 'was ' + ended} after {done} of its {epochs} "
+            "epochs: its best weights so far are used; its command, run again, resumes it")

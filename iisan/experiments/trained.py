@@ -41,6 +41,7 @@ from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_diff
 from ..train.runfolder import LOCK, RESULTS, results_or_reason
 from ..train.same_inputs import changed_encoder
 from ..train.weights import load_weights
+from .results_file import unfinished
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
 
 
 def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
-    """The config a run saved, that config with its relative paths taken from where the run ran, and its
-    results (empty when damaged, with a warning); one line when the folder is not a run's, or has no
-    weights yet."""
+    """The run's saved config, that config with its relative paths from where the run ran, and its results
+    ({} when damaged: a warning); one line when the folder is no run's or has no weights yet."""
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
@@ -153,6 +153,8 @@ def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
     saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
+    if note := unfinished(run_dir / RESULTS, results, saved.epochs):
+        log.warning("%s", note)
     if weights.exists() and not weights.is_file():
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
