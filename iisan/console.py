@@ -10,9 +10,12 @@ import logging
 import os
 import re
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -123,6 +126,23 @@ def summary(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
 
 
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a preempted job) raises KeyboardInterrupt, as Ctrl-C does, so that a command says what is
+    kept and exits 130 instead of dying without a word. As safe as Ctrl-C: every output is written to a
+    temporary and renamed. Training has its own handler inside (``train.interrupt``): it stops at a clean
+    point to save a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
+
+
 def entry_point(prog: str, run: Callable[[], T]) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
@@ -130,15 +150,17 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
     argparse names it (``run_IISAN.py``, not the path it was started by)."""
     prog = os.path.basename(prog)
     try:
-        return run()
+        with sigterm_as_ctrl_c():
+            return run()
     except USER_ERRORS as err:
         fail(prog, err)
     except RunInterrupted as err:
         exit_interrupted(prog, err)
     except KeyboardInterrupt:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
-        exit_interrupted(prog, "interrupted; what was finished is kept: a run resumes from its last checkpoint "
-                               "and a cache build from its finished chunks when the same command runs again")
+        exit_interrupted(prog, "interrupted; nothing is left half-written (every output is written whole or "
+                               "not at all): a training run resumes from its last checkpoint and a cache build "
+                               "from its finished chunks when the same command runs again")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
         if not (line := host_memory_error(err)):
             raise

@@ -135,9 +135,10 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(tiny_config, ti
               cfg.cache_dir, "--no-progress"])
     err = capsys.readouterr().err
     assert info.value.code == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("iisan: interrupted; what was finished is kept: a run resumes from its "
-                                            "last checkpoint and a cache build from its finished chunks when the "
-                                            "same command runs again")
+    assert err.strip().splitlines()[-1] == ("iisan: interrupted; nothing is left half-written (every output is "
+                                            "written whole or not at all): a training run resumes from its last "
+                                            "checkpoint and a cache build from its finished chunks when the same "
+                                            "command runs again")
 
 
 def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(monkeypatch, capsys):
@@ -311,3 +312,29 @@ def test_the_cpu_allocator_out_of_memory_is_one_line(capsys):
                                        "or the model's sizes (e.g. --embedding-dim, --lora-rank)\n")
     with pytest.raises(RuntimeError, match="^another$"):  # any other RuntimeError is a bug: its traceback
         entry_point("iisan", lambda: (_ for _ in ()).throw(RuntimeError("another")))
+
+
+def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A preempted job's SIGTERM during build-lmdb (or while any command loads): the Ctrl-C ending, exit
+    130, no store and no temporary; the handler before the command is put back."""
+    import signal
+
+    import iisan.data.image_build as image_build
+
+    calls, encode = [], image_build.encode_record
+
+    def terminated_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(image_build, "encode_record", terminated_at_the_third)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "images.lmdb"
+    with pytest.raises(SystemExit) as info:
+        main(["build-lmdb", "--images", tiny["image_dir"], "--out", str(out), "--size", "16", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 130 and len(err) == 1 and err[0].startswith("iisan: interrupted; nothing is left")
+    assert signal.getsignal(signal.SIGTERM) is handler and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -26,13 +26,11 @@ import logging
 import math
 import os
 import shutil
-import signal
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +38,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..console import ProgressLog
+from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError
 from ..files import atomic_path, remove, require_space, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
@@ -200,28 +198,6 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
         hint = "; store as --cache-dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
         raise CacheError(f"{m} states of item {item_ids[int(ids[row])]!r} hold {why}{hint}")
     return stored.cpu()
-
-
-# --------------------------------------------------------------------------------------------------
-# SIGTERM
-
-
-@contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (a preempted job) raises KeyboardInterrupt, as Ctrl-C does, so that the command says what
-    is kept and exits 130 instead of dying without a word. As safe as Ctrl-C: every file is written to a
-    temporary and renamed, and a resumed build keeps only whole, checked shards. Training has its own
-    handler (``train.interrupt``): it stops at a clean point to save a checkpoint, which a build does not
-    need."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------------------------------
