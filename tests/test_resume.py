@@ -198,6 +198,25 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     assert collect([str(saved.parents[1])], include_running=True)[0]["processes"].tolist() == ["2+1"]
 
 
+def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
+    """A checkpoint carries the peak memory so far: a run that peaked before it was interrupted reports that
+    peak, not only its last attempt's; what is not a peak (the current resident set) is the last one's."""
+    cfg = base.replace(run_name="peaks", epochs=1)
+    first = train(cfg)
+    saved = Path(cfg.out_dir) / "peaks" / "checkpoints" / "epoch-0000"
+    state = json.loads((saved / checkpoint.STATE).read_text())
+    assert state["peak_memory"]["peak_rss_gib"] == pytest.approx(first["peak_memory"]["peak_rss_gib"], rel=0.1)
+    state["peak_memory"].update(peak_rss_gib=99.0, current_rss_gib=98.0)  # as if an earlier attempt had peaked
+    (saved / checkpoint.STATE).write_text(json.dumps(state, indent=1) + "\n")
+    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
+    manifest["files"][checkpoint.STATE] = {"bytes": (saved / checkpoint.STATE).stat().st_size,
+                                           "sha256": checkpoint.sha256(saved / checkpoint.STATE)}
+    (saved / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    longer = train(cfg.replace(epochs=2))
+    assert longer["resumed_from"] == ["epoch-0000"] and longer["peak_memory"]["peak_rss_gib"] == 99.0
+    assert longer["peak_memory"]["current_rss_gib"] < 98.0
+
+
 def test_sigterm_saves_mid_epoch_like_ctrl_c(base, monkeypatch):
     """A preempted job gets SIGTERM: the same clean stop, named after its signal."""
     cfg = base.replace(run_name="sigterm", epochs=2)

@@ -63,6 +63,7 @@ class RunRecord:
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
+        self.earlier_peak: dict = {}  # the memory peaks of the attempts before this one (``peak``)
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
@@ -136,6 +137,14 @@ class RunRecord:
                         "both)", self.run_dir, commits[-1], self.commit)
         sizes = _then([n for n in state.get("world_sizes") or () if type(n) is int and n >= 1], state["world_size"])
         self.commits, self.world_sizes = _then(commits, self.commit), _then(sizes, self.world_size)
+        self.earlier_peak = state.get("peak_memory") if isinstance(state.get("peak_memory"), dict) else {}
+
+    def peak(self) -> dict:
+        """Peak memory over every attempt that trained the run (a checkpoint carries the peak so far): each
+        peak of this device (``max_*``, ``peak_*``) at its highest; the current resident set as it is now."""
+        earlier = {k: v for k, v in self.earlier_peak.items() if type(v) in (int, float)}  # numbers, not bools
+        return {k: max(v, earlier.get(k, v)) if k.startswith(("max_", "peak_")) else v
+                for k, v in peak_memory(self.device).items()}
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -172,7 +181,7 @@ class RunRecord:
             "timing": progress.timing(),
             "step": self.step,
             "parameters": asdict(self.parameters),
-            "peak_memory": peak_memory(self.device),
+            "peak_memory": self.peak(),
             "device": device_name(self.device),
             "world_size": self.world_size,
             "world_sizes": self.world_sizes,  # of every attempt: a run resumed under another count differs

@@ -190,7 +190,7 @@ class Run:
                 "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
                 "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": self.record.commits,
-                "world_sizes": self.record.world_sizes,
+                "world_sizes": self.record.world_sizes, "peak_memory": self.record.peak(),
                 "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
             }
             try:
