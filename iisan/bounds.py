@@ -33,6 +33,14 @@ RANDOM_BACKBONES = ("base",)  # `iisan params --random-backbones`: BERT-base + V
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 
 
+def min_seq_len_problem(min_seq_len: int) -> str | None:
+    """Why ``min_seq_len`` cannot split a history (None when it can): leave-one-out takes a test and a
+    validation item and needs at least one before them."""
+    if min_seq_len < 3:
+        return f"min_seq_len={min_seq_len}: leave-one-out needs at least 3 interactions per user"
+    return None
+
+
 def check_bounds(cfg) -> None:
     """``cfg``: a ``config.Config`` (its fields already of their declared types): sizes and counts,
     learning rates and other numbers, run name, device, title length, encoding."""
@@ -50,8 +58,8 @@ def check_bounds(cfg) -> None:
     for name, most in AT_MOST.items():
         if getattr(cfg, name) > most:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be at most {most}")
-    if cfg.min_seq_len < 3:
-        raise ConfigError(f"min_seq_len={cfg.min_seq_len}: leave-one-out needs at least 3 interactions per user")
+    if problem := min_seq_len_problem(cfg.min_seq_len):
+        raise ConfigError(problem)
     if not 0 <= cfg.seed < SEEDS:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
     for name in LEARNING_RATES:

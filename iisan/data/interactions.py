@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bounds import min_seq_len_problem
 from ..errors import DataError
 from ..files import file_fingerprint, shown
 from .csv_files import read_pairs_csv, read_titles_csv
@@ -210,8 +211,8 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     raw_users = read_users(users_path, encoding, merge_duplicate_users)
     row_of = {item_id: row for row, item_id in enumerate(catalog.ids)}
     keep = max_seq_len + 3
-    if min_seq_len < 3:
-        raise DataError(f"min_seq_len={min_seq_len}: leave-one-out needs at least 3 interactions per user")
+    if problem := min_seq_len_problem(min_seq_len):
+        raise DataError(problem)
 
     unknown_ids: dict[str, int] = {}
     short_users = 0
