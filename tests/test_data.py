@@ -118,6 +118,15 @@ def test_short_users_are_counted_and_logged(tmp_path, caplog):
     assert "skipped 1 users with fewer than 5" in caplog.text
 
 
+def test_a_minimum_length_that_leaves_no_training_item_is_refused_as_a_config_is(small):
+    """load_dataset called directly takes the same bound as --min-seq-len: a test, a validation and at
+    least one earlier item."""
+    users, items = small
+    with pytest.raises(DataError, match=r"^min_seq_len=2: leave-one-out needs at least 3 interactions per user$"):
+        load_dataset(users, items, min_seq_len=2)
+    assert load_dataset(users, items, min_seq_len=3).user_ids == ["u1", "u2"]
+
+
 def test_duplicate_item_id_names_both_lines(tmp_path):
     items = write(tmp_path, "items.tsv", "a\tone\nb\ttwo\na\tthree\n")
     with pytest.raises(DataError, match=r"items.tsv:3: duplicate item id 'a' \(first on line 1\)"):
