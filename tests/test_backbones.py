@@ -226,3 +226,31 @@ def test_models_whose_blocks_or_sizes_cannot_be_found_are_one_line():
         with pytest.raises(EncoderError, match=rf"^models/x: its config.json gives {depth!r} layers of width 8; "
                                                r"expected positive integers \(num_hidden_layers, hidden_size\)$"):
             depth_and_width(SimpleNamespace(num_hidden_layers=depth, hidden_size=8), "models/x")
+
+
+def test_a_roberta_tower_takes_as_many_title_tokens_as_its_positions_hold():
+    """RoBERTa's family numbers positions from its pad id + 1: 40 position embeddings with pad id 1 hold
+    38 tokens, and 39 would fail inside the model; BERT's 40 hold 40."""
+    from iisan.errors import EncoderError
+
+    roberta = BackboneEncoder(_tiny_text_model("roberta", "sdpa"), "text", (0, 1, 2), "mean")
+    with torch.no_grad():
+        roberta.model(input_ids=torch.randint(3, 60, (1, 38)))  # the limit holds
+        with pytest.raises((IndexError, RuntimeError)):
+            roberta.model(input_ids=torch.randint(3, 60, (1, 39)))  # one more does not
+    with pytest.raises(EncoderError, match=r"title_tokens=39 is more than the text encoder .*takes "
+                                           r"\(max_position_embeddings 40, numbered from 2\); use --title-tokens 38 "
+                                           r"or fewer$"):
+        roberta.title_inputs(["a title"], 39)
+    bert = BackboneEncoder(_tiny_text_model("bert", "sdpa"), "text", (0, 1, 2), "mean")
+    with pytest.raises(EncoderError, match=r"\(max_position_embeddings 40\); use --title-tokens 40 or fewer$"):
+        bert.title_inputs(["a title"], 41)
+
+
+def test_a_clip_vision_towers_final_cls_is_after_its_post_layernorm(towers):
+    """CLIP's vision tower leaves its final LayerNorm to the pooled token (post_layernorm), unlike ViT's
+    last_hidden_state: the baselines' head reads what CLIP's own pooled output is."""
+    enc = load_image_encoder(towers["clip24x3"], (0, 1, 2, 3))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.final_cls(pixel_values=x), enc.model(pixel_values=x).pooler_output)

@@ -142,12 +142,13 @@ def test_gpt2_conv1d_projections_take_lora_and_adapters_by_name(towers):
     assert all(p.grad is not None for a in adapters for p in a.parameters())
     with pytest.raises(TargetError, match=r"apart in h\.0 \(h\.0\.attn\.c_attn, .*modules by name instead of by role"):
         resolve_targets(gpt2(), ["query"])
-    with pytest.raises(TargetError, match=r"by name instead of by role \(--lora-targets, e\.g\. q_proj,v_proj; "
-                                          r"text:/image: prefixes for one tower\)$"):
+    with pytest.raises(TargetError, match=r"by name instead of by role \(--lora-targets with some of its "
+                                          r"Linear/Conv1D modules: c_attn, c_fc, c_proj; text:/image: prefixes for "
+                                          r"one tower\)$"):
         apply_lora(gpt2(), 4, 8, ["query"])
-    with pytest.raises(TargetError, match=r"by role \(--adapter-targets, e\.g\."):
+    with pytest.raises(TargetError, match=r"by role \(--adapter-targets with some of its"):
         apply_adapters(gpt2(), 8, ["query"], position="before_dropout")
-    with pytest.raises(TargetError, match="use adapter_position=before_dropout"):
+    with pytest.raises(TargetError, match="use --adapter-position before_dropout"):
         apply_adapters(gpt2(), 8, ["attn.c_proj", "mlp.c_proj"])
     with pytest.raises(TargetError, match="replaces Linear layers.* h.0.attn.c_attn is a Conv1D"):
         apply_lora(gpt2(), 4, 8, ["c_attn"], random_base=True)
@@ -172,3 +173,43 @@ def test_targets_after_a_tower_prefix_reach_that_tower_only(towers, tiny_config)
     trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.item_encoder.encoders.named_parameters()
                if p.requires_grad}
     assert trained == {"c_attn", "q_proj", "v_proj"}  # transformers 5's ViT names its query q_proj
+
+
+def test_roles_follow_the_projections_names_where_registration_order_does_not(towers):
+    """CLIP registers k_proj, v_proj, q_proj, out_proj: roles by order put LoRA's default query,value on
+    k_proj and q_proj. By their names they land where the roles say; ALBERT, whose one shared layer has no
+    block list, takes role names that are its modules' names, and an after-dropout adapter says what works."""
+    from transformers import AlbertConfig, AlbertModel, AutoModel
+
+    from iisan.errors import TargetError
+    from iisan.model.backbones import one_tower
+
+    clip = one_tower(AutoModel.from_pretrained(towers["clip24x3"]), "image")
+    named = resolve_targets(clip, ["query", "key", "value", "attention_output"])
+    assert [n.split(".")[-1] for n in named[::3]] == ["q_proj", "k_proj", "v_proj", "out_proj"]  # block 0 of 3
+    assert named[0].startswith("encoder.layers.0.") and len(named) == 4 * 3
+    albert = AlbertModel(AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64))
+    assert [n.split(".")[-1] for n in resolve_targets(albert, ["query", "value"])] == ["query", "value"]
+    with pytest.raises(TargetError, match=r"no list of 2 transformer blocks found; --adapter-position after_dropout "
+                                          r"needs them .*: use --adapter-position before_dropout$"):
+        apply_adapters(albert, 8, ["attention.dense", "ffn_output"])
+    assert len(apply_adapters(albert, 8, ["attention.dense", "ffn_output"], position="before_dropout")) == 2
+
+
+def test_bitfit_on_a_tower_without_biases_says_that_none_of_its_weights_trains(towers, caplog):
+    """LLaMA's blocks hold no bias: BitFit leaves the whole tower frozen, which a warning says (the run
+    still trains its heads and SASRec); BERT's biases train, without a word."""
+    from iisan.config import Config
+    from iisan.model.backbones import load_text_encoder
+    from iisan.model.baselines import apply_method
+
+    llama = load_text_encoder(towers["llama48x6"], (0, 6))
+    with caplog.at_level("WARNING"):
+        apply_method(llama, Config(method="bitfit"), "text")
+    assert not any(p.requires_grad for p in llama.model.parameters())
+    assert "bitfit: the text tower (llama) has no biases, so none of its weights trains" in caplog.text
+    caplog.clear()
+    bert = load_text_encoder(towers["bert32x2"], (0, 2))
+    apply_method(bert, Config(method="bitfit"), "text")
+    assert any(p.requires_grad for p in bert.model.parameters()) and "no biases" not in caplog.text

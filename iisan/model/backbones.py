@@ -149,10 +149,14 @@ class BackboneEncoder(nn.Module):
     def title_inputs(self, titles: list[str], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The text tower's (ids, attention) for ``titles`` at ``tokens`` tokens, for its pooling; titles
         longer than the encoder's learned positions are refused."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and tokens > limit:
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        # RoBERTa's family numbers positions from its pad id + 1 (514 positions, 512 tokens)
+        table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
+        skipped = table.padding_idx + 1 if isinstance(table, nn.Embedding) and table.padding_idx is not None else 0
+        if isinstance(positions, int) and tokens > (limit := positions - skipped):
             raise EncoderError(f"title_tokens={tokens} is more than the text encoder {self.name} takes "
-                               f"(max_position_embeddings {limit}); use --title-tokens {limit} or fewer")
+                               f"(max_position_embeddings {positions}" + (f", numbered from {skipped}" if skipped
+                               else "") + f"); use --title-tokens {limit} or fewer")
         return tokenize_for_pooling(self.tokenizer, titles, tokens, self.pooling)
 
     def model_inputs(self, inputs: dict) -> dict:
@@ -217,9 +221,12 @@ class BackboneEncoder(nn.Module):
         return torch.stack([self.pool(hidden[i], mask) for i in self.layers], dim=1)
 
     def final_cls(self, **inputs) -> torch.Tensor:
-        """(n, width): the pooled final output (ViT: after its final LayerNorm) for the baselines' heads."""
+        """(n, width): the pooled final output (ViT: after its final LayerNorm; CLIP's vision tower leaves
+        its own, ``post_layernorm``, to its pooled token: applied here) for the baselines' heads."""
         out = self.model(**self.model_inputs(inputs), return_dict=True)
-        return self.pool(out.last_hidden_state, inputs.get("attention_mask"))
+        pooled = self.pool(out.last_hidden_state, inputs.get("attention_mask"))
+        final_norm = getattr(self.model, "post_layernorm", None)
+        return final_norm(pooled) if isinstance(final_norm, nn.LayerNorm) else pooled
 
 
 def _load_tower(name: str, modality: str, dtype: torch.dtype | None, allow_download: bool) -> nn.Module:

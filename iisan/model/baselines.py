@@ -5,6 +5,8 @@ method, their final CLS feeding the heads of the authors' "intra" setting:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ from .inputs import EncodedItems
 from .item_encoder import MODALITIES, LrGroup, init_image_head
 from .peft_methods import added_parameters, apply_adapters, apply_bitfit, apply_fft, apply_lora
 from .tower_settings import tower_settings
+
+log = logging.getLogger(__name__)
 
 
 def tower_targets(targets: str, modality: str, flag: str) -> list[str]:
@@ -41,18 +45,21 @@ def _apply_fft(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
 
 def _apply_bitfit(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
     apply_bitfit(model)
+    if not any(p.requires_grad for p in model.parameters()):  # LLaMA, Mistral, ModernBERT: no bias anywhere
+        log.warning("bitfit: the %s tower (%s) has no biases, so none of its weights trains; only the heads and "
+                    "SASRec do", modality, getattr(model.config, "model_type", type(model).__name__))
     return []
 
 
 def _apply_adapter(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
     down = tower_settings(cfg, modality).adapter_down
-    targets = tower_targets(cfg.adapter_targets, modality, "adapter_targets")
+    targets = tower_targets(cfg.adapter_targets, modality, "--adapter-targets")
     return apply_adapters(model, down, targets, f"{modality} encoder", cfg.adapter_init, cfg.adapter_position)
 
 
 def _apply_lora(model: nn.Module, cfg: Config, modality: str) -> list[nn.Module]:
     seed = cfg.seed + (modality == "text")  # the two towers' random layers differ, as the authors'
-    targets = tower_targets(cfg.lora_targets, modality, "lora_targets")
+    targets = tower_targets(cfg.lora_targets, modality, "--lora-targets")
     what = f"{modality} encoder"
     return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, what, cfg.lora_random_base, seed)
 

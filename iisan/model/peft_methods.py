@@ -30,6 +30,9 @@ from ..errors import TargetError
 from .backbones import depth_and_width
 
 ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
+# The names transformers gives the query, key and value projections (BERT, ViT; CLIP, LLaMA; DistilBERT).
+QKV_NAMES = {"query": ("query", "q_proj", "q_lin"), "key": ("key", "k_proj", "k_lin"),
+             "value": ("value", "v_proj", "v_lin")}
 # What a target can be: a Linear, or GPT-2's Conv1D (a Linear whose weight is stored transposed).
 PROJECTIONS = (nn.Linear, Conv1D)
 
@@ -60,8 +63,19 @@ def block_roles(block_name: str, block: nn.Module, width: int) -> dict[str, str]
     if len(square) != 4 or len(ffn_in) != 1 or len(ffn_out) != 1:
         names = ", ".join(f"{block_name}.{n}" for n, _ in shapes)
         raise TargetError(f"cannot tell attention and FFN projections apart in {block_name} ({names})")
-    names = square + ffn_in + ffn_out
+    names = attention_order(square) + ffn_in + ffn_out
     return {role: f"{block_name}.{name}" for role, name in zip(ROLES, names)}
+
+
+def attention_order(square: list[str]) -> list[str]:
+    """A block's four square projections as query, key, value, output: by their names where each of the
+    first three has one (CLIP registers k_proj, v_proj, q_proj, out_proj), else as registered (q, k, v,
+    output: every BERT and ViT)."""
+    picked = [[n for n in square if n.split(".")[-1] in QKV_NAMES[role]] for role in ("query", "key", "value")]
+    if any(len(names) != 1 for names in picked):
+        return square
+    qkv = [names[0] for names in picked]
+    return qkv + [n for n in square if n not in qkv]
 
 
 def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
@@ -73,18 +87,22 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
     roles = None
     projections = [n for n, m in model.named_modules() if isinstance(m, PROJECTIONS)]
     found = []
+    suffixes = sorted({n.split(".")[-1] for n in projections})
     for target in targets:
+        matches = [n for n in projections if n == target or n.endswith("." + target)]
         if target in ROLES:
             try:
                 roles = roles or [block_roles(name, block, width) for name, block in transformer_blocks(model)]
             except TargetError as err:
-                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({flag}, "
-                                  "e.g. q_proj,v_proj; text:/image: prefixes for one tower)") from None
+                if matches:  # no roles here, but modules of that name (ALBERT's shared ``query``, ``value``)
+                    found += matches
+                    continue
+                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({flag} with "
+                                  f"some of its Linear/Conv1D modules: {', '.join(suffixes)}; text:/image: prefixes "
+                                  "for one tower)") from None
             found += [r[target] for r in roles]
             continue
-        matches = [n for n in projections if n == target or n.endswith("." + target)]
         if not matches:
-            suffixes = sorted({n.split(".")[-1] for n in projections})
             raise TargetError(f"target {target!r} matches no module in the {what} "
                               f"({type(model).__name__}); roles: {', '.join(ROLES)}; Linear/Conv1D modules: "
                               f"{', '.join(suffixes)}")
@@ -184,7 +202,7 @@ def branch_dropout(model: nn.Module, block_name: str, name: str, query: str) -> 
         found = [n for n, m in parent.named_children() if isinstance(m, nn.Dropout) and parent_name != probabilities]
         if len(found) > 1:
             raise TargetError(f"cannot tell which dropout follows {name}: {parent_name} has "
-                              f"{', '.join(found)}; use adapter_position=before_dropout")
+                              f"{', '.join(found)}; use --adapter-position before_dropout")
         if found:
             return f"{parent_name}.{found[0]}"
         if parent_name == block_name:
@@ -198,14 +216,19 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     an adapter cannot move (that branch would lose it): an error."""
     width = model.config.hidden_size
     served: dict[str, list[str]] = {}
-    for block_name, block in transformer_blocks(model):
+    try:
+        blocks = transformer_blocks(model)
+    except TargetError as err:  # ALBERT's one shared layer
+        raise TargetError(f"{err}; --adapter-position after_dropout needs them to find each branch's dropout: "
+                          "use --adapter-position before_dropout") from None
+    for block_name, block in blocks:
         if not any(isinstance(m, nn.Dropout) for m in block.modules()):
             continue  # nothing to move (CLIP, LLaMA), whatever the block's shape
         try:
             roles = block_roles(block_name, block, width)
         except TargetError as err:
-            raise TargetError(f"{err}; adapter_position=after_dropout needs them to find each branch's dropout: use "
-                              "adapter_position=before_dropout") from None
+            raise TargetError(f"{err}; --adapter-position after_dropout needs them to find each branch's dropout: "
+                              "use --adapter-position before_dropout") from None
         for role in OUTPUT_ROLES:
             dropout = branch_dropout(model, block_name, roles[role], roles["query"])
             if dropout is not None:
@@ -214,8 +237,8 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     for dropout, branches in served.items():
         if any(b in names for b in branches):
             if not all(b in names for b in branches):
-                raise TargetError(f"{dropout} follows {' and '.join(branches)}: adapter_position=after_dropout "
-                                  "needs adapters on all of them (or use before_dropout)")
+                raise TargetError(f"{dropout} follows {' and '.join(branches)}: --adapter-position after_dropout "
+                                  "needs adapters on all of them (or use --adapter-position before_dropout)")
             moved.update(dict.fromkeys(branches, dropout))
     return moved
 
