@@ -213,3 +213,18 @@ def test_bitfit_on_a_tower_without_biases_says_that_none_of_its_weights_trains(t
     bert = load_text_encoder(towers["bert32x2"], (0, 2))
     apply_method(bert, Config(method="bitfit"), "text")
     assert any(p.requires_grad for p in bert.model.parameters()) and "no biases" not in caplog.text
+
+
+def test_fft_trains_every_weight_a_step_reads_and_no_unused_mask_token(towers):
+    """DINOv2 keeps a mask_token for masked-image pretraining, which no step uses: FFT and BitFit leave it
+    frozen (it would count as trainable and never get a gradient); every other weight trains under FFT."""
+    from iisan.model.backbones import load_image_encoder
+    from iisan.model.peft_methods import apply_fft
+
+    enc = load_image_encoder(towers["dinov2_32x5"], (0, 5))
+    apply_fft(enc.model)
+    frozen = [n for n, p in enc.model.named_parameters() if not p.requires_grad]
+    assert frozen == ["embeddings.mask_token"]
+    enc.model.train()
+    enc.final_cls(pixel_values=torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for n, p in enc.model.named_parameters() if p.requires_grad)

@@ -116,11 +116,16 @@ def _get(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def freeze_poolers(model: nn.Module) -> None:
-    """Poolers (BERT's; nothing reads their output) stay frozen; transformers names every one ``pooler``."""
+    """Poolers (BERT's; nothing reads their output) stay frozen, as does a masked-image-modelling
+    ``mask_token`` (DINOv2's: used only when patches are masked, which no step does); transformers names
+    every one so."""
     for name, module in model.named_modules():
         if name.split(".")[-1] == "pooler":
             for p in module.parameters():
                 p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] == "mask_token":
+            p.requires_grad_(False)
 
 
 def apply_fft(model: nn.Module) -> None:
