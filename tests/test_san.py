@@ -38,6 +38,7 @@ def test_intra_san_recurrence_by_hand():
         s = san.blocks[k](g * h[:, k] + (1 - g) * s)
     torch.testing.assert_close(san(h), s)
     assert IntraSAN(4, 3, 2).gates().tolist() == [0.5, 0.5, 0.5]  # theta = 0 at start
+    assert InterSAN(4, 6, 2, 2).gates().tolist() == [0.5, 0.5] and InterSAN(4, 4, 2, 2, fusion="add").gates() is None
 
 
 def test_intra_san_add_fusion_has_no_gates():

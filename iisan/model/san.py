@@ -96,12 +96,15 @@ class InterSAN(nn.Module):
         self.text_align = align(text_width)
         self.image_align = align(image_width)
 
+    def gates(self) -> torch.Tensor | None:
+        return gate_values(self.gate_logits, self.temperature)
+
     def forward(self, text_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """text (n, kt, dt), image (n, ki, di) -> (n, width); uses the last ``steps`` states of each."""
         steps = len(self.blocks)
         text_states, image_states = text_states[:, -steps:], image_states[:, -steps:]
         s = text_states.new_zeros(text_states.shape[0], self.width)
-        gates = gate_values(self.gate_logits, self.temperature)
+        gates = self.gates()
         for k in range(steps):
             txt, img = text_states[:, k], image_states[:, k]
             if self.text_align is not None:
