@@ -153,7 +153,7 @@ def require_space(path: str | Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(place).free
     if needed > free:
         raise OutputError(f"could not write {path}: {what} need about {_bytes(needed)}; the disk holding {place} "
-                          f"has {_bytes(free)} free")
+                          f"has {_bytes(free)} free: free some space there, or write elsewhere")
 
 
 def _bytes(n: int) -> str:

@@ -511,8 +511,6 @@ CASES = [
          ("max_seq_len=100000000000000000000 must be at most 4096",)),
     Case("bucket-growth-huge", lambda P, s: T(P, s, "--feed", "live", "--item-bucket-growth", "1e30"),
          ("item_bucket_growth=1e+30 must be at most 4.0",)),
-    Case("epochs-beyond-the-order-seeds", lambda P, s: T(P, s, "--epochs", "1001"),
-         ("epochs=1001 must be at most 1000",)),
     Case("blocks-huge", lambda P, s: T(P, s, "--transformer-blocks", "1000000"),
          ("transformer_blocks=1000000 must be at most 1024",)),
     Case("adapter-down-huge", lambda P, s: T(P, s, "--text-adapter-down", "10000000"),

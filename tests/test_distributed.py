@@ -40,6 +40,16 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
         assert [b.tolist() for b in resumed.user_batches()] == expected[4:] and len(resumed) == len(expected) - 4
 
 
+def test_no_two_seed_and_epoch_pairs_share_an_order():
+    """Seed s at epoch 1000 drew seed s + 1's first order (seed * 1000 + epoch); beyond epoch 999 the pair
+    makes its seed another way, and every earlier epoch keeps its order."""
+    from iisan.data.batches import order_seed
+
+    assert epoch_order(103, 1, 1000).tolist() != epoch_order(103, 2, 0).tolist()
+    assert order_seed(1, 999) == 1999 and order_seed(1, 1000) not in range(1000 * 2**32)
+    assert len({order_seed(s, e) for s in (1, 2) for e in (1000, 1001)}) == 4
+
+
 def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed():
     """--user-order authors: one process's users in the order of the authors' DistributedSampler (seed 0,
     set_epoch(epoch + 1)), the same for every run seed; seeded orders differ between seeds."""

@@ -226,13 +226,15 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, ti
     out = tmp_path / "new" / "images.lmdb"
     needed = len(ids) * (10 + 224 * 224 * 3) / 2**20  # a record: its 10-byte header, then the pixels
     with pytest.raises(OutputError, match=rf"^could not write {out}: {len(ids)} images of 224x224 pixels need "
-                                          rf"about {needed:.1f} MiB; the disk holding {out.parent} has 1.0 MiB free$"):
+                                          rf"about {needed:.1f} MiB; the disk holding {out.parent} has 1.0 MiB free: "
+                                          r"free some space there, or write elsewhere$"):
         build_image_lmdb(tiny["image_dir"], out, ids, size=224, progress=False)
     assert not out.exists() and not stale_temporaries(out)
     cfg = tiny_config(cache_dir=str(tmp_path / "cache"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 512, 512))  # the tiny cache is small
     with pytest.raises(OutputError, match=r"^could not write .*cache: the text, image states of \d+ items \(float32\) "
-                                          r"need about [\d.]+ KiB; the disk holding .*cache has 512 bytes free$"):
+                                          r"need about [\d.]+ KiB; the disk holding .*cache has 512 bytes free: free "
+                                          r"some space there, or write elsewhere$"):
         build_cache_from_config(cfg, dtype="float32")
     assert not list((tmp_path / "cache").glob("*.safetensors"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))

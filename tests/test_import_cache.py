@@ -97,6 +97,21 @@ def test_all_layers_can_be_kept(tiny, authors_files, tmp_path):
     assert json.loads(read_metadata(cache_file(cfg.cache_dir, "image"))["layers"]) == [0, 1, 2, 3]
 
 
+def test_an_import_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, authors_files, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from iisan.errors import OutputError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 512, 512))
+    cfg = cache_config(tiny, tmp_path / "full")
+    with pytest.raises(OutputError, match=r"^could not write .*full: the text, image states of \d+ items \(float32\) "
+                                          r"need about [\d.]+ KiB; .* has 512 bytes free: free some space there"):
+        import_cache_from_config(cfg, authors_files["src"], layers="all", dtype="float32")
+    assert not cache_file(cfg.cache_dir, "text").exists()
+
+
 class Touches:
     """Unpickling this object would create a file: the import must never run it."""
 

@@ -169,3 +169,16 @@ def test_an_earlier_versions_sweep_folder_is_found_under_another_tag(tiny_config
     cfg = tiny_config(users=os.path.relpath(tiny_config().users, tmp_path), out_dir=str(tmp_path / "runs"))
     (tmp_path / "runs" / default_run_name(cfg, "lr0.002", scheme="as-spelt")).mkdir(parents=True)
     assert known_run_name(cfg, "lr0.002-drop0.1") == default_run_name(cfg, "lr0.002", scheme="as-spelt")
+
+
+def test_run_names_of_earlier_versions_are_pinned():
+    """The hashes earlier versions named run folders by, computed by the code of d99a7fb: a change to how
+    a config is hashed must keep finding those folders (runfolder.HASHES), so each scheme is pinned here."""
+    from iisan.config import Config
+    from iisan.train.runfolder import HASHES, config_hash
+
+    absolute = Config(users="/data/Scientific/u.tsv", items="/data/Scientific/i.tsv", cache_dir="/c", lr=1e-3,
+                      text_model="/models/bert")
+    assert {config_hash(absolute, scheme) for scheme in HASHES} == {"63f8862e"}  # no default spelt otherwise
+    assert default_run_name(absolute) == "iisan-cached-Scientific-63f8862e"
+    assert config_hash(Config(users="u.tsv", items="i.tsv", cache_dir="/c"), "as-spelt") == "4ec90b6b"

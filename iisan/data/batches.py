@@ -289,14 +289,23 @@ class TrainBatches:
 
 def epoch_order(n: int, seed: int | None, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """This rank's users of one epoch, shuffled; the order depends only on (seed, epoch), so it is
-    reproducible, and no two pairs share one (``bounds.AT_MOST`` keeps epochs to 1000). A seed of None:
+    reproducible, and no two pairs share one (``order_seed``). A seed of None:
     the authors' order, ``DistributedSampler``'s (its seed 0, ``set_epoch(epoch + 1)``), the same for
     every run seed. Under torchrun each rank takes its shard of the same permutation (``shard_users``).
     Batched, a single process's order is exactly that of ``BatchSampler(RandomSampler(..., generator),
     batch_size)`` (a test checks it). No global random state is drawn, so dropout streams do not depend
     on how batches were made."""
-    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else order_seed(seed, epoch))
     return shard_users(torch.randperm(n, generator=generator).numpy(), rank, world_size)
+
+
+def order_seed(seed: int, epoch: int) -> int:
+    """What an epoch's order is drawn from: ``seed * 1000 + epoch`` for the first 1000 epochs (every run's
+    order so far), then a 64-bit number NumPy's ``SeedSequence`` makes of the pair, so that seed s at
+    epoch 1000 does not repeat seed s + 1's first epoch."""
+    if epoch < 1000:
+        return seed * 1000 + epoch
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
 def epoch_batches(order: np.ndarray, batch_size: int, collate: CollateTrain, start_step: int = 0):

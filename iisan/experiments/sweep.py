@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..config import METHOD_DEFAULTS, Config, resolve
 from ..console import VERBOSE_HELP, entry_point, setup_logging
-from ..data.datasets import DATASETS
+from ..data.datasets import DATASETS, FETCHABLE
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
@@ -262,8 +262,9 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
         paper = dataset_paths(args.dataset)
         for key in ("users", "items"):  # the data set --dataset names, not yet here: where to get it
             if not Path(paper[key]).exists() and any(p.config and getattr(p.config, key) == paper[key] for p in points):
-                raise DataError(f"{key} file {paper[key]} does not exist: `iisan fetch data --dataset {args.dataset}` "
-                                "downloads the data set (Dataset/README.md: by hand)")
+                how = (f"`iisan fetch data --dataset {args.dataset}` downloads the data set (Dataset/README.md: by "
+                       "hand)" if args.dataset in FETCHABLE else "Dataset/README.md says where to get it")
+                raise DataError(f"{key} file {paper[key]} does not exist: {how}")
         return run_grid(points, args, action)
 
     return entry_point(sys.argv[0], run)

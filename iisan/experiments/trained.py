@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..config import METHOD_NAMES, Config, model_location
+from ..config import DEFAULT_MODELS, METHOD_NAMES, Config, model_location
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
@@ -112,8 +112,8 @@ def rebased(cfg: Config, working_dir: str | None) -> Config:
     changes = {}
     for key in PATH_KEYS:
         value = getattr(cfg, key)
-        if not value or Path(value).is_absolute() or Path(value).exists():
-            continue
+        if not value or Path(value).is_absolute() or Path(value).exists() or value in DEFAULT_MODELS.values():
+            continue  # (a default encoder is the repository's, from any folder: ``model_location``)
         there = Path(working_dir) / value
         if there.exists() or key not in ("text_model", "image_model"):
             changes[key] = str(there)
@@ -153,13 +153,13 @@ def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
     saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
-    if note := unfinished(run_dir / RESULTS, results, saved.epochs):
-        log.warning("%s", note)
     if weights.exists() and not weights.is_file():
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
+    if note := unfinished(run_dir / RESULTS, results, saved.epochs):
+        log.warning("%s", note)
     return saved, rebased(saved, results.get("working_dir")), results
 
 
