@@ -40,17 +40,22 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
     return metadata
 
 
+# Why a weights file may not fit the model its run's config builds, besides damage or another run's file.
+OTHER_MODEL = (" (a version of IISAN before 2026-12-05 put a CLIP tower's default LoRA on k_proj and q_proj: "
+               "retrain such a run)")
+
+
 def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
     """Copy trained weights into ``model``; every trainable parameter must be there, nothing else."""
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
-        raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters "
-                            f"(e.g. {missing[0]})")
+        raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters (e.g. {missing[0]}): "
+                            f"it is of another model than its config builds now{OTHER_MODEL}")
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in state.items():
             if name not in params:
-                raise TrainingError(f"{source} holds {name!r}, which this model does not have")
+                raise TrainingError(f"{source} holds {name!r}, which this model does not have{OTHER_MODEL}")
             if value.shape != params[name].shape:
                 raise TrainingError(f"{source}: {name!r} has shape {tuple(value.shape)}, the model built from "
                                     f"the config has {tuple(params[name].shape)}")
