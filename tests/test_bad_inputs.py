@@ -610,7 +610,8 @@ CASES = [
          setup=lambda P, s: model_folder("t5", config_only(__import__("transformers").T5Config(
              d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=50)))(P, s)),
     Case("image-tower-swin", lambda P, s: C(P, s, "--image-model", f"{s}/swin"),
-         ("image encoder '{s}/swin' is a 'swin' model", "supported: clip, clip_vision_model, deit, dinov2, vit"),
+         ("image encoder '{s}/swin' is a 'swin' model",
+          "supported: clip, clip_vision_model, deit, dinov2, dinov2_with_registers, vit"),
          setup=lambda P, s: model_folder("swin", config_only(__import__("transformers").SwinConfig(
              embed_dim=8, depths=[1], num_heads=[1], image_size=32, patch_size=4)))(P, s)),
     Case("vit-as-text-tower", lambda P, s: C(P, s, "--text-model", P["vit"]),

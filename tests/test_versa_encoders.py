@@ -69,6 +69,7 @@ def test_decoder_pooled_state_ignores_appended_padding(towers, name, pooling):
 
 @pytest.mark.parametrize("name,family,depth,width", [("vit24x3", "vit", 3, 24), ("deit40x4", "deit", 4, 40),
                                                      ("dinov2_32x5", "dinov2", 5, 32),
+                                                     ("dinoreg16x2", "dinov2_with_registers", 2, 16),
                                                      ("clip24x3", "clip_vision_model", 3, 24)])
 def test_image_towers_give_the_cls_of_each_selected_layer(towers, name, family, depth, width):
     enc = load_image_encoder(towers[name], group_layers(depth, 6))
@@ -214,3 +215,21 @@ def test_every_listed_decoder_family_gives_per_layer_states(towers, tmp_path, fa
         n = int(mask[row].sum())
         for j, layer in enumerate(encoder.layers):
             torch.testing.assert_close(states[row, j], hidden[layer][row, :n].mean(0))
+
+
+def test_a_tower_with_registers_caches_what_it_runs_live_and_takes_lora_by_role(towers, tiny_config, tmp_path):
+    """DINOv2 with registers puts 4 learned tokens between its CLS and the patches: the cache holds the
+    live states (the CLS at position 0 of every selected layer), and LoRA finds query and value by role."""
+    from iisan.model.backbones import load_image_encoder
+    from iisan.model.caching import build_cache_from_config
+    from iisan.model.peft_methods import resolve_targets
+
+    from .conftest import cached_and_live_tables
+
+    cfg = tiny_config(towers="image", modality="intra", image_model=towers["dinoreg16x2"],
+                      cache_dir=str(tmp_path / "c"))
+    build_cache_from_config(cfg, dtype="float32")
+    cached, live, _ = cached_and_live_tables(cfg, torch.device("cpu"))
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
+    tower = load_image_encoder(towers["dinoreg16x2"], (0, 2)).model
+    assert [n.split(".")[-1] for n in resolve_targets(tower, ["query", "value"])] == ["q_proj"] * 2 + ["v_proj"] * 2

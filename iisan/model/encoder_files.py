@@ -47,7 +47,7 @@ TEXT_ENCODERS = frozenset({"bert", "roberta", "distilbert", "albert", "electra",
 # CLIP's text model, whose attention is causal too.
 TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "clip",
                            "clip_text_model"})
-IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "clip", "clip_vision_model"})
+IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model"})
 SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS, "image": IMAGE_ENCODERS}
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

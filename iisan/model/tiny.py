@@ -230,13 +230,13 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
     return Path(out_dir)
 
 
-IMAGE_FAMILIES = ("vit", "deit", "dinov2", "clip")
+IMAGE_FAMILIES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
 
 
 @quietly
 def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers: int = 2, heads: int = 2,
                       image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Path:
-    """A tiny random vision transformer of ``family`` (vit, deit, dinov2, clip: a CLIP vision tower) with
+    """A tiny random vision transformer of ``family`` (``IMAGE_FAMILIES``; clip: a CLIP vision tower) with
     its family's image processor, loadable with ``AutoModel`` / ``AutoImageProcessor``."""
     if family not in IMAGE_FAMILIES:
         raise ValueError(f"family must be one of {', '.join(IMAGE_FAMILIES)}, not {family!r}")
@@ -249,8 +249,8 @@ def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers
         config = tf.DeiTConfig(intermediate_size=hidden * 2, **sizes)
         resize = {"height": image_size + 4, "width": image_size + 4}  # resize, then crop: DeiT's recipe
         processor = tf.DeiTImageProcessor(size=resize, crop_size=crop)
-    elif family == "dinov2":
-        config = tf.Dinov2Config(mlp_ratio=2, **sizes)
+    elif family.startswith("dinov2"):  # with registers: 4 learned tokens after the CLS, before the patches
+        config = (tf.Dinov2Config if family == "dinov2" else tf.Dinov2WithRegistersConfig)(mlp_ratio=2, **sizes)
         processor = tf.BitImageProcessor(size={"shortest_edge": image_size + 4}, crop_size=crop,
                                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     else:
