@@ -32,12 +32,16 @@ RANDOM_BACKBONES = ("base",)  # `iisan params --random-backbones`: BERT-base + V
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 
 
-def min_seq_len_problem(min_seq_len: int) -> str | None:
-    """Why ``min_seq_len`` cannot split a history (None when it can): leave-one-out takes a test and a
+def min_seq_len_problem(min_seq_len: int) -> str:
+    """Why ``min_seq_len`` cannot split a history ('' when it can): leave-one-out takes a test and a
     validation item and needs at least one before them."""
-    if min_seq_len < 3:
-        return f"min_seq_len={min_seq_len}: leave-one-out needs at least 3 interactions per user"
-    return None
+    return f"min_seq_len={min_seq_len}: leave-one-out needs at least 3 interactions per user" if min_seq_len < 3 \
+        else ""
+
+
+def finite_number(value) -> bool:
+    """Whether ``value`` (from a JSON file, a processor's config) is a finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_bounds(cfg) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..bounds import DEVICES, device_choice, path_arg, positive_int
+from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_int
 from ..config import METHOD_NAMES
 from ..data.textfile import decoded_lines
 from ..errors import DataError, OutputError
@@ -33,8 +32,7 @@ def recorded_metrics(results: dict) -> dict:
     out = {}
     for split in SPLITS:
         values = results.get(split) if isinstance(results.get(split), dict) else {}
-        numbers = {m: v for m, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        numbers = {m: v for m, v in values.items() if finite_number(v)}
         if numbers:
             out[split] = numbers
     return out

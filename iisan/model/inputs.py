@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..bounds import finite_number
 from ..errors import EncoderError
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,14 @@ def processor_norm(processor, name: str, default_side: int, rule: str) -> dict:
     stats = {}
     for stat in ("mean", "std"):
         value = 0.5 if rule == "authors" else getattr(processor, f"image_{stat}", None)
-        values = [0.5] * 3 if value is None else [value] * 3 if _number(value) else value
-        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(_number, values))
+        values = [0.5] * 3 if value is None else [value] * 3 if finite_number(value) else value
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(finite_number, values))
                 and (stat == "mean" or min(values) > 0)):
             raise EncoderError(f"{where} image_{stat} {value!r}; expected three numbers, one per channel"
                                + (", each above 0" if stat == "std" else ""))
         stats[stat] = list(values)
     side = given.get("height") or given.get("shortest_edge") or default_side
     return {**stats, "size": int(side), "rule": rule}  # the rule is what the cache records
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @functools.lru_cache(maxsize=32)

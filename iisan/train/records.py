@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..bounds import finite_number
 from ..config import METHOD_NAMES, Config
 from ..console import LOG_DATEFMT, LOG_FORMAT
 from ..devices import device_name, peak_memory
@@ -142,7 +143,7 @@ class RunRecord:
     def peak(self) -> dict:
         """Peak memory over every attempt that trained the run (a checkpoint carries the peak so far): each
         peak of this device (``max_*``, ``peak_*``) at its highest; the current resident set as it is now."""
-        earlier = {k: v for k, v in self.earlier_peak.items() if type(v) in (int, float)}  # numbers, not bools
+        earlier = {k: v for k, v in self.earlier_peak.items() if finite_number(v)}
         return {k: max(v, earlier.get(k, v)) if k.startswith(("max_", "peak_")) else v
                 for k, v in peak_memory(self.device).items()}
 
