@@ -93,6 +93,15 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
             raise ValueError(f"{path}: wrote {written} bytes, the header declares {sizes}")
 
 
+def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tensor]], dict[str, str]]]) -> None:
+    """The files of one cache (path -> ``write_safetensors``' specs, parts and metadata), each written to a
+    temporary, then all renamed at once: a stop while writing leaves the earlier files as they were, never
+    a new text file beside an old image file."""
+    with ExitStack() as stack:
+        for path, (specs, parts, metadata) in files.items():
+            write_safetensors(stack.enter_context(atomic_path(path)), specs, parts, metadata, atomic=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # shards of a build in progress
 
@@ -264,12 +273,12 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     encoded = time.perf_counter()
 
     paths = {m: cache_file(out_dir, m) for m in shapes}
-    with ExitStack() as files:  # every file written first, then all renamed at once: never one new, one old
-        for m, (layers, width) in shapes.items():
-            zero_row = torch.zeros(1, layers, width, dtype=dtype)  # index 0: padding
-            parts = (("states", block) for block in [zero_row, *(shards.read(k, m) for k in range(n_chunks))])
-            write_safetensors(files.enter_context(atomic_path(paths[m])),
-                              {"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m], atomic=False)
+    files = {}
+    for m, (layers, width) in shapes.items():
+        zero_row = torch.zeros(1, layers, width, dtype=dtype)  # index 0: padding
+        parts = (("states", block) for block in [zero_row, *(shards.read(k, m) for k in range(n_chunks))])
+        files[paths[m]] = ({"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m])
+    write_together(files)
     for m, (layers, width) in shapes.items():
         log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
                  metadata[m]["dtype"], paths[m].stat().st_size / 1e6)

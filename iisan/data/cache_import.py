@@ -5,7 +5,7 @@ The authors' ``Code_Cached/preprocess_vectors.py`` wrote one ``torch.save`` file
 (13, 768) fp32 tensor, the CLS state of every hidden layer of BERT-base and ViT-B/16 (index 0 = the
 embedding output). Here each file is read with ``torch.load(weights_only=True)`` only, so a file that
 would need any object unpickled is refused, never loaded. The selected layers are stacked in the data
-set's item order and written with ``cache_build.write_safetensors``, with metadata that records the
+set's item order and written with ``cache_build.write_together``, with metadata that records the
 import and its source.
 
 Every file is checked before anything is written: missing files, files that are not a plain tensor
@@ -22,7 +22,6 @@ import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ import torch
 from ..errors import CacheError
 from ..files import atomic_path, claim_output, require_space, starts_with
 from .cache import cache_file
-from .cache_build import write_safetensors
+from .cache_build import write_together
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +146,9 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
         log.warning("%d items have no file under %s and are stored as zero states (--allow-missing); list in %s",
                     len(missing), src, out_dir / REPORT)
     paths = {m: cache_file(out_dir, m) for m in tables}
-    with ExitStack() as files:  # every file written first, then all renamed at once: never one new, one old
-        for m, table in tables.items():
-            meta = dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing)))
-            write_safetensors(files.enter_context(atomic_path(paths[m])), {"states": (dtype, tuple(table.shape))},
-                              [("states", table)], meta, atomic=False)
+    write_together({paths[m]: ({"states": (dtype, tuple(table.shape))}, [("states", table)],
+                               dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing))))
+                    for m, table in tables.items()})
     for m, table in tables.items():
         log.info("wrote %s: %d items x %d layers x %d (%s), imported from %s", paths[m], len(item_ids) - 1,
                  table.shape[1], table.shape[2], json.loads(metadata[m]["layers"]), src)
