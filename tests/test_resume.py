@@ -177,13 +177,7 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
         train(cfg)
     monkeypatch.undo()
     saved = Path(cfg.out_dir) / "other-world" / "checkpoints" / "epoch-0001-step-00004"
-    state = json.loads((saved / checkpoint.STATE).read_text())
-    state["world_size"], state["world_sizes"] = 2, [2]
-    (saved / checkpoint.STATE).write_text(json.dumps(state, indent=1) + "\n")
-    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
-    manifest["files"][checkpoint.STATE] = {"bytes": (saved / checkpoint.STATE).stat().st_size,
-                                           "sha256": checkpoint.sha256(saved / checkpoint.STATE)}
-    (saved / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    restate(saved, lambda s: s.update(world_size=2, world_sizes=[2]))
     losses = []
     loss = recommender_module.in_batch_softmax_loss
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", lambda *a: losses.append(1) or loss(*a))
@@ -206,12 +200,8 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     saved = Path(cfg.out_dir) / "peaks" / "checkpoints" / "epoch-0000"
     state = json.loads((saved / checkpoint.STATE).read_text())
     assert state["peak_memory"]["peak_rss_gib"] == pytest.approx(first["peak_memory"]["peak_rss_gib"], rel=0.1)
-    state["peak_memory"].update(peak_rss_gib=99.0, current_rss_gib=98.0)  # as if an earlier attempt had peaked
-    (saved / checkpoint.STATE).write_text(json.dumps(state, indent=1) + "\n")
-    manifest = json.loads((saved / checkpoint.MANIFEST).read_text())
-    manifest["files"][checkpoint.STATE] = {"bytes": (saved / checkpoint.STATE).stat().st_size,
-                                           "sha256": checkpoint.sha256(saved / checkpoint.STATE)}
-    (saved / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    # as if an earlier attempt had peaked
+    restate(saved, lambda s: s["peak_memory"].update(peak_rss_gib=99.0, current_rss_gib=98.0))
     longer = train(cfg.replace(epochs=2))
     assert longer["resumed_from"] == ["epoch-0000"] and longer["peak_memory"]["peak_rss_gib"] == 99.0
     assert longer["peak_memory"]["current_rss_gib"] < 98.0
