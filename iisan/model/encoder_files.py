@@ -223,6 +223,8 @@ def damaged_file(folder: Path, auto_class) -> str | None:
             with open(folder / name, "rb") as f:
                 if not f.read(4096).lstrip().startswith(b"{"):  # an object's first character, after blanks
                     return f"{name} does not hold a JSON object"
+    if auto_class in JSON_OBJECTS:  # a tokenizer or a processor reads no dtype or vocabulary size
+        return None
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
     for part in [config, *(v for v in config.values() if isinstance(v, dict))]:  # with sub-configs
         for key in ("dtype", "torch_dtype"):
