@@ -581,6 +581,50 @@ def test_a_field_added_after_the_checkpoint_counts_as_its_default(base):
         "layer_rule='stride' there, 'groups' now"]
 
 
+def test_a_config_saved_before_the_layer_rule_counts_as_groups_where_the_rules_differ(base, tmp_path):
+    """A config saved before --layer-rule read the layers group dropping picks: the same run as one under
+    the stride rule only where both rules pick the same layers of its towers (tiny ViT, 3 layers: 6 groups
+    -> 1, 2, 3 either way; 2 groups -> 2, 3 by groups, 1, 3 by stride), and never where the towers' depth
+    cannot be read (no encoder folder, no cache)."""
+    from iisan.model.build import picked_layers
+
+    two = base.replace(layer_groups=2)
+    assert picked_layers(two) == {"text": (0, 1, 2), "image": (0, 1, 3)}
+    assert picked_layers(two.replace(layer_rule="groups")) == {"text": (0, 1, 2), "image": (0, 2, 3)}
+    assert picked_layers(two.replace(method="fft")) == {}  # a baseline reads no layers
+    older = {k: v for k, v in two.to_dict().items() if k != "layer_rule"}
+    assert checkpoint.config_differences(older, two.to_dict()) == ["layer_rule='groups' there, 'stride' now"]
+    assert checkpoint.config_differences(older, two.replace(layer_rule="groups").to_dict()) == []
+    baseline = checkpoint.config_differences(older, two.replace(method="fft", feed="live").to_dict())
+    assert baseline == ["feed='cached' there, 'live' now", "method='iisan' there, 'fft' now"]
+    # where the rules agree, an unreadable depth refuses: no folder to read it from, no cache (live)
+    gone = base.replace(image_model=str(tmp_path / "vit-not-here"), feed="live")
+    assert picked_layers(gone) is None
+    old_gone = {k: v for k, v in gone.to_dict().items() if k != "layer_rule"}
+    assert checkpoint.config_differences(old_gone, gone.to_dict()) == ["layer_rule='groups' there, 'stride' now"]
+    # the cache records the depth when the folder is gone
+    assert picked_layers(gone.replace(feed="cached")) == picked_layers(base)
+
+
+def test_a_run_saved_before_the_layer_rule_is_not_resumed_or_taken_as_finished_by_other_layers(base):
+    """A 2-group run that a version before --layer-rule trained is the stride rule's default-named run
+    folder too; resuming it, or taking its results as finished, under the stride rule would read other ViT
+    layers than its weights were trained on. Refused, naming the rule; under --layer-rule groups it resumes."""
+    from iisan.train.runfolder import finished_results, read_results
+
+    cfg = base.replace(run_name="before-rule", layer_groups=2, layer_rule="groups", epochs=1)
+    train(cfg)
+    folder = Path(cfg.out_dir) / "before-rule"
+    restate(folder / "checkpoints" / "epoch-0000", lambda state: state["config"].pop("layer_rule"))
+    results = read_results(folder / "results.json")
+    results["config"].pop("layer_rule")
+    assert finished_results(cfg, results) is results
+    assert finished_results(cfg.replace(layer_rule="stride"), results) is None
+    with pytest.raises(TrainingError, match=r"layer_rule='groups' there, 'stride' now"):
+        train(cfg.replace(layer_rule="stride", epochs=2))
+    assert [e["epoch"] for e in train(cfg.replace(epochs=2))["epochs"]] == [0, 1]
+
+
 def test_a_non_finite_loss_names_the_batch_items_whose_states_are_not_finite(base, monkeypatch):
     """The cache refuses non-finite rows when it is loaded; were one to reach training anyway (here: let
     through on purpose), the report names the items of the failing batch and where their states came from."""

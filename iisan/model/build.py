@@ -16,7 +16,8 @@ from ..data.batches import PixelSource
 from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.interactions import SeqRecData
 from ..data.run_data import cache_dir, check_data_files, image_store, pixel_source
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
+from ..methods import METHOD_TABLE
 from .backbones import (
     BackboneEncoder,
     check_layers,
@@ -69,6 +70,26 @@ def layers_for(cfg: Config, modality: str, depth: int) -> tuple[int, ...]:
     # Without the embedding state in a block, the authors' remove_first still reads it: it seeds the chain.
     rule = stride_layers if cfg.layer_rule == "stride" else group_layers
     return rule(depth, cfg.layer_groups, cfg.include_embedding_state or seeded_chains(cfg))
+
+
+def picked_layers(cfg: Config) -> dict[str, tuple[int, ...]] | None:
+    """The hidden states each tower's SAN reads under ``cfg`` (none for the baselines and SASRec-ID), by
+    the depth its encoder folder, or else its cache, records; None when neither is here to say it."""
+    if METHOD_TABLE[cfg.method].kind != "san":
+        return {}
+    picked = {}
+    for m in modalities(cfg):
+        try:
+            if local_folder(model_name(cfg, m), cfg.allow_download) is not None:
+                depth = read_spec(model_name(cfg, m), m, cfg.allow_download).depth
+            elif cfg.cached:
+                depth = int(read_metadata(cache_file(cache_dir(cfg), m))["depth"])
+            else:
+                return None
+            picked[m] = layers_for(cfg, m, depth)
+        except (UserError, KeyError, ValueError):  # an unreadable config.json or cache, layers it lacks
+            return None
+    return picked
 
 
 def seeded_chains(cfg: Config) -> bool:

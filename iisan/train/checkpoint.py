@@ -33,6 +33,7 @@ from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
 from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
+from ..model.build import picked_layers
 from . import runstate
 
 log = logging.getLogger(__name__)
@@ -187,16 +188,29 @@ def verify(path: Path) -> str | None:
 
 def config_differences(saved: dict, current: dict, saved_in: object = None) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
-    the saved config lacks was added by a later version of this library; the version that wrote the
-    checkpoint behaved as the field's default does, which stands in for it. A ``BEFORE_THE_FIELD`` field
-    it lacks is not compared: the setting it stands for (``layer_rule``) picks the same layers either way
-    for the towers runs used (12 and 24 layers), and a cached run's layers are checked against its cache.
+    either config lacks was added by a later version of this library; the version that wrote it behaved as
+    the field's default does, or as ``BEFORE_THE_FIELD`` says, which stands in for it. A ``layer_rule`` that
+    differs only so counts when the two rules pick other layers of ``current``'s towers (they agree on 12
+    and 24 layers in 6 groups, not on 32, nor on 12 in 3), or when those towers' depths cannot be read.
     ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there)."""
-    defaults = Config().to_dict()
-    keys = sorted((set(saved) | set(current)) - MAY_CHANGE - (set(BEFORE_THE_FIELD) - set(saved)))
-    old = {k: saved[k] if k in saved else defaults.get(k) for k in keys}
-    same_old, same_now = same_paths(old, saved_in), same_paths({k: current.get(k) for k in keys})
-    return [f"{k}={old[k]!r} there, {current.get(k)!r} now" for k in keys if same_old[k] != same_now[k]]
+    before = {**Config().to_dict(), **BEFORE_THE_FIELD}
+    keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
+    old, now = ({k: values.get(k, before.get(k)) for k in keys} for values in (saved, current))
+    same_old, same_now = same_paths(old, saved_in), same_paths(now)
+    differ = [k for k in keys if same_old[k] != same_now[k]]
+    if "layer_rule" in differ and "layer_rule" not in saved and same_layers(now, old["layer_rule"]):
+        differ.remove("layer_rule")
+    return [f"{k}={old[k]!r} there, {now[k]!r} now" for k in differ]
+
+
+def same_layers(config: dict, rule: str) -> bool:
+    """Whether ``config`` picks the same layers of its towers under ``rule`` as under its own rule."""
+    try:
+        cfg = Config.from_dict(config)
+    except UserError:  # not a config this version builds
+        return False
+    picked = picked_layers(cfg)
+    return picked is not None and picked == picked_layers(cfg.replace(layer_rule=rule))
 
 
 def read(path: Path, state: dict | None = None) -> Checkpoint:
