@@ -97,7 +97,8 @@ def towers(tiny, tmp_path_factory) -> dict:
         out[name] = str(write_decoder(root / name, family, titles, hidden=hidden, layers=layers, heads=2,
                                       seed=3))
     for name, family, hidden, layers in [("deit40x4", "deit", 40, 4), ("dinov2_32x5", "dinov2", 32, 5),
-                                         ("dinoreg16x2", "dinov2_with_registers", 16, 2), ("clip24x3", "clip", 24, 3)]:
+                                         ("dinoreg16x2", "dinov2_with_registers", 16, 2), ("clip24x3", "clip", 24, 3),
+                                         ("siglip24x3", "siglip", 24, 3)]:
         out[name] = str(write_image_tower(root / name, family, hidden=hidden, layers=layers, image_size=32,
                                           patch_size=8, seed=4))
     return out

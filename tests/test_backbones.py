@@ -98,7 +98,7 @@ def test_pixels_become_contiguous_normalised_nchw():
     assert pixels_to_input(pixels, {**norm, "size": 16}).shape == (3, 3, 16, 16)  # resized to the model's side
 
 
-@pytest.mark.parametrize("name", ["vit24x3", "deit40x4", "dinov2_32x5", "dinoreg16x2", "clip24x3"])
+@pytest.mark.parametrize("name", ["vit24x3", "deit40x4", "dinov2_32x5", "dinoreg16x2", "clip24x3", "siglip24x3"])
 def test_patch_embedding_as_a_matmul_is_the_convolution(towers, name):
     """Every image family's patch-embedding conv becomes one ``PatchProjection`` over the very same
     parameters (names unchanged), and the encoder gives the conv's states and gradients."""

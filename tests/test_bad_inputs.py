@@ -611,7 +611,7 @@ CASES = [
              d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=50)))(P, s)),
     Case("image-tower-swin", lambda P, s: C(P, s, "--image-model", f"{s}/swin"),
          ("image encoder '{s}/swin' is a 'swin' model",
-          "supported: clip, clip_vision_model, deit, dinov2, dinov2_with_registers, vit"),
+          "supported: clip, clip_vision_model, deit, dinov2, dinov2_with_registers, siglip, siglip_vision_model, vit"),
          setup=lambda P, s: model_folder("swin", config_only(__import__("transformers").SwinConfig(
              embed_dim=8, depths=[1], num_heads=[1], image_size=32, patch_size=4)))(P, s)),
     Case("vit-as-text-tower", lambda P, s: C(P, s, "--text-model", P["vit"]),

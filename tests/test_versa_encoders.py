@@ -233,3 +233,79 @@ def test_a_tower_with_registers_caches_what_it_runs_live_and_takes_lora_by_role(
     torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
     tower = load_image_encoder(towers["dinoreg16x2"], (0, 2)).model
     assert [n.split(".")[-1] for n in resolve_targets(tower, ["query", "value"])] == ["q_proj"] * 2 + ["v_proj"] * 2
+
+
+def test_siglip_pools_the_mean_of_its_patches_and_caches_what_it_runs_live(towers, tiny_config, tmp_path):
+    """SigLIP has no CLS token: each selected layer pools the mean over its patches, and the baselines'
+    heads read the mean of its final, LayerNormed states (as transformers' SiglipForImageClassification
+    pools them); its attention-pooling head, which nothing reads, is dropped as ViT's pooler is. The cache
+    holds the live states, and LoRA finds query and value by role."""
+    from iisan.data.cache import cache_file, read_metadata
+    from iisan.model.caching import build_cache_from_config
+    from iisan.model.peft_methods import resolve_targets
+
+    from .conftest import cached_and_live_tables
+
+    enc = load_image_encoder(towers["siglip24x3"], (0, 1, 3))
+    assert (enc.model.config.model_type, enc.depth, enc.width, enc.pooling) == ("siglip_vision_model", 3, 24, "mean")
+    assert enc.norm == {"mean": [0.5] * 3, "std": [0.5] * 3, "size": 32, "rule": "processor"}
+    assert not [n for n, _ in enc.model.named_parameters() if n.startswith("head.")]
+    pixels = pixels_to_input(torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8), enc.norm)
+    with torch.no_grad():
+        states = enc.layer_states(pixel_values=pixels)
+        hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        final = enc.final_cls(pixel_values=pixels)
+    assert len(hidden) == 4 and hidden[0].shape == (2, 16, 24)  # 4 x 4 patches of 8 pixels, no CLS
+    for j, layer in enumerate(enc.layers):
+        torch.testing.assert_close(states[:, j], hidden[layer].mean(1))
+    torch.testing.assert_close(final, enc.model.post_layernorm(hidden[3]).mean(1))
+    assert [n.split(".")[-1] for n in resolve_targets(enc.model, ["query", "value"])] == ["q_proj"] * 3 + ["v_proj"] * 3
+
+    cfg = tiny_config(towers="image", modality="intra", image_model=towers["siglip24x3"],
+                      cache_dir=str(tmp_path / "c"))
+    build_cache_from_config(cfg, dtype="float32")
+    assert read_metadata(cache_file(tmp_path / "c", "image"))["pooling"] == "mean"
+    cached, live, _ = cached_and_live_tables(cfg, torch.device("cpu"))
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
+
+
+def test_a_whole_siglip_model_gives_its_vision_tower_and_is_no_text_tower(towers, tmp_path):
+    """A SigLIP checkpoint of both towers (what the Hub's google/siglip-* hold) is an image tower by its
+    vision model; its text tower (trained on titles padded to 64 tokens, pooled at the last) is refused."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from iisan.model.backbones import read_spec
+
+    vision = {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    folder = tmp_path / "siglip-both"
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    spec = read_spec(str(folder), "image")
+    assert (spec.model_type, spec.depth, spec.width) == ("siglip_vision_model", 3, 24)
+    enc = load_image_encoder(str(folder), (0, 3))
+    assert type(enc.model).__name__ == "SiglipVisionModel" and enc.pooling == "mean"
+    with pytest.raises(EncoderError, match=r"is a 'siglip' model, which IISAN cannot use as the text tower"):
+        read_spec(str(folder), "text")
+
+
+@pytest.mark.parametrize("method", ["fft", "adapter", "lora", "bitfit"])
+def test_every_baseline_trains_a_siglip_tower(tiny_config, towers, method):
+    """Each baseline finds its targets in SigLIP's blocks (CLIP's names) and trains what it declares: FFT
+    every tower weight (its dropped head not among them), BitFit every bias, Adapter and LoRA their own."""
+    from iisan.train.trainer import train
+
+    cfg = tiny_config(method=method, towers="image", image_model=towers["siglip24x3"], run_name=method, epochs=1,
+                      smoke=True)
+    results = train(cfg)
+    assert results["status"] == "finished"
+    by_rate = results["parameters"]["by_rate"]
+    tower = dict(load_image_encoder(towers["siglip24x3"], (0, 3)).model.named_parameters())
+    expected = {"fft": sum(p.numel() for p in tower.values()),
+                "bitfit": sum(p.numel() for n, p in tower.items() if n.endswith(".bias"))}
+    if method in expected:
+        assert by_rate == {"lr": by_rate["lr"], "lr_image": expected[method]}
+    else:  # the backbone frozen, the method's own modules trained
+        assert set(by_rate) == {"lr", "lr_adapter_image"} and by_rate["lr_adapter_image"] > 0

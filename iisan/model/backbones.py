@@ -9,7 +9,9 @@ Widths and depths always come from the loaded model's config (GPT-2's ``n_layer`
 IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
 real tokens or the last real token (right padding, so padding never changes a title's state), or, as
 the authors' LLM preprocessing does (``authors``), the mean over every position, padding included;
-image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token.
+image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token, and SigLIP, which has none, the mean over
+its patches (its final states, as ``SiglipForImageClassification`` pools them, for the baselines' heads;
+its attention-pooling head, which nothing reads, is dropped as ViT's pooler is).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedTo
 
 from ..config import choices
 from ..errors import EncoderError
-from .encoder_files import TEXT_ENCODERS, check_architecture, load_from_folder, load_tokenizer, local_folder
+from .encoder_files import (
+    MEAN_POOLED_IMAGES,
+    TEXT_ENCODERS,
+    check_architecture,
+    load_from_folder,
+    load_tokenizer,
+    local_folder,
+)
 from .inputs import processor_norm, tokenize_for_pooling
 from .patches import patches_as_matmul
 
@@ -124,7 +133,8 @@ class BackboneEncoder(nn.Module):
     ``modality`` is 'text' (inputs: token ids and attention mask) or 'image' (inputs: normalised
     pixels). Pooling for text: 'cls' (BERT family), 'mean' over real tokens, or 'last' real token
     (decoder LLMs), or 'authors': the mean over all positions, padding included (their LLaMA caches;
-    titles then come from ``inputs.tokenize_titles_as_authors_llm``); images always use the CLS token.
+    titles then come from ``inputs.tokenize_titles_as_authors_llm``); images the CLS token, or the mean
+    over every patch for towers without one (SigLIP).
     """
 
     def __init__(self, model: nn.Module, modality: str, layers: tuple[int, ...], pooling: str = "cls",
@@ -202,8 +212,10 @@ class BackboneEncoder(nn.Module):
         'authors': every position counts, padding too, as in the authors' LLM caches."""
         if self.pooling == "authors":  # authors' LLM preprocessing: torch.mean(layer[i], dim=0)
             return hidden.mean(1)
-        if self.pooling == "cls" or attention_mask is None:
+        if self.pooling == "cls":
             return hidden[:, 0]
+        if attention_mask is None:  # an image: every position is a patch
+            return hidden.mean(1) if self.pooling == "mean" else hidden[:, 0]
         real = attention_mask.bool().unsqueeze(-1)  # (n, T, 1)
         # where, not a product: whatever a model leaves at padded positions (even NaN) never leaks in
         hidden = torch.where(real, hidden, hidden.new_zeros(()))
@@ -221,12 +233,13 @@ class BackboneEncoder(nn.Module):
         return torch.stack([self.pool(hidden[i], mask) for i in self.layers], dim=1)
 
     def final_cls(self, **inputs) -> torch.Tensor:
-        """(n, width): the pooled final output (ViT: after its final LayerNorm; CLIP's vision tower leaves
-        its own, ``post_layernorm``, to its pooled token: applied here) for the baselines' heads."""
+        """(n, width): the pooled final output (ViT and SigLIP: after their final LayerNorm; CLIP's vision
+        tower leaves its own, ``post_layernorm``, to its pooled token: applied here) for the baselines' heads."""
         out = self.model(**self.model_inputs(inputs), return_dict=True)
         pooled = self.pool(out.last_hidden_state, inputs.get("attention_mask"))
-        final_norm = getattr(self.model, "post_layernorm", None)
-        return final_norm(pooled) if isinstance(final_norm, nn.LayerNorm) else pooled
+        if self.model.config.model_type == "clip_vision_model":
+            return self.model.post_layernorm(pooled)
+        return pooled
 
 
 def _load_tower(name: str, modality: str, dtype: torch.dtype | None, allow_download: bool) -> nn.Module:
@@ -275,11 +288,13 @@ def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto",
     return encoder
 
 
-def resolve_pooling(pooling: str, model_type: str) -> str:
-    """A text tower's pooling: 'auto' is 'cls' for BERT-family encoders, 'mean' for causal towers (decoder
-    LLMs, CLIP's text model)."""
+def resolve_pooling(pooling: str, model_type: str, modality: str = "text") -> str:
+    """A tower's pooling: 'auto' is 'cls' for BERT-family encoders and image towers with a CLS token,
+    'mean' for causal text towers (decoder LLMs, CLIP's text model) and image towers without one (SigLIP)."""
     if pooling != "auto":
         return pooling
+    if modality == "image":
+        return "mean" if model_type in MEAN_POOLED_IMAGES else "cls"
     return "cls" if model_type in TEXT_ENCODERS else "mean"
 
 
@@ -300,7 +315,8 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     if patch_embedding == "matmul":
         patches_as_matmul(model)
     norm = processor_norm(processor, name, getattr(model.config, "image_size", 224), image_norm)
-    return freeze(BackboneEncoder(model, "image", layers, "cls", name, folder=local_folder(name, allow_download),
+    pooling = resolve_pooling("auto", model.config.model_type, "image")
+    return freeze(BackboneEncoder(model, "image", layers, pooling, name, folder=local_folder(name, allow_download),
                                   norm=norm))
 
 
@@ -317,9 +333,13 @@ def architecture(name: str, modality: str) -> nn.Module:
 
 def drop_pooler(model: nn.Module) -> nn.Module:
     """ViT and DeiT without their pooler, which nothing reads and the authors' ViTForImageClassification
-    lacks (AutoModel adds a random one; it would count in "all params")."""
+    lacks (AutoModel adds a random one; it would count in "all params"); SigLIP without its attention-pooling
+    head, which nothing reads either (its states pool the mean, ``MEAN_POOLED_IMAGES``)."""
     if model.config.model_type in ("vit", "deit"):
         model.pooler = None
+    if getattr(model, "use_head", False):  # SiglipVisionModel: forward skips the head when use_head is off
+        model.use_head = False
+        del model.head
     return model
 
 

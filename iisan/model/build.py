@@ -103,8 +103,8 @@ def model_name(cfg: Config, modality: str) -> str:
 
 def pooling_for(cfg: Config, modality: str, model_type: str) -> str:
     """How a tower's states are pooled per layer: its ``TowerSettings.pooling`` resolved for its family
-    (``text_pooling`` for the text tower; the image tower's first (CLS) token)."""
-    return resolve_pooling(tower_settings(cfg, modality).pooling, model_type)
+    (``text_pooling`` for the text tower; the image tower's CLS token, or SigLIP's mean over patches)."""
+    return resolve_pooling(tower_settings(cfg, modality).pooling, model_type, modality)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,11 @@ TEXT_ENCODERS = frozenset({"bert", "roberta", "distilbert", "albert", "electra",
 # CLIP's text model, whose attention is causal too.
 TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "clip",
                            "clip_text_model"})
-IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model"})
+IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip",
+                            "siglip_vision_model"})
+# Image towers without a CLS token (SigLIP): their states pool the mean over patches, as transformers'
+# SiglipForImageClassification pools its final states; every other image tower pools its CLS token.
+MEAN_POOLED_IMAGES = frozenset({"siglip", "siglip_vision_model"})
 SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS, "image": IMAGE_ENCODERS}
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -230,13 +230,13 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
     return Path(out_dir)
 
 
-IMAGE_FAMILIES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+IMAGE_FAMILIES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "siglip")
 
 
 @quietly
 def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers: int = 2, heads: int = 2,
                       image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Path:
-    """A tiny random vision transformer of ``family`` (``IMAGE_FAMILIES``; clip: a CLIP vision tower) with
+    """A tiny random vision transformer of ``family`` (``IMAGE_FAMILIES``; clip, siglip: a vision tower) with
     its family's image processor, loadable with ``AutoModel`` / ``AutoImageProcessor``."""
     if family not in IMAGE_FAMILIES:
         raise ValueError(f"family must be one of {', '.join(IMAGE_FAMILIES)}, not {family!r}")
@@ -253,9 +253,12 @@ def write_image_tower(out_dir: str | Path, family: str, hidden: int = 32, layers
         config = (tf.Dinov2Config if family == "dinov2" else tf.Dinov2WithRegistersConfig)(mlp_ratio=2, **sizes)
         processor = tf.BitImageProcessor(size={"shortest_edge": image_size + 4}, crop_size=crop,
                                          image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    else:
+    elif family == "clip":
         config = tf.CLIPVisionConfig(intermediate_size=hidden * 2, **sizes)
         processor = tf.CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+    else:  # SigLIP: no CLS token, an attention-pooling head; resized straight to its side, mean = std = 0.5
+        config = tf.SiglipVisionConfig(intermediate_size=hidden * 2, **sizes)
+        processor = tf.SiglipImageProcessor(size=crop)
     with model_folder(out_dir) as folder:
         torch.manual_seed(seed)
         save_model(tf.AutoModel.from_config(config), folder)

@@ -13,8 +13,8 @@ class TowerSettings:
     """``model``: the encoder folder (or Hub id); ``layers``: the hidden states given explicitly
     (``--text-layers`` / ``--image-layers``), None for ``layer_rule``'s choice; ``adapter_down``: the
     bottleneck of the tower's side adapters and Houlsby adapters; ``pooling``: ``text_pooling`` for the
-    text tower ('auto' resolved per family by ``backbones.resolve_pooling``), the first (CLS) token for
-    the image tower."""
+    text tower, 'auto' for the image tower (the CLS token; SigLIP's mean over patches), resolved per family by
+    ``backbones.resolve_pooling``."""
 
     model: str
     layers: tuple[int, ...] | None
@@ -25,4 +25,4 @@ class TowerSettings:
 def tower_settings(cfg: Config, modality: str) -> TowerSettings:
     if modality == "text":
         return TowerSettings(cfg.text_model, cfg.text_layers, cfg.text_adapter_down, cfg.text_pooling)
-    return TowerSettings(cfg.image_model, cfg.image_layers, cfg.image_adapter_down, "cls")
+    return TowerSettings(cfg.image_model, cfg.image_layers, cfg.image_adapter_down, "auto")
