@@ -85,7 +85,7 @@ def shared_file(*parts: str) -> Path:
 def towers(tiny, tmp_path_factory) -> dict:
     """IISAN-Versa: tiny random encoders of several families, widths and depths (name -> folder).
     Text: BERT, and decoder LLMs with BPE tokenizers (GPT-2 without a pad token, as shipped)."""
-    from iisan.model.tiny import write_decoder, write_image_tower
+    from iisan.model.tiny import write_decoder, write_image_tower, write_t5
 
     root = tmp_path_factory.mktemp("towers")
     titles = read_items(tiny["items"]).titles
@@ -101,6 +101,9 @@ def towers(tiny, tmp_path_factory) -> dict:
                                          ("siglip24x3", "siglip", 24, 3)]:
         out[name] = str(write_image_tower(root / name, family, hidden=hidden, layers=layers, image_size=32,
                                           patch_size=8, seed=4))
+    out["t5_32x3"] = str(write_t5(root / "t5_32x3", vocabulary(titles), hidden=32, layers=3, heads=2, seed=5))
+    out["flan16x2"] = str(write_t5(root / "flan16x2", vocabulary(titles), hidden=16, layers=2, heads=2, gated=True,
+                                   seed=6))
     return out
 
 

@@ -605,10 +605,11 @@ CASES = [
          setup=model_folder("wide", damaged_bert(config_edit(hidden_size=64)))),
     Case("model-config-not-json", lambda P, s: C(P, s, "--text-model", f"{s}/broken"),
          ("{s}/broken/config.json is not valid JSON",), setup=write("broken/config.json", "{")),
-    Case("text-tower-t5", lambda P, s: C(P, s, "--text-model", f"{s}/t5"),
-         ("text encoder '{s}/t5' is a 't5' model", "supported: albert, bert"),
-         setup=lambda P, s: model_folder("t5", config_only(__import__("transformers").T5Config(
-             d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=50)))(P, s)),
+    Case("text-tower-bart", lambda P, s: C(P, s, "--text-model", f"{s}/bart"),
+         ("text encoder '{s}/bart' is a 'bart' model", "supported: albert, bert"),
+         setup=lambda P, s: model_folder("bart", config_only(__import__("transformers").BartConfig(
+             d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+             encoder_ffn_dim=8, decoder_ffn_dim=8, vocab_size=50)))(P, s)),
     Case("image-tower-swin", lambda P, s: C(P, s, "--image-model", f"{s}/swin"),
          ("image encoder '{s}/swin' is a 'swin' model",
           "supported: clip, clip_vision_model, deit, dinov2, dinov2_with_registers, siglip, siglip_vision_model, vit"),

@@ -87,18 +87,25 @@ def test_loading_encoders_leaves_the_random_stream_as_it_was(tiny_config, tiny_c
 
 
 def test_module_name_targets_reach_a_grouped_query_llm_block(towers):
-    """Qwen2's blocks have no BERT/ViT shape (k/v narrower than q under grouped-query attention, a gated
-    MLP): roles cannot be found there, but the module names the help offers as targets still work."""
-    from transformers import AutoModel
+    """Qwen2's blocks under grouped-query attention have no BERT/ViT shape (k/v narrower than q): roles
+    cannot be found there, but the module names the help offers as targets still work. With as many key
+    and value heads as queries, its gated MLP alone leaves the attention roles to be found."""
+    from transformers import AutoConfig, AutoModel
 
     from iisan.errors import TargetError
     from iisan.model.peft_methods import apply_lora
 
     def qwen():
-        return AutoModel.from_pretrained(towers["qwen2_40x3"])
+        config = AutoConfig.from_pretrained(towers["qwen2_40x3"])
+        config.num_key_value_heads = 1  # of 2 query heads
+        torch.manual_seed(0)
+        return AutoModel.from_config(config)
 
     with pytest.raises(TargetError, match="cannot tell attention and FFN projections apart"):
         resolve_targets(qwen(), ["query"])
+    full = AutoModel.from_pretrained(towers["qwen2_40x3"])
+    assert [n.split(".")[-1] for n in resolve_targets(full, ["query", "value", "ffn_out"])] == \
+        ["q_proj"] * 3 + ["v_proj"] * 3 + ["down_proj"] * 3
     lora = qwen()
     apply_lora(lora, 4, 8, ["q_proj", "v_proj"])
     trained = {n for n, p in lora.named_parameters() if p.requires_grad}
@@ -182,7 +189,7 @@ def test_roles_follow_the_projections_names_where_registration_order_does_not(to
     from transformers import AlbertConfig, AlbertModel, AutoModel
 
     from iisan.errors import TargetError
-    from iisan.model.backbones import one_tower
+    from iisan.model.families import one_tower
 
     clip = one_tower(AutoModel.from_pretrained(towers["clip24x3"]), "image")
     named = resolve_targets(clip, ["query", "key", "value", "attention_output"])

@@ -160,15 +160,15 @@ def test_custom_code_on_a_known_architecture_is_ignored(tiny, tmp_path):
 
 
 def test_custom_code_on_a_known_architecture_iisan_cannot_use_is_refused_without_a_warning(tiny, tmp_path):
-    """T5 is known to transformers but no IISAN tower: the refusal alone, not first a warning that the map is
-    ignored (as if the folder would load)."""
-    folder, marker = tmp_path / "t5", tmp_path / "code-ran"
+    """BART is known to transformers but no IISAN tower: the refusal alone, not first a warning that the map
+    is ignored (as if the folder would load)."""
+    folder, marker = tmp_path / "bart", tmp_path / "code-ran"
     folder.mkdir()
-    evil_folder(folder, marker, {"model_type": "t5"})
+    evil_folder(folder, marker, {"model_type": "bart"})
     outcome = run_forked(cache_text_args(tiny, folder, tmp_path / "c"), tmp_path / "s")
     assert outcome.code == 2 and not marker.exists(), outcome.describe()
     assert "asks for custom code" not in outcome.err and "WARNING" not in outcome.err, outcome.describe()
-    assert outcome.last_line.startswith(f"iisan: error: text encoder {str(folder)!r} is a 't5' model"), \
+    assert outcome.last_line.startswith(f"iisan: error: text encoder {str(folder)!r} is a 'bart' model"), \
         outcome.describe()
 
 

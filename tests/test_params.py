@@ -114,9 +114,10 @@ def _fake_cache(cfg, data, folder: Path) -> None:
 
     from iisan.data.cache import FORMAT, encoder_config_hash
     from iisan.data.cache_build import write_safetensors
-    from iisan.model.backbones import read_spec, resolve_pooling
+    from iisan.model.backbones import read_spec
     from iisan.model.build import layers_for, model_name
     from iisan.model.encoder_files import weights_digest
+    from iisan.model.families import resolve_pooling
 
     for m in ("text", "image"):
         name = model_name(cfg, m)

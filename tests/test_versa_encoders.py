@@ -194,7 +194,7 @@ def test_every_listed_decoder_family_gives_per_layer_states(towers, tmp_path, fa
 
     from transformers import AutoConfig, AutoModel
 
-    from iisan.model.encoder_files import TEXT_DECODERS
+    from iisan.model.families import TEXT_DECODERS
 
     assert family in TEXT_DECODERS
     folder = tmp_path / family

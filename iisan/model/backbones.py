@@ -6,12 +6,13 @@ read these states, while the baselines' heads read the final (LayerNormed) CLS (
 Decoder LLMs in transformers 5 (LLaMA, Qwen2) report their last state *after* the final norm.
 Widths and depths always come from the loaded model's config (GPT-2's ``n_layer``/``n_embd`` too).
 
-IISAN-Versa accepts any pair: BERT-family text towers pool their CLS token, decoder LLMs the mean over
-real tokens or the last real token (right padding, so padding never changes a title's state), or, as
-the authors' LLM preprocessing does (``authors``), the mean over every position, padding included;
-image towers (ViT, DeiT, DINOv2, CLIP vision) their CLS token, and SigLIP, which has none, the mean over
-its patches (its final states, as ``SiglipForImageClassification`` pools them, for the baselines' heads;
-its attention-pooling head, which nothing reads, is dropped as ViT's pooler is).
+IISAN-Versa accepts any pair (``families``): BERT-family text towers pool their CLS token, decoder LLMs
+and T5's encoder (loaded without its decoder) the mean over real tokens or the last real token (right
+padding, so padding never changes a title's state), or, as the authors' LLM preprocessing does
+(``authors``), the mean over every position, padding included; image towers (ViT, DeiT, DINOv2, CLIP
+vision) their CLS token, and SigLIP, which has none, the mean over its patches (its final states, as
+``SiglipForImageClassification`` pools them, for the baselines' heads; its attention-pooling head, which
+nothing reads, is dropped as ViT's pooler is).
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
 
 from ..config import choices
 from ..errors import EncoderError
-from .encoder_files import (
-    MEAN_POOLED_IMAGES,
-    TEXT_ENCODERS,
+from .encoder_files import load_from_folder, load_tokenizer, local_folder
+from .families import (
+    TEXT_DECODERS,
+    TEXT_ENCODER_HALVES,
     check_architecture,
-    load_from_folder,
-    load_tokenizer,
-    local_folder,
+    model_class,
+    one_tower,
+    resolve_pooling,
+    tower_config,
 )
 from .inputs import processor_norm, tokenize_for_pooling
 from .patches import patches_as_matmul
@@ -242,23 +245,13 @@ class BackboneEncoder(nn.Module):
         return pooled
 
 
-def _load_tower(name: str, modality: str, dtype: torch.dtype | None, allow_download: bool) -> nn.Module:
-    """``name``'s weights in ``dtype`` (fp32 unless given); of a CLIP-style dual model, the ``modality`` tower."""
+def _load_tower(spec: EncoderSpec, modality: str, dtype: torch.dtype | None, allow_download: bool) -> nn.Module:
+    """``spec``'s weights in ``dtype`` (fp32 unless given); of a CLIP-style dual model, the ``modality`` tower;
+    of an encoder-decoder (T5), the encoder alone."""
     # transformers 5 loads a checkpoint in its stored precision by default (bf16 for most LLMs)
-    model = load_from_folder(AutoModel, name, f"{modality} encoder", allow_download, dtype=dtype or torch.float32,
-                             use_safetensors=True)
+    model = load_from_folder(model_class(spec.model_type), spec.name, f"{modality} encoder", allow_download,
+                             dtype=dtype or torch.float32, use_safetensors=True)
     return one_tower(model, modality)
-
-
-def tower_config(config, modality: str):
-    """The config of the ``modality`` tower: of a CLIP-style dual model's image tower, its vision config."""
-    return config.vision_config if modality == "image" and hasattr(config, "vision_config") else config
-
-
-def one_tower(model: nn.Module, modality: str) -> nn.Module:
-    """Of a CLIP-style dual model, the ``modality`` tower (``text_model`` or ``vision_model``); else ``model``."""
-    tower = "text_model" if modality == "text" else "vision_model"
-    return getattr(model, tower) if hasattr(model, tower) else model
 
 
 def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto", dtype: torch.dtype | None = None,
@@ -266,16 +259,18 @@ def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto",
     """A ``BackboneEncoder`` with its tokenizer; weights frozen, model in eval mode, fp32 unless ``dtype``.
 
     BERT-family encoders pool their CLS token; decoder LLMs (LLaMA, Qwen, GPT-2, ... through
-    ``AutoModel``) the mean over real tokens ('auto'), the last real token ('last') or, as the authors'
-    LLM caches, the mean over every position, padding included ('authors')."""
+    ``AutoModel``) and T5's encoder the mean over real tokens ('auto'), the last real token ('last') or, as
+    the authors' LLM caches, the mean over every position, padding included ('authors')."""
     spec = read_spec(name, "text", allow_download)  # refuses an unsupported architecture before loading weights
     tokenizer = load_tokenizer(name, spec.vocab_size, allow_download)  # none, or another model's: refused
-    model = _load_tower(name, "text", dtype, allow_download)
-    decoder = model.config.model_type not in TEXT_ENCODERS
+    model = _load_tower(spec, "text", dtype, allow_download)
     pooling = resolve_pooling(pooling, model.config.model_type)
-    if pooling == "cls" and decoder:
+    if pooling == "cls" and model.config.model_type in TEXT_DECODERS:
         log.warning("%s looks like a causal decoder: its first token sees only itself, so cls pooling "
                     "carries almost no title information; use --text-pooling mean or last", name)
+    if pooling == "cls" and model.config.model_type in TEXT_ENCODER_HALVES:
+        log.warning("%s has no CLS token: cls pooling reads the state of a title's first word; use "
+                    "--text-pooling mean", name)
     encoder = freeze(BackboneEncoder(model, "text", layers, pooling, name, folder=local_folder(name, allow_download),
                                      tokenizer=tokenizer))
     if tokenizer.pad_token is None:  # decoder LLMs often ship without one; masked out anyway
@@ -288,16 +283,6 @@ def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto",
     return encoder
 
 
-def resolve_pooling(pooling: str, model_type: str, modality: str = "text") -> str:
-    """A tower's pooling: 'auto' is 'cls' for BERT-family encoders and image towers with a CLS token,
-    'mean' for causal text towers (decoder LLMs, CLIP's text model) and image towers without one (SigLIP)."""
-    if pooling != "auto":
-        return pooling
-    if modality == "image":
-        return "mean" if model_type in MEAN_POOLED_IMAGES else "cls"
-    return "cls" if model_type in TEXT_ENCODERS else "mean"
-
-
 def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | None = None,
                        patch_embedding: str = "matmul", allow_download: bool = False,
                        image_norm: str = "processor") -> BackboneEncoder:
@@ -308,9 +293,9 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     and std, 'authors' with 0.5 and 0.5 whatever the tower (the authors' Versa code)."""
     if image_norm not in IMAGE_NORMS:
         raise ValueError(f"image_norm {image_norm!r} is not one of {', '.join(IMAGE_NORMS)}")
-    read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
+    spec = read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
     processor = load_from_folder(AutoImageProcessor, name, "image processor", allow_download)
-    model = _load_tower(name, "image", dtype, allow_download)
+    model = _load_tower(spec, "image", dtype, allow_download)
     drop_pooler(model)
     if patch_embedding == "matmul":
         patches_as_matmul(model)
@@ -327,14 +312,14 @@ def architecture(name: str, modality: str) -> nn.Module:
     config = load_from_folder(AutoConfig, name, f"{modality} encoder config")
     check_architecture(config.model_type, modality, name)  # as loading does (``read_spec``)
     depth_and_width(tower_config(config, modality), name)  # a size of 0: one line, not transformers' error
-    model = one_tower(AutoModel.from_config(config), modality)
+    model = one_tower(model_class(config.model_type).from_config(config), modality)
     return drop_pooler(model) if modality == "image" else model
 
 
 def drop_pooler(model: nn.Module) -> nn.Module:
     """ViT and DeiT without their pooler, which nothing reads and the authors' ViTForImageClassification
     lacks (AutoModel adds a random one; it would count in "all params"); SigLIP without its attention-pooling
-    head, which nothing reads either (its states pool the mean, ``MEAN_POOLED_IMAGES``)."""
+    head, which nothing reads either (its states pool the mean, ``families.MEAN_POOLED_IMAGES``)."""
     if model.config.model_type in ("vit", "deit"):
         model.pooler = None
     if getattr(model, "use_head", False):  # SiglipVisionModel: forward skips the head when use_head is off

@@ -27,11 +27,11 @@ from .backbones import (
     load_text_encoder,
     read_spec,
     resolve_encoder_dtype,
-    resolve_pooling,
     stride_layers,
 )
 from .baselines import baseline_item_encoder
 from .encoder_files import local_folder, weights_digest
+from .families import resolve_pooling
 from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
 from .recommender import IISANItemEncoder, Recommender

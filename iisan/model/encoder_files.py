@@ -1,6 +1,6 @@
 """Encoder folders on disk, checked before transformers reads them: where a name points, what a folder
-may hold, which architectures IISAN can use, the digest that names a folder's weights, and the one
-``from_pretrained`` call that loads from a folder (``load_from_folder``; one-line errors).
+may hold, the digest that names a folder's weights, and the one ``from_pretrained`` call that loads from
+a folder (``load_from_folder``; one-line errors). Which architectures IISAN can use: ``families``.
 
 - Names: an existing folder; the defaults (``pretrained_models/...``) resolve against the repository,
   not the working directory; anything else is a Hugging Face Hub id only with ``--allow-download``.
@@ -31,28 +31,15 @@ import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
-from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import DEFAULT_MODELS, model_location
 from ..errors import EncoderError
 from ..files import sha256
+from .families import MODEL_CLASSES, SUPPORTED
 
 log = logging.getLogger(__name__)
-
-# Architectures whose per-layer states IISAN knows how to pool (``backbones``), by ``config.model_type``.
-TEXT_ENCODERS = frozenset({"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-                           "xlm-roberta", "mpnet", "camembert", "ernie", "modernbert"})
-# Causal text towers, whose first token sees only itself (mean pooling by default): decoder LLMs, and
-# CLIP's text model, whose attention is causal too.
-TEXT_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "clip",
-                           "clip_text_model"})
-IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip",
-                            "siglip_vision_model"})
-# Image towers without a CLS token (SigLIP): their states pool the mean over patches, as transformers'
-# SiglipForImageClassification pools its final states; every other image tower pools its CLS token.
-MEAN_POOLED_IMAGES = frozenset({"siglip", "siglip_vision_model"})
-SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS, "image": IMAGE_ENCODERS}
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DIGESTED = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -138,12 +125,6 @@ def check_custom_code(config_path: Path, config: dict) -> None:
         return
     raise EncoderError(f"{config_path} needs custom code from its folder (auto_map, model type {model_type!r}); "
                        "IISAN never runs code from a model folder: use a model transformers supports natively")
-
-
-def check_architecture(model_type: str, modality: str, name: str) -> None:
-    if model_type not in SUPPORTED[modality]:
-        raise EncoderError(f"{modality} encoder {name!r} is a {model_type!r} model, which IISAN cannot use as the "
-                           f"{modality} tower; supported: {', '.join(sorted(SUPPORTED[modality]))}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,9 +224,9 @@ def damaged_file(folder: Path, auto_class) -> str | None:
 def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
     """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
     (``encoder_files``), never running code from it and never fetching anything unless allowed. A model
-    (``AutoModel``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
+    (``families.MODEL_CLASSES``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
     path = resolve_model_path(name, allow_download)
-    weights = auto_class is AutoModel
+    weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
     if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):

@@ -3,7 +3,8 @@
 Module names differ between architectures and library versions (BERT: ``attention.self.query``;
 ViT in transformers 5: ``attention.q_proj``; older ViT: ``attention.attention.query``), so targets are
 resolved by role: in every transformer block the Linear layers appear in the order query, key, value,
-attention output (all width -> width), then FFN in (width -> inner) and FFN out (inner -> width).
+attention output (all width -> width), then FFN in (width -> inner; a gated FFN has two, and no one
+``ffn_in`` role) and FFN out (inner -> width).
 A target that is not a role is matched as a module-name suffix; no match is an error listing the
 Linear modules that exist.
 
@@ -30,9 +31,9 @@ from ..errors import TargetError
 from .backbones import depth_and_width
 
 ROLES = ("query", "key", "value", "attention_output", "ffn_in", "ffn_out")
-# The names transformers gives the query, key and value projections (BERT, ViT; CLIP, LLaMA; DistilBERT).
-QKV_NAMES = {"query": ("query", "q_proj", "q_lin"), "key": ("key", "k_proj", "k_lin"),
-             "value": ("value", "v_proj", "v_lin")}
+# The names transformers gives the query, key and value projections (BERT, ViT; CLIP, LLaMA; DistilBERT; T5).
+QKV_NAMES = {"query": ("query", "q_proj", "q_lin", "q"), "key": ("key", "k_proj", "k_lin", "k"),
+             "value": ("value", "v_proj", "v_lin", "v")}
 # What a target can be: a Linear, or GPT-2's Conv1D (a Linear whose weight is stored transposed).
 PROJECTIONS = (nn.Linear, Conv1D)
 
@@ -54,17 +55,18 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def block_roles(block_name: str, block: nn.Module, width: int) -> dict[str, str]:
-    """{role: module name} of a block of four width x width projections and one FFN pair. Other shapes
+    """{role: module name} of a block of four width x width projections and one FFN pair, or a gated FFN
+    (two input projections, gate and up: flan-T5, LLaMA-2), which has no one ``ffn_in``. Other shapes
     (grouped-query attention, GPT-2's fused query-key-value) are an error naming the block's projections."""
     shapes = [(n, features(m)) for n, m in block.named_modules() if isinstance(m, PROJECTIONS)]
     square = [n for n, (i, o) in shapes if i == width and o == width]
     ffn_in = [n for n, (i, o) in shapes if i == width and o != width]
     ffn_out = [n for n, (i, o) in shapes if i != width and o == width]
-    if len(square) != 4 or len(ffn_in) != 1 or len(ffn_out) != 1:
+    if len(square) != 4 or len(ffn_in) not in (1, 2) or len(ffn_out) != 1:
         names = ", ".join(f"{block_name}.{n}" for n, _ in shapes)
         raise TargetError(f"cannot tell attention and FFN projections apart in {block_name} ({names})")
-    names = attention_order(square) + ffn_in + ffn_out
-    return {role: f"{block_name}.{name}" for role, name in zip(ROLES, names)}
+    names = attention_order(square) + (ffn_in if len(ffn_in) == 1 else [""]) + ffn_out
+    return {role: f"{block_name}.{name}" for role, name in zip(ROLES, names) if name}
 
 
 def attention_order(square: list[str]) -> list[str]:
@@ -100,6 +102,10 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
                 raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({flag} with "
                                   f"some of its Linear/Conv1D modules: {', '.join(suffixes)}; text:/image: prefixes "
                                   "for one tower)") from None
+            if not all(target in r for r in roles):
+                raise TargetError(f"{target}: the {what}'s FFN is gated (two input projections), so it has no one "
+                                  f"FFN input; name them ({flag} with some of its Linear modules: "
+                                  f"{', '.join(suffixes)})")
             found += [r[target] for r in roles]
             continue
         if not matches:
@@ -187,6 +193,10 @@ class WithAdapter(nn.Module):
         self.dropout = dropout
         self.adapter = HoulsbyAdapter(features(base_layer)[1], bottleneck, init)
 
+    @property
+    def weight(self) -> torch.Tensor:  # read by the model around it (T5 casts its FFN input to wo's dtype)
+        return self.base_layer.weight
+
     def forward(self, x):
         y = self.base_layer(x)
         if self.dropout is not None:
@@ -200,18 +210,26 @@ def branch_dropout(model: nn.Module, block_name: str, name: str, query: str) -> 
     and transformers 4 ViT: ``output.dropout`` beside ``output.dense``; transformers 5 ViT: the layer's
     one ``dropout``, which serves both branches. None where a block has none (CLIP, LLaMA; DistilBERT's
     attention). A Dropout beside the ``query`` projection drops attention probabilities, not a branch's
-    output (DistilBERT's ``attention.dropout`` beside ``q_lin`` and ``out_lin``): passed over."""
+    output (DistilBERT's ``attention.dropout`` beside ``q_lin`` and ``out_lin``): passed over. One beside
+    the FFN's input projection may act inside the FFN (T5's ``DenseReluDense.dropout``, between ``wi`` and
+    ``wo``): taken only when no ancestor up to the block has one (DistilBERT's ``ffn.dropout``, after
+    ``lin2``; T5's ``layer.1.dropout`` ends its branch)."""
     parent_name, probabilities = name.rpartition(".")[0], query.rpartition(".")[0]
+    width, inner = model.config.hidden_size, None
     while True:
         parent = model.get_submodule(parent_name)
         found = [n for n, m in parent.named_children() if isinstance(m, nn.Dropout) and parent_name != probabilities]
         if len(found) > 1:
             raise TargetError(f"cannot tell which dropout follows {name}: {parent_name} has "
                               f"{', '.join(found)}; use --adapter-position before_dropout")
-        if found:
+        ffn_in = any(isinstance(m, PROJECTIONS) and features(m)[0] == width != features(m)[1]
+                     for m in parent.children())
+        if found and ffn_in and inner is None:
+            inner = f"{parent_name}.{found[0]}"
+        elif found:
             return f"{parent_name}.{found[0]}"
         if parent_name == block_name:
-            return None
+            return inner
         parent_name = parent_name.rpartition(".")[0]
 
 

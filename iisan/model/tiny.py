@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModel,
     AutoTokenizer,
@@ -227,6 +227,27 @@ def write_decoder(out_dir: str | Path, family: str, texts: list[str], hidden: in
                          max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=0)
         torch.manual_seed(seed)
         save_model(AutoModel.from_config(config), folder)
+    return Path(out_dir)
+
+
+@quietly
+def write_t5(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
+             gated: bool = False, seed: int = 0) -> Path:
+    """A tiny random T5 (encoder and decoder, as the Hub's checkpoints are; ``gated``: flan-T5's gated-GELU
+    FFN) with a word-level tokenizer over ``vocab`` that ends each text with ``</s>``, as T5's does."""
+    words = ["<pad>", "</s>", "<unk>"] + [w for w in vocab if w not in SPECIALS]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", padding_side="right")
+    config = tf.T5Config(vocab_size=len(words), d_model=hidden, d_kv=hidden // heads, d_ff=hidden * 2,
+                         num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu" if gated else "relu",
+                         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with model_folder(out_dir) as folder:
+        tokenizer.save_pretrained(folder)
+        torch.manual_seed(seed)
+        save_model(tf.T5ForConditionalGeneration(config), folder)
     return Path(out_dir)
 
 

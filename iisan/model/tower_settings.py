@@ -14,7 +14,7 @@ class TowerSettings:
     (``--text-layers`` / ``--image-layers``), None for ``layer_rule``'s choice; ``adapter_down``: the
     bottleneck of the tower's side adapters and Houlsby adapters; ``pooling``: ``text_pooling`` for the
     text tower, 'auto' for the image tower (the CLS token; SigLIP's mean over patches), resolved per family by
-    ``backbones.resolve_pooling``."""
+    ``families.resolve_pooling``."""
 
     model: str
     layers: tuple[int, ...] | None
