@@ -82,6 +82,8 @@ def encoder_config_hash(folder: str | Path | None) -> str | None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of the cache file at ``path``, refused in one line when the file is missing or not a
+    cache, or when its metadata is damaged or incomplete (``metadata_problem``)."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise CacheError(f"cache file {path} is {'a folder' if path.is_dir() else 'not a regular file'}; expected "
@@ -99,34 +101,37 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
-    # an imported cache has no local encoder folder whose weights it could record (module docstring)
-    exempt = {"encoder_weights"} if meta.get("source") == "imported" else set()
-    missing = [key for key in REQUIRED if key not in meta and key not in exempt]
-    if missing:
-        raise CacheError(f"cache {path} lacks the metadata {', '.join(missing)} (damaged, or built by an earlier "
-                         "version of IISAN); rebuild it with `iisan cache --overwrite`")
-    for key, kind in (("layers", int), ("item_ids", str)):
-        try:
-            values = json.loads(meta[key])
-        except json.JSONDecodeError:
-            values = None
-        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
-            raise CacheError(f"cache {path}: its metadata {key!r} is not a JSON list of {kind.__name__}s (damaged); "
-                             "rebuild it with `iisan cache --overwrite`")
-    try:
-        files = json.loads(meta.get("encoder_files", "{}"))
-    except json.JSONDecodeError:
-        files = None
-    if not isinstance(files, dict):
-        raise CacheError(f"cache {path}: its metadata 'encoder_files' is not a JSON object (damaged); rebuild it "
-                         "with `iisan cache --overwrite`")
-    if not meta["width"].isdigit() or not meta["depth"].isdigit():
-        raise CacheError(f"cache {path}: its metadata width {meta['width']!r} / depth {meta['depth']!r} are not "
-                         "integers (damaged); rebuild it with `iisan cache --overwrite`")
-    if meta["dtype"] not in STATE_DTYPES:
-        raise CacheError(f"cache {path}: its metadata dtype {meta['dtype']!r} is not one of "
-                         f"{', '.join(STATE_DTYPES)} (damaged); rebuild it with `iisan cache --overwrite`")
+    if problem := metadata_problem(meta):
+        raise CacheError(f"cache {path}{problem}; rebuild it with `iisan cache --overwrite`")
     return meta
+
+
+def metadata_problem(meta: dict[str, str]) -> str | None:
+    """What is wrong with a cache's metadata, as the rest of a sentence after the cache's path (None: nothing).
+    Every ``REQUIRED`` key (an imported cache records no weights digest: module docstring), and the keys
+    whose values are read as JSON or numbers of the kinds a build writes."""
+    exempt = {"encoder_weights"} if meta.get("source") == "imported" else set()
+    if missing := [key for key in REQUIRED if key not in meta and key not in exempt]:
+        return f" lacks the metadata {', '.join(missing)} (damaged, or built by an earlier version of IISAN)"
+    for key, kind in (("layers", int), ("item_ids", str)):
+        values = _json(meta[key])
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            return f": its metadata {key!r} is not a JSON list of {kind.__name__}s (damaged)"
+    if not isinstance(_json(meta.get("encoder_files", "{}")), dict):
+        return ": its metadata 'encoder_files' is not a JSON object (damaged)"
+    if not meta["width"].isdigit() or not meta["depth"].isdigit():
+        return f": its metadata width {meta['width']!r} / depth {meta['depth']!r} are not integers (damaged)"
+    if meta["dtype"] not in STATE_DTYPES:
+        return f": its metadata dtype {meta['dtype']!r} is not one of {', '.join(STATE_DTYPES)} (damaged)"
+    return None
+
+
+def _json(text: str):
+    """``text`` as JSON, or None where it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def dtype_name(code: str) -> str:
