@@ -595,3 +595,71 @@ def test_layers_chosen_by_groups_show_as_auto(runs, tmp_path, capsys):
     assert {r[0]: r[header.index("text_layers")] for r in rows} == {
         "picked": "0,2", "lr0.0002-s1": "auto", "lr0.0002-s2": "auto", "lr0.001-s1": "auto"}
     assert "None" not in {cell for r in rows for cell in r}
+
+
+def test_runs_on_other_images_are_other_data(runs, tmp_path, capsys, caplog):
+    """The users and items files alike, the image LMDB not (an image ablation): its digest, as the run's
+    cache recorded it, keeps the rows apart, never averaged as seeds of one experiment. Older results name
+    their LMDB by its path, read for its digest where it still is."""
+    from iisan.data.images import ImageStore
+
+    out, results = runs
+    digest = results[0]["cache"]["image"]["images"]
+    assert digest == ImageStore(results[0]["config"]["images"]).digest()
+    copy_run(out / "lr0.0002-s1", tmp_path / "a", lambda r: None)
+    copy_run(out / "lr0.0002-s2", tmp_path / "b", lambda r: r["cache"]["image"].update(images="0123456789abcdef"))
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 2 and [row[header.index("seeds")] for row in rows] == ["1", "1"]
+    assert len({row[header.index("data")] for row in rows}) == 2
+    copy_run(out / "lr0.0002-s2", tmp_path / "c", lambda r: r["cache"]["image"].pop("images"))  # an older run
+    main(["results", str(tmp_path / "a"), str(tmp_path / "c"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0][header.index("seeds")] == "2"
+
+
+def test_the_data_name_is_found_from_where_the_run_ran(runs, tmp_path, capsys):
+    """``users.tsv`` given from inside its folder and ``demo/users.tsv`` from above it name one data set."""
+    out, _ = runs
+    folder = Path(json.loads((out / "lr0.0002-s1" / "results.json").read_text())["config"]["users"]).parent
+
+    def relative(results):
+        results["config"].update(users="users.tsv", items="items.tsv")
+        results["working_dir"] = str(folder)
+
+    copy_run(out / "lr0.0002-s1", tmp_path / "a", relative)
+    copy_run(out / "lr0.0002-s2", tmp_path / "b", lambda r: None)
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0][header.index("data")] == folder.name and rows[0][header.index("seeds")] == "2"
+
+
+def test_item_id_runs_are_not_told_apart_by_encoders_they_never_read(runs, tmp_path, capsys):
+    out, _ = runs
+
+    def as_id(encoder):
+        def change(results):
+            results.update(method="SASRec-ID", feed="live")
+            results["config"].update(method="id", feed="live", text_model=encoder, image_model=encoder + "-vit")
+        return change
+
+    copy_run(out / "lr0.0002-s1", tmp_path / "a", as_id("bert-a"))
+    copy_run(out / "lr0.0002-s2", tmp_path / "b", as_id("bert-b"))
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0][header.index("seeds")] == "2" and "text_model" not in header
+
+
+def test_curves_of_an_averaged_table_are_of_the_runs_it_counts(runs, tmp_path, capsys, caplog, monkeypatch):
+    """A seed run twice counts once in --average-seeds; its left-out copy is not drawn either."""
+    from iisan.experiments import curves as curves_module
+
+    out, _ = runs
+    copy_runs(out, tmp_path / "runs")
+    copy_run(out / "lr0.001-s1", tmp_path / "copy" / "lr0.001-s1", lambda r: None)
+    drawn, original = {}, curves_module.draw_curves
+    monkeypatch.setattr(curves_module, "draw_curves", lambda c, path: drawn.update(c) or original(c, path))
+    main(["results", str(tmp_path / "runs"), str(tmp_path / "copy"), "--average-seeds", "--curves",
+          str(tmp_path / "c.png")])
+    assert len(drawn) == 3 and (tmp_path / "c.png").is_file()
+    assert "left out 1 run(s)" in caplog.text

@@ -285,3 +285,19 @@ def test_a_paper_data_set_not_yet_here_names_the_command_that_fetches_it(sweep, 
                         "(Dataset/README.md: by hand)")
     run_script(DEFAULTS, sweep, ["--dataset", "Office", "--list-grid"])
     assert "grid point(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,values", [("epochs", ["1", "3"]), ("patience", ["2", "5"])])
+def test_sweeping_what_only_says_how_a_run_goes_on_is_refused(sweep, argv, key, values, tmp_path, capsys):
+    """Runs that differ only in epochs or patience (``checkpoint.MAY_CHANGE``) share one folder: a longer run
+    would resume the shorter one and take its place. Such a sweep is refused before any point runs."""
+    grid = {**sweep, key: [1]}
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, grid, argv(f"--{key}", *values))
+    assert info.value.code == 2 and not (tmp_path / "runs").exists()
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: --{key} {' '.join(values)}: runs that differ only in {key} are one run (it says how a run goes on, "
+        "not what it computes: a longer run resumes a shorter one in its folder); sweep one value at a time, each "
+        "with its own --run-name")
+    points, _ = parse_script_args(DEFAULTS, grid, argv(f"--{key}", values[0]))  # one value: a grid as any
+    assert len(points) == len(parse_script_args(DEFAULTS, sweep, argv())[0])

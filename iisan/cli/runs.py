@@ -45,6 +45,7 @@ def cmd_results(args) -> None:
         claim_csv(args.csv)
     frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
     rows = table(frame, keys, args.average_seeds)
+    curves = {run: curves[run] for run in rows.attrs["runs"]}  # --average-seeds counts each seed once
     if args.sort:
         rows = sorted_by(rows, args.sort)
     print(markdown(rows), end="")
@@ -113,7 +114,8 @@ def add_run_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")
     p.add_argument("--out", type=path_arg, default="demo_data",
-                   help="working folder: data, tiny models, cache and runs (default: demo_data)")
+                   help="working folder: data, tiny models, cache and runs; it keeps the --users, --items and "
+                        "--seed its data was made with (default: demo_data)")
     p.add_argument("--epochs", type=int_in(1, 10_000), default=20, help="maximum training epochs (default: 20)")
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the synthetic data, the tiny "
                    "models and training (default: 0)")

@@ -47,7 +47,7 @@ STATE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # metad
 # A cache's metadata keys, as a build writes them (``model.caching.cache_metadata``); ``title_tokens`` is a
 # text cache's only, ``image_norm`` (--image-norm) an image cache's.
 METADATA_KEYS = ("format", "modality", "encoder", "encoder_config", "encoder_weights", "encoder_files", "model_type",
-                 "layers", "width", "depth", "pooling", "dtype", "title_tokens", "image_norm", "items_file",
+                 "layers", "width", "depth", "pooling", "dtype", "title_tokens", "image_norm", "images", "items_file",
                  "items_fingerprint", "item_ids")
 # What an import adds (``cache_import``, which records no encoder_weights, encoder_files or title_tokens).
 IMPORT_KEYS = ("source", "imported_from", "imported_missing")
@@ -56,9 +56,12 @@ IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 # of items without a file is its result, not a setting.
 VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missing"})
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
-OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm")
+OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images")
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
 UNRECORDED = {"image_norm": "processor"}
+# Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them.
+# ``images``: an image cache's LMDB, by the digest of its records (``images.ImageStore.digest``).
+UNTOLD = frozenset({"images"})
 REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
 
 
@@ -193,14 +196,16 @@ class CacheExpectation:
     dtype: str | None = None
     title_tokens: str | None = None
     image_norm: str | None = None
+    images: str | None = None
 
 
 def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation) -> None:
     """The cache's modality, layers (it may hold more), width, items fingerprint, encoder config hash or
-    else weights digest (an imported cache's digest is never compared), pooling, dtype, title_tokens and
-    image_norm match what is expected; a check is skipped when ``expected`` leaves it out, and pooling, dtype
-    and title_tokens also when the cache does not record them (a cache without image_norm was normalised
-    with the processor's statistics). All differences are named in one error."""
+    else weights digest (an imported cache's digest is never compared), pooling, dtype, title_tokens,
+    image_norm and an image cache's images (where it records them) match what is expected; a check is
+    skipped when ``expected`` leaves it out, and pooling, dtype and title_tokens also when the cache does not
+    record them (a cache without image_norm was normalised with the processor's statistics). All
+    differences are named in one error."""
     differences, other_way = [], ""
     if expected.layers is not None:
         stored = json.loads(meta["layers"])
@@ -227,6 +232,9 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
             (built := meta.get("image_norm", UNRECORDED["image_norm"])) != expected.image_norm:
         differences.append(f"image_norm {built} (config asks for {expected.image_norm})")
         other_way = f" (or use it as built: --image-norm {built})"
+    if expected.images and meta.get("images") and meta["images"] != expected.images:
+        differences.append(f"the images whose LMDB has digest {meta['images']} (config's --images has "
+                           f"{expected.images})")
     if expected.modality is not None and meta["modality"] != expected.modality:
         differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:

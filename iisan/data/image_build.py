@@ -34,7 +34,17 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
-from .images import FORMAT, HEADER, IMAGE_SIZE, MAX_SIZE, META_KEY, close_reader, encode_record, read_meta
+from .images import (
+    FORMAT,
+    HEADER,
+    IMAGE_SIZE,
+    MAX_SIZE,
+    META_KEY,
+    close_reader,
+    encode_record,
+    read_meta,
+    records_digest,
+)
 from .textfile import check_item_id
 
 log = logging.getLogger(__name__)
@@ -109,7 +119,7 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
                 txn.commit()
                 txn = env.begin(write=True)
         meta = {"format": FORMAT, "count": len(item_ids), "size": size, "blank": len(problems),
-                "source": source}
+                "source": source, "digest": records_digest(txn)}
         txn.put(META_KEY, json.dumps(meta).encode())
         txn.commit()
     finally:

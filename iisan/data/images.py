@@ -8,7 +8,9 @@ is not one, a damaged metadata record or a record shorter than its header is one
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ import numpy as np
 
 from ..errors import ImageStoreError
 from ..files import shown
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"IIM1"
 HEADER = struct.Struct("<4sBHHB")  # magic, flags, height, width, channels
@@ -34,7 +38,21 @@ def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
     return HEADER.pack(MAGIC, FLAG_BLANK if blank else 0, h, w, c) + np.ascontiguousarray(pixels, np.uint8).tobytes()
 
 
+def records_digest(txn: lmdb.Transaction) -> str:
+    """The name of a store's content: the first 16 hex digits of a sha256 over every record, id and bytes, in
+    the store's key order (the metadata record left out). Two builds of the same images get the same
+    digest, whatever their LMDB pages look like; a build records it in its metadata (``image_build``)."""
+    digest = hashlib.sha256()
+    for key, value in txn.cursor():
+        if key != META_KEY:
+            for part in (key, value):
+                digest.update(len(part).to_bytes(8, "little"))
+                digest.update(part)
+    return digest.hexdigest()[:16]
+
+
 _OPEN: dict[tuple[str, int], lmdb.Environment] = {}
+_DIGESTS: dict[tuple, str] = {}  # stores built before their metadata held a digest: computed once per process
 
 
 def _open_readonly(path: Path) -> lmdb.Environment:
@@ -137,6 +155,20 @@ class ImageStore:
             self._env, self._pid = _open_readonly(self.path), os.getpid()
         with self._env.begin(buffers=buffers) as txn:
             yield txn
+
+    def digest(self) -> str:
+        """The store's ``records_digest``: its metadata's, or computed (once per process and version of the
+        files) for a store built before builds recorded it."""
+        if isinstance(recorded := self.meta.get("digest"), str):
+            return recorded
+        data = os.stat(self.path / "data.mdb")
+        key = (str(self.path.resolve()), data.st_size, data.st_mtime_ns, data.st_ino)
+        if key not in _DIGESTS:
+            log.info("%s: reading every image once to name its content (a store built before builds recorded "
+                     "it; `iisan build-lmdb --overwrite` records it)", self.path)
+            with self._txn(buffers=True) as txn:
+                _DIGESTS[key] = records_digest(txn)
+        return _DIGESTS[key]
 
     def __getstate__(self):  # a spawned process opens its own handle
         state = dict(self.__dict__)

@@ -67,3 +67,11 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
         log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
                     "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
     return PixelSource(store, item_ids, threads=cfg.num_workers)
+
+
+def images_digest(cfg: Config) -> str | None:
+    """What names the pixels of the image LMDB a run reads (``ImageStore.digest``); None without an image
+    tower, or where the LMDB is not here (a cached run's cache then stands for it)."""
+    if cfg.method == "id" or cfg.towers == "text" or not cfg.images or not (Path(cfg.images) / "data.mdb").is_file():
+        return None
+    return ImageStore(cfg.images).digest()

@@ -7,7 +7,10 @@ architecture, masked-mean pooling) as the text tower and a ViT of another width 
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,8 +19,9 @@ from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..data.synthetic import generate
+from ..errors import OutputError
 from ..evaluate import popularity_metrics
-from ..files import claim_folder
+from ..files import claim_folder, write_json_atomic
 from ..model.backbones import read_spec
 from ..model.build import layers_for, model_name
 from ..model.caching import build_cache_from_config
@@ -26,12 +30,87 @@ from ..train.trainer import train
 
 log = logging.getLogger(__name__)
 DEMO_MARKER = ".iisan-demo"  # in every folder a demo made (``files.claim_folder``)
+DEMO_SETTINGS = "demo-settings.json"  # what the folder's data was generated with (``claim_demo_data``)
+GENERATED = ("items.tsv", "users.tsv")  # the text files ``generate`` writes, in this order
+# The flags that set the generation settings, per command; the refusal of other settings names them.
+DEMO_FLAGS = {"out": "--out", "num_users": "--users", "num_items": "--items", "seed": "--seed"}
+SHOWN = {"num_users": "{} users", "num_items": "{} items", "seed": "seed {}"}  # always in the refusal
 
 
-def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True, **sizes) -> dict[str, str]:
+def generation_settings(seed: int, sizes: dict) -> dict:
+    """Every argument of ``generate`` that decides the data (its defaults filled in), as the demo calls it."""
+    defaults = {k: p.default for k, p in inspect.signature(generate).parameters.items() if k != "out_dir"}
+    return {**defaults, **sizes, "seed": seed}
+
+
+def describe(settings: dict, other: dict) -> str:
+    """``200 users, 60 items, seed 0``, and any other setting in which ``other`` differs."""
+    keys = [*SHOWN, *(k for k in settings if k not in SHOWN and settings[k] != other.get(k))]
+    return ", ".join(SHOWN.get(k, k + " {}").format("unknown" if settings[k] is None else settings[k]) for k in keys)
+
+
+def read_settings(record: Path) -> dict | None:
+    """The settings a ``DEMO_SETTINGS`` file holds (over ``generate``'s defaults), or None when it is
+    unreadable (then the data decides, as for a folder without one)."""
+    try:
+        held = json.loads(record.read_text())["settings"]
+        return {**generation_settings(held["seed"], {}), **held}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def data_matches(out: Path, settings: dict) -> bool:
+    """Whether the text files ``out`` holds are those ``settings`` generate (into a scratch folder, without
+    images: the images and tiny models follow from the same settings)."""
+    with tempfile.TemporaryDirectory(prefix="iisan-demo-") as scratch:
+        generate(scratch, **{**settings, "images": None})
+        return all((out / name).read_bytes() == (Path(scratch) / name).read_bytes()
+                   for name in GENERATED if (out / name).is_file())
+
+
+def settings_of_earlier_data(out: Path, settings: dict) -> dict | None:
+    """Settings for a folder filled by a version without ``DEMO_SETTINGS``: None when it holds no data,
+    ``settings`` when its data is what they generate, else its sizes (line counts) with the seed, of this
+    call's and 0, that generates it (None when neither does)."""
+    if not any((out / name).is_file() for name in GENERATED):
+        return None
+    if data_matches(out, settings):
+        return settings
+    held = dict(settings)
+    for key, name in (("num_users", "users.tsv"), ("num_items", "items.tsv")):
+        if (out / name).is_file():
+            held[key] = len((out / name).read_bytes().splitlines())
+    held["seed"] = next((s for s in dict.fromkeys((settings["seed"], 0)) if data_matches(out, {**held, "seed": s})),
+                        None)
+    return held
+
+
+def claim_demo_data(out: Path, settings: dict, flags: dict) -> None:
+    """Refuse in one line, before anything in ``out`` changes, data generated there with other settings;
+    else record the settings (before the first generation, so that a rerun with them finishes it)."""
+    record = out / DEMO_SETTINGS
+    recorded = read_settings(record) if record.is_file() else None
+    held = recorded or settings_of_earlier_data(out, settings)
+    if held is not None and held != settings:
+        same = " ".join(f"{flags[k]} {held[k]}" for k in SHOWN if flags.get(k))
+        settable = all(held[k] == v or (held[k] is not None and flags.get(k)) for k, v in settings.items())
+        how = f", or the same settings ({same}) to reuse it" if settable else ""
+        raise OutputError(f"{out} holds demo data generated with {describe(held, settings)}, not "
+                          f"{describe(settings, held)}; it is not overwritten: use another {flags['out']} for "
+                          f"these settings{how}")
+    if recorded is None:
+        write_json_atomic(record, {"made_by": "iisan demo", "settings": settings})
+
+
+def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True, flags: dict | None = None,
+                      **sizes) -> dict[str, str]:
     """Data set, tiny models and image LMDB under ``out_dir`` (reused when already there). The folder must
-    be new, empty or one a demo made (``DEMO_MARKER``): the demo rewrites its files by name."""
-    out = claim_folder(out_dir, DEMO_MARKER, "a demo folder", "--out")
+    be new, empty or one a demo made (``DEMO_MARKER``): the demo rewrites its files by name. Data it holds
+    of other settings (sizes, seed) is refused, never overwritten; ``flags`` names the command's flags
+    for them in that refusal (default ``DEMO_FLAGS``, ``iisan demo``'s)."""
+    flags = {**DEMO_FLAGS, **(flags or {})}
+    out = claim_folder(out_dir, DEMO_MARKER, "a demo folder", flags["out"])
+    claim_demo_data(out, generation_settings(seed, sizes), flags)
     paths = generate(out, seed=seed, **sizes)
     titles = read_items(paths["items"]).titles
     models = out / "models"

@@ -9,10 +9,11 @@ grouping and the CSV).
 Runs are told apart by every config key whose value differs between them, except those that never make
 two experiments: the seed, names and paths of outputs (run name, folders), and how a run was executed
 (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are compared by name
-(the users file's folder; with a digest of the files' contents where one name covers other files) and
-encoders by their folder's name, with its parent's where two encoders share a name (``labels``), so the
-same data or encoder under two roots is one experiment. Layers
-left to automatic selection (``layer_rule``) show as ``auto``, and a learning rate the run trains
+(the users file's folder, found from the run's working folder; with a digest of the files' contents, and
+of the image LMDB's records, where one name covers other files or images) and encoders by their folder's
+name (SASRec-ID reads neither encoders nor images: ``-``), with its parent's where two encoders share a
+name (``labels``), so the same data or encoder under two roots is one experiment. Layers left to automatic
+selection (``layer_rule``) show as ``auto``, and a learning rate the run trains
 nothing with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing
 keys are columns of the table, in the rows' order (numbers by value, then the run's name; ``--sort``
 orders by another column), and ``--average-seeds`` averages only runs that agree on all of them, each
@@ -38,7 +39,8 @@ import pandas as pd
 
 from ..bounds import LEARNING_RATES
 from ..config import METHOD_NAMES, Config
-from ..errors import ConfigError
+from ..data.images import ImageStore
+from ..errors import ConfigError, UserError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
 from ..train.checkpoint import MAY_CHANGE
@@ -83,6 +85,7 @@ def read_row(path: Path, results: dict) -> dict:
     default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
     has passed ``check_results``."""
     cfg = {**Config().to_dict(), **results["config"]}
+    users = Path(results.get("working_dir") or "", cfg["users"])  # a relative path: from where the run ran
     test, valid = results.get("test") or {}, results.get("valid") or {}
     memory = results.get("peak_memory") or {}
     ended = status(path, results)
@@ -90,9 +93,10 @@ def read_row(path: Path, results: dict) -> dict:
         "run": path.parent.name,
         "method": results["method"],
         "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
-        "data": Path(cfg["users"]).parent.name or Path(cfg["users"]).stem,  # Dataset/Scientific/... -> Scientific
+        "data": users.parent.name or users.stem,  # Dataset/Scientific/... -> Scientific
         # what the data files held (older results: their paths), to tell apart data sets that share a name
-        "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
+        "data_files": ":".join([*(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
+                                images_read(results, cfg)]),
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
@@ -114,10 +118,29 @@ def read_row(path: Path, results: dict) -> dict:
         row["cache_dtype"] = ",".join(sorted(stored))
     if results["feed"] != "cached":  # a live run (every baseline, the ID method) reads no cache
         row["cache_dtype"] = UNUSED
+    if results["method"] == METHOD_NAMES["id"]:  # item ids alone: no encoder, no image
+        row.update(dict.fromkeys((*ENCODER_KEYS, "images"), UNUSED))
     by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
+
+
+def images_read(results: dict, cfg: dict) -> str:
+    """What names the images a run's image tower read: the digest of its LMDB's records, as its cache or
+    its live run recorded it; for older results, that of the LMDB its config names, where it still is
+    (else its path); '' without an image tower."""
+    if results["method"] == METHOD_NAMES["id"] or cfg["towers"] == "text":
+        return ""
+    for record in (results.get("cache"), results.get("encoders")):
+        image = record.get("image") if isinstance(record, dict) else None
+        if isinstance(image, dict) and isinstance(image.get("images"), str):
+            return image["images"]
+    where = Path(results.get("working_dir") or "", cfg["images"])
+    try:
+        return ImageStore(where).digest() if (where / "data.mdb").is_file() else str(cfg["images"])
+    except UserError:  # not an image LMDB (any more): its path stands for it
+        return str(cfg["images"])
 
 
 def read_curve(results: dict) -> dict[str, list]:
@@ -218,7 +241,8 @@ def one_per_seed(frame: pd.DataFrame, group: list[str]) -> pd.DataFrame:
 def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False) -> pd.DataFrame:
     """The runs (or, with ``average_seeds``, one row per configuration over one run per seed:
     ``one_per_seed``), with the ``keys`` asked for and every differing key as columns, the rows in
-    order of those columns (``in_order``; the seed last), then of the run's name."""
+    order of those columns (``in_order``; the seed last), then of the run's name. ``attrs["runs"]``: the
+    runs the table counts (their curves are the ones to draw)."""
     frame = frame.assign(data=data_labels(frame), **{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
@@ -229,9 +253,12 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
         runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
                       "trainable_params", "peak_gib", "device", "non_finite"]]
         # The seeds of one configuration side by side: the seed orders after every other key.
-        return in_order(runs, [*fixed, *sorted(shown, key=lambda k: k == "seed"), "run"])
+        runs = in_order(runs, [*fixed, *sorted(shown, key=lambda k: k == "seed"), "run"])
+        runs.attrs["runs"] = runs["run"].tolist()
+        return runs
     group = ["method", "feed", "data", *status, *(k for k in shown if k != "seed")]
-    grouped = one_per_seed(frame, group).groupby(group, sort=False, dropna=False)
+    counted = one_per_seed(frame, group)
+    grouped = counted.groupby(group, sort=False, dropna=False)
     numbers = grouped[list(NUMBERS)]
     out = grouped.size().rename("seeds").to_frame()
     out = out.join(numbers.agg(lambda s: s.mean(skipna=False)))  # one non-finite member: a non-finite mean
@@ -239,7 +266,9 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     out = out.join(spread.add_suffix("_std"))
     out["trainable_params"] = grouped["trainable_params"].first()
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
-    return in_order(out.reset_index(), [c for c in group if c != "status"])
+    out = in_order(out.reset_index(), [c for c in group if c != "status"])
+    out.attrs["runs"] = counted["run"].tolist()
+    return out
 
 
 def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -42,6 +42,10 @@ PAPER_EFFICIENCY = {"train_s_per_epoch": 22.0, "gpu_memory_gb": 3.0}
 PAPER_ACCURACY: dict[str, dict[str, float]] = {}
 
 
+# scripts/reproduce.py's flags for the demo data's settings (its seed is always 0), named when refused.
+DEMO_DATA_FLAGS = {"out": "--out", "num_users": "--demo-users", "num_items": "--demo-items", "seed": None}
+
+
 class StepMissing(UserError, RuntimeError):
     """An input of a reproduction that is missing and cannot be made here; names the step."""
 
@@ -96,7 +100,8 @@ def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
 
 def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Config:
     if run.dataset == "demo":
-        prepared = prepare_demo_data(run.out_dir / "demo_data", progress=False, **(run.demo_sizes or {}))
+        prepared = prepare_demo_data(run.out_dir / "demo_data", progress=False, flags=DEMO_DATA_FLAGS,
+                                     **(run.demo_sizes or {}))  # data of other sizes there is refused
         cfg = demo_config(prepared, run.out_dir / "demo_data", **(run.overrides or {}))
         return cfg.replace(out_dir=str(run.out_dir / "runs"))
     paths = ensure_data(run.dataset, root, run.fetch, drive)

@@ -118,6 +118,14 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
             from_flags.add(key)
         else:
             swept[key] = [file_values[key]] if key in file_values else list(values)
+    from ..train.checkpoint import MAY_CHANGE  # imported when run, not for --help (module docstring)
+
+    if shared := [k for k, v in swept.items() if k in MAY_CHANGE and len(v) > 1]:
+        key = shared[0]
+        raise ConfigError(f"--{key.replace('_', '-')} {' '.join(map(str, swept[key]))}: runs that differ only in "
+                          f"{key} are one run (it says how a run goes on, not what it computes: a longer run "
+                          "resumes a shorter one in its folder); sweep one value at a time, each with its own "
+                          "--run-name")
     points, seen = [], set()
     for values in grid(swept):
         try:

@@ -39,7 +39,7 @@ from ..model.build import build_model
 from ..model.recommender import Recommender
 from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
 from ..train.runfolder import LOCK, RESULTS, results_or_reason
-from ..train.same_inputs import changed_encoder
+from ..train.same_inputs import changed_inputs
 from ..train.weights import load_weights
 from .results_file import unfinished
 
@@ -164,8 +164,8 @@ def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
 
 
 def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None:
-    """An items file or an encoder folder other than the run trained on is refused (its rows or states
-    would not match the weights); another users file is a warning (evaluation uses the users in it now)."""
+    """An items file, cache, encoder folder or image LMDB other than the run trained on is refused (its rows
+    or states would not match the weights); another users file is a warning (evaluation uses its users now)."""
     trained_on = results.get("items_fingerprint")  # runs before it was recorded have none
     if trained_on and trained_on != data.catalog.fingerprint:
         raise DataError(f"{cfg.items} has changed since {run_dir} was trained (items fingerprint {trained_on} "
@@ -174,9 +174,8 @@ def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None
     if (users_then := results.get("users_fingerprint")) and users_then != (users_now := file_fingerprint(cfg.users)):
         log.warning("%s has changed since %s was trained (users fingerprint %s then, %s now): evaluation and "
                     "recommendations use the users in it now", cfg.users, run_dir, users_then, users_now)
-    if why := changed_encoder(cfg, results.get("encoders"), run_dir):
-        raise ConfigError(f"{why}: the run's weights were trained with the other one; restore the folder or "
-                          "train again")
+    if why := changed_inputs(cfg, results, run_dir):
+        raise ConfigError(f"{why}: the run's weights were trained with the other one; restore it or train again")
 
 
 def best_weights(model, weights: Path, saved: Config) -> int:

@@ -15,7 +15,7 @@ from ..config import DEFAULT_MODELS, Config
 from ..data.batches import PixelSource
 from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.interactions import SeqRecData
-from ..data.run_data import cache_dir, check_data_files, image_store, pixel_source
+from ..data.run_data import cache_dir, check_data_files, image_store, images_digest, pixel_source
 from ..errors import ConfigError, UserError
 from ..methods import METHOD_TABLE
 from .backbones import (
@@ -172,13 +172,14 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
     title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
     image_norm = cfg.image_norm if m == "image" else None  # pixels normalised otherwise give other states
+    images = images_digest(cfg) if m == "image" else None  # other pixels give other states
     name = model_name(cfg, m)
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
         log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
         return CacheExpectation(modality=m, items_fingerprint=items_fingerprint,
                                 layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype, title_tokens=title_tokens,
-                                image_norm=image_norm)
+                                image_norm=image_norm, images=images)
     # the cache must come from these weights (digest read only if files changed)
     spec = read_spec(name, m, cfg.allow_download)
     layers = layers_for(cfg, m, spec.depth)
@@ -189,7 +190,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
         weights = weights_digest(folder, weights_record(meta))["digest"]
     return CacheExpectation(modality=m, items_fingerprint=items_fingerprint, layers=layers, width=spec.width,
                             encoder=name, encoder_config=config_hash, encoder_weights=weights, pooling=pooling,
-                            dtype=dtype, title_tokens=title_tokens, image_norm=image_norm)
+                            dtype=dtype, title_tokens=title_tokens, image_norm=image_norm, images=images)
 
 
 def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:

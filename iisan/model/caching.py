@@ -21,6 +21,7 @@ from ..data.batches import ItemBatch
 from ..data.cache import (
     FORMAT,
     UNRECORDED,
+    UNTOLD,
     VOLATILE,
     cache_file,
     declared_metadata,
@@ -51,9 +52,10 @@ AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("v
 
 
 def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
-                   dtype: torch.dtype, known: dict[str, dict | None] | None = None) -> dict[str, dict[str, str]]:
+                   dtype: torch.dtype, known: dict[str, dict | None] | None = None,
+                   images: str | None = None) -> dict[str, dict[str, str]]:
     """The final files' metadata per modality, keys from ``cache.METADATA_KEYS`` (what
-    ``cache.check_metadata`` compares with a config).
+    ``cache.check_metadata`` compares with a config). ``images``: the image LMDB's digest.
     ``known``: per modality the weights record of a cache already there, whose digest stands while the
     encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
@@ -75,6 +77,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "dtype": str(dtype).replace("torch.", ""),
             **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
             **({"image_norm": encoder.norm["rule"]} if m == "image" else {}),
+            **({"images": images} if m == "image" and images else {}),
             "items_file": items_file,
             "items_fingerprint": items_fingerprint,
             "item_ids": json.dumps(item_ids[1:]),
@@ -116,7 +119,8 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
         if not path.exists() or overwrite:
             continue
         old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
-        differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k))
+        differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k)
+                        and (k not in UNTOLD or k in old and k in new))
         if differ:  # short values named as they are (item ids and file records are long)
             named = [f"{k} {old.get(k)} there, {new.get(k)} now" if len(f"{old.get(k)}{new.get(k)}") <= 60 else k
                      for k in differ]
@@ -170,7 +174,8 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
                        for m, e in live.encoders.items()))
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
-    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored, known)
+    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored, known,
+                              pixels.store.digest() if pixels is not None else None)
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
                         chunk_size=cfg.encode_batch_size,

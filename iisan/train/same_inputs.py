@@ -1,7 +1,8 @@
 """Whether a run folder's run read the same inputs as a config would now: the users and items files by
 fingerprint (edited in place, a file keeps its name), a cached run's cache by what identifies its content
-(``CACHE_RECORD``: encoder, weights, layers, precision, ...) and a live run's encoder folders by their
-weights digest and config (``encoder_record``), all recorded in its results.json. A run's results,
+(``CACHE_RECORD``: encoder, weights, layers, precision, images, ...) and a live run's encoder folders by
+their weights digest and config, and its image LMDB by the digest of its records (``encoder_record``), all
+recorded in its results.json. A run's results,
 weights and checkpoints are of its inputs: a rerun or a resume on other ones is refused."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, encoder_config_hash, read_metadata
+from ..data.cache import METADATA_KEYS, UNRECORDED, UNTOLD, cache_file, encoder_config_hash, read_metadata
+from ..data.run_data import images_digest
 from ..errors import CacheError, ConfigError
 from ..files import file_fingerprint
 from ..model.build import modalities, model_name
@@ -43,25 +45,60 @@ def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
 def encoder_record(cfg: Config) -> dict[str, dict]:
     """Per modality, what identifies the encoder folder a live run reads: its weights digest (over the
     weight and tokenizer/processor files, with their sizes and times, so a later check reads no weights
-    unless they changed) and its config.json's hash. {} for a cached run (its cache records its encoder)
-    and the ID method; an encoder that is not a folder here is left out."""
+    unless they changed) and its config.json's hash; for the image tower, also its LMDB's digest
+    (``images``). {} for a cached run (its cache records its encoder and images) and the ID method; an
+    encoder that is not a folder here is left out."""
     if cfg.cached or cfg.method == "id":
         return {}
-    record = {}
+    record: dict[str, dict] = {}
     for m in modalities(cfg):
         if (folder := local_folder(model_name(cfg, m), cfg.allow_download)) is not None:
             record[m] = {"folder": str(folder), "config": encoder_config_hash(folder), **weights_digest(folder)}
+    if images := images_digest(cfg):
+        record.setdefault("image", {})["images"] = images
     return record
+
+
+def changed_inputs(cfg: Config, results: dict, run: Path) -> str:
+    """Why the cache or an encoder or image LMDB that ``cfg`` reads now is not the one the run in ``run``
+    recorded in its ``results``, or '': what using a trained run refuses. A cache of the same states in
+    another precision is not refused there (its small difference in the metrics is explained instead)."""
+    return (changed_cache(cfg, results.get("cache"), run, same={"dtype"})
+            or changed_encoder(cfg, results.get("encoders"), run))
+
+
+def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()) -> str:
+    """Why the cache ``cfg`` reads now is not the one the run in ``run`` recorded (``cache_record``: another
+    precision, encoder weights, layers, images, ...), or '' (also for live runs and runs that recorded none). A key
+    added to the record since (``UNRECORDED``) counts as what runs did before it; an ``UNTOLD`` one is
+    compared only where both records hold it. ``same``: keys not compared."""
+    now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
+    for m, then in now.items():
+        before = recorded.get(m)
+        if not isinstance(before, dict):
+            continue
+        before, then = {**UNRECORDED, **before}, {**UNRECORDED, **then}
+        # the encoder's name only locates it where both record its weights' digest (one folder, two spellings)
+        skipped = same | ({"encoder"} if before.get("encoder_weights") and then.get("encoder_weights") else set())
+        changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD if k not in skipped
+                   and before.get(k) != then.get(k) and (k not in UNTOLD or k in before and k in then)]
+        if changes:
+            return f"{cache_file(cfg.cache_dir, m)} is not the cache {run} trained on ({'; '.join(changes)})"
+    return ""
 
 
 def changed_encoder(cfg: Config, recorded, run: Path) -> str:
     """Why an encoder folder ``cfg`` names now is not the one the run in ``run`` recorded (``encoder_record``:
-    other weights, or another config.json), or '' (also for runs that recorded none)."""
+    other weights, or another config.json), or the image LMDB holds other images, or '' (also for runs
+    that recorded none)."""
     if not isinstance(recorded, dict):
         return ""
     for m, before in recorded.items():
         if not isinstance(before, dict) or m not in modalities(cfg):
             continue
+        if before.get("images") and (images := images_digest(cfg)) and images != before["images"]:
+            return (f"{cfg.images} is not the image LMDB {run} trained on (the digest of its records "
+                    f"{before['images']} then, {images} now)")
         folder = local_folder(model_name(cfg, m), cfg.allow_download)
         if folder is None:  # a missing encoder is reported where it is loaded
             continue
@@ -91,17 +128,8 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     before training, on a wrong cache or a bad file) is not held to its inputs: the corrected rerun starts."""
     if kept_nothing(folder):
         return
-    recorded = results.get("cache")
-    now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
-    for m, then in now.items():
-        before = recorded.get(m)
-        before = {**UNRECORDED, **before} if isinstance(before, dict) else before  # a key added since: as it was
-        then = {**UNRECORDED, **then}
-        if isinstance(before, dict) and before != then:
-            changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD
-                       if before.get(k) != then.get(k)]
-            raise ConfigError(f"{cache_file(cfg.cache_dir, m)} is not the cache {folder} trained on "
-                              f"({'; '.join(changes)}); use another --run-name to train on it")
+    if why := changed_cache(cfg, results.get("cache"), folder):
+        raise ConfigError(f"{why}; use another --run-name to train on it")
     if why := changed_encoder(cfg, results.get("encoders"), folder):
         raise ConfigError(f"{why}; use another --run-name to train with it, or restore the folder")
     for key, field in FINGERPRINTED.items():
