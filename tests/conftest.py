@@ -3,6 +3,7 @@ image LMDB and fp32 caches, all built once per test session in a temporary folde
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,28 @@ from iisan.model.backbones import group_layers, read_spec
 from iisan.model.tiny import vocabulary, write_bert, write_vit
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
+CHECKOUT_RUNS = Path(__file__).resolve().parents[1] / "runs"  # the default --out-dir, run from the checkout
+
+
+def _entries(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_run_folders_in_the_checkout():
+    """Tests write under their tmp_path: a run folder that lands in the checkout's runs/ (a train without
+    --out-dir / out_dir, run from the repository root) fails the session instead of piling up unseen."""
+    before = _entries(CHECKOUT_RUNS)
+    yield
+    new = sorted(_entries(CHECKOUT_RUNS) - before)
+    if new:
+        pytest.fail(f"this test session created {len(new)} entr{'y' if len(new) == 1 else 'ies'} in {CHECKOUT_RUNS}: "
+                    f"{', '.join(new[:10])}{' ...' if len(new) > 10 else ''}; some test trains without an out dir "
+                    "under its tmp_path (pass --out-dir / out_dir; the folder's train.log names the test's tmp "
+                    "folders)", pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -230,7 +230,8 @@ def test_cache_whose_width_disagrees_with_the_config_is_one_line(tiny, towers, t
     with pytest.raises(SystemExit) as info:
         main(["train", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
               "--text-model", tiny["text_model"], "--image-model", towers["deit40x4"],
-              "--image-layers", "0,1,2,3", "--cache-dir", cfg.cache_dir, "--device", "cpu", "--no-progress"])
+              "--image-layers", "0,1,2,3", "--cache-dir", cfg.cache_dir, "--out-dir", cfg.out_dir, "--device", "cpu",
+              "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.count("\n") == 0
     assert err.startswith(f"iisan: error: cache {cfg.cache_dir}/image.safetensors was built for width 24 "

@@ -129,6 +129,31 @@ def decode_record(value, where: str | Path, item_id: str,
     return np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c), bool(flags & FLAG_BLANK)
 
 
+def store_digest(path: str | Path) -> str:
+    """The ``records_digest`` of the image LMDB at ``path``: its metadata's, or computed (once per process and
+    version of the files) for a store built before builds recorded it. A handle opened for this alone is
+    closed after it: a process forked later (a test's child) could not open the store again."""
+    path = Path(path)
+    held = (str(path.resolve()), os.getpid()) in _OPEN
+    try:
+        meta = read_meta(path)
+        if meta is None:
+            raise ImageStoreError(f"{path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
+        if isinstance(recorded := meta.get("digest"), str):
+            return recorded
+        data = os.stat(path / "data.mdb")
+        key = (str(path.resolve()), data.st_size, data.st_mtime_ns, data.st_ino)
+        if key not in _DIGESTS:
+            log.info("%s: reading every image once to name its content (a store built before builds recorded "
+                     "it; `iisan build-lmdb --overwrite` records it)", path)
+            with _open_readonly(path).begin(buffers=True) as txn:
+                _DIGESTS[key] = records_digest(txn)
+        return _DIGESTS[key]
+    finally:
+        if not held:
+            close_reader(path)
+
+
 class ImageStore:
     """Read-only access by item id, from any number of threads.
 
@@ -157,18 +182,7 @@ class ImageStore:
             yield txn
 
     def digest(self) -> str:
-        """The store's ``records_digest``: its metadata's, or computed (once per process and version of the
-        files) for a store built before builds recorded it."""
-        if isinstance(recorded := self.meta.get("digest"), str):
-            return recorded
-        data = os.stat(self.path / "data.mdb")
-        key = (str(self.path.resolve()), data.st_size, data.st_mtime_ns, data.st_ino)
-        if key not in _DIGESTS:
-            log.info("%s: reading every image once to name its content (a store built before builds recorded "
-                     "it; `iisan build-lmdb --overwrite` records it)", self.path)
-            with self._txn(buffers=True) as txn:
-                _DIGESTS[key] = records_digest(txn)
-        return _DIGESTS[key]
+        return store_digest(self.path)
 
     def __getstate__(self):  # a spawned process opens its own handle
         state = dict(self.__dict__)

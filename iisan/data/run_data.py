@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError
 from .batches import PixelSource
-from .images import ImageStore
+from .images import ImageStore, store_digest
 from .interactions import SeqRecData, check_data_file, load_dataset
 
 log = logging.getLogger(__name__)
@@ -74,4 +74,4 @@ def images_digest(cfg: Config) -> str | None:
     tower, or where the LMDB is not here (a cached run's cache then stands for it)."""
     if cfg.method == "id" or cfg.towers == "text" or not cfg.images or not (Path(cfg.images) / "data.mdb").is_file():
         return None
-    return ImageStore(cfg.images).digest()
+    return store_digest(cfg.images)

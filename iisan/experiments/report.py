@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..bounds import LEARNING_RATES
 from ..config import METHOD_NAMES, Config
-from ..data.images import ImageStore
+from ..data.images import store_digest
 from ..errors import ConfigError, UserError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
@@ -138,7 +138,7 @@ def images_read(results: dict, cfg: dict) -> str:
             return image["images"]
     where = Path(results.get("working_dir") or "", cfg["images"])
     try:
-        return ImageStore(where).digest() if (where / "data.mdb").is_file() else str(cfg["images"])
+        return store_digest(where) if (where / "data.mdb").is_file() else str(cfg["images"])
     except UserError:  # not an image LMDB (any more): its path stands for it
         return str(cfg["images"])
 
