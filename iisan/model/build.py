@@ -172,7 +172,8 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
     title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
     image_norm = cfg.image_norm if m == "image" else None  # pixels normalised otherwise give other states
-    images = images_digest(cfg) if m == "image" else None  # other pixels give other states
+    # other pixels give other states; a cache built before caches recorded its images says nothing of them
+    images = images_digest(cfg) if m == "image" and meta.get("images") else None
     name = model_name(cfg, m)
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
