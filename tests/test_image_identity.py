@@ -12,7 +12,7 @@ import pytest
 
 from iisan.data.cache import read_metadata
 from iisan.data.image_build import write_image_lmdb
-from iisan.data.images import META_KEY, ImageStore, _open_readonly, close_reader
+from iisan.data.images import META_KEY, ImageStore, _open_readonly, close_reader, store_digest
 from iisan.data.interactions import read_items
 from iisan.errors import CacheError, ConfigError, OutputError
 from iisan.model.caching import build_cache_from_config
@@ -48,6 +48,49 @@ def test_an_lmdb_is_named_by_its_records_whatever_its_pages(tiny, tmp_path):
     with lmdb.open(str(old), map_size=1 << 26) as env, env.begin(write=True) as txn:
         txn.put(META_KEY, json.dumps({k: v for k, v in meta.items() if k != "digest"}).encode())
     assert "digest" not in ImageStore(old).meta and ImageStore(old).digest() == forward
+    assert store_digest(old) is None and store_digest(old, compute=True) == forward  # computed when asked only
+
+
+def test_a_cached_run_never_reads_every_image_of_an_older_lmdb(tiny, tiny_config, tmp_path, monkeypatch):
+    """An LMDB built before builds recorded its digest: a cache build reads every image anyway and computes
+    it once; training and evaluating the cached run read no image at all (a 3 GB store at every start)."""
+    import lmdb  # to rewrite the metadata record as an earlier version wrote it
+
+    import iisan.data.images as images
+    from iisan.cli.main import main
+
+    ids = read_items(tiny["items"]).ids
+    store = ImageStore(tiny["images"])
+    old = tmp_path / "old.lmdb"
+    write_image_lmdb(old, ids, lambda i: (store.get([i])[0][0], None), size=64, progress=False)
+    close_reader(old)
+    meta = {k: v for k, v in ImageStore(old).meta.items() if k != "digest"}
+    close_reader(old)
+    with lmdb.open(str(old), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        txn.put(META_KEY, json.dumps(meta).encode())
+    calls = []
+    monkeypatch.setattr(images, "records_digest", lambda txn: calls.append(1) or "0123456789abcdef")
+    cfg = tiny_config(images=str(old), cache_dir=str(tmp_path / "cache"), run_name="old-lmdb", epochs=1)
+    build_cache_from_config(cfg, dtype="float32")
+    assert len(calls) == 1 and read_metadata(tmp_path / "cache" / "image.safetensors")["images"] == "0123456789abcdef"
+    train(cfg)
+    main(["evaluate", str(Path(cfg.out_dir) / "old-lmdb"), "--device", "cpu"])
+    assert len(calls) == 1
+
+
+def test_a_cache_rebuilt_with_every_layer_is_still_the_one_a_run_trained_on(tiny_config, tmp_path):
+    """The run read layers 0 and 2; the cache rebuilt with --all-layers holds them too: the finished run
+    stays finished and can be evaluated."""
+    from iisan.experiments.trained import load_run
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "cache"), run_name="some", epochs=1, text_layers=(0, 2),
+                      image_layers=(0, 3))
+    build_cache_from_config(cfg, dtype="float32")
+    done = train(cfg)
+    build_cache_from_config(cfg, dtype="float32", all_layers=True, overwrite=True)
+    assert read_metadata(tmp_path / "cache" / "text.safetensors")["layers"] == "[0, 1, 2]"
+    assert train(cfg) == done
+    assert load_run(Path(cfg.out_dir) / "some", "cpu").best_epoch == done["best_epoch"]
 
 
 def write_and_digest(path: Path, ids: list[str], pixels: dict) -> str:

@@ -602,8 +602,29 @@ def test_a_config_saved_before_the_layer_rule_counts_as_groups_where_the_rules_d
     assert picked_layers(gone) is None
     old_gone = {k: v for k, v in gone.to_dict().items() if k != "layer_rule"}
     assert checkpoint.config_differences(old_gone, gone.to_dict()) == ["layer_rule='groups' there, 'stride' now"]
-    # the cache records the depth when the folder is gone
+    # the cache records the depth when the folder is gone: the rules agree there, so the run is the same
     assert picked_layers(gone.replace(feed="cached")) == picked_layers(base)
+    cached_gone = gone.replace(feed="cached").to_dict()
+    assert checkpoint.config_differences({k: v for k, v in cached_gone.items() if k != "layer_rule"}, cached_gone) == []
+
+
+def test_best_weights_of_a_run_saved_before_the_layer_rule_fit_its_config_where_the_rules_agree(base, tmp_path):
+    """A run resumed under --layer-rule stride rewrites config.json; its best weights may still be of an epoch
+    the older version saved (no layer_rule in their metadata). The rules are judged on the run's own towers
+    (not the default encoders): agreeing, the weights fit; not (2 groups of the tiny ViT), they are refused."""
+    import json
+
+    from iisan.errors import ConfigError
+    from iisan.experiments.trained import check_weights_config
+
+    for groups, fits in ((6, True), (2, False)):
+        config = base.replace(layer_groups=groups).to_dict()
+        metadata = {"config": json.dumps({k: v for k, v in config.items() if k != "layer_rule"})}
+        if fits:
+            check_weights_config(tmp_path / "best.safetensors", metadata, config, tmp_path / "config.json")
+            continue
+        with pytest.raises(ConfigError, match=r"layer_rule='groups' there, 'stride' now"):
+            check_weights_config(tmp_path / "best.safetensors", metadata, config, tmp_path / "config.json")
 
 
 def test_a_run_saved_before_the_layer_rule_is_not_resumed_or_taken_as_finished_by_other_layers(base):

@@ -129,10 +129,11 @@ def decode_record(value, where: str | Path, item_id: str,
     return np.frombuffer(value, dtype=np.uint8, offset=HEADER.size).reshape(h, w, c), bool(flags & FLAG_BLANK)
 
 
-def store_digest(path: str | Path) -> str:
-    """The ``records_digest`` of the image LMDB at ``path``: its metadata's, or computed (once per process and
-    version of the files) for a store built before builds recorded it. A handle opened for this alone is
-    closed after it: a process forked later (a test's child) could not open the store again."""
+def store_digest(path: str | Path, compute: bool = False) -> str | None:
+    """The ``records_digest`` of the image LMDB at ``path``, as its metadata records it; for a store built
+    before builds recorded it, None, or with ``compute`` (a cache build, which reads every image anyway)
+    computed, once per process and version of the files. A handle opened for this alone is closed after
+    it: a process forked later (a test's child) could not open the store again."""
     path = Path(path)
     held = (str(path.resolve()), os.getpid()) in _OPEN
     try:
@@ -141,11 +142,13 @@ def store_digest(path: str | Path) -> str:
             raise ImageStoreError(f"{path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
         if isinstance(recorded := meta.get("digest"), str):
             return recorded
+        if not compute:
+            return None
         data = os.stat(path / "data.mdb")
         key = (str(path.resolve()), data.st_size, data.st_mtime_ns, data.st_ino)
         if key not in _DIGESTS:
-            log.info("%s: reading every image once to name its content (a store built before builds recorded "
-                     "it; `iisan build-lmdb --overwrite` records it)", path)
+            log.info("%s: reading every image once more to name its content (a store built before builds "
+                     "recorded it)", path)
             with _open_readonly(path).begin(buffers=True) as txn:
                 _DIGESTS[key] = records_digest(txn)
         return _DIGESTS[key]
@@ -182,7 +185,8 @@ class ImageStore:
             yield txn
 
     def digest(self) -> str:
-        return store_digest(self.path)
+        """The store's digest, computed when its metadata lacks it (``store_digest``)."""
+        return store_digest(self.path, compute=True)
 
     def __getstate__(self):  # a spawned process opens its own handle
         state = dict(self.__dict__)

@@ -70,8 +70,9 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
 
 
 def images_digest(cfg: Config) -> str | None:
-    """What names the pixels of the image LMDB a run reads (``ImageStore.digest``); None without an image
-    tower, or where the LMDB is not here (a cached run's cache then stands for it)."""
+    """What names the pixels of the image LMDB a run reads, as the LMDB records it (``store_digest``); None
+    without an image tower, where the LMDB is not here (a cached run's cache then stands for it), or where it
+    was built before LMDBs recorded it (a run does not read every image to compute it)."""
     if cfg.method == "id" or cfg.towers == "text" or not cfg.images or not (Path(cfg.images) / "data.mdb").is_file():
         return None
     return store_digest(cfg.images)

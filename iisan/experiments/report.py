@@ -128,8 +128,8 @@ def read_row(path: Path, results: dict) -> dict:
 
 def images_read(results: dict, cfg: dict) -> str:
     """What names the images a run's image tower read: the digest of its LMDB's records, as its cache or
-    its live run recorded it; for older results, that of the LMDB its config names, where it still is
-    (else its path); '' without an image tower."""
+    its live run recorded it; for older results, that of the LMDB its config names, where it still is and
+    records one (else its path); '' without an image tower."""
     if results["method"] == METHOD_NAMES["id"] or cfg["towers"] == "text":
         return ""
     for record in (results.get("cache"), results.get("encoders")):
@@ -138,7 +138,7 @@ def images_read(results: dict, cfg: dict) -> str:
             return image["images"]
     where = Path(results.get("working_dir") or "", cfg["images"])
     try:
-        return store_digest(where) if (where / "data.mdb").is_file() else str(cfg["images"])
+        return ((where / "data.mdb").is_file() and store_digest(where)) or str(cfg["images"])
     except UserError:  # not an image LMDB (any more): its path stands for it
         return str(cfg["images"])
 

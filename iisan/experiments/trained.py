@@ -129,7 +129,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     refuse_other_inputs(run_dir, cfg, results, data)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     model, pixels = build_model(cfg, data, torch_device)
-    best_epoch = best_weights(model, run_dir / "best.safetensors", saved)
+    best_epoch = best_weights(model, run_dir / "best.safetensors", cfg)
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
 
@@ -178,11 +178,11 @@ def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None
         raise ConfigError(f"{why}: the run's weights were trained with the other one; restore it or train again")
 
 
-def best_weights(model, weights: Path, saved: Config) -> int:
-    """Load ``weights`` into ``model``, checked against the run's saved config and for non-finite values;
-    the epoch they are of (-1 when their metadata does not say)."""
+def best_weights(model, weights: Path, cfg: Config) -> int:
+    """Load ``weights`` into ``model``, checked against the run's config (its paths from where the run ran)
+    and for non-finite values; the epoch they are of (-1 when their metadata does not say)."""
     metadata = load_weights(model, weights)
-    check_weights_config(weights, metadata, saved.to_dict(), weights.parent / "config.json")
+    check_weights_config(weights, metadata, cfg.to_dict(), weights.parent / "config.json")
     best_epoch = int(epoch) if re.fullmatch(r"-?\d{1,9}", epoch := str(metadata.get("epoch", -1))) else -1
     if best_epoch == -1 and "epoch" in metadata:
         log.warning("%s: its metadata's epoch %r is not a whole number (the file was edited?); the best epoch is "
@@ -206,9 +206,7 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
     if not isinstance(saved, dict):
         log.warning("%s holds no readable config in its metadata; taken to be of %s", weights, config_path)
         return
-    paths = {*DATA_PATHS, *MODEL_PATHS}
-    if differences := config_differences({k: v for k, v in saved.items() if k not in paths},
-                                         {k: v for k, v in config.items() if k not in paths}):
+    if differences := config_differences(saved, config, ignore=frozenset({*DATA_PATHS, *MODEL_PATHS})):
         raise ConfigError(f"{weights} was saved by a run of another config than {config_path} "
                           f"({'; '.join(differences[:3])}): restore the run folder's files or train again")
 

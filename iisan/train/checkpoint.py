@@ -186,25 +186,28 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def config_differences(saved: dict, current: dict, saved_in: object = None) -> list[str]:
+def config_differences(saved: dict, current: dict, saved_in: object = None,
+                       ignore: frozenset = frozenset()) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     either config lacks was added by a later version of this library; the version that wrote it behaved as
     the field's default does, or as ``BEFORE_THE_FIELD`` says, which stands in for it. A ``layer_rule`` that
     differs only so counts when the two rules pick other layers of ``current``'s towers (they agree on 12
     and 24 layers in 6 groups, not on 32, nor on 12 in 3), or when those towers' depths cannot be read.
-    ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there)."""
+    ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there);
+    ``ignore``: keys not compared (``current``'s still say where its towers are)."""
     before = {**Config().to_dict(), **BEFORE_THE_FIELD}
-    keys = sorted((set(saved) | set(current)) - MAY_CHANGE)
+    keys = sorted((set(saved) | set(current)) - MAY_CHANGE - ignore)
     old, now = ({k: values.get(k, before.get(k)) for k in keys} for values in (saved, current))
     same_old, same_now = same_paths(old, saved_in), same_paths(now)
     differ = [k for k in keys if same_old[k] != same_now[k]]
-    if "layer_rule" in differ and "layer_rule" not in saved and same_layers(now, old["layer_rule"]):
+    if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
     return [f"{k}={old[k]!r} there, {now[k]!r} now" for k in differ]
 
 
 def same_layers(config: dict, rule: str) -> bool:
-    """Whether ``config`` picks the same layers of its towers under ``rule`` as under its own rule."""
+    """Whether ``config`` (whole: its encoders, cache folder and download switch say where its towers'
+    depths are read) picks the same layers of its towers under ``rule`` as under its own rule."""
     try:
         cfg = Config.from_dict(config)
     except UserError:  # not a config this version builds

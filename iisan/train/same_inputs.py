@@ -7,6 +7,7 @@ weights and checkpoints are of its inputs: a rerun or a resume on other ones is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import Config
@@ -81,10 +82,21 @@ def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()
         # the encoder's name only locates it where both record its weights' digest (one folder, two spellings)
         skipped = same | ({"encoder"} if before.get("encoder_weights") and then.get("encoder_weights") else set())
         changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD if k not in skipped
-                   and before.get(k) != then.get(k) and (k not in UNTOLD or k in before and k in then)]
+                   and differs(k, before, then) and (k not in UNTOLD or k in before and k in then)]
         if changes:
             return f"{cache_file(cfg.cache_dir, m)} is not the cache {run} trained on ({'; '.join(changes)})"
     return ""
+
+
+def differs(key: str, before: dict, then: dict) -> bool:
+    """Whether two cache records differ in ``key``; in ``layers``, only where the cache now lacks one the run
+    read (a cache rebuilt with --all-layers holds the run's layers too)."""
+    if key != "layers":
+        return before.get(key) != then.get(key)
+    try:
+        return not set(json.loads(before.get(key) or "[]")) <= set(json.loads(then.get(key) or "[]"))
+    except (TypeError, ValueError):  # a record edited by hand
+        return True
 
 
 def changed_encoder(cfg: Config, recorded, run: Path) -> str:
