@@ -112,3 +112,23 @@ def test_demo_versa_runs_an_asymmetric_pair_end_to_end(tmp_path, capsys):
     assert "image: vit 3 layers x 48, SAN reads states [0, 1, 2, 3]" in out
     assert "IISAN-Versa beats the most-popular baseline on test" in out
     assert (tmp_path / "demo" / "cache-versa" / "text.safetensors").is_file()
+
+
+def test_another_image_model_caches_into_a_folder_of_its_own(tmp_path):
+    """ViT-B/16's place taken by SigLIP (by flag or in the config file): its cache folder is not the ViT
+    pair's, whose files a refusal would otherwise tell to rebuild with --overwrite."""
+    versa = _script("run_IISAN_Versa")
+    base = versa.defaults_for(["--preset", "bert-base+vit-base"])["cache_dir"]
+    assert base.endswith("stored_vectors_sci")
+    siglip = versa.defaults_for(["--preset", "bert-base+vit-base", "--image-model", "models/siglip-base"])
+    assert siglip["cache_dir"] == base + "_siglip-base"
+    both = versa.defaults_for(["--preset", "llama3-8b+vit-base", "--image-model", "models/siglip-base"])
+    assert both["cache_dir"] == base + "_llama3-8b+vit-base_siglip-base"
+    from iisan.experiments.presets import BACKBONES
+
+    vit = versa.defaults_for(["--preset", "bert-base+vit-base", "--image-model", BACKBONES["image_model"] + "/"])
+    assert vit["cache_dir"] == base  # the preset's own ViT, spelt otherwise
+    config = tmp_path / "pair.json"
+    config.write_text('{"text_model": "models/Qwen2.5-7B", "image_model": "models/dinov2-base"}')
+    (cfg,), _ = _parse(versa, ["--preset", "bert-base+vit-base", "--config", str(config)])
+    assert cfg.cache_dir == base + "_Qwen2.5-7B_dinov2-base" and cfg.image_model == "models/dinov2-base"

@@ -6,7 +6,8 @@ last`; another text model than the preset's drops its layer list and pooling for
 family's). With --build-cache the frozen encoders first run once over the items when the cache is missing
 (resumable after an interruption; `--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own
 half type on a GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`, or
-`..._<text model folder>` for another text model), and the symmetric pair reads IISAN's cache. The
+`..._<text model folder>` for another text model, then `_<image model folder>` for another image model than
+ViT-B/16), and the symmetric pair reads IISAN's cache. The
 presets follow the authors' Code_Cached_Asym scripts (their layer lists, their LLM pooling, their
 MicroLens heads); every difference is a flag.
 
@@ -36,15 +37,17 @@ def defaults_for(argv: list[str] | None) -> dict:
     pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
     pre.add_argument("--text-model")  # another text encoder than the preset's: not the preset's layers
+    pre.add_argument("--image-model")  # another image encoder: a cache folder of its own
     pre.add_argument("--config")  # ... or one named in the --config file (a flag wins, as in every run)
     known, _ = pre.parse_known_args(argv)
-    text_model = known.text_model
-    if text_model is None and known.config:
+    models = {"text_model": known.text_model, "image_model": known.image_model}
+    if known.config and None in models.values():
         try:
-            text_model = Config.overrides_from_file(known.config).get("text_model")
+            in_file = Config.overrides_from_file(known.config)
         except ConfigError:
-            pass  # a bad file is refused in one line by the parse proper, inside the entry point
-    return versa_defaults(known.preset, known.dataset, text_model)
+            in_file = {}  # a bad file is refused in one line by the parse proper, inside the entry point
+        models = {k: v if v is not None else in_file.get(k) for k, v in models.items()}
+    return versa_defaults(known.preset, known.dataset, **models)
 
 
 def extra_arguments(parser):
