@@ -62,7 +62,8 @@ def test_a_cache_records_its_normalisation_and_a_run_of_the_other_is_refused(tin
     build_model(cfg, data, torch.device("cpu"))
     with pytest.raises(CacheError, match=r"image.safetensors was built for image_norm authors \(config asks for "
                                          r"processor\) — rebuild it with `iisan cache --overwrite` "
-                                         r"\(or use it as built: --image-norm authors\)$"):
+                                         r"\(or use it as built: --image-norm authors\), or keep it and give this "
+                                         r"run another --cache-dir$"):
         build_model(cfg.replace(image_norm="processor"), data, torch.device("cpu"))
 
 

@@ -239,7 +239,8 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
         differences.append(f"modality {meta['modality']} (expected {expected.modality})")
     if differences:
         raise CacheError(f"cache {path} was built for " + "; ".join(differences)
-                         + f" — rebuild it with `iisan cache --overwrite`{other_way}")
+                         + f" — rebuild it with `iisan cache --overwrite`{other_way}, or keep it and give this run "
+                         "another --cache-dir")
 
 
 def load_cache(path: str | Path, expected: CacheExpectation,
