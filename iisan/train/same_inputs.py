@@ -2,8 +2,8 @@
 fingerprint (edited in place, a file keeps its name), a cached run's cache by what identifies its content
 (``CACHE_RECORD``: encoder, weights, layers, precision, images, ...) and a live run's encoder folders by
 their weights digest and config, and its image LMDB by the digest of its records (``encoder_record``), all
-recorded in its results.json. A run's results,
-weights and checkpoints are of its inputs: a rerun or a resume on other ones is refused."""
+recorded in its results.json. A run's results, weights and checkpoints are of its inputs: a rerun or a
+resume on other ones is refused, and so is using the trained run on them (``changed_inputs``)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def changed_inputs(cfg: Config, results: dict, run: Path) -> str:
 
 def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()) -> str:
     """Why the cache ``cfg`` reads now is not the one the run in ``run`` recorded (``cache_record``: another
-    precision, encoder weights, layers, images, ...), or '' (also for live runs and runs that recorded none). A key
-    added to the record since (``UNRECORDED``) counts as what runs did before it; an ``UNTOLD`` one is
-    compared only where both records hold it. ``same``: keys not compared."""
+    precision, encoder weights, layers, images, ...), or '' (also for live runs and runs that recorded
+    none). A key added to the record since (``UNRECORDED``) counts as what runs did before it; an ``UNTOLD``
+    one is compared only where both records hold it. ``same``: keys not compared."""
     now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
     for m, then in now.items():
         before = recorded.get(m)
