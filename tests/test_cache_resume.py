@@ -4,6 +4,7 @@ stands; refused states; a cache whose width disagrees is one line."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -342,3 +343,55 @@ def test_a_rebuild_stopped_while_writing_its_files_leaves_the_old_cache_whole(ti
     with pytest.raises(KeyboardInterrupt):
         build_cache_from_config(cfg, dtype="float16", overwrite=True)
     assert _bytes(cfg.cache_dir) == old and not [p for p in (tmp_path / "c").iterdir() if p.suffix == ".tmp"]
+
+
+def test_a_build_an_earlier_version_began_resumes_and_one_of_other_images_does_not(tiny, tiny_config, tmp_path,
+                                                                                    counted, caplog):
+    """A build interrupted under the version before image caches recorded their images (its manifest key
+    hashed the settings without them) keeps its finished chunks, as that version would have; a build
+    begun today from other images is discarded."""
+    import json
+
+    import numpy as np
+
+    from iisan.data.image_build import write_image_lmdb
+    from iisan.data.interactions import read_items
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    chunks = math.ceil(load_data(cfg).num_items / CHUNK)
+    counted["crash_at"] = 3
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    manifest = tmp_path / "c" / SIDECAR / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    settings = {m: {k: v for k, v in meta.items() if k not in ("encoder", "items_file", "encoder_files",
+                                                                 "imported_missing", "images")}
+                for m, meta in _final_metadata(cfg).items()}
+    earlier = hashlib.sha256(json.dumps([settings, CHUNK], sort_keys=True).encode()).hexdigest()
+    assert earlier != recorded["key"]
+    manifest.write_text(json.dumps({**recorded, "key": earlier}))  # as the earlier version wrote it
+    counted.update(calls=0, crash_at=None)
+    with caplog.at_level("INFO"):
+        build_cache_from_config(cfg, dtype="float16")
+    assert counted["calls"] == chunks - 2 and "an earlier version began" in caplog.text
+    assert _bytes(tmp_path / "c") == _bytes(tmp_path / "c-scratch")  # what an uninterrupted build writes
+
+    grey = str(tmp_path / "grey.lmdb")
+    write_image_lmdb(grey, read_items(tiny["items"]).ids, lambda _: (np.full((64, 64, 3), 7, np.uint8), None),
+                     size=64, progress=False)
+    other = cfg.replace(cache_dir=str(tmp_path / "d"))
+    counted.update(calls=0, crash_at=3)
+    with pytest.raises(Crash):
+        build_cache_from_config(other, dtype="float16")
+    counted.update(calls=0, crash_at=None)
+    build_cache_from_config(other.replace(images=grey), dtype="float16")
+    assert counted["calls"] == chunks  # the other images' chunks were not taken
+
+
+def _final_metadata(cfg) -> dict:
+    """The metadata the finished build of ``cfg`` writes (read back from a build into a scratch folder)."""
+    from iisan.data.cache import read_metadata
+
+    scratch = cfg.replace(cache_dir=cfg.cache_dir + "-scratch")
+    build_cache_from_config(scratch, dtype="float16")
+    return {m: read_metadata(cache_file(scratch.cache_dir, m)) for m in ("text", "image")}
