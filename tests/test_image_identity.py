@@ -39,14 +39,7 @@ def test_an_lmdb_is_named_by_its_records_whatever_its_pages(tiny, tmp_path):
     pixels[ids[3]][5, 5, 0] ^= 1
     assert write_and_digest(tmp_path / "c", ids, pixels) != forward
     # a store of an earlier version: no digest in its metadata; read once, the same digest
-    meta = json.loads(bytes(_open_readonly(Path(tiny["images"])).begin().get(META_KEY)))
-    old = tmp_path / "old"
-    write_image_lmdb(old, ids, lambda i: (store.get([i])[0][0], None), size=64, progress=False)
-    close_reader(old)
-    import lmdb  # to rewrite the metadata record as an earlier version wrote it
-
-    with lmdb.open(str(old), map_size=1 << 26) as env, env.begin(write=True) as txn:
-        txn.put(META_KEY, json.dumps({k: v for k, v in meta.items() if k != "digest"}).encode())
+    old = older_lmdb(tiny, tmp_path / "old")
     assert "digest" not in ImageStore(old).meta and ImageStore(old).digest() == forward
     assert store_digest(old) is None and store_digest(old, compute=True) == forward  # computed when asked only
 
@@ -54,20 +47,10 @@ def test_an_lmdb_is_named_by_its_records_whatever_its_pages(tiny, tmp_path):
 def test_a_cached_run_never_reads_every_image_of_an_older_lmdb(tiny, tiny_config, tmp_path, monkeypatch):
     """An LMDB built before builds recorded its digest: a cache build reads every image anyway and computes
     it once; training and evaluating the cached run read no image at all (a 3 GB store at every start)."""
-    import lmdb  # to rewrite the metadata record as an earlier version wrote it
-
     import iisan.data.images as images
     from iisan.cli.main import main
 
-    ids = read_items(tiny["items"]).ids
-    store = ImageStore(tiny["images"])
-    old = tmp_path / "old.lmdb"
-    write_image_lmdb(old, ids, lambda i: (store.get([i])[0][0], None), size=64, progress=False)
-    close_reader(old)
-    meta = {k: v for k, v in ImageStore(old).meta.items() if k != "digest"}
-    close_reader(old)
-    with lmdb.open(str(old), map_size=1 << 26) as env, env.begin(write=True) as txn:
-        txn.put(META_KEY, json.dumps(meta).encode())
+    old = older_lmdb(tiny, tmp_path / "old.lmdb")
     calls = []
     monkeypatch.setattr(images, "records_digest", lambda txn: calls.append(1) or "0123456789abcdef")
     cfg = tiny_config(images=str(old), cache_dir=str(tmp_path / "cache"), run_name="old-lmdb", epochs=1)
@@ -91,6 +74,22 @@ def test_a_cache_rebuilt_with_every_layer_is_still_the_one_a_run_trained_on(tiny
     assert read_metadata(tmp_path / "cache" / "text.safetensors")["layers"] == "[0, 1, 2]"
     assert train(cfg) == done
     assert load_run(Path(cfg.out_dir) / "some", "cpu").best_epoch == done["best_epoch"]
+
+
+def older_lmdb(tiny, path: Path) -> Path:
+    """A copy of the tiny data set's LMDB whose metadata holds no digest, as builds wrote it before they
+    recorded one."""
+    import lmdb  # to rewrite the metadata record
+
+    store = ImageStore(tiny["images"])
+    write_image_lmdb(path, read_items(tiny["items"]).ids, lambda i: (store.get([i])[0][0], None), size=64,
+                     progress=False)
+    close_reader(path)
+    meta = json.loads(bytes(_open_readonly(path).begin().get(META_KEY)))
+    close_reader(path)
+    with lmdb.open(str(path), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        txn.put(META_KEY, json.dumps({k: v for k, v in meta.items() if k != "digest"}).encode())
+    return path
 
 
 def write_and_digest(path: Path, ids: list[str], pixels: dict) -> str:

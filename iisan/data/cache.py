@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CacheError
-from ..files import shown
+from ..files import require_space, shown
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,22 @@ VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missin
 OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images")
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
 UNRECORDED = {"image_norm": "processor"}
-# Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them.
-# ``images``: an image cache's LMDB, by the digest of its records (``images.ImageStore.digest``).
+# Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them
+# (``compared``). ``images``: an image cache's LMDB, by the digest of its records (``images.store_digest``).
 UNTOLD = frozenset({"images"})
 REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
+
+
+def compared(key: str, old: dict, new: dict) -> bool:
+    """Whether two caches' metadata (or records of it) are compared in ``key``: an ``UNTOLD`` key only where
+    both hold it."""
+    return key not in UNTOLD or (key in old and key in new)
+
+
+def require_cache_space(out_dir: str | Path, needed: int, modalities, items: int, dtype: torch.dtype) -> None:
+    """``files.require_space`` for a cache's states: ``needed`` bytes for ``items`` items of ``modalities``."""
+    require_space(out_dir, needed, f"the {', '.join(modalities)} states of {items:,} items "
+                                   f"({str(dtype).removeprefix('torch.')})")
 
 
 def declared_metadata(record: dict[str, str]) -> dict[str, str]:

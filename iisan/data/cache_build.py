@@ -40,9 +40,9 @@ from tqdm import tqdm
 
 from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError
-from ..files import atomic_path, remove, require_space, stale_temporaries, write_failure, write_json_atomic
+from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
-from .cache import UNTOLD, VOLATILE, cache_file
+from .cache import UNTOLD, VOLATILE, cache_file, require_cache_space
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     total = len(indices)
     already = total - sum(len(chunk_ids[k]) for k in todo)
     final = sum(len(item_ids) * layers * width for layers, width in shapes.values()) * dtype.itemsize
-    require_space(out_dir, final + final * (total - already) // max(total, 1),  # the shards to write, then the files
-                  f"the {', '.join(shapes)} states of {total:,} items ({str(dtype).removeprefix('torch.')})")
+    # the shards still to write, then the files
+    require_cache_space(out_dir, final + final * (total - already) // max(total, 1), shapes, total, dtype)
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
     # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
     lines = ProgressLog(", ".join(shapes), total, already, unit="items",

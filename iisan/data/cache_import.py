@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheError
-from ..files import atomic_path, claim_output, require_space, starts_with
-from .cache import cache_file
+from ..files import atomic_path, claim_output, starts_with
+from .cache import cache_file, require_cache_space
 from .cache_build import write_together
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
             raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
                              f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
     claim_report(out_dir / REPORT)  # before any file is read
-    require_space(out_dir, len(item_ids) * sum(len(layers[m]) * shapes[m][1] for m in layers) * dtype.itemsize,
-                  f"the {', '.join(layers)} states of {len(item_ids) - 1:,} items ({str(dtype).split('.')[-1]})")
+    require_cache_space(out_dir, len(item_ids) * sum(len(layers[m]) * shapes[m][1] for m in layers) * dtype.itemsize,
+                        layers, len(item_ids) - 1, dtype)
     tables, problems = {}, []
     for m in layers:
         log.info("importing %s states of %d items from %s", m, len(item_ids) - 1, src / AUTHORS_LAYOUT[m][0])

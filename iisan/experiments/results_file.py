@@ -97,7 +97,7 @@ def check_results(results) -> None:
         _field(results, "status", "string")
     _field(results, "best_epoch", "integer")
     _field(results, "world_size", "integer", optional=True)  # the table's processes column
-    sizes = _field(results, "world_sizes", "list", optional=True) or []  # files since 2026-12-05
+    sizes = _field(results, "world_sizes", "list", optional=True) or []  # files since commit 97f1c17
     if not all(EXPECTED["integer"][0](n) for n in sizes):
         raise DamagedResults(f"world_sizes is {json.dumps(sizes)[:40]}, expected a list of integers")
     _field(results, "stopped", "string", optional=True)  # why --nonfinite authors ended training

@@ -123,7 +123,7 @@ def rebased(cfg: Config, working_dir: str | None) -> Config:
 def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     """A run folder -> its config, data and model with the best weights, on ``device``."""
     run_dir = Path(run_dir)
-    saved, cfg, results = run_files(run_dir)
+    cfg, results = run_files(run_dir)
     torch_device = resolve_device(device)
     data = load_data(cfg)
     refuse_other_inputs(run_dir, cfg, results, data)
@@ -134,9 +134,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
 
 
-def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
-    """The run's saved config, that config with its relative paths from where the run ran, and its results
-    ({} when damaged: a warning); one line when the folder is no run's or has no weights yet."""
+def run_files(run_dir: Path) -> tuple[Config, dict]:
+    """The run's saved config, its relative paths taken from where the run ran, and its results ({} when
+    damaged: a warning); one line when the folder is no run's or has no weights yet."""
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
@@ -160,7 +160,7 @@ def run_files(run_dir: Path) -> tuple[Config, Config, dict]:
         raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
     if note := unfinished(run_dir / RESULTS, results, saved.epochs):
         log.warning("%s", note)
-    return saved, rebased(saved, results.get("working_dir")), results
+    return rebased(saved, results.get("working_dir")), results
 
 
 def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None:

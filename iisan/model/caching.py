@@ -21,9 +21,9 @@ from ..data.batches import ItemBatch
 from ..data.cache import (
     FORMAT,
     UNRECORDED,
-    UNTOLD,
     VOLATILE,
     cache_file,
+    compared,
     declared_metadata,
     encoder_config_hash,
     is_cache_file,
@@ -120,7 +120,7 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
             continue
         old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
         differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k)
-                        and (k not in UNTOLD or k in old and k in new))
+                        and compared(k, old, new))
         if differ:  # short values named as they are (item ids and file records are long)
             named = [f"{k} {old.get(k)} there, {new.get(k)} now" if len(f"{old.get(k)}{new.get(k)}") <= 60 else k
                      for k in differ]

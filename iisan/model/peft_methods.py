@@ -90,6 +90,7 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
     projections = [n for n, m in model.named_modules() if isinstance(m, PROJECTIONS)]
     found = []
     suffixes = sorted({n.split(".")[-1] for n in projections})
+    by_name = f"{flag} with some of its Linear/Conv1D modules: {', '.join(suffixes)}"  # what a refusal offers
     for target in targets:
         matches = [n for n in projections if n == target or n.endswith("." + target)]
         if target in ROLES:
@@ -99,13 +100,11 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
                 if matches:  # no roles here, but modules of that name (ALBERT's shared ``query``, ``value``)
                     found += matches
                     continue
-                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({flag} with "
-                                  f"some of its Linear/Conv1D modules: {', '.join(suffixes)}; text:/image: prefixes "
-                                  "for one tower)") from None
+                raise TargetError(f"{err}; target the {what}'s modules by name instead of by role ({by_name}; "
+                                  "text:/image: prefixes for one tower)") from None
             if not all(target in r for r in roles):
                 raise TargetError(f"{target}: the {what}'s FFN is gated (two input projections), so it has no one "
-                                  f"FFN input; name them ({flag} with some of its Linear modules: "
-                                  f"{', '.join(suffixes)})")
+                                  f"FFN input; name them ({by_name})")
             found += [r[target] for r in roles]
             continue
         if not matches:

@@ -36,7 +36,7 @@ RESULTS = "results.json"
 
 
 # How versions of this library hashed a config, newest first: paths by where they are, a value at its
-# default's place left out (since 2026-12-05); the same, but a default left out only as spelt (a script's
+# default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
 # absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
 HASHES = ("canonical", "defaults-as-spelt", "as-spelt")
 

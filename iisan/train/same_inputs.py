@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..config import Config
-from ..data.cache import METADATA_KEYS, UNRECORDED, UNTOLD, cache_file, encoder_config_hash, read_metadata
+from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, compared, encoder_config_hash, read_metadata
 from ..data.run_data import images_digest
 from ..errors import CacheError, ConfigError
 from ..files import file_fingerprint
@@ -72,7 +72,7 @@ def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()
     """Why the cache ``cfg`` reads now is not the one the run in ``run`` recorded (``cache_record``: another
     precision, encoder weights, layers, images, ...), or '' (also for live runs and runs that recorded
     none). A key added to the record since (``UNRECORDED``) counts as what runs did before it; an ``UNTOLD``
-    one is compared only where both records hold it. ``same``: keys not compared."""
+    one is compared only where both records hold it (``cache.compared``). ``same``: keys not compared."""
     now = cache_record(cfg) if isinstance(recorded, dict) and recorded else {}
     for m, then in now.items():
         before = recorded.get(m)
@@ -82,7 +82,7 @@ def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()
         # the encoder's name only locates it where both record its weights' digest (one folder, two spellings)
         skipped = same | ({"encoder"} if before.get("encoder_weights") and then.get("encoder_weights") else set())
         changes = [f"{k} {before.get(k)} then, {then.get(k)} now" for k in CACHE_RECORD if k not in skipped
-                   and differs(k, before, then) and (k not in UNTOLD or k in before and k in then)]
+                   and differs(k, before, then) and compared(k, before, then)]
         if changes:
             return f"{cache_file(cfg.cache_dir, m)} is not the cache {run} trained on ({'; '.join(changes)})"
     return ""

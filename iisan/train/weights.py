@@ -41,7 +41,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
 
 
 # Why a weights file may not fit the model its run's config builds, besides damage or another run's file.
-OTHER_MODEL = (" (a version of IISAN before 2026-12-05 put a CLIP tower's default LoRA on k_proj and q_proj: "
+OTHER_MODEL = (" (a version of IISAN before commit d13552b put a CLIP tower's default LoRA on k_proj and q_proj: "
                "retrain such a run)")
 
 
