@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .bounds import check_bounds, coerce
 from .errors import ConfigError, error_line
-from .methods import METHOD_DEFAULTS, METHOD_NAMES, METHODS  # noqa: F401 (the names the package imports from here)
+from .methods import METHOD_DEFAULTS, METHOD_NAMES, METHODS, unread_keys  # noqa: F401 (the names the package imports from here)
+
+log = logging.getLogger(__name__)
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -49,20 +51,17 @@ class Config:
         False, "join the lines of a user id that appears on several lines of the users file (in file order) "
         "instead of rejecting the file"
     )
-    rank_repeated_targets: bool = _opt(
-        False, "keep a target that repeats a history item rankable (paper: masked, so always a miss)"
-    )
+    rank_repeated_targets: bool = _opt(False, "keep a target that repeats a history item rankable (paper: masked, "
+                                       "so always a miss)")
     # --- encoders ----------------------------------------------------------------------------------
     text_model: str = _opt(DEFAULT_MODELS["text"], "text encoder folder (a Hub id with --allow-download); "
                            "the default is under the repository")
     image_model: str = _opt(DEFAULT_MODELS["image"], "image encoder folder (a Hub id with --allow-download)")
     allow_download: bool = _opt(False, "let a --text-model / --image-model that is not a folder be fetched "
                                 "from the Hugging Face Hub (never runs code from it)")
-    text_layers: tuple[int, ...] | None = _opt(
-        None, "hidden-state indices fed to the text SAN (0 = embeddings); default: --layer-rule's choice"
-    )
-    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices; default: --layer-rule's "
-                                                "choice")
+    text_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the text SAN (0 = embeddings); "
+                                               "default: --layer-rule's choice")
+    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (default: --layer-rule's)")
     layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks")
     layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "
                            "k as large as keeps --layer-groups layers (the authors' lists: 32 layers -> "
@@ -92,8 +91,7 @@ class Config:
                            "mean and std (ImageNet's for DeiT, CLIP's for CLIP; 0.5 for ViT-B/16); authors = mean = "
                            "std = 0.5 for every tower, as the authors' Versa code", ("processor", "authors"))
     # --- model -------------------------------------------------------------------------------------
-    method: str = _opt("iisan", "training method (id: SASRec over learned item-ID embeddings, no encoder)",
-                       METHODS)
+    method: str = _opt("iisan", "training method (id: SASRec over learned item-ID embeddings, no encoder)", METHODS)
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))
     modality: str = _opt("intra_inter", "SANs used by IISAN", ("intra_inter", "intra", "inter"))
     fusion: str = _opt("gated", "how a SAN mixes backbone states into its chain", ("gated", "add"))
@@ -339,11 +337,14 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
         raise ConfigError(f"feed=cached: method={cfg.method} {why} (only IISAN's states can be cached); "
                           "leave --feed out")
     if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
-        logging.getLogger(__name__).info("feed=%s is ignored: method=id has no item encoder", said["feed"])
+        log.info("feed=%s is ignored: method=id has no item encoder", said["feed"])
     if said.get("text_encoder_dropout") and ((cfg.method, cfg.feed) != ("iisan", "live") or cfg.towers == "image"):
         raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
                           f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
                           f"towers={cfg.towers}); leave --text-encoder-dropout out")
     if said.get("modality") not in (None, cfg.modality):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
+    if unread := [k for k in said if k in unread_keys(cfg.method, cfg.towers, cfg.feed)]:  # --lora-rank for FFT
+        log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
+                    ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg

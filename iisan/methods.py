@@ -37,3 +37,43 @@ METHOD_TABLE = {m.name: m for m in (
 METHODS = tuple(METHOD_TABLE)
 METHOD_NAMES = {name: m.paper_name for name, m in METHOD_TABLE.items()}
 METHOD_DEFAULTS = {name: m.defaults for name, m in METHOD_TABLE.items()}
+
+
+# Config keys a run never reads, by what it trains (``unread_keys``): changing one changes nothing it computes,
+# so it names no other run folder, is not compared on resume and shows as '-' in result tables. A key left out
+# of every set is read by every run: a field added later counts until it is listed here, never the other way.
+SAN_KEYS = frozenset({"text_layers", "image_layers", "layer_groups", "layer_rule", "include_embedding_state",
+                      "intra_start", "modality", "fusion", "gate_temperature", "san_heads"})
+LORA_KEYS = frozenset({"lora_rank", "lora_alpha", "lora_random_base", "lora_targets"})
+ADAPTER_KEYS = frozenset({"adapter_targets", "adapter_init", "adapter_position"})
+BOTTLENECK_KEYS = frozenset({"text_adapter_down", "image_adapter_down"})  # IISAN's side adapters, Houlsby's
+# (not dedup_items: which rows a step runs the tower on changes the order its gradients are summed in)
+LIVE_SHAPE_KEYS = frozenset({"static_shapes", "item_bucket_growth", "title_multiple"})
+ENCODER_KEYS = frozenset({"images", "text_model", "image_model", "text_pooling", "encoder_dtype", "image_norm",
+                          "towers", "title_tokens", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text"})
+TOWER_KEYS = {  # those of the tower a one-tower run lacks
+    "text": frozenset({"images", "image_model", "image_layers", "image_adapter_down", "image_norm"}),
+    "image": frozenset({"text_model", "text_layers", "text_adapter_down", "text_pooling", "title_multiple",
+                        "text_encoder_dropout"}),
+}
+
+
+def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> frozenset[str]:
+    """The config keys a run of ``method`` (``towers``, ``feed``: as its config says) never reads."""
+    kind = METHOD_TABLE[method].kind if method in METHOD_TABLE else ""
+    unread = set()
+    if kind != "san":
+        unread |= SAN_KEYS | {"cache_dtype", "text_encoder_dropout"}
+    if method != "lora":
+        unread |= LORA_KEYS
+    if method != "adapter":
+        unread |= ADAPTER_KEYS
+    if method not in ("iisan", "adapter"):
+        unread |= BOTTLENECK_KEYS
+    if kind == "id":
+        return frozenset(unread | ENCODER_KEYS | LIVE_SHAPE_KEYS)
+    if kind == "san" and feed == "cached":
+        unread |= LIVE_SHAPE_KEYS | {"text_encoder_dropout"}
+    if kind == "san" and feed == "live":
+        unread.add("cache_dtype")
+    return frozenset(unread | TOWER_KEYS.get(towers, frozenset()))

@@ -188,6 +188,17 @@ def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, arg
                         r"the run diverged.*\)", last), last
 
 
+def test_values_of_a_key_the_method_never_reads_are_one_point(sweep, argv, caplog):
+    # cached IISAN reads no static-shape setting and no LoRA rank: each value computes the same run
+    with caplog.at_level(logging.WARNING):
+        points, _ = parse_script_args(DEFAULTS, {**sweep, "lora_rank": [4, 8]}, argv("--lr", "1e-3", "2e-3"))
+    assert [(p.values["lora_rank"], p.values["lr"]) for p in points] == [(4, 1e-3), (4, 2e-3)]
+    said = "lora_rank: not read by method=iisan (feed=cached, towers=both); its values are one run"
+    assert caplog.text.count(said) == 1
+    points, _ = parse_script_args({"method": "lora"}, {**sweep, "lora_rank": [4, 8]}, argv())
+    assert [p.values["lora_rank"] for p in points] == [4, 8]  # LoRA reads it
+
+
 def test_an_abbreviated_flag_is_refused_not_taken_for_a_config_key(sweep, capsys):
     with pytest.raises(SystemExit) as info:
         parse_script_args(DEFAULTS, sweep, ["--patien", "3"])  # --patience, spelled short

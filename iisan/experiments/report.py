@@ -11,10 +11,10 @@ two experiments: the seed, names and paths of outputs (run name, folders), and h
 (device, workers, chunk sizes, progress bars; ``checkpoint.MAY_CHANGE``). Data sets are compared by name
 (the users file's folder, found from the run's working folder; with a digest of the files' contents, and
 of the image LMDB's records, where one name covers other files or images) and encoders by their folder's
-name (SASRec-ID reads neither encoders nor images: ``-``), with its parent's where two encoders share a
-name (``labels``), so the same data or encoder under two roots is one experiment. Layers left to automatic
-selection (``layer_rule``) show as ``auto``, and a learning rate the run trains
-nothing with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing
+name, with its parent's where two encoders share a name (``labels``), so the same data or encoder under two
+roots is one experiment. Layers left to automatic selection (``layer_rule``) show as ``auto``; a key the run
+never reads (``methods.unread_keys``: SASRec-ID's encoders and images, FFT's LoRA rank) and a learning rate
+it trains nothing with (IISAN's adapter rate in an FFT run) as ``-``, which differs from no value. Those differing
 keys are columns of the table, in the rows' order (numbers by value, then the run's name; ``--sort``
 orders by another column), and ``--average-seeds`` averages only runs that agree on all of them, each
 seed once: the same seed run twice (a copy, a rerun under another name) counts once, the others named in
@@ -43,6 +43,7 @@ from ..data.images import store_digest
 from ..errors import ConfigError, UserError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
+from ..methods import unread_keys
 from ..train.checkpoint import MAY_CHANGE
 from .labels import data_labels, encoder_labels, run_labels
 from .results_file import METRICS, DamagedResults, find_results, load_results, status
@@ -58,7 +59,7 @@ KEYS = (*Config.__dataclass_fields__, "processes")  # what --keys takes (method 
 NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
 ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
 LAYER_KEYS = ("text_layers", "image_layers")  # None: layer_groups layers by layer_rule
-UNUSED = "-"  # a learning rate the run trains nothing with (results.json's parameters.by_rate)
+UNUSED = "-"  # a key the run never reads; a learning rate it trains nothing with (results.json's parameters.by_rate)
 
 
 def config_text(key: str, value) -> str:
@@ -116,10 +117,8 @@ def read_row(path: Path, results: dict) -> dict:
     stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
     if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
         row["cache_dtype"] = ",".join(sorted(stored))
-    if results["feed"] != "cached":  # a live run (every baseline, the ID method) reads no cache
-        row["cache_dtype"] = UNUSED
-    if results["method"] == METHOD_NAMES["id"]:  # item ids alone: no encoder, no image
-        row.update(dict.fromkeys((*ENCODER_KEYS, "images"), UNUSED))
+    # keys the run never read (a live run's cache precision; SASRec-ID's encoders and images; FFT's LoRA rank)
+    row.update(dict.fromkeys(unread_keys(cfg["method"], cfg["towers"], cfg["feed"]) & set(CONFIG_KEYS), UNUSED))
     by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ..config import METHOD_DEFAULTS, Config, resolve
+from ..config import METHOD_DEFAULTS, Config, resolve, unread_keys
 from ..console import VERBOSE_HELP, entry_point, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, UserError
@@ -126,7 +126,7 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
                           f"{key} are one run (it says how a run goes on, not what it computes: a longer run "
                           "resumes a shorter one in its folder); sweep one value at a time, each with its own "
                           "--run-name")
-    points, seen = [], set()
+    points, seen, seen_unread = [], set(), set()
     for values in grid(swept):
         try:
             cfg = resolve({**base, **values}, file_values, {**flags, **{k: values[k] for k in from_flags}})
@@ -134,7 +134,13 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
             points.append(GridPoint(len(points), values, None, str(err)))
             continue
         values = {k: getattr(cfg, k) for k in values}  # as resolved: 0.001, whether typed 1e-3 or 0.001
-        if (key := repr(sorted(values.items()))) in seen:  # --lr 1e-3 0.001: one point
+        # FFT over lora_rank [4, 8]: one point, as FFT never reads it (--lr 1e-3 0.001: one point too)
+        unread = [k for k in values if len(swept[k]) > 1 and k in unread_keys(cfg.method, cfg.towers, cfg.feed)]
+        if (key := repr(sorted((k, v) for k, v in values.items() if k not in unread))) in seen:
+            if unread and not seen_unread & set(unread):
+                log.warning("%s: not read by method=%s (feed=%s, towers=%s); its values are one run", ", ".join(unread),
+                            cfg.method, cfg.feed, cfg.towers)
+            seen_unread.update(unread)
             continue
         seen.add(key)
         index = len(points)

@@ -33,6 +33,7 @@ from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
 from ..errors import CheckpointError, TrainingError, UserError, error_line
 from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
+from ..methods import unread_keys
 from ..model.build import picked_layers
 from . import runstate
 
@@ -194,8 +195,10 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     differs only so counts when the two rules pick other layers of ``current``'s towers (they agree on 12
     and 24 layers in 6 groups, not on 32, nor on 12 in 3), or when those towers' depths cannot be read.
     ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there);
-    ``ignore``: keys not compared (``current``'s still say where its towers are)."""
+    ``ignore``: keys not compared (``current``'s still say where its towers are), besides those ``current``'s
+    method never reads (``methods.unread_keys``: an ID run's encoder folders)."""
     before = {**Config().to_dict(), **BEFORE_THE_FIELD}
+    ignore = ignore | unread_keys(*(current.get(k, before[k]) for k in ("method", "towers", "feed")))
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE - ignore)
     old, now = ({k: values.get(k, before.get(k)) for k in keys} for values in (saved, current))
     same_old, same_now = same_paths(old, saved_in), same_paths(now)

@@ -26,6 +26,7 @@ from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, error_line
 from ..files import TEMPORARY, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
+from ..methods import unread_keys
 from . import runstate
 from .checkpoint import MAY_CHANGE, config_differences, same_paths
 from .same_inputs import kept_nothing, refuse_changed_data
@@ -35,20 +36,23 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
-# How versions of this library hashed a config, newest first: paths by where they are, a value at its
-# default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
-# absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
-HASHES = ("canonical", "defaults-as-spelt", "as-spelt")
+# How versions of this library hashed a config, newest first: keys the method never reads left out too
+# (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its default's
+# place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's absolute
+# path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
+HASHES = ("read", "canonical", "defaults-as-spelt", "as-spelt")
 
 
 def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     """Eight hex digits naming what ``cfg`` computes (see the module docstring). Paths count by where they
     are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run, and so do
-    ``iisan train``'s default encoders and a script's absolute path to them. ``scheme``: one of ``HASHES``."""
+    ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
+    count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
     defaults, values = Config().to_dict(), cfg.to_dict()
-    if scheme == "canonical":
+    if scheme in ("read", "canonical"):
         defaults, values = same_paths(defaults), same_paths(values)
-    values = {k: v for k, v in values.items() if k not in MAY_CHANGE and v != defaults[k]}
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme == "read" else frozenset()
+    values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if scheme == "defaults-as-spelt":
         values = same_paths(values)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]

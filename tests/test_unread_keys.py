@@ -1,0 +1,100 @@
+"""Keys a run never reads (``methods.unread_keys``): changing them changes nothing the run computes (checked by
+training), names the same run folder, is not a difference on resume, shows as '-' in result tables, and is
+named in a warning when given."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from safetensors.torch import load_file
+
+from iisan.config import Config, resolve
+from iisan.experiments.report import collect
+from iisan.methods import METHOD_TABLE, unread_keys
+from iisan.train.checkpoint import config_differences
+from iisan.train.runfolder import config_hash, known_run_name
+from iisan.train.trainer import train
+
+# A value other than the default for every key some run does not read; each valid with the tiny towers.
+OTHER = {
+    "images": "missing.lmdb", "text_model": "missing-text", "image_model": "missing-image", "text_pooling": "mean",
+    "encoder_dtype": "bfloat16", "image_norm": "authors", "towers": "text", "title_tokens": 16,
+    "lr_image": 0.5, "lr_text": 0.5, "lr_adapter_image": 0.5, "lr_adapter_text": 0.5,
+    "text_layers": (0, 1), "image_layers": (0, 1), "layer_groups": 1, "layer_rule": "groups",
+    "include_embedding_state": False, "intra_start": "zeros", "modality": "intra", "fusion": "add",
+    "gate_temperature": 0.5, "san_heads": "versa", "lora_rank": 2, "lora_alpha": 4.0, "lora_random_base": True,
+    "lora_targets": "query", "adapter_targets": "ffn_out", "adapter_init": "identity",
+    "adapter_position": "before_dropout", "text_adapter_down": 8, "image_adapter_down": 8, "static_shapes": False,
+    "item_bucket_growth": 0.5, "title_multiple": 4, "cache_dtype": "float16",
+    "text_encoder_dropout": True,
+}
+
+SETTINGS = [("iisan", "both", "cached"), ("iisan", "both", "live"), ("iisan", "text", "cached"),
+            ("iisan", "image", "live"), ("fft", "both", "live"), ("adapter", "both", "live"),
+            ("lora", "both", "live"), ("bitfit", "both", "live"), ("id", "both", "live")]
+
+
+def test_every_unread_key_has_another_value_here():
+    every = set().union(*(unread_keys(m, t, f) for m in METHOD_TABLE for t in ("both", "text", "image")
+                          for f in ("cached", "live")))
+    assert every == set(OTHER)  # a key added to a set gets a value above, so the training test covers it
+    assert every <= set(Config.__dataclass_fields__)
+    assert "lr" not in every and "users" not in every and "seed" not in every  # what every run reads
+
+
+def _config(tiny, cache_dir, tmp_path, method, towers, feed, **changes) -> Config:
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    values.update(method=method, towers=towers, feed=feed, modality="intra" if towers != "both" else "intra_inter",
+                  cache_dir=cache_dir, out_dir=str(tmp_path / "runs"), device="cpu", num_workers=0, progress=False,
+                  batch_size=16, epochs=1, max_steps_per_epoch=2, eval_batch_size=64, encode_batch_size=32)
+    return Config(**{**values, **changes})
+
+
+@pytest.mark.parametrize("method,towers,feed", SETTINGS)
+def test_unread_keys_change_nothing_a_run_computes(tiny, tiny_cache, tmp_path, monkeypatch, method, towers, feed):
+    monkeypatch.chdir(tmp_path)  # the missing folders above are relative: here, and absent
+    unread = unread_keys(method, towers, feed)
+    plain = _config(tiny, tiny_cache, tmp_path, method, towers, feed)
+    other = plain.replace(**{k: OTHER[k] for k in unread})
+    assert config_hash(plain) == config_hash(other) and not config_differences(plain.to_dict(), other.to_dict())
+    assert config_hash(plain) != config_hash(plain.replace(lr=1e-3))  # a key it reads still names another run
+    first = train(plain.replace(run_name="plain"))
+    second = train(other.replace(run_name="other"))
+    assert first["test"] == second["test"] and first["valid"] == second["valid"]
+    assert first["parameters"] == second["parameters"]  # the same parameters train, at the same rates
+    weights = [load_file(str(tmp_path / "runs" / name / "best.safetensors")) for name in ("plain", "other")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+
+def test_a_finished_id_run_is_found_whatever_encoders_it_is_given(tiny, tmp_path, caplog):
+    cfg = _config(tiny, "", tmp_path, "id", "both", "live")
+    done = train(cfg)
+    other = cfg.replace(text_model=str(tmp_path / "other-text"), images=str(tmp_path / "other.lmdb"), towers="text")
+    assert known_run_name(other) == known_run_name(cfg)
+    with caplog.at_level(logging.INFO):
+        again = train(other)
+    assert "finished before with this config" in caplog.text and again["test"] == done["test"]
+    rows, _ = collect([str(tmp_path / "runs")])
+    assert rows.loc[0, "text_model"] == rows.loc[0, "images"] == rows.loc[0, "lora_rank"] == "-"
+    assert rows.loc[0, "lr"] == str(cfg.lr)  # what it reads is shown
+
+
+def test_a_key_another_method_reads_is_still_compared(tiny, tmp_path):
+    lora = _config(tiny, "", tmp_path, "lora", "both", "live")
+    assert config_hash(lora) != config_hash(lora.replace(lora_rank=2))
+    assert config_differences(lora.to_dict(), lora.replace(lora_rank=2).to_dict()) == ["lora_rank=8 there, 2 now"]
+    fft = _config(tiny, "", tmp_path, "fft", "both", "live")
+    assert config_differences(fft.to_dict(), lora.to_dict()) == ["method='fft' there, 'lora' now"]
+
+
+def test_an_unread_key_given_is_named_in_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        resolve(flags={"method": "fft", "lora_rank": 16, "lr": 1e-4})
+    assert "lora_rank: not read by this run (method=fft, feed=live, towers=both)" in caplog.text
+    assert "lr" not in caplog.text.split(":")[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resolve(flags={"method": "lora", "lora_rank": 16})
+    assert "not read" not in caplog.text
