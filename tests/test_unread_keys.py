@@ -13,7 +13,7 @@ from iisan.config import Config, resolve
 from iisan.experiments.report import collect
 from iisan.methods import METHOD_TABLE, unread_keys
 from iisan.train.checkpoint import config_differences
-from iisan.train.runfolder import config_hash, known_run_name
+from iisan.train.runfolder import config_hash, default_run_name, known_run_name
 from iisan.train.trainer import train
 
 # A value other than the default for every key some run does not read; each valid with the tiny towers.
@@ -98,3 +98,11 @@ def test_an_unread_key_given_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         resolve(flags={"method": "lora", "lora_rank": 16})
     assert "not read" not in caplog.text
+
+
+def test_a_run_named_before_unread_keys_left_the_hash_is_still_found(tiny, tmp_path):
+    cfg = _config(tiny, "", tmp_path, "id", "both", "live", text_model=str(tmp_path / "other-text"))
+    earlier = default_run_name(cfg, scheme="canonical")  # the name this config had until unread keys left the hash
+    assert earlier != default_run_name(cfg) and earlier.startswith("id-live-")
+    (tmp_path / "runs" / earlier).mkdir(parents=True)
+    assert known_run_name(cfg) == earlier
