@@ -199,6 +199,27 @@ def test_values_of_a_key_the_method_never_reads_are_one_point(sweep, argv, caplo
     assert [p.values["lora_rank"] for p in points] == [4, 8]  # LoRA reads it
 
 
+def test_other_items_without_cache_dir_get_a_cache_folder_of_their_own(sweep, tiny, tmp_path):
+    from iisan.experiments.presets import ROOT, dataset_paths, versa_defaults
+
+    files = ["--users", tiny["users"], "--items", tiny["items"], "--out-dir", str(tmp_path / "runs")]
+    points, _ = parse_script_args(DEFAULTS, sweep, files)
+    own = Path(points[0].config.cache_dir)
+    folder = Path(tiny["items"]).parent.name
+    assert own.parent == ROOT / "Code_Cached" and own.name.startswith(f"stored_vectors_{folder}_")
+    assert own != Path(dataset_paths("Scientific")["cache_dir"]) and not own.exists()
+    again, _ = parse_script_args(DEFAULTS, sweep, [*files, "--dataset", "Instrument"])
+    assert again[0].config.cache_dir == str(own)  # named by the items file, whichever data set is named
+    given, _ = parse_script_args(DEFAULTS, sweep, [*files, "--cache-dir", str(tmp_path / "c")])
+    assert given[0].config.cache_dir == str(tmp_path / "c")
+    paper = dataset_paths("Scientific")
+    theirs, _ = parse_script_args(DEFAULTS, sweep, ["--users", tiny["users"], "--items", paper["items"]])
+    assert theirs[0].config.cache_dir == paper["cache_dir"]  # the data set's own items: its cache
+    versa = versa_defaults("llama3-8b+vit-base", "Scientific")
+    points, _ = parse_script_args(versa, sweep, files)
+    assert points[0].config.cache_dir == f"{own}_llama3-8b+vit-base"  # the preset's suffix kept
+
+
 def test_an_abbreviated_flag_is_refused_not_taken_for_a_config_key(sweep, capsys):
     with pytest.raises(SystemExit) as info:
         parse_script_args(DEFAULTS, sweep, ["--patien", "3"])  # --patience, spelled short

@@ -5,6 +5,8 @@ precedence rule.)"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from ..config import DEFAULT_MODELS, REPOSITORY, model_location
@@ -21,6 +23,20 @@ def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:
     base = root / "Dataset" / spec.folder
     return {"users": str(base / spec.users_file), "items": str(base / spec.items_file),
             "images": str(base / "images.lmdb"), "cache_dir": str(root / "Code_Cached" / spec.cache_folder)}
+
+
+def own_cache_dir(cache_dir: str, items: str, dataset: str) -> str:
+    """The cache folder an entry script defaults to for ``items`` (the command line's or config file's): the
+    data set's (``cache_dir``, a Versa preset's suffix included), or, for an items file that is not the data
+    set's, a folder of its own under Code_Cached named by the file's folder and a digest of its path, so that
+    the cache of other items never lands in (nor is refused from) a paper data set's folder."""
+    paper = dataset_paths(dataset)
+    if same_folder(items, paper["items"]) or not cache_dir.startswith(paper["cache_dir"]):
+        return cache_dir
+    where = Path(os.path.abspath(items))
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:8]
+    own = ROOT / "Code_Cached" / f"stored_vectors_{path_component(where.parent.name or 'items')}_{digest}"
+    return str(own) + cache_dir[len(paper["cache_dir"]):]
 
 
 BACKBONES = {f"{m}_model": str(model_location(DEFAULT_MODELS[m])) for m in ("text", "image")}  # Config's defaults
@@ -75,5 +91,5 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None, ima
 
 
 def same_folder(a: str, b: str) -> bool:
-    """Whether two spellings name one folder (``models/x/``, ``./models/x`` and its absolute path do)."""
+    """Whether two spellings name one folder or file (``models/x/``, ``./models/x`` and its absolute path do)."""
     return a == b or Path(a).resolve() == Path(b).resolve()

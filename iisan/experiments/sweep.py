@@ -35,7 +35,7 @@ from ..data.datasets import DATASETS, FETCHABLE
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
-from .presets import BACKBONES, dataset_paths
+from .presets import BACKBONES, dataset_paths, own_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | 
     args = script_parser(defaults, sweep, description, extra_arguments).parse_args(argv)
     file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
+    if "items" in (given := {**file_values, **flags}) and "cache_dir" not in given and "cache_dir" in base:
+        base["cache_dir"] = own_cache_dir(base["cache_dir"], given["items"], args.dataset)  # other items' own
     swept, from_flags = {}, set()
     for key, values in sweep.items():
         if key in flags:
