@@ -4,6 +4,7 @@ checkpoint round trip; cached and uncached feeds give the same loss; bad targets
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,23 @@ def test_missing_image_in_lmdb_is_encoded_from_a_flagged_blank_and_counted(tiny_
     assert f"{absent} items have no image and 0 were stored as blanks" in caplog.text
     row = data.item_ids.index(next(i for i in data.item_ids if i in ids[:5]))
     assert (pixels([row]) == 0).all()
+
+
+def test_an_lmdb_holding_none_of_the_items_is_refused_in_one_line(tiny_config, tiny, tmp_path):
+    import shutil
+
+    from iisan.data.image_build import build_image_lmdb
+    from iisan.errors import ConfigError
+
+    other = tmp_path / "other-images"
+    other.mkdir()
+    for n in range(3):  # another data set's images: ids this items file lacks
+        shutil.copy(Path(tiny["image_dir"]) / "I0000000.jpg", other / f"X{n:07d}.jpg")
+    build_image_lmdb(other, tmp_path / "other.lmdb", size=64, progress=False)
+    cfg = tiny_config(feed="live", images=str(tmp_path / "other.lmdb"))
+    with pytest.raises(ConfigError, match=rf"^images={tmp_path}/other.lmdb holds none of the \d+ items of "
+                                          rf"{tiny['items']} \(e\.g\. I\d+\): give this data's LMDB"):
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
 
 
 def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_cache, monkeypatch):

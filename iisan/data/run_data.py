@@ -63,6 +63,10 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
     """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
     store = image_store(cfg)
     missing, flagged = store.blank_ids(item_ids)
+    if missing and len(missing) == len([i for i in item_ids if i]):  # another data set's LMDB, or an empty one
+        raise ConfigError(f"images={cfg.images} holds none of the {len(missing)} items of {cfg.items} (e.g. "
+                          f"{missing[0]}): give this data's LMDB (--images, built by `iisan build-lmdb`), or "
+                          "--towers text")
     if missing or flagged:
         log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
                     "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
