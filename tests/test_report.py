@@ -650,6 +650,28 @@ def test_item_id_runs_are_not_told_apart_by_encoders_they_never_read(runs, tmp_p
     assert len(rows) == 1 and rows[0][header.index("seeds")] == "2" and "text_model" not in header
 
 
+def test_a_run_that_reads_no_image_is_on_the_data_of_the_runs_that_do(runs, tmp_path, capsys, caplog):
+    """SASRec-ID and a text tower read the users and items files alone: beside IISAN on the same files they
+    are on the same data set (they were shown as another, ``name@digest``); beside an image ablation too."""
+    out, _ = runs
+
+    def as_id(results):
+        results.update(method="SASRec-ID", feed="live")
+        results["config"].update(method="id", feed="live")
+
+    copy_run(out / "lr0.0002-s1", tmp_path / "iisan", lambda r: None)
+    copy_run(out / "lr0.0002-s2", tmp_path / "id", as_id)
+    main(["results", str(tmp_path)])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len({row[header.index("data")] for row in rows}) == 1 and "@" not in rows[0][header.index("data")]
+    assert "names files of other contents" not in caplog.text
+    copy_run(out / "lr0.0002-s1", tmp_path / "other-images",
+             lambda r: r["cache"]["image"].update(images="0123456789abcdef"))
+    main(["results", str(tmp_path)])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len({row[header.index("data")] for row in rows}) == 3  # two image stores, and the ID run apart
+
+
 def test_curves_of_an_averaged_table_are_of_the_runs_it_counts(runs, tmp_path, capsys, caplog, monkeypatch):
     """A seed run twice counts once in --average-seeds; its left-out copy is not drawn either."""
     from iisan.experiments import curves as curves_module

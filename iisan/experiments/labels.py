@@ -69,13 +69,16 @@ def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
 
 def data_labels(frame: pd.DataFrame) -> pd.Series:
     """The data column: the users file's folder name, with ``@`` and a digest of the files' contents where
-    runs of one name read other files (two folders named alike, a file edited between seeds), so that no
-    table or average joins them; said in a warning."""
+    runs of one name read other files (two folders named alike, a file edited between seeds, other images
+    of the runs that read images), so that no table or average joins them; said in a warning. A run that
+    reads no image (SASRec-ID, a text tower) differs from the others only in its users and items files."""
     labels = frame["data"].copy()
     for name, rows in frame.groupby("data", sort=False).groups.items():
-        if frame.loc[rows, "data_files"].nunique() > 1:
-            labels[rows] = [f"{name}@{hashlib.sha256(files.encode()).hexdigest()[:6]}"
-                            for files in frame.loc[rows, "data_files"]]
+        images = frame.loc[rows, "image_files"]
+        apart = images[images != ""].nunique() > 1  # an image ablation: each image store its own data
+        files = [f"{f}:{i}" if apart and i else f for f, i in zip(frame.loc[rows, "data_files"], images, strict=True)]
+        if len(set(files)) > 1:
+            labels[rows] = [f"{name}@{hashlib.sha256(f.encode()).hexdigest()[:6]}" for f in files]
             log.warning("data %r names files of other contents in these runs: shown apart as %s", name,
                         ", ".join(sorted(set(labels[rows]))))
     return labels

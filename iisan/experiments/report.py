@@ -95,9 +95,10 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
         "data": users.parent.name or users.stem,  # Dataset/Scientific/... -> Scientific
-        # what the data files held (older results: their paths), to tell apart data sets that share a name
-        "data_files": ":".join([*(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
-                                images_read(results, cfg)]),
+        # what the data files held (older results: their paths), and the images read ('' for none), to tell
+        # apart data sets that share a name (``labels.data_labels``)
+        "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
+        "image_files": images_read(results, cfg),
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
@@ -191,9 +192,10 @@ def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = Fals
 
 def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
-    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "status", *RUN_KEYS, "best_epoch",
-                          "epochs_run", "valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch",
-                          "trainable_params", "peak_gib", "device", "folder", "written", "non_finite"])
+    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "image_files", "status", *RUN_KEYS,
+                          "best_epoch", "epochs_run", "valid_hit@10", *(f"test_{m}" for m in METRICS),
+                          "train_s_per_epoch", "trainable_params", "peak_gib", "device", "folder", "written",
+                          "non_finite"])
 
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
