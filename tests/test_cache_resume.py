@@ -364,17 +364,22 @@ def test_a_build_an_earlier_version_began_resumes_and_one_of_other_images_does_n
         build_cache_from_config(cfg, dtype="float16")
     manifest = tmp_path / "c" / SIDECAR / "manifest.json"
     recorded = json.loads(manifest.read_text())
-    settings = {m: {k: v for k, v in meta.items() if k not in ("encoder", "items_file", "encoder_files",
-                                                                 "imported_missing", "images")}
-                for m, meta in _final_metadata(cfg).items()}
-    earlier = hashlib.sha256(json.dumps([settings, CHUNK], sort_keys=True).encode()).hexdigest()
-    assert earlier != recorded["key"]
-    manifest.write_text(json.dumps({**recorded, "key": earlier}))  # as the earlier version wrote it
-    counted.update(calls=0, crash_at=None)
-    with caplog.at_level("INFO"):
-        build_cache_from_config(cfg, dtype="float16")
-    assert counted["calls"] == chunks - 2 and "an earlier version began" in caplog.text
-    assert _bytes(tmp_path / "c") == _bytes(tmp_path / "c-scratch")  # what an uninterrupted build writes
+    for unrecorded in (("images", "encoder_dtype"), ("encoder_dtype",)):  # the versions before each was recorded
+        settings = {m: {k: v for k, v in meta.items() if k not in ("encoder", "items_file", "encoder_files",
+                                                                     "imported_missing", *unrecorded)}
+                    for m, meta in _final_metadata(cfg).items()}
+        earlier = hashlib.sha256(json.dumps([settings, CHUNK], sort_keys=True).encode()).hexdigest()
+        assert earlier != recorded["key"]
+        manifest.write_text(json.dumps({**recorded, "key": earlier}))  # as the earlier version wrote it
+        counted.update(calls=0, crash_at=None)
+        with caplog.at_level("INFO"):
+            build_cache_from_config(cfg, dtype="float16")
+        assert counted["calls"] == chunks - 2 and "an earlier version began" in caplog.text
+        assert _bytes(tmp_path / "c") == _bytes(tmp_path / "c-scratch")  # what an uninterrupted build writes
+        caplog.clear()
+        counted.update(calls=0, crash_at=3)  # interrupted again, for the next version
+        with pytest.raises(Crash):
+            build_cache_from_config(cfg, dtype="float16", overwrite=True)
 
     grey = str(tmp_path / "grey.lmdb")
     write_image_lmdb(grey, read_items(tiny["items"]).ids, lambda _: (np.full((64, 64, 3), 7, np.uint8), None),

@@ -42,7 +42,7 @@ from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError
 from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
-from .cache import UNTOLD, VOLATILE, cache_file, require_cache_space
+from .cache import UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,10 @@ def discard_partial_build(out_dir: str | Path) -> bool:
 class ShardDir:
     """``<out_dir>/.building``: the manifest and one shard per finished chunk."""
 
-    def __init__(self, out_dir: Path, key: str, chunks: int, chunk_size: int, earlier_key: str = ""):
+    def __init__(self, out_dir: Path, key: str, chunks: int, chunk_size: int, earlier_keys: frozenset = frozenset()):
         self.path = Path(out_dir) / SIDECAR
         self.manifest = {"format": BUILD_FORMAT, "key": key, "chunks": chunks, "chunk_size": chunk_size}
-        self.earlier_key = earlier_key  # the same settings as a version that recorded fewer keys named them
+        self.earlier_keys = earlier_keys  # the same settings as versions that recorded fewer keys named them
 
     def shard(self, k: int) -> Path:
         return self.path / f"chunk-{k:06d}.safetensors"
@@ -143,7 +143,8 @@ class ShardDir:
             found = manifest_in(self.path)
             if found == self.manifest:
                 return
-            if self.earlier_key and found == {**self.manifest, "key": self.earlier_key}:
+            if found is not None and str(found.get("key")) in self.earlier_keys and \
+                    found == {**self.manifest, "key": found["key"]}:
                 log.info("%s: resuming a build an earlier version began", self.path)
                 write_json_atomic(self.path / "manifest.json", self.manifest)
                 return
@@ -241,10 +242,14 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     # What the shards hold: the settings, not where the encoder's files are or their times (a model copied to
     # a node's scratch disk, touched or rsynced is the same model: its weights digest says so).
     settings = {m: {k: v for k, v in meta.items() if k not in VOLATILE} for m, meta in metadata.items()}
-    key, earlier = (hashlib.sha256(json.dumps([values, chunk_size], sort_keys=True).encode()).hexdigest() for values in
-                    (settings, {m: {k: v for k, v in s.items() if k not in UNTOLD} for m, s in settings.items()}))
-    # (a build an earlier version began did not record the UNTOLD keys: resumed, as that version would have)
-    shards = ShardDir(out_dir, key, n_chunks, chunk_size, earlier if earlier != key else "")
+    def key_of(values: dict) -> str:
+        return hashlib.sha256(json.dumps([values, chunk_size], sort_keys=True).encode()).hexdigest()
+
+    # a build an earlier version began recorded only the UNTOLD keys of its day: resumed, as it would have been
+    key = key_of(settings)
+    earlier = {key_of({m: {k: v for k, v in s.items() if k not in UNTOLD_SINCE[n:]} for m, s in settings.items()})
+               for n in range(len(UNTOLD_SINCE))} - {key}
+    shards = ShardDir(out_dir, key, n_chunks, chunk_size, frozenset(earlier))
     shards.open()
     for m in shapes:  # left by a build that was killed while writing (the caller holds the folder's lock)
         for stale in stale_temporaries(cache_file(out_dir, m)):

@@ -27,8 +27,9 @@ from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
 
 from ..config import choices
 from ..errors import EncoderError
-from .encoder_files import load_from_folder, load_tokenizer, local_folder
+from .encoder_files import load_from_folder, load_tokenizer, local_folder, processor_file
 from .families import (
+    INTERPOLATING,
     TEXT_DECODERS,
     TEXT_ENCODER_HALVES,
     check_architecture,
@@ -299,10 +300,16 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     drop_pooler(model)
     if patch_embedding == "matmul":
         patches_as_matmul(model)
-    norm = processor_norm(processor, name, getattr(model.config, "image_size", 224), image_norm)
+    folder = local_folder(name, allow_download)
+    file = processor_file(folder)
+    side = getattr(model.config, "image_size", None)
+    norm = processor_norm(processor, name, side or 224, image_norm, file)
+    if side and norm["size"] != side and model.config.model_type not in INTERPOLATING:
+        raise EncoderError(f"image encoder {name!r}: its {file} sizes images to {norm['size']} pixels, its "
+                           f"config.json's image_size is {side} (what its position embeddings are for); make the "
+                           "two agree")
     pooling = resolve_pooling("auto", model.config.model_type, "image")
-    return freeze(BackboneEncoder(model, "image", layers, pooling, name, folder=local_folder(name, allow_download),
-                                  norm=norm))
+    return freeze(BackboneEncoder(model, "image", layers, pooling, name, folder=folder, norm=norm))
 
 
 def architecture(name: str, modality: str) -> nn.Module:

@@ -170,6 +170,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     its layers (the cache's record stands for the encoder). ``cache_dtype`` auto accepts any precision; a
     text cache's titles must be cut to ``title_tokens``."""
     dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
+    encoder_dtype = None if cfg.encoder_dtype == "auto" else cfg.encoder_dtype  # so for the encoders' weights
     title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
     image_norm = cfg.image_norm if m == "image" else None  # pixels normalised otherwise give other states
     # other pixels give other states; a cache built before caches recorded its images says nothing of them
@@ -179,8 +180,9 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
         log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
         return CacheExpectation(modality=m, items_fingerprint=items_fingerprint,
-                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype, title_tokens=title_tokens,
-                                image_norm=image_norm, images=images)
+                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype,
+                                encoder_dtype=encoder_dtype, title_tokens=title_tokens, image_norm=image_norm,
+                                images=images)
     # the cache must come from these weights (digest read only if files changed)
     spec = read_spec(name, m, cfg.allow_download)
     layers = layers_for(cfg, m, spec.depth)
@@ -191,7 +193,8 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
         weights = weights_digest(folder, weights_record(meta))["digest"]
     return CacheExpectation(modality=m, items_fingerprint=items_fingerprint, layers=layers, width=spec.width,
                             encoder=name, encoder_config=config_hash, encoder_weights=weights, pooling=pooling,
-                            dtype=dtype, title_tokens=title_tokens, image_norm=image_norm, images=images)
+                            dtype=dtype, encoder_dtype=encoder_dtype, title_tokens=title_tokens, image_norm=image_norm,
+                            images=images)
 
 
 def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:

@@ -75,6 +75,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "depth": str(encoder.depth),
             "pooling": encoder.pooling,
             "dtype": str(dtype).replace("torch.", ""),
+            "encoder_dtype": str(encoder.dtype).replace("torch.", ""),
             **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
             **({"image_norm": encoder.norm["rule"]} if m == "image" else {}),
             **({"images": images} if m == "image" and images else {}),

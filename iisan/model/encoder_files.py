@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DIGESTED = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                      "tokenizer.model", "preprocessor_config.json"})
+                      "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "spm.model",
+                      "tokenizer.model", "tekken.json", "preprocessor_config.json",
+                      "processor_config.json"})  # transformers 5 reads its "image_processor" before the other
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -158,7 +160,7 @@ def weights_digest(folder: Path, known: dict | None = None) -> dict:
     [size, mtime, ctime, inode]}``. Hashing reads every byte once; when ``known`` (a record made
     earlier) lists the same files with the same sizes and times, its digest stands and nothing is read."""
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.name.endswith((".safetensors", ".safetensors.index.json"))
+                   if p.is_file() and (p.name.endswith((".safetensors", ".safetensors.index.json", ".tiktoken"))
                                        or p.name in DIGESTED))
     stats = {p.name: _stat(p) for p in files}
     key = json.dumps([str(folder.resolve()), stats])
@@ -219,6 +221,18 @@ def damaged_file(folder: Path, auto_class) -> str | None:
         if type(size := part.get("vocab_size")) is int and size <= 0:  # transformers fails on it with an IndexError
             return f"config.json gives vocab_size {size}; expected a positive whole number"
     return None
+
+
+def processor_file(folder: Path | None) -> str:
+    """The file an image processor's settings come from: transformers 5 reads processor_config.json's
+    "image_processor" where it has one, else preprocessor_config.json."""
+    nested = folder / "processor_config.json" if folder else None
+    try:
+        if nested and nested.is_file() and "image_processor" in json.loads(nested.read_text(encoding="utf-8")):
+            return nested.name
+    except (ValueError, TypeError, OSError):  # not a JSON object: transformers' own load says so
+        pass
+    return "preprocessor_config.json"
 
 
 def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
@@ -285,7 +299,8 @@ def check_loaded(model, info: dict, folder: str, what: str) -> None:
 
 # Files that hold a tokenizer's vocabulary; a text folder needs one (``load_tokenizer``).
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                    "tokenizer.model", "tekken.json")
+                    "spm.model", "tokenizer.model", "tekken.json")
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
 
 
 def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = False):
@@ -303,6 +318,10 @@ def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = Fal
         if not names.intersection(VOCABULARY_FILES) and not any(n.endswith(".tiktoken") for n in names):
             raise EncoderError(f"text encoder folder {folder} has no tokenizer files ({', '.join(VOCABULARY_FILES[:4])}"
                                ", ...): copy them from the model's source")
+        spm = names.intersection(SENTENCEPIECE_FILES)
+        if spm and not names.intersection(VOCABULARY_FILES[:3]) and importlib.util.find_spec("sentencepiece") is None:
+            raise EncoderError(f"text encoder folder {folder} has its vocabulary only as {min(spm)}, which needs the "
+                               "sentencepiece package (pip install sentencepiece), or a tokenizer.json beside it")
     tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
     if vocab_size is None:  # the config's (``backbones.read_spec``) gives none
         return tokenizer

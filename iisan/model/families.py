@@ -25,6 +25,9 @@ IMAGE_ENCODERS = frozenset({"vit", "deit", "dinov2", "dinov2_with_registers", "c
 # Image towers without a CLS token (SigLIP): their states pool the mean over patches, as transformers'
 # SiglipForImageClassification pools its final states; every other image tower pools its CLS token.
 MEAN_POOLED_IMAGES = frozenset({"siglip", "siglip_vision_model"})
+# Image towers that interpolate their position embeddings to any image size (DINOv2: trained at 518, fed 224
+# crops); every other one takes only its config's image_size.
+INTERPOLATING = frozenset({"dinov2", "dinov2_with_registers"})
 SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS | TEXT_ENCODER_HALVES, "image": IMAGE_ENCODERS}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import numpy as np
 import torch
@@ -32,13 +33,20 @@ def pixels_to_input(pixels: torch.Tensor, norm: dict, dtype: torch.dtype = torch
     return ((x - mean) / std).to(dtype)
 
 
-def processor_norm(processor, name: str, default_side: int, rule: str) -> dict:
+def processor_norm(processor, name: str, default_side: int, rule: str,
+                   file: str = "preprocessor_config.json") -> dict:
     """``pixels_to_input``'s ``norm`` from an image processor: {'mean', 'std', 'size', 'rule'}. Mean and std
-    are the processor's, or 0.5 and 0.5 under the authors' rule whatever the tower (their Versa code). The
-    side is the crop when the processor crops (DeiT, DINOv2, CLIP), else its resize, else ``default_side``
-    (the config's image_size); stored images are squashed to it (the authors' Resize((224, 224)), no crop).
-    Values of a damaged preprocessor_config.json are refused here, not at the first batch."""
-    where = f"cannot load image processor from {name!r}: its preprocessor_config.json gives"
+    are the processor's (0 and 1 where it does not normalise), or 0.5 and 0.5 under the authors' rule whatever
+    the tower (their Versa code). The side is the crop when the processor crops (DeiT, DINOv2, CLIP), else its
+    resize, else ``default_side`` (the config's image_size); stored images are squashed to it (the authors'
+    Resize((224, 224)), no crop). Values of a damaged processor ``file`` are refused here, not at the first
+    batch, and so is a processor that does not rescale pixels to 0..1 (``pixels_to_input`` does)."""
+    where = f"cannot load image processor from {name!r}: its {file} gives"
+    rescale = getattr(processor, "rescale_factor", 1 / 255) if getattr(processor, "do_rescale", True) else None
+    if not (finite_number(rescale) and math.isclose(rescale, 1 / 255, rel_tol=1e-6)):
+        raise EncoderError(f"{where} do_rescale {getattr(processor, 'do_rescale', True)}, rescale_factor {rescale!r}; "
+                           "IISAN feeds the tower pixels rescaled to 0..1 (do_rescale true, rescale_factor 1/255)")
+    plain = rule != "authors" and getattr(processor, "do_normalize", True) is False  # pixels left at 0..1
     crops = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
     key = "crop_size" if crops else "size"
     size = getattr(processor, key, None) or {}
@@ -49,7 +57,8 @@ def processor_norm(processor, name: str, default_side: int, rule: str) -> dict:
                            "width, or shortest_edge)")
     stats = {}
     for stat in ("mean", "std"):
-        value = 0.5 if rule == "authors" else getattr(processor, f"image_{stat}", None)
+        value = 0.5 if rule == "authors" else {"mean": 0.0, "std": 1.0}[stat] if plain else \
+            getattr(processor, f"image_{stat}", None)
         values = [0.5] * 3 if value is None else [value] * 3 if finite_number(value) else value
         if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(map(finite_number, values))
                 and (stat == "mean" or min(values) > 0)):

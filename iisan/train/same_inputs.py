@@ -63,8 +63,9 @@ def encoder_record(cfg: Config) -> dict[str, dict]:
 def changed_inputs(cfg: Config, results: dict, run: Path) -> str:
     """Why the cache or an encoder or image LMDB that ``cfg`` reads now is not the one the run in ``run``
     recorded in its ``results``, or '': what using a trained run refuses. A cache of the same states in
-    another precision is not refused there (its small difference in the metrics is explained instead)."""
-    return (changed_cache(cfg, results.get("cache"), run, same={"dtype"})
+    another precision (stored or computed) is not refused there (its small difference in the metrics is
+    explained instead)."""
+    return (changed_cache(cfg, results.get("cache"), run, same={"dtype", "encoder_dtype"})
             or changed_encoder(cfg, results.get("encoders"), run))
 
 
