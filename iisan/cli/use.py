@@ -39,8 +39,19 @@ def recorded_metrics(results: dict) -> dict:
 
 
 def why_different(run: TrainedRun) -> str:
-    """The likeliest reason the numbers moved: weights of another epoch than the results file's (a run
-    still training), a cache rebuilt in another precision, else the software."""
+    """The likeliest reason the numbers moved: a results file of another config (copied from another run),
+    weights of another epoch than the results file's (a run still training), another users file than the
+    run trained on, a cache rebuilt in another precision, else the software."""
+    # imported when run, not for --help (cli/__init__.py)
+    from ..files import file_fingerprint
+    from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, config_differences
+
+    saved = run.results.get("config")
+    paths = frozenset({*DATA_PATHS, *MODEL_PATHS})  # spelt otherwise by a resumed run; contents compared below
+    if isinstance(saved, dict) and (differ := config_differences(saved, run.cfg.to_dict(), ignore=paths)):
+        return f"results.json is of another config than the run's config.json ({'; '.join(differ[:2])})"
+    if (then := run.results.get("users_fingerprint")) and then != file_fingerprint(run.cfg.users):
+        return f"the users file {run.cfg.users} is not the one the run trained on"
     if run.results.get("best_epoch") != run.best_epoch:
         return f"results.json is of best epoch {run.results.get('best_epoch')}, the weights of {run.best_epoch}"
     step = run.results.get("step")
@@ -125,7 +136,8 @@ def cmd_recommend(args) -> None:
 
 def cmd_export(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
-    from ..experiments.trained import export, load_run
+    from ..experiments.exports import export
+    from ..experiments.trained import load_run
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise OutputError(f"--out {args.out} is a file, expected a folder (made if absent) for the embeddings")

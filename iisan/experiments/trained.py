@@ -6,9 +6,7 @@ weights (``best.safetensors``); then
   the ``results.json`` numbers of the best epoch);
 - ``recommend(run, histories, k)``: the top-K items after each history (item indices), the history
   and padding masked;
-- ``export(run, out_dir, split)``: item embeddings and the users' embeddings for a split, as
-  safetensors whose metadata names the row order (item ids, user ids); never into an input of the run
-  (``refuse_inputs_as_out``).
+- ``exports.export(run, out_dir, split)``: item embeddings and the users' embeddings for a split.
 
 Score = user vector · item embedding, as in evaluation. The user vector is SASRec's state after the
 last ``max_seq_len`` items of a history.
@@ -24,29 +22,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from ..config import DEFAULT_MODELS, METHOD_NAMES, Config, model_location
+from ..config import DEFAULT_MODELS, Config, unread_keys
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..devices import resolve_device
-from ..errors import ConfigError, DataError, OutputError, TrainingError
-from ..evaluate import eval_chunk, evaluate_model, item_table
-from ..files import claim_output, file_fingerprint, refuse_inside_inputs, save_safetensors_atomic
+from ..errors import ConfigError, DataError, TrainingError
+from ..evaluate import evaluate_model, item_table
+from ..files import file_fingerprint
 from ..locks import held
 from ..model.build import build_model
 from ..model.recommender import Recommender
-from ..train.checkpoint import CHECKPOINTS, DATA_PATHS, MODEL_PATHS, config_differences
+from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, config_differences
 from ..train.runfolder import LOCK, RESULTS, results_or_reason
 from ..train.same_inputs import changed_inputs
-from ..train.weights import load_weights
+from ..train.weights import copy_weights, read_weights
 from .results_file import unfinished
 
 log = logging.getLogger(__name__)
-
-EXPORT_FORMAT = "iisan-embeddings/1"
-
 
 @dataclass
 class TrainedRun:
@@ -103,19 +97,19 @@ def run_ending(results: dict) -> str:
 
 
 def rebased(cfg: Config, working_dir: str | None) -> Config:
-    """``cfg`` with each relative path that is not found from here taken relative to ``working_dir`` (the
-    folder the run was trained from, as its results.json says), where it is found there. A data or cache
-    path found in neither place is also taken from there, so that the error names where the run had it;
-    an encoder name found nowhere stays as it is (it may be a Hub id)."""
+    """``cfg`` with each relative path taken from ``working_dir`` (the folder the run was trained from, as its
+    results.json says), what it meant there; from here only where it is not found there (a run folder copied
+    with its data to another machine), and as it is where it is found in neither place, so that the error
+    names it. An encoder name found nowhere stays as it is (it may be a Hub id)."""
     if not isinstance(working_dir, str):
         return cfg
     changes = {}
     for key in PATH_KEYS:
         value = getattr(cfg, key)
-        if not value or Path(value).is_absolute() or Path(value).exists() or value in DEFAULT_MODELS.values():
+        if not value or Path(value).is_absolute() or value in DEFAULT_MODELS.values():
             continue  # (a default encoder is the repository's, from any folder: ``model_location``)
         there = Path(working_dir) / value
-        if there.exists() or key not in ("text_model", "image_model"):
+        if there.exists() or (not Path(value).exists() and key not in ("text_model", "image_model")):
             changes[key] = str(there)
     return cfg.replace(**changes) if changes else cfg
 
@@ -128,7 +122,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     data = load_data(cfg)
     refuse_other_inputs(run_dir, cfg, results, data)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
-    model, pixels = build_model(cfg, data, torch_device)
+    # a cached run reads its cache, checked against what it trained on (``refuse_other_inputs``), not the LMDB
+    model, pixels = build_model(cfg.replace(images="") if cfg.cached else cfg, data, torch_device)
     best_epoch = best_weights(model, run_dir / "best.safetensors", cfg)
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
@@ -157,10 +152,19 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
     if not weights.is_file():
-        raise TrainingError(f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)")
+        ended = run_ending(results)
+        raise TrainingError(f"{run_dir} holds a run that {ended} before an epoch's validation wrote best.safetensors: "
+                            "nothing to use" if ended else f"{run_dir} has no best.safetensors yet (written when an "
+                            "epoch's validation improves)")
     if note := unfinished(run_dir / RESULTS, results, saved.epochs):
         log.warning("%s", note)
-    return rebased(saved, results.get("working_dir")), results
+    cfg = rebased(saved, results.get("working_dir"))
+    reads_images = cfg.images and "images" not in unread_keys(cfg.method, cfg.towers, cfg.feed)
+    needed = [*DATA_PATHS[:2], *(["cache_dir"] if cfg.cached else ["images"] if reads_images else [])]
+    if missing := [k for k in needed if not Path(getattr(cfg, k)).exists()]:  # moved since: where to say so
+        raise ConfigError(f"{getattr(cfg, missing[0])} ({missing[0]} of {config_path}) does not exist: if it moved, "
+                          f"set {', '.join(missing)} in {config_path} to where it is now")
+    return cfg, results
 
 
 def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None:
@@ -172,8 +176,9 @@ def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None
                         f"then, {data.catalog.fingerprint} now): the run's item rows would not match it; "
                         "restore the file or train again")
     if (users_then := results.get("users_fingerprint")) and users_then != (users_now := file_fingerprint(cfg.users)):
-        log.warning("%s has changed since %s was trained (users fingerprint %s then, %s now): evaluation and "
-                    "recommendations use the users in it now", cfg.users, run_dir, users_then, users_now)
+        log.warning("%s is not the users file %s trained on (its fingerprint %s then, %s now; edited since, or "
+                    "another file): evaluation and recommendations use the users in it", Path(cfg.users).resolve(),
+                    run_dir, users_then, users_now)
     if why := changed_inputs(cfg, results, run_dir):
         raise ConfigError(f"{why}: the run's weights were trained with the other one; restore it or train again")
 
@@ -181,8 +186,9 @@ def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None
 def best_weights(model, weights: Path, cfg: Config) -> int:
     """Load ``weights`` into ``model``, checked against the run's config (its paths from where the run ran)
     and for non-finite values; the epoch they are of (-1 when their metadata does not say)."""
-    metadata = load_weights(model, weights)
-    check_weights_config(weights, metadata, cfg.to_dict(), weights.parent / "config.json")
+    state, metadata = read_weights(weights)
+    check_weights_config(weights, metadata, cfg.to_dict(), weights.parent / "config.json")  # before their shapes
+    copy_weights(model, state, weights)
     best_epoch = int(epoch) if re.fullmatch(r"-?\d{1,9}", epoch := str(metadata.get("epoch", -1))) else -1
     if best_epoch == -1 and "epoch" in metadata:
         log.warning("%s: its metadata's epoch %r is not a whole number (the file was edited?); the best epoch is "
@@ -231,8 +237,14 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
     """For each history (dataset item indices, oldest first): the top-``k`` ``(item index, score)``,
     best first. Items of the history and padding are never returned; fewer than ``k`` when fewer items
     remain."""
-    if k <= 0:
-        raise ConfigError(f"-k {k}: must be positive")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ConfigError(f"-k {k!r}: must be a positive whole number")
+    histories = [np.asarray(h) for h in histories]
+    for row, history in enumerate(histories):
+        if history.ndim != 1 or not len(history) or history.dtype.kind not in "iu" or \
+                history.min() < 1 or history.max() > run.data.num_items:
+            raise DataError(f"history {row}: expected a non-empty list of item indices 1..{run.data.num_items} "
+                            f"(``TrainedRun.item_index`` makes them from item ids), not {history.tolist()!r:.80}")
     table = run.item_embeddings()  # (N+1, D)
     inputs = padded_inputs(histories, run.cfg.max_seq_len).to(run.device)
     users = run.model.user_vectors(table, inputs).float()  # (U, D)
@@ -268,80 +280,3 @@ def top_items(scores: torch.Tensor, k: int) -> list[tuple[int, float]]:
     top = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices[:k]].tolist()
     values = scores[top].tolist()
     return [(i, s) for i, s in zip(top, values, strict=True) if s != -np.inf]
-
-
-@torch.no_grad()
-def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
-    """(U, D): each user's vector before the ``split`` target (the vectors evaluation ranks with)."""
-    inputs, _, _ = run.data.eval_split(split)
-    table = run.item_embeddings()
-    chunk = eval_chunk(run.cfg, run.device)
-    return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
-                      for s in range(0, len(inputs), chunk)]).cpu()
-
-
-def export_metadata(path: Path) -> dict | None:
-    """The metadata of an export IISAN wrote, or None for any other file."""
-    try:
-        with safe_open(str(path), "pt") as fh:
-            metadata = fh.metadata() or {}
-    except Exception:  # not a safetensors file at all (safetensors raises its own error types)
-        return None
-    return metadata if metadata.get("format") == EXPORT_FORMAT else None
-
-
-def is_export(path: Path) -> bool:
-    return export_metadata(path) is not None
-
-
-def refuse_other_exports(out_dir: Path, common: dict[str, str]) -> None:
-    """An ``OutputError`` when ``out_dir`` holds embeddings exported from another run, or from this run at
-    another best epoch: a new export would leave a folder of files from two models (``users-valid`` of one,
-    ``items`` of the other), whose products mean nothing."""
-    for path in sorted(out_dir.glob("*.safetensors")) if out_dir.is_dir() else []:
-        if (meta := export_metadata(path)) and any(meta.get(k) != common[k] for k in ("run_dir", "best_epoch",
-                                                                                       "config")):
-            raise OutputError(f"--out {out_dir} holds {path.name} exported from {meta.get('run_dir')} (best epoch "
-                              f"{meta.get('best_epoch')}), not {common['run_dir']} (best epoch "
-                              f"{common['best_epoch']}): export into another folder (a folder holds one model's "
-                              "embeddings)")
-
-
-def refuse_inputs_as_out(run: TrainedRun, out_dir: Path) -> None:
-    """An ``OutputError`` when ``out_dir`` is, or is inside, something the run reads: a data file, the
-    images LMDB, the cache folder or an encoder's folder (whose weights digest covers every .safetensors
-    in it, so an export there would break the run and its cache), or the run's checkpoints, which training
-    replaces and prunes (a folder ``epoch-N`` there would be taken for one). The run folder itself may
-    hold exports: no file of a run has their names, and nothing reads a run folder's .safetensors but
-    ``best.safetensors``. A folder that holds an input (``data/`` around ``data/users.tsv``) is fine too:
-    only the two exports are written there, and a file of those names that is not an export is refused
-    (``claim_output``)."""
-    cfg = run.cfg
-    refuse_inside_inputs(out_dir, [cfg.users, cfg.items, cfg.images, cfg.cache_dir, *(
-        str(model_location(name)) for name in (cfg.text_model, cfg.image_model) if name)], "--out")
-    here, checkpoints = out_dir.expanduser().resolve(), run.run_dir / CHECKPOINTS
-    if here.is_relative_to(checkpoints.resolve()):
-        raise OutputError(f"--out {out_dir} is {'' if here == checkpoints.resolve() else 'inside '}the run's "
-                          f"checkpoint folder {checkpoints}, whose folders its training replaces and prunes: "
-                          "choose a folder of its own")
-
-
-def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[str, Path]:
-    """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
-    ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
-    ``users @ items.T``; each file is written atomically."""
-    out_dir = Path(out_dir)
-    refuse_inputs_as_out(run, out_dir)
-    common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir), "method": METHOD_NAMES[run.cfg.method],
-              "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
-    refuse_other_exports(out_dir, common)
-    paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
-    for path in paths.values():  # an earlier export is replaced; any other file there never is
-        claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
-    items = run.item_embeddings()[1:].float().cpu().contiguous()
-    save_safetensors_atomic({"items": items}, paths["items"], {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
-    users = user_embeddings(run, split).contiguous()
-    save_safetensors_atomic({"users": users}, paths["users"],
-                            {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
-                             "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
-    return paths

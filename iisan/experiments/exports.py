@@ -1,0 +1,97 @@
+"""Exporting a trained run (``trained.load_run``): ``export(run, out_dir, split)`` writes the item embeddings
+and the users' embeddings for a split, as safetensors whose metadata names the row order (item ids, user ids),
+never into an input of the run (``refuse_inputs_as_out``) nor over files that are not its own exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import METHOD_NAMES, model_location
+from ..errors import OutputError
+from ..evaluate import eval_chunk
+from ..files import claim_output, refuse_inside_inputs, save_safetensors_atomic
+from ..train.checkpoint import CHECKPOINTS
+from .trained import TrainedRun
+
+EXPORT_FORMAT = "iisan-embeddings/1"
+
+
+@torch.no_grad()
+def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
+    """(U, D): each user's vector before the ``split`` target (the vectors evaluation ranks with)."""
+    inputs, _, _ = run.data.eval_split(split)
+    table = run.item_embeddings()
+    chunk = eval_chunk(run.cfg, run.device)
+    return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
+                      for s in range(0, len(inputs), chunk)]).cpu()
+
+
+def export_metadata(path: Path) -> dict | None:
+    """The metadata of an export IISAN wrote, or None for any other file."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception:  # not a safetensors file at all (safetensors raises its own error types)
+        return None
+    return metadata if metadata.get("format") == EXPORT_FORMAT else None
+
+
+def is_export(path: Path) -> bool:
+    return export_metadata(path) is not None
+
+
+def refuse_other_exports(out_dir: Path, common: dict[str, str]) -> None:
+    """An ``OutputError`` when ``out_dir`` holds embeddings exported from another run, or from this run at
+    another best epoch: a new export would leave a folder of files from two models (``users-valid`` of one,
+    ``items`` of the other), whose products mean nothing."""
+    for path in sorted(out_dir.glob("*.safetensors")) if out_dir.is_dir() else []:
+        if (meta := export_metadata(path)) and (Path(str(meta.get("run_dir"))).resolve() != Path(common["run_dir"])
+                                                or any(meta.get(k) != common[k] for k in ("best_epoch", "config"))):
+            raise OutputError(f"--out {out_dir} holds {path.name} exported from {meta.get('run_dir')} (best epoch "
+                              f"{meta.get('best_epoch')}), not {common['run_dir']} (best epoch "
+                              f"{common['best_epoch']}): export into another folder (a folder holds one model's "
+                              "embeddings)")
+
+
+def refuse_inputs_as_out(run: TrainedRun, out_dir: Path) -> None:
+    """An ``OutputError`` when ``out_dir`` is, or is inside, something the run reads: a data file, the
+    images LMDB, the cache folder or an encoder's folder (whose weights digest covers every .safetensors
+    in it, so an export there would break the run and its cache), or the run's checkpoints, which training
+    replaces and prunes (a folder ``epoch-N`` there would be taken for one). The run folder itself may
+    hold exports: no file of a run has their names, and nothing reads a run folder's .safetensors but
+    ``best.safetensors``. A folder that holds an input (``data/`` around ``data/users.tsv``) is fine too:
+    only the two exports are written there, and a file of those names that is not an export is refused
+    (``claim_output``)."""
+    cfg = run.cfg
+    refuse_inside_inputs(out_dir, [cfg.users, cfg.items, cfg.images, cfg.cache_dir, *(
+        str(model_location(name)) for name in (cfg.text_model, cfg.image_model) if name)], "--out")
+    here, checkpoints = out_dir.expanduser().resolve(), run.run_dir / CHECKPOINTS
+    if here.is_relative_to(checkpoints.resolve()):
+        raise OutputError(f"--out {out_dir} is {'' if here == checkpoints.resolve() else 'inside '}the run's "
+                          f"checkpoint folder {checkpoints}, whose folders its training replaces and prunes: "
+                          "choose a folder of its own")
+
+
+def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[str, Path]:
+    """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
+    ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
+    ``users @ items.T``; each file is written atomically."""
+    out_dir = Path(out_dir)
+    refuse_inputs_as_out(run, out_dir)
+    common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir.resolve()), "method": METHOD_NAMES[run.cfg.method],
+              "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
+    refuse_other_exports(out_dir, common)
+    paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
+    for path in paths.values():  # an earlier export is replaced; any other file there never is
+        claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
+    items = run.item_embeddings()[1:].float().cpu().contiguous()
+    save_safetensors_atomic({"items": items}, paths["items"], {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
+    users = user_embeddings(run, split).contiguous()
+    save_safetensors_atomic({"users": users}, paths["users"],
+                            {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
+                             "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
+    return paths
