@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from iisan.cli.main import main
 from iisan.config import resolve
@@ -60,6 +62,7 @@ def test_a_finished_results_file_without_numbers_is_reused_without_a_summary(tin
     results = {"status": "finished", "best_epoch": 1, "valid": {"hit@10": 0.5, "ndcg@10": 0.25},
                "test": {"hit@10": 0.5, "ndcg@10": 0.25}, "config": cfg.to_dict(), "run_dir": str(folder)}
     (folder / "results.json").write_text(json.dumps({**results, **damage}))
+    save_file({"w": torch.zeros(1)}, str(folder / "best.safetensors"))  # a finished run's best weights are there
     with caplog.at_level(logging.INFO, logger="iisan"):
         assert reusable_results(cfg) == {**results, **damage}
     assert console_lines(caplog.records) == [

@@ -128,18 +128,30 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
-    prune(root, keep)
+    prune(root, keep, state.get("config") or {}, final)
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete checkpoints older than the newest ``keep`` complete ones, and leftover temporary folders."""
-    complete = [p for p in checkpoints(root) if (p / MANIFEST).is_file()]
-    if len(complete) > keep:
-        oldest_kept = _order(complete[keep - 1])
-        for path in checkpoints(root):
-            if _order(path) < oldest_kept:
-                shutil.rmtree(path, ignore_errors=True)
+LEFT_IN_PLACE: set[Path] = set()  # refused checkpoints pruning has named (once each)
+
+
+def prune(root: Path, keep: int, config: dict, written: Path) -> None:
+    """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
+    and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
+    never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
+    nor deleted, as it may not be this run's: it is named once, and left in place."""
+    kept = 0
+    for path in checkpoints(root):
+        refused = None if path == written else checked_state(path, config, digests=False)
+        if isinstance(refused, str):
+            if path not in LEFT_IN_PLACE:
+                LEFT_IN_PLACE.add(path)
+                log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
+                         refused.removesuffix(f"; {NEW_RUN}"))
+        elif kept >= keep and _order(path) < _order(written):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            kept += 1
     for leftover in root.glob(".epoch-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -156,8 +168,9 @@ class Checkpoint:
     train_state: dict[str, torch.Tensor]
 
 
-def verify(path: Path) -> str | None:
-    """Why ``path`` is not a complete, intact checkpoint (None when it is)."""
+def verify(path: Path, digests: bool = True) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint (None when it is); its files' sha256 against the
+    manifest's only with ``digests`` (pruning reads no weights: each epoch would hash gigabytes for FFT)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
@@ -182,7 +195,7 @@ def verify(path: Path) -> str | None:
         size = target.stat().st_size
         if size != expected["bytes"]:
             return f"{target} is truncated or damaged ({size} bytes, the manifest says {expected['bytes']})"
-        if sha256(target) != expected["sha256"]:
+        if digests and sha256(target) != expected["sha256"]:
             return f"{target} does not match its sha256 in the manifest (damaged)"
     return None
 
@@ -228,7 +241,26 @@ def read(path: Path, state: dict | None = None) -> Checkpoint:
 def examine(path: Path, config: dict) -> Checkpoint | str:
     """The checkpoint at ``path`` when it is intact, of fields of the types this version writes that agree
     with each other and with its tensors, and of ``config``; else why not, in one line starting with the path."""
-    if reason := verify(path):
+    state = checked_state(path, config)
+    if isinstance(state, str):
+        return state
+    try:
+        found = read(path, state)
+    except Exception as err:  # safetensors raises its own types for damaged files
+        return f"{path} is unreadable ({type(err).__name__}: {err})"
+    if problem := partial_losses_problem(state, found.train_state, launched_processes()):
+        return f"{path / STATE} is damaged ({problem})"
+    return found
+
+
+NEW_RUN = "use another --run-name to start a new run"
+
+
+def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
+    """``examine`` short of reading the tensors: the state.json of the checkpoint at ``path`` when it is intact
+    (``verify``), of fields that agree with each other, and of ``config``; else why not, in one line starting
+    with the path."""
+    if reason := verify(path, digests):
         return reason
     try:
         state = json.loads((path / STATE).read_text())
@@ -244,15 +276,8 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
     if problem := runstate.state_problem(state):
         return f"{path / STATE} is damaged ({problem})"
     if differences := config_differences(state["config"], config, state.get("working_dir")):
-        return (f"{path / STATE} belongs to a different config ({'; '.join(differences)}); "
-                "use another --run-name to start a new run")
-    try:
-        found = read(path, state)
-    except Exception as err:  # safetensors raises its own types for damaged files
-        return f"{path} is unreadable ({type(err).__name__}: {err})"
-    if problem := partial_losses_problem(state, found.train_state, launched_processes()):
-        return f"{path / STATE} is damaged ({problem})"
-    return found
+        return f"{path / STATE} belongs to a different config ({'; '.join(differences)}); {NEW_RUN}"
+    return state
 
 
 def partial_losses_problem(state: dict, tensors: dict[str, torch.Tensor], processes: int) -> str | None:

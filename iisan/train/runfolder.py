@@ -21,19 +21,21 @@ import os
 import re
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..config import Config
 from ..distributed import launched_processes
-from ..errors import ConfigError, OutputError, error_line
+from ..errors import ConfigError, OutputError, TrainingError, error_line
 from ..files import TEMPORARY, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from . import runstate
-from .checkpoint import MAY_CHANGE, config_differences, same_paths
+from .checkpoint import CHECKPOINTS, MAY_CHANGE, Checkpoint, checkpoints, config_differences, examine, same_paths
 from .same_inputs import kept_nothing, refuse_changed_data
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
+RESULTS, BEST = "results.json", "best.safetensors"
 
 
 # How versions of this library hashed a config, newest first: keys the method never reads left out too
@@ -110,16 +112,46 @@ def run_dir(cfg: Config) -> Path:
 
 def reusable_results(cfg: Config) -> dict | None:
     """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
-    sweep returns instead of training again. A run folder whose run read another content of the users or
-    items file is refused first (``refuse_changed_data``), whatever its status."""
-    path = run_dir(cfg) / RESULTS
-    earlier = read_results(path)
-    refuse_changed_data(cfg, earlier, path.parent)
+    sweep returns instead of training again, its ``run_dir`` the folder it is in now (a copied run's results
+    name the folder it was copied from). A run folder whose run read another content of the users or
+    items file is refused first (``refuse_changed_data``), whatever its status; a finished run whose best
+    weights are missing or damaged is not reused (``unfinished_weights``)."""
+    folder = run_dir(cfg)
+    earlier = read_results(folder / RESULTS)
+    refuse_changed_data(cfg, earlier, folder)
     done = finished_results(cfg, earlier)
-    if done is not None:
-        log.info("%s finished before with this config; not training it again", done["run_dir"])
-        log_summary(done, path)
-    return done
+    if done is not None and not unfinished_weights(folder, cfg, done):
+        done = {**done, "run_dir": str(folder)}
+        log.info("%s finished before with this config; not training it again", folder)
+        log_summary(done, folder / RESULTS)
+        return done
+    return None
+
+
+def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
+    """Whether the finished run in ``folder`` (``done``: its results) lacks its best weights: best.safetensors
+    is missing, or no safetensors file whose header parses (only the header is read). Its resume then writes
+    them again when its newest checkpoint holds its best epoch (``weights.ensure_best_weights``); otherwise
+    nothing can, and the run is refused."""
+    best = folder / BEST
+    try:
+        with safe_open(str(best), framework="pt"):
+            return False
+    except FileNotFoundError:
+        problem = f"{best} is missing"
+    except Exception as err:  # safetensors raises its own types for damaged files
+        problem = f"{best} is not a readable safetensors file ({error_line(err)})"
+    config = cfg.to_dict()
+    found = next((c for p in checkpoints(folder / CHECKPOINTS) if isinstance(c := examine(p, config), Checkpoint)),
+                 None)
+    if found is not None and found.state["step"] is None and \
+            found.state["early_stopping"]["best_epoch"] == found.state["epoch"]:
+        log.warning("%s, so the run is not finished: resuming from %s, which holds its best epoch, to write it "
+                    "again", problem, found.path)
+        return True
+    raise TrainingError(f"{problem}, and no checkpoint of {folder} holds the run's best epoch "
+                        f"({done.get('best_epoch')}) to write it again from: restore {BEST} from a copy, or use "
+                        "another --run-name to train again")
 
 
 def log_summary(results: dict, path: Path) -> None:

@@ -1,0 +1,169 @@
+"""Run folders that are not as their run left them: a checkpoint copied in from another run (pruning leaves
+it, and keeps this run's newest), a finished run copied to another folder (reported, and returned, as the
+folder it is in now), and a finished run whose best.safetensors is missing or cut short (resumed to write it
+again when its newest checkpoint holds the best epoch, else refused in one line)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import iisan.train.checkpoint as checkpoint
+from iisan.config import Config
+from iisan.errors import TrainingError
+from iisan.train.trainer import train
+from iisan.train.weights import read_weights
+
+LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
+
+
+def tiny_run(tiny, tiny_cache, out: Path, **overrides) -> Path:
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    cfg = Config(**{**values, "cache_dir": tiny_cache, "out_dir": str(out), "run_name": "base", "device": "cpu",
+                    "num_workers": 0, "progress": False, "batch_size": 16, "epochs": 1, "max_steps_per_epoch": 2,
+                    "eval_batch_size": 64, "encode_batch_size": 32, **overrides})
+    train(cfg)
+    return out / "base"
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tiny_cache, tmp_path_factory) -> Path:
+    """A finished run of one epoch: its best epoch (0) is its one checkpoint, epoch-0000. Copy it, never
+    change it."""
+    return tiny_run(tiny, tiny_cache, tmp_path_factory.mktemp("finished"))
+
+
+@pytest.fixture(scope="module")
+def stalled(tiny, tiny_cache, tmp_path_factory) -> Path:
+    """A finished run of two epochs whose learning rates move no weight: epoch 1 does not improve on epoch 0,
+    so its newest checkpoint, epoch-0001, is after its best epoch. Another config than ``finished``'s."""
+    run = tiny_run(tiny, tiny_cache, tmp_path_factory.mktemp("stalled"), epochs=2,
+                   **dict.fromkeys(LEARNING_RATES, 1e-12))
+    assert json.loads((run / "results.json").read_text())["best_epoch"] == 0
+    assert [p.name for p in checkpoint.checkpoints(run / "checkpoints")] == ["epoch-0001", "epoch-0000"]
+    return run
+
+
+def copied(run: Path, tmp_path: Path, **changes) -> tuple[Config, Path]:
+    """A copy of ``run`` in another out dir under ``tmp_path``, and the config that runs it there."""
+    folder = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run, folder)
+    saved = json.loads((folder / "config.json").read_text())
+    return Config.from_dict({**saved, "out_dir": str(folder.parent), "run_name": "copy", **changes}), folder
+
+
+def contents(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def messages(caplog, start: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
+# --------------------------------------------------------------------------------------------------
+# pruning (bug 13)
+
+
+def test_a_foreign_checkpoint_is_neither_counted_nor_deleted_by_pruning(finished, stalled, tmp_path, caplog):
+    """Another config's checkpoint copied in as epoch-0009: refused on resume, and pruning keeps the two
+    newest of this run's own (keep_checkpoints=2) besides it, naming it once."""
+    cfg, folder = copied(finished, tmp_path, epochs=4)
+    foreign = folder / "checkpoints" / "epoch-0009"
+    shutil.copytree(stalled / "checkpoints" / "epoch-0001", foreign)
+    before = contents(foreign)
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        results = train(cfg)
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0000"]
+    assert [p.name for p in checkpoint.checkpoints(folder / "checkpoints")] == ["epoch-0009", "epoch-0003",
+                                                                                "epoch-0002"]
+    assert contents(foreign) == before
+    assert len(messages(caplog, f"refusing checkpoint: {foreign / 'state.json'} belongs to a different config")) == 1
+    (left,) = messages(caplog, "pruning leaves")
+    assert left.startswith(f"pruning leaves {foreign} in place, as this run cannot resume from it: "
+                           f"{foreign / 'state.json'} belongs to a different config (lr=1e-12 there, 0.0002 now;")
+    assert "--run-name" not in left
+
+
+def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled, tmp_path):
+    """epoch-0002 just written, epoch-0001 cut short since: counting it would delete epoch-0000, the last
+    checkpoint before the new one that a resume could use. (Pruning compares sizes with the manifest, not
+    sha256 digests: hashing every kept checkpoint each epoch would read gigabytes for FFT.)"""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(stalled / "checkpoints", root)
+    shutil.copytree(root / "epoch-0001", root / "epoch-0002")
+    model = root / "epoch-0001" / checkpoint.MODEL
+    model.write_bytes(model.read_bytes()[:-8])
+    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+    checkpoint.prune(root, 2, config, root / "epoch-0002")
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001", "epoch-0000"]
+    checkpoint.prune(root, 1, config, root / "epoch-0000")  # the one just written is kept, whatever is newer
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001", "epoch-0000"]
+    checkpoint.prune(root, 1, config, root / "epoch-0002")
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001"]
+
+
+# --------------------------------------------------------------------------------------------------
+# a finished run in another folder (bug 6), and without its best weights (bug 11)
+
+
+def test_a_copied_finished_run_is_reported_and_returned_as_the_folder_it_is_in(finished, tmp_path, caplog):
+    cfg, folder = copied(finished, tmp_path)
+    before = contents(folder)
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        results = train(cfg)
+    assert results["run_dir"] == str(folder)
+    assert [r.getMessage() for r in caplog.records][0] == \
+        f"{folder} finished before with this config; not training it again"
+    assert str(finished) not in caplog.text
+    assert contents(folder) == before  # nothing trained or written
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_finished_run_without_readable_best_weights_is_resumed_to_write_them(finished, tmp_path, caplog, damage):
+    """Its newest checkpoint is its best epoch's: the resume writes best.safetensors again, the very weights."""
+    cfg, folder = copied(finished, tmp_path)
+    best = folder / "best.safetensors"
+    if damage == "truncated":
+        with open(best, "r+b") as fh:
+            fh.truncate(1000)
+    else:
+        best.unlink()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        results = train(cfg)
+    (said,) = messages(caplog, str(best))
+    what = "is missing" if damage == "missing" else "is not a readable safetensors file (SafetensorError: "
+    assert said.startswith(f"{best} {what}")
+    assert said.endswith(f", so the run is not finished: resuming from {folder / 'checkpoints' / 'epoch-0000'}, "
+                         "which holds its best epoch, to write it again")
+    assert "finished before" not in caplog.text
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0000"]
+    assert results["run_dir"] == str(folder) and results["best_epoch"] == 0
+    written, original = read_weights(best)[0], read_weights(finished / "best.safetensors")[0]
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in written)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        train(cfg)
+    assert f"{folder} finished before with this config; not training it again" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["no-checkpoint", "checkpoint-after-the-best"])
+def test_a_finished_run_whose_best_weights_no_checkpoint_holds_is_refused(finished, stalled, tmp_path, case):
+    """Missing best weights that no resume would write again (the newest checkpoint is not the best epoch's,
+    or none is left): one line naming the file and what to do; nothing changes."""
+    cfg, folder = copied(finished if case == "no-checkpoint" else stalled, tmp_path)
+    if case == "no-checkpoint":
+        shutil.rmtree(folder / "checkpoints")
+    best = folder / "best.safetensors"
+    best.unlink()
+    before = contents(folder)
+    with pytest.raises(TrainingError) as info:
+        train(cfg)
+    assert str(info.value) == (f"{best} is missing, and no checkpoint of {folder} holds the run's best epoch (0) "
+                               "to write it again from: restore best.safetensors from a copy, or use another "
+                               "--run-name to train again")
+    assert contents(folder) == before
