@@ -297,6 +297,8 @@ MISSING = object()  # a field left out of the file
     (("best_epoch",), "1", 'best_epoch is "1", expected an integer'),
     (("best_epoch",), MISSING, "best_epoch is missing, expected an integer"),
     (("world_size",), "x", 'world_size is "x", expected an integer or null'),
+    (("working_dir",), 5, "working_dir is 5, expected a string or null"),
+    (("working_dir",), ["/data"], "working_dir is a list, expected a string or null"),
     (("world_sizes",), 2, "world_sizes is 2, expected a list or null"),
     (("world_sizes",), [2, True], "world_sizes is [2, true], expected a list of integers"),
     (("method",), True, "method is true, expected a string"),
@@ -429,6 +431,93 @@ def test_csv_and_curves_replace_only_what_results_wrote(runs, capsys, tmp_path):
         printed = capsys.readouterr()
         assert info.value.code == 2 and f"{flag} {target} exists and is not {what}" in printed.err.strip()
         assert target.read_bytes() == before and printed.out == ""  # refused before the table is printed
+
+
+REFUSED = ("exists and is not {what}; IISAN replaces only what it wrote itself, so choose another path or move that "
+           "one away")
+
+
+def test_a_csv_whose_header_is_not_a_table_of_runs_is_left_as_it_was(runs, tmp_path, capsys):
+    """A CSV of someone else's whose first column happens to be ``run`` or ``method`` (notes, a paper's
+    numbers, IISAN's columns beside one of the user's), the users file: refused in one line naming it,
+    unchanged byte for byte, for a table of runs and an averaged one alike."""
+    out, results = runs
+    users = tmp_path / "users.tsv"
+    users.write_bytes(Path(results[0]["config"]["users"]).read_bytes())
+    theirs = {"notes.csv": "run,paper,my_notes\nA,SIGIR,hand-collected numbers\n",
+              "paper.csv": "method,HR@10,source\nSASRec,0.12,paper table 3\n",
+              "mixed.csv": "run,method,test_hit@10,my_notes\nA,IISAN,0.1,rerun on my laptop\n",
+              "tabs.csv": "run\tmethod\nA\tIISAN\n"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+    for target in [users, *(tmp_path / name for name in theirs)]:
+        before = target.read_bytes()
+        for flags in ([], ["--average-seeds"]):
+            with pytest.raises(SystemExit) as info:
+                main(["results", str(out), "--csv", str(target), *flags])
+            printed = capsys.readouterr()
+            assert info.value.code == 2 and printed.out == "" and target.read_bytes() == before
+            assert printed.err.strip().splitlines() == [
+                f"iisan: error: --csv {target} " + REFUSED.format(what="a results table IISAN wrote")]
+
+
+def test_every_table_results_writes_is_replaced_by_the_next(runs, tmp_path, capsys):
+    """Each shape of table (one row per run or averaged over seeds; every key a column; a status column for
+    a run that did not finish) is IISAN's, so the next --csv at its path replaces it."""
+    from iisan.experiments.report import KEYS
+
+    out, _ = runs
+    copy_runs(out, tmp_path / "runs")
+    copy_run(out / "lr0.001-s1", tmp_path / "runs" / "cut", lambda r: r.update(status="interrupted"))
+    # every key but device, a column of every per-run table already (``--keys device`` is a crash of its own)
+    table, every_key = tmp_path / "t.csv", ["--keys", ",".join(k for k in KEYS if k != "device")]
+    headers = []
+    for flags in ([], ["--average-seeds"], every_key, [*every_key, "--average-seeds", "--include-running"],
+                  [*every_key, "--include-running"], []):
+        main(["results", str(tmp_path / "runs"), "--csv", str(table), *flags])
+        assert capsys.readouterr().out.endswith(f"wrote {table}\n")
+        headers.append(table.read_text().splitlines()[0])
+    assert len(set(headers)) == 5 and headers[0] == headers[-1] and headers[0].startswith("run,")
+    assert headers[1].startswith("method,") and "seeds" in headers[1] and "status" in headers[3].split(",")
+
+
+def test_a_figure_is_replaced_only_when_its_creator_field_says_iisan_drew_it(runs, tmp_path, capsys):
+    """Not any file that holds the words ``IISAN results``: a slide of that title, a figure whose title is
+    that and whose creator is someone else, in every format --curves signs. IISAN's own figure in each of
+    those formats is replaced by the next."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from iisan.experiments.curves import SIGNED_FORMATS
+
+    out, _ = runs
+    slide = tmp_path / "slide.svg"
+    slide.write_text('<svg xmlns="http://www.w3.org/2000/svg"><text>IISAN results vs paper (my slide)</text></svg>\n')
+    fig = plt.figure()
+    fig.text(0.1, 0.5, "IISAN results")
+    for fmt in ("png", "pdf", "svg"):
+        fig.savefig(tmp_path / f"titled.{fmt}", metadata={"Creator": "my slides", "Title": "IISAN results"})
+    plt.close(fig)
+    for fmt in ("eps", "ps"):
+        (tmp_path / f"titled.{fmt}").write_text("%!PS-Adobe-3.0\n%%Title: IISAN results\n%%Creator: my slides\n"
+                                                "%%EndComments\n% IISAN results\nshowpage\n")
+    for target in [slide, *(tmp_path / f"titled.{fmt}" for fmt in SIGNED_FORMATS)]:
+        before = target.read_bytes()
+        assert b"IISAN results" in before
+        with pytest.raises(SystemExit) as info:
+            main(["results", str(out), "--curves", str(target)])
+        printed = capsys.readouterr()
+        assert info.value.code == 2 and printed.out == "" and target.read_bytes() == before
+        assert printed.err.strip().splitlines() == [
+            f"iisan: error: --curves {target} " + REFUSED.format(what="a figure IISAN drew")]
+    for fmt in SIGNED_FORMATS:
+        ours = tmp_path / f"ours.{fmt}"
+        main(["results", str(out / "lr0.001-s1"), "--curves", str(ours)])  # one run's curve
+        first = ours.read_bytes()
+        main(["results", str(out), "--curves", str(ours)])  # three runs' curves in its place
+        assert capsys.readouterr().out.endswith(f"wrote {ours}\n") and ours.read_bytes() != first
 
 
 def test_curves_of_runs_without_a_finished_epoch_are_refused_not_drawn_empty(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Training curves of runs as a figure (``iisan results --curves``): validation HR@10 and training loss
 per epoch, one line per run, the best-validation epoch marked. A figure is written atomically and
-replaces only one this command drew (its Creator metadata)."""
+replaces only one this command drew: its creator, in the field its format keeps it in (``creator``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,48 @@ from ..files import atomic_path, claim_output
 
 CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
 SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")
+# The namespaces of the SVG metadata matplotlib writes (RDF, Dublin Core, Creative Commons).
+SVG_NAMES = {"svg": "http://www.w3.org/2000/svg", "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+             "dc": "http://purl.org/dc/elements/1.1/", "cc": "http://creativecommons.org/ns#"}
+
+
+def creator(path: Path, fmt: str) -> str | None:
+    """The creator a figure of format ``fmt`` names in its metadata, where matplotlib's ``savefig(metadata=...)``
+    puts it: a PNG's Creator text chunk, a PDF's Creator in its Info dictionary, an SVG's
+    ``metadata/rdf:RDF/cc:Work/dc:creator/cc:Agent/dc:title``, a PostScript file's ``%%Creator:`` header
+    comment. None for another format, or a file that is not of ``fmt`` or names no creator."""
+    # deferred: only a file already at the figure's path is read, with the one reader its format needs
+    from xml.etree import ElementTree
+
+    from PIL import Image  # deferred too: PNG and PDF figures only
+    from PIL.PdfParser import PdfParser
+
+    try:
+        if fmt == "png":
+            with Image.open(path, formats=["PNG"]) as image:  # the text chunks before the pixels; none decoded
+                return image.info.get("Creator")
+        if fmt == "pdf":
+            with PdfParser(filename=path) as pdf:  # the trailer's Info dictionary, found through the xref table
+                return pdf.info[b"Creator"].decode("latin-1")
+        if fmt == "svg":
+            return ElementTree.parse(path).getroot().findtext(
+                "svg:metadata/rdf:RDF/cc:Work/dc:creator/cc:Agent/dc:title", namespaces=SVG_NAMES)
+        if fmt in ("eps", "ps"):
+            with open(path, "rb") as fh:  # the header comments: the first line to %%EndComments
+                lines = fh.read(1 << 16).split(b"%%EndComments", 1)[0].splitlines()
+            said = [line.removeprefix(b"%%Creator: ") for line in lines if line.startswith(b"%%Creator: ")]
+            return said[0].decode("latin-1") if lines[0].startswith(b"%!PS-Adobe") and said else None
+    except Exception:  # not a file of that format, or a damaged one (PIL raises assorted types): no creator
+        return None
+    return None
 
 
 def claim_figure(path: str | Path) -> None:
-    """A file already at ``path`` may be replaced only when it is a figure IISAN drew (its Creator metadata)."""
-    claim_output(path, lambda p: p.is_file() and CREATOR.encode() in p.read_bytes(), "a figure IISAN drew",
-                 "--curves", overwrite=True)
+    """A file already at ``path`` may be replaced only when it is a figure IISAN drew: its creator field
+    (``creator``, read in the format ``path``'s suffix names) is exactly ``CREATOR``."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"  # the format draw_curves writes there (figure_format)
+    claim_output(path, lambda p: p.is_file() and creator(p, fmt) == CREATOR, "a figure IISAN drew", "--curves",
+                 overwrite=True)
 
 
 def figure_format(path: str | Path, flag: str = "--curves") -> str:

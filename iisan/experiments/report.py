@@ -46,7 +46,7 @@ from ..flags import close_match
 from ..methods import unread_keys
 from ..train.checkpoint import MAY_CHANGE
 from .labels import data_labels, encoder_labels, run_labels
-from .results_file import METRICS, DamagedResults, find_results, load_results, status
+from .results_file import METRICS, DamagedResults, csv_header, find_results, load_results, status
 
 log = logging.getLogger(__name__)
 
@@ -325,18 +325,19 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_HEADS = (b"run,", b"method,")  # the first column of a table of runs, or of one averaged over seeds
+# Every column a table of runs can have (``table``): one row per run, or one per configuration over seeds.
+TABLE_COLUMNS = frozenset([*read_row_columns(), *KEYS, "seeds", *(f"{c}_std" for c in NUMBERS)])
 
 
 def _is_table(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(16).startswith(CSV_HEADS)
+    names = (path.is_file() and csv_header(path)) or [""]
+    return names[0] in ("run", "method") and set(names) <= TABLE_COLUMNS
 
 
 def claim_csv(path: str | Path) -> None:
-    """A file already at ``path`` may be replaced only when it is a table this command wrote (a
-    results.json or a data file never is); checked before any reading."""
-    claim_output(path, lambda p: p.is_file() and _is_table(p), "a results table IISAN wrote", "--csv", overwrite=True)
+    """A file already at ``path`` may be replaced only when it is a table this command wrote: a header row
+    (``csv_header``) of ``TABLE_COLUMNS`` alone, ``run`` or ``method`` first. Checked before any reading."""
+    claim_output(path, _is_table, "a results table IISAN wrote", "--csv", overwrite=True)
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:

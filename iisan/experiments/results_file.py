@@ -1,9 +1,11 @@
 """Reading the results.json files of runs for a table: finding them under the folders given (each
 file once, however it was named), and checking that every field a row or a curve reads is there and of
-its type (``check_results``); a file that fails says which field and what it should be."""
+its type (``check_results``); a file that fails says which field and what it should be. And the header row of
+a CSV file (``csv_header``): what tells a table of runs ``iisan results`` wrote from someone else's file."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -46,6 +48,17 @@ def results_under(folder: Path) -> list[Path]:
         walked.add(real)
         found += [Path(root) / "results.json"] if "results.json" in files else []
     return found
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The column names on the first line of a CSV file; None where its first 64 KiB hold no whole line of
+    UTF-8 text (no table of runs has such a header)."""
+    with open(path, "rb") as fh:
+        line, newline, _ = fh.read(1 << 16).partition(b"\n")
+    try:
+        return next(csv.reader([line.decode()]), None) if newline else None
+    except (UnicodeDecodeError, csv.Error):
+        return None
 
 
 class DamagedResults(ValueError):
@@ -101,6 +114,7 @@ def check_results(results) -> None:
     if not all(EXPECTED["integer"][0](n) for n in sizes):
         raise DamagedResults(f"world_sizes is {json.dumps(sizes)[:40]}, expected a list of integers")
     _field(results, "stopped", "string", optional=True)  # why --nonfinite authors ended training
+    _field(results, "working_dir", "string", optional=True)  # what relative data paths are relative to
     step = _field(results, "step", "object", optional=True) or {}
     for key in _field(step, "cache_dtypes", "object", "step.", optional=True) or {}:
         _field(step["cache_dtypes"], key, "string", "step.cache_dtypes.")
