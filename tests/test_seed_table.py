@@ -107,6 +107,18 @@ def test_a_point_finished_on_other_data_is_refused_never_reused_or_tabled(tiny, 
     assert results.is_file() and not out.exists()
 
 
+@pytest.mark.parametrize("damage", [{"config": ["users"]}, {"config": {"users": 3}}])
+def test_a_point_whose_results_name_its_data_by_no_path_is_refused_in_one_line(tiny, tmp_path, damage):
+    root = as_real_data(tiny, tmp_path / "data")
+    results = finished_run(tmp_path / "work", root, 12345)
+    recorded = json.loads(results.read_text())
+    results.write_text(json.dumps({**recorded, "working_dir": 5}))  # its paths are absolute: still this data's
+    assert run_point("id", "Scientific", 12345, root, tmp_path / "work") == results
+    results.write_text(json.dumps({**recorded, **damage}))  # hand-edited, damaged: no traceback
+    with pytest.raises(ConfigError, match=re.escape(f"{results.parent} finished on other data (users file ")):
+        run_point("id", "Scientific", 12345, root, tmp_path / "work")
+
+
 def test_a_point_whose_items_file_changed_since_is_refused(tiny, tmp_path):
     root = as_real_data(tiny, tmp_path / "data")
     work = tmp_path / "work"

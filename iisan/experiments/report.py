@@ -251,6 +251,7 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in fixed]
     status = ["status"] if (frame["status"] != "finished").any() else []
     if not average_seeds:
+        shown = [k for k in shown if k != "device"]  # where each run ran: a column of every such table
         runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
                       "trainable_params", "peak_gib", "device", "non_finite"]]
         # The seeds of one configuration side by side: the seed orders after every other key.

@@ -71,9 +71,10 @@ def point_config(setting: str, dataset: str, seed: int, data_root: Path, work: P
 def data_differences(results: dict, users: Path, items: Path) -> list[str]:
     """How the data a run's ``results`` record differs from ``users`` / ``items``: the files (a relative
     path is taken from the run's working folder) and, when recorded, the items file's fingerprint."""
-    saved, base = results.get("config") or {}, Path(results.get("working_dir") or ".")
+    saved, where = results.get("config"), results.get("working_dir")
+    saved, base = saved if isinstance(saved, dict) else {}, Path(where if isinstance(where, str) and where else ".")
     differences = [f"{key} file {saved.get(key)} there, {now} now" for key, now in (("users", users), ("items", items))
-                   if not saved.get(key) or (base / saved[key]).resolve() != Path(now).resolve()]
+                   if not isinstance(saved.get(key), str) or (base / saved[key]).resolve() != Path(now).resolve()]
     recorded = results.get("items_fingerprint")
     now = file_fingerprint(items) if recorded and not differences else recorded
     if now != recorded:
