@@ -397,3 +397,18 @@ def test_benchmark_measures_default_rows_first_and_a_cut_keeps_its_json_and_tabl
     assert md.index("| FFT |") < md.index("| LoRA |") < md.index("| IISAN (uncached) |") < md.index("every slot) |")
     assert "**Incomplete:** the run stopped before it measured every row" in md
     assert benchmark.measuring_order(("FFT",), ("FFT", "LoRA")) == [("FFT", "default"), ("FFT", "authors")]
+
+
+def test_a_benchmark_figure_is_told_by_its_creator_chunk_not_by_words_anywhere(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from iisan.efficiency.figures import CREATOR, is_figure
+
+    fig = plt.figure(figsize=(2, 2))
+    theirs, ours = tmp_path / "theirs.png", tmp_path / "ours.png"
+    fig.savefig(theirs, metadata={"Creator": f"{CREATOR}, redrawn by hand"})  # the words begin another creator
+    fig.savefig(ours, metadata={"Creator": CREATOR})
+    plt.close(fig)
+    assert not is_figure(theirs) and is_figure(ours)
+    (tmp_path / "cut.png").write_bytes(ours.read_bytes()[:40])  # a damaged PNG is not ours either
+    assert not is_figure(tmp_path / "cut.png")

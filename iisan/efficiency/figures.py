@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
 from ..files import atomic_path, claim_output, starts_with  # noqa: E402
@@ -148,8 +149,12 @@ def is_figure(path: Path) -> bool:
     data = path.read_bytes()
     if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24:
         return False
-    if b"Creator\x00" + CREATOR.encode() in data:
-        return True
+    try:  # the Creator text chunk itself, not the words anywhere in the file
+        with Image.open(path, formats=["PNG"]) as image:
+            if image.info.get("Creator") == CREATOR:
+                return True
+    except Exception:  # a damaged PNG (PIL raises assorted types): not ours
+        return False
     size = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
     return size == SIZE and b"Software\x00Matplotlib" in data
 
