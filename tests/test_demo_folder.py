@@ -74,6 +74,21 @@ def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_fold
     demo(tmp_path / "other", "--users", "120")
 
 
+@pytest.mark.slow
+def test_a_copied_demo_folder_names_the_run_that_is_not_its_own(tmp_path, capsys):
+    import shutil
+
+    demo(tmp_path / "demo")
+    shutil.copytree(tmp_path / "demo", tmp_path / "copy")
+    run = tmp_path / "copy" / "runs" / "demo-seed0"
+    line = refused(capsys, ["demo", "--out", str(tmp_path / "copy"), "--epochs", "1", "--no-progress", *SIZES])
+    assert line == (f"iisan: error: {run} holds the run of the demo in {tmp_path / 'demo'} (a copied folder?), not "
+                    f"of this one: move {run} away to train the demo here, or use another --out")
+    shutil.move(run, tmp_path / "elsewhere")
+    demo(tmp_path / "copy")  # as the line says
+    assert "results in" in capsys.readouterr().out
+
+
 def test_a_folder_from_before_the_record_is_judged_by_its_data(tmp_path):
     out = tmp_path / "demo"
     prepare_demo_data(out, seed=0, progress=False, num_users=100, num_items=40)

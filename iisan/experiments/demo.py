@@ -157,6 +157,7 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
         method = "IISAN-Versa"
         extra = {"cache_dir": str(Path(out_dir) / "cache-versa"), "run_name": "demo-versa"}
     cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, **extra)
+    refuse_copied_run(Path(cfg.out_dir) / cfg.run_name, cfg)
     build_cache_from_config(cfg, dtype="float32", overwrite=True)  # the tiny models change with --seed
     results = train(cfg)
     data = load_data(cfg)
@@ -177,6 +178,18 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
     print(f"{method} {'beats' if beats else 'does NOT beat'} the most-popular baseline on test; "
           f"{elapsed:.0f} s in all; results in {results['run_dir']}/results.json")
     return {"iisan": results, "popularity": popular, "beats_popularity": beats, "seconds": elapsed}
+
+
+def refuse_copied_run(folder: Path, cfg: Config) -> None:
+    """The demo's run folder holds a run of another demo folder's files (the folder was copied): it can be
+    neither resumed nor reported as this one's, so the demo stops before its work, saying what to do."""
+    try:
+        users = json.loads((folder / "config.json").read_text()).get("users")
+    except (OSError, ValueError, AttributeError):  # none yet, or not a config: the trainer judges it
+        return
+    if isinstance(users, str) and Path(users).resolve() != Path(cfg.users).resolve():
+        raise OutputError(f"{folder} holds the run of the demo in {Path(users).parent} (a copied folder?), not of "
+                          f"this one: move {folder} away to train the demo here, or use another --out")
 
 
 def describe_pair(cfg: Config) -> str:
