@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from iisan.experiments.sweep import GridPoint, Outcome, Status, parse_script_args, run_script, summary
 
@@ -83,6 +84,17 @@ def test_rerunning_a_sweep_resumes_its_folders_then_skips_them(sweep, argv, tmp_
     again = run_script(DEFAULTS, sweep, argv("--epochs", "2", "--lr", "1e-3", "2e-3"))
     assert again == longer  # nothing trained: the finished runs' results
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished before"]
+
+
+def test_a_point_whose_best_weights_are_gone_is_repaired_once_said(sweep, argv, tmp_path, capsys, caplog):
+    first = run_script(DEFAULTS, sweep, argv("--epochs", "1"))
+    best = Path(first[0]["run_dir"]) / "best.safetensors"
+    weights = load_file(best)
+    best.unlink()
+    with caplog.at_level(logging.WARNING):
+        again = run_script(DEFAULTS, sweep, argv("--epochs", "1"))
+    assert caplog.text.count(f"{best} is missing, so the run is not finished") == 1  # said once, not per check
+    assert all((load_file(best)[k] == v).all() for k, v in weights.items()) and again[0]["test"] == first[0]["test"]
 
 
 def test_a_sweep_extended_along_one_axis_finds_the_points_it_has(sweep, argv, tmp_path, capsys):

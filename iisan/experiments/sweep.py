@@ -178,7 +178,7 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
             done = reusable_results(point.config)
             if done is not None:
                 return Outcome(point, Status.FINISHED_BEFORE, done)
-            return Outcome(point, Status.FINISHED, train(point.config))
+            return Outcome(point, Status.FINISHED, train(point.config, reuse=False))  # asked just now
         return Outcome(point, Status.FINISHED, action(point.config, args))
     except RunInterrupted:
         raise

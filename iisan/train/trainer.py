@@ -323,13 +323,14 @@ class Run:
         return results
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, reuse: bool = True) -> dict:
     """Train, validate every epoch, test at the best-validation epoch. Returns the results dict.
 
     Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
-    folder whose run finished with this very config is not trained again: its results are returned."""
-    done = reusable_results(cfg)
+    folder whose run finished with this very config is not trained again: its results are returned
+    (``reuse`` False: the caller has just asked ``reusable_results`` itself)."""
+    done = reusable_results(cfg) if reuse else None
     if done is not None:
         return done
     seed_everything(cfg.seed)
