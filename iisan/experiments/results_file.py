@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import Config
+from ..config import METHOD_NAMES, Config
 from ..errors import ConfigError
 from ..locks import held
 from ..train.runfolder import LOCK
@@ -137,6 +137,13 @@ def check_results(results) -> None:
         _field(epoch, "epoch", "integer", f"epochs[{i}].")
         _field(epoch, "loss", "number", f"epochs[{i}].")
         _field(_field(epoch, "valid", "object", f"epochs[{i}]."), "hit@10", "number", f"epochs[{i}].valid.")
+    if results["method"] not in METHOD_NAMES.values():
+        raise DamagedResults(f"method is {_shown(results['method'])}, expected one of "
+                             f"{', '.join(METHOD_NAMES.values())}")
+    last = max((e["epoch"] for e in results["epochs"]), default=-1)
+    if not -1 <= results["best_epoch"] <= last:
+        raise DamagedResults(f"best_epoch is {results['best_epoch']}, expected -1 (none yet) to {last}, the last epoch "
+                             "it records")
     config = _field(results, "config", "object")
     try:
         Config.from_dict({k: v for k, v in config.items() if k in Config.__dataclass_fields__})
