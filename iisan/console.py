@@ -162,7 +162,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
                                "not at all): a training run resumes from its last checkpoint and a cache build "
                                "from its finished chunks when the same command runs again")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
-        if not (line := host_memory_error(err)):
+        if not (line := host_memory_error(err) or peer_lost(err)):
             raise
         fail(prog, line)
     except BrokenPipeError:
@@ -198,3 +198,17 @@ def host_memory_error(err: RuntimeError) -> str:
     size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
     return (f"out of memory on the CPU{size}: what this command asks for does not fit in this machine's memory; "
             "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank)")
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_lost(err: RuntimeError) -> str:
+    """The one line for a collective that failed because another process of a torchrun launch died (killed,
+    out of memory) while this one waited for it ('' for any other error, and outside torchrun)."""
+    text = str(err).strip()
+    if "RANK" not in os.environ or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
+        return ""
+    first = text.splitlines()[0] if text else type(err).__name__
+    return (f"lost contact with another process of this torchrun launch (it stopped or was killed: {first[:160]}); "
+            "the checkpoints already written are intact: run the same command again to resume")

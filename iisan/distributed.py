@@ -175,7 +175,7 @@ def mean_over_ranks(values: torch.Tensor, dist: Dist) -> torch.Tensor:
     """Average over ranks (SUM then divide: gloo has no AVG); NaN on any rank makes NaN everywhere."""
     if not dist.enabled:
         return values
-    total = values.to(dist.comm_device())
+    total = values.to(dist.comm_device(), copy=True)  # all_reduce sums in place: never into the caller's values
     torch_dist.all_reduce(total)
     return (total / dist.world_size).to(values.device)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from iisan.cli.main import main
 from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users
 from iisan.data.run_data import load_data
 from iisan.distributed import Dist, chunk_block
@@ -187,3 +188,113 @@ def test_teardown_waits_for_every_rank_only_after_a_finished_run(monkeypatch):
     distributed.teardown(finished=True)
     distributed.teardown(finished=False)
     assert calls == ["barrier", "destroy", "destroy"]
+
+
+def test_mean_over_ranks_leaves_the_callers_values_as_they_were(monkeypatch):
+    """all_reduce sums in place: the mean must come from a copy, or a rank's own step losses (saved at a
+    mid-epoch stop) become the sum over ranks, and the resumed epoch's loss comes out doubled."""
+    from iisan import distributed
+
+    monkeypatch.setattr(distributed.torch_dist, "all_reduce", lambda t, **kw: t.mul_(2))  # two equal ranks
+    dist = distributed.Dist(0, 2, 0, "gloo")
+    losses = torch.tensor([1.5, 3.0])
+    assert distributed.mean_over_ranks(losses, dist).tolist() == [1.5, 3.0]
+    assert losses.tolist() == [1.5, 3.0]
+
+
+def test_a_decision_refused_on_rank_0_is_the_same_kind_of_error_on_every_rank(monkeypatch):
+    """A run folder another process is training: rank 0 raises RunInUse, and so must rank 1, or a sweep
+    skips the point on one rank and fails it on the other."""
+    from iisan import distributed
+    from iisan.errors import RunInUse, TrainingError
+    from iisan.train import decisions
+
+    said = {}
+
+    def broadcast(text, dist):  # rank 0 keeps what it says; the other ranks hear it
+        said.setdefault("text", text)
+        return said["text"]
+
+    monkeypatch.setattr(decisions, "broadcast_text", broadcast)
+
+    def busy():
+        raise RunInUse("run folder runs/x is in use by pid 7")
+
+    with pytest.raises(RunInUse, match="^run folder runs/x is in use by pid 7$"):
+        decisions.decide(busy, distributed.Dist(0, 2, 0, "gloo"))
+    with pytest.raises(RunInUse, match="^run folder runs/x is in use by pid 7$"):
+        decisions.decide(busy, distributed.Dist(1, 2, 1, "gloo"))
+    said["text"] = "0SomethingElse\0text"  # a kind the other ranks do not know: a TrainingError
+    with pytest.raises(TrainingError, match="^text$"):
+        decisions.decide(busy, distributed.Dist(1, 2, 1, "gloo"))
+
+
+def test_a_peer_that_died_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from iisan.console import entry_point
+
+    def collective():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[10.0.0.2]:41327\nmore lines")
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stopped:
+        entry_point("iisan", collective)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "iisan: error: lost contact with another process of this torchrun launch (it stopped or was killed: "
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:41327); the "
+        "checkpoints already written are intact: run the same command again to resume"]
+    monkeypatch.delenv("RANK")
+    with pytest.raises(RuntimeError):  # not under torchrun: not this error
+        entry_point("iisan", collective)
+
+
+def test_a_sweep_under_torchrun_runs_every_point_in_one_process_group(monkeypatch, tiny, tiny_cache, tmp_path):
+    """Each point joins the group the grid made; a group made and destroyed per point hung or refused to
+    connect within one launch (gloo)."""
+    from iisan import distributed
+    from iisan.experiments.sweep import parse_script_args, run_grid
+    from iisan.train import runfolder, trainer
+
+    calls = []
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):  # as torchrun sets them
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "setup", lambda device: calls.append(f"setup {device}") or (None, None, True))
+    monkeypatch.setattr(distributed, "teardown", lambda finished=True: calls.append(f"teardown {finished}"))
+    monkeypatch.setattr(trainer, "train", lambda cfg, reuse=True: calls.append(f"train {cfg.lr}") or {})
+    monkeypatch.setattr(runfolder, "reusable_results", lambda cfg: None)
+    argv = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
+            "--out-dir", str(tmp_path / "runs"), "--lr", "1e-3", "2e-3"]
+    points, args = parse_script_args({"method": "iisan", "feed": "cached"}, {"lr": [2e-4]}, argv)
+    run_grid(points, args)
+    assert calls == ["setup cpu", "train 0.001", "train 0.002", "teardown True"]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_points_under_torchrun(tiny, tiny_cache, tmp_path):
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
+             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", "1",
+             "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "Code_Cached" / "scripts" / "run_IISAN.py"), *flags], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("grid summary: 2 point(s): 2 finished") == 1  # rank 0's table only
+    assert len([p for p in (tmp_path / "runs").iterdir() if (p / "results.json").is_file()]) == 2
+
+
+@pytest.mark.parametrize("argv", [["cache", "--items", "items.tsv", "--cache-dir", "c"], ["evaluate", "runs/x"],
+                                  ["results", "runs"]])
+def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(argv, monkeypatch, capsys):
+    """Under torchrun each rank would run the whole command: a cache build's ranks lock each other out
+    (its message blamed "another cache build"), evaluate prints its table once per rank."""
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"iisan: error: iisan {argv[0]} runs in one process: start it without torchrun (only iisan train and the "
+        "entry scripts are data-parallel)"]

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
+from ..errors import ConfigError
 from ..flags import FlagParser
 from .data import add_data_commands
 from .fetch import add_fetch_commands
@@ -44,10 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands torchrun may start: training is data-parallel; every other command runs whole in each process
+# (a cache build's ranks would lock each other out, evaluate would print its table once per rank).
+UNDER_TORCHRUN = ("train",)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from ..distributed import launched  # after parsing: --help answers without importing torch (cli/__init__.py)
+
+    if launched() and args.command not in UNDER_TORCHRUN:
+        entry_point("iisan", lambda: refuse(f"iisan {args.command} runs in one process: start it without torchrun "
+                                            "(only iisan train and the entry scripts are data-parallel)"))
     entry_point("iisan", lambda: args.func(args))
+
+
+def refuse(message: str):
+    raise ConfigError(message)
 
 
 if __name__ == "__main__":

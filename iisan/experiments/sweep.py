@@ -232,9 +232,14 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
                               f"0..{len(points) - 1} (see --list-grid)")
         points = [points[args.grid_index]]
     # imported when run, not for --help (module docstring)
-    from ..distributed import main_process
+    from ..distributed import launched, main_process, setup, teardown
 
     outcomes = [Outcome(p, Status.NOT_RUN) for p in points]
+    # Under torchrun the points share one process group: made and destroyed per run, gloo's hung or refused
+    # to connect within one launch. Each train() joins it and leaves it up.
+    first = next((p.config for p in points if p.config is not None), None)
+    created = launched() and action is None and first is not None and setup(first.device)[2]
+    finished = False
     try:
         for n, point in enumerate(points):
             try:
@@ -248,7 +253,10 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 raise
+        finished = True
     finally:
+        if created:
+            teardown(finished=finished)
         if main_process():  # under torchrun every rank runs the grid; one table is enough
             print(summary(outcomes), end="")
     if busy := sum(o.status == Status.IN_USE for o in outcomes):

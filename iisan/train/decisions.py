@@ -8,28 +8,44 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..distributed import Dist, broadcast_text
-from ..errors import TrainingError, UserError
+from ..errors import (
+    CacheError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    RunInUse,
+    TrainingError,
+    UserError,
+)
 
 T = TypeVar("T")
+
+
+# The errors rank 0 may raise in a decision, by name: every rank raises the same kind, so that each takes
+# the same branch (a sweep skips a point another process is training, ``RunInUse``, on every rank alike).
+KINDS = {kind.__name__: kind for kind in (RunInUse, TrainingError, ConfigError, OutputError, CheckpointError,
+                                          DataError, CacheError)}
 
 
 def decide(choose: Callable[[], T], dist: Dist,
            describe: Callable[[T], str] = lambda answer: "") -> tuple[T | None, str]:
     """``choose()`` on rank 0: its answer there (None on the other ranks) and ``describe(answer)`` on
-    every rank. Rank 0's ``UserError`` is raised there, and as a ``TrainingError`` of the same text on
-    the other ranks."""
+    every rank. Rank 0's ``UserError`` is raised there, and of the same kind (``KINDS``; else a
+    ``TrainingError``) and text on the other ranks."""
     answer, ok, text, error = None, True, "", None
     if dist.is_main:
         try:
             answer = choose()
             text = describe(answer)
         except UserError as err:
-            ok, text, error = False, str(err), err
+            ok, text, error = False, f"{type(err).__name__}\0{err}", err
     ok, text = broadcast_outcome(ok, text, dist)
     if error is not None:
         raise error
     if not ok:
-        raise TrainingError(text)
+        kind, _, said = text.partition("\0")
+        raise KINDS.get(kind, TrainingError)(said)
     return answer, text
 
 
