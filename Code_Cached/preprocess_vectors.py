@@ -31,4 +31,4 @@ def action(cfg, args):
 
 if __name__ == "__main__":
     run_script({"method": "iisan", "encode_batch_size": 512}, {}, description=__doc__, action=action,
-               extra_arguments=extra_arguments)
+               extra_arguments=extra_arguments, parallel=False)  # one process builds the cache every rank reads

@@ -298,3 +298,19 @@ def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(argv, monk
     assert capsys.readouterr().err.strip().splitlines() == [
         f"iisan: error: iisan {argv[0]} runs in one process: start it without torchrun (only iisan train and the "
         "entry scripts are data-parallel)"]
+
+
+def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_path):
+    import runpy
+
+    script = ROOT / "Code_Cached" / "preprocess_vectors.py"
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", [str(script), "--items", str(tmp_path / "items.tsv"), "--cache-dir",
+                                      str(tmp_path / "c")])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("preprocess_vectors.py: error: preprocess_vectors.py "
+                                                                "runs in one process: start it without torchrun")
+    assert not (tmp_path / "c").exists()

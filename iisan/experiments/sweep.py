@@ -238,7 +238,7 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
     # Under torchrun the points share one process group: made and destroyed per run, gloo's hung or refused
     # to connect within one launch. Each train() joins it and leaves it up.
     first = next((p.config for p in points if p.config is not None), None)
-    created = launched() and action is None and first is not None and setup(first.device)[2]
+    created = launched() and first is not None and setup(first.device)[2]
     finished = False
     try:
         for n, point in enumerate(points):
@@ -272,14 +272,19 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
 
 
 def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
-               action=None, extra_arguments=None) -> list:
+               action=None, extra_arguments=None, parallel: bool = True) -> list:
     """Parse, then run ``action(cfg, args)`` (default: train) for every grid point, one after another.
-    ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``."""
+    ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``; ``parallel``:
+    the action trains data-parallel under torchrun (else torchrun is refused: each rank would do all of it)."""
     setup_logging()
 
     def run() -> list:
         points, args = parse_script_args(defaults, sweep, argv, description, extra_arguments)
         setup_logging(args.verbose)
+        from ..distributed import launched  # imported when run, not for --help (module docstring)
+
+        if launched() and not parallel:
+            raise ConfigError(f"{Path(sys.argv[0]).name} runs in one process: start it without torchrun")
         if args.list_grid:
             print(listing(points), end="")
             return []
