@@ -47,11 +47,48 @@ def device_name(device: torch.device | str) -> str:
            f"{torch.get_num_threads()} torch threads)"
 
 
-def peak_memory(device: torch.device) -> dict:
-    """GPU: the allocator's peaks since the last reset; CPU: the process's peak resident set."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak over from now: the GPU allocator's peaks; on a Linux CPU the process's resident
+    high-water mark (VmHWM, reset to the current resident set by writing 5 to /proc/self/clear_refs).
+    False where it cannot be reset (elsewhere, or /proc refuses): the peak is then the process's whole life."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return own_peak_rss() is not None
+
+
+def own_peak_rss() -> int | None:
+    """Bytes of this process's resident high-water mark on Linux (VmHWM): a fresh process image starts its
+    own, unlike ``ru_maxrss``, which a child inherits from its parent across fork and exec. None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_memory(device: torch.device, reset_at: str | None = None) -> dict:
+    """GPU: the allocator's peaks since the last reset; CPU: the process's peak resident set and which figure
+    it is (``rss_peak_source``: VmHWM on Linux, else ``ru_maxrss``, which on Linux would be the larger of
+    the parent's and the child's), since ``reset_at`` (when ``reset_peak_memory`` returned True: "the
+    warm-up's end") or since the process started (``rss_peak_since``)."""
     if device.type == "cuda":
         return {"max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = peak if sys.platform == "darwin" else peak * 1024
-    return {"peak_rss_gib": peak / 2**30, "current_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    peak, source = own_peak_rss(), "VmHWM"
+    if peak is None:
+        peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+        peak = peak if sys.platform == "darwin" else peak * 1024
+    since = reset_at if reset_at and source == "VmHWM" else "the process's start"
+    return {"peak_rss_gib": peak / 2**30, "current_rss_gib": psutil.Process().memory_info().rss / 2**30,
+            "rss_peak_source": source, "rss_peak_since": since}

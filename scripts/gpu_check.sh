@@ -5,7 +5,8 @@
 #      and in the background, a plain reference at the same item counts); cut at 220 s
 #   2. bench: the efficiency benchmark at the paper's scale (random-weight BERT-base + ViT-B/16 at 224 px,
 #      Scientific-shaped synthetic data, baselines at batch 32, IISAN at 64): the cache build (in bf16, as
-#      the plain reference's; CACHE_DTYPE=auto for the authors' fp32) and the full-ranking evaluation of
+#      the plain reference's; CACHE_DTYPE=auto for the authors' fp32; float32 with DEVICE=cpu, where bf16 is
+#      emulated and slow) and the full-ranking evaluation of
 #      every user, then the six methods with 10 warm-up and 50 timed steps each (IISAN first, a real epoch
 #      of both IISAN settings), then uncached IISAN and FFT the authors' way (every slot); FLOPs counted
 #      over the first 10 timed batches; cut at 320 s
@@ -30,6 +31,7 @@ PY=${PYTHON:-python3}  # the device image's python; here, e.g. PYTHON=.venv/bin/
 OUT=${OUT:-/tmp/iisan-gpu-out}
 WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
 PART=${PART:-all}
+if [ "${DEVICE:-cuda}" = cpu ]; then CACHE_DTYPE=${CACHE_DTYPE:-float32}; fi  # bf16 is emulated (slow) on a CPU
 [ "${ONLY_DIAGNOSE:-0}" = 1 ] && PART=diagnose  # the older switch
 case "$PART" in all|diagnose|bench|tests) ;; *) echo "gpu_check: PART=$PART; expected all, diagnose, bench or tests"; exit 2;; esac
 mkdir -p "$OUT/efficiency"

@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--reps", type=int, default=defaults.reps)
     parser.add_argument("--shape-reps", type=int, default=defaults.shape_reps,
-                        help="steps per phase of fresh, seen, fixed and bucketed shapes")
+                        help="steps per phase of fresh, seen, fixed and bucketed shapes, at most: fresh shapes "
+                             "are sought over one epoch (how many it held: fresh_shapes in the report)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="threads reading images")
     parser.add_argument("--work", type=Path, default=defaults.work)
     parser.add_argument("--out", type=Path, default=defaults.out)
@@ -56,6 +57,9 @@ def main(argv=None) -> dict:
         parser.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
     if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or args.warmup < 0:
         parser.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup >= 0")
+    if not args.frozen_items and not args.skip_plain:
+        parser.error("--frozen-items names no item count; the plain section needs at least one (the first also "
+                     "runs the variants), or pass --skip-plain")
     options = DiagnosisOptions(**{**vars(args), "iisan": labels})
     setup_logging()
     return entry_point(sys.argv[0], lambda: run_diagnosis(options))

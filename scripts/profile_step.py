@@ -18,7 +18,15 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
-from iisan.efficiency.benchmark import BACKBONES, DATA, base_config, method_config, prepare  # noqa: E402
+from iisan.efficiency.benchmark import (  # noqa: E402
+    BACKBONES,
+    DATA,
+    base_config,
+    check_batch_size,
+    method_config,
+    prepare,
+)
+from iisan.errors import ConfigError  # noqa: E402
 from iisan.files import claim_output  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -44,6 +52,12 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=str(ROOT / "bench_data"))
     parser.add_argument("--trace", default="", help="write a Chrome trace here")
     args = parser.parse_args(argv)
+    try:  # a batch larger than the users never fills: refused before any work
+        if args.batch_size < 0:
+            raise ConfigError(f"--batch-size {args.batch_size}: expected 0 (the paper's) or a positive size")
+        check_batch_size(args.batch_size, args.data, "--batch-size")
+    except ConfigError as err:
+        parser.error(str(err))
     setup_logging()
 
     def run() -> str:

@@ -58,6 +58,8 @@ def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     assert out["epoch_seconds"] == pytest.approx(times["median"] * 10)
     assert out["trainable_params"] == out["total_params"] > 0  # cached IISAN holds no backbone
     assert out["memory"]["peak_rss_gib"] > 0
+    if sys.platform.startswith("linux"):  # the process's own peak since the warm-up, as the GPU's peaks
+        assert (out["memory"]["rss_peak_source"], out["memory"]["rss_peak_since"]) == ("VmHWM", "the warm-up's end")
     assert not out["static_shapes"] and out["buckets"] is None and out["encodes"] == "distinct items"
     # the two timed batches follow the warm-up one: their distinct non-padding items, counted here
     from iisan.data.run_data import load_data
@@ -190,7 +192,7 @@ def test_benchmark_script_refuses_short_timing_without_the_flag(tmp_path, capsys
     error = script_error("benchmark_efficiency", ["--steps", "5", "--work", str(tmp_path)], capsys)
     assert "the benchmark times at least 50 steps after 10 warm-up steps; pass --few-steps" in error
     error = script_error("benchmark_efficiency", ["--methods", "FFT", "--authors-way", "LoRA"], capsys)
-    assert "--authors-way: unknown method label(s) ['LoRA']" in error
+    assert "--authors-way: ['LoRA'] not among --methods ['FFT']; add them there or leave them out" in error
     error = script_error("benchmark_efficiency", ["--few-steps", "--steps", "0"], capsys)
     assert "--steps >= 1" in error
 

@@ -4,7 +4,8 @@ the padding static shapes add (rows and FLOPs); peak memory; parameters; TPME; t
 full-ranking evaluation of every user.
 
 Each measurement runs in a fresh (spawned) process, so peak memory (GPU allocator peaks or, on CPU,
-the process's peak resident set) belongs to that method alone and no compiled state leaks across.
+the process's own resident high-water mark: ``devices.peak_memory``), reset after warm-up, belongs to that
+method alone and no compiled state leaks across.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ..data.cache_build import discard_partial_build
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
-from ..devices import device_name, peak_memory, resolve_device, sync
+from ..devices import device_name, peak_memory, reset_peak_memory, resolve_device, sync
+from ..errors import ConfigError
 from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
 from ..model.build import build_model, count_parameters
@@ -91,6 +93,9 @@ class TrainingSetup:
         ``buckets``: another static-shape policy than the setup's (None: none; the diagnosis compares)."""
         cfg, epoch = self.cfg, 0
         collate = self.collate if buckets is OWN else replace(self.collate, buckets=buckets)
+        if cfg.batch_size > len(collate.sequences):  # no full batch ever: the loop below would never yield
+            raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(collate.sequences):,} users of "
+                              f"{cfg.users}; a timed step needs a full batch: choose at most {len(collate.sequences)}")
         while True:
             order = epoch_order(len(collate.sequences), cfg.order_seed, epoch)
             for batch in epoch_batches(order, cfg.batch_size, collate):
@@ -194,11 +199,10 @@ def measure_training(cfg: Config, warmup: int = 10, steps: int = 50, full_epoch:
     for _ in range(warmup):
         setup.step(next(stream))
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_at = "the warm-up's end" if reset_peak_memory(device) else None  # as the GPU's peaks: after warm-up
     setup.layouts.clear()
     durations, wall, losses = timed_window(setup, stream, steps)
-    memory = peak_memory(device)  # before counting FLOPs, which runs more passes
+    memory = peak_memory(device, reset_at)  # before counting FLOPs, which runs more passes
     times = summary(durations)
     row = {
         "method": METHOD_NAMES[cfg.method],
@@ -252,7 +256,7 @@ def measure_cache_build(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.init()  # a first CUDA call naming an index (cuda:0) needs the context up
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_at = "the build's start" if reset_peak_memory(device) else None
     # the benchmark's own work folder, rebuilt to be timed whole: not resumed from a build that was cut
     if discard_partial_build(cfg.cache_dir):
         log.info("discarded the shards of an earlier, unfinished build in %s", cfg.cache_dir)
@@ -263,7 +267,7 @@ def measure_cache_build(cfg: Config) -> dict:
     # the whole build, and its parts: loading data and encoders, encoding (reading pixels, both
     # towers, writing shards, overlapped), assembling the final files; the precision it was stored in (a
     # half type computes under autocast in that type on a GPU)
-    return {"cache_build_seconds": seconds, **timings, "memory": peak_memory(device),
+    return {"cache_build_seconds": seconds, **timings, "memory": peak_memory(device, reset_at),
             "cache_dtype": read_metadata(cache_file(cfg.cache_dir, "text"))["dtype"]}
 
 
@@ -278,13 +282,12 @@ def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
     for _ in range(warmup):
         evaluate_model(model, data, "test", cfg, device, pixels)
     sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_at = "the warm-up's end" if reset_peak_memory(device) else None
     times = timed_each(lambda: evaluate_model(model, data, "test", cfg, device, pixels), device, reps)["step_seconds"]
     return {"label": f"evaluation, {METHOD_NAMES[cfg.method]} ({cfg.feed})", "evaluation_seconds": times["median"],
             "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
             "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device),
-            "memory": peak_memory(device), "device": device_name(device)}
+            "memory": peak_memory(device, reset_at), "device": device_name(device)}
 
 
 def memory_gib(row: dict) -> float | None:

@@ -23,7 +23,7 @@ from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
-from ..files import expect_folders, write_json_atomic
+from ..files import expect_folders, path_component, write_json_atomic
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..provenance import git_commit, provenance
 from .bench import (
@@ -37,6 +37,7 @@ from .bench import (
 )
 from .figures import claim_benchmark, claim_reports, write_reports
 from .isolate import in_fresh_process
+from .timing import MIN_STEPS, MIN_WARMUP
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,19 @@ BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "p
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
-MIN_WARMUP, MIN_STEPS = 10, 50  # the benchmark's timing; fewer only for a quick check (few_steps)
+USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``prepare``'s synthetic data
 
 
 def label_list(flag: str, text: str, known, may_be_empty: bool = True) -> tuple[str, ...]:
     """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none).
-    A ``ConfigError`` naming ``flag`` for an unknown label, or for none where one is needed."""
+    A ``ConfigError`` naming ``flag`` for an unknown label, or for none where one is needed; a label given
+    twice is kept once. Labels among ``SETTINGS`` but not ``known`` (a subset: --methods) are said to be so."""
     if text.strip() == "all":
         return tuple(known)
-    labels = tuple(m.strip() for m in text.split(",") if m.strip() and not (may_be_empty and m.strip() == "none"))
+    labels = tuple(dict.fromkeys(m.strip() for m in text.split(",")
+                                 if m.strip() and not (may_be_empty and m.strip() == "none")))
+    if outside := [m for m in labels if m in SETTINGS and m not in known]:
+        raise ConfigError(f"{flag}: {outside} not among --methods {list(known)}; add them there or leave them out")
     if unknown := [m for m in labels if m not in known]:
         raise ConfigError(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
     if not labels and not may_be_empty:
@@ -69,12 +74,12 @@ def selection(methods: str, authors_way: str, full_epoch: str, settings: str, *,
     labels = label_list("--methods", methods, SETTINGS, may_be_empty=False)
     chosen = {"labels": labels, "authors_way": label_list("--authors-way", authors_way, labels),
               "full_epoch": label_list("--full-epoch", full_epoch, labels)}
+    if warmup < 0 or steps < 1 or flop_batches < 0:  # refused with --few-steps too: said first
+        raise ConfigError(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {warmup}, "
+                          f"{flop_batches} and {steps}")
     if not few_steps and (warmup < MIN_WARMUP or steps < MIN_STEPS):
         raise ConfigError(f"--warmup {warmup} --steps {steps}: the benchmark times at least {MIN_STEPS} steps "
                           f"after {MIN_WARMUP} warm-up steps; pass --few-steps for a quick check")
-    if warmup < 0 or steps < 1 or flop_batches < 0:
-        raise ConfigError(f"--warmup and --flop-batches must be >= 0 and --steps >= 1, not {warmup}, "
-                          f"{flop_batches} and {steps}")
     chosen["setting_names"] = tuple(s.strip() for s in settings.split(",") if s.strip())
     if not chosen["setting_names"] or any(s not in SETTING_NAMES for s in chosen["setting_names"]):
         raise ConfigError(f"--settings must list equal and/or paper, not {settings!r}")
@@ -90,7 +95,7 @@ def prepare(work: Path, data: str, backbones: str) -> dict[str, str]:
             generate(data_dir, num_items=DATASETS["Scientific"].source.stats.items, num_topics=500,
                      length_profile=SCIENTIFIC_LENGTHS, images="lmdb")
         else:
-            generate(data_dir, num_users=1200, num_items=400, images="lmdb")
+            generate(data_dir, num_users=USERS["demo"], num_items=400, images="lmdb")
     paths = {"users": str(data_dir / "users.tsv"), "items": str(data_dir / "items.tsv"),
              "images": str(data_dir / "images.lmdb")}
     models = work / f"models-{backbones}"
@@ -130,6 +135,13 @@ def batch_size(setting: str, method: str, equal_batch: int) -> int:
     return equal_batch if setting == "equal" else METHOD_DEFAULTS[method]["batch_size"]
 
 
+def check_batch_size(batch: int, data: str, flag: str) -> None:
+    """A ``ConfigError`` for a batch larger than the users of ``data``: every timed step needs a full batch."""
+    if batch > USERS[data]:
+        raise ConfigError(f"{flag} {batch} exceeds the {USERS[data]:,} users of the {data} data; every timed step "
+                          f"needs a full batch: choose at most {USERS[data]}")
+
+
 def device_tag(device: str) -> str:
     if device.startswith("CPU"):
         return "cpu"
@@ -144,7 +156,7 @@ def measured_device(payload: dict, rows: list[dict]) -> str | None:
 def result_path(out: Path, tag: str, payload: dict, rows: list[dict], settings: dict) -> Path:
     """``out/<tag>-<setting>.json``, the tag by default ``<backbones>-<data>-<device>``."""
     payload["device"] = measured_device(payload, rows) or settings.get("device", "auto")
-    name = tag or f"{payload['backbones']}-{payload['data']}-{device_tag(payload['device'])}"
+    name = path_component(tag) if tag else f"{payload['backbones']}-{payload['data']}-{device_tag(payload['device'])}"
     return Path(out) / f"{name}-{payload['setting']}.json"
 
 
@@ -160,9 +172,10 @@ def claim_results(out: Path, tag: str, payload: dict, rows: list[dict], settings
 
 def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> list[tuple[str, str]]:
     """Every label the default way, in the given order, then the authors' way ones: the rows a run cut
-    short (a lent GPU's time limit) keeps are the ones the comparison needs; the authors' way costs most."""
-    return [(label, "default") for label in labels] + [(label, "authors") for label in authors_way
-                                                        if label in labels]
+    short (a lent GPU's time limit) keeps are the ones the comparison needs; the authors' way costs most.
+    A label given twice is measured once."""
+    return [(label, "default") for label in dict.fromkeys(labels)] + [
+        (label, "authors") for label in dict.fromkeys(authors_way) if label in labels]
 
 
 def table_position(label: str) -> tuple[int, int]:
@@ -198,6 +211,8 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
     # The device the rows will name, where known without touching a GPU (the CPU), else None.
     device = "CPU" if check_device(settings).type == "cpu" else None
+    if "equal" in setting_names:  # the paper's batches (32, 64) fit either data
+        check_batch_size(equal_batch, data, "--equal-batch")
     expect_folders(work=work, out=out, figs=figs)
     if tag or device:  # the files' names are known before any measuring: refuse what is not ours now
         for setting in setting_names:

@@ -24,6 +24,7 @@ from the card and library versions, from iisan's encoder wrappers, or from its i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from ..data.datasets import DATASETS
 from ..devices import resolve_device
 from ..errors import error_line
-from ..files import write_json_atomic
+from ..files import claim_output, write_json_atomic
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
 from .isolate import in_fresh_process
@@ -118,6 +119,8 @@ def plain_section(args: DiagnosisOptions, device: torch.device, amp, report: dic
     for n in frozen_items:
         record("frozen_forward", plain_frozen_forward, epoch["frozen"], n)
     record("cache_build_forward", plain_frozen_forward, epoch["cache"], args.cache_batch, hidden_states=True)
+    if not frozen_items:  # no count to run the variants at (the script refuses this before any work)
+        return
     n = frozen_items[0]
     record("frozen_variants", plain_frozen_forward, epoch["frozen"], n, weights=torch.bfloat16)
     record("frozen_variants", plain_frozen_forward, epoch["frozen"], n, attn="eager")
@@ -151,10 +154,22 @@ def iisan_section(args: DiagnosisOptions, report: dict) -> None:
         write_json_atomic(args.out, report)
 
 
+def is_diagnosis(path: Path) -> bool:
+    """A diagnosis JSON ``run_diagnosis`` wrote: its first keys, and the device facts it records."""
+    try:
+        report = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(report, dict) and {"warmup", "reps", "shape_reps", "device"} <= report.keys()
+            and isinstance(report["device"], dict) and "versions" in report["device"])
+
+
 def run_diagnosis(args: DiagnosisOptions) -> dict:
     """Every section, each written to ``args.out`` as it finishes (a crash keeps what was measured).
-    iisan's steps run first, each in its own process, so that their fresh shapes are fresh."""
+    iisan's steps run first, each in its own process, so that their fresh shapes are fresh. A file at
+    ``args.out`` is replaced only when it is an earlier diagnosis (``is_diagnosis``)."""
     device = resolve_device(args.device)  # a device this machine lacks: one line, before any work
+    claim_output(args.out, is_diagnosis, "a diagnosis JSON IISAN wrote", "--out", overwrite=True)
     amp = torch.bfloat16 if device.type == "cuda" else None
     report = {"warmup": args.warmup, "reps": args.reps, "shape_reps": args.shape_reps,
               "device": device_facts(device)}

@@ -54,11 +54,14 @@ def phase(setup: TrainingSetup, batches: list) -> dict:
     return row
 
 
-def shape_phases(setup: TrainingSetup, reps: int) -> dict:
+def shape_phases(setup: TrainingSetup, reps: int) -> tuple[dict, dict]:
     """Fresh, seen, fixed and bucketed shapes, in that order, on the same users' batches: the i-th
-    plain and the i-th bucketed batch of one epoch hold the same users."""
+    plain and the i-th bucketed batch of one epoch hold the same users. Fresh shapes are looked for over
+    one epoch's full batches: up to ``reps`` of them; the second dict says how many were wanted and found
+    (an epoch may hold fewer distinct item counts), and every phase has that many steps."""
     buckets = setup.buckets or shape_buckets(setup.cfg.replace(static_shapes=True), setup.model)
-    pairs = zip(setup.host_batches(buckets=None), setup.host_batches(buckets=buckets))
+    per_epoch = max(1, len(setup.collate.sequences) // setup.cfg.batch_size)  # full batches (host_batches')
+    pairs = itertools.islice(zip(setup.host_batches(buckets=None), setup.host_batches(buckets=buckets)), per_epoch)
     fixed, _ = next(pairs)
     seen_sizes, fresh, bucketed = {len(fixed.items.ids)}, [], []
     for plain, padded in pairs:  # batches whose item counts differ from each other and from the fixed one
@@ -68,14 +71,17 @@ def shape_phases(setup: TrainingSetup, reps: int) -> dict:
             bucketed.append(padded.to(setup.device))
         if len(fresh) == reps:
             break
+    found = {"wanted": reps, "found": len(fresh), "batches_searched": per_epoch}
     fixed = fixed.to(setup.device)
     out = {"warmup_fixed": phase(setup, [fixed, fixed])}  # one-time costs: handles, first kernels
-    out["fresh"] = phase(setup, fresh)
-    out["seen"] = phase(setup, fresh)
-    out["fixed"] = phase(setup, [fixed] * reps)
-    out["bucketed_first"] = phase(setup, bucketed)
-    out["bucketed_seen"] = phase(setup, bucketed)
-    return out
+    if fresh:
+        out["fresh"] = phase(setup, fresh)
+        out["seen"] = phase(setup, fresh)
+    out["fixed"] = phase(setup, [fixed] * (len(fresh) or reps))
+    if fresh:
+        out["bucketed_first"] = phase(setup, bucketed)
+        out["bucketed_seen"] = phase(setup, bucketed)
+    return out, found
 
 
 def enqueue(setup: TrainingSetup, batches: list) -> dict:
@@ -121,7 +127,8 @@ def iisan_rows(args, label: str) -> dict:
     setup = training_setup(method_config(base, label))
     device, model, amp = setup.device, setup.model, setup.amp
     row = {"label": label, "batch_size": setup.cfg.batch_size, "amp": str(amp), "compiled": setup.compiled,
-           "static_shapes": setup.buckets is not None, "shapes": shape_phases(setup, args.shape_reps)}
+           "static_shapes": setup.buckets is not None}
+    row["shapes"], row["fresh_shapes"] = shape_phases(setup, args.shape_reps)
     stream = setup.full_batches()
     row["pipeline_seconds_per_batch"] = timed(lambda: next(stream), device, args.warmup, args.reps)
     batches = [next(stream) for _ in range(max(args.reps, args.warmup))]

@@ -7,7 +7,7 @@ before anything is written."""
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +18,10 @@ from PIL import Image  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
 from ..files import atomic_path, claim_output, starts_with  # noqa: E402
-from .bench import authors_label, memory_gib  # noqa: E402
+from .bench import memory_gib  # noqa: E402
+from .report_checks import EXPECTED, read_benchmark  # noqa: E402
+from .report_notes import notes, quick_check  # noqa: E402
+from .timing import MIN_STEPS, MIN_WARMUP  # noqa: E402
 
 
 def memory_label(payload: dict) -> str:
@@ -71,53 +74,6 @@ def tasks_table(payload: dict) -> list[str]:
     elif cache:
         lines.append(f"| cache build | failed: {cache.get('error')} | | |")
     return ["| task | s (median) | s (p90) | memory GiB |", "|---|---|---|---|", *lines] if lines else []
-
-
-def notes(payload: dict) -> list[str]:
-    """What each row measures, said with the run's own numbers."""
-    steps, warmup = payload["timed_steps"], payload["warmup_steps"]
-    timing = ("each step's duration read on the device (CUDA events between steps on a GPU, no wait between "
-              "steps); s / step is their median, p90 their 90th percentile, s / epoch the median x ceil(users / "
-              "batch). Full epoch: a real epoch end to end, its image pipeline started cold, the last smaller "
-              "batch included (where measured)." if any("step_seconds" in r for r in payload["rows"]) else
-              "s / step is their mean (a results file without per-step times), s / epoch that x ceil(users / batch).")
-    out = [f"Device: {payload['device']}. Setting: {payload['description']}. Training only, no evaluation: "
-           f"{steps} timed steps after {warmup} warm-up steps, {timing}",
-           "Encodes 'distinct items' (the default): each distinct item of a batch runs through the item encoder "
-           "once. For live steps with static shapes, the distinct items are padded up to a bucket size (rows / "
-           "step) and titles cut to the batch's longest, rounded up to 8 tokens; padding rows are masked and "
-           "never reach the loss. Padding: the extra rows per real item / the extra model FLOPs over the same "
-           "batches without padding rows. 'every slot' (the authors' way, as their code runs it): every slot "
-           "of the batch through the item encoder, padding slots included, titles at their full 30 tokens; "
-           "the loss is the same, the work and memory are those of the authors' code. Cached IISAN gathers "
-           "states instead of encoding (its rows are those its SAN runs on, no FLOPs padding is counted): on a "
-           "GPU its step takes every slot (one CUDA graph), on a CPU each distinct item. TPME compares the "
-           "default rows only.",
-           "Items / step: the non-padding items a step encodes (distinct ones, or every non-padding slot). "
-           "Model TFLOP/s: the step's matmul, convolution and attention FLOPs (forward and backward, counted "
-           "with torch.utils.flop_counter on the timed batches) per second of the median step."]
-    if payload.get("complete") is False:  # rewritten after every row: a run cut short says so
-        out.insert(0, "**Incomplete:** the run stopped before it measured every row (cut short or still "
-                      "running); the rows above are all it measured, and TPME is computed only at the end.")
-    out += memory_note(payload)
-    out.append(f"Command: `{payload['command']}` (commit {payload['git_commit']}).")
-    return out
-
-
-def memory_note(payload: dict) -> list[str]:
-    """Why FFT's memory here is far below the paper's 47 GB, with this run's FFT rows."""
-    rows = {r["label"]: r for r in payload["rows"] if "error" not in r}
-    default, authors = rows.get("FFT"), rows.get(authors_label("FFT"))
-    if not default or not authors or "items_per_step" not in default:
-        return []
-    return [f"Memory: a trained backbone keeps activations for every item it encodes, so FFT's memory grows with "
-            f"the items per step: {default['items_per_step']:.0f} here ({default.get('encodes', 'distinct items')}; "
-            f"{memory_gib(default):.2f} GiB), {authors['encoded_rows_per_step']:.0f} slots with full titles the "
-            f"authors' way ({memory_gib(authors):.2f} GiB). The two rows show how much of the gap between the "
-            "default FFT row and the paper's 47 GB comes from leaving padding out of the encoders. The authors' "
-            "code logs no memory figure, so how 47 GB was read is not known (a reading from nvidia-smi would "
-            "include the CUDA context and the allocator's cache; compare the reserved column), and their fp16 "
-            "training with a GradScaler is not what runs here."]
 
 
 def table(payload: dict) -> str:
@@ -199,7 +155,17 @@ def claim_reports(path: Path, figs: Path | None, flag: str = "--results") -> Non
         claim_figure(png)
 
 
-def figure(payload: dict, path: Path) -> None:
+def figure_title(payload: dict) -> str:
+    """Device, setting, encoders and data; for a quick check (--few-steps) also its step counts, so that
+    it is not taken for the benchmark's timing."""
+    quick = (f"\nquick check: {payload['timed_steps']} timed steps after {payload['warmup_steps']} warm-up (the "
+             f"benchmark's timing: {MIN_STEPS} after {MIN_WARMUP})" if quick_check(payload) else "")
+    return (f"{payload['device']} | {payload['description']} | {payload['backbones']} encoders, "
+            f"{payload['data']} data{quick}")
+
+
+def figure(payload: dict) -> bytes:
+    """The PNG of ``payload``'s default rows, drawn in memory (``write_reports`` writes it)."""
     rows = [r for r in payload["rows"] if "tpme" in r]  # the default rows (TPME compares them)
     labels = [r["label"].replace(" (", "\n(") for r in rows]
     panels = [
@@ -218,31 +184,14 @@ def figure(payload: dict, path: Path) -> None:
             ax.set_yscale("log")
         for i, v in enumerate(values):
             ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"{payload['device']} | {payload['description']} | {payload['backbones']} encoders, "
-                 f"{payload['data']} data", fontsize=10)
+    fig.suptitle(figure_title(payload), fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", metadata={"Creator": CREATOR})
-    plt.close(fig)
-
-
-# What the table and the figure read from a benchmark JSON, besides its rows.
-BENCHMARK_KEYS = ("rows", "device", "description", "timed_steps", "warmup_steps", "command", "git_commit",
-                  "backbones", "data")
-EXPECTED = "expected a benchmark JSON written by scripts/benchmark_efficiency.py"
-
-
-def read_benchmark(path: Path) -> dict:
-    """A benchmark JSON, or a ``DataError`` naming the file and what it is not."""
+    png = io.BytesIO()
     try:
-        payload = json.loads(path.read_bytes())
-    except ValueError as err:  # not JSON (cut short, another format), or not text at all
-        raise DataError(f"{path} is not JSON ({err}); {EXPECTED}") from None
-    missing = [k for k in BENCHMARK_KEYS if k not in payload] if isinstance(payload, dict) else list(BENCHMARK_KEYS)
-    if missing or not isinstance(payload["rows"], list) or not all(isinstance(r, dict) for r in payload["rows"]):
-        raise DataError(f"{path} is not a benchmark JSON (it lacks {', '.join(missing) or 'a list of rows'}); "
-                        f"{EXPECTED}")
-    return payload
+        fig.savefig(png, dpi=110, format="png", metadata={"Creator": CREATOR})
+    finally:
+        plt.close(fig)
+    return png.getvalue()
 
 
 def benchmark_files(results: list[Path]) -> list[Path]:
@@ -265,18 +214,19 @@ def benchmark_files(results: list[Path]) -> list[Path]:
 def write_reports(results: list[Path], figs: Path | None, flag: str = "--results") -> list[Path]:
     """For each JSON in ``results`` (files, or folders of them): ``<name>.md`` beside it (the table, with
     the command and device that produced it) and, unless ``figs`` is None, ``figs/efficiency-<name>.png``.
-    Every JSON is read, and every path to write claimed (``claim_reports``; ``flag``: the option that
-    chose the tables' folder), before anything is written. Returns what it wrote."""
+    Every JSON is read (``read_benchmark`` checks each field), every path to write claimed
+    (``claim_reports``; ``flag``: the option that chose the tables' folder), and every table and figure
+    made, before anything is written. Returns what it wrote."""
     payloads = {path: read_benchmark(path) for path in benchmark_files(results)}
     for path in payloads:
         claim_reports(path, figs, flag)
-    made = []
+    made: dict[Path, bytes] = {}
     for path, payload in payloads.items():
         md, png = report_paths(path, figs)
-        with atomic_path(md) as tmp:
-            tmp.write_text(f"{TABLE_HEAD}{path.stem}\n\n" + table(payload))
-        made.append(md)
+        made[md] = (f"{TABLE_HEAD}{path.stem}\n\n" + table(payload)).encode()
         if png is not None:
-            figure(payload, png)
-            made.append(png)
-    return made
+            made[png] = figure(payload)
+    for target, data in made.items():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    return list(made)

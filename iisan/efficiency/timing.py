@@ -16,6 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 from ..devices import peak_memory, sync
 from ..errors import error_line
 
+MIN_WARMUP, MIN_STEPS = 10, 50  # the benchmark's timing; fewer only for a quick check (--few-steps)
+
 
 class StepClock:
     """Per-step durations, with no wait on the device between steps (a wait would change what is timed:

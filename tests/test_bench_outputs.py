@@ -1,0 +1,314 @@
+"""What the benchmark tools measure and write, beyond their flags: a measuring process's own peak memory,
+the notes under a table (only what the rows' fields say), damaged JSONs refused before anything is
+written, runs that cannot fill a batch or find enough fresh shapes ending, and outputs never written
+over or outside their folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iisan.devices import peak_memory, reset_peak_memory
+from iisan.efficiency import benchmark, diagnose
+from iisan.efficiency.figures import figure_title, table
+from iisan.efficiency.isolate import in_fresh_process
+from iisan.errors import ConfigError
+
+from ._scripts import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = "expected a benchmark JSON written by scripts/benchmark_efficiency.py"
+CPU = torch.device("cpu")
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+
+
+@contextmanager
+def within(seconds: int):
+    """A ``TimeoutError`` where the block would otherwise never end (the hangs these tests guard)."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def ending(module, argv: list[str], capsys) -> str:
+    """``module.main(argv)`` -> the last line of its stderr, after checking it exits with status 2."""
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the work started before the input was checked")
+
+
+# --------------------------------------------------------------------------------------------------
+# peak memory on the CPU
+
+
+@LINUX
+def test_a_measuring_child_reports_its_own_peak_not_its_parents():
+    """ru_maxrss crosses fork and exec: a child measured while its parent held 1.5 GiB reported 1.5 GiB."""
+    blob = np.ones(3 * 2**30 // 16)  # 1.5 GiB, every page touched
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= 1.5 * 2**30
+    child = in_fresh_process(peak_memory, CPU)
+    del blob
+    assert child["rss_peak_source"] == "VmHWM" and child["rss_peak_since"] == "the process's start"
+    assert 0 < child["peak_rss_gib"] < 1.0, child  # the child's own (python and torch), not its parent's
+
+
+@LINUX
+def test_the_cpu_peak_starts_over_at_a_reset_as_the_gpu_peaks_do():
+    blob = np.ones(2**29 // 8)  # 512 MiB, then freed: the peak stays above the resident set
+    del blob
+    before = peak_memory(CPU)
+    assert before["peak_rss_gib"] - before["current_rss_gib"] >= 0.45
+    assert reset_peak_memory(CPU)
+    after = peak_memory(CPU, "the warm-up's end")
+    assert after["peak_rss_gib"] - after["current_rss_gib"] < 0.1
+    assert (after["rss_peak_source"], after["rss_peak_since"]) == ("VmHWM", "the warm-up's end")
+
+
+# --------------------------------------------------------------------------------------------------
+# a benchmark JSON: its notes, its damage
+
+
+def benchmark_payload(steps: int = 50, warmup: int = 10) -> dict:
+    """A CPU benchmark JSON as the benchmark writes it now: a baseline encoding every slot with an item,
+    uncached IISAN each distinct item, FFT the authors' way."""
+    memory = {"peak_rss_gib": 1.0, "current_rss_gib": 0.5, "rss_peak_source": "VmHWM",
+              "rss_peak_since": "the warm-up's end"}
+    buckets = {"item_bucket_growth": 0.125, "row_multiple": 16, "title_multiple": 8, "title_tokens": 30}
+
+    def row(label, method, encodes, measured, **more):
+        return {"label": label, "method": method, "feed": "live", "batch_size": 32, "seconds_per_step": 0.5,
+                "p90_seconds_per_step": 0.6, "step_seconds": {"median": 0.5}, "epoch_seconds": 19.0,
+                "trainable_params": 1000, "memory": dict(memory), "encodes": encodes, "items_per_step": 190.0,
+                "encoded_rows_per_step": 208.0, "padding_overhead_items": 0.09, "padding_overhead_flops": 0.08,
+                "static_shapes": True, "buckets": dict(buckets), "measured": measured,
+                "model_tflops_per_second": 0.01, "flop_batches": steps, **more}
+
+    rows = [row("FFT", "FFT", "every slot with an item", "default", tpme=1.0),
+            row("FFT (every slot)", "FFT", "every slot", "authors", encoded_rows_per_step=352.0,
+                buckets={**buckets, "title_multiple": 0}),
+            row("IISAN (uncached)", "IISAN", "distinct items", "default", tpme=0.0)]
+    return {"setting": "paper", "description": "paper: baselines 32, IISAN 64", "backbones": "tiny", "data": "demo",
+            "device": "CPU (x86_64, 2 cores, 2 torch threads)", "rows": rows, "cache_build": None,
+            "evaluation": None, "timed_steps": steps, "warmup_steps": warmup, "complete": True,
+            "command": "python scripts/benchmark_efficiency.py", "git_commit": "abc1234"}
+
+
+def test_the_notes_say_what_each_rows_fields_show():
+    notes = table(benchmark_payload()).split("\n\n")[-1]
+    assert "Encodes 'every slot with an item' (FFT): each slot of the batch that holds an item" in notes
+    assert "Encodes 'distinct items' (IISAN (uncached)): each distinct item" in notes
+    assert "Encodes 'every slot' (FFT (every slot)): every slot of the batch" in notes
+    assert "(the default)" not in notes  # the default rows encode differently per method
+    assert "Static shapes (FFT, IISAN (uncached)): the encoded rows padded up to a bucket size" in notes
+    assert "titles cut to the batch's longest, rounded up to 8 tokens" in notes
+    assert "Static shapes (FFT (every slot)): a batch's rows are its slots, a fixed count; titles at their full " \
+           "30 tokens" in notes
+    assert ("Peak RSS (FFT, FFT (every slot), IISAN (uncached)): the measuring process's own resident high-water "
+            "mark (VmHWM), since the warm-up's end.") in notes
+    assert "quick check" not in notes and "median" in notes
+
+
+def test_the_notes_of_an_older_json_say_nothing_of_fields_it_lacks():
+    """H200 runs 1 and 2: no encodes, no static shapes, no per-step times, no FLOPs, no memory source."""
+    old = json.loads((ROOT / "results" / "efficiency" / "h200-run2" / "base-scientific-h200-paper.json").read_text())
+    notes = table(old).split("\n\n")[-1]
+    for claim in ("distinct items", "every slot", "Static shapes", "TFLOP/s", "median", "Items / step", "Padding",
+                  "Peak RSS", "Encodes"):
+        assert claim not in notes, claim
+    assert "s / step is their mean (a results file without per-step times)" in notes
+    assert "Memory (FFT, Adapter, LoRA, BitFit, IISAN (uncached), IISAN (cached), cache build): the CUDA " \
+           "allocator's peaks" in notes
+
+
+def test_a_quick_checks_figure_says_its_step_counts():
+    assert "quick check" not in figure_title(benchmark_payload())
+    assert figure_title(benchmark_payload(steps=2, warmup=1)).endswith(
+        "\nquick check: 2 timed steps after 1 warm-up (the benchmark's timing: 50 after 10)")
+
+
+def damage(payload: dict, where: str, value) -> dict:
+    """``payload`` with the field at ``where`` ('rows.0.memory') set to ``value`` (``...``: removed)."""
+    payload = copy.deepcopy(payload)
+    *path, last = where.split(".")
+    entry = payload
+    for key in path:
+        entry = entry[int(key) if isinstance(entry, list) else key]
+    if value is ...:
+        del entry[last]
+    else:
+        entry[last] = value
+    return payload
+
+
+@pytest.mark.parametrize("where, value, field", [
+    ("rows.0.memory", ..., "rows[0] (FFT).memory is missing"),
+    ("rows.0.label", ..., "rows[0].label is missing"),
+    ("rows.0.memory.peak_rss_gib", None, "rows[0] (FFT).memory.peak_rss_gib is null, not a finite number"),
+    ("rows.0.trainable_params", None, "rows[0] (FFT).trainable_params is null, not an integer"),
+    ("rows.1.seconds_per_step", "fast", 'rows[1] (FFT (every slot)).seconds_per_step is "fast", not a finite number'),
+    ("rows.1.seconds_per_step", float("nan"), "rows[1] (FFT (every slot)).seconds_per_step is NaN, not a finite "
+                                              "number"),
+    ("cache_build", "x", 'cache_build is "x", not an object or null'),
+    ("evaluation", {"evaluation_seconds": 1.0}, "evaluation.label is missing"),
+    ("timed_steps", "x", 'timed_steps is "x", not an integer'),
+])
+def test_plot_figures_refuses_a_damaged_json_before_writing_anything(where, value, field, tmp_path, monkeypatch,
+                                                                      capsys):
+    """A good JSON first in the folder, the damaged one after it: one line naming the file and the field,
+    and no table or figure of either written."""
+    monkeypatch.setattr(sys, "argv", ["plot_figures.py"])
+    plot = load_script("plot_figures.py")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "a-good.json").write_text(json.dumps(benchmark_payload()))
+    (results / "b-bad.json").write_text(json.dumps(damage(benchmark_payload(), where, value)))
+    figs = tmp_path / "figs"
+    assert ending(plot, ["--results", str(results), "--figs", str(figs)], capsys) == (
+        f"plot_figures.py: error: {results / 'b-bad.json'}: {field}; {EXPECTED}")
+    assert sorted(p.name for p in results.iterdir()) == ["a-good.json", "b-bad.json"] and not figs.exists()
+
+
+def test_plot_figures_draws_the_committed_and_failed_results(tmp_path):
+    """The checks take every JSON the benchmark wrote: H200 runs 1 and 2, a failed row, no measured tasks."""
+    from iisan.efficiency.figures import write_reports
+
+    for path in (ROOT / "results" / "efficiency").rglob("*.json"):
+        (tmp_path / f"{path.parent.name}-{path.name}").write_text(path.read_text())
+    failed = benchmark_payload()
+    failed["rows"].append({"label": "LoRA", "error": "TrainingError: no", "traceback": ""})
+    failed["cache_build"] = {"error": "OutputError: no", "traceback": ""}
+    (tmp_path / "failed.json").write_text(json.dumps(failed))
+    made = write_reports([tmp_path], tmp_path / "figs")
+    assert len(made) == 2 * len(list(tmp_path.glob("*.json")))
+
+
+# --------------------------------------------------------------------------------------------------
+# runs that would never end
+
+
+def test_a_batch_larger_than_the_users_is_refused_not_waited_for(tiny_config, tmp_path, monkeypatch, capsys):
+    from iisan.efficiency.bench import training_setup
+
+    setup = training_setup(tiny_config(method="iisan", feed="live", batch_size=500))
+    with within(60), pytest.raises(ConfigError, match="batch_size=500 exceeds the 160 users of .*users.tsv; a "
+                                                      "timed step needs a full batch: choose at most 160"):
+        next(setup.host_batches())
+    monkeypatch.setattr(sys, "argv", ["benchmark_efficiency.py"])
+    bench = load_script("benchmark_efficiency.py")
+    monkeypatch.setattr(benchmark, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "in_fresh_process", no_work)
+    folders = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--figs", str(tmp_path / "figs")]
+    assert ending(bench, ["--settings", "equal", "--equal-batch", "5000", "--device", "cpu", *folders], capsys) == (
+        "benchmark_efficiency.py: error: --equal-batch 5000 exceeds the 1,200 users of the demo data; every timed "
+        "step needs a full batch: choose at most 1200")
+    monkeypatch.setattr(sys, "argv", ["profile_step.py"])
+    profile = load_script("profile_step.py")
+    monkeypatch.setattr(profile, "prepare", no_work)
+    assert ending(profile, ["--batch-size", "20000", "--data", "scientific"], capsys) == (
+        "profile_step.py: error: --batch-size 20000 exceeds the 12,076 users of the scientific data; every timed "
+        "step needs a full batch: choose at most 12076")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_diagnosis_seeks_fresh_shapes_over_one_epoch_only(tiny_config):
+    """160 users in batches of 16: ten full batches, one the fixed one; asking for 50 fresh shapes ends."""
+    from iisan.efficiency.bench import training_setup
+    from iisan.efficiency.diagnose_steps import shape_phases
+
+    setup = training_setup(tiny_config(method="iisan", feed="live", batch_size=16))
+    with within(120):
+        shapes, found = shape_phases(setup, 50)
+    assert found["wanted"] == 50 and found["batches_searched"] == 10 and 1 <= found["found"] <= 9
+    assert [len(shapes[k]["rows"]) for k in ("fresh", "seen", "fixed", "bucketed_first")] == [found["found"]] * 4
+
+
+# --------------------------------------------------------------------------------------------------
+# the diagnosis script's inputs and output
+
+
+def test_gpu_diagnose_replaces_only_its_own_json_and_needs_a_frozen_count(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["gpu_diagnose.py"])
+    script = load_script("gpu_diagnose.py")
+    nothing = ["--device", "cpu", "--iisan", "", "--skip-plain"]
+    theirs = {"mine.json": '{"warmup": 1}', "notes.txt": "mine"}
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
+        assert ending(script, [*nothing, "--out", str(tmp_path / name)], capsys) == (
+            f"gpu_diagnose.py: error: --out {tmp_path / name} exists and is not a diagnosis JSON IISAN wrote; "
+            "IISAN replaces only what it wrote itself, so choose another path or move that one away")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == theirs
+    monkeypatch.setattr(diagnose, "plain_section", no_work)
+    ours = tmp_path / "diagnose.json"
+    for _ in range(2):  # written, then its own earlier report replaced
+        script.main([*nothing, "--out", str(ours)])
+        assert diagnose.is_diagnosis(ours) and json.loads(ours.read_text())["device"]["device"].startswith("CPU")
+    assert ending(script, ["--iisan", "", "--fft-items", "", "--frozen-items", "", "--device", "cpu",
+                           "--out", str(tmp_path / "d.json")], capsys) == (
+        "gpu_diagnose.py: error: --frozen-items names no item count; the plain section needs at least one (the "
+        "first also runs the variants), or pass --skip-plain")
+    assert not (tmp_path / "d.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark's names and flags
+
+
+def test_a_tag_stays_inside_out_and_a_label_given_twice_is_measured_once(tmp_path):
+    payload = {"setting": "paper", "backbones": "tiny", "data": "demo"}
+    assert benchmark.result_path(tmp_path, "../escaped", payload, [], {}) == tmp_path / "escaped-paper.json"
+    assert benchmark.result_path(tmp_path, "a/../../b c", payload, [], {}).parent == tmp_path
+    chosen = benchmark.selection("IISAN (cached),IISAN (cached)", "IISAN (cached), IISAN (cached)", "", "paper",
+                                 warmup=10, steps=50, flop_batches=0)
+    assert chosen["labels"] == chosen["authors_way"] == ("IISAN (cached)",)
+    assert benchmark.measuring_order(("FFT", "FFT"), ("FFT", "FFT")) == [("FFT", "default"), ("FFT", "authors")]
+
+
+def test_the_benchmarks_step_and_label_messages_point_the_right_way():
+    with pytest.raises(ConfigError) as refused:
+        benchmark.selection("FFT", "none", "", "paper", warmup=10, steps=0, flop_batches=0)
+    assert "--steps >= 1" in str(refused.value) and "--few-steps" not in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        benchmark.selection("FFT", "none", "LoRA", "paper", warmup=10, steps=50, flop_batches=0)
+    assert str(refused.value) == "--full-epoch: ['LoRA'] not among --methods ['FFT']; add them there or leave them out"
+    with pytest.raises(ConfigError, match=r"--full-epoch: unknown method label\(s\) \['SASRec'\]"):
+        benchmark.selection("FFT", "none", "SASRec", "paper", warmup=10, steps=50, flop_batches=0)
+
+
+@pytest.mark.parametrize("device, given, dtype", [("cpu", None, "float32"), ("cuda", None, "bfloat16"),
+                                                  ("cpu", "auto", "auto")])
+def test_gpu_check_stores_the_cache_in_float32_on_a_cpu(device, given, dtype, tmp_path):
+    """The script's own choice, read from the benchmark's command line (a stand-in python records it)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path / "calls"}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PART": "bench", "DEVICE": device, "OUT": str(tmp_path / "out")}
+    env.pop("CACHE_DTYPE", None)
+    if given:
+        env["CACHE_DTYPE"] = given
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[calls.index("--cache-dtype") + 1] == dtype
