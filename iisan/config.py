@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .bounds import check_bounds, coerce
 from .errors import ConfigError, error_line
-from .methods import METHOD_DEFAULTS, METHOD_NAMES, METHODS, unread_keys  # noqa: F401 (the names the package imports from here)
+from .methods import METHOD_DEFAULTS, METHOD_NAMES, METHODS, newly_unread, unread_keys  # noqa: F401 (the names the package imports from here)
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                           f"towers={cfg.towers}); leave --text-encoder-dropout out")
     if said.get("modality") not in (None, cfg.modality):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
-    if unread := [k for k in said if k in unread_keys(cfg.method, cfg.towers, cfg.feed)]:  # --lora-rank for FFT
+    if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg

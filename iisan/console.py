@@ -200,14 +200,15 @@ def host_memory_error(err: RuntimeError) -> str:
             "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank)")
 
 
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
 def peer_lost(err: RuntimeError) -> str:
     """The one line for a collective that failed because another process of a torchrun launch died (killed,
     out of memory) while this one waited for it ('' for any other error, and outside torchrun)."""
     text = str(err).strip()
-    if "RANK" not in os.environ or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # (distributed.launched: no torch import here)
+    if not launched or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
         return ""
     first = text.splitlines()[0] if text else type(err).__name__
     return (f"lost contact with another process of this torchrun launch (it stopped or was killed: {first[:160]}); "

@@ -77,3 +77,16 @@ def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> froz
     if kind == "san" and feed == "live":
         unread.add("cache_dtype")
     return frozenset(unread | TOWER_KEYS.get(towers, frozenset()))
+
+
+_NAMED: set[tuple] = set()  # (key, value, method, towers, feed) already named by ``newly_unread`` in this process
+
+
+def newly_unread(said: dict, defaults: dict, method: str, towers: str, feed: str) -> list[str]:
+    """The keys of ``said`` (what a user gave) that such a run never reads, given other than their default and
+    not named before in this process (a sweep resolves each point's config: one warning, not one a point)."""
+    unread = unread_keys(method, towers, feed)
+    keys = [k for k, v in said.items() if k in unread and v != defaults.get(k)
+            and (k, repr(v), method, towers, feed) not in _NAMED]
+    _NAMED.update((k, repr(said[k]), method, towers, feed) for k in keys)
+    return keys

@@ -237,6 +237,7 @@ def test_a_peer_that_died_is_one_line_not_a_traceback(monkeypatch, capsys):
                            "[10.0.0.2]:41327\nmore lines")
 
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as stopped:
         entry_point("iisan", collective)
     assert stopped.value.code == 2
@@ -314,3 +315,22 @@ def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("preprocess_vectors.py: error: preprocess_vectors.py "
                                                                 "runs in one process: start it without torchrun")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tiny, tiny_cache, tmp_path):
+    """Rank 0 alone fails a point (a write only it does); rank 1 waits in that point's collectives. The grid
+    ends on rank 0 in one line naming the point, and rank 1 with it: no hang, no next point."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
+             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", "2",
+             "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "_torchrun_grid_worker.py"), *flags], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "_torchrun_grid_worker.py" in line]
+    assert any("grid point 0 " in line and "No space left on device (rank 0 only)" in line and
+               "under torchrun a point that fails while training ends the grid" in line for line in errors), errors
+    assert "grid point 1 of 2" not in proc.stderr  # (then torchrun's own report of the failed workers)

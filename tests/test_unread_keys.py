@@ -31,8 +31,10 @@ OTHER = {
 }
 
 SETTINGS = [("iisan", "both", "cached"), ("iisan", "both", "live"), ("iisan", "text", "cached"),
-            ("iisan", "image", "live"), ("fft", "both", "live"), ("adapter", "both", "live"),
-            ("lora", "both", "live"), ("bitfit", "both", "live"), ("id", "both", "live")]
+            ("iisan", "text", "live"), ("iisan", "image", "cached"), ("iisan", "image", "live"),
+            ("fft", "both", "live"), ("fft", "text", "live"), ("adapter", "both", "live"),
+            ("adapter", "image", "live"), ("lora", "both", "live"), ("bitfit", "both", "live"),
+            ("id", "both", "live")]
 
 
 def test_every_unread_key_has_another_value_here():
@@ -106,3 +108,12 @@ def test_a_run_named_before_unread_keys_left_the_hash_is_still_found(tiny, tmp_p
     assert earlier != default_run_name(cfg) and earlier.startswith("id-live-")
     (tmp_path / "runs" / earlier).mkdir(parents=True)
     assert known_run_name(cfg) == earlier
+
+
+def test_an_unread_key_is_named_once_and_not_at_its_default(caplog):
+    with caplog.at_level(logging.WARNING):
+        for lr in (1e-4, 2e-4, 3e-4):  # a sweep resolves each point
+            resolve(flags={"method": "bitfit", "lora_rank": 12, "lr": lr})
+        resolve(flags={"method": "bitfit", "lora_alpha": 1.0})  # a full config names every key: at its default
+    assert caplog.text.count("lora_rank: not read by this run (method=bitfit") == 1
+    assert "lora_alpha" not in caplog.text

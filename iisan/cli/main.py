@@ -53,16 +53,16 @@ UNDER_TORCHRUN = ("train",)
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    entry_point("iisan", lambda: run(args))
+
+
+def run(args: argparse.Namespace):
     from ..distributed import launched  # after parsing: --help answers without importing torch (cli/__init__.py)
 
     if launched() and args.command not in UNDER_TORCHRUN:
-        entry_point("iisan", lambda: refuse(f"iisan {args.command} runs in one process: start it without torchrun "
-                                            "(only iisan train and the entry scripts are data-parallel)"))
-    entry_point("iisan", lambda: args.func(args))
-
-
-def refuse(message: str):
-    raise ConfigError(message)
+        raise ConfigError(f"iisan {args.command} runs in one process: start it without torchrun (only iisan train "
+                          "and the entry scripts are data-parallel)")
+    return args.func(args)
 
 
 if __name__ == "__main__":

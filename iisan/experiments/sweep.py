@@ -30,9 +30,9 @@ from enum import Enum
 from pathlib import Path
 
 from ..config import METHOD_DEFAULTS, Config, resolve, unread_keys
-from ..console import VERBOSE_HELP, entry_point, setup_logging
+from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE
-from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, UserError
+from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from .presets import BACKBONES, dataset_paths, own_cache_dir
@@ -190,6 +190,8 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
         reason = " ".join(str(err).split())
         log.error("grid point %d (%s) failed: %s", point.index, point.name, reason)
     except Exception as err:  # a bug: its traceback goes to the log, the grid goes on
+        if isinstance(err, RuntimeError) and (line := peer_lost(err)):  # torchrun: no point can go on
+            raise TrainingError(line) from None
         reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
         log.error("grid point %d (%s) failed: %s", point.index, point.name, reason, exc_info=True)
     return Outcome(point, Status.FAILED, reason=reason)
@@ -239,11 +241,16 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
     # to connect within one launch. Each train() joins it and leaves it up.
     first = next((p.config for p in points if p.config is not None), None)
     created = launched() and first is not None and setup(first.device)[2]
-    finished = False
     try:
         for n, point in enumerate(points):
             try:
                 outcomes[n] = run_point(point, total, action, args)
+                if launched() and outcomes[n].status == Status.FAILED and point.config is not None:
+                    # it may have failed on this rank alone (a write only rank 0 does): the others wait in its
+                    # collectives, so no next point can start; this process ends, and theirs with it
+                    raise GridError(f"grid point {point.index} ({point.name}) failed: {outcomes[n].reason}; under "
+                                    "torchrun a point that fails while training ends the grid: run the same "
+                                    "command again once it is fixed (finished points are skipped)")
             except RunInterrupted as err:
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 # the point's run name comes from the grid: rerunning the command finds it again
@@ -253,12 +260,12 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 raise
-        finished = True
     finally:
-        if created:
-            teardown(finished=finished)
         if main_process():  # under torchrun every rank runs the grid; one table is enough
             print(summary(outcomes), end="")
+        if created:  # every rank waits for the others only when all went well (a peer may be gone)
+            teardown(finished=all(o.status in (Status.FINISHED, Status.FINISHED_BEFORE, Status.IN_USE)
+                                  for o in outcomes))
     if busy := sum(o.status == Status.IN_USE for o in outcomes):
         log.info("%d point(s) were being trained by another process: run this command again once it has "
                  "finished to collect their results", busy)

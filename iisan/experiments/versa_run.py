@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..config import Config
 from ..data.cache import cache_file
-from ..errors import CacheError
+from ..distributed import launched
+from ..errors import CacheError, ConfigError
 from ..model.build import modalities
 from ..model.caching import build_cache_from_config
 from ..train.trainer import train
@@ -14,6 +15,9 @@ def train_cached(cfg: Config, build_cache: bool = False) -> dict:
     """Train ``cfg``; with ``build_cache``, first build its cache when a tower's file is missing (the
     build resumes an interrupted one)."""
     missing = not all(cache_file(cfg.cache_dir, m).is_file() for m in modalities(cfg))
+    if missing and build_cache and launched():  # every rank would build it, locking the others out
+        raise ConfigError(f"--build-cache under torchrun: the cache {cfg.cache_dir} is built in one process; build "
+                          "it first with this command without torchrun (or `iisan cache`), then launch")
     if missing and build_cache:
         build_cache_from_config(cfg)
     try:
