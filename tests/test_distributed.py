@@ -271,16 +271,20 @@ def test_a_sweep_under_torchrun_runs_every_point_in_one_process_group(monkeypatc
     assert calls == ["setup cpu", "train 0.001", "train 0.002", "teardown True"]
 
 
-@pytest.mark.slow
-def test_a_sweep_of_two_points_under_torchrun(tiny, tiny_cache, tmp_path):
+def two_point_grid(script: Path, tiny: dict, cache: str, tmp_path: Path, epochs: int) -> subprocess.CompletedProcess:
+    """``script`` under torchrun, two CPU processes, over two learning rates of tiny runs."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
-             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", "1",
+    flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", cache, "--device", "cpu",
+             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", str(epochs),
              "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "Code_Cached" / "scripts" / "run_IISAN.py"), *flags], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *flags], env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_points_under_torchrun(tiny, tiny_cache, tmp_path):
+    proc = two_point_grid(ROOT / "Code_Cached" / "scripts" / "run_IISAN.py", tiny, tiny_cache, tmp_path, epochs=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("grid summary: 2 point(s): 2 finished") == 1  # rank 0's table only
     assert len([p for p in (tmp_path / "runs").iterdir() if (p / "results.json").is_file()]) == 2
@@ -321,14 +325,7 @@ def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_
 def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tiny, tiny_cache, tmp_path):
     """Rank 0 alone fails a point (a write only it does); rank 1 waits in that point's collectives. The grid
     ends on rank 0 in one line naming the point, and rank 1 with it: no hang, no next point."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
-             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", "2",
-             "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "_torchrun_grid_worker.py"), *flags], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = two_point_grid(ROOT / "tests" / "_torchrun_grid_worker.py", tiny, tiny_cache, tmp_path, epochs=2)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error:" in line and "_torchrun_grid_worker.py" in line]
     assert any("grid point 0 " in line and "No space left on device (rank 0 only)" in line and
