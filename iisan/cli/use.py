@@ -44,11 +44,10 @@ def why_different(run: TrainedRun) -> str:
     run trained on, a cache rebuilt in another precision, else the software."""
     # imported when run, not for --help (cli/__init__.py)
     from ..files import file_fingerprint
-    from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, config_differences
+    from ..train.checkpoint import PATHS, config_differences
 
     saved = run.results.get("config")
-    paths = frozenset({*DATA_PATHS, *MODEL_PATHS})  # spelt otherwise by a resumed run; contents compared below
-    if isinstance(saved, dict) and (differ := config_differences(saved, run.cfg.to_dict(), ignore=paths)):
+    if isinstance(saved, dict) and (differ := config_differences(saved, run.cfg.to_dict(), ignore=PATHS)):
         return f"results.json is of another config than the run's config.json ({'; '.join(differ[:2])})"
     if (then := run.results.get("users_fingerprint")) and then != file_fingerprint(run.cfg.users):
         return f"the users file {run.cfg.users} is not the one the run trained on"

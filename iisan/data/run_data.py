@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, unread_keys
 from ..errors import ConfigError
 from .batches import PixelSource
 from .images import ImageStore, store_digest
@@ -77,6 +77,12 @@ def images_digest(cfg: Config) -> str | None:
     """What names the pixels of the image LMDB a run reads, as the LMDB records it (``store_digest``); None
     without an image tower, where the LMDB is not here (a cached run's cache then stands for it), or where it
     was built before LMDBs recorded it (a run does not read every image to compute it)."""
-    if cfg.method == "id" or cfg.towers == "text" or not cfg.images or not (Path(cfg.images) / "data.mdb").is_file():
+    if not cfg.images or "images" in unread_keys(cfg.method, cfg.towers, cfg.feed):
         return None
-    return store_digest(cfg.images)
+    return recorded_digest(cfg.images)
+
+
+def recorded_digest(path: str | Path) -> str | None:
+    """The digest the image LMDB at ``path`` records (``store_digest``); None where there is no LMDB or it
+    records none."""
+    return store_digest(path) if (Path(path) / "data.mdb").is_file() else None

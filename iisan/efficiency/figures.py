@@ -106,7 +106,7 @@ def is_figure(path: Path) -> bool:
     if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24:
         return False
     try:  # the Creator text chunk itself, not the words anywhere in the file
-        with Image.open(path, formats=["PNG"]) as image:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:  # the bytes read above, not the file again
             if image.info.get("Creator") == CREATOR:
                 return True
     except Exception:  # a damaged PNG (PIL raises assorted types): not ours

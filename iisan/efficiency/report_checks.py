@@ -5,9 +5,9 @@ naming the file and the field, before anything is written, never a traceback hal
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from ..bounds import finite_number
 from ..errors import DataError
 
 # What the table and the figure read from a benchmark JSON, besides its rows.
@@ -50,9 +50,9 @@ def is_kind(value, kind: str) -> bool:
         return isinstance(value, bool)
     if kind == TABLE:
         return isinstance(value, dict)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) if kind == INTEGER else math.isfinite(value)
+    if kind == INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return finite_number(value)
 
 
 def check(path: Path, where: str, entry: dict, required: dict, optional: dict | None = None) -> None:

@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..bounds import LEARNING_RATES
 from ..config import METHOD_NAMES, Config
-from ..data.images import store_digest
+from ..data.run_data import recorded_digest
 from ..errors import ConfigError, UserError
 from ..files import atomic_path, claim_output
 from ..flags import close_match
@@ -130,7 +130,7 @@ def images_read(results: dict, cfg: dict) -> str:
     """What names the images a run's image tower read: the digest of its LMDB's records, as its cache or
     its live run recorded it; for older results, that of the LMDB its config names, where it still is and
     records one (else its path); '' without an image tower."""
-    if results["method"] == METHOD_NAMES["id"] or cfg["towers"] == "text":
+    if "images" in unread_keys(cfg["method"], cfg["towers"], cfg["feed"]):
         return ""
     for record in (results.get("cache"), results.get("encoders")):
         image = record.get("image") if isinstance(record, dict) else None
@@ -138,7 +138,7 @@ def images_read(results: dict, cfg: dict) -> str:
             return image["images"]
     where = Path(results.get("working_dir") or "", cfg["images"])
     try:
-        return ((where / "data.mdb").is_file() and store_digest(where)) or str(cfg["images"])
+        return recorded_digest(where) or str(cfg["images"])
     except UserError:  # not an image LMDB (any more): its path stands for it
         return str(cfg["images"])
 

@@ -34,7 +34,7 @@ from ..files import file_fingerprint
 from ..locks import held
 from ..model.build import build_model
 from ..model.recommender import Recommender
-from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, config_differences
+from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, PATHS, config_differences
 from ..train.runfolder import LOCK, RESULTS, results_or_reason
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
@@ -212,7 +212,7 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
     if not isinstance(saved, dict):
         log.warning("%s holds no readable config in its metadata; taken to be of %s", weights, config_path)
         return
-    if differences := config_differences(saved, config, ignore=frozenset({*DATA_PATHS, *MODEL_PATHS})):
+    if differences := config_differences(saved, config, ignore=PATHS):
         raise ConfigError(f"{weights} was saved by a run of another config than {config_path} "
                           f"({'; '.join(differences[:3])}): restore the run folder's files or train again")
 

@@ -30,6 +30,7 @@ from ..errors import EncoderError
 from .encoder_files import load_from_folder, load_tokenizer, local_folder, processor_file
 from .families import (
     INTERPOLATING,
+    NORM_AFTER_POOLING,
     TEXT_DECODERS,
     TEXT_ENCODER_HALVES,
     check_architecture,
@@ -241,7 +242,7 @@ class BackboneEncoder(nn.Module):
         tower leaves its own, ``post_layernorm``, to its pooled token: applied here) for the baselines' heads."""
         out = self.model(**self.model_inputs(inputs), return_dict=True)
         pooled = self.pool(out.last_hidden_state, inputs.get("attention_mask"))
-        if self.model.config.model_type == "clip_vision_model":
+        if self.model.config.model_type in NORM_AFTER_POOLING:
             return self.model.post_layernorm(pooled)
         return pooled
 

@@ -43,9 +43,11 @@ from .families import MODEL_CLASSES, SUPPORTED
 log = logging.getLogger(__name__)
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-DIGESTED = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "spm.model",
-                      "tokenizer.model", "tekken.json", "preprocessor_config.json",
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
+PLAIN_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json")  # read without the sentencepiece package
+VOCABULARY_FILES = (*PLAIN_VOCABULARIES, *SENTENCEPIECE_FILES, "tekken.json")  # (and *.tiktoken)
+DIGESTED = frozenset({*VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "merges.txt", "preprocessor_config.json",
                       "processor_config.json"})  # transformers 5 reads its "image_processor" before the other
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -298,11 +300,6 @@ def check_loaded(model, info: dict, folder: str, what: str) -> None:
 
 
 # Files that hold a tokenizer's vocabulary; a text folder needs one (``load_tokenizer``).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                    "spm.model", "tokenizer.model", "tekken.json")
-SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
-
-
 def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = False):
     """The text tokenizer of ``name``, refused when it cannot be the model's own.
 
@@ -319,7 +316,7 @@ def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = Fal
             raise EncoderError(f"text encoder folder {folder} has no tokenizer files ({', '.join(VOCABULARY_FILES[:4])}"
                                ", ...): copy them from the model's source")
         spm = names.intersection(SENTENCEPIECE_FILES)
-        if spm and not names.intersection(VOCABULARY_FILES[:3]) and importlib.util.find_spec("sentencepiece") is None:
+        if spm and not names.intersection(PLAIN_VOCABULARIES) and importlib.util.find_spec("sentencepiece") is None:
             raise EncoderError(f"text encoder folder {folder} has its vocabulary only as {min(spm)}, which needs the "
                                "sentencepiece package (pip install sentencepiece), or a tokenizer.json beside it")
     tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)

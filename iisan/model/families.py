@@ -28,6 +28,8 @@ MEAN_POOLED_IMAGES = frozenset({"siglip", "siglip_vision_model"})
 # Image towers that interpolate their position embeddings to any image size (DINOv2: trained at 518, fed 224
 # crops); every other one takes only its config's image_size.
 INTERPOLATING = frozenset({"dinov2", "dinov2_with_registers"})
+# Image towers that leave their final LayerNorm (``post_layernorm``) to the pooled token: CLIP's vision tower.
+NORM_AFTER_POOLING = frozenset({"clip_vision_model"})
 SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS | TEXT_ENCODER_HALVES, "image": IMAGE_ENCODERS}
 
 

@@ -56,6 +56,7 @@ MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_bat
 
 DATA_PATHS = ("users", "items", "images")  # relative paths are taken from the working folder
 MODEL_PATHS = ("text_model", "image_model")  # so are encoder folders found from there
+PATHS = frozenset({*DATA_PATHS, *MODEL_PATHS})  # spelt otherwise by a resumed run; their contents are compared apart
 
 
 def same_paths(values: dict, working_dir: object = None) -> dict:
@@ -66,7 +67,7 @@ def same_paths(values: dict, working_dir: object = None) -> dict:
     base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()
 
     def same(key: str, value: object) -> object:
-        if not isinstance(value, str) or not value or key not in (*DATA_PATHS, *MODEL_PATHS):
+        if not isinstance(value, str) or not value or key not in PATHS:
             return value
         if key in MODEL_PATHS and value in DEFAULT_MODELS.values():  # under the repository, from any folder
             return str(model_location(value))

@@ -30,7 +30,7 @@ from ..files import TEMPORARY, failure_reason, path_component, remove, write_fai
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from . import runstate
-from .checkpoint import CHECKPOINTS, MAY_CHANGE, Checkpoint, checkpoints, config_differences, examine, same_paths
+from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
 from .same_inputs import kept_nothing, refuse_changed_data
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,12 @@ def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
         problem = f"{best} is missing"
     except Exception as err:  # safetensors raises its own types for damaged files
         problem = f"{best} is not a readable safetensors file ({error_line(err)})"
-    config = cfg.to_dict()
-    found = next((c for p in checkpoints(folder / CHECKPOINTS) if isinstance(c := examine(p, config), Checkpoint)),
-                 None)
-    if found is not None and found.state["step"] is None and \
-            found.state["early_stopping"]["best_epoch"] == found.state["epoch"]:
+    config = cfg.to_dict()  # the newest checkpoint resuming would take (its state alone: the resume loads it)
+    path, state = next(((p, s) for p in checkpoints(folder / CHECKPOINTS)
+                        if isinstance(s := checked_state(p, config), dict)), (None, None))
+    if state is not None and state["step"] is None and state["early_stopping"]["best_epoch"] == state["epoch"]:
         log.warning("%s, so the run is not finished: resuming from %s, which holds its best epoch, to write it "
-                    "again", problem, found.path)
+                    "again", problem, path)
         return True
     raise TrainingError(f"{problem}, and no checkpoint of {folder} holds the run's best epoch "
                         f"({done.get('best_epoch')}) to write it again from: restore {BEST} from a copy, or use "
