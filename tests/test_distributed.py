@@ -134,11 +134,7 @@ def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
     distributed evaluation of the first run's best weights."""
     config_file, out_file = tmp_path / "config.json", tmp_path / "out.json"
     config_file.write_text(json.dumps(cfg.to_dict()))
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(ROOT / "tests" / "_torchrun_worker.py"), str(config_file),
-                           str(out_file)], env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file)], nproc, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out_file.read_text()), proc.stderr
 
@@ -271,15 +267,20 @@ def test_a_sweep_under_torchrun_runs_every_point_in_one_process_group(monkeypatc
     assert calls == ["setup cpu", "train 0.001", "train 0.002", "teardown True"]
 
 
-def two_point_grid(script: Path, tiny: dict, cache: str, tmp_path: Path, epochs: int) -> subprocess.CompletedProcess:
-    """``script`` under torchrun, two CPU processes, over two learning rates of tiny runs."""
+def torchrun(script: Path, args: list[str], nproc: int, timeout: int) -> subprocess.CompletedProcess:
+    """``script args`` under ``torchrun --standalone --nproc_per_node nproc``, this checkout importable."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def two_point_grid(script: Path, tiny: dict, cache: str, tmp_path: Path, epochs: int) -> subprocess.CompletedProcess:
+    """``script`` under torchrun, two CPU processes, over two learning rates of tiny runs."""
     flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", cache, "--device", "cpu",
              "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", str(epochs),
              "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *flags], env=env, capture_output=True, text=True, timeout=240)
+    return torchrun(script, flags, 2, timeout=240)
 
 
 @pytest.mark.slow
