@@ -1,26 +1,21 @@
 """One typed, validated configuration for every method, feed and entry point.
 
-One precedence rule everywhere (``resolve``): command-line flags > a ``--config`` JSON file > an entry
-script's SWEEP lists and own defaults > the method's paper defaults (``METHOD_DEFAULTS``) > the field
-defaults below. Unknown keys and wrong types are errors, and the resolved config is written into every
-checkpoint and results file (``Config.to_dict``).
+Unknown keys and wrong types are errors, and the resolved config is written into every checkpoint and
+results file (``Config.to_dict``). Which layer of values wins over which (flags, a ``--config`` file, an
+entry script's grid, the method's paper defaults, the field defaults below) is ``precedence.resolve``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bounds import check_bounds, coerce
-from .errors import ConfigError, error_line
-from .methods import METHOD_DEFAULTS, METHOD_NAMES, METHODS, newly_unread, unread_keys  # noqa: F401 (the names the package imports from here)
-
-log = logging.getLogger(__name__)
+from .errors import ConfigError
+from .methods import METHODS
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -270,33 +265,6 @@ class Config:
         at its default."""
         return cls.from_dict({**{k: v for k, v in BEFORE_THE_FIELD.items() if k not in values}, **values}, source)
 
-    @classmethod
-    def overrides_from_file(cls, path: str | Path) -> dict:
-        """Read a JSON config file into a dict of overrides (validated when merged)."""
-        path = Path(path)
-        if not path.is_file():
-            why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
-            raise ConfigError(f"config file {path} {why}")
-        try:  # a byte-order mark (some Windows editors write one) is dropped
-            values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
-        except DuplicateKey as err:
-            raise ConfigError(f"{path}: key {err} appears twice; which value was meant?") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
-        except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
-            raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of config keys")
-        try:  # validates keys and values; no path (nor any other string here) may hold a NUL
-            if nul := [k for k, v in values.items() if isinstance(v, str) and "\0" in v]:
-                raise ConfigError(f"{nul[0]}={values[nul[0]]!r}: a NUL character, which no path can hold")
-            cls.from_dict(values, source=str(path))
-        except ConfigError as err:
-            raise ConfigError(str(err) if str(err).startswith(f"{path}: ") else f"{path}: {err}") from None
-        return values
-
 
 def choices(name: str) -> tuple[str, ...]:
     """The values Config field ``name`` takes, declared once on the field, for lower modules to check against."""
@@ -307,44 +275,3 @@ def model_location(name: str) -> Path:
     """Where the encoder folder ``name`` is: a default (``DEFAULT_MODELS``) under the repository, wherever the
     command runs; any other name as given."""
     return REPOSITORY / name if name in DEFAULT_MODELS.values() else Path(name).expanduser()
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose keys are all different (``json`` keeps the last of two silently)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKey(repr(key))
-        out[key] = value
-    return out
-
-
-def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
-            source: str = "command line") -> Config:
-    """The one precedence rule: ``flags`` > ``file_values`` (a --config file) > ``defaults`` (an entry
-    script's grid point over its own defaults) > the paper defaults of the method these layers name >
-    the field defaults. A method's defaults sit below everything a user or script says."""
-    upper = {**(defaults or {}), **(file_values or {}), **(flags or {})}
-    method = upper.get("method", Config.method)
-    cfg = Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
-    said = {**(file_values or {}), **(flags or {})}  # what the user gave: it wins, or it is an error
-    if said.get("feed") == "cached" and cfg.feed != "cached":
-        why = "has no item encoder" if cfg.method == "id" else "trains through the backbones, so it runs live"
-        raise ConfigError(f"feed=cached: method={cfg.method} {why} (only IISAN's states can be cached); "
-                          "leave --feed out")
-    if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
-        log.info("feed=%s is ignored: method=id has no item encoder", said["feed"])
-    if said.get("text_encoder_dropout") and ((cfg.method, cfg.feed) != ("iisan", "live") or cfg.towers == "image"):
-        raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
-                          f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
-                          f"towers={cfg.towers}); leave --text-encoder-dropout out")
-    if said.get("modality") not in (None, cfg.modality):
-        raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
-    if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
-        log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
-                    ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
-    return cfg

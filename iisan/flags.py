@@ -1,6 +1,6 @@
 """The command-line face of ``Config``: every field is a flag (``--key``), so the ``iisan`` command, the
 entry scripts and the benchmark scripts share one definition, and ``--config FILE`` reads a JSON file of
-keys. What wins over what is ``config.resolve``'s one rule. ``FlagParser`` takes flags only spelled out
+keys. What wins over what is ``precedence.resolve``'s one rule. ``FlagParser`` takes flags only spelled out
 and answers one it does not know with the flag meant (``--epoch``: did you mean ``--epochs``?).
 """
 
@@ -13,7 +13,9 @@ import re
 import sys
 
 from .bounds import path_arg
-from .config import METHOD_DEFAULTS, Config, resolve
+from .config import Config
+from .methods import METHOD_DEFAULTS
+from .precedence import read_config_file, resolve
 
 # A field's help may say its default in words, as its last clause: "...; default: --layer-rule's choice",
 # "... (default: method, feed, ...)". A default the caller gives replaces that clause, never follows it.
@@ -73,7 +75,7 @@ def _default_by_method(key: str, default) -> str:
 
 def args_layers(args: argparse.Namespace) -> tuple[dict, dict]:
     """The ``--config`` file's values and the flags given on the command line, as two dicts."""
-    file_values = Config.overrides_from_file(args.config) if getattr(args, "config", None) else {}
+    file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(Config)}
     return file_values, {k: v for k, v in vars(args).items() if k in names}
 

@@ -1,5 +1,5 @@
 """The training methods as data (``METHOD_TABLE``): each method's config name, the paper's name, what kind
-of item encoder it trains and its paper settings, which sit below every flag and file in ``config.resolve``'s
+of item encoder it trains and its paper settings, which sit below every flag and file in ``precedence.resolve``'s
 precedence rule. ``METHODS``, ``METHOD_NAMES`` and ``METHOD_DEFAULTS`` are views of it."""
 
 from __future__ import annotations

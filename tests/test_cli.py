@@ -186,7 +186,7 @@ def test_a_value_given_that_cannot_apply_is_refused_not_replaced(flags, message,
 
 
 def test_the_defaults_a_method_changes_are_not_errors():
-    from iisan.config import resolve
+    from iisan.precedence import resolve
 
     assert resolve(flags={"method": "fft"}).feed == "live"  # the field default, cached, gives way
     assert resolve(flags={"towers": "image"}).modality == "intra"

@@ -16,7 +16,8 @@ import pytest
 from iisan.cli.main import build_parser, main
 from iisan.config import Config
 from iisan.errors import ConfigError
-from iisan.experiments.report import collect, sorted_by
+from iisan.experiments.report import sorted_by
+from iisan.experiments.report_rows import collect
 from iisan.experiments.sweep import script_parser
 from iisan.flags import add_config_arguments
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iisan.config import METHOD_DEFAULTS, METHOD_NAMES, METHODS, Config
+from iisan.config import Config
 from iisan.data.run_data import load_data
 from iisan.efficiency.bench import SETTINGS  # the six settings of the paper's efficiency table
 from iisan.errors import TargetError, TrainingError
-from iisan.methods import METHOD_TABLE
+from iisan.methods import METHOD_DEFAULTS, METHOD_NAMES, METHOD_TABLE, METHODS
 from iisan.model.baselines import APPLY, apply_method
 from iisan.model.build import build_model
 from iisan.model.item_encoder import ItemEncoder, LrGroup

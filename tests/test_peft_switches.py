@@ -11,13 +11,14 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from iisan.config import Config, choices, resolve
+from iisan.config import Config, choices
 from iisan.data.batches import ItemBatch
 from iisan.data.run_data import load_data
 from iisan.errors import TargetError
 from iisan.model.backbones import load_image_encoder, load_text_encoder
 from iisan.model.build import build_model
 from iisan.model.peft_methods import ADAPTER_INITS, ADAPTER_POSITIONS, WithAdapter, apply_adapters, transformer_blocks
+from iisan.precedence import resolve
 from iisan.train.optim import make_optimizer, optimizer_groups
 from iisan.train.plan import batch_layout
 from iisan.train.step import make_train_step

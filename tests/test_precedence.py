@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from iisan.cli.main import build_parser
-from iisan.config import METHOD_DEFAULTS
 from iisan.experiments.sweep import parse_script_args, script_parser
 from iisan.flags import config_from_args
+from iisan.methods import METHOD_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"iisan": ROOT / "Code_Cached" / "scripts" / "run_IISAN.py",
@@ -127,9 +127,9 @@ def test_the_benchmark_rows_get_their_methods_defaults_below_its_flags():
 
 
 def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
-    from iisan.config import Config
+    from iisan.precedence import read_config_file
 
     plain, marked = tmp_path / "plain.json", tmp_path / "marked.json"
     plain.write_text('{"lr": 0.002, "epochs": 3}', encoding="utf-8")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save JSON
-    assert Config.overrides_from_file(marked) == Config.overrides_from_file(plain) == {"lr": 0.002, "epochs": 3}
+    assert read_config_file(marked) == read_config_file(plain) == {"lr": 0.002, "epochs": 3}

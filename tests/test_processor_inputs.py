@@ -19,7 +19,7 @@ from iisan.errors import CacheError, EncoderError, OutputError
 from iisan.model.backbones import load_image_encoder
 from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
-from iisan.model.encoder_files import load_tokenizer
+from iisan.model.encoder_loading import load_tokenizer
 from iisan.model.tiny import write_image_tower
 
 CPU = torch.device("cpu")

@@ -394,7 +394,7 @@ def test_bad_input_is_one_line(argv, message, runs, tmp_path, capsys):
 
 def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
     from iisan.experiments.curves import draw_curves
-    from iisan.experiments.report import collect
+    from iisan.experiments.report_rows import collect
 
     out, results = runs
     main(["results", str(out), "--curves", str(tmp_path / "curves.png")])
@@ -470,7 +470,7 @@ def test_a_csv_whose_header_is_not_a_table_of_runs_is_left_as_it_was(runs, tmp_p
 def test_every_table_results_writes_is_replaced_by_the_next(runs, tmp_path, capsys):
     """Each shape of table (one row per run or averaged over seeds; every key a column; a status column for
     a run that did not finish) is IISAN's, so the next --csv at its path replaces it."""
-    from iisan.experiments.report import KEYS
+    from iisan.experiments.report_rows import KEYS
 
     out, _ = runs
     copy_runs(out, tmp_path / "runs")
@@ -585,7 +585,7 @@ def test_copies_of_a_run_under_one_name_are_told_apart_in_the_table_and_the_figu
     """A run and its copy in another folder of runs share a name: each row and each line of the figure
     shows as many folders above the run as tell them apart, and neither curve replaces the other."""
     from iisan.experiments.labels import run_labels
-    from iisan.experiments.report import collect
+    from iisan.experiments.report_rows import collect
 
     out, _ = runs
     copy_run(out / "lr0.001-s1", tmp_path / "a" / "runs" / "lr0.001-s1", lambda r: None)

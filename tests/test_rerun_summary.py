@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from iisan.cli.main import main
-from iisan.config import resolve
+from iisan.precedence import resolve
 from iisan.train.runfolder import default_run_name, known_run_name, reusable_results
 
 SUMMARY = "best epoch "

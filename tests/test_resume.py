@@ -187,7 +187,7 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     assert f"{saved} stopped after step 4 of epoch 1 with 2 process(es): epoch 1 starts again" in caplog.text
     assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
     assert results["world_sizes"] == [2, 1] and results["world_size"] == 1  # every count, not only the last
-    from iisan.experiments.report import collect
+    from iisan.experiments.report_rows import collect
 
     assert collect([str(saved.parents[1])], include_running=True)[0]["processes"].tolist() == ["2+1"]
 

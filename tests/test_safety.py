@@ -52,7 +52,7 @@ def test_no_pickle_and_no_unsafe_torch_load():
 
 
 def test_every_from_pretrained_call_refuses_remote_code():
-    """Direct calls spell ``trust_remote_code=False``; Auto classes passed to ``encoder_files.load_from_folder`` are
+    """Direct calls spell ``trust_remote_code=False``; Auto classes passed to ``encoder_loading.load_from_folder`` are
     loaded by its one call, which spells it too (next test)."""
     calls, passed_on = [], []
     for path in FILES:
@@ -65,11 +65,11 @@ def test_every_from_pretrained_call_refuses_remote_code():
             elif isinstance(node, ast.Attribute) and node.attr == "from_pretrained":
                 passed_on.append(str(path.relative_to(ROOT)))
     assert calls and all(safe for *_, safe in calls), [c for c in calls if not c[2]]
-    assert set(passed_on) - {c[0] for c in calls} <= {"iisan/model/backbones.py", "iisan/model/encoder_files.py"}
+    assert set(passed_on) - {c[0] for c in calls} <= {"iisan/model/backbones.py", "iisan/model/encoder_loading.py"}
 
 
 def test_the_loader_wrapper_never_trusts_remote_code_nor_fetches_unasked(tiny):
-    from iisan.model.encoder_files import load_from_folder
+    from iisan.model.encoder_loading import load_from_folder
 
     seen = []
 

@@ -9,9 +9,10 @@ import logging
 import pytest
 from safetensors.torch import load_file
 
-from iisan.config import Config, resolve
-from iisan.experiments.report import collect
+from iisan.config import Config
+from iisan.experiments.report_rows import collect
 from iisan.methods import METHOD_TABLE, unread_keys
+from iisan.precedence import resolve
 from iisan.train.checkpoint import config_differences
 from iisan.train.runfolder import config_hash, default_run_name, known_run_name
 from iisan.train.trainer import train

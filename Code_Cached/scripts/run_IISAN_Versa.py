@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
-from iisan.config import Config  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.experiments.presets import VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
+from iisan.precedence import read_config_file  # noqa: E402
 
 SWEEP = {
     "seed": [12345],
@@ -43,7 +43,7 @@ def defaults_for(argv: list[str] | None) -> dict:
     models = {"text_model": known.text_model, "image_model": known.image_model}
     if known.config and None in models.values():
         try:
-            in_file = Config.overrides_from_file(known.config)
+            in_file = read_config_file(known.config)
         except ConfigError:
             in_file = {}  # a bad file is refused in one line by the parse proper, inside the entry point
         models = {k: v if v is not None else in_file.get(k) for k, v in models.items()}

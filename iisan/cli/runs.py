@@ -33,7 +33,8 @@ def cmd_params(args) -> None:
 def cmd_results(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.curves import claim_figure, draw_curves, figure_format
-    from ..experiments.report import claim_csv, collect, markdown, sorted_by, table, write_csv
+    from ..experiments.report import claim_csv, markdown, sorted_by, table, write_csv
+    from ..experiments.report_rows import collect
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
     if args.csv and args.curves and os.path.abspath(args.csv) == os.path.abspath(args.curves):

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_int
-from ..config import METHOD_NAMES
 from ..data.textfile import decoded_lines
 from ..errors import DataError, OutputError
+from ..methods import METHOD_NAMES
 
 if TYPE_CHECKING:
     # imported when run, not for --help (cli/__init__.py)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import Config, unread_keys
+from ..config import Config
 from ..errors import ConfigError
+from ..methods import unread_keys
 from .batches import PixelSource
 from .images import ImageStore, store_digest
 from .interactions import SeqRecData, check_data_file, load_dataset

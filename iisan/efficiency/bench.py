@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..config import METHOD_NAMES, Config
+from ..config import Config
 from ..data.batches import CollateTrain, TrainBatch, epoch_batches, epoch_order, without_padding_rows
 from ..data.cache import cache_file, read_metadata
 from ..data.cache_build import discard_partial_build
@@ -29,6 +29,7 @@ from ..devices import device_name, peak_memory, reset_peak_memory, resolve_devic
 from ..errors import ConfigError
 from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
+from ..methods import METHOD_NAMES
 from ..model.build import build_model, count_parameters
 from ..model.caching import build_cache_from_config
 from ..train.parts import build_training

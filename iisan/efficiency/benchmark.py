@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import METHOD_DEFAULTS, Config, resolve
+from ..config import Config
 from ..data.datasets import DATASETS
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
 from ..files import expect_folders, path_component, write_json_atomic
+from ..methods import METHOD_DEFAULTS
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
+from ..precedence import resolve
 from ..provenance import git_commit, provenance
 from .bench import (
     AUTHORS_WAY,

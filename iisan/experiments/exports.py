@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import METHOD_NAMES, model_location
+from ..config import model_location
 from ..errors import OutputError
 from ..evaluate import eval_chunk
 from ..files import claim_output, refuse_inside_inputs, save_safetensors_atomic
+from ..methods import METHOD_NAMES
 from ..train.checkpoint import CHECKPOINTS
 from .trained import TrainedRun
 

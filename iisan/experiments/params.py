@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..bounds import RANDOM_BACKBONES
-from ..config import METHOD_NAMES, Config
+from ..config import Config
 from ..data.run_data import load_data
 from ..errors import ConfigError
+from ..methods import METHOD_NAMES
 from ..model.backbones import BackboneEncoder, architecture, depth_and_width
 from ..model.build import (
     build_model,

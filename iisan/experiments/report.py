@@ -1,4 +1,4 @@
-"""Tables of runs: one row per ``results.json`` found under the given folders (pandas does the
+"""Tables of runs, from the rows ``report_rows.collect`` reads, one per ``results.json`` (pandas does the
 grouping and the CSV).
 
     iisan results runs/                          # markdown table of every finished run
@@ -18,15 +18,7 @@ it trains nothing with (IISAN's adapter rate in an FFT run) as ``-``, which diff
 keys are columns of the table, in the rows' order (numbers by value, then the run's name; ``--sort``
 orders by another column), and ``--average-seeds`` averages only runs that agree on all of them, each
 seed once: the same seed run twice (a copy, a rerun under another name) counts once, the others named in
-the log (``one_per_seed``).
-
-Smoke runs and runs that have not finished (running, stopped: said running but held by no process,
-failed, interrupted) are left out, counted in the log, unless asked for (``--include-smoke``,
-``--include-running``). A metric that is NaN or infinite is marked ``non-finite`` (a mean over seeds
-that includes one is non-finite too, never silently dropped). A results file that cannot be read, or
-whose fields are missing or of the wrong type (``results_file.check_results``), is skipped, counted and
-named in the log with the field at fault, never a crash. A run given several ways (its folder, a folder
-above it, its results.json) counts once. """
+the log (``one_per_seed``)."""
 
 from __future__ import annotations
 
@@ -37,165 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..bounds import LEARNING_RATES
-from ..config import METHOD_NAMES, Config
-from ..data.run_data import recorded_digest
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..files import atomic_path, claim_output
-from ..flags import close_match
-from ..methods import unread_keys
-from ..train.checkpoint import MAY_CHANGE
-from .labels import data_labels, encoder_labels, run_labels
-from .results_file import METRICS, DamagedResults, csv_header, find_results, load_results, status
+from .labels import data_labels, encoder_labels
+from .report_rows import ENCODER_KEYS, KEYS, NOT_EXPERIMENT, NUMBERS, RUN_KEYS, UNUSED, read_row_columns
+from .results_file import csv_header
 
 log = logging.getLogger(__name__)
-
-NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
-CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
-# ...and how many processes trained the run (torchrun): each process has its own batch of users.
-RUN_KEYS = (*CONFIG_KEYS, "processes")
-KEYS = (*Config.__dataclass_fields__, "processes")  # what --keys takes (method and feed: columns of every table)
-# Keys that never tell two experiments apart (epochs and patience do: they change what a run reports).
-NOT_EXPERIMENT = (MAY_CHANGE - {"epochs", "patience"}) | {"seed", "users", "items", "images"}
-ENCODER_KEYS = ("text_model", "image_model")  # shown and compared by ``encoder_labels``
-LAYER_KEYS = ("text_layers", "image_layers")  # None: layer_groups layers by layer_rule
-UNUSED = "-"  # a key the run never reads; a learning rate it trains nothing with (results.json's parameters.by_rate)
-
-
-def config_text(key: str, value) -> str:
-    """A config value as the table shows and compares it: as configured (0.001, not 0.0010), lists as
-    ``0,2,4``, layers left to automatic selection (None) as ``auto``. Encoder paths stay whole here: how
-    much of one the table shows depends on the others (``encoder_labels``)."""
-    if key in LAYER_KEYS and value is None:
-        return "auto"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def _written(path: Path) -> float | None:
-    """When a results file was last written (a run rewrites it as it ends; the file records no time)."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def read_row(path: Path, results: dict) -> dict:
-    """One row: the run, its status, every config key (as text; a key the file predates at its
-    default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
-    has passed ``check_results``."""
-    cfg = {**Config().to_dict(), **results["config"]}
-    users = Path(results.get("working_dir") or "", cfg["users"])  # a relative path: from where the run ran
-    test, valid = results.get("test") or {}, results.get("valid") or {}
-    memory = results.get("peak_memory") or {}
-    ended = status(path, results)
-    row = {
-        "run": path.parent.name,
-        "method": results["method"],
-        "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
-        "data": users.parent.name or users.stem,  # Dataset/Scientific/... -> Scientific
-        # what the data files held (older results: their paths), and the images read ('' for none), to tell
-        # apart data sets that share a name (``labels.data_labels``)
-        "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
-        "image_files": images_read(results, cfg),
-        # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
-        "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
-        **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
-        # a run resumed under other counts of processes (torchrun) is shown as such: "2+1"
-        "processes": "+".join(map(str, results.get("world_sizes") or [results.get("world_size", 1)])),
-        "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet
-        "epochs_run": len(results["epochs"]),
-        "valid_hit@10": valid.get("hit@10"),
-        **{f"test_{m}": test.get(m) for m in METRICS},
-        "train_s_per_epoch": (results.get("timing") or {}).get("train_seconds_per_epoch"),
-        "trainable_params": results["parameters"]["trainable"],
-        "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
-        "device": results["device"],
-        "folder": str(path.parent),
-        "written": _written(path),
-    }
-    stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
-    if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
-        row["cache_dtype"] = ",".join(sorted(stored))
-    # keys the run never read (a live run's cache precision; SASRec-ID's encoders and images; FFT's LoRA rank)
-    row.update(dict.fromkeys(unread_keys(cfg["method"], cfg["towers"], cfg["feed"]) & set(CONFIG_KEYS), UNUSED))
-    by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
-    row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
-    row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
-    return row
-
-
-def images_read(results: dict, cfg: dict) -> str:
-    """What names the images a run's image tower read: the digest of its LMDB's records, as its cache or
-    its live run recorded it; for older results, that of the LMDB its config names, where it still is and
-    records one (else its path); '' without an image tower."""
-    if "images" in unread_keys(cfg["method"], cfg["towers"], cfg["feed"]):
-        return ""
-    for record in (results.get("cache"), results.get("encoders")):
-        image = record.get("image") if isinstance(record, dict) else None
-        if isinstance(image, dict) and isinstance(image.get("images"), str):
-            return image["images"]
-    where = Path(results.get("working_dir") or "", cfg["images"])
-    try:
-        return recorded_digest(where) or str(cfg["images"])
-    except UserError:  # not an image LMDB (any more): its path stands for it
-        return str(cfg["images"])
-
-
-def read_curve(results: dict) -> dict[str, list]:
-    """Validation HR@10 and training loss per epoch of a run, and its best-validation epoch."""
-    epochs = results["epochs"]
-    return {"epoch": [e["epoch"] for e in epochs], "valid_hit@10": [e["valid"]["hit@10"] for e in epochs],
-            "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
-
-
-def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
-            include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
-    """A frame of one row per readable, included run, and the curve of each (by its label, ``run_labels``)."""
-    unknown = [k for k in keys if k not in KEYS]
-    if unknown:
-        meant = {k: m for k in unknown if (m := close_match(k, KEYS))}
-        hint = f" (did you mean {', '.join(meant.values())}?)" if meant else ""
-        raise ConfigError(f"--keys: unknown config key(s) {', '.join(unknown)}{hint}; a key is a config key "
-                          f"({', '.join(Config.__dataclass_fields__)}) or processes (how many processes trained "
-                          "the run)")
-    files = find_results(folders)
-    rows, curves, unreadable, smoke, unfinished = [], [], 0, 0, 0
-    for path in files:
-        try:
-            results = load_results(path)
-        except DamagedResults as err:
-            log.warning("skipping %s: %s", path, err)
-            unreadable += 1
-            continue
-        row, curve = read_row(path, results), read_curve(results)
-        if row["smoke"] == "True" and not include_smoke:
-            smoke += 1
-        elif not row["status"].startswith("finished") and not include_running:
-            unfinished += 1
-        else:
-            rows.append(row)
-            curves.append(curve)
-    if unreadable:
-        log.warning("%d of %d results files skipped", unreadable, len(files))
-    if smoke or unfinished:
-        log.info("left out %d smoke run(s) (--include-smoke) and %d unfinished run(s) (--include-running)",
-                 smoke, unfinished)
-    for row, label in zip(rows, run_labels([row["folder"] for row in rows]), strict=True):
-        row["run"] = label  # two runs of one name (a copy) are told apart by the folders above them
-    for row in rows:
-        if row["non_finite"]:
-            log.warning("%s: non-finite %s", row["run"], row["non_finite"].replace(",", ", "))
-    return pd.DataFrame(rows, columns=list(read_row_columns())), dict(zip([r["run"] for r in rows], curves))
-
-
-def read_row_columns() -> dict:
-    """The columns of ``read_row``, in order (for an empty frame)."""
-    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "image_files", "status", *RUN_KEYS,
-                          "best_epoch", "epochs_run", "valid_hit@10", *(f"test_{m}" for m in METRICS),
-                          "train_s_per_epoch", "trainable_params", "peak_gib", "device", "folder", "written",
-                          "non_finite"])
 
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:

@@ -20,18 +20,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, resolve
+from ..config import Config
 from ..data.cache import cache_file
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, RunInterrupted, UserError
 from ..files import atomic_path, claim_output, starts_with
 from ..model.caching import build_cache_from_config, import_cache_from_config
+from ..precedence import resolve
 from ..provenance import provenance
 from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
 from .encoders import HubClient, fetch_encoders
 from .presets import BACKBONES, ROOT, SEEDS, dataset_paths
-from .report import METRICS, average_rows, read_row
+from .report import average_rows
+from .report_rows import read_row
+from .results_file import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Con
     paths = ensure_data(run.dataset, root, run.fetch, drive)
     models = {k: str(root / "pretrained_models" / Path(v).name) for k, v in BACKBONES.items()}
     return resolve({**models, **paths, "method": "iisan", "feed": "cached", "out_dir": str(run.out_dir / "runs"),
-                    **(run.overrides or {})})  # the paper's IISAN defaults below these (config.resolve)
+                    **(run.overrides or {})})  # the paper's IISAN defaults below these (precedence.resolve)
 
 
 def table(dataset: str, rows: list[dict]) -> str:

@@ -10,9 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from ..config import METHOD_NAMES, Config
+from ..config import Config
 from ..errors import ConfigError
 from ..locks import held
+from ..methods import METHOD_NAMES
 from ..train.runfolder import LOCK
 
 METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")

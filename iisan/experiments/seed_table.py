@@ -17,13 +17,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..config import METHOD_DEFAULTS, Config
+from ..config import Config
 from ..data.cache import cache_file
 from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
 from ..errors import ConfigError, DataError
 from ..evaluate import popularity_metrics
 from ..files import claim_output, file_fingerprint, write_json_atomic
+from ..methods import METHOD_DEFAULTS
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
 from ..train.runfolder import finished_file, read_results

@@ -3,7 +3,7 @@
 A script calls ``run_script(defaults, SWEEP)``. Every Config key is a flag; a swept key accepts several
 values (``--lr 1e-4 2e-4``). ``--dataset`` picks one of the paper's data sets under ``Dataset/``.
 
-Precedence (``config.resolve``): flags > ``--config`` file > the SWEEP lists > the script's own defaults
+Precedence (``precedence.resolve``): flags > ``--config`` file > the SWEEP lists > the script's own defaults
 (data-set paths, presets) > the method's paper defaults > Config defaults. A swept key given as a flag
 replaces the script's list with the flag's values; given in the config file, with the file's one value.
 Folder names and ``config.json`` come from the resolved values.
@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ..config import METHOD_DEFAULTS, Config, resolve, unread_keys
+from ..config import Config
 from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
+from ..methods import METHOD_DEFAULTS, unread_keys
+from ..precedence import resolve
 from .presets import BACKBONES, dataset_paths, own_cache_dir
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DEFAULT_MODELS, Config, unread_keys
+from ..config import DEFAULT_MODELS, Config
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
@@ -32,8 +32,10 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..evaluate import evaluate_model, item_table
 from ..files import file_fingerprint
 from ..locks import held
+from ..methods import unread_keys
 from ..model.build import build_model
 from ..model.recommender import Recommender
+from ..precedence import read_config_file
 from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, PATHS, config_differences
 from ..train.runfolder import LOCK, RESULTS, results_or_reason
 from ..train.same_inputs import changed_inputs
@@ -147,7 +149,7 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
-    saved = Config.from_saved(Config.overrides_from_file(config_path), source=str(config_path))
+    saved = Config.from_saved(read_config_file(config_path), source=str(config_path))
     if weights.exists() and not weights.is_file():
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")

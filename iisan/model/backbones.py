@@ -27,7 +27,8 @@ from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
 
 from ..config import choices
 from ..errors import EncoderError
-from .encoder_files import load_from_folder, load_tokenizer, local_folder, processor_file
+from .encoder_files import local_folder, processor_file
+from .encoder_loading import load_from_folder, load_tokenizer
 from .families import (
     INTERPOLATING,
     NORM_AFTER_POOLING,

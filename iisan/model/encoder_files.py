@@ -1,44 +1,34 @@
 """Encoder folders on disk, checked before transformers reads them: where a name points, what a folder
-may hold, the digest that names a folder's weights, and the one ``from_pretrained`` call that loads from
-a folder (``load_from_folder``; one-line errors). Which architectures IISAN can use: ``families``.
+may hold, and the digest that names a folder's weights. Loading from a checked folder (the one
+``from_pretrained`` call, one-line errors) is ``encoder_loading``; which architectures IISAN can use,
+``families``.
 
 - Names: an existing folder; the defaults (``pretrained_models/...``) resolve against the repository,
   not the working directory; anything else is a Hugging Face Hub id only with ``--allow-download``.
   Nothing is fetched unless asked for.
-- Folders never run code: ``trust_remote_code=False`` on every load (``load_from_folder``), and a
+- Folders never run code: ``trust_remote_code=False`` on every load (``encoder_loading.load_from_folder``), and a
   config whose ``auto_map`` asks for custom code of a model type transformers does not know is refused
   before transformers could prompt for it. Pickled weights (``pytorch_model.bin``) are refused: loading
   a pickle can run code; safetensors cannot.
 - The digest of a folder's weight and tokenizer/processor files goes into every cache built from it, so
   a cache is refused when the weights behind it changed, even with an identical ``config.json``.
-- What is loaded is what the folder holds: weights of the model that its safetensors lack (which
-  transformers would fill with random numbers) are refused (``check_loaded``), and so is a text folder
-  without tokenizer files or with a tokenizer that does not fit the model (``load_tokenizer``).
-- Damaged files are refused in one line naming the folder (``damaged_file``, ``LOAD_ERRORS``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
 from pathlib import Path
 
-import torch
-import transformers
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
-from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoTokenizer
-from transformers.utils import logging as hf_logging
+from transformers import CONFIG_MAPPING
 
 from ..config import DEFAULT_MODELS, model_location
 from ..errors import EncoderError
 from ..files import sha256
-from .families import MODEL_CLASSES, SUPPORTED
+from .families import SUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -176,55 +166,6 @@ def weights_digest(folder: Path, known: dict | None = None) -> dict:
     return {"digest": _MEMO[key], "files": stats}
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' warnings below errors and its progress bars off inside the block; both as found after
-    (blocks may nest)."""
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# What from_pretrained raises for a folder whose files are damaged or do not fit together (weights of
-# other sizes than the config says are a RuntimeError). Building the model, torch asserts on config.json
-# values that cannot be (a pad_token_id past the vocabulary) and transformers divides by them (zero heads).
-LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError,
-               AssertionError, ZeroDivisionError)
-# JSON files an Auto class reads besides config.json. Each must hold an object: transformers takes any
-# other JSON value for one and fails on it far away ('list' object has no attribute 'get').
-JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                                "tokenizer.json", "vocab.json"),
-                AutoImageProcessor: ("preprocessor_config.json", "processor_config.json")}
-
-
-def damaged_file(folder: Path, auto_class) -> str | None:
-    """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
-    would meet with an AttributeError or TypeError deep inside; None when none is seen. A JSON file
-    that does not parse is left to transformers, which says so itself."""
-    for name in JSON_OBJECTS.get(auto_class, ()):
-        if (folder / name).is_file():
-            with open(folder / name, "rb") as f:
-                if not f.read(4096).lstrip().startswith(b"{"):  # an object's first character, after blanks
-                    return f"{name} does not hold a JSON object"
-    if auto_class in JSON_OBJECTS:  # a tokenizer or a processor reads no dtype or vocabulary size
-        return None
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
-    for part in [config, *(v for v in config.values() if isinstance(v, dict))]:  # with sub-configs
-        for key in ("dtype", "torch_dtype"):
-            value = part.get(key)
-            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
-                return f"config.json gives {key} {value!r}, which is not a torch dtype (e.g. 'float32', 'bfloat16')"
-        if type(size := part.get("vocab_size")) is int and size <= 0:  # transformers fails on it with an IndexError
-            return f"config.json gives vocab_size {size}; expected a positive whole number"
-    return None
-
-
 def processor_file(folder: Path | None) -> str:
     """The file an image processor's settings come from: transformers 5 reads processor_config.json's
     "image_processor" where it has one, else preprocessor_config.json."""
@@ -235,113 +176,3 @@ def processor_file(folder: Path | None) -> str:
     except (ValueError, TypeError, OSError):  # not a JSON object: transformers' own load says so
         pass
     return "preprocessor_config.json"
-
-
-def load_from_folder(auto_class, name: str, what: str, allow_download: bool = False, **kwargs):
-    """``auto_class.from_pretrained(folder)`` (a transformers Auto class) with the folder checked first
-    (``encoder_files``), never running code from it and never fetching anything unless allowed. A model
-    (``families.MODEL_CLASSES``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
-    path = resolve_model_path(name, allow_download)
-    weights = auto_class in MODEL_CLASSES
-    if weights:
-        kwargs["output_loading_info"] = True
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):
-        raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
-    # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
-    try:
-        with quiet_transformers():
-            loaded = auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
-                                                **kwargs)
-    except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
-        raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
-    except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
-        first = " ".join(str(err).split()).split(". ")[0]
-        raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
-                           f"package that is not installed ({first})") from None
-    except Exception as err:  # tokenizers (Rust) reports a vocabulary it cannot read as a bare Exception
-        if type(err) is not Exception or auto_class is not AutoTokenizer:  # not that: it goes on as it is
-            raise
-        raise EncoderError(f"cannot load {what} from {name!r}: its tokenizer files are damaged "
-                           f"({load_error_line(err)})") from None
-    if not weights:
-        return loaded
-    model, info = loaded
-    check_loaded(model, info, path, what)
-    return model
-
-
-# Weights a checkpoint may lack: the pooler (BERT's and ViT's ``pooler.dense``), which IISAN never reads
-# (``backbones`` pools hidden states itself and drops ViT's pooler) and which the authors' classification
-# checkpoints (ViTForImageClassification) do not hold.
-UNUSED_WEIGHTS = re.compile(r"(^|\.)pooler\.")
-
-
-def check_loaded(model, info: dict, folder: str, what: str) -> None:
-    """Refuse a model some of whose weights the folder's safetensors lack: transformers would leave them
-    randomly initialised, without a word. That is what weights saved under other names give (a wrapper's
-    prefix such as ``model.`` or ``module.``) or a tensor dropped from the file. The pooler may be absent
-    (``UNUSED_WEIGHTS``). Weights in the file that the model does not use (a classification or language-
-    modelling head: ``classifier.*``, ``lm_head.weight``) are usual and only logged."""
-    missing = sorted(k for k in info.get("missing_keys") or () if not UNUSED_WEIGHTS.search(k))
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
-    model_name = type(model).__name__
-    if missing or mismatched:
-        total = sum(1 for k in model.state_dict() if not UNUSED_WEIGHTS.search(k))
-        bad = (f"{len(missing)} of {total} weights of {model_name} are missing from its safetensors (e.g. "
-               f"{missing[0]!r}), which transformers would fill with random numbers" if missing else
-               f"{len(mismatched)} weights do not have the sizes its config.json gives (e.g. {mismatched[0]!r})")
-        hint = (f"; it holds {len(unexpected)} weights {model_name} does not use (e.g. {unexpected[0]!r}): saved "
-                "under other names or another prefix?" if unexpected else "")
-        raise EncoderError(f"{what} folder {folder} does not hold the whole model: {bad}{hint}")
-    if unexpected:
-        log.info("%s %s: %d weights in its safetensors are not used by %s (e.g. %r: a task head?); ignored",
-                 what, folder, len(unexpected), model_name, unexpected[0])
-
-
-# Files that hold a tokenizer's vocabulary; a text folder needs one (``load_tokenizer``).
-def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = False):
-    """The text tokenizer of ``name``, refused when it cannot be the model's own.
-
-    - A local folder needs a vocabulary file (``VOCABULARY_FILES``): without one transformers 5 builds a
-      tokenizer of special tokens only, and every title becomes [UNK].
-    - Its ids must fit the model's embedding: none at or above ``vocab_size``, the config's.
-    - It must know at least half as many tokens as the model's ``vocab_size``: models pad their
-      embedding by a little (Qwen2: 151,646 tokens, 151,936 rows), never by half; a far smaller
-      tokenizer is another model's, or one with only its special tokens."""
-    folder = model_location(name)
-    if folder.is_dir() and (folder / "config.json").is_file():
-        names = {p.name for p in folder.iterdir()}
-        if not names.intersection(VOCABULARY_FILES) and not any(n.endswith(".tiktoken") for n in names):
-            raise EncoderError(f"text encoder folder {folder} has no tokenizer files ({', '.join(VOCABULARY_FILES[:4])}"
-                               ", ...): copy them from the model's source")
-        spm = names.intersection(SENTENCEPIECE_FILES)
-        if spm and not names.intersection(PLAIN_VOCABULARIES) and importlib.util.find_spec("sentencepiece") is None:
-            raise EncoderError(f"text encoder folder {folder} has its vocabulary only as {min(spm)}, which needs the "
-                               "sentencepiece package (pip install sentencepiece), or a tokenizer.json beside it")
-    tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
-    if vocab_size is None:  # the config's (``backbones.read_spec``) gives none
-        return tokenizer
-    top = max(tokenizer.get_vocab().values(), default=-1)
-    if top >= vocab_size:
-        raise EncoderError(f"the tokenizer of {name!r} has ids up to {top} but the model's vocab_size is {vocab_size} "
-                           "(a tokenizer of another model?): use the tokenizer files the model came with")
-    if len(tokenizer) < vocab_size / 2:
-        raise EncoderError(f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is "
-                           f"{vocab_size} (a tokenizer of another model, or one of special tokens only?): use the "
-                           "tokenizer files the model came with")
-    return tokenizer
-
-
-def load_error_line(err: Exception) -> str:
-    """What went wrong loading a model folder, in one line."""
-    text = str(err).strip()
-    if isinstance(err, SafetensorError):
-        return f"a weights file is damaged or truncated ({text})"
-    if "ignore_mismatched_sizes" in text:  # its report of which tensors differ is silenced (quiet_transformers)
-        return "its weights do not have the sizes its config.json gives"
-    if isinstance(err, (AssertionError, ZeroDivisionError)):  # raised building the model (``LOAD_ERRORS``)
-        return f"its config.json gives values the model cannot be built with ({text or type(err).__name__})"
-    if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
-        return " ".join(line.strip() for line in text.splitlines()[1:]) or text
-    return text.splitlines()[0] if text else type(err).__name__

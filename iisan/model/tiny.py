@@ -39,7 +39,7 @@ from transformers import (
 from ..errors import OutputError
 from ..files import atomic_path, fsync, remove, stale_temporaries, usual_permissions
 from ..locks import OutputLock
-from .encoder_files import quiet_transformers
+from .encoder_loading import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from ..bounds import finite_number
-from ..config import METHOD_NAMES, Config
+from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT
 from ..devices import device_name, peak_memory
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_path, write_json_atomic
+from ..methods import METHOD_NAMES
 from ..provenance import command_line, git_commit, versions
 from .progress import Progress
 from .runfolder import RESULTS

@@ -14,7 +14,6 @@ Under torchrun every rank runs the loop on its shard of users; only rank 0 logs 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,18 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..config import METHOD_NAMES, Config
+from ..config import Config
 from ..console import progress_bar
 from ..data.batches import TrainBatch, TrainBatches, epoch_batches, epoch_order, steps_per_epoch
 from ..data.run_data import describe_data, load_data
 from ..devices import device_name, sync
-from ..distributed import Dist, any_rank, broadcast_text, gather_same, mean_over_ranks
+from ..distributed import Dist, any_rank, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import file_fingerprint, write_json_atomic
+from ..methods import METHOD_NAMES
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
-from .checkpoint import CHECKPOINTS
 from .decisions import decide
 from .interrupt import StopRequests
 from .nonfinite import after_nonfinite, batch_states, nonfinite_loss
@@ -43,10 +42,11 @@ from .parts import build_training
 from .plan import describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
-from .runfolder import RESULTS, log_summary, refuse_to_overwrite, reusable_results, run_dir
+from .resuming import RunCheckpoints
+from .runfolder import RESULTS, log_summary, reusable_results, run_dir
 from .same_inputs import cache_record, encoder_record
 from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
-from .weights import copy_weights, ensure_best_weights, save_weights, trainable_state
+from .weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class Run:
         self.progress = Progress(EarlyStopping(cfg.patience))
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
         self.run_dir = run_dir(cfg)
-        self.root = self.run_dir / CHECKPOINTS
+        self.checkpoints = RunCheckpoints(self)  # choosing, restoring, writing (``resuming``)
         check_run_inputs(cfg)  # a missing file is an error before a run folder is made for it
-        if cfg.resume and not checkpoint.checkpoints(self.root):  # nor is a folder made to resume nothing
-            raise ConfigError(f"--resume: no checkpoint in {self.root}")
+        if cfg.resume and not self.checkpoints.existing():  # nor is a folder made to resume nothing
+            raise ConfigError(f"--resume: no checkpoint in {self.checkpoints.root}")
         decide(self.lock_folder, dist)
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
@@ -105,11 +105,11 @@ class Run:
         self.amp, self.compiled, self.encoding, self.buckets = plan.amp, plan.compiled, plan.encoding, plan.buckets
         self.record.parameters = ParameterCount(*count_parameters(self.model), trained_by_rate(self.optimizer))
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
-        found, chosen = decide(self.choose_checkpoint, dist, lambda found: "" if found is None else str(found.path))
+        found, chosen = decide(self.checkpoints.choose, dist, lambda found: "" if found is None else str(found.path))
         scaler_state = None
         if chosen:
             with checkpoint.restoring(chosen):  # intact, but maybe not what this version can restore
-                scaler_state = self.restore(found if dist.is_main else checkpoint.read(Path(chosen)))
+                scaler_state = self.checkpoints.restore(found if dist.is_main else checkpoint.read(Path(chosen)))
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
         del found  # its tensors are now in the model and the optimiser
@@ -128,85 +128,13 @@ class Run:
                  self.amp, self.compiled,
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
 
-    # ----------------------------------------------------------------------------------------------
-    # decisions rank 0 takes for everyone
-
-    def lock_folder(self) -> None:
+    def lock_folder(self) -> None:  # rank 0 decides for everyone (``decisions.decide``)
         try:
             self.lock = runfolder.lock_run_folder(self.run_dir)
         except InUse as err:
             raise RunInUse(str(err)) from None
         except UserError as err:  # not a run folder, or not writable
             raise TrainingError(str(err)) from None
-
-    def choose_checkpoint(self) -> checkpoint.Checkpoint | None:
-        """The newest checkpoint this run can resume from, or None for a fresh run (one that may start)."""
-        found, refused = checkpoint.latest(self.root, self.cfg.to_dict())
-        if found is not None:
-            return found
-        if refused:
-            raise TrainingError(checkpoint.cannot_resume(refused))
-        if self.cfg.resume:
-            raise ConfigError(f"--resume: no checkpoint in {self.root}")
-        refuse_to_overwrite(self.run_dir, self.cfg)
-        return None
-
-    # ----------------------------------------------------------------------------------------------
-    # checkpoints
-
-    def restore(self, found: checkpoint.Checkpoint) -> dict:
-        state = found.state
-        copy_weights(self.model, found.model, found.path / checkpoint.MODEL)
-        runstate.optimizer_from_files(self.optimizer, state["optimizer"], found.train_state)
-        exact = runstate.restore_rng(state["rng"], found.train_state, self.dist, self.device)
-        if not exact or state["world_size"] != self.dist.world_size:
-            log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
-                        "not match an uninterrupted run bit for bit", found.path, state["world_size"],
-                        state["device"], self.dist.world_size)
-        self.progress.load(state, found.path, self.cfg.epochs, state["world_size"] != self.dist.world_size)
-        self.record.resumed_under(state)
-        self.partial_losses = found.train_state.get(f"partial_losses.{self.dist.rank}") if self.progress.start_step \
-            else None
-        log.info("resuming from %s: epoch %d, step %d", found.path, self.progress.start_epoch, self.progress.start_step)
-        if self.dist.is_main and self.progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
-            ensure_best_weights(self.model, self.run_dir / "best.safetensors", self.cfg,
-                                self.progress.stopper.best_epoch, self.progress.best_valid)
-        return state["grad_scaler"]
-
-    def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
-             seconds: float = 0.0) -> Path:
-        """Collective: every rank adds its RNG streams (and partial-epoch losses); rank 0 writes."""
-        rng, tensors = runstate.capture_rng(self.dist, self.device)
-        if losses is not None:
-            for rank, part in enumerate(gather_same(losses, self.dist)):
-                tensors[f"partial_losses.{rank}"] = part
-        name = checkpoint.checkpoint_name(epoch, step)
-        error = ""
-        if self.dist.is_main:
-            optimizer, optimizer_tensors = runstate.optimizer_to_files(self.optimizer)
-            state = {
-                "format": checkpoint.FORMAT, **self.progress.state(epoch, step, seconds),
-                "rng": rng, "optimizer": optimizer,
-                "grad_scaler": runstate.scaler_state(self.step.scaler), "world_size": self.dist.world_size,
-                "device": device_name(self.device), "config": self.cfg.to_dict(), "versions": self.record.versions,
-                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": self.record.commits,
-                "world_sizes": self.record.world_sizes, "peak_memory": self.record.peak(),
-                "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
-            }
-            try:
-                checkpoint.write_checkpoint(self.root, name, trainable_state(self.model),
-                                            {**tensors, **optimizer_tensors}, state,
-                                            self.cfg.keep_checkpoints)
-            except UserError as err:
-                error = str(err)
-        error = broadcast_text(error, self.dist)
-        if error:
-            raise TrainingError(error)
-        return self.root / name
-
-    def last_good(self) -> str:
-        done = [p for p in checkpoint.checkpoints(self.root) if (p / checkpoint.MANIFEST).is_file()]
-        return str(done[0]) if done else "none yet"
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
         return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
@@ -238,7 +166,7 @@ class Run:
             return batch_states(self.model, lambda: host_batch(step), self.device, self.data.item_ids, cache_dir)
 
         problem = nonfinite_loss(losses, epoch, self.progress.global_step, n_steps, self.optimizer, self.model,
-                                 states, self.run_dir, self.last_good)
+                                 states, self.run_dir, self.checkpoints.last_good)
         return after_nonfinite(problem, losses, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
@@ -267,7 +195,7 @@ class Run:
             if self.stop_now(i, n_steps):
                 bar.close()
                 self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
-                path = self.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
+                path = self.checkpoints.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
                 raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
         sync(device)
         seconds += time.perf_counter() - start
@@ -306,7 +234,7 @@ class Run:
             self.record.epoch(record)  # on disk before the epoch is reported
             log.info("%s", epoch_line(record, stopper.bad_epochs))
             # The checkpoint first, then the best weights: a kill in between is repaired on resume.
-            path = self.save(epoch)
+            path = self.checkpoints.save(epoch)
             if improved and self.dist.is_main:
                 save_weights(self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})

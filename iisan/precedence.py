@@ -1,0 +1,87 @@
+"""The one precedence rule (``resolve``): command-line flags > a ``--config`` JSON file > an entry script's
+SWEEP lists and own defaults > the method's paper defaults (``METHOD_DEFAULTS``) > the field defaults of
+``Config``; and the ``--config`` file itself (``read_config_file``).
+
+Here too the refusals that need to know what the user said, not only the values that came out: a feed,
+a dropout switch or a modality the run cannot honour is an error, a key it never reads a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .config import Config
+from .errors import ConfigError, error_line
+from .methods import METHOD_DEFAULTS, newly_unread
+
+log = logging.getLogger(__name__)
+
+
+def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
+            source: str = "command line") -> Config:
+    """The one precedence rule: ``flags`` > ``file_values`` (a --config file) > ``defaults`` (an entry
+    script's grid point over its own defaults) > the paper defaults of the method these layers name >
+    the field defaults. A method's defaults sit below everything a user or script says."""
+    upper = {**(defaults or {}), **(file_values or {}), **(flags or {})}
+    method = upper.get("method", Config.method)
+    cfg = Config.from_dict({**METHOD_DEFAULTS.get(method, {}), **upper}, source=source)
+    said = {**(file_values or {}), **(flags or {})}  # what the user gave: it wins, or it is an error
+    if said.get("feed") == "cached" and cfg.feed != "cached":
+        why = "has no item encoder" if cfg.method == "id" else "trains through the backbones, so it runs live"
+        raise ConfigError(f"feed=cached: method={cfg.method} {why} (only IISAN's states can be cached); "
+                          "leave --feed out")
+    if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
+        log.info("feed=%s is ignored: method=id has no item encoder", said["feed"])
+    if said.get("text_encoder_dropout") and ((cfg.method, cfg.feed) != ("iisan", "live") or cfg.towers == "image"):
+        raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
+                          f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
+                          f"towers={cfg.towers}); leave --text-encoder-dropout out")
+    if said.get("modality") not in (None, cfg.modality):
+        raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
+    if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
+        log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
+                    ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
+    return cfg
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a JSON config file into a dict of overrides (validated when merged)."""
+    path = Path(path)
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {why}")
+    try:  # a byte-order mark (some Windows editors write one) is dropped
+        values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}: key {err} appears twice; which value was meant?") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+        raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys")
+    try:  # validates keys and values; no path (nor any other string here) may hold a NUL
+        if nul := [k for k, v in values.items() if isinstance(v, str) and "\0" in v]:
+            raise ConfigError(f"{nul[0]}={values[nul[0]]!r}: a NUL character, which no path can hold")
+        Config.from_dict(values, source=str(path))
+    except ConfigError as err:
+        raise ConfigError(str(err) if str(err).startswith(f"{path}: ") else f"{path}: {err}") from None
+    return values
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different (``json`` keeps the last of two silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(repr(key))
+        out[key] = value
+    return out

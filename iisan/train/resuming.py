@@ -1,0 +1,110 @@
+"""A run's checkpoints, seen from the run (``Run.checkpoints``): which one it resumes from, restoring it,
+and writing one at the end of each epoch or on a stop request.
+
+Rank 0 chooses and writes; every rank restores, and adds its RNG streams and partial-epoch losses to what
+rank 0 writes. What a checkpoint holds and how it is verified is ``checkpoint``; the RNG, optimiser and
+scaler parts are ``runstate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..devices import device_name
+from ..distributed import broadcast_text, gather_same
+from ..errors import ConfigError, TrainingError, UserError
+from . import checkpoint, runstate
+from .checkpoint import CHECKPOINTS
+from .runfolder import refuse_to_overwrite
+from .weights import copy_weights, ensure_best_weights, trainable_state
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpoints:
+    """The checkpoints of ``run`` (a ``trainer.Run``), under ``<run folder>/checkpoints``."""
+
+    def __init__(self, run):
+        self.run = run
+        self.root = run.run_dir / CHECKPOINTS
+
+    def choose(self) -> checkpoint.Checkpoint | None:
+        """The newest checkpoint this run can resume from, or None for a fresh run (one that may start).
+        Rank 0 decides (``decisions.decide``)."""
+        cfg = self.run.cfg
+        found, refused = checkpoint.latest(self.root, cfg.to_dict())
+        if found is not None:
+            return found
+        if refused:
+            raise TrainingError(checkpoint.cannot_resume(refused))
+        if cfg.resume:
+            raise ConfigError(f"--resume: no checkpoint in {self.root}")
+        refuse_to_overwrite(self.run.run_dir, cfg)
+        return None
+
+    def restore(self, found: checkpoint.Checkpoint) -> dict:
+        """Weights, optimiser, RNG streams and progress from ``found``; returns the gradient scaler's state,
+        which the step (built after this) takes."""
+        run, state = self.run, found.state
+        dist, progress = run.dist, run.progress
+        copy_weights(run.model, found.model, found.path / checkpoint.MODEL)
+        runstate.optimizer_from_files(run.optimizer, state["optimizer"], found.train_state)
+        exact = runstate.restore_rng(state["rng"], found.train_state, dist, run.device)
+        if not exact or state["world_size"] != dist.world_size:
+            log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
+                        "not match an uninterrupted run bit for bit", found.path, state["world_size"],
+                        state["device"], dist.world_size)
+        progress.load(state, found.path, run.cfg.epochs, state["world_size"] != dist.world_size)
+        run.record.resumed_under(state)
+        run.partial_losses = found.train_state.get(f"partial_losses.{dist.rank}") if progress.start_step else None
+        log.info("resuming from %s: epoch %d, step %d", found.path, progress.start_epoch, progress.start_step)
+        if dist.is_main and progress.stopper.best_epoch == state["epoch"] and state["step"] is None:
+            ensure_best_weights(run.model, run.run_dir / "best.safetensors", run.cfg, progress.stopper.best_epoch,
+                                progress.best_valid)
+        return state["grad_scaler"]
+
+    def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
+             seconds: float = 0.0) -> Path:
+        """Collective: every rank adds its RNG streams (and partial-epoch losses); rank 0 writes, and a
+        failed write is every rank's error."""
+        run = self.run
+        rng, tensors = runstate.capture_rng(run.dist, run.device)
+        if losses is not None:
+            for rank, part in enumerate(gather_same(losses, run.dist)):
+                tensors[f"partial_losses.{rank}"] = part
+        name = checkpoint.checkpoint_name(epoch, step)
+        error = ""
+        if run.dist.is_main:
+            optimizer, optimizer_tensors = runstate.optimizer_to_files(run.optimizer)
+            record = run.record
+            state = {
+                "format": checkpoint.FORMAT, **run.progress.state(epoch, step, seconds),
+                "rng": rng, "optimizer": optimizer,
+                "grad_scaler": runstate.scaler_state(run.step.scaler), "world_size": run.dist.world_size,
+                "device": device_name(run.device), "config": run.cfg.to_dict(), "versions": record.versions,
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commits": record.commits,
+                "world_sizes": record.world_sizes, "peak_memory": record.peak(),
+                "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
+            }
+            try:
+                checkpoint.write_checkpoint(self.root, name, trainable_state(run.model),
+                                            {**tensors, **optimizer_tensors}, state, run.cfg.keep_checkpoints)
+            except UserError as err:
+                error = str(err)
+        error = broadcast_text(error, run.dist)
+        if error:
+            raise TrainingError(error)
+        return self.root / name
+
+    def existing(self) -> bool:
+        return bool(checkpoint.checkpoints(self.root))
+
+    def last_good(self) -> str:
+        """The newest complete checkpoint, for messages: where a failed run can be taken up again."""
+        done = [p for p in checkpoint.checkpoints(self.root) if (p / checkpoint.MANIFEST).is_file()]
+        return str(done[0]) if done else "none yet"
