@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from iisan.cli.main import main
-from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users
+from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users, steps_per_epoch
 from iisan.data.run_data import load_data
 from iisan.distributed import Dist, chunk_block
 from iisan.evaluate import evaluate_model, evaluate_ranks
@@ -66,6 +66,24 @@ def test_the_authors_user_order_is_their_distributed_samplers_whatever_the_seed(
         expected = [list(b) for b in BatchSampler(list(sampler), 16, drop_last=False)]
         assert [b.tolist() for b in np.array_split(epoch_order(103, None, epoch), range(16, 103, 16))] == expected
         assert epoch_order(103, 1, epoch).tolist() != epoch_order(103, 2, epoch).tolist()
+
+
+def test_the_authors_user_order_under_torchrun_is_their_padded_distributed_sampler():
+    """--user-order authors on several processes: each rank's users are those of the authors'
+    DistributedSampler on that rank (drop_last=False: the permutation filled up by repeating its first
+    users), and its steps are as many as that sampler's batches."""
+    from torch.utils.data import DistributedSampler
+
+    collate = CollateTrain(np.zeros((103, 3), dtype=np.int64), "items")
+    for epoch in range(2):
+        for rank in range(4):
+            sampler = DistributedSampler(range(103), num_replicas=4, rank=rank, shuffle=True)
+            sampler.set_epoch(epoch + 1)
+            order = epoch_order(103, None, epoch, rank=rank, world_size=4)
+            assert order.tolist() == list(sampler)  # 26 users each: 104, the first of the permutation twice
+            assert len(epoch_batches(order, 8, collate)) == steps_per_epoch(103, 8, 4, padded=True) == 4
+    assert steps_per_epoch(103, 8, 4) == 4 and steps_per_epoch(100, 25, 4, padded=True) == 1
+    assert steps_per_epoch(101, 25, 4) == 1 and steps_per_epoch(101, 25, 4, padded=True) == 2
 
 
 def test_ranks_train_on_disjoint_equal_shards_of_one_permutation():
@@ -324,11 +342,12 @@ def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_
 
 @pytest.mark.slow
 def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tiny, tiny_cache, tmp_path):
-    """Rank 0 alone fails a point (a write only it does); rank 1 waits in that point's collectives. The grid
-    ends on rank 0 in one line naming the point, and rank 1 with it: no hang, no next point."""
+    """Rank 0 alone fails a point (a write only it does); rank 1 learns why from rank 0. The grid ends on both
+    ranks in one line naming the point and the reason: no hang, no next point."""
     proc = two_point_grid(ROOT / "tests" / "_torchrun_grid_worker.py", tiny, tiny_cache, tmp_path, epochs=2)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error:" in line and "_torchrun_grid_worker.py" in line]
-    assert any("grid point 0 " in line and "No space left on device (rank 0 only)" in line and
-               "under torchrun a point that fails while training ends the grid" in line for line in errors), errors
+    said = [line for line in errors if "grid point 0 " in line and "No space left on device (rank 0 only)" in line
+            and "under torchrun a point that fails while training ends the grid" in line]
+    assert len(said) == 2, errors  # rank 1 says rank 0's reason (``Run.on_main``), not that it lost its peer
     assert "grid point 1 of 2" not in proc.stderr  # (then torchrun's own report of the failed workers)

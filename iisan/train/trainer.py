@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +120,7 @@ class Run:
         self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
         self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
-        self.record.start_metrics(self.progress.epochs)
+        self.on_main(self.first_files)
         self.started = True
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
                  self.amp, self.compiled,
@@ -135,6 +133,17 @@ class Run:
             raise RunInUse(str(err)) from None
         except UserError as err:  # not a run folder, or not writable
             raise TrainingError(str(err)) from None
+
+    def on_main(self, write: Callable[..., object], *args) -> None:
+        """A write rank 0 alone does (config.json, metrics.jsonl, results.json, the best weights): under
+        torchrun its failure (a full disk) is every rank's error in the same words (``decisions.decide``),
+        not a peer lost to the others."""
+        decide(lambda: write(*args), self.dist)
+
+    def first_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
+        self.record.start_metrics(self.progress.epochs)
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
         return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
@@ -173,7 +182,8 @@ class Run:
         cfg, dist, device = self.cfg, self.dist, self.device
         progress = self.progress
         start_step, progress.start_step = (progress.start_step, 0) if epoch == progress.start_epoch else (0, 0)
-        n_steps = steps_per_epoch(len(self.collate.sequences), cfg.batch_size, dist.world_size)
+        n_steps = steps_per_epoch(len(self.collate.sequences), cfg.batch_size, dist.world_size,
+                                  padded=cfg.order_seed is None)
         n_steps = min(n_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n_steps
         losses = torch.zeros(n_steps, device=device)
         seconds = 0.0
@@ -205,7 +215,7 @@ class Run:
         cfg, progress, stopper = self.cfg, self.progress, self.progress.stopper
         for epoch in range(progress.start_epoch, cfg.epochs):
             # every finished epoch on disk while the next one trains (the end writes "finished")
-            self.record.write(self.record.results(progress, "running"))
+            self.on_main(self.record.write, self.record.results(progress, "running"))
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
@@ -231,12 +241,12 @@ class Run:
             if improved:
                 record["test"] = progress.best_test
             progress.epochs.append(record)
-            self.record.epoch(record)  # on disk before the epoch is reported
+            self.on_main(self.record.epoch, record)  # on disk before the epoch is reported
             log.info("%s", epoch_line(record, stopper.bad_epochs))
             # The checkpoint first, then the best weights: a kill in between is repaired on resume.
             path = self.checkpoints.save(epoch)
-            if improved and self.dist.is_main:
-                save_weights(self.model, self.run_dir / "best.safetensors", cfg,
+            if improved:
+                self.on_main(save_weights, self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})
             if stopper.should_stop:
                 log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
@@ -246,7 +256,8 @@ class Run:
         return self.results()
 
     def results(self) -> dict:
-        results = self.record.write(self.record.results(self.progress, "finished"))
+        results = self.record.results(self.progress, "finished")
+        self.on_main(self.record.write, results)
         log_summary(results, self.run_dir / RESULTS)
         return results
 
