@@ -52,6 +52,10 @@ CASES = [
     pytest.param("image", set_values("preprocessor_config.json", size={"height": -1, "width": 0}), "image processor",
                  "its preprocessor_config.json gives size {'height': -1, 'width': 0}; expected positive whole "
                  "numbers of pixels (height and width, or shortest_edge)", id="image-size-negative"),
+    pytest.param("image", lambda folder: (folder / "preprocessor_config.json").unlink(), "image processor",
+                 "the folder has no preprocessor_config.json (nor a processor_config.json): copy it from the "
+                 "model's source; it gives the image size, mean and std the model was trained with",
+                 id="no-processor-config"),
 ]
 
 

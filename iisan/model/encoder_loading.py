@@ -63,6 +63,9 @@ def damaged_file(folder: Path, auto_class) -> str | None:
     """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
     would meet with an AttributeError or TypeError deep inside; None when none is seen. A JSON file
     that does not parse is left to transformers, which says so itself."""
+    if auto_class is AutoImageProcessor and not any((folder / name).is_file() for name in JSON_OBJECTS[auto_class]):
+        return ("the folder has no preprocessor_config.json (nor a processor_config.json): copy it from the model's "
+                "source; it gives the image size, mean and std the model was trained with")
     for name in JSON_OBJECTS.get(auto_class, ()):
         if (folder / name).is_file():
             with open(folder / name, "rb") as f:
