@@ -90,6 +90,27 @@ def test_cache_of_titles_cut_to_another_length_is_refused(tiny_config, tmp_path)
     build_model(cfg, load_data(cfg), torch.device("cpu"))  # the length it was built for
 
 
+def test_a_text_cache_of_titles_decoded_otherwise_is_refused(tiny_config, tiny, tmp_path):
+    """One items file read with two --encoding values gives the text encoder two texts under one file
+    fingerprint ("Café" or "CafÃ©"): the cache of one is refused to the other, naming the titles. A file whose
+    titles read the same either way (ASCII) keeps its cache, and an image cache reads no titles."""
+    accented = tmp_path / "items.tsv"
+    lines = open(tiny["items"], encoding="utf-8").read().splitlines()
+    item, title = lines[0].split("\t")
+    accented.write_text("\n".join([f"{item}\tCafé crème {title}", *lines[1:]]) + "\n", encoding="utf-8")
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), items=str(accented))
+    build_cache_from_config(cfg, dtype="float32")
+    latin = cfg.replace(encoding="latin-1")
+    with pytest.raises(CacheError, match=r"text.safetensors was built for titles with digest [0-9a-f]{16} \(the "
+                                         r"config's items file, as this run decodes it, gives [0-9a-f]{16}: the same "
+                                         r"file read with another --encoding\?\)"):
+        build_model(latin, load_data(latin), torch.device("cpu"))
+    build_model(latin.replace(towers="image"), load_data(latin), torch.device("cpu"))
+    ascii_cache = cfg.replace(items=tiny["items"], cache_dir=str(tmp_path / "ascii"))
+    build_cache_from_config(ascii_cache, dtype="float32")
+    build_model(ascii_cache.replace(encoding="latin-1"), load_data(ascii_cache), torch.device("cpu"))
+
+
 def test_an_items_path_that_is_not_utf8_is_kept_readable_in_the_cache(tiny_config, tiny, tmp_path):
     """A file name with a latin-1 byte (as a command line gives it): the cache's header says it as \\xe9,
     which safetensors' reader takes, and the run reads the cache."""
@@ -256,7 +277,8 @@ def test_the_cache_writer_and_its_readers_share_one_list_of_metadata_keys(cached
 
     text_keys = set(METADATA_KEYS) - {"image_norm", "images"}  # an image cache's only
     assert set(read_metadata(f"{cached_cfg.cache_dir}/text.safetensors")) == text_keys
-    assert set(read_metadata(f"{cached_cfg.cache_dir}/image.safetensors")) == set(METADATA_KEYS) - {"title_tokens"}
+    image_keys = set(METADATA_KEYS) - {"title_tokens", "titles"}  # a text cache's only
+    assert set(read_metadata(f"{cached_cfg.cache_dir}/image.safetensors")) == image_keys
     assert set(REQUIRED) < set(METADATA_KEYS)
     assert {f.name for f in dataclasses.fields(CacheExpectation)} < set(METADATA_KEYS)
     with pytest.raises(ValueError, match=r"\['dtpye'\] is not declared"):

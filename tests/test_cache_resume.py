@@ -364,7 +364,7 @@ def test_a_build_an_earlier_version_began_resumes_and_one_of_other_images_does_n
         build_cache_from_config(cfg, dtype="float16")
     manifest = tmp_path / "c" / SIDECAR / "manifest.json"
     recorded = json.loads(manifest.read_text())
-    for unrecorded in (("images", "encoder_dtype"), ("encoder_dtype",)):  # the versions before each was recorded
+    for unrecorded in (("images", "encoder_dtype", "titles"), ("encoder_dtype", "titles"), ("titles",)):  # before each
         settings = {m: {k: v for k, v in meta.items() if k not in ("encoder", "items_file", "encoder_files",
                                                                      "imported_missing", *unrecorded)}
                     for m, meta in _final_metadata(cfg).items()}

@@ -73,7 +73,8 @@ def test_a_feed_given_for_the_id_method_is_one_info_line(tiny, tmp_path, caplog)
     values = {"users": tiny["users"], "items": tiny["items"], "out_dir": str(tmp_path)}
     with caplog.at_level(logging.INFO, logger="iisan"):
         said = resolve(flags={**values, "method": "id", "feed": "live"})
-    assert console_lines(caplog.records) == ["INFO iisan.config: feed=live is ignored: method=id has no item encoder"]
+    assert console_lines(caplog.records) == [
+        "INFO iisan.precedence: feed=live is ignored: method=id has no item encoder"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="iisan"):
         unsaid = resolve(flags={**values, "method": "id"})

@@ -45,11 +45,12 @@ def cache_file(cache_dir: str | Path, modality: str) -> Path:
 
 STATE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # metadata dtype -> safetensors code
 # A cache's metadata keys, as a build writes them (``model.caching.cache_metadata``); ``title_tokens`` is a
-# text cache's only, ``image_norm`` (--image-norm) an image cache's; ``encoder_dtype``: the precision of the
-# encoder's weights (``dtype``: of the stored states).
+# text cache's only, and so is ``titles`` (a digest of the titles as read: the file's encoding shows there);
+# ``image_norm`` (--image-norm) an image cache's; ``encoder_dtype``: the precision of the encoder's weights
+# (``dtype``: of the stored states).
 METADATA_KEYS = ("format", "modality", "encoder", "encoder_config", "encoder_weights", "encoder_files", "model_type",
-                 "layers", "width", "depth", "pooling", "dtype", "encoder_dtype", "title_tokens", "image_norm",
-                 "images", "items_file", "items_fingerprint", "item_ids")
+                 "layers", "width", "depth", "pooling", "dtype", "encoder_dtype", "title_tokens", "titles",
+                 "image_norm", "images", "items_file", "items_fingerprint", "item_ids")
 # What an import adds (``cache_import``, which records no encoder_weights, encoder_files or title_tokens).
 IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 # Where the encoder and the items file were, and their files' sizes and times: the same contents (the
@@ -57,13 +58,15 @@ IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 # of items without a file is its result, not a setting.
 VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missing"})
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
-OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype")
+OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype",
+            "titles")
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
 UNRECORDED = {"image_norm": "processor"}
 # Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them
 # (``compared``). ``images``: an image cache's LMDB, by the digest of its records (``images.store_digest``);
-# ``encoder_dtype``: recorded by caches built after commit 134175e. In the order versions began to record them.
-UNTOLD_SINCE = ("images", "encoder_dtype")
+# ``encoder_dtype``: recorded by caches built after commit 134175e; ``titles``, after 4243447. In the order
+# versions began to record them.
+UNTOLD_SINCE = ("images", "encoder_dtype", "titles")
 UNTOLD = frozenset(UNTOLD_SINCE)
 REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
 
@@ -211,6 +214,7 @@ class CacheExpectation:
     dtype: str | None = None
     encoder_dtype: str | None = None
     title_tokens: str | None = None
+    titles: str | None = None
     image_norm: str | None = None
     images: str | None = None
 
@@ -218,7 +222,8 @@ class CacheExpectation:
 def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation) -> None:
     """The cache's modality, layers (it may hold more), width, items fingerprint, encoder config hash or
     else weights digest (an imported cache's digest is never compared), pooling, dtype, encoder_dtype,
-    title_tokens, image_norm and an image cache's images (where it records them) match what is expected; a
+    title_tokens, a text cache's titles, image_norm and an image cache's images (where it records them) match
+    what is expected; a
     check is skipped when ``expected`` leaves it out, and pooling, dtype, encoder_dtype and title_tokens also
     when the cache does not record them (a cache without image_norm was normalised with the processor's statistics). All
     differences are named in one error."""
@@ -248,6 +253,9 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
             (built := meta.get("image_norm", UNRECORDED["image_norm"])) != expected.image_norm:
         differences.append(f"image_norm {built} (config asks for {expected.image_norm})")
         other_way = f" (or use it as built: --image-norm {built})"
+    if expected.titles and meta.get("titles") and meta["titles"] != expected.titles:
+        differences.append(f"titles with digest {meta['titles']} (the config's items file, as this run decodes it, "
+                           f"gives {expected.titles}: the same file read with another --encoding?)")
     if expected.images and meta.get("images") and meta["images"] != expected.images:
         differences.append(f"the images whose LMDB has digest {meta['images']} (config's --images has "
                            f"{expected.images})")

@@ -11,6 +11,8 @@ every split is a column slice (see ``SeqRecData``).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,6 +40,12 @@ class ItemCatalog:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @functools.cached_property
+    def titles_digest(self) -> str:
+        """A short name for the titles as read (decoded with the run's ``--encoding``): one file read with
+        two encodings gives two texts to the text encoder, under one file fingerprint."""
+        return hashlib.sha256("\0".join(self.titles).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str = "utf-8") -> ItemCatalog:

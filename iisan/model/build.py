@@ -14,7 +14,7 @@ import torch
 from ..config import DEFAULT_MODELS, Config
 from ..data.batches import PixelSource
 from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
-from ..data.interactions import SeqRecData
+from ..data.interactions import ItemCatalog, SeqRecData
 from ..data.run_data import cache_dir, check_data_files, image_store, images_digest, pixel_source
 from ..errors import ConfigError, UserError
 from ..methods import METHOD_TABLE
@@ -151,7 +151,7 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
     tables, stored = {}, {}
     for m in modalities(cfg):
         path = cache_file(cache_dir(cfg), m)
-        expected = cache_expectation(cfg, m, path, read_metadata(path), data.catalog.fingerprint)
+        expected = cache_expectation(cfg, m, path, read_metadata(path), data.catalog)
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
@@ -163,24 +163,24 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
     return CachedStates(tables, stored)
 
 
-def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
-                      items_fingerprint: str) -> CacheExpectation:
+def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], catalog: ItemCatalog) -> CacheExpectation:
     """What ``cfg`` accepts of the ``m`` cache at ``path`` (metadata ``meta``): its modality and items
     always; with the encoder folder here, its layers, width, config, weights and pooling; without it, only
     its layers (the cache's record stands for the encoder). ``cache_dtype`` auto accepts any precision; a
-    text cache's titles must be cut to ``title_tokens``."""
+    text cache's titles must be cut to ``title_tokens`` and read as this run reads them (``catalog``: the
+    items file as read)."""
     dtype = None if cfg.cache_dtype == "auto" else cfg.cache_dtype  # auto: the precision it was built in
     encoder_dtype = None if cfg.encoder_dtype == "auto" else cfg.encoder_dtype  # so for the encoders' weights
     title_tokens = str(cfg.title_tokens) if m == "text" else None  # titles cut to another length give other states
     image_norm = cfg.image_norm if m == "image" else None  # pixels normalised otherwise give other states
     # other pixels give other states; a cache built before caches recorded its images says nothing of them
     images = images_digest(cfg) if m == "image" and meta.get("images") else None
+    read = {"items_fingerprint": catalog.fingerprint, "titles": catalog.titles_digest if m == "text" else None}
     name = model_name(cfg, m)
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
         log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
-        return CacheExpectation(modality=m, items_fingerprint=items_fingerprint,
-                                layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype,
+        return CacheExpectation(modality=m, **read, layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype,
                                 encoder_dtype=encoder_dtype, title_tokens=title_tokens, image_norm=image_norm,
                                 images=images)
     # the cache must come from these weights (digest read only if files changed)
@@ -191,7 +191,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str],
     weights = None  # an import records no weights to compare (cache_import)
     if meta.get("source") != "imported":
         weights = weights_digest(folder, weights_record(meta))["digest"]
-    return CacheExpectation(modality=m, items_fingerprint=items_fingerprint, layers=layers, width=spec.width,
+    return CacheExpectation(modality=m, **read, layers=layers, width=spec.width,
                             encoder=name, encoder_config=config_hash, encoder_weights=weights, pooling=pooling,
                             dtype=dtype, encoder_dtype=encoder_dtype, title_tokens=title_tokens, image_norm=image_norm,
                             images=images)

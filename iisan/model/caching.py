@@ -51,11 +51,11 @@ DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
 AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("vit-base-patch16-224", "vit", 12, 768)}
 
 
-def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items_fingerprint: str,
-                   dtype: torch.dtype, known: dict[str, dict | None] | None = None,
-                   images: str | None = None) -> dict[str, dict[str, str]]:
+def cache_metadata(live: LiveStates, item_ids: list[str], catalog: ItemCatalog, dtype: torch.dtype,
+                   known: dict[str, dict | None] | None = None, images: str | None = None) -> dict[str, dict[str, str]]:
     """The final files' metadata per modality, keys from ``cache.METADATA_KEYS`` (what
-    ``cache.check_metadata`` compares with a config). ``images``: the image LMDB's digest.
+    ``cache.check_metadata`` compares with a config). ``images``: the image LMDB's digest; ``catalog``: the
+    items file as read (its fingerprint; a text cache's titles digest).
     ``known``: per modality the weights record of a cache already there, whose digest stands while the
     encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
@@ -77,10 +77,11 @@ def cache_metadata(live: LiveStates, item_ids: list[str], items_file: str, items
             "dtype": str(dtype).replace("torch.", ""),
             "encoder_dtype": str(encoder.dtype).replace("torch.", ""),
             **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
+            **({"titles": catalog.titles_digest} if m == "text" else {}),
             **({"image_norm": encoder.norm["rule"]} if m == "image" else {}),
             **({"images": images} if m == "image" and images else {}),
-            "items_file": items_file,
-            "items_fingerprint": items_fingerprint,
+            "items_file": catalog.path,
+            "items_fingerprint": catalog.fingerprint,
             "item_ids": json.dumps(item_ids[1:]),
         })
     return out
@@ -175,7 +176,7 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
                        for m, e in live.encoders.items()))
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
-    metadata = cache_metadata(live, item_ids, str(cfg.items), catalog.fingerprint, stored, known,
+    metadata = cache_metadata(live, item_ids, catalog, stored, known,
                               pixels.store.digest() if pixels is not None else None)
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
