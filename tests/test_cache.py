@@ -179,6 +179,9 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
     caplog.clear()
     build_model(moved, load_data(moved), torch.device("cpu"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # what the run asks of the states is still checked against the cache's record: here its pooling
+    with pytest.raises(CacheError, match=r"text.safetensors was built for pooling cls \(config asks for mean\)"):
+        build_model(moved.replace(text_pooling="mean"), load_data(moved), torch.device("cpu"))
 
 
 def test_the_default_encoder_absent_is_no_warning(cached_cfg, caplog):

@@ -83,6 +83,29 @@ def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
         assert (again.text_layers, again.text_pooling, again.cache_dir) == (same.text_layers, "authors", same.cache_dir)
 
 
+@pytest.mark.parametrize(("choice", "layers"), [
+    (["--layer-rule", "groups"], (0, 5, 11, 16, 21, 27, 32)), (["--config", "rule.json"], (0, 5, 11, 16, 21, 27, 32)),
+    (["--layer-groups", "3"], (0, 2, 17, 32)), (["--layer-groups=3"], (0, 2, 17, 32)),
+    (["--no-include-embedding-state", "--intra-start", "zeros"], (2, 8, 14, 20, 26, 32)),
+    (["--no-include-embedding-state"], (0, 2, 8, 14, 20, 26, 32)),  # state 0 still seeds the chains
+])
+def test_a_layer_choice_reaches_the_presets_own_text_tower(choice, layers, tmp_path, monkeypatch):
+    """The llama3-8b preset's list is what --layer-rule stride picks of 32 layers; an ablation of the rule
+    (--layer-rule groups, --layer-groups, no embedding state) must change the layers read, not leave the
+    list in place while the run is filed as another experiment. The preset's pooling stays."""
+    from iisan.model.build import layers_for
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rule.json").write_text('{"layer_rule": "groups"}')
+    versa = _script("run_IISAN_Versa")
+    argv = ["--preset", "llama3-8b+vit-base", *choice]
+    assert "text_layers" not in versa.defaults_for(argv)
+    (cfg,), _ = _parse(versa, argv)
+    assert (cfg.text_layers, cfg.text_pooling, layers_for(cfg, "text", 32)) == (None, "authors", layers)
+    (plain,), _ = _parse(versa, ["--preset", "llama3-8b+vit-base", "--epochs", "3"])
+    assert plain.text_layers == (0, 2, 8, 14, 20, 26, 32) == layers_for(plain.replace(text_layers=None), "text", 32)
+
+
 def test_a_text_model_in_the_config_file_drops_the_presets_layers_too(tmp_path, capsys):
     versa = _script("run_IISAN_Versa")
     config = tmp_path / "qwen.json"

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
 from iisan.errors import ConfigError  # noqa: E402
-from iisan.experiments.presets import VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
+from iisan.experiments.presets import LAYER_CHOICE, VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
 from iisan.precedence import read_config_file  # noqa: E402
 
@@ -33,21 +33,26 @@ SWEEP = {
 
 
 def defaults_for(argv: list[str] | None) -> dict:
-    pre = argparse.ArgumentParser(add_help=False)  # the preset and data set pick the defaults of the rest
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the preset and data set pick the rest's
     pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
     pre.add_argument("--dataset", default="Scientific")
     pre.add_argument("--text-model")  # another text encoder than the preset's: not the preset's layers
     pre.add_argument("--image-model")  # another image encoder: a cache folder of its own
+    for key in LAYER_CHOICE:  # layers picked by the rule: not the preset's list either
+        pre.add_argument(f"--{key.replace('_', '-')}", dest=key, nargs="?", const=True)
+    pre.add_argument("--no-include-embedding-state", dest="include_embedding_state", action="store_false")
     pre.add_argument("--config")  # ... or one named in the --config file (a flag wins, as in every run)
     known, _ = pre.parse_known_args(argv)
     models = {"text_model": known.text_model, "image_model": known.image_model}
-    if known.config and None in models.values():
+    in_file = {}
+    if known.config:
         try:
             in_file = read_config_file(known.config)
         except ConfigError:
-            in_file = {}  # a bad file is refused in one line by the parse proper, inside the entry point
+            pass  # a bad file is refused in one line by the parse proper, inside the entry point
         models = {k: v if v is not None else in_file.get(k) for k, v in models.items()}
-    return versa_defaults(known.preset, known.dataset, **models)
+    by_rule = any(getattr(known, k) is not None or k in in_file for k in LAYER_CHOICE)
+    return versa_defaults(known.preset, known.dataset, **models, by_rule=by_rule)
 
 
 def extra_arguments(parser):

@@ -68,7 +68,13 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
 }
 
 
-def versa_defaults(preset: str, dataset: str, text_model: str | None = None, image_model: str | None = None) -> dict:
+# The keys by which automatic layer selection picks layers: given any of them, a preset's own layer list gives
+# way to the rule (a list would pick the same layers whatever they say).
+LAYER_CHOICE = ("layer_rule", "layer_groups", "include_embedding_state", "intra_start")
+
+
+def versa_defaults(preset: str, dataset: str, text_model: str | None = None, image_model: str | None = None,
+                   by_rule: bool = False) -> dict:
     """run_IISAN_Versa.py's defaults for a preset on a data set: cached IISAN with the preset's settings.
     A preset with another text encoder caches into its own folder (``<the data set's>_<preset>``); one that
     keeps BERT-base reads IISAN's cache. An unknown data set sets no cache folder (the parser refuses it).
@@ -76,7 +82,8 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None, ima
     list and pooling are its encoder's, so the other one gets the layer rule's and its family's
     (``--text-layers`` / ``--text-pooling`` set them), and a cache folder named after it. ``image_model``
     (``--image-model``), when not ViT-B/16: the folder's name gets its name too (its states are not the
-    ViT's, and the other pair's cache must not be the one a refusal tells to rebuild)."""
+    ViT's, and the other pair's cache must not be the one a refusal tells to rebuild). ``by_rule``: a key of
+    ``LAYER_CHOICE`` was given, so the preset's layer list gives way to the rule (its pooling stays)."""
     cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
     settings = VERSA_PRESETS[preset]
     if text_model and not same_folder(text_model, settings.get("text_model", BACKBONES["text_model"])):
@@ -85,6 +92,8 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None, ima
             cache_dir += "_" + path_component(Path(text_model).resolve().name)
     elif settings.get("text_model") and cache_dir:
         cache_dir += "_" + preset
+    if by_rule:
+        settings = {k: v for k, v in settings.items() if k != "text_layers"}
     if image_model and cache_dir and not same_folder(image_model, BACKBONES["image_model"]):
         cache_dir += "_" + path_component(Path(image_model).resolve().name)
     return {"method": "iisan", "feed": "cached", **({"cache_dir": cache_dir} if cache_dir else {}), **settings}

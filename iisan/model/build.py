@@ -180,9 +180,11 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], cat
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
         log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
+        # its family, as recorded, resolves the pooling asked for (caches before model_type was recorded: none)
+        pooling = pooling_for(cfg, m, meta["model_type"]) if meta.get("model_type") else None
         return CacheExpectation(modality=m, **read, layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype,
-                                encoder_dtype=encoder_dtype, title_tokens=title_tokens, image_norm=image_norm,
-                                images=images)
+                                encoder_dtype=encoder_dtype, pooling=pooling, title_tokens=title_tokens,
+                                image_norm=image_norm, images=images)
     # the cache must come from these weights (digest read only if files changed)
     spec = read_spec(name, m, cfg.allow_download)
     layers = layers_for(cfg, m, spec.depth)
