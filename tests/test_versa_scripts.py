@@ -61,6 +61,38 @@ def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers,
     assert versa.main(without)[0]["test"] == results["test"]  # the cache is there now: no flag needed
 
 
+def test_build_cache_builds_only_the_missing_tower_and_nothing_for_a_finished_run(tiny, towers, tmp_path, caplog):
+    """An LLM's cache may be the only copy of its states here: with the text cache built and its encoder gone,
+    --build-cache encodes the image tower alone and trains; once the run finished, a rerun with the cache
+    deleted builds nothing and returns the run's results."""
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(towers["qwen2_40x3"], llm)
+    argv = ["--preset", "llama3-8b+vit-base", "--build-cache", "--cache-dtype", "float32",
+            "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
+            "--text-model", str(llm), "--image-model", towers["vit24x3"], "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / "runs"), "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16",
+            "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    versa = _script("run_IISAN_Versa")
+    text_only = [*argv, "--towers", "text"]
+    versa.main(text_only)
+    text_cache = tmp_path / "cache" / "text.safetensors"
+    built = text_cache.stat().st_mtime_ns
+    shutil.rmtree(llm)
+    with caplog.at_level("INFO", logger="iisan"):
+        (results,) = versa.main(argv)
+    assert text_cache.stat().st_mtime_ns == built and (tmp_path / "cache" / "image.safetensors").is_file()
+    assert "caching" in caplog.text and "(image)" in caplog.text and "(text" not in caplog.text
+    for m in ("text", "image"):
+        (tmp_path / "cache" / f"{m}.safetensors").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iisan"):
+        (again,) = versa.main(argv)
+    assert again["test"] == results["test"] and "caching" not in caplog.text
+    assert not (tmp_path / "cache" / "text.safetensors").exists()
+
+
 def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
     """The llama3-8b preset's layer list (0..32) fits LLaMA-3-8B only: with another text encoder (a
     28-layer Qwen2.5-7B) the layer rule picks its layers and the family its pooling; flags still win."""

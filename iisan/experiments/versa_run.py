@@ -8,18 +8,22 @@ from ..distributed import launched
 from ..errors import CacheError, ConfigError
 from ..model.build import modalities
 from ..model.caching import build_cache_from_config
+from ..train.runfolder import reusable_results
 from ..train.trainer import train
 
 
 def train_cached(cfg: Config, build_cache: bool = False) -> dict:
-    """Train ``cfg``; with ``build_cache``, first build its cache when a tower's file is missing (the
-    build resumes an interrupted one)."""
-    missing = not all(cache_file(cfg.cache_dir, m).is_file() for m in modalities(cfg))
-    if missing and build_cache and launched():  # every rank would build it, locking the others out
-        raise ConfigError(f"--build-cache under torchrun: the cache {cfg.cache_dir} is built in one process; build "
-                          "it first with this command without torchrun (or `iisan cache`), then launch")
-    if missing and build_cache:
-        build_cache_from_config(cfg)
+    """Train ``cfg``; with ``build_cache``, first build the cache of each tower whose file is missing (the
+    build resumes an interrupted one). A tower already cached is not encoded again, nor its encoder
+    needed (an LLM's cache may be the only copy of its states here); a run that finished before needs no
+    cache at all."""
+    missing = [m for m in modalities(cfg) if not cache_file(cfg.cache_dir, m).is_file()]
+    if missing and build_cache and reusable_results(cfg) is None:
+        if launched():  # every rank would build it, locking the others out
+            raise ConfigError(f"--build-cache under torchrun: the cache {cfg.cache_dir} is built in one process; "
+                              "build it first with this command without torchrun (or `iisan cache`), then launch")
+        for m in missing:
+            build_cache_from_config(cfg.replace(towers=m, modality="intra"))  # (inter: of both towers)
     try:
         return train(cfg)  # a run that finished before needs no cache
     except CacheError as err:
