@@ -93,6 +93,19 @@ def test_build_cache_builds_only_the_missing_tower_and_nothing_for_a_finished_ru
     assert not (tmp_path / "cache" / "text.safetensors").exists()
 
 
+def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):
+    """The preset's layers, pooling and cache folder are chosen for one encoder pair before the grid is made:
+    a SWEEP over text models gave every point the preset's LLaMA layers and one shared cache."""
+    versa = _script("run_IISAN_Versa")
+    monkeypatch.setitem(versa.SWEEP, "text_model", ["models/a", "models/b"])
+    with pytest.raises(SystemExit) as stopped:
+        versa.main(["--preset", "llama3-8b+vit-base"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "run_IISAN_Versa.py: error: SWEEP lists text_model: each encoder pair takes its own layers, pooling and cache "
+        "folder")
+
+
 def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
     """The llama3-8b preset's layer list (0..32) fits LLaMA-3-8B only: with another text encoder (a
     28-layer Qwen2.5-7B) the layer rule picks its layers and the family its pooling; flags still win."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a checkout without installing
 
+from iisan.console import entry_point  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.experiments.presets import LAYER_CHOICE, VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
@@ -68,8 +69,16 @@ def action(cfg, args):
 
 
 def main(argv: list[str] | None = None) -> list:
+    if swept := sorted({"text_model", "image_model"} & set(SWEEP)):  # the defaults above are one pair's
+        entry_point(Path(__file__).name, lambda: refuse_swept_encoders(swept[0]))
     return run_script(defaults_for(argv), SWEEP, argv, description=__doc__, action=action,
                       extra_arguments=extra_arguments)
+
+
+def refuse_swept_encoders(key: str) -> None:
+    raise ConfigError(f"SWEEP lists {key}: each encoder pair takes its own layers, pooling and cache folder (the "
+                      f"preset's, or the layer rule's and its family's), chosen once per launch; run this script once "
+                      f"per --{key.replace('_', '-')}, or add a preset to VERSA_PRESETS")
 
 
 if __name__ == "__main__":
