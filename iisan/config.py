@@ -97,8 +97,9 @@ class Config:
                                    "for equal widths, as the authors'), so this one only when the image tower is "
                                    "narrower than the text tower")
     gate_temperature: float = _opt(0.1, "gate = sigmoid(theta / temperature)")
-    san_heads: str = _opt("auto", "SAN output heads: iisan (width->width->D), versa (width->D->D); auto: "
-                          "iisan when both towers have the same width", ("auto", "iisan", "versa"))
+    san_heads: str = _opt("auto", "SAN intra heads: iisan (width->width->D), versa (width->D->D; the inter head is "
+                          "width->width->D in both); auto: iisan when both towers have the same width or one tower "
+                          "is used (a wide LLM alone: versa keeps its head small)", ("auto", "iisan", "versa"))
     embedding_dim: int = _opt(64, "item and user embedding width")
     transformer_blocks: int = _opt(2, "SASRec blocks")
     attention_heads: int = _opt(2, "SASRec attention heads")

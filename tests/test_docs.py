@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from iisan.data.run_data import load_data
+from iisan.model.families import SUPPORTED
 from iisan.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +129,17 @@ def broken_links(doc: Path) -> list[str]:
             if not (ROOT / path).exists():
                 broken.append(f"`{path}` (no such file)")
     return broken
+
+
+def test_the_encoder_guide_lists_every_supported_family_and_no_other():
+    """pretrained_models/README.md names the towers IISAN accepts: SigLIP and T5 were missing there, and CLIP's
+    text model was listed among the CLS-pooled BERT family."""
+    guide = (ROOT / "pretrained_models" / "README.md").read_text()
+    listed = guide[guide.index("Text towers (`SUPPORTED`"):guide.index("Offline stand-ins")]
+    named = set(re.findall(r"[a-z][a-z0-9_-]*[a-z0-9]", listed))
+    assert SUPPORTED["text"] | SUPPORTED["image"] <= named
+    bert_family = listed[listed.index("BERT-family"):listed.index("causal towers")]
+    assert "clip" not in bert_family and "t5" not in bert_family
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -130,8 +130,8 @@ HEADS = choices("san_heads")
 
 
 def head_style(widths: dict[str, int], heads: str = "auto") -> str:
-    """'auto': IISAN's heads when both towers have the same width (so an equal pair is exactly IISAN),
-    the Versa draft's narrow heads otherwise."""
+    """'auto': IISAN's heads when both towers have the same width (so an equal pair is exactly IISAN) or one
+    tower is used (IISAN's one-tower ablations), the Versa draft's narrow heads otherwise."""
     if heads not in HEADS:
         raise ValueError(f"heads must be one of {', '.join(HEADS)}, not {heads!r}")
     if heads != "auto":
