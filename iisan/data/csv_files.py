@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from ..errors import DataError
-from .textfile import decoded_lines
+from .textfile import CR_EXPECTED, decoded_lines
 
 USER_COLUMNS = ("user", "userid", "user_id")
 ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
@@ -40,13 +40,17 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
 def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """``(header, [(line number, row)])`` of a CSV file with a header; blank rows skipped. A row's line
     number is the line it starts on: a quoted field may span lines."""
-    reader = csv.reader(line for _, line in decoded_lines(path, encoding, newline=""))
+    # lines end at LF only (a CR inside quotes is the title's): the reader's line count is the file's
+    reader = csv.reader(line for _, line in decoded_lines(path, encoding, allow_cr=True))
     rows, done = [], 0  # done: lines the reader has consumed before the row
     try:
         for row in reader:
             rows.append((done + 1, row))
             done = reader.line_num
-    except csv.Error as err:  # a field over the csv module's limit (131,072 characters), a stray NUL
+    except csv.Error as err:  # a CR outside quotes, a field over the module's limit (131,072 characters), a NUL
+        if "new-line character seen in unquoted field" in str(err):  # the reader's word for a CR there
+            raise DataError(f"{path}:{reader.line_num}: a carriage return (CR) inside the line, outside quotes; "
+                            f"{CR_EXPECTED}") from None
         raise DataError(f"{path}:{done + 1}: not a CSV row this reader takes ({err})") from None
     if not rows:
         raise DataError(f"{what} file {path} is empty")

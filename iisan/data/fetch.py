@@ -93,6 +93,18 @@ def unpack_images(archive: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def shortened(text: str, limit: int = 300) -> str:
+    """``text`` in at most ``limit`` characters: its head (the error's type) and its tail (where a
+    client's message says the cause: "... Failed to resolve 'drive.google.com'"), cut at spaces, joined by
+    " … "; a word longer than its part is cut inside."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 3  # a third for the head, two for the tail
+    head = text[:keep + 1].rsplit(" ", 1)[0] if " " in text[:keep + 1] else text[:keep]
+    tail = text[-2 * keep - 1:].split(" ", 1)[-1] if " " in text[-2 * keep - 1:] else text[-2 * keep:]
+    return f"{head.rstrip()} … {tail.lstrip()}"
+
+
 def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveClient) -> None:
     target, archive = base / src.images.folder, base / src.images.name
     if target.is_dir():
@@ -111,7 +123,7 @@ def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveCl
             except FetchError:
                 raise
             except Exception as err:  # the client's own errors (gdown, requests, OS): one line each
-                reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+                reason = shortened(" ".join(f"{type(err).__name__}: {err}".split()))
                 raise FetchError(f"cannot download {archive.name} from Google Drive ({src.images.url()}): "
                                  f"{reason}; download it by hand and put it at {archive} (or unzip it into "
                                  f"{target}/), then run the fetch again") from None

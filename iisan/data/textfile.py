@@ -15,34 +15,71 @@ from ..errors import DataError
 _ESCAPED = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by errors="surrogateescape"
 RESERVED_IDS = frozenset({".", "..", "__meta__"})  # path components, and the image LMDB's metadata key
 MAX_ID_BYTES = 200  # an image file is <id>.<extension>, and file names stop at 255 bytes
+CR_EXPECTED = ("lines end in LF or CRLF: remove the CR (a file whose lines all end in CR alone, as old Macs "
+               "wrote, converts with tr '\\r' '\\n')")
 
 
-def decoded_lines(path: Path, encoding: str | None = None, newline: str | None = None,
-                  hint: str | None = None) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of every line of ``path`` in ``encoding`` (a UTF-8 byte-order mark is
-    dropped). A byte that is not valid in the encoding, or a stream its decoder refuses (UTF-16 without a
-    byte-order mark), is a ``DataError`` naming the file (and line where known) and the encoding, then
-    ``hint``: by default, to pass ``--encoding``; with no ``encoding`` (UTF-8, for an input that has no
-    ``--encoding`` flag), to save the file as UTF-8."""
+def decoded_lines(path: Path, encoding: str | None = None, hint: str | None = None,
+                  allow_cr: bool = False) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every line of ``path`` in ``encoding``, its end (LF or CRLF) included; a
+    byte-order mark of the encoding is dropped. Lines end at LF alone: a carriage return elsewhere than
+    just before it is a ``DataError`` naming its line and column (universal newlines would end a line
+    there and shift every later line number; a file of CR-ended lines, an old Mac's, is refused on line 1),
+    unless ``allow_cr`` (CSV: its reader takes CRs itself, a quoted field may hold one).
+
+    A gzip-compressed file, and a byte-order mark of another encoding than ``encoding`` (a UTF-8 one under
+    latin-1 would be glued onto the first id), are refused before reading. A byte that is not valid in the
+    encoding, or a stream its decoder refuses (UTF-16 without a byte-order mark), is a ``DataError``
+    naming the file (and line where known) and the encoding, then ``hint``: by default, to pass
+    ``--encoding``; with no ``encoding`` (UTF-8, for an input that has no ``--encoding`` flag), to save
+    the file as UTF-8."""
     if hint is None:
         hint = ("save it as UTF-8 (e.g. with iconv -f latin-1 -t utf-8)" if encoding is None
                 else "pass --encoding with the file's encoding (e.g. latin-1)")
-    name = encoding = encoding or "utf-8"
-    if codecs.lookup(encoding).name == "utf-8":
-        name, encoding = "utf-8", "utf-8-sig"  # reads plain UTF-8 alike and drops a leading byte-order mark
+    check_leading_bytes(path, encoding)
+    name = opened = encoding or "utf-8"
+    if codecs.lookup(name).name == "utf-8":
+        name, opened = "utf-8", "utf-8-sig"  # reads plain UTF-8 alike and drops a leading byte-order mark
     lineno = 0
-    with open(path, encoding=encoding, errors="surrogateescape", newline=newline) as fh:
+    with open(path, encoding=opened, errors="surrogateescape", newline="\n") as fh:
         try:
             for lineno, line in enumerate(fh, 1):
+                if lineno == 1 and line.startswith("\ufeff"):  # the BOM of utf-16-le and the like, not text
+                    line = line[1:]
                 bad = _ESCAPED.search(line)
                 if bad:
                     byte = ord(bad.group()) - 0xDC00
-                    raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not {name} "
-                                    f"text; {hint}")
+                    raise DataError(f"{path}:{lineno}: byte 0x{byte:02x} at column {bad.start() + 1} is not "
+                                    f"{name} text; {hint}")
+                cr = line.removesuffix("\n").removesuffix("\r").find("\r")
+                if cr >= 0 and not allow_cr:
+                    raise DataError(f"{path}:{lineno}: a carriage return (CR) inside the line at column {cr + 1}; "
+                                    f"{CR_EXPECTED}")
                 yield lineno, line
         except UnicodeError as err:  # the decoder's own refusal: no BOM, truncated data, bytes < 0x80
             where = f" after line {lineno}" if lineno else ""
             raise DataError(f"{path}: not {name} text{where} ({error_text(err)}); {hint}") from None
+
+
+def check_leading_bytes(path: Path, encoding: str | None) -> None:
+    """Refuse, on line 1, a file whose first bytes say it is no text in ``encoding`` (``None``: UTF-8 from
+    an input without an ``--encoding`` flag): gzip-compressed, or a byte-order mark of another encoding."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    codec = codecs.lookup(encoding or "utf-8").name
+    if head.startswith(b"\x1f\x8b"):
+        raise DataError(f"{path}:1: starts with the bytes 1f 8b: the file is gzip-compressed, not text; gunzip it "
+                        "first")
+    if head.startswith(codecs.BOM_UTF8) and codec not in ("utf-8", "utf-8-sig"):
+        raise DataError(f"{path}:1: starts with a UTF-8 byte-order mark (ef bb bf), but --encoding {encoding} was "
+                        "given: the file is UTF-8; leave --encoding out (or pass --encoding utf-8)")
+    for bom, wide in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom) and not codec.startswith(("utf-16", "utf-32")):
+            todo = (f"save it as UTF-8 (e.g. with iconv -f {wide} -t utf-8)" if encoding is None
+                    else f"pass --encoding {wide}")
+            raise DataError(f"{path}:1: starts with a {wide.upper()} byte-order mark ({bom.hex(' ')}): the file is "
+                            f"{wide.upper()} text, not {encoding or 'utf-8'}; {todo}")
 
 
 def visible(text: str) -> str:

@@ -29,6 +29,7 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
+from ..data.fetch import shortened
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError
 from .presets import BACKBONES, ROOT, VERSA_PRESETS
@@ -163,7 +164,7 @@ def fetch_encoder(name: str, root: Path, client: HubClient) -> Path:
                              f"`iisan fetch encoders` where the Hub is reachable and copy the folder it writes to "
                              f"{target}/ (its {MANIFEST} is checked here), or {by_hand(model, revision, target)} "
                              "(pretrained_models/README.md)") from None
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        reason = shortened(" ".join(f"{type(err).__name__}: {err}".split()))
         raise FetchError(f"cannot download {model.repo_id}@{revision[:12]} from the Hugging Face Hub ({reason}); "
                          f"{by_hand(model, revision, target)}") from None
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping, in our folder

@@ -68,9 +68,11 @@ class TrainedRun:
         index = {item_id: i for i, item_id in enumerate(self.data.item_ids) if i}
         unknown = [i for i in item_ids if i not in index]
         if unknown:
+            spaced = next((i for i in unknown if any(ch.isspace() for ch in i)), None)  # "a b", as a users file
+            hint = f"; item ids are comma-separated: {','.join(spaced.split())!r}" if spaced else ""
             raise DataError(f"{where}: item id(s) {', '.join(map(repr, unknown[:5]))} are not among the "
                             f"{self.data.num_items} items of the data set ({self.cfg.items}; items that occur "
-                            "in no kept user's history are dropped by the protocol)")
+                            f"in no kept user's history are dropped by the protocol){hint}")
         if not item_ids:
             raise DataError(f"{where}: an empty history (give at least one item id)")
         return np.array([index[i] for i in item_ids], dtype=np.int64)
