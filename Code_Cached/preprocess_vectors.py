@@ -1,12 +1,14 @@
 """Build the hidden-state cache for cached IISAN (authors' Code_Cached/preprocess_vectors.py).
 
-Runs the frozen text and image encoders once over every item of the data set and writes
+Runs the frozen text and image encoders once over the items of the data set that training reads (those
+left after the paper's protocol; `--all-items`: every row of the items file) and writes
 `stored_vectors_*/text.safetensors` and `image.safetensors`: the layers the SANs read, as one array per
 modality, in fp32 as the authors' (`--cache-dtype float16` halves it); with `--all-layers`, every layer,
-so that one cache serves every layer ablation.
+so that one cache serves every layer ablation. It trains no run: it ends naming the cache it wrote.
 `python preprocess_vectors.py --dataset Instrument`, `--help` for all flags.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +31,20 @@ def action(cfg, args):
                                    overwrite=args.overwrite)
 
 
+def made(cfg, paths) -> str:
+    """What the build makes: the cache folder; once written, its items and each tower's file, as recorded."""
+    if paths is None:
+        return f"cache {cfg.cache_dir}"
+    from iisan.data.cache import read_metadata  # here: --help need not import torch
+
+    towers = {modality: read_metadata(path) for modality, path in paths.items()}
+    items = len(json.loads(next(iter(towers.values()))["item_ids"]))
+    return f"cache {cfg.cache_dir}: {items} items; " + "; ".join(
+        f"{m}: {Path(meta['encoder']).name}, {len(json.loads(meta['layers']))} layers x {meta['width']} "
+        f"({meta['dtype']})" for m, meta in towers.items())
+
+
 if __name__ == "__main__":
+    # one process builds the cache every rank reads
     run_script({"method": "iisan", "encode_batch_size": 512}, {}, description=__doc__, action=action,
-               extra_arguments=extra_arguments, parallel=False)  # one process builds the cache every rank reads
+               extra_arguments=extra_arguments, parallel=False, made=made)

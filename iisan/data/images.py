@@ -31,6 +31,7 @@ META_KEY = b"__meta__"
 FORMAT = "iisan-images/1"  # what the metadata record's "format" says (``image_build``)
 IMAGE_SIZE = 224
 MAX_SIZE = 4096  # the largest ``size`` a store may hold (``iisan build-lmdb --size``)
+BLANK_SOURCE = "blank"  # the metadata "source" of a store of no images on purpose (``blank_by_design``)
 
 
 def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
@@ -176,6 +177,14 @@ class ImageStore:
             raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
         self.meta = meta
         self.size = meta["size"]
+
+    @property
+    def blank_by_design(self) -> bool:
+        """Whether the store holds no images on purpose: no records and source ``BLANK_SOURCE``, as written
+        by ``experiments.offline.blank_image_store`` where no images are available, so that every item is
+        served as a blank. ``iisan build-lmdb`` never writes one (it refuses to store no image); its digest,
+        that of no records, is no other store's."""
+        return self.meta.get("source") == BLANK_SOURCE and self.meta.get("count") == 0
 
     @contextmanager
     def _txn(self, buffers: bool = False):

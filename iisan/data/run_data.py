@@ -61,10 +61,14 @@ def image_store(cfg: Config) -> ImageStore:
 
 
 def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
-    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks."""
+    """Pixels from the image LMDB; items without an image are counted, logged and served as blanks. An LMDB
+    holding none of the items is refused (another data set's), unless it is a store of blanks by design."""
     store = image_store(cfg)
     missing, flagged = store.blank_ids(item_ids)
-    if missing and len(missing) == len([i for i in item_ids if i]):  # another data set's LMDB, or an empty one
+    if store.blank_by_design:  # a stand-in where no images are available: every item a blank, said so
+        log.warning("%s holds no images by design (source %r): all %d items are encoded from a blank image",
+                    cfg.images, store.meta["source"], len(missing))
+    elif missing and len(missing) == len([i for i in item_ids if i]):  # another data set's LMDB, or an empty one
         raise ConfigError(f"images={cfg.images} holds none of the {len(missing)} items of {cfg.items} (e.g. "
                           f"{missing[0]}): give this data's LMDB (--images, built by `iisan build-lmdb`), or "
                           "--towers text")

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.image_build import build_image_lmdb, write_image_lmdb
+from ..data.images import BLANK_SOURCE
 from ..errors import ConfigError
 from ..files import atomic_path
 from ..model.tiny import write_vit
@@ -29,10 +30,12 @@ def minilm_path() -> str:
 
 
 def blank_image_store(work: Path, size: int = 32) -> Path:
-    """An image LMDB with no records: every item is missing, counted, logged and served as a blank."""
+    """An image LMDB with no records, blank by design (its metadata says so: ``ImageStore.blank_by_design``):
+    every item of any data set is served as a blank, logged as such; one store serves every data set, and
+    its digest (of no records) names it apart from any store of images in caches and result tables."""
     path = Path(work) / "blank-images.lmdb"
     if not path.is_dir():
-        write_image_lmdb(path, [], lambda _: None, size=size, progress=False, source="blank")
+        write_image_lmdb(path, [], lambda _: None, size=size, progress=False, source=BLANK_SOURCE)
     return path
 
 

@@ -50,10 +50,11 @@ class GridPoint:
     values: dict  # the swept keys' values at this point
     config: Config | None  # None when the values make no valid config
     error: str = ""  # why not
+    made: str = ""  # what it makes where it trains no run (a cache build: its folder), named instead of a run
 
     @property
     def name(self) -> str:
-        return self.config.run_name if self.config else "-"
+        return self.made or (self.config.run_name if self.config else "-")
 
 
 class Status(str, Enum):
@@ -211,24 +212,30 @@ def listing(points: list[GridPoint]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary(outcomes: list[Outcome]) -> str:
-    """A markdown table of every point: status and, for runs, test HR@10 and NDCG@10."""
+def summary(outcomes: list[Outcome], made=None) -> str:
+    """A markdown table of every point: status and, for runs, test HR@10 and NDCG@10; for an action that
+    trains no run, what each point made instead (``made(config, result)``, see ``run_script``)."""
     counts: dict[Status, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
-             "| # | run | status | test HR@10 | test NDCG@10 |", "|---|---|---|---|---|"]
+             "| # | made | status |" if made else "| # | run | status | test HR@10 | test NDCG@10 |",
+             "|---|---|---|" if made else "|---|---|---|---|---|"]
     for o in outcomes:
+        status = f"{o.status}: {o.reason}" if o.reason else o.status
+        if made:
+            done = o.status is Status.FINISHED and o.point.config is not None
+            lines.append(f"| {o.point.index} | {made(o.point.config, o.result) if done else o.point.name} | {status} |")
+            continue
         test = o.result.get("test") if isinstance(o.result, dict) else None
         metrics = [f"{test['hit@10']:.4f}", f"{test['ndcg@10']:.4f}"] if test else ["", ""]
-        status = f"{o.status}: {o.reason}" if o.reason else o.status
         lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(metrics)} |")
     return "\n".join(lines) + "\n"
 
 
-def run_grid(points: list[GridPoint], args, action=None) -> list:
+def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     """Run the points one after another; print the summary (also when interrupted); a GridError when
-    any point failed. Returns each point's result (None for a failed one)."""
+    any point failed. Returns each point's result (None for a failed one). ``made``: see ``run_script``."""
     total = len(points)  # "grid point 1 of 4" also when --grid-index runs one of them
     if args.grid_index is not None:
         if not 0 <= args.grid_index < len(points):
@@ -264,7 +271,7 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
                 raise
     finally:
         if main_process():  # under torchrun every rank runs the grid; one table is enough
-            print(summary(outcomes), end="")
+            print(summary(outcomes, made), end="")
         if created:  # every rank waits for the others only when all went well (a peer may be gone)
             teardown(finished=all(o.status in (Status.FINISHED, Status.FINISHED_BEFORE, Status.IN_USE)
                                   for o in outcomes))
@@ -281,10 +288,12 @@ def run_grid(points: list[GridPoint], args, action=None) -> list:
 
 
 def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
-               action=None, extra_arguments=None, parallel: bool = True) -> list:
+               action=None, extra_arguments=None, parallel: bool = True, made=None) -> list:
     """Parse, then run ``action(cfg, args)`` (default: train) for every grid point, one after another.
     ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``; ``parallel``:
-    the action trains data-parallel under torchrun (else torchrun is refused: each rank would do all of it)."""
+    the action trains data-parallel under torchrun (else torchrun is refused: each rank would do all of it).
+    ``made(cfg, result)``, for an action that trains no run (a cache build): what a point makes, named in
+    its log lines and the summary instead of a run folder and test metrics; ``result`` is None until made."""
     setup_logging()
 
     def run() -> list:
@@ -294,6 +303,9 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
 
         if launched() and not parallel:
             raise ConfigError(f"{Path(sys.argv[0]).name} runs in one process: start it without torchrun")
+        for point in points if made else []:
+            if point.config is not None:
+                point.made = made(point.config, None)
         if args.list_grid:
             print(listing(points), end="")
             return []
@@ -303,7 +315,7 @@ def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = 
                 how = (f"`iisan fetch data --dataset {args.dataset}` downloads the data set (Dataset/README.md: by "
                        "hand)" if args.dataset in FETCHABLE else "Dataset/README.md says where to get it")
                 raise DataError(f"{key} file {paper[key]} does not exist: {how}")
-        return run_grid(points, args, action)
+        return run_grid(points, args, action, made)
 
     return entry_point(sys.argv[0], run)
 
