@@ -10,7 +10,9 @@ the numbers measure speed, and accuracy from titles alone.
     python scripts/benchmark_cached_cpu.py --data-dir ../shared/data/amazon/Scientific --epochs 30
 
 Each invocation trains a new run (its folder named by the time); the cache in the work folder is
-reused unless --rebuild-cache asks to build and time it again.
+reused unless --rebuild-cache asks to build and time it again. The summary goes to
+bench_data/results/cpu-cached-scientific.json (git-ignored) unless --out names another file; the committed one,
+which docs/results.md cites, is results/cpu-cached-scientific.json.
 """
 
 from __future__ import annotations
@@ -29,16 +31,27 @@ from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa:
 from iisan.flags import FlagParser  # noqa: E402
 
 
-def main(argv=None) -> None:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--data-dir", default=str(SCIENTIFIC))
-    parser.add_argument("--epochs", type=int, default=30, help="cap on epochs (early stopping may end sooner)")
+    parser.add_argument("--data-dir", default=str(SCIENTIFIC),
+                        help="the real Scientific data: the authors' TSVs (default: ../shared/data/amazon/Scientific "
+                             "beside this checkout)")
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="cap on epochs (early stopping may end sooner) (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data" / "cpu-scientific"))
-    parser.add_argument("--out", default=str(ROOT / "results" / "cpu-cached-scientific.json"))
+    parser.add_argument("--work", default=str(ROOT / "bench_data" / "cpu-scientific"),
+                        help="the blank-image LMDB, the random ViT, the cache and the run folders (default: "
+                             "bench_data/cpu-scientific in this checkout)")
+    parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "cpu-cached-scientific.json"),
+                        help="the summary JSON; the committed one is results/cpu-cached-scientific.json (default: "
+                             "bench_data/results/cpu-cached-scientific.json in this checkout, git-ignored)")
     parser.add_argument("--rebuild-cache", action="store_true",
                         help="build (and time) the cache again even if the work folder holds one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     setup_logging()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

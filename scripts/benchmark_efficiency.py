@@ -9,7 +9,8 @@ model FLOPs, peak memory (GPU: max_memory_allocated and max_memory_reserved; CPU
 resident set), trainable and total parameters and TPME; also the cache build (both towers) and the
 full-ranking evaluation of every user. Two settings: every method at one batch size ("equal") and the
 paper's (baselines 32, IISAN 64). One JSON per setting under --out, then figures and a table
-(``iisan.efficiency.benchmark``).
+(``iisan.efficiency.benchmark``). By default everything goes under bench_data/ (git-ignored), never over the
+committed results/ and figs/: writing there takes --out results/efficiency --figs figs.
 
     python scripts/benchmark_efficiency.py                       # tiny encoders, small data, this CPU
     python scripts/benchmark_efficiency.py --backbones base --data scientific --device cuda   # the paper's scale
@@ -41,7 +42,7 @@ from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
 
 
-def main(argv=None) -> list[Path]:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
                         help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px (the paper's "
@@ -49,8 +50,10 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--data", choices=DATA, default="demo",
                         help="synthetic data: the demo's size, or Scientific's shape (12,076 users, 20,314 items; "
                              "its LMDB of 224 px images takes about 3 GB under --work) (default: demo)")
-    parser.add_argument("--settings", default="equal,paper", help=f"comma list of: {', '.join(SETTING_NAMES)}")
-    parser.add_argument("--equal-batch", type=positive_int, default=32, help="batch size of every method in 'equal'")
+    parser.add_argument("--settings", default="equal,paper",
+                        help=f"comma list of: {', '.join(SETTING_NAMES)} (default: equal,paper)")
+    parser.add_argument("--equal-batch", type=positive_int, default=32,
+                        help="batch size of every method in 'equal' (default: 32)")
     parser.add_argument("--methods", default=",".join(SETTINGS),
                         help=f"comma list of method labels (default: all of {', '.join(SETTINGS)})")
     parser.add_argument("--authors-way", default="all",
@@ -59,27 +62,38 @@ def main(argv=None) -> list[Path]:
     parser.add_argument("--full-epoch", nargs="?", const="all", default="",
                         help="also time a real epoch end to end, image pipeline included, for these labels "
                              "(comma list; no value: all)")
-    parser.add_argument("--warmup", type=int, default=MIN_WARMUP, help=f"warm-up steps (at least {MIN_WARMUP})")
-    parser.add_argument("--steps", type=int, default=MIN_STEPS, help=f"timed steps (at least {MIN_STEPS})")
+    parser.add_argument("--warmup", type=int, default=MIN_WARMUP,
+                        help=f"warm-up steps, at least {MIN_WARMUP} without --few-steps (default: {MIN_WARMUP})")
+    parser.add_argument("--steps", type=int, default=MIN_STEPS,
+                        help=f"timed steps, at least {MIN_STEPS} without --few-steps (default: {MIN_STEPS})")
     parser.add_argument("--flop-batches", type=int, default=0,
-                        help="count model FLOPs over the first N timed batches (0: all; a sample saves device time)")
+                        help="count model FLOPs over the first N timed batches (0: all; a sample saves device time) "
+                             "(default: 0)")
     parser.add_argument("--few-steps", action="store_true",
                         help="allow fewer warm-up or timed steps (a quick check, not the benchmark's timing)")
     parser.add_argument("--work", default=str(ROOT / "bench_data"),
                         help="synthetic data, encoders, caches, kept for the next run (default: bench_data/ "
                              "in this checkout)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "efficiency"),
-                        help="the JSON and markdown table of each setting (default: results/efficiency/)")
+    parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "efficiency"),
+                        help="the JSON and markdown table of each setting; the committed ones are results/efficiency/ "
+                             "(default: bench_data/results/efficiency/ in this checkout, git-ignored)")
     parser.add_argument("--tag", default="", help="file-name tag (default: backbones-data-device)")
-    parser.add_argument("--figs", default=str(ROOT / "figs"), help="where the figures go (default: figs/)")
+    parser.add_argument("--figs", default=str(ROOT / "bench_data" / "figs"),
+                        help="where the figures go; the committed ones are figs/ (default: bench_data/figs/ in this "
+                             "checkout, git-ignored)")
     parser.add_argument("--no-plots", action="store_true", help="no figures (the .md tables are still written)")
     add_config_arguments(parser, only=BENCH_KEYS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list[Path]:
+    flags = parser()
+    args = flags.parse_args(argv)
     try:
         chosen = selection(args.methods, args.authors_way, args.full_epoch, args.settings, warmup=args.warmup,
                            steps=args.steps, flop_batches=args.flop_batches, few_steps=args.few_steps)
     except ConfigError as err:
-        parser.error(str(err))
+        flags.error(str(err))
     setup_logging()
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}
     return entry_point(sys.argv[0], lambda: run_benchmark(

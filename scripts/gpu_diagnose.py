@@ -1,6 +1,7 @@
 """Where a live-backbone training step spends its time on this device, beside plain measurements.
 
-What each section measures: ``iisan.efficiency.diagnose``. Under 5 minutes on one H100/H200.
+What each section measures: ``iisan.efficiency.diagnose``. Under 5 minutes on one H100/H200. The report goes
+to bench_data/results/diagnose.json (git-ignored) unless --out names another file.
 
     python scripts/gpu_diagnose.py --out $OUT/diagnose.json                     # a GPU, BERT-base + ViT-B/16
     python scripts/gpu_diagnose.py --size tiny --data demo --device cpu --fft-items 16 --frozen-items 32 \
@@ -26,39 +27,59 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv=None) -> dict:
-    defaults = DiagnosisOptions(out=ROOT / "results" / "diagnose.json")
+def parser() -> FlagParser:
+    defaults = DiagnosisOptions(out=ROOT / "bench_data" / "results" / "diagnose.json")
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--size", choices=("base", "tiny"), default=defaults.size,
-                        help="encoders: BERT-base + ViT-B/16, or tiny ones")
+                        help=f"encoders: BERT-base + ViT-B/16, or tiny ones (default: {defaults.size})")
     parser.add_argument("--data", choices=("scientific", "demo"), default=defaults.data,
-                        help="synthetic data for the iisan section")
-    parser.add_argument("--device", default=defaults.device, type=device_choice, help=DEVICES)
+                        help=f"synthetic data for the iisan section (default: {defaults.data})")
+    parser.add_argument("--device", default=defaults.device, type=device_choice,
+                        help=f"{DEVICES} (default: {defaults.device})")
     parser.add_argument("--fft-items", type=ints, default=defaults.fft_items,
                         help="items per plain FFT step besides the bucket size iisan's FFT step ran most (352: "
-                             "every slot of 32 users)")
+                             "every slot of 32 users) "
+                             f"(default: {','.join(map(str, defaults.fft_items))})")
     parser.add_argument("--frozen-items", type=ints, default=defaults.frozen_items,
                         help="items per plain frozen forward besides the bucket size iisan's uncached step ran "
-                             "most (704: every slot of 64 users); the first count also runs the variants")
-    parser.add_argument("--cache-batch", type=int, default=defaults.cache_batch)
-    parser.add_argument("--iisan", default=",".join(defaults.iisan), help="comma list of benchmark labels ('' skips)")
-    parser.add_argument("--skip-plain", action="store_true")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--reps", type=int, default=defaults.reps)
+                             "most (704: every slot of 64 users); the first count also runs the variants "
+                             f"(default: {','.join(map(str, defaults.frozen_items))})")
+    parser.add_argument("--cache-batch", type=int, default=defaults.cache_batch,
+                        help="items per plain cache-build forward (hidden states kept) "
+                             f"(default: {defaults.cache_batch})")
+    parser.add_argument("--iisan", default=",".join(defaults.iisan),
+                        help=f"comma list of benchmark labels ('' skips) (default: {','.join(defaults.iisan)})")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="leave out the plain reference section (plain FFT steps, frozen forwards, variants)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup,
+                        help=f"untimed warm-up calls before each timing (default: {defaults.warmup})")
+    parser.add_argument("--reps", type=int, default=defaults.reps,
+                        help=f"timed calls per timing, reported as seconds per call (default: {defaults.reps})")
     parser.add_argument("--shape-reps", type=int, default=defaults.shape_reps,
                         help="steps per phase of fresh, seen, fixed and bucketed shapes, at most: fresh shapes "
-                             "are sought over one epoch (how many it held: fresh_shapes in the report)")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="threads reading images")
-    parser.add_argument("--work", type=Path, default=defaults.work)
-    parser.add_argument("--out", type=Path, default=defaults.out)
-    args = parser.parse_args(argv)
+                             "are sought over one epoch (how many it held: fresh_shapes in the report) "
+                             f"(default: {defaults.shape_reps})")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help=f"threads reading images (default: {defaults.workers})")
+    parser.add_argument("--work", type=Path, default=defaults.work,
+                        help="the benchmark's synthetic data and encoders, kept for the next run "
+                             f"(default: {defaults.work})")
+    parser.add_argument("--out", type=Path, default=defaults.out,
+                        help="the diagnosis JSON, rewritten after each section (default: "
+                             "bench_data/results/diagnose.json in this checkout, git-ignored)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    flags = parser()
+    args = flags.parse_args(argv)
     labels = [x.strip() for x in args.iisan.split(",") if x.strip()]
     if unknown := [x for x in labels if x not in SETTINGS]:
-        parser.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
+        flags.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
     if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or args.warmup < 0:
-        parser.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup >= 0")
+        flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup >= 0")
     if not args.frozen_items and not args.skip_plain:
-        parser.error("--frozen-items names no item count; the plain section needs at least one (the first also "
+        flags.error("--frozen-items names no item count; the plain section needs at least one (the first also "
                      "runs the variants), or pass --skip-plain")
     options = DiagnosisOptions(**{**vars(args), "iisan": labels})
     setup_logging()

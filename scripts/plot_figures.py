@@ -1,10 +1,13 @@
 """Figures and markdown tables from benchmark JSONs (scripts/benchmark_efficiency.py).
 
-    python scripts/plot_figures.py --results results/efficiency --figs figs
+    python scripts/plot_figures.py                                       # bench_data/: the last benchmark run
+    python scripts/plot_figures.py --results results/efficiency --figs figs   # redraw the committed ones
 
-For each JSON: ``figs/efficiency-<name>.png``, or ``figs/efficiency-<folder>-<name>.png`` for a JSON in a
+For each JSON: ``<figs>/efficiency-<name>.png``, or ``<figs>/efficiency-<folder>-<name>.png`` for a JSON in a
 folder other than ``efficiency/`` (time per epoch, peak memory, trainable parameters, TPME per method),
-and ``<name>.md`` beside the JSON (the table, with the command and device that produced it).
+and ``<name>.md`` beside the JSON (the table, with the command and device that produced it). By default it
+reads and writes under bench_data/ (git-ignored), where scripts/benchmark_efficiency.py writes by default:
+the committed results/ and figs/ change only when --results and --figs name them.
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ from iisan.files import expect_folders  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
-def main(argv=None) -> list[Path]:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--results", nargs="+", default=[str(ROOT / "results" / "efficiency")],
-                        help="JSON files or folders of them")
-    parser.add_argument("--figs", default=str(ROOT / "figs"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--results", nargs="+", default=[str(ROOT / "bench_data" / "results" / "efficiency")],
+                        help="JSON files or folders of them; each one's table is written beside it; the committed "
+                             "ones are results/efficiency (default: bench_data/results/efficiency in this "
+                             "checkout, git-ignored)")
+    parser.add_argument("--figs", default=str(ROOT / "bench_data" / "figs"),
+                        help="where the figures go; the committed ones are figs/ (default: bench_data/figs/ in this "
+                             "checkout, git-ignored)")
+    return parser
+
+
+def main(argv=None) -> list[Path]:
+    args = parser().parse_args(argv)
 
     def run() -> list[Path]:
         expect_folders(figs=Path(args.figs))

@@ -40,24 +40,39 @@ def is_profiler_trace(path: Path) -> bool:
     return head.lstrip().startswith(b"{") and b'"schemaVersion"' in head and b'"traceEvents"' in head
 
 
-def main(argv=None) -> None:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS))
-    parser.add_argument("--backbones", choices=BACKBONES, default="tiny")
-    parser.add_argument("--data", choices=DATA, default="demo")
-    parser.add_argument("--device", default="auto", type=device_choice, help=DEVICES)
-    parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method")
-    parser.add_argument("--steps", type=positive_int, default=5)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--work", default=str(ROOT / "bench_data"))
-    parser.add_argument("--trace", default="", help="write a Chrome trace here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS),
+                        help="the benchmark label whose training step is profiled (default: IISAN (uncached))")
+    parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
+                        help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px, as the "
+                             "benchmark's (default: tiny)")
+    parser.add_argument("--data", choices=DATA, default="demo",
+                        help="synthetic data: the demo's size, or Scientific's shape, as the benchmark's "
+                             "(default: demo)")
+    parser.add_argument("--device", default="auto", type=device_choice, help=f"{DEVICES} (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method (default: 0)")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="profiled training steps, after three warm-up steps (default: 5)")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading images (default: 8)")
+    parser.add_argument("--work", default=str(ROOT / "bench_data"),
+                        help="the benchmark's synthetic data, encoders and caches, kept for the next run "
+                             "(default: bench_data/ in this checkout)")
+    parser.add_argument("--trace", default="",
+                        help="write a Chrome trace here (an existing file only if it is such a trace); none "
+                             "when not given")
+    return parser
+
+
+def main(argv=None) -> None:
+    flags = parser()
+    args = flags.parse_args(argv)
     try:  # a batch larger than the users never fills: refused before any work
         if args.batch_size < 0:
             raise ConfigError(f"--batch-size {args.batch_size}: expected 0 (the paper's) or a positive size")
         check_batch_size(args.batch_size, args.data, "--batch-size")
     except ConfigError as err:
-        parser.error(str(err))
+        flags.error(str(err))
     setup_logging()
 
     def run() -> str:

@@ -12,6 +12,9 @@ whole grid: every setting and data set, the default seeds and any --seeds given.
 With --verify-epochs N it trains nothing new: each chosen finished point's first N epochs are rerun at
 this commit in a scratch folder (a cached point's cache rebuilt first) and compared with the recorded
 ones, into --verify-out: whether points made at an older commit stand for this one.
+
+--out and --verify-out default to bench_data/results/ (git-ignored); the committed files docs/results.md cites,
+results/real-data-seeds.json and results/real-data-verify.json, change only when named there.
 """
 
 from __future__ import annotations
@@ -43,21 +46,37 @@ from iisan.provenance import provenance  # noqa: E402
 DATASETS = ("Scientific", "Instrument")
 
 
-def main(argv=None) -> None:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "amazon"),
-                        help="folder holding Scientific/ and Instrument/ with the authors' TSVs")
-    parser.add_argument("--work", default=str(ROOT / "bench_data" / "real-seeds"), help="caches and run folders")
-    parser.add_argument("--out", default=str(ROOT / "results" / "real-data-seeds.json"))
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+                        help="folder holding Scientific/ and Instrument/ with the authors' TSVs (default: "
+                             "../shared/data/amazon beside this checkout)")
+    parser.add_argument("--work", default=str(ROOT / "bench_data" / "real-seeds"),
+                        help="caches and run folders (default: bench_data/real-seeds in this checkout)")
+    parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "real-data-seeds.json"),
+                        help="the table of every finished point, as JSON; the committed one is "
+                             "results/real-data-seeds.json (default: bench_data/results/real-data-seeds.json in "
+                             "this checkout, git-ignored)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+                        help=f"settings to train or verify (default: {' '.join(SETTINGS)})")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
+                        help=f"data sets to train or verify (default: {' '.join(DATASETS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
+                        help=f"seeds to train or verify; seeds beyond the default ones join the table (default: "
+                             f"{' '.join(map(str, SEEDS))})")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--table-only", action="store_true", help="only collect finished points into --out")
     parser.add_argument("--verify-epochs", type=int, default=0,
-                        help="rerun the first N epochs of each chosen finished point here and compare")
-    parser.add_argument("--verify-out", default=str(ROOT / "results" / "real-data-verify.json"))
-    args = parser.parse_args(argv)
+                        help="rerun the first N epochs of each chosen finished point here and compare; 0: train "
+                             "(default: 0)")
+    parser.add_argument("--verify-out", default=str(ROOT / "bench_data" / "results" / "real-data-verify.json"),
+                        help="the --verify-epochs report; the committed one is results/real-data-verify.json "
+                             "(default: bench_data/results/real-data-verify.json in this checkout, git-ignored)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
 

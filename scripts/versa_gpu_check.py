@@ -7,6 +7,8 @@ with a ViT of another width and depth on small synthetic data.
 3. cached Versa trains on the GPU (the trainer's default step: CUDA graphs) with finite loss.
 
     python scripts/versa_gpu_check.py --out /tmp/versa-gpu     # writes versa_gpu.json there
+
+Without --out and --work it writes under bench_data/ (git-ignored) in this checkout.
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
-def main(argv=None) -> None:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--out", default="/tmp/versa-gpu")
-    parser.add_argument("--work", default="/tmp/versa-gpu-work")
+    parser.add_argument("--out", default=str(ROOT / "bench_data" / "versa-gpu"),
+                        help="folder for the report, versa_gpu.json (default: bench_data/versa-gpu in this "
+                             "checkout, git-ignored)")
+    parser.add_argument("--work", default=str(ROOT / "bench_data" / "versa-gpu-work"),
+                        help="synthetic data, tiny encoders, caches and runs (default: bench_data/versa-gpu-work "
+                             "in this checkout)")
     parser.add_argument("--device", default="cuda", type=device_choice,
-                        help=f"{DEVICES}; cpu: a dry run of the script itself")
+                        help=f"{DEVICES}; cpu: a dry run of the script itself (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="one eager training epoch (little device time)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     setup_logging()
     report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))

@@ -4,7 +4,7 @@ patches, to keep the CPU cost of encoding 20k blank images small), on the real S
 interactions and titles. No product images are available offline, so every item's image is BLANK (or
 per-item random noise with --images random); any number this prints is labelled so.
 
-Everything it writes goes under --work-dir (default /tmp/iisan_versa_minilm, outside the repository):
+Everything it writes goes under --work-dir (default bench_data/versa-minilm in this checkout, git-ignored):
 the image LMDB, the random ViT, the cache, the run folder and a summary JSON. The run folder is named
 by the settings, so running the same command again resumes an interrupted run.
 
@@ -29,18 +29,28 @@ from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--data-dir", default=str(SCIENTIFIC))
-    parser.add_argument("--work-dir", default="/tmp/iisan_versa_minilm")
-    parser.add_argument("--images", default="blank", choices=("blank", "random"))
-    parser.add_argument("--epochs", type=int, default=5, help="cap on epochs (the paper: up to 100)")
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--data-dir", default=str(SCIENTIFIC),
+                        help="the real Scientific data: the authors' TSVs (default: ../shared/data/amazon/Scientific "
+                             "beside this checkout)")
+    parser.add_argument("--work-dir", default=str(ROOT / "bench_data" / "versa-minilm"),
+                        help="the image LMDB, the random ViT, the cache, the run folder and the summary JSON "
+                             "(default: bench_data/versa-minilm in this checkout, git-ignored)")
+    parser.add_argument("--images", default="blank", choices=("blank", "random"),
+                        help="every item's image: the same all-zero one, or per-item random noise (default: blank)")
+    parser.add_argument("--epochs", type=int, default=5, help="cap on epochs (the paper: up to 100) (default: 5)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="stop once valid HR@10 has not improved for more than this many epochs (default: 10)")
+    parser.add_argument("--seed", type=int, default=12345, help="the run's seed (default: 12345)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads; 1 because on a shared 2-core machine more threads spin against "
-                             "other processes (a step measured 0.7 s with 1 thread, 2-18 s with 2)")
-    args = parser.parse_args(argv)
+                             "other processes (a step measured 0.7 s with 1 thread, 2-18 s with 2) (default: 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
     report = entry_point(sys.argv[0], lambda: versa_minilm(Path(args.data_dir), Path(args.work_dir), args.images,
