@@ -572,6 +572,8 @@ def test_a_field_added_after_the_checkpoint_counts_as_its_default(base):
     changed = base.replace(dedup_items="off").to_dict()
     assert checkpoint.config_differences(older, changed) == ["dedup_items='auto' there, 'off' now"]
     assert checkpoint.config_differences(current, changed) == ["dedup_items='auto' there, 'off' now"]
+    listed = base.replace(text_layers=(0, 1)).to_dict()  # layers left to the rule are named as such, not None
+    assert checkpoint.config_differences(listed, current) == ["text_layers=[0, 1] there, auto (by --layer-rule) now"]
     # a field whose default is not what runs did before it (BEFORE_THE_FIELD): not compared, so a run saved
     # before --layer-rule resumes, and a finished one is found finished, under either rule
     without_rule = {k: v for k, v in current.items() if k != "layer_rule"}

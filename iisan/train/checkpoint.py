@@ -219,7 +219,12 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     differ = [k for k in keys if same_old[k] != same_now[k]]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
-    return [f"{k}={old[k]!r} there, {now[k]!r} now" for k in differ]
+    return [f"{k}={_shown(k, old[k])} there, {_shown(k, now[k])} now" for k in differ]
+
+
+def _shown(key: str, value) -> str:
+    """A value as a difference names it: layers left to the rule (None) as what picks them."""
+    return "auto (by --layer-rule)" if key in ("text_layers", "image_layers") and value is None else repr(value)
 
 
 def same_layers(config: dict, rule: str) -> bool:
