@@ -62,8 +62,8 @@ def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> froz
     """The config keys a run of ``method`` (``towers``, ``feed``: as its config says) never reads."""
     kind = METHOD_TABLE[method].kind if method in METHOD_TABLE else ""
     unread = set()
-    if kind != "san":
-        unread |= SAN_KEYS | {"cache_dtype", "text_encoder_dropout"}
+    if kind != "san":  # (the baselines' backbones load in fp32, trained or frozen: no --encoder-dtype)
+        unread |= SAN_KEYS | {"cache_dtype", "text_encoder_dropout", "encoder_dtype"}
     if method != "lora":
         unread |= LORA_KEYS
     if method != "adapter":

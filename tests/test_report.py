@@ -64,6 +64,8 @@ def test_average_over_seeds_by_hand(runs, capsys, tmp_path):
     assert float(saved["0.0002"]["test_hit@10"]) == pytest.approx(pair.mean())
     assert float(saved["0.0002"]["test_hit@10_std"]) == pytest.approx(pair.std(ddof=1))
     assert saved["0.001"]["test_hit@10_std"] == ""  # one seed: no spread to report
+    peaks = [r["peak_memory"].get("max_allocated_gib", r["peak_memory"].get("peak_rss_gib")) for r in results[:2]]
+    assert float(saved["0.0002"]["peak_gib"]) == pytest.approx(np.mean(peaks))  # memory stays in the table
 
 
 def test_runs_with_different_lr_stay_apart_without_keys(runs, capsys):

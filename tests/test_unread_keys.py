@@ -103,6 +103,18 @@ def test_an_unread_key_given_is_named_in_a_warning(caplog):
     assert "not read" not in caplog.text
 
 
+def test_the_baselines_do_not_read_the_encoder_precision(caplog, tiny, tmp_path):
+    """Their backbones load in fp32, trained or frozen: --encoder-dtype bfloat16 on LoRA did nothing, yet
+    named another run folder and a column of its own in result tables. Uncached IISAN reads it."""
+    with caplog.at_level(logging.WARNING):
+        resolve(flags={"method": "lora", "encoder_dtype": "bfloat16"})
+    assert "encoder_dtype: not read by this run (method=lora, feed=live, towers=both)" in caplog.text
+    lora = _config(tiny, "", tmp_path, "lora", "both", "live")
+    assert config_hash(lora) == config_hash(lora.replace(encoder_dtype="bfloat16"))
+    live = _config(tiny, "", tmp_path, "iisan", "both", "live")
+    assert config_hash(live) != config_hash(live.replace(encoder_dtype="bfloat16"))
+
+
 def test_a_run_named_before_unread_keys_left_the_hash_is_still_found(tiny, tmp_path):
     cfg = _config(tiny, "", tmp_path, "id", "both", "live", text_model=str(tmp_path / "other-text"))
     earlier = default_run_name(cfg, scheme="canonical")  # the name this config had until unread keys left the hash

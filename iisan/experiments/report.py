@@ -107,6 +107,7 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     spread = numbers.agg(lambda s: s.std(ddof=1) if len(s) > 1 else np.nan)  # no spread from one seed
     out = out.join(spread.add_suffix("_std"))
     out["trainable_params"] = grouped["trainable_params"].first()
+    out["peak_gib"] = grouped["peak_gib"].mean()  # memory: the paper's third axis of efficiency, beside time
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
     out = in_order(out.reset_index(), [c for c in group if c != "status"])
     out.attrs["runs"] = counted["run"].tolist()
