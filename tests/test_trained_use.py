@@ -73,6 +73,16 @@ def test_a_moved_data_file_names_the_config_to_edit(trained, tmp_path):
     assert evaluate(load_run(run, device="cpu"), "test") == trained["results"]["test"]  # as the message says
 
 
+def test_a_deleted_cache_says_how_to_rebuild_it(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["cached"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "cache_dir": str(tmp_path / "deleted")}))
+    with pytest.raises(ConfigError, match=r"cache_dir of .*config.json\) does not exist: .* to where it is now \(a "
+                                          r"cache deleted: `iisan cache` with the run's encoders rebuilds it"):
+        load_run(copy, device="cpu")
+
+
 def test_a_cached_run_needs_no_image_store(trained, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(trained["cached"], copy)

@@ -166,8 +166,10 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     reads_images = cfg.images and "images" not in unread_keys(cfg.method, cfg.towers, cfg.feed)
     needed = [*DATA_PATHS[:2], *(["cache_dir"] if cfg.cached else ["images"] if reads_images else [])]
     if missing := [k for k in needed if not Path(getattr(cfg, k)).exists()]:  # moved since: where to say so
+        rebuild = (" (a cache deleted: `iisan cache` with the run's encoders rebuilds it, or --build-cache in the "
+                   "entry script)" if missing[0] == "cache_dir" else "")
         raise ConfigError(f"{getattr(cfg, missing[0])} ({missing[0]} of {config_path}) does not exist: if it moved, "
-                          f"set {', '.join(missing)} in {config_path} to where it is now")
+                          f"set {', '.join(missing)} in {config_path} to where it is now{rebuild}")
     return cfg, results
 
 
