@@ -104,6 +104,10 @@ def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "run_IISAN_Versa.py: error: SWEEP lists text_model: each encoder pair takes its own layers, pooling and cache "
         "folder")
+    monkeypatch.delitem(versa.SWEEP, "text_model")
+    with pytest.raises(SystemExit):  # the flag's own advice does not lead there
+        versa.main(["--preset", "llama3-8b+vit-base", "--text-model", "models/a", "models/b"])
+    assert "not --text-model nor --image-model: run the script once per encoder" in capsys.readouterr().err
 
 
 def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
