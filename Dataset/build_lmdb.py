@@ -30,6 +30,9 @@ def main(argv=None):
     parser.add_argument("--out", help="LMDB folder to write")
     parser.add_argument("--size", type=int, default=224, help="side of the stored square images")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
+    parser.add_argument("--pixels", choices=("displayed", "authors"), default="displayed",
+                        help="displayed: as a viewer shows a picture (EXIF orientation, transparency on white, "
+                        "16-bit grey); authors: PIL's convert('RGB') alone, as theirs (default: displayed)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
@@ -55,7 +58,8 @@ def main(argv=None):
         check_encoding(args.encoding)
         for images, items, out in jobs:
             ids = read_items(items, allow_empty_titles=True, encoding=args.encoding).ids if items else None
-            report = build_image_lmdb(images, out, ids, size=args.size, overwrite=args.overwrite, inputs=[items])
+            report = build_image_lmdb(images, out, ids, size=args.size, overwrite=args.overwrite, inputs=[items],
+                                      pixels=args.pixels)
             print(f"{out}: {report['stored']:,} images, {report['blank']:,} missing or unreadable "
                   f"(listed in {report['report']})")
 

@@ -35,7 +35,8 @@ def cmd_build_lmdb(args) -> None:
     check_encoding(args.encoding)
     ids = read_items(args.items, allow_empty_titles=True, encoding=args.encoding).ids if args.items else None
     report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
-                              progress=args.progress, overwrite=args.overwrite, inputs=[args.items])
+                              progress=args.progress, overwrite=args.overwrite, inputs=[args.items],
+                              pixels=args.pixels)
     print(f"stored {report['stored']:,} images in {report['path']} "
           f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
 
@@ -120,6 +121,11 @@ def add_data_commands(sub) -> None:
     p.add_argument("--extension", default=".jpg", help="file extension of the images in --images, "
                    "<item_id><extension> (default: .jpg)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
+    p.add_argument("--pixels", choices=("displayed", "authors"), default="displayed",
+                   help="how pictures become pixels: displayed = as a viewer shows them (turned upright by their EXIF "
+                   "orientation, transparent areas on white, 16-bit grey scaled to 8 bits); authors = PIL's "
+                   "convert('RGB') alone, as the authors' build_lmdb.py (the same for JPEGs without an orientation "
+                   "tag, as the paper's data) (default: displayed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -11,6 +11,7 @@ it could take gigabytes, and a product photo that large is a damaged or hostile 
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
@@ -83,9 +84,18 @@ class TooLarge(Exception):
     """An image over PIL's pixel limit, refused before it is decoded."""
 
 
-def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``); an image over
-    PIL's pixel limit raises ``TooLarge`` (PIL would warn and decode it, or fail at twice the limit)."""
+PIXELS = ("displayed", "authors")  # build-lmdb --pixels
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel of more than 8 bits
+
+
+def load_image(path: Path, size: int = IMAGE_SIZE, pixels: str = "displayed") -> tuple[np.ndarray, str]:
+    """RGB, squashed to size x size with bilinear resampling (authors' ``Resize((224, 224))``), and what
+    ``displayed`` changed ('' for nothing: a JPEG without an orientation tag, as the paper's data). An image
+    over PIL's pixel limit raises ``TooLarge`` (PIL would warn and decode it, or fail at twice the limit).
+
+    ``pixels``: 'displayed', the picture as a viewer shows it (``displayed``); 'authors', PIL's
+    ``convert('RGB')`` alone, as their build_lmdb.py: no EXIF rotation, transparent areas in whatever colour
+    lies under them, 16-bit and float grey values clipped at 255."""
     with warnings.catch_warnings():  # PIL warns over the limit (checked below) and raises over twice it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -97,8 +107,31 @@ def load_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             raise TooLarge(f"{width} x {height} pixels, over PIL's decompression-bomb limit of "
                            f"{Image.MAX_IMAGE_PIXELS:,}")
+        changed = ""
+        if pixels == "displayed":
+            img, changed = displayed(img)
         img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(img, dtype=np.uint8), changed
+
+
+def displayed(img: Image.Image) -> tuple[Image.Image, str]:
+    """``img`` as a viewer shows it, and what that changed: turned upright by its EXIF orientation,
+    transparent areas on white (a shop's page), one channel of 16 bits or floats scaled to 0..255."""
+    changed = []
+    if img.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):
+        img = ImageOps.exif_transpose(img)
+        changed.append("rotated")
+    if img.mode in WIDE_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and values.max(initial=0) <= 1 else 65535.0 if values.max(initial=0) > 255 else 255
+        img = Image.fromarray(np.clip(np.rint(values * (255 / top)), 0, 255).astype(np.uint8), "L")
+        changed.append("scaled")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            changed.append("transparent")
+    return img, ",".join(changed)
 
 
 def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool, source: str) -> list:
@@ -156,8 +189,9 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
 
 def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list[str] | None = None,
                      size: int = IMAGE_SIZE, extension: str = ".jpg", progress: bool = True,
-                     overwrite: bool = False, inputs: tuple | list = ()) -> dict:
-    """Build ``out_path`` from ``image_dir/<item_id><extension>``.
+                     overwrite: bool = False, inputs: tuple | list = (), pixels: str = "displayed") -> dict:
+    """Build ``out_path`` from ``image_dir/<item_id><extension>``, each picture as ``load_image`` reads it
+    (``pixels``; how many it turned upright, put on white or scaled is logged).
 
     ``item_ids`` defaults to every ``*<extension>`` in the folder (files whose names are not valid
     item ids are skipped, counted and logged). Returns counts; the list of bad items goes to
@@ -183,13 +217,20 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     # files under other extensions, listed once and only when an image is missing or unreadable
     others = functools.cache(lambda: _other_extensions(image_dir, extension))
 
+    if pixels not in PIXELS:
+        raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
+    changes: collections.Counter = collections.Counter()
+
     def pixels_of(item_id: str):
         path = image_dir / f"{item_id}{extension}"
         if not path.is_file():
             found = others().get(item_id)
-            return None, f"missing (but {item_id}{found} is there: --extension {found})" if found else "missing"
+            why = "a folder" if path.is_dir() else "missing"
+            return None, f"{why} (but {item_id}{found} is there: --extension {found})" if found else why
         try:
-            return load_image(path, size), None
+            array, changed = load_image(path, size, pixels)
+            changes.update(filter(None, changed.split(",")))
+            return array, None
         except TooLarge as err:
             return None, f"too large: {err}"
         except Exception as err:  # any decoder failure is a bad image, never a stop
@@ -198,12 +239,19 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
                                 (image_dir, *inputs))
     write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
+    if changes:
+        log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
+                 ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))
     if problems:
         elsewhere = sum(item_id in others() for item_id, _ in problems)
         hint = f" ({elsewhere} of them are there with another extension: see --extension)" if elsewhere else ""
         log.warning("%d of %d images missing or unreadable, stored as flagged blanks%s; list in %s",
                     len(problems), len(item_ids), hint, report)
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
+
+
+CHANGES = {"rotated": "turned upright by their EXIF orientation", "transparent": "with transparent areas put on "
+           "white", "scaled": "of 16-bit or float grey values scaled to 8 bits"}
 
 
 def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
@@ -220,7 +268,14 @@ def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
 def _listed_ids(image_dir: Path, extension: str) -> list[str]:
     """Item ids of the folder's ``*<extension>`` files; names that are not valid ids are skipped, counted."""
     ids, skipped = [], []
-    for name in sorted(p.name[: -len(extension)] for p in image_dir.iterdir() if p.name.endswith(extension)):
+    unread = collections.Counter("folder" if p.is_dir() else p.suffix or "no extension" for p in image_dir.iterdir()
+                                 if not (p.name.endswith(extension) and p.is_file()) and not p.name.startswith("."))
+    if unread:  # a camera's .JPG beside .jpg, a subfolder: not read, and said so (an item without one is a blank)
+        log.warning("%s: not read: %s (only *%s files are: --extension)", image_dir,
+                    ", ".join(f"{n} {'subfolder(s)' if kind == 'folder' else kind + ' file(s)'}"
+                              for kind, n in sorted(unread.items())), extension)
+    for name in sorted(p.name[: -len(extension)] for p in image_dir.iterdir()
+                       if p.name.endswith(extension) and p.is_file()):
         try:
             check_item_id(name, str(image_dir))
         except DataError:

@@ -142,9 +142,28 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     tokens = attention = None
     if "text" in encoders:
         tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
-    pixels = pixel_source(cfg, item_ids) if "image" in encoders else None
+    pixels = image_pixels(cfg, item_ids, encoders)
     live = LiveStates(encoders, tokens, attention, cfg.text_encoder_dropout)
     return live.to(device), pixels
+
+
+_SIZES_SAID: set[tuple[str, int, int]] = set()  # (LMDB, its side, the tower's) already said in this process
+
+
+def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSource | None:
+    """The image LMDB's pixels for a live image tower (None without one). A store of another side than the
+    tower takes is resized at every batch: said once, since a large store costs memory and time on every
+    batch, and a small one feeds the tower upscaled pictures."""
+    if "image" not in encoders:
+        return None
+    pixels = pixel_source(cfg, item_ids)
+    stored, side = pixels.store.size, encoders["image"].norm["size"]
+    if stored != side and (said := (str(cfg.images), stored, side)) not in _SIZES_SAID:
+        _SIZES_SAID.add(said)
+        log.warning("%s holds %d x %d images and the image tower takes %d x %d: each batch's images are resized "
+                    "on the fly; `iisan build-lmdb --size %d` stores them at the tower's size", cfg.images, stored,
+                    stored, side, side, side)
+    return pixels
 
 
 def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
@@ -265,7 +284,7 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
         item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders)
     else:
         encoders = encoders or load_encoders(cfg)
-        pixels = pixel_source(cfg, data.item_ids) if data is not None and "image" in encoders else None
+        pixels = image_pixels(cfg, data.item_ids, encoders) if data is not None else None
         item_encoder = baseline_item_encoder(cfg, encoders, None if data is None else data.titles)
     popularity = torch.ones(2) if data is None else torch.from_numpy(data.popularity())
     model = Recommender(item_encoder, popularity, cfg.embedding_dim, cfg.max_seq_len,
