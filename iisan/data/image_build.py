@@ -15,6 +15,7 @@ import collections
 import functools
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -100,8 +101,11 @@ def load_image(path: Path, size: int = IMAGE_SIZE, pixels: str = "displayed") ->
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path)
-        except Image.DecompressionBombError as err:
-            raise TooLarge(" ".join(str(err).split(",")[0].split())) from None
+        except Image.DecompressionBombError as err:  # over twice the limit: PIL says its size, not its sides
+            count = re.search(r"\((\d+) pixels\)", str(err))
+            said = " ".join(str(err).split(",")[0].split())
+            raise TooLarge(f"{int(count.group(1)):,} pixels, over PIL's decompression-bomb limit of "
+                           f"{Image.MAX_IMAGE_PIXELS:,}" if count else said) from None
     with img:
         width, height = img.size
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
