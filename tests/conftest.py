@@ -49,6 +49,17 @@ def _threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _said_once_per_test(monkeypatch):
+    """What a process says once (a key a run never reads; an image store of another size than its tower) is
+    said once per test, as in a fresh process: no test's warning depends on which tests ran before it."""
+    from iisan import methods
+    from iisan.model import build
+
+    monkeypatch.setattr(methods, "_NAMED", set())
+    monkeypatch.setattr(build, "_SIZES_SAID", set())
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """Paths of a small data set (images, LMDB) and tiny BERT/ViT checkpoints."""

@@ -36,6 +36,20 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(folder, tmp_path):
     shown = stored(folder, tmp_path, "g", "displayed")[0, :, 0]
     assert shown.tolist() == [round(v * 255 / 65535) for v in np.linspace(0, 65535, 8)]  # 0, 36, 73, ..., 255
     assert stored(folder, tmp_path, "g", "authors")[0, 1:, 0].tolist() == [255] * 7  # PIL's convert clips
+    for value in (255, 256):  # a picture's own brightest pixel does not pick the scale: 16 bits are 16 bits
+        Image.fromarray(np.full((8, 8), value, np.uint16)).save(folder / f"v{value}.png")
+        assert stored(folder, tmp_path, f"v{value}", "displayed")[0, 0, 0] == 1
+    Image.fromarray(np.linspace(0, 300, 64, dtype=np.float32).reshape(8, 8), "F").save(folder / "f.tiff")
+    floats = stored(folder, tmp_path, "f", "displayed", extension=".tiff")[..., 0]
+    assert floats.min() < 10 and floats.max() > 245  # floats beyond 0..1: over their own range, not clipped
+
+
+def test_a_colour_key_is_transparent_too(folder, tmp_path):
+    picture = np.full((8, 8, 3), (10, 20, 30), np.uint8)
+    picture[2:6, 2:6] = (0, 0, 200)
+    Image.fromarray(picture).save(folder / "k.png", transparency=(10, 20, 30))  # an RGB PNG's tRNS colour key
+    assert stored(folder, tmp_path, "k", "displayed")[0, 0].tolist() == [255, 255, 255]
+    assert stored(folder, tmp_path, "k", "authors")[0, 0].tolist() == [10, 20, 30]
 
 
 def test_a_transparent_background_is_white_not_the_colour_under_it(folder, tmp_path):
@@ -88,11 +102,9 @@ def test_a_folder_build_names_the_files_it_does_not_read(folder, tmp_path, caplo
     assert open(listed["report"]).read().splitlines()[1:] == ["e\ta folder"]
 
 
-def test_a_store_of_another_size_than_the_tower_is_said_once(tiny_config, caplog, monkeypatch):
+def test_a_store_of_another_size_than_the_tower_is_said_once(tiny_config, caplog):
     from iisan.data.run_data import load_data
     from iisan.model import build
-
-    monkeypatch.setattr(build, "_SIZES_SAID", set())  # as in a fresh process
 
     cfg = tiny_config(method="fft", feed="live")  # tiny's LMDB: 64 px; its ViT: 32 px
     with caplog.at_level(logging.WARNING, logger="iisan"):

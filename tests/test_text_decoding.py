@@ -62,7 +62,8 @@ def test_a_gzip_file_says_gunzip(tmp_path, encoding):
     (b"\xfe\xff", "latin-1", r"UTF-16 byte-order mark \(fe ff\): .* not latin-1; pass --encoding utf-16$"),
     (b"\xff\xfe\x00\x00", "cp1252", r"UTF-32 byte-order mark \(ff fe 00 00\): .*; pass --encoding utf-32$"),
     (b"\xff\xfe", None, r"UTF-16 byte-order mark .*; save it as UTF-8 \(e.g. with iconv -f utf-16 -t utf-8\)$"),
-], ids=["utf16le-utf8", "utf16be-latin1", "utf32le-cp1252", "utf16le-no-flag"])
+    (b"\xff\xfe\x00\x00", "utf-16", r"UTF-32 byte-order mark \(ff fe 00 00\): .* not utf-16; pass --encoding utf-32$"),
+], ids=["utf16le-utf8", "utf16be-latin1", "utf32le-cp1252", "utf16le-no-flag", "utf32le-utf16"])
 def test_a_utf16_file_says_pass_encoding_utf16(tmp_path, bom, encoding, said):
     path = write(tmp_path, "users.txt", bom + "u1\n".encode("utf-16-le"))
     with pytest.raises(DataError, match=rf"^{at(path)}:1: starts with a {said}"):

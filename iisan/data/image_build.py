@@ -87,6 +87,9 @@ class TooLarge(Exception):
 
 PIXELS = ("displayed", "authors")  # build-lmdb --pixels
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel of more than 8 bits
+# What ``displayed`` may change, as the build's log counts it.
+CHANGES = {"rotated": "turned upright by their EXIF orientation", "transparent": "with transparent areas put on "
+           "white", "scaled": "of 16-bit or float grey values scaled to 8 bits"}
 
 
 def load_image(path: Path, size: int = IMAGE_SIZE, pixels: str = "displayed") -> tuple[np.ndarray, str]:
@@ -120,17 +123,23 @@ def load_image(path: Path, size: int = IMAGE_SIZE, pixels: str = "displayed") ->
 
 def displayed(img: Image.Image) -> tuple[Image.Image, str]:
     """``img`` as a viewer shows it, and what that changed: turned upright by its EXIF orientation,
-    transparent areas on white (a shop's page), one channel of 16 bits or floats scaled to 0..255."""
+    transparent areas on white (a shop's page: an alpha channel, or a palette's or colour key's transparent
+    colour), one channel of more than 8 bits scaled to 0..255: integers from 0..65535 (16 bits), floats
+    from 0..1 (else from their own lowest to highest value)."""
     changed = []
     if img.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):
         img = ImageOps.exif_transpose(img)
         changed.append("rotated")
     if img.mode in WIDE_MODES:
         values = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and values.max(initial=0) <= 1 else 65535.0 if values.max(initial=0) > 255 else 255
-        img = Image.fromarray(np.clip(np.rint(values * (255 / top)), 0, 255).astype(np.uint8), "L")
+        low, high = 0.0, 65535.0  # integers: the file's 16 bits, whatever this picture's brightest pixel
+        if img.mode == "F":  # floats: 0..1 by convention, else stretched over their own range
+            low, high = (0.0, 1.0) if values.min(initial=0) >= 0 and values.max(initial=0) <= 1 else \
+                (values.min(initial=0), values.max(initial=0))
+        scaled = (values - low) * (255 / max(high - low, 1e-12))
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
         changed.append("scaled")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # an alpha channel, or a colour key
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] < 255:
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -252,10 +261,6 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         log.warning("%d of %d images missing or unreadable, stored as flagged blanks%s; list in %s",
                     len(problems), len(item_ids), hint, report)
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
-
-
-CHANGES = {"rotated": "turned upright by their EXIF orientation", "transparent": "with transparent areas put on "
-           "white", "scaled": "of 16-bit or float grey values scaled to 8 bits"}
 
 
 def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:

@@ -73,13 +73,17 @@ def check_leading_bytes(path: Path, encoding: str | None) -> None:
     if head.startswith(codecs.BOM_UTF8) and codec not in ("utf-8", "utf-8-sig"):
         raise DataError(f"{path}:1: starts with a UTF-8 byte-order mark (ef bb bf), but --encoding {encoding} was "
                         "given: the file is UTF-8; leave --encoding out (or pass --encoding utf-8)")
+    # UTF-32's marks first: UTF-16 LE's (ff fe) begins UTF-32 LE's (ff fe 00 00); the first mark found is the file's
     for bom, wide in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
-        if head.startswith(bom) and not codec.startswith(("utf-16", "utf-32")):
+        if not head.startswith(bom):
+            continue
+        if not codec.startswith(wide):
             todo = (f"save it as UTF-8 (e.g. with iconv -f {wide} -t utf-8)" if encoding is None
                     else f"pass --encoding {wide}")
             raise DataError(f"{path}:1: starts with a {wide.upper()} byte-order mark ({bom.hex(' ')}): the file is "
                             f"{wide.upper()} text, not {encoding or 'utf-8'}; {todo}")
+        return
 
 
 def visible(text: str) -> str:
