@@ -113,3 +113,14 @@ def test_a_store_of_another_size_than_the_tower_is_said_once(tiny_config, caplog
     said = [r.getMessage() for r in caplog.records if "resized on the fly" in r.getMessage()]
     assert said == [f"{cfg.images} holds 64 x 64 images and the image tower takes 32 x 32: each batch's images are "
                     "resized on the fly; `iisan build-lmdb --size 32` stores them at the tower's size"]
+
+
+def test_a_file_named_in_another_unicode_form_is_pointed_at(folder, tmp_path):
+    """The items file says 'café' (composed, NFC); macOS saved the picture as 'cafe' + a combining accent."""
+    import unicodedata
+
+    Image.new("RGB", (8, 8)).save(folder / (unicodedata.normalize("NFD", "café") + ".jpg"), format="JPEG")
+    report = build_image_lmdb(folder, tmp_path / "db.lmdb", [unicodedata.normalize("NFC", "café")], size=8,
+                              progress=False)
+    (line,) = open(report["report"], encoding="utf-8").read().splitlines()[1:]
+    assert line.startswith("café\tmissing (but ") and "another Unicode normal form; rename it" in line

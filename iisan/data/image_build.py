@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -239,7 +240,12 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         if not path.is_file():
             found = others().get(item_id)
             why = "a folder" if path.is_dir() else "missing"
-            return None, f"{why} (but {item_id}{found} is there: --extension {found})" if found else why
+            if found:
+                return None, f"{why} (but {item_id}{found} is there: --extension {found})"
+            if spelt := next((f for form in ("NFC", "NFD") if (f := unicodedata.normalize(form, path.name)) != path.name
+                              and (image_dir / f).is_file()), None):  # macOS writes names decomposed (NFD)
+                return None, f"{why} (but {spelt!r} is there: the same name in another Unicode normal form; rename it)"
+            return None, why
         try:
             array, changed = load_image(path, size, pixels)
             changes.update(filter(None, changed.split(",")))
