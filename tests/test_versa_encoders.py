@@ -128,6 +128,26 @@ def test_encoder_without_hidden_states_is_one_line():
     assert "\n" not in str(info.value)
 
 
+class _ProjectedLastState(_NoHiddenStates):
+    """A tower whose last state is projected to another width (OPT-350m's word_embed_proj_dim)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        states = [self.embed(input_ids)] * self.config.num_hidden_layers
+        return BaseModelOutput(last_hidden_state=states[-1][..., :4], hidden_states=(*states, states[-1][..., :4]))
+
+
+def test_a_state_of_another_width_is_one_line_not_a_stacking_traceback():
+    from transformers import BertConfig
+
+    model = _ProjectedLastState(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
+    enc = BackboneEncoder(model, "text", (0, 2), "mean", name="projected")
+    with pytest.raises(EncoderError, match=r"^projected: hidden state 2 is 4 wide, not the config's 8; a SAN reads "
+                                           r"every state at one width"):
+        enc.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
 def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys, request):
     """Through AutoModel and ``iisan cache``, as a user would meet it: an architecture IISAN does not list
     is refused before its weights are read; built directly, its missing states are one line too."""

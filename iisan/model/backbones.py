@@ -210,6 +210,10 @@ class BackboneEncoder(nn.Module):
         if len(hidden) != self.depth + 1:
             raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = "
                                f"{self.depth + 1}")
+        if (index := next((i for i, h in enumerate(hidden) if h.shape[-1] != self.width), None)) is not None:
+            raise EncoderError(f"{who}: hidden state {index} is {hidden[index].shape[-1]} wide, not the config's "
+                               f"{self.width}; a SAN reads every state at one width (a model that projects its "
+                               "embeddings or its last state to another width cannot be a tower)")
         return hidden
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
