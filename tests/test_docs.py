@@ -131,13 +131,21 @@ def broken_links(doc: Path) -> list[str]:
     return broken
 
 
-def test_the_encoder_guide_lists_every_supported_family_and_no_other():
+def test_the_readme_names_every_method():
+    from iisan.methods import METHODS
+
+    named = re.search(r"--method ([a-z|]+)\]", README.read_text()).group(1).split("|")
+    assert named == list(METHODS), f"README.md's --method list {named}; METHOD_TABLE's methods {list(METHODS)}"
+
+
+def test_the_encoder_guide_lists_every_supported_family():
     """pretrained_models/README.md names the towers IISAN accepts: SigLIP and T5 were missing there, and CLIP's
     text model was listed among the CLS-pooled BERT family."""
     guide = (ROOT / "pretrained_models" / "README.md").read_text()
     listed = guide[guide.index("Text towers (`SUPPORTED`"):guide.index("Offline stand-ins")]
     named = set(re.findall(r"[a-z][a-z0-9_-]*[a-z0-9]", listed))
-    assert SUPPORTED["text"] | SUPPORTED["image"] <= named
+    assert not (missing := sorted((SUPPORTED["text"] | SUPPORTED["image"]) - named)), \
+        f"pretrained_models/README.md does not list the supported model type(s) {missing} (families.SUPPORTED)"
     bert_family = listed[listed.index("BERT-family"):listed.index("causal towers")]
     assert "clip" not in bert_family and "t5" not in bert_family
 

@@ -41,6 +41,14 @@ def declared_trainable(name: str, method: str) -> bool:
     return False  # IISAN: backbones frozen
 
 
+def test_every_method_is_a_case_of_the_trainable_parameter_test():
+    """A method added to ``METHOD_TABLE`` is exercised below only once it is a setting: said here, by name."""
+    covered = {values["method"] for values in SETTINGS.values()} | {"id"}  # id: test_id_method.py
+    assert not (missing := sorted(set(METHODS) - covered)), (
+        f"method(s) {missing} in METHOD_TABLE but in no setting of iisan/efficiency/bench.py's SETTINGS: add one, "
+        "and the method's rule to declared_trainable here")
+
+
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_setting_trains_only_declared_parameters_and_round_trips(setting, tiny_config, tiny_cache, tmp_path):
     cfg = tiny_config(cache_dir=tiny_cache, **SETTINGS[setting])

@@ -12,13 +12,18 @@ import pytest
 from iisan.cli.main import build_parser
 from iisan.experiments.sweep import parse_script_args, script_parser
 from iisan.flags import config_from_args
-from iisan.methods import METHOD_DEFAULTS
+from iisan.methods import METHOD_DEFAULTS, METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"iisan": ROOT / "Code_Cached" / "scripts" / "run_IISAN.py",
            "iisan-live": ROOT / "Code_Uncached" / "scripts" / "run_IISAN.py",
            **{m: ROOT / "Code_Uncached" / "scripts" / f"run_{m}.py" for m in ("fft", "adapter", "lora", "bitfit")}}
 RATES = ("batch_size", "lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
+
+
+def test_every_method_has_its_entry_script_here():
+    assert not (missing := sorted(set(METHODS) - set(SCRIPTS) - {"id"})), (
+        f"method(s) {missing} have no entry script in SCRIPTS here (Code_Uncached/scripts/run_<method>.py)")
 
 
 def script(name: str):

@@ -38,6 +38,12 @@ SETTINGS = [("iisan", "both", "cached"), ("iisan", "both", "live"), ("iisan", "t
             ("id", "both", "live")]
 
 
+
+def test_every_method_is_a_setting_here():
+    assert not (missing := sorted(set(METHOD_TABLE) - {m for m, _, _ in SETTINGS})), (
+        f"method(s) {missing} in METHOD_TABLE but not in SETTINGS here: the keys they never read go untested")
+
+
 def test_every_unread_key_has_another_value_here():
     every = set().union(*(unread_keys(m, t, f) for m in METHOD_TABLE for t in ("both", "text", "image")
                           for f in ("cached", "live")))
