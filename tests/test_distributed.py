@@ -349,5 +349,6 @@ def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tin
     errors = [line for line in proc.stderr.splitlines() if "error:" in line and "_torchrun_grid_worker.py" in line]
     said = [line for line in errors if "grid point 0 " in line and "No space left on device (rank 0 only)" in line
             and "under torchrun a point that fails while training ends the grid" in line]
-    assert len(said) == 2, errors  # rank 1 says rank 0's reason (``Run.on_main``), not that it lost its peer
+    # rank 1 learns rank 0's reason (``Run.on_main``): it says that, or torchrun stops it first; never a lost peer
+    assert 1 <= len(said) <= 2 and not [line for line in errors if "lost contact" in line], errors
     assert "grid point 1 of 2" not in proc.stderr  # (then torchrun's own report of the failed workers)
