@@ -86,6 +86,7 @@ def test_a_plain_jpeg_is_the_same_either_way(tiny, tmp_path):
     build_image_lmdb(tiny["image_dir"], a, ids, size=16, progress=False)
     build_image_lmdb(tiny["image_dir"], b, ids, size=16, progress=False, pixels="authors")
     assert ImageStore(a).digest() == ImageStore(b).digest()
+    assert (ImageStore(a).meta["pixels"], ImageStore(b).meta["pixels"]) == ("displayed", "authors")  # recorded
 
 
 def test_a_folder_build_names_the_files_it_does_not_read(folder, tmp_path, caplog):

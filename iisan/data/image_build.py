@@ -148,7 +148,8 @@ def displayed(img: Image.Image) -> tuple[Image.Image, str]:
     return img, ",".join(changed)
 
 
-def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool, source: str) -> list:
+def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool, source: str,
+          recorded: dict | None = None) -> list:
     record = HEADER.size + size * size * 3
     map_size = int(len(item_ids) * (record + 512) * 1.2) + (64 << 20)
     problems: list[tuple[str, str]] = []
@@ -166,7 +167,7 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
                 txn.commit()
                 txn = env.begin(write=True)
         meta = {"format": FORMAT, "count": len(item_ids), "size": size, "blank": len(problems),
-                "source": source, "digest": records_digest(txn)}
+                "source": source, **(recorded or {}), "digest": records_digest(txn)}
         txn.put(META_KEY, json.dumps(meta).encode())
         txn.commit()
     finally:
@@ -176,11 +177,11 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
 
 def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
                      progress: bool = True, source: str = "", overwrite: bool = False,
-                     inputs: tuple = ()) -> list[tuple[str, str]]:
+                     inputs: tuple = (), recorded: dict | None = None) -> list[tuple[str, str]]:
     """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
     record with a problem is stored as a flagged blank. Built beside the target and renamed into place;
-    an existing target must be an image LMDB and ``overwrite`` set (module docstring). Returns the
-    (item_id, problem) list."""
+    an existing target must be an image LMDB and ``overwrite`` set (module docstring). ``recorded``: more
+    metadata fields (how the pictures were read: ``pixels``). Returns the (item_id, problem) list."""
     out_path = Path(out_path)
     check_size(size)
     refuse_inputs(out_path, inputs, "--out")
@@ -194,7 +195,7 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
                       f"{len(item_ids):,} images of {size}x{size} pixels")
         try:
             with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
-                problems = _fill(tmp, item_ids, pixels_of, size, progress, source)
+                problems = _fill(tmp, item_ids, pixels_of, size, progress, source, recorded)
                 close_reader(out_path)  # a reader of the old store in this process must not keep the old files
         except lmdb.Error as err:  # OSError: atomic_path's one line already
             raise write_failure(out_path, err) from None
@@ -256,7 +257,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
 
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                (image_dir, *inputs))
+                                (image_dir, *inputs), recorded={"pixels": pixels})
     write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
