@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
-from iisan.bounds import check_encoding  # noqa: E402
+from iisan.bounds import PIXELS, check_encoding  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--out", help="LMDB folder to write")
     parser.add_argument("--size", type=int, default=224, help="side of the stored square images")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
-    parser.add_argument("--pixels", choices=("displayed", "authors"), default="displayed",
+    parser.add_argument("--pixels", choices=PIXELS, default="displayed",
                         help="displayed: as a viewer shows a picture (EXIF orientation, transparency on white, "
                         "16-bit grey); authors: PIL's convert('RGB') alone, as theirs (default: displayed)")
     parser.add_argument("--overwrite", action="store_true",

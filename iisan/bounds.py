@@ -28,6 +28,7 @@ AT_MOST = {"max_seq_len": 4096, "min_seq_len": 4096, "title_tokens": 8192, "item
            "embedding_dim": 65536, "transformer_blocks": 1024, "attention_heads": 1024, "text_adapter_down": 65536,
            "image_adapter_down": 65536, "lora_rank": 65536, "layer_groups": 1024, "batch_size": 2**20,
            "eval_batch_size": 2**20, "encode_batch_size": 2**20}
+PIXELS = ("displayed", "authors")  # build-lmdb --pixels: how pictures become pixels (``data.image_build``)
 RANDOM_BACKBONES = ("base",)  # `iisan params --random-backbones`: BERT-base + ViT-B/16 with random weights
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 

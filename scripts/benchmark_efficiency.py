@@ -29,12 +29,11 @@ from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
-    BACKBONES,
     BENCH_KEYS,
-    DATA,
     MIN_STEPS,
     MIN_WARMUP,
     SETTING_NAMES,
+    add_input_flags,
     run_benchmark,
     selection,
 )
@@ -44,12 +43,7 @@ from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
 
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
-                        help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px (the paper's "
-                             "compute; weights do not change time) (default: tiny)")
-    parser.add_argument("--data", choices=DATA, default="demo",
-                        help="synthetic data: the demo's size, or Scientific's shape (12,076 users, 20,314 items; "
-                             "its LMDB of 224 px images takes about 3 GB under --work) (default: demo)")
+    add_input_flags(parser)
     parser.add_argument("--settings", default="equal,paper",
                         help=f"comma list of: {', '.join(SETTING_NAMES)} (default: equal,paper)")
     parser.add_argument("--equal-batch", type=positive_int, default=32,

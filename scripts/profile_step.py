@@ -19,8 +19,7 @@ from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
-    BACKBONES,
-    DATA,
+    add_input_flags,
     base_config,
     check_batch_size,
     method_config,
@@ -44,12 +43,7 @@ def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS),
                         help="the benchmark label whose training step is profiled (default: IISAN (uncached))")
-    parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
-                        help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px, as the "
-                             "benchmark's (default: tiny)")
-    parser.add_argument("--data", choices=DATA, default="demo",
-                        help="synthetic data: the demo's size, or Scientific's shape, as the benchmark's "
-                             "(default: demo)")
+    add_input_flags(parser)
     parser.add_argument("--device", default="auto", type=device_choice, help=f"{DEVICES} (default: auto)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method (default: 0)")
     parser.add_argument("--steps", type=positive_int, default=5,

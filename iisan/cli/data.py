@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bounds import check_encoding, path_arg, positive_int
+from ..bounds import PIXELS, check_encoding, path_arg, positive_int
 from ..flags import add_config_arguments, config_from_args
 
 
@@ -121,7 +121,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--extension", default=".jpg", help="file extension of the images in --images, "
                    "<item_id><extension> (default: .jpg)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
-    p.add_argument("--pixels", choices=("displayed", "authors"), default="displayed",
+    p.add_argument("--pixels", choices=PIXELS, default="displayed",
                    help="how pictures become pixels: displayed = as a viewer shows them (turned upright by their EXIF "
                    "orientation, transparent areas on white, 16-bit grey scaled to 8 bits); authors = PIL's "
                    "convert('RGB') alone, as the authors' build_lmdb.py (the same for JPEGs without an orientation "

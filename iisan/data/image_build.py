@@ -25,6 +25,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
+from ..bounds import PIXELS
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
@@ -86,7 +87,6 @@ class TooLarge(Exception):
     """An image over PIL's pixel limit, refused before it is decoded."""
 
 
-PIXELS = ("displayed", "authors")  # build-lmdb --pixels
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel of more than 8 bits
 # What ``displayed`` may change, as the build's log counts it.
 CHANGES = {"rotated": "turned upright by their EXIF orientation", "transparent": "with transparent areas put on "
@@ -284,14 +284,15 @@ def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
 def _listed_ids(image_dir: Path, extension: str) -> list[str]:
     """Item ids of the folder's ``*<extension>`` files; names that are not valid ids are skipped, counted."""
     ids, skipped = [], []
-    unread = collections.Counter("folder" if p.is_dir() else p.suffix or "no extension" for p in image_dir.iterdir()
-                                 if not (p.name.endswith(extension) and p.is_file()) and not p.name.startswith("."))
+    files = {p.name: p.is_file() for p in image_dir.iterdir()}  # one listing, one stat a name
+    unread = collections.Counter(Path(name).suffix or "no extension" if is_file else "folder"
+                                 for name, is_file in files.items()
+                                 if not (is_file and name.endswith(extension)) and not name.startswith("."))
     if unread:  # a camera's .JPG beside .jpg, a subfolder: not read, and said so (an item without one is a blank)
         log.warning("%s: not read: %s (only *%s files are: --extension)", image_dir,
                     ", ".join(f"{n} {'subfolder(s)' if kind == 'folder' else kind + ' file(s)'}"
                               for kind, n in sorted(unread.items())), extension)
-    for name in sorted(p.name[: -len(extension)] for p in image_dir.iterdir()
-                       if p.name.endswith(extension) and p.is_file()):
+    for name in sorted(n[: -len(extension)] for n, is_file in files.items() if is_file and n.endswith(extension)):
         try:
             check_item_id(name, str(image_dir))
         except DataError:

@@ -48,6 +48,16 @@ BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "p
               "static_shapes", "item_bucket_growth", "title_multiple")
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
+
+
+def add_input_flags(parser) -> None:
+    """--backbones and --data: the encoders and synthetic data a measuring script runs on (``prepare``)."""
+    parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
+                        help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px (the paper's "
+                             "compute; weights do not change time) (default: tiny)")
+    parser.add_argument("--data", choices=DATA, default="demo",
+                        help="synthetic data: the demo's size, or Scientific's shape (12,076 users, 20,314 items; "
+                             "its LMDB of 224 px images takes about 3 GB under --work) (default: demo)")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
 USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``prepare``'s synthetic data
 

@@ -18,13 +18,16 @@ def train_cached(cfg: Config, build_cache: bool = False) -> dict:
     needed (an LLM's cache may be the only copy of its states here); a run that finished before needs no
     cache at all."""
     missing = [m for m in modalities(cfg) if not cache_file(cfg.cache_dir, m).is_file()]
-    if missing and build_cache and reusable_results(cfg) is None:
+    if missing and build_cache:
+        if (done := reusable_results(cfg)) is not None:
+            return done
         if launched():  # every rank would build it, locking the others out
             raise ConfigError(f"--build-cache under torchrun: the cache {cfg.cache_dir} is built in one process; "
                               "build it first with this command without torchrun (or `iisan cache`), then launch")
         for m in missing:
             build_cache_from_config(cfg.replace(towers=m, modality="intra"))  # (inter: of both towers)
+        return train(cfg, reuse=False)  # just asked: not finished before
     try:
         return train(cfg)  # a run that finished before needs no cache
     except CacheError as err:
-        raise CacheError(f"{err}; --build-cache builds it first") if missing and not build_cache else err from None
+        raise CacheError(f"{err}; --build-cache builds it first") if missing else err from None
