@@ -1,36 +1,65 @@
 """The training methods as data (``METHOD_TABLE``): each method's config name, the paper's name, what kind
-of item encoder it trains and its paper settings, which sit below every flag and file in ``precedence.resolve``'s
-precedence rule. ``METHODS``, ``METHOD_NAMES`` and ``METHOD_DEFAULTS`` are views of it."""
+of item encoder it trains, its paper settings, which sit below every flag and file in ``precedence.resolve``'s
+precedence rule, and the config keys it reads that not every method does (``unread_keys``). ``METHODS``,
+``METHOD_NAMES`` and ``METHOD_DEFAULTS`` are views of it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Config keys not every run reads, in groups (a method's ``reads`` names those it does; ``unread_keys``): a key a
+# run never reads changes nothing it computes, so it names no other run folder, is not compared on resume and
+# shows as '-' in result tables. A key left out of every group is read by every run: a field added later counts
+# until it is listed here, never the other way.
+SAN_KEYS = frozenset({"text_layers", "image_layers", "layer_groups", "layer_rule", "include_embedding_state",
+                      "intra_start", "modality", "fusion", "gate_temperature", "san_heads"})
+FROZEN_TOWER_KEYS = frozenset({"cache_dtype", "text_encoder_dropout", "encoder_dtype"})  # the baselines' backbones
+# load in fp32, trained or frozen: no --encoder-dtype
+LORA_KEYS = frozenset({"lora_rank", "lora_alpha", "lora_random_base", "lora_targets"})
+ADAPTER_KEYS = frozenset({"adapter_targets", "adapter_init", "adapter_position"})
+BOTTLENECK_KEYS = frozenset({"text_adapter_down", "image_adapter_down"})  # IISAN's side adapters, Houlsby's
+# (not dedup_items: which rows a step runs the tower on changes the order its gradients are summed in)
+LIVE_SHAPE_KEYS = frozenset({"static_shapes", "item_bucket_growth", "title_multiple"})
+ENCODER_KEYS = frozenset({"images", "text_model", "image_model", "text_pooling", "image_norm", "towers",
+                          "title_tokens", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text"})
+NOT_EVERY_RUN = (SAN_KEYS | FROZEN_TOWER_KEYS | LORA_KEYS | ADAPTER_KEYS | BOTTLENECK_KEYS | LIVE_SHAPE_KEYS
+                 | ENCODER_KEYS)
+TOWER_KEYS = {  # those of the tower a one-tower run lacks
+    "text": frozenset({"images", "image_model", "image_layers", "image_adapter_down", "image_norm"}),
+    "image": frozenset({"text_model", "text_layers", "text_adapter_down", "text_pooling", "title_multiple",
+                        "text_encoder_dropout"}),
+}
+ENCODED = ENCODER_KEYS | LIVE_SHAPE_KEYS  # what every method with an item encoder reads (a cached run: below)
 
 
 @dataclass(frozen=True)
 class Method:
     """A training method: its config name, the paper's name (results files, tables), its kind (what its item
     encoder is: san = IISAN's side adapters, baseline = a PEFT method on trained backbones, ``model.baselines.
-    APPLY``, id = item-ID embeddings) and its paper settings (a key left out keeps its field default)."""
+    APPLY``, id = item-ID embeddings), its paper settings (a key left out keeps its field default) and the keys
+    of ``NOT_EVERY_RUN`` it reads."""
 
     name: str
     paper_name: str
     kind: str  # san, baseline or id
     defaults: dict
+    reads: frozenset = frozenset()
 
 
 # The paper settings come from the authors' run scripts (run_IISAN.py: batch 64, lr 2e-4 recsys, 1e-4 image,
 # 5e-5 text, 1e-4 adapters; run_fft.py / run_adapter.py / run_lora.py / run_bitfit.py: batch 32).
 METHOD_TABLE = {m.name: m for m in (
     Method("iisan", "IISAN", "san", {"batch_size": 64, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5,
-                                      "lr_adapter_image": 1e-4, "lr_adapter_text": 1e-4}),
-    Method("fft", "FFT", "baseline", {"batch_size": 32, "lr": 1e-4, "lr_image": 1e-4, "lr_text": 5e-5}),
+                                      "lr_adapter_image": 1e-4, "lr_adapter_text": 1e-4},
+           ENCODED | SAN_KEYS | FROZEN_TOWER_KEYS | BOTTLENECK_KEYS),
+    Method("fft", "FFT", "baseline", {"batch_size": 32, "lr": 1e-4, "lr_image": 1e-4, "lr_text": 5e-5}, ENCODED),
     Method("adapter", "Adapter", "baseline", {"batch_size": 32, "lr": 2e-4, "lr_adapter_image": 4e-4,
-                                              "lr_adapter_text": 4e-4}),
+                                              "lr_adapter_text": 4e-4}, ENCODED | ADAPTER_KEYS | BOTTLENECK_KEYS),
     # LoRA's image/text rates train only the Q/V biases of --lora-random-base (the authors' loralib layers).
     Method("lora", "LoRA", "baseline", {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5,
-                                        "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4}),
-    Method("bitfit", "BitFit", "baseline", {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5}),
+                                        "lr_adapter_image": 4e-4, "lr_adapter_text": 4e-4}, ENCODED | LORA_KEYS),
+    Method("bitfit", "BitFit", "baseline", {"batch_size": 32, "lr": 2e-4, "lr_image": 1e-4, "lr_text": 5e-5},
+           ENCODED),
     # SASRec over item IDs (no encoder): IISAN's batch and recsys learning rate, which the table trains with.
     Method("id", "SASRec-ID", "id", {"batch_size": 64, "lr": 2e-4}),
 )}
@@ -39,44 +68,15 @@ METHOD_NAMES = {name: m.paper_name for name, m in METHOD_TABLE.items()}
 METHOD_DEFAULTS = {name: m.defaults for name, m in METHOD_TABLE.items()}
 
 
-# Config keys a run never reads, by what it trains (``unread_keys``): changing one changes nothing it computes,
-# so it names no other run folder, is not compared on resume and shows as '-' in result tables. A key left out
-# of every set is read by every run: a field added later counts until it is listed here, never the other way.
-SAN_KEYS = frozenset({"text_layers", "image_layers", "layer_groups", "layer_rule", "include_embedding_state",
-                      "intra_start", "modality", "fusion", "gate_temperature", "san_heads"})
-LORA_KEYS = frozenset({"lora_rank", "lora_alpha", "lora_random_base", "lora_targets"})
-ADAPTER_KEYS = frozenset({"adapter_targets", "adapter_init", "adapter_position"})
-BOTTLENECK_KEYS = frozenset({"text_adapter_down", "image_adapter_down"})  # IISAN's side adapters, Houlsby's
-# (not dedup_items: which rows a step runs the tower on changes the order its gradients are summed in)
-LIVE_SHAPE_KEYS = frozenset({"static_shapes", "item_bucket_growth", "title_multiple"})
-ENCODER_KEYS = frozenset({"images", "text_model", "image_model", "text_pooling", "encoder_dtype", "image_norm",
-                          "towers", "title_tokens", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text"})
-TOWER_KEYS = {  # those of the tower a one-tower run lacks
-    "text": frozenset({"images", "image_model", "image_layers", "image_adapter_down", "image_norm"}),
-    "image": frozenset({"text_model", "text_layers", "text_adapter_down", "text_pooling", "title_multiple",
-                        "text_encoder_dropout"}),
-}
-
-
 def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> frozenset[str]:
-    """The config keys a run of ``method`` (``towers``, ``feed``: as its config says) never reads."""
-    kind = METHOD_TABLE[method].kind if method in METHOD_TABLE else ""
-    unread = set()
-    if kind != "san":  # (the baselines' backbones load in fp32, trained or frozen: no --encoder-dtype)
-        unread |= SAN_KEYS | {"cache_dtype", "text_encoder_dropout", "encoder_dtype"}
-    if method != "lora":
-        unread |= LORA_KEYS
-    if method != "adapter":
-        unread |= ADAPTER_KEYS
-    if method not in ("iisan", "adapter"):
-        unread |= BOTTLENECK_KEYS
-    if kind == "id":
-        return frozenset(unread | ENCODER_KEYS | LIVE_SHAPE_KEYS)
-    if kind == "san" and feed == "cached":
-        unread |= LIVE_SHAPE_KEYS | {"text_encoder_dropout"}
-    if kind == "san" and feed == "live":
-        unread.add("cache_dtype")
-    return frozenset(unread | TOWER_KEYS.get(towers, frozenset()))
+    """The config keys a run of ``method`` (``towers``, ``feed``: as its config says) never reads: those of
+    ``NOT_EVERY_RUN`` the method does not read, what its feed skips (a cached run encodes nothing live, a live
+    run has no cache) and the missing tower's."""
+    reads = METHOD_TABLE[method].reads
+    skipped = {"cached": LIVE_SHAPE_KEYS | {"text_encoder_dropout"}, "live": {"cache_dtype"}}
+    if "cache_dtype" in reads:  # (only a method that can read a cache has a feed to choose)
+        reads = reads - skipped.get(feed, frozenset())
+    return frozenset(NOT_EVERY_RUN - reads | TOWER_KEYS.get(towers, frozenset()))
 
 
 _NAMED: set[tuple] = set()  # (key, value, method, towers, feed) already named by ``newly_unread`` in this process

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from iisan.config import Config
 from iisan.experiments.report_rows import collect
-from iisan.methods import METHOD_TABLE, unread_keys
+from iisan.methods import METHOD_TABLE, NOT_EVERY_RUN, unread_keys
 from iisan.precedence import resolve
 from iisan.train.checkpoint import config_differences
 from iisan.train.runfolder import config_hash, default_run_name, known_run_name
@@ -42,6 +42,13 @@ SETTINGS = [("iisan", "both", "cached"), ("iisan", "both", "live"), ("iisan", "t
 def test_every_method_is_a_setting_here():
     assert not (missing := sorted(set(METHOD_TABLE) - {m for m, _, _ in SETTINGS})), (
         f"method(s) {missing} in METHOD_TABLE but not in SETTINGS here: the keys they never read go untested")
+
+
+def test_a_method_reads_only_keys_of_the_groups():
+    for name, method in METHOD_TABLE.items():  # a key outside NOT_EVERY_RUN is read by every run anyway
+        assert method.reads <= NOT_EVERY_RUN, (name, sorted(method.reads - NOT_EVERY_RUN))
+    assert METHOD_TABLE["id"].reads == frozenset()  # no encoder: every encoder key unread
+    assert unread_keys("id") == NOT_EVERY_RUN
 
 
 def test_every_unread_key_has_another_value_here():
