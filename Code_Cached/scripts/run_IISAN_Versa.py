@@ -16,7 +16,6 @@ MicroLens heads); every difference is a flag.
   python run_IISAN_Versa.py --preset microlens --dataset MicroLens --build-cache
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a chec
 from iisan.console import entry_point  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.experiments.presets import LAYER_CHOICE, VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
-from iisan.experiments.sweep import run_script  # noqa: E402
-from iisan.precedence import read_config_file  # noqa: E402
+from iisan.experiments.sweep import run_script, script_parser  # noqa: E402
+from iisan.flags import args_layers  # noqa: E402
 
 SWEEP = {
     "seed": [12345],
@@ -34,26 +33,13 @@ SWEEP = {
 
 
 def defaults_for(argv: list[str] | None) -> dict:
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the preset and data set pick the rest's
-    pre.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS))
-    pre.add_argument("--dataset", default="Scientific")
-    pre.add_argument("--text-model")  # another text encoder than the preset's: not the preset's layers
-    pre.add_argument("--image-model")  # another image encoder: a cache folder of its own
-    for key in LAYER_CHOICE:  # layers picked by the rule: not the preset's list either
-        pre.add_argument(f"--{key.replace('_', '-')}", dest=key, nargs="?", const=True)
-    pre.add_argument("--no-include-embedding-state", dest="include_embedding_state", action="store_false")
-    pre.add_argument("--config")  # ... or one named in the --config file (a flag wins, as in every run)
-    known, _ = pre.parse_known_args(argv)
-    models = {"text_model": known.text_model, "image_model": known.image_model}
-    in_file = {}
-    if known.config:
-        try:
-            in_file = read_config_file(known.config)
-        except ConfigError:
-            pass  # a bad file is refused in one line by the parse proper, inside the entry point
-        models = {k: v if v is not None else in_file.get(k) for k, v in models.items()}
-    by_rule = any(getattr(known, k) is not None or k in in_file for k in LAYER_CHOICE)
-    return versa_defaults(known.preset, known.dataset, **models, by_rule=by_rule)
+    """The defaults the preset and data set pick, read from the command line by this script's own flags: another
+    encoder than the preset's, or a key of LAYER_CHOICE given (as a flag or in the --config file), changes them."""
+    args = script_parser({}, SWEEP, extra_arguments=extra_arguments, add_help=False).parse_known_args(argv)[0]
+    file_values, flags = args_layers(args)
+    given = {**file_values, **flags}  # (a flag wins, as in every run)
+    return versa_defaults(args.preset, args.dataset, given.get("text_model"), given.get("image_model"),
+                          by_rule=any(k in given for k in LAYER_CHOICE))
 
 
 def extra_arguments(parser):
@@ -73,7 +59,7 @@ def action(cfg, args):
 def main(argv: list[str] | None = None) -> list:
     if swept := sorted({"text_model", "image_model"} & set(SWEEP)):  # the defaults above are one pair's
         entry_point(Path(__file__).name, lambda: refuse_swept_encoders(swept[0]))
-    return run_script(defaults_for(argv), SWEEP, argv, description=__doc__, action=action,
+    return run_script(defaults_for, SWEEP, argv, description=__doc__, action=action,
                       extra_arguments=extra_arguments)
 
 

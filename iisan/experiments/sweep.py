@@ -87,11 +87,11 @@ def grid(sweep: dict[str, list]) -> list[dict]:
 
 
 def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
-                  extra_arguments=None) -> argparse.ArgumentParser:
+                  extra_arguments=None, add_help: bool = True) -> argparse.ArgumentParser:
     """The flags of an entry script; its ``--help`` shows the SWEEP lists, the script's own defaults
     and the method's paper defaults as the defaults."""
     parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        several_values="add its key to this script's SWEEP list to run several")
+                        several_values="add its key to this script's SWEEP list to run several", add_help=add_help)
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("--dataset", default="Scientific", choices=sorted(DATASETS),
@@ -108,9 +108,12 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
     return parser
 
 
-def parse_script_args(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None,
+def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None = None,
                       description: str = "", extra_arguments=None) -> tuple[list[GridPoint], argparse.Namespace]:
-    """Parse the command line into the grid's points, each with its resolved config (or its error)."""
+    """Parse the command line into the grid's points, each with its resolved config (or its error).
+    ``defaults``: the script's, or a function of the command line that gives them (run_IISAN_Versa.py's)."""
+    if callable(defaults):
+        defaults = defaults(argv)
     args = script_parser(defaults, sweep, description, extra_arguments).parse_args(argv)
     file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
@@ -287,9 +290,10 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     return [o.result for o in outcomes]
 
 
-def run_script(defaults: dict, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
+def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
                action=None, extra_arguments=None, parallel: bool = True, made=None) -> list:
     """Parse, then run ``action(cfg, args)`` (default: train) for every grid point, one after another.
+    ``defaults``: as ``parse_script_args`` takes them (a dict, or a function of ``argv``, called in the entry point).
     ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``; ``parallel``:
     the action trains data-parallel under torchrun (else torchrun is refused: each rank would do all of it).
     ``made(cfg, result)``, for an action that trains no run (a cache build): what a point makes, named in
