@@ -110,11 +110,15 @@ class OutputLock:
         if lock_text(handle.read(LOCK_READ + 1)) is None:
             handle.close()
             raise self.foreign("was not written by IISAN (a lock file of IISAN is empty or says 'pid N on HOST')")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        handle.flush()
         self.handle = handle
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            handle.flush()
+        except OSError as err:  # a full disk: the lock file, ours, is removed, and the error is one line
+            self.release()
+            raise write_failure(self.path, err) from None
         return self
 
     def foreign(self, why: str) -> OutputError:
@@ -122,12 +126,13 @@ class OutputLock:
                            "or removes a file it did not write: move that one away")
 
     def release(self) -> None:
-        if self.handle is not None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
             with suppress(FileNotFoundError):  # while still holding it (see the class docstring), and only ours
-                if os.path.samestat(os.fstat(self.handle.fileno()), os.stat(self.path)):
+                if os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
                     self.path.unlink()
-            self.handle.close()
-            self.handle = None
+            with suppress(OSError):  # (bytes a full disk refused are not written again on close)
+                handle.close()
 
     close = release
 

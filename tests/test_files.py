@@ -175,6 +175,39 @@ def test_a_lock_taken_on_a_file_that_was_just_removed_is_retaken_on_the_new_one(
     lock.release()
 
 
+def test_a_lock_file_a_full_disk_cannot_hold_is_one_line_and_is_removed(tmp_path, monkeypatch):
+    """The holder's pid line does not fit (a full disk): one error naming the lock file, which goes again."""
+    path = tmp_path / ".out.iisan-lock"
+    real_open = open
+
+    class Full:  # the lock file's handle, its writes refused as a full disk refuses them
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.handle.close()
+            raise OSError(errno.ENOSPC, "No space left on device")  # what closing with bytes unwritten does
+
+    def open_on_a_full_disk(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        return Full(handle) if Path(file) == path else handle
+
+    monkeypatch.setattr("builtins.open", open_on_a_full_disk)
+    with pytest.raises(OutputError) as info:
+        OutputLock(path, "store X").acquire()
+    assert str(info.value) == f"could not write {path}: No space left on device"
+    assert not path.exists()
+    monkeypatch.undo()
+    with OutputLock(path, "store X"):  # free again
+        assert path.read_text().startswith(f"pid {os.getpid()} on ")
+
+
 def test_a_temporary_that_cannot_be_removed_does_not_hide_the_write_error(tmp_path, monkeypatch):
     """On a read-only file system the temporary was never made and removing it fails too: the error
     names the target and the first failure, not the hidden temporary."""
