@@ -297,6 +297,51 @@ def test_export_into_a_folder_of_another_runs_embeddings_is_refused(runs, tmp_pa
         assert fh.metadata()["run_dir"] == first["run_dir"]
 
 
+def test_an_export_into_a_folder_another_export_is_writing_waits_for_it(runs, tmp_path, capsys):
+    """Two exports at once into one folder: the second is refused in one line, not mixed with the first."""
+    import os
+    import socket
+
+    from iisan.experiments.exports import LOCK
+    from iisan.locks import OutputLock
+
+    folder = tmp_path / "emb"
+    with OutputLock(folder / LOCK, f"export folder {folder}"):  # another process's export, midway
+        with pytest.raises(SystemExit) as info:
+            main(["export", runs["cached"]["run_dir"], "--out", str(folder), "--device", "cpu"])
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [f"iisan: error: export folder {folder} is in use by pid {os.getpid()} on "
+                                            f"{socket.gethostname()}; another export is writing there; wait for it "
+                                            "to finish"]
+    main(["export", runs["cached"]["run_dir"], "--out", str(folder), "--device", "cpu"])  # free again
+    assert sorted(p.name for p in folder.iterdir()) == ["items.safetensors", "users-test.safetensors"]
+
+
+def test_an_export_of_the_same_run_with_a_moved_data_file_replaces_its_own(runs, tmp_path, capsys):
+    """config.json edited to say where a data file is now is the same model: its export replaces the earlier
+    one. Another config in the earlier export's metadata (a key that changes what a step computes) is named."""
+    import shutil
+
+    from iisan.experiments.exports import other_model
+
+    run_dir, folder = tmp_path / "run", tmp_path / "emb"
+    shutil.copytree(runs["cached"]["run_dir"], run_dir)
+    main(["export", str(run_dir), "--out", str(folder), "--device", "cpu"])
+    config = json.loads((run_dir / "config.json").read_text())
+    moved = Path(shutil.copy(config["users"], tmp_path / "users.tsv"))
+    (run_dir / "config.json").write_text(json.dumps({**config, "users": str(moved)}))
+    main(["export", str(run_dir), "--out", str(folder), "--device", "cpu"])
+    assert "users.safetensors" not in capsys.readouterr().err
+    with safe_open(str(folder / "items.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["config"])["users"] == str(moved)  # the second export's
+    other = {**meta, "config": json.dumps({**config, "lr": 0.5})}
+    assert other_model(other, meta) == f"of another config (lr=0.5 there, {config['lr']!r} now)"
+    assert other_model({**meta, "config": "{"}, meta) == "and records no readable config"
+    assert other_model(meta, meta) == ""
+
+
 @pytest.mark.parametrize("name", ["cached", "bitfit"])
 def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsys):
     results = runs[name]

@@ -13,12 +13,14 @@ from safetensors import safe_open
 from ..config import model_location
 from ..errors import OutputError
 from ..evaluate import eval_chunk
-from ..files import claim_output, refuse_inside_inputs, save_safetensors_atomic
+from ..files import claim_output, folders_kept_on_success, refuse_inside_inputs, save_safetensors_atomic
+from ..locks import OutputLock
 from ..methods import METHOD_NAMES
-from ..train.checkpoint import CHECKPOINTS
+from ..train.checkpoint import CHECKPOINTS, PATHS, config_differences
 from .trained import TrainedRun
 
 EXPORT_FORMAT = "iisan-embeddings/1"
+LOCK = ".iisan-export-lock"  # held while an export checks and writes a folder, removed after
 
 
 @torch.no_grad()
@@ -47,15 +49,29 @@ def is_export(path: Path) -> bool:
 
 def refuse_other_exports(out_dir: Path, common: dict[str, str]) -> None:
     """An ``OutputError`` when ``out_dir`` holds embeddings exported from another run, or from this run at
-    another best epoch: a new export would leave a folder of files from two models (``users-valid`` of one,
-    ``items`` of the other), whose products mean nothing."""
+    another best epoch or of another config: a new export would leave a folder of files from two models
+    (``users-valid`` of one, ``items`` of the other), whose products mean nothing. Data and encoder paths are
+    not compared (config.json edited to say where a moved file is now: the same model)."""
     for path in sorted(out_dir.glob("*.safetensors")) if out_dir.is_dir() else []:
-        if (meta := export_metadata(path)) and (Path(str(meta.get("run_dir"))).resolve() != Path(common["run_dir"])
-                                                or any(meta.get(k) != common[k] for k in ("best_epoch", "config"))):
+        if (meta := export_metadata(path)) and (why := other_model(meta, common)):
             raise OutputError(f"--out {out_dir} holds {path.name} exported from {meta.get('run_dir')} (best epoch "
-                              f"{meta.get('best_epoch')}), not {common['run_dir']} (best epoch "
-                              f"{common['best_epoch']}): export into another folder (a folder holds one model's "
-                              "embeddings)")
+                              f"{meta.get('best_epoch')}), {why}: export into another folder (a folder holds one "
+                              "model's embeddings)")
+
+
+def other_model(meta: dict[str, str], common: dict[str, str]) -> str:
+    """How an earlier export's metadata says it is of another model than ``common``'s; '' when the same."""
+    if Path(str(meta.get("run_dir"))).resolve() != Path(common["run_dir"]) or \
+            meta.get("best_epoch") != common["best_epoch"]:
+        return f"not {common['run_dir']} (best epoch {common['best_epoch']})"
+    try:
+        saved = json.loads(meta.get("config") or "")
+    except (ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        return "and records no readable config"
+    differences = config_differences(saved, json.loads(common["config"]), ignore=PATHS)
+    return f"of another config ({'; '.join(differences[:3])})" if differences else ""
 
 
 def refuse_inputs_as_out(run: TrainedRun, out_dir: Path) -> None:
@@ -85,14 +101,18 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
     refuse_inputs_as_out(run, out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir.resolve()), "method": METHOD_NAMES[run.cfg.method],
               "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
-    refuse_other_exports(out_dir, common)
     paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
-    for path in paths.values():  # an earlier export is replaced; any other file there never is
-        claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
-    items = run.item_embeddings()[1:].float().cpu().contiguous()
-    save_safetensors_atomic({"items": items}, paths["items"], {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
-    users = user_embeddings(run, split).contiguous()
-    save_safetensors_atomic({"users": users}, paths["users"],
-                            {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
-                             "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
+    # One export at a time into a folder: two runs' checks, then both their writes, would mix their files.
+    with folders_kept_on_success(out_dir), OutputLock(out_dir / LOCK, f"export folder {out_dir}",
+                                                       "another export is writing there; wait for it to finish"):
+        refuse_other_exports(out_dir, common)
+        for path in paths.values():  # an earlier export is replaced; any other file there never is
+            claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
+        items = run.item_embeddings()[1:].float().cpu().contiguous()
+        save_safetensors_atomic({"items": items}, paths["items"],
+                                {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
+        users = user_embeddings(run, split).contiguous()
+        save_safetensors_atomic({"users": users}, paths["users"],
+                                {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
+                                 "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
     return paths
