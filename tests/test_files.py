@@ -41,7 +41,7 @@ def test_written_weights_are_as_readable_as_any_new_file(tmp_path):
 
     from iisan.files import save_safetensors_atomic
     from iisan.model.tiny import write_vit
-    from iisan.train.checkpoint import write_checkpoint
+    from iisan.train.checkpoint_writing import write_checkpoint
 
     old = os.umask(0o027)
     try:

@@ -19,6 +19,7 @@ import torch
 
 import iisan.model.recommender as recommender_module
 import iisan.train.checkpoint as checkpoint
+import iisan.train.checkpoint_writing as checkpoint_writing
 import iisan.train.runfolder as runfolder
 from iisan.cli.main import main
 from iisan.config import Config
@@ -396,7 +397,7 @@ def test_an_intact_checkpoint_of_unusable_content_is_one_line(base):
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
     cfg = base.replace(run_name="full-disk", epochs=2)
-    real_save, calls = checkpoint.save_file, []
+    real_save, calls = checkpoint_writing.save_file, []
 
     def disk_fills_up(tensors, path, metadata=None):
         calls.append(path)
@@ -405,7 +406,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, refer
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_fills_up)
+    monkeypatch.setattr(checkpoint_writing, "save_file", disk_fills_up)
     root = Path(cfg.out_dir) / "full-disk" / "checkpoints"
     with pytest.raises(TrainingError) as info:
         train(cfg)

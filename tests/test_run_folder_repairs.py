@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import iisan.train.checkpoint as checkpoint
+import iisan.train.checkpoint_writing as checkpoint_writing
 from iisan.config import Config
 from iisan.errors import TrainingError
 from iisan.train.trainer import train
@@ -89,6 +90,33 @@ def test_a_foreign_checkpoint_is_neither_counted_nor_deleted_by_pruning(finished
     assert "--run-name" not in left
 
 
+def test_a_refused_checkpoint_whose_name_is_needed_is_set_aside_and_a_note_keeps_its_folder(finished, stalled,
+                                                                                             tmp_path, caplog):
+    """Another config's checkpoint copied in as epoch-0002, a name this run writes: kept, byte for byte, as
+    epoch-0002.set-aside (no checkpoint's name: never read nor pruned again). A note put in this run's own
+    epoch-0000 keeps that folder whole when pruning would remove it."""
+    cfg, folder = copied(finished, tmp_path, epochs=4)
+    root = folder / "checkpoints"
+    shutil.copytree(stalled / "checkpoints" / "epoch-0001", root / "epoch-0002")
+    foreign = contents(root / "epoch-0002")
+    (root / "epoch-0000" / "notes.txt").write_text("the run I showed at the group meeting\n")
+    own = contents(root / "epoch-0000")
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        results = train(cfg)
+    assert results["status"] == "finished"
+    aside = root / "epoch-0002.set-aside"
+    assert {p.relative_to(aside): b for p, b in contents(aside).items()} == \
+        {p.relative_to(root / "epoch-0002"): b for p, b in foreign.items()}
+    assert checkpoint.verify(root / "epoch-0002") is None  # this run's own now
+    assert messages(caplog, f"{root / 'epoch-0002'}, which this run could not resume from, is kept as {aside}")
+    assert contents(root / "epoch-0000") == own
+    (left,) = messages(caplog, f"pruning leaves {root / 'epoch-0000'} in place")
+    assert left.endswith("as it holds files a checkpoint does not: notes.txt")
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0003", "epoch-0002", "epoch-0000"]
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000", "epoch-0002", "epoch-0002.set-aside",
+                                                      "epoch-0003"]
+
+
 def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled, tmp_path):
     """epoch-0002 just written, epoch-0001 cut short since: counting it would delete epoch-0000, the last
     checkpoint before the new one that a resume could use. (Pruning compares sizes with the manifest, not
@@ -99,11 +127,11 @@ def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled
     model = root / "epoch-0001" / checkpoint.MODEL
     model.write_bytes(model.read_bytes()[:-8])
     config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
-    checkpoint.prune(root, 2, config, root / "epoch-0002")
+    checkpoint_writing.prune(root, 2, config, root / "epoch-0002")
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001", "epoch-0000"]
-    checkpoint.prune(root, 1, config, root / "epoch-0000")  # the one just written is kept, whatever is newer
+    checkpoint_writing.prune(root, 1, config, root / "epoch-0000")  # the one just written is kept, whatever is newer
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001", "epoch-0000"]
-    checkpoint.prune(root, 1, config, root / "epoch-0002")
+    checkpoint_writing.prune(root, 1, config, root / "epoch-0002")
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001"]
 
 

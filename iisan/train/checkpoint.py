@@ -9,10 +9,10 @@ Layout of ``<run>/checkpoints/``::
         state.json            everything else, including the resolved config
         MANIFEST.json         sha256 and size of the three files above; written last
 
-A checkpoint is written into a hidden temporary folder and renamed into place, so a crash, a kill or a
-full disk never leaves a half-written checkpoint under a real name, and the previous checkpoints are only
-pruned after the new one is complete. Loading verifies the manifest and compares configs; a checkpoint
-that fails either is refused with a one-line message and the one before it is tried.
+A checkpoint is written into a hidden temporary folder and renamed into place (``checkpoint_writing``), so a
+crash, a kill or a full disk never leaves a half-written checkpoint under a real name, and the previous
+checkpoints are only pruned after the new one is complete. Loading verifies the manifest and compares configs;
+a checkpoint that fails either is refused with a one-line message and the one before it is tried.
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ import json
 import logging
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
-from ..errors import CheckpointError, TrainingError, UserError, error_line
-from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
+from ..errors import TrainingError, UserError, error_line
+from ..files import failure_reason, sha256
 from ..methods import unread_keys
 from ..model.build import picked_layers
 from . import runstate
@@ -85,7 +84,7 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:05d}")
 
 
-def _order(path: Path) -> tuple[int, float]:
+def checkpoint_order(path: Path) -> tuple[int, float]:
     epoch, step = NAME.match(path.name).groups()
     return int(epoch), float("inf") if step is None else int(step)
 
@@ -94,67 +93,7 @@ def checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under ``root``, newest first (complete or not; temporary folders excluded)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=_order, reverse=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# writing
-
-
-def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
-                     train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
-    """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
-    final, tmp = root / name, root / f".{name}.tmp"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (the run folder is locked and ours)
-        tmp.mkdir()
-        save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
-        save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
-        usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
-        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
-        manifest = {"format": FORMAT, "files": {}}
-        for file in FILES:
-            fsync(tmp / file)
-            manifest["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": sha256(tmp / file)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        fsync(tmp / MANIFEST)
-        fsync(tmp)
-        if final.exists():  # a refused checkpoint of the same name, now being redone
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync(root)
-    except WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
-    prune(root, keep, state.get("config") or {}, final)
-    return final
-
-
-LEFT_IN_PLACE: set[Path] = set()  # refused checkpoints pruning has named (once each)
-
-
-def prune(root: Path, keep: int, config: dict, written: Path) -> None:
-    """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
-    and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
-    never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
-    nor deleted, as it may not be this run's: it is named once, and left in place."""
-    kept = 0
-    for path in checkpoints(root):
-        refused = None if path == written else checked_state(path, config, digests=False)
-        if isinstance(refused, str):
-            if path not in LEFT_IN_PLACE:
-                LEFT_IN_PLACE.add(path)
-                log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
-                         refused.removesuffix(f"; {NEW_RUN}"))
-        elif kept >= keep and _order(path) < _order(written):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            kept += 1
-    for leftover in root.glob(".epoch-*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=checkpoint_order, reverse=True)
 
 
 # --------------------------------------------------------------------------------------------------

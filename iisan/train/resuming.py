@@ -20,6 +20,7 @@ from ..distributed import broadcast_text, gather_same
 from ..errors import ConfigError, TrainingError, UserError
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
+from .checkpoint_writing import write_checkpoint
 from .runfolder import refuse_to_overwrite
 from .weights import copy_weights, ensure_best_weights, trainable_state
 
@@ -92,8 +93,8 @@ class RunCheckpoints:
                 "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
             }
             try:
-                checkpoint.write_checkpoint(self.root, name, trainable_state(run.model),
-                                            {**tensors, **optimizer_tensors}, state, run.cfg.keep_checkpoints)
+                write_checkpoint(self.root, name, trainable_state(run.model),
+                                 {**tensors, **optimizer_tensors}, state, run.cfg.keep_checkpoints)
             except UserError as err:
                 error = str(err)
         error = broadcast_text(error, run.dist)

@@ -1,0 +1,119 @@
+"""Writing a run's checkpoints (the layout: ``checkpoint``): each into a hidden temporary folder renamed into
+place once complete, then pruning the older ones. Nothing is removed that is not a checkpoint of this run: a
+refused one is left in place or, when its name is needed again, set aside under another name, and a checkpoint
+folder holding anything else is left whole."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from contextlib import suppress
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
+from .checkpoint import (
+    FILES,
+    FORMAT,
+    MANIFEST,
+    MODEL,
+    NEW_RUN,
+    STATE,
+    TRAIN_STATE,
+    checked_state,
+    checkpoint_order,
+    checkpoints,
+)
+
+log = logging.getLogger(__name__)
+
+
+def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
+                     train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
+    """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
+    final, tmp, aside = root / name, root / f".{name}.tmp", None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (the run folder is locked and ours)
+        tmp.mkdir()
+        save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
+        save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
+        usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
+        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+        manifest = {"format": FORMAT, "files": {}}
+        for file in FILES:
+            fsync(tmp / file)
+            manifest["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": sha256(tmp / file)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        fsync(tmp / MANIFEST)
+        fsync(tmp)
+        if os.path.lexists(final):  # a refused checkpoint of that name, now redone: kept, under another name
+            aside = set_aside(final)
+        os.replace(tmp, final)
+        fsync(root)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
+    if aside is not None:
+        log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it cannot "
+                    "read as this run's: remove it once it is not needed)", final, aside)
+    prune(root, keep, state.get("config") or {}, final)
+    return final
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``<name>.set-aside[-N]`` beside it (no checkpoint's name: never read nor pruned)."""
+    for n in range(1, 10_000):
+        aside = path.with_name(f"{path.name}.set-aside" + (f"-{n}" if n > 1 else ""))
+        if not os.path.lexists(aside):
+            os.rename(path, aside)
+            return aside
+    raise FileExistsError(errno.EEXIST, "no free name to set it aside under", str(path))
+
+
+LEFT_IN_PLACE: set[Path] = set()  # refused checkpoints pruning has named (once each)
+
+
+def prune(root: Path, keep: int, config: dict, written: Path) -> None:
+    """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
+    and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
+    never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
+    nor deleted, as it may not be this run's: it is named once, and left in place."""
+    kept = 0
+    for path in checkpoints(root):
+        refused = None if path == written else checked_state(path, config, digests=False)
+        if isinstance(refused, str):
+            if path not in LEFT_IN_PLACE:
+                LEFT_IN_PLACE.add(path)
+                log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
+                         refused.removesuffix(f"; {NEW_RUN}"))
+        elif kept >= keep and checkpoint_order(path) < checkpoint_order(written):
+            remove_checkpoint(path)
+        else:
+            kept += 1
+    for leftover in root.glob(".epoch-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder of this run: the files a checkpoint holds, then the folder. One that holds
+    anything else (a note put there) is left whole, and named once."""
+    others = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
+    if others:
+        if path not in LEFT_IN_PLACE:
+            LEFT_IN_PLACE.add(path)
+            log.info("pruning leaves %s in place, as it holds files a checkpoint does not: %s", path,
+                     ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
+        return
+    with suppress(OSError):  # (a folder that cannot go now is pruned the next time)
+        for name in (MANIFEST, *FILES):  # the manifest first: a folder cut short here is never taken for complete
+            (path / name).unlink(missing_ok=True)
+        path.rmdir()
