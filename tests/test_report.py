@@ -158,6 +158,29 @@ def test_a_run_folder_linked_into_a_folder_of_runs_is_one_of_them(runs, tmp_path
     assert sorted(p.parent.name for p in found) == ["linked", "real"]
 
 
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(runs, tmp_path, monkeypatch, caplog):
+    """A colleague's folder of runs readable by them alone: the table leaves it out, with a warning."""
+    import errno
+    import os
+
+    from iisan.experiments.results_file import find_results
+
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "mixed" / "mine", lambda r: None)
+    copy_run(out / "lr0.0002-s1", tmp_path / "mixed" / "theirs", lambda r: None)
+    real_scandir, private = os.scandir, tmp_path / "mixed" / "theirs"
+
+    def scandir(path="."):
+        if Path(path) == private:  # (as root, chmod 000 would not keep us out)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = find_results([str(tmp_path / "mixed")])
+    assert [p.parent.name for p in found] == ["mine"]
+    assert f"could not list {private} (Permission denied): the runs under it are left out" in caplog.text
+
+
 def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_path, capsys):
     """results.json counts the trainable parameters under each learning-rate key; the table shows ``-``
     for a rate a run does not use, and a column only where the runs that use it differ."""

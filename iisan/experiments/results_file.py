@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
+from ..files import failure_reason
 from ..locks import held
 from ..methods import METHOD_NAMES
 from ..train.runfolder import LOCK
+
+log = logging.getLogger(__name__)
 
 METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
 
@@ -40,9 +44,14 @@ def find_results(folders: list[str]) -> list[Path]:
 
 def results_under(folder: Path) -> list[Path]:
     """Every results.json below ``folder``, through linked folders too (a run folder linked into a folder
-    of runs is one of them), each real folder walked once (a link back up is no loop)."""
+    of runs is one of them), each real folder walked once (a link back up is no loop); a folder that cannot
+    be listed (another user's) is named in a warning."""
     found, walked = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unlisted(err: OSError) -> None:  # (os.walk passes a folder it cannot list by, without a word)
+        log.warning("could not list %s (%s): the runs under it are left out", err.filename, failure_reason(err))
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):
         if (real := os.path.realpath(root)) in walked:
             dirs.clear()
             continue
