@@ -1,10 +1,14 @@
 """Using a trained run somewhere else than where it ran, or after something around it changed: its relative
-paths mean what they meant where it ran, what moved or failed is said in one line naming the file to edit,
-a cached run needs no image store, weights of another run are named as such, and the Python API refuses
-what is not a history."""
+paths mean what they meant where it ran, what moved or failed (a data file, an encoder folder) is said in
+one line naming the file to edit, a cached run needs no image store, weights of another run are named as
+such, an ID run refuses a users file that keeps other items, the Python API refuses what is not a history,
+a recommendation masks the user's whole history, a demo asked for fewer epochs than its run has stops
+before its work, and a train.log that cannot be written is one warning."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
@@ -23,12 +27,15 @@ from iisan.train.trainer import train
 
 @pytest.fixture(scope="module")
 def trained(tiny, tiny_cache, tmp_path_factory) -> dict:
-    """A cached and an ID run trained from a folder ``a`` with the data there, named relatively."""
+    """A cached, an ID and a live run trained from a folder ``a`` with the data and encoders there, named
+    relatively."""
     root = tmp_path_factory.mktemp("use")
     (root / "a").mkdir()
     for key in ("users", "items"):
         shutil.copy(tiny[key], root / "a" / f"{key}.tsv")
     shutil.copytree(tiny_cache, root / "a" / "cache")
+    for key in ("text_model", "image_model"):
+        shutil.copytree(tiny[key], root / "a" / "models" / key)
     cfg = Config(users="users.tsv", items="items.tsv", images=tiny["images"], text_model=tiny["text_model"],
                  image_model=tiny["image_model"], cache_dir="cache", out_dir="runs", device="cpu", num_workers=0,
                  progress=False, batch_size=16, epochs=2, max_steps_per_epoch=3, eval_batch_size=64, lr=1e-3)
@@ -37,10 +44,12 @@ def trained(tiny, tiny_cache, tmp_path_factory) -> dict:
         os.chdir(root / "a")  # where the runs run (monkeypatch is per test)
         cached = train(cfg.replace(run_name="cached"))
         train(cfg.replace(method="id", run_name="id"))
+        train(cfg.replace(feed="live", text_model="models/text_model", image_model="models/image_model",
+                          max_steps_per_epoch=1, epochs=1, run_name="live"))
     finally:
         os.chdir(here)
     return {"root": root, "cached": root / "a" / "runs" / "cached", "id": root / "a" / "runs" / "id",
-            "results": cached}
+            "live": root / "a" / "runs" / "live", "results": cached}
 
 
 def test_relative_paths_mean_where_the_run_ran_even_where_the_same_name_is_here(trained, tmp_path, monkeypatch,
@@ -146,3 +155,169 @@ def test_evaluate_names_why_the_numbers_differ(trained, tmp_path, monkeypatch, c
     main(["evaluate", str(copy), "--device", "cpu"])
     assert "results.json is of another config than the run's config.json (lr=0.5 there, 0.001 now)" in \
         capsys.readouterr().out.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# what a walk of `evaluate`, `recommend`, `export` and `demo` found
+
+
+def run_copy(trained, tmp_path, name: str, users_lines: list[str] | None = None, **results_changes) -> Path:
+    """A copy of the run ``name`` whose working folder (``ran``) holds the items file and a users file of
+    ``users_lines`` (default: the one it trained on); results.json changed by ``results_changes``."""
+    ran, copy = tmp_path / "ran", tmp_path / name
+    ran.mkdir(parents=True)
+    shutil.copy(trained["root"] / "a" / "items.tsv", ran / "items.tsv")
+    users = (trained["root"] / "a" / "users.tsv").read_text().splitlines()
+    (ran / "users.tsv").write_text("\n".join(users if users_lines is None else users_lines) + "\n")
+    shutil.copytree(trained[name], copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "working_dir": str(ran), **results_changes}))
+    return copy
+
+
+def swapped(lines: list[str], old: str, new: str) -> list[str]:
+    """Users lines with every interaction with item ``old`` made one with item ``new``."""
+    return ["\t".join([user, " ".join(new if i == old else i for i in items.split())])
+            for user, items in (line.split("\t", 1) for line in lines)]
+
+
+def refused(capsys, argv: list[str]) -> list[str]:
+    """The stderr lines of a command that ends with a user's error (exit status 2)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_id_run_refuses_a_users_file_that_keeps_other_items(trained, tmp_path, capsys):
+    run = load_run(trained["id"], device="cpu")
+    lines = (trained["root"] / "a" / "users.tsv").read_text().splitlines()
+    kept, dropped = run.data.item_ids[1:], [i for i in run.data.catalog.ids if i not in run.data.item_ids]
+    # the first kept item made the last dropped one: as many items kept, those between them one row up
+    edited = swapped(lines, kept[0], dropped[-1])
+    recorded = json.loads((trained["id"] / "results.json").read_text())["kept_items"]  # as the trainer wrote it
+    assert recorded == run.data.kept_items and len(recorded) == 16
+    copy = run_copy(trained, tmp_path, "id", edited)
+    err = refused(capsys, ["evaluate", str(copy), "--device", "cpu"])
+    assert len(err) == 1, err
+    assert err[0].startswith(f"iisan: error: {tmp_path / 'ran' / 'users.tsv'} keeps other items than the users "
+                             f"file {copy} trained on (kept items {run.data.kept_items} then, ")
+    assert err[0].endswith("restore the users file the run trained on, or train again")
+    # the same items kept (another user's line changed): used, with the warning of another users file
+    same = run_copy(trained, tmp_path / "same", "id", [*lines[:-1], lines[-1] + " " + kept[1]])
+    assert load_run(same, device="cpu").data.num_users == run.data.num_users
+
+
+def test_an_id_run_before_kept_items_were_recorded_names_another_count(trained, tmp_path, capsys):
+    run = load_run(trained["id"], device="cpu")
+    lines = (trained["root"] / "a" / "users.tsv").read_text().splitlines()
+    edited = swapped(lines, run.data.item_ids[1], run.data.item_ids[2])  # one item fewer kept
+    copy = run_copy(trained, tmp_path, "id", edited, kept_items="")
+    err = refused(capsys, ["evaluate", str(copy), "--device", "cpu"])
+    assert err[-1] == (f"iisan: error: {copy / 'best.safetensors'} holds embeddings of {run.data.num_items} items, "
+                      f"those the users file it trained on kept; {tmp_path / 'ran' / 'users.tsv'} keeps "
+                      f"{run.data.num_items - 1}: it is not that users file (edited since, or another file); restore "
+                      "the users file the run trained on, or train again")
+
+
+def test_recommend_for_a_user_masks_their_whole_history(trained, capsys):
+    run = load_run(trained["id"], device="cpu")
+    keep = run.cfg.max_seq_len + 3
+    row = next(r for r, before in run.data.earlier.items() if set(before) - set(run.data.padded[r]))
+    user, tail = run.data.user_ids[row], run.data.padded[row][run.data.padded[row] > 0]
+    line = next(x for x in (trained["root"] / "a" / "users.tsv").read_text().splitlines() if x.split("\t")[0] == user)
+    whole = [run.data.item_ids.index(i) for i in line.split("\t")[1].split() if i in run.data.item_ids]
+    assert len(whole) > keep and run.user_history(user).tolist() == whole
+    main(["recommend", str(trained["id"]), "--user", user, "-k", str(run.data.num_items), "--json", "--device", "cpu"])
+    listed = {run.data.item_ids.index(i["item_id"]): i["score"] for i in json.loads(capsys.readouterr().out)["items"]}
+    assert sorted([*listed, *set(whole)]) == list(range(1, run.data.num_items + 1))  # every other item, once
+    # the model reads the same last items as before: the scores are those after the kept tail alone
+    assert listed == pytest.approx({i: s for i, s in recommend(run, [tail], run.data.num_items)[0] if i in listed})
+
+
+def test_a_moved_encoder_folder_names_the_config_to_edit(trained, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(trained["root"] / "a", moved, ignore=shutil.ignore_patterns("cache"))
+    run = moved / "runs" / "live"
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "working_dir": str(moved)}))
+    shutil.move(moved / "models" / "text_model", tmp_path / "elsewhere")
+    config = run / "config.json"
+    err = refused(capsys, ["evaluate", str(run), "--device", "cpu"])
+    assert err == [f"iisan: error: {moved / 'models' / 'text_model'} (text_model of {config}) does not exist: if it "
+                   f"moved, set text_model in {config} to where it is now"]
+    values = json.loads(config.read_text())
+    config.write_text(json.dumps({**values, "text_model": str(tmp_path / "elsewhere")}))
+    assert evaluate(load_run(run, device="cpu"), "valid")  # as the message says
+
+
+def test_a_demo_with_fewer_epochs_than_its_run_stops_before_its_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    flags = ["--users", "100", "--items", "40", "--no-progress"]
+    try:
+        main(["demo", "--out", str(out), "--epochs", "2", *flags])
+    except SystemExit as stopped:  # 2 epochs of tiny data may not beat most-popular
+        assert stopped.code == 1, stopped.code
+    capsys.readouterr()
+    made = {p: p.stat().st_mtime_ns for p in (out / "cache" / "text.safetensors", out / "users.tsv",
+                                              out / "images.lmdb" / "data.mdb")}
+    err = refused(capsys, ["demo", "--out", str(out), "--epochs", "1", *flags])
+    assert err == [f"iisan: error: --epochs 1: {out / 'runs' / 'demo-seed0'} has trained 2 epochs already; give at "
+                   "least that many to go on with it, or another --out"]
+    assert {p: p.stat().st_mtime_ns for p in made} == made
+
+
+def test_a_users_file_that_is_a_device_is_not_said_to_be_missing(trained, capsys):
+    err = refused(capsys, ["recommend", str(trained["id"]), "--users-file", os.devnull, "--device", "cpu"])
+    assert err[-1] == (f"iisan: error: --users-file {os.devnull} is not a regular file; expected a file of user ids, "
+                       "one per line")
+
+
+def test_a_config_json_that_is_a_folder_is_said_to_be_one(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["id"], copy)
+    (copy / "config.json").unlink()
+    (copy / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=rf"^{copy / 'config.json'} is a folder; expected the config file a run "
+                                          r"writes$"):
+        load_run(copy, device="cpu")
+
+
+def test_an_id_run_is_described_without_a_feed(trained, capsys):
+    main(["evaluate", str(trained["id"]), "--device", "cpu", "--split", "test"])
+    assert capsys.readouterr().out.startswith(f"{trained['id']}: SASRec-ID, best epoch ")  # no encoder, no feed
+
+
+class FullDisk(io.StringIO):
+    """A stream on a full disk: every write and flush fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_train_log_on_a_full_disk_is_one_warning_and_the_run_ends_with_its_own_error(tiny, tmp_path, monkeypatch,
+                                                                                       capsys, caplog):
+    from iisan.train import records
+    from iisan.train.trainer import Run
+
+    def fails(run):
+        for epoch in range(30):
+            logging.getLogger("iisan.train.trainer").info("epoch %d", epoch)
+        raise DataError("the run's own error")
+
+    monkeypatch.setattr(records.RunLogHandler, "_open", lambda handler: FullDisk())
+    monkeypatch.setattr(Run, "run", fails)
+    argv = ["train", "--users", tiny["users"], "--items", tiny["items"], "--method", "id", "--device", "cpu",
+            "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "full", "--no-progress"]
+    err = refused(capsys, argv)
+    assert "Logging error" not in "\n".join(err) and "Traceback" not in "\n".join(err)
+    assert err[-1] == "iisan: error: the run's own error"
+    assert [r.getMessage() for r in caplog.records if "train.log" in r.getMessage()] == [
+        f"could not write {tmp_path / 'full' / 'train.log'}: No space left on device; it stops here (the console has "
+        "every line)"]
+    monkeypatch.setattr(records, "open", lambda *args, **kwargs: FullDisk(), raising=False)  # the header
+    assert refused(capsys, argv) == [f"iisan: error: could not write {tmp_path / 'full' / 'train.log'}: No space "
+                                     "left on device"]

@@ -22,7 +22,8 @@ def describe(run: TrainedRun) -> str:
     # imported when run, not for --help (cli/__init__.py)
     from ..devices import device_name
 
-    return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}, {run.cfg.feed} feed, best epoch {run.best_epoch}, "
+    feed = "" if run.cfg.method == "id" else f", {run.cfg.feed} feed"  # no encoder to feed (`iisan results`: '-')
+    return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}{feed}, best epoch {run.best_epoch}, "
             f"{device_name(run.device)}")
 
 
@@ -99,8 +100,8 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
         return [("history " + ",".join(ids), run.item_index(ids))]
     path = Path(args.users_file)
     if not path.is_file():
-        raise DataError(f"--users-file {path} {'is a folder' if path.is_dir() else 'does not exist'}; expected a "
-                        "file of user ids, one per line")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"--users-file {path} {what}; expected a file of user ids, one per line")
     out = []
     for lineno, line in decoded_lines(path):  # UTF-8, a byte-order mark dropped, as the data files
         user = line.split("\t")[0].strip()  # one user id per line; a users TSV works too
@@ -164,7 +165,8 @@ def add_use_commands(sub) -> None:
     p = sub.add_parser("recommend", help="top-K items of a trained run for users of the data set or a history")
     common(p)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--user", default=None, help="a user id of the data set: after their whole history")
+    source.add_argument("--user", default=None, help="a user id of the data set: after their whole history "
+                                                      "(every item of it masked)")
     source.add_argument("--users-file", type=path_arg, default=None, help="a file of user ids, one per line")
     source.add_argument("--history", default=None, help="item ids, oldest first, comma-separated (any history)")
     p.add_argument("-k", type=positive_int, default=10, help="how many items (default: 10)")

@@ -6,7 +6,8 @@ out: train ``s[:-2]``, valid target ``s[-2]``, test target ``s[-1]``; inputs are
 ``max_seq_len`` items before the target. Popularity counts the train parts only.
 
 All per-user data lives in one right-aligned matrix ``padded`` of shape (users, max_seq_len + 3), so
-every split is a column slice (see ``SeqRecData``).
+every split is a column slice (see ``SeqRecData``). The kept items of a user's line before its last
+``max_seq_len + 3`` are held aside only so that a recommendation does not suggest them again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,9 @@ class SeqRecData:
     max_seq_len: int
     catalog: ItemCatalog
     skipped: dict[str, int]
+    # user row -> the kept items of their line before its last L + 3 (re-indexed, oldest first), for the users
+    # whose line is longer: evaluation never reads them (the paper's protocol); recommendations mask them
+    earlier: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -202,6 +206,19 @@ class SeqRecData:
         prob = counts / counts.sum()
         prob[0] = 1.0
         return prob
+
+    def history(self, row: int) -> np.ndarray:
+        """User ``row``'s every interaction with a kept item, oldest first: ``earlier`` ones, then those of
+        ``padded[row]`` (its last ``L + 3``)."""
+        tail = self.padded[row][self.padded[row] > 0]
+        return np.concatenate([self.earlier[row], tail]) if row in self.earlier else tail
+
+    @functools.cached_property
+    def kept_items(self) -> str:
+        """A digest of the kept item ids in index order: which item each row of a table indexed by item
+        position (the ID method's embeddings) stands for. Another users file may keep other items under
+        the same items file, and then shifts every row after the first one that differs."""
+        return hashlib.sha256("\0".join(self.item_ids[1:]).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def stats(self) -> dict[str, int]:
         return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions}
@@ -238,7 +255,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
             short_users += 1
             continue
         users.append(user_id)
-        sequences.append(rows[-keep:])
+        sequences.append(rows)  # the protocol keeps the last ``keep``; the earlier ones are only masked
     skipped = {
         "users_too_short": short_users,
         "unknown_item_interactions": sum(unknown_ids.values()),
@@ -259,12 +276,16 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
     used = np.zeros(len(catalog), dtype=bool)
     for seq in sequences:
-        used[seq] = True
+        used[seq[-keep:]] = True
     new_index = np.zeros(len(catalog), dtype=np.int64)
     new_index[used] = np.arange(1, used.sum() + 1)
     padded = np.zeros((len(users), keep), dtype=np.int64)
+    earlier = {}
     for u, seq in enumerate(sequences):
-        padded[u, keep - len(seq) :] = new_index[seq]
+        tail = seq[-keep:]
+        padded[u, keep - len(tail) :] = new_index[tail]
+        if len(seq) > keep and (before := new_index[seq[:-keep]]).any():  # (0: in no user's last L + 3, dropped)
+            earlier[u] = before[before > 0]
     kept_rows = np.flatnonzero(used)
     return SeqRecData(
         item_ids=[""] + [catalog.ids[r] for r in kept_rows],
@@ -274,4 +295,5 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
         max_seq_len=max_seq_len,
         catalog=catalog,
         skipped=skipped,
+        earlier=earlier,
     )

@@ -19,7 +19,7 @@ from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..data.synthetic import generate
-from ..errors import OutputError
+from ..errors import ConfigError, OutputError
 from ..evaluate import popularity_metrics
 from ..files import claim_folder, write_json_atomic
 from ..model.backbones import read_spec
@@ -150,13 +150,15 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
              versa: bool = False, **sizes) -> dict:
     """``sizes``: ``num_users`` / ``num_items`` of the synthetic data (``data.synthetic.generate``)."""
     start = time.perf_counter()
+    run_dir = Path(out_dir) / "runs" / ("demo-versa" if versa else f"demo-seed{seed}")
+    refuse_fewer_epochs(run_dir, epochs)  # before the data, LMDB and cache are made again
     prepared = prepare_demo_data(out_dir, seed=seed, progress=progress, **sizes)
     method, extra = "IISAN", {}
     if versa:
         prepared.update(prepare_versa_models(out_dir, seed))
         method = "IISAN-Versa"
-        extra = {"cache_dir": str(Path(out_dir) / "cache-versa"), "run_name": "demo-versa"}
-    cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, **extra)
+        extra = {"cache_dir": str(Path(out_dir) / "cache-versa")}
+    cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, run_name=run_dir.name, **extra)
     refuse_copied_run(Path(cfg.out_dir) / cfg.run_name, cfg)
     build_cache_from_config(cfg, dtype="float32", overwrite=True)  # the tiny models change with --seed
     results = train(cfg)
@@ -178,6 +180,19 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
     print(f"{method} {'beats' if beats else 'does NOT beat'} the most-popular baseline on test; "
           f"{elapsed:.0f} s in all; results in {results['run_dir']}/results.json")
     return {"iisan": results, "popularity": popular, "beats_popularity": beats, "seconds": elapsed}
+
+
+def refuse_fewer_epochs(folder: Path, epochs: int) -> None:
+    """The demo's run in ``folder`` has trained more than ``epochs`` epochs: it cannot go on with fewer (its
+    results hold them all). Said before the demo's work, in the demo's words (the trainer's name --run-name
+    and a config file, which the demo has not)."""
+    try:
+        trained = json.loads((folder / "results.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a run's: the trainer judges it
+        return
+    if isinstance(trained, list) and len(trained) > epochs:
+        raise ConfigError(f"--epochs {epochs}: {folder} has trained {len(trained)} epochs already; give at least "
+                          "that many to go on with it, or another --out")
 
 
 def refuse_copied_run(folder: Path, cfg: Config) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import DEFAULT_MODELS, Config
+from ..config import DEFAULT_MODELS, Config, model_location
 from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
@@ -33,7 +33,7 @@ from ..evaluate import evaluate_model, item_table
 from ..files import file_fingerprint
 from ..locks import held
 from ..methods import unread_keys
-from ..model.build import build_model
+from ..model.build import build_model, modalities
 from ..model.recommender import Recommender
 from ..precedence import read_config_file
 from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, PATHS, config_differences
@@ -78,18 +78,22 @@ class TrainedRun:
         return np.array([index[i] for i in item_ids], dtype=np.int64)
 
     def user_history(self, user_id: str, where: str = "--user") -> np.ndarray:
-        """The user's kept interactions (oldest first): what a recommendation for them follows."""
+        """The user's every interaction with a kept item (oldest first), not only the last ``max_seq_len + 3``
+        the protocol keeps: a recommendation for them follows the last ones and masks them all."""
         try:
             row = self.data.user_ids.index(user_id)
         except ValueError:
             raise DataError(f"{where}: user {user_id!r} is not among the {self.data.num_users} users of "
                             f"{self.cfg.users} (users with fewer than {self.cfg.min_seq_len} interactions "
                             "are skipped by the protocol)") from None
-        sequence = self.data.padded[row]
-        return sequence[sequence > 0]
+        return self.data.history(row)
 
 
 PATH_KEYS = (*DATA_PATHS, *MODEL_PATHS, "cache_dir")  # what a config names by path
+# Methods whose trained weights hold a row per kept item, by its position among the kept items (``ItemIDEncoder``):
+# another users file that keeps other items reads each row for another item. Every other method's weights are
+# of no item (its item table is encoded from titles and images, or read from a cache by item id).
+BY_ITEM_POSITION = {"id": "item_encoder.embedding.weight"}
 
 
 def run_ending(results: dict) -> str:
@@ -147,6 +151,9 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
         log.warning("%s: %s; used without it (no working folder for relative paths, no check that the items "
                     "file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)
+    if config_path.exists() and not config_path.is_file():
+        raise ConfigError(f"{config_path} is {'a folder' if config_path.is_dir() else 'not a regular file'}; "
+                          "expected the config file a run writes")
     if not config_path.is_file():
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
@@ -165,22 +172,47 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     cfg = rebased(saved, results.get("working_dir"))
     reads_images = cfg.images and "images" not in unread_keys(cfg.method, cfg.towers, cfg.feed)
     needed = [*DATA_PATHS[:2], *(["cache_dir"] if cfg.cached else ["images"] if reads_images else [])]
-    if missing := [k for k in needed if not Path(getattr(cfg, k)).exists()]:  # moved since: where to say so
+    where = {k: Path(getattr(cfg, k)) for k in needed} | encoder_folders(cfg, results.get("working_dir"))
+    if missing := [k for k, path in where.items() if not path.exists()]:  # moved since: where to say so
         rebuild = (" (a cache deleted: `iisan cache` with the run's encoders rebuilds it, or --build-cache in the "
                    "entry script)" if missing[0] == "cache_dir" else "")
-        raise ConfigError(f"{getattr(cfg, missing[0])} ({missing[0]} of {config_path}) does not exist: if it moved, "
+        raise ConfigError(f"{where[missing[0]]} ({missing[0]} of {config_path}) does not exist: if it moved, "
                           f"set {', '.join(missing)} in {config_path} to where it is now{rebuild}")
     return cfg, results
 
 
-def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data) -> None:
+def encoder_folders(cfg: Config, working_dir) -> dict[str, Path]:
+    """``{text_model: folder, ...}``: the encoder folders a live run reads (a cached run reads its cache, the
+    ID method none), a relative one as from where the run ran (``rebased`` leaves a name found nowhere as it
+    is: it may be a Hub id, which only a run with --allow-download fetched, and is then left out here)."""
+    if cfg.cached or cfg.method == "id":
+        return {}
+    folders = {}
+    for key in (f"{m}_model" for m in modalities(cfg)):
+        folder = model_location(getattr(cfg, key))
+        if not folder.exists() and not folder.is_absolute() and isinstance(working_dir, str):
+            folder = Path(working_dir) / folder
+        if folder.exists() or not cfg.allow_download:  # (else a Hub id: the loader fetches or names it)
+            folders[key] = folder
+    return folders
+
+
+def refuse_other_inputs(run_dir: Path, cfg: Config, results: dict, data: SeqRecData) -> None:
     """An items file, cache, encoder folder or image LMDB other than the run trained on is refused (its rows
-    or states would not match the weights); another users file is a warning (evaluation uses its users now)."""
+    or states would not match the weights), and so is a users file that keeps other items for a run whose
+    weights are by item position (``BY_ITEM_POSITION``); another users file is otherwise a warning
+    (evaluation uses its users now)."""
     trained_on = results.get("items_fingerprint")  # runs before it was recorded have none
     if trained_on and trained_on != data.catalog.fingerprint:
         raise DataError(f"{cfg.items} has changed since {run_dir} was trained (items fingerprint {trained_on} "
                         f"then, {data.catalog.fingerprint} now): the run's item rows would not match it; "
                         "restore the file or train again")
+    kept = results.get("kept_items")  # runs before it was recorded: ``best_weights`` compares the counts
+    if cfg.method in BY_ITEM_POSITION and isinstance(kept, str) and kept and kept != data.kept_items:
+        raise DataError(f"{Path(cfg.users).resolve()} keeps other items than the users file {run_dir} trained on "
+                        f"(kept items {kept} then, {data.kept_items} now; edited since, or another file): the run's "
+                        "item embeddings are by item position and would be read for other items; restore the users "
+                        "file the run trained on, or train again")
     if (users_then := results.get("users_fingerprint")) and users_then != (users_now := file_fingerprint(cfg.users)):
         log.warning("%s is not the users file %s trained on (its fingerprint %s then, %s now; edited since, or "
                     "another file): evaluation and recommendations use the users in it", Path(cfg.users).resolve(),
@@ -194,6 +226,12 @@ def best_weights(model, weights: Path, cfg: Config) -> int:
     and for non-finite values; the epoch they are of (-1 when their metadata does not say)."""
     state, metadata = read_weights(weights)
     check_weights_config(weights, metadata, cfg.to_dict(), weights.parent / "config.json")  # before their shapes
+    rows = BY_ITEM_POSITION.get(cfg.method)  # a run before kept_items was recorded: its count tells
+    then, now = (len(state[rows]), len(model.get_parameter(rows))) if rows in state and state[rows].dim() else (0, 0)
+    if then != now:
+        raise DataError(f"{weights} holds embeddings of {then - 1} items, those the users file it trained on kept; "
+                        f"{Path(cfg.users).resolve()} keeps {now - 1}: it is not that users file (edited since, or "
+                        "another file); restore the users file the run trained on, or train again")
     copy_weights(model, state, weights)
     best_epoch = int(epoch) if re.fullmatch(r"-?\d{1,9}", epoch := str(metadata.get("epoch", -1))) else -1
     if best_epoch == -1 and "epoch" in metadata:

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT
 from ..devices import device_name, peak_memory
 from ..errors import RunInterrupted, UserError
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES
 from ..provenance import command_line, git_commit, versions
 from .progress import Progress
@@ -69,6 +71,7 @@ class RunRecord:
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
+        self.kept_items = ""  # ``SeqRecData.kept_items``: using an ID run refuses a users file keeping other items
         self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
         self.encoders: dict = {}  # and the encoder folders a live run reads (``same_inputs.encoder_record``)
         self.handler: logging.Handler | None = None
@@ -85,9 +88,12 @@ class RunRecord:
             return
         path = self.run_dir / LOG
         # A name or path that is not UTF-8 (a byte like 0x80 in --run-name) is written escaped, not a crash.
-        with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
-            fh.write(self.header())
-        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
+        try:
+            with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
+                fh.write(self.header())
+        except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
+            raise write_failure(path, err) from None
+        self.handler = RunLogHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger = logging.getLogger("iisan")
         logger.addHandler(self.handler)
@@ -194,6 +200,7 @@ class RunRecord:
             "config": cfg.to_dict(),
             "items_fingerprint": self.items_fingerprint,
             "users_fingerprint": self.users_fingerprint,
+            "kept_items": self.kept_items,
             "cache": self.cache,
             "encoders": self.encoders,
             "run_dir": str(self.run_dir),
@@ -223,11 +230,34 @@ class RunRecord:
             logger = logging.getLogger("iisan")
             logger.removeHandler(self.handler)
             logger.setLevel(self.logger_level)
-            self.handler.close()
+            with contextlib.suppress(OSError):  # its last lines could not be written: said once already
+                self.handler.close()
             self.handler = None
         if self.writer is not None:
             self.writer.close()
         self.metrics = self.writer = None
+
+
+class RunLogHandler(logging.FileHandler):
+    """train.log's handler. A line it cannot write (a full disk) turns it off, with one warning on the
+    console, where logging's own handling would print a '--- Logging error ---' traceback for every later
+    line, burying the error that ends the run. Turned off by a flag, not removed from the logger: the
+    failure happens while the logger iterates its handlers, and the warning itself passes through here."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):  # a line that cannot be formatted (a bug): logging's traceback
+            super().handleError(record)
+        elif not self.failed:
+            self.failed = True  # before the warning, which passes through here
+            log.warning("could not write %s: %s; it stops here (the console has every line)", self.baseFilename,
+                        failure_reason(err))
 
 
 def epoch_line(record: dict, bad_epochs: int) -> str:

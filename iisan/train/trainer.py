@@ -94,7 +94,7 @@ class Run:
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
         data = self.data = load_data(cfg)
-        self.record.items_fingerprint = data.catalog.fingerprint
+        self.record.items_fingerprint, self.record.kept_items = data.catalog.fingerprint, data.kept_items
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
         log.info("%s", describe_data(data, cfg))
