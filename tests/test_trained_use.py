@@ -288,6 +288,14 @@ def test_an_id_run_is_described_without_a_feed(trained, capsys):
     assert capsys.readouterr().out.startswith(f"{trained['id']}: SASRec-ID, best epoch ")  # no encoder, no feed
 
 
+def test_an_id_runs_export_records_no_feed(trained, tmp_path):
+    from safetensors import safe_open
+
+    main(["export", str(trained["id"]), "--out", str(tmp_path / "emb"), "--device", "cpu"])
+    with safe_open(str(tmp_path / "emb" / "items.safetensors"), "pt") as fh:
+        assert (fh.metadata()["method"], fh.metadata()["feed"]) == ("SASRec-ID", "-")  # as `iisan results` shows it
+
+
 class FullDisk(io.StringIO):
     """A stream on a full disk: every write and flush fails."""
 

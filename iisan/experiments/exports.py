@@ -100,7 +100,8 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
     out_dir = Path(out_dir)
     refuse_inputs_as_out(run, out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir.resolve()), "method": METHOD_NAMES[run.cfg.method],
-              "feed": run.cfg.feed, "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
+              "feed": "-" if run.cfg.method == "id" else run.cfg.feed,  # (ID: no encoder to feed)
+              "best_epoch": str(run.best_epoch), "config": json.dumps(run.cfg.to_dict())}
     paths = {"items": out_dir / "items.safetensors", "users": out_dir / f"users-{split}.safetensors"}
     # One export at a time into a folder: two runs' checks, then both their writes, would mix their files.
     with folders_kept_on_success(out_dir), OutputLock(out_dir / LOCK, f"export folder {out_dir}",
