@@ -28,6 +28,9 @@ SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # Fields added after runs were saved whose default is not what those runs did: a saved config (a
 # checkpoint's, a run folder's, a results file's) without the field did this (``Config.from_saved``).
 BEFORE_THE_FIELD = {"layer_rule": "groups"}
+# Fields naming what the safetensors and LMDB libraries open, which take only paths that are valid UTF-8 (the
+# users and items files are read by Python, which takes any name).
+UTF8_PATHS = ("images", "text_model", "image_model", "cache_dir", "out_dir", "run_name")
 PRECISIONS = ("float32", "float16", "bfloat16")  # what encoders may run in and caches be stored in
 
 
@@ -214,6 +217,10 @@ class Config:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed)}")
+        for name in UTF8_PATHS:  # before anything is written under them
+            if (spelt := not_utf8(getattr(self, name))) is not None:
+                raise ConfigError(f"{name}={spelt} (--{name.replace('_', '-')}) is not valid UTF-8, which safetensors "
+                                  "and LMDB cannot open: rename it, or give another")
         check_bounds(self)
         if self.towers != "both" and self.method == "iisan" and self.modality == "inter":
             raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
@@ -265,6 +272,16 @@ class Config:
         """A config this library saved, a field it predates at what it did then (``BEFORE_THE_FIELD``), else
         at its default."""
         return cls.from_dict({**{k: v for k, v in BEFORE_THE_FIELD.items() if k not in values}, **values}, source)
+
+
+def not_utf8(value: str) -> str | None:
+    """``value`` spelt as its bytes (``'bad\\xff'``) when it is not valid UTF-8, else None: a name of undecodable
+    bytes (from a command line or a folder listing) reaches Python with surrogates in it."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError:  # other lone surrogates are refused before (``bounds.coerce``)
+        return repr(value.encode("utf-8", "surrogateescape"))[1:]
 
 
 def choices(name: str) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ at a time: ``locks``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,12 +41,24 @@ TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp$")
 
 def temporary_sibling(path: str | Path) -> Path:
     """``.<name>.<pid>-<random>.tmp`` beside ``path``: hidden, and a name nothing else uses, so removing
-    it after a failure never removes anything this process did not create."""
+    it after a failure never removes anything this process did not create. A long name is shortened
+    (``temporary_stem``), so that a target whose own name is valid has a valid temporary."""
     path = Path(path)
     while True:
-        candidate = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        candidate = path.with_name(f".{temporary_stem(path.name)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         if not os.path.lexists(candidate):
             return candidate
+
+
+STEM_BYTES = 255 - 25  # of a temporary's name (NAME_MAX) for its target's: the rest is 2 dots, a pid, "-", 8 hex, .tmp
+
+
+def temporary_stem(name: str) -> str:
+    """``name`` as its temporaries spell it: itself when it fits ``STEM_BYTES``, else its first bytes (cut at a
+    character) and ``~`` with 16 hex digits of its sha256, which keep the temporaries of two long names apart."""
+    if len(raw := os.fsencode(name)) <= STEM_BYTES:
+        return name
+    return f"{raw[:STEM_BYTES - 17].decode('utf-8', 'ignore')}~{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def stale_temporaries(path: str | Path) -> list[Path]:
@@ -54,17 +67,18 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    return [p for p in path.parent.iterdir()
-            if (m := TEMPORARY.match(p.name)) and m.group("name") == path.name]
+    stem = temporary_stem(path.name)
+    return [p for p in path.parent.iterdir() if (m := TEMPORARY.match(p.name)) and m.group("name") == stem]
 
 
 def remove(path: Path) -> None:
     """Remove a file or folder this process created (a temporary), quietly: a failure to remove (a
-    read-only file system, where nothing was written) must not hide the error that led here."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with suppress(OSError):
+    read-only file system, where nothing was written; a name that cannot even be looked at) must not hide
+    the error that led here."""
+    with suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
 
 
@@ -128,6 +142,18 @@ def starts_with(path: Path, head: str) -> bool:
         return False
     with open(path, "rb") as fh:
         return fh.read(len(head.encode())) == head.encode()
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise the operating system's own error ('Permission denied') when ``path`` cannot be opened for reading,
+    before safetensors opens it: safetensors reports every failure to open as 'No such file or directory'. A
+    path that is not valid UTF-8, which safetensors cannot open at all, is an error too."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name, as Python holds them (surrogateescape)
+        raise OSError(errno.EILSEQ, "its path is not valid UTF-8, which safetensors cannot open: rename it") from None
+    with open(path, "rb"):
+        pass
 
 
 def failure_reason(err: BaseException) -> str:
@@ -297,12 +323,24 @@ def file_fingerprint(path: str | Path) -> str:
     return sha256(path)[:16]
 
 
+def refuse_broken_link(path: str | Path, what: str) -> None:
+    """An ``OutputError`` when the folder ``path`` to write into, or the nearest part of its path that exists, is a
+    symbolic link to nothing (the OS would say 'File exists' when making the folder). ``what``: ``--out-dir``."""
+    for part in (Path(path), *Path(path).parents):
+        if os.path.lexists(part):
+            if part.is_symlink() and not part.exists():
+                where = "is" if part == Path(path) else f"is inside {part},"
+                raise OutputError(f"{what} {path} {where} a symbolic link to no folder; give the path of a folder")
+            return
+
+
 def expect_folders(**folders: Path | None) -> None:
     """An ``OutputError`` naming the flag (``--<key>``) when a folder to write into, or the nearest part of
-    its path that exists, is a file: said before any work, not as a failed write after it."""
+    its path that exists, is a file or a link to nothing: said before any work, not as a failed write after it."""
     for key, path in folders.items():
         if path is None:
             continue
+        refuse_broken_link(path, f"--{key.replace('_', '-')}")
         for part in (Path(path), *Path(path).parents):
             if os.path.lexists(part):
                 if not part.is_dir():

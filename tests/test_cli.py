@@ -237,14 +237,14 @@ def test_a_device_or_pipe_where_a_file_is_expected_is_not_called_missing(tmp_pat
         assert message in capsys.readouterr().err
 
 
-def test_a_run_name_that_is_not_utf8_is_written_escaped(tiny_config, tiny_cache, tmp_path):
-    """A byte like 0x80 in --run-name (a surrogate in Python) trains; train.log shows it escaped."""
-    from iisan.train.trainer import train
+def test_a_run_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny_config, tiny_cache, tmp_path):
+    """A byte like 0x80 in --run-name (a surrogate in Python): such a run trained once, then could not be
+    resumed or used (safetensors opens no such path), so the name is refused up front, in one line."""
+    from iisan.errors import ConfigError
 
-    results = train(tiny_config(cache_dir=tiny_cache, out_dir=str(tmp_path), run_name="b\udc80c", epochs=1,
-                                max_steps_per_epoch=2))
-    assert results["status"] == "finished"
-    assert "b\\udc80c" in (tmp_path / "b\udc80c" / "train.log").read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^run_name='b\\x80c' \(--run-name\) is not valid UTF-8"):
+        tiny_config(cache_dir=tiny_cache, out_dir=str(tmp_path), run_name="b\udc80c")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("flags, message", [(["--hidden", "100000"], "argument --hidden: 100000 is more than 4096"),

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CacheError
-from ..files import require_space, shown
+from ..files import check_readable, failure_reason, require_space, shown
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache` or "
                          "preprocess_vectors.py)")
     try:
+        check_readable(path)  # safetensors calls a file it may not read missing
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
+    except OSError as err:
+        raise CacheError(f"cache file {path} cannot be read ({failure_reason(err)})") from None
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
@@ -293,6 +296,7 @@ def load_cache(path: str | Path, expected: CacheExpectation,
     layers = json.loads(meta["layers"])
     picked = [layers.index(layer) for layer in (layers if expected.layers is None else expected.layers)]
     try:
+        check_readable(path)  # readable when its metadata was read; not necessarily still
         with safe_open(str(path), framework="pt") as fh:
             stored = fh.get_slice("states")
             shape = tuple(stored.get_shape())
@@ -307,6 +311,8 @@ def load_cache(path: str | Path, expected: CacheExpectation,
                 states = torch.cat([stored[:, p : p + 1] for p in picked], dim=1)
     except CacheError:
         raise
+    except OSError as err:
+        raise CacheError(f"cache file {path} cannot be read ({failure_reason(err)})") from None
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     table = states[torch.from_numpy(rows)]

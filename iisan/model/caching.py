@@ -36,7 +36,15 @@ from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
-from ..files import claim_output, folders_kept_on_success, refuse_inputs, refuse_inside_inputs
+from ..files import (
+    check_readable,
+    claim_output,
+    failure_reason,
+    folders_kept_on_success,
+    refuse_broken_link,
+    refuse_inputs,
+    refuse_inside_inputs,
+)
 from ..locks import OutputLock
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name
@@ -99,15 +107,20 @@ LOCK = ".iisan-lock"
 
 def claim_cache_folder(cfg: Config) -> Path:
     """Refuse, before any encoder is loaded, a cache folder that is a file, outputs that are inputs and
-    files there that are not IISAN caches."""
+    files there that are not IISAN caches (or cannot be read)."""
     folder = Path(cfg.cache_dir)
+    refuse_broken_link(folder, "--cache-dir")  # making it would fail with 'File exists'
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--cache-dir {folder} is a file, expected a folder")
     inputs = [cfg.users, cfg.items, cfg.images] + [model_name(cfg, m) for m in modalities(cfg)]
     for m in modalities(cfg):
-        refuse_inputs(cache_file(folder, m), inputs, "--cache-dir")
-        if cache_file(folder, m).exists() and not is_cache_file(cache_file(folder, m)):
-            claim_output(cache_file(folder, m), is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
+        refuse_inputs(path := cache_file(folder, m), inputs, "--cache-dir")
+        if path.exists() and not is_cache_file(path):
+            try:
+                check_readable(path)  # else is_cache_file says no for a cache this user may not read
+            except OSError as err:
+                raise OutputError(f"--cache-dir: {path} cannot be read ({failure_reason(err)})") from None
+            claim_output(path, is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
     refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
     refuse_inside_inputs(folder, inputs, "--cache-dir")
     return folder

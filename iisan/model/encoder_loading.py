@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import model_location
 from ..errors import EncoderError
+from ..files import check_readable, failure_reason
 from .encoder_files import PLAIN_VOCABULARIES, SENTENCEPIECE_FILES, VOCABULARY_FILES, resolve_model_path
 from .families import MODEL_CLASSES
 
@@ -61,8 +62,9 @@ JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.jso
 
 def damaged_file(folder: Path, auto_class) -> str | None:
     """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
-    would meet with an AttributeError or TypeError deep inside; None when none is seen. A JSON file
-    that does not parse is left to transformers, which says so itself."""
+    would meet with an AttributeError or TypeError deep inside, or a weights file this user may not read
+    (which safetensors calls missing); None when none is seen. A JSON file that does not parse is left to
+    transformers, which says so itself."""
     if auto_class is AutoImageProcessor and not any((folder / name).is_file() for name in JSON_OBJECTS[auto_class]):
         return ("the folder has no preprocessor_config.json (nor a processor_config.json): copy it from the model's "
                 "source; it gives the image size, mean and std the model was trained with")
@@ -73,6 +75,11 @@ def damaged_file(folder: Path, auto_class) -> str | None:
                     return f"{name} does not hold a JSON object"
     if auto_class in JSON_OBJECTS:  # a tokenizer or a processor reads no dtype or vocabulary size
         return None
+    for weights in sorted(folder.glob("*.safetensors")) if auto_class in MODEL_CLASSES else ():
+        try:
+            check_readable(weights)  # safetensors calls a file it may not read missing
+        except OSError as err:
+            return f"{weights.name} cannot be read ({failure_reason(err)})"
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
     for part in [config, *(v for v in config.values() if isinstance(v, dict))]:  # with sub-configs
         for key in ("dtype", "torch_dtype"):

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from ..config import Config
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, TrainingError, error_line
-from ..files import TEMPORARY, failure_reason, path_component, remove, write_failure
+from ..files import TEMPORARY, check_readable, failure_reason, path_component, refuse_broken_link, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from . import runstate
@@ -130,17 +130,21 @@ def reusable_results(cfg: Config) -> dict | None:
 
 def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
     """Whether the finished run in ``folder`` (``done``: its results) lacks its best weights: best.safetensors
-    is missing, or no safetensors file whose header parses (only the header is read). Its resume then writes
-    them again when its newest checkpoint holds its best epoch (``weights.ensure_best_weights``); otherwise
-    nothing can, and the run is refused."""
+    is missing, cannot be read, or is no safetensors file whose header parses (only the header is read). Its
+    resume then writes them again when its newest checkpoint holds its best epoch (``weights.ensure_best_weights``);
+    otherwise nothing can, and the run is refused."""
     best = folder / BEST
     try:
+        check_readable(best)  # safetensors calls a file it may not read missing
         with safe_open(str(best), framework="pt"):
             return False
     except FileNotFoundError:
-        problem = f"{best} is missing"
+        problem, remedy = f"{best} is missing", ""
+    except OSError as err:  # present, but not for this user ('Permission denied'), or a folder
+        problem = f"{best} cannot be read ({failure_reason(err)})"
+        remedy = "make it readable, " if isinstance(err, PermissionError) else ""
     except Exception as err:  # safetensors raises its own types for damaged files
-        problem = f"{best} is not a readable safetensors file ({error_line(err)})"
+        problem, remedy = f"{best} is not a readable safetensors file ({error_line(err)})", ""
     config = cfg.to_dict()  # the newest checkpoint resuming would take (its state alone: the resume loads it)
     path, state = next(((p, s) for p in checkpoints(folder / CHECKPOINTS)
                         if isinstance(s := checked_state(p, config), dict)), (None, None))
@@ -149,8 +153,8 @@ def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
                     "again", problem, path)
         return True
     raise TrainingError(f"{problem}, and no checkpoint of {folder} holds the run's best epoch "
-                        f"({done.get('best_epoch')}) to write it again from: restore {BEST} from a copy, or use "
-                        "another --run-name to train again")
+                        f"({done.get('best_epoch')}) to write it again from: {remedy}restore {BEST} from a copy, or "
+                        "use another --run-name to train again")
 
 
 def log_summary(results: dict, path: Path) -> None:
@@ -305,8 +309,9 @@ def claim_run_folder(run_dir: Path) -> None:
     holding only ``EARLY`` files is a run's that stopped before writing its config when each of them is
     as a run writes it (``early_file_problem``); the temporary file of a write a kill cut short is a
     run's too (``killed_write``). A link to a folder is taken as that folder; a link to
-    anything else is refused."""
+    anything else is refused, and so is a folder inside a link to nothing (--out-dir)."""
     if not os.path.lexists(run_dir):
+        refuse_broken_link(run_dir, "run folder")  # making it would fail with 'File exists'
         return
     if run_dir.is_symlink() and not run_dir.is_dir():  # a link to a folder is that folder
         raise OutputError(f"run folder {run_dir} is a symbolic link to no folder; give the path of a folder "
@@ -315,6 +320,10 @@ def claim_run_folder(run_dir: Path) -> None:
         raise OutputError(f"run folder {run_dir} is a file; choose another --run-name")
     if is_run_folder(run_dir):
         return
+    if unread := [f"{p} {why}" for p in (run_dir / "config.json", run_dir / RESULTS)  # not 'no run config.json'
+                  if (why := results_or_reason(p)[1]).startswith("cannot be read")]:
+        raise OutputError(f"run folder {run_dir} may be a run's, but {unread[0]}: make it readable, or choose "
+                          "another --run-name or --out-dir")
     entries = [p for p in sorted(run_dir.iterdir()) if not killed_write(p)]
     why = "no run config.json" if any(p.name not in EARLY for p in entries) else next(
         (f"no run config.json, and {p} {problem}" for p in entries if (problem := early_file_problem(p))), None)

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import Config
 from ..errors import TrainingError
-from ..files import save_safetensors_atomic
+from ..files import check_readable, failure_reason, save_safetensors_atomic
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -26,9 +26,12 @@ def save_weights(model: torch.nn.Module, path: Path, cfg: Config, extra: dict | 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a weights file; a damaged or foreign file is one error naming it."""
     try:
+        check_readable(path)  # safetensors calls a file it may not read missing
         with safe_open(str(path), framework="pt") as fh:
             return {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata() or {}
-    except (SafetensorError, OSError) as err:
+    except OSError as err:  # absent, or not for this user ('Permission denied')
+        raise TrainingError(f"{path} cannot be read ({failure_reason(err)})") from None
+    except SafetensorError as err:
         raise TrainingError(f"{path} is not a readable safetensors file ({err}); it may have been cut short "
                             "or replaced: retrain, or restore it from a copy") from None
 
