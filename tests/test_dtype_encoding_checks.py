@@ -91,6 +91,16 @@ def load(path: Path):
     return load_cache(path, CacheExpectation(), ["<pad>", *ids])
 
 
+def test_a_data_set_keeping_some_of_the_cache_items_gets_their_rows(cache_copy):
+    """The whole cache in its own order is read as it is (no gather); a data set keeping every other item
+    gets exactly those rows of it, in its order, row 0 zeros."""
+    ids = json.loads(read_metadata(cache_copy)["item_ids"])
+    whole, _ = load(cache_copy)
+    some, _ = load_cache(cache_copy, CacheExpectation(), ["<pad>", *ids[::2]])
+    assert whole.shape[0] == len(ids) + 1 and not whole[0].any()
+    assert torch.equal(some, whole[[0, *range(1, len(ids) + 1, 2)]])
+
+
 def test_the_undamaged_cache_copy_loads(cache_copy):
     table, meta = load(cache_copy)
     assert table.dtype == torch.float32 and meta["dtype"] == "float32"

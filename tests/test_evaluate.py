@@ -51,6 +51,25 @@ def test_ties_take_every_place_among_them_equally_often():
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
 
 
+def test_ranks_count_every_higher_and_tied_item_as_a_loop_does():
+    """Scores from a few values (many ties), histories and repeated targets: the counts against a plain loop."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (64, 301), generator=gen).float()
+    targets = torch.randint(1, 301, (64,), generator=gen)
+    history = torch.randint(0, 301, (64, 7), generator=gen)
+    history[::5, 0] = targets[::5]  # every fifth target repeats the history
+    for repeated in (False, True):
+        ranks = rank_targets(scores.clone(), targets, history, rank_repeated_targets=repeated)
+        for u in range(64):
+            t, masked = int(targets[u]), set(history[u].tolist()) | {0}
+            if t in masked and not repeated:
+                assert ranks[u].tolist() == [math.inf, 0.0]
+                continue
+            others = [float(scores[u, i]) for i in range(301) if i not in masked and i != t]
+            target = float(scores[u, t])
+            assert ranks[u].tolist() == [1 + sum(x > target for x in others), sum(x == target for x in others)]
+
+
 def evaluate_split(user_vectors, table, inputs, targets, history, batch_users=1024, ks=(5, 10, 20)):
     return metrics_from_ranks(split_ranks(user_vectors, table, inputs, targets, history, batch_users), ks)
 
