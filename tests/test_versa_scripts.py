@@ -155,6 +155,19 @@ def test_a_layer_choice_reaches_the_presets_own_text_tower(choice, layers, tmp_p
     assert plain.text_layers == (0, 2, 8, 14, 20, 26, 32) == layers_for(plain.replace(text_layers=None), "text", 32)
 
 
+def test_a_layer_choice_in_the_scripts_sweep_reaches_the_presets_text_tower(monkeypatch):
+    """SWEEP = {"layer_groups": [3, 6]} is --layer-groups 3 6: each point's text layers are the rule's, not the
+    preset's list left in place under a folder named for the groups."""
+    from iisan.model.build import layers_for
+
+    versa = _script("run_IISAN_Versa")
+    monkeypatch.setattr(versa, "SWEEP", {"layer_groups": [3, 6], "seed": [12345]})
+    swept, _ = _parse(versa, ["--preset", "llama3-8b+vit-base"])
+    flagged, _ = _parse(versa, ["--preset", "llama3-8b+vit-base", "--layer-groups", "3", "6"])
+    assert [c.text_layers for c in swept] == [None, None] and layers_for(swept[0], "text", 32) == (0, 2, 17, 32)
+    assert swept == flagged  # the same configs and run folders as the flag's
+
+
 def test_a_text_model_in_the_config_file_drops_the_presets_layers_too(tmp_path, capsys):
     versa = _script("run_IISAN_Versa")
     config = tmp_path / "qwen.json"

@@ -34,10 +34,11 @@ SWEEP = {
 
 def defaults_for(argv: list[str] | None) -> dict:
     """The defaults the preset and data set pick, read from the command line by this script's own flags: another
-    encoder than the preset's, or a key of LAYER_CHOICE given (as a flag or in the --config file), changes them."""
+    encoder than the preset's, or a key of LAYER_CHOICE given (as a flag, in the --config file or in SWEEP),
+    changes them."""
     args = script_parser({}, SWEEP, extra_arguments=extra_arguments, add_help=False).parse_known_args(argv)[0]
     file_values, flags = args_layers(args)
-    given = {**file_values, **flags}  # (a flag wins, as in every run)
+    given = {**SWEEP, **file_values, **flags}  # (a flag wins, as in every run)
     return versa_defaults(args.preset, args.dataset, given.get("text_model"), given.get("image_model"),
                           by_rule=any(k in given for k in LAYER_CHOICE))
 
