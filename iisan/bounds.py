@@ -132,6 +132,26 @@ def path_arg(text: str) -> str:
     return text
 
 
+def not_utf8(value: str) -> str | None:
+    """``value`` spelt as its bytes (``'bad\\xff'``) when it is not valid UTF-8, else None: a name of undecodable
+    bytes (from a command line or a folder listing) reaches Python with surrogates in it."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError:  # other lone surrogates are refused before (``bounds.coerce``)
+        return repr(value.encode("utf-8", "surrogateescape"))[1:]
+
+
+def utf8_path(text: str) -> str:
+    """``path_arg`` for where to write files that safetensors or LMDB open: a path that is not valid UTF-8 is
+    refused before any work, as ``Config`` refuses its own paths (Python would write there, and nothing could
+    open what it wrote)."""
+    if (spelt := not_utf8(path_arg(text))) is not None:
+        raise argparse.ArgumentTypeError(f"{spelt} is not valid UTF-8, which safetensors and LMDB cannot open: "
+                                         "rename it, or give another")
+    return text
+
+
 def device_problem(text: str) -> str:
     """What is wrong with a device name, or ''."""
     if not DEVICE.fullmatch(text):

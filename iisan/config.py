@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bounds import check_bounds, coerce
+from .bounds import check_bounds, coerce, not_utf8
 from .errors import ConfigError
 from .methods import METHODS
 
@@ -272,16 +272,6 @@ class Config:
         """A config this library saved, a field it predates at what it did then (``BEFORE_THE_FIELD``), else
         at its default."""
         return cls.from_dict({**{k: v for k, v in BEFORE_THE_FIELD.items() if k not in values}, **values}, source)
-
-
-def not_utf8(value: str) -> str | None:
-    """``value`` spelt as its bytes (``'bad\\xff'``) when it is not valid UTF-8, else None: a name of undecodable
-    bytes (from a command line or a folder listing) reaches Python with surrogates in it."""
-    try:
-        value.encode("utf-8")
-        return None
-    except UnicodeEncodeError:  # other lone surrogates are refused before (``bounds.coerce``)
-        return repr(value.encode("utf-8", "surrogateescape"))[1:]
 
 
 def choices(name: str) -> tuple[str, ...]:

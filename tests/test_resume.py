@@ -634,7 +634,8 @@ def test_a_run_saved_before_the_layer_rule_is_not_resumed_or_taken_as_finished_b
     """A 2-group run that a version before --layer-rule trained is the stride rule's default-named run
     folder too; resuming it, or taking its results as finished, under the stride rule would read other ViT
     layers than its weights were trained on. Refused, naming the rule; under --layer-rule groups it resumes."""
-    from iisan.train.runfolder import finished_results, read_results
+    from iisan.train.run_results import read_results
+    from iisan.train.runfolder import finished_results
 
     cfg = base.replace(run_name="before-rule", layer_groups=2, layer_rule="groups", epochs=1)
     train(cfg)

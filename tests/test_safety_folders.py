@@ -31,7 +31,8 @@ from iisan.files import sha256
 from iisan.locks import OutputLock, lock_text
 from iisan.train import runstate
 from iisan.train.records import RunRecord
-from iisan.train.runfolder import read_results, refuse_to_overwrite, results_or_reason
+from iisan.train.run_results import read_results, results_or_reason
+from iisan.train.runfolder import refuse_to_overwrite
 from iisan.train.trainer import train
 
 DEEP = "[" * 100_000 + "]" * 100_000  # nested too deep for Python's json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bounds import PIXELS, check_encoding, path_arg, positive_int
+from ..bounds import PIXELS, check_encoding, path_arg, positive_int, utf8_path
 from ..flags import add_config_arguments, config_from_args
 
 
@@ -113,7 +113,7 @@ def add_data_commands(sub) -> None:
 
     p = sub.add_parser("build-lmdb", help="store a folder of <item_id>.jpg as a pre-resized image LMDB")
     p.add_argument("--images", type=path_arg, required=True, help="folder of <item_id>.jpg")
-    p.add_argument("--out", type=path_arg, required=True, help="LMDB folder to write")
+    p.add_argument("--out", type=utf8_path, required=True, help="LMDB folder to write")
     p.add_argument("--items", type=path_arg, default=None,
                    help="items TSV: store exactly these ids (missing ones as blanks)")
     p.add_argument("--size", type=int, default=224, help="side of the stored square images, in pixels "
@@ -132,7 +132,7 @@ def add_data_commands(sub) -> None:
     p.set_defaults(func=cmd_build_lmdb)
 
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
-    p.add_argument("--out", type=path_arg, default="pretrained_models", help="parent folder of the model folders "
+    p.add_argument("--out", type=utf8_path, default="pretrained_models", help="parent folder of the model folders "
                    "(default: pretrained_models)")
     p.add_argument("--items", type=path_arg, default=None, help="items TSV whose titles make the tokenizer vocabulary")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")

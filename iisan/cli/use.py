@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_int
+from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_int, utf8_path
 from ..data.textfile import decoded_lines
 from ..errors import DataError, OutputError
 from ..methods import METHOD_NAMES
@@ -175,7 +175,7 @@ def add_use_commands(sub) -> None:
 
     p = sub.add_parser("export", help="item embeddings and users' embeddings of a trained run (safetensors)")
     common(p)
-    p.add_argument("--out", type=path_arg, required=True,
+    p.add_argument("--out", type=utf8_path, required=True,
                    help="folder for items.safetensors and users-<split>.safetensors")
     p.add_argument("--split", choices=SPLITS, default="test", help="whose user vectors: before the valid or the "
                                                                     "test target (default: test)")

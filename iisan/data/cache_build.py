@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError
-from ..files import atomic_path, remove, stale_temporaries, write_failure, write_json_atomic
+from ..files import atomic_path, failure_reason, remove, stale_temporaries, write_failure, write_json_atomic
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
@@ -107,9 +107,14 @@ def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tenso
 
 
 def manifest_in(sidecar: Path) -> dict | None:
-    """The manifest of the build in progress at ``sidecar`` (None when there is none of ours)."""
+    """The manifest of the build in progress at ``sidecar`` (None when there is none of ours). One this user may
+    not read is refused: it may be ours, so it is not taken for another's folder."""
+    manifest = sidecar / "manifest.json"
     try:
-        found = json.loads((sidecar / "manifest.json").read_text())
+        found = json.loads(manifest.read_text())
+    except PermissionError as err:
+        raise OutputError(f"{manifest} cannot be read ({failure_reason(err)}): make it readable, or move {sidecar} "
+                          "away") from None
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
-from ..bounds import PIXELS
+from ..bounds import PIXELS, not_utf8
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
@@ -184,6 +184,9 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
     metadata fields (how the pictures were read: ``pixels``). Returns the (item_id, problem) list."""
     out_path = Path(out_path)
     check_size(size)
+    if (spelt := not_utf8(str(out_path))) is not None:  # lmdb.open would fail on it, after all the work before
+        raise OutputError(f"image LMDB {spelt} is not valid UTF-8, which LMDB cannot open: "
+                          "rename it, or give another")
     refuse_inputs(out_path, inputs, "--out")
     lock = out_path.with_name(f".{out_path.name}.iisan-lock")
     with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):

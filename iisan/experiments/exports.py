@@ -13,7 +13,14 @@ from safetensors import safe_open
 from ..config import model_location
 from ..errors import OutputError
 from ..evaluate import eval_chunk
-from ..files import claim_output, folders_kept_on_success, refuse_inside_inputs, save_safetensors_atomic
+from ..files import (
+    check_readable,
+    claim_output,
+    failure_reason,
+    folders_kept_on_success,
+    refuse_inside_inputs,
+    save_safetensors_atomic,
+)
 from ..locks import OutputLock
 from ..methods import METHOD_NAMES
 from ..train.checkpoint import CHECKPOINTS, PATHS, config_differences
@@ -34,7 +41,15 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
 
 
 def export_metadata(path: Path) -> dict | None:
-    """The metadata of an export IISAN wrote, or None for any other file."""
+    """The metadata of an export IISAN wrote, or None for any other file. A file this user may not read is
+    refused: it may be an earlier export, never to be taken for someone else's file (safetensors calls it missing)."""
+    try:
+        check_readable(path)
+    except PermissionError as err:
+        raise OutputError(f"--out {path.parent} holds {path.name}, which cannot be read ({failure_reason(err)}) and "
+                          "may be an earlier export: make it readable, or export into another folder") from None
+    except OSError:  # a folder, a name safetensors cannot open: no export
+        return None
     try:
         with safe_open(str(path), "pt") as fh:
             metadata = fh.metadata() or {}

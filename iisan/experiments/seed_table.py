@@ -21,13 +21,13 @@ from ..config import Config
 from ..data.cache import cache_file
 from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
-from ..errors import ConfigError, DataError
+from ..errors import CacheError, ConfigError, DataError
 from ..evaluate import popularity_metrics
-from ..files import claim_output, file_fingerprint, write_json_atomic
+from ..files import check_readable, claim_output, failure_reason, file_fingerprint, write_json_atomic
 from ..methods import METHOD_DEFAULTS
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
-from ..train.runfolder import finished_file, read_results
+from ..train.run_results import finished_file, read_results
 from ..train.trainer import train
 from .offline import minilm_path
 from .presets import SEEDS
@@ -122,8 +122,13 @@ def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: P
     cfg = point_config(setting, dataset, seed, data_root, scratch).replace(epochs=epochs)
     report = {"point": name, "recorded_commit": recorded.get("git_commit"), "epochs": epochs}
     if cfg.feed == "cached":
-        build_cache_from_config(cfg)
         old_file = cache_file(point_config(setting, dataset, seed, data_root, work).cache_dir, "text")
+        try:  # before the rebuild: safetensors would call a file it may not read missing, after it
+            check_readable(old_file)
+        except OSError as err:
+            raise CacheError(f"cache file {old_file} of the recorded point cannot be read "
+                             f"({failure_reason(err)})") from None
+        build_cache_from_config(cfg)
         with safe_open(str(old_file), framework="pt") as old, \
                 safe_open(str(cache_file(cfg.cache_dir, "text")), framework="pt") as new:
             difference = (old.get_tensor("states").float() - new.get_tensor("states").float()).abs().max()

@@ -37,7 +37,8 @@ from ..model.build import build_model, modalities
 from ..model.recommender import Recommender
 from ..precedence import read_config_file
 from ..train.checkpoint import DATA_PATHS, MODEL_PATHS, PATHS, config_differences
-from ..train.runfolder import LOCK, RESULTS, results_or_reason
+from ..train.run_results import results_or_reason
+from ..train.runfolder import LOCK, RESULTS
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
 from .results_file import unfinished

@@ -18,12 +18,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
+from ..bounds import not_utf8
 from ..config import Config
 from ..data.cache import cache_file
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
 from ..devices import resolve_device
+from ..errors import OutputError
 from ..files import expect_folders, write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..model.feeds import LiveStates
@@ -36,6 +38,9 @@ def versa_gpu_check(out: Path, work: Path, device: str = "cuda", quick: bool = F
     training epoch (little device time)."""
     out, work = Path(out), Path(work)
     expect_folders(out=out, work=work)
+    if (spelt := not_utf8(str(work))) is not None:  # what is written there is opened by safetensors and LMDB
+        raise OutputError(f"--work {spelt} is not valid UTF-8, which safetensors and LMDB cannot open: rename it, "
+                          "or give another")
     resolved = resolve_device(device)  # a device this machine lacks: one line, before any work
     out.mkdir(parents=True, exist_ok=True)
     dev = device

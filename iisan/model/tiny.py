@@ -36,6 +36,7 @@ from transformers import (
     ViTModel,
 )
 
+from ..bounds import not_utf8
 from ..errors import OutputError
 from ..files import atomic_path, fsync, remove, stale_temporaries, usual_permissions
 from ..locks import OutputLock
@@ -75,6 +76,9 @@ def model_folder(out_dir: str | Path):
     temporary folder of a writer that was killed is removed first. A write the OS refuses is one
     ``OutputError`` naming ``out_dir``; a link, a file or a folder of someone else's is refused the same way."""
     out_dir = Path(out_dir)
+    if (spelt := not_utf8(str(out_dir))) is not None:  # a tokenizer's writer fails on it (a traceback)
+        raise OutputError(f"model folder {spelt} is not valid UTF-8, which safetensors and tokenizers cannot open: "
+                          "rename it, or give another")
     if out_dir.is_symlink():
         raise OutputError(f"model folder {out_dir} is a symbolic link; give the path it points to")
     if os.path.lexists(out_dir) and not out_dir.is_dir():

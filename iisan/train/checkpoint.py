@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line
-from ..files import failure_reason, sha256
+from ..files import check_readable, failure_reason, sha256
 from ..methods import unread_keys
 from ..model.build import picked_layers
 from . import runstate
@@ -115,8 +115,8 @@ def verify(path: Path, digests: bool = True) -> str | None:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         return f"{path / MANIFEST} is missing (the checkpoint was never completed)"
-    except OSError:
-        return f"{path / MANIFEST} is unreadable"
+    except OSError as err:  # 'Permission denied'
+        return f"{path / MANIFEST} cannot be read ({failure_reason(err)})"
     except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
         return f"{path / MANIFEST} is damaged (not valid JSON)"
     if not isinstance(manifest, dict):
@@ -132,11 +132,15 @@ def verify(path: Path, digests: bool = True) -> str | None:
         target = path / file
         if not target.is_file():
             return f"{target} is missing"
-        size = target.stat().st_size
-        if size != expected["bytes"]:
-            return f"{target} is truncated or damaged ({size} bytes, the manifest says {expected['bytes']})"
-        if digests and sha256(target) != expected["sha256"]:
-            return f"{target} does not match its sha256 in the manifest (damaged)"
+        try:
+            check_readable(target)  # present is not readable: safetensors would call it missing
+            size = target.stat().st_size
+            if size != expected["bytes"]:
+                return f"{target} is truncated or damaged ({size} bytes, the manifest says {expected['bytes']})"
+            if digests and sha256(target) != expected["sha256"]:
+                return f"{target} does not match its sha256 in the manifest (damaged)"
+        except OSError as err:  # not for this user ('Permission denied'), or a read that failed
+            return f"{target} cannot be read ({failure_reason(err)})"
     return None
 
 
@@ -178,8 +182,11 @@ def same_layers(config: dict, rule: str) -> bool:
 
 
 def read(path: Path, state: dict | None = None) -> Checkpoint:
-    """The checkpoint at ``path``; ``state``: its state.json, already read."""
+    """The checkpoint at ``path``; ``state``: its state.json, already read. A file this user may not read
+    raises the OS's error, naming it (safetensors would call it missing)."""
     state = json.loads((path / STATE).read_text()) if state is None else state
+    for name in (MODEL, TRAIN_STATE):
+        check_readable(path / name)
     return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
 
 
@@ -191,6 +198,8 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
         return state
     try:
         found = read(path, state)
+    except OSError as err:  # readable when verified, but not necessarily still ('Permission denied')
+        return f"{err.filename or path} cannot be read ({failure_reason(err)})"
     except Exception as err:  # safetensors raises its own types for damaged files
         return f"{path} is unreadable ({type(err).__name__}: {err})"
     if problem := partial_losses_problem(state, found.train_state, launched_processes()):
@@ -274,11 +283,15 @@ def cannot_resume(refused: list[str]) -> str:
 @contextmanager
 def restoring(path: str | Path):
     """Restoring the checkpoint at ``path``: what its content makes fail (another version wrote it, or a
-    hand edit that its manifest was made to match) is one line naming it."""
+    hand edit that its manifest was made to match) is one line naming it, and so is a file of it this process
+    may not read."""
     try:
         yield
     except UserError:  # said already, in one line (e.g. fewer --epochs than trained)
         raise
+    except OSError as err:  # another rank reads the checkpoint rank 0 chose: a file it may not read
+        raise TrainingError(f"cannot resume: {err.filename or path} cannot be read ({failure_reason(err)}): make "
+                            "it readable, or use another --run-name to start a new run") from None
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
         raise TrainingError(f"cannot resume: {path} holds a state this version cannot restore "
                             f"({error_line(err)}); use another --run-name to start a new run") from None

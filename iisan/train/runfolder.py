@@ -31,6 +31,7 @@ from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from . import runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
+from .run_results import is_finished, read_results, results_or_reason
 from .same_inputs import kept_nothing, refuse_changed_data
 
 log = logging.getLogger(__name__)
@@ -169,38 +170,6 @@ def log_summary(results: dict, path: Path) -> None:
                  *numbers, path)
 
 
-def results_or_reason(path: Path) -> tuple[dict, str]:
-    """The results file at ``path`` as a dict and ''; or {} and why it cannot be used ('' when absent)."""
-    try:
-        results = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}, ""
-    except OSError as err:
-        return {}, f"cannot be read ({failure_reason(err)})"
-    except json.JSONDecodeError as err:
-        return {}, f"not valid JSON ({err.msg} at line {err.lineno})"
-    except (ValueError, RecursionError) as err:  # not UTF-8, an integer of over 4300 digits, nesting too deep
-        return {}, f"not valid JSON ({error_line(err)})"
-    return (results, "") if isinstance(results, dict) else ({}, "not a JSON object")
-
-
-def read_results(path: Path) -> dict:
-    """The results file at ``path`` as a dict; {} when it is absent, unreadable or not a JSON object."""
-    return results_or_reason(path)[0]
-
-
-def finished_file(path: Path) -> dict | None:
-    """The results file at ``path`` when it is that of a finished run, else None. A run writes it from its
-    start on, with its status (``running``, ``failed``, ``interrupted``); files of older runs have none and
-    were written only at the end."""
-    results = read_results(path)
-    return results if is_finished(results) else None
-
-
-def is_finished(results: dict) -> bool:
-    return bool(results) and results.get("status", "finished") == "finished"
-
-
 def finished_results(cfg: Config, results: dict) -> dict | None:
     """``results`` (what ``cfg``'s run folder holds) when that run has finished with exactly this config's
     computation, epochs and patience (nothing left to do), else None."""
@@ -217,8 +186,11 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     """Before a fresh start in ``folder`` with no checkpoint to resume: a run there that left results
     (its checkpoints removed to save space) would be overwritten. Refused when that run had another
     config or had finished; a same-config run that stopped before its first checkpoint starts again, and so
-    does one of any config that ended before its first epoch (a refused value, a missing file)."""
+    does one of any config that ended before its first epoch (a refused value, a missing file). Results this
+    user may not read are refused: they may be those of a finished run."""
     earlier, damage = results_or_reason(folder / RESULTS)
+    if damage.startswith("cannot be read"):
+        raise OutputError(f"{RESULTS} of {folder} {damage}: make it readable, or use another --run-name")
     if damage:
         log.warning("%s: %s; the run there is judged by its config.json alone", folder / RESULTS, damage)
     if not earlier:  # its config.json alone still says what its best.safetensors is
