@@ -55,6 +55,10 @@ def check_bounds(cfg) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    if cfg.batch_size == 1:
+        raise ConfigError("batch_size=1 trains nothing: the loss ranks each target against the items of the other "
+                          "users in its batch (in-batch negatives, per process), and one user has none, so every "
+                          "step's loss is 0; use at least 2")
     for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size", "title_multiple",
                  "item_bucket_growth"):
         if getattr(cfg, name) < 0:

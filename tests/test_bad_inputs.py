@@ -520,6 +520,8 @@ CASES = [
     Case("device-tpu", lambda P, s: T(P, s, "--device", "tpu"), ("device='tpu' is not one of auto, cpu, cuda",)),
     Case("device-cuda-9", lambda P, s: T(P, s, "--device", "cuda:9"), ("device=cuda:9 but",)),
     Case("batch-size-0", lambda P, s: T(P, s, "--batch-size", "0"), ("batch_size=0 must be positive",)),
+    Case("batch-size-1", lambda P, s: T(P, s, "--batch-size", "1"),
+         ("batch_size=1 trains nothing: the loss ranks each target against the items of the other users",)),
     Case("layers-unsorted", lambda P, s: T(P, s, "--text-layers", "2,1"), ("text_layers=[2, 1] must be distinct",)),
     Case("layers-beyond-depth", lambda P, s: C(P, s, "--text-layers", "0,9"),
          ("text ({bert}) layers [0, 9] do not fit an encoder with 2 layers",)),

@@ -79,3 +79,24 @@ def test_tensorboard_scalars_are_the_epoch_records(cached_cfg):
     assert hits == [(r["epoch"], pytest.approx(r["valid"]["hit@10"])) for r in results["epochs"]]
     assert [e.step for e in events.Scalars("test/ndcg@10")] == [r["epoch"] for r in results["epochs"] if "test" in r]
     assert {"loss", "seconds/train", "seconds/eval"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM (the process's own peak) is Linux's")
+def test_a_runs_peak_memory_is_its_own_not_that_of_what_ran_before_in_its_process(cached_cfg):
+    """A sweep's second point, or the demo's run after its cache build: the peak counts from the run's start."""
+    import numpy as np
+
+    blob = np.ones(2**29 // 8)  # 512 MiB, then freed: what an earlier run in this process left as the peak
+    del blob
+    results = train(cached_cfg.replace(run_name="own-peak"))
+    memory = results["peak_memory"]
+    assert memory["rss_peak_since"] == "the run's start"
+    assert memory["peak_rss_gib"] - memory["current_rss_gib"] < 0.3, memory  # a tiny run: not the 512 MiB
+
+
+def test_the_run_folder_line_names_the_precision_as_results_json_does(cached_cfg, caplog):
+    caplog.set_level("INFO", logger="iisan")
+    results = train(cached_cfg.replace(run_name="amp-line", epochs=1))
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run folder ")]
+    assert results["step"]["amp"] == "fp32" and f"amp fp32, compiled {results['step']['compiled']}" in line
+

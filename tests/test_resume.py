@@ -480,6 +480,7 @@ def test_nonfinite_authors_ends_at_a_nan_with_the_best_epoch_so_far(base, refere
                                        f"({best}) is the result")
     on_disk = json.loads((Path(cfg.out_dir) / "nan-authors" / "results.json").read_text())
     assert on_disk["status"] == "finished" and on_disk["stopped"] == results["stopped"]
+    assert on_disk["ended"] == "non-finite loss"
     monkeypatch.undo()
     assert train(cfg) == on_disk  # finished: not trained again
 

@@ -240,10 +240,12 @@ def test_a_run_stops_early_and_a_rerun_trains_no_further(cached_cfg, monkeypatch
     cfg = cached_cfg.replace(epochs=6, patience=0, run_name="early")
     results = train(cfg)
     assert [e["epoch"] for e in results["epochs"]] == [0, 1] and results["best_epoch"] == 0
-    assert "early stop: valid hit@10 has not improved for 1 epochs" in \
+    assert "early stop: valid hit@10 has not improved for 1 epoch(s)" in \
         (Path(results["run_dir"]) / "train.log").read_text()
+    assert results["ended"] == "early stopping"  # results.json says why a finished run ended
     again = train(cfg.replace(epochs=8))  # a longer budget: the run had stopped, so nothing trains
-    assert len(calls) == 2 and [e["epoch"] for e in again["epochs"]] == [0, 1]
+    assert len(calls) == 2 and [e["epoch"] for e in again["epochs"]] == [0, 1] and again["ended"] == "early stopping"
+    assert train(cached_cfg.replace(epochs=1, run_name="one"))["ended"] == "last epoch"
 
 
 def test_a_full_disk_while_writing_metrics_is_one_error_and_no_half_line(cached_cfg, monkeypatch):

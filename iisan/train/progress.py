@@ -63,6 +63,10 @@ class Progress:
     partial_seconds: float = 0.0
     stopped: str = ""  # why training ended before early stopping or the last epoch (``--nonfinite authors``)
 
+    def ending(self) -> str:
+        """Why a finished run ended: its patience ran out, ``--nonfinite authors`` stopped it, or its last epoch."""
+        return "non-finite loss" if self.stopped else "early stopping" if self.stopper.should_stop else "last epoch"
+
     def state(self, epoch: int, step: int | None, seconds: float) -> dict:
         """The checkpoint's record after ``step`` steps of ``epoch`` (``step`` None: the epoch is done)
         that took ``seconds`` of training."""

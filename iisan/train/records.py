@@ -28,7 +28,7 @@ import torch
 from ..bounds import finite_number
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT
-from ..devices import device_name, peak_memory
+from ..devices import device_name, peak_memory, reset_peak_memory
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES
@@ -68,6 +68,8 @@ class RunRecord:
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
         self.earlier_peak: dict = {}  # the memory peaks of the attempts before this one (``peak``)
+        # This run's own peak, from here on: not that of a cache build or an earlier run in this process (a sweep).
+        self.peak_since = "the run's start" if reset_peak_memory(device) else None
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
@@ -152,7 +154,7 @@ class RunRecord:
         peak of this device (``max_*``, ``peak_*``) at its highest; the current resident set as it is now."""
         earlier = {k: v for k, v in self.earlier_peak.items() if finite_number(v)}
         return {k: max(v, earlier.get(k, v)) if k.startswith(("max_", "peak_")) else v
-                for k, v in peak_memory(self.device).items()}
+                for k, v in peak_memory(self.device, self.peak_since).items()}
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
@@ -182,6 +184,7 @@ class RunRecord:
             "method": METHOD_NAMES[cfg.method],
             "feed": cfg.feed,  # live for every method but IISAN (Config.validate)
             "best_epoch": progress.stopper.best_epoch,
+            **({"ended": progress.ending()} if status == "finished" else {}),
             **({"stopped": progress.stopped} if progress.stopped else {}),
             "valid": progress.best_valid,
             "test": progress.best_test,

@@ -123,7 +123,7 @@ class Run:
         self.on_main(self.first_files)
         self.started = True
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
-                 self.amp, self.compiled,
+                 self.record.step["amp"], self.record.step["compiled"],
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
 
     def lock_folder(self) -> None:  # rank 0 decides for everyone (``decisions.decide``)
@@ -249,7 +249,7 @@ class Run:
                 self.on_main(save_weights, self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})
             if stopper.should_stop:
-                log.info("early stop: valid hit@10 has not improved for %d epochs", stopper.bad_epochs)
+                log.info("early stop: valid hit@10 has not improved for %d epoch(s)", stopper.bad_epochs)
                 break
             if epoch + 1 < cfg.epochs and any_rank(self.stop.requested, self.dist):
                 raise self.interrupted(f"after epoch {epoch}", path)
