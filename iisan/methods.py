@@ -90,3 +90,10 @@ def newly_unread(said: dict, defaults: dict, method: str, towers: str, feed: str
             and (k, repr(v), method, towers, feed) not in _NAMED]
     _NAMED.update((k, repr(said[k]), method, towers, feed) for k in keys)
     return keys
+
+
+def named_unread(values: dict, method: str, towers: str, feed: str) -> list[str]:
+    """The keys of ``values`` (a run's config) that ``newly_unread`` named in this process for such a run, with
+    these values: what its console warned of before the run folder, and its train.log, were opened."""
+    return sorted({k for k, v, *run in _NAMED if run == [method, towers, feed] and repr(values.get(k)) == v})
+

@@ -116,6 +116,21 @@ def test_an_unread_key_given_is_named_in_a_warning(caplog):
     assert "not read" not in caplog.text
 
 
+def test_an_unread_key_given_is_named_in_train_log_too(tiny, tiny_cache, tmp_path):
+    """The warning comes when the config is resolved, before the run folder and its train.log exist: the log's
+    header names the key, so a run's folder says it too. A key at its default, or one the run reads, is not."""
+    from pathlib import Path
+
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    cfg = resolve({**values, "cache_dir": tiny_cache, "out_dir": str(tmp_path), "run_name": "unread", "device": "cpu",
+                   "num_workers": 0, "progress": False, "batch_size": 16, "epochs": 1, "max_steps_per_epoch": 2,
+                   "eval_batch_size": 64, "encode_batch_size": 32},
+                  flags={"method": "iisan", "feed": "cached", "lora_rank": 4, "lr": 1e-3, "adapter_init": "authors"})
+    head = (Path(train(cfg)["run_dir"]) / "train.log").read_text().split("\n===")[0]
+    assert "not read by this run (method=iisan, towers=both, feed=cached), given other than their defaults: " \
+           "lora_rank=4\n" in head
+
+
 def test_the_baselines_do_not_read_the_encoder_precision(caplog, tiny, tmp_path):
     """Their backbones load in fp32, trained or frozen: --encoder-dtype bfloat16 on LoRA did nothing, yet
     named another run folder and a column of its own in result tables. Uncached IISAN reads it."""

@@ -31,7 +31,7 @@ from ..console import LOG_DATEFMT, LOG_FORMAT
 from ..devices import device_name, peak_memory, reset_peak_memory
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
-from ..methods import METHOD_NAMES
+from ..methods import METHOD_NAMES, named_unread
 from ..provenance import command_line, git_commit, versions
 from .progress import Progress
 from .runfolder import RESULTS
@@ -114,8 +114,16 @@ class RunRecord:
             f"device: {device_name(self.device)}; processes: {self.world_size}",
             f"versions: {listed}",
             "config: " + json.dumps(self.cfg.to_dict(), indent=1),
+            *([f"not read by this run (method={self.cfg.method}, towers={self.cfg.towers}, feed={self.cfg.feed}), "
+               f"given other than their defaults: {', '.join(unread)}"] if (unread := self.unread_given()) else []),
             "",
         ])
+
+    def unread_given(self) -> list[str]:
+        """``key=value`` for each key given that this run never reads: the console warned of them when the config
+        was resolved (``methods.newly_unread``), before this file was opened."""
+        cfg = self.cfg
+        return [f"{k}={getattr(cfg, k)!r}" for k in named_unread(cfg.to_dict(), cfg.method, cfg.towers, cfg.feed)]
 
     def note(self, level: int, message: str) -> None:
         """A line for train.log only (the console says it its own way, e.g. ``iisan: error: ...``)."""
