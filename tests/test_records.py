@@ -100,3 +100,19 @@ def test_the_run_folder_line_names_the_precision_as_results_json_does(cached_cfg
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run folder ")]
     assert results["step"]["amp"] == "fp32" and f"amp fp32, compiled {results['step']['compiled']}" in line
 
+
+def test_an_unexpected_error_leaves_its_traceback_in_train_log(cached_cfg, monkeypatch):
+    """A bug (not a user's error) ends the run: the console prints its traceback only with -v, so the run's
+    own log keeps it, below the one line that says the run failed."""
+    def broken(*args, **kwargs):
+        raise ValueError("simulated crash inside evaluation")
+
+    monkeypatch.setattr(trainer, "evaluate_model", broken)
+    cfg = cached_cfg.replace(run_name="crash", epochs=1)
+    with pytest.raises(ValueError):
+        train(cfg)
+    log = (Path(cfg.out_dir) / "crash" / "train.log").read_text()
+    failed = log.index("run failed: ValueError: simulated crash inside evaluation")
+    assert log.index("Traceback (most recent call last):", failed) > failed
+    assert "in broken" in log[failed:]
+

@@ -125,10 +125,12 @@ class RunRecord:
         cfg = self.cfg
         return [f"{k}={getattr(cfg, k)!r}" for k in named_unread(cfg.to_dict(), cfg.method, cfg.towers, cfg.feed)]
 
-    def note(self, level: int, message: str) -> None:
-        """A line for train.log only (the console says it its own way, e.g. ``iisan: error: ...``)."""
+    def note(self, level: int, message: str, err: BaseException | None = None) -> None:
+        """A line for train.log only (the console says it its own way, e.g. ``iisan: error: ...``); with ``err``,
+        its traceback below it."""
         if self.handler is not None:
-            self.handler.handle(logging.LogRecord(log.name, level, __file__, 0, message, None, None))
+            trace = (type(err), err, err.__traceback__) if err is not None else None
+            self.handler.handle(logging.LogRecord(log.name, level, __file__, 0, message, None, trace))
 
     # ----------------------------------------------------------------------------------------------
     # metrics.jsonl and TensorBoard
@@ -230,7 +232,9 @@ class RunRecord:
         stopped the run) is only a warning, so the error that ended the run stays the one reported."""
         status, reason = error_status(err)
         try:
-            self.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}")
+            # An unexpected error's traceback goes into train.log (the console shows it with -v): a bug report
+            self.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}",
+                      None if isinstance(err, (UserError, KeyboardInterrupt, RunInterrupted)) else err)
             if started or not (self.run_dir / RESULTS).is_file():
                 self.write(self.results(progress, status, reason))
         except (UserError, OSError) as also:
