@@ -83,27 +83,49 @@ class ProgressLog:
         rate = self.counted / seconds
         if rate <= 0:
             return head
-        speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+        if rate >= 0.01:
+            speed = f"{rate:,.0f} {self.unit}/s" if rate >= 10 else f"{rate:.2f} {self.unit}/s"
+        else:  # slow work (over 100 s a unit) in seconds per unit: '0.00 steps/s' would say nothing
+            speed = f"{duration(1 / rate)}/{singular(self.unit)}"
         if self.done >= self.total:
-            return f"{head}, {speed} {self.unit}/s, {self.counted:,} {self.unit} in {duration(seconds)}"
-        return f"{head}, {speed} {self.unit}/s, about {duration((self.total - self.done) / rate)} left"
+            return f"{head}, {speed}, {self.counted:,} {self.unit} in {duration(seconds)}"
+        return f"{head}, {speed}, about {duration((self.total - self.done) / rate)} left"
+
+
+def singular(unit: str) -> str:
+    """'steps' -> 'step': a unit as a rate names it per one ('1.50s/step', '3 min/item')."""
+    return unit[:-1] if unit.endswith("s") and len(unit) > 1 else unit
 
 
 def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
-                 enabled: bool = True, clock: Callable[[], float] | None = None) -> Iterator[T]:
+                 enabled: bool = True, clock: Callable[[], float] | None = None,
+                 size: Callable[[T], int] | None = None) -> Iterator[T]:
     """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
-    ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``."""
-    bar = tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=False,
-               disable=None if enabled else True)
-    if not (enabled and bar.disable):
-        return bar
-    return _logged(bar, ProgressLog(desc, total, initial, unit=unit, clock=clock))
+    ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``. Each element counts
+    ``size(element)`` units (default 1): a chunk of items moves the bar by its items, one update per chunk.
+    ``unit`` is the plural the log lines count in ('steps'); tqdm shows it only in a rate, in the singular."""
+    bar = tqdm(iterable if size is None else None, total=total, initial=initial, desc=desc, unit=singular(unit),
+               leave=False, disable=None if enabled else True)
+    lines = ProgressLog(desc, total, initial, unit=unit, clock=clock) if enabled and bar.disable else None
+    if size is not None:
+        return _sized(iterable, bar, lines, size)
+    return bar if lines is None else _logged(bar, lines)
 
 
 def _logged(bar: Iterable[T], lines: ProgressLog) -> Iterator[T]:
     for item in bar:
         yield item
         lines.advance()
+
+
+def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Callable[[T], int]) -> Iterator[T]:
+    with bar:
+        for item in iterable:
+            n = size(item)
+            yield item
+            bar.update(n)
+            if lines is not None:
+                lines.advance(n)
 
 
 def exit_interrupted(prog: str, err: BaseException | str) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .console import progress_bar
 from .data.batches import PixelSource, item_chunks
 from .distributed import SINGLE, Dist, chunk_block, gather_rows
 from .model.recommender import Recommender
@@ -79,12 +80,14 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
 
 
 def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
-                rank_repeated_targets: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+                rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
+                progress: str = "") -> torch.Tensor:
     """``score_fn(slice) -> (u, N+1)`` scores for those users -> (U, 2) ranks (``rank_targets``),
-    computed chunk by chunk."""
+    computed chunk by chunk; ``progress``: what a progress bar calls the work ('': none)."""
     ranks = []
-    for start in range(0, len(targets), batch_users):
-        sl = slice(start, start + batch_users)
+    chunks = [slice(start, start + batch_users) for start in range(0, len(targets), batch_users)]
+    for sl in progress_bar(chunks, len(targets), desc=progress, unit="users", enabled=bool(progress),
+                           size=lambda sl: len(targets[sl])):  # one update per chunk, after its ranks reach the CPU
         ranks.append(rank_targets(score_fn(sl), torch.as_tensor(targets[sl], device=device),
                                   torch.as_tensor(history[sl], device=device), rank_repeated_targets).cpu())
     return torch.cat(ranks) if ranks else torch.empty(0, 2)
@@ -100,16 +103,16 @@ def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_us
 @torch.no_grad()
 def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: np.ndarray,
                 history: np.ndarray, batch_users: int = 1024,
-                rank_repeated_targets: bool = False) -> torch.Tensor:
+                rank_repeated_targets: bool = False, progress: str = "") -> torch.Tensor:
     """(U, 2) ranks of the targets (``rank_targets``). ``user_vectors(table, inputs (u, L)) -> (u, D)``;
-    ``table`` (N+1, D)."""
+    ``table`` (N+1, D); ``progress`` as ``score_ranks``'."""
     table = table.float()
 
     def scores(sl):
         users = user_vectors(table, torch.as_tensor(inputs[sl], device=table.device))  # (u, D)
         return users.float() @ table.T  # (u, N+1)
 
-    return score_ranks(scores, targets, history, batch_users, rank_repeated_targets, table.device)
+    return score_ranks(scores, targets, history, batch_users, rank_repeated_targets, table.device, progress)
 
 
 def popularity_scores(train_sequences: np.ndarray, num_items: int) -> torch.Tensor:
@@ -134,12 +137,16 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
 
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
-               device: torch.device, ids: np.ndarray | None = None) -> torch.Tensor:
+               device: torch.device, ids: np.ndarray | None = None, progress: bool = False) -> torch.Tensor:
     """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation, in fp32
-    whatever precision training ran in."""
+    whatever precision training ran in; with ``progress``, a bar (or log lines) while the items go through
+    the item encoder, minutes for a live feed on a CPU."""
     model.eval()
     rows = []
-    for batch in item_chunks(np.arange(num_items + 1) if ids is None else ids, chunk, pixels):
+    ids = np.arange(num_items + 1) if ids is None else ids
+    # one bar update per chunk, which waits for nothing on a GPU (the chunk's size is known beforehand)
+    for batch in progress_bar(item_chunks(ids, chunk, pixels), len(ids), desc="encoding items", unit="items",
+                              enabled=progress, size=lambda batch: len(batch.ids)):
         with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
             rows.append(model.item_encoder(batch.to(device)).float())
     return torch.cat(rows)
@@ -149,11 +156,12 @@ def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSour
 def shared_item_table(model: Recommender, num_items: int, cfg: Config, pixels: PixelSource | None,
                       device: torch.device, dist: Dist = SINGLE) -> torch.Tensor:
     """``item_table`` with the work split across ranks in whole chunks; every rank gets the whole table."""
+    progress = cfg.progress and dist.is_main  # the main rank's part stands for all
     if not dist.enabled:
-        return item_table(model, num_items, cfg.encode_batch_size, pixels, device)
+        return item_table(model, num_items, cfg.encode_batch_size, pixels, device, progress=progress)
     lo, hi = chunk_block(num_items + 1, cfg.encode_batch_size, dist)
-    part = item_table(model, num_items, cfg.encode_batch_size, pixels, device,
-                      ids=np.arange(lo, hi)) if hi > lo else torch.zeros(0, cfg.embedding_dim, device=device)
+    part = item_table(model, num_items, cfg.encode_batch_size, pixels, device, ids=np.arange(lo, hi),
+                      progress=progress) if hi > lo else torch.zeros(0, cfg.embedding_dim, device=device)
     return gather_rows(part, dist)
 
 
@@ -171,7 +179,7 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     chunk = eval_chunk(cfg, device)
     lo, hi = chunk_block(len(targets), chunk, dist)
     ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
-                        chunk, cfg.rank_repeated_targets)
+                        chunk, cfg.rank_repeated_targets, f"ranking {split}" if cfg.progress and dist.is_main else "")
     ranks = gather_rows(ranks.to(table.device), dist).cpu()
     if len(ranks) != len(targets):
         raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")

@@ -174,7 +174,7 @@ def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, 
     build_cache_from_config(cfg, dtype="float32")
     said = [r.getMessage() for r in caplog.records if r.name in ("iisan.console", "iisan.data.cache_build")]
     assert len(said) == 3, said
-    assert re.fullmatch(rf"text, image: {items:,} of {items:,} items \(100 %\), [\d,.]+ items/s, "
+    assert re.fullmatch(rf"cache \(text, image\): {items:,} of {items:,} items \(100 %\), [\d,.]+ items/s, "
                         rf"{items:,} items in \d+ s", said[0]), said[0]
     assert [m.split(":")[0] for m in said[1:]] == [f"wrote {cache_file(cfg.cache_dir, m)}" for m in ("text", "image")]
 

@@ -270,7 +270,7 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     require_cache_space(out_dir, final + final * (total - already) // max(total, 1), shapes, total, dtype)
     bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True)
     # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
-    lines = ProgressLog(", ".join(shapes), total, already, unit="items",
+    lines = ProgressLog(f"cache ({', '.join(shapes)})", total, already, unit="items",
                         every=30.0 if progress and bar.disable else math.inf)
     start = time.perf_counter()
     with bar, ThreadPoolExecutor(1, thread_name_prefix="iisan-cache-writer") as writer:

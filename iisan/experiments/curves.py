@@ -79,6 +79,8 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
 
     fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, s in curves.items():
+        if not s["epoch"]:  # a run that failed before its first epoch ended: no line, so no name in the legend
+            continue
         (line,) = hit_ax.plot(s["epoch"], s["valid_hit@10"], marker=".", label=name)
         if s["best_epoch"] in s["epoch"]:
             best = s["epoch"].index(s["best_epoch"])

@@ -131,8 +131,15 @@ def average_rows(rows: list[dict]) -> list[dict]:
              for k, v in row.items()} for row in frame.to_dict("records")]
 
 
-# One format for every number of a column, whatever its size (not 65.4 beside 7.3691).
-FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": ".1f", "peak_gib": ".2f",
+def seconds(value: float) -> str:
+    """Seconds with one decimal, and below 1 s as many as keep two significant digits ('0.045', not '0.0')."""
+    if not math.isfinite(value) or value == 0 or abs(value) >= 0.95:
+        return f"{value:.1f}"
+    return f"{value:.{1 - math.floor(math.log10(abs(value)))}f}"
+
+
+# One format for every number of a column, whatever its size (not 65.4 beside 7.3691); seconds keep small ones.
+FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": seconds, "peak_gib": ".2f",
            "best_epoch": ".0f", "epochs_run": ".0f"}  # counts: a column of None and ints is float in pandas
 
 
@@ -142,7 +149,8 @@ def _cell(value, column: str, non_finite: bool) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if column in FORMATS and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-        return format(value, FORMATS[column])
+        how = FORMATS[column]
+        return how(value) if callable(how) else format(value, how)
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 10_000:

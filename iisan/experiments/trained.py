@@ -61,7 +61,7 @@ class TrainedRun:
         """(N+1, D): every item through the item encoder (row 0: padding), as evaluation computes it."""
         if self.table is None:
             self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
-                                    self.device)
+                                    self.device, progress=self.cfg.progress)
         return self.table
 
     def item_index(self, item_ids: list[str], where: str = "--history") -> np.ndarray:

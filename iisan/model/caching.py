@@ -186,7 +186,7 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     if timings is not None:
         timings["load_seconds"] = time.perf_counter() - start
     log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
-             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({e.dtype})"
+             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
                        for m, e in live.encoders.items()))
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
     metadata = cache_metadata(live, item_ids, catalog, stored, known,

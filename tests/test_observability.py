@@ -1,0 +1,127 @@
+"""What long work tells the user while it runs, and what the tables and figures show: evaluation's item
+table and ranking report where they stand (a bar, or log lines where none can be shown) without changing a
+number; slow work is measured in seconds per unit; the cache build names its precision one way; a figure
+names no run that has no line in it; seconds per epoch below 1 s keep their significant digits."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from iisan import console
+from iisan.console import ProgressLog
+
+
+def fake_clock(monkeypatch, step: float) -> None:
+    """``ProgressLog``'s default clock advances ``step`` seconds at every reading."""
+    now = [0.0]
+
+    def monotonic() -> float:
+        now[0] += step
+        return now[0]
+
+    monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=monotonic))
+
+
+def console_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "iisan.console"]
+
+
+def test_an_evaluation_logs_where_it_stands_where_no_bar_can_be_shown(tiny_config, monkeypatch, caplog):
+    """stderr is no terminal here: with progress on, the item table and the ranking log lines (40 s pass
+    between the clock's readings); with it off, nothing. The numbers are the same either way."""
+    from iisan.data.run_data import load_data
+    from iisan.evaluate import evaluate_model
+    from iisan.model.build import build_model
+
+    cfg = tiny_config(method="id", progress=True, encode_batch_size=16, eval_batch_size=32)
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    fake_clock(monkeypatch, 40.0)
+    shown = evaluate_model(model, data, "valid", cfg, torch.device("cpu"))
+    said = console_lines(caplog)
+    items, users = data.num_items + 1, len(data.eval_split("valid")[1])
+    assert said[0] == f"encoding items: 16 of {items} items ({1600 // items} %), 0.40 items/s, about " \
+        f"{console.duration((items - 16) / 0.4)} left", said
+    assert any(re.match(rf"ranking valid: 32 of {users} users \(\d+ %\)", line) for line in said), said
+    caplog.clear()
+    quiet = evaluate_model(model, data, "valid", cfg.replace(progress=False), torch.device("cpu"))
+    assert not console_lines(caplog) and quiet == shown
+
+
+def test_slow_work_is_measured_in_seconds_per_unit():
+    """Below 0.01 units a second the rate reads as time per unit, not '0.00 steps/s'; above, as before."""
+    slow = ProgressLog("epoch 3", 400, 100, unit="steps", clock=lambda: 0.0)
+    slow.advance(2)
+    assert slow.line(500.0) == "epoch 3: 102 of 400 steps (25 %), 4 min/step, about 20.7 h left"
+    assert slow.line(250.0) == "epoch 3: 102 of 400 steps (25 %), 2 min/step, about 10.3 h left"
+    assert slow.line(200.0) == "epoch 3: 102 of 400 steps (25 %), 0.01 steps/s, about 8.3 h left"
+    done = ProgressLog("cache (text)", 2, unit="items", clock=lambda: 0.0)
+    done.advance(2)
+    assert done.line(600.0) == "cache (text): 2 of 2 items (100 %), 5 min/item, 2 items in 10 min"
+
+
+def test_a_bar_shows_its_rate_per_one_unit(monkeypatch):
+    """tqdm shows the unit only in a rate: '1.50s/step', not '1.50s/steps'; the log lines keep counting in
+    'steps'."""
+    made, tqdm = [], console.tqdm
+
+    def on_a_terminal(*args, **kwargs):
+        made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
+        return made[-1]
+
+    monkeypatch.setattr(console, "tqdm", on_a_terminal)
+    assert list(console.progress_bar(range(3), total=3, desc="epoch 2", unit="steps")) == [0, 1, 2]
+    assert made[0].unit == "step" and tqdm.format_meter(1, 8, 1.5, unit=made[0].unit).endswith("1.50s/step]")
+    # chunks: the bar moves by each chunk's size
+    assert list(console.progress_bar([[1, 2], [3]], total=3, unit="items", size=len)) == [[1, 2], [3]]
+    assert made[1].unit == "item" and made[1].n == 3
+
+
+def test_the_cache_build_names_its_precision_one_way(tiny_config, caplog):
+    """'caching ... (float32)' as the 'wrote ... (float32, 0.5 MB)' lines after it, not 'torch.float32'."""
+    from iisan.model.caching import build_cache_from_config
+
+    caplog.set_level(logging.INFO, logger="iisan")
+    build_cache_from_config(tiny_config(), dtype="float32")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("caching", "wrote"))]
+    assert len(said) == 3 and "torch." not in said[0], said
+    assert re.fullmatch(r"caching \d+ items \(text, image\) with text: layers \[.*\] x 32 \(float32\), "
+                        r"image: layers \[.*\] x 24 \(float32\)", said[0]), said[0]
+    assert all("(float32, " in line for line in said[1:]), said
+
+
+def test_a_figure_names_no_run_without_an_epoch(tmp_path, monkeypatch):
+    """A run that failed before its first epoch has no point to draw, so no entry in the legend either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from iisan.experiments.curves import draw_curves
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at
+    curves = {"failed": {"epoch": [], "valid_hit@10": [], "loss": [], "best_epoch": None},
+              "good": {"epoch": [0, 1], "valid_hit@10": [0.1, 0.2], "loss": [2.0, 1.5], "best_epoch": 1}}
+    draw_curves(curves, tmp_path / "c.png")
+    (fig,) = drawn
+    hit_ax, loss_ax = fig.axes
+    assert [t.get_text() for t in hit_ax.get_legend().get_texts()] == ["good"]
+    assert [line.get_label() for line in loss_ax.get_lines()] == ["good"]
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("value, shown", [(65.4, "65.4"), (7.3691, "7.4"), (0.96, "1.0"), (0.4, "0.40"),
+                                          (0.0449, "0.045"), (0.00123, "0.0012"), (0.0, "0.0")])
+def test_seconds_per_epoch_keep_two_significant_digits_below_a_second(value, shown):
+    from iisan.experiments.report import _cell
+
+    assert _cell(value, "train_s_per_epoch", False) == shown
