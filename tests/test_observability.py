@@ -1,7 +1,8 @@
 """What long work tells the user while it runs, and what the tables and figures show: evaluation's item
-table and ranking report where they stand (a bar, or log lines where none can be shown) without changing a
-number; slow work is measured in seconds per unit; the cache build names its precision one way; a figure
-names no run that has no line in it; seconds per epoch below 1 s keep their significant digits."""
+table, its ranking report and the image LMDB build say where they stand (a bar, or log lines where none
+can be shown) without changing a number; slow work is measured in seconds per unit; the cache build names
+its precision one way; a figure names no run that has no line in it; seconds per epoch below 1 s keep
+their significant digits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +127,28 @@ def test_seconds_per_epoch_keep_two_significant_digits_below_a_second(value, sho
     from iisan.experiments.report import _cell
 
     assert _cell(value, "train_s_per_epoch", False) == shown
+
+
+def test_an_image_lmdb_build_logs_where_it_stands_where_no_bar_can_be_shown(tmp_path, monkeypatch, caplog):
+    """build-lmdb in a batch job or a pipe: a line per 30 s instead of a bar (here 40 s pass between
+    readings), nothing with progress off; the same store either way."""
+    from PIL import Image
+
+    from iisan.data.image_build import build_image_lmdb
+    from iisan.data.images import ImageStore
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for n in range(3):
+        Image.new("RGB", (8, 8), (n, 0, 0)).save(folder / f"i{n}.jpg")
+    ids = ["i0", "i1", "i2"]
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    fake_clock(monkeypatch, 40.0)
+    build_image_lmdb(folder, tmp_path / "shown.lmdb", ids, size=8, progress=True)
+    assert console_lines(caplog)[:2] == ["images: 1 of 3 images (33 %), 0.03 images/s, about 80 s left",
+                                         "images: 2 of 3 images (66 %), 0.03 images/s, about 40 s left"], caplog.text
+    caplog.clear()
+    build_image_lmdb(folder, tmp_path / "quiet.lmdb", ids, size=8, progress=False)
+    assert not console_lines(caplog)
+    shown, quiet = ImageStore(tmp_path / "shown.lmdb").get(ids), ImageStore(tmp_path / "quiet.lmdb").get(ids)
+    np.testing.assert_array_equal(shown[0], quiet[0])

@@ -23,9 +23,9 @@ from pathlib import Path
 import lmdb
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
-from tqdm import tqdm
 
 from ..bounds import PIXELS, not_utf8
+from ..console import progress_bar
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
@@ -156,8 +156,9 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
     env = lmdb.open(str(path), map_size=map_size, subdir=True, lock=False, readahead=False, meminit=False)
     try:
         txn = env.begin(write=True)
-        bar = tqdm(item_ids, desc="images", unit="img", disable=None if progress else True)
-        for n, item_id in enumerate(bar, 1):
+        # a bar on a terminal; where none shows (a batch log, a pipe) a line at most every 30 s
+        for n, item_id in enumerate(progress_bar(item_ids, len(item_ids), desc="images", unit="images",
+                                                 enabled=progress), 1):
             pixels, problem = pixels_of(item_id)
             if problem:
                 problems.append((item_id, problem))
