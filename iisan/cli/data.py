@@ -24,7 +24,7 @@ def cmd_data_stats(args) -> None:
     print(f"skipped: {skipped}")
     repeated = {split: data.repeated_targets(split) for split in ("valid", "test")}
     print("targets that repeat an item of their history (misses under the protocol): " +
-          ", ".join(f"{split} {n:,} ({n / stats['users']:.1%})" for split, n in repeated.items()))
+          ", ".join(f"{split} {n:,} ({100 * n / stats['users']:.1f} %)" for split, n in repeated.items()))
 
 
 def cmd_build_lmdb(args) -> None:

@@ -40,7 +40,7 @@ def describe_data(data: SeqRecData, cfg: Config) -> str:
     if not repeated:
         return line
     share = repeated / data.num_users
-    note = (f"{repeated} test targets ({share:.1%}) repeat an item of their history and count as misses "
+    note = (f"{repeated} test targets ({100 * share:.1f} %) repeat an item of their history and count as misses "
             "(--rank-repeated-targets ranks them)")
     if share >= 0.5:
         log.warning("%s", note)
