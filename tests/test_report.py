@@ -179,6 +179,20 @@ def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(runs, tmp_path,
     found = find_results([str(tmp_path / "mixed")])
     assert [p.parent.name for p in found] == ["mine"]
     assert f"could not list {private} (Permission denied): the runs under it are left out" in caplog.text
+    # a folder gone between its parent's listing and its own (a training run's checkpoint temporary,
+    # renamed into place): no runs were under it, and nothing is said
+    caplog.clear()
+    vanished = tmp_path / "mixed" / "mine" / "checkpoints" / ".epoch-0003.tmp"
+
+    def renamed(path="."):
+        if Path(path) == vanished:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return scandir(path)
+
+    vanished.mkdir(parents=True)
+    monkeypatch.setattr(os, "scandir", renamed)
+    assert [p.parent.name for p in find_results([str(tmp_path / "mixed")])] == ["mine"]
+    assert f"could not list {vanished}" not in caplog.text and f"could not list {private}" in caplog.text
 
 
 def test_a_learning_rate_a_run_trains_nothing_with_is_no_difference(runs, tmp_path, capsys):

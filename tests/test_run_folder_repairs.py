@@ -135,6 +135,22 @@ def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001"]
 
 
+def test_a_removal_cut_short_leaves_no_half_checkpoint_and_the_next_prune_finishes_it(stalled, tmp_path, monkeypatch):
+    """An old checkpoint whose files cannot be removed now (busy on a network file system): the folder is
+    already under a leftover's hidden name, never a checkpoint without its manifest, and the next prune
+    removes it with the other leftovers."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(stalled / "checkpoints", root)
+    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+    monkeypatch.setattr(checkpoint_writing.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    checkpoint_writing.prune(root, 1, config, root / "epoch-0001")
+    assert sorted(p.name for p in root.iterdir()) == [".epoch-0000.pruned.tmp", "epoch-0001"]
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001"]
+    monkeypatch.undo()
+    checkpoint_writing.prune(root, 1, config, root / "epoch-0001")
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
+
+
 # --------------------------------------------------------------------------------------------------
 # a finished run in another folder (bug 6), and without its best weights (bug 11)
 

@@ -49,6 +49,8 @@ def results_under(folder: Path) -> list[Path]:
     found, walked = [], set()
 
     def unlisted(err: OSError) -> None:  # (os.walk passes a folder it cannot list by, without a word)
+        if isinstance(err, FileNotFoundError):  # gone since its parent was listed (a run's temporary, renamed)
+            return
         log.warning("could not list %s (%s): the runs under it are left out", err.filename, failure_reason(err))
 
     for root, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):

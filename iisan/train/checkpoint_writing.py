@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                      train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
     """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
-    final, tmp, aside = root / name, root / f".{name}.tmp", None
+    final, tmp = root / name, root / f".{name}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (the run folder is locked and ours)
@@ -55,6 +55,8 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         fsync(tmp)
         if os.path.lexists(final):  # a refused checkpoint of that name, now redone: kept, under another name
             aside = set_aside(final)
+            log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it "
+                        "cannot read as this run's: remove it once it is not needed)", final, aside)
         os.replace(tmp, final)
         fsync(root)
     except WRITE_ERRORS as err:
@@ -62,9 +64,6 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
-    if aside is not None:
-        log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it cannot "
-                    "read as this run's: remove it once it is not needed)", final, aside)
     prune(root, keep, state.get("config") or {}, final)
     return final
 
@@ -113,7 +112,9 @@ def remove_checkpoint(path: Path) -> None:
             log.info("pruning leaves %s in place, as it holds files a checkpoint does not: %s", path,
                      ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
         return
-    with suppress(OSError):  # (a folder that cannot go now is pruned the next time)
-        for name in (MANIFEST, *FILES):  # the manifest first: a folder cut short here is never taken for complete
-            (path / name).unlink(missing_ok=True)
-        path.rmdir()
+    # Renamed in one step to a leftover's hidden name first: a removal cut short (a file that cannot go now)
+    # leaves no half checkpoint under its own name, and the next prune finishes it with the other leftovers.
+    going = path.with_name(f".{path.name}.pruned.tmp")
+    with suppress(OSError):
+        os.rename(path, going)
+        shutil.rmtree(going, ignore_errors=True)
