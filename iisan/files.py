@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -145,15 +146,16 @@ def starts_with(path: Path, head: str) -> bool:
 
 
 def check_readable(path: str | Path) -> None:
-    """Raise the operating system's own error ('Permission denied') when ``path`` cannot be opened for reading,
-    before safetensors opens it: safetensors reports every failure to open as 'No such file or directory'. A
-    path that is not valid UTF-8, which safetensors cannot open at all, is an error too."""
+    """Raise the operating system's own error ('Permission denied') where safetensors would call every failure to
+    open a file 'No such file or directory'; also for a path that is not valid UTF-8 (safetensors cannot open it)
+    and for anything but a regular file (a named pipe would hang its reader)."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes of a file name, as Python holds them (surrogateescape)
         raise OSError(errno.EILSEQ, "its path is not valid UTF-8, which safetensors cannot open: rename it") from None
-    with open(path, "rb"):
-        pass
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a folder, a pipe or a device)", str(path))
+    open(path, "rb").close()
 
 
 def failure_reason(err: BaseException) -> str:
@@ -193,8 +195,7 @@ def _bytes(n: int) -> str:
 def usual_permissions(*files: Path) -> None:
     """Give ``files`` the permissions a new file gets here (the umask's). safetensors creates its files
     readable by their owner alone, which keeps weights from the people a run folder is shared with."""
-    mask = os.umask(0o022)  # reading the mask means setting it: set back at once
-    os.umask(mask)
+    os.umask(mask := os.umask(0o022))  # reading the mask means setting it: set back at once
     for file in files:
         os.chmod(file, 0o666 & ~mask)
 

@@ -35,7 +35,7 @@ from iisan.files import (
 from iisan.model.caching import claim_cache_folder
 from iisan.model.encoder_loading import load_from_folder
 from iisan.model.tiny import vocabulary, write_bert
-from iisan.train import checkpoint, runfolder, weights
+from iisan.train import checkpoint, run_results, runfolder, weights
 from iisan.train.trainer import train
 
 BAD = b"bad\xff".decode("utf-8", "surrogateescape")  # how Python holds a file name of undecodable bytes
@@ -178,6 +178,31 @@ def test_unreadable_cache_file(tmp_path, unreadable):
     with pytest.raises(OutputError) as info:  # not 'exists and is not an IISAN cache'
         claim_cache_folder(Config(cache_dir=str(path.parent), items="items.tsv"))
     assert "not an IISAN cache" not in said_in_the_os_words(info.value)
+
+
+def test_a_pipe_or_a_folder_where_a_weights_file_is_read_is_one_line_not_a_hang(tmp_path):
+    """A named pipe called best.safetensors would block whoever opened it until something wrote to it: it is
+    refused unopened, as a folder of that name is; a folder named as a cache file in --cache-dir is simply not
+    an IISAN cache (no 'make it readable')."""
+    os.mkfifo(pipe := tmp_path / "best.safetensors")
+    (folder := tmp_path / "folder.safetensors").mkdir()
+    for path in (pipe, folder):
+        with pytest.raises(TrainingError, match="not a regular file") as info:
+            weights.read_weights(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    (cached := tmp_path / "c" / "text.safetensors").mkdir(parents=True)
+    with pytest.raises(OutputError, match=f"--cache-dir {cached} exists and is not an IISAN cache"):
+        claim_cache_folder(Config(cache_dir=str(cached.parent), items="items.tsv"))
+
+
+def test_a_folder_where_a_run_record_is_expected_is_called_a_folder(tmp_path):
+    """results.json as a folder in a run folder: said so, not 'cannot be read (Is a directory): make it readable'."""
+    (run := tmp_path / "run").mkdir()
+    (run / runfolder.RESULTS).mkdir()
+    with pytest.raises(OutputError, match="is not an IISAN run folder") as info:
+        runfolder.claim_run_folder(run)
+    assert "make it readable" not in str(info.value)
+    assert run_results.results_or_reason(run / runfolder.RESULTS) == ({}, "is a folder, not a file")
 
 
 def test_unreadable_encoder_weights(tmp_path, unreadable):

@@ -105,6 +105,12 @@ def every_layer(cfg: Config) -> Config:
 LOCK = ".iisan-lock"
 
 
+def cache_here(path: Path) -> bool:
+    """Whether ``path`` is a cache file this project wrote, asked only of a regular file (a named pipe would
+    hang whoever opened it)."""
+    return path.is_file() and is_cache_file(path)
+
+
 def claim_cache_folder(cfg: Config) -> Path:
     """Refuse, before any encoder is loaded, a cache folder that is a file, outputs that are inputs and
     files there that are not IISAN caches (or cannot be read)."""
@@ -115,12 +121,13 @@ def claim_cache_folder(cfg: Config) -> Path:
     inputs = [cfg.users, cfg.items, cfg.images] + [model_name(cfg, m) for m in modalities(cfg)]
     for m in modalities(cfg):
         refuse_inputs(path := cache_file(folder, m), inputs, "--cache-dir")
-        if path.exists() and not is_cache_file(path):
+        if path.exists() and not cache_here(path):
             try:
-                check_readable(path)  # else is_cache_file says no for a cache this user may not read
+                if path.is_file():
+                    check_readable(path)  # else is_cache_file says no for a cache this user may not read
             except OSError as err:
                 raise OutputError(f"--cache-dir: {path} cannot be read ({failure_reason(err)})") from None
-            claim_output(path, is_cache_file, "an IISAN cache", "--cache-dir", overwrite=False)
+            claim_output(path, cache_here, "an IISAN cache", "--cache-dir", overwrite=False)
     refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
     refuse_inside_inputs(folder, inputs, "--cache-dir")
     return folder

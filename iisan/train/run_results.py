@@ -16,6 +16,8 @@ def results_or_reason(path: Path) -> tuple[dict, str]:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}, ""
+    except IsADirectoryError:
+        return {}, "is a folder, not a file"
     except OSError as err:
         return {}, f"cannot be read ({failure_reason(err)})"
     except json.JSONDecodeError as err:
