@@ -256,7 +256,15 @@ def test_dropout_in_an_encoder_gives_each_slot_its_own_row(tiny_config, tiny_cac
     fft = tiny_config(method="fft")
     assert batch_layout(fft, "off", build_model(fft, load_data(fft), CPU)[0])[0] == "slots"  # BERT's dropout 0.1
     image_only = tiny_config(method="fft", towers="image")  # the tiny ViT has no dropout
-    assert batch_layout(image_only, "off", build_model(image_only, load_data(image_only), CPU)[0])[0] == "items"
+    vit = build_model(image_only, load_data(image_only), CPU)[0]
+    assert batch_layout(image_only, "off", vit)[0] == "items"
+    # a ViT whose attention drops out (config attention_probs_dropout_prob > 0): a float its attention hands
+    # to a functional dropout, no Dropout module, and still a mask per slot
+    attentions = [m for m in vit.modules() if type(getattr(m, "attention_dropout", None)) is float]
+    assert attentions
+    for attention in attentions:
+        attention.attention_dropout = 0.1
+    assert batch_layout(image_only, "off", vit)[0] == "slots"
     cached = tiny_config(cache_dir=tiny_cache)
     assert batch_layout(cached, "off", build_model(cached, load_data(cached), CPU)[0])[0] == "items"
 

@@ -52,14 +52,23 @@ def item_encoding(cfg: Config, compiled: str, model: Recommender) -> str:
 
 
 def encoders_drop_out(model: Recommender) -> bool:
-    """Whether a training step runs a Dropout of p > 0 inside one of the item tower's encoders."""
+    """Whether a training step runs dropout of p > 0 inside one of the item tower's encoders."""
     was = model.training
     model.train()
     try:
-        return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for inputs in model.item_encoder.modules()
+        return any(drops_out(m) for inputs in model.item_encoder.modules()
                    if isinstance(inputs, EncodedItems) for m in inputs.encoders.modules())
     finally:
         model.train(was)
+
+
+def drops_out(module: nn.Module) -> bool:
+    """A training module that drops out: a Dropout of p > 0, or an attention that hands a probability of its
+    own to a functional dropout (ViT's ``attention_dropout``, CLIP's ``dropout``: floats, not modules)."""
+    if isinstance(module, nn.Dropout):
+        return module.training and module.p > 0
+    return module.training and any("dropout" in name and type(value) is float and value > 0
+                                   for name, value in vars(module).items())
 
 
 def shape_buckets(cfg: Config, model: Recommender) -> ShapeBuckets | None:
