@@ -2,7 +2,7 @@
 
 Without torchrun's environment (``RANK``, ``WORLD_SIZE``) everything here is a no-op and a run is the
 plain single-process run. Under torchrun every process holds the whole data set and the whole model;
-it trains on its own shard of users (``data.batches.shard_users``) and DistributedDataParallel averages gradients.
+it trains on its own shard of users (``data.epochs.shard_users``) and DistributedDataParallel averages gradients.
 Evaluation splits whole evaluation chunks across ranks (``chunk_block``) and gathers the per-user ranks
 in order, so it computes exactly what a single process computes for the same weights.
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from iisan.data.batches import CollateTrain, epoch_batches, epoch_order
+from iisan.data.batches import CollateTrain, epoch_batches
+from iisan.data.epochs import epoch_order
 
 
 def first_epoch(sequences, seed, encoding="items", pixels=None, buckets=None, batch_size=16):

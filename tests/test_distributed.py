@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from iisan.cli.main import main
-from iisan.data.batches import CollateTrain, epoch_batches, epoch_order, shard_users, steps_per_epoch
+from iisan.data.batches import CollateTrain, epoch_batches
+from iisan.data.epochs import epoch_order, shard_users, steps_per_epoch
 from iisan.data.run_data import load_data
 from iisan.distributed import Dist, chunk_block
 from iisan.evaluate import evaluate_model, evaluate_ranks
@@ -44,7 +45,7 @@ def test_single_process_batches_are_those_of_random_and_batch_samplers():
 def test_no_two_seed_and_epoch_pairs_share_an_order():
     """Seed s at epoch 1000 drew seed s + 1's first order (seed * 1000 + epoch); beyond epoch 999 the pair
     makes its seed another way, and every earlier epoch keeps its order."""
-    from iisan.data.batches import order_seed
+    from iisan.data.epochs import order_seed
 
     assert epoch_order(103, 1, 1000).tolist() != epoch_order(103, 2, 0).tolist()
     assert order_seed(1, 999) == 1999 and order_seed(1, 1000) not in range(1000 * 2**32)

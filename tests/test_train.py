@@ -56,7 +56,8 @@ def test_same_seed_gives_identical_metrics(cached_cfg):
 ONE_STEP_GRADIENTS = """
 import hashlib, json, sys
 import torch
-from iisan.data.batches import CollateTrain, epoch_batches, epoch_order
+from iisan.data.batches import CollateTrain, epoch_batches
+from iisan.data.epochs import epoch_order
 from iisan.data.run_data import load_data
 from iisan.model.build import build_model
 from iisan.config import Config

@@ -3,9 +3,6 @@
 - ``ItemBatch``: the items a step encodes (indices, pixels when an image tower runs live, and the
   positions of the non-padding ones); ``TrainBatch``: users' sequences plus their items.
 - ``PixelSource``: pixels by item index from the image LMDB, read by a pool of threads.
-- ``epoch_order``: an epoch's users in a reproducible order, a pure function of (seed, epoch), so a
-  resumed epoch, another process or another rank rebuilds exactly the same batches without any stored
-  state. Under torchrun each rank takes its shard of the same permutation.
 - ``CollateTrain``: the batch layout (which item rows, pixels, static shapes), built once per run;
   ``epoch_batches``: an epoch's order collated by it into ``TrainBatch``es.
 - ``item_chunks``: every item in fixed-size chunks (item tables for evaluation, cache builds).
@@ -51,18 +48,31 @@ class ItemBatch:
 
     Static shapes (``ShapeBuckets``): ``encode_all`` runs every row through the encoders, padding rows
     (index 0) too, and zeroes their states after, so the encoders see U rows, a bucket size, instead of
-    the R real ones; ``title_columns`` (T) cuts the title table to its first T columns."""
+    the R real ones; ``title_columns`` (T) cuts the title table to its first T columns.
+
+    Towers by their own rows: where a batch has a row per slot (each its own dropout mask), a tower that
+    drops nothing out needs each distinct item once. ``distinct`` is then the batch's distinct items (an
+    ItemBatch of their own, padded to their own bucket, with the pixels), ``to_distinct`` (U,) the row of
+    ``distinct`` that each row's item is, and ``per_item`` the towers that run on ``distinct``."""
 
     ids: torch.Tensor
     pixels: torch.Tensor | None = None
     real: torch.Tensor | None = None
     title_columns: int | None = None
     encode_all: bool = False
+    distinct: ItemBatch | None = None
+    to_distinct: torch.Tensor | None = None
+    per_item: tuple[str, ...] = ()
 
     @classmethod
     def from_numpy(cls, ids: np.ndarray, pixels: torch.Tensor | None = None, title_columns: int | None = None,
-                   encode_all: bool = False) -> ItemBatch:
-        return cls(host_tensor(ids), pixels, host_tensor(np.flatnonzero(ids)), title_columns, encode_all)
+                   encode_all: bool = False, **per_tower) -> ItemBatch:
+        return cls(host_tensor(ids), pixels, host_tensor(np.flatnonzero(ids)), title_columns, encode_all, **per_tower)
+
+    def tower(self, name: str) -> tuple[ItemBatch, torch.Tensor | None]:
+        """The rows tower ``name`` runs on, and where each row of this batch finds its output among them
+        (None: its own rows)."""
+        return (self.distinct, self.to_distinct) if name in self.per_item else (self, None)
 
     def real_positions(self) -> torch.Tensor:
         return self.real if self.real is not None else torch.nonzero(self.ids != 0).squeeze(1)
@@ -75,7 +85,9 @@ class ItemBatch:
         def move(x):
             return None if x is None else x.to(device, non_blocking=True)
 
-        return ItemBatch(move(self.ids), move(self.pixels), move(self.real), self.title_columns, self.encode_all)
+        distinct = None if self.distinct is None else self.distinct.to(device)
+        return ItemBatch(move(self.ids), move(self.pixels), move(self.real), self.title_columns, self.encode_all,
+                         distinct, move(self.to_distinct), self.per_item)
 
 
 class PixelSource:
@@ -195,28 +207,22 @@ class TrainBatch:
 
     def tensors(self, real: bool = True) -> tuple:
         """The batch as the flat tuple a compiled or graphed step takes (``from_tensors`` rebuilds it):
-        (seq, ids, pixels, inverse, real, title_columns, encode_all). ``real=False`` leaves the real
-        positions out (None): their count varies, and compiled steps need static shapes."""
-        items = self.items
+        (seq, ids, pixels, inverse, real, title_columns, encode_all), then for towers by their own rows
+        (distinct ids, pixels, real, to_distinct, per_item). ``real=False`` leaves the real positions out
+        (None): their count varies, and compiled steps need static shapes."""
+        items, distinct = self.items, self.items.distinct or ItemBatch(None)
         return (self.seq, items.ids, items.pixels, self.inverse, items.real if real else None, items.title_columns,
-                items.encode_all)
+                items.encode_all, distinct.ids, distinct.pixels, distinct.real if real else None, items.to_distinct,
+                items.per_item)
 
     @classmethod
-    def from_tensors(cls, seq, ids, pixels, inverse, real=None, title_columns=None, encode_all=False) -> TrainBatch:
-        return cls(seq, ItemBatch(ids, pixels, real, title_columns, encode_all), inverse)
-
-
-def shard_users(order: np.ndarray, rank: int, world_size: int, pad: bool = False) -> np.ndarray:
-    """This rank's users of one epoch's global permutation: every ``world_size``-th from ``rank``.
-
-    Every rank gets the same count, because DDP needs the same number of steps on every rank: the last
-    ``len(order) % world_size`` users of the permutation (a different few each epoch) sit this epoch out,
-    or with ``pad`` (the authors' ``DistributedSampler``) the permutation is filled up to a multiple of
-    ``world_size`` by repeating its first users, who then train twice in the epoch."""
-    if pad and len(order) % world_size:
-        order = np.resize(order, -(-len(order) // world_size) * world_size)  # np.resize repeats from the start
-    usable = len(order) - len(order) % world_size
-    return order[rank:usable:world_size]
+    def from_tensors(cls, seq, ids, pixels, inverse, real=None, title_columns=None, encode_all=False,
+                     distinct_ids=None, distinct_pixels=None, distinct_real=None, to_distinct=None,
+                     per_item=()) -> TrainBatch:
+        distinct = None if distinct_ids is None else ItemBatch(distinct_ids, distinct_pixels, distinct_real,
+                                                               title_columns, encode_all)
+        return cls(seq, ItemBatch(ids, pixels, real, title_columns, encode_all, distinct, to_distinct, per_item),
+                   inverse)
 
 
 ENCODINGS = ("items", "slots", "all")
@@ -231,16 +237,22 @@ class CollateTrain:
     (static shapes for compiled steps). With ``buckets`` the rows of 'items' and 'slots' are padded to a
     bucket size ('all' already has a fixed count: not padded) and the titles cut, and every row runs
     through the encoders (``ItemBatch.encode_all``): with 'all' that is the authors' way. ``pixels``: read
-    for the batch's items when an image tower runs live."""
+    for the batch's items when an image tower runs live. ``per_item`` (with 'slots' only): the towers that
+    drop nothing out, which run on each distinct item once (``ItemBatch.distinct``; the pixels are read for
+    those alone)."""
 
     sequences: np.ndarray  # (users, L+1), ``SeqRecData.train_sequences``
     encoding: str
     pixels: PixelSource | None = None
     buckets: ShapeBuckets | None = None
+    per_item: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {self.encoding!r}")
+        if self.per_item and self.encoding != "slots":
+            raise ValueError(f"towers by distinct item {self.per_item} need the 'slots' encoding, "
+                             f"not {self.encoding!r}")
 
     def __call__(self, users: list[int]) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
@@ -254,12 +266,20 @@ class CollateTrain:
             inverse[real] = np.arange(1, int(real.sum()) + 1)  # padding slots: row 0
         else:
             ids, inverse = seq.reshape(-1), np.arange(seq.size)
+        distinct, to_distinct = np.unique(ids, return_inverse=True) if self.per_item else (None, None)
         columns = None
         if self.buckets is not None:
             ids = self.buckets.pad(ids) if self.encoding != "all" else ids  # appended rows: no slot points at them
             columns = self.buckets.columns(ids)
-        pixels = None if self.pixels is None else self.pixels(ids)
-        items = ItemBatch.from_numpy(ids, pixels, columns, encode_all=self.buckets is not None)
+        per_tower = {}
+        if self.per_item:  # the padding rows are item 0, which is distinct row 0 ('slots' rows start with it)
+            distinct = self.buckets.pad(distinct) if self.buckets is not None else distinct
+            to_distinct = np.concatenate([to_distinct.reshape(-1), np.zeros(len(ids) - to_distinct.size, np.int64)])
+            images = None if self.pixels is None or "image" not in self.per_item else self.pixels(distinct)
+            per_tower = {"distinct": ItemBatch.from_numpy(distinct, images, columns, self.buckets is not None),
+                         "to_distinct": host_tensor(to_distinct), "per_item": self.per_item}
+        pixels = None if self.pixels is None or "image" in self.per_item else self.pixels(ids)
+        items = ItemBatch.from_numpy(ids, pixels, columns, encode_all=self.buckets is not None, **per_tower)
         return TrainBatch(host_tensor(seq), items, host_tensor(inverse.reshape(-1)))
 
 
@@ -269,7 +289,14 @@ def without_padding_rows(batch: TrainBatch) -> TrainBatch:
     used = int(batch.inverse.max()) + 1
     items = batch.items
     pixels = None if items.pixels is None else items.pixels[:used]
-    return TrainBatch(batch.seq, ItemBatch(items.ids[:used], pixels, items.real, items.title_columns), batch.inverse)
+    distinct = to_distinct = None
+    if items.distinct is not None:  # its own padding rows go too
+        to_distinct = items.to_distinct[:used]
+        kept, shown = int(to_distinct.max()) + 1, items.distinct
+        distinct = ItemBatch(shown.ids[:kept], None if shown.pixels is None else shown.pixels[:kept], shown.real,
+                             shown.title_columns)
+    return TrainBatch(batch.seq, ItemBatch(items.ids[:used], pixels, items.real, items.title_columns, False, distinct,
+                                           to_distinct, items.per_item), batch.inverse)
 
 
 class TrainBatches:
@@ -291,36 +318,8 @@ class TrainBatches:
             yield self.collate(users)
 
 
-def epoch_order(n: int, seed: int | None, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """This rank's users of one epoch, shuffled; the order depends only on (seed, epoch), so it is
-    reproducible, and no two pairs share one (``order_seed``). A seed of None:
-    the authors' order, ``DistributedSampler``'s (its seed 0, ``set_epoch(epoch + 1)``), the same for
-    every run seed. Under torchrun each rank takes its shard of the same permutation (``shard_users``;
-    the authors' order padded as their sampler pads it).
-    Batched, a single process's order is exactly that of ``BatchSampler(RandomSampler(..., generator),
-    batch_size)`` (a test checks it). No global random state is drawn, so dropout streams do not depend
-    on how batches were made."""
-    generator = torch.Generator().manual_seed(epoch + 1 if seed is None else order_seed(seed, epoch))
-    return shard_users(torch.randperm(n, generator=generator).numpy(), rank, world_size, pad=seed is None)
-
-
-def order_seed(seed: int, epoch: int) -> int:
-    """What an epoch's order is drawn from: ``seed * 1000 + epoch`` for the first 1000 epochs (every run's
-    order so far), then a 64-bit number NumPy's ``SeedSequence`` makes of the pair, so that seed s at
-    epoch 1000 does not repeat seed s + 1's first epoch."""
-    if epoch < 1000:
-        return seed * 1000 + epoch
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
-
-
 def epoch_batches(order: np.ndarray, batch_size: int, collate: CollateTrain, start_step: int = 0):
     """The batches of ``order`` collated by ``collate``, skipping the ``start_step`` batches a resumed
     epoch had done. When images are read, the next batches are prepared in a background thread."""
     batches = TrainBatches(order, batch_size, collate, start_step)
     return Prefetch(batches) if collate.pixels is not None else batches
-
-
-def steps_per_epoch(users: int, batch_size: int, world_size: int = 1, padded: bool = False) -> int:
-    """Steps of one rank's epoch (``epoch_order``'s shard; ``padded``: the authors' order, filled up)."""
-    per_rank = -(-users // world_size) if padded else users // world_size
-    return -(-per_rank // batch_size)

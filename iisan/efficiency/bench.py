@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.batches import CollateTrain, TrainBatch, epoch_batches, epoch_order, without_padding_rows
+from ..data.batches import CollateTrain, TrainBatch, epoch_batches, without_padding_rows
 from ..data.cache import cache_file, read_metadata
 from ..data.cache_build import discard_partial_build
+from ..data.epochs import epoch_order
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
@@ -112,11 +113,13 @@ class TrainingSetup:
 
 
 def layout(batch: TrainBatch, cached: bool) -> tuple:
-    """(real items, rows, title columns, shape key) of a host batch. Rows: those the item encoders run on,
-    padding rows included; for cached IISAN, which runs no encoder, the rows gathered for the SAN."""
-    items = batch.items
+    """(real items, rows, title columns, shape key, distinct real items and rows) of a host batch. Rows: those
+    the item encoders run on, padding rows included; for cached IISAN, which runs no encoder, the rows
+    gathered for the SAN. The last two: those of the towers that take each distinct item once (None: none)."""
+    items, distinct = batch.items, batch.items.distinct
     rows = len(items.ids) if cached else items.encoded_rows()
-    return len(items.real), rows, items.title_columns, shape_key(batch)
+    by_item = (None, None) if distinct is None else (len(distinct.real), distinct.encoded_rows())
+    return len(items.real), rows, items.title_columns, shape_key(batch), *by_item
 
 
 def training_setup(cfg: Config) -> TrainingSetup:
@@ -156,11 +159,16 @@ def padding_flops(setup: TrainingSetup, warmup: int, steps: int) -> dict:
 
 def layout_summary(setup: TrainingSetup) -> dict:
     """Items, rows and title columns per step over the logged batches, and the static-shape settings."""
-    items, rows, columns, keys = zip(*setup.layouts)
-    cfg, buckets = setup.cfg, setup.buckets
+    items, rows, columns, keys, distinct, distinct_rows = zip(*setup.layouts)
+    cfg, buckets, per_item = setup.cfg, setup.buckets, setup.collate.per_item
     cut = [c for c in columns if c is not None]
+    by_item = {}
+    if per_item:  # e.g. the ViT beside a baseline's BERT: the same images, each once
+        by_item = {"towers_by_item": list(per_item), "distinct_items_per_step": float(np.mean(distinct)),
+                   "distinct_rows_per_step": float(np.mean(distinct_rows))}
     return {
-        "encodes": ENCODES[setup.encoding],
+        "encodes": ENCODES[setup.encoding] + (f"; {', '.join(per_item)}: distinct items" if per_item else ""),
+        **by_item,
         "static_shapes": buckets is not None,
         "buckets": None if buckets is None else {"item_bucket_growth": buckets.growth, "row_multiple": ROW_MULTIPLE,
                                                  "title_multiple": buckets.title_multiple,

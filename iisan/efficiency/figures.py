@@ -43,6 +43,8 @@ def training_line(r: dict, gpu: bool, columns: int) -> str:
     memory = f"{mem['max_allocated_gib']:.2f} | {mem['max_reserved_gib']:.2f}" if gpu else f"{mem['peak_rss_gib']:.2f}"
     items = f"{r['items_per_step']:.0f}" if "items_per_step" in r else ""
     rows = f"{r['encoded_rows_per_step']:.0f}" if "encoded_rows_per_step" in r else items
+    if "distinct_rows_per_step" in r:  # the towers that take each distinct item once: their own count
+        items, rows = f"{items} / {r['distinct_items_per_step']:.0f}", f"{rows} / {r['distinct_rows_per_step']:.0f}"
     padding = " / ".join(percent(r[k]) for k in ("padding_overhead_items", "padding_overhead_flops")
                          if r.get(k) is not None)
     p90 = f"{r['p90_seconds_per_step']:.4g}" if "p90_seconds_per_step" in r else ""

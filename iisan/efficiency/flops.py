@@ -51,9 +51,11 @@ def step_flops(setup, batch) -> int:
 
 def shape_key(batch) -> tuple:
     """What a step's FLOPs depend on: the users' slots, the item rows (and how many run through the
-    encoders) and the title columns. Two batches with one key do the same work."""
-    items = batch.items
-    return tuple(batch.seq.shape), len(items.ids), items.encoded_rows(), items.title_columns
+    encoders, and through the towers that take each distinct item once) and the title columns. Two batches
+    with one key do the same work."""
+    items, distinct = batch.items, batch.items.distinct
+    by_item = () if distinct is None else (items.per_item, len(distinct.ids), distinct.encoded_rows())
+    return tuple(batch.seq.shape), len(items.ids), items.encoded_rows(), items.title_columns, *by_item
 
 
 class StepFlops:

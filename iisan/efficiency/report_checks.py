@@ -26,7 +26,8 @@ ROW_OPTIONAL = {"encodes": TEXT, "items_per_step": NUMBER, "encoded_rows_per_ste
                 "padding_overhead_items": NUMBER + " or null", "padding_overhead_flops": NUMBER + " or null",
                 "p90_seconds_per_step": NUMBER, "full_epoch_seconds": NUMBER, "model_tflops_per_second": NUMBER,
                 "tpme": NUMBER, "step_seconds": TABLE, "static_shapes": FLAG, "buckets": TABLE + " or null",
-                "measured": TEXT, "feed": TEXT, "flop_batches": INTEGER}
+                "measured": TEXT, "feed": TEXT, "flop_batches": INTEGER, "distinct_items_per_step": NUMBER,
+                "distinct_rows_per_step": NUMBER}
 FAILED_ROW = {"label": TEXT, "error": TEXT}
 BUCKETS_OPTIONAL = {"title_multiple": INTEGER, "title_tokens": INTEGER}
 GPU_MEMORY = {"max_allocated_gib": NUMBER, "max_reserved_gib": NUMBER}

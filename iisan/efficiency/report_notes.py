@@ -18,6 +18,17 @@ ENCODING_MEANS = {
 }
 
 
+def encoding_means(value: str) -> str:
+    """What an ``encodes`` value says: 'every slot with an item; image: distinct items' is a row per slot for
+    the towers that drop out and each distinct item once for those named (items / step, rows / step: both)."""
+    layout, _, towers = value.partition("; ")
+    means = ENCODING_MEANS.get(layout, layout)
+    if towers.endswith(": distinct items"):
+        means += (f"; the {towers.removesuffix(': distinct items')} tower drops nothing out, so it runs on each "
+                  "distinct item once (items / step and rows / step give both counts: per slot / per item)")
+    return means
+
+
 def grouped(entries: list[tuple[str, dict]], value) -> dict:
     """``value(entry) -> labels``: each distinct value (None: the entry lacks the field, left out) and the
     labels of the entries that hold it, in their order."""
@@ -58,7 +69,7 @@ def timing_note(payload: dict, rows: list[dict]) -> str:
 def layout_notes(rows: list[dict]) -> list[str]:
     """What each row's item encoder runs on, its static shapes and titles, as its fields say."""
     entries = [(r["label"], r) for r in rows]
-    out = [f"Encodes '{value}' ({named(labels)}): {ENCODING_MEANS.get(value, value)}."
+    out = [f"Encodes '{value}' ({named(labels)}): {encoding_means(value)}."
            for value, labels in grouped(entries, lambda r: r.get("encodes")).items()]
     static = grouped(entries, lambda r: (r.get("encodes") == "every slot", titles(r)) if r.get("static_shapes")
                      is True else None)

@@ -94,11 +94,10 @@ class BaselineItemEncoder(EncodedItems):
             init_image_head(self.heads["image"])
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
-        rows = self.rows(items)
         parts = []
         for m in self.modalities:
-            cls = self.encoders[m].final_cls(**self.inputs(m, items, rows))  # (rows, d)
-            parts.append(nn.functional.gelu(self.heads[m](self.spread(cls, items, rows))))  # (U, 64)
+            cls = self.encode(m, items, lambda encoder, inputs: encoder.final_cls(**inputs), (self.encoders[m].width,))
+            parts.append(nn.functional.gelu(self.heads[m](cls)))  # (U, 64)
         return self.combine(torch.cat(parts, dim=-1))  # (U, 64)
 
     def param_groups(self) -> dict[LrGroup, list[nn.Parameter]]:

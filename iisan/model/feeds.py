@@ -42,16 +42,9 @@ class LiveStates(EncodedItems):
 
     @torch.no_grad()
     def forward(self, items: ItemBatch) -> dict[str, torch.Tensor]:
-        rows = self.rows(items)
-        device = items.ids.device
-        out = {}
-        for name, encoder in self.encoders.items():
-            if rows is not None and not len(rows):
-                out[name] = torch.zeros(len(items.ids), len(encoder.layers), encoder.width, device=device)
-                continue
-            states = encoder.layer_states(**self.inputs(name, items, rows)).float()  # (rows, k, d)
-            out[name] = self.spread(states, items, rows)  # (U, k, d)
-        return out
+        return {name: self.encode(name, items, lambda encoder, inputs: encoder.layer_states(**inputs).float(),
+                                  (len(encoder.layers), encoder.width))
+                for name, encoder in self.encoders.items()}  # (U, k, d) each
 
 
 class CachedStates(nn.Module):

@@ -163,6 +163,17 @@ class EncodedItems(nn.Module):
         pixels = items.pixels if rows is None else items.pixels[rows]
         return {"pixel_values": pixels_to_input(pixels, encoder.norm, encoder.dtype)}
 
+    def encode(self, name: str, items, run, shape: tuple[int, ...]) -> torch.Tensor:
+        """``run(encoder, inputs)``'s (rows, *shape) outputs of encoder ``name`` on the rows it runs on
+        (``ItemBatch.tower``: the batch's own, or its distinct items), as (U, *shape) for every row of
+        ``items``, padding zeros. A batch without a real item runs nothing."""
+        batch, index = items.tower(name)
+        rows = self.rows(batch)
+        if rows is not None and not len(rows):
+            return torch.zeros(len(items.ids), *shape, device=items.ids.device)
+        out = self.spread(run(self.encoders[name], self.inputs(name, batch, rows)), batch, rows)
+        return out if index is None else out[index]
+
     @staticmethod
     def spread(values: torch.Tensor, items, rows: torch.Tensor | None) -> torch.Tensor:
         """(rows, ...) outputs of the encoded rows -> (U, ...) for every row of ``items``, padding zeros."""

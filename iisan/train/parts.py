@@ -38,5 +38,5 @@ def build_training(cfg: Config, data: SeqRecData, device: torch.device, processe
     built(model)
     plan = plan_step(cfg, device, model, processes)
     optimizer = make_optimizer(model, cfg, device, capturable=plan.compiled == "cudagraph")
-    collate = CollateTrain(data.train_sequences(), plan.encoding, pixels, plan.buckets)
+    collate = CollateTrain(data.train_sequences(), plan.encoding, pixels, plan.buckets, plan.per_item)
     return TrainingParts(model, pixels, plan, optimizer, collate)

@@ -28,12 +28,14 @@ def use_compile(cfg: Config, device: torch.device) -> str:
 
 
 def describe_step(step, model: Recommender, encoding: str, buckets: ShapeBuckets | None,
-                  amp: torch.dtype | None) -> dict:
+                  amp: torch.dtype | None, per_item: tuple[str, ...] = ()) -> dict:
     """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
-    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to)."""
+    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to); a run with a
+    row per slot, which towers ran on each distinct item once instead (``per_item_towers``)."""
     stored = model.cache_dtypes()
     return {"compiled": step.mode, "item_encoding": encoding, "static_shapes": buckets is not None,
-            "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {})}
+            "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {}),
+            **({"towers_by_item": list(per_item)} if per_item else {})}
 
 
 ENCODING_OF = {"on": "items", "slots": "slots", "off": "all"}  # --dedup-items -> ``CollateTrain``'s encoding
@@ -53,13 +55,25 @@ def item_encoding(cfg: Config, compiled: str, model: Recommender) -> str:
 
 def encoders_drop_out(model: Recommender) -> bool:
     """Whether a training step runs dropout of p > 0 inside one of the item tower's encoders."""
+    return any(dropping_out(model).values())
+
+
+def dropping_out(model: Recommender) -> dict[str, bool]:
+    """Per encoder of the item tower (by modality), whether a training step runs dropout of p > 0 inside it."""
     was = model.training
     model.train()
     try:
-        return any(drops_out(m) for inputs in model.item_encoder.modules()
-                   if isinstance(inputs, EncodedItems) for m in inputs.encoders.modules())
+        return {name: any(drops_out(m) for m in encoder.modules()) for inputs in model.item_encoder.modules()
+                if isinstance(inputs, EncodedItems) for name, encoder in inputs.encoders.items()}
     finally:
         model.train(was)
+
+
+def per_item_towers(encoding: str, model: Recommender) -> tuple[str, ...]:
+    """Where a batch has a row per slot ('slots'), the encoders that drop nothing out: they run on each
+    distinct item once (the ViT beside the baselines' BERT, ViT-B/16's dropout being 0), as their output is
+    the same for every slot of an item; the others keep a row, so a mask, per slot."""
+    return tuple(name for name, drops in dropping_out(model).items() if not drops) if encoding == "slots" else ()
 
 
 def drops_out(module: nn.Module) -> bool:
@@ -95,10 +109,12 @@ class StepPlan:
     compiled: str  # 'off', 'cudagraph' or 'inductor' (``use_compile``)
     encoding: str  # 'items', 'slots' or 'all' (``item_encoding``)
     buckets: ShapeBuckets | None  # static shapes of live steps (``shape_buckets``)
+    per_item: tuple[str, ...] = ()  # under 'slots', the towers that run on each distinct item once
 
 
 def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: int = 1) -> StepPlan:
     """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
     checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
     compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
-    return StepPlan(amp_dtype(cfg.amp, device), compiled, *batch_layout(cfg, compiled, model))
+    encoding, buckets = batch_layout(cfg, compiled, model)
+    return StepPlan(amp_dtype(cfg.amp, device), compiled, encoding, buckets, per_item_towers(encoding, model))

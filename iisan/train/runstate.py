@@ -2,7 +2,7 @@
 
 - Random-number generators: Python and NumPy as JSON; torch CPU and CUDA as uint8 tensors, one per rank
   (dropout masks come from them, so an exact resume needs each rank's own stream). The order of users
-  needs nothing stored: it is a pure function of (seed, epoch) (``batches.epoch_order``).
+  needs nothing stored: it is a pure function of (seed, epoch) (``epochs.epoch_order``).
 - The optimiser: per-parameter tensors named ``optim.<group>.<index in group>.<key>``, the rest
   (hyper-parameters of each group, non-tensor state) as JSON.
 - The gradient scaler (fp16): its state is a handful of numbers.

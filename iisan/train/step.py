@@ -20,7 +20,7 @@ from .graphs import GraphedStep
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device). The order of users needs no global seed
-    (``batches.epoch_order``)."""
+    (``epochs.epoch_order``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

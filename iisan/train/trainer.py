@@ -25,7 +25,8 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..console import progress_bar
-from ..data.batches import TrainBatch, TrainBatches, epoch_batches, epoch_order, steps_per_epoch
+from ..data.batches import TrainBatch, TrainBatches, epoch_batches
+from ..data.epochs import epoch_order, steps_per_epoch
 from ..data.run_data import describe_data, load_data
 from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, mean_over_ranks
@@ -119,7 +120,8 @@ class Run:
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
         self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
-        self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
+        self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp,
+                                         self.collate.per_item)
         self.on_main(self.first_files)
         self.started = True
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
@@ -219,7 +221,8 @@ class Run:
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
-            self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp)
+            self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp,
+                                             self.collate.per_item)
             progress.stopped = self.check_finite(losses, epoch, n_steps)
             if progress.stopped:
                 break
