@@ -43,8 +43,22 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"{torch.get_num_threads()} torch threads)"
+    model = cpu_model()
+    return f"CPU ({platform.processor() or platform.machine()}, {f'{model}, ' if model else ''}{os.cpu_count()} " \
+           f"cores, {torch.get_num_threads()} torch threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model as Linux names it ('AMD EPYC', 'Intel(R) Xeon(R) ...'; '' elsewhere): two CPUs print
+    other last digits of a result, so a result says which it came from."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return " ".join(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return ""
 
 
 def reset_peak_memory(device: torch.device) -> bool:

@@ -28,7 +28,7 @@ def ints(text: str) -> list[int]:
 
 
 def parser() -> FlagParser:
-    defaults = DiagnosisOptions(out=ROOT / "bench_data" / "results" / "diagnose.json")
+    defaults = DiagnosisOptions(out=ROOT / "bench_data" / "results" / "diagnose.json", work=ROOT / "bench_data")
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("--size", choices=("base", "tiny"), default=defaults.size,
                         help=f"encoders: BERT-base + ViT-B/16, or tiny ones (default: {defaults.size})")
@@ -62,8 +62,8 @@ def parser() -> FlagParser:
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help=f"threads reading images (default: {defaults.workers})")
     parser.add_argument("--work", type=Path, default=defaults.work,
-                        help="the benchmark's synthetic data and encoders, kept for the next run "
-                             f"(default: {defaults.work})")
+                        help="the benchmark's synthetic data and encoders, kept for the next run (default: "
+                             "bench_data/ in this checkout, git-ignored, as benchmark_efficiency.py's)")
     parser.add_argument("--out", type=Path, default=defaults.out,
                         help="the diagnosis JSON, rewritten after each section (default: "
                              "bench_data/results/diagnose.json in this checkout, git-ignored)")

@@ -152,3 +152,24 @@ def test_an_image_lmdb_build_logs_where_it_stands_where_no_bar_can_be_shown(tmp_
     assert not console_lines(caplog)
     shown, quiet = ImageStore(tmp_path / "shown.lmdb").get(ids), ImageStore(tmp_path / "quiet.lmdb").get(ids)
     np.testing.assert_array_equal(shown[0], quiet[0])
+
+
+def test_a_cpu_result_names_the_cpu_model(monkeypatch, tmp_path):
+    """Two CPUs print other last digits of the same run: the device line names the model Linux reports, and
+    leaves it out where there is none to read."""
+    import builtins
+
+    from iisan import devices
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 7B13\nflags\t: fpu\n")
+    real_open = builtins.open
+
+    def opened(path, *args, **kwargs):
+        return real_open(info if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", opened)
+    assert devices.cpu_model() == "AMD EPYC 7B13"
+    assert re.fullmatch(r"CPU \(\w+, AMD EPYC 7B13, \d+ cores, \d+ torch threads\)", devices.device_name("cpu"))
+    info.unlink()
+    assert devices.cpu_model() == "" and ", ," not in devices.device_name("cpu")
