@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from pathlib import PurePath
 
 from .errors import ConfigError
@@ -103,6 +104,9 @@ def check_run_name(name: str) -> None:
                           "folders go under --out-dir")
     if name and (name != name.strip() or name.startswith("-")):  # a folder a shell command would misread
         raise ConfigError(f"run_name={name!r} must not start or end with a blank or start with '-'")
+    if control := next((c for c in name if unicodedata.category(c) == "Cc"), None):  # a newline splits log lines
+        raise ConfigError(f"run_name={name!r} contains the control character U+{ord(control):04X}; use letters, "
+                          "digits, '-', '_' and '.'")
 
 
 def check_encoding(encoding: str) -> None:
@@ -126,6 +130,30 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def seed_arg(text: str) -> int:
+    """An argparse ``type`` for a seed given on a command line: refused at once, not after the work before
+    its run (a reproduction's data, images and cache)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: seeds are in [0, 2**32)")
+    return value
+
+
+def positive_at_most(name: str):
+    """An argparse ``type``: a positive integer no larger than the config's bound for ``name`` (``AT_MOST``),
+    for flags of commands that take no config (``data-stats --max-seq-len``)."""
+    def check(text: str) -> int:
+        value = positive_int(text)
+        if value > AT_MOST[name]:
+            raise argparse.ArgumentTypeError(f"{value} is more than {AT_MOST[name]}, the most {name} may be")
+        return value
+
+    return check
 
 
 def path_arg(text: str) -> str:
@@ -182,7 +210,11 @@ def coerce(name: str, value, hint):
         return coerce(name, value, hint)
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
+            pieces = value.replace(" ", "").split(",")
+            if "" in pieces and value.strip():  # '1,,2': a number lost in typing, not a list of two
+                raise ConfigError(f"{name}={value!r}: an empty entry between commas; expected a list of integers "
+                                  "such as 0,2,4")
+            value = [v for v in pieces if v]
         if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value):
             raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
         try:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.bounds import positive_int  # noqa: E402
+from iisan.bounds import positive_int, seed_arg  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.seed_table import (  # noqa: E402
     SEEDS,
@@ -61,7 +61,7 @@ def parser() -> FlagParser:
                         help=f"settings to train or verify (default: {' '.join(SETTINGS)})")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
                         help=f"data sets to train or verify (default: {' '.join(DATASETS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
+    parser.add_argument("--seeds", nargs="+", type=seed_arg, default=list(SEEDS),
                         help=f"seeds to train or verify; seeds beyond the default ones join the table (default: "
                              f"{' '.join(map(str, SEEDS))})")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")

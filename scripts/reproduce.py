@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.bounds import device_choice, positive_int  # noqa: E402
+from iisan.bounds import device_choice, positive_int, seed_arg  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.presets import SEEDS  # noqa: E402
@@ -30,7 +30,7 @@ def parser() -> FlagParser:
                         help="runs and the table go here (default: results/reproduce in this checkout)")
     parser.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ and pretrained_models/ "
                              "(default: this checkout)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+    parser.add_argument("--seeds", type=seed_arg, nargs="+", default=list(SEEDS),
                         help=f"one run per seed (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--no-fetch", action="store_true", help="never download: say which step is missing")
     parser.add_argument("--import-from", default="", help="the authors' stored states (bert_outputs/, vit_outputs/)")

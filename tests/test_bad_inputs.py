@@ -384,6 +384,9 @@ CASES = [
          ("{s}/items.tsv:2: 3 tab-separated fields, expected 2 (item_id<TAB>title)",),
          setup=items_with("X1\ta title\tbrand\n")),
     Case("users-empty-id", T_users, ("{s}/users.tsv:", ": empty user id"), setup=users_with("\tI0000001 I0000002\n")),
+    Case("users-third-column", T_users,  # a timestamp column: not more items of the history
+         ("{s}/users.tsv:", ": 3 tab-separated fields, expected 2 (user_id<TAB>item item ..., the items separated "
+          "by spaces)"), setup=users_with("U9\tI0000001 I0000002 I0000003 I0000004 I0000005\t1712345678\n")),
     Case("items-empty-title", T_items,
          ("{s}/items.tsv:2: empty title for item 'X1'",), setup=items_with("X1\t \n")),
     Case("item-id-with-space", T_items,
@@ -428,6 +431,8 @@ CASES = [
          ("{s}/c.json: expected a JSON object of config keys",), setup=write("c.json", "[1, 2]")),
     Case("layers-not-integers", lambda P, s: T(P, s, "--text-layers", "a,b"),
          ("text_layers=['a', 'b']: expected a list of integers such as 0,2,4",)),
+    Case("layers-an-empty-entry", lambda P, s: T(P, s, "--text-layers", "1,,2"),
+         ("text_layers='1,,2': an empty entry between commas; expected a list of integers such as 0,2,4",)),
     Case("device-mps-absent", lambda P, s: T(P, s, "--device", "mps"),
          ("device=mps but no Apple MPS device is available",)),
     Case("cudagraph-on-cpu", lambda P, s: T(P, s, "--compile", "cudagraph"),

@@ -310,8 +310,13 @@ def test_an_expectation_skips_what_it_or_an_older_or_imported_cache_leaves_out(t
     with pytest.raises(CacheError, match=r"encoder bert with weights digest w1w1w1w1w1w1w1w1 \(the weights of "
                                          r"bert now have w2w2w2w2w2w2w2w2\)"):
         check_metadata(path, meta, other_weights)
-    with pytest.raises(CacheError, match=r"built for encoder bert \(config's encoder bert differs\) — rebuild"):
+    # the same folder, its model rewritten in place: said so, not the one path twice
+    with pytest.raises(CacheError, match=r"built for encoder bert with config digest c1 \(that folder: its "
+                                         r"config.json now has c2, another model\) — rebuild"):
         check_metadata(path, meta, dataclasses_replace(other_weights, encoder_config="c2"))
+    with pytest.raises(CacheError, match=r"built for encoder bert with config digest c1 \(the config's encoder "
+                                         r"vit: its config.json now has c2, another model\)"):
+        check_metadata(path, meta, dataclasses_replace(other_weights, encoder="vit", encoder_config="c2"))
     with pytest.raises(CacheError, match=r"built for layers \[0, 1, 2\], without \[3\] .*; width 32 \(config's "
                                          r"encoder has 16\); items file items.tsv with fingerprint f1 \(config's "
                                          r"items file has f2\); modality text \(expected image\)"):

@@ -38,6 +38,7 @@ def test_invalid_choice_and_type(capsys):
     ({"lr": "fast"}, "lr='fast': expected a number"),
     ({"run_name": " r"}, r"run_name=' r' must not start or end with a blank or start with '-'$"),
     ({"run_name": "-x"}, r"run_name='-x' must not start or end with a blank or start with '-'$"),
+    ({"run_name": "a\nb"}, r"run_name='a\\nb' contains the control character U\+000A; use letters, digits"),
     ({"min_seq_len": 2}, r"min_seq_len=2: leave-one-out needs at least 3 interactions per user$"),
     ({"device": "cuda:128"}, r"device='cuda:128': a device index above 127, the largest torch takes$"),
     ({"run_name": "\ud800"}, r"run_name='\\ud800': holds a lone surrogate, which no text can$"),
@@ -235,6 +236,42 @@ def test_a_device_or_pipe_where_a_file_is_expected_is_not_called_missing(tmp_pat
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_data_stats_bounds_the_sequence_lengths_as_a_config_does(tiny, capsys):
+    """100,000,000 items before a target would allocate 894 GiB for 1,200 users: refused as train refuses it."""
+    with pytest.raises(SystemExit):
+        main(["data-stats", "--users", tiny["users"], "--items", tiny["items"], "--max-seq-len", "100000000"])
+    assert "argument --max-seq-len: 100000000 is more than 4096, the most max_seq_len may be" in capsys.readouterr().err
+
+
+def test_half_precision_asked_for_on_a_cpu_is_said_to_be_fp32(tiny_config, caplog):
+    """--amp bf16 (a config from a GPU run) on a CPU: the run computes in fp32, and a warning says so."""
+    import logging
+
+    import torch
+
+    from iisan.data.run_data import load_data
+    from iisan.model.build import build_model
+    from iisan.train.plan import plan_step
+
+    cfg = tiny_config(amp="bf16", method="id")
+    model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="iisan"):
+        assert plan_step(cfg, torch.device("cpu"), model).amp is None
+        plan_step(cfg.replace(amp="auto"), torch.device("cpu"), model)
+    assert [r.getMessage() for r in caplog.records] == ["--amp bf16 applies on a GPU only: on CPU this run computes "
+                                                        "in fp32 (half precision is emulated there, and slow)"]
+
+
+def test_fetch_into_a_file_is_refused_before_any_download(tmp_path, capsys):
+    """fetch's --root is a folder to write into: a file there is named as one, up front, not a raw 'File exists'."""
+    (file := tmp_path / "users.tsv").write_text("U1\tI1\n")
+    for argv in (["fetch", "encoders", "--root", str(file)], ["fetch", "data", "--dataset", "Scientific", "--root",
+                                                              str(file)]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"--root {file} is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_a_run_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny_config, tiny_cache, tmp_path):

@@ -139,18 +139,19 @@ def test_bad_files_are_counted_and_named_and_a_pickled_object_is_refused_unread(
     torch.save({"states": torch.zeros(3, 32)}, state_file(src, "image", ids[3]))
     state_file(src, "image", ids[4]).write_bytes(b"not a torch file")
     torch.save(torch.full((4, 24), float("nan")), state_file(src, "image", ids[5]))
+    torch.save(torch.randint(0, 9, (3, 32)), state_file(src, "text", ids[6]))  # token ids, not states
     cfg = cache_config(tiny, tmp_path / "cache")
     with pytest.raises(CacheError) as err:
         import_cache_from_config(cfg, src, dtype="float32")
     message = str(err.value)
-    assert "\n" not in message and f"6 of {2 * len(ids)} files" in message and "no cache was written" in message
+    assert "\n" not in message and f"7 of {2 * len(ids)} files" in message and "no cache was written" in message
     for part in ("1 refused", f"bert_{ids[0]}.pt", "1 missing", "1 wrong shape", "1 not a plain tensor",
-                 "1 unreadable", "1 NaN or infinite values"):
+                 "1 unreadable", "1 NaN or infinite values", "1 not floating-point"):
         assert part in message
     assert not marker.exists()  # the pickled call never ran
     assert not cache_file(cfg.cache_dir, "text").exists() and not cache_file(cfg.cache_dir, "image").exists()
     report = (Path(cfg.cache_dir) / REPORT).read_text().splitlines()
-    assert len(report) == 7 and report[1].startswith(f"text\t{ids[0]}\t") and "refused" in report[1]
+    assert len(report) == 8 and report[1].startswith(f"text\t{ids[0]}\t") and "refused" in report[1]
     assert "shape (5, 32), expected (3, 32)" in report[3]
     import_cache_from_config(cfg, authors_files["src"], dtype="float32")  # the intact files, same folder
     assert (Path(cfg.cache_dir) / REPORT).read_text() == "modality\titem_id\tfile\tproblem\n"

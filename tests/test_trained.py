@@ -68,8 +68,8 @@ def test_evaluate_compares_the_numbers_a_damaged_results_file_still_holds(runs, 
 
 
 @pytest.mark.parametrize("epoch", ["abc", "1.5", "9" * 40])
-def test_a_best_epoch_in_the_weights_that_is_no_whole_number_is_shown_as_minus_one(runs, tmp_path, epoch, capsys,
-                                                                                   caplog):
+def test_a_best_epoch_in_the_weights_that_is_no_whole_number_is_shown_as_unknown(runs, tmp_path, epoch, capsys,
+                                                                                caplog):
     import shutil
 
     from safetensors import safe_open
@@ -81,7 +81,7 @@ def test_a_best_epoch_in_the_weights_that_is_no_whole_number_is_shown_as_minus_o
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(tensors, copy / "best.safetensors", {**metadata, "epoch": epoch})
     main(["evaluate", str(copy), "--device", "cpu"])
-    assert ", best epoch -1, CPU (" in capsys.readouterr().out
+    assert ", best epoch unknown (the weights file names none), CPU (" in capsys.readouterr().out
     assert f"its metadata's epoch {epoch!r} is not a whole number" in caplog.text
 
 
@@ -152,6 +152,12 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert line["history"] == asked and len(line["items"]) == 10
     assert not set(asked) & {i["item_id"] for i in line["items"]}
+    # more asked for than there are items left once the history is masked: all of them, and a line saying so
+    main(["recommend", run_dir, "--history", ",".join(asked), "-k", "1000", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 + run.data.num_items - 2 + 1
+    assert out[-1] == f"(-k 1000: {run.data.num_items - 2} items are all there are to rank here; the history's are " \
+                      "masked)"
 
 
 @pytest.mark.parametrize("argv, message", [

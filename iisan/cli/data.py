@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bounds import PIXELS, check_encoding, path_arg, positive_int, utf8_path
+from ..bounds import PIXELS, check_encoding, path_arg, positive_at_most, positive_int, utf8_path
 from ..flags import add_config_arguments, config_from_args
 
 
@@ -101,8 +101,10 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("data-stats", help="users, items and interactions after the paper's protocol")
     p.add_argument("--users", type=path_arg, required=True, help="users TSV")
     p.add_argument("--items", type=path_arg, required=True, help="items TSV")
-    p.add_argument("--max-seq-len", type=positive_int, default=10, help="items before a target (default: 10)")
-    p.add_argument("--min-seq-len", type=positive_int, default=5, help="fewest interactions a user needs "
+    p.add_argument("--max-seq-len", type=positive_at_most("max_seq_len"), default=10,
+                   help="items before a target (default: 10)")
+    p.add_argument("--min-seq-len", type=positive_at_most("min_seq_len"), default=5,
+                   help="fewest interactions a user needs "
                    "(default: 5)")
     p.add_argument("--allow-empty-titles", action="store_true",
                    help="accept empty titles (MicroLens) instead of rejecting the file")

@@ -9,6 +9,7 @@ from ..data.datasets import DATASETS, FETCHABLE
 from ..errors import ConfigError
 from ..experiments.encoders import ENCODER_PRESETS
 from ..experiments.presets import ROOT
+from ..files import expect_folders
 from ..flags import add_config_arguments, config_from_args
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
@@ -20,6 +21,7 @@ def cmd_fetch_data(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..data.fetch import fetch_dataset
 
+    expect_folders(root=args.root)  # a file there: said before any download, not as 'File exists' after
     names = list(FETCHABLE) if args.dataset == "all" else [args.dataset]
     for name in names:
         stats = fetch_dataset(name, args.root)
@@ -32,6 +34,7 @@ def cmd_fetch_encoders(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.encoders import fetch_encoders
 
+    expect_folders(root=args.root)
     for path in fetch_encoders(args.preset, args.root):
         print(path)
 

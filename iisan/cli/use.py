@@ -18,12 +18,17 @@ if TYPE_CHECKING:
 SPLITS = ("valid", "test")
 
 
+def shown_epoch(epoch: int) -> str:
+    """A weights file's epoch as said: -1 is a file whose metadata names none (saved again without it)."""
+    return str(epoch) if epoch >= 0 else "unknown (the weights file names none)"
+
+
 def describe(run: TrainedRun) -> str:
     # imported when run, not for --help (cli/__init__.py)
     from ..devices import device_name
 
     feed = "" if run.cfg.method == "id" else f", {run.cfg.feed} feed"  # no encoder to feed (`iisan results`: '-')
-    return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}{feed}, best epoch {run.best_epoch}, "
+    return (f"{run.run_dir}: {METHOD_NAMES[run.cfg.method]}{feed}, best epoch {shown_epoch(run.best_epoch)}, "
             f"{device_name(run.device)}")
 
 
@@ -53,7 +58,8 @@ def why_different(run: TrainedRun) -> str:
     if (then := run.results.get("users_fingerprint")) and then != file_fingerprint(run.cfg.users):
         return f"the users file {run.cfg.users} is not the one the run trained on"
     if run.results.get("best_epoch") != run.best_epoch:
-        return f"results.json is of best epoch {run.results.get('best_epoch')}, the weights of {run.best_epoch}"
+        return (f"results.json is of best epoch {run.results.get('best_epoch')}, the weights of "
+                f"{shown_epoch(run.best_epoch)}")
     step = run.results.get("step")
     trained_on = (step.get("cache_dtypes") if isinstance(step, dict) else None) or {}
     now = run.model.cache_dtypes()
@@ -132,6 +138,8 @@ def cmd_recommend(args) -> None:
         print(f"{'rank':>4}  {'item':<14}{'score':>10}  title")
         for rank, (i, score) in enumerate(top, 1):
             print(f"{rank:>4}  {ids[i]:<14}{score:>10.4f}  {titles[i]}")
+        if len(top) < args.k:
+            print(f"(-k {args.k}: {len(top)} items are all there are to rank here; the history's are masked)")
 
 
 def cmd_export(args) -> None:

@@ -242,7 +242,9 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
         differences.append(f"items file {meta['items_file']} with fingerprint {meta['items_fingerprint']} "
                            f"(config's items file has {expected.items_fingerprint})")
     if expected.encoder_config and meta.get("encoder_config") and meta["encoder_config"] != expected.encoder_config:
-        differences.append(f"encoder {meta['encoder']} (config's encoder {expected.encoder} differs)")
+        now = "that folder" if meta["encoder"] == expected.encoder else f"the config's encoder {expected.encoder}"
+        differences.append(f"encoder {meta['encoder']} with config digest {meta['encoder_config'][:16]} ({now}: its "
+                           f"config.json now has {expected.encoder_config[:16]}, another model)")
     elif expected.encoder_weights and meta.get("source") != "imported" and \
             meta["encoder_weights"] != expected.encoder_weights:
         differences.append(f"encoder {meta['encoder']} with weights digest {meta['encoder_weights'][:16]} (the "

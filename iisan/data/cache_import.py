@@ -9,8 +9,9 @@ set's item order and written with ``cache_build.write_together``, with metadata 
 import and its source.
 
 Every file is checked before anything is written: missing files, files that are not a plain tensor
-(or would need unpickling), of another shape, or holding NaN or infinite values are counted by kind,
-named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is written. A
+(or would need unpickling), of another shape, not floating-point, or holding NaN or infinite values are
+counted by kind, named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is
+written. A
 file of that name that is not such a report is refused before any file is read.
 ``allow_missing`` stores absent items as zero rows instead (counted, logged, and recorded in the
 metadata as ``imported_missing``).
@@ -61,6 +62,8 @@ def read_state(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor | None,
         return None, f"not a plain tensor ({type(value).__name__})"
     if tuple(value.shape) != tuple(shape):
         return None, f"shape {tuple(value.shape)}, expected {tuple(shape)}"
+    if not value.is_floating_point():  # token ids or labels saved by mistake are no hidden states
+        return None, f"not floating-point ({str(value.dtype).replace('torch.', '')}: no hidden states)"
     value = value.detach().float()
     if not torch.isfinite(value).all():
         return None, "NaN or infinite values"

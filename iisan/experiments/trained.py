@@ -237,7 +237,7 @@ def best_weights(model, weights: Path, cfg: Config) -> int:
     best_epoch = int(epoch) if re.fullmatch(r"-?\d{1,9}", epoch := str(metadata.get("epoch", -1))) else -1
     if best_epoch == -1 and "epoch" in metadata:
         log.warning("%s: its metadata's epoch %r is not a whole number (the file was edited?); the best epoch is "
-                    "shown as -1", weights, metadata["epoch"])
+                    "unknown", weights, metadata["epoch"])
     if bad := [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]:
         raise TrainingError(f"{weights} holds non-finite values in {len(bad)} weight tensor(s) (e.g. {bad[0]}); "
                             "its metrics and scores would be NaN: restore the file or train again")

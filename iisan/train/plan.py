@@ -4,6 +4,7 @@ each slot that holds one, every slot) and static shapes or not."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from ..devices import amp_dtype
 from ..errors import TrainingError
 from ..model.inputs import EncodedItems
 from ..model.recommender import Recommender
+
+log = logging.getLogger(__name__)
 
 
 def use_compile(cfg: Config, device: torch.device) -> str:
@@ -115,6 +118,9 @@ class StepPlan:
 def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: int = 1) -> StepPlan:
     """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
     checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
+    if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
+        log.warning("--amp %s applies on a GPU only: on %s this run computes in fp32 (half precision is emulated "
+                    "there, and slow)", cfg.amp, device.type.upper())
     compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
     encoding, buckets = batch_layout(cfg, compiled, model)
     return StepPlan(amp_dtype(cfg.amp, device), compiled, encoding, buckets, per_item_towers(encoding, model))
