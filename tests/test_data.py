@@ -237,3 +237,13 @@ def test_item_ids_joined_by_commas_get_a_hint(tmp_path):
         load_dataset(users, items)
     assert str(info.value) == (f"{users}: no user has 5 or more interactions with known items (item ids are "
                                "separated by spaces; the unknown ids here contain ',')")
+
+
+def test_a_users_line_may_end_in_a_tab_but_holds_two_fields(tmp_path):
+    """A trailing tab (or blank) is no third field; a third field (a timestamp column) is refused by line."""
+    users = tmp_path / "users.tsv"
+    users.write_text("U1\tI1 I2 I3\t\nU2\tI2 I3 \n")
+    assert read_users(users) == [("U1", ["I1", "I2", "I3"]), ("U2", ["I2", "I3"])]
+    users.write_text("U1\tI1 I2 I3\n\nU2\tI2 I3\t1712345678\n")
+    with pytest.raises(DataError, match=r"users.tsv:3: 3 tab-separated fields, expected 2"):
+        read_users(users)

@@ -20,15 +20,15 @@ CPU = torch.device("cpu")
 
 
 def test_rows_by_hand():
-    """Slots 3, 4, 3 / 5, 6, 7, 4 / 1, 2: a row per slot that holds an item and padding once (row 0); the
-    distinct items once each, padding first, each row pointing at its item's distinct row; with static
+    """Slots 30, 40, 30 / 50, 60, 70, 40 / 10, 20: a row per slot that holds an item and padding once (row 0);
+    the distinct items once each, padding first, each row pointing at its item's distinct row; with static
     shapes each list padded to its own bucket, the padding rows pointing at item 0."""
-    sequences = np.array([[0, 0, 3, 4, 3], [0, 5, 6, 7, 4], [0, 0, 0, 1, 2]])
+    sequences = np.array([[0, 0, 30, 40, 30], [0, 50, 60, 70, 40], [0, 0, 0, 10, 20]])
     batch = CollateTrain(sequences, "slots", per_item=("image",))([0, 1, 2])
     items = batch.items
-    assert items.ids.tolist() == [0, 3, 4, 3, 5, 6, 7, 4, 1, 2]
-    assert items.distinct.ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert items.to_distinct.tolist() == [0, 3, 4, 3, 5, 6, 7, 4, 1, 2]  # item k is distinct row k here
+    assert items.ids.tolist() == [0, 30, 40, 30, 50, 60, 70, 40, 10, 20]
+    assert items.distinct.ids.tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert items.to_distinct.tolist() == [0, 3, 4, 3, 5, 6, 7, 4, 1, 2]
     assert items.distinct.ids[items.to_distinct].tolist() == items.ids.tolist()
     assert items.tower("image") == (items.distinct, items.to_distinct) and items.tower("text") == (items, None)
     static = CollateTrain(sequences, "slots", buckets=ShapeBuckets(), per_item=("image",))([0, 1, 2]).items
@@ -42,6 +42,37 @@ def test_rows_by_hand():
     assert torch.equal(back.to_distinct, static.to_distinct) and back.distinct.title_columns == static.title_columns
     with pytest.raises(ValueError, match="towers by distinct item .* need the 'slots' encoding, not 'items'"):
         CollateTrain(sequences, "items", per_item=("image",))
+
+
+def test_a_tower_by_item_gives_the_same_gradients_run_after_run():
+    """Each slot takes its item's output by index_select, whose backward sums a repeated item's rows in one
+    order: same inputs, the same gradient bit for bit, also on two threads and a 768-wide tower (indexing
+    with out[index] summed them in an order that varied from run to run there)."""
+    from iisan.model.inputs import EncodedItems
+
+    class Table(EncodedItems):
+        def inputs(self, name, items, rows):
+            return {"ids": items.ids if rows is None else items.ids[rows]}
+
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(400, 768))
+    tower = Table({"image": torch.nn.Identity()}, None, None)
+    rng = np.random.default_rng(0)
+    sequences = np.concatenate([np.zeros((32, 2), np.int64), rng.integers(1, 60, (32, 9))], axis=1)
+    items = CollateTrain(sequences, "slots", per_item=("image",))(list(range(32))).items
+    weights = torch.randn(len(items.ids), 768)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(12):
+            table.grad = None
+            out = tower.encode("image", items, lambda encoder, inputs: table[inputs["ids"]], (768,))
+            (out * weights).sum().backward()
+            grads.append(table.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
 class CountedPixels:
@@ -115,7 +146,7 @@ def test_a_run_records_its_towers_by_item_and_trains_as_before(tiny_config, monk
     assert by_item["epochs"][0]["loss"] == pytest.approx(per_slot["epochs"][0]["loss"], rel=1e-5)
 
 
-def test_the_benchmark_counts_both_row_lists_and_says_what_they_are(tiny_config, monkeypatch):
+def test_the_benchmark_counts_both_row_lists_and_says_what_they_are(tiny_config, monkeypatch, tmp_path):
     """An FFT row: items and rows per step for the towers per slot and for the ViT per item, FLOPs below those
     of every tower per slot, and the table and its notes say which is which."""
     from iisan.efficiency.bench import measure_training, training_setup
@@ -132,11 +163,43 @@ def test_the_benchmark_counts_both_row_lists_and_says_what_they_are(tiny_config,
     assert out["distinct_items_per_step"] == pytest.approx(np.mean(distinct))
     assert out["distinct_items_per_step"] < out["items_per_step"]
     assert out["distinct_rows_per_step"] == pytest.approx(np.mean(distinct))  # no static shapes: no padding rows
+    assert out["distinct_padding_overhead_items"] == 0
     line = training_line({"label": "FFT", **out}, gpu=False, columns=15)
-    assert f"| {out['items_per_step']:.0f} / {np.mean(distinct):.0f} |" in line
+    assert f"| {out['items_per_step']:.0f} / {np.mean(distinct):.0f} |" in line and "(by item: rows +0 %) |" in line
+    # a hand-edited JSON with one count of the pair: one line naming the other, not a KeyError
+    import json
+
+    from iisan.efficiency.report_checks import read_benchmark
+    from iisan.errors import DataError
+
+    from .test_bench_outputs import benchmark_payload
+
+    payload = benchmark_payload()
+    payload["rows"][0]["distinct_items_per_step"] = 110.0
+    (path := tmp_path / "b.json").write_text(json.dumps(payload))
+    with pytest.raises(DataError, match=r"rows\[0\] \(\w+\)\.distinct_rows_per_step is missing beside "
+                                        "distinct_items_per_step"):
+        read_benchmark(path)
     (said,) = [n for n in layout_notes([{"label": "FFT", **out}]) if n.startswith("Encodes")]
     assert "the image tower drops nothing out, so it runs on each distinct item once" in said
     monkeypatch.setattr(plan, "per_item_towers", lambda encoding, model: ())
     per_slot = measure_training(cfg, warmup=1, steps=2)
     assert per_slot["encodes"] == "every slot with an item" and "towers_by_item" not in per_slot
     assert out["flops_per_step"] < per_slot["flops_per_step"]
+
+
+def test_stochastic_depth_counts_as_dropping_out():
+    """DINOv2 with drop_path_rate > 0 draws a DropPath mask per row (its drop_prob, neither a Dropout nor a
+    float named dropout): such a tower keeps a row per slot; at its published rate of 0 it has none."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from iisan.train.plan import drops_out
+
+    def tower(rate: float):
+        model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=20, image_size=28, patch_size=14, drop_path_rate=rate))
+        return model.train()
+
+    assert any(drops_out(m) for m in tower(0.2).modules())
+    assert not any(drops_out(m) for m in tower(0.0).modules())
+    assert not any(drops_out(m) for m in tower(0.2).eval().modules())

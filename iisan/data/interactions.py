@@ -118,7 +118,7 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
         user_id = user_id.strip()
         if not user_id:
             raise DataError(f"{path}:{lineno}: empty user id")
-        if "\t" in items:  # a third column (a timestamp) would be read as more items of the history
+        if "\t" in items.rstrip():  # a third column (a timestamp) would be read as more items of the history
             raise DataError(f"{path}:{lineno}: {items.count(chr(9)) + 2} tab-separated fields, expected 2 "
                             "(user_id<TAB>item item ..., the items separated by spaces)")
         if user_id in users:

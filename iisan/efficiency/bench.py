@@ -165,7 +165,8 @@ def layout_summary(setup: TrainingSetup) -> dict:
     by_item = {}
     if per_item:  # e.g. the ViT beside a baseline's BERT: the same images, each once
         by_item = {"towers_by_item": list(per_item), "distinct_items_per_step": float(np.mean(distinct)),
-                   "distinct_rows_per_step": float(np.mean(distinct_rows))}
+                   "distinct_rows_per_step": float(np.mean(distinct_rows)),
+                   "distinct_padding_overhead_items": float(np.sum(distinct_rows) / np.sum(distinct) - 1)}
     return {
         "encodes": ENCODES[setup.encoding] + (f"; {', '.join(per_item)}: distinct items" if per_item else ""),
         **by_item,

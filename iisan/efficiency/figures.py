@@ -47,6 +47,8 @@ def training_line(r: dict, gpu: bool, columns: int) -> str:
         items, rows = f"{items} / {r['distinct_items_per_step']:.0f}", f"{rows} / {r['distinct_rows_per_step']:.0f}"
     padding = " / ".join(percent(r[k]) for k in ("padding_overhead_items", "padding_overhead_flops")
                          if r.get(k) is not None)
+    if r.get("distinct_padding_overhead_items") is not None:  # the rows of the towers by item, padded apart
+        padding += f" (by item: rows {percent(r['distinct_padding_overhead_items'])})"
     p90 = f"{r['p90_seconds_per_step']:.4g}" if "p90_seconds_per_step" in r else ""
     full = f"{r['full_epoch_seconds']:.2f}" if "full_epoch_seconds" in r else ""
     rate = f"{r['model_tflops_per_second']:.3g}" if "model_tflops_per_second" in r else ""

@@ -27,7 +27,8 @@ ROW_OPTIONAL = {"encodes": TEXT, "items_per_step": NUMBER, "encoded_rows_per_ste
                 "p90_seconds_per_step": NUMBER, "full_epoch_seconds": NUMBER, "model_tflops_per_second": NUMBER,
                 "tpme": NUMBER, "step_seconds": TABLE, "static_shapes": FLAG, "buckets": TABLE + " or null",
                 "measured": TEXT, "feed": TEXT, "flop_batches": INTEGER, "distinct_items_per_step": NUMBER,
-                "distinct_rows_per_step": NUMBER}
+                "distinct_rows_per_step": NUMBER, "distinct_padding_overhead_items": NUMBER}
+BY_ITEM = ("distinct_items_per_step", "distinct_rows_per_step")  # read together (a row of towers by item)
 FAILED_ROW = {"label": TEXT, "error": TEXT}
 BUCKETS_OPTIONAL = {"title_multiple": INTEGER, "title_tokens": INTEGER}
 GPU_MEMORY = {"max_allocated_gib": NUMBER, "max_reserved_gib": NUMBER}
@@ -90,6 +91,9 @@ def check_rows(path: Path, rows: list) -> None:
             check(path, where, row, FAILED_ROW)
             continue
         check(path, where, row, ROW, ROW_OPTIONAL)
+        if (given := [k for k in BY_ITEM if k in row]) and len(given) < len(BY_ITEM):
+            missing = next(k for k in BY_ITEM if k not in row)
+            raise DataError(f"{path}: {where}{missing} is missing beside {given[0]}; {EXPECTED}")
         kinds.add(check_memory(path, where + "memory.", row["memory"]))
         if isinstance(row.get("buckets"), dict):
             check(path, where + "buckets.", row["buckets"], {}, BUCKETS_OPTIONAL)

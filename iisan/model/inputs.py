@@ -172,7 +172,9 @@ class EncodedItems(nn.Module):
         if rows is not None and not len(rows):
             return torch.zeros(len(items.ids), *shape, device=items.ids.device)
         out = self.spread(run(self.encoders[name], self.inputs(name, batch, rows)), batch, rows)
-        return out if index is None else out[index]
+        # index_select, not out[index]: its backward sums a repeated item's rows in a fixed order on a CPU
+        # with several threads (indexing's index_put_ does not), so that same seeds give the same gradients
+        return out if index is None else out.index_select(0, index)
 
     @staticmethod
     def spread(values: torch.Tensor, items, rows: torch.Tensor | None) -> torch.Tensor:

@@ -65,9 +65,13 @@ def dropping_out(model: Recommender) -> dict[str, bool]:
     """Per encoder of the item tower (by modality), whether a training step runs dropout of p > 0 inside it."""
     was = model.training
     model.train()
+    found: dict[str, bool] = {}
     try:
-        return {name: any(drops_out(m) for m in encoder.modules()) for inputs in model.item_encoder.modules()
-                if isinstance(inputs, EncodedItems) for name, encoder in inputs.encoders.items()}
+        for inputs in model.item_encoder.modules():
+            if isinstance(inputs, EncodedItems):
+                for name, encoder in inputs.encoders.items():
+                    found[name] = found.get(name, False) or any(drops_out(m) for m in encoder.modules())
+        return found
     finally:
         model.train(was)
 
@@ -79,12 +83,16 @@ def per_item_towers(encoding: str, model: Recommender) -> tuple[str, ...]:
     return tuple(name for name, drops in dropping_out(model).items() if not drops) if encoding == "slots" else ()
 
 
+RANDOM_DROPS = ("dropout", "drop_prob", "drop_path")  # names of the probabilities modules draw masks with
+
+
 def drops_out(module: nn.Module) -> bool:
-    """A training module that drops out: a Dropout of p > 0, or an attention that hands a probability of its
-    own to a functional dropout (ViT's ``attention_dropout``, CLIP's ``dropout``: floats, not modules)."""
+    """A training module that draws random masks: a Dropout of p > 0, an attention that hands a probability
+    of its own to a functional dropout (ViT's ``attention_dropout``, CLIP's ``dropout``: floats, not
+    modules), or stochastic depth (DINOv2's DropPath, its ``drop_prob``)."""
     if isinstance(module, nn.Dropout):
         return module.training and module.p > 0
-    return module.training and any("dropout" in name and type(value) is float and value > 0
+    return module.training and any(any(word in name for word in RANDOM_DROPS) and type(value) is float and value > 0
                                    for name, value in vars(module).items())
 
 
