@@ -247,3 +247,15 @@ def test_a_users_line_may_end_in_a_tab_but_holds_two_fields(tmp_path):
     users.write_text("U1\tI1 I2 I3\n\nU2\tI2 I3\t1712345678\n")
     with pytest.raises(DataError, match=r"users.tsv:3: 3 tab-separated fields, expected 2"):
         read_users(users)
+
+
+def test_files_of_two_data_sets_are_said_to_share_no_item(tmp_path):
+    """An items file with only a header line (or another data set's items): no item id of the users file is
+    in it, and the error says that, beside its size and first id, instead of only 'no user has 5'."""
+    users, items = tmp_path / "users.tsv", tmp_path / "items.tsv"
+    users.write_text("".join(f"U{u}\t" + " ".join(f"I{u + k}" for k in range(6)) + "\n" for u in range(4)))
+    items.write_text("item_id\ttitle\n")
+    with pytest.raises(DataError, match=r"users.tsv: no user has 5 or more interactions with known items: none of "
+                                        r"its 9 item ids is among the 1 of .*items.tsv \(its first item_id\): are "
+                                        r"the two files of one data set, without a header line\?$"):
+        load_dataset(users, items)

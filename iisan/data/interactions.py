@@ -243,7 +243,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
         raise DataError(problem)
 
     unknown_ids: dict[str, int] = {}
-    short_users = 0
+    short_users = matched = 0
     users: list[str] = []
     sequences: list[list[int]] = []
     for user_id, items in raw_users:
@@ -254,6 +254,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
                 unknown_ids[item] = unknown_ids.get(item, 0) + 1
             else:
                 rows.append(row)
+        matched += len(rows)
         if len(rows) < min_seq_len:
             short_users += 1
             continue
@@ -274,6 +275,9 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     if not users:  # ids joined by another separator are one unknown id each: say so
         glued = next((sep for sep in ",;|" if any(sep in item for item in unknown_ids)), None)
         hint = f" (item ids are separated by spaces; the unknown ids here contain {glued!r})" if glued else ""
+        if not glued and not matched:
+            hint = (f": none of its {len(unknown_ids):,} item ids is among the {len(catalog):,} of {items_path} (its "
+                    f"first {visible(catalog.ids[0])}): are the two files of one data set, without a header line?")
         raise DataError(f"{users_path}: no user has {min_seq_len} or more interactions with known items{hint}")
 
     # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
