@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -287,16 +287,18 @@ def without_padding_rows(batch: TrainBatch) -> TrainBatch:
     """A host batch as it would be without static shapes, titles cut the same: the items up to the last
     one a slot points at, only the real ones encoded. What padding adds is measured against it."""
     used = int(batch.inverse.max()) + 1
-    items = batch.items
-    pixels = None if items.pixels is None else items.pixels[:used]
-    distinct = to_distinct = None
+    items, kept = batch.items, first_rows(batch.items, used)
     if items.distinct is not None:  # its own padding rows go too
         to_distinct = items.to_distinct[:used]
-        kept, shown = int(to_distinct.max()) + 1, items.distinct
-        distinct = ItemBatch(shown.ids[:kept], None if shown.pixels is None else shown.pixels[:kept], shown.real,
-                             shown.title_columns)
-    return TrainBatch(batch.seq, ItemBatch(items.ids[:used], pixels, items.real, items.title_columns, False, distinct,
-                                           to_distinct, items.per_item), batch.inverse)
+        kept = replace(kept, distinct=first_rows(items.distinct, int(to_distinct.max()) + 1),
+                       to_distinct=to_distinct, per_item=items.per_item)
+    return TrainBatch(batch.seq, kept, batch.inverse)
+
+
+def first_rows(items: ItemBatch, n: int) -> ItemBatch:
+    """The first ``n`` rows of ``items``, only the real ones encoded (their positions all fall among them)."""
+    return ItemBatch(items.ids[:n], None if items.pixels is None else items.pixels[:n], items.real,
+                     items.title_columns)
 
 
 class TrainBatches:

@@ -122,11 +122,11 @@ def claim_cache_folder(cfg: Config) -> Path:
     for m in modalities(cfg):
         refuse_inputs(path := cache_file(folder, m), inputs, "--cache-dir")
         if path.exists() and not cache_here(path):
-            try:
-                if path.is_file():
-                    check_readable(path)  # else is_cache_file says no for a cache this user may not read
-            except OSError as err:
-                raise OutputError(f"--cache-dir: {path} cannot be read ({failure_reason(err)})") from None
+            if path.is_file():  # else is_cache_file says no for a cache this user may not read
+                try:
+                    check_readable(path)
+                except OSError as err:
+                    raise OutputError(f"--cache-dir: {path} cannot be read ({failure_reason(err)})") from None
             claim_output(path, cache_here, "an IISAN cache", "--cache-dir", overwrite=False)
     refuse_inputs(folder / SIDECAR, inputs, "--cache-dir")
     refuse_inside_inputs(folder, inputs, "--cache-dir")

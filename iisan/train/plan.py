@@ -30,15 +30,14 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     return cfg.compile
 
 
-def describe_step(step, model: Recommender, encoding: str, buckets: ShapeBuckets | None,
-                  amp: torch.dtype | None, per_item: tuple[str, ...] = ()) -> dict:
+def describe_step(step, model: Recommender, plan: StepPlan) -> dict:
     """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
     run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to); a run with a
     row per slot, which towers ran on each distinct item once instead (``per_item_towers``)."""
-    stored = model.cache_dtypes()
-    return {"compiled": step.mode, "item_encoding": encoding, "static_shapes": buckets is not None,
+    stored, amp = model.cache_dtypes(), plan.amp
+    return {"compiled": step.mode, "item_encoding": plan.encoding, "static_shapes": plan.buckets is not None,
             "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {}),
-            **({"towers_by_item": list(per_item)} if per_item else {})}
+            **({"towers_by_item": list(plan.per_item)} if plan.per_item else {})}
 
 
 ENCODING_OF = {"on": "items", "slots": "slots", "off": "all"}  # --dedup-items -> ``CollateTrain``'s encoding

@@ -103,8 +103,7 @@ class Run:
             "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)))
         self.model, self.pixels, self.optimizer = parts.model, parts.pixels, parts.optimizer
         self.collate = parts.collate  # the batch layout of every epoch
-        plan = parts.plan
-        self.amp, self.compiled, self.encoding, self.buckets = plan.amp, plan.compiled, plan.encoding, plan.buckets
+        self.plan = parts.plan  # precision, compiled or not, the batch layout
         self.record.parameters = ParameterCount(*count_parameters(self.model), trained_by_rate(self.optimizer))
         # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
         found, chosen = decide(self.checkpoints.choose, dist, lambda found: "" if found is None else str(found.path))
@@ -118,10 +117,9 @@ class Run:
         # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
         # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
-        self.step = make_train_step(self.ddp, self.optimizer, self.amp, device, self.compiled)
+        self.step = make_train_step(self.ddp, self.optimizer, self.plan.amp, device, self.plan.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
-        self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp,
-                                         self.collate.per_item)
+        self.record.step = describe_step(self.step, self.model, self.plan)
         self.on_main(self.first_files)
         self.started = True
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
@@ -221,8 +219,7 @@ class Run:
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
             losses, train_seconds, n_steps = self.train_epoch(epoch)
-            self.record.step = describe_step(self.step, self.model, self.encoding, self.buckets, self.amp,
-                                             self.collate.per_item)
+            self.record.step = describe_step(self.step, self.model, self.plan)
             progress.stopped = self.check_finite(losses, epoch, n_steps)
             if progress.stopped:
                 break
