@@ -228,7 +228,12 @@ def test_gpu_diagnosis_dry_run(tmp_path):
     shapes = fft["shapes"]
     assert list(shapes) == ["warmup_fixed", "fresh", "seen", "fixed", "bucketed_first", "bucketed_seen"]
     fresh, bucketed = shapes["fresh"]["rows"], shapes["bucketed_first"]["rows"]
-    assert len(set(fresh)) == 2 and shapes["seen"]["rows"] == fresh  # two new item counts, then the same again
+    assert shapes["seen"]["rows"] == fresh  # two new shapes, then the same again
+    # FFT's ViT drops nothing out: it runs by distinct item, and a shape is its pair of row counts
+    assert fft["towers_by_item"] == ["image"] and fft["rows_by_item_per_batch"] < fft["rows_per_batch"]
+    pairs = [list(zip(shapes[k]["rows"], shapes[k]["rows_by_item"])) for k in ("fixed", "fresh")]
+    assert len(set(pairs[1])) == 2 and not set(pairs[0]) & set(pairs[1])
+    assert all(n % 16 == 0 for n in shapes["bucketed_first"]["rows_by_item"])
     assert all(n % 16 == 0 for n in bucketed) and all(b >= f for b, f in zip(bucketed, fresh))
     for name, phase in shapes.items():
         assert phase["step_seconds"]["count"] == len(phase["rows"]) and phase["allocator"] == {}, name  # CPU

@@ -245,6 +245,29 @@ def test_the_diagnosis_seeks_fresh_shapes_over_one_epoch_only(tiny_config):
     assert [len(shapes[k]["rows"]) for k in ("fresh", "seen", "fixed", "bucketed_first")] == [found["found"]] * 4
 
 
+def test_a_shape_is_fresh_when_either_of_its_row_counts_is():
+    """A batch whose slots repeat a count met before is still a fresh shape for a tower that runs by
+    distinct item when its distinct count is new; a batch repeating both counts is not."""
+    from types import SimpleNamespace
+
+    from iisan.efficiency.diagnose_steps import shape_phases
+
+    def batch(rows, by_item):
+        distinct = SimpleNamespace(ids=[0] * by_item)
+        return SimpleNamespace(items=SimpleNamespace(ids=[0] * rows, distinct=distinct), to=lambda device: batch(
+            rows, by_item))
+
+    pairs = [(10, 5), (10, 6), (10, 5), (12, 5), (12, 6)]
+    stepped = []
+    setup = SimpleNamespace(buckets=[16], cfg=SimpleNamespace(batch_size=1), collate=SimpleNamespace(
+        sequences=[0] * len(pairs)), device=torch.device("cpu"), step=lambda b: stepped.append(b),
+        host_batches=lambda buckets: (batch(*p) for p in pairs))
+    shapes, found = shape_phases(setup, 3)
+    assert found == {"wanted": 3, "found": 3, "batches_searched": 5}
+    assert list(zip(shapes["fresh"]["rows"], shapes["fresh"]["rows_by_item"])) == [(10, 6), (12, 5), (12, 6)]
+    assert shapes["fixed"]["rows_by_item"] == [5, 5, 5]
+
+
 # --------------------------------------------------------------------------------------------------
 # the diagnosis script's inputs and output
 

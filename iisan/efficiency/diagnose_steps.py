@@ -44,13 +44,23 @@ from .timing import (
 )
 
 
+def rows_of(batch) -> tuple[int, int | None]:
+    """A batch's shape as its encoders meet it: its rows, and the rows of the towers that run by distinct
+    item (``ItemBatch.distinct``; None when none does). Two batches with the same pair run the same shapes
+    (their title columns aside)."""
+    distinct = batch.items.distinct
+    return len(batch.items.ids), None if distinct is None else len(distinct.ids)
+
+
 def phase(setup: TrainingSetup, batches: list) -> dict:
     """Each batch's step timed alone (``timed_each``), with the allocator's activity over the phase."""
     before = allocator_counts(setup.device)
     queue = iter(batches)
     row = timed_each(lambda: setup.step(next(queue)), setup.device, len(batches))
     row["allocator"] = allocator_activity(before, allocator_counts(setup.device))
-    row["rows"] = [len(b.items.ids) for b in batches]
+    row["rows"] = [rows_of(b)[0] for b in batches]
+    if any(b.items.distinct is not None for b in batches):
+        row["rows_by_item"] = [rows_of(b)[1] for b in batches]
     return row
 
 
@@ -58,15 +68,17 @@ def shape_phases(setup: TrainingSetup, reps: int) -> tuple[dict, dict]:
     """Fresh, seen, fixed and bucketed shapes, in that order, on the same users' batches: the i-th
     plain and the i-th bucketed batch of one epoch hold the same users. Fresh shapes are looked for over
     one epoch's full batches: up to ``reps`` of them; the second dict says how many were wanted and found
-    (an epoch may hold fewer distinct item counts), and every phase has that many steps."""
+    (an epoch may hold fewer distinct item counts), and every phase has that many steps. A shape is fresh
+    when its pair of row counts (``rows_of``) is: a batch whose slots repeat a count met before is still
+    fresh to a tower that runs by distinct item when that count is new."""
     buckets = setup.buckets or shape_buckets(setup.cfg.replace(static_shapes=True), setup.model)
     per_epoch = max(1, len(setup.collate.sequences) // setup.cfg.batch_size)  # full batches (host_batches')
     pairs = itertools.islice(zip(setup.host_batches(buckets=None), setup.host_batches(buckets=buckets)), per_epoch)
     fixed, _ = next(pairs)
-    seen_sizes, fresh, bucketed = {len(fixed.items.ids)}, [], []
+    seen_sizes, fresh, bucketed = {rows_of(fixed)}, [], []
     for plain, padded in pairs:  # batches whose item counts differ from each other and from the fixed one
-        if len(plain.items.ids) not in seen_sizes:
-            seen_sizes.add(len(plain.items.ids))
+        if rows_of(plain) not in seen_sizes:
+            seen_sizes.add(rows_of(plain))
             fresh.append(plain.to(setup.device))
             bucketed.append(padded.to(setup.device))
         if len(fresh) == reps:
@@ -136,6 +148,9 @@ def iisan_rows(args, label: str) -> dict:
     rows = Counter(len(b.items.ids) for b in batches)
     row["rows_per_batch"] = float(np.mean([len(b.items.ids) for b in batches]))
     row["most_common_rows"] = rows.most_common(1)[0][0]
+    if any(b.items.distinct is not None for b in batches):  # towers by distinct item: their own rows
+        row["towers_by_item"] = list(batches[0].items.per_item)
+        row["rows_by_item_per_batch"] = float(np.mean([rows_of(b)[1] for b in batches]))
     row["title_columns"] = sorted({b.items.title_columns or setup.cfg.title_tokens for b in batches})
     on_device = itertools.cycle(batches)
     row["enqueue"] = enqueue(setup, batches)
