@@ -69,6 +69,20 @@ def test_plot_figures_refuses_what_is_not_a_benchmark_json(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cut.json", "empty", "results.json"]
 
 
+def test_plot_figures_refuses_a_benchmark_json_without_rows(tmp_path, monkeypatch, capsys):
+    """A benchmark JSON whose rows were emptied (by hand: the benchmark writes a file once a row is
+    measured) is said to hold none, not drawn as an empty table."""
+    plot = script("plot_figures", monkeypatch)
+    committed = SCRIPTS.parent / "results" / "efficiency" / "tiny-demo-cpu-equal.json"
+    payload = json.loads(committed.read_text())
+    payload["rows"] = []
+    (tmp_path / "none.json").write_text(json.dumps(payload))
+    assert ending(plot, ["--results", str(tmp_path / "none.json"), "--figs", str(tmp_path / "figs")], capsys) == (
+        f"plot_figures.py: error: {tmp_path / 'none.json'} holds no rows (a benchmark JSON has one per method "
+        f"measured); {EXPECTED}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none.json"]
+
+
 def test_plot_figures_interrupted_exits_130(tmp_path, monkeypatch, capsys):
     plot = script("plot_figures", monkeypatch)
 

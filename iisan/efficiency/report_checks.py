@@ -125,6 +125,8 @@ def read_benchmark(path: Path) -> dict:
     if missing or not isinstance(payload["rows"], list):
         raise DataError(f"{path} is not a benchmark JSON (it lacks {', '.join(missing) or 'a list of rows'}); "
                         f"{EXPECTED}")
+    if not payload["rows"]:  # the benchmark writes a file once it has measured a row
+        raise DataError(f"{path} holds no rows (a benchmark JSON has one per method measured); {EXPECTED}")
     check(path, "", payload, PAYLOAD, PAYLOAD_OPTIONAL)
     check_rows(path, payload["rows"])
     check_tasks(path, payload)
