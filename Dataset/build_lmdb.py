@@ -14,10 +14,10 @@ sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
 from iisan.bounds import PIXELS, check_encoding  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
+from iisan.data.datasets import dataset_paths  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
 from iisan.data.interactions import read_items  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
-from iisan.experiments.presets import dataset_paths  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 IMAGE_FOLDERS = {name: source.images.folder for name, source in SOURCES.items()}  # where the archives unpack

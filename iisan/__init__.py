@@ -2,8 +2,8 @@
 recommendation (SIGIR 2024), and IISAN-Versa (TKDE).
 
 The package follows the pipeline, each layer importing only from those before it: a base of small
-modules (``errors``, ``bounds``, ``methods``, ``config``, ``flags``, ``files``, ``locks``, ``devices``,
-``provenance``, ``console``, ``distributed``), then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` ->
+modules (``errors``, ``bounds``, ``methods``, ``config``, ``precedence``, ``flags``, ``files``, ``locks``,
+``devices``, ``provenance``, ``console``, ``distributed``), then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` ->
 ``experiments`` and ``efficiency`` (the benchmark and the GPU diagnosis; neither imports the other) -> ``cli``.
 """
 

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from iisan.data.datasets import DATASETS, FETCHABLE
+from iisan.data.datasets import DATASETS, FETCHABLE, dataset_paths
 from iisan.data.download import Expected, git_blob_id, http_download, mismatch, partial_path
 from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
 from iisan.data.interactions import load_dataset
 from iisan.data.manifest import Manifest
 from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
 from iisan.errors import DataError, FetchError
-from iisan.experiments.presets import dataset_paths
 
 from .conftest import shared_file
 

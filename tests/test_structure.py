@@ -60,8 +60,13 @@ def imports(path: Path) -> list[tuple[str, ast.stmt, bool]]:
     return [(name, node, inner) for name, node, inner in found if name.split(".")[0] == "iisan"]
 
 
+def room(module: str) -> str:
+    """The subpackage or base module of ``iisan.<room>...`` ('' for the package itself)."""
+    return module.split(".")[1] if "." in module else ""
+
+
 def layer(module: str) -> int:
-    return LAYERS[module.split(".")[1] if "." in module else "__init__"]
+    return LAYERS[room(module) or "__init__"]
 
 
 def test_the_package_is_read_as_expected():
@@ -103,6 +108,16 @@ def test_no_import_cycles_between_modules():
     assert not cycles, cycles
 
 
+SIBLINGS = ("experiments", "efficiency")  # one layer, side by side: neither imports the other
+
+
+def test_experiments_and_efficiency_do_not_import_each_other():
+    crossing = [f"{path.relative_to(ROOT)}:{node.lineno} imports {target}"
+                for name, path in modules().items() for target, node, _ in imports(path)
+                if {room(name), room(target)} == set(SIBLINGS)]
+    assert not crossing, crossing
+
+
 def test_the_checks_find_a_planted_cycle_and_an_upward_import(tmp_path, monkeypatch):
     """The checks above would pass vacuously if they read nothing: planted faults must be seen."""
     fake = tmp_path / "iisan"
@@ -120,6 +135,23 @@ def test_the_checks_find_a_planted_cycle_and_an_upward_import(tmp_path, monkeypa
         test_no_import_cycles_between_modules()
     with pytest.raises(AssertionError, match=r"iisan/data/c\.py:1 imports iisan\.train\.loop"):
         test_imports_point_only_downwards()
+    (fake / "efficiency").mkdir()
+    (fake / "experiments").mkdir()
+    (fake / "efficiency" / "bench.py").write_text("from ..experiments.table import rows\n")
+    (fake / "experiments" / "table.py").write_text("rows = []\n")
+    with pytest.raises(AssertionError, match=r"iisan/efficiency/bench\.py:1 imports iisan\.experiments\.table"):
+        test_experiments_and_efficiency_do_not_import_each_other()
+
+
+def test_each_package_docstring_names_its_modules():
+    """A subpackage's docstring is its map: every module in it is named there (as ``name``), and the
+    package's own docstring names every base module."""
+    unnamed = []
+    for package in [PACKAGE, *sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())]:
+        text = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        inside = [p.stem for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")]
+        unnamed += [f"{package.name}/{stem}.py" for stem in sorted(inside) if f"``{stem}``" not in text]
+    assert not unnamed, unnamed
 
 
 def test_modules_stay_short():

@@ -212,7 +212,8 @@ def test_values_of_a_key_the_method_never_reads_are_one_point(sweep, argv, caplo
 
 
 def test_other_items_without_cache_dir_get_a_cache_folder_of_their_own(sweep, tiny, tmp_path):
-    from iisan.experiments.presets import ROOT, dataset_paths, versa_defaults
+    from iisan.data.datasets import dataset_paths
+    from iisan.experiments.presets import ROOT, versa_defaults
 
     files = ["--users", tiny["users"], "--items", tiny["items"], "--out-dir", str(tmp_path / "runs")]
     points, _ = parse_script_args(DEFAULTS, sweep, files)
@@ -317,7 +318,7 @@ def test_a_paper_data_set_not_yet_here_names_the_command_that_fetches_it(sweep, 
     """An entry script run on --dataset's files before they are downloaded: one line with the fetch
     command, not a failed grid point; --list-grid needs no data; data given by flag is not checked here."""
     import iisan.experiments.sweep as sweep_module
-    from iisan.experiments.presets import dataset_paths
+    from iisan.data.datasets import dataset_paths
 
     monkeypatch.setattr(sweep_module, "dataset_paths", lambda name: dataset_paths(name, tmp_path))
     with pytest.raises(SystemExit) as info:

@@ -1,7 +1,7 @@
-"""The ``iisan`` command: ``main.py`` assembles the subcommands that ``data.py`` (data sets, images,
-caches, tiny models), ``fetch.py`` (downloads, imported caches), ``runs.py`` (training, parameter
-counts, result tables, the demo) and ``use.py`` (evaluating, recommending from and exporting a trained
-run) define. ``launch`` is the installed command's entry point.
+"""The ``iisan`` command: ``main`` assembles the subcommands that ``data`` (data sets, images, caches,
+tiny models), ``fetch`` (downloads, imported caches), ``runs`` (training, parameter counts, result
+tables, the demo) and ``use`` (evaluating, recommending from and exporting a trained run) define.
+``launch`` is the installed command's entry point.
 
 Each command imports what it runs when it runs (torch and transformers take seconds): defining the
 commands imports neither, so ``--help`` and a bad flag answer at once."""

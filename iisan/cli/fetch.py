@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..bounds import utf8_path
 from ..config import PRECISIONS
-from ..data.datasets import DATASETS, FETCHABLE
+from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError
 from ..experiments.encoders import ENCODER_PRESETS
 from ..experiments.presets import ROOT
@@ -19,13 +19,13 @@ IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towe
 
 def cmd_fetch_data(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
-    from ..data.fetch import fetch_dataset
+    from ..data.fetch import MANIFEST, fetch_dataset
 
     expect_folders(root=args.root)  # a file there: said before any download, not as 'File exists' after
     names = list(FETCHABLE) if args.dataset == "all" else [args.dataset]
     for name in names:
         stats = fetch_dataset(name, args.root)
-        manifest = f"{args.root}/Dataset/{DATASETS[name].folder}/fetch-manifest.json"
+        manifest = f"{args.root}/Dataset/{DATASETS[name].folder}/{MANIFEST}"
         print(f"{name}: {stats['users']:,} users / {stats['items']:,} items / {stats['interactions']:,} "
               f"interactions, as in the paper; manifest {manifest}")
 
@@ -41,7 +41,7 @@ def cmd_fetch_encoders(args) -> None:
 
 def cmd_import_cache(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
-    from ..experiments.presets import BACKBONES, dataset_paths
+    from ..experiments.presets import BACKBONES
     from ..model.caching import import_cache_from_config
 
     paper = dataset_paths(args.dataset) if args.dataset else {}

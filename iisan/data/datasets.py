@@ -8,9 +8,12 @@ statistics after the protocol are its source's (``DataSource.stats``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
+from ..config import REPOSITORY
 from .sources import SOURCES, DataSource
+
+LMDB = "images.lmdb"  # a data set's pictures, in its folder (built by ``iisan fetch data`` or build_lmdb.py)
 
 
 @dataclass(frozen=True)
@@ -40,3 +43,12 @@ DATASETS = {spec.name: spec for spec in (
 )}
 
 FETCHABLE = tuple(name for name, spec in DATASETS.items() if spec.source)  # table order
+
+
+def dataset_paths(name: str, root: Path = REPOSITORY) -> dict[str, str]:
+    """users, items, images (LMDB) and cache_dir of one of the paper's data sets, under ``root`` (the
+    repository: ``Dataset/<folder>`` and ``Code_Cached/<cache folder>``)."""
+    spec = DATASETS[name]
+    base = root / "Dataset" / spec.folder
+    return {"users": str(base / spec.users_file), "items": str(base / spec.items_file),
+            "images": str(base / LMDB), "cache_dir": str(root / "Code_Cached" / spec.cache_folder)}

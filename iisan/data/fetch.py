@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from ..errors import DataError, FetchError
+from .datasets import LMDB
 from .download import Expected, http_download, mismatch
 from .image_build import build_image_lmdb
 from .interactions import load_dataset, read_items
@@ -138,7 +139,7 @@ def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveCl
 
 def build_lmdb(src: DataSource, base: Path, manifest: Manifest) -> None:
     folder = base / src.folder
-    lmdb_path, items = folder / "images.lmdb", folder / PurePosixPath(src.items.path).name
+    lmdb_path, items = folder / LMDB, folder / PurePosixPath(src.items.path).name
     report = lmdb_path.with_name(lmdb_path.name + ".report.tsv")
     if lmdb_path.is_dir():
         log.info("%s is in place; using it as it is (delete it to rebuild it)", lmdb_path)

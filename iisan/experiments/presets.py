@@ -1,5 +1,5 @@
-"""The paper's backbones and IISAN-Versa encoder pairs as data, and the paths of its data sets (their table is
-``data.datasets.DATASETS``): paths relative to the repository.
+"""The paper's backbones and IISAN-Versa encoder pairs as data, and the cache folder an entry script uses
+for an items file (the data sets' own paths: ``data.datasets.dataset_paths``).
 (Each method's paper defaults are ``methods.METHOD_DEFAULTS``: they sit below every flag and file in the one
 precedence rule.)"""
 
@@ -10,19 +10,11 @@ import os
 from pathlib import Path
 
 from ..config import DEFAULT_MODELS, REPOSITORY, model_location
-from ..data.datasets import DATASETS
+from ..data.datasets import DATASETS, dataset_paths
 from ..files import path_component
 
 ROOT = REPOSITORY  # where the data sets and encoders of the paper live
 SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
-
-
-def dataset_paths(name: str, root: Path = ROOT) -> dict[str, str]:
-    """users, items, images (LMDB) and cache_dir for one of the paper's data sets (``data.datasets``)."""
-    spec = DATASETS[name]
-    base = root / "Dataset" / spec.folder
-    return {"users": str(base / spec.users_file), "items": str(base / spec.items_file),
-            "images": str(base / "images.lmdb"), "cache_dir": str(root / "Code_Cached" / spec.cache_folder)}
 
 
 def own_cache_dir(cache_dir: str, items: str, dataset: str) -> str:

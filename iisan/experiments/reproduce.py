@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data.cache import cache_file
+from ..data.datasets import dataset_paths
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, RunInterrupted, UserError
 from ..files import atomic_path, claim_output, starts_with
@@ -31,7 +32,7 @@ from ..provenance import provenance
 from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
 from .encoders import HubClient, fetch_encoders
-from .presets import BACKBONES, ROOT, SEEDS, dataset_paths
+from .presets import BACKBONES, ROOT, SEEDS
 from .report import average_rows
 from .report_rows import read_row
 from .results_file import METRICS

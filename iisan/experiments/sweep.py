@@ -31,13 +31,13 @@ from pathlib import Path
 
 from ..config import Config
 from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
-from ..data.datasets import DATASETS, FETCHABLE
+from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..methods import METHOD_DEFAULTS, unread_keys
 from ..precedence import resolve
-from .presets import BACKBONES, dataset_paths, own_cache_dir
+from .presets import BACKBONES, own_cache_dir
 
 log = logging.getLogger(__name__)
 
