@@ -161,7 +161,8 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
     saved = Path(cfg.out_dir) / "ctrl-c" / "checkpoints" / "epoch-0001-step-00004"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message == (f"iisan: SIGINT during epoch 1 after step 4 of 10; checkpoint saved in {saved}. "
-                       "To resume, run the same command with --run-name ctrl-c")
+                       "To resume, run the same command again; it goes on in ctrl-c (--run-name ctrl-c names that "
+                       "folder from another command)")
     assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGINT) is handler
     results = json.loads((saved.parents[1] / "results.json").read_text())
     assert results["status"] == "interrupted" and results["error"] == message.removeprefix("iisan: ")
@@ -732,12 +733,35 @@ def test_a_lower_patience_under_which_the_run_would_have_stopped_earlier_is_refu
     before = (tmp_path / "flat" / "results.json").read_bytes()
     with pytest.raises(ConfigError) as info:
         train(cfg.replace(patience=1))
-    assert str(info.value) == (f"--patience 1: {tmp_path / 'flat'} has trained 3 epochs without improvement under "
-                               "patience 20, so with 1 it would have stopped 1 epoch(s) earlier than it did; give at "
-                               "least 2 to go on with it, or another --run-name")
+    assert str(info.value) == (f"--patience 1: {tmp_path / 'flat'} has trained 3 epochs in a row without improvement "
+                               "(epochs 1-3), so with 1 it would have stopped after epoch 2, 1 epoch(s) earlier than "
+                               "it did; give at least 2 to go on with it, or another --run-name")
     assert (tmp_path / "flat" / "results.json").read_bytes() == before
     again = train(cfg.replace(patience=2))
     assert again["config"]["patience"] == 2 and len(again["epochs"]) == 4
+
+
+def test_a_lower_patience_is_held_against_every_stretch_without_improvement_not_only_the_last():
+    """Scores 0.1, 0.3, 0.2, 0.25, 0.4, 0.5: epochs 2-3 are two without improvement, then it improves again.
+    Patience 1 would have stopped after epoch 3 (two bad epochs) although the run ends on an improvement;
+    patience 2 trains past them all; patience 0 would have stopped after epoch 2."""
+    from iisan.train.progress import check_patience, stopping_point
+
+    records = [{"epoch": e, "valid": {"hit@10": v}} for e, v in enumerate((0.1, 0.3, 0.2, 0.25, 0.4, 0.5))]
+    assert [stopping_point(records, p) for p in (0, 1, 2)] == [2, 3, None]
+    check_patience(2, records, Path("run"))
+    for patience, stop, earlier in ((1, 3, 2), (0, 2, 3)):
+        with pytest.raises(ConfigError) as info:
+            check_patience(patience, records, Path("run"))
+        assert str(info.value) == (
+            f"--patience {patience}: run has trained 2 epochs in a row without improvement (epochs 2-3), so with "
+            f"{patience} it would have stopped after epoch {stop}, {earlier} epoch(s) earlier than it did; give at "
+            "least 2 to go on with it, or another --run-name")
+    # a stretch at the end that stops it right after the last epoch is the same run; one epoch more is not
+    flat = records[:2] + [{"epoch": e, "valid": {"hit@10": 0.2}} for e in (2, 3)]
+    check_patience(1, flat, Path("run"))
+    with pytest.raises(ConfigError, match="stopped after epoch 2, 1 epoch"):
+        check_patience(0, flat, Path("run"))
 
 
 @pytest.mark.parametrize("manifest", [

@@ -46,6 +46,40 @@ class EarlyStopping:
         self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
 
 
+def stopping_point(records: list[dict], patience: int) -> int | None:
+    """The position in ``records`` (a run's epochs) after which early stopping with ``patience`` ends the
+    run, replayed on their validation HR@10 as training scores it; None: it trains past them all."""
+    stopper = EarlyStopping(patience)
+    for i, record in enumerate(records):
+        stopper.update(record["epoch"], record["valid"]["hit@10"])
+        if stopper.should_stop:
+            return i
+    return None
+
+
+def check_patience(patience: int, records: list[dict], run: Path) -> None:
+    """Refuse a patience under which the run would have stopped before it did, anywhere in its history (an
+    earlier stretch without improvement counts as much as the last): its epochs and results are not that
+    patience's. A higher one goes on training; one that stops right after the last epoch is the same run."""
+    last = len(records) - 1
+
+    def goes_on(p: int) -> bool:
+        stop = stopping_point(records, p)
+        return stop is None or stop == last
+
+    if goes_on(patience):
+        return
+    stop = stopping_point(records, patience)
+    least = next(p for p in range(patience + 1, last + 1) if goes_on(p))  # patience ``last`` never stops early
+    start = stop - patience  # the first epoch of the stretch without improvement that stops it
+    best = max(r["valid"]["hit@10"] for r in records[:start])  # (epoch 0 is always an improvement)
+    end = next((i - 1 for i in range(stop + 1, last + 1) if records[i]["valid"]["hit@10"] > best), last)
+    raise ConfigError(f"--patience {patience}: {run} has trained {end - start + 1} epochs in a row without "
+                      f"improvement (epochs {records[start]['epoch']}-{records[end]['epoch']}), so with {patience} "
+                      f"it would have stopped after epoch {records[stop]['epoch']}, {last - stop} epoch(s) earlier "
+                      f"than it did; give at least {least} to go on with it, or another --run-name")
+
+
 @dataclass
 class Progress:
     """``epochs`` holds one record per finished epoch (loss, seconds, validation, test on improvement);
@@ -86,14 +120,7 @@ class Progress:
             raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
                               "epochs already; give at least that many (--epochs, or epochs in the config file) to "
                               "go on with it, or another --run-name")
-        # A lower patience than the run had, under which it would have stopped before it did: its epochs and
-        # results are not that patience's (a higher one goes on training; one that stops here is the same run).
-        bad, before, now = state["early_stopping"]["bad_epochs"], state["config"].get("patience"), self.stopper.patience
-        if isinstance(before, int) and now < before and bad > now + 1:
-            raise ConfigError(f"--patience {now}: {checkpoint.parent.parent} has trained {bad} epochs without "
-                              f"improvement under patience {before}, so with {now} it would have stopped "
-                              f"{bad - now - 1} epoch(s) earlier than it did; give at least {bad - 1} to go on with "
-                              "it, or another --run-name")
+        check_patience(self.stopper.patience, state["epochs"], checkpoint.parent.parent)
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]
         self.global_step, self.start_epoch, self.start_step = (state["global_step"], state["next_epoch"],
