@@ -147,7 +147,8 @@ class Run:
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
         return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
-                              f"To resume, run the same command with --run-name {self.run_dir.name}")
+                              f"To resume, run the same command again; it goes on in {self.run_dir.name} "
+                              f"(--run-name {self.run_dir.name} names that folder from another command)")
 
     # ----------------------------------------------------------------------------------------------
     # the loop
