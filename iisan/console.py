@@ -55,12 +55,13 @@ def duration(seconds: float) -> str:
 class ProgressLog:
     """Where long work stands, as log lines: at most one every ``every`` seconds of ``clock``
     (``advance``) and one at the end (``finish``). ``done``: units a resumed job found done; they count
-    in the position, not in the speed and time left, which are measured over what this process does."""
+    in the position, not in the speed and time left, which are measured over what this process does.
+    ``status(done)``, if given, adds its text to each line (a training epoch's mean loss so far)."""
 
     def __init__(self, what: str, total: int, done: int = 0, *, unit: str = "items", every: float = 30.0,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, status: Callable[[int], str] | None = None):
         self.what, self.total, self.done, self.unit, self.every = what, total, done, unit, every
-        self.clock = clock or time.monotonic
+        self.clock, self.status = clock or time.monotonic, status
         self.counted = 0
         self.start = self.last = self.clock()
 
@@ -76,6 +77,10 @@ class ProgressLog:
             log.info("%s", self.line(self.clock()))
 
     def line(self, now: float) -> str:
+        position = self.position(now)
+        return f"{position}, {self.status(self.done)}" if self.status is not None and self.done else position
+
+    def position(self, now: float) -> str:
         seconds = now - self.start
         head = f"{self.what}: {self.done:,} of {self.total:,} {self.unit} ({100 * self.done // max(self.total, 1)} %)"
         if seconds <= 0:
@@ -97,25 +102,44 @@ def singular(unit: str) -> str:
     return unit[:-1] if unit.endswith("s") and len(unit) > 1 else unit
 
 
+STATUS_EVERY = 10.0  # seconds between two readings of a bar's status (reading a loss waits for the GPU)
+
+
 def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
                  enabled: bool = True, clock: Callable[[], float] | None = None,
-                 size: Callable[[T], int] | None = None) -> Iterator[T]:
+                 size: Callable[[T], int] | None = None, status: Callable[[int], str] | None = None) -> Iterator[T]:
     """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
     ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``. Each element counts
     ``size(element)`` units (default 1): a chunk of items moves the bar by its items, one update per chunk.
-    ``unit`` is the plural the log lines count in ('steps'); tqdm shows it only in a rate, in the singular."""
+    ``unit`` is the plural the log lines count in ('steps'); tqdm shows it only in a rate, in the singular.
+    ``status(done)``: a text shown after the rate (units done so far, ``initial`` included), read at most
+    every ``STATUS_EVERY`` seconds on a bar and once per log line."""
     bar = tqdm(iterable if size is None else None, total=total, initial=initial, desc=desc, unit=singular(unit),
                leave=False, disable=None if enabled else True)
-    lines = ProgressLog(desc, total, initial, unit=unit, clock=clock) if enabled and bar.disable else None
+    lines = (ProgressLog(desc, total, initial, unit=unit, clock=clock, status=status)
+             if enabled and bar.disable else None)
     if size is not None:
         return _sized(iterable, bar, lines, size)
-    return bar if lines is None else _logged(bar, lines)
+    if lines is not None:
+        return _logged(bar, lines)
+    return bar if status is None or bar.disable else _with_status(bar, status, initial, clock or time.monotonic)
 
 
 def _logged(bar: Iterable[T], lines: ProgressLog) -> Iterator[T]:
     for item in bar:
         yield item
         lines.advance()
+
+
+def _with_status(bar: tqdm, status: Callable[[int], str], done: int, clock: Callable[[], float]) -> Iterator[T]:
+    last = clock()
+    with bar:
+        for item in bar:
+            yield item
+            done += 1
+            if (now := clock()) - last >= STATUS_EVERY:
+                last = now
+                bar.set_postfix_str(status(done), refresh=False)
 
 
 def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Callable[[T], int]) -> Iterator[T]:

@@ -58,6 +58,48 @@ def test_an_evaluation_logs_where_it_stands_where_no_bar_can_be_shown(tiny_confi
     assert not console_lines(caplog) and quiet == shown
 
 
+def test_a_training_epoch_line_carries_its_mean_loss_so_far(tiny_config, monkeypatch, caplog):
+    """Where no bar can be shown, each epoch line ends with the mean loss of the epoch's steps so far: the
+    last line of an epoch, at its last step, says the epoch's loss as metrics.jsonl records it."""
+    import json
+    from pathlib import Path
+
+    from iisan.train.trainer import train
+
+    cfg = tiny_config(method="id", progress=True, epochs=1, batch_size=32)
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    fake_clock(monkeypatch, 40.0)  # a line at every step
+    results = train(cfg)
+    said = [line for line in console_lines(caplog) if line.startswith("epoch 0:")]
+    n = results["epochs"][0]["steps"]
+    assert len(said) == n and all(re.fullmatch(r"epoch 0: \d+ of \d+ steps .*, loss \d+\.\d{4}", s) for s in said)
+    record = json.loads((Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert said[-1].startswith(f"epoch 0: {n} of {n} steps") and said[-1].endswith(f", loss {record['loss']:.4f}")
+
+
+def test_a_bar_shows_a_status_at_most_every_ten_seconds(monkeypatch):
+    """On a terminal the status (the loss) is read after a step only once ten seconds have passed since the
+    last reading (each reading of a GPU loss waits for the device), and counts the units done, resumed
+    ones included."""
+    made, tqdm, read = [], console.tqdm, []
+
+    def on_a_terminal(*args, **kwargs):
+        made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
+        return made[-1]
+
+    monkeypatch.setattr(console, "tqdm", on_a_terminal)
+    clock = iter([0.0, 4.0, 11.0, 15.0, 25.0, 26.0])  # the start, then after each of five steps
+
+    def status(done):
+        read.append(done)
+        return f"loss {done}"
+
+    steps = console.progress_bar(range(5), total=7, initial=2, desc="epoch 0", unit="steps", status=status,
+                                 clock=lambda: next(clock))
+    assert list(steps) == [0, 1, 2, 3, 4]
+    assert read == [4, 6] and made[0].postfix == "loss 6" and made[0].disable  # closed at the end
+
+
 def test_slow_work_is_measured_in_seconds_per_unit():
     """Below 0.01 units a second the rate reads as time per unit, not '0.00 steps/s'; above, as before."""
     slow = ProgressLog("epoch 3", 400, 100, unit="steps", clock=lambda: 0.0)

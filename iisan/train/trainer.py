@@ -195,7 +195,8 @@ class Run:
         loader = epoch_batches(self.order(epoch), cfg.batch_size, self.collate, start_step)
         sync(device)
         start = time.perf_counter()
-        bar = progress_bar(loader, n_steps, start_step, f"epoch {epoch}", "steps", cfg.progress and dist.is_main)
+        bar = progress_bar(loader, n_steps, start_step, f"epoch {epoch}", "steps", cfg.progress and dist.is_main,
+                           status=lambda done: f"loss {losses[:done].mean().item():.4f}")  # this rank's steps
         for i, batch in enumerate(bar, start=start_step):
             if i >= n_steps:
                 break
