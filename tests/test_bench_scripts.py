@@ -139,6 +139,16 @@ def test_benchmark_fails_when_every_row_failed_after_writing_its_json(tmp_path, 
     assert path.with_suffix(".md").is_file() and not (tmp_path / "figs").exists()
 
 
+def test_a_benchmark_of_no_method_is_refused_before_any_work(tmp_path, monkeypatch):
+    """From Python too (the script refuses an empty --methods): a benchmark JSON without rows is never written."""
+    from iisan.errors import ConfigError
+
+    monkeypatch.setattr(benchmark, "prepare", no_work)
+    with pytest.raises(ConfigError, match="no method to measure: name at least one of FFT, "):
+        benchmark.run_benchmark({}, labels=(), work=tmp_path, out=tmp_path / "out", tag="t")
+    assert not any(tmp_path.iterdir())
+
+
 def test_method_config_refuses_batch_zero():
     with pytest.raises(ValueError, match="batch_size=0 must be positive"):
         benchmark.method_config({}, "FFT", 0)

@@ -152,3 +152,30 @@ def test_reproduce_on_demo_data_of_other_sizes_refuses_naming_its_own_flags(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert ended.value.code == 2 and err[-1].endswith(expected), err
     assert snapshot(tmp_path) == before and not (tmp_path / "reproduce-demo.md").exists()
+
+
+def test_an_interrupted_demo_says_to_run_the_same_command_again(tmp_path, monkeypatch, capsys):
+    """``iisan demo`` takes no --run-name: its Ctrl-C hint is to run the same command again, which goes on."""
+    import signal
+
+    import iisan.model.recommender as recommender_module
+
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 1:  # the first of the epoch's two steps (100 users)
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--no-progress", *SIZES])
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("iisan: SIGINT during epoch 0 after step 1 of 2") and said.endswith(
+        "To resume, run the same command again: it goes on from the checkpoint"), said
+    monkeypatch.undo()
+    demo(tmp_path / "demo")
+    results = json.loads((tmp_path / "demo" / "runs" / "demo-seed0" / "results.json").read_text())
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0000-step-00001"]

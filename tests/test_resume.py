@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -757,6 +758,18 @@ def test_a_lower_patience_is_held_against_every_stretch_without_improvement_not_
             f"--patience {patience}: run has trained 2 epochs in a row without improvement (epochs 2-3), so with "
             f"{patience} it would have stopped after epoch {stop}, {earlier} epoch(s) earlier than it did; give at "
             "least 2 to go on with it, or another --run-name")
+    # the least patience that goes on is named with the stretch that needs it, where that is another
+    scores = (0.5, 0.4, 0.4, 0.6, 0.1, 0.1, 0.1, 0.1, 0.7)
+    with pytest.raises(ConfigError) as info:
+        check_patience(1, [{"epoch": e, "valid": {"hit@10": v}} for e, v in enumerate(scores)], Path("run"))
+    assert str(info.value) == (
+        "--patience 1: run has trained 2 epochs in a row without improvement (epochs 1-2), so with 1 it would "
+        "have stopped after epoch 2, 6 epoch(s) earlier than it did; give at least 4 for its 4 epochs in a row "
+        "without improvement (epochs 4-7) to go on with it, or another --run-name")
+    # a first epoch scored NaN is no improvement (nothing before it to compare with): one line, no traceback
+    with pytest.raises(ConfigError, match=r"has trained 1 epoch without improvement \(epoch 0\), so with 0"):
+        check_patience(0, [{"epoch": e, "valid": {"hit@10": v}} for e, v in enumerate((math.nan, 0.1, 0.1))],
+                       Path("run"))
     # a stretch at the end that stops it right after the last epoch is the same run; one epoch more is not
     flat = records[:2] + [{"epoch": e, "valid": {"hit@10": 0.2}} for e in (2, 3)]
     check_patience(1, flat, Path("run"))

@@ -147,7 +147,7 @@ def test_each_package_docstring_names_its_modules():
     """A subpackage's docstring is its map: every module in it is named there (as ``name``), and the
     package's own docstring names every base module."""
     unnamed = []
-    for package in [PACKAGE, *sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())]:
+    for package in sorted(p.parent for p in PACKAGE.rglob("__init__.py")):  # nested ones too
         text = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
         inside = [p.stem for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")]
         unnamed += [f"{package.name}/{stem}.py" for stem in sorted(inside) if f"``{stem}``" not in text]

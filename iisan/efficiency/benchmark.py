@@ -221,6 +221,8 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
+    if not labels:  # (the script refuses an empty --methods; a call from Python too, before a rowless file)
+        raise ConfigError("no method to measure: name at least one of " + ", ".join(SETTINGS))
     # The device the rows will name, where known without touching a GPU (the CPU), else None.
     device = "CPU" if check_device(settings).type == "cpu" else None
     if "equal" in setting_names:  # the paper's batches (32, 64) fit either data

@@ -57,10 +57,23 @@ def stopping_point(records: list[dict], patience: int) -> int | None:
     return None
 
 
+def stretch(records: list[dict], patience: int) -> tuple[int, int, int]:
+    """Where early stopping with ``patience`` ends the run (it must, within ``records``): the position it
+    stops after, and the first and last positions of the stretch without improvement that stops it."""
+    stop = stopping_point(records, patience)
+    start = stop - patience
+    best = max((r["valid"]["hit@10"] for r in records[:start]), default=-math.inf)  # what the stretch fails to beat
+    end = next((i - 1 for i in range(stop + 1, len(records)) if records[i]["valid"]["hit@10"] > best),
+               len(records) - 1)
+    return stop, start, end
+
+
 def check_patience(patience: int, records: list[dict], run: Path) -> None:
     """Refuse a patience under which the run would have stopped before it did, anywhere in its history (an
     earlier stretch without improvement counts as much as the last): its epochs and results are not that
-    patience's. A higher one goes on training; one that stops right after the last epoch is the same run."""
+    patience's. A higher one goes on training; one that stops right after the last epoch is the same run.
+    The message names the stretch that stops it first, and the one that the least patience that goes on
+    needs, where that is another."""
     last = len(records) - 1
 
     def goes_on(p: int) -> bool:
@@ -69,15 +82,19 @@ def check_patience(patience: int, records: list[dict], run: Path) -> None:
 
     if goes_on(patience):
         return
-    stop = stopping_point(records, patience)
+
+    def epochs(first: int, final: int) -> str:
+        n, which = final - first + 1, f"{records[first]['epoch']}-{records[final]['epoch']}"
+        return f"{n} epochs in a row without improvement (epochs {which})" if n > 1 else \
+            f"1 epoch without improvement (epoch {records[first]['epoch']})"
+
     least = next(p for p in range(patience + 1, last + 1) if goes_on(p))  # patience ``last`` never stops early
-    start = stop - patience  # the first epoch of the stretch without improvement that stops it
-    best = max(r["valid"]["hit@10"] for r in records[:start])  # (epoch 0 is always an improvement)
-    end = next((i - 1 for i in range(stop + 1, last + 1) if records[i]["valid"]["hit@10"] > best), last)
-    raise ConfigError(f"--patience {patience}: {run} has trained {end - start + 1} epochs in a row without "
-                      f"improvement (epochs {records[start]['epoch']}-{records[end]['epoch']}), so with {patience} "
-                      f"it would have stopped after epoch {records[stop]['epoch']}, {last - stop} epoch(s) earlier "
-                      f"than it did; give at least {least} to go on with it, or another --run-name")
+    stop, start, end = stretch(records, patience)
+    needs = stretch(records, least - 1)  # the stretch that stops it under any patience below ``least``
+    why = "" if needs[1:] == (start, end) else f" for its {epochs(*needs[1:])}"
+    raise ConfigError(f"--patience {patience}: {run} has trained {epochs(start, end)}, so with {patience} it would "
+                      f"have stopped after epoch {records[stop]['epoch']}, {last - stop} epoch(s) earlier than it "
+                      f"did; give at least {least}{why} to go on with it, or another --run-name")
 
 
 @dataclass
