@@ -18,7 +18,7 @@ from iisan.data.cache import (
     read_metadata,
 )
 from iisan.data.run_data import load_data
-from iisan.errors import CacheError
+from iisan.errors import CacheError, ConfigError
 from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 
@@ -161,24 +161,25 @@ def test_cache_for_another_encoder_is_refused(cached_cfg, tmp_path, tiny):
         build_model(cfg, load_data(cfg), torch.device("cpu"))
 
 
-def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_is_warned(cached_cfg, tmp_path,
-                                                                                         caplog):
+def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_is_refused(cached_cfg, tmp_path,
+                                                                                          caplog):
     """Without the encoder on this machine the cache's own record stands for it (as for the authors'
-    released caches); a name that is not the cache's encoder, such as a typo, is a warning, not silence."""
+    released caches) when it is named as the cache's encoder is; a name that is not, such as a typo, is
+    refused in one line (it would train, and the run's config would name an encoder that made no state)."""
     recorded = read_metadata(f"{cached_cfg.cache_dir}/text.safetensors")["encoder"]
     cfg = cached_cfg.replace(text_model=str(tmp_path / "typo"))
-    with caplog.at_level("INFO", logger="iisan"):
-        reference, _ = build_model(cached_cfg, load_data(cached_cfg), torch.device("cpu"))
-        model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"))
-    warned = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and warned[0].getMessage() == (
+    reference, _ = build_model(cached_cfg, load_data(cached_cfg), torch.device("cpu"))
+    with pytest.raises(ConfigError) as refused:
+        build_model(cfg, load_data(cfg), torch.device("cpu"))
+    assert str(refused.value) == (
         f"--text-model {tmp_path / 'typo'} does not exist here and is not the encoder {cached_cfg.cache_dir}/"
-        f"text.safetensors was built from ({recorded}): training on the cache as recorded; check the name")
-    assert torch.equal(model.item_encoder.states.table_text, reference.item_encoder.states.table_text)
+        f"text.safetensors was built from ({recorded}); check the name, or give {recorded} (or leave --text-model "
+        "out) to train on the cache as recorded")
     moved = cached_cfg.replace(text_model=str(tmp_path / "elsewhere" / Path(recorded).name))  # same name
-    caplog.clear()
-    build_model(moved, load_data(moved), torch.device("cpu"))
+    with caplog.at_level("INFO", logger="iisan"):
+        model, _ = build_model(moved, load_data(moved), torch.device("cpu"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert torch.equal(model.item_encoder.states.table_text, reference.item_encoder.states.table_text)
     # what the run asks of the states is still checked against the cache's record: here its pooling
     with pytest.raises(CacheError, match=r"text.safetensors was built for pooling cls \(config asks for mean\)"):
         build_model(moved.replace(text_pooling="mean"), load_data(moved), torch.device("cpu"))

@@ -219,15 +219,18 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], cat
 
 
 def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
-    """Say why a cache whose encoder folder ``name`` is not here is used as recorded."""
+    """Say why a cache whose encoder folder ``name`` is not here is used as recorded, or refuse a name given
+    that is neither the cache's encoder (by folder name) nor the default: a typo would otherwise train, and
+    config.json (and every table of runs) would name an encoder that never made the states."""
     if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
     elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
         log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
                  "training on the cache as recorded", path, recorded, m, name)
-    else:  # a mistyped folder would otherwise pass unnoticed
-        log.warning("--%s-model %s does not exist here and is not the encoder %s was built from (%s): "
-                    "training on the cache as recorded; check the name", m, name, path, recorded)
+    else:
+        raise ConfigError(f"--{m}-model {name} does not exist here and is not the encoder {path} was built from "
+                          f"({recorded}); check the name, or give {recorded} (or leave --{m}-model out) to train "
+                          "on the cache as recorded")
 
 
 # --------------------------------------------------------------------------------------------------
