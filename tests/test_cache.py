@@ -308,8 +308,8 @@ def test_an_expectation_skips_what_it_or_an_older_or_imported_cache_leaves_out(t
         check_metadata(path, meta, dataclasses_replace(same, pooling="mean", dtype="float32"))
     other_weights = dataclasses_replace(same, encoder_weights="w2" * 10)
     check_metadata(path, dict(meta, source="imported"), other_weights)
-    with pytest.raises(CacheError, match=r"encoder bert with weights digest w1w1w1w1w1w1w1w1 \(the weights of "
-                                         r"bert now have w2w2w2w2w2w2w2w2\)"):
+    with pytest.raises(CacheError, match=r"encoder bert with weights digest w1w1w1w1w1w1w1w1 \(the weight, "
+                                         r"tokenizer and processor files of bert now have w2w2w2w2w2w2w2w2\)"):
         check_metadata(path, meta, other_weights)
     # the same folder, its model rewritten in place: said so, not the one path twice
     with pytest.raises(CacheError, match=r"built for encoder bert with config digest c1 \(that folder: its "

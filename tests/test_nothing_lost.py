@@ -159,6 +159,31 @@ def test_custom_code_on_a_known_architecture_is_ignored(tiny, tmp_path):
     assert outcome.err.count("asks for custom code (auto_map); ignored") == 1, outcome.describe()  # once per folder
 
 
+def test_custom_code_in_a_tokenizer_is_ignored_and_in_an_image_processor_refused_in_our_words(tiny, tmp_path):
+    """A tokenizer's auto_map: transformers loads its own class; said once, as for config.json's. An image
+    processor's: transformers stops with its own advice to trust the code; IISAN says why in one line."""
+    text, image, marker = tmp_path / "bert", tmp_path / "vit", tmp_path / "code-ran"
+    shutil.copytree(tiny["text_model"], text)
+    shutil.copytree(tiny["image_model"], image)
+    for folder, name, cls in ((text, "tokenizer_config.json", "AutoTokenizer"),
+                              (image, "preprocessor_config.json", "AutoImageProcessor")):
+        settings = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**settings, "auto_map": {cls: f"evil.Evil{cls}"}}))
+        (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    outcome = run_forked(cache_text_args(tiny, text, tmp_path / "c"), tmp_path / "s")
+    assert outcome.code == 0 and not marker.exists(), outcome.describe()
+    assert outcome.err.count("tokenizer_config.json asks for custom code (auto_map); ignored") == 1, outcome.describe()
+    args = ["cache", "--users", tiny["users"], "--items", tiny["items"], "--image-model", str(image), "--towers",
+            "image", "--modality", "intra", "--images", tiny["images"], "--cache-dir", str(tmp_path / "c2"),
+            "--device", "cpu", "--no-progress"]
+    outcome = run_forked(args, tmp_path / "s2")
+    assert outcome.code == 2 and not marker.exists(), outcome.describe()
+    assert outcome.last_line == (
+        f"iisan: error: cannot load image processor from {str(image)!r}: preprocessor_config.json asks for "
+        "custom code (auto_map); IISAN never runs code from a model folder: remove its auto_map to use "
+        "transformers' own processor of the image_processor_type it names"), outcome.describe()
+
+
 def test_custom_code_on_a_known_architecture_iisan_cannot_use_is_refused_without_a_warning(tiny, tmp_path):
     """BART is known to transformers but no IISAN tower: the refusal alone, not first a warning that the map
     is ignored (as if the folder would load)."""

@@ -248,7 +248,8 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
     elif expected.encoder_weights and meta.get("source") != "imported" and \
             meta["encoder_weights"] != expected.encoder_weights:
         differences.append(f"encoder {meta['encoder']} with weights digest {meta['encoder_weights'][:16]} (the "
-                           f"weights of {expected.encoder} now have {expected.encoder_weights[:16]})")
+                           f"weight, tokenizer and processor files of {expected.encoder} now have "
+                           f"{expected.encoder_weights[:16]})")
     for key in ("pooling", "dtype", "encoder_dtype", "title_tokens"):  # older caches and imports may lack them
         wanted = getattr(expected, key)
         if wanted and meta.get(key) and meta[key] != wanted:

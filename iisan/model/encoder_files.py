@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path
 
+import transformers
 from transformers import CONFIG_MAPPING
 
 from ..config import DEFAULT_MODELS, model_location
@@ -77,6 +78,10 @@ def check_folder(folder: Path) -> None:
         raise EncoderError(f"{config_path} is not a JSON object")
     if config.get("auto_map"):
         check_custom_code(config_path, config)
+    elif isinstance(model_type := config.get("model_type"), str) and model_type not in CONFIG_MAPPING:
+        raise EncoderError(f"{config_path} gives model type {model_type!r}, which transformers "
+                           f"{transformers.__version__} does not know; IISAN's towers: text "
+                           f"{', '.join(sorted(SUPPORTED['text']))}; image {', '.join(sorted(SUPPORTED['image']))}")
     names = [p.name for p in folder.iterdir()]
     if "model.safetensors" not in names and "model.safetensors.index.json" in names:  # sharded weights
         check_index(folder / "model.safetensors.index.json", set(names))

@@ -60,6 +60,29 @@ JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.jso
                 AutoImageProcessor: ("preprocessor_config.json", "processor_config.json")}
 
 
+CODE_MAPS = {AutoTokenizer: "tokenizer_config.json", AutoImageProcessor: "preprocessor_config.json"}
+_WARNED: set[Path] = set()  # the tokenizer files whose ignored auto_map was reported in this process
+
+
+def custom_code(folder: Path, auto_class) -> str | None:
+    """An ``auto_map`` in a tokenizer's or image processor's file names Python files of the folder to run.
+    transformers ignores a tokenizer's (its own class for the model type loads; said once), but stops at an
+    image processor's with its own long advice: why, in IISAN's words; None when there is none."""
+    path = folder / CODE_MAPS.get(auto_class, "")
+    try:
+        asks = auto_class in CODE_MAPS and "auto_map" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):  # absent, or not a JSON object: transformers says what it finds
+        return None
+    if asks and auto_class is AutoImageProcessor:
+        return (f"{path.name} asks for custom code (auto_map); IISAN never runs code from a model folder: remove "
+                "its auto_map to use transformers' own processor of the image_processor_type it names")
+    if asks and path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own tokenizer and "
+                    "never runs code from a model folder", path)
+    return None
+
+
 def damaged_file(folder: Path, auto_class) -> str | None:
     """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
     would meet with an AttributeError or TypeError deep inside, or a weights file this user may not read
@@ -99,7 +122,7 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):
+    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or custom_code(Path(path), auto_class)):
         raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
