@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from iisan.config import DEFAULT_MODELS, model_location
 from iisan.data.cache import (
     METADATA_KEYS,
     REQUIRED,
@@ -180,6 +181,15 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
         model, _ = build_model(moved, load_data(moved), torch.device("cpu"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert torch.equal(model.item_encoder.states.table_text, reference.item_encoder.states.table_text)
+    # the default encoder, as the entry scripts spell it (a full path), is simply not on this machine
+    default = model_location(DEFAULT_MODELS["text"])
+    if not default.exists():
+        caplog.clear()
+        for name in (DEFAULT_MODELS["text"], str(default)):
+            with caplog.at_level("INFO", logger="iisan"):
+                build_model(cached_cfg.replace(text_model=name), load_data(cached_cfg), torch.device("cpu"))
+        said = [r.getMessage() for r in caplog.records if "is not on this machine" in r.getMessage()]
+        assert len(said) == 2 and not [r for r in caplog.records if r.levelname == "WARNING"], said
     # what the run asks of the states is still checked against the cache's record: here its pooling
     with pytest.raises(CacheError, match=r"text.safetensors was built for pooling cls \(config asks for mean\)"):
         build_model(moved.replace(text_pooling="mean"), load_data(moved), torch.device("cpu"))

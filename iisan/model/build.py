@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEFAULT_MODELS, Config
+from ..config import DEFAULT_MODELS, Config, model_location
 from ..data.batches import PixelSource
 from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
 from ..data.interactions import ItemCatalog, SeqRecData
@@ -224,7 +224,8 @@ def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
     config.json (and every table of runs) would name an encoder that never made the states."""
     if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
-    elif name == DEFAULT_MODELS[m]:  # not given: the default pair is simply not on this machine
+    elif model_location(str(name)) == model_location(DEFAULT_MODELS[m]):  # the default (an entry script spells
+        # it as a full path): the paper's pair is simply not on this machine
         log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
                  "training on the cache as recorded", path, recorded, m, name)
     else:
