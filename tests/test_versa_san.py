@@ -125,6 +125,21 @@ def test_inter_san_aligns_widths_and_pairs_the_last_states(wt, kt, wi, ki):
     assert (san.text_align is not None) == (wt > wi) and (san.image_align is not None) == (wi > wt)
 
 
+@pytest.mark.parametrize("wt,wi", [(48, 24), (16, 40)])
+def test_inter_san_of_two_widths_runs_under_half_precision_autocast(wt, wi):
+    """Under autocast (bf16 on a GPU, where steps run by default) the align layer's output is half while its
+    partner is fp32; the gated mix (lerp, which does not promote) takes both in the wider dtype and gives the
+    fp32 result within half precision's rounding (it raised 'expected dtype float' before)."""
+    torch.manual_seed(0)
+    san = InterSAN(wt, wi, 3, bottleneck=8)
+    txt, img = torch.randn(4, 3, wt), torch.randn(4, 3, wi)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = san(txt, img)
+    half.float().sum().backward()
+    assert san.gate_logits.grad is not None and torch.isfinite(san.gate_logits.grad).all()
+    torch.testing.assert_close(half.float(), san(txt, img), atol=0.05, rtol=0.05)
+
+
 # --------------------------------------------------------------------------------------------------
 # tiny asymmetric pairs, end to end: cache, a few training steps, hand-counted parameters
 

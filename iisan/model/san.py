@@ -111,7 +111,11 @@ class InterSAN(nn.Module):
                 txt = self.text_align[k](txt)
             if self.image_align is not None:
                 img = self.image_align[k](img)
-            mixed = img + txt if gates is None else torch.lerp(txt, img, gates[k])  # g * img + (1 - g) * txt
+            if gates is None:
+                mixed = img + txt
+            else:  # g * img + (1 - g) * txt; lerp does not promote, and under autocast an align's output is half
+                common = torch.promote_types(txt.dtype, img.dtype)
+                mixed = torch.lerp(txt.to(common), img.to(common), gates[k].to(common))
             s = self.blocks[k](s + mixed)
         return s
 
