@@ -320,6 +320,29 @@ def test_the_benchmarks_step_and_label_messages_point_the_right_way():
         benchmark.selection("FFT", "none", "SASRec", "paper", warmup=10, steps=50, flop_batches=0)
 
 
+def test_gpu_check_shows_the_benchmarks_own_lines_on_the_console(tmp_path):
+    """The console (what a device call brings back in its tail) keeps the benchmark's lines about the cache
+    build, the evaluation, each row and what it wrote, and leaves the rest to bench.log (a stand-in python
+    prints lines as the benchmark logs them)."""
+    lines = ["12:00:00 INFO iisan.efficiency.benchmark: building the cache (timed)",
+             "12:00:01 INFO iisan.data.cache_build: wrote /w/text.safetensors: 10 items",
+             "12:00:02 INFO iisan.efficiency.benchmark: cache: {seconds: 1.0}",
+             "12:00:03 INFO iisan.efficiency.benchmark: evaluation: {seconds: 0.1}",
+             "12:00:04 INFO iisan.efficiency.benchmark: paper | FFT | batch 32 | default",
+             "12:00:05 INFO iisan.efficiency.benchmark:   -> {label: FFT}",
+             "12:00:06 INFO iisan.efficiency.benchmark: wrote /out/efficiency/base-scientific-paper.json"]
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n[ \"$1\" = scripts/benchmark_efficiency.py ] && printf '%s\\n' "
+                    + " ".join(f"'{line}'" for line in lines) + "\nexit 0\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PART": "bench", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = [line for line in done.stdout.splitlines() if "iisan." in line]
+    assert shown == [line for line in lines if "cache_build" not in line], done.stdout
+    assert (tmp_path / "out" / "bench.log").read_text().splitlines() == lines
+
+
 @pytest.mark.parametrize("device, given, dtype", [("cpu", None, "float32"), ("cuda", None, "bfloat16"),
                                                   ("cpu", "auto", "auto")])
 def test_gpu_check_stores_the_cache_in_float32_on_a_cpu(device, given, dtype, tmp_path):
