@@ -8,6 +8,8 @@ with a ViT of another width and depth on small synthetic data.
 
     python scripts/versa_gpu_check.py --out /tmp/versa-gpu     # writes versa_gpu.json there
 
+It exits 1 when a check failed (the report's ``checks`` and ``passed``) and 2 on an error.
+
 Without --out and --work it writes under bench_data/ (git-ignored) in this checkout.
 """
 
@@ -45,6 +47,10 @@ def main(argv=None) -> None:
     setup_logging()
     report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))
+    if not report["passed"]:  # every check is in the report; the exit status says whether all held
+        failed = [name for name, held in report["checks"].items() if not held]
+        print(f"versa_gpu_check.py: failed: {', '.join(failed) or 'no check ran'}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

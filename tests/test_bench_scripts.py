@@ -196,6 +196,18 @@ def test_gpu_tools_refuse_a_missing_gpu_and_a_file_for_a_folder(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_the_versa_gpu_check_exits_1_naming_the_checks_that_failed(tmp_path, monkeypatch, capsys):
+    versa = script("versa_gpu_check", monkeypatch)
+    report = {"checks": {"caches_close": True, "cuda_graph_step": False, "resumed_bytes_equal": False},
+              "passed": False}
+    monkeypatch.setattr(versa, "versa_gpu_check", lambda *args: report)
+    assert ending(versa, ["--out", str(tmp_path / "out")], capsys, status=1) == (
+        "versa_gpu_check.py: failed: cuda_graph_step, resumed_bytes_equal")
+    monkeypatch.setattr(versa, "versa_gpu_check", lambda *args: {**report, "checks": {}})
+    assert ending(versa, ["--out", str(tmp_path / "out")], capsys, status=1) == (
+        "versa_gpu_check.py: failed: no check ran")
+
+
 @pytest.mark.parametrize("name, start", [("gpu_diagnose", "Where a live-backbone training step spends"),
                                          ("versa_gpu_check", "IISAN-Versa on a GPU, one short prepared run")])
 def test_gpu_tools_describe_themselves_briefly(name, start, monkeypatch, capsys):

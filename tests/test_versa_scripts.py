@@ -4,6 +4,7 @@ tiny asymmetric run through the script, and ``iisan demo --versa``."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -217,3 +218,21 @@ def test_another_image_model_caches_into_a_folder_of_its_own(tmp_path):
     config.write_text('{"text_model": "models/Qwen2.5-7B", "image_model": "models/dinov2-base"}')
     (cfg,), _ = _parse(versa, ["--preset", "bert-base+vit-base", "--config", str(config)])
     assert cfg.cache_dir == base + "_Qwen2.5-7B_dinov2-base" and cfg.image_model == "models/dinov2-base"
+
+
+@pytest.mark.slow
+def test_the_versa_gpu_check_runs_dry_on_a_cpu_says_what_passed_and_starts_afresh(tmp_path):
+    """The check's CPU dry run (quick: one eager epoch): every check of a CPU holds, the report says so,
+    and a second run in the same work folder builds and trains in a folder of its own (a rerun once
+    found the first run's caches refused and its runs 'finished before', with their old timings)."""
+    from iisan.experiments.versa_check import versa_gpu_check
+
+    first = versa_gpu_check(tmp_path / "out", tmp_path / "work", device="cpu", quick=True)
+    assert first["checks"] == {"caches_close": True, "interruption_simulated": True, "resumed_bytes_equal": True,
+                               "losses_finite": True} and first["passed"] and "error" not in first
+    assert first["cache_precision"]["gpu"]["text"] == {"encoder_dtype": "float32", "dtype": "float16"}
+    assert first["train_off"]["step"]["compiled"] == "off"
+    assert json.loads((tmp_path / "out" / "versa_gpu.json").read_text()) == json.loads(json.dumps(first))
+    second = versa_gpu_check(tmp_path / "out", tmp_path / "work", device="cpu", quick=True)
+    assert second["passed"] and second["folder"] != first["folder"]
+    assert Path(second["folder"], "runs", "versa-off", "results.json").is_file()
