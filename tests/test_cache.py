@@ -174,8 +174,17 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
         build_model(cfg, load_data(cfg), torch.device("cpu"))
     assert str(refused.value) == (
         f"--text-model {tmp_path / 'typo'} does not exist here and is not the encoder {cached_cfg.cache_dir}/"
-        f"text.safetensors was built from ({recorded}); check the name, or give {recorded} (or leave --text-model "
-        "out) to train on the cache as recorded")
+        f"text.safetensors was built from ({recorded}); check the name: give the folder you meant, or {recorded} to "
+        "train on the cache as recorded")
+    # a run that trained already (one from before the refusal, evaluated now) is used with a warning
+    with caplog.at_level("INFO", logger="iisan"):
+        model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"), trained=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"the run's text_model {tmp_path / 'typo'} does not exist here and is not the encoder "
+                      f"{cached_cfg.cache_dir}/text.safetensors was built from ({recorded}): using the cache as "
+                      "recorded"]
+    assert torch.equal(model.item_encoder.states.table_text, reference.item_encoder.states.table_text)
+    caplog.clear()
     moved = cached_cfg.replace(text_model=str(tmp_path / "elsewhere" / Path(recorded).name))  # same name
     with caplog.at_level("INFO", logger="iisan"):
         model, _ = build_model(moved, load_data(moved), torch.device("cpu"))
@@ -185,11 +194,12 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
     default = model_location(DEFAULT_MODELS["text"])
     if not default.exists():
         caplog.clear()
-        for name in (DEFAULT_MODELS["text"], str(default)):
+        for name in (DEFAULT_MODELS["text"], str(default), str(default.parent / ".." / default.parent.name / "x" / ".."
+                                                               / default.name)):
             with caplog.at_level("INFO", logger="iisan"):
                 build_model(cached_cfg.replace(text_model=name), load_data(cached_cfg), torch.device("cpu"))
         said = [r.getMessage() for r in caplog.records if "is not on this machine" in r.getMessage()]
-        assert len(said) == 2 and not [r for r in caplog.records if r.levelname == "WARNING"], said
+        assert len(said) == 3 and not [r for r in caplog.records if r.levelname == "WARNING"], said
     # what the run asks of the states is still checked against the cache's record: here its pooling
     with pytest.raises(CacheError, match=r"text.safetensors was built for pooling cls \(config asks for mean\)"):
         build_model(moved.replace(text_pooling="mean"), load_data(moved), torch.device("cpu"))

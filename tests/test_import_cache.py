@@ -5,6 +5,7 @@ directly from the same states; bad files are counted and named, pickled objects 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,22 @@ def test_all_layers_can_be_kept(tiny, authors_files, tmp_path):
         every = fh.get_tensor("states")
     assert torch.equal(table, every)  # all 4 states of the 3-layer ViT, rows in the data set's order
     assert json.loads(read_metadata(cache_file(cfg.cache_dir, "image"))["layers"]) == [0, 1, 2, 3]
+
+
+def test_an_import_with_a_local_encoder_records_it_and_trains_without_it(tiny, authors_files, tmp_path):
+    """States imported as a local folder's encoder's (its depth and width read from it) name that folder, not
+    the authors' BERT: a run on the cache names it too, and is used once the folder is gone."""
+    from iisan.model.build import cached_states
+
+    local = tmp_path / "models" / "my-bert"
+    shutil.copytree(tiny["text_model"], local)
+    cfg = cache_config(tiny, tmp_path / "imported").replace(text_model=str(local))
+    import_cache_from_config(cfg, authors_files["src"], layers="all", dtype="float32")
+    assert read_metadata(cache_file(cfg.cache_dir, "text"))["encoder"] == str(local)
+    assert read_metadata(cache_file(cfg.cache_dir, "image"))["encoder"] == tiny["image_model"]
+    shutil.rmtree(local)  # the encoder gone: its cache stands for it
+    states = cached_states(cfg, load_data(cfg), torch.device("cpu"))
+    assert states.table_text.shape[1] == len(json.loads(read_metadata(cache_file(cfg.cache_dir, "text"))["layers"]))
 
 
 def test_an_import_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, authors_files, tmp_path, monkeypatch):

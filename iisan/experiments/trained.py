@@ -132,7 +132,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     refuse_other_inputs(run_dir, cfg, results, data)
     torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
     # a cached run reads its cache, checked against what it trained on (``refuse_other_inputs``), not the LMDB
-    model, pixels = build_model(cfg.replace(images="") if cfg.cached else cfg, data, torch_device)
+    model, pixels = build_model(cfg.replace(images="") if cfg.cached else cfg, data, torch_device, trained=True)
     best_epoch = best_weights(model, run_dir / "best.safetensors", cfg)
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)

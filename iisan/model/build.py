@@ -166,11 +166,12 @@ def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSourc
     return pixels
 
 
-def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> CachedStates:
+def cached_states(cfg: Config, data: SeqRecData, device: torch.device, trained: bool = False) -> CachedStates:
+    """The cache's tables on ``device``; ``trained``: for a run that trained already (``log_unchecked_encoder``)."""
     tables, stored = {}, {}
     for m in modalities(cfg):
         path = cache_file(cache_dir(cfg), m)
-        expected = cache_expectation(cfg, m, path, read_metadata(path), data.catalog)
+        expected = cache_expectation(cfg, m, path, read_metadata(path), data.catalog, trained)
         table, _ = load_cache(path, expected, data.item_ids)
         # fp16 tables stay fp16 on the GPU (half the memory); on the CPU, fp32 avoids slow half math.
         tables[m] = table.to(device=device, dtype=table.dtype if device.type == "cuda" else torch.float32)
@@ -182,7 +183,8 @@ def cached_states(cfg: Config, data: SeqRecData, device: torch.device) -> Cached
     return CachedStates(tables, stored)
 
 
-def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], catalog: ItemCatalog) -> CacheExpectation:
+def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], catalog: ItemCatalog,
+                      trained: bool = False) -> CacheExpectation:
     """What ``cfg`` accepts of the ``m`` cache at ``path`` (metadata ``meta``): its modality and items
     always; with the encoder folder here, its layers, width, config, weights and pooling; without it, only
     its layers (the cache's record stands for the encoder). ``cache_dtype`` auto accepts any precision; a
@@ -198,7 +200,7 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], cat
     name = model_name(cfg, m)
     folder = local_folder(name, cfg.allow_download)
     if folder is None:  # the encoder is not on this machine: the cache's own record stands for it
-        log_unchecked_encoder(m, name, path, meta.get("encoder", ""))
+        log_unchecked_encoder(m, name, path, meta.get("encoder", ""), trained)
         # its family, as recorded, resolves the pooling asked for (caches before model_type was recorded: none)
         pooling = pooling_for(cfg, m, meta["model_type"]) if meta.get("model_type") else None
         return CacheExpectation(modality=m, **read, layers=layers_for(cfg, m, int(meta["depth"])), dtype=dtype,
@@ -218,20 +220,25 @@ def cache_expectation(cfg: Config, m: str, path: Path, meta: dict[str, str], cat
                             images=images)
 
 
-def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str) -> None:
+def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str, trained: bool = False) -> None:
     """Say why a cache whose encoder folder ``name`` is not here is used as recorded, or refuse a name given
     that is neither the cache's encoder (by folder name) nor the default: a typo would otherwise train, and
-    config.json (and every table of runs) would name an encoder that never made the states."""
+    config.json (and every table of runs) would name an encoder that never made the states. A run that
+    trained already (``trained``: evaluated, recommended from, exported) is used with a warning: it may
+    predate the refusal, and no flag of those commands names an encoder."""
     if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
-    elif model_location(str(name)) == model_location(DEFAULT_MODELS[m]):  # the default (an entry script spells
-        # it as a full path): the paper's pair is simply not on this machine
+    elif model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():  # the default (an
+        # entry script spells it as a full path): the paper's pair is simply not on this machine
         log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
                  "training on the cache as recorded", path, recorded, m, name)
+    elif trained:
+        log.warning("the run's %s_model %s does not exist here and is not the encoder %s was built from (%s): "
+                    "using the cache as recorded", m, name, path, recorded)
     else:
         raise ConfigError(f"--{m}-model {name} does not exist here and is not the encoder {path} was built from "
-                          f"({recorded}); check the name, or give {recorded} (or leave --{m}-model out) to train "
-                          "on the cache as recorded")
+                          f"({recorded}); check the name: give the folder you meant, or {recorded} to train on the "
+                          "cache as recorded")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,12 +262,13 @@ def san_tower(cfg: Config, shapes: dict[str, tuple[int, int]]) -> SANItemTower:
 
 
 def iisan_item_encoder(cfg: Config, data: SeqRecData | None, device: torch.device,
-                       encoders: dict[str, BackboneEncoder] | None) -> tuple[IISANItemEncoder, PixelSource | None]:
+                       encoders: dict[str, BackboneEncoder] | None,
+                       trained: bool = False) -> tuple[IISANItemEncoder, PixelSource | None]:
     """IISAN's SAN tower over its feed: the cache (a cached run on data), else the frozen encoders, live
     (on data: with its titles and pixels; without: for the states' shapes alone)."""
     pixels = None
     if cfg.cached and data is not None:
-        states = cached_states(cfg, data, device)
+        states = cached_states(cfg, data, device, trained)
     else:
         encoders = encoders or load_encoders(cfg, device=device)
         if data is None:
@@ -271,21 +279,23 @@ def iisan_item_encoder(cfg: Config, data: SeqRecData | None, device: torch.devic
 
 
 def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
-                encoders: dict[str, BackboneEncoder] | None = None) -> tuple[Recommender, PixelSource | None]:
+                encoders: dict[str, BackboneEncoder] | None = None,
+                trained: bool = False) -> tuple[Recommender, PixelSource | None]:
     """The recommender for ``cfg.method`` and, when its item encoder reads pixels, their source.
 
     ``encoders``: already loaded encoders to use instead of ``cfg``'s model folders (e.g. random-weight
     architectures on the meta device for parameter counts). ``data=None`` builds the model for its shape
     only: no popularity, titles or pixels (``iisan params``); a cached IISAN model then takes its state
     shapes from ``encoders``, exactly what a cache built from them would hold. Method ``id`` reads no
-    encoder and needs ``data`` (its table has a row per item)."""
+    encoder and needs ``data`` (its table has a row per item). ``trained``: the model of a run that trained
+    already (``log_unchecked_encoder``)."""
     if cfg.method == "id":
         if data is None:
             raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "
                               "has one row per item")
         item_encoder, pixels = ItemIDEncoder(data.num_items, cfg.embedding_dim), None
     elif cfg.method == "iisan":
-        item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders)
+        item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders, trained)
     else:
         encoders = encoders or load_encoders(cfg)
         pixels = image_pixels(cfg, data.item_ids, encoders) if data is not None else None

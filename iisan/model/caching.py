@@ -262,14 +262,14 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
     item_ids, _, catalog = _items(cfg, all_items)
     keep, shapes, metadata = {}, {}, {}
     for m in modalities(cfg):
-        authors_name, model_type, depth, width = AUTHORS_ENCODERS[m]
-        if local_folder(model_name(cfg, m)) is not None:
+        encoder, model_type, depth, width = AUTHORS_ENCODERS[m]
+        if local_folder(model_name(cfg, m)) is not None:  # the states are said to be this folder's encoder's
             spec = read_spec(model_name(cfg, m), m)
-            model_type, depth, width = spec.model_type, spec.depth, spec.width
+            encoder, model_type, depth, width = model_name(cfg, m), spec.model_type, spec.depth, spec.width
         keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
         shapes[m] = (depth + 1, width)
         metadata[m] = declared_metadata({
-            "format": FORMAT, "modality": m, "encoder": authors_name, "encoder_config": "",
+            "format": FORMAT, "modality": m, "encoder": encoder, "encoder_config": "",
             "model_type": model_type, "layers": json.dumps(keep[m]), "width": str(width), "depth": str(depth),
             "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": catalog.fingerprint,
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
