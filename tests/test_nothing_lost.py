@@ -159,9 +159,10 @@ def test_custom_code_on_a_known_architecture_is_ignored(tiny, tmp_path):
     assert outcome.err.count("asks for custom code (auto_map); ignored") == 1, outcome.describe()  # once per folder
 
 
-def test_custom_code_in_a_tokenizer_is_ignored_and_in_an_image_processor_refused_in_our_words(tiny, tmp_path):
-    """A tokenizer's auto_map: transformers loads its own class; said once, as for config.json's. An image
-    processor's: transformers stops with its own advice to trust the code; IISAN says why in one line."""
+def test_custom_code_in_a_tokenizer_or_image_processor_is_ignored_or_refused_in_our_words(tiny, tmp_path):
+    """A tokenizer's or image processor's auto_map: transformers loads its own class (said once, as for
+    config.json's). An image processor only the folder's code could load: one line of IISAN's, not
+    transformers' advice to trust the code; nothing runs either way."""
     text, image, marker = tmp_path / "bert", tmp_path / "vit", tmp_path / "code-ran"
     shutil.copytree(tiny["text_model"], text)
     shutil.copytree(tiny["image_model"], image)
@@ -177,11 +178,16 @@ def test_custom_code_in_a_tokenizer_is_ignored_and_in_an_image_processor_refused
             "image", "--modality", "intra", "--images", tiny["images"], "--cache-dir", str(tmp_path / "c2"),
             "--device", "cpu", "--no-progress"]
     outcome = run_forked(args, tmp_path / "s2")
+    assert outcome.code == 0 and not marker.exists(), outcome.describe()
+    assert outcome.err.count("preprocessor_config.json asks for custom code (auto_map); ignored") == 1
+    settings = json.loads((image / "preprocessor_config.json").read_text())
+    (image / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type": "EvilProcessor"}))
+    outcome = run_forked([*args[:-5], "--cache-dir", str(tmp_path / "c3"), *args[-3:]], tmp_path / "s3")
     assert outcome.code == 2 and not marker.exists(), outcome.describe()
     assert outcome.last_line == (
-        f"iisan: error: cannot load image processor from {str(image)!r}: preprocessor_config.json asks for "
-        "custom code (auto_map); IISAN never runs code from a model folder: remove its auto_map to use "
-        "transformers' own processor of the image_processor_type it names"), outcome.describe()
+        f"iisan: error: cannot load image processor from {str(image)!r}: it needs custom code from its folder "
+        "(auto_map); IISAN never runs code from a model folder: use a model whose tokenizer and image processor "
+        "transformers provides"), outcome.describe()
 
 
 def test_custom_code_on_a_known_architecture_iisan_cannot_use_is_refused_without_a_warning(tiny, tmp_path):

@@ -61,26 +61,24 @@ JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.jso
 
 
 CODE_MAPS = {AutoTokenizer: "tokenizer_config.json", AutoImageProcessor: "preprocessor_config.json"}
-_WARNED: set[Path] = set()  # the tokenizer files whose ignored auto_map was reported in this process
+_WARNED: set[Path] = set()  # the files whose ignored auto_map was reported in this process
+CUSTOM_CODE = ("IISAN never runs code from a model folder: use a model whose tokenizer and image processor "
+               "transformers provides")
 
 
-def custom_code(folder: Path, auto_class) -> str | None:
+def say_custom_code(folder: Path, auto_class) -> None:
     """An ``auto_map`` in a tokenizer's or image processor's file names Python files of the folder to run.
-    transformers ignores a tokenizer's (its own class for the model type loads; said once), but stops at an
-    image processor's with its own long advice: why, in IISAN's words; None when there is none."""
+    transformers, asked never to run them, loads its own class where it has one: said once. (Where it has
+    none it stops, and ``load_from_folder`` says why in one line.)"""
     path = folder / CODE_MAPS.get(auto_class, "")
     try:
-        asks = auto_class in CODE_MAPS and "auto_map" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):  # absent, or not a JSON object: transformers says what it finds
-        return None
-    if asks and auto_class is AutoImageProcessor:
-        return (f"{path.name} asks for custom code (auto_map); IISAN never runs code from a model folder: remove "
-                "its auto_map to use transformers' own processor of the image_processor_type it names")
+        asks = auto_class in CODE_MAPS and bool(json.loads(path.read_text(encoding="utf-8")).get("auto_map"))
+    except (OSError, ValueError, TypeError, AttributeError):  # absent, or not a JSON object: transformers says so
+        return
     if asks and path not in _WARNED:
         _WARNED.add(path)
-        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own tokenizer and "
+        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own classes and "
                     "never runs code from a model folder", path)
-    return None
 
 
 def damaged_file(folder: Path, auto_class) -> str | None:
@@ -122,14 +120,19 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or custom_code(Path(path), auto_class)):
+    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):
         raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
+    if Path(path).is_dir():
+        say_custom_code(Path(path), auto_class)
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
         with quiet_transformers():
             loaded = auto_class.from_pretrained(path, trust_remote_code=False, local_files_only=not allow_download,
                                                 **kwargs)
     except LOAD_ERRORS as err:  # a damaged folder: truncated weights, a config of wrong types or sizes
+        if "trust_remote_code" in str(err):  # only the folder's own code could load it
+            raise EncoderError(f"cannot load {what} from {name!r}: it needs custom code from its folder (auto_map); "
+                               f"{CUSTOM_CODE}") from None
         raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
     except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
         first = " ".join(str(err).split()).split(". ")[0]
