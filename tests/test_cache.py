@@ -176,6 +176,11 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
         f"--text-model {tmp_path / 'typo'} does not exist here and is not the encoder {cached_cfg.cache_dir}/"
         f"text.safetensors was built from ({recorded}); check the name: give the folder you meant, or {recorded} to "
         "train on the cache as recorded")
+    from iisan.train.trainer import train
+
+    with pytest.raises(ConfigError, match="does not exist here and is not the encoder"):  # before its folder
+        train(cfg.replace(run_name="typo"))
+    assert not (Path(cfg.out_dir) / "typo").exists()
     # a run that trained already (one from before the refusal, evaluated now) is used with a warning
     with caplog.at_level("INFO", logger="iisan"):
         model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"), trained=True)

@@ -52,7 +52,11 @@ def check_run_inputs(cfg: Config) -> None:
     check_data_files(cfg)
     if cfg.cached:
         for m in modalities(cfg):
-            read_metadata(cache_file(cache_dir(cfg), m))
+            meta = read_metadata(path := cache_file(cache_dir(cfg), m))
+            name = model_name(cfg, m)  # a mistyped encoder name, too (``unknown_encoder``)
+            if local_folder(name, cfg.allow_download) is None and \
+                    (why := unknown_encoder(m, name, path, meta.get("encoder", ""))):
+                raise ConfigError(why)
     elif cfg.method != "id":  # the encoders run: their folders' configs, and the image LMDB
         for m in modalities(cfg):
             read_spec(model_name(cfg, m), m, cfg.allow_download)
@@ -236,9 +240,17 @@ def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str, trained:
         log.warning("the run's %s_model %s does not exist here and is not the encoder %s was built from (%s): "
                     "using the cache as recorded", m, name, path, recorded)
     else:
-        raise ConfigError(f"--{m}-model {name} does not exist here and is not the encoder {path} was built from "
-                          f"({recorded}); check the name: give the folder you meant, or {recorded} to train on the "
-                          "cache as recorded")
+        raise ConfigError(unknown_encoder(m, name, path, recorded))
+
+
+def unknown_encoder(m: str, name: str, path: Path, recorded: str) -> str | None:
+    """Why a cached run may not name ``name``, an encoder folder not on this machine, for the cache ``path``
+    built from ``recorded``; None when it may (``log_unchecked_encoder`` says which)."""
+    if Path(str(name)).name == Path(recorded).name or \
+            model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():
+        return None
+    return (f"--{m}-model {name} does not exist here and is not the encoder {path} was built from ({recorded}); "
+            f"check the name: give the folder you meant, or {recorded} to train on the cache as recorded")
 
 
 # --------------------------------------------------------------------------------------------------
