@@ -174,8 +174,9 @@ def test_custom_code_in_a_tokenizer_or_image_processor_is_ignored_or_refused_in_
     outcome = run_forked(cache_text_args(tiny, text, tmp_path / "c"), tmp_path / "s")
     assert outcome.code == 0 and not marker.exists(), outcome.describe()
     assert outcome.err.count("tokenizer_config.json asks for custom code (auto_map); ignored") == 1, outcome.describe()
+    images = shutil.copytree(tiny["images"], tmp_path / "images.lmdb")  # one this (forked) process never opened
     args = ["cache", "--users", tiny["users"], "--items", tiny["items"], "--image-model", str(image), "--towers",
-            "image", "--modality", "intra", "--images", tiny["images"], "--cache-dir", str(tmp_path / "c2"),
+            "image", "--modality", "intra", "--images", str(images), "--cache-dir", str(tmp_path / "c2"),
             "--device", "cpu", "--no-progress"]
     outcome = run_forked(args, tmp_path / "s2")
     assert outcome.code == 0 and not marker.exists(), outcome.describe()
