@@ -8,7 +8,9 @@ with a ViT of another width and depth on small synthetic data.
 
     python scripts/versa_gpu_check.py --out /tmp/versa-gpu     # writes versa_gpu.json there
 
-It exits 1 when a check failed (the report's ``checks`` and ``passed``) and 2 on an error.
+It exits 1 when a check failed (the report's ``checks`` and ``passed``, with the failed ones named on
+stderr), 2 on a user error, and 1 with a traceback on a crash (a CUDA error): the report's ``error`` then
+says which. ``--quick`` trains eagerly only, so it checks no CUDA graph.
 
 Without --out and --work it writes under bench_data/ (git-ignored) in this checkout.
 """

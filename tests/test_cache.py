@@ -181,6 +181,19 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
     with pytest.raises(ConfigError, match="does not exist here and is not the encoder"):  # before its folder
         train(cfg.replace(run_name="typo"))
     assert not (Path(cfg.out_dir) / "typo").exists()
+    # a run that trained in its folder under a folder since gone goes on under that name (a resume must name
+    # what its checkpoint names), with a warning
+    import shutil
+
+    copy = Path(shutil.copytree(cached_cfg.text_model, tmp_path / "bert-copy"))
+    first = train(cached_cfg.replace(text_model=str(copy), run_name="copy", epochs=1))
+    shutil.rmtree(copy)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iisan"):
+        more = train(cached_cfg.replace(text_model=str(copy), run_name="copy", epochs=2))
+    assert len(first["epochs"]) == 1 and len(more["epochs"]) == 2
+    assert any("the run's text_model" in r.getMessage() for r in caplog.records)
+    caplog.clear()
     # a run that trained already (one from before the refusal, evaluated now) is used with a warning
     with caplog.at_level("INFO", logger="iisan"):
         model, _ = build_model(cfg, load_data(cfg), torch.device("cpu"), trained=True)

@@ -182,6 +182,11 @@ def test_custom_code_in_a_tokenizer_or_image_processor_is_ignored_or_refused_in_
     assert outcome.code == 0 and not marker.exists(), outcome.describe()
     assert outcome.err.count("preprocessor_config.json asks for custom code (auto_map); ignored") == 1
     settings = json.loads((image / "preprocessor_config.json").read_text())
+    (image / "preprocessor_config.json").write_text(json.dumps({**settings, "auto_map": None}))
+    outcome = run_forked([*args[:-5], "--cache-dir", str(tmp_path / "c4"), *args[-3:]], tmp_path / "s4")
+    assert outcome.code == 2 and outcome.last_line == (  # transformers fails on it with a TypeError
+        f"iisan: error: cannot load image processor from {str(image)!r}: preprocessor_config.json gives auto_map "
+        "None; expected an object (or no auto_map)"), outcome.describe()
     (image / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type": "EvilProcessor"}))
     outcome = run_forked([*args[:-5], "--cache-dir", str(tmp_path / "c3"), *args[-3:]], tmp_path / "s3")
     assert outcome.code == 2 and not marker.exists(), outcome.describe()

@@ -9,8 +9,9 @@ with a ViT of another width and depth on small synthetic data.
 ``scripts/versa_gpu_check.py`` runs it and writes ``versa_gpu.json`` after each stage (a failure keeps what
 the stages before it found, and its own error). ``checks`` says what passed: the GPU cache within
 ``MAX_RELATIVE_ERROR`` of the fp32 one, the interruption simulated and the resumed bytes equal, every loss
-finite, and on a GPU the default step a CUDA graph (a failed capture trains eagerly, and would pass
-unseen); ``passed`` is all of them. The caches and runs go in a folder of their own per check
+finite (a non-finite loss stops training with an error, which fails the check too), and on a GPU the
+default step a CUDA graph (a failed capture trains eagerly, and would pass unseen; ``quick`` trains
+eagerly only and checks none); ``passed`` is all of them. The caches and runs go in a folder of their own per check
 (``work/checks/<device>-<time>``), so a rerun or a GPU run after a CPU dry run builds and trains afresh.
 """
 

@@ -45,16 +45,17 @@ def modalities(cfg: Config) -> tuple[str, ...]:
     return ("text", "image") if cfg.towers == "both" else (cfg.towers,)
 
 
-def check_run_inputs(cfg: Config) -> None:
+def check_run_inputs(cfg: Config, trained: bool = False) -> None:
     """The data files exist, and so do the cache files of a cached run, or the encoder folders and the
     image LMDB of a live one: checked before a run claims its folder, so that a missing or mistyped input
-    leaves no run folder behind."""
+    leaves no run folder behind. ``trained``: the run has trained in its folder before (its encoder names
+    are its own: ``log_unchecked_encoder``)."""
     check_data_files(cfg)
     if cfg.cached:
         for m in modalities(cfg):
             meta = read_metadata(path := cache_file(cache_dir(cfg), m))
             name = model_name(cfg, m)  # a mistyped encoder name, too (``unknown_encoder``)
-            if local_folder(name, cfg.allow_download) is None and \
+            if not trained and local_folder(name, cfg.allow_download) is None and \
                     (why := unknown_encoder(m, name, path, meta.get("encoder", ""))):
                 raise ConfigError(why)
     elif cfg.method != "id":  # the encoders run: their folders' configs, and the image LMDB
@@ -228,8 +229,9 @@ def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str, trained:
     """Say why a cache whose encoder folder ``name`` is not here is used as recorded, or refuse a name given
     that is neither the cache's encoder (by folder name) nor the default: a typo would otherwise train, and
     config.json (and every table of runs) would name an encoder that never made the states. A run that
-    trained already (``trained``: evaluated, recommended from, exported) is used with a warning: it may
-    predate the refusal, and no flag of those commands names an encoder."""
+    trained already (``trained``: evaluated, recommended from, exported, or going on in its folder) is used
+    with a warning: it may predate the refusal, no flag of those commands names an encoder, and a resume
+    must name what its checkpoint names."""
     if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
     elif model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():  # the default (an

@@ -66,19 +66,25 @@ CUSTOM_CODE = ("IISAN never runs code from a model folder: use a model whose tok
                "transformers provides")
 
 
-def say_custom_code(folder: Path, auto_class) -> None:
+def custom_code(folder: Path, auto_class) -> str | None:
     """An ``auto_map`` in a tokenizer's or image processor's file names Python files of the folder to run.
     transformers, asked never to run them, loads its own class where it has one: said once. (Where it has
-    none it stops, and ``load_from_folder`` says why in one line.)"""
+    none it stops, and ``load_from_folder`` says why in one line.) A map that is no object (null, a list),
+    on which transformers fails with a TypeError, is why the folder cannot be read; None otherwise."""
     path = folder / CODE_MAPS.get(auto_class, "")
     try:
-        asks = auto_class in CODE_MAPS and bool(json.loads(path.read_text(encoding="utf-8")).get("auto_map"))
-    except (OSError, ValueError, TypeError, AttributeError):  # absent, or not a JSON object: transformers says so
-        return
-    if asks and path not in _WARNED:
+        settings = json.loads(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
+    except (OSError, ValueError):  # absent, or not JSON: transformers says what it finds
+        return None
+    if not isinstance(settings, dict) or "auto_map" not in settings:
+        return None
+    if not isinstance(settings["auto_map"], dict):
+        return f"{path.name} gives auto_map {settings['auto_map']!r}; expected an object (or no auto_map)"
+    if settings["auto_map"] and path not in _WARNED:
         _WARNED.add(path)
         log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own classes and "
                     "never runs code from a model folder", path)
+    return None
 
 
 def damaged_file(folder: Path, auto_class) -> str | None:
@@ -120,10 +126,8 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class)):
+    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or custom_code(Path(path), auto_class)):
         raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
-    if Path(path).is_dir():
-        say_custom_code(Path(path), auto_class)
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
         with quiet_transformers():

@@ -29,12 +29,12 @@ class TrainingParts:
 
 
 def build_training(cfg: Config, data: SeqRecData, device: torch.device, processes: int = 1,
-                   built: Callable[[Recommender], None] = lambda model: None) -> TrainingParts:
+                   built: Callable[[Recommender], None] = lambda model: None, trained: bool = False) -> TrainingParts:
     """build_model -> plan_step -> make_optimizer (capturable for a CUDA graph) -> the batch layout.
     ``processes``: how many ranks train (``plan_step`` compiles single-process runs only by default).
     ``built(model)`` runs as soon as the model exists (the trainer logs its parameter line there, before
-    the plan can refuse the run)."""
-    model, pixels = build_model(cfg, data, device)
+    the plan can refuse the run). ``trained``: the run has trained in its folder before (``build_model``)."""
+    model, pixels = build_model(cfg, data, device, trained=trained)
     built(model)
     plan = plan_step(cfg, device, model, processes)
     optimizer = make_optimizer(model, cfg, device, capturable=plan.compiled == "cudagraph")

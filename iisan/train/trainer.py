@@ -88,7 +88,9 @@ class Run:
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
         self.run_dir = run_dir(cfg)
         self.checkpoints = RunCheckpoints(self)  # choosing, restoring, writing (``resuming``)
-        check_run_inputs(cfg)  # a missing file is an error before a run folder is made for it
+        # a run that trained in its folder before goes on under the names it had (``log_unchecked_encoder``)
+        trained = (self.run_dir / "config.json").is_file()
+        check_run_inputs(cfg, trained)  # a missing file is an error before a run folder is made for it
         if cfg.resume and not self.checkpoints.existing():  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.checkpoints.root}")
         decide(self.lock_folder, dist)
@@ -100,7 +102,7 @@ class Run:
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
         log.info("%s", describe_data(data, cfg))
         parts = build_training(cfg, data, device, dist.world_size, built=lambda model: log.info(
-            "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)))
+            "%s: %s", METHOD_NAMES[cfg.method], run_parameter_line(cfg, model)), trained=trained)
         self.model, self.pixels, self.optimizer = parts.model, parts.pixels, parts.optimizer
         self.collate = parts.collate  # the batch layout of every epoch
         self.plan = parts.plan  # precision, compiled or not, the batch layout
