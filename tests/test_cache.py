@@ -181,6 +181,9 @@ def test_an_absent_encoder_folder_is_trusted_to_the_cache_but_a_different_name_i
     with pytest.raises(ConfigError, match="does not exist here and is not the encoder"):  # before its folder
         train(cfg.replace(run_name="typo"))
     assert not (Path(cfg.out_dir) / "typo").exists()
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ConfigError, match=f"--text-model {tmp_path / 'a-file'} is a file, not a folder, and is not"):
+        train(cfg.replace(run_name="typo", text_model=str(tmp_path / "a-file")))
     # a run that trained in its folder under a folder since gone goes on under that name (a resume must name
     # what its checkpoint names), with a warning
     import shutil

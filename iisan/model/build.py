@@ -251,7 +251,8 @@ def unknown_encoder(m: str, name: str, path: Path, recorded: str) -> str | None:
     if Path(str(name)).name == Path(recorded).name or \
             model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():
         return None
-    return (f"--{m}-model {name} does not exist here and is not the encoder {path} was built from ({recorded}); "
+    where = "is a file, not a folder," if Path(str(name)).expanduser().is_file() else "does not exist here"
+    return (f"--{m}-model {name} {where} and is not the encoder {path} was built from ({recorded}); "
             f"check the name: give the folder you meant, or {recorded} to train on the cache as recorded")
 
 
