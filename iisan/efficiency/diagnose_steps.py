@@ -58,9 +58,10 @@ def phase(setup: TrainingSetup, batches: list) -> dict:
     queue = iter(batches)
     row = timed_each(lambda: setup.step(next(queue)), setup.device, len(batches))
     row["allocator"] = allocator_activity(before, allocator_counts(setup.device))
-    row["rows"] = [rows_of(b)[0] for b in batches]
-    if any(b.items.distinct is not None for b in batches):
-        row["rows_by_item"] = [rows_of(b)[1] for b in batches]
+    shapes = [rows_of(b) for b in batches]
+    row["rows"] = [rows for rows, _ in shapes]
+    if any(by_item is not None for _, by_item in shapes):
+        row["rows_by_item"] = [by_item for _, by_item in shapes]
     return row
 
 
@@ -77,8 +78,8 @@ def shape_phases(setup: TrainingSetup, reps: int) -> tuple[dict, dict]:
     fixed, _ = next(pairs)
     seen_sizes, fresh, bucketed = {rows_of(fixed)}, [], []
     for plain, padded in pairs:  # batches whose item counts differ from each other and from the fixed one
-        if rows_of(plain) not in seen_sizes:
-            seen_sizes.add(rows_of(plain))
+        if (shape := rows_of(plain)) not in seen_sizes:
+            seen_sizes.add(shape)
             fresh.append(plain.to(setup.device))
             bucketed.append(padded.to(setup.device))
         if len(fresh) == reps:
@@ -145,12 +146,12 @@ def iisan_rows(args, label: str) -> dict:
     row["pipeline_seconds_per_batch"] = timed(lambda: next(stream), device, args.warmup, args.reps)
     batches = [next(stream) for _ in range(max(args.reps, args.warmup))]
     row["items_per_batch"] = float(np.mean([len(b.items.real) for b in batches]))
-    rows = Counter(len(b.items.ids) for b in batches)
-    row["rows_per_batch"] = float(np.mean([len(b.items.ids) for b in batches]))
-    row["most_common_rows"] = rows.most_common(1)[0][0]
-    if any(b.items.distinct is not None for b in batches):  # towers by distinct item: their own rows
+    shapes = [rows_of(b) for b in batches]
+    row["rows_per_batch"] = float(np.mean([rows for rows, _ in shapes]))
+    row["most_common_rows"] = Counter(rows for rows, _ in shapes).most_common(1)[0][0]
+    if shapes[0][1] is not None:  # towers by distinct item (every batch of a setup, or none): their own rows
         row["towers_by_item"] = list(batches[0].items.per_item)
-        row["rows_by_item_per_batch"] = float(np.mean([rows_of(b)[1] for b in batches]))
+        row["rows_by_item_per_batch"] = float(np.mean([by_item for _, by_item in shapes]))
     row["title_columns"] = sorted({b.items.title_columns or setup.cfg.title_tokens for b in batches})
     on_device = itertools.cycle(batches)
     row["enqueue"] = enqueue(setup, batches)

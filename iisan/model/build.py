@@ -232,10 +232,10 @@ def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str, trained:
     trained already (``trained``: evaluated, recommended from, exported, or going on in its folder) is used
     with a warning: it may predate the refusal, no flag of those commands names an encoder, and a resume
     must name what its checkpoint names."""
-    if Path(str(name)).name == Path(recorded).name:  # e.g. the authors' stored states, imported
+    stands_for = recorded_or_default(m, name, recorded)
+    if stands_for == "recorded":  # e.g. the authors' stored states, imported
         log.info("%s: no folder %s here to check the cache against; using the cache as recorded", path, name)
-    elif model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():  # the default (an
-        # entry script spells it as a full path): the paper's pair is simply not on this machine
+    elif stands_for == "default":  # the paper's pair is simply not on this machine
         log.info("%s was built from %s; the %s encoder named, the default %s, is not on this machine: "
                  "training on the cache as recorded", path, recorded, m, name)
     elif trained:
@@ -245,11 +245,19 @@ def log_unchecked_encoder(m: str, name: str, path: Path, recorded: str, trained:
         raise ConfigError(unknown_encoder(m, name, path, recorded))
 
 
+def recorded_or_default(m: str, name: str, recorded: str) -> str:
+    """What an encoder name not on this machine stands for: 'recorded' (the folder name of the encoder the
+    cache was built from), 'default' (the paper's encoder, however spelt: an entry script gives a full path)
+    or '' (neither: a typo, another model)."""
+    if Path(str(name)).name == Path(recorded).name:
+        return "recorded"
+    return "default" if model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve() else ""
+
+
 def unknown_encoder(m: str, name: str, path: Path, recorded: str) -> str | None:
     """Why a cached run may not name ``name``, an encoder folder not on this machine, for the cache ``path``
-    built from ``recorded``; None when it may (``log_unchecked_encoder`` says which)."""
-    if Path(str(name)).name == Path(recorded).name or \
-            model_location(str(name)).resolve() == model_location(DEFAULT_MODELS[m]).resolve():
+    built from ``recorded``; None when it may (``recorded_or_default``)."""
+    if recorded_or_default(m, name, recorded):
         return None
     where = "is a file, not a folder," if Path(str(name)).expanduser().is_file() else "does not exist here"
     return (f"--{m}-model {name} {where} and is not the encoder {path} was built from ({recorded}); "

@@ -108,7 +108,16 @@ def check_index(path: Path, names: set[str]) -> None:
         raise EncoderError(f"{path} names weights files the folder lacks: {', '.join(missing[:3])}")
 
 
-_WARNED: set[Path] = set()  # the folders whose ignored auto_map was reported in this process
+_WARNED: set[Path] = set()  # the files whose ignored auto_map was reported in this process
+
+
+def say_ignored_code(path: Path, classes: str) -> None:
+    """Once per file and process (a folder is checked at each load: config, tokenizer, weights): ``path``'s
+    auto_map is ignored, transformers' own ``classes`` load instead."""
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %s and never runs "
+                    "code from a model folder", path, classes)
 
 
 def check_custom_code(config_path: Path, config: dict) -> None:
@@ -117,10 +126,8 @@ def check_custom_code(config_path: Path, config: dict) -> None:
     model_type = config.get("model_type", "")
     if model_type in CONFIG_MAPPING:
         usable = model_type in SUPPORTED["text"] | SUPPORTED["image"]  # else refused next, no warning first
-        if usable and config_path not in _WARNED:  # a folder is checked at each load (config, tokenizer, weights)
-            _WARNED.add(config_path)
-            log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %r classes "
-                        "and never runs code from a model folder", config_path, model_type)
+        if usable:
+            say_ignored_code(config_path, f"{model_type!r} classes")
         return
     raise EncoderError(f"{config_path} needs custom code from its folder (auto_map, model type {model_type!r}); "
                        "IISAN never runs code from a model folder: use a model transformers supports natively")

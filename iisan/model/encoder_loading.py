@@ -27,7 +27,13 @@ from transformers.utils import logging as hf_logging
 from ..config import model_location
 from ..errors import EncoderError
 from ..files import check_readable, failure_reason
-from .encoder_files import PLAIN_VOCABULARIES, SENTENCEPIECE_FILES, VOCABULARY_FILES, resolve_model_path
+from .encoder_files import (
+    PLAIN_VOCABULARIES,
+    SENTENCEPIECE_FILES,
+    VOCABULARY_FILES,
+    resolve_model_path,
+    say_ignored_code,
+)
 from .families import MODEL_CLASSES
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,6 @@ JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.jso
 
 
 CODE_MAPS = {AutoTokenizer: "tokenizer_config.json", AutoImageProcessor: "preprocessor_config.json"}
-_WARNED: set[Path] = set()  # the files whose ignored auto_map was reported in this process
 CUSTOM_CODE = ("IISAN never runs code from a model folder: use a model whose tokenizer and image processor "
                "transformers provides")
 
@@ -80,10 +85,8 @@ def custom_code(folder: Path, auto_class) -> str | None:
         return None
     if not isinstance(settings["auto_map"], dict):
         return f"{path.name} gives auto_map {settings['auto_map']!r}; expected an object (or no auto_map)"
-    if settings["auto_map"] and path not in _WARNED:
-        _WARNED.add(path)
-        log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own classes and "
-                    "never runs code from a model folder", path)
+    if settings["auto_map"]:
+        say_ignored_code(path, "classes")
     return None
 
 
