@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import positive_int  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     test = payload["test"]
     print(f"train {payload['train_seconds_per_epoch']:.2f} s/epoch (max {payload['train_seconds_per_epoch_max']:.2f}) "
           f"| full evaluation of {payload['users_evaluated']:,} users {payload['full_evaluation_seconds']:.2f} s "
-          f"| best epoch {payload['best_epoch']} | test HR@10 {test['hit@10']:.4f} NDCG@10 {test['ndcg@10']:.4f} "
+          f"| best epoch {payload['best_epoch']} | test HR@10 {fixed(test['hit@10'])} NDCG@10 {fixed(test['ndcg@10'])} "
           f"| {args.out}")
 
 

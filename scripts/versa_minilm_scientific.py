@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import positive_int, seed_arg  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nIISAN-Versa on Scientific, MiniLM-L6 text + random ViT image tower, {report['images']}; "
           f"{report['device']}; {report['epochs_run']} epochs (cap {args.epochs}), "
           f"best epoch {report['best_epoch']}")
-    print(f"test HR@10 {report['test']['hit@10']:.4f}  NDCG@10 {report['test']['ndcg@10']:.4f}  "
-          f"(valid HR@10 {report['valid']['hit@10']:.4f}  NDCG@10 {report['valid']['ndcg@10']:.4f})")
+    print(f"test HR@10 {fixed(report['test']['hit@10'])}  NDCG@10 {fixed(report['test']['ndcg@10'])}  "
+          f"(valid HR@10 {fixed(report['valid']['hit@10'])}  NDCG@10 {fixed(report['valid']['ndcg@10'])})")
     return report
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from iisan.cli.main import main
+from iisan.console import fixed
 from iisan.train.trainer import train
 
 
@@ -77,7 +78,7 @@ def test_runs_with_different_lr_stay_apart_without_keys(runs, capsys):
     assert header[:6] == ["method", "feed", "data", "lr", "seeds", "valid_hit@10"]
     assert [(r[3], r[4]) for r in rows] == [("0.0002", "2"), ("0.001", "1")]
     pair = np.array([r["test"]["hit@10"] for r in results[:2]])
-    assert rows[0][header.index("test_hit@10")] == f"{pair.mean():.4f} ± {pair.std(ddof=1):.4f}"
+    assert rows[0][header.index("test_hit@10")] == f"{fixed(pair.mean())} ± {fixed(pair.std(ddof=1))}"
     main(["results", str(out)])  # one row per run: lr and seed differ, so both are columns
     header, *rows = table_rows(capsys.readouterr().out)
     assert header[:6] == ["run", "method", "feed", "data", "lr", "seed"] and len(rows) == 3
@@ -413,7 +414,7 @@ def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatc
     main(["results", *given, "--average-seeds"])
     header, *rows = table_rows(capsys.readouterr().out)
     assert [(r[header.index("lr")], r[header.index("seeds")]) for r in rows] == [("0.0002", "2"), ("0.001", "1")]
-    assert rows[1][header.index("test_hit@10")] == f"{results[2]['test']['hit@10']:.4f}"  # one seed: no ± 0.0000
+    assert rows[1][header.index("test_hit@10")] == fixed(results[2]['test']['hit@10'])  # one seed: no ± 0.0000
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -608,7 +609,7 @@ def test_a_seed_run_twice_counts_once_the_newest_kept(runs, tmp_path, capsys, ca
     assert by_lr["0.001"][header.index("seeds")] == "1" and by_lr["0.001"][header.index("test_hit@10")] == "0.5000"
     pair = np.array([r["test"]["hit@10"] for r in results[:2]])
     assert by_lr["0.0002"][header.index("seeds")] == "2"
-    assert by_lr["0.0002"][header.index("test_hit@10")] == f"{pair.mean():.4f} ± {pair.std(ddof=1):.4f}"
+    assert by_lr["0.0002"][header.index("test_hit@10")] == f"{fixed(pair.mean())} ± {fixed(pair.std(ddof=1))}"
     with open(tmp_path / "m.csv") as fh:
         saved = {row["lr"]: row for row in csv.DictReader(fh)}
     assert saved["0.001"]["test_hit@10_std"] == "" and float(saved["0.001"]["test_hit@10"]) == 0.5
@@ -819,3 +820,26 @@ def test_curves_of_an_averaged_table_are_of_the_runs_it_counts(runs, tmp_path, c
           str(tmp_path / "c.png")])
     assert len(drawn) == 3 and (tmp_path / "c.png").is_file()
     assert "left out 1 run(s)" in caplog.text
+
+
+def test_equal_means_print_alike_whatever_their_float_noise(runs, tmp_path, capsys):
+    """Seeds 0.0379 and 0.0396 average to 0.038750000000000007, seeds 0.037 and 0.0405 to the float 0.03875, just
+    below the half: format() printed 0.0388 and 0.0387 for one mean. Both print as by hand, 0.0388, the spread too."""
+    out, _ = runs
+    first = out / "lr0.001-s1"
+    for lr, pair in ((0.001, (0.0379, 0.0396)), (0.002, (0.037, 0.0405))):
+        for seed, hit in enumerate(pair, start=1):
+            copy_run(first, tmp_path / "runs" / f"lr{lr}-s{seed}", lambda r, lr=lr, seed=seed, hit=hit: (
+                r["test"].update({"hit@10": hit}), r["config"].update(seed=seed, lr=lr)))
+    noisy = [float(np.mean(pair)) for pair in ((0.0379, 0.0396), (0.037, 0.0405))]
+    assert [f"{m:.4f}" for m in noisy] == ["0.0388", "0.0387"]  # the noise this test is about
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    means = [r[header.index("test_hit@10")].split(" ± ")[0] for r in rows]
+    assert means == ["0.0388", "0.0388"]
+
+
+@pytest.mark.parametrize("value, shown", [(0.03875, "0.0388"), (0.038749999999, "0.0387"), (0.00005, "0.0001"),
+                                          (1.23456, "1.2346"), (0.0, "0.0000"), (float("nan"), "nan")])
+def test_fixed_rounds_halves_up_after_dropping_float_noise(value, shown):
+    assert fixed(value) == shown

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iisan.console import fixed
 from iisan.errors import ConfigError, RunInterrupted
 from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce
 
@@ -33,8 +34,8 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path):
     lines = path.read_text().splitlines()
     ours = next(line for line in lines if line.startswith("| this reproduction | 3 |"))
     cells = [c.strip() for c in ours.strip("|").split("|")]
-    assert cells[2] == f"{hits.mean():.4f} ± {hits.std(ddof=1):.4f}"
-    assert cells[3] == f"{ndcgs.mean():.4f} ± {ndcgs.std(ddof=1):.4f}"
+    assert cells[2] == f"{fixed(hits.mean())} ± {fixed(hits.std(ddof=1))}"
+    assert cells[3] == f"{fixed(ndcgs.mean())} ± {fixed(ndcgs.std(ddof=1))}"
     paper = next(line for line in lines if line.startswith("| paper (IISAN) |"))
     assert f"| {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} |" in paper and "3 GB" in paper
     assert "not comparable with the paper" in path.read_text() and "commit:" in path.read_text()

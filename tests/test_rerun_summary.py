@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from iisan.cli.main import main
+from iisan.console import fixed
 from iisan.precedence import resolve
 from iisan.train.runfolder import default_run_name, known_run_name, reusable_results
 
@@ -41,8 +42,8 @@ def test_a_rerun_of_a_finished_run_logs_the_summary_it_ended_with(tiny, tiny_cac
     run_dir = tmp_path / "runs" / "dup"
     results = json.loads((run_dir / "results.json").read_text())
     assert ended == [f"INFO iisan.train.runfolder: best epoch {results['best_epoch']} | valid hit@10 "
-                     f"{results['valid']['hit@10']:.4f} ndcg@10 {results['valid']['ndcg@10']:.4f} | test hit@10 "
-                     f"{results['test']['hit@10']:.4f} ndcg@10 {results['test']['ndcg@10']:.4f} | "
+                     f"{fixed(results['valid']['hit@10'])} ndcg@10 {fixed(results['valid']['ndcg@10'])} | test hit@10 "
+                     f"{fixed(results['test']['hit@10'])} ndcg@10 {fixed(results['test']['ndcg@10'])} | "
                      f"{run_dir / 'results.json'}"]
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     caplog.clear()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from iisan.console import fixed
 from iisan.experiments.sweep import GridPoint, Outcome, Status, parse_script_args, run_script, summary
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN.py"
@@ -67,7 +68,7 @@ def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, c
         config = json.loads((tmp_path / "runs" / row[1] / "config.json").read_text())
         assert row[1].split("-")[-2] == f"lr{config['lr']}"
         results = json.loads((tmp_path / "runs" / row[1] / "results.json").read_text())
-        assert results["status"] == "finished" and row[3] == f"{results['test']['hit@10']:.4f}"
+        assert results["status"] == "finished" and row[3] == fixed(results['test']['hit@10'])
     failed = json.loads((tmp_path / "runs" / rows[2][1] / "results.json").read_text())
     assert failed["status"] == "failed" and failed["error"] == rows[2][2].removeprefix("failed: ")
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from iisan.cli.main import main
+from iisan.console import fixed
 from iisan.evaluate import metrics_from_ranks, rank_targets
 from iisan.experiments.trained import load_run, recommend
 from iisan.train.trainer import train
@@ -43,7 +44,7 @@ def test_evaluate_reproduces_the_results_file_exactly(runs, name, capsys):
     main(["evaluate", results["run_dir"], "--device", "cpu", "--split", "test"])
     out = capsys.readouterr().out.splitlines()
     assert f"best epoch {results['best_epoch']}, CPU (" in out[0]
-    assert out[2].split() == ["test", *(f"{results['test'][m]:.4f}" for m in
+    assert out[2].split() == ["test", *(fixed(results['test'][m]) for m in
                                         ("hit@5", "ndcg@5", "hit@10", "ndcg@10", "hit@20", "ndcg@20"))]
     assert out[3] == "results.json: the same numbers (test)"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_int, utf8_path
+from ..console import fixed
 from ..data.textfile import decoded_lines
 from ..errors import DataError, OutputError
 from ..methods import METHOD_NAMES
@@ -83,7 +84,7 @@ def cmd_evaluate(args) -> None:
     metric_names = list(metrics[splits[0]])  # hit@5, ndcg@5, hit@10, ...
     print(f"{'split':<6}" + "".join(f"{m:>10}" for m in metric_names))
     for split, values in metrics.items():
-        print(f"{split:<6}" + "".join(f"{values[m]:>10.4f}" for m in metric_names))
+        print(f"{split:<6}" + "".join(f"{fixed(values[m]):>10}" for m in metric_names))
     saved = recorded_metrics(run.results)
     pairs = [(s, m) for s in splits for m in metrics[s] if m in saved.get(s, {})]
     total = sum(len(metrics[s]) for s in splits)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
+from ..console import fixed
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.run_data import load_data
@@ -177,8 +178,8 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
         print(describe_pair(cfg) + f"; trainable params {results['parameters']['trainable']:,}")
     print(f"{'method':<16}{'valid HR@10':>12}{'valid NDCG@10':>15}{'test HR@10':>12}{'test NDCG@10':>14}")
     for name, valid, test in rows:
-        print(f"{name:<16}{valid['hit@10']:>12.4f}{valid['ndcg@10']:>15.4f}{test['hit@10']:>12.4f}"
-              f"{test['ndcg@10']:>14.4f}")
+        print(f"{name:<16}{fixed(valid['hit@10']):>12}{fixed(valid['ndcg@10']):>15}{fixed(test['hit@10']):>12}"
+              f"{fixed(test['ndcg@10']):>14}")
     beats = results["test"]["hit@10"] > popular["test"]["hit@10"] and \
         results["test"]["ndcg@10"] > popular["test"]["ndcg@10"]
     print(f"{method} {'beats' if beats else 'does NOT beat'} the most-popular baseline on test; "

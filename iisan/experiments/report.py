@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..console import fixed
 from ..errors import ConfigError
 from ..files import atomic_path, claim_output
 from .labels import data_labels, encoder_labels
@@ -139,7 +140,7 @@ def seconds(value: float) -> str:
 
 
 # One format for every number of a column, whatever its size (not 65.4 beside 7.3691); seconds keep small ones.
-FORMATS = {**dict.fromkeys(NUMBERS, ".4f"), "train_s_per_epoch": seconds, "peak_gib": ".2f",
+FORMATS = {**dict.fromkeys(NUMBERS, fixed), "train_s_per_epoch": seconds, "peak_gib": ".2f",
            "best_epoch": ".0f", "epochs_run": ".0f"}  # counts: a column of None and ints is float in pandas
 
 
@@ -168,7 +169,7 @@ def markdown(frame: pd.DataFrame) -> str:
         cells = []
         for c in columns:
             std = row.get(f"{c}_std")
-            spread = f" ± {std:.4f}" if c in NUMBERS and c != "train_s_per_epoch" and std is not None and \
+            spread = f" ± {fixed(std)}" if c in NUMBERS and c != "train_s_per_epoch" and std is not None and \
                 math.isfinite(std) and c not in bad else ""
             cells.append(_cell(row[c], c, c in bad) + spread)
         lines.append("| " + " | ".join(cells) + " |")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import dataset_paths
 from ..data.fetch import DriveClient, fetch_dataset
@@ -120,14 +121,14 @@ def table(dataset: str, rows: list[dict]) -> str:
 
     def cell(name: str) -> str:
         std = merged.get(f"{name}_std")
-        return f"{merged[name]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        return fixed(merged[name]) + (f" ± {fixed(std)}" if std is not None else "")
 
     paper = PAPER_ACCURACY.get(dataset, {})
     peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
     header = "| | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | train s/epoch | peak memory GiB |"
     ours = (f"| this reproduction | {merged['seeds']} | " + " | ".join(cell(f"test_{m}") for m in METRICS)
             + f" | {merged['train_s_per_epoch']:.1f} | {max(peaks) if peaks else 0:.2f} |")
-    theirs = ("| paper (IISAN) | | " + " | ".join(f"{paper[m]:.4f}" if m in paper else "not recorded" for m in METRICS)
+    theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in METRICS)
               + f" | {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} | {PAPER_EFFICIENCY['gpu_memory_gb']:.0f} GB |")
     return "\n".join([header, "|" + "---|" * 8, ours, theirs]) + "\n"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..config import Config
+from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
@@ -228,4 +229,4 @@ def markdown(payload: dict) -> str:
 
 
 def _mean_std_cell(stat: dict) -> str:
-    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")
+    return fixed(stat["mean"]) + (f" ± {fixed(stat['std'])}" if stat["std"] is not None else "")

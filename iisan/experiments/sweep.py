@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..config import Config
-from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
+from ..console import VERBOSE_HELP, entry_point, fixed, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
@@ -231,7 +231,7 @@ def summary(outcomes: list[Outcome], made=None) -> str:
             lines.append(f"| {o.point.index} | {made(o.point.config, o.result) if done else o.point.name} | {status} |")
             continue
         test = o.result.get("test") if isinstance(o.result, dict) else None
-        metrics = [f"{test['hit@10']:.4f}", f"{test['ndcg@10']:.4f}"] if test else ["", ""]
+        metrics = [fixed(test['hit@10']), fixed(test['ndcg@10'])] if test else ["", ""]
         lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(metrics)} |")
     return "\n".join(lines) + "\n"
 

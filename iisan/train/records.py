@@ -27,7 +27,7 @@ import torch
 
 from ..bounds import finite_number
 from ..config import Config
-from ..console import LOG_DATEFMT, LOG_FORMAT
+from ..console import LOG_DATEFMT, LOG_FORMAT, fixed
 from ..devices import device_name, peak_memory, reset_peak_memory
 from ..errors import RunInterrupted, UserError
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
@@ -279,9 +279,10 @@ def epoch_line(record: dict, bad_epochs: int) -> str:
     """The console's (and train.log's) line for a finished epoch."""
     valid, test = record["valid"], record.get("test")
     line = (f"epoch {record['epoch']:3d} | loss {record['loss']:.4f} | train {record['train_seconds']:.2f} s | "
-            f"eval {record['eval_seconds']:.2f} s | valid hit@10 {valid['hit@10']:.4f} ndcg@10 {valid['ndcg@10']:.4f}")
+            f"eval {record['eval_seconds']:.2f} s | valid hit@10 {fixed(valid['hit@10'])} "
+            f"ndcg@10 {fixed(valid['ndcg@10'])}")
     if test:
-        return line + f" | test hit@10 {test['hit@10']:.4f} ndcg@10 {test['ndcg@10']:.4f} (best)"
+        return line + f" | test hit@10 {fixed(test['hit@10'])} ndcg@10 {fixed(test['ndcg@10'])} (best)"
     return line + f" | {bad_epochs} epoch(s) without improvement"
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..config import Config
+from ..console import fixed
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, TrainingError, error_line
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, refuse_broken_link, remove, write_failure
@@ -166,8 +167,8 @@ def log_summary(results: dict, path: Path) -> None:
     numbers = [results.get("best_epoch")] + [m.get(k, 0) if isinstance(m, dict) else None
                                              for m in (valid, test) for k in ("hit@10", "ndcg@10")]
     if all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
-        log.info("best epoch %d | valid hit@10 %.4f ndcg@10 %.4f | test hit@10 %.4f ndcg@10 %.4f | %s",
-                 *numbers, path)
+        log.info("best epoch %d | valid hit@10 %s ndcg@10 %s | test hit@10 %s ndcg@10 %s | %s",
+                 numbers[0], *map(fixed, numbers[1:]), path)
 
 
 def finished_results(cfg: Config, results: dict) -> dict | None:
