@@ -248,7 +248,8 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
     out, _ = runs
     shutil.copytree(out, tmp_path / "runs")
     first = tmp_path / "runs" / "lr0.0002-s1"
-    copy_run(first, tmp_path / "runs" / "smoke", lambda r: r["config"].update(smoke=True, epochs=2))
+    copy_run(first, tmp_path / "runs" / "smoke", lambda r: r["config"].update(smoke=True, epochs=2,
+                                                                           max_steps_per_epoch=5))
     import socket
 
     from iisan.train.runfolder import lock_run_folder
@@ -274,6 +275,8 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
                                           "lr0.001-s1": "finished", "smoke": "finished"}
     best = {r[0]: r[header.index("best_epoch")] for r in rows}  # counts stay counts beside a run without one
     assert best["broke"] == "-" and all(v.isdigit() for name, v in best.items() if name != "broke"), best
+    steps = {r[0]: r[header.index("max_steps_per_epoch")] for r in rows}  # no cap: all, not 0 steps
+    assert steps.pop("smoke") == "5" and set(steps.values()) == {"all"}, steps
 
 
 def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, capsys, caplog):

@@ -43,10 +43,13 @@ UNUSED = "-"  # a key the run never reads; a learning rate it trains nothing wit
 
 def config_text(key: str, value) -> str:
     """A config value as the table shows and compares it: as configured (0.001, not 0.0010), lists as
-    ``0,2,4``, layers left to automatic selection (None) as ``auto``. Encoder paths stay whole here: how
-    much of one the table shows depends on the others (``encoder_labels``)."""
+    ``0,2,4``, layers left to automatic selection (None) as ``auto``, no cap on an epoch's steps (0) as
+    ``all``. Encoder paths stay whole here: how much of one the table shows depends on the others
+    (``encoder_labels``)."""
     if key in LAYER_KEYS and value is None:
         return "auto"
+    if key == "max_steps_per_epoch" and value == 0:
+        return "all"  # not "0 steps" beside a smoke run's cap
     if isinstance(value, list):
         return ",".join(map(str, value))
     return str(value)
