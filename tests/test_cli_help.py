@@ -18,8 +18,9 @@ from iisan.config import Config
 from iisan.errors import ConfigError
 from iisan.experiments.report import sorted_by
 from iisan.experiments.report_rows import collect
-from iisan.experiments.sweep import script_parser
+from iisan.experiments.sweep import parse_script_args, script_parser
 from iisan.flags import add_config_arguments
+from iisan.methods import METHOD_DEFAULTS
 
 from ._scripts import load_script
 
@@ -138,6 +139,21 @@ def help_of(argv: list[str], flag: str) -> str:
 ])
 def test_a_flags_default_is_the_one_the_code_uses(argv, flag, default):
     assert help_of(argv, flag).endswith(default) and default == f"(default: {flag_of(argv, flag).default})"
+
+
+@pytest.mark.parametrize("method, feed", [("iisan", "cached"), ("iisan", "live"), ("id", None), ("fft", None),
+                                          ("adapter", None), ("lora", None), ("bitfit", None)])
+def test_an_entry_scripts_help_shows_the_values_its_method_runs_with(method, feed):
+    """run_fft.py --help said feed 'cached' (a baseline runs live) and its adapter rates by method ('iisan, fft,
+    bitfit, id 0.0001; adapter, lora 0.0004'): each key a method sets now shows this script's own value."""
+    defaults = {"method": method, **({"feed": feed} if feed else {})}
+    points, _ = parse_script_args(defaults, {"seed": [12345]}, [])
+    cfg = points[0].config.to_dict()
+    parser = script_parser(defaults, {"seed": [12345]})
+    keys = {"feed", *(k for values in METHOD_DEFAULTS.values() for k in values)}
+    for key in sorted(keys):
+        shown = " ".join(parser._option_string_actions["--" + key.replace("_", "-")].help.split())
+        assert shown.endswith(f"(default: {cfg[key]})"), (method, key, shown)
 
 
 def test_a_config_key_without_a_value_shows_none_and_a_given_default_replaces_the_words():

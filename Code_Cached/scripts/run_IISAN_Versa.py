@@ -47,7 +47,8 @@ def extra_arguments(parser):
     parser.several_values = ("add its key to this script's SWEEP list to run several (not --text-model nor "
                              "--image-model: run the script once per encoder)")
     parser.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS),
-                        help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py)")
+                        help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py) "
+                             f"(default: {VERSA_DEFAULT_PRESET})")
     parser.add_argument("--build-cache", action="store_true", help="build the cache first when it is missing")
 
 

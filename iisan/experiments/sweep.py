@@ -95,13 +95,17 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
     if extra_arguments is not None:
         extra_arguments(parser)
     parser.add_argument("--dataset", default="Scientific", choices=sorted(DATASETS),
-                        help="one of the paper's data sets under Dataset/ (sets users, items, images, cache-dir)")
+                        help="one of the paper's data sets under Dataset/ (sets users, items, images, cache-dir) "
+                             "(default: Scientific)")
     parser.add_argument("--list-grid", action="store_true",
                         help="print the grid's points (index, run folder, values) and exit")
     parser.add_argument("--grid-index", type=int, default=None, metavar="I",
                         help="run only point I of the grid (0-based, see --list-grid), e.g. a Slurm array task id")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    shown = {**METHOD_DEFAULTS.get(defaults.get("method", Config.method), {}), **defaults,
+    # what the script's method runs with where methods differ (FFT's adapter rates; a baseline's feed is live)
+    resolved = resolve({k: v for k, v in defaults.items() if k not in PATH_KEYS}).to_dict()
+    by_method = {k: resolved[k] for k in ("feed", *(k for values in METHOD_DEFAULTS.values() for k in values))}
+    shown = {**by_method, **defaults,
              **dict.fromkeys([k for k in PATH_KEYS if k not in defaults], "set by --dataset"),
              **{k: " ".join(map(str, values)) + " (SWEEP)" for k, values in sweep.items()}}
     add_config_arguments(parser, shown, multi=set(sweep))

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tuple[int, ...]:
-    """Group layer-dropping: split layers 1..depth into ``groups`` runs of consecutive layers and keep
+    """``--layer-rule groups``: split layers 1..depth into ``groups`` runs of consecutive layers and keep
     the last of each run (12 layers, 6 groups -> 2, 4, ..., 12: the authors' IISAN list of block indices
     1, 3, ..., 11, as hidden-state indices). Index 0 (the embedding output) is prepended unless
     ``include_embedding`` is false."""

@@ -61,9 +61,10 @@ class SASRec(nn.Module):
     def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """items (B, L, D) left-padded item embeddings, valid (B, L) bool -> (B, L, D) user states.
 
-        Query q attends to key k iff k <= q and k is not padding. Padded queries then attend to nothing
-        real; their outputs are never used (the authors' -1e9 mask makes their softmax uniform, this
-        mask's ``MASK_VALUE`` does not; no real query sees the difference)."""
+        Query q attends to key k iff k <= q and k is not padding. Padded queries (left of every real item)
+        are allowed no key: every key gets ``MASK_VALUE``, so their softmax runs over all keys' raw scores,
+        later real ones included (the authors' -1e9 makes it uniform). Their outputs are never read, and
+        no real query sees the difference."""
         B, L, _ = items.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
         allowed = causal[None] & valid[:, None, :]  # (B, L, L)
