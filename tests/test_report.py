@@ -846,3 +846,20 @@ def test_equal_means_print_alike_whatever_their_float_noise(runs, tmp_path, caps
                                           (1.23456, "1.2346"), (0.0, "0.0000"), (float("nan"), "nan")])
 def test_fixed_rounds_halves_up_after_dropping_float_noise(value, shown):
     assert fixed(value) == shown
+
+
+def test_a_run_that_failed_before_its_model_was_built_shows_no_count_and_its_rates(runs, tmp_path, capsys):
+    """Its results.json counts no parameter and no rate: the table showed 0 trainable parameters and every
+    learning rate as '-' (trains nothing), beside the lr it was given."""
+    out, _ = runs
+    first = out / "lr0.001-s1"
+    copy_run(first, tmp_path / "runs" / "done", lambda r: None)
+    copy_run(first, tmp_path / "runs" / "broke", lambda r: r.update(
+        status="failed", error="text_layers=[0, 2, 99]", best_epoch=-1, epochs=[], valid=None, test=None,
+        parameters={"trainable": 0, "total": 0, "by_rate": {}}))
+    main(["results", str(tmp_path / "runs"), "--include-running"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    by_run = {r[0]: r for r in rows}
+    assert by_run["broke"][header.index("trainable_params")] == "-"
+    assert by_run["done"][header.index("trainable_params")] not in ("-", "0")
+    assert "lr" not in header  # both runs' lr is 0.001: not a difference, not '-' beside it

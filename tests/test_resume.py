@@ -162,13 +162,21 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
     saved = Path(cfg.out_dir) / "ctrl-c" / "checkpoints" / "epoch-0001-step-00004"
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message == (f"iisan: SIGINT during epoch 1 after step 4 of 10; checkpoint saved in {saved}. "
-                       "To resume, run the same command again; it goes on in ctrl-c (--run-name ctrl-c names that "
-                       "folder from another command)")
+                       "To resume, run the same command again; it goes on in ctrl-c")  # named by this command
     assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGINT) is handler
     results = json.loads((saved.parents[1] / "results.json").read_text())
     assert results["status"] == "interrupted" and results["error"] == message.removeprefix("iisan: ")
     monkeypatch.undo()
     same_run(reference, train(cfg))
+
+
+def test_ctrl_c_of_a_run_named_by_its_config_says_which_flag_names_its_folder(base, monkeypatch, capsys):
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        main(["train", *flags(base.replace(out_dir=str(Path(base.out_dir) / "unnamed")))])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    name = next((Path(base.out_dir) / "unnamed").iterdir()).name
+    assert message.endswith(f"it goes on in {name} (--run-name {name} names that folder from another command)")
 
 
 def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base, monkeypatch, caplog):

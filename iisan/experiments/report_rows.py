@@ -72,6 +72,7 @@ def read_row(path: Path, results: dict) -> dict:
     test, valid = results.get("test") or {}, results.get("valid") or {}
     memory = results.get("peak_memory") or {}
     ended = status(path, results)
+    built = results["parameters"].get("total") != 0  # (older files may lack it: built)
     row = {
         "run": path.parent.name,
         "method": results["method"],
@@ -91,7 +92,8 @@ def read_row(path: Path, results: dict) -> dict:
         "valid_hit@10": valid.get("hit@10"),
         **{f"test_{m}": test.get(m) for m in METRICS},
         "train_s_per_epoch": (results.get("timing") or {}).get("train_seconds_per_epoch"),
-        "trainable_params": results["parameters"]["trainable"],
+        # a run that failed before its model was built counted nothing: no count, not 0
+        "trainable_params": results["parameters"]["trainable"] if built else None,
         "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
         "device": results["device"],
         "folder": str(path.parent),
@@ -102,7 +104,8 @@ def read_row(path: Path, results: dict) -> dict:
         row["cache_dtype"] = ",".join(sorted(stored))
     # keys the run never read (a live run's cache precision; SASRec-ID's encoders and images; FFT's LoRA rank)
     row.update(dict.fromkeys(unread_keys(cfg["method"], cfg["towers"], cfg["feed"]) & set(CONFIG_KEYS), UNUSED))
-    by_rate = results["parameters"].get("by_rate")  # absent from files before 2026-12: every rate shown
+    # absent from files before 2026-12, or empty as the model was never built: every rate shown
+    by_rate = results["parameters"].get("by_rate") if built else None
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row

@@ -148,9 +148,10 @@ class Run:
         self.record.start_metrics(self.progress.epochs)
 
     def interrupted(self, where: str, path: Path) -> RunInterrupted:
+        named = "" if self.cfg.run_name else \
+            f" (--run-name {self.run_dir.name} names that folder from another command)"  # (unless it did)
         return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
-                              f"To resume, run the same command again; it goes on in {self.run_dir.name} "
-                              f"(--run-name {self.run_dir.name} names that folder from another command)")
+                              f"To resume, run the same command again; it goes on in {self.run_dir.name}{named}")
 
     # ----------------------------------------------------------------------------------------------
     # the loop
