@@ -53,10 +53,11 @@ def test_one_row_per_run_with_its_own_numbers(runs, capsys, tmp_path):
         assert int(row["epochs_run"]) == 2 and float(row["seed"]) == result["config"]["seed"]
 
 
-def test_average_over_seeds_by_hand(runs, capsys, tmp_path):
+def test_average_over_seeds_by_hand(runs, capsys, tmp_path, caplog):
     out, results = runs
     main(["results", str(out), "--keys", "lr,seed", "--average-seeds", "--csv", str(tmp_path / "m.csv")])
     capsys.readouterr()
+    assert "--keys seed: --average-seeds averages over the seeds, so no row has one" in caplog.text
     with open(tmp_path / "m.csv") as fh:
         saved = {row["lr"]: row for row in csv.DictReader(fh)}
     assert set(saved) == {"0.0002", "0.001"}

@@ -194,6 +194,11 @@ def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, arg
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "abc"))
     assert capsys.readouterr().err.strip().endswith("error: 1 of 1 grid point(s) failed: 0 (lr='abc': expected a "
                                                     "number)")
+    with pytest.raises(SystemExit) as listed:  # the listing names it too, and exits as a failed grid
+        run_script(DEFAULTS, sweep, argv("--lr", "abc", "1e-3", "--list-grid"))
+    out, err = capsys.readouterr()
+    assert listed.value.code == 2 and "(invalid: lr='abc': expected a number)" in out.splitlines()[1]
+    assert err.strip().endswith("error: 1 of 2 grid point(s) invalid: 0 (lr='abc': expected a number)")
     with pytest.raises(SystemExit):  # one point failing as it runs: its reason is on the last line too
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e30"))
     last = capsys.readouterr().err.strip().splitlines()[-1]

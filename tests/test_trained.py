@@ -165,6 +165,9 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     (["recommend", "{run}", "--user", "nobody"], "--user: user 'nobody' is not among the 160 users of"),
     (["recommend", "{run}", "--history", "{item},no-such-item"], "--history: item id(s) 'no-such-item' are not "
                                                                    "among the 56 items of the data set"),
+    (["recommend", "{run}", "--history", "{item},,{item}"], "--history '{item},,{item}': item 2 is empty; give "
+                                                              "item ids separated by single commas"),
+    (["recommend", "{run}", "--history", ","], "--history: an empty history (give at least one item id)"),
     (["recommend", "{run}", "--users-file", "{users}"], "{users}:2: user 'ghost' is not among"),
     (["recommend", "{run}", "--user", "{user}", "-k", "0"], "argument -k: '0' is not a positive integer"),
     (["evaluate", "{missing}"], "run folder {missing} does not exist"),

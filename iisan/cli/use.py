@@ -103,7 +103,13 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
     if args.user is not None:
         return [(f"user {args.user}", run.user_history(args.user))]
     if args.history is not None:
-        ids = [i.strip() for i in args.history.split(",") if i.strip()]
+        ids = [i.strip() for i in args.history.split(",")]
+        if ids[-1] == "" and len(ids) > 1:
+            ids.pop()  # a trailing comma ends the list
+        if "" in ids and any(ids):  # "a,,b": an id left out between two commas is not passed over
+            raise DataError(f"--history {args.history!r}: item {ids.index('') + 1} is empty; give item ids "
+                            "separated by single commas")
+        ids = [i for i in ids if i]
         return [("history " + ",".join(ids), run.item_index(ids))]
     path = Path(args.users_file)
     if not path.is_file():

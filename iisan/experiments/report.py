@@ -99,6 +99,9 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
         runs = in_order(runs, [*fixed, *sorted(shown, key=lambda k: k == "seed"), "run"])
         runs.attrs["runs"] = runs["run"].tolist()
         return runs
+    if "seed" in keys:
+        log.warning("--keys seed: --average-seeds averages over the seeds, so no row has one (the seeds column "
+                    "counts them)")
     group = ["method", "feed", "data", *status, *(k for k in shown if k != "seed")]
     counted = one_per_seed(frame, group)
     grouped = counted.groupby(group, sort=False, dropna=False)

@@ -316,6 +316,9 @@ def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, 
                 point.made = made(point.config, None)
         if args.list_grid:
             print(listing(points), end="")
+            if invalid := [p for p in points if p.error]:  # a listing that checks a grid before a job array
+                raise GridError(f"{len(invalid)} of {len(points)} grid point(s) invalid: " + "; ".join(
+                    f"{p.index} ({p.error})" for p in invalid))
             return []
         paper = dataset_paths(args.dataset)
         for key in ("users", "items"):  # the data set --dataset names, not yet here: where to get it
