@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHILD_TIMEOUT = 180  # seconds; a hung child (e.g. waiting on a prompt) is killed, and the test fails
+CHECKOUT = Path(__file__).resolve().parents[1]  # the package the children run: this tree's
 
 
 @dataclass
@@ -92,9 +93,12 @@ def run_forked(argv: list[str], scratch: Path, fault: Callable[[], None] | None 
 
 
 def run_subprocess(argv: list[str], cwd: Path, stdin: bytes = b"", env: dict | None = None) -> Outcome:
-    """``python -m iisan <argv>``: the real entry point, in a fresh interpreter."""
+    """``python -m iisan <argv>``: the real entry point, in a fresh interpreter, of this checkout's package
+    (not whichever one is installed: a copy of the tree tests its own code)."""
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "iisan", *argv], cwd=cwd, input=stdin, capture_output=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=CHILD_TIMEOUT)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})},
+                          timeout=CHILD_TIMEOUT)
     return Outcome(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
 
 

@@ -98,6 +98,24 @@ def test_pixels_become_contiguous_normalised_nchw():
     assert pixels_to_input(pixels, {**norm, "size": 16}).shape == (3, 3, 16, 16)  # resized to the model's side
 
 
+@pytest.mark.parametrize("side", [64, 48, 16])
+def test_pixels_stored_at_another_side_are_resized_as_pil_does(side):
+    """A store of another side than the tower's (every tiny live run: 64 px stored, 32 px towers) is resized
+    on the fly as PIL's bilinear resize of the picture (what the authors' transforms and build-lmdb do),
+    down and up, within PIL's rounding to bytes (nearest or plain bilinear resizing are 0.27 and more off)."""
+    import numpy as np
+    from PIL import Image
+
+    from iisan.model.inputs import pixels_to_input
+
+    picture = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.5, 0.25, 0.2], "size": 32}
+    resized = np.asarray(Image.fromarray(picture).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+    mean, std = torch.tensor(norm["mean"])[:, None, None], torch.tensor(norm["std"])[:, None, None]
+    got = pixels_to_input(torch.from_numpy(picture)[None], norm)[0] * std + mean  # back to 0..1, as PIL's
+    torch.testing.assert_close(got, torch.from_numpy(resized).permute(2, 0, 1), atol=1 / 255 + 1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["vit24x3", "deit40x4", "dinov2_32x5", "dinoreg16x2", "clip24x3", "siglip24x3"])
 def test_patch_embedding_as_a_matmul_is_the_convolution(towers, name):
     """Every image family's patch-embedding conv becomes one ``PatchProjection`` over the very same

@@ -156,3 +156,21 @@ def test_the_losses_of_every_rank_are_needed_only_by_a_resume_of_as_many_process
     assert checkpoint.partial_losses_problem(state, {"partial_losses.0": torch.zeros(2)}, 1) == (
         "step=3: expected partial_losses.0 of shape (3,) in train_state.safetensors, found shape (2,)")
     assert checkpoint.partial_losses_problem({"step": None, "world_size": 2}, {}, 2) is None
+
+
+def test_an_fp16_loss_scaler_comes_back_from_state_json_as_it_was_saved():
+    """--amp fp16's GradScaler state goes through state.json (``runstate.scaler_state``/``restore_scaler``):
+    a scale that moved (backed off to 256, 3 steps into its growth interval) comes back as it was, not at a
+    fresh scaler's 65,536; on a CPU too (the GPU test saw only a scale above 0)."""
+    from iisan.train.runstate import restore_scaler, scaler_state
+
+    saved = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=5)
+    saved.scale(torch.tensor(1.0))
+    saved.update(new_scale=256.0)
+    saved.load_state_dict({**saved.state_dict(), "_growth_tracker": 3})
+    state = json.loads(json.dumps(scaler_state(saved)))  # what the checkpoint's state.json holds
+    fresh = torch.amp.GradScaler("cpu")
+    restore_scaler(fresh, state)
+    assert fresh.get_scale() == 256.0 and fresh.state_dict() == saved.state_dict()
+    assert fresh.state_dict()["_growth_tracker"] == 3 and fresh.state_dict()["growth_interval"] == 5
+    assert scaler_state(None) == {} and restore_scaler(None, state) is None  # bf16 / fp32: no scaler

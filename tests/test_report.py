@@ -460,7 +460,8 @@ def test_keys_that_are_columns_already_are_not_added_twice(runs, capsys, tmp_pat
         assert header.count("method") == header.count("feed") == 1 and len(rows) == (3 if not flags else 2)
         main(["results", str(out), "--keys", "device", *flags])  # each run's device: a column (it was a crash)
         header, *rows = table_rows(capsys.readouterr().out)
-        assert header.count("device") == 1 and all(row[header.index("device")].startswith("CPU") for row in rows)
+        assert header.count("device") == 1 and rows and all(row[header.index("device")].startswith("CPU")
+                                                             for row in rows)
 
 
 def test_csv_and_curves_replace_only_what_results_wrote(runs, capsys, tmp_path):
