@@ -19,7 +19,7 @@ from pathlib import PurePath
 from .errors import ConfigError
 
 LEARNING_RATES = ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?", re.ASCII)  # torch refuses cuda:01 and other digits
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 MAX_DEVICE_INDEX = 127  # torch keeps a device index in 8 bits: cuda:128 would silently become cuda:-128
 MIN_TITLE_TOKENS = 3  # [CLS], one word piece, [SEP]
@@ -32,6 +32,10 @@ AT_MOST = {"max_seq_len": 4096, "min_seq_len": 4096, "title_tokens": 8192, "item
 PIXELS = ("displayed", "authors")  # build-lmdb --pixels: how pictures become pixels (``data.image_build``)
 RANDOM_BACKBONES = ("base",)  # `iisan params --random-backbones`: BERT-base + ViT-B/16 with random weights
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
+MAX_NAME_BYTES = 200  # a run folder's name
+INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)  # as written on a command line: no '5_0', no other scripts' digits
+SMALLEST = 1e-30  # the least rate, temperature or LoRA alpha taken: far below use, far above float16's and
+# float32's subnormals, where a gate or an update flushes to 0 or overflows to inf
 
 
 def min_seq_len_problem(min_seq_len: int) -> str:
@@ -78,6 +82,11 @@ def check_bounds(cfg) -> None:
     for name in ("gate_temperature", "lora_alpha", "drop_rate", "item_bucket_growth"):
         if not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number")
+    for name in (*LEARNING_RATES, "gate_temperature", "lora_alpha"):  # 1e-320: gates of 0 or inf, updates of 0
+        if 0 < getattr(cfg, name) < SMALLEST:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is below {SMALLEST:g}, too small to compute with")
+    if cfg.lora_alpha <= 0:  # LoRA's scale alpha / rank: 0 adds nothing and trains nothing, < 0 subtracts
+        raise ConfigError(f"lora_alpha={cfg.lora_alpha} must be positive")
     if not 0.0 <= cfg.drop_rate < 1.0:
         raise ConfigError(f"drop_rate={cfg.drop_rate} must be in [0, 1)")
     if cfg.gate_temperature <= 0:
@@ -104,6 +113,10 @@ def check_run_name(name: str) -> None:
                           "folders go under --out-dir")
     if name and (name != name.strip() or name.startswith("-")):  # a folder a shell command would misread
         raise ConfigError(f"run_name={name!r} must not start or end with a blank or start with '-'")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:  # refused here, not after the data loads
+        raise ConfigError(f"run_name={name[:40]!r}... is {len(name.encode('utf-8', 'surrogateescape'))} bytes long; "
+                          f"a folder name may be at most {MAX_NAME_BYTES} (file systems take 255, and the run's own "
+                          "temporary names add to it)")
     if control := next((c for c in name if unicodedata.category(c) == "Cc"), None):  # a newline splits log lines
         raise ConfigError(f"run_name={name!r} contains the control character U+{ord(control):04X}; use letters, "
                           "digits, '-', '_' and '.'")
@@ -127,7 +140,7 @@ def check_encoding(encoding: str) -> None:
 
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts and sizes given on a command line (``-k``, ``--size``)."""
-    if not text.isdigit() or int(text) == 0:
+    if not INTEGER.fullmatch(text) or text.startswith(("-", "+")) or int(text) == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
 
@@ -210,12 +223,16 @@ def coerce(name: str, value, hint):
         return coerce(name, value, hint)
     if origin is tuple:
         if isinstance(value, str):
-            pieces = value.replace(" ", "").split(",")
+            pieces = [v.strip() for v in value.split(",")]
+            if spaced := next((v for v in pieces if v.split() != [v] and v), None):  # '2 4': 2,4 or 24?
+                raise ConfigError(f"{name}={value!r}: {spaced!r} is not one integer; separate the entries with "
+                                  "commas, such as 0,2,4")
             if "" in pieces and value.strip():  # '1,,2': a number lost in typing, not a list of two
                 raise ConfigError(f"{name}={value!r}: an empty entry between commas; expected a list of integers "
                                   "such as 0,2,4")
             value = [v for v in pieces if v]
-        if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value):
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value) or \
+                any(isinstance(v, str) and not INTEGER.fullmatch(v.strip()) for v in value):
             raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
         try:
             return tuple(int(v) for v in value)
@@ -232,10 +249,9 @@ def coerce(name: str, value, hint):
             raise ConfigError(f"{name}={value!r}: expected an integer")
         if isinstance(value, int):
             return value
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ConfigError(f"{name}={value!r}: expected an integer") from None
+        if not (isinstance(value, str) and INTEGER.fullmatch(value.strip())):  # not '5_0', '٥' or 5.0
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        return int(value)
     if hint is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name}={value!r}: expected a number")

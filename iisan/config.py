@@ -32,6 +32,7 @@ BEFORE_THE_FIELD = {"layer_rule": "groups"}
 # users and items files are read by Python, which takes any name).
 UTF8_PATHS = ("images", "text_model", "image_model", "cache_dir", "out_dir", "run_name")
 PRECISIONS = ("float32", "float16", "bfloat16")  # what encoders may run in and caches be stored in
+SHOWN_KEYS = 10  # unknown keys an error names (then "and N more")
 
 
 @dataclass
@@ -261,11 +262,16 @@ class Config:
     def from_dict(cls, values: dict, source: str = "config") -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
-        if unknown:  # each shown quoted where a character would not show; a near miss with its likely key
-            named = [(k if k.isprintable() else repr(k)) + "".join(f" (did you mean {m}?)" for m in
-                                                               difflib.get_close_matches(k, known, n=1, cutoff=0.8))
-                     for k in unknown]
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(named)}")
+        if unknown:  # the first few, each shown quoted where a character would not show, a long one cut short,
+            # with the key it likely misspells ("LR": lr); a file of a million keys is one short line, at once
+            def named(key: str) -> str:
+                shown = repr(key) if not key.isprintable() or not key.strip() else key
+                shown = shown if len(shown) <= 60 else f"{shown[:40]}... ({len(key):,} characters)"
+                meant = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8) if len(key) <= 60 else []
+                return shown + "".join(f" (did you mean {m}?)" for m in meant)
+
+            more = f" and {len(unknown) - SHOWN_KEYS:,} more" if len(unknown) > SHOWN_KEYS else ""
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(map(named, unknown[:SHOWN_KEYS]))}{more}")
         return cls(**values)
 
     @classmethod

@@ -33,7 +33,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
     defaults = defaults or {}
     multi = multi or set()
     if only is None:
-        parser.add_argument("--config", type=path_arg, default=None, help="JSON file of config keys (CLI flags win)")
+        parser.add_argument("--config", type=path_arg, action="append", default=None, metavar="FILE",
+                            help="JSON file of config keys (CLI flags win); given more than once, the files are "
+                                 "read in order and a later one's keys win")
     for f in dataclasses.fields(Config):
         if only is not None and f.name not in only:
             continue
@@ -74,8 +76,10 @@ def _default_by_method(key: str, default) -> str:
 
 
 def args_layers(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The ``--config`` file's values and the flags given on the command line, as two dicts."""
-    file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    """The ``--config`` files' values (merged in order) and the flags given on the command line, as two dicts."""
+    file_values = {}
+    for path in getattr(args, "config", None) or ():  # --config base.json --config lr.json: lr.json's keys win
+        file_values.update(read_config_file(path))
     names = {f.name for f in dataclasses.fields(Config)}
     return file_values, {k: v for k, v in vars(args).items() if k in names}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from .config import Config
@@ -60,7 +61,12 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
-    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+    except ValueError as err:  # valid JSON, but an integer of over 4300 digits Python will not read
+        if "integer string conversion" not in str(err):
+            raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
+        raise ConfigError(f"{path}: an integer of more than {sys.get_int_max_str_digits()} digits, far more than "
+                          "any config value takes") from None
+    except RecursionError as err:  # nesting too deep
         raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys")

@@ -138,3 +138,31 @@ def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     plain.write_text('{"lr": 0.002, "epochs": 3}', encoding="utf-8")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as some Windows editors save JSON
     assert read_config_file(marked) == read_config_file(plain) == {"lr": 0.002, "epochs": 3}
+
+
+def test_config_files_given_twice_are_merged_in_order(config_file, tmp_path):
+    """--config base.json --config lr.json: lr.json's keys win and base.json's others stay (argparse kept
+    only the last file, silently dropping the first)."""
+    base = config_file({"method": "fft", "batch_size": 8, "lr": 1e-3})
+    lr = tmp_path / "lr.json"
+    lr.write_text(json.dumps({"lr": 5e-3}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", base, "--config", str(lr)]))
+    assert (cfg.method, cfg.batch_size, cfg.lr) == ("fft", 8, 5e-3)
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(lr), "--config", base]))
+    assert cfg.lr == 1e-3  # the later file wins
+
+
+def test_unknown_keys_are_named_briefly_with_the_key_meant():
+    from iisan.config import Config
+    from iisan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^f.json: unknown key\(s\) LR \(did you mean lr\?\)$"):
+        Config.from_dict({"LR": 0.1}, source="f.json")
+    with pytest.raises(ConfigError, match=r"^f.json: unknown key\(s\) ''$"):
+        Config.from_dict({"": 1}, source="f.json")
+    with pytest.raises(ConfigError, match=r"^f.json: unknown key\(s\) x{40}\.\.\. \(100,000 characters\)$"):
+        Config.from_dict({"x" * 100_000: 1}, source="f.json")
+    with pytest.raises(ConfigError) as many:  # a file of 200,000 keys: one short line
+        Config.from_dict({f"k{i:06d}": 1 for i in range(200_000)}, source="f.json")
+    assert str(many.value) == ("f.json: unknown key(s) " + ", ".join(f"k{i:06d}" for i in range(10))
+                               + " and 199,990 more")

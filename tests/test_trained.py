@@ -170,6 +170,8 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     (["recommend", "{run}", "--history", ","], "--history: an empty history (give at least one item id)"),
     (["recommend", "{run}", "--users-file", "{users}"], "{users}:2: user 'ghost' is not among"),
     (["recommend", "{run}", "--user", "{user}", "-k", "0"], "argument -k: '0' is not a positive integer"),
+    (["recommend", "{run}", "--user", "{user}", "-k", "\u0665"], "argument -k: '\u0665' is not a positive integer"),
+    (["evaluate", "{run}", "--device", "cuda:01"], "argument --device: 'cuda:01' is not one of auto, cpu, cuda"),
     (["evaluate", "{missing}"], "run folder {missing} does not exist"),
     (["evaluate", "{users}"], "{users} is a file; expected a run folder (runs/<name>)"),
     (["export", "{folder}", "--out", "{folder}/x"], "{folder} is not a run folder: it has no config.json"),

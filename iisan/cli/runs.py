@@ -37,6 +37,8 @@ def cmd_results(args) -> None:
     from ..experiments.report_rows import collect
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    if args.keys.strip() and not keys:  # ',,,': a list that lost its names
+        raise ConfigError(f"--keys {args.keys!r} names no key; give config keys separated by commas, e.g. lr,seed")
     if args.csv and args.curves and os.path.abspath(args.csv) == os.path.abspath(args.curves):
         raise ConfigError(f"--csv and --curves both name {args.csv}; give each its own file")
     if args.curves:  # a bad suffix or a file that is not ours ends here, before any reading or printing
@@ -47,7 +49,7 @@ def cmd_results(args) -> None:
     frame, curves = collect(args.folders, keys, args.include_smoke, args.include_running)
     rows = table(frame, keys, args.average_seeds)
     curves = {run: curves[run] for run in rows.attrs["runs"]}  # --average-seeds counts each seed once
-    if args.sort:
+    if args.sort is not None:
         rows = sorted_by(rows, args.sort)
     print(markdown(rows), end="")
     if args.csv:
@@ -108,9 +110,11 @@ def add_run_commands(sub) -> None:
     p.add_argument("--include-smoke", action="store_true", help="also smoke runs (left out by default)")
     p.add_argument("--include-running", action="store_true",
                    help="also runs that have not finished: running, failed or interrupted (left out by default)")
-    p.add_argument("--sort", default="", help="column to sort by, descending (e.g. test_hit@10)")
-    p.add_argument("--csv", default="", help="also write the table (with standard deviations) to this CSV")
-    p.add_argument("--curves", default="", help="also draw validation HR@10 and loss per epoch of every run (PNG)")
+    p.add_argument("--sort", default=None, help="column to sort by, descending (e.g. test_hit@10)")
+    p.add_argument("--csv", type=path_arg, default=None,
+                   help="also write the table (with standard deviations) to this CSV")
+    p.add_argument("--curves", type=path_arg, default=None,
+                   help="also draw validation HR@10 and loss per epoch of every run (PNG)")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")

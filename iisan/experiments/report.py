@@ -123,7 +123,7 @@ def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     marks, which the table shows in the cells they mark."""
     columns = [c for c in frame.columns if c != "non_finite"]
     if column not in columns:
-        raise ConfigError(f"--sort {column}: not a column; columns are {', '.join(columns)}")
+        raise ConfigError(f"--sort {column or repr(column)}: not a column; columns are {', '.join(columns)}")
     return frame.sort_values(column, ascending=False, kind="stable", na_position="last")
 
 

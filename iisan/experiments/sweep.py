@@ -211,8 +211,8 @@ def values_text(values: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
-def listing(points: list[GridPoint]) -> str:
-    lines = [f"{len(points)} grid point(s); run one alone with --grid-index I:"]
+def listing(points: list[GridPoint], total: int) -> str:
+    lines = [f"{total} grid point(s); run one alone with --grid-index I:"]
     for p in points:
         lines.append(f"{p.index:4d}  {p.name}  {values_text(p.values)}" + (f"  (invalid: {p.error})" if p.error
                                                                            else ""))
@@ -240,15 +240,21 @@ def summary(outcomes: list[Outcome], made=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chosen(points: list[GridPoint], index: int | None) -> list[GridPoint]:
+    """The points ``--grid-index`` picks: all of them (None), or the one at ``index``, which must be one."""
+    if index is None:
+        return points
+    if not 0 <= index < len(points):
+        raise ConfigError(f"--grid-index {index}: the grid has {len(points)} point(s), 0..{len(points) - 1} "
+                          "(see --list-grid)")
+    return [points[index]]
+
+
 def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     """Run the points one after another; print the summary (also when interrupted); a GridError when
     any point failed. Returns each point's result (None for a failed one). ``made``: see ``run_script``."""
     total = len(points)  # "grid point 1 of 4" also when --grid-index runs one of them
-    if args.grid_index is not None:
-        if not 0 <= args.grid_index < len(points):
-            raise ConfigError(f"--grid-index {args.grid_index}: the grid has {len(points)} point(s), "
-                              f"0..{len(points) - 1} (see --list-grid)")
-        points = [points[args.grid_index]]
+    points = chosen(points, args.grid_index)
     # imported when run, not for --help (module docstring)
     from ..distributed import launched, main_process, setup, teardown
 
@@ -314,10 +320,11 @@ def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, 
         for point in points if made else []:
             if point.config is not None:
                 point.made = made(point.config, None)
-        if args.list_grid:
-            print(listing(points), end="")
-            if invalid := [p for p in points if p.error]:  # a listing that checks a grid before a job array
-                raise GridError(f"{len(invalid)} of {len(points)} grid point(s) invalid: " + "; ".join(
+        if args.list_grid:  # every point, or the one --grid-index names
+            listed = chosen(points, args.grid_index)
+            print(listing(listed, len(points)), end="")
+            if invalid := [p for p in listed if p.error]:  # a listing that checks a grid before a job array
+                raise GridError(f"{len(invalid)} of {len(listed)} grid point(s) invalid: " + "; ".join(
                     f"{p.index} ({p.error})" for p in invalid))
             return []
         paper = dataset_paths(args.dataset)
