@@ -33,6 +33,9 @@ PIXELS = ("displayed", "authors")  # build-lmdb --pixels: how pictures become pi
 RANDOM_BACKBONES = ("base",)  # `iisan params --random-backbones`: BERT-base + ViT-B/16 with random weights
 SEEDS = 2**32  # what NumPy's seeding takes, and well inside torch's
 MAX_NAME_BYTES = 200  # a run folder's name
+# a number as written on a command line (Python's float() also reads '1_0' and other scripts' digits);
+# nan and inf parse, and are refused by name where a value must be finite
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.ASCII | re.I)
 INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)  # as written on a command line: no '5_0', no other scripts' digits
 SMALLEST = 1e-30  # the least rate, temperature or LoRA alpha taken: far below use, far above float16's and
 # float32's subnormals, where a gate or an update flushes to 0 or overflows to inf
@@ -253,7 +256,7 @@ def coerce(name: str, value, hint):
             raise ConfigError(f"{name}={value!r}: expected an integer")
         return int(value)
     if hint is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.fullmatch(value.strip())):
             raise ConfigError(f"{name}={value!r}: expected a number")
         try:
             return float(value)

@@ -537,6 +537,7 @@ CASES = [
     Case("layers-with-a-blank", lambda P, s: C(P, s, "--text-layers", "2 4"),
          ("text_layers='2 4': '2 4' is not one integer; separate the entries with commas, such as 0,2,4",)),
     Case("epochs-with-underscore", lambda P, s: T(P, s, "--epochs", "5_0"), ("epochs='5_0': expected an integer",)),
+    Case("lr-in-other-digits", lambda P, s: T(P, s, "--lr", "\u0665e-4"), ("lr='\u0665e-4': expected a number",)),
     Case("lora-alpha-0", lambda P, s: T(P, s, "--method", "lora", "--lora-alpha", "0"),
          ("lora_alpha=0.0 must be positive",)),
     Case("gate-temperature-subnormal", lambda P, s: T(P, s, "--gate-temperature", "1e-320"),
