@@ -667,6 +667,9 @@ CASES = [
     Case("cache-non-finite-rows", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors: the states of item", "are not finite"),
          setup=edited_cache(lambda meta, states: states.index_fill_(0, torch.tensor([7]), float("nan")))),
+    Case("cache-one-non-finite-value", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # in the first layer alone
+         ("cache {s}/c/text.safetensors: the states of item", "are not finite (NaN or inf; 1 item(s) in all)"),
+         setup=edited_cache(lambda meta, states: (states[7, 0, 0].fill_(float("inf")), None)[1])),
     Case("cache-other-layers", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors was built for layers [0, 2], without [1] (config asks for [0, 1, 2]",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[0, 2]") or states[:, [0, 2]].contiguous())),

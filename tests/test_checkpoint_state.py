@@ -174,3 +174,36 @@ def test_an_fp16_loss_scaler_comes_back_from_state_json_as_it_was_saved():
     assert fresh.get_scale() == 256.0 and fresh.state_dict() == saved.state_dict()
     assert fresh.state_dict()["_growth_tracker"] == 3 and fresh.state_dict()["growth_interval"] == 5
     assert scaler_state(None) == {} and restore_scaler(None, state) is None  # bf16 / fp32: no scaler
+
+
+def test_a_finished_epoch_is_newer_than_the_steps_inside_it(tmp_path):
+    """An epoch's end-of-epoch checkpoint comes after its mid-epoch ones (a Ctrl-C during it, resumed):
+    resuming takes it, and pruning keeps it, not a stale position inside the epoch."""
+    from iisan.train.checkpoint import checkpoints
+
+    for name in ("epoch-0002", "epoch-0003-step-00004", "epoch-0003", "epoch-0003-step-00010", "epoch-0004-step-00001"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in checkpoints(tmp_path)] == ["epoch-0004-step-00001", "epoch-0003", "epoch-0003-step-00010",
+                                                       "epoch-0003-step-00004", "epoch-0002"]
+
+
+def test_python_and_numpy_generators_come_back_as_they_were_saved():
+    """Nothing in training draws from them today; what a checkpoint says it restores, it restores."""
+    import random
+
+    import numpy as np
+
+    from iisan.distributed import SINGLE
+    from iisan.train.runstate import capture_rng, restore_rng
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    state, tensors = capture_rng(SINGLE, torch.device("cpu"))
+    state = json.loads(json.dumps(state))  # as state.json holds it
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(2)
+    np.random.seed(2)
+    torch.manual_seed(2)
+    assert restore_rng(state, tensors, SINGLE, torch.device("cpu")) is True
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first

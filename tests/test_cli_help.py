@@ -41,7 +41,7 @@ def refused(argv: list[str], capsys) -> list[str]:
 
 def test_an_unknown_flag_after_a_subcommand_is_that_subcommands_error(capsys):
     err = refused(["train", "--config", "c.json", "--learning-rate", "1e-3"], capsys)
-    assert err[0].startswith("usage: iisan train [-h] [-v] [--config CONFIG]")
+    assert err[0].startswith("usage: iisan train [-h] [-v] [--config FILE]")
     assert err[-1] == "iisan: error: unrecognized arguments: --learning-rate 1e-3"  # no flag is that close
     assert sum("error" in line for line in err) == 1
 

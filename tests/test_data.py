@@ -259,3 +259,15 @@ def test_files_of_two_data_sets_are_said_to_share_no_item(tmp_path):
                                         r"its 9 item ids is among the 1 of .*items.tsv \(its first item_id\): are "
                                         r"the two files of one data set, without a header line\?$"):
         load_dataset(users, items)
+
+
+def test_a_users_earlier_items_are_the_kept_ones_in_order(tmp_path):
+    """max_seq_len 2 keeps each user's last 5: u1's 'a' and 'x' come before them, 'x' in no user's last 5
+    (dropped from the data set), 'a' in u2's. u1's full history (what recommending for u1 masks) is its kept
+    items in order, never the padding index 0 where 'x' was."""
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdefgx"))
+    users = write(tmp_path, "users.tsv", "u1\tx a x b c d e f\nu2\tg a b c d\n")
+    data = load_dataset(users, items, max_seq_len=2)
+    index = {item_id: i for i, item_id in enumerate(data.item_ids)}
+    assert "x" not in index and data.earlier[0].tolist() == [index["a"]] and 1 not in data.earlier
+    assert data.history(0).tolist() == [index[i] for i in "abcdef"] and (data.history(1) > 0).all()

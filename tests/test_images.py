@@ -147,3 +147,17 @@ def test_dataset_build_lmdb_script_without_images_names_its_folder_and_refuses_s
         assert stopped.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {expected}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_picture_is_squashed_to_the_side_with_bilinear_resampling(tmp_path):
+    """The authors' Resize((224, 224)) on a PIL image: the whole picture squashed (not cropped) to a square,
+    bilinear; a 10 x 7 gradient at side 4 (nearest resampling keeps other pixels: row 0 12,36,72,96)."""
+    from iisan.data.image_build import load_image
+
+    picture = (np.arange(7)[:, None] * 20 + np.arange(10)[None, :] * 12).astype(np.uint8)
+    rgb = np.stack([picture, 255 - picture, picture // 2], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "p.png")
+    pixels, changed = load_image(tmp_path / "p.png", size=4)
+    expected = np.asarray(Image.fromarray(rgb).resize((4, 4), Image.BILINEAR))
+    assert pixels.shape == (4, 4, 3) and changed == "" and np.array_equal(pixels, expected)
+    assert not np.array_equal(pixels, np.asarray(Image.fromarray(rgb).resize((4, 4), Image.NEAREST)))

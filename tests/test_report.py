@@ -68,6 +68,7 @@ def test_average_over_seeds_by_hand(runs, capsys, tmp_path, caplog):
     assert saved["0.001"]["test_hit@10_std"] == ""  # one seed: no spread to report
     peaks = [r["peak_memory"].get("max_allocated_gib", r["peak_memory"].get("peak_rss_gib")) for r in results[:2]]
     assert float(saved["0.0002"]["peak_gib"]) == pytest.approx(np.mean(peaks))  # memory stays in the table
+    assert int(saved["0.0002"]["trainable_params"]) == results[0]["parameters"]["trainable"]  # one model's count
 
 
 def test_runs_with_different_lr_stay_apart_without_keys(runs, capsys):
@@ -289,8 +290,8 @@ def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, c
     results = json.loads(bad.read_text())
     results["test"]["hit@10"] = float("nan")
     bad.write_text(json.dumps(results))  # json writes NaN, as a run's results would
-    copy_run(tmp_path / "runs" / "lr0.001-s1", tmp_path / "runs" / "lr0.001-s2",
-             lambda r: r["config"].update(seed=2))
+    copy_run(tmp_path / "runs" / "lr0.001-s1", tmp_path / "runs" / "lr0.001-s2",  # the other seed finite
+             lambda r: r["config"].update(seed=2) or r["test"].update({"hit@10": 0.25}))
     main(["results", str(tmp_path / "runs"), "--average-seeds", "--csv", str(tmp_path / "t.csv")])
     header, *rows = table_rows(capsys.readouterr().out)
     by_lr = {r[header.index("lr")]: r for r in rows}
@@ -301,6 +302,7 @@ def test_non_finite_metrics_are_marked_and_never_averaged_away(runs, tmp_path, c
     with open(tmp_path / "t.csv") as fh:
         saved = {row["lr"]: row for row in csv.DictReader(fh)}
     assert saved["0.001"]["non_finite"] == "test_hit@10" and saved["0.0002"]["non_finite"] == ""
+    assert saved["0.001"]["test_hit@10"] == "" and saved["0.001"]["seeds"] == "2"  # NaN: not the finite seed's 0.25
 
 
 def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, caplog):

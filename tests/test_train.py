@@ -159,6 +159,20 @@ def test_learning_rate_groups_follow_the_authors(cached_cfg):
     assert {k: g["lr"] for k, g in groups.items()} == {"recsys": 2e-4, "image_net": 1e-4, "text_encoder": 5e-5,
                                                      "adapter_image": 1e-4, "adapter_text": 1e-4}
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    optimizer = make_optimizer(model, cached_cfg, torch.device("cpu"))  # Adam without weight decay, as theirs
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0] * len(groups)
+    assert type(optimizer) is torch.optim.Adam
+
+
+def test_time_per_epoch_leaves_the_first_out_where_there_are_more():
+    from iisan.train.progress import EarlyStopping, Progress
+
+    epochs = [{"train_seconds": 10.0, "eval_seconds": 1.0}, {"train_seconds": 2.0, "eval_seconds": 3.0},
+              {"train_seconds": 4.0, "eval_seconds": 2.0}]
+    timing = Progress(EarlyStopping(1), epochs=epochs).timing()
+    assert timing == {"train_seconds_per_epoch": 3.0, "first_epoch_train_seconds": 10.0, "eval_seconds_per_epoch": 2.0}
+    assert Progress(EarlyStopping(1), epochs=epochs[:1]).timing()["train_seconds_per_epoch"] == 10.0  # one: its own
+    assert Progress(EarlyStopping(1)).timing()["train_seconds_per_epoch"] is None
 
 
 def test_fused_adam_and_the_authors_loop_make_the_same_update_up_to_rounding(cached_cfg):
@@ -325,3 +339,15 @@ def test_a_non_finite_loss_report_is_built_from_what_it_is_given(tmp_path):
     assert report == ("non-finite loss at step 11 (epoch 2, steps 10..12); the learning rate of group 'recsys' is "
                       "0.0; 2 item(s) of that batch have non-finite text states; last good checkpoint: "
                       "some/epoch-0001; best weights: none yet")
+
+
+@pytest.mark.parametrize("users, batch, start", [(7, 3, 0), (6, 3, 0), (7, 3, 1), (7, 3, 3), (2, 5, 0)])
+def test_an_epochs_batches_count_what_they_yield(users, batch, start):
+    """len() of an epoch's batches (what a prefetching loader reports) is the batches left: the last one
+    short, a resumed epoch's done ones not counted."""
+    import numpy as np
+
+    from iisan.data.batches import TrainBatches
+
+    batches = TrainBatches(np.arange(users), batch, collate=lambda u: u, start_step=start)
+    assert len(batches) == len(batches.user_batches()) == len(list(batches)) == max(0, -(-users // batch) - start)
