@@ -150,3 +150,19 @@ def test_intact_encoders_load_and_an_unused_head_is_only_logged(tiny, towers, tm
     with caplog.at_level(logging.INFO, logger="iisan"):
         assert load_image_encoder(str(folder), six_groups(str(folder), "image")).width == 24
     assert any("not used by ViTModel (e.g. 'classifier.weight'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("share, refused_here", [(0.4, True), (0.6, False)])
+def test_a_tokenizer_under_half_the_vocabulary_is_refused_and_one_over_half_is_not(tiny, tmp_path, share,
+                                                                                  refused_here):
+    """The line is half the model's vocab_size: 40 % of it refused, 60 % taken (a tokenizer trimmed of
+    unused words, whose ids all fit)."""
+    size = load_text_encoder(tiny["text_model"], six_groups(tiny["text_model"], "text")).model.config.vocab_size
+    words = vocabulary(read_items(tiny["items"]).titles)[: int(size * share)]
+    other = write_bert(tmp_path / "other", words, hidden=16, layers=1, heads=1)
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), other)
+    if refused_here:
+        refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' knows {len(words)} tokens but the model's "
+                                           rf"vocab_size is {size} ")
+    else:
+        assert len(load_text_encoder(folder, six_groups(folder, "text")).tokenizer) == len(words)

@@ -84,3 +84,21 @@ def test_params_for_id_counts_the_table_and_needs_the_data(tiny, tmp_path, capsy
     assert f"trainable params: {(data.num_items + 1) * 64 + SASREC:,} ||" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="method id needs the data set"):
         build_model(_id_config(tiny, tmp_path), None, torch.device("cpu"))
+
+
+def test_a_left_padded_history_reads_nothing_of_the_padding(tiny, tmp_path):
+    """Padding slots are masked as keys (the user encoder reads only real items) and never targets: the loss
+    of a batch with left padding is the same whatever the padding row holds (a mask shifted by one slot let
+    the slot before each first item be read)."""
+    cfg = _id_config(tiny, tmp_path)
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, data, torch.device("cpu"))
+    model.eval()
+    batch = next(iter(first_epoch(data.train_sequences(), 0)))
+    assert (batch.seq[:, 0] == 0).any() and (batch.seq[:, -1] != 0).all()  # some users are left-padded
+    with torch.no_grad():
+        before = model.calculate_loss(batch)
+        model.item_encoder.embedding.weight[0].normal_(std=5.0)
+        after = model.calculate_loss(batch)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)

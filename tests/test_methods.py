@@ -164,6 +164,35 @@ def test_lora_wraps_the_pretrained_weights_of_query_and_value(tiny):
     wrapped = image.model.get_submodule(q_name)
     assert torch.equal(wrapped.base_layer.weight, weight) and not wrapped.base_layer.weight.requires_grad
     assert wrapped.scaling["default"] == pytest.approx(1.0 / 4)
+    layers = [m for m in image.model.modules() if hasattr(m, "lora_dropout")]  # no dropout on LoRA's input
+    assert layers and all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in layers)
+
+
+def test_a_houlsby_adapter_adds_up_of_relu_of_down():
+    from iisan.model.peft_methods import HoulsbyAdapter
+
+    torch.manual_seed(0)
+    adapter = HoulsbyAdapter(6, 3)
+    with torch.no_grad():  # weights large enough that the ReLU cuts some pre-activations
+        for p in adapter.parameters():
+            p.normal_(std=1.0)
+    y = torch.randn(4, 6)
+    assert (adapter.down_proj(y) < 0).any()
+    torch.testing.assert_close(adapter(y), y + adapter.up_proj(torch.relu(adapter.down_proj(y))))
+
+
+def test_the_two_towers_random_lora_bases_come_from_two_seeds(tiny, monkeypatch):
+    """--lora-random-base: text and image each draw their fresh Q/V from their own seed (run seed + 1 and
+    run seed), so two towers of one width never get the same random weights."""
+    from iisan.config import Config
+    from iisan.model import baselines
+
+    seeds = {}
+    monkeypatch.setattr(baselines, "apply_lora", lambda *args, **kwargs: seeds.setdefault(args[4], args[6]) and [])
+    cfg = Config(method="lora", lora_random_base=True, seed=5)
+    for modality in ("text", "image"):
+        baselines._apply_lora(torch.nn.Linear(2, 2), cfg, modality)
+    assert seeds == {"text encoder": 6, "image encoder": 5}
 
 
 def test_target_that_matches_nothing_lists_existing_modules(tiny):

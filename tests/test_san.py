@@ -146,3 +146,42 @@ def test_the_ablation_switches_reach_the_tower_a_run_builds(modality, fusion):
         with torch.no_grad():
             san.gate_logits.fill_(1.0)
         torch.testing.assert_close(san.gates(), torch.full_like(san.gate_logits, torch.sigmoid(torch.tensor(2.0))))
+
+
+@pytest.mark.parametrize("widths, narrow", [({"text": 48, "image": 24}, "image"), ({"text": 24, "image": 48}, "text")])
+def test_versa_inter_adapters_take_the_narrower_towers_bottleneck_and_its_maps_train_with_recsys(widths, narrow):
+    """Towers of two widths: the inter SAN runs at the narrower width with that tower's bottleneck (the authors'
+    draft), and the maps that align the wider tower train at the recsys rate, as the heads do."""
+    bottleneck = {"text": 8, "image": 4}
+    tower = SANItemTower(widths, {"text": 3, "image": 3}, embedding_dim=4, bottleneck=bottleneck)
+    assert tower.inter.width == 24
+    assert {b.down_proj.out_features for b in tower.inter.blocks} == {bottleneck[narrow]}
+    groups = {g: {id(p) for p in ps} for g, ps in tower.param_groups().items()}
+    aligned = [m for m in (tower.inter.text_align, tower.inter.image_align) if m is not None]
+    assert len(aligned) == 1 and {id(p) for p in aligned[0].parameters()} <= groups[LrGroup.RECSYS]
+
+
+def test_sasrec_starts_as_the_authors_xavier_normal_with_zero_biases():
+    torch.manual_seed(0)
+    model = SASRec(dim=64, max_len=50, blocks=2, heads=2)
+    expected = (2 / (50 + 64)) ** 0.5  # xavier normal of a (50, 64) position table
+    assert abs(model.position.weight.std().item() - expected) < 0.1 * expected
+    linear = model.blocks[0].ffn[0]
+    assert abs(linear.weight.std().item() - (2 / (64 + 256)) ** 0.5) < 0.1 * (2 / 320) ** 0.5
+    assert all(not m.bias.any() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None)
+
+
+def test_sasrec_in_training_drops_out_after_the_input_norm():
+    """x = Dropout(LN(items + positions)), then the blocks, in train mode (eval-mode tests cannot tell the
+    order): the same draws by hand."""
+    from torch.nn import functional as F
+
+    model = SASRec(dim=8, max_len=5, blocks=1, heads=2, dropout=0.3).train()
+    items, valid = torch.randn(2, 5, 8), torch.tensor([[False, True, True, True, True]] * 2)
+    torch.manual_seed(3)
+    got = model(items, valid)
+    torch.manual_seed(3)
+    x = F.dropout(model.input_norm(items + model.position.weight[:5]), 0.3, training=True)
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    bias = torch.zeros(2, 1, 5, 5).masked_fill(~allowed[:, None], -1e4)
+    torch.testing.assert_close(got, model.blocks[0](x, bias))
