@@ -271,12 +271,38 @@ def test_files_put_in_place_by_hand_are_used_and_a_foreign_tsv_is_refused(served
     assert "move it away" in one_line(err)
 
 
-def test_statistics_unlike_the_papers_fail_with_the_numbers(served_data):
+@pytest.mark.parametrize("off", [0, 1, 2], ids=["users", "items", "interactions"])
+def test_statistics_unlike_the_papers_fail_with_the_numbers(served_data, off):
     source = served_data["sources"]["Tiny"]
-    served_data["sources"]["Tiny"] = replace(source, stats=(source.stats[0] + 1, *source.stats[1:]))
+    stats = [n + (i == off) for i, n in enumerate(source.stats)]
+    served_data["sources"]["Tiny"] = replace(source, stats=tuple(stats))
     with pytest.raises(DataError, match="the paper's data set has") as err:
         fetch(served_data)
-    assert f"{source.stats[0]:,} users" in one_line(err)
+    users, items, interactions = source.stats
+    assert f"{users:,} users / {items:,} items / {interactions:,} interactions" in one_line(err)
+
+
+def test_a_digest_that_differs_only_in_its_tail_is_a_mismatch_and_said_whole(tmp_path):
+    """The downloads' and the manifest's sha256 checks compare every digit; where the first 16 agree, the
+    message shows both whole (two equal prefixes read as a match)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"data")
+    digest = hashlib.sha256(b"data").hexdigest()
+    tail = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    assert mismatch(path, Expected(sha256=digest)) is None
+    assert mismatch(path, Expected(sha256=tail)) == f"has sha256 {digest}, expected {tail}"
+    manifest = Manifest(tmp_path / MANIFEST, tmp_path)
+    manifest.record("step", [path])
+    assert manifest.verify("step") == 1
+    manifest.data["steps"]["step"]["files"]["f.bin"]["sha256"] = tail
+    with pytest.raises(FetchError, match=rf"f.bin has sha256 {digest}, the manifest says {tail}"):
+        manifest.verify("step")
+
+
+def test_a_file_that_is_not_a_fetch_manifest_is_refused(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"steps": {}}')
+    with pytest.raises(FetchError, match=r"is not an IISAN fetch manifest \(format None, expected "):
+        Manifest(tmp_path / MANIFEST, tmp_path)
 
 
 def test_an_archive_member_outside_the_folder_is_refused(tmp_path):

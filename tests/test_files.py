@@ -273,3 +273,64 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, ti
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
     build_image_lmdb(tiny["image_dir"], out, ids, size=16, progress=False)  # what fits is written
     assert out.is_dir()
+
+
+def test_a_folder_replaced_by_a_rename_that_fails_is_put_back(tmp_path, monkeypatch):
+    """replace_folder moves the old folder aside, then renames the new one in: when that rename fails
+    (a full disk, another file system), the old folder comes back whole, nothing lost."""
+    from iisan.files import replace_folder
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a").write_text("new")
+    real, calls = os.replace, []
+
+    def failing_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(OSError):
+        replace_folder(tmp_path / "new", tmp_path / "out")
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "a").read_text() == "old" and (tmp_path / "new" / "a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # nothing left aside
+
+
+def test_a_folder_holding_only_a_hidden_file_is_not_empty(tmp_path):
+    from iisan.files import claim_folder
+
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "repo" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(OutputError, match=r"^--out .*repo exists and is not a demo folder"):
+        claim_folder(tmp_path / "repo", ".iisan-demo", "a demo folder", "--out")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [".git"]
+
+
+def test_a_text_file_is_ours_only_when_its_whole_head_matches(tmp_path):
+    from iisan.files import starts_with
+
+    mine, theirs = tmp_path / "a.md", tmp_path / "b.md"
+    mine.write_text("# Efficiency: tiny, demo\n")
+    theirs.write_text("# Efficiency notes (mine)\n")
+    assert starts_with(mine, "# Efficiency: ") and not starts_with(theirs, "# Efficiency: ")
+    assert not starts_with(tmp_path / "missing.md", "# Efficiency: ") and not starts_with(tmp_path, "#")
+
+
+def test_a_lock_held_on_another_host_cannot_be_told_from_here(tmp_path):
+    """A run on another node of a shared file system: its lock names that host, and no local check can say
+    it is dead, so it is not called stopped (iisan results shows it running)."""
+    import socket
+
+    from iisan.experiments.results_file import status
+    from iisan.locks import held
+
+    lock = tmp_path / ".lock"
+    lock.write_text("pid 4242 on gpu-node-17-not-this-host\n")
+    assert socket.gethostname() != "gpu-node-17-not-this-host" and held(lock) is None
+    assert status(tmp_path / "results.json", {"status": "running"}) == "running"
+    lock.write_text(f"pid 4242 on {socket.gethostname()}\n")  # here, and no process holds it: stopped
+    assert held(lock) is False and status(tmp_path / "results.json", {"status": "running"}) == "stopped"

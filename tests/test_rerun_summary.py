@@ -187,3 +187,71 @@ def test_run_names_of_earlier_versions_are_pinned():
     assert {config_hash(absolute, scheme) for scheme in HASHES} == {"63f8862e"}  # no default spelt otherwise
     assert default_run_name(absolute) == "iisan-cached-Scientific-63f8862e"
     assert config_hash(Config(users="u.tsv", items="i.tsv", cache_dir="/c"), "as-spelt") == "4ec90b6b"
+
+
+def test_every_key_that_changes_what_a_run_computes_changes_its_name():
+    """A key the hash left out would send two experiments into one folder (the second refused, or worse):
+    each Config field but those that may change on resume (MAY_CHANGE) and those the method never reads
+    changes the hash when it changes."""
+    import copy
+    import dataclasses
+
+    from iisan.config import Config
+    from iisan.methods import unread_keys
+    from iisan.train.checkpoint import MAY_CHANGE
+    from iisan.train.runfolder import config_hash
+
+    base = Config(users="/data/Scientific/u.tsv", items="/data/Scientific/i.tsv", cache_dir="/c")
+    skipped = MAY_CHANGE | unread_keys(base.method, base.towers, base.feed)
+    checked = []
+    for f in dataclasses.fields(Config):
+        if f.name in skipped:
+            continue
+        value, choices = getattr(base, f.name), f.metadata.get("choices")
+        other = (next(c for c in choices if c != value) if choices else not value if isinstance(value, bool)
+                 else value + 1 if isinstance(value, int) else value * 2 + 1 if isinstance(value, float)
+                 else (*value, 99) if isinstance(value, tuple) else (0, 1) if value is None else f"{value}x")
+        changed = copy.copy(base)
+        object.__setattr__(changed, f.name, other)  # as a flag would set it (no validation needed to name it)
+        assert config_hash(changed) != config_hash(base), f.name
+        checked.append(f.name)
+    assert {"lr", "seed", "text_layers", "drop_rate", "batch_size", "modality", "users"} <= set(checked)
+
+
+def test_a_finished_run_of_an_older_format_is_never_overwritten(tiny_config, tmp_path):
+    """A results.json of the same config with no status field (files from before it existed were written
+    only when a run finished) is a finished run: a fresh start there is refused."""
+    from iisan.errors import ConfigError
+    from iisan.train.runfolder import refuse_to_overwrite
+
+    cfg = tiny_config(out_dir=str(tmp_path))
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "epochs": [{"epoch": 0}]}))
+    with pytest.raises(ConfigError, match=r"results.json is a finished run with no checkpoint left"):
+        refuse_to_overwrite(folder, cfg)
+
+
+def test_two_earlier_sweep_folders_that_could_be_this_run_are_neither(tiny_config, tmp_path):
+    """Two folders of this config under other sweep tags (lrA, lrB): which one was this run cannot be told,
+    so a run named by its own tag starts in a folder of its own."""
+    cfg = tiny_config(out_dir=str(tmp_path / "runs"))
+    for tag in ("lr0.001", "lr0.002"):
+        (tmp_path / "runs" / default_run_name(cfg, tag)).mkdir(parents=True)
+    assert known_run_name(cfg, "seed1") == default_run_name(cfg, "seed1")
+    (tmp_path / "runs" / default_run_name(cfg, "lr0.002")).rmdir()  # one: that is this run, named before
+    assert known_run_name(cfg, "seed1") == default_run_name(cfg, "lr0.001")
+
+
+def test_a_folder_is_a_run_folder_only_by_a_runs_config(tmp_path):
+    from iisan.train.runfolder import is_run_folder
+
+    for name, config, expected in [("foreign", {"method": "id", "note": "mine"}, False),
+                                   ("run", {"method": "iisan", "feed": "cached", "lr": 2e-4}, True)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        assert is_run_folder(tmp_path / name) is expected, name
+    (tmp_path / "failed").mkdir()  # a run that failed before its config.json: its results record the config
+    (tmp_path / "failed" / "results.json").write_text(json.dumps({"config": {"method": "fft", "feed": "live",
+                                                                             "lr": 1e-4}}))
+    assert is_run_folder(tmp_path / "failed")

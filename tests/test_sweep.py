@@ -129,9 +129,10 @@ def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog
     names = [line.split()[1] for line in listing[1:]]
     assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid", "--grid-index", "4")) == []  # that point alone
     assert capsys.readouterr().out.splitlines()[1:] == [listing[5]]
-    with pytest.raises(SystemExit):  # one the grid lacks: refused, not ignored
-        run_script(DEFAULTS, sweep, argv(*flags, "--list-grid", "--grid-index", "6"))
-    assert "--grid-index 6: the grid has 6 point(s), 0..5" in capsys.readouterr().err
+    for index in ("6", "-1"):  # one the grid lacks: refused, not ignored (nor counted from the end)
+        with pytest.raises(SystemExit):
+            run_script(DEFAULTS, sweep, argv(*flags, "--list-grid", "--grid-index", index))
+        assert f"--grid-index {index}: the grid has 6 point(s), 0..5" in capsys.readouterr().err
     assert [line.split()[0] for line in listing[1:]] == ["0", "1", "2", "3", "4", "5"]
     assert listing[3].split()[2:] == ["lr=0.002", "seed=1"] and not (tmp_path / "runs").exists()
     with caplog.at_level("INFO", logger="iisan"):

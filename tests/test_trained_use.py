@@ -127,10 +127,14 @@ def test_a_failed_run_says_it_failed(trained, tmp_path):
     ([[]], 5, r"history 0: expected a non-empty list of item indices 1\.\.\d+"),
     ([[1], [-1]], 5, r"history 1: expected .* not \[-1\]"),
     ([[10**6]], 5, r"history 0: expected .* not \[1000000\]"),
+    ([[1, "N+1"]], 5, r"history 0: expected a non-empty list of item indices 1\.\.\d+ .*, not \[1, \d+\]$"),
+    ([[1, 2]], 0, r"-k 0: must be a positive whole number"),
+    ([[1, 2]], -1, r"-k -1: must be a positive whole number"),
     ([[1.5]], 5, r"history 0: expected .*"),
 ])
 def test_recommend_refuses_what_is_not_a_history(trained, histories, k, said):
     run = load_run(trained["id"], device="cpu")
+    histories = [[run.data.num_items + 1 if i == "N+1" else i for i in h] for h in histories]  # one past the last
     with pytest.raises((ConfigError, DataError), match=said):
         recommend(run, histories, k)
     assert len(recommend(run, [[1, 2]], 3)[0]) == 3  # a plain list is a history

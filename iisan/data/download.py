@@ -47,15 +47,23 @@ def git_blob_id(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def digests(found: str, want: str, shown: int = 16) -> tuple[str, str]:
+    """Two digests that differ, each cut to its first ``shown`` digits where those tell them apart, else
+    whole (two messages' prefixes alike would read as a match)."""
+    if found[:shown] == want[:shown]:
+        return found, want
+    return f"{found[:shown]}…", f"{want[:shown]}…"
+
+
 def mismatch(path: Path, expected: Expected) -> str | None:
     """How ``path`` differs from ``expected``, or None."""
     size = path.stat().st_size
     if expected.size is not None and size != expected.size:
         return f"has {size:,} bytes, expected {expected.size:,}"
     if expected.sha256 is not None and (found := sha256(path)) != expected.sha256:
-        return f"has sha256 {found[:16]}…, expected {expected.sha256[:16]}…"
+        return "has sha256 {}, expected {}".format(*digests(found, expected.sha256))
     if expected.git_blob is not None and (found := git_blob_id(path)) != expected.git_blob:
-        return f"has git blob id {found[:12]}…, expected {expected.git_blob[:12]}…"
+        return "has git blob id {}, expected {}".format(*digests(found, expected.git_blob, 12))
     return None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import FetchError
 from ..files import sha256, write_json_atomic
+from .download import digests
 
 FORMAT = "iisan-fetch-manifest/1"
 
@@ -67,7 +68,7 @@ class Manifest:
             elif (size := path.stat().st_size) != want["size"]:
                 problems.append(f"{path} has {size:,} bytes, the manifest says {want['size']:,}")
             elif (found := sha256(path)) != want["sha256"]:
-                problems.append(f"{path} has sha256 {found[:16]}…, the manifest says {want['sha256'][:16]}…")
+                problems.append("{} has sha256 {}, the manifest says {}".format(path, *digests(found, want["sha256"])))
         if problems:
             more = f" (and {len(problems) - 1} more files of step {step!r})" if len(problems) > 1 else ""
             rerun = self.rerun or "the fetch"
