@@ -254,6 +254,9 @@ def coerce(name: str, value, hint):
             return value
         if not (isinstance(value, str) and INTEGER.fullmatch(value.strip())):  # not '5_0', '٥' or 5.0
             raise ConfigError(f"{name}={value!r}: expected an integer")
+        if len(value.strip()) > 100:  # (Python reads no more than 4300 digits; no value needs 100)
+            raise ConfigError(f"{name}={value.strip()[:12]}... ({len(value.strip())} digits): far larger than any "
+                              f"{name} can be")
         return int(value)
     if hint is float:
         if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.fullmatch(value.strip())):

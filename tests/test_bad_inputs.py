@@ -511,6 +511,8 @@ CASES = [
     Case("title-tokens-beyond-positions", lambda P, s: C(P, s, "--title-tokens", "100"),
          ("title_tokens=100 is more than the text encoder {bert} takes (max_position_embeddings 64); use "
           "--title-tokens 64 or fewer",)),
+    Case("epochs-of-5000-digits", lambda P, s: T(P, s, "--epochs", "9" * 5000),
+         ("epochs=999999999999... (5000 digits): far larger than any epochs can be",)),
     Case("seed-overflow", lambda P, s: T(P, s, "--seed", "99999999999999999999999"),
          ("seed=99999999999999999999999 must be in [0, 2**32)",)),
     Case("max-seq-len-huge", lambda P, s: T(P, s, "--max-seq-len", "100000000000000000000"),

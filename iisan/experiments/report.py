@@ -88,15 +88,15 @@ def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False
     frame = frame.assign(data=data_labels(frame), **{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
-    fixed = ("method", "feed", "data")  # columns of every table already
-    shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in fixed]
+    always = ("method", "feed", "data")  # columns of every table already
+    shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in always]
     status = ["status"] if (frame["status"] != "finished").any() else []
     if not average_seeds:
         shown = [k for k in shown if k != "device"]  # where each run ran: a column of every such table
         runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
                       "trainable_params", "peak_gib", "device", "non_finite"]]
         # The seeds of one configuration side by side: the seed orders after every other key.
-        runs = in_order(runs, [*fixed, *sorted(shown, key=lambda k: k == "seed"), "run"])
+        runs = in_order(runs, [*always, *sorted(shown, key=lambda k: k == "seed"), "run"])
         runs.attrs["runs"] = runs["run"].tolist()
         return runs
     if "seed" in keys:
