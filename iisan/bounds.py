@@ -116,8 +116,8 @@ def check_run_name(name: str) -> None:
                           "folders go under --out-dir")
     if name and (name != name.strip() or name.startswith("-")):  # a folder a shell command would misread
         raise ConfigError(f"run_name={name!r} must not start or end with a blank or start with '-'")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:  # refused here, not after the data loads
-        raise ConfigError(f"run_name={name[:40]!r}... is {len(name.encode('utf-8', 'surrogateescape'))} bytes long; "
+    if (size := len(name.encode("utf-8", "surrogateescape"))) > MAX_NAME_BYTES:  # here, not after the data loads
+        raise ConfigError(f"run_name={name[:40]!r}... is {size} bytes long; "
                           f"a folder name may be at most {MAX_NAME_BYTES} (file systems take 255, and the run's own "
                           "temporary names add to it)")
     if control := next((c for c in name if unicodedata.category(c) == "Cc"), None):  # a newline splits log lines
@@ -143,7 +143,7 @@ def check_encoding(encoding: str) -> None:
 
 def positive_int(text: str) -> int:
     """An argparse ``type`` for counts and sizes given on a command line (``-k``, ``--size``)."""
-    if not INTEGER.fullmatch(text) or text.startswith(("-", "+")) or int(text) == 0:
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:  # no sign, no other scripts' digits
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
 
