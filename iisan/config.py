@@ -61,7 +61,8 @@ class Config:
     text_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the text SAN (0 = embeddings); "
                                                "default: --layer-rule's choice")
     image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (default: --layer-rule's)")
-    layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks")
+    layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks; "
+                                "all of them in an encoder of fewer layers")
     layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "
                            "k as large as keeps --layer-groups layers (the authors' lists: 32 layers -> "
                            "2,8,14,20,26,32; 80 -> 5,20,...,80); groups = the last layer of each of --layer-groups "

@@ -4,6 +4,7 @@ status) when killed, interrupted or failed."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -511,6 +512,37 @@ def test_nonfinite_authors_goes_on_past_an_infinite_loss_and_fails_at_a_nan_befo
     with pytest.raises(TrainingError, match=r"; --nonfinite authors: no epoch had finished before it, so there is "
                                             r"no result$"):
         train(base.replace(run_name="nan-first", nonfinite="authors"))
+
+
+@pytest.mark.parametrize("mode, how, steps_run", [("fail", "nan", 14), ("authors", "nan", 14), ("fail", "inf", 14),
+                                                   ("authors", "inf", 20)])
+def test_a_loss_that_ends_training_ends_the_epoch_at_the_next_look(base, monkeypatch, mode, how, steps_run):
+    """The losses are looked at every FINITE_POLL_STEPS steps of an epoch (4 here): a NaN at step 11
+    (epoch 1, steps 10..19) ends the epoch after step 13, not 19; under --nonfinite authors an infinite
+    loss goes on."""
+    import iisan.train.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "FINITE_POLL_STEPS", 4)
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        value = loss(*args)
+        if len(calls) != 12:
+            return value
+        return value * float("nan") if how == "nan" else value + float("inf")
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+    cfg = base.replace(run_name=f"poll-{mode}-{how}", epochs=2, nonfinite=mode)
+    if mode == "fail" or how == "nan":
+        with pytest.raises(TrainingError, match=r"^non-finite loss at step 11 \(epoch 1, steps 10..19\); ") \
+                if mode == "fail" else contextlib.nullcontext():
+            results = train(cfg)
+        if mode == "authors":
+            assert [e["epoch"] for e in results["epochs"]] == [0]
+            assert results["stopped"].startswith("non-finite loss at step 11 (epoch 1, steps 10..19); ")
+    else:
+        assert len(train(cfg)["epochs"]) == 2
+    assert len(calls) == steps_run
 
 
 def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path):

@@ -41,6 +41,13 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
                       f"best weights: {best if best.is_file() else 'none yet'}"])
 
 
+def ends_training(losses: torch.Tensor, mode: str) -> bool:
+    """Whether ``losses`` hold one that ends training under ``--nonfinite mode`` (``after_nonfinite``):
+    any non-finite loss, or under ``authors`` a NaN."""
+    bad = torch.isnan(losses) if mode == "authors" else ~torch.isfinite(losses)
+    return bool(bad.any())
+
+
 def after_nonfinite(problem: str, losses: torch.Tensor, mode: str, best_epoch: int) -> str:
     """What a run does once ``problem`` (``nonfinite_loss``'s report of ``losses``) is found: '' to go on,
     else why training ends. ``fail`` raises it. ``authors``, as the authors' code, which checks its running

@@ -38,7 +38,7 @@ from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
 from .decisions import decide
 from .interrupt import StopRequests
-from .nonfinite import after_nonfinite, batch_states, nonfinite_loss
+from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss
 from .optim import trained_by_rate
 from .parts import build_training
 from .plan import describe_step
@@ -53,6 +53,9 @@ from .weights import save_weights
 log = logging.getLogger(__name__)
 
 STOP_POLL_STEPS = 10  # under torchrun, ranks agree on a stop request every this many steps (one all-reduce)
+# the losses so far are looked at every this many steps (one wait on the device): a loss that ends training
+# (``nonfinite.ends_training``) ends the epoch there, close to the step, as the authors' per-step check does
+FINITE_POLL_STEPS = 10
 
 
 class Run:
@@ -200,6 +203,7 @@ class Run:
         start = time.perf_counter()
         bar = progress_bar(loader, n_steps, start_step, f"epoch {epoch}", "steps", cfg.progress and dist.is_main,
                            status=lambda done: f"loss {losses[:done].mean().item():.4f}")  # this rank's steps
+        done = n_steps  # fewer when a loss ends training within the epoch
         for i, batch in enumerate(bar, start=start_step):
             if i >= n_steps:
                 break
@@ -207,6 +211,11 @@ class Run:
                 losses[i] = self.step(batch.to(device))
             except torch.OutOfMemoryError as err:
                 raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
+            if (i + 1) % FINITE_POLL_STEPS == 0 and i + 1 < n_steps and \
+                    any_rank(ends_training(losses[: i + 1], cfg.nonfinite), dist):
+                bar.close()
+                done = i + 1
+                break
             if self.stop_now(i, n_steps):
                 bar.close()
                 self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
@@ -214,7 +223,7 @@ class Run:
                 raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
         sync(device)
         seconds += time.perf_counter() - start
-        return mean_over_ranks(losses, dist).cpu(), seconds, n_steps
+        return mean_over_ranks(losses[:done], dist).cpu(), seconds, n_steps
 
     def run(self) -> dict:
         cfg, progress, stopper = self.cfg, self.progress, self.progress.stopper
