@@ -262,12 +262,15 @@ def coerce(name: str, value, hint):
         if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.fullmatch(value.strip())):
             raise ConfigError(f"{name}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}={value!r}: expected a number") from None
         except OverflowError:  # a JSON integer of 400 digits is an int too large for a float
             raise ConfigError(f"{name}={str(value)[:12]}... ({len(str(value))} digits): expected a number a float "
                               "can hold") from None
+        if isinstance(value, str) and beyond_float(value, number):
+            raise ConfigError(f"{name}={value.strip()}: beyond what a float holds (it would be read as {number})")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}={value!r}: expected a string")
@@ -277,3 +280,11 @@ def coerce(name: str, value, hint):
             raise ConfigError(f"{name}={value!r}: holds a lone surrogate, which no text can") from None
         return value
     return value
+
+
+def beyond_float(text: str, value: float) -> bool:
+    """Whether ``text``, a number as written (``value`` as read), is one a float cannot hold: 1e400 read
+    as inf, 1e-400 as 0.0; a message would otherwise name a value nobody wrote."""
+    written_inf = text.strip().lstrip("+-").lower() in ("inf", "infinity")
+    return (math.isinf(value) and not written_inf) or \
+        (value == 0 and any(c in "123456789" for c in text.lower().split("e")[0]))

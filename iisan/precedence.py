@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .bounds import beyond_float
 from .config import Config
 from .errors import ConfigError, error_line
 from .methods import METHOD_DEFAULTS, newly_unread
@@ -54,9 +55,14 @@ def read_config_file(path: str | Path) -> dict:
         why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise ConfigError(f"config file {path} {why}")
     try:  # a byte-order mark (some Windows editors write one) is dropped
-        values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+        values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys,
+                            parse_float=_float)
     except DuplicateKey as err:
         raise ConfigError(f"{path}: key {err} appears twice; which value was meant?") from None
+    except FloatRange as err:
+        shown, value = err.args
+        raise ConfigError(f"{path}: the number {shown} is beyond what a float holds (it would be read as "
+                          f"{value}); no config value is near it") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
@@ -81,6 +87,19 @@ def read_config_file(path: str | Path) -> dict:
 
 class DuplicateKey(ValueError):
     pass
+
+
+class FloatRange(ValueError):
+    pass
+
+
+def _float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused where a float cannot hold it: 1e400 would be
+    read as inf and 1e-400 as 0.0, and a message would then name a value the file does not hold."""
+    value = float(text)
+    if beyond_float(text, value):
+        raise FloatRange(text[:40] + ("..." if len(text) > 40 else ""), value)
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
