@@ -174,7 +174,7 @@ def test_an_interrupted_demo_says_to_run_the_same_command_again(tmp_path, monkey
     assert stopped.value.code == 130
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith("iisan: SIGINT during epoch 0 after step 1 of 2") and said.endswith(
-        "To resume, run the same command again: it goes on from the checkpoint"), said
+        "To resume, run the same command again; it goes on in demo-seed0"), said  # no --run-name: demo takes none
     monkeypatch.undo()
     demo(tmp_path / "demo")
     results = json.loads((tmp_path / "demo" / "runs" / "demo-seed0" / "results.json").read_text())

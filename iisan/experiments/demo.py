@@ -20,7 +20,7 @@ from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..data.synthetic import generate
-from ..errors import ConfigError, OutputError, RunInterrupted
+from ..errors import ConfigError, OutputError
 from ..evaluate import popularity_metrics
 from ..files import claim_folder, write_json_atomic
 from ..model.backbones import read_spec
@@ -162,11 +162,7 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
     cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, run_name=run_dir.name, **extra)
     refuse_copied_run(Path(cfg.out_dir) / cfg.run_name, cfg)
     build_cache_from_config(cfg, dtype="float32", overwrite=True)  # the tiny models change with --seed
-    try:
-        results = train(cfg)
-    except RunInterrupted as err:  # the trainer's hint names --run-name, which this command does not take
-        raise RunInterrupted(err.what, "To resume, run the same command again: it goes on from the checkpoint"
-                             ) from None
+    results = train(cfg)  # named here, so a Ctrl-C's hint is only to run the same command again
     data = load_data(cfg)
     popular = {split: popularity_metrics(data, split) for split in ("valid", "test")}
     elapsed = time.perf_counter() - start
