@@ -13,12 +13,13 @@
 #      of both IISAN settings), then uncached IISAN and FFT the authors' way (every slot); FLOPs counted
 #      over the first 10 timed batches; cut at 300 s
 #   3. tests: the GPU-marked tests; cut at 150 s
+#   4. versa: IISAN-Versa's GPU checks (scripts/versa_gpu_check.py, versa_gpu.json); cut at 120 s
 # Each part writes as it goes (diagnose.json after each section, the benchmark's JSON and table after each
 # row), so a part that is cut keeps what it measured. PART=all (default) runs diagnose and bench, under
 # 600 s, one device call (a call's limit) that brings back 7 files (a call brings back at most 8);
 # the device's copy of the checkout has no .git: IISAN_COMMIT=<hash> names the commit measured;
-# PART=diagnose|bench|tests runs one part. Writes gpu.txt (versions, clocks, each part's time and exit),
-# diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log under $OUT.
+# PART=diagnose|bench|tests|versa runs one part. Writes gpu.txt (versions, clocks, each part's time and exit),
+# diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log, versa_gpu.json/.log under $OUT.
 #   PART=all bash scripts/gpu_check.sh; then PART=tests bash scripts/gpu_check.sh   # the two device calls
 #   BENCH_ARGS="--no-static-shapes" DIAGNOSE_ARGS=--skip-plain bash scripts/gpu_check.sh   # extra flags per part
 #   METHODS="IISAN (cached),FFT" AUTHORS_WAY=none FULL_EPOCH="IISAN (cached)" PART=bench ...   # fewer rows
@@ -35,7 +36,7 @@ WORK=${WORK:-$PWD/bench_data}  # ignored; kept between calls on a warm machine
 PART=${PART:-all}
 if [ "${DEVICE:-cuda}" = cpu ]; then CACHE_DTYPE=${CACHE_DTYPE:-float32}; fi  # bf16 is emulated (slow) on a CPU
 [ "${ONLY_DIAGNOSE:-0}" = 1 ] && PART=diagnose  # the older switch
-case "$PART" in all|diagnose|bench|tests) ;; *) echo "gpu_check: PART=$PART; expected all, diagnose, bench or tests"; exit 2;; esac
+case "$PART" in all|diagnose|bench|tests|versa) ;; *) echo "gpu_check: PART=$PART; expected all, diagnose, bench, tests or versa"; exit 2;; esac
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
@@ -61,7 +62,7 @@ stamp() {  # stamp PART EXIT: the part's time and exit in gpu.txt; the first fai
   [ "$status" = 0 ] && status=$2
 }
 
-if [ "$PART" != tests ]; then  # the data both parts read, made before either's clock starts
+if [ "$PART" != tests ] && [ "$PART" != versa ]; then  # the data both parts read, made before either's clock starts
   timeout -k 10 "${PREPARE_LIMIT:-60}" "$PY" -c "import sys; from pathlib import Path
 from iisan.console import setup_logging; setup_logging()
 from iisan.efficiency.benchmark import prepare; prepare(Path(sys.argv[1]), sys.argv[2], sys.argv[3])" \
@@ -91,5 +92,10 @@ if [ "$PART" = tests ]; then
   timeout -k 10 "${TESTS_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25
   stamp "gpu tests" "${PIPESTATUS[0]}"
+fi
+if [ "$PART" = versa ]; then  # a bf16 decoder-LLM tower's cache against the CPU's, a resumed build, a CUDA graph
+  timeout -k 10 "${VERSA_LIMIT:-120}" "$PY" scripts/versa_gpu_check.py --device "${DEVICE:-cuda}" --out "$OUT" \
+    --work "$WORK/versa-gpu" 2>&1 | tee "$OUT/versa_gpu.log" | grep -E "versa_gpu_check.py: |Error" | cut -c1-400
+  stamp "versa check" "${PIPESTATUS[0]}"
 fi
 exit "$status"

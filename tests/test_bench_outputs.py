@@ -358,3 +358,27 @@ def test_gpu_check_stores_the_cache_in_float32_on_a_cpu(device, given, dtype, tm
     assert done.returncode == 0, done.stdout + done.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[calls.index("--cache-dtype") + 1] == dtype
+
+
+@pytest.mark.parametrize("exit_status", [0, 1])
+def test_gpu_check_runs_the_versa_gpu_check_as_a_part_of_its_own(exit_status, tmp_path):
+    """PART=versa runs scripts/versa_gpu_check.py on the device asked for, its report in $OUT and its work
+    under $WORK, makes no benchmark data, and exits as the check did (a stand-in python records its calls)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = scripts/versa_gpu_check.py ]; then printf "%s\\n" "$@" '
+                    f'> {tmp_path / "calls"}; echo "versa_gpu_check.py: failed: x"; exit {exit_status}; fi\n')
+    fake.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHON": str(fake), "PART": "versa", "DEVICE": "cpu", "OUT": str(out), "WORK": str(work)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == exit_status, done.stdout + done.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "scripts/versa_gpu_check.py", "--device", "cpu", "--out", str(out), "--work", str(work / "versa-gpu")]
+    assert f"versa check (exit {exit_status}): " in (out / "gpu.txt").read_text()
+    assert (out / "versa_gpu.log").read_text() == "versa_gpu_check.py: failed: x\n"
+    assert not work.exists()  # no benchmark data made for this part
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env={**env, "PART": "everything"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "gpu_check: PART=everything; expected all, diagnose, bench, " \
+        "tests or versa\n"
+
