@@ -545,6 +545,30 @@ def test_a_loss_that_ends_training_ends_the_epoch_at_the_next_look(base, monkeyp
     assert len(calls) == steps_run
 
 
+def test_a_longer_resume_past_lost_best_weights_is_refused_and_loses_nothing(base, reference):
+    """Best epoch 2 of 4 (the reference's): resumed for a fifth epoch from epoch-0003 without best.safetensors,
+    nothing would write epoch 2's weights again (and pruning would drop epoch-0002, which holds them)."""
+    assert reference["best_epoch"] == 2 and len(reference["epochs"]) == 4
+    cfg = base.replace(run_name="lost-best")
+    folder = Path(train(cfg)["run_dir"])
+    best, root = folder / "best.safetensors", folder / "checkpoints"
+    kept = best.read_bytes()
+    for damage, problem in [(lambda: best.unlink(), f"{best} is missing"),
+                            (lambda: best.write_bytes(b"\x08"), f"{best} is not a readable safetensors file")]:
+        damage()
+        with pytest.raises(TrainingError) as info:
+            train(cfg.replace(epochs=5))
+        assert str(info.value).startswith(problem)
+        assert str(info.value).endswith(
+            f", and {root / 'epoch-0003'}, which the run would resume from, is not its best epoch (2), so nothing "
+            f"would write them again: move the checkpoints newer than {root / 'epoch-0002'} out of {root} to "
+            f"resume from it, restore best.safetensors from a copy, or use another --run-name to train again")
+        assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0003", "epoch-0002"]
+    best.write_bytes(kept)
+    longer = train(cfg.replace(epochs=5))
+    assert longer["resumed_from"] == ["epoch-0003"] and len(longer["epochs"]) == 5
+
+
 def test_resume_flag_without_a_run_name_continues_the_newest_run(base, tmp_path):
     cfg = base.replace(out_dir=str(tmp_path), epochs=1)
     first = train(cfg)

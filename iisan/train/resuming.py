@@ -21,7 +21,7 @@ from ..errors import ConfigError, TrainingError, UserError
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
 from .checkpoint_writing import write_checkpoint
-from .runfolder import refuse_to_overwrite
+from .runfolder import BEST, best_weights_problem, refuse_to_overwrite
 from .weights import copy_weights, ensure_best_weights, trainable_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class RunCheckpoints:
         cfg = self.run.cfg
         found, refused = checkpoint.latest(self.root, cfg.to_dict())
         if found is not None:
+            refuse_lost_best_weights(self.run.run_dir, found)
             return found
         if refused:
             raise TrainingError(checkpoint.cannot_resume(refused))
@@ -109,3 +110,23 @@ class RunCheckpoints:
         """The newest complete checkpoint, for messages: where a failed run can be taken up again."""
         done = [p for p in checkpoint.checkpoints(self.root) if (p / checkpoint.MANIFEST).is_file()]
         return str(done[0]) if done else "none yet"
+
+
+def refuse_lost_best_weights(folder: Path, found: checkpoint.Checkpoint) -> None:
+    """A resume from ``found``, a checkpoint that is not the run's best epoch, needs the best weights on
+    disk (``runfolder.best_weights_problem``): nothing would write them again, and the run would end
+    naming a best epoch whose weights are gone (and prune the checkpoint that still holds them)."""
+    state = found.state
+    best = state["early_stopping"]["best_epoch"]
+    if best < 0 or (state["step"] is None and state["epoch"] == best):
+        return  # no best epoch yet, or ``ensure_best_weights`` writes them from this checkpoint
+    if (why := best_weights_problem(folder)) is None:
+        return
+    problem, remedy = why
+    holder = folder / CHECKPOINTS / checkpoint.checkpoint_name(best)
+    older = f"move the checkpoints newer than {holder} out of {holder.parent} to resume from it, " \
+        if holder in checkpoint.checkpoints(holder.parent) else ""
+    raise TrainingError(f"{problem}, and {found.path}, which the run would resume from, is not its best epoch "
+                        f"({best}), so nothing would write them again: {older}{remedy}restore {BEST} from a copy, "
+                        "or use another --run-name to train again")
+

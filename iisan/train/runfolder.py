@@ -130,23 +130,33 @@ def reusable_results(cfg: Config) -> dict | None:
     return None
 
 
+def best_weights_problem(folder: Path) -> tuple[str, str] | None:
+    """Why the best weights of the run in ``folder`` are not usable, and the start of a remedy: the file is
+    missing, cannot be read, or is no safetensors file whose header parses (only the header is read); None
+    when they are usable."""
+    best = folder / BEST
+    try:
+        check_readable(best)  # safetensors calls a file it may not read missing
+        with safe_open(str(best), framework="pt"):
+            return None
+    except FileNotFoundError:
+        return f"{best} is missing", ""
+    except OSError as err:  # present, but not for this user ('Permission denied'), or a folder
+        return f"{best} cannot be read ({failure_reason(err)})", \
+            "make it readable, " if isinstance(err, PermissionError) else ""
+    except Exception as err:  # safetensors raises its own types for damaged files
+        return f"{best} is not a readable safetensors file ({error_line(err)})", ""
+
+
 def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
     """Whether the finished run in ``folder`` (``done``: its results) lacks its best weights: best.safetensors
     is missing, cannot be read, or is no safetensors file whose header parses (only the header is read). Its
     resume then writes them again when its newest checkpoint holds its best epoch (``weights.ensure_best_weights``);
     otherwise nothing can, and the run is refused."""
-    best = folder / BEST
-    try:
-        check_readable(best)  # safetensors calls a file it may not read missing
-        with safe_open(str(best), framework="pt"):
-            return False
-    except FileNotFoundError:
-        problem, remedy = f"{best} is missing", ""
-    except OSError as err:  # present, but not for this user ('Permission denied'), or a folder
-        problem = f"{best} cannot be read ({failure_reason(err)})"
-        remedy = "make it readable, " if isinstance(err, PermissionError) else ""
-    except Exception as err:  # safetensors raises its own types for damaged files
-        problem, remedy = f"{best} is not a readable safetensors file ({error_line(err)})", ""
+    found = best_weights_problem(folder)
+    if found is None:
+        return False
+    problem, remedy = found
     config = cfg.to_dict()  # the newest checkpoint resuming would take (its state alone: the resume loads it)
     path, state = next(((p, s) for p in checkpoints(folder / CHECKPOINTS)
                         if isinstance(s := checked_state(p, config), dict)), (None, None))
