@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iisan.data.csv_files import read_pairs_csv
 from iisan.data.interactions import file_format, load_dataset
 from iisan.errors import DataError
 
@@ -93,6 +94,20 @@ def test_empty_titles_need_the_flag_and_bad_rows_are_one_line(tmp_path):
         bad = _write(tmp_path, "bad3.csv", f"user,item,timestamp\n7,10,1\n7,11,{stamp}\n")
         with pytest.raises(DataError, match=rf"bad3.csv:3: timestamp '{stamp}' is not a finite number$"):
             load_dataset(bad, titles, allow_empty_titles=True)
+
+
+def test_timestamps_are_ordered_exactly_however_large_or_written(tmp_path):
+    """Nanosecond stamps (past 2**53, where floats tie and file order would win), mixed with a decimal, an
+    exponent and a sign, sort by their exact values; '1_0' and other scripts' digits are no numbers."""
+    base = 10**18
+    rows = [(base + 5, "a"), (base + 3, "b"), (base + 1, "c"), (base + 4, "d"), (base + 2, "e")]
+    pairs = _write(tmp_path, "ns.csv", "user,item,timestamp\n" + "".join(f"7,{i},{t}\n" for t, i in rows)
+                   + f"8,x,{base}.5\n8,y,1e18\n8,z,-2\n8,w, 1000000000000000000.25 \n")
+    assert read_pairs_csv(pairs) == [("7", ["c", "e", "b", "d", "a"]), ("8", ["z", "y", "w", "x"])]
+    for stamp in ("1_0", "\u0661\u0662"):
+        bad = _write(tmp_path, "odd.csv", f"user,item,timestamp\n7,10,{stamp}\n")
+        with pytest.raises(DataError, match=rf"odd.csv:2: timestamp '{stamp}' is not a number$"):
+            read_pairs_csv(bad)
 
 
 def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp_path):

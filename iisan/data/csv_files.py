@@ -18,9 +18,10 @@ so a CSV data set goes through the same protocol and ``SeqRecData`` as the Amazo
 from __future__ import annotations
 
 import csv
-import math
+from decimal import Decimal
 from pathlib import Path
 
+from ..bounds import NUMBER
 from ..errors import DataError
 from .textfile import CR_EXPECTED, decoded_lines
 
@@ -67,7 +68,7 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
 
     Each user's items are sorted by timestamp; ties keep file order (a stable sort)."""
     path = Path(path)
-    events: dict[str, list[tuple[float, int, str]]] = {}
+    events: dict[str, list[tuple[Decimal, int, str]]] = {}
     header, rows = _read_csv(path, "pairs", encoding)
     u = _column(header, USER_COLUMNS, path, "user")
     i = _column(header, ITEM_COLUMNS, path, "item")
@@ -75,11 +76,11 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
     for lineno, row in rows:
         if len(row) <= max(u, i, t):
             raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
-        try:
-            stamp = float(row[t])
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number") from None
-        if not math.isfinite(stamp):  # nan sorts anywhere: it would move an item, even into the test target
+        if not NUMBER.fullmatch(row[t].strip()):  # (not float(): it reads '1_0' and other scripts' digits)
+            raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number")
+        # exact: as floats, stamps past 2**53 (nanoseconds since 1970) would tie and keep file order
+        stamp = Decimal(row[t].strip())
+        if not stamp.is_finite():  # nan sorts anywhere: it would move an item, even into the test target
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a finite number")
         user, item = row[u].strip(), row[i].strip()
         if not user or not item:
