@@ -344,9 +344,19 @@ def test_the_cpu_allocator_out_of_memory_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         entry_point("iisan", lambda: torch.empty(2**45, dtype=torch.uint8))  # 32 TiB
     assert info.value.code == 2
-    assert capsys.readouterr().err == ("iisan: error: out of memory on the CPU (32,768.0 GiB at once): what this "
-                                       "command asks for does not fit in this machine's memory; lower --batch-size "
-                                       "or the model's sizes (e.g. --embedding-dim, --lora-rank)\n")
+    advice = ("what this command asks for does not fit in this machine's memory; lower --batch-size or the "
+              "model's sizes (e.g. --embedding-dim, --lora-rank), or check the sizes in the encoders' config.json\n")
+    assert capsys.readouterr().err == "iisan: error: out of memory on the CPU (32,768.0 GiB at once): " + advice
+
+    def python_runs_out():  # as transformers building a config.json's 100,000 layers did, inside torch's error
+        try:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        except RuntimeError:
+            raise MemoryError() from None
+
+    with pytest.raises(SystemExit) as info:
+        entry_point("iisan", python_runs_out)
+    assert info.value.code == 2 and capsys.readouterr().err == "iisan: error: out of memory on the CPU: " + advice
     with pytest.raises(RuntimeError, match="^another$"):  # any other RuntimeError is a bug: its traceback
         entry_point("iisan", lambda: (_ for _ in ()).throw(RuntimeError("another")))
 
