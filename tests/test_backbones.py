@@ -244,6 +244,10 @@ def test_models_whose_blocks_or_sizes_cannot_be_found_are_one_line():
         with pytest.raises(EncoderError, match=rf"^models/x: its config.json gives {depth!r} layers of width 8; "
                                                r"expected positive integers \(num_hidden_layers, hidden_size\)$"):
             depth_and_width(SimpleNamespace(num_hidden_layers=depth, hidden_size=8), "models/x")
+    assert depth_and_width(SimpleNamespace(num_hidden_layers=1024, hidden_size=8)) == (1024, 8)
+    with pytest.raises(EncoderError, match=r"^models/x: its config.json gives 100,000 layers; no encoder has more "
+                                           r"than 1024$"):  # building them took minutes and all memory
+        depth_and_width(SimpleNamespace(num_hidden_layers=100000, hidden_size=8), "models/x")
 
 
 def test_a_roberta_tower_takes_as_many_title_tokens_as_its_positions_hold():

@@ -44,6 +44,7 @@ from .inputs import processor_norm, tokenize_for_pooling
 from .patches import patches_as_matmul
 
 log = logging.getLogger(__name__)
+MAX_DEPTH = 1024  # layers an encoder may have (the largest LLMs have about 130)
 
 
 def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tuple[int, ...]:
@@ -59,8 +60,7 @@ def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tup
 def stride_layers(depth: int, picks: int, include_embedding: bool = True) -> tuple[int, ...]:
     """The last layer and every k-th below it, ``picks`` layers in all, with the largest k that keeps them
     above the embeddings: the authors' lists (12 layers -> 2, 4, ..., 12; 32 -> 2, 8, 14, 20, 26, 32;
-    80 -> 5, 20, ..., 80; 28 -> 3, 8, ..., 28; 48 -> 3, 12, ..., 48). Index 0 prepended as in
-    ``group_layers``."""
+    80 -> 5, 20, ..., 80; 28 -> 3, 8, ..., 28; 48 -> 3, 12, ..., 48). Index 0 as in ``group_layers``."""
     picks = min(picks, depth)
     stride = (depth - 1) // (picks - 1) if picks > 1 else 0
     picked = sorted(depth - stride * k for k in range(picks))
@@ -74,8 +74,8 @@ def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
 
 
 def depth_and_width(config, name: str = "") -> tuple[int, int]:
-    """Layers and width of a transformers config (BERT's names or GPT-2's); ``name``, the encoder's folder
-    or id, names the config.json in the error when they are missing or not positive integers."""
+    """Layers and width of a transformers config (BERT's names or GPT-2's); ``name`` (folder or id) names
+    the config.json in the error when they are missing, not positive integers or too many layers."""
     config = getattr(config, "text_config", None) or config
     depth = getattr(config, "num_hidden_layers", getattr(config, "n_layer", None))
     width = getattr(config, "hidden_size", getattr(config, "n_embd", None))
@@ -85,6 +85,8 @@ def depth_and_width(config, name: str = "") -> tuple[int, int]:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (depth, width)):
         raise EncoderError(f"{where}its config.json gives {depth!r} layers of width {width!r}; expected positive "
                            "integers (num_hidden_layers, hidden_size)")
+    if depth > MAX_DEPTH:  # built, they would take minutes and all memory before the weights could refuse
+        raise EncoderError(f"{where}its config.json gives {depth:,} layers; no encoder has more than {MAX_DEPTH}")
     return depth, width
 
 
