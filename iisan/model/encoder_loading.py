@@ -25,7 +25,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import model_location
-from ..errors import EncoderError
+from ..errors import EncoderError, error_line
 from ..files import check_readable, failure_reason
 from .encoder_files import (
     PLAIN_VOCABULARIES,
@@ -90,6 +90,17 @@ def custom_code(folder: Path, auto_class) -> str | None:
     return None
 
 
+def unreadable_json(folder: Path, auto_class) -> str | None:
+    """Which of the JSON files ``auto_class`` reads in ``folder`` does not parse, and why (None: each does):
+    transformers' own message names no file."""
+    for name in (n for n in JSON_OBJECTS.get(auto_class, ()) if (folder / n).is_file()):
+        try:
+            json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # a decoding error is a ValueError too
+            return f"{name} is not valid JSON ({error_line(err)})"
+    return None
+
+
 def damaged_file(folder: Path, auto_class) -> str | None:
     """Why ``auto_class`` cannot read ``folder``'s files, in a few words, for the damage transformers
     would meet with an AttributeError or TypeError deep inside, or a weights file this user may not read
@@ -140,7 +151,8 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
         if "trust_remote_code" in str(err):  # only the folder's own code could load it
             raise EncoderError(f"cannot load {what} from {name!r}: it needs custom code from its folder (auto_map); "
                                f"{CUSTOM_CODE}") from None
-        raise EncoderError(f"cannot load {what} from {name!r}: {load_error_line(err)}") from None
+        where = unreadable_json(Path(path), auto_class) if Path(path).is_dir() else None
+        raise EncoderError(f"cannot load {what} from {name!r}: {where or load_error_line(err)}") from None
     except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
         first = " ".join(str(err).split()).split(". ")[0]
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
@@ -229,6 +241,8 @@ def load_error_line(err: Exception) -> str:
         return "its weights do not have the sizes its config.json gives"
     if isinstance(err, (AssertionError, ZeroDivisionError)):  # raised building the model (``LOAD_ERRORS``)
         return f"its config.json gives values the model cannot be built with ({text or type(err).__name__})"
+    if isinstance(err, KeyError):  # a JSON file of the folder without an entry transformers reads
+        return f"its files lack the entry {text} that transformers reads (damaged, or of another format)"
     if isinstance(err, StrictDataclassError):  # "Validation error for field 'x':\n TypeError: ... expected int"
         return " ".join(line.strip() for line in text.splitlines()[1:]) or text
     return text.splitlines()[0] if text else type(err).__name__
