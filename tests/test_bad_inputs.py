@@ -384,6 +384,12 @@ CASES = [
          ("{s}/items.tsv:2: 3 tab-separated fields, expected 2 (item_id<TAB>title)",),
          setup=items_with("X1\ta title\tbrand\n")),
     Case("users-empty-id", T_users, ("{s}/users.tsv:", ": empty user id"), setup=users_with("\tI0000001 I0000002\n")),
+    Case("users-utf16-without-bom", T_users,
+         ("{s}/users.tsv:1: user id 'U\\x001\\x00' contains the control character U+0000 (a NUL: is the file "
+          "UTF-16? --encoding names its encoding)",), setup=write("users.tsv", "U1\tI0000001 I0000002\n",
+                                                                "utf-16-le")),
+    Case("users-control-character", T_users, ("{s}/users.tsv:", ": user id 'U\\x07' contains the control character "
+                                              "U+0007"), setup=users_with("U\x07\tI0000001 I0000002\n")),
     Case("users-third-column", T_users,  # a timestamp column: not more items of the history
          ("{s}/users.tsv:", ": 3 tab-separated fields, expected 2 (user_id<TAB>item item ..., the items separated "
           "by spaces)"), setup=users_with("U9\tI0000001 I0000002 I0000003 I0000004 I0000005\t1712345678\n")),

@@ -104,6 +104,9 @@ def test_timestamps_are_ordered_exactly_however_large_or_written(tmp_path):
     pairs = _write(tmp_path, "ns.csv", "user,item,timestamp\n" + "".join(f"7,{i},{t}\n" for t, i in rows)
                    + f"8,x,{base}.5\n8,y,1e18\n8,z,-2\n8,w, 1000000000000000000.25 \n")
     assert read_pairs_csv(pairs) == [("7", ["c", "e", "b", "d", "a"]), ("8", ["z", "y", "w", "x"])]
+    bad = _write(tmp_path, "ctl.csv", "user,item,timestamp\n7\x01,10,1\n")
+    with pytest.raises(DataError, match=r"ctl.csv:2: user id '7\\x01' contains the control character U\+0001$"):
+        read_pairs_csv(bad)
     for stamp in ("1_0", "\u0661\u0662"):
         bad = _write(tmp_path, "odd.csv", f"user,item,timestamp\n7,10,{stamp}\n")
         with pytest.raises(DataError, match=rf"odd.csv:2: timestamp '{stamp}' is not a number$"):

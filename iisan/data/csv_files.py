@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..bounds import NUMBER
 from ..errors import DataError
-from .textfile import CR_EXPECTED, decoded_lines
+from .textfile import CR_EXPECTED, check_user_id, decoded_lines
 
 USER_COLUMNS = ("user", "userid", "user_id")
 ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
@@ -85,6 +85,7 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
         user, item = row[u].strip(), row[i].strip()
         if not user or not item:
             raise DataError(f"{path}:{lineno}: empty user or item id")
+        check_user_id(user, f"{path}:{lineno}")
         events.setdefault(user, []).append((stamp, lineno, item))
     if not events:
         raise DataError(f"pairs file {path} holds no interactions")

@@ -25,7 +25,7 @@ from ..bounds import min_seq_len_problem
 from ..errors import DataError
 from ..files import file_fingerprint, shown
 from .csv_files import read_pairs_csv, read_titles_csv
-from .textfile import check_item_id, decoded_lines, visible
+from .textfile import check_item_id, check_user_id, decoded_lines, visible
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
         user_id = user_id.strip()
         if not user_id:
             raise DataError(f"{path}:{lineno}: empty user id")
+        check_user_id(user_id, f"{path}:{lineno}")
         if "\t" in items.rstrip():  # a third column (a timestamp) would be read as more items of the history
             raise DataError(f"{path}:{lineno}: {items.count(chr(9)) + 2} tab-separated fields, expected 2 "
                             "(user_id<TAB>item item ..., the items separated by spaces)")

@@ -109,11 +109,23 @@ def check_item_id(item_id: str, where: str) -> None:
         problem = "contains a path separator"
     elif any(ch.isspace() for ch in item_id):
         problem = "contains whitespace (the users file separates item ids by whitespace)"
-    elif any(unicodedata.category(ch).startswith("C") for ch in item_id):
-        bad = next(ch for ch in item_id if unicodedata.category(ch).startswith("C"))
+    elif bad := control_character(item_id):
         problem = f"contains the control character U+{ord(bad):04X}"
     elif len(item_id.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
         problem = f"is longer than {MAX_ID_BYTES} bytes"
     if problem:
         raise DataError(f"{where}: item id {item_id!r} {problem}; item ids must be usable as image file "
                         "names (no whitespace, '/', '\\' or control characters; not '.' or '..')")
+
+
+def control_character(text: str) -> str:
+    """The first control (or other invisible, unassigned) character of ``text``; '' when none."""
+    return next((ch for ch in text if unicodedata.category(ch).startswith("C")), "")
+
+
+def check_user_id(user_id: str, where: str) -> None:
+    """A user id is any visible text: a control character is damage (a NUL: a UTF-16 file read as UTF-8)."""
+    if bad := control_character(user_id):
+        hint = " (a NUL: is the file UTF-16? --encoding names its encoding)" if bad == "\0" else ""
+        raise DataError(f"{where}: user id {user_id!r} contains the control character U+{ord(bad):04X}{hint}")
+
