@@ -190,6 +190,7 @@ def test_custom_code_in_a_tokenizer_or_image_processor_is_ignored_or_refused_in_
     (image / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type": "EvilProcessor"}))
     outcome = run_forked([*args[:-5], "--cache-dir", str(tmp_path / "c3"), *args[-3:]], tmp_path / "s3")
     assert outcome.code == 2 and not marker.exists(), outcome.describe()
+    assert "asks for custom code" not in outcome.err, outcome.describe()  # no 'ignored' before the refusal
     assert outcome.last_line == (
         f"iisan: error: cannot load image processor from {str(image)!r}: it needs custom code from its folder "
         "(auto_map); IISAN never runs code from a model folder: use a model whose tokenizer and image processor "

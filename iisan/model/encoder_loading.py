@@ -71,23 +71,22 @@ CUSTOM_CODE = ("IISAN never runs code from a model folder: use a model whose tok
                "transformers provides")
 
 
-def custom_code(folder: Path, auto_class) -> str | None:
+def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
     """An ``auto_map`` in a tokenizer's or image processor's file names Python files of the folder to run.
-    transformers, asked never to run them, loads its own class where it has one: said once. (Where it has
-    none it stops, and ``load_from_folder`` says why in one line.) A map that is no object (null, a list),
-    on which transformers fails with a TypeError, is why the folder cannot be read; None otherwise."""
+    transformers, asked never to run them, loads its own class where it has one (``load_from_folder`` then
+    says once that the map was ignored: the file returned second); where it has none it stops, and
+    ``load_from_folder`` says why in one line. A map that is no object (null, a list), on which
+    transformers fails with a TypeError, is why the folder cannot be read (returned first)."""
     path = folder / CODE_MAPS.get(auto_class, "")
     try:
         settings = json.loads(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
     except (OSError, ValueError):  # absent, or not JSON: transformers says what it finds
-        return None
+        return None, None
     if not isinstance(settings, dict) or "auto_map" not in settings:
-        return None
+        return None, None
     if not isinstance(settings["auto_map"], dict):
-        return f"{path.name} gives auto_map {settings['auto_map']!r}; expected an object (or no auto_map)"
-    if settings["auto_map"]:
-        say_ignored_code(path, "classes")
-    return None
+        return f"{path.name} gives auto_map {settings['auto_map']!r}; expected an object (or no auto_map)", None
+    return None, path if settings["auto_map"] else None
 
 
 def unreadable_json(folder: Path, auto_class) -> str | None:
@@ -140,7 +139,8 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or custom_code(Path(path), auto_class)):
+    reason, ignored_map = custom_code(Path(path), auto_class) if Path(path).is_dir() else (None, None)
+    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or reason):
         raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
@@ -162,6 +162,8 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
             raise
         raise EncoderError(f"cannot load {what} from {name!r}: its tokenizer files are damaged "
                            f"({load_error_line(err)})") from None
+    if ignored_map is not None:  # loaded by transformers' own class: the folder's code was not needed
+        say_ignored_code(ignored_map, "classes")
     if not weights:
         return loaded
     model, info = loaded
