@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 
 import numpy as np
 import pytest
@@ -92,6 +93,25 @@ def test_rebuilding_a_store_in_the_same_process_serves_the_new_images(tmp_path):
                      overwrite=True)
     assert (ImageStore(path).get(["a"])[0] == 9).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.lmdb"]  # no temporary, no lock file left
+
+
+def test_an_item_list_without_one_picture_in_the_folder_is_refused_before_anything_is_written(tmp_path):
+    """The users file given as --items, or the wrong folder: not an LMDB of blanks alone. One item with a
+    picture is enough to build, even one under a decomposed (macOS-written) name, which the report then
+    names for renaming."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    with pytest.raises(ImageStoreError, match=rf"^none of the 2 items listed has a picture {folder}/<item_id>.jpg "
+                                              r"\(1 are there with another extension: see --extension\): is --images "
+                                              r"the folder of their pictures, and --items their items file\?$"):
+        build_image_lmdb(folder, tmp_path / "db.lmdb", ["b", "U1"], size=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img"]  # no LMDB, no report
+    Image.new("RGB", (8, 8)).save(folder / unicodedata.normalize("NFD", "caf\u00e9.jpg"))
+    built = build_image_lmdb(folder, tmp_path / "db.lmdb", ["b", "caf\u00e9"], size=8, progress=False)
+    assert built["stored"] == 2 and built["blank"] == 2
+    assert open(built["report"]).read().splitlines()[2].endswith("the same name in another Unicode normal form; "
+                                                                 "rename it)")
 
 
 def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplog):

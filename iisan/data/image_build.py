@@ -226,6 +226,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     report = out_path.with_name(out_path.name + ".report.tsv")
     refuse_inputs(report, [image_dir, *inputs], "--out")
     claim_output(report, _is_report, "a build report of IISAN", "--out", overwrite=True)
+    listed = item_ids is not None
     if item_ids is None:
         item_ids = _listed_ids(image_dir, extension)
     for item_id in item_ids:
@@ -235,6 +236,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
 
     # files under other extensions, listed once and only when an image is missing or unreadable
     others = functools.cache(lambda: _other_extensions(image_dir, extension))
+    if listed:
+        refuse_no_pictures(image_dir, item_ids, extension, others)
 
     if pixels not in PIXELS:
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
@@ -272,6 +275,18 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         log.warning("%d of %d images missing or unreadable, stored as flagged blanks%s; list in %s",
                     len(problems), len(item_ids), hint, report)
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
+
+
+def refuse_no_pictures(image_dir: Path, item_ids: list[str], extension: str, others) -> None:
+    """An item list of which no item has a picture in ``image_dir`` is the wrong list or the wrong folder:
+    refused before an LMDB of blanks alone is written (``others()``: ``_other_extensions``)."""
+    names = {unicodedata.normalize("NFC", p.name) for p in image_dir.iterdir()}  # macOS writes NFD names
+    if any(unicodedata.normalize("NFC", f"{i}{extension}") in names for i in item_ids):
+        return
+    elsewhere = sum(i in others() for i in item_ids)
+    hint = f" ({elsewhere} are there with another extension: see --extension)" if elsewhere else ""
+    raise ImageStoreError(f"none of the {len(item_ids)} items listed has a picture {image_dir}/<item_id>{extension}"
+                          f"{hint}: is --images the folder of their pictures, and --items their items file?")
 
 
 def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
