@@ -5,7 +5,10 @@ directly from the same states; bad files are counted and named, pickled objects 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,8 @@ from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config, import_cache_from_config
 from iisan.train.trainer import train
 from iisan.train.weights import load_weights
+
+from ._scripts import ROOT
 
 LAYERS = {"text_layers": (0, 2), "image_layers": (1, 3)}  # a run reads some of the tiny encoders' states
 
@@ -172,6 +177,21 @@ def test_bad_files_are_counted_and_named_and_a_pickled_object_is_refused_unread(
     assert "shape (5, 32), expected (3, 32)" in report[3]
     import_cache_from_config(cfg, authors_files["src"], dtype="float32")  # the intact files, same folder
     assert (Path(cfg.cache_dir) / REPORT).read_text() == "modality\titem_id\tfile\tproblem\n"
+
+
+def test_a_raw_pickle_is_refused_without_torchs_protocol_warning(tmp_path):
+    """A pickle written by pickle.dump, not torch.save: refused in the report's words alone (torch warned
+    of its pickle protocol on stderr first)."""
+    import pickle
+
+    path = tmp_path / "bert_I1.pt"
+    path.write_bytes(pickle.dumps({"states": [1.0]}, protocol=4))
+    code = ("import sys; from pathlib import Path; from iisan.data.cache_import import read_state; "
+            "print(read_state(Path(sys.argv[1]), (13, 32))[1])")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # a fresh warnings registry
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("unreadable: not a torch.save file (")
 
 
 def test_missing_files_can_be_stored_as_zero_states_when_asked(tiny, authors_files, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,10 @@ from .cache import cache_file, require_cache_space
 from .cache_build import write_together
 
 log = logging.getLogger(__name__)
+# A raw pickle (not torch.save's zip) makes torch warn of its pickle protocol before refusing it: the
+# report says what the file is (set once: catch_warnings around loads in threads would not be safe).
+warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning,
+                        module=r"torch\._weights_only_unpickler")
 
 # modality -> (folder, file-name prefix) in the authors' layout
 AUTHORS_LAYOUT = {"text": ("bert_outputs", "bert_"), "image": ("vit_outputs", "vit_")}
