@@ -367,6 +367,9 @@ CASES = [
     Case("items-missing", lambda P, s: T(P, s, "--items", f"{s}/nope.tsv"),
          ("items file {s}/nope.tsv does not exist",)),
     Case("items-is-a-folder", lambda P, s: T(P, s, "--items", str(s)), ("items file {s} is a folder",)),
+    Case("users-symlink-loop", lambda P, s: T(P, s, "--users", f"{s}/a.tsv"),
+         ("users file {s}/a.tsv is a symbolic link to no file (to 'b.tsv', which is missing or links back to "
+          "itself)",), setup=lambda P, s: os.symlink("b.tsv", s / "a.tsv") or os.symlink("a.tsv", s / "b.tsv")),
     Case("items-latin1", T_items,
          ("{s}/items.tsv:2: byte 0xe9 at column 13 is not utf-8 text", "--encoding"),
          setup=items_with(LATIN1, encoding="latin-1")),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,9 @@ def check_data_file(path: Path, what: str) -> None:
         raise DataError(f"{what} file {path} is a folder, expected a file")
     if path.exists() and not path.is_file():
         raise DataError(f"{what} file {shown(path)} is not a regular file (a pipe or a device), expected a file")
+    if path.is_symlink() and not path.exists():  # to nothing, or a loop
+        raise DataError(f"{what} file {shown(path)} is a symbolic link to no file (to {os.readlink(path)!r}, "
+                        "which is missing or links back to itself)")
     if not path.is_file():
         raise DataError(f"{what} file {shown(path)} does not exist")
 
