@@ -228,8 +228,11 @@ def test_the_versa_gpu_check_runs_dry_on_a_cpu_says_what_passed_and_starts_afres
     from iisan.experiments.versa_check import versa_gpu_check
 
     first = versa_gpu_check(tmp_path / "out", tmp_path / "work", device="cpu", quick=True)
-    assert first["checks"] == {"caches_close": True, "interruption_simulated": True, "resumed_bytes_equal": True,
-                               "losses_finite": True} and first["passed"] and "error" not in first
+    assert first["checks"] == {"caches_close": True, "interruption_simulated": True, "chunks_reused": True,
+                               "resumed_bytes_equal": True, "losses_finite": True}
+    assert first["passed"] and "error" not in first
+    # the two chunks encoded before the third call's interruption, kept; the rest encoded on resuming
+    assert first["chunks_kept"] == 2 and first["chunks_encoded_on_resume"] == first["chunks"] - 2 > 0
     assert first["cache_precision"]["gpu"]["text"] == {"encoder_dtype": "float32", "dtype": "float16"}
     assert first["train_off"]["step"]["compiled"] == "off"
     assert json.loads((tmp_path / "out" / "versa_gpu.json").read_text()) == json.loads(json.dumps(first))

@@ -8,7 +8,8 @@ with a ViT of another width and depth on small synthetic data.
 
 ``scripts/versa_gpu_check.py`` runs it and writes ``versa_gpu.json`` after each stage (a failure keeps what
 the stages before it found, and its own error). ``checks`` says what passed: the GPU cache within
-``MAX_RELATIVE_ERROR`` of the fp32 one, the interruption simulated and the resumed bytes equal, every loss
+``MAX_RELATIVE_ERROR`` of the fp32 one, the interruption simulated, its finished chunks kept and reused
+(``chunks_kept``) and the resumed bytes equal, every loss
 finite (a non-finite loss stops training with an error, which fails the check too), and on a GPU the
 default step a CUDA graph (a failed capture trains eagerly, and would pass unseen; ``quick`` trains
 eagerly only and checks none); ``passed`` is all of them. The caches and runs go in a folder of their own per check
@@ -28,6 +29,7 @@ from transformers import AutoModel, AutoTokenizer
 from ..bounds import not_utf8
 from ..config import Config
 from ..data.cache import cache_file
+from ..data.cache_build import SIDECAR
 from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.synthetic import generate
@@ -74,6 +76,8 @@ def checks(report: dict, device: torch.device) -> dict[str, bool]:
         found["caches_close"] = all(report[f"{m}_relative_error_max"] < MAX_RELATIVE_ERROR for m in ("text", "image"))
     if "resumed_bytes_equal" in report:
         found["interruption_simulated"] = report.get("interrupted") == "simulated interruption"
+        kept = report.get("chunks_kept", 0)  # a resume that encoded every chunk again would pass the bytes check
+        found["chunks_reused"] = kept > 0 and report.get("chunks_encoded_on_resume") == report.get("chunks", 0) - kept
         found["resumed_bytes_equal"] = report["resumed_bytes_equal"]
     runs = {k: v for k, v in report.items() if k.startswith("train_")}
     if runs:
@@ -81,6 +85,22 @@ def checks(report: dict, device: torch.device) -> dict[str, bool]:
     if "train_auto" in report and device.type == "cuda":
         found["cuda_graph_step"] = report["train_auto"]["step"].get("compiled") == "cudagraph"
     return found
+
+
+def encodes(build) -> int:
+    """How many chunks ``build()`` encoded (calls of the live feed's forward)."""
+    original, calls = LiveStates.forward, []
+
+    def counted(self, items):
+        calls.append(1)
+        return original(self, items)
+
+    LiveStates.forward = counted
+    try:
+        build()
+    finally:
+        LiveStates.forward = original
+    return len(calls)
 
 
 def stages(report: dict, out: Path, work: Path, dev: str, resolved: torch.device, quick: bool) -> None:
@@ -115,7 +135,8 @@ def stages(report: dict, out: Path, work: Path, dev: str, resolved: torch.device
     build_cache_from_config(base.replace(device="cpu", cache_dir=str(here / "cpu")), dtype="float32")
     report["cpu_cache_seconds"] = time.perf_counter() - start  # encoders' loading and first use included
     start = time.perf_counter()
-    build_cache_from_config(base.replace(device=dev, cache_dir=str(here / "gpu")), dtype="float16")
+    report["chunks"] = encodes(lambda: build_cache_from_config(base.replace(device=dev, cache_dir=str(here / "gpu")),
+                                                               dtype="float16"))
     report["gpu_cache_seconds"] = time.perf_counter() - start
     cpu, gpu = tables(here / "cpu"), tables(here / "gpu")
     for m in ("text", "image"):
@@ -141,7 +162,8 @@ def stages(report: dict, out: Path, work: Path, dev: str, resolved: torch.device
         report["interrupted"] = str(err)
     finally:  # whatever else failed, later builds in this process run the real forward
         LiveStates.forward = original
-    build_cache_from_config(resumed, dtype="float16")
+    report["chunks_kept"] = len(list((here / "resumed" / SIDECAR).glob("chunk-*.safetensors")))  # to resume from
+    report["chunks_encoded_on_resume"] = encodes(lambda: build_cache_from_config(resumed, dtype="float16"))
     report["resumed_bytes_equal"] = all(cache_file(here / "resumed", m).read_bytes() ==
                                         cache_file(here / "gpu", m).read_bytes() for m in ("text", "image"))
     write_json_atomic(out / "versa_gpu.json", report)
