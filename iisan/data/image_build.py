@@ -134,9 +134,9 @@ def displayed(img: Image.Image) -> tuple[Image.Image, str]:
     if img.mode in WIDE_MODES:
         values = np.asarray(img, dtype=np.float64)
         low, high = 0.0, 65535.0  # integers: the file's 16 bits, whatever this picture's brightest pixel
-        if img.mode == "F":  # floats: 0..1 by convention, else stretched over their own range
-            low, high = (0.0, 1.0) if values.min(initial=0) >= 0 and values.max(initial=0) <= 1 else \
-                (values.min(initial=0), values.max(initial=0))
+        if img.mode == "F" and values.size:  # floats: 0..1 by convention, else stretched over their own range
+            low, high = float(values.min()), float(values.max())
+            low, high = (0.0, 1.0) if low >= 0 and high <= 1 else (low, high)
         scaled = (values - low) * (255 / max(high - low, 1e-12))
         img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
         changed.append("scaled")
