@@ -5,6 +5,7 @@ titles become [UNK] or weights random; intact folders still load."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from iisan.cli.main import main
 from iisan.data.interactions import read_items
 from iisan.errors import EncoderError
+from iisan.model.encoder_files import check_folder
 from iisan.model.backbones import load_image_encoder, load_text_encoder
 from iisan.model.tiny import vocabulary, write_bert
 
@@ -166,3 +168,18 @@ def test_a_tokenizer_under_half_the_vocabulary_is_refused_and_one_over_half_is_n
                                            rf"vocab_size is {size} ")
     else:
         assert len(load_text_encoder(folder, six_groups(folder, "text")).tokenizer) == len(words)
+
+
+def test_a_model_folder_without_a_config_file_says_which_it_lacks(tmp_path):
+    """No config.json, or one that is a folder, a pipe or a link to nothing (never opened: a pipe would hang)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    with pytest.raises(EncoderError, match=rf"^{folder} has no config.json; it is not a transformers model folder$"):
+        check_folder(folder)
+    config = folder / "config.json"
+    for make in (config.mkdir, lambda: os.mkfifo(config), lambda: config.symlink_to("nowhere.json")):
+        make()
+        with pytest.raises(EncoderError, match=rf"^{config} is not a regular file; a transformers model folder holds "
+                                               r"its config there as a JSON file$"):
+            check_folder(folder)
+        config.rmdir() if config.is_dir() else config.unlink()

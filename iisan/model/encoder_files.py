@@ -68,6 +68,9 @@ def check_folder(folder: Path) -> None:
     """A folder transformers may read: a JSON ``config.json``, no custom code it would need, and
     weights that are not pickles."""
     config_path = folder / "config.json"
+    if os.path.lexists(config_path) and not config_path.is_file():  # a folder, a pipe, a link to nothing
+        raise EncoderError(f"{config_path} is not a regular file; a transformers model folder holds its config "
+                           "there as a JSON file")
     if not config_path.is_file():
         raise EncoderError(f"{folder} has no config.json; it is not a transformers model folder")
     try:
