@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from iisan.cli.main import main
 from iisan.data.interactions import read_items
 from iisan.errors import EncoderError
-from iisan.model.encoder_files import check_folder
 from iisan.model.backbones import load_image_encoder, load_text_encoder
+from iisan.model.encoder_files import check_folder
 from iisan.model.tiny import vocabulary, write_bert
 
 from .conftest import six_groups
