@@ -381,4 +381,3 @@ def test_gpu_check_runs_the_versa_gpu_check_as_a_part_of_its_own(exit_status, tm
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "gpu_check: PART=everything; expected all, diagnose, bench, " \
         "tests or versa\n"
-

@@ -128,4 +128,3 @@ def check_user_id(user_id: str, where: str) -> None:
     if bad := control_character(user_id):
         hint = " (a NUL: is the file UTF-16? --encoding names its encoding)" if bad == "\0" else ""
         raise DataError(f"{where}: user id {user_id!r} contains the control character U+{ord(bad):04X}{hint}")
-

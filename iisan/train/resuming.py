@@ -129,4 +129,3 @@ def refuse_lost_best_weights(folder: Path, found: checkpoint.Checkpoint) -> None
     raise TrainingError(f"{problem}, and {found.path}, which the run would resume from, is not its best epoch "
                         f"({best}), so nothing would write them again: {older}{remedy}restore {BEST} from a copy, "
                         "or use another --run-name to train again")
-
