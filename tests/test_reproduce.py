@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iisan.config import Config
 from iisan.console import fixed
 from iisan.errors import ConfigError, RunInterrupted
-from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce
+from iisan.experiments.report_rows import METRICS, read_row_columns
+from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +46,29 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path):
     reproduce(run)  # a rerun reuses the finished runs: nothing trains, no results file is written again
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert json.loads(files[0].read_text())["test"] == results[0]["test"]
+
+
+def seed_row(seed: int, status: str, hit: float) -> dict:
+    """A ``report_rows.read_row`` row of one seed's run, by hand."""
+    row = dict.fromkeys(read_row_columns())
+    row.update({k: str(v) for k, v in Config().to_dict().items() if k in row})
+    row.update(run=f"s{seed}", method="IISAN", feed="cached", data="demo", data_files="abc", image_files="def",
+               status=status, seed=str(seed), best_epoch=1, epochs_run=2, train_s_per_epoch=1.5, trainable_params=10,
+               peak_gib=0.5, device="cpu", folder=f"/r/s{seed}", written="x", non_finite="", processes="1",
+               **{"valid_hit@10": hit, **{f"test_{m}": hit for m in METRICS}})
+    return row
+
+
+def test_a_seed_that_cannot_be_averaged_with_the_others_gets_a_row_of_its_own():
+    """A seed ended at a NaN (--nonfinite authors): its own row, named by its status; the table once showed
+    the first group alone, 'seeds 2' under a heading that named three."""
+    lines = table("demo", [seed_row(0, "finished", 0.1), seed_row(1, "finished", 0.2),
+                           seed_row(2, "finished (NaN)", 0.3)]).splitlines()
+    assert lines[2].startswith(f"| this reproduction (status finished) | 2 | {fixed(0.15)} ± {fixed(0.0707107)} |")
+    assert lines[3].startswith(f"| this reproduction (status finished (NaN)) | 1 | {fixed(0.3)} | ")
+    assert lines[4].startswith("| paper (IISAN) |") and len(lines) == 5
+    alike = table("demo", [seed_row(0, "finished", 0.1), seed_row(1, "finished", 0.2)]).splitlines()
+    assert alike[2].startswith("| this reproduction | 2 | ") and len(alike) == 4
 
 
 def test_without_the_data_it_names_the_missing_step_and_how_to_do_it(tmp_path):

@@ -116,21 +116,27 @@ def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Con
 
 
 def table(dataset: str, rows: list[dict]) -> str:
-    """Markdown: one row of mean ± std over the seeds and one of the paper's numbers."""
-    merged = average_rows(rows)[0]
+    """Markdown: one row of mean ± std over the seeds and one of the paper's numbers. Seeds whose runs
+    cannot be averaged together (one ended at a NaN, or read other data files) make a row each, named by
+    what sets them apart, so that no seed goes unseen."""
+    groups = average_rows(rows)
+    apart = [k for k in ("status", "data", "data_files", "image_files") if len({str(g.get(k)) for g in groups}) > 1]
 
-    def cell(name: str) -> str:
+    def cell(merged: dict, name: str) -> str:
         std = merged.get(f"{name}_std")
         return fixed(merged[name]) + (f" ± {fixed(std)}" if std is not None else "")
+
+    def label(merged: dict) -> str:
+        return "this reproduction" + (f" ({', '.join(f'{k} {merged.get(k)}' for k in apart)})" if apart else "")
 
     paper = PAPER_ACCURACY.get(dataset, {})
     peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
     header = "| | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | train s/epoch | peak memory GiB |"
-    ours = (f"| this reproduction | {merged['seeds']} | " + " | ".join(cell(f"test_{m}") for m in METRICS)
-            + f" | {merged['train_s_per_epoch']:.1f} | {max(peaks) if peaks else 0:.2f} |")
+    ours = [f"| {label(merged)} | {merged['seeds']} | " + " | ".join(cell(merged, f"test_{m}") for m in METRICS)
+            + f" | {merged['train_s_per_epoch']:.1f} | {max(peaks) if peaks else 0:.2f} |" for merged in groups]
     theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in METRICS)
               + f" | {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} | {PAPER_EFFICIENCY['gpu_memory_gb']:.0f} GB |")
-    return "\n".join([header, "|" + "---|" * 8, ours, theirs]) + "\n"
+    return "\n".join([header, "|" + "---|" * 8, *ours, theirs]) + "\n"
 
 
 TABLE_HEAD = "# Reproduction: "  # the first line of every table ``reproduce`` writes
