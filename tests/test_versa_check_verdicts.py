@@ -166,7 +166,7 @@ def _versa_config(argv):
 
 
 def test_the_microlens_preset_is_the_authors_run_iisan_micro():
-    """Authors' run_IISAN_micro.py (reference: authors_code_spec.md, run scripts): BERT-base + ViT-B, batch
+    """The authors' run_IISAN_micro.py (their MicroLens run script): BERT-base + ViT-B, batch
     512, cv_down 512 (the image bottleneck), bert_down 64, 200 epochs, empty titles allowed; and their Versa
     draft's narrow SAN heads."""
     from pathlib import Path
