@@ -226,7 +226,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         fail(prog, line)
     except MemoryError:  # Python's own allocations (or a handler of torch's error) ran out
         logging.getLogger(__name__).debug("the error in full", exc_info=True)
-        fail(prog, OUT_OF_MEMORY)
+        fail(prog, out_of_memory())
     except BrokenPipeError:
         if not stdout_closed():
             raise
@@ -258,12 +258,14 @@ def host_memory_error(err: RuntimeError) -> str:
         return ""
     asked = re.search(r"allocate (\d+) bytes", text)
     size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
-    return OUT_OF_MEMORY.replace("on the CPU", f"on the CPU{size}")
+    return out_of_memory(size)
 
 
-OUT_OF_MEMORY = ("out of memory on the CPU: what this command asks for does not fit in this machine's memory; lower "
-                 "--batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank), or check the sizes in the "
-                 "encoders' config.json")
+def out_of_memory(size: str = "") -> str:
+    """The one line for memory the CPU could not give (``size``: how much one allocation asked, if known)."""
+    return (f"out of memory on the CPU{size}: what this command asks for does not fit in this machine's memory; "
+            "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank), or check the sizes in the "
+            "encoders' config.json")
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")

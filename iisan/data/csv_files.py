@@ -76,10 +76,10 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
     for lineno, row in rows:
         if len(row) <= max(u, i, t):
             raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
-        if not NUMBER.fullmatch(row[t].strip()):  # (not float(): it reads '1_0' and other scripts' digits)
+        if not NUMBER.fullmatch(written := row[t].strip()):  # (not float(): it reads '1_0', other scripts' digits)
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number")
         # exact: as floats, stamps past 2**53 (nanoseconds since 1970) would tie and keep file order
-        stamp = Decimal(row[t].strip())
+        stamp = Decimal(written)
         if not stamp.is_finite():  # nan sorts anywhere: it would move an item, even into the test target
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a finite number")
         user, item = row[u].strip(), row[i].strip()

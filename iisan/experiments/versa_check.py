@@ -87,12 +87,15 @@ def checks(report: dict, device: torch.device) -> dict[str, bool]:
     return found
 
 
-def encodes(build) -> int:
-    """How many chunks ``build()`` encoded (calls of the live feed's forward)."""
+def encodes(build, interrupt_at: int | None = None) -> int:
+    """How many chunks ``build()`` encoded (calls of the live feed's forward); with ``interrupt_at``, that
+    call raises a RuntimeError('simulated interruption') instead, as a crash mid-build would."""
     original, calls = LiveStates.forward, []
 
     def counted(self, items):
         calls.append(1)
+        if len(calls) == interrupt_at:
+            raise RuntimeError("simulated interruption")
         return original(self, items)
 
     LiveStates.forward = counted
@@ -146,22 +149,11 @@ def stages(report: dict, out: Path, work: Path, dev: str, resolved: torch.device
     write_json_atomic(out / "versa_gpu.json", report)
 
     # 2. interrupted + resumed == uninterrupted, on the GPU
-    original, calls = LiveStates.forward, {"n": 0}
-
-    def crashing(self, items):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated interruption")
-        return original(self, items)
-
-    LiveStates.forward = crashing
     resumed = base.replace(device=dev, cache_dir=str(here / "resumed"))
     try:
-        build_cache_from_config(resumed, dtype="float16")
+        encodes(lambda: build_cache_from_config(resumed, dtype="float16"), interrupt_at=3)
     except RuntimeError as err:
         report["interrupted"] = str(err)
-    finally:  # whatever else failed, later builds in this process run the real forward
-        LiveStates.forward = original
     report["chunks_kept"] = len(list((here / "resumed" / SIDECAR).glob("chunk-*.safetensors")))  # to resume from
     report["chunks_encoded_on_resume"] = encodes(lambda: build_cache_from_config(resumed, dtype="float16"))
     report["resumed_bytes_equal"] = all(cache_file(here / "resumed", m).read_bytes() ==

@@ -139,8 +139,9 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     weights = auto_class in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
-    reason, ignored_map = custom_code(Path(path), auto_class) if Path(path).is_dir() else (None, None)
-    if Path(path).is_dir() and (reason := damaged_file(Path(path), auto_class) or reason):
+    folder = Path(path) if Path(path).is_dir() else None  # None: a Hub id, fetched (only if allowed)
+    bad_map, ignored_map = custom_code(folder, auto_class) if folder else (None, None)
+    if folder and (reason := damaged_file(folder, auto_class) or bad_map):
         raise EncoderError(f"cannot load {what} from {name!r}: {reason}")
     # transformers' own report of missing and unused weights is silenced: check_loaded reads it instead.
     try:
@@ -151,7 +152,7 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
         if "trust_remote_code" in str(err):  # only the folder's own code could load it
             raise EncoderError(f"cannot load {what} from {name!r}: it needs custom code from its folder (auto_map); "
                                f"{CUSTOM_CODE}") from None
-        where = unreadable_json(Path(path), auto_class) if Path(path).is_dir() else None
+        where = unreadable_json(folder, auto_class) if folder else None
         raise EncoderError(f"cannot load {what} from {name!r}: {where or load_error_line(err)}") from None
     except ImportError as err:  # e.g. transformers < 5.18: AutoImageProcessor needs torchvision
         first = " ".join(str(err).split()).split(". ")[0]

@@ -149,10 +149,9 @@ def best_weights_problem(folder: Path) -> tuple[str, str] | None:
 
 
 def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
-    """Whether the finished run in ``folder`` (``done``: its results) lacks its best weights: best.safetensors
-    is missing, cannot be read, or is no safetensors file whose header parses (only the header is read). Its
-    resume then writes them again when its newest checkpoint holds its best epoch (``weights.ensure_best_weights``);
-    otherwise nothing can, and the run is refused."""
+    """Whether the finished run in ``folder`` (``done``: its results) lacks usable best weights
+    (``best_weights_problem``). Its resume then writes them again when its newest checkpoint holds its best
+    epoch (``weights.ensure_best_weights``); otherwise nothing can, and the run is refused."""
     found = best_weights_problem(folder)
     if found is None:
         return False
