@@ -47,6 +47,13 @@ def test_tpme_constant_column_and_failed_rows():
     assert [r["tpme"] for r in add_tpme(cpu)] == pytest.approx([0.0, 0.45])  # CPU: resident memory
 
 
+def test_tpme_leaves_out_a_row_without_memory():
+    unmeasured = {"label": "hand-made", "epoch_seconds": 100.0, "trainable_params": 10**9, "memory": {}}
+    rows = add_tpme([row("a", 10, 100, 2.0), unmeasured, row("b", 20, 300, 6.0)])
+    assert "tpme" not in rows[1]  # no NaN in the JSON, and its time and parameters do not stretch the others'
+    assert [rows[0]["tpme"], rows[2]["tpme"]] == pytest.approx([0.0, 1.0])
+
+
 def test_measure_training_reports_a_full_row(tiny_config, tiny_cache):
     cfg = tiny_config(cache_dir=tiny_cache, method="iisan", feed="cached", batch_size=16)
     out = measure_training(cfg, warmup=1, steps=2)
@@ -183,7 +190,7 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path):
     assert f"| IISAN (cached) | distinct items | 64 | {items:.0f} | {rows:.0f} | +1 % |" in md  # rows only
     assert f"| IISAN (cached, every slot) | every slot | 64 | {authors['items_per_step']:.0f} | 704 |" in md
     assert "| evaluation, IISAN (cached): every one of 1,200 users ranked over all" in md
-    assert "| cache build, both towers, once, stored in float32 (loading data and encoders" in md
+    assert "| cache build, both towers, stored in float32 (loading data and encoders" in md
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
 
@@ -347,10 +354,10 @@ def test_measure_cache_build_reports_its_parts(tiny_config):
     note = table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
                   "timed_steps": 1, "warmup_steps": 1, "command": "c", "git_commit": "x"})
     assert row["cache_dtype"] == "float32"  # auto, over fp32 encoders: the authors' precision
-    assert (f"| cache build, both towers, once, stored in float32 (loading data and encoders "
+    assert (f"| cache build, both towers, stored in float32 (loading data and encoders "
             f"{row['load_seconds']:.1f} s, encoding "
             f"{row['encode_seconds']:.1f} s, assembling the files {row['assemble_seconds']:.1f} s) | "
-            f"{row['cache_build_seconds']:.1f} | | {row['memory']['peak_rss_gib']:.2f} |") in note
+            f"1 | {row['cache_build_seconds']:.1f} | | {row['memory']['peak_rss_gib']:.2f} |") in note
 
 
 def test_the_timed_cache_build_starts_from_nothing(tiny_config, tmp_path, caplog):

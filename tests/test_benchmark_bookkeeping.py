@@ -115,11 +115,14 @@ def test_a_training_line_puts_each_value_in_its_column():
 
 def test_the_tasks_table_puts_median_and_p90_in_their_columns():
     cache = {"cache_build_seconds": 12.34, "memory": {"peak_rss_gib": 2.25}}
-    assert figures.tasks_table({"evaluation": dict(EVALUATION), "cache_build": cache}) == [
-        "| task | s (median) | s (p90) | memory GiB |", "|---|---|---|---|",
+    evaluation = {**EVALUATION, "evaluation_times": {"median": 0.25, "p90": 0.75, "count": 5}}
+    assert figures.tasks_table({"evaluation": evaluation, "cache_build": cache}) == [
+        "| task | runs | s (median of the runs) | s (p90) | memory GiB |", "|---|---|---|---|---|",
         "| evaluation, IISAN (cached): every one of 1,200 users ranked over all 400 items, item table included | "
-        "0.25 | 0.75 | 1.50 |",
-        "| cache build, both towers, once | 12.3 | | 2.25 |"]
+        "5 | 0.25 | 0.75 | 1.50 |",
+        "| cache build, both towers | 1 | 12.3 | | 2.25 |"]  # built once: one run, no p90
+    failed = figures.tasks_table({"evaluation": {"error": "OOM"}, "cache_build": {"error": "disk full"}})
+    assert failed[2:] == ["| evaluation | | failed: OOM | | |", "| cache build | | failed: disk full | | |"]
 
 
 def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeypatch):
@@ -182,6 +185,8 @@ def test_the_fft_memory_note_gives_the_authors_way_rows():
     ("rows.1.buckets.title_tokens", 30.5, "rows[1] (FFT (every slot)).buckets.title_tokens is 30.5, not an integer"),
     ("evaluation.memory", {}, "evaluation.memory.peak_rss_gib is missing"),
     ("evaluation.memory", {"max_allocated_gib": 1.0}, "evaluation.memory.max_reserved_gib is missing"),
+    ("evaluation.evaluation_times", [0.25], "evaluation.evaluation_times is [0.25], not an object"),
+    ("evaluation.evaluation_times", {"count": "5"}, 'evaluation.evaluation_times.count is "5", not an integer'),
 ])
 def test_a_damaged_json_is_refused_in_one_line(where, value, field, tmp_path, monkeypatch, capsys):
     payload = damage({**benchmark_payload(), "evaluation": dict(EVALUATION)}, where, value)

@@ -307,8 +307,9 @@ def memory_gib(row: dict) -> float | None:
 
 def add_tpme(rows: list[dict]) -> list[dict]:
     """TPME = 0.45 t + 0.1 p + 0.45 m over min-max-normalised time per epoch, trainable parameters and
-    peak memory of the compared methods (lower is better). A constant column normalises to 0."""
-    ok = [r for r in rows if "error" not in r]
+    peak memory of the compared methods (lower is better). A constant column normalises to 0. A row without
+    one of the three (failed, or a hand-made row with no memory) gets no TPME and leaves the others' alone."""
+    ok = [r for r in rows if "error" not in r and memory_gib(r) is not None]
     columns = {"time": [r["epoch_seconds"] for r in ok], "params": [r["trainable_params"] for r in ok],
                "memory": [memory_gib(r) for r in ok]}
     normalised = {}

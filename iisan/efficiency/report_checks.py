@@ -36,6 +36,8 @@ CPU_MEMORY = {"peak_rss_gib": NUMBER}
 CPU_MEMORY_OPTIONAL = {"rss_peak_source": TEXT, "rss_peak_since": TEXT}
 EVALUATION = {"label": TEXT, "users": INTEGER, "items": INTEGER, "evaluation_seconds": NUMBER,
               "p90_evaluation_seconds": NUMBER, "memory": TABLE}
+EVALUATION_OPTIONAL = {"evaluation_times": TABLE}
+EVALUATION_TIMES_OPTIONAL = {"count": INTEGER}  # how many runs the median is of
 CACHE_BUILD = {"cache_build_seconds": NUMBER, "memory": TABLE}
 CACHE_BUILD_OPTIONAL = {"load_seconds": NUMBER, "encode_seconds": NUMBER, "assemble_seconds": NUMBER,
                         "cache_dtype": TEXT}
@@ -103,13 +105,15 @@ def check_rows(path: Path, rows: list) -> None:
 
 def check_tasks(path: Path, payload: dict) -> None:
     """The evaluation and the cache build: measured (their figures checked), failed, or absent."""
-    for key, measured, required, optional in (("evaluation", "evaluation_seconds", EVALUATION, {}),
+    for key, measured, required, optional in (("evaluation", "evaluation_seconds", EVALUATION, EVALUATION_OPTIONAL),
                                               ("cache_build", "cache_build_seconds", CACHE_BUILD,
                                                CACHE_BUILD_OPTIONAL)):
         task = payload.get(key) or {}
         if measured in task:
             check(path, f"{key}.", task, required, optional)
             check_memory(path, f"{key}.memory.", task["memory"])
+            if isinstance(task.get("evaluation_times"), dict):
+                check(path, f"{key}.evaluation_times.", task["evaluation_times"], {}, EVALUATION_TIMES_OPTIONAL)
         else:
             check(path, f"{key}.", task, {}, FAILED_TASK_OPTIONAL)
 
