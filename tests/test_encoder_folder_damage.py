@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from iisan.cli.main import main
 
@@ -45,6 +47,22 @@ def replace(file: str, content: bytes, remove: tuple[str, ...] = ()):
     return damage
 
 
+MATRIX = {"text": "encoder.layer.0.attention.self.query.weight",
+          "image": "embeddings.patch_embeddings.projection.weight"}
+
+
+def stored_as(dtype: torch.dtype, tower: str, prefix: str = ""):
+    """A damage: one weight in model.safetensors (``MATRIX``) stored as ``dtype`` (a quantised checkpoint's
+    values without their scales), and every key under ``prefix``."""
+
+    def damage(folder: Path) -> None:
+        weights = load_file(folder / "model.safetensors")
+        weights[MATRIX[tower]] = (weights[MATRIX[tower]] * 100).to(dtype)
+        save_file({prefix + k: v for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return damage
+
+
 CASES = [
     pytest.param("text", set_values("config.json", dtype="banana"), "text encoder config",
                  "config.json gives dtype 'banana', which is not a torch dtype (e.g. 'float32', 'bfloat16')",
@@ -72,6 +90,18 @@ CASES = [
                  "the folder has no preprocessor_config.json (nor a processor_config.json): copy it from the "
                  "model's source; it gives the image size, mean and std the model was trained with",
                  id="no-processor-config"),
+    pytest.param("text", stored_as(torch.int8, "text"), "text encoder",
+                 f"model.safetensors holds '{MATRIX['text']}' as I8, which transformers would cast into "
+                 "BertModel's float weights (a quantised checkpoint?); IISAN needs weights stored as F32, F16 or BF16",
+                 id="int8-weights"),
+    pytest.param("text", stored_as(torch.uint8, "text", prefix="bert."), "text encoder",
+                 f"model.safetensors holds 'bert.{MATRIX['text']}' as U8, which transformers would cast into "
+                 "BertModel's float weights (a quantised checkpoint?); IISAN needs weights stored as F32, F16 or BF16",
+                 id="packed-weights-under-a-prefix"),
+    pytest.param("image", stored_as(torch.float8_e4m3fn, "image"), "image encoder",
+                 f"model.safetensors holds '{MATRIX['image']}' as F8_E4M3, which transformers would cast into "
+                 "ViTModel's float weights (a quantised checkpoint?); IISAN needs weights stored as F32, F16 or BF16",
+                 id="fp8-weights"),
 ]
 
 
@@ -91,3 +121,17 @@ def test_damaged_encoder_folder_is_refused_in_one_line(tiny, tmp_path, capsys, t
         assert said.startswith(f"iisan: error: cannot load {what} from '{folder}': {reason}") and "\n" not in said
     else:
         assert said == f"iisan: error: cannot load {what} from '{folder}': {reason}"
+
+
+def test_integer_buffers_and_half_precision_weights_load(tiny, tmp_path):
+    """Only a weight stored as integers is refused: BERT's int64 position_ids (a buffer older checkpoints
+    save) and weights stored in fp16 or bf16 load."""
+    folder = tmp_path / "text"
+    shutil.copytree(tiny["text_model"], folder)
+    weights = {k: v.to(torch.bfloat16) if v.dim() == 2 else v.half()
+               for k, v in load_file(folder / "model.safetensors").items()}
+    weights["embeddings.position_ids"] = torch.arange(16)[None]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path / "cache"),
+                 "--towers", "text", "--text-model", str(folder), "--no-progress"]) in (0, None)
+    assert (tmp_path / "cache" / "text.safetensors").is_file()

@@ -5,7 +5,8 @@ anything unless asked for.
 - What is loaded is what the folder holds: weights of the model that its safetensors lack (which
   transformers would fill with random numbers) are refused (``check_loaded``), and so is a text folder
   without tokenizer files or with a tokenizer that does not fit the model (``load_tokenizer``).
-- Damaged files are refused in one line naming the folder (``damaged_file``, ``LOAD_ERRORS``).
+- Damaged files are refused in one line naming the folder (``damaged_file``, ``LOAD_ERRORS``), and so are
+  integer tensors (a quantised checkpoint's) that transformers would cast into float weights (``check_float``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -169,7 +170,29 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
         return loaded
     model, info = loaded
     check_loaded(model, info, path, what)
+    if folder:
+        check_float(model, folder, name, what)
     return model
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # as safetensors names them
+
+
+def check_float(model, folder: Path, name: str, what: str) -> None:
+    """Refuse a folder whose safetensors hold a weight of the model's as integers (or 8-bit floats): the
+    values of a quantised checkpoint (int8, packed 4-bit, fp8) without their scales, which transformers
+    casts into the float weights without a word. Integer buffers (BERT's position_ids) are left alone."""
+    weights = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                parts = key.split(".")  # a checkpoint's prefix (``bert.``) is stripped by transformers
+                if any(".".join(parts[i:]) in weights for i in range(len(parts))) and (
+                        dtype := f.get_slice(key).get_dtype()) not in FLOAT_DTYPES:
+                    raise EncoderError(f"cannot load {what} from {name!r}: {file.name} holds {key!r} as "
+                                       f"{dtype}, which transformers would cast into {type(model).__name__}'s float "
+                                       f"weights (a quantised checkpoint?); IISAN needs weights stored as F32, F16 "
+                                       f"or BF16")
 
 
 # Weights a checkpoint may lack: the pooler (BERT's and ViT's ``pooler.dense``), which IISAN never reads
