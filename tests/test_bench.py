@@ -155,6 +155,23 @@ def test_a_measuring_process_killed_without_a_result_becomes_a_row_not_a_hang():
     assert died(3) == "exit status 3" and died(-signal.SIGSEGV) == "killed by SIGSEGV"
 
 
+def test_a_result_posted_just_before_the_process_ended_is_kept():
+    """The child may post its row and exit between two looks at it: the row is still read, not lost as
+    'died without a result'."""
+    import queue as queue_module
+
+    from iisan.efficiency import isolate
+
+    class Ended:
+        def is_alive(self) -> bool:
+            return False
+
+    posted = queue_module.Queue()
+    posted.put(("ok", {"seconds_per_step": 0.5}))
+    assert isolate._wait(Ended(), posted) == ("ok", {"seconds_per_step": 0.5})
+    assert isolate._wait(Ended(), posted) is None  # nothing more posted: it died without a result
+
+
 def run_script(name: str, *args: str, status: int = 0) -> subprocess.CompletedProcess:
     # one thread per process: tiny models gain nothing from more, and a loaded machine makes them crawl
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
