@@ -102,3 +102,31 @@ def test_a_left_padded_history_reads_nothing_of_the_padding(tiny, tmp_path):
         model.item_encoder.embedding.weight[0].normal_(std=5.0)
         after = model.calculate_loss(batch)
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_a_step_is_forward_backward_update_and_fresh_gradients(tiny, tmp_path):
+    """Two steps give the weights of two hand-written steps (loss, backward, Adam, gradients cleared):
+    the second step's update uses its own gradients, not the sum of both batches'."""
+    import copy
+
+    cfg = _id_config(tiny, tmp_path)
+    data = load_data(cfg)
+    cpu = torch.device("cpu")
+    model, _ = build_model(cfg, data, cpu)
+    reference = copy.deepcopy(model)
+    step = make_train_step(model, make_optimizer(model, cfg, cpu), None, cpu)
+    optimizer = make_optimizer(reference, cfg, cpu)
+    model.train(), reference.train()
+    batches = iter(first_epoch(data.train_sequences(), 0))
+    for seed, batch in enumerate((next(batches), next(batches))):
+        torch.manual_seed(seed)  # the same dropout masks in both
+        loss = step(batch)
+        assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
+        torch.manual_seed(seed)
+        expected = reference(batch)
+        expected.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for (name, trained), by_hand in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(trained, by_hand, atol=1e-6), name
