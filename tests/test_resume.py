@@ -784,6 +784,9 @@ def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base
         train(cfg.replace(epochs=1))
     assert (tmp_path / "two" / "config.json").read_bytes() == config_before
     assert (tmp_path / "two" / "results.json").read_bytes() == results_before
+    log = (tmp_path / "two" / "train.log").read_text()  # the attempt is noted, not as the run failing
+    assert "WARNING iisan.train.records: this attempt ended before training (failed: --epochs 1: " in log
+    assert "; the run in this folder is as it was" in log and "run failed" not in log
     assert len(train(cfg.replace(epochs=3))["epochs"]) == 3  # more goes on
 
 

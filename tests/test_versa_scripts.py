@@ -54,8 +54,9 @@ def test_run_script_builds_the_cache_and_trains_an_asymmetric_pair(tiny, towers,
     with pytest.raises(SystemExit) as failed:  # no cache, not asked to build one: the flag that would is named
         versa.main(without)
     assert failed.value.code == 2 and not (tmp_path / "cache" / "text.safetensors").exists()
-    assert f"{tmp_path / 'cache' / 'text.safetensors'} does not exist (build it with `iisan cache` or " \
-           "preprocess_vectors.py); --build-cache builds it first" in capsys.readouterr().err
+    assert f"{tmp_path / 'cache' / 'text.safetensors'} does not exist (build it with `iisan cache --cache-dir " \
+           f"{tmp_path / 'cache'}` and the same data and encoder flags, or preprocess_vectors.py); --build-cache " \
+           "builds it first" in capsys.readouterr().err
     (results,) = versa.main(argv)
     assert (tmp_path / "cache" / "text.safetensors").is_file()
     assert math.isfinite(results["epochs"][0]["loss"]) and results["config"]["text_pooling"] == "auto"

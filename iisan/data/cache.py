@@ -113,8 +113,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache folder {path.parent} is a file; expected the folder `iisan cache` writes "
                          "(--cache-dir)")
     if not path.is_file():
-        raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache` or "
-                         "preprocess_vectors.py)")
+        raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache --cache-dir "
+                         f"{path.parent}` and the same data and encoder flags, or preprocess_vectors.py)")
     try:
         check_readable(path)  # safetensors calls a file it may not read missing
         with safe_open(str(path), framework="pt") as fh:

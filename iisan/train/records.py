@@ -232,10 +232,13 @@ class RunRecord:
         stopped the run) is only a warning, so the error that ended the run stays the one reported."""
         status, reason = error_status(err)
         try:
+            kept = not started and (self.run_dir / RESULTS).is_file()  # the run already here stays as it was
             # An unexpected error's traceback goes into train.log (the console shows it with -v): a bug report
-            self.note(logging.ERROR if status == "failed" else logging.WARNING, f"run {status}: {reason}",
+            line = (f"this attempt ended before training ({status}: {reason}); the run in this folder is as it "
+                    "was" if kept else f"run {status}: {reason}")
+            self.note(logging.ERROR if status == "failed" and not kept else logging.WARNING, line,
                       None if isinstance(err, (UserError, KeyboardInterrupt, RunInterrupted)) else err)
-            if started or not (self.run_dir / RESULTS).is_file():
+            if not kept:
                 self.write(self.results(progress, status, reason))
         except (UserError, OSError) as also:
             log.warning("could not record how the run ended: %s", also)
