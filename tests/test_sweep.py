@@ -223,6 +223,20 @@ def test_values_of_a_key_the_method_never_reads_are_one_point(sweep, argv, caplo
     assert [p.values["lora_rank"] for p in points] == [4, 8]  # LoRA reads it
 
 
+def test_a_method_given_to_another_methods_script_is_said_once(sweep, argv, caplog):
+    """Flags win over a script's defaults, the method too: run_lora.py --method iisan trains IISAN, and
+    says so rather than quietly."""
+    with caplog.at_level(logging.WARNING):
+        points, _ = parse_script_args({"method": "lora"}, sweep, argv("--method", "iisan", "--lr", "1e-3", "2e-3"))
+    assert [p.config.method for p in points] == ["iisan", "iisan"]
+    assert caplog.text.count("this entry script runs method=lora; the method=iisan given replaces it") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        parse_script_args({"method": "lora"}, sweep, argv("--method", "lora"))
+        parse_script_args({"method": "lora"}, sweep, argv())
+    assert "replaces it" not in caplog.text  # its own method, given or not: nothing to say
+
+
 def test_other_items_without_cache_dir_get_a_cache_folder_of_their_own(sweep, tiny, tmp_path):
     from iisan.data.datasets import dataset_paths
     from iisan.experiments.presets import ROOT, versa_defaults

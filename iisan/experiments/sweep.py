@@ -121,6 +121,9 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
     args = script_parser(defaults, sweep, description, extra_arguments).parse_args(argv)
     file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
+    own = defaults.get("method")  # an entry script's; flags and config files win over it, said once
+    if own and (method := {**file_values, **flags}.get("method", own)) not in (own, [own]):
+        log.warning("this entry script runs method=%s; the method=%s given replaces it", own, method)
     if "items" in (given := {**file_values, **flags}) and "cache_dir" not in given and "cache_dir" in base:
         base["cache_dir"] = own_cache_dir(base["cache_dir"], given["items"], args.dataset)  # other items' own
     swept, from_flags = {}, set()
