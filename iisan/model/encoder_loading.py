@@ -182,7 +182,7 @@ def check_float(model, folder: Path, name: str, what: str) -> None:
     """Refuse a folder whose safetensors hold a weight of the model's as integers (or 8-bit floats): the
     values of a quantised checkpoint (int8, packed 4-bit, fp8) without their scales, which transformers
     casts into the float weights without a word. Integer buffers (BERT's position_ids) are left alone."""
-    weights = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    weights = {key for key, p in model.named_parameters() if p.is_floating_point()}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
