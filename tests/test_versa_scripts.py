@@ -95,6 +95,44 @@ def test_build_cache_builds_only_the_missing_tower_and_nothing_for_a_finished_ru
     assert not (tmp_path / "cache" / "text.safetensors").exists()
 
 
+def test_build_cache_waits_for_another_process_building_the_same_cache(tiny, towers, tmp_path, monkeypatch,
+                                                                       caplog):
+    """A job array's tasks share one cache: a task that finds another one building it waits for that build
+    and uses what it wrote (it had failed its grid point, training nothing), encoding nothing itself."""
+    import shutil
+
+    from iisan.experiments import versa_run
+    from iisan.locks import OutputLock
+    from iisan.model import caching
+
+    argv = ["--preset", "llama3-8b+vit-base", "--build-cache", "--cache-dtype", "float32", "--towers", "text",
+            "--users", tiny["users"], "--items", tiny["items"], "--text-model", towers["qwen2_40x3"],
+            "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "16", "--device", "cpu",
+            "--num-workers", "0", "--no-progress"]
+    versa = _script("run_IISAN_Versa")
+    # what the other task will have written (its run in a folder of its own: this run is not finished)
+    versa.main([*argv, "--cache-dir", str(tmp_path / "built"), "--out-dir", str(tmp_path / "other-runs")])
+    shared = tmp_path / "shared"
+    other = OutputLock(shared / caching.LOCK, f"cache folder {shared}").acquire()  # the other task, building
+    waits, sleep = [], versa_run.time.sleep
+
+    def other_task_finishes(seconds):
+        if seconds != versa_run.WAIT_SECONDS:  # someone else's short sleep
+            return sleep(seconds)
+        waits.append(seconds)
+        shared.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "built" / "text.safetensors", shared / "text.safetensors")
+        other.release()
+
+    monkeypatch.setattr(versa_run.time, "sleep", other_task_finishes)
+    monkeypatch.setattr(caching, "_build", lambda *args: pytest.fail("encoded a cache the other task built"))
+    with caplog.at_level("INFO", logger="iisan"):
+        (results,) = versa.main([*argv, "--cache-dir", str(shared), "--out-dir", str(tmp_path / "runs")])
+    assert waits == [versa_run.WAIT_SECONDS] and results["status"] == "finished"
+    assert caplog.text.count(f"cache folder {shared} is in use by pid {os.getpid()} on ") == 1
+    assert "waiting for that build to finish" in caplog.text and "built meanwhile by another process" in caplog.text
+
+
 def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):
     """The preset's layers, pooling and cache folder are chosen for one encoder pair before the grid is made:
     a SWEEP over text models gave every point the preset's LLaMA layers and one shared cache."""

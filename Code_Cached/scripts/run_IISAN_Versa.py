@@ -4,7 +4,8 @@ Pick an encoder pair with --preset (VERSA_PRESETS in iisan/experiments/presets.p
 key is also a flag and wins over the preset (`--text-model pretrained_models/Qwen2.5-7B --text-pooling
 last`; another text model than the preset's drops its layer list and pooling for the layer rule's and the
 family's). With --build-cache the frozen encoders first run once over the items when the cache is missing
-(resumable after an interruption; `--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own
+(resumable after an interruption; a job array's tasks sharing one cache wait for the one that builds it;
+`--cache-dtype`: fp32 for BERT/ViT towers as the authors', an LLM's own
 half type on a GPU); each pair caches into its own folder (`Code_Cached/stored_vectors_sci_<preset>`, or
 `..._<text model folder>` for another text model, then `_<image model folder>` for another image model than
 ViT-B/16), and the symmetric pair reads IISAN's cache. The

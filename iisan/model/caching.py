@@ -152,16 +152,21 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
 
 def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bool = False,
                             timings: dict | None = None, all_layers: bool = False,
-                            overwrite: bool = False) -> dict[str, Path]:
+                            overwrite: bool = False, only_missing: bool = False) -> dict[str, Path]:
     """Cache the items of the data set (after the protocol), or every row of the items file with
     ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``;
     in ``dtype`` (default: ``cfg.cache_dtype``, see ``cache_precision``).
     Resumable: run it again after an interruption and it encodes only the chunks not yet written.
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
-    docstring)."""
+    docstring). ``only_missing``: nothing is built when every file is there once the folder is locked (another
+    process built it meanwhile: a job array's tasks sharing one cache)."""
     start = time.perf_counter()
     with writing_cache(cfg, dtype):
+        files = {m: cache_file(cfg.cache_dir, m) for m in modalities(cfg)}
+        if only_missing and all(path.is_file() for path in files.values()):
+            log.info("%s: built meanwhile by another process; not built again", ", ".join(map(str, files.values())))
+            return files
         return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start)
 
 
@@ -240,7 +245,7 @@ def _items(cfg: Config, all_items: bool) -> tuple[list[str], list[str], ItemCata
 
 def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str | None = None,
                              all_items: bool = False, allow_missing: bool = False,
-                             overwrite: bool = False) -> dict[str, Path]:
+                             overwrite: bool = False, only_missing: bool = False) -> dict[str, Path]:
     """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads, in
     ``dtype`` (default: ``cfg.cache_dtype``; auto keeps their files' fp32).
 
