@@ -224,7 +224,7 @@ def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
         return f"{path / STATE} is damaged (not valid JSON)"
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         shown = state.get("format") if isinstance(state, dict) else state
-        return f"{path / STATE} has format {shown!r}, expected {FORMAT}"
+        return f"{path / STATE} has format {runstate.short_repr(shown)}, expected {FORMAT}"
     if not isinstance(state.get("config"), dict):
         return f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
     if problem := runstate.state_problem(state):
