@@ -299,7 +299,7 @@ def test_a_point_another_process_is_training_is_skipped_not_failed(sweep, argv, 
     rows = summary_rows(capsys.readouterr().out)
     assert rows[0][2] == "finished" and results[1] is None
     assert rows[1][2].startswith(f"in use: run folder {tmp_path / 'runs' / points[1].name} is in use by pid "
-                                 f"{os.getpid()} on ")
+                                 f"{os.getpid()} on ") and "--run-name" not in rows[1][2]  # no name to give
     assert "1 point(s) were being trained by another process: run this command again" in caplog.text
 
 

@@ -196,7 +196,7 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
     except RunInterrupted:
         raise
     except RunInUse as err:  # another process (a second copy of this sweep) is training it: not a failure
-        reason = " ".join(str(err).split())
+        reason = " ".join(str(err).split("; ")[0].split())  # (its hint, another --run-name, is not a sweep's)
         log.warning("grid point %d (%s) skipped: %s", point.index, point.name, reason)
         return Outcome(point, Status.IN_USE, reason=reason)
     except UserError as err:
