@@ -790,6 +790,22 @@ def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base
     assert len(train(cfg.replace(epochs=3))["epochs"]) == 3  # more goes on
 
 
+def test_a_run_finished_by_another_process_while_this_one_waited_for_its_folder_is_not_resumed(base, tmp_path,
+                                                                                                caplog):
+    """Two copies of one command: the second looks (not finished), the first finishes and lets go of the
+    folder, the second locks it. It returns the finished results, as a later look would have, instead of
+    resuming a finished run (a second header in train.log, an entry in resumed_from, results.json rewritten)."""
+    cfg = base.replace(out_dir=str(tmp_path), run_name="twice", epochs=1)
+    first = train(cfg)
+    run = tmp_path / "twice"
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    with caplog.at_level("INFO"):
+        second = train(cfg, reuse=False)  # its look came before the first run finished
+    assert second["test"] == first["test"] and second["resumed_from"] == first["resumed_from"] == []
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    assert "finished before with this config; not training it again" in caplog.text
+
+
 def test_a_lower_patience_under_which_the_run_would_have_stopped_earlier_is_refused(base, tmp_path):
     """Learning rates too small to move a score: epoch 0 is the best and epochs 1-3 are 3 without
     improvement. Patience 1 would have stopped the run after epoch 2, so its record cannot be patience 1's;

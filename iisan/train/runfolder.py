@@ -112,17 +112,19 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir) / (cfg.run_name or known_run_name(cfg))
 
 
-def reusable_results(cfg: Config) -> dict | None:
+def reusable_results(cfg: Config, again: bool = False) -> dict | None:
     """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
     sweep returns instead of training again, its ``run_dir`` the folder it is in now (a copied run's results
     name the folder it was copied from). A run folder whose run read another content of the users or
     items file is refused first (``refuse_changed_data``), whatever its status; a finished run whose best
-    weights are missing or damaged is not reused (``unfinished_weights``)."""
+    weights are missing or damaged is not reused (``unfinished_weights``; ``again``, a second look once the
+    folder is locked: left to the resume quietly, as the first look said)."""
     folder = run_dir(cfg)
     earlier = read_results(folder / RESULTS)
     refuse_changed_data(cfg, earlier, folder)
     done = finished_results(cfg, earlier)
-    if done is not None and not unfinished_weights(folder, cfg, done):
+    if done is not None and (best_weights_problem(folder) is None if again else
+                             not unfinished_weights(folder, cfg, done)):
         done = {**done, "run_dir": str(folder)}
         log.info("%s finished before with this config; not training it again", folder)
         log_summary(done, folder / RESULTS)

@@ -64,6 +64,7 @@ class Run:
         self.lock = None  # rank 0 locks the run folder (``runfolder.lock_run_folder``) until ``close``
         self.record: RunRecord | None = None  # train.log, metrics.jsonl, results.json (``records``)
         self.started = False  # set up: data, model, the checkpoint it resumes from
+        self.finished_before: dict | None = None  # finished by another process while this one waited
         try:
             self.setup()
         except BaseException as err:
@@ -97,6 +98,10 @@ class Run:
         if cfg.resume and not self.checkpoints.existing():  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.checkpoints.root}")
         decide(self.lock_folder, dist)
+        # another process may have finished this very run between ``train``'s look and this lock
+        if (done := reusable_results(cfg, again=True)) is not None:  # (every rank reads it: the same file)
+            self.finished_before = done
+            return
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
         data = self.data = load_data(cfg)
@@ -292,7 +297,7 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled) as stop:
             run = Run(cfg, dist, device, stop)
             try:
-                return run.run()
+                return run.finished_before or run.run()
             except BaseException as err:
                 run.fail(err)
                 raise
