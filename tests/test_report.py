@@ -460,6 +460,25 @@ def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
         assert s["loss"] == [e["loss"] for e in result["epochs"]] and s["best_epoch"] == result["best_epoch"]
 
 
+def test_curves_refused_by_format_or_path_draw_nothing_and_leave_no_figure_open(runs, tmp_path):
+    """A suffix matplotlib cannot write, or a path holding someone else's file, is refused before anything
+    is drawn: no figure is left open in the process (a notebook calling it again would pile them up)."""
+    import matplotlib.pyplot as plt
+
+    from iisan.errors import UserError
+    from iisan.experiments.curves import draw_curves
+    from iisan.experiments.report_rows import collect
+
+    _, series = collect([str(runs[0])], [])
+    (tmp_path / "theirs.png").write_bytes(b"a picture of someone else's")
+    for path in (tmp_path / "curves.txt", tmp_path / "theirs.png"):
+        before = plt.get_fignums()
+        with pytest.raises(UserError):
+            draw_curves(series, path)
+        assert plt.get_fignums() == before
+    assert (tmp_path / "theirs.png").read_bytes() == b"a picture of someone else's"
+
+
 def test_keys_that_are_columns_already_are_not_added_twice(runs, capsys, tmp_path):
     out, _ = runs
     for flags in ([], ["--average-seeds"]):

@@ -77,6 +77,8 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after choosing the Agg back end (no display here)
 
+    claim_figure(path)  # refused before anything is drawn
+    fmt = figure_format(path)
     fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, s in curves.items():
         if not s["epoch"]:  # a run that failed before its first epoch ended: no line, so no name in the legend
@@ -92,9 +94,9 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    claim_figure(path)
-    fmt = figure_format(path)
     signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=fmt, **signed)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt, **signed)
+    finally:
+        plt.close(fig)
