@@ -245,7 +245,7 @@ def _items(cfg: Config, all_items: bool) -> tuple[list[str], list[str], ItemCata
 
 def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", dtype: str | None = None,
                              all_items: bool = False, allow_missing: bool = False,
-                             overwrite: bool = False, only_missing: bool = False) -> dict[str, Path]:
+                             overwrite: bool = False) -> dict[str, Path]:
     """Import the authors' per-item hidden states (``data.cache_import``) as the cache ``cfg`` reads, in
     ``dtype`` (default: ``cfg.cache_dtype``; auto keeps their files' fp32).
 
