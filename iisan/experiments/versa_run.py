@@ -29,7 +29,7 @@ def build_missing(cfg: Config) -> None:
             return
         except InUse as err:
             if not said:
-                log.info("%s; waiting for that build to finish (Ctrl-C stops)", str(err).split(";")[0])
+                log.info("%s; waiting for that build to finish (Ctrl-C stops)", str(err).split("; ")[0])
                 said = True
             time.sleep(WAIT_SECONDS)
 
