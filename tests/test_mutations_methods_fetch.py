@@ -302,6 +302,18 @@ def test_an_encoder_folder_without_its_config_lacks_it(tmp_path):
     assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == ["config.json"]
 
 
+def test_a_text_encoder_folder_without_a_vocabulary_lacks_one(tmp_path):
+    """tokenizer_config.json alone is no tokenizer: transformers 5 would build one of special tokens only and
+    read every title as [UNK]. Any vocabulary file will do; an image folder needs its processor config."""
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (tmp_path / name).write_text("{}")
+    assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == [
+        "a vocabulary (tokenizer.json, vocab.txt, vocab.json, ...)"]
+    (tmp_path / "spiece.model").write_bytes(b"")
+    assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == []
+    assert missing_files(tmp_path, ENCODERS["vit-base-patch16-224"]) == ["preprocessor_config.json"]
+
+
 def test_an_image_encoder_is_fetched_by_hand_with_its_image_processor_files():
     assert by_hand(ENCODERS["vit-base-patch16-224"], "abc", Path("/x/vit")) == (
         "download config.json, the image-processor files and the safetensors weights (model*.safetensors) from "

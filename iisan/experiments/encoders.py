@@ -32,6 +32,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from ..data.fetch import shortened
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError
+from ..model.encoder_files import VOCABULARY_FILES
 from .presets import BACKBONES, ROOT, VERSA_PRESETS
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,10 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
         missing += sorted(shards - names)
     elif "model.safetensors" not in names:
         missing.append("safetensors weights")
-    preprocessing = {"text": {"tokenizer.json", "tokenizer_config.json", "vocab.txt"},
-                     "image": {"preprocessor_config.json"}}[model.modality]
-    if not preprocessing & names:
-        missing.append(" or ".join(sorted(preprocessing)))
+    if model.modality == "image" and "preprocessor_config.json" not in names:
+        missing.append("preprocessor_config.json")
+    if model.modality == "text" and not any(n in VOCABULARY_FILES or n.endswith(".tiktoken") for n in names):
+        missing.append(f"a vocabulary ({', '.join(VOCABULARY_FILES[:3])}, ...)")  # else every title is [UNK]
     return missing
 
 
