@@ -32,7 +32,6 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from ..data.fetch import shortened
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError
-from ..model.encoder_files import VOCABULARY_FILES
 from .presets import BACKBONES, ROOT, VERSA_PRESETS
 
 log = logging.getLogger(__name__)
@@ -121,6 +120,8 @@ def by_hand(model: HubModel, revision: str, target: Path) -> str:
 
 def missing_files(folder: Path, model: HubModel) -> list[str]:
     """What a run would need and ``folder`` lacks."""
+    from ..model.encoder_files import VOCABULARY_FILES  # imported when run: it brings transformers, not for --help
+
     names = {p.name for p in folder.iterdir()}
     missing = [] if "config.json" in names else ["config.json"]
     if "model.safetensors.index.json" in names:
