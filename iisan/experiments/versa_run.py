@@ -48,7 +48,8 @@ def train_cached(cfg: Config, build_cache: bool = False) -> dict:
                               "build it first with this command without torchrun (or `iisan cache`), then launch")
         for m in missing:
             build_missing(cfg.replace(towers=m, modality="intra"))  # (inter: of both towers)
-        return train(cfg)  # (another task may have trained this very run meanwhile)
+        return train(cfg, reuse=False)  # just asked; a run another task finished meanwhile is found once
+        # the run folder is locked (``Run.setup``)
     try:
         return train(cfg)  # a run that finished before needs no cache
     except CacheError as err:
