@@ -126,6 +126,17 @@ def test_a_part_as_long_as_the_file_restarts_when_the_range_cannot_be_served(ser
     assert server.seen == [("/f.bin", f"bytes={len(CONTENT)}-"), ("/f.bin", None)]
 
 
+def test_a_complete_part_left_before_its_rename_is_checked_and_used_without_a_request(server, tmp_path):
+    dest = tmp_path / "f.bin"
+    partial_path(dest).write_bytes(CONTENT)
+    assert http_download(server.url + "/f.bin", dest, full()).read_bytes() == CONTENT
+    assert server.seen == [] and not partial_path(dest).exists()
+    dest.unlink()
+    partial_path(dest).write_bytes(b"x" * len(CONTENT))  # as long as the file, not it: fetched whole
+    assert http_download(server.url + "/f.bin", dest, full()).read_bytes() == CONTENT
+    assert server.seen == [("/f.bin", None)]
+
+
 def test_a_broken_connection_keeps_the_part_and_the_next_run_resumes(server, tmp_path):
     dest = tmp_path / "f.bin"
     server.drop_after = 6000
@@ -315,6 +326,20 @@ def test_an_archive_member_outside_the_folder_is_refused(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(FetchError, match="not a complete zip archive"):
         unpack_images(tmp_path / "bad.zip", tmp_path / "Dataset" / "am_image_yy")
+
+
+@pytest.mark.parametrize("inner", ["", "am_image_xx/"])
+def test_what_the_macos_archiver_adds_stays_out_of_the_image_folder(tmp_path, inner):
+    archive = tmp_path / "mac.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(f"{inner}1.jpg", b"one")
+        zf.writestr(f"__MACOSX/{inner}._1.jpg", b"resource fork")
+        zf.writestr(".DS_Store", b"finder")
+    target = tmp_path / "Dataset" / "am_image_xx"
+    target.parent.mkdir()
+    unpack_images(archive, target)
+    assert sorted(p.name for p in target.iterdir()) == ["1.jpg"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["am_image_xx"]  # nothing left beside it
 
 
 def test_every_source_is_a_data_set_of_the_registry_at_its_paths():

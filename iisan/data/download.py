@@ -3,9 +3,10 @@ onto ``dest`` only when it is complete and matches what is known of it (size, sh
 
 Resuming: a ``.part`` left by an interrupted download is continued with an HTTP ``Range`` request; a
 server that answers with the whole file instead (status 200) or cannot satisfy the range (416) makes
-the download restart from the first byte. A finished file that fails its check is removed (it is our
-own ``.part``) and the error says so; the next run downloads it again. A network failure keeps the
-``.part`` for the next run and ends with one line naming the address and where the file goes.
+the download restart from the first byte. A ``.part`` as long as the file and passing its checks (a run
+stopped before the rename) is renamed without a request. A finished file that fails its check is removed
+(it is our own ``.part``) and the error says so; the next run downloads it again. A network failure keeps
+the ``.part`` for the next run and ends with one line naming the address and where the file goes.
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
     dest = Path(dest)
     part = partial_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if expected.size is not None and part.exists() and part.stat().st_size > expected.size:
-        part.unlink()  # longer than the file can be: not a prefix of it
+    if expected.size is not None and part.exists() and part.stat().st_size >= expected.size:
+        if part.stat().st_size == expected.size and mismatch(part, expected) is None:
+            log.info("%s is complete (a run stopped before renaming it) and matches; using it", part)
+            os.replace(part, dest)
+            return dest
+        part.unlink()  # longer than the file, or as long and not it: not a prefix of it
     try:
         _transfer(url, part, timeout)
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors

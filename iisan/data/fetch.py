@@ -71,9 +71,13 @@ def fetch_tsvs(src: DataSource, root: Path, manifest: Manifest, download: Downlo
     manifest.record("tsv", files, repository=AUTHORS_REPO, commit=AUTHORS_COMMIT)
 
 
+ARCHIVER_JUNK = ("__MACOSX", ".DS_Store")
+
+
 def unpack_images(archive: Path, target: Path) -> None:
     """Unzip ``archive`` so that ``target`` holds the images. The archive may hold them at its top level
-    or in one folder; a member that would land outside the folder is refused."""
+    or in one folder; a member that would land outside the folder is refused, and the ``__MACOSX/`` and
+    ``.DS_Store`` that macOS's archiver adds at the top level are left out."""
     tmp = target.with_name(f".{target.name}.unpacking")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted unpack
     try:
@@ -88,8 +92,11 @@ def unpack_images(archive: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
                          "again") from None
-    entries = [p for p in tmp.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+    junk = [p for p in tmp.iterdir() if p.name in ARCHIVER_JUNK]  # what macOS's archiver adds
+    entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
     inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+    for path in junk if inner == tmp else ():  # unpacked here a moment ago: ours to remove
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(inner, target)
     shutil.rmtree(tmp, ignore_errors=True)
 
