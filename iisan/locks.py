@@ -1,20 +1,28 @@
-"""One writer at a time (``OutputLock``): an exclusive lock on a file beside or inside the output it
-guards. The OS drops the lock when its holder dies, even by SIGKILL, so a crash never leaves a stale
-lock behind. A file at a lock's path that is not one of ours (``lock_text``) is refused, never truncated
-nor removed.
+"""One writer at a time (``OutputLock``): an exclusive lock on a file beside or inside the output it guards;
+``when_free`` waits for a lock another process holds. The OS drops the lock when its holder dies, even by
+SIGKILL, so a crash never leaves a stale lock behind. A file at a lock's path that is not one of ours
+(``lock_text``) is refused, never truncated nor removed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import InUse, OutputError
 from .files import write_failure
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WAIT_SECONDS = 10.0  # between tries of ``when_free``
 LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
 LOCK_READ = 4096  # bytes of a lock file read to tell whose it is (ours hold one short line)
 
@@ -141,3 +149,17 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def when_free(call: Callable[[], T], seconds: float = WAIT_SECONDS) -> T:
+    """``call()``, tried again every ``seconds`` while an ``OutputLock`` it takes is held by another process
+    (the tasks of a job array building one shared cache), said once; Ctrl-C stops the wait."""
+    said = False
+    while True:
+        try:
+            return call()
+        except InUse as err:
+            if not said:
+                log.info("%s; waiting for it to be free (Ctrl-C stops)", str(err).split("; ")[0])
+                said = True
+            time.sleep(seconds)

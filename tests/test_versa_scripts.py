@@ -101,7 +101,7 @@ def test_build_cache_waits_for_another_process_building_the_same_cache(tiny, tow
     and uses what it wrote (it had failed its grid point, training nothing), encoding nothing itself."""
     import shutil
 
-    from iisan.experiments import versa_run
+    from iisan import locks
     from iisan.locks import OutputLock
     from iisan.model import caching
 
@@ -114,23 +114,23 @@ def test_build_cache_waits_for_another_process_building_the_same_cache(tiny, tow
     versa.main([*argv, "--cache-dir", str(tmp_path / "built"), "--out-dir", str(tmp_path / "other-runs")])
     shared = tmp_path / "shared"
     other = OutputLock(shared / caching.LOCK, f"cache folder {shared}").acquire()  # the other task, building
-    waits, sleep = [], versa_run.time.sleep
+    waits, sleep = [], locks.time.sleep
 
     def other_task_finishes(seconds):
-        if seconds != versa_run.WAIT_SECONDS:  # someone else's short sleep
+        if seconds != locks.WAIT_SECONDS:  # someone else's short sleep
             return sleep(seconds)
         waits.append(seconds)
         shared.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "built" / "text.safetensors", shared / "text.safetensors")
         other.release()
 
-    monkeypatch.setattr(versa_run.time, "sleep", other_task_finishes)
+    monkeypatch.setattr(locks.time, "sleep", other_task_finishes)
     monkeypatch.setattr(caching, "_build", lambda *args: pytest.fail("encoded a cache the other task built"))
     with caplog.at_level("INFO", logger="iisan"):
         (results,) = versa.main([*argv, "--cache-dir", str(shared), "--out-dir", str(tmp_path / "runs")])
-    assert waits == [versa_run.WAIT_SECONDS] and results["status"] == "finished"
+    assert waits == [locks.WAIT_SECONDS] and results["status"] == "finished"
     assert caplog.text.count(f"cache folder {shared} is in use by pid {os.getpid()} on ") == 1
-    assert "waiting for that build to finish" in caplog.text and "built meanwhile by another process" in caplog.text
+    assert "waiting for it to be free" in caplog.text and "built meanwhile by another process" in caplog.text
 
 
 def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):

@@ -89,10 +89,18 @@ CACHE_KEYS = ("users", "items", "images", "max_seq_len", "min_seq_len", "title_t
 
 def cmd_cache(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
+    from ..errors import InUse
+    from ..locks import when_free
     from ..model.caching import build_cache_from_config
 
-    paths = build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
-                                    overwrite=args.overwrite)
+    def build() -> dict:
+        return build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
+                                       overwrite=args.overwrite, reuse=args.reuse)
+
+    try:
+        paths = when_free(build) if args.reuse else build()
+    except InUse as err:
+        raise InUse(f"{err} (--reuse waits for it and keeps what it builds)") from None
     for modality, path in paths.items():
         print(f"{modality}: {path}")
 
@@ -159,4 +167,7 @@ def add_data_commands(sub) -> None:
                         "--image-layers choice (runs read only their own layers from it)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir built with other "
                    "settings (a cache built with the same settings is rebuilt in place)")
+    p.add_argument("--reuse", action="store_true", help="keep a cache built with the same settings that --cache-dir "
+                   "holds instead of building it again, and wait while another process builds it there (the tasks "
+                   "of a job array sharing one cache)")
     p.set_defaults(func=cmd_cache)

@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-import time
-
 from ..config import Config
 from ..data.cache import cache_file
 from ..distributed import launched
-from ..errors import CacheError, ConfigError, InUse
+from ..errors import CacheError, ConfigError
+from ..locks import when_free
 from ..model.build import modalities
 from ..model.caching import build_cache_from_config
 from ..train.runfolder import reusable_results
 from ..train.trainer import train
 
-log = logging.getLogger(__name__)
-
-WAIT_SECONDS = 10.0  # between looks at a cache folder another process is building
-
 
 def build_missing(cfg: Config) -> None:
     """Build ``cfg``'s cache unless it is there; while another process builds it (the other tasks of a job
     array sharing one cache), wait for that build, said once, and use what it wrote."""
-    said = False
-    while True:
-        try:
-            build_cache_from_config(cfg, only_missing=True)
-            return
-        except InUse as err:
-            if not said:
-                log.info("%s; waiting for that build to finish (Ctrl-C stops)", str(err).split("; ")[0])
-                said = True
-            time.sleep(WAIT_SECONDS)
+    when_free(lambda: build_cache_from_config(cfg, only_missing=True))
 
 
 def train_cached(cfg: Config, build_cache: bool = False) -> dict:

@@ -133,6 +133,19 @@ def claim_cache_folder(cfg: Config) -> Path:
     return folder
 
 
+def differences(path: Path, new: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The metadata of the cache at ``path`` and the keys in which it differs from ``new``'s settings."""
+    old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
+    return old, sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k)
+                       and compared(k, old, new))
+
+
+def built_before(metadata: dict[str, dict[str, str]], cache_dir: Path) -> bool:
+    """Whether every cache of ``metadata`` is in ``cache_dir``, built with the same settings."""
+    return all(cache_file(cache_dir, m).is_file() and not differences(cache_file(cache_dir, m), new)[1]
+               for m, new in metadata.items())
+
+
 def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwrite: bool) -> None:
     """An existing cache is rebuilt in place when it was built with the same settings (the same bytes
     result); one built with other settings is replaced only with ``overwrite``."""
@@ -140,9 +153,7 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
         path = cache_file(cache_dir, m)
         if not path.exists() or overwrite:
             continue
-        old = {**{k: v for k, v in UNRECORDED.items() if k in new}, **read_metadata(path)}  # a key added since
-        differ = sorted(k for k in set(old) | set(new) if k not in VOLATILE and old.get(k) != new.get(k)
-                        and compared(k, old, new))
+        old, differ = differences(path, new)
         if differ:  # short values named as they are (item ids and file records are long)
             named = [f"{k} {old.get(k)} there, {new.get(k)} now" if len(f"{old.get(k)}{new.get(k)}") <= 60 else k
                      for k in differ]
@@ -152,7 +163,8 @@ def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwri
 
 def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bool = False,
                             timings: dict | None = None, all_layers: bool = False,
-                            overwrite: bool = False, only_missing: bool = False) -> dict[str, Path]:
+                            overwrite: bool = False, only_missing: bool = False,
+                            reuse: bool = False) -> dict[str, Path]:
     """Cache the items of the data set (after the protocol), or every row of the items file with
     ``all_items`` or when no users file is given; the config's layers, or every layer with ``all_layers``;
     in ``dtype`` (default: ``cfg.cache_dtype``, see ``cache_precision``).
@@ -160,14 +172,15 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
     docstring). ``only_missing``: nothing is built when every file is there once the folder is locked (another
-    process built it meanwhile: a job array's tasks sharing one cache)."""
+    process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (``--reuse``): nothing is
+    built when the caches there were built with the same settings (the encoders are loaded to tell)."""
     start = time.perf_counter()
     with writing_cache(cfg, dtype):
         files = {m: cache_file(cfg.cache_dir, m) for m in modalities(cfg)}
         if only_missing and all(path.is_file() for path in files.values()):
             log.info("%s: built meanwhile by another process; not built again", ", ".join(map(str, files.values())))
             return files
-        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start)
+        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
 
 
 @contextlib.contextmanager
@@ -188,7 +201,7 @@ def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
 
 
 def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overwrite: bool,
-           start: float) -> dict[str, Path]:
+           start: float, reuse: bool = False) -> dict[str, Path]:
     item_ids, titles, catalog = _items(cfg, all_items)
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
@@ -203,6 +216,10 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
     metadata = cache_metadata(live, item_ids, catalog, stored, known,
                               pixels.store.digest() if pixels is not None else None)
+    if reuse and built_before(metadata, Path(cfg.cache_dir)):
+        files = {m: cache_file(cfg.cache_dir, m) for m in metadata}
+        log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, files.values())))
+        return files
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
                         chunk_size=cfg.encode_batch_size,

@@ -1,0 +1,114 @@
+"""`iisan cache --reuse`, for the tasks of a job array sharing one cache folder: a cache built with the same
+settings is kept, a build another process is running is waited for, and anything else is built or refused as
+without the flag."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import pytest
+
+from iisan import locks
+from iisan.cli.main import main
+from iisan.data.cache import cache_file, read_metadata
+from iisan.model import caching
+from iisan.model.feeds import LiveStates
+
+
+@pytest.fixture()
+def passes(monkeypatch):
+    """How many chunks the live feed encoded."""
+    original, count = LiveStates.forward, {"n": 0}
+
+    def forward(self, items):
+        count["n"] += 1
+        return original(self, items)
+
+    monkeypatch.setattr(LiveStates, "forward", forward)
+    return count
+
+
+def cache_args(tiny, folder, *extra) -> list[str]:
+    return ["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"], "--text-model",
+            tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir", str(folder), "--no-progress",
+            "--device", "cpu", "--num-workers", "0", *extra]
+
+
+def test_a_cache_built_with_the_same_settings_is_kept_and_one_built_otherwise_is_not(tiny, tmp_path, passes, capsys,
+                                                                                     caplog):
+    folder = tmp_path / "shared"
+    main(cache_args(tiny, folder, "--reuse"))  # nothing there: built
+    built, first = passes["n"], {m: cache_file(folder, m).read_bytes() for m in ("text", "image")}
+    assert built > 0
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(cache_args(tiny, folder, "--reuse"))
+    assert passes["n"] == built  # nothing encoded again
+    assert capsys.readouterr().out.split() == ["text:", str(cache_file(folder, "text")), "image:",
+                                               str(cache_file(folder, "image"))]
+    assert "built before with these settings; kept as it is (--reuse)" in caplog.text
+    assert {m: cache_file(folder, m).read_bytes() for m in ("text", "image")} == first
+    main(cache_args(tiny, folder))  # without the flag: the same settings are rebuilt in place
+    assert passes["n"] == 2 * built
+    with pytest.raises(SystemExit) as stopped:  # other settings: refused as without the flag
+        main(cache_args(tiny, folder, "--reuse", "--cache-dtype", "float16"))
+    assert stopped.value.code == 2
+    assert "holds a cache built with other settings (dtype float32 there, float16 now); pass --overwrite" in \
+        capsys.readouterr().err
+    main(cache_args(tiny, folder, "--reuse", "--cache-dtype", "float16", "--overwrite"))
+    assert {read_metadata(cache_file(folder, m))["dtype"] for m in ("text", "image")} == {"float16"}
+
+
+def test_one_tower_missing_is_built_and_the_cache_is_not_taken_for_built_before(tiny, tmp_path, passes):
+    folder = tmp_path / "shared"
+    main(cache_args(tiny, folder, "--reuse"))
+    cache_file(folder, "image").unlink()
+    built = passes["n"]
+    main(cache_args(tiny, folder, "--reuse"))
+    assert passes["n"] > built and cache_file(folder, "image").is_file()
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_a_build_another_task_is_running_is_waited_for(tiny, tmp_path, passes, monkeypatch, caplog, other_finishes):
+    """The other task finishes: its cache is used, nothing encoded here; it is killed before writing: this
+    task builds the cache itself."""
+    main(cache_args(tiny, tmp_path / "built"))
+    built, passes["n"] = passes["n"], 0
+    shared = tmp_path / "shared"
+    other = locks.OutputLock(shared / caching.LOCK, f"cache folder {shared}").acquire()
+    waits, sleep = [], time.sleep
+
+    def other_task_ends(seconds):
+        if seconds != locks.WAIT_SECONDS:  # someone else's short sleep
+            return sleep(seconds)
+        waits.append(seconds)
+        if other_finishes:
+            for m in ("text", "image"):
+                shutil.copy(cache_file(tmp_path / "built", m), cache_file(shared, m))
+        other.release()
+
+    monkeypatch.setattr(locks.time, "sleep", other_task_ends)
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(cache_args(tiny, shared, "--reuse"))
+    assert waits == [locks.WAIT_SECONDS] and passes["n"] == (0 if other_finishes else built)
+    assert caplog.text.count(f"cache folder {shared} is in use by pid {os.getpid()} on ") == 1
+    assert "waiting for it to be free (Ctrl-C stops)" in caplog.text
+    assert ("built before with these settings" in caplog.text) == other_finishes
+
+
+def test_without_reuse_a_build_another_task_is_running_is_one_line_and_no_wait(tiny, tmp_path, monkeypatch,
+                                                                               capsys):
+    shared = tmp_path / "shared"
+    other = locks.OutputLock(shared / caching.LOCK, f"cache folder {shared}").acquire()
+    monkeypatch.setattr(locks.time, "sleep", lambda s: pytest.fail("waited without --reuse"))
+    with pytest.raises(SystemExit) as stopped:
+        main(cache_args(tiny, shared))
+    other.release()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"iisan: error: cache folder {shared} is in use by pid {os.getpid()} on ")
+    assert err[-1].endswith("another cache build is writing it; wait for it to finish or choose another --cache-dir "
+                            "(--reuse waits for it and keeps what it builds)")
