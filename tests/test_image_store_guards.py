@@ -156,3 +156,44 @@ def test_cache_files_start_their_data_8_byte_aligned_as_safetensors_writes_them(
         assert raw[8 + length :] == reference[8 + length :] == table.numpy().tobytes()
         with safe_open(str(ours), framework="pt") as fh:
             assert torch.equal(fh.get_tensor("states"), table) and fh.metadata() == metadata
+
+
+def damaged_copy(store, tmp_path, offset=8192):
+    """``store`` copied with 4 KiB of noise over its third page (a B-tree page of a small store)."""
+    import shutil
+
+    copy = tmp_path / "damaged.lmdb"
+    shutil.copytree(store, copy)
+    with open(copy / "data.mdb", "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return copy
+
+
+def test_a_damaged_lmdb_page_is_one_line_naming_the_store_not_a_traceback(tiny, tmp_path, capsys):
+    """lmdb.CorruptedError came through as a traceback from every read (meta, images, digest)."""
+    from iisan.cli.main import main
+    from iisan.data.images import close_reader, store_digest
+    from iisan.data.interactions import read_items
+
+    ids = read_items(tiny["items"]).ids
+    build_image_lmdb(tiny["image_dir"], tmp_path / "small.lmdb", ids, size=16, progress=False)
+    damaged = damaged_copy(tmp_path / "small.lmdb", tmp_path)
+    said = rf"^{damaged} is a damaged LMDB \(mdb_get: MDB_CORRUPTED: .*\); move it away and rebuild it with `iisan " \
+           r"build-lmdb` \(or copy it again\)$"
+    with pytest.raises(ImageStoreError, match=said):
+        ImageStore(damaged).get(ids)
+    close_reader(damaged)
+    with pytest.raises(SystemExit) as stopped:
+        main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", str(damaged), "--text-model",
+              tiny["text_model"], "--image-model", tiny["image_model"], "--towers", "image", "--modality", "intra",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--num-workers", "0"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"iisan: error: {damaged} is a damaged LMDB (")
+    close_reader(damaged)
+    with lmdb.open(str(damaged)) as env, env.begin(write=True) as txn:  # a store from before digests were recorded
+        meta = json.loads(txn.get(b"__meta__"))
+        del meta["digest"]
+        txn.put(b"__meta__", json.dumps(meta).encode())
+    with pytest.raises(ImageStoreError, match=said.replace("mdb_get", "mdb_cursor_.*")):
+        store_digest(damaged, compute=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def _check_whole(path: Path, opened: lmdb.Environment) -> None:
                               "copy it again, or move it away and rebuild it with `iisan build-lmdb`")
 
 
+@contextmanager
+def damage_named(path: Path) -> Iterator[None]:
+    """An LMDB error while reading the store at ``path`` (a damaged page: ``MDB_CORRUPTED``) as one line. Damage
+    inside an image's own bytes is not seen: LMDB keeps no checksums."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise ImageStoreError(f"{path} is a damaged LMDB ({err}); move it away and rebuild it with `iisan build-lmdb` "
+                              "(or copy it again)") from None
+
+
 def close_reader(path: Path) -> None:
     """Drop this process's handle on ``path`` (before the store there is replaced)."""
     stale = _OPEN.pop((str(Path(path).resolve()), os.getpid()), None)
@@ -98,7 +110,7 @@ def close_reader(path: Path) -> None:
 def read_meta(path: Path) -> dict | None:
     """The metadata record of the image LMDB at ``path``: None when there is none (not one of ours)."""
     opened = _open_readonly(path)
-    with opened.begin() as txn:
+    with damage_named(path), opened.begin() as txn:
         raw = txn.get(META_KEY)
     if raw is None:
         return None
@@ -150,7 +162,7 @@ def store_digest(path: str | Path, compute: bool = False) -> str | None:
         if key not in _DIGESTS:
             log.info("%s: reading every image once more to name its content (a store built before builds "
                      "recorded it)", path)
-            with _open_readonly(path).begin(buffers=True) as txn:
+            with damage_named(path), _open_readonly(path).begin(buffers=True) as txn:
                 _DIGESTS[key] = records_digest(txn)
         return _DIGESTS[key]
     finally:
@@ -190,7 +202,7 @@ class ImageStore:
     def _txn(self, buffers: bool = False):
         if self._env is None or self._pid != os.getpid():
             self._env, self._pid = _open_readonly(self.path), os.getpid()
-        with self._env.begin(buffers=buffers) as txn:
+        with damage_named(self.path), self._env.begin(buffers=buffers) as txn:
             yield txn
 
     def digest(self) -> str:
