@@ -7,7 +7,10 @@ among its ties. Here every place is taken as equally likely: the target ranks un
 ``best .. best + ties`` (``best = 1 + #higher``), its expected rank is ``best + ties / 2``, and HR@K
 and NDCG@K are the averages of the hit and the discount over those places, which is what sorting gives
 on average. (Counting only strictly higher scores would give every tie to the target: a model that
-scores every item the same would hit at every K.)
+scores every item the same would hit at every K.) Ties are scores equal to the last bit: items of the same
+content may score an ulp apart (summation order), which breaks their tie as sorting would. A NaN target
+score (non-finite weights, which training and the cache refuse) makes the metrics NaN, not a number
+that looks like a result.
 
 ``evaluate_model`` runs it for a recommender: the item table once (``item_table``, every item through
 the item encoder in chunks), then every user's vector against it. Under torchrun each rank ranks a
