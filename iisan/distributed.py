@@ -65,7 +65,27 @@ def main_process() -> bool:
 
 def launched_processes() -> int:
     """How many processes the launcher started (1 without one)."""
-    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+    return launch_env()["WORLD_SIZE"] if launched() else 1
+
+
+def launch_env(local: bool = False) -> dict[str, int]:
+    """The launcher's RANK and WORLD_SIZE (and LOCAL_RANK with ``local``), refused in one line when one is missing or
+    is not a count that fits the others (a hand-set environment)."""
+    values = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")[:3 if local else 2]:
+        text = os.environ.get(key)
+        if text is None:
+            raise ConfigError(f"RANK and WORLD_SIZE are set but {key} is not: set it too ({key} of this process) or "
+                              "launch with torchrun, which sets all three")
+        least = 1 if key == "WORLD_SIZE" else 0
+        if not text.strip().isdecimal() or int(text) < least:
+            raise ConfigError(f"{key}={text!r} in the environment: expected a whole number of at least {least} "
+                              "(torchrun sets RANK, WORLD_SIZE and LOCAL_RANK)")
+        values[key] = int(text)
+    if values["RANK"] >= values["WORLD_SIZE"]:
+        raise ConfigError(f"RANK={values['RANK']} in the environment is not below WORLD_SIZE={values['WORLD_SIZE']} "
+                          "(ranks count from 0)")
+    return values
 
 
 def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
@@ -74,7 +94,7 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     On CUDA each process takes the GPU of its ``LOCAL_RANK`` and talks NCCL; on CPU, gloo."""
     if not launched():
         return SINGLE, resolve_device(device_name), False
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world, local = launch_env(local=True).values()
     if device_name.startswith("cuda:"):
         raise ConfigError(f"device={device_name} under torchrun: use --device cuda (each process takes the "
                           "GPU of its LOCAL_RANK) or limit GPUs with CUDA_VISIBLE_DEVICES")

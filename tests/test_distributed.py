@@ -135,6 +135,32 @@ def test_a_numbered_gpu_under_torchrun_is_one_line_before_any_process_group(monk
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "RANK and WORLD_SIZE are set but LOCAL_RANK is not: set it too (LOCAL_RANK of "
+                                       "this process) or launch with torchrun, which sets all three"),
+    ({"RANK": "x", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "RANK='x' in the environment: expected a whole number of at "
+                                                          "least 0 (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK)"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"},
+     "WORLD_SIZE='0' in the environment: expected a whole number of at least 1 (torchrun sets RANK, WORLD_SIZE and "
+     "LOCAL_RANK)"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 in the environment is not below WORLD_SIZE=2 (ranks "
+                                                          "count from 0)"),
+])
+def test_a_hand_set_launch_environment_is_one_line_before_any_process_group(tiny_config, monkeypatch, capsys, env,
+                                                                             said):
+    """A launcher's variables set by hand: KeyError 'LOCAL_RANK' or int('x') came through as tracebacks."""
+    cfg = tiny_config(method="id", epochs=1)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False) if "LOCAL_RANK" not in env else None
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--method", "id", "--users", cfg.users, "--items", cfg.items, "--epochs", "1", "--out-dir",
+              cfg.out_dir, "--device", "cpu", "--no-progress"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"iisan: error: {said}"
+    assert not torch.distributed.is_initialized()
+
+
 def test_run_names_under_torchrun_carry_the_process_count(tiny_config, monkeypatch):
     """Each process has its own batch of users: 2 processes compute another run than 1 (not "finished
     before with this config"); a run name given by hand resumes across counts."""
