@@ -459,6 +459,9 @@ CASES = [
     Case("cache-metadata-width-damaged", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors: its metadata width 'wide' / depth",),
          setup=edited_cache(lambda meta, states: meta.update(width="wide"))),
+    Case("cache-metadata-width-a-superscript", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # str.isdigit took it
+         ("cache {s}/c/text.safetensors: its metadata width '²' / depth",),
+         setup=edited_cache(lambda meta, states: meta.update(width="²"))),
     Case("cache-lacks-an-item", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors lacks 1 of the data set's items (e.g. 'I0000001')",),
          setup=edited_cache(lambda meta, states: meta.update(item_ids=meta["item_ids"].replace('"I0000001"',

@@ -143,7 +143,7 @@ def metadata_problem(meta: dict[str, str]) -> str | None:
             return f": its metadata {key!r} is not a JSON list of {kind.__name__}s (damaged)"
     if not isinstance(_json(meta.get("encoder_files", "{}")), dict):
         return ": its metadata 'encoder_files' is not a JSON object (damaged)"
-    if not meta["width"].isdigit() or not meta["depth"].isdigit():
+    if not meta["width"].isdecimal() or not meta["depth"].isdecimal():  # (isdigit takes '²', which int() refuses)
         return f": its metadata width {meta['width']!r} / depth {meta['depth']!r} are not integers (damaged)"
     if meta["dtype"] not in STATE_DTYPES:
         return f": its metadata dtype {meta['dtype']!r} is not one of {', '.join(STATE_DTYPES)} (damaged)"
