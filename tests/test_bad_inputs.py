@@ -446,6 +446,9 @@ CASES = [
          ("device=mps but no Apple MPS device is available",)),
     Case("cudagraph-on-cpu", lambda P, s: T(P, s, "--compile", "cudagraph"),
          ("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)",)),
+    Case("cudagraph-with-fp16", lambda P, s: T(P, s, "--compile", "cudagraph", "--amp", "fp16"),  # a traceback on a GPU
+         ("compile=cudagraph needs amp=bf16 or none (fp16's loss scaling asks the host every step); use --amp bf16, or "
+          "--compile off to run fp16 eager",)),
     Case("items-empty-id", T_items, ("{s}/items.tsv:2: empty item id",), setup=items_with("\ta title\n")),
     Case("lmdb-images-empty-folder", lambda P, s: L(P, s, "--images", f"{s}/empty"),
          ("no images to store: {s}/empty has no *.jpg files and no item list",),

@@ -25,6 +25,9 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     if cfg.compile == "auto":
         graphable = device.type == "cuda" and cfg.cached and cfg.amp != "fp16"
         return "cudagraph" if graphable else "off"
+    if cfg.compile == "cudagraph" and cfg.amp == "fp16":  # (before the device: a CPU can tell it too)
+        raise TrainingError("compile=cudagraph needs amp=bf16 or none (fp16's loss scaling asks the host every "
+                            "step); use --amp bf16, or --compile off to run fp16 eager")
     if cfg.compile == "cudagraph" and (device.type != "cuda" or not cfg.cached):
         raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
     return cfg.compile
