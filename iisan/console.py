@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from .errors import USER_ERRORS, RunInterrupted
+from .errors import USER_ERRORS, RunInterrupted, in_the_way
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         if err.filename is None:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)
-        fail(prog, f"{err.filename}: {err.strerror or err}")
+        fail(prog, f"{err.filename}: {in_the_way(err.filename, err) or err.strerror or err}")
 
 
 def stdout_closed() -> bool:

@@ -8,6 +8,9 @@ callers would expect (``ValueError`` for bad values, ``RuntimeError`` for runs t
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """Base of the errors below: bad input or a run that cannot go on, never a bug in this library."""
@@ -81,6 +84,17 @@ def error_line(err: BaseException) -> str:
     """``Type: first line of the message``: an error that is not a ``UserError``, named in one line."""
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
     return f"{type(err).__name__}: {message}"
+
+
+def in_the_way(path: str | Path, err: BaseException) -> str:
+    """For 'Not a directory' or 'File exists' (the ``mkdir`` of a folder where a file is), which file above
+    ``path`` is in the way; '' for any other error."""
+    if not isinstance(err, (NotADirectoryError, FileExistsError)) or not isinstance(path, (str, os.PathLike)):
+        return ""
+    for above in Path(path).parents:
+        if os.path.lexists(above):
+            return "" if above.is_dir() else f"{above} is a file, not a folder"
+    return ""
 
 
 class InUse(OutputError):

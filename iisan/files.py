@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from .errors import OutputError, UserError
+from .errors import OutputError, UserError, in_the_way
 
 if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` imports this module, not torch
     import torch
@@ -168,7 +168,7 @@ def failure_reason(err: BaseException) -> str:
 
 
 def write_failure(path: str | Path, err: BaseException) -> OutputError:
-    return OutputError(f"could not write {path}: {failure_reason(err)}")
+    return OutputError(f"could not write {path}: {in_the_way(path, err) or failure_reason(err)}")
 
 
 def require_space(path: str | Path, needed: int, what: str) -> None:

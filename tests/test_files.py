@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.errors import OutputError
+from iisan.errors import OutputError, in_the_way
 from iisan.files import (
     atomic_path,
     claim_output,
@@ -334,3 +334,23 @@ def test_a_lock_held_on_another_host_cannot_be_told_from_here(tmp_path):
     assert status(tmp_path / "results.json", {"status": "running"}) == "running"
     lock.write_text(f"pid 4242 on {socket.gethostname()}\n")  # here, and no process holds it: stopped
     assert held(lock) is False and status(tmp_path / "results.json", {"status": "running"}) == "stopped"
+
+
+def test_a_file_where_an_output_folder_belongs_is_named_not_file_exists(tmp_path, capsys):
+    """`results --csv items.tsv/x.csv` said 'could not write .../x.csv: File exists' (the mkdir of the folder
+    met the file); `make-tiny-models --out items.tsv` said '.../tiny-bert: Not a directory'."""
+    from iisan.cli.main import main
+
+    (tmp_path / "items.tsv").write_text("I1\ta title\n")
+    with pytest.raises(OutputError) as caught, atomic_path(tmp_path / "items.tsv" / "deeper" / "x.csv"):
+        pass
+    assert str(caught.value) == f"could not write {tmp_path}/items.tsv/deeper/x.csv: {tmp_path}/items.tsv is a file, " \
+                                "not a folder"
+    with pytest.raises(SystemExit) as stopped:
+        main(["make-tiny-models", "--out", str(tmp_path / "items.tsv")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"iisan: error: {tmp_path}/items.tsv/tiny-bert: {tmp_path}/items.tsv is a file, not a folder"
+    assert in_the_way(tmp_path / "nothing" / "x", FileExistsError()) == ""  # nothing in the way: the OS's words
+    assert in_the_way(tmp_path / "items.tsv" / "x", PermissionError()) == ""
+    assert in_the_way(b"/bytes/path", NotADirectoryError()) == ""
