@@ -328,6 +328,23 @@ def test_an_archive_member_outside_the_folder_is_refused(tmp_path):
         unpack_images(tmp_path / "bad.zip", tmp_path / "Dataset" / "am_image_yy")
 
 
+def test_an_archive_zipfile_cannot_unpack_is_one_line_saying_to_unzip_it_by_hand(tmp_path):
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("1.jpg", b"one" * 100)
+    data = bytearray(archive.read_bytes())
+    for header, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers' method
+        at = data.index(header) + method_at
+        data[at:at + 2] = (99).to_bytes(2, "little")  # AES encryption's method: zipfile has no unpacker for it
+    archive.write_bytes(bytes(data))
+    target = tmp_path / "Dataset" / "am_image_xx"
+    with pytest.raises(FetchError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught).startswith(f"{archive} cannot be unpacked here (")
+    assert one_line(caught).endswith(f"); unzip it by hand into {target}/ and run the fetch again")
+    assert not target.exists() and not (tmp_path / "Dataset" / ".am_image_xx.unpacking").exists()
+
+
 @pytest.mark.parametrize("inner", ["", "am_image_xx/"])
 def test_what_the_macos_archiver_adds_stays_out_of_the_image_folder(tmp_path, inner):
     archive = tmp_path / "mac.zip"

@@ -92,6 +92,10 @@ def unpack_images(archive: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
                          "again") from None
+    except (NotImplementedError, RuntimeError) as err:  # a compression method zipfile lacks; a password
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FetchError(f"{archive} cannot be unpacked here ({err}); unzip it by hand into {target}/ and run the "
+                         "fetch again") from None
     junk = [p for p in tmp.iterdir() if p.name in ARCHIVER_JUNK]  # what macOS's archiver adds
     entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
     inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
