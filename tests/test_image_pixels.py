@@ -94,11 +94,12 @@ def test_a_folder_build_names_the_files_it_does_not_read(folder, tmp_path, caplo
         Image.new("RGB", (8, 8)).save(folder / name, format="JPEG")
     (folder / "sub").mkdir()
     (folder / "e.jpg").mkdir()  # a folder named as an image
+    (folder / "f.jpg").symlink_to(folder / "gone.jpg")  # a broken link: counted among the subfolders before
     with caplog.at_level(logging.WARNING):
         report = build_image_lmdb(folder, tmp_path / "db.lmdb", size=8, progress=False)
     assert report["stored"] == 2
-    assert f"{folder}: not read: 1 .JPG file(s), 1 .jpeg file(s), 2 subfolder(s) (only *.jpg files are: " \
-           "--extension)" in caplog.text
+    assert f"{folder}: not read: 1 .JPG file(s), 1 .jpeg file(s), 2 subfolder(s), 1 broken link(s) (only *.jpg files " \
+           "are: --extension)" in caplog.text
     listed = build_image_lmdb(folder, tmp_path / "listed.lmdb", ["a", "e"], size=8, progress=False)
     assert open(listed["report"]).read().splitlines()[1:] == ["e\ta folder"]
 

@@ -300,17 +300,23 @@ def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
     return found
 
 
+UNREAD_KINDS = {"folder": "subfolder(s)", "link": "broken link(s)", "other": "special file(s)"}  # (not plain files)
+
+
 def _listed_ids(image_dir: Path, extension: str) -> list[str]:
     """Item ids of the folder's ``*<extension>`` files; names that are not valid ids are skipped, counted."""
     ids, skipped = [], []
-    files = {p.name: p.is_file() for p in image_dir.iterdir()}  # one listing, one stat a name
-    unread = collections.Counter(Path(name).suffix or "no extension" if is_file else "folder"
+    paths = list(image_dir.iterdir())
+    files = {p.name: p.is_file() for p in paths}  # one listing, one stat a name
+    kinds = {p.name: "folder" if p.is_dir() else "link" if not p.exists() else "other"
+             for p in paths if not files[p.name]}
+    unread = collections.Counter(Path(name).suffix or "no extension" if is_file else kinds[name]
                                  for name, is_file in files.items()
                                  if not (is_file and name.endswith(extension)) and not name.startswith("."))
     if unread:  # a camera's .JPG beside .jpg, a subfolder: not read, and said so (an item without one is a blank)
         log.warning("%s: not read: %s (only *%s files are: --extension)", image_dir,
-                    ", ".join(f"{n} {'subfolder(s)' if kind == 'folder' else kind + ' file(s)'}"
-                              for kind, n in sorted(unread.items())), extension)
+                    ", ".join(f"{n} {UNREAD_KINDS.get(kind, kind + ' file(s)')}" for kind, n in sorted(unread.items())),
+                    extension)
     for name in sorted(n[: -len(extension)] for n, is_file in files.items() if is_file and n.endswith(extension)):
         try:
             check_item_id(name, str(image_dir))
