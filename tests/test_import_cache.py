@@ -5,6 +5,7 @@ directly from the same states; bad files are counted and named, pickled objects 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -212,3 +213,15 @@ def test_missing_files_can_be_stored_as_zero_states_when_asked(tiny, authors_fil
 def test_a_folder_without_the_authors_layout_is_one_line(tiny, tmp_path):
     with pytest.raises(CacheError, match="bert_outputs/"):
         import_cache_from_config(cache_config(tiny, tmp_path / "cache"), tmp_path)
+
+
+def test_an_encoder_folder_that_is_not_there_is_said_before_its_states_are_taken_as_the_authors(
+        tiny, authors_files, tmp_path, caplog):
+    """--text-model /a/typo fell back to the authors' BERT-base shape without a word: the import then
+    refused every file as '(13, 768) expected', with nothing pointing at the folder."""
+    cfg = cache_config(tiny, tmp_path / "cache").replace(text_model=str(tmp_path / "typo"))
+    with caplog.at_level(logging.INFO, logger="iisan"), pytest.raises(CacheError, match="wrong shape"):
+        import_cache_from_config(cfg, authors_files["src"], dtype="float32")
+    assert f"text: {tmp_path / 'typo'} is no encoder folder here; the states are taken as the authors' " \
+           "bert-base-uncased's (13 x 768)" in caplog.text
+    assert "image: " not in caplog.text  # its folder is there

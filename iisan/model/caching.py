@@ -288,6 +288,9 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
         if local_folder(model_name(cfg, m)) is not None:  # the states are said to be this folder's encoder's
             spec = read_spec(model_name(cfg, m), m)
             encoder, model_type, depth, width = model_name(cfg, m), spec.model_type, spec.depth, spec.width
+        else:
+            log.info("%s: %s is no encoder folder here; the states are taken as the authors' %s's (%d x %d)", m,
+                     model_name(cfg, m), encoder, depth + 1, width)
         keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
         shapes[m] = (depth + 1, width)
         metadata[m] = declared_metadata({
