@@ -373,6 +373,10 @@ CASES = [
     Case("items-latin1", T_items,
          ("{s}/items.tsv:2: byte 0xe9 at column 13 is not utf-8 text", "--encoding"),
          setup=items_with(LATIN1, encoding="latin-1")),
+    Case("users-one", T_users,  # trained with loss 0 at every step and finished
+         ("{s}/users.tsv: 1 user after the protocol trains nothing: the loss ranks each target against the items "
+          "of the other users in its batch, and there are none",),
+         setup=write("users.tsv", "U0\tI0000001 I0000002 I0000003 I0000004 I0000005 I0000006\n")),
     Case("users-binary", T_users,
          ("{s}/users.tsv:1: byte 0x89 at column 1 is not utf-8 text",), setup=write("users.tsv", BINARY)),
     Case("encoding-unknown", lambda P, s: T(P, s, "--encoding", "klingon"),

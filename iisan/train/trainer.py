@@ -30,7 +30,7 @@ from ..data.epochs import epoch_order, steps_per_epoch
 from ..data.run_data import describe_data, load_data
 from ..devices import device_name, sync
 from ..distributed import Dist, any_rank, mean_over_ranks
-from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
+from ..errors import ConfigError, DataError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import file_fingerprint, write_json_atomic
 from ..methods import METHOD_NAMES
@@ -105,6 +105,9 @@ class Run:
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
         data = self.data = load_data(cfg)
+        if data.num_users < 2:  # (as --batch-size 1: bounds.py)
+            raise DataError(f"{cfg.users}: 1 user after the protocol trains nothing: the loss ranks each target "
+                            "against the items of the other users in its batch, and there are none")
         self.record.items_fingerprint, self.record.kept_items = data.catalog.fingerprint, data.kept_items
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
