@@ -88,6 +88,8 @@ def unpack_images(archive: Path, target: Path) -> None:
                     raise FetchError(f"{archive}: member {member!r} would be written outside {target}; "
                                      "refusing to unpack it")
             zf.extractall(tmp)  # checks every member's CRC as it reads it
+    except FetchError:  # a member outside the folder, refused above (a RuntimeError too)
+        raise
     except (zipfile.BadZipFile, EOFError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
