@@ -5,6 +5,7 @@ reaches the network."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from iisan.data.datasets import DATASETS, FETCHABLE, dataset_paths
 from iisan.data.download import Expected, git_blob_id, http_download, mismatch, partial_path
 from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
 from iisan.data.interactions import load_dataset
-from iisan.data.manifest import Manifest
+from iisan.data.manifest import FORMAT, Manifest
 from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
 from iisan.errors import DataError, FetchError
 
@@ -314,6 +315,61 @@ def test_a_file_that_is_not_a_fetch_manifest_is_refused(tmp_path):
     (tmp_path / MANIFEST).write_text('{"steps": {}}')
     with pytest.raises(FetchError, match=r"is not an IISAN fetch manifest \(format None, expected "):
         Manifest(tmp_path / MANIFEST, tmp_path)
+
+
+def fetch_manifest(steps=None, **data) -> str:
+    """A fetch manifest's text: our format, with ``steps`` where given and ``data`` beside them."""
+    return json.dumps({"format": FORMAT, **({} if steps is None else {"steps": steps}), **data})
+
+
+NO_RECORD = "damaged (step 'tsv' records 'x' without an integer size and a sha256 string)"
+DAMAGED_DATA = [  # (manifest text, what the one line says is wrong)
+    ("[]", "damaged (not a JSON object)"),
+    ("[" * 100_000, "not a readable manifest (RecursionError)"),
+    (fetch_manifest(), "damaged (no 'steps' object)"),
+    (fetch_manifest([]), "damaged (no 'steps' object)"),
+    (fetch_manifest({"tsv": []}), "damaged (step 'tsv' is not an object)"),
+    (fetch_manifest({"tsv": {}}), "damaged (step 'tsv' has no 'files' object)"),
+    (fetch_manifest({"tsv": {"files": []}}), "damaged (step 'tsv' has no 'files' object)"),
+    (fetch_manifest({"tsv": {"files": {"x": {}}}}), NO_RECORD),
+    (fetch_manifest({"tsv": {"files": {"x": {"size": "4", "sha256": "ab"}}}}), NO_RECORD),
+    (fetch_manifest({"tsv": {"files": {"x": {"size": True, "sha256": "ab"}}}}), NO_RECORD),
+    (fetch_manifest({"tsv": {"files": {"x": {"size": 4, "sha256": None}}}}), NO_RECORD),
+    (fetch_manifest({"tsv": {"files": {"../x": {"size": 4, "sha256": "ab"}}}}),
+     "damaged (step 'tsv' names '../x', not a path inside the folder it records)"),
+    (fetch_manifest({"stats": {"files": {}, "users": 1, "items": "2", "interactions": 3}}),
+     "damaged (step 'stats' has no items (an integer))"),
+]
+
+
+@pytest.mark.parametrize(("text", "wrong"), DAMAGED_DATA, ids=range(len(DAMAGED_DATA)))
+def test_a_damaged_data_manifest_is_one_line_and_left_in_place(tmp_path, text, wrong):
+    manifest = tmp_path / "Dataset" / "Scientific" / MANIFEST
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(text)
+    (tmp_path / "x").write_bytes(b"data")  # the file some of them name, 4 bytes
+
+    def no_download(url, dest, expected):
+        raise AssertionError(f"downloaded {url}")
+
+    with pytest.raises(FetchError) as err:
+        fetch_dataset("Scientific", tmp_path, download=no_download)
+    assert one_line(err) == f"{manifest} is {wrong}; move it away and run `iisan fetch data --dataset Scientific` again"
+    assert manifest.read_text() == text  # the user's file: never replaced or removed
+
+
+def test_a_damaged_manifest_ends_the_fetch_commands_in_one_line(tmp_path):
+    manifest = tmp_path / "Dataset" / "Scientific" / MANIFEST
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(fetch_manifest({"tsv": {"files": {"x": {}}}}))
+    line = error_line(run_cli("fetch", "data", "--dataset", "Scientific", "--root", str(tmp_path)))
+    assert line.startswith(f"iisan: error: {manifest} is damaged (step 'tsv' records 'x' without an integer size")
+    encoder = tmp_path / "models" / "bert-base-uncased"
+    encoder.mkdir(parents=True)
+    (encoder / "iisan-fetch.json").write_text(fetch_manifest())
+    line = error_line(run_cli("fetch", "encoders", "--root", str(tmp_path / "models")))
+    assert line == (f"iisan: error: {encoder / 'iisan-fetch.json'} is damaged (no 'steps' object); move {encoder} "
+                    "away and run `iisan fetch encoders` again")
 
 
 def test_an_archive_member_outside_the_folder_is_refused(tmp_path):

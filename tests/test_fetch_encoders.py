@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
+from iisan.data.manifest import FORMAT
 from iisan.errors import FetchError
 from iisan.experiments.encoders import ENCODER_PRESETS, ENCODERS, MANIFEST, RUN_FILES, fetch_encoders
 from iisan.model.backbones import load_image_encoder, load_text_encoder
@@ -114,6 +115,35 @@ def test_a_repository_without_safetensors_is_refused_and_a_folder_placed_by_hand
     (by_hand / "config.json").write_text("{}")
     fetch_encoders("iisan", tmp_path, hub)
     assert [p.name for p in by_hand.iterdir()] == ["config.json"]  # left as it is
+
+
+def download_step(**facts) -> str:
+    """A fetch manifest's text with a download step of ``facts`` (and no files)."""
+    return json.dumps({"format": FORMAT, "steps": {"download": {"files": {}, **facts}}})
+
+
+PIN = ENCODERS["bert-base-uncased"].revision
+DAMAGED = [  # (manifest text, what the one line says is wrong)
+    ("[]", "damaged (not a JSON object)"),
+    (json.dumps({"format": FORMAT}), "damaged (no 'steps' object)"),
+    (json.dumps({"format": FORMAT, "steps": {}}), "damaged (no step 'download')"),
+    (download_step(repo_id="r"), "damaged (step 'download' has no revision (a string))"),
+    (download_step(repo_id="r", revision=7), "damaged (step 'download' has no revision (a string))"),
+    (download_step(revision=PIN), "damaged (step 'download' has no repo_id (a string))"),
+    (download_step(repo_id="r", revision=PIN, files={"/etc/hosts": {}}),
+     "damaged (step 'download' names '/etc/hosts', not a path inside the folder it records)"),
+]
+
+
+@pytest.mark.parametrize(("text", "wrong"), DAMAGED, ids=range(len(DAMAGED)))
+def test_a_damaged_manifest_is_one_line_naming_it_and_the_folder_stays(hub, tmp_path, text, wrong):
+    target = tmp_path / "bert-base-uncased"
+    target.mkdir()
+    (target / MANIFEST).write_text(text)
+    with pytest.raises(FetchError) as err:
+        fetch_encoders("iisan", tmp_path, hub)
+    assert str(err.value) == f"{target / MANIFEST} is {wrong}; move {target} away and run `iisan fetch encoders` again"
+    assert hub.downloads == [] and (target / MANIFEST).read_text() == text  # nothing fetched, nothing removed
 
 
 def test_the_presets_name_known_encoders_and_every_pin_is_a_full_commit():

@@ -137,7 +137,7 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
 
 
 def verify_fetched(target: Path, model: HubModel) -> None:
-    manifest = Manifest(target / MANIFEST, target, "`iisan fetch encoders`")
+    manifest = Manifest(target / MANIFEST, target, "`iisan fetch encoders`", holder=target)
     info = manifest.info("download")
     if model.revision and info["revision"] != model.revision:
         raise FetchError(f"{target} holds {info['repo_id']} at {info['revision'][:12]}, this version of iisan pins "
