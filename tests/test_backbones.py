@@ -96,6 +96,10 @@ def test_pixels_become_contiguous_normalised_nchw():
     x = pixels_to_input(pixels, norm)
     assert x[1, :, 2, 5].tolist() == pytest.approx([(r / 255 - 0.5) / 0.5, (g / 255 - 0.4) / 0.25, (0 - 0.3) / 0.2])
     assert pixels_to_input(pixels, {**norm, "size": 16}).shape == (3, 3, 16, 16)  # resized to the model's side
+    kept = pixels.clone()  # normalised in place in a buffer of its own: the same bits as out of place, pixels kept
+    plain = pixels.permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(norm["mean"])[:, None, None], torch.tensor(norm["std"])[:, None, None]
+    assert torch.equal(pixels_to_input(pixels, norm), (plain - mean) / std) and torch.equal(pixels, kept)
 
 
 @pytest.mark.parametrize("side", [64, 48, 16])
