@@ -266,6 +266,25 @@ def test_a_cache_from_before_image_norm_is_rebuilt_in_place(tiny_config, tmp_pat
     assert read_metadata(path)["image_norm"] == "processor"
 
 
+def test_a_text_cache_from_before_title_tokens_is_rebuilt_in_place_and_kept_by_reuse(tiny_config, tmp_path, caplog):
+    """A text cache built before commit 79420f4 records no title length: training took it, but a build over it
+    was refused as 'built with other settings (title_tokens None there, 30 now)'."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), towers="text", modality="intra")
+    path = build_cache_from_config(cfg, dtype="float32")["text"]
+    with safe_open(str(path), framework="pt") as fh:
+        meta, states = {k: v for k, v in fh.metadata().items() if k != "title_tokens"}, fh.get_tensor("states")
+    save_file({"states": states}, str(path), metadata=meta)
+    with caplog.at_level("INFO", logger="iisan"):
+        build_cache_from_config(cfg, dtype="float32", reuse=True)
+    assert "built before with these settings; kept as it is" in caplog.text
+    assert "title_tokens" not in read_metadata(path)
+    build_cache_from_config(cfg, dtype="float32")  # no --overwrite needed
+    assert read_metadata(path)["title_tokens"] == "30"
+
+
 def test_a_folder_where_a_cache_file_belongs_is_named_as_one(tiny_config, tmp_path):
     (tmp_path / "c" / "text.safetensors").mkdir(parents=True)
     cfg = tiny_config(cache_dir=str(tmp_path / "c"))

@@ -63,10 +63,11 @@ OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_nor
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
 UNRECORDED = {"image_norm": "processor"}
 # Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them
-# (``compared``). ``images``: an image cache's LMDB, by the digest of its records (``images.store_digest``);
-# ``encoder_dtype``: recorded by caches built after commit 134175e; ``titles``: the latest, a cache without it
-# says nothing of how its titles were decoded. In the order versions began to record them.
-UNTOLD_SINCE = ("images", "encoder_dtype", "titles")
+# (``compared``). ``title_tokens``: a text cache's title length, recorded since commit 79420f4 (the loader
+# never held an older cache to it either); ``images``: an image cache's LMDB, by the digest of its records
+# (``images.store_digest``); ``encoder_dtype``: recorded by caches built after commit 134175e; ``titles``: the
+# latest, a cache without it says nothing of how its titles were decoded. In the order versions began to record them.
+UNTOLD_SINCE = ("title_tokens", "images", "encoder_dtype", "titles")
 UNTOLD = frozenset(UNTOLD_SINCE)
 REQUIRED = tuple(key for key in METADATA_KEYS if key not in ("format", *OPTIONAL))
 
