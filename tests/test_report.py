@@ -129,6 +129,25 @@ def test_runs_of_other_data_under_one_name_are_never_averaged_together(runs, tmp
     assert len(rows) == 1 and "@" not in rows[0][header.index("data")] and rows[0][header.index("seeds")] == "2"
 
 
+def test_a_run_from_before_users_fingerprints_joins_the_runs_on_the_same_users_file(runs, tmp_path, capsys, caplog):
+    """Results written before commit 88074d4 record no users fingerprint: their path was compared with the
+    others' fingerprints, so a seed of such a run and a new one on the untouched files were never averaged, with
+    a warning of 'files of other contents'. The file as it is now stands for it; a file since gone, its path."""
+    out, _ = runs
+    copy_run(out / "lr0.0002-s1", tmp_path / "new", lambda r: None)
+    copy_run(out / "lr0.0002-s2", tmp_path / "old", lambda r: r.pop("users_fingerprint"))
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and "@" not in rows[0][header.index("data")] and rows[0][header.index("seeds")] == "2"
+    assert "names files of other contents" not in caplog.text
+    copy_run(out / "lr0.0002-s2", tmp_path / "gone", lambda r: (r.pop("users_fingerprint"), r.update(
+        config={**r["config"], "users": str(tmp_path / "gone" / Path(r["config"]["users"]).parent.name / "x.tsv")})))
+    main(["results", str(tmp_path), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 2 and len({row[header.index("data")].split("@")[0] for row in rows}) == 1  # one name,
+    # and nothing tells what the vanished file held: shown apart
+
+
 def test_a_live_run_shows_no_cache_precision(runs, tmp_path, capsys):
     out, _ = runs
     copy_run(out / "lr0.001-s1", tmp_path / "cached", lambda r: None)

@@ -21,6 +21,7 @@ from ..bounds import LEARNING_RATES
 from ..config import Config
 from ..data.run_data import recorded_digest
 from ..errors import ConfigError, UserError
+from ..files import file_fingerprint
 from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
 from ..train.checkpoint import MAY_CHANGE
@@ -78,9 +79,9 @@ def read_row(path: Path, results: dict) -> dict:
         "method": results["method"],
         "feed": "-" if results["method"] == METHOD_NAMES["id"] else results["feed"],  # no encoder to feed
         "data": users.parent.name or users.stem,  # Dataset/Scientific/... -> Scientific
-        # what the data files held (older results: their paths), and the images read ('' for none), to tell
-        # apart data sets that share a name (``labels.data_labels``)
-        "data_files": ":".join(str(results.get(f"{k}_fingerprint") or cfg[k]) for k in ("users", "items")),
+        # what the data files held, and the images read ('' for none), to tell apart data sets that share a
+        # name (``labels.data_labels``)
+        "data_files": ":".join(files_read(results, cfg, k) for k in ("users", "items")),
         "image_files": images_read(results, cfg),
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
@@ -109,6 +110,19 @@ def read_row(path: Path, results: dict) -> dict:
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
+
+
+def files_read(results: dict, cfg: dict, key: str) -> str:
+    """What names the content of the ``key`` file ('users', 'items') a run read: the fingerprint it recorded;
+    for older results (users files before commit 88074d4), that of the file its config names, where it still
+    is, as a run resumed now would record it (else its path)."""
+    if recorded := results.get(f"{key}_fingerprint"):
+        return str(recorded)
+    where = Path(results.get("working_dir") or "", cfg[key])
+    try:
+        return file_fingerprint(where)
+    except OSError:  # gone, or not readable here: its path stands for it
+        return str(cfg[key])
 
 
 def images_read(results: dict, cfg: dict) -> str:
