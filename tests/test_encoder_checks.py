@@ -95,6 +95,20 @@ def test_tokenizer_far_smaller_than_the_model_vocabulary_is_refused(tiny, tmp_pa
                                        r"is \d+ \(a tokenizer of another model, or one of special tokens only\?\)")
 
 
+def test_a_tiny_model_an_older_version_wrote_with_special_tokens_only_says_to_write_it_again(tiny, tmp_path):
+    """make-tiny-models before commit 7c7ec25 wrote a tokenizer of the special tokens alone: its own folder was
+    told to 'use the tokenizer files the model came with', which are these."""
+    specials = write_bert(tmp_path / "specials", vocabulary([]), hidden=16, layers=1, heads=1)
+    folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), specials)
+    refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' knows 5 tokens but the model's vocab_size is "
+                                       r"\d+: a tiny random model an IISAN version before commit 7c7ec25 wrote with a "
+                                       r"tokenizer of special tokens only; write it again \(iisan make-tiny-models, or "
+                                       r"iisan demo in a new folder\), and retrain what used it: its results change$")
+    (folder / ".iisan-random-model").unlink()  # not ours: someone else's tokenizer of special tokens
+    refused(load_text_encoder, folder, r"\(a tokenizer of another model, or one of special tokens only\?\): use the "
+                                       "tokenizer files the model came with$")
+
+
 def test_weights_under_another_prefix_are_refused_not_random(tiny, tmp_path):
     """Every tensor renamed (a wrapper's prefix): transformers would initialise the whole encoder at random."""
     for load, model, what in [(load_text_encoder, tiny["text_model"], "text"),

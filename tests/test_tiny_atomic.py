@@ -13,7 +13,8 @@ import transformers
 
 from iisan.errors import OutputError
 from iisan.files import TEMPORARY
-from iisan.model.tiny import TINY_MARKER, vocabulary, write_bert, write_decoder, write_vit
+from iisan.model.encoder_files import TINY_MARKER
+from iisan.model.tiny import vocabulary, write_bert, write_decoder, write_vit
 
 from ._cli_driver import changed, leftovers, run_forked, snapshot
 

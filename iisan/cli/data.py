@@ -45,7 +45,8 @@ def cmd_make_tiny_models(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..data.interactions import read_items
     from ..files import claim_folder
-    from ..model.tiny import TINY_MARKER, vocabulary, write_base_architectures, write_bert, write_llama, write_vit
+    from ..model.encoder_files import TINY_MARKER
+    from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 
     out = Path(args.out)
     names = ("bert-base-random", "vit-base-random") if args.base else ("tiny-bert", "tiny-vit", "tiny-llama")

@@ -31,6 +31,7 @@ from ..files import check_readable, failure_reason
 from .encoder_files import (
     PLAIN_VOCABULARIES,
     SENTENCEPIECE_FILES,
+    TINY_MARKER,
     VOCABULARY_FILES,
     resolve_model_path,
     say_ignored_code,
@@ -252,8 +253,13 @@ def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = Fal
         raise EncoderError(f"the tokenizer of {name!r} has ids up to {top} but the model's vocab_size is {vocab_size} "
                            "(a tokenizer of another model?): use the tokenizer files the model came with")
     if len(tokenizer) < vocab_size / 2:
-        raise EncoderError(f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is "
-                           f"{vocab_size} (a tokenizer of another model, or one of special tokens only?): use the "
+        said = f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
+        if (folder / TINY_MARKER).is_file() and set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
+            # ours, as make-tiny-models wrote it before commit 7c7ec25
+            raise EncoderError(f"{said}: a tiny random model an IISAN version before commit 7c7ec25 wrote with a "
+                               "tokenizer of special tokens only; write it again (iisan make-tiny-models, or iisan "
+                               "demo in a new folder), and retrain what used it: its results change")
+        raise EncoderError(f"{said} (a tokenizer of another model, or one of special tokens only?): use the "
                            "tokenizer files the model came with")
     return tokenizer
 

@@ -40,6 +40,7 @@ from ..bounds import not_utf8
 from ..errors import OutputError
 from ..files import atomic_path, fsync, remove, stale_temporaries, usual_permissions
 from ..locks import OutputLock
+from .encoder_files import TINY_MARKER
 from .encoder_loading import quiet_transformers
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -57,7 +58,6 @@ def quietly(write):
 
     return quiet
 
-TINY_MARKER = ".iisan-random-model"  # in each folder written here (``model_folder``, ``files.claim_folder``)
 MARKER_TEXT = "a random model folder, written by IISAN; it may replace this folder\n"
 
 
