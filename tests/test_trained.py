@@ -612,3 +612,28 @@ def test_a_run_that_did_not_finish_is_named_so_by_what_uses_its_weights(said, sh
     caplog.clear()
     load_run(runs["cached"]["run_dir"], device="cpu")
     assert "best weights so far" not in caplog.text
+
+
+def test_a_cached_run_that_recorded_no_cache_is_said_unchecked_when_found_and_evaluated(runs, tmp_path, capsys,
+                                                                                        caplog):
+    """Results from before commit 6349197 record no cache: a rerun found the run finished and evaluate blamed
+    'another device or library version' where the cache had been rebuilt from other encoders."""
+    import shutil
+
+    from iisan.config import Config
+
+    copy = tmp_path / "old"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    del results["cache"]
+    results["test"]["hit@10"] += 0.01
+    (copy / "results.json").write_text(json.dumps(results))
+    main(["evaluate", str(copy), "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "results.json differs: largest difference 1.00e-02 (a cache rebuilt since? (this run, from before commit "
+        "6349197, recorded none to compare) or another device or library version?)")
+    cfg = Config(**results["config"]).replace(out_dir=str(tmp_path), run_name="old")
+    with caplog.at_level("WARNING", logger="iisan"):
+        assert train(cfg)["status"] == "finished" and train(cfg)["status"] == "finished"
+    assert caplog.text.count(f"{copy} recorded no cache (a run from before commit 6349197): whether "
+                             f"{cfg.cache_dir} holds the states it trained on cannot be told") == 1  # said once

@@ -48,7 +48,8 @@ def recorded_metrics(results: dict) -> dict:
 def why_different(run: TrainedRun) -> str:
     """The likeliest reason the numbers moved: a results file of another config (copied from another run),
     weights of another epoch than the results file's (a run still training), another users file than the
-    run trained on, a cache rebuilt in another precision, else the software."""
+    run trained on, a cache rebuilt in another precision (or, for a run that recorded no cache, rebuilt at
+    all), else the software."""
     # imported when run, not for --help (cli/__init__.py)
     from ..files import file_fingerprint
     from ..train.checkpoint import PATHS, config_differences
@@ -67,6 +68,9 @@ def why_different(run: TrainedRun) -> str:
     changed = [f"{m} {trained_on[m]} then, {now[m]} now" for m in now if m in trained_on and trained_on[m] != now[m]]
     if changed:
         return f"the cache was rebuilt in another precision ({'; '.join(changed)})"
+    if run.cfg.cached and "cache" not in run.results:
+        return "a cache rebuilt since? (this run, from before commit 6349197, recorded none to compare) or another " \
+               "device or library version?"
     return "another device or library version?"
 
 

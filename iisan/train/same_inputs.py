@@ -8,6 +8,7 @@ resume on other ones is refused, and so is using the trained run on them (``chan
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..config import Config
@@ -18,6 +19,8 @@ from ..files import file_fingerprint
 from ..model.build import modalities, model_name
 from ..model.encoder_files import local_folder, weights_digest
 from .checkpoint import CHECKPOINTS, checkpoints
+
+log = logging.getLogger(__name__)
 
 FINGERPRINTED = {"users": "users_fingerprint", "items": "items_fingerprint"}  # config key -> results.json field
 
@@ -131,6 +134,9 @@ def kept_nothing(folder: Path) -> bool:
     return not (folder / "best.safetensors").is_file() and not checkpoints(folder / CHECKPOINTS)
 
 
+UNCHECKED: set[Path] = set()  # run folders already said to have recorded no cache (once each)
+
+
 def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
     """A ``ConfigError`` when the users or items file has changed (edited in place) since the run in
     ``folder`` recorded its fingerprint, or the cache it reads is not the one it trained on (another
@@ -143,6 +149,12 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
         return
     if why := changed_cache(cfg, results.get("cache"), folder):
         raise ConfigError(f"{why}; use another --run-name to train on it")
+    if cfg.cached and results and "cache" not in results and folder not in UNCHECKED:  # results before 6349197
+        UNCHECKED.add(folder)
+        log.warning("%s recorded no cache (a run from before commit 6349197): whether %s holds the states it "
+                    "trained on cannot be told; a cache rebuilt since from other encoders, tokenizers or images would "
+                    "leave its results stale (`iisan evaluate` it, or train again with another --run-name)", folder,
+                    cfg.cache_dir)
     if why := changed_encoder(cfg, results.get("encoders"), folder):
         raise ConfigError(f"{why}; use another --run-name to train with it, or restore the folder")
     for key, field in FINGERPRINTED.items():
