@@ -4,6 +4,7 @@ without the flag."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -62,13 +63,30 @@ def test_a_cache_built_with_the_same_settings_is_kept_and_one_built_otherwise_is
     assert {read_metadata(cache_file(folder, m))["dtype"] for m in ("text", "image")} == {"float16"}
 
 
-def test_one_tower_missing_is_built_and_the_cache_is_not_taken_for_built_before(tiny, tmp_path, passes):
+def test_one_tower_missing_is_built_alone_and_the_other_kept(tiny, tmp_path, passes, monkeypatch, caplog):
+    """Only the missing tower's encoder runs, and its cache is stored as a build of both would store it."""
+    from iisan.model import feeds
+
     folder = tmp_path / "shared"
     main(cache_args(tiny, folder, "--reuse"))
+    image = cache_file(folder, "image").read_bytes()
     cache_file(folder, "image").unlink()
-    built = passes["n"]
-    main(cache_args(tiny, folder, "--reuse"))
-    assert passes["n"] > built and cache_file(folder, "image").is_file()
+    text = cache_file(folder, "text").stat()
+    towers = []
+    original = feeds.LiveStates.forward
+
+    def forward(self, items):
+        towers.append(sorted(self.encoders))
+        return original(self, items)
+
+    monkeypatch.setattr(feeds.LiveStates, "forward", forward)
+    with caplog.at_level(logging.INFO, logger="iisan"):
+        main(cache_args(tiny, folder, "--reuse"))
+    assert towers and all(t == ["image"] for t in towers)  # the text tower never ran
+    assert (cache_file(folder, "text").stat().st_ino, cache_file(folder, "text").stat().st_mtime_ns) == \
+        (text.st_ino, text.st_mtime_ns)
+    assert cache_file(folder, "image").read_bytes() == image  # the same bytes as in the build of both
+    assert f"{cache_file(folder, 'text')}: built before with these settings; kept as it is (--reuse)" in caplog.text
 
 
 @pytest.mark.parametrize("other_finishes", [True, False])
@@ -112,3 +130,17 @@ def test_without_reuse_a_build_another_task_is_running_is_one_line_and_no_wait(t
     assert err[-1].startswith(f"iisan: error: cache folder {shared} is in use by pid {os.getpid()} on ")
     assert err[-1].endswith("another cache build is writing it; wait for it to finish or choose another --cache-dir "
                             "(--reuse waits for it and keeps what it builds)")
+
+
+def test_a_cache_of_every_layer_is_kept_for_a_task_asking_for_some(tiny, tmp_path, passes, capsys):
+    """Runs read their own layers from an --all-layers cache: replacing it (the refusal's advice, --overwrite)
+    would take the other layers from the tasks that read them."""
+    folder = tmp_path / "shared"
+    main(cache_args(tiny, folder, "--reuse", "--all-layers"))
+    built = passes["n"]
+    main(cache_args(tiny, folder, "--reuse", "--text-layers", "0,2"))
+    assert passes["n"] == built
+    assert json.loads(read_metadata(cache_file(folder, "text"))["layers"]) == [0, 1, 2]
+    with pytest.raises(SystemExit):  # without --reuse: rebuilt only with the layers asked for, so refused
+        main(cache_args(tiny, folder, "--text-layers", "0,2"))
+    assert "holds a cache built with other settings (layers [0, 1, 2] there, [0, 2] now)" in capsys.readouterr().err

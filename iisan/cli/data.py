@@ -168,7 +168,7 @@ def add_data_commands(sub) -> None:
                         "--image-layers choice (runs read only their own layers from it)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir built with other "
                    "settings (a cache built with the same settings is rebuilt in place)")
-    p.add_argument("--reuse", action="store_true", help="keep a cache built with the same settings that --cache-dir "
-                   "holds instead of building it again, and wait while another process builds it there (the tasks "
-                   "of a job array sharing one cache)")
+    p.add_argument("--reuse", action="store_true", help="keep a tower's cache in --cache-dir built with the same "
+                   "settings (or every layer) instead of building it again, judged by its settings, and wait while "
+                   "another process builds there (the tasks of a job array sharing one cache)")
     p.set_defaults(func=cmd_cache)

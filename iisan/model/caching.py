@@ -141,8 +141,15 @@ def differences(path: Path, new: dict[str, str]) -> tuple[dict[str, str], list[s
 
 
 def built_before(metadata: dict[str, dict[str, str]], cache_dir: Path) -> bool:
-    """Whether every cache of ``metadata`` is in ``cache_dir``, built with the same settings."""
-    return all(cache_file(cache_dir, m).is_file() and not differences(cache_file(cache_dir, m), new)[1]
+    """Whether every cache of ``metadata`` is in ``cache_dir``, built with the same settings, or with more
+    layers (``--all-layers``: runs read their own from it)."""
+    def serves(path: Path, new: dict[str, str]) -> bool:
+        old, differ = differences(path, new)
+        if "layers" in differ and set(json.loads(new["layers"])) <= set(json.loads(old["layers"])):
+            differ.remove("layers")
+        return not differ
+
+    return all(cache_file(cache_dir, m).is_file() and serves(cache_file(cache_dir, m), new)
                for m, new in metadata.items())
 
 
@@ -210,16 +217,21 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     live.eval()
     if timings is not None:
         timings["load_seconds"] = time.perf_counter() - start
-    log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
-             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
-                       for m, e in live.encoders.items()))
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
     metadata = cache_metadata(live, item_ids, catalog, stored, known,
                               pixels.store.digest() if pixels is not None else None)
-    if reuse and built_before(metadata, Path(cfg.cache_dir)):
-        files = {m: cache_file(cfg.cache_dir, m) for m in metadata}
+    if reuse and (kept := [m for m in metadata if built_before({m: metadata[m]}, Path(cfg.cache_dir))]):
+        files = {m: cache_file(cfg.cache_dir, m) for m in kept}
         log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, files.values())))
+        if rest := [m for m in metadata if m not in kept]:  # the other tower alone, stored as it would have been
+            del live, encoders, pixels
+            name = next(k for k, v in DTYPES.items() if v == stored)
+            files.update(_build(cfg.replace(towers=rest[0], modality="intra"), name, all_items, timings, overwrite,
+                                start))
         return files
+    log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
+             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
+                       for m, e in live.encoders.items()))
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
                         chunk_size=cfg.encode_batch_size,
@@ -289,7 +301,7 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             spec = read_spec(model_name(cfg, m), m)
             encoder, model_type, depth, width = model_name(cfg, m), spec.model_type, spec.depth, spec.width
         else:
-            log.info("%s: %s is no encoder folder here; the states are taken as the authors' %s's (%d x %d)", m,
+            log.info("%s: %s is not an encoder folder here; the states are taken as the authors' %s's (%d x %d)", m,
                      model_name(cfg, m), encoder, depth + 1, width)
         keep[m] = list(layers_for(cfg, m, depth)) if layers == "run" else list(range(depth + 1))
         shapes[m] = (depth + 1, width)
