@@ -93,7 +93,10 @@ def in_the_way(path: str | Path, err: BaseException) -> str:
         return ""
     for above in Path(path).parents:
         if os.path.lexists(above):
-            return "" if above.is_dir() else f"{above} is a file, not a folder"
+            if above.is_dir():
+                return ""
+            return f"{above} is a symbolic link to nothing, not a folder" if above.is_symlink() and not \
+                above.exists() else f"{above} is a file, not a folder"
     return ""
 
 

@@ -101,8 +101,8 @@ def test_a_tiny_model_an_older_version_wrote_with_special_tokens_only_says_to_wr
     specials = write_bert(tmp_path / "specials", vocabulary([]), hidden=16, layers=1, heads=1)
     folder = with_tokenizer_of(copy(tiny["text_model"], tmp_path / "bert"), specials)
     refused(load_text_encoder, folder, rf"^the tokenizer of '{folder}' knows 5 tokens but the model's vocab_size is "
-                                       r"\d+: a tiny random model an IISAN version before commit 7c7ec25 wrote with a "
-                                       r"tokenizer of special tokens only; write it again \(iisan make-tiny-models, or "
+                                       r"\d+: a tiny random model an older IISAN version wrote with a tokenizer "
+                                       r"of special tokens only; write it again \(iisan make-tiny-models, or "
                                        r"iisan demo in a new folder\), and retrain what used it: its results change$")
     (folder / ".iisan-random-model").unlink()  # not ours: someone else's tokenizer of special tokens
     refused(load_text_encoder, folder, r"\(a tokenizer of another model, or one of special tokens only\?\): use the "

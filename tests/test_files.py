@@ -354,3 +354,6 @@ def test_a_file_where_an_output_folder_belongs_is_named_not_file_exists(tmp_path
     assert in_the_way(tmp_path / "nothing" / "x", FileExistsError()) == ""  # nothing in the way: the OS's words
     assert in_the_way(tmp_path / "items.tsv" / "x", PermissionError()) == ""
     assert in_the_way(b"/bytes/path", NotADirectoryError()) == ""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert in_the_way(tmp_path / "dangling" / "sub" / "x.csv", FileExistsError()) == \
+        f"{tmp_path}/dangling is a symbolic link to nothing, not a folder"

@@ -222,6 +222,6 @@ def test_an_encoder_folder_that_is_not_there_is_said_before_its_states_are_taken
     cfg = cache_config(tiny, tmp_path / "cache").replace(text_model=str(tmp_path / "typo"))
     with caplog.at_level(logging.INFO, logger="iisan"), pytest.raises(CacheError, match="wrong shape"):
         import_cache_from_config(cfg, authors_files["src"], dtype="float32")
-    assert f"text: {tmp_path / 'typo'} is no encoder folder here; the states are taken as the authors' " \
+    assert f"text: {tmp_path / 'typo'} is not an encoder folder here; the states are taken as the authors' " \
            "bert-base-uncased's (13 x 768)" in caplog.text
     assert "image: " not in caplog.text  # its folder is there

@@ -630,10 +630,10 @@ def test_a_cached_run_that_recorded_no_cache_is_said_unchecked_when_found_and_ev
     (copy / "results.json").write_text(json.dumps(results))
     main(["evaluate", str(copy), "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "results.json differs: largest difference 1.00e-02 (a cache rebuilt since? (this run, from before commit "
-        "6349197, recorded none to compare) or another device or library version?)")
+        "results.json differs: largest difference 1.00e-02 (a cache rebuilt since? (this run, of an older version, "
+        "recorded none to compare) or another device or library version?)")
     cfg = Config(**results["config"]).replace(out_dir=str(tmp_path), run_name="old")
     with caplog.at_level("WARNING", logger="iisan"):
         assert train(cfg)["status"] == "finished" and train(cfg)["status"] == "finished"
-    assert caplog.text.count(f"{copy} recorded no cache (a run from before commit 6349197): whether "
+    assert caplog.text.count(f"{copy} recorded no cache (a run of an older version): whether "
                              f"{cfg.cache_dir} holds the states it trained on cannot be told") == 1  # said once

@@ -69,7 +69,7 @@ def why_different(run: TrainedRun) -> str:
     if changed:
         return f"the cache was rebuilt in another precision ({'; '.join(changed)})"
     if run.cfg.cached and "cache" not in run.results:
-        return "a cache rebuilt since? (this run, from before commit 6349197, recorded none to compare) or another " \
+        return "a cache rebuilt since? (this run, of an older version, recorded none to compare) or another " \
                "device or library version?"
     return "another device or library version?"
 

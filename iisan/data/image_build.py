@@ -307,7 +307,7 @@ def _listed_ids(image_dir: Path, extension: str) -> list[str]:
     """Item ids of the folder's ``*<extension>`` files; names that are not valid ids are skipped, counted."""
     ids, skipped = [], []
     paths = list(image_dir.iterdir())
-    files = {p.name: p.is_file() for p in paths}  # one listing, one stat a name
+    files = {p.name: p.is_file() for p in paths}  # one listing; a stat a name (more for what is no file)
     kinds = {p.name: "folder" if p.is_dir() else "link" if not p.exists() else "other"
              for p in paths if not files[p.name]}
     unread = collections.Counter(Path(name).suffix or "no extension" if is_file else kinds[name]

@@ -114,7 +114,7 @@ def read_row(path: Path, results: dict) -> dict:
 
 def files_read(results: dict, cfg: dict, key: str) -> str:
     """What names the content of the ``key`` file ('users', 'items') a run read: the fingerprint it recorded;
-    for older results (users files before commit 88074d4), that of the file its config names, where it still
+    for results that recorded none (older versions' users files), that of the file its config names, where it still
     is, as a run resumed now would record it (else its path)."""
     if recorded := results.get(f"{key}_fingerprint"):
         return str(recorded)

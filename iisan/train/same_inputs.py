@@ -149,9 +149,9 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
         return
     if why := changed_cache(cfg, results.get("cache"), folder):
         raise ConfigError(f"{why}; use another --run-name to train on it")
-    if cfg.cached and results and "cache" not in results and folder not in UNCHECKED:  # results before 6349197
+    if cfg.cached and results and "cache" not in results and folder not in UNCHECKED:  # results of an older version
         UNCHECKED.add(folder)
-        log.warning("%s recorded no cache (a run from before commit 6349197): whether %s holds the states it "
+        log.warning("%s recorded no cache (a run of an older version): whether %s holds the states it "
                     "trained on cannot be told; a cache rebuilt since from other encoders, tokenizers or images would "
                     "leave its results stale (`iisan evaluate` it, or train again with another --run-name)", folder,
                     cfg.cache_dir)
