@@ -168,3 +168,14 @@ def test_rank_repeated_targets_reaches_the_evaluation_of_a_model(tiny_config):
     authors = evaluate_ranks(model, data, "test", cfg.replace(rank_repeated_targets=True), torch.device("cpu"))
     assert torch.isinf(ours[repeats, 0]).all() and torch.isfinite(authors[:, 0]).all()
     assert torch.equal(ours[~repeats], authors[~repeats])
+
+
+def test_a_nan_target_score_makes_the_metrics_nan_not_a_number_that_looks_like_a_result():
+    """As evaluate's docstring says: NaN compares false with everything, so no item is counted higher or tied
+    (ties -1), and the metrics are 0/0."""
+    scores = torch.tensor([[0.0, 1.0, math.nan, 0.5], [0.0, 1.0, 2.0, 0.5]])
+    ranks = rank_targets(scores, torch.tensor([2, 3]), torch.tensor([[0], [0]]))
+    assert ranks.tolist() == [[1.0, -1.0], [3.0, 0.0]]
+    metrics = metrics_from_ranks(ranks[:1], (10,))
+    assert all(math.isnan(v) for v in metrics.values())
+    assert metrics_from_ranks(ranks[1:], (10,))["hit@10"] == 1.0
