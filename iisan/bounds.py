@@ -11,6 +11,7 @@ import argparse
 import codecs
 import math
 import re
+import sys
 import types
 import typing
 import unicodedata
@@ -182,19 +183,31 @@ def path_arg(text: str) -> str:
 
 def not_utf8(value: str) -> str | None:
     """``value`` spelt as its bytes (``'bad\\xff'``) when it is not valid UTF-8, else None: a name of undecodable
-    bytes (from a command line or a folder listing) reaches Python with surrogates in it."""
+    bytes (from a command line or a folder listing) reaches Python with surrogates in it. Bytes that are
+    UTF-8, undecodable only because Python reads file names in ASCII here (a C locale with PYTHONUTF8=0), are
+    a ``ConfigError`` that says so."""
     try:
         value.encode("utf-8")
         return None
     except UnicodeEncodeError:  # other lone surrogates are refused before (``bounds.coerce``)
-        return repr(value.encode("utf-8", "surrogateescape"))[1:]
+        spelt = repr(value.encode("utf-8", "surrogateescape"))[1:]
+    try:
+        value.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError:
+        return spelt
+    raise ConfigError(f"{spelt} is a UTF-8 name that Python reads as {sys.getfilesystemencoding()} here (a C or POSIX "
+                      "locale with PYTHONUTF8=0); run with PYTHONUTF8=1 or a UTF-8 locale (LC_ALL=C.UTF-8)")
 
 
 def utf8_path(text: str) -> str:
     """``path_arg`` for where to write files that safetensors or LMDB open: a path that is not valid UTF-8 is
     refused before any work, as ``Config`` refuses its own paths (Python would write there, and nothing could
     open what it wrote)."""
-    if (spelt := not_utf8(path_arg(text))) is not None:
+    try:
+        spelt = not_utf8(path_arg(text))
+    except ConfigError as err:  # (argparse shows its own words for a ValueError)
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if spelt is not None:
         raise argparse.ArgumentTypeError(f"{spelt} is not valid UTF-8, which safetensors and LMDB cannot open: "
                                          "rename it, or give another")
     return text

@@ -6,6 +6,8 @@ the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go throu
 
 from __future__ import annotations
 
+import codecs
+import errno
 import logging
 import math
 import os
@@ -202,12 +204,36 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _bytes_or_escapes(err: UnicodeError) -> tuple[str | bytes, int]:
+    """An encoding error handler: the bytes of a file name Python could not decode (its surrogates, as
+    ``surrogateescape`` gives them back), and escapes (``\\xe9``) for any other character."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    chunk = err.object[err.start:err.end]
+    if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
+        return bytes(ord(c) - 0xDC00 for c in chunk), err.end
+    return codecs.backslashreplace_errors(err)
+
+
+codecs.register_error("iisan-escape", _bytes_or_escapes)
+
+
+def printable_stdout() -> None:
+    """Standard output that writes what its encoding cannot hold (a title under an ASCII locale with
+    PYTHONUTF8=0) as escapes, not a UnicodeEncodeError when the table is half printed; file names still as
+    their bytes."""
+    if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="iisan-escape")
+
+
 def entry_point(prog: str, run: Callable[[], T]) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
-    user's error too: one line naming the file, the traceback only with ``--verbose``. ``prog`` is named as
-    argparse names it (``run_IISAN.py``, not the path it was started by)."""
+    user's error too: one line naming the file, the traceback only with ``--verbose``; so is a full disk
+    under standard output. ``prog`` is named as argparse names it (``run_IISAN.py``, not the path it was
+    started by)."""
     prog = os.path.basename(prog)
+    printable_stdout()
     try:
         with sigterm_as_ctrl_c():
             return run()
@@ -235,6 +261,9 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as err:
+        if err.filename is None and err.errno in (errno.ENOSPC, errno.EDQUOT):  # (stdout on a full disk, say)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit would try again
+            fail(prog, f"could not write the output: {err.strerror}")
         if err.filename is None:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)

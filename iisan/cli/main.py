@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
+from ..console import VERBOSE_HELP, entry_point, printable_stdout, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
 from .data import add_data_commands
@@ -51,6 +51,7 @@ UNDER_TORCHRUN = ("train",)
 
 
 def main(argv: list[str] | None = None) -> None:
+    printable_stdout()  # (--help included)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     entry_point("iisan", lambda: run(args))

@@ -97,7 +97,7 @@ def encoder_config_hash(folder: str | Path | None) -> str | None:
     path = Path(folder) / "config.json" if folder else None
     if path is None or not path.is_file():
         return None
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

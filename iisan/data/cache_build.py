@@ -111,7 +111,7 @@ def manifest_in(sidecar: Path) -> dict | None:
     not read is refused: it may be ours, so it is not taken for another's folder."""
     manifest = sidecar / "manifest.json"
     try:
-        found = json.loads(manifest.read_text())
+        found = json.loads(manifest.read_text(encoding="utf-8"))
     except PermissionError as err:
         raise OutputError(f"{manifest} cannot be read ({failure_reason(err)}): make it readable, or move {sidecar} "
                           "away") from None

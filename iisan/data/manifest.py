@@ -74,7 +74,7 @@ class Manifest:
         self.data: dict = {"format": FORMAT, "steps": {}}
         if self.path.is_file():
             try:
-                self.data = json.loads(self.path.read_text())
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
             except (ValueError, RecursionError) as err:  # not JSON or not UTF-8, a 4300-digit integer, nesting
                 raise self.damaged(f"not a readable manifest ({type(err).__name__})") from None
             if not isinstance(self.data, dict):

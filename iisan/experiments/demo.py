@@ -54,7 +54,7 @@ def read_settings(record: Path) -> dict | None:
     """The settings a ``DEMO_SETTINGS`` file holds (over ``generate``'s defaults), or None when it is
     unreadable (then the data decides, as for a folder without one)."""
     try:
-        held = json.loads(record.read_text())["settings"]
+        held = json.loads(record.read_text(encoding="utf-8"))["settings"]
         return {**generation_settings(held["seed"], {}), **held}
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -188,7 +188,7 @@ def refuse_fewer_epochs(folder: Path, epochs: int) -> None:
     results hold them all). Said before the demo's work, in the demo's words (the trainer's name --run-name
     and a config file, which the demo has not)."""
     try:
-        trained = json.loads((folder / "results.json").read_text())["epochs"]
+        trained = json.loads((folder / "results.json").read_text(encoding="utf-8"))["epochs"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a run's: the trainer judges it
         return
     if isinstance(trained, list) and len(trained) > epochs:
@@ -200,7 +200,7 @@ def refuse_copied_run(folder: Path, cfg: Config) -> None:
     """The demo's run folder holds a run of another demo folder's files (the folder was copied): it can be
     neither resumed nor reported as this one's, so the demo stops before its work, saying what to do."""
     try:
-        users = json.loads((folder / "config.json").read_text()).get("users")
+        users = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("users")
     except (OSError, ValueError, AttributeError):  # none yet, or not a config: the trainer judges it
         return
     if isinstance(users, str) and Path(users).resolve() != Path(cfg.users).resolve():

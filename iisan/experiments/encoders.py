@@ -125,7 +125,8 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
     names = {p.name for p in folder.iterdir()}
     missing = [] if "config.json" in names else ["config.json"]
     if "model.safetensors.index.json" in names:
-        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        shards = set(index["weight_map"].values())
         missing += sorted(shards - names)
     elif "model.safetensors" not in names:
         missing.append("safetensors weights")

@@ -180,6 +180,6 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
             f"{about['date']}. Runs: {cfg.out_dir}.\n")
     table_path(run)  # again: a file put there while the runs trained is not replaced either
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     print(text)
     return path

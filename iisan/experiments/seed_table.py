@@ -119,7 +119,7 @@ def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: P
     ones: per epoch the loss and every validation metric, and the largest difference between the
     recorded cache's states and the rebuilt ones."""
     name = point_name(setting, dataset, seed)
-    recorded = json.loads((Path(work) / "runs" / name / "results.json").read_text())
+    recorded = json.loads((Path(work) / "runs" / name / "results.json").read_text(encoding="utf-8"))
     cfg = point_config(setting, dataset, seed, data_root, scratch).replace(epochs=epochs)
     report = {"point": name, "recorded_commit": recorded.get("git_commit"), "epochs": epochs}
     if cfg.feed == "cached":
@@ -145,7 +145,7 @@ def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: P
 
 
 def _summary(path: Path) -> dict:
-    result = json.loads(path.read_text())
+    result = json.loads(path.read_text(encoding="utf-8"))
     timing = result.get("timing", {})
     return {"best_epoch": result["best_epoch"], "epochs_run": len(result["epochs"]), "test": result["test"],
             "valid": result["valid"], "train_seconds_per_epoch": timing.get("train_seconds_per_epoch"),

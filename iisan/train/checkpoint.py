@@ -112,7 +112,7 @@ def verify(path: Path, digests: bool = True) -> str | None:
     """Why ``path`` is not a complete, intact checkpoint (None when it is); its files' sha256 against the
     manifest's only with ``digests`` (pruning reads no weights: each epoch would hash gigabytes for FFT)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"{path / MANIFEST} is missing (the checkpoint was never completed)"
     except OSError as err:  # 'Permission denied'
@@ -184,7 +184,7 @@ def same_layers(config: dict, rule: str) -> bool:
 def read(path: Path, state: dict | None = None) -> Checkpoint:
     """The checkpoint at ``path``; ``state``: its state.json, already read. A file this user may not read
     raises the OS's error, naming it (safetensors would call it missing)."""
-    state = json.loads((path / STATE).read_text()) if state is None else state
+    state = json.loads((path / STATE).read_text(encoding="utf-8")) if state is None else state
     for name in (MODEL, TRAIN_STATE):
         check_readable(path / name)
     return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
@@ -217,7 +217,7 @@ def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
     if reason := verify(path, digests):
         return reason
     try:
-        state = json.loads((path / STATE).read_text())
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except OSError as err:
         return f"{path / STATE} is unreadable ({failure_reason(err)})"
     except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep

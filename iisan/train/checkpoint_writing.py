@@ -45,12 +45,12 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
         save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
         usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
-        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n", encoding="utf-8")
         manifest = {"format": FORMAT, "files": {}}
         for file in FILES:
             fsync(tmp / file)
             manifest["files"][file] = {"bytes": (tmp / file).stat().st_size, "sha256": sha256(tmp / file)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         fsync(tmp / MANIFEST)
         fsync(tmp)
         if os.path.lexists(final):  # a refused checkpoint of that name, now redone: kept, under another name

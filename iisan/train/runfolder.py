@@ -238,7 +238,7 @@ def is_run_folder(path: Path) -> bool:
     ``results.json`` records one (a run that failed before writing its config)."""
     for name, key in (("config.json", None), ("results.json", "config")):
         try:
-            found = json.loads((path / name).read_text())
+            found = json.loads((path / name).read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep
             continue
         config = found.get(key) if key and isinstance(found, dict) else found
