@@ -193,11 +193,11 @@ def _bytes(n: int) -> str:
 
 
 def usual_permissions(*files: Path) -> None:
-    """Give ``files`` the permissions a new file gets here (the umask's). safetensors creates its files
-    readable by their owner alone, which keeps weights from the people a run folder is shared with."""
+    """Give ``files`` (and folders) the permissions a new one gets here (the umask's). safetensors creates its
+    files readable by their owner alone, LMDB its own 644 and 755, whatever a shared group's umask says."""
     os.umask(mask := os.umask(0o022))  # reading the mask means setting it: set back at once
     for file in files:
-        os.chmod(file, 0o666 & ~mask)
+        os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager

@@ -60,6 +60,24 @@ def test_written_weights_are_as_readable_as_any_new_file(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640, path
 
 
+def test_an_image_lmdb_takes_a_shared_groups_umask(tmp_path):
+    """LMDB makes its folder 755 and data.mdb 644 whatever the umask: under umask 002 a group could not replace
+    a store it shares, as it can every other output."""
+    import numpy as np
+
+    from iisan.data.image_build import write_image_lmdb
+
+    old = os.umask(0o002)
+    try:
+        write_image_lmdb(tmp_path / "images.lmdb", ["a"], lambda _: (np.zeros((4, 4, 3), np.uint8), None), size=4,
+                         progress=False)
+    finally:
+        os.umask(old)
+    store = tmp_path / "images.lmdb"
+    assert {p.name: p.stat().st_mode & 0o777 for p in [store, *store.iterdir()]} == {"images.lmdb": 0o775,
+                                                                                      "data.mdb": 0o664}
+
+
 def test_errors_that_are_not_writes_pass_through_and_still_clean_up(tmp_path):
     with pytest.raises(KeyError):
         with atomic_path(tmp_path / "x") as tmp:

@@ -34,6 +34,7 @@ from ..files import (
     remove,
     require_space,
     stale_temporaries,
+    usual_permissions,
     write_failure,
     write_text_atomic,
 )
@@ -200,6 +201,7 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
         try:
             with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
                 problems = _fill(tmp, item_ids, pixels_of, size, progress, source, recorded)
+                usual_permissions(tmp, *tmp.iterdir())
                 close_reader(out_path)  # a reader of the old store in this process must not keep the old files
         except lmdb.Error as err:  # OSError: atomic_path's one line already
             raise write_failure(out_path, err) from None
