@@ -61,7 +61,8 @@ def test_a_finished_results_file_without_numbers_is_reused_without_a_summary(tin
     folder = Path(cfg.out_dir) / "edited"
     folder.mkdir(parents=True)
     results = {"status": "finished", "best_epoch": 1, "valid": {"hit@10": 0.5, "ndcg@10": 0.25},
-               "test": {"hit@10": 0.5, "ndcg@10": 0.25}, "config": cfg.to_dict(), "run_dir": str(folder)}
+               "test": {"hit@10": 0.5, "ndcg@10": 0.25}, "config": cfg.to_dict(), "run_dir": str(folder),
+               "cache": {}}  # (a record of none: results of an older version, without the key, are said unchecked)
     (folder / "results.json").write_text(json.dumps({**results, **damage}))
     save_file({"w": torch.zeros(1)}, str(folder / "best.safetensors"))  # a finished run's best weights are there
     with caplog.at_level(logging.INFO, logger="iisan"):
