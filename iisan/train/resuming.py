@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ class RunCheckpoints:
     """The checkpoints of ``run`` (a ``trainer.Run``), under ``<run folder>/checkpoints``."""
 
     def __init__(self, run):
-        self.run = run
+        self.run = weakref.proxy(run)  # the run holds this: no cycle to keep a finished run's model alive
         self.root = run.run_dir / CHECKPOINTS
 
     def choose(self) -> checkpoint.Checkpoint | None:

@@ -65,9 +65,9 @@ class TrainStep:
                  device: torch.device, mode: str = "off"):
         self.model, self.optimizer, self.amp, self.device, self.mode = model, optimizer, amp, device, mode
         self.scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-        self.loss_of = self.loss
-        if mode == "inductor":
-            self.loss_of = torch.compile(self.loss, mode="reduce-overhead", dynamic=False)
+        # (no bound method of its own kept eagerly: a step that refers to itself lives until a full garbage
+        # collection, and with it the model and optimizer of a sweep's finished point)
+        self.compiled = torch.compile(self.loss, mode="reduce-overhead", dynamic=False) if mode == "inductor" else None
 
     def loss(self, *tensors) -> torch.Tensor:
         """The loss of one batch given as ``TrainBatch.tensors()`` (what a compiled or graphed step captures)."""
@@ -81,7 +81,7 @@ class TrainStep:
         if self.mode == "inductor":
             torch.compiler.cudagraph_mark_step_begin()
         # Compiled steps need static shapes, which the (variable) number of real items is not.
-        loss = self.loss_of(*batch.tensors(real=self.mode == "off"))
+        loss = (self.compiled or self.loss)(*batch.tensors(real=self.mode == "off"))
         # No gradient clipping, no scheduler: the authors' step has neither.
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
