@@ -113,8 +113,9 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
     dest = Path(dest)
     part = partial_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if expected.size is not None and part.exists() and part.stat().st_size >= expected.size:
-        if part.stat().st_size == expected.size and mismatch(part, expected) is None:
+    have = part.stat().st_size if part.exists() else None
+    if expected.size is not None and have is not None and have >= expected.size:
+        if have == expected.size and mismatch(part, expected) is None:
             log.info("%s is complete (a run stopped before renaming it) and matches; using it", part)
             os.replace(part, dest)
             return dest

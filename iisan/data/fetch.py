@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from ..errors import DataError, FetchError
+from ..files import remove
 from .datasets import LMDB
 from .download import Expected, http_download, mismatch
 from .image_build import build_image_lmdb
@@ -102,7 +103,7 @@ def unpack_images(archive: Path, target: Path) -> None:
     entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
     inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
     for path in junk if inner == tmp else ():  # unpacked here a moment ago: ours to remove
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove(path)
     os.replace(inner, target)
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -11,6 +11,7 @@ above it, its results.json) counts once. """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -120,9 +121,16 @@ def files_read(results: dict, cfg: dict, key: str) -> str:
         return str(recorded)
     where = Path(results.get("working_dir") or "", cfg[key])
     try:
-        return file_fingerprint(where)
+        found = where.stat()
+        return fingerprint_now(str(where), found.st_size, found.st_mtime_ns)
     except OSError:  # gone, or not readable here: its path stands for it
         return str(cfg[key])
+
+
+@functools.lru_cache(maxsize=64)
+def fingerprint_now(path: str, size: int, mtime_ns: int) -> str:
+    """``file_fingerprint`` of ``path`` once per version of the file (the seeds of a sweep share one)."""
+    return file_fingerprint(path)
 
 
 def images_read(results: dict, cfg: dict) -> str:

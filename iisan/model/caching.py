@@ -140,17 +140,15 @@ def differences(path: Path, new: dict[str, str]) -> tuple[dict[str, str], list[s
                        and compared(k, old, new))
 
 
-def built_before(metadata: dict[str, dict[str, str]], cache_dir: Path) -> bool:
-    """Whether every cache of ``metadata`` is in ``cache_dir``, built with the same settings, or with more
-    layers (``--all-layers``: runs read their own from it)."""
-    def serves(path: Path, new: dict[str, str]) -> bool:
-        old, differ = differences(path, new)
-        if "layers" in differ and set(json.loads(new["layers"])) <= set(json.loads(old["layers"])):
-            differ.remove("layers")
-        return not differ
-
-    return all(cache_file(cache_dir, m).is_file() and serves(cache_file(cache_dir, m), new)
-               for m, new in metadata.items())
+def serves(path: Path, new: dict[str, str]) -> bool:
+    """Whether the cache at ``path`` is there, built with ``new``'s settings or with more layers
+    (``--all-layers``: runs read their own from it)."""
+    if not path.is_file():
+        return False
+    old, differ = differences(path, new)
+    if "layers" in differ and set(json.loads(new["layers"])) <= set(json.loads(old["layers"])):
+        differ.remove("layers")
+    return not differ
 
 
 def check_replaced(metadata: dict[str, dict[str, str]], cache_dir: Path, overwrite: bool) -> None:
@@ -179,8 +177,9 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
     docstring). ``only_missing``: nothing is built when every file is there once the folder is locked (another
-    process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (``--reuse``): nothing is
-    built when the caches there were built with the same settings (the encoders are loaded to tell)."""
+    process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (``--reuse``): a tower's cache
+    there built with the same settings (``serves``) is kept and only the other tower built (the encoders are
+    loaded to tell)."""
     start = time.perf_counter()
     with writing_cache(cfg, dtype):
         files = {m: cache_file(cfg.cache_dir, m) for m in modalities(cfg)}
@@ -220,15 +219,14 @@ def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overw
     known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
     metadata = cache_metadata(live, item_ids, catalog, stored, known,
                               pixels.store.digest() if pixels is not None else None)
-    if reuse and (kept := [m for m in metadata if built_before({m: metadata[m]}, Path(cfg.cache_dir))]):
-        files = {m: cache_file(cfg.cache_dir, m) for m in kept}
-        log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, files.values())))
+    files = {m: cache_file(cfg.cache_dir, m) for m in metadata}
+    if reuse and (kept := {m: path for m, path in files.items() if serves(path, metadata[m])}):
+        log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, kept.values())))
         if rest := [m for m in metadata if m not in kept]:  # the other tower alone, stored as it would have been
             del live, encoders, pixels
-            name = next(k for k, v in DTYPES.items() if v == stored)
-            files.update(_build(cfg.replace(towers=rest[0], modality="intra"), name, all_items, timings, overwrite,
-                                start))
-        return files
+            kept.update(_build(cfg.replace(towers=rest[0], modality="intra"), str(stored).removeprefix("torch."),
+                               all_items, timings, overwrite, start))
+        return kept
     log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
                        for m, e in live.encoders.items()))

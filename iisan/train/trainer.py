@@ -83,7 +83,8 @@ class Run:
         if self.lock is not None:
             self.lock.close()
             self.lock = None
-        if getattr(step := getattr(self, "step", None), "compiled", None) is not None:
+        step = getattr(self, "step", None)  # (set only when setup got that far)
+        if getattr(step, "compiled", None) is not None:
             step.compiled = None  # a torch.compile'd step refers to itself: let the model and optimizer go now
 
     def setup(self) -> None:
