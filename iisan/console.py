@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Decimal
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from tqdm import tqdm
 
@@ -167,24 +167,24 @@ def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Ca
                 lines.advance(n)
 
 
-def exit_interrupted(prog: str, err: BaseException | str) -> None:
+def exit_interrupted(prog: str, err: BaseException | str) -> NoReturn:
     """Ctrl-C: say how to resume (once, under torchrun) and exit 130."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: {err}", file=sys.stderr)
     sys.exit(130)
 
 
-def fail(prog: str, err: BaseException) -> None:
+def fail(prog: str, err: BaseException | str) -> NoReturn:
     """A user error: ``prog: error: <one line>`` on stderr, exit status 2."""
     message = " ".join(str(err).split("\n")) or type(err).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def summary(doc: str) -> str:
+def summary(doc: str | None) -> str:
     """A module docstring's first paragraph on one line, without reST's double backticks: a script's
-    ``--help`` description."""
-    return " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    ``--help`` description ('' under ``python -OO``, which drops docstrings)."""
+    return " ".join((doc or "").split("\n\n")[0].split()).replace("``", "")
 
 
 @contextmanager

@@ -248,3 +248,14 @@ def test_build_lmdb_takes_no_progress_as_every_long_command_does(monkeypatch, tm
     for extra, progress in (([], True), (["--no-progress"], False)):
         main(["build-lmdb", "--images", str(tmp_path), "--out", str(tmp_path / "x.lmdb"), *extra])
         assert seen.pop() is progress
+
+
+def test_under_python_OO_help_works_and_a_command_says_in_one_line_why_it_cannot_run():
+    """``python -OO`` drops docstrings: help had crashed on the missing module docstring, and transformers
+    cannot define its models without theirs (a ValueError from inside it)."""
+    run = [sys.executable, "-OO", "-m", "iisan"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert helped.returncode == 0 and "usage: iisan" in helped.stdout
+    ran = subprocess.run([*run, "params", "--text-model", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (ran.returncode, ran.stderr) == (1, "iisan: python -OO (or PYTHONOPTIMIZE=2) drops the docstrings "
+                                               "transformers defines its models from; run without it (-O works)\n")

@@ -256,3 +256,22 @@ def test_a_folder_is_a_run_folder_only_by_a_runs_config(tmp_path):
     (tmp_path / "failed" / "results.json").write_text(json.dumps({"config": {"method": "fft", "feed": "live",
                                                                              "lr": 1e-4}}))
     assert is_run_folder(tmp_path / "failed")
+
+
+@pytest.mark.parametrize("edited", ["edited", [1], 5])
+def test_a_finished_run_whose_config_was_edited_into_no_object_is_not_reused_but_mended_from_its_checkpoint(
+        tiny, tmp_path, edited):
+    """A results.json whose ``config`` is no longer an object proves no config: the run is not taken as finished
+    with this one (it crashed comparing them); its last checkpoint, whose config is checked, resumes it and
+    writes its results again, the same numbers."""
+    argv = ["train", "--method", "id", "--users", tiny["users"], "--items", tiny["items"], "--out-dir",
+            str(tmp_path), "--run-name", "r", "--device", "cpu", "--num-workers", "0", "--no-progress",
+            "--epochs", "1", "--max-steps-per-epoch", "2", "--eval-batch-size", "64"]
+    main(argv)
+    path = tmp_path / "r" / "results.json"
+    first = json.loads(path.read_text())
+    path.write_text(json.dumps({**first, "config": edited}))
+    main(argv)
+    again = json.loads(path.read_text())
+    assert again["status"] == "finished" and again["config"] == first["config"]
+    assert (again["valid"], again["test"], again["best_epoch"]) == (first["valid"], first["test"], first["best_epoch"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -254,7 +255,7 @@ class CollateTrain:
             raise ValueError(f"towers by distinct item {self.per_item} need the 'slots' encoding, "
                              f"not {self.encoding!r}")
 
-    def __call__(self, users: list[int]) -> TrainBatch:
+    def __call__(self, users: Sequence[int] | np.ndarray) -> TrainBatch:
         seq = self.sequences[np.asarray(users)]  # (B, L+1)
         if self.encoding == "items":
             ids, inverse = np.unique(seq, return_inverse=True)

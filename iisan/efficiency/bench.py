@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data.batches import CollateTrain, TrainBatch, epoch_batches, without_padding_rows
+from ..data.batches import CollateTrain, PixelSource, TrainBatch, epoch_batches, without_padding_rows
 from ..data.cache import cache_file, read_metadata
 from ..data.cache_build import discard_partial_build
 from ..data.epochs import epoch_order
@@ -33,8 +33,9 @@ from ..files import atomic_path
 from ..methods import METHOD_NAMES
 from ..model.build import build_model, count_parameters
 from ..model.caching import build_cache_from_config
+from ..train.graphs import GraphedStep
 from ..train.parts import build_training
-from ..train.step import make_train_step
+from ..train.step import TrainStep, make_train_step
 from .flops import StepFlops, shape_key
 from .timing import StepClock, summary, timed_each
 
@@ -69,8 +70,8 @@ class TrainingSetup:
     cfg: Config
     data: SeqRecData
     model: torch.nn.Module
-    pixels: object  # PixelSource or None
-    step: object  # train.step.make_train_step's step: batch -> loss
+    pixels: PixelSource | None
+    step: TrainStep | GraphedStep  # ``train.step.make_train_step``'s: batch -> loss
     device: torch.device
     amp: torch.dtype | None
     compiled: str

@@ -95,7 +95,7 @@ class HuggingFaceHub:
                                           local_dir=str(local_dir))
 
 
-def unreachable(err: BaseException) -> str | None:
+def unreachable(err: BaseException | None) -> str | None:
     """Why the Hub could not be reached, when ``err`` or an error it came from says so (huggingface_hub
     wraps them: ``LocalEntryNotFoundError`` from ``ConnectError``): offline mode, or a connection that
     failed or timed out. None for any other error (a gated or missing repository, a full disk)."""

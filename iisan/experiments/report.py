@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def one_per_seed(frame: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     return frame.loc[sorted(kept)]
 
 
-def table(frame: pd.DataFrame, keys: list[str] = (), average_seeds: bool = False) -> pd.DataFrame:
+def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = False) -> pd.DataFrame:
     """The runs (or, with ``average_seeds``, one row per configuration over one run per seed:
     ``one_per_seed``), with the ``keys`` asked for and every differing key as columns, the rows in
     order of those columns (``in_order``; the seed last), then of the run's name. ``attrs["runs"]``: the

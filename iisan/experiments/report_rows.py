@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -157,7 +158,7 @@ def read_curve(results: dict) -> dict[str, list]:
             "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
 
 
-def collect(folders: list[str], keys: list[str] = (), include_smoke: bool = False,
+def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = False,
             include_running: bool = False) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
     """A frame of one row per readable, included run, and the curve of each (by its label, ``run_labels``)."""
     unknown = [k for k in keys if k not in KEYS]

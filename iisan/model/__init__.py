@@ -7,3 +7,9 @@ cached), the side adapter network (``san``), the SASRec user encoder (``sasrec``
 ``tower_settings``), the ID baseline's item table (``id_embedding``), and the one place that builds all
 of it from a config (``build``; building and importing caches from a config: ``caching``). Tiny random
 checkpoints (tests, the demo, ``iisan make-tiny-models``, ``iisan params``' base architectures): ``tiny``."""
+
+import sys
+
+if sys.flags.optimize > 1:  # transformers reads its output classes' docstrings as it defines them
+    raise SystemExit("iisan: python -OO (or PYTHONOPTIMIZE=2) drops the docstrings transformers defines its models "
+                     "from; run without it (-O works)")

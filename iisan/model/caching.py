@@ -206,7 +206,7 @@ def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
         yield
 
 
-def _build(cfg: Config, dtype: str, all_items: bool, timings: dict | None, overwrite: bool,
+def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None, overwrite: bool,
            start: float, reuse: bool = False) -> dict[str, Path]:
     item_ids, titles, catalog = _items(cfg, all_items)
     device = resolve_device(cfg.device)

@@ -185,9 +185,9 @@ def log_summary(results: dict, path: Path) -> None:
 def finished_results(cfg: Config, results: dict) -> dict | None:
     """``results`` (what ``cfg``'s run folder holds) when that run has finished with exactly this config's
     computation, epochs and patience (nothing left to do), else None."""
-    if not is_finished(results):
+    saved, current = results.get("config"), cfg.to_dict()
+    if not is_finished(results) or not isinstance(saved, dict):  # a config edited into no object proves nothing
         return None
-    saved, current = results.get("config") or {}, cfg.to_dict()
     differences = config_differences(saved, current, results.get("working_dir"))
     if differences or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
         return None

@@ -72,7 +72,7 @@ def changed_inputs(cfg: Config, results: dict, run: Path) -> str:
             or changed_encoder(cfg, results.get("encoders"), run))
 
 
-def changed_cache(cfg: Config, recorded, run: Path, same: set[str] = frozenset()) -> str:
+def changed_cache(cfg: Config, recorded, run: Path, same: frozenset[str] = frozenset()) -> str:
     """Why the cache ``cfg`` reads now is not the one the run in ``run`` recorded (``cache_record``: another
     precision, encoder weights, layers, images, ...), or '' (also for live runs and runs that recorded
     none). A key added to the record since (``UNRECORDED``) counts as what runs did before it; an ``UNTOLD``
