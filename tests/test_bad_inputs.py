@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from iisan.config import Config
-from iisan.data.cache_build import write_safetensors
+from iisan.data.cache_build import BUILD_FORMAT, write_safetensors
 from iisan.locks import OutputLock
 from iisan.train.trainer import train
 
@@ -169,6 +169,24 @@ def edited_cache(edit: Callable[[dict, torch.Tensor], torch.Tensor | None]):
         states = edited if isinstance(edited, torch.Tensor) else states
         write_safetensors(path, {"states": (states.dtype, tuple(states.shape))}, [("states", states)], meta)
     return setup
+
+
+def linked_sidecar(P, s):
+    """``s/c/.building`` a link to a folder of the user's holding a build manifest of other settings (a cache build
+    discarded such a folder with rmtree, which refuses a link: a traceback)."""
+    mine = s / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text(json.dumps({"format": BUILD_FORMAT, "key": "x", "chunks": 1, "chunk_size": 1}))
+    (s / "c").mkdir()
+    (s / "c" / ".building").symlink_to(mine)
+
+
+def linked_run_log(P, s):
+    """A copy of the finished run whose train.log is a link to a file of the user's (a resume appended to it)."""
+    shutil.copytree(P["done"], s / "runs" / "r")
+    (s / "victim.txt").write_text("mine\n")
+    (s / "runs" / "r" / "train.log").unlink()
+    (s / "runs" / "r" / "train.log").symlink_to(s / "victim.txt")
 
 
 def model_folder(name: str, make: Callable[[Path, dict], None]):
@@ -659,6 +677,9 @@ CASES = [
     Case("model-config-other-sizes", lambda P, s: C(P, s, "--text-model", f"{s}/wide"),
          ("cannot load text encoder from '{s}/wide': its weights do not have the sizes its config.json gives",),
          setup=model_folder("wide", damaged_bert(config_edit(hidden_size=64)))),
+    Case("model-config-nested-too-deep", lambda P, s: C(P, s, "--text-model", f"{s}/deep"),
+         ("{s}/deep/config.json is not valid JSON (maximum recursion depth exceeded",),
+         setup=write("deep/config.json", "[" * 100_000)),
     Case("model-config-not-json", lambda P, s: C(P, s, "--text-model", f"{s}/broken"),
          ("{s}/broken/config.json is not valid JSON",), setup=write("broken/config.json", "{")),
     Case("text-tower-bart", lambda P, s: C(P, s, "--text-model", f"{s}/bart"),
@@ -673,6 +694,9 @@ CASES = [
              embed_dim=8, depths=[1], num_heads=[1], image_size=32, patch_size=4)))(P, s)),
     Case("vit-as-text-tower", lambda P, s: C(P, s, "--text-model", P["vit"]),
          ("text encoder '{vit}' is a 'vit' model, which IISAN cannot use as the text tower; supported:",)),
+    Case("run-log-a-link", lambda P, s: T(P, s, "--epochs", "2"),
+         ("{s}/runs/r/train.log is a symbolic link where IISAN writes the run's log; it would write through it",),
+         setup=linked_run_log, check=lambda P, s: (s / "victim.txt").read_text() == "mine\n" or pytest.fail("written")),
     # caches: read
     Case("cache-missing", lambda P, s: T(P, s, "--cache-dir", f"{s}/none"),
          ("cache file {s}/none/text.safetensors does not exist",), check=nothing_at("runs/r")),
@@ -684,6 +708,9 @@ CASES = [
     Case("cache-metadata-not-json", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[0, 1"))),
+    Case("cache-metadata-nested-too-deep", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
+         setup=edited_cache(lambda meta, states: meta.update(layers="[" * 100_000))),
     Case("cache-metadata-lacks-a-key", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors lacks the metadata width",),
          setup=edited_cache(lambda meta, states: meta.pop("width") and None)),
@@ -715,6 +742,8 @@ CASES = [
          ("--cache-dir {s}/file is a file",), setup=write("file", "x")),
     Case("cache-build-foreign-sidecar", C, ("{s}/c/.building exists and is not a cache build in progress",),
          setup=write("c/.building/notes.txt", "mine")),
+    Case("cache-build-sidecar-a-link", C, ("{s}/c/.building exists and is not a cache build in progress",),
+         setup=linked_sidecar),
     Case("cache-concurrent-build", C, ("cache folder {s}/c is in use by pid",), setup=hold_lock("{s}/c/.iisan-lock")),
     Case("cache-build-disk-full", C, ("could not write {s}/c/.building/chunk-000000.safetensors: File too large",),
          fault=file_size_limit(8 << 10)),

@@ -24,7 +24,7 @@ from iisan.data.fetch import MANIFEST, fetch_dataset, unpack_images
 from iisan.data.interactions import load_dataset
 from iisan.data.manifest import FORMAT, Manifest
 from iisan.data.sources import SOURCES, DataSource, DriveArchive, RepoFile
-from iisan.errors import DataError, FetchError
+from iisan.errors import DataError, FetchError, OutputError
 
 from .conftest import shared_file
 
@@ -480,3 +480,75 @@ def test_a_broken_archive_is_not_recorded_so_deleting_it_fetches_it_again(served
     (base / "am_image_tn.zip").unlink()
     fetch(served_data)
     assert served_data["drive"].calls == ["drive-id-1"] and (base / "am_image_tn").is_dir()
+
+
+def test_a_link_where_the_archive_unpacks_is_refused_and_what_it_points_to_is_left_alone(tmp_path):
+    """The unpacking folder has a fixed name beside the target: a link planted there was written through (the
+    archive's files landed in the folder it named) and then renamed into place as the image folder."""
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("precious.txt", b"from the archive")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_bytes(b"the user's")
+    target = tmp_path / "Dataset" / "am_image_xx"
+    target.parent.mkdir()
+    (target.parent / ".am_image_xx.unpacking").symlink_to(mine)
+    with pytest.raises(OutputError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == (f"{target.parent / '.am_image_xx.unpacking'} is a symbolic link where IISAN writes "
+                                "the members of a.zip; it would write through it: move it away")
+    assert (mine / "precious.txt").read_bytes() == b"the user's" and not os.path.lexists(target)
+
+
+def test_an_archive_whose_members_the_disk_cannot_hold_is_refused_before_a_byte_is_unpacked(tmp_path, monkeypatch):
+    """The Drive archive has no pinned size: its members' stated sizes are added up before unpacking (a small
+    zip can stand for gigabytes); a member both a file and a folder fails in one line; neither leaves a thing."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("1.jpg", bytes(3 * 2**20))  # 3 MiB of zeros: a few KiB packed
+        zf.writestr("2.jpg", b"two")
+    target = tmp_path / "Dataset" / "am_image_xx"
+    target.parent.mkdir()
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("iisan.files.shutil.disk_usage", lambda _: free._replace(free=2**20))
+    with pytest.raises(OutputError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == (f"could not write {target.parent}: the 2 files of bomb.zip need about 3.0 MiB; the "
+                                f"disk holding {target.parent} has 1.0 MiB free: free some space there, or write "
+                                "elsewhere")
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("x/a", b"a file")
+        zf.writestr("x/a/b", b"and a folder")
+    with pytest.raises(OutputError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == (f"could not unpack {archive} beside {target}: "
+                                f"{target.parent / '.am_image_xx.unpacking' / 'x' / 'a' / 'b'}: Not a directory")
+    assert list(target.parent.iterdir()) == []  # (the half-unpacked folder had stayed until the next run)
+
+
+def test_member_names_that_come_twice_are_counted_in_a_warning(tmp_path, caplog):
+    archive = tmp_path / "twice.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in (("1.jpg", b"old"), ("2.jpg", b"two"), ("1.jpg", b"new")):
+            zf.writestr(name, data)
+    target = tmp_path / "am_image_xx"
+    unpack_images(archive, target)
+    assert (target / "1.jpg").read_bytes() == b"new"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{archive}: 1 member names come twice (the first: '1.jpg'); the last of each is unpacked"]
+
+
+def test_a_link_where_a_partial_download_goes_is_refused_and_its_file_left_alone(server, tmp_path):
+    """``f.bin.part`` is opened to append (or rewrite): a link there had the download written into its file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"mine")
+    dest = tmp_path / "f.bin"
+    partial_path(dest).symlink_to(victim)
+    with pytest.raises(OutputError) as caught:
+        http_download(server.url + "/f.bin", dest, full())
+    assert one_line(caught) == (f"{partial_path(dest)} is a symbolic link where IISAN writes a partial download of "
+                                "f.bin; it would write through it: move it away")
+    assert victim.read_bytes() == b"mine" and server.seen == [] and not dest.exists()

@@ -302,6 +302,18 @@ def test_an_encoder_folder_without_its_config_lacks_it(tmp_path):
     assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == ["config.json"]
 
 
+@pytest.mark.parametrize("index", ['{"weight_map": {"w": "model-1.safetensors"', '{"metadata": {}}', "[1]"])
+def test_a_sharded_encoder_folder_whose_index_is_cut_short_or_damaged_lacks_a_readable_one(tmp_path, index):
+    """The fetch of a sharded checkpoint stopped mid-write, or its index edited: it had ended in a traceback."""
+    for name in ("config.json", "vocab.txt", "model-1.safetensors"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == [
+        "a model.safetensors.index.json that names its weight files"]
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-2.safetensors"}}')
+    assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == ["model-2.safetensors"]
+
+
 def test_a_text_encoder_folder_without_a_vocabulary_lacks_one(tmp_path):
     """tokenizer_config.json alone is no tokenizer: transformers 5 would build one of special tokens only and
     read every title as [UNK]. Any vocabulary file will do; an image folder needs its processor config."""

@@ -155,7 +155,7 @@ def _json(text: str):
     """``text`` as JSON, or None where it is not JSON."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, a 4300-digit integer, nesting too deep
         return None
 
 

@@ -108,14 +108,17 @@ def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tenso
 
 def manifest_in(sidecar: Path) -> dict | None:
     """The manifest of the build in progress at ``sidecar`` (None when there is none of ours). One this user may
-    not read is refused: it may be ours, so it is not taken for another's folder."""
+    not read is refused: it may be ours, so it is not taken for another's folder. A link there is not ours
+    (a build makes a folder), whatever it points to."""
     manifest = sidecar / "manifest.json"
+    if sidecar.is_symlink():
+        return None
     try:
         found = json.loads(manifest.read_text(encoding="utf-8"))
     except PermissionError as err:
         raise OutputError(f"{manifest} cannot be read ({failure_reason(err)}): make it readable, or move {sidecar} "
                           "away") from None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FetchError
+from ..errors import FetchError, refuse_link
 from ..files import sha256
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
     dest = Path(dest)
     part = partial_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    refuse_link(part, f"a partial download of {dest.name}")
     have = part.stat().st_size if part.exists() else None
     if expected.size is not None and have is not None and have >= expected.size:
         if have == expected.size and mismatch(part, expected) is None:

@@ -22,12 +22,13 @@ import logging
 import os
 import shutil
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from ..errors import DataError, FetchError
-from ..files import remove
+from ..errors import DataError, FetchError, OutputError, UserError, refuse_link
+from ..files import failure_reason, remove, require_space
 from .datasets import LMDB
 from .download import Expected, http_download, mismatch
 from .image_build import build_image_lmdb
@@ -78,27 +79,35 @@ ARCHIVER_JUNK = ("__MACOSX", ".DS_Store")
 def unpack_images(archive: Path, target: Path) -> None:
     """Unzip ``archive`` so that ``target`` holds the images. The archive may hold them at its top level
     or in one folder; a member that would land outside the folder is refused, and the ``__MACOSX/`` and
-    ``.DS_Store`` that macOS's archiver adds at the top level are left out."""
+    ``.DS_Store`` that macOS's archiver adds at the top level are left out. It unpacks beside ``target``
+    into a folder of its own (a link or a file at that name is refused, never written through), once the
+    disk is known to hold the members' sizes; a failed unpack leaves nothing behind."""
     tmp = target.with_name(f".{target.name}.unpacking")
+    refuse_link(tmp, f"the members of {archive.name}")
+    if tmp.exists() and not tmp.is_dir():
+        raise FetchError(f"{tmp} is a file where IISAN unpacks {archive.name}: move it away and run the fetch again")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted unpack
     try:
         with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                name = PurePosixPath(member)
-                if name.is_absolute() or ".." in name.parts:
-                    raise FetchError(f"{archive}: member {member!r} would be written outside {target}; "
-                                     "refusing to unpack it")
-            zf.extractall(tmp)  # checks every member's CRC as it reads it
-    except FetchError:  # a member outside the folder, refused above (a RuntimeError too)
+            members = zf.infolist()
+            check_members(archive, target, [m.filename for m in members])
+            require_space(target.parent, sum(m.file_size for m in members),  # what the members say they hold
+                          f"the {len(members)} files of {archive.name}")
+            zf.extractall(tmp)  # checks every member's CRC, and its size, as it reads it
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, UserError):  # refused above, in one line
+            raise
+        if isinstance(err, (zipfile.BadZipFile, EOFError)):
+            raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
+                             "again") from None
+        if isinstance(err, (NotImplementedError, RuntimeError)):
+            raise FetchError(f"{archive} cannot be unpacked here ({err}); unzip it by hand into {target}/ and run "
+                             "the fetch again") from None  # a compression method zipfile lacks; a password
+        if isinstance(err, OSError):  # a full disk; a member both a file and a folder
+            where = f"{err.filename}: " if err.filename else ""
+            raise OutputError(f"could not unpack {archive} beside {target}: {where}{failure_reason(err)}") from None
         raise
-    except (zipfile.BadZipFile, EOFError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
-                         "again") from None
-    except (NotImplementedError, RuntimeError) as err:  # a compression method zipfile lacks; a password
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FetchError(f"{archive} cannot be unpacked here ({err}); unzip it by hand into {target}/ and run the "
-                         "fetch again") from None
     junk = [p for p in tmp.iterdir() if p.name in ARCHIVER_JUNK]  # what macOS's archiver adds
     entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
     inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
@@ -106,6 +115,19 @@ def unpack_images(archive: Path, target: Path) -> None:
         remove(path)
     os.replace(inner, target)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_members(archive: Path, target: Path, names: list[str]) -> None:
+    """Refuse a member that would be written outside ``target``; say how many names come twice (zipfile
+    keeps the last of each)."""
+    for member in names:
+        name = PurePosixPath(member)
+        if name.is_absolute() or ".." in name.parts:
+            raise FetchError(f"{archive}: member {member!r} would be written outside {target}; refusing to unpack it")
+    if twice := len(names) - len(set(names)):
+        first = next(n for n, count in Counter(names).items() if count > 1)
+        log.warning("%s: %d member names come twice (the first: %r); the last of each is unpacked", archive, twice,
+                    first)
 
 
 def shortened(text: str, limit: int = 300) -> str:

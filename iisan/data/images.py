@@ -119,7 +119,7 @@ def read_meta(path: Path) -> dict | None:
         meta["size"] = int(meta["size"])
         if not 1 <= meta["size"] <= MAX_SIZE:
             raise ValueError(meta["size"])
-    except (ValueError, KeyError, TypeError, OverflowError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise ImageStoreError(f"{path}: the metadata record {META_KEY.decode()!r} is damaged; rebuild the store with "
                               "`iisan build-lmdb --overwrite`") from None
     if meta.get("format", FORMAT) != FORMAT:

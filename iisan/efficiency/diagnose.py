@@ -158,7 +158,7 @@ def is_diagnosis(path: Path) -> bool:
     """A diagnosis JSON ``run_diagnosis`` wrote: its first keys, and the device facts it records."""
     try:
         report = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return (isinstance(report, dict) and {"warmup", "reps", "shape_reps", "device"} <= report.keys()
             and isinstance(report["device"], dict) and "versions" in report["device"])

@@ -123,7 +123,7 @@ def read_benchmark(path: Path) -> dict:
     what it is not (the first field at fault)."""
     try:
         payload = json.loads(path.read_bytes())
-    except ValueError as err:  # not JSON (cut short, another format), or not text at all
+    except (ValueError, RecursionError) as err:  # not JSON (cut short, another format, nested too deep)
         raise DataError(f"{path} is not JSON ({err}); {EXPECTED}") from None
     missing = [k for k in BENCHMARK_KEYS if k not in payload] if isinstance(payload, dict) else list(BENCHMARK_KEYS)
     if missing or not isinstance(payload["rows"], list):

@@ -56,7 +56,7 @@ def read_settings(record: Path) -> dict | None:
     try:
         held = json.loads(record.read_text(encoding="utf-8"))["settings"]
         return {**generation_settings(held["seed"], {}), **held}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -189,7 +189,7 @@ def refuse_fewer_epochs(folder: Path, epochs: int) -> None:
     and a config file, which the demo has not)."""
     try:
         trained = json.loads((folder / "results.json").read_text(encoding="utf-8"))["epochs"]
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a run's: the trainer judges it
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none yet, or not a run's: the trainer judges
         return
     if isinstance(trained, list) and len(trained) > epochs:
         raise ConfigError(f"--epochs {epochs}: {folder} has trained {len(trained)} epochs already; give at least "
@@ -201,7 +201,7 @@ def refuse_copied_run(folder: Path, cfg: Config) -> None:
     neither resumed nor reported as this one's, so the demo stops before its work, saying what to do."""
     try:
         users = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("users")
-    except (OSError, ValueError, AttributeError):  # none yet, or not a config: the trainer judges it
+    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or not a config: the trainer judges it
         return
     if isinstance(users, str) and Path(users).resolve() != Path(cfg.users).resolve():
         raise OutputError(f"{folder} holds the run of the demo in {Path(users).parent} (a copied folder?), not of "

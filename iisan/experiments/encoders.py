@@ -125,9 +125,11 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
     names = {p.name for p in folder.iterdir()}
     missing = [] if "config.json" in names else ["config.json"]
     if "model.safetensors.index.json" in names:
-        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        shards = set(index["weight_map"].values())
-        missing += sorted(shards - names)
+        try:
+            index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            missing += sorted(set(index["weight_map"].values()) - names)
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):  # cut short, damaged
+            missing.append("a model.safetensors.index.json that names its weight files")
     elif "model.safetensors" not in names:
         missing.append("safetensors weights")
     if model.modality == "image" and "preprocessor_config.json" not in names:

@@ -76,7 +76,7 @@ def check_folder(folder: Path) -> None:
         raise EncoderError(f"{folder} has no config.json; it is not a transformers model folder")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a 4300-digit integer, nesting too deep
         raise EncoderError(f"{config_path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise EncoderError(f"{config_path} is not a JSON object")
@@ -101,7 +101,7 @@ def check_index(path: Path, names: set[str]) -> None:
     tensor name -> file), naming only files the folder holds."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:
         raise EncoderError(f"{path} is not valid JSON ({err})") from None
     shards = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict) or not isinstance(shards, dict) \
@@ -189,6 +189,6 @@ def processor_file(folder: Path | None) -> str:
     try:
         if nested and nested.is_file() and "image_processor" in json.loads(nested.read_text(encoding="utf-8")):
             return nested.name
-    except (ValueError, TypeError, OSError):  # not a JSON object: transformers' own load says so
+    except (ValueError, TypeError, OSError, RecursionError):  # not a JSON object: transformers' load says so
         pass
     return "preprocessor_config.json"

@@ -82,7 +82,7 @@ def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
     path = folder / CODE_MAPS.get(auto_class, "")
     try:
         settings = json.loads(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
-    except (OSError, ValueError):  # absent, or not JSON: transformers says what it finds
+    except (OSError, ValueError, RecursionError):  # absent, or not JSON: ``unreadable_json`` says why
         return None, None
     if not isinstance(settings, dict) or "auto_map" not in settings:
         return None, None
@@ -97,7 +97,7 @@ def unreadable_json(folder: Path, auto_class) -> str | None:
     for name in (n for n in JSON_OBJECTS.get(auto_class, ()) if (folder / n).is_file()):
         try:
             json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:  # a decoding error is a ValueError too
+        except (OSError, ValueError, RecursionError) as err:  # a decoding error is a ValueError too
             return f"{name} is not valid JSON ({error_line(err)})"
     return None
 

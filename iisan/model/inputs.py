@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 
 import numpy as np
 import torch
@@ -77,11 +78,36 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
             torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
 
 
+TITLE_CHARS_PER_TOKEN = 1000  # a title is cut to whole words within this many characters a token kept
+_LAST_WORD_END = re.compile(r"(?s)(.*\S)\s")  # greedy: the longest head that ends a word before a blank
+
+
+def title_head(title: str, max_tokens: int) -> str:
+    """``title`` cut, at a blank, to its whole words within ``max_tokens`` x ``TITLE_CHARS_PER_TOKEN``
+    characters (the title itself when shorter, or when it has no blank there): a tokenizer reads a whole
+    text before it truncates (one title of 30 MB took 4 GB). A word's tokens do not depend on the words
+    after it, so a head with more tokens than are kept begins as the whole title does; one with fewer is
+    tokenized whole by the callers."""
+    limit = max_tokens * TITLE_CHARS_PER_TOKEN
+    if len(title) <= limit:
+        return title
+    found = _LAST_WORD_END.match(title[:limit + 1])  # (a blank just past the limit ends a whole word too)
+    return found.group(1) if found else title
+
+
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``; ``titles[0]`` is the
-    padding item."""
-    enc = tokenizer([t.lower() for t in titles], max_length=max_tokens, padding="max_length",
-                    truncation=True, return_tensors="pt")
+    padding item. Long titles are read by their heads (``title_head``)."""
+    lowered = [t.lower() for t in titles]
+    heads = [title_head(t, max_tokens) for t in lowered]
+    settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
+    enc = tokenizer(heads, **settings)
+    short = [i for i, (head, title) in enumerate(zip(heads, lowered))
+             if head is not title and int(enc["attention_mask"][i].sum()) < max_tokens]
+    if short:  # a head that does not fill the row: the title's later words would, read whole
+        whole = tokenizer([lowered[i] for i in short], **settings)
+        for key in ("input_ids", "attention_mask"):
+            enc[key][short] = whole[key]
     empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
     if empty:
         log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
@@ -116,7 +142,11 @@ def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int
     ``titles[0]`` is the padding item."""
     rows = []
     for title in titles:
-        ids = tokenizer(title.rstrip(), add_special_tokens=True)["input_ids"][:max_tokens]
+        head = title_head(title, max_tokens)
+        ids = tokenizer(head.rstrip(), add_special_tokens=True)["input_ids"]
+        if head is not title and len(ids) <= max_tokens:  # (a special token at its end is not the title's)
+            ids = tokenizer(title.rstrip(), add_special_tokens=True)["input_ids"]
+        ids = ids[:max_tokens]
         rows.append(ids + [0] * (max_tokens - len(ids)))
     ids = torch.tensor(rows, dtype=torch.long)
     return ids, torch.ones_like(ids)

@@ -29,7 +29,7 @@ from ..bounds import finite_number
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT, fixed
 from ..devices import device_name, peak_memory, reset_peak_memory
-from ..errors import RunInterrupted, UserError
+from ..errors import RunInterrupted, UserError, refuse_link
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES, named_unread
 from ..provenance import command_line, git_commit, versions
@@ -89,6 +89,7 @@ class RunRecord:
         if not self.main:
             return
         path = self.run_dir / LOG
+        refuse_link(path, "the run's log")
         # A name or path that is not UTF-8 (a byte like 0x80 in --run-name) is written escaped, not a crash.
         try:
             with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
