@@ -163,6 +163,21 @@ def test_a_download_that_fails_its_check_is_removed_and_named(server, tmp_path):
         http_download(server.url + "/f.bin", tmp_path / "g.bin", Expected(git_blob="0" * 40))
 
 
+@pytest.mark.parametrize("had", [0, 5000])
+def test_a_server_sending_more_than_the_known_size_is_cut_off_one_byte_past_it(server, tmp_path, had):
+    """A file of known size (the TSVs) is never written past it: a server sending more (or without end) is
+    stopped one byte past the size, and the size check names the file and removes it."""
+    server.files["/big.bin"] = CONTENT * 64  # 1 MiB where 16 KiB are known
+    dest = tmp_path / "f.bin"
+    if had:
+        partial_path(dest).write_bytes(CONTENT[:had])  # resumed: the server sends the rest of its 1 MiB
+    with pytest.raises(FetchError) as caught:
+        http_download(server.url + "/big.bin", dest, full())
+    assert one_line(caught) == (f"the file downloaded from {server.url}/big.bin has 16,385 bytes, expected 16,384; "
+                                f"it was removed, run the command again to retry, or download it by hand to {dest}")
+    assert not partial_path(dest).exists() and not dest.exists()
+
+
 def test_an_unreachable_server_is_one_line_naming_the_address_and_the_destination(server, tmp_path):
     url = server.url + "/f.bin"
     server.shutdown()

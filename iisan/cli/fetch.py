@@ -57,7 +57,8 @@ def cmd_import_cache(args) -> None:
 
 
 def add_fetch_commands(sub) -> None:
-    p = sub.add_parser("fetch", help="download a data set or encoders (needs the network; resumable, verified)")
+    p = sub.add_parser("fetch", help="download a data set or encoders (needs the network; resumable; every file "
+                                      "recorded by sha256 and checked on later runs)")
     what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     d = what.add_parser("data", help="TSVs (authors' repository), images (Google Drive), LMDB, statistics")
     d.add_argument("--dataset", required=True, choices=[*FETCHABLE, "all"],

@@ -15,7 +15,6 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -82,8 +81,9 @@ def _open(url: str, start: int, timeout: float):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def _transfer(url: str, part: Path, timeout: float) -> None:
-    """Append to ``part`` from where it ends, or rewrite it when the server will not resume."""
+def _transfer(url: str, part: Path, timeout: float, size: int | None = None) -> None:
+    """Append to ``part`` from where it ends, or rewrite it when the server will not resume. With the file's
+    ``size`` known, a server that sends more is cut off one byte past it (the size check then names it)."""
     start = part.stat().st_size if part.exists() else 0
     try:
         response = _open(url, start, timeout)
@@ -100,11 +100,14 @@ def _transfer(url: str, part: Path, timeout: float) -> None:
             log.info("%s: the server does not resume downloads; restarting from the first byte", url)
         elif resumed:
             log.info("%s: resuming at byte %s", url, f"{start:,}")
+        most = None if size is None else size + 1 - (start if resumed else 0)
         with open(part, "ab" if resumed else "wb") as fh:
-            shutil.copyfileobj(response, fh, BLOCK)
+            while (most is None or most > 0) and (block := response.read(BLOCK if most is None else min(BLOCK, most))):
+                fh.write(block)
+                most = None if most is None else most - len(block)
             received = fh.tell() - (start if resumed else 0)
         announced = response.headers.get("Content-Length")
-        if announced is not None and received < int(announced):  # http.client returns short reads at EOF
+        if announced is not None and received < int(announced) and most != 0:  # short reads at EOF
             raise http.client.IncompleteRead(b"", int(announced) - received)
 
 
@@ -122,7 +125,7 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
             return dest
         part.unlink()  # longer than the file, or as long and not it: not a prefix of it
     try:
-        _transfer(url, part, timeout)
+        _transfer(url, part, timeout, expected.size)
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
         kept = f"the partial file {part} is kept for the next run, or " if part.is_file() else ""
         raise FetchError(f"cannot download {url} ({_reason(err)}); {kept}download it by hand from {url} to "

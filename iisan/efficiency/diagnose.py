@@ -67,7 +67,7 @@ class DiagnosisOptions:
     reps: int = 10
     shape_reps: int = 6
     workers: int = 8
-    work: Path = Path("/tmp/iisan-bench")
+    work: Path = Path("bench_data")  # (not a fixed folder of /tmp, which other users may fill first)
 
 
 # --------------------------------------------------------------------------------------------------
