@@ -5,8 +5,7 @@ at a time: ``locks``).
   renamed into place (``os.replace`` is atomic on one filesystem) when complete and removed when the
   write fails. A failed write (disk full, read-only, permission) is one ``OutputError`` naming the
   target; whatever was there before is untouched.
-- Claims (``claim_output``): an output path that exists is replaced only when it is this project's own
-  artifact and the user asked for it (``--overwrite``), and never when it is, or contains, an input.
+- What an output may be (never an input, never someone else's file): ``claims``.
 - Digests that name what a file holds.
 """
 
@@ -20,7 +19,6 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterable
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,6 +165,12 @@ def failure_reason(err: BaseException) -> str:
     return found.group(1) if found else text.splitlines()[0] if text else type(err).__name__
 
 
+def disk_failure(err: BaseException) -> bool:
+    """A write this machine's disk refused (full, over quota, read-only, a file too large): said as such, not
+    blamed on a download's network."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def write_failure(path: str | Path, err: BaseException) -> OutputError:
     return OutputError(f"could not write {path}: {in_the_way(path, err) or failure_reason(err)}")
 
@@ -245,68 +249,6 @@ def path_component(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# what may be replaced
-
-
-def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag: str) -> None:
-    """An ``OutputError`` when ``output`` is, or contains, one of ``inputs`` (empty ones are skipped)."""
-    out = Path(output).expanduser().resolve()
-    for given in inputs:
-        if not given:
-            continue
-        source = Path(given).expanduser().resolve()
-        if source == out or out in source.parents:
-            relation = "is" if source == out else "contains"
-            raise OutputError(f"{flag} {output} {relation} the input {given}; write the output somewhere else")
-
-
-def refuse_inside_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag: str) -> None:
-    """An ``OutputError`` when the folder ``output`` is, or is inside, one of ``inputs`` (an encoder's
-    folder, whose weights digest covers every file in it; the images LMDB; a data file)."""
-    here = Path(output).expanduser().resolve()
-    for given in filter(None, inputs):
-        source = Path(given).expanduser().resolve()
-        if here.is_relative_to(source):
-            where = "the" if here == source else "inside the"
-            raise OutputError(f"{flag} {output} is {where} input {given}; writing there would change that input: "
-                              "choose a folder of its own")
-
-
-def claim_output(path: str | Path, owned: Callable[[Path], bool], what: str, flag: str, overwrite: bool) -> bool:
-    """Whether ``path`` exists and may be replaced. It may when it is this project's own ``what``
-    (``owned(path)``) and ``overwrite`` is set; anything else that exists is refused with one line."""
-    path = Path(path)
-    if not os.path.lexists(path):
-        return False
-    if path.is_symlink():
-        raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
-    if not owned(path):
-        raise OutputError(f"{flag} {path} exists and is not {what}; IISAN replaces only what it wrote itself, "
-                          "so choose another path or move that one away")
-    if not overwrite:
-        raise OutputError(f"{flag} {path} already holds {what}; pass --overwrite to replace it")
-    return True
-
-
-def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
-    """A folder this project fills with files of fixed names (the demo's, a tiny model's). It is made with
-    the ``marker`` file in it, or reused when it holds that marker or is empty; a link, a file or a folder
-    of other things is refused with one line, so that nothing of someone else's is overwritten."""
-    path = Path(path)
-    if path.is_symlink():
-        raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file, expected a folder")
-    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
-        raise OutputError(f"{flag} {path} exists and is not {what} (no {marker} in it); IISAN writes only into "
-                          "empty folders or folders it made, so choose another path or move that one away")
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / marker).is_file():
-        write_text_atomic(path / marker, f"{what}, written by IISAN; it may replace the files it wrote here\n")
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
 # digests
 
 
@@ -322,29 +264,3 @@ def sha256(path: str | Path) -> str:
 def file_fingerprint(path: str | Path) -> str:
     """A short name for a file's content: the first 16 hex digits of its sha256."""
     return sha256(path)[:16]
-
-
-def refuse_broken_link(path: str | Path, what: str) -> None:
-    """An ``OutputError`` when the folder ``path`` to write into, or the nearest part of its path that exists, is a
-    symbolic link to nothing (the OS would say 'File exists' when making the folder). ``what``: ``--out-dir``."""
-    for part in (Path(path), *Path(path).parents):
-        if os.path.lexists(part):
-            if part.is_symlink() and not part.exists():
-                where = "is" if part == Path(path) else f"is inside {part},"
-                raise OutputError(f"{what} {path} {where} a symbolic link to no folder; give the path of a folder")
-            return
-
-
-def expect_folders(**folders: Path | None) -> None:
-    """An ``OutputError`` naming the flag (``--<key>``) when a folder to write into, or the nearest part of
-    its path that exists, is a file or a link to nothing: said before any work, not as a failed write after it."""
-    for key, path in folders.items():
-        if path is None:
-            continue
-        refuse_broken_link(path, f"--{key.replace('_', '-')}")
-        for part in (Path(path), *Path(path).parents):
-            if os.path.lexists(part):
-                if not part.is_dir():
-                    what = "is a file" if part == Path(path) else f"is inside the file {part}"
-                    raise OutputError(f"--{key.replace('_', '-')} {path} {what}; expected a folder")
-                break

@@ -400,3 +400,46 @@ def _final_metadata(cfg) -> dict:
     scratch = cfg.replace(cache_dir=cfg.cache_dir + "-scratch")
     build_cache_from_config(scratch, dtype="float16")
     return {m: read_metadata(cache_file(scratch.cache_dir, m)) for m in ("text", "image")}
+
+
+def test_a_build_killed_before_its_manifest_was_in_place_is_started_again(tiny_config, tmp_path):
+    """Killed between making .building and renaming its manifest in: the folder holds the manifest's temporary
+    alone, which is ours; every later build had refused it as someone else's folder."""
+    from iisan.files import temporary_sibling
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    (tmp_path / "c" / SIDECAR).mkdir(parents=True)
+    temporary_sibling(tmp_path / "c" / SIDECAR / "manifest.json").write_text('{"format": ')
+    build_cache_from_config(cfg, dtype="float32")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith(".iisan-lock")) == [
+        "image.safetensors", "text.safetensors"]
+
+
+@pytest.mark.parametrize("before", ["a cache", "nothing"])
+def test_a_rename_that_fails_between_the_two_files_leaves_the_cache_as_it_was(tiny_config, tmp_path, monkeypatch,
+                                                                             before):
+    """The two files are renamed one after the other: a failure of the second (EIO, EACCES) had left a new image
+    file beside an old text file (of another precision, which training took), or one new file where there was
+    no cache. The file renamed first is put back as it was."""
+    import errno
+    import os
+
+    import iisan.files as files
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    if before == "a cache":
+        build_cache_from_config(cfg, dtype="float32")
+    was = {p.name: p.read_bytes() for p in (tmp_path / "c").glob("*.safetensors")}
+    renamed = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "text.safetensors":
+            raise OSError(errno.EIO, "Input/output error")
+        renamed(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="text.safetensors: Input/output error"):
+        build_cache_from_config(cfg, dtype="float16", overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").glob("*.safetensors")} == was
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")] == []

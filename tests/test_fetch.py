@@ -567,3 +567,31 @@ def test_a_link_where_a_partial_download_goes_is_refused_and_its_file_left_alone
     assert one_line(caught) == (f"{partial_path(dest)} is a symbolic link where IISAN writes a partial download of "
                                 "f.bin; it would write through it: move it away")
     assert victim.read_bytes() == b"mine" and server.seen == [] and not dest.exists()
+
+
+def test_a_full_local_disk_is_said_as_such_not_blamed_on_the_download(server, served_data, tmp_path, monkeypatch):
+    """ENOSPC while writing a download was "cannot download <url> (...); download it by hand": the network and
+    the URL are not at fault, and downloading by hand to the same disk fails the same way."""
+    import errno
+    import io
+
+    import iisan.data.download as download
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "open", lambda *args: FullDisk(), raising=False)
+    with pytest.raises(OutputError) as caught:
+        http_download(server.url + "/f.bin", tmp_path / "f.bin", full())
+    assert one_line(caught) == f"could not write {tmp_path / 'f.bin.part'}: No space left on device"
+    monkeypatch.undo()
+
+    def full_disk(file_id, dest):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    served_data["drive"].download = full_disk
+    with pytest.raises(OutputError) as caught:
+        fetch(served_data)
+    archive = served_data["root"] / "Dataset" / "am_image_tn.zip"
+    assert one_line(caught) == f"could not write {archive}: Disk quota exceeded"

@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from iisan.claims import claim_output, refuse_inputs
 from iisan.errors import OutputError, in_the_way
-from iisan.files import (
-    atomic_path,
-    claim_output,
-    failure_reason,
-    refuse_inputs,
-    stale_temporaries,
-    temporary_sibling,
-    write_json_atomic,
-)
+from iisan.files import atomic_path, failure_reason, stale_temporaries, temporary_sibling, write_json_atomic
 from iisan.locks import OutputLock
 
 
@@ -319,7 +312,7 @@ def test_a_folder_replaced_by_a_rename_that_fails_is_put_back(tmp_path, monkeypa
 
 
 def test_a_folder_holding_only_a_hidden_file_is_not_empty(tmp_path):
-    from iisan.files import claim_folder
+    from iisan.claims import claim_folder
 
     (tmp_path / "repo" / ".git").mkdir(parents=True)
     (tmp_path / "repo" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -375,3 +368,30 @@ def test_a_file_where_an_output_folder_belongs_is_named_not_file_exists(tmp_path
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert in_the_way(tmp_path / "dangling" / "sub" / "x.csv", FileExistsError()) == \
         f"{tmp_path}/dangling is a symbolic link to nothing, not a folder"
+
+
+def test_a_checkpoint_whose_folder_cannot_be_synced_after_its_rename_is_said_to_be_written(tmp_path, monkeypatch):
+    """The folder's sync after the rename failed inside the write's own handler: the error said the checkpoint
+    could not be written and called it 'the previous checkpoint ... intact' while it was in place."""
+    import errno
+
+    import torch
+
+    import iisan.train.checkpoint_writing as writing
+    from iisan.errors import CheckpointError
+
+    root = tmp_path / "checkpoints"
+    synced = writing.fsync
+
+    def failing(path):
+        if Path(path) == root:
+            raise OSError(errno.EIO, "Input/output error")
+        synced(path)
+
+    monkeypatch.setattr(writing, "fsync", failing)
+    with pytest.raises(CheckpointError) as caught:
+        writing.write_checkpoint(root, "epoch-0000", {"w": torch.zeros(2)}, {"step": torch.zeros(1)}, {"epoch": 0},
+                                 keep=2)
+    assert str(caught.value) == (f"wrote checkpoint {root / 'epoch-0000'}, but could not sync the folder {root} after "
+                                 "renaming it into place (Input/output error): the disk may be failing")
+    assert (root / "epoch-0000" / "MANIFEST.json").is_file()

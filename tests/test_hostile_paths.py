@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoModel
 
 from iisan import files
+from iisan.claims import claim_output, expect_folders
 from iisan.cli.main import main
 from iisan.config import UTF8_PATHS, Config
 from iisan.data import cache
@@ -24,14 +25,7 @@ from iisan.data.image_build import write_image_lmdb
 from iisan.errors import CacheError, ConfigError, EncoderError, OutputError, TrainingError
 from iisan.experiments import exports, seed_table
 from iisan.experiments.versa_check import versa_gpu_check
-from iisan.files import (
-    TEMPORARY,
-    claim_output,
-    expect_folders,
-    stale_temporaries,
-    temporary_sibling,
-    write_text_atomic,
-)
+from iisan.files import TEMPORARY, stale_temporaries, temporary_sibling, write_text_atomic
 from iisan.model.caching import claim_cache_folder
 from iisan.model.encoder_loading import load_from_folder
 from iisan.model.tiny import vocabulary, write_bert

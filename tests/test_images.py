@@ -181,3 +181,26 @@ def test_a_picture_is_squashed_to_the_side_with_bilinear_resampling(tmp_path):
     expected = np.asarray(Image.fromarray(rgb).resize((4, 4), Image.BILINEAR))
     assert pixels.shape == (4, 4, 3) and changed == "" and np.array_equal(pixels, expected)
     assert not np.array_equal(pixels, np.asarray(Image.fromarray(rgb).resize((4, 4), Image.NEAREST)))
+
+
+def test_a_store_is_in_place_only_with_its_report(tmp_path, monkeypatch):
+    """The report of problems was written after the store was renamed into place: a failed (or killed) write of
+    it left a store without one, which the next build refused without --overwrite (and `iisan fetch` took as
+    found in place, its report never written). Now the store stays out until its report is written."""
+    import iisan.data.image_build as image_build
+    from iisan.files import write_text_atomic
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "a.jpg")
+
+    def full_disk(path, text):
+        raise OutputError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(image_build, "write_text_atomic", full_disk)
+    with pytest.raises(OutputError, match="db.lmdb.report.tsv: No space left on device"):
+        build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("iisan-lock")) == ["img"]
+    monkeypatch.setattr(image_build, "write_text_atomic", write_text_atomic)
+    report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False)  # no --overwrite
+    assert open(report["report"]).read().splitlines()[1:] == ["b\tmissing"]

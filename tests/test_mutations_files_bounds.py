@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from iisan.bounds import device_problem
+from iisan.claims import claim_folder
 from iisan.config import REPOSITORY, Config, model_location
 from iisan.data.shapes import ShapeBuckets
 from iisan.errors import ConfigError, OutputError
 from iisan.experiments.curves import CREATOR, creator, draw_curves
 from iisan.experiments.report_rows import read_row
-from iisan.files import claim_folder, require_space
+from iisan.files import require_space, temporary_sibling
 from iisan.flags import FlagParser, add_config_arguments
 
 
@@ -39,6 +40,21 @@ def test_an_empty_folder_is_taken_and_marked_while_a_full_one_is_refused(tmp_pat
     with pytest.raises(OutputError, match=r"^--out .*full exists and is not a demo folder \(no \.iisan-demo in it\)"):
         claim_folder(full, ".iisan-demo", "a demo folder", "--out")
     assert sorted(p.name for p in full.iterdir()) == ["notes.txt"]
+
+
+def test_a_folder_holding_only_the_temporary_of_its_marker_is_taken(tmp_path):
+    """A claim killed while writing its marker left the folder with the marker's temporary alone: every later
+    run refused the folder as someone else's. Another hidden file still makes it someone else's."""
+    died = tmp_path / "died"
+    died.mkdir()
+    temporary_sibling(died / ".iisan-demo").write_text("a demo")  # ..iisan-demo.<pid>-<hex>.tmp
+    assert claim_folder(died, ".iisan-demo", "a demo folder", "--out") == died
+    assert (died / ".iisan-demo").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    temporary_sibling(other / "notes").write_text("mine")  # a temporary's shape, of another name
+    with pytest.raises(OutputError, match="is not a demo folder"):
+        claim_folder(other, ".iisan-demo", "a demo folder", "--out")
 
 
 def test_space_is_refused_as_soon_as_the_output_would_not_fit(tmp_path, monkeypatch):

@@ -127,3 +127,22 @@ def test_an_fp16_cudagraph_step_is_refused():
     optimizer = torch.optim.Adam(model.parameters())
     with pytest.raises(ValueError, match="cudagraph steps need amp=bf16"):
         make_train_step(model, optimizer, torch.float16, torch.device("cpu"), compiled="cudagraph")
+
+
+def test_train_log_that_cannot_be_opened_for_its_handler_is_one_line(tmp_path, monkeypatch):
+    """The header was written inside the write's handler, the log handler's own open outside it: a full disk
+    between the two was a traceback in a sweep's log (``iisan train`` alone said one line by luck)."""
+    import errno
+
+    import iisan.train.records as records
+    from iisan.errors import OutputError
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records, "RunLogHandler", full_disk)
+    record = RunRecord(Config(method="id", device="cpu", out_dir=str(tmp_path)), tmp_path, torch.device("cpu"))
+    with pytest.raises(OutputError) as caught:
+        record.start_log()
+    assert str(caught.value) == f"could not write {tmp_path / 'train.log'}: No space left on device"
+    assert record.handler is None

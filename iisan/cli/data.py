@@ -43,8 +43,8 @@ def cmd_build_lmdb(args) -> None:
 
 def cmd_make_tiny_models(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
+    from ..claims import claim_folder
     from ..data.interactions import read_items
-    from ..files import claim_folder
     from ..model.encoder_files import TINY_MARKER
     from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_llama, write_vit
 

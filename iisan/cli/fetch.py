@@ -4,12 +4,12 @@ network) and import-cache (the authors' stored hidden states)."""
 from __future__ import annotations
 
 from ..bounds import utf8_path
+from ..claims import expect_folders
 from ..config import PRECISIONS
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError
 from ..experiments.encoders import ENCODER_PRESETS
 from ..experiments.presets import ROOT
-from ..files import expect_folders
 from ..flags import add_config_arguments, config_from_args
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",

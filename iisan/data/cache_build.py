@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,15 @@ from tqdm import tqdm
 
 from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError
-from ..files import atomic_path, failure_reason, remove, stale_temporaries, write_failure, write_json_atomic
+from ..files import (
+    atomic_path,
+    failure_reason,
+    remove,
+    stale_temporaries,
+    temporary_sibling,
+    write_failure,
+    write_json_atomic,
+)
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
@@ -95,11 +103,29 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
 
 def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tensor]], dict[str, str]]]) -> None:
     """The files of one cache (path -> ``write_safetensors``' specs, parts and metadata), each written to a
-    temporary, then all renamed at once: a stop while writing leaves the earlier files as they were, never
+    temporary, then all renamed at the end: a stop while writing leaves the earlier files as they were, and so
+    does a rename that fails (the files renamed before it are put back from links kept to the old ones), never
     a new text file beside an old image file."""
-    with ExitStack() as stack:
-        for path, (specs, parts, metadata) in files.items():
-            write_safetensors(stack.enter_context(atomic_path(path)), specs, parts, metadata, atomic=False)
+    existed, kept = {path for path in files if path.is_file()}, {}
+    for path in existed:
+        with suppress(OSError):  # (a file system without hard links: that file cannot be put back)
+            os.link(path, link := temporary_sibling(path))
+            kept[path] = link
+    try:
+        with ExitStack() as stack:
+            for path, (specs, parts, metadata) in files.items():
+                write_safetensors(stack.enter_context(atomic_path(path)), specs, parts, metadata, atomic=False)
+    except BaseException:
+        for path in files:  # every file as it was: the old one back, or none where there was none
+            if path in kept:
+                with suppress(OSError):
+                    os.replace(kept[path], path)
+            elif path not in existed:
+                remove(path)
+        raise
+    finally:
+        for link in kept.values():
+            remove(link)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,11 +182,14 @@ class ShardDir:
                 log.info("%s: resuming a build an earlier version began", self.path)
                 write_json_atomic(self.path / "manifest.json", self.manifest)
                 return
-            if found is None and not (self.path.is_dir() and not self.path.is_symlink() and
-                                      not any(self.path.iterdir())):
-                raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
-                                  "manifest); IISAN replaces only what it wrote itself: move it away")
-            log.info("%s holds a partial build for other settings; discarding it", self.path)
+            if found is None:  # ours only when empty, or holding the manifest's temporary (a build killed then)
+                stale = set(stale_temporaries(self.path / "manifest.json"))
+                if not (self.path.is_dir() and not self.path.is_symlink() and all(p in stale for p in
+                                                                                  self.path.iterdir())):
+                    raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
+                                      "manifest); IISAN replaces only what it wrote itself: move it away")
+            else:
+                log.info("%s holds a partial build for other settings; discarding it", self.path)
             shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from ..claims import claim_output
 from ..errors import CacheError
-from ..files import atomic_path, claim_output, starts_with
+from ..files import atomic_path, starts_with
 from .cache import cache_file, require_cache_space
 from .cache_build import write_together
 

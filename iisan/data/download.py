@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FetchError, refuse_link
-from ..files import sha256
+from ..files import disk_failure, sha256, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ def http_download(url: str, dest: str | Path, expected: Expected = Expected(), t
     try:
         _transfer(url, part, timeout, expected.size)
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
+        if disk_failure(err):
+            raise write_failure(part, err) from None
         kept = f"the partial file {part} is kept for the next run, or " if part.is_file() else ""
         raise FetchError(f"cannot download {url} ({_reason(err)}); {kept}download it by hand from {url} to "
                          f"{dest}") from None

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from ..errors import DataError, FetchError, OutputError, UserError, refuse_link
-from ..files import failure_reason, remove, require_space
+from ..files import disk_failure, failure_reason, remove, require_space, write_failure
 from .datasets import LMDB
 from .download import Expected, http_download, mismatch
 from .image_build import build_image_lmdb
@@ -160,6 +160,8 @@ def fetch_images(src: DataSource, base: Path, manifest: Manifest, drive: DriveCl
             except FetchError:
                 raise
             except Exception as err:  # the client's own errors (gdown, requests, OS): one line each
+                if disk_failure(err):
+                    raise write_failure(archive, err) from None
                 reason = shortened(" ".join(f"{type(err).__name__}: {err}".split()))
                 raise FetchError(f"cannot download {archive.name} from Google Drive ({src.images.url()}): "
                                  f"{reason}; download it by hand and put it at {archive} (or unzip it into "

@@ -18,6 +18,7 @@ import logging
 import re
 import unicodedata
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -25,12 +26,11 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ..bounds import PIXELS, not_utf8
+from ..claims import claim_output, refuse_inputs
 from ..console import progress_bar
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
-    claim_output,
-    refuse_inputs,
     remove,
     require_space,
     stale_temporaries,
@@ -179,11 +179,14 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
 
 def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
                      progress: bool = True, source: str = "", overwrite: bool = False,
-                     inputs: tuple = (), recorded: dict | None = None) -> list[tuple[str, str]]:
+                     inputs: tuple = (), recorded: dict | None = None,
+                     report: Callable[[list], None] | None = None) -> list[tuple[str, str]]:
     """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
     record with a problem is stored as a flagged blank. Built beside the target and renamed into place;
     an existing target must be an image LMDB and ``overwrite`` set (module docstring). ``recorded``: more
-    metadata fields (how the pictures were read: ``pixels``). Returns the (item_id, problem) list."""
+    metadata fields (how the pictures were read: ``pixels``); ``report(problems)`` writes their list before
+    the store is renamed into place (a store in place always has its report). Returns the (item_id, problem)
+    list."""
     out_path = Path(out_path)
     check_size(size)
     if (spelt := not_utf8(str(out_path))) is not None:  # lmdb.open would fail on it, after all the work before
@@ -202,6 +205,8 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
             with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
                 problems = _fill(tmp, item_ids, pixels_of, size, progress, source, recorded)
                 usual_permissions(tmp, *tmp.iterdir())
+                if report is not None:
+                    report(problems)
                 close_reader(out_path)  # a reader of the old store in this process must not keep the old files
         except lmdb.Error as err:  # OSError: atomic_path's one line already
             raise write_failure(out_path, err) from None
@@ -265,9 +270,11 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         except Exception as err:  # any decoder failure is a bad image, never a stop
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
 
+    def write_report(problems: list[tuple[str, str]]) -> None:
+        write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
+
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                (image_dir, *inputs), recorded={"pixels": pixels})
-    write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
+                                (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report)
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ..claims import expect_folders
 from ..config import Config
 from ..data.datasets import DATASETS
 from ..data.interactions import read_items
 from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
-from ..files import expect_folders, path_component, write_json_atomic
+from ..files import path_component, write_json_atomic
 from ..methods import METHOD_DEFAULTS
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..precedence import resolve

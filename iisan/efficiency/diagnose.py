@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ..claims import claim_output
 from ..data.datasets import DATASETS
 from ..devices import resolve_device
 from ..errors import error_line
-from ..files import claim_output, write_json_atomic
+from ..files import write_json_atomic
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
 from .isolate import in_fresh_process

@@ -16,8 +16,9 @@ matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..claims import claim_output
 from ..errors import DataError  # noqa: E402
-from ..files import atomic_path, claim_output, starts_with  # noqa: E402
+from ..files import atomic_path, starts_with  # noqa: E402
 from .bench import memory_gib  # noqa: E402
 from .report_checks import EXPECTED, read_benchmark  # noqa: E402
 from .report_notes import notes, quick_check  # noqa: E402

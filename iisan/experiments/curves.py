@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..claims import claim_output
 from ..errors import ConfigError
-from ..files import atomic_path, claim_output
+from ..files import atomic_path
 
 CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
 SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..claims import claim_folder
 from ..config import Config
 from ..console import fixed
 from ..data.image_build import build_image_lmdb
@@ -22,7 +23,7 @@ from ..data.run_data import load_data
 from ..data.synthetic import generate
 from ..errors import ConfigError, OutputError
 from ..evaluate import popularity_metrics
-from ..files import claim_folder, write_json_atomic
+from ..files import write_json_atomic
 from ..model.backbones import read_spec
 from ..model.build import layers_for, model_name
 from ..model.caching import build_cache_from_config
@@ -30,7 +31,7 @@ from ..model.tiny import vocabulary, write_bert, write_decoder, write_vit
 from ..train.trainer import train
 
 log = logging.getLogger(__name__)
-DEMO_MARKER = ".iisan-demo"  # in every folder a demo made (``files.claim_folder``)
+DEMO_MARKER = ".iisan-demo"  # in every folder a demo made (``claims.claim_folder``)
 DEMO_SETTINGS = "demo-settings.json"  # what the folder's data was generated with (``claim_demo_data``)
 GENERATED = ("items.tsv", "users.tsv")  # the text files ``generate`` writes, in this order
 # The flags that set the generation settings, per command; the refusal of other settings names them.

@@ -10,17 +10,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..claims import claim_output, refuse_inside_inputs
 from ..config import model_location
 from ..errors import OutputError
 from ..evaluate import eval_chunk
-from ..files import (
-    check_readable,
-    claim_output,
-    failure_reason,
-    folders_kept_on_success,
-    refuse_inside_inputs,
-    save_safetensors_atomic,
-)
+from ..files import check_readable, failure_reason, folders_kept_on_success, save_safetensors_atomic
 from ..locks import OutputLock
 from ..methods import METHOD_NAMES
 from ..train.checkpoint import CHECKPOINTS, PATHS, config_differences

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from ..claims import claim_output
 from ..config import Config
 from ..data.cache import cache_file
 from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..errors import CacheError, DataError, RunInterrupted
 from ..evaluate import evaluate_model
-from ..files import claim_output, write_json_atomic
+from ..files import write_json_atomic
 from ..model.build import build_model
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..claims import claim_output
 from ..console import fixed
 from ..errors import ConfigError
-from ..files import atomic_path, claim_output
+from ..files import atomic_path
 from .labels import data_labels, encoder_labels
 from .report_rows import ENCODER_KEYS, KEYS, NOT_EXPERIMENT, NUMBERS, RUN_KEYS, UNUSED, read_row_columns
 from .results_file import csv_header

@@ -20,13 +20,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..claims import claim_output
 from ..config import Config
 from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import dataset_paths
 from ..data.fetch import DriveClient, fetch_dataset
 from ..errors import FetchError, RunInterrupted, UserError
-from ..files import atomic_path, claim_output, starts_with
+from ..files import atomic_path, starts_with
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..precedence import resolve
 from ..provenance import provenance

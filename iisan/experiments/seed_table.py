@@ -17,6 +17,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..claims import claim_output
 from ..config import Config
 from ..console import fixed
 from ..data.cache import cache_file
@@ -24,7 +25,7 @@ from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
 from ..errors import CacheError, ConfigError, DataError
 from ..evaluate import popularity_metrics
-from ..files import check_readable, claim_output, failure_reason, file_fingerprint, write_json_atomic
+from ..files import check_readable, failure_reason, file_fingerprint, write_json_atomic
 from ..methods import METHOD_DEFAULTS
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
 from ..bounds import not_utf8
+from ..claims import expect_folders
 from ..config import Config
 from ..data.cache import cache_file
 from ..data.cache_build import SIDECAR
@@ -35,7 +36,7 @@ from ..data.interactions import read_items
 from ..data.synthetic import generate
 from ..devices import resolve_device
 from ..errors import OutputError
-from ..files import expect_folders, write_json_atomic
+from ..files import write_json_atomic
 from ..model.caching import build_cache_from_config
 from ..model.feeds import LiveStates
 from ..model.tiny import write_decoder, write_vit

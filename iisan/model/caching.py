@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..claims import claim_output, refuse_broken_link, refuse_inputs, refuse_inside_inputs
 from ..config import PRECISIONS, Config
 from ..data.batches import ItemBatch
 from ..data.cache import (
@@ -36,15 +37,7 @@ from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError
-from ..files import (
-    check_readable,
-    claim_output,
-    failure_reason,
-    folders_kept_on_success,
-    refuse_broken_link,
-    refuse_inputs,
-    refuse_inside_inputs,
-)
+from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name

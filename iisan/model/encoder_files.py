@@ -40,7 +40,7 @@ VOCABULARY_FILES = (*PLAIN_VOCABULARIES, *SENTENCEPIECE_FILES, "tekken.json")  #
 DIGESTED = frozenset({*VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                       "merges.txt", "preprocessor_config.json",
                       "processor_config.json"})  # transformers 5 reads its "image_processor" before the other
-TINY_MARKER = ".iisan-random-model"  # in each random model folder IISAN writes (``tiny``, ``files.claim_folder``)
+TINY_MARKER = ".iisan-random-model"  # in each random model folder IISAN writes (``tiny``, ``claims.claim_folder``)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 

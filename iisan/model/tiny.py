@@ -4,7 +4,7 @@ ViT-B/16) with random weights, for parameter counts and benchmarks without a dow
 
 Each model folder appears whole or not at all (``model_folder``): it is written into a hidden temporary
 sibling, flushed to disk and renamed into place, so a kill mid-write never leaves a partial folder under
-the model's name (where ``files.claim_folder``'s marker would let a rerun take it for finished). A
+the model's name (where ``claims.claim_folder``'s marker would let a rerun take it for finished). A
 temporary folder left by a killed writer is removed by the next one. An existing folder is replaced only
 when it is one of ours: empty, marked with ``TINY_MARKER`` (which every folder written here gets), or
 holding nothing but files of the names written here (a folder written before the marker was).

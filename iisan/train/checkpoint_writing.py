@@ -58,12 +58,16 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
             log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it "
                         "cannot read as this run's: remove it once it is not needed)", final, aside)
         os.replace(tmp, final)
-        fsync(root)
     except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
+    try:
+        fsync(root)  # the rename made durable
+    except OSError as err:
+        raise CheckpointError(f"wrote checkpoint {final}, but could not sync the folder {root} after renaming it into "
+                              f"place ({failure_reason(err)}): the disk may be failing") from None
     prune(root, keep, state.get("config") or {}, final)
     return final
 

@@ -94,9 +94,9 @@ class RunRecord:
         try:
             with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
                 fh.write(self.header())
+            self.handler = RunLogHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
         except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
             raise write_failure(path, err) from None
-        self.handler = RunLogHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger = logging.getLogger("iisan")
         logger.addHandler(self.handler)

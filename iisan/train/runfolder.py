@@ -23,11 +23,12 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import fixed
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, TrainingError, error_line
-from ..files import TEMPORARY, check_readable, failure_reason, path_component, refuse_broken_link, remove, write_failure
+from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from . import runstate
