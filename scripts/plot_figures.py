@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
+from iisan.claims import expect_folders  # noqa: E402
 from iisan.console import entry_point, summary  # noqa: E402
 from iisan.efficiency.figures import write_reports  # noqa: E402
-from iisan.files import expect_folders  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
+from iisan.claims import claim_output  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
@@ -26,7 +27,6 @@ from iisan.efficiency.benchmark import (  # noqa: E402
     prepare,
 )
 from iisan.errors import ConfigError  # noqa: E402
-from iisan.files import claim_output  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
