@@ -28,7 +28,8 @@ def main(argv=None):
     parser.add_argument("--images", help="folder of <item_id>.jpg")
     parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
     parser.add_argument("--out", help="LMDB folder to write")
-    parser.add_argument("--size", type=int, default=224, help="side of the stored square images")
+    parser.add_argument("--size", type=int, default=224,
+                        help="side of the stored square images, in pixels (default: 224)")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     parser.add_argument("--pixels", choices=PIXELS, default="displayed",
                         help="displayed: as a viewer shows a picture (EXIF orientation, transparency on white, "

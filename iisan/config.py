@@ -191,7 +191,7 @@ class Config:
     report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
                           "tensorboard package)", ("none", "tensorboard"))
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
-    fused_adam: bool = _opt(True, "Adam as one fused kernel per learning-rate group (about 3x faster on a CPU "
+    fused_adam: bool = _opt(True, "Adam as one fused kernel per learning-rate group (several times faster on a CPU "
                             "for IISAN's ~130 small tensors); --no-fused-adam: torch's loop over the parameters, as "
                             "the authors' code ran it (the same update up to rounding)")
     nonfinite: str = _opt("fail", "a non-finite training loss: fail = the run stops, marked failed, naming what went "

@@ -93,6 +93,7 @@ def test_cache_help_lists_what_a_cache_depends_on_and_takes_training_flags(tiny,
     shown = capsys.readouterr().out
     assert all(f"--{k.replace('_', '-')} " in shown for k in CACHE_KEYS) and "--cache-dir CACHE_DIR" in shown
     assert "--lr " not in shown and "--epochs" not in shown and "--lora-rank" not in shown
+    assert "--image-norm " in shown  # a cache records it, and a run of another rule refuses that cache
     assert "Every other `iisan train` flag is taken too" in shown
     with pytest.raises(SystemExit):
         main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--cache-dir", str(tmp_path),

@@ -225,3 +225,22 @@ def test_an_encoder_folder_that_is_not_there_is_said_before_its_states_are_taken
     assert f"text: {tmp_path / 'typo'} is not an encoder folder here; the states are taken as the authors' " \
            "bert-base-uncased's (13 x 768)" in caplog.text
     assert "image: " not in caplog.text  # its folder is there
+
+
+def test_an_items_file_in_latin_1_and_a_user_listed_twice_are_imported_with_the_flags_the_errors_name(
+        tiny, authors_files, tmp_path):
+    """The refusals of such files say "pass --encoding ..." and "pass --merge-duplicate-users": import-cache
+    did not take either flag, so such a data set could not be imported at all."""
+    items = Path(tiny["items"]).read_text(encoding="utf-8").splitlines(True)
+    items[1] = items[1].rstrip("\n") + " caf\u00e9\n"
+    (tmp_path / "items.tsv").write_bytes("".join(items).encode("latin-1"))
+    users = Path(tiny["users"]).read_text().splitlines(True)
+    (tmp_path / "users.tsv").write_text("".join(users + users[:1]))
+    argv = ["import-cache", "--from", str(authors_files["src"]), "--dtype", "float32", "--users",
+            str(tmp_path / "users.tsv"), "--items", str(tmp_path / "items.tsv"), "--text-model", tiny["text_model"],
+            "--image-model", tiny["image_model"], "--text-layers", "0,2", "--image-layers", "1,3",
+            "--cache-dir", str(tmp_path / "c")]
+    with pytest.raises(SystemExit):
+        main(argv)  # (either file refused, each naming its flag)
+    main([*argv, "--encoding", "latin-1", "--merge-duplicate-users"])
+    assert read_metadata(cache_file(tmp_path / "c", "text"))["source"] == "imported"

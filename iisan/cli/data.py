@@ -84,7 +84,7 @@ def tiny_depth(text: str) -> int:
 CACHE_KEYS = ("users", "items", "images", "max_seq_len", "min_seq_len", "title_tokens", "allow_empty_titles",
               "encoding", "merge_duplicate_users", "text_model", "image_model", "allow_download", "towers",
               "text_layers", "image_layers", "layer_groups", "layer_rule", "include_embedding_state", "text_pooling",
-              "encoder_dtype", "patch_embedding", "cache_dir", "cache_dtype", "device", "num_workers",
+              "image_norm", "encoder_dtype", "patch_embedding", "cache_dir", "cache_dtype", "device", "num_workers",
               "encode_batch_size", "progress")
 
 
