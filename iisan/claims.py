@@ -97,3 +97,11 @@ def expect_folders(**folders: Path | None) -> None:
                     what = "is a file" if part == Path(path) else f"is inside the file {part}"
                     raise OutputError(f"--{key.replace('_', '-')} {path} {what}; expected a folder")
                 break
+
+
+def refuse_link(path: str | Path, what: str) -> None:
+    """Refuse a symbolic link at ``path``, where IISAN opens ``what`` of its own to append or write in place:
+    it would write through the link into whatever file or folder it names."""
+    if Path(path).is_symlink():
+        raise OutputError(f"{path} is a symbolic link where IISAN writes {what}; it would write through it: move "
+                          "it away")

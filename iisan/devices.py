@@ -71,7 +71,7 @@ def reset_peak_memory(device: torch.device) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
     except OSError:
         return False
@@ -82,7 +82,7 @@ def own_peak_rss() -> int | None:
     """Bytes of this process's resident high-water mark on Linux (VmHWM): a fresh process image starts its
     own, unlike ``ru_maxrss``, which a child inherits from its parent across fork and exec. None elsewhere."""
     try:
-        with open("/proc/self/status") as fh:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as fh:  # (a name cut inside a character)
             for line in fh:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024  # kB

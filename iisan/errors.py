@@ -100,13 +100,5 @@ def in_the_way(path: str | Path, err: BaseException) -> str:
     return ""
 
 
-def refuse_link(path: str | Path, what: str) -> None:
-    """Refuse a symbolic link at ``path``, where IISAN opens ``what`` of its own to append or write in place:
-    it would write through the link into whatever file or folder it names."""
-    if Path(path).is_symlink():
-        raise OutputError(f"{path} is a symbolic link where IISAN writes {what}; it would write through it: move "
-                          "it away")
-
-
 class InUse(OutputError):
     """An output another process holds the lock of (named by its pid and host): wait for it."""

@@ -236,6 +236,33 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
+@contextmanager
+def put_back_on_failure(*paths: Path):
+    """The files at ``paths`` as they were if the block fails: a hard link to each that exists is kept aside
+    until the block ends, and renamed back; one that did not exist is removed. For outputs replaced one after
+    the other, that must change together (a cache's two files; an image LMDB and its report). A file system
+    that refuses the link (a shared folder under ``fs.protected_hardlinks``, another user's file) leaves that
+    file without a way back."""
+    existed, kept = {path for path in paths if path.is_file()}, {}
+    for path in existed:
+        with suppress(OSError):
+            os.link(path, link := temporary_sibling(path))
+            kept[path] = link
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path in kept:
+                with suppress(OSError):
+                    os.replace(kept[path], path)
+            elif path not in existed:
+                remove(path)
+        raise
+    finally:
+        for link in kept.values():
+            remove(link)
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file  # imports torch, which the caller has already
 

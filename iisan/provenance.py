@@ -43,8 +43,9 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5, check=False)
+        # (file names as git prints them: not UTF-8 under core.quotePath=false; only whether there are any counts)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5, check=False)
+                               capture_output=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = out.stdout.strip() or "unknown"

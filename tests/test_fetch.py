@@ -553,7 +553,7 @@ def test_member_names_that_come_twice_are_counted_in_a_warning(tmp_path, caplog)
     unpack_images(archive, target)
     assert (target / "1.jpg").read_bytes() == b"new"
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"{archive}: 1 member names come twice (the first: '1.jpg'); the last of each is unpacked"]
+        f"{archive}: 1 members repeat an earlier one's name (the first: '1.jpg'); the last of each is unpacked"]
 
 
 def test_a_link_where_a_partial_download_goes_is_refused_and_its_file_left_alone(server, tmp_path):
@@ -595,3 +595,30 @@ def test_a_full_local_disk_is_said_as_such_not_blamed_on_the_download(server, se
         fetch(served_data)
     archive = served_data["root"] / "Dataset" / "am_image_tn.zip"
     assert one_line(caught) == f"could not write {archive}: Disk quota exceeded"
+
+
+def test_damaged_compressed_data_and_a_file_where_the_images_go_are_one_line_and_leave_nothing(tmp_path):
+    """zlib's own error (the Drive archive has no digest pinned before its first unpack) and a file at the
+    image folder's name (the last rename) had been tracebacks, the second leaving the unpacked folder behind."""
+    archive = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("1.jpg", bytes(range(256)) * 200)
+    data = bytearray(archive.read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + len("1.jpg")  # the member's compressed bytes
+    data[start + 2:start + 12] = b"\xff" * 10
+    archive.write_bytes(bytes(data))
+    target = tmp_path / "Dataset" / "am_image_xx"
+    target.parent.mkdir()
+    with pytest.raises(FetchError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == (f"{archive} is not a complete zip archive (Error -3 while decompressing data: "
+                                "invalid code lengths set); delete it and run the fetch again")
+    assert list(target.parent.iterdir()) == []
+    target.write_text("mine")
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("1.jpg", b"one")
+    with pytest.raises(FetchError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == (f"{target} is in the way of the images of damaged.zip: move it away and run the "
+                                "fetch again")
+    assert [p.name for p in target.parent.iterdir()] == ["am_image_xx"] and target.read_text() == "mine"

@@ -204,3 +204,28 @@ def test_a_store_is_in_place_only_with_its_report(tmp_path, monkeypatch):
     monkeypatch.setattr(image_build, "write_text_atomic", write_text_atomic)
     report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False)  # no --overwrite
     assert open(report["report"]).read().splitlines()[1:] == ["b\tmissing"]
+
+
+def test_a_store_whose_rename_fails_keeps_its_own_report(tmp_path, monkeypatch):
+    """The report is written before the store's rename: a rename that then failed left the old store beside the
+    new build's report. The old report is put back with the old store."""
+    import errno
+
+    import iisan.files as files
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "a.jpg")
+    build_image_lmdb(folder, tmp_path / "db.lmdb", ["a"], size=4, progress=False)
+    before = (tmp_path / "db.lmdb.report.tsv").read_bytes()
+
+    def failing(tmp, path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "replace_folder", failing)
+    with pytest.raises(OutputError, match="db.lmdb: Input/output error"):
+        build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False, overwrite=True)
+    assert (tmp_path / "db.lmdb.report.tsv").read_bytes() == before  # no "b missing" beside the old store
+    assert ImageStore(tmp_path / "db.lmdb").get(["a"])[1].tolist() == [False]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("iisan-lock")) == [
+        "db.lmdb", "db.lmdb.report.tsv", "img"]

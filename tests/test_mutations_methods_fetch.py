@@ -302,7 +302,8 @@ def test_an_encoder_folder_without_its_config_lacks_it(tmp_path):
     assert missing_files(tmp_path, ENCODERS["bert-base-uncased"]) == ["config.json"]
 
 
-@pytest.mark.parametrize("index", ['{"weight_map": {"w": "model-1.safetensors"', '{"metadata": {}}', "[1]"])
+@pytest.mark.parametrize("index", ['{"weight_map": {"w": "model-1.safetensors"', '{"metadata": {}}', "[1]",
+                                   '{"weight_map": {"w": 5}}', '{"weight_map": {}}', '{"weight_map": ["w"]}'])
 def test_a_sharded_encoder_folder_whose_index_is_cut_short_or_damaged_lacks_a_readable_one(tmp_path, index):
     """The fetch of a sharded checkpoint stopped mid-write, or its index edited: it had ended in a traceback."""
     for name in ("config.json", "vocab.txt", "model-1.safetensors"):
@@ -403,6 +404,20 @@ def test_a_checkout_with_local_changes_is_recorded_dirty(monkeypatch, status, co
     assert provenance_module.git_commit() == commit
 
 
+def test_a_status_naming_a_file_in_another_encoding_is_read_as_dirty(monkeypatch):
+    """Under core.quotePath=false git prints a file's name as its bytes: a latin-1 name made every run's
+    ``git_commit`` raise UnicodeDecodeError (``text=True`` decodes strictly, as this stand-in does)."""
+    monkeypatch.delenv("IISAN_COMMIT", raising=False)
+    said = {"rev-parse": b"abc1234\n", "status": b" M caf\xe9.txt\n"}
+
+    def run(argv, **kw):
+        out = said[argv[1]]
+        return subprocess.CompletedProcess(argv, 0, out.decode("utf-8") if kw.get("text") else out, b"")
+
+    monkeypatch.setattr(provenance_module.subprocess, "run", run)
+    assert provenance_module.git_commit() == "abc1234+dirty"
+
+
 def test_provenance_records_the_command_an_absent_package_and_the_commit_read_before(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["scripts/bench.py", "--out", "a b.json"])
     monkeypatch.setattr(provenance_module, "PACKAGES", ("torch", "no-such-package-iisan"))
@@ -410,3 +425,17 @@ def test_provenance_records_the_command_an_absent_package_and_the_commit_read_be
     assert record["command"] == "python scripts/bench.py --out 'a b.json'"
     assert record["versions"]["no-such-package-iisan"] == "absent"
     assert record["git_commit"] == "abc1234" and record["device"] is None
+
+
+def test_the_peak_memory_is_read_when_the_process_name_is_cut_inside_a_character(monkeypatch):
+    """The kernel cuts a process's name at 15 bytes, perhaps inside a UTF-8 character (a script of a non-ASCII
+    name): /proc/self/status read strictly raised, and the benchmark fell back to ru_maxrss, the parent's too.
+    The stand-in decodes as ``open`` would with the arguments given."""
+    import io
+
+    from iisan import devices
+
+    status = b"Name:\tbench_\xc3\nVmHWM:\t    2048 kB\n"
+    monkeypatch.setattr(devices, "open", lambda path, *args, encoding=None, errors=None: io.TextIOWrapper(
+        io.BytesIO(status), encoding=encoding or "utf-8", errors=errors or "strict"), raising=False)
+    assert devices.own_peak_rss() == 2048 * 1024

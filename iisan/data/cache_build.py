@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,9 @@ from ..errors import CacheError, OutputError
 from ..files import (
     atomic_path,
     failure_reason,
+    put_back_on_failure,
     remove,
     stale_temporaries,
-    temporary_sibling,
     write_failure,
     write_json_atomic,
 )
@@ -104,28 +104,11 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
 def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tensor]], dict[str, str]]]) -> None:
     """The files of one cache (path -> ``write_safetensors``' specs, parts and metadata), each written to a
     temporary, then all renamed at the end: a stop while writing leaves the earlier files as they were, and so
-    does a rename that fails (the files renamed before it are put back from links kept to the old ones), never
-    a new text file beside an old image file."""
-    existed, kept = {path for path in files if path.is_file()}, {}
-    for path in existed:
-        with suppress(OSError):  # (a file system without hard links: that file cannot be put back)
-            os.link(path, link := temporary_sibling(path))
-            kept[path] = link
-    try:
-        with ExitStack() as stack:
-            for path, (specs, parts, metadata) in files.items():
-                write_safetensors(stack.enter_context(atomic_path(path)), specs, parts, metadata, atomic=False)
-    except BaseException:
-        for path in files:  # every file as it was: the old one back, or none where there was none
-            if path in kept:
-                with suppress(OSError):
-                    os.replace(kept[path], path)
-            elif path not in existed:
-                remove(path)
-        raise
-    finally:
-        for link in kept.values():
-            remove(link)
+    does a rename that fails (the files renamed before it are put back: ``put_back_on_failure``), never a new
+    text file beside an old image file."""
+    with put_back_on_failure(*files), ExitStack() as stack:
+        for path, (specs, parts, metadata) in files.items():
+            write_safetensors(stack.enter_context(atomic_path(path)), specs, parts, metadata, atomic=False)
 
 
 # --------------------------------------------------------------------------------------------------

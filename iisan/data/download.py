@@ -20,7 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FetchError, refuse_link
+from ..claims import refuse_link
+from ..errors import FetchError
 from ..files import disk_failure, sha256, write_failure
 
 log = logging.getLogger(__name__)

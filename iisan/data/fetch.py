@@ -22,12 +22,14 @@ import logging
 import os
 import shutil
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from ..errors import DataError, FetchError, OutputError, UserError, refuse_link
+from ..claims import refuse_link
+from ..errors import DataError, FetchError, OutputError, UserError
 from ..files import disk_failure, failure_reason, remove, require_space, write_failure
 from .datasets import LMDB
 from .download import Expected, http_download, mismatch
@@ -77,15 +79,18 @@ ARCHIVER_JUNK = ("__MACOSX", ".DS_Store")
 
 
 def unpack_images(archive: Path, target: Path) -> None:
-    """Unzip ``archive`` so that ``target`` holds the images. The archive may hold them at its top level
-    or in one folder; a member that would land outside the folder is refused, and the ``__MACOSX/`` and
-    ``.DS_Store`` that macOS's archiver adds at the top level are left out. It unpacks beside ``target``
+    """Unzip ``archive`` so that ``target`` (not there yet) holds the images. The archive may hold them at its
+    top level or in one folder; a member that would land outside the folder is refused, and the ``__MACOSX/``
+    and ``.DS_Store`` that macOS's archiver adds at the top level are left out. It unpacks beside ``target``
     into a folder of its own (a link or a file at that name is refused, never written through), once the
     disk is known to hold the members' sizes; a failed unpack leaves nothing behind."""
     tmp = target.with_name(f".{target.name}.unpacking")
     refuse_link(tmp, f"the members of {archive.name}")
     if tmp.exists() and not tmp.is_dir():
         raise FetchError(f"{tmp} is a file where IISAN unpacks {archive.name}: move it away and run the fetch again")
+    if os.path.lexists(target):  # (``fetch_images`` uses a folder there as it is)
+        raise FetchError(f"{target} is in the way of the images of {archive.name}: move it away and run the fetch "
+                         "again")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an interrupted unpack
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -94,27 +99,25 @@ def unpack_images(archive: Path, target: Path) -> None:
             require_space(target.parent, sum(m.file_size for m in members),  # what the members say they hold
                           f"the {len(members)} files of {archive.name}")
             zf.extractall(tmp)  # checks every member's CRC, and its size, as it reads it
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, UserError):  # refused above, in one line
-            raise
-        if isinstance(err, (zipfile.BadZipFile, EOFError)):
-            raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
-                             "again") from None
-        if isinstance(err, (NotImplementedError, RuntimeError)):
-            raise FetchError(f"{archive} cannot be unpacked here ({err}); unzip it by hand into {target}/ and run "
-                             "the fetch again") from None  # a compression method zipfile lacks; a password
-        if isinstance(err, OSError):  # a full disk; a member both a file and a folder
-            where = f"{err.filename}: " if err.filename else ""
-            raise OutputError(f"could not unpack {archive} beside {target}: {where}{failure_reason(err)}") from None
+        junk = [p for p in tmp.iterdir() if p.name in ARCHIVER_JUNK]  # what macOS's archiver adds
+        entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
+        inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
+        for path in junk if inner == tmp else ():  # unpacked here a moment ago: ours to remove
+            remove(path)
+        os.replace(inner, target)
+    except UserError:  # refused above, in one line
         raise
-    junk = [p for p in tmp.iterdir() if p.name in ARCHIVER_JUNK]  # what macOS's archiver adds
-    entries = [p for p in tmp.iterdir() if p not in junk and not p.name.startswith(".")]
-    inner = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-    for path in junk if inner == tmp else ():  # unpacked here a moment ago: ours to remove
-        remove(path)
-    os.replace(inner, target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:  # cut short; damaged compressed data
+        raise FetchError(f"{archive} is not a complete zip archive ({err}); delete it and run the fetch "
+                         "again") from None
+    except (NotImplementedError, RuntimeError) as err:  # a compression method zipfile lacks; a password
+        raise FetchError(f"{archive} cannot be unpacked here ({err}); unzip it by hand into {target}/ and run the "
+                         "fetch again") from None
+    except OSError as err:  # a full disk; a member both a file and a folder
+        where = f"{err.filename}: " if err.filename else ""
+        raise OutputError(f"could not unpack {archive} beside {target}: {where}{failure_reason(err)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_members(archive: Path, target: Path, names: list[str]) -> None:
@@ -126,8 +129,8 @@ def check_members(archive: Path, target: Path, names: list[str]) -> None:
             raise FetchError(f"{archive}: member {member!r} would be written outside {target}; refusing to unpack it")
     if twice := len(names) - len(set(names)):
         first = next(n for n, count in Counter(names).items() if count > 1)
-        log.warning("%s: %d member names come twice (the first: %r); the last of each is unpacked", archive, twice,
-                    first)
+        log.warning("%s: %d members repeat an earlier one's name (the first: %r); the last of each is unpacked",
+                    archive, twice, first)
 
 
 def shortened(text: str, limit: int = 300) -> str:

@@ -31,6 +31,7 @@ from ..console import progress_bar
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
+    put_back_on_failure,
     remove,
     require_space,
     stale_temporaries,
@@ -273,8 +274,9 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     def write_report(problems: list[tuple[str, str]]) -> None:
         write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
 
-    problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report)
+    with put_back_on_failure(report):  # a store that stays out keeps its own report
+        problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
+                                    (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report)
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..claims import claim_output
+from ..claims import claim_output  # noqa: E402
 from ..errors import DataError  # noqa: E402
 from ..files import atomic_path, starts_with  # noqa: E402
 from .bench import memory_gib  # noqa: E402

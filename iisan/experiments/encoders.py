@@ -126,9 +126,12 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
     missing = [] if "config.json" in names else ["config.json"]
     if "model.safetensors.index.json" in names:
         try:
-            index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
-            missing += sorted(set(index["weight_map"].values()) - names)
-        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):  # cut short, damaged
+            shards = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):  # cut short, or damaged
+            shards = None
+        if isinstance(shards, dict) and shards and all(isinstance(f, str) for f in shards.values()):
+            missing += sorted(set(shards.values()) - names)
+        else:
             missing.append("a model.safetensors.index.json that names its weight files")
     elif "model.safetensors" not in names:
         missing.append("safetensors weights")

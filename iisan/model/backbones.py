@@ -286,9 +286,9 @@ def load_text_encoder(name: str, layers: tuple[int, ...], pooling: str = "auto",
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
         raise EncoderError(f"tokenizer of {name!r} has no pad, eos or unk token to pad titles with")
-    # Right padding: real tokens keep positions 0..n-1 and (causal attention) never see the padding,
-    # so a title's states do not depend on how much padding follows it.
-    tokenizer.padding_side = "right"
+    # Right padding: real tokens keep positions 0..n-1 and (causal attention) never see the padding, so a
+    # title's states do not depend on how much follows; right truncation: a title keeps its first tokens.
+    tokenizer.padding_side = tokenizer.truncation_side = "right"
     return encoder
 
 

@@ -78,36 +78,48 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
             torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
 
 
-TITLE_CHARS_PER_TOKEN = 1000  # a title is cut to whole words within this many characters a token kept
-_LAST_WORD_END = re.compile(r"(?s)(.*\S)\s")  # greedy: the longest head that ends a word before a blank
+TITLE_CHARS_PER_TOKEN = 1000  # far more than a token covers (BERT reads a word of over 100 as one [UNK])
+# The longest head that ends a word at a space, tab or line break: BERT's normaliser deletes some other
+# characters that Python calls blanks (\x0b, \x1c, \x85), joining the words on either side into one.
+_LAST_WORD_END = re.compile(r"(.*[^ \t\n\r])[ \t\n\r]", re.DOTALL)
 
 
-def title_head(title: str, max_tokens: int) -> str:
-    """``title`` cut, at a blank, to its whole words within ``max_tokens`` x ``TITLE_CHARS_PER_TOKEN``
-    characters (the title itself when shorter, or when it has no blank there): a tokenizer reads a whole
-    text before it truncates (one title of 30 MB took 4 GB). A word's tokens do not depend on the words
-    after it, so a head with more tokens than are kept begins as the whole title does; one with fewer is
-    tokenized whole by the callers."""
+def title_head(title: str, max_tokens: int) -> tuple[str, bool]:
+    """(``title`` cut to its whole words within ``max_tokens`` x ``TITLE_CHARS_PER_TOKEN`` characters, whether
+    the cut fell between words). A tokenizer reads a whole text before it truncates (one title of 30 MB took
+    3.4 GB). A word's tokens do not depend on the words after it, so a head cut between words with more
+    tokens than are kept begins as the whole title does. A title with no blank there is cut at the limit
+    itself; so is one whose head has too few tokens, by the callers: words of thousands of characters, whose
+    last token may differ from the whole title's (``_said_cut``)."""
     limit = max_tokens * TITLE_CHARS_PER_TOKEN
     if len(title) <= limit:
-        return title
-    found = _LAST_WORD_END.match(title[:limit + 1])  # (a blank just past the limit ends a whole word too)
-    return found.group(1) if found else title
+        return title, True
+    found = _LAST_WORD_END.match(title, 0, limit + 1)  # (a blank just past the limit ends a whole word too)
+    return (found.group(1), True) if found else (title[:limit], False)
+
+
+def _said_cut(rough: int, max_tokens: int) -> None:
+    if rough:
+        log.warning("%d titles have fewer than %d tokens in whole words within their first %d characters (words of "
+                    "thousands of characters): read up to there, their last token perhaps cut", rough, max_tokens,
+                    max_tokens * TITLE_CHARS_PER_TOKEN)
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``; ``titles[0]`` is the
-    padding item. Long titles are read by their heads (``title_head``)."""
+    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``, each a title's first tokens (the
+    tokenizer truncates on the right); ``titles[0]`` is the padding item. Long titles are read by their heads
+    (``title_head``)."""
     lowered = [t.lower() for t in titles]
     heads = [title_head(t, max_tokens) for t in lowered]
     settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
-    enc = tokenizer(heads, **settings)
-    short = [i for i, (head, title) in enumerate(zip(heads, lowered))
-             if head is not title and int(enc["attention_mask"][i].sum()) < max_tokens]
-    if short:  # a head that does not fill the row: the title's later words would, read whole
-        whole = tokenizer([lowered[i] for i in short], **settings)
+    enc = tokenizer([head for head, _ in heads], **settings)
+    rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
+             and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
+    if rough:  # a head that does not fill the row: read up to the limit
+        cut = tokenizer([lowered[i][:max_tokens * TITLE_CHARS_PER_TOKEN] for i in rough], **settings)
         for key in ("input_ids", "attention_mask"):
-            enc[key][short] = whole[key]
+            enc[key][rough] = cut[key]
+    _said_cut(len(rough), max_tokens)
     empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
     if empty:
         log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
@@ -140,14 +152,17 @@ def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int
     ``max_tokens`` and right-padded with id 0, whatever the tokenizer's pad token. They pass no
     attention mask, so every position attends as a real token: the mask returned is all ones.
     ``titles[0]`` is the padding item."""
-    rows = []
+    rows, rough = [], 0
     for title in titles:
-        head = title_head(title, max_tokens)
+        head, between = title_head(title, max_tokens)
         ids = tokenizer(head.rstrip(), add_special_tokens=True)["input_ids"]
-        if head is not title and len(ids) <= max_tokens:  # (a special token at its end is not the title's)
-            ids = tokenizer(title.rstrip(), add_special_tokens=True)["input_ids"]
+        filled = len(ids) > max_tokens  # (a special token at the end is not the title's: one more is needed)
+        if head is not title and not (between and filled):
+            rough += 1
+            ids = tokenizer(title[:max_tokens * TITLE_CHARS_PER_TOKEN].rstrip(), add_special_tokens=True)["input_ids"]
         ids = ids[:max_tokens]
         rows.append(ids + [0] * (max_tokens - len(ids)))
+    _said_cut(rough, max_tokens)
     ids = torch.tensor(rows, dtype=torch.long)
     return ids, torch.ones_like(ids)
 

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from ..bounds import finite_number
+from ..claims import refuse_link
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT, fixed
 from ..devices import device_name, peak_memory, reset_peak_memory
-from ..errors import RunInterrupted, UserError, refuse_link
+from ..errors import RunInterrupted, UserError
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES, named_unread
 from ..provenance import command_line, git_commit, versions

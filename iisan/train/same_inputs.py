@@ -99,7 +99,7 @@ def differs(key: str, before: dict, then: dict) -> bool:
         return before.get(key) != then.get(key)
     try:
         return not set(json.loads(before.get(key) or "[]")) <= set(json.loads(then.get(key) or "[]"))
-    except (TypeError, ValueError):  # a record edited by hand
+    except (TypeError, ValueError, RecursionError):  # a record edited by hand
         return True
 
 
