@@ -4,7 +4,9 @@ reaches the network."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -572,9 +574,6 @@ def test_a_link_where_a_partial_download_goes_is_refused_and_its_file_left_alone
 def test_a_full_local_disk_is_said_as_such_not_blamed_on_the_download(server, served_data, tmp_path, monkeypatch):
     """ENOSPC while writing a download was "cannot download <url> (...); download it by hand": the network and
     the URL are not at fault, and downloading by hand to the same disk fails the same way."""
-    import errno
-    import io
-
     import iisan.data.download as download
 
     class FullDisk(io.BytesIO):
@@ -622,3 +621,74 @@ def test_damaged_compressed_data_and_a_file_where_the_images_go_are_one_line_and
     assert one_line(caught) == (f"{target} is in the way of the images of damaged.zip: move it away and run the "
                                 "fetch again")
     assert [p.name for p in target.parent.iterdir()] == ["am_image_xx"] and target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("code, said", [(errno.EROFS, "Read-only file system"), (errno.EFBIG, "File too large")])
+def test_a_read_only_or_size_limited_disk_is_said_as_such_not_blamed_on_the_download(server, tmp_path, monkeypatch,
+                                                                                     code, said):
+    import iisan.data.download as download
+
+    class Refused(io.BytesIO):
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(download, "open", lambda *args: Refused(), raising=False)
+    with pytest.raises(OutputError) as caught:
+        http_download(server.url + "/f.bin", tmp_path / "f.bin", full())
+    assert one_line(caught) == f"could not write {tmp_path / 'f.bin.part'}: {said}"
+
+
+def test_a_link_to_nothing_where_a_partial_download_goes_is_refused_and_nothing_made_where_it_points(server,
+                                                                                                    tmp_path):
+    """A dangling link is a link too: opening it to write creates the file it names, outside the data folder."""
+    dest = tmp_path / "f.bin"
+    partial_path(dest).symlink_to(tmp_path / "planted.bin")
+    with pytest.raises(OutputError) as caught:
+        http_download(server.url + "/f.bin", dest, full())
+    assert one_line(caught) == (f"{partial_path(dest)} is a symbolic link where IISAN writes a partial download of "
+                                "f.bin; it would write through it: move it away")
+    assert not (tmp_path / "planted.bin").exists() and server.seen == []
+
+
+def zipped(path, members):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return path
+
+
+def test_a_leftover_unpacking_folder_is_ours_to_replace_and_a_file_there_is_refused(tmp_path):
+    """An unpack stopped half-way leaves ``.<target>.unpacking/``: the next unpack replaces it (its files do not
+    join the images). A file at that name is not ours: refused, left alone."""
+    archive = zipped(tmp_path / "a.zip", [("1.jpg", b"one")])
+    target = tmp_path / "Dataset" / "am_image_xx"
+    (target.parent / ".am_image_xx.unpacking").mkdir(parents=True)
+    (target.parent / ".am_image_xx.unpacking" / "half.jpg").write_bytes(b"half")
+    unpack_images(archive, target)
+    assert sorted(p.name for p in target.iterdir()) == ["1.jpg"]
+    assert [p.name for p in target.parent.iterdir()] == ["am_image_xx"]
+    other = tmp_path / "Dataset" / "am_image_yy"
+    (other.parent / ".am_image_yy.unpacking").write_text("mine")
+    with pytest.raises(FetchError) as caught:
+        unpack_images(archive, other)
+    assert one_line(caught) == (f"{other.parent / '.am_image_yy.unpacking'} is a file where IISAN unpacks a.zip: "
+                                "move it away and run the fetch again")
+    assert (other.parent / ".am_image_yy.unpacking").read_text() == "mine"
+
+
+def test_a_link_to_nothing_where_the_images_go_is_in_the_way(tmp_path):
+    archive = zipped(tmp_path / "a.zip", [("1.jpg", b"one")])
+    target = tmp_path / "Dataset" / "am_image_xx"
+    target.parent.mkdir()
+    target.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FetchError) as caught:
+        unpack_images(archive, target)
+    assert one_line(caught) == f"{target} is in the way of the images of a.zip: move it away and run the fetch again"
+    assert target.is_symlink() and [p.name for p in target.parent.iterdir()] == ["am_image_xx"]
+
+
+def test_the_warning_names_the_first_name_that_comes_twice_not_the_first_member(tmp_path, caplog):
+    archive = zipped(tmp_path / "twice.zip", [("1.jpg", b"one"), ("2.jpg", b"old"), ("2.jpg", b"new")])
+    unpack_images(archive, tmp_path / "am_image_xx")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{archive}: 1 members repeat an earlier one's name (the first: '2.jpg'); the last of each is unpacked"]

@@ -54,7 +54,7 @@ def test_heads_give_the_rows_whole_titles_give(towers, tiny, monkeypatch, caplog
 
 def test_a_head_ends_a_whole_word_at_a_space_tab_or_line_break_within_the_limit():
     assert title_head("red lamp", 1) == ("red lamp", True)  # within 1000 characters
-    assert title_head("ab " * 600, 1) == (("ab " * 333).rstrip(), True)  # the blank at 1000 ends a word too
+    assert title_head("ab " * 600, 1) == (("ab " * 333).rstrip(), True)  # at the last blank within the limit
     assert title_head("ab " * 333 + "cd", 1) == (("ab " * 333).rstrip(), True)
     for other in GAPS[6:]:  # no blank to cut at: BERT deletes \x0b and \x1c, joining the words around them
         assert title_head(f"ab{other}" * 600, 1) == ((f"ab{other}" * 600)[:1000], False), repr(other)
