@@ -546,6 +546,7 @@ def test_an_archive_whose_members_the_disk_cannot_hold_is_refused_before_a_byte_
     assert list(target.parent.iterdir()) == []  # (the half-unpacked folder had stayed until the next run)
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # zipfile, writing the archive
 def test_member_names_that_come_twice_are_counted_in_a_warning(tmp_path, caplog):
     archive = tmp_path / "twice.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -687,6 +688,7 @@ def test_a_link_to_nothing_where_the_images_go_is_in_the_way(tmp_path):
     assert target.is_symlink() and [p.name for p in target.parent.iterdir()] == ["am_image_xx"]
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # zipfile, writing the archive
 def test_the_warning_names_the_first_name_that_comes_twice_not_the_first_member(tmp_path, caplog):
     archive = zipped(tmp_path / "twice.zip", [("1.jpg", b"one"), ("2.jpg", b"old"), ("2.jpg", b"new")])
     unpack_images(archive, tmp_path / "am_image_xx")
