@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import OutputError
-from .files import stale_temporaries, write_text_atomic
+from .files import only_temporaries_of, write_text_atomic
 
 
 def refuse_inputs(output: str | Path, inputs: Iterable[str | Path | None], flag: str) -> None:
@@ -63,8 +63,7 @@ def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
         raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, expected a folder")
-    stale = set(stale_temporaries(path / marker))
-    if path.is_dir() and not (path / marker).is_file() and any(p not in stale for p in path.iterdir()):
+    if path.is_dir() and not (path / marker).is_file() and not only_temporaries_of(path, marker):
         raise OutputError(f"{flag} {path} exists and is not {what} (no {marker} in it); IISAN writes only into "
                           "empty folders or folders it made, so choose another path or move that one away")
     path.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go throu
 from __future__ import annotations
 
 import codecs
-import errno
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from typing import NoReturn, TypeVar
 from tqdm import tqdm
 
 from .errors import USER_ERRORS, RunInterrupted, in_the_way
+from .files import disk_failure
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as err:
-        if err.filename is None and err.errno in (errno.ENOSPC, errno.EDQUOT):  # (stdout on a full disk, say)
+        if err.filename is None and disk_failure(err):  # (standard output on a full disk, say)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit would try again
             fail(prog, f"could not write the output: {err.strerror}")
         if err.filename is None:

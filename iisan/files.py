@@ -70,6 +70,13 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     return [p for p in path.parent.iterdir() if (m := TEMPORARY.match(p.name)) and m.group("name") == stem]
 
 
+def only_temporaries_of(folder: Path, name: str) -> bool:
+    """Whether ``folder`` holds nothing but temporaries of ``folder/name`` (or nothing): the folder IISAN made
+    for it, its writer killed before the rename."""
+    stale = set(stale_temporaries(folder / name))
+    return all(p in stale for p in folder.iterdir())
+
+
 def remove(path: Path) -> None:
     """Remove a file or folder this process created (a temporary), quietly: a failure to remove (a
     read-only file system, where nothing was written; a name that cannot even be looked at) must not hide

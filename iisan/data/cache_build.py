@@ -43,6 +43,7 @@ from ..errors import CacheError, OutputError
 from ..files import (
     atomic_path,
     failure_reason,
+    only_temporaries_of,
     put_back_on_failure,
     remove,
     stale_temporaries,
@@ -166,9 +167,8 @@ class ShardDir:
                 write_json_atomic(self.path / "manifest.json", self.manifest)
                 return
             if found is None:  # ours only when empty, or holding the manifest's temporary (a build killed then)
-                stale = set(stale_temporaries(self.path / "manifest.json"))
-                if not (self.path.is_dir() and not self.path.is_symlink() and all(p in stale for p in
-                                                                                  self.path.iterdir())):
+                if not (self.path.is_dir() and not self.path.is_symlink() and
+                        only_temporaries_of(self.path, "manifest.json")):
                     raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
                                       "manifest); IISAN replaces only what it wrote itself: move it away")
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import math
 import os
 import urllib.error
 import urllib.request
@@ -101,11 +102,11 @@ def _transfer(url: str, part: Path, timeout: float, size: int | None = None) -> 
             log.info("%s: the server does not resume downloads; restarting from the first byte", url)
         elif resumed:
             log.info("%s: resuming at byte %s", url, f"{start:,}")
-        most = None if size is None else size + 1 - (start if resumed else 0)
+        most = math.inf if size is None else size + 1 - (start if resumed else 0)  # bytes still to take
         with open(part, "ab" if resumed else "wb") as fh:
-            while (most is None or most > 0) and (block := response.read(BLOCK if most is None else min(BLOCK, most))):
+            while most > 0 and (block := response.read(min(BLOCK, most))):
                 fh.write(block)
-                most = None if most is None else most - len(block)
+                most -= len(block)
             received = fh.tell() - (start if resumed else 0)
         announced = response.headers.get("Content-Length")
         if announced is not None and received < int(announced) and most != 0:  # short reads at EOF

@@ -127,8 +127,9 @@ def check_members(archive: Path, target: Path, names: list[str]) -> None:
         name = PurePosixPath(member)
         if name.is_absolute() or ".." in name.parts:
             raise FetchError(f"{archive}: member {member!r} would be written outside {target}; refusing to unpack it")
-    if twice := len(names) - len(set(names)):
-        first = next(n for n, count in Counter(names).items() if count > 1)
+    counts = Counter(names)
+    if twice := len(names) - len(counts):
+        first = next(n for n, count in counts.items() if count > 1)
         log.warning("%s: %d members repeat an earlier one's name (the first: %r); the last of each is unpacked",
                     archive, twice, first)
 

@@ -84,6 +84,11 @@ TITLE_CHARS_PER_TOKEN = 1000  # far more than a token covers (BERT reads a word 
 _LAST_WORD_END = re.compile(r"(.*[^ \t\n\r])[ \t\n\r]", re.DOTALL)
 
 
+def title_limit(max_tokens: int) -> int:
+    """The characters of a title read for ``max_tokens`` tokens (``title_head``)."""
+    return max_tokens * TITLE_CHARS_PER_TOKEN
+
+
 def title_head(title: str, max_tokens: int) -> tuple[str, bool]:
     """(``title`` cut to its whole words within ``max_tokens`` x ``TITLE_CHARS_PER_TOKEN`` characters, whether
     the cut fell between words). A tokenizer reads a whole text before it truncates (one title of 30 MB took
@@ -91,7 +96,7 @@ def title_head(title: str, max_tokens: int) -> tuple[str, bool]:
     tokens than are kept begins as the whole title does. A title with no blank there is cut at the limit
     itself; so is one whose head has too few tokens, by the callers: words of thousands of characters, whose
     last token may differ from the whole title's (``_said_cut``)."""
-    limit = max_tokens * TITLE_CHARS_PER_TOKEN
+    limit = title_limit(max_tokens)
     if len(title) <= limit:
         return title, True
     found = _LAST_WORD_END.match(title, 0, limit + 1)  # (a blank just past the limit ends a whole word too)
@@ -102,7 +107,7 @@ def _said_cut(rough: int, max_tokens: int) -> None:
     if rough:
         log.warning("%d titles have fewer than %d tokens in whole words within their first %d characters (words of "
                     "thousands of characters): read up to there, their last token perhaps cut", rough, max_tokens,
-                    max_tokens * TITLE_CHARS_PER_TOKEN)
+                    title_limit(max_tokens))
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +121,7 @@ def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torc
     rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
              and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
     if rough:  # a head that does not fill the row: read up to the limit
-        cut = tokenizer([lowered[i][:max_tokens * TITLE_CHARS_PER_TOKEN] for i in rough], **settings)
+        cut = tokenizer([lowered[i][:title_limit(max_tokens)] for i in rough], **settings)
         for key in ("input_ids", "attention_mask"):
             enc[key][rough] = cut[key]
     _said_cut(len(rough), max_tokens)
@@ -159,7 +164,7 @@ def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int
         filled = len(ids) > max_tokens  # (a special token at the end is not the title's: one more is needed)
         if head is not title and not (between and filled):
             rough += 1
-            ids = tokenizer(title[:max_tokens * TITLE_CHARS_PER_TOKEN].rstrip(), add_special_tokens=True)["input_ids"]
+            ids = tokenizer(title[:title_limit(max_tokens)].rstrip(), add_special_tokens=True)["input_ids"]
         ids = ids[:max_tokens]
         rows.append(ids + [0] * (max_tokens - len(ids)))
     _said_cut(rough, max_tokens)
