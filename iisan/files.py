@@ -4,7 +4,8 @@ at a time: ``locks``).
 - Atomic writes (``atomic_path``): a fresh hidden name beside the target (never an existing file),
   renamed into place (``os.replace`` is atomic on one filesystem) when complete and removed when the
   write fails. A failed write (disk full, read-only, permission) is one ``OutputError`` naming the
-  target; whatever was there before is untouched.
+  target; whatever was there before is untouched. Temporaries that killed writers left are removed
+  by the next write of the same target, an hour on (``remove_abandoned``).
 - What an output may be (never an input, never someone else's file): ``claims``.
 - Digests that name what a file holds.
 """
@@ -19,6 +20,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +33,8 @@ if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` import
     import torch
 
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its writes' I/O errors as its own type
-TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp$")
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+ABANDONED_AFTER_S = 3600  # a temporary file untouched this long, its writer gone, was abandoned
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,10 +215,13 @@ def usual_permissions(*files: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, *, bulk: bool = False):
     """A fresh temporary path beside ``path`` to write to (a file or a folder); renamed onto ``path``
     when the block succeeds (a folder by ``replace_folder``), removed when it fails. A failed write
-    becomes one ``OutputError`` naming ``path``, which keeps whatever it held before."""
+    becomes one ``OutputError`` naming ``path``, which keeps whatever it held before. A file is synced
+    before its rename, and abandoned temporaries of ``path`` are removed after it; not with ``bulk``
+    (one of many files written into a folder in a row, an image per item), where each would cost a sync
+    and a scan of the folder per file."""
     path = Path(path)
     tmp = None
     try:
@@ -224,6 +230,8 @@ def atomic_path(path: str | Path):
         yield tmp
         if tmp.is_file():
             usual_permissions(tmp)
+            if not bulk:
+                fsync(tmp)  # on disk before the rename: after a power cut, the old file or the new one, whole
         replace_folder(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None:
@@ -231,6 +239,30 @@ def atomic_path(path: str | Path):
         if isinstance(err, WRITE_ERRORS) and not isinstance(err, UserError):
             raise write_failure(path, err) from None
         raise
+    if not bulk:
+        remove_abandoned(path)
+
+
+def remove_abandoned(path: Path) -> None:
+    """Remove the file temporaries of ``path`` that killed writers left: untouched for ``ABANDONED_AFTER_S``
+    and their process gone from this machine. No lock is needed: a live writer renames its file within
+    seconds of its last byte, and a writer on another machine sharing the folder is past that hour too."""
+    now = time.time()
+    for tmp in stale_temporaries(path):
+        with suppress(OSError):
+            info, pid = tmp.lstat(), int(TEMPORARY.match(tmp.name)["pid"])
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ABANDONED_AFTER_S and not _running(pid):
+                tmp.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process has
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -5,7 +5,9 @@ out and go with their holder."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,48 @@ def test_temporary_names_are_hidden_fresh_and_recognised_as_stale(tmp_path):
     (tmp_path / "images.lmdb.tmp").mkdir()  # a user's folder with the old fixed name: not ours
     (tmp_path / ".other.lmdb.1-0123abcd.tmp").mkdir()  # another output's temporary
     assert stale_temporaries(target) == [taken]
+
+
+NO_PID = 2 ** 22 + 1  # above any pid_max Linux allows: no process has it
+
+
+def _left(target: Path, pid: int, hours: float, folder: bool = False) -> Path:
+    """A temporary of ``target`` as a writer ``pid`` leaves it when killed, last touched ``hours`` ago."""
+    tmp = target.with_name(f".{target.name}.{pid}-{os.urandom(4).hex()}.tmp")
+    tmp.mkdir() if folder else tmp.write_text("half")
+    os.utime(tmp, (then := time.time() - hours * 3600, then))
+    return tmp
+
+
+def test_a_write_removes_the_temporaries_its_target_was_left_by_killed_writers_an_hour_on(tmp_path):
+    target = tmp_path / "table.csv"
+    gone = _left(target, NO_PID, 2)
+    kept = [_left(target, NO_PID, 0.5),                # touched half an hour ago: maybe a writer elsewhere
+            _left(target, os.getpid(), 2),             # its writer is running
+            _left(target, NO_PID, 2, folder=True),     # a folder: a build, which its lock tidies
+            _left(tmp_path / "other.csv", NO_PID, 2)]  # another output's
+    (mine := tmp_path / f".table.csv.{NO_PID}-tmp").write_text("not a temporary's name")
+    os.utime(mine, (0, 0))
+    write_json_atomic(target, {"new": 1})
+    assert not gone.exists() and all(p.exists() for p in [*kept, mine]) and json.loads(target.read_text()) == {"new": 1}
+    with atomic_path(tmp_path / "table.csv", bulk=True) as tmp:  # an image per item: no scan per file
+        tmp.write_text("x")
+    assert all(p.exists() for p in kept)
+
+
+def test_a_file_is_on_disk_before_the_rename_that_publishes_it_but_not_one_of_many(tmp_path, monkeypatch):
+    import iisan.files as files
+
+    done = []
+    monkeypatch.setattr(files, "fsync", lambda path: done.append(("sync", Path(path).read_text())))
+    real = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (done.append(("rename", Path(b).name)), real(a, b)))
+    write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert done == [("sync", '{\n  "a": 1\n}\n'), ("rename", "results.json")]
+    done.clear()
+    with atomic_path(tmp_path / "1.jpg", bulk=True) as tmp:
+        tmp.write_text("pixels")
+    assert done == [("rename", "1.jpg")]
 
 
 def test_the_reason_of_a_safetensors_write_failure_is_the_os_words():

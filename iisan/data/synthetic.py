@@ -90,7 +90,7 @@ def generate(out_dir: str | Path, num_users: int = 1200, num_items: int = 400, n
         image_dir = out / "images"
         image_dir.mkdir(exist_ok=True)
         for n, item_id in enumerate(item_ids):
-            with atomic_path(image_dir / f"{item_id}.jpg") as tmp:
+            with atomic_path(image_dir / f"{item_id}.jpg", bulk=True) as tmp:
                 draw_item(palette[topic[n]], n, image_size, rng).save(tmp, format="JPEG", quality=90)
         paths["images"] = image_dir
     elif images == "lmdb":

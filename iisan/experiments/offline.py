@@ -47,7 +47,7 @@ def random_image_store(work: Path, item_ids: list[str], size: int = 32) -> Path:
         image = folder / f"{item_id}.png"
         if not image.exists():
             noise = np.random.default_rng(row).integers(0, 256, (size, size, 3), dtype=np.uint8)
-            with atomic_path(image) as tmp:  # a killed run leaves no cut-short image to be reused
+            with atomic_path(image, bulk=True) as tmp:  # a killed run leaves no cut-short image to be reused
                 Image.fromarray(noise).save(tmp, format="PNG")
     path = Path(work) / "random.lmdb"
     if not path.is_dir():

@@ -169,10 +169,8 @@ class RunRecord:
                 for k, v in peak_memory(self.device, self.peak_since).items()}
 
     def write_metrics(self) -> None:
-        with atomic_path(self.run_dir / METRICS) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(record) + "\n" for record in self.metrics))
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the epoch is reported
+        with atomic_path(self.run_dir / METRICS) as tmp:  # synced before the rename: on disk before the epoch is told
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.metrics), encoding="utf-8")
 
     def epoch(self, record: dict) -> None:
         if not self.main:
