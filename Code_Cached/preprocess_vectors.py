@@ -5,7 +5,9 @@ left after the paper's protocol; `--all-items`: every row of the items file) and
 `stored_vectors_*/text.safetensors` and `image.safetensors`: the layers the SANs read, as one array per
 modality, in fp32 as the authors' (`--cache-dtype float16` halves it); with `--all-layers`, every layer,
 so that one cache serves every layer ablation. It trains no run: it ends naming the cache it wrote.
-`python preprocess_vectors.py --dataset Instrument`, `--help` for all flags.
+`python preprocess_vectors.py --dataset Instrument`; `--help` lists the flags a cache depends on, those of
+`iisan cache`. Every other training flag is taken too and changes nothing here, so a training command line
+builds the cache its run reads.
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from iisan.cli.data import CACHE_KEYS  # noqa: E402
 from iisan.experiments.sweep import run_script  # noqa: E402
 
 
@@ -47,4 +50,4 @@ def made(cfg, paths) -> str:
 if __name__ == "__main__":
     # one process builds the cache every rank reads
     run_script({"method": "iisan", "encode_batch_size": 512}, {}, description=__doc__, action=action,
-               extra_arguments=extra_arguments, parallel=False, made=made)
+               extra_arguments=extra_arguments, parallel=False, made=made, listed=CACHE_KEYS)

@@ -101,6 +101,20 @@ def test_cache_help_lists_what_a_cache_depends_on_and_takes_training_flags(tiny,
     assert "model folder" in capsys.readouterr().err
 
 
+def test_the_cache_script_help_lists_the_flags_iisan_cache_lists():
+    """``preprocess_vectors.py --help`` lists what a cache depends on, as ``iisan cache --help`` does, not the
+    training flags it takes unlisted (its run test passes one)."""
+    from iisan.cli.data import CACHE_KEYS
+
+    out = subprocess.run([sys.executable, "preprocess_vectors.py", "--help"], cwd=ROOT / "Code_Cached",
+                         capture_output=True, text=True)
+    flags = {word.strip("[]").split("=")[0] for word in out.stdout.split() if word.startswith(("--", "[--"))}
+    assert out.returncode == 0 and {f"--{k.replace('_', '-')}" for k in CACHE_KEYS} <= flags
+    assert {"--all-items", "--all-layers", "--overwrite", "--dataset"} <= flags
+    assert not flags & {"--lr", "--epochs", "--lora-rank", "--method", "--feed", "--out-dir", "--run-name"}
+    assert "Every other training flag is taken too" in " ".join(out.stdout.split())
+
+
 def test_entry_script_rejects_unknown_flags():
     out = subprocess.run([sys.executable, "run_IISAN.py", "--no-such-flag"], cwd=ROOT / "Code_Cached" / "scripts",
                          capture_output=True, text=True)

@@ -87,9 +87,9 @@ def grid(sweep: dict[str, list]) -> list[dict]:
 
 
 def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
-                  extra_arguments=None, add_help: bool = True) -> argparse.ArgumentParser:
+                  extra_arguments=None, add_help: bool = True, listed=None) -> argparse.ArgumentParser:
     """The flags of an entry script; its ``--help`` shows the SWEEP lists, the script's own defaults
-    and the method's paper defaults as the defaults."""
+    and the method's paper defaults as the defaults; only the Config keys in ``listed``, if given."""
     parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                         several_values="add its key to this script's SWEEP list to run several", add_help=add_help)
     if extra_arguments is not None:
@@ -108,17 +108,18 @@ def script_parser(defaults: dict, sweep: dict[str, list], description: str = "",
     shown = {**by_method, **defaults,
              **dict.fromkeys([k for k in PATH_KEYS if k not in defaults], "set by --dataset"),
              **{k: " ".join(map(str, values)) + " (SWEEP)" for k, values in sweep.items()}}
-    add_config_arguments(parser, shown, multi=set(sweep))
+    add_config_arguments(parser, shown, multi=set(sweep), shown=listed)
     return parser
 
 
 def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None = None,
-                      description: str = "", extra_arguments=None) -> tuple[list[GridPoint], argparse.Namespace]:
+                      description: str = "", extra_arguments=None,
+                      listed=None) -> tuple[list[GridPoint], argparse.Namespace]:
     """Parse the command line into the grid's points, each with its resolved config (or its error).
     ``defaults``: the script's, or a function of the command line that gives them (run_IISAN_Versa.py's)."""
     if callable(defaults):
         defaults = defaults(argv)
-    args = script_parser(defaults, sweep, description, extra_arguments).parse_args(argv)
+    args = script_parser(defaults, sweep, description, extra_arguments, listed=listed).parse_args(argv)
     file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
     own = defaults.get("method")  # an entry script's; flags and config files win over it, said once
@@ -304,17 +305,18 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
 
 
 def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, description: str = "",
-               action=None, extra_arguments=None, parallel: bool = True, made=None) -> list:
+               action=None, extra_arguments=None, parallel: bool = True, made=None, listed=None) -> list:
     """Parse, then run ``action(cfg, args)`` (default: train) for every grid point, one after another.
     ``defaults``: as ``parse_script_args`` takes them (a dict, or a function of ``argv``, called in the entry point).
     ``extra_arguments(parser)`` adds script-only flags, which ``action`` reads from ``args``; ``parallel``:
     the action trains data-parallel under torchrun (else torchrun is refused: each rank would do all of it).
     ``made(cfg, result)``, for an action that trains no run (a cache build): what a point makes, named in
-    its log lines and the summary instead of a run folder and test metrics; ``result`` is None until made."""
+    its log lines and the summary instead of a run folder and test metrics; ``result`` is None until made.
+    ``listed``: the Config keys ``--help`` lists (the others are taken, and unlisted)."""
     setup_logging()
 
     def run() -> list:
-        points, args = parse_script_args(defaults, sweep, argv, description, extra_arguments)
+        points, args = parse_script_args(defaults, sweep, argv, description, extra_arguments, listed)
         setup_logging(args.verbose)
         from ..distributed import launched  # imported when run, not for --help (module docstring)
 
@@ -324,10 +326,10 @@ def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, 
             if point.config is not None:
                 point.made = made(point.config, None)
         if args.list_grid:  # every point, or the one --grid-index names
-            listed = chosen(points, args.grid_index)
-            print(listing(listed, len(points)), end="")
-            if invalid := [p for p in listed if p.error]:  # a listing that checks a grid before a job array
-                raise GridError(f"{len(invalid)} of {len(listed)} grid point(s) invalid: " + "; ".join(
+            picked = chosen(points, args.grid_index)
+            print(listing(picked, len(points)), end="")
+            if invalid := [p for p in picked if p.error]:  # a listing that checks a grid before a job array
+                raise GridError(f"{len(invalid)} of {len(picked)} grid point(s) invalid: " + "; ".join(
                     f"{p.index} ({p.error})" for p in invalid))
             return []
         paper = dataset_paths(args.dataset)
