@@ -10,7 +10,8 @@ on average. (Counting only strictly higher scores would give every tie to the ta
 scores every item the same would hit at every K.) Ties are scores equal to the last bit: items of the same
 content may score an ulp apart (summation order), which breaks their tie as sorting would. A NaN target
 score (non-finite weights, which training and the cache refuse) makes the metrics NaN, not a number
-that looks like a result.
+that looks like a result; a NaN score of another item counts as below the target's (a comparison with
+NaN is false), and a target scored +inf (an overflow) ranks first, tied with the other items at +inf.
 
 ``evaluate_model`` runs it for a recommender: the item table once (``item_table``, every item through
 the item encoder in chunks), then every user's vector against it. Under torchrun each rank ranks a
@@ -77,7 +78,7 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     ones = torch.empty_like(scores, dtype=torch.float32 if scores.shape[1] < 2**24 else torch.float64)
     higher = torch.gt(scores, target_score, out=ones).sum(1).float()  # (U,)
     ties = torch.ge(scores, target_score, out=ones).sum(1).float() - higher - 1  # (U,) the target's own column excluded
-    masked = torch.isinf(target_score.squeeze(1))
+    masked = torch.isneginf(target_score.squeeze(1))  # (a target scored +inf, an overflow, ranks among the +infs)
     best = torch.where(masked, torch.full_like(higher, math.inf), 1.0 + higher)
     return torch.stack([best, torch.where(masked, 0.0, ties)], dim=1)
 

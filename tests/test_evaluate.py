@@ -179,3 +179,17 @@ def test_a_nan_target_score_makes_the_metrics_nan_not_a_number_that_looks_like_a
     metrics = metrics_from_ranks(ranks[:1], (10,))
     assert all(math.isnan(v) for v in metrics.values())
     assert metrics_from_ranks(ranks[1:], (10,))["hit@10"] == 1.0
+
+
+def test_raising_a_target_s_score_never_ranks_it_lower_not_even_to_inf():
+    """A target scored +inf (an fp32 overflow) ranks first, tied with the other items at +inf; only a masked
+    target (-inf: it repeats the history) is a miss. A NaN score of another item counts as below the target."""
+    history = torch.tensor([[0]])
+    places = [rank_targets(torch.tensor([[0.0, v, 2.0, 1.0]]), torch.tensor([1]), history).tolist()[0]
+              for v in (0.5, 1.5, 3.0, 1e38, math.inf)]
+    assert places == [[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    tied = rank_targets(torch.tensor([[0.0, math.inf, math.inf, 1.0]]), torch.tensor([1]), history)
+    assert tied.tolist() == [[1.0, 1.0]]
+    assert rank_targets(torch.tensor([[0.0, 1.0, math.nan, 2.0]]), torch.tensor([1]), history).tolist() == [[2.0, 0.0]]
+    repeated = torch.tensor([[0.0, math.inf, 2.0, 1.0]])
+    assert rank_targets(repeated, torch.tensor([1]), torch.tensor([[1]])).tolist() == [[math.inf, 0.0]]

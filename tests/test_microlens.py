@@ -113,6 +113,22 @@ def test_timestamps_are_ordered_exactly_however_large_or_written(tmp_path):
             read_pairs_csv(bad)
 
 
+def test_a_row_repeating_another_is_one_more_interaction_counted_in_a_warning(tmp_path, caplog):
+    """An exported row written twice moves the user's later items (here the test target) one place: kept, as
+    the sequences file would hold it, and said once, naming the first repeat; the same item at another time
+    is a repeat purchase and no warning."""
+    pairs = _write(tmp_path, "dup.csv", "user,item,timestamp\n7,a,1\n7,b,2\n7,a,3\n8,x,1\n7,b,2\n8,x,1\n")
+    with caplog.at_level("WARNING", logger="iisan.data.csv_files"):
+        assert read_pairs_csv(pairs) == [("7", ["a", "b", "b", "a"]), ("8", ["x", "x"])]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{pairs}: 2 rows repeat an earlier row's user, item and timestamp (e.g. line 6 repeats line 3); each is "
+        "read as one more interaction: remove them from the file if they are duplicates"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iisan.data.csv_files"):
+        read_pairs_csv(_write(tmp_path, "again.csv", "user,item,timestamp\n7,a,1\n7,a,2\n"))
+    assert not caplog.records
+
+
 def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp_path):
     """A quoted title may hold a newline; the rows after it are still named by their own line."""
     titles = _write(tmp_path, "t.csv", 'item,title\n10,"two\nlines"\n\n11,\n')  # item 11 starts on line 5

@@ -18,6 +18,7 @@ so a CSV data set goes through the same protocol and ``SeqRecData`` as the Amazo
 from __future__ import annotations
 
 import csv
+import logging
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .textfile import CR_EXPECTED, check_user_id, decoded_lines
 USER_COLUMNS = ("user", "userid", "user_id")
 ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
 TIME_COLUMNS = ("timestamp", "time", "ts")
+
+log = logging.getLogger(__name__)
 
 
 def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) -> int:
@@ -66,9 +69,13 @@ def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tup
 def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str, list[str]]]:
     """``user,item,timestamp`` rows -> ``[(user_id, items oldest first)]`` in order of first appearance.
 
-    Each user's items are sorted by timestamp; ties keep file order (a stable sort)."""
+    Each user's items are sorted by timestamp; ties keep file order (a stable sort). A row that repeats an
+    earlier one (user, item and timestamp) is kept, as a second interaction, and counted in a warning: it
+    moves that user's later items one place, the valid and test targets included."""
     path = Path(path)
     events: dict[str, list[tuple[Decimal, int, str]]] = {}
+    first: dict[tuple[str, str, Decimal], int] = {}  # each event's first line
+    repeats: list[tuple[int, int]] = []  # (line, the line it repeats)
     header, rows = _read_csv(path, "pairs", encoding)
     u = _column(header, USER_COLUMNS, path, "user")
     i = _column(header, ITEM_COLUMNS, path, "item")
@@ -87,8 +94,14 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
             raise DataError(f"{path}:{lineno}: empty user or item id")
         check_user_id(user, f"{path}:{lineno}")
         events.setdefault(user, []).append((stamp, lineno, item))
+        if (seen := first.setdefault((user, item, stamp), lineno)) != lineno:
+            repeats.append((lineno, seen))
     if not events:
         raise DataError(f"pairs file {path} holds no interactions")
+    if repeats:
+        log.warning("%s: %d rows repeat an earlier row's user, item and timestamp (e.g. line %d repeats line %d); "
+                    "each is read as one more interaction: remove them from the file if they are duplicates",
+                    path, len(repeats), *repeats[0])
     return [(user, [item for _, _, item in sorted(seen)]) for user, seen in events.items()]
 
 
