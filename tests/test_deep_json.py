@@ -48,8 +48,9 @@ def test_iisan_files_nested_too_deep_are_damage_said_in_one_line_or_not_ours(tmp
     (tmp_path / "diagnosis.json").write_text(DEEP)
     assert not is_diagnosis(tmp_path / "diagnosis.json")
     (tmp_path / "bench.json").write_text(DEEP)
-    with pytest.raises(DataError, match=r"bench.json is not JSON \(maximum recursion depth exceeded"):
+    with pytest.raises(DataError, match=r"bench.json is not JSON \(maximum recursion depth exceeded") as info:
         read_benchmark(tmp_path / "bench.json")
+    assert "\n" not in str(info.value)
 
 
 def test_an_image_lmdb_whose_metadata_record_is_nested_too_deep_is_said_damaged(tmp_path):

@@ -153,7 +153,9 @@ def test_files_in_utf16_with_a_byte_order_mark_are_read(tiny, tmp_path, capsys):
         (tmp_path / f"{name}.tsv").write_text(text, encoding="utf-16")
     main(["data-stats", "--users", str(tmp_path / "users.tsv"), "--items", str(tmp_path / "items.tsv"),
           "--encoding", "utf-16"])
-    assert "users: " in capsys.readouterr().out
+    read = capsys.readouterr().out
+    main(["data-stats", "--users", tiny["users"], "--items", tiny["items"]])
+    assert "users: " in read and read == capsys.readouterr().out  # the same counts as the UTF-8 originals
 
 
 def test_a_decoder_error_later_in_the_file_names_the_line_before(tmp_path):

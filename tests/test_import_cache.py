@@ -211,8 +211,10 @@ def test_missing_files_can_be_stored_as_zero_states_when_asked(tiny, authors_fil
 
 
 def test_a_folder_without_the_authors_layout_is_one_line(tiny, tmp_path):
-    with pytest.raises(CacheError, match="bert_outputs/"):
+    with pytest.raises(CacheError, match="bert_outputs/") as info:
         import_cache_from_config(cache_config(tiny, tmp_path / "cache"), tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'bert_outputs'} does not exist: --from should name the folder holding "
+                               "the authors' bert_outputs/ (e.g. stored_vectors_sci/)")
 
 
 def test_an_encoder_folder_that_is_not_there_is_said_before_its_states_are_taken_as_the_authors(
@@ -228,7 +230,7 @@ def test_an_encoder_folder_that_is_not_there_is_said_before_its_states_are_taken
 
 
 def test_an_items_file_in_latin_1_and_a_user_listed_twice_are_imported_with_the_flags_the_errors_name(
-        tiny, authors_files, tmp_path):
+        tiny, authors_files, tmp_path, capsys):
     """The refusals of such files say "pass --encoding ..." and "pass --merge-duplicate-users": import-cache
     did not take either flag, so such a data set could not be imported at all."""
     items = Path(tiny["items"]).read_text(encoding="utf-8").splitlines(True)
@@ -240,7 +242,10 @@ def test_an_items_file_in_latin_1_and_a_user_listed_twice_are_imported_with_the_
             str(tmp_path / "users.tsv"), "--items", str(tmp_path / "items.tsv"), "--text-model", tiny["text_model"],
             "--image-model", tiny["image_model"], "--text-layers", "0,2", "--image-layers", "1,3",
             "--cache-dir", str(tmp_path / "c")]
-    with pytest.raises(SystemExit):
-        main(argv)  # (either file refused, each naming its flag)
+    for given, named in [([], "pass --encoding"), (["--encoding", "latin-1"], "pass --merge-duplicate-users")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *given])  # each file refused in turn, naming its flag
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code != 0 and "\n" not in err and named in err, err
     main([*argv, "--encoding", "latin-1", "--merge-duplicate-users"])
     assert read_metadata(cache_file(tmp_path / "c", "text"))["source"] == "imported"

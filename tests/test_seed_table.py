@@ -115,8 +115,9 @@ def test_a_point_whose_results_name_its_data_by_no_path_is_refused_in_one_line(t
     results.write_text(json.dumps({**recorded, "working_dir": 5}))  # its paths are absolute: still this data's
     assert run_point("id", "Scientific", 12345, root, tmp_path / "work") == results
     results.write_text(json.dumps({**recorded, **damage}))  # hand-edited, damaged: no traceback
-    with pytest.raises(ConfigError, match=re.escape(f"{results.parent} finished on other data (users file ")):
+    with pytest.raises(ConfigError, match=re.escape(f"{results.parent} finished on other data (users file ")) as info:
         run_point("id", "Scientific", 12345, root, tmp_path / "work")
+    assert "\n" not in str(info.value)
 
 
 def test_a_point_whose_items_file_changed_since_is_refused(tiny, tmp_path):
