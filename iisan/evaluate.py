@@ -127,8 +127,9 @@ def popularity_scores(train_sequences: np.ndarray, num_items: int) -> torch.Tens
 
 
 def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
-                       batch_users: int = 1024) -> dict[str, float]:
-    """The most-popular baseline under the same protocol (history masked, same ranks and metrics)."""
+                       batch_users: int = 128) -> dict[str, float]:
+    """The most-popular baseline under the same protocol (history masked, same ranks and metrics), on the CPU in
+    a CPU evaluation's chunks: each holds two (chunk, items) float arrays."""
     _, targets, history = data.eval_split(split)
     pop = popularity_scores(data.train_sequences(), data.num_items)
     return evaluate_scores(lambda sl: pop[None, :].repeat(len(targets[sl]), 1), targets, history, batch_users,

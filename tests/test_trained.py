@@ -109,6 +109,24 @@ def test_recommend_never_returns_the_history_or_padding_and_ranks_by_score(runs)
         assert items[0] == int(np.argmax(by_hand)) and scores[0] == pytest.approx(float(by_hand.max()), abs=1e-5)
 
 
+def test_recommend_scores_the_histories_a_chunk_at_a_time_with_the_same_lists(runs, monkeypatch):
+    """A users file of F users made an (F, items) score matrix at once (about 4 GB for Scientific's users);
+    chunks of ``--eval-batch-size`` rows give the same lists. Users are looked up by id, not by list search."""
+    run = load_run(runs["cached"]["run_dir"], "cpu")
+    users = run.data.user_ids[:11]
+    assert [run.data.user_row[u] for u in users] == list(range(11))
+    histories = [run.user_history(u) for u in users]
+    run.cfg.eval_batch_size = 100  # (this loaded run's own config)
+    whole = recommend(run, histories, k=7)
+    rows, user_vectors = [], run.model.user_vectors
+    monkeypatch.setattr(run.model, "user_vectors", lambda table, inputs: rows.append(len(inputs))
+                        or user_vectors(table, inputs))
+    run.cfg.eval_batch_size = 4
+    chunked = recommend(run, histories, k=7)
+    assert rows == [4, 4, 3] and [[i for i, _ in top] for top in chunked] == [[i for i, _ in top] for top in whole]
+    assert [s for top in chunked for _, s in top] == pytest.approx([s for top in whole for _, s in top], abs=1e-5)
+
+
 def test_equal_scores_rank_in_item_order_so_a_shorter_list_is_a_prefix():
     from iisan.experiments.trained import ranked, top_items
 

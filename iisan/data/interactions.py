@@ -222,6 +222,11 @@ class SeqRecData:
         return np.concatenate([self.earlier[row], tail]) if row in self.earlier else tail
 
     @functools.cached_property
+    def user_row(self) -> dict[str, int]:
+        """User id -> row (a look-up per queried user: ``user_ids.index`` made a users file's queries quadratic)."""
+        return {user_id: row for row, user_id in enumerate(self.user_ids)}
+
+    @functools.cached_property
     def kept_items(self) -> str:
         """A digest of the kept item ids in index order: which item each row of a table indexed by item
         position (the ID method's embeddings) stands for. Another users file may keep other items under

@@ -29,7 +29,7 @@ from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, TrainingError
-from ..evaluate import evaluate_model, item_table
+from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import file_fingerprint
 from ..locks import held
 from ..methods import unread_keys
@@ -81,12 +81,10 @@ class TrainedRun:
     def user_history(self, user_id: str, where: str = "--user") -> np.ndarray:
         """The user's every interaction with a kept item (oldest first), not only the last ``max_seq_len + 3``
         the protocol keeps: a recommendation for them follows the last ones and masks them all."""
-        try:
-            row = self.data.user_ids.index(user_id)
-        except ValueError:
+        if (row := self.data.user_row.get(user_id)) is None:
             raise DataError(f"{where}: user {user_id!r} is not among the {self.data.num_users} users of "
                             f"{self.cfg.users} (users with fewer than {self.cfg.min_seq_len} interactions "
-                            "are skipped by the protocol)") from None
+                            "are skipped by the protocol)")
         return self.data.history(row)
 
 
@@ -281,7 +279,8 @@ def padded_inputs(histories: list[np.ndarray], length: int) -> torch.Tensor:
 def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list[list[tuple[int, float]]]:
     """For each history (dataset item indices, oldest first): the top-``k`` ``(item index, score)``,
     best first. Items of the history and padding are never returned; fewer than ``k`` when fewer items
-    remain."""
+    remain. The histories are scored a chunk at a time (``eval_chunk``, as evaluation): a (histories, items)
+    score matrix at once outgrows any memory."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ConfigError(f"-k {k!r}: must be a positive whole number")
     histories = [np.asarray(h) for h in histories]
@@ -290,14 +289,16 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
                 history.min() < 1 or history.max() > run.data.num_items:
             raise DataError(f"history {row}: expected a non-empty list of item indices 1..{run.data.num_items} "
                             f"(``TrainedRun.item_index`` makes them from item ids), not {history.tolist()!r:.80}")
-    table = run.item_embeddings()  # (N+1, D)
-    inputs = padded_inputs(histories, run.cfg.max_seq_len).to(run.device)
-    users = run.model.user_vectors(table, inputs).float()  # (U, D)
-    scores = users @ table.T  # (U, N+1)
-    scores[:, 0] = -torch.inf
-    for row, history in enumerate(histories):
-        scores[row, torch.from_numpy(history).to(run.device)] = -torch.inf
-    return ranked(scores, k)
+    table, chunk, top = run.item_embeddings(), eval_chunk(run.cfg, run.device), []  # table: (N+1, D)
+    for start in range(0, len(histories), chunk):
+        part = histories[start:start + chunk]
+        inputs = padded_inputs(part, run.cfg.max_seq_len).to(run.device)
+        scores = run.model.user_vectors(table, inputs).float() @ table.T  # (chunk, N+1)
+        scores[:, 0] = -torch.inf
+        for row, history in enumerate(part):
+            scores[row, torch.from_numpy(history).to(run.device)] = -torch.inf
+        top += ranked(scores, k)
+    return top
 
 
 def ranked(scores: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
