@@ -95,10 +95,6 @@ def check_bounds(cfg) -> None:
         raise ConfigError(f"drop_rate={cfg.drop_rate} must be in [0, 1)")
     if cfg.gate_temperature <= 0:
         raise ConfigError(f"gate_temperature={cfg.gate_temperature} must be positive")
-    if cfg.embedding_dim % cfg.attention_heads:
-        raise ConfigError(
-            f"embedding_dim={cfg.embedding_dim} is not divisible by attention_heads={cfg.attention_heads}"
-        )
     check_run_name(cfg.run_name)
     if not cfg.out_dir.strip():  # as a path, the working folder: run folders would litter it
         raise ConfigError(f"out_dir={cfg.out_dir!r} is empty; expected the folder run folders go in (default: runs)")
@@ -131,7 +127,7 @@ def check_encoding(encoding: str) -> None:
     (``errors="surrogateescape"``, how the data files are read; idna and punycode cannot)."""
     try:
         known = codecs.lookup(encoding)._is_text_encoding
-    except LookupError:
+    except (LookupError, ValueError):  # (ValueError: a NUL in the name)
         known = False
     if not known:
         raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252)")
@@ -216,9 +212,9 @@ def utf8_path(text: str) -> str:
 def device_problem(text: str) -> str:
     """What is wrong with a device name, or ''."""
     if not DEVICE.fullmatch(text):
-        return f"{text!r} is not one of {DEVICES}"
-    if text.startswith("cuda:") and int(text[5:]) > MAX_DEVICE_INDEX:
-        return f"{text!r}: a device index above {MAX_DEVICE_INDEX}, the largest torch takes"
+        return f"{said(text)} is not one of {DEVICES}"
+    if text.startswith("cuda:") and (len(text) > 9 or int(text[5:]) > MAX_DEVICE_INDEX):  # (int() reads 4,300 digits)
+        return f"{said(text)}: a device index above {MAX_DEVICE_INDEX}, the largest torch takes"
     return ""
 
 
@@ -241,43 +237,43 @@ def coerce(name: str, value, hint):
         if isinstance(value, str):
             pieces = [v.strip() for v in value.split(",")]
             if spaced := next((v for v in pieces if v.split() != [v] and v), None):  # '2 4': 2,4 or 24?
-                raise ConfigError(f"{name}={value!r}: {spaced!r} is not one integer; separate the entries with "
+                raise ConfigError(f"{name}={said(value)}: {spaced!r} is not one integer; separate the entries with "
                                   "commas, such as 0,2,4")
             if "" in pieces and value.strip():  # '1,,2': a number lost in typing, not a list of two
-                raise ConfigError(f"{name}={value!r}: an empty entry between commas; expected a list of integers "
+                raise ConfigError(f"{name}={said(value)}: an empty entry between commas; expected a list of integers "
                                   "such as 0,2,4")
             value = [v for v in pieces if v]
         if not isinstance(value, (list, tuple)) or any(isinstance(v, (bool, float)) for v in value) or \
                 any(isinstance(v, str) and not INTEGER.fullmatch(v.strip()) for v in value):
-            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4")
+            raise ConfigError(f"{name}={said(value)}: expected a list of integers such as 0,2,4")
         try:
             return tuple(int(v) for v in value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r}: expected a list of integers such as 0,2,4") from None
+            raise ConfigError(f"{name}={said(value)}: expected a list of integers such as 0,2,4") from None
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name}={value!r}: expected true or false")
+        raise ConfigError(f"{name}={said(value)}: expected true or false")
     if hint is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r}: expected an integer")
+            raise ConfigError(f"{name}={said(value)}: expected an integer")
         if isinstance(value, int):
             return value
         if not (isinstance(value, str) and INTEGER.fullmatch(value.strip())):  # not '5_0', '٥' or 5.0
-            raise ConfigError(f"{name}={value!r}: expected an integer")
+            raise ConfigError(f"{name}={said(value)}: expected an integer")
         if len(value.strip()) > 100:  # (Python reads no more than 4300 digits; no value needs 100)
             raise ConfigError(f"{name}={value.strip()[:12]}... ({len(value.strip())} digits): far larger than any "
                               f"{name} can be")
         return int(value)
     if hint is float:
         if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.fullmatch(value.strip())):
-            raise ConfigError(f"{name}={value!r}: expected a number")
+            raise ConfigError(f"{name}={said(value)}: expected a number")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r}: expected a number") from None
+            raise ConfigError(f"{name}={said(value)}: expected a number") from None
         except OverflowError:  # a JSON integer of 400 digits is an int too large for a float
             raise ConfigError(f"{name}={str(value)[:12]}... ({len(str(value))} digits): expected a number a float "
                               "can hold") from None
@@ -286,13 +282,19 @@ def coerce(name: str, value, hint):
         return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r}: expected a string")
+            raise ConfigError(f"{name}={said(value)}: expected a string")
         try:  # a JSON "\ud800" (a lone surrogate) is a str no file name or log line can hold
             value.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
-            raise ConfigError(f"{name}={value!r}: holds a lone surrogate, which no text can") from None
+            raise ConfigError(f"{name}={said(value)}: holds a lone surrogate, which no text can") from None
         return value
     return value
+
+
+def said(value) -> str:
+    """``repr(value)`` for a message, its head alone when it is long (a list of 5,000 numbers is no message)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def beyond_float(text: str, value: float) -> bool:

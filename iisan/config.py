@@ -13,8 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bounds import check_bounds, coerce, not_utf8
-from .errors import ConfigError
+from .bounds import check_bounds, coerce, not_utf8, said
+from .errors import ConfigError, ValuesTogether
 from .methods import METHODS
 
 
@@ -225,12 +225,16 @@ class Config:
                 raise ConfigError(f"{name}={spelt} (--{name.replace('_', '-')}) is not valid UTF-8, which safetensors "
                                   "and LMDB cannot open: rename it, or give another")
         check_bounds(self)
-        if self.towers != "both" and self.method == "iisan" and self.modality == "inter":
-            raise ConfigError(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
         for name in ("text_layers", "image_layers"):
             layers = getattr(self, name)
             if layers is not None and (len(layers) == 0 or min(layers) < 0 or list(layers) != sorted(set(layers))):
-                raise ConfigError(f"{name}={list(layers)} must be distinct, increasing, non-negative indices")
+                raise ConfigError(f"{name}={said(list(layers))} must be distinct, increasing, non-negative indices")
+        # last: values each fine alone (a --config file's are judged alone first: ``read_config_file``)
+        if self.embedding_dim % self.attention_heads:
+            raise ValuesTogether(f"embedding_dim={self.embedding_dim} is not divisible by "
+                                 f"attention_heads={self.attention_heads}")
+        if self.towers != "both" and self.method == "iisan" and self.modality == "inter":
+            raise ValuesTogether(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
 
     def _normalise(self) -> None:
         """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live."""

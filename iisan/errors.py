@@ -20,6 +20,11 @@ class ConfigError(UserError, ValueError):
     """A bad value or key in a config or on the command line; names the key."""
 
 
+class ValuesTogether(ConfigError):
+    """Values each fine alone, refused together (heads that do not divide the width): judged once every source
+    is merged, since a later ``--config`` file or a flag may change either."""
+
+
 class DataError(UserError, ValueError):
     """Bad input data; names the file and line."""
 

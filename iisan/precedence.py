@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .bounds import beyond_float
 from .config import Config
-from .errors import ConfigError, error_line
+from .errors import ConfigError, ValuesTogether, error_line
 from .methods import METHOD_DEFAULTS, newly_unread
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
 
 
 def read_config_file(path: str | Path) -> dict:
-    """Read a JSON config file into a dict of overrides (validated when merged)."""
+    """Read a JSON config file into a dict of overrides: its keys and each value checked here, naming the file;
+    values refused only together (``ValuesTogether``) when merged, where a later file or a flag may change one."""
     path = Path(path)
     if not path.is_file():
         why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
@@ -80,6 +81,8 @@ def read_config_file(path: str | Path) -> dict:
         if nul := [k for k, v in values.items() if isinstance(v, str) and "\0" in v]:
             raise ConfigError(f"{nul[0]}={values[nul[0]]!r}: a NUL character, which no path can hold")
         Config.from_dict(values, source=str(path))
+    except ValuesTogether:
+        pass  # (every single value was checked before this)
     except ConfigError as err:
         raise ConfigError(str(err) if str(err).startswith(f"{path}: ") else f"{path}: {err}") from None
     return values

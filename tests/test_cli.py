@@ -45,6 +45,13 @@ def test_invalid_choice_and_type(capsys):
     ({"drop_rate": 10**400}, r"drop_rate=100000000000\.\.\. \(401 digits\): expected a number a float can hold$"),
     ({"towers": "text", "modality": "inter"}, "towers=text needs modality=intra"),
     ({"colour": "red"}, "unknown key"),
+    # int() reads no more than 4,300 digits: a longer index was a ValueError traceback; the value is shown cut short
+    ({"device": "cuda:" + "1" * 4400}, r"^device='cuda:1{54}\.\.\. \(4,407 characters\): a device index above 127, "
+                                       r"the largest torch takes$"),
+    ({"device": "cuda:1000"}, r"^device='cuda:1000': a device index above 127"),
+    ({"encoding": "utf-8\0"}, r"^encoding='utf-8\\x00' is not a text encoding Python knows"),  # a ValueError
+    ({"text_layers": list(range(5000, 0, -1))}, r"^text_layers=\[5000, 4999, [0-9, ]{47}\.\.\. \(28,893 characters\) "
+                                                r"must be distinct, increasing, non-negative indices$"),
 ])
 def test_config_validation(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -69,6 +76,30 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
     with pytest.raises(ConfigError, match=r"c.json: unknown key\(s\) batch_sise \(did you mean batch_size\?\), "
                                           r"'l\\x00r' \(did you mean lr\?\)$"):
         config_from_args(parser.parse_args(["--config", str(path)]))
+
+
+def test_a_config_file_s_values_refused_only_together_are_judged_once_merged(tmp_path):
+    """A --config file is checked alone, naming it; but values each fine alone and wrong together (heads that do
+    not divide the width) may be mended by a later file or a flag, so they are judged on the merged config."""
+    import argparse
+
+    from iisan.errors import ValuesTogether
+    from iisan.flags import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    (heads := tmp_path / "heads.json").write_text(json.dumps({"attention_heads": 3}))
+    (dims := tmp_path / "dims.json").write_text(json.dumps({"embedding_dim": 96}))
+    (text := tmp_path / "text.json").write_text(json.dumps({"towers": "text", "modality": "inter"}))
+    for argv in (["--config", str(heads), "--embedding-dim", "96"], ["--config", str(heads), "--config", str(dims)]):
+        cfg = config_from_args(parser.parse_args(argv))
+        assert (cfg.embedding_dim, cfg.attention_heads) == (96, 3)
+    assert config_from_args(parser.parse_args(["--config", str(text), "--modality", "intra"])).modality == "intra"
+    with pytest.raises(ValuesTogether, match=r"^embedding_dim=64 is not divisible by attention_heads=3$"):
+        config_from_args(parser.parse_args(["--config", str(heads)]))
+    (both := tmp_path / "both.json").write_text(json.dumps({"attention_heads": 3, "lr": -1}))
+    with pytest.raises(ConfigError, match=rf"^{both}: lr=-1.0 must be a finite, positive learning rate$"):
+        config_from_args(parser.parse_args(["--config", str(both), "--embedding-dim", "96"]))
 
 
 def test_missing_model_folder_from_the_command_line(tiny, tmp_path, capsys):

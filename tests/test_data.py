@@ -261,6 +261,18 @@ def test_files_of_two_data_sets_are_said_to_share_no_item(tmp_path):
         load_dataset(users, items)
 
 
+def test_a_users_file_whose_lines_list_no_items_says_so(tmp_path):
+    """Lines of a user id and a tab alone were said to hold '0 item ids' none of which is an item, and asked
+    whether the files were of one data set."""
+    users, items = tmp_path / "users.tsv", tmp_path / "items.tsv"
+    users.write_text("U1\t\nU2\t \n")
+    items.write_text("I1\tone\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(users, items)
+    assert str(info.value) == (f"{users}: no user has 5 or more interactions with known items: its lines list no "
+                               "item ids (expected user_id<TAB>item item ..., oldest first)")
+
+
 def test_a_users_earlier_items_are_the_kept_ones_in_order(tmp_path):
     """max_seq_len 2 keeps each user's last 5: u1's 'a' and 'x' come before them, 'x' in no user's last 5
     (dropped from the data set), 'a' in u2's. u1's full history (what recommending for u1 masks) is its kept

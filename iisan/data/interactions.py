@@ -285,9 +285,11 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     if not users:  # ids joined by another separator are one unknown id each: say so
         glued = next((sep for sep in ",;|" if any(sep in item for item in unknown_ids)), None)
         hint = f" (item ids are separated by spaces; the unknown ids here contain {glued!r})" if glued else ""
-        if not glued and not matched:
+        if not glued and not matched and unknown_ids:
             hint = (f": none of its {len(unknown_ids):,} item ids is among the {len(catalog):,} of {items_path} (its "
                     f"first {visible(catalog.ids[0])}): are the two files of one data set, without a header line?")
+        elif not glued and not matched:
+            hint = ": its lines list no item ids (expected user_id<TAB>item item ..., oldest first)"
         raise DataError(f"{users_path}: no user has {min_seq_len} or more interactions with known items{hint}")
 
     # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
