@@ -193,15 +193,19 @@ def build_lmdb(src: DataSource, base: Path, manifest: Manifest) -> None:
     manifest.record("lmdb", folder_files(lmdb_path) + ([report] if report.is_file() else []), source=found)
 
 
-def check_stats(name: str, src: DataSource, root: Path, manifest: Manifest) -> dict:
-    data = load_dataset(root / src.users.path, root / src.items.path)
-    found = data.stats()
+def paper_stats(name: str, src: DataSource, root: Path) -> dict:
+    """The data set's size after the paper's protocol, refused unless it is the paper's data set's."""
+    found = load_dataset(root / src.users.path, root / src.items.path).stats()
     want = dict(zip(("users", "items", "interactions"), src.stats))
     if found != want:
         raise DataError(f"{name}: {found['users']:,} users / {found['items']:,} items / "
                         f"{found['interactions']:,} interactions after the paper's protocol; the paper's "
                         f"data set has {want['users']:,} / {want['items']:,} / {want['interactions']:,}")
-    manifest.record("stats", [], **found)
+    return found
+
+
+def check_stats(name: str, src: DataSource, root: Path, manifest: Manifest) -> dict:
+    manifest.record("stats", [], **(found := paper_stats(name, src, root)))
     return found
 
 

@@ -25,8 +25,9 @@ from ..config import Config
 from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import dataset_paths
-from ..data.fetch import DriveClient, fetch_dataset
-from ..errors import FetchError, RunInterrupted, UserError
+from ..data.fetch import DriveClient, fetch_dataset, paper_stats
+from ..data.sources import SOURCES
+from ..errors import DataError, FetchError, RunInterrupted, UserError
 from ..files import atomic_path, starts_with
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..precedence import resolve
@@ -78,6 +79,12 @@ def ensure_data(name: str, root: Path, fetch: bool, drive: DriveClient | None) -
             fetch_dataset(name, root, drive)
         except FetchError as err:
             raise StepMissing(f"step 1 of 4 (data): {err}") from None
+    elif name in SOURCES:  # files put there by hand: the paper's data set, or no reproduction of it
+        try:
+            paper_stats(name, SOURCES[name], root)
+        except DataError as err:
+            raise DataError(f"step 1 of 4 (data): {err}; put the authors' files in {Path(paths['users']).parent} "
+                            f"(`iisan fetch data --dataset {name}` fetches and checks them)") from None
     return paths
 
 
