@@ -148,11 +148,9 @@ def positive_int(text: str) -> int:
 def seed_arg(text: str) -> int:
     """An argparse ``type`` for a seed given on a command line: refused at once, not after the work before
     its run (a reproduction's data, images and cache)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < SEEDS:
+    if not INTEGER.fullmatch(text.strip()) or len(text.strip()) > 100:  # (int() takes '1_2', '٥' and 4,300 digits)
+        raise argparse.ArgumentTypeError(f"{said(text)} is not an integer")
+    if not 0 <= (value := int(text)) < SEEDS:
         raise argparse.ArgumentTypeError(f"{value} is not a seed: seeds are in [0, 2**32)")
     return value
 

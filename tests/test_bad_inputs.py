@@ -708,6 +708,9 @@ CASES = [
     Case("cache-metadata-not-json", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[0, 1"))),
+    Case("cache-metadata-layers-of-bools", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # (a bool is an int)
+         ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list of ints (damaged)",),
+         setup=edited_cache(lambda meta, states: meta.update(layers="[false, true]"))),
     Case("cache-metadata-nested-too-deep", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[" * 100_000))),

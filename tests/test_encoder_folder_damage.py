@@ -74,6 +74,10 @@ CASES = [
                  "num_embeddings)", id="pad-token-past-vocabulary"),
     pytest.param("text", replace("tokenizer_config.json", b"[1]"), "text tokenizer",
                  "tokenizer_config.json does not hold a JSON object", id="tokenizer-config-a-list"),
+    pytest.param("text", lambda folder: (folder / "tokenizer_config.json").write_bytes(
+                     b"\xef\xbb\xbf" + (folder / "tokenizer_config.json").read_bytes()), "text tokenizer",
+                 "tokenizer_config.json starts with a byte-order mark, which its JSON readers refuse: save it as "
+                 "UTF-8 without one", id="tokenizer-config-with-a-bom"),
     pytest.param("text", replace("vocab.txt", b"\xff\xfe\x00" * 8, remove=("tokenizer.json",)), "text tokenizer",
                  "its tokenizer files are damaged (Error while initializing WordPiece: stream did not contain "
                  "valid UTF-8)", id="vocabulary-not-utf8"),

@@ -136,7 +136,8 @@ def test_the_script_and_the_make_target(tmp_path):
 @pytest.mark.parametrize("argv, flag", [(["--epochs", "0"], "--epochs"), (["--device", "gpu"], "--device"),
                                         (["--demo-users", "0"], "--demo-users"),
                                         (["--demo-items", "-1"], "--demo-items"), (["--seeds", "-1"], "--seeds"),
-                                        (["--seeds", "1", str(2**32)], "--seeds")])
+                                        (["--seeds", "1", str(2**32)], "--seeds"), (["--seeds", "1_2"], "--seeds"),
+                                        (["--seeds", "\u0665"], "--seeds")])  # int() reads both: 12 and 5
 def test_bad_arguments_fail_at_parse_time_before_the_demo_data(argv, flag, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts" / "reproduce.py")
     module = importlib.util.module_from_spec(spec)

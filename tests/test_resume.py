@@ -292,7 +292,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, referenc
 @pytest.mark.parametrize("damage,reason", [
     (lambda p: p.write_bytes(p.read_bytes()[:100]), "is truncated or damaged"),
     (lambda p: (p.parent / checkpoint.MANIFEST).unlink(), "MANIFEST.json is missing"),
-], ids=["truncated", "never-completed"])
+    (lambda p: (p.unlink(), p.mkdir()), f"{checkpoint.TRAIN_STATE} is not a file"),  # it said "is missing"
+], ids=["truncated", "never-completed", "a-folder-in-its-place"])
 def test_truncated_or_unfinished_checkpoints_are_refused(reference, damage, reason, tmp_path):
     root = Path(reference["run_dir"]) / "checkpoints"
     copy = tmp_path / "checkpoints"

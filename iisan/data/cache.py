@@ -140,7 +140,7 @@ def metadata_problem(meta: dict[str, str]) -> str | None:
         return f" lacks the metadata {', '.join(missing)} (damaged, or built by an earlier version of IISAN)"
     for key, kind in (("layers", int), ("item_ids", str)):
         values = _json(meta[key])
-        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+        if not isinstance(values, list) or not all(type(v) is kind for v in values):  # (a bool is an int)
             return f": its metadata {key!r} is not a JSON list of {kind.__name__}s (damaged)"
     if not isinstance(_json(meta.get("encoder_files", "{}")), dict):
         return ": its metadata 'encoder_files' is not a JSON object (damaged)"

@@ -11,6 +11,7 @@ anything unless asked for.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import importlib.util
 import json
@@ -113,8 +114,12 @@ def damaged_file(folder: Path, auto_class) -> str | None:
     for name in JSON_OBJECTS.get(auto_class, ()):
         if (folder / name).is_file():
             with open(folder / name, "rb") as f:
-                if not f.read(4096).lstrip().startswith(b"{"):  # an object's first character, after blanks
-                    return f"{name} does not hold a JSON object"
+                head = f.read(4096)
+            if head.startswith(codecs.BOM_UTF8):  # some Windows editors write one; JSON readers refuse it
+                return f"{name} starts with a byte-order mark, which its JSON readers refuse: save it as UTF-8 " \
+                       "without one"
+            if not head.lstrip().startswith(b"{"):  # an object's first character, after blanks
+                return f"{name} does not hold a JSON object"
     if auto_class in JSON_OBJECTS:  # a tokenizer or a processor reads no dtype or vocabulary size
         return None
     for weights in sorted(folder.glob("*.safetensors")) if auto_class in MODEL_CLASSES else ():

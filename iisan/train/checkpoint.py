@@ -131,7 +131,7 @@ def verify(path: Path, digests: bool = True) -> str | None:
     for file, expected in files.items():
         target = path / file
         if not target.is_file():
-            return f"{target} is missing"
+            return f"{target} is missing" if not os.path.lexists(target) else f"{target} is not a file"
         try:
             check_readable(target)  # present is not readable: safetensors would call it missing
             size = target.stat().st_size
