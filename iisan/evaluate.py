@@ -181,7 +181,7 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     if table is None:
         table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)
-    chunk = eval_chunk(cfg, device)
+    chunk = eval_chunk(cfg, device, data.num_items)
     lo, hi = chunk_block(len(targets), chunk, dist)
     ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
                         chunk, cfg.rank_repeated_targets, f"ranking {split}" if cfg.progress and dist.is_main else "")
@@ -191,9 +191,13 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     return ranks
 
 
-def eval_chunk(cfg: Config, device: torch.device) -> int:
-    """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on a GPU and 128 on a CPU."""
-    return cfg.eval_batch_size or (2048 if device.type == "cuda" else 128)
+SCORES_PER_CHUNK = 2**27  # a default chunk's (users, items) scores at most: 512 MiB in fp32
+
+
+def eval_chunk(cfg: Config, device: torch.device, items: int) -> int:
+    """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on a GPU and 128 on a CPU, fewer where so many
+    items would make a chunk's scores more than ``SCORES_PER_CHUNK`` (a GPU past 65k items, a CPU past 1M)."""
+    return cfg.eval_batch_size or max(1, min(2048 if device.type == "cuda" else 128, SCORES_PER_CHUNK // (items + 1)))
 
 
 def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,

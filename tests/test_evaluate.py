@@ -193,3 +193,15 @@ def test_raising_a_target_s_score_never_ranks_it_lower_not_even_to_inf():
     assert rank_targets(torch.tensor([[0.0, 1.0, math.nan, 2.0]]), torch.tensor([1]), history).tolist() == [[2.0, 0.0]]
     repeated = torch.tensor([[0.0, math.inf, 2.0, 1.0]])
     assert rank_targets(repeated, torch.tensor([1]), torch.tensor([[1]])).tolist() == [[math.inf, 0.0]]
+
+
+def test_a_default_evaluation_chunk_holds_at_most_2_27_scores_however_many_the_items():
+    """2048 users x 500k items made 4 GiB arrays per chunk on a GPU (two alive at once); a given size wins."""
+    from iisan.config import Config
+    from iisan.evaluate import eval_chunk
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # (a device object needs no GPU)
+    assert [eval_chunk(Config(), cpu, n) for n in (20_314, 1_048_575, 1_048_576, 4_000_000)] == [128, 128, 127, 33]
+    on_gpu = [eval_chunk(Config(), gpu, n) for n in (20_314, 65_535, 65_536, 500_000, 2**28)]
+    assert on_gpu == [2048, 2048, 2047, 268, 1]
+    assert eval_chunk(Config(eval_batch_size=4096), gpu, 500_000) == 4096

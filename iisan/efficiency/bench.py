@@ -297,7 +297,7 @@ def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
     times = timed_each(lambda: evaluate_model(model, data, "test", cfg, device, pixels), device, reps)["step_seconds"]
     return {"label": f"evaluation, {METHOD_NAMES[cfg.method]} ({cfg.feed})", "evaluation_seconds": times["median"],
             "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
-            "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device),
+            "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device, data.num_items),
             "memory": peak_memory(device, reset_at), "device": device_name(device)}
 
 

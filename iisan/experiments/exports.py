@@ -29,7 +29,7 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
     """(U, D): each user's vector before the ``split`` target (the vectors evaluation ranks with)."""
     inputs, _, _ = run.data.eval_split(split)
     table = run.item_embeddings()
-    chunk = eval_chunk(run.cfg, run.device)
+    chunk = eval_chunk(run.cfg, run.device, run.data.num_items)
     return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
                       for s in range(0, len(inputs), chunk)]).cpu()
 

@@ -289,7 +289,8 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
                 history.min() < 1 or history.max() > run.data.num_items:
             raise DataError(f"history {row}: expected a non-empty list of item indices 1..{run.data.num_items} "
                             f"(``TrainedRun.item_index`` makes them from item ids), not {history.tolist()!r:.80}")
-    table, chunk, top = run.item_embeddings(), eval_chunk(run.cfg, run.device), []  # table: (N+1, D)
+    table, top = run.item_embeddings(), []  # (N+1, D)
+    chunk = eval_chunk(run.cfg, run.device, run.data.num_items)
     for start in range(0, len(histories), chunk):
         part = histories[start:start + chunk]
         inputs = padded_inputs(part, run.cfg.max_seq_len).to(run.device)
