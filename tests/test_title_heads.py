@@ -52,6 +52,20 @@ def test_heads_give_the_rows_whole_titles_give(towers, tiny, monkeypatch, caplog
     assert "perhaps cut" not in caplog.text
 
 
+def test_titles_tokenized_a_few_calls_at_a_time_give_the_rows_of_one_call(towers, tiny, monkeypatch):
+    """One tokenizer call over every title held its objects for all of them (500k titles: 2.8 GB); calls of
+    ``TITLES_PER_CALL`` give the same rows, the rough heads (read again up to the limit) included."""
+    tokenizer = tokenizer_of(towers, "bert32x2")
+    titles = worded_titles([w for t in read_items(tiny["items"]).titles[1:40] for w in t.split()])
+    titles[5] = "x" * 50_000  # a head with no whole word: read again up to the limit
+    one_call = tokenize_titles(tokenizer, titles, 8)
+    calls = []
+    monkeypatch.setattr(inputs, "TITLES_PER_CALL", 7)
+    chunked = tokenize_titles(lambda texts, **kw: calls.append(len(texts)) or tokenizer(texts, **kw), titles, 8)
+    assert all(torch.equal(a, b) for a, b in zip(one_call, chunked))
+    assert calls == [7] * 21 + [4, 1] and sum(calls[:-1]) == len(titles)
+
+
 def test_a_head_ends_a_whole_word_at_a_space_tab_or_line_break_within_the_limit():
     assert title_head("red lamp", 1) == ("red lamp", True)  # within 1000 characters
     assert title_head("ab " * 600, 1) == (("ab " * 333).rstrip(), True)  # at the last blank within the limit

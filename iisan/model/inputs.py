@@ -110,6 +110,9 @@ def _said_cut(rough: int, max_tokens: int) -> None:
                     title_limit(max_tokens))
 
 
+TITLES_PER_CALL = 10_000  # one tokenizer call over 500k titles held 2.8 GB of its Python objects at once
+
+
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``, each a title's first tokens (the
     tokenizer truncates on the right); ``titles[0]`` is the padding item. Long titles are read by their heads
@@ -117,7 +120,9 @@ def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torc
     lowered = [t.lower() for t in titles]
     heads = [title_head(t, max_tokens) for t in lowered]
     settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
-    enc = tokenizer([head for head, _ in heads], **settings)
+    parts = [tokenizer([head for head, _ in heads[s:s + TITLES_PER_CALL]], **settings)
+             for s in range(0, len(heads), TITLES_PER_CALL)]
+    enc = {key: torch.cat([part[key] for part in parts]) for key in ("input_ids", "attention_mask")}
     rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
              and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
     if rough:  # a head that does not fill the row: read up to the limit
