@@ -175,7 +175,7 @@ class Config:
                                "multiple of this many tokens; 0: every title keeps title_tokens tokens")
     num_workers: int = _opt(4, "threads reading images from the LMDB (live feed, baselines, cache builds)")
     eval_batch_size: int = _opt(0, "users per evaluation chunk (0: 128 on CPU, where a chunk's score matrix "
-                                "should fit the cache, 2048 on GPU; fewer past 65k items on GPU, 1M on CPU, so that "
+                                "should fit the cache, 2048 on CUDA; fewer past 65k items on CUDA, 1M on CPU, so that "
                                 "a chunk's scores stay within 2**27)")
     encode_batch_size: int = _opt(256, "items per chunk when encoding the item table or building a cache")
     max_steps_per_epoch: int = _opt(0, "cap on training steps per epoch (0 = all; smoke runs): steps, not users, "

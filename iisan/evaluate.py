@@ -9,7 +9,8 @@ and NDCG@K are the averages of the hit and the discount over those places, which
 on average. (Counting only strictly higher scores would give every tie to the target: a model that
 scores every item the same would hit at every K.) Ties are scores equal to the last bit: items of the same
 content may score an ulp apart (summation order), which breaks their tie as sorting would. A NaN target
-score (non-finite weights, which training and the cache refuse) makes the metrics NaN, not a number
+score (non-finite weights: a cache refuses non-finite states, and training stops at a non-finite loss unless
+``--nonfinite authors``) makes the metrics NaN, not a number
 that looks like a result; a NaN score of another item counts as below the target's (a comparison with
 NaN is false), and a target scored +inf (an overflow) ranks first, tied with the other items at +inf.
 
@@ -195,7 +196,7 @@ SCORES_PER_CHUNK = 2**27  # a default chunk's (users, items) scores at most: 512
 
 
 def eval_chunk(cfg: Config, device: torch.device, items: int) -> int:
-    """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on a GPU and 128 on a CPU, fewer where so many
+    """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on CUDA and 128 elsewhere, fewer where so many
     items would make a chunk's scores more than ``SCORES_PER_CHUNK`` (a GPU past 65k items, a CPU past 1M)."""
     return cfg.eval_batch_size or max(1, min(2048 if device.type == "cuda" else 128, SCORES_PER_CHUNK // (items + 1)))
 

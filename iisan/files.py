@@ -4,8 +4,8 @@ at a time: ``locks``).
 - Atomic writes (``atomic_path``): a fresh hidden name beside the target (never an existing file),
   renamed into place (``os.replace`` is atomic on one filesystem) when complete and removed when the
   write fails. A failed write (disk full, read-only, permission) is one ``OutputError`` naming the
-  target; whatever was there before is untouched. Temporaries that killed writers left are removed
-  by the next write of the same target, an hour on (``remove_abandoned``).
+  target; whatever was there before is untouched. File temporaries that killed writers left are
+  removed by the next write of the same target, an hour on (``remove_abandoned``; not by ``bulk`` writes).
 - What an output may be (never an input, never someone else's file): ``claims``.
 - Digests that name what a file holds.
 """

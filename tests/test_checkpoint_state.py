@@ -205,5 +205,39 @@ def test_python_and_numpy_generators_come_back_as_they_were_saved():
     random.seed(2)
     np.random.seed(2)
     torch.manual_seed(2)
-    assert restore_rng(state, tensors, SINGLE, torch.device("cpu")) is True
+    assert restore_rng(state, tensors, SINGLE, torch.device("cpu"), 12345) is True
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_a_rank_the_checkpoint_has_no_stream_for_draws_as_a_fresh_run_s_rank_does():
+    """Resumed with more processes: rank 3 had no saved stream and kept the one every rank was seeded with, so
+    all new ranks drew the same dropout masks; it is seeded seed + rank, as a fresh run seeds it."""
+    from iisan.distributed import SINGLE, Dist
+    from iisan.train.runstate import capture_rng, restore_rng
+
+    torch.manual_seed(7)
+    state, tensors = capture_rng(SINGLE, torch.device("cpu"))  # one process saved it: rng.torch.0 alone
+    rank3 = Dist(rank=3, world_size=4, local_rank=3)
+    torch.manual_seed(12345)  # what seed_everything left on every rank
+    assert restore_rng(json.loads(json.dumps(state)), tensors, rank3, torch.device("cpu"), 12345) is False
+    drawn = torch.rand(3)
+    torch.manual_seed(12345 + 3)
+    assert torch.equal(drawn, torch.rand(3))
+
+
+def test_weights_are_copied_into_the_trained_parameters_alone():
+    """A weights file holds the trained parameters (``trainable_state``); one naming a frozen parameter (a
+    pretrained weight) is of another model, refused before anything is copied over it."""
+    from iisan.errors import TrainingError
+    from iisan.train.weights import copy_weights, trainable_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # the frozen backbone
+    state = {name: torch.full_like(value, 0.5) for name, value in trainable_state(model).items()}
+    assert sorted(state) == ["1.bias", "1.weight"]
+    copy_weights(model, state, "best.safetensors")
+    assert all(bool((p == 0.5).all()) for p in model[1].parameters())
+    frozen = model[0].weight.clone()
+    with pytest.raises(TrainingError, match=r"^best.safetensors holds '0.weight', which this model keeps frozen: "):
+        copy_weights(model, {**state, "0.weight": torch.zeros(2, 2)}, "best.safetensors")
+    assert torch.equal(model[0].weight, frozen)

@@ -150,3 +150,6 @@ def test_the_presets_name_known_encoders_and_every_pin_is_a_full_commit():
     assert all(name in ENCODERS for names in ENCODER_PRESETS.values() for name in names)
     assert all(m.revision is None or len(m.revision) == 40 for m in ENCODERS.values())
     assert not list(filter_repo_objects(list(EXTRA), allow_patterns=RUN_FILES))
+    # what loading reads: a processor_config.json first, where a repository has one (encoder_files)
+    assert list(filter_repo_objects(["processor_config.json", "preprocessor_config.json"], allow_patterns=RUN_FILES))\
+        == ["processor_config.json", "preprocessor_config.json"]

@@ -12,7 +12,8 @@ Progress: a tqdm bar on a terminal, or where none can be shown (stderr is a batc
 at most every 30 seconds (``ProgressLog``); either way a last line with the speed once every chunk is
 encoded (only that line with ``--no-progress``). SIGTERM (a preempted job) stops the build as Ctrl-C does.
 
-Memory: one chunk's hidden states on the device and one chunk's pooled states in RAM; the final file
+Memory: one chunk's hidden states on the device and two chunks' pooled states in RAM (one being written
+in the background while the next is computed), with up to three chunks of pixels read ahead; the final file
 is written shard by shard, never held whole. Files are written with a canonical header (sorted JSON,
 see ``write_safetensors``): safetensors' own writer orders metadata keys at random, so two builds of
 the same cache would otherwise differ in their bytes.

@@ -40,7 +40,8 @@ MANIFEST = "iisan-fetch.json"
 # What a run loads (``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor``), as huggingface_hub's
 # allow_patterns: exact names, and the shards of a sharded safetensors checkpoint with their index.
 RUN_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-             "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json", "model.safetensors",
+             "vocab.json", "merges.txt", "tokenizer.model", "preprocessor_config.json", "processor_config.json",
+             "model.safetensors",
              "model.safetensors.index.json", "model-*-of-*.safetensors"]
 
 

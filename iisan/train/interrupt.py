@@ -1,11 +1,12 @@
 """Ctrl-C (SIGINT) and SIGTERM (a preempted job) become a request the training loop honours at a clean
-point: after the current step it saves a checkpoint and stops with ``RunInterrupted``.
+point: after the current step (under torchrun, the ranks agree every ``STOP_POLL_STEPS`` steps; a request
+during an epoch's last step lets the epoch and its evaluation finish) it saves a checkpoint and stops with
+``RunInterrupted``.
 
 Single process: a second Ctrl-C stops at once (KeyboardInterrupt) for when saving itself hangs. Under
 torchrun the launcher forwards the signal it received to every worker, so a worker may see two
 signals for one Ctrl-C; there the second is ignored (torchrun kills the workers after its shutdown
-timeout anyway). DataLoader workers forked while the handler is installed inherit it, so they do not
-die from the terminal's Ctrl-C either.
+timeout anyway). Images are read by threads, which signals never reach: only the main thread handles them.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class RunCheckpoints:
         dist, progress = run.dist, run.progress
         copy_weights(run.model, found.model, found.path / checkpoint.MODEL)
         runstate.optimizer_from_files(run.optimizer, state["optimizer"], found.train_state)
-        exact = runstate.restore_rng(state["rng"], found.train_state, dist, run.device)
+        exact = runstate.restore_rng(state["rng"], found.train_state, dist, run.device, run.cfg.seed)
         if not exact or state["world_size"] != dist.world_size:
             log.warning("%s was saved by %d process(es) on %s; resuming with %d: the run goes on, but will "
                         "not match an uninterrupted run bit for bit", found.path, state["world_size"],

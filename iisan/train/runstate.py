@@ -42,27 +42,26 @@ def capture_rng(dist: Dist, device: torch.device) -> tuple[dict, dict[str, torch
     return state, tensors
 
 
-def restore_rng(state: dict, tensors: dict[str, torch.Tensor], dist: Dist, device: torch.device) -> bool:
+def restore_rng(state: dict, tensors: dict[str, torch.Tensor], dist: Dist, device: torch.device, seed: int) -> bool:
     """Set this rank's generators; False when the checkpoint has no stream for this rank or device
-    (resumed with more processes, or CPU -> CUDA): then that stream is reseeded and results will not
-    match an uninterrupted run bit for bit."""
+    (resumed with more processes, or CPU -> CUDA): that stream is then seeded as a fresh run seeds this rank
+    (``seed + rank``: each rank its own dropout masks), and results will not match an uninterrupted run bit
+    for bit."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
-    exact = True
     own = tensors.get(f"rng.torch.{dist.rank}")
+    on_device = tensors.get(f"rng.cuda.{dist.rank}") if device.type == "cuda" else None
     if own is None:
-        exact = False
+        torch.manual_seed(seed + dist.rank)  # (CUDA's streams too)
     else:
         torch.set_rng_state(own)
-    if device.type == "cuda":
-        own = tensors.get(f"rng.cuda.{dist.rank}")
-        if own is None:
-            exact = False
-        else:
-            torch.cuda.set_rng_state(own, device)
-    return exact
+    if on_device is not None:
+        torch.cuda.set_rng_state(on_device, device)
+    elif device.type == "cuda" and own is not None:
+        torch.cuda.manual_seed(seed + dist.rank)
+    return own is not None and (device.type != "cuda" or on_device is not None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run`` from scratch or from
 its newest checkpoint to its results file.
 
-Per epoch: training steps (timed alone, device synchronised), validation over every user, and when
-validation HR@10 improves, the test split and the best weights (``best.safetensors``); then a
-checkpoint. The run's folder (``runfolder``) also holds what people read while it runs: train.log,
-metrics.jsonl and results.json with its status (``records``). Training stops once HR@10 has not improved
+Per epoch: training steps (timed alone, device synchronised), validation over every user (and the test
+split when validation HR@10 improves), a checkpoint, then, when it improved, the best weights
+(``best.safetensors``): a kill between the two is repaired on resume. The run's folder (``runfolder``)
+also holds what people read while it runs: train.log, metrics.jsonl and results.json with its status
+(``records``). Training stops once HR@10 has not improved
 for more than ``patience`` epochs (authors: ``count > 10``). Everything an uninterrupted run carries
 from epoch to epoch is in the checkpoint (weights, optimiser, scaler, RNG streams, early stopping, best
 metrics, the epoch history), so a resumed run computes the same numbers as one that was never stopped.
-Under torchrun every rank runs the loop on its shard of users; only rank 0 logs and writes files.
+Under torchrun every rank runs the loop on its shard of users; only rank 0 writes files and logs below
+warnings.
 """
 
 from __future__ import annotations

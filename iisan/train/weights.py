@@ -49,7 +49,9 @@ OTHER_MODEL = (" (a version of IISAN before commit d13552b put a CLIP tower's de
 
 
 def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict:
-    """Copy trained weights into ``model``; every trainable parameter must be there, nothing else."""
+    """Copy trained weights into ``model``; every trainable parameter must be there, nothing else (a frozen
+    parameter's name in the file is refused: IISAN writes the trained ones alone, and it would overwrite a
+    pretrained weight)."""
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
     if missing:
         raise TrainingError(f"{source} lacks trained weights for {len(missing)} parameters (e.g. {missing[0]}): "
@@ -59,6 +61,9 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         for name, value in state.items():
             if name not in params:
                 raise TrainingError(f"{source} holds {name!r}, which this model does not have{OTHER_MODEL}")
+            if not params[name].requires_grad:
+                raise TrainingError(f"{source} holds {name!r}, which this model keeps frozen: IISAN writes only the "
+                                    "trained weights, so the file is of another model than its config builds now")
             if value.shape != params[name].shape:
                 raise TrainingError(f"{source}: {name!r} has shape {tuple(value.shape)}, the model built from "
                                     f"the config has {tuple(params[name].shape)}")
