@@ -251,8 +251,8 @@ def coerce(name: str, value, hint):
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.strip().lower() in ("true", "1", "yes")  # (blanks around it taken as around a number)
         raise ConfigError(f"{name}={said(value)}: expected true or false")
     if hint is int:
         if isinstance(value, bool):

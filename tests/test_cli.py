@@ -58,6 +58,13 @@ def test_config_validation(values, message):
         Config.from_dict(values)
 
 
+def test_strings_of_booleans_and_numbers_are_read_alike_blanks_and_all():
+    cfg = Config.from_dict({"smoke": " true ", "progress": "No", "batch_size": " 3 ", "lr": " 0.5"})
+    assert (cfg.smoke, cfg.progress, cfg.batch_size, cfg.lr) == (True, False, 3, 0.5)
+    with pytest.raises(ConfigError, match=r"^smoke='t rue': expected true or false$"):
+        Config.from_dict({"smoke": "t rue"})
+
+
 def test_precedence_cli_over_file_over_defaults(tmp_path):
     import argparse
 
