@@ -148,8 +148,10 @@ def positive_int(text: str) -> int:
 def seed_arg(text: str) -> int:
     """An argparse ``type`` for a seed given on a command line: refused at once, not after the work before
     its run (a reproduction's data, images and cache)."""
-    if not INTEGER.fullmatch(text.strip()) or len(text.strip()) > 100:  # (int() takes '1_2', '٥' and 4,300 digits)
+    if not INTEGER.fullmatch(text.strip()):  # (int() takes '1_2' and '٥')
         raise argparse.ArgumentTypeError(f"{said(text)} is not an integer")
+    if len(text.strip()) > 100:  # (int() reads no more than 4,300 digits)
+        raise argparse.ArgumentTypeError(f"{said(text)} is not a seed: seeds are in [0, 2**32)")
     if not 0 <= (value := int(text)) < SEEDS:
         raise argparse.ArgumentTypeError(f"{value} is not a seed: seeds are in [0, 2**32)")
     return value
@@ -292,7 +294,10 @@ def coerce(name: str, value, hint):
 def said(value) -> str:
     """``repr(value)`` for a message, its head alone when it is long (a list of 5,000 numbers is no message)."""
     text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
+    if len(text) <= 80:
+        return text
+    size = f"{len(value):,} entries" if isinstance(value, (list, tuple)) else f"{len(str(value)):,} characters"
+    return f"{text[:60]}... ({size})"
 
 
 def beyond_float(text: str, value: float) -> bool:

@@ -64,8 +64,8 @@ def temporary_stem(name: str) -> str:
 
 
 def stale_temporaries(path: str | Path) -> list[Path]:
-    """Temporary siblings of ``path`` left by writers that died (call it while holding the lock of
-    ``path``: then no live writer owns one)."""
+    """Temporary siblings of ``path``: left by writers that died when the caller holds the lock of ``path``
+    (then no live writer owns one); else judged by ``remove_abandoned``."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
@@ -248,11 +248,12 @@ def remove_abandoned(path: Path) -> None:
     and their process gone from this machine. No lock is needed: a live writer renames its file within
     seconds of its last byte, and a writer on another machine sharing the folder is past that hour too."""
     now = time.time()
-    for tmp in stale_temporaries(path):
-        with suppress(OSError):
-            info, pid = tmp.lstat(), int(TEMPORARY.match(tmp.name)["pid"])
-            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ABANDONED_AFTER_S and not _running(pid):
-                tmp.unlink()
+    with suppress(OSError):  # a tidying that fails (a folder it may not list) leaves the write done
+        for tmp in stale_temporaries(path):
+            with suppress(OSError):
+                info, pid = tmp.lstat(), int(TEMPORARY.match(tmp.name)["pid"])
+                if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ABANDONED_AFTER_S and not _running(pid):
+                    tmp.unlink()
 
 
 def _running(pid: int) -> bool:

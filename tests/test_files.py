@@ -114,9 +114,22 @@ def test_a_write_removes_the_temporaries_its_target_was_left_by_killed_writers_a
     os.utime(mine, (0, 0))
     write_json_atomic(target, {"new": 1})
     assert not gone.exists() and all(p.exists() for p in [*kept, mine]) and json.loads(target.read_text()) == {"new": 1}
+    gone = _left(target, NO_PID, 2)
     with atomic_path(tmp_path / "table.csv", bulk=True) as tmp:  # an image per item: no scan per file
         tmp.write_text("x")
-    assert all(p.exists() for p in kept)
+    assert gone.exists() and all(p.exists() for p in kept)
+
+
+def test_a_tidying_that_fails_leaves_the_write_done(tmp_path, monkeypatch):
+    """The look for abandoned temporaries comes after the rename: a folder it may not list is no failed write."""
+    import iisan.files as files
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(files, "stale_temporaries", unlistable)
+    write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
 
 
 def test_a_file_is_on_disk_before_the_rename_that_publishes_it_but_not_one_of_many(tmp_path, monkeypatch):

@@ -381,7 +381,7 @@ MISSING = object()  # a field left out of the file
     (("config", "lr"), 10**400, "config: lr=100000000000... (401 digits): expected a number a float can hold"),
     (("config", "encoding"), "utf-8\0", "config: encoding='utf-8\\x00' is not a text encoding Python knows (e.g. "
                                          "utf-8, latin-1, cp1252)"),  # a ValueError ended `iisan results`
-    (("config", "device"), "cuda:" + "9" * 5000, f"config: device='cuda:{'9' * 54}... (5,007 characters): a device "
+    (("config", "device"), "cuda:" + "9" * 5000, f"config: device='cuda:{'9' * 54}... (5,005 characters): a device "
                                                    "index above 127, the largest torch takes"),
     ((), [1], "the file holds a list, expected an object"),
 ])

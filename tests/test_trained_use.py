@@ -92,6 +92,17 @@ def test_a_deleted_cache_says_how_to_rebuild_it(trained, tmp_path):
         load_run(copy, device="cpu")
 
 
+def test_a_run_config_of_values_wrong_together_names_the_file(trained, tmp_path):
+    """A --config file leaves such values to the merge; a run's config.json is all there is, so it is named."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["cached"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "attention_heads": 3}))
+    with pytest.raises(ConfigError) as info:
+        load_run(copy, device="cpu")
+    assert str(info.value) == f"{copy / 'config.json'}: embedding_dim=64 is not divisible by attention_heads=3"
+
+
 def test_a_cached_run_needs_no_image_store(trained, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(trained["cached"], copy)

@@ -74,8 +74,6 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
     moves that user's later items one place, the valid and test targets included."""
     path = Path(path)
     events: dict[str, list[tuple[Decimal, int, str]]] = {}
-    first: dict[tuple[str, str, Decimal], int] = {}  # each event's first line
-    repeats: list[tuple[int, int]] = []  # (line, the line it repeats)
     header, rows = _read_csv(path, "pairs", encoding)
     u = _column(header, USER_COLUMNS, path, "user")
     i = _column(header, ITEM_COLUMNS, path, "item")
@@ -94,15 +92,27 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
             raise DataError(f"{path}:{lineno}: empty user or item id")
         check_user_id(user, f"{path}:{lineno}")
         events.setdefault(user, []).append((stamp, lineno, item))
-        if (seen := first.setdefault((user, item, stamp), lineno)) != lineno:
-            repeats.append((lineno, seen))
     if not events:
         raise DataError(f"pairs file {path} holds no interactions")
-    if repeats:
-        log.warning("%s: %d rows repeat an earlier row's user, item and timestamp (e.g. line %d repeats line %d); "
-                    "each is read as one more interaction: remove them from the file if they are duplicates",
-                    path, len(repeats), *repeats[0])
-    return [(user, [item for _, _, item in sorted(seen)]) for user, seen in events.items()]
+    ordered = {user: sorted(seen) for user, seen in events.items()}
+    if repeats := [pair for seen in ordered.values() for pair in _repeats(seen)]:
+        many = len(repeats) > 1
+        log.warning("%s: %d row%s an earlier row's user, item and timestamp (e.g. line %d repeats line %d); each "
+                    "is read as one more interaction: remove them from the file if they are duplicates", path,
+                    len(repeats), "s repeat" if many else " repeats", *min(repeats))
+    return [(user, [item for _, _, item in seen]) for user, seen in ordered.items()]
+
+
+def _repeats(seen: list[tuple[Decimal, int, str]]) -> list[tuple[int, int]]:
+    """``(line, the line it repeats)`` for each of one user's events, in time order, whose item and timestamp an
+    earlier one has (events of one timestamp sort together)."""
+    out, first, stamp = [], {}, None
+    for when, line, item in seen:
+        if when != stamp:
+            first, stamp = {}, when
+        if (earlier := first.setdefault(item, line)) != line:
+            out.append((line, earlier))
+    return out
 
 
 def read_titles_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[int, str, str]]:

@@ -28,7 +28,7 @@ from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..devices import resolve_device
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError, ValuesTogether
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import file_fingerprint
 from ..locks import held
@@ -157,7 +157,10 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
         ended = run_ending(results)
         raise ConfigError(f"{run_dir} holds a run that {ended} before it was set up: nothing to use" if ended
                           else f"{run_dir} is not a run folder: it has no config.json")
-    saved = Config.from_saved(read_config_file(config_path), source=str(config_path))
+    try:
+        saved = Config.from_saved(read_config_file(config_path), source=str(config_path))
+    except ValuesTogether as err:  # (read_config_file leaves these to the merge: here the file is all there is)
+        raise ConfigError(f"{config_path}: {err}") from None
     if weights.exists() and not weights.is_file():
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")

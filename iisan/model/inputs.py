@@ -120,9 +120,12 @@ def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torc
     lowered = [t.lower() for t in titles]
     heads = [title_head(t, max_tokens) for t in lowered]
     settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
-    parts = [tokenizer([head for head, _ in heads[s:s + TITLES_PER_CALL]], **settings)
-             for s in range(0, len(heads), TITLES_PER_CALL)]
-    enc = {key: torch.cat([part[key] for part in parts]) for key in ("input_ids", "attention_mask")}
+    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": []}
+    for start in range(0, len(heads), TITLES_PER_CALL):  # each call's per-title objects dropped before the next
+        part = tokenizer([head for head, _ in heads[start:start + TITLES_PER_CALL]], **settings)
+        for key, tensors in parts.items():
+            tensors.append(part[key])
+    enc = {key: torch.cat(tensors) for key, tensors in parts.items()}
     rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
              and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
     if rough:  # a head that does not fill the row: read up to the limit

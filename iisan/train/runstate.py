@@ -60,7 +60,8 @@ def restore_rng(state: dict, tensors: dict[str, torch.Tensor], dist: Dist, devic
     if on_device is not None:
         torch.cuda.set_rng_state(on_device, device)
     elif device.type == "cuda" and own is not None:
-        torch.cuda.manual_seed(seed + dist.rank)
+        with torch.cuda.device(device):  # (manual_seed seeds the current device)
+            torch.cuda.manual_seed(seed + dist.rank)
     return own is not None and (device.type != "cuda" or on_device is not None)
 
 
