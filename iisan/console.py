@@ -24,7 +24,7 @@ from typing import NoReturn, TypeVar
 from tqdm import tqdm
 
 from .errors import USER_ERRORS, RunInterrupted, in_the_way
-from .files import disk_failure
+from .files import disk_failure, shown_bytes
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
                                "not at all): a training run resumes from its last checkpoint and a cache build "
                                "from its finished chunks when the same command runs again")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
-        if not (line := host_memory_error(err) or peer_lost(err)):
+        if not (line := host_memory_error(err) or peer_lost(err) or no_thread(err)):
             raise
         fail(prog, line)
     except MemoryError:  # Python's own allocations (or a handler of torch's error) ran out
@@ -286,15 +286,34 @@ def host_memory_error(err: RuntimeError) -> str:
     if "DefaultCPUAllocator: can't allocate memory" not in text:
         return ""
     asked = re.search(r"allocate (\d+) bytes", text)
-    size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
+    size = f" ({shown_bytes(int(asked.group(1)))} at once)" if asked else ""
     return out_of_memory(size)
 
 
 def out_of_memory(size: str = "") -> str:
-    """The one line for memory the CPU could not give (``size``: how much one allocation asked, if known)."""
+    """The one line for memory the CPU could not give (``size``: how much one allocation asked, if known); a
+    limit on the process's address space (``ulimit -v``, a batch job's memory limit) is named as the cause."""
+    try:
+        import resource  # (Unix's)
+
+        limit, unlimited = resource.getrlimit(resource.RLIMIT_AS)[0], resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        limit = unlimited = -1
+    if limit != unlimited:
+        return (f"out of memory on the CPU{size}: this process may use no more than {limit / 2**30:,.1f} GiB of "
+                "address space (ulimit -v, or the batch job's memory limit), which torch and the models need far "
+                "more of; raise that limit")
     return (f"out of memory on the CPU{size}: what this command asks for does not fit in this machine's memory; "
             "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank), or check the sizes in the "
             "encoders' config.json")
+
+
+def no_thread(err: RuntimeError) -> str:
+    """The one line for a thread the system would not start ('' for any other error)."""
+    if "can't start new thread" not in str(err):
+        return ""
+    return ("could not start a thread: this user's limit of processes and threads is reached (ulimit -u, or a "
+            "batch job's task limit); raise it, or run fewer processes at once")
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")

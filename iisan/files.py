@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from .errors import OutputError, UserError, in_the_way
+from .errors import DataError, OutputError, UserError, in_the_way
 
 if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` imports this module, not torch
     import torch
@@ -181,6 +181,18 @@ def disk_failure(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
+def machine_failure(err: BaseException, path: str | Path) -> BaseException | None:
+    """What to stop with when reading ``path`` failed for the machine's sake, not the file's (out of memory, of
+    file descriptors, an I/O error): a rerun may succeed, so the file must not be marked bad for good. None
+    for a failure of the file itself."""
+    if isinstance(err, MemoryError):
+        return err
+    if isinstance(err, OSError) and err.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EIO):
+        return DataError(f"could not read {path}: {err.strerror}, a failure of this machine (its limits: ulimit -n, "
+                         "ulimit -v; or its disk), not of the file: run the same command again once it is mended")
+    return None
+
+
 def write_failure(path: str | Path, err: BaseException) -> OutputError:
     return OutputError(f"could not write {path}: {in_the_way(path, err) or failure_reason(err)}")
 
@@ -194,11 +206,11 @@ def require_space(path: str | Path, needed: int, what: str) -> None:
         place = place.parent
     free = shutil.disk_usage(place).free
     if needed > free:
-        raise OutputError(f"could not write {path}: {what} need about {_bytes(needed)}; the disk holding {place} "
-                          f"has {_bytes(free)} free: free some space there, or write elsewhere")
+        raise OutputError(f"could not write {path}: {what} need about {shown_bytes(needed)}; the disk holding {place} "
+                          f"has {shown_bytes(free)} free: free some space there, or write elsewhere")
 
 
-def _bytes(n: int) -> str:
+def shown_bytes(n: int) -> str:
     """A size as a message says it: ``512 bytes``, ``8.6 MiB``, ``1.2 GiB``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:

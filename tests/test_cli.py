@@ -414,6 +414,27 @@ def test_the_cpu_allocator_out_of_memory_is_one_line(capsys):
         entry_point("iisan", lambda: (_ for _ in ()).throw(RuntimeError("another")))
 
 
+def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
+    """Under `ulimit -v` the advice was to lower --batch-size (even for data-stats, which has none) on a machine
+    of 128 GiB; under `ulimit -u` a thread that could not start was a traceback. A small allocation is said in
+    MiB, not as 0.0 GiB."""
+    import resource
+
+    from iisan.console import entry_point, host_memory_error, out_of_memory
+
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9600000 bytes.")
+    assert host_memory_error(small).startswith("out of memory on the CPU (9.2 MiB at once): ")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (3 * 2**30, resource.RLIM_INFINITY))
+    assert out_of_memory() == ("out of memory on the CPU: this process may use no more than 3.0 GiB of address space "
+                               "(ulimit -v, or the batch job's memory limit), which torch and the models need far more "
+                               "of; raise that limit")
+    with pytest.raises(SystemExit) as info:
+        entry_point("iisan", lambda: (_ for _ in ()).throw(RuntimeError("can't start new thread")))
+    assert info.value.code == 2 and capsys.readouterr().err == (
+        "iisan: error: could not start a thread: this user's limit of processes and threads is reached (ulimit -u, "
+        "or a batch job's task limit); raise it, or run fewer processes at once\n")
+
+
 def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(tiny, tmp_path, monkeypatch,
                                                                                    capsys):
     """A preempted job's SIGTERM during build-lmdb (or while any command loads): the Ctrl-C ending, exit

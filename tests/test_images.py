@@ -73,6 +73,38 @@ def test_an_image_over_the_pixel_limit_is_a_flagged_blank_without_a_raw_warning(
     assert blank.tolist() == [False, True] and (pixels[0] == 9).all() and (pixels[1] == 0).all()
 
 
+@pytest.mark.parametrize("failure, said", [
+    (OSError(24, "Too many open files", "/site-packages/PIL/JpegImagePlugin.py"), "Too many open files, a failure "
+     "of this machine (its limits: ulimit -n, ulimit -v; or its disk), not of the file: run the same command again "
+     "once it is mended"),
+    (OSError(5, "Input/output error"), "Input/output error, a failure of this machine"),
+    (MemoryError(), "out of memory on the CPU"),
+])
+def test_the_machine_failing_stops_the_build_instead_of_storing_blanks_for_good(tmp_path, monkeypatch, capsys,
+                                                                                failure, said):
+    """Under `ulimit -n 7` every image was stored as a flagged blank 'unreadable: Too many open files' and the
+    build exited 0 (a rerun was then refused without --overwrite); under `ulimit -v` a large image was.
+    The machine's failures stop the build in one line naming the image, leave no store, and a rerun works."""
+    import iisan.data.image_build as image_build
+    from iisan.cli.main import main
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / f"{name}.jpg")
+    real = image_build.load_image
+    monkeypatch.setattr(image_build, "load_image", lambda path, *a: (_ for _ in ()).throw(failure)
+                        if path.stem == "b" else real(path, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["build-lmdb", "--images", str(folder), "--out", str(tmp_path / "db.lmdb"), "--size", "4"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and said in err, err
+    assert f"iisan: error: could not read {folder / 'b.jpg'}: " in err or isinstance(failure, MemoryError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img"]
+    monkeypatch.setattr(image_build, "load_image", real)
+    assert build_image_lmdb(folder, tmp_path / "db.lmdb", None, size=4, progress=False)["blank"] == 0
+
+
 def test_store_errors_name_the_path(tmp_path):
     with pytest.raises(ImageStoreError, match="image LMDB .*nope.lmdb does not exist"):
         ImageStore(tmp_path / "nope.lmdb")

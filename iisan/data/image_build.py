@@ -3,10 +3,10 @@
 A store is built beside its target under a fresh hidden name and renamed into place when complete, by
 one process at a time (a lock beside the target). The target is replaced only when it is an image LMDB
 this project wrote and ``overwrite`` is set, never when it is, or contains, an input; anything else at
-that path is refused, so a mistyped ``--out`` never deletes a folder. Missing, unreadable or corrupt
-images are stored as a flagged blank (zeros), counted, listed in a report file, and never stop the build.
-So is an image with more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``): decoding
-it could take gigabytes, and a product photo that large is a damaged or hostile file.
+that path is refused, so a mistyped ``--out`` never deletes a folder. Missing, unreadable or corrupt images,
+and those over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``: gigabytes to decode, a damaged or
+hostile file), are stored as flagged blanks (zeros), counted and listed in a report file; the machine's own
+failures (memory, file descriptors, I/O errors) stop the build instead, to be run again.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..console import progress_bar
 from ..errors import ConfigError, DataError, ImageStoreError, OutputError
 from ..files import (
     atomic_path,
+    machine_failure,
     put_back_on_failure,
     remove,
     require_space,
@@ -77,8 +78,7 @@ def is_image_lmdb(path: Path) -> bool:
 def refuse_foreign_files(path: Path) -> None:
     """Replacing an image LMDB swaps its whole folder: refuse when it holds anything a build did not write
     there (a user's notes), which the swap would delete."""
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in LMDB_FILES or not p.is_file()
-                     or p.is_symlink())
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in LMDB_FILES or not p.is_file() or p.is_symlink())
     if foreign:
         shown_names = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputError(f"--out {path} holds files IISAN did not write ({shown_names}); move them away to "
@@ -234,9 +234,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     report = out_path.with_name(out_path.name + ".report.tsv")
     refuse_inputs(report, [image_dir, *inputs], "--out")
     claim_output(report, _is_report, "a build report of IISAN", "--out", overwrite=True)
-    listed = item_ids is not None
-    if item_ids is None:
-        item_ids = _listed_ids(image_dir, extension)
+    listed, item_ids = item_ids is not None, _listed_ids(image_dir, extension) if item_ids is None else item_ids
     for item_id in item_ids:
         check_item_id(item_id, f"item list for {image_dir}")
     if not item_ids:
@@ -269,6 +267,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         except TooLarge as err:
             return None, f"too large: {err}"
         except Exception as err:  # any decoder failure is a bad image, never a stop
+            if stop := machine_failure(err, path):  # not the image's: memory, file descriptors, a disk's I/O
+                raise stop from None
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
 
     def write_report(problems: list[tuple[str, str]]) -> None:
