@@ -264,6 +264,9 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         if err.filename is None and disk_failure(err):  # (standard output on a full disk, say)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit would try again
             fail(prog, f"could not write the output: {err.strerror}")
+        if err.filename is None and (err.strerror or "").startswith("No usable temporary directory"):  # tempfile's
+            fail(prog, "no writable temporary folder (TMPDIR, /tmp, /var/tmp, the working folder): set TMPDIR to "
+                       "one this user may write")
         if err.filename is None:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)

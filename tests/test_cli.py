@@ -433,6 +433,18 @@ def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
     assert info.value.code == 2 and capsys.readouterr().err == (
         "iisan: error: could not start a thread: this user's limit of processes and threads is reached (ulimit -u, "
         "or a batch job's task limit); raise it, or run fewer processes at once\n")
+    import tempfile
+
+    def no_temporary_folder():
+        monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [])
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        return tempfile.gettempdir()  # as torch's import asks for one
+
+    with pytest.raises(SystemExit) as info:
+        entry_point("iisan", no_temporary_folder)
+    assert info.value.code == 2 and capsys.readouterr().err == (
+        "iisan: error: no writable temporary folder (TMPDIR, /tmp, /var/tmp, the working folder): set TMPDIR to one "
+        "this user may write\n")
 
 
 def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(tiny, tmp_path, monkeypatch,
