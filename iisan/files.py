@@ -167,12 +167,14 @@ def check_readable(path: str | Path) -> None:
 
 
 def failure_reason(err: BaseException) -> str:
-    """The operating system's words for a failed write: 'No space left on device', 'Permission denied'."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
+    """The operating system's words for a failed write: 'No space left on device', 'Permission denied'; a
+    file too large says which limit that may be."""
     text = str(err)
     found = re.search(r'message: "([^"]+)"', text) or re.search(r"error: ([^:()]+?) \(os error \d+\)", text)
-    return found.group(1) if found else text.splitlines()[0] if text else type(err).__name__
+    said = err.strerror if isinstance(err, OSError) and err.strerror else found.group(1) if found else \
+        text.splitlines()[0] if text else type(err).__name__
+    too_large = (isinstance(err, OSError) and err.errno == errno.EFBIG) or said == os.strerror(errno.EFBIG)
+    return f"{said} (this process's file-size limit, ulimit -f, or the file system's)" if too_large else said
 
 
 def disk_failure(err: BaseException) -> bool:

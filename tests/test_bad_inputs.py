@@ -748,7 +748,8 @@ CASES = [
     Case("cache-build-sidecar-a-link", C, ("{s}/c/.building exists and is not a cache build in progress",),
          setup=linked_sidecar),
     Case("cache-concurrent-build", C, ("cache folder {s}/c is in use by pid",), setup=hold_lock("{s}/c/.iisan-lock")),
-    Case("cache-build-disk-full", C, ("could not write {s}/c/.building/chunk-000000.safetensors: File too large",),
+    Case("cache-build-disk-full", C, ("could not write {s}/c/.building/chunk-000000.safetensors: File too large",
+                                    "(this process's file-size limit, ulimit -f, or the file system's)"),
          fault=file_size_limit(8 << 10)),
     # image LMDB: read
     Case("images-is-a-file", lambda P, s: T(P, s, "--feed", "live", "--images", P["users"]),
@@ -770,7 +771,7 @@ CASES = [
          ("could not write {s}/ro/r: Permission denied",),
          setup=read_only("ro"), fault=another_user),
     Case("checkpoint-disk-full", T, ("could not write checkpoint {s}/runs/r/checkpoints/epoch-0000: File too large",
-                                     "no earlier checkpoint exists"), fault=file_size_limit(64 << 10)),
+                                     "ulimit -f", "no earlier checkpoint exists"), fault=file_size_limit(64 << 10)),
     Case("best-weights-disk-full", T, ("could not write {s}/runs/r/best.safetensors: No space left on device",),
          fault=disk_full_at("best.safetensors"), check=checkpoint_intact("runs/r")),
     Case("non-finite-loss", lambda P, s: T(P, s, "--lr", "1e30"),

@@ -624,7 +624,9 @@ def test_damaged_compressed_data_and_a_file_where_the_images_go_are_one_line_and
     assert [p.name for p in target.parent.iterdir()] == ["am_image_xx"] and target.read_text() == "mine"
 
 
-@pytest.mark.parametrize("code, said", [(errno.EROFS, "Read-only file system"), (errno.EFBIG, "File too large")])
+@pytest.mark.parametrize("code, said", [
+    (errno.EROFS, "Read-only file system"),
+    (errno.EFBIG, "File too large (this process's file-size limit, ulimit -f, or the file system's)")])
 def test_a_read_only_or_size_limited_disk_is_said_as_such_not_blamed_on_the_download(server, tmp_path, monkeypatch,
                                                                                      code, said):
     import iisan.data.download as download
