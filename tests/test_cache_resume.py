@@ -324,6 +324,20 @@ def test_cache_files_of_two_builds_are_named_in_a_warning(tiny_config, tiny_cach
     assert "two cache builds" not in caplog.text
 
 
+def test_shards_are_written_as_one_of_many_the_cache_files_synced_and_tidied(tiny_config, tmp_path, monkeypatch):
+    """A build writes thousands of shards into one folder: each write looking through the folder for abandoned
+    temporaries (and syncing) cost time growing with the shards written; a shard is checked by its digest."""
+    import iisan.files as files
+
+    tidied, synced = [], []
+    monkeypatch.setattr(files, "remove_abandoned", lambda path: tidied.append(Path(path).name))
+    monkeypatch.setattr(files, "fsync", lambda path: synced.append(Path(path).name))
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=16)
+    build_cache_from_config(cfg, dtype="float32")
+    assert sorted(set(tidied)) == ["image.safetensors", "manifest.json", "text.safetensors"]
+    assert not [name for name in synced if "chunk" in name] and any("text.safetensors" in n for n in synced)
+
+
 def test_a_rebuild_stopped_while_writing_its_files_leaves_the_old_cache_whole(tiny_config, tmp_path, monkeypatch):
     """The new files are all written before any is renamed into place: Ctrl-C while the image file is
     written keeps the old text file too, not a new text file beside an old image file."""
@@ -334,10 +348,10 @@ def test_a_rebuild_stopped_while_writing_its_files_leaves_the_old_cache_whole(ti
     old = _bytes(cfg.cache_dir)
     write = cache_build.write_safetensors
 
-    def stopped_at_the_image(path, specs, parts, metadata, atomic=True):
+    def stopped_at_the_image(path, specs, parts, metadata, atomic=True, bulk=False):
         if metadata.get("modality") == "image":
             raise KeyboardInterrupt
-        return write(path, specs, parts, metadata, atomic)
+        return write(path, specs, parts, metadata, atomic, bulk)
 
     monkeypatch.setattr(cache_build, "write_safetensors", stopped_at_the_image)
     with pytest.raises(KeyboardInterrupt):

@@ -70,8 +70,10 @@ def _raw(tensor: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True) -> None:
-    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames). ``specs``
+                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True,
+                      bulk: bool = False) -> None:
+    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames; ``bulk``: one of
+    many files in a folder, as ``atomic_path`` takes it). ``specs``
     name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
     row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
     header is sorted JSON: same inputs, same bytes."""
@@ -91,7 +93,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     written = dict.fromkeys(specs, 0)
     order = iter(sorted(specs))
     current = next(order, None)
-    with atomic_path(path) if atomic else nullcontext(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, bulk=bulk) if atomic else nullcontext(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name, block in parts:
             while current is not None and written[current] == sizes[current]:
@@ -204,7 +206,7 @@ class ShardDir:
         for n in sorted(tensors):
             digest.update(_raw(tensors[n]))
         write_safetensors(self.shard(k), specs, ((n, tensors[n]) for n in sorted(tensors)),
-                          {"sha256": digest.hexdigest()})
+                          {"sha256": digest.hexdigest()}, bulk=True)  # (checked by its digest when resumed)
 
     def read(self, k: int, modality: str) -> torch.Tensor:
         with safe_open(str(self.shard(k)), framework="pt") as fh:
