@@ -8,6 +8,7 @@ callers would expect (``ValueError`` for bad values, ``RuntimeError`` for runs t
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -107,3 +108,15 @@ def in_the_way(path: str | Path, err: BaseException) -> str:
 
 class InUse(OutputError):
     """An output another process holds the lock of (named by its pid and host): wait for it."""
+
+
+def machine_failure(err: BaseException, path: str | Path) -> BaseException | None:
+    """What to stop with when reading ``path`` failed for the machine's sake, not the file's (out of memory, of
+    file descriptors, an I/O error): a rerun may succeed, so the file must not be marked bad for good. None
+    for a failure of the file itself."""
+    if isinstance(err, MemoryError):
+        return err
+    if isinstance(err, OSError) and err.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EIO):
+        return DataError(f"could not read {path}: {err.strerror}, a failure of this machine (its limits: ulimit -n, "
+                         "ulimit -v; or its disk), not of the file: run the same command again once it is mended")
+    return None

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from .errors import DataError, OutputError, UserError, in_the_way
+from .errors import OutputError, UserError, in_the_way
 
 if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` imports this module, not torch
     import torch
@@ -169,30 +169,21 @@ def check_readable(path: str | Path) -> None:
 def failure_reason(err: BaseException) -> str:
     """The operating system's words for a failed write: 'No space left on device', 'Permission denied'; a
     file too large says which limit that may be."""
-    text = str(err)
-    found = re.search(r'message: "([^"]+)"', text) or re.search(r"error: ([^:()]+?) \(os error \d+\)", text)
-    said = err.strerror if isinstance(err, OSError) and err.strerror else found.group(1) if found else \
-        text.splitlines()[0] if text else type(err).__name__
-    too_large = (isinstance(err, OSError) and err.errno == errno.EFBIG) or said == os.strerror(errno.EFBIG)
-    return f"{said} (this process's file-size limit, ulimit -f, or the file system's)" if too_large else said
+    if isinstance(err, OSError) and err.strerror:
+        said = err.strerror
+    else:  # safetensors' words for the OS's
+        text = str(err)
+        found = re.search(r'message: "([^"]+)"', text) or re.search(r"error: ([^:()]+?) \(os error \d+\)", text)
+        said = found.group(1) if found else text.splitlines()[0] if text else type(err).__name__
+    if said == os.strerror(errno.EFBIG):
+        said += " (this process's file-size limit, ulimit -f, or the file system's)"
+    return said
 
 
 def disk_failure(err: BaseException) -> bool:
     """A write this machine's disk refused (full, over quota, read-only, a file too large): said as such, not
     blamed on a download's network."""
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-
-
-def machine_failure(err: BaseException, path: str | Path) -> BaseException | None:
-    """What to stop with when reading ``path`` failed for the machine's sake, not the file's (out of memory, of
-    file descriptors, an I/O error): a rerun may succeed, so the file must not be marked bad for good. None
-    for a failure of the file itself."""
-    if isinstance(err, MemoryError):
-        return err
-    if isinstance(err, OSError) and err.errno in (errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EIO):
-        return DataError(f"could not read {path}: {err.strerror}, a failure of this machine (its limits: ulimit -n, "
-                         "ulimit -v; or its disk), not of the file: run the same command again once it is mended")
-    return None
 
 
 def write_failure(path: str | Path, err: BaseException) -> OutputError:

@@ -28,10 +28,9 @@ from PIL import ExifTags, Image, ImageOps
 from ..bounds import PIXELS, not_utf8
 from ..claims import claim_output, refuse_inputs
 from ..console import progress_bar
-from ..errors import ConfigError, DataError, ImageStoreError, OutputError
+from ..errors import ConfigError, DataError, ImageStoreError, OutputError, machine_failure
 from ..files import (
     atomic_path,
-    machine_failure,
     put_back_on_failure,
     remove,
     require_space,
@@ -266,8 +265,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
             return array, None
         except TooLarge as err:
             return None, f"too large: {err}"
-        except Exception as err:  # any decoder failure is a bad image, never a stop
-            if stop := machine_failure(err, path):  # not the image's: memory, file descriptors, a disk's I/O
+        except Exception as err:  # a decoder's failure is a bad image; the machine's stop the build
+            if stop := machine_failure(err, path):  # memory, file descriptors, a disk's I/O: a rerun reads it
                 raise stop from None
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
 
