@@ -72,15 +72,19 @@ def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
     return path
 
 
+def nearest_existing(path: str | Path) -> Path | None:
+    """``path``, or the nearest folder above it, that exists (a link to nothing counts): what making ``path``
+    as a folder would meet first."""
+    return next((part for part in (Path(path), *Path(path).parents) if os.path.lexists(part)), None)
+
+
 def refuse_broken_link(path: str | Path, what: str) -> None:
     """An ``OutputError`` when the folder ``path`` to write into, or the nearest part of its path that exists, is a
     symbolic link to nothing (the OS would say 'File exists' when making the folder). ``what``: ``--out-dir``."""
-    for part in (Path(path), *Path(path).parents):
-        if os.path.lexists(part):
-            if part.is_symlink() and not part.exists():
-                where = "is" if part == Path(path) else f"is inside {part},"
-                raise OutputError(f"{what} {path} {where} a symbolic link to no folder; give the path of a folder")
-            return
+    part = nearest_existing(path)
+    if part is not None and part.is_symlink() and not part.exists():
+        where = "is" if part == Path(path) else f"is inside {part},"
+        raise OutputError(f"{what} {path} {where} a symbolic link to no folder; give the path of a folder")
 
 
 def expect_folders(**folders: Path | None) -> None:
@@ -89,13 +93,11 @@ def expect_folders(**folders: Path | None) -> None:
     for key, path in folders.items():
         if path is None:
             continue
-        refuse_broken_link(path, f"--{key.replace('_', '-')}")
-        for part in (Path(path), *Path(path).parents):
-            if os.path.lexists(part):
-                if not part.is_dir():
-                    what = "is a file" if part == Path(path) else f"is inside the file {part}"
-                    raise OutputError(f"--{key.replace('_', '-')} {path} {what}; expected a folder")
-                break
+        flag = f"--{key.replace('_', '-')}"
+        refuse_broken_link(path, flag)
+        if (part := nearest_existing(path)) is not None and not part.is_dir():
+            what = "is a file" if part == Path(path) else f"is inside the file {part}"
+            raise OutputError(f"{flag} {path} {what}; expected a folder")
 
 
 def refuse_link(path: str | Path, what: str) -> None:

@@ -263,11 +263,11 @@ def remove_abandoned(path: Path) -> None:
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: another user's)
     except (ProcessLookupError, OverflowError):  # gone, or a number no process has
         return False
     except PermissionError:
-        return True  # another user's
+        pass
     return True
 
 

@@ -169,12 +169,12 @@ class ShardDir:
                 log.info("%s: resuming a build an earlier version began", self.path)
                 write_json_atomic(self.path / "manifest.json", self.manifest)
                 return
-            if found is None:  # ours only when empty, or holding the manifest's temporary (a build killed then)
-                if not (self.path.is_dir() and not self.path.is_symlink() and
-                        only_temporaries_of(self.path, "manifest.json")):
-                    raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
-                                      "manifest); IISAN replaces only what it wrote itself: move it away")
-            else:
+            # without a manifest, ours only when empty or holding the manifest's temporary (a build killed then)
+            if found is None and not (self.path.is_dir() and not self.path.is_symlink() and
+                                      only_temporaries_of(self.path, "manifest.json")):
+                raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
+                                  "manifest); IISAN replaces only what it wrote itself: move it away")
+            if found is not None:
                 log.info("%s holds a partial build for other settings; discarding it", self.path)
             shutil.rmtree(self.path)
         try:

@@ -205,7 +205,8 @@ def paper_stats(name: str, src: DataSource, root: Path) -> dict:
 
 
 def check_stats(name: str, src: DataSource, root: Path, manifest: Manifest) -> dict:
-    manifest.record("stats", [], **(found := paper_stats(name, src, root)))
+    found = paper_stats(name, src, root)
+    manifest.record("stats", [], **found)
     return found
 
 
