@@ -9,6 +9,7 @@ callers would expect (``ValueError`` for bad values, ``RuntimeError`` for runs t
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -90,6 +91,20 @@ def error_line(err: BaseException) -> str:
     """``Type: first line of the message``: an error that is not a ``UserError``, named in one line."""
     message = str(err).splitlines()[0] if str(err) else type(err).__name__
     return f"{type(err).__name__}: {message}"
+
+
+class NestedTooDeep(ValueError):
+    """JSON nested deeper than Python's decoder recurses (a few thousand ``[``: a hostile or damaged file)."""
+
+
+def parse_json(text: str | bytes, **hooks):
+    """``json.loads(text, **hooks)``, whose every failure on bad text is a ``ValueError``: the decoder's own
+    RecursionError on nesting too deep becomes ``NestedTooDeep``, so readers catch one type, as they do for text
+    that is not JSON, not UTF-8, or holds an integer of over 4300 digits."""
+    try:
+        return json.loads(text, **hooks)
+    except RecursionError:
+        raise NestedTooDeep("arrays or objects nested deeper than Python's JSON reader goes") from None
 
 
 def in_the_way(path: str | Path, err: BaseException) -> str:

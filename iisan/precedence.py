@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .bounds import beyond_float
 from .config import Config
-from .errors import ConfigError, ValuesTogether, error_line
+from .errors import ConfigError, ValuesTogether, error_line, parse_json
 from .methods import METHOD_DEFAULTS, newly_unread
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def read_config_file(path: str | Path) -> dict:
         why = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise ConfigError(f"config file {path} {why}")
     try:  # a byte-order mark (some Windows editors write one) is dropped
-        values = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys,
+        values = parse_json(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys,
                             parse_float=_float)
     except DuplicateKey as err:
         raise ConfigError(f"{path}: key {err} appears twice; which value was meant?") from None
@@ -68,13 +68,11 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (at byte offset {err.start}), so not JSON") from None
-    except ValueError as err:  # valid JSON, but an integer of over 4300 digits Python will not read
+    except ValueError as err:  # valid JSON, but nested too deep or an integer of over 4300 digits
         if "integer string conversion" not in str(err):
             raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
         raise ConfigError(f"{path}: an integer of more than {sys.get_int_max_str_digits()} digits, far more than "
                           "any config value takes") from None
-    except RecursionError as err:  # nesting too deep
-        raise ConfigError(f"{path}: not valid JSON ({error_line(err)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of config keys")
     try:  # validates keys and values; no path (nor any other string here) may hold a NUL

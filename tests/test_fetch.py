@@ -342,7 +342,7 @@ def fetch_manifest(steps=None, **data) -> str:
 NO_RECORD = "damaged (step 'tsv' records 'x' without an integer size and a sha256 string)"
 DAMAGED_DATA = [  # (manifest text, what the one line says is wrong)
     ("[]", "damaged (not a JSON object)"),
-    ("[" * 100_000, "not a readable manifest (RecursionError)"),
+    ("[" * 100_000, "not a readable manifest (NestedTooDeep)"),
     (fetch_manifest(), "damaged (no 'steps' object)"),
     (fetch_manifest([]), "damaged (no 'steps' object)"),
     (fetch_manifest({"tsv": []}), "damaged (step 'tsv' is not an object)"),

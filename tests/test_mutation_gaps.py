@@ -109,7 +109,7 @@ def test_a_sharded_encoder_folder_whose_index_is_nested_too_deep_or_a_folder_lac
         "a model.safetensors.index.json that names its weight files"]
 
 
-# ---- RecursionError: demo.refuse_fewer_epochs, demo.refuse_copied_run, same_inputs.differs
+# ---- nested too deep: demo.refuse_fewer_epochs, demo.refuse_copied_run, same_inputs.differs
 
 
 def test_a_demo_run_folder_whose_files_are_nested_too_deep_is_left_to_the_trainer(tmp_path):

@@ -293,7 +293,7 @@ def bad_value(tiny) -> str:
 
 @pytest.mark.parametrize("config,message", [
     (bad_value, "embedding_dim='big': expected an integer"),
-    (lambda tiny: DEEP, "not valid JSON (RecursionError: maximum recursion depth exceeded"),
+    (lambda tiny: DEEP, "not valid JSON (NestedTooDeep: arrays or objects nested deeper"),
     (lambda tiny: HUGE, HUGE_REASON),
 ], ids=["bad-value", "deep", "huge-int"])
 def test_evaluate_names_a_damaged_config_json(tiny, tmp_path, capsys, config, message):
@@ -306,7 +306,7 @@ def test_evaluate_names_a_damaged_config_json(tiny, tmp_path, capsys, config, me
 
 
 @pytest.mark.parametrize("results,reason", [
-    (DEEP, "not valid JSON (RecursionError: maximum recursion depth exceeded"),
+    (DEEP, "not valid JSON (NestedTooDeep: arrays or objects nested deeper"),
     (HUGE, HUGE_RESULTS),
     ("[1, 2]", "not a JSON object"),
     ("{", "not valid JSON (Expecting property name enclosed in double quotes at line 1)"),

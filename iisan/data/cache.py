@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..errors import CacheError
+from ..errors import CacheError, parse_json
 from ..files import check_readable, failure_reason, require_space, shown
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def encoder_config_hash(folder: str | Path | None) -> str | None:
     path = Path(folder) / "config.json" if folder else None
     if path is None or not path.is_file():
         return None
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = parse_json(path.read_text(encoding="utf-8"))
     for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
         config.pop(volatile, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,8 +154,8 @@ def metadata_problem(meta: dict[str, str]) -> str | None:
 def _json(text: str):
     """``text`` as JSON, or None where it is not JSON."""
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # not JSON, a 4300-digit integer, nesting too deep
+        return parse_json(text)
+    except ValueError:  # not JSON, a 4300-digit integer, nesting too deep
         return None
 
 
@@ -181,7 +181,7 @@ def check_stored_dtype(path: Path, code: str, meta: dict[str, str]) -> None:
 def weights_record(meta: dict[str, str]) -> dict:
     """The encoder-weights record in a cache's metadata (``model.encoder_files.weights_digest``'s ``known``):
     its digest stands while the encoder folder's files keep their sizes and times."""
-    return {"digest": meta.get("encoder_weights", ""), "files": json.loads(meta.get("encoder_files", "{}"))}
+    return {"digest": meta.get("encoder_weights", ""), "files": parse_json(meta.get("encoder_files", "{}"))}
 
 
 def recorded_weights(path: Path) -> dict | None:
@@ -233,7 +233,7 @@ def check_metadata(path: Path, meta: dict[str, str], expected: CacheExpectation)
     differences are named in one error."""
     differences, other_way = [], ""
     if expected.layers is not None:
-        stored = json.loads(meta["layers"])
+        stored = parse_json(meta["layers"])
         if missing := [layer for layer in expected.layers if layer not in stored]:
             differences.append(f"layers {stored}, without {missing} (config asks for {list(expected.layers)}; "
                                "a cache built with --all-layers serves every layer choice)")
@@ -287,7 +287,7 @@ def load_cache(path: str | Path, expected: CacheExpectation,
     if meta.get("source") == "imported":
         log.info("%s was imported from %s (%s states): its layers, width and items were checked, its encoder's "
                  "identity cannot be", path, meta.get("imported_from"), meta.get("encoder"))
-    order = {item_id: row + 1 for row, item_id in enumerate(json.loads(meta["item_ids"]))}
+    order = {item_id: row + 1 for row, item_id in enumerate(parse_json(meta["item_ids"]))}
     rows = np.array([0] + [order.get(i, -1) for i in dataset_item_ids[1:]], dtype=np.int64)
     absent = np.flatnonzero(rows < 0)
     if len(absent):
@@ -299,7 +299,7 @@ def load_cache(path: str | Path, expected: CacheExpectation,
         raise CacheError(f"cache {path} lists its item ids in another order than the data set's items file "
                          f"({meta['items_file']}); its rows cannot be trusted: rebuild it with "
                          "`iisan cache --overwrite`")
-    layers = json.loads(meta["layers"])
+    layers = parse_json(meta["layers"])
     picked = [layers.index(layer) for layer in (layers if expected.layers is None else expected.layers)]
     try:
         check_readable(path)  # readable when its metadata was read; not necessarily still

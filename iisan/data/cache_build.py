@@ -40,7 +40,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..console import ProgressLog, sigterm_as_ctrl_c
-from ..errors import CacheError, OutputError
+from ..errors import CacheError, OutputError, parse_json
 from ..files import (
     atomic_path,
     failure_reason,
@@ -127,11 +127,11 @@ def manifest_in(sidecar: Path) -> dict | None:
     if sidecar.is_symlink():
         return None
     try:
-        found = json.loads(manifest.read_text(encoding="utf-8"))
+        found = parse_json(manifest.read_text(encoding="utf-8"))
     except PermissionError as err:
         raise OutputError(f"{manifest} cannot be read ({failure_reason(err)}): make it readable, or move {sidecar} "
                           "away") from None
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 

@@ -19,7 +19,6 @@ metadata as ``imported_missing``).
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections import Counter
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..claims import claim_output
-from ..errors import CacheError
+from ..errors import CacheError, parse_json
 from ..files import atomic_path, starts_with
 from .cache import cache_file, require_cache_space
 from .cache_build import write_together
@@ -160,5 +159,5 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
                     for m, table in tables.items()})
     for m, table in tables.items():
         log.info("wrote %s: %d items x %d layers x %d (%s), imported from %s", paths[m], len(item_ids) - 1,
-                 table.shape[1], table.shape[2], json.loads(metadata[m]["layers"]), src)
+                 table.shape[1], table.shape[2], parse_json(metadata[m]["layers"]), src)
     return paths

@@ -9,7 +9,6 @@ is not one, a damaged metadata record or a record shorter than its header is one
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import struct
@@ -20,7 +19,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from ..errors import ImageStoreError
+from ..errors import ImageStoreError, parse_json
 from ..files import shown
 
 log = logging.getLogger(__name__)
@@ -115,11 +114,11 @@ def read_meta(path: Path) -> dict | None:
     if raw is None:
         return None
     try:
-        meta = json.loads(bytes(raw))
+        meta = parse_json(bytes(raw))
         meta["size"] = int(meta["size"])
         if not 1 <= meta["size"] <= MAX_SIZE:
             raise ValueError(meta["size"])
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise ImageStoreError(f"{path}: the metadata record {META_KEY.decode()!r} is damaged; rebuild the store with "
                               "`iisan build-lmdb --overwrite`") from None
     if meta.get("format", FORMAT) != FORMAT:

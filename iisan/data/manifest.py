@@ -11,10 +11,9 @@ it is (it may be the user's).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 
-from ..errors import FetchError
+from ..errors import FetchError, parse_json
 from ..files import sha256, write_json_atomic
 from .download import digests
 
@@ -74,8 +73,8 @@ class Manifest:
         self.data: dict = {"format": FORMAT, "steps": {}}
         if self.path.is_file():
             try:
-                self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except (ValueError, RecursionError) as err:  # not JSON or not UTF-8, a 4300-digit integer, nesting
+                self.data = parse_json(self.path.read_text(encoding="utf-8"))
+            except ValueError as err:  # not JSON or not UTF-8, a 4300-digit integer, nesting
                 raise self.damaged(f"not a readable manifest ({type(err).__name__})") from None
             if not isinstance(self.data, dict):
                 raise self.damaged("damaged (not a JSON object)")

@@ -24,7 +24,6 @@ from the card and library versions, from iisan's encoder wrappers, or from its i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import torch
 from ..claims import claim_output
 from ..data.datasets import DATASETS
 from ..devices import resolve_device
-from ..errors import error_line
+from ..errors import error_line, parse_json
 from ..files import write_json_atomic
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
@@ -158,8 +157,8 @@ def iisan_section(args: DiagnosisOptions, report: dict) -> None:
 def is_diagnosis(path: Path) -> bool:
     """A diagnosis JSON ``run_diagnosis`` wrote: its first keys, and the device facts it records."""
     try:
-        report = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError, RecursionError):
+        report = parse_json(Path(path).read_bytes())
+    except (OSError, ValueError):
         return False
     return (isinstance(report, dict) and {"warmup", "reps", "shape_reps", "device"} <= report.keys()
             and isinstance(report["device"], dict) and "versions" in report["device"])

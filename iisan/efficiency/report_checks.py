@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..bounds import finite_number
-from ..errors import DataError
+from ..errors import DataError, parse_json
 
 # What the table and the figure read from a benchmark JSON, besides its rows.
 BENCHMARK_KEYS = ("rows", "device", "description", "timed_steps", "warmup_steps", "command", "git_commit",
@@ -122,8 +122,8 @@ def read_benchmark(path: Path) -> dict:
     """A benchmark JSON with every field its table and figure read, or a ``DataError`` naming the file and
     what it is not (the first field at fault)."""
     try:
-        payload = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as err:  # not JSON (cut short, another format, nested too deep)
+        payload = parse_json(path.read_bytes())
+    except ValueError as err:  # not JSON (cut short, another format, nested too deep)
         raise DataError(f"{path} is not JSON ({err}); {EXPECTED}") from None
     missing = [k for k in BENCHMARK_KEYS if k not in payload] if isinstance(payload, dict) else list(BENCHMARK_KEYS)
     if missing or not isinstance(payload["rows"], list):

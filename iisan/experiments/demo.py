@@ -8,7 +8,6 @@ architecture, masked-mean pooling) as the text tower and a ViT of another width 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import tempfile
 import time
@@ -21,7 +20,7 @@ from ..data.image_build import build_image_lmdb
 from ..data.interactions import read_items
 from ..data.run_data import load_data
 from ..data.synthetic import generate
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, OutputError, parse_json
 from ..evaluate import popularity_metrics
 from ..files import write_json_atomic
 from ..model.backbones import read_spec
@@ -55,9 +54,9 @@ def read_settings(record: Path) -> dict | None:
     """The settings a ``DEMO_SETTINGS`` file holds (over ``generate``'s defaults), or None when it is
     unreadable (then the data decides, as for a folder without one)."""
     try:
-        held = json.loads(record.read_text(encoding="utf-8"))["settings"]
+        held = parse_json(record.read_text(encoding="utf-8"))["settings"]
         return {**generation_settings(held["seed"], {}), **held}
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -189,8 +188,8 @@ def refuse_fewer_epochs(folder: Path, epochs: int) -> None:
     results hold them all). Said before the demo's work, in the demo's words (the trainer's name --run-name
     and a config file, which the demo has not)."""
     try:
-        trained = json.loads((folder / "results.json").read_text(encoding="utf-8"))["epochs"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none yet, or not a run's: the trainer judges
+        trained = parse_json((folder / "results.json").read_text(encoding="utf-8"))["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a run's: the trainer judges
         return
     if isinstance(trained, list) and len(trained) > epochs:
         raise ConfigError(f"--epochs {epochs}: {folder} has trained {len(trained)} epochs already; give at least "
@@ -201,8 +200,8 @@ def refuse_copied_run(folder: Path, cfg: Config) -> None:
     """The demo's run folder holds a run of another demo folder's files (the folder was copied): it can be
     neither resumed nor reported as this one's, so the demo stops before its work, saying what to do."""
     try:
-        users = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("users")
-    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or not a config: the trainer judges it
+        users = parse_json((folder / "config.json").read_text(encoding="utf-8")).get("users")
+    except (OSError, ValueError, AttributeError):  # none yet, or not a config: the trainer judges it
         return
     if isinstance(users, str) and Path(users).resolve() != Path(cfg.users).resolve():
         raise OutputError(f"{folder} holds the run of the demo in {Path(users).parent} (a copied folder?), not of "

@@ -16,7 +16,6 @@ instead of after the retries of its file listing (5, 23 s of waiting with huggin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..data.fetch import shortened
 from ..data.manifest import Manifest, folder_files
-from ..errors import FetchError
+from ..errors import FetchError, parse_json
 from .presets import BACKBONES, ROOT, VERSA_PRESETS
 
 log = logging.getLogger(__name__)
@@ -127,8 +126,8 @@ def missing_files(folder: Path, model: HubModel) -> list[str]:
     missing = [] if "config.json" in names else ["config.json"]
     if "model.safetensors.index.json" in names:
         try:
-            shards = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, RecursionError, KeyError, TypeError):  # cut short, or damaged
+            shards = parse_json((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):  # cut short, or damaged
             shards = None
         if isinstance(shards, dict) and shards and all(isinstance(f, str) for f in shards.values()):
             missing += sorted(set(shards.values()) - names)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from ..claims import claim_output, refuse_inside_inputs
 from ..config import model_location
-from ..errors import OutputError
+from ..errors import OutputError, parse_json
 from ..evaluate import eval_chunk
 from ..files import check_readable, failure_reason, folders_kept_on_success, save_safetensors_atomic
 from ..locks import OutputLock
@@ -74,12 +74,12 @@ def other_model(meta: dict[str, str], common: dict[str, str]) -> str:
             meta.get("best_epoch") != common["best_epoch"]:
         return f"not {common['run_dir']} (best epoch {common['best_epoch']})"
     try:
-        saved = json.loads(meta.get("config") or "")
-    except (ValueError, RecursionError):
+        saved = parse_json(meta.get("config") or "")
+    except ValueError:
         saved = None
     if not isinstance(saved, dict):
         return "and records no readable config"
-    differences = config_differences(saved, json.loads(common["config"]), ignore=PATHS)
+    differences = config_differences(saved, parse_json(common["config"]), ignore=PATHS)
     return f"of another config ({'; '.join(differences[:3])})" if differences else ""
 
 

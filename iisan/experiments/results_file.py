@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, parse_json
 from ..files import failure_reason
 from ..locks import held
 from ..methods import METHOD_NAMES
@@ -166,14 +166,14 @@ def check_results(results) -> None:
 def load_results(path: Path) -> dict:
     """The contents of a results.json, checked by ``check_results``; ``DamagedResults`` says why not."""
     try:
-        results = json.loads(path.read_bytes())
+        results = parse_json(path.read_bytes())
     except OSError as err:
         raise DamagedResults(f"cannot be read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise DamagedResults(f"not UTF-8 text (at byte offset {err.start}), so not JSON") from None
     except json.JSONDecodeError as err:
         raise DamagedResults(f"not valid JSON ({err.msg} at line {err.lineno})") from None
-    except (ValueError, RecursionError):  # a number of over 4300 digits, arrays nested thousands deep
+    except ValueError:  # a number of over 4300 digits, arrays nested thousands deep
         raise DamagedResults("not JSON this table can read (a number too long or nesting too deep)") from None
     check_results(results)
     return results

@@ -10,7 +10,6 @@ validation epoch, and per setting and data set their mean and sample standard de
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
-from ..errors import CacheError, ConfigError, DataError
+from ..errors import CacheError, ConfigError, DataError, parse_json
 from ..evaluate import popularity_metrics
 from ..files import check_readable, failure_reason, file_fingerprint, write_json_atomic
 from ..methods import METHOD_DEFAULTS
@@ -120,7 +119,7 @@ def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: P
     ones: per epoch the loss and every validation metric, and the largest difference between the
     recorded cache's states and the rebuilt ones."""
     name = point_name(setting, dataset, seed)
-    recorded = json.loads((Path(work) / "runs" / name / "results.json").read_text(encoding="utf-8"))
+    recorded = parse_json((Path(work) / "runs" / name / "results.json").read_text(encoding="utf-8"))
     cfg = point_config(setting, dataset, seed, data_root, scratch).replace(epochs=epochs)
     report = {"point": name, "recorded_commit": recorded.get("git_commit"), "epochs": epochs}
     if cfg.feed == "cached":
@@ -146,7 +145,7 @@ def verify_point(setting: str, dataset: str, seed: int, data_root: Path, work: P
 
 
 def _summary(path: Path) -> dict:
-    result = json.loads(path.read_text(encoding="utf-8"))
+    result = parse_json(path.read_text(encoding="utf-8"))
     timing = result.get("timing", {})
     return {"best_epoch": result["best_epoch"], "epochs_run": len(result["epochs"]), "test": result["test"],
             "valid": result["valid"], "train_seconds_per_epoch": timing.get("train_seconds_per_epoch"),

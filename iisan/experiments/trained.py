@@ -14,7 +14,6 @@ last ``max_seq_len`` items of a history.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..devices import resolve_device
-from ..errors import ConfigError, DataError, TrainingError, ValuesTogether
+from ..errors import ConfigError, DataError, TrainingError, ValuesTogether, parse_json
 from ..evaluate import eval_chunk, evaluate_model, item_table
 from ..files import file_fingerprint
 from ..locks import held
@@ -252,8 +251,8 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
     readable config (nothing to check against). Data and encoder paths are not compared: a resumed run may
     spell them otherwise (``users.tsv``, then its absolute path)."""
     try:
-        saved = json.loads(metadata.get("config", ""))
-    except (ValueError, RecursionError):
+        saved = parse_json(metadata.get("config", ""))
+    except ValueError:
         saved = None
     if not isinstance(saved, dict):
         log.warning("%s holds no readable config in its metadata; taken to be of %s", weights, config_path)

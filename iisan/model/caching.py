@@ -36,7 +36,7 @@ from ..data.cache_import import import_caches
 from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, OutputError, parse_json
 from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
 from .backbones import read_spec
@@ -139,7 +139,7 @@ def serves(path: Path, new: dict[str, str]) -> bool:
     if not path.is_file():
         return False
     old, differ = differences(path, new)
-    if "layers" in differ and set(json.loads(new["layers"])) <= set(json.loads(old["layers"])):
+    if "layers" in differ and set(parse_json(new["layers"])) <= set(parse_json(old["layers"])):
         differ.remove("layers")
     return not differ
 

@@ -27,7 +27,7 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from ..config import DEFAULT_MODELS, model_location
-from ..errors import EncoderError
+from ..errors import EncoderError, parse_json
 from ..files import sha256
 from .families import SUPPORTED
 
@@ -75,8 +75,8 @@ def check_folder(folder: Path) -> None:
     if not config_path.is_file():
         raise EncoderError(f"{folder} has no config.json; it is not a transformers model folder")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a 4300-digit integer, nesting too deep
+        config = parse_json(config_path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not UTF-8 or JSON, a 4300-digit integer, nesting too deep
         raise EncoderError(f"{config_path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise EncoderError(f"{config_path} is not a JSON object")
@@ -100,8 +100,8 @@ def check_index(path: Path, names: set[str]) -> None:
     """A sharded checkpoint's index: the JSON object transformers reads (``metadata`` and ``weight_map``,
     tensor name -> file), naming only files the folder holds."""
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:
+        index = parse_json(path.read_text(encoding="utf-8"))
+    except ValueError as err:
         raise EncoderError(f"{path} is not valid JSON ({err})") from None
     shards = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict) or not isinstance(shards, dict) \
@@ -187,8 +187,8 @@ def processor_file(folder: Path | None) -> str:
     "image_processor" where it has one, else preprocessor_config.json."""
     nested = folder / "processor_config.json" if folder else None
     try:
-        if nested and nested.is_file() and "image_processor" in json.loads(nested.read_text(encoding="utf-8")):
+        if nested and nested.is_file() and "image_processor" in parse_json(nested.read_text(encoding="utf-8")):
             return nested.name
-    except (ValueError, TypeError, OSError, RecursionError):  # not a JSON object: transformers' load says so
+    except (ValueError, TypeError, OSError):  # not a JSON object: transformers' load says so
         pass
     return "preprocessor_config.json"

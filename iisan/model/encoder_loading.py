@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import importlib.util
-import json
 import logging
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import model_location
-from ..errors import EncoderError, error_line
+from ..errors import EncoderError, error_line, parse_json
 from ..files import check_readable, failure_reason
 from .encoder_files import (
     PLAIN_VOCABULARIES,
@@ -82,8 +81,8 @@ def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
     transformers fails with a TypeError, is why the folder cannot be read (returned first)."""
     path = folder / CODE_MAPS.get(auto_class, "")
     try:
-        settings = json.loads(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
-    except (OSError, ValueError, RecursionError):  # absent, or not JSON: ``unreadable_json`` says why
+        settings = parse_json(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
+    except (OSError, ValueError):  # absent, or not JSON: ``unreadable_json`` says why
         return None, None
     if not isinstance(settings, dict) or "auto_map" not in settings:
         return None, None
@@ -97,8 +96,8 @@ def unreadable_json(folder: Path, auto_class) -> str | None:
     transformers' own message names no file."""
     for name in (n for n in JSON_OBJECTS.get(auto_class, ()) if (folder / n).is_file()):
         try:
-            json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as err:  # a decoding error is a ValueError too
+            parse_json((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # a decoding error is a ValueError too
             return f"{name} is not valid JSON ({error_line(err)})"
     return None
 
@@ -127,7 +126,7 @@ def damaged_file(folder: Path, auto_class) -> str | None:
             check_readable(weights)  # safetensors calls a file it may not read missing
         except OSError as err:
             return f"{weights.name} cannot be read ({failure_reason(err)})"
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
+    config = parse_json((folder / "config.json").read_text(encoding="utf-8"))  # valid: ``check_folder``
     for part in [config, *(v for v in config.values() if isinstance(v, dict))]:  # with sub-configs
         for key in ("dtype", "torch_dtype"):
             value = part.get(key)

@@ -17,7 +17,6 @@ a checkpoint that fails either is refused with a one-line message and the one be
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from safetensors.torch import load_file
 
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
 from ..distributed import launched_processes
-from ..errors import TrainingError, UserError, error_line
+from ..errors import TrainingError, UserError, error_line, parse_json
 from ..files import check_readable, failure_reason, sha256
 from ..methods import unread_keys
 from ..model.build import picked_layers
@@ -112,12 +111,12 @@ def verify(path: Path, digests: bool = True) -> str | None:
     """Why ``path`` is not a complete, intact checkpoint (None when it is); its files' sha256 against the
     manifest's only with ``digests`` (pruning reads no weights: each epoch would hash gigabytes for FFT)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = parse_json((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"{path / MANIFEST} is missing (the checkpoint was never completed)"
     except OSError as err:  # 'Permission denied'
         return f"{path / MANIFEST} cannot be read ({failure_reason(err)})"
-    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
+    except ValueError:  # not JSON, an integer of over 4300 digits, nesting too deep
         return f"{path / MANIFEST} is damaged (not valid JSON)"
     if not isinstance(manifest, dict):
         return f"{path / MANIFEST} is damaged (not a JSON object)"
@@ -184,7 +183,7 @@ def same_layers(config: dict, rule: str) -> bool:
 def read(path: Path, state: dict | None = None) -> Checkpoint:
     """The checkpoint at ``path``; ``state``: its state.json, already read. A file this user may not read
     raises the OS's error, naming it (safetensors would call it missing)."""
-    state = json.loads((path / STATE).read_text(encoding="utf-8")) if state is None else state
+    state = parse_json((path / STATE).read_text(encoding="utf-8")) if state is None else state
     for name in (MODEL, TRAIN_STATE):
         check_readable(path / name)
     return Checkpoint(path, state, load_file(str(path / MODEL)), load_file(str(path / TRAIN_STATE)))
@@ -217,10 +216,10 @@ def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
     if reason := verify(path, digests):
         return reason
     try:
-        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        state = parse_json((path / STATE).read_text(encoding="utf-8"))
     except OSError as err:
         return f"{path / STATE} is unreadable ({failure_reason(err)})"
-    except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, nesting too deep
+    except ValueError:  # not JSON, an integer of over 4300 digits, nesting too deep
         return f"{path / STATE} is damaged (not valid JSON)"
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         shown = state.get("format") if isinstance(state, dict) else state

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import error_line
+from ..errors import error_line, parse_json
 from ..files import failure_reason
 
 
 def results_or_reason(path: Path) -> tuple[dict, str]:
     """The results file at ``path`` as a dict and ''; or {} and why it cannot be used ('' when absent)."""
     try:
-        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        results = parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}, ""
     except IsADirectoryError:
@@ -22,7 +22,7 @@ def results_or_reason(path: Path) -> tuple[dict, str]:
         return {}, f"cannot be read ({failure_reason(err)})"
     except json.JSONDecodeError as err:
         return {}, f"not valid JSON ({err.msg} at line {err.lineno})"
-    except (ValueError, RecursionError) as err:  # not UTF-8, an integer of over 4300 digits, nesting too deep
+    except ValueError as err:  # not UTF-8, an integer of over 4300 digits, nesting too deep
         return {}, f"not valid JSON ({error_line(err)})"
     return (results, "") if isinstance(results, dict) else ({}, "not a JSON object")
 

@@ -27,7 +27,7 @@ from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import fixed
 from ..distributed import launched_processes
-from ..errors import ConfigError, OutputError, TrainingError, error_line
+from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
@@ -239,8 +239,8 @@ def is_run_folder(path: Path) -> bool:
     ``results.json`` records one (a run that failed before writing its config)."""
     for name, key in (("config.json", None), ("results.json", "config")):
         try:
-            found = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep
+            found = parse_json((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             continue
         config = found.get(key) if key and isinstance(found, dict) else found
         if isinstance(config, dict) and {"method", "feed", "lr"} <= set(config):
@@ -272,8 +272,8 @@ def early_file_problem(path: Path) -> str | None:
                     "does not start with the header an IISAN run writes ('=== <name>: started <time> ===')"
             for number, line in enumerate(fh, 1):
                 try:
-                    problem = runstate.epoch_problem(json.loads(line))
-                except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+                    problem = runstate.epoch_problem(parse_json(line))
+                except ValueError:  # not JSON (UnicodeDecodeError is a ValueError)
                     problem = "is not JSON"
                 if problem:
                     return f"line {number} is not an epoch record of an IISAN run ({problem})"

@@ -7,14 +7,13 @@ resume on other ones is refused, and so is using the trained run on them (``chan
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..config import Config
 from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, compared, encoder_config_hash, read_metadata
 from ..data.run_data import images_digest
-from ..errors import CacheError, ConfigError
+from ..errors import CacheError, ConfigError, parse_json
 from ..files import file_fingerprint
 from ..model.build import modalities, model_name
 from ..model.encoder_files import local_folder, weights_digest
@@ -98,8 +97,8 @@ def differs(key: str, before: dict, then: dict) -> bool:
     if key != "layers":
         return before.get(key) != then.get(key)
     try:
-        return not set(json.loads(before.get(key) or "[]")) <= set(json.loads(then.get(key) or "[]"))
-    except (TypeError, ValueError, RecursionError):  # a record edited by hand
+        return not set(parse_json(before.get(key) or "[]")) <= set(parse_json(then.get(key) or "[]"))
+    except (TypeError, ValueError):  # a record edited by hand
         return True
 
 
