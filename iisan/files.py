@@ -187,7 +187,12 @@ def disk_failure(err: BaseException) -> bool:
 
 
 def write_failure(path: str | Path, err: BaseException) -> OutputError:
-    return OutputError(f"could not write {path}: {in_the_way(path, err) or failure_reason(err)}")
+    """A failed write in one line: a relative path says the folder it is relative to (a read-only working folder)."""
+    try:
+        shown = path if Path(path).is_absolute() else f"{path} (in {Path.cwd()})"
+    except OSError:  # the working folder was removed
+        shown = path
+    return OutputError(f"could not write {shown}: {in_the_way(path, err) or failure_reason(err)}")
 
 
 def require_space(path: str | Path, needed: int, what: str) -> None:

@@ -452,3 +452,17 @@ def test_a_checkpoint_whose_folder_cannot_be_synced_after_its_rename_is_said_to_
     assert str(caught.value) == (f"wrote checkpoint {root / 'epoch-0000'}, but could not sync the folder {root} after "
                                  "renaming it into place (Input/output error): the disk may be failing")
     assert (root / "epoch-0000" / "MANIFEST.json").is_file()
+
+
+def test_a_failed_write_of_a_relative_path_names_the_folder_it_is_in(tmp_path, monkeypatch):
+    """``--out table.csv`` in a read-only working folder: the message says which folder refused it."""
+    from iisan.files import write_failure
+
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.chdir(tmp_path)
+    assert str(write_failure("table.csv", denied)) == f"could not write table.csv (in {tmp_path}): Permission denied"
+    assert str(write_failure(tmp_path / "t.csv", denied)) == f"could not write {tmp_path / 't.csv'}: Permission denied"
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()  # a working folder removed under the command: the path as given
+    assert str(write_failure("table.csv", denied)) == "could not write table.csv: Permission denied"

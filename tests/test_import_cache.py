@@ -180,6 +180,27 @@ def test_bad_files_are_counted_and_named_and_a_pickled_object_is_refused_unread(
     assert (Path(cfg.cache_dir) / REPORT).read_text() == "modality\titem_id\tfile\tproblem\n"
 
 
+def test_states_beyond_float16_are_refused_when_importing_as_float16(tiny, authors_files, tmp_path):
+    """A finite state above 65504 would be stored as inf (and the run refuse the cache, pointing at a rebuild
+    from encoders): the import says so, naming the file and the precisions that hold it, and writes nothing."""
+    src = copy_files(authors_files["src"], tmp_path / "stored")
+    ids = authors_files["item_ids"][1:]
+    big = torch.load(state_file(src, "text", ids[2]), weights_only=True)
+    big[1, 0] = 1e5
+    torch.save(big, state_file(src, "text", ids[2]))
+    cfg = cache_config(tiny, tmp_path / "cache")
+    with pytest.raises(CacheError) as err:
+        import_cache_from_config(cfg, src, dtype="float16")
+    assert f"1 values beyond float16 range (e.g. bert_{ids[2]}.pt)" in str(err.value)
+    assert "no cache was written" in str(err.value) and not cache_file(cfg.cache_dir, "text").exists()
+    report = (Path(cfg.cache_dir) / REPORT).read_text().splitlines()
+    assert report[1:] == [f"text\t{ids[2]}\t{state_file(src, 'text', ids[2])}\tvalues beyond float16 range (import "
+                          "with --dtype bfloat16 or float32)"]
+    import_cache_from_config(cfg, src, dtype="bfloat16")  # its range holds the value
+    with safe_open(str(cache_file(cfg.cache_dir, "text")), framework="pt") as fh:
+        assert torch.isfinite(fh.get_tensor("states")).all()
+
+
 def test_a_raw_pickle_is_refused_without_torchs_protocol_warning(tmp_path):
     """A pickle written by pickle.dump, not torch.save: refused in the report's words alone (torch warned
     of its pickle protocol on stderr first)."""

@@ -9,10 +9,10 @@ set's item order and written with ``cache_build.write_together``, with metadata 
 import and its source.
 
 Every file is checked before anything is written: missing files, files that are not a plain tensor
-(or would need unpickling), of another shape, not floating-point, or holding NaN or infinite values are
-counted by kind, named in ``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is
-written. A
-file of that name that is not such a report is refused before any file is read.
+(or would need unpickling), of another shape, not floating-point, holding NaN or infinite values, or values
+beyond the stored precision's range (fp16 tops at 65504) are counted by kind, named in
+``<cache_dir>/import-report.tsv``, and end the import with one line; no cache is written. A file of that
+name that is not such a report is refused before any file is read.
 ``allow_missing`` stores absent items as zero rows instead (counted, logged, and recorded in the
 metadata as ``imported_missing``).
 """
@@ -86,10 +86,14 @@ def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int
     with ThreadPoolExecutor(threads, thread_name_prefix="iisan-import") as pool:
         for row, (path, (states, problem)) in enumerate(zip(paths, pool.map(lambda p: read_state(p, shape), paths)),
                                                         1):
+            stored = None if problem else states[index].to(dtype)  # (layers, width)
+            if stored is not None and not torch.isfinite(stored).all():  # fp16 tops at 65504
+                problem = f"values beyond {str(dtype).removeprefix('torch.')} range (import with --dtype bfloat16 " \
+                          "or float32)"
             if problem:
                 problems.append((item_ids[row], path, problem))
             else:
-                table[row] = states[index].to(dtype)  # (layers, width)
+                table[row] = stored
     return table, problems
 
 
