@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types are errors, and the resolved config is written into every checkpoint and
 results file (``Config.to_dict``). Which layer of values wins over which (flags, a ``--config`` file, an
-entry script's grid, the method's paper defaults, the field defaults below) is ``precedence.resolve``.
+entry script's grid, the method's paper defaults, the field defaults below) is ``precedence.resolve``:
+``Config(method="fft")`` itself takes the field defaults alone, ``resolve(flags={"method": "fft"})`` FFT's.
 """
 
 from __future__ import annotations

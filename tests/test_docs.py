@@ -202,3 +202,20 @@ def test_readme_example_rebuilds_a_run_and_reproduces_its_test_metrics(tiny_conf
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     assert metrics == pytest.approx(saved["test"], abs=1e-9)
     assert len(top) == 10 and not set(top) & set(history) and set(top) <= set(load_data(cfg).item_ids[1:])
+
+
+def test_the_training_from_python_example_runs_with_the_methods_paper_settings(tiny, tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "runs.md").read_text(encoding="utf-8")
+    code = re.search(r"^### Training from Python$.*?```python\n(.*?)```", text, re.S | re.M).group(1)
+    paths = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    (tmp_path / "demo_data").mkdir()
+    (tmp_path / "demo_data" / "demo.json").write_text(json.dumps({**paths, "device": "cpu", "num_workers": 0,
+                                                                  "progress": False, "eval_batch_size": 64}))
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/runs.md", "exec"), {"__name__": "runs_example"})
+    batch, best = out.getvalue().splitlines()
+    saved = json.loads(next((tmp_path / "demo_data" / "python").glob("*/results.json")).read_text())
+    assert batch == "32" and saved["config"]["method"] == "bitfit" and saved["config"]["lr"] == 2e-4
+    assert best == f"{saved['best_epoch']} {saved['test']['hit@10']}"

@@ -1,9 +1,10 @@
-"""Using a trained run somewhere else than where it ran, or after something around it changed: its relative
-paths mean what they meant where it ran, what moved or failed (a data file, an encoder folder) is said in
-one line naming the file to edit, a cached run needs no image store, weights of another run are named as
-such, an ID run refuses a users file that keeps other items, the Python API refuses what is not a history,
-a recommendation masks the user's whole history, a demo asked for fewer epochs than its run has stops
-before its work, and a train.log that cannot be written is one warning."""
+"""Using a trained run somewhere else than where it ran, or after something around it changed: its relative paths
+mean what they meant where it ran, what moved or failed (a data file, an encoder folder) is said in one line
+naming the file to edit, a cached run needs no image store, weights of another run are named as such, an ID run
+refuses a users file that keeps other items, the Python API refuses what is not a history, a split or a device in
+one line and leaves the caller's random streams alone, a recommendation masks the user's whole history, a demo
+asked for fewer epochs than its run has stops before its work, and a train.log that cannot be written is one
+warning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -150,6 +152,71 @@ def test_recommend_refuses_what_is_not_a_history(trained, histories, k, said):
         recommend(run, histories, k)
     assert len(recommend(run, [[1, 2]], 3)[0]) == 3  # a plain list is a history
     assert recommend(run, [np.array([1, 2])], 3) == recommend(run, [[1, 2]], 3)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.uint32, np.uint64, np.int32])
+def test_a_history_of_any_integer_type_is_recommended_for_as_int64(trained, dtype):
+    """(torch indexes with int64 only, and takes uint8 for a mask)"""
+    run = load_run(trained["id"], device="cpu")
+    assert recommend(run, [np.array([1, 2], dtype=dtype)], 5) == recommend(run, [[1, 2]], 5)
+
+
+@pytest.mark.parametrize("histories", [[1, 2], np.array([1, 2]), ["I1", "I2"]], ids=["list", "array", "ids"])
+def test_one_history_not_in_a_list_is_said_to_be_one(trained, histories):
+    run = load_run(trained["id"], device="cpu")
+    with pytest.raises(DataError, match=r"^expected a list of histories, each a list of item indices: one history "
+                                        r"is \[history\]$"):
+        recommend(run, histories, 3)
+
+
+@pytest.mark.parametrize("item_ids", ["I0000012", [12, 15], [None]], ids=["a-string", "ints", "none"])
+def test_item_index_takes_a_list_of_id_strings(trained, item_ids):
+    run = load_run(trained["id"], device="cpu")
+    with pytest.raises(DataError, match=r"^--history: expected a list of item ids \(strings\), not "):
+        run.item_index(item_ids)
+    ids = run.data.item_ids[1:3]
+    assert run.item_index(ids).tolist() == [1, 2] and run.item_index(ids[::-1]).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("split", ["train", "Test", None])
+def test_a_split_neither_valid_nor_test_is_a_config_error_before_any_work(trained, tmp_path, split):
+    from iisan.experiments.exports import export, user_embeddings
+
+    run = load_run(trained["id"], device="cpu")
+    said = rf"^split {re.escape(repr(split))}: expected 'valid' or 'test'$"
+    for call in (lambda: evaluate(run, split), lambda: user_embeddings(run, split),
+                 lambda: export(run, tmp_path / "out", split)):
+        with pytest.raises(ConfigError, match=said):
+            call()
+    assert run.table is None and not (tmp_path / "out").exists()  # no item table made, nothing written
+
+
+@pytest.mark.parametrize("device, said", [
+    ("gpu", r"^device='gpu' is not one of auto, cpu, cuda, cuda:N, mps$"),
+    ("CPU", r"^device='CPU' is not one of "),
+    (None, r"^device='None' is not one of "),
+])
+def test_load_run_refuses_a_device_name_in_one_line(trained, device, said):
+    with pytest.raises(ConfigError, match=said):
+        load_run(trained["id"], device=device)
+
+
+def test_load_run_leaves_the_callers_random_streams_as_they_were(trained):
+    import torch
+
+    torch.manual_seed(5)
+    expected = torch.randn(3)
+    torch.manual_seed(5)
+    run = load_run(trained["cached"], device=torch.device("cpu"))  # (a torch.device is taken too)
+    assert torch.equal(torch.randn(3), expected) and run.device == torch.device("cpu")
+
+
+def test_build_model_takes_a_device_name_as_load_run_does(trained):
+    from iisan.model.build import build_model
+
+    run = load_run(trained["id"], device="cpu")
+    model, _ = build_model(run.cfg, run.data, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
 def test_an_export_spelt_relative_or_absolute_is_of_one_run(trained, tmp_path, monkeypatch, capsys):

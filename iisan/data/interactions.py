@@ -23,12 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from ..bounds import min_seq_len_problem
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..files import file_fingerprint, shown
 from .csv_files import read_pairs_csv, read_titles_csv
 from .textfile import check_item_id, check_user_id, decoded_lines, visible
 
 log = logging.getLogger(__name__)
+
+
+def check_split(split) -> None:
+    """Refuse a split that is neither 'valid' nor 'test' (``eval_split``; called first where work comes before it)."""
+    if split not in ("valid", "test"):
+        raise ConfigError(f"split {split!r}: expected 'valid' or 'test'")
 
 
 @dataclass
@@ -200,12 +206,11 @@ class SeqRecData:
 
     def eval_split(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(inputs (U, L), targets (U,), history (U, L+1 or L+2))`` for 'valid' or 'test'."""
+        check_split(split)
         L = self.max_seq_len
         if split == "valid":
             return self.padded[:, 1 : L + 1], self.padded[:, L + 1], self.padded[:, : L + 1]
-        if split == "test":
-            return self.padded[:, 2 : L + 2], self.padded[:, L + 2], self.padded[:, : L + 2]
-        raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+        return self.padded[:, 2 : L + 2], self.padded[:, L + 2], self.padded[:, : L + 2]
 
     def popularity(self) -> np.ndarray:
         """(N + 1,) probabilities from the train parts; index 0 (padding) is 1.0 so log(pop) = 0."""

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from ..claims import claim_output, refuse_inside_inputs
 from ..config import model_location
+from ..data.interactions import check_split
 from ..errors import OutputError, parse_json
 from ..evaluate import eval_chunk
 from ..files import check_readable, failure_reason, folders_kept_on_success, save_safetensors_atomic
@@ -106,6 +107,7 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
     """``items.safetensors``: tensor ``items`` (N, D), row i = the item ``item_ids[i]`` of its metadata;
     ``users-<split>.safetensors``: tensor ``users`` (U, D), row u = ``user_ids[u]``. Scores are
     ``users @ items.T``; each file is written atomically."""
+    check_split(split)  # (before anything is written)
     out_dir = Path(out_dir)
     refuse_inputs_as_out(run, out_dir)
     common = {"format": EXPORT_FORMAT, "run_dir": str(run.run_dir.resolve()), "method": METHOD_NAMES[run.cfg.method],

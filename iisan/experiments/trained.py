@@ -14,6 +14,7 @@ last ``max_seq_len`` items of a history.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bounds import device_problem
 from ..config import DEFAULT_MODELS, Config, model_location
 from ..data.batches import PixelSource
-from ..data.interactions import SeqRecData
+from ..data.interactions import SeqRecData, check_split
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, DataError, TrainingError, ValuesTogether, parse_json
@@ -63,9 +65,16 @@ class TrainedRun:
                                     self.device, progress=self.cfg.progress)
         return self.table
 
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        """Item id -> dataset index (1..N)."""
+        return {item_id: i for i, item_id in enumerate(self.data.item_ids) if i}
+
     def item_index(self, item_ids: list[str], where: str = "--history") -> np.ndarray:
         """Item ids -> dataset indices; an id the data set does not hold is an error naming it."""
-        index = {item_id: i for i, item_id in enumerate(self.data.item_ids) if i}
+        if isinstance(item_ids, str) or not all(isinstance(i, str) for i in item_ids):
+            raise DataError(f"{where}: expected a list of item ids (strings), not {item_ids!r:.80}")
+        index = self.positions
         unknown = [i for i in item_ids if i not in index]
         if unknown:
             spaced = next((i for i in unknown if any(ch.isspace() for ch in i)), None)  # "a b", as a users file
@@ -120,16 +129,22 @@ def rebased(cfg: Config, working_dir: str | None) -> Config:
     return cfg.replace(**changes) if changes else cfg
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
-    """A run folder -> its config, data and model with the best weights, on ``device``."""
+def load_run(run_dir: str | Path, device: str | torch.device = "auto") -> TrainedRun:
+    """A run folder -> its config, data and model with the best weights, on ``device``. The caller's random
+    streams are left as they were."""
+    device = str(device) if isinstance(device, torch.device) else device
+    if problem := device_problem(device if isinstance(device, str) else repr(device)):
+        raise ConfigError(f"device={problem}")
     run_dir = Path(run_dir)
     cfg, results = run_files(run_dir)
     torch_device = resolve_device(device)
     data = load_data(cfg)
     refuse_other_inputs(run_dir, cfg, results, data)
-    torch.manual_seed(cfg.seed)  # the trained weights replace every random one; seeded all the same
-    # a cached run reads its cache, checked against what it trained on (``refuse_other_inputs``), not the LMDB
-    model, pixels = build_model(cfg.replace(images="") if cfg.cached else cfg, data, torch_device, trained=True)
+    cuda = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the trained weights replace every random one; seeded all the same
+        torch.manual_seed(cfg.seed)
+        # a cached run reads its cache, checked against what it trained on (``refuse_other_inputs``), not the LMDB
+        model, pixels = build_model(cfg.replace(images="") if cfg.cached else cfg, data, torch_device, trained=True)
     best_epoch = best_weights(model, run_dir / "best.safetensors", cfg)
     model.eval()
     return TrainedRun(run_dir, cfg, data, model, pixels, torch_device, best_epoch, results)
@@ -264,6 +279,7 @@ def check_weights_config(weights: Path, metadata: dict[str, str], config: dict, 
 
 def evaluate(run: TrainedRun, split: str) -> dict[str, float]:
     """HR@K and NDCG@K (K = 5, 10, 20) on ``split``, exactly as training evaluated the best epoch."""
+    check_split(split)  # (before the item table is made)
     return evaluate_model(run.model, run.data, split, run.cfg, run.device, run.pixels,
                           table=run.item_embeddings())
 
@@ -285,12 +301,15 @@ def recommend(run: TrainedRun, histories: list[np.ndarray], k: int = 10) -> list
     score matrix at once outgrows any memory."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ConfigError(f"-k {k!r}: must be a positive whole number")
+    if any(np.ndim(h) == 0 for h in histories):  # recommend(run, history), a history's items one by one
+        raise DataError("expected a list of histories, each a list of item indices: one history is [history]")
     histories = [np.asarray(h) for h in histories]
     for row, history in enumerate(histories):
         if history.ndim != 1 or not len(history) or history.dtype.kind not in "iu" or \
                 history.min() < 1 or history.max() > run.data.num_items:
             raise DataError(f"history {row}: expected a non-empty list of item indices 1..{run.data.num_items} "
                             f"(``TrainedRun.item_index`` makes them from item ids), not {history.tolist()!r:.80}")
+    histories = [h.astype(np.int64) for h in histories]  # (torch indexes with int64; uint8 would be a mask)
     table, top = run.item_embeddings(), []  # (N+1, D)
     chunk = eval_chunk(run.cfg, run.device, run.data.num_items)
     for start in range(0, len(histories), chunk):

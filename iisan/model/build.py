@@ -301,7 +301,7 @@ def iisan_item_encoder(cfg: Config, data: SeqRecData | None, device: torch.devic
     return IISANItemEncoder(states, san_tower(cfg, states.shapes())), pixels
 
 
-def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
+def build_model(cfg: Config, data: SeqRecData | None, device: torch.device | str,
                 encoders: dict[str, BackboneEncoder] | None = None,
                 trained: bool = False) -> tuple[Recommender, PixelSource | None]:
     """The recommender for ``cfg.method`` and, when its item encoder reads pixels, their source.
@@ -312,6 +312,7 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device,
     shapes from ``encoders``, exactly what a cache built from them would hold. Method ``id`` reads no
     encoder and needs ``data`` (its table has a row per item). ``trained``: the model of a run that trained
     already (``log_unchecked_encoder``)."""
+    device = torch.device(device)  # (a name: 'cpu', 'cuda:1')
     if cfg.method == "id":
         if data is None:
             raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "

@@ -295,7 +295,8 @@ def train(cfg: Config, reuse: bool = True) -> dict:
     Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
     folder whose run finished with this very config is not trained again: its results are returned
-    (``reuse`` False: the caller has just asked ``reusable_results`` itself)."""
+    (``reuse`` False: the caller has just asked ``reusable_results`` itself). Python's, NumPy's and torch's
+    global random streams are seeded with ``cfg.seed``; the ``iisan`` logger logs at INFO while it runs."""
     done = reusable_results(cfg) if reuse else None
     if done is not None:
         return done
