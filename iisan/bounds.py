@@ -281,6 +281,7 @@ def coerce(name: str, value, hint):
             raise ConfigError(f"{name}={value.strip()}: beyond what a float holds (it would be read as {number})")
         return number
     if hint is str:
+        value = str(value) if isinstance(value, PurePath) else value  # Config(users=Path(...)), as Python code writes
         if not isinstance(value, str):
             raise ConfigError(f"{name}={said(value)}: expected a string")
         try:  # a JSON "\ud800" (a lone surrogate) is a str no file name or log line can hold

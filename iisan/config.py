@@ -267,6 +267,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> Config:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a dict of config keys, not {said(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:  # the first few, each shown quoted where a character would not show, a long one cut short,

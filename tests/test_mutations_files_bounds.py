@@ -9,6 +9,7 @@ without a finished epoch is left out of it; a results file older than rates by p
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -118,6 +119,21 @@ def test_a_switch_of_other_text_is_refused():
     with pytest.raises(ConfigError) as info:
         Config.from_dict({"smoke": "on"})
     assert str(info.value) == "smoke='on': expected true or false"
+
+
+def test_paths_given_as_path_objects_are_kept_as_strings():
+    from pathlib import PurePosixPath
+
+    cfg = Config(users=Path("data/users.tsv"), out_dir=PurePosixPath("runs"))  # as a notebook writes them
+    assert (cfg.users, cfg.out_dir) == ("data/users.tsv", "runs") and json.dumps(cfg.to_dict())
+    with pytest.raises(ConfigError, match=r"^users=5: expected a string$"):
+        Config(users=5)
+
+
+@pytest.mark.parametrize("values", [None, [("lr", 1)], "lr=1"])
+def test_config_from_what_is_no_dict_is_one_line(values):
+    with pytest.raises(ConfigError, match=r"^x\.json: expected a dict of config keys, not "):
+        Config.from_dict(values, source="x.json")
 
 
 def test_a_smoke_run_is_its_config_shrunk_to_two_epochs_of_five_steps():
