@@ -411,3 +411,22 @@ def test_a_train_log_on_a_full_disk_is_one_warning_and_the_run_ends_with_its_own
     monkeypatch.setattr(records, "open", lambda *args, **kwargs: FullDisk(), raising=False)  # the header
     assert refused(capsys, argv) == [f"iisan: error: could not write {tmp_path / 'full' / 'train.log'}: No space "
                                      "left on device"]
+
+
+def test_the_embeddings_docs_runs_md_describes_score_as_evaluation_does(trained):
+    import torch
+
+    from iisan.experiments.exports import user_embeddings
+
+    run = load_run(trained["id"], device="cpu")
+    items, users = run.item_embeddings(), user_embeddings(run, "test")
+    assert items.shape[0] == run.data.num_items + 1 and run.data.item_ids[0] == ""
+    assert users.shape == (len(run.data.user_ids), items.shape[1])
+    scores = users @ items.T  # row u: user_ids[u]; the test target ranked among them gives the test metrics
+    _, targets, history = (torch.from_numpy(a).long() for a in run.data.eval_split("test"))
+    target = scores[torch.arange(len(targets)), targets]
+    scores[:, 0] = -torch.inf
+    scores.scatter_(1, history, -torch.inf)
+    repeated = (history == targets[:, None]).any(1)  # a target its history holds counts as a miss
+    hits = ((scores > target[:, None]).sum(1) < 10) & ~repeated
+    assert hits.float().mean().item() == pytest.approx(evaluate(run, "test")["hit@10"], abs=1e-6)
