@@ -261,3 +261,22 @@ def test_a_store_whose_rename_fails_keeps_its_own_report(tmp_path, monkeypatch):
     assert ImageStore(tmp_path / "db.lmdb").get(["a"])[1].tolist() == [False]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("iisan-lock")) == [
         "db.lmdb", "db.lmdb.report.tsv", "img"]
+
+
+def test_a_rebuild_removes_the_report_temporaries_of_killed_builds(tmp_path):
+    """A build killed while writing its report (or holding the old report's link to put back) left
+    ``.db.lmdb.report.tsv.<pid>-<hex>.tmp``, which nothing removed for an hour; the next build holds the lock,
+    so it removes them as it removes the store's."""
+    from iisan.files import temporary_sibling
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "a.jpg")
+    build_image_lmdb(folder, tmp_path / "db.lmdb", ["a"], size=4, progress=False)
+    left = [temporary_sibling(tmp_path / "db.lmdb.report.tsv") for _ in range(2)]
+    for path in left:
+        path.write_text("item_id\tproblem\n")
+    build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("iisan-lock")) == [
+        "db.lmdb", "db.lmdb.report.tsv", "img"]
+    assert (tmp_path / "db.lmdb.report.tsv").read_text().splitlines()[1:] == ["b\tmissing"]

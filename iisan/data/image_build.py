@@ -180,13 +180,14 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
 def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size: int = IMAGE_SIZE,
                      progress: bool = True, source: str = "", overwrite: bool = False,
                      inputs: tuple = (), recorded: dict | None = None,
-                     report: Callable[[list], None] | None = None) -> list[tuple[str, str]]:
+                     report: Callable[[list], None] | None = None,
+                     kept: tuple[Path, ...] = ()) -> list[tuple[str, str]]:
     """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
     record with a problem is stored as a flagged blank. Built beside the target and renamed into place;
     an existing target must be an image LMDB and ``overwrite`` set (module docstring). ``recorded``: more
     metadata fields (how the pictures were read: ``pixels``); ``report(problems)`` writes their list before
-    the store is renamed into place (a store in place always has its report). Returns the (item_id, problem)
-    list."""
+    the store is renamed into place (a store in place always has its report), to a file of ``kept``: put back
+    as it was if the build fails, its killed writers' temporaries removed. Returns the (item_id, problem) list."""
     out_path = Path(out_path)
     check_size(size)
     if (spelt := not_utf8(str(out_path))) is not None:  # lmdb.open would fail on it, after all the work before
@@ -197,12 +198,12 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
     with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):
         if claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite):
             refuse_foreign_files(out_path)
-        for stale in stale_temporaries(out_path):  # of builds that were killed (we hold the lock)
+        for stale in [t for path in (out_path, *kept) for t in stale_temporaries(path)]:  # killed builds' (locked)
             remove(stale)
         require_space(out_path, len(item_ids) * (HEADER.size + size * size * 3),
                       f"{len(item_ids):,} images of {size}x{size} pixels")
         try:
-            with atomic_path(out_path) as tmp:  # an old store is put back if the rename fails
+            with put_back_on_failure(*kept), atomic_path(out_path) as tmp:  # an old store back if the rename fails
                 problems = _fill(tmp, item_ids, pixels_of, size, progress, source, recorded)
                 usual_permissions(tmp, *tmp.iterdir())
                 if report is not None:
@@ -273,9 +274,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     def write_report(problems: list[tuple[str, str]]) -> None:
         write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
 
-    with put_back_on_failure(report):  # a store that stays out keeps its own report
-        problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                    (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report)
+    problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
+                                (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report, kept=(report,))
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))
