@@ -392,3 +392,16 @@ def dataclasses_replace(expected: CacheExpectation, **changes) -> CacheExpectati
     import dataclasses
 
     return dataclasses.replace(expected, **changes)
+
+
+def test_a_cache_whose_build_stopped_says_to_finish_it_not_to_build_it(tmp_path):
+    """A build killed between its two files (or before either) leaves ``.building`` with its finished chunks:
+    the run that reads the cache says to run the build again, which resumes; not only that the file is absent."""
+    (tmp_path / "c" / ".building").mkdir(parents=True)
+    with pytest.raises(CacheError, match=r"^cache file .*c/text.safetensors does not exist: a build of it stopped "
+                                         r"before it finished \(.*c/\.building holds its finished chunks\); run the "
+                                         r"same `iisan cache` command again to finish it$"):
+        read_metadata(tmp_path / "c" / "text.safetensors")
+    (tmp_path / "c" / ".building").rmdir()
+    with pytest.raises(CacheError, match=r"does not exist \(build it with `iisan cache --cache-dir "):
+        read_metadata(tmp_path / "c" / "text.safetensors")

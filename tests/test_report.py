@@ -448,7 +448,7 @@ def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("argv, message", [
     (["results", "/nonexistent/runs"], "/nonexistent/runs is neither a run folder nor a results.json"),
-    (["results", "{empty}"], "no results.json under"),
+    (["results", "{empty}"], "(a run writes one once it has read its data; one stopped before has none)"),
     (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),
     (["results", "{runs}", "--sort", "speed"], "--sort speed: not a column"),
     (["results", "{runs}", "--curves", "{empty}/curves.txt"], "curves.txt: 'txt' is not an image format"),

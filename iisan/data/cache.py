@@ -56,6 +56,7 @@ IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 # Where the encoder and the items file were, and their files' sizes and times: the same contents (the
 # weights digest, the items fingerprint) moved, copied or touched differ only there. An import's count
 # of items without a file is its result, not a setting.
+SIDECAR = ".building"  # a build in progress: its manifest and finished chunks (``cache_build``)
 VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missing"})
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
 OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype",
@@ -113,6 +114,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if path.parent.exists() and not path.parent.is_dir():
         raise CacheError(f"cache folder {path.parent} is a file; expected the folder `iisan cache` writes "
                          "(--cache-dir)")
+    if not path.is_file() and (path.parent / SIDECAR).is_dir():
+        raise CacheError(f"cache file {shown(path)} does not exist: a build of it stopped before it finished "
+                         f"({shown(path.parent / SIDECAR)} holds its finished chunks); run the same `iisan cache` "
+                         "command again to finish it")
     if not path.is_file():
         raise CacheError(f"cache file {shown(path)} does not exist (build it with `iisan cache --cache-dir "
                          f"{path.parent}` and the same data and encoder flags, or preprocess_vectors.py)")

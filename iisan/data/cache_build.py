@@ -52,12 +52,11 @@ from ..files import (
     write_json_atomic,
 )
 from .batches import ItemBatch, PixelSource, item_chunks
-from .cache import UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
+from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
 log = logging.getLogger(__name__)
 
 BUILD_FORMAT = "iisan-cache-build/1"
-SIDECAR = ".building"
 CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 
 

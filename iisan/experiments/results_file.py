@@ -35,7 +35,8 @@ def find_results(folders: list[str]) -> list[Path]:
         else:
             raise ConfigError(f"{folder} is neither a run folder nor a results.json")
     if not found:
-        raise ConfigError(f"no results.json under {', '.join(folders)} (runs write one when they start)")
+        raise ConfigError(f"no results.json under {', '.join(folders)} (a run writes one once it has read its data; "
+                          "one stopped before has none)")
     first: dict[Path, Path] = {}
     for path in found:
         first.setdefault(path.resolve(), path)  # resolved: links and relative paths are the same run too
