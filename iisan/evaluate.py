@@ -66,7 +66,7 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     items scored the same, so the target's place is uniform in ``best .. best + ties``; a masked target
     gets ``[inf, 0]`` (a miss at every K). ``scores`` is overwritten (masked in place: one pass less
     over the largest array of evaluation)."""
-    scores = scores.float()
+    scores = scores if scores.dtype == torch.float64 else scores.float()  # (float64 scores keep their precision)
     target_score = scores.gather(1, targets[:, None])  # (U, 1)
     scores.scatter_(1, history, -math.inf)
     if rank_repeated_targets:

@@ -28,6 +28,13 @@ def test_ranks_mask_history_and_padding():
     assert ranks.tolist() == [[2.0, 0.0]]  # [best place, items tied with the target]
 
 
+def test_float64_scores_are_ranked_in_their_own_precision():
+    """Scores 1 and 1 + 1e-12 are one float32 value: rounded, the target tied with the item above it."""
+    scores = torch.tensor([[0.0, 1.0 + 1e-12, 1.0, 0.5]], dtype=torch.float64)
+    assert rank_targets(scores, torch.tensor([2]), torch.tensor([[0]])).tolist() == [[2.0, 0.0]]
+    assert rank_targets(scores.float(), torch.tensor([2]), torch.tensor([[0]])).tolist() == [[1.0, 1.0]]
+
+
 def test_repeated_target_is_a_miss_unless_flag():
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
     targets, history = torch.tensor([1]), torch.tensor([[0, 1, 3]])  # target 1 repeats the history
