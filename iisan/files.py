@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import stat
@@ -168,7 +169,7 @@ def check_readable(path: str | Path) -> None:
 
 def failure_reason(err: BaseException) -> str:
     """The operating system's words for a failed write: 'No space left on device', 'Permission denied'; a
-    file too large says which limit that may be."""
+    file too large says which limit that may be, as does an I/O error under a file-size limit (LMDB's words)."""
     if isinstance(err, OSError) and err.strerror:
         said = err.strerror
     else:  # safetensors' words for the OS's
@@ -177,6 +178,9 @@ def failure_reason(err: BaseException) -> str:
         said = found.group(1) if found else text.splitlines()[0] if text else type(err).__name__
     if said == os.strerror(errno.EFBIG):
         said += " (this process's file-size limit, ulimit -f, or the file system's)"
+    elif said.endswith(os.strerror(errno.EIO)) and \
+            (limit := resource.getrlimit(resource.RLIMIT_FSIZE)[0]) != resource.RLIM_INFINITY:
+        said += f" (or this process's file-size limit, ulimit -f, of {shown_bytes(limit)}: LMDB says it so)"
     return said
 
 

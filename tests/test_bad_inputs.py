@@ -605,6 +605,9 @@ CASES = [
          ("--out {items} is the input {items}",)),
     Case("lmdb-out-is-a-file", lambda P, s: L(P, s, "--out", f"{s}/file.txt", "--overwrite"),
          ("--out {s}/file.txt exists and is not an IISAN image LMDB",), setup=write("file.txt", "mine")),
+    Case("lmdb-file-size-limit", L, ("could not write {s}/new.lmdb: mdb_txn_commit: Input/output error (or this "
+                                     "process's file-size limit, ulimit -f, of 64.0 KiB: LMDB says it so)",),
+         fault=file_size_limit(64 << 10)),
     Case("lmdb-out-exists", lambda P, s: L(P, s, "--out", P["images"]),
          ("--out {images} already holds an IISAN image LMDB; pass --overwrite",)),
     # folders filled with files of fixed names: only new, empty or their own
