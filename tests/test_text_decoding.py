@@ -131,6 +131,7 @@ def test_a_csv_of_cr_ended_lines_or_a_cr_outside_quotes_is_refused(tmp_path):
 def test_a_space_separated_history_is_told_that_ids_are_comma_separated():
     run = SimpleNamespace(data=SimpleNamespace(item_ids=["", "B0098MLBAO", "B00E8JOCOE"], num_items=2),
                           cfg=SimpleNamespace(items="items.tsv"))
+    run.positions = TrainedRun.positions.func(run)  # (the cached property, on this stand-in)
     with pytest.raises(DataError, match=r"^--history: item id\(s\) 'B0098MLBAO B00E8JOCOE' are not among the 2 items "
                                         r".*; item ids are comma-separated: 'B0098MLBAO,B00E8JOCOE'$"):
         TrainedRun.item_index(run, ["B0098MLBAO B00E8JOCOE"])
