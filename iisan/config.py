@@ -69,11 +69,14 @@ class Config:
                            "2,8,14,20,26,32; 80 -> 5,20,...,80); groups = the last layer of each of --layer-groups "
                            "equal runs (32 -> 5,11,16,21,27,32); both pick 2,4,...,12 of 12 and 4,8,...,24 of 24",
                            ("stride", "groups"))
-    include_embedding_state: bool = _opt(True, "prepend hidden state 0, read by the SANs' first block (authors' "
-                                         "remove_first=None); without it, see intra_start")
+    include_embedding_state: bool = _opt(True, "prepend hidden state 0 to the layers --layer-groups picks, read by "
+                                         "the SANs' first block (authors' remove_first=None); explicit --text-layers "
+                                         "/ --image-layers are read as listed (list 0 to read it); without it, see "
+                                         "intra_start")
     intra_start: str = _opt("embedding", "with --no-include-embedding-state: each intra chain starts from the "
-                            "first state read, hidden state 0, which feeds no block (the authors' remove_first="
-                            "TRUE), or from zeros with state 0 not read at all", ("embedding", "zeros"))
+                            "first state read (hidden state 0, or an explicit list's first), which feeds no block "
+                            "(the authors' remove_first=TRUE), or from zeros with every state read feeding a block "
+                            "(state 0 not read unless listed)", ("embedding", "zeros"))
     text_pooling: str = _opt("auto", "text pooling: cls, mean (over real tokens), last (real token), or "
                              "authors (their LLM caches: mean over all title_tokens positions, padding "
                              "included, pad id 0, no attention mask, titles not lower-cased); auto: cls for "

@@ -216,6 +216,21 @@ def test_without_the_embedding_state_the_chain_starts_from_it_or_from_zeros(tiny
         assert not torch.allclose(zeros(states[:, 1:]), s)  # from zeros: another function of the same states
 
 
+def test_explicit_layers_are_read_as_listed_and_only_a_seeded_chain_starts_from_the_first(tiny_config, tiny_cache):
+    """``--text-layers 1,2`` prepends no state 0 (the flags' help says so): each state listed feeds a block, but
+    with --no-include-embedding-state (intra_start embedding) the first listed starts the chain instead."""
+    data = load_data(tiny_config())
+    base = tiny_config(cache_dir=tiny_cache, towers="text", modality="intra", text_layers=(1, 2))
+    blocks = {}
+    for name, changes in {"default": {}, "zeros": {"include_embedding_state": False, "intra_start": "zeros"},
+                          "seeded": {"include_embedding_state": False}}.items():
+        cfg = base.replace(**changes)
+        assert layers_for(cfg, "text", 2) == (1, 2)
+        tower = build_model(cfg, data, torch.device("cpu"))[0].item_encoder.tower
+        blocks[name] = (len(tower.intra["text"].blocks), tower.intra["text"].seeded)
+    assert blocks == {"default": (2, False), "zeros": (2, False), "seeded": (1, True)}
+
+
 def test_seeded_chains_keep_the_authors_block_counts(tiny_config, tiny_cache):
     data = load_data(tiny_config())
     seeded = tiny_config(include_embedding_state=False, cache_dir=tiny_cache)
