@@ -16,7 +16,7 @@ from pathlib import Path
 from .bounds import beyond_float
 from .config import Config
 from .errors import ConfigError, ValuesTogether, error_line, parse_json
-from .methods import METHOD_DEFAULTS, newly_unread
+from .methods import METHOD_DEFAULTS, newly_unread, unread_keys
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
         raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
                           f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
                           f"towers={cfg.towers}); leave --text-encoder-dropout out")
-    if said.get("modality") not in (None, cfg.modality):
+    if said.get("modality") not in (None, cfg.modality) and "modality" not in unread_keys(cfg.method, cfg.towers,
+                                                                                          cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",

@@ -158,3 +158,16 @@ def test_an_unread_key_is_named_once_and_not_at_its_default(caplog):
         resolve(flags={"method": "bitfit", "lora_alpha": 1.0})  # a full config names every key: at its default
     assert caplog.text.count("lora_rank: not read by this run (method=bitfit") == 1
     assert "lora_alpha" not in caplog.text
+
+
+def test_a_modality_a_method_does_not_read_is_not_refused_for_one_tower(caplog):
+    """--towers text --modality intra_inter is refused for IISAN (one tower has intra only), but FFT reads no
+    modality: there the value is one the run ignores, as for both towers, not an error."""
+    from iisan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^modality=intra_inter: towers=text is one modality, so only intra"):
+        resolve(flags={"towers": "text", "modality": "intra_inter"})
+    with caplog.at_level(logging.WARNING, logger="iisan.precedence"):
+        assert resolve(flags={"method": "fft", "towers": "text", "modality": "intra_inter"}).method == "fft"
+        assert resolve(flags={"method": "fft", "towers": "text", "modality": "inter"}).method == "fft"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["modality"]  # (intra_inter is the default)
