@@ -212,10 +212,29 @@ def test_adapter_positions_agree_in_eval_mode_and_train_the_same_parameters(arch
 
 
 def test_after_dropout_refuses_to_take_a_shared_dropout_from_a_branch_without_an_adapter():
-    with pytest.raises(TargetError, match=r"layers\.0\.dropout follows .*needs adapters on all of them"):
-        apply_adapters(tiny_encoder("vit"), 8, ["ffn_out"])  # transformers 5 ViT: one dropout, two branches
+    with pytest.raises(TargetError, match=r"^image encoder: layers\.0\.dropout follows .*needs adapters on all of"):
+        apply_adapters(tiny_encoder("vit"), 8, ["ffn_out"], "image encoder")  # ViT: one dropout, two branches
     apply_adapters(tiny_encoder("vit"), 8, ["ffn_out"], position="before_dropout")
     apply_adapters(tiny_encoder("bert"), 8, ["ffn_out"])  # BERT: a dropout per branch
+
+
+def test_a_shared_dropout_of_zero_is_left_in_place_for_either_position():
+    """ViT-B/16 drops nothing: before and after its shared dropout are one place, so one branch's adapter is
+    taken at the default position (it was refused), and computes what --adapter-position before_dropout does."""
+    outputs = []
+    for position in ("after_dropout", "before_dropout"):
+        torch.manual_seed(0)
+        model = tiny_encoder("vit")
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        torch.manual_seed(1)
+        apply_adapters(model, 8, ["ffn_out"], position=position)
+        assert all(isinstance(m, nn.Dropout) for m in transformer_blocks(model)[0][1].modules()
+                   if isinstance(m, (nn.Dropout, nn.Identity)))  # none moved
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+        outputs.append(transformer_blocks(model)[0][1](x))
+    torch.testing.assert_close(*outputs)
 
 
 @pytest.mark.parametrize("position", ["after_dropout", "before_dropout"])

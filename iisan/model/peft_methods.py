@@ -232,10 +232,11 @@ def branch_dropout(model: nn.Module, block_name: str, name: str, query: str) -> 
         parent_name = parent_name.rpartition(".")[0]
 
 
-def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
+def moved_dropouts(model: nn.Module, names: list[str], what: str = "encoder") -> dict[str, str]:
     """{target: the dropout to move into its wrapper} for the targets that end a residual branch (other
     targets have no dropout between them and the adapter). A dropout that also serves a branch without
-    an adapter cannot move (that branch would lose it): an error."""
+    an adapter cannot move (that branch would lose it): an error, unless it drops nothing (p = 0, as in
+    ViT-B/16), where before and after it are one place."""
     width = model.config.hidden_size
     served: dict[str, list[str]] = {}
     try:
@@ -259,8 +260,11 @@ def moved_dropouts(model: nn.Module, names: list[str]) -> dict[str, str]:
     for dropout, branches in served.items():
         if any(b in names for b in branches):
             if not all(b in names for b in branches):
-                raise TargetError(f"{dropout} follows {' and '.join(branches)}: --adapter-position after_dropout "
-                                  "needs adapters on all of them (or use --adapter-position before_dropout)")
+                if model.get_submodule(dropout).p == 0:
+                    continue  # left where it is: the adapters before it compute what they would after it
+                raise TargetError(f"{what}: {dropout} follows {' and '.join(branches)}: --adapter-position "
+                                  "after_dropout needs adapters on all of them (or use --adapter-position "
+                                  "before_dropout)")
             moved.update(dict.fromkeys(branches, dropout))
     return moved
 
@@ -272,7 +276,7 @@ def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: 
     names = resolve_targets(model, targets, what, "--adapter-targets")
     for p in model.parameters():
         p.requires_grad_(False)
-    moved = moved_dropouts(model, names) if position == "after_dropout" else {}
+    moved = moved_dropouts(model, names, what) if position == "after_dropout" else {}
     dropouts = {name: model.get_submodule(name) for name in set(moved.values())}
     adapters = []
     for name in names:
