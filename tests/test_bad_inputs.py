@@ -719,8 +719,13 @@ CASES = [
          ("cache {s}/c/text.safetensors: its metadata 'layers' is not a JSON list",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[" * 100_000))),
     Case("cache-metadata-lacks-a-key", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
-         ("cache {s}/c/text.safetensors lacks the metadata width",),
+         ("cache {s}/c/text.safetensors lacks the metadata width", "rebuild it with `iisan cache --overwrite`"),
          setup=edited_cache(lambda meta, states: meta.pop("width") and None)),
+    Case("cache-fp16-of-an-earlier-version", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # (float32 by default)
+         ("cache {s}/c/text.safetensors lacks the metadata encoder_weights (damaged, or built by an earlier version "
+          "of IISAN); rebuild it with `iisan cache --overwrite --cache-dtype float16`",),
+         setup=edited_cache(lambda meta, states: meta.update(dtype="float16") or meta.pop("encoder_weights")
+                            and states.half())),
     Case("cache-other-weights", lambda P, s: T(P, s, "--text-model", f"{s}/bert2"),
          ("cache {cache}/text.safetensors was built for encoder ", " with weights digest ",
           "(the weight, tokenizer and processor files of {s}/bert2 now have "),

@@ -106,7 +106,9 @@ def test_a_tiny_model_an_older_version_wrote_with_special_tokens_only_says_to_wr
                                        r"iisan demo in a new folder\), and retrain what used it: its results change$")
     (folder / ".iisan-random-model").unlink()  # not ours: someone else's tokenizer of special tokens
     refused(load_text_encoder, folder, r"\(a tokenizer of another model, or one of special tokens only\?\): use the "
-                                       "tokenizer files the model came with$")
+                                       r"tokenizer files the model came with; a tiny random model of an IISAN version "
+                                       r"older still \(its folder unmarked\): write it again \(iisan "
+                                       r"make-tiny-models\) and retrain what used it$")
 
 
 def test_weights_under_another_prefix_are_refused_not_random(tiny, tmp_path):

@@ -148,6 +148,39 @@ def test_a_run_from_before_users_fingerprints_joins_the_runs_on_the_same_users_f
     # and nothing tells what the vanished file held: shown apart
 
 
+def test_a_run_from_before_working_dirs_reads_its_relative_data_from_where_its_runs_folder_is(
+        runs, tmp_path, capsys, caplog, monkeypatch):
+    """Results of versions that recorded no working folder and no fingerprints name ``data/users.tsv``: read
+    from wherever ``iisan results`` ran, the file was another's or none, so the run and a new one on the same
+    files were two data sets with a warning of 'files of other contents'. Its ``out_dir`` (``runs``) leads from
+    the folder it ran in to its run folder: that folder is where it ran."""
+    import shutil
+
+    out, _ = runs
+    home = tmp_path / "project"
+    new = json.loads((out / "lr0.0002-s1" / "results.json").read_text())
+    (home / "data").mkdir(parents=True)
+    for key in ("users", "items"):
+        shutil.copy(new["config"][key], home / "data" / Path(new["config"][key]).name)
+
+    def older(results):
+        results["config"].update(out_dir="runs", **{k: f"data/{Path(results['config'][k]).name}"
+                                                    for k in ("users", "items")})
+        for key in ("working_dir", "users_fingerprint", "items_fingerprint"):
+            results.pop(key, None)
+
+    copy_run(out / "lr0.0002-s2", home / "runs" / "old", older)
+    copy_run(out / "lr0.0002-s1", tmp_path / "new", lambda r: r["config"].update(
+        users=str(home / "data" / Path(r["config"]["users"]).name),
+        items=str(home / "data" / Path(r["config"]["items"]).name)))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(["results", str(home / "runs"), str(tmp_path / "new"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0][header.index("data")] == "data" and rows[0][header.index("seeds")] == "2"
+    assert "names files of other contents" not in caplog.text
+
+
 def test_a_live_run_shows_no_cache_precision(runs, tmp_path, capsys):
     out, _ = runs
     copy_run(out / "lr0.001-s1", tmp_path / "cached", lambda r: None)
@@ -448,7 +481,8 @@ def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("argv, message", [
     (["results", "/nonexistent/runs"], "/nonexistent/runs is neither a run folder nor a results.json"),
-    (["results", "{empty}"], "(a run writes one once it has read its data; one stopped before has none)"),
+    (["results", "{empty}"], "(a run writes one once it has read its data; one stopped before, or by an older "
+                             "IISAN version that wrote it at the end, has none: its command, run again, resumes it)"),
     (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),
     (["results", "{runs}", "--sort", "speed"], "--sort speed: not a column"),
     (["results", "{runs}", "--curves", "{empty}/curves.txt"], "curves.txt: 'txt' is not an image format"),

@@ -322,8 +322,9 @@ def test_checkpoint_of_another_config_is_refused(base, caplog):
     with pytest.raises(TrainingError) as info, caplog.at_level("WARNING", logger="iisan"):
         train(cfg.replace(epochs=3, lr=1e-2))
     assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
-                               "(lr=0.003 there, 0.01 now); use another --run-name to start a new run; "
-                               "1 older checkpoint(s) refused for the same reason")
+                               "(lr=0.003 there, 0.01 now); give it the values it ran with to go on with it, or "
+                               "use another --run-name to start a new run; 1 older checkpoint(s) refused for the "
+                               "same reason")
     assert "refusing checkpoint" not in caplog.text  # said once, as the error, newest first
     with pytest.raises(ConfigError, match="--resume: no checkpoint in"):
         train(cfg.replace(run_name="fresh", resume=True))

@@ -68,6 +68,33 @@ def test_evaluate_compares_the_numbers_a_damaged_results_file_still_holds(runs, 
     assert capsys.readouterr().out.splitlines()[-1].startswith(said)
 
 
+@pytest.mark.parametrize("shift, said", [
+    (1e-15, "results.json: the same numbers to 12 decimal places (valid, test; largest difference 1.0e-15)"),
+    (1e-3, "results.json differs: largest difference 1.00e-03 ("),
+])
+def test_evaluate_says_a_difference_in_the_last_digits_as_such_and_json_warns_of_a_real_one(
+        runs, tmp_path, capsys, caplog, shift, said):
+    """(a mean summed in another order by an earlier version differs in its last digits; evaluate --json said
+    nothing of any difference)"""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    results["test"] = {**results["test"], "hit@10": results["test"]["hit@10"] + shift}
+    (copy / "results.json").write_text(json.dumps(results))
+    main(["evaluate", str(copy), "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith(said)
+    with caplog.at_level("WARNING", logger="iisan"):
+        main(["evaluate", str(copy), "--device", "cpu", "--json"])
+    assert set(json.loads(capsys.readouterr().out)) == {"valid", "test"}  # stdout: the JSON alone
+    warned = [r.getMessage() for r in caplog.records if r.name == "iisan.cli.use"]
+    if shift > 1e-12:
+        assert len(warned) == 1 and warned[0].startswith(f"{copy}: {said}")
+    else:
+        assert warned == []
+
+
 @pytest.mark.parametrize("epoch", ["abc", "1.5", "9" * 40])
 def test_a_best_epoch_in_the_weights_that_is_no_whole_number_is_shown_as_unknown(runs, tmp_path, epoch, capsys,
                                                                                 caplog):

@@ -347,3 +347,14 @@ def test_results_skips_a_results_file_it_may_not_read(tmp_path):
     finally:
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)
         shutil.rmtree(root)
+
+
+def test_evaluate_of_a_run_without_results_json_says_an_older_version_wrote_it_at_the_end(run, tmp_path, capsys):
+    """Versions before results.json was written from a run's start wrote it when the run finished: a run they
+    left stopped has none, and was evaluated as if finished, 'results.json holds no metrics' implying one."""
+    folder = copied(run, tmp_path)
+    (folder / "results.json").unlink()
+    main(["evaluate", str(folder), "--device", "cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "no results.json to compare with (an older IISAN version wrote it when a run finished: this one may have "
+        "stopped; its command, run again, resumes it)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.trained import TrainedRun
 
+log = logging.getLogger(__name__)
 SPLITS = ("valid", "test")
 
 
@@ -81,25 +83,39 @@ def cmd_evaluate(args) -> None:
     run = load_run(args.run_dir, args.device)
     splits = [args.split] if args.split else list(SPLITS)
     metrics = {split: evaluate(run, split) for split in splits}
+    verdict = compared(run, metrics)
     if args.json:
         print(json.dumps(metrics))
+        if verdict.startswith("results.json differs"):  # (on stderr: stdout stays one JSON object)
+            log.warning("%s: %s", run.run_dir, verdict)
         return
     print(describe(run))
     metric_names = list(metrics[splits[0]])  # hit@5, ndcg@5, hit@10, ...
     print(f"{'split':<6}" + "".join(f"{m:>10}" for m in metric_names))
     for split, values in metrics.items():
         print(f"{split:<6}" + "".join(f"{fixed(values[m]):>10}" for m in metric_names))
+    print(verdict)
+
+
+def compared(run: TrainedRun, metrics: dict[str, dict[str, float]]) -> str:
+    """What ``metrics`` are to the run's results.json numbers, in a line (the last digits of a mean summed in
+    another order, by an earlier version, are said as such: no cause is guessed for them)."""
     saved = recorded_metrics(run.results)
-    pairs = [(s, m) for s in splits for m in metrics[s] if m in saved.get(s, {})]
-    total = sum(len(metrics[s]) for s in splits)
+    pairs = [(s, m) for s in metrics for m in metrics[s] if m in saved.get(s, {})]
+    total = sum(len(values) for values in metrics.values())
     some = f" ({len(pairs)} of its {total} numbers readable)" if len(pairs) < total else ""
+    if not (run.run_dir / "results.json").exists():
+        return ("no results.json to compare with (an older IISAN version wrote it when a run finished: this one may "
+                "have stopped; its command, run again, resumes it)")
     if not pairs:
-        print("results.json holds no metrics to compare with")
-    elif all(metrics[s][m] == saved[s][m] for s, m in pairs):
-        print(f"results.json: the same numbers ({', '.join(dict.fromkeys(s for s, _ in pairs))}){some}")
-    else:
-        worst = max(abs(metrics[s][m] - saved[s][m]) for s, m in pairs)
-        print(f"results.json differs: largest difference {worst:.2e} ({why_different(run)}){some}")
+        return "results.json holds no metrics to compare with"
+    worst = max(abs(metrics[s][m] - saved[s][m]) for s, m in pairs)
+    splits = ", ".join(dict.fromkeys(s for s, _ in pairs))
+    if worst == 0:
+        return f"results.json: the same numbers ({splits}){some}"
+    if worst < 1e-12:
+        return f"results.json: the same numbers to 12 decimal places ({splits}; largest difference {worst:.1e}){some}"
+    return f"results.json differs: largest difference {worst:.2e} ({why_different(run)}){some}"
 
 
 def queries(run: TrainedRun, args) -> list[tuple[str, object]]:

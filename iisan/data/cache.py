@@ -131,8 +131,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
-    if problem := metadata_problem(meta):
-        raise CacheError(f"cache {path}{problem}; rebuild it with `iisan cache --overwrite`")
+    if problem := metadata_problem(meta):  # rebuilt in the precision it has (float32 by default)
+        kept = f" --cache-dtype {meta['dtype']}" if meta.get("dtype") in ("float16", "bfloat16") else ""
+        raise CacheError(f"cache {path}{problem}; rebuild it with `iisan cache --overwrite{kept}`")
     return meta
 
 

@@ -71,7 +71,8 @@ def read_row(path: Path, results: dict) -> dict:
     default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
     has passed ``check_results``."""
     cfg = {**Config().to_dict(), **results["config"]}
-    users = Path(results.get("working_dir") or "", cfg["users"])  # a relative path: from where the run ran
+    results = {**results, "working_dir": ran_from(path, results, cfg)}
+    users = Path(results["working_dir"], cfg["users"])  # a relative path: from where the run ran
     test, valid = results.get("test") or {}, results.get("valid") or {}
     memory = results.get("peak_memory") or {}
     ended = status(path, results)
@@ -112,6 +113,17 @@ def read_row(path: Path, results: dict) -> dict:
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
+
+
+def ran_from(path: Path, results: dict, cfg: dict) -> str:
+    """The folder the run of the results file ``path`` ran from: as recorded; for files of versions that recorded
+    none, the folder its relative ``out_dir`` leads from to the run's folder (``runs/<name>``), else ''."""
+    if isinstance(results.get("working_dir"), str):
+        return results["working_dir"]
+    out, holder = Path(str(cfg.get("out_dir") or ".")), path.absolute().parent.parent
+    if out.is_absolute() or ".." in out.parts or (out.parts and holder.parts[-len(out.parts):] != out.parts):
+        return ""
+    return str(Path(*holder.parts[:len(holder.parts) - len(out.parts)]))
 
 
 def files_read(results: dict, cfg: dict, key: str) -> str:

@@ -36,7 +36,8 @@ def find_results(folders: list[str]) -> list[Path]:
             raise ConfigError(f"{folder} is neither a run folder nor a results.json")
     if not found:
         raise ConfigError(f"no results.json under {', '.join(folders)} (a run writes one once it has read its data; "
-                          "one stopped before has none)")
+                          "one stopped before, or by an older IISAN version that wrote it at the end, has none: its "
+                          "command, run again, resumes it)")
     first: dict[Path, Path] = {}
     for path in found:
         first.setdefault(path.resolve(), path)  # resolved: links and relative paths are the same run too

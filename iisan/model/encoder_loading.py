@@ -258,13 +258,15 @@ def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = Fal
                            "(a tokenizer of another model?): use the tokenizer files the model came with")
     if len(tokenizer) < vocab_size / 2:
         said = f"the tokenizer of {name!r} knows {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
-        if (folder / TINY_MARKER).is_file() and set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
-            # ours, as an older make-tiny-models wrote it
+        specials = set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens)
+        if (folder / TINY_MARKER).is_file() and specials:  # ours, as an older make-tiny-models wrote it
             raise EncoderError(f"{said}: a tiny random model an older IISAN version wrote with a tokenizer "
                                "of special tokens only; write it again (iisan make-tiny-models, or iisan "
                                "demo in a new folder), and retrain what used it: its results change")
+        older = ("; a tiny random model of an IISAN version older still (its folder unmarked): write it again (iisan "
+                 "make-tiny-models) and retrain what used it") if specials else ""
         raise EncoderError(f"{said} (a tokenizer of another model, or one of special tokens only?): use the "
-                           "tokenizer files the model came with")
+                           f"tokenizer files the model came with{older}")
     return tokenizer
 
 

@@ -206,7 +206,7 @@ def examine(path: Path, config: dict) -> Checkpoint | str:
     return found
 
 
-NEW_RUN = "use another --run-name to start a new run"
+NEW_RUN = "give it the values it ran with to go on with it, or use another --run-name to start a new run"
 
 
 def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
