@@ -67,6 +67,20 @@ def test_relative_paths_mean_where_the_run_ran_even_where_the_same_name_is_here(
     assert evaluate(run, "test") == trained["results"]["test"]
 
 
+def test_a_run_that_recorded_no_working_folder_reads_its_relative_paths_from_where_its_out_dir_leads(
+        trained, tmp_path, monkeypatch):
+    """Versions before results.json recorded the working folder: their run folders, used from any other folder,
+    were told their data had moved. Its relative ``out_dir`` (``runs``) leads from that folder to the run."""
+    copy = tmp_path / "a"
+    shutil.copytree(trained["root"] / "a", copy)
+    results = json.loads((copy / "runs" / "cached" / "results.json").read_text())
+    results.pop("working_dir")
+    (copy / "runs" / "cached" / "results.json").write_text(json.dumps(results))
+    monkeypatch.chdir(tmp_path)  # not where it ran: users.tsv is not here
+    run = load_run(copy / "runs" / "cached", device="cpu")
+    assert run.cfg.users == str(copy / "users.tsv") and evaluate(run, "test") == trained["results"]["test"]
+
+
 def test_a_moved_data_file_names_the_config_to_edit(trained, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(trained["root"] / "a", moved)

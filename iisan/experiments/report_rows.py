@@ -28,7 +28,7 @@ from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
 from ..train.checkpoint import MAY_CHANGE
 from .labels import run_labels
-from .results_file import METRICS, DamagedResults, find_results, load_results, status
+from .results_file import METRICS, DamagedResults, find_results, load_results, ran_from, status
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +113,6 @@ def read_row(path: Path, results: dict) -> dict:
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
-
-
-def ran_from(path: Path, results: dict, cfg: dict) -> str:
-    """The folder the run of the results file ``path`` ran from: as recorded; for files of versions that recorded
-    none, the folder its relative ``out_dir`` leads from to the run's folder (``runs/<name>``), else ''."""
-    if isinstance(results.get("working_dir"), str):
-        return results["working_dir"]
-    out, holder = Path(str(cfg.get("out_dir") or ".")), path.absolute().parent.parent
-    if out.is_absolute() or ".." in out.parts or (out.parts and holder.parts[-len(out.parts):] != out.parts):
-        return ""
-    return str(Path(*holder.parts[:len(holder.parts) - len(out.parts)]))
 
 
 def files_read(results: dict, cfg: dict, key: str) -> str:

@@ -196,3 +196,14 @@ def unfinished(path: Path, results: dict, epochs: int) -> str:
         return ""
     return (f"{path.parent} {'failed' if ended == 'failed' else 'was ' + ended} after {done} of its {epochs} "
             "epochs: its best weights so far are used; its command, run again, resumes it")
+
+
+def ran_from(path: Path, results: dict, cfg: dict) -> str:
+    """The folder the run of the results file ``path`` ran from: as recorded; for files of versions that recorded
+    none, the folder its relative ``out_dir`` leads from to the run's folder (``runs/<name>``), else ''."""
+    if isinstance(results.get("working_dir"), str):
+        return results["working_dir"]
+    out, holder = Path(str(cfg.get("out_dir") or ".")), path.absolute().parent.parent
+    if out.is_absolute() or ".." in out.parts or (out.parts and holder.parts[-len(out.parts):] != out.parts):
+        return ""
+    return str(Path(*holder.parts[:len(holder.parts) - len(out.parts)]))

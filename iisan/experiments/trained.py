@@ -42,7 +42,7 @@ from ..train.run_results import results_or_reason
 from ..train.runfolder import LOCK, RESULTS
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
-from .results_file import unfinished
+from .results_file import ran_from, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
                     "so what is read now may be of two epochs", run_dir)
     results, damage = results_or_reason(run_dir / RESULTS)
     if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
-        log.warning("%s: %s; used without it (no working folder for relative paths, no check that the items "
-                    "file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)
+        log.warning("%s: %s; used without it (relative paths from the folder its out_dir leads from, no check that "
+                    "the items file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)
     if config_path.exists() and not config_path.is_file():
         raise ConfigError(f"{config_path} is {'a folder' if config_path.is_dir() else 'not a regular file'}; "
                           "expected the config file a run writes")
@@ -185,7 +185,7 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
                             "epoch's validation improves)")
     if note := unfinished(run_dir / RESULTS, results, saved.epochs):
         log.warning("%s", note)
-    cfg = rebased(saved, results.get("working_dir"))
+    cfg = rebased(saved, ran_from(run_dir / RESULTS, results, saved.to_dict()))
     reads_images = cfg.images and "images" not in unread_keys(cfg.method, cfg.towers, cfg.feed)
     needed = [*DATA_PATHS[:2], *(["cache_dir"] if cfg.cached else ["images"] if reads_images else [])]
     where = {k: Path(getattr(cfg, k)) for k in needed} | encoder_folders(cfg, results.get("working_dir"))
