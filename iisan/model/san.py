@@ -74,9 +74,9 @@ class IntraSAN(nn.Module):
 class InterSAN(nn.Module):
     """The inter-modal chain: ``s = block_k(s + g_k * img_k + (1 - g_k) * txt_k)`` (paper Eq. 4).
 
-    It reads the raw backbone states of both modalities (not the intra-SAN outputs), at the smaller
-    width; a wider modality's state passes through a per-step ``Linear(wide -> narrow)`` first (Versa's
-    dimension transformation layer). Pairs of states are aligned at the end of both layer lists: when
+    Its inputs are the backbones' own states of each modality, never what the intra chains made of them, at
+    the smaller width; a wider modality's state passes through a per-step ``Linear(wide -> narrow)`` first
+    (Versa's dimension transformation layer). Pairs of states are aligned at the end of both layer lists: when
     one modality feeds more blocks, its extra leading states run only through its own intra SAN. The
     intra chains never read the inter chain, so no further ordering is needed."""
 
