@@ -53,8 +53,12 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
-    """The command that is running, as typed (program relative to the working directory)."""
-    return shlex.join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    """The command that is running, as typed (program relative to the working directory); ``python -m iisan``
+    (and torchrun's ``-m iisan``) as such: the path of ``iisan/__main__.py`` does not run as a script."""
+    program = Path(sys.argv[0])
+    if program.name == "__main__.py" and program.parent.name == "iisan":
+        return shlex.join(["python", "-m", "iisan", *sys.argv[1:]])
+    return shlex.join(["python", program.as_posix(), *sys.argv[1:]])
 
 
 def provenance(device: torch.device | str | None = None, commit: str | None = None) -> dict:

@@ -72,16 +72,17 @@ def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_
     assert (data.repeated_targets("test"), data.repeated_targets("valid")) == (1, 0)
     cfg = Config(users=str(users), items=str(items))
     assert describe_data(data, cfg) == ("data: 3 users, 6 items, 18 interactions; 1 test targets (33.3 %) repeat an "
-                                        "item of their history and count as misses (--rank-repeated-targets ranks "
-                                        "them)")
+                                        "item of their history and count as misses (iisan train "
+                                        "--rank-repeated-targets ranks them)")
     assert describe_data(data, cfg.replace(rank_repeated_targets=True)) == "data: 3 users, 6 items, 18 interactions"
     assert not caplog.records
     main(["data-stats", "--users", str(users), "--items", str(items)])
     assert capsys.readouterr().out.splitlines()[-1] == ("targets that repeat an item of their history (misses under "
                                                         "the protocol): valid 0 (0.0 %), test 1 (33.3 %)")
     users.write_text("u1\ta b c d e c\nu2\ta b c d e e\nu3\ta b c d e f\n")
-    describe_data(load_dataset(users, items), cfg)
+    line = describe_data(load_dataset(users, items), cfg)
     assert "2 test targets (66.7 %) repeat an item of their history" in caplog.records[-1].getMessage()
+    assert line == "data: 3 users, 6 items, 18 interactions"  # (the warning says it: not twice in a row)
 
 
 def test_users_line_without_tab_names_file_and_line(tmp_path):

@@ -425,6 +425,8 @@ def test_provenance_records_the_command_an_absent_package_and_the_commit_read_be
     assert record["command"] == "python scripts/bench.py --out 'a b.json'"
     assert record["versions"]["no-such-package-iisan"] == "absent"
     assert record["git_commit"] == "abc1234" and record["device"] is None
+    monkeypatch.setattr(sys, "argv", ["/x/site-packages/iisan/__main__.py", "demo", "--out", "d"])  # python -m iisan
+    assert provenance_module.command_line() == "python -m iisan demo --out d"  # (the file alone would not run)
 
 
 def test_the_peak_memory_is_read_when_the_process_name_is_cut_inside_a_character(monkeypatch):

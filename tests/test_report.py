@@ -480,7 +480,8 @@ def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["results", "/nonexistent/runs"], "/nonexistent/runs is neither a run folder nor a results.json"),
+    (["results", "/nonexistent/runs"], "/nonexistent/runs does not exist"),
+    (["results", "{runs}/lr0.001-s1/config.json"], "config.json is neither a run folder nor a results.json"),
     (["results", "{empty}"], "(a run writes one once it has read its data; one stopped before, or by an older "
                              "IISAN version that wrote it at the end, has none: its command, run again, resumes it)"),
     (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),

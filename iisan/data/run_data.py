@@ -41,9 +41,10 @@ def describe_data(data: SeqRecData, cfg: Config) -> str:
         return line
     share = repeated / data.num_users
     note = (f"{repeated} test targets ({100 * share:.1f} %) repeat an item of their history and count as misses "
-            "(--rank-repeated-targets ranks them)")
-    if share >= 0.5:
+            "(iisan train --rank-repeated-targets ranks them)")
+    if share >= 0.5:  # said once, as a warning
         log.warning("%s", note)
+        return line
     return f"{line}; {note}"
 
 

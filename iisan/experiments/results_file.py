@@ -32,6 +32,8 @@ def find_results(folders: list[str]) -> list[Path]:
             found.append(folder)
         elif folder.is_dir():
             found += sorted(results_under(folder))
+        elif not folder.exists():
+            raise ConfigError(f"{folder} does not exist")
         else:
             raise ConfigError(f"{folder} is neither a run folder nor a results.json")
     if not found:
