@@ -22,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path):
+def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path, caplog):
     run = Reproduction("demo", tmp_path, seeds=(1, 2, 3), fetch=False,
                        overrides={"epochs": 1, "device": "cpu", "progress": False, "num_workers": 0},
                        demo_sizes={"num_users": 120, "num_items": 40})
-    path = reproduce(run)
+    with caplog.at_level("INFO", logger="iisan.experiments.reproduce"):
+        path = reproduce(run)
     assert path == tmp_path / "reproduce-demo.md"
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m[:9] for m in steps] == ["step 1 of", "step 2 of", *["step 3 of"] * 3, "step 4 of"]
+    assert steps[-1] == f"step 4 of 4: the table, written to {path}"  # (it said where only by its return)
     results = [json.loads((tmp_path / "runs" / f"reproduce-demo-seed{s}" / "results.json").read_text())
                for s in (1, 2, 3)]
     assert [r["config"]["seed"] for r in results] == [1, 2, 3]
@@ -40,6 +44,8 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path):
     assert cells[3] == f"{fixed(ndcgs.mean())} ± {fixed(ndcgs.std(ddof=1))}"
     paper = next(line for line in lines if line.startswith("| paper (IISAN) |"))
     assert f"| {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} |" in paper and "3 GB" in paper
+    assert cells[-1].endswith(" GiB") and "peak memory (of the seed that used most)" in lines[4]
+    assert cells[-2] != "0.0"  # (a tenth of a second was written 0.0: small times keep two digits)
     assert "not comparable with the paper" in path.read_text() and "commit:" in path.read_text()
     files = [tmp_path / "runs" / f"reproduce-demo-seed{s}" / "results.json" for s in (1, 2, 3)]
     stamps = [f.stat().st_mtime_ns for f in files]

@@ -36,7 +36,7 @@ from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
 from .encoders import HubClient, fetch_encoders
 from .presets import BACKBONES, ROOT, SEEDS
-from .report import average_rows
+from .report import average_rows, seconds
 from .report_rows import read_row
 from .results_file import METRICS
 
@@ -139,9 +139,11 @@ def table(dataset: str, rows: list[dict]) -> str:
 
     paper = PAPER_ACCURACY.get(dataset, {})
     peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
-    header = "| | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | train s/epoch | peak memory GiB |"
+    header = ("| | seeds | " + " | ".join(f"test {m}" for m in METRICS)
+              + " | train s/epoch | peak memory (of the seed that used most) |")
     ours = [f"| {label(merged)} | {merged['seeds']} | " + " | ".join(cell(merged, f"test_{m}") for m in METRICS)
-            + f" | {merged['train_s_per_epoch']:.1f} | {max(peaks) if peaks else 0:.2f} |" for merged in groups]
+            + f" | {seconds(merged['train_s_per_epoch'])} | {max(peaks) if peaks else 0:.2f} GiB |"
+            for merged in groups]
     theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in METRICS)
               + f" | {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} | {PAPER_EFFICIENCY['gpu_memory_gb']:.0f} GB |")
     return "\n".join([header, "|" + "---|" * 8, *ours, theirs]) + "\n"
@@ -168,7 +170,9 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     run.out_dir = Path(run.out_dir)
     path = table_path(run)  # before any work
     Config(**(run.overrides or {}))  # bad overrides (epochs=0, device="gpu") fail before the demo data is made
+    log.info("step 1 of 4: the %s data", run.dataset)
     cfg = base_config(run, root, drive)
+    log.info("step 2 of 4: the cache of %s's hidden states", run.dataset)
     ensure_cache(cfg, run, hub)
     rows = []
     for seed in run.seeds:
@@ -189,5 +193,6 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     table_path(run)  # again: a file put there while the runs trained is not replaced either
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    log.info("step 4 of 4: the table, written to %s", path)
     print(text)
     return path
