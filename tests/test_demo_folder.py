@@ -70,6 +70,8 @@ def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_fold
     assert {k: v[0] for k, v in after.items() if k in ("users.tsv", "items.tsv", DEMO_SETTINGS)} == \
         {k: v[0] for k, v in before.items() if k in ("users.tsv", "items.tsv", DEMO_SETTINGS)}
     assert after[DEMO_SETTINGS] == before[DEMO_SETTINGS]  # not even rewritten
+    for name in ("cache/text.safetensors", "cache/image.safetensors"):  # the same settings' cache: kept, not
+        assert after[name] == before[name], name  # encoded and written again on every rerun
     # and another --out takes the other settings
     demo(tmp_path / "other", "--users", "120")
 

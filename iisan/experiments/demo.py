@@ -161,7 +161,7 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
         extra = {"cache_dir": str(Path(out_dir) / "cache-versa")}
     cfg = demo_config(prepared, out_dir, epochs=epochs, seed=seed, progress=progress, run_name=run_dir.name, **extra)
     refuse_copied_run(Path(cfg.out_dir) / cfg.run_name, cfg)
-    build_cache_from_config(cfg, dtype="float32", overwrite=True)  # the tiny models change with --seed
+    build_cache_from_config(cfg, dtype="float32", overwrite=True, reuse=True)  # kept, unless --seed changed the models
     results = train(cfg)  # named here, so a Ctrl-C's hint is only to run the same command again
     data = load_data(cfg)
     popular = {split: popularity_metrics(data, split) for split in ("valid", "test")}
