@@ -133,7 +133,7 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     # train.log: the config and environment, then exactly the console's log lines
     log_text = (tmp_path / "full" / "train.log").read_text()
     header, body = log_text.split("\n}\n", 1)
-    assert header.startswith("=== full: started ") and "iisan/__main__.py train --users" in header
+    assert header.startswith("=== full: started ") and "command: python -m iisan train --users" in header
     assert json.loads(header[header.index("config: ") + 8:] + "}") == a["config"]
     console = [line for line in err.splitlines() if " iisan." in line]
     assert body.splitlines() == console and any(" epoch   4 | " in line for line in console)

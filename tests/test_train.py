@@ -269,7 +269,10 @@ def test_a_run_stops_early_and_a_rerun_trains_no_further(cached_cfg, monkeypatch
     assert [e["epoch"] for e in results["epochs"]] == [0, 1] and results["best_epoch"] == 0
     assert "early stop: valid hit@10 has not improved for 1 epoch(s)" in \
         (Path(results["run_dir"]) / "train.log").read_text()
-    assert results["ended"] == "early stopping"  # results.json says why a finished run ended
+    assert results["ended"] == "early stopping"  # results.json says why a finished run ended, and train.log too:
+    log = (Path(results["run_dir"]) / "train.log").read_text().splitlines()
+    assert re.search(r"INFO iisan\.train\.trainer: finished \(early stopping\) after 2 epoch\(s\); this attempt "
+                     r"took \d+ s$", log[-2]) and "best epoch 0 |" in log[-1]
     again = train(cfg.replace(epochs=8))  # a longer budget: the run had stopped, so nothing trains
     assert len(calls) == 2 and [e["epoch"] for e in again["epochs"]] == [0, 1] and again["ended"] == "early stopping"
     assert train(cached_cfg.replace(epochs=1, run_name="one"))["ended"] == "last epoch"

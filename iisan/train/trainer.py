@@ -66,6 +66,7 @@ class Run:
         self.lock = None  # rank 0 locks the run folder (``runfolder.lock_run_folder``) until ``close``
         self.record: RunRecord | None = None  # train.log, metrics.jsonl, results.json (``records``)
         self.started = False  # set up: data, model, the checkpoint it resumes from
+        self.clock = time.perf_counter()  # this attempt's wall time, said as it ends
         self.finished_before: dict | None = None  # finished by another process while this one waited
         try:
             self.setup()
@@ -285,6 +286,8 @@ class Run:
     def results(self) -> dict:
         results = self.record.results(self.progress, "finished")
         self.on_main(self.record.write, results)
+        log.info("finished (%s) after %d epoch(s); this attempt took %.0f s", results["ended"],
+                 len(results["epochs"]), time.perf_counter() - self.clock)
         log_summary(results, self.run_dir / RESULTS)
         return results
 
