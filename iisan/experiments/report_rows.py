@@ -188,9 +188,10 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
             curves.append(curve)
     if unreadable:
         log.warning("%d of %d results files skipped", unreadable, len(files))
-    if smoke or unfinished:
-        log.info("left out %d smoke run(s) (--include-smoke) and %d unfinished run(s) (--include-running)",
-                 smoke, unfinished)
+    if left := [f"{n} {kind} run(s) ({flag})" for n, kind, flag in ((smoke, "smoke", "--include-smoke"),
+                                                                      (unfinished, "unfinished", "--include-running"))
+                if n]:
+        log.info("left out %s", " and ".join(left))
     for row, label in zip(rows, run_labels([row["folder"] for row in rows]), strict=True):
         row["run"] = label  # two runs of one name (a copy) are told apart by the folders above them
     for row in rows:
