@@ -83,6 +83,9 @@ def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_
     line = describe_data(load_dataset(users, items), cfg)
     assert "2 test targets (66.7 %) repeat an item of their history" in caplog.records[-1].getMessage()
     assert line == "data: 3 users, 6 items, 18 interactions"  # (the warning says it: not twice in a row)
+    items.write_text("".join(f"{x}\tt{x}\n" for x in "abcdefgh"))  # g and h: in no user's history
+    line = describe_data(load_dataset(users, items), cfg)
+    assert line == "data: 3 users, 6 items (2 more in items.tsv in no kept user's history), 18 interactions"
 
 
 def test_users_line_without_tab_names_file_and_line(tmp_path):

@@ -35,7 +35,10 @@ def describe_data(data: SeqRecData, cfg: Config) -> str:
     """The log line of a run's data: its size and, unless ranked, the test targets that repeat an item of
     their history (masked with it: misses whatever the model, as the authors counted them; a warning when
     they are most of them, as in data built otherwise than the paper's)."""
-    line = f"data: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+    unused = len(data.catalog) - data.num_items  # items of the file no kept user's history holds: left out
+    items = f"{data.num_items} items" + (f" ({unused} more in {Path(cfg.items).name} in no kept user's history)"
+                                          if unused > 0 else "")
+    line = f"data: {data.num_users} users, {items}, {data.num_interactions} interactions"
     repeated = 0 if cfg.rank_repeated_targets else data.repeated_targets("test")
     if not repeated:
         return line
