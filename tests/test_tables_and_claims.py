@@ -83,7 +83,7 @@ def test_an_eps_file_that_is_not_postscript_is_refused_even_naming_the_creator(t
 def test_the_reproduction_table_shows_the_largest_peak_memory_of_the_seeds():
     lines = table("demo", [row("s0", 0, peak=0.5), row("s1", 1, peak=1.5), row("s2", 2, peak=1.0)]).splitlines()
     ours = next(line for line in lines if line.startswith("| this reproduction | 3 |"))
-    assert ours.endswith("| 1.50 |")
+    assert ours.endswith("| 1.50 GiB |")
 
 
 def test_a_file_put_at_the_table_path_while_training_is_not_overwritten(tmp_path, monkeypatch):
