@@ -270,6 +270,22 @@ def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
         ["epoch-0000"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(base, monkeypatch, sig):
+    """The last epoch's last step: the run finishes (results, best weights, its checkpoint), and then stops
+    with RunInterrupted, as a preempted sweep must (it went on to its next point and exited 0)."""
+    cfg = base.replace(run_name=f"last-{sig.name}", epochs=1)
+    interrupt_at(monkeypatch, 10, sig)  # epoch 0, step 10 of 10: the last
+    with pytest.raises(RunInterrupted) as info:
+        train(cfg)
+    folder = Path(cfg.out_dir) / cfg.run_name
+    assert str(info.value) == (f"{sig.name} during the last epoch, which ended the run: it is finished "
+                               f"({folder / 'results.json'})")
+    assert json.loads((folder / "results.json").read_text())["status"] == "finished"
+    monkeypatch.undo()
+    assert train(cfg)["status"] == "finished"  # found finished: nothing trains, nothing stops
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):
     """The reference run's folder, its newest checkpoint damaged: epoch 3 is redone from epoch 2's."""
     cfg = base.replace(run_name="corrupt")

@@ -309,12 +309,17 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled) as stop:
             run = Run(cfg, dist, device, stop)
             try:
-                return run.finished_before or run.run()
+                results = run.finished_before or run.run()
             except BaseException as err:
                 run.fail(err)
                 raise
             finally:
                 run.close()
+        # a signal during the last epoch: the run finished, and the caller stops (a sweep before its next point)
+        if not run.finished_before and any_rank(stop.requested, dist):
+            raise RunInterrupted(f"{stop.signal or 'stop request'} during the last epoch, which ended the run: it "
+                                 f"is finished ({run.run_dir / RESULTS})")
+        return results
     finally:
         if created:
             distributed.teardown(finished=sys.exc_info()[1] is None)
