@@ -286,6 +286,27 @@ def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(
     assert train(cfg)["status"] == "finished"  # found finished: nothing trains, nothing stops
 
 
+def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monkeypatch, capsys):
+    """Loading the data (or large encoders) is no step to finish: a Ctrl-C then stops at once, in the one line
+    every other command says, with nothing trained and no checkpoint (it loaded on, trained a step and saved)."""
+    import iisan.train.trainer as trainer
+
+    real = trainer.load_data
+
+    def loading(cfg):
+        signal.raise_signal(signal.SIGINT)
+        return real(cfg)
+
+    monkeypatch.setattr(trainer, "load_data", loading)
+    cfg = base.replace(run_name="setup")
+    with pytest.raises(SystemExit) as info:
+        main(["train", *flags(cfg)])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left half-")
+    assert not (Path(cfg.out_dir) / "setup" / "checkpoints").exists() or \
+        not checkpoint.checkpoints(Path(cfg.out_dir) / "setup" / "checkpoints")
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):
     """The reference run's folder, its newest checkpoint damaged: epoch 3 is redone from epoch 2's."""
     cfg = base.replace(run_name="corrupt")

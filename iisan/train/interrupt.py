@@ -1,7 +1,8 @@
 """Ctrl-C (SIGINT) and SIGTERM (a preempted job) become a request the training loop honours at a clean
 point: after the current step (under torchrun, the ranks agree every ``STOP_POLL_STEPS`` steps; a request
 during an epoch's last step lets the epoch and its evaluation finish) it saves a checkpoint and stops with
-``RunInterrupted``.
+``RunInterrupted``. While the run sets up (its data, encoders, the checkpoint it resumes from) there is no
+step to finish: a signal stops at once, as in every other command.
 
 Single process: a second Ctrl-C stops at once (KeyboardInterrupt) for when saving itself hangs. Under
 torchrun the launcher forwards the signal it received to every worker, so a worker may see two
@@ -21,8 +22,9 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, escalate: bool = True):
+    def __init__(self, escalate: bool = True, armed: bool = True):
         self.escalate = escalate
+        self.armed = armed  # False while a run sets up: a signal then stops at once (there is nothing to save)
         self.signal: str | None = None
         self._previous: dict = {}
 
@@ -31,6 +33,8 @@ class StopRequests:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        if not self.armed:
+            raise KeyboardInterrupt
         if self.signal is not None:
             if self.escalate and signum == signal.SIGINT:
                 raise KeyboardInterrupt

@@ -140,7 +140,7 @@ class Run:
         runstate.restore_scaler(self.step.scaler, scaler_state)
         self.record.step = describe_step(self.step, self.model, self.plan)
         self.on_main(self.first_files)
-        self.started = True
+        self.started = self.stop.armed = True  # from here a signal is honoured at a step's end, with a checkpoint
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
                  self.record.step["amp"], self.record.step["compiled"],
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
@@ -306,7 +306,7 @@ def train(cfg: Config, reuse: bool = True) -> dict:
     seed_everything(cfg.seed)
     dist, device, created = distributed.setup(cfg.device)
     try:
-        with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled) as stop:
+        with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled, armed=False) as stop:
             run = Run(cfg, dist, device, stop)
             try:
                 results = run.finished_before or run.run()
