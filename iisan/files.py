@@ -125,15 +125,15 @@ def replace_folder(tmp: Path, path: Path) -> None:
     """Rename the finished folder ``tmp`` onto ``path`` (the caller has claimed ``path``). A folder
     already there is moved aside first and removed once the new one is in place, or put back when the
     rename fails."""
-    old = None
-    if path.is_dir() and not path.is_symlink():
-        old = temporary_sibling(path)
-        os.replace(path, old)
+    old = temporary_sibling(path) if path.is_dir() and not path.is_symlink() else None
     try:
-        os.replace(tmp, path)
-    except OSError:
         if old is not None:
-            os.replace(old, path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:  # a failed rename, or a Ctrl-C between the two: the old folder back in place
+        if old is not None and old.exists() and not path.exists():
+            with suppress(OSError):
+                os.replace(old, path)
         raise
     if old is not None:
         remove(old)

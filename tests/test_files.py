@@ -343,9 +343,12 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, ti
     assert out.is_dir()
 
 
-def test_a_folder_replaced_by_a_rename_that_fails_is_put_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(errno.EXDEV, "Invalid cross-device link"), KeyboardInterrupt()],
+                         ids=["rename-fails", "ctrl-c-between-the-renames"])
+def test_a_folder_replaced_by_a_rename_that_fails_is_put_back(tmp_path, monkeypatch, failure):
     """replace_folder moves the old folder aside, then renames the new one in: when that rename fails
-    (a full disk, another file system), the old folder comes back whole, nothing lost."""
+    (a full disk, another file system), or a Ctrl-C lands between the two (it left the old store aside, under
+    a temporary's name the next build removes), the old folder comes back whole, nothing lost."""
     from iisan.files import replace_folder
 
     (tmp_path / "out").mkdir()
@@ -357,11 +360,11 @@ def test_a_folder_replaced_by_a_rename_that_fails_is_put_back(tmp_path, monkeypa
     def failing_second(src, dst):
         calls.append(dst)
         if len(calls) == 2:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
+            raise failure
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_second)
-    with pytest.raises(OSError):
+    with pytest.raises(type(failure)):
         replace_folder(tmp_path / "new", tmp_path / "out")
     monkeypatch.undo()
     assert (tmp_path / "out" / "a").read_text() == "old" and (tmp_path / "new" / "a").read_text() == "new"
