@@ -97,6 +97,17 @@ def test_a_mid_epoch_checkpoint_without_its_step_losses_is_refused_for_the_previ
     assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2, 3]
 
 
+def test_a_resumed_mid_epoch_checkpoint_is_pruned_once_its_epoch_is_saved(trained, tmp_path):
+    """epoch-0002-step-00001 was kept to resume from; once epoch-0002 is written it holds nothing a resume
+    needs, so pruning removes it without counting it, and the three newest epochs stay
+    (keep_checkpoints=3). It was counted, keeping the stale position in place of epoch-0001 to the end."""
+    cfg, folder = copied(trained, tmp_path)
+    results = train(cfg)
+    assert results["status"] == "finished" and results["resumed_from"] == ["epoch-0002-step-00001"]
+    assert [p.name for p in checkpoint.checkpoints(folder / "checkpoints")] == ["epoch-0003", "epoch-0002",
+                                                                                "epoch-0001"]
+
+
 @pytest.mark.parametrize("change,reason", [
     ({"next_step": 10**9}, "next_step=1000000000: expected 0 (step=null: the epoch finished)"),
     ({"step": 5, "next_step": 3}, "next_step=3: expected 5, as step=5"),

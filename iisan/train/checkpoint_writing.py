@@ -23,6 +23,7 @@ from .checkpoint import (
     FORMAT,
     MANIFEST,
     MODEL,
+    NAME,
     NEW_RUN,
     STATE,
     TRAIN_STATE,
@@ -89,16 +90,18 @@ def prune(root: Path, keep: int, config: dict, written: Path) -> None:
     """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
     and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
     never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
-    nor deleted, as it may not be this run's: it is named once, and left in place."""
+    nor deleted, as it may not be this run's: it is named once, and left in place. A mid-epoch checkpoint older
+    than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from."""
     kept = 0
     for path in checkpoints(root):
         refused = None if path == written else checked_state(path, config, digests=False)
+        older = checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
             if path not in LEFT_IN_PLACE:
                 LEFT_IN_PLACE.add(path)
                 log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
                          refused.removesuffix(f"; {NEW_RUN}"))
-        elif kept >= keep and checkpoint_order(path) < checkpoint_order(written):
+        elif older and (kept >= keep or NAME.match(path.name)[2] is not None):
             remove_checkpoint(path)
         else:
             kept += 1
