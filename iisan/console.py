@@ -192,8 +192,8 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (a preempted job) raises KeyboardInterrupt, as Ctrl-C does, so that a command says what is
     kept and exits 130 instead of dying without a word. As safe as Ctrl-C: every output is written to a
     temporary and renamed. Training has its own handler inside (``train.interrupt``): it stops at a clean
-    point to save a checkpoint."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+    point to save a checkpoint. A SIGTERM ignored when the command starts (``trap '' TERM``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
         return
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

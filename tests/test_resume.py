@@ -261,6 +261,29 @@ def test_a_handler_python_cannot_put_back_gives_way_to_the_default(monkeypatch):
             real(sig, handler)
 
 
+def test_a_signal_ignored_when_the_command_starts_stays_ignored():
+    """A script's background job (``iisan train ... &``) starts with SIGINT ignored, so that Ctrl-C in the
+    script's terminal leaves it running; ``trap '' TERM`` does so for SIGTERM. Neither the run's handler
+    nor the commands' SIGTERM-as-Ctrl-C may take that back."""
+    from iisan.console import sigterm_as_ctrl_c
+    from iisan.train.interrupt import StopRequests
+
+    saved = {sig: signal.getsignal(sig) for sig in StopRequests.SIGNALS}
+    try:
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN)
+        with sigterm_as_ctrl_c(), StopRequests() as stop:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            assert not stop.requested
+        with sigterm_as_ctrl_c():  # a command's own, outside training
+            signal.raise_signal(signal.SIGTERM)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in saved)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
     cfg = base.replace(run_name="ctrl-c-end", epochs=3)
     interrupt_at(monkeypatch, 10)

@@ -8,6 +8,7 @@ Single process: a second Ctrl-C stops at once (KeyboardInterrupt) for when savin
 torchrun the launcher forwards the signal it received to every worker, so a worker may see two
 signals for one Ctrl-C; there the second is ignored (torchrun kills the workers after its shutdown
 timeout anyway). Images are read by threads, which signals never reach: only the main thread handles them.
+A signal ignored when the run starts (a script's background job, ``trap '' INT``) stays ignored.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
