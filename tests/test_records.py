@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,8 @@ def test_every_epoch_leaves_its_record_on_disk(cached_cfg, monkeypatch):
     metrics = read_lines(run_dir / "metrics.jsonl")
     assert metrics == results["epochs"]
     assert set(metrics[0]) >= {"epoch", "loss", "train_seconds", "eval_seconds", "steps", "valid", "test"}
+    ended = [datetime.strptime(e["ended_at"], "%Y-%m-%d %H:%M:%S %z").timestamp() for e in metrics]  # to the second
+    assert ended == sorted(ended) and abs(ended[-1] - time.time()) < 600
     assert set(metrics[0]["valid"]) == {f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)}
     log_text = (run_dir / "train.log").read_text()
     assert log_text.startswith(f"=== {cached_cfg.run_name}: started ") and '"lr": 0.0002' in log_text

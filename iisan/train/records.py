@@ -3,9 +3,9 @@
     train.log        the resolved config and environment at the top of each start (a resume appends
                      another), then exactly the console's log lines (a handler on the ``iisan`` logger)
     metrics.jsonl    one JSON line per finished epoch (loss, train and eval seconds, steps, every
-                     validation metric, test metrics when computed), flushed to disk before the epoch's
-                     log line, so a killed run keeps every epoch it reported; after a resume it holds
-                     the resumed checkpoint's history, then the new epochs
+                     validation metric, test metrics when computed, the local time it ended), flushed to
+                     disk before the epoch's log line, so a killed run keeps every epoch it reported; after
+                     a resume it holds the resumed checkpoint's history, then the new epochs
     results.json     rewritten every epoch: status running | finished | failed | interrupted, the config,
                      the metrics at the best-validation epoch so far, the history, timings, parameters,
                      memory and provenance

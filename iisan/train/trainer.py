@@ -265,7 +265,8 @@ class Run:
                                                 dist=self.dist)
             eval_seconds = time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
-                      "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid}
+                      "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid,
+                      "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
             if improved:
                 record["test"] = progress.best_test
             progress.epochs.append(record)
