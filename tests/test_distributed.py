@@ -378,4 +378,4 @@ def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tin
             and "under torchrun a point that fails while training ends the grid" in line]
     # rank 1 learns rank 0's reason (``Run.on_main``): it says that, or torchrun stops it first; never a lost peer
     assert 1 <= len(said) <= 2 and not [line for line in errors if "lost contact" in line], errors
-    assert "grid point 1 of 2" not in proc.stderr  # (then torchrun's own report of the failed workers)
+    assert "grid point 1 (2 of 2)" not in proc.stderr  # (then torchrun's own report of the failed workers)

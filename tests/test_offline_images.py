@@ -118,7 +118,7 @@ def test_the_cache_script_names_the_cache_it_wrote_and_no_run(tiny, tmp_path, mo
     err += caplog.text  # the log lines
     assert (cache / "text.safetensors").is_file() and (cache / "image.safetensors").is_file()
     assert f"| 0 | cache {cache}: " in out and "text: bert, " in out and "image: vit, " in out
-    assert f"grid point 0 of 1: cache {cache}\n" in err
+    assert f"grid point 0 (1 of 1): cache {cache}\n" in err
     assert "HR@10" not in out and "iisan-" not in out + err  # no run's name, no run's metrics
     assert not (tmp_path / "runs").exists()
 

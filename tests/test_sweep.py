@@ -138,7 +138,7 @@ def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog
     with caplog.at_level("INFO", logger="iisan"):
         (result,) = run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "2"))
     assert folders(tmp_path / "runs") == [names[2]]
-    assert f"grid point 2 of 6: {names[2]}" in caplog.text  # its place in the whole grid
+    assert f"grid point 2 (3 of 6): {names[2]}" in caplog.text  # its --grid-index, its place in the whole grid
     assert (result["config"]["lr"], result["config"]["seed"]) == (2e-3, 1)
     with pytest.raises(SystemExit) as info:
         run_script(DEFAULTS, sweep, argv(*flags, "--grid-index", "6"))

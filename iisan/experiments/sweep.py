@@ -179,7 +179,7 @@ def folder_tag(varying: str) -> str:
 
 def run_point(point: GridPoint, total: int, action, args) -> Outcome:
     """One grid point; any failure but an interruption becomes the outcome, logged in one line."""
-    log.info("grid point %d of %d: %s", point.index, total, point.name)
+    log.info("grid point %d (%d of %d): %s", point.index, point.index + 1, total, point.name)
     if point.error:
         log.error("grid point %d (%s) failed: %s", point.index, values_text(point.values), point.error)
         return Outcome(point, Status.FAILED, reason=point.error)
@@ -257,7 +257,7 @@ def chosen(points: list[GridPoint], index: int | None) -> list[GridPoint]:
 def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     """Run the points one after another; print the summary (also when interrupted); a GridError when
     any point failed. Returns each point's result (None for a failed one). ``made``: see ``run_script``."""
-    total = len(points)  # "grid point 1 of 4" also when --grid-index runs one of them
+    total = len(points)  # "grid point 1 (2 of 4)" also when --grid-index runs one of them
     points = chosen(points, args.grid_index)
     # imported when run, not for --help (module docstring)
     from ..distributed import launched, main_process, setup, teardown
