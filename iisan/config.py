@@ -23,7 +23,29 @@ def _opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+def is_checkout(folder: Path) -> bool:
+    """``folder`` holds this project's source (its pyproject.toml names iisan), not an installed package's
+    site-packages."""
+    try:
+        return 'name = "iisan"' in (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _repository() -> Path:
+    """Where the paper's data sets, encoders and caches go by default (``Dataset/``, ``pretrained_models/``,
+    ``Code_Cached/``): the checkout this package runs from; for an installed package (site-packages is no
+    place for data) the folder the command started in."""
+    source = Path(__file__).resolve().parents[1]
+    if is_checkout(source):
+        return source
+    try:
+        return Path.cwd()
+    except OSError:  # a working folder removed under the process: its relative paths say the same
+        return Path(".")
+
+
+REPOSITORY = _repository()
 DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5
 # Fields added after runs were saved whose default is not what those runs did: a saved config (a
@@ -55,7 +77,7 @@ class Config:
                                        "so always a miss)")
     # --- encoders ----------------------------------------------------------------------------------
     text_model: str = _opt(DEFAULT_MODELS["text"], "text encoder folder (a Hub id with --allow-download); "
-                           "the default is under the repository")
+                           "the default is under the checkout (an installed package: the working folder)")
     image_model: str = _opt(DEFAULT_MODELS["image"], "image encoder folder (a Hub id with --allow-download)")
     allow_download: bool = _opt(False, "let a --text-model / --image-model that is not a folder be fetched "
                                 "from the Hugging Face Hub (never runs code from it)")

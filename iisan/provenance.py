@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .config import is_checkout
 from .devices import device_name
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "lmdb", "iisan")
@@ -37,9 +38,12 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str:
     """The checkout's commit (``+dirty`` with local changes), or $IISAN_COMMIT where there is no .git
-    (a copied working tree, e.g. on a remote GPU)."""
+    (a copied working tree, e.g. on a remote GPU); ``unknown`` for an installed package (its version is in
+    ``versions``), whose folder may sit inside another project's repository."""
     if os.environ.get("IISAN_COMMIT"):
         return os.environ["IISAN_COMMIT"]
+    if not is_checkout(ROOT):
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5, check=False)

@@ -74,3 +74,32 @@ def test_constraints_pin_every_dependency_exactly():
     declared = [name_of(r) for r in pyproject()["project"]["dependencies"]]
     assert [d for d in declared if d not in pins] == []
     assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.25.0"  # what the newest CPU results record
+
+
+def test_an_installed_package_keeps_data_out_of_site_packages_and_claims_no_commit(tmp_path):
+    """Installed from a wheel, the package sits in site-packages, often inside the user's own git project (a
+    .venv there): the default data sets, encoders and caches are the working folder's (they went into
+    site-packages, ``iisan fetch`` too), and no commit is recorded (the user's project's was, as IISAN's)."""
+    import os
+    import shutil
+    import subprocess
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "site-packages"
+    shutil.copytree(ROOT / "iisan", site / "iisan", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "notes.txt").write_text("the user's own project\n")
+    git = ["git", "-C", str(project), "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run([*git, "add", "notes.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "theirs"], check=True)
+    work = project / "work"
+    work.mkdir()
+    code = ("import iisan, iisan.config as c, iisan.provenance as p, iisan.data.datasets as d; "
+            "print(iisan.__file__, c.REPOSITORY, p.git_commit(), c.model_location(c.DEFAULT_MODELS['text']), "
+            "d.dataset_paths('Scientific')['users'], sep='\\n')")
+    env = {k: v for k, v in os.environ.items() if k != "IISAN_COMMIT"} | {"PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [str(site / "iisan" / "__init__.py"), str(work), "unknown",
+                   str(work / "pretrained_models" / "bert-base-uncased"),
+                   str(work / "Dataset" / "Scientific" / "am_Industrial_and_Scientific_users.tsv")]

@@ -64,15 +64,15 @@ def add_fetch_commands(sub) -> None:
     d.add_argument("--dataset", required=True, choices=[*FETCHABLE, "all"],
                    help="one of the paper's data sets, or all of them")
     d.add_argument("--root", type=utf8_path, default=str(ROOT), help="the folder holding Dataset/: a data set goes "
-                   "into ROOT/Dataset/<name>/ (default: this checkout)")
+                   "into ROOT/Dataset/<name>/ (default: this checkout; an installed package: the working folder)")
     d.set_defaults(func=cmd_fetch_data)
     e = what.add_parser("encoders", help="the preset's encoders from the Hugging Face Hub, at pinned commits")
     e.add_argument("--preset", default="iisan", choices=sorted(ENCODER_PRESETS),
                    help="iisan (BERT-base + ViT-B/16) or the encoder pair of a run_IISAN_Versa.py --preset "
                         "(default: iisan)")
     e.add_argument("--root", type=utf8_path, default=str(ROOT / "pretrained_models"), help="the folder the model "
-                   "folders go into, ROOT/bert-base-uncased/ ... (unlike fetch data's --root; default: this "
-                   "checkout's pretrained_models)")
+                   "folders go into, ROOT/bert-base-uncased/ ... (unlike fetch data's --root; default: "
+                   "pretrained_models in the checkout; an installed package: in the working folder)")
     e.set_defaults(func=cmd_fetch_encoders)
 
     p = sub.add_parser("import-cache", help="the authors' stored per-item hidden states as this project's cache")

@@ -26,7 +26,7 @@ from pathlib import Path
 import transformers
 from transformers import CONFIG_MAPPING
 
-from ..config import DEFAULT_MODELS, model_location
+from ..config import DEFAULT_MODELS, REPOSITORY, is_checkout, model_location
 from ..errors import EncoderError, parse_json
 from ..files import sha256
 from .families import SUPPORTED
@@ -56,9 +56,11 @@ def resolve_model_path(name: str, allow_download: bool = False) -> str:
     if path.exists():
         raise EncoderError(f"model folder {str(path)!r} is a file, expected a folder with config.json")
     if not allow_download:
-        where = f"{str(path)!r} (the default, under the repository)" if default else repr(name)
-        raise EncoderError(f"model folder {where} does not exist; put the model there (see "
-                           "pretrained_models/README.md), or pass --allow-download to fetch a Hugging Face Hub id")
+        under = "checkout" if is_checkout(REPOSITORY) else "working folder"  # (an installed package's)
+        where = f"{str(path)!r} (the default, under the {under})" if default else repr(name)
+        raise EncoderError(f"model folder {where} does not exist; put the model there (`iisan fetch encoders`; "
+                           "pretrained_models/README.md in the repository), or pass --allow-download to fetch a "
+                           "Hugging Face Hub id")
     if not HUB_ID.fullmatch(name) or name.startswith(("./", "../", "~")):
         raise EncoderError(f"model folder {name!r} does not exist, and it is not a Hub id (organisation/name) "
                            "that --allow-download could fetch")
