@@ -58,7 +58,7 @@ def test_an_unknown_flag_after_a_subcommand_is_that_subcommands_error(capsys):
      "unrecognized arguments: --presets iisan; did you mean --preset?"),
     (["train", "--smoke", "3"], "usage: iisan train ", "unrecognized arguments: 3; --smoke takes no value"),
     (["params", "--lr", "1e-3", "2e-3"], "usage: iisan params ", "unrecognized arguments: 2e-3; --lr takes one value"),
-    (["-x", "train"], "usage: iisan [-h] [-v] COMMAND ...", "unrecognized arguments: -x"),  # before the command
+    (["-x", "train"], "usage: iisan [-h] [-v] [--version] COMMAND ...", "unrecognized arguments: -x"),  # before it
 ])
 def test_the_parser_given_the_flag_names_it_and_the_flag_meant(argv, usage, last, capsys):
     err = refused(argv, capsys)
@@ -207,7 +207,7 @@ import runpy, sys
 from contextlib import redirect_stdout
 from io import StringIO
 from iisan.cli.main import main
-helps = [[*command, "--help"] for command in {commands!r}]
+helps = [[*command, "--help"] for command in {commands!r}] + [["--version"]]
 for argv in helps:
     try:
         with redirect_stdout(StringIO()):
@@ -235,6 +235,14 @@ def test_help_of_every_command_and_entry_script_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"iisan {version('iisan')}\n"
 
 
 def test_build_lmdb_takes_no_progress_as_every_long_command_does(monkeypatch, tmp_path):

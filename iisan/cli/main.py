@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..console import VERBOSE_HELP, entry_point, printable_stdout, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
@@ -36,6 +37,7 @@ class Parser(FlagParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="iisan", description=summary(__doc__))
+    parser.add_argument("--version", action="version", version=f"iisan {__version__}")
     parser.set_defaults(verbose=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_data_commands(sub)
