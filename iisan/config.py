@@ -182,8 +182,8 @@ class Config:
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 = the authors' (with a "
                     "GradScaler; the step then runs eager)", ("auto", "none", "bf16", "fp16"))
     compile: str = _opt("auto", "training step: eager (off), one CUDA graph (cudagraph) or torch.compile "
-                        "(inductor); auto = cudagraph for cached IISAN on CUDA in one process without fp16, "
-                        "else off",
+                        "(inductor: it compiles for each batch shape, a minute or more each); auto = cudagraph for "
+                        "cached IISAN on CUDA in one process without fp16, else off",
                         ("auto", "off", "cudagraph", "inductor"))
     dedup_items: str = _opt(
         "auto", "how a step runs the item tower over a batch: on = once per distinct item; slots = once per "

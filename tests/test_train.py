@@ -237,6 +237,25 @@ def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cac
     assert saved["step"]["compiled"] == "off (cudagraph capture failed)" == results["step"]["compiled"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's inductor, imported
+def test_a_torch_compiled_run_says_before_its_first_step_that_compiling_takes_minutes(cached_cfg, monkeypatch,
+                                                                                      caplog):
+    """Inductor compiles at the first step and again at an epoch's smaller last batch, a minute or more each
+    on a CPU: without a word, the run looked hung. (torch.compile made the identity here: the line is said
+    before any compiling.)"""
+    import iisan.train.step as step
+
+    compiled = []
+    monkeypatch.setattr(step.torch, "compile", lambda loss, **how: compiled.append(how) or loss)
+    with caplog.at_level("INFO", logger="iisan.train.trainer"):
+        results = train(cached_cfg.replace(epochs=1, compile="inductor", run_name="inductor"))
+    assert compiled == [{"mode": "reduce-overhead", "dynamic": False}] and results["step"]["compiled"] == "inductor"
+    lines = [r.getMessage() for r in caplog.records]
+    said = lines.index("torch.compile compiles the step for each new batch shape (the first, an epoch's smaller last "
+                       "batch): a minute or more each, once per run")
+    assert lines[said - 1].startswith("run folder ") and lines[said + 1].startswith("epoch   0 |")
+
+
 def test_early_stopping_stops_after_patience_epochs_without_a_better_score():
     from iisan.train.progress import EarlyStopping
 

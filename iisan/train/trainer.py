@@ -144,6 +144,9 @@ class Run:
         log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
                  self.record.step["amp"], self.record.step["compiled"],
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
+        if self.plan.compiled == "inductor":  # else the first step and an epoch's last say nothing for minutes
+            log.info("torch.compile compiles the step for each new batch shape (the first, an epoch's smaller last "
+                     "batch): a minute or more each, once per run")
 
     def lock_folder(self) -> None:  # rank 0 decides for everyone (``decisions.decide``)
         try:
