@@ -116,7 +116,8 @@ def test_missing_model_folder_from_the_command_line(tiny, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"iisan: error: model folder '{tmp_path / 'missing-bert'}' does not exist; put the model " \
-                  "there (see pretrained_models/README.md), or pass --allow-download to fetch a Hugging Face Hub id"
+                  "there (see pretrained_models/README.md in the repository), or pass --allow-download to fetch a " \
+                  "Hugging Face Hub id"
 
 
 def test_cache_help_lists_what_a_cache_depends_on_and_takes_training_flags(tiny, tmp_path, capsys):

@@ -256,7 +256,7 @@ def test_the_default_model_is_never_fetched_outside_the_repository(tiny, tmp_pat
     if not default.is_dir():
         assert outcome.code == 2, outcome.describe()
         assert outcome.last_line == (f"iisan: error: model folder '{default}' (the default, under the checkout) "
-                                     "does not exist; put the model there (`iisan fetch encoders`; pretrained_models/"
+                                     "does not exist; `iisan fetch encoders` puts it there (see pretrained_models/"
                                      "README.md in the repository), or pass --allow-download to fetch a Hugging Face "
                                      "Hub id")
     else:  # a real BERT-base was put there: the cache is built from it, still without a request

@@ -57,10 +57,10 @@ def resolve_model_path(name: str, allow_download: bool = False) -> str:
         raise EncoderError(f"model folder {str(path)!r} is a file, expected a folder with config.json")
     if not allow_download:
         under = "checkout" if is_checkout(REPOSITORY) else "working folder"  # (an installed package's)
-        where = f"{str(path)!r} (the default, under the {under})" if default else repr(name)
-        raise EncoderError(f"model folder {where} does not exist; put the model there (`iisan fetch encoders`; "
-                           "pretrained_models/README.md in the repository), or pass --allow-download to fetch a "
-                           "Hugging Face Hub id")
+        where, how = (f"{str(path)!r} (the default, under the {under})", "`iisan fetch encoders` puts it there") \
+            if default else (repr(name), "put the model there")
+        raise EncoderError(f"model folder {where} does not exist; {how} (see pretrained_models/README.md in the "
+                           "repository), or pass --allow-download to fetch a Hugging Face Hub id")
     if not HUB_ID.fullmatch(name) or name.startswith(("./", "../", "~")):
         raise EncoderError(f"model folder {name!r} does not exist, and it is not a Hub id (organisation/name) "
                            "that --allow-download could fetch")
