@@ -179,7 +179,8 @@ def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
     distributed evaluation of the first run's best weights."""
     config_file, out_file = tmp_path / "config.json", tmp_path / "out.json"
     config_file.write_text(json.dumps(cfg.to_dict()))
-    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file)], nproc, timeout=600)
+    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file)], nproc, tmp_path,
+                    timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out_file.read_text()), proc.stderr
 
@@ -312,12 +313,14 @@ def test_a_sweep_under_torchrun_runs_every_point_in_one_process_group(monkeypatc
     assert calls == ["setup cpu", "train 0.001", "train 0.002", "teardown True"]
 
 
-def torchrun(script: Path, args: list[str], nproc: int, timeout: int) -> subprocess.CompletedProcess:
-    """``script args`` under ``torchrun --standalone --nproc_per_node nproc``, this checkout importable."""
+def torchrun(script: Path, args: list[str], nproc: int, tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``script args`` under ``torchrun --standalone --nproc_per_node nproc``, this checkout importable; the
+    launcher's log folder under ``tmp_path`` (by default a torchelastic_* folder in $TMPDIR, never removed)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+                           str(nproc), "--log-dir", str(tmp_path / "torchrun-logs"), str(script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def two_point_grid(script: Path, tiny: dict, cache: str, tmp_path: Path, epochs: int) -> subprocess.CompletedProcess:
@@ -325,7 +328,7 @@ def two_point_grid(script: Path, tiny: dict, cache: str, tmp_path: Path, epochs:
     flags = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", cache, "--device", "cpu",
              "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", str(epochs),
              "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
-    return torchrun(script, flags, 2, timeout=240)
+    return torchrun(script, flags, 2, tmp_path, timeout=240)
 
 
 @pytest.mark.slow
