@@ -58,10 +58,13 @@ def git_commit() -> str:
 
 def command_line() -> str:
     """The command that is running, as typed (program relative to the working directory); ``python -m iisan``
-    (and torchrun's ``-m iisan``) as such: the path of ``iisan/__main__.py`` does not run as a script."""
+    (and torchrun's ``-m iisan``) as such: the path of ``iisan/__main__.py`` does not run as a script; the
+    ``iisan`` command (pip's launcher, as the shell found it) without ``python``, as it was run."""
     program = Path(sys.argv[0])
     if program.name == "__main__.py" and program.parent.name == "iisan":
         return shlex.join(["python", "-m", "iisan", *sys.argv[1:]])
+    if program.name == "iisan":
+        return shlex.join([program.as_posix(), *sys.argv[1:]])
     return shlex.join(["python", program.as_posix(), *sys.argv[1:]])
 
 

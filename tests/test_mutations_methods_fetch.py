@@ -427,6 +427,8 @@ def test_provenance_records_the_command_an_absent_package_and_the_commit_read_be
     assert record["git_commit"] == "abc1234" and record["device"] is None
     monkeypatch.setattr(sys, "argv", ["/x/site-packages/iisan/__main__.py", "demo", "--out", "d"])  # python -m iisan
     assert provenance_module.command_line() == "python -m iisan demo --out d"  # (the file alone would not run)
+    monkeypatch.setattr(sys, "argv", ["/home/me/.venv/bin/iisan", "train", "--lr", "1e-3"])  # the console script
+    assert provenance_module.command_line() == "/home/me/.venv/bin/iisan train --lr 1e-3"
 
 
 def test_the_peak_memory_is_read_when_the_process_name_is_cut_inside_a_character(monkeypatch):
