@@ -221,10 +221,10 @@ class Config:
     fused_adam: bool = _opt(True, "Adam as one fused kernel per learning-rate group (several times faster on a CPU "
                             "for IISAN's ~130 small tensors); --no-fused-adam: torch's loop over the parameters, as "
                             "the authors' code ran it (the same update up to rounding)")
-    nonfinite: str = _opt("fail", "a non-finite training loss: fail = the run stops, marked failed, naming what went "
-                          "non-finite (its last good checkpoint and best weights kept); authors = as the authors' "
-                          "code: a NaN ends training with the best epoch so far as the result, an infinite loss "
-                          "alone goes on", ("fail", "authors"))
+    nonfinite: str = _opt("fail", "a non-finite training loss (or validation metric, as a NaN loss): fail = the "
+                          "run stops, marked failed, naming what went non-finite (its last good checkpoint and best "
+                          "weights kept); authors = as the authors' code: a NaN ends training with the best epoch "
+                          "so far as the result, an infinite loss alone goes on", ("fail", "authors"))
     deterministic: bool = _opt(False, "deterministic CUDA kernels (torch.use_deterministic_algorithms; slower) for "
                                "bit-exact GPU runs; CPU runs are bit-exact without it")
 

@@ -9,8 +9,9 @@ and NDCG@K are the averages of the hit and the discount over those places, which
 on average. (Counting only strictly higher scores would give every tie to the target: a model that
 scores every item the same would hit at every K.) Ties are scores equal to the last bit: items of the same
 content may score an ulp apart (summation order), which breaks their tie as sorting would. A NaN target
-score (non-finite weights: a cache refuses non-finite states, and training stops at a non-finite loss
-unless ``--nonfinite authors``) makes the metrics NaN, not a number that looks like a result; a NaN score
+score (non-finite weights, or vectors that overflowed: a cache refuses non-finite states, and training
+stops at a non-finite loss or validation metric unless ``--nonfinite authors``) makes the metrics NaN, not
+a number that looks like a result; a NaN score
 of another item counts as below the target's (a comparison with NaN is false), and a target scored +inf
 (an overflow) ranks first, tied with the other items at +inf.
 

@@ -523,6 +523,45 @@ def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base
         (root.parent / "train.log").read_text()
 
 
+def poison_validation(monkeypatch, epoch: int) -> None:
+    """Epoch ``epoch``'s validation metrics made NaN, the weights left finite: scores that overflowed in
+    evaluation (an lr of 1 did it on the demo)."""
+    import iisan.train.trainer as trainer
+
+    real, seen = trainer.evaluate_model, []
+
+    def evaluated(model, data, split, *args, **kwargs):
+        metrics = real(model, data, split, *args, **kwargs)
+        seen.append(split)
+        return {k: math.nan for k in metrics} if split == "valid" and seen.count("valid") == epoch + 1 else metrics
+
+    monkeypatch.setattr(trainer, "evaluate_model", evaluated)
+
+
+@pytest.mark.parametrize("mode", ["fail", "authors"])
+def test_non_finite_validation_metrics_end_training_as_a_nan_loss_does(base, reference, monkeypatch, mode):
+    """A NaN validation HR@10 compares as no improvement, so the run would finish as if nothing had happened,
+    naming that epoch's checkpoint the last good one. It is a NaN loss's case: failed (``fail``), or finished
+    at the best epoch before it (``authors``); the epoch neither saved nor reported."""
+    cfg = base.replace(run_name=f"nan-valid-{mode}", nonfinite=mode)
+    poison_validation(monkeypatch, 2)
+    root = Path(cfg.out_dir) / cfg.run_name / "checkpoints"
+    said = ("non-finite validation metrics after epoch 2 (hit@5 nan, ", "; the trained weights are finite: the "
+            "model's scores overflowed (lower the learning rates, or try --amp none); last good checkpoint: "
+            f"{root / 'epoch-0001'}; best weights: {root.parent / 'best.safetensors'}")
+    if mode == "fail":
+        with pytest.raises(TrainingError) as info:
+            train(cfg)
+        assert str(info.value).startswith(said[0]) and str(info.value).endswith(said[1])
+    else:
+        finished = train(cfg)
+        assert finished["ended"] == "non-finite validation metrics" and finished["stopped"].startswith(said[0])
+    results = json.loads((root.parent / "results.json").read_text())
+    assert results["status"] == ("failed" if mode == "fail" else "finished")
+    assert [e["valid"] for e in results["epochs"]] == [e["valid"] for e in reference["epochs"][:2]]  # epoch 2: none
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001", "epoch-0000"]
+
+
 def poison_step(monkeypatch, step: int, how: str) -> None:
     """The loss of the run's step ``step`` (0-based, 10 steps an epoch) made NaN (``nan``: its gradients too)
     or infinite (``inf``: a constant added, so the gradients and weights stay finite)."""

@@ -41,6 +41,21 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
                       f"best weights: {best if best.is_file() else 'none yet'}"])
 
 
+def nonfinite_scores(valid: dict[str, float], epoch: int, model: torch.nn.Module, run_dir: Path,
+                     last_good: Callable[[], str]) -> str | None:
+    """The one-line report of epoch ``epoch``'s validation metrics that are not finite (a NaN target score:
+    the user or item vectors overflowed, weights finite or not), or None when they are all finite."""
+    bad = [f"{name} {value}" for name, value in valid.items() if not math.isfinite(value)]
+    if not bad:
+        return None
+    findings = weights(model) or ["the trained weights are finite: the model's scores overflowed (lower the "
+                                  "learning rates, or try --amp none)"]
+    best = run_dir / "best.safetensors"
+    return "; ".join([f"non-finite validation metrics after epoch {epoch} ({', '.join(bad[:SHOWN])})", *findings,
+                      f"last good checkpoint: {last_good()}",
+                      f"best weights: {best if best.is_file() else 'none yet'}"])
+
+
 def ends_training(losses: torch.Tensor, mode: str) -> bool:
     """Whether ``losses`` hold one that ends training under ``--nonfinite mode`` (``after_nonfinite``):
     any non-finite loss, or under ``authors`` a NaN."""

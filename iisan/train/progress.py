@@ -116,7 +116,10 @@ class Progress:
 
     def ending(self) -> str:
         """Why a finished run ended: its patience ran out, ``--nonfinite authors`` stopped it, or its last epoch."""
-        return "non-finite loss" if self.stopped else "early stopping" if self.stopper.should_stop else "last epoch"
+        if self.stopped:
+            return "non-finite validation metrics" if self.stopped.startswith("non-finite validation") else \
+                "non-finite loss"
+        return "early stopping" if self.stopper.should_stop else "last epoch"
 
     def state(self, epoch: int, step: int | None, seconds: float) -> dict:
         """The checkpoint's record after ``step`` steps of ``epoch`` (``step`` None: the epoch is done)

@@ -16,6 +16,7 @@ warnings.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
 from .decisions import decide
 from .interrupt import StopRequests
-from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss
+from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss, nonfinite_scores
 from .optim import trained_by_rate
 from .parts import build_training
 from .plan import describe_step
@@ -261,6 +262,10 @@ class Run:
                                       self.dist)
             valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
                                    dist=self.dist)
+            if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good):
+                # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
+                progress.stopped = after_nonfinite(problem, torch.tensor(math.nan), cfg.nonfinite, stopper.best_epoch)
+                break
             improved = stopper.update(epoch, valid["hit@10"])
             if improved:
                 progress.best_valid = valid
