@@ -120,6 +120,14 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / killed_at[0]}" in resumed.stderr
+    # the kill said nothing in train.log: the next attempt says it, before it resumes
+    unended = " WARNING iisan.train.records: the attempt before this one stopped without a word (killed, or its " \
+              "machine went down): what it trained after its last checkpoint is trained again"
+    lines = (killed / "train.log").read_text().splitlines()
+    said = [i for i, line in enumerate(lines) if line.endswith(unended)]
+    second = [i for i, line in enumerate(lines) if line.startswith("=== killed: started ")][1]
+    resuming = next(i for i, line in enumerate(lines) if " resuming from " in line)
+    assert len(said) == 1 and lines[said[0] - 1] == "}" and second < said[0] < resuming  # first after the header
     _, err = full.communicate()
     assert full.returncode == 0, err[-2000:]
     a = json.loads((tmp_path / "full" / "results.json").read_text())

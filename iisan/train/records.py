@@ -30,7 +30,7 @@ from ..claims import refuse_link
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT, fixed
 from ..devices import device_name, peak_memory, reset_peak_memory
-from ..errors import RunInterrupted, UserError
+from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES, named_unread
 from ..provenance import command_line, git_commit, versions
@@ -105,6 +105,19 @@ class RunRecord:
         self.logger_level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
+        self.say_unended_attempt()
+
+    def say_unended_attempt(self) -> None:
+        """The folder's results say ``running``, yet this process holds its lock: the attempt before this one
+        stopped without a word (SIGKILL, a lost machine), which its train.log did not say."""
+        try:
+            earlier = parse_json((self.run_dir / RESULTS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(earlier, dict) or earlier.get("status") != "running":
+            return
+        log.warning("the attempt before this one stopped without a word (killed, or its machine went down): what it "
+                    "trained after its last checkpoint is trained again")
 
     def header(self) -> str:
         """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""
