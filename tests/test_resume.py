@@ -244,7 +244,8 @@ def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
     single = StopRequests(escalate=True)
     single._handle(signal.SIGINT, None)
     assert single.signal == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"^a second SIGINT after SIGINT: stopped at once, without saving "
+                       r"a checkpoint \(the same command resumes from the newest one\)$"):  # train.log's reason
         single._handle(signal.SIGINT, None)
     torchrun = StopRequests(escalate=False)  # the launcher forwards one Ctrl-C to every worker: seen twice
     torchrun._handle(signal.SIGTERM, None)
@@ -336,6 +337,9 @@ def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monke
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left half-")
     assert not (Path(cfg.out_dir) / "setup" / "checkpoints").exists() or \
         not checkpoint.checkpoints(Path(cfg.out_dir) / "setup" / "checkpoints")
+    results = json.loads((Path(cfg.out_dir) / "setup" / "results.json").read_text())  # which signal, and when
+    assert results["status"] == "interrupted"
+    assert results["error"] == "SIGINT while the run set up, before its first step"
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):

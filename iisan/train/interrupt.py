@@ -34,13 +34,15 @@ class StopRequests:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name  # the message is what train.log and results.json say of the ending
         if not self.armed:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"{name} while the run set up, before its first step")
         if self.signal is not None:
             if self.escalate and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(f"a second SIGINT after {self.signal}: stopped at once, without saving a "
+                                        "checkpoint (the same command resumes from the newest one)")
             return
-        self.signal = signal.Signals(signum).name
+        self.signal = name
         # os.write, not logging: a handler may run while the logging lock is held.
         os.write(2, f"\n{self.signal} received: finishing the current step, then saving a checkpoint"
                     f"{' (Ctrl-C again stops at once, without saving)' if self.escalate else ''}\n".encode())
