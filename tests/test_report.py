@@ -468,6 +468,20 @@ def test_a_run_that_has_not_finished_an_epoch_is_not_damaged(runs, tmp_path, cap
     assert "skipped" not in caplog.text
 
 
+def test_a_count_is_shown_as_one_beside_a_run_that_counted_nothing(runs, tmp_path, capsys):
+    """A run that failed before its model was built has no parameter count: pandas makes the column float,
+    which showed 163890.0 for the other run."""
+    out, results = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "built", lambda r: None)
+    copy_run(out / "lr0.001-s1", tmp_path / "refused", lambda r: r.update(
+        status="failed", epochs=[], best_epoch=-1, valid={}, test={},
+        parameters={"trainable": 0, "total": 0, "by_rate": {}}))
+    main(["results", str(tmp_path), "--include-running"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    counts = {row[0]: row[header.index("trainable_params")] for row in rows}
+    assert counts == {"built": f"{results[2]['parameters']['trainable']:,}", "refused": "-"}
+
+
 def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatch):
     """Its folder, a folder above it, its results.json, a relative path and a link to it are one run."""
     out, results = runs

@@ -144,9 +144,16 @@ def seconds(value: float) -> str:
     return f"{value:.{1 - math.floor(math.log10(abs(value)))}f}"
 
 
+def count(value: float) -> str:
+    """A count, also where pandas made its column float (None beside ints): 262,351, not 262351.0."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{int(value):,}" if abs(value) >= 10_000 else f"{int(value)}"
+
+
 # One format for every number of a column, whatever its size (not 65.4 beside 7.3691); seconds keep small ones.
 FORMATS = {**dict.fromkeys(NUMBERS, fixed), "train_s_per_epoch": seconds, "peak_gib": ".2f",
-           "best_epoch": ".0f", "epochs_run": ".0f"}  # counts: a column of None and ints is float in pandas
+           **dict.fromkeys(("best_epoch", "epochs_run", "trainable_params"), count)}
 
 
 def _cell(value, column: str, non_finite: bool) -> str:
