@@ -319,6 +319,8 @@ def train(cfg: Config, reuse: bool = True) -> dict:
             run = Run(cfg, dist, device, stop)
             try:
                 results = run.finished_before or run.run()
+                if not run.finished_before and stop.requested:  # in train.log too, before it is closed
+                    log.warning("%s during the last epoch: the run finished all the same", stop.signal)
             except BaseException as err:
                 run.fail(err)
                 raise
