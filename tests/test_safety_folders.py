@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def header(tmp_path: Path, name: str = "r") -> str:
 def test_the_log_header_a_run_writes_is_the_one_recognised(tmp_path):
     first = header(tmp_path, "some-run.name").splitlines(keepends=True)[0]
     assert first.startswith("=== some-run.name: started ")
+    assert re.fullmatch(r"=== some-run.name: started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} ===\n", first)  # zone
     assert runfolder.LOG_HEAD.fullmatch(first)
+    assert runfolder.LOG_HEAD.fullmatch("=== r: started 2026-01-01 10:00:00 ===\n")  # an older run's, no zone
 
 
 @pytest.mark.parametrize("name,content", [

@@ -123,7 +123,7 @@ class RunRecord:
         """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""
         listed = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         return "\n".join([
-            f"=== {self.run_dir.name}: started {time.strftime('%Y-%m-%d %H:%M:%S')} ===",
+            f"=== {self.run_dir.name}: started {time.strftime('%Y-%m-%d %H:%M:%S %z')} ===",
             f"command: {command_line()}",
             f"commit: {self.commit}",
             f"device: {device_name(self.device)}; processes: {self.world_size}",

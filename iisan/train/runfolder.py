@@ -252,8 +252,8 @@ def is_run_folder(path: Path) -> bool:
 # when each is as a run writes it (``early_file_problem``).
 EARLY = frozenset({LOCK, "train.log", "metrics.jsonl"})
 ATOMIC = frozenset({"config.json", "results.json", "metrics.jsonl", "best.safetensors"})  # through a temporary sibling
-# The first line of each start's header in train.log (``records.RunRecord.header``).
-LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ===\n")
+# The first line of each start's header in train.log (``records.RunRecord.header``; an older run's: no zone).
+LOG_HEAD = re.compile(r"=== [^\n]+: started \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?: [+-]\d{4})? ===\n")
 
 
 def early_file_problem(path: Path) -> str | None:
