@@ -46,6 +46,8 @@ def test_epoch_line_shows_each_splits_own_numbers():
     assert "hit@10 0.1111" in valid_part and "ndcg@10 0.2222" in valid_part
     assert test_part == "hit@10 0.3333 ndcg@10 0.4444 (best)"
     assert epoch_line({**record, "test": None}, 2).endswith("| 2 epoch(s) without improvement")
+    assert " | loss 1.5000 | " in line  # a diverging run's loss in few digits, not 917430180047736537088.0000:
+    assert " | loss 9.1743e+20 | " in epoch_line({**record, "loss": 917430180047736537088.0}, 0)
 
 
 def _progress(train_seconds: list[float]) -> Progress:

@@ -294,7 +294,8 @@ class RunLogHandler(logging.FileHandler):
 def epoch_line(record: dict, bad_epochs: int) -> str:
     """The console's (and train.log's) line for a finished epoch."""
     valid, test = record["valid"], record.get("test")
-    line = (f"epoch {record['epoch']:3d} | loss {record['loss']:.4f} | train {record['train_seconds']:.2f} s | "
+    loss = f"{record['loss']:.4f}" if abs(record["loss"]) < 1e6 else f"{record['loss']:.4e}"  # not 21 digits
+    line = (f"epoch {record['epoch']:3d} | loss {loss} | train {record['train_seconds']:.2f} s | "
             f"eval {record['eval_seconds']:.2f} s | valid hit@10 {fixed(valid['hit@10'])} "
             f"ndcg@10 {fixed(valid['ndcg@10'])}")
     if test:
