@@ -390,12 +390,18 @@ def test_checkpoints_refused_for_different_reasons_are_each_named():
     assert cannot_resume(["/r/e0 is damaged"]) == "cannot resume: /r/e0 is damaged"
 
 
-def test_checkpoint_of_another_config_is_refused(base, caplog):
+def test_checkpoint_of_another_config_is_refused(base, caplog, monkeypatch):
+    """... before the data and the encoders are loaded (minutes for large ones, to be refused after)."""
+    import iisan.train.trainer as trainer
+
     cfg = base.replace(run_name="mismatch", epochs=2)
     train(cfg)
     state = Path(cfg.out_dir) / "mismatch" / "checkpoints" / "epoch-0001" / "state.json"
+    loaded = []
+    monkeypatch.setattr(trainer, "load_data", lambda cfg: loaded.append(cfg))
     with pytest.raises(TrainingError) as info, caplog.at_level("WARNING", logger="iisan"):
         train(cfg.replace(epochs=3, lr=1e-2))
+    assert loaded == []
     assert str(info.value) == (f"cannot resume: {state} belongs to a different config "
                                "(lr=0.003 there, 0.01 now); give it the values it ran with to go on with it, or "
                                "use another --run-name to start a new run; 1 older checkpoint(s) refused for the "

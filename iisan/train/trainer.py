@@ -111,6 +111,9 @@ class Run:
             return
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
         self.record.start_log()
+        # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem). Before
+        # the data and the model: a checkpoint of another config is refused before minutes of loading.
+        found, chosen = decide(self.checkpoints.choose, dist, lambda found: "" if found is None else str(found.path))
         data = self.data = load_data(cfg)
         if data.num_users < 2:  # (as --batch-size 1: bounds.py)
             raise DataError(f"{cfg.users}: 1 user after the protocol trains nothing: the loss ranks each target "
@@ -125,8 +128,6 @@ class Run:
         self.collate = parts.collate  # the batch layout of every epoch
         self.plan = parts.plan  # precision, compiled or not, the batch layout
         self.record.parameters = ParameterCount(*count_parameters(self.model), trained_by_rate(self.optimizer))
-        # Rank 0 verifies the checkpoints; every rank then reads the one it chose (shared filesystem).
-        found, chosen = decide(self.checkpoints.choose, dist, lambda found: "" if found is None else str(found.path))
         scaler_state = None
         if chosen:
             with checkpoint.restoring(chosen):  # intact, but maybe not what this version can restore
