@@ -36,15 +36,16 @@ def _repository() -> Path:
     """Where the paper's data sets, encoders and caches go by default (``Dataset/``, ``pretrained_models/``,
     ``Code_Cached/``): the checkout this package runs from; for an installed package (site-packages is no
     place for data) the folder the command started in."""
-    source = Path(__file__).resolve().parents[1]
-    if is_checkout(source):
-        return source
+    if CHECKOUT:
+        return SOURCE
     try:
         return Path.cwd()
     except OSError:  # a working folder removed under the process: its relative paths say the same
         return Path(".")
 
 
+SOURCE = Path(__file__).resolve().parents[1]  # the folder holding the package
+CHECKOUT = is_checkout(SOURCE)  # run from this project's source, not installed (``provenance.git_commit``)
 REPOSITORY = _repository()
 DEFAULT_MODELS = {"text": "pretrained_models/bert-base-uncased", "image": "pretrained_models/vit-base-patch16-224"}
 SMOKE_EPOCHS, SMOKE_STEPS = 2, 5

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .config import is_checkout
+from .config import CHECKOUT, SOURCE
 from .devices import device_name
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "lmdb", "iisan")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def versions() -> dict[str, str]:
@@ -42,13 +41,13 @@ def git_commit() -> str:
     ``versions``), whose folder may sit inside another project's repository."""
     if os.environ.get("IISAN_COMMIT"):
         return os.environ["IISAN_COMMIT"]
-    if not is_checkout(ROOT):
+    if not CHECKOUT:
         return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE, capture_output=True, text=True,
                              timeout=5, check=False)
         # (file names as git prints them: not UTF-8 under core.quotePath=false; only whether there are any counts)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE,
                                capture_output=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

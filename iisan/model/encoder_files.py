@@ -26,7 +26,7 @@ from pathlib import Path
 import transformers
 from transformers import CONFIG_MAPPING
 
-from ..config import DEFAULT_MODELS, REPOSITORY, is_checkout, model_location
+from ..config import CHECKOUT, DEFAULT_MODELS, model_location
 from ..errors import EncoderError, parse_json
 from ..files import sha256
 from .families import SUPPORTED
@@ -56,7 +56,7 @@ def resolve_model_path(name: str, allow_download: bool = False) -> str:
     if path.exists():
         raise EncoderError(f"model folder {str(path)!r} is a file, expected a folder with config.json")
     if not allow_download:
-        under = "checkout" if is_checkout(REPOSITORY) else "working folder"  # (an installed package's)
+        under = "checkout" if CHECKOUT else "working folder"  # (an installed package's)
         where, how = (f"{str(path)!r} (the default, under the {under})", "`iisan fetch encoders` puts it there") \
             if default else (repr(name), "put the model there")
         raise EncoderError(f"model folder {where} does not exist; {how} (see pretrained_models/README.md in the "

@@ -15,6 +15,7 @@ from ..data.batches import TrainBatch
 from ..data.cache import cache_file
 from ..errors import TrainingError
 from ..model.recommender import IISANItemEncoder
+from .progress import LOSS, SCORES
 
 SHOWN = 3  # examples named per finding
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
         findings = ["the learning rates, the batch's item states and the weights are finite: the loss itself "
                     "overflowed (lower the learning rates, or try --amp none)"]
     best = run_dir / "best.safetensors"
-    return "; ".join([f"non-finite loss at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
+    return "; ".join([f"{LOSS} at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
                       *findings, f"last good checkpoint: {last_good()}",
                       f"best weights: {best if best.is_file() else 'none yet'}"])
 
@@ -51,7 +52,7 @@ def nonfinite_scores(valid: dict[str, float], epoch: int, model: torch.nn.Module
     findings = weights(model) or ["the trained weights are finite: the model's scores overflowed (lower the "
                                   "learning rates, or try --amp none)"]
     best = run_dir / "best.safetensors"
-    return "; ".join([f"non-finite validation metrics after epoch {epoch} ({', '.join(bad[:SHOWN])})", *findings,
+    return "; ".join([f"{SCORES} after epoch {epoch} ({', '.join(bad[:SHOWN])})", *findings,
                       f"last good checkpoint: {last_good()}",
                       f"best weights: {best if best.is_file() else 'none yet'}"])
 
@@ -63,14 +64,14 @@ def ends_training(losses: torch.Tensor, mode: str) -> bool:
     return bool(bad.any())
 
 
-def after_nonfinite(problem: str, losses: torch.Tensor, mode: str, best_epoch: int) -> str:
-    """What a run does once ``problem`` (``nonfinite_loss``'s report of ``losses``) is found: '' to go on,
-    else why training ends. ``fail`` raises it. ``authors``, as the authors' code, which checks its running
-    loss sum each step: a NaN ends training with the best epoch so far as the result (none yet: the run
-    fails), an infinite loss alone does not stop it."""
+def after_nonfinite(problem: str, nan: bool, mode: str, best_epoch: int) -> str:
+    """What a run does once ``problem`` (``nonfinite_loss``'s or ``nonfinite_scores``' report; ``nan``: of a
+    NaN, else only infinite values) is found: '' to go on, else why training ends. ``fail`` raises it.
+    ``authors``, as the authors' code, which checks its running loss sum each step: a NaN ends training with
+    the best epoch so far as the result (none yet: the run fails), an infinite loss alone does not stop it."""
     if mode != "authors":
         raise TrainingError(problem)
-    if not torch.isnan(losses).any():
+    if not nan:
         log.warning("%s; --nonfinite authors: an infinite loss does not stop the run", problem)
         return ""
     if best_epoch < 0:

@@ -13,6 +13,10 @@ import numpy as np
 
 from ..errors import ConfigError
 
+# How --nonfinite authors ended a finished run (its "ended"), as the first words of the report it stopped on
+# (``nonfinite.nonfinite_loss``, ``nonfinite.nonfinite_scores``).
+LOSS, SCORES = "non-finite loss", "non-finite validation metrics"
+
 log = logging.getLogger(__name__)
 
 
@@ -117,8 +121,7 @@ class Progress:
     def ending(self) -> str:
         """Why a finished run ended: its patience ran out, ``--nonfinite authors`` stopped it, or its last epoch."""
         if self.stopped:
-            return "non-finite validation metrics" if self.stopped.startswith("non-finite validation") else \
-                "non-finite loss"
+            return SCORES if self.stopped.startswith(SCORES) else LOSS
         return "early stopping" if self.stopper.should_stop else "last epoch"
 
     def state(self, epoch: int, step: int | None, seconds: float) -> dict:

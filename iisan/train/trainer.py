@@ -16,7 +16,6 @@ warnings.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -202,7 +201,8 @@ class Run:
 
         problem = nonfinite_loss(losses, epoch, self.progress.global_step, n_steps, self.optimizer, self.model,
                                  states, self.run_dir, self.checkpoints.last_good)
-        return after_nonfinite(problem, losses, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
+        nan = bool(torch.isnan(losses).any())
+        return after_nonfinite(problem, nan, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -265,7 +265,7 @@ class Run:
                                    dist=self.dist)
             if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good):
                 # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
-                progress.stopped = after_nonfinite(problem, torch.tensor(math.nan), cfg.nonfinite, stopper.best_epoch)
+                progress.stopped = after_nonfinite(problem, True, cfg.nonfinite, stopper.best_epoch)
                 break
             improved = stopper.update(epoch, valid["hit@10"])
             if improved:
