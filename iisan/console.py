@@ -1,6 +1,6 @@
 """What every entry point shares: logging set-up, progress that reaches the log where no bar can be
 shown, and how a run ends for the user (one line on stderr and exit status 2 for bad input, 130 with
-the resume command after Ctrl-C), and how a metric reads (``fixed``). The ``iisan`` command,
+the resume command after Ctrl-C, 143 after SIGTERM), and how a metric reads (``fixed``). The ``iisan`` command,
 the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go through ``entry_point``.
 """
 
@@ -23,7 +23,7 @@ from typing import NoReturn, TypeVar
 
 from tqdm import tqdm
 
-from .errors import USER_ERRORS, RunInterrupted, in_the_way
+from .errors import USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 
 T = TypeVar("T")
@@ -167,11 +167,11 @@ def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Ca
                 lines.advance(n)
 
 
-def exit_interrupted(prog: str, err: BaseException | str) -> NoReturn:
-    """Ctrl-C: say how to resume (once, under torchrun) and exit 130."""
+def exit_interrupted(prog: str, err: BaseException | str, signal_name: str = "SIGINT") -> NoReturn:
+    """Ctrl-C or SIGTERM: say how to resume (once, under torchrun) and exit 130 or 143."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: {err}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(interrupt_status(signal_name))
 
 
 def fail(prog: str, err: BaseException | str) -> NoReturn:
@@ -189,19 +189,24 @@ def summary(doc: str | None) -> str:
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (a preempted job) raises KeyboardInterrupt, as Ctrl-C does, so that a command says what is
-    kept and exits 130 instead of dying without a word. As safe as Ctrl-C: every output is written to a
-    temporary and renamed. Training has its own handler inside (``train.interrupt``): it stops at a clean
-    point to save a checkpoint. A SIGTERM ignored when the command starts (``trap '' TERM``) stays ignored."""
+    """SIGTERM (a preempted job) raises ``Terminated``, a KeyboardInterrupt as Ctrl-C raises, so that a
+    command says what is kept and exits 143 instead of dying without a word. As safe as Ctrl-C: every
+    output is written to a temporary and renamed. Training has its own handler inside (``train.interrupt``):
+    it stops at a clean point to save a checkpoint. A SIGTERM ignored when the command starts
+    (``trap '' TERM``) stays ignored."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     finally:
         if previous is not None:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> NoReturn:
+    raise Terminated
 
 
 def _bytes_or_escapes(err: UnicodeError) -> tuple[str | bytes, int]:
@@ -240,12 +245,13 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
     except USER_ERRORS as err:
         fail(prog, err)
     except RunInterrupted as err:
-        exit_interrupted(prog, err)
-    except KeyboardInterrupt:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
+        exit_interrupted(prog, err, err.signal)
+    except KeyboardInterrupt as err:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
         exit_interrupted(prog, "interrupted; nothing is left half-written (every output is written whole or "
                                "not at all): a training run resumes from its last checkpoint and a cache build "
-                               "from its finished chunks when the same command runs again")
+                               "from its finished chunks when the same command runs again",
+                         "SIGTERM" if isinstance(err, Terminated) else "SIGINT")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
         if not (line := host_memory_error(err) or peer_lost(err) or no_thread(err)):
             raise

@@ -77,11 +77,28 @@ class OutputError(UserError, OSError):
 class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint: ``what`` happened and
     where the checkpoint is, then ``how`` to resume (kept apart so that a sweep can say that its own way).
-    Not a ``UserError``: the command line exits 130 with it, not 2."""
+    ``signal`` names the signal that asked. Not a ``UserError``: the command line exits with the signal's
+    status (``interrupt_status``), not 2."""
 
-    def __init__(self, what: str, how: str = ""):
+    def __init__(self, what: str, how: str = "", signal: str = "SIGINT"):
         super().__init__(f"{what}. {how}" if how else what)
         self.what = what
+        self.signal = signal
+
+    def rehinted(self, how: str, what: str | None = None) -> RunInterrupted:
+        """The same stop, told another way to resume (a sweep's, a script's)."""
+        return RunInterrupted(self.what if what is None else what, how, self.signal)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted job), raised where Ctrl-C raises KeyboardInterrupt: the same endings, with
+    SIGTERM's exit status."""
+
+
+def interrupt_status(signal: str) -> int:
+    """The exit status of a command a signal stopped, as a shell reports one the signal killed (128 + its
+    number): 130 for SIGINT, 143 for SIGTERM, which batch schedulers read as a job terminated."""
+    return 143 if signal == "SIGTERM" else 130
 
 
 USER_ERRORS = (UserError,)

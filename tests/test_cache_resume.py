@@ -113,7 +113,7 @@ def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(ti
 
 def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny, tiny_config, monkeypatch,
                                                                              capsys):
-    """A preempted job gets SIGTERM: one line saying what is kept, exit 130, then the build resumes."""
+    """A preempted job gets SIGTERM: one line saying what is kept, exit 143, then the build resumes."""
     original, state = LiveStates.forward, {"calls": 0, "sigterm_at": 2}
 
     def forward(self, items):
@@ -129,7 +129,7 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny
         main(["cache", "--users", tiny["users"], "--items", tiny["items"], "--images", tiny["images"],
               "--text-model", tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir",
               cfg.cache_dir, "--encode-batch-size", str(CHUNK), "--no-progress"])
-    assert info.value.code == 130 and signal.getsignal(signal.SIGTERM) is handler
+    assert info.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left")
     shards = sorted(p.name for p in (Path(cfg.cache_dir) / SIDECAR).glob("chunk-*"))
     assert shards == ["chunk-000000.safetensors"]  # the first chunk's; the second was being encoded

@@ -451,7 +451,7 @@ def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
 def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(tiny, tmp_path, monkeypatch,
                                                                                    capsys):
     """A preempted job's SIGTERM during build-lmdb (or while any command loads): the Ctrl-C ending, exit
-    130, no store and no temporary; the handler before the command is put back."""
+    143 (128 + SIGTERM), no store and no temporary; the handler before the command is put back."""
     import signal
 
     import iisan.data.image_build as image_build
@@ -470,5 +470,5 @@ def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_writt
     with pytest.raises(SystemExit) as info:
         main(["build-lmdb", "--images", tiny["image_dir"], "--out", str(out), "--size", "16", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 130 and len(err) == 1 and err[0].startswith("iisan: interrupted; nothing is left")
+    assert info.value.code == 143 and len(err) == 1 and err[0].startswith("iisan: interrupted; nothing is left")
     assert signal.getsignal(signal.SIGTERM) is handler and sorted(p.name for p in tmp_path.iterdir()) == []

@@ -75,11 +75,12 @@ def no_work(tiny, monkeypatch):
 
 
 def test_benchmark_hints_say_it_never_resumes_and_name_its_rebuild_flag(no_work, tmp_path):
-    no_work(RunInterrupted("SIGINT at step 3; checkpoint saved in x", "To resume, run the same command with "
-                                                                      "--run-name cached-minilm-blank-1"))
+    no_work(RunInterrupted("SIGTERM at step 3; checkpoint saved in x", "To resume, run the same command with "
+                                                                       "--run-name cached-minilm-blank-1", "SIGTERM"))
     with pytest.raises(RunInterrupted) as stopped:
         realdata.cached_cpu_benchmark(tmp_path, 1, tmp_path / "work", tmp_path / "out.json")
     assert "--run-name" not in str(stopped.value) and "A benchmark never resumes" in str(stopped.value)
+    assert stopped.value.signal == "SIGTERM"  # the script exits 143, as the job SIGTERM stopped
     no_work(CacheError("cache c was built for layers 7 — rebuild it with `iisan cache --overwrite`"))
     with pytest.raises(CacheError, match="rebuild it with the --rebuild-cache flag of this script"):
         realdata.cached_cpu_benchmark(tmp_path, 1, tmp_path / "work", tmp_path / "out.json")

@@ -162,8 +162,8 @@ def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_pat
     from iisan.experiments import reproduce as module
 
     def interrupted(cfg):
-        raise RunInterrupted("SIGINT at step 3; checkpoint saved in x", f"To resume, run the same command with "
-                                                                        f"--run-name {cfg.run_name}")
+        raise RunInterrupted("SIGTERM at step 3; checkpoint saved in x", f"To resume, run the same command with "
+                                                                         f"--run-name {cfg.run_name}", "SIGTERM")
 
     monkeypatch.setattr(module, "base_config", lambda run, root, drive: tiny_config())
     monkeypatch.setattr(module, "ensure_cache", lambda cfg, run, hub: None)
@@ -171,3 +171,4 @@ def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_pat
     with pytest.raises(RunInterrupted) as stopped:
         reproduce(Reproduction("demo", tmp_path))
     assert "--run-name" not in str(stopped.value) and "run the same command again" in str(stopped.value)
+    assert stopped.value.signal == "SIGTERM"  # and so the command exits as a job SIGTERM stopped: 143

@@ -227,8 +227,9 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     assert longer["peak_memory"]["current_rss_gib"] < 98.0
 
 
-def test_sigterm_saves_mid_epoch_like_ctrl_c(base, monkeypatch):
-    """A preempted job gets SIGTERM: the same clean stop, named after its signal."""
+def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(base, monkeypatch, capsys):
+    """A preempted job gets SIGTERM: the same clean stop, named after its signal, and the status a shell gives
+    a job SIGTERM killed (128 + 15), which a scheduler reads as terminated, not as Ctrl-C's 130."""
     cfg = base.replace(run_name="sigterm", epochs=2)
     handler = signal.getsignal(signal.SIGTERM)
     interrupt_at(monkeypatch, 3, signal.SIGTERM)  # epoch 0, step 3 of 10
@@ -236,6 +237,11 @@ def test_sigterm_saves_mid_epoch_like_ctrl_c(base, monkeypatch):
     with pytest.raises(RunInterrupted, match=f"SIGTERM during epoch 0 after step 3 of 10; checkpoint saved in {saved}"):
         train(cfg)
     assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGTERM) is handler
+    interrupt_at(monkeypatch, 1, signal.SIGTERM)  # the resumed run's first step
+    with pytest.raises(SystemExit) as info:
+        main(["train", *flags(cfg)])
+    assert info.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: SIGTERM during epoch 0 after step 4 of")
 
 
 def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
@@ -321,7 +327,8 @@ def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(
     assert train(cfg)["status"] == "finished"  # found finished: nothing trains, nothing stops
 
 
-def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monkeypatch, capsys):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monkeypatch, capsys, sig, status):
     """Loading the data (or large encoders) is no step to finish: a Ctrl-C then stops at once, in the one line
     every other command says, with nothing trained and no checkpoint (it loaded on, trained a step and saved)."""
     import iisan.train.trainer as trainer
@@ -329,20 +336,20 @@ def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monke
     real = trainer.load_data
 
     def loading(cfg):
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(sig)
         return real(cfg)
 
     monkeypatch.setattr(trainer, "load_data", loading)
-    cfg = base.replace(run_name="setup")
+    cfg = base.replace(run_name=f"setup-{sig.name}")
     with pytest.raises(SystemExit) as info:
         main(["train", *flags(cfg)])
-    assert info.value.code == 130
+    assert info.value.code == status
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: interrupted; nothing is left half-")
-    assert not (Path(cfg.out_dir) / "setup" / "checkpoints").exists() or \
-        not checkpoint.checkpoints(Path(cfg.out_dir) / "setup" / "checkpoints")
-    results = json.loads((Path(cfg.out_dir) / "setup" / "results.json").read_text())  # which signal, and when
+    folder = Path(cfg.out_dir) / cfg.run_name
+    assert not (folder / "checkpoints").exists() or not checkpoint.checkpoints(folder / "checkpoints")
+    results = json.loads((folder / "results.json").read_text())  # which signal, and when
     assert results["status"] == "interrupted"
-    assert results["error"] == "SIGINT while the run set up, before its first step"
+    assert results["error"] == f"{sig.name} while the run set up, before its first step"
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(base, reference, caplog):

@@ -160,8 +160,9 @@ def test_a_swept_path_under_an_explicit_run_name_gives_one_safe_folder_per_point
     assert all(n.startswith("mine-text_model") and "/" not in n for n in names)
 
 
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(sweep, argv, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              monkeypatch, sig, status):
     import signal
 
     import iisan.model.recommender as recommender_module
@@ -171,7 +172,7 @@ def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(swee
     def interrupting(*args):
         calls.append(1)
         if len(calls) == 5:  # point 1, its second step
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.Signals[sig])
         return loss(*args)
 
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
@@ -179,11 +180,11 @@ def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(swee
     with pytest.raises(SystemExit) as info:
         run_script(DEFAULTS, sweep, flags)
     out, err = capsys.readouterr()
-    assert info.value.code == 130
+    assert info.value.code == status
     assert [r[2] for r in summary_rows(out)] == ["finished", "interrupted", "not run"]
     assert err.strip().splitlines()[-1].endswith("To resume, run the same command again: finished points are "
                                                  "skipped, this one goes on from its checkpoint")
-    assert "grid point 1: SIGINT during epoch 0 after step 2 of 3; checkpoint saved in" in err
+    assert f"grid point 1: {sig} during epoch 0 after step 2 of 3; checkpoint saved in" in err
     monkeypatch.undo()
     again = run_script(DEFAULTS, sweep, flags)  # as told: the same command
     assert [r["resumed_from"] for r in again] == [[], ["epoch-0000-step-00002"], []]

@@ -3,7 +3,7 @@ evaluate, recommend, export.
 
 Every training and caching flag is a ``Config`` field (``iisan train --help`` lists them). Bad input
 ends with one line on stderr (``iisan: error: ...``) and exit status 2; Ctrl-C during training saves a
-checkpoint, says how to resume and exits 130.
+checkpoint, says how to resume and exits 130 (SIGTERM: 143).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def script_hints(resume: str, rebuild: str):
     try:
         yield
     except RunInterrupted as err:
-        raise RunInterrupted(err.what, resume) from None
+        raise err.rehinted(resume) from None
     except CacheError as err:
         raise CacheError(str(err).replace("`iisan cache --overwrite`", rebuild)) from None
 

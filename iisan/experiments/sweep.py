@@ -280,9 +280,8 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
             except RunInterrupted as err:
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 # the point's run name comes from the grid: rerunning the command finds it again
-                raise RunInterrupted(f"grid point {point.index}: {err.what}", "To resume, run the same command "
-                                     "again: finished points are skipped, this one goes on from its checkpoint"
-                                     ) from None
+                raise err.rehinted("To resume, run the same command again: finished points are skipped, this "
+                                   "one goes on from its checkpoint", f"grid point {point.index}: {err.what}") from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 raise

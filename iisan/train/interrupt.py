@@ -17,6 +17,8 @@ import os
 import signal
 import threading
 
+from ..errors import Terminated
+
 
 class StopRequests:
     """Context manager installing the handlers; ``signal`` holds the name of the first signal received."""
@@ -36,7 +38,8 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name  # the message is what train.log and results.json say of the ending
         if not self.armed:
-            raise KeyboardInterrupt(f"{name} while the run set up, before its first step")
+            stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            raise stop(f"{name} while the run set up, before its first step")
         if self.signal is not None:
             if self.escalate and signum == signal.SIGINT:
                 raise KeyboardInterrupt(f"a second SIGINT after {self.signal}: stopped at once, without saving a "

@@ -172,7 +172,8 @@ class Run:
         named = "" if self.cfg.run_name else \
             f" (--run-name {self.run_dir.name} names that folder from another command)"  # (unless it did)
         return RunInterrupted(f"{self.stop.signal or 'stop request'} {where}; checkpoint saved in {path}",
-                              f"To resume, run the same command again; it goes on in {self.run_dir.name}{named}")
+                              f"To resume, run the same command again; it goes on in {self.run_dir.name}{named}",
+                              self.stop.signal or "SIGINT")
 
     # ----------------------------------------------------------------------------------------------
     # the loop
@@ -330,7 +331,7 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         # a signal during the last epoch: the run finished, and the caller stops (a sweep before its next point)
         if not run.finished_before and any_rank(stop.requested, dist):
             raise RunInterrupted(f"{stop.signal or 'stop request'} during the last epoch, which ended the run: it "
-                                 f"is finished ({run.run_dir / RESULTS})")
+                                 f"is finished ({run.run_dir / RESULTS})", signal=stop.signal or "SIGINT")
         return results
     finally:
         if created:
