@@ -94,6 +94,34 @@ def copy_run(source: Path, target: Path, change) -> None:
     (target / "results.json").write_text(json.dumps(results))
 
 
+def test_seeds_run_on_different_devices_average_their_metrics_but_not_their_time_or_memory(runs, tmp_path, caplog):
+    """A GPU's allocator peak beside a CPU process's resident memory, and their epoch times, make no mean:
+    those cells stay empty and the row says how many devices; the metrics are averaged as ever."""
+    out, results = runs
+
+    def on_a_gpu(r):
+        r.update(device="NVIDIA H100 80GB HBM3", peak_memory={"max_allocated_gib": 3.0}, run_dir=str(tmp_path / "g"))
+        r["timing"]["train_seconds_per_epoch"] = 10.0
+
+    copy_run(out / "lr0.0002-s1", tmp_path / "c", lambda r: r.update(run_dir=str(tmp_path / "c")))
+    copy_run(out / "lr0.0002-s2", tmp_path / "g", on_a_gpu)
+    main(["results", str(tmp_path), "--average-seeds", "--csv", str(tmp_path / "m.csv")])
+    with open(tmp_path / "m.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    pair = np.array([r["test"]["hit@10"] for r in results[:2]])
+    assert int(row["seeds"]) == 2 and float(row["test_hit@10"]) == pytest.approx(pair.mean())
+    assert (row["device"], row["train_s_per_epoch"], row["peak_gib"]) == ("2 devices", "", "")
+    assert "1 row(s) average seeds run on different devices: their time per epoch and peak memory are left " \
+           "out" in caplog.text
+    copy_run(out / "lr0.0002-s2", tmp_path / "g2", lambda r: r.update(run_dir=str(tmp_path / "g2")))
+    main(["results", str(tmp_path / "c"), str(tmp_path / "g2"), "--average-seeds", "--csv", str(tmp_path / "m.csv")])
+    with open(tmp_path / "m.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["device"] == results[0]["device"]  # one device: its name, and its time and memory averaged
+    assert float(row["train_s_per_epoch"]) == pytest.approx(np.mean(
+        [r["timing"]["train_seconds_per_epoch"] for r in results[:2]]))
+
+
 def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
     """--nonfinite authors finishes a run at a NaN with the best epoch before it: the table keeps it (it is
     a result, as the authors counted it) and says so."""

@@ -114,10 +114,27 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     out = out.join(spread.add_suffix("_std"))
     out["trainable_params"] = grouped["trainable_params"].first()
     out["peak_gib"] = grouped["peak_gib"].mean()  # memory: the paper's third axis of efficiency, beside time
+    if "device" not in group:  # (--keys device: a row per device already)
+        out = out.join(on_one_device(grouped["device"], out))
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
     out = in_order(out.reset_index(), [c for c in group if c != "status"])
     out.attrs["runs"] = counted["run"].tolist()
     return out
+
+
+def on_one_device(devices: pd.core.groupby.SeriesGroupBy, out: pd.DataFrame) -> pd.Series:
+    """The ``device`` column of averaged rows: the one device their seeds ran on, or ``N devices``, where the
+    seeds' time per epoch and peak memory (a GPU's allocator beside a CPU process's resident memory) are
+    no one device's: those cells of ``out`` are emptied and the rows counted in a warning. The metrics are
+    still averaged: they do not depend on where a run ran (beyond rounding)."""
+    kinds = devices.nunique(dropna=False)
+    mixed = kinds > 1
+    out.loc[mixed, ["train_s_per_epoch", "train_s_per_epoch_std", "peak_gib"]] = np.nan
+    if mixed.any():
+        log.warning("--average-seeds: %d row(s) average seeds run on different devices: their time per epoch "
+                    "and peak memory are left out (the table without --average-seeds shows each run's)",
+                    int(mixed.sum()))
+    return devices.first().where(~mixed, kinds.astype(str) + " devices").rename("device")
 
 
 def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
