@@ -44,7 +44,9 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path, ca
     assert cells[3] == f"{fixed(ndcgs.mean())} ± {fixed(ndcgs.std(ddof=1))}"
     paper = next(line for line in lines if line.startswith("| paper (IISAN) |"))
     assert f"| {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} |" in paper and "3 GB" in paper
-    assert cells[-1].endswith(" GiB") and "peak memory (of the seed that used most)" in lines[4]
+    peaks = [r["peak_memory"]["peak_rss_gib"] for r in results]
+    assert cells[-1] == f"{np.mean(peaks):.2f} GiB" and "peak memory (mean over seeds)" in lines[4]
+    assert "the process's peak resident memory on a CPU" in path.read_text()
     assert cells[-2] != "0.0"  # (a tenth of a second was written 0.0: small times keep two digits)
     assert "not comparable with the paper" in path.read_text() and "commit:" in path.read_text()
     files = [tmp_path / "runs" / f"reproduce-demo-seed{s}" / "results.json" for s in (1, 2, 3)]
@@ -75,6 +77,18 @@ def test_a_seed_that_cannot_be_averaged_with_the_others_gets_a_row_of_its_own():
     assert lines[4].startswith("| paper (IISAN) |") and len(lines) == 5
     alike = table("demo", [seed_row(0, "finished", 0.1), seed_row(1, "finished", 0.2)]).splitlines()
     assert alike[2].startswith("| this reproduction | 2 | ") and len(alike) == 4
+
+
+def test_each_row_shows_the_memory_of_its_own_seeds():
+    """It showed the largest peak of every seed on each row (8.00 GiB, the NaN seed's, beside two of 1 and
+    2 GiB); seeds run on two devices have no one peak or time: '-'."""
+    rows = [seed_row(0, "finished", 0.1), seed_row(1, "finished", 0.2), seed_row(2, "finished (NaN)", 0.3)]
+    for row, peak in zip(rows, (1.0, 2.0, 8.0), strict=True):
+        row["peak_gib"] = peak
+    lines = table("demo", rows).splitlines()
+    assert lines[2].endswith("| 1.5 | 1.50 GiB |") and lines[3].endswith("| 1.5 | 8.00 GiB |")
+    rows[1]["device"] = "NVIDIA H100"
+    assert table("demo", rows[:2]).splitlines()[2].endswith("| - | - |")
 
 
 def test_without_the_data_it_names_the_missing_step_and_how_to_do_it(tmp_path):

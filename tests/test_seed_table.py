@@ -47,6 +47,15 @@ def test_mean_std_is_the_sample_standard_deviation():
     assert mean_std([0.5])["std"] is None  # one seed: no spread to state
 
 
+def test_a_non_finite_seed_makes_a_non_finite_cell_not_a_crash():
+    stat = mean_std([0.1, float("nan"), 0.3])
+    assert stat == {"mean": None, "std": None, "n": 3}  # never averaged away (it was a traceback)
+    assert mean_std([0.1, float("inf")])["mean"] is None
+    table = markdown({"table": {"Scientific/id": {"hit@10": stat, "ndcg@10": mean_std([0.1, 0.2]), "seeds": []}},
+                      "points": {}})
+    assert table.splitlines()[-1] == "| Scientific | id | - | non-finite | 0.1500 ± 0.0707 | - |"
+
+
 def test_write_table_collects_finished_points_and_lists_the_rest(tiny, tiny_config, tmp_path):
     root = as_real_data(tiny, tmp_path / "data")
     work = tmp_path / "work"

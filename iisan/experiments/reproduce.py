@@ -17,6 +17,8 @@ skipped): it checks the pipeline, and its numbers are not comparable with the pa
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,13 +139,15 @@ def table(dataset: str, rows: list[dict]) -> str:
     def label(merged: dict) -> str:
         return "this reproduction" + (f" ({', '.join(f'{k} {merged.get(k)}' for k in apart)})" if apart else "")
 
+    def measured(value: float | None, how: Callable[[float], str]) -> str:
+        return how(value) if value is not None and math.isfinite(value) else "-"  # "-": seeds on several devices
+
     paper = PAPER_ACCURACY.get(dataset, {})
-    peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
     header = ("| | seeds | " + " | ".join(f"test {m}" for m in METRICS)
-              + " | train s/epoch | peak memory (of the seed that used most) |")
+              + " | train s/epoch | peak memory (mean over seeds) |")
     ours = [f"| {label(merged)} | {merged['seeds']} | " + " | ".join(cell(merged, f"test_{m}") for m in METRICS)
-            + f" | {seconds(merged['train_s_per_epoch'])} | {max(peaks) if peaks else 0:.2f} GiB |"
-            for merged in groups]
+            + f" | {measured(merged['train_s_per_epoch'], seconds)} | "
+            + f"{measured(merged['peak_gib'], lambda v: f'{v:.2f} GiB')} |" for merged in groups]
     theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in METRICS)
               + f" | {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} | {PAPER_EFFICIENCY['gpu_memory_gb']:.0f} GB |")
     return "\n".join([header, "|" + "---|" * 8, *ours, theirs]) + "\n"
@@ -188,6 +192,8 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
             if run.dataset == "demo" else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
     text = (f"{TABLE_HEAD}{run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
             f"standard deviation over seeds {', '.join(map(str, run.seeds))}.\n\n{table(run.dataset, rows)}\n"
+            "Peak memory is the GPU allocator's peak on a GPU (the paper's measure) and the process's peak "
+            "resident memory on a CPU (the interpreter and libraries included).\n"
             f"Command: `{about['command']}`; device: {rows[0]['device']}; commit: {about['git_commit']}; "
             f"{about['date']}. Runs: {cfg.out_dir}.\n")
     table_path(run)  # again: a file put there while the runs trained is not replaced either

@@ -11,6 +11,7 @@ validation epoch, and per setting and data set their mean and sample standard de
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -154,7 +155,10 @@ def _summary(path: Path) -> dict:
 
 
 def mean_std(values: list[float]) -> dict:
-    """Mean and sample standard deviation (n - 1; None for a single value)."""
+    """Mean and sample standard deviation (n - 1; None for a single value). A NaN or infinite value makes
+    both None, which the table shows as ``non-finite``: never averaged away, never a crash."""
+    if not all(math.isfinite(v) for v in values):
+        return {"mean": None, "std": None, "n": len(values)}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
 
@@ -229,4 +233,6 @@ def markdown(payload: dict) -> str:
 
 
 def _mean_std_cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "non-finite"
     return fixed(stat["mean"]) + (f" ± {fixed(stat['std'])}" if stat["std"] is not None else "")
