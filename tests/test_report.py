@@ -564,6 +564,31 @@ def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
         assert s["loss"] == [e["loss"] for e in result["epochs"]] and s["best_epoch"] == result["best_epoch"]
 
 
+def test_the_curves_of_a_dozen_runs_are_told_apart_and_the_legend_is_beside_them(tmp_path, monkeypatch):
+    """Past ten runs the colours came round again with nothing else to tell two runs apart (a 4 x 3 sweep),
+    and the legend lay over the lines."""
+    import matplotlib.pyplot as plt
+
+    from iisan.experiments.curves import draw_curves, run_styles
+
+    styles = [tuple(s.values()) for s in run_styles(40)]
+    assert len(set(styles)) == 40
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (drawn.append(fig), close(fig)))
+    curves = {f"lr{i}": {"epoch": [0, 1, 2], "valid_hit@10": [0.1, 0.2, 0.1 + i / 100], "loss": [3.0, 2.0, 1.0],
+                         "best_epoch": 1} for i in range(12)}
+    curves["failed"] = {"epoch": [], "valid_hit@10": [], "loss": [], "best_epoch": -1}  # no line, no legend entry
+    draw_curves(curves, tmp_path / "c.png")
+    (fig,) = drawn
+    hit_ax, loss_ax = fig.axes
+    lines = [line for line in hit_ax.lines if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == [f"lr{i}" for i in range(12)]
+    assert len({(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}) == 12
+    (legend,) = fig.legends  # of the figure, outside both panels
+    assert [t.get_text() for t in legend.get_texts()] == [f"lr{i}" for i in range(12)]
+    assert hit_ax.get_legend() is None and loss_ax.get_ylabel() and hit_ax.get_ylabel() == "HR@10"
+
+
 def test_curves_refused_by_format_or_path_draw_nothing_and_leave_no_figure_open(runs, tmp_path):
     """A suffix matplotlib cannot write, or a path holding someone else's file, is refused before anything
     is drawn: no figure is left open in the process (a notebook calling it again would pile them up)."""

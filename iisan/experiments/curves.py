@@ -68,6 +68,19 @@ def figure_format(path: str | Path, flag: str = "--curves") -> str:
     return fmt
 
 
+# Ten colours told apart by colour-blind readers too (matplotlib's tableau-colorblind10); past ten runs the
+# colours come round again with another line style and marker, so no two runs look alike.
+COLOURS = ("#006BA4", "#FF800E", "#ABABAB", "#595959", "#5F9ED1", "#C85200", "#898989", "#A2C8EC", "#FFBC79",
+           "#CFCFCF")
+LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def run_styles(n: int) -> list[dict]:
+    """The colour, line style and marker of each of ``n`` runs' lines: all different up to 40 runs."""
+    return [{"color": COLOURS[i % len(COLOURS)], "linestyle": LINES[i // len(COLOURS) % len(LINES)][0],
+             "marker": LINES[i // len(COLOURS) % len(LINES)][1]} for i in range(n)]
+
+
 def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
     marked; written atomically to ``path`` (PNG)."""
@@ -80,21 +93,22 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
 
     claim_figure(path)  # refused before anything is drawn
     fmt = figure_format(path)
-    fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, s in curves.items():
-        if not s["epoch"]:  # a run that failed before its first epoch ended: no line, so no name in the legend
-            continue
-        (line,) = hit_ax.plot(s["epoch"], s["valid_hit@10"], marker=".", label=name)
+    drawn = {name: s for name, s in curves.items() if s["epoch"]}  # a run failed before its first epoch: no line
+    fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for (name, s), style in zip(drawn.items(), run_styles(len(drawn)), strict=True):
+        hit_ax.plot(s["epoch"], s["valid_hit@10"], markersize=4, label=name, **style)
         if s["best_epoch"] in s["epoch"]:
             best = s["epoch"].index(s["best_epoch"])
-            hit_ax.plot(s["best_epoch"], s["valid_hit@10"][best], "*", markersize=12, color=line.get_color())
-        loss_ax.plot(s["epoch"], s["loss"], marker=".", label=name, color=line.get_color())
-    hit_ax.set(title="validation HR@10 (star: best epoch, where test is reported)", xlabel="epoch")
-    loss_ax.set(title="training loss", xlabel="epoch")
-    hit_ax.legend(fontsize=7)
+            hit_ax.plot(s["best_epoch"], s["valid_hit@10"][best], "*", markersize=13, color=style["color"],
+                        markeredgecolor="black", markeredgewidth=0.5)
+        loss_ax.plot(s["epoch"], s["loss"], markersize=4, **style)
+    hit_ax.set(title="validation HR@10 (star: best epoch, where test is reported)", xlabel="epoch",
+               ylabel="HR@10")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="in-batch softmax loss")
+    # beside the panels, not over the lines: one column per 20 runs
+    fig.legend(loc="outside right upper", fontsize=7, ncols=1 + (len(drawn) - 1) // 20)
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
     signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
     try:
         with atomic_path(path) as tmp:
