@@ -125,10 +125,8 @@ def test_the_tasks_table_puts_median_and_p90_in_their_columns():
     assert failed[2:] == ["| evaluation | | failed: OOM | | |", "| cache build | | failed: disk full | | |"]
 
 
-def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeypatch):
-    payload = benchmark_payload()
-    fft, authors, iisan = payload["rows"]
-    iisan.update(seconds_per_step=0.25, epoch_seconds=7.0, trainable_params=50, memory={"peak_rss_gib": 0.5})
+def drawn_axes(payload: dict, monkeypatch) -> list:
+    """The four panels ``figures.figure`` draws for ``payload``."""
     drawn = []
     subplots = figures.plt.subplots
 
@@ -139,10 +137,36 @@ def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeyp
     monkeypatch.setattr(figures.plt, "subplots", keep)
     assert figures.figure(payload).startswith(b"\x89PNG")
     (_, axes), = drawn
-    heights = [[bar.get_height() for bar in ax.patches] for ax in axes]
-    assert heights == [[19.0, 7.0], [1.0, 0.5], [1000, 50], [1.0, 0.0]]  # the default rows: FFT, IISAN
-    assert [ax.get_title() for ax in axes] == ["training time per epoch (s)", "peak process resident memory (GiB)",
-                                               "trainable parameters", "TPME (lower is better)"]
+    return list(axes)
+
+
+def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeypatch):
+    payload = benchmark_payload()
+    fft, authors, iisan = payload["rows"]
+    iisan.update(seconds_per_step=0.25, epoch_seconds=7.0, trainable_params=50, memory={"peak_rss_gib": 0.5})
+    time, memory, params, tpme = drawn_axes(payload, monkeypatch)
+    heights = [[bar.get_height() for bar in ax.patches] for ax in (time, memory, tpme)]
+    assert heights == [[19.0, 7.0], [1.0, 0.5], [1.0, 0.0]]  # the default rows: FFT, IISAN
+    # parameters: points on a log axis, no bars (a bar's length there depends on where the axis starts)
+    assert not params.patches and params.get_yscale() == "log"
+    assert params.collections[0].get_offsets().tolist() == [[0, 1000], [1, 50]]
+    assert [ax.get_title() for ax in (time, memory, params, tpme)] == [
+        "training time per epoch (s)\nstep time × steps per epoch, training only", "peak process resident memory (GiB)",
+        "trainable parameters (log scale)", "TPME, lower is better\n(0: the best of these methods, 1: the worst)"]
+    assert [t.get_text() for t in time.figure.legends[0].get_texts()] == ["IISAN", "the other methods"]
+
+
+def test_a_method_that_failed_keeps_its_place_in_the_figure_marked_failed(monkeypatch):
+    """It vanished: five bars and no word of the sixth, though the table said it failed."""
+    payload = benchmark_payload()
+    fft, authors, iisan = payload["rows"]
+    payload["rows"].insert(1, {"label": "LoRA", "method": "LoRA", "feed": "live", "batch_size": 32,
+                               "measured": "default", "error": "CUDA out of memory"})
+    axes = drawn_axes(payload, monkeypatch)
+    for ax in axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["FFT", "LoRA\n(failed)", "IISAN\n(uncached)"]
+        assert [t.get_text() for t in ax.texts if t.get_text() == "failed"] == ["failed"]
+    assert [bar.get_x() + bar.get_width() / 2 for bar in axes[0].patches] == [0, 2]  # no bar in LoRA's place
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")  # no display here; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
@@ -172,28 +173,48 @@ def figure_title(payload: dict) -> str:
             f"{payload['data']} data{quick}")
 
 
+IISAN_COLOUR, OTHER_COLOUR = "#c44e52", "#4c72b0"
+
+
 def figure(payload: dict) -> bytes:
-    """The PNG of ``payload``'s default rows, drawn in memory (``write_reports`` writes it)."""
-    rows = [r for r in payload["rows"] if "tpme" in r]  # the default rows (TPME compares them)
-    labels = [r["label"].replace(" (", "\n(") for r in rows]
+    """The PNG of ``payload``'s default rows, drawn in memory (``write_reports`` writes it): bars on the
+    linear panels, points on the parameters' log axis (a bar there starts where the axis happens to, so
+    its length says nothing). A row that failed keeps its place, marked ``failed``: TPME compares the
+    others only."""
+    rows = [r for r in payload["rows"] if r.get("measured", "default") == "default" and ("tpme" in r or "error" in r)]
+    labels = [r["label"].replace(" (", "\n(") + ("\n(failed)" if "error" in r else "") for r in rows]
     panels = [
-        ("training time per epoch (s)", [r["epoch_seconds"] for r in rows], False),
-        (memory_label(payload), [memory_gib(r) for r in rows], False),
-        ("trainable parameters", [r["trainable_params"] for r in rows], True),
-        ("TPME (lower is better)", [r["tpme"] for r in rows], False),
+        ("training time per epoch (s)\nstep time × steps per epoch, training only",
+         [r.get("epoch_seconds") for r in rows], False),
+        (memory_label(payload), [memory_gib(r) if "error" not in r else None for r in rows], False),
+        ("trainable parameters (log scale)", [r.get("trainable_params") for r in rows], True),
+        ("TPME, lower is better\n(0: the best of these methods, 1: the worst)", [r.get("tpme") for r in rows], False),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    colours = ["#c44e52" if r["method"] == "IISAN" else "#4c72b0" for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), layout="constrained")
+    colours = [IISAN_COLOUR if r.get("method") == "IISAN" else OTHER_COLOUR for r in rows]
     for ax, (title, values, log_scale) in zip(axes, panels):
-        ax.bar(range(len(values)), values, color=colours)
-        ax.set_xticks(range(len(values)), labels, fontsize=8)
-        ax.set_title(title, fontsize=10)
+        shown = [(i, v) for i, v in enumerate(values) if v is not None]
+        xs, ys = [i for i, _ in shown], [v for _, v in shown]
         if log_scale:
+            ax.scatter(xs, ys, s=60, c=[colours[i] for i in xs], zorder=3)
             ax.set_yscale("log")
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+            ax.margins(y=0.25)
+        else:
+            ax.bar(xs, ys, color=[colours[i] for i in xs])
+            ax.margins(y=0.15)  # room for the values above the bars
+        for i, v in shown:
+            ax.annotate(f"{v:.3g}", (i, v), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7)
+        for i, r in enumerate(rows):
+            if "error" in r:
+                ax.annotate("failed", (i, 0.03), xycoords=("data", "axes fraction"), rotation=90, ha="center",
+                            va="bottom", fontsize=8, color="dimgrey")
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    legend = [matplotlib.patches.Patch(color=IISAN_COLOUR, label="IISAN"),
+              matplotlib.patches.Patch(color=OTHER_COLOUR, label="the other methods")]
+    fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle(figure_title(payload), fontsize=10)
-    fig.tight_layout()
     png = io.BytesIO()
     try:
         fig.savefig(png, dpi=110, format="png", metadata={"Creator": CREATOR})
