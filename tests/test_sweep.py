@@ -68,7 +68,8 @@ def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, c
         config = json.loads((tmp_path / "runs" / row[1] / "config.json").read_text())
         assert row[1].split("-")[-2] == f"lr{config['lr']}"
         results = json.loads((tmp_path / "runs" / row[1] / "results.json").read_text())
-        assert results["status"] == "finished" and row[3] == fixed(results['test']['hit@10'])
+        assert results["status"] == "finished" and row[3:6] == [  # validation first: what a point is chosen by
+            fixed(results["valid"]["hit@10"]), fixed(results["test"]["hit@10"]), fixed(results["test"]["ndcg@10"])]
     failed = json.loads((tmp_path / "runs" / rows[2][1] / "results.json").read_text())
     assert failed["status"] == "failed" and failed["error"] == rows[2][2].removeprefix("failed: ")
 

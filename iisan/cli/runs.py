@@ -110,7 +110,8 @@ def add_run_commands(sub) -> None:
     p.add_argument("--include-smoke", action="store_true", help="also smoke runs (left out by default)")
     p.add_argument("--include-running", action="store_true",
                    help="also runs that have not finished: running, failed or interrupted (left out by default)")
-    p.add_argument("--sort", default=None, help="column to sort by, descending (e.g. test_hit@10)")
+    p.add_argument("--sort", default=None, help="column to sort by, descending (e.g. valid_hit@10: choose a "
+                                                "configuration by validation; by test is tuning on the test set)")
     p.add_argument("--csv", type=path_arg, default=None,
                    help="also write the table (with standard deviations) to this CSV")
     p.add_argument("--curves", type=path_arg, default=None,

@@ -224,22 +224,25 @@ def listing(points: list[GridPoint], total: int) -> str:
 
 
 def summary(outcomes: list[Outcome], made=None) -> str:
-    """A markdown table of every point: status and, for runs, test HR@10 and NDCG@10; for an action that
-    trains no run, what each point made instead (``made(config, result)``, see ``run_script``)."""
+    """A markdown table of every point: status and, for runs, validation HR@10 (what a point is chosen by:
+    choosing by test would tune on the test set) and test HR@10 and NDCG@10 at the best-validation epoch;
+    for an action that trains no run, what each point made instead (``made(config, result)``, see
+    ``run_script``)."""
     counts: dict[Status, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
-             "| # | made | status |" if made else "| # | run | status | test HR@10 | test NDCG@10 |",
-             "|---|---|---|" if made else "|---|---|---|---|---|"]
+             "| # | made | status |" if made else "| # | run | status | valid HR@10 | test HR@10 | test NDCG@10 |",
+             "|---|---|---|" if made else "|---|---|---|---|---|---|"]
     for o in outcomes:
         status = f"{o.status}: {o.reason}" if o.reason else o.status
         if made:
             done = o.status is Status.FINISHED and o.point.config is not None
             lines.append(f"| {o.point.index} | {made(o.point.config, o.result) if done else o.point.name} | {status} |")
             continue
-        test = o.result.get("test") if isinstance(o.result, dict) else None
-        metrics = [fixed(test['hit@10']), fixed(test['ndcg@10'])] if test else ["", ""]
+        test, valid = (o.result.get("test"), o.result.get("valid")) if isinstance(o.result, dict) else (None, None)
+        metrics = [fixed(valid["hit@10"]) if valid else "", *((fixed(test["hit@10"]), fixed(test["ndcg@10"])) if test
+                                                              else ("", ""))]
         lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(metrics)} |")
     return "\n".join(lines) + "\n"
 
