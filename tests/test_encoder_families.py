@@ -222,6 +222,34 @@ def test_bitfit_on_a_tower_without_biases_says_that_none_of_its_weights_trains(t
     assert any(p.requires_grad for p in bert.model.parameters()) and "no biases" not in caplog.text
 
 
+def test_bitfit_trains_the_biases_deberta_keeps_beside_its_fused_projection():
+    """DeBERTa (v1) projects query, key and value by one bias-free ``in_proj`` and keeps the query and value
+    biases as parameters of their own (``q_bias``, ``v_bias``): they stayed frozen without a word."""
+    from transformers import DebertaConfig, DebertaModel
+
+    from iisan.model.peft_methods import apply_bitfit
+
+    model = DebertaModel(DebertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=32))
+    apply_bitfit(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"encoder.layer.{i}.attention.self.{b}" for i in range(2) for b in ("q_bias", "v_bias")} <= trained
+    assert all(n.endswith("bias") for n in trained) and "encoder.layer.0.attention.self.in_proj.weight" not in trained
+    expected = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2].endswith("bias"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected  # every bias, no weight
+
+
+def test_adapter_targets_that_name_one_module_twice_wrap_it_once(towers):
+    """``output.dense`` also ends ``attention.output.dense``: overlapping targets wrapped that module twice
+    and the second wrap raised AttributeError (a traceback); LoRA took the same names already."""
+    from iisan.model.backbones import load_text_encoder
+
+    bert = load_text_encoder(towers["bert32x2"], (0, 2))
+    names = resolve_targets(bert.model, ["attention_output", "ffn_out", "output.dense"])
+    assert names == [f"encoder.layer.{i}.{m}" for m in ("attention.output.dense", "output.dense") for i in range(2)]
+    assert len(apply_adapters(bert.model, 8, ["attention_output", "ffn_out", "output.dense"])) == 4
+
+
 def test_fft_trains_every_weight_a_step_reads_and_no_unused_mask_token(towers):
     """DINOv2 keeps a mask_token for masked-image pretraining, which no step uses: FFT and BitFit leave it
     frozen (it would count as trainable and never get a gradient); every other weight trains under FFT."""

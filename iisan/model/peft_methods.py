@@ -112,7 +112,7 @@ def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
                               f"({type(model).__name__}); roles: {', '.join(ROLES)}; Linear/Conv1D modules: "
                               f"{', '.join(suffixes)}")
         found += matches
-    return found
+    return list(dict.fromkeys(found))  # targets that overlap (output.dense, attention_output) name a module once
 
 
 def _get(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -141,8 +141,10 @@ def apply_fft(model: nn.Module) -> None:
 
 def apply_bitfit(model: nn.Module) -> None:
     """Every bias trains: the ``bias`` parameter of each module (Linear, LayerNorm, ...), found on the
-    modules, not by parameter name."""
+    modules, and a bias a module keeps under a name of its own (DeBERTa's ``q_bias`` and ``v_bias``,
+    beside a fused projection that has none)."""
     biases = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    biases |= {id(p) for name, p in model.named_parameters() if name.rpartition(".")[2].endswith("_bias")}
     for p in model.parameters():
         p.requires_grad_(id(p) in biases)
     freeze_poolers(model)
