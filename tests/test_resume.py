@@ -244,6 +244,29 @@ def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(base, monkeypatch, ca
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: SIGTERM during epoch 0 after step 4 of")
 
 
+def test_a_rank_other_than_the_first_puts_the_log_level_back_when_its_run_ends(base, monkeypatch):
+    """Ranks other than rank 0 log only warnings while they train; a library caller's ``iisan`` logger is its
+    own again afterwards (it stayed at WARNING for every later call in that process)."""
+    import logging
+
+    import iisan.train.trainer as trainer
+    from iisan.distributed import Dist
+    from iisan.train.interrupt import StopRequests
+
+    logger = logging.getLogger("iisan")
+    monkeypatch.setattr(logger, "level", logging.DEBUG)
+    seen = []
+
+    def missing_inputs(cfg, trained):
+        seen.append(logger.level)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(trainer, "check_run_inputs", missing_inputs)
+    with pytest.raises(ConfigError, match="stop here"):
+        trainer.Run(base.replace(run_name="rank1"), Dist(rank=1, world_size=2), torch.device("cpu"), StopRequests())
+    assert seen == [logging.WARNING] and logger.level == logging.DEBUG
+
+
 def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
     from iisan.train.interrupt import StopRequests
 

@@ -68,6 +68,7 @@ class Run:
         self.started = False  # set up: data, model, the checkpoint it resumes from
         self.clock = time.perf_counter()  # this attempt's wall time, said as it ends
         self.finished_before: dict | None = None  # finished by another process while this one waited
+        self.log_level = logging.getLogger("iisan").level  # put back by ``close`` (other ranks speak less)
         try:
             self.setup()
         except BaseException as err:
@@ -83,6 +84,7 @@ class Run:
     def close(self) -> None:
         if self.record is not None:
             self.record.close()
+        logging.getLogger("iisan").setLevel(self.log_level)
         if self.lock is not None:
             self.lock.close()
             self.lock = None
