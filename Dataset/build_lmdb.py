@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a checkout without installing
 
-from iisan.bounds import PIXELS, check_encoding  # noqa: E402
+from iisan.bounds import PIXELS, check_encoding, path_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.datasets import dataset_paths  # noqa: E402
 from iisan.data.image_build import build_image_lmdb  # noqa: E402
@@ -25,9 +25,9 @@ IMAGE_FOLDERS = {name: source.images.folder for name, source in SOURCES.items()}
 
 def main(argv=None):
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--images", help="folder of <item_id>.jpg")
-    parser.add_argument("--items", help="items TSV: store exactly its ids (absent images become blanks)")
-    parser.add_argument("--out", help="LMDB folder to write")
+    parser.add_argument("--images", type=path_arg, help="folder of <item_id>.jpg")
+    parser.add_argument("--items", type=path_arg, help="items TSV: store exactly its ids (absent images become blanks)")
+    parser.add_argument("--out", type=path_arg, help="LMDB folder to write")
     parser.add_argument("--size", type=int, default=224,
                         help="side of the stored square images, in pixels (default: 224)")
     parser.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")

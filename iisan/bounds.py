@@ -145,6 +145,22 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def int_in(low: int, high: int):
+    """An argparse type: a whole number from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low:,} to {high:,}")
+        return value
+    return parse
+
+
+DEMO_USERS, DEMO_ITEMS = (100, 1_000_000), (40, 100_000)  # synthetic data sizes a demo takes (enough to rank)
+
+
 def seed_arg(text: str) -> int:
     """An argparse ``type`` for a seed given on a command line: refused at once, not after the work before
     its run (a reproduction's data, images and cache)."""

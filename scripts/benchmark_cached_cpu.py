@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.bounds import positive_int  # noqa: E402
+from iisan.bounds import int_in, path_arg, positive_int  # noqa: E402
 from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
@@ -33,16 +33,17 @@ from iisan.flags import FlagParser  # noqa: E402
 
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--data-dir", default=str(SCIENTIFIC),
+    parser.add_argument("--data-dir", type=path_arg, default=str(SCIENTIFIC),
                         help="the real Scientific data: the authors' TSVs (default: ../shared/data/amazon/Scientific "
                              "beside this checkout)")
-    parser.add_argument("--epochs", type=int, default=30,
+    parser.add_argument("--epochs", type=int_in(1, 10_000), default=30,
                         help="cap on epochs (early stopping may end sooner) (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data" / "cpu-scientific"),
+    parser.add_argument("--work", type=path_arg, default=str(ROOT / "bench_data" / "cpu-scientific"),
                         help="the blank-image LMDB, the random ViT, the cache and the run folders (default: "
                              "bench_data/cpu-scientific in this checkout)")
-    parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "cpu-cached-scientific.json"),
+    parser.add_argument("--out", type=path_arg,
+                        default=str(ROOT / "bench_data" / "results" / "cpu-cached-scientific.json"),
                         help="the summary JSON; the committed one is results/cpu-cached-scientific.json (default: "
                              "bench_data/results/cpu-cached-scientific.json in this checkout, git-ignored)")
     parser.add_argument("--rebuild-cache", action="store_true",

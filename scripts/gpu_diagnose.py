@@ -16,11 +16,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.bounds import DEVICES, device_choice  # noqa: E402
+from iisan.bounds import DEVICES, device_choice, path_arg  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
+
+
+def a_path(text: str) -> Path:
+    return Path(path_arg(text))
 
 
 def ints(text: str) -> list[int]:
@@ -61,10 +65,10 @@ def parser() -> FlagParser:
                              f"(default: {defaults.shape_reps})")
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help=f"threads reading images (default: {defaults.workers})")
-    parser.add_argument("--work", type=Path, default=defaults.work,
+    parser.add_argument("--work", type=a_path, default=defaults.work,
                         help="the benchmark's synthetic data and encoders, kept for the next run (default: "
                              "bench_data/ in this checkout, git-ignored, as benchmark_efficiency.py's)")
-    parser.add_argument("--out", type=Path, default=defaults.out,
+    parser.add_argument("--out", type=a_path, default=defaults.out,
                         help="the diagnosis JSON, rewritten after each section (default: "
                              "bench_data/results/diagnose.json in this checkout, git-ignored)")
     return parser
@@ -76,8 +80,10 @@ def main(argv=None) -> dict:
     labels = [x.strip() for x in args.iisan.split(",") if x.strip()]
     if unknown := [x for x in labels if x not in SETTINGS]:
         flags.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
-    if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or args.warmup < 0:
-        flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup >= 0")
+    if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or \
+            min(args.warmup, args.workers) < 0:
+        flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and --workers "
+                    ">= 0")
     if not args.frozen_items and not args.skip_plain:
         flags.error("--frozen-items names no item count; the plain section needs at least one (the first also "
                      "runs the variants), or pass --skip-plain")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.bounds import positive_int, seed_arg  # noqa: E402
+from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.seed_table import (  # noqa: E402
     SEEDS,
@@ -48,12 +48,12 @@ DATASETS = ("Scientific", "Instrument")
 
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "amazon"),
+    parser.add_argument("--data-root", type=path_arg, default=str(ROOT.parent / "shared" / "data" / "amazon"),
                         help="folder holding Scientific/ and Instrument/ with the authors' TSVs (default: "
                              "../shared/data/amazon beside this checkout)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data" / "real-seeds"),
+    parser.add_argument("--work", type=path_arg, default=str(ROOT / "bench_data" / "real-seeds"),
                         help="caches and run folders (default: bench_data/real-seeds in this checkout)")
-    parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "real-data-seeds.json"),
+    parser.add_argument("--out", type=path_arg, default=str(ROOT / "bench_data" / "results" / "real-data-seeds.json"),
                         help="the table of every finished point, as JSON; the committed one is "
                              "results/real-data-seeds.json (default: bench_data/results/real-data-seeds.json in "
                              "this checkout, git-ignored)")
@@ -66,10 +66,11 @@ def parser() -> FlagParser:
                              f"{' '.join(map(str, SEEDS))})")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--table-only", action="store_true", help="only collect finished points into --out")
-    parser.add_argument("--verify-epochs", type=int, default=0,
+    parser.add_argument("--verify-epochs", type=int_in(0, 10_000), default=0,
                         help="rerun the first N epochs of each chosen finished point here and compare; 0: train "
                              "(default: 0)")
-    parser.add_argument("--verify-out", default=str(ROOT / "bench_data" / "results" / "real-data-verify.json"),
+    parser.add_argument("--verify-out", type=path_arg,
+                        default=str(ROOT / "bench_data" / "results" / "real-data-verify.json"),
                         help="the --verify-epochs report; the committed one is results/real-data-verify.json "
                              "(default: bench_data/results/real-data-verify.json in this checkout, git-ignored)")
     return parser

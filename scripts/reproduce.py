@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-from iisan.bounds import device_choice, positive_int, seed_arg  # noqa: E402
+from iisan.bounds import DEMO_ITEMS, DEMO_USERS, device_choice, int_in, path_arg, seed_arg  # noqa: E402
 from iisan.console import entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.presets import SEEDS  # noqa: E402
@@ -26,22 +26,24 @@ def parser() -> FlagParser:
     parser.add_argument("--dataset", default="Scientific", choices=[*SOURCES, "demo"],
                         help="one of the paper's data sets, or demo: synthetic data and tiny encoders, no network "
                              "(default: Scientific)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "reproduce"),
+    parser.add_argument("--out", type=path_arg, default=str(ROOT / "results" / "reproduce"),
                         help="runs and the table go here (default: results/reproduce in this checkout)")
-    parser.add_argument("--root", default=str(ROOT), help="repository root holding Dataset/ and pretrained_models/ "
-                             "(default: this checkout)")
+    parser.add_argument("--root", type=path_arg, default=str(ROOT),
+                        help="repository root holding Dataset/ and pretrained_models/ (default: this checkout)")
     parser.add_argument("--seeds", type=seed_arg, nargs="+", default=list(SEEDS),
                         help=f"one run per seed (default: {' '.join(map(str, SEEDS))})")
     parser.add_argument("--no-fetch", action="store_true", help="never download: say which step is missing")
-    parser.add_argument("--import-from", default="", help="the authors' stored states (bert_outputs/, vit_outputs/)")
-    parser.add_argument("--epochs", type=positive_int, default=None, help="cap on epochs (default: the paper's 100)")
+    parser.add_argument("--import-from", type=path_arg, default=None,
+                        help="the authors' stored states (bert_outputs/, vit_outputs/)")
+    parser.add_argument("--epochs", type=int_in(1, 10_000), default=None,
+                        help="cap on epochs (default: the paper's 100; demo: 20)")
     parser.add_argument("--device", type=device_choice, default=None,
                         help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars for the cache build and the runs (never any for demo)")
-    parser.add_argument("--demo-users", type=positive_int, default=1200,
+    parser.add_argument("--demo-users", type=int_in(*DEMO_USERS), default=1200,
                         help="demo only: synthetic users (default: 1200)")
-    parser.add_argument("--demo-items", type=positive_int, default=400,
+    parser.add_argument("--demo-items", type=int_in(*DEMO_ITEMS), default=400,
                         help="demo only: synthetic items (default: 400)")
     return parser
 
@@ -52,7 +54,7 @@ def reproduction(args):
     overrides = {k: v for k, v in (("epochs", args.epochs), ("device", args.device)) if v is not None}
     if args.no_progress or args.dataset == "demo":
         overrides["progress"] = False
-    return Reproduction(args.dataset, Path(args.out), tuple(args.seeds), not args.no_fetch, args.import_from,
+    return Reproduction(args.dataset, Path(args.out), tuple(args.seeds), not args.no_fetch, args.import_from or "",
                         overrides, {"num_users": args.demo_users, "num_items": args.demo_items})
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 import torch  # noqa: E402
 
-from iisan.bounds import positive_int, seed_arg  # noqa: E402
+from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
 from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
@@ -31,16 +31,17 @@ from iisan.flags import FlagParser  # noqa: E402
 
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--data-dir", default=str(SCIENTIFIC),
+    parser.add_argument("--data-dir", type=path_arg, default=str(SCIENTIFIC),
                         help="the real Scientific data: the authors' TSVs (default: ../shared/data/amazon/Scientific "
                              "beside this checkout)")
-    parser.add_argument("--work-dir", default=str(ROOT / "bench_data" / "versa-minilm"),
+    parser.add_argument("--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "versa-minilm"),
                         help="the image LMDB, the random ViT, the cache, the run folder and the summary JSON "
                              "(default: bench_data/versa-minilm in this checkout, git-ignored)")
     parser.add_argument("--images", default="blank", choices=("blank", "random"),
                         help="every item's image: the same all-zero one, or per-item random noise (default: blank)")
-    parser.add_argument("--epochs", type=int, default=5, help="cap on epochs (the paper: up to 100) (default: 5)")
-    parser.add_argument("--patience", type=int, default=10,
+    parser.add_argument("--epochs", type=int_in(1, 10_000), default=5,
+                        help="cap on epochs (the paper: up to 100) (default: 5)")
+    parser.add_argument("--patience", type=int_in(0, 10_000), default=10,
                         help="stop once valid HR@10 has not improved for more than this many epochs (default: 10)")
     parser.add_argument("--seed", type=seed_arg, default=12345, help="the run's seed (default: 12345)")
     parser.add_argument("--threads", type=positive_int, default=1,

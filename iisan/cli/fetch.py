@@ -3,7 +3,7 @@ network) and import-cache (the authors' stored hidden states)."""
 
 from __future__ import annotations
 
-from ..bounds import utf8_path
+from ..bounds import path_arg, utf8_path
 from ..claims import expect_folders
 from ..config import PRECISIONS
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
@@ -76,7 +76,7 @@ def add_fetch_commands(sub) -> None:
     e.set_defaults(func=cmd_fetch_encoders)
 
     p = sub.add_parser("import-cache", help="the authors' stored per-item hidden states as this project's cache")
-    p.add_argument("--from", dest="source", required=True,
+    p.add_argument("--from", dest="source", required=True, type=path_arg,
                    help="folder holding bert_outputs/ and vit_outputs/ (the authors' stored_vectors_*/)")
     p.add_argument("--dataset", choices=sorted(DATASETS),
                    help="sets users, items and cache-dir (Code_Cached/stored_vectors_*); flags below win; "

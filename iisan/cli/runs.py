@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from ..bounds import RANDOM_BACKBONES, path_arg
+from ..bounds import DEMO_ITEMS, DEMO_USERS, RANDOM_BACKBONES, int_in, path_arg
 from ..errors import ConfigError
 from ..flags import add_config_arguments, config_from_args
 
@@ -74,19 +73,6 @@ SWEEPS_ELSEWHERE = ("several values are a sweep, which the entry scripts run, no
                     "Code_Cached/scripts/run_IISAN.py {flag} {values}; README \"Running the paper's experiments\")")
 
 
-def int_in(low: int, high: int):
-    """An argparse type: a whole number from ``low`` to ``high``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not from {low:,} to {high:,}")
-        return value
-    return parse
-
-
 def add_run_commands(sub) -> None:
     p = sub.add_parser("train", help="train and evaluate one configuration", several_values=SWEEPS_ELSEWHERE)
     add_config_arguments(p)
@@ -126,8 +112,8 @@ def add_run_commands(sub) -> None:
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the synthetic data, the tiny "
                    "models and training (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--users", type=int_in(100, 1_000_000), default=1200, help="synthetic users (default: 1200)")
-    p.add_argument("--items", type=int_in(40, 100_000), default=400, help="synthetic items (default: 400)")
+    p.add_argument("--users", type=int_in(*DEMO_USERS), default=1200, help="synthetic users (default: 1200)")
+    p.add_argument("--items", type=int_in(*DEMO_ITEMS), default=400, help="synthetic items (default: 400)")
     p.add_argument("--versa", action="store_true",
                    help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
     p.set_defaults(func=cmd_demo)

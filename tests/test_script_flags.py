@@ -1,0 +1,49 @@
+"""The scripts check their flags as the ``iisan`` command checks its own: an empty path (the working folder,
+never what was meant), a count out of range and a demo too small to rank are refused at parse time, in one
+line with exit status 2, before any work (they wrote into the working folder, published a table of a
+5-user demo, trained for hours where a negative --verify-epochs was meant to verify, or buried the error in
+a report and exited 0)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iisan.cli.main import main
+
+from ._scripts import ROOT, script_error
+
+CASES = [
+    ("reproduce", ["--dataset", "demo", "--out", ""], "argument --out: '' is empty; expected a path"),
+    ("reproduce", ["--root", " "], "argument --root: ' ' is empty; expected a path"),
+    ("reproduce", ["--import-from", ""], "argument --import-from: '' is empty; expected a path"),
+    ("reproduce", ["--dataset", "demo", "--demo-users", "5"], "argument --demo-users: 5 is not from 100 to 1,000,000"),
+    ("reproduce", ["--dataset", "demo", "--demo-items", "1"], "argument --demo-items: 1 is not from 40 to 100,000"),
+    ("reproduce", ["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
+    ("real_data_seeds", ["--verify-epochs", "-1"], "argument --verify-epochs: -1 is not from 0 to 10,000"),
+    ("real_data_seeds", ["--work", ""], "argument --work: '' is empty; expected a path"),
+    ("real_data_seeds", ["--verify-out", ""], "argument --verify-out: '' is empty; expected a path"),
+    ("gpu_diagnose", ["--workers", "-1"], "--warmup and --workers >= 0"),
+    ("gpu_diagnose", ["--out", ""], "argument --out: '' is empty; expected a path"),
+    ("benchmark_cached_cpu", ["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
+    ("benchmark_cached_cpu", ["--data-dir", ""], "argument --data-dir: '' is empty; expected a path"),
+    ("versa_minilm_scientific", ["--patience", "-1"], "argument --patience: -1 is not from 0 to 10,000"),
+    ("versa_minilm_scientific", ["--work-dir", ""], "argument --work-dir: '' is empty; expected a path"),
+    (ROOT / "Dataset" / "build_lmdb", ["--images", "", "--out", "x"], "argument --images: '' is empty"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "expected"), CASES, ids=lambda v: str(v)[-30:])
+def test_a_script_refuses_a_bad_flag_at_parse_time(script, argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty path is this folder: nothing may appear in it
+    error = script_error(str(script), argv, capsys)
+    lines = error.strip().splitlines()  # argparse's usage, then one line of error
+    assert lines[0].startswith("usage: ") and ": error: " in lines[-1] and expected in lines[-1]
+    assert "Traceback" not in error and sum(": error: " in line for line in lines) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_cache_refuses_an_empty_source(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["import-cache", "--from", "", "--dataset", "Scientific"])
+    assert stopped.value.code == 2 and "argument --from: '' is empty; expected a path" in capsys.readouterr().err
