@@ -85,6 +85,20 @@ def test_a_feed_given_for_the_id_method_is_one_info_line(tiny, tmp_path, caplog)
     assert default_run_name(said) == default_run_name(unsaid)
 
 
+def test_a_long_data_folder_name_is_cut_to_fit_the_automatic_run_name(tmp_path):
+    """The data set's folder name went in whole: train failed on the folder's length, and a sweep blamed a
+    --run-name it was never given. The hash at the end keeps two such data sets apart."""
+    from iisan.bounds import MAX_NAME_BYTES, check_run_name
+    from iisan.config import Config
+
+    names = [default_run_name(Config(users=str(tmp_path / ("a" * 240 + end) / "users.tsv"))) for end in "xy"]
+    assert all(len(n) == MAX_NAME_BYTES and n.startswith("iisan-cached-aaaa") for n in names)
+    assert names[0] != names[1] and names[0][:-9] == names[1][:-9]  # apart by their hashes alone
+    check_run_name(names[0])  # what a sweep checks
+    tagged = default_run_name(Config(users=str(tmp_path / "Scientific" / "users.tsv")), "lr0.001")
+    assert tagged.startswith("iisan-cached-Scientific-lr0.001-") and len(tagged) < 50  # short names as they were
+
+
 def test_how_a_step_is_run_does_not_name_another_run():
     """--compile (like --device or --patch-embedding) changes how a step runs, not what it computes: the run
     folder's name is the same, so --compile off on a CPU finds the run of the default auto."""

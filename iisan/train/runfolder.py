@@ -23,6 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..bounds import MAX_NAME_BYTES
 from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import fixed
@@ -76,7 +77,10 @@ def default_run_name(cfg: Config, tag: str = "", scheme: str = HASHES[0]) -> str
     number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
     of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
     head, tail = name_ends(cfg, scheme)
-    return f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
+    name = f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
+    if len(name) <= MAX_NAME_BYTES:  # (ASCII: path_component's)
+        return name
+    return f"{name[:MAX_NAME_BYTES - len(tail) - 1].rstrip('-._')}-{tail}"  # a long data folder's name, cut
 
 
 def name_ends(cfg: Config, scheme: str = HASHES[0]) -> tuple[str, str]:
