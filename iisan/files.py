@@ -7,7 +7,6 @@ at a time: ``locks``).
   target; whatever was there before is untouched. File temporaries that killed writers left are
   removed by the next write of the same target, an hour on (``remove_abandoned``; not by ``bulk`` writes).
 - What an output may be (never an input, never someone else's file): ``claims``.
-- Digests that name what a file holds.
 """
 
 from __future__ import annotations
@@ -228,6 +227,18 @@ def usual_permissions(*files: Path) -> None:
         os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~mask)
 
 
+def permissions_of(replaced: Path, tmp: Path) -> None:
+    """``tmp``, about to replace the file ``replaced``, takes its permissions and group (a results file
+    someone made private stays so when a resumed run rewrites it); a new file, the umask's."""
+    try:
+        before = os.stat(replaced)
+    except OSError:
+        return usual_permissions(tmp)
+    with suppress(OSError):  # a group this user is not in: the file keeps the user's own
+        os.chown(tmp, -1, before.st_gid)
+    os.chmod(tmp, stat.S_IMODE(before.st_mode))
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, bulk: bool = False):
     """A fresh temporary path beside ``path`` to write to (a file or a folder); renamed onto ``path``
@@ -243,7 +254,7 @@ def atomic_path(path: str | Path, *, bulk: bool = False):
         tmp = temporary_sibling(path)
         yield tmp
         if tmp.is_file():
-            usual_permissions(tmp)
+            permissions_of(path, tmp)
             if not bulk:
                 fsync(tmp)  # on disk before the rename: after a power cut, the old file or the new one, whole
         replace_folder(tmp, path) if tmp.is_dir() else os.replace(tmp, path)
@@ -327,21 +338,3 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
 def path_component(text: str) -> str:
     """``text`` made safe as (part of) one file or folder name: runs of other characters become ``_``."""
     return re.sub(r"[^A-Za-z0-9.+=-]+", "_", text).strip("._") or "_"
-
-
-# --------------------------------------------------------------------------------------------------
-# digests
-
-
-def sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """A short name for a file's content: the first 16 hex digits of its sha256."""
-    return sha256(path)[:16]

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import iisan.model.recommender as recommender_module
 import iisan.train.checkpoint as checkpoint
 from iisan.config import Config
+from iisan.digests import sha256
 from iisan.errors import RunInterrupted, TrainingError
-from iisan.files import sha256
 from iisan.train import runstate
 from iisan.train.trainer import train
 

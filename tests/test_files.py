@@ -73,6 +73,25 @@ def test_an_image_lmdb_takes_a_shared_groups_umask(tmp_path):
                                                                                       "data.mdb": 0o664}
 
 
+def test_a_rewritten_file_keeps_the_permissions_and_group_it_was_given(tmp_path):
+    """A results file made private (640, a project's group) came back 644 and the user's own group when a
+    resumed run rewrote it: the replacement takes the old file's mode and group; a new file the umask's."""
+    path = write_json_atomic(tmp_path / "results.json", {"status": "running"})
+    os.chmod(path, 0o640)
+    group = next((g for g in (1, 2, 3) if g != path.stat().st_gid), None) if os.geteuid() == 0 else None
+    if group is not None:  # (only root may give a file any group)
+        os.chown(path, -1, group)
+    write_json_atomic(path, {"status": "finished"})
+    assert path.stat().st_mode & 0o777 == 0o640 and json.loads(path.read_text())["status"] == "finished"
+    assert group is None or path.stat().st_gid == group
+    old = os.umask(0o027)
+    try:
+        fresh = write_json_atomic(tmp_path / "new.json", {})
+    finally:
+        os.umask(old)
+    assert fresh.stat().st_mode & 0o777 == 0o640
+
+
 def test_errors_that_are_not_writes_pass_through_and_still_clean_up(tmp_path):
     with pytest.raises(KeyError):
         with atomic_path(tmp_path / "x") as tmp:

@@ -490,7 +490,7 @@ def test_a_run_that_failed_before_its_first_epoch_gives_its_name_to_the_correcte
 
 def restate(path: Path, edit) -> None:
     """Edit a checkpoint's state.json and record the edit in its manifest (intact, but not what we wrote)."""
-    from iisan.files import sha256
+    from iisan.digests import sha256
 
     state = json.loads((path / checkpoint.STATE).read_text())
     edit(state)
@@ -1039,9 +1039,9 @@ def test_a_users_file_edited_in_place_is_neither_finished_before_nor_resumed(bas
     "finished before"; with more epochs it resumed on the new users), and using the run warns."""
     import re
 
+    from iisan.digests import file_fingerprint
     from iisan.errors import ConfigError
     from iisan.experiments.trained import load_run
-    from iisan.files import file_fingerprint
 
     users = tmp_path / "users.tsv"
     shutil.copy(base.users, users)

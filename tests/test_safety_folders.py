@@ -26,9 +26,9 @@ import iisan.train.checkpoint as checkpoint
 import iisan.train.runfolder as runfolder
 from iisan.cli.main import main
 from iisan.config import Config
+from iisan.digests import sha256
 from iisan.errors import ConfigError, OutputError, TrainingError
 from iisan.experiments.trained import load_run
-from iisan.files import sha256
 from iisan.locks import OutputLock, lock_text
 from iisan.train import runstate
 from iisan.train.records import RunRecord

@@ -485,7 +485,7 @@ def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_
     """An ID-embedding run's rows follow the items file's order: reordered, evaluation would be silently
     wrong. The run records the file's fingerprint, and using it with another file is one line."""
     from iisan.data.interactions import read_items
-    from iisan.files import file_fingerprint
+    from iisan.digests import file_fingerprint
 
     items = tmp_path / "items.tsv"
     items.write_bytes(Path(tiny["items"]).read_bytes())

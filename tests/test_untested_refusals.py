@@ -16,7 +16,7 @@ import pytest
 import iisan.train.checkpoint as checkpoint
 from iisan.cli.main import main
 from iisan.config import Config
-from iisan.files import sha256
+from iisan.digests import sha256
 from iisan.train.trainer import train
 
 from ._cli_driver import run_forked

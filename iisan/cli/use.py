@@ -53,7 +53,7 @@ def why_different(run: TrainedRun) -> str:
     run trained on, a cache rebuilt in another precision (or, for a run that recorded no cache, rebuilt at
     all), else the software."""
     # imported when run, not for --help (cli/__init__.py)
-    from ..files import file_fingerprint
+    from ..digests import file_fingerprint
     from ..train.checkpoint import PATHS, config_differences
 
     saved = run.results.get("config")

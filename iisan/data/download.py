@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..claims import refuse_link
+from ..digests import sha256
 from ..errors import FetchError
-from ..files import disk_failure, sha256, write_failure
+from ..files import disk_failure, write_failure
 
 log = logging.getLogger(__name__)
 

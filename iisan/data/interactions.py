@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..bounds import min_seq_len_problem
+from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError
-from ..files import file_fingerprint, shown
+from ..files import shown
 from .csv_files import read_pairs_csv, read_titles_csv
 from .textfile import check_item_id, check_user_id, decoded_lines, visible
 

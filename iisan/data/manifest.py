@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+from ..digests import sha256
 from ..errors import FetchError, parse_json
-from ..files import sha256, write_json_atomic
+from ..files import write_json_atomic
 from .download import digests
 
 FORMAT = "iisan-fetch-manifest/1"

@@ -22,8 +22,8 @@ import pandas as pd
 from ..bounds import LEARNING_RATES
 from ..config import Config
 from ..data.run_data import recorded_digest
+from ..digests import file_fingerprint
 from ..errors import ConfigError, UserError
-from ..files import file_fingerprint
 from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
 from ..train.checkpoint import MAY_CHANGE

@@ -23,9 +23,10 @@ from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import DATASETS
 from ..data.interactions import load_dataset
+from ..digests import file_fingerprint
 from ..errors import CacheError, ConfigError, DataError, parse_json
 from ..evaluate import popularity_metrics
-from ..files import check_readable, failure_reason, file_fingerprint, write_json_atomic
+from ..files import check_readable, failure_reason, write_json_atomic
 from ..methods import METHOD_DEFAULTS
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance

@@ -29,9 +29,9 @@ from ..data.batches import PixelSource
 from ..data.interactions import SeqRecData, check_split
 from ..data.run_data import load_data
 from ..devices import resolve_device
+from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError, TrainingError, ValuesTogether, parse_json
 from ..evaluate import eval_chunk, evaluate_model, item_table
-from ..files import file_fingerprint
 from ..locks import held
 from ..methods import unread_keys
 from ..model.build import build_model, modalities

@@ -27,8 +27,8 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from ..config import CHECKOUT, DEFAULT_MODELS, model_location
+from ..digests import sha256
 from ..errors import EncoderError, parse_json
-from ..files import sha256
 from .families import SUPPORTED
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
+from ..digests import sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
-from ..files import check_readable, failure_reason, sha256
+from ..files import check_readable, failure_reason
 from ..methods import unread_keys
 from ..model.build import picked_layers
 from . import runstate

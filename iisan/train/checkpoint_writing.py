@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..digests import sha256
 from ..errors import CheckpointError
-from ..files import WRITE_ERRORS, failure_reason, fsync, sha256, usual_permissions
+from ..files import WRITE_ERRORS, failure_reason, fsync, usual_permissions
 from .checkpoint import (
     FILES,
     FORMAT,

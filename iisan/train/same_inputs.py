@@ -13,8 +13,8 @@ from pathlib import Path
 from ..config import Config
 from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, compared, encoder_config_hash, read_metadata
 from ..data.run_data import images_digest
+from ..digests import file_fingerprint
 from ..errors import CacheError, ConfigError, parse_json
-from ..files import file_fingerprint
 from ..model.build import modalities, model_name
 from ..model.encoder_files import local_folder, weights_digest
 from .checkpoint import CHECKPOINTS, checkpoints

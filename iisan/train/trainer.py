@@ -31,10 +31,11 @@ from ..data.batches import TrainBatch, TrainBatches, epoch_batches
 from ..data.epochs import epoch_order, steps_per_epoch
 from ..data.run_data import describe_data, load_data
 from ..devices import device_name, sync
+from ..digests import file_fingerprint
 from ..distributed import Dist, any_rank, mean_over_ranks
 from ..errors import ConfigError, DataError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
-from ..files import file_fingerprint, write_json_atomic
+from ..files import write_json_atomic
 from ..methods import METHOD_NAMES
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
