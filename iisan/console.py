@@ -6,12 +6,10 @@ the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go throu
 
 from __future__ import annotations
 
-import codecs
 import logging
 import math
 import os
 import re
-import select
 import signal
 import sys
 import threading
@@ -25,6 +23,7 @@ from tqdm import tqdm
 
 from .errors import USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
+from .streams import closed_streams_to_null, printable_stdout, stdout_closed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -209,28 +208,6 @@ def _terminated(signum, frame) -> NoReturn:
     raise Terminated
 
 
-def _bytes_or_escapes(err: UnicodeError) -> tuple[str | bytes, int]:
-    """An encoding error handler: the bytes of a file name Python could not decode (its surrogates, as
-    ``surrogateescape`` gives them back), and escapes (``\\xe9``) for any other character."""
-    if not isinstance(err, UnicodeEncodeError):
-        raise err
-    chunk = err.object[err.start:err.end]
-    if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
-        return bytes(ord(c) - 0xDC00 for c in chunk), err.end
-    return codecs.backslashreplace_errors(err)
-
-
-codecs.register_error("iisan-escape", _bytes_or_escapes)
-
-
-def printable_stdout() -> None:
-    """Standard output that writes what its encoding cannot hold (a title under an ASCII locale with
-    PYTHONUTF8=0) as escapes, not a UnicodeEncodeError when the table is half printed; file names still as
-    their bytes."""
-    if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape") and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="iisan-escape")
-
-
 def entry_point(prog: str, run: Callable[[], T]) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
@@ -238,6 +215,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
     under standard output. ``prog`` is named as argparse names it (``run_IISAN.py``, not the path it was
     started by)."""
     prog = os.path.basename(prog)
+    closed_streams_to_null(prog)
     printable_stdout()
     try:
         with sigterm_as_ctrl_c():
@@ -277,16 +255,6 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)
         fail(prog, f"{err.filename}: {in_the_way(err.filename, err) or err.strerror or err}")
-
-
-def stdout_closed() -> bool:
-    """Whether stdout is a pipe whose reader has gone (poll reports an error on its end)."""
-    try:
-        poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file descriptor: take it as so
-        return True
 
 
 def host_memory_error(err: RuntimeError) -> str:

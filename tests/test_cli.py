@@ -389,6 +389,23 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     assert proc.wait(timeout=60) == 141 and err == b""
 
 
+def test_closed_standard_streams_are_pointed_at_dev_null_and_a_closed_stdout_is_said(tmp_path):
+    """``iisan train ... 2>&-``: the first file the command opened took descriptor 2, and what a library
+    writes to stderr went into it (a run's lock file). ``iisan results runs >&-`` ended 0 without a word."""
+    import os
+
+    code = ("import os; from iisan.console import entry_point\n"
+            "fd = entry_point('x', lambda: os.open('opened', os.O_CREAT | os.O_WRONLY))\n"
+            "os.write(fd, str(fd).encode())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, preexec_fn=lambda: os.close(2), timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and int((tmp_path / "opened").read_text()) > 2
+    code = "from iisan.console import entry_point; entry_point('x', lambda: print('a table'))"
+    done = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stderr) == (0, "x: standard output is closed: what this command prints is lost\n")
+
+
 def test_the_cpu_allocator_out_of_memory_is_one_line(capsys):
     """torch says so as a plain RuntimeError (a GPU's is torch.OutOfMemoryError, answered in the step)."""
     import torch

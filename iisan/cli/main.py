@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from .. import __version__
-from ..console import VERBOSE_HELP, entry_point, printable_stdout, setup_logging, summary
+from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
+from ..streams import printable_stdout
 from .data import add_data_commands
 from .fetch import add_fetch_commands
 from .runs import add_run_commands
