@@ -72,4 +72,4 @@ def provenance(device: torch.device | str | None = None, commit: str | None = No
     before the run wrote into the checkout (a benchmark's own results would make it ``+dirty``)."""
     return {"device": device_name(device) if device is not None else None, "versions": versions(),
             "git_commit": commit or git_commit(), "command": command_line(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}

@@ -6,6 +6,7 @@ of the suite let through). No test reaches the network: downloads go to a local 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -425,6 +426,7 @@ def test_provenance_records_the_command_an_absent_package_and_the_commit_read_be
     assert record["command"] == "python scripts/bench.py --out 'a b.json'"
     assert record["versions"]["no-such-package-iisan"] == "absent"
     assert record["git_commit"] == "abc1234" and record["device"] is None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}", record["date"])  # with its zone, as ended_at
     monkeypatch.setattr(sys, "argv", ["/x/site-packages/iisan/__main__.py", "demo", "--out", "d"])  # python -m iisan
     assert provenance_module.command_line() == "python -m iisan demo --out d"  # (the file alone would not run)
     monkeypatch.setattr(sys, "argv", ["/home/me/.venv/bin/iisan", "train", "--lr", "1e-3"])  # the console script

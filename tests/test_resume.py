@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,8 @@ def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(base, monkeypatch, ca
     with pytest.raises(RunInterrupted, match=f"SIGTERM during epoch 0 after step 3 of 10; checkpoint saved in {saved}"):
         train(cfg)
     assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGTERM) is handler
+    saved_at = json.loads((saved / checkpoint.STATE).read_text())["saved_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}", saved_at)  # its zone too, as ended_at
     interrupt_at(monkeypatch, 1, signal.SIGTERM)  # the resumed run's first step
     with pytest.raises(SystemExit) as info:
         main(["train", *flags(cfg)])
