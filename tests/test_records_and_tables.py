@@ -64,6 +64,18 @@ def test_train_seconds_per_epoch_is_the_mean_without_the_first_epoch():
     assert _progress([]).timing()["train_seconds_per_epoch"] is None
 
 
+def test_a_resumed_runs_first_epoch_pays_warm_up_again_and_is_left_out_too():
+    """Epochs 0 and 2 began an attempt (the run resumed at 2): the mean is of epochs 1 and 3 alone."""
+    progress = _progress([9.0, 1.0, 8.0, 3.0])
+    for record, warm in zip(progress.epochs, (True, False, True, False), strict=True):
+        record["warm_up"] = warm
+    assert progress.timing()["train_seconds_per_epoch"] == pytest.approx(2.0) and \
+        progress.timing()["first_epoch_train_seconds"] == 9.0
+    for record in progress.epochs:
+        record["warm_up"] = True  # every epoch an attempt of its own: nothing else to take
+    assert progress.timing()["train_seconds_per_epoch"] == pytest.approx(5.25)
+
+
 def _results(tmp_path, status: str, error: str = "", test: dict | None = None) -> dict:
     record = RunRecord(Config(method="id", device="cpu", out_dir=str(tmp_path)), tmp_path, torch.device("cpu"))
     progress = _progress([2.0, 1.0])

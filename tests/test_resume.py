@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,7 +178,12 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
     results = json.loads((saved.parents[1] / "results.json").read_text())
     assert results["status"] == "interrupted" and results["error"] == message.removeprefix("iisan: ")
     monkeypatch.undo()
-    same_run(reference, train(cfg))
+    resumed = train(cfg)
+    same_run(reference, resumed)
+    # epoch 0 began the first attempt, epoch 1 the second (resumed inside it): both left out of the mean
+    assert [e["warm_up"] for e in resumed["epochs"]] == [True, True, False, False]
+    assert resumed["timing"]["train_seconds_per_epoch"] == pytest.approx(
+        np.mean([e["train_seconds"] for e in resumed["epochs"][2:]]))
 
 
 def test_ctrl_c_of_a_run_named_by_its_config_says_which_flag_names_its_folder(base, monkeypatch, capsys):

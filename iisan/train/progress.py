@@ -157,12 +157,14 @@ class Progress:
             self.start_step, self.partial_seconds = 0, 0.0
 
     def timing(self) -> dict:
-        """Seconds per training epoch (the first excluded when there are more: it pays warm-up costs),
-        the first epoch's, and evaluation seconds per epoch (None before the first epoch ends)."""
+        """Seconds per training epoch (the first of each attempt excluded when there are others: it pays
+        warm-up costs, a resumed run's again; records without ``warm_up`` mark the first epoch alone), the
+        first epoch's, and evaluation seconds per epoch (None before the first epoch ends)."""
         train = [e["train_seconds"] for e in self.epochs]
         if not train:
             return {"train_seconds_per_epoch": None, "first_epoch_train_seconds": None,
                     "eval_seconds_per_epoch": None}
-        return {"train_seconds_per_epoch": float(np.mean(train[1:] if len(train) > 1 else train)),
+        steady = [t for i, (t, e) in enumerate(zip(train, self.epochs)) if not e.get("warm_up", i == 0)]
+        return {"train_seconds_per_epoch": float(np.mean(steady or train)),
                 "first_epoch_train_seconds": train[0],
                 "eval_seconds_per_epoch": float(np.mean([e["eval_seconds"] for e in self.epochs]))}

@@ -279,7 +279,8 @@ class Run:
             eval_seconds = time.perf_counter() - start
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
                       "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid,
-                      "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+                      "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                      "warm_up": epoch == progress.start_epoch}  # this process's first: it paid warm-up costs
             if improved:
                 record["test"] = progress.best_test
             progress.epochs.append(record)
