@@ -134,7 +134,9 @@ def broken_links(doc: Path) -> list[str]:
 def test_the_readme_names_every_method():
     from iisan.methods import METHODS
 
-    named = re.search(r"--method ([a-z|]+)\]", README.read_text()).group(1).split("|")
+    found = re.search(r"--method ([a-z0-9_|]+)\]", README.read_text())
+    assert found, "README.md's command-line block lost its `[--method a|b|...]` list"
+    named = found.group(1).split("|")
     assert named == list(METHODS), f"README.md's --method list {named}; METHOD_TABLE's methods {list(METHODS)}"
 
 
