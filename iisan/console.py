@@ -43,6 +43,14 @@ def fixed(value: float, places: int = 4) -> str:
     return str(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
+LINE_METRICS = ("hit@10", "ndcg@10")  # what a log line shows of a split (results.json holds every metric)
+
+
+def metrics_text(metrics: dict) -> str:
+    """``hit@10 0.1563 ndcg@10 0.0709``: a split's metrics as the epoch and summary lines show them."""
+    return " ".join(f"{k} {fixed(metrics[k])}" for k in LINE_METRICS)
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if os.environ.get("RANK", "0") != "0":

@@ -28,7 +28,7 @@ import torch
 from ..bounds import finite_number
 from ..claims import refuse_link
 from ..config import Config
-from ..console import LOG_DATEFMT, LOG_FORMAT, fixed
+from ..console import LOG_DATEFMT, LOG_FORMAT, metrics_text
 from ..devices import device_name, peak_memory, reset_peak_memory
 from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
@@ -296,10 +296,9 @@ def epoch_line(record: dict, bad_epochs: int) -> str:
     valid, test = record["valid"], record.get("test")
     loss = f"{record['loss']:.4f}" if abs(record["loss"]) < 1e6 else f"{record['loss']:.4e}"  # not 21 digits
     line = (f"epoch {record['epoch']:3d} | loss {loss} | train {record['train_seconds']:.2f} s | "
-            f"eval {record['eval_seconds']:.2f} s | valid hit@10 {fixed(valid['hit@10'])} "
-            f"ndcg@10 {fixed(valid['ndcg@10'])}")
+            f"eval {record['eval_seconds']:.2f} s | valid {metrics_text(valid)}")
     if test:
-        return line + f" | test hit@10 {fixed(test['hit@10'])} ndcg@10 {fixed(test['ndcg@10'])} (best)"
+        return line + f" | test {metrics_text(test)} (best)"
     return line + f" | {bad_epochs} epoch(s) without improvement"
 
 

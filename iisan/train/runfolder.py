@@ -26,7 +26,7 @@ from safetensors import safe_open
 from ..bounds import MAX_NAME_BYTES
 from ..claims import refuse_broken_link
 from ..config import Config
-from ..console import fixed
+from ..console import LINE_METRICS, metrics_text
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
@@ -179,12 +179,11 @@ def log_summary(results: dict, path: Path) -> None:
     """The last line of a finished run (and of a rerun that finds it finished): the best epoch, its valid
     and test HR@10 / NDCG@10, and the results file. A results file whose numbers are not numbers (written
     by hand) gets no summary rather than a logging error."""
-    valid, test = results.get("valid") or {}, results.get("test") or {}
-    numbers = [results.get("best_epoch")] + [m.get(k, 0) if isinstance(m, dict) else None
-                                             for m in (valid, test) for k in ("hit@10", "ndcg@10")]
+    splits = [{k: m.get(k, 0) for k in LINE_METRICS} if isinstance(m, dict) else {}
+              for m in (results.get("valid") or {}, results.get("test") or {})]
+    numbers = [results.get("best_epoch"), *(split.get(k) for split in splits for k in LINE_METRICS)]
     if all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
-        log.info("best epoch %d | valid hit@10 %s ndcg@10 %s | test hit@10 %s ndcg@10 %s | %s",
-                 numbers[0], *map(fixed, numbers[1:]), path)
+        log.info("best epoch %d | valid %s | test %s | %s", numbers[0], *map(metrics_text, splits), path)
 
 
 def finished_results(cfg: Config, results: dict) -> dict | None:
