@@ -222,14 +222,14 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
 
 def markdown(payload: dict) -> str:
     """The table of ``write_table``'s payload: one row per data set and setting, mean ± sample std."""
-    lines = ["| data set | setting | seeds | test HR@10 | test NDCG@10 | best epochs |", "|---|---|---|---|---|---|"]
+    names = [f"test {m.replace('hit', 'HR').replace('ndcg', 'NDCG')}" for m in METRICS]  # as the paper names them
+    lines = [f"| data set | setting | seeds | {' | '.join(names)} | best epochs |", "|---" * (len(names) + 4) + "|"]
     for key, row in payload["table"].items():
         dataset, setting = key.split("/")
         seeds = row.get("seeds", [])
         best = [str(payload["points"][point_name(setting, dataset, s)]["best_epoch"]) for s in seeds]
-
-        hit, ndcg = (_mean_std_cell(row[m]) for m in METRICS)
-        lines.append(f"| {dataset} | {setting} | {len(seeds) or '-'} | {hit} | {ndcg} | {', '.join(best) or '-'} |")
+        cells = " | ".join(_mean_std_cell(row[m]) for m in METRICS)
+        lines.append(f"| {dataset} | {setting} | {len(seeds) or '-'} | {cells} | {', '.join(best) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
