@@ -219,10 +219,19 @@ def shown_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
+def umask() -> int:
+    """The umask, from /proc where Linux shows it: ``os.umask`` reads it only by setting it, for every thread
+    at once (a file another thread created in between, a cache's writer's, took the other mask)."""
+    with suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="latin-1") as fh:
+        return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    os.umask(mask := os.umask(0o022))  # elsewhere: set back at once
+    return mask
+
+
 def usual_permissions(*files: Path) -> None:
     """Give ``files`` (and folders) the permissions a new one gets here (the umask's). safetensors creates its
     files readable by their owner alone, LMDB its own 644 and 755, whatever a shared group's umask says."""
-    os.umask(mask := os.umask(0o022))  # reading the mask means setting it: set back at once
+    mask = umask()
     for file in files:
         os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~mask)
 

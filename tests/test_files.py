@@ -92,6 +92,22 @@ def test_a_rewritten_file_keeps_the_permissions_and_group_it_was_given(tmp_path)
     assert fresh.stat().st_mode & 0o777 == 0o640
 
 
+def test_the_umask_is_read_without_setting_it_where_linux_shows_it(monkeypatch):
+    """Reading it through os.umask sets it for every thread for a moment: a file another thread created then
+    (a cache's writer's) took 022 under a private 077."""
+    from iisan import files
+
+    old = os.umask(0o077)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(files.os, "umask", lambda mask: pytest.fail("the umask was set to be read"))
+            assert files.umask() == 0o077
+        monkeypatch.setattr(files, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+        assert files.umask() == 0o077 and os.umask(0o077) == 0o077  # elsewhere: set and put back
+    finally:
+        os.umask(old)
+
+
 def test_errors_that_are_not_writes_pass_through_and_still_clean_up(tmp_path):
     with pytest.raises(KeyError):
         with atomic_path(tmp_path / "x") as tmp:
