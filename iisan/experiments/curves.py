@@ -68,17 +68,18 @@ def figure_format(path: str | Path, flag: str = "--curves") -> str:
     return fmt
 
 
-# Ten colours told apart by colour-blind readers too (matplotlib's tableau-colorblind10); past ten runs the
-# colours come round again with another line style and marker, so no two runs look alike.
-COLOURS = ("#006BA4", "#FF800E", "#ABABAB", "#595959", "#5F9ED1", "#C85200", "#898989", "#A2C8EC", "#FFBC79",
-           "#CFCFCF")
-LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+LINES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # past each round of colours: the next style
 
 
 def run_styles(n: int) -> list[dict]:
-    """The colour, line style and marker of each of ``n`` runs' lines: all different up to 40 runs."""
-    return [{"color": COLOURS[i % len(COLOURS)], "linestyle": LINES[i // len(COLOURS) % len(LINES)][0],
-             "marker": LINES[i // len(COLOURS) % len(LINES)][1]} for i in range(n)]
+    """The colour, line style and marker of each of ``n`` runs' lines, all different up to 40 runs: ten
+    colours colour-blind readers tell apart too (matplotlib's tableau-colorblind10), then round again with
+    another line style and marker."""
+    import matplotlib.style  # deferred: heavy, and only drawing needs it
+
+    colours = matplotlib.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
+    return [{"color": colours[i % len(colours)], "linestyle": LINES[i // len(colours) % len(LINES)][0],
+             "marker": LINES[i // len(colours) % len(LINES)][1]} for i in range(n)]
 
 
 def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:

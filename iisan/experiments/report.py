@@ -40,6 +40,9 @@ from .results_file import csv_header
 
 log = logging.getLogger(__name__)
 
+# Averaged only over seeds that ran on one device (the metrics do not depend on where a run ran)
+ON_ONE_DEVICE = ["train_s_per_epoch", "train_s_per_epoch_std", "peak_gib"]
+
 
 def differing_keys(frame: pd.DataFrame, ignored: frozenset = NOT_EXPERIMENT) -> list[str]:
     """Config keys (and ``processes``) whose values differ between the runs that use them, except the
@@ -115,26 +118,17 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     out["trainable_params"] = grouped["trainable_params"].first()
     out["peak_gib"] = grouped["peak_gib"].mean()  # memory: the paper's third axis of efficiency, beside time
     if "device" not in group:  # (--keys device: a row per device already)
-        out = out.join(on_one_device(grouped["device"], out))
+        kinds = grouped["device"].nunique(dropna=False)
+        out["device"] = grouped["device"].first().where(kinds == 1, kinds.astype(str) + " devices")
+        out.loc[kinds > 1, ON_ONE_DEVICE] = np.nan  # no one device's: a CPU's resident memory beside a GPU's peak
+        if (kinds > 1).any():
+            log.warning("--average-seeds: %d row(s) average seeds run on different devices: their time per epoch "
+                        "and peak memory are left out (the table without --average-seeds shows each run's)",
+                        int((kinds > 1).sum()))
     out["non_finite"] = grouped["non_finite"].agg(lambda s: ",".join(sorted(set(",".join(s).split(",")) - {""})))
     out = in_order(out.reset_index(), [c for c in group if c != "status"])
     out.attrs["runs"] = counted["run"].tolist()
     return out
-
-
-def on_one_device(devices: pd.core.groupby.SeriesGroupBy, out: pd.DataFrame) -> pd.Series:
-    """The ``device`` column of averaged rows: the one device their seeds ran on, or ``N devices``, where the
-    seeds' time per epoch and peak memory (a GPU's allocator beside a CPU process's resident memory) are
-    no one device's: those cells of ``out`` are emptied and the rows counted in a warning. The metrics are
-    still averaged: they do not depend on where a run ran (beyond rounding)."""
-    kinds = devices.nunique(dropna=False)
-    mixed = kinds > 1
-    out.loc[mixed, ["train_s_per_epoch", "train_s_per_epoch_std", "peak_gib"]] = np.nan
-    if mixed.any():
-        log.warning("--average-seeds: %d row(s) average seeds run on different devices: their time per epoch "
-                    "and peak memory are left out (the table without --average-seeds shows each run's)",
-                    int(mixed.sum()))
-    return devices.first().where(~mixed, kinds.astype(str) + " devices").rename("device")
 
 
 def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -240,10 +240,10 @@ def summary(outcomes: list[Outcome], made=None) -> str:
             done = o.status is Status.FINISHED and o.point.config is not None
             lines.append(f"| {o.point.index} | {made(o.point.config, o.result) if done else o.point.name} | {status} |")
             continue
-        test, valid = (o.result.get("test"), o.result.get("valid")) if isinstance(o.result, dict) else (None, None)
-        metrics = [fixed(valid["hit@10"]) if valid else "", *((fixed(test["hit@10"]), fixed(test["ndcg@10"])) if test
-                                                              else ("", ""))]
-        lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(metrics)} |")
+        result = o.result if isinstance(o.result, dict) else {}
+        valid, test = result.get("valid") or {}, result.get("test") or {}
+        cells = ("" if v is None else fixed(v) for v in (valid.get("hit@10"), test.get("hit@10"), test.get("ndcg@10")))
+        lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
