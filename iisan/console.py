@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .errors import USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
+from .metric_names import HEADLINE, label
 from .streams import closed_streams_to_null, printable_stdout, stdout_closed
 
 T = TypeVar("T")
@@ -43,12 +44,14 @@ def fixed(value: float, places: int = 4) -> str:
     return str(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
-LINE_METRICS = ("hit@10", "ndcg@10")  # what a log line shows of a split (results.json holds every metric)
-
-
 def metrics_text(metrics: dict) -> str:
     """``hit@10 0.1563 ndcg@10 0.0709``: a split's metrics as the epoch and summary lines show them."""
-    return " ".join(f"{k} {fixed(metrics[k])}" for k in LINE_METRICS)
+    return " ".join(f"{k} {fixed(metrics[k])}" for k in HEADLINE)
+
+
+def labelled_metrics(metrics: dict) -> str:
+    """``HR@10 0.0715  NDCG@10 0.0437``: a split's metrics as the scripts' closing lines show them."""
+    return "  ".join(f"{label(k)} {fixed(metrics[k])}" for k in HEADLINE)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -33,9 +33,8 @@ from .config import Config
 from .console import progress_bar
 from .data.batches import PixelSource, item_chunks
 from .distributed import SINGLE, Dist, chunk_block, gather_rows
+from .metric_names import KS
 from .model.recommender import Recommender
-
-KS = (5, 10, 20)
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import int_in, path_arg, positive_int  # noqa: E402
-from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
+from iisan.console import entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -58,10 +58,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     payload = entry_point(sys.argv[0], lambda: cached_cpu_benchmark(Path(args.data_dir), args.epochs, Path(args.work),
                                                                      Path(args.out), args.rebuild_cache))
-    test = payload["test"]
     print(f"train {payload['train_seconds_per_epoch']:.2f} s/epoch (max {payload['train_seconds_per_epoch_max']:.2f}) "
           f"| full evaluation of {payload['users_evaluated']:,} users {payload['full_evaluation_seconds']:.2f} s "
-          f"| best epoch {payload['best_epoch']} | test HR@10 {fixed(test['hit@10'])} NDCG@10 {fixed(test['ndcg@10'])} "
+          f"| best epoch {payload['best_epoch']} | test {labelled_metrics(payload['test'])} "
           f"| {args.out}")
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
-from iisan.console import entry_point, fixed, setup_logging, summary  # noqa: E402
+from iisan.console import entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nIISAN-Versa on Scientific, MiniLM-L6 text + random ViT image tower, {report['images']}; "
           f"{report['device']}; {report['epochs_run']} epochs (cap {args.epochs}), "
           f"best epoch {report['best_epoch']}")
-    print(f"test HR@10 {fixed(report['test']['hit@10'])}  NDCG@10 {fixed(report['test']['ndcg@10'])}  "
-          f"(valid HR@10 {fixed(report['valid']['hit@10'])}  NDCG@10 {fixed(report['valid']['ndcg@10'])})")
+    print(f"test {labelled_metrics(report['test'])}  (valid {labelled_metrics(report['valid'])})")
     return report
 
 

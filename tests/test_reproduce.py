@@ -15,8 +15,9 @@ import pytest
 from iisan.config import Config
 from iisan.console import fixed
 from iisan.errors import ConfigError, RunInterrupted
-from iisan.experiments.report_rows import METRICS, read_row_columns
+from iisan.experiments.report_rows import read_row_columns
 from iisan.experiments.reproduce import PAPER_EFFICIENCY, Reproduction, StepMissing, reproduce, table
+from iisan.metric_names import TABLED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def seed_row(seed: int, status: str, hit: float) -> dict:
     row.update(run=f"s{seed}", method="IISAN", feed="cached", data="demo", data_files="abc", image_files="def",
                status=status, seed=str(seed), best_epoch=1, epochs_run=2, train_s_per_epoch=1.5, trainable_params=10,
                peak_gib=0.5, device="cpu", folder=f"/r/s{seed}", written="x", non_finite="", processes="1",
-               **{"valid_hit@10": hit, **{f"test_{m}": hit for m in METRICS}})
+               **{"valid_hit@10": hit, **{f"test_{m}": hit for m in TABLED}})
     return row
 
 

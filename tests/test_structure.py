@@ -1,10 +1,12 @@
 """The package's shape: imports point only downwards (data -> model -> evaluate -> train -> experiments
 and efficiency -> cli, over a base of small modules), with no cycle anywhere, every module stays short,
-every import inside a function says why it is there, and no script imports another script."""
+every import inside a function says why it is there, no script imports another script, and the ranking
+metrics are named in one module."""
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +18,8 @@ MAX_LINES = 350
 
 # Layers, lowest first: a module may import from its own layer (no cycles) or from lower ones only.
 LAYERS = {
-    "errors": 0, "bounds": 1, "methods": 1, "config": 1, "files": 1, "digests": 1, "locks": 1, "devices": 1,
+    "errors": 0, "bounds": 1, "methods": 1, "metric_names": 1, "config": 1, "files": 1, "digests": 1, "locks": 1,
+    "devices": 1,
     "claims": 2, "precedence": 2, "streams": 2, "flags": 2, "provenance": 2, "console": 2, "distributed": 2,
     "data": 3, "model": 4, "evaluate": 5, "train": 6, "experiments": 7, "efficiency": 7, "cli": 8, "__main__": 9,
     "__init__": 0,
@@ -191,6 +194,29 @@ def test_no_script_imports_another_script():
         text = path.read_text()
         assert "sys.path.insert(0, str(ROOT / " not in text, f"{path} puts another script folder on sys.path"
     assert not offenders, offenders
+
+
+METRIC_NAME = re.compile(r"(valid_|test_)?(hit|ndcg)@\d+")
+
+
+def metric_names_spelled_out(paths: list[Path]) -> list[tuple[Path, int, str]]:
+    """``(file, line, name)`` for every string that is a metric's name (``hit@10``, ``valid_ndcg@20``)."""
+    return [(path, node.lineno, node.value) for path in paths for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and METRIC_NAME.fullmatch(node.value)]
+
+
+def test_the_metrics_are_named_in_metric_names_alone(tmp_path):
+    """Which metric chooses the best epoch, and which the lines and tables show, is changed in one place:
+    everywhere else reads ``iisan.metric_names``."""
+    code = sorted(PACKAGE.rglob("*.py")) + [p for d in SCRIPT_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+    found = metric_names_spelled_out(code)
+    assert {name for _, _, name in found} == {"hit@10", "ndcg@10", "hit@20", "ndcg@20"}
+    elsewhere = [f"{path.relative_to(ROOT)}:{line} {name}" for path, line, name in found
+                 if path != PACKAGE / "metric_names.py"]
+    assert not elsewhere, elsewhere
+    planted = tmp_path / "planted.py"  # the check sees a name in code, not in a comment or a longer text
+    planted.write_text('best = record["valid"]["hit@10"]  # hit@10\nline = "valid hit@10 rose"\n')
+    assert metric_names_spelled_out([planted]) == [(planted, 1, "hit@10")]
 
 
 def test_every_parser_takes_flags_only_spelled_out():

@@ -14,9 +14,10 @@ from iisan.data.cache import cache_file
 from iisan.errors import OutputError
 from iisan.experiments import realdata, report, reproduce, seed_table
 from iisan.experiments.curves import CREATOR, claim_figure
-from iisan.experiments.report_rows import METRICS, read_row_columns
+from iisan.experiments.report_rows import read_row_columns
 from iisan.experiments.reproduce import Reproduction, StepMissing, ensure_cache, ensure_data, table
 from iisan.experiments.results_file import csv_header
+from iisan.metric_names import TABLED
 
 
 def row(run: str, seed: int = 0, hit: float = 0.1, peak: float = 0.5, **config) -> dict:
@@ -26,7 +27,7 @@ def row(run: str, seed: int = 0, hit: float = 0.1, peak: float = 0.5, **config) 
     out.update(run=run, method="IISAN", feed="cached", data="demo", data_files="abc", image_files="def",
                status="finished", seed=str(seed), best_epoch=1, epochs_run=2, train_s_per_epoch=1.5,
                trainable_params=10, peak_gib=peak, device="cpu", folder=f"/r/{run}", written="x", non_finite="",
-               processes="1", **{"valid_hit@10": hit, **{f"test_{m}": hit for m in METRICS}})
+               processes="1", **{"valid_hit@10": hit, **{f"test_{m}": hit for m in TABLED}})
     out.update({k: str(v) for k, v in config.items()})
     return out
 

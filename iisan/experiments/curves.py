@@ -9,6 +9,7 @@ from pathlib import Path
 from ..claims import claim_output
 from ..errors import ConfigError
 from ..files import atomic_path
+from ..metric_names import SELECTED_BY, VALID_COLUMN, label
 
 CREATOR = "IISAN results"  # in the metadata of every figure ``draw_curves`` writes, where its format has any
 SIGNED_FORMATS = ("png", "pdf", "svg", "eps", "ps")
@@ -97,14 +98,14 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     drawn = {name: s for name, s in curves.items() if s["epoch"]}  # a run failed before its first epoch: no line
     fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     for (name, s), style in zip(drawn.items(), run_styles(len(drawn)), strict=True):
-        hit_ax.plot(s["epoch"], s["valid_hit@10"], markersize=4, label=name, **style)
+        hit_ax.plot(s["epoch"], s[VALID_COLUMN], markersize=4, label=name, **style)
         if s["best_epoch"] in s["epoch"]:
             best = s["epoch"].index(s["best_epoch"])
-            hit_ax.plot(s["best_epoch"], s["valid_hit@10"][best], "*", markersize=13, color=style["color"],
+            hit_ax.plot(s["best_epoch"], s[VALID_COLUMN][best], "*", markersize=13, color=style["color"],
                         markeredgecolor="black", markeredgewidth=0.5)
         loss_ax.plot(s["epoch"], s["loss"], markersize=4, **style)
-    hit_ax.set(title="validation HR@10 (star: best epoch, where test is reported)", xlabel="epoch",
-               ylabel="HR@10")
+    hit_ax.set(title=f"validation {label(SELECTED_BY)} (star: best epoch, where test is reported)", xlabel="epoch",
+               ylabel=label(SELECTED_BY))
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="in-batch softmax loss")
     # beside the panels, not over the lines: one column per 20 runs
     fig.legend(loc="outside right upper", fontsize=7, ncols=1 + (len(drawn) - 1) // 20)

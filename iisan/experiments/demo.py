@@ -23,6 +23,7 @@ from ..data.synthetic import generate
 from ..errors import ConfigError, OutputError, parse_json
 from ..evaluate import popularity_metrics
 from ..files import write_json_atomic
+from ..metric_names import HEADLINE, label
 from ..model.backbones import read_spec
 from ..model.build import layers_for, model_name
 from ..model.caching import build_cache_from_config
@@ -172,12 +173,12 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
           f"tiny random encoders; best epoch {results['best_epoch']}")
     if versa:
         print(describe_pair(cfg) + f"; trainable params {results['parameters']['trainable']:,}")
-    print(f"{'method':<16}{'valid HR@10':>12}{'valid NDCG@10':>15}{'test HR@10':>12}{'test NDCG@10':>14}")
-    for name, valid, test in rows:
-        print(f"{name:<16}{fixed(valid['hit@10']):>12}{fixed(valid['ndcg@10']):>15}{fixed(test['hit@10']):>12}"
-              f"{fixed(test['ndcg@10']):>14}")
-    beats = results["test"]["hit@10"] > popular["test"]["hit@10"] and \
-        results["test"]["ndcg@10"] > popular["test"]["ndcg@10"]
+    header = [f"{split} {label(m)}" for split in ("valid", "test") for m in HEADLINE]
+    print(f"{'method':<15}" + "".join(f"  {h}" for h in header))
+    for name, *splits in rows:
+        cells = [fixed(split[m]) for split in splits for m in HEADLINE]
+        print(f"{name:<15}" + "".join(f"  {c:>{len(h)}}" for c, h in zip(cells, header, strict=True)))
+    beats = all(results["test"][m] > popular["test"][m] for m in HEADLINE)
     print(f"{method} {'beats' if beats else 'does NOT beat'} the most-popular baseline on test; "
           f"{elapsed:.0f} s in all; results in {results['run_dir']}/results.json")
     return {"iisan": results, "popularity": popular, "beats_popularity": beats, "seconds": elapsed}

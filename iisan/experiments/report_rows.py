@@ -26,13 +26,14 @@ from ..digests import file_fingerprint
 from ..errors import ConfigError, UserError
 from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
+from ..metric_names import SELECTED_BY, TABLED, VALID_COLUMN
 from ..train.checkpoint import MAY_CHANGE
 from .labels import run_labels
-from .results_file import METRICS, DamagedResults, find_results, load_results, ran_from, status
+from .results_file import DamagedResults, find_results, load_results, ran_from, status
 
 log = logging.getLogger(__name__)
 
-NUMBERS = ("valid_hit@10", *(f"test_{m}" for m in METRICS), "train_s_per_epoch")
+NUMBERS = (VALID_COLUMN, *(f"test_{m}" for m in TABLED), "train_s_per_epoch")
 CONFIG_KEYS = tuple(k for k in Config.__dataclass_fields__ if k not in ("method", "feed"))  # those two: columns
 # ...and how many processes trained the run (torchrun): each process has its own batch of users.
 RUN_KEYS = (*CONFIG_KEYS, "processes")
@@ -93,8 +94,8 @@ def read_row(path: Path, results: dict) -> dict:
         "processes": "+".join(map(str, results.get("world_sizes") or [results.get("world_size", 1)])),
         "best_epoch": results["best_epoch"] if results["best_epoch"] >= 0 else None,  # -1: no epoch ended yet
         "epochs_run": len(results["epochs"]),
-        "valid_hit@10": valid.get("hit@10"),
-        **{f"test_{m}": test.get(m) for m in METRICS},
+        VALID_COLUMN: valid.get(SELECTED_BY),
+        **{f"test_{m}": test.get(m) for m in TABLED},
         "train_s_per_epoch": (results.get("timing") or {}).get("train_seconds_per_epoch"),
         # a run that failed before its model was built counted nothing: no count, not 0
         "trainable_params": results["parameters"]["trainable"] if built else None,
@@ -153,9 +154,10 @@ def images_read(results: dict, cfg: dict) -> str:
 
 
 def read_curve(results: dict) -> dict[str, list]:
-    """Validation HR@10 and training loss per epoch of a run, and its best-validation epoch."""
+    """The validation metric that chooses epochs (HR@10) and the training loss per epoch of a run, and its
+    best-validation epoch."""
     epochs = results["epochs"]
-    return {"epoch": [e["epoch"] for e in epochs], "valid_hit@10": [e["valid"]["hit@10"] for e in epochs],
+    return {"epoch": [e["epoch"] for e in epochs], VALID_COLUMN: [e["valid"][SELECTED_BY] for e in epochs],
             "loss": [e["loss"] for e in epochs], "best_epoch": results["best_epoch"]}
 
 
@@ -203,6 +205,6 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
 def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
     return dict.fromkeys(["run", "method", "feed", "data", "data_files", "image_files", "status", *RUN_KEYS,
-                          "best_epoch", "epochs_run", "valid_hit@10", *(f"test_{m}" for m in METRICS),
+                          "best_epoch", "epochs_run", VALID_COLUMN, *(f"test_{m}" for m in TABLED),
                           "train_s_per_epoch", "trainable_params", "peak_gib", "device", "folder", "written",
                           "non_finite"])

@@ -31,6 +31,7 @@ from ..data.fetch import DriveClient, fetch_dataset, paper_stats
 from ..data.sources import SOURCES
 from ..errors import DataError, FetchError, RunInterrupted, UserError
 from ..files import atomic_path, starts_with
+from ..metric_names import TABLED
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..precedence import resolve
 from ..provenance import provenance
@@ -40,7 +41,6 @@ from .encoders import HubClient, fetch_encoders
 from .presets import BACKBONES, ROOT, SEEDS
 from .report import average_rows, seconds
 from .report_rows import read_row
-from .results_file import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,12 @@ def table(dataset: str, rows: list[dict]) -> str:
         return max(peaks) if peaks and len({r["device"] for r in seeds}) == 1 else None
 
     paper = PAPER_ACCURACY.get(dataset, {})
-    header = ("| | seeds | " + " | ".join(f"test {m}" for m in METRICS)
+    header = ("| | seeds | " + " | ".join(f"test {m}" for m in TABLED)
               + " | train s/epoch | peak memory (of the seed that used most) |")
-    ours = [f"| {label(merged)} | {merged['seeds']} | " + " | ".join(cell(merged, f"test_{m}") for m in METRICS)
+    ours = [f"| {label(merged)} | {merged['seeds']} | " + " | ".join(cell(merged, f"test_{m}") for m in TABLED)
             + f" | {measured(merged['train_s_per_epoch'], seconds)} | "
             + f"{measured(peak(merged), lambda v: f'{v:.2f} GiB')} |" for merged in groups]
-    theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in METRICS)
+    theirs = ("| paper (IISAN) | | " + " | ".join(fixed(paper[m]) if m in paper else "not recorded" for m in TABLED)
               + f" | {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} | {PAPER_EFFICIENCY['gpu_memory_gb']:.0f} GB |")
     return "\n".join([header, "|" + "---|" * 8, *ours, theirs]) + "\n"
 

@@ -16,12 +16,10 @@ from ..errors import ConfigError, parse_json
 from ..files import failure_reason
 from ..locks import held
 from ..methods import METHOD_NAMES
+from ..metric_names import SELECTED_BY, TABLED
 from ..train.runfolder import LOCK
 
 log = logging.getLogger(__name__)
-
-METRICS = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")
-
 
 def find_results(folders: list[str]) -> list[Path]:
     """Every results.json under ``folders`` (a results.json itself is accepted too), sorted, each once:
@@ -138,7 +136,7 @@ def check_results(results) -> None:
     _field(parameters, "trainable", "integer", "parameters.")
     for key in _field(parameters, "by_rate", "object", "parameters.", optional=True) or {}:  # files since 2026-12
         _field(parameters["by_rate"], key, "integer", "parameters.by_rate.")
-    for split, metrics in (("valid", ["hit@10"]), ("test", METRICS)):
+    for split, metrics in (("valid", [SELECTED_BY]), ("test", TABLED)):
         scores = _field(results, split, "object", optional=True) or {}
         for metric in metrics:
             _field(scores, metric, "number", f"{split}.", optional=True)
@@ -152,7 +150,7 @@ def check_results(results) -> None:
             raise DamagedResults(f"epochs[{i}] is {_shown(epoch)}, expected an object")
         _field(epoch, "epoch", "integer", f"epochs[{i}].")
         _field(epoch, "loss", "number", f"epochs[{i}].")
-        _field(_field(epoch, "valid", "object", f"epochs[{i}]."), "hit@10", "number", f"epochs[{i}].valid.")
+        _field(_field(epoch, "valid", "object", f"epochs[{i}]."), SELECTED_BY, "number", f"epochs[{i}].valid.")
     if results["method"] not in METHOD_NAMES.values():
         raise DamagedResults(f"method is {_shown(results['method'])}, expected one of "
                              f"{', '.join(METHOD_NAMES.values())}")

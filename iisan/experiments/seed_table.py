@@ -28,6 +28,7 @@ from ..errors import CacheError, ConfigError, DataError, parse_json
 from ..evaluate import popularity_metrics
 from ..files import check_readable, failure_reason, write_json_atomic
 from ..methods import METHOD_DEFAULTS
+from ..metric_names import HEADLINE, label
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
 from ..train.run_results import finished_file, read_results
@@ -38,7 +39,6 @@ from .presets import SEEDS
 log = logging.getLogger(__name__)
 
 SETTINGS = ("id", "iisan-text")
-METRICS = ("hit@10", "ndcg@10")
 DESCRIPTION = {
     "id": "SASRec over learned 64-d item-ID embeddings (method id): no encoder, cache or images",
     "iisan-text": "cached IISAN, text tower only (--towers text): the real pretrained all-MiniLM-L6-v2 "
@@ -200,7 +200,7 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
                     missing.append(point_name(setting, dataset, seed))
             if found:
                 table[f"{dataset}/{setting}"] = {
-                    m: mean_std([p["test"][m] for p in found.values()]) for m in METRICS
+                    m: mean_std([p["test"][m] for p in found.values()]) for m in HEADLINE
                 } | {"seeds": sorted(found)}
     if not points:
         raise ConfigError(f"none of the {len(missing)} points has finished under {Path(work) / 'runs'}; "
@@ -211,7 +211,7 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
         defaults = Config()  # the protocol: last max_seq_len + 3 items of users with >= min_seq_len
         data = load_dataset(users, items, defaults.max_seq_len, defaults.min_seq_len)
         popular[f"{dataset}/most-popular"] = {m: {"mean": v, "std": None, "n": 1}
-                                              for m, v in popularity_metrics(data, "test").items() if m in METRICS}
+                                              for m, v in popularity_metrics(data, "test").items() if m in HEADLINE}
     table = popular | table
     payload = {"what": "test HR@10 / NDCG@10 at the best validation epoch, mean and sample std over seeds",
                "settings": {s: DESCRIPTION[s] for s in (*settings, "most-popular")}, "table": table, "points": points,
@@ -222,13 +222,13 @@ def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datas
 
 def markdown(payload: dict) -> str:
     """The table of ``write_table``'s payload: one row per data set and setting, mean ± sample std."""
-    names = [f"test {m.replace('hit', 'HR').replace('ndcg', 'NDCG')}" for m in METRICS]  # as the paper names them
+    names = [f"test {label(m)}" for m in HEADLINE]
     lines = [f"| data set | setting | seeds | {' | '.join(names)} | best epochs |", "|---" * (len(names) + 4) + "|"]
     for key, row in payload["table"].items():
         dataset, setting = key.split("/")
         seeds = row.get("seeds", [])
         best = [str(payload["points"][point_name(setting, dataset, s)]["best_epoch"]) for s in seeds]
-        cells = " | ".join(_mean_std_cell(row[m]) for m in METRICS)
+        cells = " | ".join(_mean_std_cell(row[m]) for m in HEADLINE)
         lines.append(f"| {dataset} | {setting} | {len(seeds) or '-'} | {cells} | {', '.join(best) or '-'} |")
     return "\n".join(lines) + "\n"
 

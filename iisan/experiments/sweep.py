@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,6 +37,7 @@ from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..methods import METHOD_DEFAULTS, unread_keys
+from ..metric_names import HEADLINE, SELECTED_BY, label
 from ..precedence import resolve
 from .presets import BACKBONES, own_cache_dir
 
@@ -224,16 +226,14 @@ def listing(points: list[GridPoint], total: int) -> str:
 
 
 def summary(outcomes: list[Outcome], made=None) -> str:
-    """A markdown table of every point: status and, for runs, validation HR@10 (what a point is chosen by:
-    choosing by test would tune on the test set) and test HR@10 and NDCG@10 at the best-validation epoch;
-    for an action that trains no run, what each point made instead (``made(config, result)``, see
-    ``run_script``)."""
-    counts: dict[Status, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
+    """A markdown table of every point: status and, for runs, the validation metric a point is chosen by
+    (choosing by test would tune on the test set) and the test metrics at the best-validation epoch; for
+    an action that trains no run, what each point made instead (``made(config, result)``, see ``run_script``)."""
+    counts = Counter(o.status for o in outcomes)
+    columns = ["#", "made", "status"] if made else ["#", "run", "status", f"valid {label(SELECTED_BY)}",
+                                                    *(f"test {label(m)}" for m in HEADLINE)]
     lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
-             "| # | made | status |" if made else "| # | run | status | valid HR@10 | test HR@10 | test NDCG@10 |",
-             "|---|---|---|" if made else "|---|---|---|---|---|---|"]
+             f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for o in outcomes:
         status = f"{o.status}: {o.reason}" if o.reason else o.status
         if made:
@@ -242,7 +242,7 @@ def summary(outcomes: list[Outcome], made=None) -> str:
             continue
         result = o.result if isinstance(o.result, dict) else {}
         valid, test = result.get("valid") or {}, result.get("test") or {}
-        cells = ("" if v is None else fixed(v) for v in (valid.get("hit@10"), test.get("hit@10"), test.get("ndcg@10")))
+        cells = ("" if v is None else fixed(v) for v in (valid.get(SELECTED_BY), *map(test.get, HEADLINE)))
         lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

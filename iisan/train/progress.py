@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..metric_names import SELECTED_BY
 
 # How --nonfinite authors ended a finished run (its "ended"), as the first words of the report it stopped on
 # (``nonfinite.nonfinite_loss``, ``nonfinite.nonfinite_scores``).
@@ -55,7 +56,7 @@ def stopping_point(records: list[dict], patience: int) -> int | None:
     run, replayed on their validation HR@10 as training scores it; None: it trains past them all."""
     stopper = EarlyStopping(patience)
     for i, record in enumerate(records):
-        stopper.update(record["epoch"], record["valid"]["hit@10"])
+        stopper.update(record["epoch"], record["valid"][SELECTED_BY])
         if stopper.should_stop:
             return i
     return None
@@ -66,8 +67,8 @@ def stretch(records: list[dict], patience: int) -> tuple[int, int, int]:
     stops after, and the first and last positions of the stretch without improvement that stops it."""
     stop = stopping_point(records, patience)
     start = stop - patience
-    best = max((r["valid"]["hit@10"] for r in records[:start]), default=-math.inf)  # what the stretch fails to beat
-    end = next((i - 1 for i in range(stop + 1, len(records)) if records[i]["valid"]["hit@10"] > best),
+    best = max((r["valid"][SELECTED_BY] for r in records[:start]), default=-math.inf)  # what the stretch fails to beat
+    end = next((i - 1 for i in range(stop + 1, len(records)) if records[i]["valid"][SELECTED_BY] > best),
                len(records) - 1)
     return stop, start, end
 

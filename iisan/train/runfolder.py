@@ -26,12 +26,13 @@ from safetensors import safe_open
 from ..bounds import MAX_NAME_BYTES
 from ..claims import refuse_broken_link
 from ..config import Config
-from ..console import LINE_METRICS, metrics_text
+from ..console import metrics_text
 from ..distributed import launched_processes
 from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
+from ..metric_names import HEADLINE
 from . import runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
 from .run_results import is_finished, read_results, results_or_reason
@@ -179,9 +180,9 @@ def log_summary(results: dict, path: Path) -> None:
     """The last line of a finished run (and of a rerun that finds it finished): the best epoch, its valid
     and test HR@10 / NDCG@10, and the results file. A results file whose numbers are not numbers (written
     by hand) gets no summary rather than a logging error."""
-    splits = [{k: m.get(k, 0) for k in LINE_METRICS} if isinstance(m, dict) else {}
+    splits = [{k: m.get(k, 0) for k in HEADLINE} if isinstance(m, dict) else {}
               for m in (results.get("valid") or {}, results.get("test") or {})]
-    numbers = [results.get("best_epoch"), *(split.get(k) for split in splits for k in LINE_METRICS)]
+    numbers = [results.get("best_epoch"), *(split.get(k) for split in splits for k in HEADLINE)]
     if all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
         log.info("best epoch %d | valid %s | test %s | %s", numbers[0], *map(metrics_text, splits), path)
 

@@ -37,6 +37,7 @@ from ..errors import ConfigError, DataError, InUse, RunInterrupted, RunInUse, Tr
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..methods import METHOD_NAMES
+from ..metric_names import SELECTED_BY
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
 from .decisions import decide
@@ -271,7 +272,7 @@ class Run:
                 # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
                 progress.stopped = after_nonfinite(problem, True, cfg.nonfinite, stopper.best_epoch)
                 break
-            improved = stopper.update(epoch, valid["hit@10"])
+            improved = stopper.update(epoch, valid[SELECTED_BY])
             if improved:
                 progress.best_valid = valid
                 progress.best_test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
@@ -292,7 +293,7 @@ class Run:
                 self.on_main(save_weights, self.model, self.run_dir / "best.safetensors", cfg,
                              {"epoch": epoch, "valid": valid})
             if stopper.should_stop:
-                log.info("early stop: valid hit@10 has not improved for %d epoch(s)", stopper.bad_epochs)
+                log.info("early stop: valid %s has not improved for %d epoch(s)", SELECTED_BY, stopper.bad_epochs)
                 break
             if epoch + 1 < cfg.epochs and any_rank(self.stop.requested, self.dist):
                 raise self.interrupted(f"after epoch {epoch}", path)
