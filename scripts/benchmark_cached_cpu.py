@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import int_in, path_arg, positive_int  # noqa: E402
-from iisan.console import entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -39,7 +39,7 @@ def parser() -> FlagParser:
     parser.add_argument("--epochs", type=int_in(1, 10_000), default=30,
                         help="cap on epochs (early stopping may end sooner) (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--work", type=path_arg, default=str(ROOT / "bench_data" / "cpu-scientific"),
+    parser.add_argument("--work", "--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "cpu-scientific"),
                         help="the blank-image LMDB, the random ViT, the cache and the run folders (default: "
                              "bench_data/cpu-scientific in this checkout)")
     parser.add_argument("--out", type=path_arg,
@@ -48,12 +48,13 @@ def parser() -> FlagParser:
                              "bench_data/results/cpu-cached-scientific.json in this checkout, git-ignored)")
     parser.add_argument("--rebuild-cache", action="store_true",
                         help="build (and time) the cache again even if the work folder holds one")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     payload = entry_point(sys.argv[0], lambda: cached_cpu_benchmark(Path(args.data_dir), args.epochs, Path(args.work),

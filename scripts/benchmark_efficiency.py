@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import positive_int  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     BENCH_KEYS,
@@ -65,7 +65,7 @@ def parser() -> FlagParser:
                              "(default: 0)")
     parser.add_argument("--few-steps", action="store_true",
                         help="allow fewer warm-up or timed steps (a quick check, not the benchmark's timing)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data"),
+    parser.add_argument("--work", "--work-dir", default=str(ROOT / "bench_data"),
                         help="synthetic data, encoders, caches, kept for the next run (default: bench_data/ "
                              "in this checkout)")
     parser.add_argument("--out", default=str(ROOT / "bench_data" / "results" / "efficiency"),
@@ -77,6 +77,7 @@ def parser() -> FlagParser:
                              "checkout, git-ignored)")
     parser.add_argument("--no-plots", action="store_true", help="no figures (the .md tables are still written)")
     add_config_arguments(parser, only=BENCH_KEYS)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -88,7 +89,7 @@ def main(argv=None) -> list[Path]:
                            steps=args.steps, flop_batches=args.flop_batches, few_steps=args.few_steps)
     except ConfigError as err:
         flags.error(str(err))
-    setup_logging()
+    setup_logging(args.verbose)
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}
     return entry_point(sys.argv[0], lambda: run_benchmark(
         values, backbones=args.backbones, data=args.data, equal_batch=args.equal_batch, **chosen,

@@ -71,7 +71,7 @@ from iisan.efficiency.benchmark import prepare; prepare(Path(sys.argv[1]), sys.a
 fi
 if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
   timeout -k 10 "${DIAGNOSE_LIMIT:-210}" "$PY" scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
-    --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --workers "${WORKERS:-8}" --work "$WORK" \
+    --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --num-workers "${WORKERS:-8}" --work "$WORK" \
     --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
     | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
   stamp diagnosis "${PIPESTATUS[0]}"

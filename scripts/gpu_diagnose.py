@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, path_arg  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS  # noqa: E402
 from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
@@ -63,14 +63,15 @@ def parser() -> FlagParser:
                         help="steps per phase of fresh, seen, fixed and bucketed shapes, at most: fresh shapes "
                              "are sought over one epoch (how many it held: fresh_shapes in the report) "
                              f"(default: {defaults.shape_reps})")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
+    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=defaults.workers,
                         help=f"threads reading images (default: {defaults.workers})")
-    parser.add_argument("--work", type=a_path, default=defaults.work,
+    parser.add_argument("--work", "--work-dir", type=a_path, default=defaults.work,
                         help="the benchmark's synthetic data and encoders, kept for the next run (default: "
                              "bench_data/ in this checkout, git-ignored, as benchmark_efficiency.py's)")
     parser.add_argument("--out", type=a_path, default=defaults.out,
                         help="the diagnosis JSON, rewritten after each section (default: "
                              "bench_data/results/diagnose.json in this checkout, git-ignored)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -82,13 +83,13 @@ def main(argv=None) -> dict:
         flags.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
     if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or \
             min(args.warmup, args.workers) < 0:
-        flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and --workers "
-                    ">= 0")
+        flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and "
+                    "--num-workers >= 0")
     if not args.frozen_items and not args.skip_plain:
         flags.error("--frozen-items names no item count; the plain section needs at least one (the first also "
                      "runs the variants), or pass --skip-plain")
+    setup_logging(vars(args).pop("verbose"))  # how to log, not what to diagnose
     options = DiagnosisOptions(**{**vars(args), "iisan": labels})
-    setup_logging()
     return entry_point(sys.argv[0], lambda: run_diagnosis(options))
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.claims import expect_folders  # noqa: E402
-from iisan.console import entry_point, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.figures import write_reports  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -33,11 +33,13 @@ def parser() -> FlagParser:
     parser.add_argument("--figs", default=str(ROOT / "bench_data" / "figs"),
                         help="where the figures go; the committed ones are figs/ (default: bench_data/figs/ in this "
                              "checkout, git-ignored)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv=None) -> list[Path]:
     args = parser().parse_args(argv)
+    setup_logging(args.verbose)
 
     def run() -> list[Path]:
         expect_folders(figs=Path(args.figs))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.claims import claim_output  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     add_input_flags,
@@ -48,13 +48,15 @@ def parser() -> FlagParser:
     parser.add_argument("--batch-size", type=int, default=0, help="0: the paper's for the method (default: 0)")
     parser.add_argument("--steps", type=positive_int, default=5,
                         help="profiled training steps, after three warm-up steps (default: 5)")
-    parser.add_argument("--workers", type=int, default=8, help="threads reading images (default: 8)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data"),
+    parser.add_argument("--num-workers", "--workers", dest="workers", type=int, default=8,
+                        help="threads reading images (default: 8)")
+    parser.add_argument("--work", "--work-dir", default=str(ROOT / "bench_data"),
                         help="the benchmark's synthetic data, encoders and caches, kept for the next run "
                              "(default: bench_data/ in this checkout)")
     parser.add_argument("--trace", default="",
                         help="write a Chrome trace here (an existing file only if it is such a trace); none "
                              "when not given")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
         check_batch_size(args.batch_size, args.data, "--batch-size")
     except ConfigError as err:
         flags.error(str(err))
-    setup_logging()
+    setup_logging(args.verbose)
 
     def run() -> str:
         if args.trace:  # before the work: its own earlier traces are replaced, nothing else

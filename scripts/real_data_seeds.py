@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.seed_table import (  # noqa: E402
     SEEDS,
     SETTINGS,
@@ -51,7 +51,7 @@ def parser() -> FlagParser:
     parser.add_argument("--data-root", type=path_arg, default=str(ROOT.parent / "shared" / "data" / "amazon"),
                         help="folder holding Scientific/ and Instrument/ with the authors' TSVs (default: "
                              "../shared/data/amazon beside this checkout)")
-    parser.add_argument("--work", type=path_arg, default=str(ROOT / "bench_data" / "real-seeds"),
+    parser.add_argument("--work", "--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "real-seeds"),
                         help="caches and run folders (default: bench_data/real-seeds in this checkout)")
     parser.add_argument("--out", type=path_arg, default=str(ROOT / "bench_data" / "results" / "real-data-seeds.json"),
                         help="the table of every finished point, as JSON; the committed one is "
@@ -73,12 +73,13 @@ def parser() -> FlagParser:
                         default=str(ROOT / "bench_data" / "results" / "real-data-verify.json"),
                         help="the --verify-epochs report; the committed one is results/real-data-verify.json "
                              "(default: bench_data/results/real-data-verify.json in this checkout, git-ignored)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
 
     if args.verify_epochs > 0:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEMO_ITEMS, DEMO_USERS, device_choice, int_in, path_arg, seed_arg  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.data.sources import SOURCES  # noqa: E402
 from iisan.experiments.presets import SEEDS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
@@ -45,6 +45,7 @@ def parser() -> FlagParser:
                         help="demo only: synthetic users (default: 1200)")
     parser.add_argument("--demo-items", type=int_in(*DEMO_ITEMS), default=400,
                         help="demo only: synthetic items (default: 400)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
@@ -60,7 +61,7 @@ def reproduction(args):
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     from iisan.experiments.reproduce import reproduce  # here: --help need not import torch
 
     run = reproduction(args)

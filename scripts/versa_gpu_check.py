@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice  # noqa: E402
-from iisan.console import entry_point, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
 from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -35,18 +35,19 @@ def parser() -> FlagParser:
     parser.add_argument("--out", default=str(ROOT / "bench_data" / "versa-gpu"),
                         help="folder for the report, versa_gpu.json (default: bench_data/versa-gpu in this "
                              "checkout, git-ignored)")
-    parser.add_argument("--work", default=str(ROOT / "bench_data" / "versa-gpu-work"),
+    parser.add_argument("--work", "--work-dir", default=str(ROOT / "bench_data" / "versa-gpu-work"),
                         help="synthetic data, tiny encoders, caches and runs (default: bench_data/versa-gpu-work "
                              "in this checkout)")
     parser.add_argument("--device", default="cuda", type=device_choice,
                         help=f"{DEVICES}; cpu: a dry run of the script itself (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="one eager training epoch (little device time)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))
     if not report["passed"]:  # every check is in the report; the exit status says whether all held

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 import torch  # noqa: E402
 
 from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
-from iisan.console import entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
+from iisan.console import VERBOSE_HELP, entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
 from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -34,7 +34,7 @@ def parser() -> FlagParser:
     parser.add_argument("--data-dir", type=path_arg, default=str(SCIENTIFIC),
                         help="the real Scientific data: the authors' TSVs (default: ../shared/data/amazon/Scientific "
                              "beside this checkout)")
-    parser.add_argument("--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "versa-minilm"),
+    parser.add_argument("--work-dir", "--work", type=path_arg, default=str(ROOT / "bench_data" / "versa-minilm"),
                         help="the image LMDB, the random ViT, the cache, the run folder and the summary JSON "
                              "(default: bench_data/versa-minilm in this checkout, git-ignored)")
     parser.add_argument("--images", default="blank", choices=("blank", "random"),
@@ -47,12 +47,13 @@ def parser() -> FlagParser:
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads; 1 because on a shared 2-core machine more threads spin against "
                              "other processes (a step measured 0.7 s with 1 thread, 2-18 s with 2) (default: 1)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     report = entry_point(sys.argv[0], lambda: versa_minilm(Path(args.data_dir), Path(args.work_dir), args.images,
                                                             args.epochs, args.patience, args.seed))

@@ -332,7 +332,7 @@ def test_the_diagnosis_refuses_a_negative_warmup_and_takes_none(tmp_path, monkey
     out = ["--device", "cpu", "--out", str(tmp_path / "d.json")]
     assert ending(diag, ["--warmup", "-1", *out], capsys) == (
         "gpu_diagnose.py: error: --reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and "
-        "--workers >= 0")
+        "--num-workers >= 0")
     seen = []
     monkeypatch.setattr(diag, "run_diagnosis", lambda options: seen.append(options.warmup) or {})
     diag.main(["--warmup", "0", *out])

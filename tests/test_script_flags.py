@@ -10,7 +10,7 @@ import pytest
 
 from iisan.cli.main import main
 
-from ._scripts import ROOT, script_error
+from ._scripts import ROOT, SCRIPTS, load_script, script_error
 
 CASES = [
     ("reproduce", ["--dataset", "demo", "--out", ""], "argument --out: '' is empty; expected a path"),
@@ -20,14 +20,14 @@ CASES = [
     ("reproduce", ["--dataset", "demo", "--demo-items", "1"], "argument --demo-items: 1 is not from 40 to 100,000"),
     ("reproduce", ["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
     ("real_data_seeds", ["--verify-epochs", "-1"], "argument --verify-epochs: -1 is not from 0 to 10,000"),
-    ("real_data_seeds", ["--work", ""], "argument --work: '' is empty; expected a path"),
+    ("real_data_seeds", ["--work", ""], "argument --work/--work-dir: '' is empty; expected a path"),
     ("real_data_seeds", ["--verify-out", ""], "argument --verify-out: '' is empty; expected a path"),
-    ("gpu_diagnose", ["--workers", "-1"], "--warmup and --workers >= 0"),
+    ("gpu_diagnose", ["--workers", "-1"], "--warmup and --num-workers >= 0"),
     ("gpu_diagnose", ["--out", ""], "argument --out: '' is empty; expected a path"),
     ("benchmark_cached_cpu", ["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
     ("benchmark_cached_cpu", ["--data-dir", ""], "argument --data-dir: '' is empty; expected a path"),
     ("versa_minilm_scientific", ["--patience", "-1"], "argument --patience: -1 is not from 0 to 10,000"),
-    ("versa_minilm_scientific", ["--work-dir", ""], "argument --work-dir: '' is empty; expected a path"),
+    ("versa_minilm_scientific", ["--work-dir", ""], "argument --work-dir/--work: '' is empty; expected a path"),
     (ROOT / "Dataset" / "build_lmdb", ["--images", "", "--out", "x"], "argument --images: '' is empty"),
 ]
 
@@ -47,3 +47,32 @@ def test_import_cache_refuses_an_empty_source(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["import-cache", "--from", "", "--dataset", "Scientific"])
     assert stopped.value.code == 2 and "argument --from: '' is empty; expected a path" in capsys.readouterr().err
+
+
+def test_every_script_takes_verbose_and_both_spellings_of_its_folder_and_thread_flags(tmp_path):
+    """As ``iisan``: ``-v`` for debug logging; a working folder is ``--work`` or ``--work-dir``, and image
+    reader threads ``--num-workers`` (as ``iisan train``; ``--workers`` still works where it was the name):
+    one script spelt what another refused."""
+    scripts = sorted(SCRIPTS.glob("*.py"))
+    assert len(scripts) >= 9
+    work, threads = [], []
+    for path in scripts:
+        parser = load_script(path).parser()
+        flags = {s: a for a in parser._actions for s in a.option_strings}
+        assert flags["-v"] is flags["--verbose"] and parser.parse_args(["-v"]).verbose, path.name
+        assert not parser.parse_args([]).verbose, path.name
+        if "--work" in flags or "--work-dir" in flags:
+            assert flags["--work"] is flags["--work-dir"], path.name
+            work.append(path.stem)
+            folder = str(tmp_path / "w")
+            dest = flags["--work"].dest
+            assert str(getattr(parser.parse_args(["--work", folder]), dest)) == folder == \
+                str(getattr(parser.parse_args(["--work-dir", folder]), dest))
+        if "--workers" in flags or "--num-workers" in flags:
+            assert flags.get("--workers", flags["--num-workers"]) is flags["--num-workers"], path.name
+            threads.append(path.stem)
+            dest = flags["--num-workers"].dest
+            assert str(getattr(parser.parse_args(["--num-workers", "3"]), dest)) == "3"  # config flags: text
+            assert "--workers" not in flags or getattr(parser.parse_args(["--workers", "3"]), dest) == 3
+    assert {"benchmark_cached_cpu", "versa_minilm_scientific", "real_data_seeds", "gpu_diagnose"} <= set(work)
+    assert {"gpu_diagnose", "profile_step", "benchmark_efficiency"} <= set(threads)
