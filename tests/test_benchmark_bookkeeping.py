@@ -151,9 +151,29 @@ def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeyp
     assert not params.patches and params.get_yscale() == "log"
     assert params.collections[0].get_offsets().tolist() == [[0, 1000], [1, 50]]
     assert [ax.get_title() for ax in (time, memory, params, tpme)] == [
-        "training time per epoch (s)\nstep time × steps per epoch, training only", "peak process resident memory (GiB)",
+        "training time per epoch (s), training only\nmedian step × steps per epoch; whisker: p90 step",
+        "peak process resident memory (GiB)",
         "trainable parameters (log scale)", "TPME, lower is better\n(0: the best of these methods, 1: the worst)"]
     assert [t.get_text() for t in time.figure.legends[0].get_texts()] == ["IISAN", "the other methods"]
+
+
+def test_the_time_bars_carry_a_whisker_up_to_the_p90_step_where_the_results_hold_one(monkeypatch):
+    """The table gave the p90 step, the figure only the median: two methods with the same median and very
+    different tails looked alike."""
+    payload = benchmark_payload()
+    fft, authors, iisan = payload["rows"]
+    fft.pop("p90_seconds_per_step", None)  # results written before the p90 was kept: no whisker
+    iisan.update(seconds_per_step=0.25, p90_seconds_per_step=0.4, epoch_seconds=7.0)  # 28 steps per epoch
+    time, memory, *_ = drawn_axes(payload, monkeypatch)
+    (whiskers,) = [c for c in time.collections if c.get_segments()]
+    assert [s.tolist() for s in whiskers.get_segments()] == [[[1.0, 7.0], [1.0, pytest.approx(11.2)]]]  # 28 x 0.4 s
+    values = {t.get_text(): t.xy for t in time.texts}
+    assert values["7"] == (1, pytest.approx(11.2)) and values["19"][1] == 19.0  # a value sits above its whisker
+    assert not [c for c in memory.collections if c.get_segments()]  # the other panels have none
+    iisan.pop("p90_seconds_per_step")
+    time, *_ = drawn_axes(payload, monkeypatch)  # none has a p90: no whisker, and the title promises none
+    assert not [c for c in time.collections if c.get_segments()]
+    assert time.get_title() == "training time per epoch (s), training only\nmedian step × steps per epoch"
 
 
 def test_a_method_that_failed_keeps_its_place_in_the_figure_marked_failed(monkeypatch):

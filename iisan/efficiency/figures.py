@@ -176,23 +176,32 @@ def figure_title(payload: dict) -> str:
 IISAN_COLOUR, OTHER_COLOUR = "#c44e52", "#4c72b0"
 
 
+def p90_epochs(rows: list[dict]) -> dict[int, float]:
+    """``{position: epoch time at the p90 step}`` of the rows that have both times (older results have no
+    p90): the epoch's steps scaled from the median step to the p90 one."""
+    return {i: r["p90_seconds_per_step"] * r["epoch_seconds"] / r["seconds_per_step"] for i, r in enumerate(rows)
+            if "error" not in r and r.get("p90_seconds_per_step") and r.get("seconds_per_step")}
+
+
 def figure(payload: dict) -> bytes:
     """The PNG of ``payload``'s default rows, drawn in memory (``write_reports`` writes it): bars on the
     linear panels, points on the parameters' log axis (a bar there starts where the axis happens to, so
-    its length says nothing). A row that failed keeps its place, marked ``failed``: TPME compares the
-    others only."""
+    its length says nothing). The time bars are the median step, their whiskers the p90 step (where the
+    results hold one). A row that failed keeps its place, marked ``failed``: TPME compares the others only."""
     rows = [r for r in payload["rows"] if r.get("measured", "default") == "default" and ("tpme" in r or "error" in r)]
     labels = [r["label"].replace(" (", "\n(") + ("\n(failed)" if "error" in r else "") for r in rows]
-    panels = [
-        ("training time per epoch (s)\nstep time × steps per epoch, training only",
-         [r.get("epoch_seconds") for r in rows], False),
-        (memory_label(payload), [memory_gib(r) if "error" not in r else None for r in rows], False),
-        ("trainable parameters (log scale)", [r.get("trainable_params") for r in rows], True),
-        ("TPME, lower is better\n(0: the best of these methods, 1: the worst)", [r.get("tpme") for r in rows], False),
+    p90 = p90_epochs(rows)
+    panels = [  # title, values, log scale, whiskers' tops
+        ("training time per epoch (s), training only\nmedian step × steps per epoch"
+         + ("; whisker: p90 step" if p90 else ""), [r.get("epoch_seconds") for r in rows], False, p90),
+        (memory_label(payload), [memory_gib(r) if "error" not in r else None for r in rows], False, {}),
+        ("trainable parameters (log scale)", [r.get("trainable_params") for r in rows], True, {}),
+        ("TPME, lower is better\n(0: the best of these methods, 1: the worst)", [r.get("tpme") for r in rows], False,
+         {}),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), layout="constrained")
     colours = [IISAN_COLOUR if r.get("method") == "IISAN" else OTHER_COLOUR for r in rows]
-    for ax, (title, values, log_scale) in zip(axes, panels):
+    for ax, (title, values, log_scale, whiskers) in zip(axes, panels):
         shown = [(i, v) for i, v in enumerate(values) if v is not None]
         xs, ys = [i for i, _ in shown], [v for _, v in shown]
         if log_scale:
@@ -202,8 +211,13 @@ def figure(payload: dict) -> bytes:
         else:
             ax.bar(xs, ys, color=[colours[i] for i in xs])
             ax.margins(y=0.15)  # room for the values above the bars
-        for i, v in shown:
-            ax.annotate(f"{v:.3g}", (i, v), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7)
+        if whiskers:
+            ax.errorbar(list(whiskers), [values[i] for i in whiskers],
+                        yerr=[[0] * len(whiskers), [top - values[i] for i, top in whiskers.items()]],
+                        fmt="none", ecolor="black", elinewidth=1, capsize=3, zorder=3)
+        for i, v in shown:  # the value above its bar or point, and above its whisker
+            ax.annotate(f"{v:.3g}", (i, max(v, whiskers.get(i, v))), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=7)
         for i, r in enumerate(rows):
             if "error" in r:
                 ax.annotate("failed", (i, 0.03), xycoords=("data", "axes fraction"), rotation=90, ha="center",
