@@ -56,11 +56,12 @@ def claim_output(path: str | Path, owned: Callable[[Path], bool], what: str, fla
 def claim_folder(path: str | Path, marker: str, what: str, flag: str) -> Path:
     """A folder this project fills with files of fixed names (the demo's, a tiny model's). It is made with
     the ``marker`` file in it, or reused when it holds that marker or is empty (but for the marker's temporary,
-    left by a writer that died before renaming it); a link, a file or a folder of other things is refused with
-    one line, so that nothing of someone else's is overwritten."""
+    left by a writer that died before renaming it); a file or a folder of other things is refused with one line,
+    so that nothing of someone else's is overwritten. A link to a folder is that folder, as a run folder's is;
+    a link to anything else is refused."""
     path = Path(path)
-    if path.is_symlink():
-        raise OutputError(f"{flag} {path} is a symbolic link; give the path it points to")
+    if path.is_symlink() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a symbolic link to no folder; give the path of a folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, expected a folder")
     if path.is_dir() and not (path / marker).is_file() and not only_temporaries_of(path, marker):

@@ -43,6 +43,26 @@ def test_an_empty_folder_is_taken_and_marked_while_a_full_one_is_refused(tmp_pat
     assert sorted(p.name for p in full.iterdir()) == ["notes.txt"]
 
 
+def test_a_link_to_a_folder_is_that_folder_as_a_run_folder_link_is(tmp_path):
+    """``iisan train --out-dir`` took a link to a folder (a scratch disk linked into a home folder) and the demo's
+    --out refused the same link: the same folder is now claimed through it, with the same checks."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "demo").symlink_to(scratch)
+    assert claim_folder(tmp_path / "demo", ".iisan-demo", "a demo folder", "--out") == tmp_path / "demo"
+    assert (scratch / ".iisan-demo").is_file() and (tmp_path / "demo").is_symlink()  # through the link, kept
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine\n")
+    (tmp_path / "to-theirs").symlink_to(theirs)
+    with pytest.raises(OutputError, match="to-theirs exists and is not a demo folder"):
+        claim_folder(tmp_path / "to-theirs", ".iisan-demo", "a demo folder", "--out")
+    (tmp_path / "to-a-file").symlink_to(theirs / "notes.txt")
+    with pytest.raises(OutputError, match="to-a-file is a symbolic link to no folder; give the path of a folder$"):
+        claim_folder(tmp_path / "to-a-file", ".iisan-demo", "a demo folder", "--out")
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+
+
 def test_a_folder_holding_only_the_temporary_of_its_marker_is_taken(tmp_path):
     """A claim killed while writing its marker left the folder with the marker's temporary alone: every later
     run refused the folder as someone else's. Another hidden file still makes it someone else's."""

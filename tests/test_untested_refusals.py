@@ -136,9 +136,12 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_one_line(tiny, tmp_path, capsys
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.symlink_to(p.parent), "--out {p} is a symbolic link; give the path it points to"),
+    (lambda p: p.symlink_to(p.parent), "--out {p} exists and is not a demo folder (no .iisan-demo in it); IISAN "
+     "writes only into empty folders or folders it made, so choose another path or move that one away"),
+    (lambda p: p.symlink_to(p.parent / "nothing"), "--out {p} is a symbolic link to no folder; give the path of a "
+     "folder"),
     (lambda p: p.write_text("mine\n"), "--out {p} is a file, expected a folder"),
-], ids=["link", "file"])
+], ids=["link-to-a-full-folder", "link-to-nothing", "file"])
 def test_demo_out_that_is_a_link_or_a_file_is_one_line(make, message, tmp_path, capsys):
     out = tmp_path / "demo"
     make(out)
