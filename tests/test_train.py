@@ -402,3 +402,25 @@ def test_a_finished_run_leaves_nothing_alive_for_the_garbage_collector(tiny_conf
         assert {name: ref() is None for name, ref in alive.items()} == dict.fromkeys(alive, True)
     finally:
         gc.enable()
+
+
+def test_training_never_sees_a_test_target(cached_cfg, tmp_path):
+    """The paper's protocol: a user's last item is the test target and nothing else. Every user's test item
+    moved to the next user (the same items, so the same catalogue) trains to the same losses, validation
+    and weights, bit for bit; only the test metrics move."""
+    from safetensors.torch import load_file
+
+    rows = [line.split("\t") for line in Path(cached_cfg.users).read_text().splitlines()]
+    sequences = [items.split() for _, items in rows]
+    moved = [s[:-1] + [sequences[i - 1][-1]] for i, s in enumerate(sequences)]
+    assert sum(a[-1] != b[-1] for a, b in zip(sequences, moved)) > len(rows) // 2  # most targets changed
+    users = tmp_path / "moved_test_targets.tsv"
+    users.write_text("".join(f"{user}\t{' '.join(s)}\n" for (user, _), s in zip(rows, moved)))
+    runs = [train(cached_cfg.replace(epochs=3, run_name=name, users=str(path)))
+            for name, path in (("real", cached_cfg.users), ("moved", users))]
+    real, other = ([(e["loss"], e["valid"]) for e in r["epochs"]] for r in runs)
+    assert real == other and runs[0]["best_epoch"] == runs[1]["best_epoch"]
+    weights = [load_file(Path(r["run_dir"]) / "best.safetensors") for r in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert runs[0]["test"] != runs[1]["test"]  # the test targets were read: they are what moved
