@@ -395,6 +395,16 @@ CASES = [
          ("{s}/users.tsv: 1 user after the protocol trains nothing: the loss ranks each target against the items "
           "of the other users in its batch, and there are none",),
          setup=write("users.tsv", "U0\tI0000001 I0000002 I0000003 I0000004 I0000005 I0000006\n")),
+    Case("items-one", T_users,  # every logit the target's own: loss 0 at every step, and finished
+         ("{s}/users.tsv: 1 item after the protocol trains nothing: the loss ranks each target against the other "
+          "items in its batch, and there are none",),
+         setup=write("users.tsv", "".join(f"U{u}\t" + " ".join(["I0000001"] * 6) + "\n" for u in range(3)))),
+    Case("users-three-interactions", lambda P, s: T(P, s, "--users", f"{s}/users.tsv", "--min-seq-len", "3"),
+         ("{s}/users.tsv: no user has more than 3 interactions after the protocol, which trains nothing: the "
+          "validation and test items leave each user 1 item to train on, and a target needs an item before it "
+          "(--min-seq-len 4 or more keeps only users that have one)",),  # loss 0 at every step, and finished
+         setup=write("users.tsv", "".join(f"U{u}\tI000000{3 * u + 1} I000000{3 * u + 2} I000000{3 * u + 3}\n"
+                                          for u in range(3)))),
     Case("users-binary", T_users,
          ("{s}/users.tsv:1: byte 0x89 at column 1 is not utf-8 text",), setup=write("users.tsv", BINARY)),
     Case("encoding-unknown", lambda P, s: T(P, s, "--encoding", "klingon"),

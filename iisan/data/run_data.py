@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..methods import unread_keys
 from .batches import PixelSource
 from .images import ImageStore, store_digest
@@ -29,6 +29,23 @@ def load_data(cfg: Config) -> SeqRecData:
     check_data_files(cfg)
     return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
                         cfg.encoding, cfg.merge_duplicate_users)
+
+
+def check_trainable(data: SeqRecData, cfg: Config) -> None:
+    """A ``DataError`` for data on which training computes nothing, a loss of 0 at every step: the loss ranks
+    each target against the other items of its batch (one user, or one item, leaves none: as --batch-size 1,
+    bounds.py), and a target needs an item before it in the training part (the part before the validation
+    and test items)."""
+    if data.num_users < 2:
+        raise DataError(f"{cfg.users}: 1 user after the protocol trains nothing: the loss ranks each target "
+                        "against the items of the other users in its batch, and there are none")
+    if data.num_items < 2:
+        raise DataError(f"{cfg.users}: 1 item after the protocol trains nothing: the loss ranks each target "
+                        "against the other items in its batch, and there are none")
+    if not (data.train_sequences()[:, :-1] != 0).any():
+        raise DataError(f"{cfg.users}: no user has more than 3 interactions after the protocol, which trains "
+                        "nothing: the validation and test items leave each user 1 item to train on, and a target "
+                        "needs an item before it (--min-seq-len 4 or more keeps only users that have one)")
 
 
 def describe_data(data: SeqRecData, cfg: Config) -> str:

@@ -29,11 +29,11 @@ from ..config import Config
 from ..console import progress_bar
 from ..data.batches import TrainBatch, TrainBatches, epoch_batches
 from ..data.epochs import epoch_order, steps_per_epoch
-from ..data.run_data import describe_data, load_data
+from ..data.run_data import check_trainable, describe_data, load_data
 from ..devices import device_name, sync
 from ..digests import file_fingerprint
 from ..distributed import Dist, any_rank, mean_over_ranks
-from ..errors import ConfigError, DataError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
+from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
 from ..methods import METHOD_NAMES
@@ -118,9 +118,7 @@ class Run:
         # the data and the model: a checkpoint of another config is refused before minutes of loading.
         found, chosen = decide(self.checkpoints.choose, dist, lambda found: "" if found is None else str(found.path))
         data = self.data = load_data(cfg)
-        if data.num_users < 2:  # (as --batch-size 1: bounds.py)
-            raise DataError(f"{cfg.users}: 1 user after the protocol trains nothing: the loss ranks each target "
-                            "against the items of the other users in its batch, and there are none")
+        check_trainable(data, cfg)
         self.record.items_fingerprint, self.record.kept_items = data.catalog.fingerprint, data.kept_items
         self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
