@@ -40,6 +40,9 @@ NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(na
 INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)  # as written on a command line: no '5_0', no other scripts' digits
 SMALLEST = 1e-30  # the least rate, temperature or LoRA alpha taken: far below use, far above float16's and
 # float32's subnormals, where a gate or an update flushes to 0 or overflows to inf
+# The least gate temperature: a gate's logit gets a gradient of 1 / temperature times the rest; Adam squares it in
+# fp32 (at most 3.4e38), and an overflowed square makes every update of the gates 0 (1e-30 trained none of them).
+SMALLEST_GATE_TEMPERATURE = 1e-6  # a million times under the paper's 0.1: a step function already
 
 
 def min_seq_len_problem(min_seq_len: int) -> str:
@@ -86,9 +89,13 @@ def check_bounds(cfg) -> None:
     for name in ("gate_temperature", "lora_alpha", "drop_rate", "item_bucket_growth"):
         if not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"{name}={getattr(cfg, name)} must be a finite number")
-    for name in (*LEARNING_RATES, "gate_temperature", "lora_alpha"):  # 1e-320: gates of 0 or inf, updates of 0
+    for name in (*LEARNING_RATES, "lora_alpha"):  # 1e-320: updates of 0
         if 0 < getattr(cfg, name) < SMALLEST:
             raise ConfigError(f"{name}={getattr(cfg, name)} is below {SMALLEST:g}, too small to compute with")
+    if 0 < cfg.gate_temperature < SMALLEST_GATE_TEMPERATURE:
+        raise ConfigError(f"gate_temperature={cfg.gate_temperature} is below {SMALLEST_GATE_TEMPERATURE:g}: the gates' "
+                          "gradient (1 / temperature) would overflow the optimiser's fp32 state, and they would not "
+                          "train")
     if cfg.lora_alpha <= 0:  # LoRA's scale alpha / rank: 0 adds nothing and trains nothing, < 0 subtracts
         raise ConfigError(f"lora_alpha={cfg.lora_alpha} must be positive")
     if not 0.0 <= cfg.drop_rate < 1.0:

@@ -601,7 +601,8 @@ CASES = [
     Case("lora-alpha-0", lambda P, s: T(P, s, "--method", "lora", "--lora-alpha", "0"),
          ("lora_alpha=0.0 must be positive",)),
     Case("gate-temperature-subnormal", lambda P, s: T(P, s, "--gate-temperature", "1e-320"),
-         ("gate_temperature=1e-320 is below 1e-30, too small to compute with",)),
+         ("gate_temperature=1e-320 is below 1e-06: the gates' gradient (1 / temperature) would overflow the "
+          "optimiser's fp32 state, and they would not train",)),
     Case("run-name-too-long", lambda P, s: T(P, s, "--run-name", "r" * 300),
          (f"run_name='{'r' * 40}'... is 300 bytes long; a folder name may be at most 200",)),
     # build-lmdb: nothing it did not write is ever replaced

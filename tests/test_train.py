@@ -424,3 +424,15 @@ def test_training_never_sees_a_test_target(cached_cfg, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert runs[0]["test"] != runs[1]["test"]  # the test targets were read: they are what moved
+
+
+def test_the_least_gate_temperature_taken_still_trains_the_gates(cached_cfg):
+    """``bounds.SMALLEST_GATE_TEMPERATURE``: at 1e-30 (the old floor) Adam's squared gradient of the gates
+    overflowed and not one gate moved from 0, without a word; at the floor taken now every gate trains."""
+    from safetensors.torch import load_file
+
+    from iisan.bounds import SMALLEST_GATE_TEMPERATURE
+
+    results = train(cached_cfg.replace(gate_temperature=SMALLEST_GATE_TEMPERATURE, epochs=1, max_steps_per_epoch=3))
+    gates = {k: v for k, v in load_file(Path(results["run_dir"]) / "best.safetensors").items() if "gate_logits" in k}
+    assert gates and all(bool((v != 0).all()) and bool(v.isfinite().all()) for v in gates.values()), gates
