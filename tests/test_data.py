@@ -253,6 +253,21 @@ def test_a_users_line_may_end_in_a_tab_but_holds_two_fields(tmp_path):
         read_users(users)
 
 
+def test_an_items_line_may_end_in_a_tab_as_a_users_line_may(tmp_path):
+    """A trailing tab ends an empty field: the users file took it and the items file refused the same line
+    as '3 tab-separated fields'. A third field that holds something is still refused by line."""
+    items = tmp_path / "items.tsv"
+    items.write_text("I1\tRed lamp\t\nI2\t blue chair \t\t\nI3\tgreen table\n")
+    catalog = read_items(items)
+    assert catalog.ids == ["I1", "I2", "I3"] and catalog.titles == ["Red lamp", " blue chair ", "green table"]
+    items.write_text("I1\tRed lamp\nI2\tblue chair\tACME\t\n")
+    with pytest.raises(DataError, match=r"items.tsv:2: 3 tab-separated fields, expected 2 \(item_id<TAB>title\)$"):
+        read_items(items)
+    items.write_text("I1\t\t\n")  # a title of nothing but the tab: empty
+    with pytest.raises(DataError, match=r"items.tsv:1: empty title for item 'I1'"):
+        read_items(items)
+
+
 def test_files_of_two_data_sets_are_said_to_share_no_item(tmp_path):
     """An items file with only a header line (or another data set's items): no item id of the users file is
     in it, and the error says that, beside its size and first id, instead of only 'no user has 5'."""

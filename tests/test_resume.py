@@ -607,7 +607,7 @@ def test_non_finite_validation_metrics_end_training_as_a_nan_loss_does(base, ref
     poison_validation(monkeypatch, 2)
     root = Path(cfg.out_dir) / cfg.run_name / "checkpoints"
     said = ("non-finite validation metrics after epoch 2 (hit@5 nan, ", "; the trained weights are finite: the "
-            "model's scores overflowed (lower the learning rates, or try --amp none); last good checkpoint: "
+            "model's scores overflowed (lower the learning rates); last good checkpoint: "
             f"{root / 'epoch-0001'}; best weights: {root.parent / 'best.safetensors'}")
     if mode == "fail":
         with pytest.raises(TrainingError) as info:

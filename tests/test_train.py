@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -361,6 +362,23 @@ def test_a_non_finite_loss_report_is_built_from_what_it_is_given(tmp_path):
     assert report == ("non-finite loss at step 11 (epoch 2, steps 10..12); the learning rate of group 'recsys' is "
                       "0.0; 2 item(s) of that batch have non-finite text states; last good checkpoint: "
                       "some/epoch-0001; best weights: none yet")
+
+
+def test_an_overflow_suggests_fp32_only_to_a_run_that_computes_in_a_half_type(tmp_path):
+    """'or try --amp none' was said to CPU runs, which compute in fp32 whatever --amp says."""
+    from iisan.train.nonfinite import nonfinite_loss, nonfinite_scores
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{"params": model.parameters(), "name": "recsys"}], lr=1e-3)
+    loss = torch.tensor([float("inf")])
+    reports = [nonfinite_loss(loss, 0, 0, 1, optimizer, model, lambda step: [], tmp_path, lambda: "none yet", amp)
+               for amp in (None, torch.float16)]
+    assert "the loss itself overflowed (lower the learning rates); last good" in reports[0]
+    assert "overflowed (lower the learning rates, or try --amp none (this run computes in float16))" in reports[1]
+    scores = [nonfinite_scores({"hit@10": math.nan}, 0, model, tmp_path, lambda: "none yet", amp)
+              for amp in (None, torch.bfloat16)]
+    assert "the model's scores overflowed (lower the learning rates); last good" in scores[0]
+    assert "(lower the learning rates, or try --amp none (this run computes in bfloat16))" in scores[1]
 
 
 @pytest.mark.parametrize("users, batch, start", [(7, 3, 0), (6, 3, 0), (7, 3, 1), (7, 3, 3), (2, 5, 0)])

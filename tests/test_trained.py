@@ -207,12 +207,17 @@ def test_recommend_from_the_command_line(runs, tmp_path, capsys):
     assert len(out) == 2 + run.data.num_items - 2 + 1
     assert out[-1] == f"(-k 1000: {run.data.num_items - 2} items are all there are to rank here; the history's are " \
                       "masked)"
+    main(["recommend", run_dir, "--history", ",".join(run.data.item_ids[2:]), "-k", "3", "--device", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1] == "(-k 3: 1 item is all there is to rank here; the history's " \
+                                                       "are masked)"  # item_ids[0] is the padding
 
 
 @pytest.mark.parametrize("argv, message", [
     (["recommend", "{run}", "--user", "nobody"], "--user: user 'nobody' is not among the 160 users of"),
     (["recommend", "{run}", "--history", "{item},no-such-item"], "--history: item id(s) 'no-such-item' are not "
                                                                    "among the 56 items of the data set"),
+    (["recommend", "{run}", "--history", "no-such-item,{item},no-such-item"],  # named once
+     "--history: item id(s) 'no-such-item' are not among the 56 items of the data set"),
     (["recommend", "{run}", "--history", "{item},,{item}"], "--history '{item},,{item}': item 2 is empty; give "
                                                               "item ids separated by single commas"),
     (["recommend", "{run}", "--history", ","], "--history: an empty history (give at least one item id)"),

@@ -166,7 +166,8 @@ def cmd_recommend(args) -> None:
         for rank, (i, score) in enumerate(top, 1):
             print(f"{rank:>4}  {ids[i]:<14}{score:>10.4f}  {titles[i]}")
         if len(top) < args.k:
-            print(f"(-k {args.k}: {len(top)} items are all there are to rank here; the history's are masked)")
+            all_there = "1 item is all there is" if len(top) == 1 else f"{len(top)} items are all there are"
+            print(f"(-k {args.k}: {all_there} to rank here; the history's are masked)")
 
 
 def cmd_export(args) -> None:

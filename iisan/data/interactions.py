@@ -67,9 +67,11 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
         item_id = item_id.strip()
         if not item_id:
             raise DataError(f"{path}:{lineno}: empty item id")
-        if "\t" in title and file_format(path) == "tsv":  # a third column would be read into the title
-            raise DataError(f"{path}:{lineno}: {title.count(chr(9)) + 2} tab-separated fields, expected 2 "
-                            "(item_id<TAB>title)")
+        if file_format(path) == "tsv":
+            title = title.rstrip("\t")  # a tab at the end of the line ends an empty field, as in a users file
+            if "\t" in title:  # a third column would be read into the title
+                raise DataError(f"{path}:{lineno}: {title.count(chr(9)) + 2} tab-separated fields, expected 2 "
+                                "(item_id<TAB>title)")
         if item_id in seen:
             raise DataError(f"{path}:{lineno}: duplicate item id {item_id!r} (first on line {seen[item_id]})")
         check_item_id(item_id, f"{path}:{lineno}")

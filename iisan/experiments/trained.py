@@ -75,7 +75,7 @@ class TrainedRun:
         if isinstance(item_ids, str) or not all(isinstance(i, str) for i in item_ids):
             raise DataError(f"{where}: expected a list of item ids (strings), not {item_ids!r:.80}")
         index = self.positions
-        unknown = [i for i in item_ids if i not in index]
+        unknown = list(dict.fromkeys(i for i in item_ids if i not in index))  # each once, in the order given
         if unknown:
             spaced = next((i for i in unknown if any(ch.isspace() for ch in i)), None)  # "a b", as a users file
             hint = f"; item ids are comma-separated: {','.join(spaced.split())!r}" if spaced else ""

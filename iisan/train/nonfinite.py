@@ -21,13 +21,18 @@ SHOWN = 3  # examples named per finding
 log = logging.getLogger(__name__)
 
 
+def lower(amp: torch.dtype | None) -> str:
+    """What to try against an overflow: lower rates, and fp32 where the run computes in a half type."""
+    return "lower the learning rates" + (f", or try --amp none (this run computes in {str(amp)[6:]})" if amp else "")
+
+
 def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: int, optimizer: torch.optim.Optimizer,
                    model: torch.nn.Module, batch_states: Callable[[int], list[str]], run_dir: Path,
-                   last_good: Callable[[], str]) -> str | None:
+                   last_good: Callable[[], str], amp: torch.dtype | None = None) -> str | None:
     """The one-line report of the first non-finite entry of ``losses`` (this epoch's per-step losses so
     far), or None when they are all finite. ``first_step``: the run's step count before this epoch;
     ``batch_states(step)``: what ``batch_states`` finds in the epoch's step ``step``; ``last_good()``: the
-    newest complete checkpoint, or 'none yet'."""
+    newest complete checkpoint, or 'none yet'; ``amp``: the autocast dtype (None: fp32)."""
     bad = torch.nonzero(~torch.isfinite(losses)).flatten()
     if not len(bad):
         return None
@@ -35,7 +40,7 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
     findings = learning_rates(optimizer) + batch_states(step) + weights(model)
     if not findings:
         findings = ["the learning rates, the batch's item states and the weights are finite: the loss itself "
-                    "overflowed (lower the learning rates, or try --amp none)"]
+                    f"overflowed ({lower(amp)})"]
     best = run_dir / "best.safetensors"
     return "; ".join([f"{LOSS} at step {done + step} (epoch {epoch}, steps {done}..{done + n_steps - 1})",
                       *findings, f"last good checkpoint: {last_good()}",
@@ -43,14 +48,13 @@ def nonfinite_loss(losses: torch.Tensor, epoch: int, first_step: int, n_steps: i
 
 
 def nonfinite_scores(valid: dict[str, float], epoch: int, model: torch.nn.Module, run_dir: Path,
-                     last_good: Callable[[], str]) -> str | None:
+                     last_good: Callable[[], str], amp: torch.dtype | None = None) -> str | None:
     """The one-line report of epoch ``epoch``'s validation metrics that are not finite (a NaN target score:
     the user or item vectors overflowed, weights finite or not), or None when they are all finite."""
     bad = [f"{name} {value}" for name, value in valid.items() if not math.isfinite(value)]
     if not bad:
         return None
-    findings = weights(model) or ["the trained weights are finite: the model's scores overflowed (lower the "
-                                  "learning rates, or try --amp none)"]
+    findings = weights(model) or [f"the trained weights are finite: the model's scores overflowed ({lower(amp)})"]
     best = run_dir / "best.safetensors"
     return "; ".join([f"{SCORES} after epoch {epoch} ({', '.join(bad[:SHOWN])})", *findings,
                       f"last good checkpoint: {last_good()}",

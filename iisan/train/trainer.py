@@ -203,7 +203,7 @@ class Run:
             return batch_states(self.model, lambda: host_batch(step), self.device, self.data.item_ids, cache_dir)
 
         problem = nonfinite_loss(losses, epoch, self.progress.global_step, n_steps, self.optimizer, self.model,
-                                 states, self.run_dir, self.checkpoints.last_good)
+                                 states, self.run_dir, self.checkpoints.last_good, self.plan.amp)
         nan = bool(torch.isnan(losses).any())
         return after_nonfinite(problem, nan, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
 
@@ -266,7 +266,8 @@ class Run:
                                       self.dist)
             valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
                                    dist=self.dist)
-            if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good):
+            if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good,
+                                           self.plan.amp):
                 # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
                 progress.stopped = after_nonfinite(problem, True, cfg.nonfinite, stopper.best_epoch)
                 break
