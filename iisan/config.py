@@ -255,7 +255,10 @@ class Config:
         check_bounds(self)
         for name in ("text_layers", "image_layers"):
             layers = getattr(self, name)
-            if layers is not None and (len(layers) == 0 or min(layers) < 0 or list(layers) != sorted(set(layers))):
+            if layers is not None and len(layers) == 0:
+                raise ConfigError(f"{name}=[] names no layer; give the hidden states to read, such as 0,2,4 (or leave "
+                                  "it out: the method's default)")
+            if layers is not None and (min(layers) < 0 or list(layers) != sorted(set(layers))):
                 raise ConfigError(f"{name}={said(list(layers))} must be distinct, increasing, non-negative indices")
         # last: values each fine alone (a --config file's are judged alone first: ``read_config_file``)
         if self.embedding_dim % self.attention_heads:

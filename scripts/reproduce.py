@@ -42,9 +42,9 @@ def parser() -> FlagParser:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars for the cache build and the runs (never any for demo)")
     parser.add_argument("--demo-users", type=int_in(*DEMO_USERS), default=1200,
-                        help="demo only: synthetic users (default: 1200)")
+                        help=f"demo only: synthetic users, {DEMO_USERS[0]:,} to {DEMO_USERS[1]:,} (default: 1200)")
     parser.add_argument("--demo-items", type=int_in(*DEMO_ITEMS), default=400,
-                        help="demo only: synthetic items (default: 400)")
+                        help=f"demo only: synthetic items, {DEMO_ITEMS[0]:,} to {DEMO_ITEMS[1]:,} (default: 400)")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 

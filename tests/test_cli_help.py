@@ -130,6 +130,16 @@ def help_of(argv: list[str], flag: str) -> str:
     return " ".join(flag_of(argv, flag).help.split())
 
 
+def test_the_demos_data_sizes_say_what_they_take():
+    """``iisan demo --users 10`` was refused with a range its help did not give."""
+    from iisan.bounds import DEMO_ITEMS, DEMO_USERS
+
+    reproduce = load_script("reproduce.py").parser()._option_string_actions
+    for (low, high), helps in ((DEMO_USERS, (help_of(["demo"], "--users"), reproduce["--demo-users"].help)),
+                               (DEMO_ITEMS, (help_of(["demo"], "--items"), reproduce["--demo-items"].help))):
+        assert all(f", {low:,} to {high:,} (default: " in text for text in helps), helps
+
+
 @pytest.mark.parametrize("argv, flag, default", [
     (["demo"], "--out", "(default: demo_data)"), (["demo"], "--epochs", "(default: 20)"),
     (["demo"], "--seed", "(default: 0)"), (["make-tiny-models"], "--out", "(default: pretrained_models)"),

@@ -346,7 +346,8 @@ def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, cap
         main(["results", str(tmp_path / "runs"), "--keys", "seed"])
         names = [r[0] for r in table_rows(capsys.readouterr().out)[1:]]
         assert names == ["lr0.0002-s1", "lr0.0002-s2", "lr0.001-s1"]
-        assert "left out 1 smoke run(s) (--include-smoke) and 3 unfinished run(s) (--include-running)" in caplog.text
+        assert ("left out 1 smoke run(s) (--include-smoke) and 3 unfinished run(s): 1 failed, 1 running, "
+                "1 stopped (--include-running)") in caplog.text
         caplog.clear()
         main(["results", str(tmp_path / "runs"), "--include-running"])  # no unfinished run left out: not "0 ..."
         assert "left out 1 smoke run(s) (--include-smoke)\n" in caplog.text + "\n" and "unfinished" not in caplog.text

@@ -49,6 +49,8 @@ def data_flags(tiny, cache: str) -> list[str]:
     (["--drop-rate", "1"], "drop_rate=1.0 must be in [0, 1)"),
     (["--gate-temperature", "0"], "gate_temperature=0.0 must be positive"),
     (["--embedding-dim", "10", "--attention-heads", "3"], "embedding_dim=10 is not divisible by attention_heads=3"),
+    (["--text-layers", ""], "text_layers=[] names no layer; give the hidden states to read, such as 0,2,4 (or leave "
+                            "it out: the method's default)"),
 ])
 def test_out_of_bounds_training_values_are_one_line(flags, message, tmp_path, capsys):
     """A dropout rate of 1 (nothing passes), a gate temperature of 0 (a division by it) and a width that the

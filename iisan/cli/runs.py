@@ -112,8 +112,10 @@ def add_run_commands(sub) -> None:
     p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the synthetic data, the tiny "
                    "models and training (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--users", type=int_in(*DEMO_USERS), default=1200, help="synthetic users (default: 1200)")
-    p.add_argument("--items", type=int_in(*DEMO_ITEMS), default=400, help="synthetic items (default: 400)")
+    p.add_argument("--users", type=int_in(*DEMO_USERS), default=1200,
+                   help=f"synthetic users, {DEMO_USERS[0]:,} to {DEMO_USERS[1]:,} (default: 1200)")
+    p.add_argument("--items", type=int_in(*DEMO_ITEMS), default=400,
+                   help=f"synthetic items, {DEMO_ITEMS[0]:,} to {DEMO_ITEMS[1]:,} (default: 400)")
     p.add_argument("--versa", action="store_true",
                    help="IISAN-Versa: a tiny decoder-LLM text tower with a ViT of another width and depth")
     p.set_defaults(func=cmd_demo)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
                           f"({', '.join(Config.__dataclass_fields__)}) or processes (how many processes trained "
                           "the run)")
     files = find_results(folders)
-    rows, curves, unreadable, smoke, unfinished = [], [], 0, 0, 0
+    rows, curves, unreadable, smoke, unfinished = [], [], 0, 0, Counter()
     for path in files:
         try:
             results = load_results(path)
@@ -184,15 +185,16 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
         if row["smoke"] == "True" and not include_smoke:
             smoke += 1
         elif not row["status"].startswith("finished") and not include_running:
-            unfinished += 1
+            unfinished[row["status"]] += 1
         else:
             rows.append(row)
             curves.append(curve)
     if unreadable:
         log.warning("%d of %d results files skipped", unreadable, len(files))
-    if left := [f"{n} {kind} run(s) ({flag})" for n, kind, flag in ((smoke, "smoke", "--include-smoke"),
-                                                                      (unfinished, "unfinished", "--include-running"))
-                if n]:
+    how = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
+    if left := [f"{n} {kind} run(s){what} ({flag})" for n, kind, what, flag in (
+            (smoke, "smoke", "", "--include-smoke"),
+            (unfinished.total(), "unfinished", f": {how}", "--include-running")) if n]:  # 1 failed, 2 running
         log.info("left out %s", " and ".join(left))
     for row, label in zip(rows, run_labels([row["folder"] for row in rows]), strict=True):
         row["run"] = label  # two runs of one name (a copy) are told apart by the folders above them
