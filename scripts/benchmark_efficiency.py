@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import SETTINGS  # noqa: E402
+from iisan.efficiency.bench import TABLE_METHODS  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     BENCH_KEYS,
     MIN_STEPS,
@@ -48,8 +48,8 @@ def parser() -> FlagParser:
                         help=f"comma list of: {', '.join(SETTING_NAMES)} (default: equal,paper)")
     parser.add_argument("--equal-batch", type=positive_int, default=32,
                         help="batch size of every method in 'equal' (default: 32)")
-    parser.add_argument("--methods", default=",".join(SETTINGS),
-                        help=f"comma list of method labels (default: all of {', '.join(SETTINGS)})")
+    parser.add_argument("--methods", default=",".join(TABLE_METHODS),
+                        help=f"comma list of method labels (default: all of {', '.join(TABLE_METHODS)})")
     parser.add_argument("--authors-way", default="all",
                         help="comma list of method labels also measured the authors' way (every slot encoded, "
                              "padding included, full-length titles); 'all' (default) or 'none'")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, path_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import SETTINGS  # noqa: E402
+from iisan.efficiency.bench import TABLE_METHODS  # noqa: E402
 from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
     flags = parser()
     args = flags.parse_args(argv)
     labels = [x.strip() for x in args.iisan.split(",") if x.strip()]
-    if unknown := [x for x in labels if x not in SETTINGS]:
-        flags.error(f"--iisan: unknown label(s) {unknown}; choose from {list(SETTINGS)}")
+    if unknown := [x for x in labels if x not in TABLE_METHODS]:
+        flags.error(f"--iisan: unknown label(s) {unknown}; choose from {list(TABLE_METHODS)}")
     if min(args.reps, args.shape_reps, args.cache_batch, *args.fft_items, *args.frozen_items) < 1 or \
             min(args.warmup, args.workers) < 0:
         flags.error("--reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and "

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.claims import claim_output  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import SETTINGS, profile_steps  # noqa: E402
+from iisan.efficiency.bench import TABLE_METHODS, profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     add_input_flags,
     base_config,
@@ -41,7 +41,7 @@ def is_profiler_trace(path: Path) -> bool:
 
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
-    parser.add_argument("--method", default="IISAN (uncached)", choices=list(SETTINGS),
+    parser.add_argument("--method", default="IISAN (uncached)", choices=list(TABLE_METHODS),
                         help="the benchmark label whose training step is profiled (default: IISAN (uncached))")
     add_input_flags(parser)
     parser.add_argument("--device", default="auto", type=device_choice, help=f"{DEVICES} (default: auto)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iisan.data.run_data import load_data
-from iisan.efficiency.bench import SETTINGS
+from iisan.efficiency.bench import TABLE_METHODS
 from iisan.model.build import build_model
 from iisan.train.optim import make_optimizer
 from iisan.train.plan import batch_layout
@@ -117,12 +117,12 @@ def test_batches_are_pinned_so_their_copies_do_not_wait_for_the_device(tiny_conf
     assert moved.items.real.device.type == "cuda" and torch.equal(moved.items.real.cpu(), batch.items.real)
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("setting", list(TABLE_METHODS))
 def test_steps_issue_no_synchronising_cuda_calls(setting, tiny_config, tiny_cache):
     """The GPU side of test_methods' host-stall test: after a first step, CUDA's sync debug mode sees no
     call that makes the host wait (transformers' read-back of the text padding mask included: BERT-family
     towers get their mask ready-made)."""
-    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **SETTINGS[setting])
+    cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **TABLE_METHODS[setting])
     data = load_data(cfg)
     model, pixels = build_model(cfg, data, CUDA)
     model.train()

@@ -41,8 +41,8 @@ from .timing import StepClock, summary, timed_each
 
 log = logging.getLogger(__name__)
 
-# (label, config overrides) for the six settings of the paper's efficiency table.
-SETTINGS = {
+# (label, config overrides) of the six methods of the paper's efficiency table (--methods picks among the labels).
+TABLE_METHODS = {
     "FFT": {"method": "fft"},
     "Adapter": {"method": "adapter"},
     "LoRA": {"method": "lora"},

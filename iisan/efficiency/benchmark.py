@@ -31,7 +31,7 @@ from ..precedence import resolve
 from ..provenance import git_commit, provenance
 from .bench import (
     AUTHORS_WAY,
-    SETTINGS,
+    TABLE_METHODS,
     add_tpme,
     authors_label,
     measure_cache_build,
@@ -66,12 +66,12 @@ USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``p
 def label_list(flag: str, text: str, known, may_be_empty: bool = True) -> tuple[str, ...]:
     """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none).
     A ``ConfigError`` naming ``flag`` for an unknown label, or for none where one is needed; a label given
-    twice is kept once. Labels among ``SETTINGS`` but not ``known`` (a subset: --methods) are said to be so."""
+    twice is kept once. Labels among ``TABLE_METHODS`` but not ``known`` (a subset: --methods) are said to be so."""
     if text.strip() == "all":
         return tuple(known)
     labels = tuple(dict.fromkeys(m.strip() for m in text.split(",")
                                  if m.strip() and not (may_be_empty and m.strip() == "none")))
-    if outside := [m for m in labels if m in SETTINGS and m not in known]:
+    if outside := [m for m in labels if m in TABLE_METHODS and m not in known]:
         raise ConfigError(f"{flag}: {outside} not among --methods {list(known)}; add them there or leave them out")
     if unknown := [m for m in labels if m not in known]:
         raise ConfigError(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
@@ -84,7 +84,7 @@ def selection(methods: str, authors_way: str, full_epoch: str, settings: str, *,
               flop_batches: int, few_steps: bool = False) -> dict:
     """``run_benchmark``'s labels, authors_way, full_epoch and setting_names from the command line's comma
     lists, after checking the step counts: a ``ConfigError`` naming the flag at fault."""
-    labels = label_list("--methods", methods, SETTINGS, may_be_empty=False)
+    labels = label_list("--methods", methods, TABLE_METHODS, may_be_empty=False)
     chosen = {"labels": labels, "authors_way": label_list("--authors-way", authors_way, labels),
               "full_epoch": label_list("--full-epoch", full_epoch, labels)}
     if warmup < 0 or steps < 1 or flop_batches < 0:  # refused with --few-steps too: said first
@@ -133,8 +133,8 @@ def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) 
 
 def method_config(base: dict, label: str, batch: int | None = None, way: str = "default") -> Config:
     """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
-    setting (``SETTINGS[label]``), if given a batch size, and measured the authors' way or not."""
-    return resolve({**base, **SETTINGS[label], **({"batch_size": batch} if batch is not None else {}),
+    setting (``TABLE_METHODS[label]``), if given a batch size, and measured the authors' way or not."""
+    return resolve({**base, **TABLE_METHODS[label], **({"batch_size": batch} if batch is not None else {}),
                     **(AUTHORS_WAY if way == "authors" else {})})
 
 
@@ -192,8 +192,8 @@ def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> li
 
 
 def table_position(label: str) -> tuple[int, int]:
-    """Rows are listed in ``SETTINGS`` order, each label's authors'-way row under its default one."""
-    for i, known in enumerate(SETTINGS):
+    """Rows are listed in ``TABLE_METHODS`` order, each label's authors'-way row under its default one."""
+    for i, known in enumerate(TABLE_METHODS):
         if label in (known, authors_label(known)):
             return i, int(label != known)
     raise ValueError(f"not a benchmark row label: {label!r}")
@@ -213,7 +213,7 @@ def shared_tasks(base: dict) -> dict:
 
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
                   setting_names: tuple[str, ...] = ("equal", "paper"), equal_batch: int = 32,
-                  labels: tuple[str, ...] = tuple(SETTINGS), authors_way: tuple[str, ...] | None = None,
+                  labels: tuple[str, ...] = tuple(TABLE_METHODS), authors_way: tuple[str, ...] | None = None,
                   full_epoch: tuple[str, ...] = (), warmup: int = 10, steps: int = 50, flop_batches: int = 0,
                   work: Path, out: Path, tag: str = "", figs: Path | None = None) -> list[Path]:
     """Measure every label in every setting, and the labels in ``authors_way`` (default: all) also the
@@ -223,7 +223,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
     if not labels:  # (the script refuses an empty --methods; a call from Python too, before a rowless file)
-        raise ConfigError("no method to measure: name at least one of " + ", ".join(SETTINGS))
+        raise ConfigError("no method to measure: name at least one of " + ", ".join(TABLE_METHODS))
     # The device the rows will name, where known without touching a GPU (the CPU), else None.
     device = "CPU" if check_device(settings).type == "cpu" else None
     if "equal" in setting_names:  # the paper's batches (32, 64) fit either data
@@ -246,7 +246,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
                    "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
                    "complete": False, **provenance(commit=commit)}
         for label, way in measuring_order(labels, authors_way):
-            cfg = method_config(base, label, batch_size(setting, SETTINGS[label]["method"], equal_batch), way)
+            cfg = method_config(base, label, batch_size(setting, TABLE_METHODS[label]["method"], equal_batch), way)
             key = (label, cfg.batch_size, way)
             if key not in measured:
                 log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
