@@ -127,6 +127,25 @@ def test_rebuilding_a_store_in_the_same_process_serves_the_new_images(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.lmdb"]  # no temporary, no lock file left
 
 
+def test_a_store_replaced_by_another_process_is_read_anew(tmp_path, caplog):
+    """The handle of a store is kept for the process; a store rebuilt in place by another process (or copied
+    over) was still read from the replaced file, its old pixels and its old digest, without a word."""
+    import os
+
+    from iisan.data.image_build import write_image_lmdb
+    from iisan.data.images import read_meta, store_digest
+
+    path, other = tmp_path / "db.lmdb", tmp_path / "other.lmdb"
+    write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 7, np.uint8), None), size=4, progress=False)
+    write_image_lmdb(other, ["a"], lambda _: (np.full((2, 2, 3), 9, np.uint8), None), size=2, progress=False)
+    first = store_digest(path)
+    assert (ImageStore(path).get(["a"])[0] == 7).all() and read_meta(path)["size"] == 4
+    os.replace(other / "data.mdb", path / "data.mdb")  # what a rebuild elsewhere leaves: another file there
+    caplog.set_level(logging.INFO, logger="iisan.data.images")
+    assert read_meta(path)["size"] == 2 and (ImageStore(path).get(["a"])[0] == 9).all()
+    assert store_digest(path) != first and "was replaced on disk since this process opened it" in caplog.text
+
+
 def test_an_item_list_without_one_picture_in_the_folder_is_refused_before_anything_is_written(tmp_path):
     """The users file given as --items, or the wrong folder: not an LMDB of blanks alone. One item with a
     picture is enough to build, even one under a decomposed (macOS-written) name, which the report then

@@ -52,13 +52,27 @@ def records_digest(txn: lmdb.Transaction) -> str:
     return digest.hexdigest()[:16]
 
 
-_OPEN: dict[tuple[str, int], lmdb.Environment] = {}
+_OPEN: dict[tuple[str, int], tuple[lmdb.Environment, tuple]] = {}  # and the data.mdb it opened (``_file_id``)
 _DIGESTS: dict[tuple, str] = {}  # stores built before their metadata held a digest: computed once per process
 
 
+def _file_id(path: Path) -> tuple | None:
+    """Which ``data.mdb`` is at ``path`` now (None: none): a store rebuilt or copied in place is another."""
+    try:
+        data = os.stat(path / "data.mdb")
+    except OSError:
+        return None
+    return data.st_ino, data.st_dev, data.st_size, data.st_mtime_ns
+
+
 def _open_readonly(path: Path) -> lmdb.Environment:
-    """One handle per (path, process): LMDB refuses to open a path twice in one process."""
-    key = (str(path.resolve()), os.getpid())
+    """One handle per (path, process): LMDB refuses to open a path twice in one process. A store replaced on
+    disk since (``iisan build-lmdb --overwrite`` in another process, a copy) is opened again: the old handle
+    would go on reading the replaced file."""
+    key, now = (str(path.resolve()), os.getpid()), _file_id(path)
+    if key in _OPEN and _OPEN[key][1] != now:
+        log.info("%s was replaced on disk since this process opened it: reading the store there now", path)
+        close_reader(path)
     if key not in _OPEN:
         if not (path / "data.mdb").is_file():
             raise ImageStoreError(f"{path} is not an LMDB (no data.mdb); build it with `iisan build-lmdb`")
@@ -67,8 +81,8 @@ def _open_readonly(path: Path) -> lmdb.Environment:
         except lmdb.Error as err:
             raise ImageStoreError(f"{path} is not a readable LMDB ({err}); build it with `iisan build-lmdb`") from None
         _check_whole(path, opened)
-        _OPEN[key] = opened
-    return _OPEN[key]
+        _OPEN[key] = opened, now
+    return _OPEN[key][0]
 
 
 def _check_whole(path: Path, opened: lmdb.Environment) -> None:
@@ -103,7 +117,7 @@ def close_reader(path: Path) -> None:
     """Drop this process's handle on ``path`` (before the store there is replaced)."""
     stale = _OPEN.pop((str(Path(path).resolve()), os.getpid()), None)
     if stale is not None:
-        stale.close()
+        stale[0].close()
 
 
 def read_meta(path: Path) -> dict | None:
