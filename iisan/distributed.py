@@ -11,6 +11,7 @@ Collectives use tensors only (never ``*_object`` collectives, which pickle).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -115,7 +116,10 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
 def teardown(finished: bool = True) -> None:
     """Leave the process group. After a ``finished`` run every rank first waits for the others: a rank that
     closes its connections while a peer's are still busy can abort that peer at exit (seen, rarely,
-    with gloo). After a failure no one waits (a peer may be gone)."""
+    with gloo). After a failure no one waits (a peer may be gone). Model wrappers (DDP) still held only in
+    reference cycles are collected first: the last one to go destroys the group, and one collected later does
+    so holding the GIL, which gloo's threads may be waiting for (a rank that never exits)."""
+    gc.collect()
     if torch_dist.is_initialized():
         if finished:
             torch_dist.barrier()

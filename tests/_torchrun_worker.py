@@ -2,16 +2,24 @@
 
 In one launch: an uninterrupted 3-epoch run; a 2-epoch run resumed to 3 epochs; and the distributed
 evaluation of fixed weights. Rank 0 writes what it saw to ``argv[2]`` as JSON.
+
+With ``own`` as ``argv[3]``, instead: one run that makes and leaves the process group itself, as ``iisan
+train`` under torchrun does, counting the DDP wrappers still alive as it leaves. A wrapper alive then
+destroyed the group later, in its destructor, holding the GIL while gloo's threads waited for it: now and
+then a rank never exited.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 
 from iisan import distributed
 from iisan.config import Config
@@ -23,10 +31,25 @@ from iisan.train.trainer import train
 from iisan.train.weights import load_weights
 
 
+def own_group(cfg: Config, out_file: str) -> None:
+    alive, leave = [], torch_dist.destroy_process_group
+
+    def counted(*args, **kwargs):  # the wrappers train() still holds as it leaves the group it made
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        return leave(*args, **kwargs)
+
+    torch_dist.destroy_process_group = counted
+    results = train(cfg)
+    if results["world_size"] == 2 and Path(out_file).parent.is_dir():  # every rank writes its own count
+        Path(f"{out_file}.{os.environ['RANK']}").write_text(json.dumps({"alive": alive}))
+
+
 def main(config_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     setup_logging()
     cfg = Config(**json.loads(Path(config_file).read_text()))
+    if sys.argv[3:] == ["own"]:
+        return own_group(cfg, out_file)
     # The group is ours, so the three train() calls below join it and leave it up.
     dist, device, created = distributed.setup(cfg.device)
     assert created and torch_dist.get_backend() == ("nccl" if device.type == "cuda" else "gloo")
@@ -51,4 +74,4 @@ def main(config_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])  # (argv[3]: own, or nothing)

@@ -218,6 +218,22 @@ def test_two_processes_under_torchrun(tiny_config, tmp_path):
     check_launch(cfg, out, log, 2, torch.device("cpu"))
 
 
+@pytest.mark.slow
+def test_a_run_that_makes_its_process_group_lets_go_of_its_ddp_wrapper_before_leaving_it(tiny_config, tiny_cache,
+                                                                                        tmp_path):
+    """As ``iisan train`` under torchrun: train() makes the group and leaves it. A DDP wrapper still alive
+    then destroyed the group later, in its destructor, holding the GIL while gloo's threads waited for it:
+    about one launch in ten never returned, one rank idle after the run had finished."""
+    cfg = tiny_config(cache_dir=tiny_cache, epochs=1, max_steps_per_epoch=2, run_name="own")
+    config_file, out_file = tmp_path / "config.json", tmp_path / "alive.json"
+    config_file.write_text(json.dumps(cfg.to_dict()))
+    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file), "own"], 2, tmp_path,
+                    timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alive = [json.loads(Path(f"{out_file}.{rank}").read_text())["alive"] for rank in (0, 1)]
+    assert alive == [[0], [0]]  # on both ranks, no wrapper left as the group was destroyed
+
+
 def test_teardown_waits_for_every_rank_only_after_a_finished_run(monkeypatch):
     """A finished run meets the other ranks before closing its connections; after a failure a peer may
     be gone, and waiting for it would hang."""

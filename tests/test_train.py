@@ -454,3 +454,32 @@ def test_the_least_gate_temperature_taken_still_trains_the_gates(cached_cfg):
     results = train(cached_cfg.replace(gate_temperature=SMALLEST_GATE_TEMPERATURE, epochs=1, max_steps_per_epoch=3))
     gates = {k: v for k, v in load_file(Path(results["run_dir"]) / "best.safetensors").items() if "gate_logits" in k}
     assert gates and all(bool((v != 0).all()) and bool(v.isfinite().all()) for v in gates.values()), gates
+
+
+def test_train_computes_as_a_command_does_whatever_its_caller_set_and_puts_the_callers_state_back(cached_cfg):
+    """Under a notebook's ``torch.no_grad()``, ``inference_mode()`` or ``set_default_dtype(float64)`` a run
+    failed with a message of torch's; and the caller's random streams were left seeded, so what it drew next
+    depended on whether the run folder already held the run. Now every case gives the plain run's numbers,
+    and the caller's streams, grad mode and default dtype are as they were."""
+    import random
+
+    import numpy as np
+
+    cfg = cached_cfg.replace(epochs=1, max_steps_per_epoch=3)
+    plain = train(cfg.replace(run_name="plain"))
+    for name, context in (("no-grad", torch.no_grad), ("inference", torch.inference_mode)):
+        with context():
+            assert train(cfg.replace(run_name=name))["test"] == plain["test"]
+            assert not torch.is_grad_enabled()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert train(cfg.replace(run_name="float64"))["test"] == plain["test"]
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for _ in ("trained", "found finished"):  # either way the caller's streams go on as if untouched
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        expected = random.random(), np.random.rand(), torch.rand(1).item()
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        assert train(cfg.replace(run_name="streams"))["test"] == plain["test"]
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -51,6 +51,28 @@ def deterministic_kernels(enabled: bool):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[3]
 
 
+@contextlib.contextmanager
+def as_in_a_fresh_process(seed: int):
+    """Inside the block, a run computes as a command's does, whatever its Python caller set: the global random
+    streams seeded with ``seed``, gradients on, float32 the default dtype (a notebook's ``torch.no_grad``,
+    ``inference_mode`` or ``set_default_dtype(torch.float64)`` made a run fail with a message of torch's).
+    The caller's streams and default dtype are put back afterwards."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_default_dtype()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    seed_everything(seed)
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.set_default_dtype(saved[3])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 class TrainStep:
     """``step(batch) -> loss`` (detached, on the device): forward, loss, backward, optimizer step,
     zero_grad, in that order.

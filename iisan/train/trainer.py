@@ -51,7 +51,7 @@ from .records import ParameterCount, RunRecord, epoch_line
 from .resuming import RunCheckpoints
 from .runfolder import RESULTS, log_summary, reusable_results, run_dir
 from .same_inputs import cache_record, encoder_record
-from .step import deterministic_kernels, make_train_step, out_of_memory_message, seed_everything
+from .step import as_in_a_fresh_process, deterministic_kernels, make_train_step, out_of_memory_message
 from .weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class Run:
         step = getattr(self, "step", None)  # (set only when setup got that far)
         if getattr(step, "compiled", None) is not None:
             step.compiled = None  # a torch.compile'd step refers to itself: let the model and optimizer go now
+        # Let the DDP wrapper go before the process group is left (``distributed.teardown``): a wrapper alive
+        # then destroys the group later, in its destructor, which holds the GIL while gloo's threads wait for it.
+        self.step = self.ddp = self.model = self.optimizer = None
 
     def setup(self) -> None:
         cfg, dist, device = self.cfg, self.dist, self.device
@@ -314,14 +317,15 @@ def train(cfg: Config, reuse: bool = True) -> dict:
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
     folder whose run finished with this very config is not trained again: its results are returned
     (``reuse`` False: the caller has just asked ``reusable_results`` itself). Python's, NumPy's and torch's
-    global random streams are seeded with ``cfg.seed``; the ``iisan`` logger logs at INFO while it runs."""
+    global random streams are seeded with ``cfg.seed`` while it runs and the caller's put back after it; the
+    ``iisan`` logger logs at INFO while it runs."""
     done = reusable_results(cfg) if reuse else None
     if done is not None:
         return done
-    seed_everything(cfg.seed)
     dist, device, created = distributed.setup(cfg.device)
     try:
-        with deterministic_kernels(cfg.deterministic), StopRequests(escalate=not dist.enabled, armed=False) as stop:
+        with (deterministic_kernels(cfg.deterministic), as_in_a_fresh_process(cfg.seed),
+              StopRequests(escalate=not dist.enabled, armed=False) as stop):
             run = Run(cfg, dist, device, stop)
             try:
                 results = run.finished_before or run.run()
