@@ -153,12 +153,11 @@ def positive_int(text: str) -> int:
 
 
 def int_in(low: int, high: int):
-    """An argparse type: a whole number from ``low`` to ``high``."""
+    """An argparse type: a whole number from ``low`` to ``high``, in ASCII digits (int() also takes '1_0')."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not INTEGER.fullmatch(text.strip()) or len(text.strip()) > 100:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(text.strip())
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is not from {low:,} to {high:,}")
         return value
@@ -175,7 +174,7 @@ def seed_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{said(text)} is not an integer")
     if len(text.strip()) > 100:  # (int() reads no more than 4,300 digits)
         raise argparse.ArgumentTypeError(f"{said(text)} is not a seed: seeds are in [0, 2**32)")
-    if not 0 <= (value := int(text)) < SEEDS:
+    if not 0 <= (value := int(text.strip())) < SEEDS:  # (strip() takes more than int() does: '0\x1f')
         raise argparse.ArgumentTypeError(f"{value} is not a seed: seeds are in [0, 2**32)")
     return value
 
@@ -289,7 +288,7 @@ def coerce(name: str, value, hint):
         if len(value.strip()) > 100:  # (Python reads no more than 4300 digits; no value needs 100)
             raise ConfigError(f"{name}={value.strip()[:12]}... ({len(value.strip())} digits): far larger than any "
                               f"{name} can be")
-        return int(value)
+        return int(value.strip())  # (strip() takes more than int() does: '0\x1f')
     if hint is float:
         if isinstance(value, bool) or (isinstance(value, str) and not NUMBER.fullmatch(value.strip())):
             raise ConfigError(f"{name}={said(value)}: expected a number")

@@ -12,7 +12,8 @@ content may score an ulp apart (summation order), which breaks their tie as sort
 score (non-finite weights, or vectors that overflowed: a cache refuses non-finite states, and training
 stops at a non-finite loss or validation metric unless ``--nonfinite authors``) makes the metrics NaN, not
 a number that looks like a result; a NaN score of another item counts as below the target's (a comparison
-with NaN is false), and a target scored +inf (an overflow) ranks first, tied with the other items at +inf.
+with NaN is false), and a target scored +inf (an overflow) ranks first, tied with the other items at +inf;
+a target scored -inf counts as a miss, as a masked one does.
 
 ``evaluate_model`` runs it for a recommender: the item table once (``item_table``, every item through
 the item encoder in chunks), then every user's vector against it. Under torchrun each rank ranks a

@@ -32,6 +32,15 @@ def test_invalid_choice_and_type(capsys):
     assert info.value.code == 2 and "batch_size='many': expected an integer" in capsys.readouterr().err
 
 
+def test_an_integer_with_the_blanks_strip_removes_is_read_as_with_spaces():
+    """str.strip() removes the separator characters U+001C..U+001F and int() does not: '32\\x1f' passed the
+    check and then ended in a traceback (a value of a --config file or a flag, and a --seed)."""
+    from iisan.bounds import coerce, int_in, seed_arg
+
+    for blank in (" ", "\x1c", "\x1f", "\x85"):
+        assert coerce("batch_size", f"32{blank}", int) == 32 == seed_arg(f"{blank}32") == int_in(1, 64)(f"32{blank}")
+
+
 @pytest.mark.parametrize("values,message", [
     ({"batch_size": 0}, "batch_size=0 must be positive"),
     ({"text_layers": "2,1"}, r"text_layers=\[2, 1\] must be distinct, increasing"),
@@ -271,6 +280,8 @@ def test_script_help_describes_each_script_in_its_whole_first_paragraph():
     (["--seed", "-1"], "argument --seed: -1 is not from 0 to 4,294,967,295"),
     (["--items", "many"], "argument --items: 'many' is not a whole number"),
     (["--epochs", "0"], "argument --epochs: 0 is not from 1 to 10,000"),
+    (["--seed", "1_0"], "argument --seed: '1_0' is not a whole number"),  # int() read it as 10
+    (["--seed", "\u0665"], "argument --seed: '\u0665' is not a whole number"),  # and this as 5
 ])
 def test_demo_sizes_and_seed_are_bounded(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:

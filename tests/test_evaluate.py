@@ -35,6 +35,12 @@ def test_float64_scores_are_ranked_in_their_own_precision():
     assert rank_targets(scores.float(), torch.tensor([2]), torch.tensor([[0]])).tolist() == [[1.0, 1.0]]
 
 
+def test_a_target_scored_minus_inf_is_a_miss_as_documented():
+    """An overflow to -inf cannot be told from the history's mask: the module docstring says it is a miss."""
+    scores = torch.tensor([[0.0, -math.inf, -2.0, -3.0]])
+    assert rank_targets(scores, torch.tensor([1]), torch.tensor([[0]])).tolist() == [[math.inf, 0.0]]
+
+
 def test_repeated_target_is_a_miss_unless_flag():
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0]])
     targets, history = torch.tensor([1]), torch.tensor([[0, 1, 3]])  # target 1 repeats the history
