@@ -314,6 +314,8 @@ def peer_lost(err: RuntimeError) -> str:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # (distributed.launched: no torch import here)
     if not launched or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
         return ""
-    first = text.splitlines()[0] if text else type(err).__name__
-    return (f"lost contact with another process of this torchrun launch (it stopped or was killed: {first[:160]}); "
+    first = re.split(r"(?<=\.)\s", text.splitlines()[0], maxsplit=1)[0] if text else type(err).__name__
+    if len(first) > 160:  # cut between words, not inside one (gloo's 'This is typically caused by a rem')
+        first = first[:160].rsplit(" ", 1)[0] + " ..."
+    return (f"lost contact with another process of this torchrun launch (it stopped or was killed: {first}); "
             "the checkpoints already written are intact: run the same command again to resume")

@@ -303,6 +303,13 @@ def test_a_peer_that_died_is_one_line_not_a_traceback(monkeypatch, capsys):
         "iisan: error: lost contact with another process of this torchrun launch (it stopped or was killed: "
         "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:41327); the "
         "checkpoints already written are intact: run the same command again to resume"]
+    long = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:44165: Connection reset by "
+            "peer. This is typically caused by a remote process that exited or crashed " + "on purpose " * 20)
+    for text, said in ((long, "Read error [127.0.0.1]:44165: Connection reset by peer.)"),  # its first sentence
+                       ("Connection closed by peer " + "word " * 40, "word word ...)")):  # cut between words
+        with pytest.raises(SystemExit):
+            entry_point("iisan", lambda text=text: (_ for _ in ()).throw(RuntimeError(text)))
+        assert said + "; the checkpoints" in capsys.readouterr().err
     monkeypatch.delenv("RANK")
     with pytest.raises(RuntimeError):  # not under torchrun: not this error
         entry_point("iisan", collective)

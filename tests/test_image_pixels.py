@@ -104,17 +104,20 @@ def test_a_folder_build_names_the_files_it_does_not_read(folder, tmp_path, caplo
     assert open(listed["report"]).read().splitlines()[1:] == ["e\ta folder"]
 
 
-def test_a_store_of_another_size_than_the_tower_is_said_once(tiny_config, caplog):
+def test_a_store_of_another_size_than_the_tower_is_a_warning_once_and_in_every_runs_log(tiny_config, caplog):
+    """Said once per process, a sweep's later runs had it in none of their train.logs: it is a warning the
+    first time and an info line after."""
     from iisan.data.run_data import load_data
     from iisan.model import build
 
     cfg = tiny_config(method="fft", feed="live")  # tiny's LMDB: 64 px; its ViT: 32 px
-    with caplog.at_level(logging.WARNING, logger="iisan"):
+    with caplog.at_level(logging.INFO, logger="iisan"):
         for _ in range(2):
             build.build_model(cfg, load_data(cfg), "cpu")
-    said = [r.getMessage() for r in caplog.records if "resized on the fly" in r.getMessage()]
-    assert said == [f"{cfg.images} holds 64 x 64 images and the image tower takes 32 x 32: each batch's images are "
-                    "resized on the fly; `iisan build-lmdb --size 32` stores them at the tower's size"]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "resized on the fly" in r.getMessage()]
+    text = (f"{cfg.images} holds 64 x 64 images and the image tower takes 32 x 32: each batch's images are resized "
+            "on the fly; `iisan build-lmdb --size 32` stores them at the tower's size")
+    assert said == [("WARNING", text), ("INFO", text)]
 
 
 def test_a_file_named_in_another_unicode_form_is_pointed_at(folder, tmp_path):

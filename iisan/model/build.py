@@ -157,17 +157,18 @@ _SIZES_SAID: set[tuple[str, int, int]] = set()  # (LMDB, its side, the tower's) 
 
 def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSource | None:
     """The image LMDB's pixels for a live image tower (None without one). A store of another side than the
-    tower takes is resized at every batch: said once, since a large store costs memory and time on every
-    batch, and a small one feeds the tower upscaled pictures."""
+    tower takes is resized at every batch (a large store costs time, a small one upscales): a warning the first
+    time in a process, then an info line of every later run (a sweep's points), so that each train.log says it."""
     if "image" not in encoders:
         return None
     pixels = pixel_source(cfg, item_ids)
     stored, side = pixels.store.size, encoders["image"].norm["size"]
-    if stored != side and (said := (str(cfg.images), stored, side)) not in _SIZES_SAID:
+    if stored != side:
+        level = logging.INFO if (said := (str(cfg.images), stored, side)) in _SIZES_SAID else logging.WARNING
         _SIZES_SAID.add(said)
-        log.warning("%s holds %d x %d images and the image tower takes %d x %d: each batch's images are resized "
-                    "on the fly; `iisan build-lmdb --size %d` stores them at the tower's size", cfg.images, stored,
-                    stored, side, side, side)
+        log.log(level, "%s holds %d x %d images and the image tower takes %d x %d: each batch's images are "
+                "resized on the fly; `iisan build-lmdb --size %d` stores them at the tower's size", cfg.images,
+                stored, stored, side, side, side)
     return pixels
 
 
