@@ -15,6 +15,7 @@ import gc
 import inspect
 import logging
 import os
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,10 @@ def launch_env(local: bool = False) -> dict[str, int]:
             raise ConfigError(f"RANK and WORLD_SIZE are set but {key} is not: set it too ({key} of this process) or "
                               "launch with torchrun, which sets all three")
         least = 1 if key == "WORLD_SIZE" else 0
-        if not text.strip().isdecimal() or int(text) < least:
+        if not text.strip().isdecimal() or int(text.strip()) < least:
             raise ConfigError(f"{key}={text!r} in the environment: expected a whole number of at least {least} "
                               "(torchrun sets RANK, WORLD_SIZE and LOCAL_RANK)")
-        values[key] = int(text)
+        values[key] = int(text.strip())  # (strip() takes more than int() does: '0\x1f')
     if values["RANK"] >= values["WORLD_SIZE"]:
         raise ConfigError(f"RANK={values['RANK']} in the environment is not below WORLD_SIZE={values['WORLD_SIZE']} "
                           "(ranks count from 0)")
@@ -113,17 +114,30 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     return dist, device, created
 
 
-def teardown(finished: bool = True) -> None:
+def teardown(finished: bool = True, error: BaseException | None = None) -> None:
     """Leave the process group. After a ``finished`` run every rank first waits for the others: a rank that
     closes its connections while a peer's are still busy can abort that peer at exit (seen, rarely,
-    with gloo). After a failure no one waits (a peer may be gone). Model wrappers (DDP) still held only in
-    reference cycles are collected first: the last one to go destroys the group, and one collected later does
-    so holding the GIL, which gloo's threads may be waiting for (a rank that never exits)."""
+    with gloo). After a failure no one waits (a peer may be gone). Model wrappers (DDP) are let go first:
+    the last one to go destroys the group, and one freed later does so holding the GIL, which gloo's threads
+    may be waiting for (a rank that never exits). So the frames of ``error``'s traceback (the failure in
+    flight), which hold what they held, let go of their variables, and wrappers held only in reference cycles
+    are collected."""
+    for err in chained(error):
+        traceback.clear_frames(err.__traceback__)  # (the frame still running is left as it is)
     gc.collect()
     if torch_dist.is_initialized():
         if finished:
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def chained(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from or during, each once (None: none)."""
+    found: list[BaseException] = []
+    while error is not None and all(error is not e for e in found):
+        found.append(error)
+        error = error.__cause__ or error.__context__
+    return found
 
 
 def wrap(model: torch.nn.Module, dist: Dist, device: torch.device, find_unused: bool) -> torch.nn.Module:

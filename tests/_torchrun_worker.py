@@ -4,7 +4,8 @@ In one launch: an uninterrupted 3-epoch run; a 2-epoch run resumed to 3 epochs; 
 evaluation of fixed weights. Rank 0 writes what it saw to ``argv[2]`` as JSON.
 
 With ``own`` as ``argv[3]``, instead: one run that makes and leaves the process group itself, as ``iisan
-train`` under torchrun does, counting the DDP wrappers still alive as it leaves. A wrapper alive then
+train`` under torchrun does, counting the DDP wrappers still alive as it leaves; ``own-fail``: the same with
+a run whose second optimiser step raises (the frames of the error in flight hold the wrapper). A wrapper alive then
 destroyed the group later, in its destructor, holding the GIL while gloo's threads waited for it: now and
 then a rank never exited.
 """
@@ -31,7 +32,7 @@ from iisan.train.trainer import train
 from iisan.train.weights import load_weights
 
 
-def own_group(cfg: Config, out_file: str) -> None:
+def own_group(cfg: Config, out_file: str, fail: bool) -> None:
     alive, leave = [], torch_dist.destroy_process_group
 
     def counted(*args, **kwargs):  # the wrappers train() still holds as it leaves the group it made
@@ -39,17 +40,29 @@ def own_group(cfg: Config, out_file: str) -> None:
         return leave(*args, **kwargs)
 
     torch_dist.destroy_process_group = counted
-    results = train(cfg)
-    if results["world_size"] == 2 and Path(out_file).parent.is_dir():  # every rank writes its own count
-        Path(f"{out_file}.{os.environ['RANK']}").write_text(json.dumps({"alive": alive}))
+    if fail:
+        steps, real = [], torch.optim.Adam.step
+
+        def failing(self, *args, **kwargs):
+            steps.append(1)
+            if len(steps) == 2:
+                raise RuntimeError("a step failed on purpose")
+            return real(self, *args, **kwargs)
+
+        torch.optim.Adam.step = failing
+    try:
+        train(cfg)
+    except RuntimeError as err:
+        assert fail and "on purpose" in str(err), err
+    Path(f"{out_file}.{os.environ['RANK']}").write_text(json.dumps({"alive": alive}))  # every rank its own
 
 
 def main(config_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     setup_logging()
     cfg = Config(**json.loads(Path(config_file).read_text()))
-    if sys.argv[3:] == ["own"]:
-        return own_group(cfg, out_file)
+    if sys.argv[3:] in (["own"], ["own-fail"]):
+        return own_group(cfg, out_file, fail=sys.argv[3] == "own-fail")
     # The group is ours, so the three train() calls below join it and leave it up.
     dist, device, created = distributed.setup(cfg.device)
     assert created and torch_dist.get_backend() == ("nccl" if device.type == "cuda" else "gloo")
@@ -74,4 +87,4 @@ def main(config_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])  # (argv[3]: own, or nothing)
+    main(sys.argv[1], sys.argv[2])  # (argv[3]: own, own-fail, or nothing)

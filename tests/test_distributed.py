@@ -161,6 +161,16 @@ def test_a_hand_set_launch_environment_is_one_line_before_any_process_group(tiny
     assert not torch.distributed.is_initialized()
 
 
+def test_a_launch_variable_with_a_blank_strip_removes_is_read_as_with_spaces(monkeypatch):
+    """'1\\x1f' passed the digits check (on the stripped text) and then int() of the whole: a traceback."""
+    from iisan.distributed import launch_env
+
+    monkeypatch.setenv("RANK", "1\x1f")
+    monkeypatch.setenv("WORLD_SIZE", " 2\x1c")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launch_env(local=True) == {"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": 0}
+
+
 def test_run_names_under_torchrun_carry_the_process_count(tiny_config, monkeypatch):
     """Each process has its own batch of users: 2 processes compute another run than 1 (not "finished
     before with this config"); a run name given by hand resumes across counts."""
@@ -219,15 +229,16 @@ def test_two_processes_under_torchrun(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["own", "own-fail"])
 def test_a_run_that_makes_its_process_group_lets_go_of_its_ddp_wrapper_before_leaving_it(tiny_config, tiny_cache,
-                                                                                        tmp_path):
-    """As ``iisan train`` under torchrun: train() makes the group and leaves it. A DDP wrapper still alive
-    then destroyed the group later, in its destructor, holding the GIL while gloo's threads waited for it:
-    about one launch in ten never returned, one rank idle after the run had finished."""
+                                                                                        tmp_path, mode):
+    """As ``iisan train`` under torchrun: train() makes the group and leaves it, after a finished run and after
+    a failed step. A DDP wrapper still alive then destroyed the group later, in its destructor, holding the GIL
+    while gloo's threads waited for it: about one launch in ten never returned, one rank idle at its end."""
     cfg = tiny_config(cache_dir=tiny_cache, epochs=1, max_steps_per_epoch=2, run_name="own")
     config_file, out_file = tmp_path / "config.json", tmp_path / "alive.json"
     config_file.write_text(json.dumps(cfg.to_dict()))
-    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file), "own"], 2, tmp_path,
+    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file), mode], 2, tmp_path,
                     timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     alive = [json.loads(Path(f"{out_file}.{rank}").read_text())["alive"] for rank in (0, 1)]

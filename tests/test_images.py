@@ -133,17 +133,27 @@ def test_a_store_replaced_by_another_process_is_read_anew(tmp_path, caplog):
     import os
 
     from iisan.data.image_build import write_image_lmdb
-    from iisan.data.images import read_meta, store_digest
+    from iisan.data.images import store_digest
 
     path, other = tmp_path / "db.lmdb", tmp_path / "other.lmdb"
     write_image_lmdb(path, ["a"], lambda _: (np.full((4, 4, 3), 7, np.uint8), None), size=4, progress=False)
-    write_image_lmdb(other, ["a"], lambda _: (np.full((2, 2, 3), 9, np.uint8), None), size=2, progress=False)
-    first = store_digest(path)
-    assert (ImageStore(path).get(["a"])[0] == 7).all() and read_meta(path)["size"] == 4
+    write_image_lmdb(other, ["a"], lambda _: (np.full((4, 4, 3), 9, np.uint8), None), size=4, progress=False)
+    first, held = store_digest(path), ImageStore(path)
+    assert (held.get(["a"])[0] == 7).all()
     os.replace(other / "data.mdb", path / "data.mdb")  # what a rebuild elsewhere leaves: another file there
     caplog.set_level(logging.INFO, logger="iisan.data.images")
-    assert read_meta(path)["size"] == 2 and (ImageStore(path).get(["a"])[0] == 9).all()
-    assert store_digest(path) != first and "was replaced on disk since this process opened it" in caplog.text
+    assert (ImageStore(path).get(["a"])[0] == 9).all() and store_digest(path) != first
+    assert "was replaced on disk since this process opened it" in caplog.text
+    # a store object made before: the handle it held was closed by the opener that saw the new file; it takes
+    # the new one (it said 'a damaged LMDB (Attempt to operate on closed/deleted/dropped object.)')
+    assert (held.get(["a"])[0] == 9).all()
+    import lmdb
+
+    from iisan.data.images import damage_named
+
+    with pytest.raises(ImageStoreError, match=r"db.lmdb was replaced on disk while this process read it; run again"):
+        with damage_named(path):  # a reader inside a transaction as another thread closed the handle
+            raise lmdb.Error("Attempt to operate on closed/deleted/dropped object.")
 
 
 def test_an_item_list_without_one_picture_in_the_folder_is_refused_before_anything_is_written(tmp_path):

@@ -467,10 +467,11 @@ def test_train_computes_as_a_command_does_whatever_its_caller_set_and_puts_the_c
 
     cfg = cached_cfg.replace(epochs=1, max_steps_per_epoch=3)
     plain = train(cfg.replace(run_name="plain"))
-    for name, context in (("no-grad", torch.no_grad), ("inference", torch.inference_mode)):
+    for name, context in (("no-grad", torch.no_grad), ("inference", torch.inference_mode),
+                          ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
         with context():
             assert train(cfg.replace(run_name=name))["test"] == plain["test"]
-            assert not torch.is_grad_enabled()
+            assert torch.is_grad_enabled() == (name == "autocast")
     torch.set_default_dtype(torch.float64)
     try:
         assert train(cfg.replace(run_name="float64"))["test"] == plain["test"]

@@ -109,6 +109,9 @@ def damage_named(path: Path) -> Iterator[None]:
     try:
         yield
     except lmdb.Error as err:
+        if "closed/deleted/dropped" in str(err):  # our handle, closed under a reader (``_open_readonly``)
+            raise ImageStoreError(f"{path} was replaced on disk while this process read it; run again to read the "
+                                  "store there now") from None
         raise ImageStoreError(f"{path} is a damaged LMDB ({err}); move it away and rebuild it with `iisan build-lmdb` "
                               "(or copy it again)") from None
 
@@ -195,8 +198,7 @@ class ImageStore:
             raise ImageStoreError(f"image LMDB {self.path} is a file; expected the folder `iisan build-lmdb` writes")
         if not self.path.is_dir():
             raise ImageStoreError(f"image LMDB {shown(self.path)} does not exist (build it with `iisan build-lmdb`)")
-        self._env = None
-        self._pid = None
+        self._env = None  # this process's handle (``_open_readonly``), taken at the first read
         meta = read_meta(self.path)
         if meta is None:
             raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
@@ -213,8 +215,9 @@ class ImageStore:
 
     @contextmanager
     def _txn(self, buffers: bool = False):
-        if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = _open_readonly(self.path), os.getpid()
+        held = _OPEN.get((str(self.path.resolve()), os.getpid()))
+        if self._env is None or held is None or held[0] is not self._env:  # a new process, or a store replaced
+            self._env = _open_readonly(self.path)
         with damage_named(self.path), self._env.begin(buffers=buffers) as txn:
             yield txn
 

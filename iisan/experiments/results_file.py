@@ -21,6 +21,7 @@ from ..train.runfolder import LOCK
 
 log = logging.getLogger(__name__)
 
+
 def find_results(folders: list[str]) -> list[Path]:
     """Every results.json under ``folders`` (a results.json itself is accepted too), sorted, each once:
     overlapping arguments (``runs/ runs/demo-seed0``) name the same file twice."""

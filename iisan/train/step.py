@@ -54,15 +54,20 @@ def deterministic_kernels(enabled: bool):
 @contextlib.contextmanager
 def as_in_a_fresh_process(seed: int):
     """Inside the block, a run computes as a command's does, whatever its Python caller set: the global random
-    streams seeded with ``seed``, gradients on, float32 the default dtype (a notebook's ``torch.no_grad``,
-    ``inference_mode`` or ``set_default_dtype(torch.float64)`` made a run fail with a message of torch's).
-    The caller's streams and default dtype are put back afterwards."""
+    streams seeded with ``seed``, gradients on, float32 the default dtype, no autocast but the run's own (a
+    notebook's ``torch.no_grad``, ``inference_mode`` or ``set_default_dtype(torch.float64)`` made a run fail
+    with a message of torch's). The caller's streams and default dtype are put back afterwards: the CPU's,
+    and CUDA's where CUDA had started before (until it starts, torch keeps only the last seed asked for)."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.get_default_dtype()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     seed_everything(seed)
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device, enabled=False))
             yield
     finally:
         random.setstate(saved[0])

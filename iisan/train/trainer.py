@@ -343,4 +343,4 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         return results
     finally:
         if created:
-            distributed.teardown(finished=sys.exc_info()[1] is None)
+            distributed.teardown(finished=sys.exc_info()[1] is None, error=sys.exc_info()[1])
