@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import NoReturn, TypeVar
 
 from tqdm import tqdm
@@ -41,7 +41,8 @@ def fixed(value: float, places: int = 4) -> str:
     if not math.isfinite(value):
         return f"{value:.{places}f}"
     exact = Decimal(repr(round(float(value), 12)))
-    return str(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+    digits = Context(prec=max(28, exact.adjusted() + places + 2))  # 1e24 to 4 places is 29 digits: past the default
+    return str(exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP, context=digits))
 
 
 def metrics_text(metrics: dict) -> str:

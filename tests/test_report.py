@@ -1002,7 +1002,8 @@ def test_equal_means_print_alike_whatever_their_float_noise(runs, tmp_path, caps
 
 
 @pytest.mark.parametrize("value, shown", [(0.03875, "0.0388"), (0.038749999999, "0.0387"), (0.00005, "0.0001"),
-                                          (1.23456, "1.2346"), (0.0, "0.0000"), (float("nan"), "nan")])
+                                          (1.23456, "1.2346"), (0.0, "0.0000"), (float("nan"), "nan"),
+                                          (1e24, "1000000000000000000000000.0000"), (123.45675, "123.4568")])
 def test_fixed_rounds_halves_up_after_dropping_float_noise(value, shown):
     assert fixed(value) == shown
 
