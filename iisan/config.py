@@ -17,6 +17,7 @@ from pathlib import Path
 from .bounds import check_bounds, coerce, not_utf8, said
 from .errors import ConfigError, ValuesTogether
 from .methods import METHODS
+from .metric_names import SELECTED_BY, label
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -167,7 +168,7 @@ class Config:
                             ("auto", *PRECISIONS))
     batch_size: int = _opt(64, "users per batch")
     epochs: int = _opt(100, "maximum epochs")
-    patience: int = _opt(10, "stop once valid HR@10 has not improved for more than this many epochs")
+    patience: int = _opt(10, f"stop once valid {label(SELECTED_BY)} has not improved for more than this many epochs")
     lr: float = _opt(2e-4, "recsys group: SASRec, heads, com_dense, text and inter gates")
     lr_image: float = _opt(1e-4, "image group: fc_cv, image gates (FFT: ViT weights; BitFit: ViT biases; LoRA "
                            "with --lora-random-base: ViT Q/V biases)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 KS = (5, 10, 20)
 SELECTED_BY = "hit@10"  # the validation metric that picks the best epoch and stops early (the paper's HR@10)
+UNSAID = "hit@10"  # what chose the best epoch of checkpoints and results files that do not say (all before it)
 VALID_COLUMN = f"valid_{SELECTED_BY}"  # its column in `iisan results` and its curve: valid_hit@10
 HEADLINE = ("hit@10", "ndcg@10")  # what an epoch line, a run's summary, the demo and a seed table show of a split
 TABLED = ("hit@10", "ndcg@10", "hit@20", "ndcg@20")  # the test metrics of `iisan results` and reproduce's table

@@ -267,7 +267,8 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_score():
     assert not stopper.update(4, 0.19) and stopper.should_stop  # the third epoch without a better score
     again = EarlyStopping(patience=2)
     again.load(stopper.state())
-    assert again == stopper and EarlyStopping(2).state() == {"best": None, "best_epoch": -1, "bad_epochs": 0}
+    assert again == stopper and EarlyStopping(2).state() == {"best": None, "best_epoch": -1, "bad_epochs": 0,
+                                                             "metric": "hit@10"}
 
 
 def test_a_run_stops_early_and_a_rerun_trains_no_further(cached_cfg, monkeypatch):
@@ -484,3 +485,23 @@ def test_train_computes_as_a_command_does_whatever_its_caller_set_and_puts_the_c
         random.seed(5), np.random.seed(5), torch.manual_seed(5)
         assert train(cfg.replace(run_name="streams"))["test"] == plain["test"]
         assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_run_whose_best_epoch_another_metric_chose_is_neither_reused_nor_resumed(cached_cfg, monkeypatch):
+    """With ``metric_names.SELECTED_BY`` changed, a resumed run compared the new metric's values with the best
+    value of the old one (an HR@10 of 0.14 against NDCGs near 0.07), and a finished run was returned as it was."""
+    from iisan.errors import TrainingError
+    from iisan.train import progress, runfolder
+
+    cfg = cached_cfg.replace(epochs=2, max_steps_per_epoch=3, run_name="chosen")
+    results = train(cfg)
+    assert results["selected_by"] == "valid hit@10"
+    state = json.loads(next((Path(results["run_dir"]) / "checkpoints").glob("epoch-0001*/state.json")).read_text())
+    assert state["early_stopping"]["metric"] == "hit@10"
+    for module in (progress, runfolder):
+        monkeypatch.setattr(module, "SELECTED_BY", "ndcg@10")
+    for epochs in (2, 3):  # finished as it is, and asked for more
+        with pytest.raises(TrainingError, match=r"epoch-0001 chose its best epoch by valid hit@10 and this code "
+                                                r"chooses by valid ndcg@10 \(iisan/metric_names.py\): resume it where "
+                                                r"SELECTED_BY is hit@10, or give another --run-name to train again$"):
+            train(cfg.replace(epochs=epochs))

@@ -8,6 +8,7 @@ import sys
 from ..bounds import DEMO_ITEMS, DEMO_USERS, RANDOM_BACKBONES, int_in, path_arg
 from ..errors import ConfigError
 from ..flags import add_config_arguments, config_from_args
+from ..metric_names import SELECTED_BY, VALID_COLUMN, label
 
 
 def cmd_train(args) -> None:
@@ -96,12 +97,12 @@ def add_run_commands(sub) -> None:
     p.add_argument("--include-smoke", action="store_true", help="also smoke runs (left out by default)")
     p.add_argument("--include-running", action="store_true",
                    help="also runs that have not finished: running, failed or interrupted (left out by default)")
-    p.add_argument("--sort", default=None, help="column to sort by, descending (e.g. valid_hit@10: choose a "
+    p.add_argument("--sort", default=None, help=f"column to sort by, descending (e.g. {VALID_COLUMN}: choose a "
                                                 "configuration by validation; by test is tuning on the test set)")
     p.add_argument("--csv", type=path_arg, default=None,
                    help="also write the table (with standard deviations) to this CSV")
     p.add_argument("--curves", type=path_arg, default=None,
-                   help="also draw validation HR@10 and loss per epoch of every run (PNG)")
+                   help=f"also draw validation {label(SELECTED_BY)} and loss per epoch of every run (PNG)")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("demo", help="synthetic data, tiny models, cache, cached IISAN vs most popular")

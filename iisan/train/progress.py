@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..metric_names import SELECTED_BY
+from ..errors import ConfigError, TrainingError
+from ..metric_names import SELECTED_BY, UNSAID
 
 # How --nonfinite authors ended a finished run (its "ended"), as the first words of the report it stopped on
 # (``nonfinite.nonfinite_loss``, ``nonfinite.nonfinite_scores``).
@@ -44,7 +44,7 @@ class EarlyStopping:
 
     def state(self) -> dict:
         return {"best": None if self.best == -math.inf else self.best, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs}
+                "bad_epochs": self.bad_epochs, "metric": SELECTED_BY}
 
     def load(self, state: dict) -> None:
         self.best = -math.inf if state["best"] is None else state["best"]
@@ -144,6 +144,11 @@ class Progress:
             raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
                               "epochs already; give at least that many (--epochs, or epochs in the config file) to "
                               "go on with it, or another --run-name")
+        chosen_by = state["early_stopping"].get("metric", UNSAID)
+        if chosen_by != SELECTED_BY:  # its best value, best epoch and best weights are another metric's
+            raise TrainingError(f"{checkpoint} chose its best epoch by valid {chosen_by!s:.40} and this code "
+                                f"chooses by valid {SELECTED_BY} (iisan/metric_names.py): resume it where "
+                                f"SELECTED_BY is {chosen_by!s:.40}, or give another --run-name to train again")
         check_patience(self.stopper.patience, state["epochs"], checkpoint.parent.parent)
         self.stopper.load(state["early_stopping"])
         self.best_valid, self.best_test, self.epochs = state["best_valid"], state["best_test"], state["epochs"]

@@ -33,6 +33,7 @@ from ..devices import device_name, peak_memory, reset_peak_memory
 from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES, named_unread
+from ..metric_names import SELECTED_BY
 from ..provenance import command_line, git_commit, versions
 from .progress import Progress
 from .runfolder import RESULTS
@@ -207,6 +208,7 @@ class RunRecord:
             "method": METHOD_NAMES[cfg.method],
             "feed": cfg.feed,  # live for every method but IISAN (Config.validate)
             "best_epoch": progress.stopper.best_epoch,
+            "selected_by": f"valid {SELECTED_BY}",  # what chose the best epoch (metric_names.py)
             **({"ended": progress.ending()} if status == "finished" else {}),
             **({"stopped": progress.stopped} if progress.stopped else {}),
             "valid": progress.best_valid,

@@ -32,7 +32,7 @@ from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
-from ..metric_names import HEADLINE
+from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
 from .run_results import is_finished, read_results, results_or_reason
@@ -189,12 +189,14 @@ def log_summary(results: dict, path: Path) -> None:
 
 def finished_results(cfg: Config, results: dict) -> dict | None:
     """``results`` (what ``cfg``'s run folder holds) when that run has finished with exactly this config's
-    computation, epochs and patience (nothing left to do), else None."""
+    computation, epochs and patience (nothing left to do), its best epoch chosen by the metric that chooses
+    now (``metric_names.SELECTED_BY``; files that do not say: ``UNSAID``), else None."""
     saved, current = results.get("config"), cfg.to_dict()
     if not is_finished(results) or not isinstance(saved, dict):  # a config edited into no object proves nothing
         return None
     differences = config_differences(saved, current, results.get("working_dir"))
-    if differences or any(saved.get(k) != current[k] for k in ("epochs", "patience")):
+    if differences or any(saved.get(k) != current[k] for k in ("epochs", "patience")) or \
+            results.get("selected_by", f"valid {UNSAID}") != f"valid {SELECTED_BY}":
         return None
     return results
 
