@@ -199,6 +199,7 @@ class ImageStore:
         if not self.path.is_dir():
             raise ImageStoreError(f"image LMDB {shown(self.path)} does not exist (build it with `iisan build-lmdb`)")
         self._env = None  # this process's handle (``_open_readonly``), taken at the first read
+        self._key = str(self.path.resolve())  # its key in ``_OPEN`` (with the process id): resolved once
         meta = read_meta(self.path)
         if meta is None:
             raise ImageStoreError(f"{self.path} is not an IISAN image LMDB (no {META_KEY.decode()} record)")
@@ -215,7 +216,7 @@ class ImageStore:
 
     @contextmanager
     def _txn(self, buffers: bool = False):
-        held = _OPEN.get((str(self.path.resolve()), os.getpid()))
+        held = _OPEN.get((self._key, os.getpid()))
         if self._env is None or held is None or held[0] is not self._env:  # a new process, or a store replaced
             self._env = _open_readonly(self.path)
         with damage_named(self.path), self._env.begin(buffers=buffers) as txn:

@@ -343,4 +343,5 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         return results
     finally:
         if created:
-            distributed.teardown(finished=sys.exc_info()[1] is None, error=sys.exc_info()[1])
+            error = sys.exc_info()[1]  # the failure in flight, if any
+            distributed.teardown(finished=error is None, error=error)
