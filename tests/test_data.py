@@ -113,6 +113,27 @@ def test_an_unknown_id_with_an_invisible_character_is_shown_escaped(tmp_path, ca
     assert "with 1 item ids not in" in caplog.text and "(e.g. 'c\\x00')" in caplog.text
 
 
+def test_a_header_line_as_pandas_writes_one_is_named_and_still_read_as_data(tmp_path, caplog):
+    """The authors' files have no header: a first line naming its columns is read as a user and an item, as
+    before, with a warning naming the file and line; an id that merely looks like a name later is not one."""
+    items = write(tmp_path, "items.tsv", "ITEM_ID\ttitle\n" + "".join(f"{x}\tt{x}\n" for x in "abcdef") + "id\tt\n")
+    users = write(tmp_path, "users.tsv", "\nuser_id\titem_ids\nu1\ta b c d e\nu2\ta b c d e f\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(users, items)
+    headers = [r.getMessage() for r in caplog.records if "looks like a column name" in r.getMessage()]
+    assert headers == [f"{items}:1: 'ITEM_ID' looks like a column name, but these files have no header line "
+                       "(item_id<TAB>title on every line), so it is read as an id; delete the line if it is a header",
+                       f"{users}:2: 'user_id' looks like a column name, but these files have no header line "
+                       "(user_id<TAB>item item ... on every line), so it is read as an id; delete the line if it "
+                       "is a header"]
+    assert data.user_ids == ["u1", "u2"] and data.skipped["unknown_item_ids"] == 1  # item_ids: no such item
+    assert read_items(items).ids[0] == "ITEM_ID"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_items(write(tmp_path, "plain.tsv", "a\tta\nitem\ttitle\n"))
+    assert not caplog.records
+
+
 def test_short_users_are_counted_and_logged(tmp_path, caplog):
     items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
     users = write(tmp_path, "users.tsv", "u1\ta b c d\nu2\ta b c d e f\n")

@@ -26,7 +26,7 @@ from ..bounds import min_seq_len_problem
 from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError
 from ..files import shown
-from .csv_files import read_pairs_csv, read_titles_csv
+from .csv_files import ITEM_COLUMNS, USER_COLUMNS, read_pairs_csv, read_titles_csv
 from .textfile import check_item_id, check_user_id, decoded_lines, visible
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,12 @@ def check_data_file(path: Path, what: str) -> None:
         raise DataError(f"{what} file {shown(path)} does not exist")
 
 
-def tab_lines(path: Path, expected: str, encoding: str = "utf-8"):
+def tab_lines(path: Path, expected: str, encoding: str = "utf-8", column_names: tuple[str, ...] = ()):
     """``(line, first field, rest)`` of every non-blank line, split at its first tab; a line without a
-    tab is an error naming the file, the line and ``expected``."""
+    tab is an error naming the file, the line and ``expected``. A first line whose first field is one of
+    ``column_names`` (a header, as pandas writes one) is warned of: it is read as data, as the authors'
+    files have no header."""
+    first = True
     for lineno, line in decoded_lines(path, encoding):  # a CR elsewhere than before the LF is refused there
         line = line.removesuffix("\n").removesuffix("\r")
         if not line.strip():
@@ -110,6 +113,11 @@ def tab_lines(path: Path, expected: str, encoding: str = "utf-8"):
         if "\t" not in line:
             raise DataError(f"{path}:{lineno}: expected {expected}, found no tab")
         key, rest = line.split("\t", 1)
+        if first and key.strip().lower() in column_names:
+            log.warning("%s:%d: %r looks like a column name, but these files have no header line (%s on every "
+                        "line), so it is read as an id; delete the line if it is a header", path, lineno,
+                        key.strip(), expected)
+        first = False
         yield lineno, key, rest
 
 
@@ -127,7 +135,8 @@ def read_users(path: str | Path, encoding: str = "utf-8",
 def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[str, list[str]]]:
     users: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
-    for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding):
+    for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding,
+                                               USER_COLUMNS + ("reviewerid", "uid")):
         user_id = user_id.strip()
         if not user_id:
             raise DataError(f"{path}:{lineno}: empty user id")
@@ -148,7 +157,7 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
 
 
 def _tab_item_rows(path: Path, encoding: str):
-    return tab_lines(path, "item_id<TAB>title", encoding)
+    return tab_lines(path, "item_id<TAB>title", encoding, ITEM_COLUMNS + ("asin", "parent_asin", "id"))
 
 
 @dataclass(frozen=True)
