@@ -50,11 +50,13 @@ def test_evaluate_reproduces_the_results_file_exactly(runs, name, capsys):
 
 
 @pytest.mark.parametrize("test, said", [
-    ({"hit@10": "abc", "ndcg@10": None}, "results.json: the same numbers (valid, test) (10 of its 12 numbers "
-                                         "readable)"),
-    ({"hit@5": float("nan")}, "results.json: the same numbers (valid, test) (11 of its 12 numbers readable)"),
+    ({"hit@10": "abc", "ndcg@10": None}, "results.json: the same numbers (valid, test) (10 of the 12 numbers: "
+                                         "results.json holds no number for the others)"),
+    ({"hit@5": float("nan")}, "results.json: the same numbers (valid, test) (11 of the 12 numbers: results"
+                              ".json holds no number for the others)"),
     ({"hit@5": {"a": 1}, "ndcg@5": 2.0}, "results.json differs: largest difference"),
-    ("none", "results.json: the same numbers (valid) (6 of its 12 numbers readable)"),
+    ("none", "results.json: the same numbers (valid) (6 of the 12 numbers: results.json holds no "
+                "number for the others)"),
 ])
 def test_evaluate_compares_the_numbers_a_damaged_results_file_still_holds(runs, tmp_path, capsys, test, said):
     import shutil

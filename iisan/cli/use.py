@@ -103,7 +103,8 @@ def compared(run: TrainedRun, metrics: dict[str, dict[str, float]]) -> str:
     saved = recorded_metrics(run.results)
     pairs = [(s, m) for s in metrics for m in metrics[s] if m in saved.get(s, {})]
     total = sum(len(values) for values in metrics.values())
-    some = f" ({len(pairs)} of its {total} numbers readable)" if len(pairs) < total else ""
+    some = f" ({len(pairs)} of the {total} numbers: results.json holds no number for the others)" \
+        if len(pairs) < total else ""
     if not (run.run_dir / "results.json").exists():
         return ("no results.json to compare with (an older IISAN version wrote it when a run finished: this one may "
                 "have stopped; its command, run again, resumes it)")
