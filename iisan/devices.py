@@ -1,4 +1,5 @@
-"""Devices: which one a run uses, its mixed precision, how to wait for it, its name and its peak memory."""
+"""Devices: which one a run uses, its mixed precision, how to wait for it, its name and its peak memory (a
+run's, by phase and over its attempts: ``MemoryPeaks``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import psutil
 import torch
 
+from .bounds import finite_number
 from .errors import ConfigError
 
 
@@ -106,3 +108,74 @@ def peak_memory(device: torch.device, reset_at: str | None = None) -> dict:
     since = reset_at if reset_at and source == "VmHWM" else "the process's start"
     return {"peak_rss_gib": peak / 2**30, "current_rss_gib": psutil.Process().memory_info().rss / 2**30,
             "rss_peak_source": source, "rss_peak_since": since}
+
+
+PHASES = ("training", "evaluation")  # results.json's peak_memory_by_phase: the training steps', the evaluations'
+
+
+def highest(earlier: dict, now: dict) -> dict:
+    """``now``'s memory figures, each peak (``max_*``, ``peak_*``) at its highest of the two (``earlier``'s finite
+    numbers only); ``earlier`` where ``now`` holds none."""
+    if not now:
+        return dict(earlier)
+    kept = {k: v for k, v in earlier.items() if finite_number(v)}
+    return {k: max(v, kept.get(k, v)) if k.startswith(("max_", "peak_")) and finite_number(v) else v
+            for k, v in now.items()}
+
+
+class MemoryPeaks:
+    """A run's memory peaks from its start (``run``), not those of what ran before in its process (a cache
+    build, a sweep's earlier point), and those of its training steps and of its evaluations alone
+    (``by_phase``): the paper's memory is training's, as its time per epoch is. A checkpoint carries both, so
+    a resumed run reports the peaks of every attempt (``resume``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = reset_peak_memory(device)
+        self.since = "the run's start" if self.resettable else None
+        self.earlier: dict = {}  # the attempts before this one's
+        self.earlier_phases: dict[str, dict] = {}
+        self.attempt: dict = {}  # this attempt's, up to the last phase boundary (``enter``)
+        self.phases: dict[str, dict] = {}
+        self.phase = ""  # the phase running: one of PHASES, or '' (building the run, writing checkpoints)
+
+    def resume(self, state: dict) -> None:
+        """Take the peaks a checkpoint's ``state`` carries (what is not a dict is left out)."""
+        self.earlier = state.get("peak_memory") if isinstance(state.get("peak_memory"), dict) else {}
+        phases = state.get("peak_memory_by_phase") if isinstance(state.get("peak_memory_by_phase"), dict) else {}
+        self.earlier_phases = {p: phases[p] for p in PHASES if isinstance(phases.get(p), dict)}
+
+    def enter(self, phase: str) -> None:
+        """A phase boundary: the peak since the last one is the run's and the phase that ran's; then ``phase``
+        (one of PHASES, or '') starts the peak over, where it can be."""
+        now = peak_memory(self.device, self.since)
+        self.attempt = highest(self.attempt, now)
+        if self.phase:
+            self.phases[self.phase] = highest(self.phases.get(self.phase, {}), self._of(self.phase, now))
+        self.phase = phase
+        if self.resettable:
+            reset_peak_memory(self.device)
+
+    def run(self) -> dict:
+        """Each peak of this device (``max_*``, ``peak_*``) at its highest over the run's attempts; the
+        current resident set as it is now."""
+        return highest(highest(self.earlier, self.attempt), peak_memory(self.device, self.since))
+
+    def by_phase(self) -> dict[str, dict]:
+        """``run``'s figures of the training steps alone and of the evaluations alone (item table included).
+        Where the peak cannot be started over (on a CPU, not Linux) each is the process's whole life's, as its
+        ``rss_peak_since`` says."""
+        out = {}
+        for phase in PHASES:
+            mine = self.phases.get(phase, {})
+            if phase == self.phase:  # running now: an interruption, a failure
+                mine = highest(mine, self._of(phase, peak_memory(self.device, self.since)))
+            if mine or phase in self.earlier_phases:
+                out[phase] = highest(self.earlier_phases.get(phase, {}), mine)
+        return out
+
+    def _of(self, phase: str, reading: dict) -> dict:
+        """``reading``, its CPU peak said to start where ``phase`` did, where the peak was started over."""
+        if "rss_peak_since" in reading and self.resettable:
+            return {**reading, "rss_peak_since": f"each {phase} phase's start"}
+        return reading

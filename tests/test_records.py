@@ -120,3 +120,34 @@ def test_an_unexpected_error_leaves_its_traceback_in_train_log(cached_cfg, monke
     assert log.index("Traceback (most recent call last):", failed) > failed
     assert "in broken" in log[failed:]
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM (the process's own peak) is Linux's")
+def test_the_training_peak_leaves_evaluation_out_as_the_time_per_epoch_does(cached_cfg, monkeypatch):
+    """The paper's memory is training's: a full-ranking evaluation's score chunks (here 384 MiB held while
+    the valid split is scored) show in the run's peak and the evaluation's, not in the training steps'; the
+    table's peak_gib is training's."""
+    import numpy as np
+
+    from iisan.experiments.report_rows import collect
+
+    evaluate = trainer.evaluate_model
+
+    def hungry(*args, **kwargs):
+        blob = np.ones(3 * 2**27 // 8)
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            del blob
+
+    monkeypatch.setattr(trainer, "evaluate_model", hungry)
+    results = train(cached_cfg.replace(run_name="phase-peaks", epochs=2))
+    run, phases = results["peak_memory"], results["peak_memory_by_phase"]
+    assert set(phases) == {"training", "evaluation"}
+    training, evaluation = phases["training"], phases["evaluation"]
+    assert (training["rss_peak_since"], evaluation["rss_peak_since"], run["rss_peak_since"]) == (
+        "each training phase's start", "each evaluation phase's start", "the run's start")
+    assert evaluation["peak_rss_gib"] - training["peak_rss_gib"] > 0.3, phases
+    assert run["peak_rss_gib"] >= evaluation["peak_rss_gib"]
+    frame = collect([str(Path(results["run_dir"]).parent)])[0]
+    assert frame.set_index("run").loc["phase-peaks", "peak_gib"] == training["peak_rss_gib"]

@@ -66,7 +66,8 @@ def test_average_over_seeds_by_hand(runs, capsys, tmp_path, caplog):
     assert float(saved["0.0002"]["test_hit@10"]) == pytest.approx(pair.mean())
     assert float(saved["0.0002"]["test_hit@10_std"]) == pytest.approx(pair.std(ddof=1))
     assert saved["0.001"]["test_hit@10_std"] == ""  # one seed: no spread to report
-    peaks = [r["peak_memory"].get("max_allocated_gib", r["peak_memory"].get("peak_rss_gib")) for r in results[:2]]
+    training = [r["peak_memory_by_phase"]["training"] for r in results[:2]]  # the training steps' peaks
+    peaks = [t.get("max_allocated_gib", t.get("peak_rss_gib")) for t in training]
     assert float(saved["0.0002"]["peak_gib"]) == pytest.approx(np.mean(peaks))  # memory stays in the table
     assert int(saved["0.0002"]["trainable_params"]) == results[0]["parameters"]["trainable"]  # one model's count
 
@@ -100,7 +101,8 @@ def test_seeds_run_on_different_devices_average_their_metrics_but_not_their_time
     out, results = runs
 
     def on_a_gpu(r):
-        r.update(device="NVIDIA H100 80GB HBM3", peak_memory={"max_allocated_gib": 3.0}, run_dir=str(tmp_path / "g"))
+        r.update(device="NVIDIA H100 80GB HBM3", peak_memory={"max_allocated_gib": 3.0}, run_dir=str(tmp_path / "g"),
+                 peak_memory_by_phase={"training": {"max_allocated_gib": 2.0}})
         r["timing"]["train_seconds_per_epoch"] = 10.0
 
     copy_run(out / "lr0.0002-s1", tmp_path / "c", lambda r: r.update(run_dir=str(tmp_path / "c")))
@@ -420,6 +422,10 @@ MISSING = object()  # a field left out of the file
     (("timing", "train_seconds_per_epoch"), {}, "timing.train_seconds_per_epoch is an object, expected a number "
                                                 "or null"),
     (("peak_memory", "peak_rss_gib"), True, "peak_memory.peak_rss_gib is true, expected a number or null"),
+    (("peak_memory_by_phase",), [], "peak_memory_by_phase is a list, expected an object or null"),
+    (("peak_memory_by_phase", "training"), 1.0, "peak_memory_by_phase.training is 1.0, expected an object or null"),
+    (("peak_memory_by_phase", "training", "max_allocated_gib"), "3", 'peak_memory_by_phase.training.max_allocated_gib '
+                                                                      'is "3", expected a number or null'),
     (("parameters",), 262351, "parameters is 262351, expected an object"),
     (("parameters", "trainable"), None, "parameters.trainable is null, expected an integer"),
     (("parameters", "by_rate"), ["lr"], "parameters.by_rate is a list, expected an object or null"),
@@ -848,6 +854,7 @@ def test_a_column_of_numbers_has_one_format(runs, tmp_path, capsys):
     for seed, seconds, gib in ((1, 65.4, 12.345), (2, 22, 0.5), (3, 7.3691, 3.14159)):
         copy_run(first, tmp_path / "runs" / f"s{seed}", lambda r, seed=seed, s=seconds, g=gib: (
             r.update(timing={"train_seconds_per_epoch": s}, peak_memory={"max_allocated_gib": g}),
+            r.pop("peak_memory_by_phase"),  # a file written before phases were told apart: the run's peak
             r["config"].update(seed=seed)))
     main(["results", str(tmp_path / "runs"), "--keys", "lr"])
     header, *rows = table_rows(capsys.readouterr().out)

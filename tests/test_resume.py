@@ -228,10 +228,14 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     state = json.loads((saved / checkpoint.STATE).read_text())
     assert state["peak_memory"]["peak_rss_gib"] == pytest.approx(first["peak_memory"]["peak_rss_gib"], rel=0.1)
     # as if an earlier attempt had peaked
-    restate(saved, lambda s: s["peak_memory"].update(peak_rss_gib=99.0, current_rss_gib=98.0))
+    assert state["peak_memory_by_phase"] == first["peak_memory_by_phase"]  # (written at the epoch's end)
+    restate(saved, lambda s: (s["peak_memory"].update(peak_rss_gib=99.0, current_rss_gib=98.0),
+                              s["peak_memory_by_phase"]["training"].update(peak_rss_gib=97.0)))
     longer = train(cfg.replace(epochs=2))
     assert longer["resumed_from"] == ["epoch-0000"] and longer["peak_memory"]["peak_rss_gib"] == 99.0
     assert longer["peak_memory"]["current_rss_gib"] < 98.0
+    phases = longer["peak_memory_by_phase"]
+    assert phases["training"]["peak_rss_gib"] == 97.0 and phases["evaluation"]["peak_rss_gib"] < 97.0
 
 
 def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(base, monkeypatch, capsys):

@@ -76,7 +76,8 @@ def read_row(path: Path, results: dict) -> dict:
     results = {**results, "working_dir": ran_from(path, results, cfg)}
     users = Path(results["working_dir"], cfg["users"])  # a relative path: from where the run ran
     test, valid = results.get("test") or {}, results.get("valid") or {}
-    memory = results.get("peak_memory") or {}
+    # the training steps' peak, the paper's measure; a file written before phases were told apart has the run's
+    memory = (results.get("peak_memory_by_phase") or {}).get("training") or results.get("peak_memory") or {}
     ended = status(path, results)
     built = results["parameters"].get("total") != 0  # (older files may lack it: built)
     row = {

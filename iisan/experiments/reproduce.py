@@ -198,8 +198,9 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
             if run.dataset == "demo" else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
     text = (f"{TABLE_HEAD}{run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
             f"standard deviation over seeds {', '.join(map(str, run.seeds))}.\n\n{table(run.dataset, rows)}\n"
-            "Peak memory is the GPU allocator's peak on a GPU (the paper's measure) and the process's peak "
-            "resident memory on a CPU (the interpreter and libraries included).\n"
+            "Peak memory is that of the training steps (evaluation left out, as from the time per epoch): "
+            "the GPU allocator's peak on a GPU (the paper's measure) and the process's peak resident memory on "
+            "a CPU (the interpreter and libraries included).\n"
             f"Command: `{about['command']}`; device: {rows[0]['device']}; commit: {about['git_commit']}; "
             f"{about['date']}. Runs: {cfg.out_dir}.\n")
     table_path(run)  # again: a file put there while the runs trained is not replaced either

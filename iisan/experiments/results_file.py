@@ -144,8 +144,11 @@ def check_results(results) -> None:
     timing = _field(results, "timing", "object", optional=True) or {}
     _field(timing, "train_seconds_per_epoch", "number", "timing.", optional=True)
     memory = _field(results, "peak_memory", "object", optional=True) or {}
+    training = _field(_field(results, "peak_memory_by_phase", "object", optional=True) or {}, "training", "object",
+                      "peak_memory_by_phase.", optional=True) or {}
     for key in ("max_allocated_gib", "peak_rss_gib"):
         _field(memory, key, "number", "peak_memory.", optional=True)
+        _field(training, key, "number", "peak_memory_by_phase.training.", optional=True)
     for i, epoch in enumerate(_field(results, "epochs", "list")):
         if not isinstance(epoch, dict):
             raise DamagedResults(f"epochs[{i}] is {_shown(epoch)}, expected an object")

@@ -168,5 +168,6 @@ def stages(report: dict, out: Path, work: Path, dev: str, resolved: torch.device
         report[f"train_{compile_mode}"] = {
             "losses": [e["loss"] for e in results["epochs"]], "test": results["test"], "step": results["step"],
             "train_seconds_per_epoch": results["timing"]["train_seconds_per_epoch"],
-            "trainable": results["parameters"]["trainable"], "peak_memory": results["peak_memory"]}
+            "trainable": results["parameters"]["trainable"], "peak_memory": results["peak_memory"],
+            "peak_memory_by_phase": results["peak_memory_by_phase"]}
         write_json_atomic(out / "versa_gpu.json", report)

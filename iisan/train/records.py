@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..bounds import finite_number
 from ..claims import refuse_link
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT, metrics_text
-from ..devices import device_name, peak_memory, reset_peak_memory
+from ..devices import MemoryPeaks, device_name
 from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
 from ..methods import METHOD_NAMES, named_unread
@@ -69,9 +68,7 @@ class RunRecord:
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
-        self.earlier_peak: dict = {}  # the memory peaks of the attempts before this one (``peak``)
-        # This run's own peak, from here on: not that of a cache build or an earlier run in this process (a sweep).
-        self.peak_since = "the run's start" if reset_peak_memory(device) else None
+        self.memory = MemoryPeaks(device)  # from here on: not a cache build's, or an earlier run's in this process
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)
@@ -173,14 +170,7 @@ class RunRecord:
                         "both)", self.run_dir, commits[-1], self.commit)
         sizes = _then([n for n in state.get("world_sizes") or () if type(n) is int and n >= 1], state["world_size"])
         self.commits, self.world_sizes = _then(commits, self.commit), _then(sizes, self.world_size)
-        self.earlier_peak = state.get("peak_memory") if isinstance(state.get("peak_memory"), dict) else {}
-
-    def peak(self) -> dict:
-        """Peak memory over every attempt that trained the run (a checkpoint carries the peak so far): each
-        peak of this device (``max_*``, ``peak_*``) at its highest; the current resident set as it is now."""
-        earlier = {k: v for k, v in self.earlier_peak.items() if finite_number(v)}
-        return {k: max(v, earlier.get(k, v)) if k.startswith(("max_", "peak_")) else v
-                for k, v in peak_memory(self.device, self.peak_since).items()}
+        self.memory.resume(state)
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp:  # synced before the rename: on disk before the epoch is told
@@ -217,7 +207,8 @@ class RunRecord:
             "timing": progress.timing(),
             "step": self.step,
             "parameters": asdict(self.parameters),
-            "peak_memory": self.peak(),
+            "peak_memory": self.memory.run(),
+            "peak_memory_by_phase": self.memory.by_phase(),  # training's is the paper's measure
             "device": device_name(self.device),
             "world_size": self.world_size,
             "world_sizes": self.world_sizes,  # of every attempt: a run resumed under another count differs

@@ -257,6 +257,7 @@ class Run:
             self.on_main(self.record.write, self.record.results(progress, "running"))
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
+            self.record.memory.enter("training")  # memory peaks by phase (``devices.PHASES``)
             losses, train_seconds, n_steps = self.train_epoch(epoch)
             self.record.step = describe_step(self.step, self.model, self.plan)
             progress.stopped = self.check_finite(losses, epoch, n_steps)
@@ -264,7 +265,7 @@ class Run:
                 break
             progress.global_step += n_steps
 
-            start = time.perf_counter()
+            start, _ = time.perf_counter(), self.record.memory.enter("evaluation")
             table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device,
                                       self.dist)
             valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
@@ -279,7 +280,7 @@ class Run:
                 progress.best_valid = valid
                 progress.best_test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
                                                 dist=self.dist)
-            eval_seconds = time.perf_counter() - start
+            eval_seconds, _ = time.perf_counter() - start, self.record.memory.enter("")
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
                       "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid,
                       "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
