@@ -532,6 +532,26 @@ def test_an_intact_checkpoint_of_unusable_content_is_one_line(base):
                                "checked against this run's")
 
 
+def test_a_second_ctrl_c_inside_a_checkpoints_write_leaves_no_partial_checkpoint(base, monkeypatch):
+    """The first Ctrl-C asks for a checkpoint; a second one while its files are written stops the process
+    there: the half-written folder (as large as the model: FFT's is GBs) is not left hidden in the run."""
+    cfg = base.replace(run_name="ctrl-c-twice", epochs=2)
+    real_save, calls = checkpoint_writing.save_file, []
+
+    def interrupted(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # the second checkpoint's model.safetensors, half written
+            Path(path).write_bytes(b"\0" * 1000)
+            raise KeyboardInterrupt
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_writing, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    root = Path(cfg.out_dir) / "ctrl-c-twice" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000"]
+
+
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, reference, monkeypatch):
     cfg = base.replace(run_name="full-disk", epochs=2)
     real_save, calls = checkpoint_writing.save_file, []

@@ -122,6 +122,13 @@ class PixelSource:
             job.result()
         return out
 
+    def close(self) -> None:
+        """End the reader threads now (not when this object is collected: a kept traceback may hold it long);
+        a later call starts them again."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pool"] = None
@@ -161,7 +168,10 @@ class Prefetch:
                 if item is done:
                     return
                 if isinstance(item, BaseException):
-                    raise item
+                    try:
+                        raise item
+                    finally:  # the error's traceback holds this frame: no cycle back to the error through it
+                        item = None
                 yield item
         finally:
             stop.set()

@@ -224,9 +224,13 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
                        for m, e in live.encoders.items()))
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
-                        chunk_size=cfg.encode_batch_size,
-                        device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
+    try:
+        return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
+                            chunk_size=cfg.encode_batch_size,
+                            device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
+    finally:  # the reader threads end with the build, failed or not
+        if pixels is not None:
+            pixels.close()
 
 
 def autocast_states(live: LiveStates, amp: torch.dtype | None) -> Callable[[ItemBatch], dict[str, torch.Tensor]]:

@@ -65,6 +65,9 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
+    except BaseException:  # a second Ctrl-C inside the write: no partial (large) checkpoint left hidden
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         fsync(root)  # the rename made durable
     except OSError as err:

@@ -42,7 +42,10 @@ def decide(choose: Callable[[], T], dist: Dist,
             ok, text, error = False, f"{type(err).__name__}\0{err}", err
     ok, text = broadcast_outcome(ok, text, dist)
     if error is not None:
-        raise error
+        try:
+            raise error
+        finally:  # the error's traceback holds this frame: no cycle back to the error through it
+            error = None
     if not ok:
         kind, _, said = text.partition("\0")
         raise KINDS.get(kind, TrainingError)(said)

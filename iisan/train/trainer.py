@@ -95,6 +95,8 @@ class Run:
             step.compiled = None  # a torch.compile'd step refers to itself: let the model and optimizer go now
         # Let the DDP wrapper go before the process group is left (``distributed.teardown``): a wrapper alive
         # then destroys the group later, in its destructor, which holds the GIL while gloo's threads wait for it.
+        if getattr(self, "pixels", None) is not None:  # its reader threads end now, not when a traceback goes
+            self.pixels.close()
         self.step = self.ddp = self.model = self.optimizer = None
 
     def setup(self) -> None:
