@@ -21,6 +21,15 @@ from .methods import METHOD_DEFAULTS, newly_unread, unread_keys
 log = logging.getLogger(__name__)
 
 
+_SAID: set[str] = set()  # warnings of ``resolve`` already given in this process (a sweep resolves every point)
+
+
+def _once(warning: str) -> None:
+    if warning not in _SAID:
+        _SAID.add(warning)
+        log.warning("%s", warning)
+
+
 def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
             source: str = "command line") -> Config:
     """The one precedence rule: ``flags`` > ``file_values`` (a --config file) > ``defaults`` (an entry
@@ -43,6 +52,13 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     if said.get("modality") not in (None, cfg.modality) and "modality" not in unread_keys(cfg.method, cfg.towers,
                                                                                           cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
+    if "san_heads" not in unread_keys(cfg.method, cfg.towers, cfg.feed):  # a side network's switches that another
+        # of its settings turns off (hashed and recorded as ever: only said)
+        if said.get("gate_temperature") is not None and cfg.fusion == "add":
+            _once(f"gate_temperature={cfg.gate_temperature}: fusion=add has no gates, so it changes nothing")
+        if said.get("intra_start") not in (None, "embedding") and cfg.include_embedding_state:
+            _once(f"intra_start={cfg.intra_start}: only a run with --no-include-embedding-state reads it, so it "
+                  "changes nothing")
     if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)

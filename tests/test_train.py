@@ -238,6 +238,23 @@ def test_results_record_the_step_that_ran_when_a_cuda_graph_fails_to_capture(cac
     assert saved["step"]["compiled"] == "off (cudagraph capture failed)" == results["step"]["compiled"]
 
 
+def test_a_finished_run_asked_for_under_another_compile_mode_is_reused_with_a_warning_saying_so(cached_cfg, caplog):
+    """compile changes how a step runs, not the run (its folder, its resume), but inductor's random streams
+    (dropout masks) are not eager's: the eager run's numbers come back for --compile inductor, said in a
+    warning; auto, which comes to eager on a CPU, is the same mode and is reused as ever."""
+    cfg = cached_cfg.replace(epochs=1, run_name="eager")
+    first = train(cfg)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iisan.train.runfolder"):
+        assert train(cfg.replace(compile="auto"))["test"] == first["test"]
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert train(cfg.replace(compile="inductor"))["test"] == first["test"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{first['run_dir']} finished before with this config; not training it again; it ran with "
+                      "compile off, and this config's comes to inductor: its numbers are off's (random streams, item "
+                      "encoding); another --run-name trains it with inductor"]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's inductor, imported
 def test_a_torch_compiled_run_says_before_its_first_step_that_compiling_takes_minutes(cached_cfg, monkeypatch,
                                                                                       caplog):

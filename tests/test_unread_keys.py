@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from iisan.config import Config
@@ -171,3 +172,54 @@ def test_a_modality_a_method_does_not_read_is_not_refused_for_one_tower(caplog):
         assert resolve(flags={"method": "fft", "towers": "text", "modality": "intra_inter"}).method == "fft"
         assert resolve(flags={"method": "fft", "towers": "text", "modality": "inter"}).method == "fft"
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["modality"]  # (intra_inter is the default)
+
+
+def test_a_side_network_switch_another_setting_turns_off_is_named_once(caplog):
+    """--fusion add has no gates, and only --no-include-embedding-state reads --intra-start: either given
+    alone changed nothing the run computes, without a word; a sweep's points say it once."""
+    with caplog.at_level(logging.WARNING, logger="iisan.precedence"):
+        for lr in (1e-4, 2e-4):
+            resolve(flags={"fusion": "add", "gate_temperature": 1.0, "intra_start": "zeros", "lr": lr})
+        resolve(flags={"gate_temperature": 1.0, "intra_start": "zeros", "include_embedding_state": False})
+        resolve(flags={"method": "fft", "fusion": "add", "gate_temperature": 1.0})  # named as not read instead
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("gate_temperature=1.0: fusion=add has no gates, so it changes nothing") == 1
+    assert said.count("intra_start=zeros: only a run with --no-include-embedding-state reads it, so it changes "
+                      "nothing") == 1
+    assert len(said) == 3 and said[2].startswith("fusion, gate_temperature: not read by this run (method=fft")
+
+
+@pytest.mark.parametrize("method, towers, modality, flags, idle", [
+    ("adapter", "both", "intra_inter", {"lr_image": 0.5, "lr_adapter_text": 0.5}, ["lr_image"]),
+    ("fft", "both", "intra_inter", {"lr_adapter_image": 0.5, "lr_adapter_text": 0.5},
+     ["lr_adapter_image", "lr_adapter_text"]),
+    ("iisan", "text", "intra", {"lr_image": 0.5, "lr_adapter_image": 0.5, "lr_text": 0.5},
+     ["lr_image", "lr_adapter_image"]),
+    ("iisan", "both", "inter", {"lr_text": 0.5, "lr_image": 0.5}, ["lr_image", "lr_text"]),  # no intra chain
+    ("lora", "both", "intra_inter", {"lr_text": 0.5}, ["lr_text"]),  # trains nothing without its random base
+    ("lora", "both", "intra_inter", {"lr_text": 0.5, "lora_random_base": True}, []),
+    ("bitfit", "both", "intra_inter", {"lr_text": 0.5, "lr_image": 0.5}, []),
+])
+def test_a_learning_rate_no_parameter_trains_at_is_named(tiny, tiny_cache, tmp_path, caplog, method, towers, modality,
+                                                         flags, idle):
+    """A learning rate set for a group the model has no parameter in (Adapter's --lr-image) changed nothing,
+    without a word: the optimizer's groups name it, and results.json's parameters.by_rate lacks it."""
+    from iisan.data.run_data import load_data
+    from iisan.model.build import build_model
+    from iisan.train.optim import make_optimizer, trained_by_rate
+
+    cfg = resolve(flags={**{k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")},
+                         "cache_dir": tiny_cache, "device": "cpu", "method": method, "towers": towers,
+                         "modality": modality, **flags})
+    with caplog.at_level(logging.WARNING, logger="iisan.train.optim"):
+        model, _ = build_model(cfg, load_data(cfg), "cpu")
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    said = [r.getMessage() for r in caplog.records if r.name == "iisan.train.optim"]
+    assert not set(idle) & trained_by_rate(optimizer).keys()
+    if not idle:
+        assert said == []
+        return
+    (line,) = said
+    assert line.startswith(", ".join(f"{k}=0.5" for k in idle) + ": no parameter of this run trains at ")
+    assert f"(method={method}, towers={towers}" in line and line.endswith("so it changes nothing" if len(idle) == 1
+                                                                           else "so they change nothing")

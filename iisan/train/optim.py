@@ -3,11 +3,18 @@ rate of each ``LrGroup``), every trainable parameter in exactly one group."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 
 from ..config import Config
+from ..methods import METHOD_DEFAULTS, unread_keys
 from ..model.item_encoder import LrGroup
 from ..model.recommender import Recommender
+
+log = logging.getLogger(__name__)
+_NAMED: set[tuple] = set()  # (key, value, method, towers, feed, modality) already named in this process
 
 
 def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
@@ -43,7 +50,24 @@ def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if stray:
         raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
+    say_idle_rates(cfg, {LR_OF_GROUP[LrGroup(g["name"])] for g in groups})
     return groups
+
+
+def say_idle_rates(cfg: Config, used: set[str]) -> None:
+    """Warn of a learning rate set otherwise than the method's default that no parameter of this model trains
+    at (Adapter's --lr-image, a text-only run's --lr-adapter-image, LoRA's --lr-text without its random base):
+    it changes nothing. Keys no such run reads at all are said by ``precedence.resolve`` already."""
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    said_before = unread_keys(cfg.method, cfg.towers, cfg.feed)
+    idle = [k for k in LR_OF_GROUP.values() if k not in used and k not in said_before
+            and getattr(cfg, k) != METHOD_DEFAULTS[cfg.method].get(k, fields[k])]
+    if new := [k for k in idle if (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) not in _NAMED]:
+        _NAMED.update((k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in new)
+        run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
+        log.warning("%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
+                    ", ".join(f"{k}={getattr(cfg, k)}" for k in new), "it" if len(new) == 1 else "them", run,
+                    ", ".join(sorted(used)), "it changes" if len(new) == 1 else "they change")
 
 
 def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:

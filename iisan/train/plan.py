@@ -12,8 +12,8 @@ from torch import nn
 
 from ..config import Config
 from ..data.shapes import ShapeBuckets
-from ..devices import amp_dtype
-from ..errors import TrainingError
+from ..devices import amp_dtype, resolve_device
+from ..errors import TrainingError, UserError
 from ..model.inputs import EncodedItems
 from ..model.recommender import Recommender
 
@@ -31,6 +31,22 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     if cfg.compile == "cudagraph" and (device.type != "cuda" or not cfg.cached):
         raise TrainingError("compile=cudagraph needs a CUDA device and cached IISAN (static shapes)")
     return cfg.compile
+
+
+def compiled_otherwise(cfg: Config, results: dict) -> str:
+    """'' or, where a finished run's ``results`` are taken for ``cfg`` but ran under another compile mode
+    than ``cfg`` comes to, what that means (``runfolder.reusable_results``): another mode is the same step
+    with other random streams (inductor's dropout masks are not eager's) and, under --dedup-items auto,
+    another item encoding (a compiled step encodes every slot)."""
+    ran = str((results.get("step") or {}).get("compiled") or "").split(" ")[0]  # "off (cudagraph capture failed)"
+    try:
+        asked = use_compile(cfg, resolve_device(cfg.device))
+    except UserError:  # refused as the run would be: not this note's to say
+        return ""
+    if not ran or ran == asked:
+        return ""
+    return (f"; it ran with compile {ran}, and this config's comes to {asked}: its numbers are {ran}'s (random "
+            f"streams, item encoding); another --run-name trains it with {asked}")
 
 
 def describe_step(step, model: Recommender, plan: StepPlan) -> dict:
