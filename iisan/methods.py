@@ -68,6 +68,20 @@ METHOD_NAMES = {name: m.paper_name for name, m in METHOD_TABLE.items()}
 METHOD_DEFAULTS = {name: m.defaults for name, m in METHOD_TABLE.items()}
 
 
+def kept_over(method, script: dict, given: dict) -> str:
+    """'' or the settings of an entry script for another method (``script``: its defaults and SWEEP lists) that
+    stay over ``method``'s paper defaults, where they differ and ``given`` (the user's keys) leaves them be."""
+    ours = METHOD_DEFAULTS.get(method, {}) if isinstance(method, str) else {}
+    kept = {k: v for k, v in script.items() if k in ours and k not in given and v not in (ours[k], [ours[k]])}
+    if not kept:
+        return ""
+    name, many = METHOD_NAMES[method], len(kept) > 1
+    settings = ", ".join(f"{k}={v}" for k, v in kept.items())
+    return (f"; the script's own {settings} {'stay' if many else 'stays'} over {name}'s paper settings ("
+            f"{', '.join(f'{k}={ours[k]}' for k in kept)}): give {'them as flags' if many else 'it as a flag'}, or run "
+            f"{name}'s own script")
+
+
 def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> frozenset[str]:
     """The config keys a run of ``method`` (``towers``, ``feed``: as its config says) never reads: those of
     ``NOT_EVERY_RUN`` the method does not read, what its feed skips (a cached run encodes nothing live, a live

@@ -374,3 +374,19 @@ def test_sweeping_what_only_says_how_a_run_goes_on_is_refused(sweep, argv, key, 
         "with its own --run-name")
     points, _ = parse_script_args(DEFAULTS, grid, argv(f"--{key}", values[0]))  # one value: a grid as any
     assert len(points) == len(parse_script_args(DEFAULTS, sweep, argv())[0])
+
+
+def test_a_scripts_own_settings_kept_over_another_methods_paper_ones_are_named(argv, caplog):
+    """run_fft.py --method lora trained LoRA at FFT's SWEEP rate (1e-4, not LoRA's paper 2e-4) with nothing but
+    "replaces it" said: the kept settings are named with the paper's values, unless the user gave them."""
+    fft_sweep = {"lr": [1e-4], "seed": [12345]}
+    with caplog.at_level(logging.WARNING):
+        points, _ = parse_script_args({"method": "fft"}, fft_sweep, argv("--method", "lora"))
+    assert [(p.config.method, p.config.lr) for p in points] == [("lora", 1e-4)]  # precedence as documented
+    assert ("this entry script runs method=fft; the method=lora given replaces it; the script's own lr=[0.0001] "
+            "stays over LoRA's paper settings (lr=0.0002): give it as a flag, or run LoRA's own script") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        parse_script_args({"method": "fft"}, fft_sweep, argv("--method", "lora", "--lr", "3e-4"))
+        parse_script_args({"method": "fft"}, {"lr": [2e-4]}, argv("--method", "lora"))  # LoRA's own: no word
+    assert "stays over" not in caplog.text and caplog.text.count("replaces it") == 2

@@ -6,17 +6,16 @@ values (``--lr 1e-4 2e-4``). ``--dataset`` picks one of the paper's data sets un
 Precedence (``precedence.resolve``): flags > ``--config`` file > the SWEEP lists > the script's own defaults
 (data-set paths, presets) > the method's paper defaults > Config defaults. A swept key given as a flag
 replaces the script's list with the flag's values; given in the config file, with the file's one value.
-Folder names and ``config.json`` come from the resolved values.
+Folder names and ``config.json`` come from the resolved values. A script's own method replaced (``--method``)
+keeps the script's settings over the new method's paper ones, said in a warning (``methods.kept_over``).
 
 A grid point that fails (a bad value, a non-finite loss) is logged with its one-line reason and the
 grid goes on; a summary lists every point at the end, and the exit status is 2 when any point failed.
 Without ``--run-name`` a point's folder is named from its resolved config (``train.runfolder``), so
 running the same command again resumes unfinished points and skips finished ones. ``--list-grid``
 prints the points; ``--grid-index I`` runs point I alone (a Slurm array task, one process per GPU).
-
-Training and run folders (torch, transformers: seconds to import) are imported where a grid is listed
-or run, so that a script's ``--help`` and a bad flag answer at once.
-"""
+Training and run folders (torch, transformers: seconds to import) are imported where a grid is listed or
+run, so that a script's ``--help`` and a bad flag answer at once."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
-from ..methods import METHOD_DEFAULTS, unread_keys
+from ..methods import METHOD_DEFAULTS, kept_over, unread_keys
 from ..metric_names import HEADLINE, SELECTED_BY, label
 from ..precedence import resolve
 from .presets import BACKBONES, own_cache_dir
@@ -125,9 +124,10 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
     file_values, flags = args_layers(args)
     base = {**BACKBONES, **dataset_paths(args.dataset), **defaults}
     own = defaults.get("method")  # an entry script's; flags and config files win over it, said once
-    if own and (method := {**file_values, **flags}.get("method", own)) not in (own, [own]):
-        log.warning("this entry script runs method=%s; the method=%s given replaces it", own, method)
-    if "items" in (given := {**file_values, **flags}) and "cache_dir" not in given and "cache_dir" in base:
+    if own and (method := (given := {**file_values, **flags}).get("method", own)) not in (own, [own]):
+        log.warning("this entry script runs method=%s; the method=%s given replaces it%s", own, method,
+                    kept_over(method, {**defaults, **sweep}, given))
+    if "items" in given and "cache_dir" not in given and "cache_dir" in base:
         base["cache_dir"] = own_cache_dir(base["cache_dir"], given["items"], args.dataset)  # other items' own
     swept, from_flags = {}, set()
     for key, values in sweep.items():
