@@ -59,6 +59,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
         if said.get("intra_start") not in (None, "embedding") and cfg.include_embedding_state:
             _once(f"intra_start={cfg.intra_start}: only a run with --no-include-embedding-state reads it, so it "
                   "changes nothing")
+    if said.get("title_tokens") is not None and cfg.towers == "image" and cfg.method != "id":  # (id: not read)
+        _once(f"title_tokens={cfg.title_tokens}: towers=image reads no titles, so it changes nothing")
     if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)

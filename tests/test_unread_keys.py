@@ -174,19 +174,23 @@ def test_a_modality_a_method_does_not_read_is_not_refused_for_one_tower(caplog):
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["modality"]  # (intra_inter is the default)
 
 
-def test_a_side_network_switch_another_setting_turns_off_is_named_once(caplog):
-    """--fusion add has no gates, and only --no-include-embedding-state reads --intra-start: either given
-    alone changed nothing the run computes, without a word; a sweep's points say it once."""
+def test_a_setting_another_setting_turns_off_is_named_once(caplog):
+    """--fusion add has no gates, only --no-include-embedding-state reads --intra-start, and an image tower alone
+    reads no --title-tokens: each changed nothing the run computes, without a word; a sweep's points say it
+    once."""
     with caplog.at_level(logging.WARNING, logger="iisan.precedence"):
         for lr in (1e-4, 2e-4):
             resolve(flags={"fusion": "add", "gate_temperature": 1.0, "intra_start": "zeros", "lr": lr})
         resolve(flags={"gate_temperature": 1.0, "intra_start": "zeros", "include_embedding_state": False})
         resolve(flags={"method": "fft", "fusion": "add", "gate_temperature": 1.0})  # named as not read instead
+        resolve(flags={"method": "fft", "towers": "image", "title_tokens": 12})  # an image tower reads no title
+        resolve(flags={"method": "fft", "towers": "text", "title_tokens": 12})
     said = [r.getMessage() for r in caplog.records]
     assert said.count("gate_temperature=1.0: fusion=add has no gates, so it changes nothing") == 1
     assert said.count("intra_start=zeros: only a run with --no-include-embedding-state reads it, so it changes "
                       "nothing") == 1
-    assert len(said) == 3 and said[2].startswith("fusion, gate_temperature: not read by this run (method=fft")
+    assert len(said) == 4 and said[2].startswith("fusion, gate_temperature: not read by this run (method=fft")
+    assert said[3] == "title_tokens=12: towers=image reads no titles, so it changes nothing"
 
 
 @pytest.mark.parametrize("method, towers, modality, flags, idle", [
