@@ -131,7 +131,7 @@ def write_bert(out_dir: str | Path, vocab: list[str], hidden: int = 32, layers: 
 def _bert_tokenizer(folder: Path, vocab: list[str]) -> None:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # the vocabulary itself, not vocab_file: transformers 5 ignores vocab_file and keeps the 5 special
-    # tokens only, which makes every word [UNK] (tests/test_tiny_models.py checks a title's tokens)
+    # tokens only, which makes every word [UNK] (tests/test_backbones.py checks a title's tokens)
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
 

@@ -50,9 +50,9 @@ def compiled_otherwise(cfg: Config, results: dict) -> str:
 
 
 def describe_step(step, model: Recommender, plan: StepPlan) -> dict:
-    """How steps ran (results.json's ``step``): ``step.mode`` says whether a CUDA graph really ran; a cached
-    run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to); a run with a
-    row per slot, which towers ran on each distinct item once instead (``per_item_towers``)."""
+    """How steps ran (results.json's ``step``): its ``compiled`` (the step's mode) says whether a CUDA graph
+    ran; a cached run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to);
+    a run with a row per slot, which towers ran on each distinct item once instead (``per_item_towers``)."""
     stored, amp = model.cache_dtypes(), plan.amp
     return {"compiled": step.mode, "item_encoding": plan.encoding, "static_shapes": plan.buckets is not None,
             "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {}),
