@@ -140,10 +140,22 @@ def test_a_run_records_its_towers_by_item_and_trains_as_before(tiny_config, monk
     cfg = tiny_config(method="fft", epochs=1, max_steps_per_epoch=3)
     by_item = train(cfg.replace(run_name="by-item"))
     assert by_item["step"]["item_encoding"] == "slots" and by_item["step"]["towers_by_item"] == ["image"]
+    assert by_item["step"]["encoder_dropout"] == ["text"]  # what a method comparison reads beside the parameters
     monkeypatch.setattr(plan, "per_item_towers", lambda encoding, model: ())
     per_slot = train(cfg.replace(run_name="per-slot"))
     assert per_slot["step"]["item_encoding"] == "slots" and "towers_by_item" not in per_slot["step"]
     assert by_item["epochs"][0]["loss"] == pytest.approx(per_slot["epochs"][0]["loss"], rel=1e-5)
+
+
+def test_a_run_records_which_towers_drew_dropout_masks(tiny_config, tiny_cache):
+    """IISAN's frozen towers draw none, cached or live, unless --text-encoder-dropout (the authors' BERT);
+    FFT trains BERT with its dropout (the tiny ViT, as ViT-B/16, has none)."""
+    runs = {"cached": tiny_config(cache_dir=tiny_cache), "live": tiny_config(feed="live"),
+            "live-dropout": tiny_config(feed="live", text_encoder_dropout=True), "fft-text": tiny_config(
+                method="fft", towers="text", modality="intra")}
+    said = {name: train(cfg.replace(run_name=name, epochs=1, max_steps_per_epoch=1))["step"]["encoder_dropout"]
+            for name, cfg in runs.items()}
+    assert said == {"cached": [], "live": [], "live-dropout": ["text"], "fft-text": ["text"]}
 
 
 def test_the_benchmark_counts_both_row_lists_and_says_what_they_are(tiny_config, monkeypatch, tmp_path):

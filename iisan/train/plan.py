@@ -52,9 +52,12 @@ def compiled_otherwise(cfg: Config, results: dict) -> str:
 def describe_step(step, model: Recommender, plan: StepPlan) -> dict:
     """How steps ran (results.json's ``step``): its ``compiled`` (the step's mode) says whether a CUDA graph
     ran; a cached run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to);
-    a run with a row per slot, which towers ran on each distinct item once instead (``per_item_towers``)."""
+    a run with a row per slot, which towers ran on each distinct item once instead (``per_item_towers``). The
+    towers whose encoder drew dropout masks while training (the baselines' BERT; none of IISAN's frozen towers
+    but under --text-encoder-dropout) say what differs between methods beside their trained parameters."""
     stored, amp = model.cache_dtypes(), plan.amp
     return {"compiled": step.mode, "item_encoding": plan.encoding, "static_shapes": plan.buckets is not None,
+            "encoder_dropout": sorted(m for m, drops in dropping_out(model).items() if drops),  # towers masking
             "amp": str(amp).replace("torch.", "") if amp else "fp32", **({"cache_dtypes": stored} if stored else {}),
             **({"towers_by_item": list(plan.per_item)} if plan.per_item else {})}
 
