@@ -129,6 +129,35 @@ def test_the_notes_say_what_each_rows_fields_show():
     assert ("Peak RSS (FFT, FFT (every slot), IISAN (uncached)): the measuring process's own resident high-water "
             "mark (VmHWM), since the warm-up's end.") in notes
     assert "quick check" not in notes and "median" in notes
+    assert "image LMDB" not in notes  # no row recorded its pages
+    payload = benchmark_payload()
+    payload["rows"][2]["memory"]["lmdb_resident_gib"] = 0.056
+    assert ("Of it, pages of the image LMDB the reads brought in (GiB, at the window's end: IISAN (uncached) 0.06): "
+            "the file's, which the kernel may drop, counted in the resident set; a cached row reads none."
+            ) in table(payload).split("\n\n")[-1]
+
+
+def read_images_then_measure(store: str, items: str, count: int) -> dict:
+    """(a child's) ``peak_memory`` after reading the first ``count`` items' images of ``store`` (none: no store
+    opened)."""
+    if count:
+        from iisan.data.images import ImageStore
+        from iisan.data.interactions import read_items
+
+        images = ImageStore(store)
+        ids = read_items(items).ids[:count]
+        images.get(ids, np.zeros((len(ids), images.size, images.size, 3), dtype=np.uint8))
+    return peak_memory(CPU)
+
+
+@LINUX
+def test_the_cpu_peak_says_how_much_of_it_is_an_image_lmdbs_pages(tiny):
+    """A live row reads the image LMDB through a memory map: the resident set, so VmHWM, counts the pages it
+    brought in (the file's, which the kernel may drop), which a cached row never has: they are said apart."""
+    read = in_fresh_process(read_images_then_measure, tiny["images"], tiny["items"], 60)
+    assert read["lmdb_resident_gib"] * 2**30 >= 60 * 64 * 64 * 3  # every image read is resident
+    assert read["lmdb_resident_gib"] < read["peak_rss_gib"]
+    assert "lmdb_resident_gib" not in in_fresh_process(read_images_then_measure, tiny["images"], tiny["items"], 0)
 
 
 def test_the_notes_of_an_older_json_say_nothing_of_fields_it_lacks():

@@ -131,6 +131,10 @@ def memory_source(payload: dict, rows: list[dict]) -> list[str]:
         what = ("own resident high-water mark (VmHWM)" if figure == "VmHWM" else
                 "ru_maxrss, which may include the peak of the process that started it")
         out.append(f"Peak RSS ({named(labels)}): the measuring process's {what}, since {since}.")
+    if lmdb := [f"{label} {m['lmdb_resident_gib']:.2f}" for label, m in entries if m.get("lmdb_resident_gib")]:
+        out.append(f"Of it, pages of the image LMDB the reads brought in (GiB, at the window's end: "
+                   f"{', '.join(lmdb)}): the file's, which the kernel may drop, counted in the resident set; a "
+                   "cached row reads none.")
     return out
 
 
