@@ -13,8 +13,12 @@ from iisan.config import Config
 from iisan.data.image_build import build_image_lmdb
 from iisan.data.interactions import read_items
 from iisan.data.synthetic import generate
+from iisan.methods import METHOD_TABLE
 from iisan.model.backbones import group_layers, read_spec
 from iisan.model.tiny import vocabulary, write_bert, write_vit
+
+# The PEFT baselines (a method added to METHOD_TABLE joins every test that takes them all)
+BASELINES = tuple(name for name, method in METHOD_TABLE.items() if method.kind == "baseline")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
 CHECKOUT_RUNS = Path(__file__).resolve().parents[1] / "runs"  # the default --out-dir, run from the checkout

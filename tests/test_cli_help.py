@@ -23,6 +23,7 @@ from iisan.flags import add_config_arguments
 from iisan.methods import METHOD_DEFAULTS
 
 from ._scripts import load_script
+from .conftest import BASELINES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,8 +152,8 @@ def test_a_flags_default_is_the_one_the_code_uses(argv, flag, default):
     assert help_of(argv, flag).endswith(default) and default == f"(default: {flag_of(argv, flag).default})"
 
 
-@pytest.mark.parametrize("method, feed", [("iisan", "cached"), ("iisan", "live"), ("id", None), ("fft", None),
-                                          ("adapter", None), ("lora", None), ("bitfit", None)])
+@pytest.mark.parametrize("method, feed", [("iisan", "cached"), ("iisan", "live"), ("id", None),
+                                          *((m, None) for m in BASELINES)])
 def test_an_entry_scripts_help_shows_the_values_its_method_runs_with(method, feed):
     """run_fft.py --help said feed 'cached' (a baseline runs live) and its adapter rates by method ('iisan, fft,
     bitfit, id 0.0001; adapter, lora 0.0004'): each key a method sets now shows this script's own value."""

@@ -19,7 +19,7 @@ from iisan.train.step import make_train_step
 from iisan.train.trainer import train
 
 from ._batches import first_epoch
-from .conftest import cached_and_live_tables
+from .conftest import BASELINES, cached_and_live_tables
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -70,7 +70,7 @@ def test_cudagraph_step_draws_the_eager_steps_dropout_masks(tiny_config, tiny_ca
     assert run_steps(cfg.replace(drop_rate=0.0), "off")[0] != pytest.approx(eager_losses, rel=1e-4)  # masks matter
 
 
-@pytest.mark.parametrize("overrides", [{"method": m} for m in ("fft", "adapter", "lora", "bitfit")] +
+@pytest.mark.parametrize("overrides", [{"method": m} for m in BASELINES] +
                          [{"method": "iisan", "feed": f} for f in ("live", "cached")])
 def test_every_setting_trains_in_bf16(tiny_config, tiny_cache, overrides):
     cfg = tiny_config(cache_dir=tiny_cache, device="cuda", amp="bf16", **overrides)

@@ -14,6 +14,8 @@ from iisan.experiments.sweep import parse_script_args, script_parser
 from iisan.flags import config_from_args
 from iisan.methods import METHOD_DEFAULTS, METHODS
 
+from .conftest import BASELINES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"iisan": ROOT / "Code_Cached" / "scripts" / "run_IISAN.py",
            "iisan-live": ROOT / "Code_Uncached" / "scripts" / "run_IISAN.py",
@@ -96,7 +98,7 @@ def test_iisan_train_precedence(argv, expected, config_file):
     assert (cfg.batch_size, cfg.lr, cfg.lr_image, cfg.lr_text) == expected
 
 
-@pytest.mark.parametrize("name", ["fft", "adapter", "lora", "bitfit", "iisan-live"])
+@pytest.mark.parametrize("name", [*BASELINES, "iisan-live"])  # each has an entry script
 def test_iisan_train_applies_a_methods_defaults_as_its_entry_script_does(name):
     method = "iisan" if name == "iisan-live" else name
     (from_script,) = script_configs(name, [])

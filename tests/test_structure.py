@@ -154,7 +154,7 @@ def test_each_package_docstring_names_its_modules():
         text = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
         inside = [p.stem for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")]
         unnamed += [f"{package.name}/{stem}.py" for stem in sorted(inside) if f"``{stem}``" not in text]
-    assert not unnamed, unnamed
+    assert not unnamed, f"name each in its package's __init__.py docstring as ``module`` (what it holds): {unnamed}"
 
 
 def test_modules_stay_short():

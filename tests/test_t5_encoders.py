@@ -13,6 +13,8 @@ from iisan.errors import TargetError
 from iisan.model.backbones import architecture, load_text_encoder, read_spec
 from iisan.model.peft_methods import apply_adapters, moved_dropouts, resolve_targets
 
+from .conftest import BASELINES
+
 TITLES = ["red lamp with a big shade", "blue chair", "green table small and round"]
 
 
@@ -97,7 +99,7 @@ def test_a_gated_ffn_has_roles_but_no_one_ffn_input(towers):
         resolve_targets(enc.model, ["ffn_in"])
 
 
-@pytest.mark.parametrize("method", ["fft", "adapter", "lora", "bitfit"])
+@pytest.mark.parametrize("method", BASELINES)
 @pytest.mark.parametrize("tower", ["t5_32x3", "flan16x2"])
 def test_every_baseline_trains_a_t5_tower(tiny_config, towers, tower, method, caplog):
     """Each baseline trains what it declares on T5 and flan-T5: FFT every encoder weight, Adapter and

@@ -17,7 +17,7 @@ from iisan.model.backbones import (
 )
 from iisan.model.inputs import pixels_to_input, tokenize_titles
 
-from .conftest import six_groups
+from .conftest import BASELINES, six_groups
 
 TITLES = ["", "Red lamp with a big shade", "blue chair", "Green table, small and round", "x"]
 
@@ -311,7 +311,7 @@ def test_a_whole_siglip_model_gives_its_vision_tower_and_is_no_text_tower(towers
         read_spec(str(folder), "text")
 
 
-@pytest.mark.parametrize("method", ["fft", "adapter", "lora", "bitfit"])
+@pytest.mark.parametrize("method", BASELINES)
 def test_every_baseline_trains_a_siglip_tower(tiny_config, towers, method):
     """Each baseline finds its targets in SigLIP's blocks (CLIP's names) and trains what it declares: FFT
     every tower weight (its dropped head not among them), BitFit every bias, Adapter and LoRA their own."""
