@@ -49,7 +49,8 @@ def parser() -> FlagParser:
     parser.add_argument("--equal-batch", type=positive_int, default=32,
                         help="batch size of every method in 'equal' (default: 32)")
     parser.add_argument("--methods", default=",".join(TABLE_METHODS),
-                        help=f"comma list of method labels (default: all of {', '.join(TABLE_METHODS)})")
+                        help=f"comma list of method labels (default: all of {', '.join(TABLE_METHODS)}; a method "
+                             "added to iisan/methods.py is measured when named by its paper name)")
     parser.add_argument("--authors-way", default="all",
                         help="comma list of method labels also measured the authors' way (every slot encoded, "
                              "padding included, full-length titles); 'all' (default) or 'none'")

@@ -349,6 +349,27 @@ def test_the_benchmarks_step_and_label_messages_point_the_right_way():
         benchmark.selection("FFT", "none", "SASRec", "paper", warmup=10, steps=50, flop_batches=0)
 
 
+def test_a_method_outside_the_papers_table_is_measured_when_named_and_only_then(monkeypatch):
+    """A method added to METHOD_TABLE has a row by its paper name (SASRec-ID, with no item encoder, none): named
+    in --methods it is measured, listed after the table; 'all' stays the paper's table, whose TPME it is."""
+    from iisan.efficiency.bench import TABLE_METHODS
+    from iisan.methods import METHOD_TABLE, Method
+
+    assert benchmark.BENCH_METHODS == TABLE_METHODS  # today: every method with an item encoder is in the table
+    added = {**METHOD_TABLE, "ia3": Method("ia3", "IA3", "baseline", {"batch_size": 32})}
+    assert benchmark.bench_methods(added) == {**TABLE_METHODS, "IA3": {"method": "ia3"}}
+    monkeypatch.setitem(benchmark.BENCH_METHODS, "BitFit (again)", {"method": "bitfit"})  # as a new one would be
+    chosen = benchmark.selection("BitFit (again),FFT", "none", "BitFit (again)", "paper", warmup=10, steps=50,
+                                 flop_batches=0)
+    assert chosen["labels"] == ("BitFit (again)", "FFT") and chosen["full_epoch"] == ("BitFit (again)",)
+    assert benchmark.selection("all", "none", "", "paper", warmup=10, steps=50, flop_batches=0)["labels"] == \
+        tuple(TABLE_METHODS)
+    assert benchmark.table_position("BitFit (again)") == (len(TABLE_METHODS), 0)
+    assert benchmark.method_config({}, "BitFit (again)").method == "bitfit"
+    with pytest.raises(ConfigError, match=r"^--methods: unknown method label\(s\) \['SASRec-ID'\]"):
+        benchmark.selection("SASRec-ID", "none", "", "paper", warmup=10, steps=50, flop_batches=0)
+
+
 def test_gpu_check_shows_the_benchmarks_own_lines_on_the_console(tmp_path):
     """The console (what a device call brings back in its tail) keeps the benchmark's lines about the cache
     build, the evaluation, each row and what it wrote, and leaves the rest to bench.log (a stand-in python

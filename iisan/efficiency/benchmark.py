@@ -25,7 +25,7 @@ from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
 from ..files import path_component, write_json_atomic
-from ..methods import METHOD_DEFAULTS
+from ..methods import METHOD_DEFAULTS, METHOD_TABLE
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..precedence import resolve
 from ..provenance import git_commit, provenance
@@ -63,15 +63,27 @@ SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: basel
 USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``prepare``'s synthetic data
 
 
+def bench_methods(table: dict) -> dict[str, dict]:
+    """Every row --methods may name: the paper's table, then by its paper name each other method of ``table``
+    (``METHOD_TABLE``) with an item encoder, one added later: measured when named, never by default, as TPME
+    is normalised over the rows of one table."""
+    tabled = {setting["method"] for setting in TABLE_METHODS.values()}
+    return {**TABLE_METHODS, **{method.paper_name: {"method": name} for name, method in table.items()
+                                if method.kind != "id" and name not in tabled}}
+
+
+BENCH_METHODS = bench_methods(METHOD_TABLE)
+
+
 def label_list(flag: str, text: str, known, may_be_empty: bool = True) -> tuple[str, ...]:
     """A comma list of method labels ('all': every known one; where ``may_be_empty``, 'none' or empty: none).
     A ``ConfigError`` naming ``flag`` for an unknown label, or for none where one is needed; a label given
-    twice is kept once. Labels among ``TABLE_METHODS`` but not ``known`` (a subset: --methods) are said to be so."""
+    twice is kept once. Labels among ``BENCH_METHODS`` but not ``known`` (a subset: --methods) are said to be so."""
     if text.strip() == "all":
         return tuple(known)
     labels = tuple(dict.fromkeys(m.strip() for m in text.split(",")
                                  if m.strip() and not (may_be_empty and m.strip() == "none")))
-    if outside := [m for m in labels if m in TABLE_METHODS and m not in known]:
+    if outside := [m for m in labels if m in BENCH_METHODS and m not in known]:
         raise ConfigError(f"{flag}: {outside} not among --methods {list(known)}; add them there or leave them out")
     if unknown := [m for m in labels if m not in known]:
         raise ConfigError(f"{flag}: unknown method label(s) {unknown}; choose from {list(known)}")
@@ -84,7 +96,8 @@ def selection(methods: str, authors_way: str, full_epoch: str, settings: str, *,
               flop_batches: int, few_steps: bool = False) -> dict:
     """``run_benchmark``'s labels, authors_way, full_epoch and setting_names from the command line's comma
     lists, after checking the step counts: a ``ConfigError`` naming the flag at fault."""
-    labels = label_list("--methods", methods, TABLE_METHODS, may_be_empty=False)
+    labels = tuple(TABLE_METHODS) if methods.strip() == "all" else label_list("--methods", methods, BENCH_METHODS,
+                                                                               may_be_empty=False)
     chosen = {"labels": labels, "authors_way": label_list("--authors-way", authors_way, labels),
               "full_epoch": label_list("--full-epoch", full_epoch, labels)}
     if warmup < 0 or steps < 1 or flop_batches < 0:  # refused with --few-steps too: said first
@@ -133,8 +146,8 @@ def base_config(paths: dict, work: Path, data: str, backbones: str, **settings) 
 
 def method_config(base: dict, label: str, batch: int | None = None, way: str = "default") -> Config:
     """The config of one benchmark row: shared paths and settings, the method's paper defaults, its
-    setting (``TABLE_METHODS[label]``), if given a batch size, and measured the authors' way or not."""
-    return resolve({**base, **TABLE_METHODS[label], **({"batch_size": batch} if batch is not None else {}),
+    setting (``BENCH_METHODS[label]``), if given a batch size, and measured the authors' way or not."""
+    return resolve({**base, **BENCH_METHODS[label], **({"batch_size": batch} if batch is not None else {}),
                     **(AUTHORS_WAY if way == "authors" else {})})
 
 
@@ -192,8 +205,8 @@ def measuring_order(labels: tuple[str, ...], authors_way: tuple[str, ...]) -> li
 
 
 def table_position(label: str) -> tuple[int, int]:
-    """Rows are listed in ``TABLE_METHODS`` order, each label's authors'-way row under its default one."""
-    for i, known in enumerate(TABLE_METHODS):
+    """Rows are listed in ``BENCH_METHODS`` order, each label's authors'-way row under its default one."""
+    for i, known in enumerate(BENCH_METHODS):
         if label in (known, authors_label(known)):
             return i, int(label != known)
     raise ValueError(f"not a benchmark row label: {label!r}")
@@ -223,7 +236,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
     if not labels:  # (the script refuses an empty --methods; a call from Python too, before a rowless file)
-        raise ConfigError("no method to measure: name at least one of " + ", ".join(TABLE_METHODS))
+        raise ConfigError("no method to measure: name at least one of " + ", ".join(BENCH_METHODS))
     # The device the rows will name, where known without touching a GPU (the CPU), else None.
     device = "CPU" if check_device(settings).type == "cpu" else None
     if "equal" in setting_names:  # the paper's batches (32, 64) fit either data
@@ -246,7 +259,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
                    "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
                    "complete": False, **provenance(commit=commit)}
         for label, way in measuring_order(labels, authors_way):
-            cfg = method_config(base, label, batch_size(setting, TABLE_METHODS[label]["method"], equal_batch), way)
+            cfg = method_config(base, label, batch_size(setting, BENCH_METHODS[label]["method"], equal_batch), way)
             key = (label, cfg.batch_size, way)
             if key not in measured:
                 log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
