@@ -93,11 +93,12 @@ def own_peak_rss() -> int | None:
     return None
 
 
-def peak_memory(device: torch.device, reset_at: str | None = None) -> dict:
+def peak_memory(device: torch.device, reset_at: str | None = None, images: bool = True) -> dict:
     """GPU: the allocator's peaks since the last reset; CPU: the process's peak resident set and which figure
     it is (``rss_peak_source``: VmHWM on Linux, else ``ru_maxrss``, which on Linux would be the larger of
     the parent's and the child's), since ``reset_at`` (when ``reset_peak_memory`` returned True: "the
-    warm-up's end") or since the process started (``rss_peak_since``)."""
+    warm-up's end") or since the process started (``rss_peak_since``); with ``images``, how much of it is an
+    image LMDB's pages (``mapped_lmdb_bytes``: reading them takes ~20 ms beside torch's many mappings)."""
     if device.type == "cuda":
         return {"max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
@@ -106,7 +107,7 @@ def peak_memory(device: torch.device, reset_at: str | None = None) -> dict:
         peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
         peak = peak if sys.platform == "darwin" else peak * 1024
     since = reset_at if reset_at and source == "VmHWM" else "the process's start"
-    lmdb = mapped_lmdb_bytes()
+    lmdb = mapped_lmdb_bytes() if images else None
     return {"peak_rss_gib": peak / 2**30, "current_rss_gib": psutil.Process().memory_info().rss / 2**30,
             "rss_peak_source": source, "rss_peak_since": since,
             **({"lmdb_resident_gib": lmdb / 2**30} if lmdb else {})}
@@ -149,8 +150,8 @@ class MemoryPeaks:
     (``by_phase``): the paper's memory is training's, as its time per epoch is. A checkpoint carries both, so
     a resumed run reports the peaks of every attempt (``resume``)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, images: bool = True):
+        self.device, self.images = device, images  # images: whether the run reads an image LMDB (a live image tower)
         self.resettable = reset_peak_memory(device)
         self.since = "the run's start" if self.resettable else None
         self.earlier: dict = {}  # the attempts before this one's
@@ -168,7 +169,7 @@ class MemoryPeaks:
     def enter(self, phase: str) -> None:
         """A phase boundary: the peak since the last one is the run's and the phase that ran's; then ``phase``
         (one of PHASES, or '') starts the peak over, where it can be."""
-        now = peak_memory(self.device, self.since)
+        now = peak_memory(self.device, self.since, self.images)
         self.attempt = highest(self.attempt, now)
         if self.phase:
             self.phases[self.phase] = highest(self.phases.get(self.phase, {}), self._of(self.phase, now))
@@ -179,7 +180,7 @@ class MemoryPeaks:
     def run(self) -> dict:
         """Each peak of this device (``max_*``, ``peak_*``) at its highest over the run's attempts; the
         current resident set as it is now."""
-        return highest(highest(self.earlier, self.attempt), peak_memory(self.device, self.since))
+        return highest(highest(self.earlier, self.attempt), peak_memory(self.device, self.since, self.images))
 
     def by_phase(self) -> dict[str, dict]:
         """``run``'s figures of the training steps alone and of the evaluations alone (item table included).
@@ -189,7 +190,7 @@ class MemoryPeaks:
         for phase in PHASES:
             mine = self.phases.get(phase, {})
             if phase == self.phase:  # running now: an interruption, a failure
-                mine = highest(mine, self._of(phase, peak_memory(self.device, self.since)))
+                mine = highest(mine, self._of(phase, peak_memory(self.device, self.since, self.images)))
             if mine or phase in self.earlier_phases:
                 out[phase] = highest(self.earlier_phases.get(phase, {}), mine)
         return out

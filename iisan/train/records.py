@@ -68,7 +68,8 @@ class RunRecord:
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
-        self.memory = MemoryPeaks(device)  # from here on: not a cache build's, or an earlier run's in this process
+        # from here on: not a cache build's, or an earlier run's in this process; the LMDB's pages where it is read
+        self.memory = MemoryPeaks(device, cfg.method != "id" and cfg.feed == "live" and cfg.towers != "text")
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
         self.items_fingerprint = ""  # set once the data is read: trained runs refuse another items file
         self.users_fingerprint = ""  # and another users file (``same_inputs.refuse_changed_data``)

@@ -1,17 +1,15 @@
 """One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run`` from scratch or from
 its newest checkpoint to its results file.
 
-Per epoch: training steps (timed alone, device synchronised), validation over every user (and the test
-split when validation HR@10 improves), a checkpoint, then, when it improved, the best weights
-(``best.safetensors``): a kill between the two is repaired on resume. The run's folder (``runfolder``)
-also holds what people read while it runs: train.log, metrics.jsonl and results.json with its status
-(``records``). Training stops once HR@10 has not improved
-for more than ``patience`` epochs (authors: ``count > 10``). Everything an uninterrupted run carries
-from epoch to epoch is in the checkpoint (weights, optimiser, scaler, RNG streams, early stopping, best
-metrics, the epoch history), so a resumed run computes the same numbers as one that was never stopped.
-Under torchrun every rank runs the loop on its shard of users; only rank 0 writes files and logs below
-warnings.
-"""
+Per epoch: training steps (timed alone, device synchronised, their memory peak apart), validation over
+every user (and the test split when validation HR@10 improves), a checkpoint, then, when it improved, the
+best weights (``best.safetensors``): a kill between the two is repaired on resume. The run's folder
+(``runfolder``) also holds what people read while it runs: train.log, metrics.jsonl and results.json with
+its status (``records``). Training stops once HR@10 has not improved for more than ``patience`` epochs
+(authors: ``count > 10``). Everything an uninterrupted run carries from epoch to epoch is in the checkpoint
+(weights, optimiser, scaler, RNG streams, early stopping, best metrics, the epoch history), so a resumed
+run computes the same numbers as one that was never stopped. Under torchrun every rank runs the loop on
+its shard of users; only rank 0 writes files and logs below warnings."""
 
 from __future__ import annotations
 
@@ -93,10 +91,10 @@ class Run:
         step = getattr(self, "step", None)  # (set only when setup got that far)
         if getattr(step, "compiled", None) is not None:
             step.compiled = None  # a torch.compile'd step refers to itself: let the model and optimizer go now
-        # Let the DDP wrapper go before the process group is left (``distributed.teardown``): a wrapper alive
-        # then destroys the group later, in its destructor, which holds the GIL while gloo's threads wait for it.
         if getattr(self, "pixels", None) is not None:  # its reader threads end now, not when a traceback goes
             self.pixels.close()
+        # Let the DDP wrapper go before the process group is left (``distributed.teardown``): a wrapper alive
+        # then destroys the group later, in its destructor, which holds the GIL while gloo's threads wait for it.
         self.step = self.ddp = self.model = self.optimizer = None
 
     def setup(self) -> None:
@@ -267,7 +265,8 @@ class Run:
                 break
             progress.global_step += n_steps
 
-            start, _ = time.perf_counter(), self.record.memory.enter("evaluation")
+            self.record.memory.enter("evaluation")
+            start = time.perf_counter()
             table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device,
                                       self.dist)
             valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
@@ -282,7 +281,8 @@ class Run:
                 progress.best_valid = valid
                 progress.best_test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
                                                 dist=self.dist)
-            eval_seconds, _ = time.perf_counter() - start, self.record.memory.enter("")
+            eval_seconds = time.perf_counter() - start
+            self.record.memory.enter("")
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
                       "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid,
                       "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
