@@ -124,6 +124,29 @@ def test_seeds_run_on_different_devices_average_their_metrics_but_not_their_time
         [r["timing"]["train_seconds_per_epoch"] for r in results[:2]]))
 
 
+def test_seeds_trained_in_other_precisions_are_no_one_mean(runs, tmp_path):
+    """--amp auto is bf16 on a GPU and fp32 on a CPU: the table shows what each run trained in (results.json's
+    step.amp), so a bf16 seed and an fp32 one are two rows, not one mean; the same precision stays one row."""
+    out, results = runs
+
+    def in_bf16(r):
+        r.update(device="NVIDIA H100 80GB HBM3", run_dir=str(tmp_path / "g"))
+        r["step"]["amp"] = "bfloat16"
+
+    copy_run(out / "lr0.0002-s1", tmp_path / "c", lambda r: r.update(run_dir=str(tmp_path / "c")))
+    copy_run(out / "lr0.0002-s2", tmp_path / "g", in_bf16)
+    main(["results", str(tmp_path), "--average-seeds", "--csv", str(tmp_path / "m.csv")])
+    with open(tmp_path / "m.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["amp"], r["seeds"]) for r in rows) == [("bfloat16", "1"), ("fp32", "1")]
+    assert results[0]["config"]["amp"] == "auto" and results[0]["step"]["amp"] == "fp32"
+    main(["results", str(out / "lr0.0002-s1"), str(out / "lr0.0002-s2"), "--average-seeds", "--csv",
+          str(tmp_path / "m.csv")])
+    with open(tmp_path / "m.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["seeds"] == "2"
+
+
 def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
     """--nonfinite authors finishes a run at a NaN with the best epoch before it: the table keeps it (it is
     a result, as the authors counted it) and says so."""

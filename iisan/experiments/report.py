@@ -40,7 +40,8 @@ from .results_file import csv_header
 
 log = logging.getLogger(__name__)
 
-# Averaged only over seeds that ran on one device (the metrics do not depend on where a run ran)
+# Averaged only over seeds that ran on one device (the metrics are, where they ran in one precision: ``amp``
+# shows what each run trained in, so seeds of two precisions are two rows)
 ON_ONE_DEVICE = ["train_s_per_epoch", "train_s_per_epoch_std", "peak_gib"]
 
 

@@ -109,6 +109,8 @@ def read_row(path: Path, results: dict) -> dict:
     stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
     if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
         row["cache_dtype"] = ",".join(sorted(stored))
+    if isinstance(ran := (results.get("step") or {}).get("amp"), str) and ran:  # what it trained in: --amp auto
+        row["amp"] = ran  # is bf16 on a GPU and fp32 on a CPU, seeds of which no mean may mix
     # keys the run never read (a live run's cache precision; SASRec-ID's encoders and images; FFT's LoRA rank)
     row.update(dict.fromkeys(unread_keys(cfg["method"], cfg["towers"], cfg["feed"]) & set(CONFIG_KEYS), UNUSED))
     # absent from files before 2026-12, or empty as the model was never built: every rate shown
