@@ -147,6 +147,26 @@ def test_seeds_trained_in_other_precisions_are_no_one_mean(runs, tmp_path):
     assert row["seeds"] == "2"
 
 
+def test_runs_whose_best_epoch_was_their_last_are_said_to_be_still_improving(runs, tmp_path, caplog):
+    """A comparison at too few epochs ranks methods by how fast they start: every run of a 5-epoch study chose
+    its last epoch, which the averaged table hid. Counted over the finished runs; an early stop is not one."""
+    out, results = runs
+    assert [(r["best_epoch"], len(r["epochs"])) for r in results] == [(0, 2), (0, 2), (1, 2)]
+    copy_run(out / "lr0.0002-s1", tmp_path / "a", lambda r: r.update(run_dir=str(tmp_path / "a"), best_epoch=1))
+    copy_run(out / "lr0.0002-s2", tmp_path / "b", lambda r: r.update(run_dir=str(tmp_path / "b")))
+    with caplog.at_level("INFO", logger="iisan.experiments.report"):
+        main(["results", str(tmp_path), "--average-seeds"])
+        averaged = [r.getMessage() for r in caplog.records if "chose their last epoch" in r.getMessage()]
+        caplog.clear()
+        main(["results", str(out)])
+        each = [r.getMessage() for r in caplog.records if "chose their last epoch" in r.getMessage()]
+    assert averaged == ["1 of 2 finished run(s) chose their last epoch as the best: still improving when their "
+                        "epochs ran out, so more epochs may change these numbers and their order (the table without "
+                        "--average-seeds shows each run's best_epoch and epochs_run)"]
+    assert each == ["1 of 3 finished run(s) chose their last epoch as the best: still improving when their epochs ran "
+                    "out, so more epochs may change these numbers and their order"]
+
+
 def test_a_run_ended_at_a_nan_is_shown_as_such(runs, tmp_path, capsys, caplog):
     """--nonfinite authors finishes a run at a NaN with the best epoch before it: the table keeps it (it is
     a result, as the authors counted it) and says so."""

@@ -97,6 +97,11 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     always = ("method", "feed", "data")  # columns of every table already
     shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in always]
     status = ["status"] if (frame["status"] != "finished").any() else []
+    finished = frame[frame["status"] == "finished"]
+    if improving := int((finished["best_epoch"] == finished["epochs_run"] - 1).sum()):  # --epochs ran out first
+        log.info("%d of %d finished run(s) chose their last epoch as the best: still improving when their epochs "
+                 "ran out, so more epochs may change these numbers and their order%s", improving, len(finished),
+                 " (the table without --average-seeds shows each run's best_epoch and epochs_run)" * average_seeds)
     if not average_seeds:
         shown = [k for k in shown if k != "device"]  # where each run ran: a column of every such table
         runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
