@@ -66,12 +66,14 @@ def cpu_model() -> str:
     return ""
 
 
-def release_free_memory(device: torch.device) -> None:
+def release_free_memory(device: torch.device, collect: bool = True) -> None:
     """Give back what earlier work in this process freed but kept (a sweep's earlier points, the demo's cache
-    build), so that a run's peaks start from what is still in use: cycles collected, the CUDA allocator's
-    cached blocks released (else max_reserved counts them), glibc's free heap pages returned (Linux; the
-    resident set, so the CPU peak, counts them: a sweep's third point peaked 0.26 GiB above its first)."""
-    gc.collect()
+    build, an epoch's evaluation), so that a peak starts from what is still in use: cycles collected (where
+    ``collect``), the CUDA allocator's cached blocks released (else max_reserved counts them), glibc's free heap
+    pages returned (Linux; the resident set, so the CPU peak, counts them: a sweep's third point peaked 0.26 GiB
+    above its first)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif sys.platform.startswith("linux"):
@@ -191,6 +193,8 @@ class MemoryPeaks:
         if self.phase:
             self.phases[self.phase] = highest(self.phases.get(self.phase, {}), self._of(self.phase, now))
         self.phase = phase
+        if phase == "training":  # not from what the last evaluation freed but kept (its scores, its item table)
+            release_free_memory(self.device, collect=False)
         if self.resettable:
             reset_peak_memory(self.device)
 

@@ -52,16 +52,18 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     if said.get("modality") not in (None, cfg.modality) and "modality" not in unread_keys(cfg.method, cfg.towers,
                                                                                           cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
+    defaults = Config().to_dict()
+    given = {k for k in said if said[k] is not None and getattr(cfg, k, None) != defaults.get(k)}  # (flags win)
     if "san_heads" not in unread_keys(cfg.method, cfg.towers, cfg.feed):  # a side network's switches that another
-        # of its settings turns off (hashed and recorded as ever: only said)
-        if said.get("gate_temperature") is not None and cfg.fusion == "add":
+        # of its settings turns off (hashed and recorded as ever: only said; a value at its default is not)
+        if "gate_temperature" in given and cfg.fusion == "add":
             _once(f"gate_temperature={cfg.gate_temperature}: fusion=add has no gates, so it changes nothing")
-        if said.get("intra_start") not in (None, "embedding") and cfg.include_embedding_state:
+        if "intra_start" in given and cfg.include_embedding_state:
             _once(f"intra_start={cfg.intra_start}: only a run with --no-include-embedding-state reads it, so it "
                   "changes nothing")
-    if said.get("title_tokens") is not None and cfg.towers == "image" and cfg.method != "id":  # (id: not read)
+    if "title_tokens" in given and cfg.towers == "image" and cfg.method != "id":  # (id: not read at all)
         _once(f"title_tokens={cfg.title_tokens}: towers=image reads no titles, so it changes nothing")
-    if unread := newly_unread(said, Config().to_dict(), cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
+    if unread := newly_unread(said, defaults, cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg

@@ -53,3 +53,30 @@ def test_a_refused_run_is_freed_without_the_cycle_collector(tiny_config, tiny_ca
     finally:
         gc.enable()
     assert left == before
+
+
+class ReaderFailed(RuntimeError):
+    """(a class of its own: a weak reference can follow it)"""
+
+
+def test_an_error_raised_in_the_prefetch_thread_is_freed_without_the_cycle_collector():
+    """The consumer re-raises the reader thread's error; its frame no longer holds the error whose traceback
+    holds that frame, so the error (and the batches and pixels its frames reach) goes with the caller's."""
+    import weakref
+
+    from iisan.data.batches import Prefetch
+
+    def batches():
+        yield 1
+        raise ReaderFailed("image read failed")
+
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ReaderFailed) as caught:
+            list(Prefetch(batches()))
+        error = weakref.ref(caught.value)
+        del caught
+        assert error() is None
+    finally:
+        gc.enable()

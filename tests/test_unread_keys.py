@@ -185,6 +185,8 @@ def test_a_setting_another_setting_turns_off_is_named_once(caplog):
         resolve(flags={"method": "fft", "fusion": "add", "gate_temperature": 1.0})  # named as not read instead
         resolve(flags={"method": "fft", "towers": "image", "title_tokens": 12})  # an image tower reads no title
         resolve(flags={"method": "fft", "towers": "text", "title_tokens": 12})
+        # a run's own config.json given as --config names every key, each at its value: a default is not said
+        resolve(file_values={**Config().to_dict(), "fusion": "add", "towers": "image", "modality": "intra"})
     said = [r.getMessage() for r in caplog.records]
     assert said.count("gate_temperature=1.0: fusion=add has no gates, so it changes nothing") == 1
     assert said.count("intra_start=zeros: only a run with --no-include-embedding-state reads it, so it changes "

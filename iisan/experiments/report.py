@@ -97,11 +97,6 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     always = ("method", "feed", "data")  # columns of every table already
     shown = [k for k in dict.fromkeys([*keys, *differing_keys(frame, ignored)]) if k not in always]
     status = ["status"] if (frame["status"] != "finished").any() else []
-    finished = frame[frame["status"] == "finished"]
-    if improving := int((finished["best_epoch"] == finished["epochs_run"] - 1).sum()):  # --epochs ran out first
-        log.info("%d of %d finished run(s) chose their last epoch as the best: still improving when their epochs "
-                 "ran out, so more epochs may change these numbers and their order%s", improving, len(finished),
-                 " (the table without --average-seeds shows each run's best_epoch and epochs_run)" * average_seeds)
     if not average_seeds:
         shown = [k for k in shown if k != "device"]  # where each run ran: a column of every such table
         runs = frame[["run", "method", "feed", "data", *status, *shown, "best_epoch", "epochs_run", *NUMBERS,
@@ -109,12 +104,14 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
         # The seeds of one configuration side by side: the seed orders after every other key.
         runs = in_order(runs, [*always, *sorted(shown, key=lambda k: k == "seed"), "run"])
         runs.attrs["runs"] = runs["run"].tolist()
+        say_still_improving(frame, averaged=False)
         return runs
     if "seed" in keys:
         log.warning("--keys seed: --average-seeds averages over the seeds, so no row has one (the seeds column "
                     "counts them)")
     group = ["method", "feed", "data", *status, *(k for k in shown if k != "seed")]
     counted = one_per_seed(frame, group)
+    say_still_improving(counted, averaged=True)
     grouped = counted.groupby(group, sort=False, dropna=False)
     numbers = grouped[list(NUMBERS)]
     out = grouped.size().rename("seeds").to_frame()
@@ -135,6 +132,15 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     out = in_order(out.reset_index(), [c for c in group if c != "status"])
     out.attrs["runs"] = counted["run"].tolist()
     return out
+
+
+def say_still_improving(frame: pd.DataFrame, averaged: bool) -> None:
+    """Count the finished runs of ``frame`` (those a table counts) that chose their last epoch as the best."""
+    finished = frame[frame["status"] == "finished"]
+    if improving := int((finished["best_epoch"] == finished["epochs_run"] - 1).sum()):  # --epochs ran out first
+        log.info("%d of %d finished run(s) chose their last epoch as the best: still improving when their epochs "
+                 "ran out, so more epochs may change these numbers and their order%s", improving, len(finished),
+                 " (the table without --average-seeds shows each run's best_epoch and epochs_run)" * averaged)
 
 
 def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:

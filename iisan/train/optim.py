@@ -9,6 +9,7 @@ import logging
 import torch
 
 from ..config import Config
+from ..distributed import main_process
 from ..methods import METHOD_DEFAULTS, unread_keys
 from ..model.item_encoder import LrGroup
 from ..model.recommender import Recommender
@@ -65,7 +66,8 @@ def say_idle_rates(cfg: Config, used: set[str]) -> None:
     if new := [k for k in idle if (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) not in _NAMED]:
         _NAMED.update((k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in new)
         run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
-        log.warning("%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
+        log.log(logging.WARNING if main_process() else logging.INFO,  # (under torchrun: said once, by rank 0)
+                "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
                     ", ".join(f"{k}={getattr(cfg, k)}" for k in new), "it" if len(new) == 1 else "them", run,
                     ", ".join(sorted(used)), "it changes" if len(new) == 1 else "they change")
 

@@ -38,14 +38,15 @@ def compiled_otherwise(cfg: Config, results: dict) -> str:
     than ``cfg`` comes to, what that means (``runfolder.reusable_results``): another mode is the same step
     with other random streams (inductor's dropout masks are not eager's) and, under --dedup-items auto,
     another item encoding (a compiled step encodes every slot)."""
-    ran = str((results.get("step") or {}).get("compiled") or "").split(" ")[0]  # "off (cudagraph capture failed)"
+    said = str((results.get("step") or {}).get("compiled") or "")  # its last attempt's: "off (cudagraph capture
+    ran = said.split(" ")[0]  # failed)" when a capture failed, which another run may meet again
     try:
         asked = use_compile(cfg, resolve_device(cfg.device))
     except UserError:  # refused as the run would be: not this note's to say
         return ""
     if not ran or ran == asked:
         return ""
-    return (f"; it ran with compile {ran}, and this config's comes to {asked}: its numbers are {ran}'s (random "
+    return (f"; it ran with compile {said}, and this config's comes to {asked}: its numbers are {ran}'s (random "
             f"streams, item encoding); another --run-name trains it with {asked}")
 
 

@@ -27,7 +27,7 @@ from ..bounds import MAX_NAME_BYTES
 from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import metrics_text
-from ..distributed import launched_processes
+from ..distributed import launched_processes, main_process
 from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
 from ..locks import OutputLock, is_lock_file
@@ -134,8 +134,8 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
                              not unfinished_weights(folder, cfg, done)):
         done = {**done, "run_dir": str(folder)}
         otherwise = compiled_otherwise(cfg, done)
-        log.log(logging.WARNING if otherwise else logging.INFO, "%s finished before with this config; not training "
-                "it again%s", folder, otherwise)
+        log.log(logging.WARNING if otherwise and main_process() else logging.INFO, "%s finished before with this "
+                "config; not training it again%s", folder, otherwise)  # (said once under torchrun: by rank 0)
         log_summary(done, folder / RESULTS)
         return done
     return None
