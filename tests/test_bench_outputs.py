@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from iisan.devices import peak_memory, reset_peak_memory
 from iisan.efficiency import benchmark, diagnose
 from iisan.efficiency.figures import figure_title, table
 from iisan.efficiency.isolate import in_fresh_process
 from iisan.errors import ConfigError
+from iisan.memory import peak_memory, reset_peak_memory
 
 from ._scripts import load_script
 
@@ -94,7 +94,7 @@ def test_a_run_starts_its_peak_from_what_is_in_use_not_what_earlier_work_freed()
     the resident set falls back to what is in use."""
     import psutil
 
-    from iisan.devices import release_free_memory
+    from iisan.memory import release_free_memory
 
     def resident() -> float:
         return psutil.Process().memory_info().rss / 2**30

@@ -4,7 +4,7 @@ the padding static shapes add (rows and FLOPs); peak memory; parameters; TPME; t
 full-ranking evaluation of every user.
 
 Each measurement runs in a fresh (spawned) process, so peak memory (GPU allocator peaks or, on CPU,
-the process's own resident high-water mark: ``devices.peak_memory``), reset after warm-up, belongs to that
+the process's own resident high-water mark: ``memory.peak_memory``), reset after warm-up, belongs to that
 method alone and no compiled state leaks across.
 """
 
@@ -26,10 +26,11 @@ from ..data.epochs import epoch_order
 from ..data.interactions import SeqRecData
 from ..data.run_data import load_data
 from ..data.shapes import ROW_MULTIPLE, ShapeBuckets
-from ..devices import device_name, peak_memory, reset_peak_memory, resolve_device, sync
+from ..devices import device_name, resolve_device, sync
 from ..errors import ConfigError
 from ..evaluate import eval_chunk, evaluate_model
 from ..files import atomic_path
+from ..memory import peak_memory, reset_peak_memory
 from ..methods import METHOD_NAMES
 from ..model.build import build_model, count_parameters
 from ..model.caching import build_cache_from_config

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ..devices import peak_memory, sync
+from ..devices import sync
 from ..errors import error_line
+from ..memory import peak_memory
 
 MIN_WARMUP, MIN_STEPS = 10, 50  # the benchmark's timing; fewer only for a quick check (--few-steps)
 

@@ -28,9 +28,10 @@ import torch
 from ..claims import refuse_link
 from ..config import Config
 from ..console import LOG_DATEFMT, LOG_FORMAT, metrics_text
-from ..devices import MemoryPeaks, device_name
+from ..devices import device_name
 from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
+from ..memory import MemoryPeaks
 from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
 from ..provenance import command_line, git_commit, versions

@@ -257,7 +257,7 @@ class Run:
             self.on_main(self.record.write, self.record.results(progress, "running"))
             if stopper.should_stop:  # a resumed run that had already stopped early
                 break
-            self.record.memory.enter("training")  # memory peaks by phase (``devices.PHASES``)
+            self.record.memory.enter("training")  # memory peaks by phase (``memory.PHASES``)
             losses, train_seconds, n_steps = self.train_epoch(epoch)
             self.record.step = describe_step(self.step, self.model, self.plan)
             progress.stopped = self.check_finite(losses, epoch, n_steps)
