@@ -439,9 +439,9 @@ def test_the_peak_memory_is_read_when_the_process_name_is_cut_inside_a_character
     The stand-in decodes as ``open`` would with the arguments given."""
     import io
 
-    from iisan import devices
+    from iisan import memory
 
     status = b"Name:\tbench_\xc3\nVmHWM:\t    2048 kB\n"
-    monkeypatch.setattr(devices, "open", lambda path, *args, encoding=None, errors=None: io.TextIOWrapper(
+    monkeypatch.setattr(memory, "open", lambda path, *args, encoding=None, errors=None: io.TextIOWrapper(
         io.BytesIO(status), encoding=encoding or "utf-8", errors=errors or "strict"), raising=False)
-    assert devices.own_peak_rss() == 2048 * 1024
+    assert memory.own_peak_rss() == 2048 * 1024

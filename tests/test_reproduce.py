@@ -45,7 +45,7 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path, ca
     assert cells[3] == f"{fixed(ndcgs.mean())} ± {fixed(ndcgs.std(ddof=1))}"
     paper = next(line for line in lines if line.startswith("| paper (IISAN) |"))
     assert f"| {PAPER_EFFICIENCY['train_s_per_epoch']:.0f} |" in paper and "3 GB" in paper
-    peaks = [r["peak_memory"]["peak_rss_gib"] for r in results]
+    peaks = [r["peak_memory_by_phase"]["training"]["peak_rss_gib"] for r in results]  # the training steps' peak
     assert cells[-1] == f"{max(peaks):.2f} GiB" and "peak memory (of the seed that used most)" in lines[4]
     assert "the process's peak resident memory on a CPU" in path.read_text()
     assert cells[-2] != "0.0"  # (a tenth of a second was written 0.0: small times keep two digits)
