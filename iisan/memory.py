@@ -111,10 +111,10 @@ def highest(earlier: dict, now: dict) -> dict:
 
 
 class MemoryPeaks:
-    """A run's memory peaks from its start (``run``), not those of what ran before in its process (a cache
-    build, a sweep's earlier point), and those of its training steps and of its evaluations alone
-    (``by_phase``): the paper's memory is training's, as its time per epoch is. A checkpoint carries both, so
-    a resumed run reports the peaks of every attempt (``resume``)."""
+    """A run's memory peaks from its start, not those of what ran before in its process (a cache build, a
+    sweep's earlier point), and those of its training steps and of its evaluations alone (``report``): the
+    paper's memory is training's, as its time per epoch is. A checkpoint carries both, so a resumed run reports
+    the peaks of every attempt (``resume``)."""
 
     def __init__(self, device: torch.device, images: bool = True):
         self.device, self.images = device, images  # images: whether the run reads an image LMDB (a live image tower)
@@ -146,23 +146,21 @@ class MemoryPeaks:
         if self.resettable:
             reset_peak_memory(self.device)
 
-    def run(self) -> dict:
-        """Each peak of this device (``max_*``, ``peak_*``) at its highest over the run's attempts; the
-        current resident set as it is now."""
-        return highest(highest(self.earlier, self.attempt), peak_memory(self.device, self.since, self.images))
-
-    def by_phase(self) -> dict[str, dict]:
-        """``run``'s figures of the training steps alone and of the evaluations alone (item table included).
-        Where the peak cannot be started over (on a CPU, not Linux) each is the process's whole life's, as its
-        ``rss_peak_since`` says."""
-        out = {}
+    def report(self) -> dict:
+        """results.json's and a checkpoint's ``peak_memory``: each peak of this device (``max_*``, ``peak_*``) at
+        its highest over the run's attempts, the current resident set as it is now; and ``peak_memory_by_phase``:
+        those figures of the training steps alone and of the evaluations alone (item table included), where the
+        peak cannot be started over (on a CPU, not Linux) the process's whole life's, as ``rss_peak_since`` says.
+        One reading of the device for both."""
+        now = peak_memory(self.device, self.since, self.images)
+        by_phase = {}
         for phase in PHASES:
             mine = self.phases.get(phase, {})
             if phase == self.phase:  # running now: an interruption, a failure
-                mine = highest(mine, self._of(phase, peak_memory(self.device, self.since, self.images)))
+                mine = highest(mine, self._of(phase, now))
             if mine or phase in self.earlier_phases:
-                out[phase] = highest(self.earlier_phases.get(phase, {}), mine)
-        return out
+                by_phase[phase] = highest(self.earlier_phases.get(phase, {}), mine)
+        return {"peak_memory": highest(highest(self.earlier, self.attempt), now), "peak_memory_by_phase": by_phase}
 
     def _of(self, phase: str, reading: dict) -> dict:
         """``reading``, its CPU peak said to start where ``phase`` did, where the peak was started over."""

@@ -53,7 +53,7 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                                                                                           cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     defaults = Config().to_dict()
-    given = {k for k in said if said[k] is not None and getattr(cfg, k, None) != defaults.get(k)}  # (flags win)
+    given = {k for k in said if said[k] is not None and getattr(cfg, k) != defaults[k]}  # (what was said wins)
     if "san_heads" not in unread_keys(cfg.method, cfg.towers, cfg.feed):  # a side network's switches that another
         # of its settings turns off (hashed and recorded as ever: only said; a value at its default is not)
         if "gate_temperature" in given and cfg.fusion == "add":

@@ -26,7 +26,9 @@ def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
     # so that the update can live in a CUDA graph.
     cuda = device.type == "cuda"
     fused = {"fused": True} if cfg.fused_adam else {"fused": False, "foreach": False}
-    return torch.optim.Adam(optimizer_groups(model, cfg), **fused, capturable=cuda and capturable)
+    groups = optimizer_groups(model, cfg)
+    say_idle_rates(cfg, {LR_OF_GROUP[LrGroup(g["name"])] for g in groups})
+    return torch.optim.Adam(groups, **fused, capturable=cuda and capturable)
 
 
 LR_OF_GROUP = {
@@ -51,7 +53,6 @@ def optimizer_groups(model: Recommender, cfg: Config) -> list[dict]:
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if stray:
         raise RuntimeError(f"trainable parameters in no learning-rate group: {', '.join(stray[:5])}")
-    say_idle_rates(cfg, {LR_OF_GROUP[LrGroup(g["name"])] for g in groups})
     return groups
 
 
@@ -63,13 +64,14 @@ def say_idle_rates(cfg: Config, used: set[str]) -> None:
     said_before = unread_keys(cfg.method, cfg.towers, cfg.feed)
     idle = [k for k in LR_OF_GROUP.values() if k not in used and k not in said_before
             and getattr(cfg, k) != METHOD_DEFAULTS[cfg.method].get(k, fields[k])]
-    if new := [k for k in idle if (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) not in _NAMED]:
-        _NAMED.update((k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in new)
+    named = {k: (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in idle}
+    if new := [k for k in idle if named[k] not in _NAMED]:
+        _NAMED.update(named[k] for k in new)
         run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
         log.log(logging.WARNING if main_process() else logging.INFO,  # (under torchrun: said once, by rank 0)
                 "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
-                    ", ".join(f"{k}={getattr(cfg, k)}" for k in new), "it" if len(new) == 1 else "them", run,
-                    ", ".join(sorted(used)), "it changes" if len(new) == 1 else "they change")
+                ", ".join(f"{k}={getattr(cfg, k)}" for k in new), "it" if len(new) == 1 else "them", run,
+                ", ".join(sorted(used)), "it changes" if len(new) == 1 else "they change")
 
 
 def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:

@@ -209,8 +209,7 @@ class RunRecord:
             "timing": progress.timing(),
             "step": self.step,
             "parameters": asdict(self.parameters),
-            "peak_memory": self.memory.run(),
-            "peak_memory_by_phase": self.memory.by_phase(),  # training's is the paper's measure
+            **self.memory.report(),  # peak_memory, and by phase: training's is the paper's measure
             "device": device_name(self.device),
             "world_size": self.world_size,
             "world_sizes": self.world_sizes,  # of every attempt: a run resumed under another count differs
