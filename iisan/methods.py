@@ -97,8 +97,9 @@ _NAMED: set[tuple] = set()  # (key, value, method, towers, feed) already named b
 
 
 def newly_unread(said: dict, defaults: dict, method: str, towers: str, feed: str) -> list[str]:
-    """The keys of ``said`` (what a user gave) that such a run never reads, given other than their default and
-    not named before in this process (a sweep resolves each point's config: one warning, not one a point)."""
+    """The keys of ``said`` (what a user gave, each with the value the config took from it: a flag's '4' is 4)
+    that such a run never reads, given other than their default and not named before in this process (a sweep
+    resolves each point's config: one warning, not one a point)."""
     unread = unread_keys(method, towers, feed)
     keys = [k for k, v in said.items() if k in unread and v != defaults.get(k)
             and (k, repr(v), method, towers, feed) not in _NAMED]

@@ -63,7 +63,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                   "changes nothing")
     if "title_tokens" in given and cfg.towers == "image" and cfg.method != "id":  # (id: not read at all)
         _once(f"title_tokens={cfg.title_tokens}: towers=image reads no titles, so it changes nothing")
-    if unread := newly_unread(said, defaults, cfg.method, cfg.towers, cfg.feed):  # FFT's --lora-rank
+    # (compared as the config holds them: a flag's value is the string typed, '8', not the default 8)
+    if unread := newly_unread({k: getattr(cfg, k) for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg

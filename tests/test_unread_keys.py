@@ -132,6 +132,28 @@ def test_an_unread_key_given_is_named_in_train_log_too(tiny, tiny_cache, tmp_pat
            "lora_rank=4\n" in head
 
 
+def test_unread_flags_as_typed_are_named_in_train_log_and_not_at_their_default(caplog, tiny, tiny_cache, tmp_path):
+    """argparse gives a flag's value as typed, the string '4': compared with the default 8 it always differed
+    (``--lora-rank 8`` was warned of), and train.log's header, which compares the config's 4, named nothing."""
+    from pathlib import Path
+
+    from iisan.cli.main import build_parser
+    from iisan.flags import config_from_args
+
+    paths = [a for k in ("users", "items", "images", "text_model", "image_model")
+             for a in ("--" + k.replace("_", "-"), tiny[k])]
+    run = [*paths, "--cache-dir", tiny_cache, "--out-dir", str(tmp_path), "--device", "cpu", "--num-workers", "0",
+           "--no-progress", "--batch-size", "16", "--epochs", "1", "--max-steps-per-epoch", "2",
+           "--eval-batch-size", "64", "--encode-batch-size", "32", "--feed", "cached"]
+    with caplog.at_level(logging.WARNING, logger="iisan.precedence"):
+        config_from_args(build_parser().parse_args(["train", *run, "--lora-rank", "8", "--lora-alpha", "1.0"]))
+    assert "not read" not in caplog.text
+    cfg = config_from_args(build_parser().parse_args(["train", *run, "--lora-rank", "6", "--run-name", "typed"]))
+    head = (Path(train(cfg)["run_dir"]) / "train.log").read_text().split("\n===")[0]
+    assert "not read by this run (method=iisan, towers=both, feed=cached), given other than their defaults: " \
+           "lora_rank=6\n" in head
+
+
 def test_the_baselines_do_not_read_the_encoder_precision(caplog, tiny, tmp_path):
     """Their backbones load in fp32, trained or frozen: --encoder-dtype bfloat16 on LoRA did nothing, yet
     named another run folder and a column of its own in result tables. Uncached IISAN reads it."""
