@@ -53,21 +53,36 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                                                                                           cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     defaults = Config().to_dict()
-    given = {k for k in said if said[k] is not None and getattr(cfg, k) != defaults[k]}  # (what was said wins)
-    if "san_heads" not in unread_keys(cfg.method, cfg.towers, cfg.feed):  # a side network's switches that another
-        # of its settings turns off (hashed and recorded as ever: only said; a value at its default is not)
-        if "gate_temperature" in given and cfg.fusion == "add":
-            _once(f"gate_temperature={cfg.gate_temperature}: fusion=add has no gates, so it changes nothing")
-        if "intra_start" in given and cfg.include_embedding_state:
-            _once(f"intra_start={cfg.intra_start}: only a run with --no-include-embedding-state reads it, so it "
-                  "changes nothing")
-    if "title_tokens" in given and cfg.towers == "image" and cfg.method != "id":  # (id: not read at all)
-        _once(f"title_tokens={cfg.title_tokens}: towers=image reads no titles, so it changes nothing")
+    for warning in switched_off(cfg, {k for k in said if said[k] is not None and getattr(cfg, k) != defaults[k]}):
+        _once(warning)
     # (compared as the config holds them: a flag's value is the string typed, '8', not the default 8)
     if unread := newly_unread({k: getattr(cfg, k) for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg
+
+
+def switched_off(cfg: Config, given: set[str]) -> list[str]:
+    """A warning for each key of ``given`` that another setting of ``cfg`` turns off: a side network's switch
+    (``--gate-temperature`` with ``--fusion add``) or the title length of an image tower alone. Hashed and
+    recorded as ever: only said."""
+    off = []
+    if "san_heads" not in unread_keys(cfg.method, cfg.towers, cfg.feed):  # (a run with a side network)
+        if "gate_temperature" in given and cfg.fusion == "add":
+            off.append(f"gate_temperature={cfg.gate_temperature}: fusion=add has no gates, so it changes nothing")
+        if "intra_start" in given and cfg.include_embedding_state:
+            off.append(f"intra_start={cfg.intra_start}: only a run with --no-include-embedding-state reads it, "
+                       "so it changes nothing")
+    if "title_tokens" in given and cfg.towers == "image" and cfg.method != "id":  # (id: not read at all)
+        off.append(f"title_tokens={cfg.title_tokens}: towers=image reads no titles, so it changes nothing")
+    return off
+
+
+def said_switched_off(cfg: Config) -> list[str]:
+    """The warnings of ``switched_off`` that ``resolve`` gave in this process for ``cfg``'s values: what its
+    console said before the run folder, and its train.log, were opened."""
+    defaults = Config().to_dict()
+    return [w for w in switched_off(cfg, {k for k, v in cfg.to_dict().items() if v != defaults[k]}) if w in _SAID]
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -154,6 +154,22 @@ def test_unread_flags_as_typed_are_named_in_train_log_and_not_at_their_default(c
            "lora_rank=6\n" in head
 
 
+def test_a_setting_turned_off_is_named_in_every_such_runs_train_log(tiny, tiny_cache, tmp_path):
+    """The console says it once, when the config is resolved, before a run folder exists: each run of a sweep
+    with that value says it in its train.log's header too; a run where it is in use does not."""
+    from pathlib import Path
+
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    base = {**values, "cache_dir": tiny_cache, "out_dir": str(tmp_path), "device": "cpu", "num_workers": 0,
+            "progress": False, "batch_size": 16, "epochs": 1, "max_steps_per_epoch": 1, "eval_batch_size": 64}
+    heads = []
+    for name, fusion in (("a", "add"), ("b", "add"), ("c", "gated")):
+        cfg = resolve({**base, "run_name": name}, flags={"fusion": fusion, "gate_temperature": 0.5})
+        heads.append((Path(train(cfg)["run_dir"]) / "train.log").read_text().split("\n===")[0])
+    line = "said when the config was read: gate_temperature=0.5: fusion=add has no gates, so it changes nothing\n"
+    assert [line in head for head in heads] == [True, True, False]
+
+
 def test_the_baselines_do_not_read_the_encoder_precision(caplog, tiny, tmp_path):
     """Their backbones load in fp32, trained or frozen: --encoder-dtype bfloat16 on LoRA did nothing, yet
     named another run folder and a column of its own in result tables. Uncached IISAN reads it."""

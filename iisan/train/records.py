@@ -34,6 +34,7 @@ from ..files import atomic_path, failure_reason, write_failure, write_json_atomi
 from ..memory import MemoryPeaks
 from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
+from ..precedence import said_switched_off
 from ..provenance import command_line, git_commit, versions
 from .progress import Progress
 from .runfolder import RESULTS
@@ -131,6 +132,7 @@ class RunRecord:
             "config: " + json.dumps(self.cfg.to_dict(), indent=1),
             *([f"not read by this run (method={self.cfg.method}, towers={self.cfg.towers}, feed={self.cfg.feed}), "
                f"given other than their defaults: {', '.join(unread)}"] if (unread := self.unread_given()) else []),
+            *(f"said when the config was read: {warning}" for warning in said_switched_off(self.cfg)),
             "",
         ])
 
