@@ -267,3 +267,8 @@ def test_a_learning_rate_no_parameter_trains_at_is_named(tiny, tiny_cache, tmp_p
     assert line.startswith(", ".join(f"{k}=0.5" for k in idle) + ": no parameter of this run trains at ")
     assert f"(method={method}, towers={towers}" in line and line.endswith("so it changes nothing" if len(idle) == 1
                                                                            else "so they change nothing")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan.train.optim"):  # a sweep's next run: said for its train.log
+        make_optimizer(model, cfg, torch.device("cpu"))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "iisan.train.optim"] == \
+        [(logging.INFO, line)]

@@ -64,14 +64,17 @@ def say_idle_rates(cfg: Config, used: set[str]) -> None:
     said_before = unread_keys(cfg.method, cfg.towers, cfg.feed)
     idle = [k for k in LR_OF_GROUP.values() if k not in used and k not in said_before
             and getattr(cfg, k) != METHOD_DEFAULTS[cfg.method].get(k, fields[k])]
-    named = {k: (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in idle}
-    if new := [k for k in idle if named[k] not in _NAMED]:
-        _NAMED.update(named[k] for k in new)
-        run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
-        log.log(logging.WARNING if main_process() else logging.INFO,  # (under torchrun: said once, by rank 0)
-                "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
-                ", ".join(f"{k}={getattr(cfg, k)}" for k in new), "it" if len(new) == 1 else "them", run,
-                ", ".join(sorted(used)), "it changes" if len(new) == 1 else "they change")
+    if not idle:
+        return
+    named = {(k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in idle}
+    # A warning the first time in this process; a sweep's later runs say it at INFO, for their train.log
+    # (under torchrun: a warning from rank 0 only)
+    level = logging.WARNING if main_process() and not named <= _NAMED else logging.INFO
+    _NAMED.update(named)
+    run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
+    log.log(level, "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
+            ", ".join(f"{k}={getattr(cfg, k)}" for k in idle), "it" if len(idle) == 1 else "them", run,
+            ", ".join(sorted(used)), "it changes" if len(idle) == 1 else "they change")
 
 
 def trained_by_rate(optimizer: torch.optim.Optimizer) -> dict[str, int]:
