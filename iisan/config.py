@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .bounds import check_bounds, coerce, not_utf8, said
 from .errors import ConfigError, ValuesTogether
-from .methods import METHODS
+from .methods import METHODS, side_network
 from .metric_names import SELECTED_BY, label
 
 
@@ -265,7 +265,7 @@ class Config:
         if self.embedding_dim % self.attention_heads:
             raise ValuesTogether(f"embedding_dim={self.embedding_dim} is not divisible by "
                                  f"attention_heads={self.attention_heads}")
-        if self.towers != "both" and self.method == "iisan" and self.modality == "inter":
+        if self.towers != "both" and side_network(self.method) and self.modality == "inter":
             raise ValuesTogether(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
 
     def _normalise(self) -> None:
@@ -275,7 +275,7 @@ class Config:
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift
             self.epochs = min(self.epochs, SMOKE_EPOCHS)
             self.max_steps_per_epoch = min(self.max_steps_per_epoch or SMOKE_STEPS, SMOKE_STEPS)
-        if self.method != "iisan" and self.feed == "cached":  # baselines train through the backbones: no cache
+        if not side_network(self.method) and self.feed == "cached":  # baselines train through the backbones
             self.feed = "live"
 
     # ----------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ class Config:
     @property
     def cached(self) -> bool:
         """IISAN reading its backbones' hidden states from the cache (no other method can: ``validate``)."""
-        return self.method == "iisan" and self.feed == "cached"
+        return side_network(self.method) and self.feed == "cached"
 
     @property
     def order_seed(self) -> int | None:

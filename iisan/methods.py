@@ -68,6 +68,12 @@ METHOD_NAMES = {name: m.paper_name for name, m in METHOD_TABLE.items()}
 METHOD_DEFAULTS = {name: m.defaults for name, m in METHOD_TABLE.items()}
 
 
+def side_network(method: str) -> bool:
+    """Whether ``method``'s item encoder is a side network over frozen towers (kind san, as IISAN's): the kind
+    a cache of hidden states can feed, with modalities and gates, that uses every trainable parameter each step."""
+    return method in METHOD_TABLE and METHOD_TABLE[method].kind == "san"
+
+
 def kept_over(method, script: dict, given: dict) -> str:
     """'' or the settings of an entry script for another method (``script``: its defaults and SWEEP lists) that
     stay over ``method``'s paper defaults, where they differ and ``given`` (the user's keys) leaves them be."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from .bounds import beyond_float
 from .config import Config
 from .errors import ConfigError, ValuesTogether, error_line, parse_json
-from .methods import METHOD_DEFAULTS, newly_unread, unread_keys
+from .methods import METHOD_DEFAULTS, newly_unread, side_network, unread_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
                           "leave --feed out")
     if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
         log.info("feed=%s is ignored: method=id has no item encoder", said["feed"])
-    if said.get("text_encoder_dropout") and ((cfg.method, cfg.feed) != ("iisan", "live") or cfg.towers == "image"):
+    live_text_side = side_network(cfg.method) and cfg.feed == "live" and cfg.towers != "image"
+    if said.get("text_encoder_dropout") and not live_text_side:
         raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
                           f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
                           f"towers={cfg.towers}); leave --text-encoder-dropout out")

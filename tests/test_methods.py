@@ -132,6 +132,23 @@ def test_every_baseline_and_nothing_else_has_an_apply_function():
                 apply_method(None, Config(method=name), "text")
 
 
+def test_what_a_side_network_gets_is_asked_of_its_kind_not_of_iisans_name():
+    """A second side-network method (a METHOD_TABLE row of kind san) gets what IISAN gets (a cache, modalities,
+    DDP without the unused-parameter search, its modality in messages): no module compares a method with
+    'iisan' by name. (Entry scripts and presets may name it: they run IISAN itself.)"""
+    import ast
+
+    from iisan.methods import side_network
+
+    assert [m for m in METHODS if side_network(m)] == ["iisan"] and not side_network("no-such-method")
+    by_name = []
+    for path in sorted((Path(__file__).parents[1] / "iisan").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare) and "method" in (text := ast.unparse(node)) and "'iisan'" in text:
+                by_name.append(f"{path.name}:{node.lineno}: {text}")
+    assert by_name == []
+
+
 def test_lr_groups_are_the_authors_names_each_set_by_one_config_key():
     assert [str(g) for g in LrGroup] == ["recsys", "image_net", "text_encoder", "adapter_image", "adapter_text"]
     assert LrGroup.RECSYS == "recsys" and f"{LrGroup.IMAGE}" == "image_net" and {"text_encoder": 1}[LrGroup.TEXT]

@@ -17,7 +17,7 @@ from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load
 from ..data.interactions import ItemCatalog, SeqRecData
 from ..data.run_data import cache_dir, check_data_files, image_store, images_digest, pixel_source
 from ..errors import ConfigError, UserError
-from ..methods import METHOD_TABLE
+from ..methods import METHOD_TABLE, side_network
 from .backbones import (
     BackboneEncoder,
     check_layers,
@@ -319,7 +319,7 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device | str
             raise ConfigError("method id needs the data set (--users FILE --items FILE): its embedding table "
                               "has one row per item")
         item_encoder, pixels = ItemIDEncoder(data.num_items, cfg.embedding_dim), None
-    elif cfg.method == "iisan":
+    elif side_network(cfg.method):
         item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders, trained)
     else:
         encoders = encoders or load_encoders(cfg)

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..distributed import main_process
-from ..methods import METHOD_DEFAULTS, unread_keys
+from ..methods import METHOD_DEFAULTS, side_network, unread_keys
 from ..model.item_encoder import LrGroup
 from ..model.recommender import Recommender
 
@@ -71,7 +71,7 @@ def say_idle_rates(cfg: Config, used: set[str]) -> None:
     # (under torchrun: a warning from rank 0 only)
     level = logging.WARNING if main_process() and not named <= _NAMED else logging.INFO
     _NAMED.update(named)
-    run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * (cfg.method == "iisan"))
+    run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * side_network(cfg.method))
     log.log(level, "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
             ", ".join(f"{k}={getattr(cfg, k)}" for k in idle), "it" if len(idle) == 1 else "them", run,
             ", ".join(sorted(used)), "it changes" if len(idle) == 1 else "they change")

@@ -34,7 +34,7 @@ from ..distributed import Dist, any_rank, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
 from ..files import write_json_atomic
-from ..methods import METHOD_NAMES
+from ..methods import METHOD_NAMES, side_network
 from ..metric_names import SELECTED_BY
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runstate
@@ -141,7 +141,7 @@ class Run:
         del found  # its tensors are now in the model and the optimiser
         # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
         # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
-        self.ddp = distributed.wrap(self.model, dist, device, find_unused=cfg.method != "iisan")
+        self.ddp = distributed.wrap(self.model, dist, device, find_unused=not side_network(cfg.method))
         self.step = make_train_step(self.ddp, self.optimizer, self.plan.amp, device, self.plan.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
         self.record.step = describe_step(self.step, self.model, self.plan)
