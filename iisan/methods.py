@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import once
+
 # Config keys not every run reads, in groups (a method's ``reads`` names those it does; ``unread_keys``): a key a
 # run never reads changes nothing it computes, so it names no other run folder, is not compared on resume and
 # shows as '-' in result tables. A key left out of every group is read by every run: a field added later counts
@@ -99,7 +101,7 @@ def unread_keys(method: str, towers: str = "both", feed: str = "cached") -> froz
     return frozenset(NOT_EVERY_RUN - reads | TOWER_KEYS.get(towers, frozenset()))
 
 
-_NAMED: set[tuple] = set()  # (key, value, method, towers, feed) already named by ``newly_unread`` in this process
+UNREAD = "unread key"  # the ``once`` topic of ``newly_unread``: (key, value, method, towers, feed)
 
 
 def newly_unread(said: dict, defaults: dict, method: str, towers: str, feed: str) -> list[str]:
@@ -107,14 +109,13 @@ def newly_unread(said: dict, defaults: dict, method: str, towers: str, feed: str
     that such a run never reads, given other than their default and not named before in this process (a sweep
     resolves each point's config: one warning, not one a point)."""
     unread = unread_keys(method, towers, feed)
-    keys = [k for k, v in said.items() if k in unread and v != defaults.get(k)
-            and (k, repr(v), method, towers, feed) not in _NAMED]
-    _NAMED.update((k, repr(said[k]), method, towers, feed) for k in keys)
-    return keys
+    return [k for k, v in said.items() if k in unread and v != defaults.get(k)
+            and once.first(UNREAD, (k, repr(v), method, towers, feed))]
 
 
 def named_unread(values: dict, method: str, towers: str, feed: str) -> list[str]:
     """The keys of ``values`` (a run's config) that ``newly_unread`` named in this process for such a run, with
     these values: what its console warned of before the run folder, and its train.log, were opened."""
-    return sorted({k for k, v, *run in _NAMED if run == [method, towers, feed] and repr(values.get(k)) == v})
+    return sorted({k for k, v, *run in once.said_under(UNREAD) if run == [method, towers, feed]
+                   and repr(values.get(k)) == v})
 

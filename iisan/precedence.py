@@ -13,21 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
+from . import once
 from .bounds import beyond_float
 from .config import Config
 from .errors import ConfigError, ValuesTogether, error_line, parse_json
 from .methods import METHOD_DEFAULTS, newly_unread, side_network, unread_keys
 
 log = logging.getLogger(__name__)
-
-
-_SAID: set[str] = set()  # warnings of ``resolve`` already given in this process (a sweep resolves every point)
-
-
-def _once(warning: str) -> None:
-    if warning not in _SAID:
-        _SAID.add(warning)
-        log.warning("%s", warning)
+SWITCHED_OFF = "switched off"  # the ``once`` topic of ``switched_off``'s warnings
 
 
 def resolve(defaults: dict | None = None, file_values: dict | None = None, flags: dict | None = None,
@@ -55,7 +48,8 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
     defaults = Config().to_dict()
     for warning in switched_off(cfg, {k for k in said if said[k] is not None and getattr(cfg, k) != defaults[k]}):
-        _once(warning)
+        if once.first(SWITCHED_OFF, warning):  # (a sweep resolves every point)
+            log.warning("%s", warning)
     # (compared as the config holds them: a flag's value is the string typed, '8', not the default 8)
     if unread := newly_unread({k: getattr(cfg, k) for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
@@ -83,7 +77,8 @@ def said_switched_off(cfg: Config) -> list[str]:
     """The warnings of ``switched_off`` that ``resolve`` gave in this process for ``cfg``'s values: what its
     console said before the run folder, and its train.log, were opened."""
     defaults = Config().to_dict()
-    return [w for w in switched_off(cfg, {k for k, v in cfg.to_dict().items() if v != defaults[k]}) if w in _SAID]
+    return [w for w in switched_off(cfg, {k for k, v in cfg.to_dict().items() if v != defaults[k]})
+            if once.said(SWITCHED_OFF, w)]
 
 
 def read_config_file(path: str | Path) -> dict:

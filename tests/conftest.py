@@ -57,14 +57,9 @@ def _threads():
 def _said_once_per_test(monkeypatch):
     """What a process says once (a key a run never reads; an image store of another size than its tower) is
     said once per test, as in a fresh process: no test's warning depends on which tests ran before it."""
-    from iisan import methods, precedence
-    from iisan.model import build
-    from iisan.train import optim
+    from iisan import once
 
-    monkeypatch.setattr(methods, "_NAMED", set())
-    monkeypatch.setattr(precedence, "_SAID", set())
-    monkeypatch.setattr(optim, "_NAMED", set())
-    monkeypatch.setattr(build, "_SIZES_SAID", set())
+    monkeypatch.setattr(once, "_SAID", {})
 
 
 @pytest.fixture(scope="session")

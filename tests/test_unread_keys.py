@@ -272,3 +272,13 @@ def test_a_learning_rate_no_parameter_trains_at_is_named(tiny, tiny_cache, tmp_p
         make_optimizer(model, cfg, torch.device("cpu"))
     assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "iisan.train.optim"] == \
         [(logging.INFO, line)]
+
+
+def test_once_is_a_warning_the_first_time_then_info_and_remembers_what_was_said():
+    from iisan import once
+
+    assert [once.level("topic", ("k", 1)), once.level("topic", ("k", 1)), once.level("other", ("k", 1))] == \
+        [logging.WARNING, logging.INFO, logging.WARNING]
+    assert once.first("topic", ("k", 2)) and not once.first("topic", ("k", 2))
+    assert once.said("topic", ("k", 2)) and not once.said("topic", ("k", 3)) and not once.said("none", ("k", 2))
+    assert once.said_under("topic") == {("k", 1), ("k", 2)} and once.said_under("none") == frozenset()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import once
 from ..config import DEFAULT_MODELS, Config, model_location
 from ..data.batches import PixelSource
 from ..data.cache import CacheExpectation, cache_file, encoder_config_hash, load_cache, read_metadata, weights_record
@@ -152,9 +153,6 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     return live.to(device), pixels
 
 
-_SIZES_SAID: set[tuple[str, int, int]] = set()  # (LMDB, its side, the tower's) already said in this process
-
-
 def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSource | None:
     """The image LMDB's pixels for a live image tower (None without one). A store of another side than the
     tower takes is resized at every batch (a large store costs time, a small one upscales): a warning the first
@@ -164,11 +162,9 @@ def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSourc
     pixels = pixel_source(cfg, item_ids)
     stored, side = pixels.store.size, encoders["image"].norm["size"]
     if stored != side:
-        level = logging.INFO if (said := (str(cfg.images), stored, side)) in _SIZES_SAID else logging.WARNING
-        _SIZES_SAID.add(said)
-        log.log(level, "%s holds %d x %d images and the image tower takes %d x %d: each batch's images are "
-                "resized on the fly; `iisan build-lmdb --size %d` stores them at the tower's size", cfg.images,
-                stored, stored, side, side, side)
+        log.log(once.level("image size", (str(cfg.images), stored, side)), "%s holds %d x %d images and the "
+                "image tower takes %d x %d: each batch's images are resized on the fly; `iisan build-lmdb --size %d` "
+                "stores them at the tower's size", cfg.images, stored, stored, side, side, side)
     return pixels
 
 

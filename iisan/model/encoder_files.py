@@ -26,6 +26,7 @@ from pathlib import Path
 import transformers
 from transformers import CONFIG_MAPPING
 
+from .. import once
 from ..config import CHECKOUT, DEFAULT_MODELS, model_location
 from ..digests import sha256
 from ..errors import EncoderError, parse_json
@@ -114,14 +115,10 @@ def check_index(path: Path, names: set[str]) -> None:
         raise EncoderError(f"{path} names weights files the folder lacks: {', '.join(missing[:3])}")
 
 
-_WARNED: set[Path] = set()  # the files whose ignored auto_map was reported in this process
-
-
 def say_ignored_code(path: Path, classes: str) -> None:
     """Once per file and process (a folder is checked at each load: config, tokenizer, weights): ``path``'s
     auto_map is ignored, transformers' own ``classes`` load instead."""
-    if path not in _WARNED:
-        _WARNED.add(path)
+    if once.first("ignored code", path):
         log.warning("%s asks for custom code (auto_map); ignored: IISAN loads transformers' own %s and never runs "
                     "code from a model folder", path, classes)
 

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from .. import once
 from ..config import Config
 from ..distributed import main_process
 from ..methods import METHOD_DEFAULTS, side_network, unread_keys
@@ -15,7 +16,6 @@ from ..model.item_encoder import LrGroup
 from ..model.recommender import Recommender
 
 log = logging.getLogger(__name__)
-_NAMED: set[tuple] = set()  # (key, value, method, towers, feed, modality) already named in this process
 
 
 def make_optimizer(model: Recommender, cfg: Config, device: torch.device,
@@ -66,11 +66,11 @@ def say_idle_rates(cfg: Config, used: set[str]) -> None:
             and getattr(cfg, k) != METHOD_DEFAULTS[cfg.method].get(k, fields[k])]
     if not idle:
         return
-    named = {(k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality) for k in idle}
     # A warning the first time in this process; a sweep's later runs say it at INFO, for their train.log
     # (under torchrun: a warning from rank 0 only)
-    level = logging.WARNING if main_process() and not named <= _NAMED else logging.INFO
-    _NAMED.update(named)
+    fresh = [once.first("idle rate", (k, getattr(cfg, k), cfg.method, cfg.towers, cfg.feed, cfg.modality))
+             for k in idle]
+    level = logging.WARNING if main_process() and any(fresh) else logging.INFO
     run = f"method={cfg.method}, towers={cfg.towers}" + (f", modality={cfg.modality}" * side_network(cfg.method))
     log.log(level, "%s: no parameter of this run trains at %s (%s; its rates: %s), so %s nothing",
             ", ".join(f"{k}={getattr(cfg, k)}" for k in idle), "it" if len(idle) == 1 else "them", run,
