@@ -133,6 +133,30 @@ def test_build_cache_waits_for_another_process_building_the_same_cache(tiny, tow
     assert "waiting for it to be free" in caplog.text and "built meanwhile by another process" in caplog.text
 
 
+def test_the_microlens_preset_trains_on_microlens(capsys):
+    """--preset microlens is the authors' run_IISAN_micro.py set-up: it trained Scientific with MicroLens's batch,
+    bottleneck and epochs (and IISAN's Scientific cache) unless --dataset MicroLens was added by hand."""
+    from iisan.data.datasets import dataset_paths
+
+    versa = _script("run_IISAN_Versa")
+    (cfg,), args = _parse(versa, versa.with_presets_dataset(["--preset", "microlens"]))
+    paths = dataset_paths("MicroLens")
+    assert args.dataset == "MicroLens" and (cfg.users, cfg.items, cfg.images, cfg.cache_dir) == \
+        (paths["users"], paths["items"], paths["images"], paths["cache_dir"])
+    assert (cfg.batch_size, cfg.image_adapter_down, cfg.epochs, cfg.san_heads) == (512, 512, 200, "versa")
+    assert versa.with_presets_dataset(["--preset", "llama3-8b+vit-base"]) == ["--preset", "llama3-8b+vit-base"]
+    versa.main(["--preset", "microlens", "--list-grid"])
+    assert "iisan-cached-MicroLens-" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        versa.main(["--preset", "microlens", "--dataset", "Scientific", "--list-grid"])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and "\n" not in err
+    assert err.endswith("error: --preset microlens is the authors' set-up for MicroLens (batch_size=512, "
+                        "image_adapter_down=512, text_adapter_down=64, epochs=200, allow_empty_titles=True, "
+                        "san_heads=versa); --dataset Scientific: leave --dataset out, or give such settings as flags "
+                        "with another preset")
+
+
 def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):
     """The preset's layers, pooling and cache folder are chosen for one encoder pair before the grid is made:
     a SWEEP over text models gave every point the preset's LLaMA layers and one shared cache."""

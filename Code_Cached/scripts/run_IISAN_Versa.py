@@ -14,9 +14,10 @@ MicroLens heads); every difference is a flag.
 
   python run_IISAN_Versa.py --preset llama3-8b+vit-base --build-cache
   python run_IISAN_Versa.py --preset bert-base+vit-base          # symmetric: exactly cached IISAN
-  python run_IISAN_Versa.py --preset microlens --dataset MicroLens --build-cache
+  python run_IISAN_Versa.py --preset microlens --build-cache     # MicroLens-100k: the preset's data set
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runs from a chec
 
 from iisan.console import entry_point  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
+from iisan.experiments import presets  # noqa: E402
 from iisan.experiments.presets import LAYER_CHOICE, VERSA_DEFAULT_PRESET, VERSA_PRESETS, versa_defaults  # noqa: E402
 from iisan.experiments.sweep import run_script, script_parser  # noqa: E402
 from iisan.flags import args_layers  # noqa: E402
@@ -48,7 +50,8 @@ def extra_arguments(parser):
     parser.several_values = ("add its key to this script's SWEEP list to run several (not --text-model nor "
                              "--image-model: run the script once per encoder)")
     parser.add_argument("--preset", default=VERSA_DEFAULT_PRESET, choices=sorted(VERSA_PRESETS),
-                        help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py) "
+                        help="encoder pair and settings (VERSA_PRESETS in iisan/experiments/presets.py); "
+                             "microlens is MicroLens-100k's set-up and sets its --dataset "
                              f"(default: {VERSA_DEFAULT_PRESET})")
     parser.add_argument("--build-cache", action="store_true", help="build the cache first when it is missing")
 
@@ -62,8 +65,29 @@ def action(cfg, args):
 def main(argv: list[str] | None = None) -> list:
     if swept := sorted({"text_model", "image_model"} & set(SWEEP)):  # the defaults above are one pair's
         entry_point(Path(__file__).name, lambda: refuse_swept_encoders(swept[0]))
+    argv = entry_point(Path(__file__).name, lambda: with_presets_dataset(sys.argv[1:] if argv is None else argv))
     return run_script(defaults_for, SWEEP, argv, description=__doc__, action=action,
                       extra_arguments=extra_arguments)
+
+
+def with_presets_dataset(argv: list[str]) -> list[str]:
+    """``argv`` with the data set of a preset that is one data set's set-up (microlens: MicroLens) when it gives
+    no --dataset; another data set is refused (the preset's batch, bottleneck and epochs are for that one)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--preset", default=VERSA_DEFAULT_PRESET)
+    parser.add_argument("--dataset")
+    try:
+        args = parser.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # (a flag without its value: the script's own parser says so)
+        return list(argv)
+    own = presets.VERSA_PRESET_DATASETS.get(args.preset)
+    if own is None or args.dataset == own:
+        return list(argv)
+    if args.dataset is None:
+        return [*argv, "--dataset", own]
+    settings = ", ".join(f"{k}={v}" for k, v in VERSA_PRESETS[args.preset].items())
+    raise ConfigError(f"--preset {args.preset} is the authors' set-up for {own} ({settings}); --dataset "
+                      f"{args.dataset}: leave --dataset out, or give such settings as flags with another preset")
 
 
 def refuse_swept_encoders(key: str) -> None:

@@ -58,6 +58,7 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
     "microlens": {"batch_size": 512, "image_adapter_down": 512, "text_adapter_down": 64, "epochs": 200,
                   "allow_empty_titles": True, "san_heads": "versa"},
 }
+VERSA_PRESET_DATASETS = {"microlens": "MicroLens"}  # a preset that is one data set's set-up: its --dataset
 
 
 # The keys by which automatic layer selection picks layers: given any of them, a preset's own layer list gives
