@@ -39,19 +39,20 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     if said.get("feed") and cfg.method == "id":  # feed=live, the only one it takes, is what it records
         log.info("feed=%s is ignored: method=id has no item encoder", said["feed"])
     live_text_side = side_network(cfg.method) and cfg.feed == "live" and cfg.towers != "image"
-    if said.get("text_encoder_dropout") and not live_text_side:
+    if "text_encoder_dropout" in said and cfg.text_encoder_dropout and not live_text_side:  # ("false" is False)
         raise ConfigError(f"text_encoder_dropout: the authors' dropout in IISAN's frozen text encoder, which only a "
                           f"live IISAN run with a text tower has (this one: method={cfg.method}, feed={cfg.feed}, "
                           f"towers={cfg.towers}); leave --text-encoder-dropout out")
     if said.get("modality") not in (None, cfg.modality) and "modality" not in unread_keys(cfg.method, cfg.towers,
                                                                                           cfg.feed):
         raise ConfigError(f"modality={said['modality']}: towers={cfg.towers} is one modality, so only intra applies")
-    defaults = Config().to_dict()
-    for warning in switched_off(cfg, {k for k in said if said[k] is not None and getattr(cfg, k) != defaults[k]}):
+    # What was said, compared as the config saves it, as train.log's header does: a flag's value is the string
+    # typed, '8', not the default 8; a layer list, (0, 2), is saved as [0, 2]
+    defaults, values = Config().to_dict(), cfg.to_dict()
+    for warning in switched_off(cfg, {k for k in said if said[k] is not None and values[k] != defaults[k]}):
         if once.first(SWITCHED_OFF, warning):  # (a sweep resolves every point)
             log.warning("%s", warning)
-    # (compared as the config holds them: a flag's value is the string typed, '8', not the default 8)
-    if unread := newly_unread({k: getattr(cfg, k) for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
+    if unread := newly_unread({k: values[k] for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
         log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
                     ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
     return cfg

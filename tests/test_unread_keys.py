@@ -154,6 +154,29 @@ def test_unread_flags_as_typed_are_named_in_train_log_and_not_at_their_default(c
            "lora_rank=6\n" in head
 
 
+def test_an_unread_layer_list_is_named_in_train_log_as_in_the_warning(tiny, tmp_path):
+    """The warning's record held the list as the config holds it, (0, 1); train.log's header compared the saved
+    [0, 1]: the console named text_layers and the log did not."""
+    from pathlib import Path
+
+    values = {k: tiny[k] for k in ("users", "items", "images", "text_model", "image_model")}
+    cfg = resolve({**values, "out_dir": str(tmp_path), "run_name": "layers", "device": "cpu", "num_workers": 0,
+                   "progress": False, "batch_size": 16, "epochs": 1, "max_steps_per_epoch": 1, "eval_batch_size": 64},
+                  file_values={"text_layers": [0, 1]}, flags={"method": "fft", "towers": "text"})
+    head = (Path(train(cfg)["run_dir"]) / "train.log").read_text().split("\n===")[0]
+    assert "not read by this run (method=fft, towers=text, feed=live), given other than their defaults: " \
+           "text_layers=(0, 1)\n" in head
+
+
+def test_text_encoder_dropout_false_spelt_as_a_string_is_not_refused():
+    from iisan.errors import ConfigError
+
+    for spelt in ("false", "0", False):  # what coerce reads as False
+        assert resolve(file_values={"text_encoder_dropout": spelt}).text_encoder_dropout is False
+    with pytest.raises(ConfigError, match="^text_encoder_dropout: the authors' dropout"):
+        resolve(file_values={"text_encoder_dropout": "true"})
+
+
 def test_a_setting_turned_off_is_named_in_every_such_runs_train_log(tiny, tiny_cache, tmp_path):
     """The console says it once, when the config is resolved, before a run folder exists: each run of a sweep
     with that value says it in its train.log's header too; a run where it is in use does not."""
