@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +270,14 @@ class Config:
             raise ValuesTogether(f"towers={self.towers} needs modality=intra (inter fuses both towers)")
 
     def _normalise(self) -> None:
-        """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live."""
+        """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live.
+        And one spelling of a value, as a run's name hashes it and a results table shows it: -0.0 is 0.0, a
+        target list "query, value," is query,value (what the model builds from either)."""
+        for f in dataclasses.fields(self):
+            if isinstance(value := getattr(self, f.name), float) and value == 0.0:
+                setattr(self, f.name, 0.0)
+        self.lora_targets, self.adapter_targets = (",".join(filter(None, targets.replace(" ", "").split(",")))
+                                                   for targets in (self.lora_targets, self.adapter_targets))
         if self.towers != "both":
             self.modality = "intra"
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift
@@ -326,6 +334,10 @@ def choices(name: str) -> tuple[str, ...]:
 
 
 def model_location(name: str) -> Path:
-    """Where the encoder folder ``name`` is: a default (``DEFAULT_MODELS``) under the repository, wherever the
-    command runs; any other name as given."""
-    return REPOSITORY / name if name in DEFAULT_MODELS.values() else Path(name).expanduser()
+    """Where the encoder folder ``name`` is: a default (``DEFAULT_MODELS``, however spelt: a trailing ``/``, a
+    leading ``./``) under the repository, wherever the command runs; any other name as given."""
+    return REPOSITORY / name if is_default_model(name) else Path(name).expanduser()
+
+
+def is_default_model(name: str) -> bool:
+    return os.path.normpath(name) in DEFAULT_MODELS.values()

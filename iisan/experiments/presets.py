@@ -93,5 +93,6 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None, ima
 
 
 def same_folder(a: str, b: str) -> bool:
-    """Whether two spellings name one folder or file (``models/x/``, ``./models/x`` and its absolute path do)."""
-    return a == b or Path(a).resolve() == Path(b).resolve()
+    """Whether two spellings name one folder or file (``models/x/``, ``./models/x`` and its absolute path do), an
+    encoder folder as ``model_location`` finds it (a default one under the repository, from any folder)."""
+    return a == b or model_location(a).resolve() == model_location(b).resolve()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, model_location
+from ..config import BEFORE_THE_FIELD, Config, is_default_model, model_location
 from ..digests import sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
@@ -69,10 +69,12 @@ def same_paths(values: dict, working_dir: object = None) -> dict:
     def same(key: str, value: object) -> object:
         if not isinstance(value, str) or not value or key not in PATHS:
             return value
-        if key in MODEL_PATHS and value in DEFAULT_MODELS.values():  # under the repository, from any folder
+        if key in MODEL_PATHS and is_default_model(value):  # under the repository, from any folder
             return str(model_location(value))
+        value = os.path.expanduser(value) if key in MODEL_PATHS else value  # (as ``model_location`` finds it)
         there = os.path.abspath(os.path.join(base, value))
-        return there if key in DATA_PATHS or os.path.isdir(there) else value  # a model not here: a Hub id
+        # a model folder not here: a Hub id, or a cached run's encoder elsewhere (``x/``, ``./x`` and ``x`` alike)
+        return there if key in DATA_PATHS or os.path.isdir(there) else os.path.normpath(value)
 
     return {k: same(k, v) for k, v in values.items()}
 

@@ -1,0 +1,60 @@
+"""One value, one run: a setting spelt another way (-0 for 0, a target list with blanks, an encoder folder with a
+trailing slash, from another working folder, under ~) names the same run folder, resumes the same run and picks
+the same cache as its plain spelling."""
+
+from __future__ import annotations
+
+import math
+
+from iisan.config import DEFAULT_MODELS, REPOSITORY, Config
+from iisan.experiments.presets import versa_defaults
+from iisan.train.checkpoint import config_differences
+from iisan.train.runfolder import config_hash
+
+PLAIN = {"users": "/data/Sci/u.tsv", "items": "/data/Sci/i.tsv", "cache_dir": "/c"}
+
+
+def test_minus_zero_is_zero():
+    """json.dumps spells -0.0 apart from 0.0: --drop-rate -0 named a second run of the same computation."""
+    spelt = Config(**PLAIN, drop_rate=-0.0, item_bucket_growth=-0.0)
+    assert math.copysign(1.0, spelt.drop_rate) == 1.0 and math.copysign(1.0, spelt.item_bucket_growth) == 1.0
+    assert config_hash(spelt) == config_hash(Config(**PLAIN, drop_rate=0.0, item_bucket_growth=0.0))
+
+
+def test_target_lists_are_one_spelling_of_what_the_model_builds():
+    """The model reads "query, value," as query,value; the run's name and a resume compared the strings."""
+    for key, plain, spelt in (("lora_targets", "query,value", " query, value,"),
+                              ("adapter_targets", "text:ffn_out,attention_output", "text:ffn_out , attention_output")):
+        cfg = Config(**PLAIN, method="lora" if key == "lora_targets" else "adapter", **{key: spelt})
+        assert getattr(cfg, key) == plain
+        assert config_hash(cfg) == config_hash(Config(**{**cfg.to_dict(), key: plain}))
+
+
+def test_a_default_encoder_spelt_with_a_slash_or_dot_is_the_repositorys_from_any_folder(tmp_path, monkeypatch):
+    """From another working folder pretrained_models/bert-base-uncased is the checkout's; with the slash a shell's
+    completion adds, or a leading ./, it was a folder under the working folder: another run, another cache."""
+    monkeypatch.chdir(tmp_path)
+    plain = Config(**PLAIN, text_model=DEFAULT_MODELS["text"])
+    for spelt in (DEFAULT_MODELS["text"] + "/", "./" + DEFAULT_MODELS["text"], str(REPOSITORY / DEFAULT_MODELS["text"])):
+        cfg = Config(**PLAIN, text_model=spelt)
+        assert config_hash(cfg) == config_hash(plain), spelt
+        assert config_differences(plain.to_dict(), cfg.to_dict()) == []
+    versa = versa_defaults("llama3-8b+vit-base", "Scientific", DEFAULT_MODELS["text"] + "/")
+    assert versa["cache_dir"] == versa_defaults("llama3-8b+vit-base", "Scientific", DEFAULT_MODELS["text"])["cache_dir"]
+    assert versa["cache_dir"].endswith("stored_vectors_sci")  # the symmetric pair reads IISAN's cache
+
+
+def test_an_encoder_folder_not_here_or_under_home_is_one_setting_however_spelt(tmp_path, monkeypatch):
+    """A cached run may name an encoder folder absent here (its states are in the cache): elsewhere/bert,
+    elsewhere/bert/ and ./elsewhere/bert were three runs; ~/models/bert, found by the loader under $HOME, was
+    another setting than the same folder spelt from the working folder."""
+    home = tmp_path / "home"
+    (home / "models" / "bert").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    absent = [Config(**PLAIN, text_model=spelt) for spelt in ("elsewhere/bert", "elsewhere/bert/", "./elsewhere/bert")]
+    assert len({config_hash(cfg) for cfg in absent}) == 1
+    here, under_home = Config(**PLAIN, text_model="models/bert"), Config(**PLAIN, text_model="~/models/bert")
+    assert config_hash(here) == config_hash(under_home)
+    assert config_differences(here.to_dict(), under_home.to_dict()) == []
+    assert config_hash(Config(**PLAIN, text_model="google-bert/bert-base-uncased")) != config_hash(absent[0])
