@@ -35,7 +35,8 @@ def test_a_default_encoder_spelt_with_a_slash_or_dot_is_the_repositorys_from_any
     completion adds, or a leading ./, it was a folder under the working folder: another run, another cache."""
     monkeypatch.chdir(tmp_path)
     plain = Config(**PLAIN, text_model=DEFAULT_MODELS["text"])
-    for spelt in (DEFAULT_MODELS["text"] + "/", "./" + DEFAULT_MODELS["text"], str(REPOSITORY / DEFAULT_MODELS["text"])):
+    text = DEFAULT_MODELS["text"]
+    for spelt in (text + "/", "./" + text, str(REPOSITORY / text)):
         cfg = Config(**PLAIN, text_model=spelt)
         assert config_hash(cfg) == config_hash(plain), spelt
         assert config_differences(plain.to_dict(), cfg.to_dict()) == []

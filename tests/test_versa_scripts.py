@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -174,13 +175,17 @@ def test_a_sweep_over_encoders_is_refused_in_one_line(monkeypatch, capsys):
     assert "not --text-model nor --image-model: run the script once per encoder" in capsys.readouterr().err
 
 
-def test_another_text_model_than_the_presets_drops_its_layers_and_pooling():
+def test_another_text_model_than_the_presets_drops_its_layers_and_pooling(caplog):
     """The llama3-8b preset's layer list (0..32) fits LLaMA-3-8B only: with another text encoder (a
-    28-layer Qwen2.5-7B) the layer rule picks its layers and the family its pooling; flags still win."""
+    28-layer Qwen2.5-7B) the layer rule picks its layers and the family its pooling (said); flags still win."""
     versa = _script("run_IISAN_Versa")
     own = versa.defaults_for(["--preset", "llama3-8b+vit-base"])
     assert own["text_layers"] == (0, 2, 8, 14, 20, 26, 32) and own["cache_dir"].endswith("_llama3-8b+vit-base")
-    other = versa.defaults_for(["--preset", "llama3-8b+vit-base", "--text-model", "models/Qwen2.5-7B"])
+    with caplog.at_level(logging.INFO, logger="iisan.experiments.presets"):
+        other = versa.defaults_for(["--preset", "llama3-8b+vit-base", "--text-model", "models/Qwen2.5-7B"])
+    assert caplog.messages == ["--text-model models/Qwen2.5-7B is not preset llama3-8b+vit-base's own text encoder: "
+                               "its text_layers=(0, 2, 8, 14, 20, 26, 32) and text_pooling=authors give way to the "
+                               "layer rule's and the family's pooling (--text-layers / --text-pooling set them)"]
     assert "text_layers" not in other and "text_pooling" not in other
     assert other["cache_dir"].endswith("stored_vectors_sci_Qwen2.5-7B")
     argv = ["--preset", "llama3-8b+vit-base", "--text-model", "models/Qwen2.5-7B", "--text-pooling", "last",

@@ -6,6 +6,7 @@ precedence rule.)"""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..config import DEFAULT_MODELS, REPOSITORY, model_location
 from ..data.datasets import DATASETS, dataset_paths
 from ..files import path_component
 
+log = logging.getLogger(__name__)
 ROOT = REPOSITORY  # where the data sets and encoders of the paper live
 SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
 
@@ -80,6 +82,10 @@ def versa_defaults(preset: str, dataset: str, text_model: str | None = None, ima
     cache_dir = dataset_paths(dataset)["cache_dir"] if dataset in DATASETS else ""
     settings = VERSA_PRESETS[preset]
     if text_model and not same_folder(text_model, settings.get("text_model", BACKBONES["text_model"])):
+        if dropped := [f"{k}={v}" for k, v in settings.items() if k in ("text_layers", "text_pooling")]:
+            log.info("--text-model %s is not preset %s's own text encoder: its %s give way to the layer rule's and "
+                     "the family's pooling (--text-layers / --text-pooling set them)", text_model, preset,
+                     " and ".join(dropped))
         settings = {k: v for k, v in settings.items() if k not in ("text_layers", "text_pooling")}
         if cache_dir and not same_folder(text_model, BACKBONES["text_model"]):
             cache_dir += "_" + path_component(Path(text_model).resolve().name)

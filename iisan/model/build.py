@@ -7,6 +7,7 @@ depends on the encoder folders, and checked by ``data.cache``."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -162,9 +163,10 @@ def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSourc
     pixels = pixel_source(cfg, item_ids)
     stored, side = pixels.store.size, encoders["image"].norm["size"]
     if stored != side:
-        log.log(once.level("image size", (str(cfg.images), stored, side)), "%s holds %d x %d images and the "
-                "image tower takes %d x %d: each batch's images are resized on the fly; `iisan build-lmdb --size %d` "
-                "stores them at the tower's size", cfg.images, stored, stored, side, side, side)
+        said = (os.path.realpath(cfg.images), stored, side)
+        log.log(once.level("image size", said), "%s holds %d x %d images and the image tower takes %d x %d: each "
+                "batch's images are resized on the fly; `iisan build-lmdb --size %d` stores them at the tower's size",
+                cfg.images, stored, stored, side, side, side)
     return pixels
 
 
