@@ -251,7 +251,8 @@ def coerce(name: str, value, hint):
     """Check ``value`` against the annotation ``hint``; parse strings from flags and JSON lists."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        # 'auto': what leaving the key out means (a flag's way to undo a --config file's layer list)
+        if type(None) in args and (value is None or isinstance(value, str) and value.strip() == "auto"):
             return None
         (hint,) = [a for a in args if a is not type(None)]
         return coerce(name, value, hint)

@@ -84,9 +84,11 @@ class Config:
     image_model: str = _opt(DEFAULT_MODELS["image"], "image encoder folder (a Hub id with --allow-download)")
     allow_download: bool = _opt(False, "let a --text-model / --image-model that is not a folder be fetched "
                                 "from the Hugging Face Hub (never runs code from it)")
-    text_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the text SAN (0 = embeddings); "
+    text_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the text SAN (0 = embeddings; "
+                                               "auto: --layer-rule's, over a --config file's list); "
                                                "default: --layer-rule's choice")
-    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (default: --layer-rule's)")
+    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (auto: as --text-layers) "
+                                                "(default: --layer-rule's)")
     layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks; "
                                 "all of them in an encoder of fewer layers")
     layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "

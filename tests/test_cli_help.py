@@ -176,7 +176,8 @@ def test_a_config_key_without_a_value_shows_none_and_a_given_default_replaces_th
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, {"text_layers": (0, 2), "run_name": "mine"}, only=("text_layers", "run_name"))
     assert parser._option_string_actions["--text-layers"].help == \
-        "hidden-state indices fed to the text SAN (0 = embeddings) (default: (0, 2))"
+        "hidden-state indices fed to the text SAN (0 = embeddings; auto: --layer-rule's, over a --config file's " \
+        "list) (default: (0, 2))"
     assert parser._option_string_actions["--run-name"].help == "run folder name (default: mine)"
 
 

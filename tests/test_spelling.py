@@ -59,3 +59,20 @@ def test_an_encoder_folder_not_here_or_under_home_is_one_setting_however_spelt(t
     assert config_hash(here) == config_hash(under_home)
     assert config_differences(here.to_dict(), under_home.to_dict()) == []
     assert config_hash(Config(**PLAIN, text_model="google-bert/bert-base-uncased")) != config_hash(absent[0])
+
+
+def test_auto_layers_undo_a_config_files_list(tmp_path):
+    """A layer list in a --config file could not be given back to --layer-rule from the command line (no value
+    meant 'not given'): --text-layers auto is what leaving the key out means."""
+    from iisan.cli.main import build_parser
+    from iisan.flags import config_from_args
+
+    config = tmp_path / "layers.json"
+    config.write_text('{"text_layers": [0, 2], "image_layers": [0, 4]}')
+    parse = build_parser().parse_args
+    base = ["train", "--config", str(config), *(a for k, v in PLAIN.items() for a in ("--" + k.replace("_", "-"), v))]
+    listed = config_from_args(parse(base))
+    assert (listed.text_layers, listed.image_layers) == ((0, 2), (0, 4))
+    auto = config_from_args(parse([*base, "--text-layers", "auto", "--image-layers", "auto"]))
+    assert (auto.text_layers, auto.image_layers) == (None, None)
+    assert config_hash(auto) == config_hash(Config(**PLAIN))
