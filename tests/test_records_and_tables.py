@@ -100,6 +100,16 @@ def test_an_infinite_metric_is_marked_non_finite_like_nan(tmp_path):
     assert row["non_finite"] == "test_hit@10,test_ndcg@10,test_hit@20"
 
 
+def test_the_data_column_names_the_users_files_folder_however_its_path_is_spelt(tmp_path):
+    """``Dataset/Scientific/x/../users.tsv`` is Scientific's file: the table's data column said '..'."""
+    results = _results(tmp_path, "finished")
+    path = tmp_path / "results.json"
+    for spelt in ("Dataset/Scientific/x/../users.tsv", "Dataset/Scientific/./users.tsv", "Dataset/Scientific/u.tsv"):
+        results["config"]["users"] = spelt
+        path.write_text(json.dumps(results))
+        assert read_row(path, json.loads(path.read_text()))["data"] == "Scientific", spelt
+
+
 def test_unfinished_says_nothing_of_a_run_without_epochs(tmp_path):
     path = tmp_path / "run" / "results.json"
     for status in ("failed", "interrupted"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +75,7 @@ def read_row(path: Path, results: dict) -> dict:
     has passed ``check_results``."""
     cfg = {**Config().to_dict(), **results["config"]}
     results = {**results, "working_dir": ran_from(path, results, cfg)}
-    users = Path(results["working_dir"], cfg["users"])  # a relative path: from where the run ran
+    users = Path(os.path.normpath(os.path.join(results["working_dir"], cfg["users"])))  # relative: from where it ran
     test, valid = results.get("test") or {}, results.get("valid") or {}
     # the training steps' peak, the paper's measure; a file written before phases were told apart has the run's
     memory = (results.get("peak_memory_by_phase") or {}).get("training") or results.get("peak_memory") or {}
