@@ -136,7 +136,10 @@ class OutputLock:
     def release(self) -> None:
         handle, self.handle = self.handle, None
         if handle is not None:
-            with suppress(FileNotFoundError):  # while still holding it (see the class docstring), and only ours
+            # while still holding it (see the class docstring), and only ours; one that cannot be removed (its
+            # folder made read-only meanwhile) stays, taken over by the next holder: the error that ends the
+            # run is the one to say, not this
+            with suppress(OSError):
                 if os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
                     self.path.unlink()
             with suppress(OSError):  # (bytes a full disk refused are not written again on close)

@@ -329,6 +329,26 @@ def test_a_temporary_that_cannot_be_removed_does_not_hide_the_write_error(tmp_pa
             raise OSError(errno.EROFS, "Read-only file system", str(tmp))
 
 
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_ended_its_holder(tmp_path, monkeypatch):
+    """A run folder made read-only while it ran: results.json could not be written, and then neither could the
+    lock be removed; the lock's PermissionError was the one line said, and the handle stayed open."""
+    lock = OutputLock(tmp_path / "run" / ".lock", "the run")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    with pytest.raises(RuntimeError, match="^could not write results.json$"):
+        with lock:
+            handle = lock.handle
+            monkeypatch.setattr(Path, "unlink", refuse)
+            raise RuntimeError("could not write results.json")
+    assert handle.closed and lock.handle is None
+    monkeypatch.undo()
+    with OutputLock(tmp_path / "run" / ".lock", "the run"):  # the file left is taken over: it is ours
+        pass
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
 def test_folders_a_failed_block_made_are_removed_only_when_empty(tmp_path):
     from iisan.files import folders_kept_on_success
 
