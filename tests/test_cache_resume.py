@@ -77,6 +77,35 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_config, tmp_path, coun
     build_model(cfg, load_data(cfg), torch.device("cpu"))  # and it loads as a cache
 
 
+def test_a_build_folder_that_cannot_be_removed_is_named_in_full(tiny_config, tmp_path, monkeypatch, caplog):
+    """Another user's shards in a shared .building: shutil.rmtree names a file by its bare name, which was the one
+    line said ("chunk-000022.safetensors: Permission denied"), and a whole cache was a failed build."""
+    import errno
+    import shutil
+
+    from iisan.data import cache_build
+    from iisan.errors import OutputError
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "chunk-000000.safetensors")
+
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    cfg = tiny_config(cache_dir=str(tmp_path / "shared"), encode_batch_size=CHUNK)
+    with caplog.at_level(logging.WARNING, logger="iisan.data.cache_build"):
+        build_cache_from_config(cfg, dtype="float32")  # the cache is whole: said, not failed
+    building = tmp_path / "shared" / SIDECAR
+    assert all(cache_file(cfg.cache_dir, m).is_file() for m in ("text", "image"))
+    assert [r.getMessage() for r in caplog.records if r.name == "iisan.data.cache_build"] == [
+        f"could not remove {building}, a cache build's folder ({building}/chunk-000000."
+        "safetensors): Permission denied; remove it by hand, or build into another --cache-dir (the cache is complete)"]
+    with pytest.raises(OutputError, match=rf"^could not remove {re.escape(str(building))}, a cache build's folder "
+                                          rf"\({re.escape(str(building))}/chunk-000000\.safetensors\): Permission"):
+        cache_build.discard_partial_build(cfg.cache_dir)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert cache_build.discard_partial_build(cfg.cache_dir) and not building.exists()
+
+
 def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(tiny_config, tmp_path, counted):
     cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
     counted["crash_at"] = 4

@@ -141,8 +141,20 @@ def discard_partial_build(out_dir: str | Path) -> bool:
     sidecar = Path(out_dir) / SIDECAR
     if manifest_in(sidecar) is None:
         return False
-    shutil.rmtree(sidecar)
+    remove_build(sidecar)
     return True
+
+
+def remove_build(path: Path) -> None:
+    """Remove a build folder of ours (``.building``); one that cannot be (another user's files) is an error
+    naming the file in it, not that file's bare name, as ``shutil.rmtree`` says it."""
+    try:
+        shutil.rmtree(path)
+    except OSError as err:
+        name = err.filename if isinstance(err.filename, str) else ""
+        inside = f" ({path / name if name and not os.path.isabs(name) else name})" if name else ""
+        raise OutputError(f"could not remove {path}, a cache build's folder{inside}: {failure_reason(err)}; "
+                          "remove it by hand, or build into another --cache-dir") from None
 
 
 class ShardDir:
@@ -175,7 +187,7 @@ class ShardDir:
                                   "manifest); IISAN replaces only what it wrote itself: move it away")
             if found is not None:
                 log.info("%s holds a partial build for other settings; discarding it", self.path)
-            shutil.rmtree(self.path)
+            remove_build(self.path)
         try:
             self.path.mkdir(parents=True)
         except OSError as err:
@@ -317,7 +329,10 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     for m, (layers, width) in shapes.items():
         log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
                  metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
-    shutil.rmtree(shards.path)
+    try:  # the cache is whole: a build folder left is said, not an error
+        remove_build(shards.path)
+    except OutputError as err:
+        log.warning("%s (the cache is complete)", err)
     if timings is not None:
         timings.update(encode_seconds=encoded - start, assemble_seconds=time.perf_counter() - encoded)
     return paths
