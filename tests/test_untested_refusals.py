@@ -363,3 +363,27 @@ def test_evaluate_of_a_run_without_results_json_says_an_older_version_wrote_it_a
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "no results.json to compare with (an older IISAN version wrote it when a run finished: this one may have "
         "stopped; its command, run again, resumes it)")
+
+
+@pytest.mark.parametrize("unreadable, message", [
+    ("users", "users file {path} cannot be read: Permission denied"),
+    ("tokenizer", "text encoder {folder}: {name} cannot be read: Permission denied"),
+])
+def test_another_users_unreadable_input_is_refused_before_a_run_folder_is_made(unreadable, message, tiny, tmp_path,
+                                                                               monkeypatch, capsys):
+    """Only a missing input was refused before the run claimed its folder: an unreadable users file or tokenizer
+    (another user's, mode 600) left a failed run folder, with a traceback in its train.log."""
+    folder = Path(tiny["text_model"])
+    path = Path(tiny["users"]) if unreadable == "users" else next(
+        p for p in sorted(folder.iterdir()) if p.name.startswith("tokenizer"))
+    opened = os.open
+
+    def refuse(name, *args, **kwargs):
+        if os.fspath(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return opened(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    argv = ["train", "--method", "fft", *data_flags(tiny, str(tmp_path / "cache")), "--out-dir", str(tmp_path / "runs")]
+    assert error_line(argv, capsys) == message.format(path=path, folder=folder, name=path.name)
+    assert not (tmp_path / "runs").exists()

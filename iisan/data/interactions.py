@@ -88,7 +88,7 @@ def read_items(path: str | Path, allow_empty_titles: bool = False, encoding: str
 
 
 def check_data_file(path: Path, what: str) -> None:
-    """``path`` is an existing file (``what``: users or items, for the message)."""
+    """``path`` is an existing file this process may read (``what``: users or items, for the message)."""
     if path.is_dir():
         raise DataError(f"{what} file {path} is a folder, expected a file")
     if path.exists() and not path.is_file():
@@ -98,6 +98,10 @@ def check_data_file(path: Path, what: str) -> None:
                         "which is missing or links back to itself)")
     if not path.is_file():
         raise DataError(f"{what} file {shown(path)} does not exist")
+    try:  # (another user's file: before a run folder is made for a run that cannot read it)
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as err:
+        raise DataError(f"{what} file {shown(path)} cannot be read: {err.strerror}") from None
 
 
 def tab_lines(path: Path, expected: str, encoding: str = "utf-8", column_names: tuple[str, ...] = ()):

@@ -32,7 +32,7 @@ from .backbones import (
     stride_layers,
 )
 from .baselines import baseline_item_encoder
-from .encoder_files import local_folder, weights_digest
+from .encoder_files import check_folder_readable, local_folder, weights_digest
 from .families import resolve_pooling
 from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
@@ -63,6 +63,7 @@ def check_run_inputs(cfg: Config, trained: bool = False) -> None:
     elif cfg.method != "id":  # the encoders run: their folders' configs, and the image LMDB
         for m in modalities(cfg):
             read_spec(model_name(cfg, m), m, cfg.allow_download)
+            check_folder_readable(local_folder(model_name(cfg, m), cfg.allow_download), f"{m} encoder")
         if "image" in modalities(cfg):
             image_store(cfg)
 

@@ -140,6 +140,17 @@ def check_custom_code(config_path: Path, config: dict) -> None:
 # the weights digest
 
 
+def check_folder_readable(folder: Path | None, what: str) -> None:
+    """Each file of an encoder's ``folder`` (its config, tokenizer and weights) can be opened: another user's
+    file is refused before a run folder is made, not once the run has started."""
+    for path in sorted(folder.iterdir()) if folder is not None else ():
+        try:
+            if path.is_file():
+                os.close(os.open(path, os.O_RDONLY))
+        except OSError as err:
+            raise EncoderError(f"{what} {folder}: {path.name} cannot be read: {err.strerror}") from None
+
+
 def local_folder(name: str, allow_download: bool = False) -> Path | None:
     """The folder holding ``name``'s files: the folder itself, or with ``allow_download`` a Hub id's
     snapshot in the local Hub cache; None when there is none (nothing is fetched)."""
