@@ -19,7 +19,7 @@ from iisan.data.cache import (
     read_metadata,
 )
 from iisan.data.run_data import load_data
-from iisan.errors import CacheError, ConfigError
+from iisan.errors import CacheError, ConfigError, OutputError
 from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 
@@ -285,6 +285,36 @@ def test_a_text_cache_from_before_title_tokens_is_rebuilt_in_place_and_kept_by_r
     assert "title_tokens" not in read_metadata(path)
     build_cache_from_config(cfg, dtype="float32")  # no --overwrite needed
     assert read_metadata(path)["title_tokens"] == "30"
+
+
+def test_reuse_keeps_a_shared_cache_this_process_cannot_write_without_locking_it(tiny_config, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """A job array's tasks over a cache another user built, read-only to them: --reuse is for exactly that, yet
+    the lock file it took first could not be written ("could not write .../.iisan-lock: Permission denied")."""
+    import os
+
+    from iisan.locks import OutputLock
+    from iisan.model import caching
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "shared"), towers="text", modality="intra")
+    built = build_cache_from_config(cfg, dtype="float32")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shared").iterdir()}
+    shared = os.path.abspath(cfg.cache_dir)
+    access = os.access
+    monkeypatch.setattr(caching.os, "access", lambda path, mode: access(path, mode) and os.path.abspath(path) != shared)
+
+    def no_lock(self):
+        raise AssertionError("a lock was taken")
+
+    monkeypatch.setattr(OutputLock, "acquire", no_lock)
+    with caplog.at_level("INFO", logger="iisan"):
+        assert build_cache_from_config(cfg, dtype="float32", reuse=True) == built
+    assert "built before with these settings; kept as it is" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shared").iterdir()} == before
+    with pytest.raises(OutputError, match=r"^could not write .*/shared: this process may not write there, and its "
+                                          r"text cache is missing or was built with other settings; choose another "
+                                          r"--cache-dir$"):
+        build_cache_from_config(cfg, dtype="float16", reuse=True)
 
 
 def test_a_folder_where_a_cache_file_belongs_is_named_as_one(tiny_config, tmp_path):

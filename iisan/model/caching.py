@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,8 +173,13 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
     docstring). ``only_missing``: nothing is built when every file is there once the folder is locked (another
     process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (``--reuse``): a tower's cache
     there built with the same settings (``serves``) is kept and only the other tower built (the encoders are
-    loaded to tell)."""
+    loaded to tell). A shared cache folder this process cannot write (another user's) is kept with ``reuse``
+    when it serves every tower: nothing is written, so no lock is taken."""
     start = time.perf_counter()
+    if reuse and cfg.cache_dir and Path(cfg.cache_dir).is_dir() and not os.access(cfg.cache_dir, os.W_OK):
+        check_cache_arguments(cfg, dtype)
+        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse,
+                      read_only=True)
     with writing_cache(cfg, dtype):
         files = {m: cache_file(cfg.cache_dir, m) for m in modalities(cfg)}
         if only_missing and all(path.is_file() for path in files.values()):
@@ -186,12 +192,7 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
 def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
     """A build's or an import's arguments checked, then the cache folder claimed (module docstring) and
     locked against another writer for the block."""
-    if not cfg.cache_dir:
-        raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-    if not cfg.items:
-        raise ConfigError("--items FILE is required")
+    check_cache_arguments(cfg, dtype)
     folder = claim_cache_folder(cfg)
     with folders_kept_on_success(folder), OutputLock(folder / LOCK, f"cache folder {folder}", "another cache "
                                                      "build is writing it; wait for it to finish or choose "
@@ -199,8 +200,17 @@ def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
         yield
 
 
+def check_cache_arguments(cfg: Config, dtype: str | None) -> None:
+    if not cfg.cache_dir:
+        raise ConfigError("--cache-dir is required: where text.safetensors / image.safetensors go")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if not cfg.items:
+        raise ConfigError("--items FILE is required")
+
+
 def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None, overwrite: bool,
-           start: float, reuse: bool = False) -> dict[str, Path]:
+           start: float, reuse: bool = False, read_only: bool = False) -> dict[str, Path]:
     item_ids, titles, catalog = _items(cfg, all_items)
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
@@ -213,7 +223,12 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
     metadata = cache_metadata(live, item_ids, catalog, stored, known,
                               pixels.store.digest() if pixels is not None else None)
     files = {m: cache_file(cfg.cache_dir, m) for m in metadata}
-    if reuse and (kept := {m: path for m, path in files.items() if serves(path, metadata[m])}):
+    kept = {m: path for m, path in files.items() if serves(path, metadata[m])} if reuse else {}
+    if read_only and (rest := [m for m in metadata if m not in kept]):
+        raise OutputError(f"could not write {cfg.cache_dir}: this process may not write there, and its "
+                          f"{' and '.join(rest)} cache is missing or was built with other settings; choose another "
+                          "--cache-dir")
+    if kept:
         log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, kept.values())))
         if rest := [m for m in metadata if m not in kept]:  # the other tower alone, stored as it would have been
             del live, encoders, pixels
