@@ -110,12 +110,14 @@ def split_ranks(user_vectors, table: torch.Tensor, inputs: np.ndarray, targets: 
                 history: np.ndarray, batch_users: int = 1024,
                 rank_repeated_targets: bool = False, progress: str = "") -> torch.Tensor:
     """(U, 2) ranks of the targets (``rank_targets``). ``user_vectors(table, inputs (u, L)) -> (u, D)``;
-    ``table`` (N+1, D); ``progress`` as ``score_ranks``'."""
+    ``table`` (N+1, D); ``progress`` as ``score_ranks``'. In fp32, even inside a caller's autocast: a bf16
+    score ties targets with other items, which changes hit@10."""
     table = table.float()
 
     def scores(sl):
-        users = user_vectors(table, torch.as_tensor(inputs[sl], device=table.device))  # (u, D)
-        return users.float() @ table.T  # (u, N+1)
+        with torch.autocast(table.device.type, enabled=False):
+            users = user_vectors(table, torch.as_tensor(inputs[sl], device=table.device))  # (u, D)
+            return users.float() @ table.T  # (u, N+1)
 
     return score_ranks(scores, targets, history, batch_users, rank_repeated_targets, table.device, progress)
 

@@ -218,3 +218,21 @@ def test_a_default_evaluation_chunk_holds_at_most_2_27_scores_however_many_the_i
     on_gpu = [eval_chunk(Config(), gpu, n) for n in (20_314, 65_535, 65_536, 500_000, 2**28)]
     assert on_gpu == [2048, 2048, 2047, 268, 1]
     assert eval_chunk(Config(eval_batch_size=4096), gpu, 500_000) == 4096
+
+
+def test_ranks_are_computed_in_fp32_inside_a_callers_autocast():
+    """evaluate(run) called inside torch.autocast(bfloat16): the scores were bf16, where items scored 1.0001 and
+    1.0002 tie; training's evaluation, outside autocast, tells them apart."""
+    n = 40
+    table = torch.zeros(n + 1, 4)
+    table[1:, 0] = 1.0 + torch.arange(n) * 1e-4  # item i scores 1 + (i - 1) 1e-4 for the user (1, 0, 0, 0)
+    inputs, history = np.ones((3, 2), dtype=np.int64), np.zeros((3, 1), dtype=np.int64)
+    targets = np.array([5, 20, 40])
+
+    def user_vectors(table, inputs):
+        return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(len(inputs), 4) @ torch.eye(4)
+
+    plain = split_ranks(user_vectors, table, inputs, targets, history)
+    assert plain.tolist() == [[36.0, 0.0], [21.0, 0.0], [1.0, 0.0]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(split_ranks(user_vectors, table, inputs, targets, history), plain)
