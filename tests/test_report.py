@@ -368,6 +368,23 @@ def test_runs_on_caches_of_two_precisions_are_two_experiments(runs, tmp_path, ca
         ("float16", "1"), ("float32", "1")]
 
 
+def test_runs_on_caches_computed_by_encoders_of_two_precisions_are_two_experiments(runs, tmp_path, capsys):
+    """Two bf16 caches: fp32 encoders' states rounded to bf16, and bf16 encoders' own (--encoder-dtype bfloat16,
+    an LLM's half type under auto on a GPU). Both showed encoder_dtype auto and were averaged as one's seeds."""
+    out, _ = runs
+    first = out / "lr0.0002-s1"
+
+    def computed_in(dtype):
+        return lambda r: r["cache"].update({m: {**record, "encoder_dtype": dtype} for m, record in r["cache"].items()})
+
+    copy_run(first, tmp_path / "runs" / "fp32", computed_in("float32"))
+    copy_run(first, tmp_path / "runs" / "bf16", computed_in("bfloat16"))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert sorted((r[header.index("encoder_dtype")], r[header.index("seeds")]) for r in rows) == [
+        ("bfloat16", "1"), ("float32", "1")]
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 

@@ -110,6 +110,11 @@ def read_row(path: Path, results: dict) -> dict:
     stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
     if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
         row["cache_dtype"] = ",".join(sorted(stored))
+    # a cached run's states were computed by encoders in the precision its cache records: bf16 encoders' states
+    # are not fp32 states rounded to bf16, though both caches store bf16
+    computed = {r["encoder_dtype"] for r in (results.get("cache") or {}).values() if r.get("encoder_dtype")}
+    if cfg["encoder_dtype"] == "auto" and computed:
+        row["encoder_dtype"] = ",".join(sorted(computed))
     if isinstance(ran := (results.get("step") or {}).get("amp"), str) and ran:  # what it trained in: --amp auto
         row["amp"] = ran  # is bf16 on a GPU and fp32 on a CPU, seeds of which no mean may mix
     # keys the run never read (a live run's cache precision; SASRec-ID's encoders and images; FFT's LoRA rank)
