@@ -255,6 +255,26 @@ def test_a_finished_run_asked_for_under_another_compile_mode_is_reused_with_a_wa
                       "encoding); another --run-name trains it with inductor"]
 
 
+def test_a_finished_run_asked_for_where_amp_auto_comes_to_another_precision_is_reused_with_a_warning(cached_cfg,
+                                                                                                     monkeypatch,
+                                                                                                     caplog):
+    """--amp auto is fp32 on a CPU and bf16 on a GPU, one config and one run folder: the CPU run's numbers came
+    back on a GPU without a word (here the GPU's choice is stood in for)."""
+    import torch
+
+    import iisan.train.plan as plan
+
+    cfg = cached_cfg.replace(epochs=1, run_name="cpu-fp32")
+    first = train(cfg)
+    monkeypatch.setattr(plan, "amp_dtype", lambda amp, device: torch.bfloat16)
+    with caplog.at_level("INFO", logger="iisan.train.runfolder"):
+        assert train(cfg)["test"] == first["test"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "iisan.train.runfolder"]
+    assert warned == [f"{first['run_dir']} finished before with this config; not training it again; it trained in "
+                      "fp32, and this config's --amp auto comes to bfloat16 here: its numbers are fp32's; another "
+                      "--run-name trains it in bfloat16"]
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's inductor, imported
 def test_a_torch_compiled_run_says_before_its_first_step_that_compiling_takes_minutes(cached_cfg, monkeypatch,
                                                                                       caplog):

@@ -46,7 +46,7 @@ NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
 
 # Config fields that may differ between a checkpoint and the run resuming it: they change where or how
 # fast things run (patch_embedding, compile, device: the same step, computed another way, with its own random
-# streams and rounding: a finished run reused under another compile mode says so, ``plan.compiled_otherwise``),
+# streams and rounding: a finished run reused under another compile mode says so, ``plan.ran_otherwise``),
 # how long the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
 # (``runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",

@@ -33,21 +33,29 @@ def use_compile(cfg: Config, device: torch.device) -> str:
     return cfg.compile
 
 
-def compiled_otherwise(cfg: Config, results: dict) -> str:
-    """'' or, where a finished run's ``results`` are taken for ``cfg`` but ran under another compile mode
-    than ``cfg`` comes to, what that means (``runfolder.reusable_results``): another mode is the same step
-    with other random streams (inductor's dropout masks are not eager's) and, under --dedup-items auto,
-    another item encoding (a compiled step encodes every slot)."""
-    said = str((results.get("step") or {}).get("compiled") or "")  # its last attempt's: "off (cudagraph capture
-    ran = said.split(" ")[0]  # failed)" when a capture failed, which another run may meet again
+def ran_otherwise(cfg: Config, results: dict) -> str:
+    """'' or, where a finished run's ``results`` are taken for ``cfg`` but ran under another compile mode or
+    precision than ``cfg`` comes to here, what that means (``runfolder.reusable_results``): another mode is the
+    same step with other random streams (inductor's dropout masks are not eager's) and, under --dedup-items
+    auto, another item encoding (a compiled step encodes every slot); --amp auto is fp32 on a CPU and bf16 on a
+    GPU, so a run finished on one is another precision's numbers on the other."""
+    step = results.get("step") or {}
+    said = str(step.get("compiled") or "")  # its last attempt's: "off (cudagraph capture failed)" when a capture
+    ran = said.split(" ")[0]  # failed, which another run may meet again
     try:
-        asked = use_compile(cfg, resolve_device(cfg.device))
+        device = resolve_device(cfg.device)
+        asked = use_compile(cfg, device)
     except UserError:  # refused as the run would be: not this note's to say
         return ""
-    if not ran or ran == asked:
-        return ""
-    return (f"; it ran with compile {said}, and this config's comes to {asked}: its numbers are {ran}'s (random "
-            f"streams, item encoding); another --run-name trains it with {asked}")
+    notes = ""
+    if ran and ran != asked:
+        notes += (f"; it ran with compile {said}, and this config's comes to {asked}: its numbers are {ran}'s "
+                  f"(random streams, item encoding); another --run-name trains it with {asked}")
+    trained, now = step.get("amp"), str(amp_dtype(cfg.amp, device) or "fp32").replace("torch.", "")
+    if isinstance(trained, str) and trained and trained != now:
+        notes += (f"; it trained in {trained}, and this config's --amp {cfg.amp} comes to {now} here: its numbers "
+                  f"are {trained}'s; another --run-name trains it in {now}")
+    return notes
 
 
 def describe_step(step, model: Recommender, plan: StepPlan) -> dict:

@@ -35,7 +35,7 @@ from ..methods import unread_keys
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
-from .plan import compiled_otherwise
+from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
 from .same_inputs import kept_nothing, refuse_changed_data
 
@@ -133,7 +133,7 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
     if done is not None and (best_weights_problem(folder) is None if again else
                              not unfinished_weights(folder, cfg, done)):
         done = {**done, "run_dir": str(folder)}
-        otherwise = compiled_otherwise(cfg, done)
+        otherwise = ran_otherwise(cfg, done)
         log.log(logging.WARNING if otherwise and main_process() else logging.INFO, "%s finished before with this "
                 "config; not training it again%s", folder, otherwise)  # (said once under torchrun: by rank 0)
         log_summary(done, folder / RESULTS)
