@@ -228,14 +228,27 @@ def test_states_beyond_fp16_are_refused(tiny_config, tmp_path, monkeypatch):
         return {m: torch.full((len(items.ids), k, d), 1e6) for m, (k, d) in self.shapes().items()}
 
     monkeypatch.setattr(LiveStates, "forward", huge)
-    with pytest.raises(CacheError, match=r"text states of item .* hold values beyond torch.float16 range; "
-                                         r"store as --cache-dtype bfloat16 or float32"):
+    with pytest.raises(CacheError, match=r"text states of item .* hold values beyond float16's range; "
+                                         r"store as --cache-dtype bfloat16 or float32$"):
         build_cache_from_config(tiny_config(), dtype="float16")
     paths = build_cache_from_config(tiny_config(), dtype="bfloat16")  # bf16 holds them
     with safe_open(str(paths["text"]), "pt") as fh:
         states = fh.get_tensor("states")
         assert fh.metadata()["dtype"] == "bfloat16" and states.dtype == torch.bfloat16
     assert (states[0] == 0).all() and (states[1:] == torch.tensor(1e6, dtype=torch.bfloat16)).all()  # 0: padding
+
+
+def test_states_the_encoder_computed_infinite_are_refused_without_advising_another_precision(tiny_config,
+                                                                                                monkeypatch):
+    """An encoder's own inf was reported as 'beyond float16 range; store as bfloat16 or float32': neither helps."""
+    def infinite(self, items):
+        return {m: torch.full((len(items.ids), k, d), math.inf) for m, (k, d) in self.shapes().items()}
+
+    monkeypatch.setattr(LiveStates, "forward", infinite)
+    for dtype in ("float16", "float32"):
+        with pytest.raises(CacheError, match=r"^text states of item .* hold infinite values as the encoder computed "
+                                             r"them$"):
+            build_cache_from_config(tiny_config(), dtype=dtype)
 
 
 def test_canonical_writer_is_safetensors_and_deterministic(tmp_path):

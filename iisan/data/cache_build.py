@@ -243,8 +243,10 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
     bad = ~torch.isfinite(stored).flatten(1).all(1)
     if bad.any():
         row = int(torch.nonzero(bad)[0])
-        why = "NaN" if torch.isnan(states[row]).any() else f"values beyond {dtype} range"
-        hint = "; store as --cache-dtype bfloat16 or float32" if dtype == torch.float16 and why != "NaN" else ""
+        stored_as = str(dtype).removeprefix("torch.")
+        why = ("NaN" if torch.isnan(states[row]).any() else "infinite values as the encoder computed them"
+               if torch.isinf(states[row]).any() else f"values beyond {stored_as}'s range")
+        hint = "; store as --cache-dtype bfloat16 or float32" if why.startswith("values beyond") else ""
         raise CacheError(f"{m} states of item {item_ids[int(ids[row])]!r} hold {why}{hint}")
     return stored.cpu()
 
