@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
 
+from .. import once
 from ..config import choices
 from ..errors import EncoderError
 from .encoder_files import local_folder, processor_file
@@ -124,10 +125,12 @@ PREPARED_MASK_MODELS = frozenset({"bert", "roberta", "camembert", "xlm-roberta",
 
 def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.device,
                           allow_download: bool = False) -> torch.dtype:
-    """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is
-    emulated there); on a GPU, the checkpoint's own precision when it is half (a 70B LLM in fp32 would not
-    fit), else fp32 (BERT and ViT checkpoints are stored in fp32)."""
+    """The precision frozen encoder weights are loaded in. 'auto': fp32 on the CPU (exact; half math is often
+    emulated there: a half choice is warned of); on a GPU the checkpoint's own when half (a 70B LLM in fp32 would
+    not fit), else fp32 (BERT and ViT checkpoints are stored in fp32)."""
     if choice != "auto":
+        if choice in HALF and device.type != "cuda" and once.first("half encoders on a CPU", choice):
+            log.warning("--encoder-dtype %s on a CPU: often emulated there, slower than fp32 (auto's)", choice)
         return {"float32": torch.float32, **HALF}[choice]
     if device.type != "cuda":
         return torch.float32
@@ -196,10 +199,8 @@ class BackboneEncoder(nn.Module):
         return {**inputs, "attention_mask": keep}
 
     def forward_states(self, **inputs) -> tuple[torch.Tensor, ...]:
-        """Run the model: all depth + 1 hidden states (index 0: the embeddings).
-
-        The whole stack of depth + 1 states lives only for one chunk of items; callers keep the
-        selected, pooled ones (``layer_states``)."""
+        """Run the model: all depth + 1 hidden states (index 0: the embeddings), which live only for one chunk
+        of items; callers keep the selected, pooled ones (``layer_states``)."""
         who = self.name or type(self.model).__name__
         try:
             out = self.model(**self.model_inputs(inputs), output_hidden_states=True, return_dict=True)
@@ -210,8 +211,7 @@ class BackboneEncoder(nn.Module):
             raise EncoderError(f"{who} returns no hidden states (output_hidden_states is not supported); "
                                "IISAN needs one state per layer")
         if len(hidden) != self.depth + 1:
-            raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = "
-                               f"{self.depth + 1}")
+            raise EncoderError(f"{who} returned {len(hidden)} hidden states, expected depth + 1 = {self.depth + 1}")
         if (index := next((i for i, h in enumerate(hidden) if h.shape[-1] != self.width), None)) is not None:
             raise EncoderError(f"{who}: hidden state {index} is {hidden[index].shape[-1]} wide, not the config's "
                                f"{self.width}; a SAN reads every state at one width (a model that projects its "
