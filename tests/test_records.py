@@ -102,7 +102,8 @@ def test_the_run_folder_line_names_the_precision_as_results_json_does(cached_cfg
     caplog.set_level("INFO", logger="iisan")
     results = train(cached_cfg.replace(run_name="amp-line", epochs=1))
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run folder ")]
-    assert results["step"]["amp"] == "fp32" and f"amp fp32, compiled {results['step']['compiled']}" in line
+    assert results["step"]["amp"] == "fp32" and f"amp fp32, compiled {results['step']['compiled']}, cache " \
+        "float32)" in line  # what cache_dtype auto came to, as results.json's step.cache_dtypes
 
 
 def test_an_unexpected_error_leaves_its_traceback_in_train_log(cached_cfg, monkeypatch):

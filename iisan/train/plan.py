@@ -58,6 +58,11 @@ def ran_otherwise(cfg: Config, results: dict) -> str:
     return notes
 
 
+def cache_precision(step: dict) -> str:
+    """', cache float16' for a cached run (``describe_step``'s ``cache_dtypes``: what cache_dtype auto came to)."""
+    return "".join(f", cache {d}" for d in sorted(set((step.get("cache_dtypes") or {}).values())))
+
+
 def describe_step(step, model: Recommender, plan: StepPlan) -> dict:
     """How steps ran (results.json's ``step``): its ``compiled`` (the step's mode) says whether a CUDA graph
     ran; a cached run also says what precision its cache is stored in (what ``cache_dtype`` 'auto' came to);

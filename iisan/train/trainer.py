@@ -43,7 +43,7 @@ from .interrupt import StopRequests
 from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss, nonfinite_scores
 from .optim import trained_by_rate
 from .parts import build_training
-from .plan import describe_step
+from .plan import cache_precision, describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
 from .resuming import RunCheckpoints
@@ -147,8 +147,8 @@ class Run:
         self.record.step = describe_step(self.step, self.model, self.plan)
         self.on_main(self.first_files)
         self.started = self.stop.armed = True  # from here a signal is honoured at a step's end, with a checkpoint
-        log.info("run folder %s (device %s, amp %s, compiled %s%s)", self.run_dir, device_name(device),
-                 self.record.step["amp"], self.record.step["compiled"],
+        log.info("run folder %s (device %s, amp %s, compiled %s%s%s)", self.run_dir, device_name(device),
+                 self.record.step["amp"], self.record.step["compiled"], cache_precision(self.record.step),
                  f", {dist.world_size} processes, batch {cfg.batch_size} per process" if dist.enabled else "")
         if self.plan.compiled == "inductor":  # else the first step and an epoch's last say nothing for minutes
             log.info("torch.compile compiles the step for each new batch shape (the first, an epoch's smaller last "
