@@ -98,6 +98,8 @@ class OutputLock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(self.path, "a+b")  # never truncates: whose the file is is not known yet
+            except PermissionError as err:  # another user's lock, left by a killed holder in a shared folder?
+                raise self.not_ours_to_open(err) from None
             except OSError as err:
                 raise write_failure(self.path, err) from None
             try:
@@ -128,6 +130,19 @@ class OutputLock:
             self.release()
             raise write_failure(self.path, err) from None
         return self
+
+    def not_ours_to_open(self, err: OSError) -> OutputError:
+        """A lock file this process may not open for writing: one a killed holder of another user left (a shared
+        folder, the holder's umask) is said to be one, with its holder, for whoever may remove it."""
+        try:
+            left = (lock_text(self.path.read_bytes()[:LOCK_READ + 1]) or "").strip() if self.path.is_file() else ""
+        except OSError:
+            left = ""
+        if not left:
+            return write_failure(self.path, err)
+        return OutputError(f"could not write {self.path}: {err.strerror}; it is the lock file of {self.what} that "
+                           f"{left} took, which this user may not replace: if that process has ended, its owner "
+                           "(or anyone who may) can remove the file")
 
     def foreign(self, why: str) -> OutputError:
         return OutputError(f"{self.path}, the lock file of {self.what}, exists and {why}; IISAN never replaces "

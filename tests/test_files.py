@@ -349,6 +349,33 @@ def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_ended_its_ho
     assert not (tmp_path / "run" / ".lock").exists()
 
 
+def test_another_users_lock_file_is_named_as_one_with_its_holder(tmp_path, monkeypatch):
+    """A killed writer's lock, mode 644 in a group-writable cache folder: the next user got 'could not write
+    .iisan-lock: Permission denied', with nothing to say that it was a lock left behind, nor whose."""
+    import builtins
+
+    from iisan import locks
+
+    path = tmp_path / "cache" / ".iisan-lock"
+    path.parent.mkdir()
+    path.write_text("pid 4242 on node7\n")
+
+    def refuse(file, mode="r", *args, **kwargs):
+        if Path(file) == path and "a" in mode:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(locks, "open", refuse, raising=False)
+    with pytest.raises(OutputError) as err:
+        OutputLock(path, "cache folder x").acquire()
+    assert str(err.value) == (f"could not write {path}: Permission denied; it is the lock file of cache folder x that "
+                              "pid 4242 on node7 took, which this user may not replace: if that process has ended, its "
+                              "owner (or anyone who may) can remove the file")
+    path.write_text("not a lock")  # someone else's file: the plain words
+    with pytest.raises(OutputError, match=rf"^could not write {path}: Permission denied$"):
+        OutputLock(path, "cache folder x").acquire()
+
+
 def test_folders_a_failed_block_made_are_removed_only_when_empty(tmp_path):
     from iisan.files import folders_kept_on_success
 
