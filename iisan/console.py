@@ -133,28 +133,32 @@ STATUS_EVERY = 10.0  # seconds between two readings of a bar's status (reading a
 
 def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
                  enabled: bool = True, clock: Callable[[], float] | None = None,
-                 size: Callable[[T], int] | None = None, status: Callable[[int], str] | None = None) -> Iterator[T]:
+                 size: Callable[[T], int] | None = None, status: Callable[[int], str] | None = None,
+                 closing: bool = False) -> Iterator[T]:
     """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
     ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``. Each element counts
     ``size(element)`` units (default 1): a chunk of items moves the bar by its items, one update per chunk.
     ``unit`` is the plural the log lines count in ('steps'); tqdm shows it only in a rate, in the singular.
     ``status(done)``: a text shown after the rate (units done so far, ``initial`` included), read at most
-    every ``STATUS_EVERY`` seconds on a bar and once per log line."""
+    every ``STATUS_EVERY`` seconds on a bar and once per log line. ``closing``: the log lines end with one at
+    100 %, with the time taken (work that no line of its own ends, as a training epoch's does)."""
     bar = tqdm(iterable if size is None else None, total=total, initial=initial, desc=desc, unit=singular(unit),
                leave=False, disable=None if enabled else True)
     lines = (ProgressLog(desc, total, initial, unit=unit, clock=clock, status=status)
              if enabled and bar.disable else None)
     if size is not None:
-        return _sized(iterable, bar, lines, size)
+        return _sized(iterable, bar, lines, size, closing)
     if lines is not None:
-        return _logged(bar, lines)
+        return _logged(bar, lines, closing)
     return bar if status is None or bar.disable else _with_status(bar, status, initial, clock or time.monotonic)
 
 
-def _logged(bar: Iterable[T], lines: ProgressLog) -> Iterator[T]:
+def _logged(bar: Iterable[T], lines: ProgressLog, closing: bool) -> Iterator[T]:
     for item in bar:
         yield item
         lines.advance()
+    if closing:
+        lines.finish()
 
 
 def _with_status(bar: tqdm, status: Callable[[int], str], done: int, clock: Callable[[], float]) -> Iterator[T]:
@@ -168,7 +172,8 @@ def _with_status(bar: tqdm, status: Callable[[int], str], done: int, clock: Call
                 bar.set_postfix_str(status(done), refresh=False)
 
 
-def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Callable[[T], int]) -> Iterator[T]:
+def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Callable[[T], int],
+           closing: bool) -> Iterator[T]:
     with bar:
         for item in iterable:
             n = size(item)
@@ -176,6 +181,8 @@ def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Ca
             bar.update(n)
             if lines is not None:
                 lines.advance(n)
+    if lines is not None and closing:
+        lines.finish()
 
 
 def exit_interrupted(prog: str, err: BaseException | str, signal_name: str = "SIGINT") -> NoReturn:

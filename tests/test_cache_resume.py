@@ -196,6 +196,25 @@ def test_progress_log_speaks_at_most_every_30_seconds_and_once_at_the_end(caplog
     assert ProgressLog("x", 10, 4, clock=lambda: 0.0).line(31.0) == "x: 4 of 10 items (40 %)"  # nothing done here
 
 
+def test_a_closing_progress_log_ends_with_the_time_taken_and_an_epochs_does_not(caplog):
+    """build-lmdb's 40,000 images in a batch log: one line at 89 %, then nothing, not even how long it took."""
+    from iisan.console import progress_bar
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    assert list(progress_bar(range(4), 4, desc="images", unit="images", clock=clock, closing=True)) == [0, 1, 2, 3]
+    assert [r.getMessage() for r in caplog.records] == ["images: 4 of 4 images (100 %), 0.80 images/s, 4 images in 5 s"]
+    caplog.clear()
+    list(progress_bar(range(4), 4, desc="epoch 0", unit="steps", clock=clock))  # its own line ends it
+    list(progress_bar([[1, 2], [3]], 3, desc="items", unit="items", clock=clock, size=len, closing=True))
+    assert [r.getMessage() for r in caplog.records] == ["items: 3 of 3 items (100 %), 1.00 items/s, 3 items in 3 s"]
+
+
 def test_a_build_without_progress_logs_only_its_last_progress_line(tiny_config, caplog):
     cfg = tiny_config(encode_batch_size=CHUNK)  # progress=False, as --no-progress
     items = load_data(cfg).num_items

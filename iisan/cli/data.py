@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from ..bounds import PIXELS, check_encoding, path_arg, positive_at_most, positive_int, utf8_path
@@ -29,15 +30,17 @@ def cmd_data_stats(args) -> None:
 
 def cmd_build_lmdb(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
+    from ..console import duration
     from ..data.image_build import build_image_lmdb
     from ..data.interactions import read_items
 
     check_encoding(args.encoding)
+    start = time.monotonic()
     ids = read_items(args.items, allow_empty_titles=True, encoding=args.encoding).ids if args.items else None
     report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
                               progress=args.progress, overwrite=args.overwrite, inputs=[args.items],
                               pixels=args.pixels)
-    print(f"stored {report['stored']:,} images in {report['path']} "
+    print(f"stored {report['stored']:,} images in {report['path']} in {duration(time.monotonic() - start)} "
           f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
 
 

@@ -159,7 +159,7 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
         txn = env.begin(write=True)
         # a bar on a terminal; where none shows (a batch log, a pipe) a line at most every 30 s
         for n, item_id in enumerate(progress_bar(item_ids, len(item_ids), desc="images", unit="images",
-                                                 enabled=progress), 1):
+                                                 enabled=progress, closing=True), 1):
             pixels, problem = pixels_of(item_id)
             if problem:
                 problems.append((item_id, problem))
