@@ -696,3 +696,25 @@ def test_the_warning_names_the_first_name_that_comes_twice_not_the_first_member(
     unpack_images(archive, tmp_path / "am_image_xx")
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"{archive}: 1 members repeat an earlier one's name (the first: '2.jpg'); the last of each is unpacked"]
+
+
+def test_gdowns_bar_is_drawn_on_a_terminal_only(monkeypatch, tmp_path):
+    """gdown draws its bar into a batch job's log as well, a carriage return at a time: thousands of updates on
+    one line for a large archive."""
+    import io
+    import sys
+    import types
+
+    from iisan.data.fetch import GdownDrive
+
+    asked = []
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=lambda **kw: asked.append(kw["quiet"])))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stderr in (io.StringIO(), Terminal()):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        GdownDrive().download("abc", tmp_path / "x.zip")
+    assert asked == [True, False]

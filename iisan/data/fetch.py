@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import zipfile
 import zlib
 from collections import Counter
@@ -55,7 +56,8 @@ class GdownDrive:
     def download(self, file_id: str, dest: Path) -> None:
         import gdown  # deferred: only `iisan fetch` needs it, and it pulls in requests and bs4
 
-        gdown.download(id=file_id, output=str(dest), quiet=False, resume=True)
+        # its bar on a terminal only: gdown draws one into a batch job's log too, a carriage return at a time
+        gdown.download(id=file_id, output=str(dest), quiet=not sys.stderr.isatty(), resume=True)
 
 
 def fetch_tsvs(src: DataSource, root: Path, manifest: Manifest, download: Downloader) -> None:
