@@ -436,6 +436,25 @@ def test_exported_embeddings_rank_as_evaluation_does(runs, name, tmp_path, capsy
         results["best_epoch"])
 
 
+def test_evaluate_and_export_show_progress_whatever_the_run_trained_with(runs, tmp_path, monkeypatch, capsys):
+    """A run trained with --no-progress (a batch job) was evaluated and exported without a bar or a line on a
+    terminal too, and `iisan evaluate RUN --no-progress` was an unknown flag; export's user vectors had no bar."""
+    from iisan.experiments import exports
+
+    run_dir = runs[next(iter(runs))]["run_dir"]
+    assert load_run(run_dir, "cpu").cfg.progress is False  # as it trained
+    assert load_run(run_dir, "cpu", progress=True).cfg.progress is True
+    shown = []
+    bar = exports.progress_bar
+    monkeypatch.setattr(exports, "progress_bar",
+                        lambda *a, **kw: shown.append((kw["desc"], kw["enabled"])) or bar(*a, **kw))
+    main(["export", run_dir, "--out", str(tmp_path / "on"), "--device", "cpu"])
+    main(["export", run_dir, "--out", str(tmp_path / "off"), "--device", "cpu", "--no-progress"])
+    main(["evaluate", run_dir, "--device", "cpu", "--no-progress", "--split", "test"])
+    assert shown == [("user vectors before test", True), ("user vectors before test", False)]
+    assert "results.json: the same numbers (test)" in capsys.readouterr().out
+
+
 def test_a_run_trained_with_relative_paths_is_usable_from_another_folder(tiny, tiny_cache, tmp_path,
                                                                             monkeypatch, capsys):
     """config.json keeps paths as given; results.json says where they were relative to."""

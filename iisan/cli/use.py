@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -80,7 +81,7 @@ def cmd_evaluate(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.trained import evaluate, load_run
 
-    run = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device, progress=args.progress)
     splits = [args.split] if args.split else list(SPLITS)
     metrics = {split: evaluate(run, split) for split in splits}
     verdict = compared(run, metrics)
@@ -150,7 +151,7 @@ def cmd_recommend(args) -> None:
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.trained import load_run, recommend
 
-    run = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device, progress=args.progress)
     asked = queries(run, args)
     results = recommend(run, [history for _, history in asked], args.k)
     ids, titles = run.data.item_ids, run.data.titles
@@ -178,7 +179,7 @@ def cmd_export(args) -> None:
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise OutputError(f"--out {args.out} is a file, expected a folder (made if absent) for the embeddings")
-    run = load_run(args.run_dir, args.device)
+    run = load_run(args.run_dir, args.device, progress=args.progress)
     paths = export(run, args.out, args.split)
     print(describe(run))
     print(f"items: {paths['items']} ({run.data.num_items} x {run.cfg.embedding_dim}, rows in the order of the "
@@ -191,6 +192,9 @@ def add_use_commands(sub) -> None:
     def common(p):
         p.add_argument("run_dir", type=path_arg, help="a run folder (config.json and best.safetensors)")
         p.add_argument("--device", type=device_choice, default="auto", help=f"{DEVICES} (default: auto)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="progress bars on a terminal, a line every 30 s in a log (default: on, whatever the "
+                            "run trained with)")
 
     p = sub.add_parser("evaluate", help="rebuild a trained run's model, load its best weights and evaluate "
                                         "(the numbers of its results.json)")

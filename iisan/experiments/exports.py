@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from ..claims import claim_output, refuse_inside_inputs
 from ..config import model_location
+from ..console import progress_bar
 from ..data.interactions import check_split
 from ..errors import OutputError, parse_json
 from ..evaluate import eval_chunk
@@ -31,8 +32,10 @@ def user_embeddings(run: TrainedRun, split: str) -> torch.Tensor:
     inputs, _, _ = run.data.eval_split(split)
     table = run.item_embeddings()
     chunk = eval_chunk(run.cfg, run.device, run.data.num_items)
+    starts = progress_bar(range(0, len(inputs), chunk), len(inputs), desc=f"user vectors before {split}",
+                          unit="users", enabled=run.cfg.progress, size=lambda s: min(chunk, len(inputs) - s))
     return torch.cat([run.model.user_vectors(table, torch.as_tensor(inputs[s:s + chunk], device=run.device)).float()
-                      for s in range(0, len(inputs), chunk)]).cpu()
+                      for s in starts]).cpu()
 
 
 def export_metadata(path: Path) -> dict | None:

@@ -129,14 +129,14 @@ def rebased(cfg: Config, working_dir: str | None) -> Config:
     return cfg.replace(**changes) if changes else cfg
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "auto") -> TrainedRun:
-    """A run folder -> its config, data and model with the best weights, on ``device``. The caller's random
-    streams are left as they were."""
+def load_run(run_dir: str | Path, device: str | torch.device = "auto", progress: bool | None = None) -> TrainedRun:
+    """A run folder -> its config, data and model with the best weights, on ``device``, with bars (``progress``;
+    default: as the run trained) while it evaluates. The caller's random streams are left as they were."""
     device = str(device) if isinstance(device, torch.device) else device
     if problem := device_problem(device if isinstance(device, str) else repr(device)):
         raise ConfigError(f"device={problem}")
-    run_dir = Path(run_dir)
-    cfg, results = run_files(run_dir)
+    cfg, results = run_files(run_dir := Path(run_dir))
+    cfg = cfg if progress is None else cfg.replace(progress=progress)
     torch_device = resolve_device(device)
     data = load_data(cfg)
     refuse_other_inputs(run_dir, cfg, results, data)
