@@ -40,7 +40,8 @@ def parser() -> FlagParser:
     parser.add_argument("--device", type=device_choice, default=None,
                         help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars for the cache build and the runs (never any for demo)")
+                        help="no progress bars (or, in a log, lines every 30 s) for the data, the cache build "
+                             "and the runs")
     parser.add_argument("--demo-users", type=int_in(*DEMO_USERS), default=1200,
                         help=f"demo only: synthetic users, {DEMO_USERS[0]:,} to {DEMO_USERS[1]:,} (default: 1200)")
     parser.add_argument("--demo-items", type=int_in(*DEMO_ITEMS), default=400,
@@ -53,7 +54,7 @@ def reproduction(args):
     from iisan.experiments.reproduce import Reproduction  # here: --help need not import torch
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("device", args.device)) if v is not None}
-    if args.no_progress or args.dataset == "demo":
+    if args.no_progress:
         overrides["progress"] = False
     return Reproduction(args.dataset, Path(args.out), tuple(args.seeds), not args.no_fetch, args.import_from or "",
                         overrides, {"num_users": args.demo_users, "num_items": args.demo_items})

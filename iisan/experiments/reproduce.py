@@ -115,7 +115,8 @@ def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
 
 def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Config:
     if run.dataset == "demo":
-        prepared = prepare_demo_data(run.out_dir / "demo_data", progress=False, flags=DEMO_DATA_FLAGS,
+        progress = (run.overrides or {}).get("progress", True)  # (a million users' images take minutes)
+        prepared = prepare_demo_data(run.out_dir / "demo_data", progress=progress, flags=DEMO_DATA_FLAGS,
                                      **(run.demo_sizes or {}))  # data of other sizes there is refused
         cfg = demo_config(prepared, run.out_dir / "demo_data", **(run.overrides or {}))
         return cfg.replace(out_dir=str(run.out_dir / "runs"))
