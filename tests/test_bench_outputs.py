@@ -398,11 +398,13 @@ def test_gpu_check_shows_the_benchmarks_own_lines_on_the_console(tmp_path):
     prints lines as the benchmark logs them)."""
     lines = ["12:00:00 INFO iisan.efficiency.benchmark: building the cache (timed)",
              "12:00:01 INFO iisan.data.cache_build: wrote /w/text.safetensors: 10 items",
-             "12:00:02 INFO iisan.efficiency.benchmark: cache: {seconds: 1.0}",
-             "12:00:03 INFO iisan.efficiency.benchmark: evaluation: {seconds: 0.1}",
-             "12:00:04 INFO iisan.efficiency.benchmark: paper | FFT | batch 32 | default",
-             "12:00:05 INFO iisan.efficiency.benchmark:   -> {label: FFT}",
-             "12:00:06 INFO iisan.efficiency.benchmark: wrote /out/efficiency/base-scientific-paper.json"]
+             "12:00:02 INFO iisan.efficiency.benchmark:   -> 1.0 s to build the cache, peak 0.50 GiB",
+             "12:00:03 INFO iisan.efficiency.benchmark: evaluating every user (timed)",
+             "12:00:03 INFO iisan.efficiency.benchmark:   -> 0.1 s to rank every user (median), peak 0.40 GiB",
+             "12:00:04 INFO iisan.efficiency.benchmark: paper | FFT | batch 32 | default (row 1 of 5)",
+             "12:00:05 INFO iisan.efficiency.benchmark:   -> 17 s per epoch (median step x steps), 447 ms per step",
+             "12:00:06 INFO iisan.efficiency.benchmark: wrote /out/efficiency/base-scientific-paper.json and its "
+             "table /out/efficiency/base-scientific-paper.md"]
     fake = tmp_path / "python"
     fake.write_text("#!/usr/bin/env bash\n[ \"$1\" = scripts/benchmark_efficiency.py ] && printf '%s\\n' "
                     + " ".join(f"'{line}'" for line in lines) + "\nexit 0\n")
@@ -453,3 +455,17 @@ def test_gpu_check_runs_the_versa_gpu_check_as_a_part_of_its_own(exit_status, tm
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "gpu_check: PART=everything; expected all, diagnose, bench, " \
         "tests or versa\n"
+
+
+def test_a_measurement_is_one_line_to_read_not_the_json_dict():
+    """Each row's line was the row's dict, 1,300 to 1,800 characters of 18-digit floats."""
+    from iisan.efficiency.benchmark import measured_line
+
+    row = {"epoch_seconds": 16.97334358704029, "seconds_per_step": 0.44666693650106026, "trainable_params": 768640,
+           "memory": {"peak_rss_gib": 1.0903663635253906}, "step_seconds": {"median": 0.4466}}
+    assert measured_line(row) == ("17 s per epoch (median step x steps), 447 ms per step, 768,640 trainable "
+                                  "parameters, peak 1.09 GiB")
+    gpu = {"evaluation_seconds": 0.0673, "memory": {"max_allocated_gib": 0.25, "peak_rss_gib": 3.0}}
+    assert measured_line(gpu, "evaluation_seconds", "s to rank every user (median)") == \
+        "0.0673 s to rank every user (median), peak 0.25 GiB"
+    assert measured_line({"error": "CUDA out of memory"}) == "failed: CUDA out of memory"

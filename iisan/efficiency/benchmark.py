@@ -217,11 +217,24 @@ def shared_tasks(base: dict) -> dict:
     timed in a fresh process: the same two entries in every setting's JSON."""
     log.info("building the cache (timed)")
     tasks = {"cache_build": in_fresh_process(measure_cache_build, Config(**base))}
-    log.info("cache: %s", {k: v for k, v in tasks["cache_build"].items() if k != "traceback"})
+    log.info("  -> %s", measured_line(tasks["cache_build"], "cache_build_seconds", "s to build the cache"))
     log.info("evaluating every user (timed)")
     tasks["evaluation"] = in_fresh_process(measure_evaluation, method_config(base, "IISAN (cached)"))
-    log.info("evaluation: %s", {k: v for k, v in tasks["evaluation"].items() if k != "traceback"})
+    log.info("  -> %s", measured_line(tasks["evaluation"], "evaluation_seconds", "s to rank every user (median)"))
     return tasks
+
+
+def measured_line(result: dict, key: str = "epoch_seconds", what: str = "s per epoch (median step x steps)") -> str:
+    """One measurement as a line to read (the JSON holds it whole): its time, peak memory and parameters."""
+    if "error" in result:
+        return f"failed: {result['error']}"
+    memory = result.get("memory") or {}
+    peak = memory.get("max_allocated_gib", memory.get("peak_rss_gib"))
+    parts = [f"{result[key]:.3g} {what}" if isinstance(result.get(key), (int, float)) else f"no {key}",
+             *([f"{1000 * result['seconds_per_step']:.3g} ms per step"] if "seconds_per_step" in result else []),
+             *([f"{result['trainable_params']:,} trainable parameters"] if "trainable_params" in result else []),
+             *([f"peak {peak:.2f} GiB"] if isinstance(peak, (int, float)) else [])]
+    return ", ".join(parts)
 
 
 def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo",
@@ -258,11 +271,12 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
         payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones, "data": data,
                    "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
                    "complete": False, **provenance(commit=commit)}
-        for label, way in measuring_order(labels, authors_way):
+        order = list(measuring_order(labels, authors_way))
+        for n, (label, way) in enumerate(order, 1):
             cfg = method_config(base, label, batch_size(setting, BENCH_METHODS[label]["method"], equal_batch), way)
             key = (label, cfg.batch_size, way)
             if key not in measured:
-                log.info("%s | %s | batch %d | %s", setting, label, cfg.batch_size, way)
+                log.info("%s | %s | batch %d | %s (row %d of %d)", setting, label, cfg.batch_size, way, n, len(order))
                 measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
                                                  full_epoch=way == "default" and label in full_epoch,
                                                  flop_batches=flop_batches)
@@ -270,14 +284,14 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
             rows.append(row)
             rows.sort(key=lambda r: table_position(r["label"]))
             configs[row["label"]] = cfg.to_dict()
-            log.info("  -> %s", {k: v for k, v in row.items() if k != "traceback"})
+            log.info("  -> %s", measured_line(row))
             if tag or measured_device(payload, rows):  # (the file's name needs the device)
                 path = write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload)
                 write_reports([path], None, "--out")  # if cut short, the JSON and its table keep what was measured
         add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
         payload["complete"] = True
         written.append(write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload))
-        log.info("wrote %s", written[-1])
+        log.info("wrote %s and its table %s", written[-1], written[-1].with_suffix(".md"))
     failed = bool(measured) and all("error" in row for row in measured.values())
     write_reports(written, None if failed else figs, "--out")  # no figure of nothing
     if failed:
