@@ -14,7 +14,7 @@ from ..flags import add_config_arguments, config_from_args
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
                "layer_groups", "layer_rule", "include_embedding_state", "max_seq_len", "min_seq_len",
-               "allow_empty_titles", "encoding", "merge_duplicate_users")
+               "allow_empty_titles", "encoding", "merge_duplicate_users", "progress")
 
 
 def cmd_fetch_data(args) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..claims import claim_output
+from ..console import progress_bar
 from ..errors import CacheError, parse_json
 from ..files import atomic_path, starts_with
 from .cache import cache_file, require_cache_space
@@ -76,16 +77,18 @@ def read_state(path: Path, shape: tuple[int, int]) -> tuple[torch.Tensor | None,
 
 
 def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int], shape: tuple[int, int],
-                 dtype: torch.dtype, threads: int = 8) -> tuple[torch.Tensor, list[tuple[str, Path, str]]]:
+                 dtype: torch.dtype, threads: int = 8,
+                 progress: bool = False) -> tuple[torch.Tensor, list[tuple[str, Path, str]]]:
     """``(len(item_ids), len(layers), width)`` states of ``layers`` for items ``item_ids[1:]`` (row 0 is
-    padding, zeros) and the problems found, as (item id, file, problem)."""
+    padding, zeros) and the problems found, as (item id, file, problem); ``progress``: a bar (log lines)."""
     table = torch.zeros(len(item_ids), len(layers), shape[1], dtype=dtype)
     problems = []
     index = torch.tensor(layers)
     paths = [state_file(src, modality, item_id) for item_id in item_ids[1:]]
     with ThreadPoolExecutor(threads, thread_name_prefix="iisan-import") as pool:
-        for row, (path, (states, problem)) in enumerate(zip(paths, pool.map(lambda p: read_state(p, shape), paths)),
-                                                        1):
+        read = progress_bar(zip(paths, pool.map(lambda p: read_state(p, shape), paths)), len(paths),
+                            desc=f"importing {modality}", unit="items", enabled=progress, closing=True)
+        for row, (path, (states, problem)) in enumerate(read, 1):
             stored = None if problem else states[index].to(dtype)  # (layers, width)
             if stored is not None and not torch.isfinite(stored).all():  # fp16 tops at 65504
                 problem = f"values beyond {str(dtype).removeprefix('torch.')} range (import with --dtype bfloat16 " \
@@ -129,7 +132,7 @@ def summary(problems: list[tuple[str, str, Path, str]]) -> str:
 
 def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[int]],
                   shapes: dict[str, tuple[int, int]], metadata: dict[str, dict[str, str]], out_dir: str | Path,
-                  dtype: torch.dtype, allow_missing: bool = False) -> dict[str, Path]:
+                  dtype: torch.dtype, allow_missing: bool = False, progress: bool = False) -> dict[str, Path]:
     """Import every modality of ``layers`` (modality -> hidden-state indices to keep) from the authors'
     files under ``src``; ``shapes`` gives each file's expected (states, width); ``metadata`` each cache's.
     Nothing is written unless every modality imports cleanly."""
@@ -145,7 +148,7 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
     tables, problems = {}, []
     for m in layers:
         log.info("importing %s states of %d items from %s", m, len(item_ids) - 1, src / AUTHORS_LAYOUT[m][0])
-        tables[m], found = import_table(src, m, item_ids, layers[m], shapes[m], dtype)
+        tables[m], found = import_table(src, m, item_ids, layers[m], shapes[m], dtype, progress=progress)
         problems += [(m, *p) for p in found]
     missing = [p for p in problems if p[3] == "missing"]
     fatal = [p for p in problems if p[3] != "missing" or not allow_missing]

@@ -322,4 +322,5 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing)
+    return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing,
+                         progress=cfg.progress)
