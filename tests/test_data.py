@@ -323,3 +323,17 @@ def test_a_users_earlier_items_are_the_kept_ones_in_order(tmp_path):
     index = {item_id: i for i, item_id in enumerate(data.item_ids)}
     assert "x" not in index and data.earlier[0].tolist() == [index["a"]] and 1 not in data.earlier
     assert data.history(0).tolist() == [index[i] for i in "abcdef"] and (data.history(1) > 0).all()
+
+
+def test_the_data_line_groups_thousands_as_the_progress_lines_do():
+    from types import SimpleNamespace
+
+    from iisan.config import Config
+    from iisan.data.run_data import describe_data
+
+    data = SimpleNamespace(catalog=range(200_005), num_items=200_000, num_users=300_000, num_interactions=2_917_831,
+                           repeated_targets=lambda split: 12_345)
+    assert describe_data(data, Config(items="d/items.tsv")) == (
+        "data: 300,000 users, 200,000 items (5 more in items.tsv in no kept user's history), 2,917,831 interactions; "
+        "12,345 test targets (4.1 %) repeat an item of their history and count as misses (iisan train "
+        "--rank-repeated-targets ranks them)")

@@ -329,7 +329,7 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
         files[paths[m]] = ({"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m])
     write_together(files)
     for m, (layers, width) in shapes.items():
-        log.info("wrote %s: %d items x %d layers x %d (%s, %.1f MB)", paths[m], total, layers, width,
+        log.info("wrote %s: %s items x %d layers x %d (%s, %.1f MB)", paths[m], f"{total:,}", layers, width,
                  metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
     try:  # the cache is whole: a build folder left is said, not an error
         remove_build(shards.path)

@@ -165,6 +165,6 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
                                dict(metadata[m], imported_missing=str(sum(p[0] == m for p in missing))))
                     for m, table in tables.items()})
     for m, table in tables.items():
-        log.info("wrote %s: %d items x %d layers x %d (%s), imported from %s", paths[m], len(item_ids) - 1,
+        log.info("wrote %s: %s items x %d layers x %d (%s), imported from %s", paths[m], f"{len(item_ids) - 1:,}",
                  table.shape[1], table.shape[2], parse_json(metadata[m]["layers"]), src)
     return paths

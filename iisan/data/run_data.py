@@ -53,14 +53,14 @@ def describe_data(data: SeqRecData, cfg: Config) -> str:
     their history (masked with it: misses whatever the model, as the authors counted them; a warning when
     they are most of them, as in data built otherwise than the paper's)."""
     unused = len(data.catalog) - data.num_items  # items of the file no kept user's history holds: left out
-    items = f"{data.num_items} items" + (f" ({unused} more in {Path(cfg.items).name} in no kept user's history)"
-                                          if unused > 0 else "")
-    line = f"data: {data.num_users} users, {items}, {data.num_interactions} interactions"
+    items = f"{data.num_items:,} items" + (f" ({unused:,} more in {Path(cfg.items).name} in no kept user's history)"
+                                            if unused > 0 else "")
+    line = f"data: {data.num_users:,} users, {items}, {data.num_interactions:,} interactions"
     repeated = 0 if cfg.rank_repeated_targets else data.repeated_targets("test")
     if not repeated:
         return line
     share = repeated / data.num_users
-    note = (f"{repeated} test targets ({100 * share:.1f} %) repeat an item of their history and count as misses "
+    note = (f"{repeated:,} test targets ({100 * share:.1f} %) repeat an item of their history and count as misses "
             "(iisan train --rank-repeated-targets ranks them)")
     if share >= 0.5:  # said once, as a warning
         log.warning("%s", note)

@@ -235,7 +235,7 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
             kept.update(_build(cfg.replace(towers=rest[0], modality="intra"), str(stored).removeprefix("torch."),
                                all_items, timings, overwrite, start))
         return kept
-    log.info("caching %d items (%s) with %s", len(item_ids) - 1, ", ".join(modalities(cfg)),
+    log.info("caching %s items (%s) with %s", f"{len(item_ids) - 1:,}", ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
                        for m, e in live.encoders.items()))
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
