@@ -385,6 +385,29 @@ def test_runs_on_caches_computed_by_encoders_of_two_precisions_are_two_experimen
         ("bfloat16", "1"), ("float32", "1")]
 
 
+def test_encoders_of_one_folder_name_with_other_weights_are_two_experiments(runs, tmp_path, capsys, caplog):
+    """Three tiny BERTs of other widths, each in a folder models/tiny-bert of its own: one row, 'seeds 3', with
+    the first run's parameter count, and not a word. The weights each run recorded tell them apart."""
+    out, _ = runs
+    first = out / "lr0.0002-s1"
+
+    def encoder(root, digest, seed):
+        def change(r):
+            r["config"].update(text_model=f"/{root}/models/tiny-bert", seed=seed)
+            r["cache"]["text"]["encoder_weights"] = digest
+        return change
+
+    copy_run(first, tmp_path / "runs" / "a", encoder("A", "aaaaaa" + "0" * 58, 1))
+    copy_run(first, tmp_path / "runs" / "b", encoder("B", "bbbbbb" + "0" * 58, 2))
+    copy_run(first, tmp_path / "runs" / "a2", encoder("A", "aaaaaa" + "0" * 58, 2))  # A's second seed
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert sorted((r[header.index("text_model")], r[header.index("seeds")]) for r in rows) == [
+        ("tiny-bert@aaaaaa", "2"), ("tiny-bert@bbbbbb", "1")]
+    assert "text_model 'tiny-bert' names encoders of other weights in these runs: shown apart as tiny-bert@aaaaaa, " \
+           "tiny-bert@bbbbbb" in caplog.text
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 

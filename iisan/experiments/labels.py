@@ -67,6 +67,20 @@ def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
     return {path: label(*named[path]) for path in named}
 
 
+def weights_apart(frame: pd.DataFrame, key: str, labels: pd.Series) -> pd.Series:
+    """``labels`` (an encoder column's ``encoder_labels``) with ``@`` and a digest where runs of one label
+    recorded other weights (two folders named alike, a folder whose weights were replaced between seeds), so
+    that no table or average joins them; said in a warning. A run that recorded none joins any."""
+    weights = frame[key.replace("_model", "_weights")]
+    labels = labels.copy()
+    for name, rows in labels.groupby(labels, sort=False).groups.items():
+        if weights[rows][weights[rows] != ""].nunique() > 1:
+            labels[rows] = [f"{name}@{w[:6]}" if w else name for w in weights[rows]]
+            log.warning("%s %r names encoders of other weights in these runs: shown apart as %s", key, name,
+                        ", ".join(sorted(set(labels[rows]))))
+    return labels
+
+
 def data_labels(frame: pd.DataFrame) -> pd.Series:
     """The data column: the users file's folder name, with ``@`` and a digest of the files' contents where
     runs of one name read other files (two folders named alike, a file edited between seeds, other images

@@ -34,7 +34,7 @@ from ..claims import claim_output
 from ..console import fixed
 from ..errors import ConfigError
 from ..files import atomic_path
-from .labels import data_labels, encoder_labels
+from .labels import data_labels, encoder_labels, weights_apart
 from .report_rows import ENCODER_KEYS, KEYS, NOT_EXPERIMENT, NUMBERS, RUN_KEYS, UNUSED, read_row_columns
 from .results_file import csv_header
 
@@ -91,7 +91,8 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     ``one_per_seed``), with the ``keys`` asked for and every differing key as columns, the rows in
     order of those columns (``in_order``; the seed last), then of the run's name. ``attrs["runs"]``: the
     runs the table counts (their curves are the ones to draw)."""
-    frame = frame.assign(data=data_labels(frame), **{k: frame[k].map(encoder_labels(frame[k])) for k in ENCODER_KEYS})
+    frame = frame.assign(data=data_labels(frame), **{k: weights_apart(frame, k, frame[k].map(encoder_labels(frame[k])))
+                                                     for k in ENCODER_KEYS})
     # One row per run shows the seed too when it differs; averaging groups by the rest.
     ignored = NOT_EXPERIMENT if average_seeds else NOT_EXPERIMENT - {"seed"}
     always = ("method", "feed", "data")  # columns of every table already

@@ -90,6 +90,9 @@ def read_row(path: Path, results: dict) -> dict:
         # name (``labels.data_labels``)
         "data_files": ":".join(files_read(results, cfg, k) for k in ("users", "items")),
         "image_files": images_read(results, cfg),
+        # the encoders' weights as recorded (a cache's, or a live run's folder's): two folders of one name that
+        # hold other weights are other encoders (``labels.weights_apart``)
+        **{f"{m}_weights": weights_read(results, m) for m in ("text", "image")},
         # a run --nonfinite authors ended at a NaN is finished, with the best epoch before it: said apart
         "status": "finished (NaN)" if results.get("stopped") and ended == "finished" else ended,
         **{k: config_text(k, cfg[k]) for k in CONFIG_KEYS},
@@ -124,6 +127,14 @@ def read_row(path: Path, results: dict) -> dict:
     row.update({k: UNUSED for k in LEARNING_RATES if by_rate is not None and k not in by_rate})
     row["non_finite"] = ",".join(c for c in NUMBERS if row[c] is not None and not math.isfinite(row[c]))
     return row
+
+
+def weights_read(results: dict, modality: str) -> str:
+    """The digest of the ``modality`` encoder's weights the run recorded ('' where none is: an older file, an
+    encoder that was no folder, a run without that tower)."""
+    cached = ((results.get("cache") or {}).get(modality) or {}).get("encoder_weights")
+    live = ((results.get("encoders") or {}).get(modality) or {}).get("digest")
+    return str(cached or live or "")
 
 
 def files_read(results: dict, cfg: dict, key: str) -> str:
@@ -215,7 +226,8 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
 
 def read_row_columns() -> dict:
     """The columns of ``read_row``, in order (for an empty frame)."""
-    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "image_files", "status", *RUN_KEYS,
+    return dict.fromkeys(["run", "method", "feed", "data", "data_files", "image_files", "text_weights",
+                          "image_weights", "status", *RUN_KEYS,
                           "best_epoch", "epochs_run", VALID_COLUMN, *(f"test_{m}" for m in TABLED),
                           "train_s_per_epoch", "trainable_params", "peak_gib", "device", "folder", "written",
                           "non_finite"])
