@@ -408,6 +408,22 @@ def test_encoders_of_one_folder_name_with_other_weights_are_two_experiments(runs
            "tiny-bert@bbbbbb" in caplog.text
 
 
+def test_seeds_of_different_parameter_counts_show_no_count_and_are_warned_of(runs, tmp_path, capsys, caplog):
+    """Whatever else let runs of two models into one row (files without an encoder record), the first run's
+    count stood for all: the cell is left empty, and said."""
+    out, _ = runs
+    first = out / "lr0.0002-s1"
+    copy_run(first, tmp_path / "runs" / "a", lambda r: r["config"].update(seed=1))
+    copy_run(first, tmp_path / "runs" / "b", lambda r: (r["config"].update(seed=2),
+                                                        r["parameters"].update(trainable=r["parameters"]["trainable"]
+                                                                               + 64)))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [(r[header.index("seeds")], r[header.index("trainable_params")]) for r in rows] == [("2", "-")]
+    assert "--average-seeds: 1 row(s) average runs of different parameter counts, so of different models" \
+        in caplog.text
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 

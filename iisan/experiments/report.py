@@ -120,6 +120,10 @@ def table(frame: pd.DataFrame, keys: Sequence[str] = (), average_seeds: bool = F
     spread = numbers.agg(lambda s: s.std(ddof=1) if len(s) > 1 else np.nan)  # no spread from one seed
     out = out.join(spread.add_suffix("_std"))
     out["trainable_params"] = grouped["trainable_params"].first()
+    if (counts := grouped["trainable_params"].nunique()).gt(1).any():  # seeds of one model count alike: not so here
+        out.loc[counts > 1, "trainable_params"] = np.nan
+        log.warning("--average-seeds: %d row(s) average runs of different parameter counts, so of different "
+                    "models: the table without --average-seeds shows each run's", int((counts > 1).sum()))
     out["peak_gib"] = grouped["peak_gib"].mean()  # memory: the paper's third axis of efficiency, beside time
     if "device" not in group:  # (--keys device: a row per device already)
         kinds = grouped["device"].nunique(dropna=False)
