@@ -337,3 +337,20 @@ def test_the_data_line_groups_thousands_as_the_progress_lines_do():
         "data: 300,000 users, 200,000 items (5 more in items.tsv in no kept user's history), 2,917,831 interactions; "
         "12,345 test targets (4.1 %) repeat an item of their history and count as misses (iisan train "
         "--rank-repeated-targets ranks them)")
+
+
+def test_ids_in_another_unicode_normal_form_are_named_as_such(tmp_path, caplog):
+    """A users file in NFD (e + combining accent) beside items in NFC: the warning's example read 'é', to the
+    eye the very id the items file holds."""
+    import logging
+    import unicodedata
+
+    nfc, nfd = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt {x}\n" for x in (nfc, "a", "b", "c", "d", "e")))
+    users = write(tmp_path, "users.tsv", f"u1\ta b c d e {nfd}\nu2\ta b c d e\n")
+    with caplog.at_level(logging.WARNING, logger="iisan.data.interactions"):
+        load_dataset(users, items)
+    assert caplog.messages == [
+        f"{users}: skipped 1 interactions with 1 item ids not in {items} (e.g. {nfd}; 1 of them are ids of items.tsv "
+        f"written with other Unicode characters, e.g. {nfd!r} (U+0063 U+0061 U+0066 U+0065 U+0301) here, {nfc!r} "
+        "(U+0063 U+0061 U+0066 U+00E9) there: write both files in one normal form (NFC))"]

@@ -27,7 +27,7 @@ from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError
 from ..files import shown
 from .csv_files import ITEM_COLUMNS, USER_COLUMNS, read_pairs_csv, read_titles_csv
-from .textfile import check_item_id, check_user_id, decoded_lines, visible
+from .textfile import check_item_id, check_user_id, decoded_lines, other_normal_form, visible
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     }
     if unknown_ids:
         examples = ", ".join(visible(item) for item in sorted(unknown_ids)[:5])
+        examples += other_normal_form(unknown_ids, row_of, Path(items_path).name)
         log.warning("%s: skipped %d interactions with %d item ids not in %s (e.g. %s)", users_path,
                     skipped["unknown_item_interactions"], len(unknown_ids), items_path, examples)
     if short_users:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import codecs
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
@@ -90,6 +90,23 @@ def visible(text: str) -> str:
     """``text`` for a message: as it is when every character shows, else quoted with escapes (a NUL or
     another control character would be invisible, and ``I1\x00`` would read as the valid id ``I1``)."""
     return text if text.isprintable() else repr(text)
+
+
+def other_normal_form(unknown: Iterable[str], known: Iterable[str], where: str) -> str:
+    """'' or, where ids of ``unknown`` are ids of ``known`` (the file ``where``) in another Unicode normal form
+    ('é' as e and a combining accent, or as one character), how many, with one's code points on each side."""
+    nfc = {unicodedata.normalize("NFC", k): k for k in known}
+    alike = {u: k for u in sorted(unknown) if (k := nfc.get(unicodedata.normalize("NFC", u), u)) != u}
+    if not alike:
+        return ""
+    here, there = next(iter(alike.items()))
+    return (f"; {len(alike):,} of them are ids of {where} written with other Unicode characters, e.g. "
+            f"{codepoints(here)} here, {codepoints(there)} there: write both files in one normal form (NFC)")
+
+
+def codepoints(text: str) -> str:
+    """``'é' (U+0065 U+0301)``: text with its characters' code points, where two spellings look alike."""
+    return f"{text!r} ({' '.join(f'U+{ord(c):04X}' for c in text)})"
 
 
 def error_text(err: UnicodeError) -> str:
