@@ -227,12 +227,17 @@ def _terminated(signum, frame) -> NoReturn:
     raise Terminated
 
 
-def entry_point(prog: str, run: Callable[[], T]) -> T:
+INTERRUPTED = ("interrupted; nothing is left half-written (every output is written whole or not at all): a training "
+               "run resumes from its last checkpoint and a cache build from its finished chunks when the same command "
+               "runs again")
+
+
+def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED) -> T:
     """``run()``, with user errors and interruptions turned into the one-line endings above. An
     ``OSError`` about a named file (a permission the OS refused, a file that vanished while read) is a
     user's error too: one line naming the file, the traceback only with ``--verbose``; so is a full disk
     under standard output. ``prog`` is named as argparse names it (``run_IISAN.py``, not the path it was
-    started by)."""
+    started by); ``interrupted``: what a Ctrl-C outside a training loop says (what the command leaves)."""
     prog = os.path.basename(prog)
     closed_streams_to_null(prog)
     printable_stdout()
@@ -245,10 +250,7 @@ def entry_point(prog: str, run: Callable[[], T]) -> T:
         exit_interrupted(prog, err, err.signal)
     except KeyboardInterrupt as err:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
-        exit_interrupted(prog, "interrupted; nothing is left half-written (every output is written whole or "
-                               "not at all): a training run resumes from its last checkpoint and a cache build "
-                               "from its finished chunks when the same command runs again",
-                         "SIGTERM" if isinstance(err, Terminated) else "SIGINT")
+        exit_interrupted(prog, interrupted, "SIGTERM" if isinstance(err, Terminated) else "SIGINT")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
         if not (line := host_memory_error(err) or peer_lost(err) or no_thread(err)):
             raise

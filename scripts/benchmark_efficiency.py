@@ -82,6 +82,10 @@ def parser() -> FlagParser:
     return parser
 
 
+INTERRUPTED = ("interrupted; the rows measured so far are in the JSON and its table (each written whole): run the "
+               "same command again to measure them all")
+
+
 def main(argv=None) -> list[Path]:
     flags = parser()
     args = flags.parse_args(argv)
@@ -92,7 +96,7 @@ def main(argv=None) -> list[Path]:
         flags.error(str(err))
     setup_logging(args.verbose)
     values = {k: getattr(args, k) for k in BENCH_KEYS if hasattr(args, k)}
-    return entry_point(sys.argv[0], lambda: run_benchmark(
+    return entry_point(sys.argv[0], interrupted=INTERRUPTED, run=lambda: run_benchmark(
         values, backbones=args.backbones, data=args.data, equal_batch=args.equal_batch, **chosen,
         warmup=args.warmup, steps=args.steps, flop_batches=args.flop_batches, work=Path(args.work),
         out=Path(args.out), tag=args.tag, figs=None if args.no_plots else Path(args.figs)))

@@ -514,5 +514,30 @@ def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_writt
     with pytest.raises(SystemExit) as info:
         main(["build-lmdb", "--images", tiny["image_dir"], "--out", str(out), "--size", "16", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 143 and len(err) == 1 and err[0].startswith("iisan: interrupted; nothing is left")
+    assert info.value.code == 143 and len(err) == 1
+    assert err[0] == ("iisan: interrupted; no store was written (it is written whole or not at all): run the same "
+                      "command again to build it from the start")  # (no checkpoint, no chunks: a build-lmdb's own)
     assert signal.getsignal(signal.SIGTERM) is handler and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, tmp_path):
+    """Every command said that a training run resumes and a cache build goes on from its chunks: iisan evaluate's
+    and the benchmark's Ctrl-C too, which leave neither."""
+    import iisan.cli.use as use
+
+    from ._scripts import load_script
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(use, "cmd_evaluate", interrupted)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(tmp_path)])
+    assert info.value.code == 130 and capsys.readouterr().err.strip() == "iisan: interrupted; nothing was written"
+    bench = load_script("benchmark_efficiency.py")
+    monkeypatch.setattr(bench, "run_benchmark", interrupted)
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--few-steps", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert info.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "interrupted; the rows measured so far are in the JSON and its table (each written whole): run the same "
+        "command again to measure them all")

@@ -51,13 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
 # The commands torchrun may start: training is data-parallel; every other command runs whole in each process
 # (a cache build's ranks would lock each other out, evaluate would print its table once per rank).
 UNDER_TORCHRUN = ("train",)
+# What a Ctrl-C leaves, for the commands that neither train nor build a cache (console.INTERRUPTED's words)
+READ_ONLY = "interrupted; nothing was written"
+INTERRUPTED = {
+    "build-lmdb": "interrupted; no store was written (it is written whole or not at all): run the same command "
+                  "again to build it from the start",
+    "export": "interrupted; nothing is left half-written (each file is written whole or not at all): run the same "
+              "command again",
+    "fetch": "interrupted; nothing is left half-written: a download goes on from what it fetched when the same "
+             "command runs again",
+    "results": "interrupted; nothing is left half-written (a table or figure is written whole or not at all)",
+    **dict.fromkeys(("evaluate", "recommend", "params", "data-stats"), READ_ONLY),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     printable_stdout()  # (--help included)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    entry_point("iisan", lambda: run(args))
+    entry_point("iisan", lambda: run(args), **({"interrupted": INTERRUPTED[args.command]}
+                                                if args.command in INTERRUPTED else {}))
 
 
 def run(args: argparse.Namespace):
