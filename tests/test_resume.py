@@ -295,6 +295,21 @@ def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():
     assert torchrun.signal == "SIGTERM"
 
 
+def test_the_stop_line_starts_a_line_of_its_own_on_a_terminal_only(monkeypatch):
+    """Below a bar and the ^C a terminal echoes, a newline first; in a batch log it was a blank line."""
+    import os
+
+    from iisan.train.interrupt import StopRequests
+
+    written = []
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(data.decode()))
+    for tty in (False, True):
+        monkeypatch.setattr(os, "isatty", lambda fd, tty=tty: tty)
+        StopRequests(escalate=False)._handle(signal.SIGTERM, None)
+    line = "SIGTERM received: finishing the current step, then saving a checkpoint\n"
+    assert written == [line, "\n" + line]
+
+
 def test_a_handler_python_cannot_put_back_gives_way_to_the_default(monkeypatch):
     """signal.signal returns None for a handler installed outside Python; leaving the stop handler in its
     place would make later signals set a flag nothing reads."""

@@ -46,8 +46,10 @@ class StopRequests:
                                         "checkpoint (the same command resumes from the newest one)")
             return
         self.signal = name
-        # os.write, not logging: a handler may run while the logging lock is held.
-        os.write(2, f"\n{self.signal} received: finishing the current step, then saving a checkpoint"
+        # os.write, not logging: a handler may run while the logging lock is held. On a terminal, below the
+        # bar and the ^C it echoed; in a log, no blank line.
+        below = "\n" if os.isatty(2) else ""
+        os.write(2, f"{below}{self.signal} received: finishing the current step, then saving a checkpoint"
                     f"{' (Ctrl-C again stops at once, without saving)' if self.escalate else ''}\n".encode())
 
     def __enter__(self) -> StopRequests:
