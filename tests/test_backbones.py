@@ -280,3 +280,23 @@ def test_a_clip_vision_towers_final_cls_is_after_its_post_layernorm(towers):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc.final_cls(pixel_values=x), enc.model(pixel_values=x).pooler_output)
+
+
+def test_tokenising_many_titles_is_said_before_it_takes_seconds(monkeypatch, caplog):
+    """200,000 titles took some 15 s between a cache build's first line and its 'caching ...' line, unsaid."""
+    import logging
+    import types
+
+    from iisan.config import Config
+    from iisan.model import build
+
+    class Text:
+        def title_inputs(self, titles, tokens):
+            return None, None
+
+    monkeypatch.setattr(build, "LiveStates", lambda *args: types.SimpleNamespace(to=lambda device: "live"))
+    monkeypatch.setattr(build, "image_pixels", lambda *args: None)
+    with caplog.at_level(logging.INFO, logger="iisan.model.build"):
+        build.live_states(Config(), [], ["t"] * 50_000, "cpu", {"text": Text()})
+        build.live_states(Config(), [], ["t"] * 50_001, "cpu", {"text": Text()})
+    assert caplog.messages == ["tokenising 50,001 titles"]

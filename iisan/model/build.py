@@ -148,7 +148,8 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
     """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
     encoders = encoders or load_encoders(cfg)
     tokens = attention = None
-    if "text" in encoders:
+    if "text" in encoders:  # (200,000 titles: some 15 s, said where it is long enough to wonder about)
+        log.log(logging.INFO if len(titles) > 50_000 else logging.DEBUG, "tokenising %s titles", f"{len(titles):,}")
         tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
     pixels = image_pixels(cfg, item_ids, encoders)
     live = LiveStates(encoders, tokens, attention, cfg.text_encoder_dropout)
