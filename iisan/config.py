@@ -273,13 +273,7 @@ class Config:
 
     def _normalise(self) -> None:
         """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live.
-        And one spelling of a value, as a run's name hashes it and a results table shows it: -0.0 is 0.0, a
-        target list "query, value," is query,value (what the model builds from either)."""
-        for f in dataclasses.fields(self):
-            if isinstance(value := getattr(self, f.name), float) and value == 0.0:
-                setattr(self, f.name, 0.0)
-        self.lora_targets, self.adapter_targets = (",".join(filter(None, targets.replace(" ", "").split(",")))
-                                                   for targets in (self.lora_targets, self.adapter_targets))
+        (A value keeps its spelling, as config.json records it: ``bounds.one_spelling`` is how runs compare.)"""
         if self.towers != "both":
             self.modality = "intra"
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift

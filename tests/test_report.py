@@ -424,6 +424,17 @@ def test_seeds_of_different_parameter_counts_show_no_count_and_are_warned_of(run
         in caplog.text
 
 
+def test_a_value_spelt_two_ways_is_one_configuration(runs, tmp_path, capsys):
+    """A run saved with drop_rate -0.0 beside one with 0.0: two rows of one computation."""
+    out, _ = runs
+    first = out / "lr0.0002-s1"
+    copy_run(first, tmp_path / "runs" / "a", lambda r: r["config"].update(seed=1, drop_rate=-0.0))
+    copy_run(first, tmp_path / "runs" / "b", lambda r: r["config"].update(seed=2, drop_rate=0.0))
+    main(["results", str(tmp_path / "runs"), "--average-seeds"])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [r[header.index("seeds")] for r in rows] == ["2"] and "drop_rate" not in header
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 

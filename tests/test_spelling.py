@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from iisan.bounds import one_spelling
 from iisan.config import DEFAULT_MODELS, REPOSITORY, Config
 from iisan.experiments.presets import versa_defaults
 from iisan.train.checkpoint import config_differences
@@ -15,10 +16,13 @@ PLAIN = {"users": "/data/Sci/u.tsv", "items": "/data/Sci/i.tsv", "cache_dir": "/
 
 
 def test_minus_zero_is_zero():
-    """json.dumps spells -0.0 apart from 0.0: --drop-rate -0 named a second run of the same computation."""
+    """json.dumps spells -0.0 apart from 0.0: --drop-rate -0 named a second run of the same computation. The
+    config keeps what was given (config.json records it); names, resumes and tables read one spelling."""
     spelt = Config(**PLAIN, drop_rate=-0.0, item_bucket_growth=-0.0)
-    assert math.copysign(1.0, spelt.drop_rate) == 1.0 and math.copysign(1.0, spelt.item_bucket_growth) == 1.0
-    assert config_hash(spelt) == config_hash(Config(**PLAIN, drop_rate=0.0, item_bucket_growth=0.0))
+    assert math.copysign(1.0, spelt.drop_rate) == -1.0  # as given
+    assert math.copysign(1.0, one_spelling(spelt.to_dict())["drop_rate"]) == 1.0
+    plain = Config(**PLAIN, drop_rate=0.0, item_bucket_growth=0.0)
+    assert config_hash(spelt) == config_hash(plain) and config_differences(spelt.to_dict(), plain.to_dict()) == []
 
 
 def test_target_lists_are_one_spelling_of_what_the_model_builds():
@@ -26,8 +30,9 @@ def test_target_lists_are_one_spelling_of_what_the_model_builds():
     for key, plain, spelt in (("lora_targets", "query,value", " query, value,"),
                               ("adapter_targets", "text:ffn_out,attention_output", "text:ffn_out , attention_output")):
         cfg = Config(**PLAIN, method="lora" if key == "lora_targets" else "adapter", **{key: spelt})
-        assert getattr(cfg, key) == plain
-        assert config_hash(cfg) == config_hash(Config(**{**cfg.to_dict(), key: plain}))
+        assert one_spelling(cfg.to_dict())[key] == plain
+        other = Config(**{**cfg.to_dict(), key: plain})
+        assert config_hash(cfg) == config_hash(other) and config_differences(cfg.to_dict(), other.to_dict()) == []
 
 
 def test_a_default_encoder_spelt_with_a_slash_or_dot_is_the_repositorys_from_any_folder(tmp_path, monkeypatch):
@@ -76,3 +81,17 @@ def test_auto_layers_undo_a_config_files_list(tmp_path):
     auto = config_from_args(parse([*base, "--text-layers", "auto", "--image-layers", "auto"]))
     assert (auto.text_layers, auto.image_layers) == (None, None)
     assert config_hash(auto) == config_hash(Config(**PLAIN))
+
+
+def test_a_run_named_before_one_spelling_is_found_by_its_spelling_and_resumed(tmp_path):
+    """A run saved as -0.0 or "query, value" before names hashed one spelling: the same command finds its
+    folder (an earlier scheme), and its checkpoint's config, compared in one spelling, is this config's."""
+    from iisan.train.runfolder import HASHES, default_run_name, known_run_name
+
+    cfg = Config(**PLAIN, out_dir=str(tmp_path), method="lora", lora_targets="query, value", drop_rate=-0.0)
+    earlier = default_run_name(cfg, scheme="read")  # the name fe0d88d gave it
+    assert earlier != default_run_name(cfg) and HASHES[:2] == ("one-spelling", "read")
+    (tmp_path / earlier).mkdir()
+    assert known_run_name(cfg) == earlier
+    saved = {**cfg.to_dict(), "lora_targets": "query, value"}
+    assert config_differences(saved, Config(**{**cfg.to_dict(), "lora_targets": "query,value"}).to_dict()) == []

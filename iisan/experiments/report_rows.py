@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bounds import LEARNING_RATES
+from ..bounds import LEARNING_RATES, one_spelling
 from ..config import Config
 from ..data.run_data import recorded_digest
 from ..digests import file_fingerprint
@@ -73,7 +73,7 @@ def read_row(path: Path, results: dict) -> dict:
     """One row: the run, its status, every config key (as text; a key the file predates at its
     default), the metrics at the best-validation epoch, timings, parameters and memory. ``results``
     has passed ``check_results``."""
-    cfg = {**Config().to_dict(), **results["config"]}
+    cfg = one_spelling({**Config().to_dict(), **results["config"]})  # (a file saved before -0.0 was 0.0)
     results = {**results, "working_dir": ran_from(path, results, cfg)}
     users = Path(os.path.normpath(os.path.join(results["working_dir"], cfg["users"])))  # relative: from where it ran
     test, valid = results.get("test") or {}, results.get("valid") or {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..bounds import one_spelling
 from ..config import BEFORE_THE_FIELD, Config, is_default_model, model_location
 from ..digests import sha256
 from ..distributed import launched_processes
@@ -160,7 +161,8 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     before = {**Config().to_dict(), **BEFORE_THE_FIELD}
     ignore = ignore | unread_keys(*(current.get(k, before[k]) for k in ("method", "towers", "feed")))
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE - ignore)
-    old, now = ({k: values.get(k, before.get(k)) for k in keys} for values in (saved, current))
+    # (each in one spelling: a run saved before -0.0 and "query, value" were written 0.0 and query,value)
+    old, now = (one_spelling({k: values.get(k, before.get(k)) for k in keys}) for values in (saved, current))
     same_old, same_now = same_paths(old, saved_in), same_paths(now)
     differ = [k for k in keys if same_old[k] != same_now[k]]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):

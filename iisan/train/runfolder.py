@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..bounds import MAX_NAME_BYTES
+from ..bounds import MAX_NAME_BYTES, one_spelling
 from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import metrics_text
@@ -44,11 +44,12 @@ log = logging.getLogger(__name__)
 RESULTS, BEST = "results.json", "best.safetensors"
 
 
-# How versions of this library hashed a config, newest first: keys the method never reads left out too
-# (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its default's
-# place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's absolute
-# path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
-HASHES = ("read", "canonical", "defaults-as-spelt", "as-spelt")
+# How versions of this library hashed a config, newest first: each value in one spelling too (-0.0 as 0.0,
+# "query, value" as query,value: ``bounds.one_spelling``; after commit fe0d88d); keys the method never reads
+# left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its
+# default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
+# absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
+HASHES = ("one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
 
 
 def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
@@ -57,9 +58,10 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
     count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
     defaults, values = Config().to_dict(), cfg.to_dict()
-    if scheme in ("read", "canonical"):
+    values = one_spelling(values) if scheme == "one-spelling" else values
+    if scheme in ("one-spelling", "read", "canonical"):
         defaults, values = same_paths(defaults), same_paths(values)
-    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme == "read" else frozenset()
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme in ("one-spelling", "read") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if scheme == "defaults-as-spelt":
         values = same_paths(values)
