@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from iisan.bounds import one_spelling
 from iisan.config import DEFAULT_MODELS, REPOSITORY, Config
 from iisan.experiments.presets import versa_defaults
@@ -95,3 +97,14 @@ def test_a_run_named_before_one_spelling_is_found_by_its_spelling_and_resumed(tm
     assert known_run_name(cfg) == earlier
     saved = {**cfg.to_dict(), "lora_targets": "query, value"}
     assert config_differences(saved, Config(**{**cfg.to_dict(), "lora_targets": "query,value"}).to_dict()) == []
+
+
+@pytest.mark.parametrize("spelt, earlier", [
+    ("~/models/bert", "a49a7cc3"), ("elsewhere/bert/", "40d8dfe0"), ("./elsewhere/bert", "a09aaaea"),
+    (DEFAULT_MODELS["text"] + "/", "97cd496c"), ("./" + DEFAULT_MODELS["text"], "091be948")])
+def test_encoder_spellings_keep_the_names_runs_had_before_one_spelling(spelt, earlier, tmp_path, monkeypatch):
+    """The hash fe0d88d named these runs by (computed by that commit's code, from a folder where none of these
+    encoder folders is): the 'read' scheme still gives it, so their folders are found."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config_hash(Config(**PLAIN, text_model=spelt), "read") == earlier

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..bounds import one_spelling
-from ..config import BEFORE_THE_FIELD, Config, is_default_model, model_location
+from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, is_default_model, model_location
 from ..digests import sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
@@ -60,22 +60,26 @@ MODEL_PATHS = ("text_model", "image_model")  # so are encoder folders found from
 PATHS = frozenset({*DATA_PATHS, *MODEL_PATHS})  # spelt otherwise by a resumed run; their contents are compared apart
 
 
-def same_paths(values: dict, working_dir: object = None) -> dict:
+def same_paths(values: dict, working_dir: object = None, spelling: bool = True) -> dict:
     """``values`` with each data path, and each encoder folder found there, absolute: a relative one taken
     from ``working_dir`` (the folder the run that saved ``values`` ran in; here when not known), so that
     two spellings of one file are one setting (the data files' contents are compared by fingerprint:
-    ``same_inputs.refuse_changed_data``)."""
+    ``same_inputs.refuse_changed_data``). ``spelling``: an encoder folder's spelling counts for nothing either
+    (a default's with a trailing ``/``, one under ``~``, one not here as ``x/``); without it, as run names
+    hashed paths before commit fe0d88d (``runfolder.HASHES``)."""
     base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()
 
     def same(key: str, value: object) -> object:
         if not isinstance(value, str) or not value or key not in PATHS:
             return value
-        if key in MODEL_PATHS and is_default_model(value):  # under the repository, from any folder
-            return str(model_location(value))
-        value = os.path.expanduser(value) if key in MODEL_PATHS else value  # (as ``model_location`` finds it)
+        if key in MODEL_PATHS and (is_default_model(value) if spelling else value in DEFAULT_MODELS.values()):
+            return str(model_location(value))  # under the repository, from any folder
+        value = os.path.expanduser(value) if key in MODEL_PATHS and spelling else value  # (as the loader finds it)
         there = os.path.abspath(os.path.join(base, value))
+        if key in DATA_PATHS or os.path.isdir(there):
+            return there
         # a model folder not here: a Hub id, or a cached run's encoder elsewhere (``x/``, ``./x`` and ``x`` alike)
-        return there if key in DATA_PATHS or os.path.isdir(there) else os.path.normpath(value)
+        return os.path.normpath(value) if spelling else value
 
     return {k: same(k, v) for k, v in values.items()}
 

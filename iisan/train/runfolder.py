@@ -45,7 +45,8 @@ RESULTS, BEST = "results.json", "best.safetensors"
 
 
 # How versions of this library hashed a config, newest first: each value in one spelling too (-0.0 as 0.0,
-# "query, value" as query,value: ``bounds.one_spelling``; after commit fe0d88d); keys the method never reads
+# "query, value" as query,value: ``bounds.one_spelling``; an encoder folder's spelling: ``same_paths``'s
+# ``spelling``; after commit fe0d88d); keys the method never reads
 # left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its
 # default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
 # absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
@@ -58,13 +59,14 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
     count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
     defaults, values = Config().to_dict(), cfg.to_dict()
-    values = one_spelling(values) if scheme == "one-spelling" else values
+    spelling = scheme == "one-spelling"
+    values = one_spelling(values) if spelling else values
     if scheme in ("one-spelling", "read", "canonical"):
-        defaults, values = same_paths(defaults), same_paths(values)
+        defaults, values = same_paths(defaults, spelling=spelling), same_paths(values, spelling=spelling)
     unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme in ("one-spelling", "read") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if scheme == "defaults-as-spelt":
-        values = same_paths(values)
+        values = same_paths(values, spelling=False)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
