@@ -87,8 +87,8 @@ class Config:
     text_layers: tuple[int, ...] | None = _opt(None, "hidden-state indices fed to the text SAN (0 = embeddings; "
                                                "auto: --layer-rule's, over a --config file's list); "
                                                "default: --layer-rule's choice")
-    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (auto: as --text-layers) "
-                                                "(default: --layer-rule's)")
+    image_layers: tuple[int, ...] | None = _opt(None, "image SAN's hidden-state indices (auto: as --text-layers); "
+                                                "default: --layer-rule's choice")
     layer_groups: int = _opt(6, "how many layers (above the embeddings) automatic layer selection picks; "
                                 "all of them in an encoder of fewer layers")
     layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "

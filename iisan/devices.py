@@ -26,7 +26,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--amp`` on ``device``: none on the CPU (bf16 is emulated there)."""
+    """The autocast dtype of ``--amp`` on ``device``: none on the CPU (bf16 is often emulated there)."""
     if device.type != "cuda" or amp == "none":
         return None
     return torch.float16 if amp == "fp16" else torch.bfloat16

@@ -135,7 +135,8 @@ class OutputLock:
         """A lock file this process may not open for writing: one a killed holder of another user left (a shared
         folder, the holder's umask) is said to be one, with its holder, for whoever may remove it."""
         try:
-            left = (lock_text(self.path.read_bytes()[:LOCK_READ + 1]) or "").strip() if self.path.is_file() else ""
+            with open(self.path, "rb") as fh:  # (at most what a lock holds: a large file is no lock)
+                left = (lock_text(fh.read(LOCK_READ + 1)) or "").strip() if self.path.is_file() else ""
         except OSError:
             left = ""
         if not left:

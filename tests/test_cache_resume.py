@@ -105,6 +105,16 @@ def test_a_build_folder_that_cannot_be_removed_is_named_in_full(tiny_config, tmp
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     assert cache_build.discard_partial_build(cfg.cache_dir) and not building.exists()
 
+    def refuse_the_folder(path, *args, **kwargs):  # (another user's mode-700 .building: the folder itself)
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_the_folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError) as err:
+        cache_build.remove_build(Path("shared") / SIDECAR)
+    assert str(err.value) == (f"could not remove shared/{SIDECAR}, a cache build's folder: Permission denied; "
+                              "remove it by hand, or build into another --cache-dir")  # not shared/.b../shared/.b..
+
 
 def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(tiny_config, tmp_path, counted):
     cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)

@@ -341,6 +341,7 @@ def test_half_encoders_on_a_cpu_are_warned_of_once(caplog):
         for _ in range(2):
             assert resolve_encoder_dtype("float16", "m", "text", torch.device("cpu")) == torch.float16
         assert resolve_encoder_dtype("float32", "m", "text", torch.device("cpu")) == torch.float32
+        assert resolve_encoder_dtype("bfloat16", "m", "text", torch.device("mps")) == torch.bfloat16  # a GPU's own
     assert [r.getMessage() for r in caplog.records] == [
         "--encoder-dtype float16 on a CPU: often emulated there, slower than fp32 (auto's)"]
 

@@ -435,6 +435,17 @@ def test_a_value_spelt_two_ways_is_one_configuration(runs, tmp_path, capsys):
     assert [r[header.index("seeds")] for r in rows] == ["2"] and "drop_rate" not in header
 
 
+@pytest.mark.parametrize("damage", [{"cache": {"text": "x"}}, {"cache": ["x"]}, {"encoders": {"text": 3}}])
+def test_a_damaged_cache_or_encoder_record_is_no_crash(runs, tmp_path, capsys, damage):
+    """The weights and precision columns read results.json's cache and encoders records, unchecked: a file
+    damaged there was an AttributeError traceback."""
+    out, _ = runs
+    copy_run(out / "lr0.0002-s1", tmp_path / "runs" / "a", lambda r: r.update(damage))
+    main(["results", str(tmp_path / "runs")])
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["a"]
+
+
 def test_smoke_and_unfinished_runs_are_left_out_unless_asked(runs, tmp_path, capsys, caplog):
     import shutil
 

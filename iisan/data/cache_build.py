@@ -150,9 +150,10 @@ def remove_build(path: Path) -> None:
     naming the file in it, not that file's bare name, as ``shutil.rmtree`` says it."""
     try:
         shutil.rmtree(path)
-    except OSError as err:
+    except OSError as err:  # rmtree names a file inside by its bare name, the folder itself as given
         name = err.filename if isinstance(err.filename, str) else ""
-        inside = f" ({path / name if name and not os.path.isabs(name) else name})" if name else ""
+        full = name if os.path.isabs(name) or os.path.normpath(name) == os.path.normpath(path) else str(path / name)
+        inside = f" ({full})" if name and os.path.normpath(full) != os.path.normpath(path) else ""
         raise OutputError(f"could not remove {path}, a cache build's folder{inside}: {failure_reason(err)}; "
                           "remove it by hand, or build into another --cache-dir") from None
 

@@ -70,12 +70,13 @@ def encoder_labels(paths: Iterable[str]) -> dict[str, str]:
 def weights_apart(frame: pd.DataFrame, key: str, labels: pd.Series) -> pd.Series:
     """``labels`` (an encoder column's ``encoder_labels``) with ``@`` and a digest where runs of one label
     recorded other weights (two folders named alike, a folder whose weights were replaced between seeds), so
-    that no table or average joins them; said in a warning. A run that recorded none joins any."""
+    that no table or average joins them; said in a warning. A run that recorded none keeps the bare label (it
+    joins the others where they all hold one weights)."""
     weights = frame[key.replace("_model", "_weights")]
     labels = labels.copy()
     for name, rows in labels.groupby(labels, sort=False).groups.items():
         if weights[rows][weights[rows] != ""].nunique() > 1:
-            labels[rows] = [f"{name}@{w[:6]}" if w else name for w in weights[rows]]
+            labels[rows] = [f"{name}@{w[:6]}" if isinstance(w, str) and w else name for w in weights[rows]]
             log.warning("%s %r names encoders of other weights in these runs: shown apart as %s", key, name,
                         ", ".join(sorted(set(labels[rows]))))
     return labels

@@ -115,7 +115,8 @@ def read_row(path: Path, results: dict) -> dict:
         row["cache_dtype"] = ",".join(sorted(stored))
     # a cached run's states were computed by encoders in the precision its cache records: bf16 encoders' states
     # are not fp32 states rounded to bf16, though both caches store bf16
-    computed = {r["encoder_dtype"] for r in (results.get("cache") or {}).values() if r.get("encoder_dtype")}
+    cache = results.get("cache") if isinstance(results.get("cache"), dict) else {}
+    computed = {r["encoder_dtype"] for r in cache.values() if isinstance(r, dict) and r.get("encoder_dtype")}
     if cfg["encoder_dtype"] == "auto" and computed:
         row["encoder_dtype"] = ",".join(sorted(computed))
     if isinstance(ran := (results.get("step") or {}).get("amp"), str) and ran:  # what it trained in: --amp auto
@@ -132,9 +133,13 @@ def read_row(path: Path, results: dict) -> dict:
 def weights_read(results: dict, modality: str) -> str:
     """The digest of the ``modality`` encoder's weights the run recorded ('' where none is: an older file, an
     encoder that was no folder, a run without that tower)."""
-    cached = ((results.get("cache") or {}).get(modality) or {}).get("encoder_weights")
-    live = ((results.get("encoders") or {}).get(modality) or {}).get("digest")
-    return str(cached or live or "")
+    def field(record: str, key: str):
+        kept = results.get(record)
+        entry = kept.get(modality) if isinstance(kept, dict) else None
+        return entry.get(key) if isinstance(entry, dict) else None  # (a damaged file's: none)
+
+    found = field("cache", "encoder_weights") or field("encoders", "digest")
+    return found if isinstance(found, str) else ""
 
 
 def files_read(results: dict, cfg: dict, key: str) -> str:

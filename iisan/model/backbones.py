@@ -129,7 +129,7 @@ def resolve_encoder_dtype(choice: str, name: str, modality: str, device: torch.d
     emulated there: a half choice is warned of); on a GPU the checkpoint's own when half (a 70B LLM in fp32 would
     not fit), else fp32 (BERT and ViT checkpoints are stored in fp32)."""
     if choice != "auto":
-        if choice in HALF and device.type != "cuda" and once.first("half encoders on a CPU", choice):
+        if choice in HALF and device.type == "cpu" and once.first("half encoders on a CPU", choice):
             log.warning("--encoder-dtype %s on a CPU: often emulated there, slower than fp32 (auto's)", choice)
         return {"float32": torch.float32, **HALF}[choice]
     if device.type != "cuda":

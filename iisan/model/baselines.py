@@ -10,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from ..bounds import target_entries
 from ..config import Config
 from ..data.batches import ItemBatch
 from ..errors import TargetError
@@ -26,7 +27,7 @@ def tower_targets(targets: str, modality: str, flag: str) -> list[str]:
     """The entries of a comma-separated target list for one tower: ``text:c_attn`` the text tower's only,
     an entry without a prefix both towers' (``query``: a role; ``q_proj``: a module-name suffix)."""
     chosen = []
-    for entry in filter(None, targets.replace(" ", "").split(",")):
+    for entry in target_entries(targets):
         tower, _, name = entry.rpartition(":")
         if tower not in ("", "text", "image") or not name:
             raise TargetError(f"{flag} entry {entry!r}: expected a role or module name, optionally after text: "
