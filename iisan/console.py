@@ -55,9 +55,15 @@ def labelled_metrics(metrics: dict) -> str:
     return "  ".join(f"{label(k)} {fixed(metrics[k])}" for k in HEADLINE)
 
 
+def other_rank() -> bool:
+    """A process of a launch other than rank 0 (``distributed.main_process``'s rule, without importing torch): a
+    RANK alone in the environment, a plain run's, is no launch."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0"
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    if os.environ.get("RANK", "0") != "0":
+    if other_rank():
         level = logging.WARNING  # under torchrun, rank 0 speaks for all; other ranks report only trouble
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     if verbose:  # also when logging was set up before the flags were read (the entry scripts)
@@ -187,7 +193,7 @@ def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Ca
 
 def exit_interrupted(prog: str, err: BaseException | str, signal_name: str = "SIGINT") -> NoReturn:
     """Ctrl-C or SIGTERM: say how to resume (once, under torchrun) and exit 130 or 143."""
-    if os.environ.get("RANK", "0") == "0":
+    if not other_rank():
         print(f"{prog}: {err}", file=sys.stderr)
     sys.exit(interrupt_status(signal_name))
 

@@ -106,6 +106,12 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         torch.cuda.set_device(device)
     created = not torch_dist.is_initialized()
     if created:
+        if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]:
+            raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: launch with torchrun, "
+                              "which sets them, or unset RANK and WORLD_SIZE for a run of one process")
+        if rank == 0:  # (the wait below cannot be interrupted: a launch some process never joins waits here)
+            log.info("joining the %d processes of this launch at %s:%s", world, os.environ["MASTER_ADDR"],
+                     os.environ["MASTER_PORT"])
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     dist = Dist(rank, world, local, torch_dist.get_backend())

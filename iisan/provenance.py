@@ -36,13 +36,13 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The checkout's commit (``+dirty`` with local changes), or $IISAN_COMMIT where there is no .git
-    (a copied working tree, e.g. on a remote GPU); ``unknown`` for an installed package (its version is in
-    ``versions``), whose folder may sit inside another project's repository."""
-    if os.environ.get("IISAN_COMMIT"):
-        return os.environ["IISAN_COMMIT"]
+    """The checkout's commit (``+dirty`` with local changes), or $IISAN_COMMIT where git cannot say (a copied
+    working tree without .git, e.g. on a remote GPU: a variable left set never relabels a checkout's runs);
+    ``unknown`` for an installed package (its version is in ``versions``), whose folder may sit inside another
+    project's repository."""
+    given = os.environ.get("IISAN_COMMIT") or "unknown"
     if not CHECKOUT:
-        return "unknown"
+        return given
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE, capture_output=True, text=True,
                              timeout=5, check=False)
@@ -50,8 +50,9 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE,
                                capture_output=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = out.stdout.strip() or "unknown"
+        return given
+    if out.returncode != 0 or not (commit := out.stdout.strip()):
+        return given
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 

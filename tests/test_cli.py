@@ -542,3 +542,18 @@ def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, tmp_path):
     assert info.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "interrupted; the rows measured so far are in the JSON and its table (each written whole): run the same "
         "command again to measure them all")
+
+
+def test_a_rank_alone_in_the_environment_is_no_launch_for_what_is_said(monkeypatch, capsys):
+    """RANK=1 left in a plain run's environment hid the resume line of a Ctrl-C (and every INFO line), though
+    the run itself, rightly, was no launch (distributed.launched needs WORLD_SIZE too)."""
+    from iisan.console import exit_interrupted
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for world in (None, "2"):
+        if world:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit):
+            exit_interrupted("iisan", "interrupted; to resume, run the same command again")
+    assert capsys.readouterr().err == "iisan: interrupted; to resume, run the same command again\n"  # once

@@ -416,3 +416,21 @@ def test_a_grid_point_failing_on_one_rank_ends_the_launch_instead_of_hanging(tin
     # rank 1 learns rank 0's reason (``Run.on_main``): it says that, or torchrun stops it first; never a lost peer
     assert 1 <= len(said) <= 2 and not [line for line in errors if "lost contact" in line], errors
     assert "grid point 1 (2 of 2)" not in proc.stderr  # (then torchrun's own report of the failed workers)
+
+
+def test_a_launch_environment_without_its_rendezvous_address_is_one_line(monkeypatch):
+    """RANK, WORLD_SIZE and LOCAL_RANK left set by hand (a cluster's profile) but no MASTER_ADDR: torch's
+    ValueError traceback; with the address but no MASTER_PORT, the same."""
+    from iisan.distributed import setup
+    from iisan.errors import ConfigError
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not: launch "
+                                          r"with torchrun, which sets them, or unset RANK and WORLD_SIZE"):
+        setup("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_PORT not"):
+        setup("cpu")

@@ -390,10 +390,17 @@ def test_a_demo_run_is_named_by_its_seed(tmp_path):
 # provenance
 
 
-def test_a_copied_tree_records_the_commit_it_is_given(monkeypatch):
+def test_a_copied_tree_records_the_commit_it_is_given_and_a_checkout_its_own(monkeypatch):
+    """$IISAN_COMMIT is for a tree git cannot name (a copy without .git on a lent GPU); left exported, it
+    relabelled every later run of a checkout."""
     monkeypatch.setenv("IISAN_COMMIT", "abc1234+dirty")
-    monkeypatch.setattr(provenance_module.subprocess, "run", None)  # no git asked
+    no_git = subprocess.CompletedProcess(["git"], 128, "", "fatal: not a git repository")
+    monkeypatch.setattr(provenance_module.subprocess, "run", lambda argv, **kw: no_git)
     assert provenance_module.git_commit() == "abc1234+dirty"
+    said = {"rev-parse": "def5678\n", "status": ""}
+    monkeypatch.setattr(provenance_module.subprocess, "run",
+                        lambda argv, **kw: subprocess.CompletedProcess(argv, 0, said[argv[1]], ""))
+    assert provenance_module.git_commit() == "def5678"
 
 
 @pytest.mark.parametrize("status,commit", [(" M iisan/methods.py\n", "abc1234+dirty"), ("", "abc1234")])

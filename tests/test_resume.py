@@ -219,6 +219,25 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(base
     assert collect([str(saved.parents[1])], include_running=True)[0]["processes"].tolist() == ["2+1"]
 
 
+def test_a_run_resumed_on_another_device_or_thread_count_says_so_and_lists_each(base, caplog):
+    """OMP_NUM_THREADS=1 for the first epochs, 2 for the rest: the numbers differ in the last bits from either
+    uninterrupted run, and only train.log's two headers told; results.json named the last device alone."""
+    from iisan.devices import device_name
+
+    cfg = base.replace(run_name="threads", epochs=1)
+    train(cfg)
+    saved = Path(cfg.out_dir) / "threads" / "checkpoints" / "epoch-0000"
+    other = "CPU (x86_64, 2 cores, 1 torch threads)"
+    restate(saved, lambda s: (s.pop("devices"), s.update(device=other)))  # (as saved before devices were listed)
+    with caplog.at_level("WARNING", logger="iisan.train.records"):
+        longer = train(cfg.replace(epochs=2))
+    here = device_name("cpu")
+    assert longer["devices"] == [other, here]
+    assert f"was trained so far on {other} and goes on on {here}: its numbers will not match" in caplog.text
+    state = json.loads((saved.parent / "epoch-0001" / checkpoint.STATE).read_text())
+    assert state["devices"] == [other, here]  # for the next attempt
+
+
 def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     """A checkpoint carries the peak memory so far: a run that peaked before it was interrupted reports that
     peak, not only its last attempt's; what is not a peak (the current resident set) is the last one's."""

@@ -70,6 +70,7 @@ class RunRecord:
         self.versions, self.commit = versions(), git_commit()  # once: git runs a process
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
+        self.devices = [device_name(device)]  # and their devices (a CPU's thread count changes the last bits)
         # from here on: not a cache build's, or an earlier run's in this process; the LMDB's pages where it is read
         self.memory = MemoryPeaks(device, cfg.method != "id" and cfg.feed == "live" and cfg.towers != "text")
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
@@ -164,16 +165,22 @@ class RunRecord:
             self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
 
     def resumed_under(self, state: dict) -> None:
-        """The commits and process counts of the attempts before this one (a checkpoint's ``git_commits``,
-        and its ``world_sizes`` then the ``world_size`` of the attempt that saved it): a
-        resume under another commit than the last is a warning, and results.json lists every commit and
-        every count, each change once."""
+        """The commits, process counts and devices of the attempts before this one (a checkpoint's
+        ``git_commits``, its ``world_sizes`` then the ``world_size`` of the attempt that saved it, its ``devices``
+        then its ``device``): a resume under another commit or device than the last is a warning, and results.json
+        lists every commit, count and device, each change once."""
         commits = [c for c in state.get("git_commits") or () if isinstance(c, str)]
         if commits and commits[-1] != self.commit:
             log.warning("%s was trained so far at commit %s and goes on at %s (results.json's git_commits lists "
                         "both)", self.run_dir, commits[-1], self.commit)
         sizes = _then([n for n in state.get("world_sizes") or () if type(n) is int and n >= 1], state["world_size"])
         self.commits, self.world_sizes = _then(commits, self.commit), _then(sizes, self.world_size)
+        devices = _then([d for d in state.get("devices") or () if isinstance(d, str)], str(state.get("device")))
+        if devices[-1] != (here := device_name(self.device)):
+            log.warning("%s was trained so far on %s and goes on on %s: its numbers will not match an uninterrupted "
+                        "run on either bit for bit (results.json's devices lists both)", self.run_dir, devices[-1],
+                        here)
+        self.devices = _then(devices, here)
         self.memory.resume(state)
 
     def write_metrics(self) -> None:
@@ -215,6 +222,7 @@ class RunRecord:
             "device": device_name(self.device),
             "world_size": self.world_size,
             "world_sizes": self.world_sizes,  # of every attempt: a run resumed under another count differs
+            "devices": self.devices,  # likewise: another device, or another thread count on a CPU
             "resumed_from": progress.resumed_from,
             "versions": self.versions,
             "git_commit": self.commit,

@@ -91,7 +91,7 @@ class RunCheckpoints:
                 "grad_scaler": runstate.scaler_state(run.step.scaler), "world_size": run.dist.world_size,
                 "device": device_name(run.device), "config": run.cfg.to_dict(), "versions": record.versions,
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commits": record.commits,
-                "world_sizes": record.world_sizes, **record.memory.report(),
+                "world_sizes": record.world_sizes, "devices": record.devices, **record.memory.report(),
                 "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
             }
             try:
