@@ -385,7 +385,7 @@ def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(argv, monk
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"iisan: error: iisan {argv[0]} runs in one process: start it without torchrun (only iisan train and the "
-        "entry scripts are data-parallel)"]
+        "entry scripts are data-parallel; RANK and WORLD_SIZE in the environment say a launch)"]
 
 
 def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_path):
@@ -400,7 +400,8 @@ def test_the_cache_script_refuses_torchrun_in_one_line(monkeypatch, capsys, tmp_
         runpy.run_path(str(script), run_name="__main__")
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == ("preprocess_vectors.py: error: preprocess_vectors.py "
-                                                                "runs in one process: start it without torchrun")
+                                                                "runs in one process: start it without torchrun (RANK "
+                                                                "is set)")
     assert not (tmp_path / "c").exists()
 
 

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace):
 
     if launched() and args.command not in UNDER_TORCHRUN:
         raise ConfigError(f"iisan {args.command} runs in one process: start it without torchrun (only iisan train "
-                          "and the entry scripts are data-parallel)")
+                          "and the entry scripts are data-parallel; RANK and WORLD_SIZE in the environment say a "
+                          "launch)")
     return args.func(args)
 
 

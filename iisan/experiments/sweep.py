@@ -323,7 +323,7 @@ def run_script(defaults, sweep: dict[str, list], argv: list[str] | None = None, 
         from ..distributed import launched  # imported when run, not for --help (module docstring)
 
         if launched() and not parallel:
-            raise ConfigError(f"{Path(sys.argv[0]).name} runs in one process: start it without torchrun")
+            raise ConfigError(f"{Path(sys.argv[0]).name} runs in one process: start it without torchrun (RANK is set)")
         for point in points if made else []:
             if point.config is not None:
                 point.made = made(point.config, None)
