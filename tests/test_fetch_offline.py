@@ -141,3 +141,15 @@ def test_other_failures_are_not_taken_for_an_unreachable_hub():
     missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its constructor wants a response
     Exception.__init__(missing, "404 Client Error: Repository Not Found")
     assert unreachable(missing) is None
+
+
+def test_offline_mode_names_the_variable_that_set_it(monkeypatch):
+    """TRANSFORMERS_OFFLINE=1 also puts huggingface_hub offline: the line named HF_HUB_OFFLINE, which was unset."""
+    err = OfflineModeIsEnabled("offline mode is enabled.")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert unreachable(err) == ("TRANSFORMERS_OFFLINE is set, huggingface_hub's offline mode: unset it where the "
+                                "Hub is reachable")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert unreachable(err).startswith("HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE are set, huggingface_hub's offline "
+                                       "mode: unset them")

@@ -103,7 +103,9 @@ def unreachable(err: BaseException | None) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OfflineModeIsEnabled):
-            return "HF_HUB_OFFLINE is set, huggingface_hub's offline mode: unset it where the Hub is reachable"
+            said = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(k)] or ["HF_HUB_OFFLINE"]
+            return (f"{' and '.join(said)} {'is' if len(said) == 1 else 'are'} set, huggingface_hub's offline mode: "
+                    f"unset {'it' if len(said) == 1 else 'them'} where the Hub is reachable")
         transport = any(c.__name__ == "TransportError" and c.__module__.split(".")[0] in ("httpx", "httpx2")
                         for c in type(err).__mro__)  # httpx2's (huggingface_hub 2) or httpx's (1.x)
         if transport or isinstance(err, (ConnectionError, TimeoutError, socket.gaierror)):
