@@ -365,7 +365,8 @@ def test_a_cache_is_rebuilt_in_place_for_the_same_settings_and_replaced_only_whe
     assert path.read_bytes() == first
     build_cache_from_config(cfg, dtype="float16", overwrite=True)
     assert read_metadata(path)["dtype"] == "float16"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["text.safetensors"]  # no sidecar, lock or temporary
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache-build.log", "text.safetensors"]  # no sidecar,
+    # lock or temporary
 
 
 def test_the_cache_writer_and_its_readers_share_one_list_of_metadata_keys(cached_cfg):
@@ -435,3 +436,24 @@ def test_a_cache_whose_build_stopped_says_to_finish_it_not_to_build_it(tmp_path)
     (tmp_path / "c" / ".building").rmdir()
     with pytest.raises(CacheError, match=r"does not exist \(build it with `iisan cache --cache-dir "):
         read_metadata(tmp_path / "c" / "text.safetensors")
+
+
+def test_a_cache_build_keeps_a_log_beside_the_cache_and_leaves_anyone_elses_file(tiny_config, tmp_path, caplog):
+    """Only training wrote a log file: an LLM's cache build of hours left nothing but its two files. Each build
+    appends its header and lines; a file of that name that is no build log is not touched."""
+    from iisan.model.caching import BUILD_LOG
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), towers="text", modality="intra")
+    build_cache_from_config(cfg, dtype="float32")
+    build_cache_from_config(cfg, dtype="float32")  # rebuilt in place: a second build, a second header
+    lines = (tmp_path / "c" / BUILD_LOG).read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("===")] == ["=== cache build"] * 2
+    assert lines[1].startswith("command: ") and lines[2].startswith("commit: ")
+    assert any("INFO iisan.data.cache_build: wrote " in line and "text.safetensors" in line for line in lines)
+    other = tiny_config(cache_dir=str(tmp_path / "o"), towers="text", modality="intra")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / BUILD_LOG).write_text("my notes\n")
+    with caplog.at_level("WARNING", logger="iisan.model.caching"):
+        build_cache_from_config(other, dtype="float32")
+    assert (tmp_path / "o" / BUILD_LOG).read_text() == "my notes\n"
+    assert f"{tmp_path / 'o' / BUILD_LOG} is not a cache build log of IISAN's: left as it is" in caplog.text

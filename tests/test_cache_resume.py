@@ -497,7 +497,7 @@ def test_a_build_killed_before_its_manifest_was_in_place_is_started_again(tiny_c
     temporary_sibling(tmp_path / "c" / SIDECAR / "manifest.json").write_text('{"format": ')
     build_cache_from_config(cfg, dtype="float32")
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if not p.name.startswith(".iisan-lock")) == [
-        "image.safetensors", "text.safetensors"]
+        "cache-build.log", "image.safetensors", "text.safetensors"]
 
 
 @pytest.mark.parametrize("before", ["a cache", "nothing"])

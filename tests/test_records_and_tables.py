@@ -169,4 +169,4 @@ def test_train_log_that_cannot_be_opened_for_its_handler_is_one_line(tmp_path, m
     with pytest.raises(OutputError) as caught:
         record.start_log()
     assert str(caught.value) == f"could not write {tmp_path / 'train.log'}: No space left on device"
-    assert record.handler is None
+    assert record.log_file.handler is None

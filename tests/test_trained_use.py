@@ -422,7 +422,9 @@ def test_a_train_log_on_a_full_disk_is_one_warning_and_the_run_ends_with_its_own
     assert [r.getMessage() for r in caplog.records if "train.log" in r.getMessage()] == [
         f"could not write {tmp_path / 'full' / 'train.log'}: No space left on device; it stops here (the console has "
         "every line)"]
-    monkeypatch.setattr(records, "open", lambda *args, **kwargs: FullDisk(), raising=False)  # the header
+    from iisan import logfiles
+
+    monkeypatch.setattr(logfiles, "open", lambda *args, **kwargs: FullDisk(), raising=False)  # the header
     assert refused(capsys, argv) == [f"iisan: error: could not write {tmp_path / 'full' / 'train.log'}: No space "
                                      "left on device"]
 

@@ -38,8 +38,10 @@ from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError, parse_json
-from ..files import check_readable, failure_reason, folders_kept_on_success
+from ..files import check_readable, failure_reason, folders_kept_on_success, starts_with
 from ..locks import OutputLock
+from ..logfiles import Logging
+from ..provenance import command_line, git_commit
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name
 from .encoder_files import local_folder, weights_digest
@@ -185,7 +187,29 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
         if only_missing and all(path.is_file() for path in files.values()):
             log.info("%s: built meanwhile by another process; not built again", ", ".join(map(str, files.values())))
             return files
-        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
+        log_file = build_log(Path(cfg.cache_dir))
+        try:
+            return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
+        except BaseException as err:
+            log.info("the build ended: %s", " ".join(str(err).split()) or type(err).__name__)
+            raise
+        finally:
+            log_file.close()
+
+
+BUILD_LOG, BUILD_LOG_HEAD = "cache-build.log", "=== cache build"  # each build's lines, appended, in its folder
+
+
+def build_log(folder: Path) -> Logging:
+    """The cache folder's build log, taking the ``iisan`` log lines of this build (the folder is locked); a
+    file of that name that is not one (no ``BUILD_LOG_HEAD``) or a link is left as it is, and no log kept."""
+    path, log_file = folder / BUILD_LOG, Logging()
+    if path.is_symlink() or (path.exists() and not starts_with(path, BUILD_LOG_HEAD)):
+        log.warning("%s is not a cache build log of IISAN's: left as it is, and this build keeps no log", path)
+        return log_file
+    log_file.open(path, f"{BUILD_LOG_HEAD}: started {time.strftime('%Y-%m-%d %H:%M:%S %z')} ===\n"
+                        f"command: {command_line()}\ncommit: {git_commit()}\n")
+    return log_file
 
 
 @contextlib.contextmanager

@@ -14,11 +14,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +25,12 @@ import torch
 
 from ..claims import refuse_link
 from ..config import Config
-from ..console import LOG_DATEFMT, LOG_FORMAT, metrics_text
+from ..console import metrics_text
 from ..devices import device_name
 from ..errors import RunInterrupted, UserError, parse_json
-from ..files import atomic_path, failure_reason, write_failure, write_json_atomic
+from ..files import atomic_path, write_json_atomic
+from ..logfiles import LogFile as RunLogHandler
+from ..logfiles import Logging
 from ..memory import MemoryPeaks
 from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
@@ -79,10 +79,9 @@ class RunRecord:
         self.kept_items = ""  # ``SeqRecData.kept_items``: using an ID run refuses a users file keeping other items
         self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
         self.encoders: dict = {}  # and the encoder folders a live run reads (``same_inputs.encoder_record``)
-        self.handler: logging.Handler | None = None
+        self.log_file = Logging(RunLogHandler)  # train.log, from ``start_log`` to ``close``
         self.metrics = None
         self.writer = None
-        self.logger_level = logging.NOTSET
 
     # ----------------------------------------------------------------------------------------------
     # train.log
@@ -93,20 +92,7 @@ class RunRecord:
             return
         path = self.run_dir / LOG
         refuse_link(path, "the run's log")
-        # A name or path that is not UTF-8 (a byte like 0x80 in --run-name) is written escaped, not a crash.
-        try:
-            with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
-                fh.write(self.header())
-            self.handler = RunLogHandler(path, mode="a", encoding="utf-8", errors="backslashreplace")
-        except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
-            raise write_failure(path, err) from None
-        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
-        logger = logging.getLogger("iisan")
-        logger.addHandler(self.handler)
-        # The file gets the run's INFO lines even when no one set logging up (a library call).
-        self.logger_level = logger.level
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
+        self.log_file.open(path, self.header())  # (a byte like 0x80 in --run-name is written escaped, not a crash)
         self.say_unended_attempt()
 
     def say_unended_attempt(self) -> None:
@@ -146,9 +132,9 @@ class RunRecord:
     def note(self, level: int, message: str, err: BaseException | None = None) -> None:
         """A line for train.log only (the console says it its own way, e.g. ``iisan: error: ...``); with ``err``,
         its traceback below it."""
-        if self.handler is not None:
+        if (handler := self.log_file.handler) is not None:
             trace = (type(err), err, err.__traceback__) if err is not None else None
-            self.handler.handle(logging.LogRecord(log.name, level, __file__, 0, message, None, trace))
+            handler.handle(logging.LogRecord(log.name, level, __file__, 0, message, None, trace))
 
     # ----------------------------------------------------------------------------------------------
     # metrics.jsonl and TensorBoard
@@ -261,38 +247,10 @@ class RunRecord:
             log.warning("could not record how the run ended: %s", also)
 
     def close(self) -> None:
-        if self.handler is not None:
-            logger = logging.getLogger("iisan")
-            logger.removeHandler(self.handler)
-            logger.setLevel(self.logger_level)
-            with contextlib.suppress(OSError):  # its last lines could not be written: said once already
-                self.handler.close()
-            self.handler = None
+        self.log_file.close()
         if self.writer is not None:
             self.writer.close()
         self.metrics = self.writer = None
-
-
-class RunLogHandler(logging.FileHandler):
-    """train.log's handler. A line it cannot write (a full disk) turns it off, with one warning on the
-    console, where logging's own handling would print a '--- Logging error ---' traceback for every later
-    line, burying the error that ends the run. Turned off by a flag, not removed from the logger: the
-    failure happens while the logger iterates its handlers, and the warning itself passes through here."""
-
-    failed = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            super().emit(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        err = sys.exc_info()[1]
-        if not isinstance(err, OSError):  # a line that cannot be formatted (a bug): logging's traceback
-            super().handleError(record)
-        elif not self.failed:
-            self.failed = True  # before the warning, which passes through here
-            log.warning("could not write %s: %s; it stops here (the console has every line)", self.baseFilename,
-                        failure_reason(err))
 
 
 def epoch_line(record: dict, bad_epochs: int) -> str:
