@@ -34,7 +34,7 @@ def test_distilbert_adapters_keep_its_attention_dropout_and_train(tiny):
     torch.manual_seed(0)
     model = DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                              max_position_embeddings=32))
-    outputs = resolve_targets(model, ["attention_output", "ffn_out"])
+    outputs = resolve_targets(model, ["attention_output", "ffn_out"], flag="--lora-targets")
     # out_lin has no dropout after it (its sibling drops attention probabilities); lin2's FFN dropout moves
     assert moved_dropouts(model, outputs) == {f"transformer.layer.{i}.ffn.lin2": f"transformer.layer.{i}.ffn.dropout"
                                               for i in range(2)}
@@ -102,9 +102,9 @@ def test_module_name_targets_reach_a_grouped_query_llm_block(towers):
         return AutoModel.from_config(config)
 
     with pytest.raises(TargetError, match="cannot tell attention and FFN projections apart"):
-        resolve_targets(qwen(), ["query"])
+        resolve_targets(qwen(), ["query"], flag="--lora-targets")
     full = AutoModel.from_pretrained(towers["qwen2_40x3"])
-    assert [n.split(".")[-1] for n in resolve_targets(full, ["query", "value", "ffn_out"])] == \
+    assert [n.split(".")[-1] for n in resolve_targets(full, ["query", "value", "ffn_out"], flag="--lora-targets")] == \
         ["q_proj"] * 3 + ["v_proj"] * 3 + ["down_proj"] * 3
     lora = qwen()
     apply_lora(lora, 4, 8, ["q_proj", "v_proj"])
@@ -148,7 +148,7 @@ def test_gpt2_conv1d_projections_take_lora_and_adapters_by_name(towers):
     adapted(input_ids=tokens).last_hidden_state.sum().backward()
     assert all(p.grad is not None for a in adapters for p in a.parameters())
     with pytest.raises(TargetError, match=r"apart in h\.0 \(h\.0\.attn\.c_attn, .*modules by name instead of by role"):
-        resolve_targets(gpt2(), ["query"])
+        resolve_targets(gpt2(), ["query"], flag="--lora-targets")
     with pytest.raises(TargetError, match=r"by name instead of by role \(--lora-targets with some of its "
                                           r"Linear/Conv1D modules: c_attn, c_fc, c_proj; text:/image: prefixes for "
                                           r"one tower\)$"):
@@ -192,12 +192,13 @@ def test_roles_follow_the_projections_names_where_registration_order_does_not(to
     from iisan.model.families import one_tower
 
     clip = one_tower(AutoModel.from_pretrained(towers["clip24x3"]), "image")
-    named = resolve_targets(clip, ["query", "key", "value", "attention_output"])
+    named = resolve_targets(clip, ["query", "key", "value", "attention_output"], flag="--lora-targets")
     assert [n.split(".")[-1] for n in named[::3]] == ["q_proj", "k_proj", "v_proj", "out_proj"]  # block 0 of 3
     assert named[0].startswith("encoder.layers.0.") and len(named) == 4 * 3
     albert = AlbertModel(AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, intermediate_size=64))
-    assert [n.split(".")[-1] for n in resolve_targets(albert, ["query", "value"])] == ["query", "value"]
+    named = resolve_targets(albert, ["query", "value"], flag="--lora-targets")
+    assert [n.split(".")[-1] for n in named] == ["query", "value"]
     with pytest.raises(TargetError, match=r"no list of 2 transformer blocks found; --adapter-position after_dropout "
                                           r"needs them .*: use --adapter-position before_dropout$"):
         apply_adapters(albert, 8, ["attention.dense", "ffn_output"])
@@ -245,7 +246,7 @@ def test_adapter_targets_that_name_one_module_twice_wrap_it_once(towers):
     from iisan.model.backbones import load_text_encoder
 
     bert = load_text_encoder(towers["bert32x2"], (0, 2))
-    names = resolve_targets(bert.model, ["attention_output", "ffn_out", "output.dense"])
+    names = resolve_targets(bert.model, ["attention_output", "ffn_out", "output.dense"], flag="--lora-targets")
     assert names == [f"encoder.layer.{i}.{m}" for m in ("attention.output.dense", "output.dense") for i in range(2)]
     assert len(apply_adapters(bert.model, 8, ["attention_output", "ffn_out", "output.dense"])) == 4
 

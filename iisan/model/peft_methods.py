@@ -80,8 +80,7 @@ def attention_order(square: list[str]) -> list[str]:
     return qkv + [n for n in square if n not in qkv]
 
 
-def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder",
-                    flag: str = "--lora-targets / --adapter-targets") -> list[str]:
+def resolve_targets(model: nn.Module, targets: list[str], what: str = "encoder", *, flag: str) -> list[str]:
     """Full module names for ``targets`` (roles or name suffixes) across all blocks. Roles are found only
     when one is asked for: name suffixes reach towers whose blocks have no BERT/ViT shape (``q_proj`` in a
     grouped-query LLaMA block). ``flag``: the option a refusal names."""
@@ -275,7 +274,7 @@ def apply_adapters(model: nn.Module, bottleneck: int, targets: list[str], what: 
                    init: str = "authors", position: str = "after_dropout") -> list[nn.Module]:
     if position not in ADAPTER_POSITIONS:
         raise ValueError(f"position must be one of {', '.join(ADAPTER_POSITIONS)}, not {position!r}")
-    names = resolve_targets(model, targets, what, "--adapter-targets")
+    names = resolve_targets(model, targets, what, flag="--adapter-targets")
     for p in model.parameters():
         p.requires_grad_(False)
     moved = moved_dropouts(model, names, what) if position == "after_dropout" else {}
@@ -316,7 +315,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], wh
     """peft LoRA (B = 0 at start, so the identity) on the resolved targets; only A and B train.
     ``random_base``: the authors' loralib layers instead. Each target is first replaced by a fresh random
     Linear (``fresh_linears``), whose weight stays frozen and whose bias trains."""
-    names = resolve_targets(model, targets, what, "--lora-targets")
+    names = resolve_targets(model, targets, what, flag="--lora-targets")
     if random_base:
         fresh_linears(model, names, seed)
     conv1d = any(isinstance(model.get_submodule(name), Conv1D) for name in names)  # GPT-2: weights transposed
