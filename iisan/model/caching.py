@@ -187,14 +187,7 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
         if only_missing and all(path.is_file() for path in files.values()):
             log.info("%s: built meanwhile by another process; not built again", ", ".join(map(str, files.values())))
             return files
-        log_file = build_log(Path(cfg.cache_dir))
-        try:
-            return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
-        except BaseException as err:
-            log.info("the build ended: %s", " ".join(str(err).split()) or type(err).__name__)
-            raise
-        finally:
-            log_file.close()
+        return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
 
 
 BUILD_LOG, BUILD_LOG_HEAD = "cache-build.log", "=== cache build"  # each build's lines, appended, in its folder
@@ -259,17 +252,22 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
             kept.update(_build(cfg.replace(towers=rest[0], modality="intra"), str(stored).removeprefix("torch."),
                                all_items, timings, overwrite, start))
         return kept
+    check_replaced(metadata, Path(cfg.cache_dir), overwrite)
+    log_file = build_log(Path(cfg.cache_dir))  # (a build refused above changes nothing, its log neither)
     log.info("caching %s items (%s) with %s", f"{len(item_ids) - 1:,}", ", ".join(modalities(cfg)),
              ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
                        for m, e in live.encoders.items()))
-    check_replaced(metadata, Path(cfg.cache_dir), overwrite)
     try:
         return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
                             chunk_size=cfg.encode_batch_size,
                             device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
+    except BaseException as err:
+        log.info("the build ended: %s", " ".join(str(err).split()) or type(err).__name__)
+        raise
     finally:  # the reader threads end with the build, failed or not
         if pixels is not None:
             pixels.close()
+        log_file.close()
 
 
 def autocast_states(live: LiveStates, amp: torch.dtype | None) -> Callable[[ItemBatch], dict[str, torch.Tensor]]:
