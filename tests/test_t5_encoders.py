@@ -70,7 +70,7 @@ def test_t5_adapters_take_the_dropout_that_ends_each_branch_not_the_one_inside_i
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.3
-    names = resolve_targets(model, ["attention_output", "ffn_out"])
+    names = resolve_targets(model, ["attention_output", "ffn_out"], flag="--adapter-targets")
     assert [n.split(".")[-1] for n in names[:2]] == ["o", "o"] and names[-1].endswith("DenseReluDense.wo")
     block = "encoder.block.{}.layer"
     assert moved_dropouts(model, names) == {
@@ -92,11 +92,11 @@ def test_a_gated_ffn_has_roles_but_no_one_ffn_input(towers):
     """flan-T5's FFN reads the width through two projections (gate and up): attention roles and the FFN
     output are found, asking for the FFN input is a one-line refusal naming its projections."""
     enc = load_text_encoder(towers["flan16x2"], (0, 2))
-    assert [n.split(".")[-1] for n in resolve_targets(enc.model, ["query", "value", "attention_output", "ffn_out"])] \
-        == ["q", "q", "v", "v", "o", "o", "wo", "wo"]
+    named = resolve_targets(enc.model, ["query", "value", "attention_output", "ffn_out"], flag="--lora-targets")
+    assert [n.split(".")[-1] for n in named] == ["q", "q", "v", "v", "o", "o", "wo", "wo"]
     with pytest.raises(TargetError, match=r"^ffn_in: the encoder's FFN is gated \(two input projections\), so it has "
                                           r"no one FFN input; name them \(.*: k, o, q, v, wi_0, wi_1, wo\)$"):
-        resolve_targets(enc.model, ["ffn_in"])
+        resolve_targets(enc.model, ["ffn_in"], flag="--lora-targets")
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -252,7 +252,8 @@ def test_a_tower_with_registers_caches_what_it_runs_live_and_takes_lora_by_role(
     cached, live, _ = cached_and_live_tables(cfg, torch.device("cpu"))
     torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
     tower = load_image_encoder(towers["dinoreg16x2"], (0, 2)).model
-    assert [n.split(".")[-1] for n in resolve_targets(tower, ["query", "value"])] == ["q_proj"] * 2 + ["v_proj"] * 2
+    named = resolve_targets(tower, ["query", "value"], flag="--lora-targets")
+    assert [n.split(".")[-1] for n in named] == ["q_proj"] * 2 + ["v_proj"] * 2
 
 
 def test_siglip_pools_the_mean_of_its_patches_and_caches_what_it_runs_live(towers, tiny_config, tmp_path):
@@ -279,7 +280,8 @@ def test_siglip_pools_the_mean_of_its_patches_and_caches_what_it_runs_live(tower
     for j, layer in enumerate(enc.layers):
         torch.testing.assert_close(states[:, j], hidden[layer].mean(1))
     torch.testing.assert_close(final, enc.model.post_layernorm(hidden[3]).mean(1))
-    assert [n.split(".")[-1] for n in resolve_targets(enc.model, ["query", "value"])] == ["q_proj"] * 3 + ["v_proj"] * 3
+    named = resolve_targets(enc.model, ["query", "value"], flag="--lora-targets")
+    assert [n.split(".")[-1] for n in named] == ["q_proj"] * 3 + ["v_proj"] * 3
 
     cfg = tiny_config(towers="image", modality="intra", image_model=towers["siglip24x3"],
                       cache_dir=str(tmp_path / "c"))
