@@ -55,10 +55,14 @@ def labelled_metrics(metrics: dict) -> str:
     return "  ".join(f"{label(k)} {fixed(metrics[k])}" for k in HEADLINE)
 
 
+def in_a_launch() -> bool:
+    """``distributed.launched``'s rule, without importing torch: a RANK alone, a plain run's, is no launch."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def other_rank() -> bool:
-    """A process of a launch other than rank 0 (``distributed.main_process``'s rule, without importing torch): a
-    RANK alone in the environment, a plain run's, is no launch."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0"
+    """A process of a launch other than rank 0 (``distributed.main_process``'s rule)."""
+    return in_a_launch() and os.environ["RANK"] != "0"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -327,8 +331,7 @@ def peer_lost(err: RuntimeError) -> str:
     """The one line for a collective that failed because another process of a torchrun launch died (killed,
     out of memory) while this one waited for it ('' for any other error, and outside torchrun)."""
     text = str(err).strip()
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # (distributed.launched: no torch import here)
-    if not launched or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
+    if not in_a_launch() or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
         return ""
     first = re.split(r"(?<=\.)\s", text.splitlines()[0], maxsplit=1)[0] if text else type(err).__name__
     if len(first) > 160:  # cut between words, not inside one (gloo's 'This is typically caused by a rem')

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .console import in_a_launch
 from .devices import resolve_device
 from .errors import ConfigError
 
@@ -57,7 +58,7 @@ SINGLE = Dist()
 
 def launched() -> bool:
     """True inside a process started by torchrun (or any launcher that sets the env:// variables)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return in_a_launch()
 
 
 def main_process() -> bool:

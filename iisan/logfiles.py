@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 from .console import LOG_DATEFMT, LOG_FORMAT
@@ -63,8 +64,6 @@ class Logging:
             logger = logging.getLogger("iisan")
             logger.removeHandler(self.handler)
             logger.setLevel(self.level)
-            try:
+            with suppress(OSError):  # its last lines could not be written: said once already
                 self.handler.close()
-            except OSError:  # its last lines could not be written: said once already
-                pass
             self.handler = None
