@@ -824,8 +824,10 @@ CASES = [
          ("--sort bogus: not a column",)),
     Case("results-keys-unknown", lambda P, s: ["results", P["runs"], "--keys", "colour"],
          ("--keys: unknown config key(s) colour",)),
-    Case("results-damaged-file-is-a-counted-skip", lambda P, s: ["results", f"{s}/runs"],
-         ("1 of 1 results files skipped",), setup=write("runs/x/results.json", "{"), code=0),
+    Case("results-damaged-file-is-a-counted-skip", lambda P, s: ["results", f"{s}/runs", P["done"]],
+         ("1 of 2 results files skipped",), setup=write("runs/x/results.json", "{"), code=0),
+    Case("results-nothing-readable", lambda P, s: ["results", f"{s}/runs"],
+         ("none of the 1 results file(s) under {s}/runs could be read",), setup=write("runs/x/results.json", "{")),
 ]
 
 

@@ -25,7 +25,7 @@ from ..bounds import LEARNING_RATES, one_spelling
 from ..config import Config
 from ..data.run_data import recorded_digest
 from ..digests import file_fingerprint
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, DataError, UserError
 from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
 from ..metric_names import SELECTED_BY, TABLED, VALID_COLUMN
@@ -214,6 +214,9 @@ def collect(folders: list[str], keys: Sequence[str] = (), include_smoke: bool = 
         else:
             rows.append(row)
             curves.append(curve)
+    if unreadable == len(files):  # a table of nothing is no answer: a script reading its exit status must know
+        raise DataError(f"none of the {len(files):,} results file(s) under {', '.join(map(str, folders))} "
+                        "could be read (the warnings above name each and why)")
     if unreadable:
         log.warning("%d of %d results files skipped", unreadable, len(files))
     how = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
