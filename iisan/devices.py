@@ -41,9 +41,18 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = cpu_model()
-    return f"CPU ({platform.processor() or platform.machine()}, {f'{model}, ' if model else ''}{os.cpu_count()} " \
-           f"cores, {torch.get_num_threads()} torch threads)"
+    model, usable, every = cpu_model(), usable_cores(), os.cpu_count() or 1
+    cores = f"{usable} cores" if usable == every else f"{usable} of {every} cores"  # a job given 4 of a node's 128
+    return f"CPU ({platform.processor() or platform.machine()}, {f'{model}, ' if model else ''}{cores}, " \
+           f"{torch.get_num_threads()} torch threads)"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: under a scheduler (SLURM, ``taskset``) fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:

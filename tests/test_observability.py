@@ -215,3 +215,20 @@ def test_a_cpu_result_names_the_cpu_model(monkeypatch, tmp_path):
     assert re.fullmatch(r"CPU \(\w+, AMD EPYC 7B13, \d+ cores, \d+ torch threads\)", devices.device_name("cpu"))
     info.unlink()
     assert devices.cpu_model() == "" and ", ," not in devices.device_name("cpu")
+
+
+def test_the_device_line_counts_the_cores_a_job_was_given(monkeypatch):
+    """Under SLURM or taskset a job runs on some of a node's cores: the line says how many of how many, and the
+    image readers start no more threads than the job has cores."""
+    from iisan import devices
+    from iisan.data.batches import PixelSource
+
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert devices.usable_cores() == 4
+    assert ", 4 of 128 cores, " in devices.device_name("cpu")
+    assert PixelSource(store=None, item_ids=[], threads=16).threads == 4
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    assert ", 128 cores, " in devices.device_name("cpu")
+    monkeypatch.delattr(devices.os, "sched_getaffinity")  # macOS: no affinity call, every core counts
+    assert devices.usable_cores() == 128

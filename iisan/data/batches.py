@@ -12,7 +12,6 @@ padded up to a bucket size and its titles cut to the batch's longest, so that st
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..devices import usable_cores
 from .images import ImageStore
 from .shapes import ShapeBuckets
 
@@ -101,7 +101,7 @@ class PixelSource:
     def __init__(self, store: ImageStore, item_ids: list[str], threads: int = 4):
         self.store = store
         self.item_ids = item_ids
-        self.threads = max(1, min(threads, os.cpu_count() or 1))
+        self.threads = max(1, min(threads, usable_cores()))
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, ids: np.ndarray) -> torch.Tensor:
