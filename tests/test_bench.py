@@ -4,6 +4,7 @@ and the GPU diagnosis script's dry run (the script a lent GPU runs first must no
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -146,6 +147,22 @@ def test_measure_evaluation_ranks_every_user(tiny_config, tiny_cache):
 def test_failure_in_the_measuring_process_becomes_a_row_field(tiny_config):
     out = in_fresh_process(measure_training, tiny_config(users="/nonexistent/users.tsv"), warmup=1, steps=1)
     assert out["error"].startswith("DataError") and "/nonexistent/users.tsv" in out["error"]
+
+
+def test_a_measuring_process_appends_its_lines_to_its_parents_log_file(tmp_path):
+    """A benchmark's log (``benchmark.log``) held the parent's lines only: a row's warnings, said in the process
+    that measured it, reached the console alone."""
+    from iisan.logfiles import Logging
+
+    log_file = Logging()
+    log_file.open(tmp_path / "bench.log", "=== head\n")
+    try:
+        in_fresh_process(logging.getLogger("iisan.efficiency.bench").warning, "said in the measuring process")
+    finally:
+        log_file.close()
+    lines = (tmp_path / "bench.log").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == "=== head"
+    assert lines[1].endswith(" WARNING iisan.efficiency.bench: said in the measuring process")
 
 
 def test_a_measuring_process_killed_without_a_result_becomes_a_row_not_a_hang():

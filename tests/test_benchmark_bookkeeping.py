@@ -63,6 +63,9 @@ def test_a_row_is_reused_only_at_the_same_batch_size(tmp_path, monkeypatch):
     benchmark.run_benchmark({}, equal_batch=32, labels=("FFT",), authors_way=(), work=tmp_path,
                             out=tmp_path / "out", tag="b")
     assert calls == [32]
+    said = (tmp_path / "out" / "benchmark.log").read_text().splitlines()  # each benchmark's lines after a header
+    assert [line.split(":")[0] for line in said if line.startswith("===")] == ["=== benchmark"] * 2
+    assert sum(" | FFT | batch 32 | default (row 1 of 1)" in line for line in said) == 2
 
 
 def test_one_failed_row_beside_a_measured_one_is_no_failed_run(tmp_path, monkeypatch):

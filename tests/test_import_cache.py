@@ -119,6 +119,20 @@ def test_an_import_says_where_it_stands_and_how_long_it_took(tiny, authors_files
     assert not [r for r in caplog.records if r.name == "iisan.console"]
 
 
+def test_an_import_keeps_its_lines_in_the_cache_folders_log_after_a_build_s(tiny, authors_files, tmp_path):
+    """A build kept a log in its cache folder and an import of the same folder kept none; an import's header
+    follows a build's in the one log."""
+    cfg = cache_config(tiny, tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cache-build.log").write_text("=== cache build: started earlier ===\n")
+    import_cache_from_config(cfg, authors_files["src"], dtype="float32")
+    lines = (tmp_path / "c" / "cache-build.log").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("===")] == ["=== cache build", "=== cache import"]
+    assert lines[2].startswith("command: ") and lines[3].startswith("commit: ")
+    assert "INFO iisan.data.cache_import: importing text states of " in lines[4]
+    assert any("INFO iisan.data.cache_import: wrote " in line and "image.safetensors" in line for line in lines)
+
+
 def test_an_import_with_a_local_encoder_records_it_and_trains_without_it(tiny, authors_files, tmp_path):
     """States imported as a local folder's encoder's (its depth and width read from it) name that folder, not
     the authors' BERT: a run on the cache names it too, and is used once the folder is gone."""

@@ -54,6 +54,9 @@ def test_reproduce_on_the_demo_data_writes_the_table_of_three_seeds(tmp_path, ca
     stamps = [f.stat().st_mtime_ns for f in files]
     reproduce(run)  # a rerun reuses the finished runs: nothing trains, no results file is written again
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    said = (tmp_path / "reproduce-demo.log").read_text()  # each command's lines after its header, the runs' too
+    assert said.count("=== reproduction: started ") == 2 and said.count("step 4 of 4: the table, written to") == 2
+    assert "INFO iisan.train.trainer: " in said and "INFO iisan.model.caching: caching " in said
     assert json.loads(files[0].read_text())["test"] == results[0]["test"]
 
 
@@ -187,3 +190,8 @@ def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_pat
         reproduce(Reproduction("demo", tmp_path))
     assert "--run-name" not in str(stopped.value) and "run the same command again" in str(stopped.value)
     assert stopped.value.signal == "SIGTERM"  # and so the command exits as a job SIGTERM stopped: 143
+    said = (tmp_path / "reproduce-demo.log").read_text().splitlines()  # its log says where it stood, and why not
+    assert said[0].startswith("=== reproduction: started ") and said[1].startswith("command: ")
+    assert said[3].endswith("INFO iisan.experiments.reproduce: step 1 of 4: the demo data")
+    assert said[-1].endswith("the reproduction ended: SIGTERM at step 3; checkpoint saved in x. To resume, run the "
+                             "same command again: finished seeds are reused, this one goes on from its checkpoint")

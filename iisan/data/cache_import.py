@@ -130,6 +130,20 @@ def summary(problems: list[tuple[str, str, Path, str]]) -> str:
     return ", ".join(f"{n} {k} (e.g. {first[k]})" for k, n in kinds.most_common())
 
 
+def check_import(src: Path, item_ids: list[str], layers: dict[str, list[int]], shapes: dict[str, tuple[int, int]],
+                 out_dir: Path, dtype: torch.dtype) -> None:
+    """What refuses an import before any file is read or written: a missing folder of the authors', a report
+    file that is not an import's, too little disk for the cache."""
+    for m in layers:
+        folder = src / AUTHORS_LAYOUT[m][0]
+        if not folder.is_dir():
+            raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
+                             f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
+    claim_report(out_dir / REPORT)
+    require_cache_space(out_dir, len(item_ids) * sum(len(layers[m]) * shapes[m][1] for m in layers) * dtype.itemsize,
+                        layers, len(item_ids) - 1, dtype)
+
+
 def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[int]],
                   shapes: dict[str, tuple[int, int]], metadata: dict[str, dict[str, str]], out_dir: str | Path,
                   dtype: torch.dtype, allow_missing: bool = False, progress: bool = False) -> dict[str, Path]:
@@ -137,14 +151,7 @@ def import_caches(src: str | Path, item_ids: list[str], layers: dict[str, list[i
     files under ``src``; ``shapes`` gives each file's expected (states, width); ``metadata`` each cache's.
     Nothing is written unless every modality imports cleanly."""
     src, out_dir = Path(src), Path(out_dir)
-    for m in layers:
-        folder = src / AUTHORS_LAYOUT[m][0]
-        if not folder.is_dir():
-            raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
-                             f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
-    claim_report(out_dir / REPORT)  # before any file is read
-    require_cache_space(out_dir, len(item_ids) * sum(len(layers[m]) * shapes[m][1] for m in layers) * dtype.itemsize,
-                        layers, len(item_ids) - 1, dtype)
+    check_import(src, item_ids, layers, shapes, out_dir, dtype)
     tables, problems = {}, []
     for m in layers:
         log.info("importing %s states of %d items from %s", m, len(item_ids) - 1, src / AUTHORS_LAYOUT[m][0])

@@ -25,6 +25,7 @@ from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
 from ..files import path_component, write_json_atomic
+from ..logfiles import command_log, logging_to
 from ..methods import METHOD_DEFAULTS, METHOD_TABLE
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
 from ..precedence import resolve
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # Config keys a benchmark run may set from the command line (through ``add_config_arguments(only=...)``).
 BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "patch_embedding", "num_workers",
               "static_shapes", "item_bucket_growth", "title_multiple")
+BENCH_LOG = "benchmark.log"  # every benchmark's lines, appended in --out
 BACKBONES = ("tiny", "base")
 DATA = ("demo", "scientific")
 
@@ -246,7 +248,8 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end;
     ``flop_batches``: FLOPs counted over the first that many timed batches (0: all).
     ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
-    ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure; returns
+    ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure, and appends
+    its log lines, those of the measuring processes too, to ``out/benchmark.log``; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""
     if not labels:  # (the script refuses an empty --methods; a call from Python too, before a rowless file)
         raise ConfigError("no method to measure: name at least one of " + ", ".join(BENCH_METHODS))
@@ -259,43 +262,46 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
         for setting in setting_names:
             claim_results(out, tag, {"setting": setting, "backbones": backbones, "data": data, "device": device},
                           [{"device": device}] if device else [], settings, figs)
-    commit = git_commit()  # before this run writes its own results into the checkout
-    authors_way = labels if authors_way is None else authors_way
-    paths = prepare(work, data, backbones)
-    base = base_config(paths, work, data, backbones, **settings)
-    tasks = shared_tasks(base) if "IISAN (cached)" in labels else {"cache_build": None, "evaluation": None}
-    written = []
-    measured: dict[tuple, dict] = {}  # baselines run at 32 in both settings: measure once
-    for setting in setting_names:
-        rows, configs = [], {}
-        payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones, "data": data,
-                   "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
-                   "complete": False, **provenance(commit=commit)}
-        order = list(measuring_order(labels, authors_way))
-        for n, (label, way) in enumerate(order, 1):
-            cfg = method_config(base, label, batch_size(setting, BENCH_METHODS[label]["method"], equal_batch), way)
-            key = (label, cfg.batch_size, way)
-            if key not in measured:
-                log.info("%s | %s | batch %d | %s (row %d of %d)", setting, label, cfg.batch_size, way, n, len(order))
-                measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
-                                                 full_epoch=way == "default" and label in full_epoch,
-                                                 flop_batches=flop_batches)
-            row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
-            rows.append(row)
-            rows.sort(key=lambda r: table_position(r["label"]))
-            configs[row["label"]] = cfg.to_dict()
-            log.info("  -> %s", measured_line(row))
-            if tag or measured_device(payload, rows):  # (the file's name needs the device)
-                path = write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload)
-                write_reports([path], None, "--out")  # if cut short, the JSON and its table keep what was measured
-        add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
-        payload["complete"] = True
-        written.append(write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload))
-        log.info("wrote %s and its table %s", written[-1], written[-1].with_suffix(".md"))
-    failed = bool(measured) and all("error" in row for row in measured.values())
-    write_reports(written, None if failed else figs, "--out")  # no figure of nothing
-    if failed:
-        first = next(iter(measured.values()))["error"]
-        raise TrainingError(f"every measured row failed (the first: {first}); their errors are in "
-                            f"{', '.join(map(str, written))}")
-    return written
+    out.mkdir(parents=True, exist_ok=True)
+    with logging_to(command_log(out / BENCH_LOG, "=== benchmark", "benchmark log"), "benchmark"):
+        commit = git_commit()  # before this run writes its own results into the checkout
+        authors_way = labels if authors_way is None else authors_way
+        paths = prepare(work, data, backbones)
+        base = base_config(paths, work, data, backbones, **settings)
+        tasks = shared_tasks(base) if "IISAN (cached)" in labels else {"cache_build": None, "evaluation": None}
+        written = []
+        measured: dict[tuple, dict] = {}  # baselines run at 32 in both settings: measure once
+        for setting in setting_names:
+            rows, configs = [], {}
+            payload = {"setting": setting, "description": SETTING_NAMES[setting], "backbones": backbones, "data": data,
+                       "rows": rows, **tasks, "configs": configs, "warmup_steps": warmup, "timed_steps": steps,
+                       "complete": False, **provenance(commit=commit)}
+            order = list(measuring_order(labels, authors_way))
+            for n, (label, way) in enumerate(order, 1):
+                cfg = method_config(base, label, batch_size(setting, BENCH_METHODS[label]["method"], equal_batch), way)
+                key = (label, cfg.batch_size, way)
+                if key not in measured:
+                    log.info("%s | %s | batch %d | %s (row %d of %d)", setting, label, cfg.batch_size, way, n,
+                             len(order))
+                    measured[key] = in_fresh_process(measure_training, cfg, warmup=warmup, steps=steps,
+                                                     full_epoch=way == "default" and label in full_epoch,
+                                                     flop_batches=flop_batches)
+                row = dict(measured[key], label=label if way == "default" else authors_label(label), measured=way)
+                rows.append(row)
+                rows.sort(key=lambda r: table_position(r["label"]))
+                configs[row["label"]] = cfg.to_dict()
+                log.info("  -> %s", measured_line(row))
+                if tag or measured_device(payload, rows):  # (the file's name needs the device)
+                    path = write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload)
+                    write_reports([path], None, "--out")  # if cut short, the JSON and its table keep what was measured
+            add_tpme([r for r in rows if r["measured"] == "default"])  # the paper's comparison: default rows
+            payload["complete"] = True
+            written.append(write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload))
+            log.info("wrote %s and its table %s", written[-1], written[-1].with_suffix(".md"))
+        failed = bool(measured) and all("error" in row for row in measured.values())
+        write_reports(written, None if failed else figs, "--out")  # no figure of nothing
+        if failed:
+            first = next(iter(measured.values()))["error"]
+            raise TrainingError(f"every measured row failed (the first: {first}); their errors are in "
+                                f"{', '.join(map(str, written))}")
+        return written

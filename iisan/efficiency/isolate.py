@@ -7,14 +7,20 @@ import multiprocessing
 import queue as queue_module
 import signal
 import traceback
+from contextlib import suppress
+from pathlib import Path
 
 from ..console import setup_logging
-from ..errors import error_line
+from ..errors import UserError, error_line
+from ..logfiles import Logging, open_logs
 
 
-def _child(fn, args: tuple, kwargs: dict, queue) -> None:
+def _child(fn, args: tuple, kwargs: dict, queue, logs: list[str]) -> None:
     try:
         setup_logging()
+        for path in logs:  # the parent's log files take this process's lines too (one it cannot open: none)
+            with suppress(UserError):
+                Logging().open(Path(path))
         queue.put(("ok", fn(*args, **kwargs)))
     except BaseException as err:  # reported in the row, never a crash of the whole benchmark
         queue.put(("error", error_line(err), traceback.format_exc()))
@@ -25,7 +31,7 @@ def in_fresh_process(fn, *args, **kwargs) -> dict:
     spawned process; an error becomes the row's ``error`` and ``traceback`` fields."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, queue, open_logs()))
     proc.start()
     try:
         outcome = _wait(proc, queue)

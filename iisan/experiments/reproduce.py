@@ -7,7 +7,8 @@
    rerun resumes or reuses each);
 4. table: the test metrics as mean ± sample std over the seeds, beside the paper's headline numbers,
    with the command, device and commit, in ``<out>/reproduce-<dataset>.md`` (a file there that is not
-   such a table is refused before step 1).
+   such a table is refused before step 1); every step's log lines go to ``<out>/reproduce-<dataset>.log``
+   too, each run's also to its own train.log.
 
 ``--no-fetch`` (or no network) turns a missing input into one line naming the step and how to do it.
 ``DATASET=demo`` runs the same steps on the synthetic demo data with tiny encoders (no network, fetch
@@ -31,6 +32,7 @@ from ..data.fetch import DriveClient, fetch_dataset, paper_stats
 from ..data.sources import SOURCES
 from ..errors import DataError, FetchError, RunInterrupted, UserError
 from ..files import atomic_path, starts_with
+from ..logfiles import command_log, logging_to
 from ..metric_names import TABLED
 from ..model.caching import build_cache_from_config, import_cache_from_config
 from ..precedence import resolve
@@ -181,32 +183,35 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     run.out_dir = Path(run.out_dir)
     path = table_path(run)  # before any work
     Config(**(run.overrides or {}))  # bad overrides (epochs=0, device="gpu") fail before the demo data is made
-    log.info("step 1 of 4: the %s data", run.dataset)
-    cfg = base_config(run, root, drive)
-    log.info("step 2 of 4: the cache of %s's hidden states", run.dataset)
-    ensure_cache(cfg, run, hub)
-    rows = []
-    for seed in run.seeds:
-        log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)
-        try:
-            results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
-        except RunInterrupted as err:  # the trainer's hint names --run-name, which this command does not take
-            raise err.rehinted("To resume, run the same command again: finished seeds are reused, this one "
-                               "goes on from its checkpoint") from None
-        rows.append(read_row(Path(results["run_dir"]) / "results.json", results))
-    about = provenance()
-    note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"
-            if run.dataset == "demo" else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
-    text = (f"{TABLE_HEAD}{run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
-            f"standard deviation over seeds {', '.join(map(str, run.seeds))}.\n\n{table(run.dataset, rows)}\n"
-            "Peak memory is that of the training steps (evaluation left out, as from the time per epoch): "
-            "the GPU allocator's peak on a GPU (the paper's measure) and the process's peak resident memory on "
-            "a CPU (the interpreter and libraries included).\n"
-            f"Command: `{about['command']}`; device: {rows[0]['device']}; commit: {about['git_commit']}; "
-            f"{about['date']}. Runs: {cfg.out_dir}.\n")
-    table_path(run)  # again: a file put there while the runs trained is not replaced either
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    log.info("step 4 of 4: the table, written to %s", path)
-    print(text)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with logging_to(command_log(path.with_suffix(".log"), "=== reproduction", "reproduction log"), "reproduction"):
+        log.info("step 1 of 4: the %s data", run.dataset)
+        cfg = base_config(run, root, drive)
+        log.info("step 2 of 4: the cache of %s's hidden states", run.dataset)
+        ensure_cache(cfg, run, hub)
+        rows = []
+        for seed in run.seeds:
+            log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)
+            try:
+                results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
+            except RunInterrupted as err:  # the trainer's hint names --run-name, which this command does not take
+                raise err.rehinted("To resume, run the same command again: finished seeds are reused, this one "
+                                   "goes on from its checkpoint") from None
+            rows.append(read_row(Path(results["run_dir"]) / "results.json", results))
+        about = provenance()
+        note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"
+                if run.dataset == "demo"
+                else f"the paper's data set {run.dataset}, cached IISAN with the paper's defaults")
+        text = (f"{TABLE_HEAD}{run.dataset}\n\n{note}; test metrics at the best-validation epoch, mean ± sample "
+                f"standard deviation over seeds {', '.join(map(str, run.seeds))}.\n\n{table(run.dataset, rows)}\n"
+                "Peak memory is that of the training steps (evaluation left out, as from the time per epoch): "
+                "the GPU allocator's peak on a GPU (the paper's measure) and the process's peak resident memory on "
+                "a CPU (the interpreter and libraries included).\n"
+                f"Command: `{about['command']}`; device: {rows[0]['device']}; commit: {about['git_commit']}; "
+                f"{about['date']}. Runs: {cfg.out_dir}.\n")
+        table_path(run)  # again: a file put there while the runs trained is not replaced either
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        log.info("step 4 of 4: the table, written to %s", path)
+        print(text)
+        return path

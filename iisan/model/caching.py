@@ -33,15 +33,14 @@ from ..data.cache import (
     recorded_weights,
 )
 from ..data.cache_build import SIDECAR, build_caches
-from ..data.cache_import import import_caches
+from ..data.cache_import import check_import, import_caches
 from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
 from ..errors import ConfigError, OutputError, parse_json
-from ..files import check_readable, failure_reason, folders_kept_on_success, starts_with
+from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
-from ..logfiles import Logging
-from ..provenance import command_line, git_commit
+from ..logfiles import Logging, command_log, logging_to
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name
 from .encoder_files import local_folder, weights_digest
@@ -190,19 +189,13 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
         return _build(every_layer(cfg) if all_layers else cfg, dtype, all_items, timings, overwrite, start, reuse)
 
 
-BUILD_LOG, BUILD_LOG_HEAD = "cache-build.log", "=== cache build"  # each build's lines, appended, in its folder
+BUILD_LOG = "cache-build.log"  # each build's and import's lines, appended, in its folder
+LOG_HEADS = {"build": "=== cache build", "import": "=== cache import"}
 
 
-def build_log(folder: Path) -> Logging:
-    """The cache folder's build log, taking the ``iisan`` log lines of this build (the folder is locked); a
-    file of that name that is not one (no ``BUILD_LOG_HEAD``) or a link is left as it is, and no log kept."""
-    path, log_file = folder / BUILD_LOG, Logging()
-    if path.is_symlink() or (path.exists() and not starts_with(path, BUILD_LOG_HEAD)):
-        log.warning("%s is not a cache build log of IISAN's: left as it is, and this build keeps no log", path)
-        return log_file
-    log_file.open(path, f"{BUILD_LOG_HEAD}: started {time.strftime('%Y-%m-%d %H:%M:%S %z')} ===\n"
-                        f"command: {command_line()}\ncommit: {git_commit()}\n")
-    return log_file
+def build_log(folder: Path, kind: str = "build") -> Logging:
+    """The cache folder's log, taking the ``iisan`` log lines of this build or import (the folder is locked)."""
+    return command_log(folder / BUILD_LOG, LOG_HEADS[kind], "cache build log", heads=tuple(LOG_HEADS.values()))
 
 
 @contextlib.contextmanager
@@ -253,21 +246,16 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
                                all_items, timings, overwrite, start))
         return kept
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    log_file = build_log(Path(cfg.cache_dir))  # (a build refused above changes nothing, its log neither)
-    log.info("caching %s items (%s) with %s", f"{len(item_ids) - 1:,}", ", ".join(modalities(cfg)),
-             ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
-                       for m, e in live.encoders.items()))
-    try:
+    # (a build refused above changes nothing, its log neither)
+    with logging_to(build_log(Path(cfg.cache_dir)), "build"), contextlib.ExitStack() as readers:
+        if pixels is not None:  # the reader threads end with the build, failed or not
+            readers.callback(pixels.close)
+        log.info("caching %s items (%s) with %s", f"{len(item_ids) - 1:,}", ", ".join(modalities(cfg)),
+                 ", ".join(f"{m}: layers {list(e.layers)} x {e.width} ({str(e.dtype).removeprefix('torch.')})"
+                           for m, e in live.encoders.items()))
         return build_caches(autocast_states(live, amp), live.shapes(), metadata, item_ids, cfg.cache_dir,
                             chunk_size=cfg.encode_batch_size,
                             device=device, pixels=pixels, dtype=stored, progress=cfg.progress, timings=timings)
-    except BaseException as err:
-        log.info("the build ended: %s", " ".join(str(err).split()) or type(err).__name__)
-        raise
-    finally:  # the reader threads end with the build, failed or not
-        if pixels is not None:
-            pixels.close()
-        log_file.close()
 
 
 def autocast_states(live: LiveStates, amp: torch.dtype | None) -> Callable[[ItemBatch], dict[str, torch.Tensor]]:
@@ -344,5 +332,7 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing,
-                         progress=cfg.progress)
+    check_import(Path(src), item_ids, keep, shapes, Path(cfg.cache_dir), DTYPES[dtype])  # (refused: no log either)
+    with logging_to(build_log(Path(cfg.cache_dir), "import"), "import"):
+        return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing,
+                             progress=cfg.progress)
