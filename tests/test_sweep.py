@@ -390,3 +390,28 @@ def test_a_scripts_own_settings_kept_over_another_methods_paper_ones_are_named(a
         parse_script_args({"method": "fft"}, fft_sweep, argv("--method", "lora", "--lr", "3e-4"))
         parse_script_args({"method": "fft"}, {"lr": [2e-4]}, argv("--method", "lora"))  # LoRA's own: no word
     assert "stays over" not in caplog.text and caplog.text.count("replaces it") == 2
+
+
+def test_each_point_says_the_time_the_grid_has_left_by_the_points_trained_so_far(monkeypatch, caplog):
+    """A sweep of hours said which point it was at, never how long the rest would take: from the second point
+    on, the mean time of the points this command trained, times the points left (a point found finished
+    takes none and counts in no mean)."""
+    import argparse
+    import itertools
+
+    import iisan.experiments.sweep as module
+    from iisan.config import Config
+    from iisan.experiments.sweep import GridPoint, run_grid
+
+    clock = itertools.count(0.0, 30.0)  # read as a point starts and as it ends: each takes 30 s
+    monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
+    points = [GridPoint(i, {"seed": i}, Config(seed=i, run_name=f"p{i}")) for i in range(4)]
+    with caplog.at_level("INFO", logger="iisan.experiments.sweep"):
+        run_grid(points, argparse.Namespace(grid_index=None), action=lambda cfg, args: {"seed": cfg.seed})
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grid point ")]
+    each = "left for {} point(s), at the 30 s each of the {} trained so far"
+    assert said == ["grid point 0 (1 of 4): p0", f"grid point 1 (2 of 4): p1; about 2 min {each.format(3, 1)}",
+                    f"grid point 2 (3 of 4): p2; about 60 s {each.format(2, 2)}",
+                    f"grid point 3 (4 of 4): p3; about 30 s {each.format(1, 3)}"]
+    assert module.time_left([], 3) == "" and module.time_left([3600.0, 7200.0], 4) == (
+        "; about 6.0 h left for 4 point(s), at the 1.5 h each of the 2 trained so far")

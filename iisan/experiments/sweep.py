@@ -24,62 +24,22 @@ import hashlib
 import itertools
 import logging
 import sys
-from collections import Counter
-from dataclasses import dataclass
-from enum import Enum
+import time
 from pathlib import Path
 
-from ..config import Config
-from ..console import VERBOSE_HELP, entry_point, fixed, peer_lost, setup_logging
+from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..methods import METHOD_DEFAULTS, kept_over, unread_keys
-from ..metric_names import HEADLINE, SELECTED_BY, label
 from ..precedence import resolve
+from .grid import GridPoint, Outcome, Status, listing, summary, time_left, values_text
 from .presets import BACKBONES, own_cache_dir
 
 log = logging.getLogger(__name__)
 
 PATH_KEYS = ("users", "items", "images", "cache_dir")  # set by --dataset
-
-
-@dataclass
-class GridPoint:
-    index: int
-    values: dict  # the swept keys' values at this point
-    config: Config | None  # None when the values make no valid config
-    error: str = ""  # why not
-    made: str = ""  # what it makes where it trains no run (a cache build: its folder), named instead of a run
-
-    @property
-    def name(self) -> str:
-        return self.made or (self.config.run_name if self.config else "-")
-
-
-class Status(str, Enum):
-    """What became of a grid point: finished (trained now), finished before (its run folder already held
-    its results), in use (another process is training it), failed, interrupted, or not run (the grid
-    stopped before it). Printed as its value."""
-
-    FINISHED = "finished"
-    FINISHED_BEFORE = "finished before"
-    IN_USE = "in use"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-    NOT_RUN = "not run"
-
-    def __str__(self) -> str:  # "finished", not "Status.FINISHED", in str() and f-strings alike
-        return self.value
-
-
-@dataclass
-class Outcome:
-    point: GridPoint
-    status: Status
-    result: object = None
-    reason: str = ""
 
 
 def grid(sweep: dict[str, list]) -> list[dict]:
@@ -179,9 +139,10 @@ def folder_tag(varying: str) -> str:
     return safe if safe == varying else f"{safe}-{hashlib.sha256(varying.encode()).hexdigest()[:8]}"
 
 
-def run_point(point: GridPoint, total: int, action, args) -> Outcome:
-    """One grid point; any failure but an interruption becomes the outcome, logged in one line."""
-    log.info("grid point %d (%d of %d): %s", point.index, point.index + 1, total, point.name)
+def run_point(point: GridPoint, total: int, action, args, left: str = "") -> Outcome:
+    """One grid point; any failure but an interruption becomes the outcome, logged in one line. ``left``: the
+    time the grid has left, said after the point (``grid.time_left``)."""
+    log.info("grid point %d (%d of %d): %s%s", point.index, point.index + 1, total, point.name, left)
     if point.error:
         log.error("grid point %d (%s) failed: %s", point.index, values_text(point.values), point.error)
         return Outcome(point, Status.FAILED, reason=point.error)
@@ -213,40 +174,6 @@ def run_point(point: GridPoint, total: int, action, args) -> Outcome:
     return Outcome(point, Status.FAILED, reason=reason)
 
 
-def values_text(values: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in values.items())
-
-
-def listing(points: list[GridPoint], total: int) -> str:
-    lines = [f"{total} grid point(s); run one alone with --grid-index I:"]
-    for p in points:
-        lines.append(f"{p.index:4d}  {p.name}  {values_text(p.values)}" + (f"  (invalid: {p.error})" if p.error
-                                                                           else ""))
-    return "\n".join(lines) + "\n"
-
-
-def summary(outcomes: list[Outcome], made=None) -> str:
-    """A markdown table of every point: status and, for runs, the validation metric a point is chosen by
-    (choosing by test would tune on the test set) and the test metrics at the best-validation epoch; for
-    an action that trains no run, what each point made instead (``made(config, result)``, see ``run_script``)."""
-    counts = Counter(o.status for o in outcomes)
-    columns = ["#", "made", "status"] if made else ["#", "run", "status", f"valid {label(SELECTED_BY)}",
-                                                    *(f"test {label(m)}" for m in HEADLINE)]
-    lines = [f"\ngrid summary: {len(outcomes)} point(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()),
-             f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
-    for o in outcomes:
-        status = f"{o.status}: {o.reason}" if o.reason else o.status
-        if made:
-            done = o.status is Status.FINISHED and o.point.config is not None
-            lines.append(f"| {o.point.index} | {made(o.point.config, o.result) if done else o.point.name} | {status} |")
-            continue
-        result = o.result if isinstance(o.result, dict) else {}
-        valid, test = result.get("valid") or {}, result.get("test") or {}
-        cells = ("" if v is None else fixed(v) for v in (valid.get(SELECTED_BY), *map(test.get, HEADLINE)))
-        lines.append(f"| {o.point.index} | {o.point.name} | {status} | {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
-
-
 def chosen(points: list[GridPoint], index: int | None) -> list[GridPoint]:
     """The points ``--grid-index`` picks: all of them (None), or the one at ``index``, which must be one."""
     if index is None:
@@ -270,10 +197,14 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     # to connect within one launch. Each train() joins it and leaves it up.
     first = next((p.config for p in points if p.config is not None), None)
     created = launched() and first is not None and setup(first.device)[2]
+    trained: list[float] = []  # seconds of each point trained by this command, for the time left
     try:
         for n, point in enumerate(points):
             try:
-                outcomes[n] = run_point(point, total, action, args)
+                began = time.monotonic()
+                outcomes[n] = run_point(point, total, action, args, time_left(trained, len(points) - n))
+                if outcomes[n].status is Status.FINISHED:
+                    trained.append(time.monotonic() - began)
                 if launched() and outcomes[n].status == Status.FAILED and point.config is not None:
                     # it may have failed on this rank alone (a write only rank 0 does): the others wait in its
                     # collectives, so no next point can start; this process ends, and theirs with it
