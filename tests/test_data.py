@@ -354,3 +354,39 @@ def test_ids_in_another_unicode_normal_form_are_named_as_such(tmp_path, caplog):
         f"{users}: skipped 1 interactions with 1 item ids not in {items} (e.g. {nfd}; 1 of them are ids of items.tsv "
         f"written with other Unicode characters, e.g. {nfd!r} (U+0063 U+0061 U+0066 U+0065 U+0301) here, {nfc!r} "
         "(U+0063 U+0061 U+0066 U+00E9) there: write both files in one normal form (NFC))"]
+
+
+def test_large_files_say_their_reading_before_and_after(small, monkeypatch, caplog):
+    """A million users' files took a minute and more to read, without a line: files past ``SAID_BYTES`` say
+    what is being read and, once the protocol has run, what was read and kept, in how long."""
+    from iisan.data import interactions
+
+    users, items = small
+    with caplog.at_level("INFO", logger="iisan.data.interactions"):
+        load_dataset(users, items, max_seq_len=3)
+    assert not [r for r in caplog.records if r.getMessage().startswith("read")]  # small files: nothing said
+    monkeypatch.setattr(interactions, "SAID_BYTES", users.stat().st_size + items.stat().st_size)
+    with caplog.at_level("INFO", logger="iisan.data.interactions"):
+        load_dataset(users, items, max_seq_len=3)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read")]
+    assert said[0] == f"reading {users} and {items} (0 MB)"
+    assert re.fullmatch(r"read 3 users and 8 items, and kept 2 users and 5 items \(the protocol\), in \d+ s", said[1])
+
+
+def test_the_protocol_on_many_users_matches_one_worked_user_at_a_time(tmp_path):
+    """The protocol runs on all users at once (numpy over one flat array): each user's row of ``padded`` and the
+    items held aside before its last ``max_seq_len + 3`` are those of the user's line read alone."""
+    rng = np.random.default_rng(0)
+    ids = [f"i{n}" for n in range(30)]
+    items = write(tmp_path, "items.tsv", "".join(f"{i}\tt {i}\n" for i in ids))
+    lines = [(f"u{u}", [ids[k] for k in rng.integers(0, 30, rng.integers(3, 14))]) for u in range(60)]
+    users = write(tmp_path, "users.tsv", "".join(f"{u}\t{' '.join(seq)} zz{u}\n" for u, seq in lines))
+    data = load_dataset(users, items, max_seq_len=4, min_seq_len=5)
+    keep, kept = 4 + 3, [(u, seq) for u, seq in lines if len(seq) >= 5]  # zz<u>: an unknown id on every line
+    assert data.user_ids == [u for u, _ in kept] and data.skipped["unknown_item_interactions"] == 60
+    index = {item: n for n, item in enumerate(data.item_ids)}
+    for row, (user, seq) in enumerate(kept):
+        tail = [index[item] for item in seq[-keep:]]
+        assert data.padded[row].tolist() == [0] * (keep - len(tail)) + tail, user
+        before = [index[item] for item in seq[:-keep] if item in index]
+        assert data.earlier.get(row, np.array([], dtype=np.int64)).tolist() == before, user

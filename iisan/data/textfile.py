@@ -5,12 +5,14 @@ traceback; and item ids checked where they enter, since they name image files an
 from __future__ import annotations
 
 import codecs
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import shown
 
 _ESCAPED = re.compile("[\udc80-\udcff]")  # undecodable bytes, kept by errors="surrogateescape"
 RESERVED_IDS = frozenset({".", "..", "__meta__"})  # path components, and the image LMDB's metadata key
@@ -124,7 +126,7 @@ def check_item_id(item_id: str, where: str) -> None:
         problem = "is reserved"
     elif "/" in item_id or "\\" in item_id:
         problem = "contains a path separator"
-    elif any(ch.isspace() for ch in item_id):
+    elif item_id.split() != [item_id]:  # (split() cuts at every character isspace() names)
         problem = "contains whitespace (the users file separates item ids by whitespace)"
     elif bad := control_character(item_id):
         problem = f"contains the control character U+{ord(bad):04X}"
@@ -137,6 +139,8 @@ def check_item_id(item_id: str, where: str) -> None:
 
 def control_character(text: str) -> str:
     """The first control (or other invisible, unassigned) character of ``text``; '' when none."""
+    if text.isprintable():  # no character of a C category is printable: the fast answer for nearly every id
+        return ""
     return next((ch for ch in text if unicodedata.category(ch).startswith("C")), "")
 
 
@@ -145,3 +149,20 @@ def check_user_id(user_id: str, where: str) -> None:
     if bad := control_character(user_id):
         hint = " (a NUL: is the file UTF-16? --encoding names its encoding)" if bad == "\0" else ""
         raise DataError(f"{where}: user id {user_id!r} contains the control character U+{ord(bad):04X}{hint}")
+
+
+def check_data_file(path: Path, what: str) -> None:
+    """``path`` is an existing file this process may read (``what``: users or items, for the message)."""
+    if path.is_dir():
+        raise DataError(f"{what} file {path} is a folder, expected a file")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{what} file {shown(path)} is not a regular file (a pipe or a device), expected a file")
+    if path.is_symlink() and not path.exists():  # to nothing, or a loop
+        raise DataError(f"{what} file {shown(path)} is a symbolic link to no file (to {os.readlink(path)!r}, "
+                        "which is missing or links back to itself)")
+    if not path.is_file():
+        raise DataError(f"{what} file {shown(path)} does not exist")
+    try:  # (another user's file: before a run folder is made for a run that cannot read it)
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as err:
+        raise DataError(f"{what} file {shown(path)} cannot be read: {err.strerror}") from None
