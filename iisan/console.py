@@ -21,7 +21,7 @@ from typing import NoReturn, TypeVar
 
 from tqdm import tqdm
 
-from .errors import USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
+from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
 from .streams import closed_streams_to_null, printable_stdout, stdout_closed
@@ -217,24 +217,26 @@ def summary(doc: str | None) -> str:
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (a preempted job) raises ``Terminated``, a KeyboardInterrupt as Ctrl-C raises, so that a
-    command says what is kept and exits 143 instead of dying without a word. As safe as Ctrl-C: every
-    output is written to a temporary and renamed. Training has its own handler inside (``train.interrupt``):
-    it stops at a clean point to save a checkpoint. A SIGTERM ignored when the command starts
-    (``trap '' TERM``) stays ignored."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    """A stop signal (``errors.STOP_SIGNALS``: SIGTERM, a preempted job; SIGUSR1; SIGHUP) raises ``Terminated``,
+    a KeyboardInterrupt as Ctrl-C raises, so that a command says what is kept and exits with the signal's status
+    (143 for SIGTERM) instead of dying without a word. As safe as Ctrl-C: every output is written to a temporary
+    and renamed. Training has its own handler inside (``train.interrupt``): it stops at a clean point to save a
+    checkpoint. A signal ignored when the command starts (``trap '' TERM``, ``nohup``'s SIGHUP) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    stops = [getattr(signal, name) for name in STOP_SIGNALS]
+    previous = {sig: signal.signal(sig, _terminated) for sig in stops if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(sig, handler)
 
 
 def _terminated(signum, frame) -> NoReturn:
-    raise Terminated
+    raise Terminated(signal=signal.Signals(signum).name)
 
 
 INTERRUPTED = ("interrupted; nothing is left half-written (every output is written whole or not at all): a training "
@@ -260,7 +262,7 @@ def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED)
         exit_interrupted(prog, err, err.signal)
     except KeyboardInterrupt as err:  # outside a training loop (loading, a cache build), or a second Ctrl-C there
         logging.getLogger(__name__).debug("interrupted at", exc_info=True)
-        exit_interrupted(prog, interrupted, "SIGTERM" if isinstance(err, Terminated) else "SIGINT")
+        exit_interrupted(prog, interrupted, err.signal if isinstance(err, Terminated) else "SIGINT")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
         if not (line := host_memory_error(err) or peer_lost(err) or no_thread(err)):
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal as signals
 from pathlib import Path
 
 
@@ -91,14 +92,25 @@ class RunInterrupted(RuntimeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a preempted job), raised where Ctrl-C raises KeyboardInterrupt: the same endings, with
-    SIGTERM's exit status."""
+    """A stop signal other than Ctrl-C (``STOP_SIGNALS``), raised where Ctrl-C raises KeyboardInterrupt: the
+    same endings, with that signal's exit status. ``signal``: its name."""
+
+    def __init__(self, *args, signal: str = "SIGTERM"):
+        super().__init__(*args)
+        self.signal = signal
+
+
+# The signals that stop a command as Ctrl-C does, each with its own exit status: SIGTERM (a preempted job),
+# SIGUSR1 (a batch scheduler's notice that the job's time runs out: SLURM's --signal=USR1@120), SIGHUP (the
+# terminal was closed). Left at their default action, the last two killed a run without its checkpoint.
+STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGUSR1", "SIGHUP") if hasattr(signals, name))
 
 
 def interrupt_status(signal: str) -> int:
     """The exit status of a command a signal stopped, as a shell reports one the signal killed (128 + its
-    number): 130 for SIGINT, 143 for SIGTERM, which batch schedulers read as a job terminated."""
-    return 143 if signal == "SIGTERM" else 130
+    number): 130 for SIGINT, 143 for SIGTERM (which batch schedulers read as a job terminated), 138 for
+    SIGUSR1 and 129 for SIGHUP on Linux."""
+    return 128 + int(signals.Signals[signal]) if signal in signals.Signals.__members__ else 130
 
 
 USER_ERRORS = (UserError,)

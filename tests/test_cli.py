@@ -493,32 +493,36 @@ def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
         "this user may write\n")
 
 
-def test_sigterm_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(tiny, tmp_path, monkeypatch,
-                                                                                   capsys):
-    """A preempted job's SIGTERM during build-lmdb (or while any command loads): the Ctrl-C ending, exit
-    143 (128 + SIGTERM), no store and no temporary; the handler before the command is put back."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGHUP"])
+def test_a_stop_signal_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(name, tiny, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A preempted job's SIGTERM (a SLURM job's SIGUSR1, a closed terminal's SIGHUP) during build-lmdb (or while
+    any command loads): the Ctrl-C ending, exit 128 + the signal's number (143 for SIGTERM), no store and no
+    temporary; the handler before the command is put back."""
     import signal
 
     import iisan.data.image_build as image_build
+
+    sig = getattr(signal, name)
 
     calls, encode = [], image_build.encode_record
 
     def terminated_at_the_third(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(sig)
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(image_build, "encode_record", terminated_at_the_third)
-    handler = signal.getsignal(signal.SIGTERM)
+    handler = signal.getsignal(sig)
     out = tmp_path / "images.lmdb"
     with pytest.raises(SystemExit) as info:
         main(["build-lmdb", "--images", tiny["image_dir"], "--out", str(out), "--size", "16", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 143 and len(err) == 1
+    assert info.value.code == 128 + sig and len(err) == 1
     assert err[0] == ("iisan: interrupted; no store was written (it is written whole or not at all): run the same "
                       "command again to build it from the start")  # (no checkpoint, no chunks: a build-lmdb's own)
-    assert signal.getsignal(signal.SIGTERM) is handler and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert signal.getsignal(sig) is handler and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, tmp_path):

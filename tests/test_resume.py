@@ -257,23 +257,29 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     assert phases["training"]["peak_rss_gib"] == 97.0 and phases["evaluation"]["peak_rss_gib"] < 97.0
 
 
-def test_sigterm_saves_mid_epoch_like_ctrl_c_and_exits_143(base, monkeypatch, capsys):
-    """A preempted job gets SIGTERM: the same clean stop, named after its signal, and the status a shell gives
-    a job SIGTERM killed (128 + 15), which a scheduler reads as terminated, not as Ctrl-C's 130."""
-    cfg = base.replace(run_name="sigterm", epochs=2)
-    handler = signal.getsignal(signal.SIGTERM)
-    interrupt_at(monkeypatch, 3, signal.SIGTERM)  # epoch 0, step 3 of 10
-    saved = Path(cfg.out_dir) / "sigterm" / "checkpoints" / "epoch-0000-step-00003"
-    with pytest.raises(RunInterrupted, match=f"SIGTERM during epoch 0 after step 3 of 10; checkpoint saved in {saved}"):
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGUSR1", 128 + signal.SIGUSR1), ("SIGHUP", 129)])
+def test_a_stop_signal_saves_mid_epoch_like_ctrl_c_and_exits_with_its_status(name, status, base, monkeypatch, capfd):
+    """A preempted job gets SIGTERM, a SLURM job SIGUSR1 before its time runs out (--signal=USR1@120), a run in a
+    closed terminal SIGHUP: the same clean stop, named after its signal, and the status a shell gives a job that
+    signal killed (128 + its number; 143 for SIGTERM, which a scheduler reads as terminated), not Ctrl-C's 130.
+    SIGUSR1 and SIGHUP killed the run at once, its epoch in progress lost and its results.json left 'running'."""
+    sig = getattr(signal, name)
+    cfg = base.replace(run_name=name.lower(), epochs=2)
+    handler = signal.getsignal(sig)
+    interrupt_at(monkeypatch, 3, sig)  # epoch 0, step 3 of 10
+    saved = Path(cfg.out_dir) / name.lower() / "checkpoints" / "epoch-0000-step-00003"
+    with pytest.raises(RunInterrupted, match=f"{name} during epoch 0 after step 3 of 10; checkpoint saved in {saved}"):
         train(cfg)
-    assert checkpoint.verify(saved) is None and signal.getsignal(signal.SIGTERM) is handler
+    assert checkpoint.verify(saved) is None and signal.getsignal(sig) is handler
     saved_at = json.loads((saved / checkpoint.STATE).read_text())["saved_at"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}", saved_at)  # its zone too, as ended_at
-    interrupt_at(monkeypatch, 1, signal.SIGTERM)  # the resumed run's first step
+    interrupt_at(monkeypatch, 1, sig)  # the resumed run's first step
     with pytest.raises(SystemExit) as info:
         main(["train", *flags(cfg)])
-    assert info.value.code == 143
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("iisan: SIGTERM during epoch 0 after step 4 of")
+    assert info.value.code == status
+    err = capfd.readouterr().err.strip().splitlines()  # (the handler writes to the descriptor: capfd sees it)
+    assert err[-1].startswith(f"iisan: {name} during epoch 0 after step 4 of")
+    assert f"{name} received: finishing the current step, then saving a checkpoint" in err  # no Ctrl-C hint
 
 
 def test_a_rank_other_than_the_first_puts_the_log_level_back_when_its_run_ends(base, monkeypatch):

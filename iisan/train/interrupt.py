@@ -1,5 +1,6 @@
-"""Ctrl-C (SIGINT) and SIGTERM (a preempted job) become a request the training loop honours at a clean
-point: after the current step (under torchrun, the ranks agree every ``STOP_POLL_STEPS`` steps; a request
+"""Ctrl-C (SIGINT) and the stop signals (``errors.STOP_SIGNALS``: SIGTERM, a preempted job; SIGUSR1, a
+scheduler's notice that time runs out; SIGHUP, a closed terminal) become a request the training loop honours
+at a clean point: after the current step (under torchrun, the ranks agree every ``STOP_POLL_STEPS`` steps; a request
 during an epoch's last step lets the epoch and its evaluation finish) it saves a checkpoint and stops with
 ``RunInterrupted``. While the run sets up (its data, encoders, the checkpoint it resumes from) there is no
 step to finish: a signal stops at once, as in every other command.
@@ -17,13 +18,13 @@ import os
 import signal
 import threading
 
-from ..errors import Terminated
+from ..errors import STOP_SIGNALS, Terminated
 
 
 class StopRequests:
     """Context manager installing the handlers; ``signal`` holds the name of the first signal received."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, *(getattr(signal, name) for name in STOP_SIGNALS))
 
     def __init__(self, escalate: bool = True, armed: bool = True):
         self.escalate = escalate
@@ -38,8 +39,8 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name  # the message is what train.log and results.json say of the ending
         if not self.armed:
-            stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-            raise stop(f"{name} while the run set up, before its first step")
+            said = f"{name} while the run set up, before its first step"
+            raise KeyboardInterrupt(said) if signum == signal.SIGINT else Terminated(said, signal=name)
         if self.signal is not None:
             if self.escalate and signum == signal.SIGINT:
                 raise KeyboardInterrupt(f"a second SIGINT after {self.signal}: stopped at once, without saving a "
@@ -49,8 +50,9 @@ class StopRequests:
         # os.write, not logging: a handler may run while the logging lock is held. On a terminal, below the
         # bar and the ^C it echoed; in a log, no blank line.
         below = "\n" if os.isatty(2) else ""
+        again = self.escalate and signum == signal.SIGINT  # (a batch job's later signals are ignored)
         os.write(2, f"{below}{self.signal} received: finishing the current step, then saving a checkpoint"
-                    f"{' (Ctrl-C again stops at once, without saving)' if self.escalate else ''}\n".encode())
+                    f"{' (Ctrl-C again stops at once, without saving)' if again else ''}\n".encode())
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
