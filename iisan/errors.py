@@ -79,16 +79,18 @@ class RunInterrupted(RuntimeError):
     """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint: ``what`` happened and
     where the checkpoint is, then ``how`` to resume (kept apart so that a sweep can say that its own way).
     ``signal`` names the signal that asked. Not a ``UserError``: the command line exits with the signal's
-    status (``interrupt_status``), not 2."""
+    status (``interrupt_status``), not 2. ``results``: a run the signal reached in its last epoch finished all
+    the same: its results (a sweep lists it as finished)."""
 
-    def __init__(self, what: str, how: str = "", signal: str = "SIGINT"):
+    def __init__(self, what: str, how: str = "", signal: str = "SIGINT", results: dict | None = None):
         super().__init__(f"{what}. {how}" if how else what)
         self.what = what
         self.signal = signal
+        self.results = results
 
     def rehinted(self, how: str, what: str | None = None) -> RunInterrupted:
         """The same stop, told another way to resume (a sweep's, a script's)."""
-        return RunInterrupted(self.what if what is None else what, how, self.signal)
+        return RunInterrupted(self.what if what is None else what, how, self.signal, self.results)
 
 
 class Terminated(KeyboardInterrupt):

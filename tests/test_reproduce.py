@@ -193,5 +193,5 @@ def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_pat
     said = (tmp_path / "reproduce-demo.log").read_text().splitlines()  # its log says where it stood, and why not
     assert said[0].startswith("=== reproduction: started ") and said[1].startswith("command: ")
     assert said[3].endswith("INFO iisan.experiments.reproduce: step 1 of 4: the demo data")
-    assert said[-1].endswith("the reproduction ended: SIGTERM at step 3; checkpoint saved in x. To resume, run the "
+    assert said[-1].endswith("the reproduction ended: SIGTERM at step 3; checkpoint saved in x. To go on, run the "
                              "same command again: finished seeds are reused, this one goes on from its checkpoint")

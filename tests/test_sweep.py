@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from iisan.console import fixed
 from iisan.experiments.sweep import GridPoint, Outcome, Status, parse_script_args, run_script, summary
+from iisan.metric_names import HEADLINE, SELECTED_BY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Code_Cached" / "scripts" / "run_IISAN.py"
 DEFAULTS = {"method": "iisan", "feed": "cached"}  # what run_IISAN.py passes
@@ -316,6 +317,29 @@ def test_a_second_ctrl_c_leaves_the_point_interrupted_in_the_summary(sweep, argv
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
     assert info.value.code == 130
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["interrupted", "not run"]
+
+
+def test_a_signal_in_a_points_last_epoch_leaves_it_finished_in_the_summary(sweep, argv, monkeypatch, capsys):
+    """The signal reached the point's last epoch: its run finished, and the table called it interrupted, without
+    its metrics, and the last line said it would go on from its checkpoint."""
+    import iisan.experiments.sweep as module
+    from iisan.errors import RunInterrupted
+
+    results = {"valid": {SELECTED_BY: 0.25}, "test": {m: 0.125 for m in HEADLINE}}
+
+    def ended_in_its_last_epoch(point, total, action, args, left=""):
+        raise RunInterrupted(f"SIGTERM during the last epoch, which ended the run: it is finished ({point.name})", "",
+                             "SIGTERM", results)
+
+    monkeypatch.setattr(module, "run_point", ended_in_its_last_epoch)
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
+    out, err = capsys.readouterr()
+    assert info.value.code == 143
+    assert [r[2:] for r in summary_rows(out)] == [["finished", "0.2500", *["0.1250"] * len(HEADLINE)],
+                                                   ["not run", "", *[""] * len(HEADLINE)]]
+    assert err.strip().splitlines()[-1].endswith("it is finished (" + summary_rows(out)[0][1] + "). To go on, run the "
+                                                 "same command again: finished points are skipped")
 
 
 def test_the_summary_prints_each_status_as_its_value():

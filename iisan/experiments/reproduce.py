@@ -195,8 +195,8 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
             try:
                 results = train(cfg.replace(seed=seed, run_name=f"reproduce-{run.dataset}-seed{seed}"))
             except RunInterrupted as err:  # the trainer's hint names --run-name, which this command does not take
-                raise err.rehinted("To resume, run the same command again: finished seeds are reused, this one "
-                                   "goes on from its checkpoint") from None
+                raise err.rehinted("To go on, run the same command again: finished seeds are reused" + (
+                    "" if err.results is not None else ", this one goes on from its checkpoint")) from None
             rows.append(read_row(Path(results["run_dir"]) / "results.json", results))
         about = provenance()
         note = ("synthetic demo data and tiny random encoders: checks the pipeline; not comparable with the paper"

@@ -211,10 +211,12 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                     raise GridError(f"grid point {point.index} ({point.name}) failed: {outcomes[n].reason}; under "
                                     "torchrun a point that fails while training ends the grid: run the same "
                                     "command again once it is fixed (finished points are skipped)")
-            except RunInterrupted as err:
-                outcomes[n] = Outcome(point, Status.INTERRUPTED)
+            except RunInterrupted as err:  # (in a point's last epoch: that point finished all the same)
+                finished = err.results is not None
+                outcomes[n] = Outcome(point, *((Status.FINISHED, err.results) if finished else (Status.INTERRUPTED,)))
                 # the point's run name comes from the grid: rerunning the command finds it again
-                raise err.rehinted("To resume, run the same command again: finished points are skipped, this "
+                raise err.rehinted("To go on, run the same command again: finished points are skipped" if finished
+                                   else "To resume, run the same command again: finished points are skipped, this "
                                    "one goes on from its checkpoint", f"grid point {point.index}: {err.what}") from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)

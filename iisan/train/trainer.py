@@ -342,7 +342,7 @@ def train(cfg: Config, reuse: bool = True) -> dict:
         # a signal during the last epoch: the run finished, and the caller stops (a sweep before its next point)
         if not run.finished_before and any_rank(stop.requested, dist):
             raise RunInterrupted(f"{stop.signal or 'stop request'} during the last epoch, which ended the run: it "
-                                 f"is finished ({run.run_dir / RESULTS})", signal=stop.signal or "SIGINT")
+                                 f"is finished ({run.run_dir / RESULTS})", "", stop.signal or "SIGINT", results)
         return results
     finally:
         if created:
