@@ -153,7 +153,11 @@ def test_reproduce_on_demo_data_of_other_sizes_refuses_naming_its_own_flags(tmp_
         module.main(["--dataset", "demo", "--out", str(tmp_path), "--demo-users", "120", "--demo-items", "40"])
     err = capsys.readouterr().err.strip().splitlines()
     assert ended.value.code == 2 and err[-1].endswith(expected), err
-    assert snapshot(tmp_path) == before and not (tmp_path / "reproduce-demo.md").exists()
+    after = snapshot(tmp_path)
+    assert after.pop("reproduce-demo.log") and after == before and not (tmp_path / "reproduce-demo.md").exists()
+    said = (tmp_path / "reproduce-demo.log").read_text().splitlines()  # only its log, which notes each attempt
+    assert [line for line in said if "the reproduction ended: " in line][-2:] == [
+        line for line in said if line.endswith(f"the reproduction ended: {expected}")]
 
 
 def test_an_interrupted_demo_says_to_run_the_same_command_again(tmp_path, monkeypatch, capsys):

@@ -320,9 +320,13 @@ def test_results_skips_a_results_file_it_cannot_decode_with_its_reason(content, 
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     caplog.set_level("WARNING")
-    main(["results", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as info:  # (the only file: nothing to show is an error)
+        main(["results", str(tmp_path / "runs")])
     said = [r.getMessage() for r in caplog.records]
     assert f"skipping {path}: {message}" in said, said
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"iisan: error: none of the 1 results file(s) under {tmp_path / 'runs'} could be read (the warnings above "
+        "name each and why)")
 
 
 def test_results_skips_a_results_file_it_may_not_read(tmp_path):
