@@ -14,7 +14,8 @@ from iisan.data.image_build import build_image_lmdb
 from iisan.data.interactions import read_items
 from iisan.data.synthetic import generate
 from iisan.methods import METHOD_TABLE
-from iisan.model.backbones import group_layers, read_spec
+from iisan.model.backbones import read_spec
+from iisan.model.layer_rules import group_layers
 from iisan.model.tiny import vocabulary, write_bert, write_vit
 
 # The PEFT baselines (a method added to METHOD_TABLE joins every test that takes them all)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from iisan.errors import EncoderError
-from iisan.model.backbones import BackboneEncoder, architecture, group_layers, load_image_encoder, load_text_encoder
+from iisan.model.backbones import BackboneEncoder, architecture, load_image_encoder, load_text_encoder
 from iisan.model.inputs import tokenize_titles
+from iisan.model.layer_rules import group_layers
 from iisan.model.patches import PatchProjection, patches_as_matmul
 
 from .conftest import six_groups
@@ -271,6 +272,15 @@ def test_a_roberta_tower_takes_as_many_title_tokens_as_its_positions_hold():
     bert = BackboneEncoder(_tiny_text_model("bert", "sdpa"), "text", (0, 1, 2), "mean")
     with pytest.raises(EncoderError, match=r"\(max_position_embeddings 40\); use --title-tokens 40 or fewer$"):
         bert.title_inputs(["a title"], 41)
+
+
+def test_a_tower_without_a_position_limit_takes_any_title_length(tiny):
+    """XLNet's config says -1 positions, meaning no limit: 30 tokens were refused, with 'use --title-tokens -1
+    or fewer', a value refused in turn."""
+    enc = load_text_encoder(tiny["text_model"], (0, 1, 2))
+    enc.model.config.max_position_embeddings = -1
+    ids, mask = enc.title_inputs(["a title"], 500)
+    assert ids.shape == mask.shape and ids.shape[0] == 1
 
 
 def test_a_clip_vision_towers_final_cls_is_after_its_post_layernorm(towers):

@@ -15,10 +15,11 @@ from iisan.data.cache import cache_file, read_metadata
 from iisan.data.run_data import load_data
 from iisan.devices import amp_dtype
 from iisan.errors import CacheError, ConfigError
-from iisan.model.backbones import group_layers, load_text_encoder
+from iisan.model.backbones import load_text_encoder
 from iisan.model.build import build_model, layers_for
 from iisan.model.caching import build_cache_from_config, cache_precision
 from iisan.model.inputs import tokenize_for_pooling
+from iisan.model.layer_rules import group_layers
 from iisan.model.peft_methods import HoulsbyAdapter
 from iisan.model.san import IntraSAN
 from iisan.train.optim import make_optimizer
@@ -176,8 +177,8 @@ def test_automatic_layers_follow_the_authors_lists_at_every_depth(tiny_config):
     list (the comments of Code_Cached_Asym/script/run_IISAN_*.py; for 24 layers, the last of the three
     lists their BERT-large script offers); --layer-rule groups picks group layer-dropping's, which agrees
     on 12 and 24 layers only."""
-    from iisan.model.backbones import stride_layers
     from iisan.model.build import layers_for
+    from iisan.model.layer_rules import stride_layers
 
     authors = {12: (0, 2, 4, 6, 8, 10, 12), 24: (0, 4, 8, 12, 16, 20, 24), 28: (0, 3, 8, 13, 18, 23, 28),
                32: (0, 2, 8, 14, 20, 26, 32), 48: (0, 3, 12, 21, 30, 39, 48), 80: (0, 5, 20, 35, 50, 65, 80)}

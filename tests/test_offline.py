@@ -14,8 +14,9 @@ from transformers import AutoConfig
 from iisan.data.images import ImageStore
 from iisan.errors import ConfigError
 from iisan.experiments.offline import blank_image_store, minilm_path, random_image_store, random_vit
-from iisan.model.backbones import group_layers, load_text_encoder
+from iisan.model.backbones import load_text_encoder
 from iisan.model.inputs import tokenize_titles
+from iisan.model.layer_rules import group_layers
 
 
 @pytest.mark.realweights

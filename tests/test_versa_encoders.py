@@ -8,14 +8,9 @@ import torch
 
 from iisan.cli.main import main
 from iisan.errors import EncoderError
-from iisan.model.backbones import (
-    BackboneEncoder,
-    group_layers,
-    load_image_encoder,
-    load_text_encoder,
-    resolve_encoder_dtype,
-)
+from iisan.model.backbones import BackboneEncoder, load_image_encoder, load_text_encoder, resolve_encoder_dtype
 from iisan.model.inputs import pixels_to_input, tokenize_titles
+from iisan.model.layer_rules import group_layers
 
 from .conftest import BASELINES, six_groups
 
@@ -146,6 +141,26 @@ def test_a_state_of_another_width_is_one_line_not_a_stacking_traceback():
     with pytest.raises(EncoderError, match=r"^projected: hidden state 2 is 4 wide, not the config's 8; a SAN reads "
                                            r"every state at one width"):
         enc.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+class _ShortenedStates(_NoHiddenStates):
+    """A tower that halves its sequence between blocks (Funnel Transformer)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        states = [self.embed(input_ids)[:, : input_ids.shape[1] // 2 ** k] for k in range(3)]
+        return BaseModelOutput(last_hidden_state=states[-1], hidden_states=tuple(states))
+
+
+def test_a_state_over_fewer_positions_is_one_line_not_a_pooling_traceback():
+    from transformers import BertConfig
+
+    model = _ShortenedStates(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
+    enc = BackboneEncoder(model, "text", (0, 2), "mean", name="funnel")
+    with pytest.raises(EncoderError, match=r"^funnel: hidden state 1 has 2 positions, state 0 4; every state is "
+                                           r"pooled over the same positions"):
+        enc.layer_states(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4))
 
 
 def test_encoder_without_hidden_states_from_the_command_line(tiny, tmp_path, capsys, request):

@@ -42,36 +42,10 @@ from .families import (
     tower_config,
 )
 from .inputs import processor_norm, tokenize_for_pooling
+from .layer_rules import MAX_DEPTH, check_layers
 from .patches import patches_as_matmul
 
 log = logging.getLogger(__name__)
-MAX_DEPTH = 1024  # layers an encoder may have (the largest LLMs have about 130)
-
-
-def group_layers(depth: int, groups: int, include_embedding: bool = True) -> tuple[int, ...]:
-    """``--layer-rule groups``: split layers 1..depth into ``groups`` runs of consecutive layers and keep
-    the last of each run (12 layers, 6 groups -> 2, 4, ..., 12: the authors' IISAN list of block indices
-    1, 3, ..., 11, as hidden-state indices). Index 0 (the embedding output) is prepended unless
-    ``include_embedding`` is false."""
-    groups = min(groups, depth)
-    picked = [round(depth * (g + 1) / groups) for g in range(groups)]
-    return tuple(([0] if include_embedding else []) + picked)
-
-
-def stride_layers(depth: int, picks: int, include_embedding: bool = True) -> tuple[int, ...]:
-    """The last layer and every k-th below it, ``picks`` layers in all, with the largest k that keeps them
-    above the embeddings: the authors' lists (12 layers -> 2, 4, ..., 12; 32 -> 2, 8, 14, 20, 26, 32;
-    80 -> 5, 20, ..., 80; 28 -> 3, 8, ..., 28; 48 -> 3, 12, ..., 48). Index 0 as in ``group_layers``."""
-    picks = min(picks, depth)
-    stride = (depth - 1) // (picks - 1) if picks > 1 else 0
-    picked = sorted(depth - stride * k for k in range(picks))
-    return tuple(([0] if include_embedding else []) + picked)
-
-
-def check_layers(layers: tuple[int, ...], depth: int, what: str) -> None:
-    if max(layers) > depth:
-        raise EncoderError(f"{what} layers {list(layers)} do not fit an encoder with {depth} layers "
-                           f"(valid hidden-state indices are 0..{depth})")
 
 
 def depth_and_width(config, name: str = "") -> tuple[int, int]:
@@ -174,7 +148,7 @@ class BackboneEncoder(nn.Module):
         # RoBERTa's family numbers positions from its pad id + 1 (514 positions, 512 tokens)
         table = getattr(getattr(self.model, "embeddings", None), "position_embeddings", None)
         skipped = table.padding_idx + 1 if isinstance(table, nn.Embedding) and table.padding_idx is not None else 0
-        if isinstance(positions, int) and tokens > (limit := positions - skipped):
+        if isinstance(positions, int) and positions > 0 and tokens > (limit := positions - skipped):  # (<= 0: none)
             raise EncoderError(f"title_tokens={tokens} is more than the text encoder {self.name} takes "
                                f"(max_position_embeddings {positions}" + (f", numbered from {skipped}" if skipped
                                else "") + f"); use --title-tokens {limit} or fewer")
@@ -204,8 +178,8 @@ class BackboneEncoder(nn.Module):
         who = self.name or type(self.model).__name__
         try:
             out = self.model(**self.model_inputs(inputs), output_hidden_states=True, return_dict=True)
-        except TypeError as err:  # a forward without the standard keyword arguments
-            raise EncoderError(f"{who} cannot return per-layer hidden states ({err})") from None
+        except TypeError as err:  # a forward without the standard keyword arguments, or needing others
+            raise EncoderError(f"{who}'s forward does not take the inputs a tower is given ({err})") from None
         hidden = getattr(out, "hidden_states", None)
         if hidden is None:
             raise EncoderError(f"{who} returns no hidden states (output_hidden_states is not supported); "
@@ -216,6 +190,10 @@ class BackboneEncoder(nn.Module):
             raise EncoderError(f"{who}: hidden state {index} is {hidden[index].shape[-1]} wide, not the config's "
                                f"{self.width}; a SAN reads every state at one width (a model that projects its "
                                "embeddings or its last state to another width cannot be a tower)")
+        if (index := next((i for i, h in enumerate(hidden) if h.shape[1] != hidden[0].shape[1]), None)) is not None:
+            raise EncoderError(f"{who}: hidden state {index} has {hidden[index].shape[1]} positions, state 0 "
+                               f"{hidden[0].shape[1]}; every state is pooled over the same positions (a model that "
+                               "shortens its sequence between blocks cannot be a tower)")
         return hidden
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

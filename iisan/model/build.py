@@ -22,20 +22,18 @@ from ..errors import ConfigError, UserError
 from ..methods import METHOD_TABLE, side_network
 from .backbones import (
     BackboneEncoder,
-    check_layers,
     freeze,
-    group_layers,
     load_image_encoder,
     load_text_encoder,
     read_spec,
     resolve_encoder_dtype,
-    stride_layers,
 )
 from .baselines import baseline_item_encoder
 from .encoder_files import check_folder_readable, local_folder, weights_digest
 from .families import resolve_pooling
 from .feeds import CachedStates, LiveStates
 from .id_embedding import ItemIDEncoder
+from .layer_rules import check_layers, group_layers, stride_layers
 from .recommender import IISANItemEncoder, Recommender
 from .san import SANItemTower
 from .tower_settings import tower_settings

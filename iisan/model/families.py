@@ -36,7 +36,8 @@ SUPPORTED = {"text": TEXT_ENCODERS | TEXT_DECODERS | TEXT_ENCODER_HALVES, "image
 def check_architecture(model_type: str, modality: str, name: str) -> None:
     if model_type not in SUPPORTED[modality]:
         raise EncoderError(f"{modality} encoder {name!r} is a {model_type!r} model, which IISAN cannot use as the "
-                           f"{modality} tower; supported: {', '.join(sorted(SUPPORTED[modality]))}")
+                           f"{modality} tower; supported: {', '.join(sorted(SUPPORTED[modality]))} (another "
+                           "family is added in iisan/model/families.py: README, \"Adding an encoder family\")")
 
 
 def model_class(model_type: str):
