@@ -2,9 +2,9 @@
 recommendation (SIGIR 2024), and IISAN-Versa (TKDE).
 
 The package follows the pipeline, each layer importing only from those before it: a base of small
-modules (``errors``, ``bounds``, ``methods``, ``metric_names``, ``config``, ``precedence``, ``flags``, ``files``,
-``digests``, ``claims``, ``locks``, ``devices``, ``memory``, ``once``, ``provenance``, ``streams``, ``console``,
-``logfiles``, ``distributed``),
+modules (``errors``, ``bounds``, ``spelling``, ``methods``, ``metric_names``, ``config``, ``precedence``, ``flags``,
+``files``, ``digests``, ``claims``, ``locks``, ``devices``, ``memory``, ``once``, ``provenance``, ``streams``,
+``console``, ``logfiles``, ``distributed``),
 then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` and ``efficiency`` (the benchmark
 and the GPU diagnosis; neither imports the other) -> ``cli``.
 """

@@ -330,18 +330,3 @@ def beyond_float(text: str, value: float) -> bool:
     written_inf = text.strip().lstrip("+-").lower() in ("inf", "infinity")
     return (math.isinf(value) and not written_inf) or \
         (value == 0 and any(c in "123456789" for c in text.lower().split("e")[0]))
-
-
-def target_entries(text: str) -> list[str]:
-    """The entries of a --lora-targets / --adapter-targets list, blanks and empty entries dropped."""
-    return [entry for entry in "".join(text.split()).split(",") if entry]
-
-
-def one_spelling(values: dict) -> dict:
-    """``values`` (a config or some of its keys, a saved one too) with one spelling of each value, as a run's name
-    hashes it, a resume compares it and a table shows it: -0.0 is 0.0, "query, value," is query,value."""
-    def spelt(key: str, value):
-        if key in ("lora_targets", "adapter_targets") and isinstance(value, str):
-            return ",".join(target_entries(value))
-        return 0.0 if isinstance(value, float) and value == 0.0 else value
-    return {k: spelt(k, v) for k, v in values.items()}

@@ -273,7 +273,7 @@ class Config:
 
     def _normalise(self) -> None:
         """Values that follow from others: one tower has intra only, a smoke run is shrunk, baselines run live.
-        (A value keeps its spelling, as config.json records it: ``bounds.one_spelling`` is how runs compare.)"""
+        (A value keeps its spelling, as config.json records it: ``spelling.one_spelling`` is how runs compare.)"""
         if self.towers != "both":
             self.modality = "intra"
         if self.smoke:  # big_vision's idea: the smoke run is the real config, shrunk, so it cannot drift

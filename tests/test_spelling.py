@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from iisan.bounds import one_spelling
 from iisan.config import DEFAULT_MODELS, REPOSITORY, Config
 from iisan.experiments.presets import versa_defaults
+from iisan.spelling import one_spelling
 from iisan.train.checkpoint import config_differences
 from iisan.train.runfolder import config_hash
 
@@ -92,7 +92,7 @@ def test_a_run_named_before_one_spelling_is_found_by_its_spelling_and_resumed(tm
 
     cfg = Config(**PLAIN, out_dir=str(tmp_path), method="lora", lora_targets="query, value", drop_rate=-0.0)
     earlier = default_run_name(cfg, scheme="read")  # the name fe0d88d gave it
-    assert earlier != default_run_name(cfg) and HASHES[:2] == ("one-spelling", "read")
+    assert earlier != default_run_name(cfg) and HASHES[1:3] == ("one-spelling", "read")
     (tmp_path / earlier).mkdir()
     assert known_run_name(cfg) == earlier
     saved = {**cfg.to_dict(), "lora_targets": "query, value"}
@@ -108,3 +108,20 @@ def test_encoder_spellings_keep_the_names_runs_had_before_one_spelling(spelt, ea
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert config_hash(Config(**PLAIN, text_model=spelt), "read") == earlier
+
+
+def test_an_encoding_spelt_otherwise_is_one_setting_and_runs_named_before_are_found(tmp_path):
+    """latin-1, latin1 and ISO-8859-1 are one encoding: they named three runs of one computation, and a run saved
+    with one was not resumed by another ('encoding differs'). The hash the runs saved before had (b6b659d's,
+    computed by that commit's code) still finds them."""
+    from iisan.train.runfolder import HASHES, default_run_name, known_run_name
+
+    names = [config_hash(Config(**PLAIN, encoding=spelt)) for spelt in ("latin-1", "latin1", "ISO-8859-1", "L1")]
+    assert len(set(names)) == 1 and config_hash(Config(**PLAIN, encoding="UTF8")) == config_hash(Config(**PLAIN))
+    assert one_spelling({"encoding": "Latin_1"}) == {"encoding": "iso8859-1"}
+    assert one_spelling({"encoding": "latin1"}, encodings=False) == {"encoding": "latin1"}
+    cfg = Config(**PLAIN, out_dir=str(tmp_path), encoding="latin-1")
+    assert HASHES[0] == "encoding-names" and config_hash(cfg, "one-spelling") == "bc1375b6"  # b6b659d's hash
+    (tmp_path / (before := default_run_name(cfg, scheme="one-spelling"))).mkdir()
+    assert before != default_run_name(cfg) and known_run_name(cfg) == before
+    assert config_differences({**cfg.to_dict(), "encoding": "latin1"}, cfg.to_dict()) == []

@@ -10,10 +10,10 @@ import logging
 import torch
 from torch import nn
 
-from ..bounds import target_entries
 from ..config import Config
 from ..data.batches import ItemBatch
 from ..errors import TargetError
+from ..spelling import target_entries
 from .backbones import BackboneEncoder
 from .inputs import EncodedItems
 from .item_encoder import MODALITIES, LrGroup, init_image_head

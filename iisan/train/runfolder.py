@@ -23,7 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..bounds import MAX_NAME_BYTES, one_spelling
+from ..bounds import MAX_NAME_BYTES
 from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import metrics_text
@@ -33,6 +33,7 @@ from ..files import TEMPORARY, check_readable, failure_reason, path_component, r
 from ..locks import OutputLock, is_lock_file
 from ..methods import unread_keys
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
+from ..spelling import one_spelling
 from . import runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
 from .plan import ran_otherwise
@@ -44,13 +45,14 @@ log = logging.getLogger(__name__)
 RESULTS, BEST = "results.json", "best.safetensors"
 
 
-# How versions of this library hashed a config, newest first: each value in one spelling too (-0.0 as 0.0,
-# "query, value" as query,value: ``bounds.one_spelling``; an encoder folder's spelling: ``same_paths``'s
+# How versions of this library hashed a config, newest first: an encoding by Python's name for it too (latin1
+# as iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0,
+# "query, value" as query,value: ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s
 # ``spelling``; after commit fe0d88d); keys the method never reads
 # left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its
 # default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
 # absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
-HASHES = ("one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
+HASHES = ("encoding-names", "one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
 
 
 def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
@@ -59,11 +61,12 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
     count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
     defaults, values = Config().to_dict(), cfg.to_dict()
-    spelling = scheme == "one-spelling"
-    values = one_spelling(values) if spelling else values
-    if scheme in ("one-spelling", "read", "canonical"):
+    spelling = scheme in ("encoding-names", "one-spelling")
+    values = one_spelling(values, encodings=scheme == "encoding-names") if spelling else values
+    if scheme in ("encoding-names", "one-spelling", "read", "canonical"):
         defaults, values = same_paths(defaults, spelling=spelling), same_paths(values, spelling=spelling)
-    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme in ("one-spelling", "read") else frozenset()
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme not in ("canonical", "defaults-as-spelt",
+                                                                            "as-spelt") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if scheme == "defaults-as-spelt":
         values = same_paths(values, spelling=False)
