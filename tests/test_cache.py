@@ -96,7 +96,7 @@ def test_a_text_cache_of_titles_decoded_otherwise_is_refused(tiny_config, tiny, 
     fingerprint ("Café" or "CafÃ©"): the cache of one is refused to the other, naming the titles. A file whose
     titles read the same either way (ASCII) keeps its cache, and an image cache reads no titles."""
     accented = tmp_path / "items.tsv"
-    lines = open(tiny["items"], encoding="utf-8").read().splitlines()
+    lines = Path(tiny["items"]).read_text(encoding="utf-8").splitlines()
     item, title = lines[0].split("\t")
     accented.write_text("\n".join([f"{item}\tCafé crème {title}", *lines[1:]]) + "\n", encoding="utf-8")
     cfg = tiny_config(cache_dir=str(tmp_path / "c"), items=str(accented))
@@ -147,7 +147,7 @@ def test_one_all_layer_cache_serves_runs_with_different_layers(tiny_config, tmp_
 
 def test_cache_built_for_another_items_file_is_refused(cached_cfg, tmp_path, tiny):
     other = tmp_path / "items.tsv"
-    other.write_text(open(tiny["items"]).read().replace("No.1\n", "No.one\n", 1))
+    other.write_text(Path(tiny["items"]).read_text(encoding="utf-8").replace("No.1\n", "No.one\n", 1))
     cfg = cached_cfg.replace(items=str(other))
     with pytest.raises(CacheError, match=r"built for items file .* with fingerprint .*config's items file has "
                                          r"[0-9a-f]{16}\) — rebuild") as refused:

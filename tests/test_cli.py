@@ -414,6 +414,7 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     assert proc.stdout.readline().startswith(b"item item")
     proc.stdout.close()
     err = proc.stderr.read()
+    proc.stderr.close()
     assert proc.wait(timeout=60) == 141 and err == b""
 
 

@@ -7,6 +7,7 @@ tower takes is said once."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_a_folder_build_names_the_files_it_does_not_read(folder, tmp_path, caplo
     assert f"{folder}: not read: 1 .JPG file(s), 1 .jpeg file(s), 2 subfolder(s), 1 broken link(s) (only *.jpg files " \
            "are: --extension)" in caplog.text
     listed = build_image_lmdb(folder, tmp_path / "listed.lmdb", ["a", "e"], size=8, progress=False)
-    assert open(listed["report"]).read().splitlines()[1:] == ["e\ta folder"]
+    assert Path(listed["report"]).read_text(encoding="utf-8").splitlines()[1:] == ["e\ta folder"]
 
 
 def test_a_store_of_another_size_than_the_tower_is_a_warning_once_and_in_every_runs_log(tiny_config, caplog):
@@ -127,5 +128,5 @@ def test_a_file_named_in_another_unicode_form_is_pointed_at(folder, tmp_path):
     Image.new("RGB", (8, 8)).save(folder / (unicodedata.normalize("NFD", "café") + ".jpg"), format="JPEG")
     report = build_image_lmdb(folder, tmp_path / "db.lmdb", [unicodedata.normalize("NFC", "café")], size=8,
                               progress=False)
-    (line,) = open(report["report"], encoding="utf-8").read().splitlines()[1:]
+    (line,) = Path(report["report"]).read_text(encoding="utf-8").splitlines()[1:]
     assert line.startswith("café\tmissing (but ") and "another Unicode normal form; rename it" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_build_counts_missing_and_corrupt_images_and_keeps_going(tmp_path):
     report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["good", "gray", "broken", "absent"], size=16,
                               progress=False)
     assert report["stored"] == 4 and report["blank"] == 2
-    lines = open(report["report"]).read().splitlines()
+    lines = Path(report["report"]).read_text(encoding="utf-8").splitlines()
     assert lines[0] == "item_id\tproblem" and lines[2] == "absent\tmissing"
     broken = folder / "broken.jpg"
     assert lines[1] == f"broken\tunreadable: UnidentifiedImageError: cannot identify image file '{broken}'"
@@ -65,9 +66,9 @@ def test_an_image_over_the_pixel_limit_is_a_flagged_blank_without_a_raw_warning(
         build_image_lmdb(folder, tmp_path / "jpg.lmdb", ["small", "big"], size=4, progress=False)
         report = build_image_lmdb(folder, tmp_path / "png.lmdb", ["huge"], size=4, extension=".png",
                                   progress=False)
-    jpg = open(tmp_path / "jpg.lmdb.report.tsv").read().splitlines()[1:]
+    jpg = Path(tmp_path / "jpg.lmdb.report.tsv").read_text(encoding="utf-8").splitlines()[1:]
     assert jpg == ["big\ttoo large: 12 x 10 pixels, over PIL's decompression-bomb limit of 100"]
-    png = open(report["report"]).read().splitlines()[1:]
+    png = Path(report["report"]).read_text(encoding="utf-8").splitlines()[1:]
     assert png == ["huge\ttoo large: 600 pixels, over PIL's decompression-bomb limit of 100"]  # one limit named
     pixels, blank = ImageStore(tmp_path / "jpg.lmdb").get(["small", "big"])
     assert blank.tolist() == [False, True] and (pixels[0] == 9).all() and (pixels[1] == 0).all()
@@ -171,8 +172,8 @@ def test_an_item_list_without_one_picture_in_the_folder_is_refused_before_anythi
     Image.new("RGB", (8, 8)).save(folder / unicodedata.normalize("NFD", "caf\u00e9.jpg"))
     built = build_image_lmdb(folder, tmp_path / "db.lmdb", ["b", "caf\u00e9"], size=8, progress=False)
     assert built["stored"] == 2 and built["blank"] == 2
-    assert open(built["report"]).read().splitlines()[2].endswith("the same name in another Unicode normal form; "
-                                                                 "rename it)")
+    third = Path(built["report"]).read_text(encoding="utf-8").splitlines()[2]
+    assert third.endswith("the same name in another Unicode normal form; rename it)")
 
 
 def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplog):
@@ -181,7 +182,7 @@ def test_an_image_under_another_extension_is_named_in_the_report(tmp_path, caplo
     Image.new("RGB", (8, 8)).save(folder / "a.jpg")
     Image.new("RGB", (8, 8)).save(folder / "b.png")
     report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b", "c"], size=8, progress=False)
-    lines = open(report["report"]).read().splitlines()[1:]
+    lines = Path(report["report"]).read_text(encoding="utf-8").splitlines()[1:]
     assert lines == ["b\tmissing (but b.png is there: --extension .png)", "c\tmissing"]
     assert "2 of 3 images missing or unreadable, stored as flagged blanks (1 of them are there with another " \
            "extension: see --extension)" in caplog.text
@@ -264,7 +265,7 @@ def test_a_store_is_in_place_only_with_its_report(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("iisan-lock")) == ["img"]
     monkeypatch.setattr(image_build, "write_text_atomic", write_text_atomic)
     report = build_image_lmdb(folder, tmp_path / "db.lmdb", ["a", "b"], size=4, progress=False)  # no --overwrite
-    assert open(report["report"]).read().splitlines()[1:] == ["b\tmissing"]
+    assert Path(report["report"]).read_text(encoding="utf-8").splitlines()[1:] == ["b\tmissing"]
 
 
 def test_a_store_whose_rename_fails_keeps_its_own_report(tmp_path, monkeypatch):
