@@ -20,7 +20,6 @@ import resource
 import secrets
 import shutil
 import stat
-import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -280,9 +279,11 @@ def atomic_path(path: str | Path, *, bulk: bool = False):
 def remove_abandoned(path: Path) -> None:
     """Remove the file temporaries of ``path`` that killed writers left: untouched for ``ABANDONED_AFTER_S``
     and their process gone from this machine. No lock is needed: a live writer renames its file within
-    seconds of its last byte, and a writer on another machine sharing the folder is past that hour too."""
-    now = time.time()
+    seconds of its last byte, and a writer on another machine sharing the folder is past that hour too.
+    Their age is read on the file system's clock, by ``path``'s own time of writing (just now): a file server
+    stamps them all, and a node whose clock runs an hour ahead of it took another node's live one as old."""
     with suppress(OSError):  # a tidying that fails (a folder it may not list) leaves the write done
+        now = path.stat().st_mtime
         for tmp in stale_temporaries(path):
             with suppress(OSError):
                 info, pid = tmp.lstat(), int(TEMPORARY.match(tmp.name)["pid"])

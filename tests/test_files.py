@@ -155,6 +155,18 @@ def test_a_write_removes_the_temporaries_its_target_was_left_by_killed_writers_a
     assert gone.exists() and all(p.exists() for p in kept)
 
 
+def test_a_node_whose_clock_runs_ahead_leaves_another_nodes_live_temporary(tmp_path, monkeypatch):
+    """On a shared file system the server stamps every file: a node whose own clock ran two hours ahead took a
+    temporary another node wrote a minute ago (its pid unknown here) for an abandoned one, and removed it under
+    that writer. Ages are read on the file system's clock, by the file just written."""
+    target = tmp_path / "table.csv"
+    live, dead = _left(target, NO_PID, 1 / 60), _left(target, NO_PID, 2)
+    ahead = time.time() + 2 * 3600
+    monkeypatch.setattr(time, "time", lambda: ahead)  # this node's clock
+    write_json_atomic(target, {"new": 1})
+    assert live.exists() and not dead.exists()
+
+
 def test_a_tidying_that_fails_leaves_the_write_done(tmp_path, monkeypatch):
     """The look for abandoned temporaries comes after the rename: a folder it may not list is no failed write."""
     import iisan.files as files
