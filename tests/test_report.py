@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -878,19 +879,27 @@ def copy_runs(out: Path, target: Path) -> Path:
 
 def test_a_seed_run_twice_counts_once_the_newest_kept(runs, tmp_path, capsys, caplog):
     """The same config and seed in two folders (a copy, a rerun under another name) is one experiment:
-    averaging keeps the run whose results.json was written last, and says which folders it left out."""
+    averaging keeps the run that ended last (its last epoch's ended_at, in any zone; not its file's time, which
+    a copy stamps anew), and says which folders it left out."""
     import os
+
+    def ended(at: str, hit: float):
+        def edit(r):
+            r["test"].update({"hit@10": hit})
+            r["epochs"][-1]["ended_at"] = at
+        return edit
 
     out, results = runs
     copy_runs(out, tmp_path / "runs")
     first = tmp_path / "runs" / "lr0.001-s1"
-    written = (first / "results.json").stat().st_mtime
+    ended_at = results[0]["epochs"][-1]["ended_at"]  # (the first run's; every run here ended within seconds)
     again = tmp_path / "runs" / "rerun-lr0.001" / "results.json"
     old = tmp_path / "backup" / "lr0.0002-s1" / "results.json"
-    copy_run(first, again.parent, lambda r: r["test"].update({"hit@10": 0.5}))
-    copy_run(tmp_path / "runs" / "lr0.0002-s1", old.parent, lambda r: r["test"].update({"hit@10": 0.9}))
-    os.utime(again, (written + 100, written + 100))  # finished after the original: kept
-    os.utime(old, (written - 100, written - 100))  # an older copy of lr0.0002-s1: left out
+    copy_run(first, again.parent, ended("2999-01-01 09:00:00 +0900", 0.5))  # ended after the original: kept
+    copy_run(tmp_path / "runs" / "lr0.0002-s1", old.parent, ended("2000-01-01 00:00:00 -1200", 0.9))  # older
+    for path, moved in ((again, -10**6), (old, 10**6)):  # file times that say the opposite: a copy's, not a run's
+        os.utime(path, (time.time() + moved, time.time() + moved))
+    assert ended_at.count(":") == 2 and ended_at[-5] in "+-"
     main(["results", str(tmp_path / "runs"), str(tmp_path / "backup"), "--average-seeds",
           "--csv", str(tmp_path / "m.csv")])
     header, *rows = table_rows(capsys.readouterr().out)

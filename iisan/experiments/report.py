@@ -70,8 +70,8 @@ def in_order(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def one_per_seed(frame: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     """The runs, one per seed of each configuration (the ``group`` columns): the same configuration and
     seed in two folders (a copy; a stopped run rerun under another name) is one experiment, not two
-    seeds. The run kept is the one whose results.json was written last; each left out is named in a
-    warning with the run kept in its place."""
+    seeds. The run kept is the one that ended last (its last epoch's ``ended_at``; without one, its results.json's
+    time); each left out is named in a warning with the run kept in its place."""
     frame = frame.reset_index(drop=True)
     kept, left_out = [], []
     for _, runs in frame.groupby([*group, "seed"], sort=False, dropna=False):
@@ -82,7 +82,7 @@ def one_per_seed(frame: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     if not left_out:
         return frame
     log.warning("--average-seeds: left out %d run(s) that repeat a seed of their configuration, keeping the one "
-                "whose results.json was written last: %s", len(left_out), ", ".join(left_out))
+                "that ended last: %s", len(left_out), ", ".join(left_out))
     return frame.loc[sorted(kept)]
 
 

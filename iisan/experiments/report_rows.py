@@ -11,12 +11,14 @@ above it, its results.json) counts once. """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -62,8 +64,12 @@ def config_text(key: str, value) -> str:
     return str(value)
 
 
-def _written(path: Path) -> float | None:
-    """When a results file was last written (a run rewrites it as it ends; the file records no time)."""
+def _written(path: Path, results: dict) -> float | None:
+    """When a run last wrote its results: its last epoch's ``ended_at`` (with its zone: comparable across zones),
+    else the file's time (a run stopped before its first epoch; a copy by ``cp`` or ``scp`` stamps it anew)."""
+    epochs = results.get("epochs")
+    with contextlib.suppress(TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return datetime.strptime(epochs[-1]["ended_at"], "%Y-%m-%d %H:%M:%S %z").timestamp()
     try:
         return path.stat().st_mtime
     except OSError:
@@ -109,7 +115,7 @@ def read_row(path: Path, results: dict) -> dict:
         "peak_gib": memory.get("max_allocated_gib", memory.get("peak_rss_gib")),
         "device": results["device"],
         "folder": str(path.parent),
-        "written": _written(path),
+        "written": _written(path, results),
     }
     stored = set(((results.get("step") or {}).get("cache_dtypes") or {}).values())
     if cfg["cache_dtype"] == "auto" and stored:  # what auto came to: runs on caches of two precisions differ
