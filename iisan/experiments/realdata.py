@@ -71,7 +71,7 @@ def cached_cpu_benchmark(data_dir: Path, epochs: int, work: Path, out: Path, reb
     cfg = Config(users=str(users), items=str(items), images=str(blank_image_store(work)), text_model=minilm_path(),
                  image_model=str(random_vit(work, hidden=384, layers=12, heads=6)),
                  cache_dir=str(work / "cache"), out_dir=str(work / "runs"),
-                 run_name=time.strftime("cached-minilm-blank-%Y%m%d-%H%M%S"),
+                 run_name=time.strftime("cached-minilm-blank-%Y%m%d-%H%M%SZ", time.gmtime()),  # (UTC: no hour twice)
                  device="cpu", epochs=epochs, encode_batch_size=512, num_workers=2)
     cache_seconds = None
     with script_hints("A benchmark never resumes: run the same command again to train a new run (the cache is "
