@@ -40,7 +40,7 @@ case "$PART" in all|diagnose|bench|tests|versa) ;; *) echo "gpu_check: PART=$PAR
 mkdir -p "$OUT/efficiency"
 export PYTHONPATH=$PWD
 # Packages the device image lacks (lmdb), carried as wheels in .whl/ (git-ignored: pass carry=[".whl"]):
-#   pip download lmdb==1.7.5 --python-version 3.12 --only-binary=:all: --no-deps -d .whl
+#   pip download lmdb==3.0.0 --python-version 3.12 --only-binary=:all: --no-deps -d .whl
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
