@@ -60,6 +60,15 @@ UTF8_PATHS = ("images", "text_model", "image_model", "cache_dir", "out_dir", "ru
 PRECISIONS = ("float32", "float16", "bfloat16")  # what encoders may run in and caches be stored in
 SHOWN_KEYS = 10  # unknown keys an error names (then "and N more")
 
+# Config fields that may differ between a checkpoint and the run resuming it: they change where or how
+# fast things run (patch_embedding, compile, device: the same step, computed another way, with its own random
+# streams and rounding: a finished run reused under another compile mode says so, ``train.plan.ran_otherwise``),
+# how long the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
+# (``train.runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
+MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
+                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
+                        "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
+
 
 @dataclass
 class Config:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WAIT_SECONDS = 10.0  # between tries of ``when_free``
+RUN_LOCK = ".lock"  # a run folder's lock (``train.runfolder``), named here for readers that load no torch
 LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
 LOCK_READ = 4096  # bytes of a lock file read to tell whose it is (ours hold one short line)
 

@@ -1160,3 +1160,18 @@ def test_a_run_that_failed_before_its_model_was_built_shows_no_count_and_its_rat
     assert by_run["broke"][header.index("trainable_params")] == "-"
     assert by_run["done"][header.index("trainable_params")] not in ("-", "0")
     assert "lr" not in header  # both runs' lr is 0.001: not a difference, not '-' beside it
+
+
+def test_results_imports_neither_torch_nor_transformers(runs, tmp_path):
+    """`iisan results` reads JSON files into a table: it took five seconds a call on this machine, four of
+    them importing torch, transformers and peft, through the modules that named a lock file, the keys a resume
+    may change and an image LMDB's digest."""
+    import subprocess
+    import sys
+
+    out, _ = runs
+    code = ("import sys\nfrom iisan.cli.main import main\nmain(['results', sys.argv[1], '--average-seeds'])\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]" and "| 2 |" in done.stdout  # (a table: 2 seeds averaged)

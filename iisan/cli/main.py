@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from .. import __version__
-from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
+from ..console import VERBOSE_HELP, entry_point, in_a_launch, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
 from ..streams import printable_stdout
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace):
-    from ..distributed import launched  # after parsing: --help answers without importing torch (cli/__init__.py)
-
-    if launched() and args.command not in UNDER_TORCHRUN:
+    if in_a_launch() and args.command not in UNDER_TORCHRUN:  # (torch-free: iisan results imports no torch)
         raise ConfigError(f"iisan {args.command} runs in one process: start it without torchrun (only iisan train "
                           "and the entry scripts are data-parallel; RANK and WORLD_SIZE in the environment say a "
                           "launch)")

@@ -266,3 +266,9 @@ class ImageStore:
                 elif decode_record(value, self.path, item_id)[1]:
                     flagged.append(item_id)
         return missing, flagged
+
+
+def recorded_digest(path: str | Path) -> str | None:
+    """The digest the image LMDB at ``path`` records (``store_digest``); None where there is no LMDB or it
+    records none."""
+    return store_digest(path) if (Path(path) / "data.mdb").is_file() else None

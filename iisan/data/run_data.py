@@ -11,7 +11,7 @@ from ..config import Config
 from ..errors import ConfigError, DataError
 from ..methods import unread_keys
 from .batches import PixelSource
-from .images import ImageStore, store_digest
+from .images import ImageStore, recorded_digest
 from .interactions import SeqRecData, check_data_file, load_dataset
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,3 @@ def images_digest(cfg: Config) -> str | None:
     if not cfg.images or "images" in unread_keys(cfg.method, cfg.towers, cfg.feed):
         return None
     return recorded_digest(cfg.images)
-
-
-def recorded_digest(path: str | Path) -> str | None:
-    """The digest the image LMDB at ``path`` records (``store_digest``); None where there is no LMDB or it
-    records none."""
-    return store_digest(path) if (Path(path) / "data.mdb").is_file() else None

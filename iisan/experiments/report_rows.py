@@ -24,15 +24,14 @@ from pathlib import Path
 import pandas as pd
 
 from ..bounds import LEARNING_RATES
-from ..config import Config
-from ..data.run_data import recorded_digest
+from ..config import MAY_CHANGE, Config
+from ..data.images import recorded_digest
 from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError, UserError
 from ..flags import close_match
 from ..methods import METHOD_NAMES, unread_keys
 from ..metric_names import SELECTED_BY, TABLED, VALID_COLUMN
 from ..spelling import one_spelling
-from ..train.checkpoint import MAY_CHANGE
 from .labels import run_labels
 from .results_file import DamagedResults, find_results, load_results, ran_from, status
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError, parse_json
 from ..files import failure_reason
-from ..locks import held
+from ..locks import RUN_LOCK, held
 from ..methods import METHOD_NAMES
 from ..metric_names import SELECTED_BY, TABLED
-from ..train.runfolder import LOCK
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ def status(path: Path, results: dict) -> str:
     """How the run ended, as its results file says (a file without a status was written only at the end);
     ``stopped`` for one that says ``running`` whose folder no process holds (killed: SIGKILL, a lost node)."""
     said = results.get("status", "finished")
-    return "stopped" if said == "running" and held(path.parent / LOCK) is False else said
+    return "stopped" if said == "running" and held(path.parent / RUN_LOCK) is False else said
 
 
 def unfinished(path: Path, results: dict, epochs: int) -> str:

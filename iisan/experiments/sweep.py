@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import MAY_CHANGE
 from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
@@ -96,8 +97,6 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
             from_flags.add(key)
         else:
             swept[key] = [file_values[key]] if key in file_values else list(values)
-    from ..train.checkpoint import MAY_CHANGE  # imported when run, not for --help (module docstring)
-
     if shared := [k for k, v in swept.items() if k in MAY_CHANGE and len(v) > 1]:
         key = shared[0]
         raise ConfigError(f"--{key.replace('_', '-')} {' '.join(map(str, swept[key]))}: runs that differ only in "

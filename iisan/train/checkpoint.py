@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, is_default_model, model_location
+from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, MAY_CHANGE, Config, is_default_model, model_location
 from ..digests import sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
@@ -44,16 +44,6 @@ MODEL, TRAIN_STATE, STATE = "model.safetensors", "train_state.safetensors", "sta
 MANIFEST = "MANIFEST.json"
 FILES = (MODEL, TRAIN_STATE, STATE)
 NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?$")
-
-# Config fields that may differ between a checkpoint and the run resuming it: they change where or how
-# fast things run (patch_embedding, compile, device: the same step, computed another way, with its own random
-# streams and rounding: a finished run reused under another compile mode says so, ``plan.ran_otherwise``),
-# how long the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
-# (``runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
-MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
-                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
-
 
 DATA_PATHS = ("users", "items", "images")  # relative paths are taken from the working folder
 MODEL_PATHS = ("text_model", "image_model")  # so are encoder folders found from there

@@ -3,7 +3,7 @@ set and a short hash of the config), never from the clock, so running the same c
 same folder: a run with checkpoints resumes, a finished one is skipped.
 
 The hash leaves out the keys that may change between a checkpoint and the run resuming it
-(``checkpoint.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
+(``config.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
 longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
 so that a field added to ``Config`` later leaves the names of earlier runs as they were.
 
@@ -30,7 +30,7 @@ from ..console import metrics_text
 from ..distributed import launched_processes, main_process
 from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, path_component, remove, write_failure
-from ..locks import OutputLock, is_lock_file
+from ..locks import RUN_LOCK, OutputLock, is_lock_file
 from ..methods import unread_keys
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from ..spelling import one_spelling
@@ -247,7 +247,7 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
 # claiming the folder: a run writes only into its own
 
 
-LOCK = ".lock"
+LOCK = RUN_LOCK
 
 
 def is_run_folder(path: Path) -> bool:
