@@ -133,16 +133,6 @@ class _ProjectedLastState(_NoHiddenStates):
         return BaseModelOutput(last_hidden_state=states[-1][..., :4], hidden_states=(*states, states[-1][..., :4]))
 
 
-def test_a_state_of_another_width_is_one_line_not_a_stacking_traceback():
-    from transformers import BertConfig
-
-    model = _ProjectedLastState(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
-    enc = BackboneEncoder(model, "text", (0, 2), "mean", name="projected")
-    with pytest.raises(EncoderError, match=r"^projected: hidden state 2 is 4 wide, not the config's 8; a SAN reads "
-                                           r"every state at one width"):
-        enc.layer_states(input_ids=torch.ones(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3))
-
-
 class _ShortenedStates(_NoHiddenStates):
     """A tower that halves its sequence between blocks (Funnel Transformer)."""
 
@@ -153,13 +143,18 @@ class _ShortenedStates(_NoHiddenStates):
         return BaseModelOutput(last_hidden_state=states[-1], hidden_states=tuple(states))
 
 
-def test_a_state_over_fewer_positions_is_one_line_not_a_pooling_traceback():
+@pytest.mark.parametrize("tower, name, said", [
+    (_ProjectedLastState, "projected", r"hidden state 2 is 4 wide, not the config's 8; a SAN reads every state at one "
+                                       r"width"),
+    (_ShortenedStates, "funnel", r"hidden state 1 has 2 positions, state 0 4; every state is pooled over the same "
+                                 r"positions"),
+])
+def test_states_of_another_width_or_length_are_one_line_not_a_stacking_or_pooling_traceback(tower, name, said):
     from transformers import BertConfig
 
-    model = _ShortenedStates(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2))
-    enc = BackboneEncoder(model, "text", (0, 2), "mean", name="funnel")
-    with pytest.raises(EncoderError, match=r"^funnel: hidden state 1 has 2 positions, state 0 4; every state is "
-                                           r"pooled over the same positions"):
+    enc = BackboneEncoder(tower(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2)), "text", (0, 2),
+                          "mean", name=name)
+    with pytest.raises(EncoderError, match=f"^{name}: {said}"):
         enc.layer_states(input_ids=torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4))
 
 
