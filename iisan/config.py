@@ -73,8 +73,8 @@ MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_bat
 @dataclass
 class Config:
     # --- data --------------------------------------------------------------------------------------
-    users: str = _opt("", "users TSV: user_id<TAB>item item ... (oldest first)")
-    items: str = _opt("", "items TSV: item_id<TAB>title")
+    users: str = _opt("", "users file: user_id<TAB>item item ... (oldest first), or a CSV of user,item,timestamp")
+    items: str = _opt("", "items file: item_id<TAB>title, or a CSV of item,title")
     images: str = _opt("", "LMDB of pre-resized item images (built by `iisan build-lmdb`)")
     max_seq_len: int = _opt(10, "items fed to the user encoder; each user keeps the last max_seq_len + 3")
     min_seq_len: int = _opt(5, "users with fewer interactions are skipped (counted and logged)")

@@ -129,6 +129,32 @@ def test_a_row_repeating_another_is_one_more_interaction_counted_in_a_warning(tm
     assert not caplog.records
 
 
+def test_users_whose_targets_a_tie_of_timestamps_decides_are_counted_in_a_warning(tmp_path, caplog):
+    """Amazon's review times are whole days: a shuffled export of the same rows gave other valid and test targets
+    to one user in nine, without a word. A tie before the last two items, or of one item with itself, decides
+    nothing and is not counted."""
+    rows = ("user,item,timestamp\n7,a,1\n7,b,1\n7,c,2\n7,d,3\n"  # 7: a and b tie, before the last two: no
+            "8,x,5\n8,y,6\n8,z,6\n"                    # 8: its last two tie: the test target is z or y by order
+            "9,p,1\n9,q,2\n9,q,2\n"                    # 9: a repeated row ties with itself: no
+            "6,k,3\n6,m,3\n")                           # 6: two items, both at 3: valid and test by order
+    with caplog.at_level("WARNING", logger="iisan.data.csv_files"):
+        assert read_pairs_csv(pairs := _write(tmp_path, "ties.csv", rows))[:2] == [("7", ["a", "b", "c", "d"]),
+                                                                                  ("8", ["x", "y", "z"])]
+    tied = [r.getMessage() for r in caplog.records if "decided by the order" in r.getMessage()]
+    assert tied == [f"{pairs}: 2 of 4 users' valid or test target is decided by the order of their rows in the file, "
+                    "as their last two interactions share a timestamp with another item (e.g. user '8', lines 6, 7, "
+                    "8); another order of the same rows gives other targets"]
+
+
+def test_amazons_and_movielens_column_names_are_taken(tmp_path):
+    """Amazon Reviews' reviewerID, asin (2023: parent_asin) and unixReviewTime, and MovieLens' userId and movieId,
+    name the columns of exports researchers have; they were refused."""
+    amazon = _write(tmp_path, "amazon.csv", "reviewerID,asin,overall,unixReviewTime\nA1,B2,5,100\nA1,B3,4,200\n")
+    assert read_pairs_csv(amazon) == [("A1", ["B2", "B3"])]
+    movielens = _write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,31,2.5,9\n1,29,3,8\n")
+    assert read_pairs_csv(movielens) == [("1", ["29", "31"])]
+
+
 def test_errors_name_the_line_a_row_starts_on_after_a_title_that_spans_lines(tmp_path):
     """A quoted title may hold a newline; the rows after it are still named by their own line."""
     titles = _write(tmp_path, "t.csv", 'item,title\n10,"two\nlines"\n\n11,\n')  # item 11 starts on line 5

@@ -111,8 +111,8 @@ def cmd_cache(args) -> None:
 
 def add_data_commands(sub) -> None:
     p = sub.add_parser("data-stats", help="users, items and interactions after the paper's protocol")
-    p.add_argument("--users", type=path_arg, required=True, help="users TSV")
-    p.add_argument("--items", type=path_arg, required=True, help="items TSV")
+    p.add_argument("--users", type=path_arg, required=True, help="users file (TSV, or CSV: docs/formats.md)")
+    p.add_argument("--items", type=path_arg, required=True, help="items file (TSV, or CSV: docs/formats.md)")
     p.add_argument("--max-seq-len", type=positive_at_most("max_seq_len"), default=10,
                    help="items before a target (default: 10)")
     p.add_argument("--min-seq-len", type=positive_at_most("min_seq_len"), default=5,
@@ -129,7 +129,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--images", type=path_arg, required=True, help="folder of <item_id>.jpg")
     p.add_argument("--out", type=utf8_path, required=True, help="LMDB folder to write")
     p.add_argument("--items", type=path_arg, default=None,
-                   help="items TSV: store exactly these ids (missing ones as blanks)")
+                   help="items file (TSV or CSV): store exactly these ids (missing ones as blanks)")
     p.add_argument("--size", type=int, default=224, help="side of the stored square images, in pixels "
                    "(default: 224)")
     p.add_argument("--extension", default=".jpg", help="file extension of the images in --images, "
@@ -148,7 +148,8 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("make-tiny-models", help="write tiny random BERT, ViT and LLaMA checkpoints (offline)")
     p.add_argument("--out", type=utf8_path, default="pretrained_models", help="parent folder of the model folders "
                    "(default: pretrained_models)")
-    p.add_argument("--items", type=path_arg, default=None, help="items TSV whose titles make the tokenizer vocabulary")
+    p.add_argument("--items", type=path_arg, default=None,
+                   help="items file (TSV or CSV) whose titles make the tokenizer vocabulary")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --items (default: utf-8)")
     p.add_argument("--hidden", type=tiny_width, default=32,
                    help="width of BERT and ViT (2 heads each; LLaMA gets 16 more, 4 heads): a multiple of 8, at "

@@ -26,9 +26,11 @@ from ..bounds import NUMBER
 from ..errors import DataError
 from .textfile import CR_EXPECTED, check_user_id, decoded_lines
 
-USER_COLUMNS = ("user", "userid", "user_id")
-ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id")
-TIME_COLUMNS = ("timestamp", "time", "ts")
+# Header names taken, case aside, first found first: MicroLens', common ones, Amazon Reviews' (reviewerID, asin
+# or 2023's parent_asin, unixReviewTime) and MovieLens' (userId, movieId).
+USER_COLUMNS = ("user", "userid", "user_id", "reviewerid")
+ITEM_COLUMNS = ("item", "itemid", "item_id", "video", "videoid", "video_id", "parent_asin", "asin", "movieid")
+TIME_COLUMNS = ("timestamp", "time", "ts", "unixreviewtime")
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,11 @@ def _read_csv(path: Path, what: str, encoding: str) -> tuple[list[str], list[tup
 def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str, list[str]]]:
     """``user,item,timestamp`` rows -> ``[(user_id, items oldest first)]`` in order of first appearance.
 
-    Each user's items are sorted by timestamp; ties keep file order (a stable sort). A row that repeats an
-    earlier one (user, item and timestamp) is kept, as a second interaction, and counted in a warning: it
-    moves that user's later items one place, the valid and test targets included."""
+    Each user's items are sorted by timestamp; ties keep file order (a stable sort), and the users whose valid or
+    test target a tie decides (their last two items share a timestamp with another item: whole days, in Amazon's
+    data) are counted in a warning. A row that repeats an earlier one (user, item and timestamp) is kept, as a
+    second interaction, and counted in a warning: it moves that user's later items one place, the valid and test
+    targets included."""
     path = Path(path)
     events: dict[str, list[tuple[Decimal, int, str]]] = {}
     header, rows = _read_csv(path, "pairs", encoding)
@@ -100,7 +104,18 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
         log.warning("%s: %d row%s an earlier row's user, item and timestamp (e.g. line %d repeats line %d); each "
                     "is read as one more interaction: remove them from the file if they are duplicates", path,
                     len(repeats), "s repeat" if many else " repeats", *min(repeats))
+    if tied := [(user, seen) for user, seen in ordered.items() if _targets_tied(seen)]:
+        user, seen = tied[0]
+        log.warning("%s: %d of %d users' valid or test target is decided by the order of their rows in the file, as "
+                    "their last two interactions share a timestamp with another item (e.g. user %r, lines %s); "
+                    "another order of the same rows gives other targets", path, len(tied), len(ordered), user,
+                    ", ".join(str(line) for _, line, _ in seen[-3:]))
     return [(user, [item for _, _, item in seen]) for user, seen in ordered.items()]
+
+
+def _targets_tied(seen: list[tuple[Decimal, int, str]]) -> bool:
+    """Whether a tie of timestamps decides one of the last two items of one user's events (in time order)."""
+    return any(len({item for when, _, item in seen if when == seen[p][0]}) > 1 for p in (-1, -2) if len(seen) >= -p)
 
 
 def _repeats(seen: list[tuple[Decimal, int, str]]) -> list[tuple[int, int]]:

@@ -127,7 +127,7 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
     users: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
     for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding,
-                                               USER_COLUMNS + ("reviewerid", "uid")):
+                                               USER_COLUMNS + ("uid",)):
         user_id = user_id.strip()
         if not user_id:
             raise DataError(f"{path}:{lineno}: empty user id")
@@ -148,7 +148,7 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
 
 
 def _tab_item_rows(path: Path, encoding: str):
-    return tab_lines(path, "item_id<TAB>title", encoding, ITEM_COLUMNS + ("asin", "parent_asin", "id"))
+    return tab_lines(path, "item_id<TAB>title", encoding, ITEM_COLUMNS + ("id",))
 
 
 @dataclass(frozen=True)
