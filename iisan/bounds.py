@@ -59,7 +59,7 @@ def finite_number(value) -> bool:
 
 def check_bounds(cfg) -> None:
     """``cfg``: a ``config.Config`` (its fields already of their declared types): sizes and counts,
-    learning rates and other numbers, run name, device, title length, encoding."""
+    learning rates and other numbers, run name, device, title length, encoding, layer lists."""
     positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
                 "attention_heads", "batch_size", "epochs", "encode_batch_size",
                 "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
@@ -111,6 +111,13 @@ def check_bounds(cfg) -> None:
         raise ConfigError(f"title_tokens={cfg.title_tokens} must be at least {MIN_TITLE_TOKENS} "
                           "(the tokenizer's [CLS] and [SEP] are counted)")
     check_encoding(cfg.encoding)
+    for name in ("text_layers", "image_layers"):
+        layers = getattr(cfg, name)
+        if layers is not None and len(layers) == 0:
+            raise ConfigError(f"{name}=[] names no layer; give the hidden states to read, such as 0,2,4 (or leave "
+                              "it out: the method's default)")
+        if layers is not None and (min(layers) < 0 or list(layers) != sorted(set(layers))):
+            raise ConfigError(f"{name}={said(list(layers))} must be distinct, increasing, non-negative indices")
 
 
 def check_run_name(name: str) -> None:

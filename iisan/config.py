@@ -60,16 +60,6 @@ UTF8_PATHS = ("images", "text_model", "image_model", "cache_dir", "out_dir", "ru
 PRECISIONS = ("float32", "float16", "bfloat16")  # what encoders may run in and caches be stored in
 SHOWN_KEYS = 10  # unknown keys an error names (then "and N more")
 
-# Config fields that may differ between a checkpoint and the run resuming it: they change where or how
-# fast things run (patch_embedding, compile, device: the same step, computed another way, with its own random
-# streams and rounding: a finished run reused under another compile mode says so, ``train.plan.ran_otherwise``),
-# how long the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
-# (``train.runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
-MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
-                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
-
-
 @dataclass
 class Config:
     # --- data --------------------------------------------------------------------------------------
@@ -266,13 +256,6 @@ class Config:
                 raise ConfigError(f"{name}={spelt} (--{name.replace('_', '-')}) is not valid UTF-8, which safetensors "
                                   "and LMDB cannot open: rename it, or give another")
         check_bounds(self)
-        for name in ("text_layers", "image_layers"):
-            layers = getattr(self, name)
-            if layers is not None and len(layers) == 0:
-                raise ConfigError(f"{name}=[] names no layer; give the hidden states to read, such as 0,2,4 (or leave "
-                                  "it out: the method's default)")
-            if layers is not None and (min(layers) < 0 or list(layers) != sorted(set(layers))):
-                raise ConfigError(f"{name}={said(list(layers))} must be distinct, increasing, non-negative indices")
         # last: values each fine alone (a --config file's are judged alone first: ``read_config_file``)
         if self.embedding_dim % self.attention_heads:
             raise ValuesTogether(f"embedding_dim={self.embedding_dim} is not divisible by "

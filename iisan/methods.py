@@ -1,13 +1,22 @@
 """The training methods as data (``METHOD_TABLE``): each method's config name, the paper's name, what kind
 of item encoder it trains, its paper settings, which sit below every flag and file in ``precedence.resolve``'s
 precedence rule, and the config keys it reads that not every method does (``unread_keys``). ``METHODS``,
-``METHOD_NAMES`` and ``METHOD_DEFAULTS`` are views of it."""
+``METHOD_NAMES`` and ``METHOD_DEFAULTS`` are views of it. Also the keys a resume may change (``MAY_CHANGE``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from . import once
+
+# Config keys that may differ between a checkpoint and the run resuming it: they change where or how fast
+# things run (patch_embedding, compile, device: the same step, computed another way, with its own random streams
+# and rounding: a finished run reused under another compile mode says so, ``train.plan.ran_otherwise``), how long
+# the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
+# (``train.runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
+MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
+                        "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
+                        "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
 
 # Config keys not every run reads, in groups (a method's ``reads`` names those it does; ``unread_keys``): a key a
 # run never reads changes nothing it computes, so it names no other run folder, is not compared on resume and

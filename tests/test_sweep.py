@@ -386,7 +386,7 @@ def test_a_paper_data_set_not_yet_here_names_the_command_that_fetches_it(sweep, 
 
 @pytest.mark.parametrize("key,values", [("epochs", ["1", "3"]), ("patience", ["2", "5"])])
 def test_sweeping_what_only_says_how_a_run_goes_on_is_refused(sweep, argv, key, values, tmp_path, capsys):
-    """Runs that differ only in epochs or patience (``config.MAY_CHANGE``) share one folder: a longer run
+    """Runs that differ only in epochs or patience (``methods.MAY_CHANGE``) share one folder: a longer run
     would resume the shorter one and take its place. Such a sweep is refused before any point runs."""
     grid = {**sweep, key: [1]}
     with pytest.raises(SystemExit) as info:

@@ -8,7 +8,7 @@ grouping and the CSV).
 
 Runs are told apart by every config key whose value differs between them, except those that never make
 two experiments: the seed, names and paths of outputs (run name, folders), and how a run was executed
-(device, workers, chunk sizes, progress bars; ``config.MAY_CHANGE``). Data sets are compared by name
+(device, workers, chunk sizes, progress bars; ``methods.MAY_CHANGE``). Data sets are compared by name
 (the users file's folder, found from the run's working folder; with a digest of the files' contents, and
 of the image LMDB's records, where one name covers other files or images) and encoders by their folder's
 name, with its parent's where two encoders share a name (``labels``), so the same data or encoder under two

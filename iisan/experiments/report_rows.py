@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..bounds import LEARNING_RATES
-from ..config import MAY_CHANGE, Config
+from ..config import Config
 from ..data.images import recorded_digest
 from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError, UserError
 from ..flags import close_match
-from ..methods import METHOD_NAMES, unread_keys
+from ..methods import MAY_CHANGE, METHOD_NAMES, unread_keys
 from ..metric_names import SELECTED_BY, TABLED, VALID_COLUMN
 from ..spelling import one_spelling
 from .labels import run_labels

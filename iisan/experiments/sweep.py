@@ -27,13 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import MAY_CHANGE
 from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
-from ..methods import METHOD_DEFAULTS, kept_over, unread_keys
+from ..methods import MAY_CHANGE, METHOD_DEFAULTS, kept_over, unread_keys
 from ..precedence import resolve
 from .grid import GridPoint, Outcome, Status, listing, summary, time_left, values_text
 from .presets import BACKBONES, own_cache_dir

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, MAY_CHANGE, Config, is_default_model, model_location
+from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, is_default_model, model_location
 from ..digests import sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
 from ..files import check_readable, failure_reason
-from ..methods import unread_keys
+from ..methods import MAY_CHANGE, unread_keys
 from ..model.build import picked_layers
 from ..spelling import one_spelling
 from . import runstate

@@ -3,7 +3,7 @@ set and a short hash of the config), never from the clock, so running the same c
 same folder: a run with checkpoints resumes, a finished one is skipped.
 
 The hash leaves out the keys that may change between a checkpoint and the run resuming it
-(``config.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
+(``methods.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
 longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
 so that a field added to ``Config`` later leaves the names of earlier runs as they were.
 
