@@ -196,9 +196,14 @@ def _sized(iterable: Iterable[T], bar: tqdm, lines: ProgressLog | None, size: Ca
 
 
 def exit_interrupted(prog: str, err: BaseException | str, signal_name: str = "SIGINT") -> NoReturn:
-    """Ctrl-C or SIGTERM: say how to resume (once, under torchrun) and exit 130 or 143."""
+    """Ctrl-C or a stop signal: say how to resume (once, under torchrun) and exit 130, 143 or the signal's status. A
+    stderr gone (a closed terminal's SIGHUP, a `| tee` the same SIGTERM ended first) loses the line, not the
+    status, which a scheduler reads."""
     if not other_rank():
-        print(f"{prog}: {err}", file=sys.stderr)
+        try:
+            print(f"{prog}: {err}", file=sys.stderr)
+        except OSError:  # and no second failure when Python flushes it at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     sys.exit(interrupt_status(signal_name))
 
 

@@ -257,6 +257,30 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
     assert phases["training"]["peak_rss_gib"] == 97.0 and phases["evaluation"]["peak_rss_gib"] < 97.0
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_whose_stderr_is_gone_keeps_its_step_and_its_exit_status(name, monkeypatch):
+    """A closed terminal's SIGHUP, or a `| tee` the same SIGTERM ended first: the handler's line failed with an
+    OSError raised inside the step it interrupted (the run failed instead of saving), and the command's last
+    line with one that made its status 1, which a scheduler reads as a failure, not a stop."""
+    import subprocess
+    import sys
+
+    from iisan.train import interrupt
+    from iisan.train.interrupt import StopRequests
+
+    def gone(fd, data):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(interrupt.os, "write", gone)
+    with StopRequests() as stop:
+        signal.raise_signal(getattr(signal, name))  # (raised from the handler, an error would surface here)
+    assert stop.signal == name
+    code = ("import os\nr, w = os.pipe()\nos.close(r)\nos.dup2(w, 2)\nfrom iisan.console import exit_interrupted\n"
+            f"exit_interrupted('iisan', '{name} during epoch 0', '{name}')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 128 + getattr(signal, name)
+
+
 @pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGUSR1", 128 + signal.SIGUSR1), ("SIGHUP", 129)])
 def test_a_stop_signal_saves_mid_epoch_like_ctrl_c_and_exits_with_its_status(name, status, base, monkeypatch, capfd):
     """A preempted job gets SIGTERM, a SLURM job SIGUSR1 before its time runs out (--signal=USR1@120), a run in a

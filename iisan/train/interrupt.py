@@ -14,6 +14,7 @@ A signal ignored when the run starts (a script's background job, ``trap '' INT``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -48,11 +49,13 @@ class StopRequests:
             return
         self.signal = name
         # os.write, not logging: a handler may run while the logging lock is held. On a terminal, below the
-        # bar and the ^C it echoed; in a log, no blank line.
+        # bar and the ^C it echoed; in a log, no blank line. A stderr gone (a closed terminal's SIGHUP; a `| tee`
+        # the same SIGTERM ended first) loses the line, never the step: an error here would surface mid-step.
         below = "\n" if os.isatty(2) else ""
         again = self.escalate and signum == signal.SIGINT  # (a batch job's later signals are ignored)
-        os.write(2, f"{below}{self.signal} received: finishing the current step, then saving a checkpoint"
-                    f"{' (Ctrl-C again stops at once, without saving)' if again else ''}\n".encode())
+        with contextlib.suppress(OSError):
+            os.write(2, f"{below}{self.signal} received: finishing the current step, then saving a checkpoint"
+                        f"{' (Ctrl-C again stops at once, without saving)' if again else ''}\n".encode())
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
