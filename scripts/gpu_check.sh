@@ -86,6 +86,7 @@ if [ "$PART" = all ] || [ "$PART" = bench ]; then
     --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
     | grep -E "benchmark: (equal|paper|building|evaluating|wrote)|  -> |rror" | cut -c1-400
   stamp benchmark "${PIPESTATUS[0]}"
+  rm -f "$OUT/efficiency/benchmark.log"  # the benchmark's own log: its lines are bench.log's (a call brings back 8 files)
 fi
 if [ "$PART" = tests ]; then
   eval "set -- ${TESTS_ARGS:-}"  # pytest's own quoting, e.g. -k 'not torchrun'

@@ -420,6 +420,7 @@ def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(
     assert str(info.value) == (f"{sig.name} during the last epoch, which ended the run: it is finished "
                                f"({folder / 'results.json'})")
     assert json.loads((folder / "results.json").read_text())["status"] == "finished"
+    assert info.value.results["status"] == "finished"  # a sweep lists the point finished, with its metrics
     log = (folder / "train.log").read_text().splitlines()
     assert log[-1].endswith(f" WARNING iisan.train.trainer: {sig.name} during the last epoch: the run finished all "
                             "the same") and " best epoch 0 | " in log[-2]  # after the summary, in the run's log

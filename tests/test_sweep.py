@@ -340,6 +340,9 @@ def test_a_signal_in_a_points_last_epoch_leaves_it_finished_in_the_summary(sweep
                                                    ["not run", "", *[""] * len(HEADLINE)]]
     assert err.strip().splitlines()[-1].endswith("it is finished (" + summary_rows(out)[0][1] + "). To go on, run the "
                                                  "same command again: finished points are skipped")
+    with pytest.raises(SystemExit):  # the grid's last point: nothing waits for the command to run again
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3"))
+    assert capsys.readouterr().err.strip().endswith("). It was the grid's last point: none is left to run")
 
 
 def test_the_summary_prints_each_status_as_its_value():

@@ -126,7 +126,7 @@ def check_item_id(item_id: str, where: str) -> None:
         problem = "is reserved"
     elif "/" in item_id or "\\" in item_id:
         problem = "contains a path separator"
-    elif item_id.split() != [item_id]:  # (split() cuts at every character isspace() names)
+    elif item_id and item_id.split() != [item_id]:  # (split() cuts at every character isspace() names)
         problem = "contains whitespace (the users file separates item ids by whitespace)"
     elif bad := control_character(item_id):
         problem = f"contains the control character U+{ord(bad):04X}"

@@ -213,9 +213,12 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                 finished = err.results is not None
                 outcomes[n] = Outcome(point, *((Status.FINISHED, err.results) if finished else (Status.INTERRUPTED,)))
                 # the point's run name comes from the grid: rerunning the command finds it again
-                raise err.rehinted("To go on, run the same command again: finished points are skipped" if finished
-                                   else "To resume, run the same command again: finished points are skipped, this "
-                                   "one goes on from its checkpoint", f"grid point {point.index}: {err.what}") from None
+                hint = "To resume, run the same command again: finished points are skipped, this one goes on from " \
+                    "its checkpoint"
+                if finished:  # a point after it waits for the command, run again; after the last, none does
+                    hint = "To go on, run the same command again: finished points are skipped" \
+                        if n < len(points) - 1 else "It was the grid's last point: none is left to run"
+                raise err.rehinted(hint, f"grid point {point.index}: {err.what}") from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
                 raise
