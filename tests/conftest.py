@@ -23,6 +23,7 @@ BASELINES = tuple(name for name, method in METHOD_TABLE.items() if method.kind =
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon"
 CHECKOUT_RUNS = Path(__file__).resolve().parents[1] / "runs"  # the default --out-dir, run from the checkout
+CHECKOUT_REPRODUCE = CHECKOUT_RUNS.parent / "results" / "reproduce"  # scripts/reproduce.py's default --out
 
 
 def _entries(folder: Path) -> set[str]:
@@ -35,15 +36,16 @@ def _entries(folder: Path) -> set[str]:
 @pytest.fixture(autouse=True, scope="session")
 def _no_run_folders_in_the_checkout():
     """Tests write under their tmp_path: a run folder that lands in the checkout's runs/ (a train without
-    --out-dir / out_dir, run from the repository root) fails the session instead of piling up unseen."""
-    before = _entries(CHECKOUT_RUNS)
+    --out-dir / out_dir, run from the repository root), or a reproduction's table or log in results/reproduce/,
+    fails the session instead of piling up unseen."""
+    before = {folder: _entries(folder) for folder in (CHECKOUT_RUNS, CHECKOUT_REPRODUCE)}
     yield
-    new = sorted(_entries(CHECKOUT_RUNS) - before)
-    if new:
-        pytest.fail(f"this test session created {len(new)} entr{'y' if len(new) == 1 else 'ies'} in {CHECKOUT_RUNS}: "
-                    f"{', '.join(new[:10])}{' ...' if len(new) > 10 else ''}; some test trains without an out dir "
-                    "under its tmp_path (pass --out-dir / out_dir; the folder's train.log names the test's tmp "
-                    "folders)", pytrace=False)
+    for folder, was in before.items():
+        if new := sorted(_entries(folder) - was):
+            pytest.fail(f"this test session created {len(new)} entr{'y' if len(new) == 1 else 'ies'} in {folder}: "
+                        f"{', '.join(new[:10])}{' ...' if len(new) > 10 else ''}; some test trains or reproduces "
+                        "without an output folder under its tmp_path (pass --out-dir / out_dir or --out; a run "
+                        "folder's train.log names the test's tmp folders)", pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

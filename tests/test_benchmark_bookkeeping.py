@@ -68,6 +68,18 @@ def test_a_row_is_reused_only_at_the_same_batch_size(tmp_path, monkeypatch):
     assert sum(" | FFT | batch 32 | default (row 1 of 1)" in line for line in said) == 2
 
 
+def test_a_file_named_benchmark_log_that_is_not_one_is_left_as_it_is(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(benchmark, "in_fresh_process", lambda fn, cfg, **kw: fake_row(cfg))
+    monkeypatch.setattr(benchmark, "prepare", lambda work, data, backbones: {})
+    (tmp_path / "out").mkdir()
+    (mine := tmp_path / "out" / "benchmark.log").write_text("my notes\n")
+    with caplog.at_level("WARNING"):
+        benchmark.run_benchmark({}, setting_names=("paper",), labels=("FFT",), authors_way=(), work=tmp_path,
+                                out=tmp_path / "out", tag="t")
+    assert mine.read_text() == "my notes\n"
+    assert f"{mine} is not a benchmark log of IISAN's: left as it is, and this command keeps no log" in caplog.text
+
+
 def test_one_failed_row_beside_a_measured_one_is_no_failed_run(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "in_fresh_process", lambda fn, cfg, **kw: fake_row(
         cfg, "TrainingError: out of memory" if cfg.method == "fft" else None))

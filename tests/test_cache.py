@@ -457,3 +457,23 @@ def test_a_cache_build_keeps_a_log_beside_the_cache_and_leaves_anyone_elses_file
         build_cache_from_config(other, dtype="float32")
     assert (tmp_path / "o" / BUILD_LOG).read_text() == "my notes\n"
     assert f"{tmp_path / 'o' / BUILD_LOG} is not a cache build log of IISAN's: left as it is" in caplog.text
+
+
+def test_a_build_ends_its_image_readers_whether_it_finishes_or_fails(tiny_config, tmp_path, monkeypatch):
+    """The reader threads of an image cache's pixels end with the build, a failed one's too."""
+    import iisan.model.caching as caching
+    from iisan.data import batches
+
+    closed, close = [], batches.PixelSource.close
+    monkeypatch.setattr(batches.PixelSource, "close", lambda self: (closed.append(1), close(self))[1])
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), towers="image", modality="intra")
+    build_cache_from_config(cfg, dtype="float32")
+    assert closed == [1]
+
+    def fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(caching, "build_caches", fails)
+    with pytest.raises(OSError):
+        build_cache_from_config(cfg.replace(cache_dir=str(tmp_path / "d")), dtype="float32")
+    assert closed == [1, 1]

@@ -390,3 +390,11 @@ def test_the_protocol_on_many_users_matches_one_worked_user_at_a_time(tmp_path):
         assert data.padded[row].tolist() == [0] * (keep - len(tail)) + tail, user
         before = [index[item] for item in seq[:-keep] if item in index]
         assert data.earlier.get(row, np.array([], dtype=np.int64)).tolist() == before, user
+
+
+@pytest.mark.parametrize("item_id", ["a\u00a0b", "a\u2003b", "a\x0bb"])
+def test_an_item_id_holding_any_whitespace_is_refused(item_id, tmp_path):
+    """A no-break space or an em space is whitespace too: the id could not be one of a users line's ids."""
+    items = write(tmp_path, "items.csv", f"item,title\n{item_id},a title\n")
+    with pytest.raises(DataError, match=r"items.csv:2: item id .* contains whitespace"):
+        read_items(items)

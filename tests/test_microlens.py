@@ -136,12 +136,13 @@ def test_users_whose_targets_a_tie_of_timestamps_decides_are_counted_in_a_warnin
     rows = ("user,item,timestamp\n7,a,1\n7,b,1\n7,c,2\n7,d,3\n"  # 7: a and b tie, before the last two: no
             "8,x,5\n8,y,6\n8,z,6\n"                    # 8: its last two tie: the test target is z or y by order
             "9,p,1\n9,q,2\n9,q,2\n"                    # 9: a repeated row ties with itself: no
-            "6,k,3\n6,m,3\n")                           # 6: two items, both at 3: valid and test by order
+            "6,k,3\n6,m,3\n"                            # 6: two items, both at 3: valid and test by order
+            "5,a,1\n5,b,2\n5,c,2\n5,d,3\n")               # 5: only the valid target (b or c) is tied
     with caplog.at_level("WARNING", logger="iisan.data.csv_files"):
         assert read_pairs_csv(pairs := _write(tmp_path, "ties.csv", rows))[:2] == [("7", ["a", "b", "c", "d"]),
                                                                                   ("8", ["x", "y", "z"])]
     tied = [r.getMessage() for r in caplog.records if "decided by the order" in r.getMessage()]
-    assert tied == [f"{pairs}: 2 of 4 users' valid or test target is decided by the order of their rows in the file, "
+    assert tied == [f"{pairs}: 3 of 5 users' valid or test target is decided by the order of their rows in the file, "
                     "as their last two interactions share a timestamp with another item (e.g. user '8', lines 6, 7, "
                     "8); another order of the same rows gives other targets"]
 
@@ -151,6 +152,8 @@ def test_amazons_and_movielens_column_names_are_taken(tmp_path):
     name the columns of exports researchers have; they were refused."""
     amazon = _write(tmp_path, "amazon.csv", "reviewerID,asin,overall,unixReviewTime\nA1,B2,5,100\nA1,B3,4,200\n")
     assert read_pairs_csv(amazon) == [("A1", ["B2", "B3"])]
+    v2023 = _write(tmp_path, "2023.csv", "user_id,asin,parent_asin,timestamp\nA1,B2,P2,100\nA1,B3,P3,200\n")
+    assert read_pairs_csv(v2023) == [("A1", ["P2", "P3"])]  # the 2023 release's item: its parent_asin
     movielens = _write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,31,2.5,9\n1,29,3,8\n")
     assert read_pairs_csv(movielens) == [("1", ["29", "31"])]
 

@@ -1175,3 +1175,15 @@ def test_results_imports_neither_torch_nor_transformers(runs, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]" and "| 2 |" in done.stdout  # (a table: 2 seeds averaged)
+
+
+def test_the_run_that_ended_last_is_told_by_the_zone_of_its_ended_at_too(tmp_path):
+    """10:00 in Tokyo is 01:00 UTC, before 02:00 UTC: ended_at is compared as a moment, not as a clock's reading."""
+    from iisan.experiments.report_rows import _written
+
+    path = tmp_path / "results.json"
+    path.write_text("{}")
+    tokyo, utc = ({"epochs": [{"ended_at": at}]} for at in ("2024-01-01 10:00:00 +0900", "2024-01-01 02:00:00 +0000"))
+    assert _written(path, utc) - _written(path, tokyo) == 3600
+    assert _written(path, {"epochs": []}) == _written(path, {"epochs": [{"ended_at": "yesterday"}]}) == \
+        path.stat().st_mtime  # without a readable ended_at: the file's time

@@ -146,7 +146,8 @@ def test_without_a_cache_or_encoders_it_names_the_cache_step(tmp_path, tiny, mon
 @pytest.mark.slow
 def test_the_script_and_the_make_target(tmp_path):
     done = subprocess.run([sys.executable, "scripts/reproduce.py", "--dataset", "Office", "--no-fetch", "--root",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
         "reproduce.py: error: step 1 of 4 (data): ") and "--dataset Office" in done.stderr

@@ -428,7 +428,7 @@ def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(
     assert train(cfg)["status"] == "finished"  # found finished: nothing trains, nothing stops
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monkeypatch, capsys, sig, status):
     """Loading the data (or large encoders) is no step to finish: a Ctrl-C then stops at once, in the one line
     every other command says, with nothing trained and no checkpoint (it loaded on, trained a step and saved)."""

@@ -440,5 +440,13 @@ def test_each_point_says_the_time_the_grid_has_left_by_the_points_trained_so_far
     assert said == ["grid point 0 (1 of 4): p0", f"grid point 1 (2 of 4): p1; about 2 min {each.format(3, 1)}",
                     f"grid point 2 (3 of 4): p2; about 60 s {each.format(2, 2)}",
                     f"grid point 3 (4 of 4): p3; about 30 s {each.format(1, 3)}"]
+    caplog.clear()
+    ran = module.run_point  # point 0 found finished: it takes no time and counts in no mean
+    monkeypatch.setattr(module, "run_point", lambda point, *rest: Outcome(point, Status.FINISHED_BEFORE) if
+                        point.index == 0 else ran(point, *rest))
+    with caplog.at_level("INFO", logger="iisan.experiments.sweep"):
+        run_grid(points[:3], argparse.Namespace(grid_index=None), action=lambda cfg, args: {"seed": cfg.seed})
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grid point ")]
+    assert said == ["grid point 1 (2 of 3): p1", f"grid point 2 (3 of 3): p2; about 30 s {each.format(1, 1)}"]
     assert module.time_left([], 3) == "" and module.time_left([3600.0, 7200.0], 4) == (
         "; about 6.0 h left for 4 point(s), at the 1.5 h each of the 2 trained so far")
