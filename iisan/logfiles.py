@@ -46,8 +46,8 @@ class Logging:
     no one set logging up: a library call) until ``close``. A name or path that is not UTF-8 is written
     escaped, not a crash; a file that cannot be opened (a full disk, a read-only folder) is one line."""
 
-    def __init__(self, handler_class: type[LogFile] = LogFile):
-        self.handler_class, self.handler, self.level = handler_class, None, logging.NOTSET
+    def __init__(self):
+        self.handler, self.level = None, logging.NOTSET
 
     def open(self, path: Path, header: str = "") -> None:
         """``header`` appended, then the lines; without one, lines only (a child process's, ``open_logs``)."""
@@ -55,7 +55,7 @@ class Logging:
             if header:
                 with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
                     fh.write(header)
-            self.handler = self.handler_class(path, mode="a", encoding="utf-8", errors="backslashreplace")
+            self.handler = LogFile(path, mode="a", encoding="utf-8", errors="backslashreplace")
         except OSError as err:
             raise write_failure(path, err) from None
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))

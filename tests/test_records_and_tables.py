@@ -158,13 +158,13 @@ def test_train_log_that_cannot_be_opened_for_its_handler_is_one_line(tmp_path, m
     between the two was a traceback in a sweep's log (``iisan train`` alone said one line by luck)."""
     import errno
 
-    import iisan.train.records as records
+    import iisan.logfiles as logfiles
     from iisan.errors import OutputError
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(records, "RunLogHandler", full_disk)
+    monkeypatch.setattr(logfiles, "LogFile", full_disk)
     record = RunRecord(Config(method="id", device="cpu", out_dir=str(tmp_path)), tmp_path, torch.device("cpu"))
     with pytest.raises(OutputError) as caught:
         record.start_log()

@@ -404,7 +404,7 @@ class FullDisk(io.StringIO):
 
 def test_a_train_log_on_a_full_disk_is_one_warning_and_the_run_ends_with_its_own_error(tiny, tmp_path, monkeypatch,
                                                                                        capsys, caplog):
-    from iisan.train import records
+    from iisan import logfiles
     from iisan.train.trainer import Run
 
     def fails(run):
@@ -412,7 +412,7 @@ def test_a_train_log_on_a_full_disk_is_one_warning_and_the_run_ends_with_its_own
             logging.getLogger("iisan.train.trainer").info("epoch %d", epoch)
         raise DataError("the run's own error")
 
-    monkeypatch.setattr(records.RunLogHandler, "_open", lambda handler: FullDisk())
+    monkeypatch.setattr(logfiles.LogFile, "_open", lambda handler: FullDisk())
     monkeypatch.setattr(Run, "run", fails)
     argv = ["train", "--users", tiny["users"], "--items", tiny["items"], "--method", "id", "--device", "cpu",
             "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "full", "--no-progress"]

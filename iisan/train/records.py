@@ -29,7 +29,6 @@ from ..console import metrics_text
 from ..devices import device_name
 from ..errors import RunInterrupted, UserError, parse_json
 from ..files import atomic_path, write_json_atomic
-from ..logfiles import LogFile as RunLogHandler
 from ..logfiles import Logging
 from ..memory import MemoryPeaks
 from ..methods import METHOD_NAMES, named_unread
@@ -79,7 +78,7 @@ class RunRecord:
         self.kept_items = ""  # ``SeqRecData.kept_items``: using an ID run refuses a users file keeping other items
         self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
         self.encoders: dict = {}  # and the encoder folders a live run reads (``same_inputs.encoder_record``)
-        self.log_file = Logging(RunLogHandler)  # train.log, from ``start_log`` to ``close``
+        self.log_file = Logging()  # train.log, from ``start_log`` to ``close``
         self.metrics = None
         self.writer = None
 

@@ -45,13 +45,12 @@ log = logging.getLogger(__name__)
 RESULTS, BEST = "results.json", "best.safetensors"
 
 
-# How versions of this library hashed a config, newest first: an encoding by Python's name for it too (latin1
-# as iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0,
-# "query, value" as query,value: ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s
-# ``spelling``; after commit fe0d88d); keys the method never reads
-# left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a value at its
-# default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a script's
-# absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
+# How versions of this library hashed a config, newest first: an encoding by Python's name for it too (latin1 as
+# iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0, "query, value" as query,value:
+# ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s ``spelling``; after commit fe0d88d); keys
+# the method never reads left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a
+# value at its default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a
+# script's absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
 HASHES = ("encoding-names", "one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
 
 
@@ -60,13 +59,14 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run, and so do
     ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
     count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
-    defaults, values = Config().to_dict(), cfg.to_dict()
-    spelling = scheme in ("encoding-names", "one-spelling")
-    values = one_spelling(values, encodings=scheme == "encoding-names") if spelling else values
-    if scheme in ("encoding-names", "one-spelling", "read", "canonical"):
+    def since(first: str) -> bool:  # whether ``scheme`` is ``first`` or newer: each scheme keeps the older ones' steps
+        return HASHES.index(scheme) <= HASHES.index(first)
+
+    defaults, values, spelling = Config().to_dict(), cfg.to_dict(), since("one-spelling")
+    values = one_spelling(values, encodings=since("encoding-names")) if spelling else values
+    if since("canonical"):
         defaults, values = same_paths(defaults, spelling=spelling), same_paths(values, spelling=spelling)
-    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if scheme not in ("canonical", "defaults-as-spelt",
-                                                                            "as-spelt") else frozenset()
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if since("read") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if scheme == "defaults-as-spelt":
         values = same_paths(values, spelling=False)
