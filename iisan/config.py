@@ -19,6 +19,7 @@ from .bounds import check_bounds, coerce, not_utf8, said
 from .errors import ConfigError, ValuesTogether
 from .methods import METHODS, side_network
 from .metric_names import SELECTED_BY, label
+from .spelling import own_spelling
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -112,8 +113,8 @@ class Config:
         "auto into slots, so that each slot of a batch that holds an item gets its own dropout mask, as theirs did"
     )
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
-                              "the checkpoint's own half precision if it has one (LLMs), else fp32",
-                              ("auto", *PRECISIONS))
+                              "the checkpoint's own half precision if it has one (LLMs), else fp32 (bf16, fp16 "
+                              "and fp32 are taken too)", ("auto", *PRECISIONS))
     patch_embedding: str = _opt("matmul", "image towers' patch-embedding convolution (kernel = stride) run as "
                                 "one matmul over patches (the same map, never at the mercy of cuDNN's kernel "
                                 "choice) or as the model's own conv", ("matmul", "conv"))
@@ -123,7 +124,8 @@ class Config:
     # --- model -------------------------------------------------------------------------------------
     method: str = _opt("iisan", "training method (id: SASRec over learned item-ID embeddings, no encoder)", METHODS)
     towers: str = _opt("both", "item towers used", ("both", "text", "image"))
-    modality: str = _opt("intra_inter", "SANs used by IISAN", ("intra_inter", "intra", "inter"))
+    modality: str = _opt("intra_inter", "SANs used by IISAN (not text or image: that is --towers)",
+                         ("intra_inter", "intra", "inter"))
     fusion: str = _opt("gated", "how a SAN mixes backbone states into its chain", ("gated", "add"))
     text_adapter_down: int = _opt(64, "bottleneck of the text side-adapter blocks and the text tower's Houlsby "
                                   "adapters; also of the inter blocks unless the image tower is narrower")
@@ -166,8 +168,8 @@ class Config:
                             "on a GPU: its own type); float16/bfloat16 over fp32 encoders compute under "
                             "autocast on a GPU, over half encoders in the encoders' own type (stored as asked), "
                             "so the authors' fp16 LLM features need --encoder-dtype float16 too. "
-                            "Training refuses a cache of another precision unless this is auto",
-                            ("auto", *PRECISIONS))
+                            "Training refuses a cache of another precision unless this is auto (bf16, fp16 and "
+                            "fp32 are taken too)", ("auto", *PRECISIONS))
     batch_size: int = _opt(64, "users per batch")
     epochs: int = _opt(100, "maximum epochs")
     patience: int = _opt(10, f"stop once valid {label(SELECTED_BY)} has not improved for more than this many epochs")
@@ -184,7 +186,8 @@ class Config:
                            "(a permutation seeded with the epoch + 1)", ("seeded", "authors"))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     amp: str = _opt("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 = the authors' (with a "
-                    "GradScaler; the step then runs eager)", ("auto", "none", "bf16", "fp16"))
+                    "GradScaler; the step then runs eager); bfloat16, float16 and float32 (= none) are taken too, "
+                    "as results show them", ("auto", "none", "bf16", "fp16"))
     compile: str = _opt("auto", "training step: eager (off), one CUDA graph (cudagraph) or torch.compile "
                         "(inductor: it compiles for each batch shape, a minute or more each); auto = cudagraph for "
                         "cached IISAN on CUDA in one process without fp16, else off",
@@ -247,7 +250,7 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            setattr(self, f.name, coerce(f.name, value, hints[f.name]))
+            setattr(self, f.name, own_spelling(f.name, coerce(f.name, value, hints[f.name])))
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(allowed)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import re
 import sys
 
@@ -16,6 +17,7 @@ from .bounds import path_arg
 from .config import Config
 from .methods import METHOD_DEFAULTS
 from .precedence import read_config_file, resolve
+from .spelling import ALIASES, own_spelling
 
 # A field's help may say its default in words, as its last clause: "...; default: --layer-rule's choice",
 # "... (default: method, feed, ...)". A default the caller gives replaces that clause, never follows it.
@@ -49,6 +51,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
             kwargs["action"] = argparse.BooleanOptionalAction
         if f.metadata.get("choices") and f.name not in multi:
             kwargs["choices"] = f.metadata["choices"]
+            if f.name in ALIASES:  # --amp bfloat16 is --amp bf16 (``spelling.ALIASES``)
+                kwargs["type"] = functools.partial(own_spelling, f.name)
         parser.add_argument(flag, **kwargs)
 
 

@@ -1,10 +1,22 @@
 """One spelling of each config value, as a run's name hashes it, a resume compares it and a table shows it: a
-config keeps the values as given (config.json records them), and two spellings of one value are one setting."""
+config keeps the values as given (config.json records them), and two spellings of one value are one setting. A
+value a flag takes in another flag's or a record's spelling (``ALIASES``) is stored in the key's own."""
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+
+# Values a flag also takes in the spelling another flag or a record uses (results.json's step.amp and `iisan results`
+# say bfloat16; --amp says bf16): a config stores the key's own spelling, so a run's name and a resume never see two.
+_AS_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ALIASES = {"amp": {"bfloat16": "bf16", "float16": "fp16", "float32": "none", "fp32": "none"},
+           "cache_dtype": _AS_DTYPE, "encoder_dtype": _AS_DTYPE, "dtype": _AS_DTYPE}
+
+
+def own_spelling(key: str, value):
+    """``value`` of config key ``key`` in the key's own spelling (``ALIASES``): amp=bfloat16 is amp=bf16."""
+    return ALIASES.get(key, {}).get(value, value) if isinstance(value, str) else value
 
 
 def target_entries(text: str) -> list[str]:

@@ -661,6 +661,8 @@ def test_a_run_given_several_ways_counts_once(runs, tmp_path, capsys, monkeypatc
                              "IISAN version that wrote it at the end, has none: its command, run again, resumes it)"),
     (["results", "{runs}", "--keys", "lr,bogus"], "unknown config key(s) bogus"),
     (["results", "{runs}", "--sort", "speed"], "--sort speed: not a column"),
+    (["results", "{runs}", "--sort", "HR@10"], "--sort HR@10: not a column; did you mean valid_hit@10 or test_hit@10? "
+                                               "columns are run, "),
     (["results", "{runs}", "--curves", "{empty}/curves.txt"], "curves.txt: 'txt' is not an image format"),
     # empty values (an unset shell variable) were taken as not given: nothing written, nothing sorted
     (["results", "{runs}", "--csv", ""], "argument --csv: '' is empty; expected a path"),
@@ -975,6 +977,8 @@ def test_rows_in_order_of_the_differing_keys_then_the_run(runs, tmp_path, capsys
     header, *rows = table_rows(capsys.readouterr().out)
     hits = [float(r[header.index("test_hit@10")]) for r in rows]
     assert hits == sorted(hits, reverse=True)
+    main(["results", str(out), "--sort", "test_HR@10"])  # the paper's name, as the demo's table shows it
+    assert table_rows(capsys.readouterr().out) == [header, *rows]
 
 
 def test_a_column_of_numbers_has_one_format(runs, tmp_path, capsys):

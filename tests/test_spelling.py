@@ -27,6 +27,26 @@ def test_minus_zero_is_zero():
     assert config_hash(spelt) == config_hash(plain) and config_differences(spelt.to_dict(), plain.to_dict()) == []
 
 
+def test_a_precision_spelt_as_a_record_or_another_flag_spells_it_is_the_flags_own_value(capsys):
+    """results.json and `iisan results` show --amp bf16 as bfloat16, and --cache-dtype takes bfloat16 where --amp
+    takes bf16: copying one into the other was refused. A config stores the key's own spelling, so the run is one."""
+    from iisan.cli.main import build_parser
+    from iisan.flags import config_from_args
+
+    given = ["--amp", "bfloat16", "--cache-dtype", "bf16", "--encoder-dtype", "fp32"]
+    args = build_parser().parse_args(["train", *(a for k, v in PLAIN.items() for a in ("--" + k.replace("_", "-"), v)),
+                                      *given])
+    cfg = config_from_args(args)
+    assert (cfg.amp, cfg.cache_dtype, cfg.encoder_dtype) == ("bf16", "bfloat16", "float32")
+    plain = Config(**PLAIN, amp="bf16", cache_dtype="bfloat16", encoder_dtype="float32")
+    assert config_hash(cfg) == config_hash(plain) and cfg.to_dict() == plain.to_dict()
+    assert Config(**PLAIN, amp="float32").amp == "none" and Config(**PLAIN, amp="float16").amp == "fp16"  # a file's
+    assert build_parser().parse_args(["import-cache", "--from", "x", "--dtype", "fp16"]).dtype == "float16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--amp", "float8"])
+    assert "argument --amp: invalid choice: 'float8' (choose from " in capsys.readouterr().err
+
+
 def test_target_lists_are_one_spelling_of_what_the_model_builds():
     """The model reads "query, value," as query,value; the run's name and a resume compared the strings."""
     for key, plain, spelt in (("lora_targets", "query,value", " query, value,"),

@@ -3,6 +3,8 @@ network) and import-cache (the authors' stored hidden states)."""
 
 from __future__ import annotations
 
+import functools
+
 from ..bounds import path_arg, utf8_path
 from ..claims import expect_folders
 from ..config import PRECISIONS
@@ -11,6 +13,7 @@ from ..errors import ConfigError
 from ..experiments.encoders import ENCODER_PRESETS
 from ..experiments.presets import ROOT
 from ..flags import add_config_arguments, config_from_args
+from ..spelling import own_spelling
 
 IMPORT_KEYS = ("users", "items", "cache_dir", "text_model", "image_model", "towers", "text_layers", "image_layers",
                "layer_groups", "layer_rule", "include_embedding_state", "max_seq_len", "min_seq_len",
@@ -83,8 +86,8 @@ def add_fetch_commands(sub) -> None:
                         "another data set: --items and --cache-dir (and --users) instead")
     p.add_argument("--layers", default="run", choices=("run", "all"),
                    help="keep the hidden states a run reads (run) or all of them (all)")
-    p.add_argument("--dtype", default=None, choices=sorted(PRECISIONS),
-                   help="stored precision (default: float32, as the authors stored them)")
+    p.add_argument("--dtype", default=None, choices=sorted(PRECISIONS), type=functools.partial(own_spelling, "dtype"),
+                   help="stored precision, as --cache-dtype (default: float32, as the authors stored them)")
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--allow-missing", action="store_true",
                    help="store items without a file as zero states (counted and listed) instead of stopping")

@@ -96,8 +96,10 @@ def add_run_commands(sub) -> None:
                         "that never make two experiments: names, paths, device, workers)")
     p.add_argument("--include-smoke", action="store_true", help="also smoke runs (left out by default)")
     p.add_argument("--include-running", action="store_true",
-                   help="also runs that have not finished: running, failed or interrupted (left out by default)")
-    p.add_argument("--sort", default=None, help=f"column to sort by, descending (e.g. {VALID_COLUMN}: choose a "
+                   help="also runs that have not finished: running, failed, interrupted or stopped (results.json says "
+                        "running but no process holds the folder) (left out by default)")
+    p.add_argument("--sort", default=None, help=f"column to sort by, descending (e.g. {VALID_COLUMN}, or "
+                                                f"{VALID_COLUMN.replace('hit', 'HR')} as the paper names it: choose a "
                                                 "configuration by validation; by test is tuning on the test set)")
     p.add_argument("--csv", type=path_arg, default=None,
                    help="also write the table (with standard deviations) to this CSV")

@@ -34,6 +34,7 @@ from ..claims import claim_output
 from ..console import fixed
 from ..errors import ConfigError
 from ..files import atomic_path
+from ..metric_names import stored
 from .labels import data_labels, encoder_labels, weights_apart
 from .report_rows import ENCODER_KEYS, KEYS, NOT_EXPERIMENT, NUMBERS, RUN_KEYS, UNUSED, read_row_columns
 from .results_file import csv_header
@@ -152,8 +153,11 @@ def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """``table``'s rows by ``column``, descending (missing values last); any column but the non-finite
     marks, which the table shows in the cells they mark."""
     columns = [c for c in frame.columns if c != "non_finite"]
+    given, column = column, stored(column)  # the paper's names too: valid_HR@10 is valid_hit@10
     if column not in columns:
-        raise ConfigError(f"--sort {column or repr(column)}: not a column; columns are {', '.join(columns)}")
+        meant = [c for c in columns if c.endswith(f"_{column}")]  # HR@10: valid_hit@10 or test_hit@10?
+        hint = f"did you mean {' or '.join(meant)}? " if meant else ""
+        raise ConfigError(f"--sort {given or repr(given)}: not a column; {hint}columns are {', '.join(columns)}")
     return frame.sort_values(column, ascending=False, kind="stable", na_position="last")
 
 
