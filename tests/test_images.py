@@ -157,6 +157,43 @@ def test_a_store_replaced_by_another_process_is_read_anew(tmp_path, caplog):
             raise lmdb.Error("Attempt to operate on closed/deleted/dropped object.")
 
 
+FORKED = """
+import os, signal, sys
+import numpy as np
+from iisan.data.batches import PixelSource
+from iisan.data.image_build import write_image_lmdb
+from iisan.data.images import ImageStore
+from iisan.errors import ImageStoreError
+ids = [str(i) for i in range(64)]
+write_image_lmdb(sys.argv[1], ids, lambda i: (np.full((4, 4, 3), int(i), np.uint8), None), size=4, progress=False)
+source = PixelSource(ImageStore(sys.argv[1]), [""] + ids, threads=2)
+assert int(source(np.arange(1, 65))[5, 0, 0, 0]) == 5  # its reader threads are running
+if os.fork() == 0:
+    signal.alarm(20)  # a child that waits on the parent's threads hangs
+    try:
+        source(np.arange(1, 65))
+    except ImageStoreError as err:
+        print(err)
+    source.close()
+    os._exit(0)
+print("child", os.wait()[1])
+"""
+
+
+def test_a_store_read_before_a_fork_is_refused_in_the_child_in_one_line(tmp_path):
+    """An LMDB handle must not cross a fork, and py-lmdb refuses to open the parent's path again: the child was told
+    the store 'is not a readable LMDB ... build it with iisan build-lmdb', or hung on its parent's reader threads."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED, str(tmp_path / "db.lmdb")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == [f"{tmp_path / 'db.lmdb'} was opened before this process was forked, and an LMDB handle cannot "
+                     "cross a fork: start the processes that read it with multiprocessing's 'spawn' method", "child 0"]
+
+
 def test_an_item_list_without_one_picture_in_the_folder_is_refused_before_anything_is_written(tmp_path):
     """The users file given as --items, or the wrong folder: not an LMDB of blanks alone. One item with a
     picture is enough to build, even one under a decomposed (macOS-written) name, which the report then

@@ -12,6 +12,7 @@ padded up to a bucket size and its titles cut to the batch's longest, so that st
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -103,6 +104,7 @@ class PixelSource:
         self.item_ids = item_ids
         self.threads = max(1, min(threads, usable_cores()))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process whose threads they are: a forked child has none of them
 
     def __call__(self, ids: np.ndarray) -> torch.Tensor:
         ids = np.asarray(ids).reshape(-1)
@@ -114,8 +116,9 @@ class PixelSource:
         if len(parts) == 1:
             self.store.get(keys, view)
             return out
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="iisan-pixels")
+            self._pool_pid = os.getpid()
         jobs = [self._pool.submit(self.store.get, keys[p[0]: p[-1] + 1], view[p[0]: p[-1] + 1])
                 for p in parts if len(p)]
         for job in jobs:
@@ -125,9 +128,9 @@ class PixelSource:
     def close(self) -> None:
         """End the reader threads now (not when this object is collected: a kept traceback may hold it long);
         a later call starts them again."""
-        if self._pool is not None:
+        if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._pool = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
