@@ -11,12 +11,14 @@
 #      emulated and slow) and the full-ranking evaluation of
 #      every user, then the six methods with 10 warm-up and 50 timed steps each (IISAN first, a real epoch
 #      of both IISAN settings), then uncached IISAN and FFT the authors' way (every slot); FLOPs counted
-#      over the first 10 timed batches; cut at 300 s
+#      over the first 10 timed batches; cut at 280 s
 #   3. tests: the GPU-marked tests; cut at 150 s
 #   4. versa: IISAN-Versa's GPU checks (scripts/versa_gpu_check.py, versa_gpu.json); cut at 120 s
 # Each part writes as it goes (diagnose.json after each section, the benchmark's JSON and table after each
-# row), so a part that is cut keeps what it measured. PART=all (default) runs diagnose and bench, under
-# 600 s, one device call (a call's limit) that brings back 7 files (a call brings back at most 8);
+# row), so a part that is cut keeps what it measured (each cut is killed 5 s after its signal; the console's
+# lines are not held back in a pipe). PART=all (default) runs diagnose and bench, under 600 s with the data
+# and the setup (60 + 210 + 280 s and 3 x 5 s at most), one device call (a call's limit) that brings back
+# 7 files (a call brings back at most 8);
 # the device's copy of the checkout has no .git: IISAN_COMMIT=<hash> names the commit measured;
 # PART=diagnose|bench|tests|versa runs one part. Writes gpu.txt (versions, clocks, each part's time and exit),
 # diagnose.json/.log, efficiency/*.json/.md, figs/*.png, bench.log, gpu_tests.log, versa_gpu.json/.log under $OUT.
@@ -63,40 +65,40 @@ stamp() {  # stamp PART EXIT: the part's time and exit in gpu.txt; the first fai
 }
 
 if [ "$PART" != tests ] && [ "$PART" != versa ]; then  # the data both parts read, made before either's clock starts
-  timeout -k 10 "${PREPARE_LIMIT:-60}" "$PY" -c "import sys; from pathlib import Path
+  timeout -k 5 "${PREPARE_LIMIT:-60}" "$PY" -c "import sys; from pathlib import Path
 from iisan.console import setup_logging; setup_logging()
 from iisan.efficiency.benchmark import prepare; prepare(Path(sys.argv[1]), sys.argv[2], sys.argv[3])" \
     "$WORK" "${DATA:-scientific}" "${BACKBONES:-base}" 2>&1 | tail -n 5 | cut -c1-400
   stamp data "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
-  timeout -k 10 "${DIAGNOSE_LIMIT:-210}" "$PY" scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
+  timeout -k 5 "${DIAGNOSE_LIMIT:-210}" "$PY" scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --num-workers "${WORKERS:-8}" --work "$WORK" \
     --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
-    | tee "$OUT/diagnose.log" | grep -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
+    | tee "$OUT/diagnose.log" | grep --line-buffered -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
   stamp diagnosis "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
-  timeout -k 10 "${BENCH_LIMIT:-300}" "$PY" scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
+  timeout -k 5 "${BENCH_LIMIT:-280}" "$PY" scripts/benchmark_efficiency.py --backbones "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --settings "${SETTINGS:-paper}" \
     --cache-dtype "${CACHE_DTYPE:-bfloat16}" \
     --methods "${METHODS:-IISAN (cached),IISAN (uncached),FFT,Adapter,LoRA,BitFit}" \
     --authors-way "${AUTHORS_WAY:-IISAN (uncached),FFT}" --full-epoch "${FULL_EPOCH:-IISAN (uncached),IISAN (cached)}" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
     --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
-    | grep -E "benchmark: (equal|paper|building|evaluating|wrote)|  -> |rror" | cut -c1-400
+    | grep --line-buffered -E "benchmark: (equal|paper|building|evaluating|wrote)|  -> |rror" | cut -c1-400
   stamp benchmark "${PIPESTATUS[0]}"
   rm -f "$OUT/efficiency/benchmark.log"  # the benchmark's own log: its lines are bench.log's (a call brings back 8 files)
 fi
 if [ "$PART" = tests ]; then
   eval "set -- ${TESTS_ARGS:-}"  # pytest's own quoting, e.g. -k 'not torchrun'
-  timeout -k 10 "${TESTS_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
+  timeout -k 5 "${TESTS_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ "$@" 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -n 25
   stamp "gpu tests" "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = versa ]; then  # a bf16 decoder-LLM tower's cache against the CPU's, a resumed build, a CUDA graph
-  timeout -k 10 "${VERSA_LIMIT:-120}" "$PY" scripts/versa_gpu_check.py --device "${DEVICE:-cuda}" --out "$OUT" \
-    --work "$WORK/versa-gpu" 2>&1 | tee "$OUT/versa_gpu.log" | grep -E "versa_gpu_check.py: |Error" | cut -c1-400
+  timeout -k 5 "${VERSA_LIMIT:-120}" "$PY" scripts/versa_gpu_check.py --device "${DEVICE:-cuda}" --out "$OUT" \
+    --work "$WORK/versa-gpu" 2>&1 | tee "$OUT/versa_gpu.log" | grep --line-buffered -E "versa_gpu_check.py: |Error" | cut -c1-400
   stamp "versa check" "${PIPESTATUS[0]}"
 fi
 exit "$status"
