@@ -52,6 +52,17 @@ def test_protocol_reindexes_in_items_file_order_and_splits(small):
     assert data.stats() == {"users": 2, "items": 5, "interactions": 11}
 
 
+def test_a_users_file_holds_each_item_ids_string_once(tmp_path):
+    """A million users' 8M interactions of 100k items were 8M strings, most of what loading them took and kept
+    of the memory: each id read is now the first string of it."""
+    users = tmp_path / "users.tsv"
+    users.write_text("u1\titem-a item-b item-a\nu2\titem-b item-a\nu1\titem-b\n")
+    read = dict(read_users(users, merge_duplicates=True))
+    assert read == {"u1": ["item-a", "item-b", "item-a", "item-b"], "u2": ["item-b", "item-a"]}
+    strings = [item for items in read.values() for item in items]
+    assert len({id(s) for s in strings}) == 2  # one object per distinct id, merged lines too
+
+
 def test_popularity_counts_train_parts_only(small):
     users, items = small
     data = load_dataset(users, items, max_seq_len=3, min_seq_len=5)

@@ -12,9 +12,9 @@ every split is a column slice (see ``SeqRecData``). The kept items of a user's l
 
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import time
@@ -126,6 +126,7 @@ def read_users(path: str | Path, encoding: str = "utf-8",
 def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[str, list[str]]]:
     users: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
+    one_copy: dict[str, str] = {}  # each item id's string once: 8M interactions of 100k items held 8M strings (1 GB)
     for lineno, user_id, items in tab_lines(path, "user_id<TAB>item item ...", encoding,
                                                USER_COLUMNS + ("uid",)):
         user_id = user_id.strip()
@@ -139,9 +140,9 @@ def _tab_users(path: Path, encoding: str, merge_duplicates: bool) -> list[tuple[
             if not merge_duplicates:
                 raise DataError(f"{path}:{lineno}: user {user_id!r} already has a line ({first_line[user_id]}); "
                                 "pass --merge-duplicate-users to join a user's lines in file order")
-            users[user_id] += items.split()
+            users[user_id] += [one_copy.setdefault(item, item) for item in items.split()]
             continue
-        users[user_id], first_line[user_id] = items.split(), lineno
+        users[user_id], first_line[user_id] = [one_copy.setdefault(item, item) for item in items.split()], lineno
     if not users:
         raise DataError(f"users file {path} holds no users")
     return list(users.items())
@@ -266,7 +267,8 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     unknown_ids: dict[str, int] = {}
     short_users = matched = 0
     users: list[str] = []
-    sequences: list[list[int]] = []
+    kept = array.array("q")  # every kept user's rows one after another (a list of lists: ~36 bytes an interaction)
+    lengths_kept: list[int] = []
     for user_id, items in raw_users:
         rows = [row_of.get(item, -1) for item in items]
         if -1 in rows:  # (a list comprehension: a million users' lines read twice as fast as a loop)
@@ -278,7 +280,9 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
             short_users += 1
             continue
         users.append(user_id)
-        sequences.append(rows)  # the protocol keeps the last ``keep``; the earlier ones are only masked
+        kept.extend(rows)  # the protocol keeps the last ``keep``; the earlier ones are only masked
+        lengths_kept.append(len(rows))
+    read, raw_users = len(raw_users), None  # (its lists of ids: gone before the arrays below are made)
     skipped = {
         "users_too_short": short_users,
         "unknown_item_interactions": sum(unknown_ids.values()),
@@ -304,9 +308,10 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
 
     # Re-index the items that occur, keeping items-file order (authors: provisional ids, then a filter).
     # All users' last ``keep`` rows in one flat array (numpy once, not once a user: a million users in seconds).
-    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
-    tails = np.minimum(lengths, keep)
-    flat = np.fromiter(itertools.chain.from_iterable(seq[-keep:] for seq in sequences), np.int64, int(tails.sum()))
+    rows_of = np.frombuffer(kept, dtype=np.int64)
+    lengths = np.array(lengths_kept, dtype=np.int64)
+    ends, tails = np.cumsum(lengths), np.minimum(lengths, keep)
+    flat = rows_of[np.repeat(ends - tails - (np.cumsum(tails) - tails), tails) + np.arange(int(tails.sum()))]
     used = np.zeros(len(catalog), dtype=bool)
     used[flat] = True
     new_index = np.zeros(len(catalog), dtype=np.int64)
@@ -316,12 +321,12 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     padded[np.repeat(np.arange(len(users)), tails), starts + np.arange(len(flat))] = new_index[flat]
     earlier = {}
     for u in np.flatnonzero(lengths > keep).tolist():
-        if (before := new_index[sequences[u][:-keep]]).any():  # (0: in no user's last L + 3, dropped)
+        if (before := new_index[rows_of[ends[u] - lengths[u]: ends[u] - keep]]).any():  # (0: in no user's last L + 3)
             earlier[u] = before[before > 0]
     kept_rows = np.flatnonzero(used)
     if size >= SAID_BYTES:
         log.info("read %s users and %s items, and kept %s users and %s items (the protocol), in %s",
-                 f"{len(raw_users):,}", f"{len(catalog):,}", f"{len(users):,}", f"{len(kept_rows):,}",
+                 f"{read:,}", f"{len(catalog):,}", f"{len(users):,}", f"{len(kept_rows):,}",
                  duration(time.monotonic() - began))
     return SeqRecData(
         item_ids=[""] + [catalog.ids[r] for r in kept_rows],
