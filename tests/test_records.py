@@ -85,6 +85,33 @@ def test_tensorboard_scalars_are_the_epoch_records(cached_cfg):
     assert {"loss", "seconds/train", "seconds/eval"} <= set(events.Tags()["scalars"])
 
 
+def test_an_epoch_trained_again_after_its_checkpoint_was_lost_shows_once_in_tensorboard(cached_cfg, monkeypatch):
+    """An epoch is logged before its checkpoint is written; killed in between, the run trains it again: each
+    attempt's writer added its scalars, so TensorBoard drew the epoch twice. metrics.jsonl never did."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from iisan.train import resuming
+
+    cfg, save = cached_cfg.replace(report_to="tensorboard", epochs=2), resuming.RunCheckpoints.save
+
+    def lost(self, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise OSError(28, "No space left on device")  # as a kill there leaves it: epoch 1 logged, not saved
+        return save(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(resuming.RunCheckpoints, "save", lost)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg)
+    monkeypatch.setattr(resuming.RunCheckpoints, "save", save)
+    results = train(cfg)
+    assert [r["epoch"] for r in results["epochs"]] == [0, 1]
+    events = EventAccumulator(str(Path(results["run_dir"]) / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (r["epoch"], pytest.approx(r["loss"])) for r in results["epochs"]]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM (the process's own peak) is Linux's")
 def test_a_runs_peak_memory_is_its_own_not_that_of_what_ran_before_in_its_process(cached_cfg):
     """A sweep's second point, or the demo's run after its cache build: the peak counts from the run's start."""

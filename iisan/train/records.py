@@ -147,7 +147,9 @@ class RunRecord:
         self.metrics = list(history)
         self.write_metrics()
         if self.cfg.report_to == "tensorboard":
-            self.writer = tensorboard_writer(self.run_dir / TENSORBOARD)
+            # from the epoch this attempt trains next: a killed attempt's scalars of it and later are dropped (an
+            # epoch logged, then killed before its checkpoint, is trained again: it showed twice)
+            self.writer = tensorboard_writer(self.run_dir / TENSORBOARD, history[-1]["epoch"] + 1 if history else 0)
 
     def resumed_under(self, state: dict) -> None:
         """The commits, process counts and devices of the attempts before this one (a checkpoint's
@@ -271,15 +273,16 @@ def scalars(record: dict) -> dict[str, float]:
     return out
 
 
-def tensorboard_writer(path: Path):
-    """A SummaryWriter, or None with one logged line when the tensorboard package is absent."""
+def tensorboard_writer(path: Path, first_epoch: int):
+    """A SummaryWriter whose scalars from ``first_epoch`` on replace any earlier attempt's, or None with one logged
+    line when the tensorboard package is absent."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
     except ImportError:
         log.warning("--report-to tensorboard: the tensorboard package is not installed (pip install tensorboard); "
                     "train.log and metrics.jsonl are written, TensorBoard scalars are not")
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=first_epoch)
 
 
 def _then(earlier: list, now) -> list:
