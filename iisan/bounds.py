@@ -62,11 +62,12 @@ def check_bounds(cfg) -> None:
     learning rates and other numbers, run name, device, title length, encoding, layer lists."""
     positive = ("max_seq_len", "min_seq_len", "title_tokens", "embedding_dim", "transformer_blocks",
                 "attention_heads", "batch_size", "epochs", "encode_batch_size",
-                "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank",
-                "keep_checkpoints")
+                "text_adapter_down", "image_adapter_down", "layer_groups", "lora_rank")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    if cfg.keep_checkpoints < 0:
+        raise ConfigError(f"keep_checkpoints={cfg.keep_checkpoints} must be 0 (none once the run has finished) or more")
     if cfg.batch_size == 1:
         raise ConfigError("batch_size=1 trains nothing: the loss ranks each target against the items of the other "
                           "users in its batch (in-batch negatives, per process), and one user has none, so every "

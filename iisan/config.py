@@ -224,7 +224,10 @@ class Config:
                         "anyway: to start over, give another --run-name")
     report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
                           "tensorboard package)", ("none", "tensorboard"))
-    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch)")
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch); 0 = "
+                                 "the newest while training, none once the run has finished (best.safetensors "
+                                 "stays; a longer run cannot then go on from it): an FFT checkpoint is ~3x its "
+                                 "weights")
     fused_adam: bool = _opt(True, "Adam as one fused kernel per learning-rate group (several times faster on a CPU "
                             "for IISAN's ~130 small tensors); --no-fused-adam: torch's loop over the parameters, as "
                             "the authors' code ran it (the same update up to rounding)")

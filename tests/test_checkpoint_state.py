@@ -19,7 +19,7 @@ import iisan.model.recommender as recommender_module
 import iisan.train.checkpoint as checkpoint
 from iisan.config import Config
 from iisan.digests import sha256
-from iisan.errors import RunInterrupted, TrainingError
+from iisan.errors import ConfigError, RunInterrupted, TrainingError
 from iisan.train import runstate
 from iisan.train.trainer import train
 
@@ -252,3 +252,24 @@ def test_weights_are_copied_into_the_trained_parameters_alone():
     with pytest.raises(TrainingError, match=r"^best.safetensors holds '0.weight', which this model keeps frozen: "):
         copy_weights(model, {**state, "0.weight": torch.zeros(2, 2)}, "best.safetensors")
     assert torch.equal(model[0].weight, frozen)
+
+
+def test_keep_checkpoints_0_removes_a_finished_runs_checkpoints_and_nothing_else(trained, tmp_path, caplog):
+    """An FFT checkpoint is ~3x the model's weights and two stayed after the run finished (a sweep of them filled
+    a quota): 0 keeps the newest while training and none once results.json says finished. A checkpoint folder
+    holding a file of someone else's is left whole, as pruning leaves it."""
+    cfg, folder = copied(trained, tmp_path)
+    (folder / "checkpoints" / "epoch-0000" / "note.txt").write_text("mine")
+    caplog.set_level(logging.INFO, logger="iisan")
+    results = train(cfg.replace(keep_checkpoints=0))
+    assert results["status"] == "finished" and (folder / "best.safetensors").is_file()
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["epoch-0000"]
+    assert sorted(p.name for p in (folder / "checkpoints" / "epoch-0000").iterdir()) == sorted(
+        ["note.txt", *(p.name for p in (trained / "checkpoints" / "epoch-0000").iterdir())])
+    assert "removed 1 checkpoint(s) of the finished run (--keep-checkpoints 0)" in caplog.text  # the rest: before
+    assert train(cfg.replace(keep_checkpoints=0)) == results  # finished before
+    (folder / "checkpoints" / "epoch-0000" / "note.txt").unlink()
+    shutil.rmtree(folder / "checkpoints" / "epoch-0000")
+    with pytest.raises(ConfigError, match="is a finished run with no checkpoint left to continue it"):
+        train(cfg.replace(epochs=5))
+

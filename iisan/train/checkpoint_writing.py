@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -90,42 +89,47 @@ def set_aside(path: Path) -> Path:
 LEFT_IN_PLACE: set[Path] = set()  # refused checkpoints pruning has named (once each)
 
 
-def prune(root: Path, keep: int, config: dict, written: Path) -> None:
+def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
     and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
     never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
     nor deleted, as it may not be this run's: it is named once, and left in place. A mid-epoch checkpoint older
-    than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from."""
-    kept = 0
+    than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from. With no
+    ``written`` (a finished run's, ``keep`` 0) every one is older. Returns how many were deleted."""
+    kept = removed = 0
     for path in checkpoints(root):
         refused = None if path == written else checked_state(path, config, digests=False)
-        older = checkpoint_order(path) < checkpoint_order(written)
+        older = written is None or checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
             if path not in LEFT_IN_PLACE:
                 LEFT_IN_PLACE.add(path)
                 log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
                          refused.removesuffix(f"; {NEW_RUN}"))
         elif older and (kept >= keep or NAME.match(path.name)[2] is not None):
-            remove_checkpoint(path)
+            removed += remove_checkpoint(path)
         else:
             kept += 1
     for leftover in root.glob(".epoch-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
+    return removed
 
 
-def remove_checkpoint(path: Path) -> None:
+def remove_checkpoint(path: Path) -> bool:
     """Delete a checkpoint folder of this run: the files a checkpoint holds, then the folder. One that holds
-    anything else (a note put there) is left whole, and named once."""
+    anything else (a note put there) is left whole, and named once. Whether it is gone from its name."""
     others = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
     if others:
         if path not in LEFT_IN_PLACE:
             LEFT_IN_PLACE.add(path)
             log.info("pruning leaves %s in place, as it holds files a checkpoint does not: %s", path,
                      ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
-        return
+        return False
     # Renamed in one step to a leftover's hidden name first: a removal cut short (a file that cannot go now)
     # leaves no half checkpoint under its own name, and the next prune finishes it with the other leftovers.
     going = path.with_name(f".{path.name}.pruned.tmp")
-    with suppress(OSError):
+    try:
         os.rename(path, going)
-        shutil.rmtree(going, ignore_errors=True)
+    except OSError:
+        return False
+    shutil.rmtree(going, ignore_errors=True)
+    return True

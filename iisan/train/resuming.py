@@ -8,6 +8,7 @@ scaler parts are ``runstate``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from ..distributed import broadcast_text, gather_same
 from ..errors import ConfigError, TrainingError, UserError
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
-from .checkpoint_writing import write_checkpoint
+from .checkpoint_writing import prune, write_checkpoint
 from .runfolder import BEST, best_weights_problem, refuse_to_overwrite
 from .weights import copy_weights, ensure_best_weights, trainable_state
 
@@ -96,13 +97,23 @@ class RunCheckpoints:
             }
             try:
                 write_checkpoint(self.root, name, trainable_state(run.model),
-                                 {**tensors, **optimizer_tensors}, state, run.cfg.keep_checkpoints)
+                                 {**tensors, **optimizer_tensors}, state, max(run.cfg.keep_checkpoints, 1))
             except UserError as err:
                 error = str(err)
         error = broadcast_text(error, run.dist)
         if error:
             raise TrainingError(error)
         return self.root / name
+
+    def finished(self) -> None:
+        """With --keep-checkpoints 0, once results.json says finished: remove every checkpoint this run could
+        resume from (``checkpoint_writing.prune``'s rules), its best weights being in best.safetensors."""
+        if self.run.cfg.keep_checkpoints == 0 and self.run.dist.is_main and self.existing():
+            removed = prune(self.root, 0, self.run.cfg.to_dict(), None)
+            with contextlib.suppress(OSError):  # the folder too, when nothing else is left in it
+                self.root.rmdir()
+            log.info("removed %d checkpoint(s) of the finished run (--keep-checkpoints 0); best.safetensors holds "
+                     "its best epoch's weights, and a longer run cannot go on from this one", removed)
 
     def existing(self) -> bool:
         return bool(checkpoint.checkpoints(self.root))

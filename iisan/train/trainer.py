@@ -267,8 +267,7 @@ class Run:
 
             self.record.memory.enter("evaluation")
             start = time.perf_counter()
-            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device,
-                                      self.dist)
+            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device, self.dist)
             valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
                                    dist=self.dist)
             if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good,
@@ -307,6 +306,7 @@ class Run:
     def results(self) -> dict:
         results = self.record.results(self.progress, "finished")
         self.on_main(self.record.write, results)
+        self.checkpoints.finished()  # (--keep-checkpoints 0: none kept, now that results.json says finished)
         log.info("finished (%s) after %d epoch(s); this attempt took %.0f s", results["ended"],
                  len(results["epochs"]), time.perf_counter() - self.clock)
         log_summary(results, self.run_dir / RESULTS)
