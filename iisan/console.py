@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
-from .streams import closed_streams_to_null, printable_stdout, stdout_closed
+from .streams import bar_disable, closed_streams_to_null, printable_stdout, stdout_closed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     if verbose:  # also when logging was set up before the flags were read (the entry scripts)
         logging.getLogger().setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # huggingface_hub gives its logger a handler of its own and also passes each record on to ours: its
     # warnings (each retry of a request) came out twice. Once, in this format. (Imported for its handler.)
@@ -153,7 +153,7 @@ def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str 
     every ``STATUS_EVERY`` seconds on a bar and once per log line. ``closing``: the log lines end with one at
     100 %, with the time taken (work that no line of its own ends, as a training epoch's does)."""
     bar = tqdm(iterable if size is None else None, total=total, initial=initial, desc=desc, unit=singular(unit),
-               leave=False, disable=None if enabled else True)
+               leave=False, disable=bar_disable(enabled))
     lines = (ProgressLog(desc, total, initial, unit=unit, clock=clock, status=status)
              if enabled and bar.disable else None)
     if size is not None:

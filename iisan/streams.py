@@ -1,6 +1,6 @@
 """How a command's standard streams behave: closed ones pointed at /dev/null (``closed_streams_to_null``),
-characters an ASCII standard output cannot hold written as escapes (``printable_stdout``), and whether the
-reader of standard output has gone (``stdout_closed``)."""
+characters an ASCII standard output cannot hold written as escapes (``printable_stdout``), whether the
+reader of standard output has gone (``stdout_closed``), and whether a progress bar can show (``bar_disable``)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,18 @@ def stdout_closed() -> bool:
         return any(events & select.POLLERR for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or no file descriptor: take it as so
         return True
+
+
+def bar_disable(enabled: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar on stderr: None (tqdm draws one where stderr is a terminal), or True
+    where not ``enabled`` or where the terminal says it is 0 columns wide (a pseudo-terminal that a script or a
+    CI wrapper made, ``script -qc``): tqdm drew nothing there, and no log lines took the bar's place."""
+    if not enabled:
+        return True
+    try:
+        if sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns == 0:
+            return True
+    except (OSError, ValueError, AttributeError):  # no file number (a stream a caller swapped in)
+        pass
+    return None
+

@@ -211,6 +211,19 @@ def test_verbose_goes_before_or_after_the_command(argv, verbose):
     assert build_parser().parse_args(argv).verbose is verbose
 
 
+def test_verbose_is_iisans_debug_lines_not_those_of_the_libraries_it_calls(monkeypatch):
+    """-v with --curves wrote 220 lines of matplotlib's font manager among iisan's 7 (and PIL's, of each image)."""
+    import logging
+
+    from iisan.console import setup_logging
+
+    monkeypatch.setattr(logging.getLogger(), "level", logging.getLogger().level)  # put back after the test
+    setup_logging(verbose=True)
+    assert logging.getLogger("iisan").getEffectiveLevel() == logging.DEBUG
+    for library in ("matplotlib", "matplotlib.font_manager", "PIL.PngImagePlugin", "transformers", "httpx"):
+        assert logging.getLogger(library).getEffectiveLevel() == logging.WARNING, library
+
+
 # --------------------------------------------------------------------------------------------------
 # --help answers at once: torch and transformers are imported by what runs, not by defining the flags
 

@@ -100,6 +100,48 @@ def test_a_bar_shows_a_status_at_most_every_ten_seconds(monkeypatch):
     assert read == [4, 6] and made[0].postfix == "loss 6" and made[0].disable  # closed at the end
 
 
+ZERO_COLUMNS = """
+import fcntl, os, pty, struct, sys, termios
+pid, fd = pty.fork()
+if pid == 0:  # stderr: a terminal that says it is 0 x 0, as `script -qc` from a batch job makes one
+    fcntl.ioctl(2, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    from iisan.console import progress_bar, setup_logging
+    setup_logging()
+    now = [0.0]
+    def clock():
+        now[0] += 11.0
+        return now[0]
+    for _ in progress_bar(range(20), total=20, desc="epoch 0", unit="steps", clock=clock):
+        pass
+    os._exit(0)
+out = b""
+while True:
+    try:
+        chunk = os.read(fd, 4096)
+    except OSError:  # the child has gone
+        break
+    if not chunk:
+        break
+    out += chunk
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode())
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="a pseudo-terminal needs fork")
+def test_a_terminal_0_columns_wide_gets_log_lines_in_place_of_a_bar():
+    """tqdm, given a terminal, draws a bar as wide as it says it is: at 0 columns nothing, and as stderr was a
+    terminal no log lines took the bar's place: a run under `script -qc` said nothing for a whole epoch."""
+    import subprocess
+    import sys
+
+    from ._scripts import ROOT
+
+    done = subprocess.run([sys.executable, "-c", ZERO_COLUMNS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "INFO iisan.console: epoch 0: 3 of 20 steps (15 %), 0.09 steps/s, about 3 min left" in done.stdout
+
+
 def test_slow_work_is_measured_in_seconds_per_unit():
     """Below 0.01 units a second the rate reads as time per unit, not '0.00 steps/s'; above, as before."""
     slow = ProgressLog("epoch 3", 400, 100, unit="steps", clock=lambda: 0.0)

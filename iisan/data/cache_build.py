@@ -51,6 +51,7 @@ from ..files import (
     write_failure,
     write_json_atomic,
 )
+from ..streams import bar_disable
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
@@ -300,7 +301,7 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
     final = sum(len(item_ids) * layers * width for layers, width in shapes.values()) * dtype.itemsize
     # the shards still to write, then the files
     require_cache_space(out_dir, final + final * (total - already) // max(total, 1), shapes, total, dtype)
-    bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=None if progress else True,
+    bar = tqdm(total=total, initial=already, desc="cache", unit="item", disable=bar_disable(progress),
                leave=False)  # (the summary line after it says what it counted)
     # tqdm shows no bar where stderr is not a terminal (a batch job's log): log lines take its place
     lines = ProgressLog(f"cache ({', '.join(shapes)})", total, already, unit="items",
