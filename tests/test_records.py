@@ -5,6 +5,7 @@ interrupted runs: tests/test_resume.py."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from datetime import datetime
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import iisan.train.trainer as trainer
+from iisan.files import shown_bytes
 from iisan.train.trainer import train
 
 
@@ -110,6 +112,25 @@ def test_an_epoch_trained_again_after_its_checkpoint_was_lost_shows_once_in_tens
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [
         (r["epoch"], pytest.approx(r["loss"])) for r in results["epochs"]]
+
+
+def test_a_disk_short_of_the_runs_checkpoints_is_said_at_the_start(cached_cfg, monkeypatch, caplog):
+    """A full disk stopped an FFT run at its second epoch's end (hours on a GPU): said before the first step."""
+    from collections import namedtuple
+
+    from iisan.train import resuming
+
+    caplog.set_level(logging.INFO, logger="iisan")
+    train(cached_cfg.replace(epochs=1, run_name="roomy"))
+    assert "checkpoints need about" not in caplog.text
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(resuming.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 5000, 5000))
+    results = train(cached_cfg.replace(epochs=1, run_name="cramped"))
+    trainable = results["parameters"]["trainable"]
+    line = next(r.getMessage() for r in caplog.records if "checkpoints need about" in r.getMessage())
+    assert line.startswith(f"the disk holding {results['run_dir']} has 4.9 KiB free; this run's checkpoints need "
+                           f"about {shown_bytes(3 * 12 * trainable + 4 * trainable)} more ("
+                           f"{shown_bytes(12 * trainable)} each, --keep-checkpoints 2, and best.safetensors)")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM (the process's own peak) is Linux's")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 import weakref
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from ..devices import device_name
 from ..distributed import broadcast_text, gather_same
 from ..errors import ConfigError, TrainingError, UserError
+from ..files import shown_bytes
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
 from .checkpoint_writing import prune, write_checkpoint
@@ -104,6 +106,19 @@ class RunCheckpoints:
         if error:
             raise TrainingError(error)
         return self.root / name
+
+    def check_space(self, trainable: int) -> None:
+        """Warn at the start when the disk holding the run's folder has less free space than the checkpoints still
+        to be kept there (12 bytes a trainable parameter: fp32 weights and Adam's two moments) and the best
+        weights: a full disk stops the run at an epoch's end, hours into it on a GPU (its last checkpoint intact)."""
+        keep, each = max(self.run.cfg.keep_checkpoints, 1), 12 * trainable
+        need = each * max(1, keep + 1 - len(checkpoint.checkpoints(self.root)))
+        need += 0 if (self.run.run_dir / BEST).is_file() else 4 * trainable
+        if need > (free := shutil.disk_usage(self.run.run_dir).free):
+            log.warning("the disk holding %s has %s free; this run's checkpoints need about %s more (%s each, "
+                        "--keep-checkpoints %d, and best.safetensors): free some space, or a full disk stops the "
+                        "run at an epoch's end", self.run.run_dir, shown_bytes(free), shown_bytes(need),
+                        shown_bytes(each), self.run.cfg.keep_checkpoints)
 
     def finished(self) -> None:
         """With --keep-checkpoints 0, once results.json says finished: remove every checkpoint this run could

@@ -1,5 +1,4 @@
-"""One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run`` from scratch or from
-its newest checkpoint to its results file.
+"""One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run``, fresh or resumed, to its results.
 
 Per epoch: training steps (timed alone, device synchronised, their memory peak apart), validation over
 every user (and the test split when validation HR@10 improves), a checkpoint, then, when it improved, the
@@ -170,6 +169,7 @@ class Run:
 
     def first_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.check_space(self.record.parameters.trainable)
         write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
         self.record.start_metrics(self.progress.epochs)
 
