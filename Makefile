@@ -36,5 +36,5 @@ test: install
 lint: install
 	$(BIN)/ruff check iisan tests scripts Code_Cached Code_Uncached Dataset
 
-clean:
-	rm -rf $(VENV) demo_data runs .pytest_cache
+clean:  # what make and the demo made; never runs/, where `iisan train` keeps a researcher's results
+	rm -rf $(VENV) demo_data .pytest_cache

@@ -77,6 +77,21 @@ def test_the_demo_and_tiny_models_never_write_into_a_folder_they_did_not_make(tm
     assert (tmp_path / "models" / "tiny-llama" / ".iisan-random-model").is_file()
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_clean_removes_what_make_made_and_never_the_runs(tmp_path):
+    """`make clean` (to reinstall .venv) also removed runs/, where `iisan train` keeps a researcher's results."""
+    import subprocess
+
+    from ._scripts import ROOT
+
+    for folder in (".venv", "demo_data", ".pytest_cache", "runs/r", "results", "Dataset"):
+        (tmp_path / folder).mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset", "Makefile", "results", "runs"]
+    assert (tmp_path / "runs" / "r").is_dir()
+
+
 def test_a_stray_temporary_name_beside_an_output_is_not_deleted(tiny, tmp_path):
     """The old writer built ``<out>.tmp`` after deleting whatever had that name."""
     before = mine(tmp_path / "images.lmdb.tmp")
