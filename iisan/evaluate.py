@@ -130,13 +130,14 @@ def popularity_scores(train_sequences: np.ndarray, num_items: int) -> torch.Tens
 
 
 def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
-                       batch_users: int = 128) -> dict[str, float]:
+                       batch_users: int | None = None) -> dict[str, float]:
     """The most-popular baseline under the same protocol (history masked, same ranks and metrics), on the CPU in
-    a CPU evaluation's chunks: each holds two (chunk, items) float arrays."""
+    a CPU evaluation's chunks (``eval_chunk``'s: fewer users past 1M items): each holds two (chunk, items) float
+    arrays."""
     _, targets, history = data.eval_split(split)
     pop = popularity_scores(data.train_sequences(), data.num_items)
-    return evaluate_scores(lambda sl: pop[None, :].repeat(len(targets[sl]), 1), targets, history, batch_users,
-                           rank_repeated_targets)
+    return evaluate_scores(lambda sl: pop[None, :].repeat(len(targets[sl]), 1), targets, history,
+                           batch_users or users_per_chunk(torch.device("cpu"), data.num_items), rank_repeated_targets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +201,12 @@ SCORES_PER_CHUNK = 2**27  # a default chunk's (users, items) scores at most: 512
 def eval_chunk(cfg: Config, device: torch.device, items: int) -> int:
     """Users per evaluation chunk: ``--eval-batch-size``, or 2048 on CUDA and 128 elsewhere, fewer where so many
     items would make a chunk's scores more than ``SCORES_PER_CHUNK`` (a GPU past 65k items, a CPU past 1M)."""
-    return cfg.eval_batch_size or max(1, min(2048 if device.type == "cuda" else 128, SCORES_PER_CHUNK // (items + 1)))
+    return cfg.eval_batch_size or users_per_chunk(device, items)
+
+
+def users_per_chunk(device: torch.device, items: int) -> int:
+    """``eval_chunk``'s default."""
+    return max(1, min(2048 if device.type == "cuda" else 128, SCORES_PER_CHUNK // (items + 1)))
 
 
 def evaluate_model(model: Recommender, data, split: str, cfg: Config, device: torch.device,

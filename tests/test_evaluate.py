@@ -220,6 +220,22 @@ def test_a_default_evaluation_chunk_holds_at_most_2_27_scores_however_many_the_i
     assert eval_chunk(Config(eval_batch_size=4096), gpu, 500_000) == 4096
 
 
+def test_the_most_popular_baseline_ranks_in_a_cpu_evaluations_chunks(monkeypatch):
+    """It ranked 128 users a chunk whatever the items: 512 MiB a chunk at 1M items, and growing past it."""
+    from types import SimpleNamespace
+
+    import iisan.evaluate as evaluate
+
+    chunks = []
+    monkeypatch.setattr(evaluate, "evaluate_scores", lambda scores, targets, history, chunk, repeated: chunks.append(
+        chunk))
+    for items in (20_314, 4_000_000):
+        data = SimpleNamespace(num_items=items, eval_split=lambda split: (None, np.zeros(3), np.zeros((3, 2))),
+                               train_sequences=lambda: np.ones((3, 2), dtype=np.int64))
+        popularity_metrics(data, "test")
+    assert chunks == [128, 33]
+
+
 def test_ranks_are_computed_in_fp32_inside_a_callers_autocast():
     """evaluate(run) called inside torch.autocast(bfloat16): the scores were bf16, where items scored 1.0001 and
     1.0002 tie; training's evaluation, outside autocast, tells them apart."""
