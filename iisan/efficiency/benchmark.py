@@ -60,7 +60,8 @@ def add_input_flags(parser) -> None:
                              "compute; weights do not change time) (default: tiny)")
     parser.add_argument("--data", choices=DATA, default="demo",
                         help="synthetic data: the demo's size, or Scientific's shape (12,076 users, 20,314 items; "
-                             "its LMDB of 224 px images takes about 3 GB under --work) (default: demo)")
+                             "its LMDB of 224 px images takes about 3 GB under --work, beside the models and the "
+                             "cache) (default: demo)")
 SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
 USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``prepare``'s synthetic data
 
