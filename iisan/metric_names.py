@@ -23,7 +23,6 @@ def label(metric: str) -> str:
     return {"hit": "HR", "ndcg": "NDCG"}.get(name, name) + at + k
 
 
-
 def stored(name: str) -> str:
     """``label``'s inverse, in either case, wherever it stands in a column's name: ``valid_HR@10`` ->
     ``valid_hit@10``."""

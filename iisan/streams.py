@@ -72,4 +72,3 @@ def bar_disable(enabled: bool) -> bool | None:
     except (OSError, ValueError, AttributeError):  # no file number (a stream a caller swapped in)
         pass
     return None
-
