@@ -43,11 +43,13 @@ class LogFile(logging.FileHandler):
 
 class Logging:
     """``open``: append ``header`` to ``path``, then copy every ``iisan`` log line there (at INFO, even where
-    no one set logging up: a library call) until ``close``. A name or path that is not UTF-8 is written
-    escaped, not a crash; a file that cannot be opened (a full disk, a read-only folder) is one line."""
+    no one set logging up: a library call) until ``close``; where no one did, standard error gets the lines too, as
+    a command shows them (a notebook showed nothing for a whole run, not even a warning: the file's handler kept
+    logging's last resort away). A name or path that is not UTF-8 is written escaped, not a crash; a file that
+    cannot be opened (a full disk, a read-only folder) is one line."""
 
     def __init__(self):
-        self.handler, self.level = None, logging.NOTSET
+        self.handler, self.level, self.console = None, logging.NOTSET, None
 
     def open(self, path: Path, header: str = "") -> None:
         """``header`` appended, then the lines; without one, lines only (a child process's, ``open_logs``)."""
@@ -60,6 +62,10 @@ class Logging:
             raise write_failure(path, err) from None
         self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger = logging.getLogger("iisan")
+        if not logger.hasHandlers():
+            self.console = logging.StreamHandler()
+            self.console.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+            logger.addHandler(self.console)
         logger.addHandler(self.handler)
         self.level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
@@ -69,6 +75,9 @@ class Logging:
         if self.handler is not None:
             logger = logging.getLogger("iisan")
             logger.removeHandler(self.handler)
+            if self.console is not None:
+                logger.removeHandler(self.console)
+                self.console = None
             logger.setLevel(self.level)
             with suppress(OSError):  # its last lines could not be written: said once already
                 self.handler.close()

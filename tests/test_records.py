@@ -65,6 +65,38 @@ def test_every_epoch_leaves_its_record_on_disk(cached_cfg, monkeypatch):
     assert train(cached_cfg) == results and (run_dir / "results.json").stat().st_mtime_ns == stamp
 
 
+BARE = """
+import json, logging, sys
+from iisan.config import Config
+from iisan.train.trainer import train
+if sys.argv[2] == "configured":
+    logging.basicConfig(level=logging.WARNING, format="mine: %(message)s")
+train(Config.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("logging_set_up", ["bare", "configured"])
+def test_a_library_call_no_one_set_logging_up_for_shows_what_a_command_shows(cached_cfg, tmp_path, logging_set_up):
+    """A notebook's or a script's train() showed nothing for a whole run, not even its warnings: train.log's handler
+    kept logging's last resort away. Where the caller set logging up, theirs decides, and nothing shows twice."""
+    import subprocess
+
+    from ._scripts import ROOT
+
+    cfg = cached_cfg.replace(epochs=1, method="adapter", lr_image=3e-3, out_dir=str(tmp_path), progress=False)
+    done = subprocess.run([sys.executable, "-c", BARE, json.dumps(cfg.to_dict()), logging_set_up], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    idle = [line for line in lines if "lr_image=0.003: no parameter of this run trains at it" in line]
+    if logging_set_up == "bare":
+        assert len(idle) == 1 and " WARNING iisan.train.optim: " in idle[0]
+        assert sum(" INFO iisan.train.trainer: epoch   0 | loss " in line for line in lines) == 1
+    else:  # the caller's format and level: the warning once, no INFO line
+        assert len(idle) == 1 and idle[0].startswith("mine: ") and not any(" INFO " in line for line in lines)
+    assert (tmp_path / cfg.run_name / "train.log").read_text().count("epoch   0 | loss ") == 1
+
+
 def test_tensorboard_absent_is_one_line_and_the_run_goes_on(cached_cfg, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # importing it now fails
     results = train(cached_cfg.replace(epochs=1, report_to="tensorboard"))

@@ -53,6 +53,9 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:  # not every id and title: a notebook cell showing it printed megabytes
+        return f"ItemCatalog({self.path!r}, {len(self):,} items, fingerprint {self.fingerprint})"
+
     @functools.cached_property
     def titles_digest(self) -> str:
         """A short name for the titles as read (decoded with the run's ``--encoding``): one file read with
@@ -190,6 +193,10 @@ class SeqRecData:
     # user row -> the kept items of their line before its last L + 3 (re-indexed, oldest first), for the users
     # whose line is longer: evaluation never reads them (the paper's protocol); recommendations mask them
     earlier: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # (the real Scientific data's default one was 4.8 million characters)
+        return (f"SeqRecData({self.num_users:,} users, {self.num_items:,} items, max_seq_len {self.max_seq_len}, "
+                f"items file {self.catalog.path!r})")
 
     @property
     def num_items(self) -> int:

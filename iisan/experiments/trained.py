@@ -51,8 +51,8 @@ class TrainedRun:
     run_dir: Path
     cfg: Config
     data: SeqRecData
-    model: Recommender  # in eval mode, best weights loaded
-    pixels: PixelSource | None
+    model: Recommender = field(repr=False)  # in eval mode, best weights loaded
+    pixels: PixelSource | None = field(repr=False)
     device: torch.device
     best_epoch: int
     results: dict = field(default_factory=dict, repr=False)  # its results.json ({} when unreadable)
