@@ -198,7 +198,8 @@ def test_a_finished_run_without_readable_best_weights_is_resumed_to_write_them(f
 @pytest.mark.parametrize("case", ["no-checkpoint", "checkpoint-after-the-best"])
 def test_a_finished_run_whose_best_weights_no_checkpoint_holds_is_refused(finished, stalled, tmp_path, case):
     """Missing best weights that no resume would write again (the newest checkpoint is not the best epoch's,
-    or none is left): one line naming the file and what to do; nothing changes."""
+    or none is left): one line naming the file and what to do; nothing changes. Where an older checkpoint kept holds
+    the best epoch, the line says so (it said no checkpoint did), and doing what it says writes them again."""
     cfg, folder = copied(finished if case == "no-checkpoint" else stalled, tmp_path)
     if case == "no-checkpoint":
         shutil.rmtree(folder / "checkpoints")
@@ -207,7 +208,13 @@ def test_a_finished_run_whose_best_weights_no_checkpoint_holds_is_refused(finish
     before = contents(folder)
     with pytest.raises(TrainingError) as info:
         train(cfg)
-    assert str(info.value) == (f"{best} is missing, and no checkpoint of {folder} holds the run's best epoch (0) "
-                               "to write it again from: restore best.safetensors from a copy, or use another "
-                               "--run-name to train again")
+    root = folder / "checkpoints"
+    move = "" if case == "no-checkpoint" else \
+        f"move the checkpoints newer than {root / 'epoch-0000'} out of {root} to resume from it, "
+    assert str(info.value) == (f"{best} is missing, and the checkpoint of {folder} a resume takes (the newest) does "
+                               f"not hold its best epoch (0) to write it again from: {move}restore best.safetensors "
+                               "from a copy, or use another --run-name to train again")
     assert contents(folder) == before
+    if case != "no-checkpoint":  # as it says
+        shutil.move(root / "epoch-0001", tmp_path / "epoch-0001")
+        assert train(cfg)["status"] == "finished" and best.is_file()

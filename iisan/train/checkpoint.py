@@ -82,6 +82,14 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:05d}")
 
 
+def move_newer_out(root: Path, best) -> str:
+    """Advice where the checkpoint of epoch ``best`` is kept under ``root`` but a newer one is what a resume takes:
+    moving the newer ones out lets the run resume from it and write its best weights again ('' where none is)."""
+    holder = root / checkpoint_name(best) if type(best) is int and best >= 0 else None
+    return f"move the checkpoints newer than {holder} out of {root} to resume from it, " \
+        if holder in checkpoints(root) else ""
+
+
 def checkpoint_order(path: Path) -> tuple[int, float]:
     epoch, step = NAME.match(path.name).groups()
     return int(epoch), float("inf") if step is None else int(step)

@@ -150,9 +150,7 @@ def refuse_lost_best_weights(folder: Path, found: checkpoint.Checkpoint) -> None
     if (why := best_weights_problem(folder)) is None:
         return
     problem, remedy = why
-    holder = folder / CHECKPOINTS / checkpoint.checkpoint_name(best)
-    older = f"move the checkpoints newer than {holder} out of {holder.parent} to resume from it, " \
-        if holder in checkpoint.checkpoints(holder.parent) else ""
     raise TrainingError(f"{problem}, and {found.path}, which the run would resume from, is not its best epoch "
-                        f"({best}), so nothing would write them again: {older}{remedy}restore {BEST} from a copy, "
+                        f"({best}), so nothing would write them again: "
+                        f"{checkpoint.move_newer_out(folder / CHECKPOINTS, best)}{remedy}restore {BEST} from a copy, "
                         "or use another --run-name to train again")

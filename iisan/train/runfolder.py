@@ -34,7 +34,7 @@ from ..locks import RUN_LOCK, OutputLock, is_lock_file
 from ..methods import unread_keys
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from ..spelling import one_spelling
-from . import runstate
+from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS, MAY_CHANGE, checked_state, checkpoints, config_differences, same_paths
 from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
@@ -173,17 +173,17 @@ def unfinished_weights(folder: Path, cfg: Config, done: dict) -> bool:
     found = best_weights_problem(folder)
     if found is None:
         return False
-    problem, remedy = found
-    config = cfg.to_dict()  # the newest checkpoint resuming would take (its state alone: the resume loads it)
-    path, state = next(((p, s) for p in checkpoints(folder / CHECKPOINTS)
-                        if isinstance(s := checked_state(p, config), dict)), (None, None))
+    (problem, remedy), config, best, root = found, cfg.to_dict(), done.get("best_epoch"), folder / CHECKPOINTS
+    # the newest checkpoint resuming would take (its state alone: the resume loads it)
+    path, state = next(((p, s) for p in checkpoints(root) if isinstance(s := checked_state(p, config), dict)),
+                       (None, None))
     if state is not None and state["step"] is None and state["early_stopping"]["best_epoch"] == state["epoch"]:
         log.warning("%s, so the run is not finished: resuming from %s, which holds its best epoch, to write it "
                     "again", problem, path)
         return True
-    raise TrainingError(f"{problem}, and no checkpoint of {folder} holds the run's best epoch "
-                        f"({done.get('best_epoch')}) to write it again from: {remedy}restore {BEST} from a copy, or "
-                        "use another --run-name to train again")
+    raise TrainingError(f"{problem}, and the checkpoint of {folder} a resume takes (the newest) does not hold its best "
+                        f"epoch ({best}) to write it again from: {checkpoint.move_newer_out(root, best)}{remedy}"
+                        f"restore {BEST} from a copy, or use another --run-name to train again")
 
 
 def log_summary(results: dict, path: Path) -> None:
