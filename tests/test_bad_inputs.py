@@ -751,6 +751,16 @@ CASES = [
     Case("cache-one-non-finite-value", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # in the first layer alone
          ("cache {s}/c/text.safetensors: the states of item", "are not finite (NaN or inf; 1 item(s) in all)"),
          setup=edited_cache(lambda meta, states: (states[7, 0, 0].fill_(float("inf")), None)[1])),
+    Case("cache-fp16-non-finite-rows", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),  # rebuilt in float32, its
+         ("cache {s}/c/text.safetensors: the states of item",  # runs would be refused it ('float16 then')
+          "are not finite (NaN or inf; 1 item(s) in all); rebuild it with `iisan cache --overwrite --cache-dtype "
+          "float16`"),
+         setup=edited_cache(lambda meta, states: meta.update(dtype="float16") or states.half().index_fill_(
+             0, torch.tensor([7]), float("nan")))),
+    Case("cache-fp16-stored-as-fp32", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
+         ("cache {s}/c/text.safetensors holds float32 states, but its metadata says float16; rebuild it with "
+          "`iisan cache --overwrite --cache-dtype float16`",),
+         setup=edited_cache(lambda meta, states: meta.update(dtype="float16") and None)),
     Case("cache-other-layers", lambda P, s: T(P, s, "--cache-dir", f"{s}/c"),
          ("cache {s}/c/text.safetensors was built for layers [0, 2], without [1] (config asks for [0, 1, 2]",),
          setup=edited_cache(lambda meta, states: meta.update(layers="[0, 2]") or states[:, [0, 2]].contiguous())),

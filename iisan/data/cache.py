@@ -131,10 +131,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path} is not an IISAN cache (format {meta.get('format')!r}, expected {FORMAT})")
-    if problem := metadata_problem(meta):  # rebuilt in the precision it has (float32 by default)
-        kept = f" --cache-dtype {meta['dtype']}" if meta.get("dtype") in ("float16", "bfloat16") else ""
-        raise CacheError(f"cache {path}{problem}; rebuild it with `iisan cache --overwrite{kept}`")
+    if problem := metadata_problem(meta):
+        raise CacheError(f"cache {path}{problem}; {rebuild(meta)}")
     return meta
+
+
+def rebuild(meta: dict[str, str]) -> str:
+    """Advice to rebuild a damaged cache in the precision it has (float32 by default): rebuilt in another, the runs
+    trained on it would be refused it ('dtype float16 then, float32 now')."""
+    kept = f" --cache-dtype {meta['dtype']}" if meta.get("dtype") in ("float16", "bfloat16") else ""
+    return f"rebuild it with `iisan cache --overwrite{kept}`"
 
 
 def metadata_problem(meta: dict[str, str]) -> str | None:
@@ -178,10 +184,10 @@ def check_stored_dtype(path: Path, code: str, meta: dict[str, str]) -> None:
     table would be read as truncated features, another float type means the file was rewritten."""
     if code not in STATE_DTYPES.values():
         raise CacheError(f"cache {path} holds states of dtype {dtype_name(code)}, expected a floating type "
-                         f"({meta['dtype']}, as its metadata says); rebuild it with `iisan cache --overwrite`")
+                         f"({meta['dtype']}, as its metadata says); {rebuild(meta)}")
     if code != STATE_DTYPES[meta["dtype"]]:
         raise CacheError(f"cache {path} holds {dtype_name(code)} states, but its metadata says {meta['dtype']}; "
-                         "rebuild it with `iisan cache --overwrite`")
+                         f"{rebuild(meta)}")
 
 
 def weights_record(meta: dict[str, str]) -> dict:
@@ -333,5 +339,5 @@ def load_cache(path: str | Path, expected: CacheExpectation,
     if not finite.all():
         row = int(torch.nonzero(~finite)[0])
         raise CacheError(f"cache {path}: the states of item {dataset_item_ids[row]!r} are not finite (NaN or inf; "
-                         f"{int((~finite).sum())} item(s) in all); rebuild it with `iisan cache --overwrite`")
+                         f"{int((~finite).sum())} item(s) in all); {rebuild(meta)}")
     return table, meta
