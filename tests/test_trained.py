@@ -540,6 +540,24 @@ def test_a_run_used_with_a_changed_items_file_is_refused(tiny, tiny_config, tmp_
                    "not match it; restore the file or train again")
 
 
+def test_a_trained_runs_data_that_its_commands_cannot_read_says_to_restore_it(tiny, tiny_config, tmp_path, capsys):
+    """A user line repeated since training: evaluate, recommend and export said 'pass --merge-duplicate-users',
+    a flag none of them has (they read the data through the run's config.json)."""
+    users = tmp_path / "users.tsv"
+    users.write_bytes(Path(tiny["users"]).read_bytes())
+    cfg = tiny_config(method="id", users=str(users), out_dir=str(tmp_path / "runs"), run_name="id", epochs=1)
+    results = train(cfg)
+    users.write_text(users.read_text() + users.read_text().splitlines(keepends=True)[0])
+    for command in (["evaluate"], ["export", "--out", str(tmp_path / "export")]):
+        with pytest.raises(SystemExit) as info:
+            main([*command[:1], results["run_dir"], *command[1:], "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert info.value.code == 2 and "pass --merge-duplicate-users to join a user's lines in file order (for a " \
+            f"new run: {results['run_dir']} read its data through its config.json, with its own settings; restore " \
+            "the file it trained on)" in err, err
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("change", ["weights", "config"])
 def test_a_live_run_whose_encoder_folder_changed_is_refused(tiny, tiny_config, tmp_path, capsys, change):
     """A live run reads its encoders from their folders: another model put at the same path (or the same

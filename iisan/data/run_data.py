@@ -25,10 +25,18 @@ def check_data_files(cfg: Config) -> None:
         check_data_file(Path(path), what)
 
 
-def load_data(cfg: Config) -> SeqRecData:
+def load_data(cfg: Config, run_dir: Path | None = None) -> SeqRecData:
+    """``cfg``'s data after the protocol; with ``run_dir``, a trained run's (evaluate, recommend, export): there a
+    file that cannot be read as the run read it is to be restored, not read with a flag those commands lack."""
     check_data_files(cfg)
-    return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
-                        cfg.encoding, cfg.merge_duplicate_users)
+    try:
+        return load_dataset(cfg.users, cfg.items, cfg.max_seq_len, cfg.min_seq_len, cfg.allow_empty_titles,
+                            cfg.encoding, cfg.merge_duplicate_users)
+    except DataError as err:
+        if run_dir is None or " pass --" not in str(err):
+            raise
+        raise DataError(f"{err} (for a new run: {run_dir} read its data through its config.json, with its own "
+                        "settings; restore the file it trained on)") from None
 
 
 def check_trainable(data: SeqRecData, cfg: Config) -> None:

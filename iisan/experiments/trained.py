@@ -138,7 +138,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "auto", progress:
     cfg, results = run_files(run_dir := Path(run_dir))
     cfg = cfg if progress is None else cfg.replace(progress=progress)
     torch_device = resolve_device(device)
-    data = load_data(cfg)
+    data = load_data(cfg, run_dir)
     refuse_other_inputs(run_dir, cfg, results, data)
     cuda = [torch_device.index or 0] if torch_device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the trained weights replace every random one; seeded all the same
