@@ -58,11 +58,14 @@ def test_a_gzip_file_says_gunzip(tmp_path, encoding):
 
 @pytest.mark.parametrize("bom, encoding, said", [
     (b"\xff\xfe", "utf-8", r"UTF-16 byte-order mark \(ff fe\): the file is UTF-16 text, not utf-8; pass --encoding "
-                           r"utf-16$"),
-    (b"\xfe\xff", "latin-1", r"UTF-16 byte-order mark \(fe ff\): .* not latin-1; pass --encoding utf-16$"),
-    (b"\xff\xfe\x00\x00", "cp1252", r"UTF-32 byte-order mark \(ff fe 00 00\): .*; pass --encoding utf-32$"),
+                           r"utf-16 if the other data file is UTF-16 too, else save it as UTF-8 \(e.g. with iconv -f "
+                           r"utf-16 -t utf-8\)$"),  # (--encoding reads both files: the other may be UTF-8)
+    (b"\xfe\xff", "latin-1", r"UTF-16 byte-order mark \(fe ff\): .* not latin-1; pass --encoding utf-16 if .*$"),
+    (b"\xff\xfe\x00\x00", "cp1252", r"UTF-32 byte-order mark \(ff fe 00 00\): .*; pass --encoding utf-32 if the "
+                                   r"other data file is UTF-32 too, else save it as UTF-8 .*$"),
     (b"\xff\xfe", None, r"UTF-16 byte-order mark .*; save it as UTF-8 \(e.g. with iconv -f utf-16 -t utf-8\)$"),
-    (b"\xff\xfe\x00\x00", "utf-16", r"UTF-32 byte-order mark \(ff fe 00 00\): .* not utf-16; pass --encoding utf-32$"),
+    (b"\xff\xfe\x00\x00", "utf-16", r"UTF-32 byte-order mark \(ff fe 00 00\): .* not utf-16; pass --encoding utf-32 "
+                                   r"if .*$"),
 ], ids=["utf16le-utf8", "utf16be-latin1", "utf32le-cp1252", "utf16le-no-flag", "utf32le-utf16"])
 def test_a_utf16_file_says_pass_encoding_utf16(tmp_path, bom, encoding, said):
     path = write(tmp_path, "users.txt", bom + "u1\n".encode("utf-16-le"))

@@ -81,8 +81,9 @@ def check_leading_bytes(path: Path, encoding: str | None) -> None:
         if not head.startswith(bom):
             continue
         if not codec.startswith(wide):
-            todo = (f"save it as UTF-8 (e.g. with iconv -f {wide} -t utf-8)" if encoding is None
-                    else f"pass --encoding {wide}")
+            iconv = f"save it as UTF-8 (e.g. with iconv -f {wide} -t utf-8)"
+            todo = iconv if encoding is None else (  # --encoding reads the users and the items file alike
+                f"pass --encoding {wide} if the other data file is {wide.upper()} too, else {iconv}")
             raise DataError(f"{path}:1: starts with a {wide.upper()} byte-order mark ({bom.hex(' ')}): the file is "
                             f"{wide.upper()} text, not {encoding or 'utf-8'}; {todo}")
         return
