@@ -562,3 +562,13 @@ def test_a_rank_alone_in_the_environment_is_no_launch_for_what_is_said(monkeypat
         with pytest.raises(SystemExit):
             exit_interrupted("iisan", "interrupted; to resume, run the same command again")
     assert capsys.readouterr().err == "iisan: interrupted; to resume, run the same command again\n"  # once
+
+
+def test_tiny_models_take_an_items_file_with_empty_titles(tmp_path, capsys):
+    """A MicroLens items file has empty titles: make-tiny-models said 'pass --allow-empty-titles', a flag it lacks,
+    so no such file could give it its vocabulary. An empty title adds no word."""
+    items = tmp_path / "items.tsv"
+    items.write_text("I1\tzebra quartz\nI2\t\nI3\tquartz lantern\n")
+    main(["make-tiny-models", "--out", str(tmp_path / "m"), "--items", str(items)])
+    vocab = (tmp_path / "m" / "tiny-bert" / "vocab.txt").read_text().split()
+    assert {"zebra", "quartz", "lantern"} <= set(vocab)

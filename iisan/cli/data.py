@@ -60,7 +60,8 @@ def cmd_make_tiny_models(args) -> None:
         print(f"random-weight BERT-base: {text_dir}\nrandom-weight ViT-B/16: {image_dir}")
         return
     check_encoding(args.encoding)
-    titles = read_items(args.items, encoding=args.encoding).titles if args.items else ["a tiny vocabulary of words"]
+    # (empty titles add no word: a MicroLens items file has some, and the command has no --allow-empty-titles)
+    titles = read_items(args.items, True, args.encoding).titles if args.items else ["a tiny vocabulary of words"]
     vocab = vocabulary(titles)
     print(write_bert(out / "tiny-bert", vocab, hidden=args.hidden, layers=args.layers))
     print(write_vit(out / "tiny-vit", hidden=args.hidden, layers=args.layers))
