@@ -50,6 +50,7 @@ fi
 "$PY" -c "import lmdb" 2>/dev/null || { echo "gpu_check: lmdb does not import in $PY; on a lent GPU carry its wheel \
 (.whl/, above), elsewhere use the project's environment (PYTHON=.venv/bin/python)"; exit 2; }
 export PYTHONUNBUFFERED=1
+LINED=$(command -v stdbuf >/dev/null 2>&1 && echo "stdbuf -oL")  # cut passes each line on at once: a call cut at its limit keeps them
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   "$PY" -c "import torch, transformers, peft, lmdb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lmdb', lmdb.__version__)";
   git log -1 --format="commit %h %s" 2>/dev/null || echo "commit ${IISAN_COMMIT:-unknown (no .git here; pass IISAN_COMMIT)}"
@@ -68,14 +69,14 @@ if [ "$PART" != tests ] && [ "$PART" != versa ]; then  # the data both parts rea
   timeout -k 5 "${PREPARE_LIMIT:-60}" "$PY" -c "import sys; from pathlib import Path
 from iisan.console import setup_logging; setup_logging()
 from iisan.efficiency.benchmark import prepare; prepare(Path(sys.argv[1]), sys.argv[2], sys.argv[3])" \
-    "$WORK" "${DATA:-scientific}" "${BACKBONES:-base}" 2>&1 | tail -n 5 | cut -c1-400
+    "$WORK" "${DATA:-scientific}" "${BACKBONES:-base}" 2>&1 | tail -n 5 | $LINED cut -c1-400
   stamp data "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = diagnose ]; then
   timeout -k 5 "${DIAGNOSE_LIMIT:-210}" "$PY" scripts/gpu_diagnose.py --size "${BACKBONES:-base}" \
     --data "${DATA:-scientific}" --device "${DEVICE:-cuda}" --num-workers "${WORKERS:-8}" --work "$WORK" \
     --out "$OUT/diagnose.json" ${DIAGNOSE_ARGS:-} 2>&1 \
-    | tee "$OUT/diagnose.log" | grep --line-buffered -E "diagnose: (plain|iisan|device)|rror" | cut -c1-600
+    | tee "$OUT/diagnose.log" | grep --line-buffered -E "diagnose: (plain|iisan|device)|rror" | $LINED cut -c1-600
   stamp diagnosis "${PIPESTATUS[0]}"
 fi
 if [ "$PART" = all ] || [ "$PART" = bench ]; then
@@ -86,7 +87,7 @@ if [ "$PART" = all ] || [ "$PART" = bench ]; then
     --authors-way "${AUTHORS_WAY:-IISAN (uncached),FFT}" --full-epoch "${FULL_EPOCH:-IISAN (uncached),IISAN (cached)}" \
     --flop-batches "${FLOP_BATCHES:-10}" --num-workers "${WORKERS:-8}" --work "$WORK" --out "$OUT/efficiency" \
     --figs "$OUT/figs" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
-    | grep --line-buffered -E "benchmark: (equal|paper|building|evaluating|wrote)|  -> |rror" | cut -c1-400
+    | grep --line-buffered -E "benchmark: (equal|paper|building|evaluating|wrote)|  -> |rror" | $LINED cut -c1-400
   stamp benchmark "${PIPESTATUS[0]}"
   rm -f "$OUT/efficiency/benchmark.log"  # the benchmark's own log: its lines are bench.log's (a call brings back 8 files)
 fi
@@ -98,7 +99,7 @@ if [ "$PART" = tests ]; then
 fi
 if [ "$PART" = versa ]; then  # a bf16 decoder-LLM tower's cache against the CPU's, a resumed build, a CUDA graph
   timeout -k 5 "${VERSA_LIMIT:-120}" "$PY" scripts/versa_gpu_check.py --device "${DEVICE:-cuda}" --out "$OUT" \
-    --work "$WORK/versa-gpu" 2>&1 | tee "$OUT/versa_gpu.log" | grep --line-buffered -E "versa_gpu_check.py: |Error" | cut -c1-400
+    --work "$WORK/versa-gpu" 2>&1 | tee "$OUT/versa_gpu.log" | grep --line-buffered -E "versa_gpu_check.py: |Error" | $LINED cut -c1-400
   stamp "versa check" "${PIPESTATUS[0]}"
 fi
 exit "$status"
