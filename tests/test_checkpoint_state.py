@@ -272,4 +272,8 @@ def test_keep_checkpoints_0_removes_a_finished_runs_checkpoints_and_nothing_else
     shutil.rmtree(folder / "checkpoints" / "epoch-0000")
     with pytest.raises(ConfigError, match="is a finished run with no checkpoint left to continue it"):
         train(cfg.replace(epochs=5))
+    again, tried = copied(trained, tmp_path / "again")  # with nothing of anyone else's: not even the folder is left
+    assert train(again.replace(keep_checkpoints=0))["status"] == "finished" and not (tried / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"keep_checkpoints=-1 must be 0 \(none once the run has finished\) or more"):
+        again.replace(keep_checkpoints=-1)
 

@@ -70,15 +70,17 @@ import json, logging, sys
 from iisan.config import Config
 from iisan.train.trainer import train
 if sys.argv[2] == "configured":
-    logging.basicConfig(level=logging.WARNING, format="mine: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="mine %(levelname)s: %(message)s")
 train(Config.from_dict(json.loads(sys.argv[1])))
+assert not logging.getLogger("iisan").handlers, logging.getLogger("iisan").handlers  # none left behind
 """
 
 
 @pytest.mark.parametrize("logging_set_up", ["bare", "configured"])
 def test_a_library_call_no_one_set_logging_up_for_shows_what_a_command_shows(cached_cfg, tmp_path, logging_set_up):
     """A notebook's or a script's train() showed nothing for a whole run, not even its warnings: train.log's handler
-    kept logging's last resort away. Where the caller set logging up, theirs decides, and nothing shows twice."""
+    kept logging's last resort away. Where the caller set logging up, their handler shows the lines in their format
+    (the run's INFO ones too, as docs/runs.md says), and nothing shows twice."""
     import subprocess
 
     from ._scripts import ROOT
@@ -92,8 +94,10 @@ def test_a_library_call_no_one_set_logging_up_for_shows_what_a_command_shows(cac
     if logging_set_up == "bare":
         assert len(idle) == 1 and " WARNING iisan.train.optim: " in idle[0]
         assert sum(" INFO iisan.train.trainer: epoch   0 | loss " in line for line in lines) == 1
-    else:  # the caller's format and level: the warning once, no INFO line
-        assert len(idle) == 1 and idle[0].startswith("mine: ") and not any(" INFO " in line for line in lines)
+    else:  # the caller's handler and format alone
+        assert len(idle) == 1 and idle[0].startswith("mine WARNING: ")
+        assert sum(line.startswith("mine INFO: epoch   0 | loss ") for line in lines) == 1
+        assert not any(" iisan." in line for line in lines)
     assert (tmp_path / cfg.run_name / "train.log").read_text().count("epoch   0 | loss ") == 1
 
 
