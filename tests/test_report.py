@@ -977,8 +977,9 @@ def test_rows_in_order_of_the_differing_keys_then_the_run(runs, tmp_path, capsys
     header, *rows = table_rows(capsys.readouterr().out)
     hits = [float(r[header.index("test_hit@10")]) for r in rows]
     assert hits == sorted(hits, reverse=True)
-    main(["results", str(out), "--sort", "test_HR@10"])  # the paper's name, as the demo's table shows it
-    assert table_rows(capsys.readouterr().out) == [header, *rows]
+    for spelt in ("test_HR@10", "Test_HR@10"):  # the paper's name, as the demo's table shows it, in any case
+        main(["results", str(out), "--sort", spelt])
+        assert table_rows(capsys.readouterr().out) == [header, *rows]
 
 
 def test_a_column_of_numbers_has_one_format(runs, tmp_path, capsys):

@@ -1030,8 +1030,10 @@ def test_fewer_epochs_than_a_run_has_trained_is_refused_and_changes_nothing(base
     train(cfg)
     config_before = (tmp_path / "two" / "config.json").read_bytes()
     results_before = (tmp_path / "two" / "results.json").read_bytes()
-    with pytest.raises(ConfigError, match=f"--epochs 1: {tmp_path / 'two'} has trained 2 epochs already"):
+    with pytest.raises(ConfigError, match=f"--epochs 1: {tmp_path / 'two'} has trained 2 epochs already") as err:
         train(cfg.replace(epochs=1))
+    # a sweep's point: more --epochs for the whole grid would carry every finished point on too
+    assert "in a sweep with --grid-index for this point alone: the others would go on too" in str(err.value)
     assert (tmp_path / "two" / "config.json").read_bytes() == config_before
     assert (tmp_path / "two" / "results.json").read_bytes() == results_before
     log = (tmp_path / "two" / "train.log").read_text()  # the attempt is noted, not as the run failing

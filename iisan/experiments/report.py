@@ -153,7 +153,8 @@ def sorted_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """``table``'s rows by ``column``, descending (missing values last); any column but the non-finite
     marks, which the table shows in the cells they mark."""
     columns = [c for c in frame.columns if c != "non_finite"]
-    given, column = column, stored(column)  # the paper's names too: valid_HR@10 is valid_hit@10
+    given, column = column, stored(column)  # the paper's names too: valid_HR@10 is valid_hit@10, in any case
+    column = next((c for c in columns if c.lower() == column.lower()), column)
     if column not in columns:
         meant = [c for c in columns if c.endswith(f"_{column}")]  # HR@10: valid_hit@10 or test_hit@10?
         hint = f"did you mean {' or '.join(meant)}? " if meant else ""

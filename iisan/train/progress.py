@@ -142,8 +142,9 @@ class Progress:
         step (its steps so far stay in the weights)."""
         if len(state["epochs"]) > epochs:
             raise ConfigError(f"--epochs {epochs}: {checkpoint.parent.parent} has trained {len(state['epochs'])} "
-                              "epochs already; give at least that many (--epochs, or epochs in the config file) to "
-                              "go on with it, or another --run-name")
+                              "epochs already; give at least that many (--epochs, or epochs in the config file; in a "
+                              "sweep with --grid-index for this point alone: the others would go on too) to go on "
+                              "with it, or another --run-name")
         chosen_by = state["early_stopping"].get("metric", UNSAID)
         if chosen_by != SELECTED_BY:  # its best value, best epoch and best weights are another metric's
             raise TrainingError(f"{checkpoint} chose its best epoch by valid {chosen_by!s:.40} and this code "
