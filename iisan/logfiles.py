@@ -60,13 +60,13 @@ class Logging:
             self.handler = LogFile(path, mode="a", encoding="utf-8", errors="backslashreplace")
         except OSError as err:
             raise write_failure(path, err) from None
-        self.handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
         logger = logging.getLogger("iisan")
         if not logger.hasHandlers():
             self.console = logging.StreamHandler()
-            self.console.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
-            logger.addHandler(self.console)
-        logger.addHandler(self.handler)
+        for handler in (self.console, self.handler):
+            if handler is not None:
+                handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+                logger.addHandler(handler)
         self.level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)

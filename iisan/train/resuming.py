@@ -99,7 +99,7 @@ class RunCheckpoints:
             }
             try:
                 write_checkpoint(self.root, name, trainable_state(run.model),
-                                 {**tensors, **optimizer_tensors}, state, max(run.cfg.keep_checkpoints, 1))
+                                 {**tensors, **optimizer_tensors}, state, self.kept_while_training)
             except UserError as err:
                 error = str(err)
         error = broadcast_text(error, run.dist)
@@ -107,12 +107,17 @@ class RunCheckpoints:
             raise TrainingError(error)
         return self.root / name
 
+    @property
+    def kept_while_training(self) -> int:
+        """--keep-checkpoints, but one for 0 (none once finished: ``finished``)."""
+        return max(self.run.cfg.keep_checkpoints, 1)
+
     def check_space(self, trainable: int) -> None:
         """Warn at the start when the disk holding the run's folder has less free space than the checkpoints still
         to be kept there (12 bytes a trainable parameter: fp32 weights and Adam's two moments) and the best
         weights: a full disk stops the run at an epoch's end, hours into it on a GPU (its last checkpoint intact)."""
-        keep, each = max(self.run.cfg.keep_checkpoints, 1), 12 * trainable
-        need = each * max(1, keep + 1 - len(checkpoint.checkpoints(self.root)))
+        each = 12 * trainable
+        need = each * max(1, self.kept_while_training + 1 - len(checkpoint.checkpoints(self.root)))
         need += 0 if (self.run.run_dir / BEST).is_file() else 4 * trainable
         if need > (free := shutil.disk_usage(self.run.run_dir).free):
             log.warning("the disk holding %s has %s free; this run's checkpoints need about %s more (%s each, "
