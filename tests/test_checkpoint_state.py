@@ -277,3 +277,65 @@ def test_keep_checkpoints_0_removes_a_finished_runs_checkpoints_and_nothing_else
     with pytest.raises(ConfigError, match=r"keep_checkpoints=-1 must be 0 \(none once the run has finished\) or more"):
         again.replace(keep_checkpoints=-1)
 
+
+
+def test_a_checkpoint_that_cannot_be_renamed_stays_whole_and_is_not_counted_as_removed(trained, tmp_path, caplog,
+                                                                                      monkeypatch):
+    """Pruning renames a checkpoint to a hidden name before deleting it; one the file system will not rename (busy
+    on a network mount) stays under its own name, named once, and the finished run's count leaves it out."""
+    from iisan.train import checkpoint_writing
+
+    cfg, folder = copied(trained, tmp_path)
+    stuck, rename = folder / "checkpoints" / "epoch-0001", checkpoint_writing.os.rename
+
+    def busy(src, dst, *args, **kwargs):
+        if Path(src) == stuck:
+            raise OSError(16, "Device or resource busy")
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writing.os, "rename", busy)
+    caplog.set_level(logging.INFO, logger="iisan")
+    assert train(cfg.replace(keep_checkpoints=0))["status"] == "finished"
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["epoch-0001"]
+    assert checkpoint.checkpoints(folder / "checkpoints") == [stuck]  # whole: still a checkpoint
+    left = [r.getMessage() for r in caplog.records if "cannot be renamed" in r.getMessage()]
+    assert left == [f"pruning leaves {stuck} in place, as it cannot be renamed to be removed: Device or resource busy"]
+    assert "removed 1 checkpoint(s) of the finished run" in caplog.text  # epoch-0003, not the one left
+
+
+def test_a_resumed_run_counts_the_checkpoints_it_has_in_the_space_it_still_needs(trained, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """Resumed with its three checkpoints (--keep-checkpoints 3) and best weights on disk, a run needs room for
+    one more checkpoint only (a new one is written before the oldest goes), not for four and new best weights."""
+    from collections import namedtuple
+
+    from iisan.files import shown_bytes
+    from iisan.train import resuming
+
+    cfg, _ = copied(trained, tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(resuming.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 5000, 5000))
+    caplog.set_level(logging.WARNING, logger="iisan")
+    results = train(cfg)
+    each = shown_bytes(12 * results["parameters"]["trainable"])
+    (line,) = [r.getMessage() for r in caplog.records if "checkpoints need about" in r.getMessage()]
+    assert f"this run's checkpoints need about {each} more ({each} each, --keep-checkpoints 3, and " in line
+
+
+@pytest.mark.parametrize("is_main", [True, False], ids=["rank-0", "other-rank"])
+def test_only_rank_0_removes_a_finished_runs_checkpoints(trained, tmp_path, is_main):
+    """Under torchrun every rank reaches the end of the run; rank 0 alone prunes the folder they share (two
+    ranks deleting the same checkpoints would race each other's renames)."""
+    from types import SimpleNamespace
+
+    from iisan.train.resuming import RunCheckpoints
+
+    cfg, folder = copied(trained, tmp_path)
+
+    class Run:  # what RunCheckpoints reads of a trainer.Run
+        pass
+
+    run = Run()
+    run.cfg, run.run_dir, run.dist = cfg.replace(keep_checkpoints=0), folder, SimpleNamespace(is_main=is_main)
+    RunCheckpoints(run).finished()
+    assert (folder / "checkpoints").exists() is not is_main

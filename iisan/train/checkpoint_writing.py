@@ -129,7 +129,11 @@ def remove_checkpoint(path: Path) -> bool:
     going = path.with_name(f".{path.name}.pruned.tmp")
     try:
         os.rename(path, going)
-    except OSError:
+    except OSError as err:
+        if path not in LEFT_IN_PLACE:
+            LEFT_IN_PLACE.add(path)
+            log.info("pruning leaves %s in place, as it cannot be renamed to be removed: %s", path,
+                     err.strerror or err)
         return False
     shutil.rmtree(going, ignore_errors=True)
     return True
