@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
-from .streams import bar_disable, closed_streams_to_null, printable_stdout, stdout_closed
+from .streams import bar_disable, closed_streams_to_null, printable_streams, stdout_closed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED)
     started by); ``interrupted``: what a Ctrl-C outside a training loop says (what the command leaves)."""
     prog = os.path.basename(prog)
     closed_streams_to_null(prog)
-    printable_stdout()
+    printable_streams()
     try:
         with sigterm_as_ctrl_c():
             return run()

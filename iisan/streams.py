@@ -1,6 +1,7 @@
 """How a command's standard streams behave: closed ones pointed at /dev/null (``closed_streams_to_null``),
-characters an ASCII standard output cannot hold written as escapes (``printable_stdout``), whether the
-reader of standard output has gone (``stdout_closed``), and whether a progress bar can show (``bar_disable``)."""
+characters an ASCII standard output or error cannot hold written as escapes or ASCII stand-ins
+(``printable_streams``), whether the reader of standard output has gone (``stdout_closed``), and whether a
+progress bar can show (``bar_disable``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,20 @@ import os
 import select
 import sys
 
+# What this library's own tables and messages write that ASCII lacks, in ASCII: "mean +/- std", not "mean \xb1 std".
+ASCII_FOR = {"\u00b1": "+/-", "\u00d7": "x", "\u00b7": ".", "\u2014": "--", "\u2013": "-", "\u2026": "..."}
+
 
 def _bytes_or_escapes(err: UnicodeError) -> tuple[str | bytes, int]:
     """An encoding error handler: the bytes of a file name Python could not decode (its surrogates, as
-    ``surrogateescape`` gives them back), and escapes (``\\xe9``) for any other character."""
+    ``surrogateescape`` gives them back), an ASCII stand-in for a sign of this library's own (``ASCII_FOR``:
+    +/- for the sign of mean +/- std), and escapes (``\\xe9``) for any other character (a title's)."""
     if not isinstance(err, UnicodeEncodeError):
         raise err
     chunk = err.object[err.start:err.end]
     if all(0xDC80 <= ord(c) <= 0xDCFF for c in chunk):
         return bytes(ord(c) - 0xDC00 for c in chunk), err.end
-    return codecs.backslashreplace_errors(err)
+    return "".join(ASCII_FOR.get(c) or c.encode("ascii", "backslashreplace").decode() for c in chunk), err.end
 
 
 codecs.register_error("iisan-escape", _bytes_or_escapes)
@@ -42,12 +47,15 @@ def closed_streams_to_null(prog: str) -> None:
                 print(f"{prog}: standard output is closed: what this command prints is lost", file=sys.stderr)
 
 
-def printable_stdout() -> None:
+def printable_streams() -> None:
     """Standard output that writes what its encoding cannot hold (a title under an ASCII locale with
-    PYTHONUTF8=0) as escapes, not a UnicodeEncodeError when the table is half printed; file names still as
-    their bytes."""
+    PYTHONUTF8=0) as escapes or ``ASCII_FOR``'s stand-ins, not a UnicodeEncodeError when the table is half
+    printed; file names still as their bytes. Standard error, not UTF-8, the same (Python escapes there)."""
     if getattr(sys.stdout, "errors", None) in ("strict", "surrogateescape") and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="iisan-escape")
+    if getattr(sys.stderr, "errors", None) == "backslashreplace" and hasattr(sys.stderr, "reconfigure") and \
+            codecs.lookup(sys.stderr.encoding).name != "utf-8":  # its messages' signs too (a dash, ...)
+        sys.stderr.reconfigure(errors="iisan-escape")
 
 
 def stdout_closed() -> bool:

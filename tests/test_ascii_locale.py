@@ -28,10 +28,19 @@ def test_this_python_reads_ascii_under_that_locale():
     assert probe.stdout.split() == ["ascii", "ascii"]
 
 
-def test_help_with_a_plus_minus_sign_is_printed_with_an_escape():
+def test_help_with_a_plus_minus_sign_is_printed_with_its_ascii_stand_in():
     done = iisan("results", "--help")
     assert done.returncode == 0, done.stderr.decode()
-    assert b"mean \\xb1 std" in done.stdout  # the table's own words, with ASCII's escape for the sign
+    assert b"mean +/- std" in done.stdout  # the table's own words; "mean \\xb1 std" before
+
+
+def test_a_message_on_stderr_writes_this_librarys_signs_in_ascii():
+    """A log line's dash or ellipsis (the cache's "— rebuild it ...") came out as \\u2014 under that locale."""
+    code = ("import logging, sys; from iisan.streams import printable_streams; printable_streams(); "
+            "logging.basicConfig(format='%(message)s'); logging.warning('cache differs \\u2014 rebuild it \\u2026 "
+            "caf\\xe9 \\u00b1')")
+    done = subprocess.run([sys.executable, "-c", code], env=ASCII, capture_output=True, timeout=60)
+    assert done.stderr == b"cache differs -- rebuild it ... caf\\xe9 +/-\n"
 
 
 def test_what_a_command_prints_that_ascii_cannot_hold_is_escaped_not_a_crash():
@@ -41,7 +50,7 @@ def test_what_a_command_prints_that_ascii_cannot_hold_is_escaped_not_a_crash():
             "'titre num\\xe9ro 1 \\u4e2d\\u6587 \\xb1', os.fsdecode(b'donn\\xc3\\xa9es')))")
     done = subprocess.run([sys.executable, "-c", code], env=ASCII, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout == b"titre num\\xe9ro 1 \\u4e2d\\u6587 \\xb1 donn\xc3\xa9es\n"
+    assert done.stdout == b"titre num\\xe9ro 1 \\u4e2d\\u6587 +/- donn\xc3\xa9es\n"
 
 
 def test_a_utf8_file_name_is_refused_with_the_setting_that_reads_it(tmp_path):

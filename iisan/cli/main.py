@@ -15,7 +15,7 @@ from .. import __version__
 from ..console import VERBOSE_HELP, entry_point, in_a_launch, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
-from ..streams import printable_stdout
+from ..streams import printable_streams
 from .data import add_data_commands
 from .fetch import add_fetch_commands
 from .runs import add_run_commands
@@ -66,7 +66,7 @@ INTERRUPTED = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    printable_stdout()  # (--help included)
+    printable_streams()  # (--help included)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     entry_point("iisan", lambda: run(args), **({"interrupted": INTERRUPTED[args.command]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,7 +170,8 @@ def run_demo(out_dir: str | Path = "demo_data", seed: int = 0, epochs: int = 20,
     elapsed = time.perf_counter() - start
     rows = [(method.replace("IISAN-", "") + " (cached)", results["valid"], results["test"]),
             ("most popular", popular["valid"], popular["test"])]
-    print(f"\n{method} demo: {data.num_users} users, {data.num_items} items, synthetic titles and images, "
+    print(file=sys.stderr)  # sets the table off the log lines above it; redirected, stdout starts with the table
+    print(f"{method} demo: {data.num_users} users, {data.num_items} items, synthetic titles and images, "
           f"tiny random encoders; best epoch {results['best_epoch']}")
     if versa:
         print(describe_pair(cfg) + f"; trainable params {results['parameters']['trainable']:,}")
