@@ -469,3 +469,14 @@ def test_a_measurement_is_one_line_to_read_not_the_json_dict():
     assert measured_line(gpu, "evaluation_seconds", "s to rank every user (median)") == \
         "0.0673 s to rank every user (median), peak 0.25 GiB"
     assert measured_line({"error": "CUDA out of memory"}) == "failed: CUDA out of memory"
+    slow = {"epoch_seconds": 1234.5, "seconds_per_step": 1.14}  # a step of a second or more was 1.14e+03 ms
+    assert measured_line(slow) == "1,234 s per epoch (median step x steps), 1,140 ms per step"
+
+
+@pytest.mark.parametrize("count, shown", [(194_903_040, "195 M"), (4_970_000, "4.97 M"), (999_999, "1 M"),
+                                          (797_184, "797 k"), (262_351, "262 k"), (999, "999")])
+def test_a_figure_labels_parameter_counts_in_millions_and_thousands_not_e_notation(count, shown):
+    """The parameters panel read 1.95e+08 and 7.97e+05 beside a table's 194.90 M."""
+    from iisan.efficiency.figures import millions
+
+    assert millions(count) == shown

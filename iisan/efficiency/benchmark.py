@@ -39,7 +39,7 @@ from .bench import (
     measure_evaluation,
     measure_training,
 )
-from .figures import claim_benchmark, claim_reports, write_reports
+from .figures import claim_benchmark, claim_reports, plain, write_reports
 from .isolate import in_fresh_process
 from .timing import MIN_STEPS, MIN_WARMUP
 
@@ -233,8 +233,8 @@ def measured_line(result: dict, key: str = "epoch_seconds", what: str = "s per e
         return f"failed: {result['error']}"
     memory = result.get("memory") or {}
     peak = memory.get("max_allocated_gib", memory.get("peak_rss_gib"))
-    parts = [f"{result[key]:.3g} {what}" if isinstance(result.get(key), (int, float)) else f"no {key}",
-             *([f"{1000 * result['seconds_per_step']:.3g} ms per step"] if "seconds_per_step" in result else []),
+    parts = [f"{plain(result[key])} {what}" if isinstance(result.get(key), (int, float)) else f"no {key}",
+             *([f"{plain(1000 * result['seconds_per_step'])} ms per step"] if "seconds_per_step" in result else []),
              *([f"{result['trainable_params']:,} trainable parameters"] if "trainable_params" in result else []),
              *([f"peak {peak:.2f} GiB"] if isinstance(peak, (int, float)) else [])]
     return ", ".join(parts)

@@ -26,6 +26,17 @@ from .report_notes import notes, quick_check  # noqa: E402
 from .timing import MIN_STEPS, MIN_WARMUP  # noqa: E402
 
 
+def plain(value: float) -> str:
+    """Three significant digits without e-notation, which a time of 1,000 s or more, or ms, took: 1,140 (not
+    1.14e+03), 43.5, 0.0673."""
+    return f"{value:,.0f}" if abs(value) >= 999.5 else f"{value:.3g}"
+
+
+def millions(count: float) -> str:
+    """A parameter count as a figure labels it: 195 M, 4.97 M, 797 k (the table says 194.90 M)."""
+    return f"{count / 1e6:.3g} M" if count >= 999_500 else f"{count / 1e3:.3g} k" if count >= 1000 else f"{count:.0f}"
+
+
 def memory_label(payload: dict) -> str:
     rows = [r for r in payload["rows"] if "memory" in r]
     if rows and "max_allocated_gib" in rows[0]["memory"]:
@@ -191,17 +202,18 @@ def figure(payload: dict) -> bytes:
     rows = [r for r in payload["rows"] if r.get("measured", "default") == "default" and ("tpme" in r or "error" in r)]
     labels = [r["label"].replace(" (", "\n(") + ("\n(failed)" if "error" in r else "") for r in rows]
     p90 = p90_epochs(rows)
-    panels = [  # title, values, log scale, whiskers' tops
+    panels = [  # title, values, log scale, whiskers' tops, the values' labels (as the tables show them)
         ("training time per epoch (s), training only\nmedian step × steps per epoch"
-         + ("; whisker: p90 step" if p90 else ""), [r.get("epoch_seconds") for r in rows], False, p90),
-        (memory_label(payload), [memory_gib(r) if "error" not in r else None for r in rows], False, {}),
-        ("trainable parameters (log scale)", [r.get("trainable_params") for r in rows], True, {}),
+         + ("; whisker: p90 step" if p90 else ""), [r.get("epoch_seconds") for r in rows], False, p90, plain),
+        (memory_label(payload), [memory_gib(r) if "error" not in r else None for r in rows], False, {},
+         "{:.2f}".format),
+        ("trainable parameters (log scale)", [r.get("trainable_params") for r in rows], True, {}, millions),
         ("TPME, lower is better\n(0: the best of these methods, 1: the worst)", [r.get("tpme") for r in rows], False,
-         {}),
+         {}, "{:.3f}".format),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), layout="constrained")
     colours = [IISAN_COLOUR if r.get("method") == "IISAN" else OTHER_COLOUR for r in rows]
-    for ax, (title, values, log_scale, whiskers) in zip(axes, panels):
+    for ax, (title, values, log_scale, whiskers, label) in zip(axes, panels):
         shown = [(i, v) for i, v in enumerate(values) if v is not None]
         xs, ys = [i for i, _ in shown], [v for _, v in shown]
         if log_scale:
@@ -216,7 +228,7 @@ def figure(payload: dict) -> bytes:
                         yerr=[[0] * len(whiskers), [top - values[i] for i, top in whiskers.items()]],
                         fmt="none", ecolor="black", elinewidth=1, capsize=3, zorder=3)
         for i, v in shown:  # the value above its bar or point, and above its whisker
-            ax.annotate(f"{v:.3g}", (i, max(v, whiskers.get(i, v))), xytext=(0, 4), textcoords="offset points",
+            ax.annotate(label(v), (i, max(v, whiskers.get(i, v))), xytext=(0, 4), textcoords="offset points",
                         ha="center", fontsize=7)
         for i, r in enumerate(rows):
             if "error" in r:

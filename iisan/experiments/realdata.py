@@ -92,7 +92,8 @@ def cached_cpu_benchmark(data_dir: Path, epochs: int, work: Path, out: Path, reb
     train_times = [e["train_seconds"] for e in results["epochs"]]
     payload = {
         "what": "cached IISAN, Scientific, MiniLM text (real weights) + random ViT-384 on BLANK images",
-        "train_seconds_per_epoch": sum(train_times) / len(train_times),
+        "train_seconds_per_epoch": results["timing"]["train_seconds_per_epoch"],  # results.json's: first left out
+        "train_seconds_per_epoch_all": sum(train_times) / len(train_times),  # the first epoch included
         "train_seconds_per_epoch_max": max(train_times),
         "full_evaluation_seconds": eval_seconds,
         "users_evaluated": data.num_users,
