@@ -380,7 +380,7 @@ def test_large_files_say_their_reading_before_and_after(small, monkeypatch, capl
     with caplog.at_level("INFO", logger="iisan.data.interactions"):
         load_dataset(users, items, max_seq_len=3)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read")]
-    assert said[0] == f"reading {users} and {items} (0 MB)"
+    assert said[0] == f"reading {users} and {items} ({users.stat().st_size + items.stat().st_size} bytes)"
     assert re.fullmatch(r"read 3 users and 8 items, and kept 2 users and 5 items \(the protocol\), in \d+ s", said[1])
 
 

@@ -172,7 +172,8 @@ def test_a_bar_shows_its_rate_per_one_unit(monkeypatch):
 
 
 def test_the_cache_build_names_its_precision_one_way(tiny_config, caplog):
-    """'caching ... (float32)' as the 'wrote ... (float32, 0.5 MB)' lines after it, not 'torch.float32'."""
+    """'caching ... (float32)' as the 'wrote ... (float32, 48.2 KiB)' lines after it, not 'torch.float32'; the size
+    in the binary units of the space check's 'need about 2.8 GiB' (it said MB)."""
     from iisan.model.caching import build_cache_from_config
 
     caplog.set_level(logging.INFO, logger="iisan")
@@ -181,7 +182,7 @@ def test_the_cache_build_names_its_precision_one_way(tiny_config, caplog):
     assert len(said) == 3 and "torch." not in said[0], said
     assert re.fullmatch(r"caching \d+ items \(text, image\) with text: layers \[.*\] x 32 \(float32\), "
                         r"image: layers \[.*\] x 24 \(float32\)", said[0]), said[0]
-    assert all("(float32, " in line for line in said[1:]), said
+    assert all(re.search(r"\(float32, [\d.,]+ (bytes|KiB|MiB)\)$", line) for line in said[1:]), said
 
 
 def test_a_figure_names_no_run_without_an_epoch(tmp_path, monkeypatch):
@@ -211,6 +212,14 @@ def test_seconds_per_epoch_keep_two_significant_digits_below_a_second(value, sho
     from iisan.experiments.report import _cell
 
     assert _cell(value, "train_s_per_epoch", False) == shown
+
+
+@pytest.mark.parametrize("value, shown", [(7936, "7,936"), (11840.0, "11,840"), (262351, "262,351"), (18, "18")])
+def test_a_trainable_parameter_column_writes_every_count_with_separators(value, shown):
+    """7936 stood above 11,840 in one column: separators began at 10,000."""
+    from iisan.experiments.report import _cell
+
+    assert _cell(value, "trainable_params", False) == shown
 
 
 def test_an_image_lmdb_build_logs_where_it_stands_where_no_bar_can_be_shown(tmp_path, monkeypatch, caplog):

@@ -47,6 +47,7 @@ from ..files import (
     only_temporaries_of,
     put_back_on_failure,
     remove,
+    shown_bytes,
     stale_temporaries,
     write_failure,
     write_json_atomic,
@@ -331,8 +332,8 @@ def build_caches(encode: Callable[[ItemBatch], dict[str, torch.Tensor]], shapes:
         files[paths[m]] = ({"states": (dtype, (len(item_ids), layers, width))}, parts, metadata[m])
     write_together(files)
     for m, (layers, width) in shapes.items():
-        log.info("wrote %s: %s items x %d layers x %d (%s, %.1f MB)", paths[m], f"{total:,}", layers, width,
-                 metadata[m]["dtype"], paths[m].stat().st_size / 1e6)
+        log.info("wrote %s: %s items x %d layers x %d (%s, %s)", paths[m], f"{total:,}", layers, width,
+                 metadata[m]["dtype"], shown_bytes(paths[m].stat().st_size))  # as the space check says sizes
     try:  # the cache is whole: a build folder left is said, not an error
         remove_build(shards.path)
     except OutputError as err:

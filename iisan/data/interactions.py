@@ -28,6 +28,7 @@ from ..bounds import min_seq_len_problem
 from ..console import duration
 from ..digests import file_fingerprint
 from ..errors import ConfigError, DataError
+from ..files import shown_bytes
 from .csv_files import ITEM_COLUMNS, USER_COLUMNS, read_pairs_csv, read_titles_csv
 from .textfile import check_data_file, check_item_id, check_user_id, decoded_lines, other_normal_form, visible
 
@@ -263,7 +264,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
                  merge_duplicate_users: bool = False) -> SeqRecData:
     began, size = time.monotonic(), sum(os.path.getsize(p) for p in (users_path, items_path) if os.path.isfile(p))
     if size >= SAID_BYTES:  # a million users take a minute or two of reading, said before and after
-        log.info("reading %s and %s (%s MB)", users_path, items_path, f"{size / 1e6:,.0f}")
+        log.info("reading %s and %s (%s)", users_path, items_path, shown_bytes(size))
     catalog = read_items(items_path, allow_empty_titles, encoding)
     raw_users = read_users(users_path, encoding, merge_duplicate_users)
     row_of = {item_id: row for row, item_id in enumerate(catalog.ids)}

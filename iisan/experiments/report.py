@@ -178,10 +178,11 @@ def seconds(value: float) -> str:
 
 
 def count(value: float) -> str:
-    """A count, also where pandas made its column float (None beside ints): 262,351, not 262351.0."""
+    """A count, also where pandas made its column float (None beside ints): 262,351, not 262351.0; 7,936 too, as a
+    column holds one format (not 7936 above 11,840)."""
     if not math.isfinite(value):
         return str(value)
-    return f"{int(value):,}" if abs(value) >= 10_000 else f"{int(value)}"
+    return f"{int(value):,}"
 
 
 # One format for every number of a column, whatever its size (not 65.4 beside 7.3691); seconds keep small ones.
