@@ -378,7 +378,7 @@ def test_live_feed_flops_are_one_forward_of_each_tower_per_distinct_item(tiny_co
 def test_measure_cache_build_reports_its_parts(tiny_config):
     from iisan.data.cache import cache_file
     from iisan.efficiency.bench import measure_cache_build
-    from iisan.efficiency.figures import table
+    from iisan.efficiency.figures import plain, table
 
     cfg = tiny_config(encode_batch_size=16)  # several chunks: shards written while the next is encoded
     row = measure_cache_build(cfg)
@@ -388,9 +388,9 @@ def test_measure_cache_build_reports_its_parts(tiny_config):
     note = table({"rows": [], "cache_build": row, "device": "cpu", "description": "d",
                   "timed_steps": 1, "warmup_steps": 1, "command": "c", "git_commit": "x"})
     assert row["cache_dtype"] == "float32"  # auto, over fp32 encoders: the authors' precision
-    assert (f"| cache build, both towers, stored in float32 (loading data and encoders "
-            f"{row['load_seconds']:.1f} s, encoding "
-            f"{row['encode_seconds']:.1f} s, assembling the files {row['assemble_seconds']:.1f} s) | "
+    assert (f"| cache build, both towers, stored in float32 (loading data and encoders "  # three digits: not 0.0 s
+            f"{plain(row['load_seconds'])} s, encoding "
+            f"{plain(row['encode_seconds'])} s, assembling the files {plain(row['assemble_seconds'])} s) | "
             f"1 | {row['cache_build_seconds']:.1f} | | {row['memory']['peak_rss_gib']:.2f} |") in note
 
 

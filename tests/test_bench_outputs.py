@@ -480,3 +480,12 @@ def test_a_figure_labels_parameter_counts_in_millions_and_thousands_not_e_notati
     from iisan.efficiency.figures import millions
 
     assert millions(count) == shown
+
+
+@pytest.mark.parametrize("value, shown", [(1234.5, "1,234"), (999.7, "1,000"), (43.52, "43.5"), (0.0039, "0.0039"),
+                                          (0.0, "0")])
+def test_a_time_keeps_three_digits_without_e_notation_or_rounding_to_zero(value, shown):
+    """A 0.0039 s part of the cache build read 0.0 s, and a 1,140 ms step 1.14e+03 ms."""
+    from iisan.efficiency.figures import plain
+
+    assert plain(value) == shown

@@ -84,7 +84,7 @@ def tasks_table(payload: dict) -> list[str]:
     elif evaluation:
         lines.append(f"| evaluation | | failed: {evaluation.get('error')} | | |")
     if "cache_build_seconds" in cache:
-        parts = [f"{name} {cache[key]:.1f} s" for name, key in (("loading data and encoders", "load_seconds"),
+        parts = [f"{name} {plain(cache[key])} s" for name, key in (("loading data and encoders", "load_seconds"),
                  ("encoding", "encode_seconds"), ("assembling the files", "assemble_seconds")) if key in cache]
         parts = f" ({', '.join(parts)})" if parts else ""
         stored = f", stored in {cache['cache_dtype']}" if "cache_dtype" in cache else ""  # older JSONs: unrecorded
