@@ -262,6 +262,34 @@ def test_help_of_every_command_and_entry_script_imports_no_torch():
     assert done.stdout.strip() == "[]"
 
 
+ERROR_IMPORTS = """
+import sys
+from contextlib import redirect_stderr
+from io import StringIO
+from iisan.cli.main import main
+for argv in {errors!r}:
+    said = StringIO()
+    try:
+        with redirect_stderr(said):
+            main(argv)
+    except SystemExit as stop:
+        assert stop.code == 2 and said.getvalue().startswith("iisan: error: "), (argv, said.getvalue())
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+def test_a_bad_config_or_run_folder_is_said_before_torch_loads(tmp_path):
+    """`iisan train --config typo.json` or `iisan evaluate runs/typo` took 5 s (torch, transformers, peft)
+    to say one line it knew from the arguments."""
+    errors = [["train", "--config", str(tmp_path / "typo.json")], ["params", "--lr", "-1"],
+              ["evaluate", str(tmp_path / "typo")], ["recommend", str(tmp_path / "typo"), "--user", "1"],
+              ["export", str(tmp_path / "typo"), "--out", str(tmp_path / "out")]]
+    code = ERROR_IMPORTS.format(errors=errors)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_version_names_the_installed_package(capsys):
     from importlib.metadata import version
 

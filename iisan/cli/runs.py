@@ -12,17 +12,18 @@ from ..metric_names import SELECTED_BY, VALID_COLUMN, label
 
 
 def cmd_train(args) -> None:
+    cfg = config_from_args(args)  # a config's error said before torch loads (seconds)
     # imported when run, not for --help (cli/__init__.py)
     from ..train.trainer import train
 
-    train(config_from_args(args))
+    train(cfg)
 
 
 def cmd_params(args) -> None:
+    cfg = config_from_args(args)  # a config's error said before torch loads (seconds)
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.params import count
 
-    cfg = config_from_args(args)
     result = count(cfg, args.random_backbones)
     print(f"{result['method']}: {result['line']}")
     if cfg.cached:

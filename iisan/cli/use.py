@@ -77,7 +77,15 @@ def why_different(run: TrainedRun) -> str:
     return "another device or library version?"
 
 
+def ran(run_dir: str) -> None:
+    """A run folder that is not there, said before torch loads to read it (seconds)."""
+    from ..experiments.results_file import check_run_folder  # (light: what `iisan results` reads with)
+
+    check_run_folder(Path(run_dir))
+
+
 def cmd_evaluate(args) -> None:
+    ran(args.run_dir)
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.trained import evaluate, load_run
 
@@ -148,6 +156,7 @@ def queries(run: TrainedRun, args) -> list[tuple[str, object]]:
 
 
 def cmd_recommend(args) -> None:
+    ran(args.run_dir)
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.trained import load_run, recommend
 
@@ -173,6 +182,7 @@ def cmd_recommend(args) -> None:
 
 
 def cmd_export(args) -> None:
+    ran(args.run_dir)
     # imported when run, not for --help (cli/__init__.py)
     from ..experiments.exports import export
     from ..experiments.trained import load_run

@@ -210,3 +210,10 @@ def ran_from(path: Path, results: dict, cfg: dict) -> str:
     if out.is_absolute() or ".." in out.parts or (out.parts and holder.parts[-len(out.parts):] != out.parts):
         return ""
     return str(Path(*holder.parts[:len(holder.parts) - len(out.parts)]))
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """One line when ``run_dir`` is no folder: said before a command loads torch to read the run (seconds)."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
+                          else f"{run_dir} is a file; expected a run folder (runs/<name>)")

@@ -42,7 +42,7 @@ from ..train.run_results import results_or_reason
 from ..train.runfolder import LOCK, RESULTS
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
-from .results_file import ran_from, unfinished
+from .results_file import check_run_folder, ran_from, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     """The run's saved config, its relative paths taken from where the run ran, and its results ({} when
     damaged: a warning); one line when the folder is no run's or has no weights yet."""
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {run_dir} does not exist" if not run_dir.exists()
-                          else f"{run_dir} is a file; expected a run folder (runs/<name>)")
+    check_run_folder(run_dir)
     if held(run_dir / LOCK):
         log.warning("%s is still training: its best weights and results.json change whenever an epoch improves, "
                     "so what is read now may be of two epochs", run_dir)
