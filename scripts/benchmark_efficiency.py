@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import TABLE_METHODS  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     BENCH_KEYS,
     MIN_STEPS,
@@ -37,6 +36,7 @@ from iisan.efficiency.benchmark import (  # noqa: E402
     run_benchmark,
     selection,
 )
+from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
 

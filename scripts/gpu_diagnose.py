@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, path_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import TABLE_METHODS  # noqa: E402
 from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
+from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 

@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.claims import expect_folders  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.figures import write_reports  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -42,6 +41,8 @@ def main(argv=None) -> list[Path]:
     setup_logging(args.verbose)
 
     def run() -> list[Path]:
+        from iisan.efficiency.figures import write_reports  # (matplotlib: not for --help)
+
         expect_folders(figs=Path(args.figs))
         made = write_reports([Path(r) for r in args.results], Path(args.figs))
         for path in made:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.claims import claim_output  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import TABLE_METHODS, profile_steps  # noqa: E402
+from iisan.efficiency.bench import profile_steps  # noqa: E402
 from iisan.efficiency.benchmark import (  # noqa: E402
     add_input_flags,
     base_config,
@@ -26,6 +26,7 @@ from iisan.efficiency.benchmark import (  # noqa: E402
     method_config,
     prepare,
 )
+from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 

@@ -100,8 +100,9 @@ def test_live_rows_report_padding_and_the_authors_way(tiny_config):
     the padded batches and of the same batches without padding rows, a real epoch; the authors' way
     encodes every slot with full titles."""
     from iisan.data.batches import without_padding_rows
-    from iisan.efficiency.bench import AUTHORS_WAY, training_setup
+    from iisan.efficiency.bench import training_setup
     from iisan.efficiency.flops import step_flops
+    from iisan.efficiency.rows import AUTHORS_WAY
 
     cfg = tiny_config(method="iisan", feed="live", batch_size=16)
     out = measure_training(cfg, warmup=1, steps=3, full_epoch=True)

@@ -374,7 +374,7 @@ def test_the_benchmarks_step_and_label_messages_point_the_right_way():
 def test_a_method_outside_the_papers_table_is_measured_when_named_and_only_then(monkeypatch):
     """A method added to METHOD_TABLE has a row by its paper name (SASRec-ID, with no item encoder, none): named
     in --methods it is measured, listed after the table; 'all' stays the paper's table, whose TPME it is."""
-    from iisan.efficiency.bench import TABLE_METHODS
+    from iisan.efficiency.rows import TABLE_METHODS
     from iisan.methods import METHOD_TABLE, Method
 
     assert benchmark.BENCH_METHODS == TABLE_METHODS  # today: every method with an item encoder is in the table

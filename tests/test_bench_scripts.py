@@ -47,6 +47,26 @@ def no_gpu(monkeypatch):
 # plot_figures.py
 
 
+def test_plot_figures_draws_a_json_without_loading_torch(tmp_path):
+    """Drawing a JSON's table and figure loaded torch, transformers and peft (5 s) through the benchmark's code."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "results" / "efficiency" / "tiny-demo-cpu-paper.json", tmp_path / "run.json")
+    code = ("import runpy, sys; sys.argv = ['plot_figures.py', '--results', sys.argv[1], '--figs', sys.argv[2]]\n"
+            "try:\n    runpy.run_path(sys.argv[0].replace('plot_figures.py', {!r}), run_name='__main__')\n"
+            "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+            ).format(str(root / "scripts" / "plot_figures.py"))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run.json"), str(tmp_path / "figs")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "run.md").is_file() and [p.name for p in (tmp_path / "figs").iterdir()] == [
+        f"efficiency-{tmp_path.name}-run.png"]
+
+
 def test_plot_figures_refuses_what_is_not_a_benchmark_json(tmp_path, monkeypatch, capsys):
     plot = script("plot_figures", monkeypatch)
     (tmp_path / "results.json").write_text('{"test": {"hit@10": 0.1}}')  # a run's results, not a benchmark's
@@ -89,7 +109,9 @@ def test_plot_figures_interrupted_exits_130(tmp_path, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plot, "write_reports", interrupted)
+    import iisan.efficiency.figures as figures  # (the script imports it when it runs: not for --help)
+
+    monkeypatch.setattr(figures, "write_reports", interrupted)
     assert "interrupted" in ending(plot, ["--results", str(tmp_path)], capsys, status=130)
 
 

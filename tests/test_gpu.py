@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iisan.data.run_data import load_data
-from iisan.efficiency.bench import TABLE_METHODS
+from iisan.efficiency.rows import TABLE_METHODS
 from iisan.model.build import build_model
 from iisan.train.optim import make_optimizer
 from iisan.train.plan import batch_layout

@@ -52,7 +52,7 @@ def declared_trainable(name: str, method: str) -> bool:
 
 def test_every_method_is_a_case_of_the_trainable_parameter_test():
     """Every method of ``METHOD_TABLE`` is exercised below; the benchmark's paper settings are among them."""
-    from iisan.efficiency.bench import TABLE_METHODS as PAPER
+    from iisan.efficiency.rows import TABLE_METHODS as PAPER
 
     covered = {values["method"] for values in SETTINGS.values()} | {"id"}  # id: test_id_method.py
     assert covered == set(METHODS) and all(v in SETTINGS.values() for v in PAPER.values())

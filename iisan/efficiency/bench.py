@@ -38,30 +38,14 @@ from ..train.graphs import GraphedStep
 from ..train.parts import build_training
 from ..train.step import TrainStep, make_train_step
 from .flops import StepFlops, shape_key
+from .rows import memory_gib
 from .timing import StepClock, summary, timed_each
 
 log = logging.getLogger(__name__)
 
-# (label, config overrides) of the six methods of the paper's efficiency table (--methods picks among the labels).
-TABLE_METHODS = {
-    "FFT": {"method": "fft"},
-    "Adapter": {"method": "adapter"},
-    "LoRA": {"method": "lora"},
-    "BitFit": {"method": "bitfit"},
-    "IISAN (uncached)": {"method": "iisan", "feed": "live"},
-    "IISAN (cached)": {"method": "iisan", "feed": "cached"},
-}
-# The authors' way of running a step (their code): every slot of the batch through the item encoder,
-# padding included, titles at full length. Rows measured this way stand beside the default ones.
-AUTHORS_WAY = {"dedup_items": "off", "static_shapes": True, "title_multiple": 0}
 ENCODES = {"items": "distinct items", "slots": "every slot with an item", "all": "every slot"}  # layout_summary
 TPME_WEIGHTS = {"time": 0.45, "params": 0.1, "memory": 0.45}
 OWN = object()  # ``TrainingSetup.host_batches``' default: the setup's own static-shape policy
-
-
-def authors_label(label: str) -> str:
-    """'FFT' -> 'FFT (every slot)'; 'IISAN (uncached)' -> 'IISAN (uncached, every slot)'."""
-    return label[:-1] + ", every slot)" if label.endswith(")") else label + " (every slot)"
 
 
 @dataclass
@@ -300,11 +284,6 @@ def measure_evaluation(cfg: Config, warmup: int = 1, reps: int = 5) -> dict:
             "p90_evaluation_seconds": times["p90"], "evaluation_times": times, "users": data.num_users,
             "items": data.num_items, "eval_batch_size": eval_chunk(cfg, device, data.num_items),
             "memory": peak_memory(device, reset_at), "device": device_name(device)}
-
-
-def memory_gib(row: dict) -> float | None:
-    memory = row.get("memory", {})
-    return memory.get("max_allocated_gib", memory.get("peak_rss_gib"))
 
 
 def add_tpme(rows: list[dict]) -> list[dict]:

@@ -31,17 +31,14 @@ from ..model.tiny import vocabulary, write_base_architectures, write_bert, write
 from ..precedence import resolve
 from ..provenance import git_commit, provenance
 from .bench import (
-    AUTHORS_WAY,
-    TABLE_METHODS,
     add_tpme,
-    authors_label,
     measure_cache_build,
     measure_evaluation,
     measure_training,
 )
 from .figures import claim_benchmark, claim_reports, plain, write_reports
 from .isolate import in_fresh_process
-from .timing import MIN_STEPS, MIN_WARMUP
+from .rows import AUTHORS_WAY, MIN_STEPS, MIN_WARMUP, TABLE_METHODS, authors_label
 
 log = logging.getLogger(__name__)
 

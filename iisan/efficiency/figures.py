@@ -20,10 +20,9 @@ from PIL import Image  # noqa: E402
 from ..claims import claim_output  # noqa: E402
 from ..errors import DataError  # noqa: E402
 from ..files import atomic_path, starts_with  # noqa: E402
-from .bench import memory_gib  # noqa: E402
 from .report_checks import EXPECTED, read_benchmark  # noqa: E402
 from .report_notes import notes, quick_check  # noqa: E402
-from .timing import MIN_STEPS, MIN_WARMUP  # noqa: E402
+from .rows import MIN_STEPS, MIN_WARMUP, memory_gib  # noqa: E402
 
 
 def plain(value: float) -> str:

@@ -6,8 +6,7 @@ existed says nothing about that field.
 
 from __future__ import annotations
 
-from .bench import authors_label, memory_gib
-from .timing import MIN_STEPS, MIN_WARMUP
+from .rows import MIN_STEPS, MIN_WARMUP, authors_label, memory_gib
 
 # What each value of a row's ``encodes`` field means (``bench.ENCODES``).
 ENCODING_MEANS = {

@@ -17,8 +17,6 @@ from ..devices import sync
 from ..errors import error_line
 from ..memory import peak_memory
 
-MIN_WARMUP, MIN_STEPS = 10, 50  # the benchmark's timing; fewer only for a quick check (--few-steps)
-
 
 class StepClock:
     """Per-step durations, with no wait on the device between steps (a wait would change what is timed:
