@@ -220,8 +220,8 @@ class Config:
                          "that running the same command again resumes or skips its run)")
     progress: bool = _opt(True, "show progress bars")
     resume: bool = _opt(False, "insist on continuing from the run folder's newest intact checkpoint (an error when "
-                        "there is none); without it (--no-resume too) a run folder with checkpoints is resumed "
-                        "anyway: to start over, give another --run-name")
+                        "there is none; a finished run is reused, as without it); without it (--no-resume too) a "
+                        "run folder with checkpoints is resumed anyway: to start over, give another --run-name")
     report_to: str = _opt("none", "also write per-epoch scalars to <run folder>/tensorboard (needs the "
                           "tensorboard package)", ("none", "tensorboard"))
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep (one is written per epoch); 0 = "

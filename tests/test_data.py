@@ -97,6 +97,10 @@ def test_targets_that_repeat_the_history_are_counted_and_said_with_the_data(tmp_
     items.write_text("".join(f"{x}\tt{x}\n" for x in "abcdefgh"))  # g and h: in no user's history
     line = describe_data(load_dataset(users, items), cfg)
     assert line == "data: 3 users, 6 items (2 more in items.tsv in no kept user's history), 18 interactions"
+    caplog.set_level(logging.INFO, logger="iisan")
+    caplog.clear()
+    describe_data(load_dataset(users, items), cfg)  # a sweep's next point: a warning buried the grid's errors
+    assert [r.levelno for r in caplog.records if "repeat an item" in r.getMessage()] == [logging.INFO]
 
 
 def test_users_line_without_tab_names_file_and_line(tmp_path):

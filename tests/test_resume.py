@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -564,6 +565,23 @@ def test_a_run_that_failed_before_its_first_epoch_gives_its_name_to_the_correcte
     results["status"] = "interrupted"  # stopped before its first checkpoint
     (run / "results.json").write_text(json.dumps(results))
     assert train(cfg.replace(epochs=2))["status"] == "finished"
+
+
+def test_a_run_killed_before_its_first_epoch_is_said_killed_and_to_start_from_its_beginning(base, caplog):
+    """SIGKILL during the first epoch: results.json still says running, with no epoch. The next attempt said the
+    run 'ended before its first epoch (running)' and that what it trained after its last checkpoint (none) is
+    trained again."""
+    cfg = base.replace(run_name="killed-early", epochs=1)
+    run = Path(train(cfg)["run_dir"])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "status": "running", "epochs": []}))
+    for kept in ("best.safetensors", "checkpoints"):
+        shutil.rmtree(run / kept) if (run / kept).is_dir() else (run / kept).unlink()
+    caplog.set_level(logging.INFO, logger="iisan")
+    assert train(cfg)["status"] == "finished"
+    assert f"{run}: the run there ended before its first epoch (killed); it starts again" in caplog.text
+    assert "stopped without a word (killed, or its machine went down): it had finished no epoch, and the run " \
+           "starts from its beginning" in caplog.text
 
 
 def restate(path: Path, edit) -> None:

@@ -736,3 +736,36 @@ def test_a_cached_run_that_recorded_no_cache_is_said_unchecked_when_found_and_ev
         assert train(cfg)["status"] == "finished" and train(cfg)["status"] == "finished"
     assert caplog.text.count(f"{copy} recorded no cache (a run of an older version): whether "
                              f"{cfg.cache_dir} holds the states it trained on cannot be told") == 1  # said once
+
+
+def test_a_run_whose_lock_names_another_machine_is_said_to_train_there(runs, tmp_path, caplog):
+    """A run on a lost node (results.json says running, its lock a process on another host, which this machine
+    cannot see): `iisan evaluate` said nothing of it, where a run training here is warned of."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "status": "running"}))
+    (copy / ".lock").write_text("pid 4242 on node7-of-another-cluster\n")
+    main(["evaluate", str(copy), "--device", "cpu", "--split", "test"])
+    assert f"{copy} is training on another machine, its lock says (whether it still runs cannot be told from " \
+           "here): its best weights and results.json change" in caplog.text
+
+
+def test_a_run_killed_before_its_first_epoch_is_said_to_be_killed_not_to_have_no_weights_yet(runs, tmp_path):
+    """SIGKILL before the first validation: results.json says running, no process holds the folder. `evaluate`
+    said it had 'no best.safetensors yet (written when an epoch's validation improves)', as of a live run."""
+    import shutil
+
+    from iisan.errors import TrainingError
+    from iisan.experiments.trained import run_files
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**results, "status": "running", "epochs": []}))
+    (copy / "best.safetensors").unlink()
+    with pytest.raises(TrainingError, match=r"holds a run that was killed \(its command, run again, starts it "
+                                            r"again\) before an epoch's validation wrote best.safetensors"):
+        run_files(copy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .. import once
 from ..config import Config
 from ..errors import ConfigError, DataError
 from ..methods import unread_keys
@@ -70,8 +71,8 @@ def describe_data(data: SeqRecData, cfg: Config) -> str:
     share = repeated / data.num_users
     note = (f"{repeated:,} test targets ({100 * share:.1f} %) repeat an item of their history and count as misses "
             "(iisan train --rank-repeated-targets ranks them)")
-    if share >= 0.5:  # said once, as a warning
-        log.warning("%s", note)
+    if share >= 0.5:  # a warning once per data set in a process (a sweep's later runs: at INFO, for their log)
+        log.log(once.level("repeated targets", (cfg.users, cfg.items, repeated)), "%s", note)
         return line
     return f"{line}; {note}"
 

@@ -42,7 +42,7 @@ from ..train.run_results import results_or_reason
 from ..train.runfolder import LOCK, RESULTS
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
-from .results_file import check_run_folder, ran_from, unfinished
+from .results_file import check_run_folder, ran_from, status, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,10 @@ BY_ITEM_POSITION = {"id": "item_encoder.embedding.weight"}
 
 def run_ending(results: dict) -> str:
     """'failed (why)' or 'was interrupted (why)' from a run's results; '' for any other status."""
-    status, error = results.get("status"), results.get("error", "")
-    if status not in ("failed", "interrupted"):
+    said, error = results.get("status"), results.get("error", "")
+    if said not in ("failed", "interrupted"):
         return ""
-    return f"{status if status == 'failed' else 'was interrupted'} ({error})" if error else status
+    return f"{said if said == 'failed' else 'was interrupted'} ({error})" if error else said
 
 
 def rebased(cfg: Config, working_dir: str | None) -> Config:
@@ -155,10 +155,11 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     damaged: a warning); one line when the folder is no run's or has no weights yet."""
     config_path, weights = run_dir / "config.json", run_dir / "best.safetensors"
     check_run_folder(run_dir)
-    if held(run_dir / LOCK):
-        log.warning("%s is still training: its best weights and results.json change whenever an epoch improves, "
-                    "so what is read now may be of two epochs", run_dir)
     results, damage = results_or_reason(run_dir / RESULTS)
+    if (holder := held(run_dir / LOCK)) or (holder is None and results.get("status") == "running"):
+        log.warning("%s is %s: its best weights and results.json change whenever an epoch improves, so what is read "
+                    "now may be of two epochs", run_dir, "still training" if holder else "training on another machine, "
+                    "its lock says (whether it still runs cannot be told from here)")
     if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
         log.warning("%s: %s; used without it (relative paths from the folder its out_dir leads from, no check that "
                     "the items file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)
@@ -177,7 +178,8 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
     if not weights.is_file():
-        ended = run_ending(results)
+        ended = run_ending(results) or ("was killed (its command, run again, starts it again)"
+                                        if status(run_dir / RESULTS, results) == "stopped" else "")
         raise TrainingError(f"{run_dir} holds a run that {ended} before an epoch's validation wrote best.safetensors: "
                             "nothing to use" if ended else f"{run_dir} has no best.safetensors yet (written when an "
                             "epoch's validation improves)")

@@ -103,8 +103,9 @@ class RunRecord:
             return
         if not isinstance(earlier, dict) or earlier.get("status") != "running":
             return
-        log.warning("the attempt before this one stopped without a word (killed, or its machine went down): what it "
-                    "trained after its last checkpoint is trained again")
+        log.warning("the attempt before this one stopped without a word (killed, or its machine went down): %s",
+                    "what it trained after its last checkpoint is trained again" if earlier.get("epochs") else
+                    "it had finished no epoch, and the run starts from its beginning")
 
     def header(self) -> str:
         """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""

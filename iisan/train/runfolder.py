@@ -231,7 +231,7 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
         return
     if earlier.get("epochs") == [] and kept_nothing(folder):  # no epoch, no weights: nothing lost but a record
         log.info("%s: the run there ended before its first epoch (%s); it starts again with this config (train.log "
-                 "keeps the record)", folder, earlier.get("error") or earlier["status"])
+                 "keeps the record)", folder, earlier.get("error") or earlier["status"].replace("running", "killed"))
         return
     saved = earlier.get("config") if isinstance(earlier.get("config"), dict) else {}
     differences = config_differences(saved, cfg.to_dict(), earlier.get("working_dir"))
