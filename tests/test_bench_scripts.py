@@ -67,6 +67,21 @@ def test_plot_figures_draws_a_json_without_loading_torch(tmp_path):
         f"efficiency-{tmp_path.name}-run.png"]
 
 
+def test_drawing_a_benchmark_figure_leaves_a_notebooks_matplotlib_backend_alone(tmp_path):
+    """The figures module chose matplotlib's Agg backend when imported, switching a notebook's inline one."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json, sys, matplotlib; matplotlib.use('svg'); from iisan.efficiency.figures import figure; "
+            "png = figure(json.load(open(sys.argv[1]))); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, png[:4] == b'\\x89PNG')")
+    payload = root / "results" / "efficiency" / "tiny-demo-cpu-paper.json"
+    done = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False", "True"]
+
+
 def test_plot_figures_refuses_what_is_not_a_benchmark_json(tmp_path, monkeypatch, capsys):
     plot = script("plot_figures", monkeypatch)
     (tmp_path / "results.json").write_text('{"test": {"hit@10": 0.1}}')  # a run's results, not a benchmark's

@@ -10,19 +10,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
 import matplotlib.patches
+from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
+from PIL import Image
 
-matplotlib.use("Agg")  # no display here; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ..claims import claim_output  # noqa: E402
-from ..errors import DataError  # noqa: E402
-from ..files import atomic_path, starts_with  # noqa: E402
-from .report_checks import EXPECTED, read_benchmark  # noqa: E402
-from .report_notes import notes, quick_check  # noqa: E402
-from .rows import MIN_STEPS, MIN_WARMUP, memory_gib  # noqa: E402
+from ..claims import claim_output
+from ..errors import DataError
+from ..files import atomic_path, starts_with
+from .report_checks import EXPECTED, read_benchmark
+from .report_notes import notes, quick_check
+from .rows import MIN_STEPS, MIN_WARMUP, memory_gib
 
 
 def plain(value: float) -> str:
@@ -210,7 +207,8 @@ def figure(payload: dict) -> bytes:
         ("TPME, lower is better\n(0: the best of these methods, 1: the worst)", [r.get("tpme") for r in rows], False,
          {}, "{:.3f}".format),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6), layout="constrained")
+    fig = Figure(figsize=(18, 4.6), layout="constrained")
+    axes = fig.subplots(1, 4)
     colours = [IISAN_COLOUR if r.get("method") == "IISAN" else OTHER_COLOUR for r in rows]
     for ax, (title, values, log_scale, whiskers, label) in zip(axes, panels):
         shown = [(i, v) for i, v in enumerate(values) if v is not None]
@@ -241,10 +239,7 @@ def figure(payload: dict) -> bytes:
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle(figure_title(payload), fontsize=10)
     png = io.BytesIO()
-    try:
-        fig.savefig(png, dpi=110, format="png", metadata={"Creator": CREATOR})
-    finally:
-        plt.close(fig)
+    fig.savefig(png, dpi=110, format="png", metadata={"Creator": CREATOR})
     return png.getvalue()
 
 
