@@ -52,6 +52,7 @@ def folders(root: Path) -> list[str]:
 def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, caplog):
     """Point 1 is a bad value (no config), point 2 fails while running (lr 1e30: a non-finite loss at its
     second step); points 0 and 3 run; the summary lists all four and the exit status is 2."""
+    caplog.set_level("INFO", logger="iisan")
     with pytest.raises(SystemExit) as info:
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "fast", "1e30", "2e-3"))
     assert info.value.code == 2
@@ -65,6 +66,7 @@ def test_a_failing_point_does_not_stop_the_grid(sweep, argv, tmp_path, capsys, c
     assert err.strip().endswith(f"error: 2 of 4 grid point(s) failed: 1 (lr='fast': expected a number); "
                                 f"2 ({rows[2][1]})")
     assert "grid point 1 (lr=fast seed=12345) failed: lr='fast': expected a number" in caplog.text
+    assert "grid point 1 (2 of 4): invalid values (lr=fast seed=12345)" in caplog.text  # it said ': -'
     for row in (rows[0], rows[3]):  # names and config.json come from the resolved values
         config = json.loads((tmp_path / "runs" / row[1] / "config.json").read_text())
         assert row[1].split("-")[-2] == f"lr{config['lr']}"

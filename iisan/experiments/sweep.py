@@ -140,7 +140,8 @@ def folder_tag(varying: str) -> str:
 def run_point(point: GridPoint, total: int, action, args, left: str = "") -> Outcome:
     """One grid point; any failure but an interruption becomes the outcome, logged in one line. ``left``: the
     time the grid has left, said after the point (``grid.time_left``)."""
-    log.info("grid point %d (%d of %d): %s%s", point.index, point.index + 1, total, point.name, left)
+    log.info("grid point %d (%d of %d): %s%s", point.index, point.index + 1, total,
+             point.name if point.config or point.made else f"invalid values ({values_text(point.values)})", left)
     if point.error:
         log.error("grid point %d (%s) failed: %s", point.index, values_text(point.values), point.error)
         return Outcome(point, Status.FAILED, reason=point.error)
