@@ -147,7 +147,14 @@ def test_a_damaged_manifest_is_one_line_naming_it_and_the_folder_stays(hub, tmp_
 
 
 def test_the_presets_name_known_encoders_and_every_pin_is_a_full_commit():
+    from iisan.cli.main import build_parser
+
+    from .test_cli_help import parsers
+
     assert all(name in ENCODERS for names in ENCODER_PRESETS.values() for name in names)
+    fetch = next(p for p in parsers(build_parser()) if p.prog.endswith("fetch encoders"))
+    preset = next(a for a in fetch._actions if a.dest == "preset")
+    assert preset.choices == sorted(ENCODER_PRESETS)  # named without loading huggingface_hub for --help
     assert all(m.revision is None or len(m.revision) == 40 for m in ENCODERS.values())
     assert not list(filter_repo_objects(list(EXTRA), allow_patterns=RUN_FILES))
     # what loading reads: a processor_config.json first, where a repository has one (encoder_files)
