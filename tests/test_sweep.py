@@ -195,6 +195,31 @@ def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(swee
     assert [r[2] for r in summary_rows(capsys.readouterr().out)] == ["finished before", "finished", "finished"]
 
 
+def test_an_interrupted_grid_names_the_points_that_failed_before_it(sweep, argv, capsys, monkeypatch):
+    """Its last line told only to resume the interrupted point: a failure earlier in the grid was in the table
+    alone, above a screen of log lines."""
+    import signal
+
+    import iisan.model.recommender as recommender_module
+
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 5:  # point 2, its second step (point 0 fails before any step)
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
+    with pytest.raises(SystemExit) as info:
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "fast", "1e-3", "2e-3"))
+    out, err = capsys.readouterr()
+    assert info.value.code == 130
+    assert [r[2].split(":")[0] for r in summary_rows(out)] == ["failed", "finished", "interrupted"]
+    assert err.strip().splitlines()[-1].endswith("this one goes on from its checkpoint; point(s) 0 failed before "
+                                                 "it (the grid summary), tried again then")
+
+
 def test_a_value_given_twice_is_one_point_and_an_invalid_one_is_named(sweep, argv, capsys):
     points, _ = parse_script_args(DEFAULTS, sweep, argv("--lr", "1e-3", "1e-3", "2e-3"))
     assert [p.values["lr"] for p in points] == [1e-3, 2e-3]

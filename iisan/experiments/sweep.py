@@ -219,6 +219,8 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                 if finished:  # a point after it waits for the command, run again; after the last, none does
                     hint = "To go on, run the same command again: finished points are skipped" \
                         if n < len(points) - 1 else "It was the grid's last point: none is left to run"
+                if failed := [str(o.point.index) for o in outcomes[:n] if o.status == Status.FAILED]:
+                    hint += f"; point(s) {', '.join(failed)} failed before it (the grid summary), tried again then"
                 raise err.rehinted(hint, f"grid point {point.index}: {err.what}") from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)
