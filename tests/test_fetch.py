@@ -76,7 +76,8 @@ def server(monkeypatch):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FileHandler)
     httpd.files, httpd.seen, httpd.ranges, httpd.drop_after = {"/f.bin": CONTENT}, [], True, None
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)  # (0.5 s a
+    # test at shutdown by default: the interval is how often it looks for a shutdown, not how it answers)
     thread.start()
     yield httpd
     httpd.shutdown()
