@@ -558,7 +558,7 @@ def test_a_trained_runs_data_that_its_commands_cannot_read_says_to_restore_it(ti
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.parametrize("change", ["weights", "config"])
+@pytest.mark.parametrize("change", ["weights", "tokenizer", "config"])
 def test_a_live_run_whose_encoder_folder_changed_is_refused(tiny, tiny_config, tmp_path, capsys, change):
     """A live run reads its encoders from their folders: another model put at the same path (or the same
     one with other weights, or another config.json) is not what the run trained with, for a rerun, a
@@ -580,19 +580,24 @@ def test_a_live_run_whose_encoder_folder_changed_is_refused(tiny, tiny_config, t
         weights = load_file(str(text / "model.safetensors"))
         name = next(iter(weights))
         save_file({**weights, name: weights[name] + 0.01}, str(text / "model.safetensors"))
-        what = "weights digest"
+        what = r"weights digest \w+ then, \w+ now, over its weight and tokenizer/processor files; changed since: " \
+            r"model\.safetensors"
+    elif change == "tokenizer":  # no weight changed: the message said 'weights digest' alone
+        (text / "tokenizer_config.json").write_text((text / "tokenizer_config.json").read_text() + "\n")
+        what = r"weights digest \w+ then, \w+ now, over its weight and tokenizer/processor files; changed since: " \
+            r"tokenizer_config\.json"
     else:
         config = json.loads((text / "config.json").read_text())
         (text / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.3}))
-        what = "config.json hash"
+        what = r"config.json hash \w+ then, \w+ now"
     for attempt in (cfg, cfg.replace(epochs=2)):  # rerun, and a resume
         with pytest.raises(ConfigError, match=rf"^{text} is not the text encoder {results['run_dir']} trained with "
-                                              rf"\({what} \w+ then, \w+ now\); use another --run-name"):
+                                              rf"\({what}\); use another --run-name"):
             train(attempt)
     with pytest.raises(SystemExit) as info:
         main(["evaluate", results["run_dir"], "--device", "cpu"])
     assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"iisan: error: {text} is not the text encoder {results['run_dir']} trained with ({what} ")
+        f"iisan: error: {text} is not the text encoder {results['run_dir']} trained with (")
     recorded = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     del recorded["encoders"]  # as written before the field existed
     (Path(results["run_dir"]) / "results.json").write_text(json.dumps(recorded))

@@ -118,8 +118,11 @@ def changed_encoder(cfg: Config, recorded, run: Path) -> str:
         if folder is None:  # a missing encoder is reported where it is loaded
             continue
         changes = []
-        if before.get("digest") and (now := weights_digest(folder, before)["digest"]) != before["digest"]:
-            changes.append(f"weights digest {before['digest'][:16]} then, {now[:16]} now")
+        if before.get("digest") and (now := weights_digest(folder, before))["digest"] != before["digest"]:
+            then = before.get("files") if isinstance(before.get("files"), dict) else {}
+            touched = sorted(n for n in {*then, *now["files"]} if then.get(n) != now["files"].get(n))
+            changes.append(f"weights digest {before['digest'][:16]} then, {now['digest'][:16]} now, over its weight "
+                           f"and tokenizer/processor files; changed since: {', '.join(touched) or 'unknown'}")
         if before.get("config") and (config := encoder_config_hash(folder)) != before["config"]:
             changes.append(f"config.json hash {before['config']} then, {config} now")
         if changes:
