@@ -532,6 +532,18 @@ def test_unreadable_results_are_skipped_and_counted(runs, tmp_path, capsys, capl
     assert f"skipping {partial}: feed is missing, expected a string" in messages
 
 
+def test_a_run_folder_that_lost_its_results_file_is_named_not_silently_left_out(runs, tmp_path, caplog):
+    """A damaged results.json is named and counted; a deleted one left its trained run out without a word."""
+    import shutil
+
+    out, _ = runs
+    copy = tmp_path / "copied" / "lost"
+    shutil.copytree(next(p.parent for p in sorted(out.rglob("results.json"))), copy)
+    (copy / "results.json").unlink()
+    main(["results", str(out), str(tmp_path)])
+    assert f"{copy} holds a run's config.json and best.safetensors but no results.json: left out" in caplog.text
+
+
 MISSING = object()  # a field left out of the file
 
 

@@ -61,6 +61,8 @@ def results_under(folder: Path) -> list[Path]:
             continue
         walked.add(real)
         found += [Path(root) / "results.json"] if "results.json" in files else []
+        if "results.json" not in files and {"config.json", "best.safetensors"} <= set(files):  # (damaged: counted)
+            log.warning("%s holds a run's config.json and best.safetensors but no results.json: left out", root)
     return found
 
 
