@@ -812,7 +812,8 @@ CASES = [
           "lr=0.0002 there, 0.001 now"), setup=copy("done", "runs/done"), may_change=("/train.log",)),
     Case("resume-nothing", lambda P, s: T(P, s, "--resume"), ("--resume: no checkpoint in {s}/runs/r/checkpoints",)),
     Case("evaluate-without-best-weights", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
-         ("{s}/done has no best.safetensors yet (written when an epoch's validation improves)",),
+         ("{s}/done is a finished run without its best.safetensors: its command, run again, writes it again from "
+          "the checkpoint of its best epoch, where one is kept",),  # (it said: no best.safetensors yet)
          setup=both(copy("done", "done"), lambda P, s: (s / "done" / "best.safetensors").unlink())),
     Case("evaluate-weights-lacking-a-parameter", lambda P, s: ["evaluate", f"{s}/done", "--device", "cpu"],
          ("{s}/done/best.safetensors lacks trained weights for 1 parameters",),

@@ -193,6 +193,26 @@ def status(path: Path, results: dict) -> str:
     return "stopped" if said == "running" and held(path.parent / RUN_LOCK) is False else said
 
 
+def run_ending(results: dict) -> str:
+    """'failed (why)' or 'was interrupted (why)' from a run's results; '' for any other status."""
+    said, error = results.get("status"), results.get("error", "")
+    if said not in ("failed", "interrupted"):
+        return ""
+    return f"{said if said == 'failed' else 'was interrupted'} ({error})" if error else said
+
+
+def without_weights(path: Path, results: dict) -> str:
+    """Why the run of the results file ``path`` has no best.safetensors to use, by how it ended."""
+    said, run_dir = status(path, results), path.parent
+    if ended := run_ending(results) or ("was killed (its command, run again, starts it again)" if said == "stopped"
+                                        else ""):
+        return f"{run_dir} holds a run that {ended} before an epoch's validation wrote best.safetensors: nothing to use"
+    if said == "finished" and results:  # deleted or moved since it finished
+        return (f"{run_dir} is a finished run without its best.safetensors: its command, run again, writes it again "
+                "from the checkpoint of its best epoch, where one is kept")
+    return f"{run_dir} has no best.safetensors yet (written when an epoch's validation improves)"
+
+
 def unfinished(path: Path, results: dict, epochs: int) -> str:
     """What a command that uses a run's best weights says of a run that stopped, was interrupted or failed
     after some epochs of its ``epochs`` ('' for any other): a rerun of its command finishes it."""

@@ -42,7 +42,7 @@ from ..train.run_results import results_or_reason
 from ..train.runfolder import LOCK, RESULTS
 from ..train.same_inputs import changed_inputs
 from ..train.weights import copy_weights, read_weights
-from .results_file import check_run_folder, ran_from, status, unfinished
+from .results_file import check_run_folder, ran_from, run_ending, unfinished, without_weights
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,6 @@ PATH_KEYS = (*DATA_PATHS, *MODEL_PATHS, "cache_dir")  # what a config names by p
 # another users file that keeps other items reads each row for another item. Every other method's weights are
 # of no item (its item table is encoded from titles and images, or read from a cache by item id).
 BY_ITEM_POSITION = {"id": "item_encoder.embedding.weight"}
-
-
-def run_ending(results: dict) -> str:
-    """'failed (why)' or 'was interrupted (why)' from a run's results; '' for any other status."""
-    said, error = results.get("status"), results.get("error", "")
-    if said not in ("failed", "interrupted"):
-        return ""
-    return f"{said if said == 'failed' else 'was interrupted'} ({error})" if error else said
 
 
 def rebased(cfg: Config, working_dir: str | None) -> Config:
@@ -178,11 +170,7 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
         raise TrainingError(f"{weights} is {'a folder' if weights.is_dir() else 'not a regular file'}; expected the "
                             "weights file a run writes")
     if not weights.is_file():
-        ended = run_ending(results) or ("was killed (its command, run again, starts it again)"
-                                        if status(run_dir / RESULTS, results) == "stopped" else "")
-        raise TrainingError(f"{run_dir} holds a run that {ended} before an epoch's validation wrote best.safetensors: "
-                            "nothing to use" if ended else f"{run_dir} has no best.safetensors yet (written when an "
-                            "epoch's validation improves)")
+        raise TrainingError(without_weights(run_dir / RESULTS, results))
     if note := unfinished(run_dir / RESULTS, results, saved.epochs):
         log.warning("%s", note)
     cfg = rebased(saved, ran_from(run_dir / RESULTS, results, saved.to_dict()))
