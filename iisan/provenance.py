@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from .config import CHECKOUT, SOURCE
 from .devices import device_name
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "numpy", "lmdb", "iisan")
+CREDENTIALS = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")  # scheme://user:password@ of a URL given as an argument
 
 
 def versions() -> dict[str, str]:
@@ -59,13 +61,14 @@ def git_commit() -> str:
 def command_line() -> str:
     """The command that is running, as typed (program relative to the working directory); ``python -m iisan``
     (and torchrun's ``-m iisan``) as such: the path of ``iisan/__main__.py`` does not run as a script; the
-    ``iisan`` command (pip's launcher, as the shell found it) without ``python``, as it was run."""
-    program = Path(sys.argv[0])
+    ``iisan`` command (pip's launcher, as the shell found it) without ``python``, as it was run. A URL's
+    credentials (``https://user:token@host``) are written as ``***``: logs and results get shared."""
+    program, args = Path(sys.argv[0]), [CREDENTIALS.sub(r"\1***@", a) for a in sys.argv[1:]]
     if program.name == "__main__.py" and program.parent.name == "iisan":
-        return shlex.join(["python", "-m", "iisan", *sys.argv[1:]])
+        return shlex.join(["python", "-m", "iisan", *args])
     if program.name == "iisan":
-        return shlex.join([program.as_posix(), *sys.argv[1:]])
-    return shlex.join(["python", program.as_posix(), *sys.argv[1:]])
+        return shlex.join([program.as_posix(), *args])
+    return shlex.join(["python", program.as_posix(), *args])
 
 
 def provenance(device: torch.device | str | None = None, commit: str | None = None) -> dict:

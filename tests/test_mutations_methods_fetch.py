@@ -440,6 +440,15 @@ def test_provenance_records_the_command_an_absent_package_and_the_commit_read_be
     assert provenance_module.command_line() == "/home/me/.venv/bin/iisan train --lr 1e-3"
 
 
+def test_the_recorded_command_leaves_out_a_urls_credentials(monkeypatch):
+    """train.log, cache-build.log and a benchmark's JSON record the command, and get shared: a token in a URL
+    argument (a mirror, a fetch source) would go with them."""
+    monkeypatch.setattr(sys, "argv", ["/v/bin/iisan", "fetch", "--mirror", "https://me:hf_SECRET@example.org/x",
+                                      "--other", "s3://KEY:pw@bucket/a", "--plain", "https://example.org/a@b"])
+    assert provenance_module.command_line() == ("/v/bin/iisan fetch --mirror 'https://***@example.org/x' --other "
+                                                "'s3://***@bucket/a' --plain https://example.org/a@b")
+
+
 def test_the_peak_memory_is_read_when_the_process_name_is_cut_inside_a_character(monkeypatch):
     """The kernel cuts a process's name at 15 bytes, perhaps inside a UTF-8 character (a script of a non-ASCII
     name): /proc/self/status read strictly raised, and the benchmark fell back to ru_maxrss, the parent's too.
