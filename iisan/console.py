@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
+from .once import in_a_launch, other_rank
 from .streams import bar_disable, closed_streams_to_null, printable_streams, stdout_closed
 
 T = TypeVar("T")
@@ -53,16 +54,6 @@ def metrics_text(metrics: dict) -> str:
 def labelled_metrics(metrics: dict) -> str:
     """``HR@10 0.0715  NDCG@10 0.0437``: a split's metrics as the scripts' closing lines show them."""
     return "  ".join(f"{label(k)} {fixed(metrics[k])}" for k in HEADLINE)
-
-
-def in_a_launch() -> bool:
-    """``distributed.launched``'s rule, without importing torch: a RANK alone, a plain run's, is no launch."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def other_rank() -> bool:
-    """A process of a launch other than rank 0 (``distributed.main_process``'s rule)."""
-    return in_a_launch() and os.environ["RANK"] != "0"
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .console import in_a_launch
 from .devices import resolve_device
 from .errors import ConfigError
+from .once import in_a_launch
 
 log = logging.getLogger(__name__)
 

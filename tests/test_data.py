@@ -119,6 +119,24 @@ def test_unknown_item_ids_are_counted_and_logged(tmp_path, caplog):
     assert "skipped 1 interactions with 1 item ids not in" in caplog.text and "zz" in caplog.text
 
 
+def test_data_warnings_true_of_every_run_of_a_sweep_warn_once_and_a_launchs_rank_0_alone_warns(tmp_path, caplog,
+                                                                                            monkeypatch):
+    """A 2x2 sweep printed each data warning four times (and each rank of a launch once more): the first is a
+    warning, the rest INFO lines for their runs' train.log; another rank says at INFO what rank 0 warns of."""
+    items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))
+    users = write(tmp_path, "users.tsv", "u1\ta b zz c d e\nu2\ta b c d e f\nu3\ta b\n")
+    caplog.set_level(logging.INFO, logger="iisan")
+    for _ in range(3):  # the points of a sweep, in one process
+        load_dataset(users, items)
+    said = [r.levelname for r in caplog.records if "skipped" in r.getMessage()]
+    assert said == ["WARNING", "WARNING", "INFO", "INFO", "INFO", "INFO"]  # unknown ids, short users; twice more
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    load_dataset(users, write(tmp_path, "other.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdefg")))  # new to this one
+    assert {r.levelname for r in caplog.records if "skipped" in r.getMessage()} == {"INFO"}
+
+
 def test_an_unknown_id_with_an_invisible_character_is_shown_escaped(tmp_path, caplog):
     """``c\\x00`` is not the item ``c``: the warning shows it quoted, its NUL escaped."""
     items = write(tmp_path, "items.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdef"))

@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from .. import __version__
-from ..console import VERBOSE_HELP, entry_point, in_a_launch, setup_logging, summary
+from ..console import VERBOSE_HELP, entry_point, setup_logging, summary
 from ..errors import ConfigError
 from ..flags import FlagParser
+from ..once import in_a_launch
 from ..streams import printable_streams
 from .data import add_data_commands
 from .fetch import add_fetch_commands

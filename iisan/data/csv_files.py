@@ -22,6 +22,7 @@ import logging
 from decimal import Decimal
 from pathlib import Path
 
+from .. import once
 from ..bounds import NUMBER
 from ..errors import DataError
 from .textfile import CR_EXPECTED, check_user_id, decoded_lines
@@ -101,15 +102,16 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
     ordered = {user: sorted(seen) for user, seen in events.items()}
     if repeats := [pair for seen in ordered.values() for pair in _repeats(seen)]:
         many = len(repeats) > 1
-        log.warning("%s: %d row%s an earlier row's user, item and timestamp (e.g. line %d repeats line %d); each "
-                    "is read as one more interaction: remove them from the file if they are duplicates", path,
-                    len(repeats), "s repeat" if many else " repeats", *min(repeats))
+        log.log(once.level("repeated rows", (path, len(repeats))), "%s: %d row%s an earlier row's user, item and "
+                "timestamp (e.g. line %d repeats line %d); each is read as one more interaction: remove them from "
+                "the file if they are duplicates", path, len(repeats), "s repeat" if many else " repeats",
+                *min(repeats))
     if tied := [(user, seen) for user, seen in ordered.items() if _targets_tied(seen)]:
         user, seen = tied[0]
-        log.warning("%s: %d of %d users' valid or test target is decided by the order of their rows in the file, as "
-                    "their last two interactions share a timestamp with another item (e.g. user %r, lines %s); "
-                    "another order of the same rows gives other targets", path, len(tied), len(ordered), user,
-                    ", ".join(str(line) for _, line, _ in seen[-3:]))
+        log.log(once.level("tied targets", (path, len(tied))), "%s: %d of %d users' valid or test target is decided "
+                "by the order of their rows in the file, as their last two interactions share a timestamp with "
+                "another item (e.g. user %r, lines %s); another order of the same rows gives other targets", path,
+                len(tied), len(ordered), user, ", ".join(str(line) for _, line, _ in seen[-3:]))
     return [(user, [item for _, _, item in seen]) for user, seen in ordered.items()]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import once
 from ..bounds import min_seq_len_problem
 from ..console import duration
 from ..digests import file_fingerprint
@@ -109,9 +110,9 @@ def tab_lines(path: Path, expected: str, encoding: str = "utf-8", column_names: 
             raise DataError(f"{path}:{lineno}: expected {expected}, found no tab")
         key, rest = line.split("\t", 1)
         if first and key.strip().lower() in column_names:
-            log.warning("%s:%d: %r looks like a column name, but these files have no header line (%s on every "
-                        "line), so it is read as an id; delete the line if it is a header", path, lineno,
-                        key.strip(), expected)
+            log.log(once.level("header line", (path, lineno)), "%s:%d: %r looks like a column name, but these "
+                    "files have no header line (%s on every line), so it is read as an id; delete the line if it is "
+                    "a header", path, lineno, key.strip(), expected)
         first = False
         yield lineno, key, rest
 
@@ -299,11 +300,12 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
     if unknown_ids:
         examples = ", ".join(visible(item) for item in sorted(unknown_ids)[:5])
         examples += other_normal_form(unknown_ids, row_of, Path(items_path).name)
-        log.warning("%s: skipped %d interactions with %d item ids not in %s (e.g. %s)", users_path,
-                    skipped["unknown_item_interactions"], len(unknown_ids), items_path, examples)
+        said = (users_path, skipped["unknown_item_interactions"], len(unknown_ids), items_path, examples)
+        log.log(once.level("unknown items", said), "%s: skipped %d interactions with %d item ids not in %s (e.g. %s)",
+                *said)
     if short_users:
-        log.warning("%s: skipped %d users with fewer than %d known interactions", users_path, short_users,
-                    min_seq_len)
+        log.log(once.level("short users", (users_path, short_users, min_seq_len)), "%s: skipped %d users with fewer "
+                "than %d known interactions", users_path, short_users, min_seq_len)
     if not users:  # ids joined by another separator are one unknown id each: say so
         glued = next((sep for sep in ",;|" if any(sep in item for item in unknown_ids)), None)
         hint = f" (item ids are separated by spaces; the unknown ids here contain {glued!r})" if glued else ""

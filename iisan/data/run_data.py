@@ -96,15 +96,17 @@ def pixel_source(cfg: Config, item_ids: list[str]) -> PixelSource:
     store = image_store(cfg)
     missing, flagged = store.blank_ids(item_ids)
     if store.blank_by_design:  # a stand-in where no images are available: every item a blank, said so
-        log.warning("%s holds no images by design (source %r): all %d items are encoded from a blank image",
-                    cfg.images, store.meta["source"], len(missing))
+        log.log(once.level("blank store", (cfg.images, len(missing))), "%s holds no images by design (source %r): "
+                "all %d items are encoded from a blank image", cfg.images, store.meta["source"], len(missing))
     elif missing and len(missing) == len([i for i in item_ids if i]):  # another data set's LMDB, or an empty one
         raise ConfigError(f"images={cfg.images} holds none of the {len(missing)} items of {cfg.items} (e.g. "
                           f"{missing[0]}): give this data's LMDB (--images, built by `iisan build-lmdb`), or "
                           "--towers text")
     if missing or flagged:
-        log.warning("%s: %d items have no image and %d were stored as blanks; they are encoded from a "
-                    "blank image (e.g. %s)", cfg.images, len(missing), len(flagged), (missing + flagged)[0])
+        counts = " and ".join(text for n, text in ((len(missing), f"{len(missing)} items have no image"),
+                                                   (len(flagged), f"{len(flagged)} were stored as blanks")) if n)
+        log.log(once.level("missing images", (cfg.images, counts)), "%s: %s; they are encoded from a blank image "
+                "(e.g. %s)", cfg.images, counts, (missing + flagged)[0])
     return PixelSource(store, item_ids, threads=cfg.num_workers)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import once
 from ..bounds import finite_number
 from ..errors import EncoderError
 
@@ -105,9 +106,9 @@ def title_head(title: str, max_tokens: int) -> tuple[str, bool]:
 
 def _said_cut(rough: int, max_tokens: int) -> None:
     if rough:
-        log.warning("%d titles have fewer than %d tokens in whole words within their first %d characters (words of "
-                    "thousands of characters): read up to there, their last token perhaps cut", rough, max_tokens,
-                    title_limit(max_tokens))
+        log.log(once.level("cut titles", (rough, max_tokens)), "%d titles have fewer than %d tokens in whole words "
+                "within their first %d characters (words of thousands of characters): read up to there, their last "
+                "token perhaps cut", rough, max_tokens, title_limit(max_tokens))
 
 
 TITLES_PER_CALL = 10_000  # one tokenizer call over 500k titles held 2.8 GB of its Python objects at once
@@ -135,8 +136,8 @@ def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torc
     _said_cut(len(rough), max_tokens)
     empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
     if empty:
-        log.warning("%d titles have no token at all (empty titles and a tokenizer that adds no special "
-                    "tokens); their pooled text states are zeros", empty)
+        log.log(once.level("empty titles", empty), "%d titles have no token at all (empty titles and a tokenizer that "
+                "adds no special tokens); their pooled text states are zeros", empty)
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
