@@ -71,7 +71,8 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     would go on reading the replaced file."""
     key, now = (str(path.resolve()), os.getpid()), _file_id(path)
     if key in _OPEN and _OPEN[key][1] != now:
-        log.info("%s was replaced on disk since this process opened it: reading the store there now", path)
+        log.warning("%s was replaced on disk since this process opened it: reading the store there now (what this "
+                    "process read before, an earlier point of a sweep, read the one it replaced)", path)
         close_reader(path)
     if key not in _OPEN and any(opened == key[0] for opened, _ in _OPEN):  # (py-lmdb: "already open" otherwise)
         raise ImageStoreError(f"{path} was opened before this process was forked, and an LMDB handle cannot cross a "
