@@ -10,7 +10,8 @@ import os
 import select
 import sys
 
-# What this library's own tables and messages write that ASCII lacks, in ASCII: "mean +/- std", not "mean \xb1 std".
+# What this library's own tables and messages write that ASCII lacks, in ASCII: "mean +/- std", not "mean \xb1 std"
+# (a title's dash or ellipsis too: an encoding error cannot tell whose text it is in).
 ASCII_FOR = {"\u00b1": "+/-", "\u00d7": "x", "\u00b7": ".", "\u2014": "--", "\u2013": "-", "\u2026": "..."}
 
 

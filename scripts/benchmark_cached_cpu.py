@@ -59,8 +59,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     payload = entry_point(sys.argv[0], lambda: cached_cpu_benchmark(Path(args.data_dir), args.epochs, Path(args.work),
                                                                      Path(args.out), args.rebuild_cache))
-    print(f"train {payload['train_seconds_per_epoch']:.2f} s / epoch (the first left out; all epochs "
-          f"{payload['train_seconds_per_epoch_all']:.2f}, max {payload['train_seconds_per_epoch_max']:.2f}) "
+    print(f"train {payload['train_seconds_per_epoch']:.2f} s / epoch (results.json's: the first left out where there "
+          f"are others; all epochs {payload['train_seconds_per_epoch_all']:.2f}, max "
+          f"{payload['train_seconds_per_epoch_max']:.2f}) "
           f"| full evaluation of {payload['users_evaluated']:,} users {payload['full_evaluation_seconds']:.2f} s "
           f"| best epoch {payload['best_epoch']} | test {labelled_metrics(payload['test'])} "
           f"| {args.out}")

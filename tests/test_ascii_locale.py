@@ -38,9 +38,9 @@ def test_a_message_on_stderr_writes_this_librarys_signs_in_ascii():
     """A log line's dash or ellipsis (the cache's "— rebuild it ...") came out as \\u2014 under that locale."""
     code = ("import logging, sys; from iisan.streams import printable_streams; printable_streams(); "
             "logging.basicConfig(format='%(message)s'); logging.warning('cache differs \\u2014 rebuild it \\u2026 "
-            "caf\\xe9 \\u00b1')")
+            "caf\\xe9 \\u00b1 2\\u00d7 10\\u201320 a\\u00b7b')")
     done = subprocess.run([sys.executable, "-c", code], env=ASCII, capture_output=True, timeout=60)
-    assert done.stderr == b"cache differs -- rebuild it ... caf\\xe9 +/-\n"
+    assert done.stderr == b"cache differs -- rebuild it ... caf\\xe9 +/- 2x 10-20 a.b\n"
 
 
 def test_what_a_command_prints_that_ascii_cannot_hold_is_escaped_not_a_crash():

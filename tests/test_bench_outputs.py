@@ -473,8 +473,9 @@ def test_a_measurement_is_one_line_to_read_not_the_json_dict():
     assert measured_line(slow) == "1,234 s per epoch (median step x steps), 1,140 ms per step"
 
 
-@pytest.mark.parametrize("count, shown", [(194_903_040, "195 M"), (4_970_000, "4.97 M"), (999_999, "1 M"),
-                                          (797_184, "797 k"), (262_351, "262 k"), (999, "999")])
+@pytest.mark.parametrize("count, shown", [(8_030_261_248, "8.03 B"), (999_600_000, "1 B"), (194_903_040, "195 M"),
+                                          (4_970_000, "4.97 M"), (999_999, "1 M"), (797_184, "797 k"),
+                                          (262_351, "262 k"), (12_345, "12.3 k"), (999, "999")])
 def test_a_figure_labels_parameter_counts_in_millions_and_thousands_not_e_notation(count, shown):
     """The parameters panel read 1.95e+08 and 7.97e+05 beside a table's 194.90 M."""
     from iisan.efficiency.figures import millions

@@ -131,6 +131,9 @@ def test_data_warnings_true_of_every_run_of_a_sweep_warn_once_and_a_launchs_rank
     said = [r.levelname for r in caplog.records if "skipped" in r.getMessage()]
     assert said == ["WARNING", "WARNING", "INFO", "INFO", "INFO", "INFO"]  # unknown ids, short users; twice more
     caplog.clear()
+    load_dataset(write(tmp_path, "more.tsv", "u1\ta b zz yy c d e\n"), items)  # another data set: its own warning
+    assert [r.levelname for r in caplog.records if "skipped" in r.getMessage()] == ["WARNING"]
+    caplog.clear()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     load_dataset(users, write(tmp_path, "other.tsv", "".join(f"{x}\tt{x}\n" for x in "abcdefg")))  # new to this one

@@ -580,8 +580,34 @@ def test_a_run_killed_before_its_first_epoch_is_said_killed_and_to_start_from_it
     caplog.set_level(logging.INFO, logger="iisan")
     assert train(cfg)["status"] == "finished"
     assert f"{run}: the run there ended before its first epoch (killed); it starts again" in caplog.text
-    assert "stopped without a word (killed, or its machine went down): it had finished no epoch, and the run " \
+    assert "stopped without a word (killed, or its machine went down): it left no checkpoint, and the run " \
            "starts from its beginning" in caplog.text
+
+
+def test_a_run_killed_inside_its_first_epoch_after_a_checkpoint_is_said_to_go_on_from_it(base, caplog, monkeypatch):
+    """Killed after a checkpoint saved inside epoch 0 (no epoch finished): the next attempt resumes from it, and
+    its first warning said the run 'starts from its beginning'."""
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args)
+
+    cfg = base.replace(run_name="killed-mid-epoch", epochs=1)
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
+    with pytest.raises(RunInterrupted):
+        train(cfg)
+    monkeypatch.undo()
+    run = Path(cfg.out_dir) / "killed-mid-epoch"
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs"] == [] and checkpoint.checkpoints(run / "checkpoints")
+    (run / "results.json").write_text(json.dumps({**results, "status": "running"}))  # as a SIGKILL leaves it
+    caplog.set_level(logging.INFO, logger="iisan")
+    assert train(cfg)["resumed_from"] == ["epoch-0000-step-00003"]
+    assert "stopped without a word (killed, or its machine went down): what it trained after its last checkpoint " \
+           "is trained again" in caplog.text
 
 
 def restate(path: Path, edit) -> None:

@@ -206,17 +206,17 @@ def test_an_interrupted_grid_names_the_points_that_failed_before_it(sweep, argv,
 
     def interrupting(*args):
         calls.append(1)
-        if len(calls) == 5:  # point 2, its second step (point 0 fails before any step)
+        if len(calls) == 5:  # point 2, its second step (point 1 fails before any step)
             signal.raise_signal(signal.SIGINT)
         return loss(*args)
 
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", interrupting)
     with pytest.raises(SystemExit) as info:
-        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "fast", "1e-3", "2e-3"))
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "fast", "2e-3"))
     out, err = capsys.readouterr()
     assert info.value.code == 130
-    assert [r[2].split(":")[0] for r in summary_rows(out)] == ["failed", "finished", "interrupted"]
-    assert err.strip().splitlines()[-1].endswith("this one goes on from its checkpoint; point(s) 0 failed before "
+    assert [r[2].split(":")[0] for r in summary_rows(out)] == ["finished", "failed", "interrupted"]
+    assert err.strip().splitlines()[-1].endswith("this one goes on from its checkpoint; point(s) 1 failed before "
                                                  "it (the grid summary), tried again then")
 
 
@@ -355,6 +355,8 @@ def test_a_signal_in_a_points_last_epoch_leaves_it_finished_in_the_summary(sweep
     results = {"valid": {SELECTED_BY: 0.25}, "test": {m: 0.125 for m in HEADLINE}}
 
     def ended_in_its_last_epoch(point, total, action, args, left=""):
+        if point.error:  # an invalid point fails as run_point fails it
+            return module.Outcome(point, module.Status.FAILED, reason=point.error)
         raise RunInterrupted(f"SIGTERM during the last epoch, which ended the run: it is finished ({point.name})", "",
                              "SIGTERM", results)
 
@@ -370,6 +372,10 @@ def test_a_signal_in_a_points_last_epoch_leaves_it_finished_in_the_summary(sweep
     with pytest.raises(SystemExit):  # the grid's last point: nothing waits for the command to run again
         run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3"))
     assert capsys.readouterr().err.strip().endswith("). It was the grid's last point: none is left to run")
+    with pytest.raises(SystemExit):  # unless a point failed before it (an invalid one here): a rerun tries it again
+        run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "fast", "1e-3"))
+    assert capsys.readouterr().err.strip().endswith("). It was the grid's last point; point(s) 0 failed before it "
+                                                    "(the grid summary): run the same command again to try them again")
 
 
 def test_the_summary_prints_each_status_as_its_value():

@@ -754,8 +754,8 @@ def test_a_run_whose_lock_names_another_machine_is_said_to_train_there(runs, tmp
     (copy / "results.json").write_text(json.dumps({**results, "status": "running"}))
     (copy / ".lock").write_text("pid 4242 on node7-of-another-cluster\n")
     main(["evaluate", str(copy), "--device", "cpu", "--split", "test"])
-    assert f"{copy} is training on another machine, its lock says (whether it still runs cannot be told from " \
-           "here): its best weights and results.json change" in caplog.text
+    assert f"{copy} is said to be training (results.json: running) by a process this machine cannot see, its lock " \
+           "naming another machine or unreadable here: its best weights and results.json change" in caplog.text
 
 
 def test_a_run_killed_before_its_first_epoch_is_said_to_be_killed_not_to_have_no_weights_yet(runs, tmp_path):

@@ -29,8 +29,12 @@ def plain(value: float) -> str:
 
 
 def millions(count: float) -> str:
-    """A parameter count as a figure labels it: 195 M, 4.97 M, 797 k (the table says 194.90 M)."""
-    return f"{count / 1e6:.3g} M" if count >= 999_500 else f"{count / 1e3:.3g} k" if count >= 1000 else f"{count:.0f}"
+    """A parameter count as a figure labels it: 8.03 B (an LLM's FFT), 195 M, 4.97 M, 797 k (the table says
+    194.90 M)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale * 0.9995:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count:.0f}"
 
 
 def memory_label(payload: dict) -> str:

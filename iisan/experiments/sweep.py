@@ -216,11 +216,14 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                 # the point's run name comes from the grid: rerunning the command finds it again
                 hint = "To resume, run the same command again: finished points are skipped, this one goes on from " \
                     "its checkpoint"
+                failed = ", ".join(str(o.point.index) for o in outcomes[:n] if o.status == Status.FAILED)
                 if finished:  # a point after it waits for the command, run again; after the last, none does
                     hint = "To go on, run the same command again: finished points are skipped" \
-                        if n < len(points) - 1 else "It was the grid's last point: none is left to run"
-                if failed := [str(o.point.index) for o in outcomes[:n] if o.status == Status.FAILED]:
-                    hint += f"; point(s) {', '.join(failed)} failed before it (the grid summary), tried again then"
+                        if n < len(points) - 1 else "It was the grid's last point" + (
+                            f"; point(s) {failed} failed before it (the grid summary): run the same command again to "
+                            "try them again" if failed else ": none is left to run")
+                elif failed:
+                    hint += f"; point(s) {failed} failed before it (the grid summary), tried again then"
                 raise err.rehinted(hint, f"grid point {point.index}: {err.what}") from None
             except KeyboardInterrupt:  # a second Ctrl-C, while the first was being handled
                 outcomes[n] = Outcome(point, Status.INTERRUPTED)

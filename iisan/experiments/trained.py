@@ -150,8 +150,9 @@ def run_files(run_dir: Path) -> tuple[Config, dict]:
     results, damage = results_or_reason(run_dir / RESULTS)
     if (holder := held(run_dir / LOCK)) or (holder is None and results.get("status") == "running"):
         log.warning("%s is %s: its best weights and results.json change whenever an epoch improves, so what is read "
-                    "now may be of two epochs", run_dir, "still training" if holder else "training on another machine, "
-                    "its lock says (whether it still runs cannot be told from here)")
+                    "now may be of two epochs", run_dir, "still training" if holder else "said to be training "
+                    "(results.json: running) by a process this machine cannot see, its lock naming another machine or "
+                    "unreadable here")
     if damage:  # its numbers only compare, and its working folder and items fingerprint check: not needed
         log.warning("%s: %s; used without it (relative paths from the folder its out_dir leads from, no check that "
                     "the items file is the one trained on, no metrics to compare)", run_dir / RESULTS, damage)

@@ -35,6 +35,7 @@ from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
 from ..precedence import said_switched_off
 from ..provenance import command_line, git_commit, versions
+from .checkpoint import CHECKPOINTS, checkpoints
 from .progress import Progress
 from .runfolder import RESULTS
 
@@ -104,8 +105,8 @@ class RunRecord:
         if not isinstance(earlier, dict) or earlier.get("status") != "running":
             return
         log.warning("the attempt before this one stopped without a word (killed, or its machine went down): %s",
-                    "what it trained after its last checkpoint is trained again" if earlier.get("epochs") else
-                    "it had finished no epoch, and the run starts from its beginning")
+                    "what it trained after its last checkpoint is trained again" if checkpoints(
+                        self.run_dir / CHECKPOINTS) else "it left no checkpoint, and the run starts from its beginning")
 
     def header(self) -> str:
         """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""
