@@ -190,6 +190,28 @@ def test_the_run_folder_line_names_the_precision_as_results_json_does(cached_cfg
         "float32)" in line  # what cache_dtype auto came to, as results.json's step.cache_dtypes
 
 
+def test_an_error_after_results_json_said_finished_leaves_the_run_finished(cached_cfg):
+    """A search loop's log handler that raises at the run's summary line (to prune, or a bug of its own): the run
+    had finished, results.json said so, and the error then rewrote it as failed, to be trained again."""
+    class Pruner(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("best epoch"):
+                raise RuntimeError("pruned")
+
+    cfg, pruner = cached_cfg.replace(run_name="pruned-at-the-end", epochs=1), Pruner()
+    logging.getLogger("iisan").addHandler(pruner)
+    try:
+        with pytest.raises(RuntimeError, match="pruned"):
+            train(cfg)
+    finally:
+        logging.getLogger("iisan").removeHandler(pruner)
+    folder = Path(cfg.out_dir) / "pruned-at-the-end"
+    assert json.loads((folder / "results.json").read_text())["status"] == "finished"
+    assert "this attempt ended after the run finished (failed: RuntimeError: pruned); the run in this folder is as " \
+           "it was" in (folder / "train.log").read_text()
+    assert train(cfg)["status"] == "finished"  # finished before: returned, not trained again
+
+
 def test_an_unexpected_error_leaves_its_traceback_in_train_log(cached_cfg, monkeypatch):
     """A bug (not a user's error) ends the run: the console prints its traceback only with -v, so the run's
     own log keeps it, below the one line that says the run failed."""

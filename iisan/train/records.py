@@ -71,6 +71,7 @@ class RunRecord:
         self.commits = [self.commit]  # of every attempt that trained the run (``resumed_under``)
         self.world_sizes = [world_size]  # and their process counts
         self.devices = [device_name(device)]  # and their devices (a CPU's thread count changes the last bits)
+        self.wrote_finished = False  # results.json says finished (``ended`` leaves it so)
         # from here on: not a cache build's, or an earlier run's in this process; the LMDB's pages where it is read
         self.memory = MemoryPeaks(device, cfg.method != "id" and cfg.feed == "live" and cfg.towers != "text")
         self.parameters, self.step = ParameterCount(0, 0, {}), {}  # set once the model is built
@@ -229,19 +230,22 @@ class RunRecord:
     def write(self, results: dict) -> dict:
         if self.main:
             write_json_atomic(self.run_dir / RESULTS, results)
+        self.wrote_finished = results.get("status") == "finished"  # what ``ended`` keeps
         return results
 
     def ended(self, progress: Progress, err: BaseException, started: bool) -> None:
         """train.log and results.json say how the run ended (failed or interrupted) and why. An attempt
         that ended before it ``started`` (refused: another config, a bad file) leaves the results of the
-        run already in the folder as they were. A record that cannot be written (the full disk that
+        run already in the folder as they were, as one ended after results.json said finished (a caller's log
+        handler raising at the summary line) does. A record that cannot be written (the full disk that
         stopped the run) is only a warning, so the error that ended the run stays the one reported."""
         status, reason = error_status(err)
         try:
-            kept = not started and (self.run_dir / RESULTS).is_file()  # the run already here stays as it was
+            after = self.wrote_finished
+            kept = after or not started and (self.run_dir / RESULTS).is_file()  # the run already here stays as it was
             # An unexpected error's traceback goes into train.log (the console shows it with -v): a bug report
-            line = (f"this attempt ended before training ({status}: {reason}); the run in this folder is as it "
-                    "was" if kept else f"run {status}: {reason}")
+            line = (f"this attempt ended {'after the run finished' if after else 'before training'} ({status}: "
+                    f"{reason}); the run in this folder is as it was" if kept else f"run {status}: {reason}")
             self.note(logging.ERROR if status == "failed" and not kept else logging.WARNING, line,
                       None if isinstance(err, (UserError, KeyboardInterrupt, RunInterrupted)) else err)
             if not kept:
