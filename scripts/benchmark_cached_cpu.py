@@ -23,11 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-import torch  # noqa: E402
-
 from iisan.bounds import int_in, path_arg, positive_int  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
-from iisan.experiments.realdata import SCIENTIFIC, cached_cpu_benchmark  # noqa: E402
+from iisan.experiments.presets import SCIENTIFIC  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -55,6 +53,10 @@ def parser() -> FlagParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
+    import torch  # (not for --help)
+
+    from iisan.experiments.realdata import cached_cpu_benchmark
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     payload = entry_point(sys.argv[0], lambda: cached_cpu_benchmark(Path(args.data_dir), args.epochs, Path(args.work),

@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.experiments.versa_check import versa_gpu_check  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -48,6 +47,8 @@ def parser() -> FlagParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
+    from iisan.experiments.versa_check import versa_gpu_check  # (torch: not for --help)
+
     report = entry_point(sys.argv[0], lambda: versa_gpu_check(Path(args.out), Path(args.work), args.device, args.quick))
     print(json.dumps(report, indent=2, default=str))
     if not report["passed"]:  # every check is in the report; the exit status says whether all held

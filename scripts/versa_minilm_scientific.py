@@ -21,11 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-import torch  # noqa: E402
-
 from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, labelled_metrics, setup_logging, summary  # noqa: E402
-from iisan.experiments.realdata import SCIENTIFIC, versa_minilm  # noqa: E402
+from iisan.experiments.presets import SCIENTIFIC  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -54,6 +52,10 @@ def parser() -> FlagParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
+    import torch  # (not for --help)
+
+    from iisan.experiments.realdata import versa_minilm
+
     torch.set_num_threads(args.threads)
     report = entry_point(sys.argv[0], lambda: versa_minilm(Path(args.data_dir), Path(args.work_dir), args.images,
                                                             args.epochs, args.patience, args.seed))

@@ -237,10 +237,12 @@ def test_the_versa_gpu_check_exits_1_naming_the_checks_that_failed(tmp_path, mon
     versa = script("versa_gpu_check", monkeypatch)
     report = {"checks": {"caches_close": True, "cuda_graph_step": False, "resumed_bytes_equal": False},
               "passed": False}
-    monkeypatch.setattr(versa, "versa_gpu_check", lambda *args: report)
+    import iisan.experiments.versa_check as versa_check  # (the script imports it when it runs: not for --help)
+
+    monkeypatch.setattr(versa_check, "versa_gpu_check", lambda *args: report)
     assert ending(versa, ["--out", str(tmp_path / "out")], capsys, status=1) == (
         "versa_gpu_check.py: failed: cuda_graph_step, resumed_bytes_equal")
-    monkeypatch.setattr(versa, "versa_gpu_check", lambda *args: {**report, "checks": {}})
+    monkeypatch.setattr(versa_check, "versa_gpu_check", lambda *args: {**report, "checks": {}})
     assert ending(versa, ["--out", str(tmp_path / "out")], capsys, status=1) == (
         "versa_gpu_check.py: failed: no check ran")
 

@@ -16,6 +16,7 @@ from ..files import path_component
 
 log = logging.getLogger(__name__)
 ROOT = REPOSITORY  # where the data sets and encoders of the paper live
+SCIENTIFIC = ROOT.parent / "shared" / "data" / "amazon" / "Scientific"  # the real data the CPU measurements read
 SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
 
 

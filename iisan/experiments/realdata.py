@@ -32,9 +32,7 @@ from ..train.runfolder import default_run_name
 from ..train.trainer import train
 from ..train.weights import load_weights
 from .offline import BLANK, RANDOM, blank_image_store, minilm_path, random_image_store, random_vit
-from .presets import ROOT
 
-SCIENTIFIC = ROOT.parent / "shared" / "data" / "amazon" / "Scientific"
 USERS, ITEMS = "am_Industrial_and_Scientific_users.tsv", "Industrial_and_Scientific_items.tsv"
 
 
