@@ -88,7 +88,8 @@ def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users:
                 rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
                 progress: str = "") -> torch.Tensor:
     """``score_fn(slice) -> (u, N+1)`` scores for those users -> (U, 2) ranks (``rank_targets``),
-    computed chunk by chunk; ``progress``: what a progress bar calls the work ('': none)."""
+    computed chunk by chunk; ``progress``: what a progress bar calls the work ('': none). The scores
+    ``score_fn`` returns are overwritten (``rank_targets``): a slice of a matrix kept elsewhere, cloned."""
     ranks = []
     chunks = [slice(start, start + batch_users) for start in range(0, len(targets), batch_users)]
     for sl in progress_bar(chunks, len(targets), desc=progress, unit="users", enabled=bool(progress),
@@ -101,6 +102,8 @@ def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users:
 def evaluate_scores(score_fn, targets: np.ndarray, history: np.ndarray, batch_users: int = 1024,
                     rank_repeated_targets: bool = False, device: torch.device | str = "cpu",
                     ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """The metrics at ``ks`` of ``score_ranks`` (its scores overwritten: return a new tensor from ``score_fn``).
+    Item 0 is padding: ``targets`` and ``history`` hold item indices from 1, ``history`` 0 where it is padded."""
     ranks = score_ranks(score_fn, targets, history, batch_users, rank_repeated_targets, device)
     return metrics_from_ranks(ranks, ks)
 

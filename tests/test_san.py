@@ -185,3 +185,21 @@ def test_sasrec_in_training_drops_out_after_the_input_norm():
     allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None] & valid[:, None, :]
     bias = torch.zeros(2, 1, 5, 5).masked_fill(~allowed[:, None], -1e4)
     torch.testing.assert_close(got, model.blocks[0](x, bias))
+
+
+def test_a_tower_built_without_a_config_refuses_what_would_build_another_model_silently():
+    """Reused outside the trainer (a tower over one's own states): fusion='gate' built an ungated tower, widths
+    {'txt': ...} an image-only one, and 7 states into a 3-state chain read the first 3 (the inter chain the last)."""
+    from iisan.model.san import SANItemTower
+
+    widths, steps = {"text": 8, "image": 8}, {"text": 3, "image": 3}
+    with pytest.raises(ValueError, match="fusion must be one of gated, add, not 'gate'"):
+        SANItemTower(widths, steps, 4, fusion="gate")
+    with pytest.raises(ValueError, match="modality must be one of intra_inter, intra, inter, not 'intra[+]inter'"):
+        SANItemTower(widths, steps, 4, modality="intra+inter")
+    with pytest.raises(ValueError, match=r"expected keys among image, text, the same in both"):
+        SANItemTower({"txt": 8, "image": 8}, {"txt": 3, "image": 3}, 4)
+    tower = SANItemTower(widths, steps, 4)
+    assert tower({"text": torch.randn(2, 3, 8), "image": torch.randn(2, 3, 8)}).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"an intra SAN of 3 states got 7"):
+        tower({"text": torch.randn(2, 7, 8), "image": torch.randn(2, 3, 8)})

@@ -59,7 +59,8 @@ class TrainedRun:
     table: torch.Tensor | None = field(default=None, repr=False)  # (N+1, D) item embeddings, made once
 
     def item_embeddings(self) -> torch.Tensor:
-        """(N+1, D): every item through the item encoder (row 0: padding), as evaluation computes it."""
+        """(N+1, D): every item through the item encoder (row 0: padding), as evaluation computes it. The run's
+        own table, which ``evaluate`` and ``recommend`` use too: clone it before changing it in place."""
         if self.table is None:
             self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
                                     self.device, progress=self.cfg.progress)

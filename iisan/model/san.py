@@ -50,7 +50,7 @@ class IntraSAN(nn.Module):
     def __init__(self, width: int, steps: int, bottleneck: int, fusion: str = "gated", temperature: float = 0.1,
                  seeded: bool = False):
         super().__init__()
-        self.seeded = seeded
+        self.seeded, self.steps = seeded, steps
         blocks = steps - seeded
         self.blocks = nn.ModuleList(SideAdapterBlock(width, bottleneck) for _ in range(blocks))
         self.gate_logits = nn.Parameter(torch.zeros(blocks)) if fusion == "gated" else None
@@ -62,6 +62,8 @@ class IntraSAN(nn.Module):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """states (n, steps, width) -> (n, width)."""
+        if states.shape[1] != self.steps:  # more were read as the first ``steps``: another model, silently
+            raise ValueError(f"an intra SAN of {self.steps} states got {states.shape[1]} (states (n, steps, width))")
         s = states[:, 0] if self.seeded else states.new_zeros(states.shape[0], self.width)
         gates = self.gates()
         for k, block in enumerate(self.blocks):
@@ -159,6 +161,14 @@ class SANItemTower(nn.Module):
                  bottleneck: dict[str, int] | None = None, modality: str = "intra_inter", fusion: str = "gated",
                  temperature: float = 0.1, heads: str = "auto", seeded: bool = False):
         super().__init__()
+        # a misspelt setting built another model without a word (fusion='gate' was add; widths {'txt': ...}
+        # an image-only tower): checked here too, for a tower built without a Config
+        for name, value, known in (("modality", modality, choices("modality")), ("fusion", fusion, choices("fusion"))):
+            if value not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, not {value!r}")
+        if not widths or set(widths) - set(MODALITIES) or set(widths) - set(steps):
+            raise ValueError(f"widths {widths} and steps {steps}: expected keys among {', '.join(MODALITIES)}, the "
+                             "same in both")
         self.head_style = head_style(widths, heads)
         head_hidden = embedding_dim if self.head_style == "versa" else None
         bottleneck = bottleneck or {m: 64 for m in widths}
