@@ -25,6 +25,7 @@ paper's protocol, 4-6 % of users); ``rank_repeated_targets=True`` keeps such tar
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -147,13 +148,30 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
 # a recommender's item table and ranks
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode inside, its own mode (training or not) put back after."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
                device: torch.device, ids: np.ndarray | None = None, progress: bool = False) -> torch.Tensor:
     """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation, in fp32
     whatever precision training ran in; with ``progress``, a bar (or log lines) while the items go through
-    the item encoder, minutes for a live feed on a CPU."""
-    model.eval()
+    the item encoder, minutes for a live feed on a CPU. The model is in eval mode while it runs, and back in
+    its own mode after (a caller's training loop goes on with its dropout)."""
+    with evaluating(model):
+        return _item_table(model, num_items, chunk, pixels, device, ids, progress)
+
+
+def _item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
+                device: torch.device, ids: np.ndarray | None, progress: bool) -> torch.Tensor:
     rows = []
     ids = np.arange(num_items + 1) if ids is None else ids
     # one bar update per chunk, which waits for nothing on a GPU (the chunk's size is known beforehand)
@@ -183,8 +201,13 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
                    dist: Dist = SINGLE) -> torch.Tensor:
     """(users, 2) target ranks (``rank_targets``) in user order. Under torchrun each rank ranks a block of whole
     evaluation chunks and the blocks are gathered in order: every user exactly once, and the same
-    numbers as one process computes."""
-    model.eval()
+    numbers as one process computes. Eval mode while it runs, as ``item_table``."""
+    with evaluating(model):
+        return _evaluate_ranks(model, data, split, cfg, device, pixels, table, dist)
+
+
+def _evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: torch.device,
+                    pixels: PixelSource | None, table: torch.Tensor | None, dist: Dist) -> torch.Tensor:
     if table is None:
         table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)

@@ -203,3 +203,21 @@ def test_a_tower_built_without_a_config_refuses_what_would_build_another_model_s
     assert tower({"text": torch.randn(2, 3, 8), "image": torch.randn(2, 3, 8)}).shape == (2, 4)
     with pytest.raises(ValueError, match=r"an intra SAN of 3 states got 7"):
         tower({"text": torch.randn(2, 7, 8), "image": torch.randn(2, 3, 8)})
+
+
+def test_evaluation_puts_a_callers_model_back_in_its_own_mode(tiny_config):
+    """item_table and evaluate_ranks called from someone else's training loop left the model in eval mode:
+    its dropout stayed off for the rest of their training."""
+    from iisan.data.run_data import load_data
+    from iisan.evaluate import evaluate_ranks
+    from iisan.model.build import build_model
+
+    cfg = tiny_config(feed="live")  # (no cache to build)
+    data = load_data(cfg)
+    model, pixels = build_model(cfg, data, torch.device("cpu"))
+    model.train()
+    ranks = evaluate_ranks(model, data, "valid", cfg, torch.device("cpu"), pixels)
+    assert model.training and len(ranks) == data.num_users
+    model.eval()
+    evaluate_ranks(model, data, "valid", cfg, torch.device("cpu"), pixels)
+    assert not model.training
