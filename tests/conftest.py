@@ -56,6 +56,17 @@ def _threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_heard():
+    """The suite started as a script's background job (``make test &``) inherits SIGINT ignored, which Python and
+    a run keep ignored (robust_runs.md): the tests that send themselves Ctrl-C would then see nothing happen.
+    Python's own handler for the session, as in a terminal; tests that ignore it set SIG_IGN themselves."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _said_once_per_test(monkeypatch):
     """What a process says once (a key a run never reads; an image store of another size than its tower) is

@@ -143,15 +143,15 @@ def test_the_tasks_table_puts_median_and_p90_in_their_columns():
 def drawn_axes(payload: dict, monkeypatch) -> list:
     """The four panels ``figures.figure`` draws for ``payload``."""
     drawn = []
-    subplots = figures.plt.subplots
 
-    def keep(*args, **kwargs):
-        drawn.append(subplots(*args, **kwargs))
-        return drawn[-1]
+    class Kept(figures.Figure):  # the figure drawn, kept to read its panels
+        def subplots(self, *args, **kwargs):
+            drawn.append(super().subplots(*args, **kwargs))
+            return drawn[-1]
 
-    monkeypatch.setattr(figures.plt, "subplots", keep)
+    monkeypatch.setattr(figures, "Figure", Kept)
     assert figures.figure(payload).startswith(b"\x89PNG")
-    (_, axes), = drawn
+    axes, = drawn
     return list(axes)
 
 
