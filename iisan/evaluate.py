@@ -25,7 +25,6 @@ paper's protocol, 4-6 % of users); ``rank_repeated_targets=True`` keeps such tar
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -36,7 +35,7 @@ from .console import progress_bar
 from .data.batches import PixelSource, item_chunks
 from .distributed import SINGLE, Dist, chunk_block, gather_rows
 from .metric_names import KS
-from .model.recommender import Recommender
+from .model.recommender import Recommender, in_mode
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -148,17 +147,6 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
 # a recommender's item table and ranks
 
 
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module):
-    """``model`` in eval mode inside, its own mode (training or not) put back after."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
                device: torch.device, ids: np.ndarray | None = None, progress: bool = False) -> torch.Tensor:
@@ -166,19 +154,14 @@ def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSour
     whatever precision training ran in; with ``progress``, a bar (or log lines) while the items go through
     the item encoder, minutes for a live feed on a CPU. The model is in eval mode while it runs, and back in
     its own mode after (a caller's training loop goes on with its dropout)."""
-    with evaluating(model):
-        return _item_table(model, num_items, chunk, pixels, device, ids, progress)
-
-
-def _item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
-                device: torch.device, ids: np.ndarray | None, progress: bool) -> torch.Tensor:
     rows = []
     ids = np.arange(num_items + 1) if ids is None else ids
     # one bar update per chunk, which waits for nothing on a GPU (the chunk's size is known beforehand)
-    for batch in progress_bar(item_chunks(ids, chunk, pixels), len(ids), desc="encoding items", unit="items",
-                              enabled=progress, size=lambda batch: len(batch.ids)):
-        with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
-            rows.append(model.item_encoder(batch.to(device)).float())
+    with in_mode(model, training=False):
+        for batch in progress_bar(item_chunks(ids, chunk, pixels), len(ids), desc="encoding items", unit="items",
+                                  enabled=progress, size=lambda batch: len(batch.ids)):
+            with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
+                rows.append(model.item_encoder(batch.to(device)).float())
     return torch.cat(rows)
 
 
@@ -202,19 +185,14 @@ def evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: to
     """(users, 2) target ranks (``rank_targets``) in user order. Under torchrun each rank ranks a block of whole
     evaluation chunks and the blocks are gathered in order: every user exactly once, and the same
     numbers as one process computes. Eval mode while it runs, as ``item_table``."""
-    with evaluating(model):
-        return _evaluate_ranks(model, data, split, cfg, device, pixels, table, dist)
-
-
-def _evaluate_ranks(model: Recommender, data, split: str, cfg: Config, device: torch.device,
-                    pixels: PixelSource | None, table: torch.Tensor | None, dist: Dist) -> torch.Tensor:
-    if table is None:
-        table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
     inputs, targets, history = data.eval_split(split)
     chunk = eval_chunk(cfg, device, data.num_items)
     lo, hi = chunk_block(len(targets), chunk, dist)
-    ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi],
-                        chunk, cfg.rank_repeated_targets, f"ranking {split}" if cfg.progress and dist.is_main else "")
+    with in_mode(model, training=False):
+        if table is None:
+            table = shared_item_table(model, data.num_items, cfg, pixels, device, dist)
+        ranks = split_ranks(model.user_vectors, table, inputs[lo:hi], targets[lo:hi], history[lo:hi], chunk,
+                            cfg.rank_repeated_targets, f"ranking {split}" if cfg.progress and dist.is_main else "")
     ranks = gather_rows(ranks.to(table.device), dist).cpu()
     if len(ranks) != len(targets):
         raise RuntimeError(f"evaluation gathered {len(ranks)} ranks for {len(targets)} users")

@@ -10,7 +10,7 @@ from ..claims import expect_folders
 from ..config import PRECISIONS
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError
-from ..experiments.presets import ROOT, VERSA_PRESETS
+from ..experiments.presets import ENCODER_PRESET_NAMES, ROOT
 from ..flags import add_config_arguments, config_from_args
 from ..spelling import own_spelling
 
@@ -69,7 +69,7 @@ def add_fetch_commands(sub) -> None:
                    "into ROOT/Dataset/<name>/ (default: this checkout; an installed package: the working folder)")
     d.set_defaults(func=cmd_fetch_data)
     e = what.add_parser("encoders", help="the preset's encoders from the Hugging Face Hub, at pinned commits")
-    e.add_argument("--preset", default="iisan", choices=sorted(["iisan", *VERSA_PRESETS]),
+    e.add_argument("--preset", default="iisan", choices=sorted(ENCODER_PRESET_NAMES),
                    help="iisan (BERT-base + ViT-B/16) or the encoder pair of a run_IISAN_Versa.py --preset "
                         "(default: iisan)")
     e.add_argument("--root", type=utf8_path, default=str(ROOT / "pretrained_models"), help="the folder the model "

@@ -31,7 +31,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from ..data.fetch import shortened
 from ..data.manifest import Manifest, folder_files
 from ..errors import FetchError, parse_json
-from .presets import BACKBONES, ROOT, VERSA_PRESETS
+from .presets import BACKBONES, ENCODER_PRESET_NAMES, ROOT, VERSA_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _pair(settings: dict) -> tuple[str, str]:
 
 
 # the paper's IISAN, and the pairs of the Versa presets (Code_Cached/scripts/run_IISAN_Versa.py --preset)
-ENCODER_PRESETS = {"iisan": _pair({})} | {name: _pair(settings) for name, settings in VERSA_PRESETS.items()}
+ENCODER_PRESETS = {name: _pair(VERSA_PRESETS.get(name, {})) for name in ENCODER_PRESET_NAMES}
 
 
 class HubClient(Protocol):

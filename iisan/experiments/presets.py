@@ -61,6 +61,7 @@ VERSA_PRESETS = {  # Code_Cached/scripts/run_IISAN_Versa.py --preset NAME; every
     "microlens": {"batch_size": 512, "image_adapter_down": 512, "text_adapter_down": 64, "epochs": 200,
                   "allow_empty_titles": True, "san_heads": "versa"},
 }
+ENCODER_PRESET_NAMES = ("iisan", *VERSA_PRESETS)  # `iisan fetch encoders --preset`: the paper's pair, or a preset's
 VERSA_PRESET_DATASETS = {"microlens": "MicroLens"}  # a preset that is one data set's set-up: its --dataset
 
 

@@ -7,6 +7,8 @@ has ``full_sort_predict``, ``item_encoder`` (every item's embedding once, ``eval
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -17,6 +19,18 @@ from .item_encoder import ItemEncoder, LrGroup
 from .loss import in_batch_softmax_loss
 from .san import SANItemTower
 from .sasrec import SASRec
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool):
+    """``module`` in training (or eval) mode inside, its own mode put back after: evaluation called from a
+    caller's training loop leaves its dropout on, and a look at what a training step runs changes nothing."""
+    was = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 class IISANItemEncoder(nn.Module):

@@ -89,6 +89,13 @@ def set_aside(path: Path) -> Path:
 LEFT_IN_PLACE: set[Path] = set()  # refused checkpoints pruning has named (once each)
 
 
+def left_in_place(path: Path, why: str) -> None:
+    """Pruning leaves the checkpoint ``path`` where it is: said once in this process."""
+    if path not in LEFT_IN_PLACE:
+        LEFT_IN_PLACE.add(path)
+        log.info("pruning leaves %s in place, as %s", path, why)
+
+
 def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
     and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
@@ -101,10 +108,7 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
         refused = None if path == written else checked_state(path, config, digests=False)
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
-            if path not in LEFT_IN_PLACE:
-                LEFT_IN_PLACE.add(path)
-                log.info("pruning leaves %s in place, as this run cannot resume from it: %s", path,
-                         refused.removesuffix(f"; {NEW_RUN}"))
+            left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
         elif older and (kept >= keep or NAME.match(path.name)[2] is not None):
             removed += remove_checkpoint(path)
         else:
@@ -119,10 +123,8 @@ def remove_checkpoint(path: Path) -> bool:
     anything else (a note put there) is left whole, and named once. Whether it is gone from its name."""
     others = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
     if others:
-        if path not in LEFT_IN_PLACE:
-            LEFT_IN_PLACE.add(path)
-            log.info("pruning leaves %s in place, as it holds files a checkpoint does not: %s", path,
-                     ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
+        left_in_place(path, "it holds files a checkpoint does not: " + ", ".join(others[:3])
+                      + (", ..." if len(others) > 3 else ""))
         return False
     # Renamed in one step to a leftover's hidden name first: a removal cut short (a file that cannot go now)
     # leaves no half checkpoint under its own name, and the next prune finishes it with the other leftovers.
@@ -130,10 +132,7 @@ def remove_checkpoint(path: Path) -> bool:
     try:
         os.rename(path, going)
     except OSError as err:
-        if path not in LEFT_IN_PLACE:
-            LEFT_IN_PLACE.add(path)
-            log.info("pruning leaves %s in place, as it cannot be renamed to be removed: %s", path,
-                     err.strerror or err)
+        left_in_place(path, f"it cannot be renamed to be removed: {err.strerror or err}")
         return False
     shutil.rmtree(going, ignore_errors=True)
     return True

@@ -16,7 +16,7 @@ from ..data.shapes import ShapeBuckets
 from ..devices import amp_dtype, resolve_device
 from ..errors import TrainingError, UserError
 from ..model.inputs import EncodedItems
-from ..model.recommender import Recommender
+from ..model.recommender import Recommender, in_mode
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,13 @@ def encoders_drop_out(model: Recommender) -> bool:
 
 def dropping_out(model: Recommender) -> dict[str, bool]:
     """Per encoder of the item tower (by modality), whether a training step runs dropout of p > 0 inside it."""
-    was = model.training
-    model.train()
     found: dict[str, bool] = {}
-    try:
+    with in_mode(model, training=True):
         for inputs in model.item_encoder.modules():
             if isinstance(inputs, EncodedItems):
                 for name, encoder in inputs.encoders.items():
                     found[name] = found.get(name, False) or any(drops_out(m) for m in encoder.modules())
-        return found
-    finally:
-        model.train(was)
+    return found
 
 
 def per_item_towers(encoding: str, model: Recommender) -> tuple[str, ...]:
