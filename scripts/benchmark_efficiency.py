@@ -27,16 +27,8 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import positive_int  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.benchmark import (  # noqa: E402
-    BENCH_KEYS,
-    MIN_STEPS,
-    MIN_WARMUP,
-    SETTING_NAMES,
-    add_input_flags,
-    run_benchmark,
-    selection,
-)
-from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
+from iisan.efficiency.options import BENCH_KEYS, SETTING_NAMES, add_input_flags  # noqa: E402
+from iisan.efficiency.rows import MIN_STEPS, MIN_WARMUP, TABLE_METHODS  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser, add_config_arguments  # noqa: E402
 
@@ -89,6 +81,8 @@ INTERRUPTED = ("interrupted; the rows measured so far are in the JSON and its ta
 def main(argv=None) -> list[Path]:
     flags = parser()
     args = flags.parse_args(argv)
+    from iisan.efficiency.benchmark import run_benchmark, selection  # (torch, not for --help)
+
     try:
         chosen = selection(args.methods, args.authors_way, args.full_epoch, args.settings, warmup=args.warmup,
                            steps=args.steps, flop_batches=args.flop_batches, few_steps=args.few_steps)

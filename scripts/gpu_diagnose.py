@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import DEVICES, device_choice, path_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.diagnose import DiagnosisOptions, run_diagnosis  # noqa: E402
+from iisan.efficiency.options import DiagnosisOptions  # noqa: E402
 from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
@@ -90,6 +90,8 @@ def main(argv=None) -> dict:
                      "runs the variants), or pass --skip-plain")
     setup_logging(vars(args).pop("verbose"))  # how to log, not what to diagnose
     options = DiagnosisOptions(**{**vars(args), "iisan": labels})
+    from iisan.efficiency.diagnose import run_diagnosis  # (torch, not for --help)
+
     return entry_point(sys.argv[0], lambda: run_diagnosis(options))
 
 

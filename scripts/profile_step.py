@@ -18,14 +18,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from iisan.bounds import DEVICES, device_choice, positive_int  # noqa: E402
 from iisan.claims import claim_output  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.efficiency.bench import profile_steps  # noqa: E402
-from iisan.efficiency.benchmark import (  # noqa: E402
-    add_input_flags,
-    base_config,
-    check_batch_size,
-    method_config,
-    prepare,
-)
+from iisan.efficiency.options import add_input_flags  # noqa: E402
 from iisan.efficiency.rows import TABLE_METHODS  # noqa: E402
 from iisan.errors import ConfigError  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
@@ -64,6 +57,9 @@ def parser() -> FlagParser:
 def main(argv=None) -> None:
     flags = parser()
     args = flags.parse_args(argv)
+    from iisan.efficiency.bench import profile_steps  # (torch, not for --help)
+    from iisan.efficiency.benchmark import base_config, check_batch_size, method_config, prepare
+
     try:  # a batch larger than the users never fills: refused before any work
         if args.batch_size < 0:
             raise ConfigError(f"--batch-size {args.batch_size}: expected 0 (the paper's) or a positive size")

@@ -25,23 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
-import torch  # noqa: E402
-
 from iisan.bounds import int_in, path_arg, positive_int, seed_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
-from iisan.experiments.seed_table import (  # noqa: E402
-    SEEDS,
-    SETTINGS,
-    claim_table,
-    claim_verify_report,
-    markdown,
-    run_point,
-    verify_point,
-    write_table,
-)
-from iisan.files import write_json_atomic  # noqa: E402
+from iisan.experiments.presets import SEED_SETTINGS, SEEDS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
-from iisan.provenance import provenance  # noqa: E402
 
 DATASETS = ("Scientific", "Instrument")
 
@@ -57,8 +44,8 @@ def parser() -> FlagParser:
                         help="the table of every finished point, as JSON; the committed one is "
                              "results/real-data-seeds.json (default: bench_data/results/real-data-seeds.json in "
                              "this checkout, git-ignored)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
-                        help=f"settings to train or verify (default: {' '.join(SETTINGS)})")
+    parser.add_argument("--settings", nargs="+", default=list(SEED_SETTINGS), choices=SEED_SETTINGS,
+                        help=f"settings to train or verify (default: {' '.join(SEED_SETTINGS)})")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
                         help=f"data sets to train or verify (default: {' '.join(DATASETS)})")
     parser.add_argument("--seeds", nargs="+", type=seed_arg, default=list(SEEDS),
@@ -80,6 +67,19 @@ def parser() -> FlagParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
+    import torch  # (not for --help)
+
+    from iisan.experiments.seed_table import (
+        claim_table,
+        claim_verify_report,
+        markdown,
+        run_point,
+        verify_point,
+        write_table,
+    )
+    from iisan.files import write_json_atomic
+    from iisan.provenance import provenance
+
     torch.set_num_threads(args.threads)
 
     if args.verify_epochs > 0:

@@ -277,7 +277,7 @@ def test_a_batch_larger_than_the_users_is_refused_not_waited_for(tiny_config, tm
         "step needs a full batch: choose at most 1200")
     monkeypatch.setattr(sys, "argv", ["profile_step.py"])
     profile = load_script("profile_step.py")
-    monkeypatch.setattr(profile, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "prepare", no_work)
     assert ending(profile, ["--batch-size", "20000", "--data", "scientific"], capsys) == (
         "profile_step.py: error: --batch-size 20000 exceeds the 12,076 users of the scientific data; every timed "
         "step needs a full batch: choose at most 12076")

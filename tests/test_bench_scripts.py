@@ -198,7 +198,7 @@ def test_method_config_refuses_batch_zero():
 
 def test_profile_step_refuses_no_steps_and_a_trace_it_did_not_write(tmp_path, monkeypatch, capsys):
     profile = script("profile_step", monkeypatch)
-    monkeypatch.setattr(profile, "prepare", no_work)
+    monkeypatch.setattr(benchmark, "prepare", no_work)
     for steps in ("0", "-1"):
         assert ending(profile, ["--steps", steps], capsys) == (
             f"profile_step.py: error: argument --steps: '{steps}' is not a positive integer")

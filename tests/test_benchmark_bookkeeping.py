@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from iisan.efficiency import benchmark, diagnose, diagnose_steps, figures, plain_reference, report_notes
+from iisan.efficiency import benchmark, diagnose, diagnose_steps, figures, options, plain_reference, report_notes
 from iisan.errors import ConfigError, DataError, TrainingError
 
 from ._scripts import load_script
@@ -270,7 +270,7 @@ def test_the_plain_cache_builds_epoch_is_the_items_over_its_batch(tmp_path, monk
     for name in ("plain_fft_step", "plain_frozen_forward", "plain_patch_embedding"):
         monkeypatch.setattr(diagnose, name, lambda *args, **kwargs: {"seconds_per_step": 0.5})
     assert (diagnose.SCIENTIFIC_USERS, diagnose.SCIENTIFIC_ITEMS) == (12076, 20314)
-    args = diagnose.DiagnosisOptions(out=tmp_path / "d.json", cache_batch=512, fft_items=[4], frozen_items=[6])
+    args = options.DiagnosisOptions(out=tmp_path / "d.json", cache_batch=512, fft_items=[4], frozen_items=[6])
     report = {}
     diagnose.plain_section(args, CPU, None, report)
     plain = report["plain"]
@@ -346,7 +346,7 @@ def test_the_plain_fft_step_clears_its_gradients_after_each_step(monkeypatch):
 def test_the_benchmark_script_passes_flop_batches_on(tmp_path, monkeypatch):
     bench = script("benchmark_efficiency", monkeypatch)
     seen = {}
-    monkeypatch.setattr(bench, "run_benchmark", lambda settings, **kwargs: seen.update(kwargs) or [])
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda settings, **kwargs: seen.update(kwargs) or [])
     bench.main(["--few-steps", "--warmup", "1", "--steps", "3", "--flop-batches", "2", "--work", str(tmp_path)])
     assert (seen["flop_batches"], seen["warmup"], seen["steps"]) == (2, 1, 3)
 
@@ -356,20 +356,20 @@ def test_a_negative_flop_sample_is_refused(tmp_path, monkeypatch, capsys):
         benchmark.selection("FFT", "none", "", "paper", warmup=10, steps=50, flop_batches=-1)
     assert str(refused.value) == "--warmup and --flop-batches must be >= 0 and --steps >= 1, not 10, -1 and 50"
     bench = script("benchmark_efficiency", monkeypatch)
-    monkeypatch.setattr(bench, "run_benchmark", no_work)
+    monkeypatch.setattr(benchmark, "run_benchmark", no_work)
     assert ending(bench, ["--flop-batches", "-1", "--work", str(tmp_path)], capsys) == (
         "benchmark_efficiency.py: error: --warmup and --flop-batches must be >= 0 and --steps >= 1, not 10, -1 and 50")
 
 
 def test_the_diagnosis_refuses_a_negative_warmup_and_takes_none(tmp_path, monkeypatch, capsys):
     diag = script("gpu_diagnose", monkeypatch)
-    monkeypatch.setattr(diag, "run_diagnosis", no_work)
+    monkeypatch.setattr(diagnose, "run_diagnosis", no_work)
     out = ["--device", "cpu", "--out", str(tmp_path / "d.json")]
     assert ending(diag, ["--warmup", "-1", *out], capsys) == (
         "gpu_diagnose.py: error: --reps, --shape-reps, --cache-batch and every item count must be >= 1, --warmup and "
         "--num-workers >= 0")
     seen = []
-    monkeypatch.setattr(diag, "run_diagnosis", lambda options: seen.append(options.warmup) or {})
+    monkeypatch.setattr(diagnose, "run_diagnosis", lambda options: seen.append(options.warmup) or {})
     diag.main(["--warmup", "0", *out])
     assert seen == [0]
 

@@ -11,6 +11,7 @@ import pytest
 
 from iisan.cli.main import main
 from iisan.config import Config
+from iisan.efficiency import benchmark
 from iisan.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -541,7 +542,7 @@ def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, tmp_path):
         main(["evaluate", str(tmp_path)])
     assert info.value.code == 130 and capsys.readouterr().err.strip() == "iisan: interrupted; nothing was written"
     bench = load_script("benchmark_efficiency.py")
-    monkeypatch.setattr(bench, "run_benchmark", interrupted)
+    monkeypatch.setattr(benchmark, "run_benchmark", interrupted)
     with pytest.raises(SystemExit) as info:
         bench.main(["--few-steps", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
     assert info.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1].endswith(

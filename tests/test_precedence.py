@@ -124,7 +124,8 @@ def test_help_shows_the_sweep_and_the_methods_defaults():
 
 
 def test_the_benchmark_rows_get_their_methods_defaults_below_its_flags():
-    from iisan.efficiency.benchmark import BENCH_KEYS, method_config
+    from iisan.efficiency.benchmark import method_config
+    from iisan.efficiency.options import BENCH_KEYS
 
     assert not set(BENCH_KEYS) & {k for values in METHOD_DEFAULTS.values() for k in values}
     base = {"users": "u.tsv", "items": "i.tsv", "device": "cpu", "amp": "none"}

@@ -4,4 +4,4 @@ build; ``flops``; ``rows``: the methods of its table and what a row holds, witho
 tables and figures, from JSONs ``report_checks`` reads and checks, with the notes under a table from
 ``report_notes``), the GPU diagnosis (``diagnose``, ``diagnose_steps``, ``plain_reference``: a plain
 implementation to hold iisan's step against), and their tools (``timing``, ``isolate``: a measurement in a
-fresh process)."""
+fresh process), and ``options``: what the measuring scripts are asked, without torch, for their --help."""

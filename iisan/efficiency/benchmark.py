@@ -38,28 +38,12 @@ from .bench import (
 )
 from .figures import claim_benchmark, claim_reports, plain, write_reports
 from .isolate import in_fresh_process
+from .options import SETTING_NAMES
 from .rows import AUTHORS_WAY, MIN_STEPS, MIN_WARMUP, TABLE_METHODS, authors_label
 
 log = logging.getLogger(__name__)
 
-# Config keys a benchmark run may set from the command line (through ``add_config_arguments(only=...)``).
-BENCH_KEYS = ("device", "amp", "dedup_items", "encoder_dtype", "cache_dtype", "patch_embedding", "num_workers",
-              "static_shapes", "item_bucket_growth", "title_multiple")
 BENCH_LOG = "benchmark.log"  # every benchmark's lines, appended in --out
-BACKBONES = ("tiny", "base")
-DATA = ("demo", "scientific")
-
-
-def add_input_flags(parser) -> None:
-    """--backbones and --data: the encoders and synthetic data a measuring script runs on (``prepare``)."""
-    parser.add_argument("--backbones", choices=BACKBONES, default="tiny",
-                        help="tiny random encoders, or random-weight BERT-base + ViT-B/16 at 224 px (the paper's "
-                             "compute; weights do not change time) (default: tiny)")
-    parser.add_argument("--data", choices=DATA, default="demo",
-                        help="synthetic data: the demo's size, or Scientific's shape (12,076 users, 20,314 items; "
-                             "its LMDB of 224 px images takes about 3 GB under --work, beside the models and the "
-                             "cache) (default: demo)")
-SETTING_NAMES = {"equal": "equal batch for every method", "paper": "paper: baselines 32, IISAN 64"}
 USERS = {"demo": 1200, "scientific": sum(SCIENTIFIC_LENGTHS.values())}  # of ``prepare``'s synthetic data
 
 
@@ -245,7 +229,7 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
     """Measure every label in every setting, and the labels in ``authors_way`` (default: all) also the
     authors' way; ``full_epoch``: labels whose default row also times a real epoch end to end;
     ``flop_batches``: FLOPs counted over the first that many timed batches (0: all).
-    ``settings``: Config values shared by all rows (``BENCH_KEYS``). Writes
+    ``settings``: Config values shared by all rows (``options.BENCH_KEYS``). Writes
     ``out/<tag>-<setting>.json`` and its table beside it (``.md``), and with ``figs`` its figure, and appends
     its log lines, those of the measuring processes too, to ``out/benchmark.log``; returns
     the JSONs. When every measured row failed, a ``TrainingError`` that says where they are (no figure)."""

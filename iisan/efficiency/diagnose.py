@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from ..files import write_json_atomic
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
 from .isolate import in_fresh_process
+from .options import DiagnosisOptions
 from .plain_reference import plain_fft_step, plain_frozen_forward, plain_patch_embedding
 from .timing import reset, timed
 
@@ -46,28 +46,6 @@ log = logging.getLogger(__name__)
 
 SCIENTIFIC = DATASETS["Scientific"].source.stats  # its users and items size the epochs below
 SCIENTIFIC_USERS, SCIENTIFIC_ITEMS = SCIENTIFIC.users, SCIENTIFIC.items
-
-
-@dataclass
-class DiagnosisOptions:
-    """What to run. Item counts of the plain rows, besides those iisan's steps ran: every slot of 32 users
-    (352, FFT) and of 64 users (704, the frozen forward), the reference's settings. The first frozen
-    count also runs the variants."""
-
-    out: Path
-    size: str = "base"
-    data: str = "scientific"
-    device: str = "auto"
-    fft_items: list[int] = field(default_factory=lambda: [352])
-    frozen_items: list[int] = field(default_factory=lambda: [704])
-    cache_batch: int = 512
-    iisan: list[str] = field(default_factory=lambda: ["FFT", "IISAN (uncached)"])
-    skip_plain: bool = False
-    warmup: int = 3
-    reps: int = 10
-    shape_reps: int = 6
-    workers: int = 8
-    work: Path = Path("bench_data")  # (not a fixed folder of /tmp, which other users may fill first)
 
 
 # --------------------------------------------------------------------------------------------------

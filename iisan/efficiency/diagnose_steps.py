@@ -133,7 +133,7 @@ def with_background_pipeline(setup: TrainingSetup, run, device: torch.device, wa
 
 
 def iisan_rows(args, label: str) -> dict:
-    """The benchmark's setup of ``label`` (``args``: ``diagnose.DiagnosisOptions``), timed piece by piece."""
+    """The benchmark's setup of ``label`` (``args``: ``options.DiagnosisOptions``), timed piece by piece."""
     work = Path(args.work)
     base = base_config(prepare(work, args.data, args.size), work, args.data, args.size, device=args.device,
                        num_workers=args.workers)

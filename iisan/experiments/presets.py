@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 ROOT = REPOSITORY  # where the data sets and encoders of the paper live
 SCIENTIFIC = ROOT.parent / "shared" / "data" / "amazon" / "Scientific"  # the real data the CPU measurements read
 SEEDS = (12345, 12346, 12347)  # a reproduction's seeds: the authors' seed, then the next two
+SEED_SETTINGS = ("id", "iisan-text")  # what the real-data seed table trains (``seed_table.DESCRIPTION``)
 
 
 def own_cache_dir(cache_dir: str, items: str, dataset: str) -> str:

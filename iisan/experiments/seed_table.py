@@ -34,11 +34,10 @@ from ..provenance import provenance
 from ..train.run_results import finished_file, read_results
 from ..train.trainer import train
 from .offline import minilm_path
-from .presets import SEEDS
+from .presets import SEED_SETTINGS, SEEDS
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("id", "iisan-text")
 DESCRIPTION = {
     "id": "SASRec over learned 64-d item-ID embeddings (method id): no encoder, cache or images",
     "iisan-text": "cached IISAN, text tower only (--towers text): the real pretrained all-MiniLM-L6-v2 "
@@ -179,7 +178,7 @@ def claim_verify_report(out: Path) -> None:
                  "--verify-out", overwrite=True)
 
 
-def write_table(work: Path, out: Path, data_root: Path, settings=SETTINGS, datasets=("Scientific", "Instrument"),
+def write_table(work: Path, out: Path, data_root: Path, settings=SEED_SETTINGS, datasets=("Scientific", "Instrument"),
                 seeds=SEEDS) -> dict:
     """Collect every finished point under ``work`` into ``out`` (atomic); unfinished points are listed.
     With them, the most-popular baseline's test metrics on each data set (same protocol, no training).
