@@ -94,7 +94,8 @@ class Config:
     layer_rule: str = _opt("stride", "automatic layer selection: stride = the last layer and every k-th below it, "
                            "k as large as keeps --layer-groups layers (the authors' lists: 32 layers -> "
                            "2,8,14,20,26,32; 80 -> 5,20,...,80); groups = the last layer of each of --layer-groups "
-                           "equal runs (32 -> 5,11,16,21,27,32); both pick 2,4,...,12 of 12 and 4,8,...,24 of 24",
+                           "equal runs (32 -> 5,11,16,21,27,32); both pick 2,4,...,12 of 12 and 4,8,...,24 of 24. The "
+                           "paper's 'group layer-dropping' is stride",
                            ("stride", "groups"))
     include_embedding_state: bool = _opt(True, "prepend hidden state 0 to the layers --layer-groups picks, read by "
                                          "the SANs' first block (authors' remove_first=None); explicit --text-layers "
@@ -180,7 +181,8 @@ class Config:
                           "--lora-random-base: BERT Q/V biases)")
     lr_adapter_image: float = _opt(1e-4, "image and inter side-adapter blocks (Adapter/LoRA: 4e-4)")
     lr_adapter_text: float = _opt(1e-4, "text side-adapter blocks (Adapter/LoRA: 4e-4)")
-    seed: int = _opt(12345, "seed for Python, NumPy and torch")
+    seed: int = _opt(12345, "seed for Python, NumPy and torch (initial weights, dropout) and, under --user-order "
+                     "seeded, each epoch's user order")
     user_order: str = _opt("seeded", "each epoch's order of the training users: seeded = drawn from --seed and the "
                            "epoch; authors = the authors' DistributedSampler order, the same for every seed "
                            "(a permutation seeded with the epoch + 1)", ("seeded", "authors"))

@@ -164,7 +164,7 @@ def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
     cfg = parse(["--preset", "llama3-8b+vit-base"])
     assert cfg.text_layers == (0, 2, 8, 14, 20, 26, 32)  # authors' blocks 1,7,...,31, +1, with state 0
     assert cfg.text_pooling == "authors"
-    assert group_layers(32, 6) == (0, 5, 11, 16, 21, 27, 32)  # what group layer-dropping would read
+    assert group_layers(32, 6) == (0, 5, 11, 16, 21, 27, 32)  # what --layer-rule groups would read
     assert parse(["--preset", "llama3-8b+vit-base", "--text-layers", "0,5,11,16,21,27,32"]).text_layers == \
         group_layers(32, 6)
     assert parse(["--preset", "llama3-70b+vit-base", "--text-pooling", "mean"]).text_pooling == "mean"
@@ -175,7 +175,7 @@ def test_versa_presets_follow_the_authors_scripts_and_flags_switch_back():
 def test_automatic_layers_follow_the_authors_lists_at_every_depth(tiny_config):
     """--layer-rule stride (the default) picks the authors' hidden states for each depth their scripts
     list (the comments of Code_Cached_Asym/script/run_IISAN_*.py; for 24 layers, the last of the three
-    lists their BERT-large script offers); --layer-rule groups picks group layer-dropping's, which agrees
+    lists their BERT-large script offers); --layer-rule groups picks the last of equal runs, which agrees
     on 12 and 24 layers only."""
     from iisan.model.build import layers_for
     from iisan.model.layer_rules import stride_layers

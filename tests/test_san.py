@@ -205,6 +205,17 @@ def test_a_tower_built_without_a_config_refuses_what_would_build_another_model_s
         tower({"text": torch.randn(2, 7, 8), "image": torch.randn(2, 3, 8)})
 
 
+def test_a_fusion_the_chains_do_not_implement_is_refused_not_built_as_add():
+    """A newcomer adding a fusion to --fusion alone got 'add' chains, intra and inter, without a word."""
+    from iisan.config import choices
+    from iisan.model.san import FUSIONS
+
+    assert choices("fusion") == FUSIONS  # what a run may ask for is what the chains implement
+    for build in (lambda: IntraSAN(4, 3, 2, fusion="concat"), lambda: InterSAN(4, 4, 3, 2, fusion="concat")):
+        with pytest.raises(ValueError, match="fusion 'concat' is not implemented by the SAN chains [(]gated, add[)]"):
+            build()
+
+
 def test_evaluation_puts_a_callers_model_back_in_its_own_mode(tiny_config):
     """item_table and evaluate_ranks called from someone else's training loop left the model in eval mode:
     its dropout stayed off for the rest of their training."""

@@ -647,7 +647,7 @@ def test_relative_paths_of_a_run_resolve_from_where_it_was_trained(tmp_path, mon
 
 
 def test_a_run_saved_before_a_field_is_rebuilt_as_it_ran(runs, tmp_path):
-    """config.json from before --layer-rule: automatic layers were group layer-dropping then, so the run is
+    """config.json from before --layer-rule: automatic layers were --layer-rule groups then, so the run is
     rebuilt with it (the default now differs for deep towers), and evaluates to its own numbers."""
     import shutil
 

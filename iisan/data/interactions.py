@@ -289,7 +289,7 @@ def load_dataset(users_path: str | Path, items_path: str | Path, max_seq_len: in
             short_users += 1
             continue
         users.append(user_id)
-        kept.extend(rows)  # the protocol keeps the last ``keep``; the earlier ones are only masked
+        kept.extend(rows)  # the protocol keeps the last ``keep``: evaluation masks those, recommend all (``earlier``)
         lengths_kept.append(len(rows))
     read, raw_users = len(raw_users), None  # (its lists of ids: gone before the arrays below are made)
     skipped = {

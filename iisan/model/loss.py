@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MASK_VALUE = -1e4  # the authors' value (loss and attention): exp(-1e4) is 0 in every float type; fp16-safe
+MASK_VALUE = -1e4  # the authors' loss value (SASRec's attention uses it too, where theirs used -1e9: sasrec.py);
+# exp(-1e4) is 0 in every float type, and fp16-safe
 
 
 def in_batch_softmax_loss(user_states: torch.Tensor, item_embs: torch.Tensor, ids: torch.Tensor,

@@ -34,6 +34,18 @@ class SideAdapterBlock(nn.Module):
         return x + self.up_proj(torch.relu(self.down_proj(x)))
 
 
+FUSIONS = ("gated", "add")  # what the chains below implement; --fusion offers the same (a test holds the two)
+
+
+def gate_logits(fusion: str, blocks: int) -> nn.Parameter | None:
+    """A chain's gate parameters, theta = 0 (None for 'add'). A fusion no chain implements is refused: one
+    added to --fusion alone built 'add' chains without a word, for the intra and the inter SANs both."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion {fusion!r} is not implemented by the SAN chains ({', '.join(FUSIONS)}): a new one "
+                         "needs IntraSAN.forward, InterSAN.forward and SANItemTower.param_groups")
+    return nn.Parameter(torch.zeros(blocks)) if fusion == "gated" else None
+
+
 def gate_values(logits: torch.Tensor | None, temperature: float) -> torch.Tensor | None:
     """``g_k = sigmoid(theta_k / T)`` per block (None: fusion 'add', no gates)."""
     return None if logits is None else torch.sigmoid(logits / temperature)
@@ -53,7 +65,7 @@ class IntraSAN(nn.Module):
         self.seeded, self.steps = seeded, steps
         blocks = steps - seeded
         self.blocks = nn.ModuleList(SideAdapterBlock(width, bottleneck) for _ in range(blocks))
-        self.gate_logits = nn.Parameter(torch.zeros(blocks)) if fusion == "gated" else None
+        self.gate_logits = gate_logits(fusion, blocks)
         self.temperature = temperature
         self.width = width
 
@@ -87,7 +99,7 @@ class InterSAN(nn.Module):
         super().__init__()
         self.width = min(text_width, image_width)
         self.blocks = nn.ModuleList(SideAdapterBlock(self.width, bottleneck) for _ in range(steps))
-        self.gate_logits = nn.Parameter(torch.zeros(steps)) if fusion == "gated" else None
+        self.gate_logits = gate_logits(fusion, steps)
         self.temperature = temperature
 
         def align(width):
