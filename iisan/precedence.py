@@ -3,7 +3,8 @@ SWEEP lists and own defaults > the method's paper defaults (``METHOD_DEFAULTS``)
 ``Config``; and the ``--config`` file itself (``read_config_file``).
 
 Here too the refusals that need to know what the user said, not only the values that came out: a feed,
-a dropout switch or a modality the run cannot honour is an error, a key it never reads a warning.
+a dropout switch or a modality the run cannot honour is an error, a key it never reads a warning (an info line
+when it comes from the --config file alone, which may be shared by several methods).
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def resolve(defaults: dict | None = None, file_values: dict | None = None, flags
     for warning in switched_off(cfg, {k for k in said if said[k] is not None and values[k] != defaults[k]}):
         if once.first(SWITCHED_OFF, warning):  # (a sweep resolves every point)
             log.warning("%s", warning)
-    if unread := newly_unread({k: values[k] for k in said}, defaults, cfg.method, cfg.towers, cfg.feed):
-        log.warning("%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
-                    ", ".join(unread), cfg.method, cfg.feed, cfg.towers)
+    unread = newly_unread({k: values[k] for k in said}, defaults, cfg.method, cfg.towers, cfg.feed)
+    typed = [k for k in unread if k in (flags or {})]
+    filed = [k for k in unread if k not in typed]  # a --config file's: one shared by several methods holds them
+    for keys, level, where in ((typed, logging.WARNING, ""), (filed, logging.INFO, " (from the --config file)")):
+        if keys:
+            log.log(level, "%s%s: not read by this run (method=%s, feed=%s, towers=%s), so it changes nothing",
+                    ", ".join(keys), where, cfg.method, cfg.feed, cfg.towers)
     return cfg
 
 

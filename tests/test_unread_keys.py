@@ -117,6 +117,18 @@ def test_an_unread_key_given_is_named_in_a_warning(caplog):
     assert "not read" not in caplog.text
 
 
+def test_an_unread_key_from_a_shared_config_file_is_an_info_line_a_typed_one_a_warning(caplog):
+    """One --config file for several methods holds keys some of them never read: each run warned of them as if
+    typed. A typed key stays a warning; the file's is said at INFO, naming where it came from."""
+    with caplog.at_level(logging.INFO, logger="iisan.precedence"):
+        resolve(file_values={"lora_rank": 4, "gate_temperature": 0.5}, flags={"method": "fft", "lora_alpha": 8})
+    said = {r.getMessage(): r.levelname for r in caplog.records}
+    assert said == {
+        "lora_alpha: not read by this run (method=fft, feed=live, towers=both), so it changes nothing": "WARNING",
+        "lora_rank, gate_temperature (from the --config file): not read by this run (method=fft, feed=live, "
+        "towers=both), so it changes nothing": "INFO"}
+
+
 def test_an_unread_key_given_is_named_in_train_log_too(tiny, tiny_cache, tmp_path):
     """The warning comes when the config is resolved, before the run folder and its train.log exist: the log's
     header names the key, so a run's folder says it too. A key at its default, or one the run reads, is not."""
