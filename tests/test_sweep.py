@@ -481,5 +481,15 @@ def test_each_point_says_the_time_the_grid_has_left_by_the_points_trained_so_far
         run_grid(points[:3], argparse.Namespace(grid_index=None), action=lambda cfg, args: {"seed": cfg.seed})
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grid point ")]
     assert said == ["grid point 1 (2 of 3): p1", f"grid point 2 (3 of 3): p2; about 30 s {each.format(1, 1)}"]
+    caplog.clear()  # points 1 and 3 finished before the grid: the time left is that of the points it will train
+    monkeypatch.setattr(module, "found_finished", lambda point: point.index in (1, 3))
+    monkeypatch.setattr(module, "run_point", lambda point, total, action, args, left: (
+        logging.getLogger("iisan.experiments.sweep").info("grid point %d%s", point.index, left),
+        Outcome(point, Status.FINISHED_BEFORE if point.index in (1, 3) else Status.FINISHED))[1])
+    with caplog.at_level("INFO", logger="iisan.experiments.sweep"):
+        run_grid(points, argparse.Namespace(grid_index=None))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grid point ")]
+    assert said == ["grid point 0", f"grid point 1; about 30 s {each.format(1, 1)}",
+                    f"grid point 2; about 30 s {each.format(1, 1)}", "grid point 3"]
     assert module.time_left([], 3) == "" and module.time_left([3600.0, 7200.0], 4) == (
         "; about 6.0 h left for 4 point(s), at the 1.5 h each of the 2 trained so far")

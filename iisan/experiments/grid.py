@@ -84,8 +84,9 @@ def summary(outcomes: list[Outcome], made=None) -> str:
 
 
 def time_left(trained: list[float], left: int) -> str:
-    """What a grid's log line adds about the time left: ``left`` points to go (this one included) at the mean of
-    the ``trained`` points' times so far (points found finished take none; none trained yet: nothing said)."""
+    """What a grid's log line adds about the time left: ``left`` points to train (this one included; not those
+    found finished before the grid started) at the mean of the ``trained`` points' times so far (points found
+    finished take none; none trained yet: nothing said)."""
     if not trained or left < 1:
         return ""
     mean = sum(trained) / len(trained)

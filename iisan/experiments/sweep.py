@@ -173,6 +173,19 @@ def run_point(point: GridPoint, total: int, action, args, left: str = "") -> Out
     return Outcome(point, Status.FAILED, reason=reason)
 
 
+def found_finished(point: GridPoint) -> bool:
+    """Whether ``point``'s run folder holds its run finished with this config: a quiet first look, for the time
+    left (``run_point`` looks again, and says what it found)."""
+    from ..train.run_results import read_results
+    from ..train.runfolder import RESULTS, finished_results, run_dir
+
+    try:
+        return point.config is not None and \
+            finished_results(point.config, read_results(run_dir(point.config) / RESULTS)) is not None
+    except (OSError, UserError):  # (said, if it matters, when the point runs)
+        return False
+
+
 def chosen(points: list[GridPoint], index: int | None) -> list[GridPoint]:
     """The points ``--grid-index`` picks: all of them (None), or the one at ``index``, which must be one."""
     if index is None:
@@ -197,11 +210,12 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     first = next((p.config for p in points if p.config is not None), None)
     created = launched() and first is not None and setup(first.device)[2]
     trained: list[float] = []  # seconds of each point trained by this command, for the time left
+    done = [action is None and found_finished(p) for p in points]  # (they take none of it)
     try:
         for n, point in enumerate(points):
             try:
                 began = time.monotonic()
-                outcomes[n] = run_point(point, total, action, args, time_left(trained, len(points) - n))
+                outcomes[n] = run_point(point, total, action, args, time_left(trained, len(points) - n - sum(done[n:])))
                 if outcomes[n].status is Status.FINISHED:
                     trained.append(time.monotonic() - began)
                 if launched() and outcomes[n].status == Status.FAILED and point.config is not None:
