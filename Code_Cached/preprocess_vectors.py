@@ -4,7 +4,8 @@ Runs the frozen text and image encoders once over the items of the data set that
 left after the paper's protocol; `--all-items`: every row of the items file) and writes
 `stored_vectors_*/text.safetensors` and `image.safetensors`: the layers the SANs read, as one array per
 modality, in fp32 as the authors' (`--cache-dtype float16` halves it); with `--all-layers`, every layer,
-so that one cache serves every layer ablation. It trains no run: it ends naming the cache it wrote.
+so that one cache serves every layer ablation. It trains no run: it ends naming the cache it wrote. Run
+again, it keeps a cache built with the same settings and encodes nothing (`--overwrite` builds it again).
 `python preprocess_vectors.py --dataset Instrument`; `--help` lists the flags a cache depends on, those of
 `iisan cache`. Every other training flag is taken too and changes nothing here, so a training command line
 builds the cache its run reads.
@@ -24,14 +25,15 @@ def extra_arguments(parser):
     parser.add_argument("--all-items", action="store_true", help="every row of the items file")
     parser.add_argument("--all-layers", action="store_true",
                         help="every hidden state of each encoder: one cache for any --text-layers / --image-layers")
-    parser.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    parser.add_argument("--overwrite", action="store_true", help="build the cache again, replacing what --cache-dir "
+                        "holds (without it, a cache built with the same settings is kept, one built otherwise refused)")
 
 
 def action(cfg, args):
     from iisan.model.caching import build_cache_from_config  # here: --help need not import torch
 
     return build_cache_from_config(cfg, all_items=args.all_items, all_layers=args.all_layers,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, reuse=not args.overwrite)
 
 
 def made(cfg, paths) -> str:

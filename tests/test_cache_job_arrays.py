@@ -50,9 +50,11 @@ def test_a_cache_built_with_the_same_settings_is_kept_and_one_built_otherwise_is
     assert passes["n"] == built  # nothing encoded again
     assert capsys.readouterr().out.split() == ["text:", str(cache_file(folder, "text")), "image:",
                                                str(cache_file(folder, "image"))]
-    assert "built before with these settings; kept as it is (--reuse)" in caplog.text
+    assert "built before with these settings; kept as it is (--overwrite builds it again)" in caplog.text
     assert {m: cache_file(folder, m).read_bytes() for m in ("text", "image")} == first
-    main(cache_args(tiny, folder))  # without the flag: the same settings are rebuilt in place
+    main(cache_args(tiny, folder))  # without the flag too: a rerun of `iisan cache` encoded every item again
+    assert passes["n"] == built
+    main(cache_args(tiny, folder, "--overwrite"))  # built again in place, when asked (a cache damaged since)
     assert passes["n"] == 2 * built
     with pytest.raises(SystemExit) as stopped:  # other settings: refused as without the flag
         main(cache_args(tiny, folder, "--reuse", "--cache-dtype", "float16"))
@@ -86,7 +88,8 @@ def test_one_tower_missing_is_built_alone_and_the_other_kept(tiny, tmp_path, pas
     assert (cache_file(folder, "text").stat().st_ino, cache_file(folder, "text").stat().st_mtime_ns) == \
         (text.st_ino, text.st_mtime_ns)
     assert cache_file(folder, "image").read_bytes() == image  # the same bytes as in the build of both
-    assert f"{cache_file(folder, 'text')}: built before with these settings; kept as it is (--reuse)" in caplog.text
+    assert f"{cache_file(folder, 'text')}: built before with these settings; kept as it is (--overwrite builds it " \
+        "again)" in caplog.text
 
 
 @pytest.mark.parametrize("other_finishes", [True, False])
@@ -141,6 +144,9 @@ def test_a_cache_of_every_layer_is_kept_for_a_task_asking_for_some(tiny, tmp_pat
     main(cache_args(tiny, folder, "--reuse", "--text-layers", "0,2"))
     assert passes["n"] == built
     assert json.loads(read_metadata(cache_file(folder, "text"))["layers"]) == [0, 1, 2]
-    with pytest.raises(SystemExit):  # without --reuse: rebuilt only with the layers asked for, so refused
-        main(cache_args(tiny, folder, "--text-layers", "0,2"))
-    assert "holds a cache built with other settings (layers [0, 1, 2] there, [0, 2] now)" in capsys.readouterr().err
+    main(cache_args(tiny, folder, "--text-layers", "0,2"))  # without --reuse too
+    assert passes["n"] == built
+    with pytest.raises(SystemExit):  # another dtype is other settings: refused, with or without --reuse
+        main(cache_args(tiny, folder, "--text-layers", "0,2", "--cache-dtype", "float16"))
+    assert "holds a cache built with other settings (dtype float32 there, float16 now; layers [0, 1, 2] there, " \
+        "[0, 2] now)" in capsys.readouterr().err

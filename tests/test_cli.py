@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -224,12 +225,17 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(monkeypatch, 
     assert capsys.readouterr().err == "iisan: interrupted while starting; nothing was done\n"
 
 
-def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd):
+def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd, caplog):
     """No "Writing model shards" bar and no notice about ViT's processor backend: three paths, nothing else."""
     main(["make-tiny-models", "--out", str(tmp_path)])
     out, err = capfd.readouterr()
     assert out.split() == [str(tmp_path / name) for name in ("tiny-bert", "tiny-vit", "tiny-llama")]
     assert "Writing model shards" not in err and "torchvision" not in err
+    with caplog.at_level(logging.INFO, logger="iisan.cli"):  # run again (another --hidden, say): said, not silent
+        main(["make-tiny-models", "--out", str(tmp_path), "--hidden", "24"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / name}: written again (a random model folder this command made before)"
+        for name in ("tiny-bert", "tiny-vit", "tiny-llama")]
 
 
 @pytest.mark.parametrize("flags, message", [

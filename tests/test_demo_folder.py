@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def refused(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_folder(tmp_path, capsys):
+def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_folder(tmp_path, capsys, caplog):
     out = tmp_path / "demo"
     demo(out)
     assert "results in" in capsys.readouterr().out
@@ -63,9 +64,12 @@ def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_fold
                         f"overwritten: use another --out for these settings, or the same settings "
                         f"(--users 100 --items 40 --seed 0) to reuse it")
         assert snapshot(out) == before, flags
-    # the same settings: reused as before (the run is reported, the data regenerated identically)
-    demo(out)
+    # the same settings: reused as before (the run is reported, the data regenerated identically, and said so)
+    with caplog.at_level(logging.INFO, logger="iisan.experiments.demo"):
+        demo(out)
     assert "results in" in capsys.readouterr().out
+    assert f"{out}: writing the demo's data, models and images again from their settings (the same bytes)" in \
+        caplog.text
     after = snapshot(out)
     assert {k: v[0] for k, v in after.items() if k in ("users.tsv", "items.tsv", DEMO_SETTINGS)} == \
         {k: v[0] for k, v in before.items() if k in ("users.tsv", "items.tsv", DEMO_SETTINGS)}

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -233,7 +234,7 @@ def fetch(served, **kw):
 
 
 @pytest.mark.slow
-def test_a_data_set_is_fetched_recorded_and_verified_by_a_second_run(served_data, server, tiny):
+def test_a_data_set_is_fetched_recorded_and_verified_by_a_second_run(served_data, server, tiny, caplog):
     root = served_data["root"]
     stats = fetch(served_data)
     assert tuple(stats.values()) == served_data["sources"]["Tiny"].stats
@@ -250,8 +251,12 @@ def test_a_data_set_is_fetched_recorded_and_verified_by_a_second_run(served_data
     assert len(manifest.info("images")["files"]) == len(list(Path(tiny["image_dir"]).iterdir()))
 
     requests, drive_calls = len(server.seen), len(served_data["drive"].calls)
-    fetch(served_data)  # everything done: verified, nothing downloaded again
+    with caplog.at_level(logging.INFO, logger="iisan.data.fetch"):
+        fetch(served_data)  # everything done: verified, nothing downloaded again
     assert len(server.seen) == requests and len(served_data["drive"].calls) == drive_calls
+    said = [r.getMessage() for r in caplog.records]
+    assert "Tiny: step tsv was done before; its 2 file(s) are unchanged" in said
+    assert "Tiny: step stats was done before (it wrote no file)" in said  # not "its 0 files are unchanged"
 
     (base / "am_image_tn.zip").unlink()  # the archive is not needed once unpacked
     fetch(served_data)

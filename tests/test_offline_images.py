@@ -121,6 +121,12 @@ def test_the_cache_script_names_the_cache_it_wrote_and_no_run(tiny, tmp_path, mo
     assert f"grid point 0 (1 of 1): cache {cache}\n" in err
     assert "HR@10" not in out and "iisan-" not in out + err  # no run's name, no run's metrics
     assert not (tmp_path / "runs").exists()
+    built = {m: (cache / f"{m}.safetensors").stat().st_mtime_ns for m in ("text", "image")}
+    caplog.clear()  # run again: the same cache is kept, not every item encoded again
+    runpy.run_path(str(script), run_name="__main__")
+    assert "built before with these settings; kept as it is (--overwrite builds it again)" in caplog.text
+    assert "caching " not in caplog.text and f"| 0 | cache {cache}: " in capsys.readouterr().out
+    assert {m: (cache / f"{m}.safetensors").stat().st_mtime_ns for m in ("text", "image")} == built
 
 
 def test_a_failed_cache_build_is_named_by_its_cache_in_the_summary(tiny):

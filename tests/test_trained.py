@@ -743,6 +743,32 @@ def test_a_cached_run_that_recorded_no_cache_is_said_unchecked_when_found_and_ev
                              f"{cfg.cache_dir} holds the states it trained on cannot be told") == 1  # said once
 
 
+def test_a_cache_written_after_the_run_is_named_when_the_numbers_moved(runs, tmp_path, capsys):
+    """A cache built again with the same settings (`iisan cache --overwrite`; on a GPU the last bits vary) has
+    the record of the one the run read: evaluate blamed another device or library version alone."""
+    import os
+    import shutil
+
+    copy, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(runs["cached"]["run_dir"], copy)
+    results = json.loads((copy / "results.json").read_text())
+    shutil.copytree(results["config"]["cache_dir"], cache)
+    results["config"]["cache_dir"] = str(cache)
+    results["test"]["hit@10"] += 0.01
+    (copy / "results.json").write_text(json.dumps(results))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "cache_dir": str(cache)}))
+    main(["evaluate", str(copy), "--device", "cpu", "--split", "test"])
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(another device or library version?)")
+    later = (copy / "results.json").stat().st_mtime + 60
+    os.utime(cache / "image.safetensors", (later, later))
+    main(["evaluate", str(copy), "--device", "cpu", "--split", "test"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"results.json differs: largest difference 1.00e-02 ({cache / 'image.safetensors'} was written after the "
+        "run's results.json: a cache built again (a GPU build's last bits vary) or another device or library "
+        "version?)")
+
+
 def test_a_run_whose_lock_names_another_machine_is_said_to_train_there(runs, tmp_path, caplog):
     """A run on a lost node (results.json says running, its lock a process on another host, which this machine
     cannot see): `iisan evaluate` said nothing of it, where a run training here is warned of."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
 from ..bounds import PIXELS, check_encoding, path_arg, positive_at_most, positive_int, utf8_path
 from ..flags import add_config_arguments, config_from_args
+
+log = logging.getLogger(__name__)
 
 
 def cmd_data_stats(args) -> None:
@@ -54,6 +57,8 @@ def cmd_make_tiny_models(args) -> None:
     out = Path(args.out)
     names = ("bert-base-random", "vit-base-random") if args.base else ("tiny-bert", "tiny-vit", "tiny-llama")
     for name in names:  # save_pretrained replaces files by name: only in folders this command made
+        if (out / name / TINY_MARKER).is_file():
+            log.info("%s: written again (a random model folder this command made before)", out / name)
         claim_folder(out / name, TINY_MARKER, "a random model folder IISAN wrote", "--out")
     if args.base:
         text_dir, image_dir = write_base_architectures(out)
@@ -100,7 +105,7 @@ def cmd_cache(args) -> None:
 
     def build() -> dict:
         return build_cache_from_config(config_from_args(args), all_items=args.all_items, all_layers=args.all_layers,
-                                       overwrite=args.overwrite, reuse=args.reuse)
+                                       overwrite=args.overwrite, reuse=args.reuse or not args.overwrite)
 
     try:
         paths = when_free(build) if args.reuse else build()
@@ -163,7 +168,8 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser("cache", help="run the frozen encoders once and write the hidden-state cache "
                                      "(resumable: run it again after an interruption)",
                        description="Run the frozen encoders once over the items and write the hidden-state cache "
-                                   "that cached runs read. Resumable: run it again after an interruption.",
+                                   "that cached runs read. Resumable: run it again after an interruption. A tower's "
+                                   "cache there built with the same settings is kept: run again, it encodes nothing.",
                        epilog="Every other `iisan train` flag is taken too and changes nothing here, so a "
                               "training command line (or --config file) builds the cache its run reads.")
     add_config_arguments(p, shown=CACHE_KEYS)
@@ -171,9 +177,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("--all-layers", action="store_true",
                    help="every hidden state of each encoder, so that one cache serves any --text-layers / "
                         "--image-layers choice (runs read only their own layers from it)")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir built with other "
-                   "settings (a cache built with the same settings is rebuilt in place)")
-    p.add_argument("--reuse", action="store_true", help="keep a tower's cache in --cache-dir built with the same "
-                   "settings (or every layer) instead of building it again, judged by its settings, and wait while "
-                   "another process builds there (the tasks of a job array sharing one cache)")
+    p.add_argument("--overwrite", action="store_true", help="build the cache again, replacing what --cache-dir "
+                   "holds (without it, a tower's cache built with the same settings, or every layer, is kept, judged "
+                   "by its settings, and one built with other settings is refused)")
+    p.add_argument("--reuse", action="store_true", help="wait while another process builds in --cache-dir, then keep "
+                   "what it built (the tasks of a job array sharing one cache); with --overwrite, keep a cache built "
+                   "with the same settings and replace one built otherwise")
     p.set_defaults(func=cmd_cache)

@@ -52,7 +52,7 @@ def why_different(run: TrainedRun) -> str:
     """The likeliest reason the numbers moved: a results file of another config (copied from another run),
     weights of another epoch than the results file's (a run still training), another users file than the
     run trained on, a cache rebuilt in another precision (or, for a run that recorded no cache, rebuilt at
-    all), else the software."""
+    all; or written after the run ended), else the software."""
     # imported when run, not for --help (cli/__init__.py)
     from ..digests import file_fingerprint
     from ..train.checkpoint import PATHS, config_differences
@@ -74,7 +74,25 @@ def why_different(run: TrainedRun) -> str:
     if run.cfg.cached and "cache" not in run.results:
         return "a cache rebuilt since? (this run, of an older version, recorded none to compare) or another " \
                "device or library version?"
+    if run.cfg.cached and (rewritten := written_since(run)):
+        return f"{rewritten} was written after the run's results.json: a cache built again (a GPU build's last " \
+               "bits vary) or another device or library version?"
     return "another device or library version?"
+
+
+def written_since(run: TrainedRun) -> str:
+    """A cache file of ``run`` newer than its results.json (the same settings built again, which the cache's
+    record cannot tell apart), or ''."""
+    # imported when run, not for --help (cli/__init__.py)
+    from ..data.cache import cache_file
+    from ..model.build import modalities
+
+    try:
+        ended = (Path(run.run_dir) / "results.json").stat().st_mtime
+        return next((str(path) for m in modalities(run.cfg)
+                     if (path := cache_file(run.cfg.cache_dir, m)).stat().st_mtime > ended), "")
+    except OSError:
+        return ""
 
 
 def ran(run_dir: str) -> None:

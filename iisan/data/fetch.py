@@ -236,7 +236,8 @@ def fetch_dataset(name: str, root: str | Path, drive: DriveClient | None = None,
             log.info("%s: %s is not needed (the images are unpacked)", name, archive.name)
         elif manifest.done(step):
             checked = manifest.verify(step)
-            log.info("%s: step %s was done before; its %d files are unchanged", name, step, checked)
+            log.info("%s: step %s was done before%s", name, step,
+                     f"; its {checked:,} file(s) are unchanged" if checked else " (it wrote no file)")
         else:
             before = set(manifest.data["steps"])
             run()

@@ -107,13 +107,17 @@ def claim_demo_data(out: Path, settings: dict, flags: dict) -> None:
 
 def prepare_demo_data(out_dir: str | Path, seed: int = 0, progress: bool = True, flags: dict | None = None,
                       **sizes) -> dict[str, str]:
-    """Data set, tiny models and image LMDB under ``out_dir`` (reused when already there). The folder must
-    be new, empty or one a demo made (``DEMO_MARKER``): the demo rewrites its files by name. Data it holds
-    of other settings (sizes, seed) is refused, never overwritten; ``flags`` names the command's flags
-    for them in that refusal (default ``DEMO_FLAGS``, ``iisan demo``'s)."""
+    """Data set, tiny models and image LMDB under ``out_dir``, written again on every call from the same
+    settings: the same bytes (a file changed or removed since is restored; the cache and runs that read
+    them are kept). The folder must be new, empty or one a demo made (``DEMO_MARKER``): the demo rewrites
+    its files by name. Data it holds of other settings (sizes, seed) is refused, never overwritten; ``flags``
+    names the command's flags for them in that refusal (default ``DEMO_FLAGS``, ``iisan demo``'s)."""
     flags = {**DEMO_FLAGS, **(flags or {})}
     out = claim_folder(out_dir, DEMO_MARKER, "a demo folder", flags["out"])
+    again = (out / DEMO_SETTINGS).is_file()
     claim_demo_data(out, generation_settings(seed, sizes), flags)
+    if again:
+        log.info("%s: writing the demo's data, models and images again from their settings (the same bytes)", out)
     paths = generate(out, seed=seed, **sizes)
     titles = read_items(paths["items"]).titles
     models = out / "models"

@@ -176,6 +176,7 @@ def run_point(point: GridPoint, total: int, action, args, left: str = "") -> Out
 def found_finished(point: GridPoint) -> bool:
     """Whether ``point``'s run folder holds its run finished with this config: a quiet first look, for the time
     left (``run_point`` looks again, and says what it found)."""
+    # imported when run, not for --help (module docstring)
     from ..train.run_results import read_results
     from ..train.runfolder import RESULTS, finished_results, run_dir
 

@@ -172,10 +172,10 @@ def build_cache_from_config(cfg: Config, dtype: str | None = None, all_items: bo
     ``timings``, if given, receives ``load_seconds`` (reading the data and loading the encoders) and
     ``build_caches``' own. ``overwrite`` replaces a cache built with other settings (see the module
     docstring). ``only_missing``: nothing is built when every file is there once the folder is locked (another
-    process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (``--reuse``): a tower's cache
-    there built with the same settings (``serves``) is kept and only the other tower built (the encoders are
-    loaded to tell). A shared cache folder this process cannot write (another user's) is kept with ``reuse``
-    when it serves every tower: nothing is written, so no lock is taken."""
+    process built it meanwhile: a job array's tasks sharing one cache). ``reuse`` (`iisan cache`'s default; not
+    with --overwrite alone): a tower's cache there built with the same settings (``serves``) is kept and only the
+    other tower built (the encoders are loaded to tell). A shared cache folder this process cannot write (another
+    user's) is kept with ``reuse`` when it serves every tower: nothing is written, so no lock is taken."""
     start = time.perf_counter()
     if reuse and cfg.cache_dir and Path(cfg.cache_dir).is_dir() and not os.access(cfg.cache_dir, os.W_OK):
         check_cache_arguments(cfg, dtype)
@@ -239,7 +239,8 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
                           f"{' and '.join(rest)} cache is missing or was built with other settings; choose another "
                           "--cache-dir")
     if kept:
-        log.info("%s: built before with these settings; kept as it is (--reuse)", ", ".join(map(str, kept.values())))
+        log.info("%s: built before with these settings; kept as it is%s", ", ".join(map(str, kept.values())),
+                 "" if overwrite else " (--overwrite builds it again)")
         if rest := [m for m in metadata if m not in kept]:  # the other tower alone, stored as it would have been
             del live, encoders, pixels
             kept.update(_build(cfg.replace(towers=rest[0], modality="intra"), str(stored).removeprefix("torch."),
