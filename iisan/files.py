@@ -22,14 +22,10 @@ import shutil
 import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
 from .errors import OutputError, UserError, in_the_way
-
-if TYPE_CHECKING:  # torch only where tensors are written: `iisan --help` imports this module, not torch
-    import torch
 
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its writes' I/O errors as its own type
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
@@ -336,13 +332,6 @@ def put_back_on_failure(*paths: Path):
     finally:
         for link in kept.values():
             remove(link)
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file  # imports torch, which the caller has already
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def path_component(text: str) -> str:

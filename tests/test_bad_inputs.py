@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from iisan.config import Config
-from iisan.data.cache_build import BUILD_FORMAT, write_safetensors
+from iisan.data.cache_build import BUILD_FORMAT
 from iisan.locks import OutputLock
+from iisan.tensorfiles import write_safetensors
 from iisan.train.trainer import train
 
 from ._cli_driver import changed, leftovers, run_forked, run_subprocess, snapshot
@@ -322,21 +323,23 @@ def permissions_bind_the_child() -> bool:
 
 
 def disk_full_at(name: str):
-    """safetensors' writer (which ``iisan.files`` calls) fills the disk while writing ``name`` (under its
-    temporary name): part of it written, then ENOSPC as safetensors reports it."""
+    """The disk fills while ``iisan.tensorfiles`` writes ``name`` (under its temporary name): part of it
+    written, then ENOSPC."""
     def fault(P, s):
-        import safetensors.torch as files
-        from safetensors import SafetensorError
+        import builtins
+        import errno
 
-        real = files.save_file
+        from iisan import tensorfiles
 
-        def save_file(tensors, path, metadata=None):
-            real(tensors, path, metadata=metadata)
-            if Path(path).name.startswith(f".{name}."):
-                Path(path).write_bytes(Path(path).read_bytes()[:100])
-                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        def full_open(path, mode="r", *args, **kwargs):
+            fh = builtins.open(path, mode, *args, **kwargs)
+            if "w" in mode and Path(path).name.startswith(f".{name}."):
+                fh.write(b"\0" * 100)
+                fh.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return fh
 
-        files.save_file = save_file
+        tensorfiles.open = full_open
     return fault
 
 

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from iisan.data import cache_import
-from iisan.data.cache_build import write_safetensors
 from iisan.data.cache_import import REPORT, import_caches, state_file
 from iisan.data.image_build import build_image_lmdb
 from iisan.data.images import ImageStore, decode_record, encode_record
 from iisan.errors import ConfigError, ImageStoreError, OutputError
+from iisan.tensorfiles import write_safetensors
 
 
 @pytest.fixture()

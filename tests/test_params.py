@@ -115,11 +115,11 @@ def _fake_cache(cfg, data, folder: Path) -> None:
     import json
 
     from iisan.data.cache import FORMAT, encoder_config_hash
-    from iisan.data.cache_build import write_safetensors
     from iisan.model.backbones import read_spec
     from iisan.model.build import layers_for, model_name
     from iisan.model.encoder_files import weights_digest
     from iisan.model.families import resolve_pooling
+    from iisan.tensorfiles import write_safetensors
 
     for m in ("text", "image"):
         name = model_name(cfg, m)

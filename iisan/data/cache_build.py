@@ -14,9 +14,8 @@ encoded (only that line with ``--no-progress``). SIGTERM (a preempted job) stops
 
 Memory: one chunk's hidden states on the device and two chunks' pooled states in RAM (one being written
 in the background while the next is computed), with up to three chunks of pixels read ahead; the final file
-is written shard by shard, never held whole. Files are written with a canonical header (sorted JSON,
-see ``write_safetensors``): safetensors' own writer orders metadata keys at random, so two builds of
-the same cache would otherwise differ in their bytes.
+is written shard by shard, never held whole, with a canonical header (``tensorfiles.write_safetensors``):
+two builds of the same cache are the same bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -53,57 +52,13 @@ from ..files import (
     write_json_atomic,
 )
 from ..streams import bar_disable
+from ..tensorfiles import raw_bytes, write_safetensors
 from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
 
 log = logging.getLogger(__name__)
 
 BUILD_FORMAT = "iisan-cache-build/1"
-CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-
-
-# --------------------------------------------------------------------------------------------------
-# a deterministic safetensors writer (the format: u64 header length, JSON header, raw little-endian data)
-
-
-def _raw(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True,
-                      bulk: bool = False) -> None:
-    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames; ``bulk``: one of
-    many files in a folder, as ``atomic_path`` takes it). ``specs``
-    name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
-    row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
-    header is sorted JSON: same inputs, same bytes."""
-    # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
-    # which safetensors' reader refuses in a header: they are written as \xNN escapes instead.
-    header: dict = {"__metadata__": {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                                     for k, v in metadata.items()}}
-    sizes, offset = {}, 0
-    for name in sorted(specs):
-        dtype, shape = specs[name]
-        sizes[name] = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": CODES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + sizes[name]]}
-        offset += sizes[name]
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' writer pads it
-    written = dict.fromkeys(specs, 0)
-    order = iter(sorted(specs))
-    current = next(order, None)
-    with atomic_path(path, bulk=bulk) if atomic else nullcontext(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for name, block in parts:
-            while current is not None and written[current] == sizes[current]:
-                current = next(order, None)
-            if name != current or block.dtype != specs[name][0]:
-                raise ValueError(f"{path}: got a {block.dtype} block of {name!r} while writing {current!r}")
-            written[name] += fh.write(_raw(block))
-        if written != sizes:
-            raise ValueError(f"{path}: wrote {written} bytes, the header declares {sizes}")
 
 
 def write_together(files: dict[Path, tuple[dict, Iterable[tuple[str, torch.Tensor]], dict[str, str]]]) -> None:
@@ -218,7 +173,7 @@ class ShardDir:
         specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
         digest = hashlib.sha256()
         for n in sorted(tensors):
-            digest.update(_raw(tensors[n]))
+            digest.update(raw_bytes(tensors[n]))
         write_safetensors(self.shard(k), specs, ((n, tensors[n]) for n in sorted(tensors)),
                           {"sha256": digest.hexdigest()}, bulk=True)  # (checked by its digest when resumed)
 

@@ -16,9 +16,10 @@ from ..console import progress_bar
 from ..data.interactions import check_split
 from ..errors import OutputError, parse_json
 from ..evaluate import eval_chunk
-from ..files import check_readable, failure_reason, folders_kept_on_success, save_safetensors_atomic
+from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
 from ..methods import METHOD_NAMES
+from ..tensorfiles import save_safetensors_atomic
 from ..train.checkpoint import CHECKPOINTS, PATHS, config_differences
 from .trained import TrainedRun
 

@@ -11,7 +11,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import Config
 from ..errors import TrainingError
-from ..files import check_readable, failure_reason, save_safetensors_atomic
+from ..files import check_readable, failure_reason
+from ..tensorfiles import save_safetensors_atomic
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
