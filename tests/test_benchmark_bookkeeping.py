@@ -162,6 +162,9 @@ def test_the_figure_plots_each_default_rows_epoch_memory_params_and_tpme(monkeyp
     time, memory, params, tpme = drawn_axes(payload, monkeypatch)
     heights = [[bar.get_height() for bar in ax.patches] for ax in (time, memory, tpme)]
     assert heights == [[19.0, 7.0], [1.0, 0.5], [1.0, 0.0]]  # the default rows: FFT, IISAN
+    # each value above its bar or point, as the tables write it (memory 2 decimals, TPME 3)
+    assert [[t.get_text() for t in ax.texts] for ax in (time, memory, params, tpme)] == [
+        ["19", "7"], ["1.00", "0.50"], ["1 k", "50"], ["1.000", "0.000"]]
     # parameters: points on a log axis, no bars (a bar's length there depends on where the axis starts)
     assert not params.patches and params.get_yscale() == "log"
     assert params.collections[0].get_offsets().tolist() == [[0, 1000], [1, 50]]

@@ -170,3 +170,23 @@ def test_train_log_that_cannot_be_opened_for_its_handler_is_one_line(tmp_path, m
         record.start_log()
     assert str(caught.value) == f"could not write {tmp_path / 'train.log'}: No space left on device"
     assert record.log_file.handler is None
+
+
+@pytest.mark.parametrize("results, lock, said", [
+    ({}, False, "has no best.safetensors yet (written when an epoch's validation improves)"),  # config.json alone
+    ({"status": "running"}, True, "has no best.safetensors yet (written when an epoch's validation improves)"),
+    ({"status": "running"}, None, "has no best.safetensors yet (written when an epoch's validation improves)"),
+    ({"status": "running"}, False, "holds a run that was killed (its command, run again, starts it again) before an "
+                                   "epoch's validation wrote best.safetensors: nothing to use"),
+    ({"status": "finished"}, False, "is a finished run without its best.safetensors: its command, run again, writes "
+                                    "it again from the checkpoint of its best epoch, where one is kept"),
+    ({"status": "failed", "error": "disk full"}, False, "holds a run that failed (disk full) before an epoch's "
+                                                        "validation wrote best.safetensors: nothing to use"),
+], ids=["no-results", "training-here", "lock-unreadable", "killed", "finished", "failed"])
+def test_a_run_without_best_weights_is_said_to_be_so_by_how_it_ended(results, lock, said, tmp_path, monkeypatch):
+    """A run still training (its lock held, or not readable here) has no weights yet; one whose lock no process
+    holds was killed; a folder with no results file has none yet, not a finished run's deleted ones."""
+    from iisan.experiments import results_file
+
+    monkeypatch.setattr(results_file, "held", lambda lock_path: lock)
+    assert results_file.without_weights(tmp_path / "results.json", results) == f"{tmp_path} {said}"
