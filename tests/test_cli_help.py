@@ -291,6 +291,16 @@ def test_a_bad_config_or_run_folder_is_said_before_torch_loads(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
+def test_the_evaluation_and_the_model_load_no_transformers():
+    """Code that scores its own model with iisan's evaluation, or reads a cache into the side network, waited 2 s
+    for transformers (a type annotation of the live feed imported the encoder wrappers)."""
+    code = ("import sys; import iisan.evaluate, iisan.model.recommender, iisan.model.san, iisan.data.cache; "
+            "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_version_names_the_installed_package(capsys):
     from importlib.metadata import version
 

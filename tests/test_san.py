@@ -199,6 +199,8 @@ def test_a_tower_built_without_a_config_refuses_what_would_build_another_model_s
         SANItemTower(widths, steps, 4, modality="intra+inter")
     with pytest.raises(ValueError, match=r"expected keys among image, text, the same in both"):
         SANItemTower({"txt": 8, "image": 8}, {"txt": 3, "image": 3}, 4)
+    with pytest.raises(ValueError, match=r"bottleneck \{'text': 2\}: expected one for image too \(a key per tower\)"):
+        SANItemTower(widths, steps, 4, {"text": 2})  # (a KeyError: 'image' before)
     tower = SANItemTower(widths, steps, 4)
     assert tower({"text": torch.randn(2, 3, 8), "image": torch.randn(2, 3, 8)}).shape == (2, 4)
     with pytest.raises(ValueError, match=r"an intra SAN of 3 states got 7"):

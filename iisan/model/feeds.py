@@ -10,12 +10,16 @@ agree by construction (a test checks it to 1e-5 in fp32).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..data.batches import ItemBatch
-from .backbones import BackboneEncoder
 from .inputs import EncodedItems
+
+if TYPE_CHECKING:  # (transformers, 2 s: not for a caller that only evaluates or reads a cache)
+    from .backbones import BackboneEncoder
 
 
 class LiveStates(EncodedItems):

@@ -167,6 +167,9 @@ class SANItemTower(nn.Module):
     head is width->width->64 in both designs. ``seeded``: each modality's first state starts its intra
     chain instead of feeding a block (authors' ``remove_first``); the inter chain, which starts from
     zeros either way, then reads one state fewer.
+
+    Built on its own (without a Config): ``bottleneck`` names every modality of ``widths`` (None: 64 each),
+    and the states come in the tower's dtype (fp32 as built; a half cache is converted by ``CachedStates``).
     """
 
     def __init__(self, widths: dict[str, int], steps: dict[str, int], embedding_dim: int = 64,
@@ -184,6 +187,8 @@ class SANItemTower(nn.Module):
         self.head_style = head_style(widths, heads)
         head_hidden = embedding_dim if self.head_style == "versa" else None
         bottleneck = bottleneck or {m: 64 for m in widths}
+        if missing := sorted(set(widths) - set(bottleneck)):
+            raise ValueError(f"bottleneck {bottleneck}: expected one for {', '.join(missing)} too (a key per tower)")
         self.modalities = tuple(m for m in MODALITIES if m in widths)
         self.use_intra = modality in ("intra", "intra_inter") or len(self.modalities) == 1
         self.use_inter = modality in ("inter", "intra_inter") and len(self.modalities) == 2
