@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -303,8 +304,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_text(payload, **kwargs) -> str:
+    """``payload`` as JSON, a non-finite float (an infinite loss kept under --nonfinite authors) as null: JSON has
+    no Infinity or NaN, which strict readers (JavaScript, jq) refuse or misread."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return json.dumps(finite(payload), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str | Path, payload: dict) -> Path:
-    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return write_text_atomic(path, json_text(payload, indent=2, default=str) + "\n")
 
 
 @contextmanager

@@ -34,8 +34,8 @@ def test_written_weights_are_as_readable_as_any_new_file(tmp_path):
     checkpoint, they get the umask's permissions, as results.json does."""
     import torch
 
-    from iisan.files import save_safetensors_atomic
     from iisan.model.tiny import write_vit
+    from iisan.tensorfiles import save_safetensors_atomic
     from iisan.train.checkpoint_writing import write_checkpoint
 
     old = os.umask(0o027)
@@ -563,3 +563,14 @@ def test_a_failed_write_of_a_relative_path_names_the_folder_it_is_in(tmp_path, m
     monkeypatch.chdir(tmp_path / "gone")
     (tmp_path / "gone").rmdir()  # a working folder removed under the command: the path as given
     assert str(write_failure("table.csv", denied)) == "could not write table.csv: Permission denied"
+
+
+def test_json_has_no_infinity_or_nan_tokens():
+    """An infinite loss kept under --nonfinite authors went into results.json as a bare Infinity token, which
+    JavaScript's JSON.parse refuses and jq reads as 1.8e308."""
+    import math
+
+    from iisan.files import json_text
+
+    text = json_text({"loss": math.inf, "valid": {"hit@10": 0.25}, "seen": [math.nan, 1.5, (-math.inf, 2)], "n": 3})
+    assert text == '{"loss": null, "valid": {"hit@10": 0.25}, "seen": [null, 1.5, [null, 2]], "n": 3}'

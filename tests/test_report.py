@@ -580,7 +580,7 @@ MISSING = object()  # a field left out of the file
     (("epochs",), {}, "epochs is an object, expected a list"),
     (("epochs", 1), 1, "epochs[1] is 1, expected an object"),
     (("epochs", 0, "valid"), [], "epochs[0].valid is a list, expected an object"),
-    (("epochs", 1, "loss"), "nan", 'epochs[1].loss is "nan", expected a number'),
+    (("epochs", 1, "loss"), "nan", 'epochs[1].loss is "nan", expected a number or null'),  # null: non-finite
     (("config",), "lr=0.001", 'config is "lr=0.001", expected an object'),
     (("config", "lr"), "fast", "config: lr='fast': expected a number"),
     (("config", "users"), 3, "config: users=3: expected a string"),

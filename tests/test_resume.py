@@ -801,6 +801,13 @@ def test_nonfinite_authors_goes_on_past_an_infinite_loss_and_fails_at_a_nan_befo
     assert results["status"] == "finished" and "stopped" not in results and len(results["epochs"]) == 2
     assert results["epochs"][1]["loss"] == float("inf")
     assert [e["valid"] for e in results["epochs"]] == [e["valid"] for e in reference["epochs"][:2]]
+    folder = Path(base.out_dir) / "inf-authors"  # written as null: JSON has no Infinity (JavaScript refused the
+    for name in ("results.json", "metrics.jsonl"):  # file, jq read 1.8e308)
+        text = (folder / name).read_text()
+        assert "Infinity" not in text and '"loss": null' in text, name
+    assert json.loads((folder / "results.json").read_text(), parse_constant=pytest.fail)["epochs"][1]["loss"] is None
+    from iisan.experiments.results_file import check_results
+    check_results(json.loads((folder / "results.json").read_text()))  # `iisan results` reads it
     assert "--nonfinite authors: an infinite loss does not stop the run" in caplog.text
     poison_step(monkeypatch, 3, "nan")
     with pytest.raises(TrainingError, match=r"; --nonfinite authors: no epoch had finished before it, so there is "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ from ..bounds import DEVICES, device_choice, finite_number, path_arg, positive_i
 from ..console import fixed
 from ..data.textfile import decoded_lines
 from ..errors import DataError, OutputError
+from ..files import json_text
 from ..methods import METHOD_NAMES
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def cmd_evaluate(args) -> None:
     metrics = {split: evaluate(run, split) for split in splits}
     verdict = compared(run, metrics)
     if args.json:
-        print(json.dumps(metrics))
+        print(json_text(metrics))
         if verdict.startswith("results.json differs"):  # (on stderr: stdout stays one JSON object)
             log.warning("%s: %s", run.run_dir, verdict)
         return
@@ -184,7 +184,7 @@ def cmd_recommend(args) -> None:
     ids, titles = run.data.item_ids, run.data.titles
     for (label, history), top in zip(asked, results, strict=True):
         if args.json:
-            print(json.dumps({"query": label, "history": [ids[i] for i in history],
+            print(json_text({"query": label, "history": [ids[i] for i in history],
                               "items": [{"item_id": ids[i], "title": titles[i], "score": s} for i, s in top]}))
             continue
         last = history[-1]

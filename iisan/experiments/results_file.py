@@ -154,7 +154,7 @@ def check_results(results) -> None:
         if not isinstance(epoch, dict):
             raise DamagedResults(f"epochs[{i}] is {_shown(epoch)}, expected an object")
         _field(epoch, "epoch", "integer", f"epochs[{i}].")
-        _field(epoch, "loss", "number", f"epochs[{i}].")
+        _field(epoch, "loss", "number", f"epochs[{i}].", optional=True)  # null: non-finite (files.json_text)
         _field(_field(epoch, "valid", "object", f"epochs[{i}]."), SELECTED_BY, "number", f"epochs[{i}].valid.")
     if results["method"] not in METHOD_NAMES.values():
         raise DamagedResults(f"method is {_shown(results['method'])}, expected one of "

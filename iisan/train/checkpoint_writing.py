@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..digests import sha256
 from ..errors import CheckpointError
-from ..files import WRITE_ERRORS, failure_reason, fsync, usual_permissions
+from ..files import WRITE_ERRORS, failure_reason, fsync, json_text, usual_permissions
 from .checkpoint import (
     FILES,
     FORMAT,
@@ -46,7 +46,7 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
         save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
         usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
-        (tmp / STATE).write_text(json.dumps(state, indent=1, default=str) + "\n", encoding="utf-8")
+        (tmp / STATE).write_text(json_text(state, indent=1, default=str) + "\n", encoding="utf-8")
         manifest = {"format": FORMAT, "files": {}}
         for file in FILES:
             fsync(tmp / file)

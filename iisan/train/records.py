@@ -28,7 +28,7 @@ from ..config import Config
 from ..console import metrics_text
 from ..devices import device_name
 from ..errors import RunInterrupted, UserError, parse_json
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_path, json_text, write_json_atomic
 from ..logfiles import Logging
 from ..memory import MemoryPeaks
 from ..methods import METHOD_NAMES, named_unread
@@ -175,7 +175,7 @@ class RunRecord:
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp:  # synced before the rename: on disk before the epoch is told
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in self.metrics), encoding="utf-8")
+            tmp.write_text("".join(json_text(record) + "\n" for record in self.metrics), encoding="utf-8")
 
     def epoch(self, record: dict) -> None:
         if not self.main:
