@@ -1204,3 +1204,25 @@ def test_the_run_that_ended_last_is_told_by_the_zone_of_its_ended_at_too(tmp_pat
     assert _written(path, utc) - _written(path, tokyo) == 3600
     assert _written(path, {"epochs": []}) == _written(path, {"epochs": [{"ended_at": "yesterday"}]}) == \
         path.stat().st_mtime  # without a readable ended_at: the file's time
+
+
+def test_a_key_a_run_never_reads_is_an_empty_csv_cell_so_its_column_reads_as_numbers(tmp_path):
+    """The table's '-' (a learning rate a run trains nothing with) made pandas read the whole column as text."""
+    import pandas as pd
+
+    from iisan.experiments.report import write_csv
+
+    frame = pd.DataFrame({"run": ["a", "b"], "method": ["IISAN", "FFT"], "lr": ["0.001", "0.0002"],
+                          "lr_image": ["-", "0.0001"]})
+    read = pd.read_csv(write_csv(frame, tmp_path / "t.csv"))
+    assert read["lr_image"].dtype == float and np.isnan(read["lr_image"][0]) and read["lr_image"][1] == 1e-4
+    assert frame["lr_image"].tolist() == ["-", "0.0001"]  # the printed table keeps its '-'
+
+
+def test_a_bar_in_a_run_name_stays_in_its_markdown_cell():
+    import pandas as pd
+
+    from iisan.experiments.report import markdown
+
+    frame = pd.DataFrame({"run": ["pipe|name"], "method": ["IISAN"], "non_finite": [""]})
+    assert markdown(frame).splitlines()[-1] == r"| pipe\|name | IISAN |"

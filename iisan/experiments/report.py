@@ -202,7 +202,7 @@ def _cell(value, column: str, non_finite: bool) -> str:
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 10_000:
         return f"{value:,}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a run named a|b is one cell, not two
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -239,8 +239,11 @@ def claim_csv(path: str | Path) -> None:
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
     """All columns (standard deviations and the non-finite marks included), written atomically
-    (``claim_csv`` first)."""
+    (``claim_csv`` first). A key a run never reads (the table's ``-``) is an empty cell, so that a column of
+    learning rates reads back as numbers."""
     claim_csv(path)
+    keys = [c for c in frame.columns if c in RUN_KEYS]
+    frame = frame.assign(**{c: frame[c].replace(UNUSED, "") for c in keys})
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
