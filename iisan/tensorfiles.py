@@ -16,8 +16,10 @@ import torch
 
 from .files import atomic_path
 
-CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-         torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+         torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+         torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16",
+         torch.uint8: "U8", torch.bool: "BOOL"}  # safetensors' names
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -34,6 +36,8 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     header is sorted JSON: same inputs, same bytes."""
     # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
     # which safetensors' reader refuses in a header: they are written as \xNN escapes instead.
+    if "__metadata__" in specs:
+        raise ValueError(f"{path}: a tensor may not be named __metadata__ (the header's metadata)")
     header: dict = {"__metadata__": {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                                      for k, v in metadata.items()}}
     sizes, offset = {}, 0
@@ -51,7 +55,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     with atomic_path(path, bulk=bulk) if atomic else nullcontext(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name, block in parts:
-            while current is not None and written[current] == sizes[current]:
+            while current is not None and current != name and written[current] == sizes[current]:
                 current = next(order, None)
             if name != current or block.dtype != specs[name][0]:
                 raise ValueError(f"{path}: got a {block.dtype} block of {name!r} while writing {current!r}")

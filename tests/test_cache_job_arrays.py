@@ -63,6 +63,13 @@ def test_a_cache_built_with_the_same_settings_is_kept_and_one_built_otherwise_is
         capsys.readouterr().err
     main(cache_args(tiny, folder, "--reuse", "--cache-dtype", "float16", "--overwrite"))
     assert {read_metadata(cache_file(folder, m))["dtype"] for m in ("text", "image")} == {"float16"}
+    built = passes["n"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="iisan"):  # the same again: kept, with no hint to --overwrite
+        main(cache_args(tiny, folder, "--reuse", "--cache-dtype", "float16", "--overwrite"))
+    assert passes["n"] == built
+    assert [r.getMessage() for r in caplog.records if "kept as it is" in r.getMessage()] == [
+        f"{cache_file(folder, 'text')}, {cache_file(folder, 'image')}: built before with these settings; kept as it is"]
 
 
 def test_one_tower_missing_is_built_alone_and_the_other_kept(tiny, tmp_path, passes, monkeypatch, caplog):

@@ -227,7 +227,9 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_exit_130(monkeypatch, 
 
 def test_make_tiny_models_prints_only_its_folders(tmp_path, capfd, caplog):
     """No "Writing model shards" bar and no notice about ViT's processor backend: three paths, nothing else."""
-    main(["make-tiny-models", "--out", str(tmp_path)])
+    with caplog.at_level(logging.INFO, logger="iisan.cli"):
+        main(["make-tiny-models", "--out", str(tmp_path)])
+    assert not caplog.records  # nothing there before: nothing written again
     out, err = capfd.readouterr()
     assert out.split() == [str(tmp_path / name) for name in ("tiny-bert", "tiny-vit", "tiny-llama")]
     assert "Writing model shards" not in err and "torchvision" not in err

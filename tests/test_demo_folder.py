@@ -49,8 +49,9 @@ def refused(capsys, argv: list[str]) -> str:
 @pytest.mark.slow
 def test_other_settings_are_refused_in_one_line_and_the_same_ones_reuse_the_folder(tmp_path, capsys, caplog):
     out = tmp_path / "demo"
-    demo(out)
-    assert "results in" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="iisan.experiments.demo"):
+        demo(out)
+    assert "results in" in capsys.readouterr().out and "writing the demo's data" not in caplog.text  # (new)
     settings = json.loads((out / DEMO_SETTINGS).read_text())["settings"]
     assert (settings["num_users"], settings["num_items"], settings["seed"]) == (100, 40, 0)
     before = snapshot(out)

@@ -76,3 +76,19 @@ def test_every_script_takes_verbose_and_both_spellings_of_its_folder_and_thread_
             assert "--workers" not in flags or getattr(parser.parse_args(["--workers", "3"]), dest) == 3
     assert {"benchmark_cached_cpu", "versa_minilm_scientific", "real_data_seeds", "gpu_diagnose"} <= set(work)
     assert {"gpu_diagnose", "profile_step", "benchmark_efficiency"} <= set(threads)
+
+
+def test_the_measuring_scripts_defaults_moved_out_of_torch_are_what_they_measured():
+    """Their flags moved to torch-free modules (options.py, presets.SEED_SETTINGS) for --help: the seeds train both
+    settings, the diagnosis its reference counts, and the benchmark lets the authors'-way switches be set."""
+    from iisan.efficiency.options import BENCH_KEYS
+    from iisan.efficiency.rows import AUTHORS_WAY
+
+    seeds = load_script(ROOT / "scripts" / "real_data_seeds.py").parser().parse_args([])
+    assert seeds.settings == ["id", "iisan-text"] and seeds.datasets == ["Scientific", "Instrument"]
+    diagnosis = load_script(ROOT / "scripts" / "gpu_diagnose.py").parser().parse_args([])
+    assert (diagnosis.fft_items, diagnosis.frozen_items, diagnosis.reps, diagnosis.warmup) == ([352], [704], 10, 3)
+    assert set(AUTHORS_WAY) <= set(BENCH_KEYS)  # each can be set for the default rows too
+    benchmark = load_script(ROOT / "scripts" / "benchmark_efficiency.py").parser()
+    assert set(BENCH_KEYS) <= {action.dest for action in benchmark._actions}
+    assert benchmark.parse_args([]).settings == "equal,paper"

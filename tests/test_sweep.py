@@ -493,3 +493,30 @@ def test_each_point_says_the_time_the_grid_has_left_by_the_points_trained_so_far
                     f"grid point 2; about 30 s {each.format(1, 1)}", "grid point 3"]
     assert module.time_left([], 3) == "" and module.time_left([3600.0, 7200.0], 4) == (
         "; about 6.0 h left for 4 point(s), at the 1.5 h each of the 2 trained so far")
+
+
+def test_the_time_left_look_at_a_damaged_run_folder_stops_no_grid(tmp_path):
+    """The quiet look before the grid (is this point's run finished?) met a results.json edited into a config no
+    Config takes (an encoding with a NUL) and raised out of run_grid before any point ran, with no summary;
+    the point itself, run, fails alone as before."""
+    from iisan.config import Config
+    from iisan.experiments.sweep import found_finished
+    from iisan.train.runfolder import run_dir
+
+    cfg = Config(out_dir=str(tmp_path), run_name="damaged")
+    run_dir(cfg).mkdir(parents=True)
+    (run_dir(cfg) / "results.json").write_text(json.dumps(
+        {"status": "finished", "config": {**cfg.to_dict(), "encoding": "utf\u0000"}}))
+    assert found_finished(GridPoint(0, {}, cfg)) is False
+
+
+def test_a_grid_of_another_action_takes_no_look_at_run_folders(monkeypatch):
+    """Only training finds points finished before (a cache build, a Versa check: their own outputs)."""
+    import argparse
+
+    from iisan.config import Config
+    from iisan.experiments import sweep
+
+    monkeypatch.setattr(sweep, "found_finished", lambda point: pytest.fail("looked at a run folder"))
+    points = [GridPoint(i, {"seed": i}, Config(seed=i, run_name=f"p{i}")) for i in range(2)]
+    assert sweep.run_grid(points, argparse.Namespace(grid_index=None), action=lambda cfg, args: cfg.seed) == [0, 1]

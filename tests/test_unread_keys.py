@@ -121,7 +121,8 @@ def test_an_unread_key_from_a_shared_config_file_is_an_info_line_a_typed_one_a_w
     """One --config file for several methods holds keys some of them never read: each run warned of them as if
     typed. A typed key stays a warning; the file's is said at INFO, naming where it came from."""
     with caplog.at_level(logging.INFO, logger="iisan.precedence"):
-        resolve(file_values={"lora_rank": 4, "gate_temperature": 0.5}, flags={"method": "fft", "lora_alpha": 8})
+        resolve(file_values={"lora_rank": 4, "gate_temperature": 0.5, "lora_alpha": 8},
+                flags={"method": "fft", "lora_alpha": 8})  # typed too: a warning
     said = {r.getMessage(): r.levelname for r in caplog.records}
     assert said == {
         "lora_alpha: not read by this run (method=fft, feed=live, towers=both), so it changes nothing": "WARNING",

@@ -38,8 +38,8 @@ FUSIONS = ("gated", "add")  # what the chains below implement; --fusion offers t
 
 
 def gate_logits(fusion: str, blocks: int) -> nn.Parameter | None:
-    """A chain's gate parameters, theta = 0 (None for 'add'). A fusion no chain implements is refused: one
-    added to --fusion alone built 'add' chains without a word, for the intra and the inter SANs both."""
+    """A chain's gate parameters, theta = 0 (None for 'add'). A fusion no chain implements is refused, for the
+    intra and the inter SANs both: a new one needs their ``forward`` too, not only a --fusion choice."""
     if fusion not in FUSIONS:
         raise ValueError(f"fusion {fusion!r} is not implemented by the SAN chains ({', '.join(FUSIONS)}): a new one "
                          "needs IntraSAN.forward, InterSAN.forward and SANItemTower.param_groups")
