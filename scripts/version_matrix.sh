@@ -12,11 +12,13 @@
 #   gpu      the lent GPU machine's software (docs/performance.md), run on the CPU: Python 3.12, torch 2.11,
 #            torchvision 0.26, transformers 5.17 (below the floor: it loads image processors through
 #            torchvision, which that machine has), peft 0.21.0
+#   newest   what a fresh `pip install` takes today: Python 3.11 and the newest torch the registry serves (a
+#            machine-wide pip constraint, as this project's machines have, would cap it: emptied for it)
 # CI itself (.ci/run) takes the newest versions in range on Python 3.11 with torch 2.13.0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/iisan-matrix}
-SETTINGS=${SETTINGS:-floors gpu}
+SETTINGS=${SETTINGS:-floors gpu newest}
 # The other dependencies, named here rather than taken from pyproject.toml: the gpu setting's transformers
 # is below the floor there, so the checkout goes in with --no-deps.
 COMMON="safetensors lmdb pandas numpy pillow tqdm matplotlib psutil huggingface_hub>=1.0,<3 gdown>=5.2,<7 tokenizers pytest tensorboard"
@@ -53,6 +55,7 @@ for setting in $SETTINGS; do
   case $setting in
     floors) run_setting floors 3.10 "torch==2.6.0 transformers==5.18.0 peft==0.15.0 tomli" ;;
     gpu) run_setting gpu 3.12 "torch==2.11.0 torchvision==0.26.0 transformers==5.17.0 peft==0.21.0" ;;
-    *) echo "unknown setting $setting (floors, gpu)"; exit 2 ;;
+    newest) PIP_CONSTRAINT=/dev/null run_setting newest 3.11 "torch transformers<6 peft<1" ;;
+    *) echo "unknown setting $setting (floors, gpu, newest)"; exit 2 ;;
   esac
 done
