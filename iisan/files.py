@@ -305,14 +305,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def json_text(payload, **kwargs) -> str:
-    """``payload`` as JSON, a non-finite float (an infinite loss kept under --nonfinite authors) as null: JSON has
-    no Infinity or NaN, which strict readers (JavaScript, jq) refuse or misread."""
+    """``payload`` as JSON, a float that is not finite as null: strict readers (JavaScript, jq) take no NaN."""
     def finite(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+        if isinstance(value, (dict, list, tuple)):
+            return {k: finite(v) for k, v in value.items()} if isinstance(value, dict) else [finite(v) for v in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
     return json.dumps(finite(payload), allow_nan=False, **kwargs)
 
 
