@@ -34,10 +34,10 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
     row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
     header is sorted JSON: same inputs, same bytes."""
-    # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
-    # which safetensors' reader refuses in a header: they are written as \xNN escapes instead.
     if "__metadata__" in specs:
         raise ValueError(f"{path}: a tensor may not be named __metadata__ (the header's metadata)")
+    # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
+    # which safetensors' reader refuses in a header: they are written as \xNN escapes instead.
     header: dict = {"__metadata__": {k: v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                                      for k, v in metadata.items()}}
     sizes, offset = {}, 0

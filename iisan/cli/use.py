@@ -88,7 +88,7 @@ def written_since(run: TrainedRun) -> str:
     from ..model.build import modalities
 
     try:
-        ended = (Path(run.run_dir) / "results.json").stat().st_mtime
+        ended = (run.run_dir / "results.json").stat().st_mtime
         return next((str(path) for m in modalities(run.cfg)
                      if (path := cache_file(run.cfg.cache_dir, m)).stat().st_mtime > ended), "")
     except OSError:
