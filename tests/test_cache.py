@@ -477,3 +477,23 @@ def test_a_build_ends_its_image_readers_whether_it_finishes_or_fails(tiny_config
     with pytest.raises(OSError):
         build_cache_from_config(cfg.replace(cache_dir=str(tmp_path / "d")), dtype="float32")
     assert closed == [1, 1]
+
+
+def test_a_loaded_caches_rows_are_checked_for_nan_and_inf_a_few_at_a_time(cached_cfg, monkeypatch):
+    """Checked whole, a half-precision table on a CPU costs a float32 copy and a mask (2.5x the cache)."""
+    from iisan.data import cache
+
+    table = torch.randn(23, 3, 4).half()  # rows of 12 values, 48 bytes in float32
+    table[[0, 9, 10, 22], [1, 0, 2, 1], [2, 3, 0, 1]] = torch.tensor([np.nan, np.inf, -np.inf, np.nan]).half()
+    seen, isfinite = [], torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or isfinite(t))
+    monkeypatch.setattr(cache, "CHECKED_BYTES", 100)  # two rows at a time: the rows 9 and 10 in two checks
+    assert cache.nonfinite_rows(table).tolist() == [0, 9, 10, 22]
+    assert seen == [24] * 11 + [12]
+    seen.clear()  # and loading a run's caches, both towers
+    monkeypatch.setattr(cache, "CHECKED_BYTES", 1000)
+    build_model(cached_cfg, load_data(cached_cfg), torch.device("cpu"))
+    metas = [read_metadata(f"{cached_cfg.cache_dir}/{m}.safetensors") for m in ("text", "image")]
+    rows = load_data(cached_cfg).num_items + 1
+    assert seen and max(seen) <= 1000 // 4
+    assert sum(seen) == sum(rows * len(json.loads(meta["layers"])) * int(meta["width"]) for meta in metas)

@@ -252,3 +252,27 @@ def test_ranks_are_computed_in_fp32_inside_a_callers_autocast():
     assert plain.tolist() == [[36.0, 0.0], [21.0, 0.0], [1.0, 0.0]]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(split_ranks(user_vectors, table, inputs, targets, history), plain)
+
+
+def test_every_chunk_scores_into_one_buffer_and_compares_into_another(monkeypatch):
+    """Scratch made anew for each chunk, on a CPU, pinned freed heap memory or paged it in again (1.7 GB, or 1.7x
+    the time, for 131k users over 32k items); the ranks are the same as in one chunk."""
+    import iisan.evaluate as evaluation
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(30, 4, generator=g)
+    inputs = np.random.default_rng(0).integers(0, 30, size=(50, 3))
+    targets = np.random.default_rng(1).integers(1, 30, size=50)
+    calls, real = [], evaluation.rank_targets
+
+    def spy(scores, targets, history, repeated=False, counts=None):
+        calls.append((scores._base, None if counts is None else counts.untyped_storage().data_ptr(), len(scores)))
+        return real(scores, targets, history, repeated, counts)
+
+    monkeypatch.setattr(evaluation, "rank_targets", spy)
+    ranks = split_ranks(lambda tab, x: tab[x].sum(1), table, inputs, targets, inputs, batch_users=7)
+    assert [n for *_, n in calls] == [7] * 7 + [1]
+    assert calls[0][0] is not None and all(base is calls[0][0] for base, *_ in calls)
+    assert calls[0][1] is not None and {ptr for _, ptr, _ in calls} == {calls[0][1]}
+    monkeypatch.undo()
+    assert torch.equal(ranks, split_ranks(lambda tab, x: tab[x].sum(1), table, inputs, targets, inputs, 1000))

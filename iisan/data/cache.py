@@ -37,6 +37,7 @@ from ..files import check_readable, failure_reason, require_space, shown
 log = logging.getLogger(__name__)
 
 FORMAT = "iisan-cache/1"
+CHECKED_BYTES = 1 << 26  # the float32 rows one finiteness check of a loaded cache takes (nonfinite_rows)
 
 
 def cache_file(cache_dir: str | Path, modality: str) -> Path:
@@ -335,9 +336,15 @@ def load_cache(path: str | Path, expected: CacheExpectation,
         raise CacheError(f"cache file {path} is unreadable: {err}") from None
     # A cache built for this data set lists its items in the data set's order: no gather, no second copy of it.
     table = states[: len(rows)] if np.array_equal(rows, np.arange(len(rows))) else states[torch.from_numpy(rows)]
-    finite = torch.isfinite(table.flatten(1)).all(1)
-    if not finite.all():
-        row = int(torch.nonzero(~finite)[0])
-        raise CacheError(f"cache {path}: the states of item {dataset_item_ids[row]!r} are not finite (NaN or inf; "
-                         f"{int((~finite).sum())} item(s) in all); {rebuild(meta)}")
+    if len(bad := nonfinite_rows(table)):
+        raise CacheError(f"cache {path}: the states of item {dataset_item_ids[int(bad[0])]!r} are not finite (NaN or "
+                         f"inf; {len(bad)} item(s) in all); {rebuild(meta)}")
     return table, meta
+
+
+def nonfinite_rows(table: torch.Tensor) -> torch.Tensor:
+    """The rows of ``table`` holding a NaN or an infinity, ``CHECKED_BYTES`` at a time: at once, a CPU makes a float32
+    copy of a half-precision table and a mask (2.5x the table: 13 GB more for 500k items x 7 layers x 768)."""
+    step = max(1, CHECKED_BYTES // (4 * table[0].numel()))
+    return torch.cat([torch.nonzero(~torch.isfinite(part.flatten(1)).all(1)).flatten() + start
+                      for start, part in zip(range(0, len(table), step), table.split(step))])
