@@ -13,7 +13,7 @@ from . import once
 # things run (patch_embedding, compile, device: the same step, computed another way, with its own random streams
 # and rounding: a finished run reused under another compile mode says so, ``train.plan.ran_otherwise``), how long
 # the run may go on, or how it reports; not what a step computes. Nor do they name a run folder
-# (``train.runfolder.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
+# (``train.runnames.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
                         "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
                         "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})

@@ -174,7 +174,7 @@ def test_a_launch_variable_with_a_blank_strip_removes_is_read_as_with_spaces(mon
 def test_run_names_under_torchrun_carry_the_process_count(tiny_config, monkeypatch):
     """Each process has its own batch of users: 2 processes compute another run than 1 (not "finished
     before with this config"); a run name given by hand resumes across counts."""
-    from iisan.train.runfolder import default_run_name, run_dir
+    from iisan.train.runnames import default_run_name, run_dir
 
     cfg = tiny_config(run_name="")
     single = default_run_name(cfg)

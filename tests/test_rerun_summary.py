@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from iisan.cli.main import main
 from iisan.console import fixed
 from iisan.precedence import resolve
-from iisan.train.runfolder import default_run_name, known_run_name, reusable_results
+from iisan.train.runfolder import reusable_results
+from iisan.train.runnames import default_run_name, known_run_name
 
 SUMMARY = "best epoch "
 
@@ -193,9 +194,9 @@ def test_an_earlier_versions_sweep_folder_is_found_under_another_tag(tiny_config
 
 def test_run_names_of_earlier_versions_are_pinned():
     """The hashes earlier versions named run folders by, computed by the code of d99a7fb: a change to how
-    a config is hashed must keep finding those folders (runfolder.HASHES), so each scheme is pinned here."""
+    a config is hashed must keep finding those folders (runnames.HASHES), so each scheme is pinned here."""
     from iisan.config import Config
-    from iisan.train.runfolder import HASHES, config_hash
+    from iisan.train.runnames import HASHES, config_hash
 
     absolute = Config(users="/data/Scientific/u.tsv", items="/data/Scientific/i.tsv", cache_dir="/c", lr=1e-3,
                       text_model="/models/bert")
@@ -214,7 +215,7 @@ def test_every_key_that_changes_what_a_run_computes_changes_its_name():
     from iisan.config import Config
     from iisan.methods import unread_keys
     from iisan.train.checkpoint import MAY_CHANGE
-    from iisan.train.runfolder import config_hash
+    from iisan.train.runnames import config_hash
 
     base = Config(users="/data/Scientific/u.tsv", items="/data/Scientific/i.tsv", cache_dir="/c")
     skipped = MAY_CHANGE | unread_keys(base.method, base.towers, base.feed)

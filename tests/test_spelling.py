@@ -12,7 +12,7 @@ from iisan.config import DEFAULT_MODELS, REPOSITORY, Config
 from iisan.experiments.presets import versa_defaults
 from iisan.spelling import one_spelling
 from iisan.train.checkpoint import config_differences
-from iisan.train.runfolder import config_hash
+from iisan.train.runnames import config_hash
 
 PLAIN = {"users": "/data/Sci/u.tsv", "items": "/data/Sci/i.tsv", "cache_dir": "/c"}
 
@@ -108,7 +108,7 @@ def test_auto_layers_undo_a_config_files_list(tmp_path):
 def test_a_run_named_before_one_spelling_is_found_by_its_spelling_and_resumed(tmp_path):
     """A run saved as -0.0 or "query, value" before names hashed one spelling: the same command finds its
     folder (an earlier scheme), and its checkpoint's config, compared in one spelling, is this config's."""
-    from iisan.train.runfolder import HASHES, default_run_name, known_run_name
+    from iisan.train.runnames import HASHES, default_run_name, known_run_name
 
     cfg = Config(**PLAIN, out_dir=str(tmp_path), method="lora", lora_targets="query, value", drop_rate=-0.0)
     earlier = default_run_name(cfg, scheme="read")  # the name fe0d88d gave it
@@ -134,7 +134,7 @@ def test_an_encoding_spelt_otherwise_is_one_setting_and_runs_named_before_are_fo
     """latin-1, latin1 and ISO-8859-1 are one encoding: they named three runs of one computation, and a run saved
     with one was not resumed by another ('encoding differs'). The hash the runs saved before had (b6b659d's,
     computed by that commit's code) still finds them."""
-    from iisan.train.runfolder import HASHES, default_run_name, known_run_name
+    from iisan.train.runnames import HASHES, default_run_name, known_run_name
 
     names = [config_hash(Config(**PLAIN, encoding=spelt)) for spelt in ("latin-1", "latin1", "ISO-8859-1", "L1")]
     assert len(set(names)) == 1 and config_hash(Config(**PLAIN, encoding="UTF8")) == config_hash(Config(**PLAIN))

@@ -106,7 +106,7 @@ def test_a_sweep_extended_along_one_axis_finds_the_points_it_has(sweep, argv, tm
     """Folder names carry only the values a sweep varies, so the same point gets another name in a sweep
     that varies other keys; it is found by its config's hash and not trained again: a wider grid, one point
     alone (``iisan train``'s default name too), and a 4-process run of the point is another run."""
-    from iisan.train.runfolder import default_run_name, known_run_name, run_dir
+    from iisan.train.runnames import default_run_name, known_run_name, run_dir
 
     run_script(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
     names = folders(tmp_path / "runs")
@@ -501,7 +501,7 @@ def test_the_time_left_look_at_a_damaged_run_folder_stops_no_grid(tmp_path):
     the point itself, run, fails alone as before."""
     from iisan.config import Config
     from iisan.experiments.sweep import found_finished
-    from iisan.train.runfolder import run_dir
+    from iisan.train.runnames import run_dir
 
     cfg = Config(out_dir=str(tmp_path), run_name="damaged")
     run_dir(cfg).mkdir(parents=True)

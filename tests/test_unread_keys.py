@@ -15,7 +15,7 @@ from iisan.experiments.report_rows import collect
 from iisan.methods import METHOD_TABLE, NOT_EVERY_RUN, unread_keys
 from iisan.precedence import resolve
 from iisan.train.checkpoint import config_differences
-from iisan.train.runfolder import config_hash, default_run_name, known_run_name
+from iisan.train.runnames import config_hash, default_run_name, known_run_name
 from iisan.train.trainer import train
 
 # A value other than the default for every key some run does not read; each valid with the tiny towers.

@@ -28,7 +28,7 @@ from ..model.build import build_model
 from ..model.caching import build_cache_from_config
 from ..provenance import provenance
 from ..train.run_results import read_results
-from ..train.runfolder import default_run_name
+from ..train.runnames import default_run_name
 from ..train.trainer import train
 from ..train.weights import load_weights
 from .offline import BLANK, RANDOM, blank_image_store, minilm_path, random_image_store, random_vit

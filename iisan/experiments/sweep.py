@@ -121,7 +121,7 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
         seen.add(key)
         index = len(points)
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
-        from ..train.runfolder import known_run_name  # imported when run, not for --help (module docstring)
+        from ..train.runnames import known_run_name  # imported when run, not for --help (module docstring)
 
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
         name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
@@ -178,7 +178,8 @@ def found_finished(point: GridPoint) -> bool:
     left (``run_point`` looks again, and says what it found)."""
     # imported when run, not for --help (module docstring)
     from ..train.run_results import read_results
-    from ..train.runfolder import RESULTS, finished_results, run_dir
+    from ..train.runfolder import RESULTS, finished_results
+    from ..train.runnames import run_dir
 
     try:
         return point.config is not None and \

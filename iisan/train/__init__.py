@@ -3,6 +3,6 @@
 trainer that runs epochs, evaluates, checkpoints and resumes (``trainer``, with ``progress``, ``records``,
 ``weights``; checkpoints: ``checkpoint``, ``checkpoint_writing``, ``resuming``, ``runstate``; rank 0's
 choices under torchrun: ``decisions``; a non-finite loss explained: ``nonfinite``), run folders and their
-names (``runfolder``; whether a folder's run read the same inputs: ``same_inputs``; its results.json read
+names (``runfolder``, ``runnames``; whether a folder's run read the same inputs: ``same_inputs``; its results.json read
 back: ``run_results``), what a run writes while it runs (``records``: train.log, metrics.jsonl,
 results.json), and stopping on request (``interrupt``)."""

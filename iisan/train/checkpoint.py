@@ -56,7 +56,7 @@ def same_paths(values: dict, working_dir: object = None, spelling: bool = True) 
     two spellings of one file are one setting (the data files' contents are compared by fingerprint:
     ``same_inputs.refuse_changed_data``). ``spelling``: an encoder folder's spelling counts for nothing either
     (a default's with a trailing ``/``, one under ``~``, one not here as ``x/``); without it, as run names
-    hashed paths before commit fe0d88d (``runfolder.HASHES``)."""
+    hashed paths before commit fe0d88d (``runnames.HASHES``)."""
     base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()
 
     def same(key: str, value: object) -> object:

@@ -36,7 +36,7 @@ from ..files import write_json_atomic
 from ..methods import METHOD_NAMES, side_network
 from ..metric_names import SELECTED_BY
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
-from . import checkpoint, runfolder, runstate
+from . import checkpoint, runfolder, runnames, runstate
 from .decisions import decide
 from .interrupt import StopRequests
 from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss, nonfinite_scores
@@ -46,7 +46,7 @@ from .plan import cache_precision, describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
 from .resuming import RunCheckpoints
-from .runfolder import RESULTS, log_summary, reusable_results, run_dir
+from .runfolder import RESULTS, log_summary, reusable_results
 from .same_inputs import cache_record, encoder_record
 from .step import as_in_a_fresh_process, deterministic_kernels, make_train_step, out_of_memory_message
 from .weights import save_weights
@@ -102,7 +102,7 @@ class Run:
             logging.getLogger("iisan").setLevel(logging.WARNING)
         self.progress = Progress(EarlyStopping(cfg.patience))
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
-        self.run_dir = run_dir(cfg)
+        self.run_dir = runnames.run_dir(cfg)
         self.checkpoints = RunCheckpoints(self)  # choosing, restoring, writing (``resuming``)
         # a run that trained in its folder before goes on under the names it had (``log_unchecked_encoder``)
         trained = (self.run_dir / "config.json").is_file()

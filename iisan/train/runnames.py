@@ -1,0 +1,109 @@
+"""What a run folder is called. A run's default name comes from what it computes (method, feed, data set and a
+short hash of the config), never from the clock, so running the same command again finds the same folder: a
+run with checkpoints resumes, a finished one is skipped (``runfolder``).
+
+The hash leaves out the keys that may change between a checkpoint and the run resuming it
+(``methods.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
+longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
+so that a field added to ``Config`` later leaves the names of earlier runs as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from ..bounds import MAX_NAME_BYTES
+from ..config import Config
+from ..distributed import launched_processes
+from ..files import path_component
+from ..methods import unread_keys
+from ..spelling import one_spelling
+from .checkpoint import MAY_CHANGE, same_paths
+
+log = logging.getLogger(__name__)
+
+
+# How versions of this library hashed a config, newest first: an encoding by Python's name for it too (latin1 as
+# iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0, "query, value" as query,value:
+# ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s ``spelling``; after commit fe0d88d); keys
+# the method never reads left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a
+# value at its default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a
+# script's absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
+HASHES = ("encoding-names", "one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
+
+
+def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
+    """Eight hex digits naming what ``cfg`` computes (see the module docstring). Paths count by where they
+    are (``same_paths``): ``users.tsv`` and ``/work/users.tsv`` from ``/work`` name one run, and so do
+    ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
+    count (an ID run's encoder folders). ``scheme``: one of ``HASHES``."""
+    def since(first: str) -> bool:  # whether ``scheme`` is ``first`` or newer: each scheme keeps the older ones' steps
+        return HASHES.index(scheme) <= HASHES.index(first)
+
+    defaults, values, spelling = Config().to_dict(), cfg.to_dict(), since("one-spelling")
+    values = one_spelling(values, encodings=since("encoding-names")) if spelling else values
+    if since("canonical"):
+        defaults, values = same_paths(defaults, spelling=spelling), same_paths(values, spelling=spelling)
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if since("read") else frozenset()
+    values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
+    if scheme == "defaults-as-spelt":
+        values = same_paths(values, spelling=False)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def data_name(cfg: Config, scheme: str = HASHES[0]) -> str:
+    """The data set's name: the users file's folder (``Dataset/Scientific/...tsv`` -> ``Scientific``), also
+    when the path is relative (``users.tsv`` from that folder; the ``as-spelt`` scheme: as spelt)."""
+    users = Path(os.path.abspath(cfg.users) if scheme != "as-spelt" and cfg.users else cfg.users)
+    return path_component(users.parent.name or users.stem or "nodata")
+
+
+def default_run_name(cfg: Config, tag: str = "", scheme: str = HASHES[0]) -> str:
+    """``iisan-cached-Scientific-3fa2c1d0``; ``tag`` (a sweep's varying values, e.g. ``lr0.0001``) and
+    ``smoke`` are added before the hash, to be read by people; the hash alone keeps runs apart, with the
+    number of processes under torchrun (``-4proc``): each process has its own batch of users, so a run
+    of 4 processes computes something else than one of 1 (``--run-name`` resumes across counts)."""
+    head, tail = name_ends(cfg, scheme)
+    name = f"{head}-{path_component(tag)}-{tail}" if tag else f"{head}-{tail}"
+    if len(name) <= MAX_NAME_BYTES:  # (ASCII: path_component's)
+        return name
+    return f"{name[:MAX_NAME_BYTES - len(tail) - 1].rstrip('-._')}-{tail}"  # a long data folder's name, cut
+
+
+def name_ends(cfg: Config, scheme: str = HASHES[0]) -> tuple[str, str]:
+    """The two ends of ``cfg``'s default run name, around a tag: ``iisan-cached-Scientific[-smoke]`` and
+    ``[4proc-]3fa2c1d0``."""
+    processes = launched_processes()
+    head = [cfg.method, cfg.feed, data_name(cfg, scheme), "smoke" if cfg.smoke else ""]
+    tail = [f"{processes}proc" if processes > 1 else "", config_hash(cfg, scheme)]
+    return "-".join(p for p in head if p), "-".join(p for p in tail if p)
+
+
+def known_run_name(cfg: Config, tag: str = "") -> str:
+    """``default_run_name``, or the one folder under ``out_dir`` where an earlier sweep put the same
+    computation under other varying values (the hash names what a run computes; the tag only what that
+    sweep varied): a sweep extended along one axis, or a point rerun alone, finds its finished and
+    interrupted runs instead of training them again in a new folder."""
+    name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
+    if os.path.lexists(out / name) or not out.is_dir():
+        return name
+    for scheme in HASHES:  # the newest first, then the names of runs of earlier versions
+        if scheme != HASHES[0] and os.path.lexists(out / (earlier := default_run_name(cfg, tag, scheme))):
+            return earlier
+        head, tail = name_ends(cfg, scheme)
+        found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
+                 and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
+        if len(found) == 1:
+            log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
+        if found:  # several: none is this config's for sure
+            return found[0] if len(found) == 1 else name
+    return name
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / (cfg.run_name or known_run_name(cfg))
