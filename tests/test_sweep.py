@@ -125,6 +125,23 @@ def test_a_sweep_extended_along_one_axis_finds_the_points_it_has(sweep, argv, tm
     assert known_run_name(other, "lr0.003") == default_run_name(other, "lr0.003")  # no such run: its own name
 
 
+def test_a_grid_lists_its_out_dir_once_however_many_points(sweep, argv, tmp_path, monkeypatch):
+    """A look per point, and per naming scheme, walked the whole out-dir: 400 points beside 4,000 run folders took
+    17 s more, in every task of a job array (each builds the grid). The earlier sweep's point is found as before."""
+    import os
+
+    runs = tmp_path / "runs"
+    earlier, _ = parse_script_args(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "2e-3"))
+    for name in [p.config.run_name for p in earlier] + [f"iisan-cached-other-{n:08x}" for n in range(50)]:
+        (runs / name).mkdir(parents=True)
+    walks, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: walks.append(Path(path)) or scandir(path))
+    points, _ = parse_script_args(DEFAULTS, sweep, argv("--epochs", "1", "--lr", "1e-3", "--seed", "12345", "7", "8"))
+    assert [w for w in walks if w == runs] == [runs]
+    assert points[0].config.run_name == earlier[0].config.run_name  # seed 12345 is the lr sweep's
+    assert len({p.config.run_name for p in points}) == 3 and not any("other" in p.config.run_name for p in points)
+
+
 def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog):
     flags = ("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3", "--seed", "1", "2")
     assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid")) == []

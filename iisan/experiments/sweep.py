@@ -20,6 +20,7 @@ run, so that a script's ``--help`` and a bad flag answer at once."""
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import logging
@@ -102,7 +103,10 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
                           f"{key} are one run (it says how a run goes on, not what it computes: a longer run "
                           "resumes a shorter one in its folder); sweep one value at a time, each with its own "
                           "--run-name")
+    from ..train.runnames import folder_names, known_run_name  # imported when run, not for --help (module docstring)
+
     points, seen, seen_unread = [], set(), set()
+    listed = functools.cache(folder_names)  # each out_dir's folders, listed once for the grid (not per point)
     for values in grid(swept):
         try:
             cfg = resolve({**base, **values}, file_values, {**flags, **{k: values[k] for k in from_flags}})
@@ -121,11 +125,9 @@ def parse_script_args(defaults, sweep: dict[str, list], argv: list[str] | None =
         seen.add(key)
         index = len(points)
         varying = "-".join(f"{k}{v}" for k, v in values.items() if len(swept[k]) > 1)
-        from ..train.runnames import known_run_name  # imported when run, not for --help (module docstring)
-
         # One folder per grid point, also under an explicit --run-name: a folder holds one run.
         name = "-".join(filter(None, [cfg.run_name, folder_tag(varying)])) if cfg.run_name else \
-            known_run_name(cfg, varying)
+            known_run_name(cfg, varying, listed)
         points.append(GridPoint(index, values, cfg.replace(run_name=name)))
     return points, args
 

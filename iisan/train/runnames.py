@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from ..bounds import MAX_NAME_BYTES
@@ -84,25 +85,37 @@ def name_ends(cfg: Config, scheme: str = HASHES[0]) -> tuple[str, str]:
     return "-".join(p for p in head if p), "-".join(p for p in tail if p)
 
 
-def known_run_name(cfg: Config, tag: str = "") -> str:
+def known_run_name(cfg: Config, tag: str = "", listed: Callable[[Path], dict] | None = None) -> str:
     """``default_run_name``, or the one folder under ``out_dir`` where an earlier sweep put the same
     computation under other varying values (the hash names what a run computes; the tag only what that
     sweep varied): a sweep extended along one axis, or a point rerun alone, finds its finished and
-    interrupted runs instead of training them again in a new folder."""
+    interrupted runs instead of training them again in a new folder. ``listed``: ``folder_names``, kept by a
+    caller naming many runs (a sweep's grid lists each out_dir once, not once per point)."""
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
+    names = (listed or folder_names)(out)
     for scheme in HASHES:  # the newest first, then the names of runs of earlier versions
         if scheme != HASHES[0] and os.path.lexists(out / (earlier := default_run_name(cfg, tag, scheme))):
             return earlier
         head, tail = name_ends(cfg, scheme)
-        found = [f.name for f in out.iterdir() if f.name.startswith(f"{head}-") and f.name.endswith(f"-{tail}")
-                 and not re.search(r"(^|-)\d+proc$", f.name[len(head) + 1:-len(tail) - 1]) and f.is_dir()]
+        found = [n for n in names.get(tail.rsplit("-", 1)[-1], ())
+                 if n.startswith(f"{head}-") and n.endswith(f"-{tail}")
+                 and not re.search(r"(^|-)\d+proc$", n[len(head) + 1:-len(tail) - 1]) and (out / n).is_dir()]
         if len(found) == 1:
             log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
         if found:  # several: none is this config's for sure
             return found[0] if len(found) == 1 else name
     return name
+
+
+def folder_names(out: Path) -> dict[str, list[str]]:
+    """The names of what is in ``out`` by their last part (in a run folder's name, its config hash)."""
+    names = {}
+    with os.scandir(out) as entries:
+        for entry in entries:
+            names.setdefault(entry.name.rsplit("-", 1)[-1], []).append(entry.name)
+    return names
 
 
 def run_dir(cfg: Config) -> Path:
