@@ -710,14 +710,15 @@ def test_curves_plot_every_run_per_epoch(runs, tmp_path, capsys):
 def test_the_curves_of_a_dozen_runs_are_told_apart_and_the_legend_is_beside_them(tmp_path, monkeypatch):
     """Past ten runs the colours came round again with nothing else to tell two runs apart (a 4 x 3 sweep),
     and the legend lay over the lines."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from iisan.experiments.curves import draw_curves, run_styles
 
     styles = [tuple(s.values()) for s in run_styles(40)]
     assert len(set(styles)) == 40
-    drawn, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (drawn.append(fig), close(fig)))
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (drawn.append(fig), savefig(fig, *args,
+                                                                                                      **kwargs)))
     curves = {f"lr{i}": {"epoch": [0, 1, 2], "valid_hit@10": [0.1, 0.2, 0.1 + i / 100], "loss": [3.0, 2.0, 1.0],
                          "best_epoch": 1} for i in range(12)}
     curves["failed"] = {"epoch": [], "valid_hit@10": [], "loss": [], "best_epoch": -1}  # no line, no legend entry
@@ -749,6 +750,27 @@ def test_curves_refused_by_format_or_path_draw_nothing_and_leave_no_figure_open(
             draw_curves(series, path)
         assert plt.get_fignums() == before
     assert (tmp_path / "theirs.png").read_bytes() == b"a picture of someone else's"
+
+
+def test_drawing_curves_leaves_the_callers_matplotlib_backend_and_figures_as_they_were(runs, tmp_path):
+    """``matplotlib.use("Agg")`` switched the whole process's backend: a notebook's later ``plt.show()`` drew
+    nothing. The figure is drawn without pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from iisan.experiments.curves import draw_curves
+    from iisan.experiments.report_rows import collect
+
+    _, series = collect([str(runs[0])], [])
+    was = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        before = plt.get_fignums()
+        draw_curves(series, tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == before
+    finally:
+        matplotlib.use(was)
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_keys_that_are_columns_already_are_not_added_twice(runs, capsys, tmp_path):

@@ -88,15 +88,14 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     marked; written atomically to ``path`` (PNG)."""
     if not any(s["epoch"] for s in curves.values()):
         raise ConfigError(f"--curves {path}: none of the runs has a finished epoch to plot")
-    import matplotlib  # deferred: heavy, and only drawing needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after choosing the Agg back end (no display here)
+    import matplotlib.ticker  # deferred: heavy, and only drawing needs it
+    from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
 
     claim_figure(path)  # refused before anything is drawn
     fmt = figure_format(path)
     drawn = {name: s for name, s in curves.items() if s["epoch"]}  # a run failed before its first epoch: no line
-    fig, (hit_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    hit_ax, loss_ax = fig.subplots(1, 2)
     for (name, s), style in zip(drawn.items(), run_styles(len(drawn)), strict=True):
         hit_ax.plot(s["epoch"], s[VALID_COLUMN], markersize=4, label=name, **style)
         if s["best_epoch"] in s["epoch"]:
@@ -112,8 +111,5 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=fmt, **signed)
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=fmt, **signed)
