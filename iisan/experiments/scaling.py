@@ -1,0 +1,192 @@
+"""How the host-side stages grow with the data (``scripts/benchmark_scale.py``): reading a pairs CSV, ranking
+every user over every item on a CPU, checking a loaded cache for NaN and inf, and naming a sweep's grid beside
+earlier run folders. Each measurement runs in a process of its own, so that its peak memory is its own, on
+synthetic inputs of ``size`` times a stage's base count. Linear growth shows as a flat time per unit; a stage
+whose memory should not grow with its count (evaluation, over users) shows a flat peak.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..console import progress_bar
+from ..errors import UserError
+from ..files import atomic_path, write_json_atomic, write_text_atomic
+from ..metric_names import SELECTED_BY
+
+log = logging.getLogger(__name__)
+
+# stage: (what grows, its base count, what stays the same)
+STAGES = {
+    "csv": ("interactions", 50_000, "10 a user, over a tenth as many items"),
+    "evaluation": ("users", 4_096, "over 32,000 items of width 64, 10 inputs a user"),
+    "cache-check": ("items", 8_192, "x 7 layers x 768, float16"),
+    "grid": ("run folders", 500, "beside a grid of 100 points"),
+}
+EVAL_ITEMS, WIDTH, LAYERS, GRID_SIDE = 32_000, 768, 7, 10
+
+
+def measure(stage: str, count: int, scratch: Path) -> dict:
+    """Make ``stage``'s input of ``count`` units in ``scratch``, then time the stage: seconds, the peak's rise
+    over the resident memory at its start (the peak reset there: Linux), and what it found (a check that it did
+    the work)."""
+    # imported when run: this module's --help and its parent process need no torch
+    import psutil
+    import torch
+
+    from ..memory import own_peak_rss, release_free_memory, reset_peak_memory  # (torch: imported when run)
+
+    work, found = INPUTS[stage](count, scratch)
+    release_free_memory(torch.device("cpu"))
+    if not reset_peak_memory(torch.device("cpu")):
+        raise UserError("the peak memory cannot be reset on this system (Linux's /proc/self/clear_refs)")
+    before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - start
+    return {"stage": stage, "count": count, "seconds": seconds, "peak_rise_bytes": max(0, own_peak_rss() - before),
+            "found": found(result)}
+
+
+def _csv(count: int, scratch: Path):
+    from ..data.csv_files import read_pairs_csv  # imported when run (each stage loads only what it measures)
+
+    path = scratch / "pairs.csv"
+    with open(path, "w") as fh:
+        fh.write("user,item,timestamp\n")
+        for n in range(count):  # 10 interactions a user, items spread over count / 10 ids
+            fh.write(f"A{n // 10:012d},B{(n * 7919) % max(1, count // 10):010d},{1_400_000_000 + n}\n")
+    return lambda: read_pairs_csv(path), lambda users: sum(len(items) for _, items in users)
+
+
+def _evaluation(count: int, scratch: Path):
+    # imported when run (each stage loads only what it measures)
+    import numpy as np
+    import torch
+
+    from ..evaluate import metrics_from_ranks, split_ranks, users_per_chunk  # (torch: imported when run)
+
+    torch.manual_seed(0)
+    table, mix = torch.randn(EVAL_ITEMS + 1, 64), torch.randn(64, 64)
+    rows = np.random.default_rng(0).integers(1, EVAL_ITEMS + 1, size=(count, 12))
+    inputs, targets = rows[:, :10], rows[:, 11]
+    chunk = users_per_chunk(torch.device("cpu"), EVAL_ITEMS)
+    ranks = lambda: split_ranks(lambda t, x: t[x].mean(1) @ mix, table, inputs, targets, inputs, chunk)  # noqa: E731
+    return ranks, lambda r: {"users_ranked": len(r), SELECTED_BY: metrics_from_ranks(r)[SELECTED_BY]}
+
+
+def _cache_check(count: int, scratch: Path):
+    # imported when run (each stage loads only what it measures)
+    import torch
+
+    from ..data.cache import nonfinite_rows  # (torch: imported when run)
+
+    table = torch.empty(count, LAYERS, WIDTH, dtype=torch.float16).uniform_(-1, 1)
+    table[count // 2, 3, 5] = float("nan")
+    return lambda: nonfinite_rows(table), lambda bad: bad.tolist()
+
+
+def _grid(count: int, scratch: Path):
+    # imported when run (each stage loads only what it measures)
+    from ..train import runnames  # noqa: F401 (the grid's own import, loaded before the clock starts)
+    from .sweep import parse_script_args
+
+    out = scratch / "runs"
+    for n in range(count):
+        (out / f"iisan-cached-Other-lr{n}-{n:08x}").mkdir(parents=True)
+    values = [str(1e-4 * (n + 1)) for n in range(GRID_SIDE)], [str(n) for n in range(GRID_SIDE)]
+    argv = ["--users", str(scratch / "users.tsv"), "--items", str(scratch / "items.tsv"), "--cache-dir",
+            str(scratch / "cache"), "--out-dir", str(out), "--lr", *values[0], "--seed", *values[1]]
+    parse = lambda: parse_script_args({"method": "iisan", "feed": "cached"}, {"lr": [1e-4], "seed": [0]}, argv)  # noqa: E731
+    return parse, lambda parsed: len(parsed[0])
+
+
+INPUTS = {"csv": _csv, "evaluation": _evaluation, "cache-check": _cache_check, "grid": _grid}
+
+
+def run_one(stage: str, count: int, scratch: Path) -> dict:
+    """``measure`` in a new Python process; its one line of JSON back."""
+    scratch.mkdir(parents=True)
+    here = str(Path(__file__).resolve().parents[2])  # the checkout (or site-packages) holding this package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "iisan.experiments.scaling", stage, str(count), str(scratch)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise UserError(f"{stage} of {count:,} failed (exit status {done.returncode}): {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def benchmark(stages: list[str], sizes: list[int], scale: float, out: Path, progress: bool = True) -> dict:
+    """Every stage at every size (``scale`` times its base count, at least 1), in a temporary folder removed
+    after; the JSON to ``out``, the table beside it (.md) and the figure (.png)."""
+    from ..provenance import provenance  # imported when run (torch)
+
+    plan = [(stage, max(1, round(STAGES[stage][1] * scale * size))) for stage in stages for size in sizes]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="iisan-scale-") as scratch:
+        for n, (stage, count) in enumerate(progress_bar(plan, len(plan), desc="measuring", unit="measurements",
+                                                        enabled=progress)):
+            rows.append(with_rates(run_one(stage, count, Path(scratch) / str(n))))
+            log.info("%s, %s %s: %.2f s, peak rise %.0f MiB", stage, f"{count:,}", STAGES[stage][0],
+                     rows[-1]["seconds"], rows[-1]["peak_rise_bytes"] / 2**20)
+    payload = {**provenance("cpu"), "stages": {s: STAGES[s] for s in stages}, "sizes": sizes, "scale": scale,
+               "threads": os.environ.get("OMP_NUM_THREADS", "torch's default"), "rows": rows}
+    write_json_atomic(out, payload)
+    write_text_atomic(out.with_suffix(".md"), table(rows) + "\n")
+    with atomic_path(out.with_suffix(".png")) as tmp:
+        tmp.write_bytes(figure(rows, f"{payload['device']} | commit {payload['git_commit']} | scale {scale}"))
+    return payload
+
+
+def with_rates(row: dict) -> dict:
+    """``row`` with its time (microseconds) and peak rise (bytes) per unit counted."""
+    return {**row, "microseconds_per_unit": 1e6 * row["seconds"] / row["count"],
+            "peak_rise_bytes_per_unit": row["peak_rise_bytes"] / row["count"]}
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of ``rows``, in the order measured."""
+    lines = ["| stage | what grows | count | seconds | µs per unit | peak rise (MiB) | bytes per unit |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {STAGES[r['stage']][0]} | {r['count']:,} | {r['seconds']:.2f} | "
+                     f"{r['microseconds_per_unit']:.1f} | {r['peak_rise_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_rise_bytes_per_unit']:.0f} |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], title: str) -> bytes:
+    """Time and peak rise against the count, each stage on log-log axes (a straight line of slope 1: linear)."""
+    import io  # (with matplotlib: imported when drawn)
+
+    from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        mine = [r for r in rows if r["stage"] == stage]
+        scale = [r["count"] / mine[0]["count"] for r in mine]
+        for ax, key in zip(axes, ("seconds", "peak_rise_bytes")):
+            values = [r[key] / (1 if key == "seconds" else 2**20) for r in mine]
+            ax.plot(scale, values, marker="o", label=f"{stage} ({STAGES[stage][0]})")
+    for ax, label in zip(axes, ("seconds", "peak rise over the start (MiB)")):
+        ax.set(xscale="log", yscale="symlog" if "MiB" in label else "log", xlabel="count / the stage's base",
+               ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":  # one measurement: stage, count, scratch folder; its JSON on the last line
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))))

@@ -1,0 +1,45 @@
+"""scripts/benchmark_scale.py end to end on tiny inputs: every stage runs in its own process and did the work
+it was timed for; the rates, the table and the files follow from the measured rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iisan.experiments.scaling import STAGES, table, with_rates
+
+from ._scripts import load_script, script_error
+
+
+def test_every_stage_runs_in_its_own_process_and_does_the_work_it_is_timed_for(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    load_script("benchmark_scale.py").main(["--scale", "0.004", "--sizes", "1", "--out", str(out), "--no-progress"])
+    payload = json.loads(out.read_text())  # strict JSON
+    counts = {stage: max(1, round(base * 0.004)) for stage, (_, base, _) in STAGES.items()}
+    assert [(r["stage"], r["count"]) for r in payload["rows"]] == list(counts.items())
+    found = {r["stage"]: r["found"] for r in payload["rows"]}
+    assert found["csv"] == counts["csv"]  # every interaction read back
+    assert found["evaluation"]["users_ranked"] == counts["evaluation"]
+    assert found["cache-check"] == [counts["cache-check"] // 2]  # the one row given a NaN, and no other
+    assert found["grid"] == 100  # 10 learning rates x 10 seeds
+    for r in payload["rows"]:
+        assert r["seconds"] > 0 and r["peak_rise_bytes"] >= 0
+        assert r["microseconds_per_unit"] == pytest.approx(1e6 * r["seconds"] / r["count"])
+    assert payload["git_commit"] and payload["versions"]["torch"] and payload["sizes"] == [1]
+    assert out.with_suffix(".md").read_text() == table(payload["rows"]) + "\n"
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert str(out) in capsys.readouterr().out
+
+
+def test_the_table_gives_each_rows_rates_per_unit():
+    rows = [with_rates({"stage": "csv", "count": 50_000, "seconds": 0.25, "peak_rise_bytes": 10 * 2**20}),
+            with_rates({"stage": "grid", "count": 500, "seconds": 1.5, "peak_rise_bytes": 0})]
+    assert table(rows).splitlines()[2:] == ["| csv | interactions | 50,000 | 0.25 | 5.0 | 10 | 210 |",
+                                            "| grid | run folders | 500 | 1.50 | 3000.0 | 0 | 0 |"]
+
+
+@pytest.mark.parametrize("scale", ["nan", "0", "1e9", "ten"])
+def test_a_scale_that_is_no_number_in_range_is_one_line(scale, capsys):
+    err = script_error("benchmark_scale", ["--scale", scale], capsys)
+    assert f"argument --scale: {scale!r} is not a number from 0.0001 to 100" in err and "Traceback" not in err
