@@ -56,6 +56,9 @@ def labelled_metrics(metrics: dict) -> str:
     return "  ".join(f"{label(k)} {fixed(metrics[k])}" for k in HEADLINE)
 
 
+NOISY = ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "matplotlib", "PIL")  # at WARNING
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if other_rank():
@@ -63,7 +66,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
     if verbose:  # also when logging was set up before the flags were read (the entry scripts)
         logging.getLogger().setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "matplotlib", "PIL"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # huggingface_hub gives its logger a handler of its own and also passes each record on to ours: its
     # warnings (each retry of a request) came out twice. Once, in this format. (Imported for its handler.)

@@ -65,6 +65,29 @@ def _ctrl_c_heard():
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    for stop in (signal.SIGHUP, signal.SIGTERM):  # ignored under nohup, or after `trap '' TERM`: the tests that
+        if signal.getsignal(stop) is signal.SIG_IGN:  # send them, and those of their default, expect a terminal's
+            signal.signal(stop, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_put_back():
+    """A command run in this process (``main([...])``) sets the libraries' loggers to WARNING and takes
+    huggingface_hub's own handler (``setup_logging``): put back after each test, as a fresh process has them,
+    so that no test's records depend on which ran before it. (The root logger's handlers are pytest's.)"""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging  # noqa: F401 (its import adds the handler kept here)
+
+    from iisan.console import NOISY
+
+    loggers = [logging.getLogger(name) for name in NOISY]
+    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers], logging.getLogger().level
+    yield
+    for logger, level, handlers in saved[0]:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+    logging.getLogger().setLevel(saved[1])
 
 
 @pytest.fixture(autouse=True)
