@@ -95,7 +95,7 @@ def _cache_check(count: int, scratch: Path):
 
 def _grid(count: int, scratch: Path):
     # imported when run (each stage loads only what it measures)
-    from ..train import runnames  # noqa: F401 (the grid's own import, loaded before the clock starts)
+    from ..train import checkpoint  # noqa: F401 (what naming a run loads, transformers too: before the clock starts)
     from .sweep import parse_script_args
 
     out = scratch / "runs"
