@@ -43,3 +43,21 @@ def test_the_table_gives_each_rows_rates_per_unit():
 def test_a_scale_that_is_no_number_in_range_is_one_line(scale, capsys):
     err = script_error("benchmark_scale", ["--scale", scale], capsys)
     assert f"argument --scale: {scale!r} is not a number from 0.0001 to 100" in err and "Traceback" not in err
+
+
+def test_only_its_own_files_are_replaced_and_anything_else_is_refused_before_any_work(tmp_path, capsys):
+    from iisan.experiments.scaling import is_own
+
+    flags = ["--scale", "0.001", "--sizes", "1", "--stages", "csv", "--no-progress", "--out"]
+    out = tmp_path / "scale.json"
+    load_script("benchmark_scale.py").main([*flags, str(out)])
+    assert all(is_own(out.with_suffix(s)) for s in (".json", ".md", ".png"))
+    load_script("benchmark_scale.py").main([*flags, str(out)])  # its own: replaced
+    theirs = tmp_path / "theirs.json"  # (the .json's name gives the other two)
+    for suffix, text in ((".json", '{"rows": []}'), (".md", "# my notes\n"), (".png", "not a picture")):
+        other = theirs.with_suffix(suffix)
+        other.write_text(text)
+        err = script_error("benchmark_scale", [*flags, str(theirs)], capsys)
+        assert f"--out {other} exists and is not a result of benchmark_scale.py" in err and "Traceback" not in err
+        assert other.read_text() == text and [p.name for p in tmp_path.glob("theirs*")] == [other.name]
+        other.unlink()

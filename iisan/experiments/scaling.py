@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..claims import claim_output
 from ..console import progress_bar
 from ..errors import UserError
-from ..files import atomic_path, write_json_atomic, write_text_atomic
+from ..files import atomic_path, starts_with, write_json_atomic, write_text_atomic
 from ..metric_names import SELECTED_BY
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,23 @@ STAGES = {
     "grid": ("run folders", 500, "beside a grid of 100 points"),
 }
 EVAL_ITEMS, WIDTH, LAYERS, GRID_SIDE = 32_000, 768, 7, 10
+FORMAT, CREATOR = "iisan-scale/1", "IISAN benchmark_scale"  # in the JSON, and in the figure's PNG metadata
+TABLE_HEAD = "| stage | what grows | count |"  # the first line of the table
+
+
+def is_own(path: Path) -> bool:
+    """A JSON, table (.md) or figure (.png) ``benchmark`` wrote, which a rerun may replace."""
+    if path.suffix == ".md":
+        return starts_with(path, TABLE_HEAD)
+    try:
+        if path.suffix == ".png":
+            from PIL import Image  # (imported to read a figure, as drawing one imports matplotlib)
+
+            with Image.open(path, formats=["PNG"]) as image:
+                return image.info.get("Creator") == CREATOR
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except Exception:  # unreadable, not JSON or not an object, a damaged PNG (PIL raises assorted types): not ours
+        return False
 
 
 def measure(stage: str, count: int, scratch: Path) -> dict:
@@ -126,9 +144,12 @@ def run_one(stage: str, count: int, scratch: Path) -> dict:
 
 def benchmark(stages: list[str], sizes: list[int], scale: float, out: Path, progress: bool = True) -> dict:
     """Every stage at every size (``scale`` times its base count, at least 1), in a temporary folder removed
-    after; the JSON to ``out``, the table beside it (.md) and the figure (.png)."""
+    after; the JSON to ``out``, the table beside it (.md) and the figure (.png). A file there that is not one of
+    these is refused first."""
     from ..provenance import provenance  # imported when run (torch)
 
+    for path in (out, out.with_suffix(".md"), out.with_suffix(".png")):  # before any work
+        claim_output(path, is_own, "a result of benchmark_scale.py", "--out", overwrite=True)
     plan = [(stage, max(1, round(STAGES[stage][1] * scale * size))) for stage in stages for size in sizes]
     rows = []
     with tempfile.TemporaryDirectory(prefix="iisan-scale-") as scratch:
@@ -137,8 +158,8 @@ def benchmark(stages: list[str], sizes: list[int], scale: float, out: Path, prog
             rows.append(with_rates(run_one(stage, count, Path(scratch) / str(n))))
             log.info("%s, %s %s: %.2f s, peak rise %.0f MiB", stage, f"{count:,}", STAGES[stage][0],
                      rows[-1]["seconds"], rows[-1]["peak_rise_bytes"] / 2**20)
-    payload = {**provenance("cpu"), "stages": {s: STAGES[s] for s in stages}, "sizes": sizes, "scale": scale,
-               "threads": os.environ.get("OMP_NUM_THREADS", "torch's default"), "rows": rows}
+    payload = {"format": FORMAT, **provenance("cpu"), "stages": {s: STAGES[s] for s in stages}, "sizes": sizes,
+               "scale": scale, "threads": os.environ.get("OMP_NUM_THREADS", "torch's default"), "rows": rows}
     write_json_atomic(out, payload)
     write_text_atomic(out.with_suffix(".md"), table(rows) + "\n")
     with atomic_path(out.with_suffix(".png")) as tmp:
@@ -154,7 +175,7 @@ def with_rates(row: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of ``rows``, in the order measured."""
-    lines = ["| stage | what grows | count | seconds | µs per unit | peak rise (MiB) | bytes per unit |",
+    lines = [TABLE_HEAD + " seconds | µs per unit | peak rise (MiB) | bytes per unit |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {STAGES[r['stage']][0]} | {r['count']:,} | {r['seconds']:.2f} | "
@@ -184,7 +205,7 @@ def figure(rows: list[dict], title: str) -> bytes:
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Creator": CREATOR})
     return buffer.getvalue()
 
 
