@@ -37,7 +37,7 @@ from ..files import check_readable, failure_reason, require_space, shown
 log = logging.getLogger(__name__)
 
 FORMAT = "iisan-cache/1"
-CHECKED_BYTES = 1 << 26  # the float32 rows one finiteness check of a loaded cache takes (nonfinite_rows)
+CHECKED_BYTES = 1 << 24  # the float32 rows one finiteness check of a loaded cache takes (nonfinite_rows)
 
 
 def cache_file(cache_dir: str | Path, modality: str) -> Path:
