@@ -189,18 +189,24 @@ def figure(rows: list[dict], title: str) -> bytes:
     import io  # (with matplotlib: imported when drawn)
 
     from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
+    scales = set()
     for stage in dict.fromkeys(r["stage"] for r in rows):
         mine = [r for r in rows if r["stage"] == stage]
         scale = [r["count"] / mine[0]["count"] for r in mine]
-        for ax, key in zip(axes, ("seconds", "peak_rise_bytes")):
-            values = [r[key] / (1 if key == "seconds" else 2**20) for r in mine]
+        scales.update(scale)
+        for ax, key in zip(axes, ("seconds", "peak_rise_bytes")):  # (a peak of 0 drawn at 0.1 MiB: a log axis)
+            values = [r[key] if key == "seconds" else max(r[key] / 2**20, 0.1) for r in mine]
             ax.plot(scale, values, marker="o", label=f"{stage} ({STAGES[stage][0]})")
-    for ax, label in zip(axes, ("seconds", "peak rise over the start (MiB)")):
-        ax.set(xscale="log", yscale="symlog" if "MiB" in label else "log", xlabel="count / the stage's base",
-               ylabel=label)
+    for ax, label in zip(axes, ("seconds", "peak rise over the stage's start (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="count / the stage's base count", ylabel=label)
+        ax.set_xticks(sorted(scales), [f"{s:g}x" for s in sorted(scales)])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
