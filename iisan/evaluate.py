@@ -99,7 +99,7 @@ def score_ranks(score_fn, targets: np.ndarray, history: np.ndarray, batch_users:
     # One tensor of ranks and one comparison buffer for every chunk. Each chunk's small ranks kept apart, between
     # its large new scratch arrays, pinned the CPU heap's freed memory (about 11 KB per user: 1.7 GB for 131k
     # users over 32k items); scratch freed each chunk, it is given back and paged in again (1.7x the time).
-    ranks, counts = torch.empty(len(targets), 2), None
+    ranks, counts = torch.empty(len(targets), 2, dtype=torch.float32), None
     chunks = [slice(start, start + batch_users) for start in range(0, len(targets), batch_users)]
     for sl in progress_bar(chunks, len(targets), desc=progress, unit="users", enabled=bool(progress),
                            size=lambda sl: len(targets[sl])):  # one update per chunk, after its ranks reach the CPU

@@ -490,6 +490,7 @@ def test_a_loaded_caches_rows_are_checked_for_nan_and_inf_a_few_at_a_time(cached
     monkeypatch.setattr(cache, "CHECKED_BYTES", 100)  # two rows at a time: the rows 9 and 10 in two checks
     assert cache.nonfinite_rows(table).tolist() == [0, 9, 10, 22]
     assert seen == [24] * 11 + [12]
+    assert cache.nonfinite_rows(torch.zeros(0, 3, 4)).tolist() == [] and seen == [24] * 11 + [12]  # no rows: none
     seen.clear()  # and loading a run's caches, both towers
     monkeypatch.setattr(cache, "CHECKED_BYTES", 1000)
     build_model(cached_cfg, load_data(cached_cfg), torch.device("cpu"))

@@ -60,8 +60,7 @@ IMPORT_KEYS = ("source", "imported_from", "imported_missing")
 SIDECAR = ".building"  # a build in progress: its manifest and finished chunks (``cache_build``)
 VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missing"})
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
-OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype",
-            "titles")
+OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype", "titles")
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.
 UNRECORDED = {"image_norm": "processor"}
 # Keys whose value a cache (or a record of one) without them cannot tell: compared only where both hold them
@@ -345,6 +344,7 @@ def load_cache(path: str | Path, expected: CacheExpectation,
 def nonfinite_rows(table: torch.Tensor) -> torch.Tensor:
     """The rows of ``table`` holding a NaN or an infinity, ``CHECKED_BYTES`` at a time: at once, a CPU makes a float32
     copy of a half-precision table and a mask (2.5x the table: 13 GB more for 500k items x 7 layers x 768)."""
-    step = max(1, CHECKED_BYTES // (4 * table[0].numel()))
-    return torch.cat([torch.nonzero(~torch.isfinite(part.flatten(1)).all(1)).flatten() + start
-                      for start, part in zip(range(0, len(table), step), table.split(step))])
+    step = max(1, CHECKED_BYTES // (4 * max(1, table[:1].numel())))
+    found = [torch.nonzero(~torch.isfinite(part.flatten(1)).all(1)).flatten() + start
+             for start, part in zip(range(0, len(table), step), table.split(step))]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
