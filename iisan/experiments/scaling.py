@@ -7,7 +7,6 @@ whose memory should not grow with its count (evaluation, over users) shows a fla
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -18,8 +17,8 @@ from pathlib import Path
 
 from ..claims import claim_output
 from ..console import progress_bar
-from ..errors import UserError
-from ..files import atomic_path, starts_with, write_json_atomic, write_text_atomic
+from ..errors import UserError, parse_json
+from ..files import atomic_path, json_text, starts_with, write_json_atomic, write_text_atomic
 from ..metric_names import SELECTED_BY
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ def is_own(path: Path) -> bool:
 
             with Image.open(path, formats=["PNG"]) as image:
                 return image.info.get("Creator") == CREATOR
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
+        return parse_json(path.read_text(encoding="utf-8")).get("format") == FORMAT
     except Exception:  # unreadable, not JSON or not an object, a damaged PNG (PIL raises assorted types): not ours
         return False
 
@@ -139,7 +138,7 @@ def run_one(stage: str, count: int, scratch: Path) -> dict:
     if done.returncode:
         tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
         raise UserError(f"{stage} of {count:,} failed (exit status {done.returncode}): {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return parse_json(done.stdout.strip().splitlines()[-1])
 
 
 def benchmark(stages: list[str], sizes: list[int], scale: float, out: Path, progress: bool = True) -> dict:
@@ -216,4 +215,4 @@ def figure(rows: list[dict], title: str) -> bytes:
 
 
 if __name__ == "__main__":  # one measurement: stage, count, scratch folder; its JSON on the last line
-    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))))
+    print(json_text(measure(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))))
