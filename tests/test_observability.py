@@ -187,15 +187,13 @@ def test_the_cache_build_names_its_precision_one_way(tiny_config, caplog):
 
 def test_a_figure_names_no_run_without_an_epoch(tmp_path, monkeypatch):
     """A run that failed before its first epoch has no point to draw, so no entry in the legend either."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from iisan.experiments.curves import draw_curves
 
-    drawn = []
-    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look at
+    drawn, savefig = [], Figure.savefig  # keep the figure to look at
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (drawn.append(fig), savefig(fig, *args,
+                                                                                                      **kwargs)))
     curves = {"failed": {"epoch": [], "valid_hit@10": [], "loss": [], "best_epoch": None},
               "good": {"epoch": [0, 1], "valid_hit@10": [0.1, 0.2], "loss": [2.0, 1.5], "best_epoch": 1}}
     draw_curves(curves, tmp_path / "c.png")
@@ -203,7 +201,6 @@ def test_a_figure_names_no_run_without_an_epoch(tmp_path, monkeypatch):
     hit_ax, loss_ax = fig.axes
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["good"]  # (the figure's, beside both panels)
     assert len(loss_ax.get_lines()) == 1 and [line.get_label() for line in hit_ax.get_lines()][0] == "good"
-    plt.close(fig)
 
 
 @pytest.mark.parametrize("value, shown", [(65.4, "65.4"), (7.3691, "7.4"), (0.96, "1.0"), (0.4, "0.40"),
