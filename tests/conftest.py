@@ -65,9 +65,21 @@ def _ctrl_c_heard():
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    for stop in (signal.SIGHUP, signal.SIGTERM):  # ignored under nohup, or after `trap '' TERM`: the tests that
-        if signal.getsignal(stop) is signal.SIG_IGN:  # send them, and those of their default, expect a terminal's
-            signal.signal(stop, signal.SIG_DFL)
+
+
+@pytest.fixture()
+def stop_signals_as_in_a_terminal():
+    """SIGHUP and SIGTERM at their defaults for one test that sends them: a suite started under nohup (SIGHUP
+    ignored) or after `trap '' TERM` inherits them ignored, which a run keeps (robust_runs.md), and keeps them
+    ignored between such tests, so that a closed terminal still leaves a nohup suite running."""
+    import signal
+
+    ignored = [stop for stop in (signal.SIGHUP, signal.SIGTERM) if signal.getsignal(stop) is signal.SIG_IGN]
+    for stop in ignored:
+        signal.signal(stop, signal.SIG_DFL)
+    yield
+    for stop in ignored:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True)

@@ -150,6 +150,7 @@ def test_partial_build_for_other_settings_or_torn_or_altered_shards_is_redone(ti
     assert _bytes(tmp_path / "c") == whole
 
 
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_sigterm_stops_a_build_as_ctrl_c_does_and_keeps_its_finished_chunks(tiny, tiny_config, monkeypatch,
                                                                              capsys):
     """A preempted job gets SIGTERM: one line saying what is kept, exit 143, then the build resumes."""

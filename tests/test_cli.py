@@ -504,6 +504,7 @@ def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGHUP"])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_stop_signal_anywhere_in_a_command_is_one_line_and_leaves_nothing_half_written(name, tiny, tmp_path,
                                                                                          monkeypatch, capsys):
     """A preempted job's SIGTERM (a SLURM job's SIGUSR1, a closed terminal's SIGHUP) during build-lmdb (or while

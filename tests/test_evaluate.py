@@ -275,4 +275,5 @@ def test_every_chunk_scores_into_one_buffer_and_compares_into_another(monkeypatc
     assert calls[0][0] is not None and all(base is calls[0][0] for base, *_ in calls)
     assert calls[0][1] is not None and {ptr for _, ptr, _ in calls} == {calls[0][1]}
     monkeypatch.undo()
+    assert ranks.dtype == torch.float32
     assert torch.equal(ranks, split_ranks(lambda tab, x: tab[x].sum(1), table, inputs, targets, inputs, 1000))

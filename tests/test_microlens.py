@@ -148,17 +148,19 @@ def test_users_whose_targets_a_tie_of_timestamps_decides_are_counted_in_a_warnin
 
 
 def test_a_pairs_file_is_read_row_by_row_naming_its_first_problem_in_file_order(tmp_path):
-    """Every row was held in a list before any was read (about 480 bytes an interaction: 14 GB for Amazon
-    Reviews 2023's 30M), and a field count over all of them was checked first. An item id on many rows is one
-    string (one copy a row before)."""
+    """Every row was held in a list before any was read (the list alone about 480 bytes an interaction), and a
+    field count over all of them was checked first. An item id on many rows is one string (one copy a row
+    before)."""
     rows = "user,item,timestamp\n7,a,1\n8,a,2\n7,b,x\n" + "9,c,3\n" * 1000 + "9,d,4,extra\n"
     with pytest.raises(DataError, match=r"bad.csv:4: timestamp 'x' is not a number$"):
         read_pairs_csv(_write(tmp_path, "bad.csv", rows))
     with pytest.raises(DataError, match=r"bad.csv:1005: 4 fields, the header has 3"):
         read_pairs_csv(_write(tmp_path, "bad.csv", rows.replace(",x", ",5")))
-    pairs = _write(tmp_path, "ok.csv", "user,item,timestamp\n7,B000029795,1\n8,B000029795,2\n7,B0000297,2\n")
-    (_, seven), (_, eight) = read_pairs_csv(pairs)
+    pairs = _write(tmp_path, "ok.csv", "user,item,timestamp\n7,B000029795,1\n8,B000029795,2\n \t, ,\n7,B0000297,2\n")
+    (_, seven), (_, eight) = read_pairs_csv(pairs)  # (a row of blanks is a blank row, skipped)
     assert seven == ["B000029795", "B0000297"] and seven[0] is eight[0]
+    long = _write(tmp_path, "long.csv", f"user,item,timestamp\n7,a,{'1' * 5000}\n7,b,1\n7,c,{'1' * 4999}.5\n")
+    assert read_pairs_csv(long) == [("7", ["b", "c", "a"])]  # whole numbers past int()'s 4300 digits, exact
 
 
 def test_amazons_and_movielens_column_names_are_taken(tmp_path):

@@ -259,6 +259,7 @@ def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_stop_signal_whose_stderr_is_gone_keeps_its_step_and_its_exit_status(name, monkeypatch):
     """A closed terminal's SIGHUP, or a `| tee` the same SIGTERM ended first: the handler's line failed with an
     OSError raised inside the step it interrupted (the run failed instead of saving), and the command's last
@@ -283,6 +284,7 @@ def test_a_stop_signal_whose_stderr_is_gone_keeps_its_step_and_its_exit_status(n
 
 
 @pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGUSR1", 128 + signal.SIGUSR1), ("SIGHUP", 129)])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_stop_signal_saves_mid_epoch_like_ctrl_c_and_exits_with_its_status(name, status, base, monkeypatch, capfd):
     """A preempted job gets SIGTERM, a SLURM job SIGUSR1 before its time runs out (--signal=USR1@120), a run in a
     closed terminal SIGHUP: the same clean stop, named after its signal, and the status a shell gives a job that
@@ -360,6 +362,7 @@ def test_the_stop_line_starts_a_line_of_its_own_on_a_terminal_only(monkeypatch):
     assert written == [line, "\n" + line]
 
 
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_handler_python_cannot_put_back_gives_way_to_the_default(monkeypatch):
     """signal.signal returns None for a handler installed outside Python; leaving the stop handler in its
     place would make later signals set a flag nothing reads."""
@@ -410,6 +413,7 @@ def test_ctrl_c_in_the_last_step_of_an_epoch_saves_the_epoch(base, monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(base, monkeypatch, sig):
     """The last epoch's last step: the run finishes (results, best weights, its checkpoint), and then stops
     with RunInterrupted, as a preempted sweep must (it went on to its next point and exited 0)."""
@@ -430,6 +434,7 @@ def test_a_signal_in_the_last_epoch_finishes_the_run_and_still_stops_the_caller(
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_a_signal_while_the_run_sets_up_stops_at_once_without_a_step(base, monkeypatch, capsys, sig, status):
     """Loading the data (or large encoders) is no step to finish: a Ctrl-C then stops at once, in the one line
     every other command says, with nothing trained and no checkpoint (it loaded on, trained a step and saved)."""

@@ -3,9 +3,11 @@ it was timed for; the rates, the table and the files follow from the measured ro
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from iisan.experiments.scaling import STAGES, table, with_rates
 
@@ -54,10 +56,20 @@ def test_only_its_own_files_are_replaced_and_anything_else_is_refused_before_any
     assert all(is_own(out.with_suffix(s)) for s in (".json", ".md", ".png"))
     load_script("benchmark_scale.py").main([*flags, str(out)])  # its own: replaced
     theirs = tmp_path / "theirs.json"  # (the .json's name gives the other two)
-    for suffix, text in ((".json", '{"rows": []}'), (".md", "# my notes\n"), (".png", "not a picture")):
+    picture = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(picture, format="PNG")  # a real PNG, of no Creator of ours
+    for suffix, data in ((".json", b'{"rows": []}'), (".md", b"# my notes\n"), (".png", picture.getvalue())):
         other = theirs.with_suffix(suffix)
-        other.write_text(text)
+        other.write_bytes(data)
         err = script_error("benchmark_scale", [*flags, str(theirs)], capsys)
         assert f"--out {other} exists and is not a result of benchmark_scale.py" in err and "Traceback" not in err
-        assert other.read_text() == text and [p.name for p in tmp_path.glob("theirs*")] == [other.name]
+        assert other.read_bytes() == data and [p.name for p in tmp_path.glob("theirs*")] == [other.name]
         other.unlink()
+
+
+def test_a_measuring_process_that_fails_is_one_line_naming_the_stage_and_its_last_words(tmp_path):
+    from iisan.errors import UserError
+    from iisan.experiments.scaling import run_one
+
+    with pytest.raises(UserError, match=r"^no-such-stage of 3 failed \(exit status 1\): KeyError: 'no-such-stage'$"):
+        run_one("no-such-stage", 3, tmp_path / "scratch")

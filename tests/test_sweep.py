@@ -142,6 +142,25 @@ def test_a_grid_lists_its_out_dir_once_however_many_points(sweep, argv, tmp_path
     assert len({p.config.run_name for p in points}) == 3 and not any("other" in p.config.run_name for p in points)
 
 
+def test_an_earlier_sweeps_folder_is_found_only_as_one_folder_of_the_same_process_count(tmp_path, monkeypatch):
+    """Found by its config's hash: a file named like a run is no run folder, a 4-process run is another run
+    (and the one a 4-process launch finds), and two folders of the hash leave neither this config's for sure."""
+    from iisan.config import Config
+    from iisan.train import runnames
+
+    cfg = Config(out_dir=str(tmp_path), lr=3e-3)
+    head, tail = runnames.name_ends(cfg)
+    (tmp_path / f"{head}-lr0.003-{tail}").write_text("a file")
+    (tmp_path / f"{head}-seed7-4proc-{tail}").mkdir()
+    assert runnames.known_run_name(cfg) == runnames.default_run_name(cfg)
+    (tmp_path / f"{head}-seed7-{tail}").mkdir()
+    assert runnames.known_run_name(cfg) == f"{head}-seed7-{tail}"
+    (tmp_path / f"{head}-seed8-{tail}").mkdir()
+    assert runnames.known_run_name(cfg) == runnames.default_run_name(cfg)
+    monkeypatch.setattr(runnames, "launched_processes", lambda: 4)  # under torchrun, 4 processes
+    assert runnames.known_run_name(cfg) == f"{head}-seed7-4proc-{tail}"
+
+
 def test_grid_index_runs_exactly_one_point(sweep, argv, tmp_path, capsys, caplog):
     flags = ("--epochs", "1", "--lr", "1e-3", "2e-3", "3e-3", "--seed", "1", "2")
     assert run_script(DEFAULTS, sweep, argv(*flags, "--list-grid")) == []
@@ -182,6 +201,7 @@ def test_a_swept_path_under_an_explicit_run_name_gives_one_safe_folder_per_point
 
 
 @pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.usefixtures("stop_signals_as_in_a_terminal")
 def test_an_interrupted_grid_says_which_point_and_to_rerun_the_same_command(sweep, argv, tmp_path, capsys,
                                                                               monkeypatch, sig, status):
     import signal

@@ -100,9 +100,9 @@ def read_pairs_csv(path: str | Path, encoding: str = "utf-8") -> list[tuple[str,
             raise DataError(f"{path}:{lineno}: expected {len(header)} columns, found {len(row)}")
         if not NUMBER.fullmatch(written := row[t].strip()):  # (not float(): it reads '1_0', other scripts' digits)
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a number")
-        # exact: as floats, stamps past 2**53 (nanoseconds since 1970) would tie and keep file order; whole seconds
-        # as ints (a fifth of a Decimal's memory and time; the two compare exactly)
-        stamp = int(written) if INTEGER.fullmatch(written) else Decimal(written)
+        # exact: as floats, stamps past 2**53 (nanoseconds since 1970) would tie and keep file order; whole numbers
+        # as ints (a fifth of a Decimal's memory and time; the two compare exactly) but past int()'s 4300 digits
+        stamp = int(written) if len(written) <= 30 and INTEGER.fullmatch(written) else Decimal(written)
         if isinstance(stamp, Decimal) and not stamp.is_finite():  # nan sorts anywhere, even into the test target
             raise DataError(f"{path}:{lineno}: timestamp {row[t]!r} is not a finite number")
         user, item = row[u].strip(), row[i].strip()
