@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from iisan.efficiency.bench import add_tpme, measure_training
-from iisan.efficiency.isolate import died, in_fresh_process
+from iisan.isolate import died, in_fresh_process
 
 from ._batches import first_epoch
 from ._scripts import script_error
@@ -178,7 +178,7 @@ def test_a_result_posted_just_before_the_process_ended_is_kept():
     'died without a result'."""
     import queue as queue_module
 
-    from iisan.efficiency import isolate
+    from iisan import isolate
 
     class Ended:
         def is_alive(self) -> bool:

@@ -21,8 +21,8 @@ import torch
 
 from iisan.efficiency import benchmark, diagnose
 from iisan.efficiency.figures import figure_title, table
-from iisan.efficiency.isolate import in_fresh_process
 from iisan.errors import ConfigError
+from iisan.isolate import in_fresh_process
 from iisan.memory import peak_memory, reset_peak_memory
 
 from ._scripts import load_script

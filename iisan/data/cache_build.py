@@ -54,7 +54,7 @@ from ..files import (
 from ..streams import bar_disable
 from ..tensorfiles import raw_bytes, write_safetensors
 from .batches import ItemBatch, PixelSource, item_chunks
-from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, require_cache_space
+from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, nonfinite_rows, require_cache_space
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,8 @@ def _checked(states: torch.Tensor, dtype: torch.dtype, ids: torch.Tensor, item_i
     CPU cast); refuse NaN states and values that overflow it (fp16 tops at 65504, and LLM hidden states
     can exceed that). Returns the stored states on the host."""
     stored = states.to(dtype)
-    bad = ~torch.isfinite(stored).flatten(1).all(1)
-    if bad.any():
-        row = int(torch.nonzero(bad)[0])
+    if len(bad := nonfinite_rows(stored)):
+        row = int(bad[0])
         stored_as = str(dtype).removeprefix("torch.")
         why = ("NaN" if torch.isnan(states[row]).any() else "infinite values as the encoder computed them"
                if torch.isinf(states[row]).any() else f"values beyond {stored_as}'s range")

@@ -3,5 +3,5 @@ in a fresh process; ``bench``: the trainer's exact step timed after a warm-up, e
 build; ``flops``; ``rows``: the methods of its table and what a row holds, without torch; ``figures``: its
 tables and figures, from JSONs ``report_checks`` reads and checks, with the notes under a table from
 ``report_notes``), the GPU diagnosis (``diagnose``, ``diagnose_steps``, ``plain_reference``: a plain
-implementation to hold iisan's step against), and their tools (``timing``, ``isolate``: a measurement in a
-fresh process), and ``options``: what the measuring scripts are asked, without torch, for their --help."""
+implementation to hold iisan's step against), their tool ``timing`` (each measurement in a fresh process:
+``iisan.isolate``), and ``options``: what the measuring scripts are asked, without torch, for their --help."""

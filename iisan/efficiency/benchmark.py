@@ -25,6 +25,7 @@ from ..data.synthetic import SCIENTIFIC_LENGTHS, generate
 from ..devices import resolve_device
 from ..errors import ConfigError, TrainingError
 from ..files import path_component, write_json_atomic
+from ..isolate import in_fresh_process
 from ..logfiles import command_log, logging_to
 from ..methods import METHOD_DEFAULTS, METHOD_TABLE
 from ..model.tiny import vocabulary, write_base_architectures, write_bert, write_vit
@@ -37,7 +38,6 @@ from .bench import (
     measure_training,
 )
 from .figures import claim_benchmark, claim_reports, plain, write_reports
-from .isolate import in_fresh_process
 from .options import SETTING_NAMES
 from .rows import AUTHORS_WAY, MIN_STEPS, MIN_WARMUP, TABLE_METHODS, authors_label
 

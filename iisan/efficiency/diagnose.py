@@ -35,9 +35,9 @@ from ..data.datasets import DATASETS
 from ..devices import resolve_device
 from ..errors import error_line, parse_json
 from ..files import write_json_atomic
+from ..isolate import in_fresh_process
 from ..provenance import provenance
 from .diagnose_steps import iisan_rows
-from .isolate import in_fresh_process
 from .options import DiagnosisOptions
 from .plain_reference import plain_fft_step, plain_frozen_forward, plain_patch_embedding
 from .timing import reset, timed

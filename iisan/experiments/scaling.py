@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 from ..claims import claim_output
 from ..console import progress_bar
 from ..errors import UserError, parse_json
-from ..files import atomic_path, json_text, starts_with, write_json_atomic, write_text_atomic
+from ..files import atomic_path, starts_with, write_json_atomic, write_text_atomic
 from ..metric_names import SELECTED_BY
 
 log = logging.getLogger(__name__)
@@ -129,16 +127,14 @@ INPUTS = {"csv": _csv, "evaluation": _evaluation, "cache-check": _cache_check, "
 
 
 def run_one(stage: str, count: int, scratch: Path) -> dict:
-    """``measure`` in a new Python process; its one line of JSON back."""
+    """``measure`` in a fresh process (``isolate``); its failure one line."""
+    from ..isolate import in_fresh_process  # imported when run, not for --help (its logging loads torch)
+
     scratch.mkdir(parents=True)
-    here = str(Path(__file__).resolve().parents[2])  # the checkout (or site-packages) holding this package
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "iisan.experiments.scaling", stage, str(count), str(scratch)],
-                          capture_output=True, text=True, env=env)
-    if done.returncode:
-        tail = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
-        raise UserError(f"{stage} of {count:,} failed (exit status {done.returncode}): {tail}")
-    return parse_json(done.stdout.strip().splitlines()[-1])
+    row = in_fresh_process(measure, stage, count, scratch)
+    if "error" in row:
+        raise UserError(f"{stage} of {count:,} failed: {row['error']}")
+    return row
 
 
 def benchmark(stages: list[str], sizes: list[int], scale: float, out: Path, progress: bool = True) -> dict:
@@ -213,6 +209,3 @@ def figure(rows: list[dict], title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=110, metadata={"Creator": CREATOR})
     return buffer.getvalue()
 
-
-if __name__ == "__main__":  # one measurement: stage, count, scratch folder; its JSON on the last line
-    print(json_text(measure(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))))

@@ -10,9 +10,9 @@ import traceback
 from contextlib import suppress
 from pathlib import Path
 
-from ..console import setup_logging
-from ..errors import UserError, error_line
-from ..logfiles import Logging, open_logs
+from .console import setup_logging
+from .errors import UserError, error_line
+from .logfiles import Logging, open_logs
 
 
 def _child(fn, args: tuple, kwargs: dict, queue, logs: list[str]) -> None:
