@@ -1,0 +1,219 @@
+"""Whether a seeded run gives the same numbers at two commits of this repository, and which commit changed them
+(``scripts/numbers_by_commit.py``).
+
+Each commit's own ``iisan demo`` runs (synthetic data, tiny random encoders, a cache, cached IISAN: every commit
+from the first makes the same data, tiny models and images) on one CPU thread, where a seeded run gives the same
+bits every time. Its numbers (``run_numbers``) are each epoch's loss and metrics and the best epoch with its
+validation and test metrics, compared as exact floats; timings, paths and dates are not numbers. A commit's code
+is a ``git archive`` copy in a temporary folder under the working folder, removed with the demo's outputs once its
+numbers are read; the checkout itself is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..claims import claim_output
+from ..errors import ConfigError, DataError, UserError, parse_json
+from ..files import write_json_atomic, write_text_atomic
+from ..metric_names import HEADLINE, label
+
+log = logging.getLogger(__name__)
+
+FORMAT = "iisan-commits/1"  # the JSON's "format": a file that says so may be replaced by a later run
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: the same bits every run
+KEPT = ("epoch", "loss", "steps", "valid", "test")  # what of a metrics.jsonl line is a number of the run
+
+
+def git(repo: Path, *args: str) -> str:
+    """The output of ``git -C repo args``; a failure is one line with git's own last words."""
+    try:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ConfigError("git is not installed: comparing commits needs it") from None
+    if done.returncode:
+        said = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise ConfigError(f"git {' '.join(args)} in {repo}: {said}")
+    return done.stdout
+
+
+def resolve(repo: Path, name: str) -> str:
+    """The full hash of the commit ``name`` (a hash, a branch, ``HEAD~3``) names in ``repo``."""
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}").strip()
+    except ConfigError:
+        raise ConfigError(f"{name!r} is not a commit of {repo}") from None
+
+
+def first_parent_line(repo: Path, old: str, new: str) -> list[str]:
+    """The commits after ``old`` up to ``new``, oldest first, along ``new``'s first parents (the branch as it
+    was committed to, not the commits a merge brought in)."""
+    if git(repo, "merge-base", old, new).strip() != old:
+        raise ConfigError(f"{old[:12]} is not an ancestor of {new[:12]}: give the older commit first")
+    return git(repo, "rev-list", "--first-parent", "--reverse", f"{old}..{new}").split()
+
+
+def described(repo: Path, commit: str) -> dict:
+    """The commit's short hash, date and first line."""
+    short, date, subject = git(repo, "log", "-1", "--format=%h%x00%cs%x00%s", commit).rstrip("\n").split("\0")
+    return {"commit": short, "date": date, "subject": subject}
+
+
+def checkout(repo: Path, commit: str, into: Path) -> Path:
+    """The files of ``commit`` (``git archive``) in the new folder ``into``."""
+    archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with archive, tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
+            tar.extractall(into, filter="data")
+    except tarfile.TarError:
+        pass  # (git said nothing readable: its status below says why)
+    if archive.returncode or not into.is_dir():
+        raise ConfigError(f"git archive {commit[:12]} in {repo} failed (status {archive.returncode})")
+    return into
+
+
+def run_numbers(run_dir: Path) -> dict:
+    """What a finished run computed: ``best_epoch``, its ``valid`` and ``test`` metrics, and each epoch's
+    ``KEPT`` values from metrics.jsonl."""
+    try:
+        results = parse_json((run_dir / "results.json").read_text(encoding="utf-8"))
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        epochs = [{k: v for k, v in parse_json(line).items() if k in KEPT} for line in lines if line.strip()]
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{run_dir}: not a finished run's results.json and metrics.jsonl ({err})") from None
+    return {"best_epoch": results.get("best_epoch"), "valid": results.get("valid"), "test": results.get("test"),
+            "epochs": epochs}
+
+
+def demo_numbers(repo: Path, commit: str, work: Path, timeout: float) -> dict:
+    """``{"numbers": ..., "seconds": ...}`` of ``commit``'s demo, or ``{"error": its last line, ...}``; its
+    whole output is kept in ``work/demo-<commit>.log``."""
+    with tempfile.TemporaryDirectory(prefix=f"demo-{commit[:12]}-", dir=work) as scratch:
+        tree = checkout(repo, commit, Path(scratch) / "code")
+        out = Path(scratch) / "out"
+        command = [sys.executable, "-m", "iisan", "demo", "--out", str(out), "--no-progress"]
+        env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(tree)}
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+            output, failed = done.stdout + done.stderr, done.returncode and f"exit status {done.returncode}"
+        except subprocess.TimeoutExpired as err:
+            output, failed = _text(err.stdout) + _text(err.stderr), f"over --timeout {timeout:g} s"
+        seconds = round(time.perf_counter() - start, 1)
+        write_text_atomic(work / f"demo-{commit[:12]}.log", output)
+        runs = sorted((out / "runs").glob("*/results.json"))
+        if failed or len(runs) != 1:
+            last = (output.strip().splitlines() or [""])[-1]
+            return {"error": f"{failed or f'{len(runs)} run folders'}: {last}"[:300], "seconds": seconds}
+        return {"numbers": run_numbers(runs[0].parent), "seconds": seconds}
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value or ""
+
+
+def differences(before: dict, after: dict, most: int = 3) -> list[str]:
+    """Up to ``most`` numbers that differ, as ``where: before -> after``, in the order they were computed."""
+    found: list[str] = []
+
+    def walk(a, b, where: str) -> None:
+        if len(found) >= most:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in dict.fromkeys([*a, *b]):
+                walk(a.get(key), b.get(key), f"{where} {key}".strip())
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where} {i}")
+        elif a != b:
+            found.append(f"{where}: {a!r} -> {b!r}" if not isinstance(a, list) else f"{where}: {len(a)} -> "
+                         f"{len(b) if isinstance(b, list) else b!r} entries")
+
+    walk(before.get("epochs", []), after.get("epochs", []), "epoch")
+    walk({k: v for k, v in before.items() if k != "epochs"}, {k: v for k, v in after.items() if k != "epochs"}, "")
+    return found
+
+
+def first_change(line: list[str], base: dict, numbers_of: Callable[[str], dict]) -> str | None:
+    """The first commit of ``line`` whose numbers differ from ``base`` (None: the last one's do not), by halving:
+    about log2(len(line)) runs. Right when numbers, once changed, never come back to ``base``'s; otherwise one of
+    the commits where they change. A commit whose demo fails is an error (its code cannot say)."""
+    if not line or numbers_of(line[-1]) == base:
+        return None
+    same, differs = -1, len(line) - 1  # line[same] gives base's numbers (-1: the commit before the line)
+    while differs - same > 1:
+        middle = (same + differs) // 2
+        same, differs = (middle, differs) if numbers_of(line[middle]) == base else (same, middle)
+    return line[differs]
+
+
+class Outcomes:
+    """Each commit's demo outcome, kept in ``work/numbers-<commit>.json`` so that a second call (another
+    range, an interrupted bisection) runs no commit twice, and the JSON ``out`` written after every run."""
+
+    def __init__(self, repo: Path, work: Path, out: Path, timeout: float):
+        self.repo, self.work, self.out, self.timeout, self.rows = repo, work, out, timeout, {}
+        claim_output(out, is_own, "a result of numbers_by_commit.py", "--out", overwrite=True)
+        work.mkdir(parents=True, exist_ok=True)
+
+    def outcome(self, commit: str) -> dict:
+        if commit not in self.rows:
+            kept = self.work / f"numbers-{commit}.json"
+            row = _payload(kept)
+            if row is None or "numbers" not in row:
+                about = described(self.repo, commit)
+                log.info("%s: running its demo on one thread (%.70s)", commit[:12], about["subject"])
+                row = {"format": FORMAT, **about, "full": commit,
+                       **demo_numbers(self.repo, commit, self.work, self.timeout)}
+                if "numbers" in row:  # (a failure is tried again next time: it may have been the machine)
+                    claim_output(kept, is_own, "a result of numbers_by_commit.py", "--work", overwrite=True)
+                    write_json_atomic(kept, row)
+            self.rows[commit] = row
+            self.save()
+        return self.rows[commit]
+
+    def numbers(self, commit: str) -> dict:
+        row = self.outcome(commit)
+        if "numbers" not in row:
+            raise UserError(f"the demo of {commit[:12]} failed ({row['error']}); its output: "
+                            f"{self.work / f'demo-{commit[:12]}.log'}")
+        return row["numbers"]
+
+    def save(self) -> None:
+        write_json_atomic(self.out, {"format": FORMAT, "threads": 1, "rows": list(self.rows.values())})
+
+
+def _payload(path: Path) -> dict | None:
+    """The JSON at ``path`` when this module wrote it (its ``format``), else None."""
+    try:
+        payload = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+
+
+def is_own(path: Path) -> bool:
+    return _payload(path) is not None
+
+
+def summary_line(row: dict, base: dict | None) -> str:
+    """One commit's line: its date and subject, the best epoch's headline metrics, and how it compares."""
+    head = f"{row['commit']} {row['date']} {row['subject'][:60]}"
+    if "numbers" not in row:
+        return f"{head}\n    failed: {row['error']}"
+    numbers = row["numbers"]
+    metrics = " ".join(f"{split} {label(m)} {numbers[split][m]:.4f}" for split in ("valid", "test") for m in HEADLINE
+                       if isinstance(numbers.get(split), dict) and isinstance(numbers[split].get(m), float))
+    said = "" if base is None else "; the same numbers" if numbers == base else \
+        "; other numbers: " + "; ".join(differences(base, numbers))
+    return f"{head}\n    best epoch {numbers['best_epoch']}, {metrics}{said}"

@@ -1,0 +1,157 @@
+"""scripts/numbers_by_commit.py and iisan.experiments.commits: which commit changed a seeded run's numbers.
+The git tests run a stand-in ``iisan demo`` (a few lines that write a run folder from a number the commit holds),
+so each commit's run takes a Python start, not a training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from iisan.errors import DataError
+from iisan.experiments.commits import differences, first_change, run_numbers
+
+from ._scripts import load_script
+
+numbers_by_commit = load_script("numbers_by_commit.py")
+
+FAKE_DEMO = """\
+import json, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+value = float(Path(__file__).with_name("value.txt").read_text())
+if value < 0:
+    sys.exit("the demo broke")
+run = out / "runs" / "demo-seed0"
+run.mkdir(parents=True)
+results = {"best_epoch": 0, "valid": {"hit@10": value}, "test": {"hit@10": value / 2},
+           "timing": {"train_seconds": time.time()}}
+(run / "results.json").write_text(json.dumps(results))
+(run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "loss": 2 * value, "train_seconds": time.time()}) + "\\n")
+"""
+
+
+def test_first_change_halves_the_line_down_to_the_commit_that_changed():
+    line = [f"c{i}" for i in range(1, 11)]
+    for changed_at in range(10):
+        asked = []
+
+        def numbers_of(commit, changed_at=changed_at, asked=asked):
+            asked.append(commit)
+            return {"v": 1.0 if line.index(commit) < changed_at else 2.0}
+
+        assert first_change(line, {"v": 1.0}, numbers_of) == line[changed_at]
+        assert len(asked) <= 5  # the last one, then log2(10) rounded up
+    asked = []
+    assert first_change(line, {"v": 1.0}, lambda c: asked.append(c) or {"v": 1.0}) is None and asked == ["c10"]
+    assert first_change([], {"v": 1.0}, lambda c: pytest.fail("nothing to run")) is None
+
+
+def test_differences_say_where_in_the_order_computed():
+    before = {"best_epoch": 3, "valid": {"hit@10": 0.5},
+              "epochs": [{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.5}]}
+    after = {"best_epoch": 4, "valid": {"hit@10": 0.5},
+             "epochs": [{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.25}]}
+    assert differences(before, after) == ["epoch 1 loss: 1.5 -> 1.25", "best_epoch: 3 -> 4"]
+    assert differences(before, before) == []
+    longer = {**before, "epochs": before["epochs"] + [{"epoch": 2, "loss": 1.0}]}
+    assert differences(before, longer) == ["epoch: 2 -> 3 entries"]
+    assert len(differences({"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 2, "b": 2, "c": 2, "d": 2}, most=2)) == 2
+
+
+def test_a_runs_numbers_leave_out_its_timings(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"best_epoch": 1, "valid": {"m": 0.25}, "test": {"m": 0.125},
+                                                  "timing": {"train_seconds": 9.5}, "run_dir": "x"}))
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "loss": 3.5, "steps": 4, "train_seconds": 1.2, '
+                                       '"valid": {"m": 0.1}, "ended_at": "2026-12-07 10:00:00 +0000"}\n\n')
+    assert run_numbers(run) == {"best_epoch": 1, "valid": {"m": 0.25}, "test": {"m": 0.125},
+                                "epochs": [{"epoch": 0, "loss": 3.5, "steps": 4, "valid": {"m": 0.1}}]}
+    (run / "metrics.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(DataError, match=r"run: not a finished run's results\.json and metrics\.jsonl"):
+        run_numbers(run)
+
+
+def commit(repo: Path, value: str | None, message: str) -> str:
+    if value is not None:
+        (repo / "iisan" / "value.txt").write_text(value)
+    (repo / "notes.txt").write_text(message)
+    git = ["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", message], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """Six commits: the numbers change at the third, and the sixth's demo fails."""
+    repo = tmp_path_factory.mktemp("history") / "repo"
+    (repo / "iisan").mkdir(parents=True)
+    (repo / "iisan" / "__init__.py").write_text("")
+    (repo / "iisan" / "__main__.py").write_text(FAKE_DEMO)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    commits = [commit(repo, "0.5", "first"), commit(repo, None, "a refactor"), commit(repo, "0.25", "a change"),
+               commit(repo, None, "docs"), commit(repo, None, "more docs"), commit(repo, "-1", "broken")]
+    return repo, commits
+
+
+def test_bisect_names_the_commit_that_changed_the_numbers_and_runs_none_twice(history, tmp_path, capsys):
+    repo, commits = history
+    work = tmp_path / "work"
+    assert numbers_by_commit.main(["--bisect", commits[0], commits[4], "--repo", str(repo), "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    short = commits[2][:7]
+    assert f"first commit whose numbers differ (of 4 after {commits[0][:12]};" in out
+    assert out.split("first commit whose numbers differ")[1].splitlines()[1].startswith(f"{short} ")
+    assert "other numbers: epoch 0 loss: 1.0 -> 0.5; valid hit@10: 0.5 -> 0.25; test hit@10: 0.25 -> 0.125" in out
+    ran = sorted(p.name for p in work.glob("demo-*.log"))
+    assert len(ran) <= 4 and all(work.joinpath(f"numbers-{c}.json").is_file() for c in (commits[0], commits[2]))
+    written = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    assert numbers_by_commit.main([commits[0], commits[2], "--repo", str(repo), "--work", str(work)]) == 1
+    kept = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.name != "numbers.json"}
+    assert all(kept[name] == written[name] for name in kept if name in written)  # nothing ran again
+    saved = json.loads((work / "numbers.json").read_text())
+    assert [row["full"] for row in saved["rows"]] == [commits[0], commits[2]] and saved["threads"] == 1
+    assert not [p for p in work.iterdir() if p.name.startswith(("demo-", ".")) and p.is_dir()]  # scratch removed
+
+
+def test_the_same_numbers_exit_zero_and_a_failed_demo_is_named(history, tmp_path, capsys):
+    repo, commits = history
+    work = tmp_path / "work"
+    assert numbers_by_commit.main([commits[0], commits[1], "--repo", str(repo), "--work", str(work)]) == 0
+    assert "; the same numbers" in capsys.readouterr().out
+    assert numbers_by_commit.main([commits[0], commits[5], "--repo", str(repo), "--work", str(work)]) == 1
+    assert "failed: exit status 1: the demo broke" in capsys.readouterr().out
+    assert not (work / f"numbers-{commits[5]}.json").exists()  # a failure is tried again next time
+    with pytest.raises(SystemExit):
+        numbers_by_commit.main(["--bisect", commits[0], commits[5], "--repo", str(repo), "--work", str(work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].split(": error: ")[1] == (
+        f"the demo of {commits[5][:12]} failed (exit status 1: the demo broke); its output: "
+        f"{work / f'demo-{commits[5][:12]}.log'}")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["nosuch", "HEAD"], "'nosuch' is not a commit of {repo}"),
+    (["--bisect", "{c2}", "{c0}"], "{c2s} is not an ancestor of {c0s}: give the older commit first"),
+])
+def test_bad_commits_are_one_line(history, tmp_path, capsys, argv, said):
+    repo, commits = history
+    names = {"repo": repo, "c0": commits[0], "c2": commits[2], "c0s": commits[0][:12], "c2s": commits[2][:12]}
+    with pytest.raises(SystemExit):
+        numbers_by_commit.main([a.format(**names) for a in argv] + ["--repo", str(repo), "--work", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].split(": error: ")[1] == said.format(**names)
+
+
+def test_an_out_file_it_did_not_write_is_refused_and_kept(history, tmp_path, capsys):
+    repo, commits = history
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}')
+    with pytest.raises(SystemExit):
+        numbers_by_commit.main([commits[0], "--repo", str(repo), "--work", str(tmp_path), "--out", str(mine)])
+    assert "is not a result of numbers_by_commit.py" in capsys.readouterr().err
+    assert mine.read_text() == '{"my": "notes"}'
