@@ -4,6 +4,7 @@ same bits every time, and compares every epoch's loss and metrics and the best e
 
     python scripts/numbers_by_commit.py 7c7ec25 HEAD             # each commit's numbers, against the first's
     python scripts/numbers_by_commit.py --bisect 7c7ec25 HEAD    # the first commit after 7c7ec25 that changed them
+    python scripts/numbers_by_commit.py main HEAD --live fft lora   # and two live baselines, 2 x 12 steps each
 
 A commit's numbers are kept in --work (numbers-<commit>.json; its demo's output in demo-<commit>.log), so no commit
 runs twice; each run takes about 20 s (2026 AMD EPYC core). Exit status 1 when a commit's numbers differ from the
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 
 from iisan.bounds import int_in, path_arg  # noqa: E402
 from iisan.console import VERBOSE_HELP, entry_point, setup_logging, summary  # noqa: E402
+from iisan.experiments.commits import LIVE, LIVE_STEPS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
@@ -30,6 +32,9 @@ def parser() -> FlagParser:
     parser.add_argument("--bisect", nargs=2, metavar=("OLD", "NEW"),
                         help="the first commit after OLD, along NEW's first parents, whose numbers differ from OLD's "
                              "(about log2 of the commits between them are run)")
+    parser.add_argument("--live", nargs="+", choices=LIVE, default=[], metavar="METHOD",
+                        help=f"also train these methods on the live feed from each commit's demo config "
+                             f"({' '.join(LIVE_STEPS)}; one of {', '.join(LIVE)}) and compare theirs too")
     parser.add_argument("--repo", type=path_arg, default=str(ROOT), help="the git checkout (default: this one)")
     parser.add_argument("--work", "--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "commits"),
                         help="numbers and logs of each commit's run (default: bench_data/commits)")
@@ -53,7 +58,7 @@ def compare(args) -> int:
     from iisan.experiments.commits import Outcomes, first_change, first_parent_line, resolve, summary_line
 
     repo, work = Path(args.repo), Path(args.work)
-    outcomes = Outcomes(repo, work, Path(args.out or work / "numbers.json"), args.timeout)
+    outcomes = Outcomes(repo, work, Path(args.out or work / "numbers.json"), args.timeout, tuple(args.live))
     if args.bisect:
         old, new = (resolve(repo, name) for name in args.bisect)
         line = first_parent_line(repo, old, new)
@@ -61,8 +66,8 @@ def compare(args) -> int:
         changed = first_change(line, base, outcomes.numbers)
         print(summary_line(outcomes.outcome(old), None))
         if changed is None:
-            print(f"\nthe same numbers at every commit from {old[:12]} to {new[:12]} ({len(line)} after it; "
-                  f"{len(outcomes.rows) - 1} run)")
+            print(f"\n{new[:12]} gives {old[:12]}'s numbers ({len(line)} commits after it; a change made and undone "
+                  "between them would not show: name commits to see them)")
             return 0
         print(f"\nthe first commit whose numbers differ (of {len(line)} after {old[:12]}; {len(outcomes.rows) - 1} "
               "run):\n" + summary_line(outcomes.outcome(changed), base))

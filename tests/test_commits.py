@@ -20,16 +20,20 @@ numbers_by_commit = load_script("numbers_by_commit.py")
 FAKE_DEMO = """\
 import json, sys, time
 from pathlib import Path
-out = Path(sys.argv[sys.argv.index("--out") + 1])
+args = sys.argv[1:]
 value = float(Path(__file__).with_name("value.txt").read_text())
 if value < 0:
     sys.exit("the demo broke")
-run = out / "runs" / "demo-seed0"
+if args[0] == "train":  # a live method from the demo's config: ten times the demo's numbers
+    assert Path(args[args.index("--config") + 1]).is_file() and "--feed" in args
+    run, value = Path(args[args.index("--out-dir") + 1]) / args[args.index("--run-name") + 1], 10 * value
+else:
+    run = Path(args[args.index("--out") + 1]) / "runs" / "demo-seed0"
 run.mkdir(parents=True)
+(run / "config.json").write_text("{}")
 results = {"best_epoch": 0, "valid": {"hit@10": value}, "test": {"hit@10": value / 2},
-           "timing": {"train_seconds": time.time()}}
+           "epochs": [{"epoch": 0, "loss": 2 * value, "train_seconds": time.time()}]}
 (run / "results.json").write_text(json.dumps(results))
-(run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "loss": 2 * value, "train_seconds": time.time()}) + "\\n")
 """
 
 
@@ -54,25 +58,28 @@ def test_differences_say_where_in_the_order_computed():
               "epochs": [{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.5}]}
     after = {"best_epoch": 4, "valid": {"hit@10": 0.5},
              "epochs": [{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.25}]}
-    assert differences(before, after) == ["epoch 1 loss: 1.5 -> 1.25", "best_epoch: 3 -> 4"]
+    assert differences(before, after) == ["best_epoch: 3 -> 4", "epoch 1 loss: 1.5 -> 1.25"]
+    assert differences({"demo": before}, {"demo": after}, most=1) == ["demo best_epoch: 3 -> 4"]
     assert differences(before, before) == []
     longer = {**before, "epochs": before["epochs"] + [{"epoch": 2, "loss": 1.0}]}
-    assert differences(before, longer) == ["epoch: 2 -> 3 entries"]
+    assert differences(before, longer) == ["epochs: 2 -> 3 entries"]
     assert len(differences({"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 2, "b": 2, "c": 2, "d": 2}, most=2)) == 2
 
 
 def test_a_runs_numbers_leave_out_its_timings(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "results.json").write_text(json.dumps({"best_epoch": 1, "valid": {"m": 0.25}, "test": {"m": 0.125},
-                                                  "timing": {"train_seconds": 9.5}, "run_dir": "x"}))
-    (run / "metrics.jsonl").write_text('{"epoch": 0, "loss": 3.5, "steps": 4, "train_seconds": 1.2, '
-                                       '"valid": {"m": 0.1}, "ended_at": "2026-12-07 10:00:00 +0000"}\n\n')
+    epoch = {"epoch": 0, "loss": 3.5, "steps": 4, "train_seconds": 1.2, "valid": {"m": 0.1},
+             "ended_at": "2026-12-07 10:00:00 +0000"}
+    results = {"best_epoch": 1, "valid": {"m": 0.25}, "test": {"m": 0.125}, "epochs": [epoch],
+               "timing": {"train_seconds": 9.5}, "run_dir": "x"}
+    (run / "results.json").write_text(json.dumps(results))
     assert run_numbers(run) == {"best_epoch": 1, "valid": {"m": 0.25}, "test": {"m": 0.125},
                                 "epochs": [{"epoch": 0, "loss": 3.5, "steps": 4, "valid": {"m": 0.1}}]}
-    (run / "metrics.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(DataError, match=r"run: not a finished run's results\.json and metrics\.jsonl"):
-        run_numbers(run)
+    for broken in ({**results, "epochs": 3}, {**results, "epochs": [[1, 2]]}, [1, 2]):
+        (run / "results.json").write_text(json.dumps(broken))
+        with pytest.raises(DataError, match=r"run/results\.json: not a finished run's results \("):
+            run_numbers(run)
 
 
 def commit(repo: Path, value: str | None, message: str) -> str:
@@ -106,7 +113,8 @@ def test_bisect_names_the_commit_that_changed_the_numbers_and_runs_none_twice(hi
     short = commits[2][:7]
     assert f"first commit whose numbers differ (of 4 after {commits[0][:12]};" in out
     assert out.split("first commit whose numbers differ")[1].splitlines()[1].startswith(f"{short} ")
-    assert "other numbers: epoch 0 loss: 1.0 -> 0.5; valid hit@10: 0.5 -> 0.25; test hit@10: 0.25 -> 0.125" in out
+    assert "other numbers: demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25; demo test hit@10: 0.25 " \
+           "-> 0.125" in out
     ran = sorted(p.name for p in work.glob("demo-*.log"))
     assert len(ran) <= 4 and all(work.joinpath(f"numbers-{c}.json").is_file() for c in (commits[0], commits[2]))
     written = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
@@ -122,16 +130,37 @@ def test_the_same_numbers_exit_zero_and_a_failed_demo_is_named(history, tmp_path
     repo, commits = history
     work = tmp_path / "work"
     assert numbers_by_commit.main([commits[0], commits[1], "--repo", str(repo), "--work", str(work)]) == 0
-    assert "; the same numbers" in capsys.readouterr().out
+    assert "\n    the same numbers\n" in capsys.readouterr().out
+    assert numbers_by_commit.main(["--bisect", commits[0], commits[1], "--repo", str(repo), "--work", str(work)]) == 0
+    assert f"{commits[1][:12]} gives {commits[0][:12]}'s numbers (1 commits after it;" in capsys.readouterr().out
     assert numbers_by_commit.main([commits[0], commits[5], "--repo", str(repo), "--work", str(work)]) == 1
-    assert "failed: exit status 1: the demo broke" in capsys.readouterr().out
+    assert "failed: iisan demo: exit status 1: the demo broke" in capsys.readouterr().out
     assert not (work / f"numbers-{commits[5]}.json").exists()  # a failure is tried again next time
     with pytest.raises(SystemExit):
         numbers_by_commit.main(["--bisect", commits[0], commits[5], "--repo", str(repo), "--work", str(work)])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].split(": error: ")[1] == (
-        f"the demo of {commits[5][:12]} failed (exit status 1: the demo broke); its output: "
+        f"the runs of {commits[5][:12]} failed (iisan demo: exit status 1: the demo broke); their output: "
         f"{work / f'demo-{commits[5][:12]}.log'}")
+
+
+def test_live_methods_train_from_each_commits_demo_and_are_compared_too(history, tmp_path, capsys):
+    repo, commits = history
+    work = tmp_path / "work"
+    assert numbers_by_commit.main([commits[0], "--repo", str(repo), "--work", str(work)]) == 0
+    ran = (work / f"demo-{commits[0][:12]}.log").read_text()
+    assert numbers_by_commit.main([commits[0], commits[2], "--live", "fft", "lora", "--repo", str(repo),
+                                   "--work", str(work)]) == 1
+    out = capsys.readouterr().out
+    assert "    fft: best epoch 0, valid HR@10 5.0000 test HR@10 2.5000\n" in out  # ten times the demo's
+    assert "other numbers: demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25; demo test" in out
+    log_text = (work / f"demo-{commits[0][:12]}.log").read_text()
+    assert log_text != ran and log_text.count("$ iisan train --config ") == 2  # the kept demo alone: run again
+    kept = json.loads((work / f"numbers-{commits[0]}.json").read_text())
+    assert list(kept["numbers"]) == ["demo", "fft", "lora"]
+    assert numbers_by_commit.main([commits[0], commits[2], "--repo", str(repo), "--work", str(work)]) == 1
+    assert "fft" not in capsys.readouterr().out.split("\n\n")[0]  # kept runs beyond those asked are not shown
+    assert (work / f"demo-{commits[0][:12]}.log").read_text() == log_text  # and nothing ran
 
 
 @pytest.mark.parametrize("argv, said", [

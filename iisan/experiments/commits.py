@@ -3,9 +3,10 @@
 
 Each commit's own ``iisan demo`` runs (synthetic data, tiny random encoders, a cache, cached IISAN: every commit
 from the first makes the same data, tiny models and images) on one CPU thread, where a seeded run gives the same
-bits every time. Its numbers (``run_numbers``) are each epoch's loss and metrics and the best epoch with its
-validation and test metrics, compared as exact floats; timings, paths and dates are not numbers. A commit's code
-is a ``git archive`` copy in a temporary folder under the working folder, removed with the demo's outputs once its
+bits every time; with ``live`` methods, each also trains ``LIVE_STEPS`` on the live feed from the demo's config.
+A run's numbers (``run_numbers``) are each epoch's loss and metrics and the best epoch with its validation and
+test metrics, compared as exact floats; timings, paths and dates are not numbers. A commit's code is a
+``git archive`` copy in a temporary folder under the working folder, removed with the runs' outputs once their
 numbers are read; the checkout itself is never touched.
 """
 
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "iisan-commits/1"  # the JSON's "format": a file that says so may be replaced by a later run
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: the same bits every run
-KEPT = ("epoch", "loss", "steps", "valid", "test")  # what of a metrics.jsonl line is a number of the run
+KEPT = ("epoch", "loss", "steps", "valid", "test")  # what of an epoch's record is a number of the run
+LIVE_STEPS = ["--feed", "live", "--epochs", "2", "--max-steps-per-epoch", "12", "--patience", "10"]
+LIVE = ("iisan", "fft", "adapter", "lora", "bitfit")  # what ``live`` may name: flags every commit knows
 
 
 def git(repo: Path, *args: str) -> str:
@@ -82,40 +85,59 @@ def checkout(repo: Path, commit: str, into: Path) -> Path:
 
 
 def run_numbers(run_dir: Path) -> dict:
-    """What a finished run computed: ``best_epoch``, its ``valid`` and ``test`` metrics, and each epoch's
-    ``KEPT`` values from metrics.jsonl."""
+    """What a finished run computed, from its results.json (every commit's has them): ``best_epoch``, its
+    ``valid`` and ``test`` metrics, and each epoch's ``KEPT`` values."""
     try:
         results = parse_json((run_dir / "results.json").read_text(encoding="utf-8"))
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        epochs = [{k: v for k, v in parse_json(line).items() if k in KEPT} for line in lines if line.strip()]
-    except (OSError, ValueError, AttributeError) as err:
-        raise DataError(f"{run_dir}: not a finished run's results.json and metrics.jsonl ({err})") from None
-    return {"best_epoch": results.get("best_epoch"), "valid": results.get("valid"), "test": results.get("test"),
-            "epochs": epochs}
+        epochs = [{k: v for k, v in epoch.items() if k in KEPT} for epoch in results["epochs"]]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
+        raise DataError(f"{run_dir / 'results.json'}: not a finished run's results ({err!r:.80})") from None
+    return {"epochs": epochs, "best_epoch": results.get("best_epoch"), "valid": results.get("valid"),
+            "test": results.get("test")}
 
 
-def demo_numbers(repo: Path, commit: str, work: Path, timeout: float) -> dict:
-    """``{"numbers": ..., "seconds": ...}`` of ``commit``'s demo, or ``{"error": its last line, ...}``; its
-    whole output is kept in ``work/demo-<commit>.log``."""
+def commit_numbers(repo: Path, commit: str, work: Path, timeout: float, live: tuple[str, ...] = ()) -> dict:
+    """``{"numbers": {"demo": ..., <each live method>: ...}, "seconds": ...}`` of ``commit``'s runs, or
+    ``{"error": the failed run's last line, ...}``; their whole output is kept in ``work/demo-<commit>.log``."""
     with tempfile.TemporaryDirectory(prefix=f"demo-{commit[:12]}-", dir=work) as scratch:
         tree = checkout(repo, commit, Path(scratch) / "code")
-        out = Path(scratch) / "out"
-        command = [sys.executable, "-m", "iisan", "demo", "--out", str(out), "--no-progress"]
-        env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(tree)}
-        start = time.perf_counter()
+        out, numbers, log_text, start = Path(scratch) / "out", {}, [], time.perf_counter()
         try:
-            done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout,
-                                  check=False)
-            output, failed = done.stdout + done.stderr, done.returncode and f"exit status {done.returncode}"
-        except subprocess.TimeoutExpired as err:
-            output, failed = _text(err.stdout) + _text(err.stderr), f"over --timeout {timeout:g} s"
-        seconds = round(time.perf_counter() - start, 1)
-        write_text_atomic(work / f"demo-{commit[:12]}.log", output)
-        runs = sorted((out / "runs").glob("*/results.json"))
-        if failed or len(runs) != 1:
-            last = (output.strip().splitlines() or [""])[-1]
-            return {"error": f"{failed or f'{len(runs)} run folders'}: {last}"[:300], "seconds": seconds}
-        return {"numbers": run_numbers(runs[0].parent), "seconds": seconds}
+            demo = _run(tree, ["demo", "--out", str(out), "--no-progress"], out / "runs", timeout, log_text)
+            numbers["demo"] = run_numbers(demo)
+            for method in live:
+                numbers[method] = run_numbers(_run(tree, [
+                    "train", "--config", str(demo / "config.json"), "--method", method, *LIVE_STEPS,
+                    "--out-dir", str(out / "live"), "--run-name", method, "--no-progress"], out / "live" / method,
+                    timeout, log_text))
+        except (_Failed, DataError) as err:
+            return {"error": str(err)[:300], "seconds": round(time.perf_counter() - start, 1)}
+        finally:
+            write_text_atomic(work / f"demo-{commit[:12]}.log", "".join(log_text))
+        return {"numbers": numbers, "seconds": round(time.perf_counter() - start, 1)}
+
+
+class _Failed(Exception):
+    """A run of a commit's code ended without its results."""
+
+
+def _run(tree: Path, args: list[str], runs: Path, timeout: float, log_text: list[str]) -> Path:
+    """The run folder that ``python -m iisan args`` made (the one under ``runs``, or ``runs`` itself), run with
+    ``tree``'s code on one thread; its output appended to ``log_text``."""
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(tree)}
+    log_text.append(f"$ iisan {' '.join(args)}\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "iisan", *args], cwd=tree, env=env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        output, failed = done.stdout + done.stderr, done.returncode and f"exit status {done.returncode}"
+    except subprocess.TimeoutExpired as err:
+        output, failed = _text(err.stdout) + _text(err.stderr), f"over --timeout {timeout:g} s"
+    log_text.append(output)
+    found = [runs] if (runs / "results.json").is_file() else [p.parent for p in sorted(runs.glob("*/results.json"))]
+    if failed or len(found) != 1:
+        last = (output.strip().splitlines() or [""])[-1]
+        raise _Failed(f"iisan {args[0]}: {failed or f'{len(found)} run folders'}: {last}")
+    return found[0]
 
 
 def _text(value: bytes | str | None) -> str:
@@ -133,14 +155,13 @@ def differences(before: dict, after: dict, most: int = 3) -> list[str]:
             for key in dict.fromkeys([*a, *b]):
                 walk(a.get(key), b.get(key), f"{where} {key}".strip())
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b, strict=True)):
-                walk(x, y, f"{where} {i}")
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):  # (epochs 3 -> epoch 3)
+                walk(x, y, f"{where.removesuffix('s')} {i}")
         elif a != b:
             found.append(f"{where}: {a!r} -> {b!r}" if not isinstance(a, list) else f"{where}: {len(a)} -> "
                          f"{len(b) if isinstance(b, list) else b!r} entries")
 
-    walk(before.get("epochs", []), after.get("epochs", []), "epoch")
-    walk({k: v for k, v in before.items() if k != "epochs"}, {k: v for k, v in after.items() if k != "epochs"}, "")
+    walk(before, after, "")
     return found
 
 
@@ -158,11 +179,13 @@ def first_change(line: list[str], base: dict, numbers_of: Callable[[str], dict])
 
 
 class Outcomes:
-    """Each commit's demo outcome, kept in ``work/numbers-<commit>.json`` so that a second call (another
-    range, an interrupted bisection) runs no commit twice, and the JSON ``out`` written after every run."""
+    """Each commit's outcome: its runs' numbers (``commit_numbers``), kept in ``work/numbers-<commit>.json`` so
+    that a second call (another range, an interrupted bisection) runs no commit twice, and the JSON ``out``
+    written after every commit. ``numbers`` holds the demo's and those of the ``live`` methods alone."""
 
-    def __init__(self, repo: Path, work: Path, out: Path, timeout: float):
-        self.repo, self.work, self.out, self.timeout, self.rows = repo, work, out, timeout, {}
+    def __init__(self, repo: Path, work: Path, out: Path, timeout: float, live: tuple[str, ...] = ()):
+        self.repo, self.work, self.out, self.timeout, self.live, self.rows = repo, work, out, timeout, live, {}
+        self.runs = ("demo", *live)
         claim_output(out, is_own, "a result of numbers_by_commit.py", "--out", overwrite=True)
         work.mkdir(parents=True, exist_ok=True)
 
@@ -170,14 +193,17 @@ class Outcomes:
         if commit not in self.rows:
             kept = self.work / f"numbers-{commit}.json"
             row = _payload(kept)
-            if row is None or "numbers" not in row:
+            if row is None or not set(self.runs) <= set(row.get("numbers", ())):
                 about = described(self.repo, commit)
-                log.info("%s: running its demo on one thread (%.70s)", commit[:12], about["subject"])
+                log.info("%s: running its %s on one thread (%.60s)", commit[:12], " and ".join(self.runs),
+                         about["subject"])
                 row = {"format": FORMAT, **about, "full": commit,
-                       **demo_numbers(self.repo, commit, self.work, self.timeout)}
+                       **commit_numbers(self.repo, commit, self.work, self.timeout, self.live)}
                 if "numbers" in row:  # (a failure is tried again next time: it may have been the machine)
                     claim_output(kept, is_own, "a result of numbers_by_commit.py", "--work", overwrite=True)
                     write_json_atomic(kept, row)
+            if "numbers" in row:
+                row = {**row, "numbers": {run: row["numbers"][run] for run in self.runs}}
             self.rows[commit] = row
             self.save()
         return self.rows[commit]
@@ -185,12 +211,13 @@ class Outcomes:
     def numbers(self, commit: str) -> dict:
         row = self.outcome(commit)
         if "numbers" not in row:
-            raise UserError(f"the demo of {commit[:12]} failed ({row['error']}); its output: "
+            raise UserError(f"the runs of {commit[:12]} failed ({row['error']}); their output: "
                             f"{self.work / f'demo-{commit[:12]}.log'}")
         return row["numbers"]
 
     def save(self) -> None:
-        write_json_atomic(self.out, {"format": FORMAT, "threads": 1, "rows": list(self.rows.values())})
+        write_json_atomic(self.out, {"format": FORMAT, "threads": 1, "live_steps": " ".join(LIVE_STEPS),
+                                     "rows": list(self.rows.values())})
 
 
 def _payload(path: Path) -> dict | None:
@@ -207,13 +234,16 @@ def is_own(path: Path) -> bool:
 
 
 def summary_line(row: dict, base: dict | None) -> str:
-    """One commit's line: its date and subject, the best epoch's headline metrics, and how it compares."""
+    """One commit's lines: its date and subject; each run's best epoch and headline metrics; how they compare."""
     head = f"{row['commit']} {row['date']} {row['subject'][:60]}"
     if "numbers" not in row:
         return f"{head}\n    failed: {row['error']}"
-    numbers = row["numbers"]
-    metrics = " ".join(f"{split} {label(m)} {numbers[split][m]:.4f}" for split in ("valid", "test") for m in HEADLINE
-                       if isinstance(numbers.get(split), dict) and isinstance(numbers[split].get(m), float))
-    said = "" if base is None else "; the same numbers" if numbers == base else \
-        "; other numbers: " + "; ".join(differences(base, numbers))
-    return f"{head}\n    best epoch {numbers['best_epoch']}, {metrics}{said}"
+    lines = [head]
+    for run, numbers in row["numbers"].items():
+        metrics = " ".join(f"{split} {label(m)} {numbers[split][m]:.4f}" for split in ("valid", "test")
+                           for m in HEADLINE if isinstance((numbers.get(split) or {}).get(m), float))
+        lines.append(f"    {run}: best epoch {numbers['best_epoch']}, {metrics}")
+    if base is not None:
+        lines.append("    " + ("the same numbers" if row["numbers"] == base else
+                               "other numbers: " + "; ".join(differences(base, row["numbers"]))))
+    return "\n".join(lines)
