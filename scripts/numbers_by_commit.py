@@ -4,7 +4,7 @@ same bits every time, and compares every epoch's loss and metrics and the best e
 
     python scripts/numbers_by_commit.py 7c7ec25 HEAD             # each commit's numbers, against the first's
     python scripts/numbers_by_commit.py --bisect 7c7ec25 HEAD    # the first commit after 7c7ec25 that changed them
-    python scripts/numbers_by_commit.py main HEAD --live fft lora   # and two live baselines, 2 x 12 steps each
+    python scripts/numbers_by_commit.py --live fft,lora main HEAD   # and two live baselines, 2 x 12 steps each
 
 A commit's numbers are kept in --work (numbers-<commit>.json; its demo's output in demo-<commit>.log), so no commit
 runs twice; each run takes about 20 s (2026 AMD EPYC core). Exit status 1 when a commit's numbers differ from the
@@ -13,6 +13,7 @@ first's (a refactor that should keep them: `python scripts/numbers_by_commit.py 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +26,13 @@ from iisan.experiments.commits import LIVE, LIVE_STEPS  # noqa: E402
 from iisan.flags import FlagParser  # noqa: E402
 
 
+def methods(text: str) -> tuple[str, ...]:
+    named = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not named or not set(named) <= set(LIVE):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected methods among {','.join(LIVE)}, comma-separated")
+    return named
+
+
 def parser() -> FlagParser:
     parser = FlagParser(description=summary(__doc__))
     parser.add_argument("commits", nargs="*", metavar="COMMIT",
@@ -32,9 +40,9 @@ def parser() -> FlagParser:
     parser.add_argument("--bisect", nargs=2, metavar=("OLD", "NEW"),
                         help="the first commit after OLD, along NEW's first parents, whose numbers differ from OLD's "
                              "(about log2 of the commits between them are run)")
-    parser.add_argument("--live", nargs="+", choices=LIVE, default=[], metavar="METHOD",
-                        help=f"also train these methods on the live feed from each commit's demo config "
-                             f"({' '.join(LIVE_STEPS)}; one of {', '.join(LIVE)}) and compare theirs too")
+    parser.add_argument("--live", type=methods, default=(), metavar="M,M",
+                        help=f"also train these methods (comma-separated: {','.join(LIVE)}) on the live feed from "
+                             f"each commit's demo config ({' '.join(LIVE_STEPS)}) and compare theirs too")
     parser.add_argument("--repo", type=path_arg, default=str(ROOT), help="the git checkout (default: this one)")
     parser.add_argument("--work", "--work-dir", type=path_arg, default=str(ROOT / "bench_data" / "commits"),
                         help="numbers and logs of each commit's run (default: bench_data/commits)")
@@ -58,7 +66,7 @@ def compare(args) -> int:
     from iisan.experiments.commits import Outcomes, first_change, first_parent_line, resolve, summary_line
 
     repo, work = Path(args.repo), Path(args.work)
-    outcomes = Outcomes(repo, work, Path(args.out or work / "numbers.json"), args.timeout, tuple(args.live))
+    outcomes = Outcomes(repo, work, Path(args.out or work / "numbers.json"), args.timeout, args.live)
     if args.bisect:
         old, new = (resolve(repo, name) for name in args.bisect)
         line = first_parent_line(repo, old, new)
