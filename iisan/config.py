@@ -204,7 +204,9 @@ class Config:
     )
     static_shapes: bool = _opt(True, "live steps (uncached IISAN, baselines): pad a batch's distinct items up to a "
                                "bucket size and cut titles to the batch's longest, so that steps meet a few shapes "
-                               "(padding is masked: losses and gradients do not change); off: each batch its own")
+                               "(padding is masked: the same losses and gradients, but dropout inside an encoder, "
+                               "the baselines' BERT, draws other masks: another draw, not the same bits); off: "
+                               "each batch its own")
     item_bucket_growth: float = _opt(0.125, "static shapes: each item-count bucket is at least this fraction above "
                                      "the previous one (a geometric ladder on multiples of 16); 0: no padding rows")
     title_multiple: int = _opt(8, "static shapes: titles are cut to the batch's longest title rounded up to a "

@@ -135,6 +135,32 @@ def test_static_shapes_change_no_loss_and_no_gradient(tiny_config, method):
     assert padded >= 2  # most batches got padding rows
 
 
+def test_dropout_inside_an_encoder_draws_other_masks_with_static_shapes(tiny_config):
+    """Where training runs dropout inside an encoder (the baselines' BERT), padding rows and cut title columns
+    change the shapes its masks are drawn for: a seeded step's loss is another draw than without static shapes
+    (the same distribution, not the same bits: docs/performance.md, `--static-shapes`' help); without
+    dropout it is the same loss."""
+    cfg = tiny_config(method="fft", feed="live")
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, pixels = build_model(cfg, data, CPU)
+    sequences = data.train_sequences()
+    plain, static = (next(iter(first_epoch(sequences, 0, pixels=pixels, buckets=buckets)))
+                     for buckets in (None, shape_buckets(cfg, model)))
+    assert plain.items.title_columns is None and static.items.title_columns < cfg.title_tokens  # (None: all)
+
+    def seeded_loss(batch: TrainBatch) -> float:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return model(batch).item()
+
+    model.train()
+    assert seeded_loss(static) != pytest.approx(seeded_loss(plain), rel=1e-4)
+    assert seeded_loss(plain) == seeded_loss(plain)  # (the seed alone decides a draw)
+    model.eval()
+    assert seeded_loss(static) == pytest.approx(seeded_loss(plain), rel=1e-6)
+
+
 def test_static_shapes_change_no_metric(tiny_config):
     """A whole epoch of uncached IISAN with and without static shapes: the same losses and test metrics
     (frozen encoders run without dropout, SASRec's dropout draws masks of the same shapes). Matmuls of
