@@ -113,8 +113,8 @@ def test_bisect_names_the_commit_that_changed_the_numbers_and_runs_none_twice(hi
     short = commits[2][:7]
     assert f"first commit whose numbers differ (of 4 after {commits[0][:12]};" in out
     assert out.split("first commit whose numbers differ")[1].splitlines()[1].startswith(f"{short} ")
-    assert "other numbers: demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25; demo test hit@10: 0.25 " \
-           "-> 0.125" in out
+    assert "other numbers (demo): demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25; demo test hit@10: " \
+           "0.25 -> 0.125" in out
     ran = sorted(p.name for p in work.glob("demo-*.log"))
     assert len(ran) <= 4 and all(work.joinpath(f"numbers-{c}.json").is_file() for c in (commits[0], commits[2]))
     written = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
@@ -153,7 +153,7 @@ def test_live_methods_train_from_each_commits_demo_and_are_compared_too(history,
                                    "--work", str(work)]) == 1
     out = capsys.readouterr().out
     assert "    fft: best epoch 0, valid HR@10 5.0000 test HR@10 2.5000\n" in out  # ten times the demo's
-    assert "other numbers: demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25; demo test" in out
+    assert "other numbers (demo, fft, lora): demo epoch 0 loss: 1.0 -> 0.5; demo valid hit@10: 0.5 -> 0.25" in out
     log_text = (work / f"demo-{commits[0][:12]}.log").read_text()
     assert log_text != ran and log_text.count("$ iisan train --config ") == 2  # the kept demo alone: run again
     kept = json.loads((work / f"numbers-{commits[0]}.json").read_text())

@@ -244,6 +244,7 @@ def summary_line(row: dict, base: dict | None) -> str:
                            for m in HEADLINE if isinstance((numbers.get(split) or {}).get(m), float))
         lines.append(f"    {run}: best epoch {numbers['best_epoch']}, {metrics}")
     if base is not None:
-        lines.append("    " + ("the same numbers" if row["numbers"] == base else
-                               "other numbers: " + "; ".join(differences(base, row["numbers"]))))
+        changed = [run for run, numbers in row["numbers"].items() if numbers != base.get(run)]
+        lines.append("    " + (f"other numbers ({', '.join(changed)}): " + "; ".join(differences(base, row["numbers"]))
+                               if changed else "the same numbers"))
     return "\n".join(lines)
