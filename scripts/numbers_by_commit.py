@@ -1,14 +1,16 @@
 """Do commits of this repository give the same numbers, and which commit changed them? Runs each commit's own
 `iisan demo` (synthetic data, tiny random encoders, cached IISAN) on one CPU thread, where a seeded run gives the
-same bits every time, and compares every epoch's loss and metrics and the best epoch's, as exact floats.
+same bits every time, and compares every epoch's loss and metrics and the best epoch's, as exact floats. It runs
+the code of every commit it is given: name only commits you trust.
 
     python scripts/numbers_by_commit.py 7c7ec25 HEAD             # each commit's numbers, against the first's
     python scripts/numbers_by_commit.py --bisect 7c7ec25 HEAD    # the first commit after 7c7ec25 that changed them
     python scripts/numbers_by_commit.py --live fft,lora main HEAD   # and two live baselines, 2 x 12 steps each
 
-A commit's numbers are kept in --work (numbers-<commit>.json; its demo's output in demo-<commit>.log), so no commit
-runs twice; each run takes about 20 s (2026 AMD EPYC core). Exit status 1 when a commit's numbers differ from the
-first's (a refactor that should keep them: `python scripts/numbers_by_commit.py main HEAD`). Needs git.
+A commit's numbers are kept in --work with the environment they came from (numbers-<commit>.json; its runs' output
+in demo-<commit>.log), so no commit runs twice in one environment. A commit takes about 20 s, and 25 s more per
+live method (2026 AMD EPYC core). Exit status 1 when a commit's numbers differ from the first's or a commit's runs
+fail (a refactor that should keep them: `python scripts/numbers_by_commit.py main HEAD`). Needs git.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def parser() -> FlagParser:
     parser.add_argument("--out", type=path_arg, default=None,
                         help="the JSON of every commit run by this call (default: --work's numbers.json)")
     parser.add_argument("--timeout", type=int_in(1, 86_400), default=1800,
-                        help="seconds one commit's demo may take (default: 1800)")
+                        help="seconds each run of a commit (its demo, each live method) may take (default: 1800)")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     if bool(args.commits) == bool(args.bisect):
         parser().error("give COMMIT ... or --bisect OLD NEW (one of the two)")
     setup_logging(args.verbose)
-    return entry_point(sys.argv[0], lambda: compare(args))
+    return entry_point(sys.argv[0], lambda: compare(args), interrupted=f"interrupted; the numbers of the commits "
+                       f"run so far are kept in {args.work} and are not run again")
 
 
 def compare(args) -> int:
@@ -77,8 +80,8 @@ def compare(args) -> int:
             print(f"\n{new[:12]} gives {old[:12]}'s numbers ({len(line)} commits after it; a change made and undone "
                   "between them would not show: name commits to see them)")
             return 0
-        print(f"\nthe first commit whose numbers differ (of {len(line)} after {old[:12]}; {len(outcomes.rows) - 1} "
-              "run):\n" + summary_line(outcomes.outcome(changed), base))
+        print(f"\nthe first commit whose numbers differ (of {len(line)} after {old[:12]}; {len(outcomes.rows)} "
+              f"looked at, {outcomes.ran} of them run now):\n" + summary_line(outcomes.outcome(changed), base))
         return 0
     commits = [resolve(repo, name) for name in args.commits]
     base = outcomes.numbers(commits[0])

@@ -20,10 +20,13 @@ numbers_by_commit = load_script("numbers_by_commit.py")
 FAKE_DEMO = """\
 import json, sys, time
 from pathlib import Path
+import os
 args = sys.argv[1:]
 value = float(Path(__file__).with_name("value.txt").read_text())
-if value < 0:
+if value < 0 or os.environ.get("OMP_NUM_THREADS") != "1":
     sys.exit("the demo broke")
+if value == 9:
+    time.sleep(30)
 if args[0] == "train":  # a live method from the demo's config: ten times the demo's numbers
     assert Path(args[args.index("--config") + 1]).is_file() and "--feed" in args
     run, value = Path(args[args.index("--out-dir") + 1]) / args[args.index("--run-name") + 1], 10 * value
@@ -31,6 +34,9 @@ else:
     run = Path(args[args.index("--out") + 1]) / "runs" / "demo-seed0"
 run.mkdir(parents=True)
 (run / "config.json").write_text("{}")
+if value == 7:  # a second run folder: which one holds the demo's numbers?
+    (run.parent / "other").mkdir()
+    (run.parent / "other" / "results.json").write_text("{}")
 results = {"best_epoch": 0, "valid": {"hit@10": value}, "test": {"hit@10": value / 2},
            "epochs": [{"epoch": 0, "loss": 2 * value, "train_seconds": time.time()}]}
 (run / "results.json").write_text(json.dumps(results))
@@ -61,6 +67,7 @@ def test_differences_say_where_in_the_order_computed():
     assert differences(before, after) == ["best_epoch: 3 -> 4", "epoch 1 loss: 1.5 -> 1.25"]
     assert differences({"demo": before}, {"demo": after}, most=1) == ["demo best_epoch: 3 -> 4"]
     assert differences(before, before) == []
+    assert differences({"a": 1}, {"a": 1, "b": None}) == ["b: (absent) -> None"]
     longer = {**before, "epochs": before["epochs"] + [{"epoch": 2, "loss": 1.0}]}
     assert differences(before, longer) == ["epochs: 2 -> 3 entries"]
     assert len(differences({"a": 1, "b": 1, "c": 1, "d": 1}, {"a": 2, "b": 2, "c": 2, "d": 2}, most=2)) == 2
@@ -94,14 +101,16 @@ def commit(repo: Path, value: str | None, message: str) -> str:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory):
-    """Six commits: the numbers change at the third, and the sixth's demo fails."""
+    """Eight commits: the numbers change at the third; the sixth's demo fails, the seventh's takes 30 s and the
+    eighth's leaves two run folders."""
     repo = tmp_path_factory.mktemp("history") / "repo"
     (repo / "iisan").mkdir(parents=True)
     (repo / "iisan" / "__init__.py").write_text("")
     (repo / "iisan" / "__main__.py").write_text(FAKE_DEMO)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     commits = [commit(repo, "0.5", "first"), commit(repo, None, "a refactor"), commit(repo, "0.25", "a change"),
-               commit(repo, None, "docs"), commit(repo, None, "more docs"), commit(repo, "-1", "broken")]
+               commit(repo, None, "docs"), commit(repo, None, "more docs"), commit(repo, "-1", "broken"),
+               commit(repo, "9", "slow"), commit(repo, "7", "two runs")]
     return repo, commits
 
 
@@ -122,7 +131,7 @@ def test_bisect_names_the_commit_that_changed_the_numbers_and_runs_none_twice(hi
     kept = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.name != "numbers.json"}
     assert all(kept[name] == written[name] for name in kept if name in written)  # nothing ran again
     saved = json.loads((work / "numbers.json").read_text())
-    assert [row["full"] for row in saved["rows"]] == [commits[0], commits[2]] and saved["threads"] == 1
+    assert [row["full"] for row in saved["rows"]] == [commits[0], commits[2]] and saved["environment"]["threads"] == 1
     assert not [p for p in work.iterdir() if p.name.startswith(("demo-", ".")) and p.is_dir()]  # scratch removed
 
 
@@ -163,17 +172,77 @@ def test_live_methods_train_from_each_commits_demo_and_are_compared_too(history,
     assert (work / f"demo-{commits[0][:12]}.log").read_text() == log_text  # and nothing ran
 
 
+def test_runs_that_time_out_or_leave_two_folders_fail_in_one_line(history, tmp_path, capsys):
+    repo, commits = history
+    flags = ["--repo", str(repo), "--work", str(tmp_path / "w"), "--timeout", "2"]
+    assert numbers_by_commit.main([commits[0], commits[6], commits[7], *flags]) == 1
+    out = capsys.readouterr().out
+    assert "failed: iisan demo: over --timeout 2 s: " in out and "failed: iisan demo: 2 run folders: " in out
+
+
+def test_a_relative_work_folder_and_kept_runs_of_other_calls(history, tmp_path, monkeypatch, capsys):
+    """A relative --work (each run's working folder is its commit's code); --live fft, then lora, then fft: the
+    third call runs nothing; another environment (torch, CPU) runs again."""
+    repo, commits = history
+    monkeypatch.chdir(tmp_path)
+    log_file = tmp_path / "w" / f"demo-{commits[0][:12]}.log"
+    for live in ("fft", "lora", "fft"):
+        assert numbers_by_commit.main(["--live", live, commits[0], "--repo", str(repo), "--work", "w"]) == 0
+        if live == "lora":
+            ran = log_file.read_text()
+    assert log_file.read_text() == ran and "--method lora" in ran
+    kept = json.loads((tmp_path / "w" / f"numbers-{commits[0]}.json").read_text())
+    assert list(kept["numbers"]) == ["demo", "fft", "lora"]
+    from iisan.experiments import commits as module
+    monkeypatch.setattr(module, "environment", lambda: {**kept["environment"], "torch": "another"})
+    assert numbers_by_commit.main(["--live", "fft", commits[0], "--repo", str(repo), "--work", "w"]) == 0
+    assert log_file.read_text() != ran and "--method fft" in log_file.read_text()
+
+
+def test_a_foreign_log_in_work_is_refused_before_any_run(history, tmp_path, capsys):
+    repo, commits = history
+    notes = tmp_path / f"demo-{commits[0][:12]}.log"
+    notes.write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        numbers_by_commit.main([commits[0], "--repo", str(repo), "--work", str(tmp_path)])
+    assert f"--work {notes} exists and is not a log of numbers_by_commit.py" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n" and not list(tmp_path.glob("numbers-*"))
+
+
+def test_a_bisection_from_a_side_branch_looks_only_at_commits_holding_it(tmp_path):
+    """A - B - M - D, M merging S1 - S2 (branched at A): after S1 come M and D, not B, which never held S1."""
+    from iisan.experiments.commits import first_parent_line
+
+    repo = tmp_path / "repo"
+    (repo / "iisan").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    a = commit(repo, "1", "A")
+    git = ["git", "-C", str(repo), "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "checkout", "-qb", "side"], check=True)
+    s1, _ = commit(repo, "2", "S1"), commit(repo, "3", "S2")
+    subprocess.run([*git, "checkout", "-q", "main"], check=True)
+    b = commit(repo, None, "B")
+    subprocess.run([*git, "merge", "-q", "--no-edit", "-X", "theirs", "side"], check=True, capture_output=True)
+    m = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    d = commit(repo, None, "D")
+    assert first_parent_line(repo, s1, d) == [m, d]
+    assert first_parent_line(repo, a, d) == [b, m, d]
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--live", "fft,sasrec", "HEAD"], "argument --live: 'fft,sasrec': expected methods among "
                                        "iisan,fft,adapter,lora,bitfit, comma-separated"),
     (["nosuch", "HEAD"], "'nosuch' is not a commit of {repo}"),
+    (["HEAD", "--repo", "{plain}"], "git rev-parse --git-dir in {plain}: fatal: not a git repository (or any of "
+                                    "the parent directories): .git"),
     (["--bisect", "{c2}", "{c0}"], "{c2s} is not an ancestor of {c0s}: give the older commit first"),
 ])
 def test_bad_commits_and_methods_are_one_line(history, tmp_path, capsys, argv, said):
     repo, commits = history
-    names = {"repo": repo, "c0": commits[0], "c2": commits[2], "c0s": commits[0][:12], "c2s": commits[2][:12]}
+    names = {"repo": repo, "c0": commits[0], "c2": commits[2], "c0s": commits[0][:12], "c2s": commits[2][:12],
+             "plain": tmp_path}
     with pytest.raises(SystemExit):
-        numbers_by_commit.main([a.format(**names) for a in argv] + ["--repo", str(repo), "--work", str(tmp_path)])
+        numbers_by_commit.main(["--repo", str(repo), "--work", str(tmp_path)] + [a.format(**names) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     if argv[0] != "--live":  # (a flag argparse refuses comes after its usage lines, as for every command)
         assert len(err) == 1

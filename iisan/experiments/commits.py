@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..claims import claim_output
 from ..errors import ConfigError, DataError, UserError, parse_json
-from ..files import write_json_atomic, write_text_atomic
+from ..files import json_text, starts_with, write_json_atomic, write_text_atomic
 from ..metric_names import HEADLINE, label
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ def git(repo: Path, *args: str) -> str:
 
 def resolve(repo: Path, name: str) -> str:
     """The full hash of the commit ``name`` (a hash, a branch, ``HEAD~3``) names in ``repo``."""
+    if not Path(repo).is_dir():
+        raise ConfigError(f"--repo {repo} is not a folder")
+    git(repo, "rev-parse", "--git-dir")  # (not a checkout: git's own words)
     try:
         return git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}").strip()
     except ConfigError:
@@ -57,11 +60,14 @@ def resolve(repo: Path, name: str) -> str:
 
 
 def first_parent_line(repo: Path, old: str, new: str) -> list[str]:
-    """The commits after ``old`` up to ``new``, oldest first, along ``new``'s first parents (the branch as it
-    was committed to, not the commits a merge brought in)."""
-    if git(repo, "merge-base", old, new).strip() != old:
-        raise ConfigError(f"{old[:12]} is not an ancestor of {new[:12]}: give the older commit first")
-    return git(repo, "rev-list", "--first-parent", "--reverse", f"{old}..{new}").split()
+    """The commits after ``old`` up to ``new`` that descend from ``old``, oldest first, along ``new``'s first
+    parents (the branch as it was committed to: a side branch's commits show as the merge that brought them)."""
+    try:
+        git(repo, "merge-base", "--is-ancestor", old, new)
+    except ConfigError:
+        raise ConfigError(f"{old[:12]} is not an ancestor of {new[:12]}: give the older commit first") from None
+    holding = set(git(repo, "rev-list", "--ancestry-path", f"{old}..{new}").split())  # (descendants of old)
+    return [c for c in git(repo, "rev-list", "--first-parent", "--reverse", f"{old}..{new}").split() if c in holding]
 
 
 def described(repo: Path, commit: str) -> dict:
@@ -74,13 +80,14 @@ def checkout(repo: Path, commit: str, into: Path) -> Path:
     """The files of ``commit`` (``git archive``) in the new folder ``into``."""
     archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # (Python 3.10.12 and 3.11.4 on)
     try:
         with archive, tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
-            tar.extractall(into, filter="data")
-    except tarfile.TarError:
-        pass  # (git said nothing readable: its status below says why)
+            tar.extractall(into, **safe)
+    except tarfile.TarError as err:  # (an entry the filter refuses, a link out of the tree: no partial copy)
+        raise ConfigError(f"git archive {commit[:12]} in {repo}: {err}") from None
     if archive.returncode or not into.is_dir():
-        raise ConfigError(f"git archive {commit[:12]} in {repo} failed (status {archive.returncode})")
+        raise ConfigError(f"git archive {commit[:12]} in {repo} gave no files (status {archive.returncode})")
     return into
 
 
@@ -92,8 +99,9 @@ def run_numbers(run_dir: Path) -> dict:
         epochs = [{k: v for k, v in epoch.items() if k in KEPT} for epoch in results["epochs"]]
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
         raise DataError(f"{run_dir / 'results.json'}: not a finished run's results ({err!r:.80})") from None
-    return {"epochs": epochs, "best_epoch": results.get("best_epoch"), "valid": results.get("valid"),
-            "test": results.get("test")}
+    numbers = {"epochs": epochs, "best_epoch": results.get("best_epoch"), "valid": results.get("valid"),
+               "test": results.get("test")}
+    return parse_json(json_text(numbers))  # as kept on disk (NaN and inf as null), so fresh and kept compare alike
 
 
 def commit_numbers(repo: Path, commit: str, work: Path, timeout: float, live: tuple[str, ...] = ()) -> dict:
@@ -153,7 +161,7 @@ def differences(before: dict, after: dict, most: int = 3) -> list[str]:
             return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in dict.fromkeys([*a, *b]):
-                walk(a.get(key), b.get(key), f"{where} {key}".strip())
+                walk(a.get(key, ABSENT), b.get(key, ABSENT), f"{where} {key}".strip())
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b, strict=True)):  # (epochs 3 -> epoch 3)
                 walk(x, y, f"{where.removesuffix('s')} {i}")
@@ -163,6 +171,16 @@ def differences(before: dict, after: dict, most: int = 3) -> list[str]:
 
     walk(before, after, "")
     return found
+
+
+class _Absent:
+    """A number one side does not have, as ``differences`` says it."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
 
 
 def first_change(line: list[str], base: dict, numbers_of: Callable[[str], dict]) -> str | None:
@@ -179,29 +197,36 @@ def first_change(line: list[str], base: dict, numbers_of: Callable[[str], dict])
 
 
 class Outcomes:
-    """Each commit's outcome: its runs' numbers (``commit_numbers``), kept in ``work/numbers-<commit>.json`` so
-    that a second call (another range, an interrupted bisection) runs no commit twice, and the JSON ``out``
-    written after every commit. ``numbers`` holds the demo's and those of the ``live`` methods alone."""
+    """Each commit's outcome: its runs' numbers (``commit_numbers``), kept in ``work/numbers-<commit>.json`` with
+    the environment they were computed in, so that a second call in the same environment (another range, an
+    interrupted bisection, other ``live`` methods) runs no commit twice, and the JSON ``out`` written after
+    every commit. ``numbers`` holds the demo's and those of the ``live`` methods alone."""
 
     def __init__(self, repo: Path, work: Path, out: Path, timeout: float, live: tuple[str, ...] = ()):
+        work, out = Path(work).resolve(), Path(out).resolve()  # (each run's working folder is its commit's code)
         self.repo, self.work, self.out, self.timeout, self.live, self.rows = repo, work, out, timeout, live, {}
-        self.runs = ("demo", *live)
+        self.runs, self.ran, self.environment = ("demo", *live), 0, environment()
         claim_output(out, is_own, "a result of numbers_by_commit.py", "--out", overwrite=True)
         work.mkdir(parents=True, exist_ok=True)
 
     def outcome(self, commit: str) -> dict:
         if commit not in self.rows:
-            kept = self.work / f"numbers-{commit}.json"
-            row = _payload(kept)
-            if row is None or not set(self.runs) <= set(row.get("numbers", ())):
+            kept_path, log_path = self.work / f"numbers-{commit}.json", self.work / f"demo-{commit[:12]}.log"
+            kept = _payload(kept_path)
+            kept = kept if kept and kept.get("environment") == self.environment and "numbers" in kept else None
+            row = kept
+            if row is None or not set(self.runs) <= set(row["numbers"]):
+                for path, what, owned in ((kept_path, "a result", is_own), (log_path, "a log", _is_log)):
+                    claim_output(path, owned, f"{what} of numbers_by_commit.py", "--work", overwrite=True)
                 about = described(self.repo, commit)
                 log.info("%s: running its %s on one thread (%.60s)", commit[:12], " and ".join(self.runs),
                          about["subject"])
-                row = {"format": FORMAT, **about, "full": commit,
+                row = {"format": FORMAT, **about, "full": commit, "environment": self.environment,
                        **commit_numbers(self.repo, commit, self.work, self.timeout, self.live)}
+                self.ran += 1
                 if "numbers" in row:  # (a failure is tried again next time: it may have been the machine)
-                    claim_output(kept, is_own, "a result of numbers_by_commit.py", "--work", overwrite=True)
-                    write_json_atomic(kept, row)
+                    row["numbers"] = {**(kept or {}).get("numbers", {}), **row["numbers"]}  # runs asked before too
+                    write_json_atomic(kept_path, row)
             if "numbers" in row:
                 row = {**row, "numbers": {run: row["numbers"][run] for run in self.runs}}
             self.rows[commit] = row
@@ -216,8 +241,21 @@ class Outcomes:
         return row["numbers"]
 
     def save(self) -> None:
-        write_json_atomic(self.out, {"format": FORMAT, "threads": 1, "live_steps": " ".join(LIVE_STEPS),
+        write_json_atomic(self.out, {"format": FORMAT, "environment": self.environment,
                                      "rows": list(self.rows.values())})
+
+
+def environment() -> dict:
+    """What besides the code decides a run's bits: the interpreter, the libraries, the CPU, the threads and the
+    live runs' steps."""
+    from ..devices import cpu_model  # (torch: not for --help)
+    from ..provenance import versions
+
+    return {**versions(), "cpu": cpu_model(), "threads": 1, "live_steps": " ".join(LIVE_STEPS)}
+
+
+def _is_log(path: Path) -> bool:
+    return starts_with(path, "$ iisan ")
 
 
 def _payload(path: Path) -> dict | None:
