@@ -69,10 +69,11 @@ def compare(args) -> int:
     from iisan.experiments.commits import Outcomes, first_change, first_parent_line, resolve, summary_line
 
     repo, work = Path(args.repo), Path(args.work)
+    commits = [resolve(repo, name) for name in args.bisect or args.commits]  # (before anything is made)
+    line = first_parent_line(repo, *commits) if args.bisect else []
     outcomes = Outcomes(repo, work, Path(args.out or work / "numbers.json"), args.timeout, args.live)
     if args.bisect:
-        old, new = (resolve(repo, name) for name in args.bisect)
-        line = first_parent_line(repo, old, new)
+        old, new = commits
         base = outcomes.numbers(old)
         changed = first_change(line, base, outcomes.numbers)
         print(summary_line(outcomes.outcome(old), None))
@@ -83,7 +84,6 @@ def compare(args) -> int:
         print(f"\nthe first commit whose numbers differ (of {len(line)} after {old[:12]}; {len(outcomes.rows)} "
               f"looked at, {outcomes.ran} of them run now):\n" + summary_line(outcomes.outcome(changed), base))
         return 0
-    commits = [resolve(repo, name) for name in args.commits]
     base = outcomes.numbers(commits[0])
     differ = False
     for commit in commits:

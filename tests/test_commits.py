@@ -242,7 +242,9 @@ def test_bad_commits_and_methods_are_one_line(history, tmp_path, capsys, argv, s
     names = {"repo": repo, "c0": commits[0], "c2": commits[2], "c0s": commits[0][:12], "c2s": commits[2][:12],
              "plain": tmp_path}
     with pytest.raises(SystemExit):
-        numbers_by_commit.main(["--repo", str(repo), "--work", str(tmp_path)] + [a.format(**names) for a in argv])
+        numbers_by_commit.main(["--repo", str(repo), "--work", str(tmp_path / "w")] +
+                               [a.format(**names) for a in argv])
+    assert not (tmp_path / "w").exists()  # refused before anything was made
     err = capsys.readouterr().err.strip().splitlines()
     if argv[0] != "--live":  # (a flag argparse refuses comes after its usage lines, as for every command)
         assert len(err) == 1
