@@ -121,8 +121,13 @@ def commit_numbers(repo: Path, commit: str, work: Path, timeout: float, live: tu
         except (_Failed, DataError) as err:
             return {"error": str(err)[:300], "seconds": round(time.perf_counter() - start, 1)}
         finally:
-            write_text_atomic(work / f"demo-{commit[:12]}.log", "".join(log_text))
+            write_text_atomic(log_file(work, commit), "".join(log_text))
         return {"numbers": numbers, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def log_file(work: Path, commit: str) -> Path:
+    """Where the output of ``commit``'s runs is kept."""
+    return work / f"demo-{commit[:12]}.log"
 
 
 class _Failed(Exception):
@@ -211,33 +216,38 @@ class Outcomes:
 
     def outcome(self, commit: str) -> dict:
         if commit not in self.rows:
-            kept_path, log_path = self.work / f"numbers-{commit}.json", self.work / f"demo-{commit[:12]}.log"
-            kept = _payload(kept_path)
-            kept = kept if kept and kept.get("environment") == self.environment and "numbers" in kept else None
-            row = kept
-            if row is None or not set(self.runs) <= set(row["numbers"]):
-                for path, what, owned in ((kept_path, "a result", is_own), (log_path, "a log", _is_log)):
-                    claim_output(path, owned, f"{what} of numbers_by_commit.py", "--work", overwrite=True)
-                about = described(self.repo, commit)
-                log.info("%s: running its %s on one thread (%.60s)", commit[:12], " and ".join(self.runs),
-                         about["subject"])
-                row = {"format": FORMAT, **about, "full": commit, "environment": self.environment,
-                       **commit_numbers(self.repo, commit, self.work, self.timeout, self.live)}
-                self.ran += 1
-                if "numbers" in row:  # (a failure is tried again next time: it may have been the machine)
-                    row["numbers"] = {**(kept or {}).get("numbers", {}), **row["numbers"]}  # runs asked before too
-                    write_json_atomic(kept_path, row)
+            row = self.kept_or_run(commit)
             if "numbers" in row:
                 row = {**row, "numbers": {run: row["numbers"][run] for run in self.runs}}
             self.rows[commit] = row
             self.save()
         return self.rows[commit]
 
+    def kept_or_run(self, commit: str) -> dict:
+        """``commit``'s kept row where it was computed in this environment and holds every run asked for; else
+        its runs now (a failure is not kept: it is tried again next time, it may have been the machine)."""
+        kept_path = self.work / f"numbers-{commit}.json"
+        kept = _payload(kept_path)
+        kept = kept if kept and kept.get("environment") == self.environment and "numbers" in kept else None
+        if kept is not None and set(self.runs) <= set(kept["numbers"]):
+            return kept
+        for path, what, owned in ((kept_path, "a result", is_own), (log_file(self.work, commit), "a log", _is_log)):
+            claim_output(path, owned, f"{what} of numbers_by_commit.py", "--work", overwrite=True)
+        about = described(self.repo, commit)
+        log.info("%s: running its %s on one thread (%.60s)", commit[:12], " and ".join(self.runs), about["subject"])
+        row = {"format": FORMAT, **about, "full": commit, "environment": self.environment,
+               **commit_numbers(self.repo, commit, self.work, self.timeout, self.live)}
+        self.ran += 1
+        if "numbers" in row:
+            row["numbers"] = {**(kept or {}).get("numbers", {}), **row["numbers"]}  # runs asked before too
+            write_json_atomic(kept_path, row)
+        return row
+
     def numbers(self, commit: str) -> dict:
         row = self.outcome(commit)
         if "numbers" not in row:
             raise UserError(f"the runs of {commit[:12]} failed ({row['error']}); their output: "
-                            f"{self.work / f'demo-{commit[:12]}.log'}")
+                            f"{log_file(self.work, commit)}")
         return row["numbers"]
 
     def save(self) -> None:
