@@ -41,7 +41,8 @@ def parser() -> FlagParser:
                         help="commits to run (hashes, branches, HEAD~3), each compared with the first")
     parser.add_argument("--bisect", nargs=2, metavar=("OLD", "NEW"),
                         help="the first commit after OLD, along NEW's first parents, whose numbers differ from OLD's "
-                             "(about log2 of the commits between them are run)")
+                             "(about log2 of the commits between them are run; a commit whose runs fail is skipped, "
+                             "as git bisect skip does)")
     parser.add_argument("--live", type=methods, default=(), metavar="M,M",
                         help=f"also train these methods (comma-separated: {','.join(LIVE)}) on the live feed from "
                              f"each commit's demo config ({' '.join(LIVE_STEPS)}) and compare theirs too")
@@ -75,7 +76,8 @@ def compare(args) -> int:
     if args.bisect:
         old, new = commits
         base = outcomes.numbers(old)
-        changed = first_change(line, base, outcomes.numbers)
+        outcomes.numbers(new)  # (a failure of either end is an error: nothing to compare with)
+        changed, failed = first_change(line, base, lambda commit: outcomes.outcome(commit).get("numbers"))
         print(summary_line(outcomes.outcome(old), None))
         if changed is None:
             print(f"\n{new[:12]} gives {old[:12]}'s numbers ({len(line)} commits after it; a change made and undone "
@@ -83,6 +85,9 @@ def compare(args) -> int:
             return 0
         print(f"\nthe first commit whose numbers differ (of {len(line)} after {old[:12]}; {len(outcomes.rows)} "
               f"looked at, {outcomes.ran} of them run now):\n" + summary_line(outcomes.outcome(changed), base))
+        if failed:
+            print(f"\nor one of the {len(failed)} commit(s) just before it, whose runs failed (their numbers are "
+                  f"unknown; logs in {work}): " + ", ".join(commit[:12] for commit in failed))
         return 0
     base = outcomes.numbers(commits[0])
     differ = False

@@ -52,11 +52,28 @@ def test_first_change_halves_the_line_down_to_the_commit_that_changed():
             asked.append(commit)
             return {"v": 1.0 if line.index(commit) < changed_at else 2.0}
 
-        assert first_change(line, {"v": 1.0}, numbers_of) == line[changed_at]
+        assert first_change(line, {"v": 1.0}, numbers_of) == (line[changed_at], [])
         assert len(asked) <= 5  # the last one, then log2(10) rounded up
     asked = []
-    assert first_change(line, {"v": 1.0}, lambda c: asked.append(c) or {"v": 1.0}) is None and asked == ["c10"]
-    assert first_change([], {"v": 1.0}, lambda c: pytest.fail("nothing to run")) is None
+    assert first_change(line, {"v": 1.0}, lambda c: asked.append(c) or {"v": 1.0}) == (None, []) and asked == ["c10"]
+    assert first_change([], {"v": 1.0}, lambda c: pytest.fail("nothing to run")) == (None, [])
+
+
+@pytest.mark.parametrize("changed_at, failing, expected", [
+    (6, {"c3", "c5"}, ("c7", [])),  # failures away from the change: skipped, the change found exactly
+    (6, {"c5", "c6"}, ("c7", ["c5", "c6"])),  # just before it: one of the three
+    (0, {"c1", "c2"}, ("c3", ["c1", "c2"])),
+    (9, {"c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"}, ("c10", ["c1", "c2", "c3", "c4", "c5", "c6", "c7",
+                                                                        "c8", "c9"])),
+])
+def test_first_change_skips_commits_whose_runs_fail(changed_at, failing, expected):
+    """As ``git bisect skip``: a middle commit whose runs fail stopped the whole bisection."""
+    line = [f"c{i}" for i in range(1, 11)]
+
+    def numbers_of(commit):
+        return None if commit in failing else {"v": 1.0 if line.index(commit) < changed_at else 2.0}
+
+    assert first_change(line, {"v": 1.0}, numbers_of) == expected
 
 
 def test_differences_say_where_in_the_order_computed():
@@ -99,15 +116,20 @@ def commit(repo: Path, value: str | None, message: str) -> str:
     return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory):
-    """Eight commits: the numbers change at the third; the sixth's demo fails, the seventh's takes 30 s and the
-    eighth's leaves two run folders."""
-    repo = tmp_path_factory.mktemp("history") / "repo"
+def fake_repo(repo: Path) -> Path:
+    """A git repository at ``repo`` whose ``iisan`` runs ``FAKE_DEMO``; no commit yet."""
     (repo / "iisan").mkdir(parents=True)
     (repo / "iisan" / "__init__.py").write_text("")
     (repo / "iisan" / "__main__.py").write_text(FAKE_DEMO)
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """Eight commits: the numbers change at the third; the sixth's demo fails, the seventh's takes 30 s and the
+    eighth's leaves two run folders."""
+    repo = fake_repo(tmp_path_factory.mktemp("history") / "repo")
     commits = [commit(repo, "0.5", "first"), commit(repo, None, "a refactor"), commit(repo, "0.25", "a change"),
                commit(repo, None, "docs"), commit(repo, None, "more docs"), commit(repo, "-1", "broken"),
                commit(repo, "9", "slow"), commit(repo, "7", "two runs")]
@@ -151,6 +173,19 @@ def test_the_same_numbers_exit_zero_and_a_failed_demo_is_named(history, tmp_path
     assert len(err) == 1 and err[0].split(": error: ")[1] == (
         f"the runs of {commits[5][:12]} failed (iisan demo: exit status 1: the demo broke); their output: "
         f"{work / f'demo-{commits[5][:12]}.log'}")
+
+
+def test_a_bisection_names_the_commits_whose_runs_failed_just_before_the_change(tmp_path, capsys):
+    repo = fake_repo(tmp_path / "repo")
+    commits = [commit(repo, "0.5", "first"), commit(repo, "-1", "broken"), commit(repo, "0.25", "mended, other "
+                                                                                               "numbers"),
+               commit(repo, None, "docs")]
+    work = tmp_path / "work"
+    assert numbers_by_commit.main(["--bisect", commits[0], commits[3], "--repo", str(repo), "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert out.split("first commit whose numbers differ")[1].splitlines()[1].startswith(commits[2][:7])
+    assert out.rstrip().endswith(f"or one of the 1 commit(s) just before it, whose runs failed (their numbers are "
+                                 f"unknown; logs in {work}): {commits[1][:12]}")
 
 
 def test_live_methods_train_from_each_commits_demo_and_are_compared_too(history, tmp_path, capsys):

@@ -188,17 +188,24 @@ class _Absent:
 ABSENT = _Absent()
 
 
-def first_change(line: list[str], base: dict, numbers_of: Callable[[str], dict]) -> str | None:
+def first_change(line: list[str], base: dict,
+                 numbers_of: Callable[[str], dict | None]) -> tuple[str | None, list[str]]:
     """The first commit of ``line`` whose numbers differ from ``base`` (None: the last one's do not), by halving:
-    about log2(len(line)) runs. Right when numbers, once changed, never come back to ``base``'s; otherwise one of
-    the commits where they change. A commit whose demo fails is an error (its code cannot say)."""
+    about log2(len(line)) runs; and the commits just before it whose runs failed (``numbers_of`` gives None; the
+    last commit's must not), skipped as ``git bisect skip`` does: the change came with one of them or with the
+    commit named. Right when numbers, once changed, never come back to ``base``'s; otherwise one of the commits
+    where they change."""
     if not line or numbers_of(line[-1]) == base:
-        return None
+        return None, []
     same, differs = -1, len(line) - 1  # line[same] gives base's numbers (-1: the commit before the line)
-    while differs - same > 1:
-        middle = (same + differs) // 2
-        same, differs = (middle, differs) if numbers_of(line[middle]) == base else (same, middle)
-    return line[differs]
+    failed: set[int] = set()
+    while untried := [i for i in range(same + 1, differs) if i not in failed]:
+        middle = min(untried, key=lambda i: abs(2 * i - same - differs))  # the middle, or the nearest not failed
+        if (numbers := numbers_of(line[middle])) is None:
+            failed.add(middle)
+        else:
+            same, differs = (middle, differs) if numbers == base else (same, middle)
+    return line[differs], line[same + 1:differs]
 
 
 class Outcomes:
