@@ -72,8 +72,7 @@ def stale_temporaries(path: str | Path) -> list[Path]:
 def only_temporaries_of(folder: Path, name: str) -> bool:
     """Whether ``folder`` holds nothing but temporaries of ``folder/name`` (or nothing): the folder IISAN made
     for it, its writer killed before the rename."""
-    stale = set(stale_temporaries(folder / name))
-    return all(p in stale for p in folder.iterdir())
+    return set(folder.iterdir()) <= set(stale_temporaries(folder / name))
 
 
 def remove(path: Path) -> None:
@@ -290,11 +289,10 @@ def remove_abandoned(path: Path) -> None:
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: another user's)
+        with suppress(PermissionError):  # another user's
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except (ProcessLookupError, OverflowError):  # gone, or a number no process has
         return False
-    except PermissionError:
-        pass
     return True
 
 
@@ -306,6 +304,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def json_text(payload, **kwargs) -> str:
     """``payload`` as JSON, a float that is not finite as null: strict readers (JavaScript, jq) take no NaN."""
+    with suppress(ValueError):  # most hold none: json's own encoder, not the walk (a run's history grows each epoch)
+        return json.dumps(payload, allow_nan=False, **kwargs)
+
     def finite(value):
         if isinstance(value, (dict, list, tuple)):
             return {k: finite(v) for k, v in value.items()} if isinstance(value, dict) else [finite(v) for v in value]

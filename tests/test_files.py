@@ -574,3 +574,15 @@ def test_json_has_no_infinity_or_nan_tokens():
 
     text = json_text({"loss": math.inf, "valid": {"hit@10": 0.25}, "seen": [math.nan, 1.5, (-math.inf, 2)], "n": 3})
     assert text == '{"loss": null, "valid": {"hit@10": 0.25}, "seen": [null, 1.5, [null, 2]], "n": 3}'
+
+
+def test_json_text_writes_a_finite_payload_as_json_does_and_walks_only_one_that_is_not():
+    """The common case goes straight to json's encoder (a run's history, rewritten each epoch, made the walk
+    cost more each epoch); what it writes is what the walk wrote: tuples as lists, keyword arguments kept."""
+    import math
+
+    from iisan.files import json_text
+
+    payload = {"epochs": [{"epoch": 0, "loss": 1.5, "pair": (1, 2.0)}], "path": Path("/x"), "n": None}
+    assert json_text(payload, indent=2, default=str) == json.dumps(payload, indent=2, default=str)
+    assert json_text({"b": (math.nan,), "a": 1}, sort_keys=True) == '{"a": 1, "b": [null]}'

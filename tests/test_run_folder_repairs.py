@@ -135,6 +135,35 @@ def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0002", "epoch-0001"]
 
 
+
+def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(stalled, tmp_path, monkeypatch):
+    """Each epoch's prune read every kept checkpoint's state.json again (each holds the run's history, so the
+    bookkeeping cost more each epoch). A checkpoint found good, or just written, is read again only once one of
+    its files changed or the config is another: then it is checked, and refused, as before."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(stalled / "checkpoints", root)
+    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+    checked = []
+
+    def counted(path, *args, **kwargs):
+        checked.append(path.name)
+        return checkpoint.checked_state(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writing, "checked_state", counted)
+    assert checkpoint_writing.prune(root, 2, config, root / "epoch-0001") == 0
+    assert checked == ["epoch-0000"]  # epoch-0001 was just written: unchecked, as before
+    for _ in range(3):
+        assert checkpoint_writing.prune(root, 2, config, None) == 0
+    assert checked == ["epoch-0000"]
+    assert checkpoint_writing.prune(root, 2, {**config, "lr": 0.5}, None) == 0  # another config: both read, refused
+    assert checked == ["epoch-0000", "epoch-0001", "epoch-0000"]
+    model = root / "epoch-0000" / checkpoint.MODEL
+    model.write_bytes(model.read_bytes()[:-8])  # cut short since it was found good: read again, and left in place
+    assert checkpoint_writing.prune(root, 1, config, root / "epoch-0001") == 0
+    assert checked[3:] == ["epoch-0000"]
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001", "epoch-0000"]
+
+
 def test_a_removal_cut_short_leaves_no_half_checkpoint_and_the_next_prune_finishes_it(stalled, tmp_path, monkeypatch):
     """An old checkpoint whose files cannot be removed now (busy on a network file system): the folder is
     already under a leftover's hidden name, never a checkpoint without its manifest, and the next prune

@@ -34,6 +34,12 @@ from .checkpoint import (
 
 log = logging.getLogger(__name__)
 
+# The checkpoints of this process's runs found to be their run's (written, or checked by a prune), with their files as
+# they were then: one whose files are unchanged since is not read and checked again at the next epoch's prune (each
+# state.json holds the run's history, so that check cost more each epoch). Another config, or a file added, removed,
+# replaced or written to since, and it is checked again.
+_FOUND: dict[Path, tuple] = {}
+
 
 def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                      train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
@@ -46,7 +52,7 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         save_file(model, str(tmp / MODEL), metadata={"format": FORMAT})
         save_file(train_state, str(tmp / TRAIN_STATE), metadata={"format": FORMAT})
         usual_permissions(tmp / MODEL, tmp / TRAIN_STATE)
-        (tmp / STATE).write_text(json_text(state, indent=1, default=str) + "\n", encoding="utf-8")
+        (tmp / STATE).write_text(json_text(state, default=str) + "\n", encoding="utf-8")
         manifest = {"format": FORMAT, "files": {}}
         for file in FILES:
             fsync(tmp / file)
@@ -104,8 +110,16 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from. With no
     ``written`` (a finished run's, ``keep`` 0) every one is older. Returns how many were deleted."""
     kept = removed = 0
-    for path in checkpoints(root):
-        refused = None if path == written else checked_state(path, config, digests=False)
+    here = checkpoints(root)
+    for path in set(_FOUND) - set(here):
+        if path.parent == root:
+            del _FOUND[path]
+    config_text = json_text(config, sort_keys=True, default=str)
+    for path in here:
+        found = (config_text, files_now(path))
+        refused = None if path == written or _FOUND.get(path) == found else checked_state(path, config, digests=False)
+        if not isinstance(refused, str):
+            _FOUND[path] = found
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
             left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
@@ -116,6 +130,16 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     for leftover in root.glob(".epoch-*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)
     return removed
+
+
+def files_now(path: Path) -> tuple:
+    """The name, inode, size and times of each entry of the folder ``path`` (none when it cannot be read)."""
+    try:
+        with os.scandir(path) as entries:
+            stats = [(entry.name, entry.stat(follow_symlinks=False)) for entry in entries]
+    except OSError:
+        return ()
+    return tuple(sorted((name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats))
 
 
 def remove_checkpoint(path: Path) -> bool:

@@ -81,7 +81,7 @@ class RunRecord:
         self.cache: dict = {}  # what identifies the cache a cached run reads (``same_inputs.cache_record``)
         self.encoders: dict = {}  # and the encoder folders a live run reads (``same_inputs.encoder_record``)
         self.log_file = Logging()  # train.log, from ``start_log`` to ``close``
-        self.metrics = None
+        self.metrics: list[str] | None = None  # metrics.jsonl's lines, each encoded once
         self.writer = None
 
     # ----------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class RunRecord:
         full disk leaves the previous file, never half a line."""
         if not self.main:
             return
-        self.metrics = list(history)
+        self.metrics = [json_text(record) + "\n" for record in history]
         self.write_metrics()
         if self.cfg.report_to == "tensorboard":
             # from the epoch this attempt trains next: a killed attempt's scalars of it and later are dropped (an
@@ -175,12 +175,12 @@ class RunRecord:
 
     def write_metrics(self) -> None:
         with atomic_path(self.run_dir / METRICS) as tmp:  # synced before the rename: on disk before the epoch is told
-            tmp.write_text("".join(json_text(record) + "\n" for record in self.metrics), encoding="utf-8")
+            tmp.write_text("".join(self.metrics), encoding="utf-8")
 
     def epoch(self, record: dict) -> None:
         if not self.main:
             return
-        self.metrics.append(record)
+        self.metrics.append(json_text(record) + "\n")
         self.write_metrics()
         if self.writer is not None:
             for name, value in scalars(record).items():
