@@ -35,7 +35,8 @@ def main(argv=None):
                         help="displayed: as a viewer shows a picture (EXIF orientation, transparency on white, "
                         "16-bit grey); authors: PIL's convert('RGB') alone, as theirs (default: displayed)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
+                        help="replace an image LMDB that --out already holds (nothing else is ever replaced); "
+                        "without it, one built from the same pictures and settings is kept")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -61,8 +62,9 @@ def main(argv=None):
             ids = read_items(items, allow_empty_titles=True, encoding=args.encoding).ids if items else None
             report = build_image_lmdb(images, out, ids, size=args.size, overwrite=args.overwrite, inputs=[items],
                                       pixels=args.pixels)
+            kept = ", kept: built from these same pictures and settings" if report.get("kept") else ""
             print(f"{out}: {report['stored']:,} images, {report['blank']:,} missing or unreadable "
-                  f"(listed in {report['report']})")
+                  f"(listed in {report['report']}){kept}")
 
     entry_point("build_lmdb.py", build)
 

@@ -43,6 +43,10 @@ def cmd_build_lmdb(args) -> None:
     report = build_image_lmdb(args.images, args.out, ids, size=args.size, extension=args.extension,
                               progress=args.progress, overwrite=args.overwrite, inputs=[args.items],
                               pixels=args.pixels)
+    if report.get("kept"):
+        print(f"kept {report['path']}: built from these same {report['stored']:,} images and settings, unchanged since "
+              f"({report['blank']:,} flagged blanks, listed in {report['report']}); --overwrite builds it again")
+        return
     print(f"stored {report['stored']:,} images in {report['path']} in {duration(time.monotonic() - start)} "
           f"({report['blank']:,} missing or unreadable, stored as flagged blanks; list in {report['report']})")
 
@@ -147,7 +151,9 @@ def add_data_commands(sub) -> None:
                    "convert('RGB') alone, as the authors' build_lmdb.py (the same for JPEGs without an orientation "
                    "tag, as the paper's data) (default: displayed)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an image LMDB that --out already holds (nothing else is ever replaced)")
+                   help="replace an image LMDB that --out already holds (nothing else is ever replaced); without "
+                   "it, one built from the same pictures (names, sizes and times) and settings is kept, and one "
+                   "built otherwise is refused")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_build_lmdb)
 

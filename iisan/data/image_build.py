@@ -40,6 +40,7 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
+from .image_inputs import inputs_digest, kept_store, refuse_no_pictures
 from .images import (
     FORMAT,
     HEADER,
@@ -222,7 +223,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
 
     ``item_ids`` defaults to every ``*<extension>`` in the folder (files whose names are not valid
     item ids are skipped, counted and logged). Returns counts; the list of bad items goes to
-    ``<out_path>.report.tsv``. ``inputs``: other input paths (the items file) the output must not be."""
+    ``<out_path>.report.tsv``. A store built from these very inputs is kept, unless ``overwrite`` (counts and
+    ``kept``: ``image_inputs``). ``inputs``: other input paths (the items file) the output must not be."""
     image_dir, out_path = Path(image_dir), Path(out_path)
     check_size(size)
     if not extension.startswith(".") or "/" in extension or "\\" in extension:
@@ -247,6 +249,9 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
 
     if pixels not in PIXELS:
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
+    digest = inputs_digest(image_dir, item_ids, extension, size, pixels)
+    if not overwrite and (kept := kept_store(out_path, report, digest, size, pixels)) is not None:
+        return kept  # built from these very inputs (``image_inputs``)
     changes: collections.Counter = collections.Counter()
 
     def pixels_of(item_id: str):
@@ -275,7 +280,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
 
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                (image_dir, *inputs), recorded={"pixels": pixels}, report=write_report, kept=(report,))
+                                (image_dir, *inputs), recorded={"pixels": pixels, "inputs": digest},
+                                report=write_report, kept=(report,))
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))
@@ -286,17 +292,6 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
                     len(problems), len(item_ids), hint, report)
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
 
-
-def refuse_no_pictures(image_dir: Path, item_ids: list[str], extension: str, others) -> None:
-    """An item list of which no item has a picture in ``image_dir`` is the wrong list or the wrong folder:
-    refused before an LMDB of blanks alone is written (``others()``: ``_other_extensions``)."""
-    names = {unicodedata.normalize("NFC", p.name) for p in image_dir.iterdir()}  # macOS writes NFD names
-    if any(unicodedata.normalize("NFC", f"{i}{extension}") in names for i in item_ids):
-        return
-    elsewhere = sum(i in others() for i in item_ids)
-    hint = f" ({elsewhere} are there with another extension: see --extension)" if elsewhere else ""
-    raise ImageStoreError(f"none of the {len(item_ids)} items listed has a picture {image_dir}/<item_id>{extension}"
-                          f"{hint}: is --images the folder of their pictures, and --items their items file?")
 
 
 def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:

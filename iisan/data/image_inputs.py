@@ -1,0 +1,68 @@
+"""What an image LMDB is built from: an item list none of whose items has a picture is refused; and what it was
+built from, so that ``iisan build-lmdb`` run again on the same inputs keeps the store it built, as make would,
+where it refused without --overwrite (a script that prepares its data, then trains, stopped at its second run).
+The inputs are a digest, kept in the store's metadata (``inputs``), of the picture size, how pictures are read
+and their extension, the item ids in order, and each picture file's size and modification time: a picture
+rewritten with the same size and time is not seen (--overwrite builds again)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import unicodedata
+from pathlib import Path
+
+from ..errors import ImageStoreError, OutputError
+from .images import read_meta
+
+
+def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: int, pixels: str) -> str:
+    """The sha256 of what a build of ``item_ids``' pictures in ``image_dir`` reads, as the module docstring says."""
+    digest = hashlib.sha256(json.dumps([size, pixels, extension]).encode())
+    for item_id in item_ids:
+        try:
+            info = os.stat(image_dir / f"{item_id}{extension}")
+            seen = f"{info.st_size} {info.st_mtime_ns}"
+        except (OSError, ValueError):  # missing (stored as a blank); a name the system refuses
+            seen = "-"
+        digest.update(f"{item_id}\t{seen}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def kept_store(out_path: Path, report: Path, digest: str, size: int, pixels: str) -> dict | None:
+    """The counts of the image LMDB at ``out_path`` (as ``image_build.build_image_lmdb`` returns them, and
+    ``kept``) when it was built from inputs of ``digest`` and its report is beside it. None when ``out_path`` is
+    no store of this project's (the build says what it is); one built otherwise is refused, saying how."""
+    if out_path.is_symlink() or not (out_path / "data.mdb").is_file():
+        return None
+    try:
+        meta = read_meta(out_path)
+    except ImageStoreError:  # damaged: what the build says of it
+        return None
+    if meta is None:
+        return None
+    if meta.get("inputs") == digest and report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank")):
+        return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),
+                "kept": True}
+    if meta.get("size") != size or meta.get("pixels", pixels) != pixels:
+        how = f"with --size {meta.get('size')} --pixels {meta.get('pixels', pixels)} ({size} and {pixels} now)"
+    elif "inputs" not in meta:
+        how = "by a version that did not record its pictures"
+    elif not report.is_file():
+        how = f"and its report {report.name} is missing"
+    else:
+        how = "from other pictures or items (or its pictures changed since: their sizes or modification times)"
+    raise OutputError(f"--out {out_path} already holds an IISAN image LMDB built {how}; pass --overwrite to replace it")
+
+
+def refuse_no_pictures(image_dir: Path, item_ids: list[str], extension: str, others) -> None:
+    """An item list of which no item has a picture in ``image_dir`` is the wrong list or the wrong folder:
+    refused before an LMDB of blanks alone is written (``others()``: ``_other_extensions``)."""
+    names = {unicodedata.normalize("NFC", p.name) for p in image_dir.iterdir()}  # macOS writes NFD names
+    if any(unicodedata.normalize("NFC", f"{i}{extension}") in names for i in item_ids):
+        return
+    elsewhere = sum(i in others() for i in item_ids)
+    hint = f" ({elsewhere} are there with another extension: see --extension)" if elsewhere else ""
+    raise ImageStoreError(f"none of the {len(item_ids)} items listed has a picture {image_dir}/<item_id>{extension}"
+                          f"{hint}: is --images the folder of their pictures, and --items their items file?")

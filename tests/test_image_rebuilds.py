@@ -1,0 +1,94 @@
+"""``iisan build-lmdb`` run again: a store built from the same pictures (names, sizes, modification times), items
+and settings is kept, as make would keep it, where the second run of a script that prepares its data refused
+without --overwrite; anything else that differs is refused as before, and --overwrite builds again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iisan.cli.main import main
+from iisan.data.image_build import build_image_lmdb, write_image_lmdb
+from iisan.data.images import ImageStore
+from iisan.errors import OutputError
+
+OTHER = "already holds an IISAN image LMDB built {}; pass --overwrite to replace it"
+CHANGED = "from other pictures or items (or its pictures changed since: their sizes or modification times)"
+
+
+@pytest.fixture
+def pictures(tmp_path) -> Path:
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for n, item in enumerate(("a", "b", "c")):
+        Image.new("RGB", (12, 12), (40 * n, 0, 0)).save(folder / f"{item}.jpg")
+    (folder / "d.jpg").write_bytes(b"not a jpeg")  # a flagged blank, kept as one
+    return folder
+
+
+def files(store: Path) -> dict[str, tuple[int, bytes]]:
+    """Each file of ``store`` and its report, with its modification time: what a rebuild would change."""
+    report = store.with_name(store.name + ".report.tsv")
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (*store.iterdir(), report) if p.exists()}
+
+
+def test_a_second_build_of_the_same_pictures_keeps_the_store_and_says_so(pictures, tmp_path, capsys):
+    store = tmp_path / "images.lmdb"
+    args = ["build-lmdb", "--images", str(pictures), "--out", str(store), "--size", "8", "--no-progress"]
+    main(args)
+    before = files(store)
+    main(args)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f"stored 4 images in {store} in ")
+    assert out[1] == (f"kept {store}: built from these same 4 images and settings, unchanged since (1 flagged "
+                      f"blanks, listed in {store}.report.tsv); --overwrite builds it again")
+    assert files(store) == before
+    assert ImageStore(store).blank_ids(["a", "d"]) == ([], ["d"])
+
+
+@pytest.mark.parametrize("change, how", [
+    ("picture touched", CHANGED), ("picture rewritten", CHANGED), ("items", CHANGED),
+    ("size", "with --size 8 --pixels displayed (16 and displayed now)"),
+    ("pixels", "with --size 8 --pixels displayed (8 and authors now)"),
+    ("report gone", "and its report images.lmdb.report.tsv is missing"),
+])
+def test_a_store_of_other_pictures_or_settings_is_refused_and_overwrite_builds_it_again(pictures, tmp_path, change,
+                                                                                      how):
+    store = tmp_path / "images.lmdb"
+    build_image_lmdb(pictures, store, size=8, progress=False)
+    before = files(store)
+    settings = {"size": 8, "progress": False}
+    if change == "picture touched":  # the same bytes, another time: judged as make judges it
+        info = os.stat(pictures / "b.jpg")
+        os.utime(pictures / "b.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    elif change == "picture rewritten":
+        Image.new("RGB", (12, 12), (0, 0, 255)).save(pictures / "b.jpg")
+    elif change == "size":
+        settings["size"] = 16
+    elif change == "pixels":
+        settings["pixels"] = "authors"
+    elif change == "items":
+        settings["item_ids"] = ["a", "b", "c"]
+    else:
+        (tmp_path / "images.lmdb.report.tsv").unlink()
+        before.pop("images.lmdb.report.tsv")
+    with pytest.raises(OutputError) as refused:
+        build_image_lmdb(pictures, store, **settings)
+    assert str(refused.value) == f"--out {store} " + OTHER.format(how)
+    assert {k: v for k, v in files(store).items() if k in before} == before
+    assert not build_image_lmdb(pictures, store, overwrite=True, **settings).get("kept")
+    assert build_image_lmdb(pictures, store, **settings)["kept"]  # and now it is these inputs' store
+
+
+def test_a_store_that_records_no_inputs_is_refused_as_before(pictures, tmp_path):
+    """A store of an earlier version, or written by ``write_image_lmdb`` alone (synthetic data): its inputs are
+    unknown, so it is not taken for these pictures' store."""
+    store = tmp_path / "images.lmdb"
+    write_image_lmdb(store, ["a"], lambda _: (np.zeros((8, 8, 3), np.uint8), None), size=8, progress=False)
+    store.with_name("images.lmdb.report.tsv").write_text("item_id\tproblem\n")
+    with pytest.raises(OutputError, match=OTHER.format("by a version that did not record its pictures")):
+        build_image_lmdb(pictures, store, size=8, progress=False)
