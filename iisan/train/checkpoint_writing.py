@@ -6,6 +6,7 @@ folder holding anything else is left whole."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -114,9 +115,9 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     for path in set(_FOUND) - set(here):
         if path.parent == root:
             del _FOUND[path]
-    config_text = json_text(config, sort_keys=True, default=str)
+    config_key = hashlib.sha256(json_text(config, sort_keys=True, default=str).encode()).hexdigest()  # (kept small)
     for path in here:
-        found = (config_text, files_now(path))
+        found = (config_key, files_now(path))
         refused = None if path == written or _FOUND.get(path) == found else checked_state(path, config, digests=False)
         if not isinstance(refused, str):
             _FOUND[path] = found
