@@ -17,15 +17,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Context, Decimal
-from typing import NoReturn, TypeVar
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
 from .once import in_a_launch, other_rank
 from .streams import bar_disable, closed_streams_to_null, printable_streams, stdout_closed
+
+if TYPE_CHECKING:  # (tqdm: 40 ms of every command's start, --help's included, for the commands that show no bar)
+    from tqdm import tqdm
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str 
     ``status(done)``: a text shown after the rate (units done so far, ``initial`` included), read at most
     every ``STATUS_EVERY`` seconds on a bar and once per log line. ``closing``: the log lines end with one at
     100 %, with the time taken (work that no line of its own ends, as a training epoch's does)."""
+    from tqdm import tqdm  # (when a bar is made: not at every command's start; see the top)
+
     bar = tqdm(iterable if size is None else None, total=total, initial=initial, desc=desc, unit=singular(unit),
                leave=False, disable=bar_disable(enabled))
     lines = (ProgressLog(desc, total, initial, unit=unit, clock=clock, status=status)

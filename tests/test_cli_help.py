@@ -246,7 +246,7 @@ for script in {scripts!r}:
             runpy.run_path(script, run_name="__main__")
     except SystemExit as stop:
         assert stop.code == 0, script
-print(sorted(m for m in ("torch", "transformers", "pandas", "matplotlib") if m in sys.modules))
+print(sorted(m for m in ("torch", "transformers", "pandas", "matplotlib", "tqdm") if m in sys.modules))
 """
 
 
