@@ -4,6 +4,7 @@ package), and their ``main(argv)`` ending checked."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,12 +15,18 @@ SCRIPTS = ROOT / "scripts"
 
 
 def load_script(path: str | Path, name: str | None = None) -> ModuleType:
-    """The script at ``path`` (relative paths: under ``scripts/``) as a fresh module."""
+    """The script at ``path`` (relative paths: under ``scripts/``) as a fresh module. ``sys.path`` is put back
+    after it: each script puts the checkout first to run uninstalled, once more at every load (the checkout is
+    on the path already here)."""
     path = Path(path)
     path = path if path.is_absolute() else SCRIPTS / path
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    before = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = before
     return module
 
 

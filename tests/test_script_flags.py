@@ -92,3 +92,14 @@ def test_the_measuring_scripts_defaults_moved_out_of_torch_are_what_they_measure
     benchmark = load_script(ROOT / "scripts" / "benchmark_efficiency.py").parser()
     assert set(BENCH_KEYS) <= {action.dest for action in benchmark._actions}
     assert benchmark.parse_args([]).settings == "equal,paper"
+
+
+def test_loading_scripts_in_this_process_leaves_sys_path_as_it_was():
+    """Each script puts the checkout first on ``sys.path`` (to run uninstalled): loaded by the tests, once more
+    at every load, hundreds of entries by the end of the suite."""
+    import sys
+
+    before = list(sys.path)
+    for script in sorted(SCRIPTS.glob("*.py"))[:4]:
+        load_script(script)
+    assert sys.path == before
