@@ -88,7 +88,10 @@ def test_a_store_that_records_no_inputs_is_refused_as_before(pictures, tmp_path)
     """A store of an earlier version, or written by ``write_image_lmdb`` alone (synthetic data): its inputs are
     unknown, so it is not taken for these pictures' store."""
     store = tmp_path / "images.lmdb"
-    write_image_lmdb(store, ["a"], lambda _: (np.zeros((8, 8, 3), np.uint8), None), size=8, progress=False)
     store.with_name("images.lmdb.report.tsv").write_text("item_id\tproblem\n")
-    with pytest.raises(OutputError, match=OTHER.format("by a version that did not record its pictures")):
-        build_image_lmdb(pictures, store, size=8, progress=False)
+    for recorded, how in (({"pixels": "displayed"}, "by a version that did not record its pictures"),
+                          (None, "with --size 8 --pixels authors (8 and displayed now)")):  # (formats.md)
+        write_image_lmdb(store, ["a"], lambda _: (np.zeros((8, 8, 3), np.uint8), None), size=8, progress=False,
+                         recorded=recorded, overwrite=True)
+        with pytest.raises(OutputError, match=OTHER.format(how).replace("(", r"\(").replace(")", r"\)")):
+            build_image_lmdb(pictures, store, size=8, progress=False)

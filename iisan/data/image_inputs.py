@@ -45,8 +45,8 @@ def kept_store(out_path: Path, report: Path, digest: str, size: int, pixels: str
     if meta.get("inputs") == digest and report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank")):
         return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),
                 "kept": True}
-    if meta.get("size") != size or meta.get("pixels", pixels) != pixels:
-        how = f"with --size {meta.get('size')} --pixels {meta.get('pixels', pixels)} ({size} and {pixels} now)"
+    if meta.get("size") != size or meta.get("pixels", "authors") != pixels:  # (unrecorded: authors, formats.md)
+        how = f"with --size {meta.get('size')} --pixels {meta.get('pixels', 'authors')} ({size} and {pixels} now)"
     elif "inputs" not in meta:
         how = "by a version that did not record its pictures"
     elif not report.is_file():
