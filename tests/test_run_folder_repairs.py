@@ -164,6 +164,23 @@ def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(st
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001", "epoch-0000"]
 
 
+
+def test_pruning_reads_every_time_a_checkpoint_whose_files_it_cannot_list(stalled, tmp_path, monkeypatch):
+    """No listing of its files (a folder this user may not read) is nothing to tell a change by: checked at each
+    prune, as before, never taken as found good."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(stalled / "checkpoints", root)
+    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+    checked = []
+    monkeypatch.setattr(checkpoint_writing, "files_now", lambda path: None)
+    monkeypatch.setattr(checkpoint_writing, "checked_state",
+                        lambda path, *args, **kwargs: checked.append(path.name) or checkpoint.checked_state(
+                            path, *args, **kwargs))
+    for _ in range(2):
+        assert checkpoint_writing.prune(root, 2, config, None) == 0
+    assert checked == ["epoch-0001", "epoch-0000"] * 2
+
+
 def test_a_removal_cut_short_leaves_no_half_checkpoint_and_the_next_prune_finishes_it(stalled, tmp_path, monkeypatch):
     """An old checkpoint whose files cannot be removed now (busy on a network file system): the folder is
     already under a leftover's hidden name, never a checkpoint without its manifest, and the next prune

@@ -117,9 +117,10 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
             del _FOUND[path]
     config_key = hashlib.sha256(json_text(config, sort_keys=True, default=str).encode()).hexdigest()  # (kept small)
     for path in here:
-        found = (config_key, files_now(path))
-        refused = None if path == written or _FOUND.get(path) == found else checked_state(path, config, digests=False)
-        if not isinstance(refused, str):
+        found = (config_key, files_now(path))  # (no files to tell: checked, and not remembered)
+        known = found[1] is not None and _FOUND.get(path) == found
+        refused = None if path == written or known else checked_state(path, config, digests=False)
+        if not isinstance(refused, str) and found[1] is not None:
             _FOUND[path] = found
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
@@ -133,13 +134,13 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     return removed
 
 
-def files_now(path: Path) -> tuple:
-    """The name, inode, size and times of each entry of the folder ``path`` (none when it cannot be read)."""
+def files_now(path: Path) -> tuple | None:
+    """The name, inode, size and times of each entry of the folder ``path``; None when it cannot be read."""
     try:
         with os.scandir(path) as entries:
             stats = [(entry.name, entry.stat(follow_symlinks=False)) for entry in entries]
     except OSError:
-        return ()
+        return None
     return tuple(sorted((name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats))
 
 
