@@ -814,6 +814,9 @@ def test_nonfinite_authors_goes_on_past_an_infinite_loss_and_fails_at_a_nan_befo
     from iisan.experiments.results_file import check_results
     check_results(json.loads((folder / "results.json").read_text()))  # `iisan results` reads it
     assert "--nonfinite authors: an infinite loss does not stop the run" in caplog.text
+    longer = train(base.replace(run_name="inf-authors", epochs=3, nonfinite="authors"))  # its checkpoint holds
+    assert longer["resumed_from"] == ["epoch-0001"] and len(longer["epochs"]) == 3  # the null: refused before
+    assert longer["epochs"][1]["loss"] is None
     poison_step(monkeypatch, 3, "nan")
     with pytest.raises(TrainingError, match=r"; --nonfinite authors: no epoch had finished before it, so there is "
                                             r"no result$"):

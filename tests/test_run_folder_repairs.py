@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -138,8 +139,8 @@ def test_pruning_leaves_a_damaged_checkpoint_and_keeps_the_last_good_one(stalled
 
 def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(stalled, tmp_path, monkeypatch):
     """Each epoch's prune read every kept checkpoint's state.json again (each holds the run's history, so the
-    bookkeeping cost more each epoch). A checkpoint found good, or just written, is read again only once one of
-    its files changed or the config is another: then it is checked, and refused, as before."""
+    bookkeeping cost more each epoch). A checkpoint found good is read again only once one of its files changed
+    or the config is another: then it is checked, and refused, as before."""
     root = tmp_path / "checkpoints"
     shutil.copytree(stalled / "checkpoints", root)
     config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
@@ -154,13 +155,15 @@ def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(st
     assert checked == ["epoch-0000"]  # epoch-0001 was just written: unchecked, as before
     for _ in range(3):
         assert checkpoint_writing.prune(root, 2, config, None) == 0
-    assert checked == ["epoch-0000"]
+    assert checked == ["epoch-0000", "epoch-0001"]  # epoch-0001 at the prune after it, then neither
     assert checkpoint_writing.prune(root, 2, {**config, "lr": 0.5}, None) == 0  # another config: both read, refused
-    assert checked == ["epoch-0000", "epoch-0001", "epoch-0000"]
-    model = root / "epoch-0000" / checkpoint.MODEL
-    model.write_bytes(model.read_bytes()[:-8])  # cut short since it was found good: read again, and left in place
+    assert checked[2:] == ["epoch-0001", "epoch-0000"]
+    state = root / "epoch-0000" / checkpoint.STATE
+    text, when = state.read_text(), state.stat().st_mtime_ns
+    state.write_text(text.replace('"epoch": 0', '"epoch": 9', 1))  # the same size and time, written since: read
+    os.utime(state, ns=(when, when))  # again, and left in place
     assert checkpoint_writing.prune(root, 1, config, root / "epoch-0001") == 0
-    assert checked[3:] == ["epoch-0000"]
+    assert checked[4:] == ["epoch-0000"]
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001", "epoch-0000"]
 
 

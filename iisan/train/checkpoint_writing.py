@@ -35,10 +35,11 @@ from .checkpoint import (
 
 log = logging.getLogger(__name__)
 
-# The checkpoints of this process's runs found to be their run's (written, or checked by a prune), with their files as
-# they were then: one whose files are unchanged since is not read and checked again at the next epoch's prune (each
-# state.json holds the run's history, so that check cost more each epoch). Another config, or a file added, removed,
-# replaced or written to since, and it is checked again.
+# The checkpoints of this process's runs a prune found to be their run's (``checked_state``), with their files as they
+# were then: one whose files are unchanged since is not read and checked again at the next epoch's prune (each
+# state.json holds the run's history, so that check cost more each epoch). Another config or working folder, or a
+# file added, removed, replaced or written to since, and it is checked again. The one just written is checked at the
+# prune after it, as before: this version may write what it would refuse to resume from.
 _FOUND: dict[Path, tuple] = {}
 
 
@@ -115,12 +116,12 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     for path in set(_FOUND) - set(here):
         if path.parent == root:
             del _FOUND[path]
-    config_key = hashlib.sha256(json_text(config, sort_keys=True, default=str).encode()).hexdigest()  # (kept small)
+    config_key = hashlib.sha256(json_text([config, os.getcwd()], sort_keys=True, default=str).encode()).hexdigest()
     for path in here:
         found = (config_key, files_now(path))  # (no files to tell: checked, and not remembered)
         known = found[1] is not None and _FOUND.get(path) == found
         refused = None if path == written or known else checked_state(path, config, digests=False)
-        if not isinstance(refused, str) and found[1] is not None:
+        if isinstance(refused, dict) and found[1] is not None:
             _FOUND[path] = found
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
         if isinstance(refused, str):
@@ -135,10 +136,11 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
 
 
 def files_now(path: Path) -> tuple | None:
-    """The name, inode, size and times of each entry of the folder ``path``; None when it cannot be read."""
+    """The name, inode, size and times of each entry of the folder ``path`` (of what a link points to); None when
+    it cannot be read."""
     try:
         with os.scandir(path) as entries:
-            stats = [(entry.name, entry.stat(follow_symlinks=False)) for entry in entries]
+            stats = [(entry.name, entry.stat()) for entry in entries]
     except OSError:
         return None
     return tuple(sorted((name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats))

@@ -144,7 +144,8 @@ def _metrics(value) -> bool:
 
 
 # The fields of every epoch record (``trainer.Run`` makes them; metrics.jsonl and state.json hold them).
-EPOCH = {"epoch": ("a count", _count), "loss": ("a number", _number),
+EPOCH = {"epoch": ("a count", _count),  # a loss written null was not finite (--nonfinite authors goes on after it)
+         "loss": ("a number or null", lambda v: v is None or _number(v)),
          "train_seconds": ("a number", _number), "eval_seconds": ("a number", _number),
          "steps": ("a count", _count), "valid": ("an object of numbers", _metrics)}
 # The fields of state.json that a resume reads, the checkpoint's ``format`` and ``config`` aside (checked
