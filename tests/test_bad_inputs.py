@@ -623,8 +623,8 @@ CASES = [
                                      "process's file-size limit, ulimit -f, of 64.0 KiB: LMDB says it so)",),
          fault=file_size_limit(64 << 10)),
     Case("lmdb-out-exists", lambda P, s: L(P, s, "--out", P["images"], "--size", "32"),  # (the same size: kept)
-         ("--out {images} already holds an IISAN image LMDB built with --size 64 --pixels displayed (32 and "
-          "displayed now); pass --overwrite to replace it",)),
+         ("--out {images} already holds an IISAN image LMDB built with --size 64 (32 now); pass --overwrite to "
+          "replace it",)),
     # folders filled with files of fixed names: only new, empty or their own
     Case("demo-out-foreign-folder", lambda P, s: ["demo", "--out", f"{s}/mine", "--epochs", "1", "--no-progress"],
          ("--out {s}/mine exists and is not a demo folder (no .iisan-demo in it)",),

@@ -43,7 +43,7 @@ def test_a_second_build_of_the_same_pictures_keeps_the_store_and_says_so(picture
     before = files(store)
     main(args)
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith(f"stored 4 images in {store} in ")
+    assert len(out) == 2 and out[0].startswith(f"stored 4 images in {store} in ")
     assert out[1] == (f"kept {store}: built from these same 4 images and settings, unchanged since (1 flagged "
                       f"blanks, listed in {store}.report.tsv); --overwrite builds it again")
     assert files(store) == before
@@ -52,8 +52,8 @@ def test_a_second_build_of_the_same_pictures_keeps_the_store_and_says_so(picture
 
 @pytest.mark.parametrize("change, how", [
     ("picture touched", CHANGED), ("picture rewritten", CHANGED), ("items", CHANGED),
-    ("size", "with --size 8 --pixels displayed (16 and displayed now)"),
-    ("pixels", "with --size 8 --pixels displayed (8 and authors now)"),
+    ("size", "with --size 8 (16 now)"), ("pixels", "with --pixels displayed (authors now)"),
+    ("picture resized, same time", CHANGED), ("a pictureless item listed", CHANGED),
     ("report gone", "and its report images.lmdb.report.tsv is missing"),
 ])
 def test_a_store_of_other_pictures_or_settings_is_refused_and_overwrite_builds_it_again(pictures, tmp_path, change,
@@ -62,11 +62,21 @@ def test_a_store_of_other_pictures_or_settings_is_refused_and_overwrite_builds_i
     build_image_lmdb(pictures, store, size=8, progress=False)
     before = files(store)
     settings = {"size": 8, "progress": False}
+    if change == "a pictureless item listed":  # built from the list without it
+        store_files = build_image_lmdb(pictures, store, ["a", "b", "c", "d"], size=8, progress=False, overwrite=True)
+        assert store_files["stored"] == 4
+        before = files(store)
     if change == "picture touched":  # the same bytes, another time: judged as make judges it
         info = os.stat(pictures / "b.jpg")
         os.utime(pictures / "b.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
     elif change == "picture rewritten":
         Image.new("RGB", (12, 12), (0, 0, 255)).save(pictures / "b.jpg")
+    elif change == "picture resized, same time":  # (make's rule: the size or the time)
+        info = os.stat(pictures / "b.jpg")
+        Image.new("RGB", (30, 30), (0, 0, 255)).save(pictures / "b.jpg")
+        os.utime(pictures / "b.jpg", ns=(info.st_atime_ns, info.st_mtime_ns))
+    elif change == "a pictureless item listed":
+        settings["item_ids"] = ["a", "b", "c", "d", "e"]
     elif change == "size":
         settings["size"] = 16
     elif change == "pixels":
@@ -90,8 +100,60 @@ def test_a_store_that_records_no_inputs_is_refused_as_before(pictures, tmp_path)
     store = tmp_path / "images.lmdb"
     store.with_name("images.lmdb.report.tsv").write_text("item_id\tproblem\n")
     for recorded, how in (({"pixels": "displayed"}, "by a version that did not record its pictures"),
-                          (None, "with --size 8 --pixels authors (8 and displayed now)")):  # (formats.md)
+                          (None, "with --pixels authors (displayed now)")):  # (formats.md)
         write_image_lmdb(store, ["a"], lambda _: (np.zeros((8, 8, 3), np.uint8), None), size=8, progress=False,
                          recorded=recorded, overwrite=True)
         with pytest.raises(OutputError, match=OTHER.format(how).replace("(", r"\(").replace(")", r"\)")):
             build_image_lmdb(pictures, store, size=8, progress=False)
+
+
+def test_another_extension_is_named(pictures, tmp_path):
+    """The same pictures under another extension, listed by --items: the store records the extension it read."""
+    for picture in pictures.glob("*.jpg"):
+        picture.with_suffix(".jpeg").write_bytes(picture.read_bytes())
+    store = tmp_path / "images.lmdb"
+    build_image_lmdb(pictures, store, ["a", "b"], size=8, progress=False)
+    with pytest.raises(OutputError, match=OTHER.format(r"with --extension \.jpg \(\.jpeg now\)")):
+        build_image_lmdb(pictures, store, ["a", "b"], size=8, extension=".jpeg", progress=False)
+
+
+def test_a_store_being_built_is_not_kept(pictures, tmp_path):
+    """Another process's build (``--overwrite``, other settings) holds the lock: the store there is about to be
+    replaced, so a rerun is refused as before instead of taking it as kept."""
+    from iisan.data.image_build import build_lock
+    from iisan.errors import InUse
+
+    store = tmp_path / "images.lmdb"
+    build_image_lmdb(pictures, store, size=8, progress=False)
+    with build_lock(store), pytest.raises(InUse, match=f"image LMDB {store} is in use by "):
+        build_image_lmdb(pictures, store, size=8, progress=False)
+
+
+def test_a_link_or_a_foreign_lmdb_at_out_is_refused_as_before(pictures, tmp_path):
+    store = tmp_path / "images.lmdb"
+    build_image_lmdb(pictures, store, size=8, progress=False)
+    link = tmp_path / "link.lmdb"
+    link.symlink_to(store)
+    link.with_name("link.lmdb.report.tsv").write_bytes(store.with_name("images.lmdb.report.tsv").read_bytes())
+    with pytest.raises(OutputError, match=f"--out {link} is a symbolic link"):
+        build_image_lmdb(pictures, link, size=8, progress=False)
+    import lmdb
+
+    foreign = tmp_path / "foreign.lmdb"
+    with lmdb.open(str(foreign), subdir=True) as env, env.begin(write=True) as txn:
+        txn.put(b"a", b"x")
+    with pytest.raises(OutputError, match=f"--out {foreign} exists and is not an IISAN image LMDB"):
+        build_image_lmdb(pictures, foreign, size=8, progress=False)
+
+
+def test_the_dataset_script_says_a_store_is_kept(pictures, tmp_path, capsys):
+    from ._scripts import ROOT, load_script
+
+    script = load_script(ROOT / "Dataset" / "build_lmdb.py", "build_lmdb_script")
+    args = ["--images", str(pictures), "--out", str(tmp_path / "s.lmdb"), "--size", "8"]
+    for _ in range(2):
+        script.main(args)
+    out = capsys.readouterr().out.splitlines()
+    assert not out[0].endswith("kept: built from these same pictures and settings")
+    assert out[1].endswith("(listed in " + str(tmp_path / "s.lmdb.report.tsv") + "), kept: built from these same "
+                           "pictures and settings")

@@ -65,6 +65,12 @@ def check_size(size: int) -> None:
         raise ConfigError(f"--size {size}: stored images are size x size pixels, with size from 1 to {MAX_SIZE}")
 
 
+def build_lock(out_path: Path) -> OutputLock:
+    """The lock beside ``out_path`` that a build holds: one at a time, and no store kept while one runs."""
+    return OutputLock(out_path.with_name(f".{out_path.name}.iisan-lock"), f"image LMDB {out_path}",
+                      "another build is writing it; wait for it to finish")
+
+
 def is_image_lmdb(path: Path) -> bool:
     """Whether ``path`` is an image LMDB this project wrote (an LMDB with its metadata record)."""
     if not path.is_dir() or not (path / "data.mdb").is_file():
@@ -195,8 +201,7 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
         raise OutputError(f"image LMDB {spelt} is not valid UTF-8, which LMDB cannot open: "
                           "rename it, or give another")
     refuse_inputs(out_path, inputs, "--out")
-    lock = out_path.with_name(f".{out_path.name}.iisan-lock")
-    with OutputLock(lock, f"image LMDB {out_path}", "another build is writing it; wait for it to finish"):
+    with build_lock(out_path):
         if claim_output(out_path, is_image_lmdb, "an IISAN image LMDB", "--out", overwrite):
             refuse_foreign_files(out_path)
         for stale in [t for path in (out_path, *kept) for t in stale_temporaries(path)]:  # killed builds' (locked)
@@ -250,7 +255,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     if pixels not in PIXELS:
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
     digest = inputs_digest(image_dir, item_ids, extension, size, pixels)
-    if not overwrite and (kept := kept_store(out_path, report, digest, size, pixels)) is not None:
+    settings = {"size": size, "pixels": pixels, "extension": extension}
+    if not overwrite and (kept := kept_store(out_path, report, digest, settings, build_lock(out_path))) is not None:
         return kept  # built from these very inputs (``image_inputs``)
     changes: collections.Counter = collections.Counter()
 
@@ -280,8 +286,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
 
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
-                                (image_dir, *inputs), recorded={"pixels": pixels, "inputs": digest},
-                                report=write_report, kept=(report,))
+                                (image_dir, *inputs), report=write_report, kept=(report,),
+                                recorded={"pixels": pixels, "extension": extension, "inputs": digest})
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))

@@ -14,6 +14,7 @@ import unicodedata
 from pathlib import Path
 
 from ..errors import ImageStoreError, OutputError
+from ..locks import OutputLock
 from .images import read_meta
 
 
@@ -30,14 +31,17 @@ def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: in
     return digest.hexdigest()
 
 
-def kept_store(out_path: Path, report: Path, digest: str, size: int, pixels: str) -> dict | None:
+def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: OutputLock) -> dict | None:
     """The counts of the image LMDB at ``out_path`` (as ``image_build.build_image_lmdb`` returns them, and
     ``kept``) when it was built from inputs of ``digest`` and its report is beside it. None when ``out_path`` is
-    no store of this project's (the build says what it is); one built otherwise is refused, saying how."""
+    no store of this project's (the build says what it is); one built otherwise is refused, saying how: with other
+    ``settings`` (``size``, ``pixels``, ``extension``; where its metadata records them), or from other inputs. Read
+    under the build's ``lock``: a build running now would replace it."""
     if out_path.is_symlink() or not (out_path / "data.mdb").is_file():
         return None
     try:
-        meta = read_meta(out_path)
+        with lock:
+            meta = read_meta(out_path)
     except ImageStoreError:  # damaged: what the build says of it
         return None
     if meta is None:
@@ -45,8 +49,10 @@ def kept_store(out_path: Path, report: Path, digest: str, size: int, pixels: str
     if meta.get("inputs") == digest and report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank")):
         return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),
                 "kept": True}
-    if meta.get("size") != size or meta.get("pixels", "authors") != pixels:  # (unrecorded: authors, formats.md)
-        how = f"with --size {meta.get('size')} --pixels {meta.get('pixels', 'authors')} ({size} and {pixels} now)"
+    then = {**settings, "pixels": "authors", **{k: meta[k] for k in settings if k in meta}}  # (formats.md)
+    if differ := [k for k in settings if then[k] != settings[k]]:
+        how = (f"with {', '.join(f'--{k} {then[k]}' for k in differ)} "
+               f"({', '.join(str(settings[k]) for k in differ)} now)")
     elif "inputs" not in meta:
         how = "by a version that did not record its pictures"
     elif not report.is_file():
