@@ -304,7 +304,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def json_text(payload, **kwargs) -> str:
     """``payload`` as JSON, a float that is not finite as null: strict readers (JavaScript, jq) take no NaN."""
-    with suppress(ValueError):  # most hold none: json's own encoder, not the walk (a run's history grows each epoch)
+    with suppress(ValueError):  # (raised by a NaN or inf) json's own fast encoder, not the walk, where there are none
         return json.dumps(payload, allow_nan=False, **kwargs)
 
     def finite(value):

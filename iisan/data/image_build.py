@@ -299,7 +299,6 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     return {"stored": len(item_ids), "blank": len(problems), "report": str(report), "path": str(out_path)}
 
 
-
 def _other_extensions(image_dir: Path, extension: str) -> dict[str, str]:
     """Item id -> the extension of a file ``<id>.<other>`` in the folder, for ids without ``<id><extension>``:
     what a report of missing images can point at (one listing of the folder)."""
