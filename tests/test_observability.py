@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import tqdm as tqdm_module
 
 from iisan import console
 from iisan.console import ProgressLog
@@ -81,13 +82,13 @@ def test_a_bar_shows_a_status_at_most_every_ten_seconds(monkeypatch):
     """On a terminal the status (the loss) is read after a step only once ten seconds have passed since the
     last reading (each reading of a GPU loss waits for the device), and counts the units done, resumed
     ones included."""
-    made, tqdm, read = [], console.tqdm, []
+    made, tqdm, read = [], tqdm_module.tqdm, []  # (console imports it when a bar is made)
 
     def on_a_terminal(*args, **kwargs):
         made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
         return made[-1]
 
-    monkeypatch.setattr(console, "tqdm", on_a_terminal)
+    monkeypatch.setattr(tqdm_module, "tqdm", on_a_terminal)
     clock = iter([0.0, 4.0, 11.0, 15.0, 25.0, 26.0])  # the start, then after each of five steps
 
     def status(done):
@@ -157,13 +158,13 @@ def test_slow_work_is_measured_in_seconds_per_unit():
 def test_a_bar_shows_its_rate_per_one_unit(monkeypatch):
     """tqdm shows the unit only in a rate: '1.50s/step', not '1.50s/steps'; the log lines keep counting in
     'steps'."""
-    made, tqdm = [], console.tqdm
+    made, tqdm = [], tqdm_module.tqdm
 
     def on_a_terminal(*args, **kwargs):
         made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
         return made[-1]
 
-    monkeypatch.setattr(console, "tqdm", on_a_terminal)
+    monkeypatch.setattr(tqdm_module, "tqdm", on_a_terminal)
     assert list(console.progress_bar(range(3), total=3, desc="epoch 2", unit="steps")) == [0, 1, 2]
     assert made[0].unit == "step" and tqdm.format_meter(1, 8, 1.5, unit=made[0].unit).endswith("1.50s/step]")
     # chunks: the bar moves by each chunk's size
