@@ -67,6 +67,26 @@ def messages(caplog, start: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
 
 
+
+def copied_checkpoints(stalled: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of ``stalled``'s checkpoints folder under ``tmp_path``, and the config they were saved with."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(stalled / "checkpoints", root)
+    return root, json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+
+
+def counted_checks(monkeypatch) -> list[str]:
+    """The names of the checkpoints pruning reads and checks (``checked_state``), in order, from now on."""
+    checked = []
+
+    def counted(path, *args, **kwargs):
+        checked.append(path.name)
+        return checkpoint.checked_state(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_writing, "checked_state", counted)
+    return checked
+
+
 # --------------------------------------------------------------------------------------------------
 # pruning (bug 13)
 
@@ -141,16 +161,8 @@ def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(st
     """Each epoch's prune read every kept checkpoint's state.json again (each holds the run's history, so the
     bookkeeping cost more each epoch). A checkpoint found good is read again only once one of its files changed
     or the config is another: then it is checked, and refused, as before."""
-    root = tmp_path / "checkpoints"
-    shutil.copytree(stalled / "checkpoints", root)
-    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
-    checked = []
-
-    def counted(path, *args, **kwargs):
-        checked.append(path.name)
-        return checkpoint.checked_state(path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint_writing, "checked_state", counted)
+    root, config = copied_checkpoints(stalled, tmp_path)
+    checked = counted_checks(monkeypatch)
     assert checkpoint_writing.prune(root, 2, config, root / "epoch-0001") == 0
     assert checked == ["epoch-0000"]  # epoch-0001 was just written: unchecked, as before
     for _ in range(3):
@@ -171,14 +183,9 @@ def test_pruning_reads_a_checkpoint_once_until_its_files_or_the_config_change(st
 def test_pruning_reads_every_time_a_checkpoint_whose_files_it_cannot_list(stalled, tmp_path, monkeypatch):
     """No listing of its files (a folder this user may not read) is nothing to tell a change by: checked at each
     prune, as before, never taken as found good."""
-    root = tmp_path / "checkpoints"
-    shutil.copytree(stalled / "checkpoints", root)
-    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
-    checked = []
+    root, config = copied_checkpoints(stalled, tmp_path)
+    checked = counted_checks(monkeypatch)
     monkeypatch.setattr(checkpoint_writing, "files_now", lambda path: None)
-    monkeypatch.setattr(checkpoint_writing, "checked_state",
-                        lambda path, *args, **kwargs: checked.append(path.name) or checkpoint.checked_state(
-                            path, *args, **kwargs))
     for _ in range(2):
         assert checkpoint_writing.prune(root, 2, config, None) == 0
     assert checked == ["epoch-0001", "epoch-0000"] * 2
@@ -188,9 +195,7 @@ def test_a_removal_cut_short_leaves_no_half_checkpoint_and_the_next_prune_finish
     """An old checkpoint whose files cannot be removed now (busy on a network file system): the folder is
     already under a leftover's hidden name, never a checkpoint without its manifest, and the next prune
     removes it with the other leftovers."""
-    root = tmp_path / "checkpoints"
-    shutil.copytree(stalled / "checkpoints", root)
-    config = json.loads((root / "epoch-0000" / checkpoint.STATE).read_text())["config"]
+    root, config = copied_checkpoints(stalled, tmp_path)
     monkeypatch.setattr(checkpoint_writing.shutil, "rmtree", lambda path, ignore_errors=False: None)
     checkpoint_writing.prune(root, 1, config, root / "epoch-0001")
     assert sorted(p.name for p in root.iterdir()) == [".epoch-0000.pruned.tmp", "epoch-0001"]

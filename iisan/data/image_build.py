@@ -49,7 +49,7 @@ from .images import (
     META_KEY,
     close_reader,
     encode_record,
-    read_meta,
+    own_meta,
     records_digest,
 )
 from .textfile import check_item_id
@@ -73,12 +73,7 @@ def build_lock(out_path: Path) -> OutputLock:
 
 def is_image_lmdb(path: Path) -> bool:
     """Whether ``path`` is an image LMDB this project wrote (an LMDB with its metadata record)."""
-    if not path.is_dir() or not (path / "data.mdb").is_file():
-        return False
-    try:
-        return read_meta(path) is not None
-    except ImageStoreError:
-        return False
+    return own_meta(path) is not None
 
 
 def refuse_foreign_files(path: Path) -> None:

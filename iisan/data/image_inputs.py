@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ImageStoreError, OutputError
 from ..locks import OutputLock
-from .images import read_meta
+from .images import own_meta
 
 
 def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: int, pixels: str) -> str:
@@ -37,14 +37,11 @@ def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: 
     no store of this project's (the build says what it is); one built otherwise is refused, saying how: with other
     ``settings`` (``size``, ``pixels``, ``extension``; where its metadata records them), or from other inputs. Read
     under the build's ``lock``: a build running now would replace it."""
-    if out_path.is_symlink() or not (out_path / "data.mdb").is_file():
+    if not os.path.lexists(out_path):  # (nothing there: no lock taken, no folder made for one)
         return None
-    try:
-        with lock:
-            meta = read_meta(out_path)
-    except ImageStoreError:  # damaged: what the build says of it
-        return None
-    if meta is None:
+    with lock:
+        meta = own_meta(out_path)
+    if meta is None:  # (a link, another tool's, damaged: the build says what it is)
         return None
     if meta.get("inputs") == digest and report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank")):
         return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),

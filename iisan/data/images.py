@@ -148,6 +148,17 @@ def read_meta(path: Path) -> dict | None:
     return meta
 
 
+
+def own_meta(path: Path) -> dict | None:
+    """The metadata record of the image LMDB this project wrote at ``path``; None when ``path`` is none (not an
+    LMDB, another tool's, a link) or its metadata is damaged."""
+    if path.is_symlink() or not path.is_dir() or not (path / "data.mdb").is_file():
+        return None
+    try:
+        return read_meta(path)
+    except ImageStoreError:
+        return None
+
 def decode_record(value, where: str | Path, item_id: str,
                   shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, bool]:
     """One stored record -> ``(pixels (h, w, c) uint8, a view of value; blank flag)``. ``shape``: the
