@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from iisan.cli.main import main
 from iisan.config import Config
@@ -299,3 +300,73 @@ def test_an_items_file_in_latin_1_and_a_user_listed_twice_are_imported_with_the_
         assert exit_.value.code != 0 and "\n" not in err and named in err, err
     main([*argv, "--encoding", "latin-1", "--merge-duplicate-users"])
     assert read_metadata(cache_file(tmp_path / "c", "text"))["source"] == "imported"
+
+
+def _times(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_an_import_run_again_on_the_same_files_keeps_its_cache_and_reads_none(tiny, authors_files, tmp_path,
+                                                                            monkeypatch, caplog):
+    """`iisan import-cache` run again read every file and rewrote the cache, where `iisan cache` and `build-lmdb`
+    keep what they built from the same inputs. A file changed since (by its size or time), --overwrite, a cache
+    imported before this was recorded, or a missing report: imported again, to the same bytes."""
+    from iisan.data import cache_import
+
+    src = copy_files(authors_files["src"], tmp_path / "stored")
+    cfg = cache_config(tiny, tmp_path / "cache", **LAYERS)
+    reads = []
+    read = cache_import.read_state
+    monkeypatch.setattr(cache_import, "read_state", lambda path, shape: reads.append(path) or read(path, shape))
+    import_cache_from_config(cfg, src)
+    items = len(authors_files["item_ids"]) - 1
+    assert len(reads) == 2 * items
+    cache = Path(cfg.cache_dir)
+
+    def held() -> dict:  # what each cache holds, but the record of the files' times
+        return {m: (load_file(cache_file(cache, m))["states"].tolist(),
+                    {k: v for k, v in read_metadata(cache_file(cache, m)).items() if k != "imported_files"})
+                for m in ("text", "image")}
+
+    first, before = held(), _times(cache)
+
+    def again(expect_reads: int, **flags) -> None:
+        reads.clear()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="iisan.model.caching"):
+            paths = import_cache_from_config(cfg, src, **flags)
+        assert paths == {m: cache_file(cache, m) for m in ("text", "image")}
+        assert len(reads) == expect_reads
+        assert ("imported before from the same files with these settings; kept" in caplog.text) == (not expect_reads)
+        assert held() == first
+
+    again(0)
+    assert _times(cache) == before  # nothing rewritten, the report and log included
+    os.utime(state_file(src, "image", authors_files["item_ids"][3]), ns=(1, 1))  # touched: read again
+    again(2 * items)
+    again(0)
+    again(2 * items, overwrite=True)
+    (cache / REPORT).unlink()
+    again(2 * items)
+    meta = read_metadata(cache_file(cache, "text"))
+    assert len(meta["imported_files"]) == 64  # a sha256
+    del meta["imported_files"]  # as the version before wrote it: imported again, not refused
+    save_file(load_file(cache_file(cache, "text")), str(cache_file(cache, "text")), metadata=meta)
+    again(2 * items)
+    assert "imported_files" in read_metadata(cache_file(cache, "text"))
+
+
+def test_an_import_that_stored_zeros_is_kept_only_when_they_are_allowed_again(tiny, authors_files, tmp_path):
+    src = copy_files(authors_files["src"], tmp_path / "stored")
+    state_file(src, "text", authors_files["item_ids"][2]).unlink()
+    cfg = cache_config(tiny, tmp_path / "cache")
+    import_cache_from_config(cfg, src, allow_missing=True)
+    before = _times(Path(cfg.cache_dir))
+    import_cache_from_config(cfg, src, allow_missing=True)
+    assert _times(Path(cfg.cache_dir)) == before
+    with pytest.raises(CacheError, match="1 missing"):  # without --allow-missing: refused, as a first import
+        import_cache_from_config(cfg, src)
+    shape = torch.load(state_file(src, "text", authors_files["item_ids"][1]), weights_only=True).shape
+    torch.save(torch.zeros(shape), state_file(src, "text", authors_files["item_ids"][2]))  # the file came back
+    import_cache_from_config(cfg, src, allow_missing=True)
+    assert read_metadata(cache_file(cfg.cache_dir, "text"))["imported_missing"] == "0"

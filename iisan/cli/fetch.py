@@ -90,6 +90,7 @@ def add_fetch_commands(sub) -> None:
     p.add_argument("--all-items", action="store_true", help="every row of the items file, not only used items")
     p.add_argument("--allow-missing", action="store_true",
                    help="store items without a file as zero states (counted and listed) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir made with other settings")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache in --cache-dir made with other settings "
+                   "(one imported from the same, unchanged files with these settings is kept without it)")
     add_config_arguments(p, only=IMPORT_KEYS)
     p.set_defaults(func=cmd_import_cache)

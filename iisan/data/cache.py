@@ -53,12 +53,12 @@ METADATA_KEYS = ("format", "modality", "encoder", "encoder_config", "encoder_wei
                  "layers", "width", "depth", "pooling", "dtype", "encoder_dtype", "title_tokens", "titles",
                  "image_norm", "images", "items_file", "items_fingerprint", "item_ids")
 # What an import adds (``cache_import``, which records no encoder_weights, encoder_files or title_tokens).
-IMPORT_KEYS = ("source", "imported_from", "imported_missing")
-# Where the encoder and the items file were, and their files' sizes and times: the same contents (the
-# weights digest, the items fingerprint) moved, copied or touched differ only there. An import's count
-# of items without a file is its result, not a setting.
+IMPORT_KEYS = ("source", "imported_from", "imported_files", "imported_missing")
+# Where the encoder and the items file were, and their files' sizes and times: the same contents (the weights
+# digest, the items fingerprint) moved, copied or touched differ only there. What files an import read (a run of
+# it again keeps a cache of the same) and its count of items without a file are its result, not settings.
 SIDECAR = ".building"  # a build in progress: its manifest and finished chunks (``cache_build``)
-VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_missing"})
+VOLATILE = frozenset({"encoder", "items_file", "encoder_files", "imported_files", "imported_missing"})
 # Keys older caches may lack; ``read_metadata`` requires the others (format is checked on its own).
 OPTIONAL = ("encoder_files", "model_type", "pooling", "title_tokens", "image_norm", "images", "encoder_dtype", "titles")
 # What a cache without the key was built with: every cache before --image-norm used the processor's statistics.

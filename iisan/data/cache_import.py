@@ -29,9 +29,10 @@ import torch
 
 from ..claims import claim_output
 from ..console import progress_bar
+from ..digests import stat_digest
 from ..errors import CacheError, parse_json
 from ..files import atomic_path, starts_with
-from .cache import cache_file, require_cache_space
+from .cache import VOLATILE, cache_file, read_metadata, require_cache_space
 from .cache_build import write_together
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,30 @@ def import_table(src: Path, modality: str, item_ids: list[str], layers: list[int
             else:
                 table[row] = stored
     return table, problems
+
+
+def imported_files(src: Path, modality: str, item_ids: list[str]) -> str:
+    """What an import of ``item_ids[1:]``' ``modality`` states reads under ``src``, by their files' names, sizes and
+    modification times (``digests.stat_digest``): the metadata's ``imported_files``."""
+    return stat_digest(list(AUTHORS_LAYOUT[modality]), ((i, state_file(src, modality, i)) for i in item_ids[1:]))
+
+
+def kept_import(metadata: dict[str, dict[str, str]], out_dir: Path, allow_missing: bool) -> dict[str, Path] | None:
+    """The caches in ``out_dir`` when an import of ``metadata`` would write them as they are, as ``make`` would keep
+    them: each imported with the same settings from the same files (``imported_files``, unchanged since), its report
+    beside it, and no item stored as zeros unless ``allow_missing``. None when it would import again (a cache of
+    other settings is ``check_replaced``'s to refuse)."""
+    paths = {m: cache_file(out_dir, m) for m in metadata}
+    for m, new in metadata.items():
+        try:
+            old = read_metadata(paths[m])
+        except CacheError:  # not there, damaged, or no cache: imported (or refused) as before
+            return None
+        if any(old.get(k) != v for k, v in new.items() if k not in VOLATILE or k == "imported_files"):
+            return None
+        if old.get("imported_missing") != "0" and not allow_missing:  # an import without it would refuse them
+            return None
+    return paths if is_report(out_dir / REPORT) else None
 
 
 def is_report(path: Path) -> bool:

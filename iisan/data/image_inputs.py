@@ -7,28 +7,20 @@ rewritten with the same size and time is not seen (--overwrite builds again)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import unicodedata
 from pathlib import Path
 
+from ..digests import stat_digest
 from ..errors import ImageStoreError, OutputError
 from ..locks import OutputLock
 from .images import own_meta
 
 
 def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: int, pixels: str) -> str:
-    """The sha256 of what a build of ``item_ids``' pictures in ``image_dir`` reads, as the module docstring says."""
-    digest = hashlib.sha256(json.dumps([size, pixels, extension]).encode())
-    for item_id in item_ids:
-        try:
-            info = os.stat(image_dir / f"{item_id}{extension}")
-            seen = f"{info.st_size} {info.st_mtime_ns}"
-        except (OSError, ValueError):  # missing (stored as a blank); a name the system refuses
-            seen = "-"
-        digest.update(f"{item_id}\t{seen}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    """The sha256 of what a build of ``item_ids``' pictures in ``image_dir`` reads, as the module docstring says (a
+    missing picture is stored as a blank)."""
+    return stat_digest([size, pixels, extension], ((i, image_dir / f"{i}{extension}") for i in item_ids))
 
 
 def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: OutputLock) -> dict | None:

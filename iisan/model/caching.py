@@ -33,7 +33,7 @@ from ..data.cache import (
     recorded_weights,
 )
 from ..data.cache_build import SIDECAR, build_caches
-from ..data.cache_import import check_import, import_caches
+from ..data.cache_import import check_import, import_caches, imported_files, kept_import
 from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
 from ..devices import resolve_device
@@ -304,7 +304,8 @@ def import_cache_from_config(cfg: Config, src: str | Path, layers: str = "run", 
     keeps every one. The metadata records ``source=imported``, the folder and the authors' encoder;
     there is no encoder config or weights digest of a local folder to record, so the loader checks
     such a cache's layers, width and items, not its encoder's identity (``data.cache``). The cache
-    folder is claimed as for a build (module docstring; ``overwrite``)."""
+    folder is claimed as for a build (module docstring; ``overwrite``); one imported from the same files with the
+    same settings is kept, not imported again (``cache_import.kept_import``; ``overwrite`` imports again)."""
     dtype = dtype or ("float32" if cfg.cache_dtype == "auto" else cfg.cache_dtype)
     if layers not in ("run", "all"):
         raise ConfigError(f"--layers {layers!r}: expected run (the layers a run reads) or all")
@@ -331,8 +332,13 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             "model_type": model_type, "layers": json.dumps(keep[m]), "width": str(width), "depth": str(depth),
             "pooling": "cls", "dtype": dtype, "items_file": str(cfg.items), "items_fingerprint": catalog.fingerprint,
             "item_ids": json.dumps(item_ids[1:]), "source": "imported", "imported_from": str(Path(src).resolve()),
+            "imported_files": imported_files(Path(src), m, item_ids),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
+    if not overwrite and (kept := kept_import(metadata, Path(cfg.cache_dir), allow_missing)):
+        log.info("%s: imported before from the same files with these settings; kept as they are (--overwrite "
+                 "imports again)", ", ".join(map(str, kept.values())))
+        return kept
     check_import(Path(src), item_ids, keep, shapes, Path(cfg.cache_dir), DTYPES[dtype])  # (refused: no log either)
     with logging_to(build_log(Path(cfg.cache_dir), "import"), "import"):
         return import_caches(src, item_ids, keep, shapes, metadata, cfg.cache_dir, DTYPES[dtype], allow_missing,
