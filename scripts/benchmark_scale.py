@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     payload = entry_point(sys.argv[0], lambda: benchmark(args.stages, sorted(set(args.sizes)), args.scale,
                                                          Path(args.out), args.progress))
     print(table(payload["rows"]))
-    print(f"\n{args.out} (and .md, .png beside it)")
+    out = Path(args.out)
+    print(f"\n{out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

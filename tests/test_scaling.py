@@ -11,7 +11,7 @@ from PIL import Image
 
 from iisan.experiments.scaling import STAGES, table, with_rates
 
-from ._scripts import load_script, script_error
+from ._scripts import ROOT, load_script, script_error
 
 
 def test_every_stage_runs_in_its_own_process_and_does_the_work_it_is_timed_for(tmp_path, capsys):
@@ -73,3 +73,41 @@ def test_a_measuring_process_that_fails_is_one_line_naming_the_stage_and_its_err
 
     with pytest.raises(UserError, match=r"^no-such-stage of 3 failed: KeyError: 'no-such-stage'$"):
         run_one("no-such-stage", 3, tmp_path / "scratch")
+
+
+def _rows(sizes, order=tuple(STAGES)) -> list[dict]:
+    """Rows of every stage at ``sizes``, over several decades of time and memory, one peak rise of zero."""
+    rate = {"csv": 2e-6, "evaluation": 2e-4, "cache-check": 3e-5, "grid": 6e-4}
+    return [{"stage": stage, "count": STAGES[stage][1] * s, "seconds": rate[stage] * STAGES[stage][1] * s ** 1.1,
+             "peak_rise_bytes": 0 if (stage, s) == ("grid", 1) else int(rate[stage] * 2**33 * s)}
+            for stage in order for s in sizes]
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 4, 8), tuple(range(1, 25))])
+def test_the_scale_figure_keeps_each_stage_in_its_style_and_no_label_meets_another(sizes):
+    """Every minor tick was labelled ("100 90 80 70 60" on top of each other), 24 sizes ran together on the x axis,
+    and a stage's colour was its place in the rows: grid green in one committed figure, red in the other."""
+    from iisan.experiments.scaling import FLOOR_MIB, drawn
+
+    from ._figures import clashes
+
+    def styles(fig) -> dict:
+        return {line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
+                for line in fig.axes[0].lines}
+
+    fig = drawn(_rows(sizes), "t")
+    assert clashes(fig) == []
+    assert len(set(styles(fig).values())) == len(STAGES)  # none told apart by colour alone, nor alike
+    assert styles(drawn(_rows(sizes, order=tuple(reversed(STAGES))), "t")) == styles(fig)
+    hollow = [line for line in fig.axes[1].lines if line.get_markerfacecolor() == "white"]
+    assert [line.get_xydata().tolist() for line in hollow] == [[[1.0, FLOOR_MIB]]]  # grid's zero, at the floor
+
+
+def test_the_committed_scale_figures_data_draws_without_a_clash():
+    from iisan.experiments.scaling import drawn
+
+    from ._figures import clashes
+
+    for name in ("scale-cpu", "scale-cpu-before"):
+        rows = json.loads((ROOT / "results" / f"{name}.json").read_text())["rows"]
+        assert clashes(drawn(rows, name)) == [], name

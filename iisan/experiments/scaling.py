@@ -8,6 +8,7 @@ whose memory should not grow with its count (evaluation, over users) shows a fla
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from ..console import progress_bar
 from ..errors import UserError, parse_json
 from ..files import atomic_path, starts_with, write_json_atomic, write_text_atomic
 from ..metric_names import SELECTED_BY
+from .curves import LINES, run_styles
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ STAGES = {
 EVAL_ITEMS, WIDTH, LAYERS, GRID_SIDE = 32_000, 768, 7, 10
 FORMAT, CREATOR = "iisan-scale/1", "IISAN benchmark_scale"  # in the JSON, and in the figure's PNG metadata
 TABLE_HEAD = "| stage | what grows | count |"  # the first line of the table
+FLOOR_MIB = 0.01  # a peak rise below it is drawn there, hollow (a log axis has no 0)
 
 
 def is_own(path: Path) -> bool:
@@ -179,13 +182,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def spaced(ticks: list[float], apart: float = 1.6) -> set[float]:
+    """The ``ticks`` (ascending) labelled on a log axis: the first, the last, and between them each at least
+    ``apart`` times the one labelled before it and the last (so that no two labels meet)."""
+    shown = [ticks[0]]
+    for tick in ticks[1:-1]:
+        if tick >= shown[-1] * apart and ticks[-1] >= tick * apart:
+            shown.append(tick)
+    return {*shown, ticks[-1]}
+
+
 def figure(rows: list[dict], title: str) -> bytes:
-    """Time and peak rise against the count, each stage on log-log axes (a straight line of slope 1: linear)."""
+    """The PNG of ``drawn(rows, title)``."""
     import io  # (with matplotlib: imported when drawn)
 
-    from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
-    from matplotlib.ticker import FormatStrFormatter, NullLocator
+    buffer = io.BytesIO()
+    drawn(rows, title).savefig(buffer, format="png", dpi=110, metadata={"Creator": CREATOR})
+    return buffer.getvalue()
 
+
+def drawn(rows: list[dict], title: str):
+    """Time and peak rise against the count, each stage on log-log axes (a straight line of slope 1: linear), in
+    its own colour, line style and marker, the same in every figure (by its place in ``STAGES``); no two tick
+    labels meet."""
+    from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter, NullLocator
+
+    styles = {stage: {**style, "linestyle": LINES[i % len(LINES)][0], "marker": LINES[i % len(LINES)][1]}
+              for i, (stage, style) in enumerate(zip(STAGES, run_styles(len(STAGES))))}
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
     scales = set()
@@ -193,19 +217,29 @@ def figure(rows: list[dict], title: str) -> bytes:
         mine = [r for r in rows if r["stage"] == stage]
         scale = [r["count"] / mine[0]["count"] for r in mine]
         scales.update(scale)
-        for ax, key in zip(axes, ("seconds", "peak_rise_bytes")):  # (a peak of 0 drawn at 0.1 MiB: a log axis)
-            values = [r[key] if key == "seconds" else max(r[key] / 2**20, 0.1) for r in mine]
-            ax.plot(scale, values, marker="o", label=f"{stage} ({STAGES[stage][0]})")
-    for ax, label in zip(axes, ("seconds", "peak rise over the stage's start (MiB)")):
-        ax.set(xscale="log", yscale="log", xlabel="count / the stage's base count", ylabel=label)
-        ax.set_xticks(sorted(scales), [f"{s:g}x" for s in sorted(scales)])
+        for ax, key in zip(axes, ("seconds", "peak_rise_bytes")):
+            floor = 0 if key == "seconds" else FLOOR_MIB
+            values = [r[key] if key == "seconds" else r[key] / 2**20 for r in mine]
+            ax.plot(scale, [max(v, floor) for v in values], markersize=5, label=f"{stage} ({STAGES[stage][0]})",
+                    **styles[stage])
+            if low := [(s, floor) for s, v in zip(scale, values) if v < floor]:  # a log axis has no 0
+                ax.plot(*zip(*low), linestyle="none", marker=styles[stage]["marker"], markersize=5,
+                        markerfacecolor="white", markeredgecolor=styles[stage]["color"])
+    ticks = sorted(scales)
+    titles = ("time", f"peak memory rise (hollow: under {FLOOR_MIB:g} MiB)")
+    for ax, title_, label in zip(axes, titles, ("seconds (log scale)", "MiB over the stage's start (log scale)")):
+        ax.set(xscale="log", yscale="log", xlabel="count / the stage's base count (log scale)", ylabel=label,
+               title=title_)
+        ax.set_xticks(ticks, [f"{s:g}x" if s in spaced(ticks) else "" for s in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
+        low, high = ax.dataLim.intervaly
+        decades = math.log10(high / low) if low > 0 else 9
+        labelled = tuple(range(1, 10)) if decades <= 0.5 else (1, 2, 5) if decades <= 2.5 else (1,)  # none crowded
+        ax.yaxis.set_major_locator(LogLocator(subs=labelled))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(LogLocator(subs=tuple(range(1, 10))))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Creator": CREATOR})
-    return buffer.getvalue()
-
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8, ncols=len(STAGES))
+    fig.suptitle(f"how each stage's time and peak memory grow with its count | {title}", fontsize=9)
+    return fig
