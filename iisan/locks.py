@@ -6,6 +6,7 @@ SIGKILL, so a crash never leaves a stale lock behind. A file at a lock's path th
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -70,6 +71,8 @@ def held(path: str | Path) -> bool | None:
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:  # a file system that takes no flock locks (see ``OutputLock.refused``)
+            return None
         fcntl.flock(fh, fcntl.LOCK_UN)
         return False
 
@@ -98,6 +101,7 @@ class OutputLock:
                 raise self.foreign("is a symbolic link")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                made = not os.path.lexists(self.path)
                 handle = open(self.path, "a+b")  # never truncates: whose the file is is not known yet
             except PermissionError as err:  # another user's lock, left by a killed holder in a shared folder?
                 raise self.not_ours_to_open(err) from None
@@ -110,6 +114,11 @@ class OutputLock:
                 holder = (lock_text(handle.read(LOCK_READ + 1)) or "").strip() or "another process"
                 handle.close()
                 raise InUse(f"{self.what} is in use by {holder}; {self.hint}") from None
+            except OSError as err:
+                handle.close()
+                if err.errno == errno.ESTALE:  # removed by its holder on another node of a network file system
+                    continue
+                raise self.refused(err, made) from None
             try:
                 current = os.stat(self.path)
             except FileNotFoundError:
@@ -131,6 +140,17 @@ class OutputLock:
             self.release()
             raise write_failure(self.path, err) from None
         return self
+
+    def refused(self, err: OSError, made: bool) -> OutputError:
+        """A file system that takes no flock locks (a Lustre mount without ``-o flock``, NFS without its lock
+        service, some FUSE mounts): said in one line; the empty lock file this process made there is removed."""
+        if made:
+            with suppress(OSError):
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+        return OutputError(f"could not lock {self.path} ({self.what}): {err.strerror or err}; the file system there "
+                           "takes no flock locks (Lustre mounted without -o flock, NFS without its lock service?): "
+                           "use a folder on a local disk or on one that does, or ask its administrators")
 
     def not_ours_to_open(self, err: OSError) -> OutputError:
         """A lock file this process may not open for writing: one a killed holder of another user left (a shared

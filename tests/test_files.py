@@ -290,6 +290,59 @@ def test_a_lock_taken_on_a_file_that_was_just_removed_is_retaken_on_the_new_one(
     lock.release()
 
 
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_that_takes_no_flock_locks_is_one_line_and_keeps_no_lock_file_it_made(tmp_path, monkeypatch,
+                                                                                          capsys, code):
+    """Lustre mounted without -o flock (ENOSYS), NFS without its lock service (ENOLCK), some FUSE mounts
+    (EOPNOTSUPP): every command that took or checked a lock ended in a traceback, leaving an empty lock file."""
+    import fcntl
+    import socket
+
+    from iisan.cli.main import main
+    from iisan.locks import held
+
+    def refuse(fd, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    path = tmp_path / "out" / ".lock"
+    with pytest.raises(OutputError) as caught:
+        OutputLock(path, "cache folder out").acquire()
+    assert str(caught.value) == (
+        f"could not lock {path} (cache folder out): {os.strerror(getattr(errno, code))}; the file system there takes "
+        "no flock locks (Lustre mounted without -o flock, NFS without its lock service?): use a folder on a local "
+        "disk or on one that does, or ask its administrators")
+    assert not path.exists() and path.parent.is_dir()
+    path.write_text(f"pid 1 on {socket.gethostname()}\n")  # a lock file left before: not this process's to remove
+    with pytest.raises(OutputError, match="takes no flock locks"):
+        OutputLock(path, "x").acquire()
+    assert path.read_text() == f"pid 1 on {socket.gethostname()}\n"
+    assert held(path) is None  # cannot be told: not called stopped, nor held
+    with pytest.raises(SystemExit) as stopped:
+        main(["make-tiny-models", "--out", str(tmp_path / "models")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iisan: error: could not lock ") and "takes no flock locks" in err[0]
+
+
+def test_a_lock_file_a_node_of_a_network_file_system_removed_under_the_lock_is_taken_again(tmp_path, monkeypatch):
+    """NFS says ESTALE when another node removed the file between this one's open and its lock: tried again."""
+    import fcntl
+
+    real, calls = fcntl.flock, []
+
+    def stale_once(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", stale_once)
+    lock = OutputLock(tmp_path / ".lock", "x").acquire()
+    assert len(calls) == 2 and lock.handle is not None
+    lock.release()
+
+
 def test_a_lock_file_a_full_disk_cannot_hold_is_one_line_and_is_removed(tmp_path, monkeypatch):
     """The holder's pid line does not fit (a full disk): one error naming the lock file, which goes again."""
     path = tmp_path / ".out.iisan-lock"
