@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from iisan.console import ProgressLog
 from iisan.data.cache import cache_file
 from iisan.data.cache_build import SIDECAR, write_safetensors
 from iisan.data.run_data import load_data
-from iisan.errors import CacheError
+from iisan.errors import CacheError, OutputError
 from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config
 from iisan.model.feeds import LiveStates
@@ -529,3 +530,51 @@ def test_a_rename_that_fails_between_the_two_files_leaves_the_cache_as_it_was(ti
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "c").glob("*.safetensors")} == was
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_chunks_left_without_their_manifest_are_taken_for_ours_and_anything_else_is_not(tiny_config, tmp_path,
+                                                                                       counted):
+    """Two nodes building one cache where locks stay on each node: the one that finished removed the build folder
+    and the other's chunks came back into it with no manifest; --overwrite then refused IISAN's own chunks as
+    someone else's folder."""
+    from iisan.files import temporary_sibling
+
+    whole = tiny_config(cache_dir=str(tmp_path / "whole"), encode_batch_size=CHUNK)
+    build_cache_from_config(whole, dtype="float16")
+    cfg = whole.replace(cache_dir=str(tmp_path / "c"))
+    counted.update(calls=0, crash_at=3)
+    with pytest.raises(Crash):
+        build_cache_from_config(cfg, dtype="float16")
+    sidecar = tmp_path / "c" / SIDECAR
+    (sidecar / "manifest.json").unlink()
+    temporary_sibling(sidecar / "chunk-000002.safetensors").write_bytes(b"torn")
+    for foreign in ("notes.txt", "chunk-000009.safetensors"):  # not a chunk: the folder is not ours
+        (sidecar / foreign).write_text("mine")
+        with pytest.raises(OutputError, match="is not a cache build in progress"):
+            build_cache_from_config(cfg, dtype="float16", overwrite=True)
+        (sidecar / foreign).unlink()
+    counted.update(calls=0, crash_at=None)
+    build_cache_from_config(cfg, dtype="float16", overwrite=True)
+    assert _bytes(tmp_path / "c") == _bytes(tmp_path / "whole") and not sidecar.exists()
+
+
+def test_a_chunk_that_goes_away_before_the_cache_is_assembled_is_one_line(tiny_config, tmp_path, monkeypatch):
+    """Its build folder removed by a build on another node (a lock that does not reach it): a traceback
+    naming no file."""
+    from iisan.data import cache_build
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    real = cache_build.ShardDir.read
+
+    def other_node_finished(self, k, modality):
+        shutil.rmtree(self.path, ignore_errors=True)
+        return real(self, k, modality)
+
+    monkeypatch.setattr(cache_build.ShardDir, "read", other_node_finished)
+    with pytest.raises(CacheError) as caught:
+        build_cache_from_config(cfg, dtype="float32")
+    assert str(caught.value) == (
+        f"{tmp_path / 'c' / SIDECAR / 'chunk-000000.safetensors'} went away while this build assembled its cache: "
+        "another process, on another node where locks do not reach (docs/robust_runs.md), built or removed this "
+        "folder's cache; run the same command again")
+    assert not cache_file(cfg.cache_dir, "text").exists()

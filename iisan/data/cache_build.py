@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import time
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from ..console import ProgressLog, sigterm_as_ctrl_c
 from ..errors import CacheError, OutputError, parse_json
 from ..files import (
+    TEMPORARY,
     atomic_path,
     failure_reason,
     only_temporaries_of,
@@ -57,6 +59,7 @@ from .batches import ItemBatch, PixelSource, item_chunks
 from .cache import SIDECAR, UNTOLD_SINCE, VOLATILE, cache_file, nonfinite_rows, require_cache_space
 
 log = logging.getLogger(__name__)
+CHUNK = re.compile(r"chunk-\d{6,}\.safetensors")  # a shard's name (``ShardDir.shard``)
 
 BUILD_FORMAT = "iisan-cache-build/1"
 
@@ -138,9 +141,10 @@ class ShardDir:
                 log.info("%s: resuming a build an earlier version began", self.path)
                 write_json_atomic(self.path / "manifest.json", self.manifest)
                 return
-            # without a manifest, ours only when empty or holding the manifest's temporary (a build killed then)
+            # without a manifest, ours only when empty or holding the manifest's temporary (a build killed then),
+            # or chunks (a build that another node's, finished, removed the manifest of: node-local locks)
             if found is None and not (self.path.is_dir() and not self.path.is_symlink() and
-                                      only_temporaries_of(self.path, "manifest.json")):
+                                      (only_temporaries_of(self.path, "manifest.json") or only_chunks(self.path))):
                 raise OutputError(f"{self.path} exists and is not a cache build in progress (no {BUILD_FORMAT} "
                                   "manifest); IISAN replaces only what it wrote itself: move it away")
             if found is not None:
@@ -178,8 +182,27 @@ class ShardDir:
                           {"sha256": digest.hexdigest()}, bulk=True)  # (checked by its digest when resumed)
 
     def read(self, k: int, modality: str) -> torch.Tensor:
-        with safe_open(str(self.shard(k)), framework="pt") as fh:
-            return fh.get_tensor(modality)
+        try:
+            with safe_open(str(self.shard(k)), framework="pt") as fh:
+                return fh.get_tensor(modality)
+        except FileNotFoundError:  # (checked whole by ``done`` before: what else can go is the file itself)
+            raise CacheError(f"{self.shard(k)} went away while this build assembled its cache: another process, on "
+                             "another node where locks do not reach (docs/robust_runs.md), built or removed this "
+                             "folder's cache; run the same command again") from None
+
+
+def only_chunks(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but chunks ``ShardDir.write`` wrote (by their names and the sha256 in their
+    metadata) and temporaries of them."""
+    def chunk(path: Path) -> bool:
+        if (found := TEMPORARY.match(path.name)) and CHUNK.fullmatch(found.group("name")):
+            return True
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return bool(CHUNK.fullmatch(path.name)) and "sha256" in (fh.metadata() or {})
+        except Exception:  # no safetensors file: safetensors raises its own error types
+            return False
+    return all(chunk(p) for p in folder.iterdir())
 
 
 def _data_sha256(path: Path) -> str:
