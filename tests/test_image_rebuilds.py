@@ -17,7 +17,7 @@ from iisan.data.images import ImageStore
 from iisan.errors import OutputError
 
 OTHER = "already holds an IISAN image LMDB built {}; pass --overwrite to replace it"
-CHANGED = "from other pictures or items (or its pictures changed since: their sizes or modification times)"
+CHANGED = "from other pictures or items"
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_second_build_of_the_same_pictures_keeps_the_store_and_says_so(picture
 
 
 @pytest.mark.parametrize("change, how", [
-    ("picture touched", CHANGED), ("picture rewritten", CHANGED), ("items", CHANGED),
+    ("picture rewritten", CHANGED), ("items", CHANGED),
     ("size", "with --size 8 (16 now)"), ("pixels", "with --pixels displayed (authors now)"),
     ("picture resized, same time", CHANGED), ("a pictureless item listed", CHANGED),
     ("report gone", "and its report images.lmdb.report.tsv is missing"),
@@ -66,10 +66,7 @@ def test_a_store_of_other_pictures_or_settings_is_refused_and_overwrite_builds_i
         store_files = build_image_lmdb(pictures, store, ["a", "b", "c", "d"], size=8, progress=False, overwrite=True)
         assert store_files["stored"] == 4
         before = files(store)
-    if change == "picture touched":  # the same bytes, another time: judged as make judges it
-        info = os.stat(pictures / "b.jpg")
-        os.utime(pictures / "b.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
-    elif change == "picture rewritten":
+    if change == "picture rewritten":
         Image.new("RGB", (12, 12), (0, 0, 255)).save(pictures / "b.jpg")
     elif change == "picture resized, same time":  # (make's rule: the size or the time)
         info = os.stat(pictures / "b.jpg")
@@ -94,13 +91,55 @@ def test_a_store_of_other_pictures_or_settings_is_refused_and_overwrite_builds_i
     assert build_image_lmdb(pictures, store, **settings)["kept"]  # and now it is these inputs' store
 
 
+def test_pictures_copied_with_new_times_keep_the_store_when_their_bytes_are_the_same(pictures, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """`cp -r` of a data folder to a node's scratch disk gives every picture a new time: the store copied with them
+    was refused, and a job script that prepares its data stopped (or built every image again with --overwrite)."""
+    import shutil
+
+    from iisan.data import image_build
+
+    store = tmp_path / "images.lmdb"
+    build_image_lmdb(pictures, store, size=8, progress=False)
+    copied = tmp_path / "scratch"
+    copied.mkdir()
+    for name in ("img", "images.lmdb"):  # as cp -r copies: contents, new times
+        shutil.copytree(tmp_path / name, copied / name, copy_function=shutil.copyfile)
+    shutil.copyfile(tmp_path / "images.lmdb.report.tsv", copied / "images.lmdb.report.tsv")
+    for picture in (copied / "img").iterdir():
+        info = os.stat(picture)
+        os.utime(picture, ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
+    before, reads = files(copied / "images.lmdb"), []
+    real = image_build.contents_digest
+    monkeypatch.setattr(image_build, "contents_digest", lambda *a: reads.append(a) or real(*a))
+    main(["build-lmdb", "--images", str(copied / "img"), "--out", str(copied / "images.lmdb"), "--size", "8",
+          "--no-progress"])
+    assert capsys.readouterr().out.startswith(f"kept {copied / 'images.lmdb'}: built from these same 4 images")
+    assert files(copied / "images.lmdb") == before and len(reads) == 1  # read once, to tell
+    main(["build-lmdb", "--images", str(pictures), "--out", str(store), "--size", "8", "--no-progress"])
+    assert len(reads) == 1  # the original, its times unchanged: not read
+    picture = copied / "img" / "b.jpg"  # the same size and time, other bytes: refused
+    info, data = os.stat(picture), bytearray(picture.read_bytes())
+    data[-3] ^= 0xFF
+    picture.write_bytes(bytes(data))
+    os.utime(picture, ns=(info.st_atime_ns, info.st_mtime_ns))
+    with pytest.raises(OutputError, match=OTHER.format(CHANGED)):
+        build_image_lmdb(copied / "img", copied / "images.lmdb", size=8, progress=False)
+    with pytest.raises(OutputError, match=OTHER.format(r"with --size 8 \(16 now\)")):  # not read to tell
+        build_image_lmdb(copied / "img", copied / "images.lmdb", size=16, progress=False)
+    assert len(reads) == 2
+
+
 def test_a_store_that_records_no_inputs_is_refused_as_before(pictures, tmp_path):
     """A store of an earlier version, or written by ``write_image_lmdb`` alone (synthetic data): its inputs are
     unknown, so it is not taken for these pictures' store."""
     store = tmp_path / "images.lmdb"
     store.with_name("images.lmdb.report.tsv").write_text("item_id\tproblem\n")
     for recorded, how in (({"pixels": "displayed"}, "by a version that did not record its pictures"),
-                          (None, "with --pixels authors (displayed now)")):  # (formats.md)
+                          (None, "with --pixels authors (displayed now)"),  # (formats.md)
+                          ({"pixels": "displayed", "extension": ".jpg", "inputs": "0" * 64},  # no contents: a hint
+                           f"{CHANGED} (or its pictures changed since: their sizes or modification times, as a copy "
+                           "without cp -p changes them)")):
         write_image_lmdb(store, ["a"], lambda _: (np.zeros((8, 8, 3), np.uint8), None), size=8, progress=False,
                          recorded=recorded, overwrite=True)
         with pytest.raises(OutputError, match=OTHER.format(how).replace("(", r"\(").replace(")", r"\)")):

@@ -152,8 +152,8 @@ def add_data_commands(sub) -> None:
                    "tag, as the paper's data) (default: displayed)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an image LMDB that --out already holds (nothing else is ever replaced); without "
-                   "it, one built from the same pictures (names, sizes and times) and settings is kept, and one "
-                   "built otherwise is refused")
+                   "it, one built from the same pictures (names, sizes and times; or the same bytes, copied with "
+                   "new times) and settings is kept, and one built otherwise is refused")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_build_lmdb)
 

@@ -40,7 +40,7 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
-from .image_inputs import inputs_digest, kept_store, refuse_no_pictures
+from .image_inputs import contents_digest, inputs_digest, kept_store, refuse_no_pictures
 from .images import (
     FORMAT,
     HEADER,
@@ -251,7 +251,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
     digest = inputs_digest(image_dir, item_ids, extension, size, pixels)
     settings = {"size": size, "pixels": pixels, "extension": extension}
-    if not overwrite and (kept := kept_store(out_path, report, digest, settings, build_lock(out_path))) is not None:
+    contents = functools.cache(lambda: contents_digest(image_dir, item_ids, extension, size, pixels))
+    if not overwrite and (kept := kept_store(out_path, report, digest, settings, build_lock(out_path), contents)):
         return kept  # built from these very inputs (``image_inputs``)
     changes: collections.Counter = collections.Counter()
 
@@ -282,7 +283,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
 
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
                                 (image_dir, *inputs), report=write_report, kept=(report,),
-                                recorded={"pixels": pixels, "extension": extension, "inputs": digest})
+                                recorded={"pixels": pixels, "extension": extension, "inputs": digest,
+                                          "contents": contents()})
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))

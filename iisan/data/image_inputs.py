@@ -3,12 +3,17 @@ built from, so that ``iisan build-lmdb`` run again on the same inputs keeps the 
 where it refused without --overwrite (a script that prepares its data, then trains, stopped at its second run).
 The inputs are a digest, kept in the store's metadata (``inputs``), of the picture size, how pictures are read
 and their extension, the item ids in order, and each picture file's size and modification time: a picture
-rewritten with the same size and time is not seen (--overwrite builds again)."""
+rewritten with the same size and time is not seen (--overwrite builds again). A second digest (``contents``) holds
+the pictures' bytes: a store whose pictures were copied with new times (``cp -r``, which keeps none) is kept when
+their bytes are the same, read to tell."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 from ..digests import stat_digest
@@ -23,23 +28,40 @@ def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: in
     return stat_digest([size, pixels, extension], ((i, image_dir / f"{i}{extension}") for i in item_ids))
 
 
-def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: OutputLock) -> dict | None:
+def contents_digest(image_dir: Path, item_ids: list[str], extension: str, size: int, pixels: str) -> str:
+    """As ``inputs_digest``, of each picture's bytes (a sha256 each) for its size and time."""
+    digest = hashlib.sha256(json.dumps([size, pixels, extension]).encode())
+    for item_id in item_ids:
+        try:
+            with open(image_dir / f"{item_id}{extension}", "rb") as fh:
+                seen = hashlib.file_digest(fh, "sha256").hexdigest()
+        except (OSError, ValueError):  # missing (stored as a blank), a folder, a name the system refuses
+            seen = "-"
+        digest.update(f"{item_id}\t{seen}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: OutputLock,
+               contents: Callable[[], str]) -> dict | None:
     """The counts of the image LMDB at ``out_path`` (as ``image_build.build_image_lmdb`` returns them, and
     ``kept``) when it was built from inputs of ``digest`` and its report is beside it. None when ``out_path`` is
     no store of this project's (the build says what it is); one built otherwise is refused, saying how: with other
     ``settings`` (``size``, ``pixels``, ``extension``; where its metadata records them), or from other inputs. Read
-    under the build's ``lock``: a build running now would replace it."""
+    under the build's ``lock``: a build running now would replace it. ``contents()``: the pictures'
+    ``contents_digest``, read only where the settings are the same and the pictures' sizes or times are not."""
     if not os.path.lexists(out_path):  # (nothing there: no lock taken, no folder made for one)
         return None
     with lock:
         meta = own_meta(out_path)
     if meta is None:  # (a link, another tool's, damaged: the build says what it is)
         return None
-    if meta.get("inputs") == digest and report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank")):
+    then = {**settings, "pixels": "authors", **{k: meta[k] for k in settings if k in meta}}  # (formats.md)
+    differ = [k for k in settings if then[k] != settings[k]]
+    whole = report.is_file() and all(type(meta.get(k)) is int for k in ("count", "blank"))
+    if not differ and whole and (meta.get("inputs") == digest or "contents" in meta and meta["contents"] == contents()):
         return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),
                 "kept": True}
-    then = {**settings, "pixels": "authors", **{k: meta[k] for k in settings if k in meta}}  # (formats.md)
-    if differ := [k for k in settings if then[k] != settings[k]]:
+    if differ:
         how = (f"with {', '.join(f'--{k} {then[k]}' for k in differ)} "
                f"({', '.join(str(settings[k]) for k in differ)} now)")
     elif "inputs" not in meta:
@@ -47,7 +69,8 @@ def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: 
     elif not report.is_file():
         how = f"and its report {report.name} is missing"
     else:
-        how = "from other pictures or items (or its pictures changed since: their sizes or modification times)"
+        how = "from other pictures or items" + ("" if "contents" in meta else " (or its pictures changed since: their "
+                                                  "sizes or modification times, as a copy without cp -p changes them)")
     raise OutputError(f"--out {out_path} already holds an IISAN image LMDB built {how}; pass --overwrite to replace it")
 
 
