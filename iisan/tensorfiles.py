@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import OutputError
 from .files import atomic_path
 
 CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -22,18 +23,14 @@ CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch
          torch.uint8: "U8", torch.bool: "BOOL"}  # safetensors' names
 
 
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+HEADER_LIMIT = 100_000_000  # the longest header safetensors reads ("header too large" past it; 0.4 to 0.8 alike)
 
 
-def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True,
-                      bulk: bool = False) -> None:
-    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames; ``bulk``: one of
-    many files in a folder, as ``atomic_path`` takes it). ``specs``
-    name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
-    row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
-    header is sorted JSON: same inputs, same bytes."""
+def header_bytes(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header ``write_safetensors`` writes for ``specs`` and ``metadata``, padded, and each tensor's bytes.
+    One over ``HEADER_LIMIT``, which no reader would take, is refused in one line naming its longest metadata
+    (a catalog's item ids, millions of them): checked before the work that would fill the file, where it can be."""
     if "__metadata__" in specs:
         raise ValueError(f"{path}: a tensor may not be named __metadata__ (the header's metadata)")
     # A path from the command line may hold bytes that are not UTF-8 (Python keeps them as lone surrogates),
@@ -49,6 +46,28 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
         offset += sizes[name]
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' writer pads it
+    if len(raw) > HEADER_LIMIT:
+        key = max(metadata, key=lambda k: len(metadata[k]), default="")
+        raise OutputError(f"could not write {path}: its header would take {len(raw) / 1e6:,.0f} MB, "
+                          f"{len(metadata.get(key, '')) / 1e6:,.0f} MB of them its {key!r}, and a safetensors "
+                          f"reader takes at most {HEADER_LIMIT / 1e6:.0f} MB: give the items (or users) shorter ids, "
+                          "or fewer of them")
+    return raw, sizes
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      parts: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str], atomic: bool = True,
+                      bulk: bool = False) -> None:
+    """Write ``path`` atomically (``atomic=False``: ``path`` is a temporary the caller renames; ``bulk``: one of
+    many files in a folder, as ``atomic_path`` takes it). ``specs``
+    name -> (dtype, shape); ``parts`` yields (name, block) pieces of each tensor in order (row blocks of a
+    row-major array), so a table is never held whole. Tensors are laid out in sorted name order and the
+    header is sorted JSON: same inputs, same bytes (``header_bytes``)."""
+    raw, sizes = header_bytes(path, specs, metadata)
     written = dict.fromkeys(specs, 0)
     order = iter(sorted(specs))
     current = next(order, None)

@@ -578,3 +578,17 @@ def test_a_chunk_that_goes_away_before_the_cache_is_assembled_is_one_line(tiny_c
         "another process, on another node where locks do not reach (docs/robust_runs.md), built or removed this "
         "folder's cache; run the same command again")
     assert not cache_file(cfg.cache_dir, "text").exists()
+
+
+def test_a_cache_whose_header_no_reader_would_take_is_refused_before_any_item_is_encoded(tiny_config, tmp_path,
+                                                                                        counted, monkeypatch):
+    """Millions of item ids in its metadata: the build encoded every item, then wrote a file no reader opens."""
+    from iisan import tensorfiles
+
+    monkeypatch.setattr(tensorfiles, "HEADER_LIMIT", 1_000)  # (a tiny catalog's ids, as millions would be)
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    with pytest.raises(OutputError, match=r"^could not write .*/c/\w+\.safetensors: its header would take 0 MB, "
+                                          r"0 MB of them its 'item_ids', and a safetensors reader takes at most 0 MB"):
+        build_cache_from_config(cfg, dtype="float32")
+    assert counted["calls"] == 0 and not (tmp_path / "c" / SIDECAR).exists()
+    assert not cache_file(cfg.cache_dir, "text").exists()

@@ -103,3 +103,23 @@ def test_an_ordinary_out_the_run_folder_or_a_folder_holding_inputs_takes_the_exp
     if where != "elsewhere":  # leave the run's folders as the other cases expect them
         for path in exported:
             path.unlink()
+
+
+def test_an_export_whose_header_no_reader_would_take_is_refused_before_either_file_is_written(run, tmp_path, capsys,
+                                                                                              monkeypatch):
+    """The items file was written, then the users' embeddings computed, then their file (millions of user ids)
+    written where no reader could open it."""
+    import struct
+
+    from iisan import tensorfiles
+
+    assert export(run, str(tmp_path / "whole"), capsys)[0] == 0
+    items, users = (struct.unpack("<Q", (tmp_path / "whole" / name).read_bytes()[:8])[0]
+                    for name in ("items.safetensors", "users-test.safetensors"))
+    assert users > items  # (more users than items here: their ids are the longest metadata)
+    monkeypatch.setattr(tensorfiles, "HEADER_LIMIT", (items + users) // 2)  # (as millions of user ids would be)
+    code, _, err = export(run, str(tmp_path / "emb"), capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"iisan: error: could not write {tmp_path / 'emb' / 'users-test.safetensors'}: its header")
+    assert "of them its 'config'" in err[0]  # (a tiny run's longest metadata; millions of user ids would be)
+    assert not list((tmp_path / "emb").glob("*.safetensors"))

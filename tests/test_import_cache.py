@@ -22,7 +22,7 @@ from iisan.config import Config
 from iisan.data.cache import CacheExpectation, cache_file, load_cache, read_metadata
 from iisan.data.cache_import import REPORT, state_file
 from iisan.data.run_data import load_data
-from iisan.errors import CacheError
+from iisan.errors import CacheError, OutputError
 from iisan.evaluate import item_table
 from iisan.model.build import build_model
 from iisan.model.caching import build_cache_from_config, import_cache_from_config
@@ -370,3 +370,17 @@ def test_an_import_that_stored_zeros_is_kept_only_when_they_are_allowed_again(ti
     torch.save(torch.zeros(shape), state_file(src, "text", authors_files["item_ids"][2]))  # the file came back
     import_cache_from_config(cfg, src, allow_missing=True)
     assert read_metadata(cache_file(cfg.cache_dir, "text"))["imported_missing"] == "0"
+
+
+def test_an_import_whose_header_no_reader_would_take_is_refused_before_a_file_is_read(tiny, authors_files, tmp_path,
+                                                                                      monkeypatch):
+    from iisan import tensorfiles
+    from iisan.data import cache_import
+
+    reads = []
+    monkeypatch.setattr(cache_import, "read_state", lambda path, shape: reads.append(path))
+    monkeypatch.setattr(tensorfiles, "HEADER_LIMIT", 1_000)  # (a tiny catalog's ids, as millions would be)
+    cfg = cache_config(tiny, tmp_path / "cache")
+    with pytest.raises(OutputError, match=r"its header would take 0 MB, 0 MB of them its 'item_ids'"):
+        import_cache_from_config(cfg, authors_files["src"])
+    assert reads == [] and not cache_file(cfg.cache_dir, "text").exists()

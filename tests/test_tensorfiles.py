@@ -46,3 +46,25 @@ def test_a_path_that_is_not_utf8_is_kept_as_escapes_and_what_cannot_be_written_i
     with pytest.raises(ValueError, match="a tensor may not be named __metadata__"):
         save_safetensors_atomic({"__metadata__": torch.ones(1)}, tmp_path / "y.safetensors", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_a_header_longer_than_a_safetensors_reader_takes_is_refused_before_anything_is_written(tmp_path):
+    """A catalog's item ids, as a cache or an export records them, passed safetensors' 100 MB header limit at some
+    millions of items: the file was written (after hours of encoding) and no reader could open it."""
+    from iisan.errors import OutputError
+    from iisan.tensorfiles import HEADER_LIMIT, header_bytes
+
+    tensors = {"states": torch.zeros(2, 3)}
+    bare = len(header_bytes(tmp_path / "x", {"states": (torch.float32, (2, 3))}, {"item_ids": ""})[0])
+    fits = {"item_ids": "x" * (HEADER_LIMIT - bare)}  # the longest header a reader takes
+    save_safetensors_atomic(tensors, tmp_path / "fits.safetensors", fits)
+    with safe_open(str(tmp_path / "fits.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == fits
+    over = {"item_ids": fits["item_ids"] + "x" * 8, "format": "f"}  # 8 more bytes, as the header is padded to 8
+    with pytest.raises(OutputError) as refused:
+        save_safetensors_atomic(tensors, tmp_path / "over.safetensors", over)
+    assert str(refused.value) == (
+        f"could not write {tmp_path / 'over.safetensors'}: its header would take 100 MB, 100 MB of them its "
+        "'item_ids', and a safetensors reader takes at most 100 MB: give the items (or users) shorter ids, or "
+        "fewer of them")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits.safetensors"]  # no temporary left either

@@ -19,7 +19,7 @@ from ..evaluate import eval_chunk
 from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
 from ..methods import METHOD_NAMES
-from ..tensorfiles import save_safetensors_atomic
+from ..tensorfiles import header_bytes, save_safetensors_atomic
 from ..train.checkpoint import CHECKPOINTS, PATHS, config_differences
 from .trained import TrainedRun
 
@@ -124,11 +124,13 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
         refuse_other_exports(out_dir, common)
         for path in paths.values():  # an earlier export is replaced; any other file there never is
             claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
+        metadata = {"items": {**common, "item_ids": json.dumps(run.data.item_ids[1:])},
+                    "users": {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
+                              "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"}}
+        for name, count in (("items", run.data.num_items), ("users", len(run.data.user_ids))):  # before the work
+            header_bytes(paths[name], {name: (torch.float32, (count, 0))}, metadata[name])
         items = run.item_embeddings()[1:].float().cpu().contiguous()
-        save_safetensors_atomic({"items": items}, paths["items"],
-                                {**common, "item_ids": json.dumps(run.data.item_ids[1:])})
+        save_safetensors_atomic({"items": items}, paths["items"], metadata["items"])
         users = user_embeddings(run, split).contiguous()
-        save_safetensors_atomic({"users": users}, paths["users"],
-                                {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
-                                 "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"})
+        save_safetensors_atomic({"users": users}, paths["users"], metadata["users"])
     return paths

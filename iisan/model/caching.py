@@ -41,6 +41,7 @@ from ..errors import ConfigError, OutputError, parse_json
 from ..files import check_readable, failure_reason, folders_kept_on_success
 from ..locks import OutputLock
 from ..logfiles import Logging, command_log, logging_to
+from ..tensorfiles import header_bytes
 from .backbones import read_spec
 from .build import layers_for, live_states, load_encoders, modalities, model_name
 from .encoder_files import local_folder, weights_digest
@@ -247,6 +248,8 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
                                all_items, timings, overwrite, start))
         return kept
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
+    for m, (layers, width) in live.shapes().items():  # a header no reader takes, refused before the encoding
+        header_bytes(files[m], {"states": (stored, (len(item_ids), layers, width))}, metadata[m])
     # (a build refused above changes nothing, its log neither)
     with logging_to(build_log(Path(cfg.cache_dir)), "build"), contextlib.ExitStack() as readers:
         if pixels is not None:  # the reader threads end with the build, failed or not
@@ -335,6 +338,8 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             "imported_files": imported_files(Path(src), m, item_ids),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
+    for m in metadata:  # (as a build's)
+        header_bytes(cache_file(cfg.cache_dir, m), {"states": (DTYPES[dtype], (len(item_ids), 1, 1))}, metadata[m])
     if not overwrite and (kept := kept_import(metadata, Path(cfg.cache_dir), allow_missing)):
         log.info("%s: imported before from the same files with these settings; kept as they are (--overwrite "
                  "imports again)", ", ".join(map(str, kept.values())))
