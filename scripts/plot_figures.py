@@ -3,7 +3,8 @@
     python scripts/plot_figures.py                                       # bench_data/: the last benchmark run
     python scripts/plot_figures.py --results results/efficiency --figs figs   # redraw the committed ones
 
-For each JSON: ``<figs>/efficiency-<name>.png``, or ``<figs>/efficiency-<folder>-<name>.png`` for a JSON in a
+A folder's JSONs are read with its subfolders' (one per run, as results/efficiency/h200-run1/). For each JSON:
+``<figs>/efficiency-<name>.png``, or ``<figs>/efficiency-<folder>-<name>.png`` for a JSON in a
 folder other than ``efficiency/`` (time per epoch, peak memory, trainable parameters, TPME per method),
 and ``<name>.md`` beside the JSON (the table, with the command and device that produced it). By default it
 reads and writes under bench_data/ (git-ignored), where scripts/benchmark_efficiency.py writes by default:

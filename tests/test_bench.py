@@ -228,6 +228,8 @@ def test_benchmark_script_writes_json_table_and_figure(tmp_path):
     assert "| cache build, both towers, stored in float32 (loading data and encoders" in md
     # figures are named after the results folder (here "out") and the JSON
     assert (tmp_path / "figs" / "efficiency-out-t-paper.png").stat().st_size > 10_000
+    assert f"wrote the figure {tmp_path / 'figs' / 'efficiency-out-t-paper.png'}\n" in \
+        (tmp_path / "out" / "benchmark.log").read_text()  # said, with the name it got
 
 
 def test_benchmark_script_refuses_short_timing_without_the_flag(tmp_path, capsys):

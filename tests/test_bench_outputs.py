@@ -256,6 +256,30 @@ def test_plot_figures_draws_the_committed_and_failed_results(tmp_path):
     assert len(made) == 2 * len(list(tmp_path.glob("*.json")))
 
 
+def test_the_documented_redraw_draws_every_committed_figure_and_names_only_the_colours_drawn(tmp_path,
+                                                                                            monkeypatch):
+    """`plot_figures.py --results results/efficiency --figs figs` read the folder's top level only: the committed
+    figures of the runs in its subfolders were not redrawn (one stayed in an older drawing), and a figure of
+    baselines alone had IISAN in its legend."""
+    import shutil
+
+    from matplotlib.figure import Figure
+
+    from iisan.efficiency.figures import write_reports
+
+    shutil.copytree(ROOT / "results" / "efficiency", tmp_path / "efficiency")
+    legends, save = [], Figure.savefig
+
+    def kept(fig, *args, **kwargs):
+        legends.append(tuple(t.get_text() for t in fig.legends[0].texts))
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    made = write_reports([tmp_path / "efficiency"], tmp_path / "figs")
+    assert sorted(p.name for p in made if p.suffix == ".png") == sorted(p.name for p in (ROOT / "figs").glob("*.png"))
+    assert sorted(legends) == [("IISAN", "the other methods")] * 6 + [("the other methods",)] * 2
+
+
 # --------------------------------------------------------------------------------------------------
 # runs that would never end
 

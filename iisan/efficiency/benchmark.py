@@ -281,7 +281,9 @@ def run_benchmark(settings: dict, *, backbones: str = "tiny", data: str = "demo"
             written.append(write_json_atomic(claim_results(out, tag, payload, rows, settings, figs), payload))
             log.info("wrote %s and its table %s", written[-1], written[-1].with_suffix(".md"))
         failed = bool(measured) and all("error" in row for row in measured.values())
-        write_reports(written, None if failed else figs, "--out")  # no figure of nothing
+        for path in write_reports(written, None if failed else figs, "--out"):  # no figure of nothing
+            if path.suffix == ".png":
+                log.info("wrote the figure %s", path)
         if failed:
             first = next(iter(measured.values()))["error"]
             raise TrainingError(f"every measured row failed (the first: {first}); their errors are in "

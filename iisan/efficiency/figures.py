@@ -238,8 +238,8 @@ def figure(payload: dict) -> bytes:
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_title(title, fontsize=10)
-    legend = [matplotlib.patches.Patch(color=IISAN_COLOUR, label="IISAN"),
-              matplotlib.patches.Patch(color=OTHER_COLOUR, label="the other methods")]
+    legend = [matplotlib.patches.Patch(color=colour, label=label) for colour, label in
+              ((IISAN_COLOUR, "IISAN"), (OTHER_COLOUR, "the other methods")) if colour in colours]  # those drawn
     fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle(figure_title(payload), fontsize=10)
     png = io.BytesIO()
@@ -248,12 +248,13 @@ def figure(payload: dict) -> bytes:
 
 
 def benchmark_files(results: list[Path]) -> list[Path]:
-    """The JSONs of ``results`` (files, or folders of them); a ``DataError`` for a path that does not exist
-    or a folder without any."""
+    """The JSONs of ``results`` (files, or folders of them, their subfolders included: one per run, as the
+    committed ``results/efficiency/h200-run1/``); a ``DataError`` for a path that does not exist or a folder
+    without any."""
     files: list[Path] = []
     for entry in map(Path, results):
         if entry.is_dir():
-            found = sorted(entry.glob("*.json"))
+            found = sorted(entry.rglob("*.json"))
             if not found:
                 raise DataError(f"no benchmark JSON found under {entry}; {EXPECTED}")
             files += found
