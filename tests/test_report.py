@@ -733,6 +733,37 @@ def test_the_curves_of_a_dozen_runs_are_told_apart_and_the_legend_is_beside_them
     assert hit_ax.get_legend() is None and loss_ax.get_ylabel() and hit_ax.get_ylabel() == "HR@10"
 
 
+@pytest.mark.parametrize("names", [
+    ["iisan-cached-" + "x" * 180 + "-3fa2c1d0", "short"],  # a run name may be 200 characters
+    [f"iisan-cached-Scientific-lr{lr}-seed{seed}-dropout0.1-0000000{i}" for i, (lr, seed) in enumerate(
+        (lr, seed) for lr in ("0.0001", "0.0002", "5e-05") for seed in range(12345, 12349))],
+])
+def test_long_run_names_leave_the_panels_their_room_and_every_run_its_own_label(tmp_path, monkeypatch, names):
+    """A 110-character name squeezed both panels to a third of the figure and cut the left title; one of 200
+    collapsed the layout, the legend over the titles and a run's entry off the canvas."""
+    from matplotlib.figure import Figure
+
+    from iisan.experiments.curves import draw_curves
+
+    from ._figures import clashes
+
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: (drawn.append(fig), savefig(fig, *args,
+                                                                                                      **kwargs)))
+    draw_curves({name: {"epoch": [0, 1, 2], "valid_hit@10": [0.1, 0.2, 0.15], "loss": [3.0, 2.0, 1.0],
+                        "best_epoch": 1} for name in names}, tmp_path / "c.png")
+    (fig,) = drawn
+    assert clashes(fig) == []
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(set(labels)) == len(names) and max(map(len, labels)) <= 48
+    if len(names) == 2:
+        assert labels == ["iisan-cached-xxxxxxxxx...xxxxxxxxxxxxxx-3fa2c1d0", "short"]  # its start and its end
+    else:  # what the runs share is the legend's title, what tells them apart the labels
+        assert legend.get_title().get_text() == "iisan-cached-Scientific-"
+        assert labels[:2] == ["lr0.0001-seed12345-dropout0.1-00000000", "lr0.0001-seed12346-dropout0.1-00000001"]
+
+
 def test_curves_refused_by_format_or_path_draw_nothing_and_leave_no_figure_open(runs, tmp_path):
     """A suffix matplotlib cannot write, or a path holding someone else's file, is refused before anything
     is drawn: no figure is left open in the process (a notebook calling it again would pile them up)."""

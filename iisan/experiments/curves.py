@@ -4,6 +4,7 @@ replaces only one this command drew: its creator, in the field its format keeps 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..claims import claim_output
@@ -83,6 +84,25 @@ def run_styles(n: int) -> list[dict]:
              "marker": LINES[i // len(colours) % len(LINES)][1]} for i in range(n)]
 
 
+LABEL = 48  # the longest legend label drawn whole: past it, the figure's panels would shrink to make room
+
+
+def legend_labels(names: list[str], most: int = LABEL) -> tuple[str, list[str]]:
+    """The legend's title and its labels of ``names``: the start all of them share, to a ``-``, ``_`` or ``/``
+    (a sweep's method, feed and data set), is the title, and each label the rest; a label still longer than
+    ``most`` characters keeps its start and its end around "...", unless it would then read as another's."""
+    common = os.path.commonprefix(names) if len(names) > 1 else ""
+    common = common[:max(common.rfind(sep) for sep in "-_/") + 1]
+    rest = [name[len(common):] for name in names]
+
+    def cut(text: str) -> str:
+        half = (most - 3) // 2
+        return text if len(text) <= most else f"{text[:half]}...{text[-(most - 3 - half):]}"
+
+    short = [cut(r) for r in rest]
+    return cut(common), [s if short.count(s) == 1 else r for s, r in zip(short, rest)]
+
+
 def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     """Validation HR@10 and training loss per epoch, one line per run, the best-validation epoch
     marked; written atomically to ``path`` (PNG)."""
@@ -96,8 +116,9 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
     drawn = {name: s for name, s in curves.items() if s["epoch"]}  # a run failed before its first epoch: no line
     fig = Figure(figsize=(12, 4.2), layout="constrained")
     hit_ax, loss_ax = fig.subplots(1, 2)
-    for (name, s), style in zip(drawn.items(), run_styles(len(drawn)), strict=True):
-        hit_ax.plot(s["epoch"], s[VALID_COLUMN], markersize=4, label=name, **style)
+    title, labels = legend_labels(list(drawn))
+    for s, shown, style in zip(drawn.values(), labels, run_styles(len(drawn)), strict=True):
+        hit_ax.plot(s["epoch"], s[VALID_COLUMN], markersize=4, label=shown, **style)
         if s["best_epoch"] in s["epoch"]:
             best = s["epoch"].index(s["best_epoch"])
             hit_ax.plot(s["best_epoch"], s[VALID_COLUMN][best], "*", markersize=13, color=style["color"],
@@ -107,7 +128,8 @@ def draw_curves(curves: dict[str, dict[str, list]], path: str | Path) -> None:
                ylabel=label(SELECTED_BY))
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="in-batch softmax loss")
     # beside the panels, not over the lines: one column per 20 runs
-    fig.legend(loc="outside right upper", fontsize=7, ncols=1 + (len(drawn) - 1) // 20)
+    fig.legend(loc="outside right upper", fontsize=7, ncols=1 + (len(drawn) - 1) // 20, title=title or None,
+               title_fontsize=7)
     for ax in (hit_ax, loss_ax):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     signed = {"metadata": {"Creator": CREATOR}} if fmt in SIGNED_FORMATS else {}  # others have no metadata
