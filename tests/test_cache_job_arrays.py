@@ -39,15 +39,20 @@ def cache_args(tiny, folder, *extra) -> list[str]:
 
 
 def test_a_cache_built_with_the_same_settings_is_kept_and_one_built_otherwise_is_not(tiny, tmp_path, passes, capsys,
-                                                                                     caplog):
+                                                                                     caplog, monkeypatch):
+    from iisan.model.backbones import BackboneEncoder
+
+    tokenised, title_inputs = [], BackboneEncoder.title_inputs
+    monkeypatch.setattr(BackboneEncoder, "title_inputs", lambda self, titles, tokens: (
+        tokenised.append(len(titles)), title_inputs(self, titles, tokens))[1])
     folder = tmp_path / "shared"
     main(cache_args(tiny, folder, "--reuse"))  # nothing there: built
     built, first = passes["n"], {m: cache_file(folder, m).read_bytes() for m in ("text", "image")}
-    assert built > 0
+    assert built > 0 and len(tokenised) == 1
     capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="iisan"):
         main(cache_args(tiny, folder, "--reuse"))
-    assert passes["n"] == built  # nothing encoded again
+    assert passes["n"] == built and len(tokenised) == 1  # nothing encoded again, no title tokenised (a million: 80 s)
     assert capsys.readouterr().out.split() == ["text:", str(cache_file(folder, "text")), "image:",
                                                str(cache_file(folder, "image"))]
     assert "built before with these settings; kept as it is (--overwrite builds it again)" in caplog.text

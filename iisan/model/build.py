@@ -20,14 +20,7 @@ from ..data.interactions import ItemCatalog, SeqRecData
 from ..data.run_data import cache_dir, check_data_files, image_store, images_digest, pixel_source
 from ..errors import ConfigError, UserError
 from ..methods import METHOD_TABLE, side_network
-from .backbones import (
-    BackboneEncoder,
-    freeze,
-    load_image_encoder,
-    load_text_encoder,
-    read_spec,
-    resolve_encoder_dtype,
-)
+from .backbones import BackboneEncoder, freeze, load_image_encoder, load_text_encoder, read_spec, resolve_encoder_dtype
 from .baselines import baseline_item_encoder
 from .encoder_files import check_folder_readable, local_folder, weights_digest
 from .families import resolve_pooling
@@ -145,13 +138,17 @@ def live_states(cfg: Config, item_ids: list[str], titles: list[str], device: tor
                 encoders: dict | None = None) -> tuple[LiveStates, PixelSource | None]:
     """The live feed over an item list (index 0 = padding) and, with an image tower, its pixel source."""
     encoders = encoders or load_encoders(cfg)
-    tokens = attention = None
-    if "text" in encoders:  # (200,000 titles: some 15 s, said where it is long enough to wonder about)
-        log.log(logging.INFO if len(titles) > 50_000 else logging.DEBUG, "tokenising %s titles", f"{len(titles):,}")
-        tokens, attention = encoders["text"].title_inputs(titles, cfg.title_tokens)
-    pixels = image_pixels(cfg, item_ids, encoders)
-    live = LiveStates(encoders, tokens, attention, cfg.text_encoder_dropout)
-    return live.to(device), pixels
+    live = LiveStates(encoders, *title_tensors(cfg, titles, encoders), cfg.text_encoder_dropout)
+    return live.to(device), image_pixels(cfg, item_ids, encoders)
+
+
+def title_tensors(cfg: Config, titles: list[str], encoders: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The text tower's (ids, attention), (N+1, ``cfg.title_tokens``), or (None, None) without one."""
+    if "text" not in encoders:
+        return None, None
+    # (200,000 titles: some 15 s, said where it is long enough to wonder about)
+    log.log(logging.INFO if len(titles) > 50_000 else logging.DEBUG, "tokenising %s titles", f"{len(titles):,}")
+    return encoders["text"].title_inputs(titles, cfg.title_tokens)
 
 
 def image_pixels(cfg: Config, item_ids: list[str], encoders: dict) -> PixelSource | None:

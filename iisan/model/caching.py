@@ -43,7 +43,7 @@ from ..locks import OutputLock
 from ..logfiles import Logging, command_log, logging_to
 from ..tensorfiles import header_bytes
 from .backbones import read_spec
-from .build import layers_for, live_states, load_encoders, modalities, model_name
+from .build import image_pixels, layers_for, load_encoders, modalities, model_name, title_tensors
 from .encoder_files import local_folder, weights_digest
 from .feeds import LiveStates
 
@@ -55,15 +55,16 @@ DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
 AUTHORS_ENCODERS = {"text": ("bert-base-uncased", "bert", 12, 768), "image": ("vit-base-patch16-224", "vit", 12, 768)}
 
 
-def cache_metadata(live: LiveStates, item_ids: list[str], catalog: ItemCatalog, dtype: torch.dtype,
+def cache_metadata(encoders: dict, title_tokens: int, item_ids: list[str], catalog: ItemCatalog, dtype: torch.dtype,
                    known: dict[str, dict | None] | None = None, images: str | None = None) -> dict[str, dict[str, str]]:
-    """The final files' metadata per modality, keys from ``cache.METADATA_KEYS`` (what
-    ``cache.check_metadata`` compares with a config). ``images``: the image LMDB's digest; ``catalog``: the
+    """The final files' metadata per modality of ``encoders``, keys from ``cache.METADATA_KEYS`` (what
+    ``cache.check_metadata`` compares with a config); ``title_tokens``: the text tower's title length (the width
+    ``build.title_tensors`` gives). ``images``: the image LMDB's digest; ``catalog``: the
     items file as read (its fingerprint; a text cache's titles digest).
     ``known``: per modality the weights record of a cache already there, whose digest stands while the
     encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
-    for m, encoder in live.encoders.items():
+    for m, encoder in encoders.items():
         weights = (weights_digest(encoder.folder, (known or {}).get(m)) if encoder.folder
                    else {"digest": "", "files": {}})
         out[m] = declared_metadata({
@@ -80,7 +81,7 @@ def cache_metadata(live: LiveStates, item_ids: list[str], catalog: ItemCatalog, 
             "pooling": encoder.pooling,
             "dtype": str(dtype).replace("torch.", ""),
             "encoder_dtype": str(encoder.dtype).replace("torch.", ""),
-            **({"title_tokens": str(live.tokens.shape[1])} if m == "text" and live.tokens is not None else {}),
+            **({"title_tokens": str(title_tokens)} if m == "text" else {}),
             **({"titles": catalog.titles_digest} if m == "text" else {}),
             **({"image_norm": encoder.norm["rule"]} if m == "image" else {}),
             **({"images": images} if m == "image" and images else {}),
@@ -226,13 +227,10 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
     device = resolve_device(cfg.device)
     encoders = load_encoders(cfg, device=device)  # half weights on the GPU for half checkpoints (LLMs)
     stored, amp = cache_precision(dtype or cfg.cache_dtype, {e.dtype for e in encoders.values()}, device)
-    live, pixels = live_states(cfg, item_ids, titles, device, encoders)
-    live.eval()
-    if timings is not None:
-        timings["load_seconds"] = time.perf_counter() - start
-    known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in live.encoders}
-    metadata = cache_metadata(live, item_ids, catalog, stored, known,
-                              pixels.store.digest() if pixels is not None else None)
+    pixels = image_pixels(cfg, item_ids, encoders)
+    known = {m: recorded_weights(cache_file(cfg.cache_dir, m)) for m in encoders}
+    metadata = cache_metadata(encoders, cfg.title_tokens, item_ids, catalog, stored, known,
+                              pixels.store.digest() if pixels is not None else None)  # (no title tokenised yet)
     files = {m: cache_file(cfg.cache_dir, m) for m in metadata}
     kept = {m: path for m, path in files.items() if serves(path, metadata[m])} if reuse else {}
     if read_only and (rest := [m for m in metadata if m not in kept]):
@@ -243,14 +241,16 @@ def _build(cfg: Config, dtype: str | None, all_items: bool, timings: dict | None
         log.info("%s: built before with these settings; kept as it is%s", ", ".join(map(str, kept.values())),
                  "" if overwrite else " (--overwrite builds it again)")
         if rest := [m for m in metadata if m not in kept]:  # the other tower alone, stored as it would have been
-            del live, encoders, pixels
+            del encoders, pixels
             kept.update(_build(cfg.replace(towers=rest[0], modality="intra"), str(stored).removeprefix("torch."),
                                all_items, timings, overwrite, start))
         return kept
-    check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    for m, (layers, width) in live.shapes().items():  # a header no reader takes, refused before the encoding
-        header_bytes(files[m], {"states": (stored, (len(item_ids), layers, width))}, metadata[m])
-    # (a build refused above changes nothing, its log neither)
+    check_replaced(metadata, Path(cfg.cache_dir), overwrite)  # (a build refused changes nothing, its log neither)
+    for m, e in encoders.items():  # a header no reader takes, refused before the encoding
+        header_bytes(files[m], {"states": (stored, (len(item_ids), len(e.layers), e.width))}, metadata[m])
+    live = LiveStates(encoders, *title_tensors(cfg, titles, encoders), cfg.text_encoder_dropout).to(device).eval()
+    if timings is not None:
+        timings["load_seconds"] = time.perf_counter() - start
     with logging_to(build_log(Path(cfg.cache_dir)), "build"), contextlib.ExitStack() as readers:
         if pixels is not None:  # the reader threads end with the build, failed or not
             readers.callback(pixels.close)
