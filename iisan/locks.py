@@ -96,6 +96,7 @@ class OutputLock:
             import fcntl  # POSIX only; elsewhere outputs go unlocked
         except ImportError:  # not POSIX: no lock
             return self
+        stale = 0
         while True:
             if self.path.is_symlink():  # opening it would create, or lock, whatever it points to
                 raise self.foreign("is a symbolic link")
@@ -116,7 +117,7 @@ class OutputLock:
                 raise InUse(f"{self.what} is in use by {holder}; {self.hint}") from None
             except OSError as err:
                 handle.close()
-                if err.errno == errno.ESTALE:  # removed by its holder on another node of a network file system
+                if err.errno == errno.ESTALE and (stale := stale + 1) < 10:  # removed by its holder on another node
                     continue
                 raise self.refused(err, made) from None
             try:

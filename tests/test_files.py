@@ -342,6 +342,15 @@ def test_a_lock_file_a_node_of_a_network_file_system_removed_under_the_lock_is_t
     assert len(calls) == 2 and lock.handle is not None
     lock.release()
 
+    def always_stale(fd, operation):
+        calls.append(operation)
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+    monkeypatch.setattr(fcntl, "flock", always_stale)
+    with pytest.raises(OutputError, match="takes no flock locks"):  # never a lock: not tried for ever
+        OutputLock(tmp_path / ".lock", "x").acquire()
+    assert len(calls) == 2 + 10
+
 
 def test_a_lock_file_a_full_disk_cannot_hold_is_one_line_and_is_removed(tmp_path, monkeypatch):
     """The holder's pid line does not fit (a full disk): one error naming the lock file, which goes again."""
