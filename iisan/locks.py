@@ -26,6 +26,7 @@ T = TypeVar("T")
 WAIT_SECONDS = 10.0  # between tries of ``when_free``
 RUN_LOCK = ".lock"  # a run folder's lock (``train.runfolder``), named here for readers that load no torch
 LOCK_TEXT = re.compile(r"pid [0-9]+ on [^\n]+\n?")  # what ``OutputLock`` writes into its file
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}  # what flock says where there is none
 LOCK_READ = 4096  # bytes of a lock file read to tell whose it is (ours hold one short line)
 
 
@@ -143,15 +144,21 @@ class OutputLock:
         return self
 
     def refused(self, err: OSError, made: bool) -> OutputError:
-        """A file system that takes no flock locks (a Lustre mount without ``-o flock``, NFS without its lock
-        service, some FUSE mounts): said in one line; the empty lock file this process made there is removed."""
+        """A lock the file system refused, in one line: one that takes no flock locks (a Lustre mount without
+        ``-o flock``, NFS without its lock service, some FUSE mounts), a lock file another node keeps removing
+        (ESTALE), or another failure; the empty lock file this process made there is removed."""
         if made:
             with suppress(OSError):
                 if self.path.stat().st_size == 0:
                     self.path.unlink()
-        return OutputError(f"could not lock {self.path} ({self.what}): {err.strerror or err}; the file system there "
-                           "takes no flock locks (Lustre mounted without -o flock, NFS without its lock service?): "
-                           "use a folder on a local disk or on one that does, or ask its administrators")
+        if err.errno in NO_FLOCK:
+            why = ("the file system there takes no flock locks (Lustre mounted without -o flock, NFS without its "
+                   "lock service?): use a folder on a local disk or on one that does, or ask its administrators")
+        elif err.errno == errno.ESTALE:
+            why = "another node keeps removing it (a network file system): try again once the other writer is done"
+        else:
+            why = "the file system failed: try again, or write elsewhere"
+        return OutputError(f"could not lock {self.path} ({self.what}): {err.strerror or err}; {why}")
 
     def not_ours_to_open(self, err: OSError) -> OutputError:
         """A lock file this process may not open for writing: one a killed holder of another user left (a shared

@@ -48,9 +48,9 @@ def header_bytes(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' writer pads it
     if len(raw) > HEADER_LIMIT:
         key = max(metadata, key=lambda k: len(metadata[k]), default="")
-        raise OutputError(f"could not write {path}: its header would take {len(raw) / 1e6:,.0f} MB, "
-                          f"{len(metadata.get(key, '')) / 1e6:,.0f} MB of them its {key!r}, and a safetensors "
-                          f"reader takes at most {HEADER_LIMIT / 1e6:.0f} MB: give the items (or users) shorter ids, "
+        raise OutputError(f"could not write {path}: its header would take {len(raw) / 1e6:,.1f} MB, "
+                          f"{len(metadata.get(key, '')) / 1e6:,.1f} MB of them its {key!r}, and a safetensors "
+                          f"reader takes at most {HEADER_LIMIT / 1e6:.1f} MB: give the items (or users) shorter ids, "
                           "or fewer of them")
     return raw, sizes
 

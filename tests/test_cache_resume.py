@@ -548,8 +548,12 @@ def test_chunks_left_without_their_manifest_are_taken_for_ours_and_anything_else
     sidecar = tmp_path / "c" / SIDECAR
     (sidecar / "manifest.json").unlink()
     temporary_sibling(sidecar / "chunk-000002.safetensors").write_bytes(b"torn")
-    for foreign in ("notes.txt", "chunk-000009.safetensors"):  # not a chunk: the folder is not ours
-        (sidecar / foreign).write_text("mine")
+    for foreign, metadata in (("notes.txt", None), ("chunk-000009.safetensors", None),
+                              ("chunk-000009.safetensors", {"other": "x"}), ("mine.safetensors", {"sha256": "x"})):
+        if metadata is None:  # not a chunk: the folder is not ours, and nothing in it is removed
+            (sidecar / foreign).write_text("mine")
+        else:  # a safetensors file, but not one a build wrote (no digest of its data, or not a chunk's name)
+            save_file({"ids": torch.zeros(1)}, str(sidecar / foreign), metadata=metadata)
         with pytest.raises(OutputError, match="is not a cache build in progress"):
             build_cache_from_config(cfg, dtype="float16", overwrite=True)
         (sidecar / foreign).unlink()
@@ -587,8 +591,8 @@ def test_a_cache_whose_header_no_reader_would_take_is_refused_before_any_item_is
 
     monkeypatch.setattr(tensorfiles, "HEADER_LIMIT", 1_000)  # (a tiny catalog's ids, as millions would be)
     cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
-    with pytest.raises(OutputError, match=r"^could not write .*/c/\w+\.safetensors: its header would take 0 MB, "
-                                          r"0 MB of them its 'item_ids', and a safetensors reader takes at most 0 MB"):
+    with pytest.raises(OutputError, match=r"^could not write .*/c/\w+\.safetensors: its header would take 0.0 MB, "
+                                          r"0.0 MB of them its 'item_ids', and a safetensors reader takes at most"):
         build_cache_from_config(cfg, dtype="float32")
     assert counted["calls"] == 0 and not (tmp_path / "c" / SIDECAR).exists()
     assert not cache_file(cfg.cache_dir, "text").exists()

@@ -347,9 +347,19 @@ def test_a_lock_file_a_node_of_a_network_file_system_removed_under_the_lock_is_t
         raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
 
     monkeypatch.setattr(fcntl, "flock", always_stale)
-    with pytest.raises(OutputError, match="takes no flock locks"):  # never a lock: not tried for ever
+    with pytest.raises(OutputError) as refused:  # never a lock: not tried for ever
         OutputLock(tmp_path / ".lock", "x").acquire()
     assert len(calls) == 2 + 10
+    assert str(refused.value) == (f"could not lock {tmp_path / '.lock'} (x): {os.strerror(errno.ESTALE)}; another "
+                                  "node keeps removing it (a network file system): try again once the other writer "
+                                  "is done")
+
+    def failing(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(fcntl, "flock", failing)
+    with pytest.raises(OutputError, match=r"\(x\): Input/output error; the file system failed: try again, or "):
+        OutputLock(tmp_path / ".lock", "x").acquire()  # not blamed on locks it may well take
 
 
 def test_a_lock_file_a_full_disk_cannot_hold_is_one_line_and_is_removed(tmp_path, monkeypatch):

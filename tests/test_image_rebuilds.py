@@ -196,3 +196,42 @@ def test_the_dataset_script_says_a_store_is_kept(pictures, tmp_path, capsys):
     assert not out[0].endswith("kept: built from these same pictures and settings")
     assert out[1].endswith("(listed in " + str(tmp_path / "s.lmdb.report.tsv") + "), kept: built from these same "
                            "pictures and settings")
+
+
+def test_a_build_records_the_contents_of_the_pictures_it_read_without_reading_them_again(pictures, tmp_path,
+                                                                                         monkeypatch):
+    """The contents digest was a second pass over every picture before each build; it is now what the build
+    read, and the same as ``contents_digest`` reads later: a bad picture's bytes, a missing one and a folder
+    where a picture belongs ("-") alike."""
+    from iisan.data import image_build
+    from iisan.data.image_inputs import contents_digest
+    from iisan.data.images import own_meta
+
+    (pictures / "e.jpg").mkdir()  # a folder where a picture belongs
+    passes = []
+    monkeypatch.setattr(image_build, "contents_digest", lambda *a: passes.append(a))
+    ids = ["a", "b", "c", "d", "e", "gone"]
+    build_image_lmdb(pictures, tmp_path / "images.lmdb", ids, size=8, progress=False)
+    assert passes == []
+    recorded = own_meta(tmp_path / "images.lmdb")["contents"]
+    assert recorded == contents_digest(pictures, ids, ".jpg", 8, "displayed")
+    assert recorded != contents_digest(pictures, ids, ".jpg", 8, "authors")
+
+
+def test_the_inputs_digest_is_the_recipe_formats_md_gives_so_stores_of_earlier_versions_are_kept(pictures):
+    """A store records ``inputs``; one built by an earlier version is kept only while the digest is computed as
+    it was: the sha256 of [size, pixels, extension] as JSON, then per item ``id<TAB>size mtime_ns`` ("-" when
+    missing)."""
+    import hashlib
+    import json
+
+    from iisan.data.image_inputs import inputs_digest
+
+    os.utime(pictures / "a.jpg", ns=(5, 1_700_000_000_123_456_789))
+    ids = ["a", "b", "gone"]
+    recipe = hashlib.sha256(json.dumps([8, "displayed", ".jpg"]).encode())
+    for item_id in ids:
+        path = pictures / f"{item_id}.jpg"
+        recipe.update(f"{item_id}\t{path.stat().st_size} {path.stat().st_mtime_ns}\n".encode() if path.exists()
+                      else f"{item_id}\t-\n".encode())
+    assert inputs_digest(pictures, ids, ".jpg", 8, "displayed") == recipe.hexdigest()

@@ -344,6 +344,10 @@ def test_an_import_run_again_on_the_same_files_keeps_its_cache_and_reads_none(ti
     assert _times(cache) == before  # nothing rewritten, the report and log included
     os.utime(state_file(src, "image", authors_files["item_ids"][3]), ns=(1, 1))  # touched: read again
     again(2 * items)
+    os.utime(state_file(src, "text", authors_files["item_ids"][1]), ns=(1, 1))  # the first item's too
+    again(2 * items)
+    cache_file(cache, "image").unlink()  # one tower's file gone, the other and the report there: imported again
+    again(2 * items)
     again(0)
     again(2 * items, overwrite=True)
     (cache / REPORT).unlink()
@@ -381,6 +385,6 @@ def test_an_import_whose_header_no_reader_would_take_is_refused_before_a_file_is
     monkeypatch.setattr(cache_import, "read_state", lambda path, shape: reads.append(path))
     monkeypatch.setattr(tensorfiles, "HEADER_LIMIT", 1_000)  # (a tiny catalog's ids, as millions would be)
     cfg = cache_config(tiny, tmp_path / "cache")
-    with pytest.raises(OutputError, match=r"its header would take 0 MB, 0 MB of them its 'item_ids'"):
+    with pytest.raises(OutputError, match=r"its header would take 0.0 MB, 0.0 MB of them its 'item_ids'"):
         import_cache_from_config(cfg, authors_files["src"])
     assert reads == [] and not cache_file(cfg.cache_dir, "text").exists()

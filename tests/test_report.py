@@ -764,6 +764,17 @@ def test_long_run_names_leave_the_panels_their_room_and_every_run_its_own_label(
         assert labels[:2] == ["lr0.0001-seed12345-dropout0.1-00000000", "lr0.0001-seed12346-dropout0.1-00000001"]
 
 
+def test_legend_labels_stay_whole_where_cutting_would_make_two_alike_or_one_empty():
+    from iisan.experiments.curves import legend_labels
+
+    assert legend_labels(["iisan-cached-lr0.001-seed0"]) == ("", ["iisan-cached-lr0.001-seed0"])  # one run: no title
+    long = ["x-" + "a" * 30 + "1" + "z" * 30, "x-" + "a" * 30 + "2" + "z" * 30]
+    assert legend_labels(long) == ("x-", [name[2:] for name in long])  # cut, both would read 'aaa...zzz'
+    assert legend_labels(["run-", "run-b"]) == ("", ["run-", "run-b"])  # no empty label
+    assert legend_labels(["sweep_lr1e-3_seed0", "sweep_lr1e-3__wd"]) == ("", ["sweep_lr1e-3_seed0",
+                                                                           "sweep_lr1e-3__wd"])  # nor one from _
+
+
 def test_curves_refused_by_format_or_path_draw_nothing_and_leave_no_figure_open(runs, tmp_path):
     """A suffix matplotlib cannot write, or a path holding someone else's file, is refused before anything
     is drawn: no figure is left open in the process (a notebook calling it again would pile them up)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -97,7 +98,12 @@ def test_the_scale_figure_keeps_each_stage_in_its_style_and_no_label_meets_anoth
 
     fig = drawn(_rows(sizes), "t")
     assert clashes(fig) == []
-    assert len(set(styles(fig).values())) == len(STAGES)  # none told apart by colour alone, nor alike
+    assert len(set(styles(fig).values())) == len(STAGES)  # none alike,
+    assert len({linestyle for _, _, linestyle in styles(fig).values()}) == len(STAGES)  # nor told apart by colour alone
+    low, high = fig.axes[1].dataLim.intervaly  # memory: 0.01 to some MiB
+    labelled = [float(t.get_text()) for t in fig.axes[1].get_yticklabels() if t.get_text()]
+    assert math.log10(high / low) > 2.5 and labelled
+    assert all(v == 10 ** round(math.log10(v)) for v in labelled)  # over 2.5 decades, the decades alone
     assert styles(drawn(_rows(sizes, order=tuple(reversed(STAGES))), "t")) == styles(fig)
     hollow = [line for line in fig.axes[1].lines if line.get_markerfacecolor() == "white"]
     assert [line.get_xydata().tolist() for line in hollow] == [[[1.0, FLOOR_MIB]]]  # grid's zero, at the floor

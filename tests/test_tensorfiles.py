@@ -64,7 +64,7 @@ def test_a_header_longer_than_a_safetensors_reader_takes_is_refused_before_anyth
     with pytest.raises(OutputError) as refused:
         save_safetensors_atomic(tensors, tmp_path / "over.safetensors", over)
     assert str(refused.value) == (
-        f"could not write {tmp_path / 'over.safetensors'}: its header would take 100 MB, 100 MB of them its "
-        "'item_ids', and a safetensors reader takes at most 100 MB: give the items (or users) shorter ids, or "
+        f"could not write {tmp_path / 'over.safetensors'}: its header would take 100.0 MB, 100.0 MB of them its "
+        "'item_ids', and a safetensors reader takes at most 100.0 MB: give the items (or users) shorter ids, or "
         "fewer of them")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fits.safetensors"]  # no temporary left either

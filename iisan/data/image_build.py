@@ -40,7 +40,7 @@ from ..files import (
     write_text_atomic,
 )
 from ..locks import OutputLock
-from .image_inputs import contents_digest, inputs_digest, kept_store, refuse_no_pictures
+from .image_inputs import contents_digest, contents_head, contents_line, inputs_digest, kept_store, refuse_no_pictures
 from .images import (
     FORMAT,
     HEADER,
@@ -170,8 +170,8 @@ def _fill(path: Path, item_ids: list[str], pixels_of, size: int, progress: bool,
             if n % 2000 == 0:
                 txn.commit()
                 txn = env.begin(write=True)
-        meta = {"format": FORMAT, "count": len(item_ids), "size": size, "blank": len(problems),
-                "source": source, **(recorded or {}), "digest": records_digest(txn)}
+        meta = {"format": FORMAT, "count": len(item_ids), "size": size, "blank": len(problems), "source": source,
+                **{k: v() if callable(v) else v for k, v in (recorded or {}).items()}, "digest": records_digest(txn)}
         txn.put(META_KEY, json.dumps(meta).encode())
         txn.commit()
     finally:
@@ -187,8 +187,8 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
     """Write one record per id, ``pixels_of(item_id) -> (uint8 (size, size, 3), problem or None)``; a
     record with a problem is stored as a flagged blank. Built beside the target and renamed into place;
     an existing target must be an image LMDB and ``overwrite`` set (module docstring). ``recorded``: more
-    metadata fields (how the pictures were read: ``pixels``); ``report(problems)`` writes their list before
-    the store is renamed into place (a store in place always has its report), to a file of ``kept``: put back
+    metadata fields (``pixels``; a callable's value is taken once all are written); ``report(problems)`` writes
+    their list before the store is renamed into place (a store in place always has its report), to ``kept``: put back
     as it was if the build fails, its killed writers' temporaries removed. Returns the (item_id, problem) list."""
     out_path = Path(out_path)
     check_size(size)
@@ -251,14 +251,16 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
     digest = inputs_digest(image_dir, item_ids, extension, size, pixels)
     settings = {"size": size, "pixels": pixels, "extension": extension}
-    contents = functools.cache(lambda: contents_digest(image_dir, item_ids, extension, size, pixels))
+    contents = lambda: contents_digest(image_dir, item_ids, extension, size, pixels)  # noqa: E731 (read if asked)
     if not overwrite and (kept := kept_store(out_path, report, digest, settings, build_lock(out_path), contents)):
         return kept  # built from these very inputs (``image_inputs``)
     changes: collections.Counter = collections.Counter()
+    read = contents_head(size, pixels, extension)  # the pictures' bytes as the build reads them, in item order
 
     def pixels_of(item_id: str):
-        path = image_dir / f"{item_id}{extension}"
+        path, data = image_dir / f"{item_id}{extension}", None
         if not path.is_file():
+            read.update(contents_line(item_id, None))
             found = others().get(item_id)
             why = "a folder" if path.is_dir() else "missing"
             if found:
@@ -268,6 +270,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
                 return None, f"{why} (but {spelt!r} is there: the same name in another Unicode normal form; rename it)"
             return None, why
         try:
+            data = path.read_bytes()  # (then decoded from the page cache: the disk is read once)
             array, changed = load_image(path, size, pixels)
             changes.update(filter(None, changed.split(",")))
             return array, None
@@ -277,6 +280,8 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
             if stop := machine_failure(err, path):  # memory, file descriptors, a disk's I/O: a rerun reads it
                 raise stop from None
             return None, f"unreadable: {type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
+        finally:
+            read.update(contents_line(item_id, data))
 
     def write_report(problems: list[tuple[str, str]]) -> None:
         write_text_atomic(report, REPORT_HEADER + "".join(f"{item_id}\t{why}\n" for item_id, why in problems))
@@ -284,7 +289,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     problems = write_image_lmdb(out_path, item_ids, pixels_of, size, progress, str(image_dir), overwrite,
                                 (image_dir, *inputs), report=write_report, kept=(report,),
                                 recorded={"pixels": pixels, "extension": extension, "inputs": digest,
-                                          "contents": contents()})
+                                          "contents": lambda: read.hexdigest()})  # (once every picture is read)
     if changes:
         log.info("stored as a viewer shows them: %s (--pixels authors: as the authors' build_lmdb.py read them)",
                  ", ".join(f"{n} {CHANGES[kind]}" for kind, n in sorted(changes.items())))

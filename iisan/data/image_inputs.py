@@ -29,16 +29,28 @@ def inputs_digest(image_dir: Path, item_ids: list[str], extension: str, size: in
 
 
 def contents_digest(image_dir: Path, item_ids: list[str], extension: str, size: int, pixels: str) -> str:
-    """As ``inputs_digest``, of each picture's bytes (a sha256 each) for its size and time."""
-    digest = hashlib.sha256(json.dumps([size, pixels, extension]).encode())
+    """As ``inputs_digest``, of each picture's bytes (a sha256 each) for its size and time: what a build that read
+    them, in this order, fed to ``contents_head`` with ``contents_line``."""
+    digest = contents_head(size, pixels, extension)
     for item_id in item_ids:
+        path = image_dir / f"{item_id}{extension}"
         try:
-            with open(image_dir / f"{item_id}{extension}", "rb") as fh:
-                seen = hashlib.file_digest(fh, "sha256").hexdigest()
-        except (OSError, ValueError):  # missing (stored as a blank), a folder, a name the system refuses
-            seen = "-"
-        digest.update(f"{item_id}\t{seen}\n".encode("utf-8", "surrogateescape"))
+            data = path.read_bytes() if path.is_file() else None  # (not a pipe's, which would wait)
+        except (OSError, ValueError):  # unreadable, or a name the system refuses
+            data = None
+        digest.update(contents_line(item_id, data))
     return digest.hexdigest()
+
+
+def contents_head(size: int, pixels: str, extension: str):
+    """The sha256 that ``contents_line`` of each item, in order, completes into ``contents_digest``."""
+    return hashlib.sha256(json.dumps([size, pixels, extension]).encode())
+
+
+def contents_line(item_id: str, data: bytes | None) -> bytes:
+    """An item's line of ``contents_digest``: its picture's sha256, or "-" without one (stored as a blank)."""
+    seen = "-" if data is None else hashlib.sha256(data).hexdigest()
+    return f"{item_id}\t{seen}\n".encode("utf-8", "surrogateescape")
 
 
 def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: OutputLock,

@@ -94,6 +94,8 @@ def legend_labels(names: list[str], most: int = LABEL) -> tuple[str, list[str]]:
     common = os.path.commonprefix(names) if len(names) > 1 else ""
     common = common[:max(common.rfind(sep) for sep in "-_/") + 1]
     rest = [name[len(common):] for name in names]
+    if any(not r or r.startswith("_") for r in rest):  # (matplotlib leaves a label that starts with _ out)
+        common, rest = "", list(names)
 
     def cut(text: str) -> str:
         half = (most - 3) // 2
