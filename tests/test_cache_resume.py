@@ -548,6 +548,7 @@ def test_chunks_left_without_their_manifest_are_taken_for_ours_and_anything_else
     sidecar = tmp_path / "c" / SIDECAR
     (sidecar / "manifest.json").unlink()
     temporary_sibling(sidecar / "chunk-000002.safetensors").write_bytes(b"torn")
+    temporary_sibling(sidecar / "manifest.json").write_text('{"format": ')  # and the manifest's own, killed
     for foreign, metadata in (("notes.txt", None), ("chunk-000009.safetensors", None),
                               ("chunk-000009.safetensors", {"other": "x"}), ("mine.safetensors", {"sha256": "x"})):
         if metadata is None:  # not a chunk: the folder is not ours, and nothing in it is removed

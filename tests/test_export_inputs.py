@@ -123,3 +123,15 @@ def test_an_export_whose_header_no_reader_would_take_is_refused_before_either_fi
     assert err[0].startswith(f"iisan: error: could not write {tmp_path / 'emb' / 'users-test.safetensors'}: its header")
     assert "of them its 'config'" in err[0]  # (a tiny run's longest metadata; millions of user ids would be)
     assert not list((tmp_path / "emb").glob("*.safetensors"))
+
+
+def test_a_killed_exports_temporary_goes_at_the_next_export(run, tmp_path, capsys):
+    from iisan.files import temporary_sibling
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    left = temporary_sibling(out / "users-test.safetensors")
+    left.write_bytes(b"half a file")
+    assert export(run, str(out), capsys)[0] == 0
+    assert not left.exists() and sorted(p.name for p in out.glob("*.safetensors")) == [
+        "items.safetensors", "users-test.safetensors"]

@@ -388,3 +388,17 @@ def test_an_import_whose_header_no_reader_would_take_is_refused_before_a_file_is
     with pytest.raises(OutputError, match=r"its header would take 0.0 MB, 0.0 MB of them its 'item_ids'"):
         import_cache_from_config(cfg, authors_files["src"])
     assert reads == [] and not cache_file(cfg.cache_dir, "text").exists()
+
+
+def test_a_killed_imports_temporaries_go_at_the_next_import(tiny, authors_files, tmp_path):
+    """A killed import left a whole cache of temporaries (1.6 GB at the paper's size) that reruns kept for an hour."""
+    from iisan.files import temporary_sibling
+
+    cfg = cache_config(tiny, tmp_path / "cache")
+    Path(cfg.cache_dir).mkdir()
+    left = [temporary_sibling(cache_file(cfg.cache_dir, m)) for m in ("text", "image")]
+    for path in left:
+        path.write_bytes(b"half a cache")
+    (Path(cfg.cache_dir) / "notes.safetensors.tmp").write_text("mine")  # not an import's: kept
+    import_cache_from_config(cfg, authors_files["src"])
+    assert not any(p.exists() for p in left) and (Path(cfg.cache_dir) / "notes.safetensors.tmp").exists()

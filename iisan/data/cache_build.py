@@ -193,9 +193,10 @@ class ShardDir:
 
 def only_chunks(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but chunks ``ShardDir.write`` wrote (by their names and the sha256 in their
-    metadata) and temporaries of them."""
+    metadata) and temporaries of them or of the manifest."""
     def chunk(path: Path) -> bool:
-        if (found := TEMPORARY.match(path.name)) and CHUNK.fullmatch(found.group("name")):
+        if (found := TEMPORARY.match(path.name)) and (CHUNK.fullmatch(found.group("name")) or
+                                                      found.group("name") == "manifest.json"):
             return True
         try:
             with safe_open(str(path), framework="pt") as fh:

@@ -31,7 +31,7 @@ from ..claims import claim_output
 from ..console import progress_bar
 from ..digests import stat_digest
 from ..errors import CacheError, parse_json
-from ..files import atomic_path, starts_with
+from ..files import atomic_path, remove, stale_temporaries, starts_with
 from .cache import VOLATILE, cache_file, read_metadata, require_cache_space
 from .cache_build import write_together
 
@@ -158,13 +158,16 @@ def summary(problems: list[tuple[str, str, Path, str]]) -> str:
 def check_import(src: Path, item_ids: list[str], layers: dict[str, list[int]], shapes: dict[str, tuple[int, int]],
                  out_dir: Path, dtype: torch.dtype) -> None:
     """What refuses an import before any file is read or written: a missing folder of the authors', a report
-    file that is not an import's, too little disk for the cache."""
+    file that is not an import's, too little disk for the cache (once a killed import's temporaries, which the
+    caller's lock of the folder makes stale, are removed)."""
     for m in layers:
         folder = src / AUTHORS_LAYOUT[m][0]
         if not folder.is_dir():
             raise CacheError(f"{folder} does not exist: --from should name the folder holding the authors' "
                              f"{AUTHORS_LAYOUT[m][0]}/ (e.g. stored_vectors_sci/)")
     claim_report(out_dir / REPORT)
+    for stale in [t for m in layers for t in stale_temporaries(cache_file(out_dir, m))]:
+        remove(stale)
     require_cache_space(out_dir, len(item_ids) * sum(len(layers[m]) * shapes[m][1] for m in layers) * dtype.itemsize,
                         layers, len(item_ids) - 1, dtype)
 

@@ -51,6 +51,7 @@ from .images import (
     encode_record,
     own_meta,
     records_digest,
+    stored_bytes,
 )
 from .textfile import check_item_id
 
@@ -201,7 +202,7 @@ def write_image_lmdb(out_path: str | Path, item_ids: list[str], pixels_of, size:
             refuse_foreign_files(out_path)
         for stale in [t for path in (out_path, *kept) for t in stale_temporaries(path)]:  # killed builds' (locked)
             remove(stale)
-        require_space(out_path, len(item_ids) * (HEADER.size + size * size * 3),
+        require_space(out_path, len(item_ids) * stored_bytes(HEADER.size + size * size * 3) + (1 << 16),  # (+ its meta)
                       f"{len(item_ids):,} images of {size}x{size} pixels")
         try:
             with put_back_on_failure(*kept), atomic_path(out_path) as tmp:  # an old store back if the rename fails
@@ -242,8 +243,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
     if not item_ids:
         raise ImageStoreError(f"no images to store: {image_dir} has no *{extension} files and no item list")
 
-    # files under other extensions, listed once and only when an image is missing or unreadable
-    others = functools.cache(lambda: _other_extensions(image_dir, extension))
+    others = functools.cache(lambda: _other_extensions(image_dir, extension))  # listed once, if a picture is missing
     if listed:
         refuse_no_pictures(image_dir, item_ids, extension, others)
 

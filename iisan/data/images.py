@@ -34,6 +34,12 @@ MAX_SIZE = 4096  # the largest ``size`` a store may hold (``iisan build-lmdb --s
 BLANK_SOURCE = "blank"  # the metadata "source" of a store of no images on purpose (``blank_by_design``)
 
 
+
+def stored_bytes(record: int, page: int = 4096) -> int:
+    """What LMDB takes for a record of ``record`` bytes: one over half a page, whole overflow pages with their 16-byte
+    header (a 224 x 224 picture: 37 pages, 0.7 % over its bytes), and its key and node in a leaf."""
+    return (-(-(record + 16) // page) * page if record > page // 2 else record) + 64
+
 def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
     h, w, c = pixels.shape
     return HEADER.pack(MAGIC, FLAG_BLANK if blank else 0, h, w, c) + np.ascontiguousarray(pixels, np.uint8).tobytes()

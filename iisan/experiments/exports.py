@@ -16,7 +16,7 @@ from ..console import progress_bar
 from ..data.interactions import check_split
 from ..errors import OutputError, parse_json
 from ..evaluate import eval_chunk
-from ..files import check_readable, failure_reason, folders_kept_on_success
+from ..files import check_readable, failure_reason, folders_kept_on_success, remove, stale_temporaries
 from ..locks import OutputLock
 from ..methods import METHOD_NAMES
 from ..tensorfiles import header_bytes, save_safetensors_atomic
@@ -124,6 +124,8 @@ def export(run: TrainedRun, out_dir: str | Path, split: str = "test") -> dict[st
         refuse_other_exports(out_dir, common)
         for path in paths.values():  # an earlier export is replaced; any other file there never is
             claim_output(path, is_export, "embeddings IISAN exported", "--out", overwrite=True)
+            for stale in stale_temporaries(path):  # a killed export's (the folder is locked)
+                remove(stale)
         metadata = {"items": {**common, "item_ids": json.dumps(run.data.item_ids[1:])},
                     "users": {**common, "split": split, "user_ids": json.dumps(run.data.user_ids),
                               "inputs": f"each user's last {run.cfg.max_seq_len} items before the {split} target"}}
