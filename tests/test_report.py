@@ -287,6 +287,28 @@ def test_a_run_folder_linked_into_a_folder_of_runs_is_one_of_them(runs, tmp_path
     assert sorted(p.parent.name for p in found) == ["linked", "real"]
 
 
+def test_finding_runs_lists_no_checkpoint_folder_and_still_finds_a_run_kept_in_a_run_folder(runs, tmp_path,
+                                                                                           monkeypatch):
+    """`iisan results` listed every checkpoint folder of every run (46 file-system calls a run; on a cluster's
+    file system each costs milliseconds); a run folder's other folders are still walked."""
+    import os
+
+    from iisan.experiments.results_file import RUN_PARTS, find_results
+    from iisan.train.checkpoint import CHECKPOINTS
+    from iisan.train.records import TENSORBOARD
+
+    assert set(RUN_PARTS) == {CHECKPOINTS, TENSORBOARD}
+    out, _ = runs
+    copy_run(out / "lr0.001-s1", tmp_path / "runs" / "a", lambda r: None)
+    for part in RUN_PARTS:
+        (tmp_path / "runs" / "a" / part / "epoch-0001").mkdir(parents=True)
+    copy_run(out / "lr0.0002-s1", tmp_path / "runs" / "a" / "older" / "b", lambda r: None)  # a run kept inside one
+    listed, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": (listed.append(os.path.basename(path)), scandir(path))[1])
+    assert sorted(p.parent.name for p in find_results([str(tmp_path / "runs")])) == ["a", "b"]
+    assert not set(listed) & {*RUN_PARTS, "epoch-0001"} and "older" in listed
+
+
 def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(runs, tmp_path, monkeypatch, caplog):
     """A colleague's folder of runs readable by them alone: the table leaves it out, with a warning."""
     import errno

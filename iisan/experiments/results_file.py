@@ -44,10 +44,16 @@ def find_results(folders: list[str]) -> list[Path]:
     return list(first.values())
 
 
+# A run folder's folders that hold no run: ``train.checkpoint.CHECKPOINTS`` and ``train.records.TENSORBOARD``
+# (named here: reading results loads no torch).
+RUN_PARTS = ("checkpoints", "tensorboard")
+
+
 def results_under(folder: Path) -> list[Path]:
     """Every results.json below ``folder``, through linked folders too (a run folder linked into a folder
     of runs is one of them), each real folder walked once (a link back up is no loop); a folder that cannot
-    be listed (another user's) is named in a warning."""
+    be listed (another user's) is named in a warning. A run folder's checkpoints and tensorboard folders, where
+    no run is, are not walked (``RUN_PARTS``)."""
     found, walked = [], set()
 
     def unlisted(err: OSError) -> None:  # (os.walk passes a folder it cannot list by, without a word)
@@ -60,7 +66,9 @@ def results_under(folder: Path) -> list[Path]:
             dirs.clear()
             continue
         walked.add(real)
-        found += [Path(root) / "results.json"] if "results.json" in files else []
+        if "results.json" in files:
+            found.append(Path(root) / "results.json")
+            dirs[:] = [d for d in dirs if d not in RUN_PARTS]  # (a listing of every checkpoint, each time)
         if "results.json" not in files and {"config.json", "best.safetensors"} <= set(files):  # (damaged: counted)
             log.warning("%s holds a run's config.json and best.safetensors but no results.json: left out", root)
     return found
