@@ -491,7 +491,9 @@ def test_an_output_the_disk_cannot_hold_is_refused_before_it_is_written(tiny, ti
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
     ids = read_items(tiny["items"]).ids
     out = tmp_path / "new" / "images.lmdb"
-    needed = len(ids) * (10 + 224 * 224 * 3) / 2**20  # a record: its 10-byte header, then the pixels
+    # a record (its 10-byte header, the pixels, the page header's 16) in 37 whole 4 KiB LMDB pages, its leaf
+    # entry; then the store's meta pages
+    needed = (len(ids) * (37 * 4096 + 64) + 2**16) / 2**20
     with pytest.raises(OutputError, match=rf"^could not write {out}: {len(ids)} images of 224x224 pixels need "
                                           rf"about {needed:.1f} MiB; the disk holding {out.parent} has 1.0 MiB free: "
                                           r"free some space there, or write elsewhere$"):
