@@ -34,11 +34,11 @@ MAX_SIZE = 4096  # the largest ``size`` a store may hold (``iisan build-lmdb --s
 BLANK_SOURCE = "blank"  # the metadata "source" of a store of no images on purpose (``blank_by_design``)
 
 
-
 def stored_bytes(record: int, page: int = 4096) -> int:
     """What LMDB takes for a record of ``record`` bytes: one over half a page, whole overflow pages with their 16-byte
     header (a 224 x 224 picture: 37 pages, 0.7 % over its bytes), and its key and node in a leaf."""
     return (-(-(record + 16) // page) * page if record > page // 2 else record) + 64
+
 
 def encode_record(pixels: np.ndarray, blank: bool = False) -> bytes:
     h, w, c = pixels.shape
@@ -154,7 +154,6 @@ def read_meta(path: Path) -> dict | None:
     return meta
 
 
-
 def own_meta(path: Path) -> dict | None:
     """The metadata record of the image LMDB this project wrote at ``path``; None when ``path`` is none (not an
     LMDB, another tool's, a link) or its metadata is damaged."""
@@ -164,6 +163,7 @@ def own_meta(path: Path) -> dict | None:
         return read_meta(path)
     except ImageStoreError:
         return None
+
 
 def decode_record(value, where: str | Path, item_id: str,
                   shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, bool]:
