@@ -261,13 +261,13 @@ def test_the_documented_redraw_draws_every_committed_figure_and_names_only_the_c
     """`plot_figures.py --results results/efficiency --figs figs` read the folder's top level only: the committed
     figures of the runs in its subfolders were not redrawn (one stayed in an older drawing), and a figure of
     baselines alone had IISAN in its legend."""
-    import shutil
-
     from matplotlib.figure import Figure
 
-    from iisan.efficiency.figures import write_reports
+    from iisan.efficiency.figures import benchmark_files, figure, read_benchmark, report_paths
 
-    shutil.copytree(ROOT / "results" / "efficiency", tmp_path / "efficiency")
+    found = benchmark_files([ROOT / "results" / "efficiency"])
+    assert sorted(report_paths(path, tmp_path)[1].name for path in found) == \
+        sorted(p.name for p in (ROOT / "figs").glob("*.png"))  # (drawn: test_plot_figures_draws_the_committed...)
     legends, save = [], Figure.savefig
 
     def kept(fig, *args, **kwargs):
@@ -275,9 +275,9 @@ def test_the_documented_redraw_draws_every_committed_figure_and_names_only_the_c
         return save(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", kept)
-    made = write_reports([tmp_path / "efficiency"], tmp_path / "figs")
-    assert sorted(p.name for p in made if p.suffix == ".png") == sorted(p.name for p in (ROOT / "figs").glob("*.png"))
-    assert sorted(legends) == [("IISAN", "the other methods")] * 6 + [("the other methods",)] * 2
+    for name in ("tiny-demo-cpu-paper.json", "cpu-towers-aec5b7f/after-aec5b7f.json"):  # with IISAN, baselines alone
+        figure(read_benchmark(ROOT / "results" / "efficiency" / name))
+    assert legends == [("IISAN", "the other methods"), ("the other methods",)]
 
 
 # --------------------------------------------------------------------------------------------------
