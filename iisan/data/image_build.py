@@ -251,7 +251,7 @@ def build_image_lmdb(image_dir: str | Path, out_path: str | Path, item_ids: list
         raise ConfigError(f"--pixels {pixels!r} is not one of {', '.join(PIXELS)}")
     digest = inputs_digest(image_dir, item_ids, extension, size, pixels)
     settings = {"size": size, "pixels": pixels, "extension": extension}
-    contents = lambda: contents_digest(image_dir, item_ids, extension, size, pixels)  # noqa: E731 (read if asked)
+    contents = functools.partial(contents_digest, image_dir, item_ids, extension, size, pixels)  # (read if asked)
     if not overwrite and (kept := kept_store(out_path, report, digest, settings, build_lock(out_path), contents)):
         return kept  # built from these very inputs (``image_inputs``)
     changes: collections.Counter = collections.Counter()

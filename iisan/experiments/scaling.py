@@ -226,11 +226,12 @@ def drawn(rows: list[dict], title: str):
                 ax.plot(*zip(*low), linestyle="none", marker=styles[stage]["marker"], markersize=5,
                         markerfacecolor="white", markeredgecolor=styles[stage]["color"])
     ticks = sorted(scales)
+    shown = spaced(ticks)
     titles = ("time", f"peak memory rise (hollow: under {FLOOR_MIB:g} MiB)")
     for ax, title_, label in zip(axes, titles, ("seconds (log scale)", "MiB over the stage's start (log scale)")):
         ax.set(xscale="log", yscale="log", xlabel="count / the stage's base count (log scale)", ylabel=label,
                title=title_)
-        ax.set_xticks(ticks, [f"{s:g}x" if s in spaced(ticks) else "" for s in ticks])
+        ax.set_xticks(ticks, [f"{s:g}x" if s in shown else "" for s in ticks])
         ax.xaxis.set_minor_locator(NullLocator())
         low, high = ax.dataLim.intervaly
         decades = math.log10(high / low) if low > 0 else 9

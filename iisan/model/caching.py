@@ -59,10 +59,9 @@ def cache_metadata(encoders: dict, title_tokens: int, item_ids: list[str], catal
                    known: dict[str, dict | None] | None = None, images: str | None = None) -> dict[str, dict[str, str]]:
     """The final files' metadata per modality of ``encoders``, keys from ``cache.METADATA_KEYS`` (what
     ``cache.check_metadata`` compares with a config); ``title_tokens``: the text tower's title length (the width
-    ``build.title_tensors`` gives). ``images``: the image LMDB's digest; ``catalog``: the
-    items file as read (its fingerprint; a text cache's titles digest).
-    ``known``: per modality the weights record of a cache already there, whose digest stands while the
-    encoder's files are unchanged (a rebuild does not hash the weights again)."""
+    ``build.title_tensors`` gives). ``images``: the image LMDB's digest; ``catalog``: the items file as read (its
+    fingerprint; a text cache's titles digest). ``known``: per modality the weights record of a cache already
+    there, whose digest stands while the encoder's files are unchanged (a rebuild does not hash the weights again)."""
     out = {}
     for m, encoder in encoders.items():
         weights = (weights_digest(encoder.folder, (known or {}).get(m)) if encoder.folder
@@ -338,8 +337,9 @@ def _import(cfg: Config, src: str | Path, layers: str, dtype: str, all_items: bo
             "imported_files": imported_files(Path(src), m, item_ids),
         })
     check_replaced(metadata, Path(cfg.cache_dir), overwrite)
-    for m in metadata:  # (as a build's)
-        header_bytes(cache_file(cfg.cache_dir, m), {"states": (DTYPES[dtype], (len(item_ids), 1, 1))}, metadata[m])
+    for m in metadata:  # (as a build's: the header holds the shape's digits too)
+        states = (DTYPES[dtype], (len(item_ids), len(keep[m]), shapes[m][1]))
+        header_bytes(cache_file(cfg.cache_dir, m), {"states": states}, metadata[m])
     if not overwrite and (kept := kept_import(metadata, Path(cfg.cache_dir), allow_missing)):
         log.info("%s: imported before from the same files with these settings; kept as they are (--overwrite "
                  "imports again)", ", ".join(map(str, kept.values())))
