@@ -145,7 +145,8 @@ def test_the_space_asked_for_covers_the_store_written(tmp_path, monkeypatch, siz
     folder = tmp_path / "img"
     folder.mkdir()
     for i in range(count):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+        pixels = np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
     asked, require_space = [], image_build.require_space
     monkeypatch.setattr(image_build, "require_space", lambda path, needed, what: (asked.append(needed),
                                                                                  require_space(path, needed, what)))

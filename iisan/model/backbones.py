@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
+from transformers import AutoConfig
 
 from .. import once
 from ..config import choices
@@ -44,6 +46,9 @@ from .families import (
 from .inputs import processor_norm, tokenize_for_pooling
 from .layer_rules import MAX_DEPTH, check_layers
 from .patches import patches_as_matmul
+
+if TYPE_CHECKING:  # an annotation only: importing it brings transformers' tokenizer code
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +286,7 @@ def load_image_encoder(name: str, layers: tuple[int, ...], dtype: torch.dtype | 
     if image_norm not in IMAGE_NORMS:
         raise ValueError(f"image_norm {image_norm!r} is not one of {', '.join(IMAGE_NORMS)}")
     spec = read_spec(name, "image", allow_download)  # refuses an unsupported architecture before loading weights
-    processor = load_from_folder(AutoImageProcessor, name, "image processor", allow_download)
+    processor = load_from_folder(transformers.AutoImageProcessor, name, "image processor", allow_download)
     model = _load_tower(spec, "image", dtype, allow_download)
     drop_pooler(model)
     if patch_embedding == "matmul":

@@ -21,7 +21,6 @@ from ..data.run_data import cache_dir, check_data_files, image_store, images_dig
 from ..errors import ConfigError, UserError
 from ..methods import METHOD_TABLE, side_network
 from .backbones import BackboneEncoder, freeze, load_image_encoder, load_text_encoder, read_spec, resolve_encoder_dtype
-from .baselines import baseline_item_encoder
 from .encoder_files import check_folder_readable, local_folder, weights_digest
 from .families import resolve_pooling
 from .feeds import CachedStates, LiveStates
@@ -317,6 +316,8 @@ def build_model(cfg: Config, data: SeqRecData | None, device: torch.device | str
     elif side_network(cfg.method):
         item_encoder, pixels = iisan_item_encoder(cfg, data, device, encoders, trained)
     else:
+        from .baselines import baseline_item_encoder  # here: it imports peft (a second), which IISAN never needs
+
         encoders = encoders or load_encoders(cfg)
         pixels = image_pixels(cfg, data.item_ids, encoders) if data is not None else None
         item_encoder = baseline_item_encoder(cfg, encoders, None if data is None else data.titles)

@@ -22,7 +22,6 @@ import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
-from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config import model_location
@@ -62,15 +61,22 @@ def quiet_transformers():
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError, StrictDataclassError,
                AssertionError, ZeroDivisionError)
 # JSON files an Auto class reads besides config.json. Each must hold an object: transformers takes any
-# other JSON value for one and fails on it far away ('list' object has no attribute 'get').
-JSON_OBJECTS = {AutoTokenizer: ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                                "tokenizer.json", "vocab.json"),
-                AutoImageProcessor: ("preprocessor_config.json", "processor_config.json")}
+# other JSON value for one and fails on it far away ('list' object has no attribute 'get'). Auto classes go by
+# name here (``kind``): naming AutoTokenizer or AutoImageProcessor makes transformers import them, which takes
+# seconds (the image processors bring its model code) that a cached run, reading configs alone, never spends.
+JSON_OBJECTS = {"AutoTokenizer": ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                                  "tokenizer.json", "vocab.json"),
+                "AutoImageProcessor": ("preprocessor_config.json", "processor_config.json")}
 
 
-CODE_MAPS = {AutoTokenizer: "tokenizer_config.json", AutoImageProcessor: "preprocessor_config.json"}
+CODE_MAPS = {"AutoTokenizer": "tokenizer_config.json", "AutoImageProcessor": "preprocessor_config.json"}
 CUSTOM_CODE = ("IISAN never runs code from a model folder: use a model whose tokenizer and image processor "
                "transformers provides")
+
+
+def kind(auto_class) -> str:
+    """An Auto class's name: what ``JSON_OBJECTS``, ``CODE_MAPS`` and ``families.MODEL_CLASSES`` go by."""
+    return getattr(auto_class, "__name__", "")
 
 
 def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
@@ -79,9 +85,9 @@ def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
     says once that the map was ignored: the file returned second); where it has none it stops, and
     ``load_from_folder`` says why in one line. A map that is no object (null, a list), on which
     transformers fails with a TypeError, is why the folder cannot be read (returned first)."""
-    path = folder / CODE_MAPS.get(auto_class, "")
+    path = folder / CODE_MAPS.get(kind(auto_class), "")
     try:
-        settings = parse_json(path.read_text(encoding="utf-8")) if auto_class in CODE_MAPS else {}
+        settings = parse_json(path.read_text(encoding="utf-8")) if kind(auto_class) in CODE_MAPS else {}
     except (OSError, ValueError):  # absent, or not JSON: ``unreadable_json`` says why
         return None, None
     if not isinstance(settings, dict) or "auto_map" not in settings:
@@ -94,7 +100,7 @@ def custom_code(folder: Path, auto_class) -> tuple[str | None, Path | None]:
 def unreadable_json(folder: Path, auto_class) -> str | None:
     """Which of the JSON files ``auto_class`` reads in ``folder`` does not parse, and why (None: each does):
     transformers' own message names no file."""
-    for name in (n for n in JSON_OBJECTS.get(auto_class, ()) if (folder / n).is_file()):
+    for name in (n for n in JSON_OBJECTS.get(kind(auto_class), ()) if (folder / n).is_file()):
         try:
             parse_json((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # a decoding error is a ValueError too
@@ -107,10 +113,11 @@ def damaged_file(folder: Path, auto_class) -> str | None:
     would meet with an AttributeError or TypeError deep inside, or a weights file this user may not read
     (which safetensors calls missing); None when none is seen. A JSON file that does not parse is left to
     transformers, which says so itself."""
-    if auto_class is AutoImageProcessor and not any((folder / name).is_file() for name in JSON_OBJECTS[auto_class]):
+    files = JSON_OBJECTS.get(kind(auto_class), ())
+    if kind(auto_class) == "AutoImageProcessor" and not any((folder / name).is_file() for name in files):
         return ("the folder has no preprocessor_config.json (nor a processor_config.json): copy it from the model's "
                 "source; it gives the image size, mean and std the model was trained with")
-    for name in JSON_OBJECTS.get(auto_class, ()):
+    for name in files:
         if (folder / name).is_file():
             with open(folder / name, "rb") as f:
                 head = f.read(4096)
@@ -119,9 +126,9 @@ def damaged_file(folder: Path, auto_class) -> str | None:
                        "without one"
             if not head.lstrip().startswith(b"{"):  # an object's first character, after blanks
                 return f"{name} does not hold a JSON object"
-    if auto_class in JSON_OBJECTS:  # a tokenizer or a processor reads no dtype or vocabulary size
+    if files:  # a tokenizer or a processor reads no dtype or vocabulary size
         return None
-    for weights in sorted(folder.glob("*.safetensors")) if auto_class in MODEL_CLASSES else ():
+    for weights in sorted(folder.glob("*.safetensors")) if kind(auto_class) in MODEL_CLASSES else ():
         try:
             check_readable(weights)  # safetensors calls a file it may not read missing
         except OSError as err:
@@ -142,7 +149,7 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
     (``encoder_files``), never running code from it and never fetching anything unless allowed. A model
     (``families.MODEL_CLASSES``) is loaded only when the folder holds all of its weights (``check_loaded``)."""
     path = resolve_model_path(name, allow_download)
-    weights = auto_class in MODEL_CLASSES
+    weights = kind(auto_class) in MODEL_CLASSES
     if weights:
         kwargs["output_loading_info"] = True
     folder = Path(path) if Path(path).is_dir() else None  # None: a Hub id, fetched (only if allowed)
@@ -165,7 +172,7 @@ def load_from_folder(auto_class, name: str, what: str, allow_download: bool = Fa
         raise EncoderError(f"cannot load {what} from {name!r}: transformers {transformers.__version__} needs a "
                            f"package that is not installed ({first})") from None
     except Exception as err:  # tokenizers (Rust) reports a vocabulary it cannot read as a bare Exception
-        if type(err) is not Exception or auto_class is not AutoTokenizer:  # not that: it goes on as it is
+        if type(err) is not Exception or kind(auto_class) != "AutoTokenizer":  # not that: it goes on as it is
             raise
         raise EncoderError(f"cannot load {what} from {name!r}: its tokenizer files are damaged "
                            f"({load_error_line(err)})") from None
@@ -249,7 +256,7 @@ def load_tokenizer(name: str, vocab_size: int | None, allow_download: bool = Fal
         if spm and not names.intersection(PLAIN_VOCABULARIES) and importlib.util.find_spec("sentencepiece") is None:
             raise EncoderError(f"text encoder folder {folder} has its vocabulary only as {min(spm)}, which needs the "
                                "sentencepiece package (pip install sentencepiece), or a tokenizer.json beside it")
-    tokenizer = load_from_folder(AutoTokenizer, name, "text tokenizer", allow_download)
+    tokenizer = load_from_folder(transformers.AutoTokenizer, name, "text tokenizer", allow_download)
     if vocab_size is None:  # the config's (``backbones.read_spec``) gives none
         return tokenizer
     top = max(tokenizer.get_vocab().values(), default=-1)

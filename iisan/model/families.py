@@ -5,8 +5,8 @@ a weight is read."""
 
 from __future__ import annotations
 
+import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForTextEncoding
 
 from ..errors import EncoderError
 
@@ -41,11 +41,13 @@ def check_architecture(model_type: str, modality: str, name: str) -> None:
 
 
 def model_class(model_type: str):
-    """The transformers Auto class that loads a tower of ``model_type``: T5's encoder alone, else ``AutoModel``."""
-    return AutoModelForTextEncoding if model_type in TEXT_ENCODER_HALVES else AutoModel
+    """The transformers Auto class that loads a tower of ``model_type``: T5's encoder alone, else ``AutoModel``.
+    Looked up when called: transformers imports its model classes then, which takes seconds that a cached run,
+    reading only configs, never spends."""
+    return getattr(transformers, "AutoModelForTextEncoding" if model_type in TEXT_ENCODER_HALVES else "AutoModel")
 
 
-MODEL_CLASSES = (AutoModel, AutoModelForTextEncoding)  # the classes that load weights (``model_class``)
+MODEL_CLASSES = frozenset({"AutoModel", "AutoModelForTextEncoding"})  # the classes that load weights, by name
 
 
 def tower_config(config, modality: str):
