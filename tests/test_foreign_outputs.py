@@ -159,8 +159,8 @@ def test_reproduce_refuses_a_table_it_did_not_write_before_any_work(tmp_path, mo
 
 def test_reproduce_replaces_its_own_table(tmp_path, monkeypatch):
     cfg = SimpleNamespace(out_dir=str(tmp_path / "runs"), replace=lambda **kw: cfg)
-    monkeypatch.setattr(reproduce, "base_config", lambda run, root, drive: cfg)
-    monkeypatch.setattr(reproduce, "ensure_cache", lambda cfg, run, hub: None)
+    monkeypatch.setattr(reproduce, "base_config", lambda run, root: cfg)
+    monkeypatch.setattr(reproduce, "ensure_cache", lambda cfg, run: None)
     monkeypatch.setattr(reproduce, "train", lambda cfg: {"run_dir": str(tmp_path)})
     monkeypatch.setattr(reproduce, "read_row", lambda path, results: {"device": "cpu"})
     monkeypatch.setattr(reproduce, "table", lambda dataset, rows: "| new table |\n")

@@ -184,8 +184,8 @@ def test_an_interrupted_seed_says_to_rerun_the_same_command(tiny_config, tmp_pat
         raise RunInterrupted("SIGTERM at step 3; checkpoint saved in x", f"To resume, run the same command with "
                                                                          f"--run-name {cfg.run_name}", "SIGTERM")
 
-    monkeypatch.setattr(module, "base_config", lambda run, root, drive: tiny_config())
-    monkeypatch.setattr(module, "ensure_cache", lambda cfg, run, hub: None)
+    monkeypatch.setattr(module, "base_config", lambda run, root: tiny_config())
+    monkeypatch.setattr(module, "ensure_cache", lambda cfg, run: None)
     monkeypatch.setattr(module, "train", interrupted)
     with pytest.raises(RunInterrupted) as stopped:
         reproduce(Reproduction("demo", tmp_path))

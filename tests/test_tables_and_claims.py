@@ -94,8 +94,8 @@ def test_a_file_put_at_the_table_path_while_training_is_not_overwritten(tmp_path
         path.write_text("someone else's notes\n")
         return {"run_dir": str(tmp_path / "runs" / cfg.run_name)}
 
-    monkeypatch.setattr(reproduce, "base_config", lambda run, root, drive: Config(device="cpu"))
-    monkeypatch.setattr(reproduce, "ensure_cache", lambda cfg, run, hub: None)
+    monkeypatch.setattr(reproduce, "base_config", lambda run, root: Config(device="cpu"))
+    monkeypatch.setattr(reproduce, "ensure_cache", lambda cfg, run: None)
     monkeypatch.setattr(reproduce, "train", train)
     monkeypatch.setattr(reproduce, "read_row", lambda p, results: row(Path(p).parent.name))
     with pytest.raises(OutputError, match="is not a reproduction table"):
@@ -109,7 +109,7 @@ def test_the_data_step_needs_the_images_too(tmp_path):
         Path(paths[k]).parent.mkdir(parents=True, exist_ok=True)
         Path(paths[k]).write_text("x\n")
     with pytest.raises(StepMissing, match="step 1 of 4 \\(data\\): .* is missing") as err:
-        ensure_data("Scientific", tmp_path, fetch=False, drive=None)
+        ensure_data("Scientific", tmp_path, fetch=False)
     assert paths["images"] in str(err.value)
 
 
@@ -119,7 +119,7 @@ def test_a_cache_with_one_tower_file_is_not_the_cache(tmp_path):
     text.parent.mkdir(parents=True)
     text.write_bytes(b"x")
     with pytest.raises(StepMissing, match="step 2 of 4 \\(cache\\)"):
-        ensure_cache(cfg, Reproduction("Scientific", tmp_path, fetch=False), hub=None)
+        ensure_cache(cfg, Reproduction("Scientific", tmp_path, fetch=False))
 
 
 @pytest.fixture()

@@ -237,11 +237,12 @@ class ImageStore:
         return self.meta.get("source") == BLANK_SOURCE and self.meta.get("count") == 0
 
     @contextmanager
-    def _txn(self, buffers: bool = False):
+    def _txn(self):
+        """A read transaction whose values are buffers into the map (zero-copy), valid inside the block."""
         held = _OPEN.get((self._key, os.getpid()))
         if self._env is None or held is None or held[0] is not self._env:  # a new process, or a store replaced
             self._env = _open_readonly(self.path)
-        with damage_named(self.path), self._env.begin(buffers=buffers) as txn:
+        with damage_named(self.path), self._env.begin(buffers=True) as txn:
             yield txn
 
     def digest(self) -> str:
@@ -261,7 +262,7 @@ class ImageStore:
         if out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
         blank = np.zeros(len(item_ids), dtype=bool)
-        with self._txn(buffers=True) as txn:
+        with self._txn() as txn:
             for i, item_id in enumerate(item_ids):
                 value = txn.get(item_id.encode("utf-8")) if item_id else None
                 if value is None:  # padding ("") or an item the store lacks: see ``blank_ids``
@@ -278,7 +279,7 @@ class ImageStore:
         Both are served as zeros. Reads only the record headers (zero-copy), so it is cheap.
         """
         missing, flagged = [], []
-        with self._txn(buffers=True) as txn:
+        with self._txn() as txn:
             for item_id in item_ids:
                 if not item_id:
                     continue

@@ -28,7 +28,7 @@ from ..config import Config
 from ..console import fixed
 from ..data.cache import cache_file
 from ..data.datasets import dataset_paths
-from ..data.fetch import DriveClient, fetch_dataset, paper_stats
+from ..data.fetch import fetch_dataset, paper_stats
 from ..data.sources import SOURCES
 from ..errors import DataError, FetchError, RunInterrupted, UserError
 from ..files import atomic_path, starts_with
@@ -39,7 +39,7 @@ from ..precedence import resolve
 from ..provenance import provenance
 from ..train.trainer import train
 from .demo import demo_config, prepare_demo_data
-from .encoders import HubClient, fetch_encoders
+from .encoders import fetch_encoders
 from .presets import BACKBONES, ROOT, SEEDS
 from .report import average_rows, seconds
 from .report_rows import read_row
@@ -72,7 +72,7 @@ class Reproduction:
     demo_sizes: dict | None = None  # demo only: num_users / num_items of the synthetic data
 
 
-def ensure_data(name: str, root: Path, fetch: bool, drive: DriveClient | None) -> dict[str, str]:
+def ensure_data(name: str, root: Path, fetch: bool) -> dict[str, str]:
     paths = dataset_paths(name, root)
     missing = [paths[k] for k in ("users", "items", "images") if not Path(paths[k]).exists()]
     if missing:
@@ -80,7 +80,7 @@ def ensure_data(name: str, root: Path, fetch: bool, drive: DriveClient | None) -
         if not fetch:
             raise StepMissing(f"step 1 of 4 (data): {missing[0]} is missing; get it with {how}")
         try:
-            fetch_dataset(name, root, drive)
+            fetch_dataset(name, root)
         except FetchError as err:
             raise StepMissing(f"step 1 of 4 (data): {err}") from None
     elif name in SOURCES:  # files put there by hand: the paper's data set, or no reproduction of it
@@ -92,7 +92,7 @@ def ensure_data(name: str, root: Path, fetch: bool, drive: DriveClient | None) -
     return paths
 
 
-def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
+def ensure_cache(cfg: Config, run: Reproduction) -> None:
     needed = [cache_file(cfg.cache_dir, m) for m in ("text", "image")]
     if all(p.is_file() for p in needed):
         log.info("using the cache in %s (training checks that it matches)", cfg.cache_dir)
@@ -109,20 +109,20 @@ def ensure_cache(cfg: Config, run: Reproduction, hub: HubClient | None) -> None:
             raise StepMissing(f"step 2 of 4 (cache): {needed[0]} is missing and so is the encoder {absent}; "
                               f"get it with {how}")
         try:
-            fetch_encoders("iisan", models[0].parent, hub)
+            fetch_encoders("iisan", models[0].parent)
         except FetchError as err:
             raise StepMissing(f"step 2 of 4 (cache, encoders): {err}") from None
     build_cache_from_config(cfg)  # cfg.cache_dtype: auto = fp32, as the authors' cache
 
 
-def base_config(run: Reproduction, root: Path, drive: DriveClient | None) -> Config:
+def base_config(run: Reproduction, root: Path) -> Config:
     if run.dataset == "demo":
         progress = (run.overrides or {}).get("progress", True)  # (a million users' images take minutes)
         prepared = prepare_demo_data(run.out_dir / "demo_data", progress=progress, flags=DEMO_DATA_FLAGS,
                                      **(run.demo_sizes or {}))  # data of other sizes there is refused
         cfg = demo_config(prepared, run.out_dir / "demo_data", **(run.overrides or {}))
         return cfg.replace(out_dir=str(run.out_dir / "runs"))
-    paths = ensure_data(run.dataset, root, run.fetch, drive)
+    paths = ensure_data(run.dataset, root, run.fetch)
     models = {k: str(root / "pretrained_models" / Path(v).name) for k, v in BACKBONES.items()}
     return resolve({**models, **paths, "method": "iisan", "feed": "cached", "out_dir": str(run.out_dir / "runs"),
                     **(run.overrides or {})})  # the paper's IISAN defaults below these (precedence.resolve)
@@ -177,8 +177,7 @@ def table_path(run: Reproduction) -> Path:
     return path
 
 
-def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = None,
-              hub: HubClient | None = None) -> Path:
+def reproduce(run: Reproduction, root: Path = ROOT) -> Path:
     """Steps 1-4 of the module docstring; returns the table's path."""
     run.out_dir = Path(run.out_dir)
     path = table_path(run)  # before any work
@@ -186,9 +185,9 @@ def reproduce(run: Reproduction, root: Path = ROOT, drive: DriveClient | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     with logging_to(command_log(path.with_suffix(".log"), "=== reproduction", "reproduction log"), "reproduction"):
         log.info("step 1 of 4: the %s data", run.dataset)
-        cfg = base_config(run, root, drive)
+        cfg = base_config(run, root)
         log.info("step 2 of 4: the cache of %s's hidden states", run.dataset)
-        ensure_cache(cfg, run, hub)
+        ensure_cache(cfg, run)
         rows = []
         for seed in run.seeds:
             log.info("step 3 of 4: cached IISAN on %s, seed %d", run.dataset, seed)

@@ -109,23 +109,23 @@ def pooling_for(cfg: Config, modality: str, model_type: str) -> str:
 # feeds
 
 
-def load_encoders(cfg: Config, dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict:
-    """Frozen encoders in ``dtype``; without one, fp32, or with ``device`` the precision that
-    ``cfg.encoder_dtype`` resolves to there (half for an LLM checkpoint on a GPU)."""
+def load_encoders(cfg: Config, device: torch.device | None = None) -> dict:
+    """Frozen encoders: in fp32, or with ``device`` in the precision that ``cfg.encoder_dtype`` resolves to
+    there (half for an LLM checkpoint on a GPU)."""
     encoders = {}
     # Loading may draw random numbers (transformers initialises weights the checkpoint then replaces, or
     # a pooler it lacks): restored after, so a model built with or without encoders (live or cached
     # IISAN) starts from the same trained weights for one seed.
     with torch.random.fork_rng(devices=[]):
         for m in modalities(cfg):
-            encoders[m] = _load_encoder(cfg, m, dtype, device)
+            encoders[m] = _load_encoder(cfg, m, device)
     return encoders
 
 
-def _load_encoder(cfg: Config, m: str, dtype: torch.dtype | None, device: torch.device | None) -> BackboneEncoder:
+def _load_encoder(cfg: Config, m: str, device: torch.device | None) -> BackboneEncoder:
     name, fetch = model_name(cfg, m), cfg.allow_download
     spec = read_spec(name, m, fetch)
-    precision = dtype or (resolve_encoder_dtype(cfg.encoder_dtype, name, m, device, fetch) if device else None)
+    precision = resolve_encoder_dtype(cfg.encoder_dtype, name, m, device, fetch) if device else None
     if m == "text":
         return load_text_encoder(name, layers_for(cfg, m, spec.depth), pooling=cfg.text_pooling, dtype=precision,
                                  allow_download=fetch)
