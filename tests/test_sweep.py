@@ -557,3 +557,43 @@ def test_a_grid_of_another_action_takes_no_look_at_run_folders(monkeypatch):
     monkeypatch.setattr(sweep, "found_finished", lambda point: pytest.fail("looked at a run folder"))
     points = [GridPoint(i, {"seed": i}, Config(seed=i, run_name=f"p{i}")) for i in range(2)]
     assert sweep.run_grid(points, argparse.Namespace(grid_index=None), action=lambda cfg, args: cfg.seed) == [0, 1]
+
+
+@pytest.mark.parametrize("keep", [2, 0])
+def test_a_grid_says_once_when_the_points_left_would_fill_its_disk(keep, monkeypatch, tmp_path, caplog):
+    """Each run checked only its own checkpoints against the disk's free space, so a sweep of 20 FFT points (about
+    109 GB kept) filled its disk hours in, at some point's epoch end. After each point it trains, the grid now
+    weighs the points left to train (not those found finished) at the largest run folder so far, and says once
+    when they would keep more than the disk holding the runs has free."""
+    import argparse
+    import types
+
+    import iisan.experiments.grid as grid
+    import iisan.experiments.sweep as module
+    from iisan.config import Config
+
+    kept = {0: 3000, 1: 5000, 2: 1000, 3: 1000, 4: 1000}  # bytes each point's run folder keeps
+
+    def trained(point, total, action, args, left):
+        folder = tmp_path / "runs" / f"p{point.index}"
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "epoch.safetensors").write_bytes(b"x" * (kept[point.index] - 1000))
+        (folder / "best.safetensors").write_bytes(b"x" * 1000)
+        return Outcome(point, Status.FINISHED, {"run_dir": str(folder)})
+
+    monkeypatch.setattr(module, "run_point", trained)
+    monkeypatch.setattr(module, "found_finished", lambda point: point.index == 4)
+    asked = []
+    monkeypatch.setattr(grid.shutil, "disk_usage", lambda path: asked.append(path) or types.SimpleNamespace(free=9500))
+    points = [GridPoint(i, {"seed": i}, Config(seed=i, run_name=f"p{i}", keep_checkpoints=keep)) for i in range(5)]
+    with caplog.at_level("WARNING", logger="iisan.experiments.sweep"):
+        module.run_grid(points, argparse.Namespace(grid_index=None))
+    # after point 0: 3 points left x 3,000 bytes fit in 9,500; after point 1: 2 x 5,000 do not; then nothing more
+    fewer = ", or run it with --keep-checkpoints 0 (a finished point keeps its best.safetensors alone)" if keep else ""
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the 2 point(s) left to train would keep about 9.8 KiB in {tmp_path / 'runs'}, at the 4.9 KiB of the largest "
+        f"run folder so far, and its disk has 9.3 KiB free: free some space{fewer}, or a full disk stops a point at an "
+        "epoch's end"]
+    assert asked == [tmp_path / "runs"] * 2
+    assert grid.disk_short([], 3, tmp_path, 2) is None and grid.disk_short([10**9], 0, tmp_path, 2) is None
+    assert grid.folder_bytes(tmp_path / "runs") == sum(kept.values())

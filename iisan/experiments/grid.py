@@ -1,14 +1,18 @@
 """A grid's points and what became of each (``sweep.run_grid``): the listing ``--list-grid`` prints, the summary
-table printed at the end, and the time a sweep has left."""
+table printed at the end, and the time and the disk a sweep has left."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from ..config import Config
 from ..console import duration, fixed
+from ..files import shown_bytes
 from ..metric_names import HEADLINE, SELECTED_BY, label
 
 
@@ -92,3 +96,31 @@ def time_left(trained: list[float], left: int) -> str:
     mean = sum(trained) / len(trained)
     return (f"; about {duration(mean * left)} left for {left} point(s), at the {duration(mean)} each of the "
             f"{len(trained)} trained so far")
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """The bytes of the files under ``folder`` (links not followed; a file gone meanwhile counts nothing)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def disk_short(kept: list[int], left: int, runs: Path, keep_checkpoints: int) -> str | None:
+    """A warning when the ``left`` points still to train, each keeping as much as the largest of the run folders
+    trained so far (``kept`` bytes), would keep more than the disk holding ``runs`` has free: a full disk stops a
+    point at an epoch's end, hours into a grid. None when they fit, or when nothing is known yet."""
+    if not kept or left < 1:
+        return None
+    need, free = max(kept) * left, shutil.disk_usage(runs).free
+    if need <= free:
+        return None
+    fewer = "" if keep_checkpoints == 0 else ", or run it with --keep-checkpoints 0 (a finished point keeps its " \
+        "best.safetensors alone)"
+    return (f"the {left} point(s) left to train would keep about {shown_bytes(need)} in {runs}, at the "
+            f"{shown_bytes(max(kept))} of the largest run folder so far, and its disk has {shown_bytes(free)} free: "
+            f"free some space{fewer}, or a full disk stops a point at an epoch's end")

@@ -35,7 +35,7 @@ from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..methods import MAY_CHANGE, METHOD_DEFAULTS, kept_over, unread_keys
 from ..precedence import resolve
-from .grid import GridPoint, Outcome, Status, listing, summary, time_left, values_text
+from .grid import GridPoint, Outcome, Status, disk_short, folder_bytes, listing, summary, time_left, values_text
 from .presets import BACKBONES, own_cache_dir
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,8 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
     first = next((p.config for p in points if p.config is not None), None)
     created = launched() and first is not None and setup(first.device)[2]
     trained: list[float] = []  # seconds of each point trained by this command, for the time left
+    kept: list[int] = []  # bytes of each run folder trained by this command, for the disk left
+    disk_said = False  # (once)
     done = [action is None and found_finished(p) for p in points]  # (they take none of it)
     try:
         for n, point in enumerate(points):
@@ -222,6 +224,13 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                 outcomes[n] = run_point(point, total, action, args, time_left(trained, len(points) - n - sum(done[n:])))
                 if outcomes[n].status is Status.FINISHED:
                     trained.append(time.monotonic() - began)
+                    if action is None and main_process() and not disk_said:
+                        run = Path(outcomes[n].result["run_dir"])
+                        kept.append(folder_bytes(run))
+                        left = len(points) - n - 1 - sum(done[n + 1:])
+                        if warning := disk_short(kept, left, run.parent, point.config.keep_checkpoints):
+                            log.warning(warning)
+                            disk_said = True
                 if launched() and outcomes[n].status == Status.FAILED and point.config is not None:
                     # it may have failed on this rank alone (a write only rank 0 does): the others wait in its
                     # collectives, so no next point can start; this process ends, and theirs with it
