@@ -224,8 +224,8 @@ def run_grid(points: list[GridPoint], args, action=None, made=None) -> list:
                 outcomes[n] = run_point(point, total, action, args, time_left(trained, len(points) - n - sum(done[n:])))
                 if outcomes[n].status is Status.FINISHED:
                     trained.append(time.monotonic() - began)
-                    if action is None and main_process() and not disk_said:
-                        run = Path(outcomes[n].result["run_dir"])
+                    if action is None and main_process() and not disk_said and outcomes[n].result:
+                        run = Path(outcomes[n].result["run_dir"])  # (train's results name their folder)
                         kept.append(folder_bytes(run))
                         left = len(points) - n - 1 - sum(done[n + 1:])
                         if warning := disk_short(kept, left, run.parent, point.config.keep_checkpoints):
