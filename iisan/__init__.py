@@ -9,4 +9,10 @@ then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` and `
 and the GPU diagnosis; neither imports the other) -> ``cli``.
 """
 
+import os
+
+if os.name == "nt":  # the resource module, fcntl locks, POSIX signals, fsync of folders
+    raise SystemExit("iisan: runs on Linux and macOS, not on Windows itself: run it under WSL 2 (Windows Subsystem "
+                     "for Linux)")
+
 __version__ = "0.1.0"

@@ -33,14 +33,25 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU's is asynchronous: a step's time would be its dispatch)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device running out of memory: CUDA's own error, or Apple MPS's plain RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or \
+        (isinstance(err, RuntimeError) and str(err).startswith("MPS backend out of memory"))
 
 
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":  # (its memory is the host's: the CPU's cores say which machine it is)
+        return f"Apple MPS ({platform.machine()}, {os.cpu_count() or 1} cores)"
     model, usable, every = cpu_model(), usable_cores(), os.cpu_count() or 1
     cores = f"{usable} cores" if usable == every else f"{usable} of {every} cores"  # a job given 4 of a node's 128
     return f"CPU ({platform.processor() or platform.machine()}, {f'{model}, ' if model else ''}{cores}, " \

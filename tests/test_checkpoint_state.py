@@ -236,6 +236,27 @@ def test_a_rank_the_checkpoint_has_no_stream_for_draws_as_a_fresh_run_s_rank_doe
     assert torch.equal(drawn, torch.rand(3))
 
 
+def test_an_apple_mps_stream_is_saved_and_restored_and_one_missing_is_seeded_as_a_fresh_run_seeds_it(monkeypatch):
+    """Resumed on MPS, its generator (the user encoder's dropout) was neither saved nor restored, yet the resume
+    said it was exact: it is saved as CUDA's is, and a checkpoint without it is not taken as exact."""
+    from iisan.distributed import SINGLE
+    from iisan.train.runstate import capture_rng, restore_rng
+
+    mps = {"state": torch.tensor([7, 8, 9], dtype=torch.uint8), "seeded": None}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: mps["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: mps.update(state=state.clone()))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: mps.update(seeded=seed))
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)  # (it would seed MPS too, were there one)
+    state, tensors = capture_rng(SINGLE, torch.device("mps"))
+    assert torch.equal(tensors["rng.mps.0"], torch.tensor([7, 8, 9], dtype=torch.uint8))
+    mps["state"] = torch.zeros(3, dtype=torch.uint8)
+    assert restore_rng(state, tensors, SINGLE, torch.device("mps"), 12345) is True
+    assert mps["state"].tolist() == [7, 8, 9] and mps["seeded"] is None
+    cpu_only = {k: v for k, v in tensors.items() if k != "rng.mps.0"}  # saved by a run on the CPU
+    assert restore_rng(state, cpu_only, SINGLE, torch.device("mps"), 12345) is False
+    assert mps["seeded"] == 12345
+
+
 def test_weights_are_copied_into_the_trained_parameters_alone():
     """A weights file holds the trained parameters (``trainable_state``); one naming a frozen parameter (a
     pretrained weight) is of another model, refused before anything is copied over it."""

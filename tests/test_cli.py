@@ -334,8 +334,9 @@ def test_half_precision_asked_for_on_a_cpu_is_said_to_be_fp32(tiny_config, caplo
     with caplog.at_level(logging.WARNING, logger="iisan"):
         assert plan_step(cfg, torch.device("cpu"), model).amp is None
         plan_step(cfg.replace(amp="auto"), torch.device("cpu"), model)
-    assert [r.getMessage() for r in caplog.records] == ["--amp bf16 applies on a GPU only: on CPU this run computes "
-                                                        "in fp32 (half precision is often emulated there, and slow)"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "--amp bf16 applies on a CUDA GPU only: on CPU this run computes in fp32 (half precision is often emulated "
+        "there, and slow)"]
 
 
 def test_half_encoders_on_a_cpu_are_warned_of_once(caplog):

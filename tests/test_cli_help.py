@@ -319,6 +319,15 @@ def test_a_cached_iisan_run_imports_neither_transformers_model_code_nor_peft(tin
     assert (Path(cfg.out_dir) / "t" / "results.json").is_file()  # it trained, and evaluated
 
 
+def test_on_windows_it_says_in_one_line_where_it_runs():
+    """Windows lacks the resource module, fcntl locks and a folder's fsync: every command ended in a traceback
+    (ModuleNotFoundError: resource), or, past that, failed its first lock or write."""
+    code = "import os; os.name = 'nt'; import iisan"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stderr) == (1, "iisan: runs on Linux and macOS, not on Windows itself: run it under "
+                                                 "WSL 2 (Windows Subsystem for Linux)\n")
+
+
 def test_version_names_the_installed_package(capsys):
     from importlib.metadata import version
 

@@ -4,6 +4,7 @@ and OOM messages."""
 
 from __future__ import annotations
 
+import re
 import traceback
 from pathlib import Path
 
@@ -297,6 +298,60 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_
     monkeypatch.setattr(trainer, "make_train_step", exploding_step)
     with pytest.raises(TrainingError, match=r"batch_size=16 does not fit on .*: the step needed 3.50 GiB"):
         trainer.train(tiny_config(cache_dir=tiny_cache))
+
+
+@pytest.mark.parametrize("error, answered", [
+    (RuntimeError("MPS backend out of memory (MPS allocated: 17.98 GB, other allocations: 2.1 MB, max allowed: "
+                  "18.13 GB). Tried to allocate 256.00 MB on private pool."), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x3 and 4x5)"), False)])
+def test_apple_mps_out_of_memory_is_answered_as_cudas_and_other_runtime_errors_pass(error, answered, tiny_config,
+                                                                                     tiny_cache, monkeypatch):
+    """MPS says it is out of memory as a plain RuntimeError, which went out as a traceback without the batch
+    size hint that CUDA's torch.OutOfMemoryError gets."""
+    import iisan.train.trainer as trainer
+
+    def exploding_step(*args, **kwargs):
+        def step(batch):
+            raise error
+        step.scaler, step.mode = None, "off"
+        return step
+
+    monkeypatch.setattr(trainer, "make_train_step", exploding_step)
+    with pytest.raises(TrainingError if answered else RuntimeError) as raised:
+        trainer.train(tiny_config(cache_dir=tiny_cache))
+    if answered:
+        assert re.fullmatch(r"batch_size=16 does not fit on CPU \(.*\): the step needed 256.00 MB on top of 0.00 GiB "
+                            r"already allocated \(device has 0.0 GiB\); lower --batch-size", str(raised.value))
+    else:
+        assert raised.value is error
+
+
+def test_apple_mps_is_named_waited_for_and_tagged_as_itself(monkeypatch):
+    """An MPS run was recorded as a CPU's (results.json, train.log, benchmark rows), its benchmark file named as
+    a CPU's, and its steps timed without waiting for the GPU's queue (their dispatch alone)."""
+    from iisan.devices import device_name, sync
+    from iisan.efficiency.benchmark import device_tag
+
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    sync(torch.device("mps"))
+    sync(torch.device("cpu"))
+    assert waited == ["mps"]
+    name = device_name(torch.device("mps"))
+    assert re.fullmatch(r"Apple MPS \(\w+, \d+ cores\)", name), name
+    assert (device_tag(name), device_tag(device_name("cpu")), device_tag("NVIDIA H100 80GB HBM3")) == \
+        ("mps", "cpu", "h100")
+
+
+def test_the_out_of_memory_line_on_apple_mps_gives_its_memory(monkeypatch):
+    from iisan.train.step import out_of_memory_message
+
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 18 * 2**30)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 3 * 2**29)
+    line = out_of_memory_message(RuntimeError("MPS backend out of memory (...). Tried to allocate 64.00 MB on "
+                                              "private pool."), 512, torch.device("mps"))
+    assert re.fullmatch(r"batch_size=512 does not fit on Apple MPS \(.+, \d+ cores\): the step needed 64.00 MB on "
+                        r"top of 1.50 GiB already allocated \(device has 18.0 GiB\); lower --batch-size", line)
 
 
 @pytest.mark.parametrize("setting", ["fft", "iisan-live"])

@@ -153,8 +153,8 @@ def check_batch_size(batch: int, data: str, flag: str) -> None:
 
 
 def device_tag(device: str) -> str:
-    if device.startswith("CPU"):
-        return "cpu"
+    if device.startswith(("CPU", "Apple MPS")):
+        return "cpu" if device.startswith("CPU") else "mps"
     return device.replace("NVIDIA ", "").split()[0].lower()
 
 

@@ -159,8 +159,9 @@ def plan_step(cfg: Config, device: torch.device, model: Recommender, processes: 
     """``compile=auto`` compiles single-process runs only: CUDA graphs around DDP's gradient hooks are not
     checked here; ``--compile cudagraph|inductor`` asks for it under torchrun anyway."""
     if cfg.amp in ("bf16", "fp16") and device.type != "cuda":
-        log.log(once.level("amp off the GPU", (cfg.amp, device.type)), "--amp %s applies on a GPU only: on %s this run "
-                "computes in fp32 (half precision is often emulated there, and slow)", cfg.amp, device.type.upper())
+        log.log(once.level("amp off the GPU", (cfg.amp, device.type)), "--amp %s applies on a CUDA GPU only: on %s "
+                "this run computes in fp32 (half precision is often emulated there, and slow)", cfg.amp,
+                device.type.upper())
     compiled = "off" if processes > 1 and cfg.compile == "auto" else use_compile(cfg, device)
     encoding, buckets = batch_layout(cfg, compiled, model)
     return StepPlan(amp_dtype(cfg.amp, device), compiled, encoding, buckets, per_item_towers(encoding, model))

@@ -39,12 +39,14 @@ def capture_rng(dist: Dist, device: torch.device) -> tuple[dict, dict[str, torch
     if device.type == "cuda":
         for rank, rng in enumerate(gather_same(torch.cuda.get_rng_state(device), dist)):
             tensors[f"rng.cuda.{rank}"] = rng
+    elif device.type == "mps":  # (Apple's GPU: one per machine, so one process)
+        tensors["rng.mps.0"] = torch.mps.get_rng_state()
     return state, tensors
 
 
 def restore_rng(state: dict, tensors: dict[str, torch.Tensor], dist: Dist, device: torch.device, seed: int) -> bool:
     """Set this rank's generators; False when the checkpoint has no stream for this rank or device
-    (resumed with more processes, or CPU -> CUDA): that stream is then seeded as a fresh run seeds this rank
+    (resumed with more processes, or CPU -> CUDA or MPS): that stream is then seeded as a fresh run seeds this rank
     (``seed + rank``: each rank its own dropout masks), and results will not match an uninterrupted run bit
     for bit."""
     version, mt, gauss = state["python"]
@@ -52,17 +54,21 @@ def restore_rng(state: dict, tensors: dict[str, torch.Tensor], dist: Dist, devic
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     own = tensors.get(f"rng.torch.{dist.rank}")
-    on_device = tensors.get(f"rng.cuda.{dist.rank}") if device.type == "cuda" else None
+    on_device = tensors.get(f"rng.{device.type}.{dist.rank}") if device.type in ("cuda", "mps") else None
     if own is None:
-        torch.manual_seed(seed + dist.rank)  # (CUDA's streams too)
+        torch.manual_seed(seed + dist.rank)  # (CUDA's and MPS's streams too)
     else:
         torch.set_rng_state(own)
-    if on_device is not None:
+    if on_device is not None and device.type == "mps":
+        torch.mps.set_rng_state(on_device)
+    elif on_device is not None:
         torch.cuda.set_rng_state(on_device, device)
+    elif device.type == "mps" and own is not None:
+        torch.mps.manual_seed(seed + dist.rank)
     elif device.type == "cuda" and own is not None:
         with torch.cuda.device(device):  # (manual_seed seeds the current device)
             torch.cuda.manual_seed(seed + dist.rank)
-    return own is not None and (device.type != "cuda" or on_device is not None)
+    return own is not None and (device.type not in ("cuda", "mps") or on_device is not None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -140,8 +140,12 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, am
 
 def out_of_memory_message(err: Exception, batch_size: int, device: torch.device) -> str:
     wanted = re.search(r"Tried to allocate ([\d.]+ [KMG]i?B)", str(err))
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
-    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+    total = held = 0
+    if device.type == "cuda":
+        total, held = torch.cuda.get_device_properties(device).total_memory, torch.cuda.memory_allocated(device)
+    elif device.type == "mps":  # (what the host lets the GPU take of the memory they share)
+        total, held = torch.mps.recommended_max_memory(), torch.mps.current_allocated_memory()
+    total, held = total / 2**30, held / 2**30
     return (f"batch_size={batch_size} does not fit on {device_name(device)}: the step needed "
             f"{wanted.group(1) if wanted else 'more'} on top of {held:.2f} GiB already allocated "
             f"(device has {total:.1f} GiB); lower --batch-size")

@@ -27,7 +27,7 @@ from ..console import progress_bar
 from ..data.batches import TrainBatch, TrainBatches, epoch_batches
 from ..data.epochs import epoch_order, steps_per_epoch
 from ..data.run_data import check_trainable, describe_data, load_data
-from ..devices import device_name, sync
+from ..devices import device_name, out_of_memory, sync
 from ..digests import file_fingerprint
 from ..distributed import Dist, any_rank, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
@@ -234,7 +234,9 @@ class Run:
                 break
             try:
                 losses[i] = self.step(batch.to(device))
-            except torch.OutOfMemoryError as err:
+            except RuntimeError as err:  # torch.OutOfMemoryError is one, and so is MPS's saying the same
+                if not out_of_memory(err):
+                    raise
                 raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
             if (i + 1) % FINITE_POLL_STEPS == 0 and i + 1 < n_steps and \
                     any_rank(ends_training(losses[: i + 1], cfg.nonfinite), dist):
@@ -264,12 +266,10 @@ class Run:
             if progress.stopped:
                 break
             progress.global_step += n_steps
-
-            self.record.memory.enter("evaluation")
+            self.record.memory.enter("evaluation")  # (the validation, and the test when it improved)
             start = time.perf_counter()
             table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device, self.dist)
-            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table,
-                                   dist=self.dist)
+            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table, dist=self.dist)
             if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good,
                                            self.plan.amp):
                 # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
