@@ -6,6 +6,7 @@ the entry scripts under ``Code_*`` and the tools under ``scripts/`` all go throu
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, in_the_way, interrupt_status
+from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, ignore_stops, in_the_way, interrupt_status
 from .files import disk_failure, shown_bytes
 from .metric_names import HEADLINE, label
 from .once import in_a_launch, other_rank
@@ -196,6 +197,7 @@ def exit_interrupted(prog: str, err: BaseException | str, signal_name: str = "SI
     """Ctrl-C or a stop signal: say how to resume (once, under torchrun) and exit 130, 143 or the signal's status. A
     stderr gone (a closed terminal's SIGHUP, a `| tee` the same SIGTERM ended first) loses the line, not the
     status, which a scheduler reads."""
+    atexit.register(ignore_stops)  # (registered last, it runs first: before torch's own exit hooks)
     if not other_rank():
         try:
             print(f"{prog}: {err}", file=sys.stderr)

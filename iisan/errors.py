@@ -115,6 +115,17 @@ def interrupt_status(signal: str) -> int:
     return 128 + int(signals.Signals[signal]) if signal in signals.Signals.__members__ else 130
 
 
+def ignore_stops() -> None:
+    """A command ending on a signal ignores the ones after it while Python and torch clean up (a second or so): a
+    second Ctrl-C there printed a traceback from an exit hook, or killed the process with the signal's status
+    instead of 130 (``console.exit_interrupted`` runs it among the exit hooks, first)."""
+    for name in ("SIGINT", *STOP_SIGNALS):
+        try:
+            signals.signal(signals.Signals[name], signals.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
 USER_ERRORS = (UserError,)
 
 

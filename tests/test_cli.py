@@ -551,6 +551,14 @@ def test_ctrl_c_says_what_each_command_leaves(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["evaluate", str(tmp_path)])
     assert info.value.code == 130 and capsys.readouterr().err.strip() == "iisan: interrupted; nothing was written"
+    import iisan.model.caching as caching  # an import keeps no chunks to go on from, as a cache build does
+
+    monkeypatch.setattr(caching, "import_cache_from_config", interrupted)
+    with pytest.raises(SystemExit) as info:
+        main(["import-cache", "--from", str(tmp_path), "--items", str(tmp_path / "i"), "--cache-dir", str(tmp_path)])
+    assert info.value.code == 130 and capsys.readouterr().err.strip() == (
+        "iisan: interrupted; no cache file was written (each is written whole or not at all): run the same command "
+        "again to import the states")
     bench = load_script("benchmark_efficiency.py")
     monkeypatch.setattr(benchmark, "run_benchmark", interrupted)
     with pytest.raises(SystemExit) as info:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,6 +188,50 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
         np.mean([e["train_seconds"] for e in resumed["epochs"][2:]]))
 
 
+@pytest.mark.parametrize("feed", ["cached", "live"])
+def test_a_signal_during_an_evaluation_stops_it_saves_the_steps_and_a_resume_evaluates_them(base, reference, feed,
+                                                                                          monkeypatch, capfd):
+    """A signal waited for the whole evaluation (valid, test, checkpoint): 25 s at 87k items, 71 s of a live
+    feed's item encoding, past a scheduler's grace before SIGKILL. It now stops the evaluation where it is (the
+    live feed: amid its item table, pictures read ahead in a thread), saves the epoch's steps, and the resumed
+    run evaluates them: the same numbers as a run never stopped."""
+    import iisan.evaluate as evaluate
+
+    cfg = base.replace(run_name=f"eval-stop-{feed}", feed=feed, epochs=4 if feed == "cached" else 2)
+    calls, original = [], (evaluate.rank_targets if feed == "cached" else evaluate.item_chunks)
+
+    def ranking(*args, **kwargs):  # the 8th ranked chunk: epoch 1's valid (epoch 0 ranked 3 valid, 3 test)
+        calls.append(1)
+        if len(calls) == 8:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    def chunks(*args, **kwargs):  # epoch 1's item table, after its first chunk
+        calls.append(1)
+        for n, chunk in enumerate(original(*args, **kwargs)):
+            if len(calls) == 2 and n == 1:
+                signal.raise_signal(signal.SIGINT)
+            yield chunk
+
+    monkeypatch.setattr(evaluate, "rank_targets" if feed == "cached" else "item_chunks",
+                        ranking if feed == "cached" else chunks)
+    with pytest.raises(SystemExit) as info:
+        main(["train", *flags(cfg)])
+    saved = Path(cfg.out_dir) / cfg.run_name / "checkpoints" / "epoch-0001-step-00010"
+    err = capfd.readouterr().err
+    assert "SIGINT received: stopping the evaluation, then saving a checkpoint (Ctrl-C again stops at once" in err
+    assert info.value.code == 130 and err.strip().splitlines()[-1] == (
+        f"iisan: SIGINT during the evaluation of epoch 1, after its 10 steps; checkpoint saved in {saved}. To resume, "
+        f"run the same command again; it goes on in {cfg.run_name}")
+    assert checkpoint.verify(saved) is None and not any(t.name == "iisan-prefetch" for t in threading.enumerate())
+    state = json.loads((saved / "state.json").read_text())
+    assert (state["global_step"], state["next_epoch"], len(state["epochs"])) == (10, 1, 1)  # epoch 1 not counted
+    monkeypatch.undo()
+    resumed = train(cfg)
+    same_run(reference if feed == "cached" else train(cfg.replace(run_name="live-reference")), resumed)
+    assert resumed["epochs"][1]["steps"] == 10 and resumed["epochs"][-1]["epoch"] == cfg.epochs - 1
+
+
 def test_ctrl_c_of_a_run_named_by_its_config_says_which_flag_names_its_folder(base, monkeypatch, capsys):
     interrupt_at(monkeypatch, 2)
     with pytest.raises(SystemExit):
@@ -330,6 +375,18 @@ def test_a_rank_other_than_the_first_puts_the_log_level_back_when_its_run_ends(b
     with pytest.raises(ConfigError, match="stop here"):
         trainer.Run(base.replace(run_name="rank1"), Dist(rank=1, world_size=2), torch.device("cpu"), StopRequests())
     assert seen == [logging.WARNING] and logger.level == logging.DEBUG
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_an_interrupted_command_exits_changes_neither_its_line_nor_its_status(second):
+    """A second Ctrl-C while Python and torch cleaned up after the first printed a KeyboardInterrupt traceback from
+    torch's exit hook, or killed the process with SIGINT's status (-2) instead of exiting 130."""
+    code = ("import atexit, os, signal, time; from iisan.console import exit_interrupted; "
+            f"atexit.register(lambda: (os.kill(os.getpid(), signal.{second}), time.sleep(0.2), print('cleaned up'))); "
+            "exit_interrupted('iisan', 'SIGINT after epoch 0; checkpoint saved in x. To resume, run it again')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        130, "cleaned up\n", "iisan: SIGINT after epoch 0; checkpoint saved in x. To resume, run it again\n")
 
 
 def test_a_second_ctrl_c_stops_at_once_only_in_a_single_process():

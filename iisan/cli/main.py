@@ -61,6 +61,8 @@ INTERRUPTED = {
               "command again",
     "fetch": "interrupted; nothing is left half-written: a download goes on from what it fetched when the same "
              "command runs again",
+    "import-cache": "interrupted; no cache file was written (each is written whole or not at all): run the same "
+                    "command again to import the states",
     "results": "interrupted; nothing is left half-written (a table or figure is written whole or not at all)",
     **dict.fromkeys(("evaluate", "recommend", "params", "data-stats"), READ_ONLY),
 }

@@ -10,6 +10,10 @@ torchrun the launcher forwards the signal it received to every worker, so a work
 signals for one Ctrl-C; there the second is ignored (torchrun kills the workers after its shutdown
 timeout anyway). Images are read by threads, which signals never reach: only the main thread handles them.
 A signal ignored when the run starts (a script's background job, ``trap '' INT``) stays ignored.
+
+An epoch's evaluation has no step to finish, and takes minutes over a large catalogue or with a live feed
+(longer than a scheduler waits between SIGTERM and SIGKILL): in a single process a first signal there stops
+it at once (``StopRequests.raising``), and the run saves its epoch's steps, from which a resume evaluates.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import threading
 from ..errors import STOP_SIGNALS, Terminated
 
 
+class EvaluationStopped(BaseException):
+    """Raised by the handler inside ``StopRequests.raising``: a BaseException, so that no ``except Exception``
+    on the way takes it for a failure."""
+
+
 class StopRequests:
     """Context manager installing the handlers; ``signal`` holds the name of the first signal received."""
 
@@ -32,6 +41,17 @@ class StopRequests:
         self.armed = armed  # False while a run sets up: a signal then stops at once (there is nothing to save)
         self.signal: str | None = None
         self._previous: dict = {}
+        self._raise: type[BaseException] | None = None  # inside ``raising``: what a first signal raises
+
+    @contextlib.contextmanager
+    def raising(self, error: type[BaseException]):
+        """Inside the block, a first signal raises ``error`` where the main thread is, instead of a request that
+        waits for the end of a step (work that is redone after, as an evaluation is)."""
+        self._raise = error
+        try:
+            yield
+        finally:
+            self._raise = None
 
     @property
     def requested(self) -> bool:
@@ -53,9 +73,12 @@ class StopRequests:
         # the same SIGTERM ended first) loses the line, never the step: an error here would surface mid-step.
         below = "\n" if os.isatty(2) else ""
         again = self.escalate and signum == signal.SIGINT  # (a batch job's later signals are ignored)
+        doing = "stopping the evaluation" if self._raise else "finishing the current step"
         with contextlib.suppress(OSError):
-            os.write(2, f"{below}{self.signal} received: finishing the current step, then saving a checkpoint"
+            os.write(2, f"{below}{self.signal} received: {doing}, then saving a checkpoint"
                         f"{' (Ctrl-C again stops at once, without saving)' if again else ''}\n".encode())
+        if self._raise is not None:
+            raise self._raise(name)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread

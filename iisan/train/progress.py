@@ -30,9 +30,12 @@ class EarlyStopping:
     best_epoch: int = -1
     bad_epochs: int = 0
 
+    def improves(self, score: float) -> bool:
+        return score > self.best
+
     def update(self, epoch: int, score: float) -> bool:
         """True if ``score`` is a new best."""
-        if score > self.best:
+        if self.improves(score):
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
             return True
         self.bad_epochs += 1

@@ -25,6 +25,7 @@ from ..files import shown_bytes
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
 from .checkpoint_writing import prune, write_checkpoint
+from .interrupt import EvaluationStopped
 from .runfolder import BEST, best_weights_problem, refuse_to_overwrite
 from .weights import copy_weights, ensure_best_weights, trainable_state
 
@@ -73,6 +74,22 @@ class RunCheckpoints:
             ensure_best_weights(run.model, run.run_dir / "best.safetensors", run.cfg, progress.stopper.best_epoch,
                                 progress.best_valid)
         return state["grad_scaler"]
+
+    @contextlib.contextmanager
+    def saved_if_stopped(self, epoch: int, n_steps: int, losses: torch.Tensor, seconds: float):
+        """An epoch's evaluation, which a signal stops at once in a single process (``interrupt``): the epoch's
+        steps are then saved as a checkpoint after its last step, from which a resume evaluates them. Under
+        torchrun the ranks agree on a stop at steps alone (the evaluation finishes first)."""
+        run = self.run
+        if run.dist.enabled:
+            yield
+            return
+        try:
+            with run.stop.raising(EvaluationStopped):
+                yield
+        except EvaluationStopped:
+            path = self.save(epoch, n_steps, losses.cpu(), seconds)
+            raise run.interrupted(f"during the evaluation of epoch {epoch}, after its {n_steps} steps", path) from None
 
     def save(self, epoch: int, step: int | None = None, losses: torch.Tensor | None = None,
              seconds: float = 0.0) -> Path:

@@ -265,21 +265,21 @@ class Run:
             progress.stopped = self.check_finite(losses, epoch, n_steps)
             if progress.stopped:
                 break
-            progress.global_step += n_steps
-            self.record.memory.enter("evaluation")  # (the validation, and the test when it improved)
+            self.record.memory.enter("evaluation")  # (the validation, and the test when it improves)
             start = time.perf_counter()
-            table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device, self.dist)
-            valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table, dist=self.dist)
+            with self.checkpoints.saved_if_stopped(epoch, n_steps, losses, train_seconds):  # (a signal ends it)
+                table = shared_item_table(self.model, self.data.num_items, cfg, self.pixels, self.device, self.dist)
+                valid = evaluate_model(self.model, self.data, "valid", cfg, self.device, table=table, dist=self.dist)
+                test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
+                                      dist=self.dist) if stopper.improves(valid[SELECTED_BY]) else None
+            progress.global_step += n_steps
             if problem := nonfinite_scores(valid, epoch, self.model, self.run_dir, self.checkpoints.last_good,
                                            self.plan.amp):
                 # as a NaN loss: --nonfinite fail stops the run, authors ends training at the best epoch so far
                 progress.stopped = after_nonfinite(problem, True, cfg.nonfinite, stopper.best_epoch)
                 break
-            improved = stopper.update(epoch, valid[SELECTED_BY])
-            if improved:
-                progress.best_valid = valid
-                progress.best_test = evaluate_model(self.model, self.data, "test", cfg, self.device, table=table,
-                                                dist=self.dist)
+            if improved := stopper.update(epoch, valid[SELECTED_BY]):
+                progress.best_valid, progress.best_test = valid, test
             eval_seconds = time.perf_counter() - start
             self.record.memory.enter("")
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
