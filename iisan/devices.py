@@ -3,16 +3,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 
 import torch
 
+from . import once
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA where there is one, else the CPU (Apple's MPS, which runs this code untested, is named in a
+    line: ``--device mps`` takes it)."""
     if name == "auto":
+        if not torch.cuda.is_available() and torch.backends.mps.is_available() and once.first("mps left unused", ""):
+            log.info("--device auto runs on the CPU; this Mac's GPU is there too: --device mps uses it (Apple MPS, "
+                     "not among the devices IISAN's tests run on)")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():

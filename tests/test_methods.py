@@ -343,6 +343,19 @@ def test_apple_mps_is_named_waited_for_and_tagged_as_itself(monkeypatch):
         ("mps", "cpu", "h100")
 
 
+def test_device_auto_on_a_mac_says_once_that_mps_is_there_and_runs_on_the_cpu(monkeypatch, caplog):
+    """--device auto on a Mac ran on the CPU without a word of the GPU beside it."""
+    from iisan.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with caplog.at_level("INFO", logger="iisan.devices"):
+        assert resolve_device("auto") == resolve_device("auto") == torch.device("cpu")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--device auto runs on the CPU; this Mac's GPU is there too: --device mps uses it (Apple MPS, not among the "
+        "devices IISAN's tests run on)"]
+
+
 def test_the_out_of_memory_line_on_apple_mps_gives_its_memory(monkeypatch):
     from iisan.train.step import out_of_memory_message
 
