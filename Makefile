@@ -30,8 +30,8 @@ demo: install
 reproduce: install
 	$(BIN)/python scripts/reproduce.py --dataset $(DATASET) $(if $(IMPORT),--import-from $(IMPORT)) $(REPRODUCE_FLAGS)
 
-# The suite runs on every CPU (at most 8 workers), each test module whole in one worker so that its
-# fixtures are built once; `make test TEST_FLAGS=` runs it in one process, as `pytest` alone does.
+# The suite runs on every CPU (at most 8 workers), each test module's tests in one worker (loadscope: the
+# suite has no test classes) so that its fixtures are built once; `make test TEST_FLAGS=` runs it in one process, as `pytest` alone does.
 TEST_FLAGS ?= -n logical --maxprocesses 8 --dist loadscope
 
 test: install

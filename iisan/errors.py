@@ -116,9 +116,9 @@ def interrupt_status(signal: str) -> int:
 
 
 def ignore_stops() -> None:
-    """A command ending on a signal ignores the ones after it while Python and torch clean up (a second or so): a
-    second Ctrl-C there printed a traceback from an exit hook, or killed the process with the signal's status
-    instead of 130 (``console.exit_interrupted`` runs it among the exit hooks, first)."""
+    """A command ending on a signal ignores the ones after it while Python and torch run their exit hooks (a second
+    or so): a second Ctrl-C there printed a traceback from one, or killed the process with the signal's status
+    instead of 130 (``console.exit_interrupted`` registers it as the exit hook that runs first)."""
     for name in ("SIGINT", *STOP_SIGNALS):
         try:
             signals.signal(signals.Signals[name], signals.SIG_IGN)

@@ -415,7 +415,7 @@ def test_a_ctrl_c_amid_an_import_drops_the_reads_still_queued(tmp_path, monkeypa
 
     def slow(path, shape):
         read.append(path)
-        time.sleep(0.005)
+        time.sleep(0.02)
         return torch.zeros(shape), None
 
     def interrupted(iterable, *args, **kwargs):  # the user's Ctrl-C after the first row
@@ -429,6 +429,6 @@ def test_a_ctrl_c_amid_an_import_drops_the_reads_still_queued(tmp_path, monkeypa
     ids = ["", *(f"I{i}" for i in range(400))]
     with pytest.raises(KeyboardInterrupt):
         cache_import.import_table(tmp_path, "text", ids, [0], (1, 4), torch.float32, threads=4)
-    assert len(read) < 40  # the rows taken, and those the four threads had begun; not the 400
-    time.sleep(0.05)
-    assert len(read) < 40 and not any(t.name.startswith("iisan-import") for t in threading.enumerate())
+    # the reading threads are gone when the error leaves, having read the rows taken and what they had begun (even
+    # with this thread kept from running for a while, on a busy machine), never the 400 queued
+    assert not any(t.name.startswith("iisan-import") for t in threading.enumerate()) and len(read) < 200

@@ -303,7 +303,8 @@ def test_out_of_memory_is_reported_with_batch_size_and_memory(tiny_config, tiny_
 @pytest.mark.parametrize("error, answered", [
     (RuntimeError("MPS backend out of memory (MPS allocated: 17.98 GB, other allocations: 2.1 MB, max allowed: "
                   "18.13 GB). Tried to allocate 256.00 MB on private pool."), True),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x3 and 4x5)"), False)])
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x3 and 4x5)"), False),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False)])
 def test_apple_mps_out_of_memory_is_answered_as_cudas_and_other_runtime_errors_pass(error, answered, tiny_config,
                                                                                      tiny_cache, monkeypatch):
     """MPS says it is out of memory as a plain RuntimeError, which went out as a traceback without the batch

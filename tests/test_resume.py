@@ -188,48 +188,71 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, m
         np.mean([e["train_seconds"] for e in resumed["epochs"][2:]]))
 
 
-@pytest.mark.parametrize("feed", ["cached", "live"])
-def test_a_signal_during_an_evaluation_stops_it_saves_the_steps_and_a_resume_evaluates_them(base, reference, feed,
-                                                                                          monkeypatch, capfd):
+@pytest.mark.parametrize("where", ["valid ranking", "test ranking", "live item table"])
+def test_a_signal_during_an_evaluation_stops_it_saves_the_steps_and_a_resume_evaluates_them(base, reference, where,
+                                                                                          monkeypatch, capfd, caplog):
     """A signal waited for the whole evaluation (valid, test, checkpoint): 25 s at 87k items, 71 s of a live
     feed's item encoding, past a scheduler's grace before SIGKILL. It now stops the evaluation where it is (the
     live feed: amid its item table, pictures read ahead in a thread), saves the epoch's steps, and the resumed
-    run evaluates them: the same numbers as a run never stopped."""
+    run goes on from that checkpoint and evaluates them: the same numbers as a run never stopped."""
     import iisan.evaluate as evaluate
+    import iisan.train.trainer as trainer_module
 
-    cfg = base.replace(run_name=f"eval-stop-{feed}", feed=feed, epochs=4 if feed == "cached" else 2)
-    calls, original = [], (evaluate.rank_targets if feed == "cached" else evaluate.item_chunks)
+    live = where == "live item table"
+    cfg = base.replace(run_name=f"eval-stop-{where.split()[0]}", feed="live" if live else "cached",
+                       epochs=3 if live else 4)
+    improved = [e["epoch"] for e in reference["epochs"] if "test" in e]  # the epochs whose test split is ranked
+    stopped = improved[1] if where == "test ranking" else 1
+    calls, ranked_tests, resumed = [], [], None
+    rank, chunks, evaluate_model = evaluate.rank_targets, evaluate.item_chunks, trainer_module.evaluate_model
 
     def ranking(*args, **kwargs):  # the 8th ranked chunk: epoch 1's valid (epoch 0 ranked 3 valid, 3 test)
         calls.append(1)
         if len(calls) == 8:
             signal.raise_signal(signal.SIGINT)
-        return original(*args, **kwargs)
+        return rank(*args, **kwargs)
 
-    def chunks(*args, **kwargs):  # epoch 1's item table, after its first chunk
+    def encoding(*args, **kwargs):  # epoch 1's item table, after its first chunk
         calls.append(1)
-        for n, chunk in enumerate(original(*args, **kwargs)):
+        for n, chunk in enumerate(chunks(*args, **kwargs)):
             if len(calls) == 2 and n == 1:
                 signal.raise_signal(signal.SIGINT)
             yield chunk
 
-    monkeypatch.setattr(evaluate, "rank_targets" if feed == "cached" else "item_chunks",
-                        ranking if feed == "cached" else chunks)
+    def evaluating(model, data, split, *args, **kwargs):  # the second test ranking, or count them
+        ranked_tests.extend([split] if split == "test" else [])
+        if where == "test ranking" and split == "test" and len(ranked_tests) == 2 and resumed is None:
+            signal.raise_signal(signal.SIGINT)
+        return evaluate_model(model, data, split, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", evaluating)
+    if where != "test ranking":
+        monkeypatch.setattr(evaluate, *(("item_chunks", encoding) if live else ("rank_targets", ranking)))
     with pytest.raises(SystemExit) as info:
         main(["train", *flags(cfg)])
-    saved = Path(cfg.out_dir) / cfg.run_name / "checkpoints" / "epoch-0001-step-00010"
+    saved = Path(cfg.out_dir) / cfg.run_name / "checkpoints" / f"epoch-{stopped:04d}-step-00010"
     err = capfd.readouterr().err
     assert "SIGINT received: stopping the evaluation, then saving a checkpoint (Ctrl-C again stops at once" in err
     assert info.value.code == 130 and err.strip().splitlines()[-1] == (
-        f"iisan: SIGINT during the evaluation of epoch 1, after its 10 steps; checkpoint saved in {saved}. To resume, "
-        f"run the same command again; it goes on in {cfg.run_name}")
+        f"iisan: SIGINT during the evaluation of epoch {stopped}, after its 10 steps; checkpoint saved in {saved}. To "
+        f"resume, run the same command again; it goes on in {cfg.run_name}")
     assert checkpoint.verify(saved) is None and not any(t.name == "iisan-prefetch" for t in threading.enumerate())
-    state = json.loads((saved / "state.json").read_text())
-    assert (state["global_step"], state["next_epoch"], len(state["epochs"])) == (10, 1, 1)  # epoch 1 not counted
+    state = json.loads((saved / "state.json").read_text())  # the epoch's steps, not yet counted as an epoch
+    assert (state["global_step"], state["next_epoch"], len(state["epochs"])) == (10 * stopped, stopped, stopped)
     monkeypatch.undo()
-    resumed = train(cfg)
-    same_run(reference if feed == "cached" else train(cfg.replace(run_name="live-reference")), resumed)
-    assert resumed["epochs"][1]["steps"] == 10 and resumed["epochs"][-1]["epoch"] == cfg.epochs - 1
+    monkeypatch.setattr(trainer_module, "evaluate_model", evaluating)
+    ranked_tests.clear()
+    resumed = {}  # (from here on no signal)
+    with caplog.at_level("INFO", logger="iisan.train"):
+        resumed = train(cfg)
+    assert f"resuming from {saved}: epoch {stopped}, step 10" in caplog.text and "refusing" not in caplog.text
+    assert resumed["resumed_from"] == [saved.name]
+    assert len(ranked_tests) == sum("test" in e for e in resumed["epochs"][stopped:])  # an improved epoch's alone
+    same_run(reference if not live else train(cfg.replace(run_name="live-reference")), resumed)
+    # the resumed attempt ran no step in its first epoch: the next one paid its warm-up (left out of the mean)
+    assert [e["warm_up"] for e in resumed["epochs"]] == [e["epoch"] in (0, stopped + 1) for e in resumed["epochs"]]
+    assert state["train_seconds_in_epoch"] > 0 and resumed["epochs"][stopped]["train_seconds"] == pytest.approx(
+        state["train_seconds_in_epoch"], abs=0.5)
 
 
 def test_ctrl_c_of_a_run_named_by_its_config_says_which_flag_names_its_folder(base, monkeypatch, capsys):

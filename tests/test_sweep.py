@@ -596,4 +596,9 @@ def test_a_grid_says_once_when_the_points_left_would_fill_its_disk(keep, monkeyp
         "epoch's end"]
     assert asked == [tmp_path / "runs"] * 2
     assert grid.disk_short([], 3, tmp_path, 2) is None and grid.disk_short([10**9], 0, tmp_path, 2) is None
-    assert grid.folder_bytes(tmp_path / "runs") == sum(kept.values())
+    assert grid.disk_short([4750, 1000], 2, tmp_path, 2) is None  # as much as is free: it fits
+    assert "about 9.3 KiB in" in grid.disk_short([4751, 1000], 2, tmp_path, 2)  # the largest, not the last
+    (tmp_path / "outside").write_bytes(b"x" * 10**6)  # a link counts as itself, not as what it points at
+    (tmp_path / "runs" / "p0" / "link").symlink_to(tmp_path / "outside")
+    link = len(str(tmp_path / "outside"))
+    assert grid.folder_bytes(tmp_path / "runs") == sum(kept.values()) + link

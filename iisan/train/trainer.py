@@ -162,9 +162,8 @@ class Run:
             raise TrainingError(str(err)) from None
 
     def on_main(self, write: Callable[..., object], *args) -> None:
-        """A write rank 0 alone does (config.json, metrics.jsonl, results.json, the best weights): under
-        torchrun its failure (a full disk) is every rank's error in the same words (``decisions.decide``),
-        not a peer lost to the others."""
+        """A write rank 0 alone does (config.json, metrics.jsonl, results.json, best weights): under torchrun its
+        failure (a full disk) is every rank's error in the same words (``decisions.decide``), not a lost peer."""
         decide(lambda: write(*args), self.dist)
 
     def first_files(self) -> None:
@@ -211,12 +210,13 @@ class Run:
         return after_nonfinite(problem, nan, self.cfg.nonfinite, self.progress.stopper.best_epoch) if problem else ""
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, float, int]:
-        cfg, dist, device = self.cfg, self.dist, self.device
-        progress = self.progress
+        cfg, dist, device, progress = self.cfg, self.dist, self.device, self.progress
         start_step, progress.start_step = (progress.start_step, 0) if epoch == progress.start_epoch else (0, 0)
         n_steps = steps_per_epoch(len(self.collate.sequences), cfg.batch_size, dist.world_size,
                                   padded=cfg.order_seed is None)
         n_steps = min(n_steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n_steps
+        if epoch == progress.start_epoch:  # the first epoch this process steps in (``run``'s warm_up): the next
+            self.warm_epoch = epoch + (start_step >= n_steps)  # when resumed after every step (stopped evaluating)
         losses = torch.zeros(n_steps, device=device)
         seconds = 0.0
         if start_step:
@@ -285,7 +285,7 @@ class Run:
             record = {"epoch": epoch, "loss": float(losses.mean()), "train_seconds": train_seconds,
                       "eval_seconds": eval_seconds, "steps": n_steps, "valid": valid,
                       "ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                      "warm_up": epoch == progress.start_epoch}  # this process's first: it paid warm-up costs
+                      "warm_up": epoch == self.warm_epoch}  # this process's first steps: they paid warm-up costs
             if improved:
                 record["test"] = progress.best_test
             progress.epochs.append(record)
