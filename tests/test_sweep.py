@@ -602,3 +602,11 @@ def test_a_grid_says_once_when_the_points_left_would_fill_its_disk(keep, monkeyp
     (tmp_path / "runs" / "p0" / "link").symlink_to(tmp_path / "outside")
     link = len(str(tmp_path / "outside"))
     assert grid.folder_bytes(tmp_path / "runs") == sum(kept.values()) + link
+
+
+def test_a_failed_look_at_the_disk_gives_no_warning_and_stops_no_grid(tmp_path):
+    """The disk weighing runs between points: a folder gone meanwhile (or a network file system's error) must not
+    end the grid with a traceback."""
+    from iisan.experiments.grid import disk_short
+
+    assert disk_short([10**9], 2, tmp_path / "gone", 2) is None

@@ -116,7 +116,10 @@ def disk_short(kept: list[int], left: int, runs: Path, keep_checkpoints: int) ->
     point at an epoch's end, hours into a grid. None when they fit, or when nothing is known yet."""
     if not kept or left < 1:
         return None
-    need, free = max(kept) * left, shutil.disk_usage(runs).free
+    try:
+        need, free = max(kept) * left, shutil.disk_usage(runs).free
+    except OSError:  # a look that fails (the folder gone, a network file system's error) is a warning not given
+        return None
     if need <= free:
         return None
     fewer = "" if keep_checkpoints == 0 else ", or run it with --keep-checkpoints 0 (a finished point keeps its " \
