@@ -73,7 +73,7 @@ def check_bounds(cfg) -> None:
                           "users in its batch (in-batch negatives, per process), and one user has none, so every "
                           "step's loss is 0; use at least 2")
     for name in ("patience", "num_workers", "max_steps_per_epoch", "eval_batch_size", "title_multiple",
-                 "item_bucket_growth"):
+                 "item_bucket_growth", "checkpoint_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
     for name, most in AT_MOST.items():

@@ -73,10 +73,8 @@ class Config:
     title_tokens: int = _opt(30, "title length in tokens, [CLS] and [SEP] included")
     allow_empty_titles: bool = _opt(False, "accept empty titles (MicroLens) instead of rejecting the file")
     encoding: str = _opt("utf-8", "text encoding of the users and items files (e.g. latin-1)")
-    merge_duplicate_users: bool = _opt(
-        False, "join the lines of a user id that appears on several lines of the users file (in file order) "
-        "instead of rejecting the file"
-    )
+    merge_duplicate_users: bool = _opt(False, "join the lines of a user id that appears on several lines of the "
+                                       "users file (in file order) instead of rejecting the file")
     rank_repeated_targets: bool = _opt(False, "keep a target that repeats a history item rankable (paper: masked, "
                                        "so always a miss)")
     # --- encoders ----------------------------------------------------------------------------------
@@ -112,8 +110,7 @@ class Config:
                              "BERT-family encoders, mean for decoder LLMs", ("auto", "cls", "mean", "last", "authors"))
     text_encoder_dropout: bool = _opt(
         False, "authors' bug: keep BERT dropout active in the frozen uncached text encoder; turns --dedup-items "
-        "auto into slots, so that each slot of a batch that holds an item gets its own dropout mask, as theirs did"
-    )
+        "auto into slots, so that each slot of a batch that holds an item gets its own dropout mask, as theirs did")
     encoder_dtype: str = _opt("auto", "precision of the frozen encoders' weights; auto: fp32 on CPU, on GPU "
                               "the checkpoint's own half precision if it has one (LLMs), else fp32 (bf16, fp16 "
                               "and fp32 are taken too)", ("auto", *PRECISIONS))
@@ -148,8 +145,7 @@ class Config:
     lora_random_base: bool = _opt(
         False, "authors' bug: LoRA over a fresh Linear of default init (seeded by --seed) in place of each "
         "pretrained target, its weight frozen and its bias trained in the image/text groups (--lr-image, "
-        "--lr-text), as their loralib layers (BERT-base + ViT-B/16: 833,600 trainable, not 796,736)"
-    )
+        "--lr-text), as their loralib layers (BERT-base + ViT-B/16: 833,600 trainable, not 796,736)")
     lora_targets: str = _opt("query,value", "LoRA targets: roles (query, key, value, attention_output, "
                              "ffn_in, ffn_out) or module-name suffixes (Linear or GPT-2's Conv1D), each for "
                              "both towers or after text: / image: for one (text:c_attn,image:query)")
@@ -200,8 +196,7 @@ class Config:
         "slot that holds an item (padding once); off = once per slot, padding included (the authors' way); "
         "auto = off for a compiled step, slots where training runs dropout inside an encoder (a mask per "
         "slot, as the authors': the baselines' BERT, --text-encoder-dropout), else on",
-        ("auto", "on", "slots", "off"),
-    )
+        ("auto", "on", "slots", "off"))
     static_shapes: bool = _opt(True, "live steps (uncached IISAN, baselines): pad a batch's distinct items up to a "
                                "bucket size and cut titles to the batch's longest, so that steps meet a few shapes "
                                "(padding is masked: the same losses and gradients, but dropout inside an encoder, "
@@ -233,6 +228,9 @@ class Config:
                                  "the newest while training, none once the run has finished (best.safetensors "
                                  "stays; a longer run cannot then go on from it): an FFT checkpoint is ~3x its "
                                  "weights")
+    checkpoint_every: int = _opt(0, "also checkpoint every N training steps inside an epoch (0: at its end only), "
+                                 "for long epochs: a kill or a lost machine then costs at most N steps; each is "
+                                 "removed once a newer checkpoint is written, and writing it is not training time")
     fused_adam: bool = _opt(True, "Adam as one fused kernel per learning-rate group (several times faster on a CPU "
                             "for IISAN's ~130 small tensors); --no-fused-adam: torch's loop over the parameters, as "
                             "the authors' code ran it (the same update up to rounding)")

@@ -16,7 +16,8 @@ from . import once
 # (``train.runnames.config_hash``): --compile off on a CPU, where auto is off too, finds the run of auto.
 MAY_CHANGE = frozenset({"epochs", "patience", "device", "num_workers", "eval_batch_size", "encode_batch_size",
                         "out_dir", "run_name", "cache_dir", "progress", "resume", "keep_checkpoints",
-                        "deterministic", "patch_embedding", "compile", "report_to", "allow_download"})
+                        "checkpoint_every", "deterministic", "patch_embedding", "compile", "report_to",
+                        "allow_download"})
 
 # Config keys not every run reads, in groups (a method's ``reads`` names those it does; ``unread_keys``): a key a
 # run never reads changes nothing it computes, so it names no other run folder, is not compared on resume and

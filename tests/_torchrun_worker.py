@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on CUDA).
 
-In one launch: an uninterrupted 3-epoch run; a 2-epoch run resumed to 3 epochs; and the distributed
-evaluation of fixed weights. Rank 0 writes what it saw to ``argv[2]`` as JSON.
+In one launch: an uninterrupted 3-epoch run (checkpointed every 2 steps too); a 2-epoch run resumed to 3
+epochs; and the distributed evaluation of fixed weights. Rank 0 writes what it saw to ``argv[2]`` as JSON.
 
 With ``own`` as ``argv[3]``, instead: one run that makes and leaves the process group itself, as ``iisan
 train`` under torchrun does, counting the DDP wrappers still alive as it leaves; ``own-fail``: the same with
@@ -66,7 +66,7 @@ def main(config_file: str, out_file: str) -> None:
     # The group is ours, so the three train() calls below join it and leave it up.
     dist, device, created = distributed.setup(cfg.device)
     assert created and torch_dist.get_backend() == ("nccl" if device.type == "cuda" else "gloo")
-    full = train(cfg.replace(run_name="full", epochs=3))
+    full = train(cfg.replace(run_name="full", epochs=3, checkpoint_every=2))  # (collective saves within epochs)
     train(cfg.replace(run_name="part", epochs=2))
     resumed = train(cfg.replace(run_name="part", epochs=3))
 

@@ -185,8 +185,8 @@ def test_run_names_under_torchrun_carry_the_process_count(tiny_config, monkeypat
 
 
 def launch(cfg, nproc: int, tmp_path: Path) -> tuple[dict, str]:
-    """tests/_torchrun_worker.py under torchrun: a 3-epoch run, a 2-epoch run resumed to 3, and the
-    distributed evaluation of the first run's best weights."""
+    """tests/_torchrun_worker.py under torchrun: a 3-epoch run (with --checkpoint-every 2), a 2-epoch run
+    resumed to 3 (without), and the distributed evaluation of the first run's best weights."""
     config_file, out_file = tmp_path / "config.json", tmp_path / "out.json"
     config_file.write_text(json.dumps(cfg.to_dict()))
     proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(config_file), str(out_file)], nproc, tmp_path,
@@ -199,6 +199,7 @@ def check_launch(cfg, out: dict, log: str, nproc: int, device: torch.device) -> 
     full, resumed = out["full"], out["resumed"]
     # training completed, data-parallel, and only rank 0 logged: 3 + 2 + 1 epoch lines, once each
     assert full["world_size"] == nproc and len(full["epochs"]) == 3
+    assert full["epochs"][0]["steps"] > 2  # so its --checkpoint-every 2 wrote within each epoch, on every rank
     assert len(re.findall(r"epoch +\d+ \| loss", log)) == 6
     assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == ["full", "part"]
     # resume under torchrun continues exactly where it stopped

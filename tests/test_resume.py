@@ -1332,3 +1332,83 @@ def test_a_run_resumed_under_another_commit_lists_both(base, monkeypatch, caplog
     assert longer["git_commits"] == ["aaaa111", "bbbb222"] and longer["git_commit"] == "bbbb222"
     assert "was trained so far at commit aaaa111 and goes on at bbbb222" in caplog.text
     assert train(cfg.replace(epochs=3))["git_commits"] == ["aaaa111", "bbbb222"]  # the same commit again: once
+
+
+def test_checkpoint_every_n_steps_keeps_the_newest_and_a_crash_resumes_from_it_exactly(base, reference, monkeypatch):
+    """--checkpoint-every 3 on 10 steps an epoch: after steps 3, 6 and 9, each pruning the one before; the
+    epoch's own checkpoint prunes them all. A crash (no signal, no save) in epoch 1's step 8 resumes from
+    epoch-0001-step-00006 and gives the numbers of a run without them."""
+    cfg = base.replace(run_name="every-3", checkpoint_every=3)
+    root = Path(cfg.out_dir) / "every-3" / "checkpoints"
+    loss, calls, seen = recommender_module.in_batch_softmax_loss, [], {}
+
+    def crashing(*args):
+        calls.append(1)
+        seen[len(calls)] = [p.name for p in checkpoint.checkpoints(root)]
+        if len(calls) == 18:  # epoch 1, step 8 of 10
+            raise RuntimeError("the machine went down")
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    with pytest.raises(RuntimeError, match="the machine went down"):
+        train(cfg)
+    monkeypatch.undo()
+    assert seen[4] == ["epoch-0000-step-00003"] and seen[10] == ["epoch-0000-step-00009"]
+    assert seen[11] == ["epoch-0000"]  # the epoch's own removed its steps'
+    assert seen[18] == ["epoch-0001-step-00006", "epoch-0000"]
+    assert checkpoint.verify(root / "epoch-0001-step-00006") is None
+    resumed = train(cfg)
+    assert resumed["resumed_from"] == ["epoch-0001-step-00006"]
+    same_run(reference, resumed)
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0003", "epoch-0002"]
+
+
+@pytest.mark.parametrize("every, steps", [(3, [3, 6, 9]), (5, [5])])  # (5: the epoch's last step has its own)
+def test_checkpoint_every_does_not_count_its_writing_as_training_time(base, reference, monkeypatch, every, steps):
+    """Each write moves a fake clock on by 1000 s: neither the epoch's training seconds nor a later checkpoint's
+    count the mid-epoch ones (a run that counted them would show 1000 s and more)."""
+    import iisan.train.resuming as resuming
+
+    offset, perf_counter, write, saved = [0.0], time.perf_counter, resuming.write_checkpoint, []
+
+    def writing(root, name, model, train_state, state, keep):
+        path = write(root, name, model, train_state, state, keep)
+        saved.append((name, state["train_seconds_in_epoch"]))
+        offset[0] += 1000.0
+        return path
+
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + offset[0])
+    monkeypatch.setattr(resuming, "write_checkpoint", writing)
+    results = train(base.replace(run_name=f"every-{every}-timed", epochs=1, checkpoint_every=every))
+    assert [name for name, _ in saved] == [f"epoch-0000-step-{step:05d}" for step in steps] + ["epoch-0000"]
+    assert offset[0] == 1000 * len(saved)
+    within = [seconds for _, seconds in saved[:-1]] + [results["epochs"][0]["train_seconds"]]
+    assert 0 < within[0] and within == sorted(within) and within[-1] < 1000
+    assert results["epochs"][0]["loss"] == reference["epochs"][0]["loss"]
+
+
+def test_checkpoint_every_is_no_part_of_a_runs_identity_and_must_not_be_negative(base, reference):
+    from iisan.train.runnames import run_dir
+
+    assert train(base.replace(run_name="reference", checkpoint_every=4)) == reference  # finished before
+    assert run_dir(base.replace(checkpoint_every=7)) == run_dir(base)
+    with pytest.raises(ConfigError, match=r"^checkpoint_every=-1 must be >= 0$"):
+        base.replace(checkpoint_every=-1)
+
+
+def test_checkpoint_every_writes_no_checkpoint_after_a_non_finite_loss(base, monkeypatch):
+    """A NaN loss at epoch 1's step 2, before its first --checkpoint-every 3 checkpoint (between the loop's
+    looks at the losses, every 10 steps): the run fails there, and its last good checkpoint is epoch 0's."""
+    cfg = base.replace(run_name="nan-every", checkpoint_every=3)
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        return loss(*args) * (float("nan") if len(calls) == 12 else 1.0)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+    root = Path(cfg.out_dir) / "nan-every" / "checkpoints"
+    with pytest.raises(TrainingError, match=r"^non-finite loss at step 11 \(epoch 1, steps 10\.\.19\); .*"
+                                            f"last good checkpoint: {re.escape(str(root / 'epoch-0000'))};"):
+        train(cfg)
+    assert len(calls) == 13 and [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0000"]

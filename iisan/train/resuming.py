@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import device_name
+from ..devices import device_name, sync
 from ..distributed import broadcast_text, gather_same
 from ..errors import ConfigError, TrainingError, UserError
 from ..files import shown_bytes
@@ -123,6 +123,20 @@ class RunCheckpoints:
         if error:
             raise TrainingError(error)
         return self.root / name
+
+    def due(self, steps: int, n_steps: int) -> bool:
+        """--checkpoint-every N: a checkpoint after these ``steps`` of an epoch of ``n_steps`` (its last step's
+        is the epoch's own)."""
+        every = self.run.cfg.checkpoint_every
+        return every > 0 and steps % every == 0 and steps < n_steps
+
+    def save_within(self, epoch: int, step: int, losses: torch.Tensor, offset: float) -> float:
+        """--checkpoint-every's checkpoint after ``step`` steps of ``epoch``, whose training time is the clock's
+        reading plus ``offset``. Returns the seconds it took (the device synchronised first)."""
+        sync(self.run.device)
+        began = time.perf_counter()
+        self.save(epoch, step, losses.cpu(), began + offset)
+        return time.perf_counter() - began
 
     @property
     def kept_while_training(self) -> int:

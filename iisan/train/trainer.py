@@ -1,14 +1,14 @@
 """One trainer for every method and both feeds: ``train(cfg)`` runs a ``Run``, fresh or resumed, to its results.
 
-Per epoch: training steps (timed alone, device synchronised, their memory peak apart), validation over
-every user (and the test split when validation HR@10 improves), a checkpoint, then, when it improved, the
-best weights (``best.safetensors``): a kill between the two is repaired on resume. The run's folder
-(``runfolder``) also holds what people read while it runs: train.log, metrics.jsonl and results.json with
-its status (``records``). Training stops once HR@10 has not improved for more than ``patience`` epochs
-(authors: ``count > 10``). Everything an uninterrupted run carries from epoch to epoch is in the checkpoint
-(weights, optimiser, scaler, RNG streams, early stopping, best metrics, the epoch history), so a resumed
-run computes the same numbers as one that was never stopped. Under torchrun every rank runs the loop on
-its shard of users; only rank 0 writes files and logs below warnings."""
+Per epoch: training steps (timed alone, device synchronised, their memory peak apart; a checkpoint every N of them
+with --checkpoint-every N), validation over every user (and the test split when validation HR@10 improves), a
+checkpoint, then, when it improved, the best weights (``best.safetensors``): a kill between the two is repaired on
+resume. The run's folder (``runfolder``) also holds what people read while it runs: train.log, metrics.jsonl and
+results.json with its status (``records``). Training stops once HR@10 has not improved for more than ``patience``
+epochs (authors: ``count > 10``). Everything an uninterrupted run carries from epoch to epoch is in the checkpoint
+(weights, optimiser, scaler, RNG streams, early stopping, best metrics, the epoch history), so a resumed run
+computes the same numbers as one that was never stopped. Under torchrun every rank runs the loop on its shard of
+users; only rank 0 writes files and logs below warnings."""
 
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ from .weights import save_weights
 log = logging.getLogger(__name__)
 
 STOP_POLL_STEPS = 10  # under torchrun, ranks agree on a stop request every this many steps (one all-reduce)
-# the losses so far are looked at every this many steps (one wait on the device): a loss that ends training
-# (``nonfinite.ends_training``) ends the epoch there, close to the step, as the authors' per-step check does
-FINITE_POLL_STEPS = 10
+# the losses so far are looked at every this many steps (one wait on the device): one that ends training
+FINITE_POLL_STEPS = 10  # (``nonfinite.ends_training``) ends the epoch there, near the step, as the authors' check
 
 
 class Run:
@@ -138,8 +137,7 @@ class Run:
         elif dist.rank > 0:
             torch.manual_seed(cfg.seed + dist.rank)  # each rank its own dropout masks
         del found  # its tensors are now in the model and the optimiser
-        # find_unused_parameters: IISAN uses every trainable parameter in every step (a test checks it);
-        # the baselines may leave some unused (the authors set it for BitFit), so they pay for the search.
+        # find_unused_parameters for the baselines alone (the authors set it for BitFit): IISAN uses all (tested)
         self.ddp = distributed.wrap(self.model, dist, device, find_unused=not side_network(cfg.method))
         self.step = make_train_step(self.ddp, self.optimizer, self.plan.amp, device, self.plan.compiled)
         runstate.restore_scaler(self.step.scaler, scaler_state)
@@ -218,10 +216,9 @@ class Run:
         if epoch == progress.start_epoch:  # the first epoch this process steps in (``run``'s warm_up): the next
             self.warm_epoch = epoch + (start_step >= n_steps)  # when resumed after every step (stopped evaluating)
         losses = torch.zeros(n_steps, device=device)
-        seconds = 0.0
+        seconds = progress.partial_seconds if start_step else 0.0
         if start_step:
             losses[:start_step] = self.partial_losses.to(device)
-            seconds = progress.partial_seconds
         self.ddp.train()
         loader = epoch_batches(self.order(epoch), cfg.batch_size, self.collate, start_step)
         sync(device)
@@ -238,7 +235,8 @@ class Run:
                 if not out_of_memory(err):
                     raise
                 raise TrainingError(out_of_memory_message(err, cfg.batch_size, device)) from None
-            if (i + 1) % FINITE_POLL_STEPS == 0 and i + 1 < n_steps and \
+            due = self.checkpoints.due(i + 1, n_steps)  # --checkpoint-every (not of losses that end training)
+            if ((i + 1) % FINITE_POLL_STEPS == 0 or due) and i + 1 < n_steps and \
                     any_rank(ends_training(losses[: i + 1], cfg.nonfinite), dist):
                 bar.close()
                 done = i + 1
@@ -248,6 +246,8 @@ class Run:
                 self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
                 path = self.checkpoints.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
                 raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
+            if due:  # (the time it takes to write is no training time)
+                start += self.checkpoints.save_within(epoch, i + 1, losses[: i + 1], seconds - start)
         sync(device)
         seconds += time.perf_counter() - start
         return mean_over_ranks(losses[:done], dist).cpu(), seconds, n_steps
