@@ -277,3 +277,27 @@ def test_every_chunk_scores_into_one_buffer_and_compares_into_another(monkeypatc
     monkeypatch.undo()
     assert ranks.dtype == torch.float32
     assert torch.equal(ranks, split_ranks(lambda tab, x: tab[x].sum(1), table, inputs, targets, inputs, 1000))
+
+
+class _ItemsByRow(torch.nn.Module):
+    """An item encoder that is one table: item i's embedding is row i."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(rows, 3, generator=torch.Generator().manual_seed(0)))
+
+    def item_encoder(self, batch):
+        return self.weight[batch.ids] * (1.0 if self.training else 2.0)  # (run in eval mode)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_the_item_table_writes_each_chunk_in_place_in_item_order(chunk):
+    """Chunks written into one table (a list of them and their cat held the table twice: 0.5 GB at 1M items)."""
+    from iisan.evaluate import item_table
+
+    model = _ItemsByRow(31).train()
+    with torch.no_grad():
+        table = item_table(model, 30, chunk, None, torch.device("cpu"))
+        part = item_table(model, 30, chunk, None, torch.device("cpu"), ids=np.array([5, 2, 9, 2]))
+    assert table.shape == (31, 3) and torch.equal(table, 2 * model.weight.detach())
+    assert torch.equal(part, 2 * model.weight.detach()[[5, 2, 9, 2]]) and model.training

@@ -112,33 +112,37 @@ def _said_cut(rough: int, max_tokens: int) -> None:
 
 
 TITLES_PER_CALL = 10_000  # one tokenizer call over 500k titles held 2.8 GB of its Python objects at once
+# The title table's dtypes: a tokenizer's int64 ids and mask took 480 MB at a million items of 30 tokens,
+# these 150 MB. No vocabulary comes near int32's 2**31 ids (int16 holds BERT's 30,522, not RoBERTa's 50,265
+# or LLaMA 3's 128,256); ``title_inputs`` gives the encoders int64 per batch, as the tokenizer made them.
+TOKEN_DTYPE, MASK_DTYPE = torch.int32, torch.bool
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))``, each a title's first tokens (the
-    tokenizer truncates on the right); ``titles[0]`` is the padding item. Long titles are read by their heads
-    (``title_head``)."""
+    """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` (``TOKEN_DTYPE``, ``MASK_DTYPE``),
+    each a title's first tokens (the tokenizer truncates on the right); ``titles[0]`` is the padding item. Long
+    titles are read by their heads (``title_head``)."""
     lowered = [t.lower() for t in titles]
     heads = [title_head(t, max_tokens) for t in lowered]
     settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
     parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": []}
     for start in range(0, len(heads), TITLES_PER_CALL):  # each call's per-title objects dropped before the next
         part = tokenizer([head for head, _ in heads[start:start + TITLES_PER_CALL]], **settings)
-        for key, tensors in parts.items():
-            tensors.append(part[key])
+        for key, dtype in (("input_ids", TOKEN_DTYPE), ("attention_mask", MASK_DTYPE)):
+            parts[key].append(part[key].to(dtype))  # per call: the cat held the int64 parts twice
     enc = {key: torch.cat(tensors) for key, tensors in parts.items()}
     rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
              and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
     if rough:  # a head that does not fill the row: read up to the limit
         cut = tokenizer([lowered[i][:title_limit(max_tokens)] for i in rough], **settings)
         for key in ("input_ids", "attention_mask"):
-            enc[key][rough] = cut[key]
+            enc[key][rough] = cut[key].to(enc[key].dtype)
     _said_cut(len(rough), max_tokens)
     empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
     if empty:
         log.log(once.level("empty titles", empty), "%d titles have no token at all (empty titles and a tokenizer that "
                 "adds no special tokens); their pooled text states are zeros", empty)
-    return enc["input_ids"].long(), enc["attention_mask"].long()
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def title_inputs(tokens: torch.Tensor, attention: torch.Tensor, ids: torch.Tensor,
@@ -146,10 +150,10 @@ def title_inputs(tokens: torch.Tensor, attention: torch.Tensor, ids: torch.Tenso
     """The text tower's inputs for items ``ids`` (n,) from the title table (N+1, T): ``input_ids`` and
     ``attention_mask`` (n, T), or (n, columns) with ``columns``. Titles are right-padded, so columns past
     every title's end hold padding only: cutting them changes no real token's state (attention never
-    reads a masked key), only the work."""
+    reads a masked key), only the work. Both int64 (the table's compact dtypes widened per batch)."""
     if columns is not None:
         tokens, attention = tokens[:, :columns], attention[:, :columns]
-    return {"input_ids": tokens[ids], "attention_mask": attention[ids]}
+    return {"input_ids": tokens[ids].long(), "attention_mask": attention[ids].long()}
 
 
 def title_lengths(attention: torch.Tensor) -> np.ndarray:
@@ -160,8 +164,8 @@ def title_lengths(attention: torch.Tensor) -> np.ndarray:
 
 
 def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` as the authors' LLM preprocessing
-    (``preprocess_llama-3-70b_*.py``) makes them: titles as written (not lower-cased; their line
+    """Titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` (``TOKEN_DTYPE``, ``MASK_DTYPE``) as the authors'
+    LLM preprocessing (``preprocess_llama-3-70b_*.py``) makes them: titles as written (not lower-cased; their line
     ``strip`` drops trailing blanks), the tokenizer's special tokens (LLaMA: BOS) added, cut to
     ``max_tokens`` and right-padded with id 0, whatever the tokenizer's pad token. They pass no
     attention mask, so every position attends as a real token: the mask returned is all ones.
@@ -177,8 +181,8 @@ def tokenize_titles_as_authors_llm(tokenizer, titles: list[str], max_tokens: int
         ids = ids[:max_tokens]
         rows.append(ids + [0] * (max_tokens - len(ids)))
     _said_cut(rough, max_tokens)
-    ids = torch.tensor(rows, dtype=torch.long)
-    return ids, torch.ones_like(ids)
+    ids = torch.tensor(rows, dtype=TOKEN_DTYPE)
+    return ids, torch.ones_like(ids, dtype=MASK_DTYPE)
 
 
 def tokenize_for_pooling(tokenizer, titles: list[str], max_tokens: int,
