@@ -4,7 +4,8 @@ recommendation (SIGIR 2024), and IISAN-Versa (TKDE).
 The package follows the pipeline, each layer importing only from those before it: a base of small
 modules (``errors``, ``bounds``, ``spelling``, ``methods``, ``metric_names``, ``config``, ``precedence``, ``flags``,
 ``files``, ``tensorfiles``, ``digests``, ``claims``, ``locks``, ``devices``, ``memory``, ``once``, ``provenance``,
-``streams``, ``console``, ``logfiles``, ``distributed``, ``isolate``: a measurement in a fresh process),
+``streams``, ``system_errors``, ``console``, ``logfiles``, ``distributed``, ``isolate``: a measurement in a fresh
+process),
 then ``data`` -> ``model`` -> ``evaluate`` -> ``train`` -> ``experiments`` and ``efficiency`` (the benchmark
 and the GPU diagnosis; neither imports the other) -> ``cli``.
 """

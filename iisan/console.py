@@ -10,7 +10,6 @@ import atexit
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -21,10 +20,18 @@ from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, ignore_stops, in_the_way, interrupt_status
-from .files import disk_failure, shown_bytes
+from .files import disk_failure
 from .metric_names import HEADLINE, label
-from .once import in_a_launch, other_rank
+from .once import other_rank
 from .streams import bar_disable, closed_streams_to_null, printable_streams, stdout_closed
+from .system_errors import (
+    environment_problem,
+    host_memory_error,
+    no_thread,
+    out_of_memory,
+    peer_lost,
+    working_folder_gone,
+)
 
 if TYPE_CHECKING:  # (tqdm: 40 ms of every command's start, --help's included, for the commands that show no bar)
     from tqdm import tqdm
@@ -257,6 +264,8 @@ def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED)
     prog = os.path.basename(prog)
     closed_streams_to_null(prog)
     printable_streams()
+    if gone := working_folder_gone():  # (before torch is imported: its import would end in a fatal error)
+        fail(prog, gone)
     try:
         with sigterm_as_ctrl_c():
             return run()
@@ -269,6 +278,10 @@ def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED)
         exit_interrupted(prog, interrupted, err.signal if isinstance(err, Terminated) else "SIGINT")
     except RuntimeError as err:  # torch's CPU allocator says it is out of memory as a plain RuntimeError
         if not (line := host_memory_error(err) or peer_lost(err) or no_thread(err)):
+            raise
+        fail(prog, line)
+    except ValueError as err:  # matplotlib's import, under an MPLBACKEND it has no backend for
+        if not (line := environment_problem(err)):
             raise
         fail(prog, line)
     except MemoryError:  # Python's own allocations (or a handler of torch's error) ran out
@@ -288,59 +301,9 @@ def entry_point(prog: str, run: Callable[[], T], interrupted: str = INTERRUPTED)
         if err.filename is None and (err.strerror or "").startswith("No usable temporary directory"):  # tempfile's
             fail(prog, "no writable temporary folder (TMPDIR, /tmp, /var/tmp, the working folder): set TMPDIR to "
                        "one this user may write")
+        if line := environment_problem(err):  # (a cache folder an environment variable names, say)
+            fail(prog, line)
         if err.filename is None:
             raise
         logging.getLogger(__name__).debug("the error in full", exc_info=True)
         fail(prog, f"{err.filename}: {in_the_way(err.filename, err) or err.strerror or err}")
-
-
-def host_memory_error(err: RuntimeError) -> str:
-    """The one line for torch's CPU allocator out of memory ('' for any other error)."""
-    text = str(err)
-    if "DefaultCPUAllocator: can't allocate memory" not in text:
-        return ""
-    asked = re.search(r"allocate (\d+) bytes", text)
-    size = f" ({shown_bytes(int(asked.group(1)))} at once)" if asked else ""
-    return out_of_memory(size)
-
-
-def out_of_memory(size: str = "") -> str:
-    """The one line for memory the CPU could not give (``size``: how much one allocation asked, if known); a
-    limit on the process's address space (``ulimit -v``, a batch job's memory limit) is named as the cause."""
-    try:
-        import resource  # (Unix's)
-
-        limit, unlimited = resource.getrlimit(resource.RLIMIT_AS)[0], resource.RLIM_INFINITY
-    except (ImportError, OSError, ValueError):
-        limit = unlimited = -1
-    if limit != unlimited:
-        return (f"out of memory on the CPU{size}: this process may use no more than {limit / 2**30:,.1f} GiB of "
-                "address space (ulimit -v, or the batch job's memory limit), which torch and the models need far "
-                "more of; raise that limit")
-    return (f"out of memory on the CPU{size}: what this command asks for does not fit in this machine's memory; "
-            "lower --batch-size or the model's sizes (e.g. --embedding-dim, --lora-rank), or check the sizes in the "
-            "encoders' config.json")
-
-
-def no_thread(err: RuntimeError) -> str:
-    """The one line for a thread the system would not start ('' for any other error)."""
-    if "can't start new thread" not in str(err):
-        return ""
-    return ("could not start a thread: this user's limit of processes and threads is reached (ulimit -u, or a "
-            "batch job's task limit); raise it, or run fewer processes at once")
-
-
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
-
-
-def peer_lost(err: RuntimeError) -> str:
-    """The one line for a collective that failed because another process of a torchrun launch died (killed,
-    out of memory) while this one waited for it ('' for any other error, and outside torchrun)."""
-    text = str(err).strip()
-    if not in_a_launch() or not (type(err).__name__ == "DistBackendError" or any(s in text for s in PEER_GONE)):
-        return ""
-    first = re.split(r"(?<=\.)\s", text.splitlines()[0], maxsplit=1)[0] if text else type(err).__name__
-    if len(first) > 160:  # cut between words, not inside one (gloo's 'This is typically caused by a rem')
-        first = first[:160].rsplit(" ", 1)[0] + " ..."
-    return (f"lost contact with another process of this torchrun launch (it stopped or was killed: {first}); "
-            "the checkpoints already written are intact: run the same command again to resume")

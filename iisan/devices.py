@@ -25,7 +25,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available")
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = " (this torch is a build without CUDA)" if torch.version.cuda is None else "" if hidden is None else \
+            f" with CUDA_VISIBLE_DEVICES={hidden!r}, which chooses the GPUs this process sees"
+        raise ConfigError(f"device={name} but no CUDA device is available{why}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")

@@ -11,10 +11,13 @@ Collectives use tensors only (never ``*_object`` collectives, which pickle).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
 import os
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -23,7 +26,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .devices import resolve_device
-from .errors import ConfigError
+from .errors import STOP_SIGNALS, ConfigError
 from .once import in_a_launch
 
 log = logging.getLogger(__name__)
@@ -110,15 +113,34 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
         if missing := [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]:
             raise ConfigError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: launch with torchrun, "
                               "which sets them, or unset RANK and WORLD_SIZE for a run of one process")
-        if rank == 0:  # (the wait below cannot be interrupted: a launch some process never joins waits here)
+        if rank == 0:  # (a launch some process never joins waits here)
             log.info("joining the %d processes of this launch at %s:%s", world, os.environ["MASTER_ADDR"],
                      os.environ["MASTER_PORT"])
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        with signals_end_the_process():  # (torch's wait never returns to Python, whose handlers would run then)
+            torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     dist = Dist(rank, world, local, torch_dist.get_backend())
     if dist.backend == "nccl" and device.type != "cuda":
         raise ConfigError("the process group talks NCCL but device=cpu; use --device cuda")
     return dist, device, created
+
+
+@contextlib.contextmanager
+def signals_end_the_process():
+    """Ctrl-C and the stop signals (``errors.STOP_SIGNALS``) end the process at once, as they do by default
+    (nothing is written yet); their handlers are put back after. Outside the main thread, as it is."""
+    stops = [signal.SIGINT, *(getattr(signal, name) for name in STOP_SIGNALS)]
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in stops} if main else {}
+    # (one ignored when the command started stays ignored; None: a handler from outside Python, left alone)
+    changed = {sig: handler for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
+    for sig in changed:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in changed.items():
+            signal.signal(sig, handler)
 
 
 def teardown(finished: bool = True, error: BaseException | None = None) -> None:

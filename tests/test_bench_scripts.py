@@ -40,7 +40,10 @@ def no_work(*args, **kwargs):
 
 @pytest.fixture
 def no_gpu(monkeypatch):
+    """A CUDA build of torch on a machine without a GPU (this machine's torch may be either build)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 # --------------------------------------------------------------------------------------------------

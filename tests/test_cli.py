@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -477,7 +478,8 @@ def test_limits_of_the_process_are_named_as_the_cause(capsys, monkeypatch):
     MiB, not as 0.0 GiB."""
     import resource
 
-    from iisan.console import entry_point, host_memory_error, out_of_memory
+    from iisan.console import entry_point
+    from iisan.system_errors import host_memory_error, out_of_memory
 
     small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9600000 bytes.")
     assert host_memory_error(small).startswith("out of memory on the CPU (9.2 MiB at once): ")
@@ -591,3 +593,67 @@ def test_tiny_models_take_an_items_file_with_empty_titles(tmp_path, capsys):
     main(["make-tiny-models", "--out", str(tmp_path / "m"), "--items", str(items)])
     vocab = (tmp_path / "m" / "tiny-bert" / "vocab.txt").read_text().split()
     assert {"zebra", "quartz", "lantern"} <= set(vocab)
+
+
+def test_a_working_folder_deleted_under_the_shell_is_one_line_before_torch(tmp_path):
+    """torch's import there ended the process in "Intel oneMKL FATAL ERROR", and data-stats in a traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = (f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); sys.argv = ['iisan', 'data-stats', "
+              "'--users', 'u.tsv', '--items', 'i.tsv']; from iisan.cli.main import main; main()")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "iisan: error: the working folder no longer exists (deleted after "
+                                                 "this shell entered it): cd to an existing folder\n")
+
+
+def test_folders_and_backends_the_environment_names_are_said_with_their_variable(tmp_path, monkeypatch, capsys):
+    """TORCHINDUCTOR_CACHE_DIR under a file (torch makes it at import), an MPLBACKEND matplotlib lacks, no folder
+    for matplotlib's cache: each was a traceback or a path the user never named, without its variable."""
+    from iisan.console import entry_point
+    from iisan.system_errors import environment_problem
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "afile" / "inductor"))
+    monkeypatch.setenv("MPLBACKEND", "bogus")
+    made = NotADirectoryError(20, "Not a directory", str(tmp_path / "afile" / "inductor"))
+    assert environment_problem(made) == (
+        f"TORCHINDUCTOR_CACHE_DIR={tmp_path / 'afile' / 'inductor'} names a folder this user cannot make or use "
+        f"({tmp_path / 'afile' / 'inductor'}: Not a directory): point TORCHINDUCTOR_CACHE_DIR at a folder this user "
+        "may write, or unset it")
+    above = PermissionError(13, "Permission denied", str(tmp_path))  # a folder above it, which could not be made
+    assert environment_problem(above).startswith(f"TORCHINDUCTOR_CACHE_DIR={tmp_path / 'afile' / 'inductor'} names ")
+    assert environment_problem(PermissionError(13, "Permission denied", "/")) == ""  # (above everything)
+    assert environment_problem(PermissionError(13, "Permission denied", str(tmp_path / "other"))) == ""
+    assert environment_problem(OSError("Matplotlib requires access to a writable cache directory, but ...")) == (
+        "matplotlib has no folder to write its cache in (neither HOME's nor a temporary one may be written): set "
+        "MPLCONFIGDIR to a folder this user may write")
+    backend = ValueError("Key backend: 'bogus' is not a valid value for backend; supported values are ['agg']")
+    for err, said in ((made, environment_problem(made)), (backend, environment_problem(backend))):
+        with pytest.raises(SystemExit) as info:
+            entry_point("iisan", lambda err=err: (_ for _ in ()).throw(err))
+        assert info.value.code == 2 and capsys.readouterr().err == f"iisan: error: {said}\n"
+    assert environment_problem(backend) == ("matplotlib cannot use the backend MPLBACKEND='bogus' names: unset "
+                                            "MPLBACKEND, or set it to Agg")
+    with pytest.raises(ValueError, match="^another$"):  # any other ValueError is a bug: its traceback
+        entry_point("iisan", lambda: (_ for _ in ()).throw(ValueError("another")))
+
+
+def test_no_cuda_device_says_whether_torch_has_cuda_and_what_cuda_visible_devices_chose(monkeypatch):
+    import torch
+
+    from iisan.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"^device=cuda but no CUDA device is available \(this torch is a build "
+                                          r"without CUDA\)$"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ConfigError, match=r"^device=cuda but no CUDA device is available$"):
+        resolve_device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match=r"^device=cuda:1 but no CUDA device is available with "
+                                          r"CUDA_VISIBLE_DEVICES='', which chooses the GPUs this process sees$"):
+        resolve_device("cuda:1")

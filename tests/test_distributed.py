@@ -436,3 +436,34 @@ def test_a_launch_environment_without_its_rendezvous_address_is_one_line(monkeyp
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_PORT not"):
         setup("cpu")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_a_rank_waiting_for_a_launch_that_never_gathers(tiny_config, tmp_path, sig):
+    """Rank 0 of two, the other never started: torch's rendezvous waits (30 minutes) without returning to Python,
+    whose handler would have run only then, so neither SIGTERM (`timeout`, scancel) nor Ctrl-C ended it."""
+    import signal
+    import socket
+    import time
+
+    cfg = tiny_config(method="id", epochs=1)
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "iisan", "train", "--method", "id", "--users", cfg.users, "--items", cfg.items,
+               "--epochs", "1", "--out-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = ""
+        while "joining the 2 processes of this launch" not in said and proc.poll() is None:
+            said += proc.stderr.readline()
+        assert proc.poll() is None, said
+        time.sleep(1.0)  # inside the rendezvous
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == -getattr(signal, sig)
+    finally:
+        proc.kill()
+        proc.wait()

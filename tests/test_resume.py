@@ -1412,3 +1412,18 @@ def test_checkpoint_every_writes_no_checkpoint_after_a_non_finite_loss(base, mon
                                             f"last good checkpoint: {re.escape(str(root / 'epoch-0000'))};"):
         train(cfg)
     assert len(calls) == 13 and [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0000"]
+
+
+def test_one_relative_path_from_two_working_folders_is_shown_as_the_two_paths_it_means(tmp_path, monkeypatch):
+    """A run folder reached from another folder (a copy, a container's mount): 'images='demo/images.lmdb' there,
+    'demo/images.lmdb' now' read as no difference at all."""
+    (tmp_path / "then").mkdir()
+    (tmp_path / "now").mkdir()
+    saved = Config(users="data/u.tsv", items="data/i.tsv").to_dict()
+    monkeypatch.chdir(tmp_path / "now")
+    assert checkpoint.config_differences(saved, saved, str(tmp_path / "then")) == [
+        f"items={str(tmp_path / 'then' / 'data' / 'i.tsv')!r} there, {str(tmp_path / 'now' / 'data' / 'i.tsv')!r} now",
+        f"users={str(tmp_path / 'then' / 'data' / 'u.tsv')!r} there, {str(tmp_path / 'now' / 'data' / 'u.tsv')!r} now"]
+    moved = {**saved, "users": "other/u.tsv"}
+    assert checkpoint.config_differences(saved, moved, str(tmp_path / "then"))[1] == \
+        "users='data/u.tsv' there, 'other/u.tsv' now"  # two spellings: as written

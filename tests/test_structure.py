@@ -20,8 +20,8 @@ MAX_LINES = 350
 LAYERS = {
     "errors": 0, "bounds": 1, "methods": 1, "metric_names": 1, "config": 1, "files": 1, "digests": 1, "locks": 1,
     "devices": 1, "memory": 1, "tensorfiles": 1, "once": 0, "spelling": 0,
-    "claims": 2, "precedence": 2, "streams": 2, "flags": 2, "provenance": 2, "console": 2, "distributed": 2,
-    "logfiles": 2, "isolate": 3,
+    "claims": 2, "precedence": 2, "streams": 2, "flags": 2, "provenance": 2, "console": 2, "system_errors": 2,
+    "distributed": 2, "logfiles": 2, "isolate": 3,
     "data": 3, "model": 4, "evaluate": 5, "train": 6, "experiments": 7, "efficiency": 7, "cli": 8, "__main__": 9,
     "__init__": 0,
 }

@@ -28,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from ..console import VERBOSE_HELP, entry_point, peer_lost, setup_logging
+from ..console import VERBOSE_HELP, entry_point, setup_logging
 from ..data.datasets import DATASETS, FETCHABLE, dataset_paths
 from ..errors import ConfigError, DataError, GridError, RunInterrupted, RunInUse, TrainingError, UserError
 from ..files import path_component
 from ..flags import FlagParser, add_config_arguments, args_layers
 from ..methods import MAY_CHANGE, METHOD_DEFAULTS, kept_over, unread_keys
 from ..precedence import resolve
+from ..system_errors import peer_lost
 from .grid import GridPoint, Outcome, Status, disk_short, folder_bytes, listing, summary, time_left, values_text
 from .presets import BACKBONES, own_cache_dir
 

@@ -169,7 +169,10 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     differ = [k for k in keys if same_old[k] != same_now[k]]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
-    return [f"{k}={_shown(k, old[k])} there, {_shown(k, now[k])} now" for k in differ]
+    # one spelling from two working folders (a run folder reached another way: a copy, a container's mount) is
+    # shown as the two paths it means
+    return [f"{k}={same_old[k]!r} there, {same_now[k]!r} now" if old[k] == now[k] else
+            f"{k}={_shown(k, old[k])} there, {_shown(k, now[k])} now" for k in differ]
 
 
 def _shown(key: str, value) -> str:
