@@ -287,17 +287,21 @@ class _ItemsByRow(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(rows, 3, generator=torch.Generator().manual_seed(0)))
 
     def item_encoder(self, batch):
-        return self.weight[batch.ids] * (1.0 if self.training else 2.0)  # (run in eval mode)
+        return (self.weight[batch.ids] * (1.0 if self.training else 2.0)).to(self.dtype)  # (run in eval mode)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_the_item_table_writes_each_chunk_in_place_in_item_order(chunk):
-    """Chunks written into one table (a list of them and their cat held the table twice: 0.5 GB at 1M items)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_item_table_writes_each_chunk_in_place_in_item_order(chunk, dtype):
+    """Chunks written into one fp32 table (a list of them and their cat held the table twice: 0.5 GB at 1M
+    items), whatever the encoder computes in."""
     from iisan.evaluate import item_table
 
     model = _ItemsByRow(31).train()
+    model.dtype = dtype
     with torch.no_grad():
         table = item_table(model, 30, chunk, None, torch.device("cpu"))
         part = item_table(model, 30, chunk, None, torch.device("cpu"), ids=np.array([5, 2, 9, 2]))
-    assert table.shape == (31, 3) and torch.equal(table, 2 * model.weight.detach())
-    assert torch.equal(part, 2 * model.weight.detach()[[5, 2, 9, 2]]) and model.training
+    expected = (2 * model.weight.detach()).to(dtype).float()
+    assert table.shape == (31, 3) and table.dtype == torch.float32 and torch.equal(table, expected)
+    assert torch.equal(part, expected[[5, 2, 9, 2]]) and model.training

@@ -1427,3 +1427,81 @@ def test_one_relative_path_from_two_working_folders_is_shown_as_the_two_paths_it
     moved = {**saved, "users": "other/u.tsv"}
     assert checkpoint.config_differences(saved, moved, str(tmp_path / "then"))[1] == \
         "users='data/u.tsv' there, 'other/u.tsv' now"  # two spellings: as written
+
+
+def test_a_stop_at_a_step_checkpoint_every_saves_writes_one_checkpoint_and_resumes_exactly(base, reference,
+                                                                                          monkeypatch):
+    import iisan.train.resuming as resuming
+
+    cfg = base.replace(run_name="ctrl-c-due", checkpoint_every=3)
+    write, written = resuming.write_checkpoint, []
+    monkeypatch.setattr(resuming, "write_checkpoint", lambda root, name, *args: written.append(name) or
+                        write(root, name, *args))
+    interrupt_at(monkeypatch, 16)  # epoch 1, step 6 of 10
+    with pytest.raises(RunInterrupted, match=r"during epoch 1 after step 6 of 10; checkpoint saved in \S*"
+                                             r"epoch-0001-step-00006\. To resume"):
+        train(cfg)
+    assert written[-3:] == ["epoch-0000", "epoch-0001-step-00003", "epoch-0001-step-00006"]
+    monkeypatch.undo()
+    same_run(reference, train(cfg))
+
+
+@pytest.mark.parametrize("every", [3, 6])  # (6: its first checkpoint takes the old one's name)
+def test_an_epoch_restarted_under_another_process_count_drops_its_old_mid_epoch_checkpoint(base, monkeypatch,
+                                                                                            caplog, every):
+    """Resumed by another number of processes, epoch 1 starts again (``Progress.load``, forced here): the old
+    epoch-0001-step-00006 sorted as newer than the new run's steps, was counted, resumed from again after a
+    crash, and at its name set aside with a warning that this run could not resume from it, never pruned."""
+    import iisan.train.progress as progress_module
+
+    cfg = base.replace(run_name=f"restarted-{every}", checkpoint_every=3, epochs=2)
+    root = Path(cfg.out_dir) / cfg.run_name / "checkpoints"
+    loss, calls, seen = recommender_module.in_batch_softmax_loss, [], []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == 18:  # epoch 1, step 8
+            raise RuntimeError("the machine went down")
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001-step-00006", "epoch-0000"]
+    load = progress_module.Progress.load
+    monkeypatch.setattr(progress_module.Progress, "load",
+                        lambda self, state, path, epochs, restart_epoch=False: load(self, state, path, epochs, True))
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss",
+                        lambda *args: seen.append([p.name for p in checkpoint.checkpoints(root)]) or loss(*args))
+    caplog.set_level(logging.INFO, logger="iisan")
+    train(cfg.replace(checkpoint_every=every))
+    assert seen[every] == [f"epoch-0001-step-{every:05d}", "epoch-0000"]  # after the restarted epoch's first
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000", "epoch-0001"]
+    assert "starts again from its first step" in caplog.text and "could not resume from" not in caplog.text
+
+
+def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base, monkeypatch):
+    import iisan.train.progress as progress_module
+
+    cfg = base.replace(run_name="partial-seconds", checkpoint_every=3)
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == 18:
+            raise RuntimeError("the machine went down")
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.undo()
+    load = progress_module.Progress.load
+
+    def loading(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        self.partial_seconds += 1e6  # what epoch 1's first six steps took, as saved (made unmistakable)
+
+    monkeypatch.setattr(progress_module.Progress, "load", loading)
+    seconds = [e["train_seconds"] for e in train(cfg)["epochs"]]
+    assert seconds[1] >= 1e6 and max(seconds[0], seconds[2], seconds[3]) < 1e6

@@ -62,6 +62,8 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         fsync(tmp / MANIFEST)
         fsync(tmp)
+        if os.path.lexists(final) and replaced(final, state.get("config") or {}):
+            remove_checkpoint(final)
         if os.path.lexists(final):  # a refused checkpoint of that name, now redone: kept, under another name
             aside = set_aside(final)
             log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it "
@@ -82,6 +84,13 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                               f"place ({failure_reason(err)}): the disk may be failing") from None
     prune(root, keep, state.get("config") or {}, final)
     return final
+
+
+def replaced(path: Path, config: dict) -> bool:
+    """Whether ``path``, a checkpoint of the name a checkpoint about to be written takes, is one of this run's
+    (``config``'s) from within an epoch that the run restarted (resumed by another number of processes:
+    ``progress.Progress.load``): its steps are being trained again, and it goes like an older one."""
+    return NAME.match(path.name)[2] is not None and isinstance(checked_state(path, config, digests=False), dict)
 
 
 def set_aside(path: Path) -> Path:
@@ -109,8 +118,10 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
     never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
     nor deleted, as it may not be this run's: it is named once, and left in place. A mid-epoch checkpoint older
-    than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from. With no
-    ``written`` (a finished run's, ``keep`` 0) every one is older. Returns how many were deleted."""
+    than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from, and so is
+    one of ``written``'s epoch that is newer (of an epoch restarted under another number of processes, whose
+    steps the run trains again: ``replaced``). With no ``written`` (a finished run's, ``keep`` 0) every one is
+    older. Returns how many were deleted."""
     kept = removed = 0
     here = checkpoints(root)
     for path in set(_FOUND) - set(here):
@@ -124,9 +135,12 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
         if isinstance(refused, dict) and found[1] is not None:
             _FOUND[path] = found
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
+        within = NAME.match(path.name)[2] is not None  # (a mid-epoch one)
+        restarted = within and written is not None and path != written and \
+            checkpoint_order(path)[0] == checkpoint_order(written)[0]  # (newer: ``replaced``)
         if isinstance(refused, str):
             left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
-        elif older and (kept >= keep or NAME.match(path.name)[2] is not None):
+        elif (older and (kept >= keep or within)) or restarted:
             removed += remove_checkpoint(path)
         else:
             kept += 1

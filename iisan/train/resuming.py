@@ -38,6 +38,7 @@ class RunCheckpoints:
     def __init__(self, run):
         self.run = weakref.proxy(run)  # the run holds this: no cycle to keep a finished run's model alive
         self.root = run.run_dir / CHECKPOINTS
+        self.last_written = ""  # the name of the checkpoint this process wrote last
 
     def choose(self) -> checkpoint.Checkpoint | None:
         """The newest checkpoint this run can resume from, or None for a fresh run (one that may start).
@@ -96,11 +97,13 @@ class RunCheckpoints:
         """Collective: every rank adds its RNG streams (and partial-epoch losses); rank 0 writes, and a
         failed write is every rank's error."""
         run = self.run
+        name = checkpoint.checkpoint_name(epoch, step)
+        if name == self.last_written:  # a stop request at a step --checkpoint-every has just saved (or during it)
+            return self.root / name
         rng, tensors = runstate.capture_rng(run.dist, run.device)
         if losses is not None:
             for rank, part in enumerate(gather_same(losses, run.dist)):
                 tensors[f"partial_losses.{rank}"] = part
-        name = checkpoint.checkpoint_name(epoch, step)
         error = ""
         if run.dist.is_main:
             optimizer, optimizer_tensors = runstate.optimizer_to_files(run.optimizer)
@@ -122,6 +125,7 @@ class RunCheckpoints:
         error = broadcast_text(error, run.dist)
         if error:
             raise TrainingError(error)
+        self.last_written = name
         return self.root / name
 
     def due(self, steps: int, n_steps: int) -> bool:

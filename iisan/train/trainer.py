@@ -241,13 +241,13 @@ class Run:
                 bar.close()
                 done = i + 1
                 break
-            if self.stop_now(i, n_steps):
+            if due:  # (the time it takes to write is no training time)
+                start += self.checkpoints.save_within(epoch, i + 1, losses[: i + 1], seconds - start)
+            if self.stop_now(i, n_steps):  # (saved just now when due: the request may have come while it was)
                 bar.close()
                 self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
                 path = self.checkpoints.save(epoch, i + 1, losses[: i + 1].cpu(), seconds + time.perf_counter() - start)
                 raise self.interrupted(f"during epoch {epoch} after step {i + 1} of {n_steps}", path)
-            if due:  # (the time it takes to write is no training time)
-                start += self.checkpoints.save_within(epoch, i + 1, losses[: i + 1], seconds - start)
         sync(device)
         seconds += time.perf_counter() - start
         return mean_over_ranks(losses[:done], dist).cpu(), seconds, n_steps
