@@ -1,7 +1,7 @@
 """How the host-side stages grow with the data on this CPU: reading a pairs CSV, ranking every user over every
-item, checking a loaded cache for NaN and inf, and naming a sweep's grid beside earlier run folders. Each stage runs
-at --sizes times its base count, each measurement in a process of its own (its own peak memory), on synthetic
-inputs; nothing is downloaded.
+item, checking a loaded cache for NaN and inf, naming a sweep's grid beside earlier run folders, tokenizing a live
+feed's titles and encoding evaluation's item table. Each stage runs at --sizes times its base count, each
+measurement in a process of its own (its own peak memory), on synthetic inputs; nothing is downloaded.
 
     OMP_NUM_THREADS=1 python scripts/benchmark_scale.py                  # every stage at 1x, 2x, 4x and 8x
     python scripts/benchmark_scale.py --stages csv --sizes 1 4 16        # one stage, larger

@@ -26,6 +26,12 @@ def test_every_stage_runs_in_its_own_process_and_does_the_work_it_is_timed_for(t
     assert found["evaluation"]["users_ranked"] == counts["evaluation"]
     assert found["cache-check"] == [counts["cache-check"] // 2]  # the one row given a NaN, and no other
     assert found["grid"] == 100  # 10 learning rates x 10 seeds
+    titles = counts["title-table"]  # and the padding item's empty title, row 0: its [CLS] and [SEP]
+    assert found["title-table"]["shape"] == [titles + 1, 30]
+    assert found["title-table"]["dtypes"] == ["torch.int32", "torch.bool"]  # the compact table (f5a3578)
+    assert found["title-table"]["bytes"] == (titles + 1) * 30 * 5
+    assert 2 + 5 * titles <= found["title-table"]["tokens"] <= 2 + 14 * titles  # 3 to 12 words, [CLS] and [SEP]
+    assert found["item-table"] == {"shape": [counts["item-table"] + 1, 64], "dtype": "torch.float32", "in_order": True}
     for r in payload["rows"]:
         assert r["seconds"] > 0 and r["peak_rise_bytes"] >= 0
         assert r["microseconds_per_unit"] == pytest.approx(1e6 * r["seconds"] / r["count"])
@@ -78,7 +84,8 @@ def test_a_measuring_process_that_fails_is_one_line_naming_the_stage_and_its_err
 
 def _rows(sizes, order=tuple(STAGES)) -> list[dict]:
     """Rows of every stage at ``sizes``, over several decades of time and memory, one peak rise of zero."""
-    rate = {"csv": 2e-6, "evaluation": 2e-4, "cache-check": 3e-5, "grid": 6e-4}
+    rate = {"csv": 2e-6, "evaluation": 2e-4, "cache-check": 3e-5, "grid": 6e-4, "title-table": 1e-4,
+            "item-table": 1e-5}
     return [{"stage": stage, "count": STAGES[stage][1] * s, "seconds": rate[stage] * STAGES[stage][1] * s ** 1.1,
              "peak_rise_bytes": 0 if (stage, s) == ("grid", 1) else int(rate[stage] * 2**33 * s)}
             for stage in order for s in sizes]
@@ -99,7 +106,8 @@ def test_the_scale_figure_keeps_each_stage_in_its_style_and_no_label_meets_anoth
     fig = drawn(_rows(sizes), "t")
     assert clashes(fig) == []
     assert len(set(styles(fig).values())) == len(STAGES)  # none alike,
-    assert len({linestyle for _, _, linestyle in styles(fig).values()}) == len(STAGES)  # nor told apart by colour alone
+    assert len({marker for _, marker, _ in styles(fig).values()}) == len(STAGES)  # nor told apart by colour alone
+    assert len({linestyle for _, _, linestyle in styles(fig).values()}) == 4  # (matplotlib's four named styles)
     low, high = fig.axes[1].dataLim.intervaly  # memory: 0.01 to some MiB
     labelled = [float(t.get_text()) for t in fig.axes[1].get_yticklabels() if t.get_text()]
     assert math.log10(high / low) > 2.5 and labelled
@@ -114,6 +122,6 @@ def test_the_committed_scale_figures_data_draws_without_a_clash():
 
     from ._figures import clashes
 
-    for name in ("scale-cpu", "scale-cpu-before"):
+    for name in ("scale-cpu", "scale-cpu-before", "scale-cpu-tables", "scale-cpu-tables-before"):
         rows = json.loads((ROOT / "results" / f"{name}.json").read_text())["rows"]
         assert clashes(drawn(rows, name)) == [], name

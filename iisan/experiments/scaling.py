@@ -1,8 +1,9 @@
 """How the host-side stages grow with the data (``scripts/benchmark_scale.py``): reading a pairs CSV, ranking
-every user over every item on a CPU, checking a loaded cache for NaN and inf, and naming a sweep's grid beside
-earlier run folders. Each measurement runs in a process of its own, so that its peak memory is its own, on
-synthetic inputs of ``size`` times a stage's base count. Linear growth shows as a flat time per unit; a stage
-whose memory should not grow with its count (evaluation, over users) shows a flat peak.
+every user over every item on a CPU, checking a loaded cache for NaN and inf, naming a sweep's grid beside
+earlier run folders, tokenizing a live feed's title table and encoding evaluation's item table. Each measurement
+runs in a process of its own, so that its peak memory is its own, on synthetic inputs of ``size`` times a stage's
+base count. Linear growth shows as a flat time per unit; a stage whose memory should not grow with its count
+(evaluation, over users) shows a flat peak.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ STAGES = {
     "evaluation": ("users", 4_096, "over 32,000 items of width 64, 10 inputs a user"),
     "cache-check": ("items", 8_192, "x 7 layers x 768, float16"),
     "grid": ("run folders", 500, "beside a grid of 100 points"),
+    "title-table": ("titles", 125_000, "of 3 to 12 words, 30 tokens, a tiny BERT's tokenizer"),
+    "item-table": ("items", 125_000, "of width 64 from a stub encoder, 256 a chunk"),
 }
 EVAL_ITEMS, WIDTH, LAYERS, GRID_SIDE = 32_000, 768, 7, 10
+TITLE_TOKENS, TITLE_WORDS, ITEM_WIDTH, ITEM_CHUNK = 30, 2_000, 64, 256  # the live feed's defaults but the words
+MARKERS = ("o", "s", "^", "D", "v", "P")  # one a stage (LINES' four styles come round again past the fourth)
 FORMAT, CREATOR = "iisan-scale/1", "IISAN benchmark_scale"  # in the JSON, and in the figure's PNG metadata
 TABLE_HEAD = "| stage | what grows | count |"  # the first line of the table
 FLOOR_MIB = 0.01  # a peak rise below it is drawn there, hollow (a log axis has no 0)
@@ -126,7 +131,40 @@ def _grid(count: int, scratch: Path):
     return parse, lambda parsed: len(parsed[0])
 
 
-INPUTS = {"csv": _csv, "evaluation": _evaluation, "cache-check": _cache_check, "grid": _grid}
+def _title_table(count: int, scratch: Path):
+    # imported when run (each stage loads only what it measures)
+    import numpy as np
+
+    from ..model.backbones import load_text_encoder  # (torch, transformers: imported when run)
+    from ..model.tiny import vocabulary, write_bert
+
+    words = [f"w{n}ord" for n in range(TITLE_WORDS)]  # one wordpiece each: 5 to 14 tokens a title, none cut
+    encoder = load_text_encoder(str(write_bert(scratch / "bert", vocabulary(words), hidden=16)), (1, 2))
+    rng = np.random.default_rng(0)
+    picks, lengths = rng.integers(0, TITLE_WORDS, size=(count, 12)), rng.integers(3, 13, size=count)
+    titles = [""] + [" ".join(words[w] for w in row[:k]) for row, k in zip(picks.tolist(), lengths.tolist())]
+    tokenize = lambda: encoder.title_inputs(titles, TITLE_TOKENS)  # noqa: E731 (what a live feed's model holds)
+    return tokenize, lambda table: {"shape": list(table[0].shape), "dtypes": [str(t.dtype) for t in table],
+                                    "bytes": sum(t.nbytes for t in table), "tokens": int(table[1].sum())}
+
+
+def _item_table(count: int, scratch: Path):
+    # imported when run (each stage loads only what it measures)
+    import torch
+
+    from ..evaluate import item_table  # (torch: imported when run)
+
+    class Stub(torch.nn.Module):  # an item encoder of little work: row n is n in every column, a new tensor
+        def item_encoder(self, batch):  # (as a model's output is: not a view of the ids)
+            return batch.ids.to(torch.float32)[:, None].repeat(1, ITEM_WIDTH)
+
+    encode = lambda: item_table(Stub(), count, ITEM_CHUNK, None, torch.device("cpu"))  # noqa: E731
+    return encode, lambda table: {"shape": list(table.shape), "dtype": str(table.dtype), "in_order": bool(
+        torch.equal(table[:, -1], torch.arange(count + 1, dtype=torch.float32)))}
+
+
+INPUTS = {"csv": _csv, "evaluation": _evaluation, "cache-check": _cache_check, "grid": _grid,
+          "title-table": _title_table, "item-table": _item_table}
 
 
 def run_one(stage: str, count: int, scratch: Path) -> dict:
@@ -203,12 +241,12 @@ def figure(rows: list[dict], title: str) -> bytes:
 
 def drawn(rows: list[dict], title: str):
     """Time and peak rise against the count, each stage on log-log axes (a straight line of slope 1: linear), in
-    its own colour, line style and marker, the same in every figure (by its place in ``STAGES``); no two tick
-    labels meet."""
+    its own colour and marker and a line style of four, the same in every figure (by its place in ``STAGES``);
+    no two tick labels meet."""
     from matplotlib.figure import Figure  # drawn without pyplot: no backend is chosen (a notebook's stays its own)
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter, NullLocator
 
-    styles = {stage: {**style, "linestyle": LINES[i % len(LINES)][0], "marker": LINES[i % len(LINES)][1]}
+    styles = {stage: {**style, "linestyle": LINES[i % len(LINES)][0], "marker": MARKERS[i % len(MARKERS)]}
               for i, (stage, style) in enumerate(zip(STAGES, run_styles(len(STAGES))))}
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
