@@ -26,7 +26,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-        why = " (this torch is a build without CUDA)" if torch.version.cuda is None else "" if hidden is None else \
+        cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None  # (ROCm's has hip)
+        why = " (this torch is a build without CUDA)" if cpu_only else "" if hidden is None else \
             f" with CUDA_VISIBLE_DEVICES={hidden!r}, which chooses the GPUs this process sees"
         raise ConfigError(f"device={name} but no CUDA device is available{why}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -5,6 +5,7 @@ folder an environment variable names for a library's cache, and a matplotlib set
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from .once import in_a_launch
 # Hugging Face's, matplotlib's, the temporary folder): one that cannot be made is named with its variable.
 FOLDER_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCH_HOME", "HF_HOME", "HF_HUB_CACHE",
                     "XDG_CACHE_HOME", "MPLCONFIGDIR", "TMPDIR")
+MAKING = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.EEXIST}  # making a folder's
 
 
 def working_folder_gone() -> str:
@@ -43,11 +45,18 @@ def environment_problem(err: BaseException) -> str:
         return ""
     path = Path(os.path.abspath(err.filename))
     for name in FOLDER_VARIABLES:
-        if (value := os.environ.get(name)) and path in (named := Path(os.path.abspath(value)), *named.parents) \
-                and path != Path(path.anchor):
+        if not (value := os.environ.get(name)):
+            continue
+        named = Path(os.path.abspath(value))
+        if path == named:
             return (f"{name}={value} names a folder this user cannot make or use ({err.filename}: "
                     f"{err.strerror or err}): point {name} at a folder this user may write, or unset it")
+        # a folder above it, while it is not there: making it may be what failed (the user's own path may be too)
+        if path in named.parents and path != Path(path.anchor) and err.errno in MAKING and not named.is_dir():
+            return (f"{err.filename}: {err.strerror or err}; {name}={value} names a folder under it, which cannot be "
+                    f"made: point {name} at a folder this user may write, or unset it")
     return ""
+
 
 def host_memory_error(err: RuntimeError) -> str:
     """The one line for torch's CPU allocator out of memory ('' for any other error)."""

@@ -622,14 +622,19 @@ def test_folders_and_backends_the_environment_names_are_said_with_their_variable
         f"({tmp_path / 'afile' / 'inductor'}: Not a directory): point TORCHINDUCTOR_CACHE_DIR at a folder this user "
         "may write, or unset it")
     above = PermissionError(13, "Permission denied", str(tmp_path))  # a folder above it, which could not be made
-    assert environment_problem(above).startswith(f"TORCHINDUCTOR_CACHE_DIR={tmp_path / 'afile' / 'inductor'} names ")
+    assert environment_problem(above) == (
+        f"{tmp_path}: Permission denied; TORCHINDUCTOR_CACHE_DIR={tmp_path / 'afile' / 'inductor'} names a folder "
+        "under it, which cannot be made: point TORCHINDUCTOR_CACHE_DIR at a folder this user may write, or unset it")
+    assert environment_problem(IsADirectoryError(21, "Is a directory", str(tmp_path))) == ""  # (no folder's making)
     assert environment_problem(PermissionError(13, "Permission denied", "/")) == ""  # (above everything)
     assert environment_problem(PermissionError(13, "Permission denied", str(tmp_path / "other"))) == ""
     assert environment_problem(OSError("Matplotlib requires access to a writable cache directory, but ...")) == (
         "matplotlib has no folder to write its cache in (neither HOME's nor a temporary one may be written): set "
         "MPLCONFIGDIR to a folder this user may write")
     backend = ValueError("Key backend: 'bogus' is not a valid value for backend; supported values are ['agg']")
-    for err, said in ((made, environment_problem(made)), (backend, environment_problem(backend))):
+    cache = OSError("Matplotlib requires access to a writable cache directory, but ...")
+    for err, said in ((made, environment_problem(made)), (backend, environment_problem(backend)),
+                      (cache, environment_problem(cache))):
         with pytest.raises(SystemExit) as info:
             entry_point("iisan", lambda err=err: (_ for _ in ()).throw(err))
         assert info.value.code == 2 and capsys.readouterr().err == f"iisan: error: {said}\n"
@@ -637,6 +642,9 @@ def test_folders_and_backends_the_environment_names_are_said_with_their_variable
                                             "MPLBACKEND, or set it to Agg")
     with pytest.raises(ValueError, match="^another$"):  # any other ValueError is a bug: its traceback
         entry_point("iisan", lambda: (_ for _ in ()).throw(ValueError("another")))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "there" / "inductor"))
+    (tmp_path / "there" / "inductor").mkdir(parents=True)  # there: an error above it is not its making
+    assert environment_problem(PermissionError(13, "Permission denied", str(tmp_path / "there"))) == ""
 
 
 def test_no_cuda_device_says_whether_torch_has_cuda_and_what_cuda_visible_devices_chose(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -467,3 +468,31 @@ def test_a_stop_signal_ends_a_rank_waiting_for_a_launch_that_never_gathers(tiny_
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_signals_end_the_process_while_joining_and_their_handlers_come_back_after():
+    """Inside: SIGINT and SIGTERM at their default (ending the process); one ignored when the command started
+    stays ignored (nohup's SIGHUP). After, normally or on an error, the handlers that were there."""
+    import signal
+
+    from iisan.distributed import signals_end_the_process
+
+    def mine(signum, frame):
+        pass
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for failing in (False, True):
+            with contextlib.suppress(RuntimeError), signals_end_the_process():
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+                assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                if failing:
+                    raise RuntimeError("the rendezvous failed")
+            assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

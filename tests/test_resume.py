@@ -1505,3 +1505,59 @@ def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base,
     monkeypatch.setattr(progress_module.Progress, "load", loading)
     seconds = [e["train_seconds"] for e in train(cfg)["epochs"]]
     assert seconds[1] >= 1e6 and max(seconds[0], seconds[2], seconds[3]) < 1e6
+
+
+def crash_at(monkeypatch, call: int) -> None:
+    """The machine goes down during the ``call``-th training loss (no signal: nothing saved then)."""
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("the machine went down")
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+
+
+def test_a_checkpoint_a_new_one_of_its_name_replaces_stays_until_that_one_is_in_place(base, monkeypatch):
+    """A stop between moving the old one out and moving the new one in (a second Ctrl-C) lost both."""
+    cfg = base.replace(run_name="replacing", checkpoint_every=3, epochs=2)
+    root = Path(cfg.out_dir) / "replacing" / "checkpoints"
+    crash_at(monkeypatch, 18)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.undo()
+    old = checkpoint.read(root / "epoch-0001-step-00006")
+    replace = os.replace
+
+    def stopped(source, target):
+        if str(source).endswith(".tmp") and Path(target).name == "epoch-0001-step-00006":
+            raise KeyboardInterrupt
+        return replace(source, target)
+
+    monkeypatch.setattr(checkpoint_writing.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_writing.write_checkpoint(root, "epoch-0001-step-00006", old.model, old.train_state, old.state, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000", "epoch-0001-step-00006"]
+    assert checkpoint.verify(root / "epoch-0001-step-00006") is None
+
+
+def test_a_damaged_newer_mid_epoch_checkpoint_is_left_in_place_not_taken_for_a_restarted_epochs(base, monkeypatch):
+    """Its digest fails, so the run resumes from epoch 0 (no restart): the new epoch's first checkpoint deleted
+    it as one of a restarted epoch (its sizes and state alone were looked at)."""
+    cfg = base.replace(run_name="damaged-newer", checkpoint_every=3, epochs=2)
+    root = Path(cfg.out_dir) / "damaged-newer" / "checkpoints"
+    crash_at(monkeypatch, 18)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.undo()
+    model = root / "epoch-0001-step-00006" / checkpoint.MODEL
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    loss, seen = recommender_module.in_batch_softmax_loss, []
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss",
+                        lambda *args: seen.append([p.name for p in checkpoint.checkpoints(root)]) or loss(*args))
+    assert train(cfg)["resumed_from"] == ["epoch-0000"]
+    assert seen[3] == ["epoch-0001-step-00006", "epoch-0001-step-00003"]  # (epoch 1, after step 3; it counts)

@@ -5,6 +5,7 @@ folder holding anything else is left whole."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -47,6 +48,7 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
                      train_state: dict[str, torch.Tensor], state: dict, keep: int) -> Path:
     """Write ``root/name`` atomically, then keep only the newest ``keep`` complete checkpoints."""
     final, tmp = root / name, root / f".{name}.tmp"
+    going = root / f".{name}.pruned.tmp"  # a checkpoint of this name that the new one replaces, until it is in place
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # our own leftover (the run folder is locked and ours)
@@ -63,20 +65,24 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
         fsync(tmp / MANIFEST)
         fsync(tmp)
         if os.path.lexists(final) and replaced(final, state.get("config") or {}):
-            remove_checkpoint(final)
+            shutil.rmtree(going, ignore_errors=True)
+            os.rename(final, going)  # (removed once the new one is in place: a stop between keeps it)
         if os.path.lexists(final):  # a refused checkpoint of that name, now redone: kept, under another name
             aside = set_aside(final)
             log.warning("%s, which this run could not resume from, is kept as %s (IISAN removes no checkpoint it "
                         "cannot read as this run's: remove it once it is not needed)", final, aside)
         os.replace(tmp, final)
     except WRITE_ERRORS as err:
+        put_back(going, final)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = next((p for p in checkpoints(root) if (p / MANIFEST).is_file()), None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}: {failure_reason(err)}; {kept}") from None
     except BaseException:  # a second Ctrl-C inside the write: no partial (large) checkpoint left hidden
+        put_back(going, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(going, ignore_errors=True)
     try:
         fsync(root)  # the rename made durable
     except OSError as err:
@@ -87,10 +93,19 @@ def write_checkpoint(root: Path, name: str, model: dict[str, torch.Tensor],
 
 
 def replaced(path: Path, config: dict) -> bool:
-    """Whether ``path``, a checkpoint of the name a checkpoint about to be written takes, is one of this run's
-    (``config``'s) from within an epoch that the run restarted (resumed by another number of processes:
-    ``progress.Progress.load``): its steps are being trained again, and it goes like an older one."""
-    return NAME.match(path.name)[2] is not None and isinstance(checked_state(path, config, digests=False), dict)
+    """Whether ``path``, a mid-epoch checkpoint of the name one about to be written takes (or of its epoch and
+    newer), is this run's (``config``'s) and intact: of an epoch the run restarted (resumed by another number of
+    processes: ``progress.Progress.load``), or stopped again while evaluating, whose steps the new one holds. It
+    goes like an older one; a damaged one is left, as any refused checkpoint."""
+    return NAME.match(path.name)[2] is not None and isinstance(checked_state(path, config), dict)
+
+
+def put_back(going: Path, final: Path) -> None:
+    """A checkpoint moved aside for a new one of its name, put back when the new one did not take its place (only a
+    kill between the two renames leaves it hidden, for the next prune to remove as a leftover)."""
+    with contextlib.suppress(OSError):  # (the error in flight is the one to report)
+        if os.path.lexists(going) and not os.path.lexists(final):
+            os.rename(going, final)
 
 
 def set_aside(path: Path) -> Path:
@@ -137,7 +152,7 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
         older = written is None or checkpoint_order(path) < checkpoint_order(written)
         within = NAME.match(path.name)[2] is not None  # (a mid-epoch one)
         restarted = within and written is not None and path != written and \
-            checkpoint_order(path)[0] == checkpoint_order(written)[0]  # (newer: ``replaced``)
+            checkpoint_order(path)[0] == checkpoint_order(written)[0] and replaced(path, config)  # (newer)
         if isinstance(refused, str):
             left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
         elif (older and (kept >= keep or within)) or restarted:
