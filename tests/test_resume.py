@@ -1334,22 +1334,29 @@ def test_a_run_resumed_under_another_commit_lists_both(base, monkeypatch, caplog
     assert train(cfg.replace(epochs=3))["git_commits"] == ["aaaa111", "bbbb222"]  # the same commit again: once
 
 
+def crash_at(monkeypatch, call: int, look=lambda calls: None) -> None:
+    """The machine goes down during the ``call``-th training loss (no signal: nothing saved then); ``look(n)``
+    before each, the ``n``-th."""
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def crashing(*args):
+        calls.append(1)
+        look(len(calls))
+        if len(calls) == call:
+            raise RuntimeError("the machine went down")
+        return loss(*args)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+
+
 def test_checkpoint_every_n_steps_keeps_the_newest_and_a_crash_resumes_from_it_exactly(base, reference, monkeypatch):
     """--checkpoint-every 3 on 10 steps an epoch: after steps 3, 6 and 9, each pruning the one before; the
     epoch's own checkpoint prunes them all. A crash (no signal, no save) in epoch 1's step 8 resumes from
     epoch-0001-step-00006 and gives the numbers of a run without them."""
     cfg = base.replace(run_name="every-3", checkpoint_every=3)
     root = Path(cfg.out_dir) / "every-3" / "checkpoints"
-    loss, calls, seen = recommender_module.in_batch_softmax_loss, [], {}
-
-    def crashing(*args):
-        calls.append(1)
-        seen[len(calls)] = [p.name for p in checkpoint.checkpoints(root)]
-        if len(calls) == 18:  # epoch 1, step 8 of 10
-            raise RuntimeError("the machine went down")
-        return loss(*args)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    seen = {}
+    crash_at(monkeypatch, 18, lambda n: seen.update({n: [p.name for p in checkpoint.checkpoints(root)]}))  # (step 8)
     with pytest.raises(RuntimeError, match="the machine went down"):
         train(cfg)
     monkeypatch.undo()
@@ -1456,15 +1463,8 @@ def test_an_epoch_restarted_under_another_process_count_drops_its_old_mid_epoch_
 
     cfg = base.replace(run_name=f"restarted-{every}", checkpoint_every=3, epochs=2)
     root = Path(cfg.out_dir) / cfg.run_name / "checkpoints"
-    loss, calls, seen = recommender_module.in_batch_softmax_loss, [], []
-
-    def crashing(*args):
-        calls.append(1)
-        if len(calls) == 18:  # epoch 1, step 8
-            raise RuntimeError("the machine went down")
-        return loss(*args)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    loss, seen = recommender_module.in_batch_softmax_loss, []
+    crash_at(monkeypatch, 18)  # epoch 1, step 8
     with pytest.raises(RuntimeError):
         train(cfg)
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001-step-00006", "epoch-0000"]
@@ -1484,15 +1484,7 @@ def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base,
     import iisan.train.progress as progress_module
 
     cfg = base.replace(run_name="partial-seconds", checkpoint_every=3)
-    loss, calls = recommender_module.in_batch_softmax_loss, []
-
-    def crashing(*args):
-        calls.append(1)
-        if len(calls) == 18:
-            raise RuntimeError("the machine went down")
-        return loss(*args)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
+    crash_at(monkeypatch, 18)
     with pytest.raises(RuntimeError):
         train(cfg)
     monkeypatch.undo()
@@ -1505,19 +1497,6 @@ def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base,
     monkeypatch.setattr(progress_module.Progress, "load", loading)
     seconds = [e["train_seconds"] for e in train(cfg)["epochs"]]
     assert seconds[1] >= 1e6 and max(seconds[0], seconds[2], seconds[3]) < 1e6
-
-
-def crash_at(monkeypatch, call: int) -> None:
-    """The machine goes down during the ``call``-th training loss (no signal: nothing saved then)."""
-    loss, calls = recommender_module.in_batch_softmax_loss, []
-
-    def crashing(*args):
-        calls.append(1)
-        if len(calls) == call:
-            raise RuntimeError("the machine went down")
-        return loss(*args)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
 
 
 def test_a_checkpoint_a_new_one_of_its_name_replaces_stays_until_that_one_is_in_place(base, monkeypatch):
