@@ -17,7 +17,8 @@ from .once import in_a_launch
 # Hugging Face's, matplotlib's, the temporary folder): one that cannot be made is named with its variable.
 FOLDER_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCH_HOME", "HF_HOME", "HF_HUB_CACHE",
                     "XDG_CACHE_HOME", "MPLCONFIGDIR", "TMPDIR")
-MAKING = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.EEXIST}  # making a folder's
+# what making a folder fails with (not, say, EISDIR: a folder above it given where a file was asked for)
+MAKING = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.EEXIST}
 
 
 def working_folder_gone() -> str:
