@@ -121,28 +121,31 @@ TOKEN_DTYPE, MASK_DTYPE = torch.int32, torch.bool
 def tokenize_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower-cased titles -> ``(ids (n, max_tokens), mask (n, max_tokens))`` (``TOKEN_DTYPE``, ``MASK_DTYPE``),
     each a title's first tokens (the tokenizer truncates on the right); ``titles[0]`` is the padding item. Long
-    titles are read by their heads (``title_head``)."""
-    lowered = [t.lower() for t in titles]
-    heads = [title_head(t, max_tokens) for t in lowered]
+    titles are read by their heads (``title_head``). ``TITLES_PER_CALL`` titles at a time, each call's rows
+    written into the two tables: no list of every title's lowered text and head, nor parts and their cat."""
     settings = {"max_length": max_tokens, "padding": "max_length", "truncation": True, "return_tensors": "pt"}
-    parts: dict[str, list[torch.Tensor]] = {"input_ids": [], "attention_mask": []}
-    for start in range(0, len(heads), TITLES_PER_CALL):  # each call's per-title objects dropped before the next
-        part = tokenizer([head for head, _ in heads[start:start + TITLES_PER_CALL]], **settings)
-        for key, dtype in (("input_ids", TOKEN_DTYPE), ("attention_mask", MASK_DTYPE)):
-            parts[key].append(part[key].to(dtype))  # per call: the cat held the int64 parts twice
-    enc = {key: torch.cat(tensors) for key, tensors in parts.items()}
-    rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
-             and (not between or int(enc["attention_mask"][i].sum()) < max_tokens)]
-    if rough:  # a head that does not fill the row: read up to the limit
-        cut = tokenizer([lowered[i][:title_limit(max_tokens)] for i in rough], **settings)
-        for key in ("input_ids", "attention_mask"):
-            enc[key][rough] = cut[key].to(enc[key].dtype)
-    _said_cut(len(rough), max_tokens)
-    empty = int((enc["attention_mask"][1:].sum(1) == 0).sum())  # row 0 is the padding item
+    ids = torch.empty((len(titles), max_tokens), dtype=TOKEN_DTYPE)
+    mask = torch.empty((len(titles), max_tokens), dtype=MASK_DTYPE)
+    rough_titles = 0
+    for start in range(0, len(titles), TITLES_PER_CALL):  # each call's per-title objects dropped before the next
+        lowered = [t.lower() for t in titles[start:start + TITLES_PER_CALL]]
+        heads = [title_head(t, max_tokens) for t in lowered]
+        rows = slice(start, start + len(lowered))
+        part = tokenizer([head for head, _ in heads], **settings)
+        ids[rows], mask[rows] = part["input_ids"], part["attention_mask"]
+        rough = [i for i, (title, (head, between)) in enumerate(zip(lowered, heads)) if head is not title
+                 and (not between or int(mask[start + i].sum()) < max_tokens)]
+        if rough:  # a head that does not fill the row: read up to the limit
+            cut = tokenizer([lowered[i][:title_limit(max_tokens)] for i in rough], **settings)
+            at = [start + i for i in rough]
+            ids[at], mask[at] = cut["input_ids"].to(TOKEN_DTYPE), cut["attention_mask"].to(MASK_DTYPE)
+        rough_titles += len(rough)
+    _said_cut(rough_titles, max_tokens)
+    empty = int((mask[1:].sum(1) == 0).sum())  # row 0 is the padding item
     if empty:
         log.log(once.level("empty titles", empty), "%d titles have no token at all (empty titles and a tokenizer that "
                 "adds no special tokens); their pooled text states are zeros", empty)
-    return enc["input_ids"], enc["attention_mask"]
+    return ids, mask
 
 
 def title_inputs(tokens: torch.Tensor, attention: torch.Tensor, ids: torch.Tensor,
