@@ -165,6 +165,18 @@ def interrupt_at(monkeypatch, call: int, sig: signal.Signals = signal.SIGINT) ->
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", counting)
 
 
+def poison_at(monkeypatch, call: int) -> list:
+    """The ``call``-th training loss made NaN (it flows back into the weights); returns the calls made, counted."""
+    loss, calls = recommender_module.in_batch_softmax_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        return loss(*args) * (float("nan") if len(calls) == call else 1.0)
+
+    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+    return calls
+
+
 def test_ctrl_c_saves_mid_epoch_exits_130_and_resumes_exactly(base, reference, monkeypatch, capsys):
     cfg = base.replace(run_name="ctrl-c")
     handler = signal.getsignal(signal.SIGINT)
@@ -775,13 +787,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(base, refer
 
 def test_non_finite_loss_stops_with_the_step_range_and_keeps_the_checkpoint(base, monkeypatch):
     cfg = base.replace(run_name="nan")
-    loss, calls = recommender_module.in_batch_softmax_loss, []
-
-    def poisoned(*args):
-        calls.append(1)
-        return loss(*args) * (float("nan") if len(calls) == 15 else 1.0)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+    poison_at(monkeypatch, 15)
     root = Path(cfg.out_dir) / "nan" / "checkpoints"
     with pytest.raises(TrainingError) as info:
         train(cfg)
@@ -1349,6 +1355,17 @@ def crash_at(monkeypatch, call: int, look=lambda calls: None) -> None:
     monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", crashing)
 
 
+def crashed_run(base, monkeypatch, name: str, **settings) -> tuple[Config, Path]:
+    """A --checkpoint-every 3 run that crashed at epoch 1's step 8 (its newest checkpoint epoch-0001-step-00006),
+    and its checkpoints' folder."""
+    cfg = base.replace(run_name=name, checkpoint_every=3, **settings)
+    crash_at(monkeypatch, 18)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.undo()
+    return cfg, Path(cfg.out_dir) / name / "checkpoints"
+
+
 def test_checkpoint_every_n_steps_keeps_the_newest_and_a_crash_resumes_from_it_exactly(base, reference, monkeypatch):
     """--checkpoint-every 3 on 10 steps an epoch: after steps 3, 6 and 9, each pruning the one before; the
     epoch's own checkpoint prunes them all. A crash (no signal, no save) in epoch 1's step 8 resumes from
@@ -1407,13 +1424,7 @@ def test_checkpoint_every_writes_no_checkpoint_after_a_non_finite_loss(base, mon
     """A NaN loss at epoch 1's step 2, before its first --checkpoint-every 3 checkpoint (between the loop's
     looks at the losses, every 10 steps): the run fails there, and its last good checkpoint is epoch 0's."""
     cfg = base.replace(run_name="nan-every", checkpoint_every=3)
-    loss, calls = recommender_module.in_batch_softmax_loss, []
-
-    def poisoned(*args):
-        calls.append(1)
-        return loss(*args) * (float("nan") if len(calls) == 12 else 1.0)
-
-    monkeypatch.setattr(recommender_module, "in_batch_softmax_loss", poisoned)
+    calls = poison_at(monkeypatch, 12)
     root = Path(cfg.out_dir) / "nan-every" / "checkpoints"
     with pytest.raises(TrainingError, match=r"^non-finite loss at step 11 \(epoch 1, steps 10\.\.19\); .*"
                                             f"last good checkpoint: {re.escape(str(root / 'epoch-0000'))};"):
@@ -1461,12 +1472,8 @@ def test_an_epoch_restarted_under_another_process_count_drops_its_old_mid_epoch_
     crash, and at its name set aside with a warning that this run could not resume from it, never pruned."""
     import iisan.train.progress as progress_module
 
-    cfg = base.replace(run_name=f"restarted-{every}", checkpoint_every=3, epochs=2)
-    root = Path(cfg.out_dir) / cfg.run_name / "checkpoints"
+    cfg, root = crashed_run(base, monkeypatch, f"restarted-{every}", epochs=2)
     loss, seen = recommender_module.in_batch_softmax_loss, []
-    crash_at(monkeypatch, 18)  # epoch 1, step 8
-    with pytest.raises(RuntimeError):
-        train(cfg)
     assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001-step-00006", "epoch-0000"]
     load = progress_module.Progress.load
     monkeypatch.setattr(progress_module.Progress, "load",
@@ -1483,11 +1490,7 @@ def test_an_epoch_restarted_under_another_process_count_drops_its_old_mid_epoch_
 def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base, monkeypatch):
     import iisan.train.progress as progress_module
 
-    cfg = base.replace(run_name="partial-seconds", checkpoint_every=3)
-    crash_at(monkeypatch, 18)
-    with pytest.raises(RuntimeError):
-        train(cfg)
-    monkeypatch.undo()
+    cfg, _ = crashed_run(base, monkeypatch, "partial-seconds")
     load = progress_module.Progress.load
 
     def loading(self, *args, **kwargs):
@@ -1501,12 +1504,7 @@ def test_the_seconds_a_mid_epoch_checkpoint_saved_count_in_its_epoch_alone(base,
 
 def test_a_checkpoint_a_new_one_of_its_name_replaces_stays_until_that_one_is_in_place(base, monkeypatch):
     """A stop between moving the old one out and moving the new one in (a second Ctrl-C) lost both."""
-    cfg = base.replace(run_name="replacing", checkpoint_every=3, epochs=2)
-    root = Path(cfg.out_dir) / "replacing" / "checkpoints"
-    crash_at(monkeypatch, 18)
-    with pytest.raises(RuntimeError):
-        train(cfg)
-    monkeypatch.undo()
+    _, root = crashed_run(base, monkeypatch, "replacing", epochs=2)
     old = checkpoint.read(root / "epoch-0001-step-00006")
     replace = os.replace
 
@@ -1525,12 +1523,7 @@ def test_a_checkpoint_a_new_one_of_its_name_replaces_stays_until_that_one_is_in_
 def test_a_damaged_newer_mid_epoch_checkpoint_is_left_in_place_not_taken_for_a_restarted_epochs(base, monkeypatch):
     """Its digest fails, so the run resumes from epoch 0 (no restart): the new epoch's first checkpoint deleted
     it as one of a restarted epoch (its sizes and state alone were looked at)."""
-    cfg = base.replace(run_name="damaged-newer", checkpoint_every=3, epochs=2)
-    root = Path(cfg.out_dir) / "damaged-newer" / "checkpoints"
-    crash_at(monkeypatch, 18)
-    with pytest.raises(RuntimeError):
-        train(cfg)
-    monkeypatch.undo()
+    cfg, root = crashed_run(base, monkeypatch, "damaged-newer", epochs=2)
     model = root / "epoch-0001-step-00006" / checkpoint.MODEL
     data = bytearray(model.read_bytes())
     data[-1] ^= 0xFF
