@@ -25,6 +25,20 @@ def file_fingerprint(path: str | Path) -> str:
     return sha256(path)[:16]
 
 
+_FINGERPRINTS: dict[tuple, str] = {}  # (path, device, inode, size, time) -> file_fingerprint
+
+
+def known_fingerprint(path: str | Path) -> str:
+    """``file_fingerprint``, read once a process for one file as make judges it (by its size and time): what
+    names a run asks for it at every point of a sweep. A check that the file has not changed since a run read
+    it reads the file again (``file_fingerprint``)."""
+    info = os.stat(path)
+    key = (os.path.abspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = file_fingerprint(path)
+    return _FINGERPRINTS[key]
+
+
 def stat_digest(head: object, files: Iterable[tuple[str, Path]]) -> str:
     """The sha256 of ``head`` (as JSON: the settings that read the files) and of each named file's size and
     modification time, as make judges files ("-" for one that is missing or whose name the system refuses): a

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, is_default_model, model_location
-from ..digests import sha256
+from ..data.images import recorded_digest
+from ..digests import known_fingerprint, sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
 from ..files import check_readable, failure_reason
@@ -72,6 +73,32 @@ def same_paths(values: dict, working_dir: object = None, spelling: bool = True) 
         return os.path.normpath(value) if spelling else value
 
     return {k: same(k, v) for k, v in values.items()}
+
+
+def data_content(key: str, path: object) -> str | None:
+    """What names the content of the data at ``path`` for the config key ``key`` (one of ``DATA_PATHS``): a users
+    or items file's fingerprint, the digest an image LMDB records; None where that cannot be told (no such
+    file here, an LMDB that records none or is damaged)."""
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        if key == "images":
+            return recorded_digest(path)
+        return known_fingerprint(path) if os.path.isfile(path) else None
+    except (OSError, UserError):
+        return None
+
+
+def recorded_content(record: dict) -> dict[str, str]:
+    """What a run's results.json (``record``) says the data it read held, by config key (a checkpoint's
+    state.json holds it as ``data_content``): the users and items files' fingerprints, the digest of the image
+    LMDB's records (as its cache or its live run recorded it); a key without a record is left out."""
+    found = {"users": record.get("users_fingerprint"), "items": record.get("items_fingerprint")}
+    for part in (record.get("encoders"), record.get("cache")):
+        image = part.get("image") if isinstance(part, dict) else None
+        if isinstance(image, dict) and not found.get("images"):
+            found["images"] = image.get("images")
+    return {k: v for k, v in found.items() if isinstance(v, str) and v}
 
 
 CHECKPOINTS = "checkpoints"  # a run folder's folder of checkpoints
@@ -151,7 +178,7 @@ def verify(path: Path, digests: bool = True) -> str | None:
 
 
 def config_differences(saved: dict, current: dict, saved_in: object = None,
-                       ignore: frozenset = frozenset()) -> list[str]:
+                       ignore: frozenset = frozenset(), content: dict | None = None) -> list[str]:
     """``key=old there, new now`` for each field that decides what a step computes and differs. A field
     either config lacks was added by a later version of this library; the version that wrote it behaved as
     the field's default does, or as ``BEFORE_THE_FIELD`` says, which stands in for it. A ``layer_rule`` that
@@ -159,14 +186,18 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     and 24 layers in 6 groups, not on 32, nor on 12 in 3), or when those towers' depths cannot be read.
     ``saved_in``: the working folder of the run that saved ``saved`` (its relative data paths are from there);
     ``ignore``: keys not compared (``current``'s still say where its towers are), besides those ``current``'s
-    method never reads (``methods.unread_keys``: an ID run's encoder folders)."""
+    method never reads (``methods.unread_keys``: an ID run's encoder folders). ``content``: what the data that
+    ``saved`` names held (``recorded_content``): a data path elsewhere now whose data holds the same (a copy on
+    a node's own disk, a moved project) is the same setting."""
     before = {**Config().to_dict(), **BEFORE_THE_FIELD}
     ignore = ignore | unread_keys(*(current.get(k, before[k]) for k in ("method", "towers", "feed")))
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE - ignore)
     # (each in one spelling: a run saved before -0.0 and "query, value" were written 0.0 and query,value)
     old, now = (one_spelling({k: values.get(k, before.get(k)) for k in keys}) for values in (saved, current))
     same_old, same_now = same_paths(old, saved_in), same_paths(now)
-    differ = [k for k in keys if same_old[k] != same_now[k]]
+    content = content if isinstance(content, dict) else {}
+    differ = [k for k in keys if same_old[k] != same_now[k]
+              and not (k in DATA_PATHS and content.get(k) and data_content(k, same_now[k]) == content[k])]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
     # one spelling from two working folders (a run folder reached another way: a copy, a container's mount) is
@@ -239,7 +270,8 @@ def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
         return f"{path / STATE} holds no config (an object), so cannot be checked against this run's"
     if problem := runstate.state_problem(state):
         return f"{path / STATE} is damaged ({problem})"
-    if differences := config_differences(state["config"], config, state.get("working_dir")):
+    if differences := config_differences(state["config"], config, state.get("working_dir"),
+                                         content=state.get("data_content")):
         return f"{path / STATE} belongs to a different config ({'; '.join(differences)}); {NEW_RUN}"
     return state
 

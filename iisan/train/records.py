@@ -35,7 +35,7 @@ from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
 from ..precedence import said_switched_off
 from ..provenance import command_line, git_commit, versions
-from .checkpoint import CHECKPOINTS, checkpoints
+from .checkpoint import CHECKPOINTS, checkpoints, recorded_content
 from .progress import Progress
 from .runfolder import RESULTS
 
@@ -226,6 +226,11 @@ class RunRecord:
             "run_dir": str(self.run_dir),
             "working_dir": os.getcwd(),  # what relative paths in the config are relative to
         }
+
+    def data_content(self) -> dict[str, str]:
+        """What the data this run reads holds, by config key (``checkpoint.recorded_content``)."""
+        return recorded_content({"users_fingerprint": self.users_fingerprint, "cache": self.cache,
+                                 "items_fingerprint": self.items_fingerprint, "encoders": self.encoders})
 
     def write(self, results: dict) -> dict:
         if self.main:

@@ -116,6 +116,7 @@ class RunCheckpoints:
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commits": record.commits,
                 "world_sizes": record.world_sizes, "devices": record.devices, **record.memory.report(),
                 "working_dir": os.getcwd(),  # what the config's relative data paths are relative to
+                "data_content": record.data_content(),  # and what the data held, wherever it is on a resume
             }
             try:
                 write_checkpoint(self.root, name, trainable_state(run.model),

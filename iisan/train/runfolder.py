@@ -22,7 +22,7 @@ from ..files import TEMPORARY, check_readable, failure_reason, remove, write_fai
 from ..locks import RUN_LOCK, OutputLock, is_lock_file
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import checkpoint, runstate
-from .checkpoint import CHECKPOINTS, checked_state, checkpoints, config_differences
+from .checkpoint import CHECKPOINTS, checked_state, checkpoints, config_differences, recorded_content
 from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
 from .runnames import run_dir
@@ -111,7 +111,7 @@ def finished_results(cfg: Config, results: dict) -> dict | None:
     saved, current = results.get("config"), cfg.to_dict()
     if not is_finished(results) or not isinstance(saved, dict):  # a config edited into no object proves nothing
         return None
-    differences = config_differences(saved, current, results.get("working_dir"))
+    differences = config_differences(saved, current, results.get("working_dir"), content=recorded_content(results))
     if differences or any(saved.get(k) != current[k] for k in ("epochs", "patience")) or \
             results.get("selected_by", f"valid {UNSAID}") != f"valid {SELECTED_BY}":
         return None
@@ -141,7 +141,8 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
                  "keeps the record)", folder, earlier.get("error") or earlier["status"].replace("running", "killed"))
         return
     saved = earlier.get("config") if isinstance(earlier.get("config"), dict) else {}
-    differences = config_differences(saved, cfg.to_dict(), earlier.get("working_dir"))
+    differences = config_differences(saved, cfg.to_dict(), earlier.get("working_dir"),
+                                     content=recorded_content(earlier))
     if differences:
         raise ConfigError(f"{folder / RESULTS} belongs to a run of another config ({'; '.join(differences)}) and "
                           "no checkpoint is left to resume; use another --run-name to start a new run")

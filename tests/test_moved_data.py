@@ -1,0 +1,152 @@
+"""Data that moves between attempts of a run: a cluster job that copies the data set to its node's own disk
+before each attempt, or a project moved to another folder. The data counts by what it holds (the users and
+items files' fingerprints, an image LMDB's digest), so the same command on a copy finds, resumes and reuses
+the same run; a copy that holds something else is another run, and where the content cannot be told the
+place counts, as before."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from iisan.config import Config
+from iisan.data.images import recorded_digest
+from iisan.digests import file_fingerprint, known_fingerprint
+from iisan.model.caching import build_cache_from_config
+from iisan.train import checkpoint
+from iisan.train.runnames import HASHES, config_hash, default_run_name, known_run_name, run_dir
+from iisan.train.trainer import train
+
+FAST = {k: 3e-3 for k in ("lr", "lr_image", "lr_text", "lr_adapter_image", "lr_adapter_text")}
+
+
+def staged(tiny: dict, where: Path) -> dict[str, str]:
+    """A copy of the tiny data set's users and items files under ``where/Scientific`` (a job's own disk)."""
+    folder = where / "Scientific"
+    folder.mkdir(parents=True)
+    return {key: shutil.copy(tiny[key], folder / Path(tiny[key]).name) for key in ("users", "items")}
+
+
+@pytest.fixture(scope="module")
+def job(tiny, tmp_path_factory):
+    """A cached IISAN config on a copy of the data in job-1 (its cache built once), and a maker of the same
+    config on a copy made by job ``n``."""
+    root = tmp_path_factory.mktemp("moved")
+    settings = dict(images=tiny["images"], text_model=tiny["text_model"], image_model=tiny["image_model"],
+                    cache_dir=str(root / "cache"), out_dir=str(root / "runs"), device="cpu", num_workers=0,
+                    progress=False, batch_size=16, epochs=2, patience=20, encode_batch_size=32,
+                    eval_batch_size=64, **FAST)
+    jobs = {1: Config(**staged(tiny, root / "job-1"), **settings)}
+    build_cache_from_config(jobs[1], dtype="float32")
+
+    def on_job(n: int) -> Config:
+        if n not in jobs:
+            jobs[n] = jobs[1].replace(**staged(tiny, root / f"job-{n}"))
+        return jobs[n]
+    return on_job
+
+
+def test_a_copy_of_the_data_elsewhere_names_the_same_run_and_other_content_another(job):
+    """The name: two copies of one data set name one run (each attempt of a job copying the data to its own
+    disk); a copy that holds other users is another run."""
+    first, second = job(6), job(7)
+    assert first.users != second.users and default_run_name(first) == default_run_name(second)
+    assert default_run_name(second).startswith("iisan-cached-Scientific-")
+    Path(second.users).write_text(Path(first.users).read_text().replace("\n", "\n", 1)[:-1])  # one byte less
+    assert config_hash(second) != config_hash(first)
+
+
+def test_a_run_whose_data_was_copied_elsewhere_resumes_is_reused_and_records_where_it_is_now(job, caplog):
+    """Job 5 trains two epochs; job 2, on its own copy (job 5's gone), is asked for three: it resumes from
+    epoch 1's checkpoint in the same folder (before: a new folder, trained from scratch; with --run-name:
+    refused, 'users=... there, ... now'); job 3 asks for the same three and is answered from the finished run."""
+    first = job(5)
+    done = train(first)
+    shutil.rmtree(Path(first.users).parent.parent)
+    second = job(2).replace(epochs=3)
+    again = train(second)
+    assert again["run_dir"] == done["run_dir"] and again["resumed_from"] == ["epoch-0001"]
+    assert [e["epoch"] for e in again["epochs"]] == [0, 1, 2] and again["epochs"][:2] == done["epochs"]
+    assert again["config"]["users"] == second.users  # where it read the data last
+    state = json.loads((Path(again["run_dir"]) / "checkpoints" / "epoch-0002" / "state.json").read_text())
+    assert state["data_content"] == {"users": file_fingerprint(second.users), "items": file_fingerprint(second.items),
+                                     "images": recorded_digest(second.images)}  # (as the cache records it)
+    with caplog.at_level(logging.INFO):
+        third = train(job(3).replace(epochs=3))
+    assert "finished before with this config; not training it again" in caplog.text
+    assert third["epochs"] == again["epochs"]
+
+
+def test_a_named_run_resumes_on_a_copy_of_its_data_and_refuses_other_content(job, tmp_path):
+    """--run-name: a checkpoint of the same data at another place is resumed; one of other data is not (the
+    checkpoint of epoch 0, which job 1 wrote)."""
+    first = job(1).replace(run_name="named", out_dir=str(tmp_path), epochs=1)
+    train(first)
+    moved = job(4).replace(run_name="named", out_dir=str(tmp_path), epochs=2)
+    assert len(train(moved)["epochs"]) == 2
+    written = tmp_path / "named" / "checkpoints" / "epoch-0000"
+    state = json.loads((written / "state.json").read_text())
+    assert state["config"]["users"] == first.users and checkpoint.checked_state(written, moved.to_dict()) == state
+    edited = Path(moved.users)
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))
+    reason = checkpoint.checked_state(written, moved.to_dict())
+    assert isinstance(reason, str) and "belongs to a different config (users=" in reason
+
+
+def test_data_paths_differ_only_where_their_content_differs_or_cannot_be_told(tiny, tmp_path):
+    """``config_differences``' ``content``: a users file, items file or image LMDB elsewhere holding what the
+    saved run recorded is no difference; other content, a record of none (a checkpoint of an earlier version)
+    or data that is not there now is, as before."""
+    there, here = staged(tiny, tmp_path / "there"), staged(tiny, tmp_path / "here")
+    lmdb = shutil.copytree(tiny["images"], tmp_path / "here" / "images.lmdb")
+    saved = Config(**there, images=tiny["images"], feed="live").to_dict()
+    now = Config(**here, images=str(lmdb), feed="live").to_dict()
+    content = {"users": file_fingerprint(there["users"]), "items": file_fingerprint(there["items"]),
+               "images": recorded_digest(tiny["images"])}
+    assert content["images"] and checkpoint.config_differences(saved, now, content=content) == []
+    assert [d.split("=")[0] for d in checkpoint.config_differences(saved, now)] == ["images", "items", "users"]
+    assert [d.split("=")[0] for d in checkpoint.config_differences(saved, now, content={"users": "0" * 16})] == [
+        "images", "items", "users"]
+    os.remove(here["items"])
+    assert [d.split("=")[0] for d in checkpoint.config_differences(saved, now, content=content)] == ["items"]
+    assert checkpoint.config_differences(saved, now, content="not a record") != []  # (a hand-edited state.json)
+
+
+def test_what_a_results_file_records_of_its_data_is_read_from_its_fields():
+    """``recorded_content``: the fingerprints, and the image LMDB's digest as a live run's encoders record or a
+    cached run's cache records it; fields absent or of another type are left out."""
+    assert checkpoint.recorded_content({"users_fingerprint": "a" * 16, "items_fingerprint": "",
+                                        "encoders": {"image": {"images": "d1"}}, "cache": {"image": {"images": "d2"}}}
+                                       ) == {"users": "a" * 16, "images": "d1"}
+    assert checkpoint.recorded_content({"cache": {"image": {"images": "d2"}}, "encoders": {}}) == {"images": "d2"}
+    assert checkpoint.recorded_content({"users_fingerprint": 3, "encoders": [], "cache": {"image": "x"}}) == {}
+
+
+def test_a_run_named_before_data_counted_by_content_is_found_by_its_earlier_name(job, tmp_path):
+    """A run folder named by the previous scheme (data by place) is still this config's run."""
+    cfg = job(1).replace(out_dir=str(tmp_path))
+    assert HASHES[:2] == ("data-content", "encoding-names")
+    earlier = default_run_name(cfg, scheme="encoding-names")
+    assert earlier != default_run_name(cfg)
+    (Path(cfg.out_dir) / earlier).mkdir(parents=True)
+    assert known_run_name(cfg) == earlier and run_dir(cfg) == Path(cfg.out_dir) / earlier
+
+
+def test_a_fingerprint_is_read_once_a_process_until_the_file_changes(tmp_path, monkeypatch):
+    """``known_fingerprint``: a sweep names each point without reading its users file again; a file rewritten
+    (another size or time) is read again."""
+    import iisan.digests as digests
+
+    path, reads = tmp_path / "u.tsv", []
+    path.write_text("u1\ti1 i2\n")
+    read = digests.file_fingerprint
+    monkeypatch.setattr(digests, "file_fingerprint", lambda p: reads.append(p) or read(p))
+    assert [known_fingerprint(path) for _ in range(3)] == [file_fingerprint(path)] * 3 and len(reads) == 1
+    path.write_text("u1\ti1 i3\n")
+    os.utime(path, ns=(1, 1))
+    assert known_fingerprint(path) == file_fingerprint(path) and len(reads) == 2
