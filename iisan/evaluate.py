@@ -34,6 +34,7 @@ from .config import Config
 from .console import progress_bar
 from .data.batches import PixelSource, item_chunks
 from .distributed import SINGLE, Dist, chunk_block, gather_rows
+from .errors import EncoderError
 from .metric_names import KS
 from .model.recommender import Recommender, in_mode
 
@@ -166,12 +167,15 @@ def popularity_metrics(data, split: str, rank_repeated_targets: bool = False,
 
 @torch.no_grad()
 def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSource | None,
-               device: torch.device, ids: np.ndarray | None = None, progress: bool = False) -> torch.Tensor:
+               device: torch.device, ids: np.ndarray | None = None, progress: bool = False,
+               width: int | None = None) -> torch.Tensor:
     """(N+1, D) embeddings of every item (or of the items ``ids``), computed once per evaluation, in fp32
     whatever precision training ran in; with ``progress``, a bar (or log lines) while the items go through
     the item encoder, minutes for a live feed on a CPU. The model is in eval mode while it runs, and back in
     its own mode after (a caller's training loop goes on with its dropout). Each chunk is written into the
-    table as it comes (a list of chunks and their cat held the table twice: 0.5 GB at 1M items of width 64)."""
+    table as it comes (a list of chunks and their cat held the table twice: 0.5 GB at 1M items of width 64).
+    ``width``: D, or None to take the first chunk's; a chunk of another shape than (its items, D) is an
+    ``EncoderError``."""
     table, done = None, 0
     ids = np.arange(num_items + 1) if ids is None else ids
     # one bar update per chunk, which waits for nothing on a GPU (the chunk's size is known beforehand)
@@ -179,12 +183,30 @@ def item_table(model: Recommender, num_items: int, chunk: int, pixels: PixelSour
         for batch in progress_bar(item_chunks(ids, chunk, pixels), len(ids), desc="encoding items", unit="items",
                                   enabled=progress, size=lambda batch: len(batch.ids)):
             with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
-                rows = model.item_encoder(batch.to(device)).float()
+                rows = model.item_encoder(batch.to(device)).float()  # (n, D)
+            _check_rows(rows, len(batch.ids), width if table is None else table.shape[1])
             if table is None:
-                table = rows.new_empty((len(ids), *rows.shape[1:]))
+                table = rows.new_empty((len(ids), rows.shape[1]))
             table[done:done + len(rows)] = rows
             done += len(rows)
     return table
+
+
+def _check_rows(rows: torch.Tensor, items: int, width: int | None) -> None:
+    """An item encoder's output for a chunk of ``items`` must be (items, width) (any width where None). Unchecked,
+    fewer rows (one meant to broadcast among them) leave the table's last rows as unwritten memory without a word,
+    and more rows or another width fail in the copy with torch's broadcast error. Shapes only: no wait for a GPU."""
+    if rows.dim() == 2 and len(rows) == items and width in (None, rows.shape[1]):
+        return
+    two_d = rows.dim() == 2
+    came = f"{_rows(len(rows))} of width {rows.shape[1]}" if two_d else f"a tensor of shape {tuple(rows.shape)}"
+    width = rows.shape[1] if width is None and two_d else width  # (the first chunk, which decides the width)
+    wanted = _rows(items) + ("" if width is None else f" of width {width}")
+    raise EncoderError(f"the item encoder returned {came} for a chunk of {items} items; expected {wanted}")
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 @torch.no_grad()
@@ -193,10 +215,12 @@ def shared_item_table(model: Recommender, num_items: int, cfg: Config, pixels: P
     """``item_table`` with the work split across ranks in whole chunks; every rank gets the whole table."""
     progress = cfg.progress and dist.is_main  # the main rank's part stands for all
     if not dist.enabled:
-        return item_table(model, num_items, cfg.encode_batch_size, pixels, device, progress=progress)
+        return item_table(model, num_items, cfg.encode_batch_size, pixels, device, progress=progress,
+                          width=cfg.embedding_dim)
     lo, hi = chunk_block(num_items + 1, cfg.encode_batch_size, dist)
     part = item_table(model, num_items, cfg.encode_batch_size, pixels, device, ids=np.arange(lo, hi),
-                      progress=progress) if hi > lo else torch.zeros(0, cfg.embedding_dim, device=device)
+                      progress=progress, width=cfg.embedding_dim) if hi > lo else \
+        torch.zeros(0, cfg.embedding_dim, device=device)
     return gather_rows(part, dist)
 
 

@@ -305,3 +305,66 @@ def test_the_item_table_writes_each_chunk_in_place_in_item_order(chunk, dtype):
     expected = (2 * model.weight.detach()).to(dtype).float()
     assert table.shape == (31, 3) and table.dtype == torch.float32 and torch.equal(table, expected)
     assert torch.equal(part, expected[[5, 2, 9, 2]]) and model.training
+
+
+class _Misshapen(_ItemsByRow):
+    """``_ItemsByRow`` whose output for a chunk goes through ``reshape(rows, chunk number)``."""
+
+    def __init__(self, reshape):
+        super().__init__(31)
+        self.dtype, self.reshape, self.chunks = torch.float32, reshape, 0
+
+    def item_encoder(self, batch):
+        self.chunks += 1
+        return self.reshape(super().item_encoder(batch), self.chunks - 1)
+
+
+@pytest.mark.parametrize("reshape, width, message", [
+    (lambda rows, k: rows[:-1], None, "3 rows of width 3 for a chunk of 4 items; expected 4 rows of width 3"),
+    # one row, which a copy into the chunk's 4 rows of the table would broadcast: the table took it as one row,
+    # returned without an error and its last rows unwritten memory
+    (lambda rows, k: rows[:1], None, "1 row of width 3 for a chunk of 4 items; expected 4 rows of width 3"),
+    (lambda rows, k: torch.cat([rows, rows]), None, "8 rows of width 3 for a chunk of 4 items; expected 4 rows of "
+     "width 3"),
+    (lambda rows, k: rows[:, :2] if k == 2 else rows, None, "4 rows of width 2 for a chunk of 4 items; expected "
+     "4 rows of width 3"),  # a later chunk of another width than the first's
+    (lambda rows, k: rows, 5, "4 rows of width 3 for a chunk of 4 items; expected 4 rows of width 5"),
+    (lambda rows, k: rows.sum(1), None, "a tensor of shape (4,) for a chunk of 4 items; expected 4 rows"),
+    (lambda rows, k: rows[None], None, "a tensor of shape (1, 4, 3) for a chunk of 4 items; expected 4 rows"),
+], ids=["fewer", "one-broadcastable", "more", "width-changes", "wrong-width", "1-D", "3-D"])
+def test_an_item_encoder_output_not_shaped_as_its_chunk_is_refused_in_one_line(reshape, width, message):
+    """Each chunk's output must be (its items, the table's width): anything else was an obscure copy error or,
+    for fewer rows (one meant to broadcast among them), a table with unwritten rows and no error at all."""
+    from iisan.errors import EncoderError
+    from iisan.evaluate import item_table
+
+    model = _Misshapen(reshape)
+    with pytest.raises(EncoderError) as caught:
+        item_table(model, 30, 4, None, torch.device("cpu"), **({} if width is None else {"width": width}))
+    assert str(caught.value) == f"the item encoder returned {message}" and "\n" not in str(caught.value)
+    assert model.training  # its own mode put back
+
+
+def test_a_recommender_s_table_equals_its_items_encoded_one_by_one_and_a_misfit_encoder_is_refused(tiny_config):
+    """A tiny ID model's table at its config's width equals a loop over single items; an item encoder of
+    another width than the user encoder's (plugged in by hand) is refused before ranking, where it failed in
+    SASRec's sum with the positions."""
+    from iisan.data.batches import ItemBatch
+    from iisan.data.run_data import load_data
+    from iisan.errors import EncoderError
+    from iisan.evaluate import evaluate_ranks, shared_item_table
+    from iisan.model.build import build_model
+    from iisan.model.id_embedding import ItemIDEncoder
+
+    cfg, cpu = tiny_config(method="id", encode_batch_size=7), torch.device("cpu")
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, data, cpu)
+    with torch.no_grad():
+        table = shared_item_table(model, data.num_items, cfg, None, cpu)
+        by_hand = torch.cat([model.item_encoder(ItemBatch.from_numpy(np.array([i]))) for i in range(len(table))])
+    assert table.shape == (data.num_items + 1, cfg.embedding_dim) and torch.equal(table, by_hand)
+    model.item_encoder = ItemIDEncoder(data.num_items, cfg.embedding_dim // 2)
+    with pytest.raises(EncoderError, match=f"^the item encoder returned 7 rows of width {cfg.embedding_dim // 2} "
+                       f"for a chunk of 7 items; expected 7 rows of width {cfg.embedding_dim}$"):
+        evaluate_ranks(model, data, "test", cfg, cpu)

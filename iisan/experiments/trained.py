@@ -63,7 +63,7 @@ class TrainedRun:
         own table, which ``evaluate`` and ``recommend`` use too: clone it before changing it in place."""
         if self.table is None:
             self.table = item_table(self.model, self.data.num_items, self.cfg.encode_batch_size, self.pixels,
-                                    self.device, progress=self.cfg.progress)
+                                    self.device, progress=self.cfg.progress, width=self.cfg.embedding_dim)
         return self.table
 
     @functools.cached_property
