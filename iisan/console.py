@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Context, Decimal
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 
 from .errors import STOP_SIGNALS, USER_ERRORS, RunInterrupted, Terminated, ignore_stops, in_the_way, interrupt_status
 from .files import disk_failure
@@ -104,6 +104,10 @@ class ProgressLog:
         self.counted = 0
         self.start = self.last = self.clock()
 
+    def pause(self, seconds: float) -> None:
+        """``seconds`` just spent on other work (``Bar.pause``): out of the speed and the time left and taken."""
+        self.start += seconds
+
     def advance(self, n: int = 1) -> None:
         self.done, self.counted = self.done + n, self.counted + n
         now = self.clock()
@@ -147,7 +151,7 @@ STATUS_EVERY = 10.0  # seconds between two readings of a bar's status (reading a
 def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str = "", unit: str = "it",
                  enabled: bool = True, clock: Callable[[], float] | None = None,
                  size: Callable[[T], int] | None = None, status: Callable[[int], str] | None = None,
-                 closing: bool = False) -> Iterator[T]:
+                 closing: bool = False) -> Bar[T]:
     """``iterable`` with a tqdm bar on a terminal; where tqdm shows none (stderr is a batch job's log), a
     ``ProgressLog`` line at most every 30 seconds instead. Nothing when not ``enabled``. Each element counts
     ``size(element)`` units (default 1): a chunk of items moves the bar by its items, one update per chunk.
@@ -162,10 +166,37 @@ def progress_bar(iterable: Iterable[T], total: int, initial: int = 0, desc: str 
     lines = (ProgressLog(desc, total, initial, unit=unit, clock=clock, status=status)
              if enabled and bar.disable else None)
     if size is not None:
-        return _sized(iterable, bar, lines, size, closing)
+        return Bar(_sized(iterable, bar, lines, size, closing), bar, lines)
     if lines is not None:
-        return _logged(bar, lines, closing)
-    return bar if status is None or bar.disable else _with_status(bar, status, initial, clock or time.monotonic)
+        return Bar(_logged(bar, lines, closing), bar, lines)
+    return Bar(bar if status is None or bar.disable else _with_status(bar, status, initial, clock or time.monotonic),
+               bar, None)
+
+
+class Bar(Iterator[T], Generic[T]):
+    """What ``progress_bar`` returns: its elements (``close``: no more), shown on ``bar`` (tqdm) or as ``lines``."""
+
+    def __init__(self, items: Iterable[T], bar: tqdm, lines: ProgressLog | None):
+        self.items, self.bar, self.lines = iter(items), bar, lines
+
+    def __next__(self) -> T:
+        return next(self.items)
+
+    def close(self) -> None:
+        if hasattr(self.items, "close"):  # a generator: its ``with bar`` ends, or tqdm's own iteration
+            self.items.close()
+        self.bar.close()
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` the caller has just spent on other work between two elements (a mid-epoch checkpoint's
+        write), left out of the speed, the time left and the time taken shown, as the epoch's training seconds
+        leave it out. tqdm's own way (``unpause``: its clock set back by the time since its last print) would
+        also drop the elements taken since that print, a whole step when steps are slow; so by ``seconds``."""
+        if not self.bar.disable:
+            self.bar.start_t += seconds
+            self.bar.last_print_t += seconds
+        if self.lines is not None:
+            self.lines.pause(seconds)
 
 
 def _logged(bar: Iterable[T], lines: ProgressLog, closing: bool) -> Iterator[T]:

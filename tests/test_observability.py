@@ -78,6 +78,101 @@ def test_a_training_epoch_line_carries_its_mean_loss_so_far(tiny_config, monkeyp
     assert said[-1].startswith(f"epoch 0: {n} of {n} steps") and said[-1].endswith(f", loss {record['loss']:.4f}")
 
 
+def slow_checkpoint_writes(monkeypatch, now: list[float]) -> None:
+    """Every checkpoint write moves the epoch's clock (``time.perf_counter``) and a fake clock's reading ``now[0]``
+    (the progress bar's) on by 1000 s."""
+    import time
+
+    import iisan.train.resuming as resuming
+
+    offset, perf_counter, write = [0.0], time.perf_counter, resuming.write_checkpoint
+
+    def writing(*args):
+        path = write(*args)
+        offset[0] += 1000.0
+        now[0] += 1000.0
+        return path
+
+    monkeypatch.setattr(time, "perf_counter", lambda: perf_counter() + offset[0])
+    monkeypatch.setattr(resuming, "write_checkpoint", writing)
+
+
+def test_checkpoint_every_leaves_its_writes_out_of_an_epoch_lines_speed(tiny_config, monkeypatch, caplog):
+    """--checkpoint-every 3 on 10 steps of 50 s (a line at each), each write 1000 s: every line says 0.02 steps/s
+    and the time the steps leave, as the epoch's training seconds leave the writes out (after the first write
+    the lines said 6 min/step, about 45 min left)."""
+    from iisan.train.trainer import train
+
+    now = [0.0]
+
+    def monotonic() -> float:
+        now[0] += 50.0
+        return now[0]
+
+    monkeypatch.setattr(console, "time", SimpleNamespace(monotonic=monotonic))
+    slow_checkpoint_writes(monkeypatch, now)
+    caplog.set_level(logging.INFO, logger="iisan.console")
+    results = train(tiny_config(method="id", progress=True, epochs=1, checkpoint_every=3))
+    said = [line for line in console_lines(caplog) if line.startswith("epoch 0:")]
+    assert now[0] >= 3000 and results["epochs"][0]["steps"] == len(said) == 10, said
+    assert said[2].startswith("epoch 0: 3 of 10 steps (30 %), 0.02 steps/s, about 6 min left, loss "), said
+    assert all(", 0.02 steps/s, " in line for line in said) and ", 10 steps in 8 min, loss " in said[-1], said
+
+
+def test_checkpoint_every_leaves_its_writes_out_of_an_epoch_bars_speed(tiny_config, monkeypatch):
+    """The same on a terminal, steps of about 0.5 s: tqdm's time taken and rate (after each write, 16 min more and
+    about 460 s/step, 50 min for the epoch)."""
+    import tqdm.std as tqdm_std
+
+    from iisan.train.trainer import train
+
+    made, tqdm, now = [], tqdm_module.tqdm, [0.0]
+
+    def on_a_terminal(*args, **kwargs):
+        made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
+        return made[-1]
+
+    def clock() -> float:  # tqdm's
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(tqdm_module, "tqdm", on_a_terminal)
+    monkeypatch.setattr(tqdm_std, "time", clock)
+    slow_checkpoint_writes(monkeypatch, now)
+    train(tiny_config(method="id", progress=True, epochs=1, checkpoint_every=3))
+    epoch = next(bar for bar in made if bar.desc == "epoch 0")
+    shown = re.findall(r"\| (\d+)/10 \[(\d\d):(\d\d)<[^,]*, +([\d.?]+)(s/step|step/s)\]", epoch.fp.getvalue())
+    assert now[0] >= 3000 and [int(n) for n, *_ in shown] == sorted(int(n) for n, *_ in shown) and len(shown) >= 10
+    assert all(minutes == "00" and (per == "step/s" or float(rate) < 2) for _, minutes, _, rate, per in shown), shown
+
+
+def test_a_pause_leaves_out_its_own_seconds_not_the_units_before_it(monkeypatch):
+    """Steps of 10 s, a 1000 s pause after the second: the bar took 40 s at 0.1 steps/s. tqdm's ``unpause`` restarts
+    the clock from the last print, which came before the second step: it would say 30 s, with that step in no time."""
+    import tqdm.std as tqdm_std
+
+    made, tqdm, now = [], tqdm_module.tqdm, [0.0]
+
+    def on_a_terminal(*args, **kwargs):
+        made.append(tqdm(*args, **{**kwargs, "disable": False}, file=io.StringIO()))
+        return made[-1]
+
+    monkeypatch.setattr(tqdm_module, "tqdm", on_a_terminal)
+    monkeypatch.setattr(tqdm_std, "time", lambda: now[0])  # (tqdm's clock)
+    steps = console.progress_bar(range(4), total=4, desc="epoch 0", unit="steps")
+    for step in steps:
+        now[0] += 10.0
+        if step == 1:
+            now[0] += 1000.0
+            steps.pause(1000.0)
+    assert made[0].format_dict["elapsed"] == 40.0 and made[0].format_dict["rate"] == pytest.approx(0.1)
+    lines = ProgressLog("epoch 0", 4, unit="steps", clock=lambda: now[0])
+    now[0] += 1020.0
+    lines.advance(2)
+    lines.pause(1000.0)
+    assert lines.line(now[0]) == "epoch 0: 2 of 4 steps (50 %), 0.10 steps/s, about 20 s left"
+
+
 def test_a_bar_shows_a_status_at_most_every_ten_seconds(monkeypatch):
     """On a terminal the status (the loss) is read after a step only once ten seconds have passed since the
     last reading (each reading of a GPU loss waits for the device), and counts the units done, resumed

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..console import Bar
 from ..devices import device_name, sync
 from ..distributed import broadcast_text, gather_same
 from ..errors import ConfigError, TrainingError, UserError
@@ -135,13 +136,16 @@ class RunCheckpoints:
         every = self.run.cfg.checkpoint_every
         return every > 0 and steps % every == 0 and steps < n_steps
 
-    def save_within(self, epoch: int, step: int, losses: torch.Tensor, offset: float) -> float:
+    def save_within(self, epoch: int, step: int, losses: torch.Tensor, offset: float, bar: Bar) -> float:
         """--checkpoint-every's checkpoint after ``step`` steps of ``epoch``, whose training time is the clock's
-        reading plus ``offset``. Returns the seconds it took (the device synchronised first)."""
+        reading plus ``offset``. Returns the seconds it took (the device synchronised first), which the epoch's
+        progress ``bar`` leaves out of its speed too (``console.Bar.pause``)."""
         sync(self.run.device)
         began = time.perf_counter()
         self.save(epoch, step, losses.cpu(), began + offset)
-        return time.perf_counter() - began
+        took = time.perf_counter() - began
+        bar.pause(took)
+        return took
 
     @property
     def kept_while_training(self) -> int:

@@ -241,8 +241,8 @@ class Run:
                 bar.close()
                 done = i + 1
                 break
-            if due:  # (the time it takes to write is no training time)
-                start += self.checkpoints.save_within(epoch, i + 1, losses[: i + 1], seconds - start)
+            if due:  # (the time it takes to write is no training time, nor in the bar's speed)
+                start += self.checkpoints.save_within(epoch, i + 1, losses[: i + 1], seconds - start, bar)
             if self.stop_now(i, n_steps):  # (saved just now when due: the request may have come while it was)
                 bar.close()
                 self.check_finite(mean_over_ranks(losses[: i + 1], dist).cpu(), epoch, n_steps)
