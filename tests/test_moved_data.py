@@ -150,3 +150,34 @@ def test_a_fingerprint_is_read_once_a_process_until_the_file_changes(tmp_path, m
     path.write_text("u1\ti1 i3\n")
     os.utime(path, ns=(1, 1))
     assert known_fingerprint(path) == file_fingerprint(path) and len(reads) == 2
+
+
+def test_a_run_killed_as_it_set_up_on_other_copy_of_the_data_starts_again(job, tmp_path, caplog):
+    """Killed after its config.json, before its results.json: the requeued job, on its own copy of the data, found
+    'config.json belongs to a run of another config (users=... there, ... now)' and stopped, for a person to
+    resubmit. Nothing was kept (no checkpoint, no weights): it starts again."""
+    first, second = (job(n).replace(epochs=1, out_dir=str(tmp_path)) for n in (8, 9))
+    folder = Path(first.out_dir) / default_run_name(first)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(first.to_dict()))
+    with caplog.at_level(logging.INFO):
+        done = train(second)
+    assert done["run_dir"] == str(folder) and done["status"] == "finished"
+    assert "left no results, checkpoint or best weights (killed as it set up); it starts again" in caplog.text
+
+
+def test_the_same_data_under_another_folders_name_finds_its_run_by_the_hash(job, tmp_path, caplog):
+    """Copied flat ($TMPDIR/users.tsv): the data folder's name in the run's name differs, its hash does not; the
+    one folder of this hash is this config's run (before: a new folder at every requeue, trained from scratch)."""
+    flat = []
+    for n in (1, 2):
+        (tmp_path / f"flat-{n}").mkdir()
+        flat.append(job(1).replace(out_dir=str(tmp_path / "runs"), epochs=n, **{
+            key: shutil.copy(getattr(job(1), key), tmp_path / f"flat-{n}") for key in ("users", "items")}))
+    first = train(flat[0])
+    assert Path(first["run_dir"]).name == default_run_name(flat[0]) != default_run_name(flat[1])
+    with caplog.at_level(logging.INFO):
+        assert known_run_name(flat[1]) == Path(first["run_dir"]).name
+        again = train(flat[1])
+    assert again["run_dir"] == first["run_dir"] and again["resumed_from"] == ["epoch-0000"]
+    assert "this config's run, named by the folder its data was in then" in caplog.text

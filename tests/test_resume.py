@@ -1533,3 +1533,52 @@ def test_a_damaged_newer_mid_epoch_checkpoint_is_left_in_place_not_taken_for_a_r
                         lambda *args: seen.append([p.name for p in checkpoint.checkpoints(root)]) or loss(*args))
     assert train(cfg)["resumed_from"] == ["epoch-0000"]
     assert seen[3] == ["epoch-0001-step-00006", "epoch-0001-step-00003"]  # (epoch 1, after step 3; it counts)
+
+
+def test_a_run_killed_before_pruning_its_last_checkpoint_is_pruned_when_it_finishes(base, monkeypatch, caplog):
+    """An attempt killed between writing the last epoch's checkpoint and pruning (here: the prune fails) left
+    epoch-0000 and a half-removed mid-epoch checkpoint beside epoch-0001; the next attempt, with nothing left to
+    train, finishes the run and prunes them (before, they stayed for good: nothing wrote a checkpoint again)."""
+    cfg = base.replace(run_name="unpruned", epochs=2, keep_checkpoints=1)
+    root = Path(cfg.out_dir) / "unpruned" / "checkpoints"
+    prune = checkpoint_writing.prune
+
+    def killed(where, keep, config, written):
+        if written.name == "epoch-0001":
+            raise RuntimeError("killed before pruning")
+        return prune(where, keep, config, written)
+
+    monkeypatch.setattr(checkpoint_writing, "prune", killed)
+    with pytest.raises(RuntimeError, match="killed before pruning"):
+        train(cfg)
+    monkeypatch.undo()
+    (root / ".epoch-0001-step-00008.pruned.tmp").mkdir()
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["epoch-0001", "epoch-0000"]
+    with caplog.at_level(logging.INFO):
+        done = train(cfg)
+    assert done["status"] == "finished" and len(done["epochs"]) == 2
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
+    assert "removed 1 checkpoint(s) of the finished run that an attempt killed before pruning left " \
+           "(--keep-checkpoints 1)" in caplog.text
+
+
+def test_a_finished_run_killed_before_keep_checkpoints_0_removed_them_is_pruned_when_found(base, monkeypatch,
+                                                                                             caplog):
+    """--keep-checkpoints 0: killed after results.json said finished, before the checkpoints went. The next
+    command's first look leaves the folder to the second, made once it is locked, which removes them by the
+    run's own --keep-checkpoints and answers 'finished before' (before: they stayed for good)."""
+    import iisan.train.resuming as resuming
+
+    cfg = base.replace(run_name="kept-0", epochs=2, keep_checkpoints=0)
+    root = Path(cfg.out_dir) / "kept-0" / "checkpoints"
+    monkeypatch.setattr(resuming, "prune_finished", lambda *args: None)  # (killed before it)
+    first = train(cfg)
+    monkeypatch.undo()
+    assert first["status"] == "finished" and checkpoint.checkpoints(root)
+    assert runfolder.reusable_results(cfg) is None  # the first look: for the locked one
+    with caplog.at_level(logging.INFO):
+        again = train(cfg.replace(keep_checkpoints=3))  # the run's own 0 decides, not the command's
+    assert again["epochs"] == first["epochs"] and not root.exists()
+    assert "finished before with this config; not training it again" in caplog.text
+    assert "removed 1 checkpoint(s) of the finished run (--keep-checkpoints 0)" in caplog.text  # (one while training)
+    assert runfolder.reusable_results(cfg) is not None  # nothing left to prune: found at the first look

@@ -164,6 +164,42 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     return removed
 
 
+def prune_finished(root: Path, keep: int, config: dict) -> None:
+    """Once a run's results.json says finished: its checkpoints under ``root`` pruned as its last write prunes them
+    (``prune`` with no ``written``: the newest ``keep``, no mid-epoch one, no temporary folder), so that an attempt
+    killed before it pruned leaves no more than one that was not; with ``keep`` 0 every one (its best weights are
+    in best.safetensors), and the folder where that empties it."""
+    if not left_unpruned(root, keep):
+        return
+    removed = prune(root, keep, config, None)
+    if keep == 0:
+        with contextlib.suppress(OSError):  # the folder too, when nothing else is left in it
+            root.rmdir()
+        if removed:
+            log.info("removed %d checkpoint(s) of the finished run (--keep-checkpoints 0); best.safetensors holds "
+                     "its best epoch's weights, and a longer run cannot go on from this one", removed)
+    elif removed:
+        log.info("removed %d checkpoint(s) of the finished run that an attempt killed before pruning left "
+                 "(--keep-checkpoints %d)", removed, keep)
+
+
+def left_unpruned(root: Path, keep: int) -> bool:
+    """Whether a finished run's checkpoints under ``root`` hold what its pruning removes (``prune`` with no
+    ``written``): more than ``keep`` checkpoints, a mid-epoch one, or a temporary folder; an attempt killed
+    between writing its last checkpoint (or results.json's "finished", with ``keep`` 0) and pruning left them."""
+    found = checkpoints(root)
+    return len(found) > keep or any(NAME.match(p.name)[2] is not None for p in found) or \
+        any(root.glob(".epoch-*.tmp"))
+
+
+def recorded_keep(results: dict, default: int) -> int:
+    """The --keep-checkpoints a run's results.json (``results``) says it ran with (``default`` where it says
+    none): what its own pruning keeps, whatever a later command asks for."""
+    config = results.get("config")
+    keep = config.get("keep_checkpoints") if isinstance(config, dict) else None
+    return keep if type(keep) is int and keep >= 0 else default
+
+
 def files_now(path: Path) -> tuple | None:
     """The name, inode, size and times of each entry of the folder ``path`` (of what a link points to); None when
     it cannot be read."""

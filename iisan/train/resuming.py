@@ -25,7 +25,7 @@ from ..errors import ConfigError, TrainingError, UserError
 from ..files import shown_bytes
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS
-from .checkpoint_writing import prune, write_checkpoint
+from .checkpoint_writing import prune_finished, write_checkpoint
 from .interrupt import EvaluationStopped
 from .runfolder import BEST, best_weights_problem, refuse_to_overwrite
 from .weights import copy_weights, ensure_best_weights, trainable_state
@@ -166,14 +166,10 @@ class RunCheckpoints:
                         shown_bytes(each), self.run.cfg.keep_checkpoints)
 
     def finished(self) -> None:
-        """With --keep-checkpoints 0, once results.json says finished: remove every checkpoint this run could
-        resume from (``checkpoint_writing.prune``'s rules), its best weights being in best.safetensors."""
-        if self.run.cfg.keep_checkpoints == 0 and self.run.dist.is_main and self.existing():
-            removed = prune(self.root, 0, self.run.cfg.to_dict(), None)
-            with contextlib.suppress(OSError):  # the folder too, when nothing else is left in it
-                self.root.rmdir()
-            log.info("removed %d checkpoint(s) of the finished run (--keep-checkpoints 0); best.safetensors holds "
-                     "its best epoch's weights, and a longer run cannot go on from this one", removed)
+        """Once results.json says finished: the checkpoints pruned as the last write prunes them, and with
+        --keep-checkpoints 0 all of them (``checkpoint_writing.prune_finished``)."""
+        if self.run.dist.is_main:
+            prune_finished(self.root, self.run.cfg.keep_checkpoints, self.run.cfg.to_dict())
 
     def existing(self) -> bool:
         return bool(checkpoint.checkpoints(self.root))

@@ -23,6 +23,7 @@ from ..locks import RUN_LOCK, OutputLock, is_lock_file
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS, checked_state, checkpoints, config_differences, recorded_content
+from .checkpoint_writing import left_unpruned, prune_finished, recorded_keep
 from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
 from .runnames import run_dir
@@ -39,13 +40,20 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
     name the folder it was copied from). A run folder whose run read another content of the users or
     items file is refused first (``refuse_changed_data``), whatever its status; a finished run whose best
     weights are missing or damaged is not reused (``unfinished_weights``; ``again``, a second look once the
-    folder is locked: left to the resume quietly, as the first look said)."""
+    folder is locked: left to the resume quietly, as the first look said). One whose checkpoints an attempt
+    killed before pruning left is pruned at the second look, the folder being locked (``prune_finished``)."""
     folder = run_dir(cfg)
     earlier = read_results(folder / RESULTS)
     refuse_changed_data(cfg, earlier, folder)
     done = finished_results(cfg, earlier)
     if done is not None and (best_weights_problem(folder) is None if again else
                              not unfinished_weights(folder, cfg, done)):
+        keep = recorded_keep(done, cfg.keep_checkpoints)
+        if left_unpruned(folder / CHECKPOINTS, keep):  # an attempt killed before its pruning: pruned once locked
+            if not again:
+                return None
+            if main_process():
+                prune_finished(folder / CHECKPOINTS, keep, cfg.to_dict())
         done = {**done, "run_dir": str(folder)}
         otherwise = ran_otherwise(cfg, done)
         log.log(logging.WARNING if otherwise and main_process() else logging.INFO, "%s finished before with this "
@@ -122,7 +130,8 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     """Before a fresh start in ``folder`` with no checkpoint to resume: a run there that left results
     (its checkpoints removed to save space) would be overwritten. Refused when that run had another
     config or had finished; a same-config run that stopped before its first checkpoint starts again, and so
-    does one of any config that ended before its first epoch (a refused value, a missing file). Results this
+    does one of any config that ended before its first epoch (a refused value, a missing file), or that left
+    only its config.json (killed as it set up: with data at another place, say). Results this
     user may not read are refused: they may be those of a finished run."""
     earlier, damage = results_or_reason(folder / RESULTS)
     if damage.startswith("cannot be read"):
@@ -132,6 +141,10 @@ def refuse_to_overwrite(folder: Path, cfg: Config) -> None:
     if not earlier:  # its config.json alone still says what its best.safetensors is
         written = read_results(folder / "config.json")
         differences = config_differences(written, cfg.to_dict()) if written else []
+        if differences and not damage and kept_nothing(folder):  # killed as it set up, before its results.json
+            log.info("%s: the run there left no results, checkpoint or best weights (killed as it set up); it starts "
+                     "again with this config", folder)
+            return
         if differences:
             raise ConfigError(f"{folder / 'config.json'} belongs to a run of another config ({'; '.join(differences)}) "
                               "and no checkpoint or results are left; use another --run-name to start a new run")

@@ -7,8 +7,9 @@ The hash leaves out the keys that may change between a checkpoint and the run re
 longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
 so that a field added to ``Config`` later leaves the names of earlier runs as they were. The data counts by
 what it holds (the users and items files' fingerprints, an image LMDB's digest), not by where it is: the same
-command on a copy of the data (on a node's own disk, in a moved project) finds the same run folder, as long as
-the copy's folder keeps its name (``data_name``: ``Scientific`` of ``Scientific/users.tsv``).
+command on a copy of the data (on a node's own disk, in a moved project) finds the same run folder, also one
+under another folder's name (``data_name``: ``Scientific`` of ``Scientific/users.tsv``): by the hash alone, where
+one folder has it (``known_run_name``).
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def known_run_name(cfg: Config, tag: str = "", listed: Callable[[Path], dict] | 
     """``default_run_name``, or the one folder under ``out_dir`` where an earlier sweep put the same
     computation under other varying values (the hash names what a run computes; the tag only what that
     sweep varied): a sweep extended along one axis, or a point rerun alone, finds its finished and
-    interrupted runs instead of training them again in a new folder. ``listed``: ``folder_names``, kept by a
-    caller naming many runs (a sweep's grid lists each out_dir once, not once per point)."""
+    interrupted runs instead of training them again in a new folder; last, the one folder of this config's hash
+    under any data folder's name (its data copied under another folder's name). ``listed``: ``folder_names``,
+    kept by a caller naming many runs (a sweep's grid lists each out_dir once, not once per point)."""
     name, out = default_run_name(cfg, tag), Path(cfg.out_dir)
     if os.path.lexists(out / name) or not out.is_dir():
         return name
@@ -109,14 +111,24 @@ def known_run_name(cfg: Config, tag: str = "", listed: Callable[[Path], dict] | 
         if scheme != HASHES[0] and os.path.lexists(out / (earlier := default_run_name(cfg, tag, scheme))):
             return earlier
         head, tail = name_ends(cfg, scheme)
-        found = [n for n in names.get(tail.rsplit("-", 1)[-1], ())
-                 if n.startswith(f"{head}-") and n.endswith(f"-{tail}")
-                 and not re.search(r"(^|-)\d+proc$", n[len(head) + 1:-len(tail) - 1]) and (out / n).is_dir()]
+        found = same_hash(names, out, head, tail)
         if len(found) == 1:
             log.debug("%s: this config's run, named by the values an earlier sweep varied", out / found[0])
         if found:  # several: none is this config's for sure
             return found[0] if len(found) == 1 else name
+    # the same data under another folder's name (a flat copy: $TMPDIR/users.tsv): the hash alone says the run
+    if len(found := same_hash(names, out, f"{cfg.method}-{cfg.feed}", name_ends(cfg)[1])) == 1:
+        log.info("%s: this config's run, named by the folder its data was in then", out / found[0])
+        return found[0]
     return name
+
+
+def same_hash(names: dict[str, list[str]], out: Path, head: str, tail: str) -> list[str]:
+    """The folders of ``names`` (``folder_names``) under ``out`` named ``{head}-...-{tail}`` but of another number
+    of processes."""
+    return [n for n in names.get(tail.rsplit("-", 1)[-1], ())
+            if n.startswith(f"{head}-") and n.endswith(f"-{tail}")
+            and not re.search(r"(^|-)\d+proc$", n[len(head) + 1:-len(tail) - 1]) and (out / n).is_dir()]
 
 
 def folder_names(out: Path) -> dict[str, list[str]]:
