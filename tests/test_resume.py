@@ -126,7 +126,7 @@ def test_sigkill_after_the_second_epoch_then_resume_gives_identical_metrics(base
     assert f"resuming from {tmp_path / 'killed' / 'checkpoints' / killed_at[0]}" in resumed.stderr
     # the kill said nothing in train.log: the next attempt says it, before it resumes
     unended = " WARNING iisan.train.records: the attempt before this one stopped without a word (killed, or its " \
-              "machine went down): what it trained after its last checkpoint is trained again"
+              "machine went down): whatever it trained after its last checkpoint is trained again"
     lines = (killed / "train.log").read_text().splitlines()
     said = [i for i, line in enumerate(lines) if line.endswith(unended)]
     second = [i for i, line in enumerate(lines) if line.startswith("=== killed: started ")][1]

@@ -106,7 +106,7 @@ class RunRecord:
         if not isinstance(earlier, dict) or earlier.get("status") != "running":
             return
         log.warning("the attempt before this one stopped without a word (killed, or its machine went down): %s",
-                    "what it trained after its last checkpoint is trained again" if checkpoints(
+                    "whatever it trained after its last checkpoint is trained again" if checkpoints(
                         self.run_dir / CHECKPOINTS) else "it left no checkpoint, and the run starts from its beginning")
 
     def header(self) -> str:
