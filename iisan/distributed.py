@@ -117,12 +117,39 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
             log.info("joining the %d processes of this launch at %s:%s", world, os.environ["MASTER_ADDR"],
                      os.environ["MASTER_PORT"])
         backend = "nccl" if device.type == "cuda" else "gloo"
-        with signals_end_the_process():  # (torch's wait never returns to Python, whose handlers would run then)
+        # (torch's wait never returns to Python, whose handlers would run then; a timer's thread runs)
+        with signals_end_the_process(), said_while_waiting(rank, world, backend):
             torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     dist = Dist(rank, world, local, torch_dist.get_backend())
     if dist.backend == "nccl" and device.type != "cuda":
         raise ConfigError("the process group talks NCCL but device=cpu; use --device cuda")
     return dist, device, created
+
+
+WAIT_SAID_AFTER = 60.0  # seconds a process waits for the others of its launch before it says so
+
+
+@contextlib.contextmanager
+def said_while_waiting(rank: int, world: int, backend: str):
+    """A warning from this process once it has waited ``WAIT_SAID_AFTER`` seconds for the others of its launch to
+    join: which rank it is and where it waits. Rank 0 alone says it joins, and a rank whose rank 0 never started
+    (a launch by hand, or by a scheduler, of one process a rank) said nothing until ``backend``'s timeout."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    constants = torch_dist.constants
+    limit = (getattr(constants, "default_pg_nccl_timeout", None) if backend == "nccl" else None) or \
+        constants.default_pg_timeout
+    hosts = "it hosts" if rank == 0 else "rank 0 hosts"
+    timer = threading.Timer(WAIT_SAID_AFTER, log.warning, args=(
+        "rank %d of %d has waited %g s for the other processes of its launch at %s (%s it): one that never started "
+        "keeps every other waiting until torch's timeout (%.0f min); launch all %d with the same MASTER_ADDR, "
+        "MASTER_PORT and WORLD_SIZE, or stop this one (Ctrl-C)", rank, world, WAIT_SAID_AFTER, where, hosts,
+        limit.total_seconds() / 60, world))
+    timer.daemon = True  # (a process that ends while it waits is not held by it)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager

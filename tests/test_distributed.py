@@ -496,3 +496,40 @@ def test_signals_end_the_process_while_joining_and_their_handlers_come_back_afte
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("rank, hosts", [("1", "rank 0 hosts it"), ("0", "it hosts it")])
+def test_a_rank_waiting_for_its_launch_says_so_after_a_while(tiny_config, tmp_path, rank, hosts):
+    """One process of a launch of two, the other never started: rank 0 said it joins and then nothing, and a rank
+    whose rank 0 never started said nothing at all, for torch's 30 minutes. Each now says, after
+    ``WAIT_SAID_AFTER`` seconds (here 0.5), which rank waits where, and how to end it."""
+    import select
+    import socket
+    import time
+
+    cfg = tiny_config(method="id", epochs=1)
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    code = ("import sys, iisan.distributed as d; d.WAIT_SAID_AFTER = 0.5; from iisan.cli.main import main; "
+            "main(sys.argv[1:])")
+    command = [sys.executable, "-c", code, "train", "--method", "id", "--users", cfg.users, "--items", cfg.items,
+               "--epochs", "1", "--out-dir", str(tmp_path), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said, deadline = "", time.monotonic() + 60  # (a process that says nothing: no test waiting forever)
+        while "has waited" not in said and proc.poll() is None and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                said += proc.stderr.readline()
+        assert proc.poll() is None and "has waited" in said, said
+        line = said.splitlines()[-1]
+        assert line.endswith(f"rank {rank} of 2 has waited 0.5 s for the other processes of its launch at 127.0.0.1:"
+                             f"{port} ({hosts}): one that never started keeps every other waiting until torch's "
+                             "timeout (30 min); launch all 2 with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
+                             "or stop this one (Ctrl-C)"), line
+    finally:
+        proc.kill()
+        proc.wait()
