@@ -703,8 +703,8 @@ def test_a_run_killed_inside_its_first_epoch_after_a_checkpoint_is_said_to_go_on
     (run / "results.json").write_text(json.dumps({**results, "status": "running"}))  # as a SIGKILL leaves it
     caplog.set_level(logging.INFO, logger="iisan")
     assert train(cfg)["resumed_from"] == ["epoch-0000-step-00003"]
-    assert "stopped without a word (killed, or its machine went down): what it trained after its last checkpoint " \
-           "is trained again" in caplog.text
+    assert "stopped without a word (killed, or its machine went down): whatever it trained after its last " \
+           "checkpoint is trained again" in caplog.text
 
 
 def restate(path: Path, edit) -> None:
