@@ -597,3 +597,22 @@ def test_a_cache_whose_header_no_reader_would_take_is_refused_before_any_item_is
         build_cache_from_config(cfg, dtype="float32")
     assert counted["calls"] == 0 and not (tmp_path / "c" / SIDECAR).exists()
     assert not cache_file(cfg.cache_dir, "text").exists()
+
+
+def test_a_build_killed_after_its_files_were_in_place_leaves_no_build_folder_behind(tiny_config, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """Killed between putting its cache files in place and removing its .building (here: the removal skipped), a
+    build left the folder for good: every later command found the cache built and kept it, .building too. The
+    next command that writes the cache folder removes it."""
+    import iisan.data.cache_build as cache_build
+
+    cfg = tiny_config(cache_dir=str(tmp_path / "c"), encode_batch_size=CHUNK)
+    monkeypatch.setattr(cache_build, "remove_build", lambda path: None)  # (killed before it)
+    build_cache_from_config(cfg, dtype="float16")
+    monkeypatch.undo()
+    built, sidecar = _bytes(cfg.cache_dir), Path(cfg.cache_dir) / SIDECAR
+    assert (sidecar / "manifest.json").is_file()
+    with caplog.at_level(logging.INFO):
+        build_cache_from_config(cfg, dtype="float16", reuse=True)
+    assert "built before with these settings; kept as it is" in caplog.text
+    assert not sidecar.exists() and _bytes(cfg.cache_dir) == built

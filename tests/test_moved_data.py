@@ -16,7 +16,7 @@ import pytest
 
 from iisan.config import Config
 from iisan.data.images import recorded_digest
-from iisan.digests import file_fingerprint, known_fingerprint
+from iisan.digests import file_fingerprint, known_fingerprint, sha256
 from iisan.model.caching import build_cache_from_config
 from iisan.train import checkpoint
 from iisan.train.runnames import HASHES, config_hash, default_run_name, known_run_name, run_dir
@@ -83,8 +83,8 @@ def test_a_run_whose_data_was_copied_elsewhere_resumes_is_reused_and_records_whe
 
 
 def test_a_named_run_resumes_on_a_copy_of_its_data_and_refuses_other_content(job, tmp_path):
-    """--run-name: a checkpoint of the same data at another place is resumed; one of other data is not (the
-    checkpoint of epoch 0, which job 1 wrote)."""
+    """--run-name: a checkpoint of the same data at another place is resumed (epoch 0's, which job 1 wrote); one
+    of other data is not; one written before checkpoints recorded their data counts paths, and says so."""
     first = job(1).replace(run_name="named", out_dir=str(tmp_path), epochs=1)
     train(first)
     moved = job(4).replace(run_name="named", out_dir=str(tmp_path), epochs=2)
@@ -92,10 +92,21 @@ def test_a_named_run_resumes_on_a_copy_of_its_data_and_refuses_other_content(job
     written = tmp_path / "named" / "checkpoints" / "epoch-0000"
     state = json.loads((written / "state.json").read_text())
     assert state["config"]["users"] == first.users and checkpoint.checked_state(written, moved.to_dict()) == state
-    edited = Path(moved.users)
-    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))
+    del state["data_content"]  # as commit b583a5a and earlier wrote it: the paths count, and the refusal says why
+    (written / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((written / "MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = {"bytes": (written / "state.json").stat().st_size,
+                                       "sha256": sha256(written / "state.json")}
+    (written / "MANIFEST.json").write_text(json.dumps(manifest))
     reason = checkpoint.checked_state(written, moved.to_dict())
-    assert isinstance(reason, str) and "belongs to a different config (users=" in reason
+    assert isinstance(reason, str) and reason.endswith(
+        "now) (saved by commit b583a5a or earlier, before checkpoints recorded what the data held: data paths count "
+        f"as they are); {checkpoint.NEW_RUN}")
+    written = tmp_path / "named" / "checkpoints" / "epoch-0001"  # (recorded: job 4's data; job 10's is edited)
+    edited = Path(job(10).users)
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))
+    reason = checkpoint.checked_state(written, job(10).replace(run_name="named", out_dir=str(tmp_path)).to_dict())
+    assert isinstance(reason, str) and "belongs to a different config (users=" in reason and "b583a5a" not in reason
 
 
 def test_data_paths_differ_only_where_their_content_differs_or_cannot_be_told(tiny, tmp_path):

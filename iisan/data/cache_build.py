@@ -95,13 +95,18 @@ def manifest_in(sidecar: Path) -> dict | None:
     return found if isinstance(found, dict) and found.get("format") == BUILD_FORMAT else None
 
 
-def discard_partial_build(out_dir: str | Path) -> bool:
+def discard_partial_build(out_dir: str | Path, left: bool = False) -> bool:
     """Remove the build in progress in ``out_dir`` (ours: it has our manifest), whatever its settings, so
-    that the next build starts from nothing; True if there was one."""
+    that the next build starts from nothing; True if there was one. ``left``: one left behind by a build whose
+    cache is whole, which stays where it cannot be removed (another user's: the build that left it said so)."""
     sidecar = Path(out_dir) / SIDECAR
     if manifest_in(sidecar) is None:
         return False
-    remove_build(sidecar)
+    try:
+        remove_build(sidecar)
+    except OutputError:
+        if not left:
+            raise
     return True
 
 

@@ -32,7 +32,7 @@ from ..data.cache import (
     read_metadata,
     recorded_weights,
 )
-from ..data.cache_build import SIDECAR, build_caches
+from ..data.cache_build import SIDECAR, build_caches, discard_partial_build
 from ..data.cache_import import check_import, import_caches, imported_files, kept_import
 from ..data.interactions import ItemCatalog, read_items
 from ..data.run_data import load_data
@@ -201,14 +201,14 @@ def build_log(folder: Path, kind: str = "build") -> Logging:
 
 @contextlib.contextmanager
 def writing_cache(cfg: Config, dtype: str | None) -> Iterator[None]:
-    """A build's or an import's arguments checked, then the cache folder claimed (module docstring) and
-    locked against another writer for the block."""
+    """A build's or an import's arguments checked, the cache folder claimed (module docstring) and locked for the
+    block, then a build folder left there removed (a build killed once its files were in place, before its own)."""
     check_cache_arguments(cfg, dtype)
     folder = claim_cache_folder(cfg)
-    with folders_kept_on_success(folder), OutputLock(folder / LOCK, f"cache folder {folder}", "another cache "
-                                                     "build is writing it; wait for it to finish or choose "
-                                                     "another --cache-dir"):
+    busy = "another cache build is writing it; wait for it to finish or choose another --cache-dir"
+    with folders_kept_on_success(folder), OutputLock(folder / LOCK, f"cache folder {folder}", busy):
         yield
+        discard_partial_build(folder, left=True)
 
 
 def check_cache_arguments(cfg: Config, dtype: str | None) -> None:

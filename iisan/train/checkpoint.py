@@ -272,7 +272,10 @@ def checked_state(path: Path, config: dict, digests: bool = True) -> dict | str:
         return f"{path / STATE} is damaged ({problem})"
     if differences := config_differences(state["config"], config, state.get("working_dir"),
                                          content=state.get("data_content")):
-        return f"{path / STATE} belongs to a different config ({'; '.join(differences)}); {NEW_RUN}"
+        older = "data_content" not in state and all(d.split("=")[0] in DATA_PATHS for d in differences)
+        said = " (saved by commit b583a5a or earlier, before checkpoints recorded what the data held: data paths " \
+            "count as they are)" if older else ""
+        return f"{path / STATE} belongs to a different config ({'; '.join(differences)}){said}; {NEW_RUN}"
     return state
 
 

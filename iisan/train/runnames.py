@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import once
 from ..bounds import MAX_NAME_BYTES
 from ..config import Config
 from ..distributed import launched_processes
@@ -118,7 +119,8 @@ def known_run_name(cfg: Config, tag: str = "", listed: Callable[[Path], dict] | 
             return found[0] if len(found) == 1 else name
     # the same data under another folder's name (a flat copy: $TMPDIR/users.tsv): the hash alone says the run
     if len(found := same_hash(names, out, f"{cfg.method}-{cfg.feed}", name_ends(cfg)[1])) == 1:
-        log.info("%s: this config's run, named by the folder its data was in then", out / found[0])
+        if once.first("named by its data folder then", str(out / found[0])):  # (a run names its folder thrice)
+            log.info("%s: this config's run, named by the folder its data was in then", out / found[0])
         return found[0]
     return name
 
