@@ -533,3 +533,21 @@ def test_a_rank_waiting_for_its_launch_says_so_after_a_while(tiny_config, tmp_pa
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_rank_that_joins_in_time_says_nothing_of_waiting(monkeypatch, caplog):
+    """The timer is cancelled once the rendezvous returns: a launch that gathers quickly says nothing of waiting."""
+    import logging
+    import time
+
+    import iisan.distributed as distributed
+
+    monkeypatch.setattr(distributed, "WAIT_SAID_AFTER", 0.2)
+    with caplog.at_level(logging.WARNING, logger="iisan"):
+        with distributed.said_while_waiting(1, 2, "gloo"):
+            pass
+        time.sleep(0.5)
+        assert "has waited" not in caplog.text
+        with distributed.said_while_waiting(1, 2, "gloo"):
+            time.sleep(0.5)
+    assert caplog.text.count("rank 1 of 2 has waited 0.2 s") == 1

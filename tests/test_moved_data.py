@@ -192,3 +192,27 @@ def test_the_same_data_under_another_folders_name_finds_its_run_by_the_hash(job,
         again = train(flat[1])
     assert again["run_dir"] == first["run_dir"] and again["resumed_from"] == ["epoch-0000"]
     assert "this config's run, named by the folder its data was in then" in caplog.text
+
+
+def test_the_hash_alone_finds_no_run_where_two_folders_have_it_or_one_of_another_process_count(job, tmp_path):
+    """The flat-copy fallback takes the one folder of this hash: two under other data folders' names could each be
+    this run, and one of four torchrun processes (-4proc-) computes something else: neither is taken."""
+    cfg = job(1).replace(out_dir=str(tmp_path))
+    head, tail = f"{cfg.method}-{cfg.feed}", default_run_name(cfg).rsplit("-", 1)[-1]
+    (tmp_path / f"{head}-elsewhere-4proc-{tail}").mkdir()
+    assert known_run_name(cfg) == default_run_name(cfg)
+    (tmp_path / f"{head}-job-1-{tail}").mkdir()
+    assert known_run_name(cfg) == f"{head}-job-1-{tail}"
+    (tmp_path / f"{head}-job-2-{tail}").mkdir()
+    assert known_run_name(cfg) == default_run_name(cfg)
+
+
+def test_an_image_lmdb_copied_elsewhere_names_the_same_live_run_and_other_images_another(tiny, tmp_path):
+    """The image LMDB counts by the digest it records: a copy names the same run, an LMDB of other pictures
+    another, one that records no digest (or is not there) by its path."""
+    copy = shutil.copytree(tiny["images"], tmp_path / "images.lmdb")
+    live = Config(users=tiny["users"], items=tiny["items"], images=tiny["images"], feed="live", method="lora")
+    assert config_hash(live) == config_hash(live.replace(images=str(copy)))
+    assert config_hash(live) != config_hash(live.replace(images=str(tmp_path / "absent.lmdb")))
+    assert config_hash(live.replace(images=str(tmp_path / "absent.lmdb"))) != \
+        config_hash(live.replace(images=str(tmp_path / "other.lmdb")))

@@ -1565,8 +1565,8 @@ def test_a_run_killed_before_pruning_its_last_checkpoint_is_pruned_when_it_finis
 def test_a_finished_run_killed_before_keep_checkpoints_0_removed_them_is_pruned_when_found(base, monkeypatch,
                                                                                              caplog):
     """--keep-checkpoints 0: killed after results.json said finished, before the checkpoints went. The next
-    command's first look leaves the folder to the second, made once it is locked, which removes them by the
-    run's own --keep-checkpoints and answers 'finished before' (before: they stayed for good)."""
+    command, finding the run finished, removes them by the run's own --keep-checkpoints, the folder locked, and
+    answers 'finished before' (before: they stayed for good); it needs no cache to do so (the run is not set up)."""
     import iisan.train.resuming as resuming
 
     cfg = base.replace(run_name="kept-0", epochs=2, keep_checkpoints=0)
@@ -1575,10 +1575,31 @@ def test_a_finished_run_killed_before_keep_checkpoints_0_removed_them_is_pruned_
     first = train(cfg)
     monkeypatch.undo()
     assert first["status"] == "finished" and checkpoint.checkpoints(root)
-    assert runfolder.reusable_results(cfg) is None  # the first look: for the locked one
-    with caplog.at_level(logging.INFO):
-        again = train(cfg.replace(keep_checkpoints=3))  # the run's own 0 decides, not the command's
+    os.rename(cfg.cache_dir, cfg.cache_dir + ".away")
+    try:
+        with caplog.at_level(logging.INFO):
+            again = train(cfg.replace(keep_checkpoints=3))  # the run's own 0 decides, not the command's
+    finally:
+        os.rename(cfg.cache_dir + ".away", cfg.cache_dir)
     assert again["epochs"] == first["epochs"] and not root.exists()
     assert "finished before with this config; not training it again" in caplog.text
     assert "removed 1 checkpoint(s) of the finished run (--keep-checkpoints 0)" in caplog.text  # (one while training)
-    assert runfolder.reusable_results(cfg) is not None  # nothing left to prune: found at the first look
+    assert runfolder.reusable_results(cfg) is not None
+
+
+def test_a_finished_runs_leftover_temporary_folder_goes_and_a_checkpoint_it_cannot_read_stays(base, caplog):
+    """A finished run's folder holding a kill's temporary checkpoint folder and a checkpoint of another config
+    (copied in): the temporary one goes when the run is found finished; the other is not this run's to delete,
+    stays, and counts for nothing to prune (the next look takes no lock for it)."""
+    from iisan.train.checkpoint_writing import prune
+
+    cfg = base.replace(run_name="leftovers", epochs=2, keep_checkpoints=1)
+    done = train(cfg)
+    root = Path(done["run_dir"]) / "checkpoints"
+    shutil.copytree(root / "epoch-0001", root / ".epoch-0002.tmp")
+    shutil.copytree(root / "epoch-0001", root / "epoch-0009")
+    restate(root / "epoch-0009", lambda state: state["config"].update(lr=0.5))
+    assert prune(root, 1, cfg.to_dict(), None, dry=True) == 1  # the temporary folder alone
+    assert train(cfg)["epochs"] == done["epochs"]
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "epoch-0009"]
+    assert prune(root, 1, cfg.to_dict(), None, dry=True) == 0

@@ -55,7 +55,8 @@ def same_paths(values: dict, working_dir: object = None, spelling: bool = True) 
     """``values`` with each data path, and each encoder folder found there, absolute: a relative one taken
     from ``working_dir`` (the folder the run that saved ``values`` ran in; here when not known), so that
     two spellings of one file are one setting (the data files' contents are compared by fingerprint:
-    ``same_inputs.refuse_changed_data``). ``spelling``: an encoder folder's spelling counts for nothing either
+    ``same_inputs.refuse_changed_data``; two places of one content are one setting by ``data_content``, in run
+    names and in ``config_differences``). ``spelling``: an encoder folder's spelling counts for nothing either
     (a default's with a trailing ``/``, one under ``~``, one not here as ``x/``); without it, as run names
     hashed paths before commit fe0d88d (``runnames.HASHES``)."""
     base = working_dir if isinstance(working_dir, str) and working_dir else os.getcwd()

@@ -128,7 +128,7 @@ def left_in_place(path: Path, why: str) -> None:
         log.info("pruning leaves %s in place, as %s", path, why)
 
 
-def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
+def prune(root: Path, keep: int, config: dict, written: Path | None, dry: bool = False) -> int:
     """Keep the newest ``keep`` checkpoints this run can resume from (complete and of ``config``: ``checked_state``)
     and delete the older ones, and leftover temporary folders. ``written``, just written, counts unchecked and is
     never deleted, nor is a newer one; a refused checkpoint (copied in from another run, damaged) is neither counted
@@ -136,7 +136,7 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
     than ``written`` (a Ctrl-C's, resumed since) is deleted uncounted: it was kept only to resume from, and so is
     one of ``written``'s epoch that is newer (of an epoch restarted under another number of processes, whose
     steps the run trains again: ``replaced``). With no ``written`` (a finished run's, ``keep`` 0) every one is
-    older. Returns how many were deleted."""
+    older. Returns how many were deleted; ``dry``: how many would be, temporary folders included, deleting none."""
     kept = removed = 0
     here = checkpoints(root)
     for path in set(_FOUND) - set(here):
@@ -154,13 +154,17 @@ def prune(root: Path, keep: int, config: dict, written: Path | None) -> int:
         restarted = within and written is not None and path != written and \
             checkpoint_order(path)[0] == checkpoint_order(written)[0] and replaced(path, config)  # (newer)
         if isinstance(refused, str):
-            left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
+            if not dry:
+                left_in_place(path, f"this run cannot resume from it: {refused.removesuffix(f'; {NEW_RUN}')}")
         elif (older and (kept >= keep or within)) or restarted:
-            removed += remove_checkpoint(path)
+            removed += all(p.name in (*FILES, MANIFEST) for p in path.iterdir()) if dry else remove_checkpoint(path)
         else:
             kept += 1
     for leftover in root.glob(".epoch-*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if dry:
+            removed += 1
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
 
@@ -169,7 +173,7 @@ def prune_finished(root: Path, keep: int, config: dict) -> None:
     (``prune`` with no ``written``: the newest ``keep``, no mid-epoch one, no temporary folder), so that an attempt
     killed before it pruned leaves no more than one that was not; with ``keep`` 0 every one (its best weights are
     in best.safetensors), and the folder where that empties it."""
-    if not left_unpruned(root, keep):
+    if not prune(root, keep, config, None, dry=True):
         return
     removed = prune(root, keep, config, None)
     if keep == 0:
@@ -181,15 +185,6 @@ def prune_finished(root: Path, keep: int, config: dict) -> None:
     elif removed:
         log.info("removed %d checkpoint(s) of the finished run that an attempt killed before pruning left "
                  "(--keep-checkpoints %d)", removed, keep)
-
-
-def left_unpruned(root: Path, keep: int) -> bool:
-    """Whether a finished run's checkpoints under ``root`` hold what its pruning removes (``prune`` with no
-    ``written``): more than ``keep`` checkpoints, a mid-epoch one, or a temporary folder; an attempt killed
-    between writing its last checkpoint (or results.json's "finished", with ``keep`` 0) and pruning left them."""
-    found = checkpoints(root)
-    return len(found) > keep or any(NAME.match(p.name)[2] is not None for p in found) or \
-        any(root.glob(".epoch-*.tmp"))
 
 
 def recorded_keep(results: dict, default: int) -> int:

@@ -17,13 +17,13 @@ from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import metrics_text
 from ..distributed import main_process
-from ..errors import ConfigError, OutputError, TrainingError, error_line, parse_json
+from ..errors import ConfigError, OutputError, TrainingError, UserError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, remove, write_failure
 from ..locks import RUN_LOCK, OutputLock, is_lock_file
 from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS, checked_state, checkpoints, config_differences, recorded_content
-from .checkpoint_writing import left_unpruned, prune_finished, recorded_keep
+from .checkpoint_writing import prune, prune_finished, recorded_keep
 from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
 from .runnames import run_dir
@@ -40,20 +40,16 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
     name the folder it was copied from). A run folder whose run read another content of the users or
     items file is refused first (``refuse_changed_data``), whatever its status; a finished run whose best
     weights are missing or damaged is not reused (``unfinished_weights``; ``again``, a second look once the
-    folder is locked: left to the resume quietly, as the first look said). One whose checkpoints an attempt
-    killed before pruning left is pruned at the second look, the folder being locked (``prune_finished``)."""
+    folder is locked: left to the resume quietly, as the first look said). What an attempt killed before its
+    pruning left is pruned at the first look (``tidy_finished``)."""
     folder = run_dir(cfg)
     earlier = read_results(folder / RESULTS)
     refuse_changed_data(cfg, earlier, folder)
     done = finished_results(cfg, earlier)
     if done is not None and (best_weights_problem(folder) is None if again else
                              not unfinished_weights(folder, cfg, done)):
-        keep = recorded_keep(done, cfg.keep_checkpoints)
-        if left_unpruned(folder / CHECKPOINTS, keep):  # an attempt killed before its pruning: pruned once locked
-            if not again:
-                return None
-            if main_process():
-                prune_finished(folder / CHECKPOINTS, keep, cfg.to_dict())
+        if not again and main_process():
+            tidy_finished(folder, recorded_keep(done, cfg.keep_checkpoints), cfg.to_dict())
         done = {**done, "run_dir": str(folder)}
         otherwise = ran_otherwise(cfg, done)
         log.log(logging.WARNING if otherwise and main_process() else logging.INFO, "%s finished before with this "
@@ -61,6 +57,19 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
         log_summary(done, folder / RESULTS)
         return done
     return None
+
+
+def tidy_finished(folder: Path, keep: int, config: dict) -> None:
+    """A finished run's checkpoints (in ``folder``) pruned by its own ``keep`` where an attempt killed before its
+    pruning left more (``checkpoint_writing.prune_finished``), with the folder locked; left as they are where it
+    cannot be (in use: a longer run resuming it; a folder this user may not write)."""
+    if not prune(folder / CHECKPOINTS, keep, config, None, dry=True):
+        return
+    try:
+        with OutputLock(folder / LOCK, f"run folder {folder}"):
+            prune_finished(folder / CHECKPOINTS, keep, config)
+    except UserError as err:
+        log.debug("%s: its finished run's checkpoints are left unpruned: %s", folder, err)
 
 
 def best_weights_problem(folder: Path) -> tuple[str, str] | None:
