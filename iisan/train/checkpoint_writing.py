@@ -173,8 +173,6 @@ def prune_finished(root: Path, keep: int, config: dict) -> None:
     (``prune`` with no ``written``: the newest ``keep``, no mid-epoch one, no temporary folder), so that an attempt
     killed before it pruned leaves no more than one that was not; with ``keep`` 0 every one (its best weights are
     in best.safetensors), and the folder where that empties it."""
-    if not prune(root, keep, config, None, dry=True):
-        return
     removed = prune(root, keep, config, None)
     if keep == 0:
         with contextlib.suppress(OSError):  # the folder too, when nothing else is left in it

@@ -28,7 +28,7 @@ from ..data.batches import TrainBatch, TrainBatches, epoch_batches
 from ..data.epochs import epoch_order, steps_per_epoch
 from ..data.run_data import check_trainable, describe_data, load_data
 from ..devices import device_name, out_of_memory, sync
-from ..digests import file_fingerprint
+from ..digests import known_fingerprint
 from ..distributed import Dist, any_rank, mean_over_ranks
 from ..errors import ConfigError, InUse, RunInterrupted, RunInUse, TrainingError, UserError
 from ..evaluate import evaluate_model, shared_item_table
@@ -121,7 +121,7 @@ class Run:
         data = self.data = load_data(cfg)
         check_trainable(data, cfg)
         self.record.items_fingerprint, self.record.kept_items = data.catalog.fingerprint, data.kept_items
-        self.record.users_fingerprint, self.record.cache = file_fingerprint(cfg.users), cache_record(cfg)
+        self.record.users_fingerprint, self.record.cache = known_fingerprint(cfg.users), cache_record(cfg)
         self.record.encoders = encoder_record(cfg) if dist.is_main else {}  # rank 0 writes results.json
         log.info("%s", describe_data(data, cfg))
         parts = build_training(cfg, data, device, dist.world_size, built=lambda model: log.info(
