@@ -126,6 +126,14 @@ def setup(device_name: str) -> tuple[Dist, torch.device, bool]:
     return dist, device, created
 
 
+def joined() -> Dist:
+    """The process group this process joined (``setup``), or a single process where it joined none."""
+    if not launched() or not torch_dist.is_available() or not torch_dist.is_initialized():
+        return SINGLE
+    rank, world, local = launch_env(local=True).values()
+    return Dist(rank, world, local, torch_dist.get_backend())
+
+
 WAIT_SAID_AFTER = 60.0  # seconds a process waits for the others of its launch before it says so
 
 

@@ -8,6 +8,11 @@ train`` under torchrun does, counting the DDP wrappers still alive as it leaves;
 a run whose second optimiser step raises (the frames of the error in flight hold the wrapper). A wrapper alive then
 destroyed the group later, in its destructor, holding the GIL while gloo's threads waited for it: now and
 then a rank never exited.
+
+With ``copies``: each rank reads its own copy of the data (``argv[1]``.{step}.{RANK}, as a job that copies the data
+set to each node's own disk): a whole copy under another folder's name, trained, then run again (finished), then
+a copy not yet whole on rank 1 (refused in one line on every rank). Each rank writes what it got to
+``argv[2]``.{RANK}.
 """
 
 from __future__ import annotations
@@ -57,9 +62,28 @@ def own_group(cfg: Config, out_file: str, fail: bool) -> None:
     Path(f"{out_file}.{os.environ['RANK']}").write_text(json.dumps({"alive": alive}))  # every rank its own
 
 
+def copies(config_file: str, out_file: str) -> None:
+    from iisan.errors import DataError
+
+    dist, _, created = distributed.setup("cpu")
+    assert created
+    got = []
+    for step in ("whole", "again", "partial"):
+        cfg = Config(**json.loads(Path(f"{config_file}.{step}.{dist.rank}").read_text()))
+        try:
+            results = train(cfg)
+            got.append({"run_dir": results["run_dir"], "ended": results["ended"], "epochs": len(results["epochs"])})
+        except DataError as err:
+            got.append({"error": str(err)})
+    Path(f"{out_file}.{dist.rank}").write_text(json.dumps(got))
+    distributed.teardown(finished=True)
+
+
 def main(config_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     setup_logging()
+    if sys.argv[3:] == ["copies"]:
+        return copies(config_file, out_file)
     cfg = Config(**json.loads(Path(config_file).read_text()))
     if sys.argv[3:] in (["own"], ["own-fail"]):
         return own_group(cfg, out_file, fail=sys.argv[3] == "own-fail")
@@ -87,4 +111,4 @@ def main(config_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])  # (argv[3]: own, own-fail, or nothing)
+    main(sys.argv[1], sys.argv[2])  # (argv[3]: own, own-fail, copies, or nothing)

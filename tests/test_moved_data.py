@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from iisan.config import Config
 from iisan.data.images import recorded_digest
@@ -141,7 +142,7 @@ def test_what_a_results_file_records_of_its_data_is_read_from_its_fields():
 def test_a_run_named_before_data_counted_by_content_is_found_by_its_earlier_name(job, tmp_path):
     """A run folder named by the previous scheme (data by place) is still this config's run."""
     cfg = job(1).replace(out_dir=str(tmp_path))
-    assert HASHES[:2] == ("data-content", "encoding-names")
+    assert HASHES[1:3] == ("data-content", "encoding-names")
     earlier = default_run_name(cfg, scheme="encoding-names")
     assert earlier != default_run_name(cfg)
     (Path(cfg.out_dir) / earlier).mkdir(parents=True)
@@ -216,3 +217,94 @@ def test_an_image_lmdb_copied_elsewhere_names_the_same_live_run_and_other_images
     assert config_hash(live) != config_hash(live.replace(images=str(tmp_path / "absent.lmdb")))
     assert config_hash(live.replace(images=str(tmp_path / "absent.lmdb"))) != \
         config_hash(live.replace(images=str(tmp_path / "other.lmdb")))
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0s_copy_names_the_run_and_a_rank_reading_other_data_is_refused(job, tmp_path):
+    """Two processes, each on its own copy of the data (a job that copies the data set to each node's disk): rank
+    1's under another folder's name. Before, each rank named the run folder from its own copy, and looked for a
+    finished run there; a copy not yet whole on one rank trained on other users, or waited for ever in a step the
+    other never took. Now rank 0's copy names the folder, its look at it answers for both, and a rank reading other
+    data is refused in the same line on every rank."""
+    from .test_distributed import ROOT, torchrun
+
+    base = job(8).replace(epochs=1, max_steps_per_epoch=2, out_dir=str(tmp_path / "runs"))
+    whole = {0: base, 1: base.replace(**{k: shutil.copy(getattr(base, k), tmp_path / f"Elsewhere-{k}.tsv")
+                                         for k in ("users", "items")})}
+    lines = Path(base.users).read_text().splitlines(keepends=True)
+    (tmp_path / "part").mkdir()
+    (part := tmp_path / "part" / "users.tsv").write_text("".join(lines[: len(lines) // 2]))  # still being copied
+    steps = {"whole": whole, "again": whole, "partial": {0: base.replace(epochs=2),
+                                                          1: whole[1].replace(epochs=2, users=str(part))}}
+    for step, configs in steps.items():
+        for rank, cfg in configs.items():
+            (tmp_path / f"config.json.{step}.{rank}").write_text(json.dumps(cfg.to_dict()))
+    proc = torchrun(ROOT / "tests" / "_torchrun_worker.py", [str(tmp_path / "config.json"), str(tmp_path / "got"),
+                                                             "copies"], 2, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"got.{rank}").read_text()) for rank in (0, 1)]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(got[0][0]["run_dir"]).name]
+    assert Path(got[0][0]["run_dir"]).name.startswith("iisan-cached-Scientific-2proc-")  # rank 0's data folder
+    assert got[0][:2] == got[1][:2] and got[0][0] == got[0][1]  # trained once, in one folder; then found finished
+    assert got[0][0]["epochs"] == 1
+    said = ("the processes of this launch read different data: the users file {} of rank(s) 1 differs from rank 0's "
+            "(missing, not yet whole, or another version). Every process must read the same data: launch again once "
+            "they do")  # (each rank names the path it was given: under torchrun, one command's)
+    assert [g[2] for g in got] == [{"error": said.format(base.users)}, {"error": said.format(part)}]
+
+
+def test_each_part_of_the_data_that_differs_on_some_rank_is_named_with_those_ranks(job, monkeypatch):
+    """Rank 1 of 4 hears rank 0's record of the data and flags what differs here; every rank then names, part by part,
+    the ranks whose copy differs, in one line; a launch whose ranks read the same data goes on."""
+    from iisan.distributed import Dist
+    from iisan.errors import DataError
+    from iisan.train import same_inputs
+
+    cfg, heard = job(9), {}
+    zero = {"users": "another fingerprint", "items": file_fingerprint(cfg.items),
+            "images": recorded_digest(cfg.images), "cache": same_inputs.cache_record(cfg)}
+
+    def gather(local, dist):  # rank 1's flags as computed; ranks 0, 2 and 3 as the test says
+        heard["flags"] = local.tolist()
+        return [torch.tensor(f) for f in ([0, 0, 0, 0], local.tolist(), [0, 0, 0, 0], [1, 0, 0, 1])]
+
+    monkeypatch.setattr(same_inputs, "broadcast_text", lambda text, dist: json.dumps(zero))
+    monkeypatch.setattr(same_inputs, "gather_same", gather)
+    with pytest.raises(DataError) as refused:
+        same_inputs.refuse_other_data_on_ranks(cfg, Dist(1, 4, 1, "gloo"))
+    assert heard["flags"] == [1, 0, 0, 0]  # users, items, images, cache
+    assert str(refused.value) == (
+        f"the processes of this launch read different data: the users file {cfg.users} of rank(s) 1, 3; the cache "
+        f"{cfg.cache_dir} of rank(s) 3 differ from rank 0's (missing, not yet whole, or another version). Every "
+        "process must read the same data: launch again once they do")
+    zero["users"] = file_fingerprint(cfg.users)
+    monkeypatch.setattr(same_inputs, "gather_same", lambda local, _: heard.update(flags=local.tolist()) or [local] * 4)
+    same_inputs.refuse_other_data_on_ranks(cfg, Dist(1, 4, 1, "gloo"))  # the same data everywhere: no error
+    assert heard["flags"] == [0, 0, 0, 0]
+    # a cached run never opens its LMDB: a node with the cache alone reads the images rank 0's LMDB holds
+    heard.clear()
+    same_inputs.refuse_other_data_on_ranks(cfg.replace(images=cfg.images + "-not-here"), Dist(1, 4, 1, "gloo"))
+    assert heard["flags"] == [0, 0, 0, 0]
+    same_inputs.refuse_other_data_on_ranks(cfg, Dist())  # one process: nothing to compare (no collective)
+
+
+def test_a_cached_run_on_a_node_without_its_image_lmdb_keeps_its_name_and_resumes(job, tmp_path):
+    """A cached run never opens its image LMDB, so a job may copy the cache and not the LMDB: its images are then
+    named by what the image cache records of them (the LMDB's digest it was built from). Before, the path of the
+    LMDB not there counted: a new folder, trained from scratch (and its earlier name is still found)."""
+    first = job(20).replace(out_dir=str(tmp_path / "runs"))
+    done = train(first)
+    second = job(21).replace(out_dir=first.out_dir, images=str(tmp_path / "not-copied.lmdb"), epochs=3)
+    assert checkpoint.data_content("images", second.images, second.to_dict()) == recorded_digest(first.images)
+    assert checkpoint.data_content("images", second.images, None) is None  # (the LMDB alone: not here)
+    assert default_run_name(second) == default_run_name(first)
+    again = train(second)
+    assert again["run_dir"] == done["run_dir"] and again["resumed_from"] == ["epoch-0001"]
+    assert again["epochs"][:2] == done["epochs"]
+    earlier = default_run_name(second, scheme="data-content")  # the name 9cada80 gave it: by that path
+    assert earlier != default_run_name(first) and HASHES[0] == "cached-images"
+    shutil.rmtree(done["run_dir"])
+    (Path(first.out_dir) / earlier).mkdir()
+    assert known_run_name(second) == earlier
+    live = second.replace(feed="live")  # a live run opens its LMDB: one not here tells nothing of its images
+    assert checkpoint.data_content("images", live.images, live.to_dict()) is None

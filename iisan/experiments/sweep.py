@@ -151,10 +151,11 @@ def run_point(point: GridPoint, total: int, action, args, left: str = "") -> Out
     try:
         if action is None:
             # imported when run, not for --help (module docstring)
-            from ..train.runfolder import reusable_results
+            from ..distributed import joined
+            from ..train.runfolder import agreed_results
             from ..train.trainer import train
 
-            done = reusable_results(point.config)
+            done = agreed_results(point.config, joined())  # under torchrun: rank 0's look, for every rank
             if done is not None:
                 return Outcome(point, Status.FINISHED_BEFORE, done)
             return Outcome(point, Status.FINISHED, train(point.config, reuse=False))  # asked just now

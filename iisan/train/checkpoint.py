@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import BEFORE_THE_FIELD, DEFAULT_MODELS, Config, is_default_model, model_location
-from ..data.images import recorded_digest
+from ..data.run_data import images_content
 from ..digests import known_fingerprint, sha256
 from ..distributed import launched_processes
 from ..errors import TrainingError, UserError, error_line, parse_json
@@ -76,15 +76,15 @@ def same_paths(values: dict, working_dir: object = None, spelling: bool = True) 
     return {k: same(k, v) for k, v in values.items()}
 
 
-def data_content(key: str, path: object) -> str | None:
-    """What names the content of the data at ``path`` for the config key ``key`` (one of ``DATA_PATHS``): a users
-    or items file's fingerprint, the digest an image LMDB records; None where that cannot be told (no such
-    file here, an LMDB that records none or is damaged)."""
+def data_content(key: str, path: object, values: dict | None) -> str | None:
+    """What names the content of the data at ``path`` for the config key ``key`` (one of ``DATA_PATHS``) in a run of
+    config ``values``: a users or items file's fingerprint, the images' digest (``run_data.images_content``: the
+    LMDB's, or a cached run's image cache's); None where that cannot be told (no such file here)."""
     if not isinstance(path, str) or not path:
         return None
     try:
         if key == "images":
-            return recorded_digest(path)
+            return images_content(path, values)
         return known_fingerprint(path) if os.path.isfile(path) else None
     except (OSError, UserError):
         return None
@@ -198,7 +198,7 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     same_old, same_now = same_paths(old, saved_in), same_paths(now)
     content = content if isinstance(content, dict) else {}
     differ = [k for k in keys if same_old[k] != same_now[k]
-              and not (k in DATA_PATHS and content.get(k) and data_content(k, same_now[k]) == content[k])]
+              and not (k in DATA_PATHS and content.get(k) and data_content(k, same_now[k], current) == content[k])]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
     # one spelling from two working folders (a run folder reached another way: a copy, a container's mount) is

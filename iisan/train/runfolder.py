@@ -6,6 +6,7 @@ run writes first, as a run writes it), and one process at a time (``lock_run_fol
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from ..claims import refuse_broken_link
 from ..config import Config
 from ..console import metrics_text
-from ..distributed import main_process
+from ..distributed import Dist, main_process
 from ..errors import ConfigError, OutputError, TrainingError, UserError, error_line, parse_json
 from ..files import TEMPORARY, check_readable, failure_reason, remove, write_failure
 from ..locks import RUN_LOCK, OutputLock, is_lock_file
@@ -24,6 +25,7 @@ from ..metric_names import HEADLINE, SELECTED_BY, UNSAID
 from . import checkpoint, runstate
 from .checkpoint import CHECKPOINTS, checked_state, checkpoints, config_differences, recorded_content
 from .checkpoint_writing import prune, prune_finished, recorded_keep
+from .decisions import decide
 from .plan import ran_otherwise
 from .run_results import is_finished, read_results, results_or_reason
 from .runnames import run_dir
@@ -34,15 +36,16 @@ log = logging.getLogger(__name__)
 RESULTS, BEST = "results.json", "best.safetensors"
 
 
-def reusable_results(cfg: Config, again: bool = False) -> dict | None:
+def reusable_results(cfg: Config, again: bool = False, folder: Path | None = None) -> dict | None:
     """``finished_results``, logged when found, with the summary line the run ended with: what a run or a
     sweep returns instead of training again, its ``run_dir`` the folder it is in now (a copied run's results
     name the folder it was copied from). A run folder whose run read another content of the users or
     items file is refused first (``refuse_changed_data``), whatever its status; a finished run whose best
     weights are missing or damaged is not reused (``unfinished_weights``; ``again``, a second look once the
     folder is locked: left to the resume quietly, as the first look said). What an attempt killed before its
-    pruning left is pruned at the first look (``tidy_finished``)."""
-    folder = run_dir(cfg)
+    pruning left is pruned at the first look (``tidy_finished``). ``folder``: the run's, where known (else
+    ``run_dir``'s)."""
+    folder = folder or run_dir(cfg)
     earlier = read_results(folder / RESULTS)
     refuse_changed_data(cfg, earlier, folder)
     done = finished_results(cfg, earlier)
@@ -57,6 +60,14 @@ def reusable_results(cfg: Config, again: bool = False) -> dict | None:
         log_summary(done, folder / RESULTS)
         return done
     return None
+
+
+def agreed_results(cfg: Config, dist: Dist) -> dict | None:
+    """``reusable_results`` of rank 0 on every rank, in a process group (collective): rank 0's copy of the data
+    names the run (``runnames``), and every rank must take the same branch (one returning a finished run while
+    the others train waits for ever). Its refusal is every rank's (``decisions.decide``)."""
+    done, text = decide(lambda: reusable_results(cfg), dist, lambda done: "" if done is None else json.dumps(done))
+    return done if dist.is_main else json.loads(text) if text else None
 
 
 def tidy_finished(folder: Path, keep: int, config: dict) -> None:

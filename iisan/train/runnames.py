@@ -6,7 +6,8 @@ The hash leaves out the keys that may change between a checkpoint and the run re
 (``methods.MAY_CHANGE``: where and how fast things run, how long, how they are reported), so that a
 longer ``--epochs`` or another ``--device`` continues the same run, and every key at its field default,
 so that a field added to ``Config`` later leaves the names of earlier runs as they were. The data counts by
-what it holds (the users and items files' fingerprints, an image LMDB's digest), not by where it is: the same
+what it holds (the users and items files' fingerprints, an image LMDB's digest or, where a cached run's LMDB is
+not here, its image cache's record of it), not by where it is: the same
 command on a copy of the data (on a node's own disk, in a moved project) finds the same run folder, also one
 under another folder's name (``data_name``: ``Scientific`` of ``Scientific/users.tsv``): by the hash alone, where
 one folder has it (``known_run_name``).
@@ -34,20 +35,24 @@ from .checkpoint import DATA_PATHS, MAY_CHANGE, data_content, same_paths
 log = logging.getLogger(__name__)
 
 
-# How versions of this library hashed a config, newest first: a data file or image LMDB by what it holds where that
-# can be told (``checkpoint.data_content``), so that a copy elsewhere names the same run (a node's own disk, a moved
-# project; after commit b583a5a); an encoding by Python's name for it too (latin1 as
-# iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0, "query, value" as query,value:
-# ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s ``spelling``; after commit fe0d88d); keys
-# the method never reads left out (``methods.unread_keys``; added after commit 134175e); paths by where they are, a
-# value at its default's place left out (since commit 825c7d5); the same, but a default left out only as spelt (a
-# script's absolute path to the default encoder counted); each path as spelt. Runs named by an earlier one are found.
-HASHES = ("data-content", "encoding-names", "one-spelling", "read", "canonical", "defaults-as-spelt", "as-spelt")
+# How versions of this library hashed a config, newest first: a cached run's images also by what its image cache
+# records of them where the LMDB is not here (a node holding the cache alone; after commit 9cada80); a data file or
+# image LMDB by what it holds where that can be told (``checkpoint.data_content``), so that a copy elsewhere names
+# the same run (a node's own disk, a moved project; after commit b583a5a); an encoding by Python's name for it too
+# (latin1 as iso8859-1; after commit b6b659d); each value in one spelling (-0.0 as 0.0, "query, value" as
+# query,value: ``spelling.one_spelling``; an encoder folder's spelling: ``same_paths``'s ``spelling``; after commit
+# fe0d88d); keys the method never reads left out (``methods.unread_keys``; added after commit 134175e); paths by
+# where they are, a value at its default's place left out (since commit 825c7d5); the same, but a default left out
+# only as spelt (a script's absolute path to the default encoder counted); each path as spelt. Runs named by an
+# earlier one are found.
+HASHES = ("cached-images", "data-content", "encoding-names", "one-spelling", "read", "canonical", "defaults-as-spelt",
+          "as-spelt")
 
 
 def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     """Eight hex digits naming what ``cfg`` computes (see the module docstring). A users or items file or an
-    image LMDB counts by what it holds where that can be told (``checkpoint.data_content``), so a copy of the
+    image LMDB counts by what it holds where that can be told (``checkpoint.data_content``; a cached run's images
+    also by its image cache's record, where the LMDB is not here), so a copy of the
     data elsewhere names the same run; other paths count by where they are (``same_paths``): ``users.tsv``
     and ``/work/users.tsv`` from ``/work`` name one run (also where the file is not there), and so do
     ``iisan train``'s default encoders and a script's absolute path to them; keys the method never reads do not
@@ -62,7 +67,8 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if since("read") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if since("data-content"):
-        values = {k: {"content": found} if k in DATA_PATHS and (found := data_content(k, v)) else v
+        read = cfg.to_dict() if since("cached-images") else None  # (None: an image LMDB by its own digest alone)
+        values = {k: {"content": found} if k in DATA_PATHS and (found := data_content(k, v, read)) else v
                   for k, v in values.items()}
     if scheme == "defaults-as-spelt":
         values = same_paths(values, spelling=False)

@@ -7,17 +7,22 @@ resume on other ones is refused, and so is using the trained run on them (``chan
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+
+import torch
 
 from ..config import Config
 from ..data.cache import METADATA_KEYS, UNRECORDED, cache_file, compared, encoder_config_hash, read_metadata
 from ..data.run_data import images_digest
 from ..digests import file_fingerprint
-from ..errors import CacheError, ConfigError, parse_json
+from ..distributed import Dist, broadcast_text, gather_same
+from ..errors import CacheError, ConfigError, DataError, parse_json
+from ..methods import unread_keys
 from ..model.build import modalities, model_name
 from ..model.encoder_files import local_folder, weights_digest
-from .checkpoint import CHECKPOINTS, checkpoints
+from .checkpoint import CHECKPOINTS, DATA_PATHS, checkpoints, data_content
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,31 @@ def cache_record(cfg: Config) -> dict[str, dict[str, str]]:
             return {}
         record[m] = {k: meta[k] for k in CACHE_RECORD if k in meta}
     return record
+
+
+SHARED = {"users": "users file", "items": "items file", "images": "image LMDB", "cache": "cache"}  # key -> its name
+
+
+def refuse_other_data_on_ranks(cfg: Config, dist: Dist) -> None:
+    """Under torchrun, a ``DataError`` on every rank where some rank reads other data than rank 0 (its users or
+    items file by fingerprint, its images by the digest the LMDB or a cached run's image cache records, its cache
+    by ``cache_record``): a copy on a node's own disk not yet whole, or another version of the data set there.
+    Rank 0's copy names the run folder and what it records, so every rank must read what it reads; other data on
+    one rank trained on something else, or waited for ever in a step the others never took. Collective."""
+    if not dist.enabled:
+        return
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed)  # (a text-only run's images: not its data)
+    mine = json.loads(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), cfg.to_dict())
+                                     for k in DATA_PATHS}, "cache": cache_record(cfg)}))  # (as rank 0's: JSON)
+    first = json.loads(broadcast_text(json.dumps(mine), dist))
+    flags = gather_same(torch.tensor([int(mine[k] != first[k]) for k in SHARED]), dist)  # (rank by rank)
+    where = [f"the {name} {getattr(cfg, 'cache_dir' if k == 'cache' else k)} of rank(s) "
+             f"{', '.join(str(r) for r, f in enumerate(flags) if f[i])}"
+             for i, (k, name) in enumerate(SHARED.items()) if any(f[i] for f in flags)]
+    if where:
+        raise DataError(f"the processes of this launch read different data: {'; '.join(where)} "
+                        f"{'differs' if len(where) == 1 else 'differ'} from rank 0's (missing, not yet whole, or "
+                        "another version). Every process must read the same data: launch again once they do")
 
 
 def encoder_record(cfg: Config) -> dict[str, dict]:

@@ -46,8 +46,8 @@ from .plan import cache_precision, describe_step
 from .progress import EarlyStopping, Progress
 from .records import ParameterCount, RunRecord, epoch_line
 from .resuming import RunCheckpoints
-from .runfolder import RESULTS, log_summary, reusable_results
-from .same_inputs import cache_record, encoder_record
+from .runfolder import RESULTS, agreed_results, log_summary, reusable_results
+from .same_inputs import cache_record, encoder_record, refuse_other_data_on_ranks
 from .step import as_in_a_fresh_process, deterministic_kernels, make_train_step, out_of_memory_message
 from .weights import save_weights
 
@@ -101,7 +101,8 @@ class Run:
             logging.getLogger("iisan").setLevel(logging.WARNING)
         self.progress = Progress(EarlyStopping(cfg.patience))
         self.partial_losses: torch.Tensor | None = None  # losses of the steps already done in the epoch
-        self.run_dir = runnames.run_dir(cfg)
+        refuse_other_data_on_ranks(cfg, dist)  # (collective) rank 0's copy of the data names the run folder:
+        self.run_dir = Path(decide(lambda: runnames.run_dir(cfg), dist, str)[1])  # a rank's may be elsewhere
         self.checkpoints = RunCheckpoints(self)  # choosing, restoring, writing (``resuming``)
         # a run that trained in its folder before goes on under the names it had (``log_unchecked_encoder``)
         trained = (self.run_dir / "config.json").is_file()
@@ -110,7 +111,7 @@ class Run:
             raise ConfigError(f"--resume: no checkpoint in {self.checkpoints.root}")
         decide(self.lock_folder, dist)
         # another process may have finished this very run between ``train``'s look and this lock
-        if (done := reusable_results(cfg, again=True)) is not None:  # (every rank reads it: the same file)
+        if (done := reusable_results(cfg, again=True, folder=self.run_dir)) is not None:  # (the same file everywhere)
             self.finished_before = done
             return
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
@@ -177,9 +178,7 @@ class Run:
                               f"To resume, run the same command again; it goes on in {self.run_dir.name}{named}",
                               self.stop.signal or "SIGINT")
 
-    # ----------------------------------------------------------------------------------------------
-    # the loop
-
+    # ------------------------------------------------------------------------------------------ the loop
     def stop_now(self, step: int, n_steps: int) -> bool:
         if step + 1 >= n_steps:
             return False  # the epoch is done; the end-of-epoch checkpoint follows
@@ -319,14 +318,15 @@ def train(cfg: Config, reuse: bool = True) -> dict:
     Checkpoints every epoch and resumes from the run folder's newest intact one (``checkpoint.py``);
     Ctrl-C saves and raises ``RunInterrupted``. Under torchrun: data-parallel (``distributed.py``). A run
     folder whose run finished with this very config is not trained again: its results are returned
-    (``reuse`` False: the caller has just asked ``reusable_results`` itself). Python's, NumPy's and torch's
-    global random streams are seeded with ``cfg.seed`` while it runs and the caller's put back after it; the
-    ``iisan`` logger logs at INFO while it runs."""
-    done = reusable_results(cfg) if reuse else None
-    if done is not None:
+    (``reuse`` False: the caller has just asked ``reusable_results`` itself; under torchrun, rank 0 for all:
+    ``agreed_results``). Python's, NumPy's and torch's global random streams are seeded with ``cfg.seed`` while it
+    runs and the caller's put back after it; the ``iisan`` logger logs at INFO while it runs."""
+    if reuse and not distributed.launched() and (done := reusable_results(cfg)) is not None:
         return done
     dist, device, created = distributed.setup(cfg.device)
     try:
+        if reuse and dist.enabled and (done := agreed_results(cfg, dist)) is not None:
+            return done
         with (deterministic_kernels(cfg.deterministic), as_in_a_fresh_process(cfg.seed),
               StopRequests(escalate=not dist.enabled, armed=False) as stop):
             run = Run(cfg, dist, device, stop)
