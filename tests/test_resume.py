@@ -707,6 +707,23 @@ def test_a_run_killed_inside_its_first_epoch_after_a_checkpoint_is_said_to_go_on
            "checkpoint is trained again" in caplog.text
 
 
+def test_an_attempt_refused_after_a_kill_says_the_refusal_alone(base, caplog):
+    """A run killed without a word, asked again under its --run-name with another config: this attempt's refusal
+    is what it says; before, it first warned that 'whatever it trained after its last checkpoint is trained
+    again', then refused to resume at all."""
+    cfg = base.replace(run_name="killed-then-other", epochs=1)
+    run = Path(train(cfg)["run_dir"])
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "status": "running"}))  # as a SIGKILL leaves it
+    caplog.set_level(logging.INFO, logger="iisan")
+    with pytest.raises(TrainingError, match="belongs to a different config"):
+        train(cfg.replace(lr=cfg.lr * 2, epochs=2))
+    assert "stopped without a word" not in caplog.text
+    assert "stopped without a word" not in (run / "train.log").read_text()
+    assert train(cfg.replace(epochs=2))["resumed_from"] == ["epoch-0000"]  # the same config: it goes on
+    assert "stopped without a word (killed, or its machine went down): whatever it trained after" in caplog.text
+
+
 def restate(path: Path, edit) -> None:
     """Edit a checkpoint's state.json and record the edit in its manifest (intact, but not what we wrote)."""
     from iisan.digests import sha256

@@ -134,4 +134,3 @@ def images_content(path: str, values: dict | None) -> str | None:
         except (OSError, UserError, KeyError):  # (KeyError: a cache built before caches recorded their images)
             continue
     return None
-

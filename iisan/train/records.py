@@ -35,7 +35,7 @@ from ..methods import METHOD_NAMES, named_unread
 from ..metric_names import SELECTED_BY
 from ..precedence import said_switched_off
 from ..provenance import command_line, git_commit, versions
-from .checkpoint import CHECKPOINTS, checkpoints, recorded_content
+from .checkpoint import recorded_content
 from .progress import Progress
 from .runfolder import RESULTS
 
@@ -94,11 +94,12 @@ class RunRecord:
         path = self.run_dir / LOG
         refuse_link(path, "the run's log")
         self.log_file.open(path, self.header())  # (a byte like 0x80 in --run-name is written escaped, not a crash)
-        self.say_unended_attempt()
 
-    def say_unended_attempt(self) -> None:
+    def say_unended_attempt(self, resumes: bool) -> None:
         """The folder's results say ``running``, yet this process holds its lock: the attempt before this one
-        stopped without a word (SIGKILL, a lost machine), which its train.log did not say."""
+        stopped without a word (SIGKILL, a lost machine), which its train.log did not say. Said once this attempt
+        knows whether it resumes (a checkpoint) or starts again (``resuming.RunCheckpoints.choose``), not where
+        it is refused (its error says why)."""
         try:
             earlier = parse_json((self.run_dir / RESULTS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -106,8 +107,8 @@ class RunRecord:
         if not isinstance(earlier, dict) or earlier.get("status") != "running":
             return
         log.warning("the attempt before this one stopped without a word (killed, or its machine went down): %s",
-                    "whatever it trained after its last checkpoint is trained again" if checkpoints(
-                        self.run_dir / CHECKPOINTS) else "it left no checkpoint, and the run starts from its beginning")
+                    "whatever it trained after its last checkpoint is trained again" if resumes else
+                    "it left no checkpoint, and the run starts from its beginning")
 
     def header(self) -> str:
         """Its first line is how a folder holding only train.log is known for a run's (``runfolder.LOG_HEAD``)."""

@@ -48,13 +48,14 @@ class RunCheckpoints:
         found, refused = checkpoint.latest(self.root, cfg.to_dict())
         if found is not None:
             refuse_lost_best_weights(self.run.run_dir, found)
-            return found
-        if refused:
+        elif refused:
             raise TrainingError(checkpoint.cannot_resume(refused))
-        if cfg.resume:
+        elif cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {self.root}")
-        refuse_to_overwrite(self.run.run_dir, cfg)
-        return None
+        else:
+            refuse_to_overwrite(self.run.run_dir, cfg)
+        self.run.record.say_unended_attempt(resumes=found is not None)
+        return found
 
     def restore(self, found: checkpoint.Checkpoint) -> dict:
         """Weights, optimiser, RNG streams and progress from ``found``; returns the gradient scaler's state,

@@ -67,7 +67,7 @@ def agreed_results(cfg: Config, dist: Dist) -> dict | None:
     names the run (``runnames``), and every rank must take the same branch (one returning a finished run while
     the others train waits for ever). Its refusal is every rank's (``decisions.decide``)."""
     done, text = decide(lambda: reusable_results(cfg), dist, lambda done: "" if done is None else json.dumps(done))
-    return done if dist.is_main else json.loads(text) if text else None
+    return done if dist.is_main else parse_json(text) if text else None
 
 
 def tidy_finished(folder: Path, keep: int, config: dict) -> None:

@@ -62,9 +62,9 @@ def refuse_other_data_on_ranks(cfg: Config, dist: Dist) -> None:
     if not dist.enabled:
         return
     unread = unread_keys(cfg.method, cfg.towers, cfg.feed)  # (a text-only run's images: not its data)
-    mine = json.loads(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), cfg.to_dict())
+    mine = parse_json(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), cfg.to_dict())
                                      for k in DATA_PATHS}, "cache": cache_record(cfg)}))  # (as rank 0's: JSON)
-    first = json.loads(broadcast_text(json.dumps(mine), dist))
+    first = parse_json(broadcast_text(json.dumps(mine), dist))
     flags = gather_same(torch.tensor([int(mine[k] != first[k]) for k in SHARED]), dist)  # (rank by rank)
     where = [f"the {name} {getattr(cfg, 'cache_dir' if k == 'cache' else k)} of rank(s) "
              f"{', '.join(str(r) for r, f in enumerate(flags) if f[i])}"
