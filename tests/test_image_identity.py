@@ -143,6 +143,22 @@ def test_a_finished_run_is_not_taken_as_finished_on_other_images(tiny, tiny_conf
         train(cached)
 
 
+def test_a_live_run_that_recorded_no_image_lmdb_is_said_unchecked(tiny, tiny_config, tmp_path, caplog):
+    """Results of a version before ff4b0f2 record no digest of the LMDB a live run read: a rebuilt LMDB of other
+    pictures could not be told from its own, and the run was reused or resumed without a word."""
+    lmdb_path = other_images(tiny, tmp_path / "images.lmdb", value=7)
+    live = tiny_config(images=lmdb_path, feed="live", run_name="live", epochs=1, batch_size=64, smoke=True)
+    assert train(live)["status"] == "finished"
+    results_path = Path(live.out_dir) / "live" / "results.json"
+    results = json.loads(results_path.read_text())
+    del results["encoders"]["image"]["images"]
+    results_path.write_text(json.dumps(results))
+    with caplog.at_level("WARNING", logger="iisan"):
+        assert train(live)["status"] == "finished" and train(live)["status"] == "finished"
+    assert caplog.text.count(f"{Path(live.out_dir) / 'live'} recorded no digest of its image LMDB (a run of an older "
+                             f"version): whether {lmdb_path} holds the images it trained on cannot be told") == 1
+
+
 def test_one_encoder_spelt_two_ways_is_the_cache_a_run_trained_on(tiny, tiny_config, tmp_path, monkeypatch):
     """A cache rebuilt with the encoder given by a relative path, after a run read it built with the
     absolute one: the weights digest says it is the same encoder, so the finished run stays finished."""

@@ -136,7 +136,9 @@ def test_a_store_that_records_no_inputs_is_refused_as_before(pictures, tmp_path)
     store = tmp_path / "images.lmdb"
     store.with_name("images.lmdb.report.tsv").write_text("item_id\tproblem\n")
     for recorded, how in (({"pixels": "displayed"}, "by a version that did not record its pictures"),
-                          (None, "with --pixels authors (displayed now)"),  # (formats.md)
+                          # (formats.md: authors, where not recorded) --pixels authors would be refused next
+                          (None, "by a version that did not record its pictures (with --pixels authors; displayed "
+                           "now)"),
                           ({"pixels": "displayed", "extension": ".jpg", "inputs": "0" * 64},  # no contents: a hint
                            f"{CHANGED} (or its pictures changed since: their sizes or modification times, as a copy "
                            "without cp -p changes them)")):

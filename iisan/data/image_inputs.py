@@ -73,11 +73,11 @@ def kept_store(out_path: Path, report: Path, digest: str, settings: dict, lock: 
     if not differ and whole and (meta.get("inputs") == digest or "contents" in meta and meta["contents"] == contents()):
         return {"stored": meta["count"], "blank": meta["blank"], "report": str(report), "path": str(out_path),
                 "kept": True}
-    if differ:
-        how = (f"with {', '.join(f'--{k} {then[k]}' for k in differ)} "
-               f"({', '.join(str(settings[k]) for k in differ)} now)")
-    elif "inputs" not in meta:
-        how = "by a version that did not record its pictures"
+    was, now = ", ".join(f"--{k} {then[k]}" for k in differ), ", ".join(str(settings[k]) for k in differ)
+    if "inputs" not in meta:  # whatever the settings, nothing tells whether its pictures are these: --overwrite
+        how = "by a version that did not record its pictures" + (f" (with {was}; {now} now)" if differ else "")
+    elif differ:
+        how = f"with {was} ({now} now)"
     elif not report.is_file():
         how = f"and its report {report.name} is missing"
     else:

@@ -167,6 +167,7 @@ def kept_nothing(folder: Path) -> bool:
 
 
 UNCHECKED: set[Path] = set()  # run folders already said to have recorded no cache (once each)
+UNCHECKED_IMAGES: set[Path] = set()  # live run folders already said to have recorded no image LMDB (once each)
 
 
 def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
@@ -189,6 +190,14 @@ def refuse_changed_data(cfg: Config, results: dict, folder: Path) -> None:
                     cfg.cache_dir)
     if why := changed_encoder(cfg, results.get("encoders"), folder):
         raise ConfigError(f"{why}; use another --run-name to train with it, or restore the folder")
+    image = encoders.get("image") if isinstance(encoders := results.get("encoders"), dict) else None
+    if (not cfg.cached and results and not (isinstance(image, dict) and image.get("images"))
+            and folder not in UNCHECKED_IMAGES and images_digest(cfg)):  # results of a version before ff4b0f2
+        UNCHECKED_IMAGES.add(folder)
+        log.warning("%s recorded no digest of its image LMDB (a run of an older version): whether %s holds the "
+                    "images it trained on cannot be told; an LMDB rebuilt since from other pictures or settings "
+                    "would leave its results stale (`iisan evaluate` it, or train again with another --run-name)",
+                    folder, cfg.images)
     for key, field in FINGERPRINTED.items():
         recorded, path = results.get(field), getattr(cfg, key)
         if not (isinstance(recorded, str) and recorded and path and Path(path).is_file()):
