@@ -59,13 +59,15 @@ def out_of_memory(err: BaseException) -> bool:
         (isinstance(err, RuntimeError) and str(err).startswith("MPS backend out of memory"))
 
 
-def device_name(device: torch.device | str) -> str:
+def device_name(device: torch.device | str, model: bool = True) -> str:
+    """What a run says it ran on; ``model`` False: a CPU without its model, as versions before commit aec5b7f named
+    it (a resume of their runs on the same machine is not another device)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":  # (its memory is the host's: the CPU's cores say which machine it is)
         return f"Apple MPS ({platform.machine()}, {os.cpu_count() or 1} cores)"
-    model, usable, every = cpu_model(), usable_cores(), os.cpu_count() or 1
+    model, usable, every = cpu_model() if model else "", usable_cores(), os.cpu_count() or 1
     cores = f"{usable} cores" if usable == every else f"{usable} of {every} cores"  # a job given 4 of a node's 128
     return f"CPU ({platform.processor() or platform.machine()}, {f'{model}, ' if model else ''}{cores}, " \
            f"{torch.get_num_threads()} torch threads)"

@@ -308,7 +308,7 @@ def test_a_run_resumed_on_another_device_or_thread_count_says_so_and_lists_each(
     cfg = base.replace(run_name="threads", epochs=1)
     train(cfg)
     saved = Path(cfg.out_dir) / "threads" / "checkpoints" / "epoch-0000"
-    other = "CPU (x86_64, 2 cores, 1 torch threads)"
+    other = "CPU (x86_64, 2 cores, 7 torch threads)"
     restate(saved, lambda s: (s.pop("devices"), s.update(device=other)))  # (as saved before devices were listed)
     with caplog.at_level("WARNING", logger="iisan.train.records"):
         longer = train(cfg.replace(epochs=2))
@@ -317,6 +317,11 @@ def test_a_run_resumed_on_another_device_or_thread_count_says_so_and_lists_each(
     assert f"was trained so far on {other} and goes on on {here}: its numbers will not match" in caplog.text
     state = json.loads((saved.parent / "epoch-0001" / checkpoint.STATE).read_text())
     assert state["devices"] == [other, here]  # for the next attempt
+    caplog.clear()  # this machine as a version before aec5b7f named it (no CPU model): not another device
+    restate(saved.parent / "epoch-0001", lambda s: s.update(devices=[device_name("cpu", model=False)]))
+    with caplog.at_level("WARNING", logger="iisan.train.records"):
+        train(cfg.replace(epochs=3))
+    assert "was trained so far on" not in caplog.text
 
 
 def test_a_resumed_run_reports_the_memory_peak_of_every_attempt(base):

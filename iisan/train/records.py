@@ -167,7 +167,8 @@ class RunRecord:
         sizes = _then([n for n in state.get("world_sizes") or () if type(n) is int and n >= 1], state["world_size"])
         self.commits, self.world_sizes = _then(commits, self.commit), _then(sizes, self.world_size)
         devices = _then([d for d in state.get("devices") or () if isinstance(d, str)], str(state.get("device")))
-        if devices[-1] != (here := device_name(self.device)):
+        here = device_name(self.device)
+        if devices[-1] not in (here, device_name(self.device, model=False)):  # (the latter: an older version's name)
             log.warning("%s was trained so far on %s and goes on on %s: its numbers will not match an uninterrupted "
                         "run on either bit for bit (results.json's devices lists both)", self.run_dir, devices[-1],
                         here)
