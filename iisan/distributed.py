@@ -291,16 +291,17 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     return bool(value.item())
 
 
-def broadcast_text(text: str, dist: Dist) -> str:
-    """Rank 0's string on every rank (run folder names, decisions about which checkpoint to load)."""
+def broadcast_text(text: str, dist: Dist, source: int = 0) -> str:
+    """The string of rank ``source`` (by default rank 0's: run folder names, decisions about which checkpoint to
+    load) on every rank."""
     if not dist.enabled:
         return text
-    comm = dist.comm_device()
-    data = torch.tensor(list(text.encode()) if dist.is_main else [], dtype=torch.uint8)
+    comm, sends = dist.comm_device(), dist.rank == source
+    data = torch.tensor(list(text.encode()) if sends else [], dtype=torch.uint8)
     size = torch.tensor([len(data)], device=comm)
-    torch_dist.broadcast(size, 0)
+    torch_dist.broadcast(size, source)
     buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=comm)
-    if dist.is_main:
+    if sends:
         buffer.copy_(data.to(comm))
-    torch_dist.broadcast(buffer, 0)
+    torch_dist.broadcast(buffer, source)
     return bytes(buffer.cpu().tolist()).decode()

@@ -10,8 +10,10 @@ destroyed the group later, in its destructor, holding the GIL while gloo's threa
 then a rank never exited.
 
 With ``copies``: each rank reads its own copy of the data (``argv[1]``.{step}.{RANK}, as a job that copies the data
-set to each node's own disk): a whole copy under another folder's name, trained, then run again (finished), then
-a copy not yet whole on rank 1 (refused in one line on every rank). Each rank writes what it got to
+set to each node's own disk): a whole copy under another folder's name, trained, then run again (finished), again
+with rank 1's copy not yet whole (rank 0's look: finished on both), longer with rank 1 reading another cache, then
+longer with a copy not yet whole on rank 1 (both refused in one line on every rank), then a live run whose encoder
+folder rank 1 lacks (its own check, failed on every rank). Each rank writes what it got to
 ``argv[2]``.{RANK}.
 """
 
@@ -63,18 +65,18 @@ def own_group(cfg: Config, out_file: str, fail: bool) -> None:
 
 
 def copies(config_file: str, out_file: str) -> None:
-    from iisan.errors import DataError
+    from iisan.errors import UserError
 
     dist, _, created = distributed.setup("cpu")
     assert created
     got = []
-    for step in ("whole", "again", "partial"):
+    for step in ("whole", "again", "again-partial", "other-cache", "partial", "no-encoder"):
         cfg = Config(**json.loads(Path(f"{config_file}.{step}.{dist.rank}").read_text()))
         try:
             results = train(cfg)
             got.append({"run_dir": results["run_dir"], "ended": results["ended"], "epochs": len(results["epochs"])})
-        except DataError as err:
-            got.append({"error": str(err)})
+        except UserError as err:
+            got.append({"error": str(err), "kind": type(err).__name__})
     Path(f"{out_file}.{dist.rank}").write_text(json.dumps(got))
     distributed.teardown(finished=True)
 

@@ -300,6 +300,33 @@ def test_a_decision_refused_on_rank_0_is_the_same_kind_of_error_on_every_rank(mo
         decisions.decide(busy, distributed.Dist(1, 2, 1, "gloo"))
 
 
+def test_a_check_failed_on_one_rank_is_every_ranks_error_in_its_words(monkeypatch):
+    """What each rank checks of its own node (an encoder folder there): rank 1's failure is rank 0's error too, of its
+    kind and in its words; rank 1 raises its own; alone it left rank 0 waiting in the next collective."""
+    from iisan import distributed
+    from iisan.errors import EncoderError
+    from iisan.train import decisions
+
+    sent = []
+    monkeypatch.setattr(decisions, "gather_same", lambda local, dist: [torch.tensor([0]), torch.tensor([1])])
+    monkeypatch.setattr(decisions, "broadcast_text", lambda text, dist, source=0: sent.append((text, source)) or
+                        "EncoderError\0model folder '/n1/bert' does not exist")
+    with pytest.raises(EncoderError, match="^rank 1: model folder '/n1/bert' does not exist$"):
+        decisions.everywhere(lambda: None, distributed.Dist(0, 2, 0, "gloo"))
+    assert sent == [("", 1)]  # rank 1 speaks
+
+    def missing():
+        raise EncoderError("model folder '/n1/bert' does not exist")
+
+    with pytest.raises(EncoderError, match="^model folder '/n1/bert' does not exist$"):
+        decisions.everywhere(missing, distributed.Dist(1, 2, 1, "gloo"))
+    assert sent[1] == ("EncoderError\0model folder '/n1/bert' does not exist", 1)
+    monkeypatch.undo()
+    decisions.everywhere(lambda: None, distributed.SINGLE)  # one process: its own check, nothing else
+    with pytest.raises(EncoderError, match="^model folder '/n1/bert' does not exist$"):
+        decisions.everywhere(missing, distributed.SINGLE)
+
+
 def test_a_peer_that_died_is_one_line_not_a_traceback(monkeypatch, capsys):
     from iisan.console import entry_point
 
@@ -341,7 +368,7 @@ def test_a_sweep_under_torchrun_runs_every_point_in_one_process_group(monkeypatc
     monkeypatch.setattr(distributed, "setup", lambda device: calls.append(f"setup {device}") or (None, None, True))
     monkeypatch.setattr(distributed, "teardown", lambda finished=True: calls.append(f"teardown {finished}"))
     monkeypatch.setattr(trainer, "train", lambda cfg, reuse=True: calls.append(f"train {cfg.lr}") or {})
-    monkeypatch.setattr(runfolder, "reusable_results", lambda cfg: None)
+    monkeypatch.setattr(runfolder, "reusable_results", lambda cfg, *again_folder: None)
     argv = ["--users", tiny["users"], "--items", tiny["items"], "--cache-dir", tiny_cache, "--device", "cpu",
             "--out-dir", str(tmp_path / "runs"), "--lr", "1e-3", "2e-3"]
     points, args = parse_script_args({"method": "iisan", "feed": "cached"}, {"lr": [2e-4]}, argv)

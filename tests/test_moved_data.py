@@ -234,8 +234,13 @@ def test_under_torchrun_rank_0s_copy_names_the_run_and_a_rank_reading_other_data
     lines = Path(base.users).read_text().splitlines(keepends=True)
     (tmp_path / "part").mkdir()
     (part := tmp_path / "part" / "users.tsv").write_text("".join(lines[: len(lines) // 2]))  # still being copied
-    steps = {"whole": whole, "again": whole, "partial": {0: base.replace(epochs=2),
-                                                          1: whole[1].replace(epochs=2, users=str(part))}}
+    build_cache_from_config(base.replace(cache_dir=str(tmp_path / "cache16")), dtype="float16")  # another cache
+    lost = tmp_path / "not-copied-bert"  # an encoder folder rank 1's node lacks
+    steps = {"whole": whole, "again": whole, "again-partial": {0: base, 1: whole[1].replace(users=str(part))},
+             "other-cache": {0: base.replace(epochs=2),
+                             1: whole[1].replace(epochs=2, cache_dir=str(tmp_path / "cache16"))},
+             "partial": {0: base.replace(epochs=2), 1: whole[1].replace(epochs=2, users=str(part))},
+             "no-encoder": {0: base.replace(feed="live"), 1: whole[1].replace(feed="live", text_model=str(lost))}}
     for step, configs in steps.items():
         for rank, cfg in configs.items():
             (tmp_path / f"config.json.{step}.{rank}").write_text(json.dumps(cfg.to_dict()))
@@ -245,46 +250,66 @@ def test_under_torchrun_rank_0s_copy_names_the_run_and_a_rank_reading_other_data
     got = [json.loads((tmp_path / f"got.{rank}").read_text()) for rank in (0, 1)]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(got[0][0]["run_dir"]).name]
     assert Path(got[0][0]["run_dir"]).name.startswith("iisan-cached-Scientific-2proc-")  # rank 0's data folder
-    assert got[0][:2] == got[1][:2] and got[0][0] == got[0][1]  # trained once, in one folder; then found finished
+    assert got[0][:3] == got[1][:3] and got[0][0] == got[0][1] == got[0][2]  # trained once, in one folder; then
+    # found finished, also by rank 1 on a copy not yet whole: rank 0's look answers for both (a rank of its own look
+    # trained alone, and waited for ever)
     assert got[0][0]["epochs"] == 1
-    said = ("the processes of this launch read different data: the users file {} of rank(s) 1 differs from rank 0's "
-            "(missing, not yet whole, or another version). Every process must read the same data: launch again once "
-            "they do")  # (each rank names the path it was given: under torchrun, one command's)
-    assert [g[2] for g in got] == [{"error": said.format(base.users)}, {"error": said.format(part)}]
+    said = ("the processes of this launch read different data: the {} of rank(s) 1 differs from rank 0's ({}): "
+            "missing there, not yet whole, or another version. Every process must read the same data: launch again "
+            "once they do")  # (the same words on every rank: rank 0's path)
+    assert got[0][4] == got[1][4] == {"error": said.format("users file", base.users), "kind": "DataError"}
+    # another cache on rank 1 (fp16): refused, not trained on silently
+    assert got[0][3] == got[1][3] == {"error": said.format("cache", base.cache_dir), "kind": "DataError"}
+    # a check each rank makes of its own node, failed on rank 1: every rank's error (before, rank 0 waited for ever
+    # in its next collective, or lost its peer in a traceback), and no run folder made (the listing above)
+    missing = got[1][5]["error"]
+    assert str(lost) in missing and got[1][5]["kind"] == "EncoderError"
+    assert got[0][5] == {"error": f"rank 1: {missing}", "kind": "EncoderError"}
 
 
 def test_each_part_of_the_data_that_differs_on_some_rank_is_named_with_those_ranks(job, monkeypatch):
     """Rank 1 of 4 hears rank 0's record of the data and flags what differs here; every rank then names, part by part,
-    the ranks whose copy differs, in one line; a launch whose ranks read the same data goes on."""
+    the ranks whose copy differs and rank 0's path, in one line; a launch whose ranks read the same data goes on."""
     from iisan.distributed import Dist
     from iisan.errors import DataError
     from iisan.train import same_inputs
 
     cfg, heard = job(9), {}
     zero = {"users": "another fingerprint", "items": file_fingerprint(cfg.items),
-            "images": recorded_digest(cfg.images), "cache": same_inputs.cache_record(cfg)}
+            "images": None, "cache": same_inputs.cache_record(cfg)}  # (a cached run: its cache stands for its images)
+    paths = {"users": "/node0/users.tsv", "items": "/node0/items.tsv", "images": "/node0/images.lmdb",
+             "cache": "/node0/cache"}
 
     def gather(local, dist):  # rank 1's flags as computed; ranks 0, 2 and 3 as the test says
         heard["flags"] = local.tolist()
         return [torch.tensor(f) for f in ([0, 0, 0, 0], local.tolist(), [0, 0, 0, 0], [1, 0, 0, 1])]
 
-    monkeypatch.setattr(same_inputs, "broadcast_text", lambda text, dist: json.dumps(zero))
+    monkeypatch.setattr(same_inputs, "broadcast_text", lambda text, dist: json.dumps({"content": zero, "paths": paths}))
     monkeypatch.setattr(same_inputs, "gather_same", gather)
     with pytest.raises(DataError) as refused:
         same_inputs.refuse_other_data_on_ranks(cfg, Dist(1, 4, 1, "gloo"))
     assert heard["flags"] == [1, 0, 0, 0]  # users, items, images, cache
     assert str(refused.value) == (
-        f"the processes of this launch read different data: the users file {cfg.users} of rank(s) 1, 3; the cache "
-        f"{cfg.cache_dir} of rank(s) 3 differ from rank 0's (missing, not yet whole, or another version). Every "
-        "process must read the same data: launch again once they do")
+        "the processes of this launch read different data: the users file of rank(s) 1, 3 differs from rank 0's "
+        "(/node0/users.tsv); the cache of rank(s) 3 differs from rank 0's (/node0/cache): missing there, not yet "
+        "whole, or another version. Every process must read the same data: launch again once they do")
     zero["users"] = file_fingerprint(cfg.users)
-    monkeypatch.setattr(same_inputs, "gather_same", lambda local, _: heard.update(flags=local.tolist()) or [local] * 4)
+    monkeypatch.setattr(same_inputs, "gather_same",  # rank 1's flags; the other ranks read what rank 0 does
+                        lambda local, _: heard.update(flags=local.tolist()) or [0 * local, local, 0 * local, 0 * local])
     same_inputs.refuse_other_data_on_ranks(cfg, Dist(1, 4, 1, "gloo"))  # the same data everywhere: no error
     assert heard["flags"] == [0, 0, 0, 0]
-    # a cached run never opens its LMDB: a node with the cache alone reads the images rank 0's LMDB holds
+    # a cached run never opens its LMDB: a node with the cache alone reads what rank 0's does
     heard.clear()
     same_inputs.refuse_other_data_on_ranks(cfg.replace(images=cfg.images + "-not-here"), Dist(1, 4, 1, "gloo"))
     assert heard["flags"] == [0, 0, 0, 0]
+    # a live run reads its LMDB: one not there is other data (its cache is not read: {} on every rank)
+    zero.update(images=recorded_digest(cfg.images), cache={})
+    live = cfg.replace(feed="live")
+    same_inputs.refuse_other_data_on_ranks(live, Dist(1, 4, 1, "gloo"))
+    assert heard["flags"] == [0, 0, 0, 0]
+    with pytest.raises(DataError, match=r"the image LMDB of rank\(s\) 1 differs from rank 0's \(/node0/images.lmdb\)"):
+        same_inputs.refuse_other_data_on_ranks(live.replace(images=cfg.images + "-not-here"), Dist(1, 4, 1, "gloo"))
+    assert heard["flags"] == [0, 0, 1, 0]
     same_inputs.refuse_other_data_on_ranks(cfg, Dist())  # one process: nothing to compare (no collective)
 
 

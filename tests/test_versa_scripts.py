@@ -308,3 +308,25 @@ def test_the_versa_gpu_check_runs_dry_on_a_cpu_says_what_passed_and_starts_afres
     second = versa_gpu_check(tmp_path / "out", tmp_path / "work", device="cpu", quick=True)
     assert second["passed"] and second["folder"] != first["folder"]
     assert Path(second["folder"], "runs", "versa-off", "results.json").is_file()
+
+
+def test_under_torchrun_build_cache_builds_nothing_and_rank_0s_look_decides(tmp_path, monkeypatch):
+    """Under torchrun no rank builds a missing cache (each would, locking the others out) nor looks for a finished
+    run on its own copy (before: a rank's own look, so one rank returned a finished run while another refused);
+    train()'s look (rank 0's, for every rank) decides, and a missing cache is refused saying how to build it."""
+    from iisan.config import Config
+    from iisan.errors import CacheError
+    from iisan.experiments import versa_run
+
+    cfg = Config(cache_dir=str(tmp_path / "no-cache"), out_dir=str(tmp_path / "runs"))
+    calls = []
+    monkeypatch.setattr(versa_run, "launched", lambda: True)
+    monkeypatch.setattr(versa_run, "build_missing", lambda c: calls.append("built"))
+    monkeypatch.setattr(versa_run, "reusable_results", lambda c: calls.append("own look"))
+    monkeypatch.setattr(versa_run, "train", lambda c: {"status": "finished", "run_dir": "runs/r"})  # rank 0's look
+    assert versa_run.train_cached(cfg, build_cache=True) == {"status": "finished", "run_dir": "runs/r"}
+    monkeypatch.setattr(versa_run, "train", lambda c: (_ for _ in ()).throw(CacheError(f"{c.cache_dir}: no cache")))
+    with pytest.raises(CacheError, match=r"no cache; under torchrun --build-cache builds no cache: build it first "
+                                         r"with this command without torchrun \(or `iisan cache`\), then launch$"):
+        versa_run.train_cached(cfg, build_cache=True)
+    assert calls == []

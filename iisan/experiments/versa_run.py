@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..data.cache import cache_file
 from ..distributed import launched
-from ..errors import CacheError, ConfigError
+from ..errors import CacheError
 from ..locks import when_free
 from ..model.build import modalities
 from ..model.caching import build_cache_from_config
@@ -23,14 +23,12 @@ def train_cached(cfg: Config, build_cache: bool = False) -> dict:
     """Train ``cfg``; with ``build_cache``, first build the cache of each tower whose file is missing (the
     build resumes an interrupted one). A tower already cached is not encoded again, nor its encoder
     needed (an LLM's cache may be the only copy of its states here); a run that finished before needs no
-    cache at all."""
+    cache at all. Under torchrun the cache is not built (every rank would build it, locking the others out), and
+    whether the run is finished is rank 0's look, for every rank (``trainer.train``)."""
     missing = [m for m in modalities(cfg) if not cache_file(cfg.cache_dir, m).is_file()]
-    if missing and build_cache:
+    if missing and build_cache and not launched():
         if (done := reusable_results(cfg)) is not None:
             return done
-        if launched():  # every rank would build it, locking the others out
-            raise ConfigError(f"--build-cache under torchrun: the cache {cfg.cache_dir} is built in one process; "
-                              "build it first with this command without torchrun (or `iisan cache`), then launch")
         for m in missing:
             build_missing(cfg.replace(towers=m, modality="intra"))  # (inter: of both towers)
         return train(cfg, reuse=False)  # just asked; a run another task finished meanwhile is found once
@@ -38,4 +36,8 @@ def train_cached(cfg: Config, build_cache: bool = False) -> dict:
     try:
         return train(cfg)  # a run that finished before needs no cache
     except CacheError as err:
-        raise CacheError(f"{err}; --build-cache builds it first") if missing else err from None
+        if not missing:
+            raise
+        hint = ("under torchrun --build-cache builds no cache: build it first with this command without torchrun (or "
+                "`iisan cache`), then launch") if launched() and build_cache else "--build-cache builds it first"
+        raise CacheError(f"{err}; {hint}") from None

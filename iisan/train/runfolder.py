@@ -62,11 +62,12 @@ def reusable_results(cfg: Config, again: bool = False, folder: Path | None = Non
     return None
 
 
-def agreed_results(cfg: Config, dist: Dist) -> dict | None:
+def agreed_results(cfg: Config, dist: Dist, again: bool = False, folder: Path | None = None) -> dict | None:
     """``reusable_results`` of rank 0 on every rank, in a process group (collective): rank 0's copy of the data
     names the run (``runnames``), and every rank must take the same branch (one returning a finished run while
     the others train waits for ever). Its refusal is every rank's (``decisions.decide``)."""
-    done, text = decide(lambda: reusable_results(cfg), dist, lambda done: "" if done is None else json.dumps(done))
+    done, text = decide(lambda: reusable_results(cfg, again, folder), dist,
+                        lambda done: "" if done is None else json.dumps(done))
     return done if dist.is_main else parse_json(text) if text else None
 
 

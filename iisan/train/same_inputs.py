@@ -54,25 +54,27 @@ SHARED = {"users": "users file", "items": "items file", "images": "image LMDB", 
 
 
 def refuse_other_data_on_ranks(cfg: Config, dist: Dist) -> None:
-    """Under torchrun, a ``DataError`` on every rank where some rank reads other data than rank 0 (its users or
-    items file by fingerprint, its images by the digest the LMDB or a cached run's image cache records, its cache
-    by ``cache_record``): a copy on a node's own disk not yet whole, or another version of the data set there.
-    Rank 0's copy names the run folder and what it records, so every rank must read what it reads; other data on
-    one rank trained on something else, or waited for ever in a step the others never took. Collective."""
+    """Under torchrun, a ``DataError`` in the same words on every rank where some rank reads other data than rank 0
+    (its users or items file by fingerprint, a live run's image LMDB by the digest it records, a cached run's cache
+    by ``cache_record``, which stands for its images): a copy on a node's own disk not yet whole, or another version
+    of the data set there. Rank 0's copy names the run folder and what it records, so every rank must read what it
+    reads; other data on one rank trained on something else, or waited for ever in a step the others never took.
+    Collective."""
     if not dist.enabled:
         return
-    unread = unread_keys(cfg.method, cfg.towers, cfg.feed)  # (a text-only run's images: not its data)
-    mine = parse_json(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), cfg.to_dict())
+    # (a text-only run's images are not its data; a cached run never opens its LMDB: its cache says its images)
+    unread = unread_keys(cfg.method, cfg.towers, cfg.feed) | ({"images"} if cfg.cached else set())
+    mine = parse_json(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), None)
                                      for k in DATA_PATHS}, "cache": cache_record(cfg)}))  # (as rank 0's: JSON)
-    first = parse_json(broadcast_text(json.dumps(mine), dist))
-    flags = gather_same(torch.tensor([int(mine[k] != first[k]) for k in SHARED]), dist)  # (rank by rank)
-    where = [f"the {name} {getattr(cfg, 'cache_dir' if k == 'cache' else k)} of rank(s) "
-             f"{', '.join(str(r) for r, f in enumerate(flags) if f[i])}"
-             for i, (k, name) in enumerate(SHARED.items()) if any(f[i] for f in flags)]
+    paths = {k: str(getattr(cfg, "cache_dir" if k == "cache" else k)) for k in SHARED}
+    first = parse_json(broadcast_text(json.dumps({"content": mine, "paths": paths}), dist))
+    flags = gather_same(torch.tensor([int(mine[k] != first["content"][k]) for k in SHARED]), dist)  # rank by rank
+    where = [f"the {name} of rank(s) {', '.join(str(r) for r, f in enumerate(flags) if f[i])} differs from rank 0's "
+             f"({first['paths'][k]})" for i, (k, name) in enumerate(SHARED.items()) if any(f[i] for f in flags)]
     if where:
-        raise DataError(f"the processes of this launch read different data: {'; '.join(where)} "
-                        f"{'differs' if len(where) == 1 else 'differ'} from rank 0's (missing, not yet whole, or "
-                        "another version). Every process must read the same data: launch again once they do")
+        raise DataError(f"the processes of this launch read different data: {'; '.join(where)}: missing there, not "
+                        "yet whole, or another version. Every process must read the same data: launch again once "
+                        "they do")
 
 
 def encoder_record(cfg: Config) -> dict[str, dict]:

@@ -37,7 +37,7 @@ from ..methods import METHOD_NAMES, side_network
 from ..metric_names import SELECTED_BY
 from ..model.build import check_run_inputs, count_parameters, run_parameter_line
 from . import checkpoint, runfolder, runnames, runstate
-from .decisions import decide
+from .decisions import decide, everywhere
 from .interrupt import StopRequests
 from .nonfinite import after_nonfinite, batch_states, ends_training, nonfinite_loss, nonfinite_scores
 from .optim import trained_by_rate
@@ -106,12 +106,12 @@ class Run:
         self.checkpoints = RunCheckpoints(self)  # choosing, restoring, writing (``resuming``)
         # a run that trained in its folder before goes on under the names it had (``log_unchecked_encoder``)
         trained = (self.run_dir / "config.json").is_file()
-        check_run_inputs(cfg, trained)  # a missing file is an error before a run folder is made for it
+        everywhere(lambda: check_run_inputs(cfg, trained), dist)  # a missing file: an error before a run folder
         if cfg.resume and not self.checkpoints.existing():  # nor is a folder made to resume nothing
             raise ConfigError(f"--resume: no checkpoint in {self.checkpoints.root}")
         decide(self.lock_folder, dist)
         # another process may have finished this very run between ``train``'s look and this lock
-        if (done := reusable_results(cfg, again=True, folder=self.run_dir)) is not None:  # (the same file everywhere)
+        if (done := agreed_results(cfg, dist, again=True, folder=self.run_dir)) is not None:
             self.finished_before = done
             return
         self.record = RunRecord(cfg, self.run_dir, device, dist.world_size, dist.is_main)
