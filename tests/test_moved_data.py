@@ -333,3 +333,33 @@ def test_a_cached_run_on_a_node_without_its_image_lmdb_keeps_its_name_and_resume
     assert known_run_name(second) == earlier
     live = second.replace(feed="live")  # a live run opens its LMDB: one not here tells nothing of its images
     assert checkpoint.data_content("images", live.images, live.to_dict()) is None
+
+
+@pytest.mark.slow
+def test_a_sweep_under_torchrun_takes_rank_0s_look_at_each_point(tiny, tiny_cache, tmp_path):
+    """An entry script's grid under torchrun, each rank in its own folder with its own copy of the data (relative
+    paths, as a job on each node's disk): trained once; run again with rank 1's users file gone, both ranks find
+    both points finished by rank 0's look (before: rank 1 looked at its own copy, failed alone, and rank 0 waited
+    for ever in its next collective)."""
+    from .test_distributed import ROOT, torchrun
+
+    wrapper = tmp_path / "in_rank_folder.py"  # each rank in {tmp_path}/r{RANK}, then the script
+    wrapper.write_text("import os, runpy, sys\nos.chdir(os.path.join(sys.argv[1], 'r' + os.environ['RANK']))\n"
+                       "sys.argv = sys.argv[2:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    for rank in (0, 1):
+        (data := tmp_path / f"r{rank}" / "data").mkdir(parents=True)
+        for key in ("users", "items"):
+            shutil.copy(tiny[key], data / f"{key}.tsv")
+    flags = ["--users", "data/users.tsv", "--items", "data/items.tsv", "--images", tiny["images"], "--text-model",
+             tiny["text_model"], "--image-model", tiny["image_model"], "--cache-dir", tiny_cache, "--device", "cpu",
+             "--out-dir", str(tmp_path / "runs"), "--no-progress", "--batch-size", "16", "--epochs", "1",
+             "--max-steps-per-epoch", "2", "--eval-batch-size", "64", "--lr", "1e-3", "2e-3"]
+    script = [str(tmp_path), str(ROOT / "Code_Cached" / "scripts" / "run_IISAN.py"), *flags]
+    first = torchrun(wrapper, script, 2, tmp_path, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("grid summary: 2 point(s): 2 finished") == 1
+    (tmp_path / "r1" / "data" / "users.tsv").unlink()
+    again = torchrun(wrapper, script, 2, tmp_path, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("grid summary: 2 point(s): 2 finished before") == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 2
