@@ -157,6 +157,14 @@ def test_a_live_run_that_recorded_no_image_lmdb_is_said_unchecked(tiny, tiny_con
         assert train(live)["status"] == "finished" and train(live)["status"] == "finished"
     assert caplog.text.count(f"{Path(live.out_dir) / 'live'} recorded no digest of its image LMDB (a run of an older "
                              f"version): whether {lmdb_path} holds the images it trained on cannot be told") == 1
+    # a cached run records no encoders (its cache records its images): it is not said unchecked
+    cached = tiny_config(images=lmdb_path, cache_dir=str(tmp_path / "cache-of-7"), run_name="cached", epochs=1,
+                         batch_size=64, smoke=True)
+    build_cache_from_config(cached, dtype="float32")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="iisan"):
+        assert train(cached)["status"] == "finished" and train(cached)["status"] == "finished"
+    assert "recorded no digest of its image LMDB" not in caplog.text
 
 
 def test_one_encoder_spelt_two_ways_is_the_cache_a_run_trained_on(tiny, tiny_config, tmp_path, monkeypatch):

@@ -254,9 +254,9 @@ def test_under_torchrun_rank_0s_copy_names_the_run_and_a_rank_reading_other_data
     # found finished, also by rank 1 on a copy not yet whole: rank 0's look answers for both (a rank of its own look
     # trained alone, and waited for ever)
     assert got[0][0]["epochs"] == 1
-    said = ("the processes of this launch read different data: the {} of rank(s) 1 differs from rank 0's ({}): "
-            "missing there, not yet whole, or another version. Every process must read the same data: launch again "
-            "once they do")  # (the same words on every rank: rank 0's path)
+    said = ("the processes of this launch read different data: the {} of rank(s) 1 differs from rank 0's ({}) (a "
+            "copy missing, not yet whole, or of another version). Every process must read the same data: launch "
+            "again once they do")  # (the same words on every rank: rank 0's path)
     assert got[0][4] == got[1][4] == {"error": said.format("users file", base.users), "kind": "DataError"}
     # another cache on rank 1 (fp16): refused, not trained on silently
     assert got[0][3] == got[1][3] == {"error": said.format("cache", base.cache_dir), "kind": "DataError"}
@@ -291,8 +291,8 @@ def test_each_part_of_the_data_that_differs_on_some_rank_is_named_with_those_ran
     assert heard["flags"] == [1, 0, 0, 0]  # users, items, images, cache
     assert str(refused.value) == (
         "the processes of this launch read different data: the users file of rank(s) 1, 3 differs from rank 0's "
-        "(/node0/users.tsv); the cache of rank(s) 3 differs from rank 0's (/node0/cache): missing there, not yet "
-        "whole, or another version. Every process must read the same data: launch again once they do")
+        "(/node0/users.tsv); the cache of rank(s) 3 differs from rank 0's (/node0/cache) (a copy missing, not yet "
+        "whole, or of another version). Every process must read the same data: launch again once they do")
     zero["users"] = file_fingerprint(cfg.users)
     monkeypatch.setattr(same_inputs, "gather_same",  # rank 1's flags; the other ranks read what rank 0 does
                         lambda local, _: heard.update(flags=local.tolist()) or [0 * local, local, 0 * local, 0 * local])
@@ -310,6 +310,11 @@ def test_each_part_of_the_data_that_differs_on_some_rank_is_named_with_those_ran
     with pytest.raises(DataError, match=r"the image LMDB of rank\(s\) 1 differs from rank 0's \(/node0/images.lmdb\)"):
         same_inputs.refuse_other_data_on_ranks(live.replace(images=cfg.images + "-not-here"), Dist(1, 4, 1, "gloo"))
     assert heard["flags"] == [0, 0, 1, 0]
+    # rank 0's own copy missing (its content None), rank 1's whole: rank 0's is named, not rank 1's blamed
+    zero.update(users=None)
+    with pytest.raises(DataError, match=r"data: rank 0's users file \(/node0/users.tsv\) is not there or tells "
+                                        r"nothing of its content, where that of rank\(s\) 1 does \(a copy missing"):
+        same_inputs.refuse_other_data_on_ranks(live, Dist(1, 4, 1, "gloo"))
     same_inputs.refuse_other_data_on_ranks(cfg, Dist())  # one process: nothing to compare (no collective)
 
 

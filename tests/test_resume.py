@@ -318,7 +318,11 @@ def test_a_run_resumed_on_another_device_or_thread_count_says_so_and_lists_each(
     state = json.loads((saved.parent / "epoch-0001" / checkpoint.STATE).read_text())
     assert state["devices"] == [other, here]  # for the next attempt
     caplog.clear()  # this machine as a version before aec5b7f named it (no CPU model): not another device
-    restate(saved.parent / "epoch-0001", lambda s: s.update(devices=[device_name("cpu", model=False)]))
+    old = device_name("cpu", model=False)  # (its device and its list: the list ends with the device)
+    from iisan.devices import cpu_model
+
+    assert (old != here) == bool(cpu_model())  # (a CPU whose model Linux names)
+    restate(saved.parent / "epoch-0001", lambda s: s.update(devices=[old], device=old))
     with caplog.at_level("WARNING", logger="iisan.train.records"):
         train(cfg.replace(epochs=3))
     assert "was trained so far on" not in caplog.text

@@ -17,6 +17,7 @@ from ..errors import (
     ConfigError,
     DataError,
     EncoderError,
+    ImageStoreError,
     OutputError,
     RunInUse,
     TrainingError,
@@ -29,7 +30,7 @@ T = TypeVar("T")
 # The errors rank 0 may raise in a decision, by name: every rank raises the same kind, so that each takes
 # the same branch (a sweep skips a point another process is training, ``RunInUse``, on every rank alike).
 KINDS = {kind.__name__: kind for kind in (RunInUse, TrainingError, ConfigError, OutputError, CheckpointError,
-                                          DataError, CacheError, EncoderError)}
+                                          DataError, CacheError, EncoderError, ImageStoreError)}
 
 
 def decide(choose: Callable[[], T], dist: Dist,

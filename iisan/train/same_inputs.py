@@ -69,11 +69,16 @@ def refuse_other_data_on_ranks(cfg: Config, dist: Dist) -> None:
     paths = {k: str(getattr(cfg, "cache_dir" if k == "cache" else k)) for k in SHARED}
     first = parse_json(broadcast_text(json.dumps({"content": mine, "paths": paths}), dist))
     flags = gather_same(torch.tensor([int(mine[k] != first["content"][k]) for k in SHARED]), dist)  # rank by rank
-    where = [f"the {name} of rank(s) {', '.join(str(r) for r, f in enumerate(flags) if f[i])} differs from rank 0's "
-             f"({first['paths'][k]})" for i, (k, name) in enumerate(SHARED.items()) if any(f[i] for f in flags)]
+    where = []
+    for i, (k, name) in enumerate(SHARED.items()):
+        if ranks := ", ".join(str(r) for r, f in enumerate(flags) if f[i]):
+            # (rank 0's own copy may be the one missing: it names nothing, where the others' name something)
+            where.append(f"rank 0's {name} ({first['paths'][k]}) is not there or tells nothing of its content, where "
+                         f"that of rank(s) {ranks} does" if first["content"][k] in (None, {}) else
+                         f"the {name} of rank(s) {ranks} differs from rank 0's ({first['paths'][k]})")
     if where:
-        raise DataError(f"the processes of this launch read different data: {'; '.join(where)}: missing there, not "
-                        "yet whole, or another version. Every process must read the same data: launch again once "
+        raise DataError(f"the processes of this launch read different data: {'; '.join(where)} (a copy missing, not "
+                        "yet whole, or of another version). Every process must read the same data: launch again once "
                         "they do")
 
 
