@@ -325,8 +325,8 @@ def test_a_cached_run_on_a_node_without_its_image_lmdb_keeps_its_name_and_resume
     first = job(20).replace(out_dir=str(tmp_path / "runs"))
     done = train(first)
     second = job(21).replace(out_dir=first.out_dir, images=str(tmp_path / "not-copied.lmdb"), epochs=3)
-    assert checkpoint.data_content("images", second.images, second.to_dict()) == recorded_digest(first.images)
-    assert checkpoint.data_content("images", second.images, None) is None  # (the LMDB alone: not here)
+    assert checkpoint.data_content("images", second.images, second.cache_dir) == recorded_digest(first.images)
+    assert checkpoint.data_content("images", second.images) is None  # (the LMDB alone: not here)
     assert default_run_name(second) == default_run_name(first)
     again = train(second)
     assert again["run_dir"] == done["run_dir"] and again["resumed_from"] == ["epoch-0001"]
@@ -337,7 +337,7 @@ def test_a_cached_run_on_a_node_without_its_image_lmdb_keeps_its_name_and_resume
     (Path(first.out_dir) / earlier).mkdir()
     assert known_run_name(second) == earlier
     live = second.replace(feed="live")  # a live run opens its LMDB: one not here tells nothing of its images
-    assert checkpoint.data_content("images", live.images, live.to_dict()) is None
+    assert not live.cached and checkpoint.data_content("images", live.images) is None  # (no cache is passed)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import once
 from ..config import Config
 from ..errors import ConfigError, DataError, UserError
-from ..methods import side_network, unread_keys
+from ..methods import unread_keys
 from .batches import PixelSource
 from .cache import cache_file, read_metadata
 from .images import ImageStore, recorded_digest
@@ -120,14 +120,13 @@ def images_digest(cfg: Config) -> str | None:
     return recorded_digest(cfg.images)
 
 
-def images_content(path: str, values: dict | None) -> str | None:
-    """What names the images of the LMDB at ``path`` for a run of config ``values``: the digest the LMDB records
-    (``store_digest``); where it is not here (or records none), for a cached run, what its image cache records of
-    the LMDB it was built from: a cached run never opens its LMDB, and a node may hold the cache alone. None where
-    neither tells (a damaged one tells nothing). ``values`` None: the LMDB's digest alone."""
-    values = values or {}
-    cache = side_network(values.get("method", "")) and values.get("feed") == "cached" and values.get("cache_dir")
-    for read in (lambda: recorded_digest(path), lambda: cache and read_metadata(cache_file(cache, "image"))["images"]):
+def images_content(path: str, cache_dir: str | None = None) -> str | None:
+    """What names the images of the LMDB at ``path``: the digest the LMDB records (``store_digest``); where it is not
+    here (or records none), what the image cache in ``cache_dir`` (a cached run's) records of the LMDB it was built
+    from: a cached run never opens its LMDB, and a node may hold the cache alone. None where neither tells (a
+    damaged one tells nothing)."""
+    for read in (lambda: recorded_digest(path),
+                 lambda: cache_dir and read_metadata(cache_file(cache_dir, "image"))["images"]):
         try:
             if found := read():
                 return found

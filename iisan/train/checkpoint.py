@@ -76,15 +76,15 @@ def same_paths(values: dict, working_dir: object = None, spelling: bool = True) 
     return {k: same(k, v) for k, v in values.items()}
 
 
-def data_content(key: str, path: object, values: dict | None) -> str | None:
-    """What names the content of the data at ``path`` for the config key ``key`` (one of ``DATA_PATHS``) in a run of
-    config ``values``: a users or items file's fingerprint, the images' digest (``run_data.images_content``: the
-    LMDB's, or a cached run's image cache's); None where that cannot be told (no such file here)."""
+def data_content(key: str, path: object, cache_dir: str | None = None) -> str | None:
+    """What names the content of the data at ``path`` for the config key ``key`` (one of ``DATA_PATHS``): a users or
+    items file's fingerprint, the images' digest (``run_data.images_content``: the LMDB's, or where it is not here
+    the image cache's in ``cache_dir``, a cached run's); None where that cannot be told (no such file here)."""
     if not isinstance(path, str) or not path:
         return None
     try:
         if key == "images":
-            return images_content(path, values)
+            return images_content(path, cache_dir)
         return known_fingerprint(path) if os.path.isfile(path) else None
     except (OSError, UserError):
         return None
@@ -197,8 +197,9 @@ def config_differences(saved: dict, current: dict, saved_in: object = None,
     old, now = (one_spelling({k: values.get(k, before.get(k)) for k in keys}) for values in (saved, current))
     same_old, same_now = same_paths(old, saved_in), same_paths(now)
     content = content if isinstance(content, dict) else {}
+    cache = current.get("cache_dir") if current.get("feed") == "cached" else None  # (only IISAN keeps feed cached)
     differ = [k for k in keys if same_old[k] != same_now[k]
-              and not (k in DATA_PATHS and content.get(k) and data_content(k, same_now[k], current) == content[k])]
+              and not (k in DATA_PATHS and content.get(k) and data_content(k, same_now[k], cache) == content[k])]
     if "layer_rule" in differ and "layer_rule" not in saved and same_layers({**before, **current}, old["layer_rule"]):
         differ.remove("layer_rule")
     # one spelling from two working folders (a run folder reached another way: a copy, a container's mount) is

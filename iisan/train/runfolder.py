@@ -66,6 +66,8 @@ def agreed_results(cfg: Config, dist: Dist, again: bool = False, folder: Path | 
     """``reusable_results`` of rank 0 on every rank, in a process group (collective): rank 0's copy of the data
     names the run (``runnames``), and every rank must take the same branch (one returning a finished run while
     the others train waits for ever). Its refusal is every rank's (``decisions.decide``)."""
+    if not dist.enabled:
+        return reusable_results(cfg, again, folder)
     done, text = decide(lambda: reusable_results(cfg, again, folder), dist,
                         lambda done: "" if done is None else json.dumps(done))
     return done if dist.is_main else parse_json(text) if text else None

@@ -67,8 +67,8 @@ def config_hash(cfg: Config, scheme: str = HASHES[0]) -> str:
     unread = unread_keys(cfg.method, cfg.towers, cfg.feed) if since("read") else frozenset()
     values = {k: v for k, v in values.items() if k not in MAY_CHANGE | unread and v != defaults[k]}
     if since("data-content"):
-        read = cfg.to_dict() if since("cached-images") else None  # (None: an image LMDB by its own digest alone)
-        values = {k: {"content": found} if k in DATA_PATHS and (found := data_content(k, v, read)) else v
+        cache = cfg.cache_dir if cfg.cached and since("cached-images") else None  # (None: an LMDB by its digest alone)
+        values = {k: {"content": found} if k in DATA_PATHS and (found := data_content(k, v, cache)) else v
                   for k, v in values.items()}
     if scheme == "defaults-as-spelt":
         values = same_paths(values, spelling=False)

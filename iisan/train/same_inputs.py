@@ -64,7 +64,7 @@ def refuse_other_data_on_ranks(cfg: Config, dist: Dist) -> None:
         return
     # (a text-only run's images are not its data; a cached run never opens its LMDB: its cache says its images)
     unread = unread_keys(cfg.method, cfg.towers, cfg.feed) | ({"images"} if cfg.cached else set())
-    mine = parse_json(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k), None)
+    mine = parse_json(json.dumps({**{k: None if k in unread else data_content(k, getattr(cfg, k))
                                      for k in DATA_PATHS}, "cache": cache_record(cfg)}))  # (as rank 0's: JSON)
     paths = {k: str(getattr(cfg, "cache_dir" if k == "cache" else k)) for k in SHARED}
     first = parse_json(broadcast_text(json.dumps({"content": mine, "paths": paths}), dist))
